@@ -1,0 +1,97 @@
+"""bake: recipe → NAME@N. Registers the version before any work, so a failure — or Ctrl-C — midway still
+leaves a `failed` version with its log, and nothing temporary behind (RunContext cleanups)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from amiforge.lifecycle.boottest import TestOutcome, boot_test
+from amiforge.lifecycle.runs import run_context
+from amiforge.model import BootReport, ImageVersion, LayerRecord, Status
+from amiforge.providers import PROVIDERS
+from amiforge.providers.interface import PhaseUpdate
+from amiforge.recipe import load_recipe, recipe_digest
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+# States a successor's parent may be in: anything that was built (ancestry follows the last good bake).
+BUILT_STATES = (Status.BUILT, Status.TESTED, Status.SCANNED, Status.SIGNED)
+
+
+@dataclass(frozen=True)
+class BakeOutcome:
+    version: ImageVersion
+    layers: tuple[LayerRecord, ...]
+    phases: dict[str, float]
+    report: BootReport | None
+
+
+def bake(
+    recipe_path: Path,
+    *,
+    store: Store,
+    settings: Settings,
+    test: bool = True,
+    progress: Callable[[PhaseUpdate], None] = lambda _u: None,
+) -> BakeOutcome:
+    recipe = load_recipe(recipe_path)
+    provider = PROVIDERS[recipe.provider.type](settings)
+    provider.preflight(recipe)
+    parent = store.latest(recipe.name, BUILT_STATES)
+    version = store.create_version(
+        name=recipe.name,
+        recipe_digest=recipe_digest(recipe),
+        recipe_path=str(recipe.source_path),
+        provider=recipe.provider.type,
+        tags=recipe.tags,
+        parent=parent.ref if parent else None,
+        recipe=recipe.model_dump_json(),
+    )
+    actor = settings.actor
+    log: list[str] = []
+    with run_context(store, actor=actor, ref=version.ref, progress=progress, log=log.append) as ctx:
+        store.append_event(
+            "bake.started", actor=actor, ref=version.ref, data={"run": ctx.run_id, "recipe": str(recipe_path)}
+        )
+        try:
+            result = provider.bake(recipe, ctx)
+        except BaseException as e:  # KeyboardInterrupt too: the version must not stay `baking`
+            store.append_log(version.id, "\n".join(log))
+            store.transition(version.id, Status.FAILED, expect=Status.BAKING)
+            store.append_event(
+                "bake.failed",
+                actor=actor,
+                ref=version.ref,
+                data={"run": ctx.run_id, "error": f"{type(e).__name__}: {e}"[:2000]},
+            )
+            raise
+        store.append_log(version.id, "\n".join(log))
+        store.record_layers(version.id, result.layers)
+        store.add_artifact(version.id, result.artifact)
+        version = store.transition(
+            version.id,
+            Status.BUILT,
+            expect=Status.BAKING,
+            digest=result.artifact.digest,
+            size_bytes=result.artifact.size_bytes,
+        )
+        store.append_event(
+            "bake.built",
+            actor=actor,
+            ref=version.ref,
+            data={
+                "run": ctx.run_id,
+                "digest": result.artifact.digest,
+                "layers_hit": sum(1 for layer in result.layers if layer.hit),
+                "layers": len(result.layers),
+                "phases": ctx.phases,
+            },
+        )
+        phases = dict(ctx.phases)
+    outcome = BakeOutcome(version, result.layers, phases, None)
+    if not test:
+        return outcome
+    tested: TestOutcome = boot_test(version.ref, store=store, settings=settings, progress=progress)
+    return BakeOutcome(tested.version, result.layers, phases, tested.report)

@@ -1,0 +1,82 @@
+"""boottest: boot a version on a throw-away copy, check it, record the report, and gate on it.
+
+Passing moves the version to `tested`; failing moves it to `failed` and raises GateFailed listing every
+failed check (the report is recorded either way).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
+from amiforge.lifecycle.runs import run_context
+from amiforge.model import BootReport, ImageVersion, Status
+from amiforge.providers import PROVIDERS
+from amiforge.providers.interface import PhaseUpdate
+from amiforge.recipe import Checks
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+TESTABLE = (Status.BUILT, Status.TESTED, Status.FAILED)
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    version: ImageVersion
+    report: BootReport
+
+
+def checks_of(version: ImageVersion) -> Checks:
+    """The checks of the recipe as it was baked (not as the file reads today)."""
+    try:
+        return Checks.model_validate(json.loads(version.recipe).get("checks", {}))
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{version.ref} has no readable recipe in the registry: {e}") from e
+
+
+def boot_test(
+    ref: str,
+    *,
+    store: Store,
+    settings: Settings,
+    progress: Callable[[PhaseUpdate], None] = lambda _u: None,
+) -> TestOutcome:
+    version = store.get_version(ref)
+    if version.status not in TESTABLE:
+        raise ConfigError(
+            f"{version.ref} is {version.status}; only built, tested or failed versions can be boot-tested",
+            fix="bake a new version",
+        )
+    artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
+    if not artifacts:
+        raise NotFound(f"{version.ref} has no artifact to boot (the bake failed before the disk was made)")
+    provider = PROVIDERS[version.provider](settings)
+    actor = settings.actor
+    with run_context(store, actor=actor, ref=version.ref, progress=progress, log=lambda _l: None) as ctx:
+        report = provider.boot_test(artifacts[0], checks_of(version), ctx)
+    report = store.add_boot_report(version.id, report)
+    failed = [c for c in report.checks if not c.passed]
+    store.append_event(
+        "test.passed" if report.passed else "test.failed",
+        actor=actor,
+        ref=version.ref,
+        data={
+            "report": report.id,
+            "time_to_ready": report.time_to_ready,
+            "accel": report.accel,
+            "failed": [c.name for c in failed],
+        },
+    )
+    current = store.get_version(version.ref)
+    target = Status.TESTED if report.passed else Status.FAILED
+    if current.status != target or target == Status.TESTED:
+        current = store.transition(current.id, target, expect=current.status)
+    if not report.passed:
+        raise GateFailed(
+            "boot test",
+            [GateFailure(c.name, c.detail) for c in failed],
+            fix=f"see the console log: amiforge images show {version.ref} --console",
+        )
+    return TestOutcome(current, report)

@@ -1,0 +1,70 @@
+"""The boundary between the pipeline (lifecycle/) and the places images are made and run (providers/).
+
+The lifecycle verbs only ever see these types; each provider lives in its own folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+
+from amiforge.model import Artifact, BootReport, LayerRecord
+
+if TYPE_CHECKING:
+    from amiforge.recipe import Checks, Recipe
+
+PhaseState = Literal["start", "done", "failed"]
+
+
+@dataclass(frozen=True)
+class PhaseUpdate:
+    """Progress of one phase of long work (a layer, mkfs, a boot): shown as a progress row by the CLI."""
+
+    name: str
+    state: PhaseState
+    detail: str = ""
+    seconds: float | None = None
+
+
+@dataclass
+class RunContext:
+    """What a provider needs from its caller while it works.
+
+    `cleanup` is the ExitStack every temporary resource registers with the moment it exists (DESIGN §3 rule 5);
+    the caller closes it, on failure too. `log` receives the human-readable build log kept with the version.
+    """
+
+    run_id: str
+    cleanup: ExitStack
+    log: Callable[[str], None] = lambda _line: None
+    progress: Callable[[PhaseUpdate], None] = lambda _u: None
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def phase_done(self, name: str, seconds: float, detail: str = "") -> None:
+        self.phases[name] = round(seconds, 3)
+        self.progress(PhaseUpdate(name, "done", detail, seconds))
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    artifact: Artifact
+    layers: tuple[LayerRecord, ...]
+
+
+class Provider(Protocol):
+    name: ClassVar[str]
+
+    def preflight(self, recipe: Recipe) -> None:
+        """Check that the recipe can be baked here (tools present, base resolvable). No side effects."""
+        ...
+
+    def bake(self, recipe: Recipe, ctx: RunContext) -> BakeResult:
+        """Build the image. Leaves nothing behind on failure (everything temporary is on ctx.cleanup)."""
+        ...
+
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
+        """Boot a throw-away copy of the artifact, wait for readiness, run the checks. Never writes the artifact.
+        Returns the report whatever the outcome; the caller's gate decides."""
+        ...

@@ -1,0 +1,145 @@
+"""From layers to a bootable artifact: kernel + initrd + ext4 root (mkfs.ext4 -d, no loop device) → qcow2
+in the local image store, `<data>/regions/<region>/<name>/<digest>.{qcow2,vmlinuz,initrd}`.
+
+A filesystem made from a directory never carries deleted data, and with a UUID, hash seed and timestamps
+derived from the layer key the same layers give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from amiforge.model import Artifact
+from amiforge.providers.interface import PhaseUpdate, RunContext
+from amiforge.providers.local.initrd import build_initrd, find_kernel
+from amiforge.providers.local.layers import tree_size
+from amiforge.providers.local.overlay import OverlayView
+from amiforge.providers.local.tools import run
+
+# Fixed timestamp for everything mkfs writes (e2fsprogs honours E2FSPROGS_FAKE_TIME).
+EPOCH = "1700000000"
+MIN_DISK = 2 << 30
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    qcow2: Path
+    kernel: Path
+    initrd: Path
+    digest: str
+    size_bytes: int
+
+    def artifact(self, region: str) -> Artifact:
+        return Artifact(
+            provider="local",
+            region=region,
+            location=str(self.qcow2),
+            digest=self.digest,
+            size_bytes=self.size_bytes,
+            kernel=str(self.kernel),
+            initrd=str(self.initrd),
+        )
+
+
+def _timed(ctx: RunContext, name: str, started: float, detail: str = "") -> None:
+    ctx.phase_done(name, time.monotonic() - started, detail)
+
+
+def cached_image(cache: Path, top_key: str) -> DiskImage | None:
+    """The image already made from exactly these layers, if its files are still in the store."""
+    record = cache / "images" / f"{top_key}.json"
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    image = DiskImage(
+        Path(data["qcow2"]), Path(data["kernel"]), Path(data["initrd"]), data["digest"], data["size_bytes"]
+    )
+    if all(p.is_file() for p in (image.qcow2, image.kernel, image.initrd)):
+        return image
+    return None
+
+
+def build_disk(
+    lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Path, ctx: RunContext
+) -> DiskImage:
+    """Make the disk image of the merged layers and put it in `store_dir` (one image name in one region)."""
+    scratch = Path(tempfile.mkdtemp(prefix="amiforge-disk-", dir=cache))
+    ctx.cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+    fs_uuid = str(uuid.UUID(top_key[:32]))
+    with OverlayView(lowers, scratch) as view:
+        started = time.monotonic()
+        ctx.progress(PhaseUpdate("initrd", "start"))
+        kernel_src, version = find_kernel(view.path)
+        shutil.copyfile(kernel_src, scratch / "vmlinuz")
+        modules = build_initrd(view.path, scratch / "initrd")
+        _timed(ctx, "initrd", started, f"kernel {version}; modules {' '.join(modules)}")
+
+        started = time.monotonic()
+        ctx.progress(PhaseUpdate("mkfs", "start"))
+        used = tree_size(view.path)
+        disk_size = max(MIN_DISK, (used * 2 + (256 << 20)) // (1 << 20) * (1 << 20))
+        raw = scratch / "root.raw"
+        run(
+            [
+                "mkfs.ext4", "-q", "-F", "-d", view.path, "-L", "root", "-U", fs_uuid,
+                "-E", f"hash_seed={fs_uuid}", "-b", "4096", raw, str(disk_size // 1024) + "k",
+            ],
+            log=ctx.log,
+            env={"E2FSPROGS_FAKE_TIME": EPOCH},
+            what="mkfs.ext4",
+        )  # fmt: skip
+        _timed(ctx, "mkfs", started, f"{used >> 20} MiB used of {disk_size >> 20} MiB")
+
+    started = time.monotonic()
+    ctx.progress(PhaseUpdate("convert", "start"))
+    qcow2 = scratch / "root.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2], log=ctx.log, what="qemu-img convert")
+    raw.unlink()
+    digest = sha256_file(qcow2)
+    _timed(ctx, "convert", started, f"sha256:{digest[:12]}")
+
+    store_dir.mkdir(parents=True, exist_ok=True)
+    image = DiskImage(
+        store_dir / f"{digest}.qcow2",
+        store_dir / f"{digest}.vmlinuz",
+        store_dir / f"{digest}.initrd",
+        digest,
+        qcow2.stat().st_size,
+    )
+    # Kernel and initrd first, the disk last: a present .qcow2 means a complete artifact.
+    os.replace(scratch / "vmlinuz", image.kernel)
+    os.replace(scratch / "initrd", image.initrd)
+    os.replace(qcow2, image.qcow2)
+    for p in (image.qcow2, image.kernel, image.initrd):
+        p.chmod(0o444)  # artifacts are never written; every boot runs on a throw-away overlay
+    record = cache / "images" / f"{top_key}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps(
+            {
+                "qcow2": str(image.qcow2),
+                "kernel": str(image.kernel),
+                "initrd": str(image.initrd),
+                "digest": digest,
+                "size_bytes": image.size_bytes,
+            }
+        )
+    )
+    return image

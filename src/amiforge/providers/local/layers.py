@@ -1,0 +1,183 @@
+"""Recipe steps as content-addressed overlay layers.
+
+Each step is one layer: an overlayfs upper dir produced by running the step in a chroot over the base and the
+layers below it. Its key is sha256(parent key + the step's fingerprint, which covers the bytes of any file it
+copies), so an unchanged prefix of the recipe is served from the cache and an edit rebuilds from that step on.
+A cached layer is never written again: it is only ever a read-only lower dir.
+
+The last layer of every bake is generalisation (GENERALISE below): what must not ship in a golden image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from amiforge.providers.interface import PhaseUpdate, RunContext
+from amiforge.providers.local.overlay import run_in_chroot
+from amiforge.recipe import FileStep, PackagesStep, ServiceStep, ShellStep, Step, UserStep, step_fingerprint
+
+STEP_TIMEOUT = 1800.0
+
+APT_INSTALL = (
+    "apt-get install -y -q --no-install-recommends"
+    " -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
+)
+
+# Run at the end of every bake, inside the image. Host keys, machine identity, caches, logs, histories,
+# temp files and build credentials must not be cloned into every machine booted from the image.
+GENERALISE = r"""set -e
+rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+: > /etc/machine-id
+rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb /var/cache/debconf/*-old
+rm -rf /var/lib/cloud /var/lib/dhcp/* /var/lib/systemd/network/*
+find /var/log -type f -exec rm -f {} +
+rm -f /root/.*_history /home/*/.*_history /root/.lesshst /root/.wget-hsts /root/.viminfo
+rm -f /root/.ssh/id_* /home/*/.ssh/id_* /root/.aws/credentials /root/.netrc /root/.docker/config.json
+rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]*
+find / -xdev -name '*.dpkg-old' -o -xdev -name '*.dpkg-dist' | xargs -r rm -f
+printf '%s\n' "$AMIFORGE_HOSTNAME" > /etc/hostname
+"""
+
+# Bump when GENERALISE or the step scripts change meaning, so cached layers are rebuilt.
+LAYER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int  # 0 is the base; 1..n the steps; n+1 generalisation
+    key: str
+    description: str
+    step: Step | None  # None for generalisation
+
+
+def chain_key(parent: str, material: str) -> str:
+    return hashlib.sha256(f"{LAYER_FORMAT}\n{parent}\n{material}".encode()).hexdigest()
+
+
+def plan_layers(base: str, steps: Sequence[Step], folder: Path, hostname: str) -> list[LayerPlan]:
+    plans: list[LayerPlan] = []
+    parent = base
+    for i, step in enumerate(steps, start=1):
+        parent = chain_key(parent, step_fingerprint(step, folder))
+        plans.append(LayerPlan(i, parent, step.describe(), step))
+    key = chain_key(parent, "generalise\n" + GENERALISE + hostname)
+    plans.append(LayerPlan(len(steps) + 1, key, "generalise", None))
+    return plans
+
+
+def _step_script(step: Step | None, stage: Path, folder: Path, hostname: str) -> str:
+    """The shell script that performs `step` inside the chroot; files it needs are copied into `stage`."""
+    q = shlex.quote
+    if step is None:
+        return f"AMIFORGE_HOSTNAME={q(hostname)}\n{GENERALISE}"
+    if isinstance(step, PackagesStep):
+        pkgs = " ".join(q(p) for p in step.packages)
+        # The base keeps its package lists; refresh them only if they turn out stale.
+        return f"set -e\n{APT_INSTALL} {pkgs} || {{ apt-get update -q && {APT_INSTALL} {pkgs}; }}\napt-get clean\n"
+    if isinstance(step, FileStep):
+        spec = step.file
+        shutil.copyfile((folder / spec.src).resolve(strict=True), stage / "file")
+        # `install` runs inside the chroot, so symlinks in dest resolve within the image, never on the host.
+        return (
+            f"set -e\ninstall -D -m {q(spec.mode)} -o {q(spec.owner)} -g {q(spec.group)}"
+            f" /run/amiforge/file {q(spec.dest)}\n"
+        )
+    if isinstance(step, ShellStep):
+        (stage / "user.sh").write_text(step.shell)
+        return "set -e\ncd /root\n/bin/sh -e /run/amiforge/user.sh\n"
+    if isinstance(step, ServiceStep):
+        lines = ["set -e"]
+        if step.service.enable:
+            lines.append("systemctl enable " + " ".join(q(u) for u in step.service.enable))
+        if step.service.disable:
+            lines.append("systemctl disable " + " ".join(q(u) for u in step.service.disable))
+        return "\n".join(lines) + "\n"
+    if isinstance(step, UserStep):
+        u = step.user
+        groups = f"--groups {q(','.join(u.groups))} " if u.groups else ""
+        lines = [
+            "set -e",
+            f"id -u {q(u.name)} >/dev/null 2>&1 || useradd --create-home --shell {q(u.shell)} {groups}{q(u.name)}",
+        ]
+        if u.ssh_authorized_keys:
+            keys = "\n".join(u.ssh_authorized_keys) + "\n"
+            (stage / "authorized_keys").write_text(keys)
+            home = f'"$(getent passwd {q(u.name)} | cut -d: -f6)"'
+            lines += [
+                f"install -d -m 0700 -o {q(u.name)} -g {q(u.name)} {home}/.ssh",
+                f"install -m 0600 -o {q(u.name)} -g {q(u.name)} /run/amiforge/authorized_keys {home}/.ssh/authorized_keys",
+            ]
+        return "\n".join(lines) + "\n"
+    raise AssertionError(f"unhandled step type {type(step).__name__}")
+
+
+def tree_size(path: Path) -> int:
+    """Bytes allocated under `path` (like du), without following symlinks."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + dirnames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def ensure_layer(
+    plan: LayerPlan, lowers: Sequence[Path], cache: Path, folder: Path, hostname: str, ctx: RunContext
+) -> tuple[Path, bool, float, int]:
+    """Return (upper dir, hit, seconds, size) for the layer, building it if the cache lacks it.
+
+    The layer is built in a temporary dir and renamed into place only when the step succeeded, so a failed or
+    interrupted step never leaves a layer that a later bake would trust."""
+    started = time.monotonic()
+    final = cache / "layers" / plan.key
+    name = f"layer {plan.index}: {plan.description}"
+    if (final / "upper").is_dir():
+        size = int((final / "size").read_text()) if (final / "size").is_file() else 0
+        seconds = time.monotonic() - started
+        ctx.progress(PhaseUpdate(name, "done", "hit", seconds))
+        return final / "upper", True, seconds, size
+    ctx.progress(PhaseUpdate(name, "start", "miss"))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.key[:12]}-", dir=final.parent))
+    ctx.cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+    for d in ("upper", "work", "merged", "stage"):
+        (tmp / d).mkdir()
+    script = _step_script(plan.step, tmp / "stage", folder, hostname)
+    (tmp / "stage" / "step.sh").write_text(script)
+    ctx.log(f"--- {name}")
+    run_in_chroot(
+        lowers=lowers,
+        upper=tmp / "upper",
+        work=tmp / "work",
+        merged=tmp / "merged",
+        stage=tmp / "stage",
+        command=["/bin/sh", "/run/amiforge/step.sh"],
+        log=ctx.log,
+        timeout=STEP_TIMEOUT,
+        what=name,
+        drop_resolv_conf=plan.step is None,
+    )
+    for d in ("work", "merged", "stage"):
+        shutil.rmtree(tmp / d)
+    size = tree_size(tmp / "upper")
+    (tmp / "size").write_text(str(size))
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # Another bake finished the same layer first: same key, same content; keep theirs.
+        if not (final / "upper").is_dir():
+            raise
+    seconds = time.monotonic() - started
+    ctx.phase_done(name, seconds, "miss")
+    return final / "upper", False, seconds, size

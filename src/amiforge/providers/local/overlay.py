@@ -1,0 +1,144 @@
+"""Overlay mounts that cannot leak.
+
+Every mount lives in a private mount namespace owned by one child process (`unshare --mount`). When that
+process ends — normally, on error, on Ctrl-C, or because amiforge itself was killed — the kernel drops the
+namespace and every mount in it. Nothing is ever mounted in the host namespace, so there is nothing to unmount.
+
+Two shapes:
+- `run_in_chroot()`: a step runs in a chroot on an overlay (lowers read-only, one writable upper dir).
+- `OverlayView`: a read-only merged view held open by a waiting child; the host reads it through
+  /proc/<pid>/root, which resolves paths inside that child's namespace. The child exits when its stdin closes,
+  i.e. as soon as we close it or our process dies.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from amiforge.errors import InfraError
+from amiforge.providers.local.tools import require, run
+
+# Chroot environment for steps: no host variables leak into the image build.
+CHROOT_ENV = (
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+    "LC_ALL=C.UTF-8",
+    "DEBIAN_FRONTEND=noninteractive",
+    "DEBCONF_NONINTERACTIVE_SEEN=true",
+)
+
+
+def _lowerdir(lowers: Sequence[Path]) -> str:
+    """overlayfs wants the topmost lower first; callers pass bottom (base) first."""
+    return ":".join(str(p) for p in reversed(lowers))
+
+
+def run_in_chroot(
+    *,
+    lowers: Sequence[Path],
+    upper: Path,
+    work: Path,
+    merged: Path,
+    stage: Path,
+    command: Sequence[str],
+    log: Callable[[str], None],
+    timeout: float,
+    what: str,
+    drop_resolv_conf: bool = False,
+) -> None:
+    """Mount lowers+upper at `merged`, bind /proc /sys /dev, the host's resolv.conf (for apt) and `stage`
+    (at /run/amiforge, on a tmpfs so nothing of it reaches the layer), stop daemons from starting with a
+    policy-rc.d, and run `command` inside the chroot. All mounts die with the namespace.
+    `drop_resolv_conf` removes the image's resolv.conf afterwards (generalisation: no host DNS in images)."""
+    require("unshare")
+    m = shlex.quote(str(merged))
+    cmd = " ".join(shlex.quote(c) for c in command)
+    env = " ".join(shlex.quote(e) for e in CHROOT_ENV)
+    script = f"""
+set -eu
+mount -t overlay overlay -o lowerdir={shlex.quote(_lowerdir(lowers))},upperdir={shlex.quote(str(upper))},workdir={shlex.quote(str(work))} {m}
+mount -t proc proc {m}/proc
+mount --rbind /sys {m}/sys
+mount --rbind /dev {m}/dev
+mount -t tmpfs -o mode=0755 tmpfs {m}/run
+mkdir -p {m}/run/amiforge
+mount --bind {shlex.quote(str(stage))} {m}/run/amiforge
+created_resolv=0
+if [ ! -e {m}/etc/resolv.conf ] && [ ! -L {m}/etc/resolv.conf ]; then : > {m}/etc/resolv.conf; created_resolv=1; fi
+if [ -f /etc/resolv.conf ] && [ ! -L {m}/etc/resolv.conf ]; then mount --bind /etc/resolv.conf {m}/etc/resolv.conf; fi
+printf '#!/bin/sh\\nexit 101\\n' > {m}/usr/sbin/policy-rc.d
+chmod 0755 {m}/usr/sbin/policy-rc.d
+rc=0
+chroot {m} /usr/bin/env -i {env} {cmd} || rc=$?
+rm -f {m}/usr/sbin/policy-rc.d
+umount {m}/etc/resolv.conf 2>/dev/null || true
+if [ "$created_resolv" = 1 ] || [ {int(drop_resolv_conf)} = 1 ]; then rm -f {m}/etc/resolv.conf; fi
+exit $rc
+"""
+    run(
+        ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", script],
+        log=log,
+        timeout=timeout,
+        what=what,
+    )
+
+
+class OverlayView:
+    """A read-only merged view of `lowers`, readable at `.path` while the context is open."""
+
+    def __init__(self, lowers: Sequence[Path], scratch: Path) -> None:
+        self._lowers = list(lowers)
+        self._scratch = scratch
+        self._proc: subprocess.Popen[str] | None = None
+        self.path = Path("/nonexistent")
+
+    def __enter__(self) -> OverlayView:
+        unshare = require("unshare")
+        merged = Path(tempfile.mkdtemp(prefix="view-", dir=self._scratch))
+        # A lowerdir-only overlay is read-only by construction: nothing can write into a cached layer.
+        script = (
+            f"set -e; mount -t overlay overlay -o lowerdir={shlex.quote(_lowerdir(self._lowers))} "
+            f"{shlex.quote(str(merged))}; echo mounted; read _ || true"
+        )
+        self._proc = subprocess.Popen(
+            [unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        first = self._proc.stdout.readline().strip()
+        if first != "mounted":
+            rest = self._proc.stdout.read()
+            self._stop()
+            merged.rmdir()
+            raise InfraError(f"cannot mount the image's merged view: {first} {rest}".strip())
+        self.path = Path(f"/proc/{self._proc.pid}/root") / str(merged).lstrip("/")
+        self._merged = merged
+        return self
+
+    def _stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop()
+        self._merged.rmdir()

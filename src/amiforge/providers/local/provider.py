@@ -1,0 +1,150 @@
+"""LocalProvider: the Provider protocol on this machine (mmdebstrap + overlay layers + QEMU)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+from amiforge.errors import ConfigError
+from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord
+from amiforge.providers.interface import BakeResult, PhaseUpdate, RunContext
+from amiforge.providers.local import qemu
+from amiforge.providers.local.base import BaseSpec, ensure_base
+from amiforge.providers.local.disk import build_disk, cached_image
+from amiforge.providers.local.layers import ensure_layer, plan_layers, tree_size
+from amiforge.providers.local.tools import require
+from amiforge.recipe import Checks, Recipe
+from amiforge.settings import Settings
+
+# Time allowed, after READY, for the in-guest checks to report (each command has its own 30 s cap).
+CHECKS_GRACE = 60.0
+# Time a port check keeps retrying a refused connection after the in-guest checks are done.
+PORT_GRACE = 15.0
+
+
+class LocalProvider:
+    name: ClassVar[str] = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # --- bake -----------------------------------------------------------------------------------------------
+
+    def preflight(self, recipe: Recipe) -> None:
+        if recipe.provider.type != "local":
+            raise ConfigError(
+                f"recipe {recipe.name!r} is for provider {recipe.provider.type!r}, not 'local'",
+                fix="set `provider: {type: local}` or use the provider the recipe names",
+            )
+        for tool in ("mmdebstrap", "unshare", "mkfs.ext4", "qemu-img", "busybox"):
+            require(tool)
+
+    def bake(self, recipe: Recipe, ctx: RunContext) -> BakeResult:
+        self.preflight(recipe)
+        cache = self.settings.cache_dir
+        spec = BaseSpec(
+            recipe.base.suite, self.settings.mirror, self.settings.security_mirror, tuple(recipe.base.packages)
+        )
+        started = time.monotonic()
+        ctx.progress(PhaseUpdate("base", "start", f"debian {spec.suite}"))
+        base_key, base_dir, hit = ensure_base(spec, cache, ctx)
+        base_seconds = time.monotonic() - started
+        ctx.phase_done("base", base_seconds, "hit" if hit else "miss")
+        records = [
+            LayerRecord(0, base_key, f"base: debian {spec.suite} minbase", hit, round(base_seconds, 3), 0)
+        ]
+        lowers = [base_dir]
+        plans = plan_layers(base_key, recipe.steps, recipe.folder, recipe.name)
+        for plan in plans:
+            upper, hit, seconds, size = ensure_layer(plan, lowers, cache, recipe.folder, recipe.name, ctx)
+            lowers.append(upper)
+            records.append(LayerRecord(plan.index, plan.key, plan.description, hit, round(seconds, 3), size))
+        if not records[0].hit:
+            records[0] = LayerRecord(0, base_key, records[0].description, False, records[0].seconds, tree_size(base_dir))
+        store_dir = self.settings.regions_dir / self.settings.region / recipe.name
+        top = plans[-1].key
+        image = cached_image(cache, top)
+        if image is None or image.qcow2.parent != store_dir:
+            image = build_disk(lowers, top, cache, store_dir, ctx)
+        else:
+            ctx.phase_done("disk", 0.0, "hit")
+        return BakeResult(image.artifact(self.settings.region), tuple(records))
+
+    # --- boot test ------------------------------------------------------------------------------------------
+
+    def accel(self, kernel: Path, workdir: Path) -> tuple[str, str]:
+        """(accel, why): KVM only if asked for or if a functional probe passes."""
+        if self.settings.accel == "tcg":
+            return "tcg", "AMIFORGE_ACCEL=tcg"
+        ok, why = qemu.kvm_probe(kernel, workdir, self.settings.cache_dir / "kvm-probe.json")
+        if self.settings.accel == "kvm" and not ok:
+            raise ConfigError(f"AMIFORGE_ACCEL=kvm but KVM does not work here: {why}", fix="use auto or tcg")
+        return ("kvm" if ok else "tcg"), why
+
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
+        require("qemu-system-x86_64")
+        if artifact.kernel is None or artifact.initrd is None:
+            raise ConfigError(f"artifact {artifact.location} has no kernel/initrd; it is not a local image")
+        workdir = Path(tempfile.mkdtemp(prefix="amiforge-boot-"))
+        ctx.cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        accel, why = self.accel(Path(artifact.kernel), workdir)
+        ctx.log(f"accelerator: {accel} ({why})")
+
+        guest_checks = [qemu.GuestCheck(f"unit {u}", "unit", f"systemctl is-active {u}") for u in checks.units]
+        guest_checks += [
+            qemu.GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output)
+            for c in checks.commands
+        ]
+        ports = sorted({h.port for h in checks.http} | {t.port for t in checks.tcp})
+        forwards = {p: qemu.free_port() for p in ports}
+        spec = qemu.GuestSpec(
+            disk=Path(artifact.location),
+            kernel=Path(artifact.kernel),
+            initrd=Path(artifact.initrd),
+            workdir=workdir,
+            accel=accel,
+            memory_mb=self.settings.guest_memory_mb,
+            cpus=self.settings.guest_cpus,
+            forwards=forwards,
+            checks_script=qemu.guest_script(guest_checks),
+            name=f"amiforge-{ctx.run_id}",
+        )
+        started_at = datetime.now(UTC)
+        t0 = time.monotonic()
+        ctx.progress(PhaseUpdate("boot", "start", accel))
+        results: list[CheckResult] = []
+        ready_at: float | None = None
+        with qemu.Guest(spec) as guest:
+            ready = guest.wait_for(qemu.READY_RE, checks.ready_within)
+            if ready is None:
+                state = "QEMU exited" if not guest.running() else f"not ready within {checks.ready_within:.0f}s"
+                results.append(CheckResult("ready", "ready", False, state))
+            else:
+                ready_at = round(ready[0], 3)
+                results.append(CheckResult("ready", "ready", True, f"ready after {ready_at:.1f}s"))
+                ctx.phase_done("boot", ready_at, f"ready ({accel})")
+                guest.wait_for(qemu.DONE_MARK, CHECKS_GRACE + qemu.COMMAND_TIMEOUT * len(guest_checks))
+                results += qemu.guest_results(guest_checks, guest.lines())
+                deadline = time.monotonic() + PORT_GRACE
+                for h in checks.http:
+                    ok, detail = qemu.http_check(forwards[h.port], h.path, h.expect_status, h.expect_body, deadline)
+                    results.append(CheckResult(f"http :{h.port}{h.path}", "http", ok, detail))
+                for t in checks.tcp:
+                    ok, detail = qemu.tcp_check(forwards[t.port], deadline)
+                    results.append(CheckResult(f"tcp :{t.port}", "tcp", ok, detail))
+            console = guest.console()
+        if ready is None:
+            ctx.progress(PhaseUpdate("boot", "failed", results[0].detail))
+        return BootReport(
+            passed=all(r.passed for r in results),
+            time_to_ready=ready_at,
+            checks=tuple(results),
+            console=console,
+            accel=accel,
+            started_at=started_at,
+            duration=round(time.monotonic() - t0, 3),
+        )

@@ -1,0 +1,328 @@
+"""QEMU guests for boot tests: a throw-away overlay on the artifact, the serial console as the only channel.
+
+Readiness is the `AMIFORGE-READY` line the image's readiness unit prints after multi-user.target. In-guest
+checks (units, commands) travel in by fw_cfg as a shell script whose results come back framed on the
+console; port checks (HTTP, TCP) run from the host through hostfwd on 127.0.0.1. The guest network is
+`restrict=on`: it reaches neither the host nor the outside, only forwarded ports reach it.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import http.client
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from amiforge.errors import InfraError
+from amiforge.model import CheckResult
+from amiforge.providers.local.initrd import _Newc
+from amiforge.providers.local.tools import STATIC_BUSYBOX, require, run
+
+READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
+RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
+DONE_MARK = "AMIFORGE-CHECKS-DONE"
+COMMAND_TIMEOUT = 30
+
+
+def _die_with_parent() -> None:
+    # If amiforge itself is killed, the guest goes with it: no orphaned QEMU.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    disk: Path  # the artifact's qcow2; only ever a read-only backing file
+    kernel: Path
+    initrd: Path
+    workdir: Path  # overlay and fw_cfg files live here; the caller removes it
+    accel: str = "tcg"
+    memory_mb: int = 512
+    cpus: int = 2
+    forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
+    checks_script: str | None = None
+    name: str = "amiforge"
+
+
+class Guest:
+    """A running QEMU guest. Use as a context manager: leaving it always stops QEMU."""
+
+    def __init__(self, spec: GuestSpec) -> None:
+        self.spec = spec
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lines: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self.started = 0.0
+
+    def command(self) -> list[str]:
+        s = self.spec
+        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=64,thread=multi"
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in sorted(s.forwards.items()))
+        argv = [
+            require("qemu-system-x86_64"),
+            "-name", s.name,
+            "-accel", accel,
+            "-smp", str(s.cpus),
+            "-m", str(s.memory_mb),
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(s.kernel),
+            "-initrd", str(s.initrd),
+            "-append", "console=ttyS0 root=/dev/vda rw quiet panic=-1",
+            "-drive", f"file={s.workdir / 'overlay.qcow2'},format=qcow2,if=virtio,cache=unsafe",
+            "-netdev", f"user,id=n0,restrict=on{fwd}",
+            "-device", "virtio-net-pci,netdev=n0",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        if s.checks_script is not None:
+            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={s.workdir / 'checks.sh'}"]
+        return argv
+
+    def __enter__(self) -> Guest:
+        s = self.spec
+        run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", s.disk.resolve(), "-F", "qcow2",
+             s.workdir / "overlay.qcow2"],
+            what="qemu-img create (boot overlay)",
+        )  # fmt: skip
+        if s.checks_script is not None:
+            (s.workdir / "checks.sh").write_text(s.checks_script)
+        self.started = time.monotonic()
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            with self._cond:
+                self._lines.append((time.monotonic() - self.started, line))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float) -> tuple[float, str] | None:
+        """The first console line matching `pattern` (with its time since start), or None on timeout/exit."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
+        seen = 0
+        with self._cond:
+            while True:
+                for t, line in self._lines[seen:]:
+                    if regex.search(line):
+                        return t, line
+                seen = len(self._lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.running():
+                    return None
+                self._cond.wait(min(left, 0.5))
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def console(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self._lines)
+
+    def lines(self) -> list[str]:
+        with self._cond:
+            return [line for _, line in self._lines]
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# --- in-guest checks ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestCheck:
+    name: str
+    kind: str  # unit | command
+    shell: str
+    expect_exit: int = 0
+    expect_output: str | None = None
+
+
+GUEST_PRELUDE = f"""r() {{
+    out=$(timeout {COMMAND_TIMEOUT} sh -c "$2" 2>&1 </dev/null); rc=$?
+    printf '\\nAMIFORGE-RESULT %s %s %s\\n' "$1" "$rc" "$(printf '%s' "$out" | head -c 4000 | base64 -w0)"
+}}
+"""
+
+
+def guest_script(checks: Sequence[GuestCheck]) -> str:
+    body = "".join(f"r {i} {shlex.quote(c.shell)}\n" for i, c in enumerate(checks))
+    return GUEST_PRELUDE + body
+
+
+def guest_results(checks: Sequence[GuestCheck], lines: Sequence[str]) -> list[CheckResult]:
+    """Match the framed results on the console to the checks; a missing result is a failure."""
+    found: dict[int, tuple[int, str]] = {}
+    for line in lines:
+        m = RESULT_RE.search(line)
+        if m:
+            try:
+                out = base64.b64decode(m.group(3)).decode("utf-8", "replace")
+            except ValueError:
+                out = "(garbled result on the console)"
+            found[int(m.group(1))] = (int(m.group(2)), out)
+    results = []
+    for i, c in enumerate(checks):
+        if i not in found:
+            results.append(CheckResult(c.name, c.kind, False, "no result came back from the guest"))
+            continue
+        rc, out = found[i]
+        problems = []
+        if rc != c.expect_exit:
+            problems.append(f"exit {rc}, expected {c.expect_exit}")
+        if c.expect_output is not None and c.expect_output not in out:
+            problems.append(f"output lacks {c.expect_output!r}")
+        detail = "; ".join(problems) if problems else f"exit {rc}"
+        snippet = out.strip().replace("\n", " | ")[:300]
+        results.append(CheckResult(c.name, c.kind, not problems, f"{detail}: {snippet}" if snippet else detail))
+    return results
+
+
+# --- host-side port checks ---------------------------------------------------------------------------------
+
+
+def http_check(
+    host_port: int, path: str, expect_status: int, expect_body: str | None, deadline: float
+) -> tuple[bool, str]:
+    """GET http://127.0.0.1:port/path, retrying connection errors until `deadline` (the service may be
+    finishing its start)."""
+    last = ""
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", host_port, timeout=5)
+            try:
+                conn.request("GET", path, headers={"Host": "localhost"})
+                resp = conn.getresponse()
+                body = resp.read(65536).decode("utf-8", "replace")
+            finally:
+                conn.close()
+            problems = []
+            if resp.status != expect_status:
+                problems.append(f"status {resp.status}, expected {expect_status}")
+            if expect_body is not None and expect_body not in body:
+                problems.append(f"body lacks {expect_body!r}")
+            if problems:
+                return False, "; ".join(problems)
+            return True, f"status {resp.status}, {len(body)} bytes"
+        except (OSError, http.client.HTTPException) as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            return False, f"no HTTP answer: {last}"
+        time.sleep(0.5)
+
+
+def tcp_check(host_port: int, deadline: float) -> tuple[bool, str]:
+    last = ""
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", host_port), timeout=3) as s:
+                # slirp accepts the host side even when nothing listens in the guest; a closed port shows up
+                # as an immediate EOF/reset, a listening one stays open.
+                s.settimeout(1.0)
+                try:
+                    data = s.recv(1)
+                    if data == b"":
+                        raise ConnectionResetError("closed by the guest")
+                except TimeoutError:
+                    pass
+                return True, "port open"
+        except OSError as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            return False, f"port closed: {last}"
+        time.sleep(0.5)
+
+
+# --- KVM: used only when a real guest boots with it ----------------------------------------------------------
+
+KVM_PROBE_TIMEOUT = 10.0
+
+
+def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]:
+    """Boot a tiny busybox initrd with -accel kvm and wait for it to answer. /dev/kvm existing is not
+    enough: on some hosts (PVM nested virtualisation) it opens fine and stock kernels then hang."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is absent or not accessible"
+    key = f"{os.uname().release} {kernel.stat().st_size}"
+    if cache_file.is_file():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return bool(cached["ok"]), str(cached["why"])
+    archive = _Newc()
+    archive.dir("bin")
+    archive.file("bin/busybox", STATIC_BUSYBOX.read_bytes(), 0o755)
+    archive.file("init", b"#!/bin/busybox sh\n/bin/busybox echo AMIFORGE-KVM-OK\n/bin/busybox poweroff -f\n", 0o755)
+    (workdir / "probe.cpio").write_bytes(archive.finish())
+    argv = [
+        require("qemu-system-x86_64"), "-accel", "kvm", "-m", "128", "-nodefaults", "-display", "none",
+        "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-initrd", str(workdir / "probe.cpio"),
+        "-append", "console=ttyS0 panic=-1 quiet",
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(
+            argv, capture_output=True, timeout=KVM_PROBE_TIMEOUT, stdin=subprocess.DEVNULL, check=False
+        )
+        ok = b"AMIFORGE-KVM-OK" in out.stdout
+        why = "a test guest booted under KVM" if ok else "the KVM test guest failed: " + out.stderr.decode()[-200:]
+    except subprocess.TimeoutExpired:
+        ok, why = False, f"a test guest hung under KVM for {KVM_PROBE_TIMEOUT:.0f}s (falling back to TCG)"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps({"key": key, "ok": ok, "why": why}))
+    return ok, why
+
+
+def check_guest_alive(guest: Guest) -> None:
+    if not guest.running():
+        tail = "\n".join(guest.lines()[-15:])
+        raise InfraError(f"QEMU exited unexpectedly:\n{tail}")

@@ -1,0 +1,95 @@
+"""The host programs the local provider runs, how to install each, and one way to run them.
+
+Every external command goes through `run()`, so a missing tool or a failing one always becomes an
+InfraError/ToolMissing with the tail of its output, never a raw CalledProcessError.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from amiforge.errors import InfraError, ToolMissing
+
+# tool -> Debian package that provides it. The one list `doctor`, `scripts/bootstrap` and the errors agree on.
+TOOLS: Mapping[str, str] = {
+    "mmdebstrap": "mmdebstrap",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mkfs.ext4": "e2fsprogs",
+    "zstd": "zstd",
+    "busybox": "busybox-static",
+    "cpio": "cpio",
+    "unshare": "util-linux",
+    "chroot": "coreutils",
+}
+
+# busybox-static installs a statically linked busybox here; the dynamic `busybox` package would not work
+# inside an initrd that has no libc.
+STATIC_BUSYBOX = Path("/bin/busybox")
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def require(tool: str) -> str:
+    path = which(tool)
+    if path is None:
+        raise ToolMissing(tool, TOOLS.get(tool, tool))
+    return path
+
+
+@dataclass(frozen=True)
+class ToolStatus:
+    tool: str
+    package: str
+    path: str | None
+
+
+def tool_report() -> list[ToolStatus]:
+    return [ToolStatus(tool, pkg, which(tool)) for tool, pkg in TOOLS.items()]
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    log: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    what: str | None = None,
+) -> str:
+    """Run a host command to completion; return its combined output. Failure -> InfraError with the tail."""
+    args = [str(a) for a in argv]
+    exe = require(args[0])
+    full_env = {**os.environ, **(env or {})}
+    try:
+        proc = subprocess.run(
+            [exe, *args[1:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            env=full_env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise InfraError(f"{what or args[0]} timed out after {timeout:.0f}s", retryable=True) from e
+    if log is not None and proc.stdout:
+        for line in proc.stdout.splitlines():
+            log(line)
+    if proc.returncode != 0:
+        raise InfraError(
+            f"{what or args[0]} failed (exit {proc.returncode}):\n{_tail(proc.stdout)}",
+            retryable=False,
+        )
+    return proc.stdout

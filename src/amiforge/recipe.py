@@ -1,0 +1,1336 @@
+"""The recipe: its schema, loading it from YAML, and the path rules that keep it inside its folder.
+
+This module owns everything about the recipe file (DESIGN.md §9): the pydantic models (all
+`extra="forbid"`, frozen); `load_recipe()`, which reports every problem at once with file, line, field and
+fix; path confinement of `file.src` (inside the recipe's folder) and `file.dest` (inside the image root, see
+`resolve_inside()`); the JSON Schema export; and the digests the registry and the layer cache are keyed on
+(`recipe_digest()`, `step_fingerprint()`). Nothing here touches a provider, the store or the network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import types
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from amiforge.errors import ConfigError, Problem
+
+__all__ = [
+    "AwsProvider",
+    "Base",
+    "Checks",
+    "CommandCheck",
+    "FileSpec",
+    "FileStep",
+    "HttpCheck",
+    "LocalProvider",
+    "OwnersSource",
+    "PackagesStep",
+    "Provider",
+    "Recipe",
+    "ServiceSpec",
+    "ServiceStep",
+    "ShellStep",
+    "Source",
+    "SsmSource",
+    "Step",
+    "TcpCheck",
+    "UserSpec",
+    "UserStep",
+    "load_recipe",
+    "parse_duration",
+    "parse_recipe",
+    "recipe_digest",
+    "recipe_json_schema",
+    "resolve_inside",
+    "step_fingerprint",
+]
+
+# A recipe is a few KB; anything far bigger is a mistake (or an attack on the parser), not a recipe.
+MAX_RECIPE_BYTES = 1024 * 1024
+# YAML aliases share nodes; counting visits with expansion stops "billion laughs" before pydantic does.
+_MAX_YAML_NODES = 100_000
+# Same limit as the Linux kernel's path walk (MAXSYMLINKS).
+_MAX_SYMLINK_HOPS = 40
+# Bump when the meaning of a step changes, so old cache layers stop matching.
+_FINGERPRINT_VERSION = 1
+
+_FORBID = ConfigDict(extra="forbid", frozen=True)
+_SCHEMA_HINT = "`amiforge recipe schema` prints every key and the values it allows"
+
+
+def _fail(message: str, fix: str, *, key: str | None = None) -> PydanticCustomError:
+    """A validation error carrying its own fix; `key` names a sub-key the problem belongs to (e.g. `type`)."""
+    ctx: dict[str, Any] = {"fix": fix}
+    if key is not None:
+        ctx["key"] = key
+    # The message goes in as a context value, never as the template, so braces in user input stay literal.
+    return PydanticCustomError("amiforge", "{message}", {**ctx, "message": message})
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _yaml_type(value: object) -> str:
+    """How YAML would call the type of a value, for messages a recipe author understands."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean (true/false)"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Constrained scalars. Each is checked by a small function that says what is allowed and how to fix it;
+# the JSON Schema keeps the pattern so editors can flag mistakes too.
+
+
+def _pattern_check(pattern: str, what: str, allowed: str, example: str) -> Any:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise _fail(f"{_short(value)} is not a valid {what}: {allowed}", f"use something like {example}")
+        return value
+
+    return check
+
+
+_NAME_RE = r"[a-z0-9][a-z0-9-]{0,62}"
+_PACKAGE_RE = r"[a-z0-9][a-z0-9+.-]+"
+_POSIX_NAME_RE = r"[a-z_][a-z0-9_-]{0,31}"
+_UNIT_RE = r"[A-Za-z0-9:_.@\\-]{1,255}"
+_TAG_KEY_RE = r"[A-Za-z0-9_.:/=+@-]{1,128}"
+_ACCOUNT_RE = r"[0-9]{12}"
+_OWNER_ALIASES = ("amazon", "self", "aws-marketplace")
+_MODE_RE = r"[0-7]{3,4}"
+_DURATION_RE = r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+|\d+(?:\.\d+)?"
+
+RecipeName = Annotated[
+    str,
+    AfterValidator(
+        _pattern_check(
+            _NAME_RE,
+            "recipe name",
+            "lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters",
+            "'web' or 'web-tier'",
+        )
+    ),
+    WithJsonSchema({"type": "string", "pattern": f"^{_NAME_RE}$"}),
+]
+PackageName = Annotated[
+    str,
+    AfterValidator(
+        _pattern_check(
+            _PACKAGE_RE,
+            "Debian package name",
+            "lowercase letters, digits and '+', '.', '-', at least 2 characters, no version or '=' pin",
+            "'nginx' or 'ca-certificates'",
+        )
+    ),
+    WithJsonSchema({"type": "string", "pattern": f"^{_PACKAGE_RE}$"}),
+]
+PosixName = Annotated[
+    str,
+    AfterValidator(
+        _pattern_check(
+            _POSIX_NAME_RE,
+            "user or group name",
+            "lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32 characters",
+            "'deploy' or 'www-data'",
+        )
+    ),
+    WithJsonSchema({"type": "string", "pattern": f"^{_POSIX_NAME_RE}$"}),
+]
+UnitName = Annotated[
+    str,
+    AfterValidator(
+        _pattern_check(
+            _UNIT_RE,
+            "systemd unit name",
+            "letters, digits and ':', '_', '.', '@', '-', '\\'",
+            "'nginx' or 'nginx.service'",
+        )
+    ),
+    WithJsonSchema({"type": "string", "pattern": f"^{_UNIT_RE}$"}),
+]
+
+
+def _check_tag_key(value: str) -> str:
+    _pattern_check(
+        _TAG_KEY_RE,
+        "tag key",
+        "1-128 of letters, digits and '_', '.', ':', '/', '=', '+', '@', '-'",
+        "'team' or 'cost-center'",
+    )(value)
+    # Our own bookkeeping tags (DESIGN §5) and AWS's namespace must not be forged from a recipe.
+    if value.lower().startswith(("amiforge:", "aws:")):
+        raise _fail(
+            f"tag key {value!r} uses a reserved prefix ('amiforge:' and 'aws:' are set by amiforge and AWS)",
+            "rename the tag",
+        )
+    return value
+
+
+def _check_tag_value(value: str) -> str:
+    if len(value) > 256:
+        raise _fail(f"tag value is {len(value)} characters long; at most 256 are allowed", "shorten it")
+    return value
+
+
+TagKey = Annotated[
+    str, AfterValidator(_check_tag_key), WithJsonSchema({"type": "string", "pattern": f"^{_TAG_KEY_RE}$"})
+]
+TagValue = Annotated[
+    str, AfterValidator(_check_tag_value), WithJsonSchema({"type": "string", "maxLength": 256})
+]
+
+
+def _check_owner(value: str) -> str:
+    if re.fullmatch(_ACCOUNT_RE, value) is None and value not in _OWNER_ALIASES:
+        raise _fail(
+            f"{_short(value)} is not an image owner: use a 12-digit AWS account id or one of "
+            f"{', '.join(_OWNER_ALIASES)}",
+            'e.g. owners: [amazon] or owners: ["136693071363"] (quote account ids)',
+        )
+    return value
+
+
+Owner = Annotated[
+    str,
+    AfterValidator(_check_owner),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "pattern": f"^{_ACCOUNT_RE}$"}, {"enum": list(_OWNER_ALIASES)}]}
+    ),
+]
+
+
+def _check_mode(value: object) -> object:
+    # YAML 1.1 reads an unquoted 0644 as the octal number 420 and 644 as decimal 644: both silently wrong.
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise _fail(
+            f"mode {value} was read as a number; YAML turns an unquoted 0644 into 420",
+            'quote it: mode: "0644"',
+        )
+    if isinstance(value, str) and re.fullmatch(_MODE_RE, value) is None:
+        raise _fail(
+            f"mode {_short(value)} is not an octal mode of 3 or 4 digits 0-7", 'e.g. mode: "0644" or "0755"'
+        )
+    return value
+
+
+FileMode = Annotated[
+    str, BeforeValidator(_check_mode), WithJsonSchema({"type": "string", "pattern": f"^{_MODE_RE}$"})
+]
+
+
+def _check_abs_path(value: str) -> str:
+    if not value.startswith("/") or "\x00" in value:
+        raise _fail(f"{_short(value)} is not an absolute path", "e.g. /bin/bash")
+    return value
+
+
+AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise _fail("must not be empty", "write a value, or remove the key if it is optional")
+    if "\x00" in value:
+        raise _fail("must not contain a NUL character", "remove it")
+    return value
+
+
+NonEmptyStr = Annotated[str, AfterValidator(_non_empty), WithJsonSchema({"type": "string", "minLength": 1})]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Durations
+
+
+def parse_duration(value: object) -> float:
+    """`"90s"`, `"2m"`, `"1h"`, `"1m30s"`, `"500ms"` or a bare positive number of seconds → float seconds.
+
+    Raises ConfigError for anything else (also used for CLI flags such as `--timeout`).
+    """
+    fix = "use e.g. 90s, 2m, 1h, 1m30s, 500ms, or a plain number of seconds"
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(_DURATION_RE, text):
+            bare = re.fullmatch(r"\d+(?:\.\d+)?", text) is not None
+            seconds = float(text) if bare else _sum_units(text)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"{_short(value)} is not a duration: accepted forms are 90s, 2m, 1h, 1m30s, 500ms "
+            "(units h, m, s, ms, largest first) or a positive number of seconds",
+            fix=fix,
+        )
+    return seconds
+
+
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _sum_units(text: str) -> float | None:
+    total = 0.0
+    previous = -1
+    order = list(_UNIT_SECONDS)
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text):
+        # Units must appear once each, largest first: "30s1m" and "1m1m" are typos, not durations.
+        rank = order.index(unit)
+        if rank <= previous:
+            return None
+        previous = rank
+        total += float(number) * _UNIT_SECONDS[unit]
+    return total
+
+
+def _duration_validator(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ConfigError as e:
+        raise _fail(e.message, e.fix or "") from None
+
+
+def _ready_bounds(value: float) -> float:
+    if not 1.0 <= value <= 3600.0:
+        raise _fail(f"ready_within is {value:g}s; it must be between 1s and 1h", "e.g. ready_within: 90s")
+    return value
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration_validator),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": f"^(?:{_DURATION_RE})$"},
+            ],
+            "description": "seconds, or a duration such as 90s, 2m, 1h, 1m30s, 500ms",
+        },
+        mode="validation",
+    ),
+]
+ReadyWithin = Annotated[Duration, AfterValidator(_ready_bounds)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base image and provider
+
+
+def _check_suite(value: object) -> object:
+    if value != "bookworm":
+        raise _fail(
+            f"suite {_short(value)} is not supported: only 'bookworm' is served by the Debian mirror "
+            "amiforge uses",
+            "use suite: bookworm",
+        )
+    return value
+
+
+class Base(BaseModel):
+    """The base layer the local provider builds with mmdebstrap."""
+
+    model_config = _FORBID
+
+    distro: Literal["debian"] = "debian"
+    suite: Annotated[Literal["bookworm"], BeforeValidator(_check_suite)] = "bookworm"
+    packages: list[PackageName] = Field(default_factory=list, description="extra packages in the base layer")
+
+
+class LocalProvider(BaseModel):
+    """Bake with mmdebstrap + chroot and boot under QEMU on this machine."""
+
+    model_config = _FORBID
+
+    type: Literal["local"] = "local"
+
+
+class OwnersSource(BaseModel):
+    """The newest image matching a name filter, among images of pinned owners only (never a name alone)."""
+
+    model_config = _FORBID
+
+    owners: list[Owner] = Field(
+        min_length=1, description="account ids or aliases (amazon, self, aws-marketplace)"
+    )
+    name: NonEmptyStr = Field(description="image name filter; * and ? wildcards allowed")
+    most_recent: bool = True
+
+
+def _check_ssm_parameter(value: str) -> str:
+    if not value.startswith("/") or len(value) < 2:
+        raise _fail(
+            f"ssm_parameter {_short(value)} must be a full parameter name starting with '/'",
+            "e.g. ssm_parameter: /aws/service/debian/release/bookworm/latest/amd64",
+        )
+    return value
+
+
+class SsmSource(BaseModel):
+    """An image id published in an SSM parameter (the owner is whoever controls the parameter path)."""
+
+    model_config = _FORBID
+
+    ssm_parameter: Annotated[str, AfterValidator(_check_ssm_parameter)]
+
+
+def _check_source(value: object) -> object:
+    if isinstance(value, OwnersSource | SsmSource):
+        return value
+    if not isinstance(value, dict):
+        raise _fail(
+            f"source must be a mapping, got {_yaml_type(value)}",
+            "use {owners: [amazon], name: 'debian-12-amd64-*'} or {ssm_parameter: /aws/service/...}",
+        )
+    has_ssm = "ssm_parameter" in value
+    if has_ssm and ("owners" in value or "name" in value):
+        raise _fail(
+            "source has both ssm_parameter and owners/name; it must be one or the other",
+            "keep either ssm_parameter, or owners + name",
+        )
+    if not has_ssm and not value.get("owners"):
+        # DESIGN §5: a name filter alone lets anyone publish a matching public AMI ("whoAMI" name squatting).
+        raise _fail(
+            "source has no owners: an image looked up by name alone can be any account's public image "
+            "(the 'whoAMI' name-squatting attack), so owners are required",
+            "add owners: [amazon] (or the 12-digit account id publishing the image), or use ssm_parameter",
+            key="owners",
+        )
+    return value
+
+
+def _source_tag(value: object) -> str | None:
+    if isinstance(value, SsmSource) or (isinstance(value, dict) and "ssm_parameter" in value):
+        return "<ssm_parameter>"
+    return "<owners>"
+
+
+Source = Annotated[
+    Annotated[OwnersSource, Tag("<owners>")] | Annotated[SsmSource, Tag("<ssm_parameter>")],
+    Discriminator(_source_tag),
+    BeforeValidator(_check_source),
+]
+
+_REGION_RE = r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}"
+_INSTANCE_TYPE_RE = r"[a-z0-9-]+\.[a-z0-9-]+"
+
+
+class AwsProvider(BaseModel):
+    """Bake on EC2 from an owner-pinned source image."""
+
+    model_config = _FORBID
+
+    type: Literal["aws"]
+    region: Annotated[
+        str,
+        AfterValidator(
+            _pattern_check(_REGION_RE, "AWS region", "like us-east-1 or eu-west-3", "'eu-west-1'")
+        ),
+        WithJsonSchema({"type": "string", "pattern": f"^{_REGION_RE}$"}),
+    ]
+    instance_type: Annotated[
+        str,
+        AfterValidator(
+            _pattern_check(_INSTANCE_TYPE_RE, "EC2 instance type", "family.size like t3.micro", "'t3.micro'")
+        ),
+        WithJsonSchema({"type": "string", "pattern": f"^{_INSTANCE_TYPE_RE}$"}),
+    ] = "t3.micro"
+    source: Source
+
+
+_PROVIDER_TYPES = ("local", "aws")
+
+
+def _check_provider(value: object) -> object:
+    if isinstance(value, LocalProvider | AwsProvider):
+        return value
+    if not isinstance(value, dict):
+        raise _fail(f"provider must be a mapping, got {_yaml_type(value)}", "use provider: {type: local}")
+    if "type" not in value:
+        raise _fail(
+            f"provider has no type; allowed types: {', '.join(_PROVIDER_TYPES)}",
+            "add type: local (or type: aws with region and source)",
+            key="type",
+        )
+    if value["type"] not in _PROVIDER_TYPES:
+        raise _fail(
+            f"unknown provider type {_short(value['type'])}; allowed types: {', '.join(_PROVIDER_TYPES)}",
+            "use type: local or type: aws",
+            key="type",
+        )
+    return value
+
+
+def _provider_tag(value: object) -> str | None:
+    if isinstance(value, LocalProvider | AwsProvider):
+        return f"<{value.type}>"
+    if isinstance(value, dict) and value.get("type") in _PROVIDER_TYPES:
+        return f"<{value['type']}>"
+    return None
+
+
+Provider = Annotated[
+    Annotated[LocalProvider, Tag("<local>")] | Annotated[AwsProvider, Tag("<aws>")],
+    Discriminator(_provider_tag),
+    BeforeValidator(_check_provider),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _src_problem(folder: Path, src: str) -> tuple[str, str] | None:
+    """Why `src` may not be copied from `folder` (message, fix); None for a regular file inside it."""
+    try:
+        root = folder.resolve(strict=True)
+        # strict: a missing file fails here; resolve follows every symlink, so an escape shows in the result.
+        resolved = (root / src).resolve(strict=True)
+    except FileNotFoundError:
+        return (
+            f"source file {src!r} does not exist in the recipe's folder {folder}",
+            "create it, or fix the path (it is relative to the folder holding the recipe)",
+        )
+    except (OSError, RuntimeError) as e:  # symlink loops: RuntimeError before 3.13, OSError(ELOOP) after
+        return (f"source file {src!r} cannot be resolved: {e}", "replace the symlink with the file itself")
+    if not resolved.is_relative_to(root):
+        return (
+            f"source file {src!r} resolves to {resolved}, outside the recipe's folder {root} "
+            "(through a symlink)",
+            "copy the file into the recipe's folder instead of linking to it",
+        )
+    if not resolved.is_file():
+        return (
+            f"source {src!r} is not a regular file (a directory or a device?)",
+            "point src at a single regular file",
+        )
+    return None
+
+
+class FileSpec(BaseModel):
+    model_config = _FORBID
+
+    src: str = Field(description="path relative to the recipe's folder; must stay inside it")
+    dest: str = Field(description="absolute path in the image")
+    mode: FileMode = "0644"
+    owner: PosixName = "root"
+    group: PosixName = "root"
+
+    @field_validator("src")
+    @classmethod
+    def _src_confined(cls, value: str, info: ValidationInfo) -> str:
+        fix = "write it relative to the recipe's folder, e.g. files/index.html"
+        if not value or "\x00" in value:
+            raise _fail("src must be a non-empty path without NUL characters", fix)
+        if value.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", value):
+            raise _fail(f"src {value!r} is absolute; sources must be relative to the recipe's folder", fix)
+        if ".." in re.split(r"[/\\]", value):
+            raise _fail(
+                f"src {value!r} contains '..'; sources must stay inside the recipe's folder",
+                "move the file into the recipe's folder and refer to it without '..'",
+            )
+        folder = info.context.get("folder") if isinstance(info.context, Mapping) else None
+        # Without a folder (a recipe built in memory) only the syntax is checked; _read_src re-checks.
+        if isinstance(folder, Path):
+            problem = _src_problem(folder, value)
+            if problem is not None:
+                raise _fail(*problem)
+        return value
+
+    @field_validator("dest")
+    @classmethod
+    def _dest_confined(cls, value: str) -> str:
+        if "\x00" in value:
+            raise _fail("dest must not contain a NUL character", "remove it")
+        if not value.startswith("/"):
+            raise _fail(
+                f"dest {value!r} is relative; it must be an absolute path in the image",
+                f"write it from the image root, e.g. /{value.lstrip('./') or 'etc/motd'}",
+            )
+        if ".." in value.split("/"):
+            raise _fail(f"dest {value!r} contains '..'", "write the final path without '..'")
+        if PurePosixPath(value) == PurePosixPath("/"):
+            raise _fail("dest must not be '/' itself", "name the file to create, e.g. /etc/motd")
+        if value.endswith("/"):
+            raise _fail(
+                f"dest {value!r} ends with '/'; it must name the file, not its directory",
+                "append the file name, e.g. /var/www/html/index.html",
+            )
+        return value
+
+
+class PackagesStep(BaseModel):
+    """Install Debian packages (apt)."""
+
+    model_config = _FORBID
+    kind: ClassVar[str] = "packages"
+
+    packages: list[PackageName] = Field(min_length=1)
+
+    def describe(self) -> str:
+        return _shorten(f"packages: {' '.join(self.packages)}")
+
+
+class FileStep(BaseModel):
+    """Copy one file from the recipe's folder into the image."""
+
+    model_config = _FORBID
+    kind: ClassVar[str] = "file"
+
+    file: FileSpec
+
+    def describe(self) -> str:
+        return f"file {self.file.src} -> {self.file.dest}"
+
+
+class ShellStep(BaseModel):
+    """Run a shell script in the image (chroot locally, the build instance on AWS)."""
+
+    model_config = _FORBID
+    kind: ClassVar[str] = "shell"
+
+    shell: NonEmptyStr
+
+    def describe(self) -> str:
+        return _shorten(f"shell: {self.shell}")
+
+
+class ServiceSpec(BaseModel):
+    model_config = _FORBID
+
+    enable: list[UnitName] = Field(default_factory=list)
+    disable: list[UnitName] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> ServiceSpec:
+        if not self.enable and not self.disable:
+            raise _fail(
+                "service step enables and disables nothing", "add enable: [unit] and/or disable: [unit]"
+            )
+        both = sorted(set(self.enable) & set(self.disable))
+        if both:
+            raise _fail(f"units both enabled and disabled: {', '.join(both)}", "keep each unit in one list")
+        return self
+
+
+class ServiceStep(BaseModel):
+    """Enable or disable systemd units."""
+
+    model_config = _FORBID
+    kind: ClassVar[str] = "service"
+
+    service: ServiceSpec
+
+    def describe(self) -> str:
+        parts = []
+        if self.service.enable:
+            parts.append("enable " + " ".join(self.service.enable))
+        if self.service.disable:
+            parts.append("disable " + " ".join(self.service.disable))
+        return _shorten("service: " + "; ".join(parts))
+
+
+def _check_authorized_key(value: str) -> str:
+    # Public keys only: DESIGN §5 keeps secrets out of recipes and images.
+    if "PRIVATE KEY" in value:
+        raise _fail(
+            "this is a private key; recipes must never hold secrets", "use the matching .pub line instead"
+        )
+    if not value.strip() or "\n" in value.strip() or "\x00" in value:
+        raise _fail("an authorized key must be one non-empty line", "paste the single line of the .pub file")
+    return value
+
+
+class UserSpec(BaseModel):
+    model_config = _FORBID
+
+    name: PosixName
+    groups: list[PosixName] = Field(default_factory=list)
+    shell: AbsPath = "/bin/bash"
+    ssh_authorized_keys: list[Annotated[str, AfterValidator(_check_authorized_key)]] = Field(
+        default_factory=list
+    )
+
+
+class UserStep(BaseModel):
+    """Create a local user."""
+
+    model_config = _FORBID
+    kind: ClassVar[str] = "user"
+
+    user: UserSpec
+
+    def describe(self) -> str:
+        return f"user: {self.user.name}"
+
+
+_STEP_CLASSES: dict[str, type[PackagesStep | FileStep | ShellStep | ServiceStep | UserStep]] = {
+    cls.kind: cls for cls in (PackagesStep, FileStep, ShellStep, ServiceStep, UserStep)
+}
+_STEP_KINDS = ", ".join(_STEP_CLASSES)
+
+
+def _check_step(value: object) -> object:
+    """Each step is a mapping with exactly one known key; say which rule was broken before pydantic tries."""
+    if isinstance(value, tuple(_STEP_CLASSES.values())):
+        return value
+    if not isinstance(value, dict):
+        raise _fail(
+            f"a step must be a mapping with one key ({_STEP_KINDS}), got {_yaml_type(value)}",
+            "write it as e.g. '- packages: [nginx]'",
+        )
+    if not value:
+        raise _fail(
+            f"empty step; each step has exactly one of: {_STEP_KINDS}",
+            "fill it in (e.g. '- packages: [nginx]') or delete the line",
+        )
+    keys = [str(k) for k in value]
+    if len(keys) > 1:
+        raise _fail(
+            f"step has {len(keys)} keys ({', '.join(keys)}); "
+            f"each step must have exactly one of: {_STEP_KINDS}",
+            "split it into separate list items, one '- <kind>: …' per step (check the '-' indentation)",
+        )
+    key = keys[0]
+    if key not in _STEP_CLASSES:
+        close = difflib.get_close_matches(key, list(_STEP_CLASSES), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise _fail(f"unknown step kind {key!r}; allowed: {_STEP_KINDS}", f"{hint}use one of: {_STEP_KINDS}")
+    return value
+
+
+def _step_tag(value: object) -> str | None:
+    if isinstance(value, BaseModel) and hasattr(value, "kind"):
+        return f"<{value.kind}>"
+    if isinstance(value, dict) and len(value) == 1:
+        return f"<{next(iter(value))}>"
+    return None
+
+
+Step = Annotated[
+    Annotated[PackagesStep, Tag("<packages>")]
+    | Annotated[FileStep, Tag("<file>")]
+    | Annotated[ShellStep, Tag("<shell>")]
+    | Annotated[ServiceStep, Tag("<service>")]
+    | Annotated[UserStep, Tag("<user>")],
+    Discriminator(_step_tag),
+    BeforeValidator(_check_step),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_http_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise _fail(f"http path {value!r} must start with '/'", f"write it as /{value}")
+    return value
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise _fail(f"port {value} is out of range; ports are 1 to 65535", "e.g. port: 80")
+    return value
+
+
+Port = Annotated[
+    int, AfterValidator(_check_port), WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535})
+]
+
+
+class CommandCheck(BaseModel):
+    model_config = _FORBID
+
+    run: NonEmptyStr
+    expect_exit: Annotated[int, Field(ge=0, le=255)] = 0
+    expect_output: str | None = Field(default=None, description="substring the output must contain")
+
+
+class HttpCheck(BaseModel):
+    model_config = _FORBID
+
+    port: Port
+    path: Annotated[str, AfterValidator(_check_http_path)] = "/"
+    expect_status: Annotated[int, Field(ge=100, le=599)] = 200
+    expect_body: str | None = Field(default=None, description="substring the body must contain")
+
+
+class TcpCheck(BaseModel):
+    model_config = _FORBID
+
+    port: Port
+
+
+class Checks(BaseModel):
+    """The boot-test gate: ready within a time, then every listed check passes."""
+
+    model_config = _FORBID
+
+    ready_within: ReadyWithin = 90.0
+    units: list[UnitName] = Field(default_factory=list, description="units that must be active")
+    commands: list[CommandCheck] = Field(default_factory=list)
+    http: list[HttpCheck] = Field(default_factory=list)
+    tcp: list[TcpCheck] = Field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+class Recipe(BaseModel):
+    """A validated recipe. `load_recipe()` also records which file it came from (`source_path`, `folder`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="amiforge recipe")
+
+    name: RecipeName
+    description: str | None = None
+    base: Base = Field(default_factory=Base)
+    provider: Provider = Field(default_factory=LocalProvider)
+    steps: list[Step] = Field(default_factory=list, description="ordered; each step is one cache layer")
+    checks: Checks = Field(default_factory=Checks)
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict)
+
+    # Not part of the schema: where the recipe was read from, so file sources resolve against its folder.
+    _source_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> Path:
+        if self._source_path is None:
+            raise ConfigError(
+                f"recipe {self.name!r} was not loaded from a file, so its file sources cannot be resolved",
+                fix="load it with load_recipe(path), or call .bound_to(path)",
+            )
+        return self._source_path
+
+    @property
+    def folder(self) -> Path:
+        return self.source_path.parent
+
+    def bound_to(self, path: Path) -> Recipe:
+        """A copy that knows it lives at `path` (no re-validation of file sources)."""
+        copy = self.model_copy()
+        copy._source_path = path.absolute()
+        return copy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML text → node tree (for lines) → data → pydantic, every problem collected into one ConfigError.
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read, validate and return the recipe at `path`; raise ConfigError listing every problem found."""
+    try:
+        if path.is_dir():
+            raise ConfigError(
+                f"recipe path {path} is a directory",
+                problems=[Problem(message="is a directory, not a recipe file", file=str(path))],
+                fix=f"pass the YAML file, e.g. {path / 'recipe.yaml'}",
+            )
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"recipe file not found: {path}",
+            problems=[Problem(message="no such file", file=str(path))],
+            fix="check the path; recipes are YAML files such as examples/web/recipe.yaml",
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read recipe file {path}: {e.strerror or e}",
+            problems=[Problem(message=f"cannot read: {e.strerror or e}", file=str(path))],
+            fix="check the file's permissions",
+        ) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        _raise(
+            path,
+            [
+                Problem(
+                    message=f"file is larger than {MAX_RECIPE_BYTES} bytes",
+                    file=str(path),
+                    fix="a recipe is a small YAML file; check you passed the right path",
+                )
+            ],
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        _raise(
+            path,
+            [
+                Problem(
+                    message=f"not UTF-8 text (bad byte at offset {e.start})",
+                    file=str(path),
+                    fix="save the recipe as a UTF-8 YAML text file",
+                )
+            ],
+        )
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    """Validate recipe YAML `text` as if read from `path` (file sources resolve against `path`'s folder)."""
+    file = str(path)
+    node, data, problems = _read_yaml(text, file)
+    if node is None or not isinstance(data, dict):
+        if not problems:
+            if node is None:
+                problems = [
+                    Problem(
+                        message="the recipe file is empty",
+                        file=file,
+                        fix="start from examples/web/recipe.yaml; at least 'name:' is required",
+                    )
+                ]
+            else:
+                problems = [
+                    Problem(
+                        message=f"the recipe must be a mapping (name:, steps:, …), got {_yaml_type(data)}",
+                        file=file,
+                        line=node.start_mark.line + 1,
+                        fix="write the recipe as 'key: value' lines at the top level, from 'name: …'",
+                    )
+                ]
+        _raise(path, problems)
+    try:
+        recipe = Recipe.model_validate(data, context={"folder": path.absolute().parent})
+    except ValidationError as e:
+        problems += [_problem_from_error(err, node, file) for err in e.errors()]
+        _raise(path, problems)
+    if problems:  # e.g. duplicate keys, which YAML itself accepts
+        _raise(path, problems)
+    return recipe.bound_to(path)
+
+
+def _raise(path: Path, problems: list[Problem]) -> NoReturn:
+    unique = list(dict.fromkeys(problems))
+    unique.sort(key=lambda p: (p.line is None, p.line or 0, p.field or ""))
+    raise ConfigError(
+        f"recipe {path} is invalid: {len(unique)} problem(s)",
+        problems=unique,
+        fix="fix each problem listed; " + _SCHEMA_HINT,
+    )
+
+
+def _read_yaml(text: str, file: str) -> tuple[yaml.Node | None, object, list[Problem]]:
+    """Parse once into the node tree (lines) and construct the data from the same nodes."""
+    loader: yaml.SafeLoader | None = None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader already rejects control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None, None, []
+        problems = _check_nodes(node, file)
+        if problems:  # too large to construct safely
+            return node, None, problems
+        # Find duplicate keys before construction: merge keys (<<) rewrite the mapping nodes in place.
+        duplicates = _duplicate_keys(node, file)
+        data = loader.construct_document(node)
+        return node, data, duplicates
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        message = " ".join(str(x) for x in (e.context, e.problem) if x)
+        return (
+            None,
+            None,
+            [
+                Problem(
+                    message=f"YAML syntax error: {message}",
+                    file=file,
+                    line=mark.line + 1 if mark is not None else None,
+                    fix="check indentation, colons and quoting on that line (and the one before)",
+                )
+            ],
+        )
+    except yaml.YAMLError as e:  # e.g. ReaderError: control characters in the text
+        position = getattr(e, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        return (
+            None,
+            None,
+            [
+                Problem(
+                    message=f"not valid YAML: {e}",
+                    file=file,
+                    line=line,
+                    fix="remove non-text characters; the recipe must be a YAML text file",
+                )
+            ],
+        )
+    except RecursionError:
+        return (
+            None,
+            None,
+            [
+                Problem(
+                    message="YAML nesting is too deep",
+                    file=file,
+                    fix="a recipe is a few levels deep; check the file is a recipe",
+                )
+            ],
+        )
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, file: str) -> list[Problem]:
+    seen = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > _MAX_YAML_NODES:
+            return [
+                Problem(
+                    message=f"the YAML expands to more than {_MAX_YAML_NODES} values (aliases?)",
+                    file=file,
+                    fix="a recipe is small; remove the anchors/aliases that multiply it",
+                )
+            ]
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack.extend((k, v))
+    return []
+
+
+def _duplicate_keys(root: yaml.Node, file: str) -> list[Problem]:
+    problems: list[Problem] = []
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
+    visited: set[int] = set()
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in visited:  # aliases share nodes; report each once
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*loc, i)) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.value == "<<":
+                    continue
+                if key.value in seen:
+                    problems.append(
+                        Problem(
+                            message=f"key {key.value!r} is repeated; YAML silently keeps only the last",
+                            file=file,
+                            line=key.start_mark.line + 1,
+                            field=_dotted((*loc, key.value)),
+                            fix="remove or merge the duplicate",
+                        )
+                    )
+                seen.add(key.value)
+                stack.append((value, (*loc, key.value)))
+    return problems
+
+
+# --- from a pydantic error to a Problem ---
+
+_TAGGED: dict[str, type[BaseModel]] = {
+    **{f"<{kind}>": cls for kind, cls in _STEP_CLASSES.items()},
+    "<local>": LocalProvider,
+    "<aws>": AwsProvider,
+    "<owners>": OwnersSource,
+    "<ssm_parameter>": SsmSource,
+}
+
+
+def _clean_loc(loc: Sequence[str | int], ctx: Mapping[str, Any]) -> tuple[str | int, ...]:
+    """Drop the union tags pydantic inserts (they are ours, in <angle brackets>, never a YAML key)."""
+    parts = [p for p in loc if not (isinstance(p, str) and p in _TAGGED) and p != "[key]"]
+    if isinstance(ctx.get("key"), str):
+        parts.append(ctx["key"])
+    return tuple(parts)
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """1-based line of the deepest YAML node along `loc`: the key itself, or its nearest existing parent."""
+    if root is None:
+        return None
+    node = root
+    line = root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):  # the last duplicate is the one YAML keeps
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    line, node = key.start_mark.line + 1, value
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _unwrap(tp: object) -> object:
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model class at a raw pydantic `loc` (tags included), to list the keys it allows."""
+    tp: object = Recipe
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(part, str) and part in _TAGGED:
+            tp = _TAGGED[part]
+        elif isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif get_origin(tp) is list and isinstance(part, int):
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _problem_from_error(err: Mapping[str, Any], root: yaml.Node | None, file: str) -> Problem:
+    raw_loc: tuple[str | int, ...] = tuple(err.get("loc", ()))
+    ctx: Mapping[str, Any] = err.get("ctx") or {}
+    loc = _clean_loc(raw_loc, ctx)
+    if err.get("type") == "invalid_key" and loc:  # a non-string mapping key, not a list index
+        loc = (*loc[:-1], str(loc[-1]))
+    message, fix = _explain(err, raw_loc, loc, ctx)
+    return Problem(message=message, file=file, line=_line_of(root, loc), field=_dotted(loc) or None, fix=fix)
+
+
+_EXPECTED = {
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "int_type": "a whole number",
+    "bool_type": "true or false",
+}
+
+
+def _explain(
+    err: Mapping[str, Any], raw_loc: tuple[str | int, ...], loc: tuple[str | int, ...], ctx: Mapping[str, Any]
+) -> tuple[str, str]:
+    kind = str(err.get("type", ""))
+    value = err.get("input")
+    key = str(loc[-1]) if loc else ""
+    if kind == "amiforge":
+        return str(err["msg"]), str(ctx.get("fix") or _SCHEMA_HINT)
+    if kind == "extra_forbidden":
+        model = _model_at(raw_loc[:-1])
+        allowed = list(model.model_fields) if model is not None else []
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return (
+            f"unknown key {key!r}; allowed keys here: {', '.join(allowed) or 'none'}",
+            f"{hint}remove or rename it",
+        )
+    if kind == "missing":
+        return f"required key {key!r} is missing", f"add '{key}: …' here"
+    if kind == "invalid_key":
+        return f"key {_short(value)} is not a string", f'quote it: "{value}"'
+    if value is None and kind.endswith("_type"):
+        return f"no value given; expected {_EXPECTED.get(kind, 'a value')}", "write a value after the ':'"
+    if kind == "string_type":
+        quoted = f'"{value}"' if isinstance(value, int | float | bool) else '"42"'
+        example = f"{key}: {quoted}" if loc and isinstance(loc[-1], str) else quoted
+        return f"expected a string, got {_yaml_type(value)} ({_short(value)})", f"quote it: {example}"
+    if kind == "list_type":
+        return (
+            f"expected a list, got {_yaml_type(value)}",
+            "write a YAML list, e.g. [a, b] or one '- item' per line",
+        )
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping (key: value), got {_yaml_type(value)}", "write it as {key: value, …}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return (
+            f"expected a whole number, got {_yaml_type(value)} ({_short(value)})",
+            "write an integer, e.g. 80",
+        )
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {_short(value)}", "write true or false"
+    if kind == "literal_error":
+        return f"{_short(value)} is not allowed: {err.get('msg', '')}", "use one of the values listed"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        return f"{_short(value)} is out of range: {err.get('msg', '')}", "use a value within the stated range"
+    if kind == "too_short":
+        return f"{err.get('msg', 'too short')}", "add at least one item"
+    return f"{err.get('msg', 'invalid value')} (got {_short(value)})", _SCHEMA_HINT
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image-root confinement
+
+
+def resolve_inside(root: Path, dest: str) -> Path:
+    """Map the image-absolute path `dest` to a host path under `root`, never leaving it.
+
+    Symlinks inside the image are followed as the image would see them: an absolute target is re-rooted at
+    `root`, a relative one is taken from the directory holding the link. Missing components are fine (created
+    later). Raises ConfigError for a relative or NUL-containing `dest`, a path that would climb out of
+    `root`, or more than 40 symlinks (a loop).
+    """
+
+    def refuse(message: str, fix: str) -> ConfigError:
+        return ConfigError(
+            f"cannot place {dest!r} inside the image: {message}",
+            problems=[Problem(message=message, field="dest", fix=fix)],
+            fix=fix,
+        )
+
+    if "\x00" in dest or not dest.startswith("/"):
+        raise refuse("the path must be absolute and contain no NUL", "use an absolute path such as /etc/motd")
+    base = root.resolve()
+    pending: deque[str] = deque(PurePosixPath(dest).parts[1:])
+    inside: list[str] = []  # components under `base`, none of them a symlink
+    hops = 0
+    while pending:
+        part = pending.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not inside:
+                raise refuse(
+                    "'..' would climb above the image root", "use a path that stays inside the image"
+                )
+            inside.pop()
+            continue
+        candidate = base.joinpath(*inside, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > _MAX_SYMLINK_HOPS:
+                raise refuse(
+                    f"more than {_MAX_SYMLINK_HOPS} symlinks followed (a loop?) at {candidate}",
+                    "fix the symlinks in the image",
+                )
+            target = PurePosixPath(os.readlink(candidate))
+            target_parts = list(target.parts)
+            if target.is_absolute():
+                inside = []  # re-rooted: "/x" inside the image is root/x on the host
+                target_parts = target_parts[1:]
+            pending.extendleft(reversed(target_parts))
+        else:
+            inside.append(part)
+    return base.joinpath(*inside)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema and digests
+
+
+def recipe_json_schema() -> dict[str, object]:
+    """JSON Schema (draft 2020-12) of a recipe file, for editors and `amiforge recipe schema`."""
+    schema: dict[str, object] = Recipe.model_json_schema(mode="validation")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "amiforge recipe"}
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _read_src(folder: Path, src: str) -> bytes:
+    # Checked again at read time: the folder may have changed since the recipe was validated.
+    problem = _src_problem(folder, src)
+    if problem is not None:
+        message, fix = problem
+        raise ConfigError(message, problems=[Problem(message=message, field="file.src", fix=fix)], fix=fix)
+    return (folder.resolve() / src).resolve().read_bytes()
+
+
+def step_fingerprint(step: Step, folder: Path) -> str:
+    """sha256 hex of one step's definition plus the bytes it copies (file steps); layer cache keys use it."""
+    payload: dict[str, object] = {
+        "v": _FINGERPRINT_VERSION,
+        "kind": step.kind,
+        "step": step.model_dump(mode="json"),
+    }
+    if isinstance(step, FileStep):
+        payload["src_sha256"] = hashlib.sha256(_read_src(folder, step.file.src)).hexdigest()
+    return hashlib.sha256(_canonical(payload)).hexdigest()
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """sha256 hex of the validated recipe (canonical JSON) plus the sha256 of every file it copies."""
+    files: dict[str, str] = {}
+    for step in recipe.steps:
+        if isinstance(step, FileStep):
+            files[step.file.src] = hashlib.sha256(_read_src(recipe.folder, step.file.src)).hexdigest()
+    return hashlib.sha256(_canonical({"recipe": recipe.model_dump(mode="json"), "files": files})).hexdigest()

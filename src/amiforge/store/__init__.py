@@ -1,0 +1,1 @@
+"""The registry: versions, artifacts, layers, boot reports and the hash-chained event log."""

@@ -1,0 +1,83 @@
+"""What every registry backend offers. One implementation today: sql.py (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from amiforge.model import Artifact, BootReport, Event, ImageVersion, LayerRecord, Status
+
+
+class Store(Protocol):
+    def create_version(
+        self,
+        *,
+        name: str,
+        recipe_digest: str,
+        recipe_path: str,
+        provider: str,
+        tags: Mapping[str, str],
+        parent: str | None,
+        recipe: str = "",
+    ) -> ImageVersion:
+        """`recipe` is the recipe as baked (canonical JSON), so a later `test` uses the checks it was built with.
+
+        Allocate NAME@N (N = 1 + highest N of that name, atomically) in state `baking`."""
+        ...
+
+    def get_version(self, ref: str) -> ImageVersion:
+        """Resolve `NAME@N`, or a digest prefix (≥ 8 hex chars, unique).
+
+        Raises NotFound (or ConfigError if the ref is malformed or the prefix is ambiguous)."""
+        ...
+
+    def list_versions(self, name: str | None = None) -> list[ImageVersion]:
+        """Newest first."""
+        ...
+
+    def latest(self, name: str, statuses: Sequence[Status]) -> ImageVersion | None:
+        """The highest-numbered version of `name` in one of `statuses`."""
+        ...
+
+    def transition(
+        self,
+        version_id: int,
+        target: Status,
+        *,
+        expect: Status,
+        digest: str | None = None,
+        size_bytes: int | None = None,
+    ) -> ImageVersion:
+        """Compare-and-set: move the version to `target` only if it is still in `expect`.
+        Illegal step (model.TRANSITIONS) or lost race -> StateError. Optional fields are set in the same UPDATE."""
+        ...
+
+    def append_log(self, version_id: int, text: str) -> None: ...
+
+    def add_artifact(self, version_id: int, artifact: Artifact) -> Artifact: ...
+
+    def artifacts(self, version_id: int) -> list[Artifact]: ...
+
+    def record_layers(self, version_id: int, layers: Sequence[LayerRecord]) -> None: ...
+
+    def layers(self, version_id: int) -> list[LayerRecord]: ...
+
+    def add_boot_report(self, version_id: int, report: BootReport) -> BootReport: ...
+
+    def boot_reports(self, version_id: int) -> list[BootReport]:
+        """Oldest first."""
+        ...
+
+    def append_event(
+        self, kind: str, *, actor: str, ref: str | None = None, data: Mapping[str, object] | None = None
+    ) -> Event:
+        """Append to the hash chain: hash = sha256(prev_hash + canonical JSON of the event's fields)."""
+        ...
+
+    def events(self, ref: str | None = None, *, limit: int | None = None) -> list[Event]:
+        """Oldest first; with `ref`, only events about that version (by exact NAME@N)."""
+        ...
+
+    def verify_events(self) -> list[str]:
+        """Recompute the chain; return one message per broken link (empty list = intact)."""
+        ...

@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry schema. `sql.migrate()` runs them to head; nothing else applies them."""
