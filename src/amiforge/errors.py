@@ -157,7 +157,7 @@ class ToolMissing(InfraError):
     def __init__(self, tool: str, package: str) -> None:
         super().__init__(
             f"required tool '{tool}' is not installed",
-            fix=f"apt-get install {package}   (or run `make demo`, which installs everything; `amiforge doctor` lists all)",
+            fix=f"apt-get install {package}  (`make demo` installs everything; `amiforge doctor` lists the rest)",
         )
         self.tool = tool
         self.package = package

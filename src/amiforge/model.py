@@ -31,9 +31,7 @@ class Status(StrEnum):
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.BAKING: frozenset({Status.BUILT, Status.FAILED}),
     Status.BUILT: frozenset({Status.TESTED, Status.FAILED, Status.REVOKED, Status.DEPRECATED}),
-    Status.TESTED: frozenset(
-        {Status.TESTED, Status.SCANNED, Status.FAILED, Status.REVOKED, Status.DEPRECATED}
-    ),
+    Status.TESTED: frozenset({Status.TESTED, Status.SCANNED, Status.FAILED, Status.REVOKED, Status.DEPRECATED}),
     Status.SCANNED: frozenset({Status.SIGNED, Status.FAILED, Status.REVOKED, Status.DEPRECATED}),
     Status.SIGNED: frozenset({Status.REVOKED, Status.DEPRECATED}),
     Status.DEPRECATED: frozenset({Status.RETIRED, Status.REVOKED}),

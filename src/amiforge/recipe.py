@@ -217,9 +217,7 @@ def _check_tag_value(value: str) -> str:
 TagKey = Annotated[
     str, AfterValidator(_check_tag_key), WithJsonSchema({"type": "string", "pattern": f"^{_TAG_KEY_RE}$"})
 ]
-TagValue = Annotated[
-    str, AfterValidator(_check_tag_value), WithJsonSchema({"type": "string", "maxLength": 256})
-]
+TagValue = Annotated[str, AfterValidator(_check_tag_value), WithJsonSchema({"type": "string", "maxLength": 256})]
 
 
 def _check_owner(value: str) -> str:
@@ -235,9 +233,7 @@ def _check_owner(value: str) -> str:
 Owner = Annotated[
     str,
     AfterValidator(_check_owner),
-    WithJsonSchema(
-        {"anyOf": [{"type": "string", "pattern": f"^{_ACCOUNT_RE}$"}, {"enum": list(_OWNER_ALIASES)}]}
-    ),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": f"^{_ACCOUNT_RE}$"}, {"enum": list(_OWNER_ALIASES)}]}),
 ]
 
 
@@ -249,15 +245,11 @@ def _check_mode(value: object) -> object:
             'quote it: mode: "0644"',
         )
     if isinstance(value, str) and re.fullmatch(_MODE_RE, value) is None:
-        raise _fail(
-            f"mode {_short(value)} is not an octal mode of 3 or 4 digits 0-7", 'e.g. mode: "0644" or "0755"'
-        )
+        raise _fail(f"mode {_short(value)} is not an octal mode of 3 or 4 digits 0-7", 'e.g. mode: "0644" or "0755"')
     return value
 
 
-FileMode = Annotated[
-    str, BeforeValidator(_check_mode), WithJsonSchema({"type": "string", "pattern": f"^{_MODE_RE}$"})
-]
+FileMode = Annotated[str, BeforeValidator(_check_mode), WithJsonSchema({"type": "string", "pattern": f"^{_MODE_RE}$"})]
 
 
 def _check_abs_path(value: str) -> str:
@@ -361,8 +353,7 @@ ReadyWithin = Annotated[Duration, AfterValidator(_ready_bounds)]
 def _check_suite(value: object) -> object:
     if value != "bookworm":
         raise _fail(
-            f"suite {_short(value)} is not supported: only 'bookworm' is served by the Debian mirror "
-            "amiforge uses",
+            f"suite {_short(value)} is not supported: only 'bookworm' is served by the Debian mirror amiforge uses",
             "use suite: bookworm",
         )
     return value
@@ -391,9 +382,7 @@ class OwnersSource(BaseModel):
 
     model_config = _FORBID
 
-    owners: list[Owner] = Field(
-        min_length=1, description="account ids or aliases (amazon, self, aws-marketplace)"
-    )
+    owners: list[Owner] = Field(min_length=1, description="account ids or aliases (amazon, self, aws-marketplace)")
     name: NonEmptyStr = Field(description="image name filter; * and ? wildcards allowed")
     most_recent: bool = True
 
@@ -464,9 +453,7 @@ class AwsProvider(BaseModel):
     type: Literal["aws"]
     region: Annotated[
         str,
-        AfterValidator(
-            _pattern_check(_REGION_RE, "AWS region", "like us-east-1 or eu-west-3", "'eu-west-1'")
-        ),
+        AfterValidator(_pattern_check(_REGION_RE, "AWS region", "like us-east-1 or eu-west-3", "'eu-west-1'")),
         WithJsonSchema({"type": "string", "pattern": f"^{_REGION_RE}$"}),
     ]
     instance_type: Annotated[
@@ -541,8 +528,7 @@ def _src_problem(folder: Path, src: str) -> tuple[str, str] | None:
         return (f"source file {src!r} cannot be resolved: {e}", "replace the symlink with the file itself")
     if not resolved.is_relative_to(root):
         return (
-            f"source file {src!r} resolves to {resolved}, outside the recipe's folder {root} "
-            "(through a symlink)",
+            f"source file {src!r} resolves to {resolved}, outside the recipe's folder {root} (through a symlink)",
             "copy the file into the recipe's folder instead of linking to it",
         )
     if not resolved.is_file():
@@ -650,9 +636,7 @@ class ServiceSpec(BaseModel):
     @model_validator(mode="after")
     def _something_to_do(self) -> ServiceSpec:
         if not self.enable and not self.disable:
-            raise _fail(
-                "service step enables and disables nothing", "add enable: [unit] and/or disable: [unit]"
-            )
+            raise _fail("service step enables and disables nothing", "add enable: [unit] and/or disable: [unit]")
         both = sorted(set(self.enable) & set(self.disable))
         if both:
             raise _fail(f"units both enabled and disabled: {', '.join(both)}", "keep each unit in one list")
@@ -679,9 +663,7 @@ class ServiceStep(BaseModel):
 def _check_authorized_key(value: str) -> str:
     # Public keys only: DESIGN §5 keeps secrets out of recipes and images.
     if "PRIVATE KEY" in value:
-        raise _fail(
-            "this is a private key; recipes must never hold secrets", "use the matching .pub line instead"
-        )
+        raise _fail("this is a private key; recipes must never hold secrets", "use the matching .pub line instead")
     if not value.strip() or "\n" in value.strip() or "\x00" in value:
         raise _fail("an authorized key must be one non-empty line", "paste the single line of the .pub file")
     return value
@@ -693,9 +675,7 @@ class UserSpec(BaseModel):
     name: PosixName
     groups: list[PosixName] = Field(default_factory=list)
     shell: AbsPath = "/bin/bash"
-    ssh_authorized_keys: list[Annotated[str, AfterValidator(_check_authorized_key)]] = Field(
-        default_factory=list
-    )
+    ssh_authorized_keys: list[Annotated[str, AfterValidator(_check_authorized_key)]] = Field(default_factory=list)
 
 
 class UserStep(BaseModel):
@@ -733,8 +713,7 @@ def _check_step(value: object) -> object:
     keys = [str(k) for k in value]
     if len(keys) > 1:
         raise _fail(
-            f"step has {len(keys)} keys ({', '.join(keys)}); "
-            f"each step must have exactly one of: {_STEP_KINDS}",
+            f"step has {len(keys)} keys ({', '.join(keys)}); each step must have exactly one of: {_STEP_KINDS}",
             "split it into separate list items, one '- <kind>: …' per step (check the '-' indentation)",
         )
     key = keys[0]
@@ -780,9 +759,7 @@ def _check_port(value: int) -> int:
     return value
 
 
-Port = Annotated[
-    int, AfterValidator(_check_port), WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535})
-]
+Port = Annotated[int, AfterValidator(_check_port), WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535})]
 
 
 class CommandCheck(BaseModel):
@@ -1268,9 +1245,7 @@ def resolve_inside(root: Path, dest: str) -> Path:
             continue
         if part == "..":
             if not inside:
-                raise refuse(
-                    "'..' would climb above the image root", "use a path that stays inside the image"
-                )
+                raise refuse("'..' would climb above the image root", "use a path that stays inside the image")
             inside.pop()
             continue
         candidate = base.joinpath(*inside, part)

@@ -223,9 +223,7 @@ def test_unknown_key_lists_the_allowed_keys_and_suggests_one(tmp_path: Path) -> 
 
 
 def test_whoami_message_explains_name_squatting(tmp_path: Path) -> None:
-    text = (
-        "name: web\nprovider: {type: aws, region: us-east-1, source: {name: 'debian-*', most_recent: true}}\n"
-    )
+    text = "name: web\nprovider: {type: aws, region: us-east-1, source: {name: 'debian-*', most_recent: true}}\n"
     with pytest.raises(ConfigError) as caught:
         load_recipe(_write(tmp_path, text))
     (problem,) = caught.value.problems

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from amiforge.lifecycle.boottest import TestOutcome, boot_test
 from amiforge.lifecycle.runs import run_context
 from amiforge.model import BootReport, ImageVersion, LayerRecord, Status
-from amiforge.providers import PROVIDERS
+from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
-from amiforge.recipe import load_recipe, recipe_digest
+from amiforge.recipe import Recipe, recipe_digest
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -29,15 +28,14 @@ class BakeOutcome:
 
 
 def bake(
-    recipe_path: Path,
+    recipe: Recipe,
     *,
     store: Store,
     settings: Settings,
     test: bool = True,
     progress: Callable[[PhaseUpdate], None] = lambda _u: None,
 ) -> BakeOutcome:
-    recipe = load_recipe(recipe_path)
-    provider = PROVIDERS[recipe.provider.type](settings)
+    provider = provider_for(recipe.provider.type, settings)
     provider.preflight(recipe)
     parent = store.latest(recipe.name, BUILT_STATES)
     version = store.create_version(
@@ -53,12 +51,30 @@ def bake(
     log: list[str] = []
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=log.append) as ctx:
         store.append_event(
-            "bake.started", actor=actor, ref=version.ref, data={"run": ctx.run_id, "recipe": str(recipe_path)}
+            "bake.started",
+            actor=actor,
+            ref=version.ref,
+            data={"run": ctx.run_id, "recipe": str(recipe.source_path)},
         )
+        log_saved = False
         try:
             result = provider.bake(recipe, ctx)
-        except BaseException as e:  # KeyboardInterrupt too: the version must not stay `baking`
             store.append_log(version.id, "\n".join(log))
+            log_saved = True
+            store.record_layers(version.id, result.layers)
+            store.add_artifact(version.id, result.artifact)
+            version = store.transition(
+                version.id,
+                Status.BUILT,
+                expect=Status.BAKING,
+                digest=result.artifact.digest,
+                size_bytes=result.artifact.size_bytes,
+            )
+        except BaseException as e:  # KeyboardInterrupt too: the version must not stay `baking`
+            # Recording the result is inside the try: a store failure (or Ctrl-C) after the provider finished
+            # must fail the version too, not leave it `baking` forever.
+            if not log_saved:
+                store.append_log(version.id, "\n".join(log))
             store.transition(version.id, Status.FAILED, expect=Status.BAKING)
             store.append_event(
                 "bake.failed",
@@ -67,16 +83,6 @@ def bake(
                 data={"run": ctx.run_id, "error": f"{type(e).__name__}: {e}"[:2000]},
             )
             raise
-        store.append_log(version.id, "\n".join(log))
-        store.record_layers(version.id, result.layers)
-        store.add_artifact(version.id, result.artifact)
-        version = store.transition(
-            version.id,
-            Status.BUILT,
-            expect=Status.BAKING,
-            digest=result.artifact.digest,
-            size_bytes=result.artifact.size_bytes,
-        )
         store.append_event(
             "bake.built",
             actor=actor,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.runs import run_context
 from amiforge.model import BootReport, ImageVersion, Status
-from amiforge.providers import PROVIDERS
+from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
@@ -52,7 +52,7 @@ def boot_test(
     artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
     if not artifacts:
         raise NotFound(f"{version.ref} has no artifact to boot (the bake failed before the disk was made)")
-    provider = PROVIDERS[version.provider](settings)
+    provider = provider_for(version.provider, settings)
     actor = settings.actor
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=lambda _l: None) as ctx:
         report = provider.boot_test(artifacts[0], checks_of(version), ctx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from amiforge.errors import ConfigError
 from amiforge.providers.interface import Provider
 from amiforge.providers.local.provider import LocalProvider
 from amiforge.settings import Settings
@@ -12,3 +13,14 @@ from amiforge.settings import Settings
 PROVIDERS: Mapping[str, Callable[[Settings], Provider]] = {
     "local": LocalProvider,
 }
+
+
+def provider_for(kind: str, settings: Settings) -> Provider:
+    """The provider a recipe (or a recorded version) names; ConfigError if this install has none by that name."""
+    factory = PROVIDERS.get(kind)
+    if factory is None:
+        raise ConfigError(
+            f"provider {kind!r} is not available in this version of amiforge",
+            fix=f"use one of: {', '.join(sorted(PROVIDERS))} (e.g. provider: {{type: local}})",
+        )
+    return factory(settings)

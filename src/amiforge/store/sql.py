@@ -455,8 +455,7 @@ def _layer(m: RowMapping) -> LayerRecord:
 
 def _boot_report(m: RowMapping) -> BootReport:
     checks = tuple(
-        CheckResult(name=c["name"], kind=c["kind"], passed=bool(c["passed"]), detail=c["detail"])
-        for c in m["checks"]
+        CheckResult(name=c["name"], kind=c["kind"], passed=bool(c["passed"]), detail=c["detail"]) for c in m["checks"]
     )
     return BootReport(
         passed=bool(m["passed"]),
@@ -493,9 +492,7 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
 
 def _name_lock_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key for one image name."""
-    return int.from_bytes(
-        hashlib.sha256(b"amiforge-version:" + name.encode()).digest()[:8], "big", signed=True
-    )
+    return int.from_bytes(hashlib.sha256(b"amiforge-version:" + name.encode()).digest()[:8], "big", signed=True)
 
 
 def _short(digest: str) -> str:
@@ -546,11 +543,7 @@ class SqlStore:
 
     @staticmethod
     def _fetch_version(conn: Connection, version_id: int) -> ImageVersion | None:
-        row = (
-            conn.execute(sa.select(versions_table).where(versions_table.c.id == version_id))
-            .mappings()
-            .one_or_none()
-        )
+        row = conn.execute(sa.select(versions_table).where(versions_table.c.id == version_id)).mappings().one_or_none()
         return None if row is None else _version(row)
 
     @staticmethod
@@ -588,9 +581,7 @@ class SqlStore:
                             # Serialise creators of one name; the IntegrityError retry stays a backstop.
                             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_name_lock_key(name))))
                         top = conn.execute(
-                            sa.select(sa.func.max(versions_table.c.number)).where(
-                                versions_table.c.name == name
-                            )
+                            sa.select(sa.func.max(versions_table.c.number)).where(versions_table.c.name == name)
                         ).scalar_one()
                         result = conn.execute(
                             versions_table.insert().values(
@@ -640,11 +631,7 @@ class SqlStore:
             versions_table.c.digest.startswith("sha256:" + prefix),
         )
         with _boundary(f"look up {ref}", self._where), self._read() as conn:
-            rows = (
-                conn.execute(sa.select(versions_table).where(where).order_by(versions_table.c.id))
-                .mappings()
-                .all()
-            )
+            rows = conn.execute(sa.select(versions_table).where(where).order_by(versions_table.c.id)).mappings().all()
         found = [_version(r) for r in rows]
         if not found:
             raise NotFound(
@@ -704,8 +691,7 @@ class SqlStore:
             current = self._require_version(conn, version_id)
             if result.rowcount == 0:
                 raise StateError(
-                    f"{current.ref} is now '{current.status}', not '{expect}': "
-                    "another worker changed it first",
+                    f"{current.ref} is now '{current.status}', not '{expect}': another worker changed it first",
                     fix=f"re-read the version (`amiforge images show {current.ref}`) and decide again",
                 )
             return current
@@ -713,9 +699,7 @@ class SqlStore:
     def append_log(self, version_id: int, text: str) -> None:
         with _boundary(f"append to the log of version {version_id}", self._where), self._write() as conn:
             result = conn.execute(
-                versions_table.update()
-                .where(versions_table.c.id == version_id)
-                .values(log=versions_table.c.log + text)
+                versions_table.update().where(versions_table.c.id == version_id).values(log=versions_table.c.log + text)
             )
             if result.rowcount == 0:
                 raise self._not_found(version_id)
@@ -765,9 +749,7 @@ class SqlStore:
 
     def artifacts(self, version_id: int) -> list[Artifact]:
         query = (
-            sa.select(artifacts_table)
-            .where(artifacts_table.c.version_id == version_id)
-            .order_by(artifacts_table.c.id)
+            sa.select(artifacts_table).where(artifacts_table.c.version_id == version_id).order_by(artifacts_table.c.id)
         )
         with _boundary(f"list the artifacts of version {version_id}", self._where), self._read() as conn:
             return [_artifact(r) for r in conn.execute(query).mappings()]
@@ -795,19 +777,13 @@ class SqlStore:
                 )
 
     def layers(self, version_id: int) -> list[LayerRecord]:
-        query = (
-            sa.select(layers_table)
-            .where(layers_table.c.version_id == version_id)
-            .order_by(layers_table.c["index"])
-        )
+        query = sa.select(layers_table).where(layers_table.c.version_id == version_id).order_by(layers_table.c["index"])
         with _boundary(f"list the layers of version {version_id}", self._where), self._read() as conn:
             return [_layer(r) for r in conn.execute(query).mappings()]
 
     def add_boot_report(self, version_id: int, report: BootReport) -> BootReport:
         started_at = _aware(report.started_at, "started_at")
-        checks = [
-            {"name": c.name, "kind": c.kind, "passed": c.passed, "detail": c.detail} for c in report.checks
-        ]
+        checks = [{"name": c.name, "kind": c.kind, "passed": c.passed, "detail": c.detail} for c in report.checks]
         with _boundary(f"record a boot report of version {version_id}", self._where), self._write() as conn:
             self._require_version(conn, version_id)
             result = conn.execute(
@@ -875,9 +851,7 @@ class SqlStore:
             if moved.rowcount != 1:
                 # Only possible if something bypassed the lock; refuse rather than fork the chain.
                 raise InfraError(f"the event log head moved while appending seq {seq}", retryable=True)
-        return Event(
-            seq=seq, at=at, actor=actor, kind=kind, ref=ref, data=payload, prev_hash=head.hash, hash=digest
-        )
+        return Event(seq=seq, at=at, actor=actor, kind=kind, ref=ref, data=payload, prev_hash=head.hash, hash=digest)
 
     def events(self, ref: str | None = None, *, limit: int | None = None) -> list[Event]:
         query = sa.select(events_table)
@@ -899,11 +873,7 @@ class SqlStore:
             for row in conn.execute(sa.select(events_table).order_by(events_table.c.seq)).mappings():
                 e = _event(row)
                 if e.seq != expected_seq:
-                    missing = (
-                        f"seq {expected_seq}"
-                        if e.seq == expected_seq + 1
-                        else f"seq {expected_seq}..{e.seq - 1}"
-                    )
+                    missing = f"seq {expected_seq}" if e.seq == expected_seq + 1 else f"seq {expected_seq}..{e.seq - 1}"
                     problems.append(f"{missing} missing: events were deleted before seq {e.seq}")
                 if e.prev_hash != prev_hash:
                     problems.append(

@@ -76,9 +76,7 @@ def cached_image(cache: Path, top_key: str) -> DiskImage | None:
     return None
 
 
-def build_disk(
-    lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Path, ctx: RunContext
-) -> DiskImage:
+def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Path, ctx: RunContext) -> DiskImage:
     """Make the disk image of the merged layers and put it in `store_dir` (one image name in one region)."""
     scratch = Path(tempfile.mkdtemp(prefix="amiforge-disk-", dir=cache))
     ctx.cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)

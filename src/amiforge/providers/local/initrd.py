@@ -10,6 +10,7 @@ import gzip
 import io
 import lzma
 import os
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,9 +23,15 @@ from amiforge.providers.local.tools import STATIC_BUSYBOX, require
 ROOT_MODULES = ("virtio_pci", "virtio_blk")
 
 
+def _version_key(name: str) -> list[int | str]:
+    # Digit runs compare as numbers: 6.1.0-10 is newer than 6.1.0-9 (a plain string sort says the opposite).
+    # re.split with a group alternates text and digits, so equal positions always hold equal types.
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
 def find_kernel(rootfs: Path) -> tuple[Path, str]:
     """The image's kernel and its version (the newest, if several are installed)."""
-    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
     if not kernels:
         raise InfraError(
             "the image has no kernel in /boot",

@@ -112,9 +112,10 @@ def _step_script(step: Step | None, stage: Path, folder: Path, hostname: str) ->
             keys = "\n".join(u.ssh_authorized_keys) + "\n"
             (stage / "authorized_keys").write_text(keys)
             home = f'"$(getent passwd {q(u.name)} | cut -d: -f6)"'
+            owner = f"-o {q(u.name)} -g {q(u.name)}"
             lines += [
-                f"install -d -m 0700 -o {q(u.name)} -g {q(u.name)} {home}/.ssh",
-                f"install -m 0600 -o {q(u.name)} -g {q(u.name)} /run/amiforge/authorized_keys {home}/.ssh/authorized_keys",
+                f"install -d -m 0700 {owner} {home}/.ssh",
+                f"install -m 0600 {owner} /run/amiforge/authorized_keys {home}/.ssh/authorized_keys",
             ]
         return "\n".join(lines) + "\n"
     raise AssertionError(f"unhandled step type {type(step).__name__}")

@@ -59,9 +59,10 @@ def run_in_chroot(
     m = shlex.quote(str(merged))
     cmd = " ".join(shlex.quote(c) for c in command)
     env = " ".join(shlex.quote(e) for e in CHROOT_ENV)
+    options = f"lowerdir={_lowerdir(lowers)},upperdir={upper},workdir={work}"
     script = f"""
 set -eu
-mount -t overlay overlay -o lowerdir={shlex.quote(_lowerdir(lowers))},upperdir={shlex.quote(str(upper))},workdir={shlex.quote(str(work))} {m}
+mount -t overlay overlay -o {shlex.quote(options)} {m}
 mount -t proc proc {m}/proc
 mount --rbind /sys {m}/sys
 mount --rbind /dev {m}/dev

@@ -47,16 +47,17 @@ class LocalProvider:
         self.preflight(recipe)
         cache = self.settings.cache_dir
         spec = BaseSpec(
-            recipe.base.suite, self.settings.mirror, self.settings.security_mirror, tuple(recipe.base.packages)
+            recipe.base.suite,
+            self.settings.mirror,
+            self.settings.security_mirror,
+            tuple(recipe.base.packages),
         )
         started = time.monotonic()
         ctx.progress(PhaseUpdate("base", "start", f"debian {spec.suite}"))
         base_key, base_dir, hit = ensure_base(spec, cache, ctx)
         base_seconds = time.monotonic() - started
         ctx.phase_done("base", base_seconds, "hit" if hit else "miss")
-        records = [
-            LayerRecord(0, base_key, f"base: debian {spec.suite} minbase", hit, round(base_seconds, 3), 0)
-        ]
+        records = [LayerRecord(0, base_key, f"base: debian {spec.suite} minbase", hit, round(base_seconds, 3), 0)]
         lowers = [base_dir]
         plans = plan_layers(base_key, recipe.steps, recipe.folder, recipe.name)
         for plan in plans:
@@ -64,7 +65,9 @@ class LocalProvider:
             lowers.append(upper)
             records.append(LayerRecord(plan.index, plan.key, plan.description, hit, round(seconds, 3), size))
         if not records[0].hit:
-            records[0] = LayerRecord(0, base_key, records[0].description, False, records[0].seconds, tree_size(base_dir))
+            records[0] = LayerRecord(
+                0, base_key, records[0].description, False, records[0].seconds, tree_size(base_dir)
+            )
         store_dir = self.settings.regions_dir / self.settings.region / recipe.name
         top = plans[-1].key
         image = cached_image(cache, top)

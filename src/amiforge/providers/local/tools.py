@@ -21,7 +21,6 @@ TOOLS: Mapping[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "mkfs.ext4": "e2fsprogs",
-    "zstd": "zstd",
     "busybox": "busybox-static",
     "cpio": "cpio",
     "unshare": "util-linux",

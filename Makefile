@@ -1,0 +1,19 @@
+# Two commands set everything up on a fresh Debian machine: `make demo` and `make test`.
+.PHONY: demo test bench lint bootstrap clean-cache
+
+demo:
+	scripts/bootstrap.sh
+	.venv/bin/amiforge demo
+
+test:
+	scripts/bootstrap.sh --test
+	scripts/test.sh
+
+bench:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/bake_bench.py
+
+lint:
+	.venv/bin/ruff format src tests bench
+	.venv/bin/ruff check --fix src tests bench
+	.venv/bin/mypy src

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole suite, as `make test` and CI run it: lint, types, then unit + integration + e2e (slow) tests.
+# Starts a throw-away PostgreSQL server on a loopback port for the integration tests and always stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+V=.venv/bin
+
+echo "== ruff"; $V/ruff format --check src tests bench; $V/ruff check src tests bench
+echo "== mypy --strict src"; $V/mypy src
+
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+if [ -n "$pgbin" ] && [ -x "$pgbin/pg_ctl" ]; then
+    pgdir=$(mktemp -d /tmp/amiforge-pg.XXXXXX)
+    chmod 755 "$pgdir"
+    as_pg=()
+    [ "$(id -u)" -eq 0 ] && { chown postgres: "$pgdir"; as_pg=(runuser -u postgres --); }
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "${as_pg[@]}" "$pgbin/initdb" -q -A trust -U postgres -D "$pgdir/data" >/dev/null
+    "${as_pg[@]}" "$pgbin/pg_ctl" -s -w -D "$pgdir/data" -l "$pgdir/log" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $pgdir -c fsync=off" start
+    trap '"${as_pg[@]}" "$pgbin/pg_ctl" -s -D "$pgdir/data" -m immediate stop || true; rm -rf "$pgdir"' EXIT
+    export AMIFORGE_TEST_POSTGRES_URL="postgresql+psycopg://postgres@127.0.0.1:$port/postgres"
+    echo "== PostgreSQL $(basename "$(dirname "$pgbin")") on 127.0.0.1:$port"
+else
+    echo "== PostgreSQL server not installed: its integration tests will be skipped (scripts/bootstrap.sh --test installs it)"
+fi
+
+echo "== pytest"
+$V/python -m pytest "$@"

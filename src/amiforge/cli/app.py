@@ -1,0 +1,106 @@
+"""The `amiforge` command: the typer app, its command groups, and the ONE place errors become exit codes.
+
+Exit codes (DESIGN §6): 0 ok · 2 bad input · 3 not found / state · 4 gate failed · 5 infrastructure ·
+130 interrupted. No traceback reaches a user unless --debug (or AMIFORGE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+from rich.markup import escape
+
+from amiforge import __version__
+from amiforge.cli import bake_cmd, doctor_cmd, events_cmd, images_cmd, recipe_cmd
+from amiforge.cli.output import emit_json, err_console
+from amiforge.errors import AmiforgeError
+
+INTERRUPTED = "interrupted: cleanups ran; a version being baked is marked failed"
+
+app = typer.Typer(
+    name="amiforge",
+    help="The whole life of golden machine images: bake, boot-test, register, distribute, roll out, retire.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(recipe_cmd.app, name="recipe")
+app.add_typer(images_cmd.app, name="images")
+app.command("bake")(bake_cmd.bake)
+app.command("test")(bake_cmd.test)
+app.command("demo")(bake_cmd.demo)
+app.command("events")(events_cmd.events)
+app.command("doctor")(doctor_cmd.doctor)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"amiforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["AMIFORGE_DEBUG"] = "1"
+
+
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("AMIFORGE_DEBUG") == "1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=args, prog_name="amiforge", standalone_mode=False)
+        # Outside standalone mode typer *returns* the code of a typer.Exit instead of raising it, and it
+        # turns Ctrl-C into Exit(130) itself; the commands return None.
+        code = rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+        if code == 130:
+            err_console.print(INTERRUPTED)
+        return code
+    except AmiforgeError as e:
+        if _debug(args):
+            traceback.print_exc()
+        if as_json:
+            emit_json(e.as_dict())
+        else:
+            # Diagnostics quote user input (recipe values, paths, tool output): never read them as markup.
+            err_console.print(f"[bold red]error:[/] {escape(e.diagnostics())}", markup=True, soft_wrap=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print(INTERRUPTED)
+        return 130
+    except typer.TyperException as e:  # bad arguments: typer's own usage message
+        code = int(getattr(e, "exit_code", 2)) or 2
+        if as_json:
+            emit_json({"error": "usage", "message": e.format_message(), "exit_code": code})
+        else:
+            show = getattr(e, "show", None)
+            if callable(show):
+                show()
+            else:
+                err_console.print(f"error: {escape(e.format_message())}")
+        return code
+    except Exception as e:  # a bug: say so plainly, keep the traceback for --debug
+        if _debug(args):
+            traceback.print_exc()
+        err_console.print(
+            f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')}\n"
+            "  this is a bug in amiforge; run again with --debug for the traceback and report it"
+        )
+        return 70
+
+
+def run() -> None:
+    sys.exit(main())

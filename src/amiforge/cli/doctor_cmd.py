@@ -1,0 +1,69 @@
+"""amiforge doctor: which host tools are present, how to install the missing ones, and whether KVM works."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+
+from amiforge.cli.common import JsonOption
+from amiforge.cli.output import console, emit_json
+from amiforge.errors import InfraError
+from amiforge.providers.local.qemu import kvm_probe
+from amiforge.providers.local.tools import tool_report
+from amiforge.settings import load_settings
+
+
+def _probe_kvm(cache: Path) -> dict[str, object]:
+    kernels = sorted(cache.glob("base/*/rootfs/boot/vmlinuz-*"))
+    if not kernels:
+        exists = os.path.exists("/dev/kvm")
+        return {"usable": False, "why": f"not probed yet: bake once (the probe boots the image's kernel); "
+                f"/dev/kvm {'exists' if exists else 'is absent'}"}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="amiforge-kvm-") as tmp:
+        ok, why = kvm_probe(kernels[-1], Path(tmp), cache / "kvm-probe.json")
+    return {"usable": ok, "why": why}
+
+
+def doctor(as_json: bool = JsonOption) -> None:
+    """Check this machine: tools (and the apt line for the missing ones), root, KVM, registry location."""
+    settings = load_settings()
+    tools = tool_report()
+    missing = [t for t in tools if t.path is None]
+    kvm = _probe_kvm(settings.cache_dir)
+    is_root = os.geteuid() == 0
+    url = settings.registry_url
+    shown_url = url.split("@")[-1] if "@" in url else url  # never print a password
+    missing_packages = sorted({t.package for t in missing})
+    report = {
+        "python": sys.version.split()[0],
+        "root": is_root,
+        "tools": [{"tool": t.tool, "package": t.package, "path": t.path} for t in tools],
+        "missing_packages": missing_packages,
+        "kvm": kvm,
+        "data_dir": str(settings.data_dir),
+        "registry": shown_url,
+    }
+    problem = None
+    if missing or not is_root:
+        fix = "apt-get install " + " ".join(missing_packages) if missing else "run amiforge as root"
+        problem = InfraError("this machine cannot bake local images yet", fix=fix)
+    if as_json:
+        # One JSON document on stdout, also when the machine is not ready (the handler would print a second).
+        emit_json(report | {"ok": problem is None, "error": problem.as_dict() if problem else None})
+        if problem is not None:
+            raise typer.Exit(problem.exit_code)
+        return
+    for t in tools:
+        mark = "[green]ok[/]     " if t.path else "[red]missing[/]"
+        console.print(f"{mark} {t.tool:<20} {t.path or 'apt-get install ' + t.package}")
+    console.print(
+        f"{'[green]ok[/]     ' if is_root else '[red]no[/]     '} root (mmdebstrap, chroot and overlay mounts need it)"
+    )
+    console.print(f"{'[green]yes[/]    ' if kvm['usable'] else '[yellow]no[/]     '} KVM: {kvm['why']}")
+    console.print(f"         data dir {settings.data_dir}; registry {shown_url}")
+    if problem is not None:
+        raise problem

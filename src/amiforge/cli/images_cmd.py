@@ -1,0 +1,106 @@
+"""amiforge images list|show."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.output import console, emit_json, human_size
+from amiforge.cli.render import layers_table, report_table, status, version_line
+
+app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_images(
+    name: str | None = typer.Option(None, "--name", help="Only versions of this image name."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Every version, newest first: state, digest, size, parent."""
+    _, store = open_registry()
+    versions = store.list_versions(name)
+    if as_json:
+        emit_json(
+            [
+                {
+                    "ref": v.ref,
+                    "name": v.name,
+                    "number": v.number,
+                    "status": v.status,
+                    "digest": v.digest,
+                    "size_bytes": v.size_bytes,
+                    "parent": v.parent,
+                    "recipe_digest": v.recipe_digest,
+                    "created_at": v.created_at,
+                }
+                for v in versions
+            ]
+        )
+        return
+    if not versions:
+        console.print("no versions yet: `amiforge bake RECIPE` makes one")
+        return
+    table = Table(show_edge=False)
+    for col in ("version", "state", "digest", "size", "parent", "created"):
+        table.add_column(col)
+    for v in versions:
+        table.add_row(
+            v.ref,
+            status(v.status),
+            (v.digest or "-")[:16],
+            human_size(v.size_bytes),
+            v.parent or "-",
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    ref: str = typer.Argument(..., help="NAME@N or a digest prefix."),
+    show_console: bool = typer.Option(False, "--console", help="Also print the last boot's console log."),
+    show_log: bool = typer.Option(False, "--log", help="Also print the build log."),
+    as_json: bool = JsonOption,
+) -> None:
+    """One version: state, digests, artifacts, layers (hit/miss), boot reports and its events."""
+    _, store = open_registry()
+    v = store.get_version(ref)
+    artifacts = store.artifacts(v.id)
+    layers = store.layers(v.id)
+    reports = store.boot_reports(v.id)
+    events = store.events(v.ref)
+    if as_json:
+        data = {
+            "version": {k: val for k, val in vars(v).items() if k not in ("log", "recipe")} | {"ref": v.ref},
+            "artifacts": artifacts,
+            "layers": layers,
+            "boot_reports": [{k: val for k, val in vars(r).items() if show_console or k != "console"} for r in reports],
+            "events": events,
+        }
+        if show_log:
+            data["log"] = v.log
+        emit_json(data)
+        return
+    version_line(v)
+    console.print(f"  recipe   {v.recipe_path}  (sha256:{v.recipe_digest[:16]})", markup=False)
+    console.print(f"  parent   {v.parent or '-'}", markup=False)
+    console.print(f"  created  {v.created_at:%Y-%m-%d %H:%M:%S}Z, updated {v.updated_at:%Y-%m-%d %H:%M:%S}Z")
+    if v.tags:
+        tags = ", ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
+        console.print(f"  tags     {tags}", markup=False)
+    for a in artifacts:
+        console.print(f"  artifact {a.provider}/{a.region}: {a.location} ({human_size(a.size_bytes)})", markup=False)
+    if layers:
+        layers_table(layers)
+    for r in reports:
+        report_table(r)
+    if show_console and reports:
+        console.print("[bold]console of the last boot[/]")
+        console.print(reports[-1].console, markup=False, highlight=False)
+    if show_log:
+        console.print("[bold]build log[/]")
+        console.print(v.log, markup=False, highlight=False)
+    console.print("[bold]events[/]")
+    for e in events:
+        console.print(f"  {e.at:%Y-%m-%d %H:%M:%S}Z {e.kind:<14} {e.actor}", markup=False)

@@ -1,0 +1,95 @@
+"""How commands speak: rich text for people, one JSON document for machines (`--json`), progress on stderr."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+from amiforge.providers.interface import PhaseUpdate
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def plain(value: Any) -> Any:
+    """Domain objects -> JSON-ready values (dataclasses, datetimes, enums, paths, mappings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(plain(data), indent=2, sort_keys=True) + "\n")
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+class PhaseProgress:
+    """Rich progress on stderr: one row per phase (base, each layer, initrd, mkfs, convert, boot) and an
+    overall bar. Disabled for --json so stdout stays one JSON document and stderr stays quiet."""
+
+    def __init__(self, title: str, total: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.overall = self.progress.add_task(f"[bold]{title}", total=total, detail="")
+        self.rows: dict[str, TaskID] = {}
+
+    def __enter__(self) -> PhaseProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def update(self, u: PhaseUpdate) -> None:
+        row = self.rows.get(u.name)
+        if row is None:
+            row = self.progress.add_task(u.name, total=1, detail=u.detail)
+            self.rows[u.name] = row
+        if u.state == "start":
+            self.progress.update(row, detail=u.detail)
+            return
+        secs = f" {u.seconds:.1f}s" if u.seconds is not None else ""
+        mark = "[red]failed[/] " if u.state == "failed" else ""
+        self.progress.update(row, completed=1, detail=f"{mark}{u.detail}{secs}")
+        self.progress.advance(self.overall)
+
+    def callback(self) -> Callable[[PhaseUpdate], None]:
+        return self.update

@@ -1,0 +1,55 @@
+"""Text renderings of versions, layers and boot reports, shared by bake, test, demo and images show."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.markup import escape
+from rich.table import Table
+
+from amiforge.cli.output import console, human_size
+from amiforge.model import BootReport, ImageVersion, LayerRecord
+
+STATUS_STYLE = {"tested": "green", "built": "cyan", "failed": "red", "baking": "yellow"}
+
+
+def status(s: str) -> str:
+    style = STATUS_STYLE.get(s, "white")
+    return f"[{style}]{s}[/]"
+
+
+def version_line(v: ImageVersion) -> None:
+    digest = f"sha256:{v.digest[:16]}" if v.digest else "-"
+    console.print(f"[bold]{v.ref}[/] {status(v.status)}  {digest}  {human_size(v.size_bytes)}")
+
+
+def layers_table(layers: Sequence[LayerRecord]) -> None:
+    table = Table(title="layers", title_justify="left", show_edge=False)
+    for col in ("#", "layer", "cache", "time", "size", "key"):
+        table.add_column(col)
+    for layer in layers:
+        cache = "[green]hit[/]" if layer.hit else "[yellow]miss[/]"
+        table.add_row(
+            str(layer.index),
+            escape(layer.description),
+            cache,
+            f"{layer.seconds:.1f}s",
+            human_size(layer.size_bytes),
+            layer.key[:12],
+        )
+    console.print(table)
+
+
+def report_table(report: BootReport) -> None:
+    ready = f"{report.time_to_ready:.1f}s" if report.time_to_ready is not None else "never"
+    verdict = "[green]passed[/]" if report.passed else "[red]FAILED[/]"
+    console.print(
+        f"boot test {verdict}: time-to-ready {ready} ({report.accel}), {report.started_at:%Y-%m-%d %H:%M:%S}Z"
+    )
+    table = Table(show_edge=False)
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for c in report.checks:
+        result = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
+        table.add_row(escape(c.name), result, escape(c.detail[:120]))
+    console.print(table)
