@@ -31,6 +31,7 @@ stamp=.venv/.amiforge-installed
 if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "bootstrap: creating .venv with amiforge and its pinned dependencies"
     python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,postgres]'
+    # (this machine's pip config names extra local indexes that may be absent: keep their warnings out)
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,postgres]' 2>&1 | { grep -v '^WARNING: Location' || true; }
     touch "$stamp"
 fi

@@ -15,7 +15,7 @@ if [ -n "$pgbin" ] && [ -x "$pgbin/pg_ctl" ]; then
     as_pg=()
     [ "$(id -u)" -eq 0 ] && { chown postgres: "$pgdir"; as_pg=(runuser -u postgres --); }
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    "${as_pg[@]}" "$pgbin/initdb" -q -A trust -U postgres -D "$pgdir/data" >/dev/null
+    "${as_pg[@]}" "$pgbin/initdb" --no-sync -A trust -U postgres -D "$pgdir/data" >/dev/null
     "${as_pg[@]}" "$pgbin/pg_ctl" -s -w -D "$pgdir/data" -l "$pgdir/log" \
         -o "-c listen_addresses=127.0.0.1 -p $port -k $pgdir -c fsync=off" start
     trap '"${as_pg[@]}" "$pgbin/pg_ctl" -s -D "$pgdir/data" -m immediate stop || true; rm -rf "$pgdir"' EXIT

@@ -9,12 +9,14 @@ import socket
 import subprocess
 import threading
 import time
+import types
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from amiforge.model import CheckResult
+from amiforge.providers.local import qemu
 from amiforge.providers.local.qemu import (
     RESULT_RE,
     GuestCheck,
@@ -187,6 +189,15 @@ def test_guest_script_caps_the_output_it_sends_back(tmp_path: Path) -> None:
 # --- host-side port checks ----------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port checks retry every 0.5 s; poll every 0.05 s here so the deadline tests stay fast. The retry
+    logic itself (deadline, last error) is unchanged."""
+    real_sleep = time.sleep
+    shim = types.SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: real_sleep(min(s, 0.05)))
+    monkeypatch.setattr(qemu, "time", shim)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         status, body = {"/": (200, b"<h1>web tier</h1>"), "/health": (204, b"")}.get(self.path, (404, b"not here"))
@@ -246,7 +257,7 @@ def test_http_check_with_nothing_listening_fails_after_the_deadline() -> None:
     elapsed = time.monotonic() - started
     assert ok is False
     assert detail.startswith("no HTTP answer: ConnectionRefusedError")
-    assert 0.2 <= elapsed < 3.0  # retried (every 0.5 s) until the deadline, then gave up
+    assert 0.2 <= elapsed < 3.0  # retried until the deadline, then gave up
 
 
 def test_http_check_retries_until_the_service_starts_listening() -> None:

@@ -327,7 +327,7 @@ def test_a_failing_cleanup_is_recorded_and_never_hides_the_error(
     orphaned = store.events()[-1]
     assert orphaned.ref == "web@1" and orphaned.actor == ACTOR
     assert orphaned.data["run"] == store.events()[0].data["run"]
-    assert orphaned.data["error"] == "OSError: [Errno 16] Device or resource busy: '/var/cache/amiforge/mnt'"
+    assert orphaned.data["error"].endswith("OSError: [Errno 16] Device or resource busy: '/var/cache/amiforge/mnt'")
     # The cleanups registered before the failing one still ran.
     assert len(script.cleanups_run) == 1
     assert not any(p.name.startswith("scratch-") for p in script.tmp.iterdir())
@@ -346,7 +346,7 @@ def test_a_failing_cleanup_after_a_good_bake_is_recorded_and_the_bake_stands(
 
     assert outcome.version.status is Status.BUILT
     assert _kinds(store) == ["bake.started", "bake.built", "orphaned"]
-    assert store.events()[-1].data["error"] == "RuntimeError: could not stop helper"
+    assert store.events()[-1].data["error"].endswith("RuntimeError: could not stop helper")
 
 
 def test_a_store_failure_after_the_provider_finished_still_fails_the_version(

@@ -47,8 +47,8 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if debug:
-        os.environ["AMIFORGE_DEBUG"] = "1"
+    # --debug is read by main() from the arguments, before any command runs; nothing to do here.
+    del debug, version
 
 
 def _debug(argv: list[str]) -> bool:
@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: say so plainly, keep the traceback for --debug
         if _debug(args):
             traceback.print_exc()
-        err_console.print(
-            f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')}\n"
-            "  this is a bug in amiforge; run again with --debug for the traceback and report it"
-        )
+        message = f"{type(e).__name__}: {e}"
+        hint = "this is a bug in amiforge; run again with --debug for the traceback and report it"
+        if as_json:
+            emit_json({"error": "internal", "message": message, "fix": hint, "exit_code": 70})
+        err_console.print(f"[bold red]internal error:[/] {escape(message)}\n  {hint}")
         return 70
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
@@ -96,5 +97,6 @@ def demo(
         f"\n[bold]{outcome.version.ref}[/] is tested: {hits}/{len(outcome.layers)} layers from cache, "
         f"ready in {ttr:.1f}s.\n"
         f"Next: `amiforge images show {outcome.version.ref}`, `amiforge events {outcome.version.ref}`; "
-        f"edit {path.parent / 'files/index.html'} and run `make demo` again to see only the last layers rebuild."
+        f"edit {escape(str(path.parent / 'files/index.html'))} and run `make demo` again: "
+        "only the last layers rebuild."
     )

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 import typer
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from amiforge.cli.common import JsonOption
 from amiforge.cli.output import console, emit_json
@@ -36,7 +38,10 @@ def doctor(as_json: bool = JsonOption) -> None:
     kvm = _probe_kvm(settings.cache_dir)
     is_root = os.geteuid() == 0
     url = settings.registry_url
-    shown_url = url.split("@")[-1] if "@" in url else url  # never print a password
+    try:
+        shown_url = make_url(url).render_as_string(hide_password=True)  # never print a password
+    except ArgumentError:
+        shown_url = "(not a valid SQLAlchemy URL: check AMIFORGE_STORE_URL)"
     missing_packages = sorted({t.package for t in missing})
     report = {
         "python": sys.version.split()[0],

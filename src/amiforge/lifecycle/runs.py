@@ -6,9 +6,32 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any, ParamSpec, TypeVar
 
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.store.interface import Store
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class RecordingExitStack(ExitStack):
+    """An ExitStack whose callbacks never raise: each failure is kept in `.failures` (all of them, where a
+    plain ExitStack would surface only the last) so the caller can record every orphaned resource."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[str] = []
+
+    def callback(self, callback: Callable[P, R], /, *args: P.args, **kwds: P.kwargs) -> Callable[P, R]:
+        def guarded() -> None:
+            try:
+                callback(*args, **kwds)
+            except Exception as e:
+                self.failures.append(f"{getattr(callback, '__name__', callback)!s}{args!r}: {type(e).__name__}: {e}")
+
+        super().callback(guarded)
+        return callback
 
 
 def new_run_id() -> str:
@@ -24,17 +47,15 @@ def run_context(
     progress: Callable[[PhaseUpdate], None],
     log: Callable[[str], None],
 ) -> Iterator[RunContext]:
-    stack = ExitStack()
+    stack = RecordingExitStack()
     ctx = RunContext(run_id=new_run_id(), cleanup=stack, log=log, progress=progress)
+    failures: list[Any] = stack.failures
     try:
         yield ctx
     finally:
         try:
             stack.close()
-        except Exception as e:  # a cleanup failed: keep the original outcome, leave a trace to act on
-            store.append_event(
-                "orphaned",
-                actor=actor,
-                ref=ref,
-                data={"run": ctx.run_id, "error": f"{type(e).__name__}: {e}"},
-            )
+        except Exception as e:  # an enter_context()/push() exit failed: same treatment
+            failures.append(f"{type(e).__name__}: {e}")
+        for failure in failures:  # a cleanup failed: keep the original outcome, leave a trace to act on
+            store.append_event("orphaned", actor=actor, ref=ref, data={"run": ctx.run_id, "error": failure})

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from amiforge.providers.interface import RunContext
-from amiforge.providers.local.tools import require, run
+from amiforge.providers.local.tools import require, run, tree_size
 
 # Bump when the way the base is built changes in a way the key cannot see.
 BASE_FORMAT = 1
@@ -103,13 +103,14 @@ def base_key(spec: BaseSpec) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def ensure_base(spec: BaseSpec, cache: Path, ctx: RunContext) -> tuple[str, Path, bool]:
-    """Return (key, rootfs dir, hit). Builds into a temporary dir and renames it into place only when
+def ensure_base(spec: BaseSpec, cache: Path, ctx: RunContext) -> tuple[str, Path, bool, int]:
+    """Return (key, rootfs dir, hit, size in bytes). Builds into a temporary dir and renames it into place only when
     complete, so an interrupted build never leaves a half base that a later bake would trust."""
     key = base_key(spec)
     final = cache / "base" / key
     if (final / "rootfs").is_dir():
-        return key, final / "rootfs", True
+        size = int((final / "size").read_text()) if (final / "size").is_file() else 0
+        return key, final / "rootfs", True, size
     require("mmdebstrap")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
@@ -150,5 +151,12 @@ def ensure_base(spec: BaseSpec, cache: Path, ctx: RunContext) -> tuple[str, Path
     env = {"SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "1700000000")}
     run(argv, log=ctx.log, timeout=1800, env=env, what="mmdebstrap (base layer)")
     shutil.rmtree(guest)
-    os.replace(tmp, final)
-    return key, final / "rootfs", False
+    size = tree_size(tmp / "rootfs")
+    (tmp / "size").write_text(str(size))
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # Another bake built the same base meanwhile: same key, same content; keep theirs.
+        if not (final / "rootfs").is_dir():
+            raise
+    return key, final / "rootfs", False, size

@@ -21,9 +21,8 @@ from pathlib import Path
 from amiforge.model import Artifact
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.initrd import build_initrd, find_kernel
-from amiforge.providers.local.layers import tree_size
 from amiforge.providers.local.overlay import OverlayView
-from amiforge.providers.local.tools import run
+from amiforge.providers.local.tools import run, tree_size
 
 # Fixed timestamp for everything mkfs writes (e2fsprogs honours E2FSPROGS_FAKE_TIME).
 EPOCH = "1700000000"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.overlay import run_in_chroot
+from amiforge.providers.local.tools import tree_size
 from amiforge.recipe import FileStep, PackagesStep, ServiceStep, ShellStep, Step, UserStep, step_fingerprint
 
 STEP_TIMEOUT = 1800.0
@@ -119,18 +120,6 @@ def _step_script(step: Step | None, stage: Path, folder: Path, hostname: str) ->
             ]
         return "\n".join(lines) + "\n"
     raise AssertionError(f"unhandled step type {type(step).__name__}")
-
-
-def tree_size(path: Path) -> int:
-    """Bytes allocated under `path` (like du), without following symlinks."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + dirnames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except FileNotFoundError:
-                continue
-    return total
 
 
 def ensure_layer(

@@ -15,7 +15,7 @@ from amiforge.providers.interface import BakeResult, PhaseUpdate, RunContext
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
 from amiforge.providers.local.disk import build_disk, cached_image
-from amiforge.providers.local.layers import ensure_layer, plan_layers, tree_size
+from amiforge.providers.local.layers import ensure_layer, plan_layers
 from amiforge.providers.local.tools import require
 from amiforge.recipe import Checks, Recipe
 from amiforge.settings import Settings
@@ -54,20 +54,18 @@ class LocalProvider:
         )
         started = time.monotonic()
         ctx.progress(PhaseUpdate("base", "start", f"debian {spec.suite}"))
-        base_key, base_dir, hit = ensure_base(spec, cache, ctx)
+        base_key, base_dir, hit, base_size = ensure_base(spec, cache, ctx)
         base_seconds = time.monotonic() - started
         ctx.phase_done("base", base_seconds, "hit" if hit else "miss")
-        records = [LayerRecord(0, base_key, f"base: debian {spec.suite} minbase", hit, round(base_seconds, 3), 0)]
+        records = [
+            LayerRecord(0, base_key, f"base: debian {spec.suite} minbase", hit, round(base_seconds, 3), base_size)
+        ]
         lowers = [base_dir]
         plans = plan_layers(base_key, recipe.steps, recipe.folder, recipe.name)
         for plan in plans:
             upper, hit, seconds, size = ensure_layer(plan, lowers, cache, recipe.folder, recipe.name, ctx)
             lowers.append(upper)
             records.append(LayerRecord(plan.index, plan.key, plan.description, hit, round(seconds, 3), size))
-        if not records[0].hit:
-            records[0] = LayerRecord(
-                0, base_key, records[0].description, False, records[0].seconds, tree_size(base_dir)
-            )
         store_dir = self.settings.regions_dir / self.settings.region / recipe.name
         top = plans[-1].key
         image = cached_image(cache, top)

@@ -92,3 +92,15 @@ def run(
             retryable=False,
         )
     return proc.stdout
+
+
+def tree_size(path: Path) -> int:
+    """Bytes allocated under `path` (like du), without following symlinks."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + dirnames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
