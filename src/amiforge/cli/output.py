@@ -75,7 +75,10 @@ class PhaseProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            # Cache hits can fold several phases into one (a cached disk skips initrd, mkfs and convert).
+            self.progress.update(self.overall, completed=self.progress.tasks[self.overall].total)
         self.progress.__exit__(None, None, None)
 
     def update(self, u: PhaseUpdate) -> None:

@@ -11,7 +11,6 @@ The last layer of every bake is generalisation (GENERALISE below): what must not
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.overlay import run_in_chroot
-from amiforge.providers.local.tools import tree_size
+from amiforge.providers.local.tools import cached_size, publish_cache_entry
 from amiforge.recipe import FileStep, PackagesStep, ServiceStep, ShellStep, Step, UserStep, step_fingerprint
 
 STEP_TIMEOUT = 1800.0
@@ -46,10 +45,18 @@ rm -f /root/.ssh/id_* /home/*/.ssh/id_* /root/.aws/credentials /root/.netrc /roo
 rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]*
 find / -xdev -name '*.dpkg-old' -o -xdev -name '*.dpkg-dist' | xargs -r rm -f
 printf '%s\n' "$AMIFORGE_HOSTNAME" > /etc/hostname
+# The bake already did what systemd's ConditionNeedsUpdate units redo on a first boot (caches, users);
+# stamp /etc and /var as up to date with /usr so every machine doesn't repeat it.
+ldconfig
+if command -v systemd-hwdb >/dev/null; then systemd-hwdb update; fi
+for d in /etc /var; do
+    printf 'TIMESTAMP_NSEC=%s\n' "$(stat -c %Y /usr)000000000" > "$d/.updated"
+    touch -r /usr "$d/.updated"
+done
 """
 
 # Bump when GENERALISE or the step scripts change meaning, so cached layers are rebuilt.
-LAYER_FORMAT = 1
+LAYER_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ def ensure_layer(
     final = cache / "layers" / plan.key
     name = f"layer {plan.index}: {plan.description}"
     if (final / "upper").is_dir():
-        size = int((final / "size").read_text()) if (final / "size").is_file() else 0
+        size = cached_size(final)
         seconds = time.monotonic() - started
         ctx.progress(PhaseUpdate(name, "done", "hit", seconds))
         return final / "upper", True, seconds, size
@@ -160,14 +167,7 @@ def ensure_layer(
     )
     for d in ("work", "merged", "stage"):
         shutil.rmtree(tmp / d)
-    size = tree_size(tmp / "upper")
-    (tmp / "size").write_text(str(size))
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        # Another bake finished the same layer first: same key, same content; keep theirs.
-        if not (final / "upper").is_dir():
-            raise
+    size = publish_cache_entry(tmp, final, "upper")
     seconds = time.monotonic() - started
     ctx.phase_done(name, seconds, "miss")
     return final / "upper", False, seconds, size

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from amiforge.errors import InfraError
-from amiforge.providers.local.tools import require, run
+from amiforge.providers.local.tools import end_process, require, run
 
 # Chroot environment for steps: no host variables leak into the image build.
 CHROOT_ENV = (
@@ -129,11 +129,7 @@ class OverlayView:
             return
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        end_process(self._proc, grace=10)
         if self._proc.stdout is not None:
             self._proc.stdout.close()
         self._proc = None

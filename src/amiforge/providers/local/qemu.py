@@ -28,12 +28,18 @@ from types import TracebackType
 from amiforge.errors import InfraError
 from amiforge.model import CheckResult
 from amiforge.providers.local.initrd import _Newc
-from amiforge.providers.local.tools import STATIC_BUSYBOX, require, run
+from amiforge.providers.local.tools import STATIC_BUSYBOX, end_process, require, run
 
 READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
 RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
 DONE_MARK = "AMIFORGE-CHECKS-DONE"
 COMMAND_TIMEOUT = 30
+# One serial port, no keyboard/mouse probing, no boot-time crypto self-tests and no timer re-checks:
+# a headless guest needs none of it, and each costs tenths of a second under TCG (BENCHMARKS.md).
+KERNEL_ARGS = (
+    "console=ttyS0 root=/dev/vda rw quiet panic=-1"
+    " 8250.nr_uarts=1 i8042.noaux i8042.nokbd cryptomgr.notests no_timer_check tsc=reliable"
+)
 
 
 def _die_with_parent() -> None:
@@ -87,7 +93,7 @@ class Guest:
             "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(s.kernel),
             "-initrd", str(s.initrd),
-            "-append", "console=ttyS0 root=/dev/vda rw quiet panic=-1",
+            "-append", KERNEL_ARGS,
             "-drive", f"file={s.workdir / 'overlay.qcow2'},format=qcow2,if=virtio,cache=unsafe",
             "-netdev", f"user,id=n0,restrict=on{fwd}",
             "-device", "virtio-net-pci,netdev=n0",
@@ -160,11 +166,7 @@ class Guest:
             return
         if self._proc.poll() is None:
             self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            end_process(self._proc, grace=5)
         if self._reader is not None:
             self._reader.join(timeout=5)
         if self._proc.stdout is not None:

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from amiforge.errors import InfraError, ToolMissing
 
@@ -104,3 +105,32 @@ def tree_size(path: Path) -> int:
             except FileNotFoundError:
                 continue
     return total
+
+
+def publish_cache_entry(tmp: Path, final: Path, content: str) -> int:
+    """Move a finished cache entry (`tmp`, holding `content`) to `final`, recording its size; return the size.
+
+    Entries are built aside and renamed into place only when complete, so a half-built one is never trusted.
+    If a concurrent bake published the same key first, theirs is kept: same key, same content."""
+    size = tree_size(tmp / content)
+    (tmp / "size").write_text(str(size))
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / content).is_dir():
+            raise
+    return size
+
+
+def cached_size(entry: Path) -> int:
+    size_file = entry / "size"
+    return int(size_file.read_text()) if size_file.is_file() else 0
+
+
+def end_process(proc: subprocess.Popen[Any], *, grace: float) -> None:
+    """Wait up to `grace` seconds for `proc` to exit, then kill it; always reaps it."""
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
