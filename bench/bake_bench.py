@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    # A SIGTERM unwinds like Ctrl-C, so the private data dir below is always removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boots", type=int, default=5, help="boots for the time-to-ready figure")
     args = parser.parse_args()

@@ -48,7 +48,8 @@ printf '%s\n' "$AMIFORGE_HOSTNAME" > /etc/hostname
 # The bake already did what systemd's ConditionNeedsUpdate units redo on a first boot (caches, users);
 # stamp /etc and /var as up to date with /usr so every machine doesn't repeat it.
 ldconfig
-if command -v systemd-hwdb >/dev/null; then systemd-hwdb update; fi
+# Debian ships a compiled hwdb in /usr; only local additions (/etc/udev/hwdb.d) need compiling here.
+if [ -n "$(ls -A /etc/udev/hwdb.d 2>/dev/null)" ]; then systemd-hwdb update; fi
 for d in /etc /var; do
     printf 'TIMESTAMP_NSEC=%s\n' "$(stat -c %Y /usr)000000000" > "$d/.updated"
     touch -r /usr "$d/.updated"
@@ -56,7 +57,7 @@ done
 """
 
 # Bump when GENERALISE or the step scripts change meaning, so cached layers are rebuilt.
-LAYER_FORMAT = 2
+LAYER_FORMAT = 1
 
 
 @dataclass(frozen=True)
