@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from amiforge.providers.interface import PhaseUpdate
 
@@ -60,15 +61,22 @@ class PhaseProgress:
         self.enabled = enabled
         self.progress = Progress(
             SpinnerColumn(finished_text="[green]✓[/]"),
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            TextColumn("{task.fields[detail]}"),
+            # One terminal line per row, whatever the width: a wrapped row breaks the live redraw.
+            TextColumn(
+                "{task.description}", markup=False, table_column=Column(no_wrap=True, overflow="ellipsis", max_width=40)
+            ),
+            BarColumn(bar_width=10),
+            TextColumn(
+                "{task.fields[detail]}",
+                markup=False,
+                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=40),
+            ),
             TimeElapsedColumn(),
             console=err_console,
             disable=not enabled,
             transient=False,
         )
-        self.overall = self.progress.add_task(f"[bold]{title}", total=total, detail="")
+        self.overall = self.progress.add_task(title, total=total, detail="")
         self.rows: dict[str, TaskID] = {}
 
     def __enter__(self) -> PhaseProgress:
@@ -90,7 +98,7 @@ class PhaseProgress:
             self.progress.update(row, detail=u.detail)
             return
         secs = f" {u.seconds:.1f}s" if u.seconds is not None else ""
-        mark = "[red]failed[/] " if u.state == "failed" else ""
+        mark = "FAILED " if u.state == "failed" else ""
         self.progress.update(row, completed=1, detail=f"{mark}{u.detail}{secs}")
         self.progress.advance(self.overall)
 
