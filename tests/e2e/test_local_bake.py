@@ -146,3 +146,16 @@ def test_ctrl_c_midway_cleans_up_and_marks_failed(cli: Cli, tmp_path: Path, no_l
     assert proc.returncode == 130, err
     assert cli.json("images", "show", "interrupted@1")["version"]["status"] == "failed"
     assert _leftovers(cli.data_dir) == []
+
+
+def test_not_ready_in_time_fails_the_gate_cleanly(cli: Cli, tmp_path: Path, no_leftovers: None) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: slow\nchecks:\n  ready_within: 2s\n  units: [systemd-journald]\n")
+    out = cli.json("bake", str(recipe), check=4)
+    assert [f["name"] for f in out["failures"]] == ["ready"]
+    assert "not ready within 2s" in out["failures"][0]["detail"]
+    shown = cli.json("images", "show", "slow@1", "--console")
+    assert shown["version"]["status"] == "failed"
+    (report,) = shown["boot_reports"]
+    assert report["time_to_ready"] is None
+    assert [c["name"] for c in report["checks"]] == ["ready"]  # nothing else ran on a guest that never got ready
