@@ -137,3 +137,123 @@ class Event:
     data: Mapping[str, object]
     prev_hash: str
     hash: str
+
+
+# --- supply chain: packages, findings, signatures, channels ----------------------------------------------------
+
+
+class Severity(StrEnum):
+    """Ordered from least to most severe; `rank` compares them."""
+
+    UNKNOWN = "unknown"
+    NEGLIGIBLE = "negligible"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return list(Severity).index(self)
+
+
+class FindingKind(StrEnum):
+    CVE = "cve"
+    SECRET = "secret"  # a credential or key that must never ship
+    RESIDUE = "residue"  # build leftovers that break clones: host keys, machine-id, histories, cloud-init state
+    POLICY = "policy"
+
+
+@dataclass(frozen=True)
+class Package:
+    """One installed Debian package, as dpkg records it."""
+
+    name: str
+    version: str
+    arch: str
+    source: str | None = None  # source package name, where it differs or dpkg records it
+    source_version: str | None = None
+
+    @property
+    def source_name(self) -> str:
+        return self.source or self.name
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A value, never a verdict: gates decide what a finding means for a channel.
+
+    Secret findings carry `redacted` (a few characters and a length), never the secret itself."""
+
+    kind: FindingKind
+    id: str  # advisory id (DSA-5474-1, CVE-…), or a rule id for secrets/residue (e.g. private-key)
+    severity: Severity
+    title: str
+    source: str  # which scanner produced it: osv, trivy, grype, secrets, residue, raw-disk
+    package: str | None = None
+    installed: str | None = None
+    fixed: str | None = None  # None: no fix published
+    aliases: tuple[str, ...] = ()
+    path: str | None = None
+    line: int | None = None
+    redacted: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What a waiver names: the id plus where (package or path)."""
+        return f"{self.id}:{self.package or self.path or ''}"
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One scan of a version: the SBOM (CycloneDX JSON), the packages it lists, and every finding."""
+
+    scanned_at: datetime
+    packages: tuple[Package, ...]
+    sbom: str
+    sbom_digest: str
+    findings: tuple[Finding, ...]
+    vulndb: str  # which advisory data the CVE match used, e.g. "osv import 3 (2026-11-27, 10 advisories)"
+    id: int | None = None
+    version_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    key_id: str
+    algorithm: str
+    public_key: str  # PEM
+    added_at: datetime
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SignatureRecord:
+    key_id: str
+    envelope: str  # DSSE JSON
+    statement_digest: str
+    signed_at: datetime
+    id: int | None = None
+    version_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ChannelPointer:
+    """Where a channel of one image name points now, and before (the rollback image)."""
+
+    name: str
+    channel: str
+    current: str  # NAME@N
+    previous: str | None
+    moved_at: datetime
+    moved_by: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VulnDbImport:
+    id: int
+    source: str
+    imported_at: datetime
+    count: int

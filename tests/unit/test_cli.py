@@ -28,7 +28,8 @@ from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Statu
 from amiforge.providers.local import tools
 from amiforge.recipe import load_recipe, recipe_digest
 from amiforge.settings import load_settings
-from amiforge.store.sql import GENESIS_HASH, SqlStore, events_table, open_store
+from amiforge.store.schema import events_table
+from amiforge.store.sql import GENESIS_HASH, SqlStore, open_store
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 D1 = "0" * 63 + "1"

@@ -12,16 +12,16 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.engine import Connection, Dialect, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
@@ -29,12 +29,39 @@ from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateErr
 from amiforge.model import (
     Artifact,
     BootReport,
+    ChannelPointer,
     CheckResult,
     Event,
+    Finding,
+    FindingKind,
     ImageVersion,
     LayerRecord,
+    Package,
+    ScanRecord,
+    Severity,
+    SignatureRecord,
     Status,
+    TrustedKey,
+    VulnDbImport,
     check_transition,
+)
+from amiforge.store.schema import (
+    _aware,
+    _utcnow,
+    advisories_table,
+    advisory_packages_table,
+    artifacts_table,
+    boot_reports_table,
+    channel_moves_table,
+    channels_table,
+    event_head_table,
+    events_table,
+    layers_table,
+    scans_table,
+    signatures_table,
+    signing_keys_table,
+    versions_table,
+    vulndb_imports_table,
 )
 
 __all__ = [
@@ -68,145 +95,7 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime, what: str) -> datetime:
-    # Naive datetimes are a programming error: we cannot know which zone they meant.
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{what} must be a timezone-aware datetime, got naive {value.isoformat()}")
-    return value.astimezone(UTC)
-
-
-class UtcDateTime(sa.types.TypeDecorator[datetime]):
-    """Aware UTC in, aware UTC out. SQLite stores no zone, so results are tagged UTC on the way back."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return _aware(value, "timestamp")
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-metadata = sa.MetaData()
-
-versions_table = sa.Table(
-    "versions",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(63), nullable=False),
-    sa.Column("number", sa.Integer, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("recipe_digest", sa.String(128), nullable=False),
-    sa.Column("recipe_path", sa.Text, nullable=False),
-    sa.Column("recipe", sa.Text, nullable=False, server_default=""),
-    sa.Column("provider", sa.String(32), nullable=False),
-    sa.Column("digest", sa.String(128), nullable=True),
-    sa.Column("size_bytes", sa.BigInteger, nullable=True),
-    sa.Column("parent", sa.String(128), nullable=True),
-    sa.Column("tags", sa.JSON, nullable=False),
-    sa.Column("log", sa.Text, nullable=False, server_default=""),
-    sa.Column("created_at", UtcDateTime, nullable=False),
-    sa.Column("updated_at", UtcDateTime, nullable=False),
-    sa.UniqueConstraint("name", "number", name="uq_versions_name_number"),
-    sa.Index("ix_versions_digest", "digest"),
-)
-
-artifacts_table = sa.Table(
-    "artifacts",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column(
-        "version_id",
-        sa.Integer,
-        sa.ForeignKey("versions.id", name="fk_artifacts_version"),
-        nullable=False,
-    ),
-    sa.Column("provider", sa.String(32), nullable=False),
-    sa.Column("region", sa.String(128), nullable=False),
-    sa.Column("location", sa.Text, nullable=False),
-    sa.Column("digest", sa.String(128), nullable=False),
-    sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("kernel", sa.Text, nullable=True),
-    sa.Column("initrd", sa.Text, nullable=True),
-    sa.Column("created_at", UtcDateTime, nullable=False),
-    sa.UniqueConstraint("version_id", "provider", "region", "location", name="uq_artifacts_copy"),
-)
-
-layers_table = sa.Table(
-    "layers",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column(
-        "version_id",
-        sa.Integer,
-        sa.ForeignKey("versions.id", name="fk_layers_version"),
-        nullable=False,
-    ),
-    sa.Column("index", sa.Integer, nullable=False),
-    sa.Column("key", sa.String(128), nullable=False),
-    sa.Column("description", sa.Text, nullable=False),
-    sa.Column("hit", sa.Boolean, nullable=False),
-    sa.Column("seconds", sa.Float, nullable=False),
-    sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.UniqueConstraint("version_id", "index", name="uq_layers_version_index"),
-)
-
-boot_reports_table = sa.Table(
-    "boot_reports",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column(
-        "version_id",
-        sa.Integer,
-        sa.ForeignKey("versions.id", name="fk_boot_reports_version"),
-        nullable=False,
-    ),
-    sa.Column("passed", sa.Boolean, nullable=False),
-    sa.Column("time_to_ready", sa.Float, nullable=True),
-    sa.Column("checks", sa.JSON, nullable=False),
-    sa.Column("console", sa.Text, nullable=False),
-    sa.Column("accel", sa.String(16), nullable=False),
-    sa.Column("started_at", UtcDateTime, nullable=False),
-    sa.Column("duration", sa.Float, nullable=False),
-    sa.Index("ix_boot_reports_version_id", "version_id"),
-)
-
-events_table = sa.Table(
-    "events",
-    metadata,
-    # Chosen by the appender (head.seq + 1), never by the database: the hash covers it.
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("at", UtcDateTime, nullable=False),
-    sa.Column("actor", sa.String(128), nullable=False),
-    sa.Column("kind", sa.String(64), nullable=False),
-    sa.Column("ref", sa.String(128), nullable=True),
-    sa.Column("data", sa.JSON, nullable=False),
-    sa.Column("prev_hash", sa.String(64), nullable=False),
-    sa.Column("hash", sa.String(64), nullable=False),
-    sa.Index("ix_events_ref", "ref"),
-)
-
-# One row (id = 1): seq and hash of the newest event. Appenders lock it by updating it, which serialises them,
-# and verify_events compares it with the last row, so deleting the newest events is detected too.
-event_head_table = sa.Table(
-    "event_head",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("seq", sa.Integer, nullable=False),
-    sa.Column("hash", sa.String(64), nullable=False),
-    sa.CheckConstraint("id = 1", name="ck_event_head_single_row"),
-)
+# The tables and the UTC column type live in schema.py.
 
 
 def event_hash(
@@ -902,6 +791,230 @@ class SqlStore:
             )
         return problems
 
+    # scans
+
+    def add_scan(self, version_id: int, scan: ScanRecord) -> ScanRecord:
+        with _boundary(f"record a scan of version {version_id}", self._where), self._write() as conn:
+            self._require_version(conn, version_id)
+            result = conn.execute(
+                scans_table.insert().values(
+                    version_id=version_id,
+                    scanned_at=scan.scanned_at,
+                    packages=[[p.name, p.version, p.arch, p.source, p.source_version] for p in scan.packages],
+                    sbom=scan.sbom,
+                    sbom_digest=scan.sbom_digest,
+                    findings=[_finding_row(f) for f in scan.findings],
+                    vulndb=scan.vulndb,
+                )
+            )
+            return replace(scan, id=_inserted_id(result), version_id=version_id)
+
+    def latest_scan(self, version_id: int) -> ScanRecord | None:
+        query = (
+            sa.select(scans_table).where(scans_table.c.version_id == version_id).order_by(scans_table.c.id.desc())
+        ).limit(1)
+        with _boundary(f"read the scan of version {version_id}", self._where), self._read() as conn:
+            row = conn.execute(query).mappings().one_or_none()
+            return None if row is None else _scan(row)
+
+    # the vulnerability database
+
+    def import_advisories(
+        self, source: str, records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]]
+    ) -> VulnDbImport:
+        """Store raw OSV records (id, modified, record, source packages it names); a re-imported id is replaced."""
+        now = self._now()
+        with _boundary(f"import advisories from {source}", self._where), self._write() as conn:
+            import_id = _inserted_id(
+                conn.execute(vulndb_imports_table.insert().values(source=source, imported_at=now, count=len(records)))
+            )
+            ids = [r[0] for r in records]
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
+                conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
+            if records:
+                conn.execute(
+                    advisories_table.insert(),
+                    [{"id": i, "import_id": import_id, "modified": m, "record": dict(r)} for i, m, r, _ in records],
+                )
+                links = [{"advisory_id": i, "package": p} for i, _, _, pkgs in records for p in sorted(set(pkgs))]
+                if links:
+                    conn.execute(advisory_packages_table.insert(), links)
+        return VulnDbImport(import_id, source, now, len(records))
+
+    def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]:
+        """The raw records of every advisory naming one of these (source) package names."""
+        names = sorted(set(packages))
+        found: dict[str, dict[str, Any]] = {}
+        with _boundary("read advisories", self._where), self._read() as conn:
+            for chunk in range(0, len(names), 500):
+                query = (
+                    sa.select(advisories_table.c.id, advisories_table.c.record)
+                    .join(advisory_packages_table, advisory_packages_table.c.advisory_id == advisories_table.c.id)
+                    .where(advisory_packages_table.c.package.in_(names[chunk : chunk + 500]))
+                )
+                for advisory_id, record in conn.execute(query):
+                    found[advisory_id] = record
+        return [found[k] for k in sorted(found)]
+
+    def vulndb_imports(self) -> list[VulnDbImport]:
+        with _boundary("list advisory imports", self._where), self._read() as conn:
+            rows = conn.execute(sa.select(vulndb_imports_table).order_by(vulndb_imports_table.c.id)).mappings()
+            return [VulnDbImport(r["id"], r["source"], r["imported_at"], r["count"]) for r in rows]
+
+    def advisory_count(self) -> int:
+        with _boundary("count advisories", self._where), self._read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(advisories_table)).scalar_one())
+
+    # signing keys and signatures
+
+    def add_key(self, key: TrustedKey) -> TrustedKey:
+        with _boundary(f"trust key {key.key_id}", self._where), self._write() as conn:
+            row = conn.execute(
+                sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key.key_id)
+            ).mappings().one_or_none()  # fmt: skip
+            if row is not None:
+                if row["public_key"].strip() != key.public_key.strip():
+                    raise StateError(
+                        f"a different public key is already trusted as {key.key_id}",
+                        fix="key ids are derived from the public key; this should not happen — check the key files",
+                    )
+                return _key(row)
+            conn.execute(
+                signing_keys_table.insert().values(
+                    key_id=key.key_id, algorithm=key.algorithm, public_key=key.public_key, added_at=key.added_at
+                )
+            )
+        return key
+
+    def keys(self) -> list[TrustedKey]:
+        with _boundary("list signing keys", self._where), self._read() as conn:
+            rows = conn.execute(sa.select(signing_keys_table).order_by(signing_keys_table.c.added_at)).mappings()
+            return [_key(r) for r in rows]
+
+    def revoke_key(self, key_id: str, reason: str) -> TrustedKey:
+        now = self._now()
+        with _boundary(f"revoke key {key_id}", self._where), self._write() as conn:
+            result = conn.execute(
+                signing_keys_table.update()
+                .where(signing_keys_table.c.key_id == key_id, signing_keys_table.c.revoked_at.is_(None))
+                .values(revoked_at=now, revoked_reason=reason)
+            )
+            row = conn.execute(
+                sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key_id)
+            ).mappings().one_or_none()  # fmt: skip
+            if row is None:
+                raise NotFound(f"no signing key {key_id}", fix="`amiforge keys list` shows the trusted keys")
+            if result.rowcount == 0:
+                raise StateError(f"key {key_id} was already revoked at {row['revoked_at']:%Y-%m-%d %H:%M}Z")
+            return _key(row)
+
+    def add_signature(self, version_id: int, signature: SignatureRecord) -> SignatureRecord:
+        with _boundary(f"record a signature of version {version_id}", self._where), self._write() as conn:
+            self._require_version(conn, version_id)
+            result = conn.execute(
+                signatures_table.insert().values(
+                    version_id=version_id,
+                    key_id=signature.key_id,
+                    envelope=signature.envelope,
+                    statement_digest=signature.statement_digest,
+                    signed_at=signature.signed_at,
+                )
+            )
+            return replace(signature, id=_inserted_id(result), version_id=version_id)
+
+    def signatures(self, version_id: int) -> list[SignatureRecord]:
+        query = sa.select(signatures_table).where(signatures_table.c.version_id == version_id).order_by(
+            signatures_table.c.id
+        )  # fmt: skip
+        with _boundary(f"list signatures of version {version_id}", self._where), self._read() as conn:
+            return [
+                SignatureRecord(r["key_id"], r["envelope"], r["statement_digest"], r["signed_at"], r["id"], version_id)
+                for r in conn.execute(query).mappings()
+            ]
+
+    # channels
+
+    def move_channel(
+        self, name: str, channel: str, version_id: int, *, expect_current: int | None, actor: str, reason: str
+    ) -> ChannelPointer:
+        """Point `name:channel` at the version, compare-and-set on the current pointer (None: no pointer yet).
+        The old current becomes `previous` (the rollback image). A lost race raises StateError."""
+        now = self._now()
+        key = (channels_table.c.name == name) & (channels_table.c.channel == channel)
+        with _boundary(f"move {name}:{channel}", self._where), self._write() as conn:
+            self._require_version(conn, version_id)
+            if expect_current is None:
+                try:
+                    conn.execute(
+                        channels_table.insert().values(
+                            name=name, channel=channel, version_id=version_id, previous_version_id=None,
+                            moved_at=now, moved_by=actor, reason=reason,
+                        )
+                    )  # fmt: skip
+                except IntegrityError as e:
+                    raise StateError(
+                        f"{name}:{channel} was created by someone else meanwhile", fix="look again and retry"
+                    ) from e
+            else:
+                result = conn.execute(
+                    channels_table.update()
+                    .where(key, channels_table.c.version_id == expect_current)
+                    .values(
+                        version_id=version_id, previous_version_id=expect_current, moved_at=now, moved_by=actor,
+                        reason=reason,
+                    )
+                )  # fmt: skip
+                if result.rowcount == 0:
+                    raise StateError(
+                        f"{name}:{channel} moved meanwhile (compare-and-set lost)", fix="look again and retry"
+                    )
+            conn.execute(
+                channel_moves_table.insert().values(
+                    name=name, channel=channel, version_id=version_id, at=now, actor=actor, reason=reason
+                )
+            )
+        (pointer,) = self.channels(name, channel)
+        return pointer
+
+    def channels(self, name: str | None = None, channel: str | None = None) -> list[ChannelPointer]:
+        cur = versions_table.alias("cur")
+        prev = versions_table.alias("prev")
+        query = (
+            sa.select(channels_table, cur.c.name.label("cur_name"), cur.c.number.label("cur_number"),
+                      prev.c.number.label("prev_number"))
+            .join(cur, cur.c.id == channels_table.c.version_id)
+            .outerjoin(prev, prev.c.id == channels_table.c.previous_version_id)
+            .order_by(channels_table.c.name, channels_table.c.channel)
+        )  # fmt: skip
+        if name is not None:
+            query = query.where(channels_table.c.name == name)
+        if channel is not None:
+            query = query.where(channels_table.c.channel == channel)
+        with _boundary("list channels", self._where), self._read() as conn:
+            return [
+                ChannelPointer(
+                    name=r["name"],
+                    channel=r["channel"],
+                    current=f"{r['cur_name']}@{r['cur_number']}",
+                    previous=f"{r['name']}@{r['prev_number']}" if r["prev_number"] is not None else None,
+                    moved_at=r["moved_at"],
+                    moved_by=r["moved_by"],
+                    reason=r["reason"],
+                )
+                for r in conn.execute(query).mappings()
+            ]
+
+    def channel_entries(self, version_id: int) -> dict[str, datetime]:
+        """channel -> when this version last entered it (for soak times)."""
+        query = sa.select(channel_moves_table.c.channel, sa.func.max(channel_moves_table.c.at)).where(
+            channel_moves_table.c.version_id == version_id
+        ).group_by(channel_moves_table.c.channel)  # fmt: skip
+        with _boundary(f"read channel history of version {version_id}", self._where), self._read() as conn:
+            # max() keeps the column type (UtcDateTime), so the values come back aware.
+            return {ch: at for ch, at in conn.execute(query)}
+
 
 def _digest_prefix(ref: str) -> str:
     """The hex digest prefix a non-NAME@N ref stands for; ConfigError if it is no valid ref at all."""
@@ -923,3 +1036,64 @@ def _digest_prefix(ref: str) -> str:
             fix=f"use NAME@N or a digest prefix of at least {_MIN_PREFIX} hex characters",
         )
     return hexpart
+
+
+# --- supply chain rows ------------------------------------------------------------------------------------------
+
+
+def _finding_row(f: Finding) -> dict[str, Any]:
+    return {
+        "kind": f.kind.value,
+        "id": f.id,
+        "severity": f.severity.value,
+        "title": f.title,
+        "source": f.source,
+        "package": f.package,
+        "installed": f.installed,
+        "fixed": f.fixed,
+        "aliases": list(f.aliases),
+        "path": f.path,
+        "line": f.line,
+        "redacted": f.redacted,
+    }
+
+
+def _finding(d: Mapping[str, Any]) -> Finding:
+    return Finding(
+        kind=FindingKind(d["kind"]),
+        id=d["id"],
+        severity=Severity(d["severity"]),
+        title=d["title"],
+        source=d["source"],
+        package=d.get("package"),
+        installed=d.get("installed"),
+        fixed=d.get("fixed"),
+        aliases=tuple(d.get("aliases") or ()),
+        path=d.get("path"),
+        line=d.get("line"),
+        redacted=d.get("redacted"),
+    )
+
+
+def _scan(m: RowMapping) -> ScanRecord:
+    return ScanRecord(
+        scanned_at=m["scanned_at"],
+        packages=tuple(Package(*p) for p in m["packages"]),
+        sbom=m["sbom"],
+        sbom_digest=m["sbom_digest"],
+        findings=tuple(_finding(f) for f in m["findings"]),
+        vulndb=m["vulndb"],
+        id=m["id"],
+        version_id=m["version_id"],
+    )
+
+
+def _key(m: RowMapping) -> TrustedKey:
+    return TrustedKey(
+        key_id=m["key_id"],
+        algorithm=m["algorithm"],
+        public_key=m["public_key"],
+        added_at=m["added_at"],
+        revoked_at=m["revoked_at"],
+        revoked_reason=m["revoked_reason"],
+    )

@@ -10,7 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from amiforge.store.sql import create_store_engine, metadata
+from amiforge.store.schema import metadata
+from amiforge.store.sql import create_store_engine
 
 config = context.config
 

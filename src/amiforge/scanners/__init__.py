@@ -1,0 +1,1 @@
+"""What is inside an image: SBOM (dpkg), CVEs (OSV advisories + dpkg version order), secrets and residue."""

@@ -1,0 +1,254 @@
+"""The registry's tables (their history lives in `migrations/`) and the column type they share.
+
+Kept apart from sql.py so the migrations, the store and its tests all read one definition.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime, what: str) -> datetime:
+    # Naive datetimes are a programming error: we cannot know which zone they meant.
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime, got naive {value.isoformat()}")
+    return value.astimezone(UTC)
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware UTC in, aware UTC out. SQLite stores no zone, so results are tagged UTC on the way back."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return _aware(value, "timestamp")
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+versions_table = sa.Table(
+    "versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("recipe_digest", sa.String(128), nullable=False),
+    sa.Column("recipe_path", sa.Text, nullable=False),
+    sa.Column("recipe", sa.Text, nullable=False, server_default=""),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("digest", sa.String(128), nullable=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=True),
+    sa.Column("parent", sa.String(128), nullable=True),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("log", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("name", "number", name="uq_versions_name_number"),
+    sa.Index("ix_versions_digest", "digest"),
+)
+
+artifacts_table = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "version_id",
+        sa.Integer,
+        sa.ForeignKey("versions.id", name="fk_artifacts_version"),
+        nullable=False,
+    ),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("region", sa.String(128), nullable=False),
+    sa.Column("location", sa.Text, nullable=False),
+    sa.Column("digest", sa.String(128), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("kernel", sa.Text, nullable=True),
+    sa.Column("initrd", sa.Text, nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("version_id", "provider", "region", "location", name="uq_artifacts_copy"),
+)
+
+layers_table = sa.Table(
+    "layers",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "version_id",
+        sa.Integer,
+        sa.ForeignKey("versions.id", name="fk_layers_version"),
+        nullable=False,
+    ),
+    sa.Column("index", sa.Integer, nullable=False),
+    sa.Column("key", sa.String(128), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("hit", sa.Boolean, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("version_id", "index", name="uq_layers_version_index"),
+)
+
+boot_reports_table = sa.Table(
+    "boot_reports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "version_id",
+        sa.Integer,
+        sa.ForeignKey("versions.id", name="fk_boot_reports_version"),
+        nullable=False,
+    ),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("time_to_ready", sa.Float, nullable=True),
+    sa.Column("checks", sa.JSON, nullable=False),
+    sa.Column("console", sa.Text, nullable=False),
+    sa.Column("accel", sa.String(16), nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("duration", sa.Float, nullable=False),
+    sa.Index("ix_boot_reports_version_id", "version_id"),
+)
+
+events_table = sa.Table(
+    "events",
+    metadata,
+    # Chosen by the appender (head.seq + 1), never by the database: the hash covers it.
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("ref", sa.String(128), nullable=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix_events_ref", "ref"),
+)
+
+# One row (id = 1): seq and hash of the newest event. Appenders lock it by updating it, which serialises them,
+# and verify_events compares it with the last row, so deleting the newest events is detected too.
+event_head_table = sa.Table(
+    "event_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.CheckConstraint("id = 1", name="ck_event_head_single_row"),
+)
+
+
+# --- supply chain (migration 0002) ----------------------------------------------------------------------------
+
+
+def _version_fk(table: str) -> sa.Column[int]:
+    return sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", name=f"fk_{table}_version"), nullable=False)
+
+
+scans_table = sa.Table(
+    "scans",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    _version_fk("scans"),
+    sa.Column("scanned_at", UtcDateTime, nullable=False),
+    sa.Column("packages", sa.JSON, nullable=False),
+    sa.Column("sbom", sa.Text, nullable=False),
+    sa.Column("sbom_digest", sa.String(64), nullable=False),
+    sa.Column("findings", sa.JSON, nullable=False),
+    sa.Column("vulndb", sa.Text, nullable=False),
+    sa.Index("ix_scans_version_id", "version_id"),
+)
+
+vulndb_imports_table = sa.Table(
+    "vulndb_imports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("imported_at", UtcDateTime, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+
+# The raw OSV record, as imported; one row per advisory id (a newer import replaces it).
+advisories_table = sa.Table(
+    "advisories",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("import_id", sa.Integer, sa.ForeignKey("vulndb_imports.id", name="fk_advisories_import"), nullable=False),
+    sa.Column("modified", sa.String(64), nullable=False),
+    sa.Column("record", sa.JSON, nullable=False),
+)
+
+# Which (source) packages each advisory names, so a scan loads only the advisories that can match its image.
+advisory_packages_table = sa.Table(
+    "advisory_packages",
+    metadata,
+    sa.Column("advisory_id", sa.String(128), sa.ForeignKey("advisories.id", name="fk_advisory_packages_advisory"),
+              primary_key=True),
+    sa.Column("package", sa.String(256), primary_key=True),
+    sa.Index("ix_advisory_packages_package", "package"),
+)  # fmt: skip
+
+signing_keys_table = sa.Table(
+    "signing_keys",
+    metadata,
+    sa.Column("key_id", sa.String(128), primary_key=True),
+    sa.Column("algorithm", sa.String(64), nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("added_at", UtcDateTime, nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_reason", sa.Text, nullable=True),
+)
+
+signatures_table = sa.Table(
+    "signatures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    _version_fk("signatures"),
+    sa.Column("key_id", sa.String(128), nullable=False),
+    sa.Column("envelope", sa.Text, nullable=False),
+    sa.Column("statement_digest", sa.String(64), nullable=False),
+    sa.Column("signed_at", UtcDateTime, nullable=False),
+    sa.Index("ix_signatures_version_id", "version_id"),
+)
+
+# The pointer per (image name, channel); `previous_version_id` is the rollback image.
+channels_table = sa.Table(
+    "channels",
+    metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("channel", sa.String(32), primary_key=True),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", name="fk_channels_version"), nullable=False),
+    sa.Column("previous_version_id", sa.Integer, sa.ForeignKey("versions.id", name="fk_channels_previous"),
+              nullable=True),
+    sa.Column("moved_at", UtcDateTime, nullable=False),
+    sa.Column("moved_by", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)  # fmt: skip
+
+# Every pointer move, for soak times ("in staging since …") and history.
+channel_moves_table = sa.Table(
+    "channel_moves",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("channel", sa.String(32), nullable=False),
+    _version_fk("channel_moves"),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Index("ix_channel_moves_version_id", "version_id"),
+)

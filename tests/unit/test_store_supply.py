@@ -1,0 +1,108 @@
+"""The registry's supply-chain records: scans, advisories, keys, signatures, channel pointers (SQLite and,
+when AMIFORGE_TEST_POSTGRES_URL is set, PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from amiforge.errors import NotFound, StateError
+from amiforge.model import (
+    Finding,
+    FindingKind,
+    Package,
+    ScanRecord,
+    Severity,
+    SignatureRecord,
+    Status,
+    TrustedKey,
+)
+from amiforge.store.sql import SqlStore, open_store
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(store_url: str) -> SqlStore:
+    return open_store(store_url)
+
+
+def _built(store: SqlStore, name: str = "web") -> int:
+    v = store.create_version(name=name, recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest=f"{v.number:064x}", size_bytes=1)
+    return v.id
+
+
+def test_scan_round_trip_keeps_packages_and_findings(store: SqlStore) -> None:
+    vid = _built(store)
+    finding = Finding(FindingKind.CVE, "TEST-0001", Severity.HIGH, "synthetic", "osv", package="openssl",
+                      installed="3.0.1-1", fixed="3.0.2-1", aliases=("TEST-CVE-1",))  # fmt: skip
+    secret = Finding(FindingKind.SECRET, "private-key", Severity.CRITICAL, "key", "secrets", path="/root/k", line=1,
+                     redacted="-----BEGIN …")  # fmt: skip
+    scan = ScanRecord(T0, (Package("openssl", "3.0.1-1", "amd64", "openssl", None),), "{}", "d" * 64,
+                      (finding, secret), "osv import 1")  # fmt: skip
+    saved = store.add_scan(vid, scan)
+    assert saved.id is not None
+    latest = store.latest_scan(vid)
+    assert latest is not None
+    assert latest.findings == (finding, secret)
+    assert latest.packages == scan.packages
+    assert latest.scanned_at == T0
+    assert store.latest_scan(_built(store, "api")) is None
+
+
+def test_advisories_are_found_by_source_package_and_replaced_on_reimport(store: SqlStore) -> None:
+    first = store.import_advisories(
+        "fixture-a",
+        [
+            ("TEST-0001", "2026-01-01T00:00:00Z", {"id": "TEST-0001", "v": 1}, ["openssl"]),
+            ("TEST-0002", "2026-01-01T00:00:00Z", {"id": "TEST-0002"}, ["zlib", "openssl"]),
+        ],
+    )
+    assert first.count == 2
+    assert [a["id"] for a in store.advisories_for(["openssl"])] == ["TEST-0001", "TEST-0002"]
+    assert [a["id"] for a in store.advisories_for(["zlib", "nginx"])] == ["TEST-0002"]
+    store.import_advisories("fixture-b", [("TEST-0001", "2026-02-01T00:00:00Z", {"id": "TEST-0001", "v": 2}, ["bash"])])
+    assert store.advisory_count() == 2
+    assert [a["id"] for a in store.advisories_for(["openssl"])] == ["TEST-0002"]
+    assert store.advisories_for(["bash"]) == [{"id": "TEST-0001", "v": 2}]
+    assert [i.source for i in store.vulndb_imports()] == ["fixture-a", "fixture-b"]
+
+
+def test_keys_are_trusted_once_and_revoked_once(store: SqlStore) -> None:
+    key = TrustedKey("ed25519:00000000test0001", "ed25519", "PEM-A", T0)
+    store.add_key(key)
+    assert store.add_key(key) == store.keys()[0]  # idempotent
+    with pytest.raises(StateError):
+        store.add_key(TrustedKey(key.key_id, "ed25519", "PEM-B", T0))
+    revoked = store.revoke_key(key.key_id, "laptop lost")
+    assert revoked.revoked_at is not None and revoked.revoked_reason == "laptop lost"
+    with pytest.raises(StateError):
+        store.revoke_key(key.key_id, "again")
+    with pytest.raises(NotFound):
+        store.revoke_key("ed25519:unknown", "x")
+
+
+def test_signatures_round_trip(store: SqlStore) -> None:
+    vid = _built(store)
+    store.add_signature(vid, SignatureRecord("ed25519:00000000test0001", '{"payload": ""}', "s" * 64, T0))
+    (sig,) = store.signatures(vid)
+    assert sig.key_id == "ed25519:00000000test0001" and sig.statement_digest == "s" * 64 and sig.signed_at == T0
+
+
+def test_channel_moves_keep_the_previous_pointer_and_are_compare_and_set(store: SqlStore) -> None:
+    v1, v2, v3 = _built(store), _built(store), _built(store)
+    first = store.move_channel("web", "prod", v1, expect_current=None, actor="TEST", reason="first")
+    assert (first.current, first.previous) == ("web@1", None)
+    with pytest.raises(StateError):  # someone else created it meanwhile
+        store.move_channel("web", "prod", v2, expect_current=None, actor="TEST", reason="race")
+    second = store.move_channel("web", "prod", v2, expect_current=v1, actor="TEST", reason="next")
+    assert (second.current, second.previous) == ("web@2", "web@1")
+    with pytest.raises(StateError):  # stale expectation: the pointer is at v2 now
+        store.move_channel("web", "prod", v3, expect_current=v1, actor="TEST", reason="stale")
+    store.move_channel("web", "dev", v3, expect_current=None, actor="TEST", reason="dev")
+    assert [(p.channel, p.current) for p in store.channels("web")] == [("dev", "web@3"), ("prod", "web@2")]
+    assert set(store.channel_entries(v1)) == {"prod"}
+    assert store.channel_entries(v2)["prod"].tzinfo is not None
