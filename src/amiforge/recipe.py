@@ -5,6 +5,7 @@ This module owns everything about the recipe file (DESIGN.md §9): the pydantic 
 fix; path confinement of `file.src` (inside the recipe's folder) and `file.dest` (inside the image root, see
 `resolve_inside()`); the JSON Schema export; and the digests the registry and the layer cache are keyed on
 (`recipe_digest()`, `step_fingerprint()`). Nothing here touches a provider, the store or the network.
+The YAML-with-line-numbers machinery it shares with the policy file lives in `amiforge.yamlfile`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import json
 import math
 import os
 import re
-import types
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -37,9 +36,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from amiforge.errors import ConfigError, Problem
+from amiforge.yamlfile import YamlKind, parse_yaml, problems_from_validation, raise_problems, read_text
+from amiforge.yamlfile import fail as _fail
+from amiforge.yamlfile import short as _short
+from amiforge.yamlfile import yaml_type as _yaml_type
 
 __all__ = [
     "AwsProvider",
@@ -74,8 +76,6 @@ __all__ = [
 
 # A recipe is a few KB; anything far bigger is a mistake (or an attack on the parser), not a recipe.
 MAX_RECIPE_BYTES = 1024 * 1024
-# YAML aliases share nodes; counting visits with expansion stops "billion laughs" before pydantic does.
-_MAX_YAML_NODES = 100_000
 # Same limit as the Linux kernel's path walk (MAXSYMLINKS).
 _MAX_SYMLINK_HOPS = 40
 # Bump when the meaning of a step changes, so old cache layers stop matching.
@@ -83,37 +83,6 @@ _FINGERPRINT_VERSION = 1
 
 _FORBID = ConfigDict(extra="forbid", frozen=True)
 _SCHEMA_HINT = "`amiforge recipe schema` prints every key and the values it allows"
-
-
-def _fail(message: str, fix: str, *, key: str | None = None) -> PydanticCustomError:
-    """A validation error carrying its own fix; `key` names a sub-key the problem belongs to (e.g. `type`)."""
-    ctx: dict[str, Any] = {"fix": fix}
-    if key is not None:
-        ctx["key"] = key
-    # The message goes in as a context value, never as the template, so braces in user input stay literal.
-    return PydanticCustomError("amiforge", "{message}", {**ctx, "message": message})
-
-
-def _short(value: object, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _yaml_type(value: object) -> str:
-    """How YAML would call the type of a value, for messages a recipe author understands."""
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return "a boolean (true/false)"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -839,62 +808,36 @@ class Recipe(BaseModel):
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: YAML text → node tree (for lines) → data → pydantic, every problem collected into one ConfigError.
+# The machinery is shared with the policy file (amiforge.yamlfile); what is recipe-specific is described here.
+
+_TAGGED: dict[str, type[BaseModel]] = {
+    **{f"<{kind}>": cls for kind, cls in _STEP_CLASSES.items()},
+    "<local>": LocalProvider,
+    "<aws>": AwsProvider,
+    "<owners>": OwnersSource,
+    "<ssm_parameter>": SsmSource,
+}
+
+_KIND = YamlKind(
+    noun="recipe",
+    model=Recipe,
+    schema_hint=_SCHEMA_HINT,
+    max_bytes=MAX_RECIPE_BYTES,
+    missing_fix="check the path; recipes are YAML files such as examples/web/recipe.yaml",
+    default_name="recipe.yaml",
+    tagged=_TAGGED,
+)
 
 
 def load_recipe(path: Path) -> Recipe:
     """Read, validate and return the recipe at `path`; raise ConfigError listing every problem found."""
-    try:
-        if path.is_dir():
-            raise ConfigError(
-                f"recipe path {path} is a directory",
-                problems=[Problem(message="is a directory, not a recipe file", file=str(path))],
-                fix=f"pass the YAML file, e.g. {path / 'recipe.yaml'}",
-            )
-        with path.open("rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"recipe file not found: {path}",
-            problems=[Problem(message="no such file", file=str(path))],
-            fix="check the path; recipes are YAML files such as examples/web/recipe.yaml",
-        ) from None
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read recipe file {path}: {e.strerror or e}",
-            problems=[Problem(message=f"cannot read: {e.strerror or e}", file=str(path))],
-            fix="check the file's permissions",
-        ) from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        _raise(
-            path,
-            [
-                Problem(
-                    message=f"file is larger than {MAX_RECIPE_BYTES} bytes",
-                    file=str(path),
-                    fix="a recipe is a small YAML file; check you passed the right path",
-                )
-            ],
-        )
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        _raise(
-            path,
-            [
-                Problem(
-                    message=f"not UTF-8 text (bad byte at offset {e.start})",
-                    file=str(path),
-                    fix="save the recipe as a UTF-8 YAML text file",
-                )
-            ],
-        )
-    return parse_recipe(text, path)
+    return parse_recipe(read_text(path, _KIND), path)
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe YAML `text` as if read from `path` (file sources resolve against `path`'s folder)."""
     file = str(path)
-    node, data, problems = _read_yaml(text, file)
+    node, data, problems = parse_yaml(text, file, noun=_KIND.noun)
     if node is None or not isinstance(data, dict):
         if not problems:
             if node is None:
@@ -914,303 +857,14 @@ def parse_recipe(text: str, path: Path) -> Recipe:
                         fix="write the recipe as 'key: value' lines at the top level, from 'name: …'",
                     )
                 ]
-        _raise(path, problems)
+        raise_problems(_KIND, path, problems)
     try:
         recipe = Recipe.model_validate(data, context={"folder": path.absolute().parent})
     except ValidationError as e:
-        problems += [_problem_from_error(err, node, file) for err in e.errors()]
-        _raise(path, problems)
+        raise_problems(_KIND, path, problems + problems_from_validation(e, node, file, _KIND))
     if problems:  # e.g. duplicate keys, which YAML itself accepts
-        _raise(path, problems)
+        raise_problems(_KIND, path, problems)
     return recipe.bound_to(path)
-
-
-def _raise(path: Path, problems: list[Problem]) -> NoReturn:
-    unique = list(dict.fromkeys(problems))
-    unique.sort(key=lambda p: (p.line is None, p.line or 0, p.field or ""))
-    raise ConfigError(
-        f"recipe {path} is invalid: {len(unique)} problem(s)",
-        problems=unique,
-        fix="fix each problem listed; " + _SCHEMA_HINT,
-    )
-
-
-def _read_yaml(text: str, file: str) -> tuple[yaml.Node | None, object, list[Problem]]:
-    """Parse once into the node tree (lines) and construct the data from the same nodes."""
-    loader: yaml.SafeLoader | None = None
-    try:
-        loader = yaml.SafeLoader(text)  # the reader already rejects control characters here
-        node = loader.get_single_node()
-        if node is None:
-            return None, None, []
-        problems = _check_nodes(node, file)
-        if problems:  # too large to construct safely
-            return node, None, problems
-        # Find duplicate keys before construction: merge keys (<<) rewrite the mapping nodes in place.
-        duplicates = _duplicate_keys(node, file)
-        data = loader.construct_document(node)
-        return node, data, duplicates
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        message = " ".join(str(x) for x in (e.context, e.problem) if x)
-        return (
-            None,
-            None,
-            [
-                Problem(
-                    message=f"YAML syntax error: {message}",
-                    file=file,
-                    line=mark.line + 1 if mark is not None else None,
-                    fix="check indentation, colons and quoting on that line (and the one before)",
-                )
-            ],
-        )
-    except yaml.YAMLError as e:  # e.g. ReaderError: control characters in the text
-        position = getattr(e, "position", None)
-        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
-        return (
-            None,
-            None,
-            [
-                Problem(
-                    message=f"not valid YAML: {e}",
-                    file=file,
-                    line=line,
-                    fix="remove non-text characters; the recipe must be a YAML text file",
-                )
-            ],
-        )
-    except RecursionError:
-        return (
-            None,
-            None,
-            [
-                Problem(
-                    message="YAML nesting is too deep",
-                    file=file,
-                    fix="a recipe is a few levels deep; check the file is a recipe",
-                )
-            ],
-        )
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _check_nodes(root: yaml.Node, file: str) -> list[Problem]:
-    seen = 0
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > _MAX_YAML_NODES:
-            return [
-                Problem(
-                    message=f"the YAML expands to more than {_MAX_YAML_NODES} values (aliases?)",
-                    file=file,
-                    fix="a recipe is small; remove the anchors/aliases that multiply it",
-                )
-            ]
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                stack.extend((k, v))
-    return []
-
-
-def _duplicate_keys(root: yaml.Node, file: str) -> list[Problem]:
-    problems: list[Problem] = []
-    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
-    visited: set[int] = set()
-    while stack:
-        node, loc = stack.pop()
-        if id(node) in visited:  # aliases share nodes; report each once
-            continue
-        visited.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((item, (*loc, i)) for i, item in enumerate(node.value))
-        elif isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key, value in node.value:
-                if not isinstance(key, yaml.ScalarNode) or key.value == "<<":
-                    continue
-                if key.value in seen:
-                    problems.append(
-                        Problem(
-                            message=f"key {key.value!r} is repeated; YAML silently keeps only the last",
-                            file=file,
-                            line=key.start_mark.line + 1,
-                            field=_dotted((*loc, key.value)),
-                            fix="remove or merge the duplicate",
-                        )
-                    )
-                seen.add(key.value)
-                stack.append((value, (*loc, key.value)))
-    return problems
-
-
-# --- from a pydantic error to a Problem ---
-
-_TAGGED: dict[str, type[BaseModel]] = {
-    **{f"<{kind}>": cls for kind, cls in _STEP_CLASSES.items()},
-    "<local>": LocalProvider,
-    "<aws>": AwsProvider,
-    "<owners>": OwnersSource,
-    "<ssm_parameter>": SsmSource,
-}
-
-
-def _clean_loc(loc: Sequence[str | int], ctx: Mapping[str, Any]) -> tuple[str | int, ...]:
-    """Drop the union tags pydantic inserts (they are ours, in <angle brackets>, never a YAML key)."""
-    parts = [p for p in loc if not (isinstance(p, str) and p in _TAGGED) and p != "[key]"]
-    if isinstance(ctx.get("key"), str):
-        parts.append(ctx["key"])
-    return tuple(parts)
-
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _IDENT.fullmatch(part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{json.dumps(part)}]"
-    return out
-
-
-def _line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
-    """1-based line of the deepest YAML node along `loc`: the key itself, or its nearest existing parent."""
-    if root is None:
-        return None
-    node = root
-    line = root.start_mark.line + 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in reversed(node.value):  # the last duplicate is the one YAML keeps
-                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                    line, node = key.start_mark.line + 1, value
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
-
-
-def _unwrap(tp: object) -> object:
-    while True:
-        origin = get_origin(tp)
-        if origin is Annotated:
-            tp = get_args(tp)[0]
-        elif origin in (Union, types.UnionType):
-            args = [a for a in get_args(tp) if a is not type(None)]
-            if len(args) != 1:
-                return tp
-            tp = args[0]
-        else:
-            return tp
-
-
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The model class at a raw pydantic `loc` (tags included), to list the keys it allows."""
-    tp: object = Recipe
-    for part in loc:
-        tp = _unwrap(tp)
-        if isinstance(part, str) and part in _TAGGED:
-            tp = _TAGGED[part]
-        elif isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
-            field = tp.model_fields.get(part)
-            if field is None:
-                return None
-            tp = field.annotation
-        elif get_origin(tp) is list and isinstance(part, int):
-            tp = get_args(tp)[0]
-        elif get_origin(tp) is dict:
-            tp = get_args(tp)[1]
-        else:
-            return None
-    tp = _unwrap(tp)
-    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def _problem_from_error(err: Mapping[str, Any], root: yaml.Node | None, file: str) -> Problem:
-    raw_loc: tuple[str | int, ...] = tuple(err.get("loc", ()))
-    ctx: Mapping[str, Any] = err.get("ctx") or {}
-    loc = _clean_loc(raw_loc, ctx)
-    if err.get("type") == "invalid_key" and loc:  # a non-string mapping key, not a list index
-        loc = (*loc[:-1], str(loc[-1]))
-    message, fix = _explain(err, raw_loc, loc, ctx)
-    return Problem(message=message, file=file, line=_line_of(root, loc), field=_dotted(loc) or None, fix=fix)
-
-
-_EXPECTED = {
-    "string_type": "a string",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "int_type": "a whole number",
-    "bool_type": "true or false",
-}
-
-
-def _explain(
-    err: Mapping[str, Any], raw_loc: tuple[str | int, ...], loc: tuple[str | int, ...], ctx: Mapping[str, Any]
-) -> tuple[str, str]:
-    kind = str(err.get("type", ""))
-    value = err.get("input")
-    key = str(loc[-1]) if loc else ""
-    if kind == "amiforge":
-        return str(err["msg"]), str(ctx.get("fix") or _SCHEMA_HINT)
-    if kind == "extra_forbidden":
-        model = _model_at(raw_loc[:-1])
-        allowed = list(model.model_fields) if model is not None else []
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return (
-            f"unknown key {key!r}; allowed keys here: {', '.join(allowed) or 'none'}",
-            f"{hint}remove or rename it",
-        )
-    if kind == "missing":
-        return f"required key {key!r} is missing", f"add '{key}: …' here"
-    if kind == "invalid_key":
-        return f"key {_short(value)} is not a string", f'quote it: "{value}"'
-    if value is None and kind.endswith("_type"):
-        return f"no value given; expected {_EXPECTED.get(kind, 'a value')}", "write a value after the ':'"
-    if kind == "string_type":
-        quoted = f'"{value}"' if isinstance(value, int | float | bool) else '"42"'
-        example = f"{key}: {quoted}" if loc and isinstance(loc[-1], str) else quoted
-        return f"expected a string, got {_yaml_type(value)} ({_short(value)})", f"quote it: {example}"
-    if kind == "list_type":
-        return (
-            f"expected a list, got {_yaml_type(value)}",
-            "write a YAML list, e.g. [a, b] or one '- item' per line",
-        )
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"expected a mapping (key: value), got {_yaml_type(value)}", "write it as {key: value, …}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return (
-            f"expected a whole number, got {_yaml_type(value)} ({_short(value)})",
-            "write an integer, e.g. 80",
-        )
-    if kind in ("bool_type", "bool_parsing"):
-        return f"expected true or false, got {_short(value)}", "write true or false"
-    if kind == "literal_error":
-        return f"{_short(value)} is not allowed: {err.get('msg', '')}", "use one of the values listed"
-    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        return f"{_short(value)} is out of range: {err.get('msg', '')}", "use a value within the stated range"
-    if kind == "too_short":
-        return f"{err.get('msg', 'too short')}", "add at least one item"
-    return f"{err.get('msg', 'invalid value')} (got {_short(value)})", _SCHEMA_HINT
 
 
 # ----------------------------------------------------------------------------------------------------------

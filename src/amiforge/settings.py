@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     guest_memory_mb: int = Field(default=512, ge=256, le=16384)
     guest_cpus: int = Field(default=2, ge=1, le=16)
     actor: str = Field(default_factory=lambda: f"{getpass.getuser()}@{socket.gethostname()}")
+    policy: Path | None = Field(default=None, description="promotion policy YAML; default: the built-in policy")
+    signing_key: Path | None = Field(default=None, description="Ed25519 key file; default: <data>/keys/amiforge.key")
 
     @classmethod
     def settings_customise_sources(
@@ -63,6 +65,10 @@ class Settings(BaseSettings):
     @property
     def regions_dir(self) -> Path:
         return self.data_dir / "regions"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key or self.data_dir / "keys" / "amiforge.key"
 
     @property
     def registry_url(self) -> str:

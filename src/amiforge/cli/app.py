@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from amiforge import __version__
-from amiforge.cli import bake_cmd, doctor_cmd, events_cmd, images_cmd, recipe_cmd
+from amiforge.cli import bake_cmd, channel_cmd, doctor_cmd, events_cmd, images_cmd, recipe_cmd, scan_cmd, sign_cmd
 from amiforge.cli.output import emit_json, err_console
 from amiforge.errors import AmiforgeError
 
@@ -32,6 +32,16 @@ app.add_typer(images_cmd.app, name="images")
 app.command("bake")(bake_cmd.bake)
 app.command("test")(bake_cmd.test)
 app.command("demo")(bake_cmd.demo)
+app.command("scan")(scan_cmd.scan_command)
+app.command("sbom")(scan_cmd.sbom_command)
+app.add_typer(scan_cmd.app, name="vulndb")
+app.add_typer(sign_cmd.app, name="keys")
+app.command("sign")(sign_cmd.sign_command)
+app.command("verify")(sign_cmd.verify_command)
+app.command("promote")(channel_cmd.promote_command)
+app.command("channels")(channel_cmd.channels_command)
+app.command("revoke")(channel_cmd.revoke_command)
+app.add_typer(channel_cmd.pipeline_app, name="pipeline")
 app.command("events")(events_cmd.events)
 app.command("doctor")(doctor_cmd.doctor)
 

@@ -6,8 +6,9 @@ The lifecycle verbs only ever see these types; each provider lives in its own fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from amiforge.model import Artifact, BootReport, LayerRecord
@@ -48,6 +49,14 @@ class RunContext:
 
 
 @dataclass(frozen=True)
+class ImageView:
+    """What a scan reads: the image's files (read-only) and, where the provider has one, its raw disk bytes."""
+
+    root: Path
+    raw: Path | None
+
+
+@dataclass(frozen=True)
 class BakeResult:
     artifact: Artifact
     layers: tuple[LayerRecord, ...]
@@ -67,4 +76,12 @@ class Provider(Protocol):
     def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
         """Boot a throw-away copy of the artifact, wait for readiness, run the checks. Never writes the artifact.
         Returns the report whatever the outcome; the caller's gate decides."""
+        ...
+
+    def inspect(self, artifact: Artifact) -> AbstractContextManager[ImageView]:
+        """A read-only view of exactly the bytes the artifact ships (for scans), gone when the context ends."""
+        ...
+
+    def current_digest(self, artifact: Artifact) -> str:
+        """The digest of the artifact as it exists now, recomputed from its bytes (or the cloud's record)."""
         ...

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
 
-from amiforge.model import Artifact, BootReport, Event, ImageVersion, LayerRecord, Status
+from amiforge.model import (
+    Artifact,
+    BootReport,
+    ChannelPointer,
+    Event,
+    ImageVersion,
+    LayerRecord,
+    ScanRecord,
+    SignatureRecord,
+    Status,
+    TrustedKey,
+    VulnDbImport,
+)
 
 
 class Store(Protocol):
@@ -81,3 +94,41 @@ class Store(Protocol):
     def verify_events(self) -> list[str]:
         """Recompute the chain; return one message per broken link (empty list = intact)."""
         ...
+
+    # --- supply chain ---------------------------------------------------------------------------------------
+
+    def add_scan(self, version_id: int, scan: ScanRecord) -> ScanRecord: ...
+
+    def latest_scan(self, version_id: int) -> ScanRecord | None: ...
+
+    def import_advisories(
+        self, source: str, records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]]
+    ) -> VulnDbImport:
+        """Raw OSV records (id, modified, record, source packages named); a re-imported id replaces the old."""
+        ...
+
+    def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]: ...
+
+    def vulndb_imports(self) -> list[VulnDbImport]: ...
+
+    def advisory_count(self) -> int: ...
+
+    def add_key(self, key: TrustedKey) -> TrustedKey: ...
+
+    def keys(self) -> list[TrustedKey]: ...
+
+    def revoke_key(self, key_id: str, reason: str) -> TrustedKey: ...
+
+    def add_signature(self, version_id: int, signature: SignatureRecord) -> SignatureRecord: ...
+
+    def signatures(self, version_id: int) -> list[SignatureRecord]: ...
+
+    def move_channel(
+        self, name: str, channel: str, version_id: int, *, expect_current: int | None, actor: str, reason: str
+    ) -> ChannelPointer:
+        """Compare-and-set on the current pointer (None: the channel has none yet); old current -> previous."""
+        ...
+
+    def channels(self, name: str | None = None, channel: str | None = None) -> list[ChannelPointer]: ...
+
+    def channel_entries(self, version_id: int) -> dict[str, datetime]: ...

@@ -5,16 +5,18 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
-from amiforge.errors import ConfigError
+from amiforge.errors import ConfigError, NotFound
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord
-from amiforge.providers.interface import BakeResult, PhaseUpdate, RunContext
+from amiforge.providers.interface import BakeResult, ImageView, PhaseUpdate, RunContext
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
-from amiforge.providers.local.disk import build_disk, cached_image
+from amiforge.providers.local.disk import build_disk, cached_image, sha256_file
+from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, plan_layers
 from amiforge.providers.local.tools import require
 from amiforge.recipe import Checks, Recipe
@@ -149,3 +151,15 @@ class LocalProvider:
             started_at=started_at,
             duration=round(time.monotonic() - t0, 3),
         )
+
+    # --- inspection -----------------------------------------------------------------------------------------
+
+    def inspect(self, artifact: Artifact) -> AbstractContextManager[ImageView]:
+        return open_image(artifact, self.settings.cache_dir / "scratch")
+
+    def current_digest(self, artifact: Artifact) -> str:
+        """sha256 of the artifact's disk image as it is now (a signature must still match it)."""
+        disk = Path(artifact.location)
+        if not disk.is_file():
+            raise NotFound(f"the artifact's disk {disk} is missing from the local image store")
+        return sha256_file(disk)

@@ -1,0 +1,110 @@
+"""amiforge keys generate|list|revoke · sign · verify."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.output import console, emit_json
+from amiforge.lifecycle.sign import sign, verify
+from amiforge.model import TrustedKey
+from amiforge.signing.keyfile import generate_keypair
+
+app = typer.Typer(help="Signing keys (Ed25519 key files) the registry trusts.", no_args_is_help=True)
+
+
+@app.command("generate")
+def keys_generate(
+    name: str = typer.Option("amiforge", "--name", help="File name stem: NAME.key and NAME.pub."),
+    directory: Path | None = typer.Option(None, "--dir", help="Where to write them (default: <data>/keys)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Make an Ed25519 key pair (the private key file is mode 0600; nothing is overwritten) and trust it."""
+    settings, store = open_registry()
+    info = generate_keypair(directory or settings.data_dir / "keys", name)
+    store.add_key(TrustedKey(info.key_id, info.algorithm, info.public_key_pem, datetime.now(UTC)))
+    store.append_event("key.added", actor=settings.actor, data={"key": info.key_id})
+    if as_json:
+        emit_json({"key_id": info.key_id, "private_key": info.private_path, "public_key": info.public_path})
+        return
+    console.print(
+        f"key {info.key_id}\n  private {escape(str(info.private_path))} (keep it secret)"
+        f"\n  public  {escape(str(info.public_path))}"
+    )
+
+
+@app.command("list")
+def keys_list(as_json: bool = JsonOption) -> None:
+    """The trusted keys, and which are revoked."""
+    _, store = open_registry()
+    keys = store.keys()
+    if as_json:
+        emit_json([{k: v for k, v in vars(key).items() if k != "public_key"} for key in keys])
+        return
+    for key in keys:
+        state = (
+            f"[red]revoked[/] {key.revoked_at:%Y-%m-%d} ({escape(key.revoked_reason or '')})"
+            if key.revoked_at
+            else "[green]trusted[/]"
+        )
+        console.print(f"{key.key_id}  {key.algorithm}  added {key.added_at:%Y-%m-%d}  {state}")
+
+
+@app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="The key id, e.g. ed25519:0123456789abcdef."),
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the audit log)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Stop trusting a key: every signature it made stops verifying."""
+    settings, store = open_registry()
+    key = store.revoke_key(key_id, reason)
+    store.append_event("key.revoked", actor=settings.actor, data={"key": key_id, "reason": reason})
+    if as_json:
+        emit_json({k: v for k, v in vars(key).items() if k != "public_key"})
+        return
+    console.print(f"revoked {key_id}")
+
+
+def sign_command(
+    ref: str = typer.Argument(..., help="NAME@N or a digest prefix."),
+    key: Path | None = typer.Option(
+        None, "--key", help="Ed25519 key file (default: AMIFORGE_SIGNING_KEY or <data>/keys/amiforge.key)."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Sign the version's manifest (DSSE envelope, in-toto statement, SLSA provenance)."""
+    settings, store = open_registry()
+    record = sign(ref, store=store, settings=settings, key=key)
+    if as_json:
+        emit_json(record)
+        return
+    console.print(
+        f"signed {store.get_version(ref).ref} with {record.key_id}; statement sha256:{record.statement_digest[:16]}"
+    )
+
+
+def verify_command(
+    ref: str = typer.Argument(..., help="NAME@N or a digest prefix."), as_json: bool = JsonOption
+) -> None:
+    """Check the signature against the artifact's bytes as they are now (exit 4 on any mismatch)."""
+    settings, store = open_registry()
+    outcome = verify(ref, store=store, settings=settings)
+    if as_json:
+        emit_json(
+            {
+                "ok": True,
+                "version": outcome.version.ref,
+                "key_id": outcome.signature.key_id,
+                "digest": outcome.manifest.digest,
+            }
+        )
+        return
+    console.print(
+        f"[green]ok[/]: {outcome.version.ref} is signed by {outcome.signature.key_id} and its bytes match"
+        f" (sha256:{outcome.manifest.digest[:16]})"
+    )

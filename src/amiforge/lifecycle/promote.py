@@ -1,0 +1,146 @@
+"""promote / revoke: moving a channel pointer through the policy's gates, and taking a version out of service.
+
+promote gathers the facts about a version (boot test, scan, a signature that still verifies against the bytes,
+revocations up its ancestry, time spent in the previous channel), lets `policy.evaluate` judge them, and either
+moves the pointer (compare-and-set; the old pointer becomes the rollback image) or raises GateFailed listing every
+unmet gate. Every waiver used is an event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from amiforge.errors import ConfigError, GateFailed
+from amiforge.lifecycle.sign import verify
+from amiforge.model import ChannelPointer, ImageVersion, Status
+from amiforge.policy import Candidate, GateDecision, Policy, default_policy, evaluate, load_policy
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+
+def policy_of(settings: Settings) -> Policy:
+    return load_policy(settings.policy) if settings.policy else default_policy()
+
+
+def ancestors(version: ImageVersion, store: Store) -> list[ImageVersion]:
+    chain = []
+    seen = {version.ref}
+    parent = version.parent
+    while parent and parent not in seen:
+        seen.add(parent)
+        v = store.get_version(parent)
+        chain.append(v)
+        parent = v.parent
+    return chain
+
+
+def candidate(version: ImageVersion, *, store: Store, settings: Settings) -> Candidate:
+    reports = store.boot_reports(version.id)
+    scan = store.latest_scan(version.id)
+    try:
+        verify(version.ref, store=store, settings=settings)
+        signature_error = None
+    except GateFailed as e:
+        signature_error = "; ".join(f"{f.name}: {f.detail}" for f in e.failures)
+    return Candidate(
+        ref=version.ref,
+        status=version.status,
+        boot_test_passed=bool(reports) and reports[-1].passed,
+        findings=scan.findings if scan else (),
+        signature_error=signature_error,
+        scanned=scan is not None,
+        revoked=version.status == Status.REVOKED,
+        revoked_ancestors=[a.ref for a in ancestors(version, store) if a.status == Status.REVOKED],
+        entered=store.channel_entries(version.id),
+    )
+
+
+@dataclass(frozen=True)
+class PromoteOutcome:
+    pointer: ChannelPointer
+    decision: GateDecision
+    moved: bool
+
+
+def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason: str = "") -> PromoteOutcome:
+    version = store.get_version(ref)
+    policy = policy_of(settings)
+    decision = evaluate(policy, channel, candidate(version, store=store, settings=settings), now=datetime.now(UTC))
+    actor = settings.actor
+    for waiver in decision.waivers_used:
+        store.append_event(
+            "waiver.used", actor=actor, ref=version.ref, data={"channel": channel, "waiver": waiver.describe()}
+        )
+    if not decision.passed:
+        store.append_event(
+            "promote.refused",
+            actor=actor,
+            ref=version.ref,
+            data={"channel": channel, "unmet": [f"{u.name}: {u.detail}" for u in decision.unmet]},
+        )
+        decision.raise_if_unmet()
+    pointers = store.channels(version.name, channel)
+    current = pointers[0] if pointers else None
+    if current is not None and current.current == version.ref:
+        return PromoteOutcome(current, decision, moved=False)
+    expect = store.get_version(current.current).id if current else None
+    pointer = store.move_channel(
+        version.name, channel, version.id, expect_current=expect, actor=actor, reason=reason or "promoted"
+    )
+    store.append_event(
+        "promote",
+        actor=actor,
+        ref=version.ref,
+        data={"channel": channel, "previous": pointer.previous, "reason": reason},
+    )
+    return PromoteOutcome(pointer, decision, moved=True)
+
+
+@dataclass(frozen=True)
+class RevokeOutcome:
+    version: ImageVersion
+    flagged_channels: list[ChannelPointer]
+    flagged_versions: list[str]
+
+
+def descendants(version: ImageVersion, store: Store) -> list[ImageVersion]:
+    """Versions whose ancestry includes `version` (parents are versions of the same image name)."""
+    out = []
+    for v in store.list_versions(version.name):
+        if v.id != version.id and version.ref in {a.ref for a in ancestors(v, store)}:
+            out.append(v)
+    return out
+
+
+def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> RevokeOutcome:
+    if not reason.strip():
+        raise ConfigError("a revocation needs a reason", fix='amiforge revoke REF --reason "why"')
+    version = store.get_version(ref)
+    version = store.transition(version.id, Status.REVOKED, expect=version.status)
+    store.append_event("revoke", actor=settings.actor, ref=version.ref, data={"reason": reason})
+    children = descendants(version, store)
+    affected = {version.ref} | {c.ref for c in children}
+    flagged = [p for p in store.channels(version.name) if p.current in affected]
+    for pointer in flagged:
+        store.append_event(
+            "channel.flagged",
+            actor=settings.actor,
+            ref=pointer.current,
+            data={"channel": f"{pointer.name}:{pointer.channel}", "because": f"{version.ref} revoked: {reason}"},
+        )
+    for child in children:
+        store.append_event(
+            "version.flagged", actor=settings.actor, ref=child.ref, data={"because": f"ancestor {version.ref} revoked"}
+        )
+    return RevokeOutcome(version, flagged, [c.ref for c in children])
+
+
+def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
+    """Why a channel pointer needs attention: its version or an ancestor is revoked."""
+    version = store.get_version(pointer.current)
+    flags = []
+    if version.status == Status.REVOKED:
+        flags.append(f"{version.ref} is revoked")
+    flags += [f"ancestor {a.ref} is revoked" for a in ancestors(version, store) if a.status == Status.REVOKED]
+    return flags

@@ -1,0 +1,143 @@
+"""scan: what is inside a version — SBOM, CVEs, secrets and residue — read from the bytes the artifact ships.
+
+The scan never boots the image: packages come from the dpkg database, files from a read-only mount of the
+artifact, key material also from its raw disk bytes. Findings are values; the gate (policy.evaluate for the
+first channel) says what they mean, and `scan` reports it without changing the version's fate beyond `scanned`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from amiforge.errors import ConfigError, NotFound
+from amiforge.lifecycle.runs import new_run_id
+from amiforge.model import Finding, ImageVersion, ScanRecord, Status, VulnDbImport
+from amiforge.policy import Candidate, GateDecision, Policy, evaluate
+from amiforge.providers import provider_for
+from amiforge.scanners.sbom import cyclonedx_sbom, read_dpkg_status, sbom_digest
+from amiforge.scanners.secrets import scan_raw, scan_tree
+from amiforge.scanners.vulns import import_report, load_osv_records, match, parse_osv_records, source_packages
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+SCANNABLE = (Status.TESTED, Status.SCANNED, Status.SIGNED)
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    version: ImageVersion
+    scan: ScanRecord
+
+
+def expected_authorized_keys(version: ImageVersion) -> list[str]:
+    """authorized_keys files the recipe itself installs (user steps with keys) are expected, not residue."""
+    recipe = json.loads(version.recipe or "{}")
+    paths = []
+    for step in recipe.get("steps", []):
+        user = step.get("user") if isinstance(step, dict) else None
+        if user and user.get("ssh_authorized_keys"):
+            home = "/root" if user["name"] == "root" else f"/home/{user['name']}"
+            paths.append(f"{home}/.ssh/authorized_keys")
+    return paths
+
+
+def findings_summary(findings: list[Finding] | tuple[Finding, ...]) -> dict[str, int]:
+    """kind -> count and cve:<severity> -> count: what a manifest and a diff show."""
+    counts: Counter[str] = Counter(f.kind.value for f in findings)
+    counts.update(f"cve:{f.severity.value}" for f in findings if f.kind.value == "cve")
+    return dict(sorted(counts.items()))
+
+
+def vulndb_label(store: Store) -> str:
+    imports = store.vulndb_imports()
+    if not imports:
+        return "no advisories imported (amiforge vulndb import PATH)"
+    last = imports[-1]
+    return f"{store.advisory_count()} advisories; last import #{last.id} {last.imported_at:%Y-%m-%d} from {last.source}"
+
+
+def scan(
+    ref: str, *, store: Store, settings: Settings, reports: list[Path] | None = None, actor: str | None = None
+) -> ScanOutcome:
+    version = store.get_version(ref)
+    if version.status not in SCANNABLE:
+        raise ConfigError(
+            f"{version.ref} is {version.status}; only a boot-tested version is scanned",
+            fix=f"amiforge test {version.ref}",
+        )
+    artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
+    if not artifacts or version.digest is None:
+        raise NotFound(f"{version.ref} has no artifact to scan")
+    imported: list[Finding] = []
+    for report in reports or []:
+        imported += import_report(report)  # parse first: a bad report fails before any work
+    provider = provider_for(version.provider, settings)
+    with provider.inspect(artifacts[0]) as view:
+        packages = read_dpkg_status(view.root)
+        findings = list(scan_tree(view.root, expected_authorized_keys=expected_authorized_keys(version)))
+        if view.raw is not None:
+            # Offsets into the artifact's disk, not into our scratch copy of it.
+            findings += [replace(f, path=(f.path or "").replace(str(view.raw), "artifact")) for f in scan_raw(view.raw)]
+    advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
+    findings = match(packages, advisories) + imported + findings
+    now = datetime.now(UTC)
+    sbom = cyclonedx_sbom(
+        packages, image_name=version.name, image_version=version.ref, digest=version.digest, timestamp=now
+    )
+    record = store.add_scan(
+        version.id,
+        ScanRecord(now, tuple(packages), sbom, sbom_digest(sbom), tuple(findings), vulndb_label(store)),
+    )
+    if version.status == Status.TESTED:
+        version = store.transition(version.id, Status.SCANNED, expect=Status.TESTED)
+    store.append_event(
+        "scan.completed",
+        actor=actor or settings.actor,
+        ref=version.ref,
+        data={"run": new_run_id(), "packages": len(packages), "findings": findings_summary(findings)},
+    )
+    return ScanOutcome(version, record)
+
+
+def finding_json(f: Finding) -> Mapping[str, object]:
+    """The JSON contract other tools read: kind, id, severity, and package or path, plus the rest."""
+    data: dict[str, object] = {"kind": f.kind.value, "id": f.id, "severity": f.severity.value, "title": f.title}
+    for key in ("package", "installed", "fixed", "path", "line", "redacted", "source"):
+        value = getattr(f, key)
+        if value is not None:
+            data[key] = value
+    if f.aliases:
+        data["aliases"] = list(f.aliases)
+    return data
+
+
+def import_vulndb(path: Path, *, store: Store, actor: str) -> VulnDbImport:
+    """Load OSV advisories (folder, .json or osv.dev's Debian all.zip) into the registry, every record validated."""
+    loaded = load_osv_records(path)
+    records = [(a.id, a.modified.isoformat() if a.modified else "", dict(raw), source_packages(a)) for a, raw in loaded]
+    result = store.import_advisories(str(path), records)
+    store.append_event("vulndb.import", actor=actor, data={"source": str(path), "count": result.count})
+    return result
+
+
+def scan_gate(findings: tuple[Finding, ...], *, policy: Policy, now: datetime) -> GateDecision:
+    """The findings judged by the rules of the policy's entry channel (the one with no `after`): what `scan`
+    reports as its gate. Boot test, signature and soak are promote's business, so they count as met here."""
+    entry = next(name for name, rule in policy.channels.items() if rule.after is None)
+    facts = Candidate(
+        ref="scan",
+        status=Status.SIGNED,
+        boot_test_passed=True,
+        findings=findings,
+        signature_error=None,
+        scanned=True,
+        revoked=False,
+        revoked_ancestors=(),
+        entered={},
+    )
+    return evaluate(policy, entry, facts, now=now)

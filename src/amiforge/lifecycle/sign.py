@@ -1,0 +1,153 @@
+"""sign / verify: a DSSE envelope over an in-toto statement (SLSA provenance) of the version's manifest.
+
+Signing refuses an artifact whose bytes no longer match the registry; verifying recomputes every artifact's
+digest from its bytes and compares the signed manifest with what the registry says now. Either returns or
+raises GateFailed — it never quietly passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.lifecycle.scan import findings_summary
+from amiforge.model import Artifact, ImageVersion, ScanRecord, SignatureRecord, Status, TrustedKey
+from amiforge.providers import provider_for
+from amiforge.settings import Settings
+from amiforge.signing.interface import (
+    GATE,
+    Manifest,
+    ManifestArtifact,
+    MultiVerifier,
+    canonical_statement,
+    manifest_from_statement,
+    open_envelope,
+    sign_envelope,
+)
+from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, generate_keypair
+from amiforge.store.interface import Store
+
+SIGNABLE = (Status.SCANNED, Status.SIGNED)
+BUILDER = "urn:amiforge:builder"
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    version: ImageVersion
+    signature: SignatureRecord
+    manifest: Manifest
+
+
+def _fail(detail: str, name: str = "signature", fix: str | None = None) -> GateFailed:
+    return GateFailed(GATE, [GateFailure(name, detail)], fix=fix)
+
+
+def manifest_of(version: ImageVersion, artifacts: list[Artifact], scan: ScanRecord) -> Manifest:
+    """The manifest as the registry describes the version now (what a signature must still match)."""
+    assert version.digest is not None
+    return Manifest(
+        name=version.name,
+        ref=version.ref,
+        digest=version.digest,
+        artifacts=tuple(ManifestArtifact(a.provider, a.region, a.location, a.digest) for a in artifacts),
+        recipe_digest=version.recipe_digest,
+        sbom_digest=scan.sbom_digest,
+        findings_summary=findings_summary(scan.findings),
+        parent=version.parent,
+        builder=f"{BUILDER}:{version.provider}",
+        built_at=version.created_at,
+    )
+
+
+def _facts(ref: str, store: Store) -> tuple[ImageVersion, list[Artifact], ScanRecord]:
+    version = store.get_version(ref)
+    scan = store.latest_scan(version.id)
+    if scan is None:
+        raise _fail(f"{version.ref} has not been scanned", "scan", fix=f"amiforge scan {version.ref}")
+    return version, store.artifacts(version.id), scan
+
+
+def check_artifact_bytes(artifacts: list[Artifact], settings: Settings) -> None:
+    """Every artifact's bytes must still hash to the digest the registry recorded."""
+    failures = []
+    for a in artifacts:
+        actual = provider_for(a.provider, settings).current_digest(a)
+        if actual != a.digest:
+            failures.append(
+                GateFailure(f"artifact {a.location}", f"bytes hash to {actual[:16]}…, recorded {a.digest[:16]}…")
+            )
+    if failures:
+        raise GateFailed(GATE, failures, fix="the artifact changed after it was built; bake a new version")
+
+
+def default_signer(settings: Settings, *, create: bool) -> KeyfileSigner:
+    path = settings.signing_key_path
+    if not path.is_file():
+        if not create:
+            raise ConfigError(
+                f"no signing key at {path}",
+                fix="amiforge keys generate (or set AMIFORGE_SIGNING_KEY to your Ed25519 key file)",
+            )
+        generate_keypair(path.parent, path.stem)
+    return KeyfileSigner.from_file(path)
+
+
+def sign(
+    ref: str, *, store: Store, settings: Settings, key: Path | None = None, create_key: bool = False
+) -> SignatureRecord:
+    version, artifacts, scan = _facts(ref, store)
+    if version.status not in SIGNABLE:
+        raise ConfigError(
+            f"{version.ref} is {version.status}; only a scanned version is signed", fix=f"amiforge scan {version.ref}"
+        )
+    check_artifact_bytes(artifacts, settings)
+    signer = KeyfileSigner.from_file(key) if key else default_signer(settings, create=create_key)
+    now = datetime.now(UTC)
+    store.add_key(TrustedKey(signer.key_id, signer.algorithm, signer.public_key_pem(), now))
+    statement = canonical_statement(manifest_of(version, artifacts, scan))
+    envelope = sign_envelope(statement, signer)
+    record = store.add_signature(
+        version.id,
+        SignatureRecord(
+            signer.key_id, json.dumps(envelope, sort_keys=True), hashlib.sha256(statement).hexdigest(), now
+        ),
+    )
+    if version.status == Status.SCANNED:
+        store.transition(version.id, Status.SIGNED, expect=Status.SCANNED)
+    store.append_event(
+        "sign", actor=settings.actor, ref=version.ref, data={"key": signer.key_id, "statement": record.statement_digest}
+    )
+    return record
+
+
+def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
+    version, artifacts, scan = _facts(ref, store)
+    if version.status == Status.REVOKED:
+        raise _fail(f"{version.ref} is revoked", "revoked", fix="promote another version")
+    signatures = store.signatures(version.id)
+    if not signatures:
+        raise _fail(f"{version.ref} carries no signature", fix=f"amiforge sign {version.ref}")
+    keys = store.keys()
+    trusted = {k.key_id for k in keys if k.revoked_at is None}
+    verifier = MultiVerifier({"ed25519": KeyfileVerifier.from_trusted_keys(keys)})
+    signature = signatures[-1]
+    statement = open_envelope(signature.envelope, verifier, trusted_key_ids=trusted)
+    signed = manifest_from_statement(statement)
+    now = manifest_of(version, artifacts, scan)
+    if canonical_statement(signed) != canonical_statement(now):
+        differences = [
+            GateFailure(field, f"signed {getattr(signed, field)!r}, registry now {getattr(now, field)!r}")
+            for field in ("digest", "artifacts", "recipe_digest", "sbom_digest", "findings_summary", "parent")
+            if getattr(signed, field) != getattr(now, field)
+        ]
+        raise GateFailed(
+            GATE,
+            differences or [GateFailure("manifest", "differs")],
+            fix=f"amiforge sign {version.ref} again after a rescan",
+        )
+    check_artifact_bytes(artifacts, settings)
+    return VerifyOutcome(version, signature, signed)

@@ -1,0 +1,59 @@
+"""Read-only access to what a local artifact actually contains.
+
+Scans must look at the bytes that ship, not at the layer cache they came from: the qcow2 is converted to a raw
+image in a scratch dir and mounted read-only (`ro,noload`: not even the journal is replayed) from a loop device
+inside a private mount namespace held by a child process — the same pattern as OverlayView, so nothing can
+leak a mount. The raw-bytes secret scan reads the qcow2 itself.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from amiforge.errors import InfraError
+from amiforge.model import Artifact
+from amiforge.providers.interface import ImageView
+from amiforge.providers.local.tools import end_process, require, run
+
+
+@contextmanager
+def open_image(artifact: Artifact, scratch_parent: Path) -> Iterator[ImageView]:
+    disk = Path(artifact.location)
+    if not disk.is_file():
+        raise InfraError(f"the artifact's disk {disk} is missing from the local image store")
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="amiforge-inspect-", dir=scratch_parent))
+    try:
+        raw = scratch / "disk.raw"
+        run(["qemu-img", "convert", "-O", "raw", disk, raw], what="qemu-img convert (for inspection)")
+        mnt = scratch / "root"
+        mnt.mkdir()
+        mount = f"mount -o ro,loop,noload -t ext4 {shlex.quote(str(raw))} {shlex.quote(str(mnt))}"
+        script = f"set -e; {mount}; echo mounted; read _ || true"
+        proc = subprocess.Popen(
+            [require("unshare"), "--mount", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            first = proc.stdout.readline().strip()
+            if first != "mounted":
+                raise InfraError(f"cannot mount {disk} read-only for inspection: {first} {proc.stdout.read()}".strip())
+            # The raw-bytes scan reads the artifact itself: an uncompressed qcow2 holds the same blocks as the raw
+            # copy (deleted data included) without the raw copy's gigabytes of sparse zeros.
+            yield ImageView(Path(f"/proc/{proc.pid}/root") / str(mnt).lstrip("/"), disk)
+        finally:
+            proc.stdin.close()
+            end_process(proc, grace=10)
+            proc.stdout.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

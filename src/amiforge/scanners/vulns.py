@@ -1,0 +1,730 @@
+"""Known vulnerabilities in installed Debian packages: OSV advisories, dpkg version order, and imported reports.
+
+Owns reading OSV records (a folder of `*.json`, one file, or the `Debian/all.zip` osv.dev publishes) into frozen
+`Advisory` values, deciding which installed packages an advisory affects, and reading Trivy or Grype JSON reports made
+elsewhere. Everything here is pure: no database, no network. Storing advisories is the store's job.
+
+Debian's OSV records name the *source* package (`openssl`, not `libssl3`) and give *source* versions, so matching uses
+`Package.source_name` and the source version dpkg records, and reports the binary package a user sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+from debian.debian_support import BaseVersion, version_compare
+
+from amiforge.errors import ConfigError, Problem
+from amiforge.model import Finding, FindingKind, Package, Severity
+from amiforge.scanners.interface import malformed
+
+DEBIAN = "Debian"
+_OSV_FIX = "re-download the advisories (osv.dev publishes Debian/all.zip), or remove the broken records"
+
+
+# --- dpkg version order ---------------------------------------------------------------------------------------
+
+
+def dpkg_compare(a: str, b: str) -> int:
+    """-1, 0 or 1 as `a` sorts before, equal to or after `b` in dpkg order (epochs, `~` before anything, …)."""
+    result = version_compare(a, b)
+    return (result > 0) - (result < 0)
+
+
+def is_dpkg_version(text: str) -> bool:
+    """Whether dpkg (and so `dpkg_compare`) accepts `text` as a version (Debian Policy 5.6.12)."""
+    # python-debian's own validation rule, without building a Version: a full feed holds ~10^6 version strings.
+    m = BaseVersion.re_valid_version.match(text)
+    return m is not None and (m["epoch"] is not None or ":" not in m["upstream_version"])
+
+
+# --- advisories -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AffectedPackage:
+    """One affected interval of one package in one ecosystem (an OSV `affected` entry has one or more of these).
+
+    `introduced` "0" means every version before `fixed`; None means the entry only lists `versions`.
+    `fixed` None with `last_affected` None means no fix is published.
+    """
+
+    ecosystem: str  # e.g. "Debian:12"
+    name: str  # for Debian, the source package
+    introduced: str | None
+    fixed: str | None = None
+    last_affected: str | None = None
+    versions: tuple[str, ...] = ()
+    severity: Severity = Severity.UNKNOWN  # this ecosystem's own rating (Debian's urgency), if it gives one
+
+    def affects(self, version: str) -> bool:
+        """Whether `version` (dpkg order) is listed, or lies in [introduced, fixed) / [introduced, last_affected]."""
+        if any(dpkg_compare(version, v) == 0 for v in self.versions):
+            return True
+        if self.introduced is None:
+            return False
+        if self.introduced != "0" and dpkg_compare(version, self.introduced) < 0:
+            return False
+        if self.fixed is not None and dpkg_compare(version, self.fixed) >= 0:
+            return False
+        return self.last_affected is None or dpkg_compare(version, self.last_affected) <= 0
+
+
+@dataclass(frozen=True)
+class Advisory:
+    """One OSV record (DSA, DLA, DTSA, DEBIAN-CVE, CVE …)."""
+
+    id: str
+    aliases: tuple[str, ...]
+    summary: str
+    published: datetime | None
+    modified: datetime | None
+    severity: Severity  # the record's own rating, else the highest rating of its affected entries
+    affected: tuple[AffectedPackage, ...]
+    details: str = ""
+    upstream: tuple[str, ...] = ()  # ids this record derives from (DLA-… → CVE-…, DEBIAN-CVE-…)
+    related: tuple[str, ...] = ()
+    withdrawn: datetime | None = None
+
+    @property
+    def title(self) -> str:
+        if self.summary:
+            return self.summary
+        first = self.details.strip().split("\n\n", 1)[0].replace("\n", " ")
+        return (first[:157] + "...") if len(first) > 160 else (first or self.id)
+
+    @property
+    def identifiers(self) -> tuple[str, ...]:
+        """Other ids a waiver may name for this advisory: aliases, upstream ids, and related CVE ids.
+
+        Older Debian records put the CVEs a DSA/DLA fixes in `related`, not `upstream`; other related ids (another
+        distribution's advisory) are different vulnerabilities' records and are left out.
+        """
+        cves = (r for r in self.related if r.startswith("CVE-"))
+        return tuple(dict.fromkeys(i for i in (*self.aliases, *self.upstream, *cves) if i != self.id))
+
+
+# --- reading JSON with every problem collected ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    file: str
+    problems: list[Problem]
+
+    def bad(self, field: str | None, message: str, fix: str | None = None) -> None:
+        self.problems.append(Problem(message, file=self.file, field=field or None, fix=fix))
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _str(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str, *, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None or value == "":
+        if required:
+            ctx.bad(_join(path, key), "is required and missing")
+        return None
+    if not isinstance(value, str):
+        ctx.bad(_join(path, key), f"must be a string, got {_kind(value)}")
+        return None
+    return value
+
+
+def _obj(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> Mapping[str, object] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        ctx.bad(_join(path, key), f"must be an object, got {_kind(value)}")
+        return None
+    return value
+
+
+def _list(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> list[object]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        ctx.bad(_join(path, key), f"must be an array, got {_kind(value)}")
+        return []
+    return value
+
+
+def _objects(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> Iterator[tuple[str, Mapping[str, object]]]:
+    for i, item in enumerate(_list(ctx, obj, key, path)):
+        where = f"{_join(path, key)}[{i}]"
+        if isinstance(item, dict):
+            yield where, item
+        else:
+            ctx.bad(where, f"must be an object, got {_kind(item)}")
+
+
+def _strs(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, item in enumerate(_list(ctx, obj, key, path)):
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            ctx.bad(f"{_join(path, key)}[{i}]", f"must be a string, got {_kind(item)}")
+    return tuple(out)
+
+
+def _time(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> datetime | None:
+    text = _str(ctx, obj, key, path)
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        ctx.bad(_join(path, key), f"not an RFC 3339 timestamp: {text!r}")
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _load_json(ctx: _Ctx, data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as e:
+        ctx.bad(None, f"not UTF-8 text: {e.reason}")
+    except json.JSONDecodeError as e:
+        ctx.problems.append(Problem(f"not valid JSON: {e.msg} (column {e.colno})", file=ctx.file, line=e.lineno))
+    return None
+
+
+# --- severity -------------------------------------------------------------------------------------------------
+
+_WORDS: Mapping[str, Severity] = {
+    "critical": Severity.CRITICAL,
+    "high": Severity.HIGH,
+    "important": Severity.HIGH,
+    "medium": Severity.MEDIUM,
+    "moderate": Severity.MEDIUM,
+    "low": Severity.LOW,
+    "negligible": Severity.NEGLIGIBLE,
+    "unimportant": Severity.NEGLIGIBLE,  # Debian's urgency for issues that do not affect Debian's builds
+}
+
+
+def severity_from_word(word: str) -> Severity:
+    """A rating word (Debian urgency, GHSA, Trivy, Grype) as a Severity; "not yet assigned" and the like are unknown."""
+    # Debian marks some urgencies with trailing asterisks ("low**"); they qualify the rating, not change it.
+    return _WORDS.get(word.strip().rstrip("*").strip().lower(), Severity.UNKNOWN)
+
+
+def severity_from_score(score: float) -> Severity:
+    """CVSS v3 qualitative rating of a base score."""
+    if score >= 9.0:
+        return Severity.CRITICAL
+    if score >= 7.0:
+        return Severity.HIGH
+    if score >= 4.0:
+        return Severity.MEDIUM
+    if score > 0.0:
+        return Severity.LOW
+    return Severity.NEGLIGIBLE
+
+
+def _roundup(value: float) -> float:
+    # CVSS v3.1 Roundup: the smallest one-decimal number >= value, computed on integers to dodge float error.
+    n = round(value * 100000)
+    return n / 100000.0 if n % 10000 == 0 else (math.floor(n / 10000) + 1) / 10.0
+
+
+def _metrics(vector: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in vector.strip().strip("()").split("/"):
+        key, sep, value = part.partition(":")
+        if sep:
+            out[key] = value
+    return out
+
+
+def cvss3_base_score(vector: str) -> float | None:
+    """Base score of a CVSS v3.0/3.1 vector (`CVSS:3.1/AV:N/…`), or None if it is not one."""
+    if not vector.startswith("CVSS:3."):
+        return None
+    m = _metrics(vector)
+    try:
+        changed = {"U": False, "C": True}[m["S"]]
+        av = {"N": 0.85, "A": 0.62, "L": 0.55, "P": 0.2}[m["AV"]]
+        ac = {"L": 0.77, "H": 0.44}[m["AC"]]
+        pr = {"N": 0.85, "L": 0.68 if changed else 0.62, "H": 0.5 if changed else 0.27}[m["PR"]]
+        ui = {"N": 0.85, "R": 0.62}[m["UI"]]
+        cia = [{"H": 0.56, "L": 0.22, "N": 0.0}[m[k]] for k in ("C", "I", "A")]
+    except KeyError:
+        return None
+    iss = 1 - (1 - cia[0]) * (1 - cia[1]) * (1 - cia[2])
+    impact = 7.52 * (iss - 0.029) - 3.25 * (iss - 0.02) ** 15 if changed else 6.42 * iss
+    if impact <= 0:
+        return 0.0
+    exploitability = 8.22 * av * ac * pr * ui
+    total = 1.08 * (impact + exploitability) if changed else impact + exploitability
+    return _roundup(min(total, 10.0))
+
+
+def cvss2_base_score(vector: str) -> float | None:
+    """Base score of a CVSS v2 vector (`AV:N/AC:L/Au:N/C:P/I:P/A:P`), or None if it is not one."""
+    m = _metrics(vector.removeprefix("CVSS:2.0/"))
+    try:
+        av = {"L": 0.395, "A": 0.646, "N": 1.0}[m["AV"]]
+        ac = {"H": 0.35, "M": 0.61, "L": 0.71}[m["AC"]]
+        au = {"M": 0.45, "S": 0.56, "N": 0.704}[m["Au"]]
+        cia = [{"N": 0.0, "P": 0.275, "C": 0.660}[m[k]] for k in ("C", "I", "A")]
+    except KeyError:
+        return None
+    impact = 10.41 * (1 - (1 - cia[0]) * (1 - cia[1]) * (1 - cia[2]))
+    exploitability = 20 * av * ac * au
+    f = 0.0 if impact == 0 else 1.176
+    return round((0.6 * impact + 0.4 * exploitability - 1.5) * f, 1)
+
+
+def _severity_of_score(kind: str, score: str) -> Severity:
+    if kind == "CVSS_V3":
+        value = cvss3_base_score(score)
+    elif kind == "CVSS_V2":
+        value = cvss2_base_score(score)
+        if value is not None:
+            # NVD's v2 scale has no "critical": 7.0–10.0 is high.
+            return Severity.HIGH if value >= 7.0 else severity_from_score(value)
+    else:
+        # CVSS v4 scores need the specification's lookup tables; a bare number or a word ("Ubuntu" type) still counts.
+        value = None
+    if value is None:
+        try:
+            value = float(score)
+        except ValueError:
+            return severity_from_word(score)
+    return severity_from_score(value)
+
+
+def _severity(ctx: _Ctx, obj: Mapping[str, object], path: str) -> Severity:
+    """The highest rating an OSV object carries: `severity[]` scores, and `urgency`/`severity` words in its blocks."""
+    found: list[Severity] = []
+    for where, item in _objects(ctx, obj, "severity", path):
+        kind = _str(ctx, item, "type", where, required=True)
+        score = _str(ctx, item, "score", where, required=True)
+        if kind and score:
+            found.append(_severity_of_score(kind, score))
+    for block in ("database_specific", "ecosystem_specific"):
+        specific = _obj(ctx, obj, block, path)
+        for key in ("urgency", "severity"):
+            word = specific.get(key) if specific else None
+            if isinstance(word, str):
+                found.append(severity_from_word(word))
+    return _highest(found)
+
+
+# --- OSV records ----------------------------------------------------------------------------------------------
+
+_EVENT_KINDS = ("introduced", "fixed", "last_affected", "limit")
+
+
+def _is_debian(ecosystem: str) -> bool:
+    return ecosystem == DEBIAN or ecosystem.startswith(DEBIAN + ":")
+
+
+def _event_key(a: tuple[str, str], b: tuple[str, str]) -> int:
+    # "introduced: 0" sorts before every version (OSV's meaning); otherwise dpkg order, stable for ties.
+    if a[1] == "0" and a[0] == "introduced":
+        return 0 if (b[1] == "0" and b[0] == "introduced") else -1
+    if b[1] == "0" and b[0] == "introduced":
+        return 1
+    return dpkg_compare(a[1], b[1])
+
+
+def _intervals(events: Sequence[tuple[str, str]], debian: bool) -> list[tuple[str, str | None, str | None]]:
+    """OSV range events as (introduced, fixed, last_affected) intervals, evaluated in version order as OSV says."""
+    ordered = sorted(events, key=functools.cmp_to_key(_event_key)) if debian else list(events)
+    out: list[tuple[str, str | None, str | None]] = []
+    start: str | None = None
+    for kind, version in ordered:
+        if kind == "introduced" and start is None:
+            start = version
+        elif kind == "fixed" and start is not None:
+            out.append((start, version, None))
+            start = None
+        elif kind == "last_affected" and start is not None:
+            out.append((start, None, version))
+            start = None
+        # `limit` only bounds walks over git history; it does not end an ECOSYSTEM interval.
+    if start is not None:
+        out.append((start, None, None))
+    return out
+
+
+def _affected(ctx: _Ctx, where: str, entry: Mapping[str, object]) -> list[AffectedPackage]:
+    package = _obj(ctx, entry, "package", where)
+    if package is None:
+        # Entries without a package describe git ranges of a project, never an installed Debian package.
+        return []
+    ecosystem = _str(ctx, package, "ecosystem", f"{where}.package", required=True)
+    name = _str(ctx, package, "name", f"{where}.package", required=True)
+    debian = ecosystem is not None and _is_debian(ecosystem)
+    versions = _strs(ctx, entry, "versions", where)
+    if debian:
+        for i, v in enumerate(versions):
+            if not is_dpkg_version(v):
+                ctx.bad(f"{where}.versions[{i}]", f"not a Debian version: {v!r}")
+    severity = _severity(ctx, entry, where)
+    intervals: list[tuple[str, str | None, str | None]] = []
+    for rwhere, rng in _objects(ctx, entry, "ranges", where):
+        rtype = _str(ctx, rng, "type", rwhere, required=True)
+        events: list[tuple[str, str]] = []
+        for ewhere, event in _objects(ctx, rng, "events", rwhere):
+            kinds = [k for k in _EVENT_KINDS if k in event]
+            if len(kinds) != 1:
+                ctx.bad(ewhere, f"an event needs exactly one of {', '.join(_EVENT_KINDS)}")
+                continue
+            version = _str(ctx, event, kinds[0], ewhere, required=True)
+            if version is None:
+                continue
+            if debian and rtype == "ECOSYSTEM" and version != "0" and not is_dpkg_version(version):
+                ctx.bad(f"{ewhere}.{kinds[0]}", f"not a Debian version: {version!r}")
+                continue
+            events.append((kinds[0], version))
+        if not rng.get("events"):
+            ctx.bad(f"{rwhere}.events", "a range needs at least one event")
+        # GIT ranges name commits, not package versions: they can never match an installed package.
+        if rtype in ("ECOSYSTEM", "SEMVER"):
+            intervals += _intervals(events, debian)
+    if ecosystem is None or name is None:
+        return []
+    if not intervals:
+        return [AffectedPackage(ecosystem, name, None, versions=versions, severity=severity)] if versions else []
+    return [AffectedPackage(ecosystem, name, i, f, la, versions, severity) for i, f, la in intervals]
+
+
+def _advisory(ctx: _Ctx, record: object, path: str) -> Advisory | None:
+    if not isinstance(record, dict):
+        ctx.bad(path or None, f"an OSV record must be a JSON object, got {_kind(record)}")
+        return None
+    before = len(ctx.problems)
+    adv_id = _str(ctx, record, "id", path, required=True)
+    affected: list[AffectedPackage] = []
+    for where, entry in _objects(ctx, record, "affected", path):
+        affected += _affected(ctx, where, entry)
+    own = _severity(ctx, record, path)
+    advisory = Advisory(
+        id=adv_id or "",
+        aliases=_strs(ctx, record, "aliases", path),
+        summary=_str(ctx, record, "summary", path) or "",
+        published=_time(ctx, record, "published", path),
+        modified=_time(ctx, record, "modified", path),
+        severity=own if own is not Severity.UNKNOWN else _highest(a.severity for a in affected),
+        affected=tuple(affected),
+        details=_str(ctx, record, "details", path) or "",
+        upstream=_strs(ctx, record, "upstream", path),
+        related=_strs(ctx, record, "related", path),
+        withdrawn=_time(ctx, record, "withdrawn", path),
+    )
+    return advisory if len(ctx.problems) == before else None
+
+
+def _highest(ratings: Iterable[Severity]) -> Severity:
+    return max(ratings, key=lambda s: s.rank, default=Severity.UNKNOWN)
+
+
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read advisories from {file}",
+            problems=[Problem(e.strerror or str(e), file=str(file))],
+            fix="check the path and its permissions",
+        ) from e
+
+
+def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(name for errors, bytes) of every record file: a folder's *.json, one .json, or a .zip's *.json members."""
+    if path.is_dir():
+        for file in sorted(path.glob("*.json")):
+            yield str(file), _read(file)
+    elif path.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                    if not info.is_dir() and info.filename.endswith(".json"):
+                        yield f"{path}!{info.filename}", archive.read(info)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ConfigError(
+                f"cannot read the advisory archive {path}",
+                problems=[Problem(f"not a readable zip file: {e}", file=str(path))],
+                fix=_OSV_FIX,
+            ) from e
+    else:
+        yield str(path), _read(path)
+
+
+def load_osv(path: Path) -> list[Advisory]:
+    """Every OSV record under `path` (folder of *.json, a .json file holding one record or an array, or a .zip).
+
+    Raises ConfigError listing every malformed record, by file and JSON field. When two records share an id, the one
+    modified last wins (a folder and a newer download may overlap).
+    """
+    return [advisory for advisory, _ in load_osv_records(path)]
+
+
+def load_osv_records(path: Path) -> list[tuple[Advisory, Mapping[str, object]]]:
+    """As load_osv, keeping each record's raw JSON beside it (the registry stores the raw record)."""
+    if not path.exists():
+        raise ConfigError(
+            f"no advisories at {path}",
+            problems=[Problem("file or folder not found", file=str(path))],
+            fix="give a folder of OSV *.json files, one .json file, or osv.dev's Debian/all.zip",
+        )
+    if not path.is_dir() and path.suffix not in (".json", ".zip"):
+        raise ConfigError(
+            f"cannot read advisories from {path}",
+            problems=[Problem("expected a folder, a .json file or a .zip archive", file=str(path))],
+            fix="give a folder of OSV *.json files, one .json file, or osv.dev's Debian/all.zip",
+        )
+    problems: list[Problem] = []
+    by_id: dict[str, tuple[Advisory, Mapping[str, object]]] = {}
+    seen_files = 0
+    for name, data in _sources(path):
+        seen_files += 1
+        ctx = _Ctx(name, problems)
+        before = len(problems)
+        document = _load_json(ctx, data)
+        if len(problems) > before:
+            continue
+        records = enumerate(document) if isinstance(document, list) else [(None, document)]
+        for index, record in records:
+            advisory = _advisory(ctx, record, "" if index is None else f"[{index}]")
+            if advisory is None:
+                continue
+            kept = by_id.get(advisory.id)
+            if (kept is None or _newer(advisory, kept[0])) and isinstance(record, dict):
+                by_id[advisory.id] = (advisory, record)
+    if seen_files == 0:
+        raise ConfigError(
+            f"no OSV records found in {path}",
+            problems=[Problem("no *.json files", file=str(path))],
+            fix="give a folder of OSV *.json files, one .json file, or osv.dev's Debian/all.zip",
+        )
+    if problems:
+        raise malformed(f"OSV advisories at {path}", problems, fix=_OSV_FIX)
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def parse_osv_records(records: Iterable[Mapping[str, object]], *, origin: str = "the registry") -> list[Advisory]:
+    """Advisories from raw OSV records already validated at import (read back from the registry)."""
+    problems: list[Problem] = []
+    ctx = _Ctx(origin, problems)
+    parsed = [a for a in (_advisory(ctx, dict(r), "") for r in records) if a is not None]
+    if problems:
+        raise malformed(f"OSV advisories in {origin}", problems, fix=_OSV_FIX)
+    return parsed
+
+
+def source_packages(advisory: Advisory) -> list[str]:
+    """The (source) package names an advisory names for Debian, which the registry indexes it by."""
+    return sorted({a.name for a in advisory.affected if _is_debian(a.ecosystem)})
+
+
+def _newer(a: Advisory, b: Advisory) -> bool:
+    if a.modified is None:
+        return False
+    return b.modified is None or a.modified > b.modified
+
+
+# --- matching -------------------------------------------------------------------------------------------------
+
+
+def match(packages: Sequence[Package], advisories: Iterable[Advisory], *, release: str = "12") -> list[Finding]:
+    """One finding per (advisory, binary package) the advisory affects on Debian `release`.
+
+    An advisory's `Debian:<release>` entries for a source package apply; its bare `Debian` entries apply only when it
+    has no entry for that package on this release (a release-specific entry is the more precise statement). Withdrawn
+    advisories never match.
+    """
+    ecosystem = f"{DEBIAN}:{release}"
+    index: dict[str, list[tuple[Advisory, list[AffectedPackage]]]] = {}
+    for advisory in advisories:
+        if advisory.withdrawn is not None:
+            continue
+        specific: dict[str, list[AffectedPackage]] = {}
+        bare: dict[str, list[AffectedPackage]] = {}
+        for entry in advisory.affected:
+            if entry.ecosystem == ecosystem:
+                specific.setdefault(entry.name, []).append(entry)
+            elif entry.ecosystem == DEBIAN:
+                bare.setdefault(entry.name, []).append(entry)
+        for name in specific.keys() | bare.keys():
+            index.setdefault(name, []).append((advisory, specific.get(name) or bare[name]))
+
+    findings: dict[tuple[str, str], Finding] = {}
+    for pkg in packages:
+        # Debian's records give source versions; dpkg records one only where it differs from the binary's (binNMUs).
+        version = pkg.source_version or pkg.version
+        for advisory, entries in index.get(pkg.source_name, ()):
+            key = (advisory.id, pkg.name)
+            if key in findings:
+                continue  # the same binary for another architecture (multiarch): one finding
+            hits = [e for e in entries if e.affects(version)]
+            if not hits:
+                continue
+            fixes = sorted(
+                (e.fixed for e in hits if e.fixed is not None and dpkg_compare(e.fixed, version) > 0),
+                key=functools.cmp_to_key(dpkg_compare),
+            )
+            rated = _highest(e.severity for e in hits)
+            findings[key] = Finding(
+                kind=FindingKind.CVE,
+                id=advisory.id,
+                severity=rated if rated is not Severity.UNKNOWN else advisory.severity,
+                title=advisory.title,
+                source="osv",
+                package=pkg.name,
+                installed=pkg.version,
+                fixed=fixes[0] if fixes else None,
+                aliases=advisory.identifiers,
+            )
+    return sorted(findings.values(), key=lambda f: (f.package or "", f.id))
+
+
+@dataclass(frozen=True)
+class OsvScanner:
+    """The Scanner over a loaded set of OSV advisories."""
+
+    name: ClassVar[str] = "osv"
+    advisories: tuple[Advisory, ...]
+    release: str = "12"
+
+    def scan(self, rootfs: Path, packages: Sequence[Package]) -> list[Finding]:
+        return match(packages, self.advisories, release=self.release)
+
+
+# --- reports from other scanners ------------------------------------------------------------------------------
+
+_REPORT_FIX = "give the JSON report of `trivy image --format json` or `grype -o json`"
+
+
+def import_report(path: Path) -> list[Finding]:
+    """Findings from a Trivy or a Grype JSON report, recognised by shape (`Results` or `matches`)."""
+    ctx = _Ctx(str(path), [])
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the report {path}", problems=[Problem(str(e.strerror or e), file=str(path))], fix=_REPORT_FIX
+        ) from e
+    document = _load_json(ctx, data)
+    if ctx.problems:
+        raise malformed(f"scanner report {path}", ctx.problems, fix=_REPORT_FIX)
+    if isinstance(document, dict) and "matches" in document:
+        findings = _grype(ctx, document)
+    elif isinstance(document, dict) and ("Results" in document or "SchemaVersion" in document):
+        findings = _trivy(ctx, document)
+    else:
+        raise ConfigError(
+            f"{path} is neither a Trivy nor a Grype JSON report",
+            problems=[Problem("expected a top-level 'Results' (Trivy) or 'matches' (Grype)", file=str(path))],
+            fix=_REPORT_FIX,
+        )
+    if ctx.problems:
+        raise malformed(f"scanner report {path}", ctx.problems, fix=_REPORT_FIX)
+    unique: dict[tuple[str, str], Finding] = {}
+    for f in findings:
+        # Trivy repeats a vulnerability per target; one finding per (id, package) is what a waiver names.
+        unique.setdefault((f.id, f.package or ""), f)
+    return sorted(unique.values(), key=lambda f: (f.package or "", f.id))
+
+
+def _trivy(ctx: _Ctx, document: Mapping[str, object]) -> list[Finding]:
+    out: list[Finding] = []
+    for rwhere, result in _objects(ctx, document, "Results", ""):
+        for where, vuln in _objects(ctx, result, "Vulnerabilities", rwhere):
+            vid = _str(ctx, vuln, "VulnerabilityID", where, required=True)
+            pkg = _str(ctx, vuln, "PkgName", where, required=True)
+            installed = _str(ctx, vuln, "InstalledVersion", where, required=True)
+            fixed = _str(ctx, vuln, "FixedVersion", where)
+            severity = _str(ctx, vuln, "Severity", where)
+            title = _str(ctx, vuln, "Title", where)
+            aliases = _strs(ctx, vuln, "VendorIDs", where)
+            if vid is None or pkg is None or installed is None:
+                continue
+            out.append(
+                Finding(
+                    kind=FindingKind.CVE,
+                    id=vid,
+                    severity=severity_from_word(severity or ""),
+                    title=title or vid,
+                    source="trivy",
+                    package=pkg,
+                    installed=installed,
+                    fixed=fixed,
+                    aliases=aliases,
+                )
+            )
+    return out
+
+
+def _grype(ctx: _Ctx, document: Mapping[str, object]) -> list[Finding]:
+    out: list[Finding] = []
+    for where, item in _objects(ctx, document, "matches", ""):
+        vuln = _obj(ctx, item, "vulnerability", where)
+        artifact = _obj(ctx, item, "artifact", where)
+        if vuln is None:
+            ctx.bad(f"{where}.vulnerability", "is required and missing")
+        if artifact is None:
+            ctx.bad(f"{where}.artifact", "is required and missing")
+        if vuln is None or artifact is None:
+            continue
+        vid = _str(ctx, vuln, "id", f"{where}.vulnerability", required=True)
+        severity = _str(ctx, vuln, "severity", f"{where}.vulnerability")
+        description = _str(ctx, vuln, "description", f"{where}.vulnerability")
+        fix = _obj(ctx, vuln, "fix", f"{where}.vulnerability")
+        # Grype lists the fixing versions; for a Debian package there is one (the first is the nearest otherwise).
+        fixes = _strs(ctx, fix, "versions", f"{where}.vulnerability.fix") if fix else ()
+        name = _str(ctx, artifact, "name", f"{where}.artifact", required=True)
+        version = _str(ctx, artifact, "version", f"{where}.artifact", required=True)
+        related = [
+            rid
+            for rwhere, rel in _objects(ctx, item, "relatedVulnerabilities", where)
+            if (rid := _str(ctx, rel, "id", rwhere)) is not None
+        ]
+        if vid is None or name is None or version is None:
+            continue
+        title = (description or "").strip().split("\n", 1)[0]
+        out.append(
+            Finding(
+                kind=FindingKind.CVE,
+                id=vid,
+                severity=severity_from_word(severity or ""),
+                title=(title[:157] + "...") if len(title) > 160 else (title or vid),
+                source="grype",
+                package=name,
+                installed=version,
+                fixed=fixes[0] if fixes else None,
+                aliases=tuple(dict.fromkeys(r for r in related if r != vid)),
+            )
+        )
+    return out
