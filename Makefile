@@ -1,9 +1,12 @@
 # Two commands set everything up on a fresh Debian machine: `make demo` and `make test`.
 .PHONY: demo test bench lint bootstrap clean-cache
 
+# OSV advisories for the demo's CVE scan, when the workspace's shared data is beside the checkout.
+VULNDB := $(wildcard ../shared/data/osv-debian)
+
 demo:
 	scripts/bootstrap.sh
-	.venv/bin/amiforge demo
+	.venv/bin/amiforge demo $(if $(VULNDB),--vulndb $(VULNDB))
 
 test:
 	scripts/bootstrap.sh --test

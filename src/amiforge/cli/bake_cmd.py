@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
-from amiforge.cli.output import PhaseProgress, console, emit_json
+from amiforge.cli.output import PhaseProgress, emit_json
 from amiforge.cli.render import layers_table, report_table, version_line
-from amiforge.errors import ConfigError
 from amiforge.lifecycle.bake import BakeOutcome
 from amiforge.lifecycle.bake import bake as bake_version
 from amiforge.lifecycle.boottest import boot_test
@@ -67,36 +65,3 @@ def test(
         return
     version_line(outcome.version)
     report_table(outcome.report)
-
-
-def _demo_recipe() -> Path:
-    here = Path(__file__).resolve()
-    for candidate in (Path.cwd() / "examples/web/recipe.yaml", here.parents[3] / "examples/web/recipe.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        "cannot find examples/web/recipe.yaml",
-        fix="run `amiforge demo` from the amiforge checkout, or pass --recipe PATH",
-    )
-
-
-def demo(
-    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe to bake (default: examples/web)."),
-    as_json: bool = JsonOption,
-) -> None:
-    """Bake and boot-test the example web image, then show what came out."""
-    path = recipe or _demo_recipe()
-    outcome = _bake(path, test=True, as_json=as_json)
-    if as_json:
-        _show_outcome(outcome, True)
-        return
-    _show_outcome(outcome, False)
-    hits = sum(1 for layer in outcome.layers if layer.hit)
-    ttr = outcome.report.time_to_ready if outcome.report else None
-    console.print(
-        f"\n[bold]{outcome.version.ref}[/] is tested: {hits}/{len(outcome.layers)} layers from cache, "
-        f"ready in {ttr:.1f}s.\n"
-        f"Next: `amiforge images show {outcome.version.ref}`, `amiforge events {outcome.version.ref}`; "
-        f"edit {escape(str(path.parent / 'files/index.html'))} and run `make demo` again: "
-        "only the last layers rebuild."
-    )

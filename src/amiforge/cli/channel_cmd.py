@@ -11,8 +11,10 @@ from rich.table import Table
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.render import layers_table, report_table, version_line
-from amiforge.lifecycle.pipeline import run_pipeline
+from amiforge.errors import ConfigError
+from amiforge.lifecycle.pipeline import PipelineOutcome, run_pipeline
 from amiforge.lifecycle.promote import channel_flags, promote, revoke
+from amiforge.lifecycle.scan import finding_json, findings_summary, import_vulndb
 from amiforge.recipe import load_recipe
 
 pipeline_app = typer.Typer(help="The whole pipeline in one command.", no_args_is_help=True)
@@ -92,13 +94,7 @@ def revoke_command(
         console.print(f"  flagged descendant {ref_}")
 
 
-@pipeline_app.command("run")
-def pipeline_run(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    promote_to: str | None = typer.Option(None, "--promote", help="Also promote to this channel if its gates pass."),
-    as_json: bool = JsonOption,
-) -> None:
-    """bake → boot-test → scan → sign → promote, stopping (exit 4) at the first gate that fails."""
+def _pipeline(recipe: Path, promote_to: str | None, as_json: bool) -> PipelineOutcome:
     loaded = load_recipe(recipe)
     settings, store = open_registry()
     total = len(loaded.steps) + 7 + (1 if promote_to else 0)
@@ -114,17 +110,71 @@ def pipeline_run(
             "layers": outcome.baked.layers,
             "boot_report": outcome.baked.report,
             "packages": len(scan.packages),
-            "findings": len(scan.findings),
+            "findings": [finding_json(f) for f in scan.findings],
             "signature": {"key_id": outcome.signature.key_id, "statement": outcome.signature.statement_digest},
             "promoted": outcome.promoted.pointer if outcome.promoted else None,
         })  # fmt: skip
-        return
+        return outcome
     version_line(store.get_version(outcome.scanned.version.ref))
     layers_table(outcome.baked.layers)
     if outcome.baked.report:
         report_table(outcome.baked.report)
-    console.print(f"scan: {len(scan.packages)} packages, {len(scan.findings)} finding(s); {escape(scan.vulndb)}")
-    console.print(f"signed by {outcome.signature.key_id}")
+    console.print(
+        f"scan: {len(scan.packages)} packages, {len(scan.findings)} finding(s) "
+        f"({', '.join(f'{k} {v}' for k, v in findings_summary(scan.findings).items()) or 'none'}); "
+        f"advisories: {escape(scan.vulndb)}"
+    )
+    console.print(f"signed by {outcome.signature.key_id}; signature verified against the artifact's bytes")
     if outcome.promoted:
         p = outcome.promoted.pointer
-        console.print(f"[green]promoted[/] {p.current} to {p.channel} (previous: {p.previous or '-'})")
+        console.print(
+            f"gates for {p.channel}: [green]all passed[/]; {p.current} promoted (previous: {p.previous or '-'})"
+        )
+    return outcome
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    promote_to: str | None = typer.Option(None, "--promote", help="Also promote to this channel if its gates pass."),
+    as_json: bool = JsonOption,
+) -> None:
+    """bake → boot-test → scan → sign → promote, stopping (exit 4) at the first gate that fails."""
+    _pipeline(recipe, promote_to, as_json)
+
+
+def _demo_recipe() -> Path:
+    here = Path(__file__).resolve()
+    for candidate in (Path.cwd() / "examples/web/recipe.yaml", here.parents[3] / "examples/web/recipe.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "cannot find examples/web/recipe.yaml",
+        fix="run `amiforge demo` from the amiforge checkout, or pass --recipe PATH",
+    )
+
+
+def demo(
+    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe to bake (default: examples/web)."),
+    vulndb: Path | None = typer.Option(None, "--vulndb", help="OSV advisories to import first (folder, .json, .zip)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """The main job on the local provider: pipeline run examples/web --promote dev, then a summary."""
+    path = recipe or _demo_recipe()
+    if vulndb is not None:
+        settings, store = open_registry()
+        import_vulndb(vulndb, store=store, actor=settings.actor)
+    outcome = _pipeline(path, "dev", as_json)
+    if as_json:
+        return
+    version = outcome.scanned.version
+    hits = sum(1 for layer in outcome.baked.layers if layer.hit)
+    report = outcome.baked.report
+    ttr = report.time_to_ready if report and report.time_to_ready is not None else float("nan")
+    console.print(
+        f"\n[bold]{version.ref}[/] is in dev: {hits}/{len(outcome.baked.layers)} layers from cache, "
+        f"ready in {ttr:.1f}s.\n"
+        f"Next: `amiforge images show {version.ref}`, `amiforge channels`, `amiforge events --verify`; "
+        f"edit {escape(str(path.parent / 'files/index.html'))} and run `make demo` again: "
+        "only the last layers rebuild."
+    )

@@ -8,6 +8,8 @@ from rich.table import Table
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, human_size
 from amiforge.cli.render import layers_table, report_table, status, version_line
+from amiforge.lifecycle.diff import diff
+from amiforge.lifecycle.scan import finding_json
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 
@@ -104,3 +106,45 @@ def show(
     console.print("[bold]events[/]")
     for e in events:
         console.print(f"  {e.at:%Y-%m-%d %H:%M:%S}Z {e.kind:<14} {e.actor}", markup=False)
+
+
+@app.command("diff")
+def diff_command(
+    old: str = typer.Argument(..., help="The older version (NAME@N or digest prefix)."),
+    new: str = typer.Argument(..., help="The newer version."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Packages added/removed/up/downgraded, CVEs fixed and introduced, secrets, and size, between two scans."""
+    _, store = open_registry()
+    d = diff(old, new, store=store)
+    if as_json:
+        emit_json(
+            {
+                "old": d.old.ref,
+                "new": d.new.ref,
+                "packages": [{**vars(p), "change": p.change} for p in d.packages],
+                "cves_fixed": [finding_json(f) for f in d.cves_fixed],
+                "cves_introduced": [finding_json(f) for f in d.cves_introduced],
+                "secrets_removed": [finding_json(f) for f in d.secrets_removed],
+                "secrets_added": [finding_json(f) for f in d.secrets_added],
+                "size_delta": d.size_delta,
+            }
+        )
+        return
+    console.print(f"[bold]{d.old.ref} → {d.new.ref}[/]")
+    for p in d.packages:
+        console.print(f"  {p.change:<10} {p.name}:{p.arch} {p.old or ''} → {p.new or ''}", markup=False)
+    for title, items in (
+        ("CVEs fixed", d.cves_fixed),
+        ("CVEs introduced", d.cves_introduced),
+        ("secrets/residue removed", d.secrets_removed),
+        ("secrets/residue added", d.secrets_added),
+    ):
+        if items:
+            console.print(f"{title}:")
+            for f in items:
+                console.print(f"  {f.id} {f.package or f.path or ''} ({f.severity.value})", markup=False)
+    if not (d.packages or d.cves_fixed or d.cves_introduced or d.secrets_added or d.secrets_removed):
+        console.print("  same packages and findings")
+    if d.size_delta is not None:
+        console.print(f"size: {'+' if d.size_delta >= 0 else '-'}{human_size(abs(d.size_delta))}")
