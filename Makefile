@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh Debian machine: `make demo` and `make test`.
-.PHONY: demo test bench lint bootstrap clean-cache
+.PHONY: demo test bench bench-sbom lint
 
 # OSV advisories for the demo's CVE scan, when the workspace's shared data is beside the checkout.
 VULNDB := $(wildcard ../shared/data/osv-debian)
@@ -15,6 +15,11 @@ test:
 bench:
 	scripts/bootstrap.sh
 	.venv/bin/python bench/bake_bench.py
+	.venv/bin/python bench/sbom_bench.py
+
+bench-sbom:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/sbom_bench.py
 
 lint:
 	.venv/bin/ruff format src tests bench

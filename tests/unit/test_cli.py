@@ -7,10 +7,12 @@ through the store, and host tools are faked where a command would look for them.
 
 from __future__ import annotations
 
+import importlib
 import io
 import itertools
 import json
 import os
+import pkgutil
 import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ import sqlalchemy as sa
 from rich.console import Console
 
 import amiforge
-from amiforge.cli import app, bake_cmd, doctor_cmd, events_cmd, images_cmd, output, recipe_cmd, render
+import amiforge.cli
+from amiforge.cli import app, doctor_cmd, images_cmd
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
 from amiforge.providers.local import tools
 from amiforge.recipe import load_recipe, recipe_digest
@@ -104,10 +107,12 @@ def cli(data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     out_buf, err_buf = io.StringIO(), io.StringIO()
     out_console = Console(file=out_buf, width=200, color_system=None, highlight=False)
     err_console = Console(file=err_buf, width=200, color_system=None, highlight=False)
-    for module in (output, render, recipe_cmd, images_cmd, events_cmd, bake_cmd, doctor_cmd):
-        monkeypatch.setattr(module, "console", out_console)
-    for module in (output, app):
-        monkeypatch.setattr(module, "err_console", err_console)
+    # Every CLI module that imported the shared consoles by name gets the capturing ones.
+    for info in pkgutil.iter_modules(amiforge.cli.__path__, "amiforge.cli."):
+        module = importlib.import_module(info.name)
+        for name, replacement in (("console", out_console), ("err_console", err_console)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, replacement)
 
     def run(*argv: str) -> Result:
         capsys.readouterr()

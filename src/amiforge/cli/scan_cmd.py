@@ -89,7 +89,7 @@ def sbom_command(
         text = spdx_sbom(
             record.packages,
             image_name=version.name,
-            image_version=version.ref,
+            image_version=str(version.number),  # the documents name the image NAME@N themselves
             digest=version.digest,
             timestamp=record.scanned_at,
         )

@@ -81,13 +81,14 @@ def scan(
         packages = read_dpkg_status(view.root)
         findings = list(scan_tree(view.root, expected_authorized_keys=expected_authorized_keys(version)))
         if view.raw is not None:
-            # Offsets into the artifact's disk, not into our scratch copy of it.
-            findings += [replace(f, path=(f.path or "").replace(str(view.raw), "artifact")) for f in scan_raw(view.raw)]
+            # Deleted data lies in free blocks (live files were scanned above); offsets are into the artifact's disk.
+            raw = scan_raw(view.raw, ranges=view.unallocated)
+            findings += [replace(f, path=(f.path or "").replace(str(view.raw), "disk")) for f in raw]
     advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
     findings = match(packages, advisories) + imported + findings
     now = datetime.now(UTC)
     sbom = cyclonedx_sbom(
-        packages, image_name=version.name, image_version=version.ref, digest=version.digest, timestamp=now
+        packages, image_name=version.name, image_version=str(version.number), digest=version.digest, timestamp=now
     )
     record = store.add_scan(
         version.id,

@@ -107,7 +107,14 @@ def sign(
     check_artifact_bytes(artifacts, settings)
     signer = KeyfileSigner.from_file(key) if key else default_signer(settings, create=create_key)
     now = datetime.now(UTC)
-    store.add_key(TrustedKey(signer.key_id, signer.algorithm, signer.public_key_pem(), now))
+    trusted = store.add_key(TrustedKey(signer.key_id, signer.algorithm, signer.public_key_pem(), now))
+    if trusted.revoked_at is not None:
+        # add_key returns the registry's row: a revoked key stays revoked, so its signature could never verify.
+        raise ConfigError(
+            f"signing key {signer.key_id} is revoked ({trusted.revoked_reason or 'no reason recorded'}); "
+            "a signature it makes would never verify",
+            fix="make a new key (amiforge keys generate --name NEW) and sign with --key or AMIFORGE_SIGNING_KEY",
+        )
     statement = canonical_statement(manifest_of(version, artifacts, scan))
     envelope = sign_envelope(statement, signer)
     record = store.add_signature(

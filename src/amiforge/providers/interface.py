@@ -54,6 +54,8 @@ class ImageView:
 
     root: Path
     raw: Path | None
+    # Byte ranges of `raw` that no file uses (free blocks), where deleted data would lie; None: unknown.
+    unallocated: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)

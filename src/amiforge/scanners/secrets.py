@@ -40,6 +40,7 @@ import stat
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.github_token import GitHubTokenDetector
@@ -532,7 +533,9 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
 
 class _TreeScan:
     def __init__(self, rootfs: Path, max_file_bytes: int, expected_authorized_keys: Collection[str]) -> None:
-        self.root = rootfs.resolve()
+        # Absolute, never resolve(): a scan's root is often /proc/<pid>/root/… (an image mounted in another mount
+        # namespace), and resolving that magic link would land on the empty host directory instead.
+        self.root = Path(os.path.abspath(rootfs))
         self.max_file_bytes = max_file_bytes
         self.homes, self.home_parents = _home_dirs(self.root)
         self.expected_keys = {p for p in (_inside(self.root, e) for e in expected_authorized_keys) if p is not None}
@@ -721,14 +724,36 @@ def _raw_hits(buf: bytes, base: int) -> Iterator[tuple[int, str, Severity, str]]
         yield m.start(), "private-key", Severity.CRITICAL, "openssh-key-v1 (binary OpenSSH private key) …"
 
 
-def scan_raw(path: Path, *, chunk: int = DEFAULT_RAW_CHUNK) -> list[Finding]:
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of `path` that hold data (holes of a sparse file are skipped)."""
+    extents: list[tuple[int, int]] = []
+    with path.open("rb") as fh:
+        fd = fh.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        try:
+            while pos < size:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                extents.append((start, end))
+                pos = end
+        except OSError:  # no more data (ENXIO), or a filesystem without SEEK_DATA: treat as all data
+            if not extents and pos == 0:
+                return [(0, size)]
+    return extents
+
+
+def scan_raw(
+    path: Path, *, chunk: int = DEFAULT_RAW_CHUNK, ranges: Sequence[tuple[int, int]] | None = None
+) -> list[Finding]:
     """Key material anywhere in the raw bytes of a disk image file, including freed blocks.
 
     Markers: a PEM/PGP private-key header followed by a key body, AWS access key ids (AKIA/ASIA), and binary
-    OpenSSH keys (`openssh-key-v1\\0`). One sequential pass in `chunk`-sized reads; consecutive reads overlap so a
-    marker across a boundary is found exactly once. Findings have path f"{path}@{offset}" and source "raw-disk".
-    Reads a raw image or an uncompressed qcow2 (compressed clusters and encrypted images show nothing). Every
-    marker counts, live file or deleted: run it on images imported from elsewhere, whose history is unknown.
+    OpenSSH keys (`openssh-key-v1\\0`). Sequential `chunk`-sized reads; consecutive reads overlap so a marker across a
+    boundary is found exactly once. Findings have path f"{path}@{offset}" and source "raw-disk".
+    `ranges` limits the scan to those [start, end) byte ranges (e.g. a filesystem's free blocks, where deleted files
+    leave their data); by default every data extent of the file (holes of a sparse file hold nothing).
+    Reads a raw image or an uncompressed qcow2 (compressed clusters and encrypted images show nothing).
     Raises NotFound for a missing file, InfraError if it cannot be read.
     """
     overlap = _RAW_MAX_MATCH + _RAW_LEAD
@@ -736,35 +761,62 @@ def scan_raw(path: Path, *, chunk: int = DEFAULT_RAW_CHUNK) -> list[Finding]:
         raise ConfigError(f"scan_raw chunk must be larger than {overlap} bytes, got {chunk}")
     findings: list[Finding] = []
     try:
+        extents = data_extents(path)
+        # Holes of a sparse file hold only zeros: scan the data extents, within `ranges` when given.
+        regions = extents if ranges is None else _intersect(sorted(ranges), extents)
         with path.open("rb") as fh:
-            buf = b""
-            base = 0  # file offset of buf[0]
-            while True:
-                data = fh.read(chunk)
-                final = len(data) < chunk
-                buf += data
-                # This buffer owns matches starting in [own_from, own_to); the next one starts at own_to - lead.
-                own_from = 0 if base == 0 else _RAW_LEAD
-                own_to = len(buf) if final else len(buf) - _RAW_MAX_MATCH
-                for offset, rule_id, severity, redacted in sorted(_raw_hits(buf, base)):
-                    if own_from <= offset < own_to:
-                        findings.append(
-                            _finding(
-                                rule_id,
-                                f"{path}@{base + offset}",
-                                line=None,
-                                redacted=redacted,
-                                severity=severity,
-                                source="raw-disk",
-                            )
-                        )
-                if final:
-                    break
-                keep_from = own_to - _RAW_LEAD
-                base += keep_from
-                buf = buf[keep_from:]
+            for start, end in regions:
+                fh.seek(start)
+                findings += _scan_region(fh, path, start, end, chunk)
     except FileNotFoundError as e:
         raise NotFound(f"disk image {path} does not exist", fix="pass the path of a raw or qcow2 file") from e
     except OSError as e:
         raise InfraError(f"cannot read disk image {path}: {e.strerror}", retryable=False) from e
     return findings
+
+
+def _intersect(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Intersection of two sorted lists of disjoint [start, end) ranges."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _scan_region(fh: BinaryIO, path: Path, start: int, end: int, chunk: int) -> list[Finding]:
+    findings: list[Finding] = []
+    buf = b""
+    base = start  # file offset of buf[0]
+    pos = start
+    while True:
+        data = fh.read(min(chunk, end - pos))
+        pos += len(data)
+        final = pos >= end or not data
+        buf += data
+        # This buffer owns matches starting in [own_from, own_to); the next one starts at own_to - lead.
+        own_from = 0 if base == start else _RAW_LEAD
+        own_to = len(buf) if final else len(buf) - _RAW_MAX_MATCH
+        for offset, rule_id, severity, redacted in sorted(_raw_hits(buf, base)):
+            if own_from <= offset < own_to:
+                findings.append(
+                    _finding(
+                        rule_id,
+                        f"{path}@{base + offset}",
+                        line=None,
+                        redacted=redacted,
+                        severity=severity,
+                        source="raw-disk",
+                    )
+                )
+        if final:
+            return findings
+        keep_from = own_to - _RAW_LEAD
+        base += keep_from
+        buf = buf[keep_from:]

@@ -3,7 +3,8 @@
 Scans must look at the bytes that ship, not at the layer cache they came from: the qcow2 is converted to a raw
 image in a scratch dir and mounted read-only (`ro,noload`: not even the journal is replayed) from a loop device
 inside a private mount namespace held by a child process — the same pattern as OverlayView, so nothing can
-leak a mount. The raw-bytes secret scan reads the qcow2 itself.
+leak a mount. The raw-bytes secret scan reads the free blocks of the raw copy
+(`free_ranges`): live files are the tree scan's business, deleted data lies in free blocks.
 """
 
 from __future__ import annotations
@@ -48,12 +49,26 @@ def open_image(artifact: Artifact, scratch_parent: Path) -> Iterator[ImageView]:
             first = proc.stdout.readline().strip()
             if first != "mounted":
                 raise InfraError(f"cannot mount {disk} read-only for inspection: {first} {proc.stdout.read()}".strip())
-            # The raw-bytes scan reads the artifact itself: an uncompressed qcow2 holds the same blocks as the raw
-            # copy (deleted data included) without the raw copy's gigabytes of sparse zeros.
-            yield ImageView(Path(f"/proc/{proc.pid}/root") / str(mnt).lstrip("/"), disk)
+            yield ImageView(Path(f"/proc/{proc.pid}/root") / str(mnt).lstrip("/"), raw, free_ranges(raw))
         finally:
             proc.stdin.close()
             end_process(proc, grace=10)
             proc.stdout.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def free_ranges(raw: Path) -> tuple[tuple[int, int], ...]:
+    """Byte ranges of an ext4 image's free blocks, from dumpe2fs (no mount needed)."""
+    out = run(["dumpe2fs", raw], what="dumpe2fs (free blocks)")
+    block = 4096
+    ranges: list[tuple[int, int]] = []
+    for line in out.splitlines():
+        text = line.strip()
+        if text.startswith("Block size:"):
+            block = int(text.split(":", 1)[1])
+        elif text.startswith("Free blocks:") and text[len("Free blocks:") :].strip()[:1].isdigit():
+            for part in text.split(":", 1)[1].split(","):
+                first, _, last = part.strip().partition("-")
+                ranges.append((int(first) * block, (int(last or first) + 1) * block))
+    return tuple(ranges)

@@ -24,6 +24,7 @@ TOOLS: Mapping[str, str] = {
     "mkfs.ext4": "e2fsprogs",
     "busybox": "busybox-static",
     "cpio": "cpio",
+    "dumpe2fs": "e2fsprogs",
     "unshare": "util-linux",
     "chroot": "coreutils",
 }

@@ -1,0 +1,96 @@
+"""Real images through the supply-chain gates: scan, sign, verify, promote, tamper, planted secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from tests.e2e.conftest import REPO, Cli
+
+pytestmark = pytest.mark.slow
+
+OSV = REPO.parent / "shared" / "data" / "osv-debian"
+
+
+def test_pipeline_promotes_then_a_flipped_byte_fails_verify_and_promotion(
+    cli: Cli, web_recipe: Path, no_leftovers: None
+) -> None:
+    if OSV.is_dir():
+        cli.run("vulndb", "import", str(OSV))
+    out = cli.json("pipeline", "run", str(web_recipe), "--promote", "dev")
+    ref = out["version"]
+    assert out["promoted"]["current"] == ref and out["promoted"]["channel"] == "dev"
+    assert out["packages"] > 100
+    scan = cli.json("scan", ref)
+    assert scan["gate"]["passed"] is True
+    assert [f for f in scan["findings"] if f["kind"] in ("secret", "residue")] == []
+    cli.json("sign", ref)  # the rescan changed the scan record: sign again
+    assert cli.json("verify", ref)["ok"] is True
+    spdx = json.loads(cli.run("sbom", ref, "--format", "spdx").stdout)
+    assert any(p["name"] == "nginx" for p in spdx["packages"])
+
+    # Tamper: one byte of the stored qcow2 flips after signing.
+    disk = Path(cli.json("images", "show", ref)["artifacts"][0]["location"])
+    data = bytearray(disk.read_bytes()[:4096])
+    with open(disk, "r+b") as fh:
+        fh.seek(1000)
+        fh.write(bytes([data[1000] ^ 0xFF]))
+    bad = cli.json("verify", ref, check=4)
+    assert bad["error"] == "gate" and "artifact" in json.dumps(bad["failures"])
+    refused = cli.json("promote", ref, "--channel", "dev", check=4)
+    assert any(f["name"] == "signature" for f in refused["failures"]) or "signature" in json.dumps(refused)
+
+
+def _pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, fmt: serialization.PrivateFormat) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+
+
+def test_planted_secrets_are_each_found_deleted_ones_leave_nothing_and_no_secret_is_printed(
+    cli: Cli, tmp_path: Path, no_leftovers: None
+) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    rsa_key = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048), serialization.PrivateFormat.PKCS8)
+    ed_key = _pem(ed25519.Ed25519PrivateKey.generate(), serialization.PrivateFormat.OpenSSH)
+    github = "ghp_" + "T" * 36  # synthetic test token
+    planted = {
+        "/home/deploy/keys/deploy_ed25519": ed_key,
+        "/opt/app/server.key": rsa_key,
+        "/etc/app/github-token": f"GITHUB_TOKEN={github}\n",
+        "/home/deploy/.netrc": "machine example.invalid login deploy password TEST-not-a-real-password\n",
+        "/opt/app/.env": "DB_PASSWORD=TEST-synthetic-password\n",
+    }
+    build_key = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                     serialization.PrivateFormat.TraditionalOpenSSL)  # fmt: skip
+    # Deleted by a later step, and removed by generalisation (a build-time key in root's .ssh).
+    deleted = {"/tmp/build-key.pem": build_key, "/root/.ssh/id_rsa": build_key}
+    steps = ["  - user: {name: deploy}"]
+    for i, (dest, text) in enumerate({**planted, **deleted}.items()):
+        (files / f"f{i}").write_text(text)
+        steps.append(f'  - file: {{src: files/f{i}, dest: {dest}, mode: "0600"}}')
+    steps.append("  - shell: rm -f /tmp/build-key.pem")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: leaky\nsteps:\n" + "\n".join(steps) + "\n")
+    cli.json("bake", str(recipe))
+    result = cli.run("scan", "leaky@1", "--json", check=4)
+    out = json.loads(result.stdout)
+    assert out["gate"]["passed"] is False
+    paths = {f.get("path") for f in out["findings"]}
+    for dest in planted:
+        assert dest in paths, f"no finding for {dest}: {out['findings']}"
+    # The deleted key is in no file and — because mkfs builds the disk from a directory — in no free block either.
+    assert not any(p and ("build-key" in p or "id_rsa" in p) for p in paths)
+    assert not any(f["source"] == "raw-disk" for f in out["findings"]), out["findings"]
+    # Nothing secret in any output: not the scan's, not the registry's.
+    shown = cli.run("images", "show", "leaky@1", "--json").stdout + result.stdout + result.stderr
+    for secret in (github, "TEST-not-a-real-password", "TEST-synthetic-password"):
+        assert secret not in shown
+    for key in (rsa_key, ed_key, build_key):
+        body = key.splitlines()[1]
+        assert body not in shown
+    assert os.environ.get("AMIFORGE_DEBUG") is None

@@ -1,0 +1,37 @@
+"""scan_raw limited to byte ranges (free blocks) and sparse-file holes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from amiforge.scanners.secrets import _intersect, data_extents, scan_raw
+
+KEY = b"-----BEGIN OPENSSH PRIVATE KEY-----\n" + b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ" * 8 + b"\n"
+
+
+def test_intersect_of_sorted_ranges() -> None:
+    assert _intersect([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
+    assert _intersect([(0, 10)], [(10, 20)]) == []
+    assert _intersect([(0, 100)], [(10, 20), (30, 40)]) == [(10, 20), (30, 40)]
+
+
+def test_only_the_given_ranges_are_scanned(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * 8192 + KEY + b"\0" * 8192)
+    at = 8192
+    assert len(scan_raw(disk)) == 1
+    assert len(scan_raw(disk, ranges=[(0, 8192)])) == 0  # the key's block is "allocated": not ours to scan
+    (hit,) = scan_raw(disk, ranges=[(4096, 4096 * 4)])
+    assert hit.path == f"{disk}@{at}"
+
+
+def test_holes_of_a_sparse_file_are_skipped(tmp_path: Path) -> None:
+    disk = tmp_path / "sparse.raw"
+    with open(disk, "wb") as fh:
+        fh.seek(64 << 20)
+        fh.write(KEY)
+        fh.truncate(128 << 20)
+    extents = data_extents(disk)
+    assert sum(end - start for start, end in extents) < (1 << 20)  # only the written block(s) hold data
+    (hit,) = scan_raw(disk)
+    assert hit.path.endswith(f"@{64 << 20}")
