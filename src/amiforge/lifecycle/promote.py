@@ -68,10 +68,6 @@ def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason:
     policy = policy_of(settings)
     decision = evaluate(policy, channel, candidate(version, store=store, settings=settings), now=datetime.now(UTC))
     actor = settings.actor
-    for waiver in decision.waivers_used:
-        store.append_event(
-            "waiver.used", actor=actor, ref=version.ref, data={"channel": channel, "waiver": waiver.describe()}
-        )
     if not decision.passed:
         store.append_event(
             "promote.refused",
@@ -88,6 +84,11 @@ def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason:
     pointer = store.move_channel(
         version.name, channel, version.id, expect_current=expect, actor=actor, reason=reason or "promoted"
     )
+    # Recorded only for a move that happened: a waiver "used" by a refused promotion excused nothing.
+    for waiver in decision.waivers_used:
+        store.append_event(
+            "waiver.used", actor=actor, ref=version.ref, data={"channel": channel, "waiver": waiver.describe()}
+        )
     store.append_event(
         "promote",
         actor=actor,
@@ -121,7 +122,8 @@ def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> Revoke
     store.append_event("revoke", actor=settings.actor, ref=version.ref, data={"reason": reason})
     children = descendants(version, store)
     affected = {version.ref} | {c.ref for c in children}
-    flagged = [p for p in store.channels(version.name) if p.current in affected]
+    # A channel holds a version as its current image or as its rollback image (previous): both need attention.
+    flagged = [p for p in store.channels(version.name) if p.current in affected or p.previous in affected]
     for pointer in flagged:
         store.append_event(
             "channel.flagged",
@@ -137,10 +139,17 @@ def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> Revoke
 
 
 def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
-    """Why a channel pointer needs attention: its version or an ancestor is revoked."""
-    version = store.get_version(pointer.current)
+    """Why a channel pointer needs attention: its version, its rollback version, or an ancestor is revoked."""
     flags = []
-    if version.status == Status.REVOKED:
-        flags.append(f"{version.ref} is revoked")
-    flags += [f"ancestor {a.ref} is revoked" for a in ancestors(version, store) if a.status == Status.REVOKED]
+    for role, ref in (("current", pointer.current), ("rollback", pointer.previous)):
+        if ref is None:
+            continue
+        version = store.get_version(ref)
+        if version.status == Status.REVOKED:
+            flags.append(f"{role} {version.ref} is revoked")
+        flags += [
+            f"{role} {version.ref}: ancestor {a.ref} is revoked"
+            for a in ancestors(version, store)
+            if a.status == Status.REVOKED
+        ]
     return flags
