@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     actor: str = Field(default_factory=lambda: f"{getpass.getuser()}@{socket.gethostname()}")
     policy: Path | None = Field(default=None, description="promotion policy YAML; default: the built-in policy")
     signing_key: Path | None = Field(default=None, description="Ed25519 key file; default: <data>/keys/amiforge.key")
+    kms_key: str | None = Field(default=None, description="sign with this AWS KMS ECC_NIST_P256 key (id, ARN or alias)")
+    kms_region: str | None = Field(default=None, description="the KMS key's region (required with kms_key)")
 
     @classmethod
     def settings_customise_sources(

@@ -306,3 +306,51 @@ def test_canary_moto_still_double_hashes_digest_messages(kms: Any, key_arn: str)
         public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
     # What moto signed instead: the digest, hashed once more.
     public.verify(signature, hashlib.sha256(message).digest(), ec.ECDSA(hashes.SHA256()))
+
+
+def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
+    kms: Any, key_arn: str, digest_mode: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sign(signer=KmsSigner) trusts the KMS public key in the registry; verify needs no AWS call after that."""
+    from datetime import UTC, datetime
+
+    import amiforge.providers as providers
+    from amiforge.lifecycle.sign import sign, verify
+    from amiforge.model import Artifact, ScanRecord, Status
+    from amiforge.providers.local.disk import sha256_file
+    from amiforge.settings import Settings
+    from amiforge.signing.kms import KmsSigner
+    from amiforge.store.sql import open_store
+
+    class DigestOnly:
+        name = "local"
+
+        def __init__(self, settings: Settings) -> None:
+            pass
+
+        def current_digest(self, artifact: Artifact) -> str:
+            return sha256_file(Path(artifact.location))
+
+    monkeypatch.setattr(providers, "PROVIDERS", {"local": DigestOnly})
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    settings = Settings(data_dir=tmp_path)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"TEST disk image\n" * 64)
+    digest = sha256_file(disk)
+    v = store.create_version(name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest=digest, size_bytes=disk.stat().st_size)
+    store.add_artifact(v.id, Artifact("local", "local", str(disk), digest, disk.stat().st_size))
+    store.transition(v.id, Status.TESTED, expect=Status.BUILT)
+    store.add_scan(v.id, ScanRecord(datetime.now(UTC), (), "{}", "c" * 64, (), "none"))
+    store.transition(v.id, Status.SCANNED, expect=Status.TESTED)
+
+    record = sign("web@1", store=store, settings=settings, signer=KmsSigner(key_arn, REGION, client=kms))
+    assert record.key_id == f"kms:{key_arn}"
+    (trusted,) = store.keys()
+    assert trusted.key_id == record.key_id and "BEGIN PUBLIC KEY" in trusted.public_key
+    assert verify("web@1", store=store, settings=settings).signature.key_id == record.key_id
+
+    store.revoke_key(record.key_id, "rotated")
+    with pytest.raises(GateFailed):
+        verify("web@1", store=store, settings=settings)

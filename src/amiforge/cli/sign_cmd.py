@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
-from amiforge.lifecycle.sign import sign, verify
+from amiforge.lifecycle.sign import kms_signer, sign, verify
 from amiforge.model import TrustedKey
 from amiforge.signing.keyfile import generate_keypair
 
@@ -72,6 +72,8 @@ def keys_revoke(
 
 def sign_command(
     ref: str = typer.Argument(..., help="NAME@N or a digest prefix."),
+    kms_key: str | None = typer.Option(None, "--kms-key", help="Sign with this AWS KMS key (id, ARN or alias)."),
+    kms_region: str | None = typer.Option(None, "--kms-region", help="The KMS key's region."),
     key: Path | None = typer.Option(
         None, "--key", help="Ed25519 key file (default: AMIFORGE_SIGNING_KEY or <data>/keys/amiforge.key)."
     ),
@@ -79,7 +81,8 @@ def sign_command(
 ) -> None:
     """Sign the version's manifest (DSSE envelope, in-toto statement, SLSA provenance)."""
     settings, store = open_registry()
-    record = sign(ref, store=store, settings=settings, key=key)
+    signer = kms_signer(kms_key, kms_region or settings.kms_region) if kms_key else None
+    record = sign(ref, store=store, settings=settings, key=key, signer=signer)
     if as_json:
         emit_json(record)
         return

@@ -23,6 +23,8 @@ from amiforge.signing.interface import (
     Manifest,
     ManifestArtifact,
     MultiVerifier,
+    Signer,
+    Verifier,
     canonical_statement,
     manifest_from_statement,
     open_envelope,
@@ -84,7 +86,36 @@ def check_artifact_bytes(artifacts: list[Artifact], settings: Settings) -> None:
         raise GateFailed(GATE, failures, fix="the artifact changed after it was built; bake a new version")
 
 
-def default_signer(settings: Settings, *, create: bool) -> KeyfileSigner:
+def _public_pem(signer: Signer) -> str:
+    """Both our signers can say their public key; the registry stores it so verification works offline."""
+    public_key_pem = getattr(signer, "public_key_pem", None)
+    if not callable(public_key_pem):
+        raise ConfigError(f"signer {signer.key_id} cannot export its public key")
+    return str(public_key_pem())
+
+
+def kms_signer(key: str, region: str | None) -> Signer:
+    if not region:
+        raise ConfigError("a KMS key needs its region", fix="set AMIFORGE_KMS_REGION (or pass --kms-region)")
+    # Imported here: boto3 costs ~0.3 s of start-up, which only KMS users should pay.
+    from amiforge.signing.kms import KmsSigner
+
+    return KmsSigner(key, region)
+
+
+def _verifier(keys: list[TrustedKey], settings: Settings) -> MultiVerifier:
+    verifiers: dict[str, Verifier] = {"ed25519": KeyfileVerifier.from_trusted_keys(keys)}
+    if any(k.key_id.startswith("kms:") for k in keys):
+        from amiforge.signing.kms import KmsVerifier
+
+        # Verifies offline with the public keys the registry holds; the region is only for keys it lacks.
+        verifiers["kms"] = KmsVerifier.from_trusted_keys(settings.kms_region or "us-east-1", keys)
+    return MultiVerifier(verifiers)
+
+
+def default_signer(settings: Settings, *, create: bool) -> Signer:
+    if settings.kms_key:
+        return kms_signer(settings.kms_key, settings.kms_region)
     path = settings.signing_key_path
     if not path.is_file():
         if not create:
@@ -97,7 +128,13 @@ def default_signer(settings: Settings, *, create: bool) -> KeyfileSigner:
 
 
 def sign(
-    ref: str, *, store: Store, settings: Settings, key: Path | None = None, create_key: bool = False
+    ref: str,
+    *,
+    store: Store,
+    settings: Settings,
+    key: Path | None = None,
+    signer: Signer | None = None,
+    create_key: bool = False,
 ) -> SignatureRecord:
     version, artifacts, scan = _facts(ref, store)
     if version.status not in SIGNABLE:
@@ -105,9 +142,10 @@ def sign(
             f"{version.ref} is {version.status}; only a scanned version is signed", fix=f"amiforge scan {version.ref}"
         )
     check_artifact_bytes(artifacts, settings)
-    signer = KeyfileSigner.from_file(key) if key else default_signer(settings, create=create_key)
+    if signer is None:
+        signer = KeyfileSigner.from_file(key) if key else default_signer(settings, create=create_key)
     now = datetime.now(UTC)
-    trusted = store.add_key(TrustedKey(signer.key_id, signer.algorithm, signer.public_key_pem(), now))
+    trusted = store.add_key(TrustedKey(signer.key_id, signer.algorithm, _public_pem(signer), now))
     if trusted.revoked_at is not None:
         # add_key returns the registry's row: a revoked key stays revoked, so its signature could never verify.
         raise ConfigError(
@@ -140,7 +178,7 @@ def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
         raise _fail(f"{version.ref} carries no signature", fix=f"amiforge sign {version.ref}")
     keys = store.keys()
     trusted = {k.key_id for k in keys if k.revoked_at is None}
-    verifier = MultiVerifier({"ed25519": KeyfileVerifier.from_trusted_keys(keys)})
+    verifier = _verifier(keys, settings)
     signature = signatures[-1]
     statement = open_envelope(signature.envelope, verifier, trusted_key_ids=trusted)
     signed = manifest_from_statement(statement)
