@@ -42,3 +42,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'state' / 'registry.db'}"
     else:
         yield from _postgres_schema_url(os.environ[POSTGRES_ENV])
+
+
+# Real OSV records for Debian live in the workspace's shared data, beside the checkout (present in CI).
+OSV_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "osv-debian"
+
+
+def osv_missing_means_failure() -> None:
+    """Outside CI a missing shared/ only skips; in CI (where it is always laid out) it is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"real OSV records missing at {OSV_DIR}: CI lays shared/ beside the checkout")
+
+
+# Skip the tests that read them only outside CI; in CI a missing record folder must fail, never pass quietly.
+needs_osv = pytest.mark.skipif(
+    not OSV_DIR.is_dir() and not os.environ.get("CI"), reason=f"real OSV records not present at {OSV_DIR}"
+)

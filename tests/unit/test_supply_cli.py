@@ -32,12 +32,11 @@ from amiforge.model import Artifact, BootReport, CheckResult, ImageVersion, Stat
 from amiforge.providers.interface import ImageView, Provider
 from amiforge.settings import Settings, load_settings
 from amiforge.store.sql import SqlStore, open_store
+from tests.conftest import OSV_DIR, needs_osv
 
-OSV_DIR = Path(__file__).resolve().parents[3] / "shared/data/osv-debian"
 SECRET_PATH = "/srv/app/id_deploy.pem"
 FINDING_KINDS = {"cve", "secret", "residue", "policy"}
 
-needs_osv = pytest.mark.skipif(not OSV_DIR.is_dir(), reason=f"real OSV records not present at {OSV_DIR}")
 
 PASSING = BootReport(
     passed=True,

@@ -51,12 +51,11 @@ from amiforge.settings import Settings
 from amiforge.signing.interface import canonical_statement, sign_envelope
 from amiforge.signing.keyfile import KeyfileSigner, generate_keypair
 from amiforge.store.sql import SqlStore, open_store
+from tests.conftest import OSV_DIR, needs_osv
 
-OSV_DIR = Path(__file__).resolve().parents[3] / "shared/data/osv-debian"
 ACTOR = "TEST-0001@test"
 SECRET_PATH = "/opt/app/deploy.pem"
 
-needs_osv = pytest.mark.skipif(not OSV_DIR.is_dir(), reason=f"real OSV records not present at {OSV_DIR}")
 
 PASSING = BootReport(
     passed=True,

@@ -27,8 +27,8 @@ from amiforge.scanners.vulns import (
     match,
     severity_from_word,
 )
+from tests.conftest import OSV_DIR, needs_osv, osv_missing_means_failure
 
-OSV_DIR = Path(__file__).resolve().parents[3] / "shared/data/osv-debian"
 REAL_IDS = {
     "CVE-2024-10524",
     "DLA-0001-1",
@@ -42,12 +42,11 @@ REAL_IDS = {
     "DTSA-1-1",
 }
 
-needs_osv = pytest.mark.skipif(not OSV_DIR.is_dir(), reason=f"real OSV records not present at {OSV_DIR}")
-
 
 @pytest.fixture(scope="module")
 def real() -> list[Advisory]:
     if not OSV_DIR.is_dir():
+        osv_missing_means_failure()
         pytest.skip(f"real OSV records not present at {OSV_DIR}")
     return load_osv(OSV_DIR)
 
