@@ -315,7 +315,7 @@ def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
     from datetime import UTC, datetime
 
     import amiforge.providers as providers
-    from amiforge.lifecycle.sign import sign, verify
+    from amiforge.lifecycle.sign import sign, trust_key, verify
     from amiforge.model import Artifact, ScanRecord, Status
     from amiforge.providers.local.disk import sha256_file
     from amiforge.settings import Settings
@@ -345,9 +345,14 @@ def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
     store.add_scan(v.id, ScanRecord(datetime.now(UTC), (), "{}", "c" * 64, (), "none"))
     store.transition(v.id, Status.SCANNED, expect=Status.TESTED)
 
-    record = sign("web@1", store=store, settings=settings, signer=KmsSigner(key_arn, REGION, client=kms))
+    signer = KmsSigner(key_arn, REGION, client=kms)
+    with pytest.raises(ConfigError, match="not trusted"):  # `keys trust --kms-key` comes first
+        sign("web@1", store=store, settings=settings, signer=signer)
+    trust_key(store, key_id=signer.key_id, algorithm=signer.algorithm, public_key_pem=signer.public_key_pem(),
+              actor="TEST")  # fmt: skip
+    record = sign("web@1", store=store, settings=settings, signer=signer)
     assert record.key_id == f"kms:{key_arn}"
-    (trusted,) = store.keys()
+    (trusted,) = store.signing_keys()
     assert trusted.key_id == record.key_id and "BEGIN PUBLIC KEY" in trusted.public_key
     assert verify("web@1", store=store, settings=settings).signature.key_id == record.key_id
 

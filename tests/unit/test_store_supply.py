@@ -74,7 +74,7 @@ def test_advisories_are_found_by_source_package_and_replaced_on_reimport(store: 
 def test_keys_are_trusted_once_and_revoked_once(store: SqlStore) -> None:
     key = TrustedKey("ed25519:00000000test0001", "ed25519", "PEM-A", T0)
     store.add_key(key)
-    assert store.add_key(key) == store.keys()[0]  # idempotent
+    assert store.add_key(key) == store.signing_keys()[0]  # idempotent
     with pytest.raises(StateError):
         store.add_key(TrustedKey(key.key_id, "ed25519", "PEM-B", T0))
     revoked = store.revoke_key(key.key_id, "laptop lost")

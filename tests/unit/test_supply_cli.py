@@ -406,6 +406,22 @@ def test_keys_generate_then_list_shows_it_trusted(cli: Cli, data_dir: Path, key_
     assert again.json()["message"] == f"key file {private} already exists; refusing to overwrite a key"
 
 
+def test_keys_trust_adds_a_public_key_file_and_refuses_anything_else(cli: Cli, tmp_path: Path) -> None:
+    from amiforge.signing.keyfile import generate_keypair
+
+    team = generate_keypair(tmp_path / "team-keys", "team")
+    r = cli("keys", "trust", str(team.public_path), "--json")
+    assert r.code == 0, r.err
+    assert r.json()["key_id"] == team.key_id
+    assert [k["key_id"] for k in cli("keys", "list", "--json").json()] == [team.key_id]
+    not_a_key = tmp_path / "junk.pub"
+    not_a_key.write_text("hello\n")
+    bad = cli("keys", "trust", str(not_a_key), "--json")
+    assert bad.code == 2 and str(not_a_key) in bad.json()["message"]
+    neither = cli("keys", "trust", "--json")
+    assert neither.code == 2
+
+
 def test_revoking_the_key_makes_verify_exit_4(cli: Cli, image: Image, key_id: str) -> None:
     signed(cli, image)
     ok = cli("verify", "web@1", "--json")

@@ -31,7 +31,7 @@ from amiforge.errors import ConfigError, GateFailed, StateError
 from amiforge.lifecycle.pipeline import run_pipeline
 from amiforge.lifecycle.promote import channel_flags, promote, revoke
 from amiforge.lifecycle.scan import import_vulndb, scan, scan_gate
-from amiforge.lifecycle.sign import manifest_of, sign, verify
+from amiforge.lifecycle.sign import manifest_of, sign, trust_key, verify
 from amiforge.model import (
     Artifact,
     BootReport,
@@ -270,6 +270,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     settings = Settings(data_dir=tmp_path / "data", actor=ACTOR, signing_key=key.private_path)
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     with open_store(url) as store:
+        # The registry trusts the signer's key up front, as `amiforge keys generate` does.
+        trust_key(store, key_id=key.key_id, algorithm=key.algorithm, public_key_pem=key.public_key_pem, actor=ACTOR)
         w = World(tmp_path, root, url, store, settings, vulnerable)
 
         def factory(s: Settings) -> Provider:
@@ -400,7 +402,7 @@ def test_sign_then_verify(world: World) -> None:
 
     assert record.key_id == signer.key_id
     assert world.store.get_version(v.ref).status is Status.SIGNED
-    [trusted] = world.store.keys()
+    [trusted] = world.store.signing_keys()
     assert (trusted.key_id, trusted.revoked_at) == (signer.key_id, None)
     version = world.store.get_version(v.ref)
     statement = canonical_statement(manifest_of(version, world.store.artifacts(v.id), scanned.scan))
@@ -454,11 +456,16 @@ def test_a_revoked_key_no_longer_verifies(world: World) -> None:
     assert [f.name for f in e.value.failures] == ["trusted keys"]  # the only key is revoked: none is trusted
 
     # With another trusted key in the registry the envelope's own key is named as not trusted.
-    other = KeyfileSigner.from_file(generate_keypair(world.tmp / "keys", "other").private_path)
+    other_info = generate_keypair(world.tmp / "keys", "other")
+    other = KeyfileSigner.from_file(other_info.private_path)
     sign_other = world.settings.model_copy(update={"signing_key": world.tmp / "keys" / "other.key"})
     w2 = world.seed()
     scan(w2.ref, store=world.store, settings=world.settings)
-    sign(w2.ref, store=world.store, settings=sign_other)  # trusts `other`
+    with pytest.raises(ConfigError, match="not trusted"):  # signing never widens the trust root by itself
+        sign(w2.ref, store=world.store, settings=sign_other)
+    trust_key(world.store, key_id=other.key_id, algorithm=other.algorithm, public_key_pem=other_info.public_key_pem,
+              actor=ACTOR)  # fmt: skip
+    sign(w2.ref, store=world.store, settings=sign_other)
     with pytest.raises(GateFailed) as again:
         verify(v.ref, store=world.store, settings=world.settings)
     assert [(f.name, f.detail) for f in again.value.failures] == [
@@ -804,12 +811,14 @@ def test_pipeline_bakes_tests_scans_signs_with_a_new_default_key_and_promotes(wo
     assert len(outcome.scanned.scan.packages) == 4
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert outcome.signature.key_id == KeyfileSigner.from_file(key_path).key_id
-    trusted = world.store.keys()
-    assert [k.key_id for k in trusted] == [outcome.signature.key_id]
+    trusted = world.store.signing_keys()
+    assert outcome.signature.key_id in [k.key_id for k in trusted]  # beside the fixture's own key
+    assert len(trusted) == 2
     assert outcome.promoted is not None
     assert (outcome.promoted.pointer.channel, outcome.promoted.pointer.current) == ("dev", "web@1")
     assert world.store.get_version("web@1").status is Status.SIGNED
     assert world.kinds("web@1") == ["bake.started", "bake.built", "test.passed", "scan.completed", "sign", "promote"]
+    assert [e.kind for e in world.store.events() if e.kind == "key.added"] == ["key.added"] * 2  # fixture's + default
     assert verify("web@1", store=world.store, settings=settings).manifest.digest == outcome.baked.version.digest
 
     # A second run reuses the key it made, and the new version becomes dev with web@1 as rollback.

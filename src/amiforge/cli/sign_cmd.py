@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -10,9 +9,9 @@ from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
-from amiforge.lifecycle.sign import kms_signer, sign, verify
-from amiforge.model import TrustedKey
-from amiforge.signing.keyfile import generate_keypair
+from amiforge.errors import ConfigError
+from amiforge.lifecycle.sign import _public_pem, kms_signer, sign, trust_key, verify
+from amiforge.signing.keyfile import generate_keypair, read_public_key
 
 app = typer.Typer(help="Signing keys (Ed25519 key files) the registry trusts.", no_args_is_help=True)
 
@@ -26,8 +25,8 @@ def keys_generate(
     """Make an Ed25519 key pair (the private key file is mode 0600; nothing is overwritten) and trust it."""
     settings, store = open_registry()
     info = generate_keypair(directory or settings.data_dir / "keys", name)
-    store.add_key(TrustedKey(info.key_id, info.algorithm, info.public_key_pem, datetime.now(UTC)))
-    store.append_event("key.added", actor=settings.actor, data={"key": info.key_id})
+    trust_key(store, key_id=info.key_id, algorithm=info.algorithm, public_key_pem=info.public_key_pem,
+              actor=settings.actor)  # fmt: skip
     if as_json:
         emit_json({"key_id": info.key_id, "private_key": info.private_path, "public_key": info.public_path})
         return
@@ -37,11 +36,36 @@ def keys_generate(
     )
 
 
+@app.command("trust")
+def keys_trust(
+    public_key: Path | None = typer.Argument(None, help="An Ed25519 public key file (NAME.pub, PEM)."),
+    kms_key: str | None = typer.Option(None, "--kms-key", help="Or: an AWS KMS ECC_NIST_P256 key (id, ARN, alias)."),
+    kms_region: str | None = typer.Option(None, "--kms-region", help="The KMS key's region."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Trust a public key: signatures by it verify from now on (until revoked). Audited as `key.added`."""
+    settings, store = open_registry()
+    if (public_key is None) == (kms_key is None):
+        raise ConfigError("give either a public key file or --kms-key", fix="amiforge keys trust keys/team.pub")
+    if kms_key is not None:
+        signer = kms_signer(kms_key, kms_region or settings.kms_region)
+        key_id, algorithm, pem = signer.key_id, signer.algorithm, _public_pem(signer)
+    else:
+        assert public_key is not None
+        key_id, pem = read_public_key(public_key)
+        algorithm = "ed25519"
+    key = trust_key(store, key_id=key_id, algorithm=algorithm, public_key_pem=pem, actor=settings.actor)
+    if as_json:
+        emit_json({k: v for k, v in vars(key).items() if k != "public_key"})
+        return
+    console.print(f"trusted {key.key_id}")
+
+
 @app.command("list")
 def keys_list(as_json: bool = JsonOption) -> None:
     """The trusted keys, and which are revoked."""
     _, store = open_registry()
-    keys = store.keys()
+    keys = store.signing_keys()
     if as_json:
         emit_json([{k: v for k, v in vars(key).items() if k != "public_key"} for key in keys])
         return

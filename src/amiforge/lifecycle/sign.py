@@ -113,7 +113,16 @@ def _verifier(keys: list[TrustedKey], settings: Settings) -> MultiVerifier:
     return MultiVerifier(verifiers)
 
 
-def default_signer(settings: Settings, *, create: bool) -> Signer:
+def trust_key(store: Store, *, key_id: str, algorithm: str, public_key_pem: str, actor: str) -> TrustedKey:
+    """Add a public key to the registry's trust root: an explicit, audited act (never a side effect of signing)."""
+    known = {k.key_id for k in store.signing_keys()}
+    key = store.add_key(TrustedKey(key_id, algorithm, public_key_pem, datetime.now(UTC)))
+    if key_id not in known:
+        store.append_event("key.added", actor=actor, data={"key": key_id, "algorithm": algorithm})
+    return key
+
+
+def default_signer(settings: Settings, store: Store, *, create: bool) -> Signer:
     if settings.kms_key:
         return kms_signer(settings.kms_key, settings.kms_region)
     path = settings.signing_key_path
@@ -123,7 +132,10 @@ def default_signer(settings: Settings, *, create: bool) -> Signer:
                 f"no signing key at {path}",
                 fix="amiforge keys generate (or set AMIFORGE_SIGNING_KEY to your Ed25519 key file)",
             )
-        generate_keypair(path.parent, path.stem)
+        # First pipeline run on a fresh install: make the default key and trust it, in the audit log.
+        info = generate_keypair(path.parent, path.stem)
+        trust_key(store, key_id=info.key_id, algorithm=info.algorithm, public_key_pem=info.public_key_pem,
+                  actor=settings.actor)  # fmt: skip
     return KeyfileSigner.from_file(path)
 
 
@@ -143,9 +155,17 @@ def sign(
         )
     check_artifact_bytes(artifacts, settings)
     if signer is None:
-        signer = KeyfileSigner.from_file(key) if key else default_signer(settings, create=create_key)
+        signer = KeyfileSigner.from_file(key) if key else default_signer(settings, store, create=create_key)
     now = datetime.now(UTC)
-    trusted = store.add_key(TrustedKey(signer.key_id, signer.algorithm, _public_pem(signer), now))
+    trusted = next((k for k in store.signing_keys() if k.key_id == signer.key_id), None)
+    if trusted is None:
+        # Signing must not widen the trust root: a signature by a key nobody trusted could never verify anyway.
+        raise ConfigError(
+            f"signing key {signer.key_id} is not trusted by this registry",
+            fix="trust it first: amiforge keys trust PATH.pub (or --kms-key KEY for a KMS key)",
+        )
+    if trusted.public_key.strip() != _public_pem(signer).strip():
+        raise ConfigError(f"the registry trusts a different public key as {signer.key_id}")
     if trusted.revoked_at is not None:
         # add_key returns the registry's row: a revoked key stays revoked, so its signature could never verify.
         raise ConfigError(
@@ -176,7 +196,7 @@ def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
     signatures = store.signatures(version.id)
     if not signatures:
         raise _fail(f"{version.ref} carries no signature", fix=f"amiforge sign {version.ref}")
-    keys = store.keys()
+    keys = store.signing_keys()
     trusted = {k.key_id for k in keys if k.revoked_at is None}
     verifier = _verifier(keys, settings)
     signature = signatures[-1]

@@ -105,6 +105,22 @@ def generate_keypair(directory: Path, name: str) -> KeyInfo:
     return KeyInfo(key_id_of(key.public_key()), ALGORITHM, private_path, public_path, public_pem)
 
 
+def read_public_key(path: Path) -> tuple[str, str]:
+    """(key id, PEM) of an Ed25519 public key file; ConfigError naming the file for anything else."""
+    fix = "give the NAME.pub file that `amiforge keys generate` wrote"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read public key file {path}: {e.strerror or e}", fix=fix) from e
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ConfigError(f"public key file {path} is not a PEM public key", fix=fix) from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"public key file {path} holds {_describe_key(key)}, not an Ed25519 key", fix=fix)
+    return key_id_of(key), _public_pem(key)
+
+
 class KeyfileSigner:
     """Signs with an Ed25519 private key (usually loaded from a key file with `from_file`)."""
 

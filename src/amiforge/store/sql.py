@@ -888,7 +888,7 @@ class SqlStore:
             )
         return key
 
-    def keys(self) -> list[TrustedKey]:
+    def signing_keys(self) -> list[TrustedKey]:
         with _boundary("list signing keys", self._where), self._read() as conn:
             rows = conn.execute(sa.select(signing_keys_table).order_by(signing_keys_table.c.added_at)).mappings()
             return [_key(r) for r in rows]
