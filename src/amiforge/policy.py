@@ -54,6 +54,7 @@ from amiforge.yamlfile import (
     raise_problems,
     read_text,
     short,
+    sum_duration_units,
     yaml_type,
 )
 
@@ -138,21 +139,9 @@ _SOAK_RE = r"(?:\d+(?:\.\d+)?(?:ms|d|h|m|s))+|\d+(?:\.\d+)?"
 
 
 def _soak_seconds(text: str) -> float | None:
-    if re.fullmatch(_SOAK_RE, text) is None:
-        return None
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
         return float(text)
-    total = 0.0
-    previous = -1
-    order = list(_SOAK_UNITS)
-    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)", text):
-        # Units once each, largest first: "30m1h" and "1h1h" are typos, not durations.
-        rank = order.index(unit)
-        if rank <= previous:
-            return None
-        previous = rank
-        total += float(number) * _SOAK_UNITS[unit]
-    return total
+    return sum_duration_units(text, _SOAK_UNITS)
 
 
 def _check_soak(value: object) -> timedelta:

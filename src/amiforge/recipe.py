@@ -38,7 +38,14 @@ from pydantic import (
 )
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.yamlfile import YamlKind, parse_yaml, problems_from_validation, raise_problems, read_text
+from amiforge.yamlfile import (
+    YamlKind,
+    parse_yaml,
+    problems_from_validation,
+    raise_problems,
+    read_text,
+    sum_duration_units,
+)
 from amiforge.yamlfile import fail as _fail
 from amiforge.yamlfile import short as _short
 from amiforge.yamlfile import yaml_type as _yaml_type
@@ -258,7 +265,7 @@ def parse_duration(value: object) -> float:
         text = value.strip()
         if re.fullmatch(_DURATION_RE, text):
             bare = re.fullmatch(r"\d+(?:\.\d+)?", text) is not None
-            seconds = float(text) if bare else _sum_units(text)
+            seconds = float(text) if bare else sum_duration_units(text, _UNIT_SECONDS)
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(
             f"{_short(value)} is not a duration: accepted forms are 90s, 2m, 1h, 1m30s, 500ms "
@@ -269,20 +276,6 @@ def parse_duration(value: object) -> float:
 
 
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def _sum_units(text: str) -> float | None:
-    total = 0.0
-    previous = -1
-    order = list(_UNIT_SECONDS)
-    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text):
-        # Units must appear once each, largest first: "30s1m" and "1m1m" are typos, not durations.
-        rank = order.index(unit)
-        if rank <= previous:
-            return None
-        previous = rank
-        total += float(number) * _UNIT_SECONDS[unit]
-    return total
 
 
 def _duration_validator(value: object) -> float:
