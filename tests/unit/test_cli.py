@@ -411,7 +411,8 @@ def test_images_show_json(cli: Cli, seeded: Path) -> None:
     r = cli("images", "show", "web@1", "--json")
     assert r.code == 0, r.err
     doc = r.json()
-    assert set(doc) == {"version", "artifacts", "layers", "boot_reports", "events"}
+    assert set(doc) == {"version", "artifacts", "layers", "boot_reports", "events", "scan", "signatures", "channels"}
+    assert (doc["scan"], doc["signatures"], doc["channels"]) == (None, [], [])  # not scanned, signed or promoted
     version = doc["version"]
     assert (version["ref"], version["status"], version["digest"]) == ("web@1", "tested", D1)
     assert version["tags"] == {"team": "web"}

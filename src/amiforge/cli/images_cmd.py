@@ -9,7 +9,7 @@ from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, human_size
 from amiforge.cli.render import layers_table, report_table, status, version_line
 from amiforge.lifecycle.diff import diff
-from amiforge.lifecycle.scan import finding_json
+from amiforge.lifecycle.scan import finding_json, findings_summary
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 
@@ -72,8 +72,27 @@ def show(
     layers = store.layers(v.id)
     reports = store.boot_reports(v.id)
     events = store.events(v.ref)
+    scan = store.latest_scan(v.id)
+    signatures = store.signatures(v.id)
+    held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
+    supply = {
+        "scan": None
+        if scan is None
+        else {
+            "scanned_at": scan.scanned_at,
+            "packages": len(scan.packages),
+            "sbom_digest": scan.sbom_digest,
+            "findings": findings_summary(scan.findings),
+            "vulndb": scan.vulndb,
+        },
+        "signatures": [
+            {"key_id": s.key_id, "signed_at": s.signed_at, "statement": s.statement_digest} for s in signatures
+        ],
+        "channels": [{"channel": p.channel, "role": "current" if p.current == v.ref else "rollback"} for p in held],
+    }
     if as_json:
-        data = {
+        data: dict[str, object] = {
+            **supply,
             "version": {k: val for k, val in vars(v).items() if k not in ("log", "recipe")} | {"ref": v.ref},
             "artifacts": artifacts,
             "layers": layers,
@@ -93,6 +112,16 @@ def show(
         console.print(f"  tags     {tags}", markup=False)
     for a in artifacts:
         console.print(f"  artifact {a.provider}/{a.region}: {a.location} ({human_size(a.size_bytes)})", markup=False)
+    if scan is not None:
+        summary = ", ".join(f"{k} {n}" for k, n in findings_summary(scan.findings).items()) or "no findings"
+        console.print(
+            f"  scan     {scan.scanned_at:%Y-%m-%d %H:%M}Z: {len(scan.packages)} packages, {summary}", markup=False
+        )
+    for s in signatures:
+        console.print(f"  signed   {s.signed_at:%Y-%m-%d %H:%M}Z by {s.key_id}", markup=False)
+    for p in held:
+        role = "current" if p.current == v.ref else "rollback image"
+        console.print(f"  channel  {p.channel} ({role})", markup=False)
     if layers:
         layers_table(layers)
     for r in reports:
