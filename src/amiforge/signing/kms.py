@@ -12,31 +12,24 @@ cached (or passed in from the registry's trusted keys), so verification needs no
 and no network once the key is known. IAM: the signer needs kms:DescribeKey and kms:Sign; the verifier
 kms:GetPublicKey unless it is given the public keys.
 
-Every botocore ClientError goes through one table (`_KMS_ERRORS`) keyed by the error code; message text is never
-inspected.
+Every botocore ClientError goes through the AWS provider's one table (providers/aws/errors.py), keyed by the
+error code; message text is never inspected.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import boto3
-from botocore.exceptions import (
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ReadTimeoutError,
-)
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
 from amiforge.model import TrustedKey
+from amiforge.providers.aws.errors import CAUGHT, error_for_code, translate
 from amiforge.signing.interface import signature_failure
 
 ALGORITHM = "ecdsa-p256-sha256"
@@ -46,34 +39,8 @@ SIGNING_ALGORITHM = "ECDSA_SHA_256"
 KEY_USAGE = "SIGN_VERIFY"
 
 
-# --- errors: one table from KMS error code to amiforge error ----------------------------------------------------
+# --- errors: the AWS provider's one table (providers/aws/errors.py) decides every KMS error ---------------------
 
-
-class _Mapping(NamedTuple):
-    family: type[AmiforgeError]
-    retryable: bool
-    fix: str
-
-
-_PERMISSION_FIX = "grant kms:DescribeKey and kms:Sign (signing) or kms:GetPublicKey (verifying) on the key"
-_CREDENTIALS_FIX = "check the AWS credentials amiforge runs with (profile, environment, instance role)"
-
-_KMS_ERRORS: Mapping[str, _Mapping] = {
-    "NotFoundException": _Mapping(NotFound, False, "check the key id or ARN, and that it lives in this region"),
-    "DisabledException": _Mapping(ConfigError, False, "enable the key (aws kms enable-key) or configure another"),
-    "KMSInvalidStateException": _Mapping(
-        ConfigError, False, "the key is pending deletion or import, or unavailable: cancel that or use another key"
-    ),
-    "InvalidKeyUsageException": _Mapping(ConfigError, False, f"use a {KEY_SPEC} key with key usage {KEY_USAGE}"),
-    "AccessDeniedException": _Mapping(ConfigError, False, _PERMISSION_FIX),
-    "UnrecognizedClientException": _Mapping(ConfigError, False, _CREDENTIALS_FIX),
-    "ExpiredTokenException": _Mapping(ConfigError, False, _CREDENTIALS_FIX),
-    # botocore has already retried these with backoff by the time they reach us; a later retry may still help.
-    "ThrottlingException": _Mapping(InfraError, True, "lower the request rate or ask AWS for a higher KMS quota"),
-    "KMSInternalException": _Mapping(InfraError, True, "retry later"),
-    "DependencyTimeoutException": _Mapping(InfraError, True, "retry later"),
-    "KeyUnavailableException": _Mapping(InfraError, True, "retry later"),
-}
 
 # DescribeKey reports a key that cannot sign through its state, not an error; it is mapped as the error code KMS
 # itself would answer Sign with, so the table above stays the only place that decides.
@@ -82,35 +49,14 @@ _STATE_CODES: Mapping[str, str] = {"Disabled": "DisabledException", "Unavailable
 
 
 def _error(code: str, action: str, key: str, detail: str = "") -> AmiforgeError:
-    message = f"KMS {action} on key {key} failed: {code}" + (f" ({detail})" if detail else "")
-    mapping = _KMS_ERRORS.get(code)
-    if mapping is None:
-        # Unexpected, so not swallowed: reported with its code, and not promised to get better with a retry.
-        return InfraError(message, retryable=False)
-    if mapping.family is InfraError:
-        return InfraError(message, retryable=mapping.retryable, fix=mapping.fix)
-    return mapping.family(message, fix=mapping.fix)
+    return error_for_code(code, f"kms:{action}", f"key {key}", detail)
 
 
 def _translate(e: Exception, action: str, key: str) -> AmiforgeError:
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {})
-        return _error(str(err.get("Code", "Unknown")), action, key, str(err.get("Message", "")))
-    if isinstance(e, NoCredentialsError):
-        return ConfigError(f"KMS {action} on key {key}: no AWS credentials found", fix=_CREDENTIALS_FIX)
-    return InfraError(f"KMS {action} on key {key}: cannot reach KMS ({e})", retryable=True)
+    return translate(e, f"kms:{action}", f"key {key}")
 
 
-# Transport failures worth translating; anything else from botocore (e.g. a parameter validation error) is a bug
-# in this module and propagates untouched.
-_CAUGHT = (
-    ClientError,
-    NoCredentialsError,
-    EndpointConnectionError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-    ConnectionClosedError,
-)
+_CAUGHT = CAUGHT
 
 
 def _region_of(reference: str) -> str | None:

@@ -1,0 +1,219 @@
+"""Sessions, clients and the three ways amiforge calls AWS: once (`call`), over pages (`paginate`), and until a
+just-created resource becomes visible (`eventually`).
+
+This module owns how every AWS client is made: botocore's *standard* retry mode (exponential backoff with full jitter;
+retries RequestLimitExceeded, Throttling*, 5xx and transient network errors, with a client-side retry quota), a user
+agent suffix `amiforge/<version>` so AWS-side logs show who called, and — for other accounts — credentials from
+STS AssumeRole with the session name `amiforge-<run>`, which CloudTrail records beside every call made with them.
+Every error leaves through `errors.translate()`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import boto3
+from botocore import xform_name
+from botocore.config import Config
+
+from amiforge import __version__
+from amiforge.errors import AmiforgeError, ConfigError, NotFound
+from amiforge.providers.aws.errors import CAUGHT, translate
+
+__all__ = ["DEFAULT_MAX_ATTEMPTS", "MAX_PAGE_SIZE", "AwsSession", "call", "eventually", "iam_action", "paginate"]
+
+T = TypeVar("T")
+
+# Attempts per call, the first included. Standard mode's own default is 3; image builds run long and a throttled
+# describe late in a bake is worth a few more tries before the whole command fails.
+DEFAULT_MAX_ATTEMPTS = 8
+# The largest page EC2's Describe* calls return; a smaller one multiplies API calls (and throttling) for nothing.
+MAX_PAGE_SIZE = 1000
+# Re-assume a role this long before its credentials expire, so no call starts with credentials about to lapse.
+_REFRESH_MARGIN = timedelta(minutes=5)
+_ACCOUNT_RE = re.compile(r"[0-9]{12}")
+_ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    access_key: str
+    secret_key: str
+    token: str
+    expires: datetime
+
+
+class AwsSession:
+    """One identity's view of AWS: a boto3 session (profile or default chain), its home region, and optionally one
+    role per other account to assume. Clients are made once per (service, region, account) and reused.
+
+    `boto_session` lets tests pass a session with event handlers registered (fault injection, call counting): every
+    client, including those with assumed-role credentials, is made from it, so the handlers see every call."""
+
+    def __init__(
+        self,
+        region: str,
+        *,
+        profile: str | None = None,
+        role_arns: Mapping[str, str] | None = None,
+        run_id: str = "adhoc",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        boto_session: boto3.Session | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if max_attempts < 1:
+            raise ConfigError(f"max_attempts is {max_attempts}; it must be at least 1")
+        self.region = region
+        self.run_id = run_id
+        self._roles = dict(role_arns or {})
+        for account, arn in self._roles.items():
+            match = _ROLE_ARN_RE.fullmatch(arn)
+            if _ACCOUNT_RE.fullmatch(account) is None or match is None or match.group(1) != account:
+                raise ConfigError(
+                    f"role for account {account!r} is {arn!r}, which is not an IAM role ARN in that account",
+                    fix="use arn:aws:iam::<12-digit account>:role/<name>, keyed by the same account id",
+                )
+        self._boto = boto_session or boto3.Session(profile_name=profile, region_name=region)
+        self._config = Config(
+            # total_max_attempts counts the first attempt; botocore's `max_attempts` key counts only retries.
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            user_agent_extra=f"amiforge/{__version__}",
+        )
+        self._now = now
+        self._clients: dict[tuple[str, str, str | None], tuple[Any, datetime | None]] = {}
+        self._credentials: dict[str, _Credentials] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def boto_session(self) -> boto3.Session:
+        return self._boto
+
+    @property
+    def role_session_name(self) -> str:
+        # STS allows [\w+=,.@-]{2,64}; a run id is ours, but a stray character must not turn into an STS error.
+        return ("amiforge-" + re.sub(r"[^\w+=,.@-]", "-", self.run_id))[:64]
+
+    def client(self, service: str, region: str | None = None, *, account: str | None = None) -> Any:
+        """A client for `service` in `region` (the session's by default), as the caller or as `account`'s role."""
+        region = region or self.region
+        key = (service, region, account)
+        with self._lock:
+            creds = self._assumed(account) if account is not None else None
+            expires = creds.expires if creds is not None else None
+            cached = self._clients.get(key)
+            # A client made with assumed credentials is reused only while those credentials are the current ones.
+            if cached is not None and cached[1] == expires:
+                return cached[0]
+            if creds is None:
+                client = self._boto.client(service, region_name=region, config=self._config)
+            else:
+                client = self._boto.client(
+                    service,
+                    region_name=region,
+                    config=self._config,
+                    aws_access_key_id=creds.access_key,
+                    aws_secret_access_key=creds.secret_key,
+                    aws_session_token=creds.token,
+                )
+            self._clients[key] = (client, expires)
+            return client
+
+    def _assumed(self, account: str) -> _Credentials:
+        arn = self._roles.get(account)
+        if arn is None:
+            raise ConfigError(
+                f"no role to assume is configured for account {account}",
+                fix="add the account's role ARN to the AWS settings (accounts → role_arn)",
+            )
+        cached = self._credentials.get(account)
+        if cached is not None and cached.expires - self._now() > _REFRESH_MARGIN:
+            return cached
+        # The caller's own STS client (the lock is held, so not through client()).
+        cached_sts = self._clients.get(("sts", self.region, None))
+        if cached_sts is None:
+            cached_sts = (self._boto.client("sts", region_name=self.region, config=self._config), None)
+            self._clients[("sts", self.region, None)] = cached_sts
+        sts = cached_sts[0]
+        answer = call(sts, "AssumeRole", arn, RoleArn=arn, RoleSessionName=self.role_session_name)["Credentials"]
+        expires = answer["Expiration"]
+        creds = _Credentials(
+            access_key=answer["AccessKeyId"],
+            secret_key=answer["SecretAccessKey"],
+            token=answer["SessionToken"],
+            expires=expires if isinstance(expires, datetime) else datetime.fromisoformat(str(expires)),
+        )
+        self._credentials[account] = creds
+        return creds
+
+
+def iam_action(client: Any, operation: str) -> str:
+    """`ec2:DescribeImages` for an EC2 client and DescribeImages: the IAM action a permission error should name.
+
+    For the services used here (EC2, SSM, STS, KMS) the signing name is the IAM service prefix."""
+    return f"{client.meta.service_model.signing_name}:{operation}"
+
+
+def call(client: Any, operation: str, resource: str, **kwargs: Any) -> Any:
+    """One API call by its operation name (`DescribeImages`); any AWS error leaves as an amiforge error.
+
+    The IAM action in error messages is derived from the client and operation, so it cannot disagree with the call."""
+    method = getattr(client, xform_name(operation))
+    try:
+        return method(**kwargs)
+    except CAUGHT as e:
+        raise translate(e, iam_action(client, operation), resource) from e
+
+
+def paginate(
+    client: Any, operation: str, key: str, resource: str, *, page_size: int | None = MAX_PAGE_SIZE, **kwargs: Any
+) -> Iterator[Any]:
+    """Every item under `key` of every page of `operation`, through botocore's paginator.
+
+    Pages are as large as the operation allows (at most `page_size`), so listing N items costs ⌈N/page⌉ calls.
+    Pass `page_size=None` for requests that must not carry MaxResults (EC2 refuses it together with explicit ids)."""
+    paginator = client.get_paginator(xform_name(operation))
+    config: dict[str, int] = {}
+    if page_size is not None:
+        limit = client.meta.service_model.operation_model(operation).input_shape.members.get("MaxResults")
+        if limit is not None:
+            # Some operations cap pages far lower (SSM GetParametersByPath: 10); asking for more is an error.
+            config["PageSize"] = min(page_size, int(limit.metadata.get("max", page_size)))
+    try:
+        for page in paginator.paginate(PaginationConfig=config, **kwargs):
+            yield from page.get(key, [])
+    except CAUGHT as e:
+        raise translate(e, iam_action(client, operation), resource) from e
+
+
+def eventually(
+    fn: Callable[[], T],
+    *,
+    retry_on: tuple[type[AmiforgeError], ...] = (NotFound,),
+    timeout: float = 120.0,
+    first_delay: float = 1.0,
+    max_delay: float = 15.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """`fn()`, retried while it raises one of `retry_on`, with doubling delays, until `timeout` seconds have passed.
+
+    For EC2's eventual consistency: an image id that CreateImage or CopyImage just returned can be unknown to
+    DescribeImages for a few seconds. Use it only right after such a create — elsewhere a NotFound is the answer.
+    botocore does not retry *.NotFound (it is not a transient error to it), hence this loop. `sleep` and `clock`
+    are injectable so tests do not wait."""
+    start = clock()
+    delay = first_delay
+    while True:
+        try:
+            return fn()
+        except retry_on:
+            if clock() - start + delay > timeout:
+                raise
+        sleep(delay)
+        delay = min(delay * 2, max_delay)

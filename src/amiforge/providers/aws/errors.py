@@ -1,0 +1,169 @@
+"""The one table from AWS error codes to amiforge errors (DESIGN.md §6), for EC2, SSM, STS and KMS.
+
+Every botocore error that leaves an AWS call goes through `translate()`, which decides by the error *code* alone: the
+message text AWS sends is shown to the user, never inspected. Codes are looked up exactly first, then against the
+wildcard families of the same table (`*.NotFound`, `AccessDenied*`, …) in the order they are written. A code the table
+does not know becomes a non-retryable InfraError that names it: unexpected, so reported, never swallowed.
+
+By the time an error reaches `translate()`, botocore's standard retry mode has already retried throttling and
+transient server errors with jittered backoff; `retryable=True` says a later retry of the whole command may still help.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+)
+
+from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
+
+__all__ = ["AWS_ERRORS", "CAUGHT", "Rule", "error_for_code", "rule_for", "translate"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one AWS error code means to amiforge. `fix` may name `{action}`, the IAM action (ec2:DescribeImages)."""
+
+    family: type[AmiforgeError]
+    fix: str | None = None
+    retryable: bool = False
+
+
+_PERMISSION = "grant {action} to the identity amiforge runs as (`amiforge doctor` lists every permission it needs)"
+_CREDENTIALS = "check the AWS credentials amiforge runs with (profile, environment, instance role)"
+_RETRY_LATER = "retry later; botocore already retried with backoff"
+_THROTTLED = "lower the request rate (fewer parallel runs) or ask AWS for a higher API rate quota"
+_KMS_STATE = "the key is pending deletion or import, or unavailable: cancel that or use another key"
+
+# The one table. Exact codes first (dict order does not matter for them); wildcard keys are tried in written order,
+# most specific first. Add a code here, never an `if code == …` at a call site.
+AWS_ERRORS: Mapping[str, Rule] = {
+    # --- not found (EC2 answers Unavailable for an image that was deregistered) -----------------------------------
+    "InvalidAMIID.Unavailable": Rule(NotFound, "the image was deregistered; resolve the source again"),
+    "InvalidAMIID.Malformed": Rule(ConfigError, "an image id looks like ami-0123456789abcdef0"),
+    "ParameterNotFound": Rule(NotFound, "check the SSM parameter name and the region it is read in"),
+    "ParameterVersionNotFound": Rule(NotFound, "check the SSM parameter version or label"),
+    "NotFoundException": Rule(NotFound, "check the KMS key id or ARN, and that it lives in this region"),
+    # --- permissions and credentials --------------------------------------------------------------------------------
+    "UnauthorizedOperation": Rule(ConfigError, _PERMISSION),
+    "AuthFailure": Rule(ConfigError, _CREDENTIALS),
+    "UnrecognizedClientException": Rule(ConfigError, _CREDENTIALS),
+    "InvalidClientTokenId": Rule(ConfigError, _CREDENTIALS),
+    "SignatureDoesNotMatch": Rule(ConfigError, _CREDENTIALS),
+    "ExpiredToken": Rule(ConfigError, _CREDENTIALS),
+    "ExpiredTokenException": Rule(ConfigError, _CREDENTIALS),
+    "RegionDisabledException": Rule(ConfigError, "enable the region for the account (STS), or use another region"),
+    "OptInRequired": Rule(ConfigError, "subscribe the account to this service or region"),
+    # --- bad requests: our inputs (recipe, settings, flags) are wrong ----------------------------------------------
+    "InvalidParameterValue": Rule(ConfigError, "check the values in the recipe and settings"),
+    "InvalidParameterCombination": Rule(ConfigError, "check the values in the recipe and settings"),
+    "InvalidParameter": Rule(ConfigError, "check the values in the recipe and settings"),
+    "ValidationError": Rule(ConfigError, "check the values in the recipe and settings"),
+    "ValidationException": Rule(ConfigError, "check the values in the recipe and settings"),
+    "MissingParameter": Rule(ConfigError, "check the values in the recipe and settings"),
+    "InvalidKeyId": Rule(ConfigError, "check the KMS key id or ARN"),
+    "InvalidKeyUsageException": Rule(ConfigError, "use an ECC_NIST_P256 key with key usage SIGN_VERIFY"),
+    "DisabledException": Rule(ConfigError, "enable the key (aws kms enable-key) or configure another"),
+    "KMSInvalidStateException": Rule(ConfigError, _KMS_STATE),
+    "InvalidAMIName.Duplicate": Rule(StateError, "an image with this name exists already in this region"),
+    "IncorrectState": Rule(StateError, "the resource is not in a state that allows this; wait and re-run"),
+    "IncorrectInstanceState": Rule(StateError, "the instance is not in a state that allows this; wait and re-run"),
+    # --- quotas -----------------------------------------------------------------------------------------------------
+    "ResourceLimitExceeded": Rule(InfraError, "raise the EC2 quota, or delete unused resources"),
+    "InstanceLimitExceeded": Rule(InfraError, "raise the EC2 instance quota, or use another instance type"),
+    "InsufficientInstanceCapacity": Rule(InfraError, "use another instance type or availability zone", True),
+    # --- throttling and transient server errors ---------------------------------------------------------------------
+    "RequestLimitExceeded": Rule(InfraError, _THROTTLED, True),
+    "ThrottlingException": Rule(InfraError, _THROTTLED, True),
+    "TooManyRequestsException": Rule(InfraError, _THROTTLED, True),
+    "ServiceUnavailable": Rule(InfraError, _RETRY_LATER, True),
+    "Unavailable": Rule(InfraError, _RETRY_LATER, True),
+    "InternalError": Rule(InfraError, _RETRY_LATER, True),
+    "InternalFailure": Rule(InfraError, _RETRY_LATER, True),
+    "InternalServerError": Rule(InfraError, _RETRY_LATER, True),
+    "KMSInternalException": Rule(InfraError, _RETRY_LATER, True),
+    "DependencyTimeoutException": Rule(InfraError, _RETRY_LATER, True),
+    "KeyUnavailableException": Rule(InfraError, _RETRY_LATER, True),
+    # --- wildcard families, tried in this order ---------------------------------------------------------------------
+    "*.NotFound": Rule(NotFound, "check the id and the region it is looked up in"),
+    "*.Malformed": Rule(ConfigError, "check the id's format"),
+    "AccessDenied*": Rule(ConfigError, _PERMISSION),
+    "Throttling*": Rule(InfraError, _THROTTLED, True),
+}
+
+_EXACT = {code: rule for code, rule in AWS_ERRORS.items() if "*" not in code}
+_PATTERNS = [(pattern, rule) for pattern, rule in AWS_ERRORS.items() if "*" in pattern]
+
+
+def rule_for(code: str) -> Rule | None:
+    """The table's rule for an AWS error code, or None if the table does not know it."""
+    exact = _EXACT.get(code)
+    if exact is not None:
+        return exact
+    for pattern, rule in _PATTERNS:
+        # fnmatchcase: AWS codes are case-sensitive, and fnmatch would fold case on some platforms.
+        if fnmatch.fnmatchcase(code, pattern):
+            return rule
+    return None
+
+
+def error_for_code(code: str, action: str, resource: str, detail: str = "") -> AmiforgeError:
+    """The amiforge error for an AWS error code met while doing `action` (`service:Operation`) on `resource`.
+
+    Also for codes that arrive without an exception (e.g. a KMS key state that means "this key cannot sign")."""
+    message = f"{action} on {resource} failed: {code}" + (f" ({detail})" if detail else "")
+    rule = rule_for(code)
+    if rule is None:
+        # Unexpected, so not swallowed: reported with its code, and not promised to get better with a retry.
+        return InfraError(message, retryable=False, fix=f"AWS answered {code}, which amiforge does not know; report it")
+    fix = rule.fix.format(action=action) if rule.fix else None
+    if rule.family is InfraError:
+        return InfraError(message, retryable=rule.retryable, fix=fix)
+    if rule.family is ConfigError:
+        return ConfigError(message, fix=fix)
+    return rule.family(message, fix=fix)
+
+
+# Transport and credential failures worth translating. Anything else from botocore (ParamValidationError, …) is a
+# bug in amiforge: `clients.call()` lets it propagate untouched.
+CAUGHT: tuple[type[Exception], ...] = (
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    NoRegionError,
+    ProfileNotFound,
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+)
+
+_TRANSPORT = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+_SETUP = (NoCredentialsError, PartialCredentialsError, NoRegionError, ProfileNotFound)
+
+
+def translate(error: ClientError | BotoCoreError, action: str, resource: str) -> AmiforgeError:
+    """The amiforge error for a botocore error. Call sites `raise translate(e, …) from e` so the cause stays chained.
+
+    `action` is the IAM action (`ec2:DescribeImages`) so a permission error can say which one to grant."""
+    if isinstance(error, ClientError):
+        err = error.response.get("Error", {})
+        return error_for_code(str(err.get("Code") or "Unknown"), action, resource, str(err.get("Message") or ""))
+    if isinstance(error, _SETUP):
+        return ConfigError(f"{action} on {resource}: {error}", fix=_CREDENTIALS)
+    if isinstance(error, _TRANSPORT):
+        return InfraError(f"{action} on {resource}: cannot reach AWS ({error})", retryable=True)
+    return InfraError(f"{action} on {resource} failed: {type(error).__name__} ({error})", retryable=False)

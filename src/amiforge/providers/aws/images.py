@@ -1,0 +1,178 @@
+"""Images on EC2: resolving a recipe's source image, owner-pinned, and listing the images amiforge manages.
+
+This module owns the whoAMI rule (DESIGN.md §5, CVE-2018-15869): an image looked up by name is only ever looked up
+among pinned owners. The recipe schema already refuses a source without owners; `resolve_source` refuses it again at
+runtime, because a source can also be built in code (`model_construct`, an API payload) without passing the schema.
+
+Listing goes through the paginator at full page size: an inventory of N images costs ⌈N/1000⌉ DescribeImages calls
+per region, never one call per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.providers.aws.clients import AwsSession, call, paginate
+from amiforge.recipe import OwnersSource, SsmSource
+
+__all__ = [
+    "MANAGED_TAG",
+    "ImageSummary",
+    "SourceImage",
+    "describe_image",
+    "inventory",
+    "parse_aws_time",
+    "resolve_source",
+]
+
+# DESIGN §5: every resource amiforge creates carries this tag; inventory, retire and gc only look at tagged ones.
+MANAGED_TAG = "amiforge:managed"
+_WHOAMI_FIX = (
+    "pin the publisher: owners: [amazon] or the 12-digit account id publishing the image, or use ssm_parameter"
+)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """The base image a bake starts from, as resolved in one region."""
+
+    image_id: str
+    name: str
+    owner: str
+    creation_date: datetime
+    architecture: str | None
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """One image in an account and region, as DescribeImages reports it."""
+
+    image_id: str
+    name: str
+    state: str
+    owner: str
+    creation_date: datetime
+    tags: tuple[tuple[str, str], ...]
+    snapshot_ids: tuple[str, ...]
+
+    def tag(self, key: str) -> str | None:
+        return dict(self.tags).get(key)
+
+
+def parse_aws_time(value: object) -> datetime:
+    """EC2's CreationDate (`2024-05-01T12:00:00.000Z`) as an aware UTC datetime."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _source_image(image: Mapping[str, Any]) -> SourceImage:
+    return SourceImage(
+        image_id=str(image["ImageId"]),
+        name=str(image.get("Name") or ""),
+        owner=str(image.get("OwnerId") or ""),
+        creation_date=parse_aws_time(image["CreationDate"]),
+        architecture=image.get("Architecture"),
+    )
+
+
+def _summary(image: Mapping[str, Any]) -> ImageSummary:
+    snapshots = [
+        m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if "SnapshotId" in m.get("Ebs", {})
+    ]
+    return ImageSummary(
+        image_id=str(image["ImageId"]),
+        name=str(image.get("Name") or ""),
+        state=str(image.get("State") or ""),
+        owner=str(image.get("OwnerId") or ""),
+        creation_date=parse_aws_time(image["CreationDate"]),
+        tags=tuple(sorted((str(t["Key"]), str(t["Value"])) for t in image.get("Tags", []))),
+        snapshot_ids=tuple(snapshots),
+    )
+
+
+def _newest_first(images: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    # The image id breaks ties, so two images stamped in the same millisecond still resolve the same way every time.
+    return sorted(images, key=lambda i: (parse_aws_time(i["CreationDate"]), str(i["ImageId"])), reverse=True)
+
+
+def describe_image(session: AwsSession, region: str, image_id: str) -> Mapping[str, Any]:
+    """DescribeImages for one id; NotFound if EC2 does not know it (or no longer does: a deregistered image can come
+    back as an empty list rather than an error). Wrap in `eventually()` right after creating or copying it."""
+    ec2 = session.client("ec2", region)
+    images = call(ec2, "DescribeImages", image_id, ImageIds=[image_id]).get("Images", [])
+    if not images:
+        raise NotFound(f"image {image_id} does not exist in {region}", fix="check the id and the region")
+    return dict(images[0])
+
+
+def resolve_source(
+    source: OwnersSource | SsmSource, session: AwsSession, region: str, *, architecture: str | None = None
+) -> SourceImage:
+    """The image a recipe's source names in `region`: read from an SSM parameter, or the newest available image
+    named like `source.name` among `source.owners`. No side effects."""
+    if isinstance(source, SsmSource):
+        return _resolve_ssm(source, session, region)
+    return _resolve_owners(source, session, region, architecture)
+
+
+def _resolve_ssm(source: SsmSource, session: AwsSession, region: str) -> SourceImage:
+    ssm = session.client("ssm", region)
+    parameter = call(ssm, "GetParameter", source.ssm_parameter, Name=source.ssm_parameter)["Parameter"]
+    image_id = str(parameter.get("Value") or "").strip()
+    if not image_id.startswith("ami-"):
+        raise ConfigError(
+            f"SSM parameter {source.ssm_parameter} in {region} holds {image_id[:64]!r}, not an image id",
+            fix="point ssm_parameter at a parameter that holds an ami-… id (e.g. under /aws/service/)",
+        )
+    image = describe_image(session, region, image_id)
+    if image.get("State") != "available":
+        raise StateError(
+            f"image {image_id} named by {source.ssm_parameter} is {image.get('State')!r}, not available",
+            fix="wait for the publisher to fix the parameter, or pin an owners + name source",
+        )
+    return _source_image(image)
+
+
+def _resolve_owners(source: OwnersSource, session: AwsSession, region: str, architecture: str | None) -> SourceImage:
+    owners = [o for o in source.owners if o]
+    if not owners:
+        # Defence in depth behind the schema: without owners, anyone's public image with a matching name qualifies.
+        what = "most_recent lookup" if source.most_recent else "lookup"
+        raise ConfigError(
+            f"refusing an image {what} by name {source.name!r} without owners (whoAMI name squatting)",
+            fix=_WHOAMI_FIX,
+        )
+    filters = [{"Name": "name", "Values": [source.name]}, {"Name": "state", "Values": ["available"]}]
+    if architecture is not None:
+        filters.append({"Name": "architecture", "Values": [architecture]})
+    described = f"name={source.name!r} owners={owners}" + (f" architecture={architecture}" if architecture else "")
+    ec2 = session.client("ec2", region)
+    images = _newest_first(paginate(ec2, "DescribeImages", "Images", described, Owners=owners, Filters=filters))
+    if not images:
+        raise NotFound(
+            f"no available image matches {described} in {region}",
+            fix="check the name pattern (* and ? wildcards), the owners and the region",
+        )
+    if not source.most_recent and len(images) > 1:
+        ids = ", ".join(str(i["ImageId"]) for i in images[:5])
+        raise ConfigError(
+            f"{len(images)} images match {described} in {region} ({ids}…) and most_recent is false",
+            fix="make the name pattern match exactly one image, or set most_recent: true",
+        )
+    return _source_image(images[0])
+
+
+def inventory(session: AwsSession, region: str, *, tag_filters: Mapping[str, str] | None = None) -> list[ImageSummary]:
+    """Every image of the caller's account in `region` that carries `amiforge:managed=true` (and `tag_filters`),
+    oldest first. One DescribeImages call per 1000 images."""
+    wanted = {MANAGED_TAG: "true", **(tag_filters or {})}
+    filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in wanted.items()]
+    ec2 = session.client("ec2", region)
+    images = paginate(ec2, "DescribeImages", "Images", f"managed images in {region}", Owners=["self"], Filters=filters)
+    return sorted((_summary(i) for i in images), key=lambda s: (s.creation_date, s.image_id))

@@ -1,0 +1,201 @@
+"""Source image resolution (owner-pinned, DESIGN §5) and the inventory of managed images, on moto."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import ACCOUNT, REGION, Aws
+from moto.ec2.models import ec2_backends
+
+from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.providers.aws.clients import eventually
+from amiforge.providers.aws.images import SourceImage, describe_image, inventory, resolve_source
+from amiforge.recipe import OwnersSource, SsmSource
+
+SQUATTER = "666666666666"
+PARAM = "/amiforge/test/debian/12/latest/amd64"  # moto reserves /aws/service/ (AccessDenied), so a path of our own
+BASE = datetime(2024, 1, 1, tzinfo=UTC)
+MANAGED = [{"ResourceType": "image", "Tags": [{"Key": "amiforge:managed", "Value": "true"}]}]
+
+
+def _instance(ec2: Any) -> str:
+    return str(ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"])
+
+
+def _image(ec2: Any, instance: str, name: str, *, day: int, owner: str | None = None, tags: Any = ()) -> str:
+    image_id = str(ec2.create_image(InstanceId=instance, Name=name, TagSpecifications=list(tags))["ImageId"])
+    ami = ec2_backends[ACCOUNT][REGION].amis[image_id]
+    # moto stamps "now" at one-second resolution; the tests need a known order.
+    ami.creation_date = BASE + timedelta(days=day)
+    if owner is not None:
+        # A public image published by another account, visible to ours (moto keeps accounts apart otherwise).
+        ami.owner_id = owner
+        ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"Group": "all"}]})
+    return image_id
+
+
+@pytest.fixture
+def debian(aws: Aws) -> dict[str, str]:
+    """Three releases of ours, a squatter's newer look-alike, and an unrelated image."""
+    ec2: Any = aws.ec2()
+    instance = _instance(ec2)
+    return {
+        "old": _image(ec2, instance, "debian-12-amd64-20240101", day=0),
+        "new": _image(ec2, instance, "debian-12-amd64-20240301", day=60),
+        "mid": _image(ec2, instance, "debian-12-amd64-20240201", day=30),
+        "squat": _image(ec2, instance, "debian-12-amd64-29990101", day=900, owner=SQUATTER),
+        "other": _image(ec2, instance, "ubuntu-24-amd64", day=1000),
+    }
+
+
+def _resolve_all(aws: Aws, ids: dict[str, str]) -> list[SourceImage]:
+    aws.session.client("ssm").put_parameter(
+        Name=PARAM, Value=ids["mid"], Type="String", DataType="aws:ec2:image", Overwrite=True
+    )
+    return [
+        resolve_source(OwnersSource(owners=[ACCOUNT], name="debian-12-amd64-*"), aws.session, REGION),
+        resolve_source(OwnersSource(owners=["self"], name="debian-12-amd64-*"), aws.session, REGION),
+        resolve_source(OwnersSource(owners=[SQUATTER], name="debian-12-*"), aws.session, REGION),
+        resolve_source(SsmSource(ssm_parameter=PARAM), aws.session, REGION),
+    ]
+
+
+def test_owners_newest_wins_and_other_owners_are_never_matched(aws: Aws, debian: dict[str, str]) -> None:
+    mine, self_alias, squatter, from_ssm = _resolve_all(aws, debian)
+    assert mine.image_id == debian["new"] and mine.owner == ACCOUNT
+    assert mine.name == "debian-12-amd64-20240301" and mine.creation_date == BASE + timedelta(days=60)
+    assert mine.architecture == "x86_64"
+    assert self_alias == mine  # the squatter's newer look-alike is not ours
+    assert squatter.image_id == debian["squat"]  # only when that owner is pinned
+    assert from_ssm.image_id == debian["mid"]
+
+
+def test_same_answers_under_throttling(faulty: Aws) -> None:
+    """30 % of sends throttled: the same resolutions, through botocore's retries."""
+    assert faulty.faults is not None
+    # Only throttling here: NotFound-after-create is the eventually() test's subject.
+    faulty.faults.not_found_reads = 0
+    ec2: Any = faulty.ec2()
+    instance = _instance(ec2)
+    ids = {
+        "old": _image(ec2, instance, "debian-12-amd64-20240101", day=0),
+        "new": _image(ec2, instance, "debian-12-amd64-20240301", day=60),
+        "mid": _image(ec2, instance, "debian-12-amd64-20240201", day=30),
+        "squat": _image(ec2, instance, "debian-12-amd64-29990101", day=900, owner=SQUATTER),
+    }
+    answers = [_resolve_all(faulty, ids) for _ in range(5)]
+    assert faulty.faults.injected["RequestLimitExceeded"] + faulty.faults.injected["ThrottlingException"] > 5
+    assert all(a == answers[0] for a in answers)
+    assert [a.image_id for a in answers[0]] == [ids["new"], ids["new"], ids["squat"], ids["mid"]], (ids, answers[0])
+
+
+def test_no_owners_is_refused_at_runtime(aws: Aws) -> None:
+    before = sum(aws.calls.counts.values())
+    for most_recent in (True, False):
+        # model_construct skips the schema, as code building a source by hand would.
+        source = OwnersSource.model_construct(owners=[], name="debian-12-*", most_recent=most_recent)
+        with pytest.raises(ConfigError, match="whoAMI") as caught:
+            resolve_source(source, aws.session, REGION)
+        assert caught.value.fix and "owners" in caught.value.fix
+    assert sum(aws.calls.counts.values()) == before  # refused before any AWS call
+
+
+def test_nothing_matches_is_not_found_naming_the_filter(aws: Aws, debian: dict[str, str]) -> None:
+    with pytest.raises(NotFound, match=r"debian-13-\*") as caught:
+        resolve_source(OwnersSource(owners=["amazon"], name="debian-13-*"), aws.session, REGION)
+    assert "amazon" in caught.value.message
+    with pytest.raises(NotFound):
+        resolve_source(OwnersSource(owners=[ACCOUNT], name="debian-12-*"), aws.session, REGION, architecture="arm64")
+
+
+def test_most_recent_false_wants_exactly_one(aws: Aws, debian: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="3 images match"):
+        resolve_source(OwnersSource(owners=[ACCOUNT], name="debian-12-*", most_recent=False), aws.session, REGION)
+    exact = OwnersSource(owners=[ACCOUNT], name="debian-12-amd64-20240101", most_recent=False)
+    assert resolve_source(exact, aws.session, REGION).image_id == debian["old"]
+
+
+def test_ssm_problems(aws: Aws, debian: dict[str, str]) -> None:
+    ssm = aws.session.client("ssm")
+    with pytest.raises(NotFound, match="ParameterNotFound"):
+        resolve_source(SsmSource(ssm_parameter="/nope"), aws.session, REGION)
+    ssm.put_parameter(Name="/bad", Value="not-an-ami", Type="String")  # moto validates nothing (notes/moto.md)
+    with pytest.raises(ConfigError, match="not an image id"):
+        resolve_source(SsmSource(ssm_parameter="/bad"), aws.session, REGION)
+    ssm.put_parameter(Name="/gone", Value="ami-0123456789abcdef0", Type="String")
+    with pytest.raises(NotFound):
+        resolve_source(SsmSource(ssm_parameter="/gone"), aws.session, REGION)
+    aws.session.client("ec2").disable_image(ImageId=debian["old"])
+    ssm.put_parameter(Name="/disabled", Value=debian["old"], Type="String")
+    with pytest.raises(StateError, match="disabled"):
+        resolve_source(SsmSource(ssm_parameter="/disabled"), aws.session, REGION)
+
+
+def test_inventory_of_2500_images_costs_3_calls(aws: Aws) -> None:
+    started = time.monotonic()
+    ec2: Any = aws.ec2()
+    instance = _instance(ec2)
+    for i in range(2500):
+        ec2.create_image(InstanceId=instance, Name=f"web-{i:04}", TagSpecifications=MANAGED)
+    ec2.create_image(InstanceId=instance, Name="unmanaged")
+    aws.calls.reset()
+    images = inventory(aws.session, REGION)
+    assert aws.calls["ec2.DescribeImages"] == 3  # ⌈2500/1000⌉
+    assert sum(aws.calls.counts.values()) == 3
+    assert len(images) == 2500 and len({i.image_id for i in images}) == 2500
+    assert all(i.tag("amiforge:managed") == "true" and i.snapshot_ids for i in images)
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("extra", [None, {"team": "web"}])
+def test_inventory_identical_at_every_page_size(aws: Aws, extra: dict[str, str] | None) -> None:
+    ec2: Any = aws.ec2()
+    instance = _instance(ec2)
+    for i in range(23):
+        image_id = _image(ec2, instance, f"web-{i:02}", day=i % 5, tags=MANAGED)
+        if i % 3 == 0:
+            ec2.create_tags(Resources=[image_id], Tags=[{"Key": "team", "Value": "web"}])
+    results = {}
+    for size in (1, 2, 7, 1000):
+        aws.paging.page_cap = size
+        aws.calls.reset()
+        results[size] = inventory(aws.session, REGION, tag_filters=extra)
+        expected = 23 if extra is None else 8
+        assert len(results[size]) == expected
+        assert aws.calls["ec2.DescribeImages"] == max(1, -(-expected // size))
+    assert results[1] == results[2] == results[7] == results[1000]
+
+
+def test_eventually_waits_out_not_found_after_create_without_sleeping(faulty: Aws) -> None:
+    assert faulty.faults is not None
+    faulty.faults.not_found_reads = 2
+    ec2: Any = faulty.ec2()
+    image_id = ec2.create_image(InstanceId=_instance(ec2), Name="fresh")["ImageId"]
+    slept: list[float] = []
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    image = eventually(lambda: describe_image(faulty.session, REGION, image_id), sleep=sleep, clock=lambda: now[0])
+    assert image["ImageId"] == image_id
+    assert faulty.faults.injected["InvalidAMIID.NotFound"] == 2
+    assert slept == [1.0, 2.0]
+
+
+def test_eventually_gives_up_after_timeout() -> None:
+    now = [0.0]
+
+    def missing() -> None:
+        raise NotFound("still not there")
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(NotFound):
+        eventually(missing, timeout=10, sleep=sleep, clock=lambda: now[0])
+    assert now[0] <= 10

@@ -1,0 +1,165 @@
+"""The test-side emulation of what moto lacks is itself tested: paging, the tag-lookup shim, fault injection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from conftest import REGION, Aws
+from moto.ec2.models.core import TaggedEC2Resource
+from moto_emulation import FaultInjector, PagingEmulation, no_backoff
+
+SIZES = [1, 2, 7, 1000]
+TAG = [{"ResourceType": "image", "Tags": [{"Key": "amiforge:managed", "Value": "true"}]}]
+
+
+def _instance(ec2: Any) -> str:
+    return str(ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"])
+
+
+def _images(ec2: Any, n: int) -> list[str]:
+    instance = _instance(ec2)
+    return [
+        str(ec2.create_image(InstanceId=instance, Name=f"img-{i:03}", TagSpecifications=TAG)["ImageId"])
+        for i in range(n)
+    ]
+
+
+def _pages(ec2: Any, operation: str, key: str, size: int, **kwargs: Any) -> tuple[list[Any], int]:
+    pages = list(ec2.get_paginator(operation).paginate(PaginationConfig={"PageSize": size}, **kwargs))
+    return [item for page in pages for item in page[key]], len(pages)
+
+
+@pytest.mark.parametrize("cap", [False, True], ids=["max-results", "server-cap"])
+def test_images_and_snapshots_page_identically(aws: Aws, cap: bool) -> None:
+    ec2: Any = aws.ec2()
+    _images(ec2, 17)
+    whole_images = ec2.describe_images(Owners=["self"])["Images"]
+    whole_snapshots = ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+    assert len(whole_images) == 17 and len(whole_snapshots) >= 17
+    for size in SIZES:
+        if cap:
+            aws.paging.page_cap = size
+        images, n_images = _pages(ec2, "describe_images", "Images", 1000 if cap else size, Owners=["self"])
+        snaps, _ = _pages(ec2, "describe_snapshots", "Snapshots", 1000 if cap else size, OwnerIds=["self"])
+        assert [i["ImageId"] for i in images] == [i["ImageId"] for i in whole_images]
+        assert [s["SnapshotId"] for s in snaps] == [s["SnapshotId"] for s in whole_snapshots]
+        assert n_images == -(-17 // size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_instances_page_identically(aws: Aws, size: int) -> None:
+    ec2: Any = aws.ec2()
+    ec2.run_instances(ImageId="ami-12345678", MinCount=9, MaxCount=9)
+    for _ in range(4):
+        ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)
+    whole = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+    # moto's own paging would stop at 100 reservations and use its own token; the emulation replaces it.
+    aws.paging.page_cap = size
+    reservations, pages = _pages(ec2, "describe_instances", "Reservations", 1000)
+    assert [i["InstanceId"] for r in reservations for i in r["Instances"]] == whole
+    assert pages == -(-5 // size)
+
+
+def test_short_pages_are_not_the_last(aws: Aws) -> None:
+    """With a server cap below MaxResults, a full-looking short page still carries a NextToken."""
+    ec2: Any = aws.ec2()
+    _images(ec2, 3)
+    aws.paging.page_cap = 2
+    first = ec2.describe_images(Owners=["self"], MaxResults=1000)
+    assert len(first["Images"]) == 2 and "NextToken" in first
+    rest = ec2.describe_images(Owners=["self"], MaxResults=1000, NextToken=first["NextToken"])
+    assert len(rest["Images"]) == 1 and "NextToken" not in rest
+
+
+def test_token_is_bound_to_its_request_and_ids_refuse_paging(aws: Aws) -> None:
+    ec2: Any = aws.ec2()
+    ids = _images(ec2, 3)
+    token = ec2.describe_images(Owners=["self"], MaxResults=1)["NextToken"]
+    with pytest.raises(ClientError) as caught:
+        ec2.describe_images(Owners=["amazon"], MaxResults=1, NextToken=token)
+    assert caught.value.response["Error"]["Code"] == "InvalidParameterValue"
+    with pytest.raises(ClientError) as caught:
+        ec2.describe_images(Owners=["self"], MaxResults=1, NextToken="garbage")
+    assert caught.value.response["Error"]["Code"] == "InvalidParameterValue"
+    with pytest.raises(ClientError) as caught:
+        ec2.describe_images(ImageIds=ids[:1], MaxResults=5)
+    assert caught.value.response["Error"]["Code"] == "InvalidParameterCombination"
+    # Without MaxResults, everything in one answer, as EC2 does.
+    assert len(ec2.describe_images(Owners=["self"])["Images"]) == 3
+
+
+def test_tag_shim_answers_like_moto(aws: Aws) -> None:
+    ec2: Any = aws.ec2()
+    ids = _images(ec2, 4)
+    ec2.create_tags(Resources=ids[:2], Tags=[{"Key": "team", "Value": "web"}, {"Key": "x", "Value": ""}])
+    from moto.ec2.models import ec2_backends
+
+    backend = ec2_backends["123456789012"][REGION]
+    shimmed = {i: backend.amis[i].get_tags() for i in ids}
+    # moto's own TaggedEC2Resource.get_tags is exactly this scan of every tag in the region.
+    assert {i: backend.describe_tags(filters={"resource-id": [i]}) for i in ids} == shimmed
+    assert TaggedEC2Resource.get_tags.__name__ == "get_tags"
+    assert shimmed[ids[0]][0]["resource_type"] == "image"
+
+
+def test_paging_emulation_object_is_inert_without_install() -> None:
+    assert PagingEmulation().page_cap is None
+
+
+# --- fault injection ------------------------------------------------------------------------------------------
+
+
+def test_throttling_goes_through_botocore_retries(faulty: Aws) -> None:
+    assert faulty.faults is not None
+    ec2: Any = faulty.ec2()
+    for _ in range(40):
+        response = ec2.describe_images(Owners=["self"])
+        assert response["Images"] == []
+    injected = faulty.faults.injected["RequestLimitExceeded"]
+    # About 30 % of sends are throttled (seeded, so this is exact run to run), each retried by botocore.
+    assert 8 <= injected <= 25
+    assert faulty.faults.sends == 40 + injected
+    assert faulty.calls["ec2.DescribeImages"] == 40  # before-call counts calls, not attempts
+
+
+def test_persistent_throttling_surfaces_after_max_attempts(
+    moto: PagingEmulation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delays = no_backoff(monkeypatch)
+    boto = boto3.Session(region_name=REGION)
+    faults = FaultInjector(rate=1.0)
+    faults.install(boto.events)
+    ec2 = boto.client("ec2", config=Config(retries={"mode": "standard", "total_max_attempts": 3}))
+    with pytest.raises(ClientError) as caught:
+        ec2.describe_images(Owners=["self"])
+    assert caught.value.response["Error"]["Code"] == "RequestLimitExceeded"
+    assert faults.sends == 3  # total_max_attempts counts the first attempt (max_attempts would not)
+    assert len(delays) == 2 and all(d >= 0 for d in delays)  # standard mode chose (jittered) backoffs
+
+
+def test_not_found_right_after_create_only_once(faulty: Aws) -> None:
+    assert faulty.faults is not None
+    faulty.faults.rate = 0.0
+    ec2: Any = faulty.ec2()
+    image_id = ec2.create_image(InstanceId=_instance(ec2), Name="fresh")["ImageId"]
+    with pytest.raises(ClientError) as caught:
+        ec2.describe_images(ImageIds=[image_id])
+    assert caught.value.response["Error"]["Code"] == "InvalidAMIID.NotFound"
+    assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["ImageId"] == image_id
+
+
+def test_a_throttled_create_creates_nothing(faulty: Aws) -> None:
+    """botocore runs every before-send handler; the injector keeps moto from executing the faulted send."""
+    assert faulty.faults is not None
+    ec2: Any = faulty.ec2()
+    instance = _instance(ec2)
+    names = [f"img-{i:02}" for i in range(30)]
+    for name in names:
+        ec2.create_image(InstanceId=instance, Name=name)
+    assert faulty.faults.injected["RequestLimitExceeded"] > 0
+    faulty.faults.rate = 0.0
+    assert sorted(i["Name"] for i in ec2.describe_images(Owners=["self"])["Images"]) == names
