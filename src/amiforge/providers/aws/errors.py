@@ -57,6 +57,11 @@ AWS_ERRORS: Mapping[str, Rule] = {
     "ParameterNotFound": Rule(NotFound, "check the SSM parameter name and the region it is read in"),
     "ParameterVersionNotFound": Rule(NotFound, "check the SSM parameter version or label"),
     "NotFoundException": Rule(NotFound, "check the KMS key id or ARN, and that it lives in this region"),
+    "InvalidLaunchTemplateName.NotFoundException": Rule(NotFound, "check the launch template name and region"),
+    "InvalidLaunchTemplateId.VersionNotFound": Rule(NotFound, "check the launch template version number"),
+    # SSM: right after SendCommand, or before the agent on a new instance has registered; callers poll on NotFound.
+    "InvocationDoesNotExist": Rule(NotFound, "the command invocation is not visible yet; it is polled again"),
+    "InvalidInstanceId": Rule(NotFound, "the instance is not registered with SSM (yet); check the SSM agent and role"),
     # --- permissions and credentials --------------------------------------------------------------------------------
     "UnauthorizedOperation": Rule(ConfigError, _PERMISSION),
     "AuthFailure": Rule(ConfigError, _CREDENTIALS),
@@ -79,6 +84,10 @@ AWS_ERRORS: Mapping[str, Rule] = {
     "DisabledException": Rule(ConfigError, "enable the key (aws kms enable-key) or configure another"),
     "KMSInvalidStateException": Rule(ConfigError, _KMS_STATE),
     "InvalidAMIName.Duplicate": Rule(StateError, "an image with this name exists already in this region"),
+    "IdempotentParameterMismatch": Rule(
+        StateError, "this run's request was first made with other parameters; use a new run id"
+    ),
+    "ParameterAlreadyExists": Rule(StateError, "the SSM parameter exists already; it is overwritten only on purpose"),
     "IncorrectState": Rule(StateError, "the resource is not in a state that allows this; wait and re-run"),
     "IncorrectInstanceState": Rule(StateError, "the instance is not in a state that allows this; wait and re-run"),
     # --- quotas -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,317 @@
+"""Publishing a promoted image on AWS: the channel's SSM parameter and, optionally, a launch template's default version.
+
+This module owns the AWS side of a channel pointer (DESIGN.md §2, "promote"): per channel and region, an SSM parameter
+`<prefix>/<name>/<channel>` of DataType `aws:ec2:image` holding the AMI id, and for a launch template a new version
+with that numeric AMI id which becomes the template's default. The default is always set to a version *number*, never
+`$Latest`: an Auto Scaling group following `$Default` must not pick up whatever version someone creates next.
+
+Each publication reports what it replaced (the previous AMI id, the previous default version), which is the rollback
+target; `rollback()` puts those back. Publishing is idempotent and resumable: an unchanged parameter is not written
+again, a default that already holds the image gets no new version, and a version created by an interrupted run (the
+newest, holding the image, not yet default) is reused rather than duplicated.
+
+Everything that could refuse is read before anything is written, so a missing launch template or image leaves the
+parameter untouched. Every call goes through `clients.call`/`paginate`, so errors translate through the one table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.providers.aws.clients import AwsSession, call, paginate
+from amiforge.providers.aws.images import MANAGED_TAG, describe_image
+
+__all__ = ["IMAGE_DATA_TYPE", "RUN_TAG", "Publication", "parameter_name", "publish", "rollback"]
+
+IMAGE_DATA_TYPE = "aws:ec2:image"
+RUN_TAG = "amiforge:run"
+_IMAGE_ID_RE = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+_SEGMENT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_PREFIX_RE = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What one publish (or rollback) left in place, and what it replaced: the rollback target.
+
+    `version` is the SSM parameter's version now holding `image_id`. `previous_image_id` is the value before it
+    (None for a new parameter). `launch_template_version` is the template's numeric default now holding `image_id`;
+    `previous_lt_version` the default before this call moved it (None if there is no template, or it did not move).
+    `changed` is False when everything already pointed at the image and nothing was written."""
+
+    parameter: str
+    version: int
+    previous_image_id: str | None
+    launch_template_version: int | None
+    previous_lt_version: int | None
+    image_id: str
+    region: str
+    launch_template: str | None = None
+    changed: bool = True
+
+
+@dataclass(frozen=True)
+class _Template:
+    template_id: str
+    name: str
+    default: int
+    latest: int
+
+
+def parameter_name(prefix: str, name: str, channel: str) -> str:
+    """`/amiforge/web/prod`: the channel's SSM parameter. Refuses names that would leave the prefix's tree."""
+    problems = []
+    if _PREFIX_RE.fullmatch(prefix) is None:
+        problems.append(f"parameter prefix {prefix!r} is not an absolute SSM path like /amiforge (no trailing /)")
+    for what, value in (("image name", name), ("channel", channel)):
+        if _SEGMENT_RE.fullmatch(value) is None:
+            problems.append(f"{what} {value!r} is not [a-z0-9][a-z0-9-]{{0,62}}")
+    if problems:
+        raise ConfigError("; ".join(problems), fix="use lower-case names, digits and dashes; a prefix like /amiforge")
+    return f"{prefix}/{name}/{channel}"
+
+
+def publish(
+    session: AwsSession,
+    *,
+    region: str,
+    name: str,
+    channel: str,
+    image_id: str,
+    parameter_prefix: str = "/amiforge",
+    launch_template: str | None = None,
+    run_id: str,
+) -> Publication:
+    """Point `name`'s `channel` in `region` at `image_id`: the SSM parameter, and `launch_template`'s default version.
+
+    The image must exist and be available in `region`. A launch template that does not exist is a NotFound, raised
+    before the parameter is written."""
+    parameter = parameter_name(parameter_prefix, name, channel)
+    _check_image(session, region, image_id)
+    template = _find_template(session, region, launch_template) if launch_template is not None else None
+    return _apply(session, region, parameter, image_id, template, None, run_id)
+
+
+def rollback(
+    session: AwsSession,
+    *,
+    region: str,
+    name: str,
+    channel: str,
+    to_image_id: str,
+    parameter_prefix: str = "/amiforge",
+    launch_template: str | None = None,
+    to_lt_version: int | None = None,
+    run_id: str,
+) -> Publication:
+    """Put back what a publication replaced: the parameter to `to_image_id`, and the template's default to
+    `to_lt_version`, which must hold `to_image_id` (a mismatch is refused, since the two would then disagree).
+
+    Without `to_lt_version` the template gets a version holding `to_image_id` as `publish()` would make it."""
+    parameter = parameter_name(parameter_prefix, name, channel)
+    if to_lt_version is not None and launch_template is None:
+        raise ConfigError(
+            f"rollback to launch template version {to_lt_version} without a launch template",
+            fix="pass the launch template the version belongs to",
+        )
+    _check_image(session, region, to_image_id)
+    template = _find_template(session, region, launch_template) if launch_template is not None else None
+    if template is not None and to_lt_version is not None:
+        held = _version_image(session, region, template, to_lt_version)
+        if held != to_image_id:
+            raise StateError(
+                f"launch template {template.name} version {to_lt_version} holds {held}, not {to_image_id}",
+                fix="roll back to the version and image one publication recorded together",
+            )
+    return _apply(session, region, parameter, to_image_id, template, to_lt_version, run_id)
+
+
+# --- reads (nothing is written until all of them succeeded) -------------------------------------------------------
+
+
+def _check_image(session: AwsSession, region: str, image_id: str) -> None:
+    if _IMAGE_ID_RE.fullmatch(image_id) is None:
+        raise ConfigError(f"{image_id!r} is not an image id", fix="an image id looks like ami-0123456789abcdef0")
+    image = describe_image(session, region, image_id)
+    if image.get("State") != "available":
+        raise StateError(
+            f"image {image_id} in {region} is {image.get('State')!r}, not available",
+            fix="publish only an image that is available in this region (distribute it first)",
+        )
+
+
+def _find_template(session: AwsSession, region: str, name: str) -> _Template:
+    ec2 = session.client("ec2", region)
+    # By filter, not LaunchTemplateNames: an unknown name is then an empty answer we can explain, not an error code.
+    found = list(
+        paginate(
+            ec2,
+            "DescribeLaunchTemplates",
+            "LaunchTemplates",
+            f"launch template {name}",
+            Filters=[{"Name": "launch-template-name", "Values": [name]}],
+        )
+    )
+    if not found:
+        raise NotFound(
+            f"launch template {name} does not exist in {region}",
+            fix="create the launch template first, or check its name and the region (publish never creates one)",
+        )
+    lt = found[0]
+    return _Template(
+        template_id=str(lt["LaunchTemplateId"]),
+        name=name,
+        default=int(lt["DefaultVersionNumber"]),
+        latest=int(lt["LatestVersionNumber"]),
+    )
+
+
+def _versions(session: AwsSession, region: str, template: _Template, numbers: set[int]) -> dict[int, Mapping[str, Any]]:
+    ec2 = session.client("ec2", region)
+    answer = call(
+        ec2,
+        "DescribeLaunchTemplateVersions",
+        f"launch template {template.name}",
+        LaunchTemplateId=template.template_id,
+        Versions=[str(n) for n in sorted(numbers)],
+    )
+    return {int(v["VersionNumber"]): v for v in answer.get("LaunchTemplateVersions", [])}
+
+
+def _image_of(version: Mapping[str, Any] | None) -> str | None:
+    if version is None:
+        return None
+    value = version.get("LaunchTemplateData", {}).get("ImageId")
+    return str(value) if value is not None else None
+
+
+def _version_image(session: AwsSession, region: str, template: _Template, number: int) -> str | None:
+    if not 1 <= number <= template.latest:
+        raise NotFound(
+            f"launch template {template.name} has no version {number} (latest is {template.latest})",
+            fix="use a version number a publication recorded",
+        )
+    return _image_of(_versions(session, region, template, {number}).get(number))
+
+
+def _read_parameter(session: AwsSession, region: str, parameter: str) -> tuple[str | None, int | None]:
+    ssm = session.client("ssm", region)
+    try:
+        current = call(ssm, "GetParameter", parameter, Name=parameter)["Parameter"]
+    except NotFound:
+        return None, None
+    return str(current["Value"]), int(current["Version"])
+
+
+def _value_before(session: AwsSession, region: str, parameter: str, current: str) -> str | None:
+    """The parameter's last value other than `current`: the rollback target when this call changed nothing."""
+    ssm = session.client("ssm", region)
+    history = paginate(ssm, "GetParameterHistory", "Parameters", parameter, Name=parameter)
+    previous: str | None = None
+    for entry in sorted(history, key=lambda h: int(h["Version"])):
+        value = str(entry["Value"])
+        if value != current:
+            previous = value
+    return previous
+
+
+# --- writes ---------------------------------------------------------------------------------------------------------
+
+
+def _apply(
+    session: AwsSession,
+    region: str,
+    parameter: str,
+    image_id: str,
+    template: _Template | None,
+    to_version: int | None,
+    run_id: str,
+) -> Publication:
+    previous, version = _read_parameter(session, region, parameter)
+    ssm = session.client("ssm", region)
+    parameter_changed = previous != image_id
+    if parameter_changed:
+        answer = call(
+            ssm,
+            "PutParameter",
+            parameter,
+            Name=parameter,
+            Value=image_id,
+            Type="String",
+            DataType=IMAGE_DATA_TYPE,
+            Overwrite=True,
+            Description=f"amiforge channel pointer (run {run_id})",
+        )
+        version = int(answer["Version"])
+        if previous is None:
+            # SSM refuses Tags together with Overwrite; Overwrite keeps a retried put from failing on its own first
+            # attempt, so the tags follow in a call of their own (idempotent: same keys, same values).
+            call(
+                ssm,
+                "AddTagsToResource",
+                parameter,
+                ResourceType="Parameter",
+                ResourceId=parameter,
+                Tags=[{"Key": MANAGED_TAG, "Value": "true"}, {"Key": RUN_TAG, "Value": run_id}],
+            )
+    else:
+        previous = _value_before(session, region, parameter, image_id)
+    assert version is not None  # read back or just written
+    lt_version: int | None = None
+    previous_lt: int | None = None
+    if template is not None:
+        lt_version, previous_lt = _point_template(session, region, template, image_id, to_version, run_id)
+    return Publication(
+        parameter=parameter,
+        version=version,
+        previous_image_id=previous,
+        launch_template_version=lt_version,
+        previous_lt_version=previous_lt,
+        image_id=image_id,
+        region=region,
+        launch_template=template.name if template is not None else None,
+        changed=parameter_changed or previous_lt is not None,
+    )
+
+
+def _point_template(
+    session: AwsSession, region: str, template: _Template, image_id: str, to_version: int | None, run_id: str
+) -> tuple[int, int | None]:
+    """Make a numeric version holding `image_id` the template's default; (that version, the default it replaced)."""
+    versions = _versions(session, region, template, {template.default, template.latest})
+    if to_version is None and _image_of(versions.get(template.default)) == image_id:
+        return template.default, None
+    ec2 = session.client("ec2", region)
+    target = to_version
+    if target is None and template.latest > template.default and _image_of(versions.get(template.latest)) == image_id:
+        # An interrupted publish made this version and stopped before moving the default: reuse, do not duplicate.
+        target = template.latest
+    if target is None:
+        token = hashlib.sha256(f"{run_id}\0{template.template_id}\0{template.default}\0{image_id}".encode())
+        created = call(
+            ec2,
+            "CreateLaunchTemplateVersion",
+            f"launch template {template.name}",
+            LaunchTemplateId=template.template_id,
+            SourceVersion=str(template.default),
+            LaunchTemplateData={"ImageId": image_id},
+            VersionDescription=f"amiforge {image_id} (run {run_id})"[:255],
+            # A retry after a lost answer returns the version the first attempt made instead of a second one.
+            ClientToken=token.hexdigest()[:64],
+        )
+        target = int(created["LaunchTemplateVersion"]["VersionNumber"])
+    if target == template.default:
+        return target, None
+    call(
+        ec2,
+        "ModifyLaunchTemplate",
+        f"launch template {template.name}",
+        LaunchTemplateId=template.template_id,
+        DefaultVersion=str(target),  # a number: never "$Latest"
+    )
+    return target, template.default

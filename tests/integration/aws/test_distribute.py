@@ -1,0 +1,340 @@
+"""Distribution on moto: copies per region under that region's key, tags, shares, protection, preflight refusals,
+idempotency, kill-and-resume after every API call, and throttling. See distribute_fixtures.py for what is emulated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import ACCOUNT, Aws
+from distribute_fixtures import CopyImageEmulation, Crash, Crashed, DeregistrationProtection
+from moto.ec2.models import ec2_backends
+from moto.kms.models import kms_backends
+
+from amiforge.errors import ConfigError
+from amiforge.providers.aws.distribute import (
+    SOURCE_IMAGE_TAG,
+    DistributionPlan,
+    DistributionResult,
+    Progress,
+    RegionTarget,
+    client_token,
+    distribute,
+    plan_distribution,
+)
+
+SOURCE_REGION = "us-east-1"
+TARGETS = ("eu-west-1", "ap-southeast-2")
+SHARE_ACCOUNTS = ("111122223333", "444455556666")
+ORG = "arn:aws:organizations::999988887777:organization/o-abcdefghij"
+OU = "arn:aws:organizations::999988887777:ou/o-abcdefghij/ou-ab12-cdefgh12"
+
+
+class Env:
+    def __init__(self, aws: Aws, copies: CopyImageEmulation, protection: DeregistrationProtection, crash: Crash):
+        self.aws, self.copies, self.protection, self.crash = aws, copies, protection, crash
+        self.keys = {r: self.kms(r).create_key(Description=f"ebs {r}")["KeyMetadata"]["Arn"] for r in TARGETS}
+
+    def ec2(self, region: str) -> Any:
+        return self.aws.session.client("ec2", region)
+
+    def kms(self, region: str) -> Any:
+        return self.aws.session.client("kms", region)
+
+    def source(self, name: str = "web-20240501") -> str:
+        ec2 = self.ec2(SOURCE_REGION)
+        instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        tags = [{"Key": "amiforge:managed", "Value": "true"}, {"Key": "app", "Value": "web"}]
+        tags += [{"Key": "amiforge:run", "Value": "bake-1"}]
+        image = ec2.create_image(
+            InstanceId=instance,
+            Name=name,
+            Description="web",
+            TagSpecifications=[{"ResourceType": "image", "Tags": tags}],
+        )
+        return str(image["ImageId"])
+
+    def plan(self, source: str, *, run_id: str = "dist-1", **kw: Any) -> DistributionPlan:
+        targets = [RegionTarget(r, self.keys[r]) for r in TARGETS]
+        share: dict[str, Any] = {"accounts": SHARE_ACCOUNTS, "org_arns": [ORG], "ou_arns": [OU]}
+        return plan_distribution(source, SOURCE_REGION, targets, run_id=run_id, **{**share, **kw})
+
+    def state(self, source: str) -> dict[str, Any]:
+        """Everything distribution changes in each region, with the (per-test) ids replaced by placeholders."""
+        out: dict[str, Any] = {}
+        for region in TARGETS:
+            ec2 = self.ec2(region)
+            filters = [{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source]}]
+            images = ec2.describe_images(Owners=["self"], Filters=filters)["Images"]
+            described = []
+            for image in images:
+                image_id = image["ImageId"]
+                snapshots = [m["Ebs"]["SnapshotId"] for m in image["BlockDeviceMappings"]]
+                attribute = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
+                volume_perms = [
+                    sorted(
+                        p["UserId"]
+                        for p in ec2.describe_snapshot_attribute(SnapshotId=s, Attribute="createVolumePermission")[
+                            "CreateVolumePermissions"
+                        ]
+                    )
+                    for s in snapshots
+                ]
+                described.append(
+                    {
+                        "name": image["Name"],
+                        "public": image["Public"],
+                        "tags": sorted((t["Key"], t["Value"].replace(source, "<src>")) for t in image["Tags"]),
+                        "launch": sorted(str(sorted(p.items())) for p in attribute["LaunchPermissions"]),
+                        "volume": volume_perms,
+                        "protected": (region, image_id) in self.protection.protected,
+                        "kms": self.copies.encryption.get(image_id),
+                    }
+                )
+            out[region] = described
+        return out
+
+
+@pytest.fixture
+def env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
+    return _env(aws, monkeypatch)
+
+
+def _env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
+    copies, protection, crash = CopyImageEmulation(), DeregistrationProtection(), Crash()
+    copies.install(monkeypatch)
+    events = aws.session.boto_session.events
+    crash.install(events)
+    protection.install(events)
+    return Env(aws, copies, protection, crash)
+
+
+def _no_sleep(_: float) -> None:
+    return None
+
+
+def _run(env: Env, plan: DistributionPlan, **kw: Any) -> DistributionResult:
+    return distribute(plan, env.aws.session, sleep=_no_sleep, **kw)
+
+
+# --- planning -----------------------------------------------------------------------------------------------------
+
+
+def test_plan_lists_every_problem() -> None:
+    with pytest.raises(ConfigError) as caught:
+        plan_distribution(
+            "ami-nope",
+            "us-east-1",
+            [RegionTarget("eu-west-1"), RegionTarget("eu-west-1"), RegionTarget("us-east-1"), RegionTarget("mars")],
+            run_id="r1",
+            accounts=["12345", "111122223333"],
+            org_arns=["arn:aws:organizations::1:organization/x"],
+            ou_arns=["ou-1234"],
+            public=True,
+        )
+    messages = "\n".join(p.render() for p in caught.value.problems)
+    for expected in (
+        "'ami-nope' is not an image id",
+        "eu-west-1 is listed twice",
+        "us-east-1 is the source region",
+        "'mars' is not an AWS region",
+        "'12345' is not an account id",
+        "not an organization ARN",
+        "not an organizational-unit ARN",
+        "--public",
+    ):
+        assert expected in messages, messages
+    assert len(caught.value.problems) == 8
+    with pytest.raises(ConfigError, match="1 problem"):
+        plan_distribution(
+            "ami-12345678", "us-east-1", [RegionTarget("eu-west-1", "k")], run_id="r", public=True, public_flag=True
+        )  # encrypted cannot be public
+
+
+def test_client_token_is_deterministic_and_distinct() -> None:
+    plan = plan_distribution("ami-12345678", "us-east-1", [RegionTarget(r) for r in TARGETS], run_id="r")
+    again = plan_distribution("ami-12345678", "us-east-1", [RegionTarget(r) for r in TARGETS], run_id="r")
+    other = plan_distribution("ami-12345678", "us-east-1", [RegionTarget(r) for r in TARGETS], run_id="r2")
+    tokens = {client_token(plan, r) for r in TARGETS}
+    assert tokens == {client_token(again, r) for r in TARGETS} and len(tokens) == 2
+    assert tokens.isdisjoint(client_token(other, r) for r in TARGETS)
+    assert all(len(t) <= 64 for t in tokens)
+
+
+# --- distribution -------------------------------------------------------------------------------------------------
+
+
+def test_happy_path_two_regions(env: Env) -> None:
+    source = env.source()
+    progress: list[Progress] = []
+    result = _run(env, env.plan(source), on_progress=progress.append)
+    assert set(result.image_ids) == set(TARGETS)
+    assert not any(r.adopted for r in result.regions)
+    state = env.state(source)
+    for region in TARGETS:
+        [image] = state[region]
+        assert image["name"] == "web-20240501"
+        tags = dict(image["tags"])
+        assert tags["app"] == "web" and tags["amiforge:managed"] == "true"
+        assert tags["amiforge:run"] == "dist-1" and tags[SOURCE_IMAGE_TAG] == "<src>"
+        assert tags["amiforge:source-region"] == SOURCE_REGION
+        assert image["public"] is False
+        launch = "".join(image["launch"])
+        assert all(a in launch for a in SHARE_ACCOUNTS) and ORG in launch and OU in launch and "all" not in launch
+        assert image["volume"] == [sorted(SHARE_ACCOUNTS)]
+        assert image["protected"] is True
+        assert image["kms"] == env.keys[region]  # each region's own key
+        assert result.image_ids[region] not in ec2_backends[ACCOUNT][SOURCE_REGION].amis
+    assert {(p.region, p.step) for p in progress} >= {(r, s) for r in TARGETS for s in ("copied", "shared", "done")}
+    assert env.aws.calls["ec2.CopyImage"] == 2
+
+
+def test_public_needs_the_flag_and_then_shares_with_all(env: Env) -> None:
+    source = env.source()
+    targets = [RegionTarget(r) for r in TARGETS]  # public images cannot be encrypted
+    with pytest.raises(ConfigError, match="--public"):
+        plan_distribution(source, SOURCE_REGION, targets, run_id="pub", public=True)
+    plan = plan_distribution(source, SOURCE_REGION, targets, run_id="pub", public=True, public_flag=True)
+    result = _run(env, plan)
+    for region in TARGETS:
+        [image] = env.state(source)[region]
+        assert image["public"] is True and image["kms"] is None
+    assert all(r.shared_with == ("all",) for r in result.regions)
+
+
+def test_preflight_refuses_bad_keys_before_any_copy(env: Env) -> None:
+    source = env.source()
+    eu, ap = TARGETS
+    env.kms(eu).disable_key(KeyId=env.keys[eu].rsplit("/", 1)[1])  # moto: key id only
+    key_id = env.keys[ap].rsplit("/", 1)[1]
+    kms_backends[ACCOUNT][ap].keys[key_id].key_manager = "AWS"  # moto reports every key as CUSTOMER
+    env.aws.calls.reset()
+    with pytest.raises(ConfigError, match="nothing was copied") as caught:
+        _run(env, env.plan(source))
+    rendered = caught.value.diagnostics()
+    assert f"kms_key {env.keys[eu]} in {eu} is Disabled" in rendered
+    assert f"kms_key {env.keys[ap]} in {ap} is AWS-managed" in rendered and "cannot be shared" in rendered
+    assert env.aws.calls["ec2.CopyImage"] == 0
+    assert sum(n for (svc, op), n in env.aws.calls.counts.items() if svc == "ec2" and op != "DescribeImages") == 0
+    assert env.state(source) == {r: [] for r in TARGETS}
+
+    # An unknown key is a problem too; an AWS-managed key is fine when nothing is shared.
+    missing = "arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+    with pytest.raises(ConfigError) as caught:
+        _run(
+            env, plan_distribution(source, SOURCE_REGION, [RegionTarget(eu, missing)], run_id="x", accounts=["1" * 12])
+        )
+    assert "does not exist" in caught.value.diagnostics() or "NotFoundException" in caught.value.diagnostics()
+    unshared = plan_distribution(source, SOURCE_REGION, [RegionTarget(ap, env.keys[ap])], run_id="solo")
+    assert _run(env, unshared).regions[0].shared_with == ()
+
+
+def test_preflight_refuses_encrypted_source_without_key_when_sharing(env: Env) -> None:
+    source = env.source()
+    snapshot = ec2_backends[ACCOUNT][SOURCE_REGION].amis[source].ebs_snapshot
+    snapshot.encrypted = True
+    plan = plan_distribution(source, SOURCE_REGION, [RegionTarget(r) for r in TARGETS], run_id="e", ou_arns=[OU])
+    env.aws.calls.reset()
+    with pytest.raises(ConfigError, match="nothing was copied") as caught:
+        _run(env, plan)
+    assert "AWS-managed" in caught.value.diagnostics() and "eu-west-1, ap-southeast-2" in caught.value.diagnostics()
+    assert env.aws.calls["ec2.CopyImage"] == 0
+
+
+def test_running_twice_adopts(env: Env) -> None:
+    source = env.source()
+    first = _run(env, env.plan(source))
+    before = env.state(source)
+    env.aws.calls.reset()
+    second = _run(env, env.plan(source), max_parallel_regions=1)
+    assert second.image_ids == first.image_ids
+    assert all(r.adopted for r in second.regions)
+    assert env.aws.calls["ec2.CopyImage"] == 0
+    assert env.state(source) == before and all(len(images) == 1 for images in before.values())
+
+
+def test_the_client_token_alone_prevents_a_duplicate(env: Env) -> None:
+    """An endpoint that ignores TagSpecifications, and a crash right after CopyImage answered: the copy exists
+    untagged, so adoption cannot find it; the rerun's CopyImage with the same token returns it."""
+    env.copies.honour_tags = False
+    source = env.source()
+    plan = plan_distribution(source, SOURCE_REGION, [RegionTarget(TARGETS[0], env.keys[TARGETS[0]])], run_id="t")
+    env.crash.arm(at=4, when="after")  # DescribeImages (source), DescribeKey, DescribeImages (adopt), CopyImage
+    with pytest.raises(Crashed):
+        _run(env, plan)
+    assert env.crash.crashed == "CopyImage"
+    env.crash.disarm()
+    assert len(ec2_backends[ACCOUNT][TARGETS[0]].amis) == 1
+    result = _run(env, plan)
+    assert len(ec2_backends[ACCOUNT][TARGETS[0]].amis) == 1
+    assert not result.regions[0].adopted
+    assert len(env.state(source)[TARGETS[0]]) == 1  # tagged now, through CreateTags
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_and_resume_after_every_call(env: Env, when: str, parallel: int) -> None:
+    """Killed before (the call never happens) or after (it happened, its answer is lost) the K-th API call, for every
+    K of a whole run; the rerun converges to the clean run's state. Sequentially, the K-th call is the same operation
+    every time, so every kind of call is proven crashed; in parallel the interleaving varies, the property holds."""
+    clean_source = env.source("clean")
+    env.aws.calls.reset()
+    _run(env, env.plan(clean_source, run_id="clean"), max_parallel_regions=parallel)
+    calls = sum(env.aws.calls.counts.values())
+    clean = env.state(clean_source)
+    assert calls >= 12
+    crashed: set[str] = set()
+    for k in range(1, calls + 1):
+        source = env.source(f"crash-{k}")
+        plan = env.plan(source, run_id=f"crash-{k}")
+        env.crash.arm(at=k, when=when)
+        with pytest.raises(Crashed):
+            _run(env, plan, max_parallel_regions=parallel)
+        env.crash.disarm()
+        _run(env, plan, max_parallel_regions=parallel)
+        state = env.state(source)
+        for region in TARGETS:
+            for image in state[region]:
+                image["tags"] = [(key, "<run>" if key == "amiforge:run" else v) for key, v in image["tags"]]
+                image["name"] = "<name>"
+        expected = {
+            r: [
+                {
+                    **i,
+                    "name": "<name>",
+                    "tags": [(key, "<run>" if key == "amiforge:run" else v) for key, v in i["tags"]],
+                }
+                for i in images
+            ]
+            for r, images in clean.items()
+        }
+        assert state == expected, (k, env.crash.crashed)
+        # No orphan either: an untagged copy would escape the tag filter above, so count every image in the region.
+        assert all(len(ec2_backends[ACCOUNT][r].amis) == k + 1 for r in TARGETS), (k, env.crash.crashed)
+        crashed.add(str(env.crash.crashed))
+    assert parallel > 1 or crashed >= {
+        "DescribeImages",
+        "DescribeKey",
+        "CopyImage",
+        "CreateTags",
+        "ModifyImageAttribute",
+        "ModifySnapshotAttribute",
+        "EnableImageDeregistrationProtection",
+    }
+
+
+def test_throttled_end_state_equals_clean(faulty: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert faulty.faults is not None
+    env = _env(faulty, monkeypatch)
+    faulty.faults.not_found_reads = 0  # the source was baked long ago; only the copies are fresh
+    source = env.source()
+    faulty.faults.not_found_reads = 1
+    result = _run(env, env.plan(source))
+    again = _run(env, env.plan(source))
+    assert again.image_ids == result.image_ids
+    assert faulty.faults.injected["RequestLimitExceeded"] > 3
+    assert faulty.faults.injected["InvalidAMIID.NotFound"] >= 1  # the fresh copies were waited for
+    state = env.state(source)
+    assert all(len(state[r]) == 1 and state[r][0]["protected"] and state[r][0]["kms"] == env.keys[r] for r in TARGETS)
+    launch = "".join(state[TARGETS[0]][0]["launch"])
+    assert ORG in launch and OU in launch and all(a in launch for a in SHARE_ACCOUNTS)

@@ -1,0 +1,178 @@
+"""Declared IAM permissions: the policy document's shape, and the declaration kept in sync with the code.
+
+The sync test runs each operation implemented today under moto with the call counter and checks that every IAM action
+it actually called is declared for that operation in `iam.PERMISSIONS`: a new AWS call without a declaration fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import botocore.session
+import pytest
+from conftest import ACCOUNT, REGION, Aws
+
+from amiforge.errors import ConfigError
+from amiforge.providers.aws.clients import iam_action
+from amiforge.providers.aws.iam import DESTRUCTIVE, OPERATIONS, PERMISSIONS, actions_for, policy_document, policy_json
+from amiforge.providers.aws.images import inventory, resolve_source
+from amiforge.providers.aws.publish import publish, rollback
+from amiforge.recipe import OwnersSource, SsmSource
+from amiforge.signing.kms import KmsSigner, KmsVerifier
+
+# IAM actions that are not API operations of their own (ReEncrypt needs both; PassRole guards RunInstances).
+_IAM_ONLY = {"kms:ReEncryptFrom", "kms:ReEncryptTo", "iam:PassRole"}
+# IAM service prefix → botocore service name, for the services declared.
+_BOTOCORE = {"ec2": "ec2", "ssm": "ssm", "kms": "kms", "sts": "sts", "iam": "iam", "autoscaling": "autoscaling"}
+
+
+def test_every_declared_action_is_a_real_operation() -> None:
+    assert set(PERMISSIONS) == set(OPERATIONS)
+    loader = botocore.session.get_session()
+    operations: dict[str, set[str]] = {}
+    for op, actions in PERMISSIONS.items():
+        assert actions, op
+        for action in actions - _IAM_ONLY:
+            service, name = action.split(":", 1)
+            if service not in operations:
+                operations[service] = set(loader.get_service_model(_BOTOCORE[service]).operation_names)
+            assert name in operations[service], f"{op}: {action} is not an AWS operation"
+
+
+def test_policy_document_shape() -> None:
+    doc = policy_document(OPERATIONS, parameter_prefix="/amiforge", kms_keys=["arn:aws:kms:eu-west-1:1:key/k"])
+    assert doc["Version"] == "2012-10-17"
+    statements = doc["Statement"]
+    sids = [s["Sid"] for s in statements]
+    assert len(sids) == len(set(sids))
+    granted: set[str] = set()
+    for s in statements:
+        assert s["Effect"] == "Allow"
+        assert s["Action"] == sorted(set(s["Action"])), "sorted and unique"
+        assert len({a.split(":")[0] for a in s["Action"]}) == 1, "one service per statement"
+        assert not any("*" in a for a in s["Action"])
+        granted |= set(s["Action"])
+    assert granted == actions_for(OPERATIONS)
+    by_sid = {s["Sid"]: s for s in statements}
+    managed = by_sid["Ec2Managed"]
+    assert set(managed["Action"]) == DESTRUCTIVE & granted
+    assert managed["Condition"] == {"StringEquals": {"aws:ResourceTag/amiforge:managed": "true"}}
+    assert managed["Resource"] == "*"
+    assert by_sid["Ec2Any"]["Resource"] == "*" and "Condition" not in by_sid["Ec2Any"]
+    assert not DESTRUCTIVE & set(by_sid["Ec2Any"]["Action"])
+    assert by_sid["SsmScoped"] == {
+        "Sid": "SsmScoped",
+        "Effect": "Allow",
+        "Action": ["ssm:AddTagsToResource", "ssm:PutParameter"],
+        "Resource": ["arn:aws:ssm:*:*:parameter/amiforge/*"],
+    }
+    assert by_sid["KmsScoped"]["Resource"] == ["arn:aws:kms:eu-west-1:1:key/k"]
+    assert by_sid["IamConditional"]["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    # Deterministic, so a generated policy diffs cleanly.
+    assert policy_json(list(reversed(OPERATIONS)), kms_keys=["arn:aws:kms:eu-west-1:1:key/k"]) == policy_json(
+        OPERATIONS, kms_keys=["arn:aws:kms:eu-west-1:1:key/k"]
+    )
+
+
+def test_least_privilege_for_a_narrow_set() -> None:
+    doc = policy_document(["inventory"])
+    assert doc["Statement"] == [{"Sid": "Ec2Any", "Effect": "Allow", "Action": ["ec2:DescribeImages"], "Resource": "*"}]
+    signing = policy_document(["sign-kms"])["Statement"]
+    assert [s["Action"] for s in signing] == [["kms:DescribeKey", "kms:GetPublicKey", "kms:Sign"]]
+    assert signing[0]["Resource"] == "*"  # no keys given: the key is only known at run time
+    assert policy_document(["publish"], parameter_prefix="/golden/")["Statement"][-1]["Resource"] == [
+        "arn:aws:ssm:*:*:parameter/golden/*"
+    ]
+
+
+def test_unknown_operation_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as error:
+        policy_document(["inventory", "launch-missiles"])
+    assert "launch-missiles" in error.value.message and error.value.fix is not None and "publish" in error.value.fix
+
+
+# --- the declaration kept in sync with the code --------------------------------------------------------------------
+
+
+def _images(aws: Aws) -> dict[str, str]:
+    ec2: Any = aws.ec2()
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    managed = [{"ResourceType": "image", "Tags": [{"Key": "amiforge:managed", "Value": "true"}]}]
+    ids = {
+        name: str(ec2.create_image(InstanceId=instance, Name=f"web-{name}", TagSpecifications=managed)["ImageId"])
+        for name in ("a", "b")
+    }
+    ec2.create_launch_template(LaunchTemplateName="web-fleet", LaunchTemplateData={"ImageId": ids["a"]})
+    aws.session.client("ssm").put_parameter(Name="/src/debian", Value=ids["a"], Type="String", Overwrite=True)
+    return ids
+
+
+def _resolve(aws: Aws, ids: dict[str, str]) -> None:
+    resolve_source(OwnersSource(owners=[ACCOUNT], name="web-*"), aws.session, REGION)
+    resolve_source(SsmSource(ssm_parameter="/src/debian"), aws.session, REGION)
+
+
+def _inventory(aws: Aws, ids: dict[str, str]) -> None:
+    assert len(inventory(aws.session, REGION)) == 2
+
+
+def _publish(aws: Aws, ids: dict[str, str]) -> None:
+    common: dict[str, Any] = {"region": REGION, "name": "web", "channel": "prod", "run_id": "r"}
+    publish(aws.session, image_id=ids["a"], launch_template="web-fleet", **common)  # new parameter, tags, no-op LT
+    publish(aws.session, image_id=ids["b"], launch_template="web-fleet", **common)  # overwrite, new LT version
+    publish(aws.session, image_id=ids["b"], launch_template="web-fleet", **common)  # no-op: history
+
+
+def _rollback(aws: Aws, ids: dict[str, str]) -> None:
+    common: dict[str, Any] = {"region": REGION, "name": "web", "channel": "prod", "run_id": "r"}
+    publish(aws.session, image_id=ids["b"], launch_template="web-fleet", **common)
+    aws.calls.reset()  # only the rollback's own calls
+    rollback(aws.session, to_image_id=ids["a"], launch_template="web-fleet", to_lt_version=1, **common)
+
+
+def _sign(aws: Aws, ids: dict[str, str]) -> None:
+    kms: Any = aws.session.client("kms")
+    key = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
+    aws.calls.reset()
+    signer = KmsSigner(key, REGION, client=kms)
+    signer.sign(b"manifest")
+    signer.public_key_pem()
+
+
+def _verify(aws: Aws, ids: dict[str, str]) -> None:
+    kms: Any = aws.session.client("kms")
+    key = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
+    aws.calls.reset()
+    KmsVerifier(REGION, kms).public_key_pem("kms:" + key)
+
+
+# Every operation implemented today, and how to run it. Add a row when an operation gets its AWS code.
+IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
+    "resolve-source": _resolve,
+    "inventory": _inventory,
+    "publish": _publish,
+    "rollback": _rollback,
+    "sign-kms": _sign,
+    "verify-kms": _verify,
+}
+
+
+@pytest.mark.parametrize("operation", sorted(IMPLEMENTED))
+def test_what_each_operation_calls_is_declared(aws: Aws, operation: str) -> None:
+    ids = _images(aws)
+    aws.calls.reset()
+    IMPLEMENTED[operation](aws, ids)
+    called = {iam_action(aws.session.client(service), name) for (service, name) in aws.calls.counts}
+    assert called, "the operation made no AWS call: the check would be vacuous"
+    undeclared = called - PERMISSIONS[operation]  # type: ignore[index]
+    assert not undeclared, f"{operation} calls {sorted(undeclared)} but iam.PERMISSIONS does not declare them"
+
+
+def test_the_sync_check_catches_an_undeclared_call(aws: Aws) -> None:
+    ids = _images(aws)
+    aws.calls.reset()
+    _publish(aws, ids)
+    aws.ec2().describe_instances()  # type: ignore[attr-defined]
+    called = {iam_action(aws.session.client(service), name) for (service, name) in aws.calls.counts}
+    assert called - PERMISSIONS["publish"] == {"ec2:DescribeInstances"}
