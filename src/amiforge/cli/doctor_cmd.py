@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -30,8 +31,32 @@ def _probe_kvm(cache: Path) -> dict[str, object]:
     return {"usable": ok, "why": why}
 
 
-def doctor(as_json: bool = JsonOption) -> None:
+def _aws(region: str, as_json: bool) -> None:
+    # Imported here: boto3 costs ~0.3 s of start-up, which only AWS users should pay.
+    from amiforge.providers.aws.clients import AwsSession
+    from amiforge.providers.aws.doctor import aws_report
+
+    report = aws_report(AwsSession(region))
+    if as_json:
+        emit_json(report)
+        return
+    console.print(f"[green]ok[/]      AWS credentials: {report.arn} (account {report.account})", markup=True)
+    console.print(f"         regions enabled: {', '.join(report.regions)}")
+    console.print("         least-privilege IAM policy for every amiforge operation:")
+    console.print(json.dumps(report.policy, indent=2), markup=False, highlight=False)
+
+
+def doctor(
+    aws: bool = typer.Option(
+        False, "--aws", help="Check AWS instead: credentials, regions, and the IAM policy needed."
+    ),
+    region: str = typer.Option("us-east-1", "--region", help="With --aws: the home region to ask."),
+    as_json: bool = JsonOption,
+) -> None:
     """Check this machine: tools (and the apt line for the missing ones), root, KVM, registry location."""
+    if aws:
+        _aws(region, as_json)
+        return
     settings = load_settings()
     tools = tool_report()
     missing = [t for t in tools if t.path is None]

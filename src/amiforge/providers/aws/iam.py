@@ -41,6 +41,7 @@ Operation = Literal[
     "publish",
     "rollback",
     "retire",
+    "doctor",
 ]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
 
@@ -114,6 +115,7 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:DeregisterImage",
         "ec2:DeleteSnapshot",
     },
+    "doctor": frozenset({"sts:GetCallerIdentity", "ec2:DescribeRegions"}),
 }
 
 # Actions that destroy or expose a resource: allowed only on resources carrying amiforge:managed=true.
