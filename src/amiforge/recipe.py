@@ -111,7 +111,7 @@ def _pattern_check(pattern: str, what: str, allowed: str, example: str) -> Any:
 _NAME_RE = r"[a-z0-9][a-z0-9-]{0,62}"
 _PACKAGE_RE = r"[a-z0-9][a-z0-9+.-]+"
 _POSIX_NAME_RE = r"[a-z_][a-z0-9_-]{0,31}"
-_UNIT_RE = r"[A-Za-z0-9:_.@\\-]{1,255}"
+_UNIT_RE = r"[A-Za-z0-9][A-Za-z0-9:_.@\\-]{0,254}"  # never a leading "-": it would read as an option
 _TAG_KEY_RE = r"[A-Za-z0-9_.:/=+@-]{1,128}"
 _ACCOUNT_RE = r"[0-9]{12}"
 _OWNER_ALIASES = ("amazon", "self", "aws-marketplace")

@@ -106,3 +106,11 @@ def test_channel_moves_keep_the_previous_pointer_and_are_compare_and_set(store: 
     assert [(p.channel, p.current) for p in store.channels("web")] == [("dev", "web@3"), ("prod", "web@2")]
     assert set(store.channel_entries(v1)) == {"prod"}
     assert store.channel_entries(v2)["prod"].tzinfo is not None
+
+
+def test_a_revoked_version_is_never_put_in_a_channel_even_if_the_gates_passed_before(store: SqlStore) -> None:
+    vid = _built(store)
+    store.transition(vid, Status.REVOKED, expect=Status.BUILT)  # lands between a gate check and the move
+    with pytest.raises(StateError, match="revoked"):
+        store.move_channel("web", "prod", vid, expect_current=None, actor="TEST", reason="too late")
+    assert store.channels("web") == []

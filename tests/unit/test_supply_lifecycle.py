@@ -801,6 +801,11 @@ def test_pipeline_bakes_tests_scans_signs_with_a_new_default_key_and_promotes(wo
     recipe_path = world.tmp / "recipe" / "recipe.yaml"
     recipe_path.parent.mkdir()
     recipe_path.write_text(RECIPE)
+    # This registry already trusts a key: no new one is made (it would widen the trust root), the pipeline stops.
+    with pytest.raises(ConfigError, match="no signing key"):
+        run_pipeline(load_recipe(recipe_path), store=world.store, settings=settings, promote_to="dev")
+    assert not key_path.exists()
+    world.store = open_store(f"sqlite:///{world.tmp / 'fresh.db'}")  # a registry that trusts no key yet
 
     outcome = run_pipeline(load_recipe(recipe_path), store=world.store, settings=settings, promote_to="dev")
 
@@ -812,13 +817,12 @@ def test_pipeline_bakes_tests_scans_signs_with_a_new_default_key_and_promotes(wo
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert outcome.signature.key_id == KeyfileSigner.from_file(key_path).key_id
     trusted = world.store.signing_keys()
-    assert outcome.signature.key_id in [k.key_id for k in trusted]  # beside the fixture's own key
-    assert len(trusted) == 2
+    assert [k.key_id for k in trusted] == [outcome.signature.key_id]
     assert outcome.promoted is not None
     assert (outcome.promoted.pointer.channel, outcome.promoted.pointer.current) == ("dev", "web@1")
     assert world.store.get_version("web@1").status is Status.SIGNED
     assert world.kinds("web@1") == ["bake.started", "bake.built", "test.passed", "scan.completed", "sign", "promote"]
-    assert [e.kind for e in world.store.events() if e.kind == "key.added"] == ["key.added"] * 2  # fixture's + default
+    assert [e.kind for e in world.store.events() if e.kind == "key.added"] == ["key.added"]
     assert verify("web@1", store=world.store, settings=settings).manifest.digest == outcome.baked.version.digest
 
     # A second run reuses the key it made, and the new version becomes dev with web@1 as rollback.
@@ -835,4 +839,17 @@ def test_pipeline_without_promote_stops_at_signed(world: World) -> None:
     outcome = run_pipeline(load_recipe(recipe_path), store=world.store, settings=world.settings)
     assert outcome.promoted is None
     assert world.store.get_version(outcome.scanned.version.ref).status is Status.SIGNED
+    assert world.store.channels() == []
+
+
+def test_pipeline_stops_at_a_failing_scan_gate_and_does_not_sign(world: World) -> None:
+    world.plant("/opt/app/deploy.env", "DB_PASSWORD=TEST-synthetic-password\n")  # a secret: dev refuses it
+    recipe_path = world.tmp / "recipe.yaml"
+    recipe_path.write_text(RECIPE)
+    with pytest.raises(GateFailed) as stopped:
+        run_pipeline(load_recipe(recipe_path), store=world.store, settings=world.settings, promote_to="dev")
+    assert any("deploy.env" in f.detail or "deploy.env" in f.name for f in stopped.value.failures)
+    version = world.store.get_version("web@1")
+    assert version.status is Status.SCANNED
+    assert world.store.signatures(version.id) == []
     assert world.store.channels() == []

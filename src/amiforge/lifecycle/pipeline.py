@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from amiforge.lifecycle.bake import BakeOutcome, bake
-from amiforge.lifecycle.promote import PromoteOutcome, promote
-from amiforge.lifecycle.scan import ScanOutcome, scan
+from amiforge.lifecycle.promote import PromoteOutcome, policy_of, promote
+from amiforge.lifecycle.scan import ScanOutcome, scan, scan_gate
 from amiforge.lifecycle.sign import sign
 from amiforge.model import SignatureRecord
 from amiforge.providers.interface import PhaseUpdate
@@ -39,6 +40,8 @@ def run_pipeline(
     progress(
         PhaseUpdate("scan", "done", f"{len(scanned.scan.packages)} packages, {len(scanned.scan.findings)} findings")
     )
+    # A version whose findings fail the entry channel's rules is not signed: the pipeline stops here (exit 4).
+    scan_gate(scanned.scan.findings, policy=policy_of(settings), now=datetime.now(UTC)).raise_if_unmet()
     # The pipeline makes the default key on first use, so `make demo` works on a fresh machine.
     signature = sign(ref, store=store, settings=settings, create_key=True)
     progress(PhaseUpdate("sign", "done", signature.key_id))

@@ -127,10 +127,13 @@ def default_signer(settings: Settings, store: Store, *, create: bool) -> Signer:
         return kms_signer(settings.kms_key, settings.kms_region)
     path = settings.signing_key_path
     if not path.is_file():
-        if not create:
+        # Only a registry that trusts no key yet may get one made for it; otherwise a missing or mistyped key path
+        # would silently add a new key to a team's trust root.
+        if not create or store.signing_keys():
             raise ConfigError(
                 f"no signing key at {path}",
-                fix="amiforge keys generate (or set AMIFORGE_SIGNING_KEY to your Ed25519 key file)",
+                fix="set AMIFORGE_SIGNING_KEY to your Ed25519 key file (one the registry trusts: amiforge keys list), "
+                "or make one: amiforge keys generate",
             )
         # First pipeline run on a fresh install: make the default key and trust it, in the audit log.
         info = generate_keypair(path.parent, path.stem)

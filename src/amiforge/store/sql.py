@@ -944,7 +944,13 @@ class SqlStore:
         now = self._now()
         key = (channels_table.c.name == name) & (channels_table.c.channel == channel)
         with _boundary(f"move {name}:{channel}", self._where), self._write() as conn:
-            self._require_version(conn, version_id)
+            version = self._require_version(conn, version_id)
+            # Re-checked inside the write transaction: a revoke that lands after the gates were judged still wins.
+            if version.status not in (Status.SIGNED, Status.SCANNED, Status.TESTED, Status.BUILT):
+                raise StateError(
+                    f"{version.ref} is {version.status} and cannot be put in a channel",
+                    fix="promote another version",
+                )
             if expect_current is None:
                 try:
                     conn.execute(

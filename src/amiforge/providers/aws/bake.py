@@ -336,7 +336,7 @@ def _discard_unfinished(session: AwsSession, region: str, image_id: str, done: l
 
 def _guest_checks(checks: Checks) -> list[GuestCheck]:
     q = shlex.quote
-    out = [GuestCheck(f"unit {u}", "unit", f"systemctl is-active {q(u)}") for u in checks.units]
+    out = [GuestCheck(f"unit {u}", "unit", f"systemctl is-active -- {q(u)}") for u in checks.units]
     out += [GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output) for c in checks.commands]
     for h in checks.http:
         body = f" && grep -qF -- {q(h.expect_body)} /tmp/amiforge-body" if h.expect_body is not None else ""

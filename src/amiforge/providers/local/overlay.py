@@ -71,18 +71,22 @@ mkdir -p {m}/run/amiforge
 mount --bind {shlex.quote(str(stage))} {m}/run/amiforge
 created_resolv=0
 if [ ! -e {m}/etc/resolv.conf ] && [ ! -L {m}/etc/resolv.conf ]; then : > {m}/etc/resolv.conf; created_resolv=1; fi
-if [ -f /etc/resolv.conf ] && [ ! -L {m}/etc/resolv.conf ]; then mount --bind /etc/resolv.conf {m}/etc/resolv.conf; fi
-printf '#!/bin/sh\\nexit 101\\n' > {m}/usr/sbin/policy-rc.d
-chmod 0755 {m}/usr/sbin/policy-rc.d
+if [ -f /etc/resolv.conf ] && [ ! -L {m}/etc/resolv.conf ]; then
+    # Read-only: a step that rewrites its resolv.conf must not rewrite the host's.
+    mount --bind /etc/resolv.conf {m}/etc/resolv.conf && mount -o remount,bind,ro {m}/etc/resolv.conf
+fi
+# Written inside the chroot, so a symlink in the image cannot point the write at a host file.
+chroot {m} /bin/sh -c "rm -f /usr/sbin/policy-rc.d && printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d \\
+    && chmod 0755 /usr/sbin/policy-rc.d"
 rc=0
 chroot {m} /usr/bin/env -i {env} {cmd} || rc=$?
-rm -f {m}/usr/sbin/policy-rc.d
+chroot {m} /bin/rm -f /usr/sbin/policy-rc.d
 umount {m}/etc/resolv.conf 2>/dev/null || true
 if [ "$created_resolv" = 1 ] || [ {int(drop_resolv_conf)} = 1 ]; then rm -f {m}/etc/resolv.conf; fi
 exit $rc
 """
     run(
-        ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", script],
+        ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private", "sh", "-c", script],
         log=log,
         timeout=timeout,
         what=what,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 import time
@@ -97,7 +98,9 @@ class LocalProvider:
         accel, why = self.accel(Path(artifact.kernel), workdir)
         ctx.log(f"accelerator: {accel} ({why})")
 
-        guest_checks = [qemu.GuestCheck(f"unit {u}", "unit", f"systemctl is-active {u}") for u in checks.units]
+        guest_checks = [
+            qemu.GuestCheck(f"unit {u}", "unit", f"systemctl is-active -- {shlex.quote(u)}") for u in checks.units
+        ]
         guest_checks += [
             qemu.GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output)
             for c in checks.commands
