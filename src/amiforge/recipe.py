@@ -937,15 +937,23 @@ def _read_src(folder: Path, src: str) -> bytes:
     return (folder.resolve() / src).resolve().read_bytes()
 
 
-def step_fingerprint(step: Step, folder: Path) -> str:
-    """sha256 hex of one step's definition plus the bytes it copies (file steps); layer cache keys use it."""
+def read_source(folder: Path, src: str) -> bytes:
+    """The bytes of a file step's source, confined to the recipe's folder (re-checked at read time)."""
+    return _read_src(folder, src)
+
+
+def step_fingerprint(step: Step, folder: Path, *, src_bytes: bytes | None = None) -> str:
+    """sha256 hex of one step's definition plus the bytes it copies (file steps); layer cache keys use it.
+
+    `src_bytes`: the bytes actually staged for a file step, to check they are the ones the key was made from."""
     payload: dict[str, object] = {
         "v": _FINGERPRINT_VERSION,
         "kind": step.kind,
         "step": step.model_dump(mode="json"),
     }
     if isinstance(step, FileStep):
-        payload["src_sha256"] = hashlib.sha256(_read_src(folder, step.file.src)).hexdigest()
+        data = src_bytes if src_bytes is not None else _read_src(folder, step.file.src)
+        payload["src_sha256"] = hashlib.sha256(data).hexdigest()
     return hashlib.sha256(_canonical(payload)).hexdigest()
 
 

@@ -783,3 +783,13 @@ def test_doctor_never_prints_the_store_password(
     assert r.code == 0, r.err
     assert r.json()["registry"] == "postgresql+psycopg://amiforge:***@db.example:5432/registry"
     assert "s3cret" not in r.out + r.err
+
+
+def test_an_os_error_is_the_machine_not_a_bug_exit_5(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images_cmd, "open_registry", _raiser(OSError(28, "No space left on device", "/data/x")))
+    r = cli("images", "list")
+    assert r.code == 5
+    assert "No space left on device (/data/x)" in r.err and "df -h" in r.err
+    assert "Traceback" not in r.err and "internal error" not in r.err
+    j = cli("images", "list", "--json")
+    assert j.code == 5 and j.json()["error"] == "infra"

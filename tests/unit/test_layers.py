@@ -15,7 +15,7 @@ from typing import TypeVar
 import pytest
 import yaml
 
-from amiforge.errors import InfraError
+from amiforge.errors import ConfigError, InfraError
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local import layers
 from amiforge.providers.local.layers import GENERALISE, LayerPlan, _step_script, ensure_layer, plan_layers
@@ -250,7 +250,7 @@ def test_file_script_fails_if_the_source_vanished(tmp_path: Path) -> None:
     (recipe.folder / "files" / "index.html").unlink()
     stage = tmp_path / "stage"
     stage.mkdir()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match=r"index\.html"):  # a clear message naming the file, not a traceback
         _step_script(_step(recipe, FileStep), stage, recipe.folder, "web")
 
 
@@ -452,3 +452,21 @@ def test_stage_is_not_world_writable(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with ExitStack() as stack:
         ensure_layer(plan, [tmp_path / "base"], tmp_path / "cache", recipe.folder, "web", _ctx(stack, _Progress(), []))
     assert modes and modes[0] & 0o022 == 0
+
+
+def test_a_file_edited_between_planning_and_copying_is_refused_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import ExitStack
+
+    from amiforge.providers.interface import RunContext
+    from amiforge.providers.local import layers
+
+    recipe = _recipe(tmp_path)
+    plans = plan_layers("b" * 64, recipe.steps, recipe.folder, "web")
+    file_plan = next(p for p in plans if isinstance(p.step, FileStep))
+    (recipe.folder / "files" / "index.html").write_text("edited after planning\n")
+    monkeypatch.setattr(layers, "run_in_chroot", lambda **_: pytest.fail("must not run the step"))
+    with ExitStack() as stack, pytest.raises(ConfigError, match="changed while"):
+        ensure_layer(file_plan, [tmp_path], tmp_path / "cache", recipe.folder, "web", RunContext("TEST", stack))
+    assert not (tmp_path / "cache" / "layers" / file_plan.key).exists()

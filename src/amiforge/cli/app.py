@@ -102,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 err_console.print(f"error: {escape(e.format_message())}")
         return code
+    except OSError as e:  # the machine, not amiforge: a full disk, a missing directory, a permission
+        if _debug(args):
+            traceback.print_exc()
+        where = f" ({e.filename})" if e.filename else ""
+        message = f"{e.strerror or e}{where}"
+        fix = "check free space (df -h), the path and its permissions; a retry may help once it is fixed"
+        if as_json:
+            emit_json({"error": "infra", "message": message, "fix": fix, "exit_code": 5})
+        err_console.print(f"[bold red]error:[/] {escape(message)}\n  fix: {fix}")
+        return 5
     except Exception as e:  # a bug: say so plainly, keep the traceback for --debug
         if _debug(args):
             traceback.print_exc()

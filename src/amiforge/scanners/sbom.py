@@ -25,6 +25,7 @@ from packageurl import PackageURL
 
 import amiforge
 from amiforge.errors import ConfigError, Problem
+from amiforge.imagefs import read_inside
 from amiforge.model import Package
 from amiforge.scanners.interface import malformed
 from amiforge.scanners.vulns import is_dpkg_version
@@ -132,8 +133,8 @@ def read_dpkg_status(rootfs: Path) -> list[Package]:
     """The packages installed in the image rooted at `rootfs`, sorted by name then architecture."""
     path = rootfs / DPKG_STATUS
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = read_inside(rootfs, "/" + str(DPKG_STATUS).lstrip("/"))
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(
             f"the image at {rootfs} has no dpkg database",
             problems=[Problem("file not found", file=str(path))],

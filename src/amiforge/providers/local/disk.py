@@ -22,7 +22,7 @@ from amiforge.model import Artifact
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.initrd import build_initrd, find_kernel
 from amiforge.providers.local.overlay import OverlayView
-from amiforge.providers.local.tools import run, tree_size
+from amiforge.providers.local.tools import run, tree_size, write_atomic
 
 # Fixed timestamp for everything mkfs writes (e2fsprogs honours E2FSPROGS_FAKE_TIME).
 EPOCH = "1700000000"
@@ -66,7 +66,10 @@ def cached_image(cache: Path, top_key: str) -> DiskImage | None:
     record = cache / "images" / f"{top_key}.json"
     if not record.is_file():
         return None
-    data = json.loads(record.read_text())
+    try:
+        data = json.loads(record.read_text())
+    except ValueError:
+        return None  # a damaged record is a cache miss, never a failed bake
     image = DiskImage(
         Path(data["qcow2"]), Path(data["kernel"]), Path(data["initrd"]), data["digest"], data["size_bytes"]
     )
@@ -127,8 +130,8 @@ def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Pat
     for p in (image.qcow2, image.kernel, image.initrd):
         p.chmod(0o444)  # artifacts are never written; every boot runs on a throw-away overlay
     record = cache / "images" / f"{top_key}.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(
+    write_atomic(
+        record,
         json.dumps(
             {
                 "qcow2": str(image.qcow2),
@@ -137,6 +140,6 @@ def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Pat
                 "digest": digest,
                 "size_bytes": image.size_bytes,
             }
-        )
+        ),
     )
     return image

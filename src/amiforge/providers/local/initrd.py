@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from amiforge.errors import InfraError
+from amiforge.imagefs import inside, read_inside
 from amiforge.providers.local.base import guest_file
 from amiforge.providers.local.tools import STATIC_BUSYBOX, require
 
@@ -31,14 +32,18 @@ def _version_key(name: str) -> list[int | str]:
 
 def find_kernel(rootfs: Path) -> tuple[Path, str]:
     """The image's kernel and its version (the newest, if several are installed)."""
-    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
+    boot = inside(rootfs, "/boot")
+    names = sorted((p.name for p in boot.glob("vmlinuz-*")), key=_version_key)
+    # Each resolved within the image: a vmlinuz symlink to a host file must not be copied into the store.
+    found = [(n, inside(rootfs, f"/boot/{n}")) for n in names]
+    kernels = [(n, k) for n, k in found if k.is_file() and not k.is_symlink()]
     if not kernels:
         raise InfraError(
             "the image has no kernel in /boot",
             fix="keep linux-image-cloud-amd64 installed (the base layer includes it)",
         )
-    kernel = kernels[-1]
-    return kernel, kernel.name.removeprefix("vmlinuz-")
+    name, kernel = kernels[-1]
+    return kernel, name.removeprefix("vmlinuz-")
 
 
 def parse_modules_dep(text: str) -> dict[str, list[str]]:
@@ -82,15 +87,14 @@ def load_order(deps: dict[str, list[str]], wanted: Iterable[str]) -> list[str]:
     return order
 
 
-def _read_module(path: Path) -> bytes:
-    data = path.read_bytes()
+def _read_module(path: str, data: bytes) -> bytes:
     # busybox insmod cannot decompress; newer Debian kernels ship .ko.xz.
-    if path.name.endswith(".xz"):
+    if path.endswith(".xz"):
         return lzma.decompress(data)
-    if path.name.endswith(".gz"):
+    if path.endswith(".gz"):
         return gzip.decompress(data)
-    if path.name.endswith(".zst"):
-        raise InfraError(f"zstd-compressed kernel modules are not supported yet ({path.name})")
+    if path.endswith(".zst"):
+        raise InfraError(f"zstd-compressed kernel modules are not supported yet ({path.rsplit('/', 1)[-1]})")
     return data
 
 
@@ -131,11 +135,14 @@ def build_initrd(rootfs: Path, out: Path) -> list[str]:
     if not STATIC_BUSYBOX.is_file():
         raise InfraError("a static busybox is needed at /bin/busybox", fix="apt-get install busybox-static")
     _, version = find_kernel(rootfs)
-    moddir = rootfs / "lib" / "modules" / version
-    dep_file = moddir / "modules.dep"
-    if not dep_file.is_file():
+    moddir = f"/lib/modules/{version}"
+    try:
+        dep_text = read_inside(rootfs, f"{moddir}/modules.dep").decode()
+    except (FileNotFoundError, NotADirectoryError):
+        dep_text = None
+    if dep_text is None:
         raise InfraError(f"the image has no modules.dep for kernel {version}")
-    order = load_order(parse_modules_dep(dep_file.read_text()), ROOT_MODULES)
+    order = load_order(parse_modules_dep(dep_text), ROOT_MODULES)
     archive = _Newc()
     for d in ("bin", "modules", "proc", "sys", "dev", "newroot"):
         archive.dir(d)
@@ -146,7 +153,9 @@ def build_initrd(rootfs: Path, out: Path) -> list[str]:
     for path in order:
         name = module_name(path) + ".ko"
         names.append(name)
-        archive.file(f"modules/{name}", _read_module(moddir / path))
+        if path.startswith("/") or ".." in path.split("/"):
+            raise InfraError(f"modules.dep names {path!r}, outside the kernel's module directory")
+        archive.file(f"modules/{name}", _read_module(path, read_inside(rootfs, f"{moddir}/{path}")))
     archive.file("modules.order", ("\n".join(names) + "\n").encode())
     tmp = out.with_suffix(".tmp")
     with open(tmp, "wb") as fh:

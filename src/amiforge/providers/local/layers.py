@@ -19,10 +19,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from amiforge.errors import ConfigError
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.overlay import run_in_chroot
 from amiforge.providers.local.tools import cached_size, publish_cache_entry
-from amiforge.recipe import FileStep, PackagesStep, ServiceStep, ShellStep, Step, UserStep, step_fingerprint
+from amiforge.recipe import (
+    FileStep,
+    PackagesStep,
+    ServiceStep,
+    ShellStep,
+    Step,
+    UserStep,
+    read_source,
+    step_fingerprint,
+)
 
 STEP_TIMEOUT = 1800.0
 
@@ -66,6 +76,7 @@ class LayerPlan:
     key: str
     description: str
     step: Step | None  # None for generalisation
+    fingerprint: str = ""  # the step's fingerprint when the key was made (file steps are re-checked against it)
 
 
 def chain_key(parent: str, material: str) -> str:
@@ -76,8 +87,9 @@ def plan_layers(base: str, steps: Sequence[Step], folder: Path, hostname: str) -
     plans: list[LayerPlan] = []
     parent = base
     for i, step in enumerate(steps, start=1):
-        parent = chain_key(parent, step_fingerprint(step, folder))
-        plans.append(LayerPlan(i, parent, step.describe(), step))
+        fingerprint = step_fingerprint(step, folder)
+        parent = chain_key(parent, fingerprint)
+        plans.append(LayerPlan(i, parent, step.describe(), step, fingerprint))
     key = chain_key(parent, "generalise\n" + GENERALISE + hostname)
     plans.append(LayerPlan(len(steps) + 1, key, "generalise", None))
     return plans
@@ -94,7 +106,7 @@ def _step_script(step: Step | None, stage: Path, folder: Path, hostname: str) ->
         return f"set -e\n{APT_INSTALL} {pkgs} || {{ apt-get update -q && {APT_INSTALL} {pkgs}; }}\napt-get clean\n"
     if isinstance(step, FileStep):
         spec = step.file
-        shutil.copyfile((folder / spec.src).resolve(strict=True), stage / "file")
+        (stage / "file").write_bytes(read_source(folder, spec.src))
         # `install` runs inside the chroot, so symlinks in dest resolve within the image, never on the host.
         return (
             f"set -e\ninstall -D -m {q(spec.mode)} -o {q(spec.owner)} -g {q(spec.group)}"
@@ -152,6 +164,14 @@ def ensure_layer(
     for d in ("upper", "work", "merged", "stage"):
         (tmp / d).mkdir()
     script = _step_script(plan.step, tmp / "stage", folder, hostname)
+    if isinstance(plan.step, FileStep):
+        staged = (tmp / "stage" / "file").read_bytes()
+        if step_fingerprint(plan.step, folder, src_bytes=staged) != plan.fingerprint:
+            # Edited between planning and copying: caching these bytes under the old key would poison the cache.
+            raise ConfigError(
+                f"{plan.step.file.src} changed while the image was being baked",
+                fix="bake again once the file is saved",
+            )
     (tmp / "stage" / "step.sh").write_text(script)
     ctx.log(f"--- {name}")
     run_in_chroot(

@@ -28,7 +28,7 @@ from types import TracebackType
 from amiforge.errors import InfraError
 from amiforge.model import CheckResult
 from amiforge.providers.local.initrd import _Newc
-from amiforge.providers.local.tools import STATIC_BUSYBOX, end_process, require, run
+from amiforge.providers.local.tools import STATIC_BUSYBOX, end_process, require, run, write_atomic
 
 READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
 RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
@@ -298,7 +298,10 @@ def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]
         return False, "/dev/kvm is absent or not accessible"
     key = f"{os.uname().release} {kernel.stat().st_size}"
     if cache_file.is_file():
-        cached = json.loads(cache_file.read_text())
+        try:
+            cached = json.loads(cache_file.read_text())
+        except ValueError:
+            cached = {}  # damaged: probe again
         if cached.get("key") == key:
             return bool(cached["ok"]), str(cached["why"])
     archive = _Newc()
@@ -319,8 +322,7 @@ def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]
         why = "a test guest booted under KVM" if ok else "the KVM test guest failed: " + out.stderr.decode()[-200:]
     except subprocess.TimeoutExpired:
         ok, why = False, f"a test guest hung under KVM for {KVM_PROBE_TIMEOUT:.0f}s (falling back to TCG)"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps({"key": key, "ok": ok, "why": why}))
+    write_atomic(cache_file, json.dumps({"key": key, "ok": ok, "why": why}))
     return ok, why
 
 

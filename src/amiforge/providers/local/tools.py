@@ -135,3 +135,11 @@ def end_process(proc: subprocess.Popen[Any], *, grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that a reader sees the old content or the new, never half (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
