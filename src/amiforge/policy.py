@@ -271,6 +271,11 @@ class ChannelPolicy(BaseModel):
     fixed_only: StrictBool = Field(
         default=False, description="if true, only CVEs with a fixed version count against max_cve_severity"
     )
+    # Fail closed: an advisory without a rating (common for fresh Debian CVEs) is judged as this severity, never
+    # waved through as the lowest.
+    unknown_cve_severity: SeverityLevel = Field(
+        default=Severity.HIGH, description="the severity a CVE without a rating is judged as"
+    )
     allow_secrets: StrictBool = Field(
         default=False, description="if false, any secret finding fails the gate unless waived"
     )
@@ -717,9 +722,11 @@ def _offence(rule: ChannelPolicy, channel: str, finding: Finding) -> str | None:
         case FindingKind.CVE:
             if rule.fixed_only and finding.fixed is None:
                 return None
-            if finding.severity.rank <= rule.max_cve_severity.rank:
+            severity = rule.unknown_cve_severity if finding.severity is Severity.UNKNOWN else finding.severity
+            if severity.rank <= rule.max_cve_severity.rank:
                 return None
-            return f"severity {finding.severity} is above {channel}'s max_cve_severity {rule.max_cve_severity}"
+            judged = f" (unrated, judged {severity})" if finding.severity is Severity.UNKNOWN else ""
+            return f"severity {finding.severity}{judged} is above {channel}'s max_cve_severity {rule.max_cve_severity}"
         case FindingKind.SECRET:
             if rule.allow_secrets:
                 return None

@@ -396,7 +396,16 @@ GATES: list[tuple[str, str, dict[str, object], list[str], list[str], list[str]]]
         [],
         [],
     ),
-    ("unknown severity is lowest", "lab", {"findings": (cve(severity=Severity.UNKNOWN),)}, [], [], []),
+    # Fail closed: an unrated CVE is judged as high by default (lab allows low), and passes where high is allowed.
+    (
+        "unknown severity is judged high",
+        "lab",
+        {"findings": (cve(severity=Severity.UNKNOWN),)},
+        ["cve CVE-2026-0001 in openssl"],
+        [],
+        [],
+    ),
+    ("unknown severity within dev's critical", "dev", {"findings": (cve(severity=Severity.UNKNOWN),)}, [], [], []),
     ("waiver matches package and channel", "staging", {"findings": (cve("CVE-PKG"),)}, [], ["CVE-PKG"], []),
     (
         "waiver for another package",
