@@ -35,3 +35,13 @@ def test_holes_of_a_sparse_file_are_skipped(tmp_path: Path) -> None:
     assert sum(end - start for start, end in extents) < (1 << 20)  # only the written block(s) hold data
     (hit,) = scan_raw(disk)
     assert hit.path.endswith(f"@{64 << 20}")
+
+
+def test_a_key_inside_a_file_too_big_to_read_whole_is_still_found(tmp_path: Path) -> None:
+    from amiforge.scanners.secrets import scan_tree
+
+    root = tmp_path / "root"
+    (root / "opt/app").mkdir(parents=True)
+    (root / "opt/app/bundle.json").write_bytes(b"{" + b" " * (3 << 20) + b"\n" + KEY + b"}")
+    (hit,) = scan_tree(root, max_file_bytes=2 << 20)
+    assert hit.id == "private-key" and hit.path is not None and hit.path.startswith("/opt/app/bundle.json@")

@@ -38,7 +38,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -593,8 +593,14 @@ class _TreeScan:
             return  # symlinks (never followed), devices, sockets, FIFOs
         in_home = host.parent in self.homes or host.parent.parent in self.home_parents
         path_rule = _path_rule(ipath, in_home)
-        if path_rule is None and st.st_size > self.max_file_bytes:
-            return
+        if st.st_size > self.max_file_bytes:
+            # Too big to read whole and match line by line, but not skipped: key material is looked for in
+            # overlapping chunks, as on a raw disk (binaries' compiled-in PEM strings are told apart the same way).
+            for chunk_hit in scan_raw(host):
+                offset = (chunk_hit.path or "").rsplit("@", 1)[-1]
+                self.findings.append(replace(chunk_hit, path=f"{ipath}@{offset}", source="secrets"))
+            if path_rule is None:
+                return
         data: bytes | None = None
         if st.st_size <= self.max_file_bytes:
             try:
