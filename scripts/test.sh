@@ -13,14 +13,15 @@ fi
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
 if [ -n "$pgbin" ] && [ -x "$pgbin/pg_ctl" ]; then
     pgdir=$(mktemp -d /tmp/amiforge-pg.XXXXXX)
-    chmod 755 "$pgdir"
     as_pg=()
+    # Set before anything can fail, so the throw-away cluster and its folder never outlive the run.
+    trap '"${as_pg[@]}" "$pgbin/pg_ctl" -s -D "$pgdir/data" -m immediate stop 2>/dev/null || true; rm -rf "$pgdir"' EXIT
+    chmod 755 "$pgdir"
     [ "$(id -u)" -eq 0 ] && { chown postgres: "$pgdir"; as_pg=(runuser -u postgres --); }
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     "${as_pg[@]}" "$pgbin/initdb" --no-sync -A trust -U postgres -D "$pgdir/data" >/dev/null
     "${as_pg[@]}" "$pgbin/pg_ctl" -s -w -D "$pgdir/data" -l "$pgdir/log" \
         -o "-c listen_addresses=127.0.0.1 -p $port -k $pgdir -c fsync=off" start
-    trap '"${as_pg[@]}" "$pgbin/pg_ctl" -s -D "$pgdir/data" -m immediate stop || true; rm -rf "$pgdir"' EXIT
     export AMIFORGE_TEST_POSTGRES_URL="postgresql+psycopg://postgres@127.0.0.1:$port/postgres"
     echo "== PostgreSQL $(basename "$(dirname "$pgbin")") on 127.0.0.1:$port"
 else

@@ -120,9 +120,13 @@ def test_failed_step_records_failed_version_with_log(cli: Cli, tmp_path: Path, n
     assert [e["kind"] for e in shown["events"]] == ["bake.started", "bake.failed"]
 
 
-def test_ctrl_c_midway_cleans_up_and_marks_failed(cli: Cli, tmp_path: Path, no_leftovers: None) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_midway_cleans_up_and_marks_failed(
+    cli: Cli, tmp_path: Path, no_leftovers: None, sig: signal.Signals
+) -> None:
+    name = f"interrupted-{sig.name.lower()}"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("name: interrupted\nsteps:\n  - shell: sleep 60\n")
+    recipe.write_text(f"name: {name}\nsteps:\n  - shell: sleep 60\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "amiforge", "bake", str(recipe), "--json"],
         env=cli.env,
@@ -131,7 +135,7 @@ def test_ctrl_c_midway_cleans_up_and_marks_failed(cli: Cli, tmp_path: Path, no_l
         text=True,
         start_new_session=True,
     )
-    # Wait until the step is running inside its chroot, then press Ctrl-C (SIGINT to the process group).
+    # Wait until the step is running inside its chroot, then interrupt the whole process group.
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if list((cli.data_dir / "cache" / "layers").glob(".tmp-*/upper")):
@@ -141,10 +145,10 @@ def test_ctrl_c_midway_cleans_up_and_marks_failed(cli: Cli, tmp_path: Path, no_l
         proc.kill()
         pytest.fail("the shell step never started")
     time.sleep(1)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert cli.json("images", "show", "interrupted@1")["version"]["status"] == "failed"
+    assert cli.json("images", "show", f"{name}@1")["version"]["status"] == "failed"
     assert _leftovers(cli.data_dir) == []
 
 

@@ -7,6 +7,7 @@ Exit codes (DESIGN §6): 0 ok · 2 bad input · 3 not found / state · 4 gate fa
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -123,5 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return 70
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    # SIGTERM (a supervisor, `kill`) and SIGHUP (the terminal went away) unwind like Ctrl-C, so every cleanup
+    # runs and a version being baked is marked failed; by default Python would just die and leave temp dirs.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     sys.exit(main())
