@@ -21,7 +21,7 @@ from pathlib import Path
 from amiforge.model import Artifact
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.initrd import build_initrd, find_kernel
-from amiforge.providers.local.overlay import OverlayView
+from amiforge.providers.local.overlay import overlay_view
 from amiforge.providers.local.tools import run, tree_size, write_atomic
 
 # Fixed timestamp for everything mkfs writes (e2fsprogs honours E2FSPROGS_FAKE_TIME).
@@ -83,22 +83,22 @@ def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Pat
     scratch = Path(tempfile.mkdtemp(prefix="amiforge-disk-", dir=cache))
     ctx.cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
     fs_uuid = str(uuid.UUID(top_key[:32]))
-    with OverlayView(lowers, scratch) as view:
+    with overlay_view(lowers, scratch) as root:
         started = time.monotonic()
         ctx.progress(PhaseUpdate("initrd", "start"))
-        kernel_src, version = find_kernel(view.path)
+        kernel_src, version = find_kernel(root)
         shutil.copyfile(kernel_src, scratch / "vmlinuz")
-        modules = build_initrd(view.path, scratch / "initrd")
+        modules = build_initrd(root, scratch / "initrd")
         _timed(ctx, "initrd", started, f"kernel {version}, {len(modules)} modules")
 
         started = time.monotonic()
         ctx.progress(PhaseUpdate("mkfs", "start"))
-        used = tree_size(view.path)
+        used = tree_size(root)
         disk_size = max(MIN_DISK, (used * 2 + (256 << 20)) // (1 << 20) * (1 << 20))
         raw = scratch / "root.raw"
         run(
             [
-                "mkfs.ext4", "-q", "-F", "-d", view.path, "-L", "root", "-U", fs_uuid,
+                "mkfs.ext4", "-q", "-F", "-d", root, "-L", "root", "-U", fs_uuid,
                 "-E", f"hash_seed={fs_uuid}", "-b", "4096", raw, str(disk_size // 1024) + "k",
             ],
             log=ctx.log,

@@ -2,16 +2,15 @@
 
 Scans must look at the bytes that ship, not at the layer cache they came from: the qcow2 is converted to a raw
 image in a scratch dir and mounted read-only (`ro,noload`: not even the journal is replayed) from a loop device
-inside a private mount namespace held by a child process — the same pattern as OverlayView, so nothing can
-leak a mount. The raw-bytes secret scan reads the free blocks of the raw copy
-(`free_ranges`): live files are the tree scan's business, deleted data lies in free blocks.
+inside a private mount namespace held by a child process (overlay.held_mount, as for the overlay views), so
+nothing can leak a mount. The raw-bytes secret scan reads the free blocks of the raw copy (`free_ranges`): live
+files are the tree scan's business, deleted data lies in free blocks.
 """
 
 from __future__ import annotations
 
 import shlex
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,8 @@ from pathlib import Path
 from amiforge.errors import InfraError
 from amiforge.model import Artifact
 from amiforge.providers.interface import ImageView
-from amiforge.providers.local.tools import end_process, require, run
+from amiforge.providers.local.overlay import held_mount
+from amiforge.providers.local.tools import run
 
 
 @contextmanager
@@ -36,24 +36,8 @@ def open_image(artifact: Artifact, scratch_parent: Path) -> Iterator[ImageView]:
         mnt = scratch / "root"
         mnt.mkdir()
         mount = f"mount -o ro,loop,noload -t ext4 {shlex.quote(str(raw))} {shlex.quote(str(mnt))}"
-        script = f"set -e; {mount}; echo mounted; read _ || true"
-        proc = subprocess.Popen(
-            [require("unshare"), "--mount", "--propagation", "private", "sh", "-c", script],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            first = proc.stdout.readline().strip()
-            if first != "mounted":
-                raise InfraError(f"cannot mount {disk} read-only for inspection: {first} {proc.stdout.read()}".strip())
-            yield ImageView(Path(f"/proc/{proc.pid}/root") / str(mnt).lstrip("/"), raw, free_ranges(raw))
-        finally:
-            proc.stdin.close()
-            end_process(proc, grace=10)
-            proc.stdout.close()
+        with held_mount(mount, mnt, f"{disk} read-only for inspection") as root:
+            yield ImageView(root, raw, free_ranges(raw))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -6,7 +6,7 @@ namespace and every mount in it. Nothing is ever mounted in the host namespace, 
 
 Two shapes:
 - `run_in_chroot()`: a step runs in a chroot on an overlay (lowers read-only, one writable upper dir).
-- `OverlayView`: a read-only merged view held open by a waiting child; the host reads it through
+- `overlay_view()`: a read-only merged view held open by a waiting child; the host reads it through
   /proc/<pid>/root, which resolves paths inside that child's namespace. The child exits when its stdin closes,
   i.e. as soon as we close it or our process dies.
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
 from amiforge.errors import InfraError
 from amiforge.providers.local.tools import end_process, require, run
@@ -93,53 +93,39 @@ exit $rc
     )
 
 
-class OverlayView:
-    """A read-only merged view of `lowers`, readable at `.path` while the context is open."""
-
-    def __init__(self, lowers: Sequence[Path], scratch: Path) -> None:
-        self._lowers = list(lowers)
-        self._scratch = scratch
-        self._proc: subprocess.Popen[str] | None = None
-        self.path = Path("/nonexistent")
-
-    def __enter__(self) -> OverlayView:
-        unshare = require("unshare")
-        merged = Path(tempfile.mkdtemp(prefix="view-", dir=self._scratch))
-        # A lowerdir-only overlay is read-only by construction: nothing can write into a cached layer.
-        script = (
-            f"set -e; mount -t overlay overlay -o lowerdir={shlex.quote(_lowerdir(self._lowers))} "
-            f"{shlex.quote(str(merged))}; echo mounted; read _ || true"
-        )
-        self._proc = subprocess.Popen(
-            [unshare, "--mount", "--propagation", "private", "sh", "-c", script],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert self._proc.stdout is not None
-        first = self._proc.stdout.readline().strip()
+@contextmanager
+def held_mount(mount: str, target: Path, what: str) -> Iterator[Path]:
+    """Run the shell `mount` command (which mounts at `target`) in a private mount namespace held by a waiting
+    child, and yield `target` as seen from inside it (/proc/<pid>/root/…). The child exits, and the kernel drops
+    the mount, when its stdin closes: on leaving the context, or when this process dies."""
+    proc = subprocess.Popen(
+        [require("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+         f"set -e; {mount}; echo mounted; read _ || true"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        first = proc.stdout.readline().strip()
         if first != "mounted":
-            rest = self._proc.stdout.read()
-            self._stop()
-            merged.rmdir()
-            raise InfraError(f"cannot mount the image's merged view: {first} {rest}".strip())
-        self.path = Path(f"/proc/{self._proc.pid}/root") / str(merged).lstrip("/")
-        self._merged = merged
-        return self
+            raise InfraError(f"cannot mount {what}: {first} {proc.stdout.read()}".strip())
+        yield Path(f"/proc/{proc.pid}/root") / str(target).lstrip("/")
+    finally:
+        proc.stdin.close()
+        end_process(proc, grace=10)
+        proc.stdout.close()
 
-    def _stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        end_process(self._proc, grace=10)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-        self._proc = None
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop()
-        self._merged.rmdir()
+@contextmanager
+def overlay_view(lowers: Sequence[Path], scratch: Path) -> Iterator[Path]:
+    """A read-only merged view of `lowers` while the context is open."""
+    merged = Path(tempfile.mkdtemp(prefix="view-", dir=scratch))
+    try:
+        # A lowerdir-only overlay is read-only by construction: nothing can write into a cached layer.
+        mount = f"mount -t overlay overlay -o lowerdir={shlex.quote(_lowerdir(lowers))} {shlex.quote(str(merged))}"
+        with held_mount(mount, merged, "the image's merged view") as view:
+            yield view
+    finally:
+        merged.rmdir()
