@@ -7,32 +7,27 @@ through the store, and host tools are faked where a command would look for them.
 
 from __future__ import annotations
 
-import importlib
-import io
 import itertools
-import json
 import os
-import pkgutil
 import re
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from rich.console import Console
 
 import amiforge
 import amiforge.cli
-from amiforge.cli import app, doctor_cmd, images_cmd
+from amiforge.cli import doctor_cmd, images_cmd
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
 from amiforge.providers.local import tools
 from amiforge.recipe import load_recipe, recipe_digest
 from amiforge.settings import load_settings
 from amiforge.store.schema import events_table
 from amiforge.store.sql import GENESIS_HASH, SqlStore, open_store
+from tests.cli_harness import Cli, make_cli
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 D1 = "0" * 63 + "1"
@@ -74,19 +69,6 @@ checks:
 INVALID_PROBLEMS = [("name", 1), ("steps[1].file.mode", 8), ("checks.http[0].port", 12)]
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Cli = Callable[..., Result]
-
-
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private data dir; no AMIFORGE_* setting and no amiforge.toml from the surroundings."""
@@ -103,27 +85,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.fixture
 def cli(data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Run `amiforge ARGV…` in-process; stdout/stderr gather sys.std* and the rich consoles."""
-    out_buf, err_buf = io.StringIO(), io.StringIO()
-    out_console = Console(file=out_buf, width=200, color_system=None, highlight=False)
-    err_console = Console(file=err_buf, width=200, color_system=None, highlight=False)
-    # Every CLI module that imported the shared consoles by name gets the capturing ones.
-    for info in pkgutil.iter_modules(amiforge.cli.__path__, "amiforge.cli."):
-        module = importlib.import_module(info.name)
-        for name, replacement in (("console", out_console), ("err_console", err_console)):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, replacement)
-
-    def run(*argv: str) -> Result:
-        capsys.readouterr()
-        for buf in (out_buf, err_buf):
-            buf.seek(0)
-            buf.truncate()
-        code = app.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out + out_buf.getvalue(), captured.err + err_buf.getvalue())
-
-    return run
+    return make_cli(monkeypatch, capsys)
 
 
 def _store() -> SqlStore:

@@ -9,12 +9,11 @@ to `tested`; the commands do the rest. Advisories are the real OSV records in ..
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import stat
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,14 +23,13 @@ from typing import Any, ClassVar
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from rich.console import Console
 
 import amiforge.providers
-from amiforge.cli import app, channel_cmd, output, render, scan_cmd, sign_cmd
 from amiforge.model import Artifact, BootReport, CheckResult, ImageVersion, Status
 from amiforge.providers.interface import ImageView, Provider
 from amiforge.settings import Settings, load_settings
 from amiforge.store.sql import SqlStore, open_store
+from tests.cli_harness import Cli, make_cli
 from tests.conftest import OSV_DIR, needs_osv
 
 SECRET_PATH = "/srv/app/id_deploy.pem"
@@ -93,19 +91,6 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Cli = Callable[..., Result]
-
-
 @dataclass
 class Image:
     """The one image the fake provider shows, whatever the artifact."""
@@ -164,24 +149,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image: Image) -> I
 
 @pytest.fixture
 def cli(data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    out_buf, err_buf = io.StringIO(), io.StringIO()
-    out_console = Console(file=out_buf, width=200, color_system=None, highlight=False)
-    err_console = Console(file=err_buf, width=200, color_system=None, highlight=False)
-    for module in (output, render, scan_cmd, sign_cmd, channel_cmd):
-        monkeypatch.setattr(module, "console", out_console)
-    for module in (output, app):
-        monkeypatch.setattr(module, "err_console", err_console)
-
-    def run(*argv: str) -> Result:
-        capsys.readouterr()
-        for buf in (out_buf, err_buf):
-            buf.seek(0)
-            buf.truncate()
-        code = app.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out + out_buf.getvalue(), captured.err + err_buf.getvalue())
-
-    return run
+    return make_cli(monkeypatch, capsys)
 
 
 @contextmanager
