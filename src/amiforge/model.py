@@ -239,6 +239,22 @@ class SignatureRecord:
 
 
 @dataclass(frozen=True)
+class Operation:
+    """One attempt at a long operation on a version (kind: distribute). Attempts share `run_id`, so a rerun
+    adopts what an earlier one created; `state` is running, done or failed; `detail` what it did so far."""
+
+    id: int
+    kind: str
+    version_id: int
+    run_id: str
+    state: str
+    actor: str
+    started_at: datetime
+    finished_at: datetime | None
+    detail: Mapping[str, object]
+
+
+@dataclass(frozen=True)
 class ChannelPointer:
     """Where a channel of one image name points now, and before (the rollback image)."""
 

@@ -407,25 +407,104 @@ _REGION_RE = r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}"
 _INSTANCE_TYPE_RE = r"[a-z0-9-]+\.[a-z0-9-]+"
 
 
+_SUBNET_RE = r"subnet-[0-9a-f]{8,17}"
+_SG_RE = r"sg-[0-9a-f]{8,17}"
+_ORG_ARN_RE = r"arn:aws[a-z-]*:organizations::[0-9]{12}:organization/o-[a-z0-9]{10,32}"
+_OU_ARN_RE = r"arn:aws[a-z-]*:organizations::[0-9]{12}:ou/o-[a-z0-9]{10,32}/ou-[0-9a-z]{4,32}-[a-z0-9]{8,32}"
+_SSM_PREFIX_RE = r"(?:/[A-Za-z0-9_.-]+)+"
+
+
+def _checked(pattern: str, what: str, allowed: str, example: str) -> tuple[AfterValidator, WithJsonSchema]:
+    """The metadata of a string type checked against `pattern`, with the pattern in the JSON Schema too."""
+    return (
+        AfterValidator(_pattern_check(pattern, what, allowed, example)),
+        WithJsonSchema({"type": "string", "pattern": f"^{pattern}$"}),
+    )
+
+
+_REGION_CHECK = _checked(_REGION_RE, "AWS region", "like us-east-1 or eu-west-3", "'eu-west-1'")
+_TYPE_CHECK = _checked(_INSTANCE_TYPE_RE, "EC2 instance type", "family.size like t3.micro", "'t3.micro'")
+_SUBNET_CHECK = _checked(_SUBNET_RE, "subnet id", "subnet-<hex>", "'subnet-0123456789abcdef0'")
+_SG_CHECK = _checked(_SG_RE, "security group id", "sg-<hex>", "'sg-0123456789abcdef0'")
+_ACCOUNT_CHECK = _checked(_ACCOUNT_RE, "AWS account id", "12 digits", "'123456789012'")
+_ORG_CHECK = _checked(
+    _ORG_ARN_RE, "organization ARN", "arn:aws:organizations::<account>:organization/o-<id>", "its ARN"
+)
+_OU_CHECK = _checked(
+    _OU_ARN_RE, "organizational-unit ARN", "arn:aws:organizations::<acct>:ou/o-<org>/ou-<id>", "its ARN"
+)
+AwsRegion = Annotated[str, _REGION_CHECK[0], _REGION_CHECK[1]]
+InstanceType = Annotated[str, _TYPE_CHECK[0], _TYPE_CHECK[1]]
+SubnetId = Annotated[str, _SUBNET_CHECK[0], _SUBNET_CHECK[1]]
+SecurityGroupId = Annotated[str, _SG_CHECK[0], _SG_CHECK[1]]
+AccountId = Annotated[str, _ACCOUNT_CHECK[0], _ACCOUNT_CHECK[1]]
+OrgArn = Annotated[str, _ORG_CHECK[0], _ORG_CHECK[1]]
+OuArn = Annotated[str, _OU_CHECK[0], _OU_CHECK[1]]
+
+
+class RegionCopy(BaseModel):
+    """One region `amiforge distribute` copies the image to, encrypted with that region's KMS key."""
+
+    model_config = _FORBID
+
+    region: AwsRegion
+    kms_key: NonEmptyStr | None = Field(
+        default=None, description="KMS key (id, ARN or alias) in that region; needed to share an encrypted image"
+    )
+
+
+class Distribution(BaseModel):
+    """Where `amiforge distribute` copies the image and whom it shares it with (orgs/OUs preferred to accounts)."""
+
+    model_config = _FORBID
+
+    regions: list[RegionCopy] = Field(default_factory=list, description="copies besides the bake region")
+    accounts: list[AccountId] = Field(default_factory=list, description="accounts that may launch the image")
+    organizations: list[OrgArn] = Field(default_factory=list, description="organizations that may launch it")
+    organizational_units: list[OuArn] = Field(default_factory=list, description="OUs that may launch it")
+    public: bool = Field(default=False, description="share with everyone; distribute also needs --public")
+
+
+class Publish(BaseModel):
+    """What a promotion writes in every region holding the image: an SSM parameter per channel and, optionally,
+    a new default version of a launch template (with the numeric AMI id, never $Latest)."""
+
+    model_config = _FORBID
+
+    parameter_prefix: Annotated[
+        str,
+        AfterValidator(
+            _pattern_check(_SSM_PREFIX_RE, "SSM parameter prefix", "an absolute path without trailing /", "/amiforge")
+        ),
+    ] = "/amiforge"
+    launch_template: NonEmptyStr | None = Field(
+        default=None, description="launch template (same name in each region) whose default follows the channel"
+    )
+
+
 class AwsProvider(BaseModel):
     """Bake on EC2 from an owner-pinned source image."""
 
     model_config = _FORBID
 
     type: Literal["aws"]
-    region: Annotated[
-        str,
-        AfterValidator(_pattern_check(_REGION_RE, "AWS region", "like us-east-1 or eu-west-3", "'eu-west-1'")),
-        WithJsonSchema({"type": "string", "pattern": f"^{_REGION_RE}$"}),
-    ]
-    instance_type: Annotated[
-        str,
-        AfterValidator(
-            _pattern_check(_INSTANCE_TYPE_RE, "EC2 instance type", "family.size like t3.micro", "'t3.micro'")
-        ),
-        WithJsonSchema({"type": "string", "pattern": f"^{_INSTANCE_TYPE_RE}$"}),
-    ] = "t3.micro"
+    region: AwsRegion
+    instance_type: InstanceType = "t3.micro"
     source: Source
+    subnet_id: SubnetId | None = Field(
+        default=None, description="subnet for builder and boot-test instances; default: the default VPC's"
+    )
+    security_group_ids: list[SecurityGroupId] = Field(
+        default_factory=list, description="security groups for builder and boot-test instances (none inbound needed)"
+    )
+    instance_profile: NonEmptyStr | None = Field(
+        default=None, description="instance profile (name or ARN) with AmazonSSMManagedInstanceCore: steps run via SSM"
+    )
+    boot_test_instance_type: InstanceType | None = Field(
+        default=None, description="instance type of the boot test; default: instance_type"
+    )
+    distribution: Distribution = Field(default_factory=lambda: Distribution(), description="amiforge distribute")
+    publish: Publish = Field(default_factory=lambda: Publish(), description="what promote writes per channel")
 
 
 _PROVIDER_TYPES = ("local", "aws")

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     signing_key: Path | None = Field(default=None, description="Ed25519 key file; default: <data>/keys/amiforge.key")
     kms_key: str | None = Field(default=None, description="sign with this AWS KMS ECC_NIST_P256 key (id, ARN or alias)")
     kms_region: str | None = Field(default=None, description="the KMS key's region (required with kms_key)")
+    aws_profile: str | None = Field(default=None, description="AWS profile; default: the standard credential chain")
+    aws_roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="account id -> IAM role ARN to assume there (multi-account distribution); JSON in the environment",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -125,7 +125,7 @@ class FakeProvider:
         )
         return BakeResult(artifact, layers)
 
-    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: object) -> BootReport:
         s = self.script
         s.booted.append((artifact, checks))
         ctx.cleanup.callback(lambda: s.cleanups_run.append("stop guest"))

@@ -310,6 +310,61 @@ def test_defaults_and_aws_provider(tmp_path: Path) -> None:
     assert recipe.base.suite == "bookworm"
 
 
+AWS_FULL = """\
+name: api
+provider:
+  type: aws
+  region: eu-west-1
+  source: {ssm_parameter: /aws/service/debian/release/bookworm/latest/amd64}
+  subnet_id: subnet-0123456789abcdef0
+  security_group_ids: [sg-0123456789abcdef0]
+  instance_profile: amiforge-builder
+  boot_test_instance_type: t3.small
+  distribution:
+    regions: [{region: us-east-1, kms_key: alias/images}, {region: eu-central-1}]
+    accounts: ["111122223333"]
+    organizations: ["arn:aws:organizations::111122223333:organization/o-abcdefghij"]
+    organizational_units: ["arn:aws:organizations::111122223333:ou/o-abcdefghij/ou-abcd-abcdefgh"]
+  publish: {parameter_prefix: /images, launch_template: api-lt}
+"""
+
+
+def test_aws_placement_distribution_and_publication(tmp_path: Path) -> None:
+    recipe = load_recipe(_write(tmp_path, AWS_FULL))
+    provider = recipe.provider
+    assert isinstance(provider, AwsProvider)
+    assert (provider.subnet_id, provider.security_group_ids) == ("subnet-0123456789abcdef0", ["sg-0123456789abcdef0"])
+    assert [(r.region, r.kms_key) for r in provider.distribution.regions] == [
+        ("us-east-1", "alias/images"),
+        ("eu-central-1", None),
+    ]
+    assert provider.distribution.public is False
+    assert (provider.publish.parameter_prefix, provider.publish.launch_template) == ("/images", "api-lt")
+    minimal = load_recipe(_write(tmp_path, "name: api\nprovider: {type: aws, region: eu-west-1, source: "
+                                            "{owners: [amazon], name: debian-*}}\n", name="min.yaml"))  # fmt: skip
+    assert isinstance(minimal.provider, AwsProvider)
+    assert minimal.provider.distribution.regions == [] and minimal.provider.publish.parameter_prefix == "/amiforge"
+
+
+def test_aws_block_problems_name_line_field_and_fix(tmp_path: Path) -> None:
+    bad = (
+        AWS_FULL.replace("subnet-0123456789abcdef0", "subnet-zz")
+        .replace("region: eu-central-1", "region: nowhere")
+        .replace('accounts: ["111122223333"]', 'accounts: ["12345"]')
+        .replace("parameter_prefix: /images", "parameter_prefix: images/")
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(_write(tmp_path, bad))
+    found = {(p.field, p.line) for p in caught.value.problems}
+    assert found == {
+        ("provider.subnet_id", 6),
+        ("provider.distribution.regions[1].region", 11),
+        ("provider.distribution.accounts[0]", 12),
+        ("provider.publish.parameter_prefix", 15),
+    }
+    assert all(p.fix for p in caught.value.problems)
+
+
 def test_long_shell_step_is_truncated() -> None:
     step = ShellStep(shell="apt-get update && apt-get install -y " + "x " * 100)
     assert step.describe().startswith("shell: apt-get update")

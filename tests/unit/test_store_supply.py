@@ -114,3 +114,25 @@ def test_a_revoked_version_is_never_put_in_a_channel_even_if_the_gates_passed_be
     with pytest.raises(StateError, match="revoked"):
         store.move_channel("web", "prod", vid, expect_current=None, actor="TEST", reason="too late")
     assert store.channels("web") == []
+
+
+def test_operations_share_the_first_attempts_run_id_and_keep_their_detail(store: SqlStore) -> None:
+    vid, other = _built(store), _built(store, "api")
+    first = store.begin_operation("distribute", vid, actor="ci", new_run_id="run-1")
+    assert (first.run_id, first.state, first.finished_at) == ("run-1", "running", None)
+    progress = store.update_operation(first.id, "running", {"copies": {"ami-00000000000000002": "ami-1"}})
+    assert progress.finished_at is None and progress.detail["copies"] == {"ami-00000000000000002": "ami-1"}
+    failed = store.update_operation(first.id, "failed", {"error": "interrupted"})
+    assert failed.state == "failed" and failed.finished_at is not None
+    # The rerun is a new attempt under the same run id, so it adopts what the first one made.
+    second = store.begin_operation("distribute", vid, actor="ci", new_run_id="run-2")
+    assert second.id != first.id and second.run_id == "run-1"
+    # Another version, or another kind of operation, starts its own run.
+    assert store.begin_operation("distribute", other, actor="ci", new_run_id="run-3").run_id == "run-3"
+    assert store.begin_operation("rollout", vid, actor="ci", new_run_id="run-4").run_id == "run-4"
+    assert [o.id for o in store.operations(vid, "distribute")] == [first.id, second.id]
+    assert len(store.operations(vid)) == 3
+    with pytest.raises(ValueError):
+        store.update_operation(second.id, "paused", {})
+    with pytest.raises(NotFound):
+        store.begin_operation("distribute", 9999, actor="ci", new_run_id="x")

@@ -237,7 +237,7 @@ class FakeProvider:
         artifact = Artifact("local", "local", str(disk), digest, disk.stat().st_size)
         return BakeResult(artifact, (LayerRecord(0, "b" * 64, "base: debian bookworm minbase", False, 0.1, 1),))
 
-    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: object) -> BootReport:
         assert Path(artifact.location).is_file()
         return PASSING
 

@@ -15,7 +15,17 @@ import typer
 from rich.markup import escape
 
 from amiforge import __version__
-from amiforge.cli import bake_cmd, channel_cmd, doctor_cmd, events_cmd, images_cmd, recipe_cmd, scan_cmd, sign_cmd
+from amiforge.cli import (
+    bake_cmd,
+    channel_cmd,
+    distribute_cmd,
+    doctor_cmd,
+    events_cmd,
+    images_cmd,
+    recipe_cmd,
+    scan_cmd,
+    sign_cmd,
+)
 from amiforge.cli.output import emit_json, err_console
 from amiforge.errors import AmiforgeError
 
@@ -43,6 +53,9 @@ app.command("promote")(channel_cmd.promote_command)
 app.command("channels")(channel_cmd.channels_command)
 app.command("revoke")(channel_cmd.revoke_command)
 app.add_typer(channel_cmd.pipeline_app, name="pipeline")
+app.command("distribute")(distribute_cmd.distribute_command)
+app.add_typer(distribute_cmd.import_app, name="import")
+app.command("gc")(distribute_cmd.gc_command)
 app.command("events")(events_cmd.events)
 app.command("doctor")(doctor_cmd.doctor)
 

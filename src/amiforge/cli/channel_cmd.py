@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -35,16 +36,28 @@ def promote_command(
                 "pointer": outcome.pointer,
                 "moved": outcome.moved,
                 "waivers_used": [w.describe() for w in outcome.decision.waivers_used],
+                "published": list(outcome.published),
             }
         )
         return
     p = outcome.pointer
     if not outcome.moved:
         console.print(f"{p.name}:{p.channel} already points at {p.current}")
-        return
-    console.print(f"[green]promoted[/] {p.current} to {p.channel} (previous: {p.previous or '-'})")
+    else:
+        console.print(f"[green]promoted[/] {p.current} to {p.channel} (previous: {p.previous or '-'})")
     for w in outcome.decision.waivers_used:
         console.print(f"  waiver used: {escape(w.describe())}")
+    for record in outcome.published:
+        console.print(f"  {_publication(record)}")
+
+
+def _publication(record: Mapping[str, object]) -> str:
+    """One line per region: the parameter's new value and what it replaced (the rollback target)."""
+    line = f"{record['region']}: {record['parameter']} = {record['image_id']} (was {record['previous_image_id'] or '-'}"
+    if record.get("launch_template"):
+        line += f"; {record['launch_template']} default v{record['launch_template_version']}"
+        line += f", was v{record['previous_lt_version'] or '-'}"
+    return line + ("" if record.get("changed", True) else "; unchanged") + ")"
 
 
 def channels_command(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.runs import run_context
@@ -16,6 +19,7 @@ from amiforge.model import BootReport, ImageVersion, Status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Checks
+from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -28,10 +32,22 @@ class TestOutcome:
     report: BootReport
 
 
+_PROVIDER_SPEC: TypeAdapter[ProviderSpec] = TypeAdapter(ProviderSpec)
+
+
 def checks_of(version: ImageVersion) -> Checks:
     """The checks of the recipe as it was baked (not as the file reads today)."""
+    return Checks.model_validate(_baked(version, "checks", {}))
+
+
+def provider_spec_of(version: ImageVersion) -> ProviderSpec:
+    """The recipe's provider block as it was baked (region, placement, distribution, publication)."""
+    return _PROVIDER_SPEC.validate_python(_baked(version, "provider", {"type": "local"}))
+
+
+def _baked(version: ImageVersion, key: str, default: object) -> Any:
     try:
-        return Checks.model_validate(json.loads(version.recipe).get("checks", {}))
+        return json.loads(version.recipe).get(key, default)
     except (ValueError, AttributeError) as e:
         raise ConfigError(f"{version.ref} has no readable recipe in the registry: {e}") from e
 
@@ -55,7 +71,8 @@ def boot_test(
     provider = provider_for(version.provider, settings)
     actor = settings.actor
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=lambda _l: None) as ctx:
-        report = provider.boot_test(artifacts[0], checks_of(version), ctx)
+        report = provider.boot_test(artifacts[0], checks_of(version), ctx, provider_spec_of(version))
+        run_id = ctx.run_id
     report = store.add_boot_report(version.id, report)
     failed = [c for c in report.checks if not c.passed]
     store.append_event(
@@ -63,6 +80,7 @@ def boot_test(
         actor=actor,
         ref=version.ref,
         data={
+            "run": run_id,
             "report": report.id,
             "time_to_ready": report.time_to_ready,
             "accel": report.accel,

@@ -8,13 +8,18 @@ unmet gate. Every waiver used is an event.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from amiforge.errors import ConfigError, GateFailed
+from amiforge.errors import AmiforgeError, ConfigError, GateFailed
+from amiforge.lifecycle.boottest import provider_spec_of
+from amiforge.lifecycle.runs import new_run_id
 from amiforge.lifecycle.sign import verify
 from amiforge.model import ChannelPointer, ImageVersion, Status
 from amiforge.policy import Candidate, GateDecision, Policy, default_policy, evaluate, load_policy
+from amiforge.providers import provider_for
+from amiforge.providers.interface import Publisher
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -61,6 +66,34 @@ class PromoteOutcome:
     pointer: ChannelPointer
     decision: GateDecision
     moved: bool
+    published: tuple[Mapping[str, object], ...] = ()
+
+
+def publish_channel(
+    version: ImageVersion, channel: str, *, store: Store, settings: Settings
+) -> list[dict[str, object]]:
+    """Where the provider publishes channels (AWS: an SSM parameter per region, a launch-template version), point
+    `channel` at every artifact of `version`. Idempotent, so a promote that failed here converges when rerun."""
+    provider = provider_for(version.provider, settings)
+    if not isinstance(provider, Publisher):
+        return []
+    artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
+    run_id = new_run_id()
+    try:
+        records = provider.publish(
+            artifacts, provider_spec_of(version), name=version.name, channel=channel, run_id=run_id
+        )
+    except AmiforgeError as e:
+        store.append_event(
+            "publish.failed", actor=settings.actor, ref=version.ref, data={"channel": channel, "error": str(e)}
+        )
+        rerun = f"{version.name}:{channel} points at {version.ref} in the registry; rerun the promote to publish it"
+        e.fix = f"{e.fix}; then {rerun}" if e.fix else rerun
+        raise
+    store.append_event(
+        "publish", actor=settings.actor, ref=version.ref, data={"channel": channel, "run": run_id, "records": records}
+    )
+    return records
 
 
 def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason: str = "") -> PromoteOutcome:
@@ -79,7 +112,8 @@ def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason:
     pointers = store.channels(version.name, channel)
     current = pointers[0] if pointers else None
     if current is not None and current.current == version.ref:
-        return PromoteOutcome(current, decision, moved=False)
+        published = publish_channel(version, channel, store=store, settings=settings)
+        return PromoteOutcome(current, decision, moved=False, published=tuple(published))
     expect = store.get_version(current.current).id if current else None
     pointer = store.move_channel(
         version.name, channel, version.id, expect_current=expect, actor=actor, reason=reason or "promoted"
@@ -95,7 +129,8 @@ def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason:
         ref=version.ref,
         data={"channel": channel, "previous": pointer.previous, "reason": reason},
     )
-    return PromoteOutcome(pointer, decision, moved=True)
+    published = publish_channel(version, channel, store=store, settings=settings)
+    return PromoteOutcome(pointer, decision, moved=True, published=tuple(published))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, ParamSpec, TypeVar
 
+from amiforge.model import ImageVersion
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.store.interface import Store
 
@@ -59,3 +60,17 @@ def run_context(
             failures.append(f"{type(e).__name__}: {e}")
         for failure in failures:  # a cleanup failed: keep the original outcome, leave a trace to act on
             store.append_event("orphaned", actor=actor, ref=ref, data={"run": ctx.run_id, "error": failure})
+
+
+# Long operations recorded in the store's `operations` table, by kind.
+DISTRIBUTE = "distribute"
+
+
+def recorded_copies(version: ImageVersion, store: Store) -> dict[str, str]:
+    """Copy location → the location of the artifact it was copied from, over every distribute attempt."""
+    copies: dict[str, str] = {}
+    for op in store.operations(version.id, DISTRIBUTE):
+        recorded = op.detail.get("copies", {})
+        if isinstance(recorded, dict):
+            copies.update({str(k): str(v) for k, v in recorded.items()})
+    return copies

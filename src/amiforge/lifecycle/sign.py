@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.lifecycle.runs import recorded_copies
 from amiforge.lifecycle.scan import findings_summary
 from amiforge.model import Artifact, ImageVersion, ScanRecord, SignatureRecord, Status, TrustedKey
 from amiforge.providers import provider_for
@@ -205,7 +206,23 @@ def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
     signature = signatures[-1]
     statement = open_envelope(signature.envelope, verifier, trusted_key_ids=trusted)
     signed = manifest_from_statement(statement)
-    now = manifest_of(version, artifacts, scan)
+    # Copies made by `distribute` after signing are not in the signed manifest; each must be a recorded copy of an
+    # artifact that is. Everything else is compared as signed, and every artifact's digest is checked below.
+    signed_at = {(a.provider, a.region, a.location) for a in signed.artifacts}
+    signed_locations = {location for _, _, location in signed_at}
+    copies = recorded_copies(version, store)
+    extra = [a for a in artifacts if (a.provider, a.region, a.location) not in signed_at]
+    unexplained = [a for a in extra if copies.get(a.location) not in signed_locations]
+    if unexplained:
+        raise GateFailed(
+            GATE,
+            [
+                GateFailure(f"artifact {a.location}", "not in the signed manifest, nor a copy of one")
+                for a in unexplained
+            ],
+            fix=f"amiforge sign {version.ref} again if these artifacts are genuine",
+        )
+    now = manifest_of(version, [a for a in artifacts if a not in extra], scan)
     if canonical_statement(signed) != canonical_statement(now):
         differences = [
             GateFailure(field, f"signed {getattr(signed, field)!r}, registry now {getattr(now, field)!r}")

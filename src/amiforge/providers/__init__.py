@@ -1,4 +1,4 @@
-"""Where images are made and run. `local` (mmdebstrap + QEMU) is the default; `aws` comes later."""
+"""Where images are made and run: `local` (mmdebstrap + QEMU, the default) and `aws` (EC2)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from amiforge.providers.interface import Provider
 from amiforge.providers.local.provider import LocalProvider
 from amiforge.settings import Settings
 
+
+def _aws(settings: Settings) -> Provider:
+    # Imported on use: boto3 costs a third of a second at start-up, which local-only commands should not pay.
+    from amiforge.providers.aws.provider import AwsProvider
+
+    return AwsProvider(settings)
+
+
 # The closed set of providers, by the `provider.type` a recipe names. No string-import plugin magic.
 PROVIDERS: Mapping[str, Callable[[Settings], Provider]] = {
     "local": LocalProvider,
+    "aws": _aws,
 }
 
 

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
 from amiforge.model import Artifact, BootReport, LayerRecord
 
 if TYPE_CHECKING:
     from amiforge.recipe import Checks, Recipe
+    from amiforge.recipe import Provider as ProviderSpec
 
 PhaseState = Literal["start", "done", "failed"]
 
@@ -64,6 +65,56 @@ class BakeResult:
     layers: tuple[LayerRecord, ...]
 
 
+@dataclass(frozen=True)
+class Copy:
+    """One distributed copy of an artifact: a new artifact in another region, made from `source`."""
+
+    source: Artifact
+    artifact: Artifact
+    adopted: bool  # an earlier attempt had made it
+    shared_with: tuple[str, ...]
+
+
+@runtime_checkable
+class Distributor(Protocol):
+    """A provider whose artifacts can be copied to other regions and shared (the recipe's distribution block)."""
+
+    def distribute(
+        self,
+        artifact: Artifact,
+        spec: ProviderSpec,
+        *,
+        run_id: str,
+        public: bool,
+        on_copy: Callable[[Copy], None],
+        progress: Callable[[PhaseUpdate], None],
+    ) -> list[Copy]:
+        """Converge every target region; safe to rerun with the same run id (what exists is adopted).
+        `on_copy` is called as each copy is done (from worker threads), so a crash loses none of them."""
+        ...
+
+
+@runtime_checkable
+class Adopter(Protocol):
+    """A provider that can register an image made by another tool (Packer) as an artifact."""
+
+    def adopt(self, region: str, location: str) -> Artifact:
+        """The artifact for an existing, available image; NotFound/StateError otherwise. Reads only."""
+        ...
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """A provider that publishes a channel's image where consumers read it (SSM parameters, launch templates)."""
+
+    def publish(
+        self, artifacts: list[Artifact], spec: ProviderSpec, *, name: str, channel: str, run_id: str
+    ) -> list[dict[str, object]]:
+        """Point `name`'s `channel` at these artifacts, one per region; idempotent. Returns one record per
+        publication, including what it replaced (the rollback target)."""
+        ...
+
+
 class Provider(Protocol):
     name: ClassVar[str]
 
@@ -75,8 +126,9 @@ class Provider(Protocol):
         """Build the image. Leaves nothing behind on failure (everything temporary is on ctx.cleanup)."""
         ...
 
-    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: ProviderSpec) -> BootReport:
         """Boot a throw-away copy of the artifact, wait for readiness, run the checks. Never writes the artifact.
+        `spec` is the recipe's provider block as baked (where and on what the test runs).
         Returns the report whatever the outcome; the caller's gate decides."""
         ...
 

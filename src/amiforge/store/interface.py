@@ -13,6 +13,7 @@ from amiforge.model import (
     Event,
     ImageVersion,
     LayerRecord,
+    Operation,
     ScanRecord,
     SignatureRecord,
     Status,
@@ -122,6 +123,17 @@ class Store(Protocol):
     def add_signature(self, version_id: int, signature: SignatureRecord) -> SignatureRecord: ...
 
     def signatures(self, version_id: int) -> list[SignatureRecord]: ...
+
+    def begin_operation(self, kind: str, version_id: int, *, actor: str, new_run_id: str) -> Operation:
+        """A new attempt at `kind` on the version, `running`. It takes the run id of the version's earlier
+        attempts at the same kind, if any (so the rerun adopts their work), else `new_run_id`."""
+        ...
+
+    def update_operation(self, operation_id: int, state: str, detail: Mapping[str, object]) -> Operation:
+        """Record progress (`running`) or the end (`done`/`failed`) of an attempt, with what it did so far."""
+        ...
+
+    def operations(self, version_id: int, kind: str | None = None) -> list[Operation]: ...
 
     def move_channel(
         self, name: str, channel: str, version_id: int, *, expect_current: int | None, actor: str, reason: str

@@ -225,6 +225,23 @@ signatures_table = sa.Table(
     sa.Index("ix_signatures_version_id", "version_id"),
 )
 
+# Long operations that must resume (distribute; rollouts later): one row per attempt. Attempts of the same operation
+# on the same version share `run_id`, so a rerun adopts what an earlier attempt created (cloud tags, client tokens).
+operations_table = sa.Table(
+    "operations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    _version_fk("operations"),
+    sa.Column("run_id", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Index("ix_operations_version_id", "version_id"),
+)
+
 # The pointer per (image name, channel); `previous_version_id` is the rollback image.
 channels_table = sa.Table(
     "channels",

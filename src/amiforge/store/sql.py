@@ -36,6 +36,7 @@ from amiforge.model import (
     FindingKind,
     ImageVersion,
     LayerRecord,
+    Operation,
     Package,
     ScanRecord,
     Severity,
@@ -57,6 +58,7 @@ from amiforge.store.schema import (
     event_head_table,
     events_table,
     layers_table,
+    operations_table,
     scans_table,
     signatures_table,
     signing_keys_table,
@@ -313,6 +315,20 @@ def _version(m: RowMapping) -> ImageVersion:
         parent=m["parent"],
         tags=dict(m["tags"] or {}),
         log=m["log"] or "",
+    )
+
+
+def _operation(row: RowMapping) -> Operation:
+    return Operation(
+        id=row["id"],
+        kind=row["kind"],
+        version_id=row["version_id"],
+        run_id=row["run_id"],
+        state=row["state"],
+        actor=row["actor"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        detail=dict(row["detail"] or {}),
     )
 
 
@@ -933,6 +949,51 @@ class SqlStore:
                 SignatureRecord(r["key_id"], r["envelope"], r["statement_digest"], r["signed_at"], r["id"], version_id)
                 for r in conn.execute(query).mappings()
             ]
+
+    # operations
+
+    def begin_operation(self, kind: str, version_id: int, *, actor: str, new_run_id: str) -> Operation:
+        with _boundary(f"start {kind} of version {version_id}", self._where), self._write() as conn:
+            self._require_version(conn, version_id)
+            earlier = conn.execute(
+                sa.select(operations_table.c.run_id)
+                .where(operations_table.c.version_id == version_id, operations_table.c.kind == kind)
+                .order_by(operations_table.c.id)
+                .limit(1)
+            ).scalar_one_or_none()
+            row_id = _inserted_id(conn.execute(
+                operations_table.insert().values(
+                    kind=kind, version_id=version_id, run_id=earlier or new_run_id, state="running", actor=actor,
+                    started_at=self._now(), finished_at=None, detail={},
+                )
+            ))  # fmt: skip
+        return self._operation(row_id)
+
+    def update_operation(self, operation_id: int, state: str, detail: Mapping[str, object]) -> Operation:
+        if state not in ("running", "done", "failed"):
+            raise ValueError(f"an operation is running, done or failed, not {state!r}")
+        with _boundary(f"finish operation {operation_id}", self._where), self._write() as conn:
+            conn.execute(
+                operations_table.update()
+                .where(operations_table.c.id == operation_id)
+                .values(state=state, finished_at=None if state == "running" else self._now(), detail=dict(detail))
+            )
+        return self._operation(operation_id)
+
+    def operations(self, version_id: int, kind: str | None = None) -> list[Operation]:
+        query = sa.select(operations_table).where(operations_table.c.version_id == version_id)
+        if kind is not None:
+            query = query.where(operations_table.c.kind == kind)
+        with _boundary(f"list operations of version {version_id}", self._where), self._read() as conn:
+            return [_operation(r) for r in conn.execute(query.order_by(operations_table.c.id)).mappings()]
+
+    def _operation(self, operation_id: int) -> Operation:
+        with _boundary(f"read operation {operation_id}", self._where), self._read() as conn:
+            row = conn.execute(sa.select(operations_table).where(operations_table.c.id == operation_id)).mappings()
+            found = row.one_or_none()
+        if found is None:
+            raise NotFound(f"no operation {operation_id}")
+        return _operation(found)
 
     # channels
 

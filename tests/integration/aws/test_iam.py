@@ -6,25 +6,43 @@ it actually called is declared for that operation in `iam.PERMISSIONS`: a new AW
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import botocore.session
 import pytest
 from conftest import ACCOUNT, REGION, Aws
+from ebs_emulation import EbsEmulation
+from gc_fixtures import install_gc_emulation
 
 from amiforge.errors import ConfigError
 from amiforge.providers.aws.clients import iam_action
+from amiforge.providers.aws.gc import apply_gc, plan_gc
 from amiforge.providers.aws.iam import DESTRUCTIVE, OPERATIONS, PERMISSIONS, actions_for, policy_document, policy_json
-from amiforge.providers.aws.images import inventory, resolve_source
+from amiforge.providers.aws.images import describe_image, inventory, resolve_source
+from amiforge.providers.aws.provider import AwsProvider
 from amiforge.providers.aws.publish import publish, rollback
+from amiforge.providers.aws.snapshot import open_ami
 from amiforge.recipe import OwnersSource, SsmSource
+from amiforge.settings import Settings
 from amiforge.signing.kms import KmsSigner, KmsVerifier
 
 # IAM actions that are not API operations of their own (ReEncrypt needs both; PassRole guards RunInstances).
 _IAM_ONLY = {"kms:ReEncryptFrom", "kms:ReEncryptTo", "iam:PassRole"}
 # IAM service prefix → botocore service name, for the services declared.
-_BOTOCORE = {"ec2": "ec2", "ssm": "ssm", "kms": "kms", "sts": "sts", "iam": "iam", "autoscaling": "autoscaling"}
+_BOTOCORE = {
+    "ec2": "ec2",
+    "ebs": "ebs",
+    "ssm": "ssm",
+    "kms": "kms",
+    "sts": "sts",
+    "iam": "iam",
+    "autoscaling": "autoscaling",
+}
 
 
 def test_every_declared_action_is_a_real_operation() -> None:
@@ -147,6 +165,55 @@ def _verify(aws: Aws, ids: dict[str, str]) -> None:
     KmsVerifier(REGION, kms).public_key_pem("kms:" + key)
 
 
+def _gc(aws: Aws, ids: dict[str, str]) -> None:
+    """Leftovers of one of each kind from a finished run, planned and removed."""
+    with pytest.MonkeyPatch.context() as patch:
+        install_gc_emulation(aws.paging, patch)  # DescribeVolumes paging, the snapshot-id image filter
+        ec2: Any = aws.ec2()
+        tags = [{"Key": "amiforge:managed", "Value": "true"}, {"Key": "amiforge:run", "Value": "gc-run"}]
+        spec = [{"ResourceType": "instance", "Tags": tags}]
+        instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, TagSpecifications=spec)
+        image = ec2.create_image(
+            InstanceId=instance["Instances"][0]["InstanceId"],
+            Name="gc-leftover",
+            TagSpecifications=[{"ResourceType": "image", "Tags": tags}],
+        )["ImageId"]
+        image_snapshot = ec2.describe_images(ImageIds=[image])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]
+        ec2.create_tags(Resources=[image_snapshot["SnapshotId"]], Tags=tags)
+        volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
+        ec2.create_snapshot(VolumeId=volume, TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}])
+        ec2.create_volume(
+            Size=1, AvailabilityZone=f"{REGION}a", TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]
+        )
+        aws.calls.reset()
+        plan = plan_gc(
+            aws.session,
+            REGION,
+            registered_images=set(ids.values()),
+            run_state=lambda run: "finished" if run == "gc-run" else "unknown",
+            now=datetime(2100, 1, 1, tzinfo=UTC),  # everything is old enough
+        )
+        assert sorted(o.kind for o in plan.orphans) == ["image", "instance", "snapshot", "snapshot", "volume"]
+        assert apply_gc(aws.session, plan).ok
+
+
+def _scan(aws: Aws, ids: dict[str, str]) -> None:
+    """An AMI's root snapshot read through the EBS direct APIs and mounted, as `amiforge scan` does."""
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
+        ebs = EbsEmulation()
+        ebs.install(patch)
+        tree = Path(tmp) / "tree"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc/hostname").write_text("scan\n")
+        raw = Path(tmp) / "root.raw"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw), "8M"], check=True)
+        image_id = ebs.register_ami(aws.ec2(), "scan-me", raw)
+        aws.calls.reset()
+        image = describe_image(aws.session, REGION, image_id)
+        with open_ami(aws.session, REGION, image, Path(tmp) / "scratch") as view:
+            assert (view.root / "etc/hostname").read_text() == "scan\n"
+
+
 # Every operation implemented today, and how to run it. Add a row when an operation gets its AWS code.
 IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
     "resolve-source": _resolve,
@@ -155,6 +222,9 @@ IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
     "rollback": _rollback,
     "sign-kms": _sign,
     "verify-kms": _verify,
+    "gc": _gc,
+    "scan": _scan,
+    "import": lambda aws, ids: AwsProvider(Settings(), session_for=lambda _r: aws.session).adopt(REGION, ids["a"]),
 }
 
 

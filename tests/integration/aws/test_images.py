@@ -199,3 +199,34 @@ def test_eventually_gives_up_after_timeout() -> None:
     with pytest.raises(NotFound):
         eventually(missing, timeout=10, sleep=sleep, clock=lambda: now[0])
     assert now[0] <= 10
+
+
+def test_image_digest_covers_identity_not_labels() -> None:
+    from amiforge.providers.aws.images import image_digest
+
+    image: dict[str, Any] = {
+        "ImageId": "ami-00000000000000001",
+        "Name": "web-1",
+        "Architecture": "x86_64",
+        "RootDeviceName": "/dev/xvda",
+        "Description": "first",
+        "Tags": [{"Key": "team", "Value": "web"}],
+        "BlockDeviceMappings": [
+            {"DeviceName": "/dev/xvdb", "Ebs": {"SnapshotId": "snap-00000000000000002", "VolumeSize": 4}},
+            {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-00000000000000001", "VolumeSize": 8}},
+            {"DeviceName": "/dev/sdc", "VirtualName": "ephemeral0"},
+        ],
+    }
+    digest = image_digest(image, REGION)
+    relabelled = {**image, "Description": "second", "Tags": [], "State": "available", "DeprecationTime": "x"}
+    reordered = {**image, "BlockDeviceMappings": list(reversed(image["BlockDeviceMappings"]))}
+    assert image_digest(relabelled, REGION) == image_digest(reordered, REGION) == digest
+    other_snapshot = {
+        **image,
+        "BlockDeviceMappings": [
+            {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-00000000000000009", "VolumeSize": 8}}
+        ],
+    }
+    assert image_digest(other_snapshot, REGION) != digest
+    assert image_digest(image, "us-east-1") != digest
+    assert image_digest({**image, "ImageId": "ami-00000000000000002"}, REGION) != digest

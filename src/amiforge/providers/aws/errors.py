@@ -62,6 +62,10 @@ AWS_ERRORS: Mapping[str, Rule] = {
     # SSM: right after SendCommand, or before the agent on a new instance has registered; callers poll on NotFound.
     "InvocationDoesNotExist": Rule(NotFound, "the command invocation is not visible yet; it is polled again"),
     "InvalidInstanceId": Rule(NotFound, "the instance is not registered with SSM (yet); check the SSM agent and role"),
+    # EBS direct APIs (snapshot reads for scans).
+    "ResourceNotFoundException": Rule(
+        NotFound, "check the snapshot id; it must be a completed snapshot in this region"
+    ),
     # --- permissions and credentials --------------------------------------------------------------------------------
     "UnauthorizedOperation": Rule(ConfigError, _PERMISSION),
     "AuthFailure": Rule(ConfigError, _CREDENTIALS),
@@ -89,6 +93,10 @@ AWS_ERRORS: Mapping[str, Rule] = {
     ),
     "ParameterAlreadyExists": Rule(StateError, "the SSM parameter exists already; it is overwritten only on purpose"),
     "IncorrectState": Rule(StateError, "the resource is not in a state that allows this; wait and re-run"),
+    "InvalidSnapshot.InUse": Rule(
+        StateError, "an image still uses the snapshot (EC2 may lag a deregistration); re-run"
+    ),
+    "VolumeInUse": Rule(StateError, "the volume is attached; detach it or wait for its instance to go, then re-run"),
     "IncorrectInstanceState": Rule(StateError, "the instance is not in a state that allows this; wait and re-run"),
     # --- quotas -----------------------------------------------------------------------------------------------------
     "ResourceLimitExceeded": Rule(InfraError, "raise the EC2 quota, or delete unused resources"),
@@ -106,6 +114,12 @@ AWS_ERRORS: Mapping[str, Rule] = {
     "KMSInternalException": Rule(InfraError, _RETRY_LATER, True),
     "DependencyTimeoutException": Rule(InfraError, _RETRY_LATER, True),
     "KeyUnavailableException": Rule(InfraError, _RETRY_LATER, True),
+    "InternalServerException": Rule(InfraError, _RETRY_LATER, True),
+    "RequestThrottledException": Rule(InfraError, _THROTTLED, True),
+    "ConcurrentLimitExceededException": Rule(
+        InfraError, "fewer parallel snapshot reads (scan one image at a time)", True
+    ),
+    "ServiceQuotaExceededException": Rule(InfraError, "raise the EBS direct API quota, or retry later", True),
     # --- wildcard families, tried in this order ---------------------------------------------------------------------
     "*.NotFound": Rule(NotFound, "check the id and the region it is looked up in"),
     "*.Malformed": Rule(ConfigError, "check the id's format"),

@@ -35,12 +35,15 @@ Operation = Literal[
     "inventory",
     "bake",
     "boot-test",
+    "scan",
+    "import",
     "sign-kms",
     "verify-kms",
     "distribute",
     "publish",
     "rollback",
     "retire",
+    "gc",
     "doctor",
 ]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
@@ -115,6 +118,21 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:DeregisterImage",
         "ec2:DeleteSnapshot",
     },
+    # providers/aws/gc.py: tag-filtered Describe* to plan; the removals fall under the Managed statement (DESTRUCTIVE).
+    "gc": _READ_IMAGES
+    | {
+        "ec2:DescribeInstances",
+        "ec2:DescribeSnapshots",
+        "ec2:DescribeVolumes",
+        "ec2:TerminateInstances",
+        "ec2:DeregisterImage",
+        "ec2:DeleteSnapshot",
+        "ec2:DeleteVolume",
+    },
+    # providers/aws/snapshot.py: the root snapshot's bytes through the EBS direct APIs; kms:Decrypt for encrypted ones.
+    "scan": _READ_IMAGES | {"ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock", "kms:Decrypt"},
+    # lifecycle/adopt.py (import packer): the images must exist and be available.
+    "import": _READ_IMAGES,
     "doctor": frozenset({"sts:GetCallerIdentity", "ec2:DescribeRegions"}),
 }
 
@@ -123,6 +141,7 @@ DESTRUCTIVE: Final[frozenset[str]] = frozenset(
     {
         "ec2:DeregisterImage",
         "ec2:DeleteSnapshot",
+        "ec2:DeleteVolume",
         "ec2:TerminateInstances",
         "ec2:StopInstances",
         "ec2:EnableImageDeprecation",

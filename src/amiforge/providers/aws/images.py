@@ -10,6 +10,8 @@ per region, never one call per image.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ __all__ = [
     "ImageSummary",
     "SourceImage",
     "describe_image",
+    "image_digest",
     "inventory",
     "parse_aws_time",
     "resolve_source",
@@ -109,6 +112,33 @@ def describe_image(session: AwsSession, region: str, image_id: str) -> Mapping[s
     if not images:
         raise NotFound(f"image {image_id} does not exist in {region}", fix="check the id and the region")
     return dict(images[0])
+
+
+# What an image is, as opposed to how it is labelled: EC2 never changes these after registration (a description, tags,
+# launch permissions, deprecation and protection can all change and are left out).
+_IDENTITY_KEYS = ("ImageId", "Name", "Architecture", "RootDeviceName", "VirtualizationType", "BootMode", "EnaSupport")
+_VOLUME_KEYS = ("SnapshotId", "VolumeSize", "VolumeType", "Encrypted", "KmsKeyId")
+
+
+def image_digest(image: Mapping[str, Any], region: str) -> str:
+    """The digest of an AMI: sha256 of the canonical JSON of its immutable description — id, region, name,
+    architecture, root device, and every block device's snapshot, size, type and encryption.
+
+    amiforge cannot hash an AMI's bytes the way it hashes a local disk, but an AMI's snapshots cannot be swapped
+    under its id: a signature over this digest fails as soon as the id names another image or the image is
+    re-registered with other snapshots. (A scan reads the snapshot's bytes themselves, through snapshot.py.)"""
+    identity: dict[str, Any] = {key: image.get(key) for key in _IDENTITY_KEYS}
+    identity["Region"] = region
+    identity["BlockDeviceMappings"] = sorted(
+        (
+            {"DeviceName": m.get("DeviceName"), **{k: m.get("Ebs", {}).get(k) for k in _VOLUME_KEYS}}
+            for m in image.get("BlockDeviceMappings", [])
+            if "Ebs" in m
+        ),
+        key=lambda m: str(m["DeviceName"]),
+    )
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def resolve_source(

@@ -5,6 +5,9 @@ image in a scratch dir and mounted read-only (`ro,noload`: not even the journal 
 inside a private mount namespace held by a child process (overlay.held_mount, as for the overlay views), so
 nothing can leak a mount. The raw-bytes secret scan reads the free blocks of the raw copy (`free_ranges`): live
 files are the tree scan's business, deleted data lies in free blocks.
+
+`ext4_view` and `free_ranges` also serve the AWS provider (aws/snapshot.py), whose raw disk comes from an EBS snapshot
+and may hold the ext4 root in a partition: both take the filesystem's byte offset in the raw file.
 """
 
 from __future__ import annotations
@@ -35,16 +38,32 @@ def open_image(artifact: Artifact, scratch_parent: Path) -> Iterator[ImageView]:
         run(["qemu-img", "convert", "-O", "raw", disk, raw], what="qemu-img convert (for inspection)")
         mnt = scratch / "root"
         mnt.mkdir()
-        mount = f"mount -o ro,loop,noload -t ext4 {shlex.quote(str(raw))} {shlex.quote(str(mnt))}"
-        with held_mount(mount, mnt, f"{disk} read-only for inspection") as root:
-            yield ImageView(root, raw, free_ranges(raw))
+        with ext4_view(raw, mnt, f"{disk} read-only for inspection") as view:
+            yield view
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def free_ranges(raw: Path) -> tuple[tuple[int, int], ...]:
-    """Byte ranges of an ext4 image's free blocks, from dumpe2fs (no mount needed)."""
-    out = run(["dumpe2fs", raw], what="dumpe2fs (free blocks)")
+@contextmanager
+def ext4_view(raw: Path, mnt: Path, what: str, *, offset: int = 0, size: int | None = None) -> Iterator[ImageView]:
+    """The ext4 filesystem starting `offset` bytes into the raw disk `raw` (`size` bytes long, or to the end),
+    mounted read-only (`ro,noload`) at `mnt` inside a held private mount namespace, with its free blocks as byte
+    ranges of `raw`. `what` names the disk in a mount error."""
+    options = "ro,loop,noload"
+    if offset:
+        options += f",offset={offset}"
+    if size is not None:
+        options += f",sizelimit={size}"
+    mount = f"mount -o {options} -t ext4 {shlex.quote(str(raw))} {shlex.quote(str(mnt))}"
+    with held_mount(mount, mnt, what) as root:
+        yield ImageView(root, raw, free_ranges(raw, offset=offset))
+
+
+def free_ranges(raw: Path, *, offset: int = 0) -> tuple[tuple[int, int], ...]:
+    """Byte ranges of `raw` that are free blocks of the ext4 filesystem starting `offset` bytes into it, from
+    dumpe2fs (no mount needed; e2fsprogs reads a filesystem inside a larger file through its `?offset=` option)."""
+    device = f"{raw}?offset={offset}" if offset else str(raw)
+    out = run(["dumpe2fs", device], what="dumpe2fs (free blocks)")
     block = 4096
     ranges: list[tuple[int, int]] = []
     for line in out.splitlines():
@@ -54,5 +73,5 @@ def free_ranges(raw: Path) -> tuple[tuple[int, int], ...]:
         elif text.startswith("Free blocks:") and text[len("Free blocks:") :].strip()[:1].isdigit():
             for part in text.split(":", 1)[1].split(","):
                 first, _, last = part.strip().partition("-")
-                ranges.append((int(first) * block, (int(last or first) + 1) * block))
+                ranges.append((offset + int(first) * block, offset + (int(last or first) + 1) * block))
     return tuple(ranges)

@@ -21,6 +21,7 @@ from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, plan_layers
 from amiforge.providers.local.tools import require
 from amiforge.recipe import Checks, Recipe
+from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
 
 # Time allowed, after READY, for the in-guest checks to report (each command has its own 30 s cap).
@@ -89,7 +90,7 @@ class LocalProvider:
             raise ConfigError(f"AMIFORGE_ACCEL=kvm but KVM does not work here: {why}", fix="use auto or tcg")
         return ("kvm" if ok else "tcg"), why
 
-    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext) -> BootReport:
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: ProviderSpec) -> BootReport:
         require("qemu-system-x86_64")
         if artifact.kernel is None or artifact.initrd is None:
             raise ConfigError(f"artifact {artifact.location} has no kernel/initrd; it is not a local image")
@@ -107,7 +108,7 @@ class LocalProvider:
         ]
         ports = sorted({h.port for h in checks.http} | {t.port for t in checks.tcp})
         forwards = {p: qemu.free_port() for p in ports}
-        spec = qemu.GuestSpec(
+        guest_spec = qemu.GuestSpec(
             disk=Path(artifact.location),
             kernel=Path(artifact.kernel),
             initrd=Path(artifact.initrd),
@@ -124,7 +125,7 @@ class LocalProvider:
         ctx.progress(PhaseUpdate("boot", "start", accel))
         results: list[CheckResult] = []
         ready_at: float | None = None
-        with qemu.Guest(spec) as guest:
+        with qemu.Guest(guest_spec) as guest:
             ready = guest.wait_for(qemu.READY_RE, checks.ready_within)
             if ready is None:
                 state = "QEMU exited" if not guest.running() else f"not ready within {checks.ready_within:.0f}s"

@@ -1,0 +1,121 @@
+"""amiforge distribute · import packer · gc: the AWS side of the lifecycle."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.output import PhaseProgress, console, emit_json
+from amiforge.cli.render import version_line
+from amiforge.errors import InfraError
+from amiforge.lifecycle.adopt import import_packer
+from amiforge.lifecycle.boottest import provider_spec_of
+from amiforge.lifecycle.distribute import distribute
+from amiforge.lifecycle.gc import gc
+from amiforge.recipe import AwsProvider as AwsSpec
+from amiforge.recipe import load_recipe, parse_duration
+
+import_app = typer.Typer(help="Adopt images baked by other tools.", no_args_is_help=True)
+
+
+def distribute_command(
+    ref: str = typer.Argument(..., help="NAME@N or a digest prefix (a signed aws version)."),
+    public: bool = typer.Option(False, "--public", help="Confirm a public share the recipe asks for."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Copy a signed version to the recipe's regions (each under its KMS key) and share it; rerun to resume."""
+    settings, store = open_registry()
+    spec = provider_spec_of(store.get_version(ref))
+    regions = len(spec.distribution.regions) if isinstance(spec, AwsSpec) else 0
+    with PhaseProgress(f"distribute {ref}", max(regions, 1), enabled=not as_json) as progress:
+        outcome = distribute(ref, store=store, settings=settings, public=public, progress=progress.callback())
+    if as_json:
+        emit_json(
+            {
+                "version": outcome.version,
+                "source": outcome.source,
+                "run": outcome.operation.run_id,
+                "copies": [
+                    {"artifact": c.artifact, "adopted": c.adopted, "shared_with": list(c.shared_with)}
+                    for c in outcome.copies
+                ],
+            }
+        )
+        return
+    version_line(outcome.version)
+    table = Table(
+        title=f"copies of {outcome.source.location} ({outcome.source.region}), run {outcome.operation.run_id}"
+    )
+    for column in ("region", "image", "", "shared with"):
+        table.add_column(column)
+    for c in outcome.copies:
+        table.add_row(
+            c.artifact.region, c.artifact.location, "adopted" if c.adopted else "copied", ", ".join(c.shared_with)
+        )
+    console.print(table)
+
+
+@import_app.command("packer")
+def import_packer_command(
+    manifest: Path = typer.Argument(..., help="The JSON file Packer's manifest post-processor wrote."),
+    recipe: Path = typer.Option(..., "--recipe", help="The aws recipe the images belong to (name, checks, …)."),
+    build: str | None = typer.Option(None, "--build", help="The build's name in the manifest (default: newest)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Register AMIs baked by Packer as a `built` version; then test, scan, sign and promote it as usual."""
+    loaded = load_recipe(recipe)
+    settings, store = open_registry()
+    version, created = import_packer(manifest, loaded, store=store, settings=settings, build=build)
+    if as_json:
+        emit_json({"version": version, "created": created, "artifacts": store.artifacts(version.id)})
+        return
+    if not created:
+        console.print(f"already imported as {version.ref}")
+    version_line(version)
+    for artifact in store.artifacts(version.id):
+        console.print(f"  {artifact.region}: {artifact.location}")
+    console.print(f"next: amiforge test {version.ref} && amiforge scan {version.ref} && amiforge sign {version.ref}")
+
+
+def gc_command(
+    regions: list[str] = typer.Option(
+        [], "--region", help="Region to collect in (repeat); default: every region the registry knows of."
+    ),
+    apply: bool = typer.Option(False, "--apply", help="Remove the orphans (default: only show the plan)."),
+    min_age: str = typer.Option("1h", "--min-age", help="Leave resources younger than this (e.g. 30m, 2h)."),
+    max_deletions: int = typer.Option(10, "--max", min=0, help="Blast-radius cap: refuse to remove more than this."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Find cloud resources failed runs left behind (tagged amiforge:managed, run known to the registry, image not
+    registered); remove them with --apply. Exit 4 when the plan exceeds --max."""
+    age = timedelta(seconds=parse_duration(min_age))
+    settings, store = open_registry()
+    outcome = gc(store=store, settings=settings, regions=regions, apply=apply, min_age=age, max_deletions=max_deletions)
+    if as_json:
+        emit_json({"applied": outcome.applied, "plans": outcome.plans, "results": outcome.results})
+        return
+    table = Table(title="gc: plan" if not outcome.applied else "gc: applied")
+    for column in ("region", "kind", "id", "run", "why", "outcome"):
+        table.add_column(column)
+    done = {(r.region, o.orphan.id): o.outcome for r in outcome.results for o in r.outcomes}
+    for plan in outcome.plans:
+        for o in plan.orphans:
+            table.add_row(
+                plan.region, o.kind, o.id, o.run_id or "-", o.reason, done.get((plan.region, o.id), "planned")
+            )
+    console.print(table)
+    kept = sum(len(p.kept) for p in outcome.plans)
+    console.print(f"{kept} tagged resource(s) kept (registered, too young, or their run is active or unknown)")
+    if not outcome.applied and any(p.orphans for p in outcome.plans):
+        console.print("nothing was changed: rerun with --apply to remove the orphans above")
+    failed = [o for r in outcome.results for o in r.outcomes if o.outcome == "failed"]
+    if failed:
+        raise InfraError(
+            f"{len(failed)} orphan(s) could not be removed: " + ", ".join(o.orphan.id for o in failed),
+            retryable=True,
+            fix="see the outcome column; rerun gc --apply once the cause is fixed",
+        )

@@ -1,0 +1,144 @@
+"""gc: what failed or interrupted runs left behind in the cloud, found from the registry's point of view.
+
+A resource is only ever a candidate when it is tagged as amiforge's AND its run is one this registry knows to be over
+(DESIGN.md §5: "retire/gc only touch what is both tagged and in the registry"). The registry answers from its event
+log: a bake run is over once it is built or failed; a boot test once its report is recorded; a distribute run only
+when its latest attempt completed (a copy left by a failed attempt is adopted by the next one, so it is not an
+orphan). An image any version holds as an artifact is never touched. Plans by default; `apply` needs to be asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Literal
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.lifecycle.boottest import provider_spec_of
+from amiforge.model import Event
+from amiforge.providers import provider_for
+from amiforge.recipe import AwsProvider as AwsSpec
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+if TYPE_CHECKING:
+    from amiforge.providers.aws.gc import GcPlan, GcResult
+
+RunState = Literal["active", "finished", "unknown"]
+# Event kinds that end a run of their kind, and those that start one.
+_ENDS = {"bake.built", "bake.failed", "test.passed", "test.failed", "distribute.completed"}
+_STARTS = {"bake.started", "distribute.started"}
+# Far beyond a bake's own deadline (bake.Wait: 2 h for the image): a bake still "running" after this was killed.
+STALE_BAKE = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class GcOutcome:
+    plans: list[GcPlan]
+    results: list[GcResult]
+    applied: bool
+
+
+def run_states(events: Iterable[Event], *, now: datetime, stale_after: timedelta = STALE_BAKE) -> dict[str, RunState]:
+    """Run id → state, from the audit log (in order: the last start or end of a run decides). A bake that started
+    more than `stale_after` ago and never ended was killed (SIGKILL, a lost machine): it is over too."""
+    states: dict[str, RunState] = {}
+    bakes: dict[str, datetime] = {}
+    for event in events:
+        run = event.data.get("run")
+        if not isinstance(run, str):
+            continue
+        if event.kind in _ENDS:
+            states[run] = "finished"
+        elif event.kind in _STARTS or event.kind == "distribute.failed":
+            states[run] = "active"  # a failed distribute attempt is resumed by the next one
+            if event.kind == "bake.started":
+                bakes[run] = event.at
+        else:
+            states.setdefault(run, "active")
+    for run, started in bakes.items():
+        if states[run] == "active" and now - started > stale_after:
+            states[run] = "finished"
+    return states
+
+
+def _registry_view(store: Store, settings: Settings) -> tuple[set[str], set[str]]:
+    """(every aws image the registry holds, every region it knows of from artifacts and recipes)."""
+    images: set[str] = set()
+    regions: set[str] = set()
+    for version in store.list_versions():
+        for artifact in store.artifacts(version.id):
+            if artifact.provider == "aws":
+                images.add(artifact.location)
+                regions.add(artifact.region)
+        if version.provider == "aws":
+            spec = provider_spec_of(version)
+            if isinstance(spec, AwsSpec):
+                regions.add(spec.region)
+                regions.update(r.region for r in spec.distribution.regions)
+    return images, regions
+
+
+def gc(
+    *,
+    store: Store,
+    settings: Settings,
+    regions: Sequence[str] = (),
+    apply: bool = False,
+    min_age: timedelta = timedelta(hours=1),
+    max_deletions: int = 10,
+    now: datetime | None = None,
+) -> GcOutcome:
+    from amiforge.providers.aws.gc import apply_gc, plan_gc  # boto3 only for those who use AWS
+
+    images, known_regions = _registry_view(store, settings)
+    targets = list(dict.fromkeys(regions)) or sorted(known_regions)
+    if not targets:
+        raise ConfigError("the registry knows of no AWS region to collect in", fix="pass --region REGION")
+    from amiforge.providers.aws.provider import AwsProvider
+
+    provider = provider_for("aws", settings)
+    if not isinstance(provider, AwsProvider):  # pragma: no cover - the closed PROVIDERS map says otherwise
+        raise ConfigError("this amiforge has no AWS provider")
+    session_of = provider.session
+    moment = now or datetime.now(UTC)
+    states = run_states(store.events(), now=moment)
+    plans = [
+        plan_gc(
+            session_of(region),
+            region,
+            registered_images=images,
+            run_state=lambda run: states.get(run, "unknown"),
+            min_age=min_age,
+            now=moment,
+        )
+        for region in targets
+    ]
+    if not apply:
+        return GcOutcome(plans, [], applied=False)
+    total = sum(len(p.orphans) for p in plans)
+    if total > max_deletions:
+        # The cap is over the whole run, not per region; apply_gc checks each region again.
+        raise GateFailed(
+            "blast radius",
+            [GateFailure(p.region, f"{len(p.orphans)} orphan(s)") for p in plans if p.orphans],
+            fix=f"{total} deletions exceed the cap of {max_deletions}: review the plan, then pass --max {total}",
+        )
+    results = []
+    for plan in plans:
+        result = apply_gc(session_of(plan.region), plan, max_deletions=max_deletions)
+        results.append(result)
+        store.append_event(
+            "gc.applied",
+            actor=settings.actor,
+            ref=None,
+            data={
+                "region": plan.region,
+                "outcomes": [
+                    {"kind": o.orphan.kind, "id": o.orphan.id, "run": o.orphan.run_id, "outcome": o.outcome}
+                    for o in result.outcomes
+                ],
+            },
+        )
+    return GcOutcome(plans, results, applied=True)

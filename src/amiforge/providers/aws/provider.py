@@ -1,0 +1,240 @@
+"""AwsProvider: the Provider protocol on EC2 — the same pipeline as the local provider, only the place changes.
+
+bake → `bake.bake_on_ec2` (builder instance, steps over SSM, CreateImage); boot test → `bake.boot_test_on_ec2`;
+inspect → `snapshot.open_ami` (the root snapshot's bytes through the EBS direct APIs, mounted read-only, so scans read
+exactly what ships, as they do for a local qcow2); digest → `images.image_digest` (the AMI's immutable description:
+a cloud image's bytes cannot be hashed cheaply, its snapshot ids cannot change under its id).
+
+Sessions are made per region from the settings (profile, one role per other account); tests pass a
+`session_for` that returns sessions on moto, and a `machine_factory` standing in for SSM Run Command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ClassVar
+
+from amiforge.errors import ConfigError, StateError
+from amiforge.model import Artifact, BootReport, LayerRecord
+from amiforge.providers.aws.bake import AmiBuild, Placement, Wait, bake_on_ec2, boot_test_on_ec2
+from amiforge.providers.aws.clients import AwsSession
+from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
+from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
+from amiforge.providers.aws.machine import MachineFactory, SsmMachine
+from amiforge.providers.aws.publish import publish
+from amiforge.providers.aws.snapshot import open_ami
+from amiforge.providers.interface import BakeResult, Copy, ImageView, PhaseUpdate, RunContext
+from amiforge.recipe import AwsProvider as AwsSpec
+from amiforge.recipe import Checks, Recipe, step_fingerprint
+from amiforge.recipe import Provider as ProviderSpec
+from amiforge.settings import Settings
+
+GIB = 1 << 30
+
+
+def aws_spec(spec: ProviderSpec, what: str) -> AwsSpec:
+    if not isinstance(spec, AwsSpec):
+        raise ConfigError(f"{what} is for provider {spec.type!r}, not 'aws'", fix="use the provider the recipe names")
+    return spec
+
+
+def placement_of(spec: AwsSpec) -> Placement:
+    return Placement(spec.subnet_id, tuple(spec.security_group_ids), spec.instance_profile)
+
+
+def artifact_of(image: Mapping[str, Any], region: str) -> Artifact:
+    """The registry's record of an available AMI: its id, region, digest and the size of its volumes."""
+    size = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in image.get("BlockDeviceMappings", [])) * GIB
+    return Artifact(
+        provider="aws",
+        region=region,
+        location=str(image["ImageId"]),
+        digest=image_digest(image, region),
+        size_bytes=size,
+    )
+
+
+class AwsProvider:
+    name: ClassVar[str] = "aws"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session_for: Callable[[str], AwsSession] | None = None,
+        machine_factory: MachineFactory = SsmMachine,
+        wait: Wait = Wait(),
+        boot_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=900.0),
+        tag_snapshots_at_creation: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._session_for = session_for
+        self._sessions: dict[str, AwsSession] = {}
+        self.machine_factory = machine_factory
+        self.wait = wait
+        self.boot_wait = boot_wait
+        self.tag_snapshots_at_creation = tag_snapshots_at_creation
+
+    def session(self, region: str) -> AwsSession:
+        """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
+        if region not in self._sessions:
+            if self._session_for is not None:
+                self._sessions[region] = self._session_for(region)
+            else:
+                self._sessions[region] = AwsSession(
+                    region, profile=self.settings.aws_profile, role_arns=self.settings.aws_roles
+                )
+        return self._sessions[region]
+
+    # --- bake -----------------------------------------------------------------------------------------------
+
+    def _source(self, recipe: Recipe) -> tuple[AwsSpec, SourceImage]:
+        spec = aws_spec(recipe.provider, f"recipe {recipe.name!r}")
+        return spec, resolve_source(spec.source, self.session(spec.region), spec.region)
+
+    def preflight(self, recipe: Recipe) -> None:
+        """The source image resolves (owner-pinned) with these credentials. Reads only."""
+        self._source(recipe)
+
+    def bake(self, recipe: Recipe, ctx: RunContext) -> BakeResult:
+        spec, source = self._source(recipe)
+        ctx.log(f"source image {source.image_id} ({source.name}, owner {source.owner})")
+        session = self.session(spec.region)
+        build = bake_on_ec2(
+            recipe,
+            source,
+            session,
+            ctx,
+            machine_factory=self.machine_factory,
+            wait=self.wait,
+            placement=placement_of(spec),
+            tag_snapshots_at_creation=self.tag_snapshots_at_creation,
+        )
+        image = describe_image(session, spec.region, build.image_id)
+        return BakeResult(artifact_of(image, spec.region), self._layers(recipe, source, build, ctx))
+
+    @staticmethod
+    def _layers(recipe: Recipe, source: SourceImage, build: AmiBuild, ctx: RunContext) -> tuple[LayerRecord, ...]:
+        """What the bake did, as layers: the source image, then each step (an EC2 bake has no layer cache, so every
+        layer is a miss; keys chain like the local provider's so two bakes of the same recipe can be compared)."""
+        key = hashlib.sha256(f"aws-source\0{source.image_id}".encode()).hexdigest()
+        records = [
+            LayerRecord(0, key, f"base: {source.name} ({source.image_id})", False, ctx.phases.get("builder", 0.0), 0)
+        ]
+        for i, step in enumerate(recipe.steps, start=1):
+            key = hashlib.sha256(f"{key}\0{step_fingerprint(step, recipe.folder)}".encode()).hexdigest()
+            what = f"step {i}: {step.describe()}"
+            records.append(LayerRecord(i, key, step.describe(), False, ctx.phases.get(what, 0.0), 0))
+        ctx.log(f"image {build.image_id} from builder {build.builder_instance_id}")
+        return tuple(records)
+
+    # --- boot test ------------------------------------------------------------------------------------------
+
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: ProviderSpec) -> BootReport:
+        aws = aws_spec(spec, f"artifact {artifact.location}")
+        return boot_test_on_ec2(
+            artifact.location,
+            checks,
+            self.session(artifact.region),
+            ctx,
+            region=artifact.region,
+            instance_type=aws.boot_test_instance_type or aws.instance_type,
+            machine_factory=self.machine_factory,
+            wait=self.boot_wait,
+            placement=placement_of(aws),
+        )
+
+    def adopt(self, region: str, location: str) -> Artifact:
+        image = describe_image(self.session(region), region, location)
+        if image.get("State") != "available":
+            raise StateError(
+                f"image {location} in {region} is {image.get('State')}, not available",
+                fix="import it once it is available",
+            )
+        return artifact_of(image, region)
+
+    # --- distribution and publication ----------------------------------------------------------------------
+
+    def distribute(
+        self,
+        artifact: Artifact,
+        spec: ProviderSpec,
+        *,
+        run_id: str,
+        public: bool,
+        on_copy: Callable[[Copy], None],
+        progress: Callable[[PhaseUpdate], None],
+    ) -> list[Copy]:
+        aws = aws_spec(spec, f"artifact {artifact.location}")
+        wanted = aws.distribution
+        if not wanted.regions:
+            raise ConfigError(
+                f"the recipe of {artifact.location} lists no region to distribute to",
+                fix="add provider.distribution.regions: [{region: eu-west-1, kms_key: alias/…}] to the recipe",
+            )
+        plan = plan_distribution(
+            artifact.location,
+            artifact.region,
+            [RegionTarget(r.region, r.kms_key) for r in wanted.regions],
+            run_id=run_id,
+            accounts=wanted.accounts,
+            org_arns=wanted.organizations,
+            ou_arns=wanted.organizational_units,
+            public=wanted.public,
+            public_flag=public,
+        )
+        session = self.session(artifact.region)
+
+        def step(update: Progress) -> None:
+            if update.step == "done" and update.image_id is not None:
+                copy = describe_image(session, update.region, update.image_id)
+                on_copy(Copy(artifact, artifact_of(copy, update.region), False, plan.share.describe(plan.public)))
+                progress(PhaseUpdate(update.region, "done", update.image_id))
+            elif update.step in ("adopted", "copying"):
+                progress(PhaseUpdate(update.region, "start", update.step))
+
+        result = distribute(plan, session, on_progress=step)
+        copies = []
+        for region in result.regions:
+            image = describe_image(session, region.region, region.image_id)
+            copies.append(Copy(artifact, artifact_of(image, region.region), region.adopted, region.shared_with))
+        return copies
+
+    def publish(
+        self, artifacts: list[Artifact], spec: ProviderSpec, *, name: str, channel: str, run_id: str
+    ) -> list[dict[str, object]]:
+        aws = aws_spec(spec, f"{name}:{channel}")
+        records: list[dict[str, object]] = []
+        for artifact in artifacts:
+            done = publish(
+                self.session(artifact.region),
+                region=artifact.region,
+                name=name,
+                channel=channel,
+                image_id=artifact.location,
+                parameter_prefix=aws.publish.parameter_prefix,
+                launch_template=aws.publish.launch_template,
+                run_id=run_id,
+            )
+            records.append(dataclasses.asdict(done))
+        return records
+
+    # --- inspection -----------------------------------------------------------------------------------------
+
+    def inspect(self, artifact: Artifact) -> AbstractContextManager[ImageView]:
+        return self._inspect(artifact)
+
+    @contextmanager
+    def _inspect(self, artifact: Artifact) -> Iterator[ImageView]:
+        session = self.session(artifact.region)
+        image = describe_image(session, artifact.region, artifact.location)
+        with open_ami(session, artifact.region, image, self.settings.cache_dir / "scratch") as view:
+            yield view
+
+    def current_digest(self, artifact: Artifact) -> str:
+        """The digest of the AMI's description as EC2 reports it now (NotFound once it is deregistered)."""
+        image = describe_image(self.session(artifact.region), artifact.region, artifact.location)
+        return image_digest(image, artifact.region)

@@ -1,0 +1,325 @@
+"""The AWS provider end to end through the CLI, on moto: bake → test → scan → sign → distribute → promote (publish),
+resume of an interrupted distribution, verification of copies, and `import packer`.
+
+SSM Run Command is a FakeMachine (moto runs nothing); the scan reads the image's root snapshot through the EBS direct
+APIs, which the EbsEmulation serves from a real ext4 file system made here (moto's CreateImage snapshots are empty).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ACCOUNT, REGION, Aws
+from distribute_fixtures import CopyImageEmulation, DeregistrationProtection
+from ebs_emulation import EbsEmulation
+from fake_machine import DPKG, READY, Clock, FakeMachine, factory
+from moto.ec2.models import ec2_backends
+
+import amiforge.providers
+from amiforge.providers.aws import distribute as distribute_module
+from amiforge.providers.aws.bake import Wait
+from amiforge.providers.aws.machine import CommandResult
+from amiforge.providers.aws.provider import AwsProvider
+from amiforge.settings import Settings
+from tests.cli_harness import Cli, make_cli
+
+COPY_REGION = "us-east-1"
+SHARE_ACCOUNT = "111122223333"
+RECIPE = f"""\
+name: web
+provider:
+  type: aws
+  region: {REGION}
+  source: {{owners: [self], name: "debian-12-amd64-*"}}
+  distribution:
+    regions: [{{region: {COPY_REGION}}}]
+    accounts: ["{SHARE_ACCOUNT}"]
+  publish: {{parameter_prefix: /amiforge}}
+steps:
+  - shell: echo web > /etc/motd
+checks:
+  units: [nginx]
+"""
+
+
+@pytest.fixture
+def ebs(monkeypatch: pytest.MonkeyPatch) -> EbsEmulation:
+    emulation = EbsEmulation()
+    emulation.install(monkeypatch)
+    return emulation
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """A real ext4 root file system with a dpkg database: what the baked image's snapshot holds."""
+    tree = tmp_path / "tree"
+    (tree / "var/lib/dpkg").mkdir(parents=True)
+    (tree / "var/lib/dpkg/status").write_text(DPKG)
+    (tree / "etc").mkdir()
+    (tree / "etc/motd").write_text("web\n")
+    raw = tmp_path / "root.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), "-L", "root", str(raw), "16M"], check=True)
+    return raw
+
+
+class Env:
+    """A registry in tmp, the CLI in-process, and the aws provider on moto with a fake SSM machine."""
+
+    def __init__(self, aws: Aws, ebs: EbsEmulation, disk: Path, tmp: Path, cli: Cli) -> None:
+        self.aws, self.ebs, self.disk, self.cli = aws, ebs, disk, cli
+        self.machine = FakeMachine(consoles=[READY])
+        self.recipe = tmp / "recipe.yaml"
+        self.recipe.write_text(RECIPE)
+        self.ec2: Any = aws.ec2()
+        instance = self.ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+        self.source = self.ec2.create_image(InstanceId=instance["InstanceId"], Name="debian-12-amd64-20240501")
+
+    def provider(self, settings: Settings) -> AwsProvider:
+        clock = Clock()
+        fast = Wait(first_delay=1.0, max_delay=5.0, deadline=600.0, sleep=clock.sleep, clock=clock)
+        return AwsProvider(
+            settings,
+            session_for=lambda _region: self.aws.session,
+            machine_factory=factory(self.machine),
+            wait=fast,
+            boot_wait=fast,
+            tag_snapshots_at_creation=False,  # moto: NotImplementedError for snapshot TagSpecifications
+        )
+
+    def seed_root(self, image_id: str) -> None:
+        """Give the baked image's root snapshot the bytes of `disk` (moto's CreateImage makes an empty one)."""
+        image = self.ec2.describe_images(ImageIds=[image_id])["Images"][0]
+        root = next(m for m in image["BlockDeviceMappings"] if m["DeviceName"] == image["RootDeviceName"])
+        self.ebs.seed(self.disk, root["Ebs"]["SnapshotId"], REGION)
+
+    def images(self, region: str) -> list[dict[str, Any]]:
+        ec2: Any = self.aws.ec2(region)
+        return list(ec2.describe_images(Owners=["self"])["Images"])
+
+
+@pytest.fixture
+def env(
+    aws: Aws,
+    ebs: EbsEmulation,
+    disk: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Env:
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("AMIFORGE_STORE_URL", raising=False)
+    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "none.toml"))
+    # What moto lacks for distribute: CopyImage's ClientToken/TagSpecifications, deregistration protection.
+    CopyImageEmulation().install(monkeypatch)
+    DeregistrationProtection().install(aws.session.boto_session.events)
+    environment = Env(aws, ebs, disk, tmp_path, make_cli(monkeypatch, capsys))
+    monkeypatch.setattr(amiforge.providers, "PROVIDERS", {**amiforge.providers.PROVIDERS, "aws": environment.provider})
+    return environment
+
+
+def bake_to_signed(env: Env) -> dict[str, Any]:
+    baked = env.cli("bake", str(env.recipe), "--json")
+    assert baked.code == 0, baked.err
+    version = baked.json()["version"]
+    assert (
+        (version["name"], version["number"]) == ("web", 1)
+        and version["status"] == "tested"
+        and version["provider"] == "aws"
+    )
+    assert baked.json()["boot_report"]["time_to_ready"] == 11.25
+    shown = env.cli("images", "show", "web@1", "--json").json()
+    (artifact,) = shown["artifacts"]
+    env.seed_root(artifact["location"])
+    scanned = env.cli("scan", "web@1", "--json")
+    assert scanned.code == 0, scanned.err
+    assert scanned.json()["packages"] == 1  # read from the snapshot's bytes, not from the builder
+    sbom = env.cli("sbom", "web@1").json()
+    assert [c["name"] for c in sbom["components"]] == ["nginx"]
+    assert env.cli("keys", "generate").code == 0
+    signed = env.cli("sign", "web@1", "--json")
+    assert signed.code == 0, signed.err
+    return dict(artifact)
+
+
+def test_bake_to_publish_on_moto(env: Env) -> None:
+    artifact = bake_to_signed(env)
+    assert artifact["region"] == REGION and artifact["location"].startswith("ami-")
+    # The builder and the boot-test instance are gone; the image is tagged as ours.
+    (image,) = [i for i in env.images(REGION) if i["ImageId"] == artifact["location"]]
+    assert {t["Key"]: t["Value"] for t in image["Tags"]}["amiforge:managed"] == "true"
+
+    distributed = env.cli("distribute", "web@1", "--json")
+    assert distributed.code == 0, distributed.err
+    (copy,) = distributed.json()["copies"]
+    assert copy["artifact"]["region"] == COPY_REGION and copy["shared_with"] == [SHARE_ACCOUNT]
+    assert [i["ImageId"] for i in env.images(COPY_REGION)] == [copy["artifact"]["location"]]
+
+    # The copy is not in the signed manifest, but it is a recorded copy of an artifact that is: still verifies.
+    assert env.cli("verify", "web@1").code == 0
+
+    promoted = env.cli("promote", "web@1", "--channel", "dev", "--json")
+    assert promoted.code == 0, promoted.err
+    published = {r["region"]: r for r in promoted.json()["published"]}
+    assert set(published) == {REGION, COPY_REGION}
+    for region, expected in ((REGION, artifact["location"]), (COPY_REGION, copy["artifact"]["location"])):
+        ssm: Any = env.aws.session.client("ssm", region)
+        value = ssm.get_parameter(Name="/amiforge/web/dev")["Parameter"]["Value"]
+        assert value == expected == published[region]["image_id"]
+    events = [e["kind"] for e in env.cli("events", "web@1", "--json").json()]
+    assert "distribute.completed" in events and "publish" in events
+
+    # Rerunning converges: the copy is adopted (no second image), the parameter is not written again.
+    again = env.cli("distribute", "web@1", "--json")
+    assert again.code == 0 and again.json()["copies"][0]["adopted"] is True
+    assert len(env.images(COPY_REGION)) == 1
+    repeat = env.cli("promote", "web@1", "--channel", "dev", "--json").json()
+    assert repeat["moved"] is False and all(r["changed"] is False for r in repeat["published"])
+
+
+def test_interrupted_distribution_resumes_with_the_same_run(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    bake_to_signed(env)
+    real_protect = distribute_module.protect
+    calls = []
+
+    def interrupted_once(client: Any, image_id: str, *, cooldown: bool = False) -> None:
+        calls.append(image_id)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C after the copy exists, before it is protected and recorded
+        real_protect(client, image_id, cooldown=cooldown)
+
+    monkeypatch.setattr(distribute_module, "protect", interrupted_once)
+    first = env.cli("distribute", "web@1")
+    assert first.code == 130
+    assert len(env.images(COPY_REGION)) == 1  # the copy was made…
+    shown = env.cli("images", "show", "web@1", "--json").json()
+    assert [a["region"] for a in shown["artifacts"]] == [REGION]  # …but not recorded as done
+
+    second = env.cli("distribute", "web@1", "--json")
+    assert second.code == 0, second.err
+    assert second.json()["copies"][0]["adopted"] is True
+    assert len(env.images(COPY_REGION)) == 1  # adopted, not copied twice
+    events = env.cli("events", "web@1", "--json").json()
+    runs = {e["data"]["run"] for e in events if e["kind"].startswith("distribute.")}
+    assert len(runs) == 1 and {"distribute.failed", "distribute.completed"} <= {e["kind"] for e in events}
+
+
+def test_distribute_refuses_an_unsigned_version(env: Env) -> None:
+    assert env.cli("bake", str(env.recipe), "--json").code == 0
+    refused = env.cli("distribute", "web@1")
+    assert refused.code == 2 and "only a signed version" in refused.err
+    assert env.images(COPY_REGION) == []
+
+
+def test_a_copy_nobody_recorded_fails_verification(env: Env) -> None:
+    artifact = bake_to_signed(env)
+    # An AMI slipped into the registry as an artifact of web@1 outside of distribute: not signed, not a copy.
+    from amiforge.model import Artifact
+    from amiforge.store.sql import open_store
+
+    store = open_store(Settings().registry_url)
+    version = store.get_version("web@1")
+    ec2: Any = env.aws.ec2(COPY_REGION)
+    stray = ec2.copy_image(SourceImageId=artifact["location"], SourceRegion=REGION, Name="stray")["ImageId"]
+    store.add_artifact(version.id, Artifact("aws", COPY_REGION, stray, "0" * 64, 0))
+    refused = env.cli("verify", "web@1")
+    assert refused.code == 4 and stray in refused.err
+
+
+def test_import_packer_manifest(env: Env, tmp_path: Path) -> None:
+    instance = env.ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    packer_image = env.ec2.create_image(InstanceId=instance["InstanceId"], Name="web-packer-1")["ImageId"]
+    manifest = tmp_path / "packer-manifest.json"
+    build = {
+        "name": "amazon-ebs.web",
+        "builder_type": "amazon-ebs",
+        "build_time": 1700000000,
+        "files": None,
+        "artifact_id": f"{REGION}:{packer_image}",
+        "packer_run_uuid": "00000000-0000-0000-0000-000000000001",
+        "custom_data": {},
+    }
+    manifest.write_text(json.dumps({"builds": [build], "last_run_uuid": build["packer_run_uuid"]}))
+    imported = env.cli("import", "packer", str(manifest), "--recipe", str(env.recipe), "--json")
+    assert imported.code == 0, imported.err
+    body = imported.json()
+    assert body["created"] is True and body["version"]["status"] == "built"
+    assert [a["location"] for a in body["artifacts"]] == [packer_image]
+    again = env.cli("import", "packer", str(manifest), "--recipe", str(env.recipe), "--json").json()
+    assert again["created"] is False and again["version"]["number"] == body["version"]["number"] == 1
+    # The imported version goes through the usual gates: a boot test on EC2 first.
+    tested = env.cli("test", "web@1", "--json")
+    assert tested.code == 0, tested.err
+    assert tested.json()["version"]["status"] == "tested"
+
+
+def test_import_packer_bad_manifest_names_the_entry(env: Env, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"builds": [{"builder_type": "amazon-ebs", "artifact_id": "ami-123"}]}))
+    refused = env.cli("import", "packer", str(manifest), "--recipe", str(env.recipe))
+    assert refused.code == 2 and "builds[0].artifact_id" in refused.err
+
+
+def test_import_of_a_missing_image_registers_nothing(env: Env, tmp_path: Path) -> None:
+    before = ec2_backends[ACCOUNT][REGION].amis.keys() - set()
+    manifest = tmp_path / "m.json"
+    build = {"name": "x", "builder_type": "amazon-ebs", "artifact_id": f"{REGION}:ami-00000000000000001"}
+    manifest.write_text(json.dumps({"builds": [build]}))
+    refused = env.cli("import", "packer", str(manifest), "--recipe", str(env.recipe))
+    assert refused.code == 3 and "ami-00000000000000001" in refused.err
+    assert env.cli("images", "list", "--json").json() == []
+    assert ec2_backends[ACCOUNT][REGION].amis.keys() == before
+
+
+def test_gc_finds_what_a_failed_bake_left_and_removes_it_only_with_apply(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gc_fixtures import install_gc_emulation
+
+    from amiforge.errors import InfraError
+    from amiforge.providers.aws import bake as bake_module
+
+    install_gc_emulation(env.aws.paging, monkeypatch)
+    assert env.cli("bake", str(env.recipe), "--json").code == 0  # web@1: its image is registered, never collected
+
+    def refuse(*_args: object) -> None:
+        raise InfraError("TerminateInstances refused (injected)")
+
+    monkeypatch.setattr(bake_module, "_terminate", refuse)
+    env.machine.respond = lambda _script: CommandResult(1, "", "step failed (injected)")
+    assert env.cli("bake", str(env.recipe)).code == 5  # web@2 fails, and its builder cannot be terminated
+    events = env.cli("events", "web@2", "--json").json()
+    (orphaned,) = [e for e in events if e["kind"] == "orphaned"]
+    backend = ec2_backends[ACCOUNT][REGION]
+    for reservation in backend.reservations.values():  # everything launched so far is two hours old
+        for instance in reservation.instances:
+            instance.launch_time = datetime.now(UTC) - timedelta(hours=2)
+    for image in backend.amis.values():
+        image.creation_date = datetime.now(UTC) - timedelta(hours=2)
+
+    plan = env.cli("gc", "--region", REGION, "--json")
+    assert plan.code == 0, plan.err
+    (region_plan,) = plan.json()["plans"]
+    (orphan,) = region_plan["orphans"]
+    assert orphan["kind"] == "instance" and orphan["run_id"] == orphaned["data"]["run"]
+    assert plan.json()["applied"] is False
+    running = [i for r in backend.reservations.values() for i in r.instances if i.id == orphan["id"]]
+    assert running[0].state == "running"  # the plan changed nothing
+
+    applied = env.cli("gc", "--region", REGION, "--apply", "--json")
+    assert applied.code == 0, applied.err
+    assert [o["outcome"] for o in applied.json()["results"][0]["outcomes"]] == ["deleted"]
+    assert running[0].state in ("shutting-down", "terminated")
+    shown = env.cli("images", "show", "web@1", "--json").json()
+    assert env.ec2.describe_images(ImageIds=[shown["artifacts"][0]["location"]])["Images"]  # still there
+    assert env.cli("gc", "--region", REGION, "--json").json()["plans"][0]["orphans"] == []
+
+
+def test_gc_blast_radius_and_unknown_regions(env: Env) -> None:
+    assert env.cli("gc").code == 2  # an empty registry knows no region: say so instead of guessing
+    refused = env.cli("gc", "--region", REGION, "--min-age", "soon")
+    assert refused.code == 2 and "soon" in refused.err
