@@ -480,6 +480,11 @@ class Publish(BaseModel):
     launch_template: NonEmptyStr | None = Field(
         default=None, description="launch template (same name in each region) whose default follows the channel"
     )
+    accounts: list[AccountId] = Field(
+        default_factory=list,
+        description="also publish the parameter in these accounts (through the role aws_roles names for each); "
+        "the image must be shared with them (distribution)",
+    )
 
 
 class AwsProvider(BaseModel):

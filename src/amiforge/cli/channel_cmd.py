@@ -53,7 +53,8 @@ def promote_command(
 
 def _publication(record: Mapping[str, object]) -> str:
     """One line per region: the parameter's new value and what it replaced (the rollback target)."""
-    line = f"{record['region']}: {record['parameter']} = {record['image_id']} (was {record['previous_image_id'] or '-'}"
+    where = f"{record['region']}" + (f" in {record['account']}" if record.get("account") else "")
+    line = f"{where}: {record['parameter']} = {record['image_id']} (was {record['previous_image_id'] or '-'}"
     if record.get("launch_template"):
         line += f"; {record['launch_template']} default v{record['launch_template_version']}"
         line += f", was v{record['previous_lt_version'] or '-'}"

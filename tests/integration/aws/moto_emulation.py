@@ -14,6 +14,9 @@
   moments ago. A faulted send never reaches moto (see `_NOWHERE`), so a throttled create creates nothing. Both go
   through botocore's real response parsing and retry handler (standard mode retries the throttling; NotFound
   reaches the caller, as on AWS).
+- Shared images (`shared_images`): moto keeps each account's images in that account's backend, so an image shared
+  with another account (a launch permission for its id) is invisible there. The shim lets DescribeImages in an
+  account also see the images of other accounts (same region) that grant it a launch permission, as EC2 does.
 - Call counting (`ApiCalls`): `before-call` fires once per API call (not per retry attempt), per page of a paginator.
 """
 
@@ -32,6 +35,8 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.responses import ActionResult
 from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models import ec2_backends
+from moto.ec2.models.amis import AmiBackend
 from moto.ec2.models.core import TaggedEC2Resource
 from moto.ec2.responses.amis import AmisResponse
 from moto.ec2.responses.elastic_block_store import ElasticBlockStore
@@ -262,3 +267,27 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", delay_amount)
     return chosen
+
+
+def shared_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DescribeImages also answers images other accounts shared with the caller's account (launch permission)."""
+    original = AmiBackend.describe_images
+
+    def describe_images(self: Any, *args: Any, **kwargs: Any) -> Any:
+        shared = {
+            ami.id: ami
+            for account, backends in list(ec2_backends.items())
+            if account != self.account_id
+            for ami in backends[self.region_name].amis.values()
+            if any(p.get("UserId") == self.account_id for p in ami.launch_permissions)
+        }
+        if not shared:
+            return original(self, *args, **kwargs)
+        own = self.amis
+        self.amis = {**shared, **own}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.amis = own
+
+    monkeypatch.setattr(AmiBackend, "describe_images", describe_images)

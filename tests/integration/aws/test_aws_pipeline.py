@@ -19,10 +19,12 @@ from distribute_fixtures import CopyImageEmulation, DeregistrationProtection
 from ebs_emulation import EbsEmulation
 from fake_machine import DPKG, READY, Clock, FakeMachine, factory
 from moto.ec2.models import ec2_backends
+from moto_emulation import shared_images
 
 import amiforge.providers
 from amiforge.providers.aws import distribute as distribute_module
 from amiforge.providers.aws.bake import Wait
+from amiforge.providers.aws.clients import AwsSession
 from amiforge.providers.aws.machine import CommandResult
 from amiforge.providers.aws.provider import AwsProvider
 from amiforge.settings import Settings
@@ -84,7 +86,7 @@ class Env:
         fast = Wait(first_delay=1.0, max_delay=5.0, deadline=600.0, sleep=clock.sleep, clock=clock)
         return AwsProvider(
             settings,
-            session_for=lambda _region: self.aws.session,
+            boto_session=self.aws.session.boto_session,
             machine_factory=factory(self.machine),
             wait=fast,
             boot_wait=fast,
@@ -323,3 +325,32 @@ def test_gc_blast_radius_and_unknown_regions(env: Env) -> None:
     assert env.cli("gc").code == 2  # an empty registry knows no region: say so instead of guessing
     refused = env.cli("gc", "--region", REGION, "--min-age", "soon")
     assert refused.code == 2 and "soon" in refused.err
+
+
+def test_promote_publishes_in_consumer_accounts_through_their_roles(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared_images(monkeypatch)
+    role = f"arn:aws:iam::{SHARE_ACCOUNT}:role/amiforge-publisher"
+    monkeypatch.setenv("AMIFORGE_AWS_ROLES", json.dumps({SHARE_ACCOUNT: role}))
+    env.recipe.write_text(
+        RECIPE.replace("publish: {parameter_prefix: /amiforge}", f'publish: {{accounts: ["{SHARE_ACCOUNT}"]}}')
+    )
+    artifact = bake_to_signed(env)
+    assert env.cli("distribute", "web@1").code == 0  # shares the source and the copy with the consumer account
+    promoted = env.cli("promote", "web@1", "--channel", "dev", "--json")
+    assert promoted.code == 0, promoted.err
+    records = promoted.json()["published"]
+    assert len(records) == 4 and {(r["region"], r["account"]) for r in records} == {
+        (region, account) for region in (REGION, COPY_REGION) for account in (None, SHARE_ACCOUNT)
+    }
+    consumer = AwsSession(REGION, role_arns={SHARE_ACCOUNT: role}, boto_session=env.aws.session.boto_session)
+    theirs: Any = consumer.as_account(SHARE_ACCOUNT).client("ssm", REGION)
+    assert theirs.get_parameter(Name="/amiforge/web/dev")["Parameter"]["Value"] == artifact["location"]
+
+
+def test_publishing_for_an_account_without_a_role_says_how_to_configure_it(env: Env) -> None:
+    env.recipe.write_text(
+        RECIPE.replace("publish: {parameter_prefix: /amiforge}", f'publish: {{accounts: ["{SHARE_ACCOUNT}"]}}')
+    )
+    bake_to_signed(env)
+    refused = env.cli("promote", "web@1", "--channel", "dev")
+    assert refused.code == 2 and "AMIFORGE_AWS_ROLES" in refused.err and "rerun the promote" in refused.err

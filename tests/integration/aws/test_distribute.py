@@ -22,6 +22,7 @@ from amiforge.providers.aws.distribute import (
     distribute,
     plan_distribution,
 )
+from amiforge.providers.aws.images import describe_image
 
 SOURCE_REGION = "us-east-1"
 TARGETS = ("eu-west-1", "ap-southeast-2")
@@ -187,6 +188,25 @@ def test_happy_path_two_regions(env: Env) -> None:
         assert result.image_ids[region] not in ec2_backends[ACCOUNT][SOURCE_REGION].amis
     assert {(p.region, p.step) for p in progress} >= {(r, s) for r in TARGETS for s in ("copied", "shared", "done")}
     assert env.aws.calls["ec2.CopyImage"] == 2
+
+
+def test_the_source_is_shared_too_and_a_plan_may_only_share(env: Env) -> None:
+    source = env.source()
+    ec2 = env.ec2(SOURCE_REGION)
+
+    def launch_permissions() -> list[dict[str, str]]:
+        return list(ec2.describe_image_attribute(ImageId=source, Attribute="launchPermission")["LaunchPermissions"])
+
+    assert launch_permissions() == []
+    share_only = plan_distribution(source, SOURCE_REGION, [], run_id="share", accounts=SHARE_ACCOUNTS[:1])
+    result = _run(env, share_only)
+    assert result.regions == () and env.aws.calls["ec2.CopyImage"] == 0
+    assert launch_permissions() == [{"UserId": SHARE_ACCOUNTS[0]}]
+    snapshot = describe_image(env.aws.session, SOURCE_REGION, source)["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    volume = ec2.describe_snapshot_attribute(SnapshotId=snapshot, Attribute="createVolumePermission")
+    assert volume["CreateVolumePermissions"] == [{"UserId": SHARE_ACCOUNTS[0]}]
+    with pytest.raises(ConfigError, match="no one to share with"):
+        plan_distribution(source, SOURCE_REGION, [], run_id="nothing")
 
 
 def test_public_needs_the_flag_and_then_shares_with_all(env: Env) -> None:

@@ -10,7 +10,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from conftest import REGION, Aws
 from moto.ec2.models.core import TaggedEC2Resource
-from moto_emulation import FaultInjector, PagingEmulation, no_backoff
+from moto_emulation import FaultInjector, PagingEmulation, no_backoff, shared_images
+
+from amiforge.providers.aws.clients import AwsSession
 
 SIZES = [1, 2, 7, 1000]
 TAG = [{"ResourceType": "image", "Tags": [{"Key": "amiforge:managed", "Value": "true"}]}]
@@ -163,3 +165,22 @@ def test_a_throttled_create_creates_nothing(faulty: Aws) -> None:
     assert faulty.faults.injected["RequestLimitExceeded"] > 0
     faulty.faults.rate = 0.0
     assert sorted(i["Name"] for i in ec2.describe_images(Owners=["self"])["Images"]) == names
+
+
+def test_shared_images_are_visible_to_the_account_they_are_shared_with(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared_images(monkeypatch)
+    other = "111122223333"
+    session = AwsSession(
+        REGION, role_arns={other: f"arn:aws:iam::{other}:role/amiforge"}, boto_session=aws.session.boto_session
+    )
+    ec2: Any = aws.ec2()
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    shared, private = (ec2.create_image(InstanceId=instance, Name=n)["ImageId"] for n in ("shared", "private"))
+    ec2.modify_image_attribute(ImageId=shared, LaunchPermission={"Add": [{"UserId": other}]})
+    theirs: Any = session.as_account(other).client("ec2")
+    assert [i["ImageId"] for i in theirs.describe_images(ImageIds=[shared])["Images"]] == [shared]
+    with pytest.raises(ClientError):
+        theirs.describe_images(ImageIds=[private])
+    assert {i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]} == {shared, private}

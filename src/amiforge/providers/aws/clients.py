@@ -10,6 +10,7 @@ Every error leaves through `errors.translate()`.
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time
@@ -89,6 +90,7 @@ class AwsSession:
         self._clients: dict[tuple[str, str, str | None], tuple[Any, datetime | None]] = {}
         self._credentials: dict[str, _Credentials] = {}
         self._lock = threading.Lock()
+        self._account: str | None = None  # set on as_account() views
 
     @property
     def boto_session(self) -> boto3.Session:
@@ -99,9 +101,20 @@ class AwsSession:
         # STS allows [\w+=,.@-]{2,64}; a run id is ours, but a stray character must not turn into an STS error.
         return ("amiforge-" + re.sub(r"[^\w+=,.@-]", "-", self.run_id))[:64]
 
+    def as_account(self, account: str) -> AwsSession:
+        """This session acting in `account` through its configured role: every client it makes is the role's.
+        Shares the clients, credentials and lock of this session (a view, not a second session)."""
+        if account not in self._roles:
+            raise _no_role(account)
+        view = copy.copy(self)
+        view._account = account
+        return view
+
     def client(self, service: str, region: str | None = None, *, account: str | None = None) -> Any:
-        """A client for `service` in `region` (the session's by default), as the caller or as `account`'s role."""
+        """A client for `service` in `region` (the session's by default), as the caller or as `account`'s role
+        (by default the account of an `as_account` view)."""
         region = region or self.region
+        account = account if account is not None else self._account
         key = (service, region, account)
         with self._lock:
             creds = self._assumed(account) if account is not None else None
@@ -127,10 +140,7 @@ class AwsSession:
     def _assumed(self, account: str) -> _Credentials:
         arn = self._roles.get(account)
         if arn is None:
-            raise ConfigError(
-                f"no role to assume is configured for account {account}",
-                fix="add the account's role ARN to the AWS settings (accounts → role_arn)",
-            )
+            raise _no_role(account)
         cached = self._credentials.get(account)
         if cached is not None and cached.expires - self._now() > _REFRESH_MARGIN:
             return cached
@@ -150,6 +160,14 @@ class AwsSession:
         )
         self._credentials[account] = creds
         return creds
+
+
+def _no_role(account: str) -> ConfigError:
+    return ConfigError(
+        f"no role to assume is configured for account {account}",
+        fix='set AMIFORGE_AWS_ROLES=\'{"<account>": "arn:aws:iam::<account>:role/<name>"}\' (or aws_roles in '
+        "amiforge.toml)",
+    )
 
 
 def iam_action(client: Any, operation: str) -> str:

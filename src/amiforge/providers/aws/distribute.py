@@ -15,6 +15,9 @@ created, and `distribute()` converges each region, regions in parallel:
    grants do not exist for snapshots), `Group=all` only for a public plan; and **protect** it against
    deregistration.
 
+The source image is shared the same way (before any copy), so consumers in the bake region launch it directly; a
+plan may have no target region at all and only share.
+
 Every step after the copy is idempotent (Add of an existing permission, CreateTags of an existing tag, enabling
 protection twice), so a rerun simply repeats them: interrupted after any API call, the next run converges to the same
 state with no duplicate copy and no orphan. Safety (DESIGN.md §5): nothing is public without `public=True`; an image
@@ -201,8 +204,10 @@ def plan_distribution(
         problem("source", f"{source_region!r} is not an AWS region", "use a region name such as us-east-1")
     if not _RUN_RE.fullmatch(run_id):
         problem("run_id", f"{run_id!r} is not a run id", "letters, digits, . _ : -, at most 128 characters")
-    if not targets:
-        problem("regions", "no target region", "list at least one region to distribute to")
+    if not targets and not (public or accounts or org_arns or ou_arns):
+        problem(
+            "regions", "no target region and no one to share with", "list a region to copy to, or whom to share with"
+        )
     seen: set[str] = set()
     for i, target in enumerate(targets):
         where = f"regions[{i}]"
@@ -397,6 +402,13 @@ def distribute(
         raise ConfigError(f"max_parallel_regions is {max_parallel_regions}; it must be at least 1")
     report = preflight(plan, session)
     notify: ProgressCallback = on_progress or (lambda _: None)
+    # The source is shared like its copies: consumers in the bake region launch it, not a copy.
+    if plan.shares_outside_account:
+        source = describe_image(session, plan.source_region, plan.source_image_id)
+        _share(session.client("ec2", plan.source_region), plan.source_image_id, source, plan)
+        notify(Progress(plan.source_region, "shared", plan.source_image_id))
+    if not plan.targets:
+        return DistributionResult(plan.source_image_id, plan.source_region, plan.run_id, ())
     workers = min(max_parallel_regions, len(plan.targets))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="amiforge-distribute") as pool:
         futures: list[tuple[RegionTarget, Future[RegionResult]]] = [
@@ -469,24 +481,7 @@ def _converge(
     call(ec2, "CreateTags", image_id, Resources=[image_id], Tags=tags)
     notify(Progress(region, "tagged", image_id))
 
-    permissions = plan.share.launch_permissions(plan.public)
-    if permissions:
-        call(ec2, "ModifyImageAttribute", image_id, ImageId=image_id, LaunchPermission={"Add": permissions})
-    if plan.share.accounts:
-        for mapping in image.get("BlockDeviceMappings", []):
-            snapshot = mapping.get("Ebs", {}).get("SnapshotId")
-            if snapshot:
-                call(
-                    ec2,
-                    "ModifySnapshotAttribute",
-                    str(snapshot),
-                    SnapshotId=str(snapshot),
-                    Attribute="createVolumePermission",
-                    # The OperationType/UserIds form: equivalent on AWS, and the one moto understands (it silently
-                    # ignores CreateVolumePermission={"Add": [...]}).
-                    OperationType="add",
-                    UserIds=list(plan.share.accounts),
-                )
+    _share(ec2, image_id, image, plan)
     notify(Progress(region, "shared", image_id))
 
     if not str(image.get("DeregistrationProtection") or "").startswith("enabled"):
@@ -500,6 +495,30 @@ def _converge(
         shared_with=plan.share.describe(plan.public),
         kms_key_arn=report.kms_key_arns.get(region),
     )
+
+
+def _share(ec2: Any, image_id: str, image: Mapping[str, Any], plan: DistributionPlan) -> None:
+    """Launch permission for the plan's accounts, organizations and OUs (and everyone if public); create-volume
+    permission on the image's snapshots for the accounts (org/OU grants do not exist for snapshots). Idempotent."""
+    permissions = plan.share.launch_permissions(plan.public)
+    if permissions:
+        call(ec2, "ModifyImageAttribute", image_id, ImageId=image_id, LaunchPermission={"Add": permissions})
+    if not plan.share.accounts:
+        return
+    for mapping in image.get("BlockDeviceMappings", []):
+        snapshot = mapping.get("Ebs", {}).get("SnapshotId")
+        if snapshot:
+            call(
+                ec2,
+                "ModifySnapshotAttribute",
+                str(snapshot),
+                SnapshotId=str(snapshot),
+                Attribute="createVolumePermission",
+                # The OperationType/UserIds form: equivalent on AWS, and the one moto understands (it silently
+                # ignores CreateVolumePermission={"Add": [...]}).
+                OperationType="add",
+                UserIds=list(plan.share.accounts),
+            )
 
 
 def _adopt(ec2: Any, plan: DistributionPlan, region: str) -> str | None:

@@ -60,6 +60,7 @@ _PUBLISH = frozenset(
         "ssm:GetParameterHistory",
         "ssm:PutParameter",
         "ssm:AddTagsToResource",
+        "sts:AssumeRole",  # publish.accounts: the role in each consumer account (which needs the actions above)
     }
 )
 _INSTANCE = frozenset(

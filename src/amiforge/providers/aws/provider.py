@@ -5,8 +5,8 @@ inspect → `snapshot.open_ami` (the root snapshot's bytes through the EBS direc
 exactly what ships, as they do for a local qcow2); digest → `images.image_digest` (the AMI's immutable description:
 a cloud image's bytes cannot be hashed cheaply, its snapshot ids cannot change under its id).
 
-Sessions are made per region from the settings (profile, one role per other account); tests pass a
-`session_for` that returns sessions on moto, and a `machine_factory` standing in for SSM Run Command.
+Sessions are made per region from the settings (profile, one role per other account); tests pass the boto3
+session their moto handlers hang on, and a `machine_factory` standing in for SSM Run Command.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
+
+import boto3
 
 from amiforge.errors import ConfigError, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord
@@ -64,14 +66,14 @@ class AwsProvider:
         self,
         settings: Settings,
         *,
-        session_for: Callable[[str], AwsSession] | None = None,
+        boto_session: boto3.Session | None = None,
         machine_factory: MachineFactory = SsmMachine,
         wait: Wait = Wait(),
         boot_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=900.0),
         tag_snapshots_at_creation: bool = True,
     ) -> None:
         self.settings = settings
-        self._session_for = session_for
+        self._boto_session = boto_session
         self._sessions: dict[str, AwsSession] = {}
         self.machine_factory = machine_factory
         self.wait = wait
@@ -81,12 +83,12 @@ class AwsProvider:
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
         if region not in self._sessions:
-            if self._session_for is not None:
-                self._sessions[region] = self._session_for(region)
-            else:
-                self._sessions[region] = AwsSession(
-                    region, profile=self.settings.aws_profile, role_arns=self.settings.aws_roles
-                )
+            self._sessions[region] = AwsSession(
+                region,
+                profile=self.settings.aws_profile,
+                role_arns=self.settings.aws_roles,
+                boto_session=self._boto_session,
+            )
         return self._sessions[region]
 
     # --- bake -----------------------------------------------------------------------------------------------
@@ -170,10 +172,11 @@ class AwsProvider:
     ) -> list[Copy]:
         aws = aws_spec(spec, f"artifact {artifact.location}")
         wanted = aws.distribution
-        if not wanted.regions:
+        if not (wanted.regions or wanted.accounts or wanted.organizations or wanted.organizational_units):
             raise ConfigError(
-                f"the recipe of {artifact.location} lists no region to distribute to",
-                fix="add provider.distribution.regions: [{region: eu-west-1, kms_key: alias/…}] to the recipe",
+                f"the recipe of {artifact.location} lists no region to copy to and no one to share with",
+                fix="add provider.distribution (regions: [{region: eu-west-1, kms_key: …}], accounts, organizations, "
+                "organizational_units) to the recipe",
             )
         plan = plan_distribution(
             artifact.location,
@@ -209,17 +212,20 @@ class AwsProvider:
         aws = aws_spec(spec, f"{name}:{channel}")
         records: list[dict[str, object]] = []
         for artifact in artifacts:
-            done = publish(
-                self.session(artifact.region),
-                region=artifact.region,
-                name=name,
-                channel=channel,
-                image_id=artifact.location,
-                parameter_prefix=aws.publish.parameter_prefix,
-                launch_template=aws.publish.launch_template,
-                run_id=run_id,
-            )
-            records.append(dataclasses.asdict(done))
+            home = self.session(artifact.region)
+            # The caller's account, then each consumer account through its role (its own parameter and template).
+            for account, session in ((None, home), *((a, home.as_account(a)) for a in aws.publish.accounts)):
+                done = publish(
+                    session,
+                    region=artifact.region,
+                    name=name,
+                    channel=channel,
+                    image_id=artifact.location,
+                    parameter_prefix=aws.publish.parameter_prefix,
+                    launch_template=aws.publish.launch_template,
+                    run_id=run_id,
+                )
+                records.append({**dataclasses.asdict(done), "account": account})
         return records
 
     # --- inspection -----------------------------------------------------------------------------------------
