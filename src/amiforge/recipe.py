@@ -511,6 +511,23 @@ class AwsProvider(BaseModel):
     distribution: Distribution = Field(default_factory=lambda: Distribution(), description="amiforge distribute")
     publish: Publish = Field(default_factory=lambda: Publish(), description="what promote writes per channel")
 
+    @field_validator("distribution")
+    @classmethod
+    def _copies_go_elsewhere(cls, value: Distribution, info: ValidationInfo) -> Distribution:
+        home = info.data.get("region")
+        seen: set[str] = set()
+        for i, copy in enumerate(value.regions):
+            if copy.region == home:
+                raise _fail(
+                    f"regions[{i}] is {home}, the region the image is baked in",
+                    "drop it: the image is there already, and distribute shares it there too",
+                    key="regions",
+                )
+            if copy.region in seen:
+                raise _fail(f"regions[{i}]: {copy.region} is listed twice", "list each region once", key="regions")
+            seen.add(copy.region)
+        return value
+
 
 _PROVIDER_TYPES = ("local", "aws")
 

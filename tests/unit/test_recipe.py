@@ -365,6 +365,23 @@ def test_aws_block_problems_name_line_field_and_fix(tmp_path: Path) -> None:
     assert all(p.fix for p in caught.value.problems)
 
 
+@pytest.mark.parametrize(
+    ("regions", "message"),
+    [
+        ("[{region: eu-west-1}]", "the region the image is baked in"),
+        ("[{region: us-east-1}, {region: us-east-1}]", "twice"),
+    ],
+)
+def test_distribution_regions_are_other_regions_each_once(tmp_path: Path, regions: str, message: str) -> None:
+    text = AWS_FULL.replace(
+        "regions: [{region: us-east-1, kms_key: alias/images}, {region: eu-central-1}]", f"regions: {regions}"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(_write(tmp_path, text))
+    (problem,) = caught.value.problems
+    assert problem.field == "provider.distribution.regions" and problem.line == 11 and message in problem.message
+
+
 def test_long_shell_step_is_truncated() -> None:
     step = ShellStep(shell="apt-get update && apt-get install -y " + "x " * 100)
     assert step.describe().startswith("shell: apt-get update")
