@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     kms_key: str | None = Field(default=None, description="sign with this AWS KMS ECC_NIST_P256 key (id, ARN or alias)")
     kms_region: str | None = Field(default=None, description="the KMS key's region (required with kms_key)")
     aws_profile: str | None = Field(default=None, description="AWS profile; default: the standard credential chain")
+    aws_max_attempts: int = Field(
+        default=8, ge=1, le=20, description="attempts per AWS call (botocore standard retry mode, with jitter)"
+    )
     aws_roles: dict[str, str] = Field(
         default_factory=dict,
         description="account id -> IAM role ARN to assume there (multi-account distribution); JSON in the environment",

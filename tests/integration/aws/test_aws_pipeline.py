@@ -113,6 +113,33 @@ def env(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> Env:
+    return _environment(aws, ebs, disk, tmp_path, monkeypatch, capsys)
+
+
+@pytest.fixture(params=["aws", "faulty"])
+def clean_or_faulty(
+    request: pytest.FixtureRequest,
+    ebs: EbsEmulation,
+    disk: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Env:
+    """The same environment, and the same with 30 % of sends throttled and NotFound right after each create."""
+    aws: Aws = request.getfixturevalue(request.param)
+    # Ten attempts, as the `faulty` session has: at 30 % the chance that one call exhausts them is 6e-6.
+    monkeypatch.setenv("AMIFORGE_AWS_MAX_ATTEMPTS", "10")
+    return _environment(aws, ebs, disk, tmp_path, monkeypatch, capsys)
+
+
+def _environment(
+    aws: Aws,
+    ebs: EbsEmulation,
+    disk: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Env:
     monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("AMIFORGE_STORE_URL", raising=False)
     monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "none.toml"))
@@ -148,7 +175,9 @@ def bake_to_signed(env: Env) -> dict[str, Any]:
     return dict(artifact)
 
 
-def test_bake_to_publish_on_moto(env: Env) -> None:
+def test_bake_to_publish_on_moto(clean_or_faulty: Env) -> None:
+    """The end state is the same with faults as without: every assertion below holds for both."""
+    env = clean_or_faulty
     artifact = bake_to_signed(env)
     assert artifact["region"] == REGION and artifact["location"].startswith("ami-")
     # The builder and the boot-test instance are gone; the image is tagged as ours.
@@ -181,6 +210,16 @@ def test_bake_to_publish_on_moto(env: Env) -> None:
     assert len(env.images(COPY_REGION)) == 1
     repeat = env.cli("promote", "web@1", "--channel", "dev", "--json").json()
     assert repeat["moved"] is False and all(r["changed"] is False for r in repeat["published"])
+    # Nothing left running: the builder and the boot-test instance were terminated.
+    ours = [
+        i.state
+        for r in ec2_backends[ACCOUNT][REGION].reservations.values()
+        for i in r.instances
+        if i.get_tags() and {t["key"] for t in i.get_tags()} >= {"amiforge:managed", "amiforge:run"}
+    ]
+    assert len(ours) == 2 and all(state in ("shutting-down", "terminated") for state in ours), ours
+    if env.aws.faults is not None:
+        assert env.aws.faults.injected["RequestLimitExceeded"] > 10  # the faults really happened
 
 
 def test_interrupted_distribution_resumes_with_the_same_run(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,6 +87,7 @@ class AwsProvider:
                 region,
                 profile=self.settings.aws_profile,
                 role_arns=self.settings.aws_roles,
+                max_attempts=self.settings.aws_max_attempts,
                 boto_session=self._boto_session,
             )
         return self._sessions[region]
