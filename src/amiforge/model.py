@@ -255,6 +255,60 @@ class Operation:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """One rollout of a version onto a target fleet: the durable state the controller resumes from.
+
+    `state`: running, paused, succeeded, failed (a gate failed and the waves were rolled back), aborted.
+    `requested`: pause or abort, set by another process; the controller acts on it between steps.
+    `waves`: how many members each wave replaces; `wave`: the index of the wave in progress (len(waves) when done)."""
+
+    id: int
+    target: str
+    version_id: int
+    version_ref: str
+    strategy: Mapping[str, object]
+    waves: tuple[int, ...]
+    wave: int
+    state: str
+    requested: str | None
+    actor: str
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    detail: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class RolloutReplacement:
+    """One member to replace, recorded (with its token) before the fleet is asked, so a resumed controller asks
+    again with the same token and the fleet finds what it already launched. kind: forward or rollback."""
+
+    id: int
+    rollout_id: int
+    wave: int
+    kind: str
+    old_member: str
+    old_version: str | None
+    token: str
+    new_member: str | None
+    state: str  # planned, done (new member ready), failed (new member failed)
+    at: datetime
+
+
+@dataclass(frozen=True)
+class RolloutDecision:
+    """A gate decision on a wave, with the numbers behind it; action: continue, wait, rollback, abort, done."""
+
+    id: int
+    rollout_id: int
+    wave: int
+    at: datetime
+    passed: bool
+    action: str
+    numbers: Mapping[str, object]
+
+
+@dataclass(frozen=True)
 class ChannelPointer:
     """Where a channel of one image name points now, and before (the rollback image)."""
 

@@ -23,6 +23,7 @@ from amiforge.cli import (
     events_cmd,
     images_cmd,
     recipe_cmd,
+    rollout_cmd,
     scan_cmd,
     sign_cmd,
 )
@@ -56,6 +57,9 @@ app.add_typer(channel_cmd.pipeline_app, name="pipeline")
 app.command("distribute")(distribute_cmd.distribute_command)
 app.add_typer(distribute_cmd.import_app, name="import")
 app.command("gc")(distribute_cmd.gc_command)
+app.add_typer(rollout_cmd.app, name="rollout")
+app.command("rollback")(rollout_cmd.rollback_command)
+app.command("incident")(rollout_cmd.incident_command)
 app.command("events")(events_cmd.events)
 app.command("doctor")(doctor_cmd.doctor)
 

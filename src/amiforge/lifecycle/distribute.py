@@ -12,15 +12,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
+from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.boottest import provider_spec_of
-from amiforge.lifecycle.promote import policy_of
+from amiforge.lifecycle.release import releasable
 from amiforge.lifecycle.runs import DISTRIBUTE, new_run_id, recorded_copies
-from amiforge.lifecycle.scan import scan_gate
-from amiforge.lifecycle.sign import verify
-from amiforge.model import Artifact, ImageVersion, Operation, Status
+from amiforge.model import Artifact, ImageVersion, Operation
 from amiforge.providers import provider_for
 from amiforge.providers.interface import Copy, Distributor, PhaseUpdate
 from amiforge.settings import Settings
@@ -33,25 +30,6 @@ class DistributeOutcome:
     source: Artifact
     copies: list[Copy]
     operation: Operation
-
-
-def releasable(version: ImageVersion, *, store: Store, settings: Settings, action: str) -> None:
-    """Raise unless `version` is signed, its signature verifies now, and its findings pass the entry gate."""
-    if version.status != Status.SIGNED:
-        raise ConfigError(
-            f"{version.ref} is {version.status}; only a signed version can be {action}",
-            fix=f"amiforge pipeline run, or: amiforge scan {version.ref} && amiforge sign {version.ref}",
-        )
-    verify(version.ref, store=store, settings=settings)  # GateFailed names what no longer matches
-    scan = store.latest_scan(version.id)
-    assert scan is not None  # verify() refuses an unscanned version
-    decision = scan_gate(scan.findings, policy=policy_of(settings), now=datetime.now(UTC))
-    if not decision.passed:
-        raise GateFailed(
-            "scan gate",
-            [GateFailure(u.name, u.detail) for u in decision.unmet],
-            fix="fix the findings and bake again, or add an expiring waiver to the policy",
-        )
 
 
 def distribute(

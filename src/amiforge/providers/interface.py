@@ -5,9 +5,10 @@ The lifecycle verbs only ever see these types; each provider lives in its own fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -138,4 +139,78 @@ class Provider(Protocol):
 
     def current_digest(self, artifact: Artifact) -> str:
         """The digest of the artifact as it exists now, recomputed from its bytes (or the cloud's record)."""
+        ...
+
+
+# --- fleets: what runs images (a local set of QEMU guests, an Auto Scaling group) --------------------------------
+
+MemberState = Literal["launching", "ready", "failed", "stopped"]
+SignalKind = Literal["launch", "ready", "failed", "replaced"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One instance of a fleet: a QEMU guest or an EC2 instance, and the version it runs."""
+
+    id: str
+    version_ref: str | None  # NAME@N it was launched from (None: not launched by amiforge)
+    location: str  # the artifact it runs: a qcow2 path or an AMI id
+    state: MemberState
+    launched_at: datetime
+    time_to_ready: float | None = None  # seconds from launch to AMIFORGE-READY, once ready
+    detail: str = ""  # why it failed, or what it is waiting for
+
+
+@dataclass(frozen=True)
+class BootSignal:
+    """Something a member did, read from the fleet itself (console lines, instance state), never assumed."""
+
+    member: str
+    kind: SignalKind
+    at: datetime
+    version_ref: str | None
+    time_to_ready: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """Replace `member` by a new member on the new version. `token` makes it idempotent: a fleet asked again with
+    the same token (a resumed rollout) finds the member it launched for it instead of launching another."""
+
+    member: str
+    token: str
+
+
+class Fleet(Protocol):
+    """A named set of machines running images; the rollout controller's only view of it."""
+
+    target: str
+
+    def current(self) -> list[Member]:
+        """What is really running now (reconciled with the machines, not a cache)."""
+        ...
+
+    def replace(
+        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+    ) -> list[Member]:
+        """Launch one new member per replacement on `artifact` (at most as many booting at once as the fleet allows),
+        wait until each is ready or failed (`checks` as the boot test runs them), then stop the members they replace.
+        Returns the new members in the order asked. Idempotent per token; an old member already gone is fine."""
+        ...
+
+    def signals(self, since: datetime) -> list[BootSignal]:
+        """Launch/ready/failed/replaced signals of every member since `since`, oldest first."""
+        ...
+
+
+@runtime_checkable
+class FleetProvider(Protocol):
+    """A provider whose targets can be rolled out to: `name` is the provider's own target name (a local fleet's
+    name; `REGION/GROUP` for an Auto Scaling group)."""
+
+    def fleet(self, name: str) -> Fleet: ...
+
+    def fleet_region(self, name: str) -> str:
+        """The region whose artifact of a version the fleet runs."""
         ...

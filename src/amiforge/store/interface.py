@@ -14,6 +14,9 @@ from amiforge.model import (
     ImageVersion,
     LayerRecord,
     Operation,
+    Rollout,
+    RolloutDecision,
+    RolloutReplacement,
     ScanRecord,
     SignatureRecord,
     Status,
@@ -134,6 +137,51 @@ class Store(Protocol):
         ...
 
     def operations(self, version_id: int, kind: str | None = None) -> list[Operation]: ...
+
+    # rollouts (lifecycle/rollout.py)
+
+    def create_rollout(
+        self, target: str, version_id: int, *, strategy: Mapping[str, object], waves: Sequence[int], actor: str
+    ) -> Rollout:
+        """A new `running` rollout; StateError if the target has another rollout running or paused."""
+        ...
+
+    def get_rollout(self, rollout_id: int) -> Rollout: ...
+
+    def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]: ...
+
+    def update_rollout(
+        self,
+        rollout_id: int,
+        *,
+        expect: str,
+        state: str | None = None,
+        wave: int | None = None,
+        detail: Mapping[str, object] | None = None,
+        clear_request: bool = False,
+    ) -> Rollout:
+        """Compare-and-set on the state (StateError if it is no longer `expect`)."""
+        ...
+
+    def request_rollout(self, rollout_id: int, request: str) -> Rollout:
+        """Ask the controller to `pause` or `abort` (it acts between steps); StateError once the rollout is over."""
+        ...
+
+    def plan_replacements(
+        self, rollout_id: int, wave: int, kind: str, items: Sequence[tuple[str, str | None, str]]
+    ) -> list[RolloutReplacement]:
+        """Record (old member, old version, token) to replace; a token recorded before is kept as it is."""
+        ...
+
+    def finish_replacement(self, token: str, *, new_member: str, state: str) -> RolloutReplacement: ...
+
+    def replacements(self, rollout_id: int) -> list[RolloutReplacement]: ...
+
+    def add_decision(
+        self, rollout_id: int, wave: int, *, passed: bool, action: str, numbers: Mapping[str, object]
+    ) -> RolloutDecision: ...
+
+    def decisions(self, rollout_id: int) -> list[RolloutDecision]: ...
 
     def move_channel(
         self, name: str, channel: str, version_id: int, *, expect_current: int | None, actor: str, reason: str

@@ -242,6 +242,55 @@ operations_table = sa.Table(
     sa.Index("ix_operations_version_id", "version_id"),
 )
 
+# Rollouts (lifecycle/rollout.py): the controller's durable state machine, its replacements and its decisions.
+rollouts_table = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("target", sa.String(200), nullable=False),
+    _version_fk("rollouts"),
+    sa.Column("strategy", sa.JSON, nullable=False),
+    sa.Column("waves", sa.JSON, nullable=False),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("requested", sa.String(16), nullable=True),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Index("ix_rollouts_target", "target"),
+)
+
+rollout_replacements_table = sa.Table(
+    "rollout_replacements",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", name="fk_replacements_rollout"), nullable=False),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("old_member", sa.String(128), nullable=False),
+    sa.Column("old_version", sa.String(80), nullable=True),
+    sa.Column("token", sa.String(128), nullable=False, unique=True),
+    sa.Column("new_member", sa.String(128), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Index("ix_rollout_replacements_rollout_id", "rollout_id"),
+)
+
+rollout_decisions_table = sa.Table(
+    "rollout_decisions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", name="fk_decisions_rollout"), nullable=False),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("numbers", sa.JSON, nullable=False),
+    sa.Index("ix_rollout_decisions_rollout_id", "rollout_id"),
+)
+
 # The pointer per (image name, channel); `previous_version_id` is the rollback image.
 channels_table = sa.Table(
     "channels",

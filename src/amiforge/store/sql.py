@@ -38,6 +38,9 @@ from amiforge.model import (
     LayerRecord,
     Operation,
     Package,
+    Rollout,
+    RolloutDecision,
+    RolloutReplacement,
     ScanRecord,
     Severity,
     SignatureRecord,
@@ -59,6 +62,9 @@ from amiforge.store.schema import (
     events_table,
     layers_table,
     operations_table,
+    rollout_decisions_table,
+    rollout_replacements_table,
+    rollouts_table,
     scans_table,
     signatures_table,
     signing_keys_table,
@@ -315,6 +321,56 @@ def _version(m: RowMapping) -> ImageVersion:
         parent=m["parent"],
         tags=dict(m["tags"] or {}),
         log=m["log"] or "",
+    )
+
+
+# A rollout in these states owns its target: no second rollout starts there.
+_ROLLOUT_LIVE = ("running", "paused", "rolling-back")
+
+
+def _rollout(row: RowMapping) -> Rollout:
+    return Rollout(
+        id=row["id"],
+        target=row["target"],
+        version_id=row["version_id"],
+        version_ref=f"{row['name']}@{row['number']}",
+        strategy=dict(row["strategy"] or {}),
+        waves=tuple(int(w) for w in row["waves"] or ()),
+        wave=row["wave"],
+        state=row["state"],
+        requested=row["requested"],
+        actor=row["actor"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        detail=dict(row["detail"] or {}),
+    )
+
+
+def _replacement(row: RowMapping) -> RolloutReplacement:
+    return RolloutReplacement(
+        id=row["id"],
+        rollout_id=row["rollout_id"],
+        wave=row["wave"],
+        kind=row["kind"],
+        old_member=row["old_member"],
+        old_version=row["old_version"],
+        token=row["token"],
+        new_member=row["new_member"],
+        state=row["state"],
+        at=row["at"],
+    )
+
+
+def _decision(row: RowMapping) -> RolloutDecision:
+    return RolloutDecision(
+        id=row["id"],
+        rollout_id=row["rollout_id"],
+        wave=row["wave"],
+        at=row["at"],
+        passed=bool(row["passed"]),
+        action=row["action"],
+        numbers=dict(row["numbers"] or {}),
     )
 
 
@@ -994,6 +1050,163 @@ class SqlStore:
         if found is None:
             raise NotFound(f"no operation {operation_id}")
         return _operation(found)
+
+    # rollouts
+
+    def create_rollout(
+        self, target: str, version_id: int, *, strategy: Mapping[str, object], waves: Sequence[int], actor: str
+    ) -> Rollout:
+        now = self._now()
+        with _boundary(f"start a rollout on {target}", self._where), self._write() as conn:
+            self._require_version(conn, version_id)
+            busy = conn.execute(
+                sa.select(rollouts_table.c.id, rollouts_table.c.state).where(
+                    rollouts_table.c.target == target, rollouts_table.c.state.in_(_ROLLOUT_LIVE)
+                )
+            ).first()
+            if busy is not None:
+                raise StateError(
+                    f"rollout #{busy.id} on {target} is {busy.state}",
+                    fix=f"amiforge rollout resume {busy.id} (or abort it) before starting another",
+                )
+            row_id = _inserted_id(conn.execute(
+                rollouts_table.insert().values(
+                    target=target, version_id=version_id, strategy=dict(strategy), waves=list(waves), wave=0,
+                    state="running", requested=None, actor=actor, started_at=now, updated_at=now, finished_at=None,
+                    detail={},
+                )
+            ))  # fmt: skip
+        return self.get_rollout(row_id)
+
+    def get_rollout(self, rollout_id: int) -> Rollout:
+        found = self._rollout_rows(rollouts_table.c.id == rollout_id)
+        if not found:
+            raise NotFound(f"no rollout #{rollout_id}", fix="amiforge rollout status lists the rollouts")
+        return found[0]
+
+    def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]:
+        where: sa.ColumnElement[bool] = sa.true()
+        if target is not None:
+            where = where & (rollouts_table.c.target == target)
+        if version_id is not None:
+            where = where & (rollouts_table.c.version_id == version_id)
+        return self._rollout_rows(where)
+
+    def _rollout_rows(self, where: sa.ColumnElement[bool]) -> list[Rollout]:
+        query = (
+            sa.select(rollouts_table, versions_table.c.name, versions_table.c.number)
+            .join(versions_table, versions_table.c.id == rollouts_table.c.version_id)
+            .where(where)
+            .order_by(rollouts_table.c.id)
+        )
+        with _boundary("read rollouts", self._where), self._read() as conn:
+            return [_rollout(r) for r in conn.execute(query).mappings()]
+
+    def update_rollout(
+        self,
+        rollout_id: int,
+        *,
+        expect: str,
+        state: str | None = None,
+        wave: int | None = None,
+        detail: Mapping[str, object] | None = None,
+        clear_request: bool = False,
+    ) -> Rollout:
+        now = self._now()
+        values: dict[str, object] = {"updated_at": now}
+        if state is not None:
+            values["state"] = state
+            if state not in _ROLLOUT_LIVE:
+                values["finished_at"] = now
+        if wave is not None:
+            values["wave"] = wave
+        if detail is not None:
+            values["detail"] = dict(detail)
+        if clear_request:
+            values["requested"] = None
+        with _boundary(f"update rollout #{rollout_id}", self._where), self._write() as conn:
+            result = conn.execute(
+                rollouts_table.update()
+                .where(rollouts_table.c.id == rollout_id, rollouts_table.c.state == expect)
+                .values(**values)
+            )
+            if result.rowcount == 0:
+                raise StateError(
+                    f"rollout #{rollout_id} is no longer {expect} (another controller moved it)",
+                    fix=f"amiforge rollout status {rollout_id}",
+                )
+        return self.get_rollout(rollout_id)
+
+    def request_rollout(self, rollout_id: int, request: str) -> Rollout:
+        if request not in ("pause", "abort"):
+            raise ValueError(f"a rollout can be asked to pause or abort, not {request!r}")
+        with _boundary(f"ask rollout #{rollout_id} to {request}", self._where), self._write() as conn:
+            result = conn.execute(
+                rollouts_table.update()
+                .where(rollouts_table.c.id == rollout_id, rollouts_table.c.state.in_(_ROLLOUT_LIVE))
+                .values(requested=request, updated_at=self._now())
+            )
+        if result.rowcount == 0:
+            rollout = self.get_rollout(rollout_id)  # NotFound, or:
+            raise StateError(f"rollout #{rollout_id} is {rollout.state} already", fix="nothing to do")
+        return self.get_rollout(rollout_id)
+
+    def plan_replacements(
+        self, rollout_id: int, wave: int, kind: str, items: Sequence[tuple[str, str | None, str]]
+    ) -> list[RolloutReplacement]:
+        now = self._now()
+        with _boundary(f"plan replacements of rollout #{rollout_id}", self._where), self._write() as conn:
+            for old_member, old_version, token in items:
+                known = conn.execute(
+                    sa.select(rollout_replacements_table.c.id).where(rollout_replacements_table.c.token == token)
+                ).first()
+                if known is None:
+                    conn.execute(
+                        rollout_replacements_table.insert().values(
+                            rollout_id=rollout_id, wave=wave, kind=kind, old_member=old_member,
+                            old_version=old_version, token=token, new_member=None, state="planned", at=now,
+                        )
+                    )  # fmt: skip
+        tokens = {token for _, _, token in items}
+        return [r for r in self.replacements(rollout_id) if r.token in tokens]
+
+    def finish_replacement(self, token: str, *, new_member: str, state: str) -> RolloutReplacement:
+        if state not in ("done", "failed"):
+            raise ValueError(f"a replacement ends done or failed, not {state!r}")
+        table = rollout_replacements_table
+        with _boundary(f"record replacement {token}", self._where), self._write() as conn:
+            conn.execute(
+                table.update().where(table.c.token == token).values(new_member=new_member, state=state, at=self._now())
+            )
+            row = conn.execute(sa.select(table).where(table.c.token == token)).mappings().one_or_none()
+        if row is None:
+            raise NotFound(f"no replacement with token {token}")
+        return _replacement(row)
+
+    def replacements(self, rollout_id: int) -> list[RolloutReplacement]:
+        table = rollout_replacements_table
+        query = sa.select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.id)
+        with _boundary(f"list replacements of rollout #{rollout_id}", self._where), self._read() as conn:
+            return [_replacement(r) for r in conn.execute(query).mappings()]
+
+    def add_decision(
+        self, rollout_id: int, wave: int, *, passed: bool, action: str, numbers: Mapping[str, object]
+    ) -> RolloutDecision:
+        with _boundary(f"record a decision of rollout #{rollout_id}", self._where), self._write() as conn:
+            row_id = _inserted_id(conn.execute(
+                rollout_decisions_table.insert().values(
+                    rollout_id=rollout_id, wave=wave, at=self._now(), passed=passed, action=action,
+                    numbers=dict(numbers),
+                )
+            ))  # fmt: skip
+        (decision,) = [d for d in self.decisions(rollout_id) if d.id == row_id]
+        return decision
+
+    def decisions(self, rollout_id: int) -> list[RolloutDecision]:
+        table = rollout_decisions_table
+        query = sa.select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.id)
+        with _boundary(f"list decisions of rollout #{rollout_id}", self._where), self._read() as conn:
+            return [_decision(r) for r in conn.execute(query).mappings()]
 
     # channels
 

@@ -1,0 +1,203 @@
+"""amiforge rollout start|status|pause|resume|abort · rollback · incident."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.output import PhaseProgress, console, emit_json
+from amiforge.errors import ConfigError, NotFound
+from amiforge.lifecycle import rollout as controller
+from amiforge.model import Rollout
+from amiforge.store.interface import Store
+from amiforge.strategy import Strategy, load_strategy
+
+app = typer.Typer(help="Canary waves with SLO gates and automatic rollback.", no_args_is_help=True)
+
+TargetOption = typer.Option(..., "--target", "-t", help="local:NAME (a local fleet) or aws:REGION/GROUP (an ASG).")
+
+
+def resolve_version(store: Store, version: str | None, channel: str | None) -> str:
+    """--version REF, or --channel NAME:CH (the channel's current version)."""
+    if (version is None) == (channel is None):
+        raise ConfigError("give exactly one of --version REF and --channel NAME:CHANNEL", fix="e.g. --channel web:prod")
+    if version is not None:
+        return store.get_version(version).ref
+    name, _, ch = str(channel).partition(":")
+    if not name or not ch:
+        raise ConfigError(f"--channel {channel!r} is not NAME:CHANNEL", fix="e.g. --channel web:prod")
+    pointers = store.channels(name, ch)
+    if not pointers:
+        raise NotFound(f"channel {name}:{ch} points nowhere yet", fix=f"amiforge promote {name}@N --channel {ch}")
+    return pointers[0].current
+
+
+def _strategy(path: Path | None, waves: str | None, bake_time: str | None) -> Strategy:
+    base = load_strategy(path) if path is not None else Strategy()
+    data = base.model_dump(mode="json")
+    if waves is not None:
+        data["waves"] = [w.strip() for w in waves.split(",") if w.strip()]
+    if bake_time is not None:
+        data["bake_time"] = bake_time
+    try:
+        return Strategy.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(f"--waves/--bake-time: {e}", fix="e.g. --waves 1,25%,100% --bake-time 60s") from e
+
+
+def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
+    decisions = store.decisions(rollout.id)
+    replacements = store.replacements(rollout.id)
+    if as_json:
+        emit_json({"rollout": rollout, "decisions": decisions, "replacements": replacements})
+        return
+    done = min(rollout.wave, len(rollout.waves))
+    console.print(
+        f"rollout #{rollout.id} of {rollout.version_ref} on {rollout.target}: [bold]{rollout.state}[/] "
+        f"(wave {done}/{len(rollout.waves)}: {', '.join(map(str, rollout.waves))} member(s))"
+        + (f", asked to {rollout.requested}" if rollout.requested else "")
+    )
+    table = Table(title="decisions")
+    for column in ("wave", "action", "members", "ready", "failed", "ttr p95", "burn", "why"):
+        table.add_column(column)
+    for d in decisions:
+        n = d.numbers
+        p95 = n.get("time_to_ready_p95")
+        reasons = n.get("reasons")
+        why = "; ".join(map(str, reasons)) if isinstance(reasons, list) else ""
+        table.add_row(
+            str(d.wave + 1), d.action, str(n.get("members")), str(n.get("ready")), str(n.get("failed")),
+            f"{p95:.1f}s" if isinstance(p95, float) else "-", f"{n.get('burn_rate')}×",
+            escape(why) or "gates passed",
+        )  # fmt: skip
+    if decisions:
+        console.print(table)
+    for r in replacements:
+        console.print(
+            f"  {r.kind} w{r.wave + 1}: {r.old_member} ({r.old_version or '?'}) → {r.new_member or '…'} {r.state}"
+        )
+
+
+@app.command("start")
+def start_command(
+    target: str = TargetOption,
+    version: str | None = typer.Option(None, "--version", help="NAME@N to roll out (signed, verifying)."),
+    channel: str | None = typer.Option(None, "--channel", help="NAME:CHANNEL: roll out its current version."),
+    strategy: Path | None = typer.Option(None, "--strategy", help="Strategy YAML (waves, bake_time, gates, …)."),
+    waves: str | None = typer.Option(None, "--waves", help="Override the waves, e.g. 1,25%,100%."),
+    bake_time: str | None = typer.Option(None, "--bake-time", help="Override the bake time, e.g. 60s."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Replace the target's members wave by wave; a failed gate rolls back automatically (exit 4)."""
+    chosen = _strategy(strategy, waves, bake_time)
+    settings, store = open_registry()
+    ref = resolve_version(store, version, channel)
+    with PhaseProgress(f"rollout {ref} → {target}", 2 * len(chosen.waves), enabled=not as_json) as progress:
+        outcome = controller.start(
+            target, ref, store=store, settings=settings, strategy=chosen,
+            controls=controller.Controls(progress=progress.callback()),
+        )  # fmt: skip
+    _report(outcome.rollout, store, as_json)
+
+
+@app.command("status")
+def status_command(
+    rollout_id: int | None = typer.Argument(None, help="A rollout id; default: every rollout."),
+    as_json: bool = JsonOption,
+) -> None:
+    """One rollout with its decisions and replacements, or the list of rollouts."""
+    _, store = open_registry()
+    if rollout_id is not None:
+        _report(store.get_rollout(rollout_id), store, as_json)
+        return
+    rollouts = store.rollouts()
+    if as_json:
+        emit_json(rollouts)
+        return
+    table = Table(title="rollouts")
+    for column in ("id", "version", "target", "state", "wave", "started"):
+        table.add_column(column)
+    for r in rollouts:
+        table.add_row(
+            str(r.id), r.version_ref, r.target, r.state, f"{min(r.wave, len(r.waves))}/{len(r.waves)}",
+            f"{r.started_at:%Y-%m-%d %H:%M}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _ask(rollout_id: int, what: str, as_json: bool) -> None:
+    settings, store = open_registry()
+    rollout = controller.request(rollout_id, what, store=store, settings=settings)
+    _report(rollout, store, as_json)
+
+
+@app.command("pause")
+def pause_command(rollout_id: int = typer.Argument(...), as_json: bool = JsonOption) -> None:
+    """Ask a running rollout to stop after its current step; `rollout resume` continues it."""
+    _ask(rollout_id, "pause", as_json)
+
+
+@app.command("abort")
+def abort_command(rollout_id: int = typer.Argument(...), as_json: bool = JsonOption) -> None:
+    """Stop a rollout where it is (no rollback: `amiforge rollback --target T` undoes it)."""
+    _ask(rollout_id, "abort", as_json)
+
+
+@app.command("resume")
+def resume_command(rollout_id: int = typer.Argument(...), as_json: bool = JsonOption) -> None:
+    """Continue a paused rollout, or one whose controller died (even kill -9), from the registry."""
+    settings, store = open_registry()
+    rollout = store.get_rollout(rollout_id)
+    with PhaseProgress(f"rollout #{rollout_id}", 2 * len(rollout.waves), enabled=not as_json) as progress:
+        outcome = controller.resume(
+            rollout_id, store=store, settings=settings, controls=controller.Controls(progress=progress.callback())
+        )
+    _report(outcome.rollout, store, as_json)
+
+
+def rollback_command(
+    target: str = TargetOption,
+    to: str | None = typer.Option(None, "--to", help="NAME@N; default: what the target ran before its last rollout."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Put the whole target back on the previous version (one wave, through the same gates)."""
+    settings, store = open_registry()
+    with PhaseProgress(f"rollback {target}", 2, enabled=not as_json) as progress:
+        outcome = controller.rollback(
+            target, store=store, settings=settings, to=to, controls=controller.Controls(progress=progress.callback())
+        )
+    _report(outcome.rollout, store, as_json)
+
+
+def incident_command(
+    ref: str = typer.Argument(..., help="NAME@N or a digest prefix."),
+    hours: float = typer.Option(24.0, "--hours", min=0.0, help="How far back to look."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Where a version ran lately: its rollouts and members, the timeline, and the commands to undo it."""
+    _, store = open_registry()
+    found = controller.incident(ref, store=store, hours=hours)
+    if as_json:
+        emit_json(
+            {
+                "version": found.version,
+                "rollouts": found.rollouts,
+                "members": found.members,
+                "timeline": [{"at": at, "kind": kind, "detail": detail} for at, kind, detail in found.timeline],
+                "rollback": found.rollback_commands,
+            }
+        )
+        return
+    console.print(f"{found.version.ref} ({found.version.status}), last {hours:g} h")
+    for r in found.rollouts:
+        console.print(f"  rollout #{r.id} on {r.target}: {r.state}")
+    members = sorted({m.new_member for m in found.members if m.new_member})
+    console.print(f"  members launched: {', '.join(members) or 'none'}")
+    for at, kind, detail in found.timeline:
+        console.print(f"  {at:%Y-%m-%d %H:%M:%S} {kind} {escape(detail)}")
+    for command in found.rollback_commands:
+        console.print(f"  undo: {command}")

@@ -1,0 +1,37 @@
+"""The release gate: what a version must be before it leaves the registry for the world (distribute, rollout).
+
+DESIGN.md §5: "A version cannot be promoted, distributed or rolled out unless it is tested, scanned under the gate,
+signed, and its signature verifies against the artifact's current content/ids." Promotion judges the same facts
+through the policy of its channel; distribution and rollouts use this one gate.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.lifecycle.promote import policy_of
+from amiforge.lifecycle.scan import scan_gate
+from amiforge.lifecycle.sign import verify
+from amiforge.model import ImageVersion, Status
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+
+def releasable(version: ImageVersion, *, store: Store, settings: Settings, action: str) -> None:
+    """Raise unless `version` is signed, its signature verifies now, and its findings pass the entry gate."""
+    if version.status != Status.SIGNED:
+        raise ConfigError(
+            f"{version.ref} is {version.status}; only a signed version can be {action}",
+            fix=f"amiforge pipeline run, or: amiforge scan {version.ref} && amiforge sign {version.ref}",
+        )
+    verify(version.ref, store=store, settings=settings)  # GateFailed names what no longer matches
+    scan = store.latest_scan(version.id)
+    assert scan is not None  # verify() refuses an unscanned version
+    decision = scan_gate(scan.findings, policy=policy_of(settings), now=datetime.now(UTC))
+    if not decision.passed:
+        raise GateFailed(
+            "scan gate",
+            [GateFailure(u.name, u.detail) for u in decision.unmet],
+            fix="fix the findings and bake again, or add an expiring waiver to the policy",
+        )

@@ -1,0 +1,407 @@
+"""rollout: replace a fleet's members with a version, wave by wave, behind SLO gates, with automatic rollback.
+
+The controller is a state machine kept in the store (DESIGN.md §5, "every long operation is resumable"):
+
+    running ──(all waves pass)──▶ succeeded
+       │  ▲ pause/resume
+       ▼  │
+     paused          running ──(a gate fails)──▶ rolling-back ──▶ failed     running/paused ──(abort)──▶ aborted
+
+Each wave: pick the members to replace and **record them with their tokens before asking the fleet**; ask the fleet
+to replace them (it launches, waits for readiness, stops the old ones; idempotent per token); record what came back;
+watch the wave for the bake time, judging it with `strategy.decide` (a burn-rate breach stops it at once); record the
+decision with its numbers; move on. A failed gate rolls back every member this rollout replaced to the version it ran
+before (its own tokens, recorded first too) and ends `failed` (exit 4).
+
+Killed at any point (even -9), `amiforge rollout resume ID` runs the same loop from the store: recorded tokens make
+the fleet return what it already launched, so no member is replaced twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
+from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.release import releasable
+from amiforge.model import Artifact, ImageVersion, Rollout, RolloutReplacement, Status
+from amiforge.providers import provider_for
+from amiforge.providers.interface import Fleet, FleetProvider, Member, PhaseUpdate, Replacement
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
+
+# How often a wave is looked at while it bakes.
+POLL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The controller's clock and progress, injectable for tests."""
+
+    progress: Callable[[PhaseUpdate], None] = lambda _u: None
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass(frozen=True)
+class RolloutOutcome:
+    rollout: Rollout
+    decisions: list[WaveDecision]
+
+
+# --- targets -----------------------------------------------------------------------------------------------------
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    """`local:NAME` (or a bare NAME) → ("local", NAME); `aws:REGION/GROUP` → ("aws", "REGION/GROUP")."""
+    kind, sep, name = target.partition(":")
+    if not sep:
+        kind, name = "local", target
+    if kind not in ("local", "aws") or not name:
+        raise ConfigError(
+            f"target {target!r} is not local:NAME or aws:REGION/GROUP",
+            fix="name a local fleet (amiforge fleet list) or an Auto Scaling group as aws:eu-west-1/web-asg",
+        )
+    return kind, name
+
+
+def canonical_target(target: str) -> str:
+    kind, name = parse_target(target)
+    return f"{kind}:{name}"
+
+
+def fleet_of(target: str, settings: Settings) -> tuple[Fleet, str, str]:
+    """(the fleet, its provider's name, the region whose artifacts it runs)."""
+    kind, name = parse_target(target)
+    provider = provider_for(kind, settings)
+    if not isinstance(provider, FleetProvider):
+        raise ConfigError(f"the {kind} provider has no fleets", fix="use a local fleet or an Auto Scaling group")
+    return provider.fleet(name), kind, provider.fleet_region(name)
+
+
+def artifact_in(version: ImageVersion, store: Store, provider: str, region: str) -> Artifact:
+    for artifact in store.artifacts(version.id):
+        if artifact.provider == provider and artifact.region == region:
+            return artifact
+    raise NotFound(
+        f"{version.ref} has no {provider} artifact in {region}",
+        fix=f"amiforge distribute {version.ref} (its recipe must list {region})"
+        if provider == "aws"
+        else "bake it with the local provider",
+    )
+
+
+# --- start, resume, pause, abort --------------------------------------------------------------------------------
+
+
+def start(
+    target: str,
+    ref: str,
+    *,
+    store: Store,
+    settings: Settings,
+    strategy: Strategy,
+    controls: Controls = Controls(),
+) -> RolloutOutcome:
+    """Start rolling `ref` onto `target` (only a releasable version), then drive it to its end."""
+    target = canonical_target(target)
+    version = store.get_version(ref)
+    releasable(version, store=store, settings=settings, action="rolled out")
+    fleet, provider, region = fleet_of(target, settings)
+    artifact_in(version, store, provider, region)  # refuse before anything is recorded
+    members = live(fleet.current())
+    if not members:
+        raise StateError(f"{target} has no running member to replace", fix="amiforge fleet show, or scale it up")
+    already = sum(1 for m in members if m.version_ref == version.ref)
+    waves = plan_waves(strategy, len(members), already)
+    rollout = store.create_rollout(
+        target, version.id, strategy=strategy.model_dump(mode="json"), waves=waves, actor=settings.actor
+    )
+    store.append_event(
+        "rollout.started",
+        actor=settings.actor,
+        ref=version.ref,
+        data={"rollout": rollout.id, "target": target, "waves": waves, "members": len(members)},
+    )
+    return drive(rollout.id, store=store, settings=settings, controls=controls)
+
+
+def resume(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
+    """Continue a paused rollout, or one whose controller died, from what the store recorded."""
+    rollout = store.get_rollout(rollout_id)
+    if rollout.state == "paused":
+        rollout = store.update_rollout(rollout.id, expect="paused", state="running", clear_request=True)
+        store.append_event(
+            "rollout.resumed", actor=settings.actor, ref=rollout.version_ref, data={"rollout": rollout.id}
+        )
+    elif rollout.state not in ("running", "rolling-back"):
+        raise StateError(f"rollout #{rollout.id} is {rollout.state}; there is nothing to resume", fix="start another")
+    return drive(rollout.id, store=store, settings=settings, controls=controls)
+
+
+def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> Rollout:
+    """Ask a running rollout to pause or abort; the controller acts between steps. A paused rollout has no
+    controller, so an abort of it takes effect here."""
+    rollout = store.request_rollout(rollout_id, what)
+    if what == "abort" and rollout.state == "paused":
+        rollout = store.update_rollout(rollout.id, expect="paused", state="aborted", clear_request=True)
+        store.append_event(
+            "rollout.aborted", actor=settings.actor, ref=rollout.version_ref, data={"rollout": rollout.id}
+        )
+    return rollout
+
+
+# --- the controller ------------------------------------------------------------------------------------------------
+
+
+def live(members: Sequence[Member]) -> list[Member]:
+    """The members that count as the fleet: not stopped."""
+    return [m for m in members if m.state != "stopped"]
+
+
+def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
+    rollout = store.get_rollout(rollout_id)
+    version = store.get_version(rollout.version_ref)
+    fleet, provider, region = fleet_of(rollout.target, settings)
+    strategy = Strategy.model_validate(rollout.strategy)
+    decisions: list[WaveDecision] = []
+    if rollout.state == "rolling-back":
+        return _roll_back(rollout, fleet, provider, region, store=store, settings=settings, decisions=decisions)
+    artifact = artifact_in(version, store, provider, region)
+    checks = checks_of(version)
+    while rollout.wave < len(rollout.waves):
+        stopped = _honour_request(rollout, store, settings)
+        if stopped is not None:
+            return RolloutOutcome(stopped, decisions)
+        index = rollout.wave
+        planned = _plan_wave(rollout, fleet, store)
+        pending = [r for r in planned if r.state == "planned"]
+        controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
+        if pending:
+            started = controls.clock()
+            new = fleet.replace([Replacement(r.old_member, r.token) for r in pending], artifact, version.ref, checks)
+            for replacement, member in zip(pending, new, strict=True):
+                store.finish_replacement(
+                    replacement.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
+                )
+            controls.progress(PhaseUpdate(f"wave {index + 1}: replaced", "done", "", controls.clock() - started))
+        decision = _watch(rollout, [r.token for r in planned], fleet, strategy, store, controls)
+        decisions.append(decision)
+        action = "continue" if decision.passed else "rollback"
+        store.add_decision(rollout.id, index, passed=decision.passed, action=action, numbers=decision.as_dict())
+        store.append_event(
+            "rollout.wave",
+            actor=settings.actor,
+            ref=version.ref,
+            data={"rollout": rollout.id, "wave": index + 1, **decision.as_dict()},
+        )
+        if not decision.passed:
+            controls.progress(
+                PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "failed", "; ".join(decision.reasons))
+            )
+            rollout = store.update_rollout(
+                rollout.id, expect="running", state="rolling-back", detail={"failed_wave": index + 1,
+                                                                             "reasons": list(decision.reasons)},
+            )  # fmt: skip
+            return _roll_back(rollout, fleet, provider, region, store=store, settings=settings, decisions=decisions)
+        controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "done", "gates passed"))
+        rollout = store.update_rollout(rollout.id, expect="running", wave=index + 1)
+    rollout = store.update_rollout(rollout.id, expect="running", state="succeeded")
+    store.append_event("rollout.succeeded", actor=settings.actor, ref=version.ref, data={"rollout": rollout.id})
+    return RolloutOutcome(rollout, decisions)
+
+
+def _honour_request(rollout: Rollout, store: Store, settings: Settings) -> Rollout | None:
+    current = store.get_rollout(rollout.id)
+    if current.requested is None:
+        return None
+    state = "paused" if current.requested == "pause" else "aborted"
+    stopped = store.update_rollout(rollout.id, expect="running", state=state, clear_request=True)
+    store.append_event(f"rollout.{state}", actor=settings.actor, ref=rollout.version_ref, data={"rollout": rollout.id})
+    return stopped
+
+
+def _plan_wave(rollout: Rollout, fleet: Fleet, store: Store) -> list[RolloutReplacement]:
+    """The wave's replacements: those recorded already (a resumed wave), else members chosen now and recorded."""
+    index = rollout.wave
+    recorded = [r for r in store.replacements(rollout.id) if r.kind == "forward"]
+    this_wave = [r for r in recorded if r.wave == index]
+    if this_wave:
+        return this_wave
+    touched = {r.old_member for r in recorded} | {r.new_member for r in recorded if r.new_member}
+    candidates = sorted(
+        (m for m in live(fleet.current()) if m.version_ref != rollout.version_ref and m.id not in touched),
+        key=lambda m: m.id,
+    )
+    chosen = candidates[: rollout.waves[index]]
+    items = [(m.id, m.version_ref, f"r{rollout.id}-w{index}-{m.id}") for m in chosen]
+    return store.plan_replacements(rollout.id, index, "forward", items)
+
+
+def _watch(
+    rollout: Rollout,
+    tokens: Sequence[str],
+    fleet: Fleet,
+    strategy: Strategy,
+    store: Store,
+    controls: Controls,
+) -> WaveDecision:
+    """Judge the wave's new members until the bake time is over; a final failing verdict ends the watch early."""
+    deadline = controls.clock() + strategy.bake_time
+    while True:
+        decision = decide(strategy, _wave_members(rollout, tokens, fleet, store))
+        remaining = deadline - controls.clock()
+        if (decision.final and not decision.passed) or remaining <= 0:
+            return decision
+        controls.sleep(min(POLL_SECONDS, remaining))
+
+
+def _wave_members(rollout: Rollout, tokens: Sequence[str], fleet: Fleet, store: Store) -> list[Member]:
+    """The wave's new members as the fleet reports them now; one that vanished counts as failed."""
+    by_id = {m.id: m for m in fleet.current()}
+    wanted = {r.token: r for r in store.replacements(rollout.id)}
+    members: list[Member] = []
+    for token in tokens:
+        r = wanted[token]
+        member = by_id.get(r.new_member or "")
+        if member is None:
+            member = Member(
+                r.new_member or r.token, rollout.version_ref, "", "failed", r.at, detail="no longer in the fleet"
+            )
+        members.append(member)
+    return members
+
+
+def _roll_back(
+    rollout: Rollout,
+    fleet: Fleet,
+    provider: str,
+    region: str,
+    *,
+    store: Store,
+    settings: Settings,
+    decisions: list[WaveDecision],
+) -> RolloutOutcome:
+    """Put every member this rollout replaced back on the version it ran before, then end `failed` (exit 4)."""
+    current = {m.id: m for m in live(fleet.current())}
+    forward = [r for r in store.replacements(rollout.id) if r.kind == "forward" and r.new_member]
+    # What still runs the new version in place of a member: back to that member's version (if we know it).
+    to_undo = [
+        r
+        for r in forward
+        if r.new_member in current
+        and r.old_member not in current
+        and r.old_version
+        and r.old_version != rollout.version_ref
+    ]
+    by_version: dict[str, list[RolloutReplacement]] = {}
+    for r in to_undo:
+        by_version.setdefault(str(r.old_version), []).append(r)
+    for old_ref, items in by_version.items():
+        old = store.get_version(old_ref)
+        planned = store.plan_replacements(
+            rollout.id,
+            rollout.wave,
+            "rollback",
+            [(str(r.new_member), rollout.version_ref, f"r{rollout.id}-rb-{r.new_member}") for r in items],
+        )
+        pending = [p for p in planned if p.state == "planned"]
+        if pending:
+            artifact = artifact_in(old, store, provider, region)
+            back = fleet.replace(
+                [Replacement(p.old_member, p.token) for p in pending], artifact, old.ref, checks_of(old)
+            )
+            for p, member in zip(pending, back, strict=True):
+                store.finish_replacement(
+                    p.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
+                )
+    rolled = [r for r in store.replacements(rollout.id) if r.kind == "rollback"]
+    failed_back = [r for r in rolled if r.state != "done"]
+    rollout = store.update_rollout(
+        rollout.id,
+        expect="rolling-back",
+        state="failed",
+        detail={**rollout.detail, "rolled_back": len(rolled), "rollback_failed": [r.old_member for r in failed_back]},
+    )
+    store.append_event(
+        "rollout.rolled_back",
+        actor=settings.actor,
+        ref=rollout.version_ref,
+        data={
+            "rollout": rollout.id,
+            "members": [r.old_member for r in rolled],
+            "failed": [r.old_member for r in failed_back],
+        },
+    )
+    reasons = rollout.detail.get("reasons")
+    wave = rollout.detail.get("failed_wave", "?")
+    raise GateFailed(
+        "rollout",
+        [GateFailure(f"wave {wave}", str(reason)) for reason in (reasons if isinstance(reasons, list) else [])]
+        or [GateFailure("rollout", "a gate failed")],
+        fix=f"rolled back {len(rolled) - len(failed_back)} of {len(rolled)} member(s); "
+        f"amiforge rollout status {rollout.id} shows the numbers"
+        + (f"; these did not come back: {', '.join(r.old_member for r in failed_back)}" if failed_back else ""),
+    )
+
+
+# --- rollback and incidents ----------------------------------------------------------------------------------------
+
+
+def previous_version(target: str, store: Store) -> str:
+    """The version the target ran before its last rollout: what most replaced members ran."""
+    target = canonical_target(target)
+    rollouts = store.rollouts(target=target)
+    for rollout in reversed(rollouts):
+        olds = Counter(r.old_version for r in store.replacements(rollout.id) if r.kind == "forward" and r.old_version)
+        if olds:
+            return olds.most_common(1)[0][0]
+    raise NotFound(f"no earlier rollout on {target} says what it ran before", fix="pass --to REF")
+
+
+def rollback(
+    target: str,
+    *,
+    store: Store,
+    settings: Settings,
+    to: str | None = None,
+    controls: Controls = Controls(),
+) -> RolloutOutcome:
+    """Back to the previous version (or `to`): a one-wave rollout of it, through the same gates."""
+    ref = to or previous_version(target, store)
+    strategy = Strategy(waves=["100%"], bake_time=0.0)
+    return start(target, ref, store=store, settings=settings, strategy=strategy, controls=controls)
+
+
+@dataclass(frozen=True)
+class Incident:
+    version: ImageVersion
+    rollouts: list[Rollout]
+    members: list[RolloutReplacement]
+    timeline: list[tuple[datetime, str, str]]
+    rollback_commands: list[str]
+
+
+def incident(ref: str, *, store: Store, hours: float = 24.0, now: datetime | None = None) -> Incident:
+    """What ran `ref` in the last `hours`: its rollouts, the members they launched, the timeline, how to undo."""
+    version = store.get_version(ref)
+    since = (now or datetime.now(UTC)) - timedelta(hours=hours)
+    rollouts = [r for r in store.rollouts(version_id=version.id) if (r.finished_at or r.updated_at) >= since]
+    members = [r for rollout in rollouts for r in store.replacements(rollout.id) if r.new_member]
+    timeline = [(e.at, e.kind, _describe(e.data)) for e in store.events(version.ref) if e.at >= since]
+    commands = sorted({f"amiforge rollback --target {r.target}" for r in rollouts if r.state == "succeeded"})
+    if version.status != Status.REVOKED:
+        commands.append(f'amiforge revoke {version.ref} --reason "…"')
+    return Incident(version, rollouts, members, timeline, commands)
+
+
+def _describe(data: object) -> str:
+    if not isinstance(data, dict):
+        return ""
+    keys = ("rollout", "wave", "target", "reasons", "channel", "error", "members")
+    return ", ".join(f"{k}={data[k]}" for k in keys if k in data and data[k] not in (None, [], ""))

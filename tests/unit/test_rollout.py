@@ -1,0 +1,396 @@
+"""Rollouts: wave arithmetic, gate decisions, burn rate (pure), and the controller on a fake fleet with a real SQLite
+store — waves, automatic rollback, pause/abort, and kill-and-resume at every fleet and store call."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from amiforge.errors import ConfigError, GateFailed, StateError
+from amiforge.lifecycle import rollout as rollout_module
+from amiforge.lifecycle.rollout import Controls, drive, parse_target, previous_version, request, resume
+from amiforge.model import Artifact, Status
+from amiforge.providers.interface import Member, Replacement
+from amiforge.recipe import Checks
+from amiforge.settings import Settings
+from amiforge.store.sql import SqlStore, open_store
+from amiforge.strategy import Strategy, decide, p95, parse_strategy, plan_waves
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# --- strategy ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("waves", "size", "already", "expected"),
+    [
+        (["1", "25%", "100%"], 8, 0, [1, 1, 6]),
+        (["1", "25%", "100%"], 3, 0, [1, 2]),  # 25% of 3 rounds up to 1: that wave adds nobody
+        (["1", "25%", "100%"], 3, 1, [2]),
+        (["100%"], 5, 0, [5]),
+        (["2", "50%", "100%"], 1, 0, [1]),
+        (["1", "100%"], 4, 4, []),
+    ],
+)
+def test_plan_waves(waves: list[str], size: int, already: int, expected: list[int]) -> None:
+    assert plan_waves(Strategy(waves=waves), size, already) == expected
+
+
+@given(
+    st.lists(st.one_of(st.integers(1, 50).map(str), st.integers(1, 100).map(lambda p: f"{p}%")), max_size=5),
+    st.integers(0, 60),
+    st.data(),
+)
+def test_waves_always_cover_the_fleet_exactly_once(waves: list[str], size: int, data: st.DataObject) -> None:
+    already = data.draw(st.integers(0, size))
+    sizes = plan_waves(Strategy(waves=[*waves, "100%"]), size, already)
+    assert sum(sizes) == size - already and all(s > 0 for s in sizes)
+
+
+def test_p95_is_nearest_rank() -> None:
+    assert p95([]) is None
+    assert p95([3.0]) == 3.0
+    assert p95([float(i) for i in range(1, 21)]) == 19.0  # rank ⌈0.95·20⌉ = 19
+    assert p95([float(i) for i in range(1, 101)]) == 95.0
+
+
+def _member(state: str, ttr: float | None = None, i: int = 0) -> Member:
+    return Member(f"m{i}", "web@2", "x", state, T0, ttr)  # type: ignore[arg-type]
+
+
+def test_decide_gates_and_numbers() -> None:
+    strategy = Strategy(gates={"boot_success_rate": 1.0, "time_to_ready_p95": "20s"})
+    ok = decide(strategy, [_member("ready", 10.0, i) for i in range(3)])
+    assert ok.passed and ok.final and ok.success_rate == 1.0 and ok.time_to_ready_p95 == 10.0 and ok.burn_rate == 0
+    slow = decide(strategy, [_member("ready", 10.0), _member("ready", 25.0, 1)])
+    assert not slow.passed and slow.reasons == ("time-to-ready p95 25.0s > 20s",)
+    waiting = decide(strategy, [_member("ready", 10.0), _member("launching", i=1)])
+    assert not waiting.passed and not waiting.final and waiting.success_rate is None
+
+
+def test_burn_rate_stops_a_wave_before_it_settles() -> None:
+    strategy = Strategy(error_budget={"slo": 0.99, "max_burn_rate": 10})
+    members = [_member("failed"), *(_member("launching", i=i) for i in range(1, 10))]
+    verdict = decide(strategy, members)  # 1 of 10 failed: 10 % / 1 % budget = 10× — not more than allowed
+    assert not verdict.final and verdict.burn_rate == 10.0
+    members[1] = _member("failed", i=1)  # 2 of 10: 20×
+    verdict = decide(strategy, members)
+    assert verdict.final and not verdict.passed and verdict.reasons[0].startswith("burn rate 20.0×")
+
+
+def test_decide_alarms_only_those_the_strategy_names() -> None:
+    strategy = Strategy(gates={"alarms": ["web-5xx"]})
+    members = [_member("ready", 5.0)]
+    assert decide(strategy, members, alarms_firing=["other"]).passed
+    assert decide(strategy, members, alarms_firing=["web-5xx"]).reasons == ("alarm web-5xx is in ALARM",)
+
+
+def test_strategy_file_problems_name_line_and_fix(tmp_path: Path) -> None:
+    text = "waves: [0, 150%, 50%]\nbake_time: soon\ngates: {boot_success_rate: 2}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_strategy(text, tmp_path / "strategy.yaml")
+    found = {(p.field, p.line) for p in caught.value.problems}
+    assert found >= {("waves[0]", 1), ("waves[1]", 1), ("bake_time", 2), ("gates.boot_success_rate", 3)}
+    assert all(p.fix for p in caught.value.problems)
+    with pytest.raises(ConfigError) as unfinished:
+        parse_strategy("waves: [1, 50%]\n", tmp_path / "s.yaml")
+    assert '"100%"' in unfinished.value.diagnostics()
+    good = parse_strategy("waves: [1, 100%]\nbake_time: 2m\n", tmp_path / "s.yaml")
+    assert good.waves == ["1", "100%"] and good.bake_time == 120.0
+
+
+def test_targets() -> None:
+    assert parse_target("web") == ("local", "web")
+    assert parse_target("aws:eu-west-1/web-asg") == ("aws", "eu-west-1/web-asg")
+    with pytest.raises(ConfigError):
+        parse_target("gcp:web")
+
+
+# --- the controller on a fake fleet -------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    """Stands for kill -9: nothing after it runs."""
+
+
+@dataclass
+class FakeFleet:
+    """Members in memory. A version's behaviour decides whether its members become ready; replace() is idempotent
+    per token like the real fleets. `crash_at` raises Crash at the K-th fleet call (before or after it acts)."""
+
+    target: str = "local:web"
+    members: dict[str, Member] = field(default_factory=dict)
+    launched: Counter[str] = field(default_factory=Counter)  # token -> launches
+    by_token: dict[str, str] = field(default_factory=dict)
+    bad_versions: set[str] = field(default_factory=set)
+    calls: int = 0
+    crash_at: int | None = None
+    crash_after: bool = False
+    n: int = 0
+
+    def _tick(self) -> None:
+        self.calls += 1
+        if self.crash_at == self.calls and not self.crash_after:
+            raise Crash(self.calls)
+
+    def _tock(self) -> None:
+        if self.crash_at == self.calls and self.crash_after:
+            raise Crash(self.calls)
+
+    def add(self, version: str, count: int) -> None:
+        for _ in range(count):
+            self._launch(version)
+
+    def _launch(self, version: str) -> Member:
+        self.n += 1
+        state = "failed" if version in self.bad_versions else "ready"
+        member = Member(f"m{self.n:02d}", version, f"{version}.qcow2", state, T0, 5.0 if state == "ready" else None)
+        self.members[member.id] = member
+        return member
+
+    def current(self) -> list[Member]:
+        self._tick()
+        out = list(self.members.values())
+        self._tock()
+        return out
+
+    def replace(
+        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+    ) -> list[Member]:
+        self._tick()
+        out = []
+        for r in replacements:
+            if r.token in self.by_token:
+                new = self.members[self.by_token[r.token]]
+            else:
+                new = self._launch(version_ref)
+                self.by_token[r.token] = new.id
+                self.launched[r.token] += 1
+            if new.state == "ready":
+                old = self.members.get(r.member)
+                if old is not None:
+                    self.members[r.member] = replace(old, state="stopped")
+            else:
+                self.members[new.id] = replace(new, state="stopped")  # a failed newcomer is stopped; the old one stays
+            out.append(new)
+        self._tock()
+        return out
+
+    def signals(self, since: datetime) -> list[Any]:
+        return []
+
+    def versions(self) -> Counter[str]:
+        return Counter(m.version_ref or "" for m in self.members.values() if m.state != "stopped")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    with open_store(f"sqlite:///{tmp_path}/r.db") as s:
+        yield s
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "none.toml"))
+    return Settings(data_dir=tmp_path / "data", actor="test")
+
+
+@pytest.fixture
+def fleet(monkeypatch: pytest.MonkeyPatch) -> FakeFleet:
+    fake = FakeFleet()
+    fake.add("web@1", 4)
+    monkeypatch.setattr(rollout_module, "fleet_of", lambda _t, _s: (fake, "local", "local"))
+    return fake
+
+
+def _version(store: SqlStore, number_hint: str) -> int:
+    v = store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None, recipe='{"checks": {}}')  # fmt: skip
+    store.add_artifact(v.id, Artifact("local", "local", f"/{number_hint}.qcow2", f"{v.number:064x}", 1))
+    store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest=f"{v.number:064x}", size_bytes=1)
+    return v.id
+
+
+NO_WAIT = Controls(sleep=lambda _s: None, clock=lambda: 0.0)
+
+
+def _rollout(
+    store: SqlStore, fleet: FakeFleet, waves: Sequence[str] = ("1", "50%", "100%"), bake_time: float = 0.0
+) -> int:
+    _version(store, "v1")
+    v2 = _version(store, "v2")
+    strategy = Strategy(waves=list(waves), bake_time=bake_time)
+    live = [m for m in fleet.members.values() if m.state != "stopped"]
+    return store.create_rollout(
+        "local:web", v2, strategy=strategy.model_dump(mode="json"), waves=plan_waves(strategy, len(live)), actor="t"
+    ).id
+
+
+def test_good_version_rolls_through_every_wave(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
+    rid = _rollout(store, fleet)
+    outcome = drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert outcome.rollout.state == "succeeded" and outcome.rollout.wave == 3
+    assert fleet.versions() == Counter({"web@2": 4})
+    assert [d.members for d in outcome.decisions] == [1, 1, 2]
+    decisions = store.decisions(rid)
+    assert [d.action for d in decisions] == ["continue"] * 3 and decisions[0].numbers["success_rate"] == 1.0
+    assert all(n == 1 for n in fleet.launched.values()) and len(fleet.launched) == 4
+
+
+def test_bad_version_stops_at_wave_one_and_the_fleet_ends_on_the_old_version(
+    store: SqlStore, settings: Settings, fleet: FakeFleet
+) -> None:
+    fleet.bad_versions.add("web@2")
+    rid = _rollout(store, fleet)
+    with pytest.raises(GateFailed) as caught:
+        drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert "boot success rate 0.00 < 1" in caught.value.diagnostics()
+    rollout = store.get_rollout(rid)
+    assert rollout.state == "failed" and rollout.wave == 0
+    assert fleet.versions() == Counter({"web@1": 4})  # the newcomer failed, the old member kept running
+    assert len(fleet.launched) == 1  # only wave 1 was tried
+
+
+def test_a_wave_that_fails_later_rolls_back_every_replaced_member(
+    store: SqlStore, settings: Settings, fleet: FakeFleet
+) -> None:
+    rid = _rollout(store, fleet)
+    real_replace = fleet.replace
+    waves_done = []
+
+    def replace_then_break(rs: Sequence[Replacement], a: Artifact, ref: str, c: Checks) -> list[Member]:
+        waves_done.append(len(rs))
+        if len(waves_done) == 3:  # wave 3 launches on a host that breaks them
+            fleet.bad_versions.add("web@2")
+        return real_replace(rs, a, ref, c)
+
+    fleet.replace = replace_then_break  # type: ignore[method-assign]
+    with pytest.raises(GateFailed):
+        drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert fleet.versions() == Counter({"web@1": 4})  # waves 1 and 2 were rolled back too
+    rolled = [r for r in store.replacements(rid) if r.kind == "rollback"]
+    assert len(rolled) == 2 and all(r.state == "done" for r in rolled)
+    assert store.get_rollout(rid).state == "failed"
+
+
+def test_burn_rate_aborts_during_the_bake_time(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
+    rid = _rollout(store, fleet, waves=("2", "100%"), bake_time=600.0)
+    clock = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+        if len(sleeps) == 2:  # a replaced member dies while the wave bakes
+            victim = next(m for m in fleet.members.values() if m.version_ref == "web@2")
+            fleet.members[victim.id] = replace(victim, state="failed")
+
+    with pytest.raises(GateFailed, match="rollout"):
+        drive(rid, store=store, settings=settings, controls=Controls(sleep=sleep, clock=lambda: clock[0]))
+    assert clock[0] == 10.0  # stopped at the next look, not after the 600 s bake time
+    assert store.decisions(rid)[-1].numbers["burn_rate"] == 50.0  # 1 of 2 failed against a 1 % budget
+
+
+def test_pause_then_resume_and_abort(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
+    rid = _rollout(store, fleet)
+    request(rid, "pause", store=store, settings=settings)
+    paused = drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert paused.rollout.state == "paused" and fleet.launched == Counter()
+    with pytest.raises(StateError):
+        store.create_rollout("local:web", store.get_rollout(rid).version_id, strategy={}, waves=[1], actor="t")
+    done = resume(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert done.rollout.state == "succeeded"
+    with pytest.raises(StateError):
+        request(rid, "abort", store=store, settings=settings)
+    other = _rollout(store, fleet)
+    request(other, "pause", store=store, settings=settings)
+    drive(other, store=store, settings=settings, controls=NO_WAIT)
+    assert request(other, "abort", store=store, settings=settings).state == "aborted"
+
+
+def test_previous_version_is_what_the_last_rollout_replaced(
+    store: SqlStore, settings: Settings, fleet: FakeFleet
+) -> None:
+    rid = _rollout(store, fleet)
+    drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert previous_version("web", store) == "web@1"
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_kill_and_resume_at_every_fleet_call(
+    store: SqlStore, settings: Settings, fleet: FakeFleet, after: bool
+) -> None:
+    """Killed before or after the K-th fleet call, for every K of a clean run: resuming converges to the clean
+    end state — every member on the new version, each replaced exactly once, none lost."""
+    clean_calls = _clean_calls(settings, Path(settings.data_dir).parent)
+    for k in range(1, clean_calls + 1):
+        fake = FakeFleet()
+        fake.add("web@1", 4)
+        rollout_module_fleet = (fake, "local", "local")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rollout_module, "fleet_of", lambda _t, _s, f=rollout_module_fleet: f)
+            with open_store(f"sqlite:///{settings.data_dir.parent}/kill-{k}-{after}.db") as s:
+                rid = _rollout(s, fake)
+                fake.crash_at, fake.crash_after = k, after
+                with pytest.raises(Crash):
+                    drive(rid, store=s, settings=settings, controls=NO_WAIT)
+                fake.crash_at = None
+                outcome = resume(rid, store=s, settings=settings, controls=NO_WAIT)
+                assert outcome.rollout.state == "succeeded", k
+                assert fake.versions() == Counter({"web@2": 4}), k
+                assert len(fake.launched) == 4 and all(n == 1 for n in fake.launched.values()), k
+
+
+def _clean_calls(settings: Settings, tmp: Path) -> int:
+    fake = FakeFleet()
+    fake.add("web@1", 4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rollout_module, "fleet_of", lambda _t, _s: (fake, "local", "local"))
+        with open_store(f"sqlite:///{tmp}/clean.db") as s:
+            drive(_rollout(s, fake), store=s, settings=settings, controls=NO_WAIT)
+    assert fake.calls >= 6
+    return fake.calls
+
+
+WRITES = ("plan_replacements", "finish_replacement", "add_decision", "update_rollout")
+
+
+def _crash_on_write(store: SqlStore, k: int, patch: pytest.MonkeyPatch) -> None:
+    """Make the K-th registry write the controller attempts die (before it happens)."""
+    count = [0]
+    for name in WRITES:
+        original: Callable[..., Any] = getattr(store, name)
+
+        def crashing(*a: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
+            count[0] += 1
+            if count[0] == k:
+                raise Crash(k)
+            return _original(*a, **kw)
+
+        patch.setattr(store, name, crashing)
+
+
+def test_kill_and_resume_at_every_store_write(settings: Settings, tmp_path: Path) -> None:
+    """The same with the crash in the registry: before each write the controller makes."""
+    for k in range(1, 12):
+        fake = FakeFleet()
+        fake.add("web@1", 4)
+        with pytest.MonkeyPatch.context() as patch, open_store(f"sqlite:///{tmp_path}/w{k}.db") as s:
+            patch.setattr(rollout_module, "fleet_of", lambda _t, _s, f=fake: (f, "local", "local"))
+            rid = _rollout(s, fake)
+            with pytest.MonkeyPatch.context() as crash:
+                _crash_on_write(s, k, crash)
+                with pytest.raises(Crash):
+                    drive(rid, store=s, settings=settings, controls=NO_WAIT)
+            resume(rid, store=s, settings=settings, controls=NO_WAIT)
+            assert fake.versions() == Counter({"web@2": 4}), k
+            assert len(fake.launched) == 4 and all(n == 1 for n in fake.launched.values()), k
