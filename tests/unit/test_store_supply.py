@@ -136,3 +136,31 @@ def test_operations_share_the_first_attempts_run_id_and_keep_their_detail(store:
         store.update_operation(second.id, "paused", {})
     with pytest.raises(NotFound):
         store.begin_operation("distribute", 9999, actor="ci", new_run_id="x")
+
+
+def test_rollout_records_round_trip_with_compare_and_set(store: SqlStore) -> None:
+    vid = _built(store)
+    r = store.create_rollout("local:web", vid, strategy={"waves": ["1", "100%"]}, waves=[1, 3], actor="ci")
+    assert (r.state, r.wave, r.waves, r.version_ref, r.requested) == ("running", 0, (1, 3), "web@1", None)
+    with pytest.raises(StateError, match="is running"):
+        store.create_rollout("local:web", vid, strategy={}, waves=[4], actor="ci")  # one live rollout per target
+    planned = store.plan_replacements(r.id, 0, "forward", [("m1", "web@0", "tok-1"), ("m2", None, "tok-2")])
+    again = store.plan_replacements(r.id, 0, "forward", [("m1", "web@0", "tok-1")])  # a resumed wave
+    assert [p.token for p in planned] == ["tok-1", "tok-2"] and [a.id for a in again] == [planned[0].id]
+    done = store.finish_replacement("tok-1", new_member="m9", state="done")
+    assert (done.new_member, done.state, done.old_version) == ("m9", "done", "web@0")
+    decision = store.add_decision(r.id, 0, passed=True, action="continue", numbers={"members": 1, "burn_rate": 0.0})
+    assert store.decisions(r.id) == [decision] and decision.numbers["members"] == 1
+    assert store.request_rollout(r.id, "pause").requested == "pause"
+    moved = store.update_rollout(r.id, expect="running", state="paused", wave=1, clear_request=True)
+    assert (moved.state, moved.wave, moved.requested, moved.finished_at) == ("paused", 1, None, None)
+    with pytest.raises(StateError, match="no longer running"):
+        store.update_rollout(r.id, expect="running", wave=2)  # compare-and-set lost
+    over = store.update_rollout(r.id, expect="paused", state="aborted")
+    assert over.finished_at is not None
+    with pytest.raises(StateError):
+        store.request_rollout(r.id, "abort")
+    assert [x.id for x in store.rollouts(target="local:web")] == [r.id] and store.rollouts(target="other") == []
+    assert store.create_rollout("local:web", vid, strategy={}, waves=[1], actor="ci").id != r.id  # target free again
+    with pytest.raises(NotFound):
+        store.get_rollout(999)
