@@ -117,6 +117,15 @@ def start(
     members = live(fleet.current())
     if not members:
         raise StateError(f"{target} has no running member to replace", fix="amiforge fleet show, or scale it up")
+    # A rollback puts a member back on what it ran: refuse to start where that cannot be known.
+    known = versions_by_location(store, provider)
+    unknown = [m for m in members if (m.version_ref or known.get(m.location)) is None]
+    if unknown:
+        raise ConfigError(
+            f"{len(unknown)} member(s) of {target} run images the registry does not know, so a rollback would have "
+            "nowhere to go: " + ", ".join(f"{m.id} ({m.location})" for m in unknown[:5]),
+            fix="register those images first (amiforge import packer …), or replace the members by hand",
+        )
     already = sum(1 for m in members if m.version_ref == version.ref)
     waves = plan_waves(strategy, len(members), already)
     rollout = store.create_rollout(
@@ -159,6 +168,11 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
 # --- the controller ------------------------------------------------------------------------------------------------
 
 
+def versions_by_location(store: Store, provider: str) -> dict[str, str]:
+    """Artifact location (qcow2 path, AMI id) → NAME@N, for members that do not carry their version."""
+    return {a.location: v.ref for v in store.list_versions() for a in store.artifacts(v.id) if a.provider == provider}
+
+
 def live(members: Sequence[Member]) -> list[Member]:
     """The members that count as the fleet: not stopped."""
     return [m for m in members if m.state != "stopped"]
@@ -179,7 +193,7 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         if stopped is not None:
             return RolloutOutcome(stopped, decisions)
         index = rollout.wave
-        planned = _plan_wave(rollout, fleet, store)
+        planned = _plan_wave(rollout, fleet, store, provider)
         pending = [r for r in planned if r.state == "planned"]
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
         if pending:
@@ -226,7 +240,7 @@ def _honour_request(rollout: Rollout, store: Store, settings: Settings) -> Rollo
     return stopped
 
 
-def _plan_wave(rollout: Rollout, fleet: Fleet, store: Store) -> list[RolloutReplacement]:
+def _plan_wave(rollout: Rollout, fleet: Fleet, store: Store, provider: str) -> list[RolloutReplacement]:
     """The wave's replacements: those recorded already (a resumed wave), else members chosen now and recorded."""
     index = rollout.wave
     recorded = [r for r in store.replacements(rollout.id) if r.kind == "forward"]
@@ -239,7 +253,8 @@ def _plan_wave(rollout: Rollout, fleet: Fleet, store: Store) -> list[RolloutRepl
         key=lambda m: m.id,
     )
     chosen = candidates[: rollout.waves[index]]
-    items = [(m.id, m.version_ref, f"r{rollout.id}-w{index}-{m.id}") for m in chosen]
+    known = versions_by_location(store, provider) if any(m.version_ref is None for m in chosen) else {}
+    items = [(m.id, m.version_ref or known.get(m.location), f"r{rollout.id}-w{index}-{m.id}") for m in chosen]
     return store.plan_replacements(rollout.id, index, "forward", items)
 
 

@@ -165,7 +165,7 @@ def error_response(url: str, service: str, code: str, status: int = 400) -> AWSR
             "<RequestID>injected</RequestID></Response>"
         ).encode()
         headers = {"Content-Type": "text/xml"}
-    elif service in ("sts", "iam"):
+    elif service in ("sts", "iam", "auto-scaling"):  # query protocol; events name Auto Scaling "auto-scaling"
         body = (
             f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>"
             "<RequestId>injected</RequestId></ErrorResponse>"
@@ -183,7 +183,7 @@ def error_response(url: str, service: str, code: str, status: int = 400) -> AWSR
 # makes moto pass it through untouched; our answer, being first, is the one botocore uses.
 _NOWHERE = "https://amiforge-injected-fault.invalid/"
 
-THROTTLE_CODES = {"ec2": "RequestLimitExceeded", "sts": "Throttling"}
+THROTTLE_CODES = {"ec2": "RequestLimitExceeded", "sts": "Throttling", "auto-scaling": "Throttling"}
 _CREATES = {"CreateImage", "CopyImage", "RegisterImage"}
 
 

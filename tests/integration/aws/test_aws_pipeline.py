@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from asg_emulation import FakeTime
 from conftest import ACCOUNT, REGION, Aws
 from distribute_fixtures import CopyImageEmulation, DeregistrationProtection
 from ebs_emulation import EbsEmulation
@@ -75,6 +77,7 @@ class Env:
     def __init__(self, aws: Aws, ebs: EbsEmulation, disk: Path, tmp: Path, cli: Cli) -> None:
         self.aws, self.ebs, self.disk, self.cli = aws, ebs, disk, cli
         self.machine = FakeMachine(consoles=[READY])
+        self.fleet_time = FakeTime()
         self.recipe = tmp / "recipe.yaml"
         self.recipe.write_text(RECIPE)
         self.ec2: Any = aws.ec2()
@@ -91,6 +94,8 @@ class Env:
             wait=fast,
             boot_wait=fast,
             tag_snapshots_at_creation=False,  # moto: NotImplementedError for snapshot TagSpecifications
+            fleet_wait=self.fleet_time.wait(),
+            fleet_now=self.fleet_time.now,  # the fleet's readiness deadlines move with its (fake) sleeps
         )
 
     def seed_root(self, image_id: str) -> None:
@@ -151,26 +156,28 @@ def _environment(
     return environment
 
 
-def bake_to_signed(env: Env) -> dict[str, Any]:
+def bake_to_signed(env: Env, number: int = 1) -> dict[str, Any]:
+    ref = f"web@{number}"
     baked = env.cli("bake", str(env.recipe), "--json")
     assert baked.code == 0, baked.err
     version = baked.json()["version"]
     assert (
-        (version["name"], version["number"]) == ("web", 1)
+        (version["name"], version["number"]) == ("web", number)
         and version["status"] == "tested"
         and version["provider"] == "aws"
     )
     assert baked.json()["boot_report"]["time_to_ready"] == 11.25
-    shown = env.cli("images", "show", "web@1", "--json").json()
+    shown = env.cli("images", "show", ref, "--json").json()
     (artifact,) = shown["artifacts"]
     env.seed_root(artifact["location"])
-    scanned = env.cli("scan", "web@1", "--json")
+    scanned = env.cli("scan", ref, "--json")
     assert scanned.code == 0, scanned.err
     assert scanned.json()["packages"] == 1  # read from the snapshot's bytes, not from the builder
-    sbom = env.cli("sbom", "web@1").json()
+    sbom = env.cli("sbom", ref).json()
     assert [c["name"] for c in sbom["components"]] == ["nginx"]
-    assert env.cli("keys", "generate").code == 0
-    signed = env.cli("sign", "web@1", "--json")
+    if number == 1:
+        assert env.cli("keys", "generate").code == 0
+    signed = env.cli("sign", ref, "--json")
     assert signed.code == 0, signed.err
     return dict(artifact)
 
@@ -393,3 +400,45 @@ def test_publishing_for_an_account_without_a_role_says_how_to_configure_it(env: 
     bake_to_signed(env)
     refused = env.cli("promote", "web@1", "--channel", "dev")
     assert refused.code == 2 and "AMIFORGE_AWS_ROLES" in refused.err and "rerun the promote" in refused.err
+
+
+def test_rollout_on_an_auto_scaling_group_and_automatic_rollback(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI: web@2 rolls over a 3-instance group in two waves; web@3, whose instances never get ready,
+    stops at wave 1 and the group ends entirely on web@2's image again — read from EC2, not from the registry."""
+    from asg_emulation import install_asg_emulation, make_group
+
+    emulation = install_asg_emulation(monkeypatch)
+    images = {n: bake_to_signed(env, n)["location"] for n in (1, 2)}
+    make_group(env.aws.session, "web", images[1], size=3, region=REGION)
+    backend: Any = env.aws.session.client("autoscaling", REGION)
+
+    def group_images() -> Counter[str]:
+        (group,) = backend.describe_auto_scaling_groups(AutoScalingGroupNames=["web"])["AutoScalingGroups"]
+        ids = [i["InstanceId"] for i in group["Instances"] if i["LifecycleState"] == "InService"]
+        reservations = env.ec2.describe_instances(InstanceIds=ids)["Reservations"]
+        return Counter(i["ImageId"] for r in reservations for i in r["Instances"])
+
+    assert group_images() == Counter({images[1]: 3})
+    started = env.cli(
+        "rollout", "start", "--target", f"aws:{REGION}/web", "--version", "web@2", "--waves", "1,100%",
+        "--bake-time", "0", "--json",
+    )  # fmt: skip
+    assert started.code == 0, started.err
+    body = started.json()
+    assert body["rollout"]["state"] == "succeeded" and [d["numbers"]["members"] for d in body["decisions"]] == [1, 2]
+    assert group_images() == Counter({images[2]: 3})
+    assert {r["old_version"] for r in body["replacements"]} == {"web@1"}  # known from the registry, by AMI
+
+    images[3] = bake_to_signed(env, 3)["location"]
+    emulation.console.never_ready.add(images[3])
+    failed = env.cli(
+        "rollout", "start", "--target", f"aws:{REGION}/web", "--version", "web@3", "--bake-time", "0", "--json"
+    )
+    assert failed.code == 4, failed.err
+    assert group_images() == Counter({images[2]: 3})  # wave 1's instance was put back on web@2
+    status = env.cli("rollout", "status", "2", "--json").json()
+    assert status["rollout"]["state"] == "failed"
+    assert [r["kind"] for r in status["replacements"]] == ["forward", "rollback"]
+    incident = env.cli("incident", "web@3", "--json").json()
+    assert [r["state"] for r in incident["rollouts"]] == ["failed"]
+    assert any(t["kind"] == "rollout.rolled_back" for t in incident["timeline"])

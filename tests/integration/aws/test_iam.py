@@ -15,19 +15,31 @@ from typing import Any
 
 import botocore.session
 import pytest
+from asg_emulation import FakeTime, install_asg_emulation, make_group
 from conftest import ACCOUNT, REGION, Aws
 from ebs_emulation import EbsEmulation
 from gc_fixtures import install_gc_emulation
 
 from amiforge.errors import ConfigError
+from amiforge.model import Artifact
 from amiforge.providers.aws.clients import iam_action
+from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.gc import apply_gc, plan_gc
-from amiforge.providers.aws.iam import DESTRUCTIVE, OPERATIONS, PERMISSIONS, actions_for, policy_document, policy_json
+from amiforge.providers.aws.iam import (
+    DESTRUCTIVE,
+    OPERATIONS,
+    PERMISSIONS,
+    ROLLOUT_GROUP_WRITES,
+    actions_for,
+    policy_document,
+    policy_json,
+)
 from amiforge.providers.aws.images import describe_image, inventory, resolve_source
 from amiforge.providers.aws.provider import AwsProvider
 from amiforge.providers.aws.publish import publish, rollback
 from amiforge.providers.aws.snapshot import open_ami
-from amiforge.recipe import OwnersSource, SsmSource
+from amiforge.providers.interface import Replacement
+from amiforge.recipe import Checks, OwnersSource, SsmSource
 from amiforge.settings import Settings
 from amiforge.signing.kms import KmsSigner, KmsVerifier
 
@@ -214,6 +226,22 @@ def _scan(aws: Aws, ids: dict[str, str]) -> None:
             assert (view.root / "etc/hostname").read_text() == "scan\n"
 
 
+def _rollout(aws: Aws, ids: dict[str, str]) -> None:
+    """A wave of one on an Auto Scaling group (replace), then current() and signals(): what a rollout calls."""
+    with pytest.MonkeyPatch.context() as patch:
+        install_asg_emulation(patch)  # console readiness, Auto Scaling's asynchronous termination, LT inheritance
+        make_group(aws.session, "web-asg", ids["a"], size=2)
+        aws.calls.reset()
+        time = FakeTime()
+        fleet = AsgFleet(aws.session, REGION, "web-asg", wait=time.wait(), now=time.now)
+        member = fleet.current()[0].id
+        image = Artifact(provider="aws", region=REGION, location=ids["b"], digest="sha256:x", size_bytes=0)
+        (new,) = fleet.replace([Replacement(member, "token-1")], image, "web@2", Checks())
+        assert new.state == "ready"
+        assert {m.id for m in fleet.current()} >= {new.id}
+        assert {s.kind for s in fleet.signals(datetime(2000, 1, 1, tzinfo=UTC))} == {"launch", "ready", "replaced"}
+
+
 # Every operation implemented today, and how to run it. Add a row when an operation gets its AWS code.
 IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
     "resolve-source": _resolve,
@@ -225,7 +253,11 @@ IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
     "gc": _gc,
     "scan": _scan,
     "import": lambda aws, ids: AwsProvider(Settings(), boto_session=aws.session.boto_session).adopt(REGION, ids["a"]),
+    "rollout": _rollout,
 }
+# Declared but never called: IAM checks them on behalf of another call (UpdateAutoScalingGroup to a template version
+# checks that the caller may launch it and pass its instance profile's role).
+_AUTHORISED_ONLY = {"rollout": {"ec2:RunInstances", "iam:PassRole"}}
 
 
 @pytest.mark.parametrize("operation", sorted(IMPLEMENTED))
@@ -237,6 +269,22 @@ def test_what_each_operation_calls_is_declared(aws: Aws, operation: str) -> None
     assert called, "the operation made no AWS call: the check would be vacuous"
     undeclared = called - PERMISSIONS[operation]  # type: ignore[index]
     assert not undeclared, f"{operation} calls {sorted(undeclared)} but iam.PERMISSIONS does not declare them"
+    if operation in _AUTHORISED_ONLY:
+        # Exactly: nothing declared that is neither called nor checked by IAM on behalf of a call.
+        assert called == PERMISSIONS[operation] - _AUTHORISED_ONLY[operation]  # type: ignore[index]
+
+
+def test_rollout_group_writes_need_the_groups_opt_in_tag() -> None:
+    """Auto Scaling authorises against the group's tags, not the instance's: the group writes get their own statement
+    on the owner's opt-in tag, never the Managed one (which would require amiforge:managed=true on the group)."""
+    statements = {s["Sid"]: s for s in policy_document(["rollout"])["Statement"]}
+    opted_in = statements["AutoscalingOptedIn"]
+    assert set(opted_in["Action"]) == ROLLOUT_GROUP_WRITES
+    assert opted_in["Condition"] == {"StringEquals": {"aws:ResourceTag/amiforge:rollout": "enabled"}}
+    assert statements["AutoscalingAny"]["Action"] == ["autoscaling:DescribeAutoScalingGroups"]
+    assert not ROLLOUT_GROUP_WRITES & DESTRUCTIVE
+    assert "Ec2Managed" not in statements  # a rollout destroys nothing of amiforge's own
+    assert "ec2:RunInstances" in statements["Ec2Any"]["Action"]
 
 
 def test_the_sync_check_catches_an_undeclared_call(aws: Aws) -> None:

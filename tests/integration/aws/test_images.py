@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -135,7 +134,6 @@ def test_ssm_problems(aws: Aws, debian: dict[str, str]) -> None:
 
 
 def test_inventory_of_2500_images_costs_3_calls(aws: Aws) -> None:
-    started = time.monotonic()
     ec2: Any = aws.ec2()
     instance = _instance(ec2)
     for i in range(2500):
@@ -147,7 +145,6 @@ def test_inventory_of_2500_images_costs_3_calls(aws: Aws) -> None:
     assert sum(aws.calls.counts.values()) == 3
     assert len(images) == 2500 and len({i.image_id for i in images}) == 2500
     assert all(i.tag("amiforge:managed") == "true" and i.snapshot_ids for i in images)
-    assert time.monotonic() - started < 15
 
 
 @pytest.mark.parametrize("extra", [None, {"team": "web"}])

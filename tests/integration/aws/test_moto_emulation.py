@@ -1,4 +1,5 @@
-"""The test-side emulation of what moto lacks is itself tested: paging, the tag-lookup shim, fault injection."""
+"""The test-side emulation of what moto lacks is itself tested: paging, the tag-lookup shim, fault injection, and the
+Auto Scaling / launch template / console emulation of asg_emulation.py."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import boto3
 import pytest
+from asg_emulation import install_asg_emulation, make_group, make_images
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from conftest import REGION, Aws
@@ -184,3 +186,113 @@ def test_shared_images_are_visible_to_the_account_they_are_shared_with(
     with pytest.raises(ClientError):
         theirs.describe_images(ImageIds=[private])
     assert {i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]} == {shared, private}
+
+
+def test_auto_scaling_throttling_is_answered_in_its_own_protocol(
+    moto: PagingEmulation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Auto Scaling speaks the query protocol (XML errors): a throttled call is retried, then surfaces as Throttling."""
+    no_backoff(monkeypatch)
+    boto = boto3.Session(region_name=REGION)
+    faults = FaultInjector(rate=1.0)
+    faults.install(boto.events)
+    asg = boto.client("autoscaling", config=Config(retries={"mode": "standard", "total_max_attempts": 2}))
+    with pytest.raises(ClientError) as caught:
+        asg.describe_auto_scaling_groups()
+    assert caught.value.response["Error"]["Code"] == "Throttling"
+    assert faults.sends == 2 and faults.injected["Throttling"] == 2
+
+
+# --- asg_emulation.py ---------------------------------------------------------------------------------------------
+
+
+def test_a_new_template_version_inherits_its_source_and_honours_its_client_token(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_asg_emulation(monkeypatch)
+    ec2: Any = aws.ec2()
+    data = {"ImageId": "ami-11111111", "InstanceType": "t3.micro", "UserData": "ZWNobyBoaQ=="}
+    lt = ec2.create_launch_template(LaunchTemplateName="lt", LaunchTemplateData=data)["LaunchTemplate"]
+    kw: dict[str, Any] = {"LaunchTemplateId": lt["LaunchTemplateId"], "SourceVersion": "1"}
+    first = ec2.create_launch_template_version(**kw, LaunchTemplateData={"ImageId": "ami-22222222"}, ClientToken="a")
+    again = ec2.create_launch_template_version(**kw, LaunchTemplateData={"ImageId": "ami-22222222"}, ClientToken="a")
+    assert first["LaunchTemplateVersion"]["VersionNumber"] == again["LaunchTemplateVersion"]["VersionNumber"] == 2
+    assert first["LaunchTemplateVersion"]["LaunchTemplateData"] == {**data, "ImageId": "ami-22222222"}
+    with pytest.raises(ClientError) as caught:
+        ec2.create_launch_template_version(**kw, LaunchTemplateData={"ImageId": "ami-33333333"}, ClientToken="a")
+    assert caught.value.response["Error"]["Code"] == "IdempotentParameterMismatch"
+    plain = ec2.create_launch_template_version(
+        LaunchTemplateId=lt["LaunchTemplateId"], LaunchTemplateData={"ImageId": "ami-44444444"}
+    )
+    assert plain["LaunchTemplateVersion"]["LaunchTemplateData"] == {"ImageId": "ami-44444444"}  # no source: as is
+    versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt["LaunchTemplateId"])["LaunchTemplateVersions"]
+    assert sorted(v["VersionNumber"] for v in versions) == [1, 2, 3]
+
+
+def test_terminating_in_a_group_is_asynchronous_and_launches_one_replacement_from_its_version(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulations = install_asg_emulation(monkeypatch, launch_after=1)
+    ec2: Any = aws.ec2()
+    asg: Any = aws.session.client("autoscaling")
+    image_a, image_b = make_images(ec2, "a", "b")
+    template = make_group(aws.session, "g", image_a, size=3)
+    ec2.create_launch_template_version(
+        LaunchTemplateId=template, SourceVersion="1", LaunchTemplateData={"ImageId": image_b}
+    )
+    asg.update_auto_scaling_group(
+        AutoScalingGroupName="g", LaunchTemplate={"LaunchTemplateId": template, "Version": "2"}
+    )
+
+    def members() -> dict[str, str]:
+        group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["g"])["AutoScalingGroups"][0]
+        assert group["DesiredCapacity"] == 3
+        return {i["InstanceId"]: i["LifecycleState"] for i in group["Instances"]}
+
+    old = sorted(members())[0]
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=old, ShouldDecrementDesiredCapacity=False)
+    first = members()  # the first look: still a member, Terminating; no replacement yet
+    assert first[old] == "Terminating" and len(first) == 3 and emulations.groups.launched["g"] == 0
+    now = members()  # the next: gone, and its replacement launched
+    assert old not in now and len(now) == 3 and emulations.groups.launched["g"] == 1
+    (new,) = set(now) - set(first)
+    described = ec2.describe_instances(InstanceIds=[old, new])["Reservations"]
+    by_id = {i["InstanceId"]: i for r in described for i in r["Instances"]}
+    assert by_id[old]["State"]["Name"] == "terminated"
+    assert {"Key": "aws:autoscaling:groupName", "Value": "g"} in by_id[old]["Tags"]  # kept, as on AWS
+    assert by_id[new]["ImageId"] == image_b and by_id[new]["InstanceType"] == "t3.micro"  # the group's version
+    # An instance in no group, or already gone: ValidationError, as on AWS (moto raises StopIteration).
+    for instance in (old, "i-0123456789abcdef0"):
+        with pytest.raises(ClientError) as caught:
+            asg.terminate_instance_in_auto_scaling_group(InstanceId=instance, ShouldDecrementDesiredCapacity=False)
+        assert caught.value.response["Error"]["Code"] == "ValidationError"
+    # Decrementing: no replacement, one fewer wanted.
+    asg.terminate_instance_in_auto_scaling_group(InstanceId=sorted(now)[0], ShouldDecrementDesiredCapacity=True)
+    members_after = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["g"])["AutoScalingGroups"][0]
+    assert members_after["DesiredCapacity"] == 2
+    asg.describe_auto_scaling_groups(AutoScalingGroupNames=["g"])
+    assert emulations.groups.launched["g"] == 1
+
+
+def test_the_console_is_empty_at_first_then_ends_in_the_readiness_line(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulations = install_asg_emulation(monkeypatch)
+    console = emulations.console
+    ec2: Any = aws.ec2()
+    good, slow, bad = make_images(ec2, "good", "slow", "bad")
+    console.uptime[slow] = 120.0
+    console.never_ready.add(bad)
+
+    def output(image: str) -> list[str]:
+        instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        answers = [ec2.get_console_output(InstanceId=instance, Latest=True) for _ in range(2)]
+        return [str(a.get("Output") or "") for a in answers]  # base64 on the wire; botocore decodes it
+
+    assert [o.splitlines()[-1:] for o in output(good)] == [[], ["AMIFORGE-READY 8.5"]]
+    assert output(slow)[1].endswith("AMIFORGE-READY 120.0\n")
+    first, second = output(bad)
+    assert first == "" and "AMIFORGE-READY" not in second and "timed out" in second
+    with pytest.raises(ClientError) as caught:
+        ec2.get_console_output(InstanceId="i-0123456789abcdef0")
+    assert caught.value.response["Error"]["Code"] == "InvalidInstanceID.NotFound"

@@ -1,4 +1,4 @@
-"""The one table from AWS error codes to amiforge errors (DESIGN.md §6), for EC2, SSM, STS and KMS.
+"""The one table from AWS error codes to amiforge errors (DESIGN.md §6), for EC2, Auto Scaling, SSM, STS and KMS.
 
 Every botocore error that leaves an AWS call goes through `translate()`, which decides by the error *code* alone: the
 message text AWS sends is shown to the user, never inspected. Codes are looked up exactly first, then against the
@@ -98,6 +98,11 @@ AWS_ERRORS: Mapping[str, Rule] = {
     ),
     "VolumeInUse": Rule(StateError, "the volume is attached; detach it or wait for its instance to go, then re-run"),
     "IncorrectInstanceState": Rule(StateError, "the instance is not in a state that allows this; wait and re-run"),
+    # Auto Scaling: the group is busy (a scaling activity, another update). Transient: the fleet retries them itself.
+    "ScalingActivityInProgress": Rule(
+        InfraError, "a scaling activity of the group is in progress; re-run once it has ended", True
+    ),
+    "ResourceContention": Rule(InfraError, "the group has another update pending; re-run in a moment", True),
     # --- quotas -----------------------------------------------------------------------------------------------------
     "ResourceLimitExceeded": Rule(InfraError, "raise the EC2 quota, or delete unused resources"),
     "InstanceLimitExceeded": Rule(InfraError, "raise the EC2 instance quota, or use another instance type"),

@@ -7,7 +7,16 @@ actions it really calls, and fails when one is missing here, so the declaration 
 `policy_document()` turns operations into an IAM policy: per service one statement with `Resource: "*"` for actions
 that cannot be scoped (Describe*, Create* of new resources), plus separate statements where a resource or condition
 narrows the action: SSM parameter writes to the parameter prefix amiforge publishes under, KMS signing to the keys
-given, and destructive EC2 actions only on resources tagged `amiforge:managed=true` (DESIGN.md §5).
+given, destructive EC2 actions only on resources tagged `amiforge:managed=true` (DESIGN.md §5), and the Auto Scaling
+writes of a rollout only on groups tagged `amiforge:rollout=enabled`.
+
+Why the rollout's TerminateInstanceInAutoScalingGroup is not in DESTRUCTIVE: Auto Scaling actions are authorised
+against the *group* (resource type autoScalingGroup, condition keys aws:ResourceTag/… and autoscaling:ResourceTag/…
+read the group's tags), never against the instance being terminated. The Managed statement would therefore demand
+`amiforge:managed=true` on the group — a claim that amiforge created it, which it did not (the group is its owner's),
+and which, propagated at launch, would mark every instance the group launches as amiforge's own. So the group writes
+(UpdateAutoScalingGroup, TerminateInstanceInAutoScalingGroup) get a statement of their own, conditioned on the
+owner's opt-in tag `amiforge:rollout=enabled` on the group, which fleet.py also checks before it writes anything.
 """
 
 from __future__ import annotations
@@ -18,12 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast, get_args
 
 from amiforge.errors import ConfigError
+from amiforge.providers.aws.fleet import ROLLOUT_ENABLED, ROLLOUT_TAG
 from amiforge.providers.aws.images import MANAGED_TAG
 
 __all__ = [
     "DESTRUCTIVE",
     "OPERATIONS",
     "PERMISSIONS",
+    "ROLLOUT_GROUP_WRITES",
     "Operation",
     "actions_for",
     "policy_document",
@@ -42,6 +53,7 @@ Operation = Literal[
     "distribute",
     "publish",
     "rollback",
+    "rollout",
     "retire",
     "gc",
     "doctor",
@@ -105,6 +117,24 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     },
     "publish": _PUBLISH,
     "rollback": _PUBLISH,
+    # providers/aws/fleet.py AsgFleet: replace(), current(), signals(). The group writes fall under the OptedIn
+    # statement (groups tagged amiforge:rollout=enabled).
+    "rollout": _READ_IMAGES
+    | {
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:UpdateAutoScalingGroup",
+        "autoscaling:TerminateInstanceInAutoScalingGroup",
+        "ec2:DescribeLaunchTemplates",
+        "ec2:DescribeLaunchTemplateVersions",
+        "ec2:CreateLaunchTemplateVersion",
+        "ec2:DescribeInstances",
+        "ec2:CreateTags",
+        "ec2:GetConsoleOutput",
+        # Not called, but authorised: Auto Scaling checks that whoever points a group at a launch template version
+        # may launch it (ec2:RunInstances) and pass its instance profile's role (iam:PassRole).
+        "ec2:RunInstances",
+        "iam:PassRole",
+    },
     "retire": _READ_IMAGES
     | {
         "ec2:DescribeSnapshots",
@@ -156,6 +186,11 @@ _SSM_PARAMETER_WRITES: Final[frozenset[str]] = frozenset({"ssm:PutParameter", "s
 _KMS_KEY_ACTIONS: Final[frozenset[str]] = frozenset({"kms:DescribeKey", "kms:Sign", "kms:GetPublicKey"})
 _PASS_ROLE_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
 _MANAGED_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{MANAGED_TAG}": "true"}}
+# Auto Scaling writes a rollout makes: allowed only on groups whose owner tagged them for amiforge rollouts.
+ROLLOUT_GROUP_WRITES: Final[frozenset[str]] = frozenset(
+    {"autoscaling:UpdateAutoScalingGroup", "autoscaling:TerminateInstanceInAutoScalingGroup"}
+)
+_ROLLOUT_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{ROLLOUT_TAG}": ROLLOUT_ENABLED}}
 
 
 @dataclass(frozen=True)
@@ -167,7 +202,9 @@ class _Scope:
 
     def label(self) -> str:
         if self.condition is not None:
-            return "Managed" if "ResourceTag" in self.condition else "Conditional"
+            if f"ResourceTag/{MANAGED_TAG}" in self.condition:
+                return "Managed"
+            return "OptedIn" if f"ResourceTag/{ROLLOUT_TAG}" in self.condition else "Conditional"
         return "Any" if self.resources == ("*",) else "Scoped"
 
 
@@ -189,6 +226,8 @@ def actions_for(operations: Iterable[str]) -> frozenset[str]:
 def _scope(action: str, parameter_prefix: str, kms_keys: tuple[str, ...]) -> _Scope:
     if action in DESTRUCTIVE:
         return _Scope(condition=json.dumps(_MANAGED_CONDITION, sort_keys=True))
+    if action in ROLLOUT_GROUP_WRITES:
+        return _Scope(condition=json.dumps(_ROLLOUT_CONDITION, sort_keys=True))
     if action == "iam:PassRole":
         return _Scope(condition=json.dumps(_PASS_ROLE_CONDITION, sort_keys=True))
     if action in _SSM_PARAMETER_WRITES:

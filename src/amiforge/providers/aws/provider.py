@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import boto3
@@ -24,11 +25,12 @@ from amiforge.model import Artifact, BootReport, LayerRecord
 from amiforge.providers.aws.bake import AmiBuild, Placement, Wait, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.clients import AwsSession
 from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
+from amiforge.providers.aws.fleet import AsgFleet, parse_group_target
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.machine import MachineFactory, SsmMachine
 from amiforge.providers.aws.publish import publish
 from amiforge.providers.aws.snapshot import open_ami
-from amiforge.providers.interface import BakeResult, Copy, ImageView, PhaseUpdate, RunContext
+from amiforge.providers.interface import BakeResult, Copy, Fleet, ImageView, PhaseUpdate, RunContext
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, Recipe, step_fingerprint
 from amiforge.recipe import Provider as ProviderSpec
@@ -71,6 +73,8 @@ class AwsProvider:
         wait: Wait = Wait(),
         boot_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=900.0),
         tag_snapshots_at_creation: bool = True,
+        fleet_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=600.0),
+        fleet_now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
         self._boto_session = boto_session
@@ -79,6 +83,8 @@ class AwsProvider:
         self.wait = wait
         self.boot_wait = boot_wait
         self.tag_snapshots_at_creation = tag_snapshots_at_creation
+        self.fleet_wait = fleet_wait
+        self.fleet_now = fleet_now
 
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
@@ -228,6 +234,16 @@ class AwsProvider:
                 )
                 records.append({**dataclasses.asdict(done), "account": account})
         return records
+
+    # --- fleets ---------------------------------------------------------------------------------------------
+
+    def fleet(self, name: str) -> Fleet:
+        """An Auto Scaling group, named `REGION/GROUP` (the rollout target `aws:REGION/GROUP`)."""
+        region, group = parse_group_target(name)
+        return AsgFleet(self.session(region), region, group, wait=self.fleet_wait, now=self.fleet_now)
+
+    def fleet_region(self, name: str) -> str:
+        return parse_group_target(name)[0]
 
     # --- inspection -----------------------------------------------------------------------------------------
 

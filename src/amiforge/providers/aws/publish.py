@@ -8,7 +8,8 @@ with that numeric AMI id which becomes the template's default. The default is al
 Each publication reports what it replaced (the previous AMI id, the previous default version), which is the rollback
 target; `rollback()` puts those back. Publishing is idempotent and resumable: an unchanged parameter is not written
 again, a default that already holds the image gets no new version, and a version created by an interrupted run (the
-newest, holding the image, not yet default) is reused rather than duplicated.
+newest, holding the image, not yet default) is reused rather than duplicated (templates.version_holding, shared with
+the Auto Scaling fleet).
 
 Everything that could refuse is read before anything is written, so a missing launch template or image leaves the
 parameter untouched. Every call goes through `clients.call`/`paginate`, so errors translate through the one table.
@@ -16,15 +17,20 @@ parameter untouched. Every call goes through `clients.call`/`paginate`, so error
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.providers.aws.clients import AwsSession, call, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
+from amiforge.providers.aws.templates import (
+    Template,
+    client_token,
+    describe_versions,
+    find_template,
+    image_of,
+    version_holding,
+)
 
 __all__ = ["IMAGE_DATA_TYPE", "RUN_TAG", "Publication", "parameter_name", "publish", "rollback"]
 
@@ -53,14 +59,6 @@ class Publication:
     region: str
     launch_template: str | None = None
     changed: bool = True
-
-
-@dataclass(frozen=True)
-class _Template:
-    template_id: str
-    name: str
-    default: int
-    latest: int
 
 
 def parameter_name(prefix: str, name: str, channel: str) -> str:
@@ -93,7 +91,7 @@ def publish(
     before the parameter is written."""
     parameter = parameter_name(parameter_prefix, name, channel)
     _check_image(session, region, image_id)
-    template = _find_template(session, region, launch_template) if launch_template is not None else None
+    template = find_template(session, region, name=launch_template) if launch_template is not None else None
     return _apply(session, region, parameter, image_id, template, None, run_id)
 
 
@@ -120,7 +118,7 @@ def rollback(
             fix="pass the launch template the version belongs to",
         )
     _check_image(session, region, to_image_id)
-    template = _find_template(session, region, launch_template) if launch_template is not None else None
+    template = find_template(session, region, name=launch_template) if launch_template is not None else None
     if template is not None and to_lt_version is not None:
         held = _version_image(session, region, template, to_lt_version)
         if held != to_image_id:
@@ -145,58 +143,13 @@ def _check_image(session: AwsSession, region: str, image_id: str) -> None:
         )
 
 
-def _find_template(session: AwsSession, region: str, name: str) -> _Template:
-    ec2 = session.client("ec2", region)
-    # By filter, not LaunchTemplateNames: an unknown name is then an empty answer we can explain, not an error code.
-    found = list(
-        paginate(
-            ec2,
-            "DescribeLaunchTemplates",
-            "LaunchTemplates",
-            f"launch template {name}",
-            Filters=[{"Name": "launch-template-name", "Values": [name]}],
-        )
-    )
-    if not found:
-        raise NotFound(
-            f"launch template {name} does not exist in {region}",
-            fix="create the launch template first, or check its name and the region (publish never creates one)",
-        )
-    lt = found[0]
-    return _Template(
-        template_id=str(lt["LaunchTemplateId"]),
-        name=name,
-        default=int(lt["DefaultVersionNumber"]),
-        latest=int(lt["LatestVersionNumber"]),
-    )
-
-
-def _versions(session: AwsSession, region: str, template: _Template, numbers: set[int]) -> dict[int, Mapping[str, Any]]:
-    ec2 = session.client("ec2", region)
-    answer = call(
-        ec2,
-        "DescribeLaunchTemplateVersions",
-        f"launch template {template.name}",
-        LaunchTemplateId=template.template_id,
-        Versions=[str(n) for n in sorted(numbers)],
-    )
-    return {int(v["VersionNumber"]): v for v in answer.get("LaunchTemplateVersions", [])}
-
-
-def _image_of(version: Mapping[str, Any] | None) -> str | None:
-    if version is None:
-        return None
-    value = version.get("LaunchTemplateData", {}).get("ImageId")
-    return str(value) if value is not None else None
-
-
-def _version_image(session: AwsSession, region: str, template: _Template, number: int) -> str | None:
+def _version_image(session: AwsSession, region: str, template: Template, number: int) -> str | None:
     if not 1 <= number <= template.latest:
         raise NotFound(
             f"launch template {template.name} has no version {number} (latest is {template.latest})",
             fix="use a version number a publication recorded",
         )
-    return _image_of(_versions(session, region, template, {number}).get(number))
+    return image_of(describe_versions(session, region, template, {number}).get(number))
 
 
 def _read_parameter(session: AwsSession, region: str, parameter: str) -> tuple[str | None, int | None]:
@@ -228,7 +181,7 @@ def _apply(
     region: str,
     parameter: str,
     image_id: str,
-    template: _Template | None,
+    template: Template | None,
     to_version: int | None,
     run_id: str,
 ) -> Publication:
@@ -280,33 +233,26 @@ def _apply(
 
 
 def _point_template(
-    session: AwsSession, region: str, template: _Template, image_id: str, to_version: int | None, run_id: str
+    session: AwsSession, region: str, template: Template, image_id: str, to_version: int | None, run_id: str
 ) -> tuple[int, int | None]:
-    """Make a numeric version holding `image_id` the template's default; (that version, the default it replaced)."""
-    versions = _versions(session, region, template, {template.default, template.latest})
-    if to_version is None and _image_of(versions.get(template.default)) == image_id:
-        return template.default, None
-    ec2 = session.client("ec2", region)
+    """Make a numeric version holding `image_id` the template's default; (that version, the default it replaced).
+
+    Without `to_version`: the default itself if it holds the image, else the version `templates.version_holding`
+    finds or makes from the default (an interrupted publish's version is reused, never duplicated)."""
     target = to_version
-    if target is None and template.latest > template.default and _image_of(versions.get(template.latest)) == image_id:
-        # An interrupted publish made this version and stopped before moving the default: reuse, do not duplicate.
-        target = template.latest
     if target is None:
-        token = hashlib.sha256(f"{run_id}\0{template.template_id}\0{template.default}\0{image_id}".encode())
-        created = call(
-            ec2,
-            "CreateLaunchTemplateVersion",
-            f"launch template {template.name}",
-            LaunchTemplateId=template.template_id,
-            SourceVersion=str(template.default),
-            LaunchTemplateData={"ImageId": image_id},
-            VersionDescription=f"amiforge {image_id} (run {run_id})"[:255],
-            # A retry after a lost answer returns the version the first attempt made instead of a second one.
-            ClientToken=token.hexdigest()[:64],
+        target = version_holding(
+            session,
+            region,
+            template,
+            source=template.default,
+            image_id=image_id,
+            token=client_token(run_id, template.template_id, str(template.default), image_id),
+            description=f"amiforge {image_id} (run {run_id})",
         )
-        target = int(created["LaunchTemplateVersion"]["VersionNumber"])
     if target == template.default:
         return target, None
+    ec2 = session.client("ec2", region)
     call(
         ec2,
         "ModifyLaunchTemplate",

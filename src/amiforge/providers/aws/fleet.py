@@ -1,0 +1,710 @@
+"""An Auto Scaling group as a `Fleet`: the rollout controller's self-run canary on AWS, wave by wave.
+
+`AsgFleet(session, region, group)` replaces members of a group that launches from a launch template by terminating
+them inside the group, so the group itself launches their replacements from a new template version. No instance is
+launched outside the group; the group keeps its desired capacity, subnets, load balancers and lifecycle hooks.
+
+## replace(replacements, artifact, version_ref, checks)
+
+Reads first, refuses before anything is written:
+1. The image must be `available` in the region. The group must exist, launch from a launch template and carry the
+   opt-in tag `amiforge:rollout=enabled` (the IAM policy for "rollout" only lets amiforge change groups with that tag,
+   see iam.py). Refused with a fix: a launch configuration (no versions to roll between), a mixed instances policy
+   (its overrides may name other templates; not handled), and a group on `$Latest` (below).
+2. Version rule. The group's version is resolved to a number `source`: a number as is, `$Default` (or no version) to
+   the template's default. `$Latest` is refused: creating our version would itself change what the group launches
+   (every scale-out or health replacement from then on, before and outside the rollout), and setting the group back
+   to `$Latest` could never restore the old image, since `$Latest` would then *be* the new one — rollback would be
+   impossible. `$Default` is safe (a new version never changes the default) and so is any number.
+   `templates.version_holding` (shared with publish) gives the numeric version that is `source` with the artifact's
+   AMI id: `source` itself if it holds the image, else the newest version after `source` if that holds it (made by an
+   interrupted call), else a new version created from `source` with a ClientToken derived from what it is made of.
+   The group is pointed at that number (UpdateAutoScalingGroup); the template's default is never moved (that is the
+   channel's publication, owned by promote/publish).
+3. Per replacement (old member O, token T), unless an instance tagged `amiforge:replacement=T` exists already:
+   tag O `amiforge:replaced-by=T` (the intent, durable before the destructive call), then
+   TerminateInstanceInAutoScalingGroup(O, ShouldDecrementDesiredCapacity=False). The group launches a replacement from
+   the version of step 2. All of a call's members are terminated before any is waited for: the wave is the
+   controller's unit of capacity, so at most the wave is booting at once.
+4. Claim: poll the group until every O terminated for a token has a replacement: an InService/Pending, Healthy
+   member on the new AMI that carries no replacement tag, newest first (they are interchangeable: same template
+   version; the newest are the ones launched for our terminations, older ones are scale-outs). It is
+   tagged `amiforge:replacement=T`, `amiforge:managed=true`, `amiforge:version=<ref>`, `amiforge:group`,
+   `amiforge:replaces=O` (+ when, + O's version) in one CreateTags. Claims for members terminated by this fleet
+   (tagged replaced-by) come first; a member that was already gone without our tag (the group replaced it on its own)
+   takes a left-over candidate if there is one, else it is returned as a `stopped` member with its old id: nothing
+   was launched for it, and no other instance is terminated in its place.
+5. Wait, with `bake.poll` (doubling delays, injectable sleep/clock), until each new member is ready or failed.
+   Ready: `AMIFORGE-READY <uptime>` on its console (GetConsoleOutput, as the boot test reads it) with an uptime of
+   at most `checks.ready_within`; time-to-ready is that uptime. Failed: the line shows a longer uptime; the instance
+   is Unhealthy, leaves the group or stops; or no line by `LaunchTime + ready_within + console_grace` (EC2 publishes
+   console output with a delay). The outcome is written on the instance (`amiforge:ready=<uptime>`, or
+   `amiforge:failed=<why>` + `amiforge:failed-at`), so it is decided once and later calls read it back. `checks`'
+   units/commands/ports are not run on fleet members (they ran at the boot test; that would need SSM on them).
+   The old member is already gone by then (the group terminated it to make room): a new member that fails is
+   returned as failed and stays in the group; the controller rolls back by replacing *it* with the old version.
+
+Idempotency per token, the property a resumed controller relies on (a kill -9 between any two calls): everything
+the fleet knows is in tags, re-read at the start of every call, never in local state (tokens are looked up among the
+instances tagged `amiforge:group=<group>`, so another group's token is never ours). Before the version exists, a
+rerun makes it (ClientToken, or the "newest after source" reuse); after, it finds it; once the group points at it,
+`source` holds the image and nothing is created. O is terminated only for its own token and only while it is still
+a member; a token is bound to its O by the replaced-by tag, so a rerun never terminates anything else for it, and a
+member asked again under a second token is refused. A claim tags exactly one untagged instance per token and skips
+tokens that have one, so a resumed call finds its replacement instead of terminating another instance; a
+replacement the group launched before the crash but that was never tagged is claimed by the rerun. No instance is
+lost: the group keeps its desired capacity throughout, and nothing here decrements it. (Tag reads are eventually
+consistent on AWS: a rerun within a second or two of a claim could claim a second instance for the same token —
+both on the new image, nothing terminated twice; the earliest is the token's.)
+
+## current(), signals(since)
+
+`current()`: the group's members (DescribeAutoScalingGroups + DescribeInstances, paged), each with the version from
+its `amiforge:version` tag (None if absent), its AMI, and a state from its lifecycle/health and readiness (tags
+first, the console for members not yet decided). `signals(since)`: for instances this fleet tagged (found by their
+`amiforge:group` tag, so terminated ones count while EC2 still lists them, about an hour): launch (LaunchTime),
+ready (LaunchTime + uptime, with time_to_ready), failed (when decided), replaced (the old member, when terminated).
+Both only read.
+
+Every AWS call goes through `clients.call`/`paginate`; the busy-group codes (ScalingActivityInProgress,
+ResourceContention) are retryable in errors.py and retried here with the same `Wait`. A rollout target names a group
+as `aws:REGION/GROUP`; `parse_group_target` reads the part after `aws:`.
+
+Not here: AWS-managed instance refresh (StartInstanceRefresh with checkpoints and auto-rollback). It replaces by
+percentage on AWS's own schedule, judged by AWS health checks and alarms, not by the console's readiness line per
+member, and moto does not implement it (an emulation would be needed for tests).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from amiforge.errors import ConfigError, InfraError, NotFound, StateError
+from amiforge.model import Artifact
+from amiforge.providers.aws.bake import Wait, poll
+from amiforge.providers.aws.clients import AwsSession, call, paginate
+from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
+from amiforge.providers.aws.machine import SsmMachine
+from amiforge.providers.aws.templates import Template, client_token, find_template, version_holding
+from amiforge.providers.interface import BootSignal, Member, MemberState, Replacement
+from amiforge.providers.local.qemu import READY_RE
+from amiforge.recipe import Checks
+
+__all__ = [
+    "CONSOLE_GRACE",
+    "FAILED_TAG",
+    "GROUP_TAG",
+    "READY_TAG",
+    "REPLACED_BY_TAG",
+    "REPLACES_TAG",
+    "ROLLOUT_ENABLED",
+    "ROLLOUT_TAG",
+    "TOKEN_TAG",
+    "VERSION_TAG",
+    "AsgFleet",
+    "parse_group_target",
+]
+
+T = TypeVar("T")
+
+# On the group: the owner's consent that amiforge may roll it (and the IAM condition for doing so).
+ROLLOUT_TAG: Final = "amiforge:rollout"
+ROLLOUT_ENABLED: Final = "enabled"
+# On a new member.
+TOKEN_TAG: Final = "amiforge:replacement"
+VERSION_TAG: Final = "amiforge:version"
+GROUP_TAG: Final = "amiforge:group"
+REPLACES_TAG: Final = "amiforge:replaces"
+REPLACED_AT_TAG: Final = "amiforge:replaced-at"
+REPLACED_VERSION_TAG: Final = "amiforge:replaced-version"
+READY_TAG: Final = "amiforge:ready"
+FAILED_TAG: Final = "amiforge:failed"
+FAILED_AT_TAG: Final = "amiforge:failed-at"
+# On an old member, before it is terminated.
+REPLACED_BY_TAG: Final = "amiforge:replaced-by"
+
+# EC2 publishes console output with a delay (minutes on older instance types): added to ready_within.
+CONSOLE_GRACE: Final = 300.0
+# Values per EC2 filter in one request.
+_FILTER_VALUES: Final = 200
+_TAG_VALUE_MAX: Final = 256
+_IMAGE_ID_RE: Final = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+_VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
+_REGION_RE: Final = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
+_ACTIVE: Final = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "InService"})
+_LEAVING: Final = ("Terminating", "Terminated", "Detaching", "Detached", "Warmed")
+_EC2_ALIVE: Final = frozenset({"pending", "running"})
+_KIND_ORDER: Final = {"replaced": 0, "launch": 1, "ready": 2, "failed": 3}
+
+
+def parse_group_target(name: str) -> tuple[str, str]:
+    """`eu-west-1/web` (a rollout target `aws:REGION/GROUP` without its prefix) → (region, group name)."""
+    region, sep, group = name.partition("/")
+    if not sep or _REGION_RE.fullmatch(region) is None or not group or len(group) > 255 or ":" in group:
+        raise ConfigError(
+            f"Auto Scaling target {name!r} is not REGION/GROUP",
+            fix="name the group with its region, e.g. aws:eu-west-1/web",
+        )
+    return region, group
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    raw: Mapping[str, Any]
+    members: Mapping[str, Mapping[str, Any]]  # instance id -> the group's record of it (LifecycleState, HealthStatus)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {str(t["Key"]): str(t.get("Value", "")) for t in self.raw.get("Tags", [])}
+
+    def active(self, instance_id: str) -> bool:
+        """Launching or in service (a claimable replacement)."""
+        record = self.members.get(instance_id)
+        return record is not None and record.get("LifecycleState") in _ACTIVE
+
+    def present(self, instance_id: str) -> bool:
+        """Still a member that can be terminated: anything but on its way out (Standby included)."""
+        record = self.members.get(instance_id)
+        return record is not None and not str(record.get("LifecycleState")).startswith(_LEAVING)
+
+
+@dataclass(frozen=True)
+class _Instance:
+    id: str
+    image_id: str
+    state: str  # EC2's: pending, running, shutting-down, terminated, stopping, stopped
+    launched_at: datetime
+    tags: Mapping[str, str]
+
+
+@dataclass
+class _Claim:
+    replacement: Replacement
+    ours: bool  # we terminated its old member (tagged replaced-by): its replacement is on the way
+    old: _Instance | None
+    new: _Instance | None = None
+
+
+class AsgFleet:
+    """An Auto Scaling group launching from a launch template, as a `Fleet` (see the module docstring).
+
+    `wait`: delays and the deadline for the group to launch replacements and to stop being busy; its `sleep` and
+    `clock` are the ones every wait uses. `now`: the wall clock readiness deadlines and recorded times use (EC2's
+    LaunchTime is wall-clock time). `console_grace`: added to `checks.ready_within` for EC2's console delay."""
+
+    def __init__(
+        self,
+        session: AwsSession,
+        region: str,
+        group: str,
+        *,
+        wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=600.0),
+        console_grace: float = CONSOLE_GRACE,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.session = session
+        self.region = region
+        self.target = group
+        self.wait = wait
+        self.console_grace = console_grace
+        self._now = now
+
+    # --- the Fleet protocol ---------------------------------------------------------------------------------------
+
+    def current(self) -> list[Member]:
+        group = self._group()
+        instances = self._instances(group.members)
+        members = []
+        for instance_id, record in group.members.items():
+            instance = instances.get(instance_id)
+            if instance is not None:  # not yet visible to DescribeInstances: it shows on the next call
+                members.append(self._member_now(instance, record))
+        return sorted(members, key=lambda m: (m.launched_at, m.id))
+
+    def replace(
+        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+    ) -> list[Member]:
+        image_id = self._check_request(replacements, artifact, version_ref)
+        if not replacements:
+            return []
+        describe_image(self.session, self.region, image_id)  # NotFound before anything is written
+        group = self._group()
+        template, source = self._check_group(group)
+        target = version_holding(
+            self.session,
+            self.region,
+            template,
+            source=source,
+            image_id=image_id,
+            token=client_token("fleet", group.name, template.template_id, str(source), image_id, version_ref),
+            description=f"amiforge {version_ref} ({image_id}) for group {group.name}, from version {source}",
+        )
+        if group.raw["LaunchTemplate"].get("Version") != str(target):
+            self._busy_retry(
+                f"pointing group {group.name} at version {target}",
+                lambda: self._asg_call(
+                    "UpdateAutoScalingGroup",
+                    AutoScalingGroupName=group.name,
+                    LaunchTemplate={"LaunchTemplateId": template.template_id, "Version": str(target)},
+                ),
+            )
+        claims = self._start(group, replacements, image_id)
+        self._claim(claims, image_id, version_ref)
+        return self._await(claims, version_ref, checks)
+
+    def signals(self, since: datetime) -> list[BootSignal]:
+        out: dict[tuple[str, str], BootSignal] = {}
+        for instance in self._tagged():
+            tags = instance.tags
+            if REPLACED_BY_TAG in tags:  # an old member this fleet terminated (while EC2 still lists it)
+                at = _parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
+                detail = f"replaced under token {tags[REPLACED_BY_TAG]}"
+                out[(instance.id, "replaced")] = BootSignal(
+                    instance.id, "replaced", at, tags.get(VERSION_TAG), None, detail
+                )
+            if TOKEN_TAG not in tags:
+                continue
+            ref = tags.get(VERSION_TAG)
+            out[(instance.id, "launch")] = BootSignal(instance.id, "launch", instance.launched_at, ref)
+            uptime = _float(tags.get(READY_TAG))
+            if uptime is None and FAILED_TAG not in tags and instance.state in _EC2_ALIVE:
+                uptime = self._console_uptime(instance.id)  # ready, but no replace() call has recorded it yet
+            if uptime is not None:
+                at = instance.launched_at + timedelta(seconds=uptime)
+                out[(instance.id, "ready")] = BootSignal(instance.id, "ready", at, ref, uptime)
+            if FAILED_TAG in tags:
+                at = _parse_time(tags.get(FAILED_AT_TAG)) or instance.launched_at
+                out[(instance.id, "failed")] = BootSignal(instance.id, "failed", at, ref, None, tags[FAILED_TAG])
+            old = tags.get(REPLACES_TAG)
+            # The old member's own replaced-by tag and this replaces tag describe one event; the old one's wins.
+            if old and (old, "replaced") not in out:
+                at = _parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
+                out[(old, "replaced")] = BootSignal(
+                    old, "replaced", at, tags.get(REPLACED_VERSION_TAG), None, f"replaced by {instance.id}"
+                )
+        chosen = sorted(out.values(), key=lambda s: (s.at, _KIND_ORDER[s.kind], s.member))
+        return [s for s in chosen if s.at >= since]
+
+    # --- replace, step by step ------------------------------------------------------------------------------------
+
+    def _check_request(self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str) -> str:
+        problems = []
+        if artifact.provider != "aws" or artifact.region != self.region:
+            problems.append(f"artifact is {artifact.provider} in {artifact.region}, not aws in {self.region}")
+        if _IMAGE_ID_RE.fullmatch(artifact.location) is None:
+            problems.append(f"artifact location {artifact.location!r} is not an AMI id")
+        if not version_ref or len(version_ref) >= _TAG_VALUE_MAX:
+            problems.append(f"version ref {version_ref!r} must be 1-255 characters (a tag value)")
+        tokens = [r.token for r in replacements]
+        members = [r.member for r in replacements]
+        for what, values in (("token", tokens), ("member", members)):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                problems.append(f"{what}s asked twice in one call: {', '.join(repeated)}")
+        bad_tokens = [t for t in tokens if not t or len(t) >= _TAG_VALUE_MAX]
+        if bad_tokens:
+            problems.append("a token must be 1-255 characters (a tag value)")
+        if problems:
+            raise ConfigError(
+                f"cannot replace members of group {self.target}: " + "; ".join(problems),
+                fix="distribute the version to this region first; give each replacement its own member and token",
+            )
+        return artifact.location
+
+    def _check_group(self, group: _Group) -> tuple[Template, int]:
+        """The group's template and the number its version resolves to; ConfigError for what is not handled."""
+        raw = group.raw
+        name = group.name
+        if raw.get("MixedInstancesPolicy"):
+            raise ConfigError(
+                f"group {name} uses a mixed instances policy, which amiforge does not roll out (its overrides may "
+                "launch from other templates and instance types)",
+                fix="roll it out with an instance refresh, or give the canary group a plain launch template",
+            )
+        if raw.get("LaunchConfigurationName") or not raw.get("LaunchTemplate"):
+            raise ConfigError(
+                f"group {name} launches from a launch configuration, not a launch template: there are no versions "
+                "to roll forward and back between",
+                fix=f"migrate it: aws autoscaling update-auto-scaling-group --auto-scaling-group-name {name} "
+                "--launch-template LaunchTemplateId=<lt-…>,Version=<number>",
+            )
+        if group.tags.get(ROLLOUT_TAG) != ROLLOUT_ENABLED:
+            raise ConfigError(
+                f"group {name} is not tagged {ROLLOUT_TAG}={ROLLOUT_ENABLED}: amiforge only replaces instances of "
+                "groups whose owner opted in (the IAM policy for `rollout` allows nothing else)",
+                fix=f"aws autoscaling create-or-update-tags --tags ResourceId={name},ResourceType=auto-scaling-group,"
+                f"Key={ROLLOUT_TAG},Value={ROLLOUT_ENABLED},PropagateAtLaunch=false",
+            )
+        spec = raw["LaunchTemplate"]
+        version = str(spec.get("Version") or "$Default")
+        if version == "$Latest":
+            raise ConfigError(
+                f"group {name} launches from $Latest of its launch template: the version a rollout creates would "
+                "change what the group launches at once, outside the rollout, and $Latest could never be set back "
+                "to the old image (rollback impossible)",
+                fix=f"pin the group to a version number (or $Default): aws autoscaling update-auto-scaling-group "
+                f"--auto-scaling-group-name {name} --launch-template LaunchTemplateId={spec.get('LaunchTemplateId')},"
+                "Version=<number>",
+            )
+        template = find_template(self.session, self.region, template_id=str(spec["LaunchTemplateId"]))
+        if version == "$Default":
+            return template, template.default
+        if _VERSION_RE.fullmatch(version) is None:
+            raise ConfigError(f"group {name} has launch template version {version!r}", fix="use a version number")
+        return template, int(version)
+
+    def _start(self, group: _Group, replacements: Sequence[Replacement], image_id: str) -> list[_Claim]:
+        """Find what earlier calls did for these tokens; mark and terminate the old members of the others."""
+        tokens = [r.token for r in replacements]
+        done: dict[str, list[_Instance]] = {}
+        for instance in self._tagged(TOKEN_TAG, tokens):
+            done.setdefault(instance.tags[TOKEN_TAG], []).append(instance)
+        marked = {i.tags[REPLACED_BY_TAG]: i for i in self._tagged(REPLACED_BY_TAG, tokens)}
+        olds = self._instances([r.member for r in replacements])
+        claims = []
+        for r in replacements:
+            old = olds.get(r.member)
+            earlier = marked.get(r.token)
+            if earlier is not None and earlier.id != r.member:
+                raise StateError(
+                    f"token {r.token} already replaced {earlier.id}, not {r.member}",
+                    fix="a token belongs to one member: resume with the replacements as they were first asked",
+                )
+            other = old.tags.get(REPLACED_BY_TAG) if old is not None else None
+            if other is not None and other != r.token:
+                raise StateError(
+                    f"member {r.member} is being replaced under token {other}, not {r.token}",
+                    fix="resume with the token it was first asked under; never replace one member twice",
+                )
+            if r.token in done:
+                new = min(done[r.token], key=lambda i: (i.launched_at, i.id))
+                if new.image_id != image_id:
+                    raise StateError(
+                        f"token {r.token} already replaced {r.member} by {new.id} on {new.image_id}, not {image_id}",
+                        fix="use a new token for another version (a rollback is a new replacement)",
+                    )
+                claims.append(_Claim(r, True, old, new))
+                continue
+            if group.present(r.member):
+                if other is None:
+                    self._tag(
+                        r.member, {GROUP_TAG: group.name, REPLACED_BY_TAG: r.token, REPLACED_AT_TAG: self._stamp()}
+                    )
+                self._terminate(r.member)
+                claims.append(_Claim(r, True, old))
+            else:
+                claims.append(_Claim(r, earlier is not None or other is not None, old))
+        return claims
+
+    def _terminate(self, instance_id: str) -> None:
+        def terminate() -> None:
+            try:
+                self._asg_call(
+                    "TerminateInstanceInAutoScalingGroup", InstanceId=instance_id, ShouldDecrementDesiredCapacity=False
+                )
+            except ConfigError:
+                # Auto Scaling answers ValidationError for an instance in no group. It was an active member a moment
+                # ago, so it has just left (an earlier attempt whose answer was lost, or the group itself): that is
+                # the outcome asked for. Anything else is not swallowed.
+                if self._group().present(instance_id):
+                    raise
+
+        self._busy_retry(f"terminating {instance_id} in group {self.target}", terminate)
+
+    def _claim(self, claims: list[_Claim], image_id: str, version_ref: str) -> None:
+        """Tag one new member on `image_id` per claim whose old member we terminated (see the module docstring)."""
+        waiting = [c for c in claims if c.new is None and c.ours]
+        strays = [c for c in claims if c.new is None and not c.ours]
+        if not waiting and not strays:
+            return
+
+        def round_() -> bool | None:
+            group = self._group()
+            instances = self._instances(group.members)
+            candidates = sorted(
+                (
+                    i
+                    for i in instances.values()
+                    if group.active(i.id)
+                    and group.members[i.id].get("HealthStatus") == "Healthy"
+                    and i.state in _EC2_ALIVE
+                    and i.image_id == image_id
+                    and TOKEN_TAG not in i.tags
+                    and REPLACED_BY_TAG not in i.tags
+                ),
+                # Newest first: the group launched our replacements after our terminations; an older untagged
+                # instance on the image (a scale-out) is taken only when nothing newer is left.
+                key=lambda i: (i.launched_at, i.id),
+                reverse=True,
+            )
+            for claim in [c for c in waiting if c.new is None]:
+                if not candidates:
+                    return None
+                claim.new = self._take(candidates.pop(0), claim, version_ref)
+            for claim in strays:
+                if candidates:
+                    claim.new = self._take(candidates.pop(0), claim, version_ref)
+            return True
+
+        try:
+            poll(f"replacements launching in group {self.target}", round_, self.wait)
+        except InfraError as e:
+            missing = ", ".join(c.replacement.member for c in waiting if c.new is None)
+            raise InfraError(
+                f"group {self.target} launched no replacement on {image_id} for {missing} within "
+                f"{self.wait.deadline:.0f}s",
+                retryable=True,
+                fix=f"check the group's scaling activities (aws autoscaling describe-scaling-activities "
+                f"--auto-scaling-group-name {self.target}); re-running with the same tokens resumes",
+            ) from e
+
+    def _take(self, instance: _Instance, claim: _Claim, version_ref: str) -> _Instance:
+        tags = {
+            TOKEN_TAG: claim.replacement.token,
+            MANAGED_TAG: "true",
+            VERSION_TAG: version_ref,
+            GROUP_TAG: self.target,
+            REPLACES_TAG: claim.replacement.member,
+        }
+        old = claim.old
+        if old is not None:
+            tags[REPLACED_AT_TAG] = old.tags.get(REPLACED_AT_TAG) or self._stamp()
+            if VERSION_TAG in old.tags:
+                tags[REPLACED_VERSION_TAG] = old.tags[VERSION_TAG]
+        self._tag(instance.id, tags)
+        return _Instance(
+            instance.id, instance.image_id, instance.state, instance.launched_at, {**instance.tags, **tags}
+        )
+
+    def _await(self, claims: list[_Claim], version_ref: str, checks: Checks) -> list[Member]:
+        decided: dict[str, Member] = {}
+        for claim in claims:
+            if claim.new is None:
+                old = claim.old
+                decided[claim.replacement.token] = Member(
+                    id=claim.replacement.member,
+                    version_ref=old.tags.get(VERSION_TAG) if old is not None else None,
+                    location=old.image_id if old is not None else "",
+                    state="stopped",
+                    launched_at=old.launched_at if old is not None else self._now(),
+                    detail="gone before amiforge replaced it (the group replaced it itself) and no new member was "
+                    "left to claim: nothing was launched for it",
+                )
+        pending = {c.replacement.token: c.new.id for c in claims if c.new is not None}
+
+        def round_() -> bool | None:
+            group = self._group()
+            instances = self._instances(pending.values())
+            for token, instance_id in pending.items():
+                instance = instances.get(instance_id)
+                if token in decided or instance is None:
+                    continue
+                member = self._judge(instance, group.members.get(instance_id), checks)
+                if member.state != "launching":
+                    decided[token] = member
+            return True if all(t in decided for t in pending) else None
+
+        if pending:
+            longest = checks.ready_within + self.console_grace + self.wait.deadline
+            poll(f"new members of group {self.target} becoming ready", round_, _with_deadline(self.wait, longest))
+        return [decided[c.replacement.token] for c in claims]
+
+    def _judge(self, instance: _Instance, record: Mapping[str, Any] | None, checks: Checks) -> Member:
+        """The member as replace() decides it; a decision (ready or failed) is recorded on the instance once."""
+        tags = instance.tags
+        state: MemberState = "launching"
+        time_to_ready: float | None = None
+        detail = ""
+        lifecycle = str(record.get("LifecycleState")) if record is not None else "gone"
+        deadline = instance.launched_at + timedelta(seconds=checks.ready_within + self.console_grace)
+        if FAILED_TAG in tags:
+            state, detail = "failed", tags[FAILED_TAG]
+        elif REPLACED_BY_TAG in tags and lifecycle not in _ACTIVE:
+            # Replaced on purpose since (a rollback): it did not fail, it is gone.
+            state, detail = "stopped", f"replaced under token {tags[REPLACED_BY_TAG]}"
+        elif instance.state not in _EC2_ALIVE or lifecycle not in _ACTIVE:
+            state, detail = "failed", f"left the group before it was ready (instance {instance.state}, {lifecycle})"
+        elif record is not None and record.get("HealthStatus") == "Unhealthy":
+            state, detail = "failed", "the group marks it Unhealthy"
+        elif READY_TAG in tags:
+            state, time_to_ready, detail = "ready", _float(tags[READY_TAG]), f"ready after {tags[READY_TAG]}s"
+        else:
+            uptime = self._console_uptime(instance.id)
+            if uptime is not None and uptime <= checks.ready_within:
+                state, time_to_ready, detail = "ready", uptime, f"ready after {uptime:g}s"
+                self._tag(instance.id, {READY_TAG: f"{uptime:g}"})
+            elif uptime is not None:
+                state, detail = "failed", f"ready after {uptime:g}s, more than {checks.ready_within:g}s"
+            elif self._now() > deadline:
+                state = "failed"
+                detail = (
+                    f"no AMIFORGE-READY on its console within {checks.ready_within:g}s "
+                    f"(+{self.console_grace:g}s for EC2's console delay) of its launch"
+                )
+            else:
+                detail = "waiting for AMIFORGE-READY on its console"
+        if state == "failed" and FAILED_TAG not in tags:
+            self._tag(instance.id, {FAILED_TAG: detail[: _TAG_VALUE_MAX - 1], FAILED_AT_TAG: self._stamp()})
+        return Member(
+            id=instance.id,
+            version_ref=tags.get(VERSION_TAG),
+            location=instance.image_id,
+            state=state,
+            launched_at=instance.launched_at,
+            time_to_ready=time_to_ready,
+            detail=detail,
+        )
+
+    def _member_now(self, instance: _Instance, record: Mapping[str, Any]) -> Member:
+        """A member as current() reports it: read only, nothing recorded."""
+        tags = instance.tags
+        lifecycle = str(record.get("LifecycleState"))
+        state: MemberState
+        time_to_ready: float | None = None
+        if FAILED_TAG in tags:
+            state, detail = "failed", tags[FAILED_TAG]
+        elif lifecycle not in _ACTIVE or instance.state not in _EC2_ALIVE:
+            state, detail = "stopped", f"{lifecycle}, instance {instance.state}"
+        elif record.get("HealthStatus") == "Unhealthy":
+            state, detail = "failed", "the group marks it Unhealthy"
+        elif READY_TAG in tags:
+            state, time_to_ready, detail = "ready", _float(tags[READY_TAG]), f"ready after {tags[READY_TAG]}s"
+        else:
+            time_to_ready = self._console_uptime(instance.id)
+            if time_to_ready is not None:
+                state, detail = "ready", f"ready after {time_to_ready:g}s"
+            else:
+                state, detail = "launching", "no AMIFORGE-READY on its console yet"
+        return Member(
+            id=instance.id,
+            version_ref=tags.get(VERSION_TAG),
+            location=instance.image_id,
+            state=state,
+            launched_at=instance.launched_at,
+            time_to_ready=time_to_ready,
+            detail=detail,
+        )
+
+    # --- reads and writes -----------------------------------------------------------------------------------------
+
+    def _asg_call(self, operation: str, **kwargs: Any) -> Any:
+        return call(self.session.client("autoscaling", self.region), operation, f"group {self.target}", **kwargs)
+
+    def _group(self) -> _Group:
+        found = [
+            g
+            for g in paginate(
+                self.session.client("autoscaling", self.region),
+                "DescribeAutoScalingGroups",
+                "AutoScalingGroups",
+                f"group {self.target}",
+                AutoScalingGroupNames=[self.target],
+            )
+            if g.get("AutoScalingGroupName") == self.target
+        ]
+        if not found:
+            raise NotFound(
+                f"Auto Scaling group {self.target} does not exist in {self.region}",
+                fix="check the group name and the region (aws autoscaling describe-auto-scaling-groups)",
+            )
+        raw = found[0]
+        members = {str(i["InstanceId"]): i for i in raw.get("Instances", [])}
+        return _Group(self.target, raw, members)
+
+    def _describe(self, filters: list[dict[str, Any]], what: str) -> list[_Instance]:
+        ec2 = self.session.client("ec2", self.region)
+        out = []
+        for reservation in paginate(ec2, "DescribeInstances", "Reservations", what, Filters=filters):
+            for i in reservation.get("Instances", []):
+                out.append(
+                    _Instance(
+                        id=str(i["InstanceId"]),
+                        image_id=str(i.get("ImageId") or ""),
+                        state=str(i.get("State", {}).get("Name") or ""),
+                        launched_at=parse_aws_time(i["LaunchTime"]).astimezone(UTC),
+                        tags={str(t["Key"]): str(t.get("Value", "")) for t in i.get("Tags", [])},
+                    )
+                )
+        return out
+
+    def _instances(self, ids: Iterable[str]) -> dict[str, _Instance]:
+        """The instances `ids` by id (a filter, not InstanceIds: an unknown id is then absent, not an error)."""
+        wanted = sorted(set(ids))
+        out: dict[str, _Instance] = {}
+        for chunk in _chunks(wanted):
+            filters = [{"Name": "instance-id", "Values": chunk}]
+            out.update((i.id, i) for i in self._describe(filters, f"instances of group {self.target}"))
+        return out
+
+    def _tagged(self, key: str | None = None, values: Sequence[str] = ()) -> list[_Instance]:
+        """The instances this fleet tagged (`amiforge:group`), in any state; with `key`, only those whose tag `key`
+        has one of `values` (tokens are looked up within the group: another group's token is not ours)."""
+        group = {"Name": f"tag:{GROUP_TAG}", "Values": [self.target]}
+        if key is None:
+            return self._describe([group], f"instances tagged {GROUP_TAG}={self.target}")
+        out: list[_Instance] = []
+        for chunk in _chunks(sorted(set(values))):
+            out += self._describe([group, {"Name": f"tag:{key}", "Values": chunk}], f"instances tagged {key}")
+        return out
+
+    def _tag(self, instance_id: str, tags: Mapping[str, str]) -> None:
+        ec2 = self.session.client("ec2", self.region)
+        call(
+            ec2,
+            "CreateTags",
+            instance_id,
+            Resources=[instance_id],
+            Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+        )
+
+    def _console_uptime(self, instance_id: str) -> float | None:
+        found = READY_RE.search(SsmMachine(self.session, self.region, instance_id).console())
+        return float(found.group(1)) if found else None
+
+    def _busy_retry(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()`, again while it fails with a retryable error (a busy group: ScalingActivityInProgress,
+        ResourceContention; throttling botocore gave up on), until `wait.deadline`."""
+        start = self.wait.clock()
+        delay = self.wait.first_delay
+        while True:
+            try:
+                return fn()
+            except InfraError as e:
+                if not e.retryable or self.wait.clock() - start + delay > self.wait.deadline:
+                    raise InfraError(f"{what}: {e.message}", retryable=e.retryable, fix=e.fix) from e
+            self.wait.sleep(delay)
+            delay = min(delay * 2, self.wait.max_delay)
+
+    def _stamp(self) -> str:
+        return self._now().astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _chunks(values: list[str]) -> list[list[str]]:
+    return [values[i : i + _FILTER_VALUES] for i in range(0, len(values), _FILTER_VALUES)]
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parse_aws_time(value)
+    except ValueError:
+        return None
+
+
+def _with_deadline(wait: Wait, deadline: float) -> Wait:
+    return Wait(
+        first_delay=wait.first_delay, max_delay=wait.max_delay, deadline=deadline, sleep=wait.sleep, clock=wait.clock
+    )
