@@ -136,6 +136,7 @@ class FakeFleet:
     crash_at: int | None = None
     crash_after: bool = False
     n: int = 0
+    firing: set[str] = field(default_factory=set)
 
     def _tick(self) -> None:
         self.calls += 1
@@ -187,6 +188,9 @@ class FakeFleet:
 
     def signals(self, since: datetime) -> list[Any]:
         return []
+
+    def alarms_firing(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if n in self.firing]
 
     def versions(self) -> Counter[str]:
         return Counter(m.version_ref or "" for m in self.members.values() if m.state != "stopped")
@@ -394,3 +398,15 @@ def test_kill_and_resume_at_every_store_write(settings: Settings, tmp_path: Path
             resume(rid, store=s, settings=settings, controls=NO_WAIT)
             assert fake.versions() == Counter({"web@2": 4}), k
             assert len(fake.launched) == 4 and all(n == 1 for n in fake.launched.values()), k
+
+
+def test_a_firing_alarm_fails_the_wave(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
+    _version(store, "v1")
+    v2 = _version(store, "v2")
+    strategy = Strategy(waves=["1", "100%"], bake_time=0.0, gates={"alarms": ["web-5xx"]})
+    rid = store.create_rollout("local:web", v2, strategy=strategy.model_dump(mode="json"), waves=[1, 3], actor="t").id
+    fleet.firing.add("web-5xx")
+    with pytest.raises(GateFailed, match="rollout"):
+        drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert store.decisions(rid)[0].numbers["alarms"] == ["web-5xx"]
+    assert fleet.versions() == Counter({"web@1": 4})

@@ -269,7 +269,8 @@ def _watch(
     """Judge the wave's new members until the bake time is over; a final failing verdict ends the watch early."""
     deadline = controls.clock() + strategy.bake_time
     while True:
-        decision = decide(strategy, _wave_members(rollout, tokens, fleet, store))
+        firing = fleet.alarms_firing(strategy.gates.alarms)
+        decision = decide(strategy, _wave_members(rollout, tokens, fleet, store), alarms_firing=firing)
         remaining = deadline - controls.clock()
         if (decision.final and not decision.passed) or remaining <= 0:
             return decision

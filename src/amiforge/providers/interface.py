@@ -203,6 +203,10 @@ class Fleet(Protocol):
         """Launch/ready/failed/replaced signals of every member since `since`, oldest first."""
         ...
 
+    def alarms_firing(self, names: Sequence[str]) -> list[str]:
+        """Which of the named alarms are firing now (a gate of the strategy). A fleet with no alarms refuses names."""
+        ...
+
 
 @runtime_checkable
 class FleetProvider(Protocol):

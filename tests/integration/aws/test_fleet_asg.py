@@ -616,3 +616,15 @@ def test_a_member_replaced_on_purpose_since_is_stopped_not_failed(env: Env) -> N
     assert FAILED_TAG not in env.tags(new.id)
     kinds = [(s.member, s.kind) for s in env.fleet().signals(datetime(2000, 1, 1, tzinfo=UTC))]
     assert (new.id, "replaced") in kinds and (new.id, "failed") not in kinds
+
+
+def test_alarm_gates_read_cloudwatch_and_refuse_unknown_alarms(env: Env) -> None:
+    from test_iam import _alarm
+
+    fleet = env.fleet()
+    _alarm(env.aws, "web-5xx", "ALARM")
+    _alarm(env.aws, "web-latency", "OK")
+    assert fleet.alarms_firing([]) == []
+    assert fleet.alarms_firing(["web-latency", "web-5xx"]) == ["web-5xx"]
+    with pytest.raises(ConfigError, match="web-typo"):
+        fleet.alarms_firing(["web-5xx", "web-typo"])

@@ -54,6 +54,7 @@ _BOTOCORE = {
     "sts": "sts",
     "iam": "iam",
     "autoscaling": "autoscaling",
+    "cloudwatch": "cloudwatch",
 }
 
 
@@ -231,6 +232,7 @@ def _rollout(aws: Aws, ids: dict[str, str]) -> None:
     with pytest.MonkeyPatch.context() as patch:
         install_asg_emulation(patch)  # console readiness, Auto Scaling's asynchronous termination, LT inheritance
         make_group(aws.session, "web-asg", ids["a"], size=2)
+        _alarm(aws, "web-5xx", "OK")
         aws.calls.reset()
         time = FakeTime()
         fleet = AsgFleet(aws.session, REGION, "web-asg", wait=time.wait(), now=time.now)
@@ -240,6 +242,16 @@ def _rollout(aws: Aws, ids: dict[str, str]) -> None:
         assert new.state == "ready"
         assert {m.id for m in fleet.current()} >= {new.id}
         assert {s.kind for s in fleet.signals(datetime(2000, 1, 1, tzinfo=UTC))} == {"launch", "ready", "replaced"}
+        assert fleet.alarms_firing(["web-5xx"]) == []
+
+
+def _alarm(aws: Aws, name: str, state: str) -> None:
+    cloudwatch: Any = aws.session.client("cloudwatch")
+    cloudwatch.put_metric_alarm(
+        AlarmName=name, MetricName="HTTPCode_Target_5XX_Count", Namespace="AWS/ApplicationELB", Statistic="Sum",
+        Period=60, EvaluationPeriods=1, Threshold=1.0, ComparisonOperator="GreaterThanOrEqualToThreshold",
+    )  # fmt: skip
+    cloudwatch.set_alarm_state(AlarmName=name, StateValue=state, StateReason="test")
 
 
 # Every operation implemented today, and how to run it. Add a row when an operation gets its AWS code.

@@ -173,8 +173,13 @@ def _no_role(account: str) -> ConfigError:
 def iam_action(client: Any, operation: str) -> str:
     """`ec2:DescribeImages` for an EC2 client and DescribeImages: the IAM action a permission error should name.
 
-    For the services used here (EC2, SSM, STS, KMS) the signing name is the IAM service prefix."""
-    return f"{client.meta.service_model.signing_name}:{operation}"
+    For most services the signing name is the IAM service prefix; CloudWatch signs as `monitoring`."""
+    prefix = client.meta.service_model.signing_name
+    return f"{_IAM_PREFIX.get(prefix, prefix)}:{operation}"
+
+
+# Signing names that differ from the IAM service prefix.
+_IAM_PREFIX = {"monitoring": "cloudwatch"}
 
 
 def call(client: Any, operation: str, resource: str, **kwargs: Any) -> Any:

@@ -257,6 +257,24 @@ class AsgFleet:
         self._claim(claims, image_id, version_ref)
         return self._await(claims, version_ref, checks)
 
+    def alarms_firing(self, names: Sequence[str]) -> list[str]:
+        """The named CloudWatch alarms (in the group's region) in state ALARM. An alarm that does not exist is an
+        error, not a pass: a typo in a strategy must not switch a gate off."""
+        if not names:
+            return []
+        cloudwatch = self.session.client("cloudwatch", self.region)
+        found = {
+            str(a["AlarmName"]): str(a["StateValue"])
+            for a in paginate(cloudwatch, "DescribeAlarms", "MetricAlarms", ", ".join(names), AlarmNames=list(names))
+        }
+        missing = sorted(set(names) - set(found))
+        if missing:
+            raise ConfigError(
+                f"CloudWatch alarm(s) {', '.join(missing)} do not exist in {self.region}",
+                fix="fix the names in the strategy's gates.alarms",
+            )
+        return [name for name in names if found[name] == "ALARM"]
+
     def signals(self, since: datetime) -> list[BootSignal]:
         out: dict[tuple[str, str], BootSignal] = {}
         for instance in self._tagged():

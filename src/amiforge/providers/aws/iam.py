@@ -130,6 +130,7 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:DescribeInstances",
         "ec2:CreateTags",
         "ec2:GetConsoleOutput",
+        "cloudwatch:DescribeAlarms",  # the strategy's alarm gates
         # Not called, but authorised: Auto Scaling checks that whoever points a group at a launch template version
         # may launch it (ec2:RunInstances) and pass its instance profile's role (iam:PassRole).
         "ec2:RunInstances",
