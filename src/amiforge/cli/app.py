@@ -21,6 +21,7 @@ from amiforge.cli import (
     distribute_cmd,
     doctor_cmd,
     events_cmd,
+    fleet_cmd,
     images_cmd,
     recipe_cmd,
     rollout_cmd,
@@ -57,6 +58,7 @@ app.add_typer(channel_cmd.pipeline_app, name="pipeline")
 app.command("distribute")(distribute_cmd.distribute_command)
 app.add_typer(distribute_cmd.import_app, name="import")
 app.command("gc")(distribute_cmd.gc_command)
+app.add_typer(fleet_cmd.app, name="fleet")
 app.add_typer(rollout_cmd.app, name="rollout")
 app.command("rollback")(rollout_cmd.rollback_command)
 app.command("incident")(rollout_cmd.incident_command)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import tempfile
 import time
@@ -13,7 +12,7 @@ from typing import ClassVar
 
 from amiforge.errors import ConfigError, NotFound
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord
-from amiforge.providers.interface import BakeResult, ImageView, PhaseUpdate, RunContext
+from amiforge.providers.interface import BakeResult, Fleet, ImageView, PhaseUpdate, RunContext
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
 from amiforge.providers.local.disk import build_disk, cached_image, sha256_file
@@ -99,13 +98,7 @@ class LocalProvider:
         accel, why = self.accel(Path(artifact.kernel), workdir)
         ctx.log(f"accelerator: {accel} ({why})")
 
-        guest_checks = [
-            qemu.GuestCheck(f"unit {u}", "unit", f"systemctl is-active -- {shlex.quote(u)}") for u in checks.units
-        ]
-        guest_checks += [
-            qemu.GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output)
-            for c in checks.commands
-        ]
+        guest_checks = qemu.guest_checks(checks)
         ports = sorted({h.port for h in checks.http} | {t.port for t in checks.tcp})
         forwards = {p: qemu.free_port() for p in ports}
         guest_spec = qemu.GuestSpec(
@@ -155,6 +148,19 @@ class LocalProvider:
             started_at=started_at,
             duration=round(time.monotonic() - t0, 3),
         )
+
+    # --- fleets ---------------------------------------------------------------------------------------------
+
+    def fleet(self, name: str) -> Fleet:
+        """A local fleet made by `amiforge fleet create` (the rollout target `local:NAME`); NotFound if none."""
+        # Imported here: the fleet module builds on this one (accelerator choice, check timings).
+        from amiforge.providers.local.fleet import open_fleet
+
+        return open_fleet(self.settings, name)
+
+    def fleet_region(self, name: str) -> str:
+        """Local fleets run the artifacts of this machine's region."""
+        return self.settings.region
 
     # --- inspection -----------------------------------------------------------------------------------------
 

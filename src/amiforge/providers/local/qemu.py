@@ -1,4 +1,4 @@
-"""QEMU guests for boot tests: a throw-away overlay on the artifact, the serial console as the only channel.
+"""QEMU guests for boot tests and fleets: an overlay on the artifact, the serial console as the only channel.
 
 Readiness is the `AMIFORGE-READY` line the image's readiness unit prints after multi-user.target. In-guest
 checks (units, commands) travel in by fw_cfg as a shell script whose results come back framed on the
@@ -24,11 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from amiforge.errors import InfraError
 from amiforge.model import CheckResult
 from amiforge.providers.local.initrd import _Newc
 from amiforge.providers.local.tools import STATIC_BUSYBOX, end_process, require, run, write_atomic
+
+if TYPE_CHECKING:
+    from amiforge.recipe import Checks
 
 READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
 RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
@@ -67,6 +71,48 @@ class GuestSpec:
     forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
     checks_script: str | None = None
     name: str = "amiforge"
+    # None: the serial console is QEMU's stdout, read live (boot tests). A path: the console goes to that file,
+    # so the guest can outlive the process that started it (fleet members).
+    console: Path | None = None
+
+    def command(self) -> list[str]:
+        """The QEMU argv: the one place a boot-test guest and a fleet member are both described."""
+        s = self
+        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=64,thread=multi"
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in sorted(s.forwards.items()))
+        serial = "stdio" if s.console is None else f"file:{s.console}"
+        argv = [
+            require("qemu-system-x86_64"),
+            "-name", s.name,
+            "-accel", accel,
+            "-smp", str(s.cpus),
+            "-m", str(s.memory_mb),
+            "-nodefaults", "-display", "none", "-serial", serial, "-no-reboot",
+            "-kernel", str(s.kernel),
+            "-initrd", str(s.initrd),
+            "-append", KERNEL_ARGS,
+            "-drive", f"file={s.overlay},format=qcow2,if=virtio,cache=unsafe",
+            "-netdev", f"user,id=n0,restrict=on{fwd}",
+            "-device", "virtio-net-pci,netdev=n0",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        if s.checks_script is not None:
+            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={s.workdir / 'checks.sh'}"]
+        return argv
+
+    @property
+    def overlay(self) -> Path:
+        return self.workdir / "overlay.qcow2"
+
+
+def prepare(spec: GuestSpec) -> None:
+    """Make the guest's own overlay on the artifact (which stays a read-only backing file) and its checks file."""
+    run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", spec.disk.resolve(), "-F", "qcow2", spec.overlay],
+        what="qemu-img create (boot overlay)",
+    )
+    if spec.checks_script is not None:
+        (spec.workdir / "checks.sh").write_text(spec.checks_script)
 
 
 class Guest:
@@ -80,41 +126,11 @@ class Guest:
         self._reader: threading.Thread | None = None
         self.started = 0.0
 
-    def command(self) -> list[str]:
-        s = self.spec
-        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=64,thread=multi"
-        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in sorted(s.forwards.items()))
-        argv = [
-            require("qemu-system-x86_64"),
-            "-name", s.name,
-            "-accel", accel,
-            "-smp", str(s.cpus),
-            "-m", str(s.memory_mb),
-            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", str(s.kernel),
-            "-initrd", str(s.initrd),
-            "-append", KERNEL_ARGS,
-            "-drive", f"file={s.workdir / 'overlay.qcow2'},format=qcow2,if=virtio,cache=unsafe",
-            "-netdev", f"user,id=n0,restrict=on{fwd}",
-            "-device", "virtio-net-pci,netdev=n0",
-            "-device", "virtio-rng-pci",
-        ]  # fmt: skip
-        if s.checks_script is not None:
-            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={s.workdir / 'checks.sh'}"]
-        return argv
-
     def __enter__(self) -> Guest:
-        s = self.spec
-        run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", s.disk.resolve(), "-F", "qcow2",
-             s.workdir / "overlay.qcow2"],
-            what="qemu-img create (boot overlay)",
-        )  # fmt: skip
-        if s.checks_script is not None:
-            (s.workdir / "checks.sh").write_text(s.checks_script)
+        prepare(self.spec)
         self.started = time.monotonic()
         self._proc = subprocess.Popen(
-            self.command(),
+            self.spec.command(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -191,11 +207,23 @@ class GuestCheck:
     expect_output: str | None = None
 
 
+# The serial getty starts late (Type=idle) and systemd hangs ttyS0 up before it runs (TTYVHangup=yes): a result
+# written to the console opened before that fails with EIO and was lost (a boot test failing at random under
+# load). Such a line is written again on a fresh open of the console, if the console is where it was going.
 GUEST_PRELUDE = f"""r() {{
     out=$(timeout {COMMAND_TIMEOUT} sh -c "$2" 2>&1 </dev/null); rc=$?
-    printf '\\nAMIFORGE-RESULT %s %s %s\\n' "$1" "$rc" "$(printf '%s' "$out" | head -c 4000 | base64 -w0)"
+    line=$(printf 'AMIFORGE-RESULT %s %s %s' "$1" "$rc" "$(printf '%s' "$out" | head -c 4000 | base64 -w0)")
+    printf '\\n%s\\n' "$line" 2>/dev/null ||
+        {{ [ /proc/$$/fd/1 -ef /dev/ttyS0 ] && printf '\\n%s\\n' "$line" >/dev/ttyS0; }}
 }}
 """
+
+
+def guest_checks(checks: Checks) -> list[GuestCheck]:
+    """The recipe's in-guest checks (units, commands), in the order their results are numbered."""
+    found = [GuestCheck(f"unit {u}", "unit", f"systemctl is-active -- {shlex.quote(u)}") for u in checks.units]
+    found += [GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output) for c in checks.commands]
+    return found
 
 
 def guest_script(checks: Sequence[GuestCheck]) -> str:

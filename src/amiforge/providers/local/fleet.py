@@ -1,0 +1,702 @@
+"""Local fleets: named sets of long-running QEMU guests booted from local image versions.
+
+Everything about a fleet lives in files under `<data>/fleets/NAME/`; there is no daemon and no cache:
+
+    fleet.json          name, created, member ids in launch order
+    .lock               flock'ed while a member is recorded or marked stopped, so a token never launches twice
+    g-1a2b3c4d/         one folder per member (kept after it stops, as history, until the fleet is destroyed)
+        member.json     id, token, version_ref, artifact location/kernel/initrd, launched_at, stopped_at (+ why),
+                        the in-guest checks and the deadline it is judged by, forwarded ports
+        overlay.qcow2   the member's own disk; the artifact is only ever its read-only backing file
+        checks.sh       the in-guest checks, passed in by fw_cfg
+        console.log     the serial console, written by QEMU: READY and the check results are read from it
+        qemu.log        QEMU's own stderr (why it refused to start or stopped)
+        qemu.pid        the QEMU pid, written right after the start
+        exited          when amiforge first saw this QEMU gone without having asked it to stop
+
+Lifecycle of a member: recorded (member.json is written before QEMU starts, so no guest ever runs unrecorded) →
+launching (QEMU runs detached: its own session, stdin /dev/null, console to a file, so it outlives the CLI that
+started it) → ready (READY on the console within the deadline and every in-guest check passed) or failed (a check
+failed, not ready in time, QEMU exited) → stopped (on purpose: replaced by a ready member, a failed replacement).
+
+State is derived each time from member.json, the console file and /proc (`current()`, `signals()`); a recorded
+pid counts only while /proc/PID/cmdline is our QEMU on that member's overlay (pids get reused). Readiness is what
+the console says: the recipe's port checks (HTTP, TCP) are not run against members, but their ports are forwarded
+to 127.0.0.1 (member.json `forwards`, `fleet show`) for whoever wants to reach a member.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from dataclasses import replace as evolve
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
+from amiforge.model import Artifact
+from amiforge.providers.interface import BootSignal, Member, MemberState, PhaseUpdate, Replacement
+from amiforge.providers.local import qemu
+from amiforge.providers.local.provider import CHECKS_GRACE, LocalProvider
+from amiforge.providers.local.tools import write_atomic
+from amiforge.recipe import Checks
+from amiforge.settings import Settings
+
+# Guests booting at once: on 2 cores, 2–3 concurrent TCG boots use the CPU fully and more only stretch every
+# boot out (notes/local-backend.md §10); an idle guest costs ~5 % of a core, so only booting ones count.
+MAX_BOOTING = 2
+POLL_SECONDS = 0.5
+# After SIGTERM, how long QEMU gets before SIGKILL; it exits at once on SIGTERM, so this is only a backstop.
+STOP_GRACE = 5.0
+# A member recorded this long ago with neither a pid file nor a process never got its QEMU (its launcher died).
+START_GRACE = 30.0
+# Guest uptime starts a little after the launch (QEMU start, firmware): a READY with an uptime within the limit
+# may still be on its way this long after launch + limit, and must not flip a member from failed to ready.
+READY_SLACK = 5.0
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+StopCause = Literal["replaced", "failed"]
+
+
+# --- the files (pydantic at the edge) ----------------------------------------------------------------------
+
+
+class FleetFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    created: datetime
+    members: list[str]
+
+
+class MemberFile(BaseModel):
+    """member.json: everything needed to judge a member later, by another process, with no other state."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    token: str
+    version_ref: str
+    location: str
+    kernel: str
+    initrd: str
+    launched_at: datetime
+    ready_within: float
+    checks: list[qemu.GuestCheck]
+    accel: str
+    forwards: dict[int, int]  # guest port -> host port on 127.0.0.1
+    replaces: str | None = None
+    launch_error: str | None = None
+    stopped_at: datetime | None = None
+    stop_cause: StopCause | None = None
+    stop_reason: str = ""
+    replaced_by: str | None = None
+    failure: str | None = None  # the failure it was stopped for (a failed replacement)
+
+
+_F = TypeVar("_F", FleetFile, MemberFile)
+
+
+def _load(model: type[_F], path: Path) -> _F:
+    try:
+        return model.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValidationError) as e:
+        raise InfraError(
+            f"cannot read {path}: {e}", fix="the fleet's files are damaged; `amiforge fleet destroy` removes it"
+        ) from e
+
+
+# --- judging a member from its files (pure) ----------------------------------------------------------------
+
+
+def console_lines(text: str) -> list[str]:
+    """Complete lines only: QEMU may be half-way through writing the last one (`AMIFORGE-READY 1` of `12.3`)."""
+    return [line.rstrip("\r") for line in text.split("\n")[:-1]]
+
+
+def checks_grace(checks: Sequence[qemu.GuestCheck]) -> float:
+    """How long after READY the in-guest checks may take to report, as the boot test allows them."""
+    return CHECKS_GRACE + qemu.COMMAND_TIMEOUT * len(checks)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: Literal["ready", "failed"]
+    detail: str
+    at: datetime
+
+
+def _outcome(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon: datetime) -> Outcome | None:
+    """Ready or failed as the console and the clock say (None: still launching at `horizon`)."""
+    launched = rec.launched_at
+    if rec.launch_error is not None:
+        return Outcome("failed", f"launch failed: {rec.launch_error}", launched)
+    if ttr is None:
+        limit = launched + timedelta(seconds=rec.ready_within + READY_SLACK)
+        if horizon >= limit:
+            return Outcome("failed", f"not ready within {rec.ready_within:.0f}s", limit)
+        return None
+    ready_at = launched + timedelta(seconds=ttr)
+    if ttr > rec.ready_within:
+        return Outcome("failed", f"ready only after {ttr:.1f}s (limit {rec.ready_within:.0f}s)", ready_at)
+    after = next(i for i, line in enumerate(lines) if qemu.READY_RE.search(line))
+    if not any(qemu.DONE_MARK in line for line in lines[after:]):
+        limit = ready_at + timedelta(seconds=checks_grace(rec.checks))
+        if horizon >= limit:
+            return Outcome("failed", "the in-guest checks did not finish", limit)
+        return None
+    failed = [r for r in qemu.guest_results(rec.checks, lines) if not r.passed]
+    if failed:
+        return Outcome("failed", "; ".join(f"{r.name}: {r.detail}" for r in failed), ready_at)
+    return Outcome("ready", f"ready after {ttr:.1f}s", ready_at)
+
+
+def ready_uptime(lines: Sequence[str]) -> float | None:
+    for line in lines:
+        m = qemu.READY_RE.search(line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def assess(
+    rec: MemberFile,
+    lines: Sequence[str],
+    *,
+    running: bool,
+    now: datetime,
+    exited_at: datetime | None = None,
+    exit_detail: str = "QEMU exited",
+) -> tuple[Member, list[BootSignal]]:
+    """A member's state now and every signal it has given, from its record, its console and whether its QEMU
+    runs. Times come from the record and the console (launch + uptime at READY), so they read the same every
+    time; only a QEMU exit has no time of its own: `exited_at` is when it was first seen (default: now)."""
+    ref = rec.version_ref
+    ttr = ready_uptime(lines)
+    signals = [BootSignal(rec.id, "launch", rec.launched_at, ref)]
+    # Nothing more happens to a member once it is stopped on purpose or its QEMU is gone, so its clock stops
+    # there: a guest stopped while it booted did not fail to boot, one that died was not merely slow.
+    gone_at = None if running else (exited_at or now)
+    horizon = min(t for t in (now, rec.stopped_at, gone_at) if t is not None)
+    outcome = _outcome(rec, lines, ttr, horizon)
+    if outcome is not None:
+        signals.append(BootSignal(rec.id, outcome.state, outcome.at, ref, ttr, outcome.detail))
+    crashed = gone_at is not None and (rec.stopped_at is None or gone_at < rec.stopped_at)
+    if crashed and gone_at is not None and (outcome is None or outcome.state == "ready"):
+        signals.append(BootSignal(rec.id, "failed", gone_at, ref, ttr, exit_detail))
+        outcome = Outcome("failed", exit_detail, gone_at)
+    state: MemberState
+    if rec.stopped_at is not None:
+        state, detail = "stopped", rec.stop_reason + ("; QEMU is still running" if running else "")
+        if rec.stop_cause == "replaced":
+            signals.append(BootSignal(rec.id, "replaced", rec.stopped_at, ref, ttr, rec.stop_reason))
+    elif outcome is not None:
+        state, detail = outcome.state, outcome.detail
+    else:
+        waited = (now - rec.launched_at).total_seconds()
+        state = "launching"
+        detail = f"booting ({waited:.0f}s of {rec.ready_within:.0f}s)" if ttr is None else "running the checks"
+    return Member(rec.id, ref, rec.location, state, rec.launched_at, ttr, detail), signals
+
+
+# --- QEMU processes -----------------------------------------------------------------------------------------
+
+PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
+
+# QEMUs this process started: polled so that an exited one is reaped (a zombie keeps its /proc entry).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _qemu_args(pid: int) -> list[str] | None:
+    """The argv of `pid` if it is a live QEMU system emulator, else None (gone, a zombie, something else)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:  # ours and not reaped, so the pid cannot have been reused
+            return [str(a) for a in child.args] if isinstance(child.args, list) else None
+        del _CHILDREN[pid]
+        return None
+    for _ in range(10):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if raw:
+                break
+            # Empty: a zombie, a kernel thread, or a process that has just exec'd (for a moment). Wait only
+            # for the last.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] in "ZX" or int(fields[6]) & PF_KTHREAD:
+                return None
+        except (OSError, IndexError, ValueError):
+            return None
+        time.sleep(0.05)
+    args = raw.decode("utf-8", "replace").split("\0")
+    return args if os.path.basename(args[0]).startswith("qemu-system") else None
+
+
+def _runs_disk(args: Sequence[str], overlay: Path) -> bool:
+    return any(a.startswith(f"file={overlay},") for a in args)
+
+
+def _find_guests(where: Path) -> list[int]:
+    """Every QEMU whose disk is under `where`: also those whose pid was never recorded."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            args = _qemu_args(int(entry))
+            if args is not None and any(a.startswith(f"file={where}/") for a in args):
+                found.append(int(entry))
+    return found
+
+
+def _end(pids: Sequence[int]) -> None:
+    """SIGTERM, then SIGKILL whatever still runs after STOP_GRACE; returns once every one is gone."""
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, STOP_GRACE)):
+        left = [p for p in pids if _qemu_args(p) is not None]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [p for p in left if _qemu_args(p) is not None]
+        if not left:
+            return
+    raise InfraError(f"QEMU pid(s) {left} survived SIGKILL", retryable=True)
+
+
+def spawn_guest(spec: qemu.GuestSpec) -> subprocess.Popen[bytes]:
+    """Start a fleet member's QEMU, detached: a session of its own (a Ctrl-C or a closing terminal does not reach
+    it), stdin /dev/null and the console in a file, so it runs on after the process that started it exits."""
+    qemu.prepare(spec)
+    with open(spec.workdir / "qemu.log", "wb") as err:
+        return subprocess.Popen(
+            spec.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=spec.workdir,
+            start_new_session=True,
+        )
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def _first_seen(path: Path, now: datetime) -> datetime:
+    """The time recorded in `path`, or `now`, recorded there if nobody did yet (a hard link: the first one wins
+    and is never half-written)."""
+    seen = _seen(path)
+    if seen is not None:
+        return seen
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(now.isoformat())
+    try:
+        os.link(tmp, path)
+        return now
+    except FileExistsError:
+        return _seen(path) or now
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _seen(path: Path) -> datetime | None:
+    try:
+        return datetime.fromisoformat(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --- the fleet ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """A member as `fleet show` prints it: the protocol's view plus where to reach it."""
+
+    member: Member
+    signals: list[BootSignal]
+    pid: int | None
+    forwards: Mapping[int, int]
+    record: MemberFile
+
+
+@dataclass
+class _Launch:
+    """What every member launched by one replace/create call shares."""
+
+    artifact: Artifact
+    version_ref: str
+    checks: Checks
+    guest_checks: list[qemu.GuestCheck] = field(default_factory=list)
+    accel: str | None = None  # decided on the first real launch (a probe), not for reused members
+
+
+def fleets_dir(settings: Settings) -> Path:
+    return settings.data_dir / "fleets"
+
+
+class LocalFleet:
+    """The Fleet protocol over a folder of member records and the QEMU processes they name."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.target = name
+        self.dir = fleets_dir(settings) / name
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def info(self) -> FleetFile:
+        try:
+            return _load(FleetFile, self.dir / "fleet.json")
+        except FileNotFoundError:
+            raise NotFound(f"no fleet {self.target!r}", fix="`amiforge fleet list` shows the fleets") from None
+
+    def records(self) -> list[MemberFile]:
+        return [self._record(mid) for mid in self.info().members]
+
+    def _record(self, mid: str) -> MemberFile:
+        try:
+            return _load(MemberFile, self.dir / mid / "member.json")
+        except FileNotFoundError:
+            raise InfraError(f"fleet {self.target!r} lists member {mid} but its member.json is missing") from None
+
+    def _pid(self, rec: MemberFile, now: datetime) -> tuple[int | None, bool]:
+        """(pid, running) of the member's QEMU. The pid file is trusted only while /proc agrees that pid is our
+        QEMU on this overlay; with no pid file (a launcher killed between start and record), /proc is searched."""
+        mdir = self.dir / rec.id
+        overlay = mdir / "overlay.qcow2"
+        try:
+            pid = int((mdir / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            if rec.launch_error is not None:
+                return None, False
+            found = _find_guests(mdir)
+            if found:
+                return found[0], True
+            # Not started yet, or never will be: give its launcher a moment before calling it failed.
+            return None, (now - rec.launched_at).total_seconds() < START_GRACE
+        args = _qemu_args(pid)
+        running = args is not None and _runs_disk(args, overlay)
+        return (pid if running else None), running
+
+    def _status(self, rec: MemberFile, now: datetime) -> MemberStatus:
+        mdir = self.dir / rec.id
+        pid, running = self._pid(rec, now)
+        try:
+            lines = console_lines((mdir / "console.log").read_text(errors="replace"))
+        except FileNotFoundError:
+            lines = []
+        exited_at, exit_detail = None, "QEMU exited"
+        if not running and rec.launch_error is None:
+            if not (mdir / "qemu.pid").is_file():
+                exited_at, exit_detail = rec.launched_at, "QEMU never started (its launcher stopped first)"
+            elif rec.stopped_at is None:
+                # The time of this very look, not `now` (taken before): a stop recorded meanwhile precedes it.
+                exited_at = _first_seen(mdir / "exited", datetime.now(UTC))
+            else:  # stopped on purpose: an exit seen before that still counts, but none is recorded now
+                exited_at = _seen(mdir / "exited")
+            why = _tail(mdir / "qemu.log")
+            exit_detail += f" ({why})" if why else ""
+        member, signals = assess(rec, lines, running=running, now=now, exited_at=exited_at, exit_detail=exit_detail)
+        return MemberStatus(member, signals, pid, rec.forwards, rec)
+
+    def status(self) -> list[MemberStatus]:
+        now = datetime.now(UTC)
+        return [self._status(rec, now) for rec in self.records()]
+
+    def current(self) -> list[Member]:
+        return [s.member for s in self.status()]
+
+    def signals(self, since: datetime) -> list[BootSignal]:
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        found = [sig for s in self.status() for sig in s.signals if sig.at >= since]
+        return sorted(found, key=lambda sig: sig.at)
+
+    def alarms_firing(self, names: Sequence[str]) -> list[str]:
+        """A local fleet has no alarms; its gates are its members' signals. Naming one is an error, not a pass:
+        a strategy that relies on an alarm must not have that gate silently switched off."""
+        if names:
+            raise ConfigError(
+                f"local fleet {self.target!r} has no alarms to check ({', '.join(names)})",
+                fix="drop gates.alarms from the strategy for local targets; the readiness and SLO gates still apply",
+            )
+        return []
+
+    # --- changing -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise the read-check-write of records across processes (two controllers, a CLI)."""
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, rec: MemberFile) -> None:
+        write_atomic(self.dir / rec.id / "member.json", rec.model_dump_json(indent=2) + "\n")
+
+    def _update(self, mid: str, **changes: object) -> MemberFile:
+        with self._lock():
+            rec = self._record(mid).model_copy(update=changes)
+            self._write(rec)
+            return rec
+
+    def _launch(self, token: str, replaces: str | None, plan: _Launch) -> tuple[str, bool]:
+        """(member id, reused). The member is recorded under the lock before its QEMU exists, so a token seen
+        once is never launched again and a QEMU never runs without a record naming it."""
+        with self._lock():
+            for rec in self.records():
+                if rec.token == token:
+                    if rec.replaces != replaces:
+                        raise StateError(
+                            f"token {token!r} launched {rec.id} to replace {rec.replaces}, not {replaces}",
+                            fix="use a new token for a different replacement",
+                        )
+                    return rec.id, True
+            if plan.accel is None:
+                with tempfile.TemporaryDirectory(prefix="amiforge-accel-") as tmp:
+                    plan.accel, _ = LocalProvider(self.settings).accel(Path(str(plan.artifact.kernel)), Path(tmp))
+            mid = f"g-{secrets.token_hex(4)}"
+            while (self.dir / mid).exists():
+                mid = f"g-{secrets.token_hex(4)}"
+            mdir = self.dir / mid
+            mdir.mkdir()
+            ports = sorted({h.port for h in plan.checks.http} | {t.port for t in plan.checks.tcp})
+            rec = MemberFile(
+                id=mid,
+                token=token,
+                version_ref=plan.version_ref,
+                location=plan.artifact.location,
+                kernel=str(plan.artifact.kernel),
+                initrd=str(plan.artifact.initrd),
+                launched_at=datetime.now(UTC),
+                ready_within=plan.checks.ready_within,
+                checks=plan.guest_checks,
+                accel=plan.accel,
+                forwards={p: qemu.free_port() for p in ports},
+                replaces=replaces,
+            )
+            self._write(rec)
+            info = self.info()
+            write_atomic(
+                self.dir / "fleet.json", info.model_copy(update={"members": [*info.members, mid]}).model_dump_json()
+            )
+        spec = qemu.GuestSpec(
+            disk=Path(rec.location),
+            kernel=Path(rec.kernel),
+            initrd=Path(rec.initrd),
+            workdir=mdir,
+            accel=rec.accel,
+            memory_mb=self.settings.guest_memory_mb,
+            cpus=self.settings.guest_cpus,
+            forwards=rec.forwards,
+            checks_script=qemu.guest_script(rec.checks),
+            name=f"amiforge-{self.target}-{mid}",
+            console=mdir / "console.log",
+        )
+        try:
+            proc = spawn_guest(spec)
+        except AmiforgeError as e:
+            self._update(mid, launch_error=e.diagnostics())
+            return mid, False
+        except OSError as e:
+            self._update(mid, launch_error=f"{type(e).__name__}: {e}")
+            return mid, False
+        _CHILDREN[proc.pid] = proc
+        write_atomic(mdir / "qemu.pid", f"{proc.pid}\n")
+        return mid, False
+
+    def _bring_up(
+        self,
+        wanted: Sequence[tuple[str, str | None]],
+        plan: _Launch,
+        progress: Callable[[PhaseUpdate], None],
+    ) -> list[str]:
+        """Launch (or find, by token) one member per (token, member it replaces), at most MAX_BOOTING booting at
+        once, and wait until each is ready or failed. Returns their ids in the order asked."""
+        _check_artifact(plan.artifact)
+        plan.guest_checks = qemu.guest_checks(plan.checks)
+        ids: list[str] = []
+        booting: dict[str, float] = {}  # member id -> give up waiting at (monotonic; a backstop, see assess)
+        pending = list(wanted)
+
+        def settled(m: Member) -> None:
+            if m.state == "ready":
+                progress(PhaseUpdate(m.id, "done", "ready", m.time_to_ready))
+            else:
+                progress(PhaseUpdate(m.id, "failed", m.detail))
+
+        while pending or booting:
+            now = datetime.now(UTC)
+            for mid in list(booting):
+                m = self._status(self._record(mid), now).member
+                if m.state != "launching" or time.monotonic() > booting[mid]:
+                    del booting[mid]
+                    settled(m)
+            while pending and len(booting) < MAX_BOOTING:
+                token, replaces = pending.pop(0)
+                mid, reused = self._launch(token, replaces, plan)
+                ids.append(mid)
+                rec = self._record(mid)
+                m = self._status(rec, datetime.now(UTC)).member
+                if m.state != "launching":
+                    settled(m)
+                    continue
+                progress(PhaseUpdate(mid, "start", ("waiting for " if reused else "booting ") + rec.version_ref))
+                booting[mid] = time.monotonic() + rec.ready_within + checks_grace(rec.checks) + 60
+            if booting:
+                time.sleep(POLL_SECONDS)
+        return ids
+
+    def _stop(self, mid: str, cause: StopCause, reason: str, **extra: object) -> None:
+        """Record the stop first (so nobody reads the exit as a failure), then end the QEMU. Idempotent: the
+        first reason recorded stays, and a QEMU that survived an earlier attempt is ended again."""
+        with self._lock():
+            rec = self._record(mid)
+            if rec.stopped_at is None:
+                rec = rec.model_copy(
+                    update={"stopped_at": datetime.now(UTC), "stop_cause": cause, "stop_reason": reason, **extra}
+                )
+                self._write(rec)
+        pid, running = self._pid(rec, datetime.now(UTC))
+        if pid is not None and running:
+            _end([pid])
+
+    def replace(
+        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+    ) -> list[Member]:
+        """Launch one member per replacement, wait for each, then stop each old member whose replacement is
+        ready. A failed replacement is stopped and its old member left running: what next is the caller's call.
+        Asking again with the same tokens (a resumed controller) launches nothing new and converges."""
+        known = {rec.id for rec in self.records()}
+        unknown = sorted({r.member for r in replacements} - known)
+        if unknown:
+            raise NotFound(f"fleet {self.target!r} has no member {', '.join(unknown)}", fix="see `amiforge fleet show`")
+        plan = _Launch(artifact, version_ref, checks)
+        ids = self._bring_up([(r.token, r.member) for r in replacements], plan, lambda _u: None)
+        now = datetime.now(UTC)
+        result = []
+        for r, mid in zip(replacements, ids, strict=True):
+            member = self._status(self._record(mid), now).member
+            if member.state == "ready":
+                self._stop(r.member, "replaced", f"replaced by {mid}", replaced_by=mid)
+            elif member.state == "failed":
+                self._stop(mid, "failed", f"stopped: {member.detail}", failure=member.detail)
+            elif member.state == "stopped":
+                rec = self._record(mid)
+                if rec.stop_cause == "failed":  # asked again after it failed: the same answer as the first time
+                    member = evolve(member, state="failed", detail=rec.failure or member.detail)
+            result.append(member)
+        return result
+
+
+def _check_artifact(artifact: Artifact) -> None:
+    if artifact.provider != "local" or artifact.kernel is None or artifact.initrd is None:
+        raise ConfigError(
+            f"artifact {artifact.location} is not a local image (provider {artifact.provider})",
+            fix="a local fleet runs the local artifact of a version",
+        )
+    for path in (artifact.location, artifact.kernel, artifact.initrd):
+        if not Path(path).is_file():
+            raise NotFound(f"{path} is missing from the local image store", fix="bake the version again")
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"invalid fleet name {name!r}", fix="use lower-case letters, digits and '-', 1–63 characters")
+
+
+def create_fleet(
+    settings: Settings,
+    name: str,
+    size: int,
+    artifact: Artifact,
+    version_ref: str,
+    checks: Checks,
+    *,
+    progress: Callable[[PhaseUpdate], None] = lambda _u: None,
+) -> LocalFleet:
+    """Boot `size` members (MAX_BOOTING at a time) and wait for them. Members that fail stay in the fleet as
+    failed (the caller reports them); an error or interruption midway destroys the half-made fleet."""
+    _check_name(name)
+    if size < 1:
+        raise ConfigError(f"a fleet needs at least one member, not {size}", fix="pass --size 1 or more")
+    _check_artifact(artifact)
+    fleet = LocalFleet(settings, name)
+    fleet.dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fleet.dir.mkdir()
+    except FileExistsError:
+        raise StateError(
+            f"fleet {name!r} exists already", fix=f"`amiforge fleet show {name}`, or `amiforge fleet destroy {name}`"
+        ) from None
+    try:
+        write_atomic(
+            fleet.dir / "fleet.json", FleetFile(name=name, created=datetime.now(UTC), members=[]).model_dump_json()
+        )
+        plan = _Launch(artifact, version_ref, checks)
+        fleet._bring_up([(f"create-{i}", None) for i in range(size)], plan, progress)
+    except BaseException:
+        # The first error is what the caller must see; a failing cleanup must not replace it.
+        with contextlib.suppress(AmiforgeError, OSError):
+            destroy_fleet(settings, name)
+        raise
+    return fleet
+
+
+def open_fleet(settings: Settings, name: str) -> LocalFleet:
+    _check_name(name)
+    fleet = LocalFleet(settings, name)
+    fleet.info()  # NotFound if there is none
+    return fleet
+
+
+def list_fleets(settings: Settings) -> list[str]:
+    root = fleets_dir(settings)
+    return sorted(p.parent.name for p in root.glob("*/fleet.json")) if root.is_dir() else []
+
+
+def destroy_fleet(settings: Settings, name: str) -> list[str]:
+    """Stop every guest of the fleet and remove its folder; returns the members whose QEMU was running.
+    Idempotent: a fleet that is not there is already destroyed. Besides the recorded pids, /proc is searched
+    for any QEMU on a disk in the fleet's folder, so even a guest whose pid was never recorded goes."""
+    _check_name(name)
+    fleet = LocalFleet(settings, name)
+    if not fleet.dir.is_dir():
+        return []
+    now = datetime.now(UTC)
+    running: list[str] = []
+    pids: set[int] = set()
+    with fleet._lock():
+        with contextlib.suppress(NotFound, InfraError):  # damaged records: /proc below still finds every QEMU
+            for rec in fleet.records():
+                pid, alive = fleet._pid(rec, now)
+                if pid is not None and alive:
+                    running.append(rec.id)
+                    pids.add(pid)
+        pids.update(_find_guests(fleet.dir))
+        _end(sorted(pids))
+        shutil.rmtree(fleet.dir)
+    return running
