@@ -410,3 +410,33 @@ def test_a_firing_alarm_fails_the_wave(store: SqlStore, settings: Settings, flee
         drive(rid, store=store, settings=settings, controls=NO_WAIT)
     assert store.decisions(rid)[0].numbers["alarms"] == ["web-5xx"]
     assert fleet.versions() == Counter({"web@1": 4})
+
+
+def test_status_watch_follows_a_rollout_driven_elsewhere(
+    settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amiforge.cli import rollout_cmd
+    from tests.cli_harness import make_cli
+
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.delenv("AMIFORGE_STORE_URL", raising=False)
+    with open_store(settings.registry_url) as s:
+        rid = _rollout(s, fleet)
+    looks = []
+
+    def another_controller_moves(_seconds: float) -> None:  # the controller in another process takes a step
+        looks.append(1)
+        with open_store(settings.registry_url) as s:
+            if len(looks) == 1:
+                s.add_decision(rid, 0, passed=True, action="continue", numbers={"members": 1, "reasons": []})
+            else:
+                s.update_rollout(rid, expect="running", state="succeeded")
+
+    monkeypatch.setattr(rollout_cmd.time, "sleep", another_controller_moves)
+    cli = make_cli(monkeypatch, capsys)
+    watched = cli("rollout", "status", str(rid), "--watch")
+    assert watched.code == 0 and len(looks) == 2
+    heads = [line for line in watched.out.splitlines() if line.startswith(f"rollout #{rid} ")]
+    assert [h.split(": ", 1)[1].split(" ")[0] for h in heads] == ["running", "running", "succeeded"]
+    as_json = cli("rollout", "status", str(rid), "--watch", "--json")
+    assert as_json.json()["rollout"]["state"] == "succeeded"  # one document, at the end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -107,12 +108,16 @@ def start_command(
 @app.command("status")
 def status_command(
     rollout_id: int | None = typer.Argument(None, help="A rollout id; default: every rollout."),
+    watch: bool = typer.Option(False, "--watch", help="Follow the rollout (another process drives it) to its end."),
     as_json: bool = JsonOption,
 ) -> None:
     """One rollout with its decisions and replacements, or the list of rollouts."""
     _, store = open_registry()
     if rollout_id is not None:
-        _report(store.get_rollout(rollout_id), store, as_json)
+        if watch:
+            _watch(rollout_id, store, as_json)
+        else:
+            _report(store.get_rollout(rollout_id), store, as_json)
         return
     rollouts = store.rollouts()
     if as_json:
@@ -127,6 +132,22 @@ def status_command(
             f"{r.started_at:%Y-%m-%d %H:%M}",
         )  # fmt: skip
     console.print(table)
+
+
+def _watch(rollout_id: int, store: Store, as_json: bool, *, every: float = 2.0) -> None:
+    """Print the rollout each time it changes (a step recorded by its controller), until it is over."""
+    seen: tuple[object, ...] = ()
+    while True:
+        rollout = store.get_rollout(rollout_id)
+        now = (rollout.state, rollout.wave, rollout.requested, len(store.decisions(rollout_id)),
+               tuple((r.token, r.state) for r in store.replacements(rollout_id)))  # fmt: skip
+        over = rollout.state not in controller.LIVE_STATES
+        if now != seen and (not as_json or over):
+            _report(rollout, store, as_json)
+            seen = now
+        if over:
+            return
+        time.sleep(every)
 
 
 def _ask(rollout_id: int, what: str, as_json: bool) -> None:

@@ -37,6 +37,8 @@ from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
 
 # How often a wave is looked at while it bakes.
 POLL_SECONDS = 5.0
+# A rollout in these states is not over: someone drives it (or will, after `rollout resume`).
+LIVE_STATES = ("running", "paused", "rolling-back")
 
 
 @dataclass(frozen=True)
