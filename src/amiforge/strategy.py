@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
@@ -117,10 +117,16 @@ class Strategy(BaseModel):
 
     model_config = _FORBID
 
+    mode: Literal["canary", "refresh"] = Field(
+        default="canary",
+        description="canary: amiforge replaces each wave's members itself; refresh (Auto Scaling groups only): an "
+        "instance refresh with a checkpoint per wave, AWS's automatic rollback, and the same gates at each checkpoint",
+    )
     waves: list[Wave] = Field(default_factory=lambda: ["1", "25%", "100%"], min_length=1)
     bake_time: Seconds = Field(default=30.0, description="watch each wave this long once it is ready")
     gates: Gates = Field(default_factory=Gates)
     error_budget: ErrorBudget = Field(default_factory=ErrorBudget)
+    min_healthy_percentage: int = Field(default=90, ge=0, le=100, description="refresh mode: capacity kept in service")
 
     @field_validator("waves")
     @classmethod
@@ -177,6 +183,18 @@ def _raise(path: Path, problems: list[Problem]) -> NoReturn:
 
 
 # --- waves -----------------------------------------------------------------------------------------------------------
+
+
+def checkpoints(strategy: Strategy, fleet_size: int) -> list[int]:
+    """The waves as an instance refresh's CheckpointPercentages: the share of the fleet on the new version after
+    each wave, rounded up, ascending, ending at 100."""
+    done, points = 0, list[int]()
+    for size in plan_waves(strategy, fleet_size):
+        done += size
+        share = math.ceil(100 * done / fleet_size)
+        if not points or share > points[-1]:
+            points.append(share)
+    return points or [100]
 
 
 def plan_waves(strategy: Strategy, fleet_size: int, already: int = 0) -> list[int]:

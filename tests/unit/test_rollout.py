@@ -22,7 +22,7 @@ from amiforge.providers.interface import Member, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
-from amiforge.strategy import Strategy, decide, p95, parse_strategy, plan_waves
+from amiforge.strategy import Strategy, checkpoints, decide, p95, parse_strategy, plan_waves
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -54,6 +54,15 @@ def test_waves_always_cover_the_fleet_exactly_once(waves: list[str], size: int, 
     already = data.draw(st.integers(0, size))
     sizes = plan_waves(Strategy(waves=[*waves, "100%"]), size, already)
     assert sum(sizes) == size - already and all(s > 0 for s in sizes)
+
+
+@pytest.mark.parametrize(
+    ("waves", "size", "expected"),
+    [(["1", "25%", "100%"], 8, [13, 25, 100]), (["25%", "100%"], 4, [25, 100]), (["100%"], 3, [100]),
+     (["1", "100%"], 3, [34, 100]), (["1", "2", "100%"], 200, [1, 100])],
+)  # fmt: skip
+def test_waves_as_refresh_checkpoints(waves: list[str], size: int, expected: list[int]) -> None:
+    assert checkpoints(Strategy(waves=waves), size) == expected
 
 
 def test_p95_is_nearest_rank() -> None:

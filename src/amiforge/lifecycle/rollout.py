@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
@@ -46,8 +46,9 @@ class Controls:
     """The controller's clock and progress, injectable for tests."""
 
     progress: Callable[[PhaseUpdate], None] = lambda _u: None
-    sleep: Callable[[float], None] = time.sleep
-    clock: Callable[[], float] = time.monotonic
+    # Looked up when a Controls is made (not when this class is defined), so a test can swap the module's clock.
+    sleep: Callable[[float], None] = field(default_factory=lambda: time.sleep)
+    clock: Callable[[], float] = field(default_factory=lambda: time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def start(
     releasable(version, store=store, settings=settings, action="rolled out")
     fleet, provider, region = fleet_of(target, settings)
     artifact_in(version, store, provider, region)  # refuse before anything is recorded
+    if strategy.mode == "refresh" and provider != "aws":
+        raise ConfigError("mode: refresh is an Auto Scaling instance refresh", fix="use mode: canary for local fleets")
     members = live(fleet.current())
     if not members:
         raise StateError(f"{target} has no running member to replace", fix="amiforge fleet show, or scale it up")
@@ -186,9 +189,15 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
     fleet, provider, region = fleet_of(rollout.target, settings)
     strategy = Strategy.model_validate(rollout.strategy)
     decisions: list[WaveDecision] = []
-    if rollout.state == "rolling-back":
+    if rollout.state == "rolling-back" and strategy.mode == "canary":
         return _roll_back(rollout, fleet, provider, region, store=store, settings=settings, decisions=decisions)
     artifact = artifact_in(version, store, provider, region)
+    if strategy.mode == "refresh":
+        from amiforge.lifecycle.refresh import drive_refresh  # AWS only: boto3 on use
+
+        return drive_refresh(
+            rollout, fleet, version, artifact, strategy, store=store, settings=settings, controls=controls
+        )
     checks = checks_of(version)
     while rollout.wave < len(rollout.waves):
         stopped = _honour_request(rollout, store, settings)

@@ -36,6 +36,20 @@ The emulations, each as small as the fleet's tests need:
   instance is terminated in EC2 (tags kept) and stays in the group as `Terminating` for `launch_after` observations of
   the group (DescribeAutoScalingGroups or DescribeAutoScalingInstances calls); then it leaves the group and, unless
   the capacity was decremented, exactly one replacement is launched from the group's current version.
+- `InstanceRefreshEmulation`: moto 5.2.5 raises NotImplementedError for StartInstanceRefresh,
+  DescribeInstanceRefreshes, RollbackInstanceRefresh and CancelInstanceRefresh (checked). Emulated here: Start
+  records a refresh `Pending` (a second one while one is active: InstanceRefreshInProgress); every
+  DescribeInstanceRefreshes of the group advances each active refresh one step: Pending → InProgress; InProgress
+  replaces the next batch (at most what MinHealthyPercentage allows, never past the next checkpoint) by terminating
+  the instances in EC2 and launching replacements from the desired template version; at a checkpoint below 100 it is
+  `Baking` for ceil(CheckpointDelay / `seconds_per_look`) looks; after the last batch `Successful`, and the group is
+  then pointed at the desired configuration (as AWS does). An instance already on the desired version's AMI is skipped
+  with SkipMatching ("matching" is judged by AMI id: moto does not track an instance's template version). A named
+  alarm in ALARM (moto's CloudWatch state, set with set_alarm_state) fails the refresh, or with AutoRollback starts
+  the rollback. RollbackInstanceRefresh (no active refresh: ActiveInstanceRefreshNotFound; previous version not a
+  number: IrreversibleInstanceRefresh) → `RollbackInProgress`, whose looks put each instance the refresh launched back
+  on the previous version, batch by batch, then `RollbackSuccessful`. Not emulated: Cancel, InstanceWarmup, health
+  checks, MaxRecords/NextToken, mixed instances policies, `$Latest`/`$Default` validation of a desired configuration.
 - `ConsoleEmulation`: GetConsoleOutput answers nothing for the first `delay_reads` reads of each instance (EC2's
   console delay), then a boot log ending in `AMIFORGE-READY <uptime>`, the uptime per AMI (`uptime`, else
   `default_uptime`); an AMI in `never_ready` boots to a log without that line, like an image whose services hang.
@@ -44,7 +58,9 @@ The emulations, each as small as the fleet's tests need:
 from __future__ import annotations
 
 import json
+import math
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,9 +68,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from moto.autoscaling.exceptions import ValidationError
+from moto.autoscaling.exceptions import AutoscalingClientError, ValidationError
 from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, InstanceState, TerminateInstanceActivity
 from moto.autoscaling.responses import AutoScalingResponse
+from moto.cloudwatch.models import cloudwatch_backends
 from moto.core.responses import ActionResult
 from moto.core.types import Base64EncodedString
 from moto.core.utils import utcnow
@@ -200,6 +217,219 @@ class AsgEmulation:
             if t.replace:
                 t.group.replace_autoscaling_group_instances(1, t.group.get_propagated_tags())
                 self.launched[t.group.name] += 1
+
+
+class _RefreshError(AutoscalingClientError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+
+
+_REFRESH_ACTIVE = frozenset({"Pending", "InProgress", "Baking", "Cancelling", "RollbackInProgress"})
+
+
+@dataclass
+class _Refresh:
+    id: str
+    group: FakeAutoScalingGroup
+    desired: dict[str, Any]  # {"LaunchTemplateId", "Version"}
+    previous: tuple[Any, str, str | None]  # the group's template, resolved version and provided version at the start
+    preferences: dict[str, Any]
+    to_update: list[str]  # instance ids to replace, in order
+    total: int
+    started: datetime
+    status: str = "Pending"
+    reason: str = ""
+    ended: datetime | None = None
+    replaced: int = 0
+    launched: list[str] | None = None  # instance ids the refresh launched (on the desired version)
+    bake_left: int = 0
+
+    def percentage(self) -> int:
+        return 100 if self.total == 0 else self.replaced * 100 // self.total
+
+    def answer(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "InstanceRefreshId": self.id,
+            "AutoScalingGroupName": self.group.name,
+            "Status": self.status,
+            "StatusReason": self.reason,
+            "StartTime": self.started,
+            "PercentageComplete": self.percentage(),
+            "InstancesToUpdate": self.total - self.replaced,
+            "Preferences": self.preferences,
+            "DesiredConfiguration": {"LaunchTemplate": self.desired},
+        }
+        if self.ended is not None:
+            out["EndTime"] = self.ended
+        return out
+
+
+class InstanceRefreshEmulation:
+    def __init__(self, *, seconds_per_look: float = 60.0) -> None:
+        self.seconds_per_look = seconds_per_look
+        self.refreshes: list[_Refresh] = []  # oldest first
+        self.looks = 0
+        self._lock = threading.Lock()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        emulation = self
+
+        def start_instance_refresh(resp: Any) -> ActionResult:
+            with emulation._lock:
+                return ActionResult({"InstanceRefreshId": emulation._start(resp)})
+
+        def describe_instance_refreshes(resp: Any) -> ActionResult:
+            name = resp._get_param("AutoScalingGroupName")
+            ids = set(resp._get_param("InstanceRefreshIds", []) or [])
+            with emulation._lock:
+                emulation.looks += 1
+                for refresh in emulation.refreshes:
+                    if refresh.group.name == name and refresh.status in _REFRESH_ACTIVE:
+                        emulation._step(refresh)
+                found = [
+                    r.answer()
+                    for r in reversed(emulation.refreshes)  # newest first, as AWS lists them
+                    if r.group.name == name and (not ids or r.id in ids)
+                ]
+            return ActionResult({"InstanceRefreshes": found})
+
+        def rollback_instance_refresh(resp: Any) -> ActionResult:
+            name = resp._get_param("AutoScalingGroupName")
+            with emulation._lock:
+                active = [r for r in emulation.refreshes if r.group.name == name and r.status in _REFRESH_ACTIVE]
+                if not active or active[0].status in ("RollbackInProgress", "Cancelling"):
+                    raise _RefreshError("ActiveInstanceRefreshNotFound", f"no active instance refresh for {name}")
+                refresh = active[0]
+                if not str(refresh.previous[2] or "").isdigit() or not refresh.preferences.get("AutoRollback", True):
+                    raise _RefreshError("IrreversibleInstanceRefresh", "the previous configuration is not a number")
+                refresh.status, refresh.reason = "RollbackInProgress", "rollback requested"
+                return ActionResult({"InstanceRefreshId": refresh.id})
+
+        for name, fn in (
+            ("start_instance_refresh", start_instance_refresh),
+            ("describe_instance_refreshes", describe_instance_refreshes),
+            ("rollback_instance_refresh", rollback_instance_refresh),
+        ):
+            monkeypatch.setattr(AutoScalingResponse, name, fn, raising=False)
+
+    def _start(self, resp: Any) -> str:
+        name = resp._get_param("AutoScalingGroupName")
+        backend: AutoScalingBackend = resp.autoscaling_backend
+        if name not in backend.autoscaling_groups:
+            raise ValidationError(f"AutoScalingGroup name not found - {name}")
+        group = backend.autoscaling_groups[name]
+        if any(r.group is group and r.status in _REFRESH_ACTIVE for r in self.refreshes):
+            raise _RefreshError("InstanceRefreshInProgress", f"an instance refresh is already in progress for {name}")
+        desired = dict((resp._get_param("DesiredConfiguration") or {}).get("LaunchTemplate") or {})
+        if not desired:  # the group's own configuration
+            desired = {"LaunchTemplateId": group.ec2_launch_template.id, "Version": group.launch_template_version}
+        preferences = dict(resp._get_param("Preferences") or {})
+        template = backend.ec2_backend.get_launch_template(desired["LaunchTemplateId"])
+        image = template.get_version(desired["Version"]).image_id
+        skip = bool(preferences.get("SkipMatching"))
+        to_update = [
+            s.instance.id
+            for s in group.instance_states
+            if s.lifecycle_state != "Terminating" and not (skip and s.instance.image_id == image)
+        ]
+        refresh = _Refresh(
+            id=str(uuid.uuid4()),
+            group=group,
+            desired={
+                "LaunchTemplateId": template.id,
+                "LaunchTemplateName": template.name,
+                "Version": desired["Version"],
+            },
+            previous=(group.ec2_launch_template, group.launch_template_version, group.provided_launch_template_version),
+            preferences=preferences,
+            to_update=to_update,
+            total=len(to_update),
+            started=utcnow(),
+            launched=[],
+        )
+        self.refreshes.append(refresh)
+        return refresh.id
+
+    def _batch(self, refresh: _Refresh) -> int:
+        size = len([s for s in refresh.group.instance_states if s.lifecycle_state != "Terminating"])
+        healthy = int(refresh.preferences.get("MinHealthyPercentage", 90))
+        return max(1, size - math.ceil(size * healthy / 100))
+
+    def _alarming(self, refresh: _Refresh) -> list[str]:
+        names = (refresh.preferences.get("AlarmSpecification") or {}).get("Alarms") or []
+        group = refresh.group
+        alarms = cloudwatch_backends[group.account_id][group.region].alarms
+        return [n for n in names if n in alarms and alarms[n].state_value == "ALARM"]
+
+    def _step(self, refresh: _Refresh) -> None:
+        if refresh.status == "Pending":
+            refresh.status = "InProgress"
+            return
+        if refresh.status in ("InProgress", "Baking"):
+            firing = self._alarming(refresh)
+            if firing:
+                if refresh.preferences.get("AutoRollback"):
+                    refresh.status, refresh.reason = "RollbackInProgress", f"alarm {', '.join(firing)} in ALARM"
+                else:
+                    refresh.status, refresh.reason = "Failed", f"alarm {', '.join(firing)} in ALARM"
+                    refresh.ended = utcnow()
+                return
+        if refresh.status == "Baking":
+            refresh.bake_left -= 1
+            if refresh.bake_left <= 0:
+                refresh.status = "InProgress"
+            return
+        if refresh.status == "InProgress":
+            checkpoints = [int(c) for c in refresh.preferences.get("CheckpointPercentages") or []] or [100]
+            goal = next((c for c in checkpoints if c > refresh.percentage()), 100)
+            wanted = math.ceil(refresh.total * goal / 100)
+            count = min(self._batch(refresh), wanted - refresh.replaced)
+            victims = refresh.to_update[refresh.replaced : refresh.replaced + count]
+            assert refresh.launched is not None
+            refresh.launched += self._replace(
+                refresh, victims, refresh.desired["LaunchTemplateId"], refresh.desired["Version"]
+            )
+            refresh.replaced += len(victims)
+            if refresh.replaced >= refresh.total:
+                refresh.status, refresh.ended = "Successful", utcnow()
+                group = refresh.group
+                group.ec2_launch_template = group.ec2_backend.get_launch_template(refresh.desired["LaunchTemplateId"])
+                group.launch_template_version = group.provided_launch_template_version = refresh.desired["Version"]
+            elif refresh.percentage() >= goal:
+                delay = int(refresh.preferences.get("CheckpointDelay", 3600))
+                refresh.bake_left = math.ceil(delay / self.seconds_per_look)
+                if refresh.bake_left > 0:
+                    refresh.status = "Baking"
+            return
+        if refresh.status == "RollbackInProgress":
+            assert refresh.launched is not None
+            alive = {s.instance.id for s in refresh.group.instance_states}
+            back = [i for i in refresh.launched if i in alive][: self._batch(refresh)]
+            template, version, _ = refresh.previous
+            self._replace(refresh, back, template.id, version)
+            refresh.launched = [i for i in refresh.launched if i not in back]
+            refresh.replaced = max(0, refresh.replaced - len(back))
+            if not [i for i in refresh.launched if i in alive]:
+                refresh.status, refresh.ended = "RollbackSuccessful", utcnow()
+
+    @staticmethod
+    def _replace(refresh: _Refresh, instance_ids: list[str], template_id: str, version: str) -> list[str]:
+        """Terminate `instance_ids` in EC2 and launch as many into the group from the template version given."""
+        group = refresh.group
+        if not instance_ids:
+            return []
+        states = [s for s in group.instance_states if s.instance.id in instance_ids]
+        group.ec2_backend.terminate_instances([s.instance.id for s in states])
+        group.instance_states = [s for s in group.instance_states if s not in states]
+        before = {s.instance.id for s in group.instance_states}
+        saved = (group.ec2_launch_template, group.launch_template_version)
+        group.ec2_launch_template = group.ec2_backend.get_launch_template(template_id)
+        group.launch_template_version = version
+        try:
+            group.replace_autoscaling_group_instances(len(states), group.get_propagated_tags())
+        finally:
+            group.ec2_launch_template, group.launch_template_version = saved
+        return [s.instance.id for s in group.instance_states if s.instance.id not in before]
 
 
 class ConsoleEmulation:

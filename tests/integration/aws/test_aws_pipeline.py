@@ -442,3 +442,61 @@ def test_rollout_on_an_auto_scaling_group_and_automatic_rollback(env: Env, monke
     incident = env.cli("incident", "web@3", "--json").json()
     assert [r["state"] for r in incident["rollouts"]] == ["failed"]
     assert any(t["kind"] == "rollout.rolled_back" for t in incident["timeline"])
+
+
+def test_rollout_as_an_instance_refresh_with_gates_at_each_checkpoint(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """mode: refresh — AWS replaces the instances (checkpoints = the waves); amiforge judges the new ones at each look
+    and rolls the refresh back when a gate fails. The controller's sleeps run on the same fake clock as the fleet's."""
+    from types import SimpleNamespace
+
+    from asg_emulation import InstanceRefreshEmulation, install_asg_emulation, make_group
+
+    from amiforge.lifecycle import rollout as rollout_module
+
+    emulation = install_asg_emulation(monkeypatch)
+    refreshes = InstanceRefreshEmulation()
+    refreshes.install(monkeypatch)
+    monkeypatch.setattr(
+        rollout_module, "time", SimpleNamespace(sleep=env.fleet_time.sleep, monotonic=env.fleet_time.clock)
+    )
+    images = {n: bake_to_signed(env, n)["location"] for n in (1, 2, 3)}
+    make_group(env.aws.session, "web", images[1], size=4, region=REGION)
+    strategy = tmp_path / "refresh.yaml"
+    strategy.write_text("mode: refresh\nwaves: [25%, 100%]\nbake_time: 120s\ngates: {time_to_ready_p95: 60s}\n")
+
+    def group_images() -> Counter[str]:
+        backend: Any = env.aws.session.client("autoscaling", REGION)
+        (group,) = backend.describe_auto_scaling_groups(AutoScalingGroupNames=["web"])["AutoScalingGroups"]
+        ids = [i["InstanceId"] for i in group["Instances"] if i["LifecycleState"] == "InService"]
+        reservations = env.ec2.describe_instances(InstanceIds=ids)["Reservations"]
+        return Counter(i["ImageId"] for r in reservations for i in r["Instances"])
+
+    target = f"aws:{REGION}/web"
+    good = env.cli("rollout", "start", "--target", target, "--version", "web@2", "--strategy", str(strategy), "--json")
+    assert good.code == 0, good.err
+    body = good.json()
+    assert body["rollout"]["state"] == "succeeded" and body["rollout"]["detail"]["checkpoints"] == [25, 100]
+    assert [d["wave"] for d in body["decisions"]] == [0, 1] and all(d["passed"] for d in body["decisions"])
+    (started,) = refreshes.refreshes
+    assert started.preferences["AutoRollback"] is True and started.preferences["CheckpointDelay"] == 120
+    assert group_images() == Counter({images[2]: 4})
+
+    emulation.console.never_ready.add(images[3])  # its instances boot but never report ready
+    bad = env.cli("rollout", "start", "--target", target, "--version", "web@3", "--strategy", str(strategy), "--json")
+    assert bad.code == 4, bad.err
+    status = env.cli("rollout", "status", "2", "--json").json()
+    assert status["rollout"]["state"] == "failed" and status["decisions"][-1]["action"] == "rollback"
+    assert "not ready" in json.dumps(status) or "success rate" in json.dumps(status)
+    # AWS had finished before the gate could judge (120 s checkpoints, 390 s readiness grace): rolled forward.
+    assert status["rollout"]["detail"]["refresh_status"] == "Successful (rolled forward to web@2)"
+    assert group_images() == Counter({images[2]: 4})  # the group is back on web@2's image
+
+    # With checkpoints long enough for the gate (600 s > the grace), the refresh itself is rolled back mid-way.
+    strategy.write_text(strategy.read_text().replace("bake_time: 120s", "bake_time: 600s"))
+    again = env.cli("rollout", "start", "--target", target, "--version", "web@3", "--strategy", str(strategy), "--json")
+    assert again.code == 4, again.err
+    status = env.cli("rollout", "status", "3", "--json").json()
+    assert status["rollout"]["detail"]["refresh_status"] == "RollbackSuccessful"
+    assert group_images() == Counter({images[2]: 4})

@@ -15,7 +15,7 @@ from typing import Any
 
 import botocore.session
 import pytest
-from asg_emulation import FakeTime, install_asg_emulation, make_group
+from asg_emulation import FakeTime, InstanceRefreshEmulation, install_asg_emulation, make_group
 from conftest import ACCOUNT, REGION, Aws
 from ebs_emulation import EbsEmulation
 from gc_fixtures import install_gc_emulation
@@ -37,6 +37,7 @@ from amiforge.providers.aws.iam import (
 from amiforge.providers.aws.images import describe_image, inventory, resolve_source
 from amiforge.providers.aws.provider import AwsProvider
 from amiforge.providers.aws.publish import publish, rollback
+from amiforge.providers.aws.refresh import refresh_status, roll_back_refresh, start_refresh
 from amiforge.providers.aws.snapshot import open_ami
 from amiforge.providers.interface import Replacement
 from amiforge.recipe import Checks, OwnersSource, SsmSource
@@ -228,10 +229,13 @@ def _scan(aws: Aws, ids: dict[str, str]) -> None:
 
 
 def _rollout(aws: Aws, ids: dict[str, str]) -> None:
-    """A wave of one on an Auto Scaling group (replace), then current() and signals(): what a rollout calls."""
+    """A wave of one on an Auto Scaling group (replace), then current() and signals(); then an instance refresh
+    started, looked at and rolled back: what a rollout calls, in either mode."""
     with pytest.MonkeyPatch.context() as patch:
         install_asg_emulation(patch)  # console readiness, Auto Scaling's asynchronous termination, LT inheritance
         make_group(aws.session, "web-asg", ids["a"], size=2)
+        make_group(aws.session, "web-refresh", ids["a"], size=2)  # for the instance-refresh mode
+        InstanceRefreshEmulation().install(patch)
         _alarm(aws, "web-5xx", "OK")
         aws.calls.reset()
         time = FakeTime()
@@ -243,6 +247,13 @@ def _rollout(aws: Aws, ids: dict[str, str]) -> None:
         assert {m.id for m in fleet.current()} >= {new.id}
         assert {s.kind for s in fleet.signals(datetime(2000, 1, 1, tzinfo=UTC))} == {"launch", "ready", "replaced"}
         assert fleet.alarms_firing(["web-5xx"]) == []
+        # The instance-refresh mode (refresh.py) on a second group: start, a look, rollback.
+        refreshed = AsgFleet(aws.session, REGION, "web-refresh", wait=time.wait(), now=time.now)
+        refresh_id = start_refresh(
+            refreshed, image, "web@2", checkpoints=[50, 100], checkpoint_delay=600, alarms=["web-5xx"], token="r-1"
+        )
+        assert refresh_status(refreshed, refresh_id).status == "InProgress"
+        assert roll_back_refresh(refreshed, refresh_id).status.startswith("Rollback")
 
 
 def _alarm(aws: Aws, name: str, state: str) -> None:
@@ -293,7 +304,10 @@ def test_rollout_group_writes_need_the_groups_opt_in_tag() -> None:
     opted_in = statements["AutoscalingOptedIn"]
     assert set(opted_in["Action"]) == ROLLOUT_GROUP_WRITES
     assert opted_in["Condition"] == {"StringEquals": {"aws:ResourceTag/amiforge:rollout": "enabled"}}
-    assert statements["AutoscalingAny"]["Action"] == ["autoscaling:DescribeAutoScalingGroups"]
+    assert statements["AutoscalingAny"]["Action"] == [
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:DescribeInstanceRefreshes",
+    ]
     assert not ROLLOUT_GROUP_WRITES & DESTRUCTIVE
     assert "Ec2Managed" not in statements  # a rollout destroys nothing of amiforge's own
     assert "ec2:RunInstances" in statements["Ec2Any"]["Action"]

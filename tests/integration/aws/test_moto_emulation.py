@@ -7,7 +7,7 @@ from typing import Any
 
 import boto3
 import pytest
-from asg_emulation import install_asg_emulation, make_group, make_images
+from asg_emulation import InstanceRefreshEmulation, install_asg_emulation, make_group, make_images
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from conftest import REGION, Aws
@@ -296,3 +296,84 @@ def test_the_console_is_empty_at_first_then_ends_in_the_readiness_line(
     with pytest.raises(ClientError) as caught:
         ec2.get_console_output(InstanceId="i-0123456789abcdef0")
     assert caught.value.response["Error"]["Code"] == "InvalidInstanceID.NotFound"
+
+
+def test_moto_does_not_implement_instance_refresh(aws: Aws) -> None:
+    """The reason for InstanceRefreshEmulation: if this starts failing, moto has caught up and it can go."""
+    asg: Any = aws.session.client("autoscaling")
+    for call in (asg.start_instance_refresh, asg.describe_instance_refreshes, asg.rollback_instance_refresh):
+        with pytest.raises(NotImplementedError):
+            call(AutoScalingGroupName="g")
+
+
+def _refresh_env(aws: Aws, monkeypatch: pytest.MonkeyPatch, version: str | None = "1") -> tuple[Any, str, str, str]:
+    install_asg_emulation(monkeypatch)
+    InstanceRefreshEmulation(seconds_per_look=60.0).install(monkeypatch)
+    ec2: Any = aws.ec2()
+    image_a, image_b = make_images(ec2, "a", "b")
+    template = make_group(aws.session, "g", image_a, size=4, version=version)
+    ec2.create_launch_template_version(
+        LaunchTemplateId=template, SourceVersion="1", LaunchTemplateData={"ImageId": image_b}
+    )
+    return aws.session.client("autoscaling"), template, image_a, image_b
+
+
+def _group_images(aws: Aws, asg: Any) -> list[str]:
+    ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]["Instances"]]
+    found = aws.ec2().describe_instances(InstanceIds=ids)["Reservations"]  # type: ignore[attr-defined]
+    return sorted(i["ImageId"] for r in found for i in r["Instances"])
+
+
+def test_an_instance_refresh_steps_once_per_look_through_its_checkpoints(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asg, template, _, image_b = _refresh_env(aws, monkeypatch)
+    desired = {"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}}
+    preferences = {"CheckpointPercentages": [50, 100], "CheckpointDelay": 60, "MinHealthyPercentage": 50}
+    refresh_id = asg.start_instance_refresh(
+        AutoScalingGroupName="g", DesiredConfiguration=desired, Preferences=preferences
+    )["InstanceRefreshId"]
+    with pytest.raises(ClientError) as caught:
+        asg.start_instance_refresh(AutoScalingGroupName="g", DesiredConfiguration=desired)
+    assert caught.value.response["Error"]["Code"] == "InstanceRefreshInProgress"
+    seen = []
+    for _ in range(4):
+        (refresh,) = asg.describe_instance_refreshes(AutoScalingGroupName="g")["InstanceRefreshes"]
+        seen.append((refresh["Status"], refresh["PercentageComplete"], refresh["InstancesToUpdate"]))
+    # 4 instances, 50 % must stay healthy: batches of 2; at 50 % it bakes 60 s = one look.
+    assert seen == [("InProgress", 0, 4), ("Baking", 50, 2), ("InProgress", 50, 2), ("Successful", 100, 0)]
+    assert refresh["InstanceRefreshId"] == refresh_id and refresh["DesiredConfiguration"] == {
+        "LaunchTemplate": {"LaunchTemplateId": template, "LaunchTemplateName": "g-lt", "Version": "2"}
+    }
+    assert _group_images(aws, asg) == [image_b] * 4
+    assert asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]["LaunchTemplate"]["Version"] == "2"
+    with pytest.raises(ClientError) as caught:
+        asg.rollback_instance_refresh(AutoScalingGroupName="g")
+    assert caught.value.response["Error"]["Code"] == "ActiveInstanceRefreshNotFound"
+
+
+def test_an_instance_refresh_rolls_back_to_the_previous_version(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    asg, template, image_a, image_b = _refresh_env(aws, monkeypatch)
+    desired = {"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}}
+    asg.start_instance_refresh(
+        AutoScalingGroupName="g", DesiredConfiguration=desired, Preferences={"MinHealthyPercentage": 75}
+    )
+    for _ in range(3):  # Pending → InProgress, then one instance per look
+        asg.describe_instance_refreshes(AutoScalingGroupName="g")
+    assert _group_images(aws, asg).count(image_b) == 2
+    assert asg.rollback_instance_refresh(AutoScalingGroupName="g")["InstanceRefreshId"]
+    statuses = [
+        asg.describe_instance_refreshes(AutoScalingGroupName="g")["InstanceRefreshes"][0]["Status"] for _ in range(3)
+    ]
+    assert statuses == ["RollbackInProgress", "RollbackSuccessful", "RollbackSuccessful"]
+    assert _group_images(aws, asg) == [image_a] * 4
+    assert asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]["LaunchTemplate"]["Version"] == "1"
+
+
+def test_a_refresh_from_default_cannot_be_rolled_back(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    asg, template, _, _ = _refresh_env(aws, monkeypatch, version="$Default")
+    desired = {"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}}
+    asg.start_instance_refresh(AutoScalingGroupName="g", DesiredConfiguration=desired)
+    with pytest.raises(ClientError) as caught:
+        asg.rollback_instance_refresh(AutoScalingGroupName="g")
+    assert caught.value.response["Error"]["Code"] == "IrreversibleInstanceRefresh"

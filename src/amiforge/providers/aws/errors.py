@@ -103,6 +103,19 @@ AWS_ERRORS: Mapping[str, Rule] = {
         InfraError, "a scaling activity of the group is in progress; re-run once it has ended", True
     ),
     "ResourceContention": Rule(InfraError, "the group has another update pending; re-run in a moment", True),
+    # Auto Scaling instance refresh (providers/aws/refresh.py): one active refresh per group.
+    "InstanceRefreshInProgress": Rule(
+        StateError,
+        "the group has an instance refresh in progress; wait for it to end (aws autoscaling "
+        "describe-instance-refreshes) or cancel it",
+    ),
+    "ActiveInstanceRefreshNotFound": Rule(NotFound, "the group has no active instance refresh (it has ended)"),
+    "IrreversibleInstanceRefresh": Rule(
+        StateError,
+        "AWS cannot roll this refresh back (the group's previous version is $Latest/$Default or takes its image "
+        "from SSM, or the refresh has no desired configuration): roll forward to the previous version instead",
+    ),
+    "LimitExceeded": Rule(InfraError, "an Auto Scaling quota is reached; raise it or remove unused resources"),
     # --- quotas -----------------------------------------------------------------------------------------------------
     "ResourceLimitExceeded": Rule(InfraError, "raise the EC2 quota, or delete unused resources"),
     "InstanceLimitExceeded": Rule(InfraError, "raise the EC2 instance quota, or use another instance type"),

@@ -214,6 +214,10 @@ class AsgFleet:
         self.console_grace = console_grace
         self._now = now
 
+    def now(self) -> datetime:
+        """The fleet's wall clock (readiness deadlines are measured with it)."""
+        return self._now()
+
     # --- the Fleet protocol ---------------------------------------------------------------------------------------
 
     def current(self) -> list[Member]:
@@ -256,6 +260,15 @@ class AsgFleet:
         claims = self._start(group, replacements, image_id)
         self._claim(claims, image_id, version_ref)
         return self._await(claims, version_ref, checks)
+
+    def rollout_group(self) -> tuple[Mapping[str, Any], Template, int]:
+        """The group as replace() checks it before any write: its DescribeAutoScalingGroups record, its launch
+        template and the number its version resolves to. ConfigError with a fix for a launch configuration, a mixed
+        instances policy, a group without the opt-in tag, or `$Latest` (NotFound for no such group). Shared with
+        refresh.py, which refuses more (it also needs the version to be a number)."""
+        group = self._group()
+        template, source = self._check_group(group)
+        return group.raw, template, source
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
         """The named CloudWatch alarms (in the group's region) in state ALARM. An alarm that does not exist is an

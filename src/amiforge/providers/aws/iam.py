@@ -17,6 +17,8 @@ read the group's tags), never against the instance being terminated. The Managed
 and which, propagated at launch, would mark every instance the group launches as amiforge's own. So the group writes
 (UpdateAutoScalingGroup, TerminateInstanceInAutoScalingGroup) get a statement of their own, conditioned on the
 owner's opt-in tag `amiforge:rollout=enabled` on the group, which fleet.py also checks before it writes anything.
+The instance-refresh writes of refresh.py (StartInstanceRefresh, RollbackInstanceRefresh) are group writes too and
+share that statement; DescribeInstanceRefreshes is a read.
 """
 
 from __future__ import annotations
@@ -117,13 +119,17 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     },
     "publish": _PUBLISH,
     "rollback": _PUBLISH,
-    # providers/aws/fleet.py AsgFleet: replace(), current(), signals(). The group writes fall under the OptedIn
-    # statement (groups tagged amiforge:rollout=enabled).
+    # providers/aws/fleet.py AsgFleet: replace(), current(), signals(); refresh.py. The group writes fall under the
+    # OptedIn statement (groups tagged amiforge:rollout=enabled).
     "rollout": _READ_IMAGES
     | {
         "autoscaling:DescribeAutoScalingGroups",
         "autoscaling:UpdateAutoScalingGroup",
         "autoscaling:TerminateInstanceInAutoScalingGroup",
+        # providers/aws/refresh.py: the instance-refresh mode (the writes fall under OptedIn too).
+        "autoscaling:StartInstanceRefresh",
+        "autoscaling:DescribeInstanceRefreshes",
+        "autoscaling:RollbackInstanceRefresh",
         "ec2:DescribeLaunchTemplates",
         "ec2:DescribeLaunchTemplateVersions",
         "ec2:CreateLaunchTemplateVersion",
@@ -189,7 +195,12 @@ _PASS_ROLE_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {"iam:PassedTo
 _MANAGED_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{MANAGED_TAG}": "true"}}
 # Auto Scaling writes a rollout makes: allowed only on groups whose owner tagged them for amiforge rollouts.
 ROLLOUT_GROUP_WRITES: Final[frozenset[str]] = frozenset(
-    {"autoscaling:UpdateAutoScalingGroup", "autoscaling:TerminateInstanceInAutoScalingGroup"}
+    {
+        "autoscaling:UpdateAutoScalingGroup",
+        "autoscaling:TerminateInstanceInAutoScalingGroup",
+        "autoscaling:StartInstanceRefresh",
+        "autoscaling:RollbackInstanceRefresh",
+    }
 )
 _ROLLOUT_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{ROLLOUT_TAG}": ROLLOUT_ENABLED}}
 

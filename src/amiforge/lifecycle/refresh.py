@@ -1,0 +1,168 @@
+"""The instance-refresh mode of a rollout (Auto Scaling groups): AWS replaces the instances, amiforge judges them.
+
+`strategy.mode: refresh` turns the waves into the refresh's CheckpointPercentages and the bake time into its
+CheckpointDelay; AWS's own AutoRollback (and the strategy's alarms, which AWS watches too) stays on. At each poll the
+controller judges the instances already on the new image with the same gates as a canary wave — readiness from their
+consoles, p95 time-to-ready, burn rate — and rolls the refresh back (RollbackInstanceRefresh) the moment a gate fails.
+The refresh id is kept in the rollout's detail, so a resumed controller watches the same refresh; it never starts a
+second one for a rollout whose refresh it has seen.
+
+Pause is not something an instance refresh can do: a pause request is recorded and ignored (abort rolls back).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from datetime import timedelta
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.rollout import POLL_SECONDS, Controls, RolloutOutcome, artifact_in, live, versions_by_location
+from amiforge.model import Artifact, ImageVersion, Rollout
+from amiforge.providers.aws.fleet import AsgFleet
+from amiforge.providers.aws.refresh import ROLLBACK, TERMINAL, refresh_status, roll_back_refresh, start_refresh
+from amiforge.providers.interface import Fleet, Member, PhaseUpdate
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+from amiforge.strategy import Strategy, WaveDecision, checkpoints, decide
+
+
+def drive_refresh(
+    rollout: Rollout,
+    fleet: Fleet,
+    version: ImageVersion,
+    artifact: Artifact,
+    strategy: Strategy,
+    *,
+    store: Store,
+    settings: Settings,
+    controls: Controls,
+) -> RolloutOutcome:
+    if not isinstance(fleet, AsgFleet):
+        raise ConfigError("an instance refresh needs an Auto Scaling group", fix="use mode: canary for this target")
+    refresh_id = str(rollout.detail.get("rollback_refresh_id") or rollout.detail.get("refresh_id") or "")
+    if not refresh_id and rollout.state == "running":
+        members = live(fleet.current())
+        known = versions_by_location(store, "aws")
+        before = Counter(m.version_ref or known.get(m.location) for m in members)
+        previous = next((ref for ref, _ in before.most_common() if ref and ref != version.ref), None)
+        points = checkpoints(strategy, len(members))
+        refresh_id = start_refresh(
+            fleet,
+            artifact,
+            version.ref,
+            checkpoints=points,
+            checkpoint_delay=int(strategy.bake_time),
+            alarms=strategy.gates.alarms,
+            token=f"r{rollout.id}",
+            min_healthy_percentage=strategy.min_healthy_percentage,
+        )
+        started = {**rollout.detail, "refresh_id": refresh_id, "checkpoints": points, "previous": previous}
+        rollout = store.update_rollout(rollout.id, expect="running", detail=started)
+        store.append_event(
+            "rollout.refresh",
+            actor=settings.actor,
+            ref=version.ref,
+            data={"rollout": rollout.id, "refresh": refresh_id},
+        )
+    grace = timedelta(seconds=checks_of(version).ready_within + fleet.console_grace)
+    decisions: list[WaveDecision] = []
+    while True:
+        status = refresh_status(fleet, refresh_id)
+        controls.progress(PhaseUpdate("instance refresh", "start", f"{status.status} {status.percentage_complete}%"))
+        if rollout.state == "rolling-back" or status.status in ROLLBACK:
+            if status.status not in TERMINAL:
+                controls.sleep(POLL_SECONDS)
+                continue
+            forward = "rollback_refresh_id" in rollout.detail
+            ended = (
+                f"{status.status} (rolled forward to {rollout.detail.get('previous')})" if forward else status.status
+            )
+            return _failed(rollout, ended, status.status_reason, store, settings, decisions)
+        if status.status in TERMINAL and status.status != "Successful":  # Failed, Cancelled: AWS stopped it
+            return _failed(rollout, status.status, status.status_reason, store, settings, decisions)
+        members = _judged(fleet, artifact, grace)
+        decision = decide(strategy, members, alarms_firing=fleet.alarms_firing(strategy.gates.alarms))
+        requested = store.get_rollout(rollout.id).requested
+        if requested == "abort" or (decision.final and not decision.passed):
+            why = ["abort requested"] if requested == "abort" else list(decision.reasons)
+            decisions.append(decision)
+            store.add_decision(rollout.id, rollout.wave, passed=False, action="rollback", numbers=decision.as_dict())
+            failure = {**rollout.detail, "failed_wave": rollout.wave + 1, "reasons": why}
+            if status.status == "Successful":
+                # AWS finished before the gate could judge (a short checkpoint delay): roll forward to the old image.
+                refresh_id = _roll_forward(fleet, rollout, store, f"r{rollout.id}-back")
+                failure["rollback_refresh_id"] = refresh_id
+            else:
+                roll_back_refresh(fleet, refresh_id)
+            rollout = store.update_rollout(
+                rollout.id, expect="running", state="rolling-back", clear_request=True, detail=failure
+            )
+            continue
+        if requested == "pause":
+            store.append_event("rollout.pause_ignored", actor=settings.actor, ref=version.ref,
+                               data={"rollout": rollout.id, "why": "an instance refresh cannot pause"})  # fmt: skip
+            rollout = store.update_rollout(rollout.id, expect="running", clear_request=True)
+        marks = rollout.detail.get("checkpoints")
+        reached = sum(1 for p in (marks if isinstance(marks, list) else []) if int(p) <= status.percentage_complete)
+        if status.status == "Successful":
+            reached = len(rollout.waves)
+        if decision.passed and reached > rollout.wave:
+            decisions.append(decision)
+            for wave in range(rollout.wave, reached):
+                store.add_decision(rollout.id, wave, passed=True, action="continue", numbers=decision.as_dict())
+            rollout = store.update_rollout(rollout.id, expect="running", wave=reached)
+        if status.status == "Successful" and decision.passed and rollout.wave >= len(rollout.waves):
+            rollout = store.update_rollout(rollout.id, expect="running", state="succeeded")
+            store.append_event("rollout.succeeded", actor=settings.actor, ref=version.ref, data={"rollout": rollout.id})
+            return RolloutOutcome(rollout, decisions)
+        controls.sleep(POLL_SECONDS)
+
+
+def _roll_forward(fleet: AsgFleet, rollout: Rollout, store: Store, token: str) -> str:
+    """A second refresh, back to the version the group ran before (AWS rolls back only an active refresh)."""
+    previous = rollout.detail.get("previous")
+    if not isinstance(previous, str):
+        raise GateFailed(
+            "rollout",
+            [GateFailure("rollback", "the refresh ended and the previous version is unknown")],
+            fix=f"amiforge rollback --target {rollout.target} --to NAME@N",
+        )
+    old = store.get_version(previous)
+    artifact = artifact_in(old, store, "aws", fleet.region)
+    return start_refresh(fleet, artifact, old.ref, checkpoints=[100], checkpoint_delay=0, alarms=(), token=token)
+
+
+def _judged(fleet: AsgFleet, artifact: Artifact, grace: timedelta) -> list[Member]:
+    """The instances on the new image; one still without READY after ready_within + console grace has failed."""
+    now = fleet.now()
+    judged = []
+    for m in live(fleet.current()):
+        if m.location != artifact.location:
+            continue
+        if m.state == "launching" and now - m.launched_at > grace:
+            m = replace(m, state="failed", detail=f"not ready {grace.total_seconds():.0f}s after launch")
+        judged.append(m)
+    return judged
+
+
+def _failed(
+    rollout: Rollout, status: str, reason: str, store: Store, settings: Settings, decisions: list[WaveDecision]
+) -> RolloutOutcome:
+    expect = rollout.state
+    reasons = rollout.detail.get("reasons") or [f"the instance refresh ended {status}: {reason or 'no reason given'}"]
+    rollout = store.update_rollout(
+        rollout.id, expect=expect, state="failed", detail={**rollout.detail, "refresh_status": status}
+    )
+    store.append_event(
+        "rollout.rolled_back",
+        actor=settings.actor,
+        ref=rollout.version_ref,
+        data={"rollout": rollout.id, "refresh": rollout.detail.get("refresh_id"), "status": status},
+    )
+    raise GateFailed(
+        "rollout",
+        [GateFailure("instance refresh", str(r)) for r in (reasons if isinstance(reasons, list) else [reasons])],
+        fix=f"AWS rolled the group back ({status}); amiforge rollout status {rollout.id} shows the numbers",
+    )

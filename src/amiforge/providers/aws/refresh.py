@@ -1,0 +1,335 @@
+"""The instance-refresh mode of an Auto Scaling rollout: AWS replaces the group's instances itself, pausing at
+checkpoints, watched by CloudWatch alarms, and rolls back on its own (AutoRollback) or when asked.
+
+The self-run canary is `AsgFleet.replace` (fleet.py): amiforge picks each member and judges it by its console. Here
+AWS does the replacing (StartInstanceRefresh); the rollout controller starts the refresh, polls `refresh_status`, and
+calls `roll_back_refresh` when its own gates fail. Three calls, all idempotent:
+
+- `start_refresh(fleet, artifact, version_ref, checkpoints=, checkpoint_delay=, alarms=, token=)` → the refresh id.
+- `refresh_status(fleet, refresh_id)` → `RefreshStatus` (one DescribeInstanceRefreshes entry, normalised).
+- `roll_back_refresh(fleet, refresh_id)` → `RefreshStatus` after RollbackInstanceRefresh (or as it is, when it is
+  already rolling back or rolled back).
+
+## Refusals (ConfigError with a fix, all before anything is written)
+
+- The artifact must be an AMI id in the group's region and `available` (NotFound otherwise); checkpoints ascending in
+  1..100 and ending at 100 (the refresh must cover the whole group), a delay of 0..172800 s, at most 10 alarms, each
+  existing in the region (a typo must not switch a gate off).
+- The group must launch from a launch template, carry `amiforge:rollout=enabled` (the IAM policy only lets amiforge
+  change groups with that tag), and not use a mixed instances policy: `AsgFleet.rollout_group()` checks these as
+  replace() does.
+- The group's template version must be a **number**. AWS rolls a refresh back to the group's configuration as it was
+  at the start; with `$Latest` or `$Default` (or no version, which is `$Default`) that is a moving reference, so AWS
+  refuses to roll back (IrreversibleInstanceRefresh) — and `$Latest` would even start launching our version the
+  moment it is created. Refused up front rather than discovered mid-rollout, when a rollback is needed.
+- The ImageId of the group's current version must not be an SSM parameter (`resolve:ssm:…`): AWS cannot roll back to
+  an image that is only known through a parameter whose value may have changed since.
+- Another refresh already active on the group (Pending, InProgress, Baking, Cancelling, RollbackInProgress) that is
+  not ours: StateError (AWS allows one at a time; amiforge never cancels someone else's).
+
+## How "ours" is recognised, and idempotency per token
+
+StartInstanceRefresh takes no client token and refreshes carry no tags, so a refresh is recognised by what it does:
+an active refresh of the group whose DesiredConfiguration is a numeric version of the group's own template holding
+the artifact's AMI is ours, and its id is returned instead of starting another (also when a lost answer made the
+retried start fail with InstanceRefreshInProgress). Once a refresh has succeeded, AWS points the group at its desired
+version: if the group's version already holds the AMI, the newest Successful refresh to that version is returned
+(and StateError if there is none: the group already runs the image, nothing to refresh).
+
+The version is made as the fleet's: `templates.version_holding` gives the group's version itself if it holds the AMI,
+else the newest version after it if that holds it (an interrupted run made it), else a new one (ClientToken derived
+from group, template, source version, AMI, version ref and token). The group is *not* pointed at it (AWS does that
+when the refresh succeeds); the template's default is never moved.
+
+Limitation of recognising by image: two tokens asking for the same AMI on the same group are indistinguishable while
+the refresh is active (the second gets the first's id — the same work). After a refresh ended Failed, Cancelled or
+rolled back, the same call starts a new one: the controller must not call start_refresh again for a token whose
+refresh it saw end (it records the id it got back).
+
+Every AWS call goes through `clients.call`; DescribeInstanceRefreshes has no botocore paginator, so NextToken is
+followed here. Error codes (InstanceRefreshInProgress, ActiveInstanceRefreshNotFound, IrreversibleInstanceRefresh,
+LimitExceeded) are mapped in errors.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.model import Artifact
+from amiforge.providers.aws.clients import call
+from amiforge.providers.aws.fleet import AsgFleet
+from amiforge.providers.aws.images import describe_image
+from amiforge.providers.aws.templates import Template, client_token, describe_versions, image_of, version_holding
+
+__all__ = [
+    "ACTIVE",
+    "ROLLBACK",
+    "TERMINAL",
+    "RefreshStatus",
+    "refresh_status",
+    "roll_back_refresh",
+    "start_refresh",
+]
+
+# Statuses of a refresh that still runs (AWS allows one per group), of a rollback, and of a refresh that has ended.
+ACTIVE: Final = frozenset({"Pending", "InProgress", "Baking", "Cancelling", "RollbackInProgress"})
+ROLLBACK: Final = frozenset({"RollbackInProgress", "RollbackSuccessful", "RollbackFailed"})
+TERMINAL: Final = frozenset({"Successful", "Failed", "Cancelled", "RollbackSuccessful", "RollbackFailed"})
+
+_IMAGE_ID_RE: Final = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+_VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
+_SSM_IMAGE: Final = "resolve:ssm:"
+_MAX_ALARMS: Final = 10
+_MAX_CHECKPOINT_DELAY: Final = 172800
+_TAG_VALUE_MAX: Final = 256
+
+
+@dataclass(frozen=True)
+class RefreshStatus:
+    """One DescribeInstanceRefreshes entry, normalised."""
+
+    refresh_id: str
+    status: str  # Pending|InProgress|Baking|Successful|Failed|Cancelling|Cancelled|RollbackInProgress|RollbackFailed|…
+    percentage_complete: int
+    instances_to_update: int
+    status_reason: str
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+def start_refresh(
+    fleet: AsgFleet,
+    artifact: Artifact,
+    version_ref: str,
+    *,
+    checkpoints: Sequence[int],
+    checkpoint_delay: int,
+    alarms: Sequence[str],
+    token: str,
+    min_healthy_percentage: int = 90,
+) -> str:
+    """Start (or find, see the module) the instance refresh of `fleet`'s group to `artifact`; its id."""
+    image_id = _check_request(
+        fleet, artifact, version_ref, checkpoints, checkpoint_delay, alarms, token, min_healthy_percentage
+    )
+    describe_image(fleet.session, fleet.region, image_id)  # NotFound before anything is written
+    raw, template, source = fleet.rollout_group()
+    name = fleet.target
+    version = str(raw["LaunchTemplate"].get("Version") or "$Default")
+    if _VERSION_RE.fullmatch(version) is None:
+        raise ConfigError(
+            f"group {name} launches from {version} of its launch template: AWS can only roll an instance refresh "
+            "back to a numbered version (it answers IrreversibleInstanceRefresh for $Default/$Latest)",
+            fix=f"pin the group to a version number: aws autoscaling update-auto-scaling-group "
+            f"--auto-scaling-group-name {name} --launch-template LaunchTemplateId={template.template_id},"
+            f"Version={source}",
+        )
+    current = describe_versions(fleet.session, fleet.region, template, {source}).get(source)
+    current_image = image_of(current) or ""
+    if current_image.startswith(_SSM_IMAGE):
+        raise ConfigError(
+            f"version {source} of launch template {template.name} (group {name}) takes its image from an SSM "
+            f"parameter ({current_image}): AWS cannot roll an instance refresh back to it",
+            fix=f"give version {source}'s successor an AMI id and pin the group to it, or use the self-run canary",
+        )
+    if alarms:
+        fleet.alarms_firing(alarms)  # ConfigError for an alarm that does not exist
+
+    refreshes = _refreshes(fleet)
+    active = [r for r in refreshes if r.get("Status") in ACTIVE]
+    if active:
+        if _ours(fleet, template, active[0], image_id):
+            return str(active[0]["InstanceRefreshId"])
+        raise StateError(
+            f"group {name} has instance refresh {active[0]['InstanceRefreshId']} {active[0].get('Status')}, "
+            "not one amiforge started for this version",
+            fix=f"wait for it to end (aws autoscaling describe-instance-refreshes --auto-scaling-group-name {name}) "
+            "or cancel it; amiforge never cancels a refresh it did not start",
+        )
+    if current_image == image_id:
+        done = [
+            r for r in refreshes if r.get("Status") == "Successful" and _desired(r) == (template.template_id, source)
+        ]
+        if done:
+            return str(done[0]["InstanceRefreshId"])
+        raise StateError(
+            f"group {name} already launches {image_id} (launch template {template.name} version {source}): "
+            "there is nothing to refresh",
+            fix="roll out another version, or replace individual members with the self-run canary",
+        )
+
+    target = version_holding(
+        fleet.session,
+        fleet.region,
+        template,
+        source=source,
+        image_id=image_id,
+        token=client_token("refresh", name, template.template_id, str(source), image_id, version_ref, token),
+        description=f"amiforge {version_ref} ({image_id}) refresh of group {name}, from version {source}",
+    )
+    preferences: dict[str, Any] = {
+        "CheckpointPercentages": list(checkpoints),
+        "CheckpointDelay": checkpoint_delay,
+        "MinHealthyPercentage": min_healthy_percentage,
+        "AutoRollback": True,
+        "SkipMatching": True,
+    }
+    if not checkpoints:
+        del preferences["CheckpointPercentages"], preferences["CheckpointDelay"]
+    if alarms:
+        preferences["AlarmSpecification"] = {"Alarms": list(alarms)}
+    try:
+        answer = _asg(
+            fleet,
+            "StartInstanceRefresh",
+            AutoScalingGroupName=name,
+            DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template.template_id, "Version": str(target)}},
+            Preferences=preferences,
+        )
+    except StateError:
+        # InstanceRefreshInProgress: another started in between, or our own first attempt whose answer was lost.
+        again = [r for r in _refreshes(fleet) if r.get("Status") in ACTIVE]
+        if again and _desired(again[0]) == (template.template_id, target):
+            return str(again[0]["InstanceRefreshId"])
+        raise
+    return str(answer["InstanceRefreshId"])
+
+
+def refresh_status(fleet: AsgFleet, refresh_id: str) -> RefreshStatus:
+    """The refresh `refresh_id` of `fleet`'s group; NotFound if the group has no such refresh."""
+    found = _refreshes(fleet, [refresh_id])
+    if not found:
+        raise NotFound(
+            f"group {fleet.target} has no instance refresh {refresh_id}",
+            fix=f"list them: aws autoscaling describe-instance-refreshes --auto-scaling-group-name {fleet.target}",
+        )
+    return _status(found[0])
+
+
+def roll_back_refresh(fleet: AsgFleet, refresh_id: str) -> RefreshStatus:
+    """Roll the active refresh `refresh_id` back (RollbackInstanceRefresh); idempotent: a refresh already rolling
+    back or rolled back is returned as it is. StateError for a refresh that has ended otherwise (AWS rolls back only
+    an active refresh) or when another refresh is the active one."""
+    refreshes = _refreshes(fleet)  # one read: the refresh asked for and the active one
+    found = [r for r in refreshes if r.get("InstanceRefreshId") == refresh_id]
+    # Older than the listing goes back: asked by id (NotFound if unknown; an old one has ended).
+    status = _status(found[0]) if found else refresh_status(fleet, refresh_id)
+    if status.status in ROLLBACK:
+        return status
+    if status.status in TERMINAL:
+        raise StateError(
+            f"instance refresh {refresh_id} of group {fleet.target} has ended {status.status}: AWS rolls back only "
+            "an active refresh",
+            fix="roll forward instead: start a refresh to the version the group ran before, under a new token",
+        )
+    active = [r for r in refreshes if r.get("Status") in ACTIVE]
+    if active and active[0].get("InstanceRefreshId") != refresh_id:
+        raise StateError(
+            f"the active instance refresh of group {fleet.target} is {active[0]['InstanceRefreshId']}, not "
+            f"{refresh_id}",
+            fix="roll back only the refresh this rollout started",
+        )
+    try:
+        _asg(fleet, "RollbackInstanceRefresh", AutoScalingGroupName=fleet.target)
+    except NotFound as e:
+        # ActiveInstanceRefreshNotFound: it ended (or began rolling back on its own) since it was read.
+        status = refresh_status(fleet, refresh_id)
+        if status.status in ROLLBACK:
+            return status
+        raise StateError(
+            f"instance refresh {refresh_id} of group {fleet.target} ended {status.status} before it could be "
+            "rolled back",
+            fix="roll forward instead: start a refresh to the version the group ran before, under a new token",
+        ) from e
+    return refresh_status(fleet, refresh_id)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _check_request(
+    fleet: AsgFleet,
+    artifact: Artifact,
+    version_ref: str,
+    checkpoints: Sequence[int],
+    checkpoint_delay: int,
+    alarms: Sequence[str],
+    token: str,
+    min_healthy_percentage: int,
+) -> str:
+    problems = []
+    if artifact.provider != "aws" or artifact.region != fleet.region:
+        problems.append(f"artifact is {artifact.provider} in {artifact.region}, not aws in {fleet.region}")
+    if _IMAGE_ID_RE.fullmatch(artifact.location) is None:
+        problems.append(f"artifact location {artifact.location!r} is not an AMI id")
+    if not version_ref or len(version_ref) >= _TAG_VALUE_MAX:
+        problems.append(f"version ref {version_ref!r} must be 1-255 characters")
+    if not token or len(token) >= _TAG_VALUE_MAX:
+        problems.append("the token must be 1-255 characters")
+    points = list(checkpoints)
+    if points and (any(not 1 <= p <= 100 for p in points) or points != sorted(set(points)) or points[-1] != 100):
+        problems.append(f"checkpoints {points} must be ascending percentages in 1..100 ending at 100")
+    if not 0 <= checkpoint_delay <= _MAX_CHECKPOINT_DELAY:
+        problems.append(f"checkpoint delay {checkpoint_delay}s must be 0..{_MAX_CHECKPOINT_DELAY}")
+    if not 0 <= min_healthy_percentage <= 100:
+        problems.append(f"min healthy percentage {min_healthy_percentage} must be 0..100")
+    if len(alarms) > _MAX_ALARMS or len(set(alarms)) != len(alarms) or not all(alarms):
+        problems.append(f"alarms must be at most {_MAX_ALARMS} distinct names")
+    if problems:
+        raise ConfigError(
+            f"cannot start an instance refresh of group {fleet.target}: " + "; ".join(problems),
+            fix="distribute the version to the group's region first; e.g. checkpoints [10, 50, 100], delay 300",
+        )
+    return artifact.location
+
+
+def _asg(fleet: AsgFleet, operation: str, **kwargs: Any) -> Any:
+    return call(fleet.session.client("autoscaling", fleet.region), operation, f"group {fleet.target}", **kwargs)
+
+
+def _refreshes(fleet: AsgFleet, ids: Sequence[str] = ()) -> list[Mapping[str, Any]]:
+    """The group's refreshes, newest first (as AWS lists them); only `ids` when given."""
+    out: list[Mapping[str, Any]] = []
+    kwargs: dict[str, Any] = {"AutoScalingGroupName": fleet.target, "MaxRecords": 100}
+    if ids:
+        kwargs["InstanceRefreshIds"] = list(ids)
+    while True:
+        page = _asg(fleet, "DescribeInstanceRefreshes", **kwargs)
+        out += page.get("InstanceRefreshes", [])
+        if not page.get("NextToken"):
+            return out
+        kwargs["NextToken"] = page["NextToken"]
+
+
+def _desired(refresh: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(template id, version number) of a refresh's desired configuration; None when it is not a numbered version."""
+    spec = refresh.get("DesiredConfiguration", {}).get("LaunchTemplate") or {}
+    version = str(spec.get("Version") or "")
+    if not spec.get("LaunchTemplateId") or _VERSION_RE.fullmatch(version) is None:
+        return None
+    return str(spec["LaunchTemplateId"]), int(version)
+
+
+def _ours(fleet: AsgFleet, template: Template, refresh: Mapping[str, Any], image_id: str) -> bool:
+    """An active refresh to a numbered version of the group's template that holds `image_id` (see the module)."""
+    desired = _desired(refresh)
+    if desired is None or desired[0] != template.template_id:
+        return False
+    versions = describe_versions(fleet.session, fleet.region, template, {desired[1]})
+    return image_of(versions.get(desired[1])) == image_id
+
+
+def _status(refresh: Mapping[str, Any]) -> RefreshStatus:
+    return RefreshStatus(
+        refresh_id=str(refresh["InstanceRefreshId"]),
+        status=str(refresh.get("Status") or ""),
+        percentage_complete=int(refresh.get("PercentageComplete") or 0),
+        instances_to_update=int(refresh.get("InstancesToUpdate") or 0),
+        status_reason=str(refresh.get("StatusReason") or ""),
+    )

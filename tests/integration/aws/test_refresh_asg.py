@@ -1,0 +1,269 @@
+"""The instance-refresh mode (providers/aws/refresh.py) on moto, with instance refresh emulated (asg_emulation.py):
+checkpoints to Successful, idempotency per token, rollback mid-way (asked and on an alarm), every refusal, and the
+same run under 30 % throttling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from asg_emulation import FakeTime, InstanceRefreshEmulation, install_asg_emulation, make_group, make_images
+from conftest import REGION, Aws
+
+from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.model import Artifact
+from amiforge.providers.aws.fleet import ROLLOUT_ENABLED, ROLLOUT_TAG, AsgFleet
+from amiforge.providers.aws.refresh import RefreshStatus, refresh_status, roll_back_refresh, start_refresh
+
+GROUP = "web"
+ALARM = "web-5xx"
+
+
+@dataclass
+class Env:
+    aws: Aws
+    refreshes: InstanceRefreshEmulation
+    image_a: str
+    image_b: str
+
+    @property
+    def asg(self) -> Any:
+        return self.aws.session.client("autoscaling")
+
+    @property
+    def ec2(self) -> Any:
+        return self.aws.session.client("ec2")
+
+    def fleet(self, group: str = GROUP) -> AsgFleet:
+        time = FakeTime()
+        return AsgFleet(self.aws.session, REGION, group, wait=time.wait(), now=time.now)
+
+    def artifact(self, image_id: str) -> Artifact:
+        return Artifact(provider="aws", region=REGION, location=image_id, digest="sha256:x", size_bytes=0)
+
+    def start(self, token: str = "t-1", group: str = GROUP, **kwargs: Any) -> str:
+        options: dict[str, Any] = {"checkpoints": [25, 50, 100], "checkpoint_delay": 120, "alarms": [ALARM]}
+        options.update(kwargs)
+        return start_refresh(self.fleet(group), self.artifact(self.image_b), "web@2", token=token, **options)
+
+    def group(self, name: str = GROUP) -> dict[str, Any]:
+        return dict(self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0])
+
+    def images(self, name: str = GROUP) -> list[str]:
+        """The AMI of each member of the group."""
+        ids = [i["InstanceId"] for i in self.group(name)["Instances"]]
+        found = self.ec2.describe_instances(InstanceIds=ids)["Reservations"]
+        return sorted(i["ImageId"] for r in found for i in r["Instances"])
+
+    def versions(self, name: str = GROUP) -> int:
+        spec = self.group(name)["LaunchTemplate"]
+        answer = self.ec2.describe_launch_template_versions(LaunchTemplateId=spec["LaunchTemplateId"])
+        return len(answer["LaunchTemplateVersions"])
+
+    def follow(self, refresh_id: str, *, until: Any = None) -> list[RefreshStatus]:
+        """refresh_status until the refresh is no longer active (or `until(status)` holds); every status seen."""
+        seen: list[RefreshStatus] = []
+        for _ in range(200):
+            status = refresh_status(self.fleet(), refresh_id)
+            seen.append(status)
+            if not status.active or (until is not None and until(status)):
+                return seen
+        raise AssertionError(f"refresh {refresh_id} never ended: {seen[-3:]}")
+
+
+def _env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
+    install_asg_emulation(monkeypatch)
+    refreshes = InstanceRefreshEmulation(seconds_per_look=60.0)
+    refreshes.install(monkeypatch)
+    image_a, image_b = make_images(aws.session.client("ec2"), "a", "b")
+    make_group(aws.session, GROUP, image_a, size=4)
+    cloudwatch: Any = aws.session.client("cloudwatch")
+    cloudwatch.put_metric_alarm(
+        AlarmName=ALARM, MetricName="HTTPCode_Target_5XX_Count", Namespace="AWS/ApplicationELB", Statistic="Sum",
+        Period=60, EvaluationPeriods=1, Threshold=1.0, ComparisonOperator="GreaterThanOrEqualToThreshold",
+    )  # fmt: skip
+    aws.calls.reset()
+    return Env(aws, refreshes, image_a, image_b)
+
+
+@pytest.fixture
+def env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
+    return _env(aws, monkeypatch)
+
+
+def _completes(env: Env) -> None:
+    refresh_id = env.start()
+    (recorded,) = env.refreshes.refreshes
+    assert recorded.desired["Version"] == "2"  # the numeric version made for the AMI, never $Latest
+    assert recorded.preferences == {
+        "CheckpointPercentages": [25, 50, 100],
+        "CheckpointDelay": 120,
+        "MinHealthyPercentage": 90,
+        "AutoRollback": True,
+        "SkipMatching": True,
+        "AlarmSpecification": {"Alarms": [ALARM]},
+    }
+    seen = env.follow(refresh_id)
+    statuses = [s.status for s in seen]
+    assert statuses[-1] == "Successful" and seen[-1].percentage_complete == 100 and seen[-1].instances_to_update == 0
+    assert statuses.count("Baking") == 2 * 2  # two checkpoints below 100, each baking 120 s = two looks
+    percentages = [s.percentage_complete for s in seen]
+    assert percentages == sorted(percentages) and {25, 50} <= set(percentages)
+    assert env.images() == [env.image_b] * 4
+    assert env.group()["LaunchTemplate"]["Version"] == "2"  # AWS points the group at the desired version
+    assert env.versions() == 2
+
+
+def test_checkpoints_then_successful_with_every_instance_on_the_new_image(env: Env) -> None:
+    _completes(env)
+    assert env.aws.calls["autoscaling.StartInstanceRefresh"] == 1
+
+
+def test_the_same_token_finds_its_refresh_instead_of_starting_another(env: Env) -> None:
+    refresh_id = env.start()
+    env.follow(refresh_id, until=lambda s: s.percentage_complete >= 25)
+    assert env.start() == refresh_id  # in progress
+    env.follow(refresh_id)
+    assert env.start() == refresh_id  # Successful, the group on its version
+    assert len(env.refreshes.refreshes) == 1 and env.aws.calls["autoscaling.StartInstanceRefresh"] == 1
+    assert env.aws.calls["ec2.CreateLaunchTemplateVersion"] == 1 and env.versions() == 2
+
+
+def test_rolled_back_mid_way_puts_every_instance_back_on_the_old_image(env: Env) -> None:
+    refresh_id = env.start()
+    env.follow(refresh_id, until=lambda s: s.percentage_complete >= 50)
+    assert env.images().count(env.image_b) == 2
+    first = roll_back_refresh(env.fleet(), refresh_id)
+    assert first.status == "RollbackInProgress"
+    again = roll_back_refresh(env.fleet(), refresh_id)  # idempotent: no second RollbackInstanceRefresh
+    assert again.status.startswith("Rollback") and env.aws.calls["autoscaling.RollbackInstanceRefresh"] == 1
+    assert env.follow(refresh_id)[-1].status == "RollbackSuccessful"
+    assert roll_back_refresh(env.fleet(), refresh_id).status == "RollbackSuccessful"
+    assert env.images() == [env.image_a] * 4
+    assert env.group()["LaunchTemplate"]["Version"] == "1"
+
+
+def test_an_alarm_rolls_the_refresh_back_on_its_own(env: Env) -> None:
+    refresh_id = env.start()
+    env.follow(refresh_id, until=lambda s: s.percentage_complete >= 25)
+    cloudwatch: Any = env.aws.session.client("cloudwatch")
+    cloudwatch.set_alarm_state(AlarmName=ALARM, StateValue="ALARM", StateReason="test")
+    seen = env.follow(refresh_id)
+    assert seen[-1].status == "RollbackSuccessful" and ALARM in seen[0].status_reason
+    assert env.images() == [env.image_a] * 4
+
+
+def test_a_finished_refresh_cannot_be_rolled_back_and_unknown_ids_are_not_found(env: Env) -> None:
+    refresh_id = env.start(checkpoints=[], checkpoint_delay=0)
+    assert env.follow(refresh_id)[-1].status == "Successful"
+    with pytest.raises(StateError) as caught:
+        roll_back_refresh(env.fleet(), refresh_id)
+    assert caught.value.fix is not None and "roll forward" in caught.value.fix
+    with pytest.raises(NotFound):
+        refresh_status(env.fleet(), "00000000-0000-0000-0000-000000000000")
+
+
+def test_a_group_already_on_the_image_without_a_refresh_is_refused(env: Env) -> None:
+    make_group(env.aws.session, "done", env.image_b, size=2)
+    with pytest.raises(StateError) as caught:
+        env.start(group="done")
+    assert "nothing to refresh" in caught.value.message
+
+
+# --- refusals: nothing written --------------------------------------------------------------------------------------
+
+
+def _launch_configuration(env: Env) -> str:
+    env.asg.create_launch_configuration(LaunchConfigurationName="lc", ImageId=env.image_a, InstanceType="t3.micro")
+    env.asg.create_auto_scaling_group(
+        AutoScalingGroupName="lc-group", LaunchConfigurationName="lc", MinSize=0, MaxSize=4, DesiredCapacity=2,
+        AvailabilityZones=[f"{REGION}a"],
+        Tags=[{"Key": ROLLOUT_TAG, "Value": ROLLOUT_ENABLED, "PropagateAtLaunch": False}],
+    )  # fmt: skip
+    return "lc-group"
+
+
+def _on(version: str | None) -> Any:
+    def make(env: Env) -> str:
+        make_group(env.aws.session, "g2", env.image_a, size=2, version=version)
+        return "g2"
+
+    return make
+
+
+def _ssm_image(env: Env) -> str:
+    make_group(env.aws.session, "ssm", "resolve:ssm:/golden/web", size=2)
+    return "ssm"
+
+
+def _not_opted_in(env: Env) -> str:
+    make_group(env.aws.session, "mine", env.image_a, size=2, opted_in=False)
+    return "mine"
+
+
+def _someone_elses_refresh(env: Env) -> str:
+    template = env.group()["LaunchTemplate"]["LaunchTemplateId"]
+    env.asg.start_instance_refresh(
+        AutoScalingGroupName=GROUP,
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template, "Version": "1"}},
+    )
+    return GROUP
+
+
+REFUSALS = {
+    "launch-configuration": (_launch_configuration, ConfigError, "launch configuration"),
+    "latest": (_on("$Latest"), ConfigError, "$Latest"),
+    "default": (_on("$Default"), ConfigError, "$Default"),
+    "no-version": (_on(None), ConfigError, "$Default"),
+    "ssm-image": (_ssm_image, ConfigError, "resolve:ssm:/golden/web"),
+    "not-opted-in": (_not_opted_in, ConfigError, ROLLOUT_TAG),
+    "refresh-in-progress": (_someone_elses_refresh, StateError, "not one amiforge started"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusals_come_with_a_fix_before_anything_is_written(env: Env, case: str) -> None:
+    make, error, words = REFUSALS[case]
+    group = make(env)
+    before = len(env.refreshes.refreshes)
+    env.aws.calls.reset()
+    with pytest.raises(error) as caught:
+        env.start(group=group)
+    assert words in caught.value.message and caught.value.fix
+    writes = [op for (_, op) in env.aws.calls.counts if not op.startswith("Describe")]
+    assert writes == [], writes
+    assert len(env.refreshes.refreshes) == before
+
+
+def test_bad_requests_are_refused(env: Env) -> None:
+    for kwargs in ({"checkpoints": [50, 25, 100]}, {"checkpoints": [25, 50]}, {"checkpoint_delay": -1}):
+        with pytest.raises(ConfigError):
+            env.start(**kwargs)
+    with pytest.raises(ConfigError) as caught:
+        env.start(alarms=["no-such-alarm"])
+    assert "no-such-alarm" in caught.value.message
+    assert env.refreshes.refreshes == [] and env.aws.calls["ec2.CreateLaunchTemplateVersion"] == 0
+
+
+# --- throttling -----------------------------------------------------------------------------------------------------
+
+
+def test_under_throttling_the_refresh_and_its_rollback_end_the_same(
+    faulty: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert faulty.faults is not None
+    faulty.faults.not_found_reads = 0  # the images were baked long ago
+    env = _env(faulty, monkeypatch)
+    _completes(env)
+    assert env.start() == env.refreshes.refreshes[0].id
+    make_group(env.aws.session, "other", env.image_a, size=4)
+    refresh_id = env.start(group="other")
+    while refresh_status(env.fleet("other"), refresh_id).percentage_complete < 25:
+        pass
+    assert roll_back_refresh(env.fleet("other"), refresh_id).status.startswith("Rollback")
+    while refresh_status(env.fleet("other"), refresh_id).active:
+        pass
+    assert refresh_status(env.fleet("other"), refresh_id).status == "RollbackSuccessful"
+    assert env.images("other") == [env.image_a] * 4
+    assert faulty.faults.injected["Throttling"] > 10
