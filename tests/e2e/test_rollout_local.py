@@ -6,8 +6,11 @@ from the guests themselves (the page each one serves on its forwarded port), not
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ SLOW_STEP = """\
 STRATEGY = "waves: [1, 100%]\nbake_time: 0s\ngates: {boot_success_rate: 1.0, time_to_ready_p95: 40s}\n"
 
 
-def run(cli: Cli, *args: str, check: int = 0) -> Any:
+def run(cli: Cli, *args: str, check: int | None = 0) -> Any:
     proc = subprocess.run(
         [sys.executable, "-m", "amiforge", *args, "--json"],
         env=cli.env,
@@ -45,7 +48,8 @@ def run(cli: Cli, *args: str, check: int = 0) -> Any:
         timeout=900,
         check=False,
     )
-    assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return json.loads(proc.stdout)
 
 
@@ -88,6 +92,27 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
         assert [d["numbers"]["members"] for d in good["decisions"]] == [1, 2]
         assert pages(cli, "rollfleet") == ["web tier v2"] * 3
 
+        # kill -9 the controller of a rollback to v1 once its first guest is launching; `rollout resume` converges.
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "amiforge", "rollback", "--target", "local:rollfleet", "--json"],
+            env=cli.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 300
+        while not any(m["version_ref"] == v1 for m in run(cli, "fleet", "show", "rollfleet")["members"]):
+            assert time.monotonic() < deadline and controller.poll() is None, "no guest of v1 was launched"
+            time.sleep(0.5)
+        os.killpg(controller.pid, signal.SIGKILL)
+        controller.wait()
+        resumed = run(cli, "rollout", "resume", "2")
+        assert resumed["rollout"]["state"] == "succeeded"
+        assert pages(cli, "rollfleet") == ["web tier v1"] * 3
+        history = run(cli, "fleet", "show", "rollfleet", "--all")["members"]
+        assert len(history) == 9  # 3 created + 3 for v2 + 3 for v1: no guest launched twice, none lost
+        assert len({r["new_member"] for r in resumed["replacements"]}) == 3  # one new guest per replaced member
+
         web_recipe.write_text(
             web_recipe.read_text().replace(
                 "  - service: {enable: [nginx]}\n", SLOW_STEP + "  - service: {enable: [nginx]}\n"
@@ -107,11 +132,11 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
             check=4,
         )
         assert bad["error"] == "gate" and "time-to-ready p95" in json.dumps(bad)
-        status = run(cli, "rollout", "status", "2")
+        status = run(cli, "rollout", "status", "3")
         assert status["rollout"]["state"] == "failed"
         (decision,) = status["decisions"]
         assert decision["action"] == "rollback" and decision["numbers"]["time_to_ready_p95"] > 40
         assert [r["kind"] for r in status["replacements"]] == ["forward", "rollback"]
-        assert pages(cli, "rollfleet") == ["web tier v2"] * 3  # the guests say so themselves
+        assert pages(cli, "rollfleet") == ["web tier v1"] * 3  # the guests say so themselves
     finally:
         run(cli, "fleet", "destroy", "rollfleet")
