@@ -36,7 +36,14 @@ from amiforge.providers.aws.images import MANAGED_TAG, SourceImage, describe_ima
 from amiforge.providers.aws.machine import STAGE, Machine, MachineFactory, SsmMachine
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.layers import STEP_TIMEOUT, _step_script
-from amiforge.providers.local.qemu import COMMAND_TIMEOUT, READY_RE, GuestCheck, guest_results, guest_script
+from amiforge.providers.local.qemu import (
+    COMMAND_TIMEOUT,
+    READY_RE,
+    GuestCheck,
+    guest_checks,
+    guest_results,
+    guest_script,
+)
 from amiforge.recipe import AwsProvider, Checks, FileStep, Recipe, Step
 from amiforge.scanners.sbom import parse_dpkg_status
 
@@ -335,9 +342,10 @@ def _discard_unfinished(session: AwsSession, region: str, image_id: str, done: l
 
 
 def _guest_checks(checks: Checks) -> list[GuestCheck]:
+    """The local provider's in-guest checks, plus the port checks run on the instance itself (no port reaches it
+    from here, unlike QEMU's hostfwd)."""
     q = shlex.quote
-    out = [GuestCheck(f"unit {u}", "unit", f"systemctl is-active -- {q(u)}") for u in checks.units]
-    out += [GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output) for c in checks.commands]
+    out = guest_checks(checks)
     for h in checks.http:
         body = f" && grep -qF -- {q(h.expect_body)} /tmp/amiforge-body" if h.expect_body is not None else ""
         shell = (
