@@ -449,3 +449,28 @@ def test_status_watch_follows_a_rollout_driven_elsewhere(
     assert [h.split(": ", 1)[1].split(" ")[0] for h in heads] == ["running", "running", "succeeded"]
     as_json = cli("rollout", "status", str(rid), "--watch", "--json")
     assert as_json.json()["rollout"]["state"] == "succeeded"  # one document, at the end
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "gcp:x", "--version", "web@1"], "is not local:NAME or aws:REGION/GROUP"),
+        (["--target", "local:x", "--version", "web@1", "--waves", "1,50%"], "waves: the last wave is 50%"),
+        (["--target", "local:x", "--version", "web@1", "--bake-time", "soon"], "bake_time: 'soon' is not a duration"),
+        (["--target", "local:x"], "exactly one of --version REF and --channel"),
+        (["--target", "local:x", "--channel", "web"], "is not NAME:CHANNEL"),
+    ],
+)
+def test_rollout_start_usage_errors_name_the_flag_and_the_fix(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    from tests.cli_harness import make_cli
+
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.delenv("AMIFORGE_STORE_URL", raising=False)
+    refused = make_cli(monkeypatch, capsys)("rollout", "start", *args)
+    assert refused.code == 2 and message in refused.err and "fix:" in refused.err and "Traceback" not in refused.err

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
@@ -46,8 +47,9 @@ def _strategy(path: Path | None, waves: str | None, bake_time: str | None) -> St
         data["bake_time"] = bake_time
     try:
         return Strategy.model_validate(data)
-    except ValueError as e:
-        raise ConfigError(f"--waves/--bake-time: {e}", fix="e.g. --waves 1,25%,100% --bake-time 60s") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"--waves/--bake-time: {problems}", fix="e.g. --waves 1,25%,100% --bake-time 60s") from e
 
 
 def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
@@ -94,6 +96,7 @@ def start_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Replace the target's members wave by wave; a failed gate rolls back automatically (exit 4)."""
+    target = controller.canonical_target(target)  # a bad target is a usage error, before anything is looked up
     chosen = _strategy(strategy, waves, bake_time)
     settings, store = open_registry()
     ref = resolve_version(store, version, channel)
