@@ -49,7 +49,7 @@ from amiforge.yamlfile import (
     dotted,
     fail,
     line_of,
-    parse_yaml,
+    parse_mapping,
     problems_from_validation,
     raise_problems,
     read_text,
@@ -526,21 +526,11 @@ def load_policy(path: Path) -> Policy:
 
 def parse_policy(text: str, path: Path) -> Policy:
     """Validate policy YAML `text` as if read from `path`."""
+    start = f"start from {_EXAMPLE}; at least 'channels:' is required"
+    node, data, problems = parse_mapping(
+        text, path, _KIND, top_keys="channels:, waivers:", empty_fix=start, mapping_fix=start
+    )
     file = str(path)
-    node, data, problems = parse_yaml(text, file, noun=_KIND.noun)
-    if node is None or not isinstance(data, dict):
-        if not problems:
-            problems = [
-                Problem(
-                    message="the policy file is empty"
-                    if node is None
-                    else f"the policy must be a mapping (channels:, waivers:), got {yaml_type(data)}",
-                    file=file,
-                    line=None if node is None else node.start_mark.line + 1,
-                    fix=f"start from {_EXAMPLE}; at least 'channels:' is required",
-                )
-            ]
-        _raise(path, problems)
     problems += [
         Problem(message=message, file=file, line=line_of(node, loc), field=dotted(loc), fix=fix)
         for loc, message, fix in _cross_problems(data)

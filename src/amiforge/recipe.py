@@ -40,7 +40,7 @@ from pydantic import (
 from amiforge.errors import ConfigError, Problem
 from amiforge.yamlfile import (
     YamlKind,
-    parse_yaml,
+    parse_mapping,
     problems_from_validation,
     raise_problems,
     read_text,
@@ -930,28 +930,15 @@ def load_recipe(path: Path) -> Recipe:
 
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe YAML `text` as if read from `path` (file sources resolve against `path`'s folder)."""
+    node, data, problems = parse_mapping(
+        text,
+        path,
+        _KIND,
+        top_keys="name:, steps:, …",
+        empty_fix="start from examples/web/recipe.yaml; at least 'name:' is required",
+        mapping_fix="write the recipe as 'key: value' lines at the top level, from 'name: …'",
+    )
     file = str(path)
-    node, data, problems = parse_yaml(text, file, noun=_KIND.noun)
-    if node is None or not isinstance(data, dict):
-        if not problems:
-            if node is None:
-                problems = [
-                    Problem(
-                        message="the recipe file is empty",
-                        file=file,
-                        fix="start from examples/web/recipe.yaml; at least 'name:' is required",
-                    )
-                ]
-            else:
-                problems = [
-                    Problem(
-                        message=f"the recipe must be a mapping (name:, steps:, …), got {_yaml_type(data)}",
-                        file=file,
-                        line=node.start_mark.line + 1,
-                        fix="write the recipe as 'key: value' lines at the top level, from 'name: …'",
-                    )
-                ]
-        raise_problems(_KIND, path, problems)
     try:
         recipe = Recipe.model_validate(data, context={"folder": path.absolute().parent})
     except ValidationError as e:

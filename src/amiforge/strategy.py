@@ -33,12 +33,11 @@ from amiforge.providers.interface import Member
 from amiforge.yamlfile import (
     YamlKind,
     fail,
-    parse_yaml,
+    parse_mapping,
     problems_from_validation,
     raise_problems,
     read_text,
     short,
-    yaml_type,
 )
 
 __all__ = ["Strategy", "WaveDecision", "decide", "load_strategy", "parse_strategy", "plan_waves"]
@@ -159,23 +158,20 @@ def load_strategy(path: Path) -> Strategy:
 
 
 def parse_strategy(text: str, path: Path) -> Strategy:
-    file = str(path)
-    node, data, problems = parse_yaml(text, file, noun=_KIND.noun)
-    if not problems and not isinstance(data, dict):
-        problems = [
-            Problem(
-                f"the strategy must be a mapping (waves:, bake_time:, gates:), got {yaml_type(data)}",
-                file=file,
-                line=None if node is None else node.start_mark.line + 1,
-                fix="see the README's Rollouts section",
-            )
-        ]
-    if problems:
+    node, data, problems = parse_mapping(
+        text,
+        path,
+        _KIND,
+        top_keys="waves:, bake_time:, gates:",
+        empty_fix="see the README's Rollouts section, or leave --strategy out for the defaults",
+        mapping_fix="see the README's Rollouts section",
+    )
+    if problems:  # e.g. duplicate keys
         _raise(path, problems)
     try:
         return Strategy.model_validate(data)
     except ValidationError as e:
-        _raise(path, problems_from_validation(e, node, file, _KIND))
+        _raise(path, problems_from_validation(e, node, str(path), _KIND))
 
 
 def _raise(path: Path, problems: list[Problem]) -> NoReturn:

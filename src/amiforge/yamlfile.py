@@ -34,6 +34,7 @@ __all__ = [
     "dotted",
     "fail",
     "line_of",
+    "parse_mapping",
     "parse_yaml",
     "problems_from_validation",
     "raise_problems",
@@ -284,6 +285,31 @@ def _duplicate_keys(root: yaml.Node, file: str) -> list[Problem]:
                 seen.add(key.value)
                 stack.append((value, (*loc, key.value)))
     return problems
+
+
+def parse_mapping(
+    text: str, path: Path, kind: YamlKind, *, top_keys: str, empty_fix: str, mapping_fix: str
+) -> tuple[yaml.Node, dict[str, Any], list[Problem]]:
+    """`parse_yaml`, then refuse (raise) an empty file or a top level that is not a mapping — every format here is
+    a mapping at the top. Returns the node, the mapping, and the problems found so far (e.g. duplicate keys, which
+    YAML accepts) for the caller to report with its own. `top_keys` names the usual top-level keys in messages."""
+    file = str(path)
+    node, data, problems = parse_yaml(text, file, noun=kind.noun)
+    if node is not None and isinstance(data, dict):
+        return node, data, problems
+    if not problems:
+        if node is None:
+            problems = [Problem(message=f"the {kind.noun} file is empty", file=file, fix=empty_fix)]
+        else:
+            problems = [
+                Problem(
+                    message=f"the {kind.noun} must be a mapping ({top_keys}), got {yaml_type(data)}",
+                    file=file,
+                    line=node.start_mark.line + 1,
+                    fix=mapping_fix,
+                )
+            ]
+    raise_problems(kind, path, problems)
 
 
 def raise_problems(kind: YamlKind, path: Path, problems: Sequence[Problem]) -> NoReturn:
