@@ -9,6 +9,7 @@ import pytest
 
 from amiforge.errors import NotFound, StateError
 from amiforge.model import (
+    Artifact,
     Finding,
     FindingKind,
     Package,
@@ -164,3 +165,13 @@ def test_rollout_records_round_trip_with_compare_and_set(store: SqlStore) -> Non
     assert store.create_rollout("local:web", vid, strategy={}, waves=[1], actor="ci").id != r.id  # target free again
     with pytest.raises(NotFound):
         store.get_rollout(999)
+
+
+def test_provider_artifacts_lists_every_version_in_one_read(store: SqlStore) -> None:
+    first, second = _built(store), _built(store)
+    store.add_artifact(first, Artifact("aws", "eu-west-1", "ami-00000000000000001", "a" * 64, 1))
+    store.add_artifact(second, Artifact("aws", "us-east-1", "ami-00000000000000002", "b" * 64, 1))
+    store.add_artifact(second, Artifact("local", "local", "/x.qcow2", "c" * 64, 1))
+    found = [(ref, a.location, a.region) for ref, a in store.provider_artifacts("aws")]
+    assert found == [("web@1", "ami-00000000000000001", "eu-west-1"), ("web@2", "ami-00000000000000002", "us-east-1")]
+    assert store.provider_artifacts("gcp") == []

@@ -63,15 +63,12 @@ def run_states(events: Iterable[Event], *, now: datetime, stale_after: timedelta
     return states
 
 
-def _registry_view(store: Store, settings: Settings) -> tuple[set[str], set[str]]:
+def _registry_view(store: Store) -> tuple[set[str], set[str]]:
     """(every aws image the registry holds, every region it knows of from artifacts and recipes)."""
-    images: set[str] = set()
-    regions: set[str] = set()
+    held = [artifact for _, artifact in store.provider_artifacts("aws")]
+    images = {a.location for a in held}
+    regions = {a.region for a in held}
     for version in store.list_versions():
-        for artifact in store.artifacts(version.id):
-            if artifact.provider == "aws":
-                images.add(artifact.location)
-                regions.add(artifact.region)
         if version.provider == "aws":
             spec = provider_spec_of(version)
             if isinstance(spec, AwsSpec):
@@ -92,7 +89,7 @@ def gc(
 ) -> GcOutcome:
     from amiforge.providers.aws.gc import apply_gc, plan_gc  # boto3 only for those who use AWS
 
-    images, known_regions = _registry_view(store, settings)
+    images, known_regions = _registry_view(store)
     targets = list(dict.fromkeys(regions)) or sorted(known_regions)
     if not targets:
         raise ConfigError("the registry knows of no AWS region to collect in", fix="pass --region REGION")

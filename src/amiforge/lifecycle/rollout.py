@@ -175,7 +175,7 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
 
 def versions_by_location(store: Store, provider: str) -> dict[str, str]:
     """Artifact location (qcow2 path, AMI id) → NAME@N, for members that do not carry their version."""
-    return {a.location: v.ref for v in store.list_versions() for a in store.artifacts(v.id) if a.provider == provider}
+    return {artifact.location: ref for ref, artifact in store.provider_artifacts(provider)}
 
 
 def live(members: Sequence[Member]) -> list[Member]:

@@ -715,6 +715,16 @@ class SqlStore:
         with _boundary(f"list the artifacts of version {version_id}", self._where), self._read() as conn:
             return [_artifact(r) for r in conn.execute(query).mappings()]
 
+    def provider_artifacts(self, provider: str) -> list[tuple[str, Artifact]]:
+        query = (
+            sa.select(artifacts_table, versions_table.c.name, versions_table.c.number)
+            .join(versions_table, versions_table.c.id == artifacts_table.c.version_id)
+            .where(artifacts_table.c.provider == provider)
+            .order_by(artifacts_table.c.id)
+        )
+        with _boundary(f"list the {provider} artifacts", self._where), self._read() as conn:
+            return [(f"{r['name']}@{r['number']}", _artifact(r)) for r in conn.execute(query).mappings()]
+
     def record_layers(self, version_id: int, layers: Sequence[LayerRecord]) -> None:
         with _boundary(f"record the layers of version {version_id}", self._where), self._write() as conn:
             self._require_version(conn, version_id)
