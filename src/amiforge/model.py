@@ -254,6 +254,10 @@ class Operation:
     detail: Mapping[str, object]
 
 
+# A rollout in these states is not over: someone drives it (or will, after `rollout resume`), and it owns its target.
+ROLLOUT_LIVE = ("running", "paused", "rolling-back")
+
+
 @dataclass(frozen=True)
 class Rollout:
     """One rollout of a version onto a target fleet: the durable state the controller resumes from.

@@ -14,7 +14,7 @@ from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle import rollout as controller
-from amiforge.model import Rollout
+from amiforge.model import ROLLOUT_LIVE, Rollout
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, load_strategy
 
@@ -144,7 +144,7 @@ def _watch(rollout_id: int, store: Store, as_json: bool, *, every: float = 2.0) 
         rollout = store.get_rollout(rollout_id)
         now = (rollout.state, rollout.wave, rollout.requested, len(store.decisions(rollout_id)),
                tuple((r.token, r.state) for r in store.replacements(rollout_id)))  # fmt: skip
-        over = rollout.state not in controller.LIVE_STATES
+        over = rollout.state not in ROLLOUT_LIVE
         if now != seen and (not as_json or over):
             _report(rollout, store, as_json)
             seen = now

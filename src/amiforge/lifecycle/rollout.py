@@ -31,14 +31,13 @@ from amiforge.lifecycle.release import releasable
 from amiforge.model import Artifact, ImageVersion, Rollout, RolloutReplacement, Status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import Fleet, FleetProvider, Member, PhaseUpdate, Replacement
+from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
 
 # How often a wave is looked at while it bakes.
 POLL_SECONDS = 5.0
-# A rollout in these states is not over: someone drives it (or will, after `rollout resume`).
-LIVE_STATES = ("running", "paused", "rolling-back")
 
 
 @dataclass(frozen=True)
@@ -209,11 +208,7 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
         if pending:
             started = controls.clock()
-            new = fleet.replace([Replacement(r.old_member, r.token) for r in pending], artifact, version.ref, checks)
-            for replacement, member in zip(pending, new, strict=True):
-                store.finish_replacement(
-                    replacement.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
-                )
+            _replace(fleet, pending, artifact, version.ref, checks, store)
             controls.progress(PhaseUpdate(f"wave {index + 1}: replaced", "done", "", controls.clock() - started))
         decision = _watch(rollout, [r.token for r in planned], fleet, strategy, store, controls)
         decisions.append(decision)
@@ -239,6 +234,22 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
     rollout = store.update_rollout(rollout.id, expect="running", state="succeeded")
     store.append_event("rollout.succeeded", actor=settings.actor, ref=version.ref, data={"rollout": rollout.id})
     return RolloutOutcome(rollout, decisions)
+
+
+def _replace(
+    fleet: Fleet,
+    pending: Sequence[RolloutReplacement],
+    artifact: Artifact,
+    version_ref: str,
+    checks: Checks,
+    store: Store,
+) -> None:
+    """Ask the fleet for the recorded replacements (by their tokens) and record what each became."""
+    new = fleet.replace([Replacement(r.old_member, r.token) for r in pending], artifact, version_ref, checks)
+    for replacement, member in zip(pending, new, strict=True):
+        store.finish_replacement(
+            replacement.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
+        )
 
 
 def _honour_request(rollout: Rollout, store: Store, settings: Settings) -> Rollout | None:
@@ -339,14 +350,7 @@ def _roll_back(
         )
         pending = [p for p in planned if p.state == "planned"]
         if pending:
-            artifact = artifact_in(old, store, provider, region)
-            back = fleet.replace(
-                [Replacement(p.old_member, p.token) for p in pending], artifact, old.ref, checks_of(old)
-            )
-            for p, member in zip(pending, back, strict=True):
-                store.finish_replacement(
-                    p.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
-                )
+            _replace(fleet, pending, artifact_in(old, store, provider, region), old.ref, checks_of(old), store)
     rolled = [r for r in store.replacements(rollout.id) if r.kind == "rollback"]
     failed_back = [r for r in rolled if r.state != "done"]
     rollout = store.update_rollout(

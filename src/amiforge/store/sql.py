@@ -27,6 +27,7 @@ from sqlalchemy.pool import StaticPool
 
 from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateError
 from amiforge.model import (
+    ROLLOUT_LIVE,
     Artifact,
     BootReport,
     ChannelPointer,
@@ -322,10 +323,6 @@ def _version(m: RowMapping) -> ImageVersion:
         tags=dict(m["tags"] or {}),
         log=m["log"] or "",
     )
-
-
-# A rollout in these states owns its target: no second rollout starts there.
-_ROLLOUT_LIVE = ("running", "paused", "rolling-back")
 
 
 def _rollout(row: RowMapping) -> Rollout:
@@ -1071,7 +1068,7 @@ class SqlStore:
             self._require_version(conn, version_id)
             busy = conn.execute(
                 sa.select(rollouts_table.c.id, rollouts_table.c.state).where(
-                    rollouts_table.c.target == target, rollouts_table.c.state.in_(_ROLLOUT_LIVE)
+                    rollouts_table.c.target == target, rollouts_table.c.state.in_(ROLLOUT_LIVE)
                 )
             ).first()
             if busy is not None:
@@ -1126,7 +1123,7 @@ class SqlStore:
         values: dict[str, object] = {"updated_at": now}
         if state is not None:
             values["state"] = state
-            if state not in _ROLLOUT_LIVE:
+            if state not in ROLLOUT_LIVE:
                 values["finished_at"] = now
         if wave is not None:
             values["wave"] = wave
@@ -1153,7 +1150,7 @@ class SqlStore:
         with _boundary(f"ask rollout #{rollout_id} to {request}", self._where), self._write() as conn:
             result = conn.execute(
                 rollouts_table.update()
-                .where(rollouts_table.c.id == rollout_id, rollouts_table.c.state.in_(_ROLLOUT_LIVE))
+                .where(rollouts_table.c.id == rollout_id, rollouts_table.c.state.in_(ROLLOUT_LIVE))
                 .values(requested=request, updated_at=self._now())
             )
         if result.rowcount == 0:
