@@ -251,7 +251,7 @@ class AsgFleet:
         if group.raw["LaunchTemplate"].get("Version") != str(target):
             self._busy_retry(
                 f"pointing group {group.name} at version {target}",
-                lambda: self._asg_call(
+                lambda: self.asg_call(
                     "UpdateAutoScalingGroup",
                     AutoScalingGroupName=group.name,
                     LaunchTemplate={"LaunchTemplateId": template.template_id, "Version": str(target)},
@@ -323,7 +323,8 @@ class AsgFleet:
 
     # --- replace, step by step ------------------------------------------------------------------------------------
 
-    def _check_request(self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str) -> str:
+    def artifact_problems(self, artifact: Artifact, version_ref: str, token: str | None = None) -> list[str]:
+        """What is wrong with asking this group to run `artifact` as `version_ref` (and `token`); [] if nothing."""
         problems = []
         if artifact.provider != "aws" or artifact.region != self.region:
             problems.append(f"artifact is {artifact.provider} in {artifact.region}, not aws in {self.region}")
@@ -331,6 +332,12 @@ class AsgFleet:
             problems.append(f"artifact location {artifact.location!r} is not an AMI id")
         if not version_ref or len(version_ref) >= _TAG_VALUE_MAX:
             problems.append(f"version ref {version_ref!r} must be 1-255 characters (a tag value)")
+        if token is not None and (not token or len(token) >= _TAG_VALUE_MAX):
+            problems.append("a token must be 1-255 characters (a tag value)")
+        return problems
+
+    def _check_request(self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str) -> str:
+        problems = self.artifact_problems(artifact, version_ref)
         tokens = [r.token for r in replacements]
         members = [r.member for r in replacements]
         for what, values in (("token", tokens), ("member", members)):
@@ -435,7 +442,7 @@ class AsgFleet:
     def _terminate(self, instance_id: str) -> None:
         def terminate() -> None:
             try:
-                self._asg_call(
+                self.asg_call(
                     "TerminateInstanceInAutoScalingGroup", InstanceId=instance_id, ShouldDecrementDesiredCapacity=False
                 )
             except ConfigError:
@@ -581,15 +588,7 @@ class AsgFleet:
                 detail = "waiting for AMIFORGE-READY on its console"
         if state == "failed" and FAILED_TAG not in tags:
             self._tag(instance.id, {FAILED_TAG: detail[: _TAG_VALUE_MAX - 1], FAILED_AT_TAG: self._stamp()})
-        return Member(
-            id=instance.id,
-            version_ref=tags.get(VERSION_TAG),
-            location=instance.image_id,
-            state=state,
-            launched_at=instance.launched_at,
-            time_to_ready=time_to_ready,
-            detail=detail,
-        )
+        return _as_member(instance, state, time_to_ready, detail)
 
     def _member_now(self, instance: _Instance, record: Mapping[str, Any]) -> Member:
         """A member as current() reports it: read only, nothing recorded."""
@@ -611,19 +610,12 @@ class AsgFleet:
                 state, detail = "ready", f"ready after {time_to_ready:g}s"
             else:
                 state, detail = "launching", "no AMIFORGE-READY on its console yet"
-        return Member(
-            id=instance.id,
-            version_ref=tags.get(VERSION_TAG),
-            location=instance.image_id,
-            state=state,
-            launched_at=instance.launched_at,
-            time_to_ready=time_to_ready,
-            detail=detail,
-        )
+        return _as_member(instance, state, time_to_ready, detail)
 
     # --- reads and writes -----------------------------------------------------------------------------------------
 
-    def _asg_call(self, operation: str, **kwargs: Any) -> Any:
+    def asg_call(self, operation: str, **kwargs: Any) -> Any:
+        """An Auto Scaling call about this group, through the one error table."""
         return call(self.session.client("autoscaling", self.region), operation, f"group {self.target}", **kwargs)
 
     def _group(self) -> _Group:
@@ -738,4 +730,16 @@ def _parse_time(value: str | None) -> datetime | None:
 def _with_deadline(wait: Wait, deadline: float) -> Wait:
     return Wait(
         first_delay=wait.first_delay, max_delay=wait.max_delay, deadline=deadline, sleep=wait.sleep, clock=wait.clock
+    )
+
+
+def _as_member(instance: _Instance, state: MemberState, time_to_ready: float | None, detail: str) -> Member:
+    return Member(
+        id=instance.id,
+        version_ref=instance.tags.get(VERSION_TAG),
+        location=instance.image_id,
+        state=state,
+        launched_at=instance.launched_at,
+        time_to_ready=time_to_ready,
+        detail=detail,
     )

@@ -60,7 +60,6 @@ from typing import Any, Final
 
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.model import Artifact
-from amiforge.providers.aws.clients import call
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import describe_image
 from amiforge.providers.aws.templates import Template, client_token, describe_versions, image_of, version_holding
@@ -80,12 +79,10 @@ ACTIVE: Final = frozenset({"Pending", "InProgress", "Baking", "Cancelling", "Rol
 ROLLBACK: Final = frozenset({"RollbackInProgress", "RollbackSuccessful", "RollbackFailed"})
 TERMINAL: Final = frozenset({"Successful", "Failed", "Cancelled", "RollbackSuccessful", "RollbackFailed"})
 
-_IMAGE_ID_RE: Final = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
 _VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
 _SSM_IMAGE: Final = "resolve:ssm:"
 _MAX_ALARMS: Final = 10
 _MAX_CHECKPOINT_DELAY: Final = 172800
-_TAG_VALUE_MAX: Final = 256
 
 
 @dataclass(frozen=True)
@@ -185,8 +182,7 @@ def start_refresh(
     if alarms:
         preferences["AlarmSpecification"] = {"Alarms": list(alarms)}
     try:
-        answer = _asg(
-            fleet,
+        answer = fleet.asg_call(
             "StartInstanceRefresh",
             AutoScalingGroupName=name,
             DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template.template_id, "Version": str(target)}},
@@ -236,7 +232,7 @@ def roll_back_refresh(fleet: AsgFleet, refresh_id: str) -> RefreshStatus:
             fix="roll back only the refresh this rollout started",
         )
     try:
-        _asg(fleet, "RollbackInstanceRefresh", AutoScalingGroupName=fleet.target)
+        fleet.asg_call("RollbackInstanceRefresh", AutoScalingGroupName=fleet.target)
     except NotFound as e:
         # ActiveInstanceRefreshNotFound: it ended (or began rolling back on its own) since it was read.
         status = refresh_status(fleet, refresh_id)
@@ -263,15 +259,7 @@ def _check_request(
     token: str,
     min_healthy_percentage: int,
 ) -> str:
-    problems = []
-    if artifact.provider != "aws" or artifact.region != fleet.region:
-        problems.append(f"artifact is {artifact.provider} in {artifact.region}, not aws in {fleet.region}")
-    if _IMAGE_ID_RE.fullmatch(artifact.location) is None:
-        problems.append(f"artifact location {artifact.location!r} is not an AMI id")
-    if not version_ref or len(version_ref) >= _TAG_VALUE_MAX:
-        problems.append(f"version ref {version_ref!r} must be 1-255 characters")
-    if not token or len(token) >= _TAG_VALUE_MAX:
-        problems.append("the token must be 1-255 characters")
+    problems = fleet.artifact_problems(artifact, version_ref, token)
     points = list(checkpoints)
     if points and (any(not 1 <= p <= 100 for p in points) or points != sorted(set(points)) or points[-1] != 100):
         problems.append(f"checkpoints {points} must be ascending percentages in 1..100 ending at 100")
@@ -289,10 +277,6 @@ def _check_request(
     return artifact.location
 
 
-def _asg(fleet: AsgFleet, operation: str, **kwargs: Any) -> Any:
-    return call(fleet.session.client("autoscaling", fleet.region), operation, f"group {fleet.target}", **kwargs)
-
-
 def _refreshes(fleet: AsgFleet, ids: Sequence[str] = ()) -> list[Mapping[str, Any]]:
     """The group's refreshes, newest first (as AWS lists them); only `ids` when given."""
     out: list[Mapping[str, Any]] = []
@@ -300,7 +284,7 @@ def _refreshes(fleet: AsgFleet, ids: Sequence[str] = ()) -> list[Mapping[str, An
     if ids:
         kwargs["InstanceRefreshIds"] = list(ids)
     while True:
-        page = _asg(fleet, "DescribeInstanceRefreshes", **kwargs)
+        page = fleet.asg_call("DescribeInstanceRefreshes", **kwargs)
         out += page.get("InstanceRefreshes", [])
         if not page.get("NextToken"):
             return out
