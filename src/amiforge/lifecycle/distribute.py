@@ -70,8 +70,6 @@ def distribute(
     store.append_event("distribute.started", actor=actor, ref=version.ref, data={"run": op.run_id, "attempt": op.id})
     try:
         copies = provider.distribute(source, spec, run_id=op.run_id, public=public, on_copy=on_copy, progress=progress)
-        for copy in copies:  # adopted copies an earlier attempt recorded already: idempotent
-            on_copy(copy)
     except BaseException as e:  # KeyboardInterrupt too: the attempt is over, the next one resumes it
         detail["error"] = f"{type(e).__name__}: {e}"[:2000]
         store.update_operation(op.id, "failed", detail)

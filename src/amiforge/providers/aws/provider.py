@@ -197,21 +197,29 @@ class AwsProvider:
             public_flag=public,
         )
         session = self.session(artifact.region)
+        adopted: set[str] = set()
+        done: dict[str, Copy] = {}
 
         def step(update: Progress) -> None:
+            # Worker threads, one per region: each writes only its own region's entries.
+            if update.step == "adopted":
+                adopted.add(update.region)
             if update.step == "done" and update.image_id is not None:
-                copy = describe_image(session, update.region, update.image_id)
-                on_copy(Copy(artifact, artifact_of(copy, update.region), False, plan.share.describe(plan.public)))
+                image = describe_image(session, update.region, update.image_id)
+                copy = Copy(
+                    artifact,
+                    artifact_of(image, update.region),
+                    update.region in adopted,
+                    plan.share.describe(plan.public),
+                )
+                done[update.region] = copy
+                on_copy(copy)
                 progress(PhaseUpdate(update.region, "done", update.image_id))
             elif update.step in ("adopted", "copying"):
                 progress(PhaseUpdate(update.region, "start", update.step))
 
         result = distribute(plan, session, on_progress=step)
-        copies = []
-        for region in result.regions:
-            image = describe_image(session, region.region, region.image_id)
-            copies.append(Copy(artifact, artifact_of(image, region.region), region.adopted, region.shared_with))
-        return copies
+        return [done[r.region] for r in result.regions]
 
     def publish(
         self, artifacts: list[Artifact], spec: ProviderSpec, *, name: str, channel: str, run_id: str
