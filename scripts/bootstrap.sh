@@ -28,10 +28,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 stamp=.venv/.amiforge-installed
-if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "bootstrap: creating .venv with amiforge and its pinned dependencies"
+if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+    echo "bootstrap: creating .venv with amiforge and the dependency versions of constraints.txt"
     python3 -m venv .venv
     # (this machine's pip config names extra local indexes that may be absent: keep their warnings out)
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,postgres]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,postgres]' 2>&1 \
+        | { grep -v '^WARNING: Location' || true; }
     touch "$stamp"
 fi

@@ -5,7 +5,7 @@ Pydantic stays at the edges (recipe files, settings, HTTP payloads); inside, eve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -49,6 +49,15 @@ def check_transition(current: Status, target: Status) -> None:
             f"a version in state '{current}' cannot become '{target}'",
             fix=f"from '{current}' the allowed next states are: {allowed}",
         )
+
+
+def require_status(version: ImageVersion, allowed: Collection[Status], *, doing: str, fix: str) -> None:
+    """Raise StateError (exit 3, like every "wrong state for this command") unless `version` is in an `allowed`
+    state. `doing` completes "only … versions can be": e.g. "boot-tested"."""
+    if version.status not in allowed:
+        states = [s.value for s in Status if s in allowed]
+        listed = ", ".join(states[:-1]) + f" or {states[-1]}" if len(states) > 1 else states[0]
+        raise StateError(f"{version.ref} is {version.status}; only {listed} versions can be {doing}", fix=fix)
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,12 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class BootReport:
-    passed: bool
+    """One boot of a version and what its checks found. The verdict is derived from the checks, never kept apart
+    from them: a report passes when it has checks and every one passed (no checks is no evidence)."""
+
+    # Properties that JSON renderings include beside the fields.
+    __computed__ = ("passed",)
+
     time_to_ready: float | None  # seconds from QEMU start to the AMIFORGE-READY marker; None if never ready
     checks: tuple[CheckResult, ...]
     console: str
@@ -123,6 +137,10 @@ class BootReport:
     duration: float
     id: int | None = None
     version_id: int | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,6 @@ def seeded(data_dir: Path) -> Path:
         store.add_boot_report(
             web1,
             BootReport(
-                passed=True,
                 time_to_ready=12.5,
                 checks=(
                     CheckResult("unit nginx", "unit", True, "active"),
@@ -537,12 +536,12 @@ def test_test_refuses_a_version_still_baking(cli: Cli, data_dir: Path) -> None:
             name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local", tags={}, parent=None
         )
     r = cli("test", "web@1", "--json")
-    assert r.code == 2
+    assert r.code == 3  # a version in the wrong state for a command: exit 3, like every other command
     doc = r.json()
-    assert doc["error"] == "config"
+    assert doc["error"] == "state"
     assert doc["message"] == "web@1 is baking; only built, tested or failed versions can be boot-tested"
     text = cli("test", "web@1")
-    assert text.code == 2
+    assert text.code == 3
     assert "web@1 is baking" in text.err
     with _store() as store:
         assert store.get_version("web@1").status == Status.BAKING  # untouched

@@ -14,7 +14,7 @@ import pytest
 import amiforge.lifecycle.bake as bake_module
 import amiforge.lifecycle.boottest as boottest_module
 import amiforge.providers
-from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound
+from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound, StateError
 from amiforge.lifecycle.bake import BakeOutcome, bake
 from amiforge.lifecycle.boottest import boot_test
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
@@ -45,7 +45,6 @@ RECIPE = textwrap.dedent(
 
 def _report(*checks: CheckResult) -> BootReport:
     return BootReport(
-        passed=all(c.passed for c in checks),
         time_to_ready=4.5,
         checks=checks,
         console="AMIFORGE-READY 4.5\nAMIFORGE-CHECKS-DONE",
@@ -451,7 +450,7 @@ def test_retesting_a_failed_version_that_now_passes_makes_it_tested(
     assert store.verify_events() == []
 
 
-def test_boot_test_of_a_baking_version_is_a_config_error(script: Script, settings: Settings, store: SqlStore) -> None:
+def test_boot_test_of_a_baking_version_is_a_state_error(script: Script, settings: Settings, store: SqlStore) -> None:
     v = store.create_version(
         name="web",
         recipe_digest=DIGEST_1,
@@ -462,10 +461,10 @@ def test_boot_test_of_a_baking_version_is_a_config_error(script: Script, setting
         recipe="{}",
     )
 
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(StateError) as raised:
         boot_test(v.ref, store=store, settings=settings)
 
-    assert raised.value.exit_code == 2
+    assert raised.value.exit_code == 3
     assert "web@1 is baking" in raised.value.message
     assert store.get_version(v.ref).status is Status.BAKING
     assert script.instances == 0 and store.events() == []

@@ -584,7 +584,7 @@ def test_cli_create_exits_4_naming_members_that_are_not_ready(
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        (("--version", "web@1"), 2, "web@1 is built; a fleet runs only tested, scanned or signed versions"),
+        (("--version", "web@1"), 3, "web@1 is built; only tested, scanned or signed versions can be run by a fleet"),
         ((), 2, "pass exactly one of --channel IMAGE:CHANNEL or --version NAME@N"),
         (("--channel", "web"), 2, "is not IMAGE:CHANNEL"),
         (("--channel", "web:prod"), 3, "image 'web' has no channel 'prod'"),

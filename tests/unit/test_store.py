@@ -5,6 +5,7 @@ Every test that takes `store_url` (or `store`) runs once per backend; the Postgr
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -325,7 +326,6 @@ def test_layers_round_trip_and_rerecording_replaces(store: SqlStore) -> None:
 def test_boot_reports_round_trip(store: SqlStore) -> None:
     v = _built(store, "web", "d" * 64)
     passed = BootReport(
-        passed=True,
         time_to_ready=12.75,
         checks=(
             CheckResult(name="unit nginx", kind="unit", passed=True, detail="active"),
@@ -336,16 +336,25 @@ def test_boot_reports_round_trip(store: SqlStore) -> None:
         started_at=START,
         duration=20.5,
     )
-    never_ready = BootReport(
-        passed=False, time_to_ready=None, checks=(), console="", accel="kvm", started_at=START, duration=90.0
-    )
+    never_ready = BootReport(time_to_ready=None, checks=(), console="", accel="kvm", started_at=START, duration=90.0)
     first = store.add_boot_report(v.id, passed)
     second = store.add_boot_report(v.id, never_ready)
     assert first.id is not None and first.version_id == v.id
     assert store.boot_reports(v.id) == [first, second]
+    assert [r.passed for r in store.boot_reports(v.id)] == [True, False]  # no checks: no evidence, never a pass
     assert store.boot_reports(v.id)[0].started_at.tzinfo is UTC
     with pytest.raises(ValueError, match="timezone-aware"):
-        store.add_boot_report(v.id, BootReport(True, 1.0, (), "", "tcg", datetime(2025, 1, 1), 1.0))
+        store.add_boot_report(v.id, BootReport(1.0, (), "", "tcg", datetime(2025, 1, 1), 1.0))
+
+
+def test_a_boot_verdict_is_derived_from_its_checks(store: SqlStore) -> None:
+    """The registry keeps no verdict apart from the checks: one failed check fails the report as read back, whatever
+    the writer thought, and the table has no column that could say otherwise."""
+    v = _built(store, "web", "e" * 64)
+    checks = (CheckResult("ready", "ready", True, "ready after 3.0s"), CheckResult("unit x", "unit", False, "failed"))
+    report = store.add_boot_report(v.id, BootReport(3.0, checks, "", "tcg", START, 5.0))
+    assert report.passed is False and [r.passed for r in store.boot_reports(v.id)] == [False]
+    assert "passed" not in {c["name"] for c in sa.inspect(store.engine).get_columns("boot_reports")}
 
 
 # --- events -----------------------------------------------------------------------------------------------
@@ -416,6 +425,48 @@ def test_migrations_are_idempotent(store_url: str) -> None:
         with second.engine.connect() as conn:
             heads = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
     assert heads == [_script_head()]
+
+
+def _alembic(engine: sa.Engine, verb: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from amiforge.store.sql import MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        getattr(command, verb)(config, revision)
+
+
+def test_migration_0005_derives_boot_verdicts_from_checks(store_url: str) -> None:
+    """Reports written under 0004 (with a stored flag) read back with the verdict their checks give, and a
+    downgrade writes the derived flag back."""
+    engine = create_store_engine(store_url)
+    _alembic(engine, "upgrade", "0004")
+    ok = [{"name": "ready", "kind": "ready", "passed": True, "detail": ""}]
+    bad = [*ok, {"name": "unit x", "kind": "unit", "passed": False, "detail": "failed"}]
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO versions (id, name, number, status, recipe_digest, recipe_path, recipe, provider, parent,"
+            " tags, log, created_at, updated_at) VALUES (1, 'web', 1, 'built', 'r', 'r.yaml', '', 'local', NULL,"
+            " '{}', '', :at, :at)"), {"at": START})  # fmt: skip
+        for i, (flag, checks) in enumerate([(True, ok), (True, bad)], start=1):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO boot_reports (id, version_id, passed, time_to_ready, checks, console, accel,"
+                    " started_at, duration) VALUES (:id, 1, :flag, 1.0, :checks, '', 'tcg', :at, 1.0)"
+                ),
+                {"id": i, "flag": flag, "checks": json.dumps(checks), "at": START},
+            )
+    engine.dispose()
+    with open_store(store_url) as s:  # migrates to the head
+        assert [r.passed for r in s.boot_reports(1)] == [True, False]  # the stored True of #2 is gone
+        _alembic(s.engine, "downgrade", "0004")
+        with s.engine.connect() as conn:
+            flags = conn.execute(sa.text("SELECT passed FROM boot_reports ORDER BY id")).scalars().all()
+        assert [bool(f) for f in flags] == [True, False]
 
 
 def test_migrations_match_the_table_definitions(store: SqlStore) -> None:

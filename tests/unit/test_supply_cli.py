@@ -37,7 +37,6 @@ FINDING_KINDS = {"cve", "secret", "residue", "policy"}
 
 
 PASSING = BootReport(
-    passed=True,
     time_to_ready=3.5,
     checks=(CheckResult("ready", "ready", True, "ready after 3.5s"),),
     console="AMIFORGE-READY 3.5\n",
@@ -259,17 +258,21 @@ def test_scan_with_a_planted_key_exits_4_and_never_prints_the_key(cli: Cli, imag
             assert line not in shown
 
 
-def test_scan_of_an_untested_version_exits_2(cli: Cli, image: Image) -> None:
+def test_scan_of_an_untested_version_reads_it_and_keeps_it_built(cli: Cli, image: Image) -> None:
     seed(image, tested=False)
     r = cli("scan", "web@1", "--json")
-    assert r.code == 2
-    assert r.json() == {
-        "error": "config",
-        "message": "web@1 is built; only a boot-tested version is scanned",
-        "fix": "amiforge test web@1",
-        "exit_code": 2,
-        "problems": [],
-    }
+    assert r.code == 0
+    assert r.json()["version"] == "web@1" and r.json()["packages"] == 1
+    assert cli("images", "show", "web@1", "--json").json()["version"]["status"] == "built"
+
+
+def test_scan_of_a_version_still_baking_exits_3(cli: Cli, image: Image) -> None:
+    with registry() as store:
+        store.create_version(name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    r = cli("scan", "web@1", "--json")
+    assert r.code == 3
+    assert r.json()["error"] == "state" and r.json()["fix"] == "wait for its bake to finish"
 
 
 # --- sbom ---------------------------------------------------------------------------------------------------

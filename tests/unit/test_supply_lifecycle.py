@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import amiforge.providers
 from amiforge.errors import ConfigError, GateFailed, StateError
+from amiforge.lifecycle.boottest import boot_test
 from amiforge.lifecycle.pipeline import run_pipeline
 from amiforge.lifecycle.promote import channel_flags, promote, revoke
 from amiforge.lifecycle.scan import import_vulndb, scan, scan_gate
@@ -58,7 +59,6 @@ SECRET_PATH = "/opt/app/deploy.pem"
 
 
 PASSING = BootReport(
-    passed=True,
     time_to_ready=3.5,
     checks=(CheckResult("ready", "ready", True, "ready after 3.5s"),),
     console="AMIFORGE-READY 3.5\n",
@@ -346,15 +346,39 @@ def test_scan_without_advisories_still_records_the_sbom(world: World) -> None:
     assert scan_gate(outcome.scan.findings, policy=default_policy(), now=datetime.now(UTC)).passed
 
 
-def test_scan_of_a_built_untested_version_is_a_config_error(world: World) -> None:
+def test_a_version_is_scanned_before_its_boot_test_and_the_scan_stands_once_it_passes(world: World) -> None:
     v = world.seed(tested=False)
-    with pytest.raises(ConfigError) as e:
+    outcome = scan(v.ref, store=world.store, settings=world.settings)
+    assert outcome.version.status is Status.BUILT  # a scan never stands in for the boot test
+    assert world.store.latest_scan(v.id) == outcome.scan and world.kinds(v.ref)[-1] == "scan.completed"
+    with pytest.raises(StateError, match="only scanned or signed versions can be signed"):
+        sign(v.ref, store=world.store, settings=world.settings)
+    tested = boot_test(v.ref, store=world.store, settings=world.settings)
+    # The scan read the same immutable bytes: the passed test moves the version on to scanned, and says which scan.
+    assert tested.version.status is Status.SCANNED
+    assert world.store.events(v.ref)[-1].data["scan"] == outcome.scan.id
+    sign(v.ref, store=world.store, settings=world.settings)
+    assert world.store.get_version(v.ref).status is Status.SIGNED
+
+
+def test_a_failed_version_with_an_artifact_is_scanned_and_stays_failed(world: World) -> None:
+    v = world.seed(tested=False)
+    world.store.transition(v.id, Status.FAILED, expect=Status.BUILT)
+    assert scan(v.ref, store=world.store, settings=world.settings).version.status is Status.FAILED
+
+
+def test_scan_of_a_version_still_baking_is_a_state_error(world: World) -> None:
+    v = world.store.create_version(
+        name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local", tags={}, parent=None
+    )
+    with pytest.raises(StateError) as e:
         scan(v.ref, store=world.store, settings=world.settings)
-    assert e.value.message == "web@1 is built; only a boot-tested version is scanned"
-    assert e.value.fix == "amiforge test web@1"
-    assert world.store.get_version(v.ref).status is Status.BUILT
-    assert world.store.latest_scan(v.id) is None
-    assert "scan.completed" not in world.kinds()
+    assert e.value.exit_code == 3
+    assert e.value.message == (
+        "web@1 is baking; only built, tested, scanned, signed, deprecated, retired, failed or revoked versions can "
+        "be scanned"
+    )
+    assert world.store.latest_scan(v.id) is None and "scan.completed" not in world.kinds()
     assert world.inspected == []  # refused before the artifact was opened
 
 

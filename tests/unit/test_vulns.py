@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import json
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from amiforge.errors import ConfigError
-from amiforge.model import FindingKind, Package, Severity
+from amiforge.model import FindingKind, Package, Severity, Status
+from amiforge.policy import Candidate, default_policy, evaluate
 from amiforge.scanners.interface import Scanner
 from amiforge.scanners.vulns import (
     Advisory,
     AffectedPackage,
     OsvScanner,
-    cvss2_base_score,
-    cvss3_base_score,
+    cvss_severity,
     dpkg_compare,
     import_report,
     load_osv,
@@ -295,26 +296,79 @@ def test_severity_sources(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("vector", "score"),
+    ("kind", "vector", "severity"),
     [
-        ("CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H", 9.8),
-        ("CVSS:3.1/AV:N/AC:L/PR:L/UI:N/S:C/C:L/I:L/A:N", 6.4),
-        ("CVSS:3.0/AV:L/AC:L/PR:L/UI:N/S:U/C:H/I:N/A:N", 5.5),
-        ("CVSS:3.1/AV:N/AC:H/PR:N/UI:R/S:U/C:L/I:N/A:N", 3.1),
-        ("CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:N/I:N/A:N", 0.0),
+        ("CVSS_V3", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H", Severity.CRITICAL),  # 9.8
+        ("CVSS_V3", "CVSS:3.1/AV:N/AC:L/PR:L/UI:N/S:C/C:L/I:L/A:N", Severity.MEDIUM),  # 6.4
+        ("CVSS_V3", "CVSS:3.0/AV:L/AC:L/PR:L/UI:N/S:U/C:H/I:N/A:N", Severity.MEDIUM),  # 5.5
+        ("CVSS_V3", "CVSS:3.1/AV:N/AC:H/PR:N/UI:R/S:U/C:L/I:N/A:N", Severity.LOW),  # 3.1
+        ("CVSS_V3", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:N/I:N/A:N", Severity.NEGLIGIBLE),  # 0.0
+        ("CVSS_V2", "AV:N/AC:L/Au:N/C:P/I:P/A:P", Severity.HIGH),  # 7.5
+        ("CVSS_V2", "AV:N/AC:L/Au:N/C:C/I:C/A:C", Severity.HIGH),  # 10.0: v2 has no "critical" band
+        ("CVSS_V2", "AV:N/AC:M/Au:N/C:N/I:P/A:N", Severity.MEDIUM),  # 4.3
+        ("CVSS_V4", "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:H/SI:H/SA:H", Severity.CRITICAL),  # 10.0
+        ("CVSS_V4", "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N/E:U", Severity.HIGH),  # 8.1
+        ("CVSS_V4", "CVSS:4.0/AV:P/AC:H/AT:P/PR:H/UI:A/VC:L/VI:N/VA:N/SC:N/SI:N/SA:N", Severity.LOW),  # 1.0
     ],
 )
-def test_cvss3_scores(vector: str, score: float) -> None:
-    assert cvss3_base_score(vector) == score
+def test_cvss_vectors_are_scored_by_version(kind: str, vector: str, severity: Severity) -> None:
+    assert cvss_severity(kind, vector) is severity
 
 
 def test_cvss_other_inputs() -> None:
-    assert cvss2_base_score("AV:N/AC:L/Au:N/C:P/I:P/A:P") == 7.5
-    assert cvss2_base_score("AV:N/AC:M/Au:N/C:N/I:P/A:N") == 4.3
-    assert cvss3_base_score("CVSS:3.1/AV:N") is None
-    assert cvss3_base_score("CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N") is None
+    assert cvss_severity("CVSS_V3", "CVSS:3.1/AV:N") is None  # incomplete
+    # A v4 vector given as v3 is not scored as v3 (and the other way round).
+    assert cvss_severity("CVSS_V3", "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N") is None
+    assert cvss_severity("CVSS_V4", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H") is None
+    assert cvss_severity("Ubuntu", "high") is None
     assert severity_from_word("low**") is Severity.LOW
     assert severity_from_word("end-of-life") is Severity.UNKNOWN
+
+
+V4_CRITICAL = "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:H/SI:H/SA:H"
+V4_LOW = "CVSS:4.0/AV:P/AC:H/AT:P/PR:H/UI:A/VC:L/VI:N/VA:N/SC:N/SI:N/SA:N"
+V3_MEDIUM = "CVSS:3.1/AV:N/AC:L/PR:L/UI:N/S:C/C:L/I:L/A:N"
+
+
+def _prod_gate(tmp_path: Path, severity: list[dict[str, str]]) -> tuple[Severity, bool]:
+    """One synthetic advisory rated only by `severity`, fixed in 2.0, matched against foo 1.0 and judged by the
+    built-in policy's prod rules (with everything else about the version in order)."""
+    record = _record("TEST-0040", [_entry("foo", [{"introduced": "0"}, {"fixed": "2.0"}])], severity=severity)
+    (finding,) = match([Package("foo", "1.0", "amd64")], _load(tmp_path, record))
+    candidate = Candidate(
+        ref="web@1",
+        status=Status.SIGNED,
+        boot_test_passed=True,
+        findings=(finding,),
+        signature_error=None,
+        scanned=True,
+        revoked=False,
+        revoked_ancestors=(),
+        entered={"staging": datetime(2026, 1, 1, tzinfo=UTC)},
+    )
+    decision = evaluate(default_policy(), "prod", candidate, now=datetime(2026, 2, 1, tzinfo=UTC))
+    return finding.severity, decision.passed
+
+
+def test_a_v4_only_critical_fails_the_default_prod_gate(tmp_path: Path) -> None:
+    assert _prod_gate(tmp_path, [{"type": "CVSS_V4", "score": V4_CRITICAL}]) == (Severity.CRITICAL, False)
+
+
+def test_a_v4_only_low_passes_the_default_prod_gate(tmp_path: Path) -> None:
+    assert _prod_gate(tmp_path, [{"type": "CVSS_V4", "score": V4_LOW}]) == (Severity.LOW, True)
+
+
+def test_v3_and_v4_on_one_advisory_the_higher_wins(tmp_path: Path) -> None:
+    both = [{"type": "CVSS_V3", "score": V3_MEDIUM}, {"type": "CVSS_V4", "score": V4_CRITICAL}]
+    assert _prod_gate(tmp_path, both) == (Severity.CRITICAL, False)
+    both = [{"type": "CVSS_V4", "score": V4_LOW}, {"type": "CVSS_V3", "score": V3_MEDIUM}]
+    assert _prod_gate(tmp_path, both) == (Severity.MEDIUM, True)
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-1", "11", "CVSS:4.0/garbage"])
+def test_scores_off_the_scale_rate_nothing(tmp_path: Path, score: str) -> None:
+    # Unknown, so the policy's unknown_cve_severity (high by default) judges it: prod fails closed.
+    assert _prod_gate(tmp_path, [{"type": "CVSS_V4", "score": score}]) == (Severity.UNKNOWN, False)
 
 
 def test_osv_scanner_is_a_scanner(real: list[Advisory], tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json, plain
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.boottest import checks_of
-from amiforge.model import ImageVersion, Status
+from amiforge.model import ImageVersion, Status, require_status
 from amiforge.providers.local.fleet import (
     LocalFleet,
     MemberStatus,
@@ -62,11 +62,7 @@ def _version(store: Store, channel: str | None, ref: str | None) -> ImageVersion
         ref = pointers[0].current
     assert ref is not None
     version = store.get_version(ref)
-    if version.status not in USABLE:
-        raise ConfigError(
-            f"{version.ref} is {version.status}; a fleet runs only tested, scanned or signed versions",
-            fix=_unusable_fix(version),
-        )
+    require_status(version, USABLE, doing="run by a fleet", fix=_unusable_fix(version))
     return version
 
 

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
-from amiforge.cli.output import console, emit_json, human_size
+from amiforge.cli.output import console, emit_json, human_size, plain
 from amiforge.cli.render import layers_table, report_table, status, version_line
 from amiforge.lifecycle.diff import diff
 from amiforge.lifecycle.scan import finding_json, findings_summary
@@ -96,7 +96,9 @@ def show(
             "version": {k: val for k, val in vars(v).items() if k not in ("log", "recipe")} | {"ref": v.ref},
             "artifacts": artifacts,
             "layers": layers,
-            "boot_reports": [{k: val for k, val in vars(r).items() if show_console or k != "console"} for r in reports],
+            "boot_reports": [
+                {k: val for k, val in plain(r).items() if show_console or k != "console"} for r in reports
+            ],
             "events": events,
         }
         if show_log:

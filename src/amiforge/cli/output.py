@@ -24,7 +24,8 @@ err_console = Console(stderr=True, highlight=False)
 def plain(value: Any) -> Any:
     """Domain objects -> JSON-ready values (dataclasses, datetimes, enums, paths, mappings)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        names = [f.name for f in dataclasses.fields(value)] + list(getattr(value, "__computed__", ()))
+        return {name: plain(getattr(value, name)) for name in names}
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Enum):

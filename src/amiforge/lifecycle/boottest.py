@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.runs import run_context
-from amiforge.model import BootReport, ImageVersion, Status
+from amiforge.model import BootReport, ImageVersion, Status, require_status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Checks
@@ -52,6 +52,14 @@ def _baked(version: ImageVersion, key: str, default: object) -> Any:
         raise ConfigError(f"{version.ref} has no readable recipe in the registry: {e}") from e
 
 
+def _not_testable_fix(version: ImageVersion) -> str:
+    if version.status is Status.BAKING:
+        return "wait for its bake to finish (or, if that bake died, bake the recipe again)"
+    if version.status in (Status.SCANNED, Status.SIGNED):
+        return f"{version.ref} passed its boot test already; `amiforge images show {version.ref}` shows the report"
+    return f"bake a new version of the recipe: amiforge bake {version.recipe_path}"
+
+
 def boot_test(
     ref: str,
     *,
@@ -60,14 +68,13 @@ def boot_test(
     progress: Callable[[PhaseUpdate], None] = lambda _u: None,
 ) -> TestOutcome:
     version = store.get_version(ref)
-    if version.status not in TESTABLE:
-        raise ConfigError(
-            f"{version.ref} is {version.status}; only built, tested or failed versions can be boot-tested",
-            fix="bake a new version",
-        )
+    require_status(version, TESTABLE, doing="boot-tested", fix=_not_testable_fix(version))
     artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
     if not artifacts:
-        raise NotFound(f"{version.ref} has no artifact to boot (the bake failed before the disk was made)")
+        raise NotFound(
+            f"{version.ref} has no artifact to boot (the bake failed before the disk was made)",
+            fix=f"bake the recipe again: amiforge bake {version.recipe_path}",
+        )
     provider = provider_for(version.provider, settings)
     actor = settings.actor
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=lambda _l: None) as ctx:
@@ -75,6 +82,8 @@ def boot_test(
         run_id = ctx.run_id
     report = store.add_boot_report(version.id, report)
     failed = [c for c in report.checks if not c.passed]
+    # A scan made before the boot test read the same immutable bytes: once the test passes, it stands.
+    earlier_scan = store.latest_scan(version.id) if report.passed else None
     store.append_event(
         "test.passed" if report.passed else "test.failed",
         actor=actor,
@@ -85,12 +94,15 @@ def boot_test(
             "time_to_ready": report.time_to_ready,
             "accel": report.accel,
             "failed": [c.name for c in failed],
+            **({"scan": earlier_scan.id} if earlier_scan is not None else {}),
         },
     )
     current = store.get_version(version.ref)
     target = Status.TESTED if report.passed else Status.FAILED
     if current.status != target or target == Status.TESTED:
         current = store.transition(current.id, target, expect=current.status)
+    if earlier_scan is not None:
+        current = store.transition(current.id, Status.SCANNED, expect=Status.TESTED)
     if not report.passed:
         raise GateFailed(
             "boot test",

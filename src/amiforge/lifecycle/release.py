@@ -9,22 +9,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.errors import GateFailed, GateFailure
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.scan import scan_gate
 from amiforge.lifecycle.sign import verify
-from amiforge.model import ImageVersion, Status
+from amiforge.model import ImageVersion, Status, require_status
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
 
 def releasable(version: ImageVersion, *, store: Store, settings: Settings, action: str) -> None:
     """Raise unless `version` is signed, its signature verifies now, and its findings pass the entry gate."""
-    if version.status != Status.SIGNED:
-        raise ConfigError(
-            f"{version.ref} is {version.status}; only a signed version can be {action}",
-            fix=f"amiforge pipeline run, or: amiforge scan {version.ref} && amiforge sign {version.ref}",
-        )
+    require_status(
+        version,
+        {Status.SIGNED},
+        doing=action,
+        fix=f"amiforge pipeline run, or: amiforge scan {version.ref} && amiforge sign {version.ref}",
+    )
     verify(version.ref, store=store, settings=settings)  # GateFailed names what no longer matches
     scan = store.latest_scan(version.id)
     assert scan is not None  # verify() refuses an unscanned version

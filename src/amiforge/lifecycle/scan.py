@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from amiforge.errors import ConfigError, NotFound
+from amiforge.errors import NotFound
 from amiforge.lifecycle.runs import new_run_id
-from amiforge.model import Finding, ImageVersion, ScanRecord, Status, VulnDbImport
+from amiforge.model import Finding, ImageVersion, ScanRecord, Status, VulnDbImport, require_status
 from amiforge.policy import Candidate, GateDecision, Policy, evaluate
 from amiforge.providers import provider_for
 from amiforge.scanners.sbom import cyclonedx_sbom, read_dpkg_status, sbom_digest
@@ -25,7 +25,10 @@ from amiforge.scanners.vulns import import_report, load_osv_records, match, pars
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
-SCANNABLE = (Status.TESTED, Status.SCANNED, Status.SIGNED)
+# A scan only reads the artifact, so any version that may have one is scanned — before its boot test too (people
+# scan before spending a boot). Only a version still baking has no finished artifact. The gates at promote still
+# require the boot test; `scanned` as a state still means "tested, then scanned".
+SCANNABLE = frozenset(Status) - {Status.BAKING}
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,13 @@ def scan(
     ref: str, *, store: Store, settings: Settings, reports: list[Path] | None = None, actor: str | None = None
 ) -> ScanOutcome:
     version = store.get_version(ref)
-    if version.status not in SCANNABLE:
-        raise ConfigError(
-            f"{version.ref} is {version.status}; only a boot-tested version is scanned",
-            fix=f"amiforge test {version.ref}",
-        )
+    require_status(version, SCANNABLE, doing="scanned", fix="wait for its bake to finish")
     artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
     if not artifacts or version.digest is None:
-        raise NotFound(f"{version.ref} has no artifact to scan")
+        raise NotFound(
+            f"{version.ref} has no artifact to scan (its bake failed before the disk was made, or it was retired)",
+            fix=f"bake the recipe again: amiforge bake {version.recipe_path}",
+        )
     imported: list[Finding] = []
     for report in reports or []:
         imported += import_report(report)  # parse first: a bad report fails before any work

@@ -16,7 +16,7 @@ from pathlib import Path
 from amiforge.errors import ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.runs import recorded_copies
 from amiforge.lifecycle.scan import findings_summary
-from amiforge.model import Artifact, ImageVersion, ScanRecord, SignatureRecord, Status, TrustedKey
+from amiforge.model import Artifact, ImageVersion, ScanRecord, SignatureRecord, Status, TrustedKey, require_status
 from amiforge.providers import provider_for
 from amiforge.settings import Settings
 from amiforge.signing.interface import (
@@ -35,6 +35,16 @@ from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, generate_ke
 from amiforge.store.interface import Store
 
 SIGNABLE = (Status.SCANNED, Status.SIGNED)
+
+
+def _not_signable_fix(version: ImageVersion) -> str:
+    if version.status in (Status.BUILT, Status.FAILED):
+        return f"boot-test it, then scan it: amiforge test {version.ref} && amiforge scan {version.ref}"
+    if version.status is Status.TESTED:
+        return f"scan it first: amiforge scan {version.ref}"
+    return f"sign another version: amiforge images list --name {version.name}"
+
+
 BUILDER = "urn:amiforge:builder"
 
 
@@ -153,10 +163,7 @@ def sign(
     create_key: bool = False,
 ) -> SignatureRecord:
     version, artifacts, scan = _facts(ref, store)
-    if version.status not in SIGNABLE:
-        raise ConfigError(
-            f"{version.ref} is {version.status}; only a scanned version is signed", fix=f"amiforge scan {version.ref}"
-        )
+    require_status(version, SIGNABLE, doing="signed", fix=_not_signable_fix(version))
     check_artifact_bytes(artifacts, settings)
     if signer is None:
         signer = KeyfileSigner.from_file(key) if key else default_signer(settings, store, create=create_key)

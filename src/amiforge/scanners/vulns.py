@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
+from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 from debian.debian_support import BaseVersion, version_compare
 
 from amiforge.errors import ConfigError, Problem
@@ -238,7 +238,7 @@ def severity_from_word(word: str) -> Severity:
 
 
 def severity_from_score(score: float) -> Severity:
-    """CVSS v3 qualitative rating of a base score."""
+    """The qualitative rating of a CVSS v3 or v4 base score (the two versions share the bands)."""
     if score >= 9.0:
         return Severity.CRITICAL
     if score >= 7.0:
@@ -250,77 +250,38 @@ def severity_from_score(score: float) -> Severity:
     return Severity.NEGLIGIBLE
 
 
-def _roundup(value: float) -> float:
-    # CVSS v3.1 Roundup: the smallest one-decimal number >= value, computed on integers to dodge float error.
-    n = round(value * 100000)
-    return n / 100000.0 if n % 10000 == 0 else (math.floor(n / 10000) + 1) / 10.0
+# OSV `severity[].type` -> the library class that scores its vectors. CVSS v2 has no "critical" band (7.0–10.0 is
+# high), so its rating comes from the library's own v2 bands, not from severity_from_score.
+_CVSS: Mapping[str, type[CVSS2] | type[CVSS3] | type[CVSS4]] = {"CVSS_V2": CVSS2, "CVSS_V3": CVSS3, "CVSS_V4": CVSS4}
 
 
-def _metrics(vector: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in vector.strip().strip("()").split("/"):
-        key, sep, value = part.partition(":")
-        if sep:
-            out[key] = value
-    return out
-
-
-def cvss3_base_score(vector: str) -> float | None:
-    """Base score of a CVSS v3.0/3.1 vector (`CVSS:3.1/AV:N/…`), or None if it is not one."""
-    if not vector.startswith("CVSS:3."):
+def cvss_severity(kind: str, vector: str) -> Severity | None:
+    """The rating of a CVSS vector of OSV type `kind` (CVSS_V2, CVSS_V3, CVSS_V4), scored by Red Hat's `cvss`
+    library; None if `kind` is not a CVSS type or the vector is malformed."""
+    scorer = _CVSS.get(kind)
+    if scorer is None:
         return None
-    m = _metrics(vector)
+    text = vector.strip().strip("()").removeprefix("CVSS:2.0/") if kind == "CVSS_V2" else vector.strip()
     try:
-        changed = {"U": False, "C": True}[m["S"]]
-        av = {"N": 0.85, "A": 0.62, "L": 0.55, "P": 0.2}[m["AV"]]
-        ac = {"L": 0.77, "H": 0.44}[m["AC"]]
-        pr = {"N": 0.85, "L": 0.68 if changed else 0.62, "H": 0.5 if changed else 0.27}[m["PR"]]
-        ui = {"N": 0.85, "R": 0.62}[m["UI"]]
-        cia = [{"H": 0.56, "L": 0.22, "N": 0.0}[m[k]] for k in ("C", "I", "A")]
-    except KeyError:
+        scored = scorer(text)
+    except CVSSError:
         return None
-    iss = 1 - (1 - cia[0]) * (1 - cia[1]) * (1 - cia[2])
-    impact = 7.52 * (iss - 0.029) - 3.25 * (iss - 0.02) ** 15 if changed else 6.42 * iss
-    if impact <= 0:
-        return 0.0
-    exploitability = 8.22 * av * ac * pr * ui
-    total = 1.08 * (impact + exploitability) if changed else impact + exploitability
-    return _roundup(min(total, 10.0))
-
-
-def cvss2_base_score(vector: str) -> float | None:
-    """Base score of a CVSS v2 vector (`AV:N/AC:L/Au:N/C:P/I:P/A:P`), or None if it is not one."""
-    m = _metrics(vector.removeprefix("CVSS:2.0/"))
-    try:
-        av = {"L": 0.395, "A": 0.646, "N": 1.0}[m["AV"]]
-        ac = {"H": 0.35, "M": 0.61, "L": 0.71}[m["AC"]]
-        au = {"M": 0.45, "S": 0.56, "N": 0.704}[m["Au"]]
-        cia = [{"N": 0.0, "P": 0.275, "C": 0.660}[m[k]] for k in ("C", "I", "A")]
-    except KeyError:
-        return None
-    impact = 10.41 * (1 - (1 - cia[0]) * (1 - cia[1]) * (1 - cia[2]))
-    exploitability = 20 * av * ac * au
-    f = 0.0 if impact == 0 else 1.176
-    return round((0.6 * impact + 0.4 * exploitability - 1.5) * f, 1)
+    if isinstance(scored, CVSS2):
+        return _WORDS.get(str(scored.severities()[0]).lower(), Severity.NEGLIGIBLE)
+    return severity_from_score(float(scored.base_score))
 
 
 def _severity_of_score(kind: str, score: str) -> Severity:
-    if kind == "CVSS_V3":
-        value = cvss3_base_score(score)
-    elif kind == "CVSS_V2":
-        value = cvss2_base_score(score)
-        if value is not None:
-            # NVD's v2 scale has no "critical": 7.0–10.0 is high.
-            return Severity.HIGH if value >= 7.0 else severity_from_score(value)
-    else:
-        # CVSS v4 scores need the specification's lookup tables; a bare number or a word ("Ubuntu" type) still counts.
-        value = None
-    if value is None:
-        try:
-            value = float(score)
-        except ValueError:
-            return severity_from_word(score)
-    return severity_from_score(value)
+    """An OSV severity entry: a CVSS vector, else a bare number (0–10) or a rating word ("Ubuntu" type)."""
+    rated = cvss_severity(kind, score)
+    if rated is not None:
+        return rated
+    try:
+        value = float(score)
+    except ValueError:
+        return severity_from_word(score)
+    # "nan", "inf" and numbers off the 0–10 scale rate nothing.
+    return severity_from_score(value) if 0.0 <= value <= 10.0 else Severity.UNKNOWN
 
 
 def _severity(ctx: _Ctx, obj: Mapping[str, object], path: str) -> Severity:

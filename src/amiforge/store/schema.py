@@ -115,7 +115,7 @@ boot_reports_table = sa.Table(
         sa.ForeignKey("versions.id", name="fk_boot_reports_version"),
         nullable=False,
     ),
-    sa.Column("passed", sa.Boolean, nullable=False),
+    # No `passed` column: the verdict is derived from `checks` (BootReport.passed), never stored apart (0005).
     sa.Column("time_to_ready", sa.Float, nullable=True),
     sa.Column("checks", sa.JSON, nullable=False),
     sa.Column("console", sa.Text, nullable=False),

@@ -416,7 +416,6 @@ def _boot_report(m: RowMapping) -> BootReport:
         CheckResult(name=c["name"], kind=c["kind"], passed=bool(c["passed"]), detail=c["detail"]) for c in m["checks"]
     )
     return BootReport(
-        passed=bool(m["passed"]),
         time_to_ready=m["time_to_ready"],
         checks=checks,
         console=m["console"],
@@ -757,7 +756,6 @@ class SqlStore:
             result = conn.execute(
                 boot_reports_table.insert().values(
                     version_id=version_id,
-                    passed=report.passed,
                     time_to_ready=report.time_to_ready,
                     checks=checks,
                     console=report.console,

@@ -259,7 +259,7 @@ def test_interrupted_distribution_resumes_with_the_same_run(env: Env, monkeypatc
 def test_distribute_refuses_an_unsigned_version(env: Env) -> None:
     assert env.cli("bake", str(env.recipe), "--json").code == 0
     refused = env.cli("distribute", "web@1")
-    assert refused.code == 2 and "only a signed version" in refused.err
+    assert refused.code == 3 and "only signed versions can be distributed" in refused.err
     assert env.images(COPY_REGION) == []
 
 

@@ -140,7 +140,6 @@ class LocalProvider:
         if ready is None:
             ctx.progress(PhaseUpdate("boot", "failed", results[0].detail))
         return BootReport(
-            passed=all(r.passed for r in results),
             time_to_ready=ready_at,
             checks=tuple(results),
             console=console,
