@@ -45,6 +45,16 @@ def test_pipeline_promotes_then_a_flipped_byte_fails_verify_and_promotion(
     refused = cli.json("promote", ref, "--channel", "dev", check=4)
     assert any(f["name"] == "signature" for f in refused["failures"]) or "signature" in json.dumps(refused)
 
+    # The fix line works: baking again notices the damaged cached disk (every layer hits) and builds it again,
+    # so the new version is whole, verifies and is promoted — it is not registered on the flipped bytes.
+    assert f"amiforge bake {web_recipe}" in bad["fix"]
+    again = cli.json("pipeline", "run", str(web_recipe), "--promote", "dev")
+    assert again["version"] != ref and again["promoted"]["current"] == again["version"]
+    rebuilt = cli.json("images", "show", again["version"], "--log")
+    assert all(layer["hit"] for layer in rebuilt["layers"])
+    assert "no longer has the bytes it was made with" in rebuilt["log"]
+    assert cli.json("verify", again["version"])["ok"] is True
+
 
 def _pem(
     key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat

@@ -84,7 +84,7 @@ def _facts(ref: str, store: Store) -> tuple[ImageVersion, list[Artifact], ScanRe
     return version, store.artifacts(version.id), scan
 
 
-def check_artifact_bytes(artifacts: list[Artifact], settings: Settings) -> None:
+def check_artifact_bytes(version: ImageVersion, artifacts: list[Artifact], settings: Settings) -> None:
     """Every artifact's bytes must still hash to the digest the registry recorded."""
     failures = []
     for a in artifacts:
@@ -94,7 +94,12 @@ def check_artifact_bytes(artifacts: list[Artifact], settings: Settings) -> None:
                 GateFailure(f"artifact {a.location}", f"bytes hash to {actual[:16]}…, recorded {a.digest[:16]}…")
             )
     if failures:
-        raise GateFailed(GATE, failures, fix="the artifact changed after it was built; bake a new version")
+        raise GateFailed(
+            GATE,
+            failures,
+            fix="the artifact's bytes changed after it was built (damage or tampering: find out why first); then "
+            f"bake the recipe again, which rebuilds a damaged cached disk: amiforge bake {version.recipe_path}",
+        )
 
 
 def _public_pem(signer: Signer) -> str:
@@ -164,7 +169,7 @@ def sign(
 ) -> SignatureRecord:
     version, artifacts, scan = _facts(ref, store)
     require_status(version, SIGNABLE, doing="signed", fix=_not_signable_fix(version))
-    check_artifact_bytes(artifacts, settings)
+    check_artifact_bytes(version, artifacts, settings)
     if signer is None:
         signer = KeyfileSigner.from_file(key) if key else default_signer(settings, store, create=create_key)
     now = datetime.now(UTC)
@@ -241,5 +246,5 @@ def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
             differences or [GateFailure("manifest", "differs")],
             fix=f"amiforge sign {version.ref} again after a rescan",
         )
-    check_artifact_bytes(artifacts, settings)
+    check_artifact_bytes(version, artifacts, settings)
     return VerifyOutcome(version, signature, signed)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,21 +61,30 @@ def _timed(ctx: RunContext, name: str, started: float, detail: str = "") -> None
     ctx.phase_done(name, time.monotonic() - started, detail)
 
 
-def cached_image(cache: Path, top_key: str) -> DiskImage | None:
-    """The image already made from exactly these layers, if its files are still in the store."""
+def cached_image(cache: Path, top_key: str, log: Callable[[str], None]) -> DiskImage | None:
+    """The image already made from exactly these layers, if its files are still in the store with the bytes they
+    were made with. Anything else — no record, a damaged record, a missing file, a file whose bytes changed since
+    (bit rot, a hand edit, tampering) — is a cache miss, and the disk is built again, never reused as it is."""
     record = cache / "images" / f"{top_key}.json"
     if not record.is_file():
         return None
     try:
         data = json.loads(record.read_text())
-    except ValueError:
-        return None  # a damaged record is a cache miss, never a failed bake
-    image = DiskImage(
-        Path(data["qcow2"]), Path(data["kernel"]), Path(data["initrd"]), data["digest"], data["size_bytes"]
-    )
-    if all(p.is_file() for p in (image.qcow2, image.kernel, image.initrd)):
-        return image
-    return None
+        image = DiskImage(
+            Path(data["qcow2"]), Path(data["kernel"]), Path(data["initrd"]), data["digest"], int(data["size_bytes"])
+        )
+        expected = {image.qcow2: image.digest, image.kernel: data["kernel_digest"], image.initrd: data["initrd_digest"]}
+    except (ValueError, KeyError, TypeError):
+        # Damaged, or written before the kernel and initrd digests were recorded: build again.
+        log(f"disk cache record {record.name} is unreadable or incomplete; building the disk again")
+        return None
+    for path, digest in expected.items():
+        if not path.is_file():
+            return None
+        if sha256_file(path) != digest:
+            log(f"cached {path} no longer has the bytes it was made with (sha256 {digest[:16]}…); building it again")
+            return None
+    return image
 
 
 def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Path, ctx: RunContext) -> DiskImage:
@@ -139,6 +148,8 @@ def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Pat
                 "initrd": str(image.initrd),
                 "digest": digest,
                 "size_bytes": image.size_bytes,
+                "kernel_digest": sha256_file(image.kernel),
+                "initrd_digest": sha256_file(image.initrd),
             }
         ),
     )

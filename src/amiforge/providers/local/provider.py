@@ -71,11 +71,12 @@ class LocalProvider:
             records.append(LayerRecord(plan.index, plan.key, plan.description, hit, round(seconds, 3), size))
         store_dir = self.settings.regions_dir / self.settings.region / recipe.name
         top = plans[-1].key
-        image = cached_image(cache, top)
+        started = time.monotonic()
+        image = cached_image(cache, top, ctx.log)
         if image is None or image.qcow2.parent != store_dir:
             image = build_disk(lowers, top, cache, store_dir, ctx)
         else:
-            ctx.phase_done("disk", 0.0, "hit")
+            ctx.phase_done("disk", time.monotonic() - started, "hit (bytes verified)")
         return BakeResult(image.artifact(self.settings.region), tuple(records))
 
     # --- boot test ------------------------------------------------------------------------------------------
