@@ -5,12 +5,25 @@ Pydantic stays at the edges (recipe files, settings, HTTP payloads); inside, eve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from amiforge.errors import StateError
+from amiforge.errors import ConfigError, StateError
+
+# An AWS region name (us-east-1, eu-west-3, us-gov-west-1, ap-southeast-5): the one rule every input is held to
+# before boto3 sees it (boto3 would turn a bad one into an unresolvable endpoint host name).
+AWS_REGION_PATTERN = r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}"
+AWS_REGION_RE = re.compile(AWS_REGION_PATTERN)
+
+
+def check_aws_region(value: str, *, what: str) -> str:
+    """`value` if it is an AWS region name; a ConfigError naming `what` (e.g. "--region") otherwise."""
+    if AWS_REGION_RE.fullmatch(value) is None:
+        raise ConfigError(f"{what} {value!r} is not an AWS region name", fix="use a region name like eu-west-1")
+    return value
 
 
 class Status(StrEnum):
@@ -111,6 +124,30 @@ class LayerRecord:
     hit: bool
     seconds: float
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something a run made that its cleanup could not remove: what it is, where, the command that removes it, and
+    why the cleanup failed. Shown by the command that left it, recorded as an `orphaned` event, found by `gc`."""
+
+    what: str  # e.g. "temporary directory", "EC2 instance"
+    where: str  # a path, or "i-… (eu-west-1)"
+    remove: str  # a command that removes it
+    error: str = ""
+
+    def describe(self) -> str:
+        why = f" ({self.error})" if self.error else ""
+        return f"left behind: {self.what} {self.where}{why}; remove it: {self.remove}"
+
+
+@dataclass(frozen=True)
+class RemovedFile:
+    """A file a recipe step left in the image that generalisation deleted (a credential, a key, a shell history):
+    its path and kind, never its content. Reported so the recipe's author learns the recipe handled it."""
+
+    path: str
+    kind: str  # ssh key, aws credentials, netrc, docker credentials, shell history
 
 
 @dataclass(frozen=True)

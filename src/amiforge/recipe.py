@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from amiforge.errors import ConfigError, Problem
+from amiforge.model import AWS_REGION_PATTERN
 from amiforge.yamlfile import (
     YamlKind,
     parse_mapping,
@@ -403,7 +404,7 @@ Source = Annotated[
     BeforeValidator(_check_source),
 ]
 
-_REGION_RE = r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}"
+_REGION_RE = AWS_REGION_PATTERN
 _INSTANCE_TYPE_RE = r"[a-z0-9-]+\.[a-z0-9-]+"
 
 

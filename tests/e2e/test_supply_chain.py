@@ -129,7 +129,13 @@ def test_planted_secrets_are_each_found_deleted_ones_leave_nothing_and_no_secret
     steps.append("  - shell: rm -f /tmp/build-key.pem && echo 0123456789abcdef0123456789abcdef > /etc/machine-id")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: leaky\nsteps:\n" + "\n".join(steps) + "\n")
-    cli.json("bake", str(recipe))
+    baked = cli.json("bake", str(recipe))
+    # Generalisation says which credentials and histories a step left behind (path and kind, never content).
+    assert baked["generalised"] == [
+        {"path": "/root/.bash_history", "kind": "shell history"},
+        {"path": "/root/.ssh/id_rsa", "kind": "ssh key"},
+    ]
+    assert build_key not in json.dumps(baked)
     result = cli.run("scan", "leaky@1", "--json", check=4)
     out = json.loads(result.stdout)
     assert out["gate"]["passed"] is False

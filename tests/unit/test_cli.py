@@ -372,7 +372,10 @@ def test_images_show_json(cli: Cli, seeded: Path) -> None:
     r = cli("images", "show", "web@1", "--json")
     assert r.code == 0, r.err
     doc = r.json()
-    assert set(doc) == {"version", "artifacts", "layers", "boot_reports", "events", "scan", "signatures", "channels"}
+    assert set(doc) == {
+        "version", "artifacts", "layers", "boot_reports", "events", "scan", "signatures", "channels", "generalised",
+        "orphaned",
+    }  # fmt: skip
     assert (doc["scan"], doc["signatures"], doc["channels"]) == (None, [], [])  # not scanned, signed or promoted
     version = doc["version"]
     assert (version["ref"], version["status"], version["digest"]) == ("web@1", "tested", D1)

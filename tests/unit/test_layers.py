@@ -7,8 +7,7 @@ import os
 import shlex
 import stat
 import subprocess
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,9 +15,18 @@ import pytest
 import yaml
 
 from amiforge.errors import ConfigError, InfraError
-from amiforge.providers.interface import PhaseUpdate, RunContext
+from amiforge.model import RemovedFile
+from amiforge.providers.interface import Cleanups, PhaseUpdate, RunContext
 from amiforge.providers.local import layers
-from amiforge.providers.local.layers import GENERALISE, LayerPlan, _step_script, ensure_layer, plan_layers
+from amiforge.providers.local.layers import (
+    GENERALISE,
+    LayerPlan,
+    _step_script,
+    ensure_layer,
+    generalised_files,
+    parse_generalised,
+    plan_layers,
+)
 from amiforge.recipe import (
     FileStep,
     PackagesStep,
@@ -365,7 +373,7 @@ class _Progress:
         self.updates.append(update)
 
 
-def _ctx(stack: ExitStack, progress: _Progress, log: list[str]) -> RunContext:
+def _ctx(stack: Cleanups, progress: _Progress, log: list[str]) -> RunContext:
     return RunContext(run_id="TEST-0001", cleanup=stack, log=log.append, progress=progress)
 
 
@@ -381,7 +389,7 @@ def test_ensure_layer_hit_runs_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(layers, "run_in_chroot", forbidden)
     progress, log = _Progress(), list[str]()
-    with ExitStack() as stack:
+    with Cleanups() as stack:
         upper, hit, _seconds, size = ensure_layer(
             plan, [tmp_path / "base"], tmp_path / "cache", recipe.folder, "web", _ctx(stack, progress, log)
         )
@@ -403,7 +411,7 @@ def test_ensure_layer_miss_builds_then_moves_into_place(tmp_path: Path, monkeypa
     monkeypatch.setattr(layers, "run_in_chroot", fake_chroot)
     progress, log = _Progress(), list[str]()
     lowers = [tmp_path / "base", tmp_path / "l1"]
-    with ExitStack() as stack:
+    with Cleanups() as stack:
         upper, hit, _seconds, size = ensure_layer(
             plan, lowers, tmp_path / "cache", recipe.folder, "web", _ctx(stack, progress, log)
         )
@@ -432,7 +440,7 @@ def test_a_failed_step_leaves_no_layer_behind(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(layers, "run_in_chroot", failing)
     cache = tmp_path / "cache"
-    with pytest.raises(InfraError, match="layer 3 failed"), ExitStack() as stack:
+    with pytest.raises(InfraError, match="layer 3 failed"), Cleanups() as stack:
         ensure_layer(plan, [tmp_path / "base"], cache, recipe.folder, "web", _ctx(stack, _Progress(), []))
 
     assert not (cache / "layers" / plan.key).exists()
@@ -449,7 +457,7 @@ def test_stage_is_not_world_writable(tmp_path: Path, monkeypatch: pytest.MonkeyP
         modes.append(stat.S_IMODE(stage.parent.stat().st_mode))
 
     monkeypatch.setattr(layers, "run_in_chroot", fake_chroot)
-    with ExitStack() as stack:
+    with Cleanups() as stack:
         ensure_layer(plan, [tmp_path / "base"], tmp_path / "cache", recipe.folder, "web", _ctx(stack, _Progress(), []))
     assert modes and modes[0] & 0o022 == 0
 
@@ -457,7 +465,6 @@ def test_stage_is_not_world_writable(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_a_file_edited_between_planning_and_copying_is_refused_not_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from contextlib import ExitStack
 
     from amiforge.providers.interface import RunContext
     from amiforge.providers.local import layers
@@ -467,6 +474,54 @@ def test_a_file_edited_between_planning_and_copying_is_refused_not_cached(
     file_plan = next(p for p in plans if isinstance(p.step, FileStep))
     (recipe.folder / "files" / "index.html").write_text("edited after planning\n")
     monkeypatch.setattr(layers, "run_in_chroot", lambda **_: pytest.fail("must not run the step"))
-    with ExitStack() as stack, pytest.raises(ConfigError, match="changed while"):
+    with Cleanups() as stack, pytest.raises(ConfigError, match="changed while"):
         ensure_layer(file_plan, [tmp_path], tmp_path / "cache", recipe.folder, "web", RunContext("TEST", stack))
     assert not (tmp_path / "cache" / "layers" / file_plan.key).exists()
+
+
+def test_generalisation_reports_what_it_removed_and_a_cache_hit_reports_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _recipe(tmp_path)
+    plan = plan_layers(BASE, recipe.steps, recipe.folder, "web")[-1]
+    assert plan.step is None  # the last layer is generalisation
+    assert 'report "ssh key" /root/.ssh/id_*' in _step_script_of(plan, tmp_path)
+
+    def fake_chroot(*, log: Callable[[str], None], **_kw: object) -> None:
+        # What GENERALISE prints before it deletes, mixed with ordinary output (and a marker without a tab).
+        for line in (
+            "removed stuff",
+            "AMIFORGE-GENERALISED ssh key\t/root/.ssh/id_rsa",
+            "AMIFORGE-GENERALISED aws credentials\t/root/.aws/credentials",
+            "AMIFORGE-GENERALISED junk",
+        ):
+            log(line)  # fmt: skip
+
+    monkeypatch.setattr(layers, "run_in_chroot", fake_chroot)
+    log: list[str] = []
+    with Cleanups() as stack:
+        upper, hit, _s, _size = ensure_layer(plan, [tmp_path / "base"], tmp_path / "cache", recipe.folder, "web",
+                                             _ctx(stack, _Progress(), log))  # fmt: skip
+    expected = (RemovedFile("/root/.aws/credentials", "aws credentials"), RemovedFile("/root/.ssh/id_rsa", "ssh key"))
+    assert not hit and generalised_files(upper) == expected
+    assert "AMIFORGE-GENERALISED ssh key\t/root/.ssh/id_rsa" in log  # the build log keeps the lines too
+    with Cleanups() as stack:
+        again, hit, _s, _size = ensure_layer(plan, [tmp_path / "base"], tmp_path / "cache", recipe.folder, "web",
+                                             _ctx(stack, _Progress(), []))  # fmt: skip
+    assert hit and generalised_files(again) == expected
+
+
+def _step_script_of(plan: LayerPlan, tmp_path: Path) -> str:
+    stage = tmp_path / "stage-for-script"
+    stage.mkdir(exist_ok=True)
+    return _step_script(plan.step, stage, tmp_path, "web")
+
+
+def test_parse_generalised_keeps_path_and_kind_once_each() -> None:
+    lines = [
+        "AMIFORGE-GENERALISED shell history\t/root/.bash_history",
+        "AMIFORGE-GENERALISED shell history\t/root/.bash_history",
+        "  AMIFORGE-GENERALISED ssh key\t/not/at/line/start",
+        "AMIFORGE-GENERALISED netrc\t",
+    ]
+    assert parse_generalised(lines) == (RemovedFile("/root/.bash_history", "shell history"),)

@@ -101,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         if _debug(args):
             traceback.print_exc()
         if as_json:
-            emit_json(e.as_dict())
+            emit_json(e.as_dict() | _notes(e))
         else:
             # Diagnostics quote user input (recipe values, paths, tool output): never read them as markup.
             err_console.print(f"[bold red]error:[/] {escape(e.diagnostics())}", markup=True, soft_wrap=True)
+            _print_notes(e)
         return e.exit_code
     except typer.Exit as e:
         return int(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as e:
         err_console.print(INTERRUPTED)
+        _print_notes(e)
         return 130
     except typer.TyperException as e:  # bad arguments: typer's own usage message
         code = int(getattr(e, "exit_code", 2)) or 2
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{e.strerror or e}{where}"
         fix = "check free space (df -h), the path and its permissions; a retry may help once it is fixed"
         if as_json:
-            emit_json({"error": "infra", "message": message, "fix": fix, "exit_code": 5})
+            emit_json({"error": "infra", "message": message, "fix": fix, "exit_code": 5} | _notes(e))
         err_console.print(f"[bold red]error:[/] {escape(message)}\n  fix: {fix}")
+        _print_notes(e)
         return 5
     except Exception as e:  # a bug: say so plainly, keep the traceback for --debug
         if _debug(args):
@@ -138,9 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(e).__name__}: {e}"
         hint = "this is a bug in amiforge; run again with --debug for the traceback and report it"
         if as_json:
-            emit_json({"error": "internal", "message": message, "fix": hint, "exit_code": 70})
+            emit_json({"error": "internal", "message": message, "fix": hint, "exit_code": 70} | _notes(e))
         err_console.print(f"[bold red]internal error:[/] {escape(message)}\n  {hint}")
+        _print_notes(e)
         return 70
+
+
+def _notes(e: BaseException) -> dict[str, object]:
+    """Notes a run added to the error: what its failed cleanups left behind, and how to remove it."""
+    notes = getattr(e, "__notes__", None)
+    return {"notes": list(notes)} if notes else {}
+
+
+def _print_notes(e: BaseException) -> None:
+    for note in getattr(e, "__notes__", None) or ():
+        err_console.print(f"  {escape(note)}", soft_wrap=True)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -8,7 +8,7 @@ import typer
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, emit_json
-from amiforge.cli.render import layers_table, report_table, version_line
+from amiforge.cli.render import generalised_lines, layers_table, leftover_warnings, report_table, version_line
 from amiforge.lifecycle.bake import BakeOutcome
 from amiforge.lifecycle.bake import bake as bake_version
 from amiforge.lifecycle.boottest import boot_test
@@ -34,13 +34,17 @@ def _show_outcome(outcome: BakeOutcome, as_json: bool) -> None:
                 "layers": outcome.layers,
                 "phases": outcome.phases,
                 "boot_report": outcome.report,
+                "generalised": outcome.generalised,
+                "orphaned": outcome.orphaned,
             }
         )
         return
     version_line(outcome.version)
     layers_table(outcome.layers)
+    generalised_lines(outcome.generalised)
     if outcome.report is not None:
         report_table(outcome.report)
+    leftover_warnings(outcome.orphaned)
 
 
 def bake(
@@ -61,7 +65,8 @@ def test(
     with PhaseProgress(f"test {ref}", 1, enabled=not as_json) as progress:
         outcome = boot_test(ref, store=store, settings=settings, progress=progress.callback())
     if as_json:
-        emit_json({"version": outcome.version, "boot_report": outcome.report})
+        emit_json({"version": outcome.version, "boot_report": outcome.report, "orphaned": outcome.orphaned})
         return
     version_line(outcome.version)
     report_table(outcome.report)
+    leftover_warnings(outcome.orphaned)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
-from amiforge.cli.render import layers_table, report_table, version_line
+from amiforge.cli.render import generalised_lines, layers_table, leftover_warnings, report_table, version_line
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.pipeline import PipelineOutcome, run_pipeline
 from amiforge.lifecycle.promote import channel_flags, promote, revoke
@@ -123,6 +123,8 @@ def _pipeline(recipe: Path, promote_to: str | None, as_json: bool) -> PipelineOu
             "digest": outcome.baked.version.digest,
             "layers": outcome.baked.layers,
             "boot_report": outcome.baked.report,
+            "generalised": outcome.baked.generalised,
+            "orphaned": outcome.baked.orphaned,
             "packages": len(scan.packages),
             "findings": [finding_json(f) for f in scan.findings],
             "signature": {"key_id": outcome.signature.key_id, "statement": outcome.signature.statement_digest},
@@ -131,8 +133,10 @@ def _pipeline(recipe: Path, promote_to: str | None, as_json: bool) -> PipelineOu
         return outcome
     version_line(store.get_version(outcome.scanned.version.ref))
     layers_table(outcome.baked.layers)
+    generalised_lines(outcome.baked.generalised)
     if outcome.baked.report:
         report_table(outcome.baked.report)
+    leftover_warnings(outcome.baked.orphaned)
     console.print(
         f"scan: {len(scan.packages)} packages, {len(scan.findings)} finding(s) "
         f"({', '.join(f'{k} {v}' for k, v in findings_summary(scan.findings).items()) or 'none'}); "

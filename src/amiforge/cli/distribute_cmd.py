@@ -83,15 +83,19 @@ def import_packer_command(
 
 def gc_command(
     regions: list[str] = typer.Option(
-        [], "--region", help="Region to collect in (repeat); default: every region the registry knows of."
+        [],
+        "--region",
+        help="Region to collect in (repeat): the local region, or an AWS region; default: this machine and every AWS "
+        "region the registry knows of.",
     ),
     apply: bool = typer.Option(False, "--apply", help="Remove the orphans (default: only show the plan)."),
     min_age: str = typer.Option("1h", "--min-age", help="Leave resources younger than this (e.g. 30m, 2h)."),
     max_deletions: int = typer.Option(10, "--max", min=0, help="Blast-radius cap: refuse to remove more than this."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Find cloud resources failed runs left behind (tagged amiforge:managed, run known to the registry, image not
-    registered); remove them with --apply. Exit 4 when the plan exceeds --max."""
+    """Find what finished runs left behind — temporary directories on this machine; on AWS, resources tagged
+    amiforge:managed whose run the registry knows is over (never a registered image) — and remove them with --apply.
+    Exit 4 when the plan exceeds --max."""
     age = timedelta(seconds=parse_duration(min_age))
     settings, store = open_registry()
     outcome = gc(store=store, settings=settings, regions=regions, apply=apply, min_age=age, max_deletions=max_deletions)
@@ -109,7 +113,7 @@ def gc_command(
             )
     console.print(table)
     kept = sum(len(p.kept) for p in outcome.plans)
-    console.print(f"{kept} tagged resource(s) kept (registered, too young, or their run is active or unknown)")
+    console.print(f"{kept} resource(s) kept (registered, in use, too young, or their run is active or unknown)")
     if not outcome.applied and any(p.orphans for p in outcome.plans):
         console.print("nothing was changed: rerun with --apply to remove the orphans above")
     failed = [o for r in outcome.results for o in r.outcomes if o.outcome == "failed"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, human_size, plain
-from amiforge.cli.render import layers_table, report_table, status, version_line
+from amiforge.cli.render import generalised_lines, layers_table, report_table, status, version_line
+from amiforge.lifecycle.bake import generalised_of
 from amiforge.lifecycle.diff import diff
+from amiforge.lifecycle.runs import recorded_leftovers
 from amiforge.lifecycle.scan import finding_json, findings_summary
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
@@ -75,6 +78,8 @@ def show(
     scan = store.latest_scan(v.id)
     signatures = store.signatures(v.id)
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
+    generalised = generalised_of(events)
+    orphaned = [leftover for _, leftover in recorded_leftovers(events)]
     supply = {
         "scan": None
         if scan is None
@@ -89,6 +94,8 @@ def show(
             {"key_id": s.key_id, "signed_at": s.signed_at, "statement": s.statement_digest} for s in signatures
         ],
         "channels": [{"channel": p.channel, "role": "current" if p.current == v.ref else "rollback"} for p in held],
+        "generalised": generalised,
+        "orphaned": orphaned,
     }
     if as_json:
         data: dict[str, object] = {
@@ -126,6 +133,9 @@ def show(
         console.print(f"  channel  {p.channel} ({role})", markup=False)
     if layers:
         layers_table(layers)
+    generalised_lines(generalised)
+    for leftover in orphaned:
+        console.print(f"  [yellow]{escape(leftover.describe())}[/]")
     for r in reports:
         report_table(r)
     if show_console and reports:

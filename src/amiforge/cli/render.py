@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from rich.markup import escape
 from rich.table import Table
 
-from amiforge.cli.output import console, human_size
-from amiforge.model import BootReport, ImageVersion, LayerRecord
+from amiforge.cli.output import console, err_console, human_size
+from amiforge.model import BootReport, ImageVersion, LayerRecord, Leftover, RemovedFile
 
 STATUS_STYLE = {"tested": "green", "built": "cyan", "failed": "red", "baking": "yellow"}
 
@@ -53,3 +53,18 @@ def report_table(report: BootReport) -> None:
         result = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
         table.add_row(escape(c.name), result, escape(c.detail[:120]))
     console.print(table)
+
+
+def generalised_lines(removed: Sequence[RemovedFile]) -> None:
+    """What generalisation deleted that a step had written: the author learns their recipe handled a credential."""
+    if not removed:
+        return
+    console.print(f"[yellow]generalisation removed {len(removed)} file(s) a step left in the image[/] (not shipped):")
+    for r in removed:
+        console.print(f"  {escape(r.kind)}: {escape(r.path)}")
+
+
+def leftover_warnings(leftovers: Sequence[Leftover]) -> None:
+    """Failed cleanups, never silent: each with where it is and the command that removes it (on stderr)."""
+    for leftover in leftovers:
+        err_console.print(f"[bold yellow]warning:[/] {escape(leftover.describe())}", soft_wrap=True)

@@ -3,12 +3,12 @@ leaves a `failed` version with its log, and nothing temporary behind (RunContext
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from amiforge.lifecycle.boottest import TestOutcome, boot_test
 from amiforge.lifecycle.runs import run_context
-from amiforge.model import BootReport, ImageVersion, LayerRecord, Status
+from amiforge.model import BootReport, Event, ImageVersion, LayerRecord, Leftover, RemovedFile, Status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Recipe, recipe_digest
@@ -25,6 +25,8 @@ class BakeOutcome:
     layers: tuple[LayerRecord, ...]
     phases: dict[str, float]
     report: BootReport | None
+    generalised: tuple[RemovedFile, ...] = ()  # credentials and histories a step left that generalisation removed
+    orphaned: tuple[Leftover, ...] = ()  # what the bake's (and boot test's) failed cleanups left behind
 
 
 def bake(
@@ -93,11 +95,21 @@ def bake(
                 "layers_hit": sum(1 for layer in result.layers if layer.hit),
                 "layers": len(result.layers),
                 "phases": ctx.phases,
+                "generalised": [{"path": r.path, "kind": r.kind} for r in result.generalised],
             },
         )
         phases = dict(ctx.phases)
-    outcome = BakeOutcome(version, result.layers, phases, None)
+    outcome = BakeOutcome(version, result.layers, phases, None, result.generalised, tuple(ctx.cleanup.leftovers))
     if not test:
         return outcome
     tested: TestOutcome = boot_test(version.ref, store=store, settings=settings, progress=progress)
-    return BakeOutcome(tested.version, result.layers, phases, tested.report)
+    return replace(outcome, version=tested.version, report=tested.report, orphaned=outcome.orphaned + tested.orphaned)
+
+
+def generalised_of(events: Iterable[Event]) -> tuple[RemovedFile, ...]:
+    """What generalisation removed in the version's last bake, as its `bake.built` event recorded it."""
+    built = next((e for e in reversed(list(events)) if e.kind == "bake.built"), None)
+    items = built.data.get("generalised") if built is not None else None
+    if not isinstance(items, list):
+        return ()  # not built, or built before generalisation reported what it removed
+    return tuple(RemovedFile(str(i.get("path")), str(i.get("kind"))) for i in items if isinstance(i, dict))

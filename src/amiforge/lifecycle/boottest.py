@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.runs import run_context
-from amiforge.model import BootReport, ImageVersion, Status, require_status
+from amiforge.model import BootReport, ImageVersion, Leftover, Status, require_status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Checks
@@ -30,6 +30,7 @@ TESTABLE = (Status.BUILT, Status.TESTED, Status.FAILED)
 class TestOutcome:
     version: ImageVersion
     report: BootReport
+    orphaned: tuple[Leftover, ...] = ()  # what the test's failed cleanups left behind
 
 
 _PROVIDER_SPEC: TypeAdapter[ProviderSpec] = TypeAdapter(ProviderSpec)
@@ -80,6 +81,7 @@ def boot_test(
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=lambda _l: None) as ctx:
         report = provider.boot_test(artifacts[0], checks_of(version), ctx, provider_spec_of(version))
         run_id = ctx.run_id
+    leftovers = tuple(ctx.cleanup.leftovers)
     report = store.add_boot_report(version.id, report)
     failed = [c for c in report.checks if not c.passed]
     # A scan made before the boot test read the same immutable bytes: once the test passes, it stands.
@@ -104,9 +106,12 @@ def boot_test(
     if earlier_scan is not None:
         current = store.transition(current.id, Status.SCANNED, expect=Status.TESTED)
     if not report.passed:
-        raise GateFailed(
+        error = GateFailed(
             "boot test",
             [GateFailure(c.name, c.detail) for c in failed],
             fix=f"see the console log: amiforge images show {version.ref} --console",
         )
-    return TestOutcome(current, report)
+        for leftover in leftovers:
+            error.add_note(leftover.describe())
+        raise error
+    return TestOutcome(current, report, leftovers)

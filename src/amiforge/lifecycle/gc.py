@@ -1,10 +1,13 @@
-"""gc: what failed or interrupted runs left behind in the cloud, found from the registry's point of view.
+"""gc: what failed or interrupted runs left behind — on this machine and in the cloud — found from the registry's
+point of view.
 
 A resource is only ever a candidate when it is tagged as amiforge's AND its run is one this registry knows to be over
 (DESIGN.md §5: "retire/gc only touch what is both tagged and in the registry"). The registry answers from its event
 log: a bake run is over once it is built or failed; a boot test once its report is recorded; a distribute run only
 when its latest attempt completed (a copy left by a failed attempt is adopted by the next one, so it is not an
-orphan). An image any version holds as an artifact is never touched. Plans by default; `apply` needs to be asked for.
+orphan). An image any version holds as an artifact is never touched. Locally, the candidates are temporary
+directories in the places runs make them (providers/local/leftovers.py). Plans by default; `apply` needs to be asked
+for.
 """
 
 from __future__ import annotations
@@ -12,20 +15,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.boottest import provider_spec_of
-from amiforge.model import Event
+from amiforge.lifecycle.runs import recorded_leftovers
+from amiforge.model import Event, check_aws_region
 from amiforge.providers import provider_for
+from amiforge.providers.interface import Collector, GcPlan, GcResult, RunState
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
-if TYPE_CHECKING:
-    from amiforge.providers.aws.gc import GcPlan, GcResult
-
-RunState = Literal["active", "finished", "unknown"]
 # Event kinds that end a run of their kind, and those that start one.
 _ENDS = {"bake.built", "bake.failed", "test.passed", "test.failed", "distribute.completed"}
 _STARTS = {"bake.started", "distribute.started"}
@@ -63,7 +63,7 @@ def run_states(events: Iterable[Event], *, now: datetime, stale_after: timedelta
     return states
 
 
-def _registry_view(store: Store) -> tuple[set[str], set[str]]:
+def _aws_view(store: Store) -> tuple[set[str], set[str]]:
     """(every aws image the registry holds, every region it knows of from artifacts and recipes)."""
     held = [artifact for _, artifact in store.provider_artifacts("aws")]
     images = {a.location for a in held}
@@ -77,6 +77,13 @@ def _registry_view(store: Store) -> tuple[set[str], set[str]]:
     return images, regions
 
 
+def _collector(kind: str, settings: Settings) -> Collector:
+    provider = provider_for(kind, settings)
+    if not isinstance(provider, Collector):  # pragma: no cover - both providers collect
+        raise ConfigError(f"the {kind} provider cannot collect leftovers")
+    return provider
+
+
 def gc(
     *,
     store: Store,
@@ -87,44 +94,54 @@ def gc(
     max_deletions: int = 10,
     now: datetime | None = None,
 ) -> GcOutcome:
-    from amiforge.providers.aws.gc import apply_gc, plan_gc  # boto3 only for those who use AWS
-
-    images, known_regions = _registry_view(store)
-    targets = list(dict.fromkeys(regions)) or sorted(known_regions)
-    if not targets:
-        raise ConfigError("the registry knows of no AWS region to collect in", fix="pass --region REGION")
-    from amiforge.providers.aws.provider import AwsProvider
-
-    provider = provider_for("aws", settings)
-    if not isinstance(provider, AwsProvider):  # pragma: no cover - the closed PROVIDERS map says otherwise
-        raise ConfigError("this amiforge has no AWS provider")
-    session_of = provider.session
+    """Plan (and with `apply`, carry out) the removal of what finished runs left behind: locally (this machine's
+    temporary directories; `regions` naming the local region, or none) and on AWS (every region in `regions`,
+    or else every region the registry knows of)."""
+    if max_deletions < 0:
+        raise ConfigError(f"--max is {max_deletions}; it cannot be negative", fix="use e.g. 10 (the default)")
+    local_region = settings.region
+    asked = list(dict.fromkeys(regions))
+    aws_regions = [check_aws_region(r, what="--region") for r in asked if r != local_region]
+    images: set[str] = set()
+    if not asked or aws_regions:
+        images, known = _aws_view(store)
+        aws_regions = aws_regions or sorted(known)
     moment = now or datetime.now(UTC)
-    states = run_states(store.events(), now=moment)
+    events = store.events()
+    states = run_states(events, now=moment)
+    recorded = [(_run_of(e), leftover) for e, leftover in recorded_leftovers(events)]
+    targets: list[tuple[Collector, str, set[str]]] = []
+    if not asked or local_region in asked:
+        targets.append((_collector("local", settings), local_region, set()))
+    if aws_regions:
+        aws = _collector("aws", settings)  # boto3 is imported only when there is an AWS region to look at
+        targets += [(aws, region, images) for region in aws_regions]
     plans = [
-        plan_gc(
-            session_of(region),
+        collector.plan_gc(
             region,
-            registered_images=images,
+            registered=registered,
             run_state=lambda run: states.get(run, "unknown"),
+            recorded=recorded,
             min_age=min_age,
             now=moment,
         )
-        for region in targets
+        for collector, region, registered in targets
     ]
     if not apply:
         return GcOutcome(plans, [], applied=False)
     total = sum(len(p.orphans) for p in plans)
     if total > max_deletions:
-        # The cap is over the whole run, not per region; apply_gc checks each region again.
+        # The cap is over the whole run, not per region; each collector checks its region again.
         raise GateFailed(
             "blast radius",
             [GateFailure(p.region, f"{len(p.orphans)} orphan(s)") for p in plans if p.orphans],
             fix=f"{total} deletions exceed the cap of {max_deletions}: review the plan, then pass --max {total}",
         )
     results = []
-    for plan in plans:
-        result = apply_gc(session_of(plan.region), plan, max_deletions=max_deletions)
+    for (collector, _, _), plan in zip(targets, plans, strict=True):
+        if not plan.orphans:
+            continue
+        result = collector.apply_gc(plan, max_deletions=max_deletions)
         results.append(result)
         store.append_event(
             "gc.applied",
@@ -139,3 +156,8 @@ def gc(
             },
         )
     return GcOutcome(plans, results, applied=True)
+
+
+def _run_of(event: Event) -> str | None:
+    run = event.data.get("run")
+    return run if isinstance(run, str) else None

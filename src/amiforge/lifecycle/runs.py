@@ -1,38 +1,15 @@
 """What every lifecycle verb shares: a run id, a RunContext whose cleanups always run, and the rule that a
-failed cleanup is recorded as an `orphaned` event but never hides the error that caused the unwinding."""
+failed cleanup is recorded as an `orphaned` event and shown, but never hides the error that caused the unwinding."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
-from amiforge.model import ImageVersion
-from amiforge.providers.interface import PhaseUpdate, RunContext
+from amiforge.model import Event, ImageVersion, Leftover
+from amiforge.providers.interface import Cleanups, PhaseUpdate, RunContext
 from amiforge.store.interface import Store
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-class RecordingExitStack(ExitStack):
-    """An ExitStack whose callbacks never raise: each failure is kept in `.failures` (all of them, where a
-    plain ExitStack would surface only the last) so the caller can record every orphaned resource."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failures: list[str] = []
-
-    def callback(self, callback: Callable[P, R], /, *args: P.args, **kwds: P.kwargs) -> Callable[P, R]:
-        def guarded() -> None:
-            try:
-                callback(*args, **kwds)
-            except Exception as e:
-                self.failures.append(f"{getattr(callback, '__name__', callback)!s}{args!r}: {type(e).__name__}: {e}")
-
-        super().callback(guarded)
-        return callback
 
 
 def new_run_id() -> str:
@@ -48,18 +25,57 @@ def run_context(
     progress: Callable[[PhaseUpdate], None],
     log: Callable[[str], None],
 ) -> Iterator[RunContext]:
-    stack = RecordingExitStack()
+    """A RunContext whose cleanups run when the block ends. Each cleanup that failed becomes an `orphaned` event (what,
+    where, the command that removes it, the error) and stays in `ctx.cleanup.leftovers` for the caller's outcome;
+    when the block raised, each is also a note on the exception, so the error a user sees says what stayed."""
+    stack = Cleanups()
     ctx = RunContext(run_id=new_run_id(), cleanup=stack, log=log, progress=progress)
-    failures: list[Any] = stack.failures
     try:
         yield ctx
-    finally:
-        try:
-            stack.close()
-        except Exception as e:  # an enter_context()/push() exit failed: same treatment
-            failures.append(f"{type(e).__name__}: {e}")
-        for failure in failures:  # a cleanup failed: keep the original outcome, leave a trace to act on
-            store.append_event("orphaned", actor=actor, ref=ref, data={"run": ctx.run_id, "error": failure})
+    except BaseException as e:
+        _close(stack)
+        for leftover in stack.leftovers:
+            e.add_note(leftover.describe())
+        _record(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+        raise
+    _close(stack)
+    _record(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+
+
+def _close(stack: Cleanups) -> None:
+    try:
+        stack.close()
+    except Exception as e:  # an enter_context()/push() exit failed: kept like a failed cleanup
+        error = f"{type(e).__name__}: {e}"
+        stack.leftovers.append(Leftover("what a context manager holds", "-", "see the error", error))
+
+
+def _record(store: Store, leftovers: list[Leftover], *, actor: str, ref: str | None, run_id: str) -> None:
+    for leftover in leftovers:  # a cleanup failed: keep the original outcome, leave a trace to act on
+        store.append_event(
+            "orphaned",
+            actor=actor,
+            ref=ref,
+            data={
+                "run": run_id,
+                "what": leftover.what,
+                "where": leftover.where,
+                "remove": leftover.remove,
+                "error": leftover.error,
+            },
+        )
+
+
+def recorded_leftovers(events: Iterable[Event]) -> list[tuple[Event, Leftover]]:
+    """Every leftover the `orphaned` events among `events` recorded, with its event."""
+    found = []
+    for e in events:
+        if e.kind == "orphaned":
+            text = {k: str(e.data.get(k, "")) for k in ("what", "where", "remove", "error")}
+            # Events written before leftovers were described carry only the error.
+            found.append((e, Leftover(text["what"] or "unknown", text["where"] or "?", text["remove"] or "?",
+                                      text["error"])))  # fmt: skip
+    return found
 
 
 # Long operations recorded in the store's `operations` table, by kind.

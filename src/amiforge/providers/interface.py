@@ -5,14 +5,18 @@ The lifecycle verbs only ever see these types; each provider lives in its own fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
-from amiforge.model import Artifact, BootReport, LayerRecord
+from amiforge.errors import AmiforgeError
+from amiforge.model import Artifact, BootReport, LayerRecord, Leftover, RemovedFile
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 if TYPE_CHECKING:
     from amiforge.recipe import Checks, Recipe
@@ -31,16 +35,45 @@ class PhaseUpdate:
     seconds: float | None = None
 
 
+class Cleanups(ExitStack):
+    """The cleanups of one run, registered the moment each resource exists and run in reverse order when the run
+    ends, on failure too (DESIGN §3 rule 5). A cleanup never raises — that would hide the error that caused the
+    unwinding, and skip the cleanups after it: when one fails, what it left behind is kept in `leftovers` (all of
+    them) for the run to report and record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leftovers: list[Leftover] = []
+
+    def add(self, leftover: Leftover, remove: Callable[[], object]) -> None:
+        """Run `remove` at the end of the run; if it fails, `leftover` (with the error) says what stayed behind."""
+
+        def guarded() -> None:
+            try:
+                remove()
+            except Exception as e:
+                self.leftovers.append(replace(leftover, error=f"{type(e).__name__}: {e}"))
+
+        super().callback(guarded)
+
+    def callback(self, callback: Callable[P, R], /, *args: P.args, **kwds: P.kwargs) -> Callable[P, R]:
+        """A cleanup that does not describe what it removes; guarded like `add`, and described by the call."""
+        name = getattr(callback, "__name__", repr(callback))
+        leftover = Leftover("what a cleanup removes", f"{name}{args!r}", "see the error; `amiforge gc` lists leftovers")
+        self.add(leftover, lambda: callback(*args, **kwds))
+        return callback
+
+
 @dataclass
 class RunContext:
     """What a provider needs from its caller while it works.
 
-    `cleanup` is the ExitStack every temporary resource registers with the moment it exists (DESIGN §3 rule 5);
+    `cleanup` is where every temporary resource registers its removal the moment it exists (DESIGN §3 rule 5);
     the caller closes it, on failure too. `log` receives the human-readable build log kept with the version.
     """
 
     run_id: str
-    cleanup: ExitStack
+    cleanup: Cleanups
     log: Callable[[str], None] = lambda _line: None
     progress: Callable[[PhaseUpdate], None] = lambda _u: None
     phases: dict[str, float] = field(default_factory=dict)
@@ -64,6 +97,7 @@ class ImageView:
 class BakeResult:
     artifact: Artifact
     layers: tuple[LayerRecord, ...]
+    generalised: tuple[RemovedFile, ...] = ()  # what generalisation deleted that a step had written
 
 
 @dataclass(frozen=True)
@@ -217,4 +251,88 @@ class FleetProvider(Protocol):
 
     def fleet_region(self, name: str) -> str:
         """The region whose artifact of a version the fleet runs."""
+        ...
+
+
+# --- gc: what finished runs left behind ------------------------------------------------------------------------
+
+Kind = Literal["instance", "image", "snapshot", "volume", "directory"]
+RunState = Literal["active", "finished", "unknown"]
+# deleted: removed by this call; gone: already removed (by someone, or an earlier apply); failed: refused or erred;
+# skipped: not attempted, because something that must go first did not.
+Outcome = Literal["deleted", "gone", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """One resource a finished run left behind, and why it counts as an orphan.
+
+    `backs` (snapshots only): the orphaned images this snapshot backs; apply deletes it only once all are gone."""
+
+    kind: Kind
+    id: str
+    region: str
+    run_id: str | None
+    reason: str
+    state: str
+    created: datetime | None
+    name: str | None = None
+    backs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What gc would remove in `region` (in apply order), and what it listed but keeps: (resource id, why kept)."""
+
+    region: str
+    orphans: tuple[Orphan, ...]
+    kept: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class GcOutcome:
+    orphan: Orphan
+    outcome: Outcome
+    detail: str
+    error: AmiforgeError | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """Every orphan of the plan and what became of it, in the order apply worked."""
+
+    region: str
+    outcomes: tuple[GcOutcome, ...]
+
+    def with_outcome(self, outcome: Outcome) -> tuple[GcOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.outcome == outcome)
+
+    @property
+    def ok(self) -> bool:
+        """True when every orphan is gone now (deleted by this call or before it)."""
+        return all(o.outcome in ("deleted", "gone") for o in self.outcomes)
+
+
+@runtime_checkable
+class Collector(Protocol):
+    """A provider that finds, and only when asked removes, what finished runs left behind in a region: resources a
+    failed cleanup recorded as leftovers, or that a killed run never got to remove (DESIGN.md §5)."""
+
+    def plan_gc(
+        self,
+        region: str,
+        *,
+        registered: Collection[str],
+        run_state: Callable[[str], RunState],
+        recorded: Sequence[tuple[str | None, Leftover]],
+        min_age: timedelta,
+        now: datetime,
+    ) -> GcPlan:
+        """What would be removed, and what was listed but kept, with reasons. No side effects. `registered`: the
+        locations of every artifact the registry holds (never touched); `run_state(run)`: what the registry knows
+        of a run; `recorded`: (run id, leftover) of every `orphaned` event."""
+        ...
+
+    def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
+        """Remove the plan's orphans (refusing, before any change, more than `max_deletions`)."""
         ...

@@ -368,7 +368,12 @@ def test_gc_finds_what_a_failed_bake_left_and_removes_it_only_with_apply(
 
 
 def test_gc_blast_radius_and_unknown_regions(env: Env) -> None:
-    assert env.cli("gc").code == 2  # an empty registry knows no region: say so instead of guessing
+    # An empty registry knows no AWS region: gc looks only at this machine (and never guesses a region).
+    local = env.cli("gc", "--json")
+    assert local.code == 0, local.err
+    assert [p["region"] for p in local.json()["plans"]] == ["local"]
+    bad = env.cli("gc", "--region", "eu-west-1/../x", "--json")
+    assert bad.code == 2 and bad.json()["message"] == "--region 'eu-west-1/../x' is not an AWS region name"
     refused = env.cli("gc", "--region", REGION, "--min-age", "soon")
     assert refused.code == 2 and "soon" in refused.err
 

@@ -14,11 +14,11 @@ from conftest import REGION, Aws
 from fake_machine import Clock, FakeMachine, factory
 
 from amiforge.errors import InfraError
-from amiforge.lifecycle.runs import RecordingExitStack
+from amiforge.model import RemovedFile
 from amiforge.providers.aws.bake import AmiBuild, Wait, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.images import SourceImage
 from amiforge.providers.aws.machine import MAX_COMMAND_CHARS, CommandResult, SsmMachine
-from amiforge.providers.interface import RunContext
+from amiforge.providers.interface import Cleanups, RunContext
 from amiforge.recipe import Recipe, parse_recipe
 
 SOURCE = SourceImage("ami-0123456789abcdef0", "debian-12", "136693071363", datetime(2024, 5, 1, tzinfo=UTC), None)
@@ -49,7 +49,7 @@ def clock() -> Clock:
     return Clock()
 
 
-def context(stack: RecordingExitStack, lines: list[str] | None = None) -> RunContext:
+def context(stack: Cleanups, lines: list[str] | None = None) -> RunContext:
     return RunContext(run_id="run42", cleanup=stack, log=(lines.append if lines is not None else lambda _l: None))
 
 
@@ -78,7 +78,7 @@ def record_run_instances(aws: Aws) -> list[dict[str, Any]]:
     return seen
 
 
-def bake(aws: Aws, recipe: Recipe, machine: FakeMachine, stack: RecordingExitStack, clock: Clock) -> AmiBuild:
+def bake(aws: Aws, recipe: Recipe, machine: FakeMachine, stack: Cleanups, clock: Clock) -> AmiBuild:
     return bake_on_ec2(
         recipe,
         SOURCE,
@@ -91,12 +91,17 @@ def bake(aws: Aws, recipe: Recipe, machine: FakeMachine, stack: RecordingExitSta
 
 
 def test_bake_happy_path(aws: Aws, recipe: Recipe, clock: Clock) -> None:
-    machine = FakeMachine()
+    def respond(script: str) -> CommandResult:
+        # Generalisation on the builder says what it removed, as GENERALISE prints it.
+        said = "AMIFORGE-GENERALISED netrc\t/root/.netrc\n" if "AMIFORGE_HOSTNAME=" in script else ""
+        return CommandResult(0, said, "")
+
+    machine = FakeMachine(respond)
     requests = record_run_instances(aws)
-    with RecordingExitStack() as stack:
+    with Cleanups() as stack:
         build = bake(aws, recipe, machine, stack, clock)
         assert instance_states(aws)[build.builder_instance_id] == "stopped"
-    assert stack.failures == []
+    assert stack.leftovers == []
     ec2: Any = aws.ec2()
     image = ec2.describe_images(ImageIds=[build.image_id])["Images"][0]
     assert image["State"] == "available"
@@ -112,6 +117,7 @@ def test_bake_happy_path(aws: Aws, recipe: Recipe, clock: Clock) -> None:
         assert tags_of(snap)["amiforge:run"] == "run42"
     assert instance_states(aws)[build.builder_instance_id] == "terminated"
     assert [p.name for p in build.packages] == ["nginx"]
+    assert build.generalised == (RemovedFile("/root/.netrc", "netrc"),)
 
     # Every step ran, in recipe order, then the readiness unit, then generalisation last.
     assert len(machine.log) == 7
@@ -140,11 +146,11 @@ def test_bake_happy_path(aws: Aws, recipe: Recipe, clock: Clock) -> None:
 
 def test_failing_step_names_the_step_and_leaves_nothing(aws: Aws, recipe: Recipe, clock: Clock) -> None:
     machine = FakeMachine(lambda s: CommandResult(3, "", "E: boom\n") if "useradd" in s else CommandResult(0, "", ""))
-    with pytest.raises(InfraError) as caught, RecordingExitStack() as stack:
+    with pytest.raises(InfraError) as caught, Cleanups() as stack:
         bake(aws, recipe, machine, stack, clock)
     assert "step 5: user: deploy" in caught.value.message and "exit 3" in caught.value.message
     assert "E: boom" in caught.value.message
-    assert stack.failures == []
+    assert stack.leftovers == []
     assert set(instance_states(aws).values()) == {"terminated"}
     ec2: Any = aws.ec2()
     assert ec2.describe_images(Owners=["self"])["Images"] == []
@@ -157,7 +163,7 @@ def test_interrupt_terminates_builder_and_propagates(aws: Aws, recipe: Recipe, c
             raise KeyboardInterrupt
         return CommandResult(0, "", "")
 
-    with pytest.raises(KeyboardInterrupt), RecordingExitStack() as stack:
+    with pytest.raises(KeyboardInterrupt), Cleanups() as stack:
         bake(aws, recipe, FakeMachine(interrupt), stack, clock)
     assert set(instance_states(aws).values()) == {"terminated"}
 
@@ -169,9 +175,11 @@ def test_failed_cleanup_does_not_mask_the_error(aws: Aws, recipe: Recipe, clock:
 
     aws.session.boto_session.events.register("before-call.ec2.TerminateInstances", deny)
     machine = FakeMachine(lambda s: CommandResult(3, "", "bad") if "apt-get" in s else CommandResult(0, "", ""))
-    with pytest.raises(InfraError, match="step 1"), RecordingExitStack() as stack:
+    with pytest.raises(InfraError, match="step 1"), Cleanups() as stack:
         bake(aws, recipe, machine, stack, clock)
-    assert len(stack.failures) == 1 and "ec2:TerminateInstances" in stack.failures[0]
+    (leftover,) = stack.leftovers
+    assert "ec2:TerminateInstances" in leftover.error and leftover.what == "EC2 instance (builder)"
+    assert leftover.where.endswith(f" in {REGION}") and f"amiforge gc --region {REGION} --apply" in leftover.remove
     assert set(instance_states(aws).values()) == {"running"}  # orphaned, and reported as such
 
 
@@ -181,7 +189,7 @@ def test_image_that_never_becomes_available_is_discarded(
     from moto.ec2.models.amis import Ami
 
     monkeypatch.setattr(Ami, "state", property(lambda _self: "pending", lambda _self, _v: None), raising=False)
-    with pytest.raises(InfraError, match="not done after 600s"), RecordingExitStack() as stack:
+    with pytest.raises(InfraError, match="not done after 600s"), Cleanups() as stack:
         bake_on_ec2(
             recipe,
             SOURCE,
@@ -200,7 +208,7 @@ def test_image_that_never_becomes_available_is_discarded(
 def test_boot_test_reads_ready_marker_and_runs_checks(aws: Aws, recipe: Recipe, clock: Clock) -> None:
     machine = FakeMachine(consoles=["", "[  OK  ] Reached target\n", "Booting\nAMIFORGE-READY 12.34\n"])
     requests = record_run_instances(aws)
-    with RecordingExitStack() as stack:
+    with Cleanups() as stack:
         report = boot_test_on_ec2(
             "ami-0123456789abcdef0",
             recipe.checks,
@@ -210,7 +218,7 @@ def test_boot_test_reads_ready_marker_and_runs_checks(aws: Aws, recipe: Recipe, 
             wait=wait(clock),
         )
         assert instance_states(aws)[machine.instance_id] == "running"
-    assert stack.failures == []
+    assert stack.leftovers == []
     assert report.passed, report.checks
     assert report.time_to_ready == pytest.approx(12.34)
     assert [c.name for c in report.checks] == ["ready", "unit nginx", "command nginx -t"]
@@ -223,7 +231,7 @@ def test_boot_test_reads_ready_marker_and_runs_checks(aws: Aws, recipe: Recipe, 
 
 def test_boot_test_never_ready_is_a_failed_report(aws: Aws, recipe: Recipe, clock: Clock) -> None:
     machine = FakeMachine(consoles=["still booting"])
-    with RecordingExitStack() as stack:
+    with Cleanups() as stack:
         report = boot_test_on_ec2(
             "ami-0123456789abcdef0",
             recipe.checks,

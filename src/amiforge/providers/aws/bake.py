@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from amiforge.errors import ConfigError, InfraError, NotFound
-from amiforge.model import BootReport, CheckResult, Package
+from amiforge.model import BootReport, CheckResult, Leftover, Package, RemovedFile
 from amiforge.providers.aws.clients import AwsSession, call
 from amiforge.providers.aws.images import MANAGED_TAG, SourceImage, describe_image
 from amiforge.providers.aws.machine import STAGE, Machine, MachineFactory, SsmMachine
 from amiforge.providers.interface import PhaseUpdate, RunContext
-from amiforge.providers.local.layers import STEP_TIMEOUT, _step_script
+from amiforge.providers.local.layers import STEP_TIMEOUT, _step_script, parse_generalised
 from amiforge.providers.local.qemu import (
     COMMAND_TIMEOUT,
     READY_RE,
@@ -85,6 +85,7 @@ class AmiBuild:
     region: str
     builder_instance_id: str
     packages: tuple[Package, ...] = field(default=())
+    generalised: tuple[RemovedFile, ...] = field(default=())
 
 
 def poll(what: str, probe: Callable[[], T | None], wait: Wait) -> T:
@@ -151,7 +152,15 @@ def _launch(
         request["IamInstanceProfile"] = {key: placement.instance_profile}
     answer = call(ec2, "RunInstances", image_id, **request)
     instance_id = str(answer["Instances"][0]["InstanceId"])
-    ctx.cleanup.callback(_terminate, session, region, instance_id, ctx)
+    ctx.cleanup.add(
+        Leftover(
+            f"EC2 instance ({role})",
+            f"{instance_id} in {region}",
+            f"amiforge gc --region {region} --apply "
+            f"(or: aws ec2 terminate-instances --region {region} --instance-ids {instance_id})",
+        ),
+        lambda: _terminate(session, region, instance_id, ctx),
+    )
     ctx.log(f"launched {role} {instance_id} from {image_id} ({instance_type})")
     return instance_id
 
@@ -159,7 +168,7 @@ def _launch(
 def _terminate(session: AwsSession, region: str, instance_id: str, ctx: RunContext) -> None:
     ctx.log(f"terminating {instance_id}")
     ec2 = session.client("ec2", region)
-    # Raises on failure: the caller's RecordingExitStack records it as orphaned without masking the first error.
+    # Raises on failure: the run's Cleanups keep it as a leftover without masking the first error.
     call(ec2, "TerminateInstances", instance_id, InstanceIds=[instance_id])
 
 
@@ -187,7 +196,8 @@ def _wait_state(session: AwsSession, region: str, instance_id: str, want: str, w
     poll(f"instance {instance_id} becoming {want}", probe, wait)
 
 
-def _run_script(machine: Machine, script: str, what: str, ctx: RunContext, timeout: float) -> None:
+def _run_script(machine: Machine, script: str, what: str, ctx: RunContext, timeout: float) -> list[str]:
+    """Run `script` on the machine; returns its output lines (stdout), which the build log also gets."""
     machine.put_file(f"{STAGE}/step.sh", script.encode(), 0o700)
     result = machine.run(["/bin/sh", f"{STAGE}/step.sh"], timeout=timeout)
     for line in (result.stdout + result.stderr).splitlines():
@@ -198,9 +208,12 @@ def _run_script(machine: Machine, script: str, what: str, ctx: RunContext, timeo
             f"{what} failed with exit {result.exit_code}: {tail}",
             fix="fix the step in the recipe; the build log has its full output",
         )
+    return result.stdout.splitlines()
 
 
-def _run_step(machine: Machine, step: Step | None, recipe: Recipe, what: str, ctx: RunContext, timeout: float) -> None:
+def _run_step(
+    machine: Machine, step: Step | None, recipe: Recipe, what: str, ctx: RunContext, timeout: float
+) -> list[str]:
     """The local provider's script for `step`, with the files it stages uploaded to the same paths (/run/amiforge)."""
     stage = Path(tempfile.mkdtemp(prefix="amiforge-step-"))
     try:
@@ -211,7 +224,7 @@ def _run_step(machine: Machine, step: Step | None, recipe: Recipe, what: str, ct
             machine.put_file(f"{STAGE}/{staged.name}", staged.read_bytes(), 0o600)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    _run_script(machine, "export DEBIAN_FRONTEND=noninteractive\n" + script, what, ctx, timeout)
+    return _run_script(machine, "export DEBIAN_FRONTEND=noninteractive\n" + script, what, ctx, timeout)
 
 
 def _install_ready_unit(machine: Machine, ctx: RunContext) -> None:
@@ -270,7 +283,7 @@ def bake_on_ec2(
     _install_ready_unit(machine, ctx)
     packages = tuple(parse_dpkg_status(machine.read_file(DPKG_STATUS).decode("utf-8", "replace"), file=DPKG_STATUS))
     ctx.log(f"--- generalise ({len(packages)} packages installed)")
-    _run_step(machine, None, recipe, "generalise", ctx, step_timeout)
+    generalised = parse_generalised(_run_step(machine, None, recipe, "generalise", ctx, step_timeout))
 
     t = wait.clock()
     call(ec2, "StopInstances", instance_id, InstanceIds=[instance_id])
@@ -296,7 +309,15 @@ def bake_on_ec2(
         )["ImageId"]
     )
     done = [False]
-    ctx.cleanup.callback(_discard_unfinished, session, region, image_id, done, ctx)
+    ctx.cleanup.add(
+        Leftover(
+            "unfinished AMI and its snapshots",
+            f"{image_id} in {region}",
+            f"amiforge gc --region {region} --apply (or: aws ec2 deregister-image --region {region} "
+            f"--image-id {image_id}, then delete its snapshots)",
+        ),
+        lambda: _discard_unfinished(session, region, image_id, done, ctx),
+    )
     ctx.log(f"creating image {image_id} ({name})")
 
     def available() -> Mapping[str, Any] | None:
@@ -317,7 +338,7 @@ def bake_on_ec2(
         call(ec2, "CreateTags", ",".join(snapshots), Resources=list(snapshots), Tags=image_tags)
     done[0] = True
     ctx.phase_done("image", wait.clock() - t, image_id)
-    return AmiBuild(image_id, snapshots, region, instance_id, packages)
+    return AmiBuild(image_id, snapshots, region, instance_id, packages, generalised)
 
 
 def _discard_unfinished(session: AwsSession, region: str, image_id: str, done: list[bool], ctx: RunContext) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateError
+from amiforge.model import AWS_REGION_RE
 from amiforge.providers.aws.clients import AwsSession, call, eventually, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
 
@@ -67,7 +68,7 @@ SOURCE_REGION_TAG = "amiforge:source-region"
 _OWN_TAGS = {MANAGED_TAG, RUN_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG}
 
 _IMAGE_RE = re.compile(r"ami-[0-9a-f]{8,17}")
-_REGION_RE = re.compile(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]")
+_REGION_RE = AWS_REGION_RE
 _ACCOUNT_RE = re.compile(r"[0-9]{12}")
 _ORG_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:organization/o-[a-z0-9]{10,32}")
 _OU_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:ou/o-[a-z0-9]{10,32}/ou-[0-9a-z]{4,32}-[a-z0-9]{8,32}")

@@ -84,7 +84,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
-from amiforge.model import Artifact
+from amiforge.model import AWS_REGION_RE, Artifact
 from amiforge.providers.aws.bake import Wait, poll
 from amiforge.providers.aws.clients import AwsSession, call, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
@@ -134,7 +134,7 @@ _FILTER_VALUES: Final = 200
 _TAG_VALUE_MAX: Final = 256
 _IMAGE_ID_RE: Final = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
 _VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
-_REGION_RE: Final = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
+_REGION_RE: Final = AWS_REGION_RE
 _ACTIVE: Final = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "InService"})
 _LEAVING: Final = ("Terminating", "Terminated", "Detaching", "Detached", "Warmed")
 _EC2_ALIVE: Final = frozenset({"pending", "running"})

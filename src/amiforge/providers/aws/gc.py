@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from amiforge.errors import AmiforgeError, ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.providers.aws.bake import RUN_TAG
 from amiforge.providers.aws.clients import AwsSession, call, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, parse_aws_time
+from amiforge.providers.interface import GcOutcome, GcPlan, GcResult, Kind, Orphan, Outcome, RunState
 
 __all__ = [
     "DEFAULT_MAX_DELETIONS",
@@ -50,11 +51,6 @@ __all__ = [
     "plan_gc",
 ]
 
-Kind = Literal["instance", "image", "snapshot", "volume"]
-RunState = Literal["active", "finished", "unknown"]
-# deleted: removed by this call; gone: already removed (by someone, or an earlier apply); failed: AWS refused or erred;
-# skipped: not attempted, because something that must go first did not.
-Outcome = Literal["deleted", "gone", "failed", "skipped"]
 
 DEFAULT_MIN_AGE: Final = timedelta(hours=1)
 DEFAULT_MAX_DELETIONS: Final = 10  # DESIGN.md §5 blast-radius cap
@@ -76,56 +72,6 @@ _TAG_FILTERS: Final = (
     {"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]},
     {"Name": "tag-key", "Values": [RUN_TAG]},
 )
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """One resource a finished run left behind, and why it counts as an orphan.
-
-    `backs` (snapshots only): the orphaned images this snapshot backs; apply deletes it only once all are gone."""
-
-    kind: Kind
-    id: str
-    region: str
-    run_id: str | None
-    reason: str
-    state: str
-    created: datetime | None
-    name: str | None = None
-    backs: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class GcPlan:
-    """What gc would remove in `region` (in apply order), and what it listed but keeps: (resource id, why kept)."""
-
-    region: str
-    orphans: tuple[Orphan, ...]
-    kept: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class GcOutcome:
-    orphan: Orphan
-    outcome: Outcome
-    detail: str
-    error: AmiforgeError | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class GcResult:
-    """Every orphan of the plan and what became of it, in the order apply worked."""
-
-    region: str
-    outcomes: tuple[GcOutcome, ...]
-
-    def with_outcome(self, outcome: Outcome) -> tuple[GcOutcome, ...]:
-        return tuple(o for o in self.outcomes if o.outcome == outcome)
-
-    @property
-    def ok(self) -> bool:
-        """True when every orphan is gone now (deleted by this call or before it)."""
-        return all(o.outcome in ("deleted", "gone") for o in self.outcomes)
 
 
 # --- planning ----------------------------------------------------------------------------------------------------

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import boto3
 
 from amiforge.errors import ConfigError, StateError
-from amiforge.model import Artifact, BootReport, LayerRecord
+from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
+from amiforge.providers.aws import gc as aws_gc
 from amiforge.providers.aws.bake import AmiBuild, Placement, Wait, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.clients import AwsSession
 from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
@@ -30,7 +31,17 @@ from amiforge.providers.aws.images import SourceImage, describe_image, image_dig
 from amiforge.providers.aws.machine import MachineFactory, SsmMachine
 from amiforge.providers.aws.publish import publish
 from amiforge.providers.aws.snapshot import open_ami
-from amiforge.providers.interface import BakeResult, Copy, Fleet, ImageView, PhaseUpdate, RunContext
+from amiforge.providers.interface import (
+    BakeResult,
+    Copy,
+    Fleet,
+    GcPlan,
+    GcResult,
+    ImageView,
+    PhaseUpdate,
+    RunContext,
+    RunState,
+)
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, Recipe, step_fingerprint
 from amiforge.recipe import Provider as ProviderSpec
@@ -123,7 +134,8 @@ class AwsProvider:
             tag_snapshots_at_creation=self.tag_snapshots_at_creation,
         )
         image = describe_image(session, spec.region, build.image_id)
-        return BakeResult(artifact_of(image, spec.region), self._layers(recipe, source, build, ctx))
+        layers = self._layers(recipe, source, build, ctx)
+        return BakeResult(artifact_of(image, spec.region), layers, build.generalised)
 
     @staticmethod
     def _layers(recipe: Recipe, source: SourceImage, build: AmiBuild, ctx: RunContext) -> tuple[LayerRecord, ...]:
@@ -244,6 +256,28 @@ class AwsProvider:
         return records
 
     # --- fleets ---------------------------------------------------------------------------------------------
+
+    # --- gc (Collector): tagged resources of finished runs, found by their tags -------------------------------
+
+    def plan_gc(
+        self,
+        region: str,
+        *,
+        registered: Collection[str],
+        run_state: Callable[[str], RunState],
+        recorded: Sequence[tuple[str | None, Leftover]],
+        min_age: timedelta,
+        now: datetime,
+    ) -> GcPlan:
+        # `recorded` is not needed: everything a run creates carries its run tag, so gc finds what failed cleanups
+        # left (and what a killed run never got to clean) by asking EC2, not by trusting the event log's words.
+        del recorded
+        return aws_gc.plan_gc(
+            self.session(region), region, registered_images=registered, run_state=run_state, min_age=min_age, now=now
+        )
+
+    def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
+        return aws_gc.apply_gc(self.session(plan.region), plan, max_deletions=max_deletions)
 
     def fleet(self, name: str) -> Fleet:
         """An Auto Scaling group, named `REGION/GROUP` (the rollout target `aws:REGION/GROUP`)."""

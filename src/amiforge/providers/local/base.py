@@ -12,13 +12,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from amiforge.providers.interface import RunContext
-from amiforge.providers.local.tools import cached_size, publish_cache_entry, require, run
+from amiforge.providers.local.tools import cached_size, publish_cache_entry, require, run, temporary_dir
 
 # Bump when the way the base is built changes in a way the key cannot see.
 BASE_FORMAT = 1
@@ -128,8 +127,7 @@ def ensure_base(spec: BaseSpec, cache: Path, ctx: RunContext) -> tuple[str, Path
         return key, final / "rootfs", True, cached_size(final)
     require("mmdebstrap")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
-    ctx.cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+    tmp = temporary_dir(ctx.cleanup, f".tmp-{key[:12]}-", final.parent)
     guest = tmp / "guest"
     guest.mkdir()
     for name in GUEST_FILES:

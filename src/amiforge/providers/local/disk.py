@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from amiforge.model import Artifact
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.initrd import build_initrd, find_kernel
 from amiforge.providers.local.overlay import overlay_view
-from amiforge.providers.local.tools import run, tree_size, write_atomic
+from amiforge.providers.local.tools import run, temporary_dir, tree_size, write_atomic
 
 # Fixed timestamp for everything mkfs writes (e2fsprogs honours E2FSPROGS_FAKE_TIME).
 EPOCH = "1700000000"
@@ -89,8 +88,7 @@ def cached_image(cache: Path, top_key: str, log: Callable[[str], None]) -> DiskI
 
 def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Path, ctx: RunContext) -> DiskImage:
     """Make the disk image of the merged layers and put it in `store_dir` (one image name in one region)."""
-    scratch = Path(tempfile.mkdtemp(prefix="amiforge-disk-", dir=cache))
-    ctx.cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+    scratch = temporary_dir(ctx.cleanup, "amiforge-disk-", cache)
     fs_uuid = str(uuid.UUID(top_key[:32]))
     with overlay_view(lowers, scratch) as root:
         started = time.monotonic()

@@ -11,18 +11,19 @@ The last layer of every bake is generalisation (GENERALISE below): what must not
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 import shutil
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from amiforge.errors import ConfigError
+from amiforge.model import RemovedFile
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.overlay import run_in_chroot
-from amiforge.providers.local.tools import cached_size, publish_cache_entry
+from amiforge.providers.local.tools import cached_size, publish_cache_entry, temporary_dir
 from amiforge.recipe import (
     FileStep,
     PackagesStep,
@@ -44,6 +45,19 @@ APT_INSTALL = (
 # Run at the end of every bake, inside the image. Host keys, machine identity, caches, logs, histories,
 # temp files and build credentials must not be cloned into every machine booted from the image.
 GENERALISE = r"""set -e
+# First say which credentials and histories a step left behind (path and kind, never content): the bake reports
+# them, so the recipe's author learns their recipe handled a credential.
+report() {
+    kind=$1; shift
+    for f in "$@"; do
+        if [ -e "$f" ] || [ -L "$f" ]; then printf 'AMIFORGE-GENERALISED %s\t%s\n' "$kind" "$f"; fi
+    done
+}
+report "ssh key" /root/.ssh/id_* /home/*/.ssh/id_*
+report "aws credentials" /root/.aws/credentials
+report "netrc" /root/.netrc
+report "docker credentials" /root/.docker/config.json
+report "shell history" /root/.*_history /home/*/.*_history /root/.lesshst /root/.wget-hsts /root/.viminfo
 rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
@@ -68,6 +82,29 @@ done
 
 # Bump when GENERALISE or the step scripts change meaning, so cached layers are rebuilt.
 LAYER_FORMAT = 1
+
+GENERALISED_MARK = "AMIFORGE-GENERALISED "
+# What the generalisation layer's cache entry keeps of its report, for bakes that hit it.
+GENERALISED_FILE = "generalised.json"
+
+
+def parse_generalised(lines: Iterable[str]) -> tuple[RemovedFile, ...]:
+    """The files GENERALISE reported before deleting them, from its output lines (any provider's)."""
+    found: dict[str, RemovedFile] = {}
+    for line in lines:
+        kind, tab, path = line.removeprefix(GENERALISED_MARK).partition("\t")
+        if line.startswith(GENERALISED_MARK) and tab and path:
+            found.setdefault(path, RemovedFile(path=path, kind=kind))
+    return tuple(sorted(found.values(), key=lambda r: r.path))
+
+
+def generalised_files(layer_upper: Path) -> tuple[RemovedFile, ...]:
+    """What the generalisation layer whose upper dir this is removed (recorded when the layer was built)."""
+    record = layer_upper.parent / GENERALISED_FILE
+    try:
+        return tuple(RemovedFile(**item) for item in json.loads(record.read_text()))
+    except FileNotFoundError:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -159,8 +196,7 @@ def ensure_layer(
         return final / "upper", True, seconds, size
     ctx.progress(PhaseUpdate(name, "start", "miss"))
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.key[:12]}-", dir=final.parent))
-    ctx.cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+    tmp = temporary_dir(ctx.cleanup, f".tmp-{plan.key[:12]}-", final.parent)
     for d in ("upper", "work", "merged", "stage"):
         (tmp / d).mkdir()
     script = _step_script(plan.step, tmp / "stage", folder, hostname)
@@ -174,6 +210,12 @@ def ensure_layer(
             )
     (tmp / "stage" / "step.sh").write_text(script)
     ctx.log(f"--- {name}")
+    output: list[str] = []
+
+    def log(line: str) -> None:
+        output.append(line)
+        ctx.log(line)
+
     run_in_chroot(
         lowers=lowers,
         upper=tmp / "upper",
@@ -181,13 +223,16 @@ def ensure_layer(
         merged=tmp / "merged",
         stage=tmp / "stage",
         command=["/bin/sh", "/run/amiforge/step.sh"],
-        log=ctx.log,
+        log=log,
         timeout=STEP_TIMEOUT,
         what=name,
         drop_resolv_conf=plan.step is None,
     )
     for d in ("work", "merged", "stage"):
         shutil.rmtree(tmp / d)
+    if plan.step is None:
+        removed = [{"path": r.path, "kind": r.kind} for r in parse_generalised(output)]
+        (tmp / GENERALISED_FILE).write_text(json.dumps(removed))
     size = publish_cache_entry(tmp, final, "upper")
     seconds = time.monotonic() - started
     ctx.phase_done(name, seconds, "miss")

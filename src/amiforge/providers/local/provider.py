@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
 
 from amiforge.errors import ConfigError, NotFound
-from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord
-from amiforge.providers.interface import BakeResult, Fleet, ImageView, PhaseUpdate, RunContext
+from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover
+from amiforge.providers.interface import (
+    BakeResult,
+    Fleet,
+    GcPlan,
+    GcResult,
+    ImageView,
+    PhaseUpdate,
+    RunContext,
+    RunState,
+)
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
 from amiforge.providers.local.disk import build_disk, cached_image, sha256_file
 from amiforge.providers.local.inspect import open_image
-from amiforge.providers.local.layers import ensure_layer, plan_layers
-from amiforge.providers.local.tools import require
+from amiforge.providers.local.layers import ensure_layer, generalised_files, plan_layers
+from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
+from amiforge.providers.local.tools import require, temporary_dir
 from amiforge.recipe import Checks, Recipe
 from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
@@ -77,7 +86,8 @@ class LocalProvider:
             image = build_disk(lowers, top, cache, store_dir, ctx)
         else:
             ctx.phase_done("disk", time.monotonic() - started, "hit (bytes verified)")
-        return BakeResult(image.artifact(self.settings.region), tuple(records))
+        generalised = generalised_files(lowers[-1])  # the last layer is always generalisation
+        return BakeResult(image.artifact(self.settings.region), tuple(records), generalised)
 
     # --- boot test ------------------------------------------------------------------------------------------
 
@@ -94,8 +104,7 @@ class LocalProvider:
         require("qemu-system-x86_64")
         if artifact.kernel is None or artifact.initrd is None:
             raise ConfigError(f"artifact {artifact.location} has no kernel/initrd; it is not a local image")
-        workdir = Path(tempfile.mkdtemp(prefix="amiforge-boot-"))
-        ctx.cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        workdir = temporary_dir(ctx.cleanup, "amiforge-boot-")
         accel, why = self.accel(Path(artifact.kernel), workdir)
         ctx.log(f"accelerator: {accel} ({why})")
 
@@ -161,6 +170,26 @@ class LocalProvider:
     def fleet_region(self, name: str) -> str:
         """Local fleets run the artifacts of this machine's region."""
         return self.settings.region
+
+    # --- gc (Collector): temporary directories runs left behind ---------------------------------------------
+
+    def plan_gc(
+        self,
+        region: str,
+        *,
+        registered: Collection[str],
+        run_state: Callable[[str], RunState],
+        recorded: Sequence[tuple[str | None, Leftover]],
+        min_age: timedelta,
+        now: datetime,
+    ) -> GcPlan:
+        # Artifacts live in the image store, never in the temporary places gc looks at; a run that recorded a
+        # leftover is over by definition (its cleanups ran).
+        del region, registered, run_state
+        return plan_local_gc(self.settings, recorded=recorded, min_age=min_age, now=now)
+
+    def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
+        return apply_local_gc(self.settings, plan, max_deletions=max_deletions)
 
     # --- inspection -----------------------------------------------------------------------------------------
 

@@ -7,14 +7,18 @@ InfraError/ToolMissing with the tail of its output, never a raw CalledProcessErr
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amiforge.errors import InfraError, ToolMissing
+from amiforge.model import Leftover
+from amiforge.providers.interface import Cleanups
 
 # tool -> Debian package that provides it. The one list `doctor`, `scripts/bootstrap` and the errors agree on.
 TOOLS: Mapping[str, str] = {
@@ -135,6 +139,22 @@ def end_process(proc: subprocess.Popen[Any], *, grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that says when it could not (a busy mount, a permission): a silent partial removal would hide a
+    leftover. A tree already gone is fine (a finished cache entry was renamed into place)."""
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path)
+
+
+def temporary_dir(cleanup: Cleanups, prefix: str, parent: Path | None = None) -> Path:
+    """A new temporary directory whose removal is registered at once on the run's cleanups; should it fail, the
+    run reports the directory with the command that removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    remove = f"amiforge gc --apply (or: rm -rf -- {shlex.quote(str(path))})"
+    cleanup.add(Leftover("temporary directory", str(path), remove), lambda: remove_tree(path))
+    return path
 
 
 def write_atomic(path: Path, text: str) -> None:
