@@ -31,10 +31,11 @@ class Result:
 Cli = Callable[..., Result]
 
 
-def make_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+def make_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *, width: int = 200) -> Cli:
+    """`width`: the terminal's columns, as rich sees them."""
     out_buf, err_buf = io.StringIO(), io.StringIO()
-    out_console = Console(file=out_buf, width=200, color_system=None, highlight=False)
-    err_console = Console(file=err_buf, width=200, color_system=None, highlight=False)
+    out_console = Console(file=out_buf, width=width, color_system=None, highlight=False)
+    err_console = Console(file=err_buf, width=width, color_system=None, highlight=False)
     for info in pkgutil.iter_modules(amiforge.cli.__path__, "amiforge.cli."):
         module = importlib.import_module(info.name)
         for name, replacement in (("console", out_console), ("err_console", err_console)):

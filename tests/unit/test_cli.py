@@ -487,8 +487,8 @@ def test_events_filters(cli: Cli, seeded: Path) -> None:
 def test_events_text(cli: Cli, seeded: Path) -> None:
     r = cli("events", "web@2")
     assert r.code == 0, r.err
-    [line] = r.out.splitlines()
-    assert line.split()[0] == "4"
+    header, _rule, line = r.out.splitlines()
+    assert header.split("┃")[0].strip() == "seq" and line.split()[0] == "4"
     assert "bake.built" in line
     assert "tester@unit" in line
     assert f'{{"digest": "{D3}"}}' in line

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.render import generalised_lines, layers_table, leftover_warnings, report_table, version_line
+from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.pipeline import PipelineOutcome, run_pipeline
 from amiforge.lifecycle.promote import channel_flags, promote, revoke
@@ -75,13 +75,20 @@ def channels_command(
     if not rows:
         console.print("no channels yet: `amiforge promote REF --channel dev`")
         return
-    table = Table(show_edge=False)
-    for col in ("image", "channel", "current", "previous (rollback)", "moved", "by", "flags"):
-        table.add_column(col)
-    for p, flags in rows:
-        table.add_row(p.name, p.channel, p.current, p.previous or "-", f"{p.moved_at:%Y-%m-%d %H:%M}", p.moved_by,
-                      "[red]" + escape("; ".join(flags)) + "[/]" if flags else "")  # fmt: skip
-    console.print(table)
+    columns = [
+        Col("image", whole=True),
+        Col("channel", whole=True),
+        Col("current", whole=True),
+        Col("previous (rollback)", whole=True, drop=1),
+        Col("moved", drop=3),
+        Col("by", drop=4),
+        Col("flags", wrap=True),
+    ]
+    fit_table(columns, [
+        [p.name, p.channel, p.current, p.previous or "-", f"{p.moved_at:%Y-%m-%d %H:%M}", escape(p.moved_by),
+         "[red]" + escape("; ".join(flags)) + "[/]" if flags else ""]
+        for p, flags in rows
+    ])  # fmt: skip
 
 
 def revoke_command(

@@ -6,11 +6,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.render import version_line
+from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import InfraError
 from amiforge.lifecycle.adopt import import_packer
 from amiforge.lifecycle.boottest import provider_spec_of
@@ -47,16 +48,13 @@ def distribute_command(
         )
         return
     version_line(outcome.version)
-    table = Table(
-        title=f"copies of {outcome.source.location} ({outcome.source.region}), run {outcome.operation.run_id}"
-    )
-    for column in ("region", "image", "", "shared with"):
-        table.add_column(column)
-    for c in outcome.copies:
-        table.add_row(
-            c.artifact.region, c.artifact.location, "adopted" if c.adopted else "copied", ", ".join(c.shared_with)
-        )
-    console.print(table)
+    title = f"copies of {outcome.source.location} ({outcome.source.region}), run {outcome.operation.run_id}"
+    columns = [Col("region", whole=True), Col("image", whole=True), Col(""), Col("shared with", wrap=True)]
+    rows = [
+        [c.artifact.region, c.artifact.location, "adopted" if c.adopted else "copied", ", ".join(c.shared_with)]
+        for c in outcome.copies
+    ]
+    fit_table(columns, rows, title=title)
 
 
 @import_app.command("packer")
@@ -102,16 +100,18 @@ def gc_command(
     if as_json:
         emit_json({"applied": outcome.applied, "plans": outcome.plans, "results": outcome.results})
         return
-    table = Table(title="gc: plan" if not outcome.applied else "gc: applied")
-    for column in ("region", "kind", "id", "run", "why", "outcome"):
-        table.add_column(column)
     done = {(r.region, o.orphan.id): o.outcome for r in outcome.results for o in r.outcomes}
-    for plan in outcome.plans:
-        for o in plan.orphans:
-            table.add_row(
-                plan.region, o.kind, o.id, o.run_id or "-", o.reason, done.get((plan.region, o.id), "planned")
-            )
-    console.print(table)
+    rows = [
+        [plan.region, o.kind, escape(o.id), o.run_id or "-", escape(o.reason), done.get((plan.region, o.id), "planned")]
+        for plan in outcome.plans
+        for o in plan.orphans
+    ]
+    columns = [Col("region", whole=True), Col("kind"), Col("id", whole=True), Col("run", whole=True, drop=2),
+               Col("why", wrap=True, drop=1), Col("outcome")]  # fmt: skip
+    if rows:
+        fit_table(columns, rows, title="gc: plan" if not outcome.applied else "gc: applied")
+    else:
+        console.print("gc: nothing left behind to collect")
     kept = sum(len(p.kept) for p in outcome.plans)
     console.print(f"{kept} resource(s) kept (registered, in use, too young, or their run is active or unknown)")
     if not outcome.applied and any(p.orphans for p in outcome.plans):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
+from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import GateFailed, GateFailure
 
 
@@ -38,10 +40,11 @@ def events(
     if as_json:
         emit_json(items)
         return
-    for e in items:
-        data = json.dumps(dict(e.data), sort_keys=True, default=str)
-        console.print(
-            f"{e.seq:>5} {e.at:%Y-%m-%d %H:%M:%S}Z {e.kind:<14} {e.ref or '-':<10} {e.actor}  {data[:100]}",
-            markup=False,
-            highlight=False,
-        )
+    columns = [Col("seq", whole=True, justify="right"), Col("at", drop=1), Col("kind", whole=True),
+               Col("ref", whole=True), Col("actor", drop=2), Col("data", wrap=True, drop=3)]  # fmt: skip
+    rows = [
+        [str(e.seq), f"{e.at:%Y-%m-%d %H:%M:%S}Z", e.kind, e.ref or "-", escape(e.actor),
+         escape(json.dumps(dict(e.data), sort_keys=True, default=str)[:200])]
+        for e in items
+    ]  # fmt: skip
+    fit_table(columns, rows)

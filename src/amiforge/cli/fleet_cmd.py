@@ -7,10 +7,10 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json, plain
+from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.boottest import checks_of
 from amiforge.model import ImageVersion, Status, require_status
@@ -87,15 +87,15 @@ def _show(fleet: LocalFleet, statuses: list[MemberStatus], *, show_all: bool, as
         emit_json({"name": info.name, "created": info.created, "members": [_member_json(fleet, s) for s in shown]})
         return
     console.print(f"[bold]fleet {escape(info.name)}[/] created {info.created:%Y-%m-%d %H:%M:%S}Z")
-    table = Table(show_edge=False)
-    for col in ("member", "version", "state", "ready in", "ports", "detail"):
-        table.add_column(col)
+    rows = []
     for s in shown:
         m = s.member
         ttr = f"{m.time_to_ready:.1f}s" if m.time_to_ready is not None else "-"
         style = STATE_STYLE[m.state]
-        table.add_row(m.id, m.version_ref or "-", f"[{style}]{m.state}[/]", ttr, _ports(s), escape(m.detail[:120]))
-    console.print(table)
+        rows.append([m.id, m.version_ref or "-", f"[{style}]{m.state}[/]", ttr, _ports(s), escape(m.detail[:240])])
+    columns = [Col("member", whole=True), Col("version", whole=True), Col("state", whole=True),
+               Col("ready in", drop=2), Col("ports", wrap=True, drop=3), Col("detail", wrap=True, drop=1)]  # fmt: skip
+    fit_table(columns, rows)
     hidden = len(statuses) - len(shown)
     if hidden:
         console.print(f"{hidden} stopped member(s) not shown: --all shows them")
@@ -165,13 +165,13 @@ def list_command(as_json: bool = JsonOption) -> None:
     if not rows:
         console.print("no fleets yet: `amiforge fleet create NAME --size N --channel IMAGE:CHANNEL`")
         return
-    table = Table(show_edge=False)
-    for col in ("fleet", "members", "states", "versions", "created"):
-        table.add_column(col)
-    for r in rows:
-        states = ", ".join(f"{n} {state}" for state, n in sorted(r["states"].items()))
-        table.add_row(r["name"], str(r["members"]), states, ", ".join(r["versions"]), f"{r['created']:%Y-%m-%d %H:%M}")
-    console.print(table)
+    columns = [Col("fleet", whole=True), Col("members", justify="right"), Col("states", wrap=True),
+               Col("versions", wrap=True), Col("created", drop=1)]  # fmt: skip
+    fit_table(columns, [
+        [r["name"], str(r["members"]), ", ".join(f"{n} {state}" for state, n in sorted(r["states"].items())),
+         ", ".join(r["versions"]), f"{r['created']:%Y-%m-%d %H:%M}"]
+        for r in rows
+    ])  # fmt: skip
 
 
 @app.command("show")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, human_size, plain
 from amiforge.cli.render import generalised_lines, layers_table, report_table, status, version_line
+from amiforge.cli.tables import Col, fit_table
 from amiforge.lifecycle.bake import generalised_of
 from amiforge.lifecycle.diff import diff
 from amiforge.lifecycle.runs import recorded_leftovers
@@ -46,19 +46,26 @@ def list_images(
     if not versions:
         console.print("no versions yet: `amiforge bake RECIPE` makes one")
         return
-    table = Table(show_edge=False)
-    for col in ("version", "state", "digest", "size", "parent", "created"):
-        table.add_column(col)
-    for v in versions:
-        table.add_row(
+    columns = [
+        Col("version", whole=True),
+        Col("state", whole=True),
+        Col("digest", drop=3),
+        Col("size", drop=2, justify="right"),
+        Col("parent", whole=True, drop=1),
+        Col("created", drop=4),
+    ]
+    rows = [
+        [
             v.ref,
             status(v.status),
             (v.digest or "-")[:16],
             human_size(v.size_bytes),
             v.parent or "-",
             f"{v.created_at:%Y-%m-%d %H:%M:%S}",
-        )
-    console.print(table)
+        ]
+        for v in versions
+    ]
+    fit_table(columns, rows)
 
 
 @app.command("show")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.markup import escape
-from rich.table import Table
 
 from amiforge.cli.output import console, err_console, human_size
+from amiforge.cli.tables import Col, fit_table
 from amiforge.model import BootReport, ImageVersion, LayerRecord, Leftover, RemovedFile
 
 STATUS_STYLE = {"tested": "green", "built": "cyan", "failed": "red", "baking": "yellow"}
@@ -24,20 +24,26 @@ def version_line(v: ImageVersion) -> None:
 
 
 def layers_table(layers: Sequence[LayerRecord]) -> None:
-    table = Table(title="layers", title_justify="left", show_edge=False)
-    for col in ("#", "layer", "cache", "time", "size", "key"):
-        table.add_column(col)
-    for layer in layers:
-        cache = "[green]hit[/]" if layer.hit else "[yellow]miss[/]"
-        table.add_row(
+    columns = [
+        Col("#", justify="right"),
+        Col("layer", wrap=True),
+        Col("cache"),
+        Col("time", justify="right", drop=2),
+        Col("size", justify="right", drop=1),
+        Col("key", drop=3),
+    ]
+    rows = [
+        [
             str(layer.index),
             escape(layer.description),
-            cache,
+            "[green]hit[/]" if layer.hit else "[yellow]miss[/]",
             f"{layer.seconds:.1f}s",
             human_size(layer.size_bytes),
             layer.key[:12],
-        )
-    console.print(table)
+        ]
+        for layer in layers
+    ]
+    fit_table(columns, rows, title="layers")
 
 
 def report_table(report: BootReport) -> None:
@@ -46,13 +52,11 @@ def report_table(report: BootReport) -> None:
     console.print(
         f"boot test {verdict}: time-to-ready {ready} ({report.accel}), {report.started_at:%Y-%m-%d %H:%M:%S}Z"
     )
-    table = Table(show_edge=False)
-    for col in ("check", "result", "detail"):
-        table.add_column(col)
-    for c in report.checks:
-        result = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
-        table.add_row(escape(c.name), result, escape(c.detail[:120]))
-    console.print(table)
+    rows = [
+        [escape(c.name), "[green]pass[/]" if c.passed else "[red]FAIL[/]", escape(c.detail[:240])]
+        for c in report.checks
+    ]
+    fit_table([Col("check", wrap=True), Col("result"), Col("detail", wrap=True)], rows)
 
 
 def generalised_lines(removed: Sequence[RemovedFile]) -> None:

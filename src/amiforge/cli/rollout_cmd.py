@@ -8,10 +8,10 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
-from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
+from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle import rollout as controller
 from amiforge.model import ROLLOUT_LIVE, Rollout
@@ -64,21 +64,22 @@ def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
         f"(wave {done}/{len(rollout.waves)}: {', '.join(map(str, rollout.waves))} member(s))"
         + (f", asked to {rollout.requested}" if rollout.requested else "")
     )
-    table = Table(title="decisions")
-    for column in ("wave", "action", "members", "ready", "failed", "ttr p95", "burn", "why"):
-        table.add_column(column)
+    rows = []
     for d in decisions:
         n = d.numbers
         p95 = n.get("time_to_ready_p95")
         reasons = n.get("reasons")
         why = "; ".join(map(str, reasons)) if isinstance(reasons, list) else ""
-        table.add_row(
+        rows.append([
             str(d.wave + 1), d.action, str(n.get("members")), str(n.get("ready")), str(n.get("failed")),
             f"{p95:.1f}s" if isinstance(p95, float) else "-", f"{n.get('burn_rate')}×",
             escape(why) or "gates passed",
-        )  # fmt: skip
+        ])  # fmt: skip
     if decisions:
-        console.print(table)
+        columns = [Col("wave", justify="right"), Col("action"), Col("members", justify="right", drop=3),
+                   Col("ready", justify="right"), Col("failed", justify="right"), Col("ttr p95", drop=2),
+                   Col("burn", drop=1), Col("why", wrap=True)]  # fmt: skip
+        fit_table(columns, rows, title="decisions")
     for r in replacements:
         console.print(
             f"  {r.kind} w{r.wave + 1}: {r.old_member} ({r.old_version or '?'}) → {r.new_member or '…'} {r.state}"
@@ -126,15 +127,13 @@ def status_command(
     if as_json:
         emit_json(rollouts)
         return
-    table = Table(title="rollouts")
-    for column in ("id", "version", "target", "state", "wave", "started"):
-        table.add_column(column)
-    for r in rollouts:
-        table.add_row(
-            str(r.id), r.version_ref, r.target, r.state, f"{min(r.wave, len(r.waves))}/{len(r.waves)}",
-            f"{r.started_at:%Y-%m-%d %H:%M}",
-        )  # fmt: skip
-    console.print(table)
+    columns = [Col("id", whole=True, justify="right"), Col("version", whole=True), Col("target", whole=True),
+               Col("state", whole=True), Col("wave", drop=1), Col("started", drop=2)]  # fmt: skip
+    fit_table(columns, [
+        [str(r.id), r.version_ref, escape(r.target), r.state, f"{min(r.wave, len(r.waves))}/{len(r.waves)}",
+         f"{r.started_at:%Y-%m-%d %H:%M}"]
+        for r in rollouts
+    ], title="rollouts")  # fmt: skip
 
 
 def _watch(rollout_id: int, store: Store, as_json: bool, *, every: float = 2.0) -> None:

@@ -8,10 +8,10 @@ from typing import Literal
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
+from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import NotFound
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.scan import finding_json, import_vulndb, scan, scan_gate, vulndb_label
@@ -53,15 +53,17 @@ def scan_command(
             f"{len(findings)} finding(s); advisories: {escape(outcome.scan.vulndb)}"
         )
         if findings:
-            table = Table(show_edge=False)
-            for col in ("kind", "id", "severity", "where", "detail"):
-                table.add_column(col)
+            rows = []
             for f in findings:
                 style = SEVERITY_STYLE.get(f.severity.value, "white")
                 where = f.package or (f"{f.path}:{f.line}" if f.line else f.path) or "-"
                 detail = f"{f.installed} → fix {f.fixed or 'none'}" if f.package else (f.redacted or f.title)
-                table.add_row(f.kind.value, f.id, f"[{style}]{f.severity.value}[/]", escape(where), escape(detail[:80]))
-            console.print(table)
+                rows.append(
+                    [f.kind.value, escape(f.id), f"[{style}]{f.severity.value}[/]", escape(where), escape(detail[:160])]
+                )
+            columns = [Col("kind"), Col("id", whole=True), Col("severity"), Col("where", whole=True),
+                       Col("detail", wrap=True, drop=1)]  # fmt: skip
+            fit_table(columns, rows)
         verdict = "[green]passed[/]" if decision.passed else "[red]FAILED[/]"
         console.print(f"scan gate ({decision.channel}): {verdict}")
         for reason in reasons:
