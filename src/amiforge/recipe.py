@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,7 @@ from pydantic import (
 )
 
 from amiforge.errors import ConfigError, Problem
+from amiforge.inputs import file_sha256
 from amiforge.model import AWS_REGION_PATTERN
 from amiforge.yamlfile import (
     YamlKind,
@@ -1017,32 +1019,38 @@ def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _read_src(folder: Path, src: str) -> bytes:
-    # Checked again at read time: the folder may have changed since the recipe was validated.
+def _source(folder: Path, src: str) -> Path:
+    """The path of a file step's source, confined to the recipe's folder and a regular file. Checked again at every
+    use: the folder may have changed since the recipe was validated."""
     problem = _src_problem(folder, src)
     if problem is not None:
         message, fix = problem
         raise ConfigError(message, problems=[Problem(message=message, field="file.src", fix=fix)], fix=fix)
-    return (folder.resolve() / src).resolve().read_bytes()
+    return (folder.resolve() / src).resolve()
 
 
-def read_source(folder: Path, src: str) -> bytes:
-    """The bytes of a file step's source, confined to the recipe's folder (re-checked at read time)."""
-    return _read_src(folder, src)
+def source_sha256(folder: Path, src: str) -> str:
+    """sha256 hex of a file step's source, read in chunks (a source may be a large binary)."""
+    return file_sha256(_source(folder, src))
 
 
-def step_fingerprint(step: Step, folder: Path, *, src_bytes: bytes | None = None) -> str:
+def stage_source(folder: Path, src: str, dest: Path) -> None:
+    """Copy a file step's source (re-checked) to `dest`, in chunks."""
+    shutil.copyfile(_source(folder, src), dest)
+
+
+def step_fingerprint(step: Step, folder: Path, *, src_sha256: str | None = None) -> str:
     """sha256 hex of one step's definition plus the bytes it copies (file steps); layer cache keys use it.
 
-    `src_bytes`: the bytes actually staged for a file step, to check they are the ones the key was made from."""
+    `src_sha256`: the digest of the bytes actually staged for a file step, to check they are the ones the key was
+    made from."""
     payload: dict[str, object] = {
         "v": _FINGERPRINT_VERSION,
         "kind": step.kind,
         "step": step.model_dump(mode="json"),
     }
     if isinstance(step, FileStep):
-        data = src_bytes if src_bytes is not None else _read_src(folder, step.file.src)
-        payload["src_sha256"] = hashlib.sha256(data).hexdigest()
+        payload["src_sha256"] = src_sha256 if src_sha256 is not None else source_sha256(folder, step.file.src)
     return hashlib.sha256(_canonical(payload)).hexdigest()
 
 
@@ -1051,5 +1059,5 @@ def recipe_digest(recipe: Recipe) -> str:
     files: dict[str, str] = {}
     for step in recipe.steps:
         if isinstance(step, FileStep):
-            files[step.file.src] = hashlib.sha256(_read_src(recipe.folder, step.file.src)).hexdigest()
+            files[step.file.src] = source_sha256(recipe.folder, step.file.src)
     return hashlib.sha256(_canonical({"recipe": recipe.model_dump(mode="json"), "files": files})).hexdigest()

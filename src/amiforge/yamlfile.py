@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from amiforge.errors import ConfigError, Problem
+from amiforge.inputs import read_input
 
 __all__ = [
     "MAX_YAML_NODES",
@@ -101,27 +102,20 @@ def yaml_type(value: object) -> str:
 def read_text(path: Path, kind: YamlKind) -> str:
     """The text of the file at `path`; ConfigError if it is missing, a directory, unreadable, too big or not UTF-8."""
     noun = kind.noun
-    try:
-        if path.is_dir():
-            raise ConfigError(
-                f"{noun} path {path} is a directory",
-                problems=[Problem(message=f"is a directory, not a {noun} file", file=str(path))],
-                fix=f"pass the YAML file, e.g. {path / kind.default_name}",
-            )
-        with path.open("rb") as f:
-            raw = f.read(kind.max_bytes + 1)
-    except FileNotFoundError:
+    if path.is_dir():
+        raise ConfigError(
+            f"{noun} path {path} is a directory",
+            problems=[Problem(message=f"is a directory, not a {noun} file", file=str(path))],
+            fix=f"pass the YAML file, e.g. {path / kind.default_name}",
+        )
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(
             f"{noun} file not found: {path}",
             problems=[Problem(message="no such file", file=str(path))],
             fix=kind.missing_fix.replace("{path}", str(path)),
-        ) from None
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read {noun} file {path}: {e.strerror or e}",
-            problems=[Problem(message=f"cannot read: {e.strerror or e}", file=str(path))],
-            fix="check the file's permissions",
-        ) from None
+        )
+    # Regular files only (a FIFO would block, /dev/zero never ends); one byte past the cap says "too big".
+    raw = read_input(path, what=f"{noun} file", max_bytes=kind.max_bytes + 1, fix=f"pass the {noun} YAML file")
     if len(raw) > kind.max_bytes:
         raise_problems(
             kind,

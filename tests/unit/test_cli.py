@@ -308,7 +308,9 @@ def test_invalid_settings_are_a_config_error(cli: Cli, monkeypatch: pytest.Monke
     doc = r.json()
     assert doc["error"] == "config"
     assert doc["message"] == "invalid amiforge settings"
-    assert [(p["field"], p["file"]) for p in doc["problems"]] == [("guest_memory_mb", "environment")]
+    assert [(p["field"], p["file"]) for p in doc["problems"]] == [
+        ("guest_memory_mb", "environment variable AMIFORGE_GUEST_MEMORY_MB")
+    ]
 
 
 # --- images list | show ---------------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Script:
 
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "no-such-amiforge.toml"))
+    monkeypatch.delenv("AMIFORGE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no amiforge.toml here
     return Settings(data_dir=tmp_path / "data", actor=ACTOR)
 
 

@@ -213,7 +213,8 @@ def store(tmp_path: Path) -> Iterator[SqlStore]:
 
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("AMIFORGE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no amiforge.toml here
     return Settings(data_dir=tmp_path / "data", actor="test")
 
 

@@ -37,7 +37,7 @@ from amiforge.signing.interface import (
     sign_envelope,
     statement,
 )
-from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, generate_keypair
+from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, generate_keypair, read_public_key
 
 D1, D2, D3, D4, D5 = (c * 64 for c in "12345")
 BUILT_AT = datetime(2025, 3, 1, 12, 30, 45, tzinfo=timezone(timedelta(hours=2)))
@@ -141,9 +141,26 @@ def test_signer_from_missing_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_signer_from_unreadable_path(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read") as caught:
+    with pytest.raises(ConfigError, match="is a directory, not a file") as caught:
         KeyfileSigner.from_file(tmp_path)  # a directory: unreadable as a file, even for root
     assert str(tmp_path) in caught.value.message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_key_files_must_be_small_regular_files(tmp_path: Path, kind: str) -> None:
+    """A FIFO would block the read forever, /dev/zero would never end: both are refused at once."""
+    path = tmp_path / "team.pub"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as f:
+            f.truncate(1 << 30)  # sparse: a gigabyte that costs nothing on disk
+    expected = {"fifo": "is a named pipe", "device": "is a character device", "huge": "is larger than 64 KiB"}
+    for read in (read_public_key, KeyfileSigner.from_file):
+        with pytest.raises(ConfigError, match=expected[kind]):
+            read(path)
 
 
 def test_signer_from_garbage_file(tmp_path: Path) -> None:

@@ -140,7 +140,6 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image: Image) -> I
     data = tmp_path / "data"
     monkeypatch.setenv("AMIFORGE_DATA_DIR", str(data))
     monkeypatch.setenv("AMIFORGE_ACTOR", "tester@unit")
-    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "no-such-amiforge.toml"))
     monkeypatch.chdir(tmp_path)
     yield data
     os.environ.pop("AMIFORGE_DEBUG", None)

@@ -258,7 +258,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     for key in list(os.environ):
         if key.startswith("AMIFORGE_"):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "no-such-amiforge.toml"))
+    monkeypatch.chdir(tmp_path)  # no amiforge.toml here
     vulnerable = Vulnerable.from_records() if OSV_DIR.is_dir() else Vulnerable("intel-microcode", "2", "1", "1")
     root = tmp_path / "rootfs"
     (root / "var/lib/dpkg").mkdir(parents=True)

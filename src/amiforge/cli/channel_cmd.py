@@ -42,13 +42,15 @@ def promote_command(
         return
     p = outcome.pointer
     if not outcome.moved:
-        console.print(f"{p.name}:{p.channel} already points at {p.current}")
+        console.print(f"{p.name}:{p.channel} already points at {p.current}", markup=False)
     else:
-        console.print(f"[green]promoted[/] {p.current} to {p.channel} (previous: {p.previous or '-'})")
+        console.print(
+            f"[green]promoted[/] {escape(p.current)} to {escape(p.channel)} (previous: {escape(p.previous or '-')})"
+        )
     for w in outcome.decision.waivers_used:
         console.print(f"  waiver used: {escape(w.describe())}")
     for record in outcome.published:
-        console.print(f"  {_publication(record)}")
+        console.print(f"  {_publication(record)}", markup=False)
 
 
 def _publication(record: Mapping[str, object]) -> str:
@@ -85,7 +87,8 @@ def channels_command(
         Col("flags", wrap=True),
     ]
     fit_table(columns, [
-        [p.name, p.channel, p.current, p.previous or "-", f"{p.moved_at:%Y-%m-%d %H:%M}", escape(p.moved_by),
+        [escape(p.name), escape(p.channel), escape(p.current), escape(p.previous or "-"),
+         f"{p.moved_at:%Y-%m-%d %H:%M}", escape(p.moved_by),
          "[red]" + escape("; ".join(flags)) + "[/]" if flags else ""]
         for p, flags in rows
     ])  # fmt: skip
@@ -108,11 +111,14 @@ def revoke_command(
             }
         )
         return
-    console.print(f"[red]revoked[/] {outcome.version.ref}: {escape(reason)}")
+    console.print(f"[red]revoked[/] {escape(outcome.version.ref)}: {escape(reason)}")
     for p in outcome.flagged_channels:
-        console.print(f"  flagged channel {p.name}:{p.channel} (points at {p.current}; previous {p.previous or '-'})")
+        console.print(
+            f"  flagged channel {p.name}:{p.channel} (points at {p.current}; previous {p.previous or '-'})",
+            markup=False,
+        )
     for ref_ in outcome.flagged_versions:
-        console.print(f"  flagged descendant {ref_}")
+        console.print(f"  flagged descendant {ref_}", markup=False)
 
 
 def _pipeline(recipe: Path, promote_to: str | None, as_json: bool) -> PipelineOutcome:
@@ -149,11 +155,14 @@ def _pipeline(recipe: Path, promote_to: str | None, as_json: bool) -> PipelineOu
         f"({', '.join(f'{k} {v}' for k, v in findings_summary(scan.findings).items()) or 'none'}); "
         f"advisories: {escape(scan.vulndb)}"
     )
-    console.print(f"signed by {outcome.signature.key_id}; signature verified against the artifact's bytes")
+    console.print(
+        f"signed by {outcome.signature.key_id}; signature verified against the artifact's bytes", markup=False
+    )
     if outcome.promoted:
         p = outcome.promoted.pointer
         console.print(
-            f"gates for {p.channel}: [green]all passed[/]; {p.current} promoted (previous: {p.previous or '-'})"
+            f"gates for {escape(p.channel)}: [green]all passed[/]; {escape(p.current)} promoted "
+            f"(previous: {escape(p.previous or '-')})"
         )
     return outcome
 
@@ -197,9 +206,9 @@ def demo(
     report = outcome.baked.report
     ttr = report.time_to_ready if report and report.time_to_ready is not None else float("nan")
     console.print(
-        f"\n[bold]{version.ref}[/] is in dev: {hits}/{len(outcome.baked.layers)} layers from cache, "
+        f"\n[bold]{escape(version.ref)}[/] is in dev: {hits}/{len(outcome.baked.layers)} layers from cache, "
         f"ready in {ttr:.1f}s.\n"
-        f"Next: `amiforge images show {version.ref}`, `amiforge channels`, `amiforge events --verify`; "
+        f"Next: `amiforge images show {escape(version.ref)}`, `amiforge channels`, `amiforge events --verify`; "
         f"edit {escape(str(path.parent / 'files/index.html'))} and run `make demo` again: "
         "only the last layers rebuild."
     )

@@ -51,7 +51,12 @@ def distribute_command(
     title = f"copies of {outcome.source.location} ({outcome.source.region}), run {outcome.operation.run_id}"
     columns = [Col("region", whole=True), Col("image", whole=True), Col(""), Col("shared with", wrap=True)]
     rows = [
-        [c.artifact.region, c.artifact.location, "adopted" if c.adopted else "copied", ", ".join(c.shared_with)]
+        [
+            escape(c.artifact.region),
+            escape(c.artifact.location),
+            "adopted" if c.adopted else "copied",
+            escape(", ".join(c.shared_with)),
+        ]
         for c in outcome.copies
     ]
     fit_table(columns, rows, title=title)
@@ -72,11 +77,13 @@ def import_packer_command(
         emit_json({"version": version, "created": created, "artifacts": store.artifacts(version.id)})
         return
     if not created:
-        console.print(f"already imported as {version.ref}")
+        console.print(f"already imported as {version.ref}", markup=False)
     version_line(version)
     for artifact in store.artifacts(version.id):
-        console.print(f"  {artifact.region}: {artifact.location}")
-    console.print(f"next: amiforge test {version.ref} && amiforge scan {version.ref} && amiforge sign {version.ref}")
+        console.print(f"  {artifact.region}: {artifact.location}", markup=False)
+    console.print(
+        f"next: amiforge test {version.ref} && amiforge scan {version.ref} && amiforge sign {version.ref}", markup=False
+    )
 
 
 def gc_command(
@@ -102,7 +109,14 @@ def gc_command(
         return
     done = {(r.region, o.orphan.id): o.outcome for r in outcome.results for o in r.outcomes}
     rows = [
-        [plan.region, o.kind, escape(o.id), o.run_id or "-", escape(o.reason), done.get((plan.region, o.id), "planned")]
+        [
+            escape(plan.region),
+            o.kind,
+            escape(o.id),
+            escape(o.run_id or "-"),
+            escape(o.reason),
+            done.get((plan.region, o.id), "planned"),
+        ]
         for plan in outcome.plans
         for o in plan.orphans
     ]

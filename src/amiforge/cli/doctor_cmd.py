@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from amiforge.cli.common import JsonOption
 from amiforge.cli.output import console, emit_json
@@ -40,8 +40,8 @@ def _aws(region: str, as_json: bool) -> None:
     if as_json:
         emit_json(report)
         return
-    console.print(f"[green]ok[/]      AWS credentials: {report.arn} (account {report.account})", markup=True)
-    console.print(f"         regions enabled: {', '.join(report.regions)}")
+    console.print(f"[green]ok[/]      AWS credentials: {escape(report.arn)} (account {escape(report.account)})")
+    console.print(f"         regions enabled: {', '.join(report.regions)}", markup=False)
     console.print("         least-privilege IAM policy for every amiforge operation:")
     console.print(json.dumps(report.policy, indent=2), markup=False, highlight=False)
 
@@ -63,10 +63,8 @@ def doctor(
     kvm = _probe_kvm(settings.cache_dir)
     is_root = os.geteuid() == 0
     url = settings.registry_url
-    try:
-        shown_url = make_url(url).render_as_string(hide_password=True)  # never print a password
-    except ArgumentError:
-        shown_url = "(not a valid SQLAlchemy URL: check AMIFORGE_STORE_URL)"
+    # Settings checked the URL; never print its password.
+    shown_url = make_url(url).render_as_string(hide_password=True)
     missing_packages = sorted({t.package for t in missing})
     report = {
         "python": sys.version.split()[0],
@@ -89,11 +87,11 @@ def doctor(
         return
     for t in tools:
         mark = "[green]ok[/]     " if t.path else "[red]missing[/]"
-        console.print(f"{mark} {t.tool:<20} {t.path or 'apt-get install ' + t.package}")
+        console.print(f"{mark} {t.tool:<20} {escape(t.path or 'apt-get install ' + t.package)}")
     console.print(
         f"{'[green]ok[/]     ' if is_root else '[red]no[/]     '} root (mmdebstrap, chroot and overlay mounts need it)"
     )
-    console.print(f"{'[green]yes[/]    ' if kvm['usable'] else '[yellow]no[/]     '} KVM: {kvm['why']}")
-    console.print(f"         data dir {settings.data_dir}; registry {shown_url}")
+    console.print(f"{'[green]yes[/]    ' if kvm['usable'] else '[yellow]no[/]     '} KVM: {escape(str(kvm['why']))}")
+    console.print(f"         data dir {escape(str(settings.data_dir))}; registry {escape(shown_url)}")
     if problem is not None:
         raise problem

@@ -43,7 +43,7 @@ def events(
     columns = [Col("seq", whole=True, justify="right"), Col("at", drop=1), Col("kind", whole=True),
                Col("ref", whole=True), Col("actor", drop=2), Col("data", wrap=True, drop=3)]  # fmt: skip
     rows = [
-        [str(e.seq), f"{e.at:%Y-%m-%d %H:%M:%S}Z", e.kind, e.ref or "-", escape(e.actor),
+        [str(e.seq), f"{e.at:%Y-%m-%d %H:%M:%S}Z", escape(e.kind), escape(e.ref or "-"), escape(e.actor),
          escape(json.dumps(dict(e.data), sort_keys=True, default=str)[:200])]
         for e in items
     ]  # fmt: skip

@@ -92,7 +92,8 @@ def _show(fleet: LocalFleet, statuses: list[MemberStatus], *, show_all: bool, as
         m = s.member
         ttr = f"{m.time_to_ready:.1f}s" if m.time_to_ready is not None else "-"
         style = STATE_STYLE[m.state]
-        rows.append([m.id, m.version_ref or "-", f"[{style}]{m.state}[/]", ttr, _ports(s), escape(m.detail[:240])])
+        rows.append([escape(m.id), escape(m.version_ref or "-"), f"[{style}]{m.state}[/]", ttr, _ports(s),
+                     escape(m.detail[:240])])  # fmt: skip
     columns = [Col("member", whole=True), Col("version", whole=True), Col("state", whole=True),
                Col("ready in", drop=2), Col("ports", wrap=True, drop=3), Col("detail", wrap=True, drop=1)]  # fmt: skip
     fit_table(columns, rows)
@@ -168,8 +169,8 @@ def list_command(as_json: bool = JsonOption) -> None:
     columns = [Col("fleet", whole=True), Col("members", justify="right"), Col("states", wrap=True),
                Col("versions", wrap=True), Col("created", drop=1)]  # fmt: skip
     fit_table(columns, [
-        [r["name"], str(r["members"]), ", ".join(f"{n} {state}" for state, n in sorted(r["states"].items())),
-         ", ".join(r["versions"]), f"{r['created']:%Y-%m-%d %H:%M}"]
+        [escape(r["name"]), str(r["members"]), ", ".join(f"{n} {state}" for state, n in sorted(r["states"].items())),
+         escape(", ".join(r["versions"])), f"{r['created']:%Y-%m-%d %H:%M}"]
         for r in rows
     ])  # fmt: skip
 

@@ -56,11 +56,11 @@ def list_images(
     ]
     rows = [
         [
-            v.ref,
+            escape(v.ref),
             status(v.status),
-            (v.digest or "-")[:16],
+            escape((v.digest or "-")[:16]),
             human_size(v.size_bytes),
-            v.parent or "-",
+            escape(v.parent or "-"),
             f"{v.created_at:%Y-%m-%d %H:%M:%S}",
         ]
         for v in versions
@@ -179,7 +179,7 @@ def diff_command(
             }
         )
         return
-    console.print(f"[bold]{d.old.ref} → {d.new.ref}[/]")
+    console.print(f"[bold]{escape(d.old.ref)} → {escape(d.new.ref)}[/]")
     for p in d.packages:
         console.print(f"  {p.change:<10} {p.name}:{p.arch} {p.old or ''} → {p.new or ''}", markup=False)
     for title, items in (
@@ -189,7 +189,7 @@ def diff_command(
         ("secrets/residue added", d.secrets_added),
     ):
         if items:
-            console.print(f"{title}:")
+            console.print(f"{title}:", markup=False)
             for f in items:
                 console.print(f"  {f.id} {f.package or f.path or ''} ({f.severity.value})", markup=False)
     if not (d.packages or d.cves_fixed or d.cves_introduced or d.secrets_added or d.secrets_removed):

@@ -15,12 +15,12 @@ STATUS_STYLE = {"tested": "green", "built": "cyan", "failed": "red", "baking": "
 
 def status(s: str) -> str:
     style = STATUS_STYLE.get(s, "white")
-    return f"[{style}]{s}[/]"
+    return f"[{style}]{escape(s)}[/]"
 
 
 def version_line(v: ImageVersion) -> None:
     digest = f"sha256:{v.digest[:16]}" if v.digest else "-"
-    console.print(f"[bold]{v.ref}[/] {status(v.status)}  {digest}  {human_size(v.size_bytes)}")
+    console.print(f"[bold]{escape(v.ref)}[/] {status(v.status)}  {escape(digest)}  {human_size(v.size_bytes)}")
 
 
 def layers_table(layers: Sequence[LayerRecord]) -> None:
@@ -39,7 +39,7 @@ def layers_table(layers: Sequence[LayerRecord]) -> None:
             "[green]hit[/]" if layer.hit else "[yellow]miss[/]",
             f"{layer.seconds:.1f}s",
             human_size(layer.size_bytes),
-            layer.key[:12],
+            escape(layer.key[:12]),
         ]
         for layer in layers
     ]
@@ -50,7 +50,7 @@ def report_table(report: BootReport) -> None:
     ready = f"{report.time_to_ready:.1f}s" if report.time_to_ready is not None else "never"
     verdict = "[green]passed[/]" if report.passed else "[red]FAILED[/]"
     console.print(
-        f"boot test {verdict}: time-to-ready {ready} ({report.accel}), {report.started_at:%Y-%m-%d %H:%M:%S}Z"
+        f"boot test {verdict}: time-to-ready {ready} ({escape(report.accel)}), {report.started_at:%Y-%m-%d %H:%M:%S}Z"
     )
     rows = [
         [escape(c.name), "[green]pass[/]" if c.passed else "[red]FAIL[/]", escape(c.detail[:240])]

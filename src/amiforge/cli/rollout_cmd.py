@@ -60,9 +60,10 @@ def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
         return
     done = min(rollout.wave, len(rollout.waves))
     console.print(
-        f"rollout #{rollout.id} of {rollout.version_ref} on {rollout.target}: [bold]{rollout.state}[/] "
+        f"rollout #{rollout.id} of {escape(rollout.version_ref)} on {escape(rollout.target)}: "
+        f"[bold]{escape(rollout.state)}[/] "
         f"(wave {done}/{len(rollout.waves)}: {', '.join(map(str, rollout.waves))} member(s))"
-        + (f", asked to {rollout.requested}" if rollout.requested else "")
+        + (f", asked to {escape(rollout.requested)}" if rollout.requested else "")
     )
     rows = []
     for d in decisions:
@@ -71,8 +72,9 @@ def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
         reasons = n.get("reasons")
         why = "; ".join(map(str, reasons)) if isinstance(reasons, list) else ""
         rows.append([
-            str(d.wave + 1), d.action, str(n.get("members")), str(n.get("ready")), str(n.get("failed")),
-            f"{p95:.1f}s" if isinstance(p95, float) else "-", f"{n.get('burn_rate')}×",
+            str(d.wave + 1), escape(d.action), escape(str(n.get("members"))), escape(str(n.get("ready"))),
+            escape(str(n.get("failed"))), f"{p95:.1f}s" if isinstance(p95, float) else "-",
+            escape(f"{n.get('burn_rate')}×"),
             escape(why) or "gates passed",
         ])  # fmt: skip
     if decisions:
@@ -82,7 +84,8 @@ def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
         fit_table(columns, rows, title="decisions")
     for r in replacements:
         console.print(
-            f"  {r.kind} w{r.wave + 1}: {r.old_member} ({r.old_version or '?'}) → {r.new_member or '…'} {r.state}"
+            f"  {r.kind} w{r.wave + 1}: {r.old_member} ({r.old_version or '?'}) → {r.new_member or '…'} {r.state}",
+            markup=False,
         )
 
 
@@ -130,8 +133,8 @@ def status_command(
     columns = [Col("id", whole=True, justify="right"), Col("version", whole=True), Col("target", whole=True),
                Col("state", whole=True), Col("wave", drop=1), Col("started", drop=2)]  # fmt: skip
     fit_table(columns, [
-        [str(r.id), r.version_ref, escape(r.target), r.state, f"{min(r.wave, len(r.waves))}/{len(r.waves)}",
-         f"{r.started_at:%Y-%m-%d %H:%M}"]
+        [str(r.id), escape(r.version_ref), escape(r.target), escape(r.state),
+         f"{min(r.wave, len(r.waves))}/{len(r.waves)}", f"{r.started_at:%Y-%m-%d %H:%M}"]
         for r in rollouts
     ], title="rollouts")  # fmt: skip
 
@@ -215,12 +218,12 @@ def incident_command(
             }
         )
         return
-    console.print(f"{found.version.ref} ({found.version.status}), last {hours:g} h")
+    console.print(f"{found.version.ref} ({found.version.status}), last {hours:g} h", markup=False)
     for r in found.rollouts:
-        console.print(f"  rollout #{r.id} on {r.target}: {r.state}")
+        console.print(f"  rollout #{r.id} on {r.target}: {r.state}", markup=False)
     members = sorted({m.new_member for m in found.members if m.new_member})
-    console.print(f"  members launched: {', '.join(members) or 'none'}")
+    console.print(f"  members launched: {', '.join(members) or 'none'}", markup=False)
     for at, kind, detail in found.timeline:
         console.print(f"  {at:%Y-%m-%d %H:%M:%S} {kind} {escape(detail)}")
     for command in found.rollback_commands:
-        console.print(f"  undo: {command}")
+        console.print(f"  undo: {command}", markup=False)

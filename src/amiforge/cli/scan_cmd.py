@@ -49,7 +49,7 @@ def scan_command(
         )
     else:
         console.print(
-            f"[bold]{outcome.version.ref}[/] scanned: {len(outcome.scan.packages)} packages, "
+            f"[bold]{escape(outcome.version.ref)}[/] scanned: {len(outcome.scan.packages)} packages, "
             f"{len(findings)} finding(s); advisories: {escape(outcome.scan.vulndb)}"
         )
         if findings:
@@ -59,13 +59,19 @@ def scan_command(
                 where = f.package or (f"{f.path}:{f.line}" if f.line else f.path) or "-"
                 detail = f"{f.installed} → fix {f.fixed or 'none'}" if f.package else (f.redacted or f.title)
                 rows.append(
-                    [f.kind.value, escape(f.id), f"[{style}]{f.severity.value}[/]", escape(where), escape(detail[:160])]
+                    [
+                        escape(f.kind.value),
+                        escape(f.id),
+                        f"[{style}]{escape(f.severity.value)}[/]",
+                        escape(where),
+                        escape(detail[:160]),
+                    ]
                 )
             columns = [Col("kind"), Col("id", whole=True), Col("severity"), Col("where", whole=True),
                        Col("detail", wrap=True, drop=1)]  # fmt: skip
             fit_table(columns, rows)
         verdict = "[green]passed[/]" if decision.passed else "[red]FAILED[/]"
-        console.print(f"scan gate ({decision.channel}): {verdict}")
+        console.print(f"scan gate ({escape(decision.channel)}): {verdict}")
         for reason in reasons:
             console.print(f"  - {escape(reason)}")
     if not decision.passed:

@@ -58,7 +58,7 @@ def keys_trust(
     if as_json:
         emit_json({k: v for k, v in vars(key).items() if k != "public_key"})
         return
-    console.print(f"trusted {key.key_id}")
+    console.print(f"trusted {key.key_id}", markup=False)
 
 
 @app.command("list")
@@ -75,7 +75,7 @@ def keys_list(as_json: bool = JsonOption) -> None:
             if key.revoked_at
             else "[green]trusted[/]"
         )
-        console.print(f"{key.key_id}  {key.algorithm}  added {key.added_at:%Y-%m-%d}  {state}")
+        console.print(f"{escape(key.key_id)}  {escape(key.algorithm)}  added {key.added_at:%Y-%m-%d}  {state}")
 
 
 @app.command("revoke")
@@ -91,7 +91,7 @@ def keys_revoke(
     if as_json:
         emit_json({k: v for k, v in vars(key).items() if k != "public_key"})
         return
-    console.print(f"revoked {key_id}")
+    console.print(f"revoked {key_id}", markup=False)
 
 
 def sign_command(
@@ -111,7 +111,8 @@ def sign_command(
         emit_json(record)
         return
     console.print(
-        f"signed {store.get_version(ref).ref} with {record.key_id}; statement sha256:{record.statement_digest[:16]}"
+        f"signed {store.get_version(ref).ref} with {record.key_id}; statement sha256:{record.statement_digest[:16]}",
+        markup=False,
     )
 
 
@@ -132,6 +133,7 @@ def verify_command(
         )
         return
     console.print(
-        f"[green]ok[/]: {outcome.version.ref} is signed by {outcome.signature.key_id} and its bytes match"
+        f"[green]ok[/]: {escape(outcome.version.ref)} is signed by {escape(outcome.signature.key_id)} and its bytes "
+        "match"
         f" (sha256:{outcome.manifest.digest[:16]})"
     )

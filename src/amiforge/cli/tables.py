@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.console import JustifyMethod
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -81,7 +82,7 @@ def fit_table(
 
 def _records(columns: Sequence[Col], rows: Sequence[Sequence[str]], title: str | None) -> None:
     if title:
-        console.print(f"[bold]{title}[/]")
+        console.print(f"[bold]{escape(title)}[/]")
     label = max(len(c.header) for c in columns)
     for row in rows:
         console.print("─" * min(console.width, 40), style="dim")

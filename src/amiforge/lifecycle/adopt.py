@@ -11,22 +11,26 @@ The manifest format (Packer's post-processor/manifest `Artifact`): {"builds": [{
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from amiforge.errors import ConfigError, NotFound, Problem
+from amiforge.inputs import MIB, parse_json, read_input
 from amiforge.lifecycle.bake import BUILT_STATES
-from amiforge.model import Artifact, ImageVersion, Status
+from amiforge.model import AWS_REGION_PATTERN, Artifact, ImageVersion, Status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import Adopter
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Recipe, recipe_digest
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
+from amiforge.yamlfile import short
 
-_ARTIFACT_RE = re.compile(r"([a-z]{2}(?:-[a-z]+)+-\d{1,2}):(ami-[0-9a-f]{8,17})")
+_ARTIFACT_RE = re.compile(rf"({AWS_REGION_PATTERN}):(ami-[0-9a-f]{{8,17}})")
+# A manifest lists a few builds of a few regions each: a few KiB. Anything this big is not one.
+MAX_MANIFEST = 16 * MIB
+
 # Packer builders that produce AMIs (the amazon plugin's; ebssurrogate/ebsvolume/chroot too).
 _AMAZON_BUILDERS = ("amazon-ebs", "amazon-ebssurrogate", "amazon-chroot", "amazon-instance")
 
@@ -42,13 +46,16 @@ class PackerBuild:
 
 def parse_manifest(path: Path, *, build: str | None = None) -> PackerBuild:
     """The build to import from a Packer manifest, or ConfigError naming the file, the entry and the fix."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise NotFound(f"no Packer manifest at {path}", fix="pass the manifest post-processor's output file") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not a readable JSON Packer manifest: {e}") from e
-    builds = data.get("builds") if isinstance(data, dict) else None
+    fix = "pass the JSON file Packer's manifest post-processor wrote (its `output`, manifest.json by default)"
+    raw = read_input(path, what="Packer manifest", max_bytes=MAX_MANIFEST, fix=fix)
+    data = parse_json(raw, file=str(path), what="Packer manifest", fix=fix)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} is not a Packer manifest",
+            problems=[Problem("expected a JSON object with `builds`", file=str(path))],
+            fix=fix,
+        )
+    builds = data.get("builds")
     if not isinstance(builds, list) or not builds:
         raise ConfigError(
             f"{path} has no builds",
@@ -60,7 +67,7 @@ def parse_manifest(path: Path, *, build: str | None = None) -> PackerBuild:
     for i, entry in enumerate(builds):
         where = f"builds[{i}]"
         if not isinstance(entry, dict):
-            problems.append(Problem("not an object", file=str(path), field=where))
+            problems.append(Problem("not an object", file=str(path), field=where, fix="each build is a JSON object"))
             continue
         builder = str(entry.get("builder_type", ""))
         if not builder.startswith(_AMAZON_BUILDERS):
@@ -70,9 +77,21 @@ def parse_manifest(path: Path, *, build: str | None = None) -> PackerBuild:
         if not pairs or any(m is None for m in images):
             problems.append(
                 Problem(
-                    f"artifact_id {entry.get('artifact_id')!r} is not region:ami-id[,region:ami-id…]",
+                    f"artifact_id {short(entry.get('artifact_id'))} is not region:ami-id[,region:ami-id…]",
                     file=str(path),
                     field=f"{where}.artifact_id",
+                    fix="Packer writes e.g. eu-west-1:ami-0123456789abcdef0; was the manifest edited?",
+                )
+            )
+            continue
+        build_time = entry.get("build_time", 0)
+        if isinstance(build_time, bool) or not isinstance(build_time, int) or not 0 <= build_time < 2**63:
+            problems.append(
+                Problem(
+                    f"build_time {short(build_time)} is not a Unix time",
+                    file=str(path),
+                    field=f"{where}.build_time",
+                    fix="Packer writes the build's end as whole seconds since 1970; was the manifest edited?",
                 )
             )
             continue
@@ -81,12 +100,12 @@ def parse_manifest(path: Path, *, build: str | None = None) -> PackerBuild:
                 name=str(entry.get("name", "")),
                 builder_type=builder,
                 run_uuid=str(entry.get("packer_run_uuid", "")),
-                build_time=int(entry.get("build_time") or 0),
+                build_time=build_time,
                 images=tuple((m.group(1), m.group(2)) for m in images if m is not None),
             )
         )
     if problems:
-        raise ConfigError(f"{path} has {len(problems)} unreadable build(s)", problems=problems)
+        raise ConfigError(f"{path} has {len(problems)} unreadable build(s)", problems=problems, fix=fix)
     if build is not None:
         candidates = [c for c in candidates if c.name == build]
     elif isinstance(data.get("last_run_uuid"), str):

@@ -11,7 +11,6 @@ Debian's OSV records name the *source* package (`openssl`, not `libssl3`) and gi
 from __future__ import annotations
 
 import functools
-import json
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 from debian.debian_support import BaseVersion, version_compare
 
 from amiforge.errors import ConfigError, Problem
+from amiforge.inputs import MIB, parse_json, read_input, require_file
 from amiforge.model import Finding, FindingKind, Package, Severity
 from amiforge.scanners.interface import malformed
 
@@ -209,11 +209,9 @@ def _time(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> datetime
 
 def _load_json(ctx: _Ctx, data: bytes) -> object:
     try:
-        return json.loads(data)
-    except UnicodeDecodeError as e:
-        ctx.bad(None, f"not UTF-8 text: {e.reason}")
-    except json.JSONDecodeError as e:
-        ctx.problems.append(Problem(f"not valid JSON: {e.msg} (column {e.colno})", file=ctx.file, line=e.lineno))
+        return parse_json(data, file=ctx.file, what="the file", fix=_OSV_FIX)
+    except ConfigError as e:  # collected with the other files' problems
+        ctx.problems.extend(e.problems)
     return None
 
 
@@ -411,15 +409,29 @@ def _highest(ratings: Iterable[Severity]) -> Severity:
     return max(ratings, key=lambda s: s.rank, default=Severity.UNKNOWN)
 
 
-def _read(file: Path) -> bytes:
-    try:
-        return file.read_bytes()
-    except OSError as e:
+# Caps on what an advisory import reads: one record is a few KiB (the largest real ones, tens of KiB); a file of
+# records, or osv.dev's whole Debian all.zip unpacked, is some hundreds of MiB.
+MAX_OSV_FILE = 1 << 30
+MAX_OSV_RECORD = 16 * MIB
+MAX_OSV_ARCHIVE = 4 << 30
+
+
+def _read(file: Path, max_bytes: int = MAX_OSV_FILE) -> bytes:
+    return read_input(file, what="advisory file", max_bytes=max_bytes, fix=_OSV_FIX)
+
+
+def _members(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
+    """The archive's *.json members, refused before any is unpacked if they claim more than the caps allow."""
+    members = [i for i in archive.infolist() if not i.is_dir() and i.filename.endswith(".json")]
+    too_big = [i.filename for i in members if i.file_size > MAX_OSV_RECORD]
+    if too_big or sum(i.file_size for i in members) > MAX_OSV_ARCHIVE:
+        what = f"{too_big[0]} unpacks to more than 16 MiB" if too_big else "its records unpack to more than 4 GiB"
         raise ConfigError(
-            f"cannot read advisories from {file}",
-            problems=[Problem(e.strerror or str(e), file=str(file))],
-            fix="check the path and its permissions",
-        ) from e
+            f"the advisory archive {path} is not an OSV export",
+            problems=[Problem(what, file=str(path))],
+            fix=_OSV_FIX,
+        )
+    return sorted(members, key=lambda i: i.filename)
 
 
 def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -428,12 +440,17 @@ def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
         for file in sorted(path.glob("*.json")):
             yield str(file), _read(file)
     elif path.suffix == ".zip":
+        require_file(path, what="advisory archive", fix=_OSV_FIX)
         try:
             with zipfile.ZipFile(path) as archive:
-                for info in sorted(archive.infolist(), key=lambda i: i.filename):
-                    if not info.is_dir() and info.filename.endswith(".json"):
-                        yield f"{path}!{info.filename}", archive.read(info)
-        except (zipfile.BadZipFile, OSError) as e:
+                for info in _members(archive, path):
+                    with archive.open(info) as member:
+                        # Read no more than the header promised: a member that lies about its size stops here.
+                        data = member.read(info.file_size + 1)
+                    if len(data) > info.file_size:
+                        raise zipfile.BadZipFile(f"{info.filename} is larger than its header says")
+                    yield f"{path}!{info.filename}", data
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as e:
             raise ConfigError(
                 f"cannot read the advisory archive {path}",
                 problems=[Problem(f"not a readable zip file: {e}", file=str(path))],
@@ -586,18 +603,15 @@ class OsvScanner:
 # --- reports from other scanners ------------------------------------------------------------------------------
 
 _REPORT_FIX = "give the JSON report of `trivy image --format json` or `grype -o json`"
+# A report of a big image with every vulnerability and its description runs to tens of MiB.
+MAX_REPORT = 512 * MIB
 
 
 def import_report(path: Path) -> list[Finding]:
     """Findings from a Trivy or a Grype JSON report, recognised by shape (`Results` or `matches`)."""
     ctx = _Ctx(str(path), [])
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read the report {path}", problems=[Problem(str(e.strerror or e), file=str(path))], fix=_REPORT_FIX
-        ) from e
-    document = _load_json(ctx, data)
+    data = read_input(path, what="scanner report", max_bytes=MAX_REPORT, fix=_REPORT_FIX)
+    document = parse_json(data, file=str(path), what="scanner report", fix=_REPORT_FIX)
     if ctx.problems:
         raise malformed(f"scanner report {path}", ctx.problems, fix=_REPORT_FIX)
     if isinstance(document, dict) and "matches" in document:

@@ -20,10 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from amiforge.errors import ConfigError
+from amiforge.inputs import KIB, read_input
 from amiforge.model import TrustedKey
 from amiforge.signing.interface import signature_failure
 
 ALGORITHM = "ed25519"
+# A PEM Ed25519 key is a few hundred bytes; a key file bigger than this is something else.
+MAX_KEY_FILE = 64 * KIB
 KEY_ID_PREFIX = "ed25519:"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -108,10 +111,7 @@ def generate_keypair(directory: Path, name: str) -> KeyInfo:
 def read_public_key(path: Path) -> tuple[str, str]:
     """(key id, PEM) of an Ed25519 public key file; ConfigError naming the file for anything else."""
     fix = "give the NAME.pub file that `amiforge keys generate` wrote"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read public key file {path}: {e.strerror or e}", fix=fix) from e
+    data = read_input(path, what="public key file", max_bytes=MAX_KEY_FILE, fix=fix)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as e:
@@ -133,12 +133,7 @@ class KeyfileSigner:
     @classmethod
     def from_file(cls, path: Path) -> KeyfileSigner:
         fix = "point the signing key setting at a file made by `amiforge keys generate`"
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as e:
-            raise ConfigError(f"signing key file {path} does not exist", fix=fix) from e
-        except OSError as e:
-            raise ConfigError(f"cannot read signing key file {path}: {e.strerror or e}", fix=fix) from e
+        data = read_input(path, what="signing key file", max_bytes=MAX_KEY_FILE, fix=fix)
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except TypeError as e:

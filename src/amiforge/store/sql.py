@@ -7,17 +7,18 @@ log, and the translation of every database failure into `errors.InfraError` at t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -51,6 +52,7 @@ from amiforge.model import (
     check_transition,
 )
 from amiforge.store.schema import (
+    UtcDateTime,
     _aware,
     _utcnow,
     advisories_table,
@@ -62,6 +64,7 @@ from amiforge.store.schema import (
     event_head_table,
     events_table,
     layers_table,
+    metadata,
     operations_table,
     rollout_decisions_table,
     rollout_replacements_table,
@@ -101,6 +104,7 @@ _HEX = re.compile(r"^[0-9a-f]+$")
 
 # SQLite primary result codes and PostgreSQL SQLSTATEs after which the same statement may well succeed.
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_OUT_OF_RANGE = "22003"  # PostgreSQL numeric_value_out_of_range
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
 
 
@@ -156,7 +160,7 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
     busy timeout, explicit BEGIN). Creates a SQLite file's parent directory. Does not migrate."""
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError as e:
+    except (sa.exc.ArgumentError, ValueError) as e:
         # The URL is not echoed back: it may carry a password.
         raise ConfigError(
             "the store URL is not a database URL",
@@ -251,12 +255,77 @@ def _infra_error(action: str, where: str, error: SQLAlchemyError) -> InfraError:
 
 
 @contextmanager
-def _boundary(action: str, where: str) -> Iterator[None]:
-    """Translate every SQLAlchemy failure into InfraError, keeping the original as the cause."""
+def _boundary(action: str, where: str, engine: Engine | None = None) -> Iterator[None]:
+    """Translate every SQLAlchemy failure into InfraError, keeping the original as the cause; a number too large for
+    the database is bad input (ConfigError). With `engine`, a value the registry holds but cannot read back (a
+    damaged row: JSON that is not JSON, a time that is not a time) is an InfraError naming the rows at fault."""
     try:
         yield
     except SQLAlchemyError as e:
+        if isinstance(e, DBAPIError) and getattr(e.orig, "sqlstate", None) == _OUT_OF_RANGE:
+            raise _out_of_range(action) from e
         raise _infra_error(action, where, e) from e
+    except OverflowError as e:  # sqlite3 refuses to bind an int beyond 64 bits
+        raise _out_of_range(action) from e
+    except (ValueError, TypeError) as e:
+        if engine is None:
+            raise
+        damaged = _locate_damage(engine)
+        if not damaged:
+            raise  # not the data: a bug, reported as one
+        raise InfraError(
+            f"the registry at {where} holds data amiforge cannot read (while trying to {action}): "
+            + "; ".join(damaged),
+            fix="the registry was changed outside amiforge: restore it from a backup "
+            "(`amiforge events --verify` checks the audit log)",
+        ) from e
+
+
+def _out_of_range(action: str) -> ConfigError:
+    return ConfigError(
+        f"a number given is beyond what the registry can hold (while trying to {action})",
+        fix="use a number below 2^63: version numbers, ids and limits are all far smaller",
+    )
+
+
+def _locate_damage(engine: Engine, *, limit: int = 5) -> list[str]:
+    """Rows whose JSON or time columns do not parse, read without the column types (which would raise on them)."""
+    found: list[str] = []
+    for table in metadata.sorted_tables:
+        pk = next(iter(table.primary_key.columns), None)
+        columns = [c for c in table.columns if isinstance(c.type, sa.JSON | UtcDateTime)]
+        if pk is None or not columns:
+            continue
+        names = ", ".join(f'"{c.name}"' for c in (pk, *columns))
+        try:
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql(f'SELECT {names} FROM "{table.name}"').all()
+        except SQLAlchemyError:
+            continue
+        for row in rows:
+            for column, value in zip(columns, row[1:], strict=True):
+                problem = _unreadable(column, value)
+                if problem is not None:
+                    found.append(f"{table.name} row {pk.name}={row[0]}: {column.name} {problem}")
+                    if len(found) >= limit:
+                        return found
+    return found
+
+
+def _unreadable(column: sa.Column[Any], value: object) -> str | None:
+    if value is None or not isinstance(value, str | bytes):
+        return None  # a driver that decodes itself (PostgreSQL json, timestamptz) validated it on the way in
+    if isinstance(column.type, sa.JSON):
+        try:
+            json.loads(value)
+        except ValueError:
+            return "is not JSON"
+        return None
+    try:
+        datetime.fromisoformat(value if isinstance(value, str) else value.decode())
+    except ValueError:
+        return "is not a date and time"
+    return None
 
 
 def migrate(engine: Engine) -> None:
@@ -304,12 +373,54 @@ def open_store(url: str, *, clock: Callable[[], datetime] | None = None) -> SqlS
 
 # --- rows -> domain types ---------------------------------------------------------------------------------
 
+_M = TypeVar("_M")
 
+
+def _int_or_none(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _float_or_none(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _mapping(value: object) -> dict[str, object]:
+    """A JSON column that must hold an object (null reads as empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _reads(table: str, key: str = "id") -> Callable[[Callable[[RowMapping], _M]], Callable[[RowMapping], _M]]:
+    """Decorate a row mapper: a row it cannot turn into a domain value (an unknown status, a list where a mapping
+    belongs …) is an InfraError naming the table and the row, not a crash."""
+
+    def decorate(mapper: Callable[[RowMapping], _M]) -> Callable[[RowMapping], _M]:
+        @functools.wraps(mapper)
+        def mapped(row: RowMapping) -> _M:
+            try:
+                return mapper(row)
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+                ident = row.get(key, "?")
+                raise InfraError(
+                    f"the registry's {table} row {key}={ident} is damaged: {type(e).__name__}: {e}",
+                    fix="the registry was changed outside amiforge: restore it from a backup "
+                    "(`amiforge events --verify` checks the audit log)",
+                ) from e
+
+        return mapped
+
+    return decorate
+
+
+@_reads("versions")
 def _version(m: RowMapping) -> ImageVersion:
     return ImageVersion(
         id=m["id"],
         name=m["name"],
-        number=m["number"],
+        number=int(m["number"]),
         status=Status(m["status"]),
         recipe_digest=m["recipe_digest"],
         recipe_path=m["recipe_path"],
@@ -318,13 +429,14 @@ def _version(m: RowMapping) -> ImageVersion:
         created_at=m["created_at"],
         updated_at=m["updated_at"],
         digest=m["digest"],
-        size_bytes=m["size_bytes"],
+        size_bytes=_int_or_none(m["size_bytes"]),
         parent=m["parent"],
-        tags=dict(m["tags"] or {}),
+        tags={str(k): str(v) for k, v in _mapping(m["tags"]).items()},
         log=m["log"] or "",
     )
 
 
+@_reads("rollouts")
 def _rollout(row: RowMapping) -> Rollout:
     return Rollout(
         id=row["id"],
@@ -344,6 +456,7 @@ def _rollout(row: RowMapping) -> Rollout:
     )
 
 
+@_reads("rollout_replacements")
 def _replacement(row: RowMapping) -> RolloutReplacement:
     return RolloutReplacement(
         id=row["id"],
@@ -359,6 +472,7 @@ def _replacement(row: RowMapping) -> RolloutReplacement:
     )
 
 
+@_reads("rollout_decisions")
 def _decision(row: RowMapping) -> RolloutDecision:
     return RolloutDecision(
         id=row["id"],
@@ -371,6 +485,7 @@ def _decision(row: RowMapping) -> RolloutDecision:
     )
 
 
+@_reads("operations")
 def _operation(row: RowMapping) -> Operation:
     return Operation(
         id=row["id"],
@@ -385,13 +500,14 @@ def _operation(row: RowMapping) -> Operation:
     )
 
 
+@_reads("artifacts")
 def _artifact(m: RowMapping) -> Artifact:
     return Artifact(
         provider=m["provider"],
         region=m["region"],
         location=m["location"],
         digest=m["digest"],
-        size_bytes=m["size_bytes"],
+        size_bytes=int(m["size_bytes"]),
         kernel=m["kernel"],
         initrd=m["initrd"],
         id=m["id"],
@@ -400,41 +516,44 @@ def _artifact(m: RowMapping) -> Artifact:
     )
 
 
+@_reads("layers", "index")
 def _layer(m: RowMapping) -> LayerRecord:
     return LayerRecord(
-        index=m["index"],
+        index=int(m["index"]),
         key=m["key"],
         description=m["description"],
         hit=bool(m["hit"]),
-        seconds=m["seconds"],
-        size_bytes=m["size_bytes"],
+        seconds=float(m["seconds"]),
+        size_bytes=int(m["size_bytes"]),
     )
 
 
+@_reads("boot_reports")
 def _boot_report(m: RowMapping) -> BootReport:
     checks = tuple(
         CheckResult(name=c["name"], kind=c["kind"], passed=bool(c["passed"]), detail=c["detail"]) for c in m["checks"]
     )
     return BootReport(
-        time_to_ready=m["time_to_ready"],
+        time_to_ready=_float_or_none(m["time_to_ready"]),
         checks=checks,
         console=m["console"],
         accel=m["accel"],
         started_at=m["started_at"],
-        duration=m["duration"],
+        duration=float(m["duration"]),
         id=m["id"],
         version_id=m["version_id"],
     )
 
 
+@_reads("events", "seq")
 def _event(m: RowMapping) -> Event:
     return Event(
-        seq=m["seq"],
+        seq=int(m["seq"]),
         at=m["at"],
         actor=m["actor"],
         kind=m["kind"],
         ref=m["ref"],
-        data=dict(m["data"] or {}),
+        data=_mapping(m["data"]),
         prev_hash=m["prev_hash"],
         hash=m["hash"],
     )
@@ -483,6 +602,10 @@ class SqlStore:
 
     # transactions
 
+    def _guard(self, action: str) -> AbstractContextManager[None]:
+        """`_boundary` for this store: database failures and damaged rows become InfraError."""
+        return _boundary(action, self._where, self._engine)
+
     def _now(self) -> datetime:
         return _aware(self._clock(), "clock()")
 
@@ -529,7 +652,7 @@ class SqlStore:
         parent: str | None,
         recipe: str = "",
     ) -> ImageVersion:
-        with _boundary(f"create a version of {name}", self._where):
+        with self._guard(f"create a version of {name}"):
             for attempt in range(1, _CREATE_ATTEMPTS + 1):
                 now = self._now()
                 try:
@@ -571,7 +694,7 @@ class SqlStore:
             where: sa.ColumnElement[bool] = sa.and_(
                 versions_table.c.name == match["name"], versions_table.c.number == int(match["number"])
             )
-            with _boundary(f"look up {text}", self._where), self._read() as conn:
+            with self._guard(f"look up {text}"), self._read() as conn:
                 row = conn.execute(sa.select(versions_table).where(where)).mappings().one_or_none()
             if row is None:
                 raise NotFound(
@@ -587,7 +710,7 @@ class SqlStore:
             versions_table.c.digest.startswith(prefix),
             versions_table.c.digest.startswith("sha256:" + prefix),
         )
-        with _boundary(f"look up {ref}", self._where), self._read() as conn:
+        with self._guard(f"look up {ref}"), self._read() as conn:
             rows = conn.execute(sa.select(versions_table).where(where).order_by(versions_table.c.id)).mappings().all()
         found = [_version(r) for r in rows]
         if not found:
@@ -607,7 +730,7 @@ class SqlStore:
         query = sa.select(versions_table).order_by(versions_table.c.id.desc())
         if name is not None:
             query = query.where(versions_table.c.name == name)
-        with _boundary("list versions", self._where), self._read() as conn:
+        with self._guard("list versions"), self._read() as conn:
             return [_version(r) for r in conn.execute(query).mappings()]
 
     def latest(self, name: str, statuses: Sequence[Status]) -> ImageVersion | None:
@@ -619,7 +742,7 @@ class SqlStore:
             .order_by(versions_table.c.number.desc())
             .limit(1)
         )
-        with _boundary(f"find the latest version of {name}", self._where), self._read() as conn:
+        with self._guard(f"find the latest version of {name}"), self._read() as conn:
             row = conn.execute(query).mappings().one_or_none()
         return None if row is None else _version(row)
 
@@ -638,7 +761,7 @@ class SqlStore:
             values["digest"] = digest
         if size_bytes is not None:
             values["size_bytes"] = size_bytes
-        with _boundary(f"move version {version_id} to {target}", self._where), self._write() as conn:
+        with self._guard(f"move version {version_id} to {target}"), self._write() as conn:
             # The compare-and-set: the row changes only if nobody moved it since the caller looked.
             result = conn.execute(
                 versions_table.update()
@@ -654,7 +777,7 @@ class SqlStore:
             return current
 
     def append_log(self, version_id: int, text: str) -> None:
-        with _boundary(f"append to the log of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"append to the log of version {version_id}"), self._write() as conn:
             result = conn.execute(
                 versions_table.update().where(versions_table.c.id == version_id).values(log=versions_table.c.log + text)
             )
@@ -665,7 +788,7 @@ class SqlStore:
 
     def add_artifact(self, version_id: int, artifact: Artifact) -> Artifact:
         created_at = _aware(artifact.created_at, "created_at") if artifact.created_at else self._now()
-        with _boundary(f"record an artifact of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"record an artifact of version {version_id}"), self._write() as conn:
             version = self._require_version(conn, version_id)
             # Idempotent for a resumed run: recording the same copy twice returns the first record.
             existing = (
@@ -708,7 +831,7 @@ class SqlStore:
         query = (
             sa.select(artifacts_table).where(artifacts_table.c.version_id == version_id).order_by(artifacts_table.c.id)
         )
-        with _boundary(f"list the artifacts of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"list the artifacts of version {version_id}"), self._read() as conn:
             return [_artifact(r) for r in conn.execute(query).mappings()]
 
     def provider_artifacts(self, provider: str) -> list[tuple[str, Artifact]]:
@@ -718,11 +841,11 @@ class SqlStore:
             .where(artifacts_table.c.provider == provider)
             .order_by(artifacts_table.c.id)
         )
-        with _boundary(f"list the {provider} artifacts", self._where), self._read() as conn:
+        with self._guard(f"list the {provider} artifacts"), self._read() as conn:
             return [(f"{r['name']}@{r['number']}", _artifact(r)) for r in conn.execute(query).mappings()]
 
     def record_layers(self, version_id: int, layers: Sequence[LayerRecord]) -> None:
-        with _boundary(f"record the layers of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"record the layers of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
             # Replace, not append: a resumed bake records its layers again and must not duplicate them.
             conn.execute(layers_table.delete().where(layers_table.c.version_id == version_id))
@@ -745,13 +868,13 @@ class SqlStore:
 
     def layers(self, version_id: int) -> list[LayerRecord]:
         query = sa.select(layers_table).where(layers_table.c.version_id == version_id).order_by(layers_table.c["index"])
-        with _boundary(f"list the layers of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"list the layers of version {version_id}"), self._read() as conn:
             return [_layer(r) for r in conn.execute(query).mappings()]
 
     def add_boot_report(self, version_id: int, report: BootReport) -> BootReport:
         started_at = _aware(report.started_at, "started_at")
         checks = [{"name": c.name, "kind": c.kind, "passed": c.passed, "detail": c.detail} for c in report.checks]
-        with _boundary(f"record a boot report of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"record a boot report of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
             result = conn.execute(
                 boot_reports_table.insert().values(
@@ -773,7 +896,7 @@ class SqlStore:
             .where(boot_reports_table.c.version_id == version_id)
             .order_by(boot_reports_table.c.id)
         )
-        with _boundary(f"list the boot reports of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"list the boot reports of version {version_id}"), self._read() as conn:
             return [_boot_report(r) for r in conn.execute(query).mappings()]
 
     # events
@@ -782,7 +905,7 @@ class SqlStore:
         self, kind: str, *, actor: str, ref: str | None = None, data: Mapping[str, object] | None = None
     ) -> Event:
         payload = _plain_json(data or {})
-        with _boundary(f"record a {kind} event", self._where), self._write() as conn:
+        with self._guard(f"record a {kind} event"), self._write() as conn:
             # FOR UPDATE locks the head row on PostgreSQL; on SQLite, BEGIN IMMEDIATE holds the write lock.
             head = conn.execute(
                 sa.select(event_head_table.c.seq, event_head_table.c.hash)
@@ -828,13 +951,13 @@ class SqlStore:
         else:
             # The newest `limit`, fetched newest-first and turned around below.
             query = query.order_by(events_table.c.seq.desc()).limit(max(limit, 0))
-        with _boundary("read events", self._where), self._read() as conn:
+        with self._guard("read events"), self._read() as conn:
             found = [_event(r) for r in conn.execute(query).mappings()]
         return found if limit is None else found[::-1]
 
     def verify_events(self) -> list[str]:
         problems: list[str] = []
-        with _boundary("verify the event log", self._where), self._read() as conn:
+        with self._guard("verify the event log"), self._read() as conn:
             prev_hash, expected_seq, last_seq = GENESIS_HASH, 1, 0
             for row in conn.execute(sa.select(events_table).order_by(events_table.c.seq)).mappings():
                 e = _event(row)
@@ -871,7 +994,7 @@ class SqlStore:
     # scans
 
     def add_scan(self, version_id: int, scan: ScanRecord) -> ScanRecord:
-        with _boundary(f"record a scan of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"record a scan of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
             result = conn.execute(
                 scans_table.insert().values(
@@ -890,7 +1013,7 @@ class SqlStore:
         query = (
             sa.select(scans_table).where(scans_table.c.version_id == version_id).order_by(scans_table.c.id.desc())
         ).limit(1)
-        with _boundary(f"read the scan of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"read the scan of version {version_id}"), self._read() as conn:
             row = conn.execute(query).mappings().one_or_none()
             return None if row is None else _scan(row)
 
@@ -901,7 +1024,7 @@ class SqlStore:
     ) -> VulnDbImport:
         """Store raw OSV records (id, modified, record, source packages it names); a re-imported id is replaced."""
         now = self._now()
-        with _boundary(f"import advisories from {source}", self._where), self._write() as conn:
+        with self._guard(f"import advisories from {source}"), self._write() as conn:
             import_id = _inserted_id(
                 conn.execute(vulndb_imports_table.insert().values(source=source, imported_at=now, count=len(records)))
             )
@@ -924,7 +1047,7 @@ class SqlStore:
         """The raw records of every advisory naming one of these (source) package names."""
         names = sorted(set(packages))
         found: dict[str, dict[str, Any]] = {}
-        with _boundary("read advisories", self._where), self._read() as conn:
+        with self._guard("read advisories"), self._read() as conn:
             for chunk in range(0, len(names), 500):
                 query = (
                     sa.select(advisories_table.c.id, advisories_table.c.record)
@@ -936,18 +1059,18 @@ class SqlStore:
         return [found[k] for k in sorted(found)]
 
     def vulndb_imports(self) -> list[VulnDbImport]:
-        with _boundary("list advisory imports", self._where), self._read() as conn:
+        with self._guard("list advisory imports"), self._read() as conn:
             rows = conn.execute(sa.select(vulndb_imports_table).order_by(vulndb_imports_table.c.id)).mappings()
             return [VulnDbImport(r["id"], r["source"], r["imported_at"], r["count"]) for r in rows]
 
     def advisory_count(self) -> int:
-        with _boundary("count advisories", self._where), self._read() as conn:
+        with self._guard("count advisories"), self._read() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(advisories_table)).scalar_one())
 
     # signing keys and signatures
 
     def add_key(self, key: TrustedKey) -> TrustedKey:
-        with _boundary(f"trust key {key.key_id}", self._where), self._write() as conn:
+        with self._guard(f"trust key {key.key_id}"), self._write() as conn:
             row = conn.execute(
                 sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key.key_id)
             ).mappings().one_or_none()  # fmt: skip
@@ -966,13 +1089,13 @@ class SqlStore:
         return key
 
     def signing_keys(self) -> list[TrustedKey]:
-        with _boundary("list signing keys", self._where), self._read() as conn:
+        with self._guard("list signing keys"), self._read() as conn:
             rows = conn.execute(sa.select(signing_keys_table).order_by(signing_keys_table.c.added_at)).mappings()
             return [_key(r) for r in rows]
 
     def revoke_key(self, key_id: str, reason: str) -> TrustedKey:
         now = self._now()
-        with _boundary(f"revoke key {key_id}", self._where), self._write() as conn:
+        with self._guard(f"revoke key {key_id}"), self._write() as conn:
             result = conn.execute(
                 signing_keys_table.update()
                 .where(signing_keys_table.c.key_id == key_id, signing_keys_table.c.revoked_at.is_(None))
@@ -988,7 +1111,7 @@ class SqlStore:
             return _key(row)
 
     def add_signature(self, version_id: int, signature: SignatureRecord) -> SignatureRecord:
-        with _boundary(f"record a signature of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"record a signature of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
             result = conn.execute(
                 signatures_table.insert().values(
@@ -1005,7 +1128,7 @@ class SqlStore:
         query = sa.select(signatures_table).where(signatures_table.c.version_id == version_id).order_by(
             signatures_table.c.id
         )  # fmt: skip
-        with _boundary(f"list signatures of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"list signatures of version {version_id}"), self._read() as conn:
             return [
                 SignatureRecord(r["key_id"], r["envelope"], r["statement_digest"], r["signed_at"], r["id"], version_id)
                 for r in conn.execute(query).mappings()
@@ -1014,7 +1137,7 @@ class SqlStore:
     # operations
 
     def begin_operation(self, kind: str, version_id: int, *, actor: str, new_run_id: str) -> Operation:
-        with _boundary(f"start {kind} of version {version_id}", self._where), self._write() as conn:
+        with self._guard(f"start {kind} of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
             earlier = conn.execute(
                 sa.select(operations_table.c.run_id)
@@ -1033,7 +1156,7 @@ class SqlStore:
     def update_operation(self, operation_id: int, state: str, detail: Mapping[str, object]) -> Operation:
         if state not in ("running", "done", "failed"):
             raise ValueError(f"an operation is running, done or failed, not {state!r}")
-        with _boundary(f"finish operation {operation_id}", self._where), self._write() as conn:
+        with self._guard(f"finish operation {operation_id}"), self._write() as conn:
             conn.execute(
                 operations_table.update()
                 .where(operations_table.c.id == operation_id)
@@ -1045,11 +1168,11 @@ class SqlStore:
         query = sa.select(operations_table).where(operations_table.c.version_id == version_id)
         if kind is not None:
             query = query.where(operations_table.c.kind == kind)
-        with _boundary(f"list operations of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"list operations of version {version_id}"), self._read() as conn:
             return [_operation(r) for r in conn.execute(query.order_by(operations_table.c.id)).mappings()]
 
     def _operation(self, operation_id: int) -> Operation:
-        with _boundary(f"read operation {operation_id}", self._where), self._read() as conn:
+        with self._guard(f"read operation {operation_id}"), self._read() as conn:
             row = conn.execute(sa.select(operations_table).where(operations_table.c.id == operation_id)).mappings()
             found = row.one_or_none()
         if found is None:
@@ -1062,7 +1185,7 @@ class SqlStore:
         self, target: str, version_id: int, *, strategy: Mapping[str, object], waves: Sequence[int], actor: str
     ) -> Rollout:
         now = self._now()
-        with _boundary(f"start a rollout on {target}", self._where), self._write() as conn:
+        with self._guard(f"start a rollout on {target}"), self._write() as conn:
             self._require_version(conn, version_id)
             busy = conn.execute(
                 sa.select(rollouts_table.c.id, rollouts_table.c.state).where(
@@ -1104,7 +1227,7 @@ class SqlStore:
             .where(where)
             .order_by(rollouts_table.c.id)
         )
-        with _boundary("read rollouts", self._where), self._read() as conn:
+        with self._guard("read rollouts"), self._read() as conn:
             return [_rollout(r) for r in conn.execute(query).mappings()]
 
     def update_rollout(
@@ -1129,7 +1252,7 @@ class SqlStore:
             values["detail"] = dict(detail)
         if clear_request:
             values["requested"] = None
-        with _boundary(f"update rollout #{rollout_id}", self._where), self._write() as conn:
+        with self._guard(f"update rollout #{rollout_id}"), self._write() as conn:
             result = conn.execute(
                 rollouts_table.update()
                 .where(rollouts_table.c.id == rollout_id, rollouts_table.c.state == expect)
@@ -1145,7 +1268,7 @@ class SqlStore:
     def request_rollout(self, rollout_id: int, request: str) -> Rollout:
         if request not in ("pause", "abort"):
             raise ValueError(f"a rollout can be asked to pause or abort, not {request!r}")
-        with _boundary(f"ask rollout #{rollout_id} to {request}", self._where), self._write() as conn:
+        with self._guard(f"ask rollout #{rollout_id} to {request}"), self._write() as conn:
             result = conn.execute(
                 rollouts_table.update()
                 .where(rollouts_table.c.id == rollout_id, rollouts_table.c.state.in_(ROLLOUT_LIVE))
@@ -1160,7 +1283,7 @@ class SqlStore:
         self, rollout_id: int, wave: int, kind: str, items: Sequence[tuple[str, str | None, str]]
     ) -> list[RolloutReplacement]:
         now = self._now()
-        with _boundary(f"plan replacements of rollout #{rollout_id}", self._where), self._write() as conn:
+        with self._guard(f"plan replacements of rollout #{rollout_id}"), self._write() as conn:
             for old_member, old_version, token in items:
                 known = conn.execute(
                     sa.select(rollout_replacements_table.c.id).where(rollout_replacements_table.c.token == token)
@@ -1179,7 +1302,7 @@ class SqlStore:
         if state not in ("done", "failed"):
             raise ValueError(f"a replacement ends done or failed, not {state!r}")
         table = rollout_replacements_table
-        with _boundary(f"record replacement {token}", self._where), self._write() as conn:
+        with self._guard(f"record replacement {token}"), self._write() as conn:
             conn.execute(
                 table.update().where(table.c.token == token).values(new_member=new_member, state=state, at=self._now())
             )
@@ -1191,13 +1314,13 @@ class SqlStore:
     def replacements(self, rollout_id: int) -> list[RolloutReplacement]:
         table = rollout_replacements_table
         query = sa.select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.id)
-        with _boundary(f"list replacements of rollout #{rollout_id}", self._where), self._read() as conn:
+        with self._guard(f"list replacements of rollout #{rollout_id}"), self._read() as conn:
             return [_replacement(r) for r in conn.execute(query).mappings()]
 
     def add_decision(
         self, rollout_id: int, wave: int, *, passed: bool, action: str, numbers: Mapping[str, object]
     ) -> RolloutDecision:
-        with _boundary(f"record a decision of rollout #{rollout_id}", self._where), self._write() as conn:
+        with self._guard(f"record a decision of rollout #{rollout_id}"), self._write() as conn:
             row_id = _inserted_id(conn.execute(
                 rollout_decisions_table.insert().values(
                     rollout_id=rollout_id, wave=wave, at=self._now(), passed=passed, action=action,
@@ -1210,7 +1333,7 @@ class SqlStore:
     def decisions(self, rollout_id: int) -> list[RolloutDecision]:
         table = rollout_decisions_table
         query = sa.select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.id)
-        with _boundary(f"list decisions of rollout #{rollout_id}", self._where), self._read() as conn:
+        with self._guard(f"list decisions of rollout #{rollout_id}"), self._read() as conn:
             return [_decision(r) for r in conn.execute(query).mappings()]
 
     # channels
@@ -1222,7 +1345,7 @@ class SqlStore:
         The old current becomes `previous` (the rollback image). A lost race raises StateError."""
         now = self._now()
         key = (channels_table.c.name == name) & (channels_table.c.channel == channel)
-        with _boundary(f"move {name}:{channel}", self._where), self._write() as conn:
+        with self._guard(f"move {name}:{channel}"), self._write() as conn:
             version = self._require_version(conn, version_id)
             # Re-checked inside the write transaction: a revoke that lands after the gates were judged still wins.
             if version.status not in (Status.SIGNED, Status.SCANNED, Status.TESTED, Status.BUILT):
@@ -1277,7 +1400,7 @@ class SqlStore:
             query = query.where(channels_table.c.name == name)
         if channel is not None:
             query = query.where(channels_table.c.channel == channel)
-        with _boundary("list channels", self._where), self._read() as conn:
+        with self._guard("list channels"), self._read() as conn:
             return [
                 ChannelPointer(
                     name=r["name"],
@@ -1296,7 +1419,7 @@ class SqlStore:
         query = sa.select(channel_moves_table.c.channel, sa.func.max(channel_moves_table.c.at)).where(
             channel_moves_table.c.version_id == version_id
         ).group_by(channel_moves_table.c.channel)  # fmt: skip
-        with _boundary(f"read channel history of version {version_id}", self._where), self._read() as conn:
+        with self._guard(f"read channel history of version {version_id}"), self._read() as conn:
             # max() keeps the column type (UtcDateTime), so the values come back aware.
             return {ch: at for ch, at in conn.execute(query)}
 
@@ -1360,6 +1483,7 @@ def _finding(d: Mapping[str, Any]) -> Finding:
     )
 
 
+@_reads("scans")
 def _scan(m: RowMapping) -> ScanRecord:
     return ScanRecord(
         scanned_at=m["scanned_at"],
@@ -1373,6 +1497,7 @@ def _scan(m: RowMapping) -> ScanRecord:
     )
 
 
+@_reads("signing_keys", "key_id")
 def _key(m: RowMapping) -> TrustedKey:
     return TrustedKey(
         key_id=m["key_id"],

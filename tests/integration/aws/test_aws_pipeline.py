@@ -147,7 +147,8 @@ def _environment(
 ) -> Env:
     monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("AMIFORGE_STORE_URL", raising=False)
-    monkeypatch.setenv("AMIFORGE_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("AMIFORGE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no amiforge.toml here
     # What moto lacks for distribute: CopyImage's ClientToken/TagSpecifications, deregistration protection.
     CopyImageEmulation().install(monkeypatch)
     DeregistrationProtection().install(aws.session.boto_session.events)

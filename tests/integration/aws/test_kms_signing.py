@@ -300,9 +300,9 @@ def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
     from datetime import UTC, datetime
 
     import amiforge.providers as providers
+    from amiforge.inputs import file_sha256 as sha256_file
     from amiforge.lifecycle.sign import sign, trust_key, verify
     from amiforge.model import Artifact, ScanRecord, Status
-    from amiforge.providers.local.disk import sha256_file
     from amiforge.settings import Settings
     from amiforge.signing.kms import KmsSigner
     from amiforge.store.sql import open_store

@@ -7,7 +7,6 @@ derived from the layer key the same layers give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from amiforge.inputs import file_sha256
 from amiforge.model import Artifact
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.initrd import build_initrd, find_kernel
@@ -26,14 +26,6 @@ from amiforge.providers.local.tools import run, temporary_dir, tree_size, write_
 # Fixed timestamp for everything mkfs writes (e2fsprogs honours E2FSPROGS_FAKE_TIME).
 EPOCH = "1700000000"
 MIN_DISK = 2 << 30
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,7 @@ def cached_image(cache: Path, top_key: str, log: Callable[[str], None]) -> DiskI
     for path, digest in expected.items():
         if not path.is_file():
             return None
-        if sha256_file(path) != digest:
+        if file_sha256(path) != digest:
             log(f"cached {path} no longer has the bytes it was made with (sha256 {digest[:16]}…); building it again")
             return None
     return image
@@ -119,7 +111,7 @@ def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Pat
     qcow2 = scratch / "root.qcow2"
     run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2], log=ctx.log, what="qemu-img convert")
     raw.unlink()
-    digest = sha256_file(qcow2)
+    digest = file_sha256(qcow2)
     _timed(ctx, "convert", started, f"sha256:{digest[:12]}")
 
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -146,8 +138,8 @@ def build_disk(lowers: Sequence[Path], top_key: str, cache: Path, store_dir: Pat
                 "initrd": str(image.initrd),
                 "digest": digest,
                 "size_bytes": image.size_bytes,
-                "kernel_digest": sha256_file(image.kernel),
-                "initrd_digest": sha256_file(image.initrd),
+                "kernel_digest": file_sha256(image.kernel),
+                "initrd_digest": file_sha256(image.initrd),
             }
         ),
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amiforge.errors import ConfigError
+from amiforge.inputs import file_sha256
 from amiforge.model import RemovedFile
 from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.overlay import run_in_chroot
@@ -31,7 +32,7 @@ from amiforge.recipe import (
     ShellStep,
     Step,
     UserStep,
-    read_source,
+    stage_source,
     step_fingerprint,
 )
 
@@ -143,7 +144,7 @@ def _step_script(step: Step | None, stage: Path, folder: Path, hostname: str) ->
         return f"set -e\n{APT_INSTALL} {pkgs} || {{ apt-get update -q && {APT_INSTALL} {pkgs}; }}\napt-get clean\n"
     if isinstance(step, FileStep):
         spec = step.file
-        (stage / "file").write_bytes(read_source(folder, spec.src))
+        stage_source(folder, spec.src, stage / "file")
         # `install` runs inside the chroot, so symlinks in dest resolve within the image, never on the host.
         return (
             f"set -e\ninstall -D -m {q(spec.mode)} -o {q(spec.owner)} -g {q(spec.group)}"
@@ -201,8 +202,8 @@ def ensure_layer(
         (tmp / d).mkdir()
     script = _step_script(plan.step, tmp / "stage", folder, hostname)
     if isinstance(plan.step, FileStep):
-        staged = (tmp / "stage" / "file").read_bytes()
-        if step_fingerprint(plan.step, folder, src_bytes=staged) != plan.fingerprint:
+        staged = file_sha256(tmp / "stage" / "file")
+        if step_fingerprint(plan.step, folder, src_sha256=staged) != plan.fingerprint:
             # Edited between planning and copying: caching these bytes under the old key would poison the cache.
             raise ConfigError(
                 f"{plan.step.file.src} changed while the image was being baked",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from amiforge.errors import ConfigError, NotFound
+from amiforge.inputs import file_sha256
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover
 from amiforge.providers.interface import (
     BakeResult,
@@ -23,7 +24,7 @@ from amiforge.providers.interface import (
 )
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
-from amiforge.providers.local.disk import build_disk, cached_image, sha256_file
+from amiforge.providers.local.disk import build_disk, cached_image
 from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, generalised_files, plan_layers
 from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
@@ -201,4 +202,4 @@ class LocalProvider:
         disk = Path(artifact.location)
         if not disk.is_file():
             raise NotFound(f"the artifact's disk {disk} is missing from the local image store")
-        return sha256_file(disk)
+        return file_sha256(disk)

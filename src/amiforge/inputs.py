@@ -1,0 +1,147 @@
+"""Files a user names, read as a hostile user might have chosen them.
+
+Every file amiforge reads because someone passed its path (keys, `.pub` files, advisories, scanner reports, Packer
+manifests, recipes, policies, strategies) comes through `read_input`: it must be a regular file — a FIFO would block
+forever, `/dev/zero` never ends, a directory is not a file — and no larger than a cap chosen for what it holds. JSON
+from such files goes through `parse_json`, which turns nesting too deep for the parser into a clear error instead of
+a RecursionError. `file_sha256` hashes a file of any size in chunks, never whole in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+from amiforge.errors import ConfigError, Problem
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+# Nesting deeper than this is refused before the parser sees it: no advisory, report or manifest comes near it.
+MAX_JSON_DEPTH = 200
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def read_input(path: Path, *, what: str, max_bytes: int, fix: str) -> bytes:
+    """The bytes of the file at `path` (`what` names it in errors, e.g. "public key file"): ConfigError if it is
+    missing, unreadable, not a regular file or larger than `max_bytes`. Never blocks and never reads more than
+    `max_bytes` + 1 bytes."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat below then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{what} {path} does not exist", problems=[Problem("no such file", file=str(path))], fix=fix
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {what} {path}: {e.strerror or e}",
+            problems=[Problem(f"cannot read: {e.strerror or e}", file=str(path))],
+            fix="check the path and its permissions",
+        ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = _kind(mode)
+        raise ConfigError(
+            f"{what} {path} is {kind}, not a file", problems=[Problem(f"is {kind}", file=str(path))], fix=fix
+        )
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:  # e.g. EISDIR on some file systems, EIO
+            raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}", fix=fix) from None
+    if len(data) > max_bytes:
+        raise ConfigError(
+            f"{what} {path} is larger than {_size(max_bytes)}",
+            problems=[Problem(f"larger than {_size(max_bytes)}", file=str(path))],
+            fix=f"check you passed the right file; {fix}",
+        )
+    return data
+
+
+def require_file(path: Path, *, what: str, fix: str) -> None:
+    """ConfigError unless `path` is a regular file (for files a library opens itself, such as a zip archive)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{what} {path} does not exist", problems=[Problem("no such file", file=str(path))], fix=fix
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}", fix="check the path") from None
+    if not stat.S_ISREG(mode):
+        kind = _kind(mode)
+        raise ConfigError(f"{what} {path} is {kind}, not a file", problems=[Problem(f"is {kind}", file=str(path))],
+                          fix=fix)  # fmt: skip
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB" if n >= KIB else f"{n} bytes"
+
+
+def json_depth_problem(data: bytes | str) -> str | None:
+    """Why `data` nests too deeply to parse (a message), or None. Counts brackets outside strings, so it is linear
+    and never recurses."""
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return f"nested more than {MAX_JSON_DEPTH} levels deep"
+        elif ch in "]}":
+            depth -= 1
+    return None
+
+
+def parse_json(data: bytes | str, *, file: str, what: str, fix: str) -> object:
+    """JSON from a file a user named; ConfigError with the line and column of a syntax error, or if it nests too
+    deeply. NaN and Infinity (not JSON) are refused too."""
+    deep = json_depth_problem(data)
+    if deep is not None:
+        raise ConfigError(f"{what} {file} is not usable JSON", problems=[Problem(deep, file=file)], fix=fix)
+
+    def constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON value")
+
+    try:
+        return json.loads(data, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        problem = Problem(f"not valid JSON: {e.msg} (column {e.colno})", file=file, line=e.lineno)
+        raise ConfigError(f"{what} {file} is not valid JSON", problems=[problem], fix=fix) from None
+    except (ValueError, UnicodeDecodeError) as e:  # NaN/Infinity, integers too long to convert, bad encodings
+        raise ConfigError(f"{what} {file} is not valid JSON", problems=[Problem(str(e), file=file)], fix=fix) from None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in chunks (a file step's source may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
