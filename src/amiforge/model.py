@@ -26,6 +26,20 @@ def check_aws_region(value: str, *, what: str) -> str:
     return value
 
 
+# An image name (a recipe's `name`; versions are NAME@N).
+IMAGE_NAME_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
+
+
+def check_image_name(value: str, *, what: str) -> str:
+    """`value` if it is an image name; a ConfigError naming `what` (e.g. "--name") otherwise."""
+    if re.fullmatch(IMAGE_NAME_PATTERN, value) is None:
+        raise ConfigError(
+            f"{what} {value!r} is not an image name",
+            fix="image names are lower-case letters, digits and '-', at most 63 characters (e.g. web)",
+        )
+    return value
+
+
 class Status(StrEnum):
     BAKING = "baking"
     BUILT = "built"

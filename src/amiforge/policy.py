@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from amiforge import durations
 from amiforge.errors import ConfigError, GateFailed, GateFailure, Problem
 from amiforge.model import Finding, FindingKind, Severity, Status
 from amiforge.yamlfile import (
@@ -54,7 +55,6 @@ from amiforge.yamlfile import (
     raise_problems,
     read_text,
     short,
-    sum_duration_units,
     yaml_type,
 )
 
@@ -133,27 +133,13 @@ SeverityLevel = Annotated[
     WithJsonSchema({"enum": [s.value for s in Severity], "description": f"ordered {_SEVERITY_ORDER}"}),
 ]
 
-# Durations as in recipes (90s, 2m, 1h, 1m30s, 500ms, or a number of seconds), plus days: soaks are long.
-_SOAK_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_SOAK_RE = r"(?:\d+(?:\.\d+)?(?:ms|d|h|m|s))+|\d+(?:\.\d+)?"
-
-
-def _soak_seconds(text: str) -> float | None:
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return float(text)
-    return sum_duration_units(text, _SOAK_UNITS)
+# Durations in the one grammar of amiforge.durations (90s, 30m, 1h, 1d12h, or a number of seconds).
+_SOAK_RE = durations.PATTERN
 
 
 def _check_soak(value: object) -> timedelta:
-    fix = "use e.g. 90s, 30m, 1h, 1d, 1d12h (units d, h, m, s, ms, largest first) or a number of seconds"
-    if isinstance(value, timedelta):
-        seconds: float | None = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        seconds = _soak_seconds(value.strip())
-    else:
-        seconds = None
+    fix = f"use e.g. {durations.FORMS}"
+    seconds = value.total_seconds() if isinstance(value, timedelta) else durations.seconds_of(value)
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise fail(f"{short(value)} is not a duration", fix)
     if seconds > _MAX_SOAK.total_seconds():

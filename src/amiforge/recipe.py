@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -38,16 +37,16 @@ from pydantic import (
     model_validator,
 )
 
+from amiforge import durations
 from amiforge.errors import ConfigError, Problem
 from amiforge.inputs import file_sha256
-from amiforge.model import AWS_REGION_PATTERN
+from amiforge.model import AWS_REGION_PATTERN, IMAGE_NAME_PATTERN
 from amiforge.yamlfile import (
     YamlKind,
     parse_mapping,
     problems_from_validation,
     raise_problems,
     read_text,
-    sum_duration_units,
 )
 from amiforge.yamlfile import fail as _fail
 from amiforge.yamlfile import short as _short
@@ -111,7 +110,7 @@ def _pattern_check(pattern: str, what: str, allowed: str, example: str) -> Any:
     return check
 
 
-_NAME_RE = r"[a-z0-9][a-z0-9-]{0,62}"
+_NAME_RE = IMAGE_NAME_PATTERN
 _PACKAGE_RE = r"[a-z0-9][a-z0-9+.-]+"
 _POSIX_NAME_RE = r"[a-z_][a-z0-9_-]{0,31}"
 _UNIT_RE = r"[A-Za-z0-9][A-Za-z0-9:_.@\\-]{0,254}"  # never a leading "-": it would read as an option
@@ -119,7 +118,7 @@ _TAG_KEY_RE = r"[A-Za-z0-9_.:/=+@-]{1,128}"
 _ACCOUNT_RE = r"[0-9]{12}"
 _OWNER_ALIASES = ("amazon", "self", "aws-marketplace")
 _MODE_RE = r"[0-7]{3,4}"
-_DURATION_RE = r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+|\d+(?:\.\d+)?"
+_DURATION_RE = durations.PATTERN
 
 RecipeName = Annotated[
     str,
@@ -260,25 +259,16 @@ def parse_duration(value: object) -> float:
 
     Raises ConfigError for anything else (also used for CLI flags such as `--timeout`).
     """
-    fix = "use e.g. 90s, 2m, 1h, 1m30s, 500ms, or a plain number of seconds"
-    seconds: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(_DURATION_RE, text):
-            bare = re.fullmatch(r"\d+(?:\.\d+)?", text) is not None
-            seconds = float(text) if bare else sum_duration_units(text, _UNIT_SECONDS)
-    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+    seconds = durations.seconds_of(value)
+    if seconds is None or seconds <= 0:
         raise ConfigError(
-            f"{_short(value)} is not a duration: accepted forms are 90s, 2m, 1h, 1m30s, 500ms "
-            "(units h, m, s, ms, largest first) or a positive number of seconds",
-            fix=fix,
+            f"{_short(value)} is not a duration: accepted forms are {durations.FORMS}, more than 0",
+            fix=f"use e.g. {durations.FORMS}",
         )
+    if seconds > durations.MAX_SECONDS:
+        limit = durations.format_duration(durations.MAX_SECONDS)
+        raise ConfigError(f"{_short(value)} is longer than {limit}", fix=f"use a duration of at most {limit}")
     return seconds
-
-
-_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 def _duration_validator(value: object) -> float:
@@ -303,7 +293,7 @@ Duration = Annotated[
                 {"type": "number", "exclusiveMinimum": 0},
                 {"type": "string", "pattern": f"^(?:{_DURATION_RE})$"},
             ],
-            "description": "seconds, or a duration such as 90s, 2m, 1h, 1m30s, 500ms",
+            "description": "seconds, or a duration such as 90s, 2m, 1h, 1m30s, 1d, 500ms",
         },
         mode="validation",
     ),

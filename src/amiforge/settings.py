@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from amiforge.errors import ConfigError, Problem
+from amiforge.model import AWS_REGION_PATTERN
 
 
 def _default_data_dir() -> Path:
@@ -115,7 +116,9 @@ class Settings(BaseSettings):
     policy: Path | None = Field(default=None, description="promotion policy YAML; default: the built-in policy")
     signing_key: Path | None = Field(default=None, description="Ed25519 key file; default: <data>/keys/amiforge.key")
     kms_key: str | None = Field(default=None, description="sign with this AWS KMS ECC_NIST_P256 key (id, ARN or alias)")
-    kms_region: str | None = Field(default=None, description="the KMS key's region (required with kms_key)")
+    kms_region: str | None = Field(
+        default=None, pattern=f"^{AWS_REGION_PATTERN}$", description="the KMS key's region (required with kms_key)"
+    )
     aws_profile: str | None = Field(default=None, description="AWS profile; default: the standard credential chain")
     aws_max_attempts: int = Field(
         default=8, ge=1, le=20, description="attempts per AWS call (botocore standard retry mode, with jitter)"

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
+from amiforge import durations
 from amiforge.errors import ConfigError, Problem
 from amiforge.providers.interface import Member
 from amiforge.yamlfile import (
@@ -43,18 +44,21 @@ from amiforge.yamlfile import (
 __all__ = ["Strategy", "WaveDecision", "decide", "load_strategy", "parse_strategy", "plan_waves"]
 
 MAX_STRATEGY_BYTES = 64 * 1024
+MAX_WAVE = 1_000_000  # members in one wave: more than any fleet
 _FORBID = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_wave(value: object) -> object:
     """A wave is a count of members (1, 3) or a share of the fleet ("25%"), normalised to the text form."""
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdigit() and len(value) <= len(str(MAX_WAVE)):
         value = int(value)  # the stored form of a count
     if isinstance(value, bool):
         raise fail(f"wave {value!r} is neither a count nor a percentage", "use a count like 1 or a share like 25%")
     if isinstance(value, int):
         if value < 1:
             raise fail(f"wave {value} is not a positive count", "use 1 or more, or a share like 25%")
+        if value > MAX_WAVE:
+            raise fail(f"wave {short(value)} is more members than any fleet has", 'use a share like "100%" instead')
         return str(value)
     if isinstance(value, str) and value.endswith("%"):
         try:
@@ -75,18 +79,10 @@ Wave = Annotated[
 
 
 def _check_duration(value: object) -> object:
-    from amiforge.recipe import parse_duration  # the recipe's duration grammar (90s, 2m, 1h30m)
-
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if value < 0:
-            raise fail(f"{value} is negative", "use 0 or a duration like 60s")
-        return float(value)
-    if value in ("0", "0s"):
-        return 0.0
-    try:
-        return parse_duration(value)
+    try:  # the one duration grammar; 0 is a duration here (no bake time)
+        return durations.parse_duration(value, what="", allow_zero=True)
     except ConfigError as e:  # inside validation: a located problem, not an escaping error
-        raise fail(e.message, e.fix or "use a duration like 60s") from e
+        raise fail(e.message.strip(), e.fix or "use a duration like 60s") from e
 
 
 Seconds = Annotated[float, BeforeValidator(_check_duration), WithJsonSchema({"type": ["string", "number"]})]
@@ -108,7 +104,13 @@ class ErrorBudget(BaseModel):
     model_config = _FORBID
 
     slo: float = Field(default=0.99, gt=0.0, lt=1.0, description="promised boot success rate, e.g. 0.99")
-    max_burn_rate: float = Field(default=10.0, gt=0.0, description="abort when failures burn the budget this fast")
+    max_burn_rate: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=1000.0,
+        allow_inf_nan=False,
+        description="abort when failures burn the budget this fast",
+    )
 
 
 class Strategy(BaseModel):

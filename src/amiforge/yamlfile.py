@@ -211,6 +211,18 @@ def parse_yaml(text: str, file: str, *, noun: str) -> tuple[yaml.Node | None, ob
                 )
             ],
         )
+    except ValueError:  # PyYAML's int constructor: more digits than Python converts (4300)
+        return (
+            None,
+            None,
+            [
+                Problem(
+                    message="a number has more digits than amiforge reads (over 4300)",
+                    file=file,
+                    fix="numbers in a {noun} are small; check the file is a {noun}".replace("{noun}", noun),
+                )
+            ],
+        )
     except RecursionError:
         return (
             None,
@@ -487,22 +499,3 @@ def _explain(
     if err_type == "too_short":
         return f"{err.get('msg', 'too short')}", "add at least one item"
     return f"{err.get('msg', 'invalid value')} (got {short(value)})", kind.schema_hint
-
-
-def sum_duration_units(text: str, units: Mapping[str, float]) -> float | None:
-    """Seconds in a duration like `1h30m` with `units` (name -> seconds, largest first); None if malformed.
-
-    Units appear once each, largest first: "30s1m" and "1m1m" are typos, not durations."""
-    names = "|".join(sorted(units, key=len, reverse=True))  # "ms" before "m"
-    if re.fullmatch(rf"(?:\d+(?:\.\d+)?(?:{names}))+", text) is None:
-        return None
-    total = 0.0
-    previous = -1
-    order = list(units)
-    for number, unit in re.findall(rf"(\d+(?:\.\d+)?)({names})", text):
-        rank = order.index(unit)
-        if rank <= previous:
-            return None
-        previous = rank
-        total += float(number) * units[unit]
-    return total

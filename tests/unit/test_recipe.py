@@ -420,7 +420,7 @@ def test_durations_parse(value: object, seconds: float) -> None:
         "",
         "2 minutes",
         "90sec",
-        "1d",
+        "1w",
         "30s1m",
         "1m1m",
         "-5s",
@@ -432,12 +432,25 @@ def test_durations_parse(value: object, seconds: float) -> None:
         [],
         "1h 2m",
         float("nan"),
+        float("inf"),
+        "inf",
+        10**400,
     ],
 )
 def test_bad_durations_list_the_accepted_forms(value: object) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_duration(value)
-    assert "90s" in caught.value.message and "1m30s" in caught.value.message
+    assert "90s" in caught.value.message and "1h30m" in caught.value.message and "1d12h" in caught.value.message
+
+
+@pytest.mark.parametrize("value", ["367d", "999999999999h", 10**12])
+def test_durations_longer_than_a_year_are_refused(value: object) -> None:
+    with pytest.raises(ConfigError, match="is longer than 366d"):
+        parse_duration(value)
+
+
+def test_one_grammar_takes_days() -> None:
+    assert parse_duration("1d12h") == 129600.0
 
 
 @pytest.fixture

@@ -144,12 +144,26 @@ def test_get_by_digest_prefix(store: SqlStore) -> None:
 def test_malformed_ref_is_a_config_error(store: SqlStore, ref: str) -> None:
     with pytest.raises(ConfigError) as err:
         store.get_version(ref)
-    assert err.value.fix is not None and "NAME@N or a digest prefix" in err.value.fix
+    assert err.value.fix is not None and "NAME@N, NAME:CHANNEL or a digest prefix" in err.value.fix
 
 
-def test_channel_ref_is_not_available_yet(store: SqlStore) -> None:
-    with pytest.raises(ConfigError, match="channel"):
+def test_a_channel_ref_names_the_channels_current_version(store: SqlStore) -> None:
+    with pytest.raises(NotFound, match="image 'web' has no channel 'prod'") as err:
         store.get_version("web:prod")
+    assert err.value.fix is not None and "amiforge channels" in err.value.fix
+    first = _built(store, "web", "ab12cd34" + "0" * 56).id
+    second = _built(store, "web", "ab12cd35" + "0" * 56).id
+    store.move_channel("web", "prod", first, expect_current=None, actor="TEST", reason="TEST")
+    assert store.get_version("web:prod").ref == "web@1"
+    store.move_channel("web", "prod", second, expect_current=first, actor="TEST", reason="TEST")
+    assert store.get_version(" web:prod ").ref == "web@2"
+    assert store.get_version("sha256:ab12cd35").ref == "web@2"  # a digest prefix is never read as a channel
+
+
+@pytest.mark.parametrize("ref", ["web@9223372036854775808", "web@" + "9" * 5000])
+def test_a_version_number_beyond_the_database_is_bad_input(store: SqlStore, ref: str) -> None:
+    with pytest.raises(ConfigError, match="beyond what the registry can hold"):
+        store.get_version(ref)
 
 
 @pytest.mark.parametrize("ref", ["web@7", "deadbeef", "sha256:deadbeefcafe"])

@@ -16,6 +16,7 @@ from amiforge.errors import ConfigError
 from amiforge.lifecycle.pipeline import PipelineOutcome, run_pipeline
 from amiforge.lifecycle.promote import channel_flags, promote, revoke
 from amiforge.lifecycle.scan import finding_json, findings_summary, import_vulndb
+from amiforge.model import check_image_name
 from amiforge.recipe import load_recipe
 
 pipeline_app = typer.Typer(help="The whole pipeline in one command.", no_args_is_help=True)
@@ -68,6 +69,8 @@ def channels_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Each channel's current version and the previous one (the rollback image), with any flags."""
+    if name is not None:
+        check_image_name(name, what="--name")
     _, store = open_registry()
     pointers = store.channels(name)
     rows = [(p, channel_flags(p, store)) for p in pointers]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from amiforge import durations
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.render import version_line
@@ -18,7 +19,7 @@ from amiforge.lifecycle.boottest import provider_spec_of
 from amiforge.lifecycle.distribute import distribute
 from amiforge.lifecycle.gc import gc
 from amiforge.recipe import AwsProvider as AwsSpec
-from amiforge.recipe import load_recipe, parse_duration
+from amiforge.recipe import load_recipe
 
 import_app = typer.Typer(help="Adopt images baked by other tools.", no_args_is_help=True)
 
@@ -101,7 +102,7 @@ def gc_command(
     """Find what finished runs left behind — temporary directories on this machine; on AWS, resources tagged
     amiforge:managed whose run the registry knows is over (never a registered image) — and remove them with --apply.
     Exit 4 when the plan exceeds --max."""
-    age = timedelta(seconds=parse_duration(min_age))
+    age = timedelta(seconds=durations.parse_duration(min_age, what="--min-age", allow_zero=True))
     settings, store = open_registry()
     outcome = gc(store=store, settings=settings, regions=regions, apply=apply, min_age=age, max_deletions=max_deletions)
     if as_json:

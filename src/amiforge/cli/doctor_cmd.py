@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from amiforge.cli.common import JsonOption
 from amiforge.cli.output import console, emit_json
 from amiforge.errors import InfraError
+from amiforge.model import check_aws_region
 from amiforge.providers.local.qemu import kvm_probe
 from amiforge.providers.local.tools import tool_report
 from amiforge.settings import load_settings
@@ -36,7 +37,7 @@ def _aws(region: str, as_json: bool) -> None:
     from amiforge.providers.aws.clients import AwsSession
     from amiforge.providers.aws.doctor import aws_report
 
-    report = aws_report(AwsSession(region))
+    report = aws_report(AwsSession(check_aws_region(region, what="--region")))
     if as_json:
         emit_json(report)
         return

@@ -13,6 +13,7 @@ from amiforge.lifecycle.bake import generalised_of
 from amiforge.lifecycle.diff import diff
 from amiforge.lifecycle.runs import recorded_leftovers
 from amiforge.lifecycle.scan import finding_json, findings_summary
+from amiforge.model import check_image_name
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 
@@ -23,6 +24,8 @@ def list_images(
     as_json: bool = JsonOption,
 ) -> None:
     """Every version, newest first: state, digest, size, parent."""
+    if name is not None:
+        check_image_name(name, what="--name")
     _, store = open_registry()
     versions = store.list_versions(name)
     if as_json:

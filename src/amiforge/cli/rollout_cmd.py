@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.markup import escape
 
+from amiforge import durations
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.tables import Col, fit_table
@@ -21,6 +23,10 @@ from amiforge.strategy import Strategy, load_strategy
 app = typer.Typer(help="Canary waves with SLO gates and automatic rollback.", no_args_is_help=True)
 
 TargetOption = typer.Option(..., "--target", "-t", help="local:NAME (a local fleet) or aws:REGION/GROUP (an ASG).")
+
+
+# A bare number of hours for --hours ("24", "0.5").
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def resolve_version(store: Store, version: str | None, channel: str | None) -> str:
@@ -201,12 +207,13 @@ def rollback_command(
 
 def incident_command(
     ref: str = typer.Argument(..., help="NAME@N or a digest prefix."),
-    hours: float = typer.Option(24.0, "--hours", min=0.0, help="How far back to look."),
+    hours: str = typer.Option("24", "--hours", help="How far back to look, in hours (at most a year)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Where a version ran lately: its rollouts and members, the timeline, and the commands to undo it."""
     _, store = open_registry()
-    found = controller.incident(ref, store=store, hours=hours)
+    window = durations.parse_duration(f"{hours}h" if _NUMBER.fullmatch(hours) else hours, what="--hours")
+    found = controller.incident(ref, store=store, hours=window / 3600)
     if as_json:
         emit_json(
             {
@@ -218,7 +225,7 @@ def incident_command(
             }
         )
         return
-    console.print(f"{found.version.ref} ({found.version.status}), last {hours:g} h", markup=False)
+    console.print(f"{found.version.ref} ({found.version.status}), last {window / 3600:g} h", markup=False)
     for r in found.rollouts:
         console.print(f"  rollout #{r.id} on {r.target}: {r.state}", markup=False)
     members = sorted({m.new_member for m in found.members if m.new_member})

@@ -12,7 +12,7 @@ from rich.markup import escape
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
 from amiforge.cli.tables import Col, fit_table
-from amiforge.errors import NotFound
+from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.scan import finding_json, import_vulndb, scan, scan_gate, vulndb_label
 from amiforge.scanners.sbom import spdx_sbom
@@ -102,6 +102,12 @@ def sbom_command(
             timestamp=record.scanned_at,
         )
     if output:
+        if output.exists() and not output.is_file():
+            # A FIFO would block the write until something reads it; a directory cannot be written.
+            raise ConfigError(
+                f"--output {output} exists and is not a regular file",
+                fix="name a new file, or an existing regular file to replace",
+            )
         output.write_text(text)
         console.print(f"wrote {fmt} SBOM of {version.ref} ({len(record.packages)} packages) to {escape(str(output))}")
     else:

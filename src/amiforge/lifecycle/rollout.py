@@ -19,6 +19,7 @@ the fleet return what it already launched, so no member is replaced twice and no
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,7 +29,15 @@ from datetime import UTC, datetime, timedelta
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
 from amiforge.lifecycle.boottest import checks_of
 from amiforge.lifecycle.release import releasable
-from amiforge.model import Artifact, ImageVersion, Rollout, RolloutReplacement, Status
+from amiforge.model import (
+    AWS_REGION_PATTERN,
+    IMAGE_NAME_PATTERN,
+    Artifact,
+    ImageVersion,
+    Rollout,
+    RolloutReplacement,
+    Status,
+)
 from amiforge.providers import provider_for
 from amiforge.providers.interface import Fleet, FleetProvider, Member, PhaseUpdate, Replacement
 from amiforge.recipe import Checks
@@ -59,12 +68,21 @@ class RolloutOutcome:
 # --- targets -----------------------------------------------------------------------------------------------------
 
 
+# What a target's name may be: a local fleet's name, or an Auto Scaling group (1–255 characters, no ':' and no control
+# characters, as AWS allows) with its region.
+_TARGETS = {
+    "local": re.compile(IMAGE_NAME_PATTERN),
+    "aws": re.compile(rf"{AWS_REGION_PATTERN}/[^:\x00-\x1f\x7f]{{1,255}}"),
+}
+
+
 def parse_target(target: str) -> tuple[str, str]:
     """`local:NAME` (or a bare NAME) → ("local", NAME); `aws:REGION/GROUP` → ("aws", "REGION/GROUP")."""
     kind, sep, name = target.partition(":")
     if not sep:
         kind, name = "local", target
-    if kind not in ("local", "aws") or not name:
+    pattern = _TARGETS.get(kind)
+    if pattern is None or pattern.fullmatch(name) is None:
         raise ConfigError(
             f"target {target!r} is not local:NAME or aws:REGION/GROUP",
             fix="name a local fleet (amiforge fleet list) or an Auto Scaling group as aws:eu-west-1/web-asg",

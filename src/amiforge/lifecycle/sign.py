@@ -16,7 +16,16 @@ from pathlib import Path
 from amiforge.errors import ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.runs import recorded_copies
 from amiforge.lifecycle.scan import findings_summary
-from amiforge.model import Artifact, ImageVersion, ScanRecord, SignatureRecord, Status, TrustedKey, require_status
+from amiforge.model import (
+    Artifact,
+    ImageVersion,
+    ScanRecord,
+    SignatureRecord,
+    Status,
+    TrustedKey,
+    check_aws_region,
+    require_status,
+)
 from amiforge.providers import provider_for
 from amiforge.settings import Settings
 from amiforge.signing.interface import (
@@ -113,6 +122,7 @@ def _public_pem(signer: Signer) -> str:
 def kms_signer(key: str, region: str | None) -> Signer:
     if not region:
         raise ConfigError("a KMS key needs its region", fix="set AMIFORGE_KMS_REGION (or pass --kms-region)")
+    check_aws_region(region, what="the KMS key's region")
     # Imported here: boto3 costs ~0.3 s of start-up, which only KMS users should pay.
     from amiforge.signing.kms import KmsSigner
 

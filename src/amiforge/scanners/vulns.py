@@ -450,7 +450,8 @@ def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
                     if len(data) > info.file_size:
                         raise zipfile.BadZipFile(f"{info.filename} is larger than its header says")
                     yield f"{path}!{info.filename}", data
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as e:
             raise ConfigError(
                 f"cannot read the advisory archive {path}",
                 problems=[Problem(f"not a readable zip file: {e}", file=str(path))],

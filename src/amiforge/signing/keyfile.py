@@ -77,6 +77,11 @@ def generate_keypair(directory: Path, name: str) -> KeyInfo:
             fix="use letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit",
         )
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(
+            f"{directory} is not a directory, so the key files cannot go in it",
+            fix="pass --dir a directory (it is made if missing), e.g. --dir ~/.config/amiforge/keys",
+        )
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
             raise ConfigError(
@@ -99,7 +104,10 @@ def generate_keypair(directory: Path, name: str) -> KeyInfo:
             private_path.unlink(missing_ok=True)
             raise
     except FileExistsError as e:
-        raise ConfigError(f"key file {e.filename} already exists; refusing to overwrite a key") from e
+        raise ConfigError(
+            f"{e.filename} already exists; refusing to overwrite it",
+            fix="choose another key name or directory (a component of --dir may be a file)",
+        ) from e
     except OSError as e:
         raise ConfigError(
             f"cannot write key files in {directory}: {e.strerror or e}",

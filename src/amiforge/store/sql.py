@@ -28,6 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateError
 from amiforge.model import (
+    IMAGE_NAME_PATTERN,
     ROLLOUT_LIVE,
     Artifact,
     BootReport,
@@ -98,8 +99,8 @@ _MIGRATION_THREAD_LOCK = threading.Lock()
 # Execution option read by the SQLite `begin` hook: writers take the write lock up front (BEGIN IMMEDIATE).
 _WRITE_OPTION = "amiforge_write"
 
-_REF_NAME_AT_N = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]{0,62})@(?P<number>[1-9][0-9]*)$")
-_REF_CHANNEL = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}:[a-z0-9][a-z0-9-]*$")
+_REF_NAME_AT_N = re.compile(rf"^(?P<name>{IMAGE_NAME_PATTERN})@(?P<number>[1-9][0-9]*)$")
+_REF_CHANNEL = re.compile(rf"^{IMAGE_NAME_PATTERN}:[a-z0-9][a-z0-9-]*$")
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 # SQLite primary result codes and PostgreSQL SQLSTATEs after which the same statement may well succeed.
@@ -688,9 +689,12 @@ class SqlStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def get_version(self, ref: str) -> ImageVersion:
+        """The version a ref names: `NAME@N`, `NAME:CHANNEL` (the channel's current version) or a digest prefix."""
         text = ref.strip()
         match = _REF_NAME_AT_N.match(text)
         if match:
+            if len(match["number"]) > 18:  # beyond the database's integers (and Python's int() of huge text)
+                raise _out_of_range(f"look up {text[:40]}")
             where: sa.ColumnElement[bool] = sa.and_(
                 versions_table.c.name == match["name"], versions_table.c.number == int(match["number"])
             )
@@ -702,6 +706,15 @@ class SqlStore:
                     fix="`amiforge images list` shows the known versions",
                 )
             return _version(row)
+        if not text.lower().startswith("sha256:") and _REF_CHANNEL.match(text):
+            name, channel = text.split(":", 1)
+            pointers = self.channels(name, channel)
+            if not pointers:
+                raise NotFound(
+                    f"image {name!r} has no channel {channel!r}",
+                    fix="`amiforge channels` lists the channels; use NAME@N for a version in none",
+                )
+            return self.get_version(pointers[0].current)
         return self._by_digest_prefix(text, _digest_prefix(text))
 
     def _by_digest_prefix(self, ref: str, prefix: str) -> ImageVersion:
@@ -1427,16 +1440,11 @@ class SqlStore:
 def _digest_prefix(ref: str) -> str:
     """The hex digest prefix a non-NAME@N ref stands for; ConfigError if it is no valid ref at all."""
     hexpart = ref[len("sha256:") :] if ref.lower().startswith("sha256:") else ref
-    if not ref.lower().startswith("sha256:") and _REF_CHANNEL.match(ref):
-        raise ConfigError(
-            f"{ref!r} names a channel, and channels are not available yet",
-            fix="use NAME@N or a digest prefix",
-        )
     hexpart = hexpart.lower()
     if not hexpart or not _HEX.match(hexpart):
         raise ConfigError(
             f"{ref!r} is not a version reference",
-            fix="use NAME@N or a digest prefix (at least 8 hex characters, optionally after sha256:)",
+            fix="use NAME@N, NAME:CHANNEL or a digest prefix (at least 8 hex characters, optionally after sha256:)",
         )
     if len(hexpart) < _MIN_PREFIX:
         raise ConfigError(

@@ -25,6 +25,7 @@ from botocore.config import Config
 
 from amiforge import __version__
 from amiforge.errors import AmiforgeError, ConfigError, NotFound
+from amiforge.model import check_aws_region
 from amiforge.providers.aws.errors import CAUGHT, translate
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "MAX_PAGE_SIZE", "AwsSession", "call", "eventually", "iam_action", "paginate"]
@@ -70,7 +71,8 @@ class AwsSession:
     ) -> None:
         if max_attempts < 1:
             raise ConfigError(f"max_attempts is {max_attempts}; it must be at least 1")
-        self.region = region
+        # Checked before boto3 sees it: botocore would turn a bad name into an endpoint host name.
+        self.region = check_aws_region(region, what="AWS region")
         self.run_id = run_id
         self._roles = dict(role_arns or {})
         for account, arn in self._roles.items():
@@ -113,7 +115,7 @@ class AwsSession:
     def client(self, service: str, region: str | None = None, *, account: str | None = None) -> Any:
         """A client for `service` in `region` (the session's by default), as the caller or as `account`'s role
         (by default the account of an `as_account` view)."""
-        region = region or self.region
+        region = check_aws_region(region, what="AWS region") if region else self.region
         account = account if account is not None else self._account
         key = (service, region, account)
         with self._lock:

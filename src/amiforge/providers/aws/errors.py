@@ -206,5 +206,14 @@ def translate(error: ClientError | BotoCoreError, action: str, resource: str) ->
     if isinstance(error, _SETUP):
         return ConfigError(f"{action} on {resource}: {error}", fix=_CREDENTIALS)
     if isinstance(error, _TRANSPORT):
-        return InfraError(f"{action} on {resource}: cannot reach AWS ({error})", retryable=True)
-    return InfraError(f"{action} on {resource} failed: {type(error).__name__} ({error})", retryable=False)
+        return InfraError(
+            f"{action} on {resource}: cannot reach AWS ({error})",
+            retryable=True,
+            fix="check this machine's network path to AWS (proxy, firewall, DNS) and that the region is enabled "
+            "for the account (`amiforge doctor --aws` shows both)",
+        )
+    return InfraError(
+        f"{action} on {resource} failed: {type(error).__name__} ({error})",
+        retryable=False,
+        fix="rerun with --debug for the details; if it persists, report it",
+    )

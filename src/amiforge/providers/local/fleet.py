@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 from dataclasses import replace as evolve
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
-from amiforge.model import Artifact
+from amiforge.inputs import read_input
+from amiforge.model import IMAGE_NAME_PATTERN, Artifact
 from amiforge.providers.interface import BootSignal, Member, MemberState, PhaseUpdate, Replacement
 from amiforge.providers.local import qemu
 from amiforge.providers.local.provider import CHECKS_GRACE, LocalProvider
@@ -66,7 +67,7 @@ START_GRACE = 30.0
 # Guest uptime starts a little after the launch (QEMU start, firmware): a READY with an uptime within the limit
 # may still be on its way this long after launch + limit, and must not flip a member from failed to ready.
 READY_SLACK = 5.0
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(f"^{IMAGE_NAME_PATTERN}$")  # fleets are named like images
 
 StopCause = Literal["replaced", "failed"]
 
@@ -79,7 +80,8 @@ class FleetFile(BaseModel):
 
     name: str
     created: datetime
-    members: list[str]
+    # Member ids name folders of the fleet's own: never a path that could lead out of it.
+    members: list[Annotated[str, StringConstraints(pattern=r"^g-[0-9a-f]{8}$")]]
 
 
 class MemberFile(BaseModel):
@@ -110,15 +112,24 @@ class MemberFile(BaseModel):
 _F = TypeVar("_F", FleetFile, MemberFile)
 
 
+# fleet.json and member.json are a few KiB; anything bigger is not one of ours.
+_MAX_STATE_FILE = 1 << 20
+
+
 def _load(model: type[_F], path: Path) -> _F:
+    """A fleet state file; FileNotFoundError if it is not there, InfraError (naming the file and the way out) if it
+    is damaged: not a regular file, too big, not UTF-8 JSON, or not the shape amiforge wrote."""
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(path)
+    fix = f"the fleet's files are damaged; `amiforge fleet destroy {path.parent.name}` stops its guests and removes it"
+    if path.name == "member.json":
+        fix = f"the fleet's files are damaged; `amiforge fleet destroy {path.parent.parent.name}` stops its guests"
     try:
-        return model.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValidationError) as e:
-        raise InfraError(
-            f"cannot read {path}: {e}", fix="the fleet's files are damaged; `amiforge fleet destroy` removes it"
-        ) from e
+        return model.model_validate_json(read_input(path, what="fleet state file", max_bytes=_MAX_STATE_FILE, fix=fix))
+    except ConfigError as e:
+        raise InfraError(e.message, fix=fix) from e
+    except ValidationError as e:
+        raise InfraError(f"cannot read {path}: {e.error_count()} problem(s): {e.errors()[0]['msg']}", fix=fix) from e
 
 
 # --- judging a member from its files (pure) ----------------------------------------------------------------
@@ -377,7 +388,10 @@ class LocalFleet:
         try:
             return _load(MemberFile, self.dir / mid / "member.json")
         except FileNotFoundError:
-            raise InfraError(f"fleet {self.target!r} lists member {mid} but its member.json is missing") from None
+            raise InfraError(
+                f"fleet {self.target!r} lists member {mid} but its member.json is missing",
+                fix=f"the fleet's files are damaged; `amiforge fleet destroy {self.target}` stops its guests",
+            ) from None
 
     def _pid(self, rec: MemberFile, now: datetime) -> tuple[int | None, bool]:
         """(pid, running) of the member's QEMU. The pid file is trusted only while /proc agrees that pid is our
