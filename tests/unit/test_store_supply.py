@@ -3,6 +3,7 @@ when AMIFORGE_TEST_POSTGRES_URL is set, PostgreSQL)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -74,16 +75,41 @@ def test_advisories_are_found_by_source_package_and_replaced_on_reimport(store: 
 
 def test_keys_are_trusted_once_and_revoked_once(store: SqlStore) -> None:
     key = TrustedKey("ed25519:00000000test0001", "ed25519", "PEM-A", T0)
-    store.add_key(key)
-    assert store.add_key(key) == store.signing_keys()[0]  # idempotent
+    assert store.add_key(key, actor="TEST") == (key, True)
+    assert store.add_key(key, actor="TEST") == (store.signing_keys()[0], False)  # idempotent
     with pytest.raises(StateError):
-        store.add_key(TrustedKey(key.key_id, "ed25519", "PEM-B", T0))
-    revoked = store.revoke_key(key.key_id, "laptop lost")
+        store.add_key(TrustedKey(key.key_id, "ed25519", "PEM-B", T0), actor="TEST")
+    revoked = store.revoke_key(key.key_id, "laptop lost", actor="TEST")
     assert revoked.revoked_at is not None and revoked.revoked_reason == "laptop lost"
     with pytest.raises(StateError):
-        store.revoke_key(key.key_id, "again")
+        store.revoke_key(key.key_id, "again", actor="TEST")
     with pytest.raises(NotFound):
-        store.revoke_key("ed25519:unknown", "x")
+        store.revoke_key("ed25519:unknown", "x", actor="TEST")
+    # One audit record per change that happened, each written with its change.
+    assert [(e.kind, e.data["key"]) for e in store.events()] == [("key.added", key.key_id), ("key.revoked", key.key_id)]
+
+
+def test_concurrent_trust_of_one_key_is_recorded_once(store_url: str) -> None:
+    """Eight writers trusting the same key at once (as eight parallel `keys trust`): one row, one key.added."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = TrustedKey("ed25519:00000000test0002", "ed25519", "PEM-C", T0)
+    stores = [open_store(store_url) for _ in range(8)]
+    try:
+        barrier = threading.Barrier(8)
+
+        def trust(s: SqlStore) -> bool:
+            barrier.wait()
+            return s.add_key(key, actor="TEST")[1]
+
+        with ThreadPoolExecutor(8) as pool:
+            added = list(pool.map(trust, stores))
+        assert added.count(True) == 1
+        assert [e.kind for e in stores[0].events()] == ["key.added"]
+        assert len(stores[0].signing_keys()) == 1
+    finally:
+        for s in stores:
+            s.close()
 
 
 def test_signatures_round_trip(store: SqlStore) -> None:

@@ -472,7 +472,7 @@ def test_flipping_one_byte_of_the_disk_fails_verify_and_promote(world: World) ->
 def test_a_revoked_key_no_longer_verifies(world: World) -> None:
     v = world.signed()
     key_id = world.store.signatures(v.id)[-1].key_id
-    world.store.revoke_key(key_id, "laptop stolen")
+    world.store.revoke_key(key_id, "laptop stolen", actor="TEST")
 
     with pytest.raises(GateFailed) as e:
         verify(v.ref, store=world.store, settings=world.settings)
@@ -501,7 +501,7 @@ def test_a_revoked_key_no_longer_verifies(world: World) -> None:
 def test_signing_with_a_revoked_key_is_refused(world: World) -> None:
     v = world.signed()
     key_id = world.store.signatures(v.id)[-1].key_id
-    world.store.revoke_key(key_id, "laptop stolen")
+    world.store.revoke_key(key_id, "laptop stolen", actor="TEST")
     v2 = world.seed()
     scan(v2.ref, store=world.store, settings=world.settings)
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
 from amiforge.errors import ConfigError
-from amiforge.lifecycle.sign import _public_pem, kms_signer, sign, trust_key, verify
+from amiforge.lifecycle.sign import _public_pem, kms_signer, revoke_trusted_key, sign, trust_key, verify
 from amiforge.signing.keyfile import generate_keypair, read_public_key
 
 app = typer.Typer(help="Signing keys (Ed25519 key files) the registry trusts.", no_args_is_help=True)
@@ -86,8 +86,7 @@ def keys_revoke(
 ) -> None:
     """Stop trusting a key: every signature it made stops verifying."""
     settings, store = open_registry()
-    key = store.revoke_key(key_id, reason)
-    store.append_event("key.revoked", actor=settings.actor, data={"key": key_id, "reason": reason})
+    key = revoke_trusted_key(store, key_id, reason=reason, actor=settings.actor)
     if as_json:
         emit_json({k: v for k, v in vars(key).items() if k != "public_key"})
         return

@@ -141,11 +141,15 @@ def _verifier(keys: list[TrustedKey], settings: Settings) -> MultiVerifier:
 
 def trust_key(store: Store, *, key_id: str, algorithm: str, public_key_pem: str, actor: str) -> TrustedKey:
     """Add a public key to the registry's trust root: an explicit, audited act (never a side effect of signing)."""
-    known = {k.key_id for k in store.signing_keys()}
-    key = store.add_key(TrustedKey(key_id, algorithm, public_key_pem, datetime.now(UTC)))
-    if key_id not in known:
-        store.append_event("key.added", actor=actor, data={"key": key_id, "algorithm": algorithm})
+    key, _added = store.add_key(TrustedKey(key_id, algorithm, public_key_pem, datetime.now(UTC)), actor=actor)
     return key
+
+
+def revoke_trusted_key(store: Store, key_id: str, *, reason: str, actor: str) -> TrustedKey:
+    """Stop trusting a key: every signature it made stops verifying. Audited as `key.revoked`."""
+    if not reason.strip():
+        raise ConfigError("revoking a key needs a reason", fix='amiforge keys revoke KEY_ID --reason "why"')
+    return store.revoke_key(key_id, reason, actor=actor)
 
 
 def default_signer(settings: Settings, store: Store, *, create: bool) -> Signer:

@@ -917,42 +917,48 @@ class SqlStore:
     def append_event(
         self, kind: str, *, actor: str, ref: str | None = None, data: Mapping[str, object] | None = None
     ) -> Event:
-        payload = _plain_json(data or {})
         with self._guard(f"record a {kind} event"), self._write() as conn:
-            # FOR UPDATE locks the head row on PostgreSQL; on SQLite, BEGIN IMMEDIATE holds the write lock.
-            head = conn.execute(
-                sa.select(event_head_table.c.seq, event_head_table.c.hash)
-                .where(event_head_table.c.id == 1)
-                .with_for_update()
-            ).one_or_none()
-            if head is None:
-                raise InfraError(
-                    "the event log has no head row: the registry schema is damaged",
-                    fix="restore the registry from a backup; `amiforge events --verify` shows what is broken",
-                )
-            seq = head.seq + 1
-            at = self._now()
-            digest = event_hash(head.hash, seq=seq, at=at, actor=actor, kind=kind, ref=ref, data=payload)
-            conn.execute(
-                events_table.insert().values(
-                    seq=seq,
-                    at=at,
-                    actor=actor,
-                    kind=kind,
-                    ref=ref,
-                    data=payload,
-                    prev_hash=head.hash,
-                    hash=digest,
-                )
+            return self._append(conn, kind, actor=actor, ref=ref, data=data)
+
+    def _append(
+        self, conn: Connection, kind: str, *, actor: str, ref: str | None, data: Mapping[str, object] | None
+    ) -> Event:
+        """Append an event inside the caller's write transaction: a change and its audit record commit together."""
+        payload = _plain_json(data or {})
+        # FOR UPDATE locks the head row on PostgreSQL; on SQLite, BEGIN IMMEDIATE holds the write lock.
+        head = conn.execute(
+            sa.select(event_head_table.c.seq, event_head_table.c.hash)
+            .where(event_head_table.c.id == 1)
+            .with_for_update()
+        ).one_or_none()
+        if head is None:
+            raise InfraError(
+                "the event log has no head row: the registry schema is damaged",
+                fix="restore the registry from a backup; `amiforge events --verify` shows what is broken",
             )
-            moved = conn.execute(
-                event_head_table.update()
-                .where(event_head_table.c.id == 1, event_head_table.c.hash == head.hash)
-                .values(seq=seq, hash=digest)
+        seq = head.seq + 1
+        at = self._now()
+        digest = event_hash(head.hash, seq=seq, at=at, actor=actor, kind=kind, ref=ref, data=payload)
+        conn.execute(
+            events_table.insert().values(
+                seq=seq,
+                at=at,
+                actor=actor,
+                kind=kind,
+                ref=ref,
+                data=payload,
+                prev_hash=head.hash,
+                hash=digest,
             )
-            if moved.rowcount != 1:
-                # Only possible if something bypassed the lock; refuse rather than fork the chain.
-                raise InfraError(f"the event log head moved while appending seq {seq}", retryable=True)
+        )
+        moved = conn.execute(
+            event_head_table.update()
+            .where(event_head_table.c.id == 1, event_head_table.c.hash == head.hash)
+            .values(seq=seq, hash=digest)
+        )
+        if moved.rowcount != 1:
+            # Only possible if something bypassed the lock; refuse rather than fork the chain.
+            raise InfraError(f"the event log head moved while appending seq {seq}", retryable=True)
         return Event(seq=seq, at=at, actor=actor, kind=kind, ref=ref, data=payload, prev_hash=head.hash, hash=digest)
 
     def events(self, ref: str | None = None, *, limit: int | None = None) -> list[Event]:
@@ -1082,31 +1088,44 @@ class SqlStore:
 
     # signing keys and signatures
 
-    def add_key(self, key: TrustedKey) -> TrustedKey:
-        with self._guard(f"trust key {key.key_id}"), self._write() as conn:
-            row = conn.execute(
-                sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key.key_id)
-            ).mappings().one_or_none()  # fmt: skip
-            if row is not None:
-                if row["public_key"].strip() != key.public_key.strip():
-                    raise StateError(
-                        f"a different public key is already trusted as {key.key_id}",
-                        fix="key ids are derived from the public key; this should not happen — check the key files",
+    def add_key(self, key: TrustedKey, *, actor: str) -> tuple[TrustedKey, bool]:
+        """Trust `key`; (the trusted key, whether this call added it). Adding it and its `key.added` event are one
+        transaction, and the existence check is inside it: callers racing to trust one key record it once."""
+        for attempt in (1, 2):
+            try:
+                with self._guard(f"trust key {key.key_id}"), self._write() as conn:
+                    row = conn.execute(
+                        sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key.key_id)
+                    ).mappings().one_or_none()  # fmt: skip
+                    if row is not None:
+                        if row["public_key"].strip() != key.public_key.strip():
+                            raise StateError(
+                                f"a different public key is already trusted as {key.key_id}",
+                                fix="key ids are derived from the public key; this should not happen — check the "
+                                "key files",
+                            )
+                        return _key(row), False
+                    conn.execute(
+                        signing_keys_table.insert().values(
+                            key_id=key.key_id, algorithm=key.algorithm, public_key=key.public_key, added_at=key.added_at
+                        )
                     )
-                return _key(row)
-            conn.execute(
-                signing_keys_table.insert().values(
-                    key_id=key.key_id, algorithm=key.algorithm, public_key=key.public_key, added_at=key.added_at
-                )
-            )
-        return key
+                    self._append(conn, "key.added", actor=actor, ref=None,
+                                 data={"key": key.key_id, "algorithm": key.algorithm})  # fmt: skip
+                return key, True
+            except InfraError as e:
+                # PostgreSQL: a concurrent insert of the same key won the race; read it back as existing.
+                if attempt == 2 or not isinstance(e.__cause__, IntegrityError):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def signing_keys(self) -> list[TrustedKey]:
         with self._guard("list signing keys"), self._read() as conn:
             rows = conn.execute(sa.select(signing_keys_table).order_by(signing_keys_table.c.added_at)).mappings()
             return [_key(r) for r in rows]
 
-    def revoke_key(self, key_id: str, reason: str) -> TrustedKey:
+    def revoke_key(self, key_id: str, reason: str, *, actor: str) -> TrustedKey:
+        """Stop trusting a key; the `key.revoked` event is recorded in the same transaction."""
         now = self._now()
         with self._guard(f"revoke key {key_id}"), self._write() as conn:
             result = conn.execute(
@@ -1120,7 +1139,11 @@ class SqlStore:
             if row is None:
                 raise NotFound(f"no signing key {key_id}", fix="`amiforge keys list` shows the trusted keys")
             if result.rowcount == 0:
-                raise StateError(f"key {key_id} was already revoked at {row['revoked_at']:%Y-%m-%d %H:%M}Z")
+                raise StateError(
+                    f"key {key_id} was already revoked at {row['revoked_at']:%Y-%m-%d %H:%M}Z",
+                    fix="nothing to do: its signatures no longer verify",
+                )
+            self._append(conn, "key.revoked", actor=actor, ref=None, data={"key": key_id, "reason": reason})
             return _key(row)
 
     def add_signature(self, version_id: int, signature: SignatureRecord) -> SignatureRecord:

@@ -341,6 +341,6 @@ def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
     assert trusted.key_id == record.key_id and "BEGIN PUBLIC KEY" in trusted.public_key
     assert verify("web@1", store=store, settings=settings).signature.key_id == record.key_id
 
-    store.revoke_key(record.key_id, "rotated")
+    store.revoke_key(record.key_id, "rotated", actor="TEST")
     with pytest.raises(GateFailed):
         verify("web@1", store=store, settings=settings)
