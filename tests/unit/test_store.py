@@ -567,3 +567,19 @@ def _script_head() -> str:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     (head,) = ScriptDirectory.from_config(config).get_heads()
     return str(head)
+
+
+def test_opening_a_migrated_registry_takes_no_write_lock(tmp_path: Path) -> None:
+    """Readers never wait on writers: with another process holding the write lock, a registry already at the newest
+    schema opens and reads (it used to take the lock to migrate, on every command)."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    with open_store(url) as first:
+        _new(first)
+    holder = sqlite3.connect(tmp_path / "registry.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with open_store(url) as reader:
+            assert [v.ref for v in reader.list_versions()] == ["web@1"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

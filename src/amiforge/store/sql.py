@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
@@ -104,7 +106,7 @@ _REF_CHANNEL = re.compile(rf"^{IMAGE_NAME_PATTERN}:[a-z0-9][a-z0-9-]*$")
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 # SQLite primary result codes and PostgreSQL SQLSTATEs after which the same statement may well succeed.
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
 _OUT_OF_RANGE = "22003"  # PostgreSQL numeric_value_out_of_range
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
 
@@ -178,9 +180,15 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
             ) from e
 
     path = _sqlite_file(parsed)
+    read_only = False
     if path is None:
         # One shared connection, or every pool checkout would see a different empty in-memory database.
         engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    elif path.is_file() and not _writable(path):
+        # A registry this process may only read (a read-only file, folder or file system): opened read-only, so
+        # every read works and any write fails with the database's own "read-only" error.
+        read_only = True
+        engine = sa.create_engine(_read_only_url(path))
     else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +197,7 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
                 f"cannot create the registry directory {path.parent}: {e.strerror or e}",
                 fix="choose a writable location for the SQLite store, or create the directory",
             ) from e
-        engine = sa.create_engine(parsed)
+        engine = sa.create_engine(parsed.set(database=str(path)))
 
     timeout_ms = int(busy_timeout_s * 1000)
 
@@ -201,8 +209,9 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
         try:
             cursor.execute(f"PRAGMA busy_timeout = {timeout_ms}")
             cursor.execute("PRAGMA foreign_keys = ON")
-            # WAL: readers never block the writer and the writer never blocks readers.
-            cursor.execute("PRAGMA journal_mode = WAL")
+            if not read_only:
+                # WAL: readers never block the writer and the writer never blocks readers.
+                cursor.execute("PRAGMA journal_mode = WAL")
         finally:
             cursor.close()
 
@@ -215,6 +224,22 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
     sa_event.listen(engine, "connect", on_connect)
     sa_event.listen(engine, "begin", on_begin)
     return engine
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process can write the SQLite file and create its journal files beside it."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _read_only_url(path: Path) -> sa.URL:
+    """A SQLite URI opening `path` read-only. In WAL mode a reader needs the shared-memory file beside the database;
+    where it cannot be created (a read-only folder) and is not there, the file is opened `immutable` — SQLite then
+    takes no locks at all, which is right for a registry nobody can write through this path."""
+    shm = path.with_name(path.name + "-shm")
+    query = {"mode": "ro", "uri": "true"}
+    if not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        query["immutable"] = "1"
+    return sa.URL.create("sqlite", database=f"file:{urllib.parse.quote(str(path))}", query=query)
 
 
 def _describe(engine: Engine) -> str:
@@ -248,6 +273,11 @@ def _infra_error(action: str, where: str, error: SQLAlchemyError) -> InfraError:
         if retryable
         else f"check the registry at {where}: is the URL right, is the schema migrated? (`amiforge doctor`)"
     )
+    if (getattr(cause, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY:
+        fix = (
+            f"the registry at {where} can only be read here (file, folder or file system); run commands that "
+            "change it where it can be written"
+        )
     return InfraError(
         f"registry error while trying to {action}: {type(cause).__name__}: {cause}",
         retryable=retryable,
@@ -329,16 +359,41 @@ def _unreadable(column: sa.Column[Any], value: object) -> str | None:
     return None
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration. Safe to run concurrently and repeatedly."""
-    # Imported here: alembic is only needed at open time, not by every importer of the store.
-    from alembic import command
-    from alembic.config import Config
-    from alembic.util.exc import CommandError
+def _alembic_config() -> Any:
+    from alembic.config import Config  # imported here: alembic is needed at open time only
 
     config = Config()
     # ConfigParser interpolation: a literal % in the path must be doubled.
     config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return config
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest migration this amiforge knows."""
+    from alembic.script import ScriptDirectory
+
+    return str(ScriptDirectory.from_config(_alembic_config()).get_current_head())
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The revision the registry's schema is at (None: no schema yet), read without taking the write lock."""
+    from alembic.migration import MigrationContext
+
+    with _boundary("read the registry's schema version", _describe(engine)), engine.connect() as conn, conn.begin():
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration. Safe to run concurrently and repeatedly. A registry already at the
+    newest revision is only read: opening it takes no write lock, so readers never wait on a writer (and a
+    read-only registry opens at all)."""
+    if schema_revision(engine) == head_revision():
+        return
+    from alembic import command
+    from alembic.util.exc import CommandError
+
+    config = _alembic_config()
     # Alembic keeps its running context in module globals, so one process migrates one database at a time.
     with (
         _MIGRATION_THREAD_LOCK,

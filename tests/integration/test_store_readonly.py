@@ -1,0 +1,55 @@
+"""A registry on a read-only file system is read by every read command, and a write says why it cannot.
+
+The file system is made read-only for real (a read-only bind mount in a private mount namespace), so root's
+permission to ignore file modes cannot hide a write the command should not need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from amiforge.model import Status
+from amiforge.store.sql import open_store
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a read-only bind mount"
+)
+
+
+def _in_read_only(data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    mount = f"mount --bind {data} {data} && mount -o remount,ro,bind {data}"
+    command = " ".join([sys.executable, "-m", "amiforge", *argv])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")} | {"AMIFORGE_DATA_DIR": str(data)}
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mount} && exec {command}"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_read_commands_work_on_a_read_only_registry_and_writes_fail_clearly(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with open_store(f"sqlite:///{data / 'registry.db'}") as store:
+        v = store.create_version(name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local",
+                                 tags={}, parent=None)  # fmt: skip
+        store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest="d" * 64, size_bytes=1)
+        store.append_event("bake.built", actor="TEST", ref="web@1", data={})
+    assert not (data / "registry.db-shm").exists()  # a cleanly closed WAL registry: no shared-memory file
+
+    listed = _in_read_only(data, "images", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [v["ref"] for v in json.loads(listed.stdout)] == ["web@1"]
+    for argv in (("images", "show", "web@1", "--json"), ("events", "--verify", "--json"), ("channels", "--json")):
+        assert _in_read_only(data, *argv).returncode == 0, argv
+
+    refused = _in_read_only(data, "revoke", "web@1", "--reason", "TEST", "--json")
+    assert refused.returncode == 5, refused.stdout + refused.stderr
+    error = json.loads(refused.stdout)
+    assert "readonly" in error["message"].replace("-", "").replace(" ", "")
+    assert "can only be read here" in error["fix"]
