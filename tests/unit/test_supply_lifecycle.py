@@ -585,9 +585,9 @@ def test_a_rescan_after_signing_fails_verify_until_signed_again(world: World) ->
 
 def test_sign_refuses_a_version_that_was_not_scanned(world: World) -> None:
     v = world.seed()
-    with pytest.raises(GateFailed) as e:
+    with pytest.raises(StateError) as e:  # the wrong state for the command: exit 3, as everywhere
         sign(v.ref, store=world.store, settings=world.settings)
-    assert [f.name for f in e.value.failures] == ["scan"]
+    assert e.value.exit_code == 3 and e.value.fix == f"scan it first: amiforge scan {v.ref}"
     assert world.store.signatures(v.id) == []
 
 

@@ -181,8 +181,10 @@ def sign(
     signer: Signer | None = None,
     create_key: bool = False,
 ) -> SignatureRecord:
+    # The state first: a version that is not scanned yet is in the wrong state (exit 3), not a failed gate.
+    current = store.get_version(ref)
+    require_status(current, SIGNABLE, doing="signed", fix=_not_signable_fix(current))
     version, artifacts, scan = _facts(ref, store)
-    require_status(version, SIGNABLE, doing="signed", fix=_not_signable_fix(version))
     check_artifact_bytes(version, artifacts, settings)
     if signer is None:
         signer = KeyfileSigner.from_file(key) if key else default_signer(settings, store, create=create_key)
