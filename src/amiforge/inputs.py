@@ -53,19 +53,20 @@ def read_input(path: Path, *, what: str, max_bytes: int, fix: str) -> bytes:
             problems=[Problem(f"cannot read: {e.strerror or e}", file=str(path))],
             fix="check the path and its permissions",
         ) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        kind = _kind(mode)
+        kind = _kind(info.st_mode)
         raise ConfigError(
             f"{what} {path} is {kind}, not a file", problems=[Problem(f"is {kind}", file=str(path))], fix=fix
         )
     with os.fdopen(fd, "rb") as f:
         try:
-            data = f.read(max_bytes + 1)
+            # Refused before reading when the file says it is too big; the capped read catches one that grows.
+            data = b"" if info.st_size > max_bytes else f.read(max_bytes + 1)
         except OSError as e:  # e.g. EISDIR on some file systems, EIO
             raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}", fix=fix) from None
-    if len(data) > max_bytes:
+    if info.st_size > max_bytes or len(data) > max_bytes:
         raise ConfigError(
             f"{what} {path} is larger than {_size(max_bytes)}",
             problems=[Problem(f"larger than {_size(max_bytes)}", file=str(path))],

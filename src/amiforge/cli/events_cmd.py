@@ -23,13 +23,13 @@ def events(
     _, store = open_registry()
     if verify:
         problems = store.verify_events()
-        count = len(store.events())
         if problems:
             raise GateFailed(
                 "event chain",
                 [GateFailure("event log", p) for p in problems],
                 fix="the registry was changed outside amiforge; restore it from a backup",
             )
+        count = len(store.events())
         if as_json:
             emit_json({"ok": True, "events": count})
         else:
