@@ -108,7 +108,12 @@ def sbom_command(
                 f"--output {output} exists and is not a regular file",
                 fix="name a new file, or an existing regular file to replace",
             )
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write --output {output}: {e.strerror or e}", fix="name a file in a folder you can write to"
+            ) from e
         console.print(f"wrote {fmt} SBOM of {version.ref} ({len(record.packages)} packages) to {escape(str(output))}")
     else:
         typer.echo(text)

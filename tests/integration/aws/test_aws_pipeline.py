@@ -340,7 +340,11 @@ def test_gc_finds_what_a_failed_bake_left_and_removes_it_only_with_apply(
 
     monkeypatch.setattr(bake_module, "_terminate", refuse)
     env.machine.respond = lambda _script: CommandResult(1, "", "step failed (injected)")
-    assert env.cli("bake", str(env.recipe)).code == 5  # web@2 fails, and its builder cannot be terminated
+    failed = env.cli("bake", str(env.recipe))
+    assert failed.code == 5  # web@2 fails, and its builder cannot be terminated: the error says what was left
+    assert (
+        "left behind: EC2 instance (builder)" in failed.err and f"amiforge gc --region {REGION} --apply" in failed.err
+    )
     events = env.cli("events", "web@2", "--json").json()
     (orphaned,) = [e for e in events if e["kind"] == "orphaned"]
     backend = ec2_backends[ACCOUNT][REGION]
