@@ -132,6 +132,9 @@ class GateFailed(AmiforgeError):
         return {**super().as_dict(), "gate": self.gate, "failures": [f.as_dict() for f in self.failures]}
 
 
+_INFRA_FIX = "`amiforge doctor` checks this machine's tools and the registry; rerun with --debug for the details"
+
+
 class InfraError(AmiforgeError):
     """A provider, the store or an external tool failed. Says whether retrying can help."""
 
@@ -140,7 +143,8 @@ class InfraError(AmiforgeError):
     kind = "infra"
 
     def __init__(self, message: str, *, retryable: bool = False, fix: str | None = None) -> None:
-        super().__init__(message, fix=fix)
+        # Never without a way forward: where the raiser knows none better, the checks amiforge itself offers.
+        super().__init__(message, fix=fix or _INFRA_FIX)
         self.retryable = retryable
 
     def diagnostics(self) -> str:

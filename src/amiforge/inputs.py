@@ -20,8 +20,6 @@ from amiforge.errors import ConfigError, Problem
 KIB = 1 << 10
 MIB = 1 << 20
 
-# Nesting deeper than this is refused before the parser sees it: no advisory, report or manifest comes near it.
-MAX_JSON_DEPTH = 200
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -95,37 +93,9 @@ def _size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB" if n >= KIB else f"{n} bytes"
 
 
-def json_depth_problem(data: bytes | str) -> str | None:
-    """Why `data` nests too deeply to parse (a message), or None. Counts brackets outside strings, so it is linear
-    and never recurses."""
-    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-    depth = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return f"nested more than {MAX_JSON_DEPTH} levels deep"
-        elif ch in "]}":
-            depth -= 1
-    return None
-
-
 def parse_json(data: bytes | str, *, file: str, what: str, fix: str) -> object:
     """JSON from a file a user named; ConfigError with the line and column of a syntax error, or if it nests too
     deeply. NaN and Infinity (not JSON) are refused too."""
-    deep = json_depth_problem(data)
-    if deep is not None:
-        raise ConfigError(f"{what} {file} is not usable JSON", problems=[Problem(deep, file=file)], fix=fix)
 
     def constant(name: str) -> object:
         raise ValueError(f"{name} is not a JSON value")
@@ -137,6 +107,9 @@ def parse_json(data: bytes | str, *, file: str, what: str, fix: str) -> object:
         raise ConfigError(f"{what} {file} is not valid JSON", problems=[problem], fix=fix) from None
     except (ValueError, UnicodeDecodeError) as e:  # NaN/Infinity, integers too long to convert, bad encodings
         raise ConfigError(f"{what} {file} is not valid JSON", problems=[Problem(str(e), file=file)], fix=fix) from None
+    except RecursionError:  # the C decoder stops at the interpreter's recursion limit: nesting no real file has
+        problem = Problem("nested too deeply to be a real document", file=file)
+        raise ConfigError(f"{what} {file} is not usable JSON", problems=[problem], fix=fix) from None
 
 
 def file_sha256(path: Path) -> str:

@@ -411,9 +411,9 @@ def _highest(ratings: Iterable[Severity]) -> Severity:
 
 # Caps on what an advisory import reads: one record is a few KiB (the largest real ones, tens of KiB); a file of
 # records, or osv.dev's whole Debian all.zip unpacked, is some hundreds of MiB.
-MAX_OSV_FILE = 1 << 30
+MAX_OSV_FILE = 256 * MIB
 MAX_OSV_RECORD = 16 * MIB
-MAX_OSV_ARCHIVE = 4 << 30
+MAX_OSV_ARCHIVE = 2 << 30
 
 
 def _read(file: Path, max_bytes: int = MAX_OSV_FILE) -> bytes:
@@ -425,7 +425,7 @@ def _members(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
     members = [i for i in archive.infolist() if not i.is_dir() and i.filename.endswith(".json")]
     too_big = [i.filename for i in members if i.file_size > MAX_OSV_RECORD]
     if too_big or sum(i.file_size for i in members) > MAX_OSV_ARCHIVE:
-        what = f"{too_big[0]} unpacks to more than 16 MiB" if too_big else "its records unpack to more than 4 GiB"
+        what = f"{too_big[0]} unpacks to more than 16 MiB" if too_big else "its records unpack to more than 2 GiB"
         raise ConfigError(
             f"the advisory archive {path} is not an OSV export",
             problems=[Problem(what, file=str(path))],
@@ -605,7 +605,7 @@ class OsvScanner:
 
 _REPORT_FIX = "give the JSON report of `trivy image --format json` or `grype -o json`"
 # A report of a big image with every vulnerability and its description runs to tens of MiB.
-MAX_REPORT = 512 * MIB
+MAX_REPORT = 64 * MIB
 
 
 def import_report(path: Path) -> list[Finding]:

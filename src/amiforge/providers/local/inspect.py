@@ -30,7 +30,10 @@ from amiforge.providers.local.tools import run
 def open_image(artifact: Artifact, scratch_parent: Path) -> Iterator[ImageView]:
     disk = Path(artifact.location)
     if not disk.is_file():
-        raise InfraError(f"the artifact's disk {disk} is missing from the local image store")
+        raise InfraError(
+            f"the artifact's disk {disk} is missing from the local image store",
+            fix="it was removed outside amiforge; bake the recipe again (a new version) to get a disk to scan",
+        )
     scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="amiforge-inspect-", dir=scratch_parent))
     try:

@@ -110,7 +110,11 @@ def held_mount(mount: str, target: Path, what: str) -> Iterator[Path]:
     try:
         first = proc.stdout.readline().strip()
         if first != "mounted":
-            raise InfraError(f"cannot mount {what}: {first} {proc.stdout.read()}".strip())
+            raise InfraError(
+                f"cannot mount {what}: {first} {proc.stdout.read()}".strip(),
+                fix="amiforge mounts as root in a private namespace: run it as root (`amiforge doctor` checks), and "
+                "check the disk is an image amiforge made",
+            )
         yield Path(f"/proc/{proc.pid}/root") / str(target).lstrip("/")
     finally:
         proc.stdin.close()

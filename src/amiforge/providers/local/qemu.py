@@ -357,4 +357,7 @@ def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]
 def check_guest_alive(guest: Guest) -> None:
     if not guest.running():
         tail = "\n".join(guest.lines()[-15:])
-        raise InfraError(f"QEMU exited unexpectedly:\n{tail}")
+        raise InfraError(
+            f"QEMU exited unexpectedly:\n{tail}",
+            fix="the lines above are QEMU's own; `amiforge doctor` checks QEMU and KVM, AMIFORGE_ACCEL=tcg avoids KVM",
+        )
