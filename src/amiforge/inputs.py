@@ -14,6 +14,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from amiforge.errors import ConfigError, Problem
 
@@ -34,10 +35,9 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def read_input(path: Path, *, what: str, max_bytes: int, fix: str) -> bytes:
-    """The bytes of the file at `path` (`what` names it in errors, e.g. "public key file"): ConfigError if it is
-    missing, unreadable, not a regular file or larger than `max_bytes`. Never blocks and never reads more than
-    `max_bytes` + 1 bytes."""
+def open_input(path: Path, *, what: str, fix: str) -> BinaryIO:
+    """The file at `path`, opened for reading once (what is checked is what is read: no swap in between); ConfigError
+    if it is missing, unreadable or not a regular file. Never blocks (a FIFO is refused, not waited on)."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat below then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -51,42 +51,34 @@ def read_input(path: Path, *, what: str, max_bytes: int, fix: str) -> bytes:
             problems=[Problem(f"cannot read: {e.strerror or e}", file=str(path))],
             fix="check the path and its permissions",
         ) from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = _kind(info.st_mode)
+        kind = _kind(mode)
         raise ConfigError(
             f"{what} {path} is {kind}, not a file", problems=[Problem(f"is {kind}", file=str(path))], fix=fix
         )
-    with os.fdopen(fd, "rb") as f:
+    return os.fdopen(fd, "rb")
+
+
+def read_input(path: Path, *, what: str, max_bytes: int, fix: str) -> bytes:
+    """The bytes of the file at `path` (`what` names it in errors, e.g. "public key file"): ConfigError if it is
+    missing, unreadable, not a regular file or larger than `max_bytes`. Never blocks and never reads more than
+    `max_bytes` + 1 bytes."""
+    with open_input(path, what=what, fix=fix) as f:
+        size = os.fstat(f.fileno()).st_size
         try:
             # Refused before reading when the file says it is too big; the capped read catches one that grows.
-            data = b"" if info.st_size > max_bytes else f.read(max_bytes + 1)
-        except OSError as e:  # e.g. EISDIR on some file systems, EIO
+            data = b"" if size > max_bytes else f.read(max_bytes + 1)
+        except OSError as e:  # e.g. EIO
             raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}", fix=fix) from None
-    if info.st_size > max_bytes or len(data) > max_bytes:
+    if size > max_bytes or len(data) > max_bytes:
         raise ConfigError(
             f"{what} {path} is larger than {_size(max_bytes)}",
             problems=[Problem(f"larger than {_size(max_bytes)}", file=str(path))],
             fix=f"check you passed the right file; {fix}",
         )
     return data
-
-
-def require_file(path: Path, *, what: str, fix: str) -> None:
-    """ConfigError unless `path` is a regular file (for files a library opens itself, such as a zip archive)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{what} {path} does not exist", problems=[Problem("no such file", file=str(path))], fix=fix
-        ) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}", fix="check the path") from None
-    if not stat.S_ISREG(mode):
-        kind = _kind(mode)
-        raise ConfigError(f"{what} {path} is {kind}, not a file", problems=[Problem(f"is {kind}", file=str(path))],
-                          fix=fix)  # fmt: skip
 
 
 def _size(n: int) -> str:

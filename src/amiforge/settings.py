@@ -66,7 +66,8 @@ _DRIVERS = {("sqlite", ""), ("sqlite", "pysqlite"), ("postgresql", "psycopg")}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AMIFORGE_", extra="forbid")
+    # hide_input_in_errors: a store URL may carry a password, and --debug prints the validation error.
+    model_config = SettingsConfigDict(env_prefix="AMIFORGE_", extra="forbid", hide_input_in_errors=True)
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -169,12 +170,16 @@ def _source(field: str) -> tuple[str, str]:
     return "defaults", f"set {variable}"
 
 
+# Settings whose environment variable holds a JSON object.
+_JSON_SETTINGS = ("aws_roles",)
+
+
 def _check_json_variables() -> None:
     """Variables holding JSON are checked here, so a bad one is blamed on itself (pydantic-settings would report
     it as a failure to read the settings file)."""
-    for name, field in Settings.model_fields.items():
+    for name in _JSON_SETTINGS:
         variable = f"AMIFORGE_{name.upper()}"
-        if variable not in os.environ or field.annotation is None or "dict" not in str(field.annotation):
+        if variable not in os.environ:
             continue
         error: str | None = None
         try:

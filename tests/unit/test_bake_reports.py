@@ -8,6 +8,7 @@ the `orphaned` event and gc's view of the cache are the real ones.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,12 +18,14 @@ from typing import Any, ClassVar
 import pytest
 
 import amiforge.providers
+from amiforge.errors import InfraError
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover, RemovedFile
 from amiforge.providers.interface import BakeResult, GcPlan, GcResult, Provider, RunContext
 from amiforge.providers.local import tools
 from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
 from amiforge.recipe import Checks, Recipe
-from amiforge.settings import Settings
+from amiforge.settings import Settings, load_settings
+from amiforge.store.sql import open_store
 from tests.cli_harness import Cli, make_cli
 
 RECIPE = """\
@@ -68,7 +71,9 @@ class FakeProvider:
         return PASSING
 
     def plan_gc(self, region: str, **kw: Any) -> GcPlan:
-        return plan_local_gc(self.settings, recorded=kw["recorded"], min_age=kw["min_age"], now=kw["now"])
+        return plan_local_gc(
+            self.settings, recorded=kw["recorded"], run_state=kw["run_state"], min_age=kw["min_age"], now=kw["now"]
+        )
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         return apply_local_gc(self.settings, plan, max_deletions=max_deletions)
@@ -132,19 +137,25 @@ def test_a_failed_cleanup_after_a_good_bake_is_shown_recorded_and_collected(
     assert left["what"] == "temporary directory" and "Device or resource busy" in left["error"]
     where = Path(left["where"])
     assert where.parent == tmp_path / "data" / "cache" / "layers" and where.is_dir()
-    assert left["remove"].startswith("amiforge gc --apply")
+    assert left["remove"].startswith("amiforge gc --region local --apply")
 
     _busy(monkeypatch, 1)
     text = env("bake", "recipe.yaml")
     assert text.code == 0
-    assert "warning: left behind: temporary directory" in text.err and "remove it: amiforge gc --apply" in text.err
+    assert "warning: left behind: temporary directory" in text.err
+    assert "remove it: amiforge gc --region local --apply" in text.err
 
     shown = env("images", "show", "web@1", "--json").json()
-    assert [o["where"] for o in shown["orphaned"]] == [str(where)]
+    assert [(o["where"], o["removed"]) for o in shown["orphaned"]] == [(str(where), False)]
     assert "left behind: temporary directory" in env("images", "show", "web@1").out
     (second,) = [Path(o["where"]) for o in env("images", "show", "web@2", "--json").json()["orphaned"]]
 
-    plan = env("gc", "--json")
+    young = env("gc", "--json").json()["plans"][0]
+    assert young["orphans"] == []  # a run may still be starting with a directory this young: never collected
+    assert {reason for _, reason in young["kept"]} == {"younger than 1h: a run may still use it"}
+    for leftover in (where, second):
+        os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    plan = env("gc", "--region", "local", "--json")
     assert plan.code == 0, plan.err
     (local,) = plan.json()["plans"]
     assert sorted(o["id"] for o in local["orphans"]) == sorted([str(where), str(second)])
@@ -154,6 +165,9 @@ def test_a_failed_cleanup_after_a_good_bake_is_shown_recorded_and_collected(
     assert [o["outcome"] for o in applied.json()["results"][0]["outcomes"]] == ["deleted", "deleted"]
     assert not where.exists() and not second.exists()
     assert env("gc", "--json").json()["plans"][0]["orphans"] == []
+    # The version's history keeps the leftover, marked as removed since.
+    assert env("images", "show", "web@1", "--json").json()["orphaned"][0]["removed"] is True
+    assert "(since removed by gc)" in env("images", "show", "web@1").out
 
 
 def test_a_failed_cleanup_during_a_failed_run_is_a_note_on_the_error(env: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,38 +182,144 @@ def test_a_failed_cleanup_during_a_failed_run_is_a_note_on_the_error(env: Cli, m
     r = env("bake", "recipe.yaml", "--json")
     assert r.code == 5
     (note,) = r.json()["notes"]
-    assert note.startswith("left behind: temporary directory") and "amiforge gc --apply" in note
+    assert note.startswith("left behind: temporary directory") and "amiforge gc --region local --apply" in note
     _busy(monkeypatch, 1)
     text = env("bake", "recipe.yaml")
     assert text.code == 5 and "left behind: temporary directory" in text.err
 
 
-def test_gc_collects_what_a_killed_run_left_and_keeps_what_is_young_in_use_or_elsewhere(
+def _old(*dirs: Path) -> None:
+    for d in dirs:
+        os.utime(d, (time.time() - 7200, time.time() - 7200))
+
+
+def test_gc_collects_what_a_killed_run_left_and_keeps_what_is_young_active_or_elsewhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     settings = Settings(data_dir=tmp_path / "data")
     layers = settings.cache_dir / "layers"
-    killed, young, busy, foreign = (
-        layers / ".tmp-aaaa-1",
-        layers / ".tmp-bbbb-2",
-        layers / ".tmp-cccc-3",
-        tmp_path / "x",
-    )
-    for d in (killed, young, busy, foreign):
+    killed, young, active, foreign = (layers / ".tmp-aaaa-1", layers / ".tmp-bbbb-2", layers / ".tmp-cccc-3",
+                                      tmp_path / "x")  # fmt: skip
+    for d in (killed, young, active, foreign):
         d.mkdir(parents=True)
-    hour_ago = time.time() - 7200
-    for d in (killed, busy):
-        os.utime(d, (hour_ago, hour_ago))
+    _old(killed, active, foreign)
     (layers / ("0" * 64)).mkdir()  # a finished cache entry: never a candidate
-    recorded = [("run1", Leftover("temporary directory", str(foreign), "rm -rf"))]  # a damaged event's path
-    now = datetime.now(UTC)
-    plan = plan_local_gc(settings, recorded=recorded, min_age=timedelta(hours=1), now=now, used=[str(busy / "merged")])
+    recorded = [
+        ("run1", Leftover("temporary directory", str(foreign), "rm -rf")),  # a damaged event's path
+        ("run2", Leftover("temporary directory", str(active), "rm -rf")),  # a run the registry says is running
+    ]
+    states = {"run1": "finished", "run2": "active"}
+    plan = plan_local_gc(settings, recorded=recorded, run_state=lambda r: states[r], min_age=timedelta(hours=1),  # type: ignore[arg-type,return-value]
+                         now=datetime.now(UTC), used=[])  # fmt: skip
     assert [o.id for o in plan.orphans] == [str(killed)]
     kept = dict(plan.kept)
-    assert kept[str(young)].startswith("younger than")
-    assert kept[str(busy)] == "in use by a running process"
+    assert kept[str(young)].startswith("younger than 1h")
+    assert kept[str(active)] == "its run run2 is still active"
     assert kept[str(foreign)] == "an orphaned event names it, but amiforge never makes directories there"
     result = apply_local_gc(settings, plan, max_deletions=10)
     assert [o.outcome for o in result.outcomes] == ["deleted"]
-    assert not killed.exists() and young.exists() and busy.exists() and foreign.exists()
+    assert not killed.exists() and young.exists() and active.exists() and foreign.exists()
+
+
+def test_gc_keeps_a_directory_a_real_process_works_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `used=` here: what is in use is read from /proc, as `amiforge gc` does."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    settings = Settings(data_dir=tmp_path / "data")
+    busy, idle = settings.cache_dir / "amiforge-disk-busy", settings.cache_dir / "amiforge-disk-idle"
+    for d in (busy, idle):
+        d.mkdir(parents=True)
+    (busy / "open.raw").write_bytes(b"x")
+    worker = subprocess.Popen(["sleep", "60"], cwd=busy)  # a process whose working directory is inside it
+    try:
+        _old(busy, idle)
+        plan = plan_local_gc(settings, recorded=[], run_state=lambda _r: "unknown", min_age=timedelta(hours=1),
+                             now=datetime.now(UTC))  # fmt: skip
+        assert [o.id for o in plan.orphans] == [str(idle)]
+        assert dict(plan.kept)[str(busy)] == "in use by a running process"
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_gc_never_follows_a_symlink_or_touches_another_users_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    settings = Settings(data_dir=tmp_path / "data")
+    layers = settings.cache_dir / "layers"
+    layers.mkdir(parents=True)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("must survive")
+    (layers / ".tmp-link-1").symlink_to(precious)  # planted where gc looks, pointing elsewhere
+    theirs = layers / ".tmp-theirs-2"
+    theirs.mkdir()
+    _old(theirs)
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)  # nobody's
+    plan = plan_local_gc(settings, recorded=[], run_state=lambda _r: "unknown", min_age=timedelta(hours=1),
+                         now=datetime.now(UTC), used=[])  # fmt: skip
+    assert plan.orphans == ()
+    if os.geteuid() == 0:
+        assert dict(plan.kept)[str(theirs)] == "owned by uid 65534, not by this user"
+    assert (precious / "keep").read_text() == "must survive"
+
+
+class DownAws:
+    """An AWS provider whose region does not answer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def plan_gc(self, region: str, **_kw: Any) -> GcPlan:
+        raise InfraError(f"ec2:DescribeInstances on {region}: cannot reach AWS (TEST)", retryable=True)
+
+    def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
+        raise AssertionError("never planned, never applied")
+
+
+def test_gc_collects_this_machine_when_an_aws_region_does_not_answer(
+    env: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _busy(monkeypatch, 1)
+    where = Path(env("bake", "recipe.yaml", "--no-test", "--json").json()["orphaned"][0]["where"])
+    _old(where)
+    with open_store(load_settings().registry_url) as store:  # the registry knows an AWS region
+        store.add_artifact(1, Artifact("aws", "eu-west-1", "ami-00000000000000001", "e" * 64, 1))
+    monkeypatch.setitem(amiforge.providers.PROVIDERS, "aws", DownAws)
+    applied = env("gc", "--apply", "--json")
+    assert applied.code == 5
+    doc = applied.json()
+    assert [f["region"] for f in doc["failures"]] == ["eu-west-1"]
+    assert [o["outcome"] for r in doc["results"] for o in r["outcomes"]] == ["deleted"]  # this machine: collected
+    assert not where.exists()
+
+
+def test_a_failed_boot_test_still_says_what_the_bake_left(env: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    _busy(monkeypatch, 1)
+
+    def broken(self: FakeProvider, artifact: Artifact, checks: Checks, ctx: RunContext, spec: object) -> BootReport:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FakeProvider, "boot_test", broken)
+    r = env("bake", "recipe.yaml", "--json")
+    assert r.code == 5
+    assert any(n.startswith("left behind: temporary directory") for n in r.json()["notes"])
+
+
+def test_a_view_that_cannot_remove_its_scratch_copy_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What inspect (a scan's view of the disk) could not remove is kept for the caller, and noted on an error."""
+    leftovers: list[Leftover] = []
+    scratch = tmp_path / "amiforge-inspect-1"
+    scratch.mkdir()
+    _busy(monkeypatch, 2)
+    tools.remove_or_report(scratch, leftovers)
+    assert [(x.what, x.where) for x in leftovers] == [("temporary directory", str(scratch))]
+    with pytest.raises(ValueError) as caught:
+        try:
+            raise ValueError("the scan failed")
+        except ValueError as e:
+            tools.remove_or_report(scratch, leftovers, in_flight=e)
+            raise
+    assert caught.value.__notes__[0].startswith(f"left behind: temporary directory {scratch}")

@@ -265,6 +265,9 @@ VALUES = [
     "0",
     "spdx",
     "ü€",
+    "FIFO",  # FIFOs in the working directory: wherever a file goes, it must never block
+    "FIFO.json",
+    "FIFO.zip",
 ]
 
 
@@ -281,11 +284,9 @@ def fuzz_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TEST-0001")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.chdir(tmp_path)
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    VALUES.append(str(fifo))  # a FIFO wherever a path goes: must never block
+    for name in ("FIFO", "FIFO.json", "FIFO.zip"):
+        os.mkfifo(tmp_path / name)  # relative to the working directory, as the tokens name them
     yield make_cli(monkeypatch, capsys)
-    VALUES.remove(str(fifo))
 
 
 class _Hang(Exception):

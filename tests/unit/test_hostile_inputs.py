@@ -175,9 +175,12 @@ def test_numbers_beyond_the_registry_are_bad_input(env: Cli, argv: tuple[str, ..
     ("argv", "fragment"),
     [
         (("gc", "--min-age", "999999999999h"), "is longer than 366d"),
-        (("gc", "--min-age", "inf"), "is not a duration"),
-        (("incident", "web@1", "--hours", "inf"), "is not a positive duration"),
-        (("incident", "web@1", "--hours", "nan"), "is not a positive duration"),
+        (("gc", "--min-age", "inf"), "is not a positive duration"),
+        (("gc", "--min-age", "0"), "is not a positive duration"),
+        (("incident", "web@1", "--hours", "inf"), "is not a number of hours"),
+        (("incident", "web@1", "--hours", "nan"), "is not a number of hours"),
+        (("incident", "web@1", "--hours", "30m"), "is not a number of hours"),
+        (("incident", "web@1", "--hours", "99999999"), "is longer than 366d"),
         (("rollout", "start", "--target", "local:web", "--version", "web@1", "--bake-time", "999999999999h"), "366d"),
     ],
 )
@@ -292,6 +295,11 @@ def test_a_damaged_registry_is_exit_5_naming_the_row(
 ) -> None:
     _seeded(tmp_path, corrupt=corrupt)
     _refused(env(*argv), 5, fragment, "restore it from a backup")
+
+
+def test_a_damaged_recipe_kept_with_a_version_is_exit_5_naming_the_row(env: Cli, tmp_path: Path) -> None:
+    _seeded(tmp_path, corrupt="""UPDATE versions SET recipe = '{"checks": {"ready_within": "soon"}}'""")
+    _refused(env("test", "web@1"), 5, "versions row id=1", "its checks do not validate")
 
 
 def test_tampered_event_data_fails_the_chain_check_instead_of_crashing_it(env: Cli, tmp_path: Path) -> None:

@@ -33,3 +33,35 @@ def test_every_failing_cleanup_is_recorded_and_the_original_error_wins(tmp_path:
         "OSError: cannot remove overlay-a",
     ]
     assert {e.data["run"] for e in orphaned} == {ctx.run_id}
+
+
+def test_an_interrupt_during_cleanup_is_recorded_then_raised(tmp_path: Path) -> None:
+    """Ctrl-C while cleaning up: what the interrupted cleanups were removing is recorded before amiforge stops."""
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    context = run_context(store, actor="TEST", ref="web@1", progress=lambda _u: None, log=lambda _l: None)
+    with pytest.raises(KeyboardInterrupt), context as ctx:
+        ctx.cleanup.push(lambda *_exc: interrupted())  # type: ignore[arg-type,func-returns-value]
+    (orphaned,) = [e for e in store.events() if e.kind == "orphaned"]
+    assert orphaned.data["what"] == "what the interrupted cleanups were removing"
+
+
+def test_a_registry_failure_while_unwinding_keeps_the_first_error(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+
+    def fails() -> None:
+        raise OSError("busy")
+
+    def no_registry(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the registry is down")
+
+    store.append_event = no_registry  # type: ignore[method-assign,assignment]
+    context = run_context(store, actor="TEST", ref="web@1", progress=lambda _u: None, log=lambda _l: None)
+    with pytest.raises(ValueError, match="the real problem") as caught, context as ctx:
+        ctx.cleanup.callback(fails)
+        raise ValueError("the real problem")
+    notes = caught.value.__notes__
+    assert notes[0].startswith("left behind:") and "could not be recorded in the registry" in notes[1]

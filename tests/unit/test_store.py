@@ -583,3 +583,18 @@ def test_opening_a_migrated_registry_takes_no_write_lock(tmp_path: Path) -> None
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_a_bug_is_never_blamed_on_a_damaged_row(tmp_path: Path) -> None:
+    """Only values that cannot be decoded point at the registry: a caller's own bad value (NaN in event data) stays
+    the bug it is, even with a damaged row in the registry."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    with open_store(url) as store:
+        store.append_event("TEST", actor="TEST", data={})
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE events SET data = '{not json' WHERE seq = 1")
+        with pytest.raises(InfraError, match="events row seq=1: data is not JSON"):
+            store.events()
+        with pytest.raises(ValueError, match="not JSON compliant") as caught:
+            store.append_event("TEST", actor="TEST", data={"n": float("nan")})
+        assert not isinstance(caught.value, InfraError)

@@ -40,6 +40,7 @@ from amiforge.model import (
     FindingKind,
     ImageVersion,
     LayerRecord,
+    Leftover,
     SignatureRecord,
     Status,
 )
@@ -877,3 +878,24 @@ def test_pipeline_stops_at_a_failing_scan_gate_and_does_not_sign(world: World) -
     assert version.status is Status.SCANNED
     assert world.store.signatures(version.id) == []
     assert world.store.channels() == []
+
+
+def test_what_a_scan_could_not_clean_up_is_recorded_and_returned(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = world.seed()
+    viewed = FakeProvider._view
+
+    @contextmanager
+    def leaky(self: FakeProvider, artifact: Artifact) -> Iterator[ImageView]:
+        with viewed(self, artifact) as view:
+            yield view
+        # As the local provider's inspect does when its scratch copy of the disk will not go.
+        view.leftovers.append(
+            Leftover("temporary directory", "/scratch/TEST-0001", "rm -rf /scratch/TEST-0001", "busy")
+        )
+
+    monkeypatch.setattr(FakeProvider, "_view", leaky)
+    outcome = scan(v.ref, store=world.store, settings=world.settings)
+    assert [x.where for x in outcome.orphaned] == ["/scratch/TEST-0001"]
+    (orphaned,) = [e for e in world.store.events(v.ref) if e.kind == "orphaned"]
+    assert orphaned.data["where"] == "/scratch/TEST-0001"
+    assert orphaned.data["run"] == world.store.events(v.ref)[-2].data["run"]  # the scan's own run

@@ -306,6 +306,7 @@ def test_severity_sources(tmp_path: Path) -> None:
         ("CVSS_V2", "AV:N/AC:L/Au:N/C:P/I:P/A:P", Severity.HIGH),  # 7.5
         ("CVSS_V2", "AV:N/AC:L/Au:N/C:C/I:C/A:C", Severity.HIGH),  # 10.0: v2 has no "critical" band
         ("CVSS_V2", "AV:N/AC:M/Au:N/C:N/I:P/A:N", Severity.MEDIUM),  # 4.3
+        ("CVSS_V2", "AV:N/AC:L/Au:N/C:N/I:N/A:N", Severity.NEGLIGIBLE),  # 0.0: no impact
         ("CVSS_V4", "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:H/SI:H/SA:H", Severity.CRITICAL),  # 10.0
         ("CVSS_V4", "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N/E:U", Severity.HIGH),  # 8.1
         ("CVSS_V4", "CVSS:4.0/AV:P/AC:H/AT:P/PR:H/UI:A/VC:L/VI:N/VA:N/SC:N/SI:N/SA:N", Severity.LOW),  # 1.0

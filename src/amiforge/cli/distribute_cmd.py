@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from amiforge import durations
 from amiforge.cli.common import JsonOption, open_registry
-from amiforge.cli.output import PhaseProgress, console, emit_json
+from amiforge.cli.output import PhaseProgress, console, emit_json, err_console
 from amiforge.cli.render import version_line
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import InfraError
@@ -102,11 +102,16 @@ def gc_command(
     """Find what finished runs left behind — temporary directories on this machine; on AWS, resources tagged
     amiforge:managed whose run the registry knows is over (never a registered image) — and remove them with --apply.
     Exit 4 when the plan exceeds --max."""
-    age = timedelta(seconds=durations.parse_duration(min_age, what="--min-age", allow_zero=True))
+    age = timedelta(seconds=durations.parse_duration(min_age, what="--min-age"))
     settings, store = open_registry()
     outcome = gc(store=store, settings=settings, regions=regions, apply=apply, min_age=age, max_deletions=max_deletions)
+    failures = [{"region": region, "error": e.as_dict()} for region, e in outcome.failures]
     if as_json:
-        emit_json({"applied": outcome.applied, "plans": outcome.plans, "results": outcome.results})
+        emit_json(
+            {"applied": outcome.applied, "plans": outcome.plans, "results": outcome.results, "failures": failures}
+        )
+        if outcome.failures:
+            raise typer.Exit(5)
         return
     done = {(r.region, o.orphan.id): o.outcome for r in outcome.results for o in r.outcomes}
     rows = [
@@ -131,6 +136,15 @@ def gc_command(
     console.print(f"{kept} resource(s) kept (registered, in use, too young, or their run is active or unknown)")
     if not outcome.applied and any(p.orphans for p in outcome.plans):
         console.print("nothing was changed: rerun with --apply to remove the orphans above")
+    for region, e in outcome.failures:
+        err_console.print(f"[bold red]{escape(region)}: not collected:[/] {escape(e.diagnostics())}")
+    if outcome.failures:
+        raise InfraError(
+            f"{len(outcome.failures)} region(s) could not be collected: "
+            + ", ".join(region for region, _ in outcome.failures),
+            retryable=True,
+            fix="the others were; rerun gc once the cause above is fixed",
+        )
     failed = [o for r in outcome.results for o in r.outcomes if o.outcome == "failed"]
     if failed:
         raise InfraError(

@@ -11,6 +11,7 @@ from amiforge.cli.render import generalised_lines, layers_table, report_table, s
 from amiforge.cli.tables import Col, fit_table
 from amiforge.lifecycle.bake import generalised_of
 from amiforge.lifecycle.diff import diff
+from amiforge.lifecycle.gc import collected
 from amiforge.lifecycle.runs import recorded_leftovers
 from amiforge.lifecycle.scan import finding_json, findings_summary
 from amiforge.model import check_image_name
@@ -89,7 +90,9 @@ def show(
     signatures = store.signatures(v.id)
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
     generalised = generalised_of(events)
-    orphaned = [leftover for _, leftover in recorded_leftovers(events)]
+    gone = collected(store.events())
+    # A leftover gc has since removed is still part of the version's history, marked as removed.
+    orphaned = [(leftover, leftover.where.split(" ", 1)[0] in gone) for _, leftover in recorded_leftovers(events)]
     supply = {
         "scan": None
         if scan is None
@@ -105,7 +108,7 @@ def show(
         ],
         "channels": [{"channel": p.channel, "role": "current" if p.current == v.ref else "rollback"} for p in held],
         "generalised": generalised,
-        "orphaned": orphaned,
+        "orphaned": [plain(leftover) | {"removed": removed} for leftover, removed in orphaned],
     }
     if as_json:
         data: dict[str, object] = {
@@ -144,8 +147,11 @@ def show(
     if layers:
         layers_table(layers)
     generalised_lines(generalised)
-    for leftover in orphaned:
-        console.print(f"  [yellow]{escape(leftover.describe())}[/]")
+    for leftover, removed in orphaned:
+        if removed:
+            console.print(f"  [dim]{escape(leftover.describe())} (since removed by gc)[/]")
+        else:
+            console.print(f"  [yellow]{escape(leftover.describe())}[/]")
     for r in reports:
         report_table(r)
     if show_console and reports:

@@ -212,7 +212,9 @@ def incident_command(
 ) -> None:
     """Where a version ran lately: its rollouts and members, the timeline, and the commands to undo it."""
     _, store = open_registry()
-    window = durations.parse_duration(f"{hours}h" if _NUMBER.fullmatch(hours) else hours, what="--hours")
+    if not _NUMBER.fullmatch(hours.strip()):
+        raise ConfigError(f"--hours {hours!r} is not a number of hours", fix="e.g. --hours 24 or --hours 0.5")
+    window = durations.parse_duration(f"{hours.strip()}h", what="--hours")
     found = controller.incident(ref, store=store, hours=window / 3600)
     if as_json:
         emit_json(

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
+from amiforge.cli.render import leftover_warnings
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.promote import policy_of
@@ -45,6 +46,7 @@ def scan_command(
                 "vulndb": outcome.scan.vulndb,
                 "findings": [finding_json(f) for f in findings],
                 "gate": gate,
+                "orphaned": outcome.orphaned,
             }
         )
     else:
@@ -74,6 +76,7 @@ def scan_command(
         console.print(f"scan gate ({escape(decision.channel)}): {verdict}")
         for reason in reasons:
             console.print(f"  - {escape(reason)}")
+        leftover_warnings(outcome.orphaned)
     if not decision.passed:
         raise typer.Exit(4)
 

@@ -54,11 +54,11 @@ def keys_trust(
         assert public_key is not None
         key_id, pem = read_public_key(public_key)
         algorithm = "ed25519"
-    key = trust_key(store, key_id=key_id, algorithm=algorithm, public_key_pem=pem, actor=settings.actor)
+    key, added = trust_key(store, key_id=key_id, algorithm=algorithm, public_key_pem=pem, actor=settings.actor)
     if as_json:
-        emit_json({k: v for k, v in vars(key).items() if k != "public_key"})
+        emit_json({k: v for k, v in vars(key).items() if k != "public_key"} | {"added": added})
         return
-    console.print(f"trusted {key.key_id}", markup=False)
+    console.print(f"trusted {key.key_id}" if added else f"{key.key_id} was trusted already", markup=False)
 
 
 @app.command("list")

@@ -3,8 +3,8 @@
 A `whole` column (refs, channel names, versions, ids: what a user types next) is never truncated; a column with a
 `drop` rank may be left out: when the table would be wider than the terminal, the highest rank goes first (as
 `kubectl get` and `gh` leave out their wide columns), and a dim line says which ones were hidden and that `--json`
-has them all. Other text wraps (`wrap`) or ends in an ellipsis. Every cell is rich markup: escape text that comes
-from outside (recipes, tool output, users).
+has them all. Only when no more can go does other text wrap (`wrap`) or end in an ellipsis. Every cell is rich
+markup: escape text that comes from outside (recipes, tool output, users).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rich.console import JustifyMethod
+from rich.console import JustifyMethod, OverflowMethod
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -50,34 +50,47 @@ def fit_table(
     ]
     shown = list(range(len(columns)))
 
-    def needed() -> int:
+    def needed(widths: Sequence[int]) -> int:
         # Each column has one space of padding on either side, and one rule between two columns.
-        return sum(least[i] + 2 for i in shown) + len(shown) - 1
+        return sum(widths[i] + 2 for i in shown) + len(shown) - 1
 
-    while needed() > out.width:
-        droppable = [i for i in shown if columns[i].drop > 0]
-        if not droppable:
-            # Even the columns that must stay whole do not fit side by side: one record per row instead, every
-            # column on its own line (as psql's expanded display does), so nothing is cut and nothing hidden.
-            _records(columns, rows, title)
-            return
-        shown.remove(max(droppable, key=lambda i: (columns[i].drop, i)))
-
+    # Leave columns out before cutting any: a column shown whole is worth more than two shown cut.
+    while needed(natural) > out.width and any(columns[i].drop > 0 for i in shown):
+        shown.remove(max((i for i in shown if columns[i].drop > 0), key=lambda i: (columns[i].drop, i)))
+    if needed(least) > out.width:
+        # Even the columns that must stay whole do not fit side by side: one record per row instead, every
+        # column on its own line (as psql's expanded display does), so nothing is cut and nothing hidden.
+        _records(columns, rows, title)
+        return
+    widths = _allot(shown, natural, least, out.width)
     table = Table(show_edge=False, title=title, title_justify="left")
     for i in shown:
         c = columns[i]
-        if c.whole:
-            table.add_column(c.header, no_wrap=True, min_width=natural[i], overflow="fold", justify=c.justify)
-        elif c.wrap:
-            table.add_column(c.header, overflow="fold", min_width=least[i], justify=c.justify)
-        else:
-            table.add_column(c.header, no_wrap=True, overflow="ellipsis", min_width=least[i], justify=c.justify)
+        # Every width is fixed here, not left to rich: rich shrinks all columns alike when a table is too wide,
+        # whole ones included, and that is exactly what must not happen to a ref.
+        overflow: OverflowMethod = "fold" if c.whole or c.wrap else "ellipsis"
+        table.add_column(c.header, width=widths[i], no_wrap=not c.wrap, overflow=overflow, justify=c.justify)
     for row in rows:
         table.add_row(*(row[i] for i in shown))
     out.print(table)
     hidden = [columns[i].header for i in range(len(columns)) if i not in shown]
     if hidden:
         out.print(f"[dim]not shown at this width: {', '.join(hidden)} (--json has every column)[/]")
+
+
+def _allot(shown: Sequence[int], natural: Sequence[int], least: Sequence[int], width: int) -> dict[int, int]:
+    """Content widths for the shown columns within `width`: whole columns get their natural width (`least` is
+    natural for them), the others at least `least`, and what is left goes to them in proportion to what they lack."""
+    room = width - 3 * len(shown) + 1  # padding either side of each column, one rule between two
+    widths = {i: least[i] for i in shown}
+    spare = room - sum(widths.values())
+    lacking = {i: natural[i] - least[i] for i in shown if natural[i] > least[i]}
+    total = sum(lacking.values())
+    if spare >= total:
+        return {i: natural[i] for i in shown}
+    for i, lack in lacking.items():
+        widths[i] += spare * lack // total if total else 0
+    return widths
 
 
 def _records(columns: Sequence[Col], rows: Sequence[Sequence[str]], title: str | None) -> None:

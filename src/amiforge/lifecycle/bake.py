@@ -102,7 +102,12 @@ def bake(
     outcome = BakeOutcome(version, result.layers, phases, None, result.generalised, tuple(ctx.cleanup.leftovers))
     if not test:
         return outcome
-    tested: TestOutcome = boot_test(version.ref, store=store, settings=settings, progress=progress)
+    try:
+        tested: TestOutcome = boot_test(version.ref, store=store, settings=settings, progress=progress)
+    except BaseException as e:  # the boot test failed: what the bake itself left behind must not go unsaid
+        for leftover in outcome.orphaned:
+            e.add_note(leftover.describe())
+        raise
     return replace(outcome, version=tested.version, report=tested.report, orphaned=outcome.orphaned + tested.orphaned)
 
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
-from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
+from amiforge.errors import GateFailed, GateFailure, InfraError, NotFound
 from amiforge.lifecycle.runs import run_context
 from amiforge.model import BootReport, ImageVersion, Leftover, Status, require_status
 from amiforge.providers import provider_for
@@ -38,19 +38,34 @@ _PROVIDER_SPEC: TypeAdapter[ProviderSpec] = TypeAdapter(ProviderSpec)
 
 def checks_of(version: ImageVersion) -> Checks:
     """The checks of the recipe as it was baked (not as the file reads today)."""
-    return Checks.model_validate(_baked(version, "checks", {}))
+    try:
+        return Checks.model_validate(_baked(version, "checks", {}))
+    except ValidationError as e:
+        raise _damaged_recipe(version, f"its checks do not validate ({e.error_count()} problem(s))") from e
 
 
 def provider_spec_of(version: ImageVersion) -> ProviderSpec:
     """The recipe's provider block as it was baked (region, placement, distribution, publication)."""
-    return _PROVIDER_SPEC.validate_python(_baked(version, "provider", {"type": "local"}))
+    try:
+        return _PROVIDER_SPEC.validate_python(_baked(version, "provider", {"type": "local"}))
+    except ValidationError as e:
+        raise _damaged_recipe(version, f"its provider block does not validate ({e.error_count()} problem(s))") from e
 
 
 def _baked(version: ImageVersion, key: str, default: object) -> Any:
     try:
         return json.loads(version.recipe).get(key, default)
     except (ValueError, AttributeError) as e:
-        raise ConfigError(f"{version.ref} has no readable recipe in the registry: {e}") from e
+        raise _damaged_recipe(version, "it is not a JSON object") from e
+
+
+def _damaged_recipe(version: ImageVersion, why: str) -> InfraError:
+    """The recipe kept with a version was written by amiforge after validation: if it no longer reads, the registry
+    was changed outside amiforge (or by an amiforge whose recipe format this one does not know)."""
+    return InfraError(
+        f"the recipe {version.ref} was baked from (versions row id={version.id}) cannot be read: {why}",
+        fix="restore the registry from a backup, or use the amiforge that baked it",
+    )
 
 
 def _not_testable_fix(version: ImageVersion) -> str:

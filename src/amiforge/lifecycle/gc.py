@@ -13,14 +13,15 @@ for.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.errors import AmiforgeError, ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.boottest import provider_spec_of
 from amiforge.lifecycle.runs import recorded_leftovers
 from amiforge.model import Event, check_aws_region
 from amiforge.providers import provider_for
+from amiforge.providers.interface import LOCAL_GC_REGION as LOCAL
 from amiforge.providers.interface import Collector, GcPlan, GcResult, RunState
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.settings import Settings
@@ -38,6 +39,7 @@ class GcOutcome:
     plans: list[GcPlan]
     results: list[GcResult]
     applied: bool
+    failures: list[tuple[str, AmiforgeError]] = field(default_factory=list)  # (region, why it could not be collected)
 
 
 def run_states(events: Iterable[Event], *, now: datetime, stale_after: timedelta = STALE_BAKE) -> dict[str, RunState]:
@@ -94,14 +96,15 @@ def gc(
     max_deletions: int = 10,
     now: datetime | None = None,
 ) -> GcOutcome:
-    """Plan (and with `apply`, carry out) the removal of what finished runs left behind: locally (this machine's
-    temporary directories; `regions` naming the local region, or none) and on AWS (every region in `regions`,
-    or else every region the registry knows of)."""
+    """Plan (and with `apply`, carry out) the removal of what finished runs left behind: on this machine (`local`,
+    or the local region's name, in `regions` — or no regions at all) and on AWS (every other region in `regions`,
+    or else every region the registry knows of). Each region is planned and applied on its own: an AWS region that
+    does not answer is reported in `failures` and never stops the others."""
     if max_deletions < 0:
         raise ConfigError(f"--max is {max_deletions}; it cannot be negative", fix="use e.g. 10 (the default)")
-    local_region = settings.region
     asked = list(dict.fromkeys(regions))
-    aws_regions = [check_aws_region(r, what="--region") for r in asked if r != local_region]
+    here = {LOCAL, settings.region}
+    aws_regions = [check_aws_region(r, what="--region") for r in asked if r not in here]
     images: set[str] = set()
     if not asked or aws_regions:
         images, known = _aws_view(store)
@@ -111,37 +114,46 @@ def gc(
     states = run_states(events, now=moment)
     recorded = [(_run_of(e), leftover) for e, leftover in recorded_leftovers(events)]
     targets: list[tuple[Collector, str, set[str]]] = []
-    if not asked or local_region in asked:
-        targets.append((_collector("local", settings), local_region, set()))
+    if not asked or here & set(asked):
+        targets.append((_collector("local", settings), LOCAL, set()))
     if aws_regions:
         aws = _collector("aws", settings)  # boto3 is imported only when there is an AWS region to look at
         targets += [(aws, region, images) for region in aws_regions]
-    plans = [
-        collector.plan_gc(
-            region,
-            registered=registered,
-            run_state=lambda run: states.get(run, "unknown"),
-            recorded=recorded,
-            min_age=min_age,
-            now=moment,
-        )
-        for collector, region, registered in targets
-    ]
+    plans: list[tuple[Collector, GcPlan]] = []
+    failures: list[tuple[str, AmiforgeError]] = []
+    for collector, region, registered in targets:
+        try:
+            plan = collector.plan_gc(
+                region,
+                registered=registered,
+                run_state=lambda run: states.get(run, "unknown"),
+                recorded=recorded,
+                min_age=min_age,
+                now=moment,
+            )
+        except AmiforgeError as e:  # e.g. an AWS region that does not answer: the other regions go on
+            failures.append((region, e))
+            continue
+        plans.append((collector, plan))
     if not apply:
-        return GcOutcome(plans, [], applied=False)
-    total = sum(len(p.orphans) for p in plans)
+        return GcOutcome([p for _, p in plans], [], applied=False, failures=failures)
+    total = sum(len(p.orphans) for _, p in plans)
     if total > max_deletions:
         # The cap is over the whole run, not per region; each collector checks its region again.
         raise GateFailed(
             "blast radius",
-            [GateFailure(p.region, f"{len(p.orphans)} orphan(s)") for p in plans if p.orphans],
+            [GateFailure(p.region, f"{len(p.orphans)} orphan(s)") for _, p in plans if p.orphans],
             fix=f"{total} deletions exceed the cap of {max_deletions}: review the plan, then pass --max {total}",
         )
     results = []
-    for (collector, _, _), plan in zip(targets, plans, strict=True):
+    for collector, plan in plans:
         if not plan.orphans:
             continue
-        result = collector.apply_gc(plan, max_deletions=max_deletions)
+        try:
+            result = collector.apply_gc(plan, max_deletions=max_deletions)
+        except AmiforgeError as e:
+            failures.append((plan.region, e))
+            continue
         results.append(result)
         store.append_event(
             "gc.applied",
@@ -155,7 +167,18 @@ def gc(
                 ],
             },
         )
-    return GcOutcome(plans, results, applied=True)
+    return GcOutcome([p for _, p in plans], results, applied=True, failures=failures)
+
+
+def collected(events: Iterable[Event]) -> set[str]:
+    """Ids (paths, instance, image, snapshot and volume ids) gc has removed, or found gone, according to the log."""
+    ids: set[str] = set()
+    for event in events:
+        outcomes = event.data.get("outcomes") if event.kind == "gc.applied" else None
+        for o in outcomes if isinstance(outcomes, list) else []:
+            if isinstance(o, dict) and o.get("outcome") in ("deleted", "gone"):
+                ids.add(str(o.get("id")))
+    return ids
 
 
 def _run_of(event: Event) -> str | None:

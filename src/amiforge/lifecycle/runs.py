@@ -4,7 +4,7 @@ failed cleanup is recorded as an `orphaned` event and shown, but never hides the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from amiforge.model import Event, ImageVersion, Leftover
@@ -33,24 +33,38 @@ def run_context(
     try:
         yield ctx
     except BaseException as e:
-        _close(stack)
+        interrupted = _close(stack)
         for leftover in stack.leftovers:
             e.add_note(leftover.describe())
-        _record(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+        try:
+            record_leftovers(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+        except Exception as unrecorded:  # the registry failed too: keep the first error, say what was not recorded
+            e.add_note(f"the leftovers above could not be recorded in the registry: {unrecorded}")
         raise
-    _close(stack)
-    _record(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+    interrupted = _close(stack)
+    record_leftovers(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+    if interrupted is not None:
+        raise interrupted
 
 
-def _close(stack: Cleanups) -> None:
+def _close(stack: Cleanups) -> BaseException | None:
+    """Run the cleanups. One that fails is kept as a leftover; Ctrl-C or SIGTERM during them is too, and returned,
+    so the caller records what was left before it stops."""
     try:
         stack.close()
     except Exception as e:  # an enter_context()/push() exit failed: kept like a failed cleanup
         error = f"{type(e).__name__}: {e}"
         stack.leftovers.append(Leftover("what a context manager holds", "-", "see the error", error))
+    except BaseException as e:  # interrupted while cleaning up: the cleanups after it did not run
+        stack.leftovers.append(
+            Leftover("what the interrupted cleanups were removing", "-", "amiforge gc --region local", repr(e))
+        )
+        return e
+    return None
 
 
-def _record(store: Store, leftovers: list[Leftover], *, actor: str, ref: str | None, run_id: str) -> None:
+def record_leftovers(store: Store, leftovers: Sequence[Leftover], *, actor: str, ref: str | None, run_id: str) -> None:
+    """One `orphaned` event per leftover: what, where, the command that removes it, why its cleanup failed."""
     for leftover in leftovers:  # a cleanup failed: keep the original outcome, leave a trace to act on
         store.append_event(
             "orphaned",

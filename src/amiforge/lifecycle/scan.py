@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from amiforge.errors import NotFound
-from amiforge.lifecycle.runs import new_run_id
-from amiforge.model import Finding, ImageVersion, ScanRecord, Status, VulnDbImport, require_status
+from amiforge.lifecycle.runs import new_run_id, record_leftovers
+from amiforge.model import Finding, ImageVersion, Leftover, ScanRecord, Status, VulnDbImport, require_status
 from amiforge.policy import Candidate, GateDecision, Policy, evaluate
 from amiforge.providers import provider_for
 from amiforge.scanners.sbom import cyclonedx_sbom, read_dpkg_status, sbom_digest
@@ -25,16 +25,18 @@ from amiforge.scanners.vulns import import_report, load_osv_records, match, pars
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
-# A scan only reads the artifact, so any version that may have one is scanned — before its boot test too (people
-# scan before spending a boot). Only a version still baking has no finished artifact. The gates at promote still
-# require the boot test; `scanned` as a state still means "tested, then scanned".
-SCANNABLE = frozenset(Status) - {Status.BAKING}
+# A scan only reads the artifact, so any version whose artifact is in use is scanned — before its boot test too
+# (people scan before spending a boot), and after a failed one. The gates at promote still require the boot test;
+# `scanned` as a state still means "tested, then scanned". Not scanned: a version still baking (no finished
+# artifact), and deprecated, revoked or retired ones (a new scan record would change what their signature covers).
+SCANNABLE = (Status.BUILT, Status.TESTED, Status.SCANNED, Status.SIGNED, Status.FAILED)
 
 
 @dataclass(frozen=True)
 class ScanOutcome:
     version: ImageVersion
     scan: ScanRecord
+    orphaned: tuple[Leftover, ...] = ()  # what the scan's scratch cleanup could not remove
 
 
 def expected_authorized_keys(version: ImageVersion) -> list[str]:
@@ -68,7 +70,8 @@ def scan(
     ref: str, *, store: Store, settings: Settings, reports: list[Path] | None = None, actor: str | None = None
 ) -> ScanOutcome:
     version = store.get_version(ref)
-    require_status(version, SCANNABLE, doing="scanned", fix="wait for its bake to finish")
+    fix = "wait for its bake to finish" if version.status is Status.BAKING else "scan a version still in use"
+    require_status(version, SCANNABLE, doing="scanned", fix=fix)
     artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
     if not artifacts or version.digest is None:
         raise NotFound(
@@ -79,6 +82,7 @@ def scan(
     for report in reports or []:
         imported += import_report(report)  # parse first: a bad report fails before any work
     provider = provider_for(version.provider, settings)
+    run_id = new_run_id()
     with provider.inspect(artifacts[0]) as view:
         packages = read_dpkg_status(view.root)
         findings = list(scan_tree(view.root, expected_authorized_keys=expected_authorized_keys(version)))
@@ -102,9 +106,10 @@ def scan(
         "scan.completed",
         actor=actor or settings.actor,
         ref=version.ref,
-        data={"run": new_run_id(), "packages": len(packages), "findings": findings_summary(findings)},
+        data={"run": run_id, "packages": len(packages), "findings": findings_summary(findings)},
     )
-    return ScanOutcome(version, record)
+    record_leftovers(store, view.leftovers, actor=actor or settings.actor, ref=version.ref, run_id=run_id)
+    return ScanOutcome(version, record, tuple(view.leftovers))
 
 
 def finding_json(f: Finding) -> Mapping[str, object]:

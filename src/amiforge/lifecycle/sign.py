@@ -107,7 +107,7 @@ def check_artifact_bytes(version: ImageVersion, artifacts: list[Artifact], setti
             GATE,
             failures,
             fix="the artifact's bytes changed after it was built (damage or tampering: find out why first); then "
-            f"bake the recipe again, which rebuilds a damaged cached disk: amiforge bake {version.recipe_path}",
+            f"bake the recipe again: amiforge bake {version.recipe_path} (locally, a damaged cached disk is rebuilt)",
         )
 
 
@@ -139,10 +139,10 @@ def _verifier(keys: list[TrustedKey], settings: Settings) -> MultiVerifier:
     return MultiVerifier(verifiers)
 
 
-def trust_key(store: Store, *, key_id: str, algorithm: str, public_key_pem: str, actor: str) -> TrustedKey:
-    """Add a public key to the registry's trust root: an explicit, audited act (never a side effect of signing)."""
-    key, _added = store.add_key(TrustedKey(key_id, algorithm, public_key_pem, datetime.now(UTC)), actor=actor)
-    return key
+def trust_key(store: Store, *, key_id: str, algorithm: str, public_key_pem: str, actor: str) -> tuple[TrustedKey, bool]:
+    """Add a public key to the registry's trust root: an explicit, audited act (never a side effect of signing).
+    Returns the trusted key and whether this call added it (trusting a trusted key again changes nothing)."""
+    return store.add_key(TrustedKey(key_id, algorithm, public_key_pem, datetime.now(UTC)), actor=actor)
 
 
 def revoke_trusted_key(store: Store, key_id: str, *, reason: str, actor: str) -> TrustedKey:
@@ -184,7 +184,7 @@ def sign(
     # The state first: a version that is not scanned yet is in the wrong state (exit 3), not a failed gate.
     current = store.get_version(ref)
     require_status(current, SIGNABLE, doing="signed", fix=_not_signable_fix(current))
-    version, artifacts, scan = _facts(ref, store)
+    version, artifacts, scan = _facts(current.ref, store)  # NAME@N: a channel ref could move in between
     check_artifact_bytes(version, artifacts, settings)
     if signer is None:
         signer = KeyfileSigner.from_file(key) if key else default_signer(settings, store, create=create_key)

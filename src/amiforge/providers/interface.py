@@ -91,6 +91,8 @@ class ImageView:
     raw: Path | None
     # Byte ranges of `raw` that no file uses (free blocks), where deleted data would lie; None: unknown.
     unallocated: tuple[tuple[int, int], ...] | None = None
+    # Filled when the view closes: what its cleanup could not remove (a scratch copy of the disk), for the caller.
+    leftovers: list[Leftover] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,9 @@ class FleetProvider(Protocol):
 
 
 # --- gc: what finished runs left behind ------------------------------------------------------------------------
+
+# This machine's leftovers are collected under this name, whatever AMIFORGE_REGION says: `gc --region local`.
+LOCAL_GC_REGION = "local"
 
 Kind = Literal["instance", "image", "snapshot", "volume", "directory"]
 RunState = Literal["active", "finished", "unknown"]

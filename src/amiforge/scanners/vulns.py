@@ -22,7 +22,7 @@ from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 from debian.debian_support import BaseVersion, version_compare
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.inputs import MIB, parse_json, read_input, require_file
+from amiforge.inputs import MIB, open_input, parse_json, read_input
 from amiforge.model import Finding, FindingKind, Package, Severity
 from amiforge.scanners.interface import malformed
 
@@ -265,6 +265,9 @@ def cvss_severity(kind: str, vector: str) -> Severity | None:
     except CVSSError:
         return None
     if isinstance(scored, CVSS2):
+        # v2 bands (0–3.9 low): a score of 0 is no impact, negligible as for the other versions.
+        if float(scored.base_score) == 0.0:
+            return Severity.NEGLIGIBLE
         return _WORDS.get(str(scored.severities()[0]).lower(), Severity.NEGLIGIBLE)
     return severity_from_score(float(scored.base_score))
 
@@ -437,12 +440,16 @@ def _members(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
 def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
     """(name for errors, bytes) of every record file: a folder's *.json, one .json, or a .zip's *.json members."""
     if path.is_dir():
+        total = 0
         for file in sorted(path.glob("*.json")):
-            yield str(file), _read(file)
+            data = _read(file)
+            total += len(data)
+            if total > MAX_OSV_ARCHIVE:  # what is read is kept in memory until the import ends
+                raise ConfigError(f"the advisories in {path} come to more than 2 GiB", fix=_OSV_FIX)
+            yield str(file), data
     elif path.suffix == ".zip":
-        require_file(path, what="advisory archive", fix=_OSV_FIX)
         try:
-            with zipfile.ZipFile(path) as archive:
+            with open_input(path, what="advisory archive", fix=_OSV_FIX) as raw, zipfile.ZipFile(raw) as archive:
                 for info in _members(archive, path):
                     with archive.open(info) as member:
                         # Read no more than the header promised: a member that lies about its size stops here.

@@ -5,7 +5,10 @@ Kept apart from sql.py so the migrations, the store and its tests all read one d
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -22,6 +25,19 @@ def _aware(value: datetime, what: str) -> datetime:
     return value.astimezone(UTC)
 
 
+class UndecodableValue(ValueError):
+    """A value the registry holds that cannot be read back (JSON that is not JSON, a time that is not a time): the
+    registry was changed outside amiforge. Raised only while decoding rows, so the store can tell it from a bug."""
+
+
+def decode_json(text: str | bytes) -> Any:
+    """The engine's JSON deserializer: like json.loads, but a damaged value raises UndecodableValue."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UndecodableValue("a JSON column holds something that is not JSON") from e
+
+
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
     """Aware UTC in, aware UTC out. SQLite stores no zone, so results are tagged UTC on the way back."""
 
@@ -32,6 +48,20 @@ class UtcDateTime(sa.types.TypeDecorator[datetime]):
         if value is None:
             return None
         return _aware(value, "timestamp")
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None] | None:
+        decode = super().result_processor(dialect, coltype)
+        if decode is None:
+            return None
+        checked = decode
+
+        def process(value: Any) -> datetime | None:
+            try:
+                return checked(value)
+            except (ValueError, TypeError) as e:
+                raise UndecodableValue(f"{value!r} is not a date and time") from e
+
+        return process
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

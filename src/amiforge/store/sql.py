@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -55,6 +56,7 @@ from amiforge.model import (
     check_transition,
 )
 from amiforge.store.schema import (
+    UndecodableValue,
     UtcDateTime,
     _aware,
     _utcnow,
@@ -64,6 +66,7 @@ from amiforge.store.schema import (
     boot_reports_table,
     channel_moves_table,
     channels_table,
+    decode_json,
     event_head_table,
     events_table,
     layers_table,
@@ -106,7 +109,12 @@ _REF_CHANNEL = re.compile(rf"^{IMAGE_NAME_PATTERN}:[a-z0-9][a-z0-9-]*$")
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 # SQLite primary result codes and PostgreSQL SQLSTATEs after which the same statement may well succeed.
-_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_CANTOPEN = 5, 6, 8, 14
+# The fix for a registry amiforge cannot read back.
+_RESTORE = (
+    "the registry was changed outside amiforge: restore it from a backup (`amiforge events --verify` checks the "
+    "audit log)"
+)
 _OUT_OF_RANGE = "22003"  # PostgreSQL numeric_value_out_of_range
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
 
@@ -172,7 +180,7 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
     if parsed.get_backend_name() != "sqlite":
         try:
             # pre_ping: a server restart between commands should cost a reconnect, not an error.
-            return sa.create_engine(parsed, pool_pre_ping=True)
+            return sa.create_engine(parsed, pool_pre_ping=True, json_deserializer=decode_json)
         except (ImportError, sa.exc.NoSuchModuleError) as e:
             raise InfraError(
                 f"no database driver for {parsed.drivername}",
@@ -183,12 +191,14 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
     read_only = False
     if path is None:
         # One shared connection, or every pool checkout would see a different empty in-memory database.
-        engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        engine = sa.create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}, json_deserializer=decode_json
+        )
     elif path.is_file() and not _writable(path):
         # A registry this process may only read (a read-only file, folder or file system): opened read-only, so
         # every read works and any write fails with the database's own "read-only" error.
         read_only = True
-        engine = sa.create_engine(_read_only_url(path))
+        engine = sa.create_engine(_read_only_url(path), json_deserializer=decode_json)
     else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +207,7 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
                 f"cannot create the registry directory {path.parent}: {e.strerror or e}",
                 fix="choose a writable location for the SQLite store, or create the directory",
             ) from e
-        engine = sa.create_engine(parsed.set(database=str(path)))
+        engine = sa.create_engine(parsed.set(database=str(path)), json_deserializer=decode_json)
 
     timeout_ms = int(busy_timeout_s * 1000)
 
@@ -232,12 +242,12 @@ def _writable(path: Path) -> bool:
 
 
 def _read_only_url(path: Path) -> sa.URL:
-    """A SQLite URI opening `path` read-only. In WAL mode a reader needs the shared-memory file beside the database;
-    where it cannot be created (a read-only folder) and is not there, the file is opened `immutable` — SQLite then
-    takes no locks at all, which is right for a registry nobody can write through this path."""
-    shm = path.with_name(path.name + "-shm")
+    """A SQLite URI opening `path` read-only. In WAL mode a reader needs the shared-memory file beside the database.
+    On a read-only file system nobody can write the registry, so it is opened `immutable` (no locks, no shared
+    memory needed). Anywhere else someone else may still write it, so it is only `mode=ro`: SQLite keeps its locks,
+    and where it cannot make the shared-memory file the error says so (`_infra_error`)."""
     query = {"mode": "ro", "uri": "true"}
-    if not shm.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
         query["immutable"] = "1"
     return sa.URL.create("sqlite", database=f"file:{urllib.parse.quote(str(path))}", query=query)
 
@@ -273,9 +283,10 @@ def _infra_error(action: str, where: str, error: SQLAlchemyError) -> InfraError:
         if retryable
         else f"check the registry at {where}: is the URL right, is the schema migrated? (`amiforge doctor`)"
     )
-    if (getattr(cause, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY:
+    if (getattr(cause, "sqlite_errorcode", 0) or 0) & 0xFF in (_SQLITE_READONLY, _SQLITE_CANTOPEN):
         fix = (
-            f"the registry at {where} can only be read here (file, folder or file system); run commands that "
+            f"the registry at {where} can only be read here (file, folder or file system; a WAL registry also needs "
+            "its -shm file beside it); run commands that "
             "change it where it can be written"
         )
     return InfraError(
@@ -296,20 +307,24 @@ def _boundary(action: str, where: str, engine: Engine | None = None) -> Iterator
         if isinstance(e, DBAPIError) and getattr(e.orig, "sqlstate", None) == _OUT_OF_RANGE:
             raise _out_of_range(action) from e
         raise _infra_error(action, where, e) from e
-    except OverflowError as e:  # sqlite3 refuses to bind an int beyond 64 bits
-        raise _out_of_range(action) from e
-    except (ValueError, TypeError) as e:
-        if engine is None:
-            raise
-        damaged = _locate_damage(engine)
-        if not damaged:
-            raise  # not the data: a bug, reported as one
+    except OverflowError as e:
+        if not _raised_by_database(e):
+            raise  # our own arithmetic: a bug, reported as one
+        raise _out_of_range(action) from e  # sqlite3 refuses to bind an int beyond 64 bits
+    except UndecodableValue as e:  # only row decoding raises it: a damaged registry, never a bug of ours
+        damaged = _locate_damage(engine) if engine is not None else []
         raise InfraError(
             f"the registry at {where} holds data amiforge cannot read (while trying to {action}): "
-            + "; ".join(damaged),
-            fix="the registry was changed outside amiforge: restore it from a backup "
-            "(`amiforge events --verify` checks the audit log)",
+            + ("; ".join(damaged) or str(e)),
+            fix=_RESTORE,
         ) from e
+
+
+def _raised_by_database(error: BaseException) -> bool:
+    """Whether `error` came out of SQLAlchemy or its driver (binding a parameter), not out of amiforge's own code:
+    the innermost Python frame it passed through is SQLAlchemy's."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}sqlalchemy{os.sep}" in frames[-1].filename
 
 
 def _out_of_range(action: str) -> ConfigError:
@@ -462,8 +477,7 @@ def _reads(table: str, key: str = "id") -> Callable[[Callable[[RowMapping], _M]]
                 ident = row.get(key, "?")
                 raise InfraError(
                     f"the registry's {table} row {key}={ident} is damaged: {type(e).__name__}: {e}",
-                    fix="the registry was changed outside amiforge: restore it from a backup "
-                    "(`amiforge events --verify` checks the audit log)",
+                    fix=_RESTORE,
                 ) from e
 
         return mapped

@@ -16,17 +16,15 @@ boot test: launch a test instance from the image, read the serial console until 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shlex
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 from amiforge.errors import ConfigError, InfraError, NotFound
@@ -44,6 +42,7 @@ from amiforge.providers.local.qemu import (
     guest_results,
     guest_script,
 )
+from amiforge.providers.local.tools import remove_tree, temporary_dir
 from amiforge.recipe import AwsProvider, Checks, FileStep, Recipe, Step
 from amiforge.scanners.sbom import parse_dpkg_status
 
@@ -215,7 +214,7 @@ def _run_step(
     machine: Machine, step: Step | None, recipe: Recipe, what: str, ctx: RunContext, timeout: float
 ) -> list[str]:
     """The local provider's script for `step`, with the files it stages uploaded to the same paths (/run/amiforge)."""
-    stage = Path(tempfile.mkdtemp(prefix="amiforge-step-"))
+    stage = temporary_dir(ctx.cleanup, "amiforge-step-")  # what it stages may be a credential: never left unsaid
     try:
         # Only file steps read the recipe's folder; a recipe built in memory has none.
         folder = recipe.folder if isinstance(step, FileStep) else stage
@@ -223,7 +222,8 @@ def _run_step(
         for staged in sorted(stage.iterdir()):
             machine.put_file(f"{STAGE}/{staged.name}", staged.read_bytes(), 0o600)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(stage)  # now; should it fail, the run's cleanup tries again and reports it
     return _run_script(machine, "export DEBIAN_FRONTEND=noninteractive\n" + script, what, ctx, timeout)
 
 

@@ -255,8 +255,6 @@ class AwsProvider:
                 records.append({**dataclasses.asdict(done), "account": account})
         return records
 
-    # --- fleets ---------------------------------------------------------------------------------------------
-
     # --- gc (Collector): tagged resources of finished runs, found by their tags -------------------------------
 
     def plan_gc(
@@ -278,6 +276,8 @@ class AwsProvider:
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         return aws_gc.apply_gc(self.session(plan.region), plan, max_deletions=max_deletions)
+
+    # --- fleets ---------------------------------------------------------------------------------------------
 
     def fleet(self, name: str) -> Fleet:
         """An Auto Scaling group, named `REGION/GROUP` (the rollout target `aws:REGION/GROUP`)."""

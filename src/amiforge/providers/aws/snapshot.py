@@ -31,22 +31,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError
 
 from amiforge.errors import ConfigError, InfraError, NotFound
+from amiforge.model import Leftover
 from amiforge.providers.aws.clients import AwsSession, call
 from amiforge.providers.interface import ImageView
 from amiforge.providers.local.inspect import ext4_view
-from amiforge.providers.local.tools import run
+from amiforge.providers.local.tools import remove_or_report, run
 
 __all__ = ["BLOCK_SIZE", "open_ami", "root_filesystem", "root_snapshot"]
 
@@ -306,6 +306,7 @@ def open_ami(
     client = session.client("ebs", region)
     scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="amiforge-ami-", dir=scratch_parent))
+    leftovers: list[Leftover] = []
     try:
         listing = _list_blocks(client, snapshot_id)
         raw = scratch / "disk.raw"
@@ -317,6 +318,8 @@ def open_ami(
         mnt.mkdir()
         image_id = image.get("ImageId") or "the image"
         with ext4_view(raw, mnt, f"{image_id}'s root ({snapshot_id}) read-only", offset=offset, size=size) as view:
-            yield view
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            yield replace(view, leftovers=leftovers)
+    except BaseException as e:
+        remove_or_report(scratch, leftovers, in_flight=e)  # a raw copy of the whole volume: never left unsaid
+        raise
+    remove_or_report(scratch, leftovers)

@@ -13,17 +13,17 @@ and may hold the ext4 root in a partition: both take the filesystem's byte offse
 from __future__ import annotations
 
 import shlex
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from amiforge.errors import InfraError
-from amiforge.model import Artifact
+from amiforge.model import Artifact, Leftover
 from amiforge.providers.interface import ImageView
 from amiforge.providers.local.overlay import held_mount
-from amiforge.providers.local.tools import run
+from amiforge.providers.local.tools import remove_or_report, run
 
 
 @contextmanager
@@ -36,15 +36,18 @@ def open_image(artifact: Artifact, scratch_parent: Path) -> Iterator[ImageView]:
         )
     scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="amiforge-inspect-", dir=scratch_parent))
+    leftovers: list[Leftover] = []
     try:
         raw = scratch / "disk.raw"
         run(["qemu-img", "convert", "-O", "raw", disk, raw], what="qemu-img convert (for inspection)")
         mnt = scratch / "root"
         mnt.mkdir()
         with ext4_view(raw, mnt, f"{disk} read-only for inspection") as view:
-            yield view
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            yield replace(view, leftovers=leftovers)
+    except BaseException as e:
+        remove_or_report(scratch, leftovers, in_flight=e)  # a raw copy of the whole disk: never left unsaid
+        raise
+    remove_or_report(scratch, leftovers)
 
 
 @contextmanager

@@ -103,9 +103,9 @@ def generalised_files(layer_upper: Path) -> tuple[RemovedFile, ...]:
     """What the generalisation layer whose upper dir this is removed (recorded when the layer was built)."""
     record = layer_upper.parent / GENERALISED_FILE
     try:
-        return tuple(RemovedFile(**item) for item in json.loads(record.read_text()))
-    except FileNotFoundError:
-        return ()
+        return tuple(RemovedFile(str(item["path"]), str(item["kind"])) for item in json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return ()  # not recorded (a layer from before reports), or damaged: nothing known to report
 
 
 @dataclass(frozen=True)

@@ -5,24 +5,31 @@ was killed with -9, the machine went down). `plan_local_gc()` finds them; `apply
 Only directories in the places amiforge makes them, with the prefixes it gives them, are ever candidates: an
 `orphaned` event naming any other path (a damaged or hand-edited registry) is kept and says why, never removed. A
 directory any process still uses — its working directory, its root (a chroot), an open file, a mount under it — is
-kept whatever its age; one nobody uses is an orphan when an event recorded it, or when it is older than `min_age`
-(older than any step's own time limit, so no live run can own it).
+kept whatever its age, and so is one another user owns; one nobody uses is an orphan once it is older than `min_age`
+(never less than ten minutes), whether an event recorded it or a killed run left it unrecorded.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from amiforge.durations import format_duration
 from amiforge.errors import ConfigError, GateFailed, GateFailure
 from amiforge.model import Leftover
-from amiforge.providers.interface import GcOutcome, GcPlan, GcResult, Orphan
+from amiforge.providers.interface import LOCAL_GC_REGION, GcOutcome, GcPlan, GcResult, Orphan, RunState
 from amiforge.providers.local.tools import remove_tree
 from amiforge.settings import Settings
+
+LOCAL = LOCAL_GC_REGION
+# No run keeps a temporary directory of its own idle longer than its longest step allows; gc never goes below this.
+MIN_AGE = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,11 @@ def _processes() -> Iterator[Path]:
             yield Path(entry.path)
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040 …)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def paths_in_use() -> list[str]:
     """Every path some process on this machine uses now: working directories, roots, open files, mount points (as
     seen from each process's own mount namespace: an overlay in a private namespace counts)."""
@@ -67,7 +79,10 @@ def paths_in_use() -> list[str]:
             for link in ("cwd", "root"):
                 used.append(os.readlink(proc / link))
             used += [os.readlink(fd.path) for fd in os.scandir(proc / "fd")]
-            used += [line.split()[4] for line in (proc / "mountinfo").read_text().splitlines() if len(line.split()) > 4]
+            for line in (proc / "mountinfo").read_text().splitlines():
+                fields = line.split()
+                if len(fields) > 4:
+                    used.append(_unescape(fields[4]))
         except OSError:
             continue  # the process ended, or is not ours to read
     return used
@@ -82,16 +97,22 @@ def plan_local_gc(
     settings: Settings,
     *,
     recorded: Sequence[tuple[str | None, Leftover]],
+    run_state: Callable[[str], RunState],
     min_age: timedelta,
     now: datetime,
     used: Sequence[str] | None = None,
 ) -> GcPlan:
     """The local leftovers gc would remove, and the ones it keeps, with reasons. No side effects.
-    `recorded`: (run id, leftover) of every `orphaned` event; `used`: paths in use (default: read from /proc)."""
+
+    A candidate is a directory in one of the places runs make them, owned by this user, that no process uses, and
+    older than `min_age` (never less than MIN_AGE): whether an `orphaned` event recorded it (its run's cleanup failed)
+    or not (a killed run). `recorded`: (run id, leftover) of every `orphaned` event; `used`: paths in use (default:
+    read from /proc)."""
     if now.tzinfo is None:
         raise ConfigError("gc needs a timezone-aware `now`", fix="pass datetime.now(UTC)")
     places = temp_places(settings)
     in_use = paths_in_use() if used is None else used
+    floor = max(min_age, MIN_AGE)
     recorded_runs = {Path(leftover.where): run for run, leftover in recorded if leftover.what == "temporary directory"}
     found = set(recorded_runs)
     for where in places:
@@ -104,21 +125,27 @@ def plan_local_gc(
         if place is None:
             kept.append((str(path), "an orphaned event names it, but amiforge never makes directories there"))
             continue
-        if not path.is_dir() or path.is_symlink():
-            continue  # recorded, but gone since (or not a directory amiforge made)
-        created = datetime.fromtimestamp(path.lstat().st_mtime, UTC)
+        try:
+            info = path.lstat()
+        except OSError:
+            continue  # recorded, but gone since
+        if not stat.S_ISDIR(info.st_mode):
+            continue  # a file or a symlink where amiforge makes directories: not one of ours
         run = recorded_runs.get(path)
-        if _in_use(path, in_use):
+        created = datetime.fromtimestamp(info.st_mtime, UTC)
+        if info.st_uid != os.geteuid():
+            kept.append((str(path), f"owned by uid {info.st_uid}, not by this user"))
+        elif _in_use(path, in_use):
             kept.append((str(path), "in use by a running process"))
-        elif path in recorded_runs:
-            reason = f"temporary directory of {place.made_by}; its run's cleanup failed (orphaned event)"
-            orphans.append(Orphan("directory", str(path), settings.region, run, reason, "present", created))
-        elif now - created >= min_age:
-            reason = f"temporary directory of {place.made_by}, unused and older than {min_age} (a killed run)"
-            orphans.append(Orphan("directory", str(path), settings.region, None, reason, "present", created))
+        elif run is not None and run_state(run) == "active":
+            kept.append((str(path), f"its run {run} is still active"))
+        elif now - created < floor:
+            kept.append((str(path), f"younger than {format_duration(floor.total_seconds())}: a run may still use it"))
         else:
-            kept.append((str(path), f"younger than {min_age}: a run may still be starting with it"))
-    return GcPlan(region=settings.region, orphans=tuple(orphans), kept=tuple(kept))
+            why = "its run's cleanup failed (orphaned event)" if run is not None else "unused (a killed run)"
+            reason = f"temporary directory of {place.made_by}, {why}"
+            orphans.append(Orphan("directory", str(path), LOCAL, run, reason, "present", created))
+    return GcPlan(region=LOCAL, orphans=tuple(orphans), kept=tuple(kept))
 
 
 def apply_local_gc(settings: Settings, plan: GcPlan, *, max_deletions: int) -> GcResult:
@@ -137,8 +164,10 @@ def apply_local_gc(settings: Settings, plan: GcPlan, *, max_deletions: int) -> G
         path = Path(orphan.id)
         if not any(p.holds(path) for p in places):
             outcomes.append(GcOutcome(orphan, "skipped", "not in a place amiforge makes temporary directories"))
-        elif not path.exists():
+        elif not path.exists() and not path.is_symlink():
             outcomes.append(GcOutcome(orphan, "gone", "already removed"))
+        elif path.is_symlink() or not path.is_dir() or path.lstat().st_uid != os.geteuid():
+            outcomes.append(GcOutcome(orphan, "skipped", "no longer a directory of this user's"))
         elif _in_use(path, used):
             outcomes.append(GcOutcome(orphan, "skipped", "a process started using it since the plan"))
         else:

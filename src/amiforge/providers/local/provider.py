@@ -184,10 +184,9 @@ class LocalProvider:
         min_age: timedelta,
         now: datetime,
     ) -> GcPlan:
-        # Artifacts live in the image store, never in the temporary places gc looks at; a run that recorded a
-        # leftover is over by definition (its cleanups ran).
-        del region, registered, run_state
-        return plan_local_gc(self.settings, recorded=recorded, min_age=min_age, now=now)
+        # Artifacts live in the image store, never in the temporary places gc looks at.
+        del region, registered
+        return plan_local_gc(self.settings, recorded=recorded, run_state=run_state, min_age=min_age, now=now)
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         return apply_local_gc(self.settings, plan, max_deletions=max_deletions)

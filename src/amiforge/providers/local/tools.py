@@ -148,12 +148,27 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def remove_or_report(path: Path, leftovers: list[Leftover], *, in_flight: BaseException | None = None) -> None:
+    """Remove a temporary directory now; if that fails, add it to `leftovers` and, when an error is on its way out
+    (`in_flight`), note it there too — never silently."""
+    try:
+        remove_tree(path)
+    except OSError as e:
+        leftover = Leftover("temporary directory", str(path), _removal(path), f"{type(e).__name__}: {e}")
+        leftovers.append(leftover)
+        if in_flight is not None:
+            in_flight.add_note(leftover.describe())
+
+
+def _removal(path: Path) -> str:
+    return f"amiforge gc --region local --apply (or: rm -rf -- {shlex.quote(str(path))})"
+
+
 def temporary_dir(cleanup: Cleanups, prefix: str, parent: Path | None = None) -> Path:
     """A new temporary directory whose removal is registered at once on the run's cleanups; should it fail, the
     run reports the directory with the command that removes it."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    remove = f"amiforge gc --apply (or: rm -rf -- {shlex.quote(str(path))})"
-    cleanup.add(Leftover("temporary directory", str(path), remove), lambda: remove_tree(path))
+    cleanup.add(Leftover("temporary directory", str(path), _removal(path)), lambda: remove_tree(path))
     return path
 
 
