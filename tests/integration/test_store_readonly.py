@@ -53,3 +53,26 @@ def test_read_commands_work_on_a_read_only_registry_and_writes_fail_clearly(tmp_
     error = json.loads(refused.stdout)
     assert "readonly" in error["message"].replace("-", "").replace(" ", "")
     assert "can only be read here" in error["fix"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root's file-permission override")
+def test_a_registry_in_a_folder_this_user_cannot_write_is_read(tmp_path: Path) -> None:
+    """A read-only file in a read-only folder (a registry another user writes, say): no room for WAL's shared
+    memory beside it, so it is read as it stands; root runs without the capability that ignores file modes."""
+    data = tmp_path / "data"
+    with open_store(f"sqlite:///{data / 'registry.db'}") as store:
+        store.create_version(name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    (data / "registry.db").chmod(0o444)
+    data.chmod(0o555)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")} | {"AMIFORGE_DATA_DIR": str(data)}
+        drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                "--inh-caps", "-dac_override,-dac_read_search"]  # fmt: skip
+        listed = subprocess.run([*drop, sys.executable, "-m", "amiforge", "images", "list", "--json"], env=env,
+                                capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert [v["ref"] for v in json.loads(listed.stdout)] == ["web@1"]
+        assert sorted(p.name for p in data.iterdir()) == ["registry.db"]  # nothing written beside it
+    finally:
+        data.chmod(0o755)

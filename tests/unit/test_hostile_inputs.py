@@ -343,3 +343,26 @@ def test_sbom_output_onto_a_fifo_is_refused(env: Cli, tmp_path: Path) -> None:
     with open_store(load_settings().registry_url) as store:
         store.add_scan(1, ScanRecord(datetime.now(UTC), (), "{}", "e" * 64, (), "TEST"))
     _refused(env("sbom", "web@1", "-o", str(fifo)), 2, "is not a regular file")
+
+
+def test_a_key_the_registry_could_not_trust_is_not_left_on_disk(
+    env: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from amiforge.errors import InfraError
+    from amiforge.store.sql import SqlStore
+
+    def locked(*_args: object, **_kwargs: object) -> None:
+        raise InfraError("registry error while trying to trust a key: database is locked (TEST)", retryable=True)
+
+    trusting = SqlStore.add_key
+    monkeypatch.setattr(SqlStore, "add_key", locked)
+    _refused(env("keys", "generate", "--dir", "k"), 5, "database is locked")
+    assert not (tmp_path / "k" / "amiforge.key").exists() and not (tmp_path / "k" / "amiforge.pub").exists()
+    monkeypatch.setattr(SqlStore, "add_key", trusting)
+    assert env("keys", "generate", "--dir", "k").code == 0  # the retry is not blocked by a half-made key
+    assert (tmp_path / "k" / "amiforge.key").is_file()
+
+
+def test_an_option_swallowing_json_still_answers_in_json(env: Cli) -> None:
+    result = env("doctor", "--region", "--json")
+    assert result.code == 2 and json.loads(result.out)["message"] == "--region '--json' is not an AWS region name"

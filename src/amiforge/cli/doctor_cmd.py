@@ -55,6 +55,7 @@ def doctor(
     as_json: bool = JsonOption,
 ) -> None:
     """Check this machine: tools (and the apt line for the missing ones), root, KVM, registry location."""
+    check_aws_region(region, what="--region")  # checked even without --aws: `--region --json` is a typo to catch
     if aws:
         _aws(region, as_json)
         return

@@ -10,8 +10,16 @@ from rich.markup import escape
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
 from amiforge.errors import ConfigError
-from amiforge.lifecycle.sign import _public_pem, kms_signer, revoke_trusted_key, sign, trust_key, verify
-from amiforge.signing.keyfile import generate_keypair, read_public_key
+from amiforge.lifecycle.sign import (
+    _public_pem,
+    kms_signer,
+    new_trusted_key,
+    revoke_trusted_key,
+    sign,
+    trust_key,
+    verify,
+)
+from amiforge.signing.keyfile import read_public_key
 
 app = typer.Typer(help="Signing keys (Ed25519 key files) the registry trusts.", no_args_is_help=True)
 
@@ -24,9 +32,7 @@ def keys_generate(
 ) -> None:
     """Make an Ed25519 key pair (the private key file is mode 0600; nothing is overwritten) and trust it."""
     settings, store = open_registry()
-    info = generate_keypair(directory or settings.data_dir / "keys", name)
-    trust_key(store, key_id=info.key_id, algorithm=info.algorithm, public_key_pem=info.public_key_pem,
-              actor=settings.actor)  # fmt: skip
+    info = new_trusted_key(store, directory or settings.data_dir / "keys", name, actor=settings.actor)
     if as_json:
         emit_json({"key_id": info.key_id, "private_key": info.private_path, "public_key": info.public_path})
         return

@@ -40,7 +40,7 @@ from amiforge.signing.interface import (
     open_envelope,
     sign_envelope,
 )
-from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, generate_keypair
+from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, KeyInfo, generate_keypair
 from amiforge.store.interface import Store
 
 SIGNABLE = (Status.SCANNED, Status.SIGNED)
@@ -166,10 +166,21 @@ def default_signer(settings: Settings, store: Store, *, create: bool) -> Signer:
                 "or make one: amiforge keys generate",
             )
         # First pipeline run on a fresh install: make the default key and trust it, in the audit log.
-        info = generate_keypair(path.parent, path.stem)
-        trust_key(store, key_id=info.key_id, algorithm=info.algorithm, public_key_pem=info.public_key_pem,
-                  actor=settings.actor)  # fmt: skip
+        new_trusted_key(store, path.parent, path.stem, actor=settings.actor)
     return KeyfileSigner.from_file(path)
+
+
+def new_trusted_key(store: Store, directory: Path, name: str, *, actor: str) -> KeyInfo:
+    """Make an Ed25519 key pair in `directory` and trust it. If the registry cannot record the trust, the new key
+    files are removed again: a key nobody trusts would only block the next try ("already exists")."""
+    info = generate_keypair(directory, name)
+    try:
+        trust_key(store, key_id=info.key_id, algorithm=info.algorithm, public_key_pem=info.public_key_pem, actor=actor)
+    except BaseException:
+        for made in (info.private_path, info.public_path):
+            made.unlink(missing_ok=True)
+        raise
+    return info
 
 
 def sign(

@@ -242,12 +242,14 @@ def _writable(path: Path) -> bool:
 
 
 def _read_only_url(path: Path) -> sa.URL:
-    """A SQLite URI opening `path` read-only. In WAL mode a reader needs the shared-memory file beside the database.
-    On a read-only file system nobody can write the registry, so it is opened `immutable` (no locks, no shared
-    memory needed). Anywhere else someone else may still write it, so it is only `mode=ro`: SQLite keeps its locks,
-    and where it cannot make the shared-memory file the error says so (`_infra_error`)."""
+    """A SQLite URI opening `path` read-only. In WAL mode a reader needs the shared-memory file beside the database,
+    which a read-only folder cannot hold. The file is opened `immutable` (no locks, no shared memory) only where
+    nobody can be writing it: on a read-only file system, or when neither a write-ahead log nor shared memory exists
+    beside it (the last writer closed it cleanly, and a new writer would have to make them first). Otherwise it is
+    only `mode=ro`: SQLite keeps its locks, and where it cannot, the error says why (`_infra_error`)."""
     query = {"mode": "ro", "uri": "true"}
-    if os.statvfs(path).f_flag & os.ST_RDONLY:
+    quiet = not any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    if os.statvfs(path).f_flag & os.ST_RDONLY or quiet:
         query["immutable"] = "1"
     return sa.URL.create("sqlite", database=f"file:{urllib.parse.quote(str(path))}", query=query)
 
