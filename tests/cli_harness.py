@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,3 +54,20 @@ def make_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
         return Result(code, captured.out + out_buf.getvalue(), captured.err + err_buf.getvalue())
 
     return run
+
+
+def isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private data dir and working directory, no AMIFORGE_* or AWS_* from the caller's environment, and any AWS
+    call failing at once on loopback (nothing a test runs may reach a network). Returns the data dir."""
+    for key in list(os.environ):
+        if key.startswith(("AMIFORGE_", "AWS_")):
+            monkeypatch.delenv(key)
+    data = tmp_path / "data"
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(data))
+    monkeypatch.setenv("AMIFORGE_AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TEST-0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TEST-0001")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.chdir(tmp_path)
+    return data

@@ -22,7 +22,7 @@ from amiforge.errors import ConfigError
 from amiforge.policy import parse_policy
 from amiforge.recipe import parse_recipe
 from amiforge.strategy import parse_strategy
-from tests.cli_harness import Cli, make_cli
+from tests.cli_harness import Cli, isolate, make_cli
 
 HUGE = "HUGE-INTEGER"
 HOSTILE_SCALARS = st.one_of(
@@ -273,17 +273,7 @@ VALUES = [
 
 @pytest.fixture
 def fuzz_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    for key in list(os.environ):
-        if key.startswith(("AMIFORGE_", "AWS_")):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("AMIFORGE_AWS_MAX_ATTEMPTS", "1")
-    # Any AWS call fails at once on loopback: nothing here may reach a network.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TEST-0001")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TEST-0001")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.chdir(tmp_path)
+    isolate(tmp_path, monkeypatch)
     for name in ("FIFO", "FIFO.json", "FIFO.zip"):
         os.mkfifo(tmp_path / name)  # relative to the working directory, as the tokens name them
     yield make_cli(monkeypatch, capsys)

@@ -18,22 +18,14 @@ import pytest
 from amiforge.model import Artifact, Status
 from amiforge.settings import load_settings
 from amiforge.store.sql import open_store
-from tests.cli_harness import Cli, Result, make_cli
+from tests.cli_harness import Cli, Result, isolate, make_cli
 
 AWS_RECIPE = "name: web\nprovider: {type: aws, region: eu-west-1, source: {owners: [amazon], name: debian-12-*}}\n"
 
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    for key in list(os.environ):
-        if key.startswith(("AMIFORGE_", "AWS_")):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("AMIFORGE_AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing here reaches a network
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TEST-0001")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TEST-0001")
-    monkeypatch.chdir(tmp_path)
+    isolate(tmp_path, monkeypatch)
     yield make_cli(monkeypatch, capsys)
 
 

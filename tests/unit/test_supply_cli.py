@@ -200,7 +200,8 @@ def test_scan_json_contract_on_a_clean_image(cli: Cli, image: Image) -> None:
 
     assert r.code == 0, r.err
     doc = r.json()
-    assert set(doc) == {"version", "digest", "packages", "sbom_digest", "vulndb", "findings", "gate"}
+    assert set(doc) == {"version", "digest", "packages", "sbom_digest", "vulndb", "findings", "gate", "orphaned"}
+    assert doc["orphaned"] == []
     assert (doc["version"], doc["digest"], doc["packages"]) == ("web@1", v.digest, 3)
     for finding in doc["findings"]:
         assert finding["kind"] in FINDING_KINDS

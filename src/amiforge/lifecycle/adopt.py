@@ -64,10 +64,14 @@ def parse_manifest(path: Path, *, build: str | None = None) -> PackerBuild:
         )
     candidates: list[PackerBuild] = []
     problems: list[Problem] = []
+
+    def bad(field: str, message: str, fix: str) -> None:
+        problems.append(Problem(message, file=str(path), field=field, fix=fix))
+
     for i, entry in enumerate(builds):
         where = f"builds[{i}]"
         if not isinstance(entry, dict):
-            problems.append(Problem("not an object", file=str(path), field=where, fix="each build is a JSON object"))
+            bad(where, "not an object", "each build is a JSON object")
             continue
         builder = str(entry.get("builder_type", ""))
         if not builder.startswith(_AMAZON_BUILDERS):
@@ -75,24 +79,18 @@ def parse_manifest(path: Path, *, build: str | None = None) -> PackerBuild:
         pairs = str(entry.get("artifact_id", "")).split(",")
         images = [_ARTIFACT_RE.fullmatch(p.strip()) for p in pairs]
         if not pairs or any(m is None for m in images):
-            problems.append(
-                Problem(
-                    f"artifact_id {short(entry.get('artifact_id'))} is not region:ami-id[,region:ami-id…]",
-                    file=str(path),
-                    field=f"{where}.artifact_id",
-                    fix="Packer writes e.g. eu-west-1:ami-0123456789abcdef0; was the manifest edited?",
-                )
+            bad(
+                f"{where}.artifact_id",
+                f"artifact_id {short(entry.get('artifact_id'))} is not region:ami-id[,region:ami-id…]",
+                "Packer writes e.g. eu-west-1:ami-0123456789abcdef0; was the manifest edited?",
             )
             continue
         build_time = entry.get("build_time", 0)
         if isinstance(build_time, bool) or not isinstance(build_time, int) or not 0 <= build_time < 2**63:
-            problems.append(
-                Problem(
-                    f"build_time {short(build_time)} is not a Unix time",
-                    file=str(path),
-                    field=f"{where}.build_time",
-                    fix="Packer writes the build's end as whole seconds since 1970; was the manifest edited?",
-                )
+            bad(
+                f"{where}.build_time",
+                f"build_time {short(build_time)} is not a Unix time",
+                "Packer writes the build's end as whole seconds since 1970; was the manifest edited?",
             )
             continue
         candidates.append(
