@@ -69,5 +69,9 @@ def isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TEST-0001")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "TEST-0001")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # A private temporary folder too: gc looks there for what killed runs left, and must never see the machine's.
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", None)  # read TMPDIR again
     monkeypatch.chdir(tmp_path)
     return data

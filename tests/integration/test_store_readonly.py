@@ -18,9 +18,16 @@ import pytest
 from amiforge.model import Status
 from amiforge.store.sql import open_store
 
-pytestmark = pytest.mark.skipif(
+needs_mount = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a read-only bind mount"
 )
+# Root ignores file modes unless it gives up that capability (setpriv); any other user is bound by them anyway.
+DROP = (
+    ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-dac_override,-dac_read_search"]
+    if os.geteuid() == 0
+    else []
+)
+needs_modes = pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root without setpriv")
 
 
 def _in_read_only(data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +40,7 @@ def _in_read_only(data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@needs_mount
 def test_read_commands_work_on_a_read_only_registry_and_writes_fail_clearly(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with open_store(f"sqlite:///{data / 'registry.db'}") as store:
@@ -55,24 +63,44 @@ def test_read_commands_work_on_a_read_only_registry_and_writes_fail_clearly(tmp_
     assert "can only be read here" in error["fix"]
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root's file-permission override")
-def test_a_registry_in_a_folder_this_user_cannot_write_is_read(tmp_path: Path) -> None:
-    """A read-only file in a read-only folder (a registry another user writes, say): no room for WAL's shared
-    memory beside it, so it is read as it stands; root runs without the capability that ignores file modes."""
+def _registry_in_a_folder_nobody_here_can_write(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     with open_store(f"sqlite:///{data / 'registry.db'}") as store:
         store.create_version(name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="local", tags={},
                              parent=None)  # fmt: skip
     (data / "registry.db").chmod(0o444)
+    return data
+
+
+def _as_reader(data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")} | {"AMIFORGE_DATA_DIR": str(data)}
+    return subprocess.run([*DROP, sys.executable, "-m", "amiforge", *argv], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+
+
+@needs_modes
+def test_a_registry_in_a_folder_this_user_cannot_write_is_read_from_a_consistent_copy(tmp_path: Path) -> None:
+    """A read-only file in a read-only folder (a registry another user writes, say): no locks can be taken there,
+    so the registry is read from a private copy taken while nobody wrote it — never the live file without locks."""
+    data = _registry_in_a_folder_nobody_here_can_write(tmp_path)
     data.chmod(0o555)
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")} | {"AMIFORGE_DATA_DIR": str(data)}
-        drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
-                "--inh-caps", "-dac_override,-dac_read_search"]  # fmt: skip
-        listed = subprocess.run([*drop, sys.executable, "-m", "amiforge", "images", "list", "--json"], env=env,
-                                capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        listed = _as_reader(data, "images", "list", "--json")
         assert listed.returncode == 0, listed.stderr
         assert [v["ref"] for v in json.loads(listed.stdout)] == ["web@1"]
         assert sorted(p.name for p in data.iterdir()) == ["registry.db"]  # nothing written beside it
+    finally:
+        data.chmod(0o755)
+
+
+@needs_modes
+def test_a_registry_being_written_by_someone_else_is_not_read_without_locks(tmp_path: Path) -> None:
+    data = _registry_in_a_folder_nobody_here_can_write(tmp_path)
+    (data / "registry.db-wal").write_bytes(b"")  # a writer is at work: its log holds what the file does not yet
+    data.chmod(0o555)
+    try:
+        refused = _as_reader(data, "images", "list", "--json")
+        assert refused.returncode == 5, refused.stdout + refused.stderr
+        assert "is being written by someone else" in json.loads(refused.stdout)["message"]
     finally:
         data.chmod(0o755)

@@ -22,7 +22,7 @@ from amiforge.errors import InfraError
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover, RemovedFile
 from amiforge.providers.interface import BakeResult, GcPlan, GcResult, Provider, RunContext
 from amiforge.providers.local import tools
-from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
+from amiforge.providers.local.leftovers import apply_local_gc, mount_points, plan_local_gc
 from amiforge.recipe import Checks, Recipe
 from amiforge.settings import Settings, load_settings
 from amiforge.store.sql import open_store
@@ -323,3 +323,24 @@ def test_a_view_that_cannot_remove_its_scratch_copy_says_so(tmp_path: Path, monk
             tools.remove_or_report(scratch, leftovers, in_flight=e)
             raise
     assert caught.value.__notes__[0].startswith(f"left behind: temporary directory {scratch}")
+
+
+def test_mount_points_are_unescaped_and_never_need_to_be_utf8() -> None:
+    mountinfo = (
+        b"36 35 98:0 / /srv/data\\040dir rw,relatime - ext4 /dev/vda rw\n"
+        b"37 35 0:40 / /tmp/bad\xffname rw - tmpfs tmpfs rw\n"
+        b"garbage\n"
+    )
+    assert mount_points(mountinfo) == ["/srv/data dir", os.fsdecode(b"/tmp/bad\xffname")]
+
+
+def test_a_damaged_aws_version_stops_only_the_aws_part_of_gc(env: Cli) -> None:
+    with open_store(load_settings().registry_url) as store:
+        store.create_version(name="web", recipe_digest="a" * 64, recipe_path="/r.yaml", provider="aws", tags={},
+                             parent=None, recipe="[not an object]")  # fmt: skip
+    r = env("gc", "--json")
+    assert r.code == 5
+    doc = r.json()
+    assert [f["region"] for f in doc["failures"]] == ["aws"]
+    assert "versions row id=1" in doc["failures"][0]["error"]["message"]
+    assert [p["region"] for p in doc["plans"]] == ["local"]  # this machine is still looked at

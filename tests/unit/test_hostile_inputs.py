@@ -249,7 +249,7 @@ def test_the_data_dir_is_a_path_never_a_url_fragment(
     monkeypatch.setenv("AMIFORGE_DATA_DIR", str(data))
     assert env("images", "list").code == 0
     assert (data / "registry.db").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [odd]  # nothing written beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([odd, "tmp"])  # nothing written beside it
 
 
 def test_markup_in_paths_and_registry_values_is_shown_as_text(
@@ -294,9 +294,12 @@ def test_a_damaged_recipe_kept_with_a_version_is_exit_5_naming_the_row(env: Cli,
     _refused(env("test", "web@1"), 5, "versions row id=1", "its checks do not validate")
 
 
-def test_tampered_event_data_fails_the_chain_check_instead_of_crashing_it(env: Cli, tmp_path: Path) -> None:
-    _seeded(tmp_path, corrupt="UPDATE events SET data = '{not json'")
-    _refused(env("events", "--verify"), 4, "seq 1: its data is not a JSON object")
+@pytest.mark.parametrize("corrupt", ["UPDATE events SET data = '{not json'", "UPDATE events SET at = 'garbage'"])
+def test_tampered_event_rows_fail_the_chain_check_instead_of_crashing_it(
+    env: Cli, tmp_path: Path, corrupt: str
+) -> None:
+    _seeded(tmp_path, corrupt=corrupt)
+    _refused(env("events", "--verify"), 4, "seq 1: its data or time cannot be read")
 
 
 def test_damaged_fleet_files_are_exit_5_and_destroy_still_cleans_up(env: Cli, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from amiforge.lifecycle.runs import run_context
+from amiforge.model import Leftover
 from amiforge.store.sql import open_store
 
 
@@ -39,14 +40,23 @@ def test_an_interrupt_during_cleanup_is_recorded_then_raised(tmp_path: Path) -> 
     """Ctrl-C while cleaning up: what the interrupted cleanups were removing is recorded before amiforge stops."""
     store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
 
+    ran: list[str] = []
+
     def interrupted() -> None:
         raise KeyboardInterrupt
 
     context = run_context(store, actor="TEST", ref="web@1", progress=lambda _u: None, log=lambda _l: None)
     with pytest.raises(KeyboardInterrupt), context as ctx:
-        ctx.cleanup.push(lambda *_exc: interrupted())  # type: ignore[arg-type,func-returns-value]
+        ctx.cleanup.callback(ran.append, "registered first")
+        ctx.cleanup.add(Leftover("EC2 instance (builder)", "i-0000000000test01 in eu-west-1", "amiforge gc"),
+                        interrupted)  # fmt: skip
+    # The interrupted cleanup's own leftover is recorded, and the cleanups registered before it still ran.
     (orphaned,) = [e for e in store.events() if e.kind == "orphaned"]
-    assert orphaned.data["what"] == "what the interrupted cleanups were removing"
+    assert (orphaned.data["where"], orphaned.data["error"]) == (
+        "i-0000000000test01 in eu-west-1",
+        "interrupted (KeyboardInterrupt)",
+    )
+    assert ran == ["registered first"]
 
 
 def test_a_registry_failure_while_unwinding_keeps_the_first_error(tmp_path: Path) -> None:

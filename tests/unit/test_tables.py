@@ -62,6 +62,9 @@ def narrow(
     monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("AMIFORGE_ACTOR", "release-engineering-bot@build-host-0042.example.internal")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # `gc` plans against this, never the machine's /tmp
+    monkeypatch.setattr("tempfile.tempdir", None)
     with open_store(load_settings().registry_url) as store:
         for name in (NAME, NAME, OTHER):
             v = store.create_version(

@@ -110,8 +110,8 @@ def gc_command(
         emit_json(
             {"applied": outcome.applied, "plans": outcome.plans, "results": outcome.results, "failures": failures}
         )
-        if outcome.failures:
-            raise typer.Exit(5)
+        if outcome.failures or any(o.outcome == "failed" for r in outcome.results for o in r.outcomes):
+            raise typer.Exit(5)  # as in text: something was not collected
         return
     done = {(r.region, o.orphan.id): o.outcome for r in outcome.results for o in r.outcomes}
     rows = [
@@ -142,7 +142,7 @@ def gc_command(
         raise InfraError(
             f"{len(outcome.failures)} region(s) could not be collected: "
             + ", ".join(region for region, _ in outcome.failures),
-            retryable=True,
+            retryable=all(isinstance(e, InfraError) and e.retryable for _, e in outcome.failures),
             fix="the others were; rerun gc once the cause above is fixed",
         )
     failed = [o for r in outcome.results for o in r.outcomes if o.outcome == "failed"]

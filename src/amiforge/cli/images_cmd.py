@@ -14,7 +14,7 @@ from amiforge.lifecycle.diff import diff
 from amiforge.lifecycle.gc import collected
 from amiforge.lifecycle.runs import recorded_leftovers
 from amiforge.lifecycle.scan import finding_json, findings_summary
-from amiforge.model import check_image_name
+from amiforge.model import Leftover, check_image_name
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 
@@ -92,7 +92,7 @@ def show(
     generalised = generalised_of(events)
     gone = collected(store.events())
     # A leftover gc has since removed is still part of the version's history, marked as removed.
-    orphaned = [(leftover, leftover.where.split(" ", 1)[0] in gone) for _, leftover in recorded_leftovers(events)]
+    orphaned = [(leftover, _collected(leftover, gone)) for _, leftover in recorded_leftovers(events)]
     supply = {
         "scan": None
         if scan is None
@@ -163,6 +163,12 @@ def show(
     console.print("[bold]events[/]")
     for e in events:
         console.print(f"  {e.at:%Y-%m-%d %H:%M:%S}Z {e.kind:<14} {e.actor}", markup=False)
+
+
+def _collected(leftover: Leftover, gone: set[str]) -> bool:
+    # A directory is named by its whole path (which may hold spaces); a cloud resource by its id, then its region.
+    key = leftover.where if leftover.what == "temporary directory" else leftover.where.split(" ", 1)[0]
+    return key in gone
 
 
 @app.command("diff")

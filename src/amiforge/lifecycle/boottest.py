@@ -39,7 +39,7 @@ _PROVIDER_SPEC: TypeAdapter[ProviderSpec] = TypeAdapter(ProviderSpec)
 def checks_of(version: ImageVersion) -> Checks:
     """The checks of the recipe as it was baked (not as the file reads today)."""
     try:
-        return Checks.model_validate(_baked(version, "checks", {}))
+        return Checks.model_validate(baked_value(version, "checks", {}))
     except ValidationError as e:
         raise _damaged_recipe(version, f"its checks do not validate ({e.error_count()} problem(s))") from e
 
@@ -47,15 +47,16 @@ def checks_of(version: ImageVersion) -> Checks:
 def provider_spec_of(version: ImageVersion) -> ProviderSpec:
     """The recipe's provider block as it was baked (region, placement, distribution, publication)."""
     try:
-        return _PROVIDER_SPEC.validate_python(_baked(version, "provider", {"type": "local"}))
+        return _PROVIDER_SPEC.validate_python(baked_value(version, "provider", {"type": "local"}))
     except ValidationError as e:
         raise _damaged_recipe(version, f"its provider block does not validate ({e.error_count()} problem(s))") from e
 
 
-def _baked(version: ImageVersion, key: str, default: object) -> Any:
+def baked_value(version: ImageVersion, key: str, default: object) -> Any:
+    """One top-level value of the recipe kept with the version (as it was baked); InfraError if that is damaged."""
     try:
-        return json.loads(version.recipe).get(key, default)
-    except (ValueError, AttributeError) as e:
+        return json.loads(version.recipe or "{}").get(key, default)
+    except (ValueError, AttributeError, RecursionError) as e:
         raise _damaged_recipe(version, "it is not a JSON object") from e
 
 

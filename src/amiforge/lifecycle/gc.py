@@ -106,9 +106,14 @@ def gc(
     here = {LOCAL, settings.region}
     aws_regions = [check_aws_region(r, what="--region") for r in asked if r not in here]
     images: set[str] = set()
+    failures: list[tuple[str, AmiforgeError]] = []
     if not asked or aws_regions:
-        images, known = _aws_view(store)
-        aws_regions = aws_regions or sorted(known)
+        try:
+            images, known = _aws_view(store)
+            aws_regions = aws_regions or sorted(known)
+        except AmiforgeError as e:  # a damaged AWS version in the registry: AWS is not collected, this machine is
+            failures.append(("aws", e))
+            aws_regions = []
     moment = now or datetime.now(UTC)
     events = store.events()
     states = run_states(events, now=moment)
@@ -120,7 +125,6 @@ def gc(
         aws = _collector("aws", settings)  # boto3 is imported only when there is an AWS region to look at
         targets += [(aws, region, images) for region in aws_regions]
     plans: list[tuple[Collector, GcPlan]] = []
-    failures: list[tuple[str, AmiforgeError]] = []
     for collector, region, registered in targets:
         try:
             plan = collector.plan_gc(

@@ -42,23 +42,26 @@ def run_context(
             e.add_note(f"the leftovers above could not be recorded in the registry: {unrecorded}")
         raise
     interrupted = _close(stack)
-    record_leftovers(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+    try:
+        record_leftovers(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
+    except BaseException as unrecorded:  # the run went well, but its leftovers could not be recorded: say which
+        for leftover in stack.leftovers:
+            unrecorded.add_note(leftover.describe())
+        raise
     if interrupted is not None:
         raise interrupted
 
 
 def _close(stack: Cleanups) -> BaseException | None:
-    """Run the cleanups. One that fails is kept as a leftover; Ctrl-C or SIGTERM during them is too, and returned,
-    so the caller records what was left before it stops."""
+    """Run the cleanups. One that fails is kept as a leftover. Ctrl-C or SIGTERM during one is kept as that cleanup's
+    leftover too (Cleanups.add); the cleanups registered before it still run, and the interrupt is returned so the
+    caller records what was left before it stops."""
     try:
         stack.close()
     except Exception as e:  # an enter_context()/push() exit failed: kept like a failed cleanup
         error = f"{type(e).__name__}: {e}"
         stack.leftovers.append(Leftover("what a context manager holds", "-", "see the error", error))
-    except BaseException as e:  # interrupted while cleaning up: the cleanups after it did not run
-        stack.leftovers.append(
-            Leftover("what the interrupted cleanups were removing", "-", "amiforge gc --region local", repr(e))
-        )
+    except BaseException as e:
         return e
     return None
 

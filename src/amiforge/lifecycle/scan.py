@@ -7,7 +7,6 @@ first channel) says what they mean, and `scan` reports it without changing the v
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -15,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from amiforge.errors import NotFound
+from amiforge.lifecycle.boottest import baked_value
 from amiforge.lifecycle.runs import new_run_id, record_leftovers
 from amiforge.model import Finding, ImageVersion, Leftover, ScanRecord, Status, VulnDbImport, require_status
 from amiforge.policy import Candidate, GateDecision, Policy, evaluate
@@ -41,11 +41,11 @@ class ScanOutcome:
 
 def expected_authorized_keys(version: ImageVersion) -> list[str]:
     """authorized_keys files the recipe itself installs (user steps with keys) are expected, not residue."""
-    recipe = json.loads(version.recipe or "{}")
+    steps = baked_value(version, "steps", [])
     paths = []
-    for step in recipe.get("steps", []):
+    for step in steps if isinstance(steps, list) else []:
         user = step.get("user") if isinstance(step, dict) else None
-        if user and user.get("ssh_authorized_keys"):
+        if isinstance(user, dict) and user.get("ssh_authorized_keys") and isinstance(user.get("name"), str):
             home = "/root" if user["name"] == "root" else f"/home/{user['name']}"
             paths.append(f"{home}/.ssh/authorized_keys")
     return paths

@@ -53,6 +53,9 @@ class Cleanups(ExitStack):
                 remove()
             except Exception as e:
                 self.leftovers.append(replace(leftover, error=f"{type(e).__name__}: {e}"))
+            except BaseException as e:  # Ctrl-C, SIGTERM: this one is left (and said so); the rest still run
+                self.leftovers.append(replace(leftover, error=f"interrupted ({type(e).__name__})"))
+                raise
 
         super().callback(guarded)
 

@@ -7,11 +7,14 @@ log, and the translation of every database failure into `errors.InfraError` at t
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -19,7 +22,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -242,16 +245,49 @@ def _writable(path: Path) -> bool:
 
 
 def _read_only_url(path: Path) -> sa.URL:
-    """A SQLite URI opening `path` read-only. In WAL mode a reader needs the shared-memory file beside the database,
-    which a read-only folder cannot hold. The file is opened `immutable` (no locks, no shared memory) only where
-    nobody can be writing it: on a read-only file system, or when neither a write-ahead log nor shared memory exists
-    beside it (the last writer closed it cleanly, and a new writer would have to make them first). Otherwise it is
-    only `mode=ro`: SQLite keeps its locks, and where it cannot, the error says why (`_infra_error`)."""
-    query = {"mode": "ro", "uri": "true"}
-    quiet = not any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
-    if os.statvfs(path).f_flag & os.ST_RDONLY or quiet:
-        query["immutable"] = "1"
+    """A SQLite URI reading `path` without writing it. In WAL mode a reader needs the shared-memory file beside the
+    database, and takes locks there so that a writer cannot change pages under it:
+    - on a read-only file system nobody writes the file: it is opened `immutable` (no locks, no shared memory);
+    - in a folder this process can write (only the file is read-only): `mode=ro`, and SQLite keeps its locks;
+    - in a folder it cannot write, locks are impossible while another user may still write the file: a consistent
+      private copy is read instead (`_snapshot`), never the live file without locks."""
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        return _sqlite_uri(path, immutable=True)
+    if os.access(path.parent, os.W_OK | os.X_OK):
+        return _sqlite_uri(path, immutable=False)
+    return _sqlite_uri(_snapshot(path), immutable=True)
+
+
+def _sqlite_uri(path: Path, *, immutable: bool) -> sa.URL:
+    query = {"mode": "ro", "uri": "true"} | ({"immutable": "1"} if immutable else {})
     return sa.URL.create("sqlite", database=f"file:{urllib.parse.quote(str(path))}", query=query)
+
+
+def _snapshot(path: Path, *, attempts: int = 3) -> Path:
+    """A private copy of the registry taken while no writer touched it: no write-ahead log beside it (its content
+    would be missing from the copy) and the same file, size and modification time before and after the copy. The
+    copy goes when the process ends."""
+    wal = path.with_name(path.name + "-wal")
+    for _ in range(attempts):
+        before = path.stat()
+        if wal.exists():
+            break
+        fd, name = tempfile.mkstemp(prefix="amiforge-registry-", suffix=".db")
+        os.close(fd)
+        copy = Path(name)
+        atexit.register(copy.unlink, missing_ok=True)
+        shutil.copyfile(path, copy)
+        after = path.stat()
+        same = (before.st_ino, before.st_size, before.st_mtime_ns) == (after.st_ino, after.st_size, after.st_mtime_ns)
+        if same and not wal.exists():
+            return copy
+        copy.unlink(missing_ok=True)
+    raise InfraError(
+        f"the registry {path} is being written by someone else, and this user cannot take the locks needed to read it "
+        "while it changes (its folder is read-only here)",
+        retryable=True,
+        fix="retry once the other writer is done, or make the folder writable for this user (group-writable)",
+    )
 
 
 def _describe(engine: Engine) -> str:
@@ -277,7 +313,7 @@ def _retryable(error: SQLAlchemyError) -> bool:
     return isinstance(error, sa.exc.OperationalError)
 
 
-def _infra_error(action: str, where: str, error: SQLAlchemyError) -> InfraError:
+def _infra_error(action: str, where: str, error: SQLAlchemyError, *, read_only: bool = False) -> InfraError:
     cause = error.orig if isinstance(error, DBAPIError) else error
     retryable = _retryable(error)
     fix = (
@@ -285,11 +321,11 @@ def _infra_error(action: str, where: str, error: SQLAlchemyError) -> InfraError:
         if retryable
         else f"check the registry at {where}: is the URL right, is the schema migrated? (`amiforge doctor`)"
     )
-    if (getattr(cause, "sqlite_errorcode", 0) or 0) & 0xFF in (_SQLITE_READONLY, _SQLITE_CANTOPEN):
+    code = (getattr(cause, "sqlite_errorcode", 0) or 0) & 0xFF
+    if code == _SQLITE_READONLY or (read_only and code == _SQLITE_CANTOPEN):
         fix = (
-            f"the registry at {where} can only be read here (file, folder or file system; a WAL registry also needs "
-            "its -shm file beside it); run commands that "
-            "change it where it can be written"
+            f"the registry at {where} can only be read here (a read-only file, folder or file system); run commands "
+            "that change it where it can be written"
         )
     return InfraError(
         f"registry error while trying to {action}: {type(cause).__name__}: {cause}",
@@ -308,7 +344,8 @@ def _boundary(action: str, where: str, engine: Engine | None = None) -> Iterator
     except SQLAlchemyError as e:
         if isinstance(e, DBAPIError) and getattr(e.orig, "sqlstate", None) == _OUT_OF_RANGE:
             raise _out_of_range(action) from e
-        raise _infra_error(action, where, e) from e
+        read_only = engine is not None and engine.url.query.get("mode") == "ro"
+        raise _infra_error(action, where, e, read_only=read_only) from e
     except OverflowError as e:
         if not _raised_by_database(e):
             raise  # our own arithmetic: a bug, reported as one
@@ -1047,18 +1084,23 @@ class SqlStore:
 
     def verify_events(self) -> list[str]:
         problems: list[str] = []
-        # `data` is read as text and decoded here, so a row whose data is no longer JSON is reported as the tampering
-        # it is, instead of stopping the check that exists to find it.
-        columns = [c for c in events_table.columns if c.name != "data"]
-        query = sa.select(*columns, sa.type_coerce(events_table.c.data, sa.Text).label("data"))
+        # `data` and `at` are read raw and decoded here, so a row whose data is no longer JSON or whose time is no
+        # longer a time is reported as the tampering it is, instead of stopping the check that exists to find it.
+        raw_columns = ("data", "at")
+        columns = [c for c in events_table.columns if c.name not in raw_columns]
+        raw_values = [sa.type_coerce(events_table.c[name], sa.Text).label(name) for name in raw_columns]
+        query = sa.select(*columns, *raw_values)
         with self._guard("verify the event log"), self._read() as conn:
             prev_hash, expected_seq, last_seq = GENESIS_HASH, 1, 0
             for raw in conn.execute(query.order_by(events_table.c.seq)).mappings():
                 try:
                     data = json.loads(raw["data"]) if isinstance(raw["data"], str | bytes) else raw["data"]
-                    e = _event(cast(RowMapping, {**raw, "data": data}))
+                    at = raw["at"] if isinstance(raw["at"], datetime) else datetime.fromisoformat(str(raw["at"]))
+                    e = _event(
+                        cast(RowMapping, {**raw, "data": data, "at": at if at.tzinfo else at.replace(tzinfo=UTC)})
+                    )
                 except (ValueError, InfraError):
-                    problems.append(f"seq {raw['seq']}: its data is not a JSON object; the row was changed after it "
+                    problems.append(f"seq {raw['seq']}: its data or time cannot be read; the row was changed after it "
                                     "was written")  # fmt: skip
                     prev_hash, expected_seq, last_seq = raw["hash"], int(raw["seq"]) + 1, int(raw["seq"])
                     continue

@@ -70,6 +70,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mount_points(mountinfo: bytes) -> list[str]:
+    """The mount points of a /proc/PID/mountinfo, unescaped and decoded as the file system names them."""
+    return [_unescape(os.fsdecode(f[4])) for f in (line.split() for line in mountinfo.splitlines()) if len(f) > 4]
+
+
 def paths_in_use() -> list[str]:
     """Every path some process on this machine uses now: working directories, roots, open files, mount points (as
     seen from each process's own mount namespace: an overlay in a private namespace counts)."""
@@ -79,10 +84,7 @@ def paths_in_use() -> list[str]:
             for link in ("cwd", "root"):
                 used.append(os.readlink(proc / link))
             used += [os.readlink(fd.path) for fd in os.scandir(proc / "fd")]
-            for line in (proc / "mountinfo").read_text().splitlines():
-                fields = line.split()
-                if len(fields) > 4:
-                    used.append(_unescape(fields[4]))
+            used += mount_points((proc / "mountinfo").read_bytes())
         except OSError:
             continue  # the process ended, or is not ours to read
     return used
