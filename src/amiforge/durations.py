@@ -28,7 +28,10 @@ def seconds_of(value: object) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        seconds: float | None = float(value) if not isinstance(value, int) or value < 10**18 else math.inf
+        try:
+            seconds: float | None = float(value)
+        except OverflowError:  # an int too big for a float
+            return None
     elif isinstance(value, str):
         seconds = _parse(value.strip())
     else:

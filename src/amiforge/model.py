@@ -146,7 +146,7 @@ class Leftover:
     why the cleanup failed. Shown by the command that left it, recorded as an `orphaned` event, found by `gc`."""
 
     what: str  # e.g. "temporary directory", "EC2 instance"
-    where: str  # a path, or "i-… (eu-west-1)"
+    where: str  # a path, or "i-… in eu-west-1"
     remove: str  # a command that removes it
     error: str = ""
 

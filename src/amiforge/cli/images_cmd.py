@@ -11,10 +11,9 @@ from amiforge.cli.render import generalised_lines, layers_table, report_table, s
 from amiforge.cli.tables import Col, fit_table
 from amiforge.lifecycle.bake import generalised_of
 from amiforge.lifecycle.diff import diff
-from amiforge.lifecycle.gc import collected
-from amiforge.lifecycle.runs import recorded_leftovers
+from amiforge.lifecycle.gc import leftovers_of
 from amiforge.lifecycle.scan import finding_json, findings_summary
-from amiforge.model import Leftover, check_image_name
+from amiforge.model import check_image_name
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 
@@ -90,9 +89,7 @@ def show(
     signatures = store.signatures(v.id)
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
     generalised = generalised_of(events)
-    gone = collected(store.events())
-    # A leftover gc has since removed is still part of the version's history, marked as removed.
-    orphaned = [(leftover, _collected(leftover, gone)) for _, leftover in recorded_leftovers(events)]
+    orphaned = leftovers_of(store, events)
     supply = {
         "scan": None
         if scan is None
@@ -163,12 +160,6 @@ def show(
     console.print("[bold]events[/]")
     for e in events:
         console.print(f"  {e.at:%Y-%m-%d %H:%M:%S}Z {e.kind:<14} {e.actor}", markup=False)
-
-
-def _collected(leftover: Leftover, gone: set[str]) -> bool:
-    # A directory is named by its whole path (which may hold spaces); a cloud resource by its id, then its region.
-    key = leftover.where if leftover.what == "temporary directory" else leftover.where.split(" ", 1)[0]
-    return key in gone
 
 
 @app.command("diff")

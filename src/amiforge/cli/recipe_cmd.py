@@ -34,9 +34,7 @@ def validate(
         emit_json(summary)
         return
     shown = escape(str(file))
-    console.print(
-        f"[green]ok[/] {escape(str(shown))}: recipe [bold]{escape(recipe.name)}[/], {len(recipe.steps)} step(s)"
-    )
+    console.print(f"[green]ok[/] {shown}: recipe [bold]{escape(recipe.name)}[/], {len(recipe.steps)} step(s)")
     for i, step in enumerate(recipe.steps, start=1):
         console.print(f"  {i}. {step.describe()}", markup=False)
 
