@@ -3,7 +3,7 @@
 This module owns everything about the recipe file (DESIGN.md §9): the pydantic models (all
 `extra="forbid"`, frozen); `load_recipe()`, which reports every problem at once with file, line, field and
 fix; path confinement of `file.src` (inside the recipe's folder) and `file.dest` (inside the image root, see
-`resolve_inside()`); the JSON Schema export; and the digests the registry and the layer cache are keyed on
+`imagefs.resolve_inside()`); the JSON Schema export; and the digests the registry and the layer cache are keyed on
 (`recipe_digest()`, `step_fingerprint()`). Nothing here touches a provider, the store or the network.
 The YAML-with-line-numbers machinery it shares with the policy file lives in `amiforge.yamlfile`.
 """
@@ -13,10 +13,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
 import shutil
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal
@@ -79,14 +77,11 @@ __all__ = [
     "parse_recipe",
     "recipe_digest",
     "recipe_json_schema",
-    "resolve_inside",
     "step_fingerprint",
 ]
 
 # A recipe is a few KB; anything far bigger is a mistake (or an attack on the parser), not a recipe.
 MAX_RECIPE_BYTES = 1024 * 1024
-# Same limit as the Linux kernel's path walk (MAXSYMLINKS).
-_MAX_SYMLINK_HOPS = 40
 # Bump when the meaning of a step changes, so old cache layers stop matching.
 _FINGERPRINT_VERSION = 1
 
@@ -943,56 +938,6 @@ def parse_recipe(text: str, path: Path) -> Recipe:
 
 # ----------------------------------------------------------------------------------------------------------
 # Image-root confinement
-
-
-def resolve_inside(root: Path, dest: str) -> Path:
-    """Map the image-absolute path `dest` to a host path under `root`, never leaving it.
-
-    Symlinks inside the image are followed as the image would see them: an absolute target is re-rooted at
-    `root`, a relative one is taken from the directory holding the link. Missing components are fine (created
-    later). Raises ConfigError for a relative or NUL-containing `dest`, a path that would climb out of
-    `root`, or more than 40 symlinks (a loop).
-    """
-
-    def refuse(message: str, fix: str) -> ConfigError:
-        return ConfigError(
-            f"cannot place {dest!r} inside the image: {message}",
-            problems=[Problem(message=message, field="dest", fix=fix)],
-            fix=fix,
-        )
-
-    if "\x00" in dest or not dest.startswith("/"):
-        raise refuse("the path must be absolute and contain no NUL", "use an absolute path such as /etc/motd")
-    base = Path(os.path.abspath(root))  # not resolve(): see scanners/secrets.py on /proc/<pid>/root
-    pending: deque[str] = deque(PurePosixPath(dest).parts[1:])
-    inside: list[str] = []  # components under `base`, none of them a symlink
-    hops = 0
-    while pending:
-        part = pending.popleft()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not inside:
-                raise refuse("'..' would climb above the image root", "use a path that stays inside the image")
-            inside.pop()
-            continue
-        candidate = base.joinpath(*inside, part)
-        if candidate.is_symlink():
-            hops += 1
-            if hops > _MAX_SYMLINK_HOPS:
-                raise refuse(
-                    f"more than {_MAX_SYMLINK_HOPS} symlinks followed (a loop?) at {candidate}",
-                    "fix the symlinks in the image",
-                )
-            target = PurePosixPath(os.readlink(candidate))
-            target_parts = list(target.parts)
-            if target.is_absolute():
-                inside = []  # re-rooted: "/x" inside the image is root/x on the host
-                target_parts = target_parts[1:]
-            pending.extendleft(reversed(target_parts))
-        else:
-            inside.append(part)
-    return base.joinpath(*inside)
 
 
 # ----------------------------------------------------------------------------------------------------------

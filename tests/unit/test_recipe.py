@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amiforge.errors import ConfigError
+from amiforge.imagefs import resolve_inside
 from amiforge.recipe import (
     AwsProvider,
     FileStep,
@@ -27,7 +28,6 @@ from amiforge.recipe import (
     parse_recipe,
     recipe_digest,
     recipe_json_schema,
-    resolve_inside,
     step_fingerprint,
 )
 

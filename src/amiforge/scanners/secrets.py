@@ -48,8 +48,8 @@ from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
 from detect_secrets.plugins.slack import SlackDetector
 
 from amiforge.errors import ConfigError, InfraError, NotFound
+from amiforge.imagefs import resolve_inside
 from amiforge.model import Finding, FindingKind, Severity
-from amiforge.recipe import resolve_inside
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "DEFAULT_RAW_CHUNK", "scan_raw", "scan_tree"]
 
