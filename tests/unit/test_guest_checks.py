@@ -16,16 +16,9 @@ from pathlib import Path
 import pytest
 
 from amiforge.model import CheckResult
+from amiforge.providers.guest import RESULT_RE, GuestCheck, guest_results, guest_script
 from amiforge.providers.local import qemu
-from amiforge.providers.local.qemu import (
-    RESULT_RE,
-    GuestCheck,
-    free_port,
-    guest_results,
-    guest_script,
-    http_check,
-    tcp_check,
-)
+from amiforge.providers.local.qemu import free_port, http_check, tcp_check
 
 
 def _frame(i: int, rc: int, out: str) -> str:

@@ -15,7 +15,7 @@ from amiforge.errors import InfraError
 from amiforge.providers.local.base import guest_file
 from amiforge.providers.local.initrd import (
     ROOT_MODULES,
-    _Newc,
+    NewcArchive,
     build_initrd,
     find_kernel,
     load_order,
@@ -162,7 +162,7 @@ def _entry_modes(data: bytes) -> dict[str, int]:
 
 @needs_cpio
 def test_newc_archive_lists_exactly_the_written_entries(tmp_path: Path) -> None:
-    archive = _Newc()
+    archive = NewcArchive()
     archive.dir("bin")
     archive.dir("modules")
     archive.file("bin/busybox", b"\x7fELF fake busybox", 0o755)
@@ -188,7 +188,7 @@ def test_newc_archive_lists_exactly_the_written_entries(tmp_path: Path) -> None:
 def test_newc_file_bytes_round_trip_through_cpio(tmp_path: Path, size: int) -> None:
     # Every length modulo 4 and every name length modulo 4 exercises the padding rules.
     payload = bytes((i * 37 + 11) % 256 for i in range(size))
-    archive = _Newc()
+    archive = NewcArchive()
     archive.file("x", b"before")
     archive.file("dir/payload.bin", payload, 0o600)
     archive.file("abcd", b"after!")
@@ -202,7 +202,7 @@ def test_newc_file_bytes_round_trip_through_cpio(tmp_path: Path, size: int) -> N
 
 def test_newc_is_reproducible() -> None:
     def make() -> bytes:
-        a = _Newc()
+        a = NewcArchive()
         a.dir("bin")
         a.file("init", b"#!/bin/sh\n", 0o755)
         return a.finish()

@@ -16,17 +16,10 @@ import yaml
 
 from amiforge.errors import ConfigError, InfraError
 from amiforge.model import RemovedFile
+from amiforge.providers.guest import GENERALISE, parse_generalised, step_script
 from amiforge.providers.interface import Cleanups, PhaseUpdate, RunContext
 from amiforge.providers.local import layers
-from amiforge.providers.local.layers import (
-    GENERALISE,
-    LayerPlan,
-    _step_script,
-    ensure_layer,
-    generalised_files,
-    parse_generalised,
-    plan_layers,
-)
+from amiforge.providers.local.layers import LayerPlan, ensure_layer, generalised_files, plan_layers
 from amiforge.recipe import (
     FileStep,
     PackagesStep,
@@ -196,7 +189,7 @@ def test_packages_script_installs_and_refreshes_lists_only_when_stale(tmp_path: 
     recipe = _recipe(tmp_path)
     stage = tmp_path / "stage"
     stage.mkdir()
-    script = _step_script(_step(recipe, PackagesStep), stage, recipe.folder, "web")
+    script = step_script(_step(recipe, PackagesStep), stage, recipe.folder, "web")
     install = [
         "apt-get", "install", "-y", "-q", "--no-install-recommends",
         "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
@@ -239,7 +232,7 @@ def test_file_script_stages_the_source_and_quotes_the_destination(tmp_path: Path
     stage = tmp_path / "stage"
     stage.mkdir()
 
-    script = _step_script(step, stage, recipe.folder, "web")
+    script = step_script(step, stage, recipe.folder, "web")
 
     assert (stage / "file").read_bytes() == content  # copied into the stage, seen as /run/amiforge/file
     env, log = _fake_bin(tmp_path, {"install": "exit 0"})
@@ -259,7 +252,7 @@ def test_file_script_fails_if_the_source_vanished(tmp_path: Path) -> None:
     stage = tmp_path / "stage"
     stage.mkdir()
     with pytest.raises(ConfigError, match=r"index\.html"):  # a clear message naming the file, not a traceback
-        _step_script(_step(recipe, FileStep), stage, recipe.folder, "web")
+        step_script(_step(recipe, FileStep), stage, recipe.folder, "web")
 
 
 def test_shell_script_text_goes_to_a_file_not_the_command_line(tmp_path: Path) -> None:
@@ -270,7 +263,7 @@ def test_shell_script_text_goes_to_a_file_not_the_command_line(tmp_path: Path) -
     stage = tmp_path / "stage"
     stage.mkdir()
 
-    script = _step_script(step, stage, recipe.folder, "web")
+    script = step_script(step, stage, recipe.folder, "web")
 
     assert (stage / "user.sh").read_text() == text
     assert script == "set -e\ncd /root\n/bin/sh -e /run/amiforge/user.sh\n"
@@ -286,7 +279,7 @@ def test_service_script_enables_and_disables_exact_unit_names(tmp_path: Path) ->
     assert isinstance(step, ServiceStep)
     assert step.service.disable == ["dev-disk-by\\x2dlabel-data.mount"]
 
-    script = _step_script(step, tmp_path, recipe.folder, "web")
+    script = step_script(step, tmp_path, recipe.folder, "web")
     env, log = _fake_bin(tmp_path, {"systemctl": "exit 0"})
     assert _run(script, env, tmp_path).returncode == 0
 
@@ -298,7 +291,7 @@ def test_service_script_enables_and_disables_exact_unit_names(tmp_path: Path) ->
 
 def test_service_script_stops_at_the_first_failure(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
-    script = _step_script(_step(recipe, ServiceStep), tmp_path, recipe.folder, "web")
+    script = step_script(_step(recipe, ServiceStep), tmp_path, recipe.folder, "web")
     env, log = _fake_bin(tmp_path, {"systemctl": "exit 1"})
     assert _run(script, env, tmp_path).returncode != 0
     assert _calls(log) == [["systemctl", "enable", "nginx"]]
@@ -310,7 +303,7 @@ def test_user_script_creates_the_user_and_installs_keys_from_the_stage(tmp_path:
     stage.mkdir()
     step = _step(recipe, UserStep)
 
-    script = _step_script(step, stage, recipe.folder, "web")
+    script = step_script(step, stage, recipe.folder, "web")
 
     assert (stage / "authorized_keys").read_text() == "ssh-ed25519 AAAATEST deploy@test\n"
     assert "AAAATEST" not in script  # keys travel as a file
@@ -344,7 +337,7 @@ def test_user_script_leaves_an_existing_user_alone(tmp_path: Path) -> None:
     stage = tmp_path / "stage"
     stage.mkdir()
 
-    script = _step_script(step, stage, recipe.folder, "web")
+    script = step_script(step, stage, recipe.folder, "web")
 
     assert not (stage / "authorized_keys").exists()
     env, log = _fake_bin(tmp_path, {"id": "echo 1000", "useradd": "exit 0"})
@@ -353,9 +346,9 @@ def test_user_script_leaves_an_existing_user_alone(tmp_path: Path) -> None:
 
 
 def test_generalise_script_sets_the_hostname_variable(tmp_path: Path) -> None:
-    script = _step_script(None, tmp_path, tmp_path, "web-tier")
+    script = step_script(None, tmp_path, tmp_path, "web-tier")
     assert script == "AMIFORGE_HOSTNAME=web-tier\n" + GENERALISE
-    hostile = _step_script(None, tmp_path, tmp_path, "x; touch pwned")
+    hostile = step_script(None, tmp_path, tmp_path, "x; touch pwned")
     assert hostile.startswith("AMIFORGE_HOSTNAME='x; touch pwned'\n")
     for secret in ("/etc/ssh/ssh_host_*_key", "/etc/machine-id", "/root/.ssh/id_*", "/var/lib/cloud"):
         assert secret in GENERALISE
@@ -514,7 +507,7 @@ def test_generalisation_reports_what_it_removed_and_a_cache_hit_reports_it_again
 def _step_script_of(plan: LayerPlan, tmp_path: Path) -> str:
     stage = tmp_path / "stage-for-script"
     stage.mkdir(exist_ok=True)
-    return _step_script(plan.step, stage, tmp_path, "web")
+    return step_script(plan.step, stage, tmp_path, "web")
 
 
 def test_parse_generalised_keeps_path_and_kind_once_each() -> None:

@@ -34,7 +34,7 @@ def _probe_kvm(cache: Path) -> dict[str, object]:
 
 def _aws(region: str, as_json: bool) -> None:
     # Imported here: boto3 costs ~0.3 s of start-up, which only AWS users should pay.
-    from amiforge.providers.aws.clients import AwsSession
+    from amiforge.awsapi.clients import AwsSession
     from amiforge.providers.aws.doctor import aws_report
 
     report = aws_report(AwsSession(check_aws_region(region, what="--region")))

@@ -1,6 +1,6 @@
 """AWS KMS signing: an ECC_NIST_P256 SIGN_VERIFY key signs with ECDSA_SHA_256; verification is local.
 
-The only module of `signing/` that imports boto3 (DESIGN.md §3, rule 2).
+The only module of `signing/` that talks to AWS, through `amiforge.awsapi` (its clients and error table).
 
 Signing sends KMS the sha256 of the message with `MessageType=DIGEST`, never the message itself: KMS refuses RAW
 messages over 4096 bytes, and what gets signed is a DSSE PAE of a whole statement, which grows with every artifact
@@ -12,7 +12,7 @@ cached (or passed in from the registry's trusted keys), so verification needs no
 and no network once the key is known. IAM: the signer needs kms:DescribeKey and kms:Sign; the verifier
 kms:GetPublicKey unless it is given the public keys.
 
-Every botocore ClientError goes through the AWS provider's one table (providers/aws/errors.py), keyed by the
+Every botocore ClientError goes through the one AWS error table (awsapi/errors.py), keyed by the
 error code; message text is never inspected.
 """
 
@@ -22,14 +22,14 @@ import hashlib
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-import boto3
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from amiforge.awsapi.clients import AwsSession
+from amiforge.awsapi.errors import CAUGHT, error_for_code, translate
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
 from amiforge.model import TrustedKey
-from amiforge.providers.aws.errors import CAUGHT, error_for_code, translate
 from amiforge.signing.interface import signature_failure
 
 ALGORITHM = "ecdsa-p256-sha256"
@@ -39,7 +39,7 @@ SIGNING_ALGORITHM = "ECDSA_SHA_256"
 KEY_USAGE = "SIGN_VERIFY"
 
 
-# --- errors: the AWS provider's one table (providers/aws/errors.py) decides every KMS error ---------------------
+# --- errors: the one AWS error table (awsapi/errors.py) decides every KMS error ---------------------
 
 
 # DescribeKey reports a key that cannot sign through its state, not an error; it is mapped as the error code KMS
@@ -91,7 +91,7 @@ class KmsSigner:
 
     def _kms(self) -> Any:
         if self._client is None:
-            self._client = boto3.client("kms", region_name=self._region)
+            self._client = AwsSession(self._region).client("kms")
         return self._client
 
     def _resolve(self) -> str:
@@ -198,7 +198,7 @@ class KmsVerifier:
     def _kms(self, region: str) -> Any:
         client = self._clients.get(region)
         if client is None:
-            client = self._clients[region] = boto3.client("kms", region_name=region)
+            client = self._clients[region] = AwsSession(region).client("kms")
         return client
 
     def _public_key(self, key_id: str) -> ec.EllipticCurvePublicKey:

@@ -15,7 +15,7 @@ import pytest
 from moto import mock_aws
 from moto_emulation import ApiCalls, FaultInjector, PagingEmulation, fast_tag_lookup, no_backoff
 
-from amiforge.providers.aws.clients import AwsSession
+from amiforge.awsapi.clients import AwsSession
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"  # moto's default account

@@ -6,7 +6,7 @@ import base64
 import re
 from collections.abc import Callable, Sequence
 
-from amiforge.providers.aws.clients import AwsSession
+from amiforge.awsapi.clients import AwsSession
 from amiforge.providers.aws.machine import CommandResult
 
 DPKG = "Package: nginx\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.22.1-9\n\n"

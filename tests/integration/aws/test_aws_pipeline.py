@@ -24,9 +24,9 @@ from moto.ec2.models import ec2_backends
 from moto_emulation import shared_images
 
 import amiforge.providers
+from amiforge.awsapi.clients import AwsSession
 from amiforge.providers.aws import distribute as distribute_module
 from amiforge.providers.aws.bake import Wait
-from amiforge.providers.aws.clients import AwsSession
 from amiforge.providers.aws.machine import CommandResult
 from amiforge.providers.aws.provider import AwsProvider
 from amiforge.settings import Settings

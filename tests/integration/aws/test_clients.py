@@ -8,8 +8,8 @@ import pytest
 from conftest import REGION, Aws
 
 from amiforge import __version__
+from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, NotFound
-from amiforge.providers.aws.clients import AwsSession, call, paginate
 
 OTHER = "210987654321"
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from moto import mock_aws
 
-from amiforge.providers.aws.clients import AwsSession
+from amiforge.awsapi.clients import AwsSession
 from amiforge.providers.aws.doctor import aws_report
 from amiforge.providers.aws.iam import actions_for
 

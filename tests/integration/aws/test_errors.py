@@ -1,12 +1,12 @@
-"""The one table from AWS error codes to amiforge errors (providers/aws/errors.py)."""
+"""The one table from AWS error codes to amiforge errors (awsapi/errors.py)."""
 
 from __future__ import annotations
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError
 
+from amiforge.awsapi.errors import AWS_ERRORS, rule_for, translate
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
-from amiforge.providers.aws.errors import AWS_ERRORS, rule_for, translate
 
 
 def _client_error(code: str, message: str = "whatever AWS says") -> ClientError:

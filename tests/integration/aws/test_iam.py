@@ -20,9 +20,9 @@ from conftest import ACCOUNT, REGION, Aws
 from ebs_emulation import EbsEmulation
 from gc_fixtures import install_gc_emulation
 
+from amiforge.awsapi.clients import iam_action
 from amiforge.errors import ConfigError
 from amiforge.model import Artifact
-from amiforge.providers.aws.clients import iam_action
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.gc import apply_gc, plan_gc
 from amiforge.providers.aws.iam import (

@@ -9,8 +9,8 @@ import pytest
 from conftest import ACCOUNT, REGION, Aws
 from moto.ec2.models import ec2_backends
 
+from amiforge.awsapi.clients import eventually
 from amiforge.errors import ConfigError, NotFound, StateError
-from amiforge.providers.aws.clients import eventually
 from amiforge.providers.aws.images import SourceImage, describe_image, inventory, resolve_source
 from amiforge.recipe import OwnersSource, SsmSource
 

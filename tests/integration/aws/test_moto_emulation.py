@@ -14,7 +14,7 @@ from conftest import REGION, Aws
 from moto.ec2.models.core import TaggedEC2Resource
 from moto_emulation import FaultInjector, PagingEmulation, no_backoff, shared_images
 
-from amiforge.providers.aws.clients import AwsSession
+from amiforge.awsapi.clients import AwsSession
 
 SIZES = [1, 2, 7, 1000]
 TAG = [{"ResourceType": "image", "Tags": [{"Key": "amiforge:managed", "Value": "true"}]}]

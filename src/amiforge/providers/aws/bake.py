@@ -27,21 +27,23 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeVar
 
+from amiforge.awsapi.clients import AwsSession, call
 from amiforge.errors import ConfigError, InfraError, NotFound
 from amiforge.model import BootReport, CheckResult, Leftover, Package, RemovedFile
-from amiforge.providers.aws.clients import AwsSession, call
 from amiforge.providers.aws.images import MANAGED_TAG, SourceImage, describe_image
 from amiforge.providers.aws.machine import STAGE, Machine, MachineFactory, SsmMachine
-from amiforge.providers.interface import PhaseUpdate, RunContext
-from amiforge.providers.local.layers import STEP_TIMEOUT, _step_script, parse_generalised
-from amiforge.providers.local.qemu import (
+from amiforge.providers.guest import (
     COMMAND_TIMEOUT,
     READY_RE,
+    STEP_TIMEOUT,
     GuestCheck,
     guest_checks,
     guest_results,
     guest_script,
+    parse_generalised,
+    step_script,
 )
+from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.tools import remove_tree, temporary_dir
 from amiforge.recipe import AwsProvider, Checks, FileStep, Recipe, Step
 from amiforge.scanners.sbom import parse_dpkg_status
@@ -218,7 +220,7 @@ def _run_step(
     try:
         # Only file steps read the recipe's folder; a recipe built in memory has none.
         folder = recipe.folder if isinstance(step, FileStep) else stage
-        script = _step_script(step, stage, folder, recipe.name)
+        script = step_script(step, stage, folder, recipe.name)
         for staged in sorted(stage.iterdir()):
             machine.put_file(f"{STAGE}/{staged.name}", staged.read_bytes(), 0o600)
     finally:

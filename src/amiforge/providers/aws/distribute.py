@@ -38,9 +38,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from amiforge.awsapi.clients import AwsSession, call, eventually, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateError
 from amiforge.model import AWS_REGION_RE
-from amiforge.providers.aws.clients import AwsSession, call, eventually, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
 
 __all__ = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from amiforge.providers.aws.clients import AwsSession, call
+from amiforge.awsapi.clients import AwsSession, call
 from amiforge.providers.aws.iam import OPERATIONS, policy_document
 
 

@@ -83,15 +83,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
+from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import AWS_REGION_RE, Artifact
 from amiforge.providers.aws.bake import Wait, poll
-from amiforge.providers.aws.clients import AwsSession, call, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
 from amiforge.providers.aws.machine import SsmMachine
 from amiforge.providers.aws.templates import Template, client_token, find_template, version_holding
+from amiforge.providers.guest import READY_RE
 from amiforge.providers.interface import BootSignal, Member, MemberState, Replacement
-from amiforge.providers.local.qemu import READY_RE
 from amiforge.recipe import Checks
 
 __all__ = [

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, NotFound, StateError
-from amiforge.providers.aws.clients import AwsSession, call, paginate
 from amiforge.recipe import OwnersSource, SsmSource
 
 __all__ = [

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
+from amiforge.awsapi.clients import AwsSession, call, eventually, iam_action
+from amiforge.awsapi.errors import CAUGHT, translate
 from amiforge.errors import AmiforgeError, InfraError, NotFound
-from amiforge.providers.aws.clients import AwsSession, call, eventually, iam_action
-from amiforge.providers.aws.errors import CAUGHT, translate
 
 __all__ = [
     "MAX_COMMAND_CHARS",

@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, NotFound, StateError
-from amiforge.providers.aws.clients import AwsSession, call, paginate
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
 from amiforge.providers.aws.templates import (
     Template,

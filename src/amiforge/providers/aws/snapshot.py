@@ -41,9 +41,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError
 
+from amiforge.awsapi.clients import AwsSession, call
 from amiforge.errors import ConfigError, InfraError, NotFound
 from amiforge.model import Leftover
-from amiforge.providers.aws.clients import AwsSession, call
 from amiforge.providers.interface import ImageView
 from amiforge.providers.local.inspect import ext4_view
 from amiforge.providers.local.tools import remove_or_report, run

@@ -14,8 +14,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import NotFound
-from amiforge.providers.aws.clients import AwsSession, call, paginate
 
 __all__ = ["Template", "client_token", "describe_versions", "find_template", "image_of", "version_holding"]
 

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
 from amiforge.inputs import read_input
 from amiforge.model import IMAGE_NAME_PATTERN, Artifact
+from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import BootSignal, Member, MemberState, PhaseUpdate, Replacement
 from amiforge.providers.local import qemu
 from amiforge.providers.local.provider import CHECKS_GRACE, LocalProvider
@@ -97,7 +98,7 @@ class MemberFile(BaseModel):
     initrd: str
     launched_at: datetime
     ready_within: float
-    checks: list[qemu.GuestCheck]
+    checks: list[in_guest.GuestCheck]
     accel: str
     forwards: dict[int, int]  # guest port -> host port on 127.0.0.1
     replaces: str | None = None
@@ -140,9 +141,9 @@ def console_lines(text: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n")[:-1]]
 
 
-def checks_grace(checks: Sequence[qemu.GuestCheck]) -> float:
+def checks_grace(checks: Sequence[in_guest.GuestCheck]) -> float:
     """How long after READY the in-guest checks may take to report, as the boot test allows them."""
-    return CHECKS_GRACE + qemu.COMMAND_TIMEOUT * len(checks)
+    return CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(checks)
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,13 @@ def _outcome(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon: 
     ready_at = launched + timedelta(seconds=ttr)
     if ttr > rec.ready_within:
         return Outcome("failed", f"ready only after {ttr:.1f}s (limit {rec.ready_within:.0f}s)", ready_at)
-    after = next(i for i, line in enumerate(lines) if qemu.READY_RE.search(line))
-    if not any(qemu.DONE_MARK in line for line in lines[after:]):
+    after = next(i for i, line in enumerate(lines) if in_guest.READY_RE.search(line))
+    if not any(in_guest.DONE_MARK in line for line in lines[after:]):
         limit = ready_at + timedelta(seconds=checks_grace(rec.checks))
         if horizon >= limit:
             return Outcome("failed", "the in-guest checks did not finish", limit)
         return None
-    failed = [r for r in qemu.guest_results(rec.checks, lines) if not r.passed]
+    failed = [r for r in in_guest.guest_results(rec.checks, lines) if not r.passed]
     if failed:
         return Outcome("failed", "; ".join(f"{r.name}: {r.detail}" for r in failed), ready_at)
     return Outcome("ready", f"ready after {ttr:.1f}s", ready_at)
@@ -179,7 +180,7 @@ def _outcome(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon: 
 
 def ready_uptime(lines: Sequence[str]) -> float | None:
     for line in lines:
-        m = qemu.READY_RE.search(line)
+        m = in_guest.READY_RE.search(line)
         if m:
             return float(m.group(1))
     return None
@@ -357,7 +358,7 @@ class _Launch:
     artifact: Artifact
     version_ref: str
     checks: Checks
-    guest_checks: list[qemu.GuestCheck] = field(default_factory=list)
+    guest_checks: list[in_guest.GuestCheck] = field(default_factory=list)
     accel: str | None = None  # decided on the first real launch (a probe), not for reused members
 
 
@@ -526,7 +527,7 @@ class LocalFleet:
             memory_mb=self.settings.guest_memory_mb,
             cpus=self.settings.guest_cpus,
             forwards=rec.forwards,
-            checks_script=qemu.guest_script(rec.checks),
+            checks_script=in_guest.guest_script(rec.checks),
             name=f"amiforge-{self.target}-{mid}",
             console=mdir / "console.log",
         )
@@ -551,7 +552,7 @@ class LocalFleet:
         """Launch (or find, by token) one member per (token, member it replaces), at most MAX_BOOTING booting at
         once, and wait until each is ready or failed. Returns their ids in the order asked."""
         _check_artifact(plan.artifact)
-        plan.guest_checks = qemu.guest_checks(plan.checks)
+        plan.guest_checks = in_guest.guest_checks(plan.checks)
         ids: list[str] = []
         booting: dict[str, float] = {}  # member id -> give up waiting at (monotonic; a backstop, see assess)
         pending = list(wanted)

@@ -98,7 +98,7 @@ def _read_module(path: str, data: bytes) -> bytes:
     return data
 
 
-class _Newc:
+class NewcArchive:
     """Writes a cpio archive in the `newc` format the kernel unpacks, with fixed metadata (reproducible)."""
 
     def __init__(self) -> None:
@@ -143,7 +143,7 @@ def build_initrd(rootfs: Path, out: Path) -> list[str]:
     if dep_text is None:
         raise InfraError(f"the image has no modules.dep for kernel {version}")
     order = load_order(parse_modules_dep(dep_text), ROOT_MODULES)
-    archive = _Newc()
+    archive = NewcArchive()
     for d in ("bin", "modules", "proc", "sys", "dev", "newroot"):
         archive.dir(d)
     archive.file("bin/busybox", STATIC_BUSYBOX.read_bytes(), 0o755)

@@ -12,6 +12,7 @@ from typing import ClassVar
 from amiforge.errors import ConfigError, NotFound
 from amiforge.inputs import file_sha256
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover
+from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import (
     BakeResult,
     Fleet,
@@ -109,7 +110,7 @@ class LocalProvider:
         accel, why = self.accel(Path(artifact.kernel), workdir)
         ctx.log(f"accelerator: {accel} ({why})")
 
-        guest_checks = qemu.guest_checks(checks)
+        guest_checks = in_guest.guest_checks(checks)
         ports = sorted({h.port for h in checks.http} | {t.port for t in checks.tcp})
         forwards = {p: qemu.free_port() for p in ports}
         guest_spec = qemu.GuestSpec(
@@ -121,7 +122,7 @@ class LocalProvider:
             memory_mb=self.settings.guest_memory_mb,
             cpus=self.settings.guest_cpus,
             forwards=forwards,
-            checks_script=qemu.guest_script(guest_checks),
+            checks_script=in_guest.guest_script(guest_checks),
             name=f"amiforge-{ctx.run_id}",
         )
         started_at = datetime.now(UTC)
@@ -130,7 +131,7 @@ class LocalProvider:
         results: list[CheckResult] = []
         ready_at: float | None = None
         with qemu.Guest(guest_spec) as guest:
-            ready = guest.wait_for(qemu.READY_RE, checks.ready_within)
+            ready = guest.wait_for(in_guest.READY_RE, checks.ready_within)
             if ready is None:
                 state = "QEMU exited" if not guest.running() else f"not ready within {checks.ready_within:.0f}s"
                 results.append(CheckResult("ready", "ready", False, state))
@@ -138,8 +139,8 @@ class LocalProvider:
                 ready_at = round(ready[0], 3)
                 results.append(CheckResult("ready", "ready", True, f"ready after {ready_at:.1f}s"))
                 ctx.phase_done("boot", ready_at, f"ready ({accel})")
-                guest.wait_for(qemu.DONE_MARK, CHECKS_GRACE + qemu.COMMAND_TIMEOUT * len(guest_checks))
-                results += qemu.guest_results(guest_checks, guest.lines())
+                guest.wait_for(in_guest.DONE_MARK, CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(guest_checks))
+                results += in_guest.guest_results(guest_checks, guest.lines())
                 deadline = time.monotonic() + PORT_GRACE
                 for h in checks.http:
                     ok, detail = qemu.http_check(forwards[h.port], h.path, h.expect_status, h.expect_body, deadline)

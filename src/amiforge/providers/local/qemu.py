@@ -8,36 +8,28 @@ console; port checks (HTTP, TCP) run from the host through hostfwd on 127.0.0.1.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import http.client
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from amiforge.errors import InfraError
-from amiforge.model import CheckResult
-from amiforge.providers.local.initrd import _Newc
+from amiforge.providers.local.initrd import NewcArchive
 from amiforge.providers.local.tools import STATIC_BUSYBOX, end_process, require, run, write_atomic
 
 if TYPE_CHECKING:
-    from amiforge.recipe import Checks
+    pass
 
-READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
-RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
-DONE_MARK = "AMIFORGE-CHECKS-DONE"
-COMMAND_TIMEOUT = 30
 # One serial port, no keyboard/mouse probing, no boot-time crypto self-tests and no timer re-checks:
 # a headless guest needs none of it, and each costs tenths of a second under TCG (BENCHMARKS.md).
 KERNEL_ARGS = (
@@ -195,70 +187,6 @@ class Guest:
         self.stop()
 
 
-# --- in-guest checks ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GuestCheck:
-    name: str
-    kind: str  # unit | command
-    shell: str
-    expect_exit: int = 0
-    expect_output: str | None = None
-
-
-# The serial getty starts late (Type=idle) and systemd hangs ttyS0 up before it runs (TTYVHangup=yes): a result
-# written to the console opened before that fails with EIO and was lost (a boot test failing at random under
-# load). Such a line is written again on a fresh open of the console, if the console is where it was going.
-GUEST_PRELUDE = f"""r() {{
-    out=$(timeout {COMMAND_TIMEOUT} sh -c "$2" 2>&1 </dev/null); rc=$?
-    line=$(printf 'AMIFORGE-RESULT %s %s %s' "$1" "$rc" "$(printf '%s' "$out" | head -c 4000 | base64 -w0)")
-    printf '\\n%s\\n' "$line" 2>/dev/null ||
-        {{ [ /proc/$$/fd/1 -ef /dev/ttyS0 ] && printf '\\n%s\\n' "$line" >/dev/ttyS0; }}
-}}
-"""
-
-
-def guest_checks(checks: Checks) -> list[GuestCheck]:
-    """The recipe's in-guest checks (units, commands), in the order their results are numbered."""
-    found = [GuestCheck(f"unit {u}", "unit", f"systemctl is-active -- {shlex.quote(u)}") for u in checks.units]
-    found += [GuestCheck(f"command {c.run}", "command", c.run, c.expect_exit, c.expect_output) for c in checks.commands]
-    return found
-
-
-def guest_script(checks: Sequence[GuestCheck]) -> str:
-    body = "".join(f"r {i} {shlex.quote(c.shell)}\n" for i, c in enumerate(checks))
-    return GUEST_PRELUDE + body
-
-
-def guest_results(checks: Sequence[GuestCheck], lines: Sequence[str]) -> list[CheckResult]:
-    """Match the framed results on the console to the checks; a missing result is a failure."""
-    found: dict[int, tuple[int, str]] = {}
-    for line in lines:
-        m = RESULT_RE.search(line)
-        if m:
-            try:
-                out = base64.b64decode(m.group(3)).decode("utf-8", "replace")
-            except ValueError:
-                out = "(garbled result on the console)"
-            found[int(m.group(1))] = (int(m.group(2)), out)
-    results = []
-    for i, c in enumerate(checks):
-        if i not in found:
-            results.append(CheckResult(c.name, c.kind, False, "no result came back from the guest"))
-            continue
-        rc, out = found[i]
-        problems = []
-        if rc != c.expect_exit:
-            problems.append(f"exit {rc}, expected {c.expect_exit}")
-        if c.expect_output is not None and c.expect_output not in out:
-            problems.append(f"output lacks {c.expect_output!r}")
-        detail = "; ".join(problems) if problems else f"exit {rc}"
-        snippet = out.strip().replace("\n", " | ")[:300]
-        results.append(CheckResult(c.name, c.kind, not problems, f"{detail}: {snippet}" if snippet else detail))
-    return results
-
-
 # --- host-side port checks ---------------------------------------------------------------------------------
 
 
@@ -332,7 +260,7 @@ def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]
             cached = {}  # damaged: probe again
         if cached.get("key") == key:
             return bool(cached["ok"]), str(cached["why"])
-    archive = _Newc()
+    archive = NewcArchive()
     archive.dir("bin")
     archive.file("bin/busybox", STATIC_BUSYBOX.read_bytes(), 0o755)
     archive.file("init", b"#!/bin/busybox sh\n/bin/busybox echo AMIFORGE-KVM-OK\n/bin/busybox poweroff -f\n", 0o755)

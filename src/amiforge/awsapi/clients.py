@@ -24,9 +24,9 @@ from botocore import xform_name
 from botocore.config import Config
 
 from amiforge import __version__
+from amiforge.awsapi.errors import CAUGHT, translate
 from amiforge.errors import AmiforgeError, ConfigError, NotFound
 from amiforge.model import check_aws_region
-from amiforge.providers.aws.errors import CAUGHT, translate
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "MAX_PAGE_SIZE", "AwsSession", "call", "eventually", "iam_action", "paginate"]
 
