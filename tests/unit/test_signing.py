@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amiforge.errors import ConfigError, GateFailed
 from amiforge.model import TrustedKey
@@ -25,6 +29,7 @@ from amiforge.signing.interface import (
     IN_TOTO_PAYLOAD_TYPE,
     SLSA_PROVENANCE_V1,
     STATEMENT_TYPE,
+    CanonicalJsonError,
     Manifest,
     MultiVerifier,
     Signer,
@@ -332,6 +337,242 @@ def test_manifest_from_a_foreign_statement_fails_the_gate() -> None:
     with pytest.raises(GateFailed, match="signature gate failed") as caught:
         manifest_from_statement({"_type": STATEMENT_TYPE, "predicateType": "https://example.com/other", "subject": []})
     assert "not an amiforge manifest statement" in caught.value.diagnostics()
+
+
+# --- RFC 8785 (JCS): the canonical form signatures cover ----------------------------------------------------------
+
+
+# The serialiser amiforge used before rfc8785, kept only to prove that what it signed still comes out byte for byte.
+def _legacy_canonical_json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+# RFC 8785 §3.2.2: the example of the whole scheme (numbers, string escapes, literals), input and canonical output.
+RFC_3_2_2_INPUT = r"""{
+  "numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
+  "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+  "literals": [null, true, false]
+}"""
+RFC_3_2_2_OUTPUT = '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+RFC_3_2_2_OUTPUT += r'"string":"€$\u000f\nA' + "'" + r'B\"\\\\\"/"}'
+
+# RFC 8785 §3.2.3: property sorting by UTF-16 code units; the values in the order the RFC expects after sorting.
+RFC_3_2_3_INPUT = r"""{
+  "\u20ac": "Euro Sign",
+  "\r": "Carriage Return",
+  "\ufb33": "Hebrew Letter Dalet With Dagesh",
+  "1": "One",
+  "\ud83d\ude00": "Emoji: Grinning Face",
+  "\u0080": "Control",
+  "\u00f6": "Latin Small Letter O With Diaeresis"
+}"""
+RFC_3_2_3_ORDER = [
+    "Carriage Return",
+    "One",
+    "Control",
+    "Latin Small Letter O With Diaeresis",
+    "Euro Sign",
+    "Emoji: Grinning Face",
+    "Hebrew Letter Dalet With Dagesh",
+]
+
+# RFC 8785 Appendix B: IEEE 754 doubles (hex, big-endian) and their canonical JSON numbers; None: no JSON form.
+RFC_APPENDIX_B = [
+    ("0000000000000000", "0"),  # zero
+    ("8000000000000000", "0"),  # minus zero
+    ("0000000000000001", "5e-324"),  # min pos number
+    ("8000000000000001", "-5e-324"),  # min neg number
+    ("7fefffffffffffff", "1.7976931348623157e+308"),  # max pos number
+    ("ffefffffffffffff", "-1.7976931348623157e+308"),  # max neg number
+    ("4340000000000000", "9007199254740992"),  # max pos int
+    ("c340000000000000", "-9007199254740992"),  # max neg int
+    ("4430000000000000", "295147905179352830000"),  # ~2**68
+    ("7fffffffffffffff", None),  # NaN
+    ("7ff0000000000000", None),  # Infinity
+    ("44b52d02c7e14af5", "9.999999999999997e+22"),
+    ("44b52d02c7e14af6", "1e+23"),
+    ("44b52d02c7e14af7", "1.0000000000000001e+23"),
+    ("444b1ae4d6e2ef4e", "999999999999999700000"),
+    ("444b1ae4d6e2ef4f", "999999999999999900000"),
+    ("444b1ae4d6e2ef50", "1e+21"),
+    ("3eb0c6f7a0b5ed8c", "9.999999999999997e-7"),
+    ("3eb0c6f7a0b5ed8d", "0.000001"),
+    ("41b3de4355555553", "333333333.3333332"),
+    ("41b3de4355555554", "333333333.33333325"),
+    ("41b3de4355555555", "333333333.3333333"),
+    ("41b3de4355555556", "333333333.3333334"),
+    ("41b3de4355555557", "333333333.33333343"),
+    ("becbf647612f3696", "-0.0000033333333333333333"),
+    ("43143ff3c1cb0959", "1424953923781206.2"),
+]
+
+# The RFC author's reference test data (github.com/cyberphone/json-canonicalization, testdata/input → output).
+JCS_TESTDATA = {
+    "arrays": (
+        '[\n  56,\n  {\n    "d": true,\n    "10": null,\n    "1": [ ]\n  }\n]',
+        '[56,{"1":[],"10":null,"d":true}]',
+    ),
+    "french": (
+        '{\n  "peach": "This sorting order",\n  "péché": "is wrong according to French",\n'
+        '  "pêche": "but canonicalization MUST",\n  "sin":   "ingnore locale"\n}\n',
+        '{"peach":"This sorting order","péché":"is wrong according to French","pêche":"but canonicalization MUST",'
+        '"sin":"ingnore locale"}',
+    ),
+    "structures": (
+        '{\n  "1": {"f": {"f": "hi","F": 5} ,"\\n": 56.0},\n  "10": { },\n  "": "empty",\n  "a": { },\n'
+        '  "111": [ { } ],\n  "A": { }\n}',
+        '{"":"empty","1":{"\\n":56,"f":{"F":5,"f":"hi"}},"10":{},"111":[{}],"A":{},"a":{}}',
+    ),
+    "unicode": ('{\n  "Unnormalized Unicode":"\\u1e0d\\u0307"\n}\n', '{"Unnormalized Unicode":"\u1e0d\u0307"}'),
+    "values": (
+        '{\n  "numbers": [1E30, 4.50, 333333333.33333329, 2e-3, 0.000000000000000000000000001],\n'
+        '  "escaping": "\\u20ac$\\u000F\\u000aA\'\\u0042\\u0022\\u005c\\\\\\"\\/",\n'
+        '  "literals": [null, true, false]\n}',
+        '{"escaping":"€$\\u000f\\nA\'B\\"\\\\\\\\\\"/","literals":[null,true,false],'
+        '"numbers":[1e+30,4.5,333333333.3333333,0.002,1e-27]}',
+    ),
+    "weird": (
+        '{\n  "\\u20ac": "Euro Sign",\n  "1": "One",\n  "\\u0080": "Control\\u007f",\n  "\\ud83d\\ude02": "Smiley",\n'
+        '  "\\u00f6": "Latin Small Letter O With Diaeresis",\n  "\\ufb33": "Hebrew Letter Dalet With Dagesh",\n'
+        '  "</script>": "Browser Challenge"\n}\n',
+        '{"1":"One","</script>":"Browser Challenge","\u0080":"Control\u007f","ö":"Latin Small Letter O With Diaeresis",'
+        '"€":"Euro Sign","\U0001f602":"Smiley","\ufb33":"Hebrew Letter Dalet With Dagesh"}',
+    ),
+}
+
+
+def test_rfc8785_section_3_2_2_example() -> None:
+    assert canonical_json(json.loads(RFC_3_2_2_INPUT)) == RFC_3_2_2_OUTPUT.encode("utf-8")
+
+
+def test_rfc8785_section_3_2_3_sorts_by_utf16_code_units() -> None:
+    out = canonical_json(json.loads(RFC_3_2_3_INPUT))
+    assert [value for _, value in json.loads(out, object_pairs_hook=list)] == RFC_3_2_3_ORDER
+    # Code-point order (what the hand-written serialiser did) puts U+FB33 before U+1F600: the one place it differed.
+    assert _legacy_canonical_json(json.loads(RFC_3_2_3_INPUT)) != out
+
+
+@pytest.mark.parametrize(("ieee_hex", "expected"), RFC_APPENDIX_B, ids=[h for h, _ in RFC_APPENDIX_B])
+def test_rfc8785_appendix_b_numbers(ieee_hex: str, expected: str | None) -> None:
+    (number,) = struct.unpack(">d", bytes.fromhex(ieee_hex))
+    if expected is None:
+        with pytest.raises(CanonicalJsonError, match=r"\$\[0\]: number (nan|inf) has no JSON form") as e:
+            canonical_json([number])
+        assert e.value.exit_code == 2 and e.value.problems[0].field == "$[0]"
+    else:
+        assert canonical_json(number) == expected.encode()
+        assert canonical_json({"n": [number]}) == b'{"n":[' + expected.encode() + b"]}"
+
+
+@pytest.mark.parametrize("name", sorted(JCS_TESTDATA))
+def test_rfc8785_reference_testdata(name: str) -> None:
+    given_text, expected = JCS_TESTDATA[name]
+    assert canonical_json(json.loads(given_text)) == expected.encode("utf-8")
+
+
+def test_floats_are_where_rfc8785_and_the_old_serialiser_differ() -> None:
+    # No manifest holds a float (findings are integer counts), so no signed statement ever had one; recorded here so
+    # that adding a float to a manifest is a conscious change of the signed bytes.
+    for number, jcs, old in [
+        (56.0, b"56", b"56.0"),
+        (1e-6, b"0.000001", b"1e-06"),
+        (2.0**68, b"295147905179352830000", b"2.9514790517935283e+20"),
+    ]:
+        assert canonical_json(number) == jcs
+        assert _legacy_canonical_json(number) == old
+
+
+def test_statement_bytes_are_unchanged_from_before_rfc8785() -> None:
+    # sha256 of canonical_statement(make_manifest()) and its Ed25519 signature (a fixed test key) as the hand-written
+    # serialiser made them, before canonical_json used rfc8785: the bytes, and so every earlier signature, still hold.
+    payload = canonical_statement(make_manifest())
+    assert hashlib.sha256(payload).hexdigest() == "b925d9c9d84a876061b1ae3a2e01f180f1ed4874777521447b3154082a337fd6"
+    assert payload == _legacy_canonical_json(statement(make_manifest()))
+    signer = KeyfileSigner(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    signed_before = {
+        "payload": b64(payload),
+        "payloadType": IN_TOTO_PAYLOAD_TYPE,
+        "signatures": [
+            {
+                "keyid": "ed25519:56475aa75463474c",
+                "sig": "TOHiCdXGruJzI5449IfwhQ+opr2Nmd5v2mn1q0IW/j4S47bMTaa81S2Y2sP7Eq5ec0QZzWtlRrRbAQyDUWewDg==",
+            }
+        ],
+    }
+    assert sign_envelope(payload, signer) == signed_before
+    opened = open_envelope(signed_before, verifier_for(signer), trusted_key_ids={signer.key_id})
+    assert canonical_statement(manifest_from_statement(opened)) == payload
+
+
+_json_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_manifest_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _json_text,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        # Names within the Basic Multilingual Plane: there UTF-16 order is code-point order (RFC 8785 §3.2.3).
+        | st.dictionaries(
+            st.text(st.characters(max_codepoint=0xFFFF, blacklist_categories=("Cs",)), max_size=6), inner, max_size=4
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_manifest_like)
+def test_rfc8785_equals_the_old_serialiser_on_what_manifests_hold(value: object) -> None:
+    # Strings (any Unicode, control characters included), safe integers, literals, arrays and objects with BMP names:
+    # the kinds of value a statement is made of. Same bytes, so no signature made before the switch changes meaning.
+    assert canonical_json(value) == _legacy_canonical_json(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "reason"),
+    [
+        ({"a": [1, {"b": float("nan")}]}, "$.a[1].b", "number nan has no JSON form"),
+        ({"n": float("-inf")}, "$.n", "number -inf has no JSON form"),
+        ({"count": 2**53}, "$.count", "integer 9007199254740992 is beyond"),
+        ([-(2**53)], "$[0]", "integer -9007199254740992 is beyond"),
+        ({"path": "/data/\udcff.qcow2"}, "$.path", "is not valid Unicode"),
+        ({"bad\udcffname": 1}, "$['bad\\udcffname']", "is not valid Unicode"),
+        ({"x": {1: "one"}}, "$.x", "member name 1 is not a string"),
+        ({"x": {1, 2}}, "$.x", "a set has no JSON form"),
+    ],
+)
+def test_values_rfc8785_cannot_represent_are_config_errors_naming_the_member(
+    value: object, where: str, reason: str
+) -> None:
+    with pytest.raises(CanonicalJsonError) as e:
+        canonical_json(value)
+    err = e.value
+    assert isinstance(err, ConfigError) and err.exit_code == 2  # bad input, exit 2: never a traceback
+    assert err.problems[0].field == where and reason in err.problems[0].message
+    assert where in err.message and err.fix
+    # rfc8785's own error, or the UnicodeEncodeError it lets out for a name with a lone surrogate.
+    assert isinstance(err.__cause__, rfc8785.CanonicalizationError | UnicodeEncodeError)
+
+
+def test_a_manifest_rfc8785_cannot_represent_is_refused_when_signing() -> None:
+    huge = make_manifest(findings_summary={"cve:high": 2**53})
+    with pytest.raises(CanonicalJsonError) as e:
+        canonical_statement(huge)
+    assert (
+        e.value.problems[0].field == "$.predicate.buildDefinition.internalParameters.amiforge.findingsSummary.cve:high"
+    )
+    # A disk path that is not UTF-8 (os.fsdecode gives lone surrogates) names the subject it is in.
+    odd = make_manifest(artifacts=(("local", "eu-a", "/data/\udcff.qcow2", D1),))
+    with pytest.raises(CanonicalJsonError, match=r"\$\.subject\[1\]"):
+        canonical_statement(odd)
+
+
+def test_a_signed_statement_rfc8785_cannot_represent_fails_the_gate() -> None:
+    parsed = json.loads(canonical_statement(make_manifest()))
+    parsed["predicate"]["buildDefinition"]["internalParameters"]["amiforge"]["findingsSummary"]["cve:high"] = 2**60
+    with pytest.raises(GateFailed) as e:
+        manifest_from_statement(parsed)
+    (failure,) = e.value.failures
+    assert failure.name == "statement" and "no RFC 8785 canonical form" in failure.detail
+    assert "findingsSummary.cve:high" in failure.detail
 
 
 # --- envelopes ----------------------------------------------------------------------------------------------------

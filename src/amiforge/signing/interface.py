@@ -1,8 +1,8 @@
 """What a signature covers and how it travels: the manifest, its in-toto statement, and the DSSE envelope.
 
-A version is signed over one canonical byte string: an in-toto Statement v1 whose subjects are the image (its
-ref and disk digest) and every physical copy of it, with a SLSA provenance v1 predicate that records the recipe
-digest, the SBOM digest, the parent version, the findings summary, the builder and the build time. The statement
+A version is signed over one canonical byte string (RFC 8785 JSON): an in-toto Statement v1 whose subjects are the
+image (its ref and disk digest) and every physical copy of it, with a SLSA provenance v1 predicate that records the
+recipe digest, the SBOM digest, the parent version, the findings summary, the builder and the build time. The statement
 travels in a DSSE envelope; what is signed is DSSE's pre-authentication encoding (PAE) of the payload type and
 the statement bytes, so a signature can never be replayed as a signature over a different payload type.
 
@@ -20,9 +20,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol, TypedDict, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypedDict, cast, runtime_checkable
 
-from amiforge.errors import GateFailed, GateFailure
+import rfc8785
+
+from amiforge.errors import ConfigError, GateFailed, GateFailure, Problem
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1"
@@ -154,13 +156,63 @@ class Manifest:
         object.__setattr__(self, "findings_summary", MappingProxyType(dict(sorted(self.findings_summary.items()))))
 
 
-def canonical_json(value: object) -> bytes:
-    """The one serialisation signatures cover: sorted keys, no whitespace, UTF-8, no NaN.
+class CanonicalJsonError(ConfigError):
+    """A value RFC 8785 cannot represent, so it can be neither signed nor compared with what was signed.
 
-    Close to RFC 8785 for what manifests hold (strings, integers, objects, arrays); it differs only in key order
-    for characters outside the Basic Multilingual Plane, which no manifest key uses."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+    `field` of its one problem is the JSON path of the offending member (`$.predicate.…`)."""
+
+
+# rfc8785 0.1.4 raises its CanonicalizationError for most refusals, but a bare UnicodeEncodeError for a member name
+# holding a lone surrogate (it sorts names by their UTF-16 encoding before checking them).
+_REFUSALS = (rfc8785.CanonicalizationError, UnicodeEncodeError)
+
+
+def canonical_json(value: object) -> bytes:
+    """The one serialisation signatures cover: RFC 8785 (JSON Canonicalization Scheme), by the rfc8785 library.
+
+    Members sorted by the UTF-16 code units of their names, no whitespace, UTF-8, ECMAScript number forms. What
+    manifests hold (ASCII names; strings, integers, objects, arrays) comes out byte for byte as the hand-written
+    serialiser amiforge used before, so earlier signatures still verify. A value RFC 8785 has no form for (NaN or an
+    infinity, an integer beyond ±(2**53 - 1), text that is not valid Unicode, a non-JSON type) raises
+    `CanonicalJsonError` naming the member, never a bare library error."""
+    try:
+        return rfc8785.dumps(cast(Any, value))
+    except _REFUSALS as e:
+        where, reason = _unrepresentable(value, "$")
+        raise CanonicalJsonError(
+            f"cannot canonicalise the content to sign (RFC 8785): {where}: {reason}",
+            problems=[Problem(reason, field=where)],
+            fix="signed content must be plain JSON: valid Unicode text, integers within ±(2**53 - 1), finite "
+            "numbers; correct the value named (a path, for one, must be valid UTF-8)",
+        ) from e
+
+
+def _unrepresentable(value: object, path: str) -> tuple[str, str]:
+    """The JSON path of the innermost member of `value` that RFC 8785 refuses, and why (only run after a failure)."""
+    members: list[tuple[str, object]] = []
+    if isinstance(value, dict):
+        for key, member in value.items():
+            if not isinstance(key, str):
+                return path, f"member name {key!r} is not a string"
+            name = f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_:-]*", key) else f"{path}[{key!r}]"
+            members += [(name, key), (name, member)]
+    elif isinstance(value, list | tuple):
+        members = [(f"{path}[{i}]", member) for i, member in enumerate(value)]
+    for where, member in members:
+        try:
+            rfc8785.dumps(cast(Any, member))
+        except _REFUSALS:
+            return _unrepresentable(member, where)
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    if isinstance(value, int):
+        reason = f"integer {shown} is beyond ±(2**53 - 1), the integers JSON numbers hold exactly (RFC 8785 §3.2.2.3)"
+    elif isinstance(value, float):
+        reason = f"number {shown} has no JSON form (RFC 8785 §3.2.2.3 allows finite numbers only)"
+    elif isinstance(value, str):
+        reason = f"text {shown} is not valid Unicode (a lone surrogate, e.g. from bytes in another encoding)"
+    else:
+        reason = f"a {type(value).__name__} has no JSON form"
+    return path, reason
 
 
 def statement(manifest: Manifest) -> dict[str, Any]:
@@ -225,7 +277,7 @@ def manifest_from_statement(parsed: Mapping[str, Any]) -> Manifest:
         parent_uri = deps["parent"]["uri"] if "parent" in deps else None
         if parent_uri is not None and not parent_uri.startswith(PARENT_URI_PREFIX):
             raise ValueError(f"parent uri {parent_uri!r}")
-        return Manifest(
+        manifest = Manifest(
             name=build["externalParameters"]["image"],
             ref=image["name"],
             digest=image["digest"]["sha256"],
@@ -245,11 +297,17 @@ def manifest_from_statement(parsed: Mapping[str, Any]) -> Manifest:
             builder=run["builder"]["id"],
             built_at=datetime.fromisoformat(run["metadata"]["finishedOn"]),
         )
+        # What a verifier does next is compare canonical bytes: a statement that has none fails here, as a gate.
+        canonical_statement(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise GateFailed(
             GATE,
             [GateFailure("statement", f"not an amiforge manifest statement ({type(e).__name__}: {e})")],
         ) from e
+    except CanonicalJsonError as e:
+        detail = f"has no RFC 8785 canonical form: {e.problems[0].field}: {e.problems[0].message}"
+        raise GateFailed(GATE, [GateFailure("statement", detail)]) from e
+    return manifest
 
 
 # --- DSSE envelopes ---------------------------------------------------------------------------------------------
