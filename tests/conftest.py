@@ -1,7 +1,12 @@
-"""Fixtures shared by the unit and integration suites."""
+"""Fixtures shared by the unit and integration suites, and what a test needs from the machine.
+
+A test whose prerequisite is missing (a PostgreSQL server, root, the shared OSV records) skips on a developer's
+machine and FAILS in CI (`CI=true`, which .ci/run sets): CI must run the whole suite, never pass by skipping it.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 from collections.abc import Iterator
@@ -11,13 +16,61 @@ import pytest
 import sqlalchemy as sa
 
 POSTGRES_ENV = "AMIFORGE_TEST_POSTGRES_URL"
+BOOTSTRAP = "scripts/bootstrap.sh --test"
+
+# --- prerequisites: skip locally, fail in CI ------------------------------------------------------------------
+
+
+def in_ci() -> bool:
+    """CI=true (or 1, yes): set by CI systems and by .ci/run. Unset, empty, false, 0, no or off: a local run."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def required_or_skip(present: bool, missing: str, fix: str) -> None:
+    """Nothing when the prerequisite is present; otherwise skip the test locally, fail it in CI.
+
+    `missing` names what is missing, `fix` how to get it; both are in the message either way."""
+    if present:
+        return
+    message = f"{missing} (fix: {fix})"
+    if in_ci():
+        pytest.fail(f"CI=true, so this cannot be skipped: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def postgres_installed() -> bool:
+    """A PostgreSQL server as Debian installs it, where scripts/test.sh looks for one."""
+    return any(os.access(path, os.X_OK) for path in glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+
+
+def require_postgres() -> str:
+    """The base URL of the throw-away PostgreSQL server scripts/test.sh started (skip locally / fail in CI if none)."""
+    url = os.environ.get(POSTGRES_ENV, "")
+    if postgres_installed():
+        missing = f"{POSTGRES_ENV} is not set, so there is no PostgreSQL server to test against"
+        fix = "run the suite through scripts/test.sh (make test), which starts a throw-away server and sets it"
+    else:
+        missing = "no PostgreSQL server is installed (no /usr/lib/postgresql/*/bin/pg_ctl)"
+        fix = f"{BOOTSTRAP} installs it (make test runs it), then scripts/test.sh starts a throw-away server"
+    required_or_skip(bool(url), missing, fix)
+    return url
+
+
+def require_root(why: str) -> None:
+    """Root, for tests that mount, chroot or ignore file modes the way the local provider does."""
+    required_or_skip(
+        os.geteuid() == 0,
+        f"these tests need root ({why}) and run as uid {os.geteuid()}",
+        f"run the suite as root: sudo make test ({BOOTSTRAP} installs the tools they use)",
+    )
+
+
+# --- registry backends ----------------------------------------------------------------------------------------
 
 
 def _backends() -> list[object]:
-    params: list[object] = [pytest.param("sqlite", id="sqlite")]
-    if os.environ.get(POSTGRES_ENV):
-        params.append(pytest.param("postgres", id="postgres"))
-    return params
+    # PostgreSQL is always a parameter, so a run without a server reports it (skipped locally, failed in CI).
+    return [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres")]
 
 
 def _postgres_schema_url(base_url: str) -> Iterator[str]:
@@ -41,7 +94,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         # A directory that does not exist yet: open_store must create it.
         yield f"sqlite:///{tmp_path / 'state' / 'registry.db'}"
     else:
-        yield from _postgres_schema_url(os.environ[POSTGRES_ENV])
+        yield from _postgres_schema_url(require_postgres())
 
 
 # Real OSV records for Debian live in the workspace's shared data, beside the checkout (present in CI).
@@ -50,11 +103,18 @@ OSV_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "osv-debian"
 
 def osv_missing_means_failure() -> None:
     """Outside CI a missing shared/ only skips; in CI (where it is always laid out) it is a failure."""
-    if os.environ.get("CI"):
-        pytest.fail(f"real OSV records missing at {OSV_DIR}: CI lays shared/ beside the checkout")
+    required_or_skip(
+        OSV_DIR.is_dir(),
+        f"real OSV records not present at {OSV_DIR}",
+        "put the workspace's shared/ folder (data/osv-debian) beside the checkout, as CI does",
+    )
 
 
-# Skip the tests that read them only outside CI; in CI a missing record folder must fail, never pass quietly.
-needs_osv = pytest.mark.skipif(
-    not OSV_DIR.is_dir() and not os.environ.get("CI"), reason=f"real OSV records not present at {OSV_DIR}"
-)
+@pytest.fixture
+def _osv_records() -> Path:
+    osv_missing_means_failure()
+    return OSV_DIR
+
+
+# The tests that read them skip outside CI; in CI a missing record folder fails them, never passes quietly.
+needs_osv = pytest.mark.usefixtures("_osv_records")

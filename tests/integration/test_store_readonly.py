@@ -17,17 +17,35 @@ import pytest
 
 from amiforge.model import Status
 from amiforge.store.sql import open_store
+from tests.conftest import require_root, required_or_skip
 
-needs_mount = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a read-only bind mount"
-)
+
+@pytest.fixture
+def _read_only_mount() -> None:
+    # Skipped locally without them; in CI (CI=true) a failure.
+    require_root("a read-only bind mount in a private mount namespace")
+    required_or_skip(shutil.which("unshare") is not None, "unshare is missing", "apt-get install util-linux")
+
+
+needs_mount = pytest.mark.usefixtures("_read_only_mount")
 # Root ignores file modes unless it gives up that capability (setpriv); any other user is bound by them anyway.
 DROP = (
     ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-dac_override,-dac_read_search"]
     if os.geteuid() == 0
     else []
 )
-needs_modes = pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root without setpriv")
+
+
+@pytest.fixture
+def _file_modes_bind() -> None:
+    required_or_skip(
+        os.geteuid() != 0 or shutil.which("setpriv") is not None,
+        "setpriv is missing, so root cannot give up its permission override",
+        "apt-get install util-linux",
+    )
+
+
+needs_modes = pytest.mark.usefixtures("_file_modes_bind")
 
 
 def _in_read_only(data: Path, *argv: str) -> subprocess.CompletedProcess[str]:
