@@ -10,6 +10,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 from amiforge.errors import ConfigError, StateError
 
@@ -400,3 +401,34 @@ class VulnDbImport:
     source: str
     imported_at: datetime
     count: int
+
+
+# --- fleets: what the rollout controller and its gates look at -------------------------------------------------
+
+MemberState = Literal["launching", "ready", "failed", "stopped"]
+SignalKind = Literal["launch", "ready", "failed", "replaced"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One instance of a fleet: a QEMU guest or an EC2 instance, and the version it runs."""
+
+    id: str
+    version_ref: str | None  # NAME@N it was launched from (None: not launched by amiforge)
+    location: str  # the artifact it runs: a qcow2 path or an AMI id
+    state: MemberState
+    launched_at: datetime
+    time_to_ready: float | None = None  # seconds from launch to AMIFORGE-READY, once ready
+    detail: str = ""  # why it failed, or what it is waiting for
+
+
+@dataclass(frozen=True)
+class BootSignal:
+    """Something a member did, read from the fleet itself (console lines, instance state), never assumed."""
+
+    member: str
+    kind: SignalKind
+    at: datetime
+    version_ref: str | None
+    time_to_ready: float | None = None
+    detail: str = ""

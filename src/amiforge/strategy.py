@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from amiforge import durations
 from amiforge.errors import ConfigError, Problem
-from amiforge.providers.interface import Member
+from amiforge.model import Member
 from amiforge.yamlfile import (
     YamlKind,
     fail,

@@ -24,6 +24,7 @@ import pytest
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import Artifact, Status
 from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
+from amiforge.providers import guest as in_guest
 from amiforge.providers.local import fleet as fleet_mod
 from amiforge.providers.local import qemu
 from amiforge.providers.local.fleet import (
@@ -48,7 +49,7 @@ T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 CHECKS = Checks.model_validate(
     {"ready_within": 30, "units": ["nginx"], "commands": [{"run": "id deploy", "expect_output": "deploy"}]}
 )
-GUEST_CHECKS = qemu.guest_checks(CHECKS)
+GUEST_CHECKS = in_guest.guest_checks(CHECKS)
 
 
 def _frame(i: int, rc: int, out: str) -> str:
@@ -57,8 +58,8 @@ def _frame(i: int, rc: int, out: str) -> str:
 
 BOOT = ["\x1b[c\x1b[2J[    0.000000] Linux version 6.1", "[  OK  ] Reached target multi-user.target."]
 READY = [*BOOT, "AMIFORGE-READY 12.50"]
-PASSED = [*READY, _frame(0, 0, "active"), _frame(1, 0, "uid=1000(deploy)"), qemu.DONE_MARK]
-FAILED_UNIT = [*READY, _frame(0, 3, "inactive"), _frame(1, 0, "uid=1000(deploy)"), qemu.DONE_MARK]
+PASSED = [*READY, _frame(0, 0, "active"), _frame(1, 0, "uid=1000(deploy)"), in_guest.DONE_MARK]
+FAILED_UNIT = [*READY, _frame(0, 3, "inactive"), _frame(1, 0, "uid=1000(deploy)"), in_guest.DONE_MARK]
 # What the fake QEMU prints by default: it is ready a moment after its start, so its uptime must be short too
 # (signal times are launch + uptime).
 QUICK = [line.replace("AMIFORGE-READY 12.50", "AMIFORGE-READY 0.10") for line in PASSED]
@@ -636,7 +637,7 @@ def test_cli_create_from_a_channel(fleet_cli: Cli, launcher: FakeLauncher, artif
 def test_the_local_provider_serves_its_fleets_to_the_rollout_controller(
     settings: Settings, artifact: Artifact, launcher: FakeLauncher
 ) -> None:
-    from amiforge.lifecycle.rollout import fleet_of
+    from amiforge.lifecycle.controller import fleet_of
     from amiforge.providers.interface import FleetProvider
     from amiforge.providers.local.provider import LocalProvider
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from amiforge.errors import ConfigError, GateFailed, StateError
 from amiforge.lifecycle import rollout as rollout_module
-from amiforge.lifecycle.rollout import Controls, drive, parse_target, previous_version, request, resume
+from amiforge.lifecycle.controller import Controls, parse_target
+from amiforge.lifecycle.rollout import drive, previous_version, request, resume
 from amiforge.model import Artifact, Status
 from amiforge.providers.interface import Member, Replacement
 from amiforge.recipe import Checks

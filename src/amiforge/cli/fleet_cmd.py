@@ -11,82 +11,39 @@ from rich.markup import escape
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json, plain
 from amiforge.cli.tables import Col, fit_table
-from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
-from amiforge.lifecycle.boottest import checks_of
-from amiforge.model import ImageVersion, Status, require_status
-from amiforge.providers.local.fleet import (
-    LocalFleet,
-    MemberStatus,
-    create_fleet,
-    destroy_fleet,
-    list_fleets,
-    open_fleet,
-)
+from amiforge.lifecycle.fleets import create_fleet, destroy_fleet, fleet_detail, fleets
+from amiforge.providers.interface import FleetDetail, MemberDetail
 from amiforge.settings import load_settings
-from amiforge.store.interface import Store
 
 app = typer.Typer(
     help="Local fleets: sets of long-running QEMU guests booted from one version (they outlive the command).",
     no_args_is_help=True,
 )
 
-# A fleet runs only versions that passed their boot test; the later states only add gates on top of it.
-USABLE = (Status.TESTED, Status.SCANNED, Status.SIGNED)
 STATE_STYLE = {"ready": "green", "launching": "yellow", "failed": "red", "stopped": "dim"}
 
 
-def _unusable_fix(v: ImageVersion) -> str:
-    if v.status in (Status.BUILT, Status.FAILED):
-        return f"boot-test it first: `amiforge test {v.ref}`"
-    if v.status is Status.BAKING:
-        return "wait for its bake to finish"
-    return f"run another version: `amiforge images list --name {v.name}`"
+def _ports(s: MemberDetail) -> str:
+    return " ".join(f"{g}→127.0.0.1:{h}" for g, h in sorted(s.ports.items()))
 
 
-def _version(store: Store, channel: str | None, ref: str | None) -> ImageVersion:
-    """The version to run: `--version NAME@N`, or the current version of `--channel IMAGE:CHANNEL`."""
-    if (channel is None) == (ref is None):
-        raise ConfigError(
-            "pass exactly one of --channel IMAGE:CHANNEL or --version NAME@N", fix="e.g. --channel web:dev"
-        )
-    if channel is not None:
-        image, sep, name = channel.partition(":")
-        if not (sep and image and name):
-            raise ConfigError(f"--channel {channel!r} is not IMAGE:CHANNEL", fix="e.g. --channel web:dev")
-        pointers = store.channels(image, name)
-        if not pointers:
-            raise NotFound(
-                f"image {image!r} has no channel {name!r}",
-                fix=f"`amiforge channels` lists them; `amiforge promote {image}@N --channel {name}` makes it",
-            )
-        ref = pointers[0].current
-    assert ref is not None
-    version = store.get_version(ref)
-    require_status(version, USABLE, doing="run by a fleet", fix=_unusable_fix(version))
-    return version
-
-
-def _ports(s: MemberStatus) -> str:
-    return " ".join(f"{g}→127.0.0.1:{h}" for g, h in sorted(s.forwards.items()))
-
-
-def _member_json(fleet: LocalFleet, s: MemberStatus) -> dict[str, Any]:
+def _member_json(s: MemberDetail) -> dict[str, Any]:
     return {
         **plain(s.member),
         "pid": s.pid,
-        "ports": {str(g): h for g, h in sorted(s.forwards.items())},
-        "console": str(fleet.dir / s.member.id / "console.log"),
-        "replaces": s.record.replaces,
+        "ports": {str(g): h for g, h in sorted(s.ports.items())},
+        "console": s.console,
+        "replaces": s.replaces,
     }
 
 
-def _show(fleet: LocalFleet, statuses: list[MemberStatus], *, show_all: bool, as_json: bool) -> None:
+def _show(fleet: FleetDetail, *, show_all: bool, as_json: bool) -> None:
+    statuses = fleet.members
     shown = [s for s in statuses if show_all or s.member.state != "stopped"]
-    info = fleet.info()
     if as_json:
-        emit_json({"name": info.name, "created": info.created, "members": [_member_json(fleet, s) for s in shown]})
+        emit_json({"name": fleet.name, "created": fleet.created, "members": [_member_json(s) for s in shown]})
         return
-    console.print(f"[bold]fleet {escape(info.name)}[/] created {info.created:%Y-%m-%d %H:%M:%S}Z")
+    console.print(f"[bold]fleet {escape(fleet.name)}[/] created {fleet.created:%Y-%m-%d %H:%M:%S}Z")
     rows = []
     for s in shown:
         m = s.member
@@ -116,45 +73,27 @@ def create(
 
     The guests keep running after the command returns; `fleet destroy` stops them."""
     settings, store = open_registry()
-    version = _version(store, channel, ref)
-    artifacts = [a for a in store.artifacts(version.id) if a.provider == "local"]
-    if not artifacts:
-        raise NotFound(f"{version.ref} has no local artifact", fix="a local fleet runs versions baked locally")
     with PhaseProgress(f"fleet {name}", size, enabled=not as_json) as progress:
-        fleet = create_fleet(
-            settings, name, size, artifacts[0], version.ref, checks_of(version), progress=progress.callback()
+        outcome = create_fleet(
+            name, size, channel=channel, ref=ref, store=store, settings=settings, progress=progress.callback()
         )
-    statuses = fleet.status()
-    failed = [s.member for s in statuses if s.member.state != "ready"]
-    store.append_event(
-        "fleet.created",
-        actor=settings.actor,
-        ref=version.ref,
-        data={"fleet": name, "members": [s.member.id for s in statuses], "not_ready": [m.id for m in failed]},
-    )
-    if not (as_json and failed):  # with --json a failure is the one document printed
-        _show(fleet, statuses, show_all=True, as_json=as_json)
-    if failed:
-        raise GateFailed(
-            "fleet readiness",
-            [GateFailure(m.id, f"{m.state}: {m.detail}") for m in failed],
-            fix=f"see each guest's console.log under {fleet.dir}; `amiforge fleet destroy {name}` stops them all",
-        )
+    failure = outcome.failure
+    if not (as_json and failure):  # with --json a failure is the one document printed
+        _show(outcome.fleet, show_all=True, as_json=as_json)
+    if failure:
+        raise failure
 
 
 @app.command("list")
 def list_command(as_json: bool = JsonOption) -> None:
     """Every fleet, with its members' states (reconciled with the running guests)."""
-    settings = load_settings()
     rows: list[dict[str, Any]] = []
-    for name in list_fleets(settings):
-        fleet = open_fleet(settings, name)
-        members = [s.member for s in fleet.status()]
-        live = [m for m in members if m.state != "stopped"]
+    for fleet in fleets(settings=load_settings()):
+        live = [d.member for d in fleet.members if d.member.state != "stopped"]
         rows.append(
             {
-                "name": name,
-                "created": fleet.info().created,
+                "name": fleet.name,
+                "created": fleet.created,
                 "members": len(live),
                 "states": dict(Counter(m.state for m in live)),
                 "versions": sorted({m.version_ref or "-" for m in live}),
@@ -182,18 +121,15 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """The members as they are now: version, state, time-to-ready, forwarded ports, and why one failed."""
-    fleet = open_fleet(load_settings(), name)
-    _show(fleet, fleet.status(), show_all=show_all, as_json=as_json)
+    _show(fleet_detail(name, settings=load_settings()), show_all=show_all, as_json=as_json)
 
 
 @app.command("destroy")
 def destroy(name: str = typer.Argument(..., help="Fleet name."), as_json: bool = JsonOption) -> None:
     """Stop every guest of the fleet and remove its files. Safe to repeat."""
     settings, store = open_registry()
-    existed = name in list_fleets(settings)
-    stopped = destroy_fleet(settings, name)
-    if existed:
-        store.append_event("fleet.destroyed", actor=settings.actor, data={"fleet": name, "stopped": stopped})
+    outcome = destroy_fleet(name, store=store, settings=settings)
+    existed, stopped = outcome.existed, outcome.stopped
     if as_json:
         emit_json({"fleet": name, "existed": existed, "stopped": stopped})
         return

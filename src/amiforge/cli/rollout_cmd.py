@@ -16,6 +16,7 @@ from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle import rollout as controller
+from amiforge.lifecycle.controller import Controls, canonical_target
 from amiforge.model import ROLLOUT_LIVE, Rollout
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, load_strategy
@@ -106,14 +107,14 @@ def start_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Replace the target's members wave by wave; a failed gate rolls back automatically (exit 4)."""
-    target = controller.canonical_target(target)  # a bad target is a usage error, before anything is looked up
+    target = canonical_target(target)  # a bad target is a usage error, before anything is looked up
     chosen = _strategy(strategy, waves, bake_time)
     settings, store = open_registry()
     ref = resolve_version(store, version, channel)
     with PhaseProgress(f"rollout {ref} → {target}", 2 * len(chosen.waves), enabled=not as_json) as progress:
         outcome = controller.start(
             target, ref, store=store, settings=settings, strategy=chosen,
-            controls=controller.Controls(progress=progress.callback()),
+            controls=Controls(progress=progress.callback()),
         )  # fmt: skip
     _report(outcome.rollout, store, as_json)
 
@@ -186,7 +187,7 @@ def resume_command(rollout_id: int = typer.Argument(...), as_json: bool = JsonOp
     rollout = store.get_rollout(rollout_id)
     with PhaseProgress(f"rollout #{rollout_id}", 2 * len(rollout.waves), enabled=not as_json) as progress:
         outcome = controller.resume(
-            rollout_id, store=store, settings=settings, controls=controller.Controls(progress=progress.callback())
+            rollout_id, store=store, settings=settings, controls=Controls(progress=progress.callback())
         )
     _report(outcome.rollout, store, as_json)
 
@@ -200,7 +201,7 @@ def rollback_command(
     settings, store = open_registry()
     with PhaseProgress(f"rollback {target}", 2, enabled=not as_json) as progress:
         outcome = controller.rollback(
-            target, store=store, settings=settings, to=to, controls=controller.Controls(progress=progress.callback())
+            target, store=store, settings=settings, to=to, controls=Controls(progress=progress.callback())
         )
     _report(outcome.rollout, store, as_json)
 

@@ -9,17 +9,14 @@ from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
-from amiforge.errors import ConfigError
 from amiforge.lifecycle.sign import (
-    _public_pem,
     kms_signer,
     new_trusted_key,
     revoke_trusted_key,
     sign,
-    trust_key,
+    trust_public_key,
     verify,
 )
-from amiforge.signing.keyfile import read_public_key
 
 app = typer.Typer(help="Signing keys (Ed25519 key files) the registry trusts.", no_args_is_help=True)
 
@@ -51,16 +48,13 @@ def keys_trust(
 ) -> None:
     """Trust a public key: signatures by it verify from now on (until revoked). Audited as `key.added`."""
     settings, store = open_registry()
-    if (public_key is None) == (kms_key is None):
-        raise ConfigError("give either a public key file or --kms-key", fix="amiforge keys trust keys/team.pub")
-    if kms_key is not None:
-        signer = kms_signer(kms_key, kms_region or settings.kms_region)
-        key_id, algorithm, pem = signer.key_id, signer.algorithm, _public_pem(signer)
-    else:
-        assert public_key is not None
-        key_id, pem = read_public_key(public_key)
-        algorithm = "ed25519"
-    key, added = trust_key(store, key_id=key_id, algorithm=algorithm, public_key_pem=pem, actor=settings.actor)
+    key, added = trust_public_key(
+        store,
+        public_key=public_key,
+        kms_key=kms_key,
+        kms_region=kms_region or settings.kms_region,
+        actor=settings.actor,
+    )
     if as_json:
         emit_json({k: v for k, v in vars(key).items() if k != "public_key"} | {"added": added})
         return

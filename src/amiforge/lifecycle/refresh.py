@@ -18,11 +18,23 @@ from datetime import timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.boottest import checks_of
-from amiforge.lifecycle.rollout import POLL_SECONDS, Controls, RolloutOutcome, artifact_in, live, versions_by_location
+from amiforge.lifecycle.controller import (
+    POLL_SECONDS,
+    Controls,
+    RolloutOutcome,
+    artifact_in,
+    live,
+    versions_by_location,
+)
 from amiforge.model import Artifact, ImageVersion, Rollout
-from amiforge.providers.aws.fleet import AsgFleet
-from amiforge.providers.aws.refresh import ROLLBACK, TERMINAL, refresh_status, roll_back_refresh, start_refresh
-from amiforge.providers.interface import Fleet, Member, PhaseUpdate
+from amiforge.providers.interface import (
+    REFRESH_ROLLBACK,
+    REFRESH_TERMINAL,
+    Fleet,
+    Member,
+    PhaseUpdate,
+    RefreshingFleet,
+)
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, checkpoints, decide
@@ -39,7 +51,7 @@ def drive_refresh(
     settings: Settings,
     controls: Controls,
 ) -> RolloutOutcome:
-    if not isinstance(fleet, AsgFleet):
+    if not isinstance(fleet, RefreshingFleet):
         raise ConfigError("an instance refresh needs an Auto Scaling group", fix="use mode: canary for this target")
     refresh_id = str(rollout.detail.get("rollback_refresh_id") or rollout.detail.get("refresh_id") or "")
     if not refresh_id and rollout.state == "running":
@@ -48,8 +60,7 @@ def drive_refresh(
         before = Counter(m.version_ref or known.get(m.location) for m in members)
         previous = next((ref for ref, _ in before.most_common() if ref and ref != version.ref), None)
         points = checkpoints(strategy, len(members))
-        refresh_id = start_refresh(
-            fleet,
+        refresh_id = fleet.start_refresh(
             artifact,
             version.ref,
             checkpoints=points,
@@ -69,10 +80,10 @@ def drive_refresh(
     grace = timedelta(seconds=checks_of(version).ready_within + fleet.console_grace)
     decisions: list[WaveDecision] = []
     while True:
-        status = refresh_status(fleet, refresh_id)
+        status = fleet.refresh_status(refresh_id)
         controls.progress(PhaseUpdate("instance refresh", "start", f"{status.status} {status.percentage_complete}%"))
-        if rollout.state == "rolling-back" or status.status in ROLLBACK:
-            if status.status not in TERMINAL:
+        if rollout.state == "rolling-back" or status.status in REFRESH_ROLLBACK:
+            if status.status not in REFRESH_TERMINAL:
                 controls.sleep(POLL_SECONDS)
                 continue
             forward = "rollback_refresh_id" in rollout.detail
@@ -80,7 +91,7 @@ def drive_refresh(
                 f"{status.status} (rolled forward to {rollout.detail.get('previous')})" if forward else status.status
             )
             return _failed(rollout, ended, status.status_reason, store, settings, decisions)
-        if status.status in TERMINAL and status.status != "Successful":  # Failed, Cancelled: AWS stopped it
+        if status.status in REFRESH_TERMINAL and status.status != "Successful":  # Failed, Cancelled: AWS stopped it
             return _failed(rollout, status.status, status.status_reason, store, settings, decisions)
         members = _judged(fleet, artifact, grace)
         decision = decide(strategy, members, alarms_firing=fleet.alarms_firing(strategy.gates.alarms))
@@ -95,7 +106,7 @@ def drive_refresh(
                 refresh_id = _roll_forward(fleet, rollout, store, f"r{rollout.id}-back")
                 failure["rollback_refresh_id"] = refresh_id
             else:
-                roll_back_refresh(fleet, refresh_id)
+                fleet.roll_back_refresh(refresh_id)
             rollout = store.update_rollout(
                 rollout.id, expect="running", state="rolling-back", clear_request=True, detail=failure
             )
@@ -120,7 +131,7 @@ def drive_refresh(
         controls.sleep(POLL_SECONDS)
 
 
-def _roll_forward(fleet: AsgFleet, rollout: Rollout, store: Store, token: str) -> str:
+def _roll_forward(fleet: RefreshingFleet, rollout: Rollout, store: Store, token: str) -> str:
     """A second refresh, back to the version the group ran before (AWS rolls back only an active refresh)."""
     previous = rollout.detail.get("previous")
     if not isinstance(previous, str):
@@ -131,10 +142,10 @@ def _roll_forward(fleet: AsgFleet, rollout: Rollout, store: Store, token: str) -
         )
     old = store.get_version(previous)
     artifact = artifact_in(old, store, "aws", fleet.region)
-    return start_refresh(fleet, artifact, old.ref, checkpoints=[100], checkpoint_delay=0, alarms=(), token=token)
+    return fleet.start_refresh(artifact, old.ref, checkpoints=[100], checkpoint_delay=0, alarms=(), token=token)
 
 
-def _judged(fleet: AsgFleet, artifact: Artifact, grace: timedelta) -> list[Member]:
+def _judged(fleet: RefreshingFleet, artifact: Artifact, grace: timedelta) -> list[Member]:
     """The instances on the new image; one still without READY after ready_within + console grace has failed."""
     now = fleet.now()
     judged = []

@@ -19,102 +19,37 @@ the fleet return what it already launched, so no member is replaced twice and no
 
 from __future__ import annotations
 
-import re
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
 from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.controller import (
+    POLL_SECONDS,
+    Controls,
+    RolloutOutcome,
+    artifact_in,
+    canonical_target,
+    fleet_of,
+    live,
+    versions_by_location,
+)
+from amiforge.lifecycle.refresh import drive_refresh
 from amiforge.lifecycle.release import releasable
 from amiforge.model import (
-    AWS_REGION_PATTERN,
-    IMAGE_NAME_PATTERN,
     Artifact,
     ImageVersion,
     Rollout,
     RolloutReplacement,
     Status,
 )
-from amiforge.providers import provider_for
-from amiforge.providers.interface import Fleet, FleetProvider, Member, PhaseUpdate, Replacement
+from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
-
-# How often a wave is looked at while it bakes.
-POLL_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class Controls:
-    """The controller's clock and progress, injectable for tests."""
-
-    progress: Callable[[PhaseUpdate], None] = lambda _u: None
-    # Looked up when a Controls is made (not when this class is defined), so a test can swap the module's clock.
-    sleep: Callable[[float], None] = field(default_factory=lambda: time.sleep)
-    clock: Callable[[], float] = field(default_factory=lambda: time.monotonic)
-
-
-@dataclass(frozen=True)
-class RolloutOutcome:
-    rollout: Rollout
-    decisions: list[WaveDecision]
-
-
-# --- targets -----------------------------------------------------------------------------------------------------
-
-
-# What a target's name may be: a local fleet's name, or an Auto Scaling group (1–255 characters, no ':' and no control
-# characters, as AWS allows) with its region.
-_TARGETS = {
-    "local": re.compile(IMAGE_NAME_PATTERN),
-    "aws": re.compile(rf"{AWS_REGION_PATTERN}/[^:\x00-\x1f\x7f]{{1,255}}"),
-}
-
-
-def parse_target(target: str) -> tuple[str, str]:
-    """`local:NAME` (or a bare NAME) → ("local", NAME); `aws:REGION/GROUP` → ("aws", "REGION/GROUP")."""
-    kind, sep, name = target.partition(":")
-    if not sep:
-        kind, name = "local", target
-    pattern = _TARGETS.get(kind)
-    if pattern is None or pattern.fullmatch(name) is None:
-        raise ConfigError(
-            f"target {target!r} is not local:NAME or aws:REGION/GROUP",
-            fix="name a local fleet (amiforge fleet list) or an Auto Scaling group as aws:eu-west-1/web-asg",
-        )
-    return kind, name
-
-
-def canonical_target(target: str) -> str:
-    kind, name = parse_target(target)
-    return f"{kind}:{name}"
-
-
-def fleet_of(target: str, settings: Settings) -> tuple[Fleet, str, str]:
-    """(the fleet, its provider's name, the region whose artifacts it runs)."""
-    kind, name = parse_target(target)
-    provider = provider_for(kind, settings)
-    if not isinstance(provider, FleetProvider):
-        raise ConfigError(f"the {kind} provider has no fleets", fix="use a local fleet or an Auto Scaling group")
-    return provider.fleet(name), kind, provider.fleet_region(name)
-
-
-def artifact_in(version: ImageVersion, store: Store, provider: str, region: str) -> Artifact:
-    for artifact in store.artifacts(version.id):
-        if artifact.provider == provider and artifact.region == region:
-            return artifact
-    raise NotFound(
-        f"{version.ref} has no {provider} artifact in {region}",
-        fix=f"amiforge distribute {version.ref} (its recipe must list {region})"
-        if provider == "aws"
-        else "bake it with the local provider",
-    )
-
 
 # --- start, resume, pause, abort --------------------------------------------------------------------------------
 
@@ -190,16 +125,6 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
 # --- the controller ------------------------------------------------------------------------------------------------
 
 
-def versions_by_location(store: Store, provider: str) -> dict[str, str]:
-    """Artifact location (qcow2 path, AMI id) → NAME@N, for members that do not carry their version."""
-    return {artifact.location: ref for ref, artifact in store.provider_artifacts(provider)}
-
-
-def live(members: Sequence[Member]) -> list[Member]:
-    """The members that count as the fleet: not stopped."""
-    return [m for m in members if m.state != "stopped"]
-
-
 def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
     rollout = store.get_rollout(rollout_id)
     version = store.get_version(rollout.version_ref)
@@ -210,8 +135,6 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         return _roll_back(rollout, fleet, provider, region, store=store, settings=settings, decisions=decisions)
     artifact = artifact_in(version, store, provider, region)
     if strategy.mode == "refresh":
-        from amiforge.lifecycle.refresh import drive_refresh  # AWS only: boto3 on use
-
         return drive_refresh(
             rollout, fleet, version, artifact, strategy, store=store, settings=settings, controls=controls
         )

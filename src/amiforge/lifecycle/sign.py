@@ -40,7 +40,7 @@ from amiforge.signing.interface import (
     open_envelope,
     sign_envelope,
 )
-from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, KeyInfo, generate_keypair
+from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, KeyInfo, generate_keypair, read_public_key
 from amiforge.store.interface import Store
 
 SIGNABLE = (Status.SCANNED, Status.SIGNED)
@@ -143,6 +143,28 @@ def trust_key(store: Store, *, key_id: str, algorithm: str, public_key_pem: str,
     """Add a public key to the registry's trust root: an explicit, audited act (never a side effect of signing).
     Returns the trusted key and whether this call added it (trusting a trusted key again changes nothing)."""
     return store.add_key(TrustedKey(key_id, algorithm, public_key_pem, datetime.now(UTC)), actor=actor)
+
+
+def trust_public_key(
+    store: Store,
+    *,
+    public_key: Path | None = None,
+    kms_key: str | None = None,
+    kms_region: str | None = None,
+    actor: str,
+) -> tuple[TrustedKey, bool]:
+    """Trust either an Ed25519 public key file (NAME.pub, PEM) or an AWS KMS key (its public key is fetched once
+    and kept, so verification needs no KMS call). Audited as `key.added`; see `trust_key`."""
+    if (public_key is None) == (kms_key is None):
+        raise ConfigError("give either a public key file or --kms-key", fix="amiforge keys trust keys/team.pub")
+    if kms_key is not None:
+        signer = kms_signer(kms_key, kms_region)
+        key_id, algorithm, pem = signer.key_id, signer.algorithm, _public_pem(signer)
+    else:
+        assert public_key is not None
+        key_id, pem = read_public_key(public_key)
+        algorithm = "ed25519"
+    return trust_key(store, key_id=key_id, algorithm=algorithm, public_key_pem=pem, actor=actor)
 
 
 def revoke_trusted_key(store: Store, key_id: str, *, reason: str, actor: str) -> TrustedKey:

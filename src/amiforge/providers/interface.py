@@ -5,7 +5,7 @@ The lifecycle verbs only ever see these types; each provider lives in its own fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal, ParamSpec, Protocol, TypeVa
 
 from amiforge.errors import AmiforgeError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover, RemovedFile
+from amiforge.model import BootSignal as BootSignal
+from amiforge.model import Member as Member
+from amiforge.model import MemberState as MemberState
+from amiforge.model import SignalKind as SignalKind
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -183,33 +187,7 @@ class Provider(Protocol):
 
 # --- fleets: what runs images (a local set of QEMU guests, an Auto Scaling group) --------------------------------
 
-MemberState = Literal["launching", "ready", "failed", "stopped"]
-SignalKind = Literal["launch", "ready", "failed", "replaced"]
-
-
-@dataclass(frozen=True)
-class Member:
-    """One instance of a fleet: a QEMU guest or an EC2 instance, and the version it runs."""
-
-    id: str
-    version_ref: str | None  # NAME@N it was launched from (None: not launched by amiforge)
-    location: str  # the artifact it runs: a qcow2 path or an AMI id
-    state: MemberState
-    launched_at: datetime
-    time_to_ready: float | None = None  # seconds from launch to AMIFORGE-READY, once ready
-    detail: str = ""  # why it failed, or what it is waiting for
-
-
-@dataclass(frozen=True)
-class BootSignal:
-    """Something a member did, read from the fleet itself (console lines, instance state), never assumed."""
-
-    member: str
-    kind: SignalKind
-    at: datetime
-    version_ref: str | None
-    time_to_ready: float | None = None
-    detail: str = ""
+# Members and their signals are domain data (the strategy judges them too): they live in model.py.
 
 
 @dataclass(frozen=True)
@@ -244,6 +222,111 @@ class Fleet(Protocol):
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
         """Which of the named alarms are firing now (a gate of the strategy). A fleet with no alarms refuses names."""
+        ...
+
+
+@dataclass(frozen=True)
+class MemberDetail:
+    """A member of a kept fleet as an operator looks at it: the protocol's view plus where to reach it."""
+
+    member: Member
+    pid: int | None
+    ports: Mapping[int, int]  # guest port → host port on 127.0.0.1
+    console: str  # the path of its console log
+    replaces: str | None
+
+
+@dataclass(frozen=True)
+class FleetDetail:
+    name: str
+    created: datetime
+    where: str  # the folder holding its records and consoles
+    members: list[MemberDetail]
+
+
+@runtime_checkable
+class FleetKeeper(Protocol):
+    """A provider that makes and ends fleets itself (local: long-running QEMU guests that outlive the command).
+    An Auto Scaling group is made outside amiforge and is only ever rolled out to."""
+
+    def create_fleet(
+        self,
+        name: str,
+        size: int,
+        artifact: Artifact,
+        version_ref: str,
+        checks: Checks,
+        *,
+        progress: Callable[[PhaseUpdate], None],
+    ) -> FleetDetail:
+        """Boot `size` members and wait for each; members that fail stay, as failed. A failure midway (or an
+        interruption) leaves no half-made fleet behind."""
+        ...
+
+    def fleet_detail(self, name: str) -> FleetDetail:
+        """The fleet as it is now (reconciled with the running machines); NotFound if there is none."""
+        ...
+
+    def fleet_names(self) -> list[str]: ...
+
+    def destroy_fleet(self, name: str) -> list[str]:
+        """Stop every member and remove the fleet; the members that were running. Idempotent."""
+        ...
+
+
+# Statuses an instance refresh reports (AWS Auto Scaling's names): still running (one per group), rolling back or
+# rolled back, and ended.
+REFRESH_ACTIVE = frozenset({"Pending", "InProgress", "Baking", "Cancelling", "RollbackInProgress"})
+REFRESH_ROLLBACK = frozenset({"RollbackInProgress", "RollbackSuccessful", "RollbackFailed"})
+REFRESH_TERMINAL = frozenset({"Successful", "Failed", "Cancelled", "RollbackSuccessful", "RollbackFailed"})
+
+
+@dataclass(frozen=True)
+class RefreshStatus:
+    """Where a fleet's own replacement of its machines (an instance refresh) stands."""
+
+    refresh_id: str
+    status: str  # Pending|InProgress|Baking|Successful|Failed|Cancelling|Cancelled|RollbackInProgress|RollbackFailed|…
+    percentage_complete: int
+    instances_to_update: int
+    status_reason: str
+
+    @property
+    def active(self) -> bool:
+        return self.status in REFRESH_ACTIVE
+
+
+@runtime_checkable
+class RefreshingFleet(Fleet, Protocol):
+    """A fleet whose cloud replaces the machines itself (an Auto Scaling group's instance refresh): the controller
+    starts the refresh, judges the new machines with its gates at each poll and rolls the refresh back on a failed
+    gate (lifecycle/refresh.py). `token` makes starting idempotent: a resumed controller finds its own refresh."""
+
+    region: str
+    console_grace: float  # seconds the cloud takes to publish a machine's console, added to `ready_within`
+
+    def now(self) -> datetime:
+        """The cloud's clock (launch times are the cloud's wall-clock times)."""
+        ...
+
+    def start_refresh(
+        self,
+        artifact: Artifact,
+        version_ref: str,
+        *,
+        checkpoints: Sequence[int],
+        checkpoint_delay: int,
+        alarms: Sequence[str],
+        token: str,
+        min_healthy_percentage: int = 90,
+    ) -> str:
+        """Start (or find, by `token`) the refresh of the whole fleet to `artifact`; its id."""
+        ...
+
+    def refresh_status(self, refresh_id: str) -> RefreshStatus: ...
+
+    def roll_back_refresh(self, refresh_id: str) -> RefreshStatus:
+        """Roll an active refresh back; idempotent. StateError for one that has ended (roll forward instead)."""
         ...
 
 

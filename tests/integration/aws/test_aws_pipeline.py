@@ -463,13 +463,13 @@ def test_rollout_as_an_instance_refresh_with_gates_at_each_checkpoint(
 
     from asg_emulation import InstanceRefreshEmulation, install_asg_emulation, make_group
 
-    from amiforge.lifecycle import rollout as rollout_module
+    from amiforge.lifecycle import controller as controller_module
 
     emulation = install_asg_emulation(monkeypatch)
     refreshes = InstanceRefreshEmulation()
     refreshes.install(monkeypatch)
     monkeypatch.setattr(
-        rollout_module, "time", SimpleNamespace(sleep=env.fleet_time.sleep, monotonic=env.fleet_time.clock)
+        controller_module, "time", SimpleNamespace(sleep=env.fleet_time.sleep, monotonic=env.fleet_time.clock)
     )
     images = {n: bake_to_signed(env, n)["location"] for n in (1, 2, 3)}
     make_group(env.aws.session, "web", images[1], size=4, region=REGION)

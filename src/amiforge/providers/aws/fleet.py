@@ -86,12 +86,13 @@ from typing import Any, Final, TypeVar
 from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import AWS_REGION_RE, Artifact
+from amiforge.providers.aws import refresh
 from amiforge.providers.aws.bake import Wait, poll
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
 from amiforge.providers.aws.machine import SsmMachine
 from amiforge.providers.aws.templates import Template, client_token, find_template, version_holding
 from amiforge.providers.guest import READY_RE
-from amiforge.providers.interface import BootSignal, Member, MemberState, Replacement
+from amiforge.providers.interface import BootSignal, Member, MemberState, RefreshStatus, Replacement
 from amiforge.recipe import Checks
 
 __all__ = [
@@ -217,6 +218,36 @@ class AsgFleet:
     def now(self) -> datetime:
         """The fleet's wall clock (readiness deadlines are measured with it)."""
         return self._now()
+
+    # --- the RefreshingFleet protocol: AWS replaces the instances (providers/aws/refresh.py) ----------------------
+
+    def start_refresh(
+        self,
+        artifact: Artifact,
+        version_ref: str,
+        *,
+        checkpoints: Sequence[int],
+        checkpoint_delay: int,
+        alarms: Sequence[str],
+        token: str,
+        min_healthy_percentage: int = 90,
+    ) -> str:
+        return refresh.start_refresh(
+            self,
+            artifact,
+            version_ref,
+            checkpoints=checkpoints,
+            checkpoint_delay=checkpoint_delay,
+            alarms=alarms,
+            token=token,
+            min_healthy_percentage=min_healthy_percentage,
+        )
+
+    def refresh_status(self, refresh_id: str) -> RefreshStatus:
+        return refresh.refresh_status(self, refresh_id)
+
+    def roll_back_refresh(self, refresh_id: str) -> RefreshStatus:
+        return refresh.roll_back_refresh(self, refresh_id)
 
     # --- the Fleet protocol ---------------------------------------------------------------------------------------
 

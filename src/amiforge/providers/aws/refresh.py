@@ -55,14 +55,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.model import Artifact
-from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import describe_image
 from amiforge.providers.aws.templates import Template, client_token, describe_versions, image_of, version_holding
+from amiforge.providers.interface import REFRESH_ACTIVE, REFRESH_ROLLBACK, REFRESH_TERMINAL, RefreshStatus
+
+if TYPE_CHECKING:  # the fleet calls this module; this module only reads the fleet
+    from amiforge.providers.aws.fleet import AsgFleet
 
 __all__ = [
     "ACTIVE",
@@ -74,30 +76,14 @@ __all__ = [
     "start_refresh",
 ]
 
-# Statuses of a refresh that still runs (AWS allows one per group), of a rollback, and of a refresh that has ended.
-ACTIVE: Final = frozenset({"Pending", "InProgress", "Baking", "Cancelling", "RollbackInProgress"})
-ROLLBACK: Final = frozenset({"RollbackInProgress", "RollbackSuccessful", "RollbackFailed"})
-TERMINAL: Final = frozenset({"Successful", "Failed", "Cancelled", "RollbackSuccessful", "RollbackFailed"})
+ACTIVE: Final = REFRESH_ACTIVE
+ROLLBACK: Final = REFRESH_ROLLBACK
+TERMINAL: Final = REFRESH_TERMINAL
 
 _VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
 _SSM_IMAGE: Final = "resolve:ssm:"
 _MAX_ALARMS: Final = 10
 _MAX_CHECKPOINT_DELAY: Final = 172800
-
-
-@dataclass(frozen=True)
-class RefreshStatus:
-    """One DescribeInstanceRefreshes entry, normalised."""
-
-    refresh_id: str
-    status: str  # Pending|InProgress|Baking|Successful|Failed|Cancelling|Cancelled|RollbackInProgress|RollbackFailed|…
-    percentage_complete: int
-    instances_to_update: int
-    status_reason: str
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE
 
 
 def start_refresh(

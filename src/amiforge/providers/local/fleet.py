@@ -50,9 +50,16 @@ from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, St
 from amiforge.inputs import read_input
 from amiforge.model import IMAGE_NAME_PATTERN, Artifact
 from amiforge.providers import guest as in_guest
-from amiforge.providers.interface import BootSignal, Member, MemberState, PhaseUpdate, Replacement
+from amiforge.providers.interface import (
+    BootSignal,
+    FleetDetail,
+    Member,
+    MemberDetail,
+    MemberState,
+    PhaseUpdate,
+    Replacement,
+)
 from amiforge.providers.local import qemu
-from amiforge.providers.local.provider import CHECKS_GRACE, LocalProvider
 from amiforge.providers.local.tools import write_atomic
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
@@ -143,7 +150,7 @@ def console_lines(text: str) -> list[str]:
 
 def checks_grace(checks: Sequence[in_guest.GuestCheck]) -> float:
     """How long after READY the in-guest checks may take to report, as the boot test allows them."""
-    return CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(checks)
+    return qemu.CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(checks)
 
 
 @dataclass(frozen=True)
@@ -438,6 +445,16 @@ class LocalFleet:
         now = datetime.now(UTC)
         return [self._status(rec, now) for rec in self.records()]
 
+    def detail(self) -> FleetDetail:
+        """The fleet as `fleet show` prints it (the FleetKeeper protocol's view)."""
+        info = self.info()
+        members = [
+            MemberDetail(s.member, s.pid, dict(s.forwards), str(self.dir / s.member.id / "console.log"),
+                         s.record.replaces)
+            for s in self.status()
+        ]  # fmt: skip
+        return FleetDetail(info.name, info.created, str(self.dir), members)
+
     def current(self) -> list[Member]:
         return [s.member for s in self.status()]
 
@@ -492,7 +509,7 @@ class LocalFleet:
                     return rec.id, True
             if plan.accel is None:
                 with tempfile.TemporaryDirectory(prefix="amiforge-accel-") as tmp:
-                    plan.accel, _ = LocalProvider(self.settings).accel(Path(str(plan.artifact.kernel)), Path(tmp))
+                    plan.accel, _ = qemu.choose_accel(self.settings, Path(str(plan.artifact.kernel)), Path(tmp))
             mid = f"g-{secrets.token_hex(4)}"
             while (self.dir / mid).exists():
                 mid = f"g-{secrets.token_hex(4)}"

@@ -16,6 +16,7 @@ from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import (
     BakeResult,
     Fleet,
+    FleetDetail,
     GcPlan,
     GcResult,
     ImageView,
@@ -26,6 +27,7 @@ from amiforge.providers.interface import (
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
 from amiforge.providers.local.disk import build_disk, cached_image
+from amiforge.providers.local.fleet import create_fleet, destroy_fleet, list_fleets, open_fleet
 from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, generalised_files, plan_layers
 from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
@@ -34,8 +36,6 @@ from amiforge.recipe import Checks, Recipe
 from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
 
-# Time allowed, after READY, for the in-guest checks to report (each command has its own 30 s cap).
-CHECKS_GRACE = 60.0
 # Time a port check keeps retrying a refused connection after the in-guest checks are done.
 PORT_GRACE = 15.0
 
@@ -93,21 +93,12 @@ class LocalProvider:
 
     # --- boot test ------------------------------------------------------------------------------------------
 
-    def accel(self, kernel: Path, workdir: Path) -> tuple[str, str]:
-        """(accel, why): KVM only if asked for or if a functional probe passes."""
-        if self.settings.accel == "tcg":
-            return "tcg", "AMIFORGE_ACCEL=tcg"
-        ok, why = qemu.kvm_probe(kernel, workdir, self.settings.cache_dir / "kvm-probe.json")
-        if self.settings.accel == "kvm" and not ok:
-            raise ConfigError(f"AMIFORGE_ACCEL=kvm but KVM does not work here: {why}", fix="use auto or tcg")
-        return ("kvm" if ok else "tcg"), why
-
     def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: ProviderSpec) -> BootReport:
         require("qemu-system-x86_64")
         if artifact.kernel is None or artifact.initrd is None:
             raise ConfigError(f"artifact {artifact.location} has no kernel/initrd; it is not a local image")
         workdir = temporary_dir(ctx.cleanup, "amiforge-boot-")
-        accel, why = self.accel(Path(artifact.kernel), workdir)
+        accel, why = qemu.choose_accel(self.settings, Path(artifact.kernel), workdir)
         ctx.log(f"accelerator: {accel} ({why})")
 
         guest_checks = in_guest.guest_checks(checks)
@@ -139,7 +130,7 @@ class LocalProvider:
                 ready_at = round(ready[0], 3)
                 results.append(CheckResult("ready", "ready", True, f"ready after {ready_at:.1f}s"))
                 ctx.phase_done("boot", ready_at, f"ready ({accel})")
-                guest.wait_for(in_guest.DONE_MARK, CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(guest_checks))
+                guest.wait_for(in_guest.DONE_MARK, qemu.CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(guest_checks))
                 results += in_guest.guest_results(guest_checks, guest.lines())
                 deadline = time.monotonic() + PORT_GRACE
                 for h in checks.http:
@@ -164,14 +155,34 @@ class LocalProvider:
 
     def fleet(self, name: str) -> Fleet:
         """A local fleet made by `amiforge fleet create` (the rollout target `local:NAME`); NotFound if none."""
-        # Imported here: the fleet module builds on this one (accelerator choice, check timings).
-        from amiforge.providers.local.fleet import open_fleet
-
         return open_fleet(self.settings, name)
 
     def fleet_region(self, name: str) -> str:
         """Local fleets run the artifacts of this machine's region."""
         return self.settings.region
+
+    # --- FleetKeeper: local fleets outlive the command that made them ---------------------------------------
+
+    def create_fleet(
+        self,
+        name: str,
+        size: int,
+        artifact: Artifact,
+        version_ref: str,
+        checks: Checks,
+        *,
+        progress: Callable[[PhaseUpdate], None],
+    ) -> FleetDetail:
+        return create_fleet(self.settings, name, size, artifact, version_ref, checks, progress=progress).detail()
+
+    def fleet_detail(self, name: str) -> FleetDetail:
+        return open_fleet(self.settings, name).detail()
+
+    def fleet_names(self) -> list[str]:
+        return list_fleets(self.settings)
+
+    def destroy_fleet(self, name: str) -> list[str]:
+        return destroy_fleet(self.settings, name)
 
     # --- gc (Collector): temporary directories runs left behind ---------------------------------------------
 

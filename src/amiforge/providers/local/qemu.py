@@ -21,14 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
-from amiforge.errors import InfraError
+from amiforge.errors import ConfigError, InfraError
 from amiforge.providers.local.initrd import NewcArchive
 from amiforge.providers.local.tools import STATIC_BUSYBOX, end_process, require, run, write_atomic
-
-if TYPE_CHECKING:
-    pass
+from amiforge.settings import Settings
 
 # One serial port, no keyboard/mouse probing, no boot-time crypto self-tests and no timer re-checks:
 # a headless guest needs none of it, and each costs tenths of a second under TCG (BENCHMARKS.md).
@@ -244,6 +241,9 @@ def tcp_check(host_port: int, deadline: float) -> tuple[bool, str]:
 
 # --- KVM: used only when a real guest boots with it ----------------------------------------------------------
 
+# Time allowed, after READY, for the in-guest checks to report (each command has its own 30 s cap).
+CHECKS_GRACE = 60.0
+
 KVM_PROBE_TIMEOUT = 6.0  # a working KVM boots the probe in well under a second; TCG needs ~2.3 s
 
 
@@ -280,6 +280,16 @@ def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]
         ok, why = False, f"a test guest hung under KVM for {KVM_PROBE_TIMEOUT:.0f}s (falling back to TCG)"
     write_atomic(cache_file, json.dumps({"key": key, "ok": ok, "why": why}))
     return ok, why
+
+
+def choose_accel(settings: Settings, kernel: Path, workdir: Path) -> tuple[str, str]:
+    """(accel, why): KVM only if asked for or if a functional probe passes (AMIFORGE_ACCEL: auto, kvm, tcg)."""
+    if settings.accel == "tcg":
+        return "tcg", "AMIFORGE_ACCEL=tcg"
+    ok, why = kvm_probe(kernel, workdir, settings.cache_dir / "kvm-probe.json")
+    if settings.accel == "kvm" and not ok:
+        raise ConfigError(f"AMIFORGE_ACCEL=kvm but KVM does not work here: {why}", fix="use auto or tcg")
+    return ("kvm" if ok else "tcg"), why
 
 
 def check_guest_alive(guest: Guest) -> None:
