@@ -8,11 +8,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import cyclonedx
 import pytest
 from cyclonedx.exception import MissingOptionalDependencyException
 from cyclonedx.schema import SchemaVersion
@@ -20,6 +19,9 @@ from cyclonedx.validation.json import JsonStrictValidator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packageurl import PackageURL
+from spdx_tools.spdx.parser.error import SPDXParsingError
+from spdx_tools.spdx.parser.json.json_parser import parse_from_file
+from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
 from amiforge.errors import ConfigError
 from amiforge.model import Package
@@ -31,6 +33,7 @@ from amiforge.scanners.sbom import (
     sbom_digest,
     spdx_sbom,
 )
+from tests.conftest import OSV_DIR, osv_missing_means_failure, required_or_skip
 
 STATUS = """\
 Package: libssl3
@@ -158,13 +161,20 @@ def test_parse_status_round_trips(rows: list[tuple[str, str, str, str | None]]) 
 
 # --- the host's real dpkg database, checked against dpkg-query --------------------------------------------------
 
+HOST_STATUS = Path("/var/lib/dpkg/status")
 
-@pytest.mark.skipif(
-    not Path("/var/lib/dpkg/status").exists() or shutil.which("dpkg-query") is None,
-    reason="no dpkg database on this host",
-)
+
+def _host_inventory() -> list[Package]:
+    """The packages installed on this machine: a real dpkg status file (hundreds of packages on a Debian host)."""
+    required_or_skip(HOST_STATUS.is_file(), f"no dpkg database at {HOST_STATUS}", "run the suite on Debian, as CI does")
+    return read_dpkg_status(Path("/"))
+
+
 def test_real_dpkg_status_matches_dpkg_query() -> None:
-    ours = read_dpkg_status(Path("/"))
+    ours = _host_inventory()
+    required_or_skip(
+        shutil.which("dpkg-query") is not None, "dpkg-query is missing", "run the suite on Debian, as CI does"
+    )
     out = subprocess.run(
         [
             "dpkg-query",
@@ -212,44 +222,16 @@ def test_purl_escaping_epoch_plus_and_source_version() -> None:
 # --- CycloneDX ------------------------------------------------------------------------------------------------
 
 
-def _host_python_with_jsonschema() -> str | None:
-    seen: set[str] = set()
-    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
-        exe = shutil.which("python3", path=folder)
-        if not exe or exe in seen:
-            continue
-        seen.add(exe)
-        probe = "import sys, jsonschema, referencing; print('%d.%d' % sys.version_info[:2])"
-        r = subprocess.run([exe, "-c", probe], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip() == f"{sys.version_info[0]}.{sys.version_info[1]}":
-            return exe
-    return None
-
-
 def cyclonedx_errors(text: str) -> str | None:
-    """cyclonedx-python-lib's strict JSON schema validation of a 1.6 document; None when valid.
+    """cyclonedx-python-lib's strict JSON schema validation, for the spec version the document says; None when valid.
 
-    The library needs its `json-validation` extra (jsonschema); when this environment lacks it, the same validator
-    runs under a host Python of the same version that has jsonschema, with this environment's cyclonedx on its path.
-    """
+    The validator needs the library's `json-validation` extra (jsonschema), which the dev extra declares."""
+    version = SchemaVersion.from_version(json.loads(text)["specVersion"])
     try:
-        error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
-        return None if error is None else str(error)[:3000]
-    except MissingOptionalDependencyException:
-        pass
-    exe = _host_python_with_jsonschema()
-    if exe is None:
-        pytest.skip("jsonschema is not installed (cyclonedx-python-lib[json-validation]) and no host Python has it")
-    site = str(Path(cyclonedx.__file__).resolve().parents[1])
-    script = (
-        "import sys; sys.path.append(sys.argv[1])\n"
-        "from cyclonedx.schema import SchemaVersion\n"
-        "from cyclonedx.validation.json import JsonStrictValidator\n"
-        "e = JsonStrictValidator(SchemaVersion.V1_6).validate_str(sys.stdin.read())\n"
-        "print('VALID' if e is None else str(e)[:3000])\n"
-    )
-    r = subprocess.run([exe, "-c", script, site], input=text, capture_output=True, text=True, check=True)
-    return None if r.stdout.strip() == "VALID" else r.stdout
+        error = JsonStrictValidator(version).validate_str(text)
+    except MissingOptionalDependencyException as e:
+        pytest.fail(f"cyclonedx-python-lib[json-validation] is not installed ({e}): run scripts/bootstrap.sh --test")
+    return None if error is None else str(error)[:3000]
 
 
 def test_cyclonedx_validates_and_lists_every_package() -> None:
@@ -342,3 +324,70 @@ def test_spdx_is_deterministic_and_digest_is_sha256() -> None:
     assert a == b
     assert sbom_digest(a) == hashlib.sha256(a.encode()).hexdigest()
     assert sbom_digest(a) != sbom_digest(a + " ")
+
+
+def spdx_errors(text: str, tmp_path: Path) -> list[str]:
+    """spdx-tools' verdict on an SPDX JSON document: its JSON parser, then full validation; [] when valid."""
+    path = tmp_path / "sbom.spdx.json"
+    path.write_text(text, encoding="utf-8")
+    try:
+        document = parse_from_file(str(path))
+    except SPDXParsingError as e:
+        return [f"parse: {m}" for m in e.get_messages()]
+    return [f"{m.context.spdx_id or ''}: {m.validation_message}" for m in validate_full_spdx_document(document)]
+
+
+def test_spdx_validates(tmp_path: Path) -> None:
+    pkgs = [*parse_dpkg_status(STATUS), Package("libstdc++6", "12.2.0-14", "amd64", "gcc-12")]
+    for packages, digest in [(pkgs, DIGEST), ([], "sha256:" + DIGEST), (pkgs, "ami-0123456789abcdef0")]:
+        text = spdx_sbom(packages, image_name="web", image_version="3", digest=digest, timestamp=TS)
+        assert spdx_errors(text, tmp_path) == []
+
+
+def test_spdx_validator_is_live(tmp_path: Path) -> None:
+    # Guards the checks against a validator that accepts anything: a relationship to an element that is not there.
+    doc = json.loads(
+        spdx_sbom(parse_dpkg_status(STATUS), image_name="web", image_version="3", digest=DIGEST, timestamp=TS)
+    )
+    doc["relationships"][1]["relatedSpdxElement"] = "SPDXRef-Package-nowhere"
+    assert any("SPDXRef-Package-nowhere" in m for m in spdx_errors(json.dumps(doc), tmp_path))
+    doc = json.loads(spdx_sbom([], image_name="web", image_version="3", digest=DIGEST, timestamp=TS))
+    del doc["documentNamespace"]
+    assert spdx_errors(json.dumps(doc), tmp_path) != []
+
+
+# --- realistic inventories: each ecosystem's own validator ----------------------------------------------------
+
+
+def _osv_inventory() -> list[Package]:
+    """Every Debian package version the real OSV records in the shared data name (affected and fixed): a century of
+    Debian version strings (epochs, ~, +, backports, security updates), read where they lie, never copied here."""
+    osv_missing_means_failure()
+    packages = set()
+    for record in sorted(OSV_DIR.glob("*.json")):
+        for affected in json.loads(record.read_text(encoding="utf-8")).get("affected", []):
+            if not affected["package"]["ecosystem"].startswith("Debian"):
+                continue
+            name = affected["package"]["name"]
+            fixed = [e["fixed"] for r in affected.get("ranges", []) for e in r.get("events", []) if "fixed" in e]
+            packages |= {Package(name, v, "amd64", name) for v in [*affected.get("versions", []), *fixed]}
+    assert len(packages) > 50, f"expected the shared OSV records at {OSV_DIR} to name dozens of package versions"
+    return sorted(packages, key=lambda p: (p.name, p.version))
+
+
+@pytest.mark.parametrize("inventory", [_host_inventory, _osv_inventory], ids=["host-dpkg-status", "osv-debian"])
+def test_sboms_of_real_inventories_pass_their_ecosystems_validators(
+    inventory: Callable[[], list[Package]], tmp_path: Path
+) -> None:
+    packages = inventory()
+    args = {"image_name": "web", "image_version": "12", "digest": "sha256:" + DIGEST, "timestamp": TS}
+
+    spdx = spdx_sbom(packages, **args)
+    assert spdx_errors(spdx, tmp_path) == []
+    spdx_doc = json.loads(spdx)
+    assert len(spdx_doc["packages"]) == len(set(packages)) + 1  # the image and each package
+
+    cdx = cyclonedx_sbom(packages, **args)
+    assert cyclonedx_errors(cdx) is None
+    cdx_doc = json.loads(cdx)
+    assert {c["purl"] for c in cdx_doc["components"]} == {purl(p) for p in packages}
