@@ -59,26 +59,30 @@ def _parse(text: str) -> float | None:
 def parse_duration(
     value: object, *, what: str = "duration", allow_zero: bool = False, maximum: float = MAX_SECONDS
 ) -> float:
-    """Seconds in `value`; ConfigError naming `what` (e.g. "--min-age") for anything the grammar refuses, zero
-    (unless allowed) or more than `maximum`."""
+    """Seconds in `value`; ConfigError naming `what` (e.g. "--min-age"; "" inside a file, whose problems name the
+    field already) for anything the grammar refuses, zero (unless allowed) or more than `maximum`."""
     seconds = seconds_of(value)
+    subject = f"{what} " if what else ""
     if seconds is None or (seconds == 0 and not allow_zero):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:39] + "…"
-        raise ConfigError(f"{what} {shown} is not a {'' if allow_zero else 'positive '}duration", fix=f"use {FORMS}")
+        raise ConfigError(f"{subject}{shown} is not a {'' if allow_zero else 'positive '}duration", fix=f"use {FORMS}")
     if seconds > maximum:
-        raise ConfigError(f"{what} {format_duration(seconds)} is longer than {format_duration(maximum)}",
+        raise ConfigError(f"{subject}{format_duration(seconds)} is longer than {format_duration(maximum)}",
                           fix=f"use a duration of at most {format_duration(maximum)}")  # fmt: skip
     return seconds
 
 
 def format_duration(seconds: float) -> str:
-    """`93784.5` → `1d2h3m4s500ms`: the compact form the grammar reads back."""
-    left = round(seconds * 1000)
+    """`93784.5` → `1d2h3m4s500ms`: the compact form the grammar reads back (to the microsecond: `0.0015` →
+    `1.5ms`), so a value written out and read again is the same value."""
+    left = round(seconds * 1_000_000)
     if left <= 0:
         return "0s"
     parts = []
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+    for unit, size in (("d", 86_400_000_000), ("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000)):
         count, left = divmod(left, size)
         if count:
             parts.append(f"{count}{unit}")
+    if left:
+        parts.append(f"{left / 1000:.3f}".rstrip("0").rstrip(".") + "ms")
     return "".join(parts)

@@ -5,7 +5,9 @@ This module owns the machinery the file formats share: reading the bytes with a 
 same nodes, with duplicate keys and alias bombs reported as problems (`parse_yaml()`); turning each pydantic
 error into a `Problem` with a dotted field (`dotted()`), its line (`line_of()`) and a fix a person can act on
 (`problems_from_validation()`); and raising them all together as one ConfigError (`raise_problems()`).
-Validators signal a problem with `fail()`, which carries its own fix through to the Problem.
+Validators signal a problem with `fail()`, which carries its own fix through to the Problem; the field types every
+format uses alike (a string matching a pattern, a non-empty string, a duration in the one grammar of
+`amiforge.durations`) are built here once, so a bad value reads the same in a recipe, a policy or a strategy.
 
 What differs between formats (the noun used in messages, the root model, the union tags its models insert into
 pydantic's error locations) is described once per format by a `YamlKind`.
@@ -23,18 +25,23 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from amiforge import durations
 from amiforge.errors import ConfigError, Problem
 from amiforge.inputs import read_input
 
 __all__ = [
     "MAX_YAML_NODES",
+    "NonEmptyStr",
     "YamlKind",
+    "checked_duration",
     "dotted",
+    "duration_schema",
     "fail",
     "line_of",
+    "matching",
     "parse_mapping",
     "parse_yaml",
     "problems_from_validation",
@@ -93,6 +100,58 @@ def yaml_type(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return f"a {type(value).__name__}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field types the formats share
+
+
+def matching(pattern: str, what: str, allowed: str, example: str) -> tuple[AfterValidator, WithJsonSchema]:
+    """The metadata of a string checked against `pattern`: a message saying what is `allowed` and a fix with an
+    `example`, and the pattern in the JSON Schema so editors flag the mistake too. Use: `Annotated[str, *matching(…)]`.
+    """
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise fail(f"{short(value)} is not a valid {what}: {allowed}", f"use something like {example}")
+        return value
+
+    return AfterValidator(check), WithJsonSchema({"type": "string", "pattern": f"^{pattern}$"})
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise fail("must not be empty", "write a value, or remove the key if it is optional")
+    if "\x00" in value:
+        raise fail("must not contain a NUL character", "remove it")
+    return value
+
+
+NonEmptyStr = Annotated[str, AfterValidator(_non_empty), WithJsonSchema({"type": "string", "minLength": 1})]
+
+
+def checked_duration(value: object, *, allow_zero: bool = False, maximum: float = durations.MAX_SECONDS) -> float:
+    """Seconds in `value`, read by `durations.parse_duration()`, for a validator: a refused value is a located
+    problem (`fail()`) with the grammar's own message and fix, the same in every file format."""
+    try:
+        return durations.parse_duration(value, what="", allow_zero=allow_zero, maximum=maximum)
+    except ConfigError as e:
+        raise fail(e.message, e.fix or f"use {durations.FORMS}") from None
+
+
+def duration_schema(*, minimum: float = 0.0, maximum: float = durations.MAX_SECONDS, note: str = "") -> WithJsonSchema:
+    """The JSON Schema of a duration field: seconds from `minimum` to `maximum`, or a string in the grammar."""
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": minimum, "maximum": maximum},
+                {"type": "string", "pattern": f"^(?:{durations.PATTERN})$"},
+            ],
+            "description": f"a duration: {durations.FORMS}{note}",
+        },
+        mode="validation",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Recipe schema, loading with every problem at once, path confinement, durations and digests."""
+"""Recipe schema, loading with every problem at once, path confinement and digests (durations: test_durations.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from amiforge.recipe import (
     ShellStep,
     UserStep,
     load_recipe,
-    parse_duration,
     parse_recipe,
     recipe_digest,
     recipe_json_schema,
@@ -392,65 +391,6 @@ def test_recipe_not_loaded_from_a_file_has_no_folder() -> None:
     recipe = Recipe.model_validate({"name": "web"})
     with pytest.raises(ConfigError):
         _ = recipe.folder
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        ("90s", 90.0),
-        ("2m", 120.0),
-        ("1h", 3600.0),
-        ("1m30s", 90.0),
-        ("500ms", 0.5),
-        ("1h2m3s", 3723.0),
-        ("1.5s", 1.5),
-        (" 45s ", 45.0),
-        ("30", 30.0),
-        (90, 90.0),
-        (2.5, 2.5),
-    ],
-)
-def test_durations_parse(value: object, seconds: float) -> None:
-    assert parse_duration(value) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "",
-        "2 minutes",
-        "90sec",
-        "1w",
-        "30s1m",
-        "1m1m",
-        "-5s",
-        "0s",
-        0,
-        -1,
-        True,
-        None,
-        [],
-        "1h 2m",
-        float("nan"),
-        float("inf"),
-        "inf",
-        10**400,
-    ],
-)
-def test_bad_durations_list_the_accepted_forms(value: object) -> None:
-    with pytest.raises(ConfigError) as caught:
-        parse_duration(value)
-    assert "90s" in caught.value.message and "1h30m" in caught.value.message and "1d12h" in caught.value.message
-
-
-@pytest.mark.parametrize("value", ["367d", "999999999999h", 10**12])
-def test_durations_longer_than_a_year_are_refused(value: object) -> None:
-    with pytest.raises(ConfigError, match="is longer than 366d"):
-        parse_duration(value)
-
-
-def test_one_grammar_takes_days() -> None:
-    assert parse_duration("1d12h") == 129600.0
 
 
 @pytest.fixture
