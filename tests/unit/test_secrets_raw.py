@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amiforge.scanners.secrets import _intersect, data_extents, scan_raw
+from amiforge.scanners.secrets import data_extents, scan_raw
+from amiforge.scanners.secrets.raw import intersect_ranges
 
 KEY = b"-----BEGIN OPENSSH PRIVATE KEY-----\n" + b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ" * 8 + b"\n"
 
 
 def test_intersect_of_sorted_ranges() -> None:
-    assert _intersect([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
-    assert _intersect([(0, 10)], [(10, 20)]) == []
-    assert _intersect([(0, 100)], [(10, 20), (30, 40)]) == [(10, 20), (30, 40)]
+    assert intersect_ranges([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
+    assert intersect_ranges([(0, 10)], [(10, 20)]) == []
+    assert intersect_ranges([(0, 100)], [(10, 20), (30, 40)]) == [(10, 20), (30, 40)]
 
 
 def test_only_the_given_ranges_are_scanned(tmp_path: Path) -> None:
