@@ -20,9 +20,9 @@ import sqlalchemy as sa
 
 import amiforge
 import amiforge.cli
-from amiforge.cli import doctor_cmd, images_cmd
+from amiforge.cli import images_cmd
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
-from amiforge.providers.local import tools
+from amiforge.providers.local import qemu, tools
 from amiforge.recipe import load_recipe, recipe_digest
 from amiforge.settings import load_settings
 from amiforge.store.schema import events_table
@@ -668,7 +668,7 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[tuple[Path, Path
             probes.append((kernel, workdir, cache_file))
             return kvm
 
-        monkeypatch.setattr(doctor_cmd, "kvm_probe", probe)
+        monkeypatch.setattr(qemu, "kvm_probe", probe)
         return probes
 
     return setup

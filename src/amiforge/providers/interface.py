@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from amiforge.errors import AmiforgeError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover, RemovedFile
@@ -339,6 +339,50 @@ class FleetProvider(Protocol):
 
     def fleet_region(self, name: str) -> str:
         """The region whose artifact of a version the fleet runs."""
+        ...
+
+
+# --- doctor: can this provider work here? ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolStatus:
+    tool: str
+    package: str  # the Debian package that provides it
+    path: str | None  # None: missing
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """What a provider that runs on this machine needs from it: host tools and the accelerator."""
+
+    tools: list[ToolStatus]
+    kvm_usable: bool
+    kvm_why: str
+
+
+@runtime_checkable
+class HostChecker(Protocol):
+    def host_report(self) -> HostReport:
+        """Look at this machine without changing it (a KVM probe boots a cached kernel, if there is one)."""
+        ...
+
+
+@dataclass(frozen=True)
+class AccountReport:
+    """Who amiforge is in a cloud account, which regions it can use, and the least-privilege policy it needs."""
+
+    account: str
+    arn: str
+    region: str
+    regions: tuple[str, ...]
+    policy: dict[str, Any]
+
+
+@runtime_checkable
+class AccountChecker(Protocol):
+    def account_report(self, region: str) -> AccountReport:
+        """Ask the cloud, read-only, from `region` (the home region)."""
         ...
 
 

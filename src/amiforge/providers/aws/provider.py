@@ -26,12 +26,14 @@ from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
 from amiforge.providers.aws.bake import AmiBuild, Placement, Wait, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
+from amiforge.providers.aws.doctor import aws_report
 from amiforge.providers.aws.fleet import AsgFleet, parse_group_target
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.machine import MachineFactory, SsmMachine
 from amiforge.providers.aws.publish import publish
 from amiforge.providers.aws.snapshot import open_ami
 from amiforge.providers.interface import (
+    AccountReport,
     BakeResult,
     Copy,
     Fleet,
@@ -108,6 +110,10 @@ class AwsProvider:
                 boto_session=self._boto_session,
             )
         return self._sessions[region]
+
+    def account_report(self, region: str) -> AccountReport:
+        """`doctor --aws`: identity, enabled regions and the least-privilege IAM policy, asked from `region`."""
+        return aws_report(self.session(region))
 
     # --- bake -----------------------------------------------------------------------------------------------
 

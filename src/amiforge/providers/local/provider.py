@@ -19,6 +19,7 @@ from amiforge.providers.interface import (
     FleetDetail,
     GcPlan,
     GcResult,
+    HostReport,
     ImageView,
     PhaseUpdate,
     RunContext,
@@ -31,7 +32,7 @@ from amiforge.providers.local.fleet import create_fleet, destroy_fleet, list_fle
 from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, generalised_files, plan_layers
 from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
-from amiforge.providers.local.tools import require, temporary_dir
+from amiforge.providers.local.tools import require, temporary_dir, tool_report
 from amiforge.recipe import Checks, Recipe
 from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
@@ -150,6 +151,12 @@ class LocalProvider:
             started_at=started_at,
             duration=round(time.monotonic() - t0, 3),
         )
+
+    # --- doctor (HostChecker) --------------------------------------------------------------------------------
+
+    def host_report(self) -> HostReport:
+        usable, why = qemu.kvm_report(self.settings.cache_dir)
+        return HostReport(tool_report(), usable, why)
 
     # --- fleets ---------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -280,6 +281,17 @@ def kvm_probe(kernel: Path, workdir: Path, cache_file: Path) -> tuple[bool, str]
         ok, why = False, f"a test guest hung under KVM for {KVM_PROBE_TIMEOUT:.0f}s (falling back to TCG)"
     write_atomic(cache_file, json.dumps({"key": key, "ok": ok, "why": why}))
     return ok, why
+
+
+def kvm_report(cache: Path) -> tuple[bool, str]:
+    """(usable, why) for `doctor`: the probe boots the newest cached base image's kernel; none cached, none run."""
+    kernels = sorted(cache.glob("base/*/rootfs/boot/vmlinuz-*"))
+    if not kernels:
+        exists = os.path.exists("/dev/kvm")
+        device = "/dev/kvm exists" if exists else "/dev/kvm is absent"
+        return False, f"not probed yet: bake once (the probe boots the image's kernel); {device}"
+    with tempfile.TemporaryDirectory(prefix="amiforge-kvm-") as tmp:
+        return kvm_probe(kernels[-1], Path(tmp), cache / "kvm-probe.json")
 
 
 def choose_accel(settings: Settings, kernel: Path, workdir: Path) -> tuple[str, str]:

@@ -12,13 +12,12 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amiforge.errors import InfraError, ToolMissing
 from amiforge.model import Leftover
-from amiforge.providers.interface import Cleanups
+from amiforge.providers.interface import Cleanups, ToolStatus
 
 # tool -> Debian package that provides it. The one list `doctor`, `scripts/bootstrap` and the errors agree on.
 TOOLS: Mapping[str, str] = {
@@ -47,13 +46,6 @@ def require(tool: str) -> str:
     if path is None:
         raise ToolMissing(tool, TOOLS.get(tool, tool))
     return path
-
-
-@dataclass(frozen=True)
-class ToolStatus:
-    tool: str
-    package: str
-    path: str | None
 
 
 def tool_report() -> list[ToolStatus]:
