@@ -22,7 +22,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Union, get_args, get_origin
+from typing import Annotated, Any, NoReturn, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ValidationError, WithJsonSchema
@@ -48,6 +48,7 @@ __all__ = [
     "raise_problems",
     "read_text",
     "short",
+    "validate_mapping",
     "yaml_type",
 ]
 
@@ -375,6 +376,30 @@ def parse_mapping(
                 )
             ]
     raise_problems(kind, path, problems)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_mapping(
+    model: type[M],
+    parsed: tuple[yaml.Node, dict[str, Any], list[Problem]],
+    path: Path,
+    kind: YamlKind,
+    *,
+    context: Mapping[str, object] | None = None,
+) -> M:
+    """Validate what `parse_mapping()` returned (plus any problems the caller found itself) with `model`. Raises
+    one ConfigError with every problem at once: those found so far (e.g. duplicate keys, which YAML accepts) and
+    each of pydantic's, with its field, line and fix."""
+    node, data, problems = parsed
+    try:
+        result = model.model_validate(data, context=context)
+    except ValidationError as e:
+        raise_problems(kind, path, problems + problems_from_validation(e, node, str(path), kind))
+    if problems:
+        raise_problems(kind, path, problems)
+    return result
 
 
 def raise_problems(kind: YamlKind, path: Path, problems: Sequence[Problem]) -> NoReturn:

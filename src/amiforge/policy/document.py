@@ -17,7 +17,7 @@ import difflib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -26,7 +26,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     StrictBool,
-    ValidationError,
     ValidationInfo,
     model_validator,
 )
@@ -50,9 +49,8 @@ from amiforge.yamlfile import (
     fail,
     line_of,
     parse_mapping,
-    problems_from_validation,
-    raise_problems,
     read_text,
+    validate_mapping,
 )
 
 __all__ = [
@@ -377,17 +375,8 @@ def parse_policy(text: str, path: Path) -> Policy:
         Problem(message=message, file=file, line=line_of(node, loc), field=dotted(loc), fix=fix)
         for loc, message, fix in _cross_problems(data)
     ]
-    try:
-        policy = Policy.model_validate(data, context={_CROSS_CHECKED: True})
-    except ValidationError as e:
-        _raise(path, problems + problems_from_validation(e, node, file, _KIND))
-    if problems:
-        _raise(path, problems)
+    policy = validate_mapping(Policy, (node, data, problems), path, _KIND, context={_CROSS_CHECKED: True})
     return policy.bound_to(file)
-
-
-def _raise(path: Path, problems: list[Problem]) -> NoReturn:
-    raise_problems(_KIND, path, problems)
 
 
 def default_policy() -> Policy:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from amiforge.errors import ConfigError
 from amiforge.recipe.checks import Checks
 from amiforge.recipe.fields import SCHEMA_HINT, RecipeName, TagKey, TagValue
 from amiforge.recipe.provider_specs import PROVIDER_TAGS, Base, LocalProvider, Provider
 from amiforge.recipe.steps import STEP_TAGS, Step
-from amiforge.yamlfile import YamlKind, parse_mapping, problems_from_validation, raise_problems, read_text
+from amiforge.yamlfile import YamlKind, parse_mapping, read_text, validate_mapping
 
 __all__ = ["MAX_RECIPE_BYTES", "Recipe", "load_recipe", "parse_recipe", "recipe_json_schema"]
 
@@ -82,7 +82,7 @@ def load_recipe(path: Path) -> Recipe:
 
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe YAML `text` as if read from `path` (file sources resolve against `path`'s folder)."""
-    node, data, problems = parse_mapping(
+    parsed = parse_mapping(
         text,
         path,
         _KIND,
@@ -90,13 +90,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         empty_fix="start from examples/web/recipe.yaml; at least 'name:' is required",
         mapping_fix="write the recipe as 'key: value' lines at the top level, from 'name: …'",
     )
-    file = str(path)
-    try:
-        recipe = Recipe.model_validate(data, context={"folder": path.absolute().parent})
-    except ValidationError as e:
-        raise_problems(_KIND, path, problems + problems_from_validation(e, node, file, _KIND))
-    if problems:  # e.g. duplicate keys, which YAML itself accepts
-        raise_problems(_KIND, path, problems)
+    recipe = validate_mapping(Recipe, parsed, path, _KIND, context={"folder": path.absolute().parent})
     return recipe.bound_to(path)
 
 
