@@ -37,7 +37,7 @@ def resolve_inside(root: Path, dest: str) -> Path:
 
     if "\x00" in dest or not dest.startswith("/"):
         raise refuse("the path must be absolute and contain no NUL", "use an absolute path such as /etc/motd")
-    base = Path(os.path.abspath(root))  # not resolve(): see scanners/secrets.py on /proc/<pid>/root
+    base = Path(os.path.abspath(root))  # not resolve(): see scanners/secrets/tree.py on /proc/<pid>/root
     pending: deque[str] = deque(PurePosixPath(dest).parts[1:])
     inside: list[str] = []  # components under `base`, none of them a symlink
     hops = 0
