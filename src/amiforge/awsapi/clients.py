@@ -27,6 +27,7 @@ from amiforge import __version__
 from amiforge.awsapi.errors import CAUGHT, translate
 from amiforge.errors import AmiforgeError, ConfigError, NotFound
 from amiforge.model import check_aws_region
+from amiforge.waiting import Wait, retry
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "MAX_PAGE_SIZE", "AwsSession", "call", "eventually", "iam_action", "paginate"]
 
@@ -232,13 +233,5 @@ def eventually(
     DescribeImages for a few seconds. Use it only right after such a create — elsewhere a NotFound is the answer.
     botocore does not retry *.NotFound (it is not a transient error to it), hence this loop. `sleep` and `clock`
     are injectable so tests do not wait."""
-    start = clock()
-    delay = first_delay
-    while True:
-        try:
-            return fn()
-        except retry_on:
-            if clock() - start + delay > timeout:
-                raise
-        sleep(delay)
-        delay = min(delay * 2, max_delay)
+    wait = Wait(first_delay=first_delay, max_delay=max_delay, deadline=timeout, sleep=sleep, clock=clock)
+    return retry(fn, again=lambda e: isinstance(e, retry_on), wait=wait)

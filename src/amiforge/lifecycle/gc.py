@@ -30,7 +30,7 @@ from amiforge.store.interface import Store
 # Event kinds that end a run of their kind, and those that start one.
 _ENDS = {"bake.built", "bake.failed", "test.passed", "test.failed", "distribute.completed"}
 _STARTS = {"bake.started", "distribute.started"}
-# Far beyond a bake's own deadline (bake.Wait: 2 h for the image): a bake still "running" after this was killed.
+# Far beyond a bake's own deadline (waiting.Wait: 2 h for the image): a bake still "running" after this was killed.
 STALE_BAKE = timedelta(hours=12)
 
 

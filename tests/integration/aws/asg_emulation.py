@@ -79,8 +79,8 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.responses.general import General
 from moto.ec2.responses.launch_templates import LaunchTemplates
 
-from amiforge.providers.aws.bake import Wait
 from amiforge.providers.aws.fleet import ROLLOUT_ENABLED, ROLLOUT_TAG
+from amiforge.waiting import Wait
 
 BOOT_LOG = (
     "[    0.000000] Linux version 6.1.0-amiforge (debian) #1 SMP PREEMPT_DYNAMIC\n"

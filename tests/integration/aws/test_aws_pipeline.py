@@ -26,10 +26,10 @@ from moto_emulation import shared_images
 import amiforge.providers
 from amiforge.awsapi.clients import AwsSession
 from amiforge.providers.aws import distribute as distribute_module
-from amiforge.providers.aws.bake import Wait
 from amiforge.providers.aws.machine import CommandResult
 from amiforge.providers.aws.provider import AwsProvider
 from amiforge.settings import Settings
+from amiforge.waiting import Wait
 from tests.cli_harness import Cli, make_cli
 
 COPY_REGION = "us-east-1"

@@ -15,11 +15,12 @@ from fake_machine import Clock, FakeMachine, factory
 
 from amiforge.errors import InfraError
 from amiforge.model import RemovedFile
-from amiforge.providers.aws.bake import AmiBuild, Wait, bake_on_ec2, boot_test_on_ec2
+from amiforge.providers.aws.bake import AmiBuild, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.images import SourceImage
 from amiforge.providers.aws.machine import MAX_COMMAND_CHARS, CommandResult, SsmMachine
 from amiforge.providers.interface import Cleanups, RunContext
 from amiforge.recipe import Recipe, parse_recipe
+from amiforge.waiting import Wait
 
 SOURCE = SourceImage("ami-0123456789abcdef0", "debian-12", "136693071363", datetime(2024, 5, 1, tzinfo=UTC), None)
 RECIPE = """\

@@ -20,8 +20,7 @@ import contextlib
 import hashlib
 import re
 import shlex
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -47,8 +46,9 @@ from amiforge.providers.interface import PhaseUpdate, RunContext
 from amiforge.providers.local.tools import remove_tree, temporary_dir
 from amiforge.recipe import AwsProvider, Checks, FileStep, Recipe, Step
 from amiforge.scanners.sbom import parse_dpkg_status
+from amiforge.waiting import Wait, poll
 
-__all__ = ["RUN_TAG", "AmiBuild", "Placement", "Wait", "bake_on_ec2", "boot_test_on_ec2"]
+__all__ = ["RUN_TAG", "AmiBuild", "Placement", "bake_on_ec2", "boot_test_on_ec2"]
 
 T = TypeVar("T")
 RUN_TAG = "amiforge:run"
@@ -57,17 +57,6 @@ _READY_FILES = (
     ("ready", "/usr/local/lib/amiforge/ready", 0o755),
     ("amiforge-ready.service", "/etc/systemd/system/amiforge-ready.service", 0o644),
 )
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Adaptive polling: delays double from `first_delay` up to `max_delay`; give up after `deadline` seconds."""
-
-    first_delay: float = 2.0
-    max_delay: float = 30.0
-    deadline: float = 7200.0
-    sleep: Callable[[float], None] = time.sleep
-    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -87,24 +76,6 @@ class AmiBuild:
     builder_instance_id: str
     packages: tuple[Package, ...] = field(default=())
     generalised: tuple[RemovedFile, ...] = field(default=())
-
-
-def poll(what: str, probe: Callable[[], T | None], wait: Wait) -> T:
-    """`probe()` until it returns a value; NotFound counts as "not yet" (EC2 is eventually consistent after a
-    create). Raises InfraError (retryable) once `wait.deadline` has passed."""
-    start = wait.clock()
-    delay = wait.first_delay
-    while True:
-        try:
-            value = probe()
-        except NotFound:
-            value = None
-        if value is not None:
-            return value
-        if wait.clock() - start + delay > wait.deadline:
-            raise InfraError(f"{what}: not done after {wait.deadline:.0f}s", retryable=True)
-        wait.sleep(delay)
-        delay = min(delay * 2, wait.max_delay)
 
 
 def _client_token(run_id: str, role: str) -> str:

@@ -87,13 +87,13 @@ from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import AWS_REGION_RE, Artifact
 from amiforge.providers.aws import refresh
-from amiforge.providers.aws.bake import Wait, poll
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
 from amiforge.providers.aws.machine import SsmMachine
 from amiforge.providers.aws.templates import Template, client_token, find_template, version_holding
 from amiforge.providers.guest import READY_RE
 from amiforge.providers.interface import BootSignal, Member, MemberState, RefreshStatus, Replacement
 from amiforge.recipe import Checks
+from amiforge.waiting import Wait, poll, retry
 
 __all__ = [
     "CONSOLE_GRACE",
@@ -580,7 +580,7 @@ class AsgFleet:
 
         if pending:
             longest = checks.ready_within + self.console_grace + self.wait.deadline
-            poll(f"new members of group {self.target} becoming ready", round_, _with_deadline(self.wait, longest))
+            poll(f"new members of group {self.target} becoming ready", round_, self.wait.until(longest))
         return [decided[c.replacement.token] for c in claims]
 
     def _judge(self, instance: _Instance, record: Mapping[str, Any] | None, checks: Checks) -> Member:
@@ -723,16 +723,10 @@ class AsgFleet:
     def _busy_retry(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, again while it fails with a retryable error (a busy group: ScalingActivityInProgress,
         ResourceContention; throttling botocore gave up on), until `wait.deadline`."""
-        start = self.wait.clock()
-        delay = self.wait.first_delay
-        while True:
-            try:
-                return fn()
-            except InfraError as e:
-                if not e.retryable or self.wait.clock() - start + delay > self.wait.deadline:
-                    raise InfraError(f"{what}: {e.message}", retryable=e.retryable, fix=e.fix) from e
-            self.wait.sleep(delay)
-            delay = min(delay * 2, self.wait.max_delay)
+        try:
+            return retry(fn, again=lambda e: isinstance(e, InfraError) and e.retryable, wait=self.wait)
+        except InfraError as e:
+            raise InfraError(f"{what}: {e.message}", retryable=e.retryable, fix=e.fix) from e
 
     def _stamp(self) -> str:
         return self._now().astimezone(UTC).isoformat(timespec="seconds")
@@ -756,12 +750,6 @@ def _parse_time(value: str | None) -> datetime | None:
         return parse_aws_time(value)
     except ValueError:
         return None
-
-
-def _with_deadline(wait: Wait, deadline: float) -> Wait:
-    return Wait(
-        first_delay=wait.first_delay, max_delay=wait.max_delay, deadline=deadline, sleep=wait.sleep, clock=wait.clock
-    )
 
 
 def _as_member(instance: _Instance, state: MemberState, time_to_ready: float | None, detail: str) -> Member:

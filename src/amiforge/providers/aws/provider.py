@@ -24,7 +24,7 @@ from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import ConfigError, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
-from amiforge.providers.aws.bake import AmiBuild, Placement, Wait, bake_on_ec2, boot_test_on_ec2
+from amiforge.providers.aws.bake import AmiBuild, Placement, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
 from amiforge.providers.aws.doctor import aws_report
 from amiforge.providers.aws.fleet import AsgFleet, parse_group_target
@@ -48,6 +48,7 @@ from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, Recipe, step_fingerprint
 from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
+from amiforge.waiting import Wait
 
 GIB = 1 << 30
 
