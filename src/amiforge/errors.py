@@ -1,6 +1,6 @@
 """The whole error tree. Every error a user can see is an AmiforgeError.
 
-Each family fixes the process exit code (DESIGN.md §6) and the HTTP status the web app answers with.
+Each family fixes the process exit code (docs/architecture.md §6) and the HTTP status the web app answers with.
 `diagnostics()` is what a person reads: what went wrong and how to fix it.
 """
 

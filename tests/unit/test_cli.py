@@ -1,4 +1,4 @@
-"""The `amiforge` command in-process: exit codes (DESIGN §6), JSON documents, and what a person reads.
+"""The `amiforge` command in-process: exit codes (docs/architecture.md §6), JSON documents, and what a person reads.
 
 Every test runs `amiforge.cli.app.main(argv)` against a private data dir (a real SQLite registry), with the
 rich consoles swapped for wide in-memory ones. Nothing here bakes or boots: the registry is seeded directly

@@ -1,4 +1,5 @@
-"""The one table from AWS error codes to amiforge errors (DESIGN.md §6), for EC2, Auto Scaling, SSM, STS and KMS.
+"""The one table from AWS error codes to amiforge errors, for EC2, Auto Scaling, SSM, STS and KMS
+(docs/architecture.md §6).
 
 Every botocore error that leaves an AWS call goes through `translate()`, which decides by the error *code* alone: the
 message text AWS sends is shown to the user, never inspected. Codes are looked up exactly first, then against the

@@ -1,7 +1,7 @@
 """distribute: copy a signed version to the recipe's regions and share it — resumable from the registry.
 
-Only a version that may be released is distributed (DESIGN.md §5): signed, its signature verifying against the
-artifacts as they are now, and its findings passing the policy's entry gate. Each attempt is an `operations` row;
+Only a version that may be released is distributed (docs/architecture.md §8): signed, its signature verifying against
+the artifacts as they are now, and its findings passing the policy's entry gate. Each attempt is an `operations` row;
 attempts on the same version share one run id, so a rerun after a crash (or a failed region) adopts the copies an
 earlier attempt made instead of copying again. Each copy is recorded as an artifact of the version the moment it is
 done, and in the operation's detail as a copy of the signed artifact (which is what lets `verify` accept it).

@@ -2,12 +2,11 @@
 point of view.
 
 A resource is only ever a candidate when it is tagged as amiforge's AND its run is one this registry knows to be over
-(DESIGN.md §5: "retire/gc only touch what is both tagged and in the registry"). The registry answers from its event
-log: a bake run is over once it is built or failed; a boot test once its report is recorded; a distribute run only
-when its latest attempt completed (a copy left by a failed attempt is adopted by the next one, so it is not an
-orphan). An image any version holds as an artifact is never touched. Locally, the candidates are temporary
-directories in the places runs make them (providers/local/leftovers.py). Plans by default; `apply` needs to be asked
-for.
+(docs/architecture.md §8: "gc and retire touch only what is tagged and known to the registry"). The registry answers
+from its event log: a bake run is over once it is built or failed; a boot test once its report is recorded; a distribute
+run only when its latest attempt completed (a copy left by a failed attempt is adopted by the next one, so it is not an
+orphan). An image any version holds as an artifact is never touched. Locally, the candidates are temporary directories
+in the places runs make them (providers/local/leftovers.py). Plans by default; `apply` needs to be asked for.
 """
 
 from __future__ import annotations

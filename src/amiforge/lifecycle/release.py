@@ -1,7 +1,7 @@
 """The release gate: what a version must be before it leaves the registry for the world (distribute, rollout).
 
-DESIGN.md §5: "A version cannot be promoted, distributed or rolled out unless it is tested, scanned under the gate,
-signed, and its signature verifies against the artifact's current content/ids." Promotion judges the same facts
+docs/architecture.md §8: a version leaves the registry only when it is signed, its signature verifies against the
+artifact's bytes now, and its findings pass the entry gate. Promotion judges the same facts
 through the policy of its channel; distribution and rollouts use this one gate.
 """
 

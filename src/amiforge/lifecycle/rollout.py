@@ -1,6 +1,6 @@
 """rollout: replace a fleet's members with a version, wave by wave, behind SLO gates, with automatic rollback.
 
-The controller is a state machine kept in the store (DESIGN.md §5, "every long operation is resumable"):
+The controller is a state machine kept in the store (docs/architecture.md §8, "every long operation is resumable"):
 
     running ──(all waves pass)──▶ succeeded
        │  ▲ pause/resume

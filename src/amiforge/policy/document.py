@@ -1,5 +1,5 @@
-"""The policy file (DESIGN.md §2 Channel, §5): per channel, what a version must satisfy to be promoted into it,
-and the waivers; `load_policy()` / `parse_policy()`, `default_policy()` and the JSON Schema.
+"""The policy file (docs/architecture.md §3 step 6, §7): per channel, what a version must satisfy to be promoted
+into it, and the waivers; `load_policy()` / `parse_policy()`, `default_policy()` and the JSON Schema.
 
 Loading reports every problem at once with file, line, field and fix (the YAML machinery is shared with recipes,
 in `amiforge.yamlfile`). The checks that span keys (an `after` naming a channel, cycles, unsigned prod, waiver
@@ -134,7 +134,7 @@ class ChannelPolicy(BaseModel):
 
 
 class Waiver(BaseModel):
-    """An explicit, expiring, attributed excuse for one finding (DESIGN.md §5)."""
+    """An explicit, expiring, attributed excuse for one finding (docs/architecture.md §8)."""
 
     model_config = STRICT
 
@@ -268,7 +268,7 @@ def _cross_problems(data: Mapping[str, Any]) -> list[tuple[_Loc, str, str]]:
             )
         if rule.get("after") is None and _positive_soak(rule.get("min_soak")):
             found.append((("channels", name, "min_soak"), *_SOAK_WITHOUT_AFTER))
-        # DESIGN §5: nothing reaches production unsigned; a policy may relax signatures for dev only.
+        # docs/architecture.md §8: nothing reaches production unsigned; a policy may relax signatures for dev only.
         if name.startswith("prod") and rule.get("require_signature") is False:
             found.append(
                 (

@@ -1,4 +1,4 @@
-"""The promotion gate: may a version enter a channel, judged against the policy (DESIGN.md §2, §5).
+"""The promotion gate: may a version enter a channel, judged against the policy (docs/architecture.md §3 step 6, §7).
 
 `evaluate()` is pure: the caller gathers the facts about a version into a `Candidate` (status, boot test,
 findings, signature check, revocations, when it entered each channel) and passes `now`; nothing here reads the

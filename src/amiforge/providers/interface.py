@@ -40,10 +40,10 @@ class PhaseUpdate:
 
 
 class Cleanups(ExitStack):
-    """The cleanups of one run, registered the moment each resource exists and run in reverse order when the run
-    ends, on failure too (DESIGN §3 rule 5). A cleanup never raises — that would hide the error that caused the
-    unwinding, and skip the cleanups after it: when one fails, what it left behind is kept in `leftovers` (all of
-    them) for the run to report and record."""
+    """The cleanups of one run, registered the moment each resource exists and run in reverse order when the run ends,
+    on failure too (docs/architecture.md §3, step 2). A cleanup never raises — that would hide the error that caused the
+    unwinding, and skip the cleanups after it: when one fails, what it left behind is kept in `leftovers` (all of them)
+    for the run to report and record."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,8 +75,8 @@ class Cleanups(ExitStack):
 class RunContext:
     """What a provider needs from its caller while it works.
 
-    `cleanup` is where every temporary resource registers its removal the moment it exists (DESIGN §3 rule 5);
-    the caller closes it, on failure too. `log` receives the human-readable build log kept with the version.
+    `cleanup` is where every temporary resource registers its removal the moment it exists (docs/architecture.md §3,
+    step 2); the caller closes it, on failure too. `log` receives the human-readable build log kept with the version.
     """
 
     run_id: str
@@ -451,7 +451,7 @@ class GcResult:
 @runtime_checkable
 class Collector(Protocol):
     """A provider that finds, and only when asked removes, what finished runs left behind in a region: resources a
-    failed cleanup recorded as leftovers, or that a killed run never got to remove (DESIGN.md §5)."""
+    failed cleanup recorded as leftovers, or that a killed run never got to remove (docs/architecture.md §8)."""
 
     def plan_gc(
         self,

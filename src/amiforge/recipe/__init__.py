@@ -1,4 +1,4 @@
-"""The recipe file (DESIGN.md §9): what to bake, where, and how to tell the result boots.
+"""The recipe file (docs/architecture.md §7): what to bake, where, and how to tell the result boots.
 
 Everything about the recipe lives in this package, and nothing here touches a provider, the store or the network:
 

@@ -82,7 +82,7 @@ _TAG_KEY = matching(
 
 
 def _unreserved_tag_key(value: str) -> str:
-    # Our own bookkeeping tags (DESIGN §5) and AWS's namespace must not be forged from a recipe.
+    # Our own bookkeeping tags (docs/architecture.md §8) and AWS's namespace must not be forged from a recipe.
     if value.lower().startswith(("amiforge:", "aws:")):
         raise fail(
             f"tag key {value!r} uses a reserved prefix ('amiforge:' and 'aws:' are set by amiforge and AWS)",

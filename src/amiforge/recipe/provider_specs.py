@@ -168,7 +168,7 @@ def _check_source(value: object) -> object:
             "keep either ssm_parameter, or owners + name",
         )
     if not has_ssm and not value.get("owners"):
-        # DESIGN §5: a name filter alone lets anyone publish a matching public AMI ("whoAMI" name squatting).
+        # A name filter alone lets anyone publish a matching public AMI ("whoAMI" name squatting; architecture.md §8).
         raise fail(
             "source has no owners: an image looked up by name alone can be any account's public image "
             "(the 'whoAMI' name-squatting attack), so owners are required",

@@ -226,7 +226,7 @@ class ServiceStep(BaseModel):
 
 
 def _check_authorized_key(value: str) -> str:
-    # Public keys only: DESIGN §5 keeps secrets out of recipes and images.
+    # Public keys only: docs/architecture.md §8 keeps secrets out of recipes and images.
     if "PRIVATE KEY" in value:
         raise fail("this is a private key; recipes must never hold secrets", "use the matching .pub line instead")
     if not value.strip() or "\n" in value.strip() or "\x00" in value:

@@ -1,7 +1,8 @@
 """What a scanner is, and how scanners report bad input.
 
 A scanner looks at an image — its root filesystem and the package list (the SBOM) read from it — and returns findings.
-Findings are values (DESIGN.md §2): a scanner never decides what a finding means for a channel; the scan gate does.
+Findings are values (docs/architecture.md §3, §7): a scanner never decides what a finding means for a channel;
+the scan gate does.
 
 Errors: there is no scanner-specific error family. Input a scanner reads that is malformed (a dpkg database, an advisory
 feed, a Trivy or Grype report) is a `ConfigError` carrying one `Problem` per defect, each naming the file, the field and

@@ -1,4 +1,4 @@
-"""Source image resolution (owner-pinned, DESIGN §5) and the inventory of managed images, on moto."""
+"""Source image resolution (owner-pinned, docs/architecture.md §8) and the inventory of managed images, on moto."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The AWS provider: EC2, EBS, SSM, STS and KMS through boto3 (DESIGN.md §1, §3).
+"""The AWS provider: EC2, EBS, SSM, STS and KMS through boto3 (docs/architecture.md §1, §2).
 
 Only this package and `signing/kms.py` import boto3. Its modules: `errors` (the one table from AWS error codes to
 amiforge errors), `clients` (sessions, role assumption, clients with standard retries, calls, paging, waiting out

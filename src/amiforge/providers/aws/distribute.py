@@ -20,8 +20,8 @@ plan may have no target region at all and only share.
 
 Every step after the copy is idempotent (Add of an existing permission, CreateTags of an existing tag, enabling
 protection twice), so a rerun simply repeats them: interrupted after any API call, the next run converges to the same
-state with no duplicate copy and no orphan. Safety (DESIGN.md §5): nothing is public without `public=True`; an image
-under the AWS-managed EBS key cannot be shared with other accounts, so such a plan is refused before any copy.
+state with no duplicate copy and no orphan. Safety (docs/architecture.md §8): nothing is public without `public=True`;
+an image under the AWS-managed EBS key cannot be shared with other accounts, so such a plan is refused before any copy.
 
 Parallelism: one worker per region, at most `max_parallel_regions` at once. Each region has exactly one copy in
 flight, far below AWS's per-destination-region limit on concurrent copies; API throttling is left to botocore's
@@ -193,7 +193,7 @@ def plan_distribution(
     public_flag: bool = False,
 ) -> DistributionPlan:
     """A validated plan, or ConfigError listing every problem. `public` is what the recipe asks for; `public_flag`
-    is the command line's `--public`: a public distribution needs both (DESIGN.md §5)."""
+    is the command line's `--public`: a public distribution needs both (docs/architecture.md §8)."""
     problems: list[Problem] = []
 
     def problem(fieldname: str, message: str, fix: str) -> None:

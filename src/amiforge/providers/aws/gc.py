@@ -3,7 +3,7 @@
 A run tags everything it creates with `amiforge:managed=true` and `amiforge:run=<run>` at creation (bake.py, distribute
 copies); when a cleanup fails the run records an `orphaned` event and the resource stays. `plan_gc()` finds such
 leftovers in one region and `apply_gc()` removes them. Planning has no side effects; applying is a separate call so
-the CLI can plan by default and apply only on `--apply` (DESIGN.md §5).
+the CLI can plan by default and apply only on `--apply` (docs/architecture.md §8).
 
 An **orphan** is a resource that
 
@@ -53,7 +53,7 @@ __all__ = [
 
 
 DEFAULT_MIN_AGE: Final = timedelta(hours=1)
-DEFAULT_MAX_DELETIONS: Final = 10  # DESIGN.md §5 blast-radius cap
+DEFAULT_MAX_DELETIONS: Final = 10  # docs/architecture.md §8 blast-radius cap
 # The order apply works in: nothing is removed before what depends on it.
 _ORDER: Final[Mapping[str, int]] = {"instance": 0, "image": 1, "snapshot": 2, "volume": 3}
 

@@ -7,8 +7,8 @@ actions it really calls, and fails when one is missing here, so the declaration 
 `policy_document()` turns operations into an IAM policy: per service one statement with `Resource: "*"` for actions
 that cannot be scoped (Describe*, Create* of new resources), plus separate statements where a resource or condition
 narrows the action: SSM parameter writes to the parameter prefix amiforge publishes under, KMS signing to the keys
-given, destructive EC2 actions only on resources tagged `amiforge:managed=true` (DESIGN.md §5), and the Auto Scaling
-writes of a rollout only on groups tagged `amiforge:rollout=enabled`.
+given, destructive EC2 actions only on resources tagged `amiforge:managed=true` (docs/architecture.md §8), and the
+Auto Scaling writes of a rollout only on groups tagged `amiforge:rollout=enabled`.
 
 Why the rollout's TerminateInstanceInAutoScalingGroup is not in DESTRUCTIVE: Auto Scaling actions are authorised
 against the *group* (resource type autoScalingGroup, condition keys aws:ResourceTag/… and autoscaling:ResourceTag/…

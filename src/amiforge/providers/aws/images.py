@@ -1,8 +1,9 @@
 """Images on EC2: resolving a recipe's source image, owner-pinned, and listing the images amiforge manages.
 
-This module owns the whoAMI rule (DESIGN.md §5, CVE-2018-15869): an image looked up by name is only ever looked up
-among pinned owners. The recipe schema already refuses a source without owners; `resolve_source` refuses it again at
-runtime, because a source can also be built in code (`model_construct`, an API payload) without passing the schema.
+This module owns the whoAMI rule (docs/architecture.md §8, CVE-2018-15869): an image looked up by name is only ever
+looked up among pinned owners. The recipe schema already refuses a source without owners; `resolve_source` refuses it
+again at runtime, because a source can also be built in code (`model_construct`, an API payload) without passing the
+schema.
 
 Listing goes through the paginator at full page size: an inventory of N images costs ⌈N/1000⌉ DescribeImages calls
 per region, never one call per image.
@@ -32,7 +33,8 @@ __all__ = [
     "resolve_source",
 ]
 
-# DESIGN §5: every resource amiforge creates carries this tag; inventory, retire and gc only look at tagged ones.
+# Every resource amiforge creates carries this tag; inventory, retire and gc only look at tagged ones
+# (docs/architecture.md §8).
 MANAGED_TAG = "amiforge:managed"
 _WHOAMI_FIX = (
     "pin the publisher: owners: [amazon] or the 12-digit account id publishing the image, or use ssm_parameter"

@@ -57,7 +57,7 @@ class CommandResult:
 
 
 class Machine(Protocol):
-    """A running guest (DESIGN §4): SSM Run Command on AWS, the QEMU guest agent locally, a fake in tests."""
+    """A running guest: SSM Run Command on AWS, a fake in tests (docs/architecture.md §2)."""
 
     def run(self, argv: Sequence[str], *, timeout: float) -> CommandResult: ...
 

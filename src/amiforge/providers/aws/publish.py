@@ -1,9 +1,10 @@
 """Publishing a promoted image on AWS: the channel's SSM parameter and, optionally, a launch template's default version.
 
-This module owns the AWS side of a channel pointer (DESIGN.md §2, "promote"): per channel and region, an SSM parameter
-`<prefix>/<name>/<channel>` of DataType `aws:ec2:image` holding the AMI id, and for a launch template a new version
-with that numeric AMI id which becomes the template's default. The default is always set to a version *number*, never
-`$Latest`: an Auto Scaling group following `$Default` must not pick up whatever version someone creates next.
+This module owns the AWS side of a channel pointer (docs/architecture.md §3, step 6): per channel and region, an SSM
+parameter `<prefix>/<name>/<channel>` of DataType `aws:ec2:image` holding the AMI id, and for a launch template a new
+version with that numeric AMI id which becomes the template's default. The default is always set to a version
+*number*, never `$Latest`: an Auto Scaling group following `$Default` must not pick up whatever version someone
+creates next.
 
 Each publication reports what it replaced (the previous AMI id, the previous default version), which is the rollback
 target; `rollback()` puts those back. Publishing is idempotent and resumable: an unchanged parameter is not written

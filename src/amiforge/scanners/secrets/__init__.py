@@ -1,4 +1,4 @@
-"""Secrets and build residue inside an image: what must never ship in a golden image (DESIGN.md §5).
+"""Secrets and build residue inside an image: what must never ship in a golden image (docs/architecture.md §8).
 
 - `scan_tree(rootfs)` reads the files of an image's root filesystem (a directory) and reports credentials
   (kind SECRET, source "secrets") and leftovers that break clones (kind RESIDUE, source "residue").
