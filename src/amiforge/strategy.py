@@ -24,21 +24,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
-from amiforge import durations
-from amiforge.errors import ConfigError, Problem
 from amiforge.model import Member
 from amiforge.yamlfile import (
     YamlKind,
+    checked_duration,
+    duration_schema,
     fail,
     parse_mapping,
-    problems_from_validation,
-    raise_problems,
     read_text,
     short,
+    validate_mapping,
 )
 
 __all__ = ["Strategy", "WaveDecision", "decide", "load_strategy", "parse_strategy", "plan_waves"]
@@ -78,14 +77,10 @@ Wave = Annotated[
 ]
 
 
-def _check_duration(value: object) -> object:
-    try:  # the one duration grammar; 0 is a duration here (no bake time)
-        return durations.parse_duration(value, what="", allow_zero=True)
-    except ConfigError as e:  # inside validation: a located problem, not an escaping error
-        raise fail(e.message.strip(), e.fix or "use a duration like 60s") from e
-
-
-Seconds = Annotated[float, BeforeValidator(_check_duration), WithJsonSchema({"type": ["string", "number"]})]
+# The one duration grammar (durations.py); 0 is a duration here (no bake time).
+Seconds = Annotated[
+    float, BeforeValidator(lambda v: checked_duration(v, allow_zero=True)), duration_schema(minimum=0.0)
+]
 
 
 class Gates(BaseModel):
@@ -160,7 +155,7 @@ def load_strategy(path: Path) -> Strategy:
 
 
 def parse_strategy(text: str, path: Path) -> Strategy:
-    node, data, problems = parse_mapping(
+    parsed = parse_mapping(
         text,
         path,
         _KIND,
@@ -168,16 +163,8 @@ def parse_strategy(text: str, path: Path) -> Strategy:
         empty_fix="see the README's Rollouts section, or leave --strategy out for the defaults",
         mapping_fix="see the README's Rollouts section",
     )
-    if problems:  # e.g. duplicate keys
-        _raise(path, problems)
-    try:
-        return Strategy.model_validate(data)
-    except ValidationError as e:
-        _raise(path, problems_from_validation(e, node, str(path), _KIND))
-
-
-def _raise(path: Path, problems: list[Problem]) -> NoReturn:
-    raise_problems(_KIND, path, problems)
+    # Every problem at once: duplicate keys (which YAML accepts) and each field's.
+    return validate_mapping(Strategy, parsed, path, _KIND)
 
 
 # --- waves -----------------------------------------------------------------------------------------------------------

@@ -118,6 +118,15 @@ def test_strategy_file_problems_name_line_and_fix(tmp_path: Path) -> None:
     assert good.waves == ["1", "100%"] and good.bake_time == 120.0
 
 
+def test_strategy_duplicate_keys_and_bad_fields_are_reported_together(tmp_path: Path) -> None:
+    text = "waves: [1, 100%]\nbake_time: 1m\nbake_time: later\ngates: {boot_success_rate: 2}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_strategy(text, tmp_path / "strategy.yaml")
+    lines = {p.line for p in caught.value.problems}
+    assert 3 in lines  # the duplicate bake_time
+    assert 4 in lines  # and the gate, in the same error
+
+
 def test_targets() -> None:
     assert parse_target("web") == ("local", "web")
     assert parse_target("aws:eu-west-1/web-asg") == ("aws", "eu-west-1/web-asg")
