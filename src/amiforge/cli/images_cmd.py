@@ -9,11 +9,9 @@ from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, human_size, plain
 from amiforge.cli.render import generalised_lines, layers_table, report_table, status, version_line
 from amiforge.cli.tables import Col, fit_table
-from amiforge.lifecycle.bake import generalised_of
-from amiforge.lifecycle.diff import diff
-from amiforge.lifecycle.gc import leftovers_of
-from amiforge.lifecycle.scan import finding_json, findings_summary
 from amiforge.model import check_image_name
+
+# The lifecycle modules (providers, scanners) are imported by `show` and `diff`: `list` only reads the registry.
 
 app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 
@@ -79,6 +77,10 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """One version: state, digests, artifacts, layers (hit/miss), boot reports and its events."""
+    from amiforge.lifecycle.bake import generalised_of
+    from amiforge.lifecycle.gc import leftovers_of
+    from amiforge.lifecycle.scan import findings_summary
+
     _, store = open_registry()
     v = store.get_version(ref)
     artifacts = store.artifacts(v.id)
@@ -169,6 +171,9 @@ def diff_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Packages added/removed/up/downgraded, CVEs fixed and introduced, secrets, and size, between two scans."""
+    from amiforge.lifecycle.diff import diff
+    from amiforge.lifecycle.scan import finding_json
+
     _, store = open_registry()
     d = diff(old, new, store=store)
     if as_json:

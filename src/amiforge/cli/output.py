@@ -9,13 +9,16 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Column
 
-from amiforge.providers.interface import PhaseUpdate
+if TYPE_CHECKING:
+    # Only a type here: importing providers (and with them the local provider and the scanners) would cost every
+    # command, `--help` included, a tenth of a second.
+    from rich.progress import TaskID
+
+    from amiforge.providers.interface import PhaseUpdate
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -59,6 +62,9 @@ class PhaseProgress:
     overall bar. Disabled for --json so stdout stays one JSON document and stderr stays quiet."""
 
     def __init__(self, title: str, total: int, *, enabled: bool) -> None:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.table import Column
+
         self.enabled = enabled
         self.progress = Progress(
             SpinnerColumn(finished_text="[green]✓[/]"),

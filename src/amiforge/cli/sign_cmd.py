@@ -9,14 +9,9 @@ from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
-from amiforge.lifecycle.sign import (
-    kms_signer,
-    new_trusted_key,
-    revoke_trusted_key,
-    sign,
-    trust_public_key,
-    verify,
-)
+
+# The lifecycle (and with it cryptography, the scanners and the providers) is imported by the commands that use
+# it: `keys list` only reads the registry.
 
 app = typer.Typer(help="Signing keys (Ed25519 key files) the registry trusts.", no_args_is_help=True)
 
@@ -28,6 +23,8 @@ def keys_generate(
     as_json: bool = JsonOption,
 ) -> None:
     """Make an Ed25519 key pair (the private key file is mode 0600; nothing is overwritten) and trust it."""
+    from amiforge.lifecycle.sign import new_trusted_key
+
     settings, store = open_registry()
     info = new_trusted_key(store, directory or settings.data_dir / "keys", name, actor=settings.actor)
     if as_json:
@@ -47,6 +44,8 @@ def keys_trust(
     as_json: bool = JsonOption,
 ) -> None:
     """Trust a public key: signatures by it verify from now on (until revoked). Audited as `key.added`."""
+    from amiforge.lifecycle.sign import trust_public_key
+
     settings, store = open_registry()
     key, added = trust_public_key(
         store,
@@ -85,6 +84,8 @@ def keys_revoke(
     as_json: bool = JsonOption,
 ) -> None:
     """Stop trusting a key: every signature it made stops verifying."""
+    from amiforge.lifecycle.sign import revoke_trusted_key
+
     settings, store = open_registry()
     key = revoke_trusted_key(store, key_id, reason=reason, actor=settings.actor)
     if as_json:
@@ -103,6 +104,8 @@ def sign_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Sign the version's manifest (DSSE envelope, in-toto statement, SLSA provenance)."""
+    from amiforge.lifecycle.sign import kms_signer, sign
+
     settings, store = open_registry()
     signer = kms_signer(kms_key, kms_region or settings.kms_region) if kms_key else None
     record = sign(ref, store=store, settings=settings, key=key, signer=signer)
@@ -119,6 +122,8 @@ def verify_command(
     ref: str = typer.Argument(..., help="NAME@N or a digest prefix."), as_json: bool = JsonOption
 ) -> None:
     """Check the signature against the artifact's bytes as they are now (exit 4 on any mismatch)."""
+    from amiforge.lifecycle.sign import verify
+
     settings, store = open_registry()
     outcome = verify(ref, store=store, settings=settings)
     if as_json:
