@@ -17,7 +17,8 @@ import pytest
 
 from amiforge.lifecycle.boottest import checks_of
 from amiforge.providers.interface import Replacement
-from amiforge.providers.local.fleet import _find_guests, open_fleet
+from amiforge.providers.local.fleet import open_fleet
+from amiforge.providers.local.guest_processes import find_guests
 from amiforge.settings import Settings
 from amiforge.store.sql import open_store
 from tests.e2e.conftest import Cli
@@ -91,7 +92,7 @@ def test_fleet_create_fail_replace_destroy(cli: Cli, web_recipe: Path, no_leftov
     # Asked again with the same token (a resumed rollout): the same member, no second guest.
     (again,) = webfleet.replace([Replacement(keep["id"], "e2e-wave-1")], artifact, ref, checks_of(version))
     assert (again.id, again.state) == (new.id, "ready")
-    assert len(_find_guests(webfleet.dir)) == 1
+    assert len(find_guests(webfleet.dir)) == 1
 
     destroyed = fleet(cli, "destroy", "webfleet")
     assert destroyed["stopped"] == [new.id]

@@ -23,23 +23,20 @@ import pytest
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import Artifact, Status
-from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
 from amiforge.providers import guest as in_guest
+from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
 from amiforge.providers.local import fleet as fleet_mod
 from amiforge.providers.local import qemu
 from amiforge.providers.local.fleet import (
     MAX_BOOTING,
-    READY_SLACK,
     LocalFleet,
-    MemberFile,
-    assess,
-    checks_grace,
-    console_lines,
     create_fleet,
     destroy_fleet,
     list_fleets,
     open_fleet,
 )
+from amiforge.providers.local.fleet_files import MemberFile
+from amiforge.providers.local.fleet_judge import READY_SLACK, assess, checks_grace, console_lines
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.sql import open_store

@@ -1,18 +1,7 @@
 """Local fleets: named sets of long-running QEMU guests booted from local image versions.
 
-Everything about a fleet lives in files under `<data>/fleets/NAME/`; there is no daemon and no cache:
-
-    fleet.json          name, created, member ids in launch order
-    .lock               flock'ed while a member is recorded or marked stopped, so a token never launches twice
-    g-1a2b3c4d/         one folder per member (kept after it stops, as history, until the fleet is destroyed)
-        member.json     id, token, version_ref, artifact location/kernel/initrd, launched_at, stopped_at (+ why),
-                        the in-guest checks and the deadline it is judged by, forwarded ports
-        overlay.qcow2   the member's own disk; the artifact is only ever its read-only backing file
-        checks.sh       the in-guest checks, passed in by fw_cfg
-        console.log     the serial console, written by QEMU: READY and the check results are read from it
-        qemu.log        QEMU's own stderr (why it refused to start or stopped)
-        qemu.pid        the QEMU pid, written right after the start
-        exited          when amiforge first saw this QEMU gone without having asked it to stop
+Its files are described in fleet_files.py; a member is judged from them by fleet_judge.py, and its QEMU found and
+stopped by guest_processes.py.
 
 Lifecycle of a member: recorded (member.json is written before QEMU starts, so no guest ever runs unrecorded) →
 launching (QEMU runs detached: its own session, stdin /dev/null, console to a file, so it outlives the CLI that
@@ -33,21 +22,15 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as evolve
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
-
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
-from amiforge.inputs import read_input
 from amiforge.model import IMAGE_NAME_PATTERN, Artifact
 from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import (
@@ -55,11 +38,23 @@ from amiforge.providers.interface import (
     FleetDetail,
     Member,
     MemberDetail,
-    MemberState,
     PhaseUpdate,
     Replacement,
 )
 from amiforge.providers.local import qemu
+from amiforge.providers.local.fleet_files import FleetFile, MemberFile, StopCause, load_state
+from amiforge.providers.local.fleet_judge import assess, checks_grace, console_lines
+from amiforge.providers.local.guest_processes import (
+    CHILDREN,
+    end_guests,
+    find_guests,
+    first_seen,
+    last_line,
+    qemu_args,
+    runs_disk,
+    seen_at,
+    spawn_guest,
+)
 from amiforge.providers.local.tools import write_atomic
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
@@ -68,283 +63,9 @@ from amiforge.settings import Settings
 # boot out (notes/local-backend.md §10); an idle guest costs ~5 % of a core, so only booting ones count.
 MAX_BOOTING = 2
 POLL_SECONDS = 0.5
-# After SIGTERM, how long QEMU gets before SIGKILL; it exits at once on SIGTERM, so this is only a backstop.
-STOP_GRACE = 5.0
 # A member recorded this long ago with neither a pid file nor a process never got its QEMU (its launcher died).
 START_GRACE = 30.0
-# Guest uptime starts a little after the launch (QEMU start, firmware): a READY with an uptime within the limit
-# may still be on its way this long after launch + limit, and must not flip a member from failed to ready.
-READY_SLACK = 5.0
 NAME_RE = re.compile(f"^{IMAGE_NAME_PATTERN}$")  # fleets are named like images
-
-StopCause = Literal["replaced", "failed"]
-
-
-# --- the files (pydantic at the edge) ----------------------------------------------------------------------
-
-
-class FleetFile(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    name: str
-    created: datetime
-    # Member ids name folders of the fleet's own: never a path that could lead out of it.
-    members: list[Annotated[str, StringConstraints(pattern=r"^g-[0-9a-f]{8}$")]]
-
-
-class MemberFile(BaseModel):
-    """member.json: everything needed to judge a member later, by another process, with no other state."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    id: str
-    token: str
-    version_ref: str
-    location: str
-    kernel: str
-    initrd: str
-    launched_at: datetime
-    ready_within: float
-    checks: list[in_guest.GuestCheck]
-    accel: str
-    forwards: dict[int, int]  # guest port -> host port on 127.0.0.1
-    replaces: str | None = None
-    launch_error: str | None = None
-    stopped_at: datetime | None = None
-    stop_cause: StopCause | None = None
-    stop_reason: str = ""
-    replaced_by: str | None = None
-    failure: str | None = None  # the failure it was stopped for (a failed replacement)
-
-
-_F = TypeVar("_F", FleetFile, MemberFile)
-
-
-# fleet.json and member.json are a few KiB; anything bigger is not one of ours.
-_MAX_STATE_FILE = 1 << 20
-
-
-def _load(model: type[_F], path: Path) -> _F:
-    """A fleet state file; FileNotFoundError if it is not there, InfraError (naming the file and the way out) if it
-    is damaged: not a regular file, too big, not UTF-8 JSON, or not the shape amiforge wrote."""
-    if not path.exists() and not path.is_symlink():
-        raise FileNotFoundError(path)
-    fix = f"the fleet's files are damaged; `amiforge fleet destroy {path.parent.name}` stops its guests and removes it"
-    if path.name == "member.json":
-        fix = f"the fleet's files are damaged; `amiforge fleet destroy {path.parent.parent.name}` stops its guests"
-    try:
-        return model.model_validate_json(read_input(path, what="fleet state file", max_bytes=_MAX_STATE_FILE, fix=fix))
-    except ConfigError as e:
-        raise InfraError(e.message, fix=fix) from e
-    except ValidationError as e:
-        raise InfraError(f"cannot read {path}: {e.error_count()} problem(s): {e.errors()[0]['msg']}", fix=fix) from e
-
-
-# --- judging a member from its files (pure) ----------------------------------------------------------------
-
-
-def console_lines(text: str) -> list[str]:
-    """Complete lines only: QEMU may be half-way through writing the last one (`AMIFORGE-READY 1` of `12.3`)."""
-    return [line.rstrip("\r") for line in text.split("\n")[:-1]]
-
-
-def checks_grace(checks: Sequence[in_guest.GuestCheck]) -> float:
-    """How long after READY the in-guest checks may take to report, as the boot test allows them."""
-    return qemu.CHECKS_GRACE + in_guest.COMMAND_TIMEOUT * len(checks)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: Literal["ready", "failed"]
-    detail: str
-    at: datetime
-
-
-def _outcome(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon: datetime) -> Outcome | None:
-    """Ready or failed as the console and the clock say (None: still launching at `horizon`)."""
-    launched = rec.launched_at
-    if rec.launch_error is not None:
-        return Outcome("failed", f"launch failed: {rec.launch_error}", launched)
-    if ttr is None:
-        limit = launched + timedelta(seconds=rec.ready_within + READY_SLACK)
-        if horizon >= limit:
-            return Outcome("failed", f"not ready within {rec.ready_within:.0f}s", limit)
-        return None
-    ready_at = launched + timedelta(seconds=ttr)
-    if ttr > rec.ready_within:
-        return Outcome("failed", f"ready only after {ttr:.1f}s (limit {rec.ready_within:.0f}s)", ready_at)
-    after = next(i for i, line in enumerate(lines) if in_guest.READY_RE.search(line))
-    if not any(in_guest.DONE_MARK in line for line in lines[after:]):
-        limit = ready_at + timedelta(seconds=checks_grace(rec.checks))
-        if horizon >= limit:
-            return Outcome("failed", "the in-guest checks did not finish", limit)
-        return None
-    failed = [r for r in in_guest.guest_results(rec.checks, lines) if not r.passed]
-    if failed:
-        return Outcome("failed", "; ".join(f"{r.name}: {r.detail}" for r in failed), ready_at)
-    return Outcome("ready", f"ready after {ttr:.1f}s", ready_at)
-
-
-def ready_uptime(lines: Sequence[str]) -> float | None:
-    for line in lines:
-        m = in_guest.READY_RE.search(line)
-        if m:
-            return float(m.group(1))
-    return None
-
-
-def assess(
-    rec: MemberFile,
-    lines: Sequence[str],
-    *,
-    running: bool,
-    now: datetime,
-    exited_at: datetime | None = None,
-    exit_detail: str = "QEMU exited",
-) -> tuple[Member, list[BootSignal]]:
-    """A member's state now and every signal it has given, from its record, its console and whether its QEMU
-    runs. Times come from the record and the console (launch + uptime at READY), so they read the same every
-    time; only a QEMU exit has no time of its own: `exited_at` is when it was first seen (default: now)."""
-    ref = rec.version_ref
-    ttr = ready_uptime(lines)
-    signals = [BootSignal(rec.id, "launch", rec.launched_at, ref)]
-    # Nothing more happens to a member once it is stopped on purpose or its QEMU is gone, so its clock stops
-    # there: a guest stopped while it booted did not fail to boot, one that died was not merely slow.
-    gone_at = None if running else (exited_at or now)
-    horizon = min(t for t in (now, rec.stopped_at, gone_at) if t is not None)
-    outcome = _outcome(rec, lines, ttr, horizon)
-    if outcome is not None:
-        signals.append(BootSignal(rec.id, outcome.state, outcome.at, ref, ttr, outcome.detail))
-    crashed = gone_at is not None and (rec.stopped_at is None or gone_at < rec.stopped_at)
-    if crashed and gone_at is not None and (outcome is None or outcome.state == "ready"):
-        signals.append(BootSignal(rec.id, "failed", gone_at, ref, ttr, exit_detail))
-        outcome = Outcome("failed", exit_detail, gone_at)
-    state: MemberState
-    if rec.stopped_at is not None:
-        state, detail = "stopped", rec.stop_reason + ("; QEMU is still running" if running else "")
-        if rec.stop_cause == "replaced":
-            signals.append(BootSignal(rec.id, "replaced", rec.stopped_at, ref, ttr, rec.stop_reason))
-    elif outcome is not None:
-        state, detail = outcome.state, outcome.detail
-    else:
-        waited = (now - rec.launched_at).total_seconds()
-        state = "launching"
-        detail = f"booting ({waited:.0f}s of {rec.ready_within:.0f}s)" if ttr is None else "running the checks"
-    return Member(rec.id, ref, rec.location, state, rec.launched_at, ttr, detail), signals
-
-
-# --- QEMU processes -----------------------------------------------------------------------------------------
-
-PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
-
-# QEMUs this process started: polled so that an exited one is reaped (a zombie keeps its /proc entry).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def _qemu_args(pid: int) -> list[str] | None:
-    """The argv of `pid` if it is a live QEMU system emulator, else None (gone, a zombie, something else)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:  # ours and not reaped, so the pid cannot have been reused
-            return [str(a) for a in child.args] if isinstance(child.args, list) else None
-        del _CHILDREN[pid]
-        return None
-    for _ in range(10):
-        try:
-            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if raw:
-                break
-            # Empty: a zombie, a kernel thread, or a process that has just exec'd (for a moment). Wait only
-            # for the last.
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] in "ZX" or int(fields[6]) & PF_KTHREAD:
-                return None
-        except (OSError, IndexError, ValueError):
-            return None
-        time.sleep(0.05)
-    args = raw.decode("utf-8", "replace").split("\0")
-    return args if os.path.basename(args[0]).startswith("qemu-system") else None
-
-
-def _runs_disk(args: Sequence[str], overlay: Path) -> bool:
-    return any(a.startswith(f"file={overlay},") for a in args)
-
-
-def _find_guests(where: Path) -> list[int]:
-    """Every QEMU whose disk is under `where`: also those whose pid was never recorded."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            args = _qemu_args(int(entry))
-            if args is not None and any(a.startswith(f"file={where}/") for a in args):
-                found.append(int(entry))
-    return found
-
-
-def _end(pids: Sequence[int]) -> None:
-    """SIGTERM, then SIGKILL whatever still runs after STOP_GRACE; returns once every one is gone."""
-    for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, STOP_GRACE)):
-        left = [p for p in pids if _qemu_args(p) is not None]
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [p for p in left if _qemu_args(p) is not None]
-        if not left:
-            return
-    raise InfraError(f"QEMU pid(s) {left} survived SIGKILL", retryable=True)
-
-
-def spawn_guest(spec: qemu.GuestSpec) -> subprocess.Popen[bytes]:
-    """Start a fleet member's QEMU, detached: a session of its own (a Ctrl-C or a closing terminal does not reach
-    it), stdin /dev/null and the console in a file, so it runs on after the process that started it exits."""
-    qemu.prepare(spec)
-    with open(spec.workdir / "qemu.log", "wb") as err:
-        return subprocess.Popen(
-            spec.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            cwd=spec.workdir,
-            start_new_session=True,
-        )
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:200] if lines else ""
-
-
-def _first_seen(path: Path, now: datetime) -> datetime:
-    """The time recorded in `path`, or `now`, recorded there if nobody did yet (a hard link: the first one wins
-    and is never half-written)."""
-    seen = _seen(path)
-    if seen is not None:
-        return seen
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(now.isoformat())
-    try:
-        os.link(tmp, path)
-        return now
-    except FileExistsError:
-        return _seen(path) or now
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _seen(path: Path) -> datetime | None:
-    try:
-        return datetime.fromisoformat(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-# --- the fleet ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -385,7 +106,7 @@ class LocalFleet:
 
     def info(self) -> FleetFile:
         try:
-            return _load(FleetFile, self.dir / "fleet.json")
+            return load_state(FleetFile, self.dir / "fleet.json")
         except FileNotFoundError:
             raise NotFound(f"no fleet {self.target!r}", fix="`amiforge fleet list` shows the fleets") from None
 
@@ -394,7 +115,7 @@ class LocalFleet:
 
     def _record(self, mid: str) -> MemberFile:
         try:
-            return _load(MemberFile, self.dir / mid / "member.json")
+            return load_state(MemberFile, self.dir / mid / "member.json")
         except FileNotFoundError:
             raise InfraError(
                 f"fleet {self.target!r} lists member {mid} but its member.json is missing",
@@ -411,13 +132,13 @@ class LocalFleet:
         except (OSError, ValueError):
             if rec.launch_error is not None:
                 return None, False
-            found = _find_guests(mdir)
+            found = find_guests(mdir)
             if found:
                 return found[0], True
             # Not started yet, or never will be: give its launcher a moment before calling it failed.
             return None, (now - rec.launched_at).total_seconds() < START_GRACE
-        args = _qemu_args(pid)
-        running = args is not None and _runs_disk(args, overlay)
+        args = qemu_args(pid)
+        running = args is not None and runs_disk(args, overlay)
         return (pid if running else None), running
 
     def _status(self, rec: MemberFile, now: datetime) -> MemberStatus:
@@ -433,10 +154,10 @@ class LocalFleet:
                 exited_at, exit_detail = rec.launched_at, "QEMU never started (its launcher stopped first)"
             elif rec.stopped_at is None:
                 # The time of this very look, not `now` (taken before): a stop recorded meanwhile precedes it.
-                exited_at = _first_seen(mdir / "exited", datetime.now(UTC))
+                exited_at = first_seen(mdir / "exited", datetime.now(UTC))
             else:  # stopped on purpose: an exit seen before that still counts, but none is recorded now
-                exited_at = _seen(mdir / "exited")
-            why = _tail(mdir / "qemu.log")
+                exited_at = seen_at(mdir / "exited")
+            why = last_line(mdir / "qemu.log")
             exit_detail += f" ({why})" if why else ""
         member, signals = assess(rec, lines, running=running, now=now, exited_at=exited_at, exit_detail=exit_detail)
         return MemberStatus(member, signals, pid, rec.forwards, rec)
@@ -556,7 +277,7 @@ class LocalFleet:
         except OSError as e:
             self._update(mid, launch_error=f"{type(e).__name__}: {e}")
             return mid, False
-        _CHILDREN[proc.pid] = proc
+        CHILDREN[proc.pid] = proc
         write_atomic(mdir / "qemu.pid", f"{proc.pid}\n")
         return mid, False
 
@@ -614,7 +335,7 @@ class LocalFleet:
                 self._write(rec)
         pid, running = self._pid(rec, datetime.now(UTC))
         if pid is not None and running:
-            _end([pid])
+            end_guests([pid])
 
     def replace(
         self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
@@ -728,7 +449,7 @@ def destroy_fleet(settings: Settings, name: str) -> list[str]:
                 if pid is not None and alive:
                     running.append(rec.id)
                     pids.add(pid)
-        pids.update(_find_guests(fleet.dir))
-        _end(sorted(pids))
+        pids.update(find_guests(fleet.dir))
+        end_guests(sorted(pids))
         shutil.rmtree(fleet.dir)
     return running
