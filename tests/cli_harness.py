@@ -8,10 +8,9 @@ import io
 import json
 import os
 import pkgutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from rich.console import Console
@@ -30,7 +29,29 @@ class Result:
         return json.loads(self.out)
 
 
-Cli = Callable[..., Result]
+class Cli(Protocol):
+    """`cli("images", "list")` runs `amiforge images list`."""
+
+    width: int  # the terminal's columns, as rich sees them
+
+    def __call__(self, *argv: str) -> Result: ...
+
+
+@dataclass
+class _InProcessCli:
+    capsys: pytest.CaptureFixture[str]
+    out_buf: io.StringIO
+    err_buf: io.StringIO
+    width: int
+
+    def __call__(self, *argv: str) -> Result:
+        self.capsys.readouterr()
+        for buf in (self.out_buf, self.err_buf):
+            buf.seek(0)
+            buf.truncate()
+        code = app.main(list(argv))
+        captured = self.capsys.readouterr()
+        return Result(code, captured.out + self.out_buf.getvalue(), captured.err + self.err_buf.getvalue())
 
 
 def make_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *, width: int = 200) -> Cli:
@@ -43,17 +64,7 @@ def make_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
         for name, replacement in (("console", out_console), ("err_console", err_console)):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, replacement)
-
-    def run(*argv: str) -> Result:
-        capsys.readouterr()
-        for buf in (out_buf, err_buf):
-            buf.seek(0)
-            buf.truncate()
-        code = app.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out + out_buf.getvalue(), captured.err + err_buf.getvalue())
-
-    return run
+    return _InProcessCli(capsys, out_buf, err_buf, width)
 
 
 def isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -7,20 +7,31 @@ the `orphaned` event and gc's view of the cache are the real ones.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol
 
 import pytest
 
 import amiforge.providers
 from amiforge.errors import InfraError
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover, RemovedFile
-from amiforge.providers.interface import BakeResult, GcPlan, GcResult, Provider, RunContext
+from amiforge.providers.interface import (
+    BakeResult,
+    Collector,
+    GcPlan,
+    GcResult,
+    ImageView,
+    Provider,
+    RunContext,
+    RunState,
+)
 from amiforge.providers.local import tools
 from amiforge.providers.local.leftovers import apply_local_gc, mount_points, plan_local_gc
 from amiforge.recipe import Checks, Recipe
@@ -45,6 +56,10 @@ PASSING = BootReport(
 )
 
 
+class CollectingProvider(Provider, Collector, Protocol):
+    """What `gc` needs of a provider: provider_for's Provider, and a Collector (gc checks with isinstance)."""
+
+
 class FakeProvider:
     """Bakes a small file; its bake and boot test each make a temporary directory in the places the local provider
     does, whose removal the test can make fail."""
@@ -63,17 +78,38 @@ class FakeProvider:
         (scratch / "upper").mkdir()
         disk = self.settings.data_dir / "disk.qcow2"
         disk.write_bytes(b"a disk" * 100)
-        artifact = Artifact("local", "local", str(disk), "d" * 64, disk.stat().st_size)
+        artifact = Artifact("local", "local", str(disk), self.current_digest_of(disk), disk.stat().st_size)
         return BakeResult(artifact, (LayerRecord(0, "b" * 64, "base", True, 0.1, 1),), REMOVED)
 
     def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: object) -> BootReport:
         tools.temporary_dir(ctx.cleanup, "amiforge-boot-")
         return PASSING
 
-    def plan_gc(self, region: str, **kw: Any) -> GcPlan:
-        return plan_local_gc(
-            self.settings, recorded=kw["recorded"], run_state=kw["run_state"], min_age=kw["min_age"], now=kw["now"]
-        )
+    @contextmanager
+    def inspect(self, artifact: Artifact) -> Iterator[ImageView]:
+        """An empty root filesystem beside the disk file (nothing here scans what is in it)."""
+        root = Path(artifact.location).with_suffix(".root")
+        root.mkdir(exist_ok=True)
+        yield ImageView(root, Path(artifact.location))
+
+    def current_digest(self, artifact: Artifact) -> str:
+        return self.current_digest_of(Path(artifact.location))
+
+    @staticmethod
+    def current_digest_of(disk: Path) -> str:
+        return hashlib.sha256(disk.read_bytes()).hexdigest()
+
+    def plan_gc(
+        self,
+        region: str,
+        *,
+        registered: Collection[str],
+        run_state: Callable[[str], RunState],
+        recorded: Sequence[tuple[str | None, Leftover]],
+        min_age: timedelta,
+        now: datetime,
+    ) -> GcPlan:
+        return plan_local_gc(self.settings, recorded=recorded, run_state=run_state, min_age=min_age, now=now)
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         return apply_local_gc(self.settings, plan, max_deletions=max_deletions)
@@ -90,7 +126,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     monkeypatch.setattr("tempfile.tempdir", None)  # read TMPDIR again
     monkeypatch.chdir(tmp_path)
 
-    def factory(settings: Settings) -> Provider:
+    def factory(settings: Settings) -> CollectingProvider:
         return FakeProvider(settings)
 
     monkeypatch.setattr(amiforge.providers, "PROVIDERS", {"local": factory})
@@ -209,8 +245,8 @@ def test_gc_collects_what_a_killed_run_left_and_keeps_what_is_young_active_or_el
         ("run1", Leftover("temporary directory", str(foreign), "rm -rf")),  # a damaged event's path
         ("run2", Leftover("temporary directory", str(active), "rm -rf")),  # a run the registry says is running
     ]
-    states = {"run1": "finished", "run2": "active"}
-    plan = plan_local_gc(settings, recorded=recorded, run_state=lambda r: states[r], min_age=timedelta(hours=1),  # type: ignore[arg-type,return-value]
+    states: dict[str, RunState] = {"run1": "finished", "run2": "active"}
+    plan = plan_local_gc(settings, recorded=recorded, run_state=lambda r: states[r], min_age=timedelta(hours=1),
                          now=datetime.now(UTC), used=[])  # fmt: skip
     assert [o.id for o in plan.orphans] == [str(killed)]
     kept = dict(plan.kept)
@@ -267,16 +303,51 @@ def test_gc_never_follows_a_symlink_or_touches_another_users_directory(
 
 
 class DownAws:
-    """An AWS provider whose region does not answer."""
+    """An AWS provider whose region does not answer: every call that would reach AWS fails as an unreachable
+    endpoint does."""
+
+    name: ClassVar[str] = "aws"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def plan_gc(self, region: str, **_kw: Any) -> GcPlan:
-        raise InfraError(f"ec2:DescribeInstances on {region}: cannot reach AWS (TEST)", retryable=True)
+    @staticmethod
+    def _down(region: str, operation: str = "ec2:DescribeInstances") -> InfraError:
+        return InfraError(f"{operation} on {region}: cannot reach AWS (TEST)", retryable=True)
+
+    def preflight(self, recipe: Recipe) -> None:
+        raise self._down(self.settings.region, "ec2:DescribeImages")
+
+    def bake(self, recipe: Recipe, ctx: RunContext) -> BakeResult:
+        raise self._down(self.settings.region, "ec2:RunInstances")
+
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: object) -> BootReport:
+        raise self._down(artifact.region, "ec2:RunInstances")
+
+    def inspect(self, artifact: Artifact) -> AbstractContextManager[ImageView]:
+        raise self._down(artifact.region, "ebs:ListSnapshotBlocks")
+
+    def current_digest(self, artifact: Artifact) -> str:
+        raise self._down(artifact.region, "ec2:DescribeImages")
+
+    def plan_gc(
+        self,
+        region: str,
+        *,
+        registered: Collection[str],
+        run_state: Callable[[str], RunState],
+        recorded: Sequence[tuple[str | None, Leftover]],
+        min_age: timedelta,
+        now: datetime,
+    ) -> GcPlan:
+        raise self._down(region)
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         raise AssertionError("never planned, never applied")
+
+
+def down_aws(settings: Settings) -> CollectingProvider:
+    return DownAws(settings)
 
 
 def test_gc_collects_this_machine_when_an_aws_region_does_not_answer(
@@ -287,7 +358,7 @@ def test_gc_collects_this_machine_when_an_aws_region_does_not_answer(
     _old(where)
     with open_store(load_settings().registry_url) as store:  # the registry knows an AWS region
         store.add_artifact(1, Artifact("aws", "eu-west-1", "ami-00000000000000001", "e" * 64, 1))
-    monkeypatch.setitem(amiforge.providers.PROVIDERS, "aws", DownAws)
+    monkeypatch.setitem(amiforge.providers.PROVIDERS, "aws", down_aws)
     applied = env("gc", "--apply", "--json")
     assert applied.code == 5
     doc = applied.json()

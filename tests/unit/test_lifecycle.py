@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound, State
 from amiforge.lifecycle.bake import BakeOutcome, bake
 from amiforge.lifecycle.boottest import boot_test
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
-from amiforge.providers.interface import BakeResult, PhaseUpdate, Provider, RunContext
+from amiforge.providers.interface import BakeResult, ImageView, PhaseUpdate, Provider, RunContext
 from amiforge.recipe import Checks, Recipe, load_recipe
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
@@ -131,6 +132,17 @@ class FakeProvider:
         if s.boot_error is not None:
             raise s.boot_error
         return s.report
+
+    @contextmanager
+    def inspect(self, artifact: Artifact) -> Iterator[ImageView]:
+        """An empty root filesystem; no disk bytes (nothing here scans)."""
+        root = self.script.tmp / f"root-{artifact.digest}"
+        root.mkdir(exist_ok=True)
+        yield ImageView(root, None)
+
+    def current_digest(self, artifact: Artifact) -> str:
+        """The fake's disks are content-addressed: the file name is the digest of what is there now."""
+        return Path(artifact.location).name.removesuffix(".qcow2")
 
 
 @pytest.fixture
@@ -327,7 +339,9 @@ def test_a_failing_cleanup_is_recorded_and_never_hides_the_error(
     orphaned = store.events()[-1]
     assert orphaned.ref == "web@1" and orphaned.actor == ACTOR
     assert orphaned.data["run"] == store.events()[0].data["run"]
-    assert orphaned.data["error"].endswith("OSError: [Errno 16] Device or resource busy: '/var/cache/amiforge/mnt'")
+    assert str(orphaned.data["error"]).endswith(
+        "OSError: [Errno 16] Device or resource busy: '/var/cache/amiforge/mnt'"
+    )
     # The cleanups registered before the failing one still ran.
     assert len(script.cleanups_run) == 1
     assert not any(p.name.startswith("scratch-") for p in script.tmp.iterdir())
@@ -346,7 +360,7 @@ def test_a_failing_cleanup_after_a_good_bake_is_recorded_and_the_bake_stands(
 
     assert outcome.version.status is Status.BUILT
     assert _kinds(store) == ["bake.started", "bake.built", "orphaned"]
-    assert store.events()[-1].data["error"].endswith("RuntimeError: could not stop helper")
+    assert str(store.events()[-1].data["error"]).endswith("RuntimeError: could not stop helper")
 
 
 def test_a_store_failure_after_the_provider_finished_still_fails_the_version(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 import pytest
 from hypothesis import given
@@ -19,13 +19,15 @@ from amiforge.lifecycle import rollout as rollout_module
 from amiforge.lifecycle.controller import Controls, parse_target
 from amiforge.lifecycle.rollout import drive, previous_version, request, resume
 from amiforge.model import Artifact, Status
-from amiforge.providers.interface import Member, Replacement
+from amiforge.providers.interface import BootSignal, Fleet, Member, MemberState, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from amiforge.strategy import Strategy, checkpoints, decide, p95, parse_strategy, plan_waves
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # --- strategy ----------------------------------------------------------------------------------------------------
@@ -73,8 +75,8 @@ def test_p95_is_nearest_rank() -> None:
     assert p95([float(i) for i in range(1, 101)]) == 95.0
 
 
-def _member(state: str, ttr: float | None = None, i: int = 0) -> Member:
-    return Member(f"m{i}", "web@2", "x", state, T0, ttr)  # type: ignore[arg-type]
+def _member(state: MemberState, ttr: float | None = None, i: int = 0) -> Member:
+    return Member(f"m{i}", "web@2", "x", state, T0, ttr)
 
 
 def test_decide_gates_and_numbers() -> None:
@@ -172,7 +174,7 @@ class FakeFleet:
 
     def _launch(self, version: str) -> Member:
         self.n += 1
-        state = "failed" if version in self.bad_versions else "ready"
+        state: MemberState = "failed" if version in self.bad_versions else "ready"
         member = Member(f"m{self.n:02d}", version, f"{version}.qcow2", state, T0, 5.0 if state == "ready" else None)
         self.members[member.id] = member
         return member
@@ -205,7 +207,7 @@ class FakeFleet:
         self._tock()
         return out
 
-    def signals(self, since: datetime) -> list[Any]:
+    def signals(self, since: datetime) -> list[BootSignal]:
         return []
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
@@ -213,6 +215,11 @@ class FakeFleet:
 
     def versions(self) -> Counter[str]:
         return Counter(m.version_ref or "" for m in self.members.values() if m.state != "stopped")
+
+
+def _fleet_of(fake: FakeFleet) -> Callable[[str, Settings], tuple[Fleet, str, str]]:
+    """A stand-in for the controller's fleet_of that answers with `fake` (typed: the fake must be a Fleet)."""
+    return lambda _target, _settings: (fake, "local", "local")
 
 
 @pytest.fixture
@@ -232,7 +239,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 def fleet(monkeypatch: pytest.MonkeyPatch) -> FakeFleet:
     fake = FakeFleet()
     fake.add("web@1", 4)
-    monkeypatch.setattr(rollout_module, "fleet_of", lambda _t, _s: (fake, "local", "local"))
+    monkeypatch.setattr(rollout_module, "fleet_of", _fleet_of(fake))
     return fake
 
 
@@ -285,7 +292,7 @@ def test_bad_version_stops_at_wave_one_and_the_fleet_ends_on_the_old_version(
 
 
 def test_a_wave_that_fails_later_rolls_back_every_replaced_member(
-    store: SqlStore, settings: Settings, fleet: FakeFleet
+    store: SqlStore, settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rid = _rollout(store, fleet)
     real_replace = fleet.replace
@@ -297,7 +304,7 @@ def test_a_wave_that_fails_later_rolls_back_every_replaced_member(
             fleet.bad_versions.add("web@2")
         return real_replace(rs, a, ref, c)
 
-    fleet.replace = replace_then_break  # type: ignore[method-assign]
+    monkeypatch.setattr(fleet, "replace", replace_then_break)
     with pytest.raises(GateFailed):
         drive(rid, store=store, settings=settings, controls=NO_WAIT)
     assert fleet.versions() == Counter({"web@1": 4})  # waves 1 and 2 were rolled back too
@@ -359,9 +366,8 @@ def test_kill_and_resume_at_every_fleet_call(
     for k in range(1, clean_calls + 1):
         fake = FakeFleet()
         fake.add("web@1", 4)
-        rollout_module_fleet = (fake, "local", "local")
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(rollout_module, "fleet_of", lambda _t, _s, f=rollout_module_fleet: f)
+            patch.setattr(rollout_module, "fleet_of", _fleet_of(fake))
             with open_store(f"sqlite:///{settings.data_dir.parent}/kill-{k}-{after}.db") as s:
                 rid = _rollout(s, fake)
                 fake.crash_at, fake.crash_after = k, after
@@ -378,7 +384,7 @@ def _clean_calls(settings: Settings, tmp: Path) -> int:
     fake = FakeFleet()
     fake.add("web@1", 4)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rollout_module, "fleet_of", lambda _t, _s: (fake, "local", "local"))
+        patch.setattr(rollout_module, "fleet_of", _fleet_of(fake))
         with open_store(f"sqlite:///{tmp}/clean.db") as s:
             drive(_rollout(s, fake), store=s, settings=settings, controls=NO_WAIT)
     assert fake.calls >= 6
@@ -391,16 +397,18 @@ WRITES = ("plan_replacements", "finish_replacement", "add_decision", "update_rol
 def _crash_on_write(store: SqlStore, k: int, patch: pytest.MonkeyPatch) -> None:
     """Make the K-th registry write the controller attempts die (before it happens)."""
     count = [0]
-    for name in WRITES:
-        original: Callable[..., Any] = getattr(store, name)
 
-        def crashing(*a: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
+    def crashing(original: Callable[P, R]) -> Callable[P, R]:
+        def write(*args: P.args, **kwargs: P.kwargs) -> R:
             count[0] += 1
             if count[0] == k:
                 raise Crash(k)
-            return _original(*a, **kw)
+            return original(*args, **kwargs)
 
-        patch.setattr(store, name, crashing)
+        return write
+
+    for name in WRITES:
+        patch.setattr(store, name, crashing(getattr(store, name)))
 
 
 def test_kill_and_resume_at_every_store_write(settings: Settings, tmp_path: Path) -> None:
@@ -409,7 +417,7 @@ def test_kill_and_resume_at_every_store_write(settings: Settings, tmp_path: Path
         fake = FakeFleet()
         fake.add("web@1", 4)
         with pytest.MonkeyPatch.context() as patch, open_store(f"sqlite:///{tmp_path}/w{k}.db") as s:
-            patch.setattr(rollout_module, "fleet_of", lambda _t, _s, f=fake: (f, "local", "local"))
+            patch.setattr(rollout_module, "fleet_of", _fleet_of(fake))
             rid = _rollout(s, fake)
             with pytest.MonkeyPatch.context() as crash:
                 _crash_on_write(s, k, crash)
@@ -435,7 +443,6 @@ def test_a_firing_alarm_fails_the_wave(store: SqlStore, settings: Settings, flee
 def test_status_watch_follows_a_rollout_driven_elsewhere(
     settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from amiforge.cli import rollout_cmd
     from tests.cli_harness import make_cli
 
     monkeypatch.setenv("AMIFORGE_DATA_DIR", str(settings.data_dir))
@@ -452,7 +459,7 @@ def test_status_watch_follows_a_rollout_driven_elsewhere(
             else:
                 s.update_rollout(rid, expect="running", state="succeeded")
 
-    monkeypatch.setattr(rollout_cmd.time, "sleep", another_controller_moves)
+    monkeypatch.setattr("amiforge.cli.rollout_cmd.time.sleep", another_controller_moves)
     cli = make_cli(monkeypatch, capsys)
     watched = cli("rollout", "status", str(rid), "--watch")
     assert watched.code == 0 and len(looks) == 2

@@ -35,7 +35,7 @@ def test_holes_of_a_sparse_file_are_skipped(tmp_path: Path) -> None:
     extents = data_extents(disk)
     assert sum(end - start for start, end in extents) < (1 << 20)  # only the written block(s) hold data
     (hit,) = scan_raw(disk)
-    assert hit.path.endswith(f"@{64 << 20}")
+    assert hit.path is not None and hit.path.endswith(f"@{64 << 20}")
 
 
 def test_a_key_inside_a_file_too_big_to_read_whole_is_still_found(tmp_path: Path) -> None:

@@ -18,15 +18,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import amiforge.providers
-from amiforge.model import Artifact, BootReport, CheckResult, ImageVersion, Status
-from amiforge.providers.interface import ImageView, Provider
+from amiforge.model import Artifact, BootReport, CheckResult, ImageVersion, LayerRecord, Status
+from amiforge.providers.interface import BakeResult, ImageView, Provider, RunContext
+from amiforge.recipe import Checks, Recipe
+from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings, load_settings
 from amiforge.store.sql import SqlStore, open_store
 from tests.cli_harness import Cli, make_cli
@@ -105,12 +107,25 @@ class FakeProvider:
         self.settings = settings
         self.image = image
 
-    @contextmanager
-    def _view(self, artifact: Artifact) -> Iterator[ImageView]:
-        yield ImageView(self.image.root, Path(artifact.location))
+    # The commands under test start from seeded versions and never bake; bake and boot test make the fake a whole
+    # Provider all the same (provider_for returns one): a disk file under `disks`, one base layer, a passing boot.
+    def preflight(self, recipe: Recipe) -> None:
+        assert recipe.provider.type == "local"
 
-    def inspect(self, artifact: Artifact) -> Any:
-        return self._view(artifact)
+    def bake(self, recipe: Recipe, ctx: RunContext) -> BakeResult:
+        disk = self.image.disks / f"{recipe.name}-{ctx.run_id}.img"
+        disk.write_bytes(f"disk of {recipe.name}\n".encode() * 64)
+        digest = sha256_file(disk)
+        artifact = Artifact("local", "local", str(disk), digest, disk.stat().st_size)
+        return BakeResult(artifact, (LayerRecord(0, "b" * 64, "base: debian bookworm minbase", False, 0.1, 1),))
+
+    def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: ProviderSpec) -> BootReport:
+        assert Path(artifact.location).is_file()
+        return PASSING
+
+    @contextmanager
+    def inspect(self, artifact: Artifact) -> Iterator[ImageView]:
+        yield ImageView(self.image.root, Path(artifact.location))
 
     def current_digest(self, artifact: Artifact) -> str:
         return sha256_file(Path(artifact.location))

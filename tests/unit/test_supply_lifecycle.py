@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +36,7 @@ from amiforge.lifecycle.sign import manifest_of, sign, trust_key, verify
 from amiforge.model import (
     Artifact,
     BootReport,
+    ChannelPointer,
     CheckResult,
     FindingKind,
     ImageVersion,
@@ -243,12 +244,9 @@ class FakeProvider:
         return PASSING
 
     @contextmanager
-    def _view(self, artifact: Artifact) -> Iterator[ImageView]:
+    def inspect(self, artifact: Artifact) -> Iterator[ImageView]:
         self.world.inspected.append(artifact.location)
         yield ImageView(self.world.root, Path(artifact.location) if self.world.raw_disk else None)
-
-    def inspect(self, artifact: Artifact) -> Any:
-        return self._view(artifact)
 
     def current_digest(self, artifact: Artifact) -> str:
         return sha256_file(Path(artifact.location))
@@ -267,12 +265,18 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     (root / "etc").mkdir()
     (root / "etc/hostname").write_text("localhost\n")
     (root / "etc/machine-id").write_text("")  # empty: a fresh id on first boot, not residue
-    key = generate_keypair(tmp_path / "keys", "signer")
-    settings = Settings(data_dir=tmp_path / "data", actor=ACTOR, signing_key=key.private_path)
+    signer = generate_keypair(tmp_path / "keys", "signer")
+    settings = Settings(data_dir=tmp_path / "data", actor=ACTOR, signing_key=signer.private_path)
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     with open_store(url) as store:
         # The registry trusts the signer's key up front, as `amiforge keys generate` does.
-        trust_key(store, key_id=key.key_id, algorithm=key.algorithm, public_key_pem=key.public_key_pem, actor=ACTOR)
+        trust_key(
+            store,
+            key_id=signer.key_id,
+            algorithm=signer.algorithm,
+            public_key_pem=signer.public_key_pem,
+            actor=ACTOR,
+        )
         w = World(tmp_path, root, url, store, settings, vulnerable)
 
         def factory(s: Settings) -> Provider:
@@ -521,7 +525,7 @@ def _forge(world: World, v: ImageVersion, signer: KeyfileSigner, *, key_id: str 
     assert scan_record is not None
     version = world.store.get_version(v.ref)
     statement = canonical_statement(manifest_of(version, world.store.artifacts(v.id), scan_record))
-    envelope = dict(sign_envelope(statement, signer))
+    envelope = sign_envelope(statement, signer)
     if key_id is not None:
         envelope["signatures"] = [{"keyid": key_id, "sig": envelope["signatures"][0]["sig"]}]
     world.store.add_signature(
@@ -789,10 +793,12 @@ def test_a_channel_moved_underneath_a_promote_is_a_state_error(world: World, mon
     promote(v1.ref, "dev", store=world.store, settings=world.settings)
     real_move = world.store.move_channel
 
-    def move_after_someone_else(*args: Any, **kwargs: Any) -> Any:
+    def move_after_someone_else(
+        name: str, channel: str, version_id: int, *, expect_current: int | None, actor: str, reason: str
+    ) -> ChannelPointer:
         # Between promote's read of the pointer and its compare-and-set, another writer moves dev.
         real_move("web", "dev", racer.id, expect_current=v1.id, actor="other@host", reason="race")
-        return real_move(*args, **kwargs)
+        return real_move(name, channel, version_id, expect_current=expect_current, actor=actor, reason=reason)
 
     monkeypatch.setattr(world.store, "move_channel", move_after_someone_else)
 
@@ -879,7 +885,7 @@ def test_pipeline_stops_at_a_failing_scan_gate_and_does_not_sign(world: World) -
 
 def test_what_a_scan_could_not_clean_up_is_recorded_and_returned(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     v = world.seed()
-    viewed = FakeProvider._view
+    viewed = FakeProvider.inspect
 
     @contextmanager
     def leaky(self: FakeProvider, artifact: Artifact) -> Iterator[ImageView]:
@@ -890,7 +896,7 @@ def test_what_a_scan_could_not_clean_up_is_recorded_and_returned(world: World, m
             Leftover("temporary directory", "/scratch/TEST-0001", "rm -rf /scratch/TEST-0001", "busy")
         )
 
-    monkeypatch.setattr(FakeProvider, "_view", leaky)
+    monkeypatch.setattr(FakeProvider, "inspect", leaky)
     outcome = scan(v.ref, store=world.store, settings=world.settings)
     assert [x.where for x in outcome.orphaned] == ["/scratch/TEST-0001"]
     (orphaned,) = [e for e in world.store.events(v.ref) if e.kind == "orphaned"]

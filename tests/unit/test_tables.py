@@ -67,10 +67,10 @@ def narrow(
     monkeypatch.setattr("tempfile.tempdir", None)
     with open_store(load_settings().registry_url) as store:
         for name in (NAME, NAME, OTHER):
+            parent = store.latest(name, [Status.BUILT, Status.TESTED])
             v = store.create_version(
                 name=name, recipe_digest="a" * 64, recipe_path=f"/srv/recipes/{name}/recipe.yaml",
-                provider="local", tags={}, parent=store.latest(name, [Status.BUILT, Status.TESTED]).ref
-                if store.latest(name, [Status.BUILT, Status.TESTED]) else None, recipe="{}",
+                provider="local", tags={}, parent=parent.ref if parent else None, recipe="{}",
             )  # fmt: skip
             store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest=DIGEST, size_bytes=700 << 20)
             store.add_artifact(v.id, Artifact("local", "local", f"/d/{v.number}.qcow2", DIGEST, 700 << 20))
@@ -83,9 +83,7 @@ def narrow(
         store.move_channel(NAME, "production-eu", 1, expect_current=None, actor="someone", reason="TEST")
         store.move_channel(NAME, "production-eu", 2, expect_current=1, actor="someone", reason="TEST")
         store.create_rollout(f"local:{OTHER}-fleet", 3, strategy={}, waves=[1, 3], actor="someone")
-    cli = make_cli(monkeypatch, capsys, width=request.param)
-    cli.width = request.param  # type: ignore[attr-defined]
-    yield cli
+    yield make_cli(monkeypatch, capsys, width=request.param)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +98,7 @@ def narrow(
     ],
 )
 def test_every_table_fits_the_terminal_with_refs_whole(narrow: Cli, argv: tuple[str, ...]) -> None:
-    width: int = narrow.width  # type: ignore[attr-defined]
+    width = narrow.width
     r = narrow(*argv)
     if os.environ.get("SHOW_TABLES"):
         print(f"\n$ amiforge {' '.join(argv)}\n{r.out}")
@@ -121,7 +119,7 @@ def test_every_table_fits_the_terminal_with_refs_whole(narrow: Cli, argv: tuple[
 
 def test_a_narrow_images_list_says_what_it_left_out(narrow: Cli) -> None:
     out = narrow("images", "list").out
-    if narrow.width >= 160:  # type: ignore[attr-defined]
+    if narrow.width >= 160:
         assert "not shown" not in out
         return
     assert "not shown at this width:" in out and "(--json has every column)" in out

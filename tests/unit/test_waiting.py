@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from amiforge.errors import InfraError, NotFound
@@ -30,7 +32,7 @@ def test_poll_doubles_up_to_the_ceiling_and_returns_the_first_value() -> None:
 
 def test_poll_counts_not_found_as_not_yet() -> None:
     clock = FakeClock()
-    calls = iter([NotFound("not yet"), "there"])
+    calls: Iterator[NotFound | str] = iter([NotFound("not yet"), "there"])
 
     def probe() -> str:
         answer = next(calls)
