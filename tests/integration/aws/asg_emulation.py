@@ -79,7 +79,7 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.responses.general import General
 from moto.ec2.responses.launch_templates import LaunchTemplates
 
-from amiforge.providers.aws.fleet import ROLLOUT_ENABLED, ROLLOUT_TAG
+from amiforge.providers.aws.asg_records import ROLLOUT_ENABLED, ROLLOUT_TAG
 from amiforge.waiting import Wait
 
 BOOT_LOG = (

@@ -16,15 +16,15 @@ from moto_emulation import _NOWHERE, error_response
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import Artifact
-from amiforge.providers.aws.fleet import (
+from amiforge.providers.aws.asg_records import (
     FAILED_TAG,
     READY_TAG,
     REPLACED_BY_TAG,
     TOKEN_TAG,
     VERSION_TAG,
-    AsgFleet,
     parse_group_target,
 )
+from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.interface import Member, Replacement
 from amiforge.recipe import Checks
 

@@ -13,7 +13,8 @@ from conftest import REGION, Aws
 
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.model import Artifact
-from amiforge.providers.aws.fleet import ROLLOUT_ENABLED, ROLLOUT_TAG, AsgFleet
+from amiforge.providers.aws.asg_records import ROLLOUT_ENABLED, ROLLOUT_TAG
+from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.refresh import RefreshStatus, refresh_status, roll_back_refresh, start_refresh
 
 GROUP = "web"

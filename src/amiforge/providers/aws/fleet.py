@@ -77,16 +77,41 @@ member, and moto does not implement it (an emulation would be needed for tests).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
-from amiforge.model import AWS_REGION_RE, Artifact
+from amiforge.model import Artifact
 from amiforge.providers.aws import refresh
+from amiforge.providers.aws.asg_records import (
+    ACTIVE_STATES,
+    EC2_ALIVE,
+    FAILED_AT_TAG,
+    FAILED_TAG,
+    GROUP_TAG,
+    IMAGE_ID_RE,
+    KIND_ORDER,
+    READY_TAG,
+    REPLACED_AT_TAG,
+    REPLACED_BY_TAG,
+    REPLACED_VERSION_TAG,
+    REPLACES_TAG,
+    ROLLOUT_ENABLED,
+    ROLLOUT_TAG,
+    TAG_VALUE_MAX,
+    TOKEN_TAG,
+    VERSION_RE,
+    VERSION_TAG,
+    Claim,
+    Group,
+    Instance,
+    as_member,
+    chunks,
+    float_or_none,
+    parse_time,
+)
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
 from amiforge.providers.aws.machine import SsmMachine
 from amiforge.providers.aws.templates import Template, client_token, find_template, version_holding
@@ -95,100 +120,12 @@ from amiforge.providers.interface import BootSignal, Member, MemberState, Refres
 from amiforge.recipe import Checks
 from amiforge.waiting import Wait, poll, retry
 
-__all__ = [
-    "CONSOLE_GRACE",
-    "FAILED_TAG",
-    "GROUP_TAG",
-    "READY_TAG",
-    "REPLACED_BY_TAG",
-    "REPLACES_TAG",
-    "ROLLOUT_ENABLED",
-    "ROLLOUT_TAG",
-    "TOKEN_TAG",
-    "VERSION_TAG",
-    "AsgFleet",
-    "parse_group_target",
-]
+__all__ = ["CONSOLE_GRACE", "AsgFleet"]
 
 T = TypeVar("T")
 
-# On the group: the owner's consent that amiforge may roll it (and the IAM condition for doing so).
-ROLLOUT_TAG: Final = "amiforge:rollout"
-ROLLOUT_ENABLED: Final = "enabled"
-# On a new member.
-TOKEN_TAG: Final = "amiforge:replacement"
-VERSION_TAG: Final = "amiforge:version"
-GROUP_TAG: Final = "amiforge:group"
-REPLACES_TAG: Final = "amiforge:replaces"
-REPLACED_AT_TAG: Final = "amiforge:replaced-at"
-REPLACED_VERSION_TAG: Final = "amiforge:replaced-version"
-READY_TAG: Final = "amiforge:ready"
-FAILED_TAG: Final = "amiforge:failed"
-FAILED_AT_TAG: Final = "amiforge:failed-at"
-# On an old member, before it is terminated.
-REPLACED_BY_TAG: Final = "amiforge:replaced-by"
-
 # EC2 publishes console output with a delay (minutes on older instance types): added to ready_within.
 CONSOLE_GRACE: Final = 300.0
-# Values per EC2 filter in one request.
-_FILTER_VALUES: Final = 200
-_TAG_VALUE_MAX: Final = 256
-_IMAGE_ID_RE: Final = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
-_VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
-_REGION_RE: Final = AWS_REGION_RE
-_ACTIVE: Final = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "InService"})
-_LEAVING: Final = ("Terminating", "Terminated", "Detaching", "Detached", "Warmed")
-_EC2_ALIVE: Final = frozenset({"pending", "running"})
-_KIND_ORDER: Final = {"replaced": 0, "launch": 1, "ready": 2, "failed": 3}
-
-
-def parse_group_target(name: str) -> tuple[str, str]:
-    """`eu-west-1/web` (a rollout target `aws:REGION/GROUP` without its prefix) → (region, group name)."""
-    region, sep, group = name.partition("/")
-    if not sep or _REGION_RE.fullmatch(region) is None or not group or len(group) > 255 or ":" in group:
-        raise ConfigError(
-            f"Auto Scaling target {name!r} is not REGION/GROUP",
-            fix="name the group with its region, e.g. aws:eu-west-1/web",
-        )
-    return region, group
-
-
-@dataclass(frozen=True)
-class _Group:
-    name: str
-    raw: Mapping[str, Any]
-    members: Mapping[str, Mapping[str, Any]]  # instance id -> the group's record of it (LifecycleState, HealthStatus)
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return {str(t["Key"]): str(t.get("Value", "")) for t in self.raw.get("Tags", [])}
-
-    def active(self, instance_id: str) -> bool:
-        """Launching or in service (a claimable replacement)."""
-        record = self.members.get(instance_id)
-        return record is not None and record.get("LifecycleState") in _ACTIVE
-
-    def present(self, instance_id: str) -> bool:
-        """Still a member that can be terminated: anything but on its way out (Standby included)."""
-        record = self.members.get(instance_id)
-        return record is not None and not str(record.get("LifecycleState")).startswith(_LEAVING)
-
-
-@dataclass(frozen=True)
-class _Instance:
-    id: str
-    image_id: str
-    state: str  # EC2's: pending, running, shutting-down, terminated, stopping, stopped
-    launched_at: datetime
-    tags: Mapping[str, str]
-
-
-@dataclass
-class _Claim:
-    replacement: Replacement
-    ours: bool  # we terminated its old member (tagged replaced-by): its replacement is on the way
-    old: _Instance | None
-    new: _Instance | None = None
 
 
 class AsgFleet:
@@ -324,7 +261,7 @@ class AsgFleet:
         for instance in self._tagged():
             tags = instance.tags
             if REPLACED_BY_TAG in tags:  # an old member this fleet terminated (while EC2 still lists it)
-                at = _parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
+                at = parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
                 detail = f"replaced under token {tags[REPLACED_BY_TAG]}"
                 out[(instance.id, "replaced")] = BootSignal(
                     instance.id, "replaced", at, tags.get(VERSION_TAG), None, detail
@@ -333,23 +270,23 @@ class AsgFleet:
                 continue
             ref = tags.get(VERSION_TAG)
             out[(instance.id, "launch")] = BootSignal(instance.id, "launch", instance.launched_at, ref)
-            uptime = _float(tags.get(READY_TAG))
-            if uptime is None and FAILED_TAG not in tags and instance.state in _EC2_ALIVE:
+            uptime = float_or_none(tags.get(READY_TAG))
+            if uptime is None and FAILED_TAG not in tags and instance.state in EC2_ALIVE:
                 uptime = self._console_uptime(instance.id)  # ready, but no replace() call has recorded it yet
             if uptime is not None:
                 at = instance.launched_at + timedelta(seconds=uptime)
                 out[(instance.id, "ready")] = BootSignal(instance.id, "ready", at, ref, uptime)
             if FAILED_TAG in tags:
-                at = _parse_time(tags.get(FAILED_AT_TAG)) or instance.launched_at
+                at = parse_time(tags.get(FAILED_AT_TAG)) or instance.launched_at
                 out[(instance.id, "failed")] = BootSignal(instance.id, "failed", at, ref, None, tags[FAILED_TAG])
             old = tags.get(REPLACES_TAG)
             # The old member's own replaced-by tag and this replaces tag describe one event; the old one's wins.
             if old and (old, "replaced") not in out:
-                at = _parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
+                at = parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
                 out[(old, "replaced")] = BootSignal(
                     old, "replaced", at, tags.get(REPLACED_VERSION_TAG), None, f"replaced by {instance.id}"
                 )
-        chosen = sorted(out.values(), key=lambda s: (s.at, _KIND_ORDER[s.kind], s.member))
+        chosen = sorted(out.values(), key=lambda s: (s.at, KIND_ORDER[s.kind], s.member))
         return [s for s in chosen if s.at >= since]
 
     # --- replace, step by step ------------------------------------------------------------------------------------
@@ -359,11 +296,11 @@ class AsgFleet:
         problems = []
         if artifact.provider != "aws" or artifact.region != self.region:
             problems.append(f"artifact is {artifact.provider} in {artifact.region}, not aws in {self.region}")
-        if _IMAGE_ID_RE.fullmatch(artifact.location) is None:
+        if IMAGE_ID_RE.fullmatch(artifact.location) is None:
             problems.append(f"artifact location {artifact.location!r} is not an AMI id")
-        if not version_ref or len(version_ref) >= _TAG_VALUE_MAX:
+        if not version_ref or len(version_ref) >= TAG_VALUE_MAX:
             problems.append(f"version ref {version_ref!r} must be 1-255 characters (a tag value)")
-        if token is not None and (not token or len(token) >= _TAG_VALUE_MAX):
+        if token is not None and (not token or len(token) >= TAG_VALUE_MAX):
             problems.append("a token must be 1-255 characters (a tag value)")
         return problems
 
@@ -375,7 +312,7 @@ class AsgFleet:
             repeated = sorted({v for v in values if values.count(v) > 1})
             if repeated:
                 problems.append(f"{what}s asked twice in one call: {', '.join(repeated)}")
-        bad_tokens = [t for t in tokens if not t or len(t) >= _TAG_VALUE_MAX]
+        bad_tokens = [t for t in tokens if not t or len(t) >= TAG_VALUE_MAX]
         if bad_tokens:
             problems.append("a token must be 1-255 characters (a tag value)")
         if problems:
@@ -385,7 +322,7 @@ class AsgFleet:
             )
         return artifact.location
 
-    def _check_group(self, group: _Group) -> tuple[Template, int]:
+    def _check_group(self, group: Group) -> tuple[Template, int]:
         """The group's template and the number its version resolves to; ConfigError for what is not handled."""
         raw = group.raw
         name = group.name
@@ -423,14 +360,14 @@ class AsgFleet:
         template = find_template(self.session, self.region, template_id=str(spec["LaunchTemplateId"]))
         if version == "$Default":
             return template, template.default
-        if _VERSION_RE.fullmatch(version) is None:
+        if VERSION_RE.fullmatch(version) is None:
             raise ConfigError(f"group {name} has launch template version {version!r}", fix="use a version number")
         return template, int(version)
 
-    def _start(self, group: _Group, replacements: Sequence[Replacement], image_id: str) -> list[_Claim]:
+    def _start(self, group: Group, replacements: Sequence[Replacement], image_id: str) -> list[Claim]:
         """Find what earlier calls did for these tokens; mark and terminate the old members of the others."""
         tokens = [r.token for r in replacements]
-        done: dict[str, list[_Instance]] = {}
+        done: dict[str, list[Instance]] = {}
         for instance in self._tagged(TOKEN_TAG, tokens):
             done.setdefault(instance.tags[TOKEN_TAG], []).append(instance)
         marked = {i.tags[REPLACED_BY_TAG]: i for i in self._tagged(REPLACED_BY_TAG, tokens)}
@@ -457,7 +394,7 @@ class AsgFleet:
                         f"token {r.token} already replaced {r.member} by {new.id} on {new.image_id}, not {image_id}",
                         fix="use a new token for another version (a rollback is a new replacement)",
                     )
-                claims.append(_Claim(r, True, old, new))
+                claims.append(Claim(r, True, old, new))
                 continue
             if group.present(r.member):
                 if other is None:
@@ -465,9 +402,9 @@ class AsgFleet:
                         r.member, {GROUP_TAG: group.name, REPLACED_BY_TAG: r.token, REPLACED_AT_TAG: self._stamp()}
                     )
                 self._terminate(r.member)
-                claims.append(_Claim(r, True, old))
+                claims.append(Claim(r, True, old))
             else:
-                claims.append(_Claim(r, earlier is not None or other is not None, old))
+                claims.append(Claim(r, earlier is not None or other is not None, old))
         return claims
 
     def _terminate(self, instance_id: str) -> None:
@@ -485,7 +422,7 @@ class AsgFleet:
 
         self._busy_retry(f"terminating {instance_id} in group {self.target}", terminate)
 
-    def _claim(self, claims: list[_Claim], image_id: str, version_ref: str) -> None:
+    def _claim(self, claims: list[Claim], image_id: str, version_ref: str) -> None:
         """Tag one new member on `image_id` per claim whose old member we terminated (see the module docstring)."""
         waiting = [c for c in claims if c.new is None and c.ours]
         strays = [c for c in claims if c.new is None and not c.ours]
@@ -501,7 +438,7 @@ class AsgFleet:
                     for i in instances.values()
                     if group.active(i.id)
                     and group.members[i.id].get("HealthStatus") == "Healthy"
-                    and i.state in _EC2_ALIVE
+                    and i.state in EC2_ALIVE
                     and i.image_id == image_id
                     and TOKEN_TAG not in i.tags
                     and REPLACED_BY_TAG not in i.tags
@@ -532,7 +469,7 @@ class AsgFleet:
                 f"--auto-scaling-group-name {self.target}); re-running with the same tokens resumes",
             ) from e
 
-    def _take(self, instance: _Instance, claim: _Claim, version_ref: str) -> _Instance:
+    def _take(self, instance: Instance, claim: Claim, version_ref: str) -> Instance:
         tags = {
             TOKEN_TAG: claim.replacement.token,
             MANAGED_TAG: "true",
@@ -546,11 +483,9 @@ class AsgFleet:
             if VERSION_TAG in old.tags:
                 tags[REPLACED_VERSION_TAG] = old.tags[VERSION_TAG]
         self._tag(instance.id, tags)
-        return _Instance(
-            instance.id, instance.image_id, instance.state, instance.launched_at, {**instance.tags, **tags}
-        )
+        return Instance(instance.id, instance.image_id, instance.state, instance.launched_at, {**instance.tags, **tags})
 
-    def _await(self, claims: list[_Claim], version_ref: str, checks: Checks) -> list[Member]:
+    def _await(self, claims: list[Claim], version_ref: str, checks: Checks) -> list[Member]:
         decided: dict[str, Member] = {}
         for claim in claims:
             if claim.new is None:
@@ -583,7 +518,7 @@ class AsgFleet:
             poll(f"new members of group {self.target} becoming ready", round_, self.wait.until(longest))
         return [decided[c.replacement.token] for c in claims]
 
-    def _judge(self, instance: _Instance, record: Mapping[str, Any] | None, checks: Checks) -> Member:
+    def _judge(self, instance: Instance, record: Mapping[str, Any] | None, checks: Checks) -> Member:
         """The member as replace() decides it; a decision (ready or failed) is recorded on the instance once."""
         tags = instance.tags
         state: MemberState = "launching"
@@ -593,15 +528,15 @@ class AsgFleet:
         deadline = instance.launched_at + timedelta(seconds=checks.ready_within + self.console_grace)
         if FAILED_TAG in tags:
             state, detail = "failed", tags[FAILED_TAG]
-        elif REPLACED_BY_TAG in tags and lifecycle not in _ACTIVE:
+        elif REPLACED_BY_TAG in tags and lifecycle not in ACTIVE_STATES:
             # Replaced on purpose since (a rollback): it did not fail, it is gone.
             state, detail = "stopped", f"replaced under token {tags[REPLACED_BY_TAG]}"
-        elif instance.state not in _EC2_ALIVE or lifecycle not in _ACTIVE:
+        elif instance.state not in EC2_ALIVE or lifecycle not in ACTIVE_STATES:
             state, detail = "failed", f"left the group before it was ready (instance {instance.state}, {lifecycle})"
         elif record is not None and record.get("HealthStatus") == "Unhealthy":
             state, detail = "failed", "the group marks it Unhealthy"
         elif READY_TAG in tags:
-            state, time_to_ready, detail = "ready", _float(tags[READY_TAG]), f"ready after {tags[READY_TAG]}s"
+            state, time_to_ready, detail = "ready", float_or_none(tags[READY_TAG]), f"ready after {tags[READY_TAG]}s"
         else:
             uptime = self._console_uptime(instance.id)
             if uptime is not None and uptime <= checks.ready_within:
@@ -618,10 +553,10 @@ class AsgFleet:
             else:
                 detail = "waiting for AMIFORGE-READY on its console"
         if state == "failed" and FAILED_TAG not in tags:
-            self._tag(instance.id, {FAILED_TAG: detail[: _TAG_VALUE_MAX - 1], FAILED_AT_TAG: self._stamp()})
-        return _as_member(instance, state, time_to_ready, detail)
+            self._tag(instance.id, {FAILED_TAG: detail[: TAG_VALUE_MAX - 1], FAILED_AT_TAG: self._stamp()})
+        return as_member(instance, state, time_to_ready, detail)
 
-    def _member_now(self, instance: _Instance, record: Mapping[str, Any]) -> Member:
+    def _member_now(self, instance: Instance, record: Mapping[str, Any]) -> Member:
         """A member as current() reports it: read only, nothing recorded."""
         tags = instance.tags
         lifecycle = str(record.get("LifecycleState"))
@@ -629,19 +564,19 @@ class AsgFleet:
         time_to_ready: float | None = None
         if FAILED_TAG in tags:
             state, detail = "failed", tags[FAILED_TAG]
-        elif lifecycle not in _ACTIVE or instance.state not in _EC2_ALIVE:
+        elif lifecycle not in ACTIVE_STATES or instance.state not in EC2_ALIVE:
             state, detail = "stopped", f"{lifecycle}, instance {instance.state}"
         elif record.get("HealthStatus") == "Unhealthy":
             state, detail = "failed", "the group marks it Unhealthy"
         elif READY_TAG in tags:
-            state, time_to_ready, detail = "ready", _float(tags[READY_TAG]), f"ready after {tags[READY_TAG]}s"
+            state, time_to_ready, detail = "ready", float_or_none(tags[READY_TAG]), f"ready after {tags[READY_TAG]}s"
         else:
             time_to_ready = self._console_uptime(instance.id)
             if time_to_ready is not None:
                 state, detail = "ready", f"ready after {time_to_ready:g}s"
             else:
                 state, detail = "launching", "no AMIFORGE-READY on its console yet"
-        return _as_member(instance, state, time_to_ready, detail)
+        return as_member(instance, state, time_to_ready, detail)
 
     # --- reads and writes -----------------------------------------------------------------------------------------
 
@@ -649,7 +584,7 @@ class AsgFleet:
         """An Auto Scaling call about this group, through the one error table."""
         return call(self.session.client("autoscaling", self.region), operation, f"group {self.target}", **kwargs)
 
-    def _group(self) -> _Group:
+    def _group(self) -> Group:
         found = [
             g
             for g in paginate(
@@ -668,15 +603,15 @@ class AsgFleet:
             )
         raw = found[0]
         members = {str(i["InstanceId"]): i for i in raw.get("Instances", [])}
-        return _Group(self.target, raw, members)
+        return Group(self.target, raw, members)
 
-    def _describe(self, filters: list[dict[str, Any]], what: str) -> list[_Instance]:
+    def _describe(self, filters: list[dict[str, Any]], what: str) -> list[Instance]:
         ec2 = self.session.client("ec2", self.region)
         out = []
         for reservation in paginate(ec2, "DescribeInstances", "Reservations", what, Filters=filters):
             for i in reservation.get("Instances", []):
                 out.append(
-                    _Instance(
+                    Instance(
                         id=str(i["InstanceId"]),
                         image_id=str(i.get("ImageId") or ""),
                         state=str(i.get("State", {}).get("Name") or ""),
@@ -686,23 +621,23 @@ class AsgFleet:
                 )
         return out
 
-    def _instances(self, ids: Iterable[str]) -> dict[str, _Instance]:
+    def _instances(self, ids: Iterable[str]) -> dict[str, Instance]:
         """The instances `ids` by id (a filter, not InstanceIds: an unknown id is then absent, not an error)."""
         wanted = sorted(set(ids))
-        out: dict[str, _Instance] = {}
-        for chunk in _chunks(wanted):
+        out: dict[str, Instance] = {}
+        for chunk in chunks(wanted):
             filters = [{"Name": "instance-id", "Values": chunk}]
             out.update((i.id, i) for i in self._describe(filters, f"instances of group {self.target}"))
         return out
 
-    def _tagged(self, key: str | None = None, values: Sequence[str] = ()) -> list[_Instance]:
+    def _tagged(self, key: str | None = None, values: Sequence[str] = ()) -> list[Instance]:
         """The instances this fleet tagged (`amiforge:group`), in any state; with `key`, only those whose tag `key`
         has one of `values` (tokens are looked up within the group: another group's token is not ours)."""
         group = {"Name": f"tag:{GROUP_TAG}", "Values": [self.target]}
         if key is None:
             return self._describe([group], f"instances tagged {GROUP_TAG}={self.target}")
-        out: list[_Instance] = []
-        for chunk in _chunks(sorted(set(values))):
+        out: list[Instance] = []
+        for chunk in chunks(sorted(set(values))):
             out += self._describe([group, {"Name": f"tag:{key}", "Values": chunk}], f"instances tagged {key}")
         return out
 
@@ -730,35 +665,3 @@ class AsgFleet:
 
     def _stamp(self) -> str:
         return self._now().astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _chunks(values: list[str]) -> list[list[str]]:
-    return [values[i : i + _FILTER_VALUES] for i in range(0, len(values), _FILTER_VALUES)]
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return parse_aws_time(value)
-    except ValueError:
-        return None
-
-
-def _as_member(instance: _Instance, state: MemberState, time_to_ready: float | None, detail: str) -> Member:
-    return Member(
-        id=instance.id,
-        version_ref=instance.tags.get(VERSION_TAG),
-        location=instance.image_id,
-        state=state,
-        launched_at=instance.launched_at,
-        time_to_ready=time_to_ready,
-        detail=detail,
-    )

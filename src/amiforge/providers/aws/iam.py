@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast, get_args
 
 from amiforge.errors import ConfigError
-from amiforge.providers.aws.fleet import ROLLOUT_ENABLED, ROLLOUT_TAG
+from amiforge.providers.aws.asg_records import ROLLOUT_ENABLED, ROLLOUT_TAG
 from amiforge.providers.aws.images import MANAGED_TAG
 
 __all__ = [

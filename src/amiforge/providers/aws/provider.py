@@ -24,10 +24,11 @@ from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import ConfigError, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
+from amiforge.providers.aws.asg_records import parse_group_target
 from amiforge.providers.aws.bake import AmiBuild, Placement, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
 from amiforge.providers.aws.doctor import aws_report
-from amiforge.providers.aws.fleet import AsgFleet, parse_group_target
+from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.machine import MachineFactory, SsmMachine
 from amiforge.providers.aws.publish import publish
