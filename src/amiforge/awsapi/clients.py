@@ -11,6 +11,7 @@ Every error leaves through `errors.translate()`.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import threading
 import time
@@ -30,6 +31,8 @@ from amiforge.model import check_aws_region
 from amiforge.waiting import Wait, retry
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "MAX_PAGE_SIZE", "AwsSession", "call", "eventually", "iam_action", "paginate"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -89,6 +92,7 @@ class AwsSession:
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             user_agent_extra=f"amiforge/{__version__}",
         )
+        self._config_attempts = max_attempts
         self._now = now
         self._clients: dict[tuple[str, str, str | None], tuple[Any, datetime | None]] = {}
         self._credentials: dict[str, _Credentials] = {}
@@ -137,6 +141,7 @@ class AwsSession:
                     aws_secret_access_key=creds.secret_key,
                     aws_session_token=creds.token,
                 )
+            _log_calls(client, account, self._config_attempts)
             self._clients[key] = (client, expires)
             return client
 
@@ -150,7 +155,9 @@ class AwsSession:
         # The caller's own STS client (the lock is held, so not through client()).
         cached_sts = self._clients.get(("sts", self.region, None))
         if cached_sts is None:
-            cached_sts = (self._boto.client("sts", region_name=self.region, config=self._config), None)
+            sts_client = self._boto.client("sts", region_name=self.region, config=self._config)
+            _log_calls(sts_client, None, self._config_attempts)
+            cached_sts = (sts_client, None)
             self._clients[("sts", self.region, None)] = cached_sts
         sts = cached_sts[0]
         answer = call(sts, "AssumeRole", arn, RoleArn=arn, RoleSessionName=self.role_session_name)["Credentials"]
@@ -163,6 +170,114 @@ class AwsSession:
         )
         self._credentials[account] = creds
         return creds
+
+
+# --- logging every call: what was called, where, its answer and its attempts; never what was sent --------------
+
+# Keys amiforge keeps in botocore's per-call context (a dict that lives for one API call, retries included).
+_STARTED = "amiforge.started"
+_LAST_ATTEMPT = "amiforge.last_attempt"
+
+
+def _log_calls(client: Any, account: str | None, max_attempts: int) -> None:
+    """Log each call `client` makes (logger `amiforge.awsapi.clients`): DEBUG for an answered call, INFO for an
+    error answer, a failed attempt that is retried, and a call that needed retries. Each line names the service,
+    operation, region (and the account of an assumed role), HTTP status and error code, request id, attempts and
+    seconds. Parameters and bodies are never logged: they hold KMS messages, SSM command text, user data, tags.
+
+    botocore's own loggers stay at WARNING (cli/logs.py): at DEBUG they log whole requests and responses."""
+    service = client.meta.service_model.service_name
+    region = client.meta.region_name
+    where = f"{region} as {account}" if account else str(region)
+    events = client.meta.events
+
+    def started(context: dict[str, Any], **_: Any) -> None:
+        context[_STARTED] = time.monotonic()
+
+    def attempted(
+        request_dict: dict[str, Any], response: Any = None, caught_exception: BaseException | None = None, **_: Any
+    ) -> None:
+        # needs-retry: after each attempt, before botocore decides whether to retry. Remember how it went; a retry
+        # that follows is logged when its request is made (resent).
+        request_dict["context"][_LAST_ATTEMPT] = _outcome(response, caught_exception)
+
+    def resent(request: Any, operation_name: str, **_: Any) -> None:
+        context = getattr(request, "context", None) or {}
+        attempt = int((context.get("retries") or {}).get("attempt", 1))
+        if attempt > 1:
+            logger.info(
+                "aws %s %s %s: retrying (attempt %d of %d) after %s",
+                service,
+                operation_name,
+                where,
+                attempt,
+                max_attempts,
+                context.get(_LAST_ATTEMPT, "a failed attempt"),
+            )
+
+    def answered(http_response: Any, parsed: Mapping[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        meta = parsed.get("ResponseMetadata") or {}
+        status = getattr(http_response, "status_code", None) or meta.get("HTTPStatusCode")
+        code = (parsed.get("Error") or {}).get("Code")
+        attempts = int(meta.get("RetryAttempts", 0)) + 1
+        level = logging.INFO if code or attempts > 1 else logging.DEBUG
+        logger.log(
+            level,
+            "aws %s %s %s: HTTP %s%s, request id %s, %d attempt%s, %.2fs",
+            service,
+            model.name,
+            where,
+            status,
+            f" {code}" if code else "",
+            meta.get("RequestId") or _request_id(http_response) or "-",
+            attempts,
+            "" if attempts == 1 else "s",
+            _seconds(context),
+        )
+
+    def failed(exception: BaseException, context: dict[str, Any], event_name: str = "", **_: Any) -> None:
+        attempts = int((context.get("retries") or {}).get("attempt", 1))
+        logger.info(
+            "aws %s %s %s: no answer (%s), %d attempt%s, %.2fs",
+            service,
+            event_name.rsplit(".", 1)[-1],
+            where,
+            type(exception).__name__,
+            attempts,
+            "" if attempts == 1 else "s",
+            _seconds(context),
+        )
+
+    events.register("before-call", started, unique_id="amiforge-log-started")
+    events.register("needs-retry", attempted, unique_id="amiforge-log-attempted")
+    events.register("request-created", resent, unique_id="amiforge-log-resent")
+    events.register("after-call", answered, unique_id="amiforge-log-answered")
+    events.register("after-call-error", failed, unique_id="amiforge-log-failed")
+
+
+def _outcome(response: Any, caught: BaseException | None) -> str:
+    """One attempt's result in a few words: `HTTP 503 RequestLimitExceeded`, `ConnectTimeoutError`."""
+    if caught is not None:
+        return type(caught).__name__
+    if not response:
+        return "no response"
+    http, parsed = response
+    code = (parsed.get("Error") or {}).get("Code") if isinstance(parsed, Mapping) else None
+    return f"HTTP {getattr(http, 'status_code', '?')}" + (f" {code}" if code else "")
+
+
+def _request_id(http_response: Any) -> str | None:
+    headers = getattr(http_response, "headers", None) or {}
+    for name in ("x-amzn-requestid", "x-amz-request-id", "x-amzn-RequestId"):
+        value = headers.get(name)
+        if value:
+            return str(value)
+    return None
+
+
+def _seconds(context: Mapping[str, Any]) -> float:
+    start = context.get(_STARTED)
+    return time.monotonic() - start if isinstance(start, float) else 0.0
 
 
 def _no_role(account: str) -> ConfigError:

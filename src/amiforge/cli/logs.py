@@ -47,6 +47,8 @@ _NAMED_SECRET = re.compile(
     r"|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)(?P<secret>[^\s\"',;}]+)",
     re.IGNORECASE,
 )
+# An HTTP bearer token (a header quoted in a message, or in a recipe's shell step).
+_BEARER = re.compile(r"(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{8,})", re.IGNORECASE)
 # The shape of an AWS secret access key: 40 base64 characters with both cases (a hex digest has one case only),
 # not starting with / (a path).
 _AWS_SECRET = re.compile(
@@ -60,6 +62,7 @@ REDACTED = "[redacted]"
 def redact(text: str) -> str:
     """`text` without the credentials it may quote: URL passwords, named secrets, AWS-secret-shaped tokens."""
     text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
+    text = _BEARER.sub(lambda m: m["head"] + REDACTED, text)
     text = _NAMED_SECRET.sub(lambda m: m["head"] + REDACTED, text)
     text = _LONG_TOKEN.sub(REDACTED, text)
     return _AWS_SECRET.sub(REDACTED, text)

@@ -7,6 +7,7 @@ failed check (the report is recorded either way).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from amiforge.recipe import Checks
 from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 TESTABLE = (Status.BUILT, Status.TESTED, Status.FAILED)
 
@@ -100,6 +103,14 @@ def boot_test(
     leftovers = tuple(ctx.cleanup.leftovers)
     report = store.add_boot_report(version.id, report)
     failed = [c for c in report.checks if not c.passed]
+    logger.info(
+        "boot test %s: %s (time to ready %s, accel %s); failed checks: %s",
+        version.ref,
+        "passed" if report.passed else "failed",
+        report.time_to_ready,
+        report.accel,
+        [c.name for c in failed] or "none",
+    )
     # A scan made before the boot test read the same immutable bytes: once the test passes, it stands.
     earlier_scan = store.latest_scan(version.id) if report.passed else None
     store.append_event(

@@ -9,6 +9,7 @@ done, and in the operation's detail as a copy of the signed artifact (which is w
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from amiforge.providers import provider_for
 from amiforge.providers.interface import Copy, Distributor, PhaseUpdate
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,28 @@ def distribute(
             store.update_operation(op.id, "running", detail)
 
     store.append_event("distribute.started", actor=actor, ref=version.ref, data={"run": op.run_id, "attempt": op.id})
+    logger.info(
+        "distribute %s from %s (run %s, attempt %d, %d earlier copies)",
+        version.ref,
+        source.location,
+        op.run_id,
+        op.id,
+        len(copies_of),
+    )
     try:
         copies = provider.distribute(source, spec, run_id=op.run_id, public=public, on_copy=on_copy, progress=progress)
     except BaseException as e:  # KeyboardInterrupt too: the attempt is over, the next one resumes it
         detail["error"] = f"{type(e).__name__}: {e}"[:2000]
+        logger.info("distribute %s failed after %d copies: %s", version.ref, len(made), type(e).__name__)
         store.update_operation(op.id, "failed", detail)
         store.append_event("distribute.failed", actor=actor, ref=version.ref, data={"run": op.run_id, **detail})
         raise
     op = store.update_operation(op.id, "done", detail)
+    logger.info(
+        "distribute %s done: %s",
+        version.ref,
+        ", ".join(f"{c.artifact.region} {c.artifact.location}" for c in copies) or "nothing to copy",
+    )
     store.append_event(
         "distribute.completed",
         actor=actor,

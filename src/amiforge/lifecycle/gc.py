@@ -11,6 +11,7 @@ in the places runs make them (providers/local/leftovers.py). Plans by default; `
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,8 @@ from amiforge.providers.interface import Collector, GcPlan, GcResult, RunState
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 # Event kinds that end a run of their kind, and those that start one.
 _ENDS = {"bake.built", "bake.failed", "test.passed", "test.failed", "distribute.completed"}
@@ -138,6 +141,7 @@ def gc(
             failures.append((region, e))
             continue
         plans.append((collector, plan))
+        logger.info("gc plan %s: %d orphan(s)", region, len(plan.orphans))
     if not apply:
         return GcOutcome([p for _, p in plans], [], applied=False, failures=failures)
     total = sum(len(p.orphans) for _, p in plans)
@@ -152,11 +156,15 @@ def gc(
     for collector, plan in plans:
         if not plan.orphans:
             continue
+        logger.info("gc %s: removing %s", plan.region, ", ".join(f"{o.kind} {o.id}" for o in plan.orphans))
         try:
             result = collector.apply_gc(plan, max_deletions=max_deletions)
         except AmiforgeError as e:
+            logger.info("gc %s failed: %s", plan.region, e)
             failures.append((plan.region, e))
             continue
+        for o in result.outcomes:
+            logger.info("gc %s: %s %s %s", plan.region, o.orphan.kind, o.orphan.id, o.outcome)
         results.append(result)
         store.append_event(
             "gc.applied",

@@ -8,6 +8,7 @@ unmet gate. Every waiver used is an event.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from amiforge.providers import provider_for
 from amiforge.providers.interface import Publisher
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 
 def policy_of(settings: Settings) -> Policy:
@@ -79,6 +82,9 @@ def publish_channel(
         return []
     artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
     run_id = new_run_id()
+    logger.info(
+        "publish %s:%s -> %s (%d artifact(s), run %s)", version.name, channel, version.ref, len(artifacts), run_id
+    )
     try:
         records = provider.publish(
             artifacts, provider_spec_of(version), name=version.name, channel=channel, run_id=run_id
@@ -101,6 +107,13 @@ def promote(ref: str, channel: str, *, store: Store, settings: Settings, reason:
     policy = policy_of(settings)
     decision = evaluate(policy, channel, candidate(version, store=store, settings=settings), now=datetime.now(UTC))
     actor = settings.actor
+    logger.info(
+        "promote %s to %s: gate %s; unmet: %s",
+        version.ref,
+        channel,
+        "passed" if decision.passed else "failed",
+        [f"{u.name}: {u.detail}" for u in decision.unmet] or "none",
+    )
     if not decision.passed:
         store.append_event(
             "promote.refused",
@@ -155,6 +168,7 @@ def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> Revoke
     version = store.get_version(ref)
     version = store.transition(version.id, Status.REVOKED, expect=version.status)
     store.append_event("revoke", actor=settings.actor, ref=version.ref, data={"reason": reason})
+    logger.info("revoked %s", version.ref)
     children = descendants(version, store)
     affected = {version.ref} | {c.ref for c in children}
     # A channel holds a version as its current image or as its rollback image (previous): both need attention.

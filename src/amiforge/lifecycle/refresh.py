@@ -12,6 +12,7 @@ Pause is not something an instance refresh can do: a pause request is recorded a
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
@@ -38,6 +39,8 @@ from amiforge.providers.interface import (
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, checkpoints, decide
+
+logger = logging.getLogger(__name__)
 
 
 def drive_refresh(
@@ -70,6 +73,13 @@ def drive_refresh(
             min_healthy_percentage=strategy.min_healthy_percentage,
         )
         started = {**rollout.detail, "refresh_id": refresh_id, "checkpoints": points, "previous": previous}
+        logger.info(
+            "rollout #%d: instance refresh %s started (checkpoints %s%%, previous %s)",
+            rollout.id,
+            refresh_id,
+            points,
+            previous,
+        )
         rollout = store.update_rollout(rollout.id, expect="running", detail=started)
         store.append_event(
             "rollout.refresh",
@@ -81,6 +91,9 @@ def drive_refresh(
     decisions: list[WaveDecision] = []
     while True:
         status = fleet.refresh_status(refresh_id)
+        logger.debug(
+            "rollout #%d: refresh %s %s %s%%", rollout.id, refresh_id, status.status, status.percentage_complete
+        )
         controls.progress(PhaseUpdate("instance refresh", "start", f"{status.status} {status.percentage_complete}%"))
         if rollout.state == "rolling-back" or status.status in REFRESH_ROLLBACK:
             if status.status not in REFRESH_TERMINAL:
@@ -98,12 +111,24 @@ def drive_refresh(
         requested = store.get_rollout(rollout.id).requested
         if requested == "abort" or (decision.final and not decision.passed):
             why = ["abort requested"] if requested == "abort" else list(decision.reasons)
+            logger.info(
+                "rollout #%d: rolling the refresh back (%s) at %s%%: %s",
+                rollout.id,
+                "; ".join(why),
+                status.percentage_complete,
+                decision.as_dict(),
+            )
             decisions.append(decision)
             store.add_decision(rollout.id, rollout.wave, passed=False, action="rollback", numbers=decision.as_dict())
             failure = {**rollout.detail, "failed_wave": rollout.wave + 1, "reasons": why}
             if status.status == "Successful":
                 # AWS finished before the gate could judge (a short checkpoint delay): roll forward to the old image.
                 refresh_id = _roll_forward(fleet, rollout, store, f"r{rollout.id}-back")
+                logger.info(
+                    "rollout #%d: the refresh had finished; rolling forward to the previous version (refresh %s)",
+                    rollout.id,
+                    refresh_id,
+                )
                 failure["rollback_refresh_id"] = refresh_id
             else:
                 fleet.roll_back_refresh(refresh_id)
@@ -115,16 +140,26 @@ def drive_refresh(
             store.append_event("rollout.pause_ignored", actor=settings.actor, ref=version.ref,
                                data={"rollout": rollout.id, "why": "an instance refresh cannot pause"})  # fmt: skip
             rollout = store.update_rollout(rollout.id, expect="running", clear_request=True)
+            logger.info("rollout #%d: pause requested and ignored (an instance refresh cannot pause)", rollout.id)
         marks = rollout.detail.get("checkpoints")
         reached = sum(1 for p in (marks if isinstance(marks, list) else []) if int(p) <= status.percentage_complete)
         if status.status == "Successful":
             reached = len(rollout.waves)
         if decision.passed and reached > rollout.wave:
             decisions.append(decision)
+            logger.info(
+                "rollout #%d: checkpoint(s) %d..%d passed at %s%%: %s",
+                rollout.id,
+                rollout.wave + 1,
+                reached,
+                status.percentage_complete,
+                decision.as_dict(),
+            )
             for wave in range(rollout.wave, reached):
                 store.add_decision(rollout.id, wave, passed=True, action="continue", numbers=decision.as_dict())
             rollout = store.update_rollout(rollout.id, expect="running", wave=reached)
         if status.status == "Successful" and decision.passed and rollout.wave >= len(rollout.waves):
+            logger.info("rollout #%d: instance refresh %s succeeded", rollout.id, refresh_id)
             rollout = store.update_rollout(rollout.id, expect="running", state="succeeded")
             store.append_event("rollout.succeeded", actor=settings.actor, ref=version.ref, data={"rollout": rollout.id})
             return RolloutOutcome(rollout, decisions)
@@ -162,6 +197,7 @@ def _failed(
     rollout: Rollout, status: str, reason: str, store: Store, settings: Settings, decisions: list[WaveDecision]
 ) -> RolloutOutcome:
     expect = rollout.state
+    logger.info("rollout #%d: instance refresh ended %s (%s)", rollout.id, status, reason or "no reason given")
     reasons = rollout.detail.get("reasons") or [f"the instance refresh ended {status}: {reason or 'no reason given'}"]
     rollout = store.update_rollout(
         rollout.id, expect=expect, state="failed", detail={**rollout.detail, "refresh_status": status}

@@ -19,6 +19,7 @@ the fleet return what it already launched, so no member is replaced twice and no
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
+
+logger = logging.getLogger(__name__)
 
 # --- start, resume, pause, abort --------------------------------------------------------------------------------
 
@@ -85,6 +88,9 @@ def start(
         )
     already = sum(1 for m in members if m.version_ref == version.ref)
     waves = plan_waves(strategy, len(members), already)
+    logger.info(
+        "rollout of %s onto %s: %d member(s), waves %s (%s)", version.ref, target, len(members), waves, strategy.mode
+    )
     rollout = store.create_rollout(
         target, version.id, strategy=strategy.model_dump(mode="json"), waves=waves, actor=settings.actor
     )
@@ -107,6 +113,7 @@ def resume(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         )
     elif rollout.state not in ("running", "rolling-back"):
         raise StateError(f"rollout #{rollout.id} is {rollout.state}; there is nothing to resume", fix="start another")
+    logger.info("rollout #%d: resuming from wave %d (%s)", rollout.id, rollout.wave + 1, rollout.state)
     return drive(rollout.id, store=store, settings=settings, controls=controls)
 
 
@@ -146,6 +153,14 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         index = rollout.wave
         planned = _plan_wave(rollout, fleet, store, provider)
         pending = [r for r in planned if r.state == "planned"]
+        logger.info(
+            "rollout #%d wave %d/%d: %d member(s), %d to replace",
+            rollout.id,
+            index + 1,
+            len(rollout.waves),
+            len(planned),
+            len(pending),
+        )
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
         if pending:
             started = controls.clock()
@@ -154,6 +169,7 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         decision = _watch(rollout, [r.token for r in planned], fleet, strategy, store, controls)
         decisions.append(decision)
         action = "continue" if decision.passed else "rollback"
+        logger.info("rollout #%d wave %d: %s %s", rollout.id, index + 1, action, _numbers(decision))
         store.add_decision(rollout.id, index, passed=decision.passed, action=action, numbers=decision.as_dict())
         store.append_event(
             "rollout.wave",
@@ -173,6 +189,7 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "done", "gates passed"))
         rollout = store.update_rollout(rollout.id, expect="running", wave=index + 1)
     rollout = store.update_rollout(rollout.id, expect="running", state="succeeded")
+    logger.info("rollout #%d of %s onto %s succeeded", rollout.id, version.ref, rollout.target)
     store.append_event("rollout.succeeded", actor=settings.actor, ref=version.ref, data={"rollout": rollout.id})
     return RolloutOutcome(rollout, decisions)
 
@@ -199,6 +216,7 @@ def _honour_request(rollout: Rollout, store: Store, settings: Settings) -> Rollo
         return None
     state = "paused" if current.requested == "pause" else "aborted"
     stopped = store.update_rollout(rollout.id, expect="running", state=state, clear_request=True)
+    logger.info("rollout #%d %s as requested, at wave %d", rollout.id, state, rollout.wave + 1)
     store.append_event(f"rollout.{state}", actor=settings.actor, ref=rollout.version_ref, data={"rollout": rollout.id})
     return stopped
 
@@ -234,6 +252,7 @@ def _watch(
     while True:
         firing = fleet.alarms_firing(strategy.gates.alarms)
         decision = decide(strategy, _wave_members(rollout, tokens, fleet, store), alarms_firing=firing)
+        logger.debug("rollout #%d wave %d watch: %s", rollout.id, rollout.wave + 1, _numbers(decision))
         remaining = deadline - controls.clock()
         if (decision.final and not decision.passed) or remaining <= 0:
             return decision
@@ -279,6 +298,7 @@ def _roll_back(
         and r.old_version != rollout.version_ref
     ]
     by_version: dict[str, list[RolloutReplacement]] = {}
+    logger.info("rollout #%d rolling back: %d member(s) to put back", rollout.id, len(to_undo))
     for r in to_undo:
         by_version.setdefault(str(r.old_version), []).append(r)
     for old_ref, items in by_version.items():
@@ -292,8 +312,16 @@ def _roll_back(
         pending = [p for p in planned if p.state == "planned"]
         if pending:
             _replace(fleet, pending, artifact_in(old, store, provider, region), old.ref, checks_of(old), store)
+        logger.info("rollout #%d rollback: %d member(s) back to %s", rollout.id, len(items), old.ref)
     rolled = [r for r in store.replacements(rollout.id) if r.kind == "rollback"]
     failed_back = [r for r in rolled if r.state != "done"]
+    logger.info(
+        "rollout #%d rolled back %d of %d member(s); failed: %s",
+        rollout.id,
+        len(rolled) - len(failed_back),
+        len(rolled),
+        [r.old_member for r in failed_back] or "none",
+    )
     rollout = store.update_rollout(
         rollout.id,
         expect="rolling-back",
@@ -377,3 +405,12 @@ def _describe(data: object) -> str:
         return ""
     keys = ("rollout", "wave", "target", "reasons", "channel", "error", "members")
     return ", ".join(f"{k}={data[k]}" for k in keys if k in data and data[k] not in (None, [], ""))
+
+
+def _numbers(d: WaveDecision) -> str:
+    """A wave decision's numbers in one line, for the log."""
+    return (
+        f"(members {d.members}, ready {d.ready}, failed {d.failed}, success rate {d.success_rate}, "
+        f"p95 time to ready {d.time_to_ready_p95}, burn rate {d.burn_rate:.2f}, alarms {list(d.alarms)}, "
+        f"reasons {list(d.reasons)})"
+    )

@@ -3,6 +3,8 @@ failed cleanup is recorded as an `orphaned` event and shown, but never hides the
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -10,6 +12,8 @@ from contextlib import contextmanager
 from amiforge.model import Event, ImageVersion, Leftover
 from amiforge.providers.interface import Cleanups, PhaseUpdate, RunContext
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 
 def new_run_id() -> str:
@@ -29,10 +33,20 @@ def run_context(
     where, the command that removes it, the error) and stays in `ctx.cleanup.leftovers` for the caller's outcome;
     when the block raised, each is also a note on the exception, so the error a user sees says what stayed."""
     stack = Cleanups()
-    ctx = RunContext(run_id=new_run_id(), cleanup=stack, log=log, progress=progress)
+    run_id = new_run_id()
+    ctx = RunContext(run_id=run_id, cleanup=stack, log=log, progress=_logged(progress, run_id, ref))
+    started = time.monotonic()
+    logger.info("run %s (%s): started", run_id, ref or "-")
     try:
         yield ctx
     except BaseException as e:
+        logger.info(
+            "run %s (%s): failed after %.1fs (%s); cleaning up",
+            run_id,
+            ref or "-",
+            time.monotonic() - started,
+            type(e).__name__,
+        )
         interrupted = _close(stack)
         for leftover in stack.leftovers:
             e.add_note(leftover.describe())
@@ -41,6 +55,7 @@ def run_context(
         except Exception as unrecorded:  # the registry failed too: keep the first error, say what was not recorded
             e.add_note(f"the leftovers above could not be recorded in the registry: {unrecorded}")
         raise
+    logger.info("run %s (%s): done after %.1fs; cleaning up", run_id, ref or "-", time.monotonic() - started)
     interrupted = _close(stack)
     try:
         record_leftovers(store, stack.leftovers, actor=actor, ref=ref, run_id=ctx.run_id)
@@ -50,6 +65,18 @@ def run_context(
         raise
     if interrupted is not None:
         raise interrupted
+
+
+def _logged(progress: Callable[[PhaseUpdate], None], run_id: str, ref: str | None) -> Callable[[PhaseUpdate], None]:
+    """`progress`, and each phase of the run at INFO in the log too (names, states, details and seconds only)."""
+
+    def report(u: PhaseUpdate) -> None:
+        seconds = f" ({u.seconds:.1f}s)" if u.seconds is not None else ""
+        detail = f": {u.detail}" if u.detail else ""
+        logger.info("run %s (%s): %s %s%s%s", run_id, ref or "-", u.name, u.state, detail, seconds)
+        progress(u)
+
+    return report
 
 
 def _close(stack: Cleanups) -> BaseException | None:

@@ -7,6 +7,7 @@ first channel) says what they mean, and `scan` reports it without changing the v
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -24,6 +25,8 @@ from amiforge.scanners.secrets import scan_raw, scan_tree
 from amiforge.scanners.vulns import import_report, load_osv_records, match, parse_osv_records, source_packages
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 # A scan only reads the artifact, so any version whose artifact is in use is scanned — before its boot test too
 # (people scan before spending a boot), and after a failed one. The gates at promote still require the boot test;
@@ -83,6 +86,7 @@ def scan(
         imported += import_report(report)  # parse first: a bad report fails before any work
     provider = provider_for(version.provider, settings)
     run_id = new_run_id()
+    logger.info("scan %s (run %s): reading %s", version.ref, run_id, artifacts[0].location)
     with provider.inspect(artifacts[0]) as view:
         packages = read_dpkg_status(view.root)
         findings = list(scan_tree(view.root, expected_authorized_keys=expected_authorized_keys(version)))
@@ -92,6 +96,7 @@ def scan(
             findings += [replace(f, path=(f.path or "").replace(str(view.raw), "disk")) for f in raw]
     advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
     findings = match(packages, advisories) + imported + findings
+    logger.info("scan %s: %d package(s), findings %s", version.ref, len(packages), findings_summary(findings) or "none")
     now = datetime.now(UTC)
     sbom = cyclonedx_sbom(
         packages, image_name=version.name, image_version=str(version.number), digest=version.digest, timestamp=now

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,8 @@ from amiforge.signing.interface import (
 )
 from amiforge.signing.keyfile import KeyfileSigner, KeyfileVerifier, KeyInfo, generate_keypair, read_public_key
 from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
 
 SIGNABLE = (Status.SCANNED, Status.SIGNED)
 
@@ -238,6 +241,7 @@ def sign(
             "a signature it makes would never verify",
             fix="make a new key (amiforge keys generate --name NEW) and sign with --key or AMIFORGE_SIGNING_KEY",
         )
+    logger.info("sign %s with %s (%d artifact(s))", version.ref, signer.key_id, len(artifacts))
     statement = canonical_statement(manifest_of(version, artifacts, scan))
     envelope = sign_envelope(statement, signer)
     record = store.add_signature(

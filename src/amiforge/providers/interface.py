@@ -5,6 +5,7 @@ The lifecycle verbs only ever see these types; each provider lives in its own fo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from amiforge.model import SignalKind as SignalKind
 
 P = ParamSpec("P")
 R = TypeVar("R")
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from amiforge.recipe import Checks, Recipe
@@ -53,12 +55,15 @@ class Cleanups(ExitStack):
         """Run `remove` at the end of the run; if it fails, `leftover` (with the error) says what stayed behind."""
 
         def guarded() -> None:
+            logger.info("cleanup: removing %s %s", leftover.what, leftover.where)
             try:
                 remove()
             except Exception as e:
                 self.leftovers.append(replace(leftover, error=f"{type(e).__name__}: {e}"))
+                logger.info("cleanup failed (the command reports it): %s", self.leftovers[-1].describe())
             except BaseException as e:  # Ctrl-C, SIGTERM: this one is left (and said so); the rest still run
                 self.leftovers.append(replace(leftover, error=f"interrupted ({type(e).__name__})"))
+                logger.info("cleanup interrupted: %s", self.leftovers[-1].describe())
                 raise
 
         super().callback(guarded)
