@@ -222,7 +222,7 @@ class Fleet(Protocol):
         ...
 
     def signals(self, since: datetime) -> list[BootSignal]:
-        """Launch/ready/failed/replaced signals of every member since `since`, oldest first."""
+        """Members' launch/ready/failed/replaced signals since `since`, oldest first. Kept: telemetry will call it."""
         ...
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
