@@ -6,6 +6,7 @@ Exit codes (docs/architecture.md §6): 0 ok · 2 bad input · 3 not found / stat
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any
@@ -23,6 +25,7 @@ from rich.markup import escape
 # typer (<0.30, pinned) vendors click as typer._click; its groups are TyperGroup, its usage errors UsageError.
 from typer import _click as click
 from typer._click.exceptions import UsageError
+from typer._click.globals import get_current_context
 from typer.core import TyperCommand, TyperGroup
 
 from amiforge import __version__
@@ -158,7 +161,20 @@ def _with_globals(command: click.Command) -> click.Command:
     if isinstance(command, TyperGroup):
         for sub in command.commands.values():
             _with_globals(sub)
+    elif command.callback is not None:
+        command.callback = _announced(command.callback)
     return command
+
+
+def _announced(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """`callback`, first logging (DEBUG) which command runs: its path only, never its arguments."""
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        logger.debug("amiforge %s: %s", __version__, get_current_context().command_path)
+        return callback(*args, **kwargs)
+
+    return run
 
 
 def load_command(name: str) -> click.Command:

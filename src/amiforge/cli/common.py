@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from amiforge import __version__
 from amiforge.cli import logs
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ def _log_file(ctx: typer.Context, value: str | None) -> None:
     if value is None or ctx.resilient_parsing:
         return
     logs.set_log_file(Path(value))
-    logger.debug("amiforge %s: %s", __version__, ctx.command_path)
 
 
 VerboseOption = typer.Option(
