@@ -1,4 +1,8 @@
-"""What every registry backend offers. One implementation today: sql.py (SQLite or PostgreSQL)."""
+"""What every registry backend offers. One implementation today: sql.py (SQLite or PostgreSQL).
+
+Listings that can grow without bound (versions, events) read a page at a time when asked: `limit` keeps the newest
+that many, and `before` (a keyset cursor: the id, or seq, of the oldest item of the page already shown) continues
+below it. Versions read by listings and lineage queries leave out the build log and the recipe (read as empty)."""
 
 from __future__ import annotations
 
@@ -48,8 +52,29 @@ class Store(Protocol):
         Raises NotFound (or ConfigError if the ref is malformed or the prefix is ambiguous)."""
         ...
 
-    def list_versions(self, name: str | None = None) -> list[ImageVersion]:
-        """Newest first."""
+    def get_versions(self, refs: Collection[str]) -> dict[str, ImageVersion]:
+        """The versions these NAME@N refs name (ref -> version), in one read, without build log and recipe; a ref
+        naming no version (or not NAME@N) is absent from the result."""
+        ...
+
+    def list_versions(
+        self, name: str | None = None, *, limit: int | None = None, before: int | None = None, summary: bool = False
+    ) -> list[ImageVersion]:
+        """Newest first (by id); at most `limit`, only ids below `before`; `summary`: without build log and recipe."""
+        ...
+
+    def count_versions(self, name: str | None = None) -> int: ...
+
+    def ancestry(self, version_id: int) -> list[ImageVersion]:
+        """Parent, grandparent, … (nearest first), in one query; without build log and recipe."""
+        ...
+
+    def descendants(self, version_id: int) -> list[ImageVersion]:
+        """Every version baked from this one, from those, … (newest first), in one query; without log and recipe."""
+        ...
+
+    def revoked_ancestors(self, version_ids: Collection[int]) -> dict[int, list[ImageVersion]]:
+        """For each id: its ancestors revoked now (nearest first), for any number of versions in one read."""
         ...
 
     def latest(self, name: str, statuses: Sequence[Status]) -> ImageVersion | None:
@@ -95,9 +120,12 @@ class Store(Protocol):
         """Append to the hash chain: hash = sha256(prev_hash + canonical JSON of the event's fields)."""
         ...
 
-    def events(self, ref: str | None = None, *, limit: int | None = None) -> list[Event]:
-        """Oldest first; with `ref`, only events about that version (by exact NAME@N)."""
+    def events(self, ref: str | None = None, *, limit: int | None = None, before: int | None = None) -> list[Event]:
+        """Oldest first; with `ref`, only events about that version (by exact NAME@N); `limit`: the newest that
+        many; `before`: only seqs below it."""
         ...
+
+    def count_events(self, ref: str | None = None, *, before: int | None = None) -> int: ...
 
     def verify_events(self) -> list[str]:
         """Recompute the chain; return one message per broken link (empty list = intact)."""

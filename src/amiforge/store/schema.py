@@ -1,6 +1,6 @@
 """The registry's tables (their history lives in `migrations/`) and the column type they share.
 
-Kept apart from sql.py so the migrations, the store and its tests all read one definition.
+Kept apart from the store's code so the migrations, the store and its tests all read one definition.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
 
-def _utcnow() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime, what: str) -> datetime:
+def aware(value: datetime, what: str) -> datetime:
     # Naive datetimes are a programming error: we cannot know which zone they meant.
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} must be a timezone-aware datetime, got naive {value.isoformat()}")
@@ -47,7 +47,7 @@ class UtcDateTime(sa.types.TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return _aware(value, "timestamp")
+        return aware(value, "timestamp")
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], datetime | None] | None:
         decode = super().result_processor(dialect, coltype)
@@ -91,8 +91,15 @@ versions_table = sa.Table(
     sa.Column("log", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
+    # The id of `parent` (0006), resolved when the version is created, so ancestry is one indexed recursive query.
+    # Always smaller than the version's own id (a parent exists before its child): lineage queries follow only such
+    # links, so even a hand-edited cycle cannot make them loop. NULL when `parent` names no version as NAME@N.
+    # No foreign key: SQLite cannot add one to an existing table that other tables reference.
+    sa.Column("parent_id", sa.Integer, nullable=True),
     sa.UniqueConstraint("name", "number", name="uq_versions_name_number"),
     sa.Index("ix_versions_digest", "digest"),
+    sa.Index("ix_versions_parent_id", "parent_id"),  # children of a version (descendants)
+    sa.Index("ix_versions_name_id", "name", "id"),  # one image's versions, newest first, a page at a time
 )
 
 artifacts_table = sa.Table(
@@ -348,3 +355,16 @@ channel_moves_table = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Index("ix_channel_moves_version_id", "version_id"),
 )
+
+# Which ancestors of each version have been revoked (0006), so `channels` flags every pointer from one indexed read
+# instead of walking each ancestry. A row (version, ancestor) is written when the ancestor is revoked (for every
+# descendant it has then) and when a version is created (its parent's rows, and the parent itself if revoked).
+# Readers keep only rows whose ancestor is still `revoked` (a revoked version may be retired later).
+revoked_ancestors_table = sa.Table(
+    "revoked_ancestors",
+    metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", name="fk_revoked_ancestors_version"),
+              primary_key=True),
+    sa.Column("ancestor_id", sa.Integer, sa.ForeignKey("versions.id", name="fk_revoked_ancestors_ancestor"),
+              primary_key=True),
+)  # fmt: skip

@@ -1,2 +1,2 @@
 """One module per schema revision, oldest first. Each is self-contained: it never imports the live table
-definitions from sql.py, so that old revisions keep meaning what they meant."""
+definitions from schema.py, so that old revisions keep meaning what they meant."""

@@ -1,0 +1,241 @@
+"""The supply chain: scans (SBOM, packages, findings), the vulnerability database (raw OSV advisories), the signing
+keys the registry trusts, and signatures. Trusting and revoking a key record their event in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from amiforge.errors import InfraError, NotFound, StateError
+from amiforge.model import (
+    Finding,
+    FindingKind,
+    Package,
+    ScanRecord,
+    Severity,
+    SignatureRecord,
+    TrustedKey,
+    VulnDbImport,
+)
+from amiforge.store.base import StoreCore, inserted_id
+from amiforge.store.events import append_in
+from amiforge.store.rows import row_mapper
+from amiforge.store.schema import (
+    advisories_table,
+    advisory_packages_table,
+    scans_table,
+    signatures_table,
+    signing_keys_table,
+    vulndb_imports_table,
+)
+
+
+def _finding_row(f: Finding) -> dict[str, Any]:
+    return {
+        "kind": f.kind.value,
+        "id": f.id,
+        "severity": f.severity.value,
+        "title": f.title,
+        "source": f.source,
+        "package": f.package,
+        "installed": f.installed,
+        "fixed": f.fixed,
+        "aliases": list(f.aliases),
+        "path": f.path,
+        "line": f.line,
+        "redacted": f.redacted,
+    }
+
+
+def _finding(d: Mapping[str, Any]) -> Finding:
+    return Finding(
+        kind=FindingKind(d["kind"]),
+        id=d["id"],
+        severity=Severity(d["severity"]),
+        title=d["title"],
+        source=d["source"],
+        package=d.get("package"),
+        installed=d.get("installed"),
+        fixed=d.get("fixed"),
+        aliases=tuple(d.get("aliases") or ()),
+        path=d.get("path"),
+        line=d.get("line"),
+        redacted=d.get("redacted"),
+    )
+
+
+scan_from_row = row_mapper(
+    ScanRecord,
+    "scans",
+    packages=lambda value: tuple(Package(*p) for p in value),
+    findings=lambda value: tuple(_finding(f) for f in value),
+)
+key_from_row = row_mapper(TrustedKey, "signing_keys", key="key_id")
+signature_from_row = row_mapper(SignatureRecord, "signatures")
+vulndb_import_from_row = row_mapper(VulnDbImport, "vulndb_imports")
+
+
+class SupplyChain(StoreCore):
+    # scans
+
+    def add_scan(self, version_id: int, scan: ScanRecord) -> ScanRecord:
+        with self._guard(f"record a scan of version {version_id}"), self._write() as conn:
+            self._require_version(conn, version_id)
+            result = conn.execute(
+                scans_table.insert().values(
+                    version_id=version_id,
+                    scanned_at=scan.scanned_at,
+                    packages=[[p.name, p.version, p.arch, p.source, p.source_version] for p in scan.packages],
+                    sbom=scan.sbom,
+                    sbom_digest=scan.sbom_digest,
+                    findings=[_finding_row(f) for f in scan.findings],
+                    vulndb=scan.vulndb,
+                )
+            )
+            return replace(scan, id=inserted_id(result), version_id=version_id)
+
+    def latest_scan(self, version_id: int) -> ScanRecord | None:
+        query = (
+            sa.select(scans_table).where(scans_table.c.version_id == version_id).order_by(scans_table.c.id.desc())
+        ).limit(1)
+        with self._guard(f"read the scan of version {version_id}"), self._read() as conn:
+            row = conn.execute(query).mappings().one_or_none()
+            return None if row is None else scan_from_row(row)
+
+    # the vulnerability database
+
+    def import_advisories(
+        self, source: str, records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]]
+    ) -> VulnDbImport:
+        """Store raw OSV records (id, modified, record, source packages it names); a re-imported id is replaced."""
+        now = self._now()
+        with self._guard(f"import advisories from {source}"), self._write() as conn:
+            import_id = inserted_id(
+                conn.execute(vulndb_imports_table.insert().values(source=source, imported_at=now, count=len(records)))
+            )
+            ids = [r[0] for r in records]
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
+                conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
+            if records:
+                conn.execute(
+                    advisories_table.insert(),
+                    [{"id": i, "import_id": import_id, "modified": m, "record": dict(r)} for i, m, r, _ in records],
+                )
+                links = [{"advisory_id": i, "package": p} for i, _, _, pkgs in records for p in sorted(set(pkgs))]
+                if links:
+                    conn.execute(advisory_packages_table.insert(), links)
+        return VulnDbImport(import_id, source, now, len(records))
+
+    def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]:
+        """The raw records of every advisory naming one of these (source) package names."""
+        names = sorted(set(packages))
+        found: dict[str, dict[str, Any]] = {}
+        with self._guard("read advisories"), self._read() as conn:
+            for chunk in range(0, len(names), 500):
+                query = (
+                    sa.select(advisories_table.c.id, advisories_table.c.record)
+                    .join(advisory_packages_table, advisory_packages_table.c.advisory_id == advisories_table.c.id)
+                    .where(advisory_packages_table.c.package.in_(names[chunk : chunk + 500]))
+                )
+                for advisory_id, record in conn.execute(query):
+                    found[advisory_id] = record
+        return [found[k] for k in sorted(found)]
+
+    def vulndb_imports(self) -> list[VulnDbImport]:
+        with self._guard("list advisory imports"), self._read() as conn:
+            rows = conn.execute(sa.select(vulndb_imports_table).order_by(vulndb_imports_table.c.id)).mappings()
+            return [vulndb_import_from_row(r) for r in rows]
+
+    def advisory_count(self) -> int:
+        with self._guard("count advisories"), self._read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(advisories_table)).scalar_one())
+
+    # signing keys and signatures
+
+    def add_key(self, key: TrustedKey, *, actor: str) -> tuple[TrustedKey, bool]:
+        """Trust `key`; (the trusted key, whether this call added it). Adding it and its `key.added` event are one
+        transaction, and the existence check is inside it: callers racing to trust one key record it once."""
+        for attempt in (1, 2):
+            try:
+                with self._guard(f"trust key {key.key_id}"), self._write() as conn:
+                    row = conn.execute(
+                        sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key.key_id)
+                    ).mappings().one_or_none()  # fmt: skip
+                    if row is not None:
+                        if row["public_key"].strip() != key.public_key.strip():
+                            raise StateError(
+                                f"a different public key is already trusted as {key.key_id}",
+                                fix="key ids are derived from the public key; this should not happen — check the "
+                                "key files",
+                            )
+                        return key_from_row(row), False
+                    conn.execute(
+                        signing_keys_table.insert().values(
+                            key_id=key.key_id, algorithm=key.algorithm, public_key=key.public_key, added_at=key.added_at
+                        )
+                    )
+                    append_in(conn, "key.added", at=self._now(), actor=actor, ref=None,
+                              data={"key": key.key_id, "algorithm": key.algorithm})  # fmt: skip
+                return key, True
+            except InfraError as e:
+                # PostgreSQL: a concurrent insert of the same key won the race; read it back as existing.
+                if attempt == 2 or not isinstance(e.__cause__, IntegrityError):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def signing_keys(self) -> list[TrustedKey]:
+        with self._guard("list signing keys"), self._read() as conn:
+            rows = conn.execute(sa.select(signing_keys_table).order_by(signing_keys_table.c.added_at)).mappings()
+            return [key_from_row(r) for r in rows]
+
+    def revoke_key(self, key_id: str, reason: str, *, actor: str) -> TrustedKey:
+        """Stop trusting a key; the `key.revoked` event is recorded in the same transaction."""
+        now = self._now()
+        with self._guard(f"revoke key {key_id}"), self._write() as conn:
+            result = conn.execute(
+                signing_keys_table.update()
+                .where(signing_keys_table.c.key_id == key_id, signing_keys_table.c.revoked_at.is_(None))
+                .values(revoked_at=now, revoked_reason=reason)
+            )
+            row = conn.execute(
+                sa.select(signing_keys_table).where(signing_keys_table.c.key_id == key_id)
+            ).mappings().one_or_none()  # fmt: skip
+            if row is None:
+                raise NotFound(f"no signing key {key_id}", fix="`amiforge keys list` shows the trusted keys")
+            if result.rowcount == 0:
+                raise StateError(
+                    f"key {key_id} was already revoked at {row['revoked_at']:%Y-%m-%d %H:%M}Z",
+                    fix="nothing to do: its signatures no longer verify",
+                )
+            append_in(
+                conn, "key.revoked", at=self._now(), actor=actor, ref=None, data={"key": key_id, "reason": reason}
+            )
+            return key_from_row(row)
+
+    def add_signature(self, version_id: int, signature: SignatureRecord) -> SignatureRecord:
+        with self._guard(f"record a signature of version {version_id}"), self._write() as conn:
+            self._require_version(conn, version_id)
+            result = conn.execute(
+                signatures_table.insert().values(
+                    version_id=version_id,
+                    key_id=signature.key_id,
+                    envelope=signature.envelope,
+                    statement_digest=signature.statement_digest,
+                    signed_at=signature.signed_at,
+                )
+            )
+            return replace(signature, id=inserted_id(result), version_id=version_id)
+
+    def signatures(self, version_id: int) -> list[SignatureRecord]:
+        query = sa.select(signatures_table).where(signatures_table.c.version_id == version_id).order_by(
+            signatures_table.c.id
+        )  # fmt: skip
+        with self._guard(f"list signatures of version {version_id}"), self._read() as conn:
+            return [signature_from_row(r) for r in conn.execute(query).mappings()]
