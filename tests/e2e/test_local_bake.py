@@ -26,7 +26,9 @@ def _sha256(path: Path) -> str:
 
 
 def _checks(report: dict[str, object]) -> dict[str, bool]:
-    return {c["name"]: c["passed"] for c in report["checks"]}  # type: ignore[attr-defined,index]
+    checks = report["checks"]
+    assert isinstance(checks, list)
+    return {c["name"]: c["passed"] for c in checks}
 
 
 def test_web_bakes_boots_serves_and_rebuilds_only_changed_layers(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -160,12 +160,12 @@ FILES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthC
     [(parse_recipe, RECIPE_KEYS), (parse_policy, POLICY_KEYS), (parse_strategy, STRATEGY_KEYS)],
     ids=["recipe", "policy", "strategy"],
 )
-def test_any_file_is_a_value_or_a_config_error(parse: object, keys: list[str]) -> None:
+def test_any_file_is_a_value_or_a_config_error(parse: Callable[[str, Path], object], keys: list[str]) -> None:
     @FILES
     @given(text=st.one_of(documents(keys), raw_text()))
     def run(text: str) -> None:
         try:
-            parse(text, Path("/nonexistent/input.yaml"))  # type: ignore[operator]
+            parse(text, Path("/nonexistent/input.yaml"))
         except ConfigError as e:
             assert e.problems or e.fix, "a refusal must say what to fix"
 

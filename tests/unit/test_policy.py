@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import pytest
 import yaml
@@ -228,7 +229,8 @@ def test_soak_durations(text: str, expected: timedelta) -> None:
 def test_json_schema_lists_the_keys() -> None:
     schema = policy_json_schema()
     assert schema["title"] == "amiforge policy"
-    assert set(schema["properties"]) == {"channels", "waivers"}  # type: ignore[call-overload]
+    properties = schema["properties"]
+    assert isinstance(properties, dict) and set(properties) == {"channels", "waivers"}
     assert schema["required"] == ["channels"]
     assert schema["additionalProperties"] is False
 
@@ -300,7 +302,21 @@ waivers:
 POLICY = parse_policy(GATE_POLICY, Path("gate.yaml"))
 
 
-def _candidate(**changes: object) -> Candidate:
+class CandidateChanges(TypedDict, total=False):
+    """Fields of a Candidate to change (any of them)."""
+
+    ref: str
+    status: Status
+    boot_test_passed: bool
+    findings: Sequence[Finding]
+    signature_error: str | None
+    scanned: bool
+    revoked: bool
+    revoked_ancestors: Sequence[str]
+    entered: Mapping[str, datetime]
+
+
+def _candidate(**changes: Unpack[CandidateChanges]) -> Candidate:
     """A version that passes every channel of POLICY at NOW, with `changes` applied."""
     good = Candidate(
         ref="web@7",
@@ -313,7 +329,7 @@ def _candidate(**changes: object) -> Candidate:
         revoked_ancestors=(),
         entered={"dev": NOW - timedelta(hours=2), "staging": NOW - timedelta(hours=48)},
     )
-    return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(good, **changes)
 
 
 def cve(
@@ -352,7 +368,7 @@ def residue(id: str = "ssh-host-keys", path: str = "/etc/ssh/ssh_host_rsa_key") 
 
 
 # (id, channel, changes to the passing candidate, expected unmet names, waivers used, expired waivers)
-GATES: list[tuple[str, str, dict[str, object], list[str], list[str], list[str]]] = [
+GATES: list[tuple[str, str, CandidateChanges, list[str], list[str], list[str]]] = [
     ("clean to lab", "lab", {}, [], [], []),
     ("clean to dev", "dev", {}, [], [], []),
     ("clean to staging", "staging", {}, [], [], []),
@@ -501,7 +517,7 @@ GATES: list[tuple[str, str, dict[str, object], list[str], list[str], list[str]]]
 @pytest.mark.parametrize(
     ("channel", "changes", "unmet", "used", "expired"), [g[1:] for g in GATES], ids=[g[0] for g in GATES]
 )
-def test_gate(channel: str, changes: dict[str, object], unmet: list[str], used: list[str], expired: list[str]) -> None:
+def test_gate(channel: str, changes: CandidateChanges, unmet: list[str], used: list[str], expired: list[str]) -> None:
     decision = evaluate(POLICY, channel, _candidate(**changes), now=NOW)
     assert decision.channel == channel
     assert [f.name for f in decision.unmet] == unmet
@@ -511,7 +527,7 @@ def test_gate(channel: str, changes: dict[str, object], unmet: list[str], used: 
     assert all(f.detail.strip() for f in decision.unmet)
 
 
-def _detail(channel: str, **changes: object) -> str:
+def _detail(channel: str, **changes: Unpack[CandidateChanges]) -> str:
     (failure,) = evaluate(POLICY, channel, _candidate(**changes), now=NOW).unmet
     return failure.detail
 

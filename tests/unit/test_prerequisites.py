@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import tests.conftest as prerequisites
@@ -28,7 +30,7 @@ def test_a_present_prerequisite_neither_skips_nor_fails(monkeypatch: pytest.Monk
         monkeypatch.delenv("CI", raising=False)
     else:
         monkeypatch.setenv("CI", ci)
-    assert required_or_skip(True, "the thing", "install it") is None
+    required_or_skip(True, "the thing", "install it")  # returns: no skip, no failure
 
 
 def test_a_missing_prerequisite_skips_locally(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,6 +73,7 @@ def test_postgres_url_given(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_postgres_is_always_a_backend_so_its_absence_shows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(POSTGRES_ENV, raising=False)
+    # conftest types _backends() as list[object]; its items are pytest.param()s, which have ids (hence the ignore).
     assert [p.id for p in _backends()] == ["sqlite", "postgres"]  # type: ignore[attr-defined]
 
 
@@ -79,7 +82,7 @@ def test_postgres_is_always_a_backend_so_its_absence_shows(monkeypatch: pytest.M
 def test_root_decision(
     monkeypatch: pytest.MonkeyPatch, uid: int, ci: str | None, outcome: type[BaseException] | None
 ) -> None:
-    monkeypatch.setattr(prerequisites.os, "geteuid", lambda: uid)
+    monkeypatch.setattr(os, "geteuid", lambda: uid)  # the os module conftest's require_root reads
     if ci is None:
         monkeypatch.delenv("CI", raising=False)
     else:

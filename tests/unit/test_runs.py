@@ -59,7 +59,9 @@ def test_an_interrupt_during_cleanup_is_recorded_then_raised(tmp_path: Path) -> 
     assert ran == ["registered first"]
 
 
-def test_a_registry_failure_while_unwinding_keeps_the_first_error(tmp_path: Path) -> None:
+def test_a_registry_failure_while_unwinding_keeps_the_first_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
 
     def fails() -> None:
@@ -68,7 +70,7 @@ def test_a_registry_failure_while_unwinding_keeps_the_first_error(tmp_path: Path
     def no_registry(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("the registry is down")
 
-    store.append_event = no_registry  # type: ignore[method-assign,assignment]
+    monkeypatch.setattr(store, "append_event", no_registry)
     context = run_context(store, actor="TEST", ref="web@1", progress=lambda _u: None, log=lambda _l: None)
     with pytest.raises(ValueError, match="the real problem") as caught, context as ctx:
         ctx.cleanup.callback(fails)

@@ -168,12 +168,12 @@ class AsgEmulation:
             with emulation._lock:
                 return emulation._terminate(backend, instance_id, should_decrement)
 
-        def observed(name: str) -> Any:
-            original = getattr(AutoScalingResponse, name)
+        def observed(name: str) -> Callable[[AutoScalingResponse], ActionResult]:
+            original: Callable[[AutoScalingResponse], ActionResult] = getattr(AutoScalingResponse, name)
 
-            def answer(resp: Any) -> ActionResult:
+            def answer(resp: AutoScalingResponse) -> ActionResult:
                 emulation.observe()
-                return original(resp)  # type: ignore[no-any-return]
+                return original(resp)
 
             return answer
 
@@ -322,6 +322,8 @@ class InstanceRefreshEmulation:
             raise _RefreshError("InstanceRefreshInProgress", f"an instance refresh is already in progress for {name}")
         desired = dict((resp._get_param("DesiredConfiguration") or {}).get("LaunchTemplate") or {})
         if not desired:  # the group's own configuration
+            if group.ec2_launch_template is None:
+                raise ValidationError(f"{name} has no launch template: the emulation refreshes launch templates only")
             desired = {"LaunchTemplateId": group.ec2_launch_template.id, "Version": group.launch_template_version}
         preferences = dict(resp._get_param("Preferences") or {})
         template = backend.ec2_backend.get_launch_template(desired["LaunchTemplateId"])

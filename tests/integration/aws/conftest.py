@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -59,7 +60,8 @@ class Aws:
     paging: PagingEmulation
     faults: FaultInjector | None = None
 
-    def ec2(self, region: str = REGION) -> object:
+    def ec2(self, region: str = REGION) -> Any:
+        """A boto3 EC2 client: untyped (boto3 ships no types), as AwsSession.client says."""
         return self.session.client("ec2", region)
 
 

@@ -197,14 +197,14 @@ class EbsEmulation:
 
     # --- answers ---------------------------------------------------------------------------------------------------
 
-    def _snapshot(self, resp: Any) -> EBSSnapshot:
+    def _snapshot(self, resp: EBSResponse) -> EBSSnapshot:
         snapshot_id = str(resp._get_param("SnapshotId"))
         snapshot = resp.ebs_backend.snapshots.get(snapshot_id)
         if snapshot is None:
             raise _Error("ResourceNotFoundException", f"The snapshot '{snapshot_id}' does not exist.", 404)
-        return snapshot  # type: ignore[no-any-return]
+        return snapshot
 
-    def _list(self, resp: Any) -> ActionResult:
+    def _list(self, resp: EBSResponse) -> ActionResult:
         snapshot = self._snapshot(resp)
         max_results = resp._get_param("MaxResults")
         token = resp._get_param("NextToken")
@@ -235,7 +235,7 @@ class EbsEmulation:
             answer["NextToken"] = base64.b64encode(json.dumps(following).encode()).decode()
         return ActionResult(answer)
 
-    def _get(self, resp: Any) -> ActionResult:
+    def _get(self, resp: EBSResponse) -> ActionResult:
         snapshot = self._snapshot(resp)
         index = int(resp._get_param("BlockIndex"))
         token = resp._get_param("BlockToken")

@@ -28,6 +28,7 @@ class AnyOf:
     image's snapshots is among the values" for an image with several snapshots. This value is not iterable, so the
     matcher falls back to `value in filter_values`, which asks `AnyOf.__eq__` about each filter value."""
 
+    # Unhashable, as its own __eq__ makes it anyway; typeshed declares object.__hash__ a method (hence the ignore).
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, ids: Iterable[str]) -> None:

@@ -210,7 +210,7 @@ class FaultInjector:
 
     def _before_send(self, request: Any, event_name: str, **_: Any) -> AWSResponse | None:
         self.sends += 1
-        _, service, operation = event_name.split(".", 2)
+        _before, service, operation = event_name.split(".", 2)
         if service == "ec2" and operation == "DescribeImages" and self._fresh:
             body = request.body.decode() if isinstance(request.body, bytes) else str(request.body or "")
             query = parse_qs(body)

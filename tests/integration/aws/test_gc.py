@@ -19,8 +19,9 @@ from moto.ec2.models import ec2_backends
 from moto.ec2.utils import is_filter_matching
 from moto_emulation import PagingEmulation, error_response
 
+from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import ConfigError, GateFailed
-from amiforge.providers.aws.gc import GcPlan, Orphan, RunState, apply_gc, plan_gc
+from amiforge.providers.aws.gc import DEFAULT_MIN_AGE, GcPlan, GcResult, Orphan, RunState, apply_gc, plan_gc
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 OLD = NOW - timedelta(days=2)
@@ -154,8 +155,12 @@ class World:
         return {label for label in self.ids if self.exists(label)}
 
 
-def plan(aws: Aws, registry: Registry | None = None, registered: tuple[str, ...] = (), **kw: Any) -> GcPlan:
-    return plan_gc(aws.session, REGION, registered_images=registered, run_state=registry or Registry(), now=NOW, **kw)
+def plan(
+    aws: Aws, registry: Registry | None = None, registered: tuple[str, ...] = (), min_age: timedelta = DEFAULT_MIN_AGE
+) -> GcPlan:
+    return plan_gc(
+        aws.session, REGION, registered_images=registered, run_state=registry or Registry(), now=NOW, min_age=min_age
+    )
 
 
 # --- what is an orphan ------------------------------------------------------------------------------------------
@@ -272,8 +277,9 @@ def test_snapshots_backing_any_existing_image_are_never_deleted(aws: Aws) -> Non
 def test_deregistration_protection_keeps_an_image_and_its_snapshots(aws: Aws) -> None:
     world = World(aws)
     protected = world.image("protected", tags(DONE), snapshot=tags(DONE))
-    # moto 5.2.5 cannot enable protection (NotImplementedError); its DescribeImages reports the attribute if set.
-    world.backend.amis[protected].deregistration_protection = "enabled-without-cooldown"
+    # moto 5.2.5 cannot enable protection (NotImplementedError); its DescribeImages reports the attribute if set,
+    # though its Ami class does not declare it (hence the ignore).
+    world.backend.amis[protected].deregistration_protection = "enabled-without-cooldown"  # type: ignore[attr-defined]
     result = plan(aws)
     assert result.orphans == ()
     kept = world.kept(result)
@@ -345,12 +351,13 @@ def test_snapshot_filter_emulation_matches_any_of_an_images_snapshots() -> None:
 
 
 def test_config_errors() -> None:
+    session = AwsSession(REGION)  # no moto: each is refused before any call
     with pytest.raises(ConfigError, match="timezone-aware"):
-        plan_gc(None, REGION, registered_images=(), run_state=Registry(), now=datetime(2024, 6, 1))  # type: ignore[arg-type]
+        plan_gc(session, REGION, registered_images=(), run_state=Registry(), now=datetime(2024, 6, 1))
     with pytest.raises(ConfigError, match="negative"):
-        plan_gc(None, REGION, registered_images=(), run_state=Registry(), now=NOW, min_age=timedelta(-1))  # type: ignore[arg-type]
+        plan_gc(session, REGION, registered_images=(), run_state=Registry(), now=NOW, min_age=timedelta(-1))
     with pytest.raises(ConfigError, match="negative"):
-        apply_gc(None, GcPlan(REGION, (), ()), max_deletions=-1)  # type: ignore[arg-type]
+        apply_gc(session, GcPlan(REGION, (), ()), max_deletions=-1)
 
 
 # --- applying ---------------------------------------------------------------------------------------------------
@@ -417,9 +424,16 @@ def test_blast_radius_cap_refuses_before_touching_anything(aws: Aws) -> None:
     result = plan(aws)
     assert len(result.orphans) == 11
     aws.calls.reset()
-    for kwargs in ({}, {"max_deletions": 10}):
+
+    def with_the_default_cap() -> GcResult:
+        return apply_gc(aws.session, result)
+
+    def with_a_cap_of_10() -> GcResult:
+        return apply_gc(aws.session, result, max_deletions=10)
+
+    for refusal in (with_the_default_cap, with_a_cap_of_10):
         with pytest.raises(GateFailed) as refused:
-            apply_gc(aws.session, result, **kwargs)
+            refusal()
         assert refused.value.gate == "blast radius" and len(refused.value.failures) == 11
         assert refused.value.fix is not None and "at least 11" in refused.value.fix
     assert not aws.calls.counts, "refused before any API call"

@@ -30,6 +30,7 @@ from amiforge.providers.aws.iam import (
     OPERATIONS,
     PERMISSIONS,
     ROLLOUT_GROUP_WRITES,
+    Operation,
     actions_for,
     policy_document,
     policy_json,
@@ -228,6 +229,10 @@ def _scan(aws: Aws, ids: dict[str, str]) -> None:
             assert (view.root / "etc/hostname").read_text() == "scan\n"
 
 
+def _import(aws: Aws, ids: dict[str, str]) -> None:
+    AwsProvider(Settings(), boto_session=aws.session.boto_session).adopt(REGION, ids["a"])
+
+
 def _rollout(aws: Aws, ids: dict[str, str]) -> None:
     """A wave of one on an Auto Scaling group (replace), then current() and signals(); then an instance refresh
     started, looked at and rolled back: what a rollout calls, in either mode."""
@@ -266,7 +271,7 @@ def _alarm(aws: Aws, name: str, state: str) -> None:
 
 
 # Every operation implemented today, and how to run it. Add a row when an operation gets its AWS code.
-IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
+IMPLEMENTED: dict[Operation, Callable[[Aws, dict[str, str]], None]] = {
     "resolve-source": _resolve,
     "inventory": _inventory,
     "publish": _publish,
@@ -275,26 +280,26 @@ IMPLEMENTED: dict[str, Callable[[Aws, dict[str, str]], None]] = {
     "verify-kms": _verify,
     "gc": _gc,
     "scan": _scan,
-    "import": lambda aws, ids: AwsProvider(Settings(), boto_session=aws.session.boto_session).adopt(REGION, ids["a"]),
+    "import": _import,
     "rollout": _rollout,
 }
 # Declared but never called: IAM checks them on behalf of another call (UpdateAutoScalingGroup to a template version
 # checks that the caller may launch it and pass its instance profile's role).
-_AUTHORISED_ONLY = {"rollout": {"ec2:RunInstances", "iam:PassRole"}}
+_AUTHORISED_ONLY: dict[Operation, set[str]] = {"rollout": {"ec2:RunInstances", "iam:PassRole"}}
 
 
 @pytest.mark.parametrize("operation", sorted(IMPLEMENTED))
-def test_what_each_operation_calls_is_declared(aws: Aws, operation: str) -> None:
+def test_what_each_operation_calls_is_declared(aws: Aws, operation: Operation) -> None:
     ids = _images(aws)
     aws.calls.reset()
     IMPLEMENTED[operation](aws, ids)
     called = {iam_action(aws.session.client(service), name) for (service, name) in aws.calls.counts}
     assert called, "the operation made no AWS call: the check would be vacuous"
-    undeclared = called - PERMISSIONS[operation]  # type: ignore[index]
+    undeclared = called - PERMISSIONS[operation]
     assert not undeclared, f"{operation} calls {sorted(undeclared)} but iam.PERMISSIONS does not declare them"
     if operation in _AUTHORISED_ONLY:
         # Exactly: nothing declared that is neither called nor checked by IAM on behalf of a call.
-        assert called == PERMISSIONS[operation] - _AUTHORISED_ONLY[operation]  # type: ignore[index]
+        assert called == PERMISSIONS[operation] - _AUTHORISED_ONLY[operation]
 
 
 def test_rollout_group_writes_need_the_groups_opt_in_tag() -> None:
@@ -317,6 +322,6 @@ def test_the_sync_check_catches_an_undeclared_call(aws: Aws) -> None:
     ids = _images(aws)
     aws.calls.reset()
     _publish(aws, ids)
-    aws.ec2().describe_instances()  # type: ignore[attr-defined]
+    aws.ec2().describe_instances()
     called = {iam_action(aws.session.client(service), name) for (service, name) in aws.calls.counts}
     assert called - PERMISSIONS["publish"] == {"ec2:DescribeInstances"}

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from moto import mock_aws
 from moto.kms.responses import KmsResponse
+from moto.kms.utils import ECDSAPrivateKey
 
 from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound
 from amiforge.signing.interface import (
@@ -70,7 +71,8 @@ def digest_mode(monkeypatch: pytest.MonkeyPatch) -> None:
         key = self.kms_backend.describe_key(key_id)
         digest = self._get_param("Message")
         assert self._get_param("SigningAlgorithm") == "ECDSA_SHA_256" and len(digest) == 32
-        private = key.private_key.private_key  # type: ignore[attr-defined]
+        assert isinstance(key.private_key, ECDSAPrivateKey)
+        private = key.private_key.private_key
         signature = private.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
         return json.dumps(
             {"KeyId": key.arn, "Signature": base64.b64encode(signature).decode(), "SigningAlgorithm": "ECDSA_SHA_256"}

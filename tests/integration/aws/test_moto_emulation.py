@@ -320,7 +320,7 @@ def _refresh_env(aws: Aws, monkeypatch: pytest.MonkeyPatch, version: str | None 
 
 def _group_images(aws: Aws, asg: Any) -> list[str]:
     ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]["Instances"]]
-    found = aws.ec2().describe_instances(InstanceIds=ids)["Reservations"]  # type: ignore[attr-defined]
+    found = aws.ec2().describe_instances(InstanceIds=ids)["Reservations"]
     return sorted(i["ImageId"] for r in found for i in r["Instances"])
 
 

@@ -4,6 +4,7 @@ same run under 30 % throttling."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from asg_emulation import FakeTime, InstanceRefreshEmulation, install_asg_emulation, make_group, make_images
 from conftest import REGION, Aws
 
-from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.errors import AmiforgeError, ConfigError, NotFound, StateError
 from amiforge.model import Artifact
 from amiforge.providers.aws.asg_records import ROLLOUT_ENABLED, ROLLOUT_TAG
 from amiforge.providers.aws.fleet import AsgFleet
@@ -62,7 +63,7 @@ class Env:
         answer = self.ec2.describe_launch_template_versions(LaunchTemplateId=spec["LaunchTemplateId"])
         return len(answer["LaunchTemplateVersions"])
 
-    def follow(self, refresh_id: str, *, until: Any = None) -> list[RefreshStatus]:
+    def follow(self, refresh_id: str, *, until: Callable[[RefreshStatus], bool] | None = None) -> list[RefreshStatus]:
         """refresh_status until the refresh is no longer active (or `until(status)` holds); every status seen."""
         seen: list[RefreshStatus] = []
         for _ in range(200):
@@ -185,7 +186,7 @@ def _launch_configuration(env: Env) -> str:
     return "lc-group"
 
 
-def _on(version: str | None) -> Any:
+def _on(version: str | None) -> Callable[[Env], str]:
     def make(env: Env) -> str:
         make_group(env.aws.session, "g2", env.image_a, size=2, version=version)
         return "g2"
@@ -212,7 +213,8 @@ def _someone_elses_refresh(env: Env) -> str:
     return GROUP
 
 
-REFUSALS = {
+# case → (make the group it refuses, the error, words its message names)
+REFUSALS: dict[str, tuple[Callable[[Env], str], type[AmiforgeError], str]] = {
     "launch-configuration": (_launch_configuration, ConfigError, "launch configuration"),
     "latest": (_on("$Latest"), ConfigError, "$Latest"),
     "default": (_on("$Default"), ConfigError, "$Default"),
