@@ -126,7 +126,8 @@ COMMANDS: dict[str, Entry] = {
     "events": Entry(
         "amiforge.cli.events_cmd",
         "events",
-        "The audit log: append-only, each event carrying the hash of the one before.",
+        "The audit log, the newest 50 events unless --limit or --all: append-only, each event carrying the hash of "
+        "the one before.",
     ),
     "doctor": Entry(
         "amiforge.cli.doctor_cmd",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from pydantic import ValidationError
 from rich.markup import escape
 
 from amiforge import durations
@@ -15,11 +15,14 @@ from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError, NotFound
-from amiforge.lifecycle import rollout as controller
-from amiforge.lifecycle.controller import Controls, canonical_target
 from amiforge.model import ROLLOUT_LIVE, Rollout
-from amiforge.store.interface import Store
-from amiforge.strategy import Strategy, load_strategy
+
+if TYPE_CHECKING:
+    from amiforge.store.interface import Store
+    from amiforge.strategy import Strategy
+
+# The controller (lifecycle.rollout, and with it the providers) and strategies (pydantic, YAML) are imported by the
+# commands that drive or start a rollout: `rollout status` only reads the registry.
 
 app = typer.Typer(help="Canary waves with SLO gates and automatic rollback.", no_args_is_help=True)
 
@@ -46,6 +49,10 @@ def resolve_version(store: Store, version: str | None, channel: str | None) -> s
 
 
 def _strategy(path: Path | None, waves: str | None, bake_time: str | None) -> Strategy:
+    from pydantic import ValidationError
+
+    from amiforge.strategy import Strategy, load_strategy
+
     base = load_strategy(path) if path is not None else Strategy()
     data = base.model_dump(mode="json")
     if waves is not None:
@@ -107,6 +114,9 @@ def start_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Replace the target's members wave by wave; a failed gate rolls back automatically (exit 4)."""
+    from amiforge.lifecycle import rollout as controller
+    from amiforge.lifecycle.controller import Controls, canonical_target
+
     target = canonical_target(target)  # a bad target is a usage error, before anything is looked up
     chosen = _strategy(strategy, waves, bake_time)
     settings, store = open_registry()
@@ -163,6 +173,8 @@ def _watch(rollout_id: int, store: Store, as_json: bool, *, every: float = 2.0) 
 
 
 def _ask(rollout_id: int, what: str, as_json: bool) -> None:
+    from amiforge.lifecycle import rollout as controller
+
     settings, store = open_registry()
     rollout = controller.request(rollout_id, what, store=store, settings=settings)
     _report(rollout, store, as_json)
@@ -183,6 +195,9 @@ def abort_command(rollout_id: int = typer.Argument(...), as_json: bool = JsonOpt
 @app.command("resume")
 def resume_command(rollout_id: int = typer.Argument(...), as_json: bool = JsonOption) -> None:
     """Continue a paused rollout, or one whose controller died (even kill -9), from the registry."""
+    from amiforge.lifecycle import rollout as controller
+    from amiforge.lifecycle.controller import Controls
+
     settings, store = open_registry()
     rollout = store.get_rollout(rollout_id)
     with PhaseProgress(f"rollout #{rollout_id}", 2 * len(rollout.waves), enabled=not as_json) as progress:
@@ -198,6 +213,9 @@ def rollback_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Put the whole target back on the previous version (one wave, through the same gates)."""
+    from amiforge.lifecycle import rollout as controller
+    from amiforge.lifecycle.controller import Controls
+
     settings, store = open_registry()
     with PhaseProgress(f"rollback {target}", 2, enabled=not as_json) as progress:
         outcome = controller.rollback(
@@ -212,6 +230,8 @@ def incident_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Where a version ran lately: its rollouts and members, the timeline, and the commands to undo it."""
+    from amiforge.lifecycle import rollout as controller
+
     _, store = open_registry()
     if not _NUMBER.fullmatch(hours.strip()):
         raise ConfigError(f"--hours {hours!r} is not a number of hours", fix="e.g. --hours 24 or --hours 0.5")

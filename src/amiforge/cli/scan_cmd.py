@@ -14,9 +14,9 @@ from amiforge.cli.output import console, emit_json
 from amiforge.cli.render import leftover_warnings
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError, NotFound
-from amiforge.lifecycle.promote import policy_of
-from amiforge.lifecycle.scan import finding_json, import_vulndb, scan, scan_gate, vulndb_label
-from amiforge.scanners.sbom import spdx_sbom
+
+# The lifecycle and the scanners (cyclonedx, detect-secrets, the OSV matcher) are imported by the commands that use
+# them, not by every command of this module.
 
 app = typer.Typer(help="The vulnerability database (OSV advisories for Debian).", no_args_is_help=True)
 
@@ -30,6 +30,9 @@ def scan_command(
 ) -> None:
     """SBOM, CVEs, secrets and residue of a version, read from its artifact without booting it (exit 4 if the
     findings fail the entry channel's gate)."""
+    from amiforge.lifecycle.promote import policy_of
+    from amiforge.lifecycle.scan import finding_json, scan, scan_gate
+
     settings, store = open_registry()
     outcome = scan(ref, store=store, settings=settings, reports=reports)
     findings = outcome.scan.findings
@@ -96,6 +99,8 @@ def sbom_command(
         raise NotFound(f"{version.ref} has no SBOM yet", fix=f"amiforge scan {version.ref}")
     text = record.sbom
     if fmt == "spdx":
+        from amiforge.scanners.sbom import spdx_sbom
+
         assert version.digest is not None
         text = spdx_sbom(
             record.packages,
@@ -128,6 +133,8 @@ def vulndb_import(
     as_json: bool = JsonOption,
 ) -> None:
     """Load OSV advisories into the registry (every record validated; a re-imported id replaces the old one)."""
+    from amiforge.lifecycle.scan import import_vulndb
+
     settings, store = open_registry()
     result = import_vulndb(path, store=store, actor=settings.actor)
     if as_json:
@@ -147,6 +154,8 @@ def vulndb_status(as_json: bool = JsonOption) -> None:
     if as_json:
         emit_json({"advisories": store.advisory_count(), "imports": imports, "age_days": age})
         return
+    from amiforge.lifecycle.scan import vulndb_label
+
     console.print(escape(vulndb_label(store)))
     if age is not None:
         console.print(f"last import is {age:.1f} day(s) old")
