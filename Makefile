@@ -21,6 +21,13 @@ bench-sbom:
 	scripts/bootstrap.sh
 	.venv/bin/python bench/sbom_bench.py
 
+# Start-up time of --help and read-only commands, this tree against STARTUP_BEFORE (the commit before lazy imports).
+STARTUP_BEFORE ?= bd7b136
+.PHONY: bench-startup
+bench-startup:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/startup_bench.py --ref $(STARTUP_BEFORE)
+
 lint:
 	.venv/bin/ruff format src tests bench
 	.venv/bin/ruff check --fix src tests bench
