@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from amiforge.awsapi.clients import AwsSession
-from amiforge.providers.aws.machine import CommandResult
+from amiforge.providers.aws.machine import CommandResult, MachineFactory
 
 DPKG = "Package: nginx\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.22.1-9\n\n"
 READY = "[  OK  ] Started amiforge-ready.service\nAMIFORGE-READY 11.25\n"
@@ -60,7 +60,9 @@ class FakeMachine:
         return self.consoles.pop(0) if len(self.consoles) > 1 else (self.consoles[0] if self.consoles else "")
 
 
-def factory(machine: FakeMachine) -> Callable[[AwsSession, str, str], FakeMachine]:
+def factory(machine: FakeMachine) -> MachineFactory:
+    """A MachineFactory handing out `machine` (typed as one: FakeMachine must stay a Machine)."""
+
     def make(_session: AwsSession, region: str, instance_id: str) -> FakeMachine:
         machine.regions.append(region)
         machine.instance_id = instance_id
