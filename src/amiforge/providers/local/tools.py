@@ -6,6 +6,7 @@ InfraError/ToolMissing with the tail of its output, never a raw CalledProcessErr
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -18,6 +19,8 @@ from typing import Any
 from amiforge.errors import InfraError, ToolMissing
 from amiforge.model import Leftover
 from amiforge.providers.interface import Cleanups, ToolStatus
+
+logger = logging.getLogger(__name__)
 
 # tool -> Debian package that provides it. The one list `doctor`, `scripts/bootstrap` and the errors agree on.
 TOOLS: Mapping[str, str] = {
@@ -68,6 +71,7 @@ def run(
     args = [str(a) for a in argv]
     exe = require(args[0])
     full_env = {**os.environ, **(env or {})}
+    logger.debug("running %s (%s), %d argument(s)", exe, what or args[0], len(args) - 1)  # never the arguments
     try:
         proc = subprocess.run(
             [exe, *args[1:]],
@@ -84,6 +88,7 @@ def run(
     if log is not None and proc.stdout:
         for line in proc.stdout.splitlines():
             log(line)
+    logger.debug("%s exited %d", what or args[0], proc.returncode)
     if proc.returncode != 0:
         raise InfraError(
             f"{what or args[0]} failed (exit {proc.returncode}):\n{_tail(proc.stdout)}",
