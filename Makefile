@@ -32,3 +32,4 @@ lint:
 	.venv/bin/ruff format src tests bench
 	.venv/bin/ruff check --fix src tests bench
 	.venv/bin/mypy src
+	.venv/bin/mypy tests
