@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The whole suite, as `make test` and CI run it: lint, types, then unit + integration + e2e (slow) tests.
+# The whole suite, as `make test` and CI run it: lint, types, then unit + integration + e2e (slow) tests, with branch
+# coverage (printed; the floor is fail_under in pyproject.toml). Arguments go to pytest: `scripts/test.sh -m "not slow"`
+# or a test path runs a subset, which reports its coverage without being held to the whole suite's floor.
 # Starts a throw-away PostgreSQL server on a loopback port for the integration tests and always stops it.
+# In CI (CI=true) a test that lacks its PostgreSQL server or root fails instead of skipping (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=.venv/bin
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
 
 if [ -z "${AMIFORGE_SKIP_LINT:-}" ]; then  # set it to iterate on tests alone
     echo "== ruff"; $V/ruff format --check src tests bench; $V/ruff check src tests bench
@@ -16,7 +21,7 @@ if [ -n "$pgbin" ] && [ -x "$pgbin/pg_ctl" ]; then
     pgdir=$(mktemp -d /tmp/amiforge-pg.XXXXXX)
     as_pg=()
     # Set before anything can fail, so the throw-away cluster and its folder never outlive the run.
-    trap '"${as_pg[@]}" "$pgbin/pg_ctl" -s -D "$pgdir/data" -m immediate stop 2>/dev/null || true; rm -rf "$pgdir"' EXIT
+    cleanup+=('"${as_pg[@]}" "$pgbin/pg_ctl" -s -D "$pgdir/data" -m immediate stop 2>/dev/null || true; rm -rf "$pgdir"')
     chmod 755 "$pgdir"
     [ "$(id -u)" -eq 0 ] && { chown postgres: "$pgdir"; as_pg=(runuser -u postgres --); }
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -26,8 +31,16 @@ if [ -n "$pgbin" ] && [ -x "$pgbin/pg_ctl" ]; then
     export AMIFORGE_TEST_POSTGRES_URL="postgresql+psycopg://postgres@127.0.0.1:$port/postgres"
     echo "== PostgreSQL $(basename "$(dirname "$pgbin")") on 127.0.0.1:$port"
 else
-    echo "== PostgreSQL server not installed: its integration tests will be skipped (scripts/bootstrap.sh --test installs it)"
+    echo "== PostgreSQL server not installed: its tests skip here and fail in CI (scripts/bootstrap.sh --test installs it)"
 fi
 
+# Coverage data of this process and of every Python subprocess it starts (absolute: subprocesses may chdir) goes to
+# a private folder that goes away with the run.
+covdir=$(mktemp -d /tmp/amiforge-cov.XXXXXX)
+cleanup+=('rm -rf "$covdir"')
+export COVERAGE_FILE="$covdir/.coverage"
+cov=(--cov=amiforge --cov-branch --cov-report=term:skip-covered)
+[ $# -eq 0 ] || cov+=(--cov-fail-under=0)
+
 echo "== pytest"
-$V/python -m pytest "$@"
+$V/python -m pytest "${cov[@]}" "$@"

@@ -155,6 +155,9 @@ def raw_text() -> st.SearchStrategy[str]:
 FILES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+# Not measured for coverage (pytest-cov's no_cover): under a tracer PyYAML's pure-Python scanner, quadratic on the deep
+# flow collections generated here, runs 3-10x slower, which alone would add minutes to `make test`.
+@pytest.mark.no_cover
 @pytest.mark.parametrize(
     ("parse", "keys"),
     [(parse_recipe, RECIPE_KEYS), (parse_policy, POLICY_KEYS), (parse_strategy, STRATEGY_KEYS)],
