@@ -1,10 +1,11 @@
 """Start-up benchmark (`make bench-startup`): what a command costs before it does anything.
 
 What it measures, for this working tree and (with --ref REV) for a git revision, side by side:
-  1. Wall time of `amiforge --help`, `amiforge keys list --json` and `amiforge images list --json`: the median of
-     --runs fresh processes each (`python -m amiforge …`), on a private data dir whose registry is already at the
-     newest schema (one untimed warm-up run per command creates it and fills the bytecode caches), so the figures are
-     start-up plus one small read, never a migration.
+  1. Wall time, and CPU time (user + system, which machine load disturbs less), of `amiforge --help`,
+     `amiforge keys list --json` and `amiforge images list --json`: the median of --runs fresh processes each
+     (`python -m amiforge …`), on a private data dir whose registry is already at the newest schema (one untimed
+     warm-up run per command creates it and fills the bytecode caches), so the figures are start-up plus one small
+     read, never a migration.
   2. Import time: the seconds a process spends importing modules, summed over the top-level entries of
      `python -X importtime` (each one's cumulative time), for `import amiforge.cli.app` alone and for each command
      above. The median of the same runs. -X importtime itself slows imports a little; compare like with like.
@@ -24,6 +25,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,7 @@ class Side:
     pythonpath: Path | None
     data_dir: Path
     wall: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
     imports: dict[str, list[float]] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
@@ -72,7 +75,13 @@ def _argv(args: Sequence[str], *, importtime: bool) -> list[str]:
     return [sys.executable, *flags, "-m", "amiforge", *args]
 
 
-def _run(side: Side, args: Sequence[str], *, importtime: bool) -> tuple[float, str]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(side: Side, args: Sequence[str], *, importtime: bool) -> tuple[float, float, str]:
+    cpu = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run(
         _argv(args, importtime=importtime),
@@ -86,7 +95,7 @@ def _run(side: Side, args: Sequence[str], *, importtime: bool) -> tuple[float, s
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{side.label}: amiforge {' '.join(args)} exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return wall, done.stderr
+    return wall, _children_cpu() - cpu, done.stderr
 
 
 def import_seconds(stderr: str) -> float:
@@ -118,9 +127,10 @@ def measure(sides: list[Side], runs: int) -> None:
         for name, args in jobs:
             for side in sides:
                 if name != IMPORT_ONLY:
-                    wall, _ = _run(side, args, importtime=False)
+                    wall, cpu, _ = _run(side, args, importtime=False)
                     side.wall.setdefault(name, []).append(wall)
-                _, report = _run(side, args, importtime=True)
+                    side.cpu.setdefault(name, []).append(cpu)
+                _, _, report = _run(side, args, importtime=True)
                 side.imports.setdefault(name, []).append(import_seconds(report))
 
 
@@ -140,6 +150,8 @@ def report(sides: list[Side], runs: int) -> str:
     rows = []
     for name in COMMANDS:
         rows.append(f"| `{name}` wall | " + " | ".join(_fmt(s.wall.get(name)) for s in sides) + " |")
+    for name in COMMANDS:
+        rows.append(f"| `{name}` CPU (user+sys) | " + " | ".join(_fmt(s.cpu.get(name)) for s in sides) + " |")
     for name in [*COMMANDS, IMPORT_ONLY]:
         label = f"`{name}` imports" if name != IMPORT_ONLY else f"`{IMPORT_ONLY}` imports"
         rows.append(f"| {label} | " + " | ".join(_fmt(s.imports.get(name)) for s in sides) + " |")

@@ -16,7 +16,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from difflib import get_close_matches
 from typing import Any
 
 import typer
@@ -225,6 +224,8 @@ class LazyGroup(TyperGroup):
         try:
             return super().resolve_command(ctx, args)
         except UsageError as e:
+            from difflib import get_close_matches
+
             matches = get_close_matches(name, self.list_commands(ctx)) if name else []
             if matches and "Did you mean" not in e.message:
                 e.message = f"{e.message.rstrip('.')}. Did you mean {', '.join(repr(m) for m in matches)}?"

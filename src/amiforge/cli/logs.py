@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -39,33 +40,46 @@ FILE_ONLY = "amiforge_file_only"
 _OPTION = "--log-file"
 _FIX = "name a file in an existing folder you can write to, e.g. --log-file ./amiforge.log (it is created 0600)"
 
-# `scheme://user:password@host`: the password goes (a PostgreSQL store URL, a proxy URL).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^\s:/@]*:)(?P<secret>[^\s@/]+)(?=@)", re.IGNORECASE)
-# Named credentials in key=value or "key": "value" form (a dumped dict, a header, an env line).
-_NAMED_SECRET = re.compile(
-    r"(?P<head>(?:secret[_-]?access[_-]?key|session[_-]?token|security[_-]?token|password|passwd|authorization"
-    r"|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)(?P<secret>[^\s\"',;}]+)",
-    re.IGNORECASE,
-)
-# An HTTP bearer token (a header quoted in a message, or in a recipe's shell step).
-_BEARER = re.compile(r"(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{8,})", re.IGNORECASE)
-# The shape of an AWS secret access key: 40 base64 characters with both cases (a hex digest has one case only),
-# not starting with / (a path).
-_AWS_SECRET = re.compile(
-    r"(?<![A-Za-z0-9/+=])(?!/)(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
-)
-# Session tokens (STS, SSO): long base64 runs. No digest, id or ARN amiforge logs comes near this length.
-_LONG_TOKEN = re.compile(r"[A-Za-z0-9/+=]{100,}")
 REDACTED = "[redacted]"
 
 
+@functools.cache
+def _patterns() -> tuple[tuple[re.Pattern[str], bool], ...]:
+    """What redact() replaces, as (pattern, keep its `head` group); compiled on first use, not at start-up."""
+    return (
+        # `scheme://user:password@host`: the password goes (a PostgreSQL store URL, a proxy URL).
+        (re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^\s:/@]*:)(?P<secret>[^\s@/]+)(?=@)", re.IGNORECASE), True),
+        # An HTTP bearer token (a header quoted in a message, or in a recipe's shell step).
+        (re.compile(r"(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{8,})", re.IGNORECASE), True),
+        # Named credentials in key=value or "key": "value" form (a dumped dict, a header, an env line).
+        (
+            re.compile(
+                r"(?P<head>(?:secret[_-]?access[_-]?key|session[_-]?token|security[_-]?token|password|passwd"
+                r"|authorization|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)(?P<secret>[^\s\"',;}]+)",
+                re.IGNORECASE,
+            ),
+            True,
+        ),
+        # Session tokens (STS, SSO): long base64 runs. No digest, id or ARN amiforge logs comes near this length.
+        (re.compile(r"[A-Za-z0-9/+=]{100,}"), False),
+        # The shape of an AWS secret access key: 40 base64 characters with both cases (a hex digest has one case
+        # only), not starting with / (a path).
+        (
+            re.compile(
+                r"(?<![A-Za-z0-9/+=])(?!/)(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])[A-Za-z0-9/+]{40}"
+                r"(?![A-Za-z0-9/+=])"
+            ),
+            False,
+        ),
+    )
+
+
 def redact(text: str) -> str:
-    """`text` without the credentials it may quote: URL passwords, named secrets, AWS-secret-shaped tokens."""
-    text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
-    text = _BEARER.sub(lambda m: m["head"] + REDACTED, text)
-    text = _NAMED_SECRET.sub(lambda m: m["head"] + REDACTED, text)
-    text = _LONG_TOKEN.sub(REDACTED, text)
-    return _AWS_SECRET.sub(REDACTED, text)
+    """`text` without the credentials it may quote: URL passwords, bearer tokens, named secrets, session tokens and
+    AWS-secret-shaped strings."""
+    for pattern, keep_head in _patterns():
+        text = pattern.sub((lambda m: m["head"] + REDACTED) if keep_head else (lambda _m: REDACTED), text)
+    return text
 
 
 @dataclass
