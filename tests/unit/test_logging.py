@@ -275,3 +275,26 @@ def test_a_real_process_keeps_logs_off_stdout(tmp_path: Path) -> None:
     assert json.loads(run.stdout) == []
     assert "debug [amiforge" in run.stderr
     assert "exit code 0" in log_file.read_text()
+
+
+def test_a_runs_phases_are_logged_at_info_but_never_a_shell_steps_script(tmp_path: Path) -> None:
+    from typing import cast
+
+    from amiforge.lifecycle.runs import run_context
+    from amiforge.providers.interface import PhaseUpdate
+    from amiforge.store.interface import Store
+
+    log_file = tmp_path / "run.log"
+    logs.configure(1, log_file)
+    seen: list[PhaseUpdate] = []
+    # No leftovers, so the store is never asked for anything.
+    with run_context(cast(Store, None), actor="t", ref="web@1", progress=seen.append, log=lambda _l: None) as ctx:
+        ctx.progress(PhaseUpdate("layer 3: shell: export TOKEN=abc123-DO-NOT-LOG", "start", "miss"))
+        ctx.phase_done("layer 3: shell: export TOKEN=abc123-DO-NOT-LOG", 1.25, "miss")
+        ctx.cleanup.callback(lambda: None)
+    logs.end()
+    text = log_file.read_text()
+    assert len(seen) == 2 and "TOKEN" in seen[0].name  # the progress display still gets the real name
+    assert "DO-NOT-LOG" not in text
+    assert "(web@1): layer 3: shell step done: miss (1.2s)" in text
+    assert "started" in text and "cleanup: removing" in text

@@ -45,7 +45,15 @@ HEAVY = (
     "amiforge.settings",
 )
 # Never imported by a read-only command on a registry at the newest schema.
-NOT_FOR_READS = ("boto3", "botocore", "alembic", "cyclonedx", "detect_secrets", "amiforge.lifecycle", "amiforge.scanners")
+NOT_FOR_READS = (
+    "boto3",
+    "botocore",
+    "alembic",
+    "cyclonedx",
+    "detect_secrets",
+    "amiforge.lifecycle",
+    "amiforge.scanners",
+)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -73,7 +73,9 @@ def _logged(progress: Callable[[PhaseUpdate], None], run_id: str, ref: str | Non
     def report(u: PhaseUpdate) -> None:
         seconds = f" ({u.seconds:.1f}s)" if u.seconds is not None else ""
         detail = f": {u.detail}" if u.detail else ""
-        logger.info("run %s (%s): %s %s%s%s", run_id, ref or "-", u.name, u.state, detail, seconds)
+        # A shell step's phase is named after its script's first words, which a log file keeps: not logged.
+        name = u.name.split("shell:", 1)[0] + "shell step" if "shell:" in u.name else u.name
+        logger.info("run %s (%s): %s %s%s%s", run_id, ref or "-", name, u.state, detail, seconds)
         progress(u)
 
     return report
