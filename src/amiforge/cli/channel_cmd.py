@@ -14,7 +14,7 @@ from amiforge.cli.render import generalised_lines, layers_table, leftover_warnin
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.pipeline import PipelineOutcome, run_pipeline
-from amiforge.lifecycle.promote import channel_flags, promote, revoke
+from amiforge.lifecycle.promote import channels_flags, promote, revoke
 from amiforge.lifecycle.scan import finding_json, findings_summary, import_vulndb
 from amiforge.model import check_image_name
 from amiforge.recipe import load_recipe
@@ -73,7 +73,7 @@ def channels_command(
         check_image_name(name, what="--name")
     _, store = open_registry()
     pointers = store.channels(name)
-    rows = [(p, channel_flags(p, store)) for p in pointers]
+    rows = list(zip(pointers, channels_flags(pointers, store), strict=True))
     if as_json:
         emit_json([{**vars(p), "flags": flags} for p, flags in rows])
         return

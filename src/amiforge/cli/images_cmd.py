@@ -7,6 +7,7 @@ from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, human_size, plain
+from amiforge.cli.paging import AllOption, LimitOption, note_more, page_size
 from amiforge.cli.render import generalised_lines, layers_table, report_table, status, version_line
 from amiforge.cli.tables import Col, fit_table
 from amiforge.model import check_image_name
@@ -19,13 +20,19 @@ app = typer.Typer(help="Versions in the registry.", no_args_is_help=True)
 @app.command("list")
 def list_images(
     name: str | None = typer.Option(None, "--name", help="Only versions of this image name."),
+    limit: int | None = LimitOption,
+    show_all: bool = AllOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Every version, newest first: state, digest, size, parent."""
+    """Versions, newest first (the newest 50 unless --limit or --all): state, digest, size, parent."""
     if name is not None:
         check_image_name(name, what="--name")
+    size = page_size(limit, show_all)
     _, store = open_registry()
-    versions = store.list_versions(name)
+    versions = store.list_versions(name, limit=size, summary=True)
+    if size is not None and len(versions) == size:
+        command = "amiforge images list" + (f" --name {name}" if name else "")
+        note_more(len(versions), store.count_versions(name), f"versions of {name}" if name else "versions", command)
     if as_json:
         emit_json(
             [

@@ -9,7 +9,7 @@ unmet gate. Every waiver used is an event.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -32,15 +32,8 @@ def policy_of(settings: Settings) -> Policy:
 
 
 def ancestors(version: ImageVersion, store: Store) -> list[ImageVersion]:
-    chain = []
-    seen = {version.ref}
-    parent = version.parent
-    while parent and parent not in seen:
-        seen.add(parent)
-        v = store.get_version(parent)
-        chain.append(v)
-        parent = v.parent
-    return chain
+    """Parent, grandparent, … nearest first: one query, however deep the history."""
+    return store.ancestry(version.id)
 
 
 def candidate(version: ImageVersion, *, store: Store, settings: Settings) -> Candidate:
@@ -59,7 +52,7 @@ def candidate(version: ImageVersion, *, store: Store, settings: Settings) -> Can
         signature_error=signature_error,
         scanned=scan is not None,
         revoked=version.status == Status.REVOKED,
-        revoked_ancestors=[a.ref for a in ancestors(version, store) if a.status == Status.REVOKED],
+        revoked_ancestors=store.revoked_ancestors([version.id])[version.id],
         entered=store.channel_entries(version.id),
     )
 
@@ -154,12 +147,8 @@ class RevokeOutcome:
 
 
 def descendants(version: ImageVersion, store: Store) -> list[ImageVersion]:
-    """Versions whose ancestry includes `version` (parents are versions of the same image name)."""
-    out = []
-    for v in store.list_versions(version.name):
-        if v.id != version.id and version.ref in {a.ref for a in ancestors(v, store)}:
-            out.append(v)
-    return out
+    """Versions whose ancestry includes `version`, newest first (parents are versions of the same image name)."""
+    return [v for v in store.descendants(version.id) if v.name == version.name]
 
 
 def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> RevokeOutcome:
@@ -189,16 +178,26 @@ def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> Revoke
 
 def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
     """Why a channel pointer needs attention: its version, its rollback version, or an ancestor is revoked."""
-    flags = []
-    for role, ref in (("current", pointer.current), ("rollback", pointer.previous)):
-        if ref is None:
-            continue
-        version = store.get_version(ref)
-        if version.status == Status.REVOKED:
-            flags.append(f"{role} {version.ref} is revoked")
-        flags += [
-            f"{role} {version.ref}: ancestor {a.ref} is revoked"
-            for a in ancestors(version, store)
-            if a.status == Status.REVOKED
-        ]
+    return channels_flags([pointer], store)[0]
+
+
+def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[list[str]]:
+    """`channel_flags` of each pointer, from two reads whatever their number and the depth of their histories."""
+    refs = {ref for p in pointers for ref in (p.current, p.previous) if ref is not None}
+    states = store.version_states(refs)
+    for missing in refs - states.keys():
+        version = store.get_version(missing)  # a ref one read cannot resolve: NotFound names it
+        states[missing] = (version.id, version.status)
+    revoked = store.revoked_ancestors([version_id for version_id, _ in states.values()])
+    flags: list[list[str]] = []
+    for pointer in pointers:
+        mine = []
+        for role, ref in (("current", pointer.current), ("rollback", pointer.previous)):
+            if ref is None:
+                continue
+            version_id, status = states[ref]
+            if status == Status.REVOKED:
+                mine.append(f"{role} {ref} is revoked")
+            mine += [f"{role} {ref}: ancestor {a} is revoked" for a in revoked[version_id]]
+        flags.append(mine)
     return flags

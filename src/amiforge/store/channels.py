@@ -89,7 +89,7 @@ class Channels(StoreCore):
         if channel is not None:
             query = query.where(channels_table.c.channel == channel)
         with self._guard("list channels"), self._read() as conn:
-            return [pointer_from_row(r) for r in conn.execute(query).mappings()]
+            return pointer_from_row.each(conn.execute(query))
 
     def channel_entries(self, version_id: int) -> dict[str, datetime]:
         """channel -> when this version last entered it (for soak times)."""

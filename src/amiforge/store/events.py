@@ -133,7 +133,7 @@ class EventLog(StoreCore):
             # The newest `limit`, fetched newest-first and turned around below.
             query = query.order_by(events_table.c.seq.desc()).limit(max(limit, 0))
         with self._guard("read events"), self._read() as conn:
-            found = [event_from_row(r) for r in conn.execute(query).mappings()]
+            found = event_from_row.each(conn.execute(query))
         return found if limit is None else found[::-1]
 
     def count_events(self, ref: str | None = None, *, before: int | None = None) -> int:

@@ -52,9 +52,9 @@ class Store(Protocol):
         Raises NotFound (or ConfigError if the ref is malformed or the prefix is ambiguous)."""
         ...
 
-    def get_versions(self, refs: Collection[str]) -> dict[str, ImageVersion]:
-        """The versions these NAME@N refs name (ref -> version), in one read, without build log and recipe; a ref
-        naming no version (or not NAME@N) is absent from the result."""
+    def version_states(self, refs: Collection[str]) -> dict[str, tuple[int, Status]]:
+        """(id, status) of the versions these NAME@N refs name, in one read; a ref naming no version (or not NAME@N)
+        is absent from the result."""
         ...
 
     def list_versions(
@@ -73,8 +73,8 @@ class Store(Protocol):
         """Every version baked from this one, from those, … (newest first), in one query; without log and recipe."""
         ...
 
-    def revoked_ancestors(self, version_ids: Collection[int]) -> dict[int, list[ImageVersion]]:
-        """For each id: its ancestors revoked now (nearest first), for any number of versions in one read."""
+    def revoked_ancestors(self, version_ids: Collection[int]) -> dict[int, list[str]]:
+        """For each id: NAME@N of its ancestors revoked now (nearest first), for any number of versions in one read."""
         ...
 
     def latest(self, name: str, statuses: Sequence[Status]) -> ImageVersion | None:

@@ -97,7 +97,7 @@ class Lineage(StoreCore):
             sa.select(*VERSION_SUMMARY).join(up, up.c.id == versions_table.c.id).order_by(versions_table.c.id.desc())
         )
         with self._guard(f"read the ancestry of version {version_id}"), self._read() as conn:
-            return [version_from_row(r) for r in conn.execute(query).mappings()]
+            return version_from_row.each(conn.execute(query))
 
     def descendants(self, version_id: int) -> list[ImageVersion]:
         """Every version baked from this one, from those, … (newest first), in one query; without build log and
@@ -109,18 +109,18 @@ class Lineage(StoreCore):
             .order_by(versions_table.c.id.desc())
         )
         with self._guard(f"read the descendants of version {version_id}"), self._read() as conn:
-            return [version_from_row(r) for r in conn.execute(query).mappings()]
+            return version_from_row.each(conn.execute(query))
 
-    def revoked_ancestors(self, version_ids: Collection[int]) -> dict[int, list[ImageVersion]]:
-        """For each version id: its ancestors that are revoked now, nearest first (without build log and recipe),
-        for any number of versions in one indexed read. Every id given is a key (an empty list: none revoked)."""
+    def revoked_ancestors(self, version_ids: Collection[int]) -> dict[int, list[str]]:
+        """For each version id: NAME@N of its ancestors that are revoked now, nearest first, for any number of
+        versions in one indexed read. Every id given is a key (an empty list: none revoked)."""
         ids = sorted(set(version_ids))
-        found: dict[int, list[ImageVersion]] = {i: [] for i in ids}
+        found: dict[int, list[str]] = {i: [] for i in ids}
         table = revoked_ancestors_table
         with self._guard("read revoked ancestors"), self._read() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 query = (
-                    sa.select(table.c.version_id.label("descendant_id"), *VERSION_SUMMARY)
+                    sa.select(table.c.version_id, versions_table.c.name, versions_table.c.number)
                     .join(versions_table, versions_table.c.id == table.c.ancestor_id)
                     .where(
                         table.c.version_id.in_(ids[start : start + _IN_CHUNK]),
@@ -128,6 +128,6 @@ class Lineage(StoreCore):
                     )
                     .order_by(table.c.version_id, versions_table.c.id.desc())
                 )
-                for row in conn.execute(query).mappings():
-                    found[row["descendant_id"]].append(version_from_row(row))
+                for version_id, name, number in conn.execute(query):
+                    found[version_id].append(f"{name}@{number}")
         return found

@@ -70,7 +70,7 @@ class Operations(StoreCore):
         if kind is not None:
             query = query.where(operations_table.c.kind == kind)
         with self._guard(f"list operations of version {version_id}"), self._read() as conn:
-            return [operation_from_row(r) for r in conn.execute(query.order_by(operations_table.c.id)).mappings()]
+            return operation_from_row.each(conn.execute(query.order_by(operations_table.c.id)))
 
     def _operation_by_id(self, operation_id: int) -> Operation:
         with self._guard(f"read operation {operation_id}"), self._read() as conn:
@@ -129,7 +129,7 @@ class Operations(StoreCore):
             .order_by(rollouts_table.c.id)
         )
         with self._guard("read rollouts"), self._read() as conn:
-            return [rollout_from_row(r) for r in conn.execute(query).mappings()]
+            return rollout_from_row.each(conn.execute(query))
 
     def update_rollout(
         self,
@@ -216,7 +216,7 @@ class Operations(StoreCore):
         table = rollout_replacements_table
         query = sa.select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.id)
         with self._guard(f"list replacements of rollout #{rollout_id}"), self._read() as conn:
-            return [replacement_from_row(r) for r in conn.execute(query).mappings()]
+            return replacement_from_row.each(conn.execute(query))
 
     def add_decision(
         self, rollout_id: int, wave: int, *, passed: bool, action: str, numbers: Mapping[str, object]
@@ -235,4 +235,4 @@ class Operations(StoreCore):
         table = rollout_decisions_table
         query = sa.select(table).where(table.c.rollout_id == rollout_id).order_by(table.c.id)
         with self._guard(f"list decisions of rollout #{rollout_id}"), self._read() as conn:
-            return [decision_from_row(r) for r in conn.execute(query).mappings()]
+            return decision_from_row.each(conn.execute(query))

@@ -1,7 +1,7 @@
 """Rows -> domain values: one generic mapper for every table.
 
-`row_mapper(ImageVersion, "versions", status=Status, …)` returns a function that turns a row (a RowMapping, or any
-mapping of column names) into the dataclass, field by field:
+`row_mapper(ImageVersion, "versions", status=Status, …)` returns a mapper that turns a row (a RowMapping, or any
+mapping of column names; or every row of a result at once, `each`) into the dataclass, field by field:
 
 - a field whose column is in the row takes its value, through the field's converter if one is given;
 - a field with a default may be missing from the row (a listing that leaves the build log out, for example);
@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import sqlalchemy as sa
 
 from amiforge.errors import InfraError
 from amiforge.store.boundary import RESTORE
@@ -39,45 +41,75 @@ class Computed:
     compute: Callable[[Row], Any]
 
 
-def row_mapper(
-    cls: type[T], table: str, *, key: str = "id", **converters: Callable[[Any], Any] | Computed
-) -> Callable[[Row], T]:
-    """A function mapping one row of `table` to `cls` (see the module's docstring)."""
-    fields = dataclasses.fields(cls)
-    names = {f.name for f in fields}
-    unknown = sorted(set(converters) - names)
-    if unknown:
-        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
-    # (field, converter or None, whether the field has a default), decided once.
-    plan = [
-        (
-            f.name,
-            converters.get(f.name),
-            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
-        )
-        for f in fields
-        if f.init
-    ]
+class RowMapper(Generic[T]):
+    """Maps rows of `table` to `cls` (see the module's docstring): call it on one row, or give `each` a whole result
+    (the columns are looked up once for all its rows: the fast path for listings)."""
 
-    def mapped(row: Row) -> T:
+    def __init__(self, cls: type[T], table: str, key: str, converters: Mapping[str, Callable[[Any], Any] | Computed]):
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(converters) - {f.name for f in fields})
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+        self._cls, self._table, self._key = cls, table, key
+        # (field, converter or None, whether the field has a default), decided once.
+        self._plan = [
+            (
+                f.name,
+                converters.get(f.name),
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
+            )
+            for f in fields
+            if f.init
+        ]
+
+    def __call__(self, row: Row) -> T:
         try:
             values: dict[str, Any] = {}
-            for name, convert, optional in plan:
+            for name, convert, optional in self._plan:
                 if isinstance(convert, Computed):
                     values[name] = convert.compute(row)
                 elif name in row:
                     values[name] = row[name] if convert is None else convert(row[name])
                 elif not optional:
                     raise KeyError(f"no column {name!r}")
-            return cls(**values)
+            return self._cls(**values)
         except _DAMAGE as e:
-            raise InfraError(
-                f"the registry's {table} row {key}={row.get(key, '?')} is damaged: {type(e).__name__}: {e}",
-                fix=RESTORE,
-            ) from e
+            raise self._damaged(row.get(self._key, "?"), e) from e
 
-    mapped.__name__ = mapped.__qualname__ = f"{cls.__name__.lower()}_from_row"
-    return mapped
+    def each(self, result: sa.Result[Any]) -> list[T]:
+        """Every row of `result` (a plain result, not `.mappings()`)."""
+        index = {column: i for i, column in enumerate(result.keys())}
+        plan = [(name, index.get(name), convert, optional) for name, convert, optional in self._plan]
+        key = index.get(self._key)
+        cls = self._cls
+        out: list[T] = []
+        for row in result:
+            try:
+                values: dict[str, Any] = {}
+                for name, i, convert, optional in plan:
+                    if isinstance(convert, Computed):
+                        values[name] = convert.compute(row._mapping)
+                    elif i is not None:
+                        values[name] = row[i] if convert is None else convert(row[i])
+                    elif not optional:
+                        raise KeyError(f"no column {name!r}")
+                out.append(cls(**values))
+            except _DAMAGE as e:
+                raise self._damaged("?" if key is None else row[key], e) from e
+        return out
+
+    def _damaged(self, ident: object, error: Exception) -> InfraError:
+        return InfraError(
+            f"the registry's {self._table} row {self._key}={ident} is damaged: {type(error).__name__}: {error}",
+            fix=RESTORE,
+        )
+
+
+def row_mapper(
+    cls: type[T], table: str, *, key: str = "id", **converters: Callable[[Any], Any] | Computed
+) -> RowMapper[T]:
+    """The mapper of `table`'s rows to `cls`; `key` is the column that names a row in damage reports."""
+    return RowMapper(cls, table, key, converters)
 
 
 # --- converters shared by several tables ----------------------------------------------------------------------

@@ -238,4 +238,4 @@ class SupplyChain(StoreCore):
             signatures_table.c.id
         )  # fmt: skip
         with self._guard(f"list signatures of version {version_id}"), self._read() as conn:
-            return [signature_from_row(r) for r in conn.execute(query).mappings()]
+            return signature_from_row.each(conn.execute(query))

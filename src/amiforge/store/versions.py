@@ -7,6 +7,7 @@ time when asked (`limit`, and `before`: the id of the last version of the previo
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -45,7 +46,17 @@ _MIN_PREFIX = 8
 _REF_NAME_AT_N = re.compile(rf"^(?P<name>{IMAGE_NAME_PATTERN})@(?P<number>[1-9][0-9]*)$")
 _REF_CHANNEL = re.compile(rf"^{IMAGE_NAME_PATTERN}:[a-z0-9][a-z0-9-]*$")
 _HEX = re.compile(r"^[0-9a-f]+$")
-_IN_CHUNK = 500  # values per IN (…): far below every database's limit on bound parameters
+# (name, number, id, status) of the versions named by :pairs, a JSON list of [name, number]; SQLite, PostgreSQL.
+_WANTED_VERSIONS = (
+    sa.text(
+        "SELECT v.name, v.number, v.id, v.status FROM json_each(:pairs) AS w JOIN versions AS v "
+        "ON v.name = json_extract(w.value, '$[0]') AND v.number = json_extract(w.value, '$[1]')"
+    ),
+    sa.text(
+        "SELECT v.name, v.number, v.id, v.status FROM jsonb_array_elements(CAST(:pairs AS jsonb)) AS w(value) "
+        "JOIN versions AS v ON v.name = w.value ->> 0 AND v.number = CAST(w.value ->> 1 AS integer)"
+    ),
+)
 
 
 def _checks(value: Any) -> tuple[CheckResult, ...]:
@@ -89,6 +100,17 @@ def _digest_prefix(ref: str) -> str:
             fix=f"use NAME@N or a digest prefix of at least {_MIN_PREFIX} hex characters",
         )
     return hexpart
+
+
+_NEXT_HEX = dict(zip("0123456789abcdef", "123456789abcdefg", strict=True))
+
+
+def _starts_with(column: sa.ColumnElement[str | None], prefix: str) -> sa.ColumnElement[bool]:
+    """`column` starts with `prefix` (lower-case hex at its end), as a range that ix_versions_digest serves: a bare
+    LIKE uses no index (SQLite's LIKE ignores case; PostgreSQL's needs the C collation). The LIKE stays, as the exact
+    test. The bounds are letters and digits only, which every collation orders as their bytes do."""
+    upper = prefix[:-1] + _NEXT_HEX[prefix[-1]]
+    return (column >= prefix) & (column < upper) & column.startswith(prefix)
 
 
 class Versions(StoreCore):
@@ -191,12 +213,12 @@ class Versions(StoreCore):
     def _by_digest_prefix(self, ref: str, prefix: str) -> ImageVersion:
         # Digests may be stored bare or as "sha256:<hex>"; a prefix matches either spelling.
         where = sa.or_(
-            versions_table.c.digest.startswith(prefix),
-            versions_table.c.digest.startswith("sha256:" + prefix),
+            _starts_with(versions_table.c.digest, prefix), _starts_with(versions_table.c.digest, "sha256:" + prefix)
         )
         with self._guard(f"look up {ref}"), self._read() as conn:
-            rows = conn.execute(sa.select(versions_table).where(where).order_by(versions_table.c.id)).mappings().all()
-        found = [version_from_row(r) for r in rows]
+            found = version_from_row.each(
+                conn.execute(sa.select(versions_table).where(where).order_by(versions_table.c.id))
+            )
         if not found:
             raise NotFound(
                 f"no image version has a digest starting with {prefix}",
@@ -210,22 +232,24 @@ class Versions(StoreCore):
             )
         return found[0]
 
-    def get_versions(self, refs: Collection[str]) -> dict[str, ImageVersion]:
-        """The versions these `NAME@N` refs name, in one read, without build log and recipe (as `summary` listings
-        read them). A ref that names no version, or is not NAME@N, is absent from the result."""
+    def version_states(self, refs: Collection[str]) -> dict[str, tuple[int, Status]]:
+        """(id, status) of the versions these `NAME@N` refs name, in one read however many there are. A ref that names
+        no version, or is not NAME@N, is absent from the result."""
         keys: dict[tuple[str, int], str] = {}
         for ref in refs:
             key = name_at_n(ref)
             if key is not None:
                 keys[key] = ref
-        found: dict[str, ImageVersion] = {}
-        pairs = sorted(keys)
+        if not keys:
+            return {}
+        # The wanted (name, number) pairs go in as one JSON parameter, joined to uq_versions_name_number: one index
+        # search per pair, and a statement that costs nothing to compile however many pairs there are (a VALUES list
+        # or an OR per name takes longer to compile than to run).
+        query = _WANTED_VERSIONS[self._engine.dialect.name == "postgresql"]
+        found: dict[str, tuple[int, Status]] = {}
         with self._guard("look up versions"), self._read() as conn:
-            for start in range(0, len(pairs), _IN_CHUNK):
-                where = sa.tuple_(versions_table.c.name, versions_table.c.number).in_(pairs[start : start + _IN_CHUNK])
-                for row in conn.execute(sa.select(*VERSION_SUMMARY).where(where)).mappings():
-                    version = version_from_row(row)
-                    found[keys[(version.name, version.number)]] = version
+            for name, number, version_id, status in conn.execute(query, {"pairs": json.dumps(sorted(keys))}):
+                found[keys[(name, number)]] = (version_id, Status(status))
         return found
 
     def list_versions(
@@ -249,7 +273,7 @@ class Versions(StoreCore):
         if limit is not None:
             query = query.limit(max(limit, 0))
         with self._guard("list versions"), self._read() as conn:
-            return [version_from_row(r) for r in conn.execute(query).mappings()]
+            return version_from_row.each(conn.execute(query))
 
     def count_versions(self, name: str | None = None) -> int:
         """How many versions (of `name`) the registry holds."""
@@ -362,7 +386,7 @@ class Versions(StoreCore):
             sa.select(artifacts_table).where(artifacts_table.c.version_id == version_id).order_by(artifacts_table.c.id)
         )
         with self._guard(f"list the artifacts of version {version_id}"), self._read() as conn:
-            return [artifact_from_row(r) for r in conn.execute(query).mappings()]
+            return artifact_from_row.each(conn.execute(query))
 
     def provider_artifacts(self, provider: str) -> list[tuple[str, Artifact]]:
         query = (
@@ -399,7 +423,7 @@ class Versions(StoreCore):
     def layers(self, version_id: int) -> list[LayerRecord]:
         query = sa.select(layers_table).where(layers_table.c.version_id == version_id).order_by(layers_table.c["index"])
         with self._guard(f"list the layers of version {version_id}"), self._read() as conn:
-            return [layer_from_row(r) for r in conn.execute(query).mappings()]
+            return layer_from_row.each(conn.execute(query))
 
     def add_boot_report(self, version_id: int, report: BootReport) -> BootReport:
         started_at = aware(report.started_at, "started_at")
@@ -427,4 +451,4 @@ class Versions(StoreCore):
             .order_by(boot_reports_table.c.id)
         )
         with self._guard(f"list the boot reports of version {version_id}"), self._read() as conn:
-            return [boot_report_from_row(r) for r in conn.execute(query).mappings()]
+            return boot_report_from_row.each(conn.execute(query))
