@@ -1,0 +1,107 @@
+"""Migration 0006 (lineage and pages) on a registry written under 0005: parent ids and revoked ancestors filled in
+from the rows already there, and a downgrade that gives 0005 back its schema with the data intact."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from amiforge.model import Status
+from amiforge.store.engine import MIGRATIONS_DIR
+from amiforge.store.sql import create_store_engine, open_store
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+# (id, name, number, status, parent) as 0005 stored them.
+VERSIONS = [
+    (1, "web", 1, "signed", None),
+    (2, "web", 2, "revoked", "web@1"),
+    (3, "web", 3, "signed", "web@2"),
+    (4, "web", 4, "built", "web@3"),
+    (5, "web", 5, "signed", "web@1"),  # a second branch from web@1
+    (6, "api", 1, "revoked", None),
+    (7, "api", 2, "built", "api@1"),
+    (8, "api", 3, "built", "api@9"),  # a parent that does not exist
+    (9, "api", 4, "built", " api:dev "),  # not NAME@N
+    (10, "db", 1, "built", "web@4"),  # another image's version
+]
+
+
+def _alembic(engine: sa.Engine, verb: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        getattr(command, verb)(config, revision)
+
+
+def _seed_0005(engine: sa.Engine) -> None:
+    _alembic(engine, "upgrade", "0005")
+    with engine.begin() as conn:
+        for vid, name, number, status, parent in VERSIONS:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO versions (id, name, number, status, recipe_digest, recipe_path, recipe, provider,"
+                    " parent, tags, log, created_at, updated_at) VALUES (:id, :name, :number, :status, 'r', 'r.yaml',"
+                    " '', 'local', :parent, '{}', '', :at, :at)"
+                ),
+                {"id": vid, "name": name, "number": number, "status": status, "parent": parent, "at": AT},
+            )
+        if conn.dialect.name == "postgresql":  # ids were given: the sequence must move past them
+            conn.execute(
+                sa.text("SELECT setval(pg_get_serial_sequence('versions', 'id'), :top)"), {"top": len(VERSIONS)}
+            )
+
+
+def _schema(engine: sa.Engine) -> tuple[set[str], set[str], set[str]]:
+    inspector = sa.inspect(engine)
+    columns = {c["name"] for c in inspector.get_columns("versions")}
+    indexes = {i["name"] or "" for i in inspector.get_indexes("versions")}
+    return columns, indexes, set(inspector.get_table_names())
+
+
+def test_upgrade_fills_in_lineage_and_downgrade_takes_it_away(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        _seed_0005(engine)
+        columns, indexes, tables = _schema(engine)
+        assert "parent_id" not in columns and "revoked_ancestors" not in tables
+        _alembic(engine, "upgrade", "0006")
+
+        columns, indexes, tables = _schema(engine)
+        assert "parent_id" in columns and "revoked_ancestors" in tables
+        assert {"ix_versions_parent_id", "ix_versions_name_id"} <= indexes
+        with engine.connect() as conn:
+            links = {vid: pid for vid, pid in conn.execute(sa.text("SELECT id, parent_id FROM versions"))}
+            reach = sorted(conn.execute(sa.text("SELECT version_id, ancestor_id FROM revoked_ancestors")).all())
+        assert links == {1: None, 2: 1, 3: 2, 4: 3, 5: 1, 6: None, 7: 6, 8: None, 9: None, 10: 4}
+        assert reach == [(3, 2), (4, 2), (7, 6), (10, 2)]
+
+        with open_store(store_url) as store:  # at the head already: opens without migrating
+            assert [v.ref for v in store.ancestry(10)] == ["web@4", "web@3", "web@2", "web@1"]
+            assert store.revoked_ancestors([4, 5, 7, 10]) == {4: ["web@2"], 5: [], 7: ["api@1"], 10: ["web@2"]}
+            # A version made after the migration inherits what it filled in.
+            child = store.create_version(name="db", recipe_digest="r", recipe_path="r.yaml", provider="local",
+                                         tags={}, parent="db@1")  # fmt: skip
+            assert store.revoked_ancestors([child.id]) == {child.id: ["web@2"]}
+            store.transition(child.id, Status.BUILT, expect=Status.BAKING)
+
+        _alembic(engine, "downgrade", "0005")
+        columns, indexes, tables = _schema(engine)
+        assert "parent_id" not in columns and "revoked_ancestors" not in tables
+        assert not {"ix_versions_parent_id", "ix_versions_name_id"} & indexes
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text("SELECT id, parent, status FROM versions ORDER BY id")).all()
+        assert [tuple(r) for r in kept] == [(v[0], v[4], v[3]) for v in VERSIONS] + [(11, "db@1", "built")]
+
+        _alembic(engine, "upgrade", "head")  # and up again: the same links, the same reach
+        with engine.connect() as conn:
+            reach = sorted(conn.execute(sa.text("SELECT version_id, ancestor_id FROM revoked_ancestors")).all())
+            assert conn.execute(sa.text("SELECT parent_id FROM versions WHERE id = 11")).scalar_one() == 10
+        assert reach == [(3, 2), (4, 2), (7, 6), (10, 2), (11, 2)]
+    finally:
+        engine.dispose()
