@@ -28,6 +28,13 @@ bench-startup:
 	scripts/bootstrap.sh
 	.venv/bin/python bench/startup_bench.py --ref $(STARTUP_BEFORE)
 
+# Store reads and read commands on a synthetic registry (100 images × 1,000 versions, 1,000,000 events): SQLite, and
+# PostgreSQL too when AMIFORGE_TEST_POSTGRES_URL is set. REGISTRY_BENCH_ARGS: e.g. --images 10, --db PATH (reuse).
+.PHONY: bench-registry
+bench-registry:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/registry_bench.py $(REGISTRY_BENCH_ARGS)
+
 lint:
 	.venv/bin/ruff format src tests bench
 	.venv/bin/ruff check --fix src tests bench
