@@ -137,6 +137,31 @@ def test_exactly_one_concurrent_transition_wins(pg_url: str) -> None:
     assert sorted(outcomes) == ["lost", "lost", "lost", "won"]
 
 
+def test_a_revocation_racing_new_descendants_reaches_every_one(pg_url: str) -> None:
+    """Creating a version from a parent and revoking an ancestor take one lock: whichever commits first, the new
+    version ends up with the revoked ancestor (the revocation sees it, or it inherits the revocation)."""
+    with open_store(pg_url) as s:
+        root = s.transition(_new(s).id, Status.BUILT, expect=Status.BAKING)
+        s.create_version(name="web", recipe_digest="r", recipe_path="r.yaml", provider="local", tags={},
+                         parent="web@1")  # fmt: skip
+    made: list[int] = []
+
+    def work(i: int) -> None:
+        with open_store(pg_url) as mine:
+            if i == 0:
+                mine.transition(root.id, Status.REVOKED, expect=Status.BUILT)
+                return
+            for _ in range(4):
+                made.append(mine.create_version(name="web", recipe_digest="r", recipe_path="r.yaml", provider="local",
+                                                tags={}, parent="web@2").id)  # fmt: skip
+
+    _in_threads(4, work)
+    with open_store(pg_url) as s:
+        reach = s.revoked_ancestors(made)
+    assert len(made) == 12
+    assert reach == {version_id: ["web@1"] for version_id in made}
+
+
 def test_timestamps_are_utc_whatever_the_session_time_zone(schema: str) -> None:
     url = _with_options(BASE_URL, f"-csearch_path={schema} -cTimeZone=Asia/Tokyo")
     with open_store(url) as s:

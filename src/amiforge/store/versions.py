@@ -108,7 +108,8 @@ _NEXT_HEX = dict(zip("0123456789abcdef", "123456789abcdefg", strict=True))
 def _starts_with(column: sa.ColumnElement[str | None], prefix: str) -> sa.ColumnElement[bool]:
     """`column` starts with `prefix` (lower-case hex at its end), as a range that ix_versions_digest serves: a bare
     LIKE uses no index (SQLite's LIKE ignores case; PostgreSQL's needs the C collation). The LIKE stays, as the exact
-    test. The bounds are letters and digits only, which every collation orders as their bytes do."""
+    test. The two bounds differ only in their last character, a digit or a letter, which every collation orders as
+    its bytes do."""
     upper = prefix[:-1] + _NEXT_HEX[prefix[-1]]
     return (column >= prefix) & (column < upper) & column.startswith(prefix)
 
