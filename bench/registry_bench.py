@@ -6,8 +6,9 @@ or AMIFORGE_TEST_POSTGRES_URL is given (in a private schema, dropped afterwards)
 
 - store reads, each --runs times on varied inputs: get_version (NAME@N, and a digest prefix), one version's events,
   one image's versions page (first, and one further down through the keyset cursor), the newest page of every
-  version with its count, latest, the ancestry of a version 1,000 generations deep, channels with their flags
-  (every pointer's revoked ancestors), the newest page of events with its count;
+  version with its count, latest, the revoked ancestors of a version 1,000 generations deep (promote's gate) and
+  its whole ancestry (1,000 versions: no command reads that much), channels with their flags (every pointer's
+  revoked ancestors), the newest page of events with its count;
 - read commands run in-process (`amiforge.cli.app.main`, output into memory, a --width column terminal), each
   --cli-runs times: images list, images show, channels, events --limit 50, keys list. Interpreter start-up and
   imports are not counted (every command runs twice first); opening the registry is.
@@ -160,8 +161,10 @@ def bench_database(label: str, url: str, args: argparse.Namespace, data_dir: Pat
                         STORE_TARGET_P99_MS)  # fmt: skip
         results.measure("store", "latest(name, built..signed)", n,
                         lambda i: store.latest(names[i % len(names)], BUILT_STATES), STORE_TARGET_P99_MS)  # fmt: skip
-        results.measure("store", f"ancestry of {deepest.ref} (one query)", n, lambda i: store.ancestry(deepest.id),
-                        STORE_TARGET_P99_MS)  # fmt: skip
+        results.measure("store", f"revoked ancestors of {deepest.ref} (promote)", n,
+                        lambda i: store.revoked_ancestors([deepest.id]), STORE_TARGET_P99_MS)  # fmt: skip
+        results.measure("store", f"ancestry of {deepest.ref}: {args.versions} rows", n,
+                        lambda i: store.ancestry(deepest.id), STORE_TARGET_P99_MS)  # fmt: skip
         results.measure("store", "channels with flags (revoked ancestors)", n,
                         lambda i: channels_flags(store.channels(), store), STORE_TARGET_P99_MS)  # fmt: skip
         results.measure("store", "events: newest 50 + count", n,
