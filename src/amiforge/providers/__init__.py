@@ -6,12 +6,19 @@ from collections.abc import Callable, Mapping
 
 from amiforge.errors import ConfigError
 from amiforge.providers.interface import Provider
-from amiforge.providers.local.provider import LocalProvider
 from amiforge.settings import Settings
+
+# Each provider is imported on first use: boto3 costs a third of a second at start-up, the local provider's scanners
+# and QEMU code a tenth; a command that needs neither (or only one) should not pay for them.
+
+
+def _local(settings: Settings) -> Provider:
+    from amiforge.providers.local.provider import LocalProvider
+
+    return LocalProvider(settings)
 
 
 def _aws(settings: Settings) -> Provider:
-    # Imported on use: boto3 costs a third of a second at start-up, which local-only commands should not pay.
     from amiforge.providers.aws.provider import AwsProvider
 
     return AwsProvider(settings)
@@ -19,7 +26,7 @@ def _aws(settings: Settings) -> Provider:
 
 # The closed set of providers, by the `provider.type` a recipe names. No string-import plugin magic.
 PROVIDERS: Mapping[str, Callable[[Settings], Provider]] = {
-    "local": LocalProvider,
+    "local": _local,
     "aws": _aws,
 }
 
