@@ -333,7 +333,7 @@ def spdx_errors(text: str, tmp_path: Path) -> list[str]:
     try:
         document = parse_from_file(str(path))
     except SPDXParsingError as e:
-        return [f"parse: {m}" for m in e.get_messages()]
+        return [f"parse: {m}" for m in e.messages]
     return [f"{m.context.spdx_id or ''}: {m.validation_message}" for m in validate_full_spdx_document(document)]
 
 
@@ -380,14 +380,14 @@ def test_sboms_of_real_inventories_pass_their_ecosystems_validators(
     inventory: Callable[[], list[Package]], tmp_path: Path
 ) -> None:
     packages = inventory()
-    args = {"image_name": "web", "image_version": "12", "digest": "sha256:" + DIGEST, "timestamp": TS}
+    image = {"image_name": "web", "image_version": "12", "digest": "sha256:" + DIGEST}
 
-    spdx = spdx_sbom(packages, **args)
+    spdx = spdx_sbom(packages, **image, timestamp=TS)
     assert spdx_errors(spdx, tmp_path) == []
     spdx_doc = json.loads(spdx)
     assert len(spdx_doc["packages"]) == len(set(packages)) + 1  # the image and each package
 
-    cdx = cyclonedx_sbom(packages, **args)
+    cdx = cyclonedx_sbom(packages, **image, timestamp=TS)
     assert cyclonedx_errors(cdx) is None
     cdx_doc = json.loads(cdx)
     assert {c["purl"] for c in cdx_doc["components"]} == {purl(p) for p in packages}

@@ -504,14 +504,14 @@ def test_statement_bytes_are_unchanged_from_before_rfc8785() -> None:
     assert canonical_statement(manifest_from_statement(opened)) == payload
 
 
-_json_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_json_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 _manifest_like = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _json_text,
     lambda inner: (
         st.lists(inner, max_size=4)
         # Names within the Basic Multilingual Plane: there UTF-16 order is code-point order (RFC 8785 §3.2.3).
         | st.dictionaries(
-            st.text(st.characters(max_codepoint=0xFFFF, blacklist_categories=("Cs",)), max_size=6), inner, max_size=4
+            st.text(st.characters(max_codepoint=0xFFFF, exclude_categories=["Cs"]), max_size=6), inner, max_size=4
         )
     ),
     max_leaves=20,
