@@ -40,3 +40,4 @@ lint:
 	.venv/bin/ruff check --fix src tests bench
 	.venv/bin/mypy src
 	.venv/bin/mypy tests
+	.venv/bin/lint-imports

@@ -14,6 +14,7 @@ if [ -z "${AMIFORGE_SKIP_LINT:-}" ]; then  # set it to iterate on tests alone
     echo "== ruff"; $V/ruff format --check src tests bench; $V/ruff check src tests bench
     echo "== mypy --strict src"; $V/mypy src
     echo "== mypy --strict tests"; $V/mypy tests
+    echo "== import-linter: the floors (docs/architecture.md §2)"; $V/lint-imports
 fi
 
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
