@@ -24,8 +24,8 @@ import sqlalchemy as sa
 
 import amiforge.cli
 from amiforge.cli import app as app_module
-from amiforge.cli.common import _schema_is_current, migration_head
 from amiforge.store import sql
+from amiforge.store.engine import migration_head, schema_is_current
 
 # Never imported by `import amiforge.cli.app` or `amiforge --help`.
 HEAVY = (
@@ -160,11 +160,11 @@ def test_the_schema_check_says_current_only_at_the_newest_revision(tmp_path: Pat
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     engine = sql.create_store_engine(url)
     try:
-        assert not _schema_is_current(engine)  # no schema at all
+        assert not schema_is_current(engine)  # no schema at all
         sql.migrate(engine)
-        assert _schema_is_current(engine)
+        assert schema_is_current(engine)
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
-        assert not _schema_is_current(engine)  # behind: open_store migrates
+        assert not schema_is_current(engine)  # behind: open_store migrates
     finally:
         engine.dispose()

@@ -6,10 +6,7 @@ registry (SQLAlchemy) are imported when a command opens them, and alembic only w
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,8 +15,6 @@ import typer
 from amiforge.cli import logs
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
     from amiforge.settings import Settings
     from amiforge.store.sql import SqlStore
 
@@ -68,66 +63,7 @@ def open_registry() -> tuple[Settings, SqlStore]:
 
 
 def _open_store(url: str) -> SqlStore:
-    """The registry at `url`; a schema at the newest migration opens without alembic (it costs a fifth of a second
-    to import), otherwise `open_store` migrates it."""
+    """The registry at `url`; alembic is imported only when its schema is behind (store/engine.py `migrate`)."""
     from amiforge.store import sql
 
-    engine = sql.create_store_engine(url)
-    try:
-        current = _schema_is_current(engine)
-    except BaseException:
-        engine.dispose()
-        raise
-    if current:
-        return sql.SqlStore(engine)
-    engine.dispose()
-    logger.info("registry schema is behind (or new): migrating")
     return sql.open_store(url)
-
-
-def _schema_is_current(engine: Engine) -> bool:
-    """Whether the registry's schema is at the newest migration this amiforge ships, read with one SELECT and no
-    write lock. False when unsure (no schema yet, an unreadable database, migrations this check cannot read):
-    open_store then decides, and reports any failure properly."""
-    import sqlalchemy as sa
-
-    head = migration_head()
-    if head is None:
-        return False
-    try:
-        with engine.connect() as conn, conn.begin():
-            revisions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
-    except sa.exc.SQLAlchemyError as e:
-        logger.debug("schema version not readable directly (%s): open_store decides", type(e).__name__)
-        return False
-    return list(revisions) == [head]
-
-
-_REVISION = re.compile(r"^revision\s*(?::[^=]*)?=\s*[\"']([^\"']+)[\"']\s*$", re.MULTILINE)
-_DOWN_REVISION = re.compile(r"^down_revision\s*(?::[^=]*)?=\s*(?:[\"']([^\"']+)[\"']|None)\s*$", re.MULTILINE)
-
-
-@functools.cache
-def migration_head() -> str | None:
-    """The newest revision among the migration scripts, read from their `revision = "…"` and `down_revision = "…"`
-    lines; None unless every script has exactly one of each and they form one chain with one head (a merge or an
-    unusual script: alembic decides instead). tests/unit/test_startup.py compares it with alembic's own answer."""
-    try:
-        folder = resources.files("amiforge.store.migrations") / "versions"
-        scripts = [p for p in folder.iterdir() if p.name.endswith(".py") and p.name != "__init__.py"]
-        texts = [p.read_text(encoding="utf-8") for p in scripts]
-    except (OSError, ModuleNotFoundError):
-        return None
-    revisions: set[str] = set()
-    downs: set[str] = set()
-    for text in texts:
-        revision, down = _REVISION.findall(text), _DOWN_REVISION.findall(text)
-        if len(revision) != 1 or len(down) != 1:
-            return None
-        revisions.add(revision[0])
-        if down[0]:
-            downs.add(down[0])
-    heads = revisions - downs
-    if len(revisions) != len(texts) or not downs <= revisions or len(heads) != 1:
-        return None
-    return heads.pop()
