@@ -30,9 +30,10 @@ import amiforge.providers
 from amiforge.errors import ConfigError, GateFailed, StateError
 from amiforge.lifecycle.boottest import boot_test
 from amiforge.lifecycle.pipeline import run_pipeline
-from amiforge.lifecycle.promote import channel_flags, promote, revoke
+from amiforge.lifecycle.promote import promote, revoke
 from amiforge.lifecycle.scan import import_vulndb, scan, scan_gate
 from amiforge.lifecycle.sign import manifest_of, sign, trust_key, verify
+from amiforge.lifecycle.views import channel_flags
 from amiforge.model import (
     Artifact,
     BootReport,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -13,11 +14,11 @@ from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.render import generalised_lines, layers_table, leftover_warnings, report_table, version_line
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError
-from amiforge.lifecycle.pipeline import PipelineOutcome, run_pipeline
-from amiforge.lifecycle.promote import channels_flags, promote, revoke
-from amiforge.lifecycle.scan import finding_json, findings_summary, import_vulndb
+from amiforge.lifecycle.views import channels_flags, finding_json, findings_summary
 from amiforge.model import check_image_name
-from amiforge.recipe import load_recipe
+
+if TYPE_CHECKING:
+    from amiforge.lifecycle.pipeline import PipelineOutcome
 
 pipeline_app = typer.Typer(help="The whole pipeline in one command.", no_args_is_help=True)
 
@@ -30,6 +31,8 @@ def promote_command(
 ) -> None:
     """Move a channel to the version if every gate of the policy passes; else exit 4 listing every unmet gate."""
     settings, store = open_registry()
+    from amiforge.lifecycle.promote import promote  # the gates and providers load for the commands that move things
+
     outcome = promote(ref, channel, store=store, settings=settings, reason=reason)
     if as_json:
         emit_json(
@@ -104,6 +107,8 @@ def revoke_command(
 ) -> None:
     """Revoke a version: never promoted or verified again; channels holding it, and its descendants, are flagged."""
     settings, store = open_registry()
+    from amiforge.lifecycle.promote import revoke
+
     outcome = revoke(ref, store=store, settings=settings, reason=reason)
     if as_json:
         emit_json(
@@ -125,6 +130,9 @@ def revoke_command(
 
 
 def _pipeline(recipe: Path, promote_to: str | None, as_json: bool) -> PipelineOutcome:
+    from amiforge.lifecycle.pipeline import run_pipeline
+    from amiforge.recipe import load_recipe
+
     loaded = load_recipe(recipe)
     settings, store = open_registry()
     total = len(loaded.steps) + 7 + (1 if promote_to else 0)
@@ -200,6 +208,8 @@ def demo(
     path = recipe or _demo_recipe()
     if vulndb is not None:
         settings, store = open_registry()
+        from amiforge.lifecycle.scan import import_vulndb
+
         import_vulndb(vulndb, store=store, actor=settings.actor)
     outcome = _pipeline(path, "dev", as_json)
     if as_json:

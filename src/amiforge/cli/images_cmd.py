@@ -84,9 +84,7 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """One version: state, digests, artifacts, layers (hit/miss), boot reports and its events."""
-    from amiforge.lifecycle.bake import generalised_of
-    from amiforge.lifecycle.gc import leftovers_of
-    from amiforge.lifecycle.scan import findings_summary
+    from amiforge.lifecycle.views import findings_summary, generalised_of, leftovers_of
 
     _, store = open_registry()
     v = store.get_version(ref)
@@ -179,7 +177,7 @@ def diff_command(
 ) -> None:
     """Packages added/removed/up/downgraded, CVEs fixed and introduced, secrets, and size, between two scans."""
     from amiforge.lifecycle.diff import diff
-    from amiforge.lifecycle.scan import finding_json
+    from amiforge.lifecycle.views import finding_json
 
     _, store = open_registry()
     d = diff(old, new, store=store)

@@ -31,7 +31,8 @@ def scan_command(
     """SBOM, CVEs, secrets and residue of a version, read from its artifact without booting it (exit 4 if the
     findings fail the entry channel's gate)."""
     from amiforge.lifecycle.promote import policy_of
-    from amiforge.lifecycle.scan import finding_json, scan, scan_gate
+    from amiforge.lifecycle.scan import scan, scan_gate
+    from amiforge.lifecycle.views import finding_json
 
     settings, store = open_registry()
     outcome = scan(ref, store=store, settings=settings, reports=reports)
@@ -154,7 +155,7 @@ def vulndb_status(as_json: bool = JsonOption) -> None:
     if as_json:
         emit_json({"advisories": store.advisory_count(), "imports": imports, "age_days": age})
         return
-    from amiforge.lifecycle.scan import vulndb_label
+    from amiforge.lifecycle.views import vulndb_label
 
     console.print(escape(vulndb_label(store)))
     if age is not None:

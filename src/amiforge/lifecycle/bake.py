@@ -3,12 +3,12 @@ leaves a `failed` version with its log, and nothing temporary behind (RunContext
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from amiforge.lifecycle.boottest import TestOutcome, boot_test
 from amiforge.lifecycle.runs import run_context
-from amiforge.model import BootReport, Event, ImageVersion, LayerRecord, Leftover, RemovedFile, Status
+from amiforge.model import BootReport, ImageVersion, LayerRecord, Leftover, RemovedFile, Status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Recipe, recipe_digest
@@ -109,12 +109,3 @@ def bake(
             e.add_note(leftover.describe())
         raise
     return replace(outcome, version=tested.version, report=tested.report, orphaned=outcome.orphaned + tested.orphaned)
-
-
-def generalised_of(events: Iterable[Event]) -> tuple[RemovedFile, ...]:
-    """What generalisation removed in the version's last bake, as its `bake.built` event recorded it."""
-    built = next((e for e in reversed(list(events)) if e.kind == "bake.built"), None)
-    items = built.data.get("generalised") if built is not None else None
-    if not isinstance(items, list):
-        return ()  # not built, or built before generalisation reported what it removed
-    return tuple(RemovedFile(str(i.get("path")), str(i.get("kind"))) for i in items if isinstance(i, dict))

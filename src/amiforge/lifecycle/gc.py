@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from amiforge.errors import AmiforgeError, ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.boottest import provider_spec_of
 from amiforge.lifecycle.runs import recorded_leftovers
-from amiforge.model import Event, Leftover, check_aws_region
+from amiforge.model import Event, check_aws_region
 from amiforge.providers import provider_for
 from amiforge.providers.interface import LOCAL_GC_REGION as LOCAL
 from amiforge.providers.interface import Collector, GcPlan, GcResult, RunState
@@ -179,30 +179,6 @@ def gc(
             },
         )
     return GcOutcome([p for _, p in plans], results, applied=True, failures=failures)
-
-
-def leftovers_of(store: Store, events: Sequence[Event]) -> list[tuple[Leftover, bool]]:
-    """Each leftover a version's `events` recorded, and whether gc has removed it since (it stays part of the
-    version's history, marked as removed). The whole log is read only when there are leftovers to look up."""
-    recorded = [leftover for _, leftover in recorded_leftovers(events)]
-    gone = collected(store.events()) if recorded else set()
-    return [(leftover, _key_of(leftover) in gone) for leftover in recorded]
-
-
-def _key_of(leftover: Leftover) -> str:
-    # A directory is named by its whole path (which may hold spaces); a cloud resource by its id, then its region.
-    return leftover.where if leftover.what == "temporary directory" else leftover.where.split(" ", 1)[0]
-
-
-def collected(events: Iterable[Event]) -> set[str]:
-    """Ids (paths, instance, image, snapshot and volume ids) gc has removed, or found gone, according to the log."""
-    ids: set[str] = set()
-    for event in events:
-        outcomes = event.data.get("outcomes") if event.kind == "gc.applied" else None
-        for o in outcomes if isinstance(outcomes, list) else []:
-            if isinstance(o, dict) and o.get("outcome") in ("deleted", "gone"):
-                ids.add(str(o.get("id")))
-    return ids
 
 
 def _run_of(event: Event) -> str | None:

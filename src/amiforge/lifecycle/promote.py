@@ -9,7 +9,7 @@ unmet gate. Every waiver used is an event.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -174,30 +174,3 @@ def revoke(ref: str, *, store: Store, settings: Settings, reason: str) -> Revoke
             "version.flagged", actor=settings.actor, ref=child.ref, data={"because": f"ancestor {version.ref} revoked"}
         )
     return RevokeOutcome(version, flagged, [c.ref for c in children])
-
-
-def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
-    """Why a channel pointer needs attention: its version, its rollback version, or an ancestor is revoked."""
-    return channels_flags([pointer], store)[0]
-
-
-def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[list[str]]:
-    """`channel_flags` of each pointer, from two reads whatever their number and the depth of their histories."""
-    refs = {ref for p in pointers for ref in (p.current, p.previous) if ref is not None}
-    states = store.version_states(refs)
-    for missing in refs - states.keys():
-        version = store.get_version(missing)  # a ref one read cannot resolve: NotFound names it
-        states[missing] = (version.id, version.status)
-    revoked = store.revoked_ancestors([version_id for version_id, _ in states.values()])
-    flags: list[list[str]] = []
-    for pointer in pointers:
-        mine = []
-        for role, ref in (("current", pointer.current), ("rollback", pointer.previous)):
-            if ref is None:
-                continue
-            version_id, status = states[ref]
-            if status == Status.REVOKED:
-                mine.append(f"{role} {ref} is revoked")
-            mine += [f"{role} {ref}: ancestor {a} is revoked" for a in revoked[version_id]]
-        flags.append(mine)
-    return flags

@@ -8,8 +8,6 @@ first channel) says what they mean, and `scan` reports it without changing the v
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 from amiforge.errors import NotFound
 from amiforge.lifecycle.boottest import baked_value
 from amiforge.lifecycle.runs import new_run_id, record_leftovers
+from amiforge.lifecycle.views import findings_summary, vulndb_label
 from amiforge.model import Finding, ImageVersion, Leftover, ScanRecord, Status, VulnDbImport, require_status
 from amiforge.policy import Candidate, GateDecision, Policy, evaluate
 from amiforge.providers import provider_for
@@ -52,21 +51,6 @@ def expected_authorized_keys(version: ImageVersion) -> list[str]:
             home = "/root" if user["name"] == "root" else f"/home/{user['name']}"
             paths.append(f"{home}/.ssh/authorized_keys")
     return paths
-
-
-def findings_summary(findings: list[Finding] | tuple[Finding, ...]) -> dict[str, int]:
-    """kind -> count and cve:<severity> -> count: what a manifest and a diff show."""
-    counts: Counter[str] = Counter(f.kind.value for f in findings)
-    counts.update(f"cve:{f.severity.value}" for f in findings if f.kind.value == "cve")
-    return dict(sorted(counts.items()))
-
-
-def vulndb_label(store: Store) -> str:
-    imports = store.vulndb_imports()
-    if not imports:
-        return "no advisories imported (amiforge vulndb import PATH)"
-    last = imports[-1]
-    return f"{store.advisory_count()} advisories; last import #{last.id} {last.imported_at:%Y-%m-%d} from {last.source}"
 
 
 def scan(
@@ -115,18 +99,6 @@ def scan(
     )
     record_leftovers(store, view.leftovers, actor=actor or settings.actor, ref=version.ref, run_id=run_id)
     return ScanOutcome(version, record, tuple(view.leftovers))
-
-
-def finding_json(f: Finding) -> Mapping[str, object]:
-    """The JSON contract other tools read: kind, id, severity, and package or path, plus the rest."""
-    data: dict[str, object] = {"kind": f.kind.value, "id": f.id, "severity": f.severity.value, "title": f.title}
-    for key in ("package", "installed", "fixed", "path", "line", "redacted", "source"):
-        value = getattr(f, key)
-        if value is not None:
-            data[key] = value
-    if f.aliases:
-        data["aliases"] = list(f.aliases)
-    return data
 
 
 def import_vulndb(path: Path, *, store: Store, actor: str) -> VulnDbImport:

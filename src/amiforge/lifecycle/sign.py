@@ -16,7 +16,7 @@ from pathlib import Path
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure
 from amiforge.lifecycle.runs import recorded_copies
-from amiforge.lifecycle.scan import findings_summary
+from amiforge.lifecycle.views import findings_summary
 from amiforge.model import (
     Artifact,
     ImageVersion,

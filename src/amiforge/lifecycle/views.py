@@ -1,0 +1,107 @@
+"""Read-only views of the registry that commands (and, later, the web console) show: summaries, flags and histories
+computed from what the store holds. Nothing here writes, and nothing here imports a provider, a scanner or the
+policy engine, so a read command stays quick to start."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from amiforge.lifecycle.runs import recorded_leftovers
+from amiforge.model import ChannelPointer, Event, Finding, Leftover, RemovedFile, Status
+from amiforge.store.interface import Store
+
+# --- a version's findings ------------------------------------------------------------------------------------------
+
+
+def findings_summary(findings: list[Finding] | tuple[Finding, ...]) -> dict[str, int]:
+    """kind -> count and cve:<severity> -> count: what a manifest and a diff show."""
+    counts: Counter[str] = Counter(f.kind.value for f in findings)
+    counts.update(f"cve:{f.severity.value}" for f in findings if f.kind.value == "cve")
+    return dict(sorted(counts.items()))
+
+
+def vulndb_label(store: Store) -> str:
+    imports = store.vulndb_imports()
+    if not imports:
+        return "no advisories imported (amiforge vulndb import PATH)"
+    last = imports[-1]
+    return f"{store.advisory_count()} advisories; last import #{last.id} {last.imported_at:%Y-%m-%d} from {last.source}"
+
+
+def finding_json(f: Finding) -> Mapping[str, object]:
+    """The JSON contract other tools read: kind, id, severity, and package or path, plus the rest."""
+    data: dict[str, object] = {"kind": f.kind.value, "id": f.id, "severity": f.severity.value, "title": f.title}
+    for key in ("package", "installed", "fixed", "path", "line", "redacted", "source"):
+        value = getattr(f, key)
+        if value is not None:
+            data[key] = value
+    if f.aliases:
+        data["aliases"] = list(f.aliases)
+    return data
+
+
+# --- a version's history ------------------------------------------------------------------------------------------
+
+
+def generalised_of(events: Iterable[Event]) -> tuple[RemovedFile, ...]:
+    """What generalisation removed in the version's last bake, as its `bake.built` event recorded it."""
+    built = next((e for e in reversed(list(events)) if e.kind == "bake.built"), None)
+    items = built.data.get("generalised") if built is not None else None
+    if not isinstance(items, list):
+        return ()  # not built, or built before generalisation reported what it removed
+    return tuple(RemovedFile(str(i.get("path")), str(i.get("kind"))) for i in items if isinstance(i, dict))
+
+
+def leftovers_of(store: Store, events: Sequence[Event]) -> list[tuple[Leftover, bool]]:
+    """Each leftover a version's `events` recorded, and whether gc has removed it since (it stays part of the
+    version's history, marked as removed). The whole log is read only when there are leftovers to look up."""
+    recorded = [leftover for _, leftover in recorded_leftovers(events)]
+    gone = collected(store.events()) if recorded else set()
+    return [(leftover, _collected_key(leftover) in gone) for leftover in recorded]
+
+
+def _collected_key(leftover: Leftover) -> str:
+    # A directory is named by its whole path (which may hold spaces); a cloud resource by its id, then its region.
+    return leftover.where if leftover.what == "temporary directory" else leftover.where.split(" ", 1)[0]
+
+
+def collected(events: Iterable[Event]) -> set[str]:
+    """Ids (paths, instance, image, snapshot and volume ids) gc has removed, or found gone, according to the log."""
+    ids: set[str] = set()
+    for event in events:
+        outcomes = event.data.get("outcomes") if event.kind == "gc.applied" else None
+        for o in outcomes if isinstance(outcomes, list) else []:
+            if isinstance(o, dict) and o.get("outcome") in ("deleted", "gone"):
+                ids.add(str(o.get("id")))
+    return ids
+
+
+# --- channels ------------------------------------------------------------------------------------------------------
+
+
+def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
+    """Why a channel pointer needs attention: its version, its rollback version, or an ancestor is revoked."""
+    return channels_flags([pointer], store)[0]
+
+
+def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[list[str]]:
+    """`channel_flags` of each pointer, from two reads whatever their number and the depth of their histories."""
+    refs = {ref for p in pointers for ref in (p.current, p.previous) if ref is not None}
+    states = store.version_states(refs)
+    for missing in refs - states.keys():
+        version = store.get_version(missing)  # a ref one read cannot resolve: NotFound names it
+        states[missing] = (version.id, version.status)
+    revoked = store.revoked_ancestors([version_id for version_id, _ in states.values()])
+    flags: list[list[str]] = []
+    for pointer in pointers:
+        mine = []
+        for role, ref in (("current", pointer.current), ("rollback", pointer.previous)):
+            if ref is None:
+                continue
+            version_id, status = states[ref]
+            if status == Status.REVOKED:
+                mine.append(f"{role} {ref} is revoked")
+            mine += [f"{role} {ref}: ancestor {a} is revoked" for a in revoked[version_id]]
+        flags.append(mine)
+    return flags
