@@ -132,7 +132,7 @@ def sample_refs(engine: sa.Engine, rng: random.Random, n: int) -> list[tuple[int
 
 def bench_database(label: str, url: str, args: argparse.Namespace, data_dir: Path) -> Results:
     from amiforge.lifecycle.bake import BUILT_STATES
-    from amiforge.lifecycle.promote import channels_flags
+    from amiforge.lifecycle.views import channels_flags
     from amiforge.store.sql import open_store
 
     results = Results(label)
