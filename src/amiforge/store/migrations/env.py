@@ -1,6 +1,6 @@
 """Alembic environment for the registry schema.
 
-`amiforge.store.sql.migrate()` hands over its own connection (already inside a transaction, holding the
+`amiforge.store.engine.migrate()` hands over its own connection (already inside a transaction, holding the
 migration lock) in `config.attributes["connection"]`. The alembic CLI, for writing new revisions, goes through
 `alembic.ini` beside this file and builds a connection from `sqlalchemy.url` the same way the store does.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from amiforge.store.engine import create_store_engine
 from amiforge.store.schema import metadata
-from amiforge.store.sql import create_store_engine
 
 config = context.config
 
