@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from amiforge.errors import InfraError
-from amiforge.providers.local.base import guest_file
+from amiforge.providers.guest import guest_file
 from amiforge.providers.local.initrd import (
     ROOT_MODULES,
     NewcArchive,

@@ -518,3 +518,28 @@ def test_parse_generalised_keeps_path_and_kind_once_each() -> None:
         "AMIFORGE-GENERALISED netrc\t",
     ]
     assert parse_generalised(lines) == (RemovedFile("/root/.bash_history", "shell history"),)
+
+
+def test_a_shell_steps_script_never_reaches_the_debug_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amiforge.cli import logs
+    from amiforge.providers.local import tools
+
+    recipe = _recipe(tmp_path, _steps_yaml({"shell": "export API_TOKEN=TEST-0001-DO-NOT-LOG && true"}))
+    plan = plan_layers(BASE, recipe.steps, recipe.folder, "web")[0]
+
+    def chroot_running_a_real_tool(*, what: str, **_kw: object) -> None:
+        tools.run(["true"], what=what)  # the host-tool runner logs what it runs at DEBUG
+
+    monkeypatch.setattr(layers, "run_in_chroot", chroot_running_a_real_tool)
+    log_file = tmp_path / "bake.log"
+    logs.configure(2, log_file)
+    try:
+        progress = _Progress()
+        with Cleanups() as stack:
+            ensure_layer(plan, [tmp_path / "base"], tmp_path / "cache", recipe.folder, "web", _ctx(stack, progress, []))
+    finally:
+        logs.end()
+    text = log_file.read_text()
+    assert "layer 1 (shell step)" in text  # the run was logged…
+    assert "DO-NOT-LOG" not in text and "API_TOKEN" not in text  # …without its script
+    assert "API_TOKEN" in progress.updates[0].name  # the person watching the bake still sees which step runs

@@ -14,10 +14,18 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from amiforge.model import CheckResult, RemovedFile
 from amiforge.recipe import Checks, FileStep, PackagesStep, ServiceStep, ShellStep, Step, UserStep, stage_source
+
+
+def guest_file(name: str) -> bytes:
+    """A file amiforge installs into every image (providers/guest_files/): the readiness unit and script, the
+    host-key unit, and the local provider's initrd init."""
+    return resources.files("amiforge.providers.guest_files").joinpath(name).read_bytes()
+
 
 # --- readiness and framed results on the console ----------------------------------------------------------
 

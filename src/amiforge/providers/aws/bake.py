@@ -23,7 +23,6 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, TypeVar
 
 from amiforge.awsapi.clients import AwsSession, call
@@ -37,6 +36,7 @@ from amiforge.providers.guest import (
     STEP_TIMEOUT,
     GuestCheck,
     guest_checks,
+    guest_file,
     guest_results,
     guest_script,
     parse_generalised,
@@ -201,9 +201,8 @@ def _run_step(
 
 
 def _install_ready_unit(machine: Machine, ctx: RunContext) -> None:
-    guest = resources.files("amiforge.providers.local.guest")
     for name, dest, mode in _READY_FILES:
-        machine.put_file(dest, guest.joinpath(name).read_bytes(), mode)
+        machine.put_file(dest, guest_file(name), mode)
     _run_script(machine, "set -e\nsystemctl enable amiforge-ready.service\n", "readiness unit", ctx, 120)
 
 

@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from amiforge.providers.guest import guest_file
 from amiforge.providers.interface import RunContext
 from amiforge.providers.local.tools import cached_size, publish_cache_entry, require, run, temporary_dir
 
@@ -92,10 +92,6 @@ class BaseSpec:
 
     def includes(self) -> list[str]:
         return sorted(set(BASE_PACKAGES) | set(self.packages))
-
-
-def guest_file(name: str) -> bytes:
-    return resources.files("amiforge.providers.local.guest").joinpath(name).read_bytes()
 
 
 def _mmdebstrap_version() -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from amiforge.errors import InfraError
 from amiforge.imagefs import inside, read_inside
-from amiforge.providers.local.base import guest_file
+from amiforge.providers.guest import guest_file
 from amiforge.providers.local.tools import STATIC_BUSYBOX, require
 
 # What the initrd must load to see the root disk; their dependencies are added from modules.dep.

@@ -118,7 +118,9 @@ def ensure_layer(
         command=["/bin/sh", "/run/amiforge/step.sh"],
         log=log,
         timeout=STEP_TIMEOUT,
-        what=name,
+        # Named by kind, never by its description: a shell step's starts with its script, and this name reaches
+        # the debug log and error messages.
+        what=f"layer {plan.index} ({plan.step.kind if plan.step is not None else 'generalise'} step)",
         drop_resolv_conf=plan.step is None,
     )
     for d in ("work", "merged", "stage"):
