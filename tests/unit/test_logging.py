@@ -26,6 +26,7 @@ from moto import mock_aws
 
 from amiforge.awsapi.clients import AwsSession
 from amiforge.cli import logs
+from amiforge.errors import ConfigError
 from amiforge.signing.kms import KmsSigner
 from tests.cli_harness import Cli, isolate, make_cli
 
@@ -199,6 +200,58 @@ def test_redaction_of_what_a_message_might_quote() -> None:
     # Digests, ids and paths are what logs are for: left alone.
     for kept in ("sha256 " + "ab" * 32, "da39a3ee5e6b4b0d3255bfef95601890afd80709", "/home/User/projects/amiforge/x"):
         assert logs.redact(kept) == kept
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA"),
+        ("authorization=AWS4-HMAC-SHA256 Credential=TEST0001/20261206", "TEST0001"),
+        ("export SECRET=TESTwJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKE", "TESTwJalr"),
+        ("aws_secret_key=TESTwJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKE", "TESTwJalr"),
+        ("store postgresql+psycopg://amiforge:pa/ss:w@rd@db.internal:5432/amiforge", "pa/ss"),
+        (
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nTESTb3BlbnNzaC1rZXktdjEAAAA\n-----END OPENSSH PRIVATE KEY-----",
+            "TESTb3Blbn",
+        ),
+        ("token: TEST-0001-tok", "TEST-0001-tok"),
+        ('{"api_key": "TEST-0001-key"}', "TEST-0001-key"),
+        ("DB_PASS=TEST-hunter2", "TEST-hunter2"),
+        ("client_secret: TEST-0001-cs", "TEST-0001-cs"),
+    ],
+)
+def test_redaction_table(text: str, secret: str) -> None:
+    assert secret not in logs.redact(text)
+    assert logs.REDACTED in logs.redact(text)
+
+
+def test_what_logs_are_for_is_not_redacted() -> None:
+    for kept in (
+        "rollout 3 wave 2: token r3-w1-0 replaces g-12345678",
+        "ami-0000000000test01 in eu-west-1",
+        "arn:aws:iam::123456789012:role/amiforge",
+        "postgresql+psycopg://amiforge@db.internal:5432/amiforge",
+    ):
+        assert logs.redact(kept) == kept  # a bare word "token" is not a key, a URL without a password has none
+
+
+def test_a_log_file_is_never_reached_through_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.log"
+    target.write_text("")
+    link = tmp_path / "run.log"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        logs.open_log_file(link)
+    assert target.read_text() == ""
+
+
+def test_an_existing_log_file_of_ours_becomes_0600(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    path.write_text("earlier\n")
+    path.chmod(0o644)
+    logs.open_log_file(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == "earlier\n"  # appended to, never truncated
 
 
 # --- from the command line -----------------------------------------------------------------------------------

@@ -43,30 +43,47 @@ _FIX = "name a file in an existing folder you can write to, e.g. --log-file ./am
 REDACTED = "[redacted]"
 
 
+# A key whose value is a credential: password, passwd, pass, secret (client_secret, secret_access_key…), any
+# token (session_token, api_token…), api keys, private keys and credentials.
+_SECRET_KEY = (
+    r"[\w.-]*(?:passw(?:or)?d|\bpass\b|_pass\b|secret|token|api[_-]?key|apikey|private[_-]?key|credential)[\w.-]*"
+)
+
+
 @functools.cache
 def _patterns() -> tuple[tuple[re.Pattern[str], bool], ...]:
     """What redact() replaces, as (pattern, keep its `head` group); compiled on first use, not at start-up."""
     return (
-        # `scheme://user:password@host`: the password goes (a PostgreSQL store URL, a proxy URL).
-        (re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^\s:/@]*:)(?P<secret>[^\s@/]+)(?=@)", re.IGNORECASE), True),
-        # An HTTP bearer token (a header quoted in a message, or in a recipe's shell step).
-        (re.compile(r"(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{8,})", re.IGNORECASE), True),
-        # Named credentials in key=value or "key": "value" form (a dumped dict, a header, an env line).
+        # A PEM private key, whole.
+        (
+            re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S),
+            False,
+        ),
+        # An HTTP Authorization value, scheme and credential alike (Basic, Bearer, AWS4-HMAC-SHA256 …).
+        (re.compile(r"(?P<head>\bauthorization[\"']?\s*[:=]\s*)(?P<secret>[^\r\n\"']+)", re.IGNORECASE), True),
+        # `scheme://user:password@host`: the password goes, even one holding '/', ':' or '@' (the last '@' before
+        # the host ends it).
         (
             re.compile(
-                r"(?P<head>(?:secret[_-]?access[_-]?key|session[_-]?token|security[_-]?token|password|passwd"
-                r"|authorization|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)(?P<secret>[^\s\"',;}]+)",
+                r"(?P<head>[a-z][a-z0-9+.-]*://[^\s:/@]*:)(?P<secret>\S+)(?=@[A-Za-z0-9.\[\]-]+(?:[:/?#\s\"']|$))",
                 re.IGNORECASE,
             ),
+            True,
+        ),
+        # A bearer token anywhere else (a header quoted in a message, or in a recipe's shell step).
+        (re.compile(r"(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{8,})", re.IGNORECASE), True),
+        # Named credentials in key=value, key: value or "key": "value" form (a dumped dict, an env line).
+        (
+            re.compile(rf"(?P<head>\b{_SECRET_KEY}[\"']?\s*[:=]\s*[\"']?)(?P<secret>[^\s\"',;}}]+)", re.IGNORECASE),
             True,
         ),
         # Session tokens (STS, SSO): long base64 runs. No digest, id or ARN amiforge logs comes near this length.
         (re.compile(r"[A-Za-z0-9/+=]{100,}"), False),
         # The shape of an AWS secret access key: 40 base64 characters with both cases (a hex digest has one case
-        # only), not starting with / (a path).
+        # only), not starting with / (a path); after '=' or ':' too (an env line, a dumped config).
         (
             re.compile(
-                r"(?<![A-Za-z0-9/+=])(?!/)(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])[A-Za-z0-9/+]{40}"
+                r"(?<![A-Za-z0-9/+])(?!/)(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])[A-Za-z0-9/+]{40}"
                 r"(?![A-Za-z0-9/+=])"
             ),
             False,
@@ -75,8 +92,8 @@ def _patterns() -> tuple[tuple[re.Pattern[str], bool], ...]:
 
 
 def redact(text: str) -> str:
-    """`text` without the credentials it may quote: URL passwords, bearer tokens, named secrets, session tokens and
-    AWS-secret-shaped strings."""
+    """`text` without the credentials it may quote: private keys, Authorization values, URL passwords, bearer tokens,
+    named secrets, session tokens and AWS-secret-shaped strings."""
     for pattern, keep_head in _patterns():
         text = pattern.sub((lambda m: m["head"] + REDACTED) if keep_head else (lambda _m: REDACTED), text)
     return text
@@ -167,17 +184,32 @@ def open_log_file(path: Path) -> TextIO:
 
     if not str(path).strip():
         raise refuse("is empty")
+    # O_NONBLOCK: a FIFO without a reader fails at once (ENXIO) instead of hanging the command. O_NOFOLLOW: a
+    # symlink planted where the log goes must not redirect what amiforge (often root) writes; only a link to a
+    # terminal or device (/dev/stderr) is followed.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        # O_NONBLOCK: a FIFO without a reader fails at once (ENXIO) instead of hanging the command.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            if e.errno != errno.ELOOP or not stat.S_ISCHR(os.stat(path).st_mode):
+                raise
+            fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ENXIO:
             raise refuse("is a FIFO with no reader; a log file must be a regular file") from e
+        if e.errno == errno.ELOOP:
+            raise refuse("is a symbolic link; name the file itself") from e
         raise refuse(f"cannot be opened for writing ({e.strerror or e})") from e
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
             raise refuse("is not a regular file")
+        if stat.S_ISREG(mode) and mode & 0o077:
+            if info.st_uid != os.geteuid():
+                raise refuse(f"belongs to another user and others can read it (mode {stat.S_IMODE(mode):o})")
+            os.fchmod(fd, 0o600)  # an existing file of ours: the log holds what only its owner should read
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
