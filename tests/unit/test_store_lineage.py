@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from amiforge.errors import ConfigError, NotFound
 from amiforge.model import ImageVersion, Status
 from amiforge.store.schema import revoked_ancestors_table, versions_table
 from amiforge.store.sql import SqlStore, open_store
@@ -40,13 +41,19 @@ def _refs(versions: list[ImageVersion]) -> list[str]:
 def test_parent_id_is_resolved_when_a_version_is_created(store: SqlStore) -> None:
     web1 = _new(store)
     web2 = _new(store, parent="web@1")
-    dangling = _new(store, parent="web@99")
-    other_form = _new(store, parent="web:dev")  # not NAME@N: kept as text, no link
     with store.engine.connect() as conn:
         links = dict(conn.execute(sa.select(versions_table.c.id, versions_table.c.parent_id)).all())
-    assert links == {web1.id: None, web2.id: web1.id, dangling.id: None, other_form.id: None}
-    assert (web2.parent, dangling.parent, other_form.parent) == ("web@1", "web@99", "web:dev")
-    assert store.ancestry(dangling.id) == []
+    assert links == {web1.id: None, web2.id: web1.id}
+    assert web2.parent == "web@1"
+
+
+def test_a_parent_that_cannot_be_linked_is_refused_and_nothing_is_created(store: SqlStore) -> None:
+    _new(store)
+    with pytest.raises(NotFound, match="web@99"):
+        _new(store, parent="web@99")  # no such version
+    with pytest.raises(ConfigError, match="NAME@N"):
+        _new(store, parent="web:dev")  # a channel ref: a link nobody could follow once the channel moves
+    assert [v.ref for v in store.list_versions("web")] == ["web@1"]
 
 
 def test_ancestry_of_a_long_chain_is_nearest_first(store: SqlStore) -> None:

@@ -129,6 +129,9 @@ class Versions(StoreCore):
         recipe: str = "",
     ) -> ImageVersion:
         parent_key = name_at_n(parent) if parent is not None else None
+        if parent is not None and parent_key is None:
+            # Lineage links by NAME@N; a channel or digest ref would be a link nobody could follow later.
+            raise ConfigError(f"parent {parent[:80]!r} is not NAME@N", fix="name the parent version as NAME@N")
         with self._guard(f"create a version of {name}"):
             for attempt in range(1, _CREATE_ATTEMPTS + 1):
                 now = self._now()
@@ -147,6 +150,8 @@ class Versions(StoreCore):
                                     versions_table.c.name == parent_key[0], versions_table.c.number == parent_key[1]
                                 )
                             ).one_or_none()
+                            if parent_row is None:
+                                raise NotFound(f"parent {parent} is not a version of this registry")
                         top = conn.execute(
                             sa.select(sa.func.max(versions_table.c.number)).where(versions_table.c.name == name)
                         ).scalar_one()

@@ -13,6 +13,7 @@ Create Date: 2026-12-06
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 
@@ -44,11 +45,21 @@ def upgrade() -> None:
     ids = {(name, number): vid for vid, name, number in conn.execute(sa.select(versions.c.id, versions.c.name,
                                                                                  versions.c.number))}  # fmt: skip
     links = []
+    unlinked = 0
     for vid, parent in conn.execute(sa.select(versions.c.id, versions.c.parent).where(versions.c.parent.is_not(None))):
         match = _NAME_AT_N.match(parent.strip())
         parent_id = ids.get((match["name"], int(match["number"]))) if match else None
         if parent_id is not None and parent_id < vid:  # a parent always exists before its child
             links.append({"vid": vid, "pid": parent_id})
+        else:
+            unlinked += 1
+    if unlinked:
+        # amiforge writes parents as NAME@N of an existing version; anything else was written by hand.
+        logging.getLogger("amiforge.store.migrations").warning(
+            "%d version(s) name a parent that is not an earlier NAME@N of this registry: their ancestry ends there "
+            "(revocations of what they descend from will not flag them)",
+            unlinked,
+        )
     update = versions.update().where(versions.c.id == sa.bindparam("vid")).values(parent_id=sa.bindparam("pid"))
     for start in range(0, len(links), _CHUNK):
         conn.execute(update, links[start : start + _CHUNK])
