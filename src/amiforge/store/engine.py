@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import logging
 import os
 import re
 import shutil
@@ -31,8 +30,6 @@ from sqlalchemy.pool import StaticPool
 from amiforge.errors import ConfigError, InfraError
 from amiforge.store.boundary import boundary, describe
 from amiforge.store.schema import decode_json
-
-logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -181,17 +178,15 @@ def _snapshot(path: Path, *, attempts: int = 3) -> Path:
 
 def schema_is_current(engine: Engine) -> bool:
     """Whether the registry's schema is at the newest migration this amiforge ships, read with one SELECT and no
-    write lock. False when unsure (no schema yet, an unreadable database, migrations this check cannot read):
-    `migrate` then asks alembic, and reports any failure properly."""
+    write lock. False when there is no schema yet or the migration scripts cannot be read this way (alembic then
+    decides). A database that cannot be reached or read is the caller's error, reported once (no second try)."""
     head = migration_head()
     if head is None:
         return False
-    try:
-        with engine.connect() as conn, conn.begin():
-            revisions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
-    except sa.exc.SQLAlchemyError as e:
-        logger.debug("schema version not readable directly (%s): alembic decides", type(e).__name__)
-        return False
+    with boundary("read the registry's schema version", describe(engine)), engine.connect() as conn, conn.begin():
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return False
+        revisions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
     return list(revisions) == [head]
 
 
