@@ -59,7 +59,7 @@ def drive_refresh(
     refresh_id = str(rollout.detail.get("rollback_refresh_id") or rollout.detail.get("refresh_id") or "")
     if not refresh_id and rollout.state == "running":
         members = live(fleet.current())
-        known = versions_by_location(store, "aws")
+        known = versions_by_location(store, artifact.provider)
         before = Counter(m.version_ref or known.get(m.location) for m in members)
         previous = next((ref for ref, _ in before.most_common() if ref and ref != version.ref), None)
         points = checkpoints(strategy, len(members))
@@ -123,7 +123,7 @@ def drive_refresh(
             failure = {**rollout.detail, "failed_wave": rollout.wave + 1, "reasons": why}
             if status.status == "Successful":
                 # AWS finished before the gate could judge (a short checkpoint delay): roll forward to the old image.
-                refresh_id = _roll_forward(fleet, rollout, store, f"r{rollout.id}-back")
+                refresh_id = _roll_forward(fleet, artifact.provider, rollout, store, f"r{rollout.id}-back")
                 logger.info(
                     "rollout #%d: the refresh had finished; rolling forward to the previous version (refresh %s)",
                     rollout.id,
@@ -166,7 +166,7 @@ def drive_refresh(
         controls.sleep(POLL_SECONDS)
 
 
-def _roll_forward(fleet: RefreshingFleet, rollout: Rollout, store: Store, token: str) -> str:
+def _roll_forward(fleet: RefreshingFleet, provider: str, rollout: Rollout, store: Store, token: str) -> str:
     """A second refresh, back to the version the group ran before (AWS rolls back only an active refresh)."""
     previous = rollout.detail.get("previous")
     if not isinstance(previous, str):
@@ -176,7 +176,7 @@ def _roll_forward(fleet: RefreshingFleet, rollout: Rollout, store: Store, token:
             fix=f"amiforge rollback --target {rollout.target} --to NAME@N",
         )
     old = store.get_version(previous)
-    artifact = artifact_in(old, store, "aws", fleet.region)
+    artifact = artifact_in(old, store, provider, fleet.region)
     return fleet.start_refresh(artifact, old.ref, checkpoints=[100], checkpoint_delay=0, alarms=(), token=token)
 
 

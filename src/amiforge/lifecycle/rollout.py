@@ -46,7 +46,7 @@ from amiforge.model import (
     RolloutReplacement,
     Status,
 )
-from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
+from amiforge.providers.interface import Fleet, Member, PhaseUpdate, RefreshingFleet, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -72,8 +72,11 @@ def start(
     releasable(version, store=store, settings=settings, action="rolled out")
     fleet, provider, region = fleet_of(target, settings)
     artifact_in(version, store, provider, region)  # refuse before anything is recorded
-    if strategy.mode == "refresh" and provider != "aws":
-        raise ConfigError("mode: refresh is an Auto Scaling instance refresh", fix="use mode: canary for local fleets")
+    if strategy.mode == "refresh" and not isinstance(fleet, RefreshingFleet):
+        raise ConfigError(
+            f"mode: refresh needs a fleet its cloud replaces itself (an Auto Scaling group); {target} is not one",
+            fix="use mode: canary for this target",
+        )
     members = live(fleet.current())
     if not members:
         raise StateError(f"{target} has no running member to replace", fix="amiforge fleet show, or scale it up")
