@@ -23,10 +23,26 @@ from amiforge.providers.local.initrd import (
     parse_modules_dep,
 )
 from amiforge.providers.local.tools import STATIC_BUSYBOX
+from tests.conftest import required_or_skip
 
 CPIO = Path("/usr/bin/cpio")
-needs_cpio = pytest.mark.skipif(not CPIO.is_file(), reason="GNU cpio is not installed")
-needs_busybox = pytest.mark.skipif(not STATIC_BUSYBOX.is_file(), reason="no static busybox at /bin/busybox")
+
+
+@pytest.fixture
+def cpio_present() -> None:
+    required_or_skip(CPIO.is_file(), "GNU cpio is not installed", "scripts/bootstrap.sh installs it (package cpio)")
+
+
+@pytest.fixture
+def busybox_present() -> None:
+    required_or_skip(
+        STATIC_BUSYBOX.is_file(), "no static busybox at /bin/busybox", "scripts/bootstrap.sh installs busybox-static"
+    )
+
+
+# Skipped where the tool is missing, failed in CI (tests/conftest.py).
+needs_cpio = pytest.mark.usefixtures("cpio_present")
+needs_busybox = pytest.mark.usefixtures("busybox_present")
 
 # Shaped like a real 6.1 modules.dep: every dependency is listed (transitively), comments are not a thing, a
 # line may have no dependencies at all, and some modules are xz-compressed.

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from amiforge.errors import NotFound
 from amiforge.model import Finding, FindingKind, Severity
 from amiforge.scanners.secrets import scan_raw, scan_tree
+from tests.conftest import required_or_skip
 
 PEM = serialization.Encoding.PEM
 NO_PW = serialization.NoEncryption()
@@ -449,8 +450,7 @@ def test_real_debian_files_do_not_drown_in_false_positives(tmp_path: Path) -> No
         except OSError:
             continue
         copied += 1
-    if copied < 100:
-        pytest.skip(f"only {copied} host files to sample")
+    required_or_skip(copied >= 100, f"only {copied} host files to sample", "run on a Debian host with /etc and /usr")
     findings = scan_tree(root)
     for f in findings:
         print(f"false positive? {f.id} {f.path}:{f.line} {f.redacted}")
@@ -464,8 +464,7 @@ def test_real_debian_files_do_not_drown_in_false_positives(tmp_path: Path) -> No
 
 def mkfs(image: Path, source: Path) -> None:
     tool = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
-    if not Path(tool).exists():
-        pytest.skip("e2fsprogs is not installed")
+    required_or_skip(Path(tool).exists(), "e2fsprogs is not installed", "scripts/bootstrap.sh installs e2fsprogs")
     with image.open("wb") as fh:
         fh.truncate(16 * 1024 * 1024)
     subprocess.run([tool, "-q", "-F", "-d", str(source), str(image)], check=True, capture_output=True)

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import pytest
 from conftest import ACCOUNT, REGION, Aws
 from gc_fixtures import SNAPSHOT_FILTER, AnyOf, install_gc_emulation
+from moto import mock_aws
 from moto.ec2.models import ec2_backends
 from moto.ec2.utils import is_filter_matching
 from moto_emulation import PagingEmulation, error_response
@@ -351,13 +352,15 @@ def test_snapshot_filter_emulation_matches_any_of_an_images_snapshots() -> None:
 
 
 def test_config_errors() -> None:
-    session = AwsSession(REGION)  # no moto: each is refused before any call
-    with pytest.raises(ConfigError, match="timezone-aware"):
-        plan_gc(session, REGION, registered_images=(), run_state=Registry(), now=datetime(2024, 6, 1))
-    with pytest.raises(ConfigError, match="negative"):
-        plan_gc(session, REGION, registered_images=(), run_state=Registry(), now=NOW, min_age=timedelta(-1))
-    with pytest.raises(ConfigError, match="negative"):
-        apply_gc(session, GcPlan(REGION, (), ()), max_deletions=-1)
+    # Each is refused before any call; under moto all the same, so a change of order can never reach AWS.
+    with mock_aws():
+        session = AwsSession(REGION)
+        with pytest.raises(ConfigError, match="timezone-aware"):
+            plan_gc(session, REGION, registered_images=(), run_state=Registry(), now=datetime(2024, 6, 1))
+        with pytest.raises(ConfigError, match="negative"):
+            plan_gc(session, REGION, registered_images=(), run_state=Registry(), now=NOW, min_age=timedelta(-1))
+        with pytest.raises(ConfigError, match="negative"):
+            apply_gc(session, GcPlan(REGION, (), ()), max_deletions=-1)
 
 
 # --- applying ---------------------------------------------------------------------------------------------------
