@@ -475,8 +475,8 @@ def test_status_watch_follows_a_rollout_driven_elsewhere(
         (["--target", "gcp:x", "--version", "web@1"], "is not local:NAME or aws:REGION/GROUP"),
         (["--target", "local:x", "--version", "web@1", "--waves", "1,50%"], "waves: the last wave is 50%"),
         (["--target", "local:x", "--version", "web@1", "--bake-time", "soon"], "bake_time: 'soon' is not a duration"),
-        (["--target", "local:x"], "exactly one of --version REF and --channel"),
-        (["--target", "local:x", "--channel", "web"], "is not NAME:CHANNEL"),
+        (["--target", "local:x"], "exactly one of --channel IMAGE:CHANNEL or --version NAME@N"),
+        (["--target", "local:x", "--channel", "web"], "is not IMAGE:CHANNEL"),
     ],
 )
 def test_rollout_start_usage_errors_name_the_flag_and_the_fix(

@@ -14,7 +14,7 @@ from amiforge import durations
 from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.tables import Col, fit_table
-from amiforge.errors import ConfigError, NotFound
+from amiforge.errors import ConfigError
 from amiforge.model import ROLLOUT_LIVE, Rollout
 
 if TYPE_CHECKING:
@@ -31,21 +31,6 @@ TargetOption = typer.Option(..., "--target", "-t", help="local:NAME (a local fle
 
 # A bare number of hours for --hours ("24", "0.5").
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def resolve_version(store: Store, version: str | None, channel: str | None) -> str:
-    """--version REF, or --channel NAME:CH (the channel's current version)."""
-    if (version is None) == (channel is None):
-        raise ConfigError("give exactly one of --version REF and --channel NAME:CHANNEL", fix="e.g. --channel web:prod")
-    if version is not None:
-        return store.get_version(version).ref
-    name, _, ch = str(channel).partition(":")
-    if not name or not ch:
-        raise ConfigError(f"--channel {channel!r} is not NAME:CHANNEL", fix="e.g. --channel web:prod")
-    pointers = store.channels(name, ch)
-    if not pointers:
-        raise NotFound(f"channel {name}:{ch} points nowhere yet", fix=f"amiforge promote {name}@N --channel {ch}")
-    return pointers[0].current
 
 
 def _strategy(path: Path | None, waves: str | None, bake_time: str | None) -> Strategy:
@@ -107,7 +92,7 @@ def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
 def start_command(
     target: str = TargetOption,
     version: str | None = typer.Option(None, "--version", help="NAME@N to roll out (signed, verifying)."),
-    channel: str | None = typer.Option(None, "--channel", help="NAME:CHANNEL: roll out its current version."),
+    channel: str | None = typer.Option(None, "--channel", help="IMAGE:CHANNEL: roll out its current version."),
     strategy: Path | None = typer.Option(None, "--strategy", help="Strategy YAML (waves, bake_time, gates, …)."),
     waves: str | None = typer.Option(None, "--waves", help="Override the waves, e.g. 1,25%,100%."),
     bake_time: str | None = typer.Option(None, "--bake-time", help="Override the bake time, e.g. 60s."),
@@ -120,7 +105,9 @@ def start_command(
     target = canonical_target(target)  # a bad target is a usage error, before anything is looked up
     chosen = _strategy(strategy, waves, bake_time)
     settings, store = open_registry()
-    ref = resolve_version(store, version, channel)
+    from amiforge.lifecycle.views import version_named
+
+    ref = version_named(store, ref=version, channel=channel).ref
     with PhaseProgress(f"rollout {ref} → {target}", 2 * len(chosen.waves), enabled=not as_json) as progress:
         outcome = controller.start(
             target, ref, store=store, settings=settings, strategy=chosen,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.views import version_named
 from amiforge.model import ImageVersion, Status, require_status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import FleetDetail, FleetKeeper, Member, PhaseUpdate
@@ -67,23 +68,7 @@ def _unusable_fix(v: ImageVersion) -> str:
 
 def fleet_version(store: Store, *, channel: str | None, ref: str | None) -> ImageVersion:
     """The version to run: `ref` (NAME@N), or the current version of `channel` (IMAGE:CHANNEL); exactly one."""
-    if (channel is None) == (ref is None):
-        raise ConfigError(
-            "pass exactly one of --channel IMAGE:CHANNEL or --version NAME@N", fix="e.g. --channel web:dev"
-        )
-    if channel is not None:
-        image, sep, name = channel.partition(":")
-        if not (sep and image and name):
-            raise ConfigError(f"--channel {channel!r} is not IMAGE:CHANNEL", fix="e.g. --channel web:dev")
-        pointers = store.channels(image, name)
-        if not pointers:
-            raise NotFound(
-                f"image {image!r} has no channel {name!r}",
-                fix=f"`amiforge channels` lists them; `amiforge promote {image}@N --channel {name}` makes it",
-            )
-        ref = pointers[0].current
-    assert ref is not None
-    version = store.get_version(ref)
+    version = version_named(store, ref=ref, channel=channel)
     require_status(version, USABLE, doing="run by a fleet", fix=_unusable_fix(version))
     return version
 

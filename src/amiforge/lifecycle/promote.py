@@ -31,11 +31,6 @@ def policy_of(settings: Settings) -> Policy:
     return load_policy(settings.policy) if settings.policy else default_policy()
 
 
-def ancestors(version: ImageVersion, store: Store) -> list[ImageVersion]:
-    """Parent, grandparent, … nearest first: one query, however deep the history."""
-    return store.ancestry(version.id)
-
-
 def candidate(version: ImageVersion, *, store: Store, settings: Settings) -> Candidate:
     reports = store.boot_reports(version.id)
     scan = store.latest_scan(version.id)

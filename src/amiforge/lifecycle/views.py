@@ -7,9 +7,33 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.runs import recorded_leftovers
-from amiforge.model import ChannelPointer, Event, Finding, Leftover, RemovedFile, Status
+from amiforge.model import ChannelPointer, Event, Finding, ImageVersion, Leftover, RemovedFile, Status
 from amiforge.store.interface import Store
+
+# --- which version a command names ----------------------------------------------------------------------------------
+
+
+def version_named(store: Store, *, ref: str | None, channel: str | None) -> ImageVersion:
+    """The version `--version NAME@N` names, or the current version of `--channel IMAGE:CHANNEL`; exactly one."""
+    if (channel is None) == (ref is None):
+        raise ConfigError(
+            "pass exactly one of --channel IMAGE:CHANNEL or --version NAME@N", fix="e.g. --channel web:dev"
+        )
+    if ref is not None:
+        return store.get_version(ref)
+    image, sep, name = str(channel).partition(":")
+    if not (sep and image and name):
+        raise ConfigError(f"--channel {channel!r} is not IMAGE:CHANNEL", fix="e.g. --channel web:dev")
+    pointers = store.channels(image, name)
+    if not pointers:
+        raise NotFound(
+            f"image {image!r} has no channel {name!r}",
+            fix=f"`amiforge channels` lists them; `amiforge promote {image}@N --channel {name}` makes it",
+        )
+    return store.get_version(pointers[0].current)
+
 
 # --- a version's findings ------------------------------------------------------------------------------------------
 
