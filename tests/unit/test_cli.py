@@ -632,6 +632,14 @@ def test_unexpected_exception_with_debug_shows_traceback(cli: Cli, monkeypatch: 
     assert "internal error" in r.err
 
 
+def test_debug_after_the_command_works_as_before_it(cli: Cli) -> None:
+    for argv in (("images", "show", "web@99", "--debug"), ("keys", "list", "--json", "--debug")):
+        r = cli(*argv)
+        assert r.code != 2, r.err  # not a usage error: every command takes --debug
+    r = cli("images", "show", "web@99", "--debug")
+    assert r.code == 3 and "Traceback (most recent call last)" in r.err
+
+
 def test_debug_env_shows_traceback_for_amiforge_errors(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "Traceback" not in cli("images", "show", "web@99").err
     monkeypatch.setenv("AMIFORGE_DEBUG", "1")

@@ -29,7 +29,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from amiforge import __version__
 from amiforge.cli import logs
-from amiforge.cli.common import LogFileOption, VerboseOption
+from amiforge.cli.common import DebugOption, LogFileOption, VerboseOption
 from amiforge.cli.output import emit_json, err_console
 from amiforge.errors import AmiforgeError
 
@@ -148,12 +148,14 @@ COMMANDS: dict[str, Entry] = {
 }
 
 
-def _global_options(verbose: int = VerboseOption, log_file: str | None = LogFileOption) -> None:
+def _global_options(
+    verbose: int = VerboseOption, log_file: str | None = LogFileOption, debug: bool = DebugOption
+) -> None:
     """Never called: its signature is where typer makes the options every command takes (see _with_globals)."""
 
 
 def _with_globals(command: click.Command) -> click.Command:
-    """`command` (and every subcommand under it) also taking -v/--verbose and --log-file, so
+    """`command` (and every subcommand under it) also taking -v/--verbose, --log-file and --debug, so
     `amiforge bake R -v` works as well as `amiforge -v bake R`."""
     probe = typer.Typer(add_completion=False)
     probe.command()(_global_options)

@@ -45,6 +45,9 @@ VerboseOption = typer.Option(
     callback=_verbose,
     help="Say more on stderr: -v what amiforge does (INFO), -vv every detail (DEBUG).",
 )
+# Read by app.main() from the arguments wherever it stands (an error must be shown with its traceback even when it
+# happens while the arguments are parsed); declared on every command so that `amiforge images show X --debug` parses.
+DebugOption = typer.Option(False, "--debug", expose_value=False, help="Show tracebacks for errors.")
 LogFileOption = typer.Option(
     None,
     "--log-file",
