@@ -32,8 +32,8 @@ class Col:
     justify: JustifyMethod = "left"
 
 
-def _width(cell: str) -> int:
-    return max((Text.from_markup(line).cell_len for line in cell.splitlines()), default=0)
+def _width(cell: Text) -> int:
+    return max((line.cell_len for line in cell.split("\n")), default=0)
 
 
 def fit_table(
@@ -44,9 +44,12 @@ def fit_table(
 ) -> None:
     """Print `rows` under `columns`, fitted to the console's width (see the module's docstring)."""
     out = console
-    natural = [max([_width(c.header), *(_width(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+    # Parsed once, here: rich would parse each cell's markup again (and run its highlighter on it) while rendering.
+    texts = [[Text.from_markup(cell) for cell in row] for row in rows]
+    natural = [max([_width(Text(c.header)), *(_width(row[i]) for row in texts)]) for i, c in enumerate(columns)]
     least = [
-        n if c.whole else min(n, max(_MIN_SHRUNK, _width(c.header))) for c, n in zip(columns, natural, strict=True)
+        n if c.whole else min(n, max(_MIN_SHRUNK, _width(Text(c.header))))
+        for c, n in zip(columns, natural, strict=True)
     ]
     shown = list(range(len(columns)))
 
@@ -70,7 +73,7 @@ def fit_table(
         # whole ones included, and that is exactly what must not happen to a ref.
         overflow: OverflowMethod = "fold" if c.whole or c.wrap else "ellipsis"
         table.add_column(c.header, width=widths[i], no_wrap=not c.wrap, overflow=overflow, justify=c.justify)
-    for row in rows:
+    for row in texts:
         table.add_row(*(row[i] for i in shown))
     out.print(table)
     hidden = [columns[i].header for i in range(len(columns)) if i not in shown]
