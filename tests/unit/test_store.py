@@ -40,6 +40,7 @@ from amiforge.store.sql import (
     migrate,
     open_store,
 )
+from tests.migrations import run_alembic
 
 POSTGRES_ENV = "AMIFORGE_TEST_POSTGRES_URL"
 # Not UTC on purpose: the store must hand back the same instant, tagged UTC.
@@ -441,24 +442,11 @@ def test_migrations_are_idempotent(store_url: str) -> None:
     assert heads == [_script_head()]
 
 
-def _alembic(engine: sa.Engine, verb: str, revision: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    from amiforge.store.sql import MIGRATIONS_DIR
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        getattr(command, verb)(config, revision)
-
-
 def test_migration_0005_derives_boot_verdicts_from_checks(store_url: str) -> None:
     """Reports written under 0004 (with a stored flag) read back with the verdict their checks give, and a
     downgrade writes the derived flag back."""
     engine = create_store_engine(store_url)
-    _alembic(engine, "upgrade", "0004")
+    run_alembic(engine, "upgrade", "0004")
     ok = [{"name": "ready", "kind": "ready", "passed": True, "detail": ""}]
     bad = [*ok, {"name": "unit x", "kind": "unit", "passed": False, "detail": "failed"}]
     with engine.begin() as conn:
@@ -477,7 +465,7 @@ def test_migration_0005_derives_boot_verdicts_from_checks(store_url: str) -> Non
     engine.dispose()
     with open_store(store_url) as s:  # migrates to the head
         assert [r.passed for r in s.boot_reports(1)] == [True, False]  # the stored True of #2 is gone
-        _alembic(s.engine, "downgrade", "0004")
+        run_alembic(s.engine, "downgrade", "0004")
         with s.engine.connect() as conn:
             flags = conn.execute(sa.text("SELECT passed FROM boot_reports ORDER BY id")).scalars().all()
         assert [bool(f) for f in flags] == [True, False]

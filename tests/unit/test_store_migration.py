@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from amiforge.model import Status
-from amiforge.store.engine import MIGRATIONS_DIR
 from amiforge.store.sql import create_store_engine, open_store
+from tests.migrations import run_alembic
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -28,19 +28,8 @@ VERSIONS = [
 ]
 
 
-def _alembic(engine: sa.Engine, verb: str, revision: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        getattr(command, verb)(config, revision)
-
-
 def _seed_0005(engine: sa.Engine) -> None:
-    _alembic(engine, "upgrade", "0005")
+    run_alembic(engine, "upgrade", "0005")
     with engine.begin() as conn:
         for vid, name, number, status, parent in VERSIONS:
             conn.execute(
@@ -70,7 +59,7 @@ def test_upgrade_fills_in_lineage_and_downgrade_takes_it_away(store_url: str) ->
         _seed_0005(engine)
         columns, indexes, tables = _schema(engine)
         assert "parent_id" not in columns and "revoked_ancestors" not in tables
-        _alembic(engine, "upgrade", "0006")
+        run_alembic(engine, "upgrade", "0006")
 
         columns, indexes, tables = _schema(engine)
         assert "parent_id" in columns and "revoked_ancestors" in tables
@@ -90,7 +79,7 @@ def test_upgrade_fills_in_lineage_and_downgrade_takes_it_away(store_url: str) ->
             assert store.revoked_ancestors([child.id]) == {child.id: ["web@2"]}
             store.transition(child.id, Status.BUILT, expect=Status.BAKING)
 
-        _alembic(engine, "downgrade", "0005")
+        run_alembic(engine, "downgrade", "0005")
         columns, indexes, tables = _schema(engine)
         assert "parent_id" not in columns and "revoked_ancestors" not in tables
         assert not {"ix_versions_parent_id", "ix_versions_name_id"} & indexes
@@ -98,7 +87,7 @@ def test_upgrade_fills_in_lineage_and_downgrade_takes_it_away(store_url: str) ->
             kept = conn.execute(sa.text("SELECT id, parent, status FROM versions ORDER BY id")).all()
         assert [tuple(r) for r in kept] == [(v[0], v[4], v[3]) for v in VERSIONS] + [(11, "db@1", "built")]
 
-        _alembic(engine, "upgrade", "head")  # and up again: the same links, the same reach
+        run_alembic(engine, "upgrade", "head")  # and up again: the same links, the same reach
         with engine.connect() as conn:
             reach = sorted(conn.execute(sa.text("SELECT version_id, ancestor_id FROM revoked_ancestors")).all())
             assert conn.execute(sa.text("SELECT parent_id FROM versions WHERE id = 11")).scalar_one() == 10
