@@ -407,6 +407,14 @@ def test_events_filter_and_limit(store: SqlStore) -> None:
     assert store.verify_events() == []
 
 
+def test_events_of_some_kinds_only(store: SqlStore) -> None:
+    _append_five(store)
+    assert [e.seq for e in store.events(kinds={"bake.started", "gc"})] == [1, 3, 5]
+    assert [e.seq for e in store.events("web@1", kinds={"bake.started", "test.passed"})] == [1, 4]
+    assert [e.seq for e in store.events(kinds={"bake.started"}, limit=1)] == [3]
+    assert store.events(kinds=set()) == []
+
+
 def test_tampered_event_is_reported(store: SqlStore) -> None:
     _append_five(store)
     with store.engine.begin() as conn:

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # Event kinds that end a run of their kind, and those that start one.
 _ENDS = {"bake.built", "bake.failed", "test.passed", "test.failed", "distribute.completed"}
 _STARTS = {"bake.started", "distribute.started"}
+# Every kind of event that names its run: what gc reads of the log.
+_RUN_KINDS = _ENDS | _STARTS | {"distribute.failed", "orphaned", "publish", "scan.completed"}
 # Far beyond a bake's own deadline (waiting.Wait: 2 h for the image): a bake still "running" after this was killed.
 STALE_BAKE = timedelta(hours=12)
 
@@ -117,7 +119,8 @@ def gc(
             failures.append(("aws", e))
             aws_regions = []
     moment = now or datetime.now(UTC)
-    events = store.events()
+    # Only the kinds that carry a run id (where runs stand, what they left behind): never the whole log.
+    events = store.events(kinds=_RUN_KINDS)
     states = run_states(events, now=moment)
     recorded = [(_run_of(e), leftover) for e, leftover in recorded_leftovers(events)]
     targets: list[tuple[Collector, str, set[str]]] = []

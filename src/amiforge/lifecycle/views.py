@@ -79,9 +79,9 @@ def generalised_of(events: Iterable[Event]) -> tuple[RemovedFile, ...]:
 
 def leftovers_of(store: Store, events: Sequence[Event]) -> list[tuple[Leftover, bool]]:
     """Each leftover a version's `events` recorded, and whether gc has removed it since (it stays part of the
-    version's history, marked as removed). The whole log is read only when there are leftovers to look up."""
+    version's history, marked as removed). gc's own events are read only when there are leftovers to look up."""
     recorded = [leftover for _, leftover in recorded_leftovers(events)]
-    gone = collected(store.events()) if recorded else set()
+    gone = collected(store.events(kinds={"gc.applied"})) if recorded else set()
     return [(leftover, _collected_key(leftover) in gone) for leftover in recorded]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,13 +118,23 @@ class EventLog(StoreCore):
         with self._guard(f"record a {kind} event"), self._write() as conn:
             return append_in(conn, kind, at=self._now(), actor=actor, ref=ref, data=data)
 
-    def events(self, ref: str | None = None, *, limit: int | None = None, before: int | None = None) -> list[Event]:
-        """Oldest first; with `ref`, only events about that version (by exact NAME@N). `limit`: only the newest
-        that many; `before`: only events older than seq `before` (the keyset cursor: the oldest seq of the page
-        already shown)."""
+    def events(
+        self,
+        ref: str | None = None,
+        *,
+        limit: int | None = None,
+        before: int | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> list[Event]:
+        """Oldest first; with `ref`, only events about that version (by exact NAME@N); with `kinds`, only events of
+        those kinds (the database filters: a reader of a few kinds never maps the whole log). `limit`: only the
+        newest that many; `before`: only events older than seq `before` (the keyset cursor: the oldest seq of the
+        page already shown)."""
         query = sa.select(events_table)
         if ref is not None:
             query = query.where(events_table.c.ref == ref)
+        if kinds is not None:
+            query = query.where(events_table.c.kind.in_(sorted(kinds)))
         if before is not None:
             query = query.where(events_table.c.seq < before)
         if limit is None:

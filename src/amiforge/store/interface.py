@@ -120,9 +120,16 @@ class Store(Protocol):
         """Append to the hash chain: hash = sha256(prev_hash + canonical JSON of the event's fields)."""
         ...
 
-    def events(self, ref: str | None = None, *, limit: int | None = None, before: int | None = None) -> list[Event]:
-        """Oldest first; with `ref`, only events about that version (by exact NAME@N); `limit`: the newest that
-        many; `before`: only seqs below it."""
+    def events(
+        self,
+        ref: str | None = None,
+        *,
+        limit: int | None = None,
+        before: int | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> list[Event]:
+        """Oldest first; with `ref`, only events about that version (by exact NAME@N); with `kinds`, only those
+        kinds; `limit`: the newest that many; `before`: only seqs below it."""
         ...
 
     def count_events(self, ref: str | None = None, *, before: int | None = None) -> int: ...
