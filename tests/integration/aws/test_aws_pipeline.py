@@ -498,7 +498,10 @@ def test_rollout_as_an_instance_refresh_with_gates_at_each_checkpoint(
     assert bad.code == 4, bad.err
     status = env.cli("rollout", "status", "2", "--json").json()
     assert status["rollout"]["state"] == "failed" and status["decisions"][-1]["action"] == "rollback"
-    assert "not ready" in json.dumps(status) or "success rate" in json.dumps(status)
+    # Which gate fires first depends on when the poll lands: every instance judged (success rate), or one already
+    # failed while another still boots (the burn rate stops the wave before it settles).
+    why = json.dumps(status["rollout"]["detail"].get("reasons"))
+    assert any(gate in why for gate in ("not ready", "boot success rate", "burn rate")), why
     # AWS had finished before the gate could judge (120 s checkpoints, 390 s readiness grace): rolled forward.
     assert status["rollout"]["detail"]["refresh_status"] == "Successful (rolled forward to web@2)"
     assert group_images() == Counter({images[2]: 4})  # the group is back on web@2's image
