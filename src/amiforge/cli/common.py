@@ -62,11 +62,8 @@ def open_registry() -> tuple[Settings, SqlStore]:
     from amiforge.settings import load_settings
 
     settings = load_settings()
-    return settings, _open_store(settings.registry_url)
-
-
-def _open_store(url: str) -> SqlStore:
-    """The registry at `url`; alembic is imported only when its schema is behind (store/engine.py `migrate`)."""
+    # Imported here: SQLAlchemy is needed only by commands that open the registry (alembic only when the schema is
+    # behind: store/engine.py `migrate`).
     from amiforge.store import sql
 
-    return sql.open_store(url)
+    return settings, sql.open_store(settings.registry_url)

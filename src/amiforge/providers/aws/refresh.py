@@ -67,18 +67,11 @@ if TYPE_CHECKING:  # the fleet calls this module; this module only reads the fle
     from amiforge.providers.aws.fleet import AsgFleet
 
 __all__ = [
-    "ACTIVE",
-    "ROLLBACK",
-    "TERMINAL",
     "RefreshStatus",
     "refresh_status",
     "roll_back_refresh",
     "start_refresh",
 ]
-
-ACTIVE: Final = REFRESH_ACTIVE
-ROLLBACK: Final = REFRESH_ROLLBACK
-TERMINAL: Final = REFRESH_TERMINAL
 
 _VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
 _SSM_IMAGE: Final = "resolve:ssm:"
@@ -125,7 +118,7 @@ def start_refresh(
         fleet.alarms_firing(alarms)  # ConfigError for an alarm that does not exist
 
     refreshes = _refreshes(fleet)
-    active = [r for r in refreshes if r.get("Status") in ACTIVE]
+    active = [r for r in refreshes if r.get("Status") in REFRESH_ACTIVE]
     if active:
         if _ours(fleet, template, active[0], image_id):
             return str(active[0]["InstanceRefreshId"])
@@ -176,7 +169,7 @@ def start_refresh(
         )
     except StateError:
         # InstanceRefreshInProgress: another started in between, or our own first attempt whose answer was lost.
-        again = [r for r in _refreshes(fleet) if r.get("Status") in ACTIVE]
+        again = [r for r in _refreshes(fleet) if r.get("Status") in REFRESH_ACTIVE]
         if again and _desired(again[0]) == (template.template_id, target):
             return str(again[0]["InstanceRefreshId"])
         raise
@@ -202,15 +195,15 @@ def roll_back_refresh(fleet: AsgFleet, refresh_id: str) -> RefreshStatus:
     found = [r for r in refreshes if r.get("InstanceRefreshId") == refresh_id]
     # Older than the listing goes back: asked by id (NotFound if unknown; an old one has ended).
     status = _status(found[0]) if found else refresh_status(fleet, refresh_id)
-    if status.status in ROLLBACK:
+    if status.status in REFRESH_ROLLBACK:
         return status
-    if status.status in TERMINAL:
+    if status.status in REFRESH_TERMINAL:
         raise StateError(
             f"instance refresh {refresh_id} of group {fleet.target} has ended {status.status}: AWS rolls back only "
             "an active refresh",
             fix="roll forward instead: start a refresh to the version the group ran before, under a new token",
         )
-    active = [r for r in refreshes if r.get("Status") in ACTIVE]
+    active = [r for r in refreshes if r.get("Status") in REFRESH_ACTIVE]
     if active and active[0].get("InstanceRefreshId") != refresh_id:
         raise StateError(
             f"the active instance refresh of group {fleet.target} is {active[0]['InstanceRefreshId']}, not "
@@ -222,7 +215,7 @@ def roll_back_refresh(fleet: AsgFleet, refresh_id: str) -> RefreshStatus:
     except NotFound as e:
         # ActiveInstanceRefreshNotFound: it ended (or began rolling back on its own) since it was read.
         status = refresh_status(fleet, refresh_id)
-        if status.status in ROLLBACK:
+        if status.status in REFRESH_ROLLBACK:
             return status
         raise StateError(
             f"instance refresh {refresh_id} of group {fleet.target} ended {status.status} before it could be "
