@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -228,6 +229,7 @@ def test_whoami_message_explains_name_squatting(tmp_path: Path) -> None:
     (problem,) = caught.value.problems
     assert "whoAMI" in problem.message
     assert problem.fix is not None and "owners" in problem.fix
+    assert "136693071363" in problem.fix  # Debian publishes from its own account, not amazon
 
 
 def test_tag_int_says_quote_it(tmp_path: Path) -> None:
@@ -379,6 +381,110 @@ def test_distribution_regions_are_other_regions_each_once(tmp_path: Path, region
         load_recipe(_write(tmp_path, text))
     (problem,) = caught.value.problems
     assert problem.field == "provider.distribution.regions" and problem.line == 11 and message in problem.message
+
+
+AWS_MIN = "name: api\nprovider:\n  type: aws\n  region: eu-west-1\n  source: {ssm_parameter: /aws/service/x}\n"
+
+
+def _aws_problems(tmp_path: Path, extra: str) -> dict[str, tuple[int | None, str, str | None]]:
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(_write(tmp_path, AWS_MIN + extra))
+    return {p.field or "": (p.line, p.message, p.fix) for p in caught.value.problems}
+
+
+def test_aws_communicator_root_volume_and_imds_defaults(tmp_path: Path) -> None:
+    provider = load_recipe(_write(tmp_path, AWS_MIN)).provider
+    assert isinstance(provider, AwsProvider)
+    assert (provider.communicator, provider.ssh_username, provider.ssh_interface) == ("ssm", "admin", "public_ip")
+    assert provider.root_volume is None and provider.imds_support == "v2.0"
+
+
+def test_aws_ssh_communicator_and_root_volume(tmp_path: Path) -> None:
+    text = AWS_MIN + (
+        "  communicator: ssh\n"
+        "  ssh_username: debian\n"
+        "  ssh_interface: private_ip\n"
+        "  security_group_ids: [sg-0123456789abcdef0]\n"
+        "  root_volume: {size_gib: 20, type: gp3, iops: 4000, kms_key: alias/ebs}\n"
+        "  imds_support: none\n"
+    )
+    provider = load_recipe(_write(tmp_path, text)).provider
+    assert isinstance(provider, AwsProvider)
+    assert (provider.communicator, provider.ssh_username, provider.ssh_interface) == ("ssh", "debian", "private_ip")
+    assert provider.root_volume is not None
+    volume = provider.root_volume
+    assert (volume.size_gib, volume.type, volume.iops, volume.encrypted, volume.kms_key) == (
+        20, "gp3", 4000, None, "alias/ebs"
+    )  # fmt: skip
+    assert provider.imds_support == "none"
+    assert (
+        load_recipe(_write(tmp_path, AWS_MIN + "  imds_support: null\n", "null.yaml")).provider.model_dump()[
+            "imds_support"
+        ]
+        is None
+    )
+
+
+def test_ssh_without_security_groups_names_the_field_and_the_fix(tmp_path: Path) -> None:
+    """amiforge creates no group open to the world: the recipe must name one that lets this host in on 22."""
+    ((field, (line, message, fix)),) = _aws_problems(tmp_path, "  communicator: ssh\n").items()
+    assert field == "provider.security_group_ids" and line == 2
+    assert "communicator ssh needs security_group_ids" in message
+    assert fix is not None and "TCP 22" in fix and "communicator: ssm" in fix
+
+
+def test_ssh_settings_with_the_ssm_communicator_are_refused(tmp_path: Path) -> None:
+    ((field, (_line, message, fix)),) = _aws_problems(tmp_path, "  ssh_username: debian\n").items()
+    assert field == "provider.ssh_username" and "only apply to communicator: ssh" in message
+    assert fix is not None and "communicator: ssh" in fix
+
+
+@pytest.mark.parametrize("communicator", ["ssm", "ssh"])
+def test_an_aws_provider_block_survives_its_own_dump(tmp_path: Path, communicator: str) -> None:
+    """The registry keeps the baked recipe as dumped JSON (every default written out) and validates it again."""
+    extra = "  communicator: ssh\n  security_group_ids: [sg-0123456789abcdef0]\n" if communicator == "ssh" else ""
+    recipe = load_recipe(_write(tmp_path, AWS_MIN + extra))
+    dumped = recipe.model_dump(mode="json")
+    assert Recipe.model_validate(dumped).model_dump(mode="json") == dumped
+
+
+@pytest.mark.parametrize(
+    ("volume", "field", "message"),
+    [
+        ("{kms_key: alias/ebs, encrypted: false}", "provider.root_volume.encrypted", "only applies to an encrypted"),
+        ("{type: io2, size_gib: 10}", "provider.root_volume.iops", "a io2 volume needs iops"),
+        ("{type: gp2, iops: 3000}", "provider.root_volume.iops", "not gp2"),
+        ("{size_gib: 0}", "provider.root_volume.size_gib", "greater than or equal to 1"),
+        ("{type: st1}", "provider.root_volume.type", "gp3"),
+    ],
+)
+def test_root_volume_problems(tmp_path: Path, volume: str, field: str, message: str) -> None:
+    problems = _aws_problems(tmp_path, f"  root_volume: {volume}\n")
+    assert list(problems) == [field] and message in problems[field][1], problems
+
+
+def test_imds_support_is_v2_or_none(tmp_path: Path) -> None:
+    problems = _aws_problems(tmp_path, "  imds_support: v1.0\n")
+    assert list(problems) == ["provider.imds_support"]
+
+
+def test_schema_says_what_each_communicator_needs_and_whose_debian_images_are() -> None:
+    text = json.dumps(recipe_json_schema())
+    for needed in (
+        "AmazonSSMManagedInstanceCore",
+        "SSM agent",
+        "ssmmessages",
+        "ec2messages",
+        "NAT",
+        "TCP 22",
+        "public IP",
+        "private address",
+        "cloud-init",
+        "host keys",
+        "136693071363",
+    ):
+        assert needed in text, needed
+    assert "owners: [amazon], name: 'debian" not in text
 
 
 def test_long_shell_step_is_truncated() -> None:

@@ -22,10 +22,11 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from amiforge.model import AWS_REGION_PATTERN
-from amiforge.recipe.fields import STRICT, PackageName
+from amiforge.recipe.fields import STRICT, PackageName, PosixName
 from amiforge.yamlfile import NonEmptyStr, fail, matching, short, yaml_type
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Provider",
     "Publish",
     "RegionCopy",
+    "RootVolume",
     "Source",
     "SsmSource",
 ]
@@ -110,7 +112,7 @@ def _check_owner(value: str) -> str:
         raise fail(
             f"{short(value)} is not an image owner: use a 12-digit AWS account id or one of "
             f"{', '.join(_OWNER_ALIASES)}",
-            'e.g. owners: [amazon] or owners: ["136693071363"] (quote account ids)',
+            'e.g. owners: ["136693071363"] (Debian\'s account; quote account ids) or owners: [amazon] (Amazon Linux)',
         )
     return value
 
@@ -140,8 +142,15 @@ class OwnersSource(BaseModel):
 
     model_config = STRICT
 
-    owners: list[Owner] = Field(min_length=1, description="account ids or aliases (amazon, self, aws-marketplace)")
-    name: NonEmptyStr = Field(description="image name filter; * and ? wildcards allowed")
+    owners: list[Owner] = Field(
+        min_length=1,
+        description="the publishers' account ids or aliases (amazon, self, aws-marketplace); Debian publishes its "
+        "images from its own account '136693071363', not amazon",
+    )
+    name: NonEmptyStr = Field(
+        description="image name filter; * and ? wildcards allowed (e.g. debian-12-amd64-*); only images of the "
+        "instance type's architecture are considered"
+    )
     most_recent: bool = True
 
 
@@ -150,7 +159,10 @@ class SsmSource(BaseModel):
 
     model_config = STRICT
 
-    ssm_parameter: Annotated[str, AfterValidator(_check_ssm_parameter)]
+    ssm_parameter: Annotated[str, AfterValidator(_check_ssm_parameter)] = Field(
+        description="parameter holding an ami-… id, e.g. /aws/service/debian/release/bookworm/latest/amd64; its image "
+        "must be of the instance type's architecture (…/arm64 for Graviton types)"
+    )
 
 
 def _check_source(value: object) -> object:
@@ -159,7 +171,8 @@ def _check_source(value: object) -> object:
     if not isinstance(value, dict):
         raise fail(
             f"source must be a mapping, got {yaml_type(value)}",
-            "use {owners: [amazon], name: 'debian-12-amd64-*'} or {ssm_parameter: /aws/service/...}",
+            "use {owners: ['136693071363'], name: 'debian-12-amd64-*'} (Debian's own account) "
+            "or {ssm_parameter: /aws/service/debian/release/bookworm/latest/amd64}",
         )
     has_ssm = "ssm_parameter" in value
     if has_ssm and ("owners" in value or "name" in value):
@@ -172,7 +185,8 @@ def _check_source(value: object) -> object:
         raise fail(
             "source has no owners: an image looked up by name alone can be any account's public image "
             "(the 'whoAMI' name-squatting attack), so owners are required",
-            "add owners: [amazon] (or the 12-digit account id publishing the image), or use ssm_parameter",
+            "add owners with the 12-digit account id publishing the image (Debian: '136693071363'; "
+            "Amazon Linux: amazon), or use ssm_parameter",
             key="owners",
         )
     return value
@@ -235,29 +249,134 @@ class Publish(BaseModel):
     )
 
 
+# What each communicator needs from the account and the image: `amiforge recipe schema` shows these words.
+SSM_NEEDS = (
+    "ssm (default): steps run through SSM Run Command, no inbound port. Needs an instance_profile whose role has "
+    "AmazonSSMManagedInstanceCore, a source image that runs the SSM agent (Amazon Linux and Ubuntu do; Debian's "
+    "official images do not), and a route from the subnet to the SSM endpoints (internet or NAT, or VPC interface "
+    "endpoints for ssm, ssmmessages and ec2messages)"
+)
+SSH_NEEDS = (
+    "ssh: steps run over SSH with a throw-away key pair (imported for the run, deleted after it) and host keys pinned "
+    "from the instance's console. Needs security_group_ids with a group allowing TCP 22 from the host running "
+    "amiforge (none is created for you), a public IP (ssh_interface: public_ip, requested at launch) or a private "
+    "address routable from this host (private_ip), and cloud-init on the image printing the SSH host keys on the "
+    "console (Debian's official images do; their user is admin)"
+)
+_SSH_GROUPS_FIX = (
+    "add provider.security_group_ids: [sg-…], a group allowing inbound TCP 22 from the address amiforge runs from "
+    "(e.g. aws ec2 authorize-security-group-ingress --group-id sg-… --protocol tcp --port 22 --cidr <your IP>/32); "
+    "or use communicator: ssm"
+)
+_IOPS_TYPES = ("io1", "io2", "gp3")
+
+
+class RootVolume(BaseModel):
+    """The builder's root volume, launched from the source image's root snapshot; the image keeps its size, type and
+    encryption. Unset fields keep the source image's (size, type) or the account's EBS default (encryption)."""
+
+    model_config = STRICT
+
+    size_gib: int | None = Field(
+        default=None, ge=1, le=16384, description="size in GiB; at least the source image's root snapshot"
+    )
+    type: Literal["gp3", "gp2", "io1", "io2", "standard"] | None = Field(default=None, description="EBS volume type")
+    iops: int | None = Field(default=None, ge=100, le=256000, description="provisioned IOPS (io1/io2: required)")
+    encrypted: bool | None = Field(
+        default=None, description="encrypt the volume (and so the image's snapshot); kms_key implies true"
+    )
+    kms_key: NonEmptyStr | None = Field(
+        default=None, description="KMS key (id, ARN or alias) for the encryption; default: the account's EBS key"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RootVolume:
+        if self.kms_key is not None and self.encrypted is False:
+            raise fail(
+                "kms_key is set but encrypted is false: a KMS key only applies to an encrypted volume",
+                "drop encrypted: false, or drop kms_key",
+                key="encrypted",
+            )
+        if self.type in ("io1", "io2") and self.iops is None:
+            raise fail(f"a {self.type} volume needs iops", "add iops: 3000 (or another value)", key="iops")
+        if self.iops is not None and self.type not in _IOPS_TYPES:
+            raise fail(
+                f"iops applies to {', '.join(_IOPS_TYPES)} volumes, not {self.type or 'the source image’s type'}",
+                "set type: gp3 (or io1/io2), or drop iops",
+                key="iops",
+            )
+        return self
+
+
 class AwsProvider(BaseModel):
-    """Bake on EC2 from an owner-pinned source image."""
+    """Bake on EC2 from an owner-pinned source image. The communicator is how amiforge runs steps and checks on the
+    builder and the boot-test instance: ssm (SSM Run Command) or ssh (a throw-away key pair)."""
 
     model_config = STRICT
 
     type: Literal["aws"]
     region: AwsRegion
-    instance_type: InstanceType = "t3.micro"
+    instance_type: InstanceType = Field(
+        default="t3.micro", description="builder instance type; the source image must be of its architecture"
+    )
     source: Source
+    communicator: Literal["ssm", "ssh"] = Field(default="ssm", description=f"{SSM_NEEDS}. {SSH_NEEDS}")
+    ssh_username: PosixName = Field(
+        default="admin", description="communicator ssh: the image's default user (Debian: admin, Ubuntu: ubuntu)"
+    )
+    ssh_interface: Literal["public_ip", "private_ip"] = Field(
+        default="public_ip",
+        description="communicator ssh: reach the instance at a public IP requested at launch (the subnet must route "
+        "to an internet gateway), or at its private address (a VPN, peering or a host in the VPC)",
+    )
     subnet_id: SubnetId | None = Field(
         default=None, description="subnet for builder and boot-test instances; default: the default VPC's"
     )
     security_group_ids: list[SecurityGroupId] = Field(
-        default_factory=list, description="security groups for builder and boot-test instances (none inbound needed)"
+        default_factory=list,
+        description="security groups for builder and boot-test instances: none inbound for ssm; for ssh, one "
+        "allowing TCP 22 from the host running amiforge (required)",
     )
     instance_profile: NonEmptyStr | None = Field(
-        default=None, description="instance profile (name or ARN) with AmazonSSMManagedInstanceCore: steps run via SSM"
+        default=None,
+        description="instance profile (name or ARN); for ssm its role needs AmazonSSMManagedInstanceCore",
     )
     boot_test_instance_type: InstanceType | None = Field(
-        default=None, description="instance type of the boot test; default: instance_type"
+        default=None,
+        description="instance type of the boot test (same architecture as the image); default: instance_type",
+    )
+    root_volume: RootVolume | None = Field(
+        default=None, description="the builder's root volume (size, type, encryption); default: the source image's"
+    )
+    imds_support: Literal["v2.0", "none"] | None = Field(
+        default="v2.0",
+        description="v2.0: instances launched from the image require IMDSv2 (set on the image once it exists; it "
+        "cannot be undone); none (or null): leave the image's metadata options alone",
     )
     distribution: Distribution = Field(default_factory=lambda: Distribution(), description="amiforge distribute")
     publish: Publish = Field(default_factory=lambda: Publish(), description="what promote writes per channel")
+
+    @model_validator(mode="after")
+    def _communicator_settings(self) -> AwsProvider:
+        if self.communicator == "ssh" and not self.security_group_ids:
+            # A group open to 0.0.0.0/0 made behind the user's back is exactly what must not happen.
+            raise fail(
+                "communicator ssh needs security_group_ids: amiforge creates no group, and the VPC's default group "
+                "lets no SSH in from outside",
+                _SSH_GROUPS_FIX,
+                key="security_group_ids",
+            )
+        if self.communicator == "ssm":
+            # By value, not by presence: a recipe stored with its version is dumped with every default.
+            defaults = type(self).model_fields
+            stray = [k for k in ("ssh_username", "ssh_interface") if getattr(self, k) != defaults[k].default]
+            if stray:
+                raise fail(
+                    f"{', '.join(stray)} only apply to communicator: ssh, and this recipe uses ssm",
+                    "add communicator: ssh, or drop " + " and ".join(stray),
+                    key=stray[0],
+                )
+        return self
 
     @field_validator("distribution")
     @classmethod

@@ -106,8 +106,61 @@ def test_nothing_matches_is_not_found_naming_the_filter(aws: Aws, debian: dict[s
     with pytest.raises(NotFound, match=r"debian-13-\*") as caught:
         resolve_source(OwnersSource(owners=["amazon"], name="debian-13-*"), aws.session, REGION)
     assert "amazon" in caught.value.message
-    with pytest.raises(NotFound):
-        resolve_source(OwnersSource(owners=[ACCOUNT], name="debian-12-*"), aws.session, REGION, architecture="arm64")
+    with pytest.raises(NotFound, match=r"architecture=arm64"):
+        # Every image here is x86_64: none for a Graviton builder.
+        resolve_source(
+            OwnersSource(owners=[ACCOUNT], name="debian-12-*"), aws.session, REGION, instance_type="t4g.micro"
+        )
+
+
+def _arm64(image_id: str) -> str:
+    ec2_backends[ACCOUNT][REGION].amis[image_id].architecture = "arm64"  # moto's CreateImage is always x86_64
+    return image_id
+
+
+def test_source_resolves_for_the_instance_types_architecture(aws: Aws, debian: dict[str, str]) -> None:
+    """`debian-12-*` matches both architectures: the newest image of the *builder's* architecture wins."""
+    ec2: Any = aws.ec2()
+    newest_arm = _arm64(_image(ec2, _instance(ec2), "debian-12-arm64-20240401", day=90))
+    source = OwnersSource(owners=[ACCOUNT], name="debian-12-*")
+    assert resolve_source(source, aws.session, REGION).image_id == newest_arm  # the old behaviour: by date alone
+    aws.calls.reset()
+    x86 = resolve_source(source, aws.session, REGION, instance_type="t3.micro")
+    assert (x86.image_id, x86.architecture) == (debian["new"], "x86_64")
+    assert aws.calls["ec2.DescribeInstanceTypes"] == 1
+    arm = resolve_source(source, aws.session, REGION, instance_type="t4g.micro")
+    assert (arm.image_id, arm.architecture) == (newest_arm, "arm64")
+    # t2 runs i386 and x86_64: both are asked for, and the x86_64 image is the one there is.
+    assert resolve_source(source, aws.session, REGION, instance_type="t2.micro").image_id == debian["new"]
+
+
+def test_ssm_parameter_of_another_architecture_is_a_config_error(aws: Aws, debian: dict[str, str]) -> None:
+    arm = _arm64(debian["mid"])
+    aws.session.client("ssm").put_parameter(Name=PARAM, Value=arm, Type="String", DataType="aws:ec2:image")
+    assert (
+        resolve_source(SsmSource(ssm_parameter=PARAM), aws.session, REGION, instance_type="m7g.large").image_id == arm
+    )
+    with pytest.raises(ConfigError) as caught:
+        resolve_source(SsmSource(ssm_parameter=PARAM), aws.session, REGION, instance_type="t3.micro")
+    message = caught.value.message
+    assert arm in message and PARAM in message and "arm64" in message and "t3.micro runs x86_64" in message
+    assert caught.value.fix and "arm64" in caught.value.fix
+
+
+def test_unknown_instance_type_is_a_config_error_before_any_image_lookup(aws: Aws, debian: dict[str, str]) -> None:
+    aws.calls.reset()
+    with pytest.raises(ConfigError, match="instance type t9.nothing is not offered in eu-west-1") as caught:
+        resolve_source(
+            OwnersSource(owners=[ACCOUNT], name="debian-12-*"), aws.session, REGION, instance_type="t9.nothing"
+        )
+    assert caught.value.fix and "instance_type" in caught.value.fix
+    assert aws.calls["ec2.DescribeImages"] == 0
+
+
+def test_source_image_knows_its_root_device(aws: Aws, debian: dict[str, str]) -> None:
+    """What the builder's root_volume mapping needs: the device name and the snapshot's size (moto: /dev/sda1, 15)."""
+    image = resolve_source(OwnersSource(owners=[ACCOUNT], name="debian-12-amd64-*"), aws.session, REGION)
+    assert (image.root_device_name, image.root_volume_gib) == ("/dev/sda1", 15)
 
 
 def test_most_recent_false_wants_exactly_one(aws: Aws, debian: dict[str, str]) -> None:

@@ -5,6 +5,9 @@ looked up among pinned owners. The recipe schema already refuses a source withou
 again at runtime, because a source can also be built in code (`model_construct`, an API payload) without passing the
 schema.
 
+A source resolves for the architecture of the instance type that will run it (DescribeInstanceTypes): a name
+pattern like `debian-12-*` matches amd64 and arm64 images alike, and the newest of them may not boot on the builder.
+
 Listing goes through the paginator at full page size: an inventory of N images costs ⌈N/1000⌉ DescribeImages calls
 per region, never one call per image.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,8 +29,10 @@ __all__ = [
     "MANAGED_TAG",
     "ImageSummary",
     "SourceImage",
+    "check_architecture",
     "describe_image",
     "image_digest",
+    "instance_architectures",
     "inventory",
     "parse_aws_time",
     "resolve_source",
@@ -37,7 +42,8 @@ __all__ = [
 # (docs/architecture.md §8).
 MANAGED_TAG = "amiforge:managed"
 _WHOAMI_FIX = (
-    "pin the publisher: owners: [amazon] or the 12-digit account id publishing the image, or use ssm_parameter"
+    "pin the publisher: owners with the 12-digit account id publishing the image (Debian: '136693071363'; "
+    "Amazon Linux: amazon), or use ssm_parameter"
 )
 
 
@@ -50,6 +56,8 @@ class SourceImage:
     owner: str
     creation_date: datetime
     architecture: str | None
+    root_device_name: str | None = None
+    root_volume_gib: int | None = None  # the size of the root device's snapshot: a builder's volume is at least this
 
 
 @dataclass(frozen=True)
@@ -77,12 +85,20 @@ def parse_aws_time(value: object) -> datetime:
 
 
 def _source_image(image: Mapping[str, Any]) -> SourceImage:
+    root = image.get("RootDeviceName")
+    sizes = [
+        m["Ebs"]["VolumeSize"]
+        for m in image.get("BlockDeviceMappings", [])
+        if m.get("DeviceName") == root and "VolumeSize" in m.get("Ebs", {})
+    ]
     return SourceImage(
         image_id=str(image["ImageId"]),
         name=str(image.get("Name") or ""),
         owner=str(image.get("OwnerId") or ""),
         creation_date=parse_aws_time(image["CreationDate"]),
         architecture=image.get("Architecture"),
+        root_device_name=str(root) if root else None,
+        root_volume_gib=int(sizes[0]) if sizes else None,
     )
 
 
@@ -143,14 +159,55 @@ def image_digest(image: Mapping[str, Any], region: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def instance_architectures(session: AwsSession, region: str, instance_type: str) -> tuple[str, ...]:
+    """The architectures `instance_type` runs in `region` (x86_64, arm64, i386, …), from DescribeInstanceTypes.
+    ConfigError if EC2 does not offer the type there."""
+    ec2 = session.client("ec2", region)
+    # A filter rather than InstanceTypes=[…]: an unknown type is then an empty answer, not an error code to decode.
+    found = call(
+        ec2,
+        "DescribeInstanceTypes",
+        instance_type,
+        Filters=[{"Name": "instance-type", "Values": [instance_type]}],
+    ).get("InstanceTypes", [])
+    if not found:
+        raise ConfigError(
+            f"instance type {instance_type} is not offered in {region}",
+            fix="check provider.instance_type (and boot_test_instance_type): aws ec2 describe-instance-types "
+            f"--region {region} lists the types there",
+        )
+    return tuple(str(a) for a in found[0].get("ProcessorInfo", {}).get("SupportedArchitectures", []))
+
+
+def check_architecture(
+    image_id: str, architecture: str | None, architectures: Sequence[str], instance_type: str, *, named_by: str = ""
+) -> None:
+    """ConfigError unless `architecture` (an image's) is one of `architectures` (what `instance_type` runs)."""
+    if architecture is not None and architecture not in architectures:
+        raise ConfigError(
+            f"image {image_id}{named_by} is {architecture}, but instance type {instance_type} runs "
+            f"{' or '.join(architectures) or 'no known architecture'}",
+            fix="use an instance type of the image's architecture (arm64: Graviton types such as t4g or m7g; "
+            "x86_64: t3, m7i, …), or a source of the instance type's architecture (the …/amd64 or …/arm64 parameter)",
+        )
+
+
 def resolve_source(
-    source: OwnersSource | SsmSource, session: AwsSession, region: str, *, architecture: str | None = None
+    source: OwnersSource | SsmSource, session: AwsSession, region: str, *, instance_type: str | None = None
 ) -> SourceImage:
     """The image a recipe's source names in `region`: read from an SSM parameter, or the newest available image
-    named like `source.name` among `source.owners`. No side effects."""
+    named like `source.name` among `source.owners`. With `instance_type`, only an image of an architecture that type
+    runs: a name lookup filters on it, a parameter naming another architecture is a ConfigError. No side effects."""
+    if isinstance(source, OwnersSource):
+        _refuse_unpinned(source)
+    architectures = instance_architectures(session, region, instance_type) if instance_type else None
     if isinstance(source, SsmSource):
-        return _resolve_ssm(source, session, region)
-    return _resolve_owners(source, session, region, architecture)
+        image = _resolve_ssm(source, session, region)
+        if architectures is not None and instance_type:
+            named_by = f" (named by {source.ssm_parameter})"
+            check_architecture(image.image_id, image.architecture, architectures, instance_type, named_by=named_by)
+        return image
+    return _resolve_owners(source, session, region, architectures)
 
 
 def _resolve_ssm(source: SsmSource, session: AwsSession, region: str) -> SourceImage:
@@ -171,19 +228,26 @@ def _resolve_ssm(source: SsmSource, session: AwsSession, region: str) -> SourceI
     return _source_image(image)
 
 
-def _resolve_owners(source: OwnersSource, session: AwsSession, region: str, architecture: str | None) -> SourceImage:
-    owners = [o for o in source.owners if o]
-    if not owners:
+def _refuse_unpinned(source: OwnersSource) -> None:
+    if not [o for o in source.owners if o]:
         # Defence in depth behind the schema: without owners, anyone's public image with a matching name qualifies.
         what = "most_recent lookup" if source.most_recent else "lookup"
         raise ConfigError(
             f"refusing an image {what} by name {source.name!r} without owners (whoAMI name squatting)",
             fix=_WHOAMI_FIX,
         )
+
+
+def _resolve_owners(
+    source: OwnersSource, session: AwsSession, region: str, architectures: Sequence[str] | None
+) -> SourceImage:
+    owners = [o for o in source.owners if o]
     filters = [{"Name": "name", "Values": [source.name]}, {"Name": "state", "Values": ["available"]}]
-    if architecture is not None:
-        filters.append({"Name": "architecture", "Values": [architecture]})
-    described = f"name={source.name!r} owners={owners}" + (f" architecture={architecture}" if architecture else "")
+    if architectures is not None:
+        filters.append({"Name": "architecture", "Values": list(architectures)})
+    described = f"name={source.name!r} owners={owners}" + (
+        f" architecture={'|'.join(architectures)}" if architectures is not None else ""
+    )
     ec2 = session.client("ec2", region)
     images = _newest_first(paginate(ec2, "DescribeImages", "Images", described, Owners=owners, Filters=filters))
     if not images:
