@@ -29,7 +29,8 @@ def live() -> LiveConfig:
 def aws(live: LiveConfig) -> Any:
     import boto3  # only here: the live suite is the one place tests talk to AWS themselves
 
-    return boto3.Session(region_name=live.region)
+    # The account amiforge works in: AMIFORGE_AWS_PROFILE if set, else the standard chain, as amiforge takes it.
+    return boto3.Session(profile_name=os.environ.get("AMIFORGE_AWS_PROFILE") or None, region_name=live.region)
 
 
 @pytest.fixture(scope="session")
