@@ -1,11 +1,31 @@
 """What distribute.py needs from EC2 that moto 5.2.5 lacks, emulated in-process, plus a crash injector.
 
-- `CopyImageEmulation`: moto's CopyImage ignores ClientToken (two calls make two images), TagSpecifications,
-  Encrypted and KmsKeyId. The emulation wraps moto's response method: the same token in the same account and region
-  answers the same image id (as EC2 does; a different request under a reused token is IdempotentParameterMismatch),
-  TagSpecifications for `image` are applied at creation (`honour_tags=False` turns that off, to prove the ClientToken
-  alone prevents duplicates), and the requested encryption is recorded in `encryption` (image id → KmsKeyId), since
-  moto's copy is never encrypted.
+- `CopyImageEmulation`: CopyImage as the EC2 API reference documents it. moto's own CopyImage takes SourceImageId,
+  SourceRegion, Name and Description and ignores everything else: ClientToken (two calls make two images),
+  TagSpecifications, CopyImageTags, Encrypted and KmsKeyId; its copy is `available` at once and a duplicate Name is
+  accepted. The emulation wraps moto's response method:
+  * refuses what EC2 refuses, before anything is made: KmsKeyId without Encrypted=true
+    (InvalidParameterDependency); a TagSpecifications entry without ResourceType, or with one other than `image` or
+    `snapshot` ("If you specify other values for ResourceType, the request fails"), or a tag key starting with `aws:`
+    (InvalidParameterValue); more than one of DestinationOutpostArn / DestinationAvailabilityZone(Id)
+    (InvalidParameterCombination); a SnapshotCopyCompletionDurationMinutes that is not a multiple of 15, or given
+    with an Outpost or Local Zone destination; a ClientToken over 64 characters; a Name an image of the account in
+    the destination region already has (InvalidAMIName.Duplicate);
+  * ClientToken: idempotent per (account, destination region, token), comparing *every* request parameter: the same
+    token with the same parameters answers the first call's ImageId (even after a crash lost that answer); the same
+    token with any parameter different is IdempotentParameterMismatch. The idempotency check comes first, so a retry
+    is not refused as a duplicate name;
+  * the copy is `pending` for `pending_looks` DescribeImages calls in its region (each call is a tick of time), its
+    snapshot `pending` too, then both are `available`/`completed`. A KmsKeyId that does not name an enabled key in
+    the destination region is authenticated asynchronously, as documented: the copy goes `pending`, then `failed`;
+  * tags: CopyImageTags=true copies the source's user-defined tags (not `aws:*`) to the new AMI; TagSpecifications
+    `image` tags the AMI and `snapshot` tags every new snapshot, at creation (`honour_tags=False` makes the endpoint
+    ignore TagSpecifications, to prove the ClientToken alone prevents duplicates);
+  * encryption: the copy's snapshots are encrypted when Encrypted=true, when the destination is an Outpost, or when
+    the source's are (no unencrypted copy of an encrypted snapshot); under KmsKeyId (its ARN), else the region's
+    AWS-managed EBS key (shown as KmsKeyId None here: moto has no aws/ebs key).
+  Not modelled: Local Zones and Outposts as places (such a copy lands in the region), time-based copies' timing,
+  DryRun beyond moto's own.
 - `DeregistrationProtection`: EnableImageDeregistrationProtection raises NotImplementedError in moto. A `before-call`
   handler answers it instead (after checking the image exists in moto) and records the protected images. It sits on
   the generic `before-call` event after ApiCalls and Crash, so the call is still counted and can still be crashed.
@@ -16,7 +36,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pytest
@@ -25,46 +47,197 @@ from moto.core.responses import ActionResult
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import ec2_backends
 from moto.ec2.responses.amis import AmisResponse
+from moto.kms.models import kms_backends
 from moto_emulation import _Raw
 
 ACCOUNT = "123456789012"
+# "The same tag is applied to all the new snapshots"; any other ResourceType fails the request.
+COPY_TAGGABLE = ("image", "snapshot")
+_DESTINATIONS = ("DestinationOutpostArn", "DestinationAvailabilityZone", "DestinationAvailabilityZoneId")
+# Request parameters that are not part of "the same request" for ClientToken idempotency.
+_NOT_COMPARED = {"ClientToken", "DryRun", "Action", "Version"}
+
+
+@dataclass
+class _Copy:
+    """A copy in progress: `looks` DescribeImages in its region until it ends `outcome` (available or failed)."""
+
+    image_id: str
+    looks: int
+    outcome: str
 
 
 class CopyImageEmulation:
-    def __init__(self) -> None:
+    def __init__(self, *, pending_looks: int = 1) -> None:
         self.honour_tags = True
-        self.encryption: dict[str, str | None] = {}
-        self._tokens: dict[tuple[str, str, str], tuple[str, str]] = {}
-        self._lock = threading.Lock()
+        self.pending_looks = pending_looks
+        self._tokens: dict[tuple[str, str, str], tuple[str, str]] = {}  # (account, region, token) → (request, image)
+        self._copying: dict[tuple[str, str], list[_Copy]] = {}  # (account, region) → copies in progress
+        self.looked_pending: set[str] = set()  # copies some DescribeImages answered as pending
+        self._lock = threading.RLock()
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         emulation = self
-        original = AmisResponse.copy_image
+        copy_image = AmisResponse.copy_image
+        describe_images = AmisResponse.describe_images  # may already be the paging emulation's
 
-        def copy_image(resp: Any) -> ActionResult:
-            token = resp._get_param("ClientToken")
-            request = repr(
-                (resp._get_param("SourceImageId"), resp._get_param("SourceRegion"), resp._get_param("KmsKeyId"))
-            )
-            key = (resp.current_account, resp.region, str(token))
+        def copy(resp: Any) -> ActionResult:
             with emulation._lock:
-                if token and key in emulation._tokens:
-                    earlier_request, image_id = emulation._tokens[key]
-                    if earlier_request != request:
-                        raise EC2ClientError("IdempotentParameterMismatch", "token reused for another request")
-                    return ActionResult({"ImageId": image_id})
-                result = original(resp)
-                image_id = str(cast(dict[str, Any], result.result)["ImageId"])
-                if token:
-                    emulation._tokens[key] = (request, image_id)
-                emulation.encryption[image_id] = resp._get_param("KmsKeyId") if resp._get_param("Encrypted") else None
-                if emulation.honour_tags:
-                    for resource_type, tags in resp._parse_tag_specification().items():
-                        assert resource_type == "image", resource_type
-                        resp.ec2_backend.create_tags([image_id], tags)
-                return result
+                return emulation._copy(resp, copy_image)
 
-        monkeypatch.setattr(AmisResponse, "copy_image", copy_image)
+        def describe(resp: Any) -> ActionResult:
+            with emulation._lock:
+                emulation._tick(resp.current_account, resp.region)
+            return describe_images(resp)
+
+        monkeypatch.setattr(AmisResponse, "copy_image", copy)
+        monkeypatch.setattr(AmisResponse, "describe_images", describe)
+
+    # --- CopyImage ------------------------------------------------------------------------------------------------
+
+    def _copy(self, resp: Any, moto_copy: Any) -> ActionResult:
+        params: dict[str, Any] = dict(resp.params)
+        if params.get("DryRun"):
+            return cast(ActionResult, moto_copy(resp))  # moto answers DryRunOperation
+        self._check(params)
+        account, region = str(resp.current_account), str(resp.region)
+        token = params.get("ClientToken")
+        request = json.dumps({k: v for k, v in params.items() if k not in _NOT_COMPARED}, sort_keys=True, default=str)
+        key = (account, region, str(token))
+        if token:
+            earlier = self._tokens.get(key)
+            if earlier is not None:
+                if earlier[0] != request:
+                    raise EC2ClientError(
+                        "IdempotentParameterMismatch",
+                        f"The client token {token} was used for a request with different parameters",
+                    )
+                return ActionResult({"ImageId": earlier[1]})
+        backend = ec2_backends[account][region]
+        name = str(params["Name"])
+        if any(ami.name == name for ami in backend.amis.values()):
+            raise EC2ClientError(
+                "InvalidAMIName.Duplicate", f"AMI name {name} is already in use by an AMI owned by you"
+            )
+        image_id = str(cast(dict[str, Any], moto_copy(resp).result)["ImageId"])
+        if token:
+            self._tokens[key] = (request, image_id)
+        ami = backend.amis[image_id]
+        # moto's copy found the source (or raised InvalidAMIID.NotFound); the same lookup gives its record.
+        source = ec2_backends[account][str(params["SourceRegion"])].describe_images(ami_ids=[params["SourceImageId"]])[
+            0
+        ]
+        self._encrypt(ami, source, params, account, region)
+        self._tag(backend, ami, source, params)
+        ami.state = "pending"
+        ami.ebs_snapshot.status = "pending"
+        outcome = "available" if self._key_usable(params.get("KmsKeyId"), account, region) else "failed"
+        self._copying.setdefault((account, region), []).append(_Copy(image_id, self.pending_looks, outcome))
+        return ActionResult({"ImageId": image_id})
+
+    @staticmethod
+    def _check(params: dict[str, Any]) -> None:
+        """What EC2 refuses synchronously, before anything exists."""
+        if params.get("KmsKeyId") and params.get("Encrypted") is not True:
+            raise EC2ClientError(
+                "InvalidParameterDependency", "The parameter KmsKeyId requires the parameter Encrypted to be set."
+            )
+        for spec in params.get("TagSpecifications") or []:
+            kind = spec.get("ResourceType")
+            if not kind:
+                raise EC2ClientError("InvalidParameterValue", "Tag specification resource type must have a value")
+            if kind not in COPY_TAGGABLE:
+                raise EC2ClientError("InvalidParameterValue", f"'{kind}' is not a valid taggable resource type")
+            for tag in spec.get("Tags") or []:
+                if str(tag.get("Key", "")).lower().startswith("aws:"):
+                    raise EC2ClientError("InvalidParameterValue", "Tag keys starting with 'aws:' are reserved")
+        destinations = [d for d in _DESTINATIONS if params.get(d)]
+        if len(destinations) > 1:
+            raise EC2ClientError(
+                "InvalidParameterCombination", f"Only one of {', '.join(_DESTINATIONS)} can be specified"
+            )
+        duration = params.get("SnapshotCopyCompletionDurationMinutes")
+        if duration is not None:
+            if destinations:
+                raise EC2ClientError(
+                    "InvalidParameterCombination",
+                    "SnapshotCopyCompletionDurationMinutes is not supported for an Outpost or Local Zone",
+                )
+            if int(duration) <= 0 or int(duration) % 15:
+                raise EC2ClientError(
+                    "InvalidParameterValue", "SnapshotCopyCompletionDurationMinutes must be in 15 minutes"
+                )
+        token = params.get("ClientToken")
+        if token is not None and len(str(token)) > 64:
+            raise EC2ClientError("InvalidParameterValue", "The client token must be at most 64 characters")
+
+    @staticmethod
+    def _encrypt(ami: Any, source: Any, params: dict[str, Any], account: str, region: str) -> None:
+        snapshot = ami.ebs_snapshot
+        encrypted = bool(params.get("Encrypted")) or bool(params.get("DestinationOutpostArn"))
+        snapshot.encrypted = encrypted or bool(source.ebs_snapshot.encrypted)
+        key = params.get("KmsKeyId")
+        found = _find_key(str(key), account, region) if key else None
+        # EBS records the key's ARN whatever form the request named it in; an unusable key fails the copy later.
+        snapshot.kms_key_id = found.arn if found is not None else (str(key) if key else None)
+
+    def _tag(self, backend: Any, ami: Any, source: Any, params: dict[str, Any]) -> None:
+        if params.get("CopyImageTags"):
+            user_tags = {k: v for k, v in backend_tags(source).items() if not k.startswith("aws:")}
+            if user_tags:
+                backend.create_tags([ami.id], user_tags)
+        if not self.honour_tags:
+            return
+        for spec in params.get("TagSpecifications") or []:
+            tags = {str(t["Key"]): str(t.get("Value", "")) for t in spec.get("Tags") or []}
+            target = ami.id if spec["ResourceType"] == "image" else ami.ebs_snapshot.id
+            if tags:
+                backend.create_tags([target], tags)
+
+    @staticmethod
+    def _key_usable(key: Any, account: str, region: str) -> bool:
+        if not key:
+            return True
+        found = _find_key(str(key), account, region)
+        return found is not None and found.enabled and found.key_state == "Enabled"
+
+    # --- time -----------------------------------------------------------------------------------------------------
+
+    def _tick(self, account: str, region: str) -> None:
+        """One DescribeImages in (account, region): copies with looks left stay pending; the others end."""
+        backend = ec2_backends[account][region]
+        still: list[_Copy] = []
+        for copy in self._copying.get((account, region), []):
+            ami = backend.amis.get(copy.image_id)
+            if ami is None:
+                continue  # deregistered while copying
+            if copy.looks > 0:
+                copy.looks -= 1
+                self.looked_pending.add(copy.image_id)
+                still.append(copy)
+                continue
+            ami.state = copy.outcome
+            ami.ebs_snapshot.status = "completed" if copy.outcome == "available" else "error"
+        self._copying[(account, region)] = still
+
+
+def backend_tags(resource: Any) -> dict[str, str]:
+    """A moto EC2 resource's tags as a dict."""
+    return {str(t["key"]): str(t["value"]) for t in resource.get_tags()}
+
+
+def _find_key(key: str, account: str, region: str) -> Any:
+    """The moto KMS key `key` names (id, ARN, alias, alias ARN) in the destination region, or None."""
+    if key.startswith("arn:"):
+        parts = key.split(":")
+        if len(parts) < 6 or parts[3] != region:
+            return None
+        account = parts[4]
+    backend = kms_backends[account][region]
+    try:
+        return backend.keys.get(backend.any_id_to_key_id(key))
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 class DeregistrationProtection:

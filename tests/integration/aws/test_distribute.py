@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from conftest import ACCOUNT, Aws
-from distribute_fixtures import CopyImageEmulation, Crash, Crashed, DeregistrationProtection
+from distribute_fixtures import CopyImageEmulation, Crash, Crashed, DeregistrationProtection, backend_tags
 from moto.ec2.models import ec2_backends
 from moto.kms.models import kms_backends
 
@@ -71,6 +72,7 @@ class Env:
             for image in images:
                 image_id = image["ImageId"]
                 snapshots = [m["Ebs"]["SnapshotId"] for m in image["BlockDeviceMappings"]]
+                backing = ec2.describe_snapshots(SnapshotIds=snapshots)["Snapshots"]
                 attribute = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
                 volume_perms = [
                     sorted(
@@ -85,15 +87,20 @@ class Env:
                     {
                         "name": image["Name"],
                         "public": image["Public"],
-                        "tags": sorted((t["Key"], t["Value"].replace(source, "<src>")) for t in image["Tags"]),
+                        "tags": _tags(image, source),
+                        "snapshot_tags": [_tags(snapshot, source) for snapshot in backing],
                         "launch": sorted(str(sorted(p.items())) for p in attribute["LaunchPermissions"]),
                         "volume": volume_perms,
                         "protected": (region, image_id) in self.protection.protected,
-                        "kms": self.copies.encryption.get(image_id),
+                        "kms": [snapshot.get("KmsKeyId") for snapshot in backing],
                     }
                 )
             out[region] = described
         return out
+
+
+def _tags(resource: dict[str, Any], source: str) -> list[tuple[str, str]]:
+    return sorted((t["Key"], t["Value"].replace(source, "<src>")) for t in resource.get("Tags", []))
 
 
 @pytest.fixture
@@ -184,7 +191,8 @@ def test_happy_path_two_regions(env: Env) -> None:
         assert all(a in launch for a in SHARE_ACCOUNTS) and ORG in launch and OU in launch and "all" not in launch
         assert image["volume"] == [sorted(SHARE_ACCOUNTS)]
         assert image["protected"] is True
-        assert image["kms"] == env.keys[region]  # each region's own key
+        assert image["kms"] == [env.keys[region]]  # each region's own key, on the copy's snapshot
+        assert image["snapshot_tags"] == [image["tags"]]  # the snapshot is amiforge's too (sharing, gc)
         assert result.image_ids[region] not in ec2_backends[ACCOUNT][SOURCE_REGION].amis
     assert {(p.region, p.step) for p in progress} >= {(r, s) for r in TARGETS for s in ("copied", "shared", "done")}
     assert env.aws.calls["ec2.CopyImage"] == 2
@@ -218,7 +226,7 @@ def test_public_needs_the_flag_and_then_shares_with_all(env: Env) -> None:
     result = _run(env, plan)
     for region in TARGETS:
         [image] = env.state(source)[region]
-        assert image["public"] is True and image["kms"] is None
+        assert image["public"] is True and image["kms"] == [None]
     assert all(r.shared_with == ("all",) for r in result.regions)
 
 
@@ -273,6 +281,177 @@ def test_running_twice_adopts(env: Env) -> None:
     assert env.state(source) == before and all(len(images) == 1 for images in before.values())
 
 
+def test_a_copys_snapshots_are_tagged_at_creation(env: Env) -> None:
+    """Killed right after CopyImage answered: the copy's snapshot already carries amiforge:managed and the run, so
+    sharing it (ModifySnapshotAttribute) and gc/retire (DeleteSnapshot), which IAM allows only on managed resources,
+    work on it, and gc finds it even if no rerun ever comes."""
+    source = env.source()
+    region = TARGETS[0]
+    plan = plan_distribution(source, SOURCE_REGION, [RegionTarget(region, env.keys[region])], run_id="snap")
+    env.crash.arm(at=4, when="after")  # DescribeImages (source), DescribeKey, DescribeImages (adopt), CopyImage
+    with pytest.raises(Crashed):
+        _run(env, plan)
+    assert env.crash.crashed == "CopyImage"
+    (copy,) = ec2_backends[ACCOUNT][region].amis.values()
+    snapshot_tags = backend_tags(copy.ebs_snapshot)
+    assert snapshot_tags["amiforge:managed"] == "true" and snapshot_tags["amiforge:run"] == "snap"
+    assert snapshot_tags[SOURCE_IMAGE_TAG] == source
+
+
+def test_an_adopted_copys_untagged_snapshot_is_tagged(env: Env) -> None:
+    """A copy made before snapshots were tagged (or by an endpoint that ignored TagSpecifications) converges."""
+    source = env.source()
+    first = _run(env, env.plan(source))
+    for region, image_id in first.image_ids.items():
+        snapshot = ec2_backends[ACCOUNT][region].amis[image_id].ebs_snapshot
+        keys = [{"Key": key} for key in backend_tags(snapshot)]
+        env.ec2(region).delete_tags(Resources=[snapshot.id], Tags=keys)
+    assert all(image["snapshot_tags"] == [[]] for r in TARGETS for image in env.state(source)[r])
+    again = _run(env, env.plan(source))
+    assert all(r.adopted for r in again.regions)
+    for region in TARGETS:
+        [image] = env.state(source)[region]
+        assert image["snapshot_tags"] == [image["tags"]] and ("amiforge:managed", "true") in image["tags"]
+
+
+def test_nothing_touches_a_copy_before_it_is_available(env: Env) -> None:
+    """Copies stay pending for several looks; tags, shares and protection come only once a copy is available."""
+    env.copies.pending_looks = 3
+    source = env.source()
+    touched: list[tuple[str, str]] = []
+    writes = {"CreateTags", "ModifyImageAttribute", "ModifySnapshotAttribute", "EnableImageDeregistrationProtection"}
+
+    def check_available(model: Any, params: dict[str, Any], request_signer: Any, **_: Any) -> None:
+        if model.name not in writes:
+            return
+        region = str(request_signer.region_name)
+        body = params["body"]
+        image_id = body.get("ImageId") or body.get("ResourceId.1") or body.get("SnapshotId")
+        amis = ec2_backends[ACCOUNT][region].amis
+        image = amis.get(image_id) or next(a for a in amis.values() if a.ebs_snapshot.id == image_id)
+        touched.append((model.name, image.state))
+
+    env.aws.session.boto_session.events.register("before-call.ec2", check_available)
+    result = _run(env, env.plan(source))
+    copies = set(result.image_ids.values())
+    assert copies <= env.copies.looked_pending  # DescribeImages did answer pending first
+    assert {name for name, _ in touched} == writes
+    assert {state for _, state in touched} == {"available"}, touched
+
+
+# --- the CopyImage emulation: what EC2 documents, and refuses ---------------------------------------------------
+
+
+def _copy(env: Env, source: str, region: str = TARGETS[0], **kw: Any) -> str:
+    request: dict[str, Any] = {"SourceImageId": source, "SourceRegion": SOURCE_REGION, "Name": "copy-1", **kw}
+    return str(env.ec2(region).copy_image(**request)["ImageId"])
+
+
+def _code(env: Env, source: str, **kw: Any) -> str:
+    with pytest.raises(ClientError) as caught:
+        _copy(env, source, **kw)
+    return str(caught.value.response["Error"]["Code"])
+
+
+def test_copy_emulation_refuses_what_ec2_refuses(env: Env) -> None:
+    source = env.source()
+    region = TARGETS[0]
+    tags = [{"Key": "a", "Value": "1"}]
+    assert _code(env, source, KmsKeyId=env.keys[region]) == "InvalidParameterDependency"
+    assert _code(env, source, Encrypted=False, KmsKeyId=env.keys[region]) == "InvalidParameterDependency"
+    assert _code(env, source, TagSpecifications=[{"ResourceType": "instance", "Tags": tags}]) == "InvalidParameterValue"
+    assert _code(env, source, TagSpecifications=[{"Tags": tags}]) == "InvalidParameterValue"
+    aws_tag = [{"ResourceType": "image", "Tags": [{"Key": "aws:owner", "Value": "me"}]}]
+    assert _code(env, source, TagSpecifications=aws_tag) == "InvalidParameterValue"
+    two_places = {"DestinationOutpostArn": "arn:aws:outposts:eu-west-1:123456789012:outpost/op-0123456789abcdef0"}
+    two_places["DestinationAvailabilityZone"] = "eu-west-1-lhr-1a"
+    assert _code(env, source, **two_places) == "InvalidParameterCombination"
+    assert _code(env, source, SnapshotCopyCompletionDurationMinutes=20) == "InvalidParameterValue"
+    assert _code(env, source, ClientToken="t" * 65) == "InvalidParameterValue"
+    assert ec2_backends[ACCOUNT][region].amis == {}  # a refused request makes nothing
+    _copy(env, source)
+    assert _code(env, source) == "InvalidAMIName.Duplicate"
+    _copy(env, source, region=TARGETS[1])  # a name is unique per region, not across regions
+    assert _code(env, "ami-0000000000test01", Name="copy-9") == "InvalidAMIID.NotFound"
+
+
+def test_copy_emulation_client_token_compares_every_parameter(env: Env) -> None:
+    source = env.source()
+    region = TARGETS[0]
+    request: dict[str, Any] = {
+        "ClientToken": "token-1",
+        "Description": "d",
+        "Encrypted": True,
+        "KmsKeyId": env.keys[region],
+        "TagSpecifications": [{"ResourceType": "snapshot", "Tags": [{"Key": "a", "Value": "1"}]}],
+    }
+    first = _copy(env, source, **request)
+    assert _copy(env, source, **request) == first  # a retry: the same image, no duplicate-name refusal
+    assert len(ec2_backends[ACCOUNT][region].amis) == 1
+    for changed in (
+        {"Description": "other"},
+        {"Name": "copy-2"},
+        {"KmsKeyId": env.kms(region).create_key(Description="another")["KeyMetadata"]["Arn"]},
+        {"TagSpecifications": [{"ResourceType": "snapshot", "Tags": [{"Key": "a", "Value": "2"}]}]},
+        {"CopyImageTags": True},
+    ):
+        assert _code(env, source, **{**request, **changed}) == "IdempotentParameterMismatch", changed
+    assert _copy(env, source, region=TARGETS[1], ClientToken="token-1") != first  # tokens are per region
+    assert len(ec2_backends[ACCOUNT][region].amis) == 1
+
+
+def test_copy_emulation_pending_tags_and_encryption(env: Env) -> None:
+    env.copies.pending_looks = 2
+    source = env.source()
+    ec2_backends[ACCOUNT][SOURCE_REGION].create_tags([source], {"team": "platform"})
+    region = TARGETS[0]
+    ec2 = env.ec2(region)
+    alias = "alias/ebs-copies"
+    env.kms(region).create_alias(AliasName=alias, TargetKeyId=env.keys[region])
+    image_id = _copy(
+        env,
+        source,
+        Encrypted=True,
+        KmsKeyId=alias,
+        CopyImageTags=True,
+        TagSpecifications=[
+            {"ResourceType": "image", "Tags": [{"Key": "kind", "Value": "image"}]},
+            {"ResourceType": "snapshot", "Tags": [{"Key": "kind", "Value": "snapshot"}]},
+        ],
+    )
+
+    def look() -> tuple[str, str, dict[str, Any]]:
+        (image,) = ec2.describe_images(ImageIds=[image_id])["Images"]
+        snapshot_id = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        (snapshot,) = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        return image["State"], snapshot["State"], {"image": image, "snapshot": snapshot}
+
+    assert look()[:2] == ("pending", "pending")
+    assert look()[:2] == ("pending", "pending")
+    state, snapshot_state, seen = look()
+    assert (state, snapshot_state) == ("available", "completed")
+    source_tags = {"amiforge:managed": "true", "amiforge:run": "bake-1", "app": "web", "team": "platform"}
+    assert {t["Key"]: t["Value"] for t in seen["image"]["Tags"]} == {**source_tags, "kind": "image"}
+    assert {t["Key"]: t["Value"] for t in seen["snapshot"]["Tags"]} == {"kind": "snapshot"}
+    assert seen["snapshot"]["Encrypted"] is True and seen["snapshot"]["KmsKeyId"] == env.keys[region]  # the ARN
+
+    # An encrypted source gives an encrypted copy even without Encrypted (under the AWS-managed key).
+    ec2_backends[ACCOUNT][SOURCE_REGION].amis[source].ebs_snapshot.encrypted = True
+    plain = _copy(env, source, Name="copy-2")
+    assert ec2_backends[ACCOUNT][region].amis[plain].ebs_snapshot.encrypted is True
+
+
+def test_copy_emulation_fails_a_copy_under_an_unusable_key_later(env: Env) -> None:
+    """EC2 authenticates KmsKeyId asynchronously: CopyImage answers, the copy goes pending, then failed."""
+    source = env.source()
+    region = TARGETS[0]
+    missing = f"arn:aws:kms:{region}:{ACCOUNT}:key/00000000-0000-0000-0000-000000000000"
+    image_id = _copy(env, source, Encrypted=True, KmsKeyId=missing)
+    ec2 = env.ec2(region)
+    states = [ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] for _ in range(2)]
+    assert states == ["pending", "failed"]
+
+
 def test_the_client_token_alone_prevents_a_duplicate(env: Env) -> None:
     """An endpoint that ignores TagSpecifications, and a crash right after CopyImage answered: the copy exists
     untagged, so adoption cannot find it; the rerun's CopyImage with the same token returns it."""
@@ -312,23 +491,7 @@ def test_kill_and_resume_after_every_call(env: Env, when: str, parallel: int) ->
             _run(env, plan, max_parallel_regions=parallel)
         env.crash.disarm()
         _run(env, plan, max_parallel_regions=parallel)
-        state = env.state(source)
-        for region in TARGETS:
-            for image in state[region]:
-                image["tags"] = [(key, "<run>" if key == "amiforge:run" else v) for key, v in image["tags"]]
-                image["name"] = "<name>"
-        expected = {
-            r: [
-                {
-                    **i,
-                    "name": "<name>",
-                    "tags": [(key, "<run>" if key == "amiforge:run" else v) for key, v in i["tags"]],
-                }
-                for i in images
-            ]
-            for r, images in clean.items()
-        }
-        assert state == expected, (k, env.crash.crashed)
+        assert _without_run(env.state(source)) == _without_run(clean), (k, env.crash.crashed)
         # No orphan either: an untagged copy would escape the tag filter above, so count every image in the region.
         assert all(len(ec2_backends[ACCOUNT][r].amis) == k + 1 for r in TARGETS), (k, env.crash.crashed)
         crashed.add(str(env.crash.crashed))
@@ -340,6 +503,26 @@ def test_kill_and_resume_after_every_call(env: Env, when: str, parallel: int) ->
         "ModifyImageAttribute",
         "ModifySnapshotAttribute",
         "EnableImageDeregistrationProtection",
+    }
+
+
+def _without_run(state: dict[str, Any]) -> dict[str, Any]:
+    """A state with what differs from run to run (the run id, the source's name) replaced by placeholders."""
+
+    def anonymous(tags: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [(key, "<run>" if key == "amiforge:run" else value) for key, value in tags]
+
+    return {
+        region: [
+            {
+                **image,
+                "name": "<name>",
+                "tags": anonymous(image["tags"]),
+                "snapshot_tags": [anonymous(tags) for tags in image["snapshot_tags"]],
+            }
+            for image in images
+        ]
+        for region, images in state.items()
     }
 
 
@@ -355,6 +538,6 @@ def test_throttled_end_state_equals_clean(faulty: Aws, monkeypatch: pytest.Monke
     assert faulty.faults.injected["RequestLimitExceeded"] > 3
     assert faulty.faults.injected["InvalidAMIID.NotFound"] >= 1  # the fresh copies were waited for
     state = env.state(source)
-    assert all(len(state[r]) == 1 and state[r][0]["protected"] and state[r][0]["kms"] == env.keys[r] for r in TARGETS)
+    assert all(len(state[r]) == 1 and state[r][0]["protected"] and state[r][0]["kms"] == [env.keys[r]] for r in TARGETS)
     launch = "".join(state[TARGETS[0]][0]["launch"])
     assert ORG in launch and OU in launch and all(a in launch for a in SHARE_ACCOUNTS)

@@ -7,13 +7,17 @@ created, and `distribute()` converges each region, regions in parallel:
    `amiforge:run=<run>`; else
 2. **copy** with a ClientToken derived from (run, source image, region): a rerun after a crash that lost CopyImage's
    answer gets the same image back from AWS instead of a second one. The tags are set *at creation* through
-   TagSpecifications, so there is no window in which a copy exists untagged (and so unadoptable); they are written
-   again with CreateTags right after, which also covers an endpoint that ignores TagSpecifications (moto does);
-3. **wait** for the copy to be visible (NotFound right after CopyImage is normal) and `available`;
-4. **tag** it with the source's tags (except `aws:*` and the ones amiforge owns), **share** it: launch permission for
-   accounts, organization ARNs and OU ARNs, create-volume permission on its snapshots for the accounts (org/OU
-   grants do not exist for snapshots), `Group=all` only for a public plan; and **protect** it against
-   deregistration.
+   TagSpecifications, on the image *and* on its new snapshots (ResourceType `image` and `snapshot`), so there is no
+   window in which a copy exists untagged (and so unadoptable). The snapshots need `amiforge:managed=true` too: the
+   IAM policy allows ModifySnapshotAttribute (sharing) and DeleteSnapshot (gc, retire) only on resources carrying it
+   (iam.py DESTRUCTIVE);
+3. **wait** for the copy to be visible (NotFound right after CopyImage is normal) and `available` (a copy is
+   `pending` for minutes; nothing below touches it before);
+4. **tag** it and its snapshots again with CreateTags — the source's tags (except `aws:*` and the ones amiforge owns)
+   and amiforge's: this covers an endpoint that ignored TagSpecifications, a copy an earlier version made with an
+   untagged snapshot, and a source whose tags changed; **share** it: launch permission for accounts, organization
+   ARNs and OU ARNs, create-volume permission on its snapshots for the accounts (org/OU grants do not exist for
+   snapshots), `Group=all` only for a public plan; and **protect** it against deregistration.
 
 The source image is shared the same way (before any copy), so consumers in the bake region launch it directly; a
 plan may have no target region at all and only share.
@@ -64,6 +68,8 @@ __all__ = [
 RUN_TAG = "amiforge:run"
 SOURCE_IMAGE_TAG = "amiforge:source-image"
 SOURCE_REGION_TAG = "amiforge:source-region"
+# What CopyImage's TagSpecifications tag: the new AMI and every new snapshot (no other ResourceType is accepted).
+_COPY_TAGGED = ("image", "snapshot")
 # Tags amiforge sets on a copy itself; the source's values for them are not carried over.
 _OWN_TAGS = {MANAGED_TAG, RUN_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG}
 
@@ -468,7 +474,7 @@ def _converge(
                 Name=report.source_name,
                 Description=report.source_description or f"copy of {plan.source_image_id} by amiforge",
                 ClientToken=client_token(plan, region),
-                TagSpecifications=[{"ResourceType": "image", "Tags": tags}],
+                TagSpecifications=[{"ResourceType": kind, "Tags": tags} for kind in _COPY_TAGGED],
                 **encryption,
             )["ImageId"]
         )
@@ -477,9 +483,9 @@ def _converge(
     image = _wait_available(session, region, image_id, copy_timeout, sleep)
     notify(Progress(region, "available", image_id))
 
-    # Again, even for a fresh copy: converges an endpoint that ignored TagSpecifications, and a source whose tags
-    # changed since an earlier run.
-    call(ec2, "CreateTags", image_id, Resources=[image_id], Tags=tags)
+    # Again, even for a fresh copy: converges an endpoint that ignored TagSpecifications, an adopted copy whose
+    # snapshots were left untagged, and a source whose tags changed since an earlier run.
+    call(ec2, "CreateTags", image_id, Resources=[image_id, *_snapshots(image)], Tags=tags)
     notify(Progress(region, "tagged", image_id))
 
     _share(ec2, image_id, image, plan)
@@ -506,20 +512,25 @@ def _share(ec2: Any, image_id: str, image: Mapping[str, Any], plan: Distribution
         call(ec2, "ModifyImageAttribute", image_id, ImageId=image_id, LaunchPermission={"Add": permissions})
     if not plan.share.accounts:
         return
-    for mapping in image.get("BlockDeviceMappings", []):
-        snapshot = mapping.get("Ebs", {}).get("SnapshotId")
-        if snapshot:
-            call(
-                ec2,
-                "ModifySnapshotAttribute",
-                str(snapshot),
-                SnapshotId=str(snapshot),
-                Attribute="createVolumePermission",
-                # The OperationType/UserIds form: equivalent on AWS, and the one moto understands (it silently
-                # ignores CreateVolumePermission={"Add": [...]}).
-                OperationType="add",
-                UserIds=list(plan.share.accounts),
-            )
+    for snapshot in _snapshots(image):
+        call(
+            ec2,
+            "ModifySnapshotAttribute",
+            snapshot,
+            SnapshotId=snapshot,
+            Attribute="createVolumePermission",
+            # The OperationType/UserIds form: equivalent on AWS, and the one moto understands (it silently
+            # ignores CreateVolumePermission={"Add": [...]}).
+            OperationType="add",
+            UserIds=list(plan.share.accounts),
+        )
+
+
+def _snapshots(image: Mapping[str, Any]) -> list[str]:
+    """The EBS snapshots behind an image, from its block device mappings."""
+    return [
+        str(m["Ebs"]["SnapshotId"]) for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")
+    ]
 
 
 def _adopt(ec2: Any, plan: DistributionPlan, region: str) -> str | None:
