@@ -8,16 +8,24 @@ The refresh id is kept in the rollout's detail, so a resumed controller watches 
 second one for a rollout whose refresh it has seen.
 
 Pause is not something an instance refresh can do: a pause request is recorded and ignored (abort rolls back).
+
+The watch is bounded (`refresh_budget`): a refresh still running when every checkpoint's bake time and a readiness
+grace per replacement batch have passed is stuck (an instance AWS waits on, a launch that never becomes healthy), so
+it is rolled back like a failed gate; a rollback (or roll-forward) that does not end within its own budget raises a
+retryable InfraError and leaves the rollout `rolling-back`, so `rollout resume` watches it again (with a new budget).
+Instances the refresh left on the old image (protected from scale in or in Standby: AWS is told to ignore them) are
+listed in the succeeded rollout's detail as `not_refreshed`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
 
-from amiforge.errors import ConfigError, GateFailed, GateFailure
+from amiforge.errors import ConfigError, GateFailed, GateFailure, InfraError
 from amiforge.lifecycle.boottest import checks_of
 from amiforge.lifecycle.controller import (
     POLL_SECONDS,
@@ -41,6 +49,19 @@ from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, checkpoints, decide
 
 logger = logging.getLogger(__name__)
+
+# What a refresh takes beyond the strategy's numbers: AWS starting it, health checks and warm-up, the polls.
+REFRESH_SLACK = 900.0
+
+
+def refresh_budget(strategy: Strategy, replacing: int, checkpoints: int, batch_seconds: float) -> float:
+    """Seconds a refresh replacing `replacing` instances may run: each checkpoint's bake time, plus `batch_seconds`
+    (one readiness grace) per batch AWS can replace while keeping min_healthy_percentage in service — at least one
+    at a time, and a checkpoint can cut a batch short — plus REFRESH_SLACK. A rollback is the same without checkpoints.
+    """
+    per_batch = max(1, replacing - math.ceil(replacing * strategy.min_healthy_percentage / 100))
+    batches = math.ceil(replacing / per_batch) + checkpoints
+    return checkpoints * strategy.bake_time + batches * batch_seconds + REFRESH_SLACK
 
 
 def drive_refresh(
@@ -88,6 +109,13 @@ def drive_refresh(
             data={"rollout": rollout.id, "refresh": refresh_id},
         )
     grace = timedelta(seconds=checks_of(version).ready_within + fleet.console_grace)
+    replacing = max(1, sum(rollout.waves))
+    marks = rollout.detail.get("checkpoints")
+    stops = len(marks) if isinstance(marks, list) else 1
+    forward_budget = refresh_budget(strategy, replacing, stops, grace.total_seconds())
+    back_budget = refresh_budget(strategy, replacing, 0, grace.total_seconds())
+    going_back = rollout.state == "rolling-back"
+    deadline = controls.clock() + (back_budget if going_back else forward_budget)
     decisions: list[WaveDecision] = []
     while True:
         status = fleet.refresh_status(refresh_id)
@@ -96,7 +124,17 @@ def drive_refresh(
         )
         controls.progress(PhaseUpdate("instance refresh", "start", f"{status.status} {status.percentage_complete}%"))
         if rollout.state == "rolling-back" or status.status in REFRESH_ROLLBACK:
+            if not going_back:  # AWS began rolling back on its own (AutoRollback): the rollback's own budget
+                going_back, deadline = True, controls.clock() + back_budget
             if status.status not in REFRESH_TERMINAL:
+                if controls.clock() > deadline:
+                    raise InfraError(
+                        f"rollout #{rollout.id}: instance refresh {refresh_id} of {rollout.target} is still "
+                        f"{status.status} ({status.percentage_complete}%) after {back_budget:.0f}s of rolling back",
+                        retryable=True,
+                        fix=f"AWS goes on with it; amiforge rollout resume {rollout.id} watches it again (aws "
+                        "autoscaling describe-instance-refreshes shows its status reason and scaling activities)",
+                    )
                 controls.sleep(POLL_SECONDS)
                 continue
             forward = "rollback_refresh_id" in rollout.detail
@@ -109,8 +147,18 @@ def drive_refresh(
         members = _judged(fleet, artifact, grace)
         decision = decide(strategy, members, alarms_firing=fleet.alarms_firing(strategy.gates.alarms))
         requested = store.get_rollout(rollout.id).requested
-        if requested == "abort" or (decision.final and not decision.passed):
-            why = ["abort requested"] if requested == "abort" else list(decision.reasons)
+        overdue = status.status != "Successful" and controls.clock() > deadline
+        if requested == "abort" or (decision.final and not decision.passed) or overdue:
+            if requested == "abort":
+                why = ["abort requested"]
+            elif decision.final and not decision.passed:
+                why = list(decision.reasons)
+            else:
+                why = [
+                    f"the instance refresh was still {status.status} at {status.percentage_complete}% after "
+                    f"{forward_budget:.0f}s ({stops} checkpoint(s) of {strategy.bake_time:g}s bake time "
+                    f"and {grace.total_seconds():g}s per replacement batch){_reason(status.status_reason)}"
+                ]
             logger.info(
                 "rollout #%d: rolling the refresh back (%s) at %s%%: %s",
                 rollout.id,
@@ -135,6 +183,7 @@ def drive_refresh(
             rollout = store.update_rollout(
                 rollout.id, expect="running", state="rolling-back", clear_request=True, detail=failure
             )
+            going_back, deadline = True, controls.clock() + back_budget
             continue
         if requested == "pause":
             store.append_event("rollout.pause_ignored", actor=settings.actor, ref=version.ref,
@@ -159,11 +208,32 @@ def drive_refresh(
                 store.add_decision(rollout.id, wave, passed=True, action="continue", numbers=decision.as_dict())
             rollout = store.update_rollout(rollout.id, expect="running", wave=reached)
         if status.status == "Successful" and decision.passed and rollout.wave >= len(rollout.waves):
+            # Protected and Standby instances are ignored by the refresh (providers keep them): say which they are.
+            kept = [m.id for m in live(fleet.current()) if m.location != artifact.location]
             logger.info("rollout #%d: instance refresh %s succeeded", rollout.id, refresh_id)
-            rollout = store.update_rollout(rollout.id, expect="running", state="succeeded")
-            store.append_event("rollout.succeeded", actor=settings.actor, ref=version.ref, data={"rollout": rollout.id})
+            if kept:
+                logger.warning(
+                    "rollout #%d: %d instance(s) kept the old image (protected from scale in or in Standby, which "
+                    "the refresh leaves alone): %s",
+                    rollout.id,
+                    len(kept),
+                    ", ".join(kept),
+                )
+            rollout = store.update_rollout(
+                rollout.id, expect="running", state="succeeded", detail={**rollout.detail, "not_refreshed": kept}
+            )
+            store.append_event(
+                "rollout.succeeded",
+                actor=settings.actor,
+                ref=version.ref,
+                data={"rollout": rollout.id, "not_refreshed": kept},
+            )
             return RolloutOutcome(rollout, decisions)
         controls.sleep(POLL_SECONDS)
+
+
+def _reason(text: str) -> str:
+    return f": {text}" if text else ""
 
 
 def _roll_forward(fleet: RefreshingFleet, provider: str, rollout: Rollout, store: Store, token: str) -> str:

@@ -1,5 +1,6 @@
-"""What the Auto Scaling fleet (providers/aws/fleet.py) needs from EC2 and Auto Scaling that moto 5.2.5 lacks, emulated
-in-process; tested in test_moto_emulation.py.
+"""What the Auto Scaling fleet (providers/aws/fleet.py) needs from EC2, Auto Scaling and CloudWatch that moto 5.2.5
+lacks, emulated in-process as the API reference documents it; tested in test_moto_emulation.py and
+test_asg_emulation.py (each emulation also refuses what AWS refuses).
 
 What moto does, measured with small scripts against moto 5.2.5 (boto3 1.44.8):
 
@@ -17,7 +18,8 @@ What moto does, measured with small scripts against moto 5.2.5 (boto3 1.44.8):
   DescribeAutoScalingGroups reports every instance's LaunchTemplate.Version as the default number. Not emulated: the
   fleet reads the AMI from DescribeInstances and its own tags, never these.
 - CreateLaunchTemplateVersion ignores SourceVersion (the new version holds only the fields passed, so InstanceType
-  is lost and ASG launches get InstanceType "") and ignores ClientToken (the same token twice makes two versions).
+  is lost and ASG launches get InstanceType "") and ignores ClientToken (the same token twice makes two versions);
+  a SourceVersion of 0 or below answers the latest version (Python's negative index).
 - GetConsoleOutput always answers the same fixed Xen boot log of 2006 for any instance (base64 on the wire, which
   botocore decodes, as it does AWS's): never an `AMIFORGE-READY` line, and never the answer without Output that EC2
   gives before it has captured anything (right after a launch).
@@ -26,30 +28,56 @@ What moto does, measured with small scripts against moto 5.2.5 (boto3 1.44.8):
   is all the tests need.
 - DescribeAutoScalingGroups honours MaxRecords/NextToken (default 50, more than 100 is a server error), and
   DescribeScalingActivities records nothing.
+- CloudWatch: PutCompositeAlarm raises NotImplementedError; DescribeAlarms ignores AlarmTypes (AWS answers metric
+  alarms only unless AlarmTypes asks for the others) and answers any composite alarm moto holds.
 
 The emulations, each as small as the fleet's tests need:
 
-- `LaunchTemplateEmulation`: a new version inherits its SourceVersion's data, the fields passed replacing whole
-  top-level keys (as EC2 does); the same ClientToken for the same template and request answers the version it made
-  first (another request under a used token is IdempotentParameterMismatch).
+- `LaunchTemplateEmulation` (CreateLaunchTemplateVersion): a new version inherits its SourceVersion's data, the
+  fields passed replacing whole top-level keys, and the snapshot ids of the inherited block device mappings dropped
+  ("Snapshots applied to the block device mapping are ignored when creating a new version unless they are explicitly
+  included"); an unknown SourceVersion is InvalidLaunchTemplateId.VersionNotFound. A ClientToken is the account's and
+  region's (not the template's): the same token for the same request answers the version it made first, under
+  another request (another template included) IdempotentParameterMismatch.
 - `AsgEmulation`: TerminateInstanceInAutoScalingGroup as on AWS: an instance in no group is a ValidationError; the
   instance is terminated in EC2 (tags kept) and stays in the group as `Terminating` for `launch_after` observations of
   the group (DescribeAutoScalingGroups or DescribeAutoScalingInstances calls); then it leaves the group and, unless
   the capacity was decremented, exactly one replacement is launched from the group's current version.
+- `AlarmEmulation`: PutCompositeAlarm stores the alarm with its AlarmRule (ALARM/OK/INSUFFICIENT_DATA("name or
+  ARN"), TRUE, FALSE, AND, OR, NOT, parentheses; anything else is a ValidationError); its state is what its rule gives,
+  evaluated when it is created and whenever one of its children changed state since (so a SetAlarmState on it holds
+  until a child changes, as the SetAlarmState reference says). DescribeAlarms answers MetricAlarms only unless
+  AlarmTypes asks for CompositeAlarm (or LogAlarm: none exist here).
 - `InstanceRefreshEmulation`: moto 5.2.5 raises NotImplementedError for StartInstanceRefresh,
-  DescribeInstanceRefreshes, RollbackInstanceRefresh and CancelInstanceRefresh (checked). Emulated here: Start
-  records a refresh `Pending` (a second one while one is active: InstanceRefreshInProgress); every
-  DescribeInstanceRefreshes of the group advances each active refresh one step: Pending → InProgress; InProgress
-  replaces the next batch (at most what MinHealthyPercentage allows, never past the next checkpoint) by terminating
-  the instances in EC2 and launching replacements from the desired template version; at a checkpoint below 100 it is
-  `Baking` for ceil(CheckpointDelay / `seconds_per_look`) looks; after the last batch `Successful`, and the group is
-  then pointed at the desired configuration (as AWS does). An instance already on the desired version's AMI is skipped
-  with SkipMatching ("matching" is judged by AMI id: moto does not track an instance's template version). A named
-  alarm in ALARM (moto's CloudWatch state, set with set_alarm_state) fails the refresh, or with AutoRollback starts
-  the rollback. RollbackInstanceRefresh (no active refresh: ActiveInstanceRefreshNotFound; previous version not a
-  number: IrreversibleInstanceRefresh) → `RollbackInProgress`, whose looks put each instance the refresh launched back
-  on the previous version, batch by batch, then `RollbackSuccessful`. Not emulated: Cancel, InstanceWarmup, health
-  checks, MaxRecords/NextToken, mixed instances policies, `$Latest`/`$Default` validation of a desired configuration.
+  DescribeInstanceRefreshes, RollbackInstanceRefresh and CancelInstanceRefresh (checked). Emulated, with the status
+  names of the service model's InstanceRefreshStatus (`REFRESH_STATUSES`, checked against botocore's model):
+  - Start refuses what the RefreshPreferences reference refuses (ValidationError): CheckpointDelay without
+    CheckpointPercentages, percentages not ascending and unique in 1..100, MaxHealthyPercentage without
+    MinHealthyPercentage or more than 100 above it, a ScaleInProtectedInstances/StandbyInstances value outside the
+    enum; AutoRollback with no DesiredConfiguration (the message AWS gives), or for a group from which a rollback is
+    not supported (below; AWS documents that it is unsupported, not the error code: ValidationError is assumed).
+    A second refresh while one is active: InstanceRefreshInProgress.
+  - Every DescribeInstanceRefreshes of the group advances each active refresh one step: Pending → InProgress;
+    InProgress replaces the next batch (at most what MinHealthyPercentage of the desired capacity allows, never past
+    the next checkpoint) by terminating the instances in EC2 and launching replacements from the desired template
+    version. At a checkpoint below 100 it *stays InProgress* (with a StatusReason) for ceil(CheckpointDelay, default
+    3600 s, / `seconds_per_look`) looks: `Baking` is only the BakeTime after the last replacement, as the
+    InstanceRefresh reference defines it. Then `Successful`, and the group is pointed at the desired configuration.
+  - Instances set apart: protected from scale in (ScaleInProtectedInstances: Refresh replaces them, Ignore leaves
+    them, Wait — the default — replaces the others first, then waits one hour of looks for the protection to be lifted
+    and fails) and in Standby (StandbyInstances: Terminate terminates them, Ignore leaves them, Wait likewise).
+  - SkipMatching skips instances launched from the desired template version (the emulation records which version
+    each instance was launched from; one it did not see launch is not matching).
+  - A named alarm (metric or composite) in ALARM, or a Wait that ran out, fails the refresh, or with AutoRollback
+    starts its rollback.
+  - RollbackInstanceRefresh: no active refresh (or one already rolling back) is ActiveInstanceRefreshNotFound; it is
+    IrreversibleInstanceRefresh when the refresh has no DesiredConfiguration, or the group's configuration at the start
+    is not a numbered launch template version ($Latest, $Default, none, a launch configuration) or takes its ImageId
+    from a Systems Manager parameter — the three cases the reference lists; AutoRollback is *not* required. Then
+    `RollbackInProgress` (RollbackDetails; PercentageComplete goes back down, InstancesToUpdate stays what it was),
+    whose looks put each instance the refresh launched back on the previous version, batch by batch, then
+    `RollbackSuccessful`.
+  Not emulated: Cancel, InstanceWarmup, health checks, MaxRecords/NextToken, mixed instances policies.
 - `ConsoleEmulation`: GetConsoleOutput answers nothing for the first `delay_reads` reads of each instance (EC2's
   console delay), then a boot log ending in `AMIFORGE-READY <uptime>`, the uptime per AMI (`uptime`, else
   `default_uptime`); an AMI in `never_ready` boots to a log without that line, like an image whose services hang.
@@ -57,25 +85,29 @@ The emulations, each as small as the fleet's tests need:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from moto.autoscaling.exceptions import AutoscalingClientError, ValidationError
 from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, InstanceState, TerminateInstanceActivity
 from moto.autoscaling.responses import AutoScalingResponse
-from moto.cloudwatch.models import cloudwatch_backends
+from moto.cloudwatch.exceptions import ValidationError as AlarmValidationError
+from moto.cloudwatch.models import CloudWatchBackend, cloudwatch_backends
+from moto.cloudwatch.responses import CloudWatchResponse
 from moto.core.responses import ActionResult
 from moto.core.types import Base64EncodedString
 from moto.core.utils import utcnow
-from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.exceptions import EC2ClientError, InvalidLaunchTemplateVersionNotFound
 from moto.ec2.responses.general import General
 from moto.ec2.responses.launch_templates import LaunchTemplates
 
@@ -88,11 +120,12 @@ BOOT_LOG = (
     "[    3.118702] systemd[1]: Reached target multi-user.target - Multi-User System.\n"
 )
 HUNG_LOG = "[   45.000000] systemd[1]: nginx.service: start operation timed out. Terminating.\n"
+_SSM_IMAGE: Final = "resolve:ssm:"
 
 
 class LaunchTemplateEmulation:
     def __init__(self) -> None:
-        self._tokens: dict[tuple[str, str, str, str], tuple[str, int]] = {}
+        self._tokens: dict[tuple[str, str, str], tuple[str, int]] = {}  # (account, region, token) → (request, version)
         self._lock = threading.Lock()
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,9 +141,10 @@ class LaunchTemplateEmulation:
             )
             source = resp._get_param("SourceVersion")
             data = dict(resp._get_param("LaunchTemplateData", {}))
-            request = json.dumps([source, data, resp._get_param("VersionDescription")], sort_keys=True, default=str)
+            description = resp._get_param("VersionDescription")
+            request = json.dumps([template.id, source, data, description], sort_keys=True, default=str)
             token = resp._get_param("ClientToken")
-            key = (resp.current_account, resp.region, template.id, str(token))
+            key = (resp.current_account, resp.region, str(token))
             with emulation._lock:
                 if token and key in emulation._tokens:
                     earlier, number = emulation._tokens[key]
@@ -118,9 +152,9 @@ class LaunchTemplateEmulation:
                         raise EC2ClientError("IdempotentParameterMismatch", "token reused for another request")
                     return ActionResult({"LaunchTemplateVersion": _version_answer(resp, template, number)})
                 if source:
-                    inherited = dict(template.get_version(source).data)
+                    inherited = _inherited(template, str(source))
                     inherited.update(data)  # the fields passed replace whole top-level keys, as EC2 does
-                    version = template.create_version(inherited, resp._get_param("VersionDescription"))
+                    version = template.create_version(inherited, description)
                     result = ActionResult({"LaunchTemplateVersion": _version_answer(resp, template, version.number)})
                 else:
                     result = original(resp)
@@ -130,6 +164,17 @@ class LaunchTemplateEmulation:
                 return result
 
         monkeypatch.setattr(LaunchTemplates, "create_launch_template_version", create_launch_template_version)
+
+
+def _inherited(template: Any, source: str) -> dict[str, Any]:
+    """What a version created from `source` inherits: its data without the block device mappings' snapshot ids."""
+    if not (source.isdigit() and int(source) >= 1) and source.lower() not in ("$latest", "$default"):
+        raise InvalidLaunchTemplateVersionNotFound(source, template.id)  # moto would index from the end
+    data: dict[str, Any] = copy.deepcopy(dict(template.get_version(source).data))  # unknown: VersionNotFound
+    for mapping in data.get("BlockDeviceMappings") or []:
+        if isinstance(mapping.get("Ebs"), dict):
+            mapping["Ebs"].pop("SnapshotId", None)
+    return data
 
 
 def _version_answer(resp: Any, template: Any, number: int) -> dict[str, Any]:
@@ -219,30 +264,196 @@ class AsgEmulation:
                 self.launched[t.group.name] += 1
 
 
+class AlarmEmulation:
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        put_metric_alarm = CloudWatchResponse.put_metric_alarm
+        describe_alarms = CloudWatchResponse.describe_alarms
+        set_alarm_state = CloudWatchResponse.set_alarm_state
+
+        def put_composite_alarm(resp: Any) -> ActionResult:
+            backend: CloudWatchBackend = resp.cloudwatch_backend
+            name, rule = resp._get_param("AlarmName"), str(resp._get_param("AlarmRule") or "")
+            _rule_children(rule)  # ValidationError for a rule that does not parse
+            earlier = backend.alarms.get(name)
+            result = put_metric_alarm(resp)  # moto keeps AlarmRule: an alarm with a rule is a composite to it
+            alarm = backend.alarms[name]
+            if earlier is not None:  # an update leaves the state as it was (and re-evaluates the new rule)
+                alarm.state_value, alarm.state_reason = earlier.state_value, earlier.state_reason
+            settle_composites(backend)
+            return result
+
+        def describe(resp: Any) -> ActionResult:
+            settle_composites(resp.cloudwatch_backend)
+            answer = describe_alarms(resp).result
+            assert isinstance(answer, dict)
+            types = set(resp._get_param("AlarmTypes") or ["MetricAlarm"])  # omitted: metric alarms only
+            return ActionResult({f"{kind}s": answer.get(f"{kind}s", []) if kind in types else [] for kind in _TYPES})
+
+        def set_state(resp: Any) -> ActionResult:
+            result = set_alarm_state(resp)  # an unknown alarm: ResourceNotFound (moto's own)
+            alarm = resp.cloudwatch_backend.alarms[resp._get_param("AlarmName")]
+            if alarm.rule is not None:  # holds until one of its children changes state
+                setattr(alarm, _SEEN, _children_states(resp.cloudwatch_backend, alarm.rule))
+            return result
+
+        monkeypatch.setattr(CloudWatchResponse, "put_composite_alarm", put_composite_alarm, raising=False)
+        monkeypatch.setattr(CloudWatchResponse, "describe_alarms", describe)
+        monkeypatch.setattr(CloudWatchResponse, "set_alarm_state", set_state)
+
+
+_TYPES: Final = ("MetricAlarm", "CompositeAlarm", "LogAlarm")
+_SEEN: Final = "_amiforge_children_seen"  # the children's states a composite alarm's state was last set against
+_RULE_TOKEN: Final = re.compile(
+    r'\s*(?:(?P<fn>ALARM|OK|INSUFFICIENT_DATA)\s*\(\s*(?:"(?P<quoted>[^"]+)"|(?P<bare>[^()"\s]+))\s*\)'
+    r"|(?P<word>AND|OR|NOT|TRUE|FALSE)\b|(?P<paren>[()]))"
+)
+
+
+def _rule_tokens(rule: str) -> list[tuple[str, str, str]]:
+    """(kind, value, alarm name) per token of an AlarmRule; ValidationError for anything else."""
+    tokens, at = [], 0
+    while rule[at:].strip():
+        found = _RULE_TOKEN.match(rule, at)
+        if found is None:
+            raise AlarmValidationError(f"AlarmRule does not parse at {rule[at : at + 20]!r}")
+        if found["fn"]:
+            name = found["quoted"] or found["bare"]
+            tokens.append(("fn", found["fn"], name.split(":alarm:", 1)[-1]))  # a name or an alarm's ARN
+        else:
+            tokens.append(("word", found["word"] or found["paren"], ""))
+        at = found.end()
+    return tokens
+
+
+def _rule_children(rule: str) -> set[str]:
+    _evaluate(rule, lambda _name: "")  # the syntax is checked whatever the states
+    return {name for kind, _, name in _rule_tokens(rule) if kind == "fn"}
+
+
+def _evaluate(rule: str, state_of: Callable[[str], str]) -> bool:
+    """The rule's truth: NOT binds tighter than AND, AND tighter than OR; ValidationError when it does not parse."""
+    tokens, at = _rule_tokens(rule), 0
+
+    def take() -> tuple[str, str, str]:
+        nonlocal at
+        if at >= len(tokens):
+            raise AlarmValidationError("AlarmRule ends too early")
+        at += 1
+        return tokens[at - 1]
+
+    def peek(word: str) -> bool:
+        return at < len(tokens) and tokens[at][:2] == ("word", word)
+
+    def either() -> bool:
+        value = both()
+        while peek("OR"):
+            take()
+            value = both() or value
+        return value
+
+    def both() -> bool:
+        value = single()
+        while peek("AND"):
+            take()
+            value = single() and value
+        return value
+
+    def single() -> bool:
+        kind, value, name = take()
+        if kind == "fn":
+            return state_of(name) == value
+        if value == "NOT":
+            return not single()
+        if value in ("TRUE", "FALSE"):
+            return value == "TRUE"
+        if value == "(":
+            inner = either()
+            if take()[1] != ")":
+                raise AlarmValidationError("AlarmRule has an unclosed parenthesis")
+            return inner
+        raise AlarmValidationError(f"AlarmRule has {value} where an alarm function was expected")
+
+    result = either()
+    if at != len(tokens):
+        raise AlarmValidationError("AlarmRule has more after its expression")
+    return result
+
+
+def _children_states(backend: CloudWatchBackend, rule: str) -> tuple[tuple[str, str], ...]:
+    alarms = backend.alarms
+    return tuple(sorted((n, alarms[n].state_value if n in alarms else "") for n in _rule_children(rule)))
+
+
+def settle_composites(backend: CloudWatchBackend) -> None:
+    """Give each composite alarm the state its rule gives, where a child changed state since it was last set (a
+    composite of composites settles in a few rounds)."""
+    for _ in range(10):
+        changed = False
+        for alarm in list(backend.alarms.values()):
+            if alarm.rule is None:
+                continue
+            children = _children_states(backend, alarm.rule)
+            if getattr(alarm, _SEEN, None) == children:
+                continue
+            setattr(alarm, _SEEN, children)
+            value = "ALARM" if _evaluate(alarm.rule, dict(children).__getitem__) else "OK"
+            if value != alarm.state_value:
+                alarm.update_state(f"the rule is {value == 'ALARM'}", "{}", value)
+                changed = True
+        if not changed:
+            return
+
+
 class _RefreshError(AutoscalingClientError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(code, message)
 
 
-_REFRESH_ACTIVE = frozenset({"Pending", "InProgress", "Baking", "Cancelling", "RollbackInProgress"})
+# The service model's InstanceRefreshStatus names (test_asg_emulation checks them against botocore's model).
+PENDING: Final = "Pending"
+IN_PROGRESS: Final = "InProgress"
+SUCCESSFUL: Final = "Successful"
+FAILED: Final = "Failed"
+CANCELLING: Final = "Cancelling"
+CANCELLED: Final = "Cancelled"
+ROLLBACK_IN_PROGRESS: Final = "RollbackInProgress"
+ROLLBACK_FAILED: Final = "RollbackFailed"
+ROLLBACK_SUCCESSFUL: Final = "RollbackSuccessful"
+BAKING: Final = "Baking"
+REFRESH_STATUSES: Final = frozenset(
+    {PENDING, IN_PROGRESS, SUCCESSFUL, FAILED, CANCELLING, CANCELLED}
+    | {ROLLBACK_IN_PROGRESS, ROLLBACK_FAILED, ROLLBACK_SUCCESSFUL, BAKING}
+)
+_REFRESH_ACTIVE: Final = frozenset({PENDING, IN_PROGRESS, BAKING, CANCELLING, ROLLBACK_IN_PROGRESS})
+# RefreshPreferences: the values each set-apart behaviour may take (the default is Wait), and how long Wait waits.
+_SET_APART: Final = {
+    "ScaleInProtectedInstances": frozenset({"Refresh", "Ignore", "Wait"}),
+    "StandbyInstances": frozenset({"Terminate", "Ignore", "Wait"}),
+}
+_WAIT_SECONDS: Final = 3600
 
 
 @dataclass
 class _Refresh:
     id: str
     group: FakeAutoScalingGroup
-    desired: dict[str, Any]  # {"LaunchTemplateId", "Version"}
+    desired: dict[str, Any]  # {"LaunchTemplateId", "LaunchTemplateName", "Version"}
+    has_desired: bool  # a DesiredConfiguration was given (a rollback needs one)
     previous: tuple[Any, str, str | None]  # the group's template, resolved version and provided version at the start
     preferences: dict[str, Any]
-    to_update: list[str]  # instance ids to replace, in order
+    to_update: list[str]  # instance ids to replace, in order (those AWS must wait for last)
+    to_terminate: list[str]  # Standby instances under StandbyInstances=Terminate
     total: int
     started: datetime
-    status: str = "Pending"
+    status: str = PENDING
     reason: str = ""
     ended: datetime | None = None
     replaced: int = 0
-    launched: list[str] | None = None  # instance ids the refresh launched (on the desired version)
-    bake_left: int = 0
+    launched: list[str] = field(default_factory=list)  # instance ids the refresh launched (on the desired version)
+    checkpoint_left: int = 0  # looks still to wait at a checkpoint (InProgress)
+    bake_left: int = 0  # looks still to bake after the last replacement (Baking)
+    wait_left: int | None = None  # looks still to wait for an instance set apart (Wait)
+    rollback: dict[str, Any] | None = None  # RollbackDetails, once rolling back
 
     def percentage(self) -> int:
         return 100 if self.total == 0 else self.replaced * 100 // self.total
@@ -255,10 +466,16 @@ class _Refresh:
             "StatusReason": self.reason,
             "StartTime": self.started,
             "PercentageComplete": self.percentage(),
-            "InstancesToUpdate": self.total - self.replaced,
+            # During a rollback: the instances the refresh had not updated yet when it began (they need no rollback).
+            "InstancesToUpdate": self.rollback["InstancesToUpdateOnRollback"]
+            if self.rollback
+            else self.total - self.replaced,
             "Preferences": self.preferences,
-            "DesiredConfiguration": {"LaunchTemplate": self.desired},
         }
+        if self.has_desired:
+            out["DesiredConfiguration"] = {"LaunchTemplate": self.desired}
+        if self.rollback is not None:
+            out["RollbackDetails"] = self.rollback
         if self.ended is not None:
             out["EndTime"] = self.ended
         return out
@@ -269,10 +486,12 @@ class InstanceRefreshEmulation:
         self.seconds_per_look = seconds_per_look
         self.refreshes: list[_Refresh] = []  # oldest first
         self.looks = 0
+        self.launched_from: dict[str, tuple[str, int]] = {}  # instance id → (template id, version) it launched from
         self._lock = threading.Lock()
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         emulation = self
+        launch = FakeAutoScalingGroup.replace_autoscaling_group_instances
 
         def start_instance_refresh(resp: Any) -> ActionResult:
             with emulation._lock:
@@ -294,16 +513,17 @@ class InstanceRefreshEmulation:
             return ActionResult({"InstanceRefreshes": found})
 
         def rollback_instance_refresh(resp: Any) -> ActionResult:
-            name = resp._get_param("AutoScalingGroupName")
             with emulation._lock:
-                active = [r for r in emulation.refreshes if r.group.name == name and r.status in _REFRESH_ACTIVE]
-                if not active or active[0].status in ("RollbackInProgress", "Cancelling"):
-                    raise _RefreshError("ActiveInstanceRefreshNotFound", f"no active instance refresh for {name}")
-                refresh = active[0]
-                if not str(refresh.previous[2] or "").isdigit() or not refresh.preferences.get("AutoRollback", True):
-                    raise _RefreshError("IrreversibleInstanceRefresh", "the previous configuration is not a number")
-                refresh.status, refresh.reason = "RollbackInProgress", "rollback requested"
-                return ActionResult({"InstanceRefreshId": refresh.id})
+                return ActionResult({"InstanceRefreshId": emulation._rollback(resp._get_param("AutoScalingGroupName"))})
+
+        def launched(group: FakeAutoScalingGroup, count: int, tags: dict[str, str]) -> None:
+            before = {s.instance.id for s in group.instance_states}
+            launch(group, count, tags)
+            if group.ec2_launch_template is not None:
+                version = group.ec2_launch_template.get_version(group.launch_template_version).number
+                for s in group.instance_states:
+                    if s.instance.id not in before:
+                        emulation.launched_from[s.instance.id] = (group.ec2_launch_template.id, version)
 
         for name, fn in (
             ("start_instance_refresh", start_instance_refresh),
@@ -311,6 +531,9 @@ class InstanceRefreshEmulation:
             ("rollback_instance_refresh", rollback_instance_refresh),
         ):
             monkeypatch.setattr(AutoScalingResponse, name, fn, raising=False)
+        monkeypatch.setattr(FakeAutoScalingGroup, "replace_autoscaling_group_instances", launched)
+
+    # --- StartInstanceRefresh -----------------------------------------------------------------------------------
 
     def _start(self, resp: Any) -> str:
         name = resp._get_param("AutoScalingGroupName")
@@ -320,91 +543,137 @@ class InstanceRefreshEmulation:
         group = backend.autoscaling_groups[name]
         if any(r.group is group and r.status in _REFRESH_ACTIVE for r in self.refreshes):
             raise _RefreshError("InstanceRefreshInProgress", f"an instance refresh is already in progress for {name}")
-        desired = dict((resp._get_param("DesiredConfiguration") or {}).get("LaunchTemplate") or {})
-        if not desired:  # the group's own configuration
+        preferences = dict(resp._get_param("Preferences") or {})
+        spec = dict((resp._get_param("DesiredConfiguration") or {}).get("LaunchTemplate") or {})
+        has_desired = bool(spec)
+        previous = (group.ec2_launch_template, group.launch_template_version, group.provided_launch_template_version)
+        _check_preferences(preferences, has_desired, previous)
+        if not spec:  # the group's own configuration
             if group.ec2_launch_template is None:
                 raise ValidationError(f"{name} has no launch template: the emulation refreshes launch templates only")
-            desired = {"LaunchTemplateId": group.ec2_launch_template.id, "Version": group.launch_template_version}
-        preferences = dict(resp._get_param("Preferences") or {})
-        template = backend.ec2_backend.get_launch_template(desired["LaunchTemplateId"])
-        image = template.get_version(desired["Version"]).image_id
-        skip = bool(preferences.get("SkipMatching"))
-        to_update = [
-            s.instance.id
-            for s in group.instance_states
-            if s.lifecycle_state != "Terminating" and not (skip and s.instance.image_id == image)
-        ]
+            spec = {"LaunchTemplateId": group.ec2_launch_template.id, "Version": group.provided_launch_template_version}
+        ec2 = backend.ec2_backend
+        template = (
+            ec2.get_launch_template(spec["LaunchTemplateId"])
+            if spec.get("LaunchTemplateId")
+            else ec2.get_launch_template_by_name(spec["LaunchTemplateName"])
+        )
+        version = str(spec.get("Version") or "$Default")
+        target = (template.id, template.get_version(version).number)
+        to_update, waited, to_terminate = [], [], []
+        for state in group.instance_states:
+            instance_id = state.instance.id
+            if state.lifecycle_state.startswith("Terminat"):
+                continue
+            if preferences.get("SkipMatching") and self.launched_from.get(instance_id) == target:
+                continue
+            behaviour = self._set_apart(preferences, state)
+            if behaviour == "Ignore":
+                continue
+            if behaviour == "Terminate":
+                to_terminate.append(instance_id)
+            elif behaviour == "Wait":
+                waited.append(instance_id)  # replaced after all the others, once it is no longer set apart
+            else:
+                to_update.append(instance_id)
         refresh = _Refresh(
             id=str(uuid.uuid4()),
             group=group,
-            desired={
-                "LaunchTemplateId": template.id,
-                "LaunchTemplateName": template.name,
-                "Version": desired["Version"],
-            },
-            previous=(group.ec2_launch_template, group.launch_template_version, group.provided_launch_template_version),
+            desired={"LaunchTemplateId": template.id, "LaunchTemplateName": template.name, "Version": version},
+            has_desired=has_desired,
+            previous=previous,
             preferences=preferences,
-            to_update=to_update,
-            total=len(to_update),
+            to_update=to_update + waited,
+            to_terminate=to_terminate,
+            total=len(to_update) + len(waited),
             started=utcnow(),
-            launched=[],
         )
         self.refreshes.append(refresh)
         return refresh.id
 
+    @staticmethod
+    def _set_apart(preferences: dict[str, Any], state: InstanceState) -> str | None:
+        """What the refresh does with an instance in Standby or protected from scale in (None: not set apart)."""
+        if state.lifecycle_state == "Standby":
+            return str(preferences.get("StandbyInstances", "Wait"))
+        if state.protected_from_scale_in:
+            protected = str(preferences.get("ScaleInProtectedInstances", "Wait"))
+            return None if protected == "Refresh" else protected
+        return None
+
+    # --- RollbackInstanceRefresh --------------------------------------------------------------------------------
+
+    def _rollback(self, name: str) -> str:
+        active = [r for r in self.refreshes if r.group.name == name and r.status in _REFRESH_ACTIVE]
+        # A rollback already under way (or a cancel) is not rolled back again: what AWS answers is not documented,
+        # so the emulation refuses it like no refresh at all (the code under test must not ask).
+        if not active or active[0].status in (ROLLBACK_IN_PROGRESS, CANCELLING):
+            raise _RefreshError("ActiveInstanceRefreshNotFound", f"no active instance refresh for {name}")
+        refresh = active[0]
+        why = _irreversible(refresh.previous) or (
+            "" if refresh.has_desired else "no desired configuration was specified for the instance refresh"
+        )
+        if why:
+            raise _RefreshError("IrreversibleInstanceRefresh", why)
+        self._roll_back(refresh, "rollback requested")
+        return refresh.id
+
+    def _roll_back(self, refresh: _Refresh, reason: str) -> None:
+        refresh.status, refresh.reason = ROLLBACK_IN_PROGRESS, reason
+        refresh.rollback = {
+            "RollbackReason": reason,
+            "RollbackStartTime": utcnow(),
+            "PercentageCompleteOnRollback": refresh.percentage(),
+            "InstancesToUpdateOnRollback": refresh.total - refresh.replaced,
+        }
+
+    def _fail(self, refresh: _Refresh, reason: str) -> None:
+        if refresh.preferences.get("AutoRollback"):
+            self._roll_back(refresh, reason)
+        else:
+            refresh.status, refresh.reason, refresh.ended = FAILED, reason, utcnow()
+
+    # --- one look -----------------------------------------------------------------------------------------------
+
     def _batch(self, refresh: _Refresh) -> int:
-        size = len([s for s in refresh.group.instance_states if s.lifecycle_state != "Terminating"])
+        group = refresh.group
+        size = group.desired_capacity or len([s for s in group.instance_states if s.lifecycle_state == "InService"])
         healthy = int(refresh.preferences.get("MinHealthyPercentage", 90))
         return max(1, size - math.ceil(size * healthy / 100))
 
     def _alarming(self, refresh: _Refresh) -> list[str]:
         names = (refresh.preferences.get("AlarmSpecification") or {}).get("Alarms") or []
         group = refresh.group
-        alarms = cloudwatch_backends[group.account_id][group.region].alarms
-        return [n for n in names if n in alarms and alarms[n].state_value == "ALARM"]
+        backend = cloudwatch_backends[group.account_id][group.region]
+        settle_composites(backend)
+        return [n for n in names if n in backend.alarms and backend.alarms[n].state_value == "ALARM"]
+
+    def _held(self, refresh: _Refresh, instance_id: str) -> str:
+        """Why the refresh must wait before replacing `instance_id` ("" when it need not)."""
+        state = next((s for s in refresh.group.instance_states if s.instance.id == instance_id), None)
+        if state is None or self._set_apart(refresh.preferences, state) != "Wait":
+            return ""
+        return "in Standby" if state.lifecycle_state == "Standby" else "protected from scale in"
 
     def _step(self, refresh: _Refresh) -> None:
-        if refresh.status == "Pending":
-            refresh.status = "InProgress"
+        if refresh.status == PENDING:
+            refresh.status = IN_PROGRESS
+            self._terminate(refresh, refresh.to_terminate)
             return
-        if refresh.status in ("InProgress", "Baking"):
+        if refresh.status in (IN_PROGRESS, BAKING):
             firing = self._alarming(refresh)
             if firing:
-                if refresh.preferences.get("AutoRollback"):
-                    refresh.status, refresh.reason = "RollbackInProgress", f"alarm {', '.join(firing)} in ALARM"
-                else:
-                    refresh.status, refresh.reason = "Failed", f"alarm {', '.join(firing)} in ALARM"
-                    refresh.ended = utcnow()
+                self._fail(refresh, f"alarm {', '.join(firing)} in ALARM")
                 return
-        if refresh.status == "Baking":
+        if refresh.status == BAKING:
             refresh.bake_left -= 1
             if refresh.bake_left <= 0:
-                refresh.status = "InProgress"
+                self._succeed(refresh)
             return
-        if refresh.status == "InProgress":
-            checkpoints = [int(c) for c in refresh.preferences.get("CheckpointPercentages") or []] or [100]
-            goal = next((c for c in checkpoints if c > refresh.percentage()), 100)
-            wanted = math.ceil(refresh.total * goal / 100)
-            count = min(self._batch(refresh), wanted - refresh.replaced)
-            victims = refresh.to_update[refresh.replaced : refresh.replaced + count]
-            assert refresh.launched is not None
-            refresh.launched += self._replace(
-                refresh, victims, refresh.desired["LaunchTemplateId"], refresh.desired["Version"]
-            )
-            refresh.replaced += len(victims)
-            if refresh.replaced >= refresh.total:
-                refresh.status, refresh.ended = "Successful", utcnow()
-                group = refresh.group
-                group.ec2_launch_template = group.ec2_backend.get_launch_template(refresh.desired["LaunchTemplateId"])
-                group.launch_template_version = group.provided_launch_template_version = refresh.desired["Version"]
-            elif refresh.percentage() >= goal:
-                delay = int(refresh.preferences.get("CheckpointDelay", 3600))
-                refresh.bake_left = math.ceil(delay / self.seconds_per_look)
-                if refresh.bake_left > 0:
-                    refresh.status = "Baking"
+        if refresh.status == IN_PROGRESS:
+            self._advance(refresh)
             return
-        if refresh.status == "RollbackInProgress":
-            assert refresh.launched is not None
+        if refresh.status == ROLLBACK_IN_PROGRESS:
             alive = {s.instance.id for s in refresh.group.instance_states}
             back = [i for i in refresh.launched if i in alive][: self._batch(refresh)]
             template, version, _ = refresh.previous
@@ -412,26 +681,121 @@ class InstanceRefreshEmulation:
             refresh.launched = [i for i in refresh.launched if i not in back]
             refresh.replaced = max(0, refresh.replaced - len(back))
             if not [i for i in refresh.launched if i in alive]:
-                refresh.status, refresh.ended = "RollbackSuccessful", utcnow()
+                refresh.status, refresh.ended = ROLLBACK_SUCCESSFUL, utcnow()
+
+    def _advance(self, refresh: _Refresh) -> None:
+        """One look at an InProgress refresh: wait at a checkpoint, wait for an instance set apart, or replace."""
+        if refresh.checkpoint_left > 0:  # a checkpoint's delay: still InProgress
+            refresh.checkpoint_left -= 1
+            if refresh.checkpoint_left == 0:
+                refresh.reason = ""
+            return
+        checkpoints = [int(c) for c in refresh.preferences.get("CheckpointPercentages") or []] or [100]
+        goal = next((c for c in checkpoints if c > refresh.percentage()), 100)
+        count = min(self._batch(refresh), math.ceil(refresh.total * goal / 100) - refresh.replaced)
+        victims = refresh.to_update[refresh.replaced : refresh.replaced + count]
+        held = [(v, why) for v in victims if (why := self._held(refresh, v))]
+        if held:
+            victims = victims[: victims.index(held[0][0])]
+        if held and not victims:
+            waiting, why = held[0]
+            if refresh.wait_left is None:
+                refresh.wait_left = math.ceil(_WAIT_SECONDS / self.seconds_per_look)
+            refresh.wait_left -= 1
+            if refresh.wait_left <= 0:
+                self._fail(refresh, f"instance {waiting} was still {why} after {_WAIT_SECONDS}s")
+            else:
+                refresh.reason = f"Waiting for instance {waiting}, {why}"
+            return
+        refresh.wait_left, refresh.reason = None, ""
+        refresh.launched += self._replace(
+            refresh, victims, refresh.desired["LaunchTemplateId"], refresh.desired["Version"]
+        )
+        refresh.replaced += len(victims)
+        if refresh.replaced >= refresh.total:
+            refresh.bake_left = math.ceil(int(refresh.preferences.get("BakeTime", 0)) / self.seconds_per_look)
+            if refresh.bake_left > 0:
+                refresh.status = BAKING
+            else:
+                self._succeed(refresh)
+        elif refresh.percentage() >= goal:
+            delay = int(refresh.preferences.get("CheckpointDelay", 3600))  # the documented default
+            refresh.checkpoint_left = math.ceil(delay / self.seconds_per_look)
+            if refresh.checkpoint_left > 0:
+                refresh.reason = f"Waiting {delay}s at checkpoint {goal}%"
 
     @staticmethod
-    def _replace(refresh: _Refresh, instance_ids: list[str], template_id: str, version: str) -> list[str]:
-        """Terminate `instance_ids` in EC2 and launch as many into the group from the template version given."""
+    def _succeed(refresh: _Refresh) -> None:
+        refresh.status, refresh.reason, refresh.ended = SUCCESSFUL, "", utcnow()
+        group = refresh.group  # AWS points the group at the desired configuration once the refresh succeeds
+        group.ec2_launch_template = group.ec2_backend.get_launch_template(refresh.desired["LaunchTemplateId"])
+        group.launch_template_version = group.provided_launch_template_version = refresh.desired["Version"]
+
+    @staticmethod
+    def _terminate(refresh: _Refresh, instance_ids: list[str]) -> None:
+        """Terminate `instance_ids` in EC2 and remove them from the group, launching nothing in their place."""
         group = refresh.group
-        if not instance_ids:
-            return []
         states = [s for s in group.instance_states if s.instance.id in instance_ids]
-        group.ec2_backend.terminate_instances([s.instance.id for s in states])
-        group.instance_states = [s for s in group.instance_states if s not in states]
+        if states:
+            group.ec2_backend.terminate_instances([s.instance.id for s in states])
+            group.instance_states = [s for s in group.instance_states if s not in states]
+
+    @classmethod
+    def _replace(cls, refresh: _Refresh, instance_ids: list[str], template_id: str, version: str) -> list[str]:
+        """Terminate `instance_ids` and launch as many into the group from the template version given."""
+        group = refresh.group
+        count = len([s for s in group.instance_states if s.instance.id in instance_ids])
+        if not count:
+            return []
+        cls._terminate(refresh, instance_ids)
         before = {s.instance.id for s in group.instance_states}
         saved = (group.ec2_launch_template, group.launch_template_version)
         group.ec2_launch_template = group.ec2_backend.get_launch_template(template_id)
         group.launch_template_version = version
         try:
-            group.replace_autoscaling_group_instances(len(states), group.get_propagated_tags())
+            group.replace_autoscaling_group_instances(count, group.get_propagated_tags())
         finally:
             group.ec2_launch_template, group.launch_template_version = saved
         return [s.instance.id for s in group.instance_states if s.instance.id not in before]
+
+
+def _irreversible(configuration: tuple[Any, str, str | None]) -> str:
+    """Why a refresh cannot roll back to the group's configuration `(template, resolved, provided version)`: not a
+    numbered launch template version, or an image from a Systems Manager parameter ("" when it can)."""
+    template, _, provided = configuration
+    if template is None:
+        return "the group launches from a launch configuration, not a numbered launch template version"
+    if provided is None or not str(provided).isdigit():
+        return f"the group uses version {provided or '$Default'} of its launch template, not a numbered version"
+    if str(template.get_version(provided).image_id or "").startswith(_SSM_IMAGE):
+        return "the group's launch template version takes its ImageId from a Systems Manager parameter"
+    return ""
+
+
+def _check_preferences(preferences: dict[str, Any], has_desired: bool, previous: tuple[Any, str, str | None]) -> None:
+    """StartInstanceRefresh's refusals of its RefreshPreferences (see the module)."""
+    points = [int(p) for p in preferences.get("CheckpointPercentages") or []]
+    if "CheckpointDelay" in preferences and not points:
+        raise ValidationError("CheckpointDelay needs CheckpointPercentages")
+    if points and (points != sorted(set(points)) or not all(1 <= p <= 100 for p in points)):
+        raise ValidationError(f"CheckpointPercentages {points} must be unique, ascending, 1..100")
+    if "MaxHealthyPercentage" in preferences:
+        high, low = int(preferences["MaxHealthyPercentage"]), preferences.get("MinHealthyPercentage")
+        if low is None or not 100 <= high <= 200 or high - int(low) > 100:
+            raise ValidationError("MaxHealthyPercentage needs MinHealthyPercentage, at most 100 below it")
+    for key, allowed in _SET_APART.items():
+        if key in preferences and preferences[key] not in allowed:
+            raise ValidationError(f"{key} must be one of {sorted(allowed)}")
+    if preferences.get("AutoRollback"):
+        if not has_desired:
+            raise ValidationError(
+                "The request isn't valid. The AutoRollback parameter cannot be set to true when the "
+                "DesiredConfiguration parameter is empty. Set AutoRollback to false or specify a desired "
+                "configuration and try again."
+            )
+        why = _irreversible(previous)
+        if why:
+            raise ValidationError(f"AutoRollback is not supported: {why}")
 
 
 class ConsoleEmulation:
@@ -474,13 +838,17 @@ class AsgEmulations:
     templates: LaunchTemplateEmulation
     groups: AsgEmulation
     console: ConsoleEmulation
+    alarms: AlarmEmulation
 
 
 def install_asg_emulation(monkeypatch: pytest.MonkeyPatch, *, launch_after: int = 1) -> AsgEmulations:
-    emulations = AsgEmulations(LaunchTemplateEmulation(), AsgEmulation(launch_after=launch_after), ConsoleEmulation())
+    emulations = AsgEmulations(
+        LaunchTemplateEmulation(), AsgEmulation(launch_after=launch_after), ConsoleEmulation(), AlarmEmulation()
+    )
     emulations.templates.install(monkeypatch)
     emulations.groups.install(monkeypatch)
     emulations.console.install(monkeypatch)
+    emulations.alarms.install(monkeypatch)
     return emulations
 
 

@@ -340,8 +340,9 @@ def test_an_instance_refresh_steps_once_per_look_through_its_checkpoints(
     for _ in range(4):
         (refresh,) = asg.describe_instance_refreshes(AutoScalingGroupName="g")["InstanceRefreshes"]
         seen.append((refresh["Status"], refresh["PercentageComplete"], refresh["InstancesToUpdate"]))
-    # 4 instances, 50 % must stay healthy: batches of 2; at 50 % it bakes 60 s = one look.
-    assert seen == [("InProgress", 0, 4), ("Baking", 50, 2), ("InProgress", 50, 2), ("Successful", 100, 0)]
+    # 4 instances, 50 % must stay healthy: batches of 2; at 50 % it waits 60 s = one look, still InProgress (Baking is
+    # only the BakeTime after the last replacement).
+    assert seen == [("InProgress", 0, 4), ("InProgress", 50, 2), ("InProgress", 50, 2), ("Successful", 100, 0)]
     assert refresh["InstanceRefreshId"] == refresh_id and refresh["DesiredConfiguration"] == {
         "LaunchTemplate": {"LaunchTemplateId": template, "LaunchTemplateName": "g-lt", "Version": "2"}
     }

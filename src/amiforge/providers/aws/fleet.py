@@ -17,8 +17,9 @@ Reads first, refuses before anything is written:
    to `$Latest` could never restore the old image, since `$Latest` would then *be* the new one — rollback would be
    impossible. `$Default` is safe (a new version never changes the default) and so is any number.
    `templates.version_holding` (shared with publish) gives the numeric version that is `source` with the artifact's
-   AMI id: `source` itself if it holds the image, else the newest version after `source` if that holds it (made by an
-   interrupted call), else a new version created from `source` with a ClientToken derived from what it is made of.
+   AMI id: `source` itself if it holds the image, else the newest version after `source` if it is exactly what would
+   be created (made by an interrupted call), else a new version created from `source` with a ClientToken derived from
+   what it is made of.
    The group is pointed at that number (UpdateAutoScalingGroup); the template's default is never moved (that is the
    channel's publication, owned by promote/publish).
 3. Per replacement (old member O, token T), unless an instance tagged `amiforge:replacement=T` exists already:
@@ -126,6 +127,9 @@ T = TypeVar("T")
 
 # EC2 publishes console output with a delay (minutes on older instance types): added to ready_within.
 CONSOLE_GRACE: Final = 300.0
+# DescribeAlarms' AlarmTypes (each type's alarms come under the key "<type>s") and its limit of 100 AlarmNames.
+_ALARM_TYPES: Final = ("MetricAlarm", "CompositeAlarm", "LogAlarm")
+_ALARM_NAMES_MAX: Final = 100
 
 
 class AsgFleet:
@@ -239,15 +243,24 @@ class AsgFleet:
         return group.raw, template, source
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
-        """The named CloudWatch alarms (in the group's region) in state ALARM. An alarm that does not exist is an
-        error, not a pass: a typo in a strategy must not switch a gate off."""
+        """The named CloudWatch alarms (in the group's region; metric, composite or log alarms) in state ALARM. An
+        alarm that does not exist is an error, not a pass: a typo in a strategy must not switch a gate off."""
         if not names:
             return []
         cloudwatch = self.session.client("cloudwatch", self.region)
-        found = {
-            str(a["AlarmName"]): str(a["StateValue"])
-            for a in paginate(cloudwatch, "DescribeAlarms", "MetricAlarms", ", ".join(names), AlarmNames=list(names))
-        }
+        found: dict[str, str] = {}
+        wanted = sorted(set(names))
+        for chunk in (wanted[i : i + _ALARM_NAMES_MAX] for i in range(0, len(wanted), _ALARM_NAMES_MAX)):
+            # Without AlarmTypes, DescribeAlarms answers metric alarms only: a composite (or log) alarm named as a
+            # gate would be reported missing. Every type is asked for; their lists come in separate keys.
+            kwargs: dict[str, Any] = {"AlarmNames": chunk, "AlarmTypes": list(_ALARM_TYPES), "MaxRecords": 100}
+            while True:
+                page = call(cloudwatch, "DescribeAlarms", ", ".join(chunk), **kwargs)
+                for kind in _ALARM_TYPES:
+                    found.update((str(a["AlarmName"]), str(a["StateValue"])) for a in page.get(f"{kind}s", []))
+                if not page.get("NextToken"):
+                    break
+                kwargs["NextToken"] = page["NextToken"]
         missing = sorted(set(names) - set(found))
         if missing:
             raise ConfigError(

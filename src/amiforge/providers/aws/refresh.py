@@ -27,19 +27,30 @@ calls `roll_back_refresh` when its own gates fail. Three calls, all idempotent:
 - Another refresh already active on the group (Pending, InProgress, Baking, Cancelling, RollbackInProgress) that is
   not ours: StateError (AWS allows one at a time; amiforge never cancels someone else's).
 
+## Instances the owner set apart: Ignore, never Wait
+
+AWS's default for instances protected from scale in (ScaleInProtectedInstances) and for instances in Standby
+(StandbyInstances) is `Wait`: the refresh stops at them for an hour, waiting for someone to lift the protection or
+return them to service, and then fails (rolled back, with AutoRollback) — a rollout that hangs for an hour and then
+undoes itself because of one protected instance. amiforge cannot lift either (it would override its owner: protection
+marks an instance that must not be replaced, e.g. one running a long job; Standby one taken out for inspection), and
+`Refresh`/`Terminate` would replace or destroy exactly those. So both are `Ignore`: the refresh replaces every other
+instance, and those keep the old image (the controller reports them when the refresh succeeds).
+
 ## How "ours" is recognised, and idempotency per token
 
 StartInstanceRefresh takes no client token and refreshes carry no tags, so a refresh is recognised by what it does:
-an active refresh of the group whose DesiredConfiguration is a numeric version of the group's own template holding
-the artifact's AMI is ours, and its id is returned instead of starting another (also when a lost answer made the
-retried start fail with InstanceRefreshInProgress). Once a refresh has succeeded, AWS points the group at its desired
+an active refresh of the group whose DesiredConfiguration is a numeric version of the group's own template that is
+the group's version with the artifact's AMI and nothing else changed (`templates.created_from`) is ours, and its id
+is returned instead of starting another (also when a lost answer made the retried start fail with
+InstanceRefreshInProgress). Once a refresh has succeeded, AWS points the group at its desired
 version: if the group's version already holds the AMI, the newest Successful refresh to that version is returned
 (and StateError if there is none: the group already runs the image, nothing to refresh).
 
 The version is made as the fleet's: `templates.version_holding` gives the group's version itself if it holds the AMI,
-else the newest version after it if that holds it (an interrupted run made it), else a new one (ClientToken derived
-from group, template, source version, AMI, version ref and token). The group is *not* pointed at it (AWS does that
-when the refresh succeeds); the template's default is never moved.
+else the newest version after it if that is exactly what would be created (an interrupted run made it), else a new one
+(ClientToken derived from group, template, source version, AMI, version ref and token). The group is *not* pointed at it
+(AWS does that when the refresh succeeds); the template's default is never moved.
 
 Limitation of recognising by image: two tokens asking for the same AMI on the same group are indistinguishable while
 the refresh is active (the second gets the first's id — the same work). After a refresh ended Failed, Cancelled or
@@ -60,7 +71,14 @@ from typing import TYPE_CHECKING, Any, Final
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.model import Artifact
 from amiforge.providers.aws.images import describe_image
-from amiforge.providers.aws.templates import Template, client_token, describe_versions, image_of, version_holding
+from amiforge.providers.aws.templates import (
+    Template,
+    client_token,
+    created_from,
+    describe_versions,
+    image_of,
+    version_holding,
+)
 from amiforge.providers.interface import REFRESH_ACTIVE, REFRESH_ROLLBACK, REFRESH_TERMINAL, RefreshStatus
 
 if TYPE_CHECKING:  # the fleet calls this module; this module only reads the fleet
@@ -120,7 +138,7 @@ def start_refresh(
     refreshes = _refreshes(fleet)
     active = [r for r in refreshes if r.get("Status") in REFRESH_ACTIVE]
     if active:
-        if _ours(fleet, template, active[0], image_id):
+        if current is not None and _ours(fleet, template, current, active[0], image_id):
             return str(active[0]["InstanceRefreshId"])
         raise StateError(
             f"group {name} has instance refresh {active[0]['InstanceRefreshId']} {active[0].get('Status')}, "
@@ -155,6 +173,10 @@ def start_refresh(
         "MinHealthyPercentage": min_healthy_percentage,
         "AutoRollback": True,
         "SkipMatching": True,
+        # Never block on what the group's owner set apart (see the module): AWS's default, Wait, holds the refresh
+        # for an hour per such instance and then fails it.
+        "ScaleInProtectedInstances": "Ignore",
+        "StandbyInstances": "Ignore",
     }
     if not checkpoints:
         del preferences["CheckpointPercentages"], preferences["CheckpointDelay"]
@@ -279,13 +301,16 @@ def _desired(refresh: Mapping[str, Any]) -> tuple[str, int] | None:
     return str(spec["LaunchTemplateId"]), int(version)
 
 
-def _ours(fleet: AsgFleet, template: Template, refresh: Mapping[str, Any], image_id: str) -> bool:
-    """An active refresh to a numbered version of the group's template that holds `image_id` (see the module)."""
+def _ours(
+    fleet: AsgFleet, template: Template, source: Mapping[str, Any], refresh: Mapping[str, Any], image_id: str
+) -> bool:
+    """An active refresh to a numbered version of the group's template that is what `version_holding` gives: the
+    group's version `source` with `image_id` and nothing else changed (see the module)."""
     desired = _desired(refresh)
     if desired is None or desired[0] != template.template_id:
         return False
-    versions = describe_versions(fleet.session, fleet.region, template, {desired[1]})
-    return image_of(versions.get(desired[1])) == image_id
+    target = describe_versions(fleet.session, fleet.region, template, {desired[1]}).get(desired[1])
+    return target is not None and target.get("LaunchTemplateData") == created_from(source, image_id)
 
 
 def _status(refresh: Mapping[str, Any]) -> RefreshStatus:

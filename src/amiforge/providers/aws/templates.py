@@ -2,13 +2,20 @@
 
 Shared by publish.py (a channel's template default) and fleet.py (an Auto Scaling group's version). Both need "the
 version that is `source` with ImageId = this image": `source` itself when it already holds the image; else the
-newest version after `source` when that one holds it (an interrupted run made it and stopped before using it: reused,
-not duplicated); else a new version created from `source`, with a ClientToken derived from what it is made of, so a
-retry after a lost answer returns the version the first attempt made. Versions are always numbers, never `$Latest`.
+newest version after `source` when its whole LaunchTemplateData is what creating it now would give (an interrupted run
+made it and stopped before using it: reused, not duplicated — a version someone else made with the same image but
+another instance type, user data or key is *not* ours and is never picked up); else a new version created from
+`source`, with a ClientToken derived from what it is made of, so a retry after a lost answer returns the version the
+first attempt made. Versions are always numbers, never `$Latest`.
+
+What creating gives (`created_from`): EC2 copies the source version's data, the fields passed replacing theirs, and
+drops the snapshot ids of the inherited block device mappings ("Snapshots applied to the block device mapping are
+ignored when creating a new version unless they are explicitly included", CreateLaunchTemplateVersion, SourceVersion).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -17,7 +24,15 @@ from typing import Any
 from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import NotFound
 
-__all__ = ["Template", "client_token", "describe_versions", "find_template", "image_of", "version_holding"]
+__all__ = [
+    "Template",
+    "client_token",
+    "created_from",
+    "describe_versions",
+    "find_template",
+    "image_of",
+    "version_holding",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,16 @@ def image_of(version: Mapping[str, Any] | None) -> str | None:
     return str(value) if value is not None else None
 
 
+def created_from(source: Mapping[str, Any], image_id: str) -> dict[str, Any]:
+    """The LaunchTemplateData of a version created from version `source` with only ImageId passed (see the module)."""
+    data = copy.deepcopy(dict(source.get("LaunchTemplateData", {})))
+    for mapping in data.get("BlockDeviceMappings", []):
+        if isinstance(mapping.get("Ebs"), dict):
+            mapping["Ebs"].pop("SnapshotId", None)
+    data["ImageId"] = image_id
+    return data
+
+
 def client_token(*parts: str) -> str:
     """A ClientToken (at most 64 characters) that is the same exactly when `parts` are."""
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:64]
@@ -119,8 +144,14 @@ def version_holding(
         )
     if image_of(versions[source]) == image_id:
         return source
-    if template.latest > source and image_of(versions.get(template.latest)) == image_id:
-        # An interrupted run made this version and stopped before using it: reuse, do not duplicate.
+    latest = versions.get(template.latest)
+    if (
+        template.latest > source
+        and latest is not None
+        and latest.get("LaunchTemplateData") == created_from(versions[source], image_id)
+    ):
+        # An interrupted run made this version and stopped before using it: reuse, do not duplicate. Only when it is
+        # exactly what would be created: the same image with another field changed is someone else's version.
         return template.latest
     ec2 = session.client("ec2", region)
     created = call(
