@@ -1,6 +1,7 @@
 """Publishing a channel on AWS (SSM parameter + launch-template default version) and rolling it back, on moto.
 
-moto 5.2.5 here: DataType=aws:ec2:image is stored and echoed by GetParameter (but never validated); Tags together
+moto 5.2.5 here: DataType=aws:ec2:image is stored at once and echoed by GetParameter (never validated; the tests
+marked so run with ssm_emulation.SsmImageValidation, which validates asynchronously as AWS does); Tags together
 with Overwrite are refused as on AWS; CreateLaunchTemplateVersion ignores SourceVersion (the new version holds only
 the ImageId we pass) and ClientToken (a repeated call makes another version), so these tests check the ImageId only
 and the no-duplicate guarantee is amiforge's own read-before-write.
@@ -11,9 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import REGION, Aws
+from asg_emulation import FakeTime
+from botocore.exceptions import ClientError
+from conftest import ACCOUNT, REGION, Aws
+from moto.ec2.models import ec2_backends
+from moto.ssm.models import ssm_backends
+from ssm_emulation import VALIDATION_FAILED, SsmImageValidation
 
-from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.providers.aws.publish import IMAGE_DATA_TYPE, Publication, publish, rollback
 
 TEMPLATE = "web-fleet"
@@ -39,9 +45,26 @@ def world(aws: Aws) -> dict[str, str]:
     return _world(aws)
 
 
-def _publish(aws: Aws, image_id: str, *, template: str | None = TEMPLATE, run: str = "r1") -> Publication:
+@pytest.fixture
+def validation(monkeypatch: pytest.MonkeyPatch) -> SsmImageValidation:
+    """SSM validating aws:ec2:image values asynchronously: two SSM requests see the previous state."""
+    emulation = SsmImageValidation(reads=2)
+    emulation.install(monkeypatch)
+    return emulation
+
+
+def _publish(
+    aws: Aws, image_id: str, *, template: str | None = TEMPLATE, run: str = "r1", time: FakeTime | None = None
+) -> Publication:
     return publish(
-        aws.session, region=REGION, name="web", channel="prod", image_id=image_id, launch_template=template, run_id=run
+        aws.session,
+        region=REGION,
+        name="web",
+        channel="prod",
+        image_id=image_id,
+        launch_template=template,
+        run_id=run,
+        wait=(time or FakeTime()).wait(deadline=120.0),
     )
 
 
@@ -119,8 +142,12 @@ def test_publishing_the_same_image_twice_is_a_no_op(aws: Aws, world: dict[str, s
 
 def test_a_version_left_by_an_interrupted_publish_is_reused(aws: Aws, world: dict[str, str]) -> None:
     ec2: Any = aws.ec2()
+    # What AWS would hold after CreateLaunchTemplateVersion(SourceVersion=1, ImageId=a): version 1's data with the
+    # image replaced. moto ignores SourceVersion, so the inherited fields are passed explicitly.
     ec2.create_launch_template_version(
-        LaunchTemplateName=TEMPLATE, SourceVersion="1", LaunchTemplateData={"ImageId": world["a"]}
+        LaunchTemplateName=TEMPLATE,
+        SourceVersion="1",
+        LaunchTemplateData={"ImageId": world["a"], "InstanceType": "t3.micro"},
     )
     aws.calls.reset()
     pub = _publish(aws, world["a"])
@@ -206,6 +233,7 @@ def _scenario(aws: Aws) -> tuple[list[tuple[int, str | None, int | None, int | N
             launch_template=TEMPLATE,
             to_lt_version=last.previous_lt_version,
             run_id="r9",
+            wait=FakeTime().wait(deadline=120.0),
         )
     )
     summary = [
@@ -227,9 +255,166 @@ def test_scenario(aws: Aws) -> None:
     assert _scenario(aws) == EXPECTED
 
 
-def test_same_end_state_under_throttling(faulty: Aws) -> None:
+def test_same_end_state_when_ssm_validates_asynchronously(aws: Aws, validation: SsmImageValidation) -> None:
+    assert _scenario(aws) == EXPECTED
+    assert len(validation.events) == 3 and validation.pending(ACCOUNT, REGION) == []
+
+
+def test_same_end_state_under_throttling(faulty: Aws, validation: SsmImageValidation) -> None:
     assert faulty.faults is not None
     # Publishing reads images made long before; eventual consistency after a create is not the subject here.
     faulty.faults.not_found_reads = 0
     assert _scenario(faulty) == EXPECTED
     assert faulty.faults.injected["ThrottlingException"] > 0 and faulty.faults.injected["RequestLimitExceeded"] > 0
+
+
+# --- SSM validates aws:ec2:image values asynchronously ------------------------------------------------------------
+
+
+def _parameter(aws: Aws) -> tuple[str, int] | None:
+    """(value, version) as GetParameter answers now, or None for ParameterNotFound."""
+    try:
+        parameter = aws.session.client("ssm").get_parameter(Name=PARAM)["Parameter"]
+    except ClientError as e:
+        assert e.response["Error"]["Code"] == "ParameterNotFound"
+        return None
+    return str(parameter["Value"]), int(parameter["Version"])
+
+
+def _put(aws: Aws, image_id: str, **kw: Any) -> int:
+    ssm: Any = aws.session.client("ssm")
+    return int(ssm.put_parameter(Name=PARAM, Value=image_id, Type="String", DataType=IMAGE_DATA_TYPE, **kw)["Version"])
+
+
+def _deregister_after_put(aws: Aws, image_id: str) -> None:
+    """The image goes away right after PutParameter answered: SSM's later validation cannot find it."""
+
+    def deregister(**_: Any) -> None:
+        ec2_backends[ACCOUNT][REGION].deregister_image(image_id)
+
+    aws.session.client("ssm").meta.events.register("after-call.ssm.PutParameter", deregister)
+
+
+def test_ssm_emulation_takes_a_valid_image_after_some_reads(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    ssm: Any = aws.session.client("ssm")
+    assert _put(aws, world["a"]) == 1  # a version number at once…
+    assert _parameter(aws) is None  # …but no parameter yet,
+    with pytest.raises(ClientError) as untaggable:  # so nothing to tag either
+        ssm.add_tags_to_resource(ResourceType="Parameter", ResourceId=PARAM, Tags=[{"Key": "k", "Value": "v"}])
+    assert untaggable.value.response["Error"]["Code"] == "InvalidResourceId"
+    assert _parameter(aws) == (world["a"], 1)  # validated
+    assert _put(aws, world["b"], Overwrite=True) == 2
+    assert _parameter(aws) == (world["a"], 1)
+    assert [p["Version"] for p in ssm.describe_parameters()["Parameters"]] == [1]
+    assert _parameter(aws) == (world["b"], 2)
+    assert [h["Value"] for h in ssm.get_parameter_history(Name=PARAM)["Parameters"]] == [world["a"], world["b"]]
+    assert [e["operation"] for e in validation.events] == ["Create", "Update"]
+    assert not any("exception" in e for e in validation.events)
+    # Other data types are validated synchronously, as before.
+    ssm.put_parameter(Name="/amiforge/text", Value="hello", Type="String")
+    assert ssm.get_parameter(Name="/amiforge/text")["Parameter"]["Value"] == "hello"
+
+
+def test_ssm_emulation_refuses_what_ssm_refuses(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    """A value naming no image, a malformed one, an image that is not available, one deregistered after the put:
+    PutParameter answers 200 and a version each time; the parameter is never created or never changes."""
+    missing = "ami-0123456789abcdef0"
+    assert _put(aws, missing) == 1
+    assert [_parameter(aws) for _ in range(5)] == [None] * 5
+    assert aws.session.client("ssm").describe_parameters()["Parameters"] == []
+
+    assert _put(aws, world["a"]) == 1 and [_parameter(aws) for _ in range(3)][-1] == (world["a"], 1)
+    ec2_backends[ACCOUNT][REGION].amis[world["base"]].state = "pending"
+    for refused in ("not-an-ami", missing, world["base"]):
+        assert _put(aws, refused, Overwrite=True) == 2
+        assert [_parameter(aws) for _ in range(4)] == [(world["a"], 1)] * 4
+    _deregister_after_put(aws, world["b"])
+    assert _put(aws, world["b"], Overwrite=True) == 2
+    assert [_parameter(aws) for _ in range(4)] == [(world["a"], 1)] * 4
+    failed = [e for e in validation.events if e.get("exception") == VALIDATION_FAILED]
+    assert [e["operation"] for e in failed] == ["Create", "Update", "Update", "Update", "Update"]
+
+
+def test_publish_returns_only_once_ssm_holds_the_image(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    """Before, the first publish tagged a parameter SSM had not created yet (InvalidResourceId), and a later one
+    returned while GetParameter still answered the previous image."""
+    time = FakeTime()
+    first = _publish(aws, world["a"], template=None, run="run-7", time=time)
+    assert (first.version, first.previous_image_id) == (1, None)
+    assert validation.pending(ACCOUNT, REGION) == [] and time.sleeps >= 1
+    tags = aws.session.client("ssm").list_tags_for_resource(ResourceType="Parameter", ResourceId=PARAM)["TagList"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"amiforge:managed": "true", "amiforge:run": "run-7"}
+    second = _publish(aws, world["b"], run="r2", time=time)
+    assert (second.version, second.previous_image_id, second.launch_template_version) == (2, world["a"], 2)
+    assert _parameter(aws) == (world["b"], 2)  # the very next read: publish waited for it
+
+
+def test_publish_of_an_image_ssm_refuses_fails_and_changes_nothing_else(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    validation.reads = 0  # the setup validates at the next request, so that it does not depend on the subject
+    _publish(aws, world["a"])
+    validation.reads = 2
+    before = _state(aws)
+    _deregister_after_put(aws, world["b"])
+    aws.calls.reset()
+    with pytest.raises(InfraError) as refused:
+        _publish(aws, world["b"], run="r2")
+    message, fix = refused.value.message, refused.value.fix or ""
+    assert world["b"] in message and f"still holds {world['a']} (version 1)" in message
+    assert "be available" in fix and "visible to this account" in fix and "ec2:DescribeImages" in fix
+    assert _state(aws) == before  # no launch template version, the default unmoved, the parameter unchanged
+    assert aws.calls["ec2.CreateLaunchTemplateVersion"] == 0 and aws.calls["ec2.ModifyLaunchTemplate"] == 0
+
+
+def test_publish_of_a_new_parameter_ssm_refuses_creates_nothing(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    _deregister_after_put(aws, world["a"])
+    with pytest.raises(InfraError, match="the parameter does not exist"):
+        _publish(aws, world["a"], template=None)
+    assert aws.session.client("ssm").describe_parameters()["Parameters"] == []
+    assert aws.calls["ssm.AddTagsToResource"] == 0
+
+
+def test_rollback_waits_for_ssm_too(aws: Aws, world: dict[str, str], validation: SsmImageValidation) -> None:
+    validation.reads = 0
+    _publish(aws, world["a"])
+    last = _publish(aws, world["b"])
+    validation.reads = 2
+    assert last.previous_image_id is not None
+    back = rollback(
+        aws.session,
+        region=REGION,
+        name="web",
+        channel="prod",
+        to_image_id=last.previous_image_id,
+        launch_template=TEMPLATE,
+        to_lt_version=last.previous_lt_version,
+        run_id="r3",
+        wait=FakeTime().wait(deadline=120.0),
+    )
+    assert back.version == 3 and _parameter(aws) == (world["a"], 3)
+    assert _state(aws)["default"] == 2
+
+
+def test_publish_refuses_when_another_writer_moved_the_parameter_on(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    validation.reads = 0
+    _publish(aws, world["a"], template=None)
+    validation.reads = 2
+
+    def someone_else_writes(**_: Any) -> None:
+        backend: Any = ssm_backends[ACCOUNT][REGION]  # a plain text write, through moto's own backend
+        backend.put_parameter(PARAM, None, world["base"], "String", None, None, True, [], "text", None, None)
+
+    aws.session.client("ssm").meta.events.register("after-call.ssm.PutParameter", someone_else_writes)
+    with pytest.raises(StateError, match="moved on to version 3"):
+        _publish(aws, world["b"], template=None)

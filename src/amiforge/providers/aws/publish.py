@@ -14,6 +14,15 @@ the Auto Scaling fleet).
 
 Everything that could refuse is read before anything is written, so a missing launch template or image leaves the
 parameter untouched. Every call goes through `clients.call`/`paginate`, so errors translate through the one table.
+
+SSM validates a parameter of DataType `aws:ec2:image` *asynchronously* (SSM API reference, PutParameter; "Native
+parameter support for Amazon Machine Image IDs"): PutParameter answers 200 with the new version number at once, and
+only after SSM has checked that the image exists, is available and is visible to the account does the parameter hold
+it. A failed check is reported only as an EventBridge event; the parameter keeps its previous value (or, when new, is
+never created). So a 200 is not a publication: after PutParameter this module waits (`waiting.retry`, bounded,
+injectable clock) until GetParameter shows the image at the version PutParameter returned, and only then tags the
+parameter, moves the launch template and returns the Publication that the caller records. A validation that does not
+finish in time is an error naming what the parameter still holds; nothing is returned, so nothing is recorded.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from amiforge.awsapi.clients import AwsSession, call, paginate
-from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
 from amiforge.providers.aws.templates import (
     Template,
@@ -32,14 +41,18 @@ from amiforge.providers.aws.templates import (
     image_of,
     version_holding,
 )
+from amiforge.waiting import Wait, retry
 
-__all__ = ["IMAGE_DATA_TYPE", "RUN_TAG", "Publication", "parameter_name", "publish", "rollback"]
+__all__ = ["IMAGE_DATA_TYPE", "RUN_TAG", "VALIDATION_WAIT", "Publication", "parameter_name", "publish", "rollback"]
 
 IMAGE_DATA_TYPE = "aws:ec2:image"
 RUN_TAG = "amiforge:run"
 _IMAGE_ID_RE = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
 _SEGMENT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _PREFIX_RE = re.compile(r"(?:/[A-Za-z0-9_.-]+)+")
+# How long SSM may take to validate an aws:ec2:image value. AWS gives no bound; it is seconds when the image is fine,
+# and a failed validation never shows in GetParameter, so this is also how long a bad publication takes to fail.
+VALIDATION_WAIT = Wait(first_delay=1.0, max_delay=10.0, deadline=180.0)
 
 
 @dataclass(frozen=True)
@@ -85,15 +98,17 @@ def publish(
     parameter_prefix: str = "/amiforge",
     launch_template: str | None = None,
     run_id: str,
+    wait: Wait = VALIDATION_WAIT,
 ) -> Publication:
     """Point `name`'s `channel` in `region` at `image_id`: the SSM parameter, and `launch_template`'s default version.
 
     The image must exist and be available in `region`. A launch template that does not exist is a NotFound, raised
-    before the parameter is written."""
+    before the parameter is written. Returns only once SSM holds the image (`wait` bounds how long SSM's validation
+    may take); an image SSM does not accept is an InfraError, and nothing after the parameter is written."""
     parameter = parameter_name(parameter_prefix, name, channel)
     _check_image(session, region, image_id)
     template = find_template(session, region, name=launch_template) if launch_template is not None else None
-    return _apply(session, region, parameter, image_id, template, None, run_id)
+    return _apply(session, region, parameter, image_id, template, None, run_id, wait)
 
 
 def rollback(
@@ -107,11 +122,13 @@ def rollback(
     launch_template: str | None = None,
     to_lt_version: int | None = None,
     run_id: str,
+    wait: Wait = VALIDATION_WAIT,
 ) -> Publication:
     """Put back what a publication replaced: the parameter to `to_image_id`, and the template's default to
     `to_lt_version`, which must hold `to_image_id` (a mismatch is refused, since the two would then disagree).
 
-    Without `to_lt_version` the template gets a version holding `to_image_id` as `publish()` would make it."""
+    Without `to_lt_version` the template gets a version holding `to_image_id` as `publish()` would make it. Like
+    `publish()`, returns only once SSM holds `to_image_id`."""
     parameter = parameter_name(parameter_prefix, name, channel)
     if to_lt_version is not None and launch_template is None:
         raise ConfigError(
@@ -127,7 +144,7 @@ def rollback(
                 f"launch template {template.name} version {to_lt_version} holds {held}, not {to_image_id}",
                 fix="roll back to the version and image one publication recorded together",
             )
-    return _apply(session, region, parameter, to_image_id, template, to_lt_version, run_id)
+    return _apply(session, region, parameter, to_image_id, template, to_lt_version, run_id, wait)
 
 
 # --- reads (nothing is written until all of them succeeded) -------------------------------------------------------
@@ -185,6 +202,7 @@ def _apply(
     template: Template | None,
     to_version: int | None,
     run_id: str,
+    wait: Wait,
 ) -> Publication:
     previous, version = _read_parameter(session, region, parameter)
     ssm = session.client("ssm", region)
@@ -201,7 +219,7 @@ def _apply(
             Overwrite=True,
             Description=f"amiforge channel pointer (run {run_id})",
         )
-        version = int(answer["Version"])
+        version = _await_validation(session, region, parameter, image_id, int(answer["Version"]), wait)
         if previous is None:
             # SSM refuses Tags together with Overwrite; Overwrite keeps a retried put from failing on its own first
             # attempt, so the tags follow in a call of their own (idempotent: same keys, same values).
@@ -231,6 +249,54 @@ def _apply(
         launch_template=template.name if template is not None else None,
         changed=parameter_changed or previous_lt is not None,
     )
+
+
+class _NotValidated(Exception):
+    """The parameter does not hold the image at the written version yet: (value, version) as GetParameter shows."""
+
+    def __init__(self, value: str | None, version: int | None) -> None:
+        super().__init__(value, version)
+        self.value, self.version = value, version
+
+
+def _await_validation(
+    session: AwsSession,
+    region: str,
+    parameter: str,
+    image_id: str,
+    written: int,
+    wait: Wait,
+) -> int:
+    """`written`, once GetParameter shows `image_id` at that version: SSM has validated the image (module docstring).
+
+    A later version means another writer moved the parameter meanwhile (StateError); no change by the deadline means
+    SSM refused the image or has not finished (InfraError naming what the parameter holds)."""
+
+    def validated() -> int:
+        value, version = _read_parameter(session, region, parameter)
+        if version is not None and version > written:
+            raise StateError(
+                f"SSM parameter {parameter} in {region} moved on to version {version} ({value}) while amiforge "
+                f"waited for version {written} to hold {image_id}",
+                fix="another writer changed the channel's parameter; find out who, then re-run the promote",
+            )
+        if value == image_id and version == written:
+            return written
+        raise _NotValidated(value, version)
+
+    try:
+        return retry(validated, again=lambda e: isinstance(e, _NotValidated), wait=wait)
+    except _NotValidated as e:
+        now = "does not exist" if e.version is None else f"still holds {e.value} (version {e.version})"
+        raise InfraError(
+            f"SSM did not take {image_id} into parameter {parameter} in {region}: PutParameter answered version "
+            f"{written}, but after {wait.deadline:.0f}s the parameter {now}. SSM validates an {IMAGE_DATA_TYPE} "
+            "value asynchronously and drops a value it refuses",
+            retryable=True,
+            fix=f"the image must exist in {region}, be available and be visible to this account, and the identity "
+            "amiforge runs as needs ec2:DescribeImages (SSM checks the image with it); SSM reports a refused value as "
+            "an EventBridge 'Parameter Store Change' event. Then run it again: it converges",
+        ) from None
 
 
 def _point_template(
