@@ -31,7 +31,7 @@ from botocore.exceptions import (
 
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
 
-__all__ = ["AWS_ERRORS", "CAUGHT", "Rule", "error_for_code", "rule_for", "translate"]
+__all__ = ["AWS_ERRORS", "CAUGHT", "Rule", "error_for_code", "is_permission_error", "rule_for", "translate"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ class Rule:
 
 _PERMISSION = "grant {action} to the identity amiforge runs as (`amiforge doctor` lists every permission it needs)"
 _CREDENTIALS = "check the AWS credentials amiforge runs with (profile, environment, instance role)"
+# AWS answers a call into a region the account has not enabled (an opt-in region, launched after March 2019) with
+# the same codes as bad credentials (EC2 AuthFailure, STS InvalidClientTokenId, JSON services
+# UnrecognizedClientException), and nothing in the answer tells the two apart: the fix names both, region first.
+_CREDENTIALS_OR_REGION = (
+    "if the region is an opt-in region, enable it for the account (Account settings → AWS Regions; "
+    "`amiforge doctor --aws --recipe FILE` shows each region's status); otherwise " + _CREDENTIALS
+)
 _RETRY_LATER = "retry later; botocore already retried with backoff"
 _THROTTLED = "lower the request rate (fewer parallel runs) or ask AWS for a higher API rate quota"
 _KMS_STATE = "the key is pending deletion or import, or unavailable: cancel that or use another key"
@@ -63,15 +70,23 @@ AWS_ERRORS: Mapping[str, Rule] = {
     # SSM: right after SendCommand, or before the agent on a new instance has registered; callers poll on NotFound.
     "InvocationDoesNotExist": Rule(NotFound, "the command invocation is not visible yet; it is polled again"),
     "InvalidInstanceId": Rule(NotFound, "the instance is not registered with SSM (yet); check the SSM agent and role"),
+    # SSM tagging a parameter that does not exist: an aws:ec2:image parameter exists only once SSM has validated it.
+    "InvalidResourceId": Rule(
+        NotFound,
+        "check the SSM parameter name and region; an aws:ec2:image parameter exists only once SSM accepted its image, "
+        "which must exist in that region, be available and be visible to the account",
+    ),
     # EBS direct APIs (snapshot reads for scans).
     "ResourceNotFoundException": Rule(
         NotFound, "check the snapshot id; it must be a completed snapshot in this region"
     ),
+    # Service Quotas: no such quota (code) for the service in this region.
+    "NoSuchResourceException": Rule(NotFound, "check the service and quota code, and the region asked"),
     # --- permissions and credentials --------------------------------------------------------------------------------
     "UnauthorizedOperation": Rule(ConfigError, _PERMISSION),
-    "AuthFailure": Rule(ConfigError, _CREDENTIALS),
-    "UnrecognizedClientException": Rule(ConfigError, _CREDENTIALS),
-    "InvalidClientTokenId": Rule(ConfigError, _CREDENTIALS),
+    "AuthFailure": Rule(ConfigError, _CREDENTIALS_OR_REGION),
+    "UnrecognizedClientException": Rule(ConfigError, _CREDENTIALS_OR_REGION),
+    "InvalidClientTokenId": Rule(ConfigError, _CREDENTIALS_OR_REGION),
     "SignatureDoesNotMatch": Rule(ConfigError, _CREDENTIALS),
     "ExpiredToken": Rule(ConfigError, _CREDENTIALS),
     "ExpiredTokenException": Rule(ConfigError, _CREDENTIALS),
@@ -84,6 +99,8 @@ AWS_ERRORS: Mapping[str, Rule] = {
     "ValidationError": Rule(ConfigError, "check the values in the recipe and settings"),
     "ValidationException": Rule(ConfigError, "check the values in the recipe and settings"),
     "MissingParameter": Rule(ConfigError, "check the values in the recipe and settings"),
+    # EC2: a parameter given without the one it needs (CopyImage KmsKeyId without Encrypted=true).
+    "InvalidParameterDependency": Rule(ConfigError, "check the values in the recipe and settings"),
     "InvalidKeyId": Rule(ConfigError, "check the KMS key id or ARN"),
     "InvalidKeyUsageException": Rule(ConfigError, "use an ECC_NIST_P256 key with key usage SIGN_VERIFY"),
     "DisabledException": Rule(ConfigError, "enable the key (aws kms enable-key) or configure another"),
@@ -160,6 +177,12 @@ def rule_for(code: str) -> Rule | None:
         if fnmatch.fnmatchcase(code, pattern):
             return rule
     return None
+
+
+def is_permission_error(code: str) -> bool:
+    """Whether AWS answered `code` because the caller lacks an IAM permission (the table's permission rows)."""
+    rule = rule_for(code)
+    return rule is not None and rule.fix == _PERMISSION
 
 
 def error_for_code(code: str, action: str, resource: str, detail: str = "") -> AmiforgeError:
