@@ -1,42 +1,78 @@
-"""amiforge doctor: which host tools are present, how to install the missing ones, and whether KVM works."""
+"""amiforge doctor: which host tools are present, how to install the missing ones, and whether KVM works — or, with
+--aws, the AWS account: credentials, regions, the IAM policy, and the day-one checks of a recipe (--recipe)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from amiforge.cli.common import JsonOption
-from amiforge.cli.output import console, emit_json
-from amiforge.lifecycle.doctor import account_report, machine_report
+from amiforge.cli.output import console, emit_json, plain
+from amiforge.errors import ConfigError
+from amiforge.lifecycle.doctor import account_problem, account_report, machine_report
 from amiforge.model import check_aws_region
+from amiforge.providers.interface import AccountCheck
+from amiforge.recipe import load_recipe
 from amiforge.settings import load_settings
 
+_MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]fail[/]", "skipped": "[dim]skipped[/]"}
 
-def _aws(region: str, as_json: bool) -> None:
-    report = account_report(region, load_settings())
+
+def check_line(check: AccountCheck) -> str:
+    """One line per check: status, name (and region), detail, and the fix (rich markup; the texts escaped)."""
+    where = f" {check.region}" if check.region else ""
+    fix = f"  [bold]fix:[/] {escape(check.fix)}" if check.fix else ""
+    mark = _MARKS[check.status] + " " * (8 - len(check.status))
+    return f"{mark}{escape(check.name + where)}: {escape(check.detail)}{fix}"
+
+
+def _aws(region: str | None, recipe_file: Path | None, as_json: bool) -> None:
+    recipe = load_recipe(recipe_file) if recipe_file is not None else None
+    report = account_report(region, load_settings(), recipe)
+    problem = account_problem(report)
     if as_json:
-        emit_json(report)
+        # One document, also when a check failed (the error handler would print a second).
+        emit_json(plain(report) | {"ok": problem is None, "error": problem.as_dict() if problem else None})
+        if problem is not None:
+            raise typer.Exit(problem.exit_code)
         return
     console.print(f"[green]ok[/]      AWS credentials: {escape(report.arn)} (account {escape(report.account)})")
-    console.print(f"         regions enabled: {', '.join(report.regions)}", markup=False)
-    console.print("         least-privilege IAM policy for every amiforge operation:")
+    console.print(f"        regions enabled: {', '.join(report.regions)}", markup=False)
+    console.print("        least-privilege IAM policy for every amiforge operation:")
     console.print(json.dumps(report.policy, indent=2), markup=False, highlight=False)
+    about = f"recipe {recipe.name}" if recipe is not None else f"home region {report.region}; no --recipe"
+    console.print(f"        day-one checks ({escape(about)}):")
+    for check in report.checks:
+        console.print(check_line(check), soft_wrap=True)
+    if problem is not None:
+        raise problem
 
 
 def doctor(
     aws: bool = typer.Option(
-        False, "--aws", help="Check AWS instead: credentials, regions, and the IAM policy needed."
+        False, "--aws", help="Check AWS instead: credentials, regions, the IAM policy, and day-one checks."
     ),
-    region: str = typer.Option("us-east-1", "--region", help="With --aws: the home region to ask."),
+    region: str | None = typer.Option(
+        None, "--region", help="With --aws: the home region to ask (default: the recipe's region, else us-east-1)."
+    ),
+    recipe: Path | None = typer.Option(
+        None,
+        "--recipe",
+        help="With --aws: also check what this recipe needs (regions, network, keys, sharing, quotas).",
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Check this machine: tools (and the apt line for the missing ones), root, KVM, registry location."""
-    check_aws_region(region, what="--region")  # checked even without --aws: `--region --json` is a typo to catch
+    if region is not None:
+        check_aws_region(region, what="--region")  # checked even without --aws: `--region --json` is a typo to catch
     if aws:
-        _aws(region, as_json)
+        _aws(region, recipe, as_json)
         return
+    if recipe is not None:
+        raise ConfigError("--recipe goes with --aws", fix="amiforge doctor --aws --recipe FILE")
     settings = load_settings()
     machine = machine_report(settings)
     report = {

@@ -1,5 +1,6 @@
 """doctor: can amiforge work here? This machine (host tools, root, KVM, where the registry is) for the local provider,
-or an AWS account (identity, regions, the least-privilege IAM policy) for the AWS provider. Reads only."""
+or an AWS account (identity, regions, the least-privilege IAM policy, and the day-one checks of a recipe: regions
+enabled, network, encryption keys, public sharing, quotas) for the AWS provider. Reads only."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from amiforge.errors import ConfigError, InfraError
 from amiforge.model import check_aws_region
 from amiforge.providers import provider_for
 from amiforge.providers.interface import AccountChecker, AccountReport, HostChecker, ToolStatus
+from amiforge.recipe import AwsProvider as AwsSpec
+from amiforge.recipe import Recipe
 from amiforge.settings import Settings
 
 
@@ -57,9 +60,33 @@ def machine_report(settings: Settings) -> MachineReport:
     )
 
 
-def account_report(region: str, settings: Settings) -> AccountReport:
-    check_aws_region(region, what="--region")
+# The home region asked when neither --region nor a recipe names one.
+DEFAULT_HOME_REGION = "us-east-1"
+
+
+def account_report(region: str | None, settings: Settings, recipe: Recipe | None = None) -> AccountReport:
+    """Identity, regions, the IAM policy and the day-one checks, asked from `region` (default: the recipe's region,
+    else us-east-1); with `recipe`, the checks are for what it needs (its regions, subnet, keys, sharing)."""
+    spec = recipe.provider if recipe is not None else None
+    if spec is not None and not isinstance(spec, AwsSpec):
+        raise ConfigError(
+            f"the recipe is for the {spec.type} provider; doctor --aws checks aws recipes",
+            fix="run `amiforge doctor` (no --aws) for a local recipe, or pass an aws recipe",
+        )
+    home = check_aws_region(region or (spec.region if spec else DEFAULT_HOME_REGION), what="--region")
     provider = provider_for("aws", settings)
     if not isinstance(provider, AccountChecker):  # pragma: no cover - the AWS provider checks its account
         raise ConfigError("the aws provider cannot check an account")
-    return provider.account_report(region)
+    return provider.account_report(home, spec)
+
+
+def account_problem(report: AccountReport) -> InfraError | None:
+    """Why the account is not ready (every failed check, by name and region), with the fix; None when it is."""
+    failed = [c for c in report.checks if c.status == "fail"]
+    if not failed:
+        return None
+    names = ", ".join(f"{c.name} ({c.region})" if c.region else c.name for c in failed)
+    return InfraError(
+        f"{len(failed)} day-one check{'s' if len(failed) != 1 else ''} failed: {names}",
+        fix="fix each failed check as its line says, then run `amiforge doctor --aws` again",
+    )

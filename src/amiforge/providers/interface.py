@@ -373,21 +373,40 @@ class HostChecker(Protocol):
         ...
 
 
+# ok: ready; warn: works, with a caveat or something a static read cannot decide; fail: the operation would fail;
+# skipped: not relevant here (no recipe, the recipe does not ask for it, the region is not enabled).
+CheckStatus = Literal["ok", "warn", "fail", "skipped"]
+
+
+@dataclass(frozen=True)
+class AccountCheck:
+    """One day-one check of an account (`doctor --aws`): what was checked and where, how it came out, the fix."""
+
+    name: str
+    status: CheckStatus
+    detail: str
+    fix: str | None = None
+    region: str | None = None
+
+
 @dataclass(frozen=True)
 class AccountReport:
-    """Who amiforge is in a cloud account, which regions it can use, and the least-privilege policy it needs."""
+    """Who amiforge is in a cloud account, which regions it can use, the least-privilege policy it needs, and the
+    day-one checks (for a recipe, when one is given)."""
 
     account: str
     arn: str
     region: str
     regions: tuple[str, ...]
     policy: dict[str, Any]
+    checks: tuple[AccountCheck, ...] = ()
 
 
 @runtime_checkable
 class AccountChecker(Protocol):
-    def account_report(self, region: str) -> AccountReport:
-        """Ask the cloud, read-only, from `region` (the home region)."""
+    def account_report(self, region: str, spec: ProviderSpec | None = None) -> AccountReport:
+        """Ask the cloud, read-only, from `region` (the home region); with a recipe's provider section, also check
+        what that recipe needs (its regions, network, encryption keys, sharing and quotas)."""
         ...
 
 

@@ -1,33 +1,529 @@
-"""doctor --aws under moto: identity, regions, and a policy whose actions cover what the report itself calls."""
+"""doctor --aws under moto: identity, regions, a policy that covers what the report itself calls, and the day-one
+checks — regions enabled, placement and SSM reachability, EBS encryption by default, KMS key policies, image block
+public access, quotas — each a line with its fix. doctor_emulation.py stands in for what moto lacks (tested below to
+refuse what AWS refuses)."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from dataclasses import replace
+from typing import Any
 
-from moto import mock_aws
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+from conftest import ACCOUNT, REGION, Aws
+from doctor_emulation import DoctorEmulation, internet_for_default_vpc, pending
+from moto.kms.models import kms_backends
+from moto_emulation import _Raw
 
-from amiforge.awsapi.clients import AwsSession
-from amiforge.providers.aws.doctor import aws_report
-from amiforge.providers.aws.iam import actions_for
+from amiforge.awsapi.clients import AwsSession, call, iam_action
+from amiforge.errors import ConfigError, NotFound
+from amiforge.providers.aws.doctor import PUBLIC_AMIS_QUOTA, _Plan, aws_report, day_one_checks
+from amiforge.providers.aws.iam import PERMISSIONS, actions_for
+from amiforge.providers.interface import AccountCheck, AccountReport
+from amiforge.recipe import AwsProvider as AwsSpec
+
+DISABLED = "ap-east-1"  # an opt-in region moto lists as not-opted-in
+COPY = "eu-central-1"
+RECEIVER = "111122223333"
+ORG = "arn:aws:organizations::999988887777:organization/o-abcdefghij"
+SOURCE = {"owners": ["amazon"], "name": "debian-12-*"}
 
 
-def test_report_names_the_account_regions_and_a_policy_that_covers_its_own_calls() -> None:
-    with mock_aws():
-        session = AwsSession("eu-west-1")
-        called: Counter[str] = Counter()
-        for service in ("sts", "ec2"):
-            client = session.client(service)
-            client.meta.events.register(
-                "before-call.*.*",
-                lambda model, **_: called.update([f"{model.service_model.signing_name}:{model.name}"]),
-            )
-        report = aws_report(session)
+@pytest.fixture
+def emulation(monkeypatch: pytest.MonkeyPatch, aws: Aws) -> DoctorEmulation:
+    return DoctorEmulation(monkeypatch)
+
+
+@pytest.fixture
+def calls(aws: Aws) -> RegionCalls:
+    """Registered before any client exists (a client copies the session's handlers when it is made)."""
+    return RegionCalls(aws)
+
+
+@pytest.fixture
+def online(aws: Aws, emulation: DoctorEmulation, calls: RegionCalls) -> Aws:
+    """Default VPCs as AWS makes them (an internet gateway and a route to it) in the bake and copy regions."""
+    for region in (REGION, COPY):
+        internet_for_default_vpc(aws.ec2(region))
+    return aws
+
+
+class RegionCalls:
+    """Every API call by (region, service, operation): `before-call` fires once per call."""
+
+    def __init__(self, aws: Aws) -> None:
+        self.session = aws.session
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        aws.session.boto_session.events.register("before-call", self._seen)
+
+    def _seen(self, model: Any, request_signer: Any, **_: Any) -> None:
+        self.counts[(str(request_signer.region_name), model.service_model.service_name, model.name)] += 1
+
+    @property
+    def actions(self) -> set[str]:
+        """The IAM actions called (as a permission error would name them)."""
+        return {iam_action(self.session.client(service), operation) for _r, service, operation in self.counts}
+
+    def regions(self) -> set[str]:
+        return {region for region, _service, _operation in self.counts}
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+def spec(**aws: Any) -> AwsSpec:
+    return AwsSpec.model_validate({"type": "aws", "region": REGION, "source": SOURCE, **aws})
+
+
+def key(aws: Aws, region: str, policy: dict[str, Any] | None = None) -> str:
+    kms = aws.session.client("kms", region)
+    arn = str(kms.create_key(Description="ebs")["KeyMetadata"]["Arn"])
+    if policy is not None:
+        kms.put_key_policy(KeyId=arn.rsplit("/", 1)[1], PolicyName="default", Policy=json.dumps(policy))
+    return arn
+
+
+def share_policy(*accounts: str, condition: dict[str, Any] | None = None, principal: Any = None) -> dict[str, Any]:
+    """The owner's statement and one for the receivers, as the EBS User Guide's key-sharing page describes."""
+    statement: dict[str, Any] = {
+        "Sid": "receivers",
+        "Effect": "Allow",
+        "Principal": principal or {"AWS": [f"arn:aws:iam::{a}:root" for a in accounts]},
+        "Action": ["kms:DescribeKey", "kms:CreateGrant", "kms:Decrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*"],
+        "Resource": "*",
+    }
+    if condition is not None:
+        statement["Condition"] = condition
+    owner = {
+        "Effect": "Allow",
+        "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+        "Action": "kms:*",
+        "Resource": "*",
+    }
+    return {"Version": "2012-10-17", "Statement": [owner, statement]}
+
+
+def named(report: AccountReport | list[AccountCheck], name: str, region: str | None = None) -> AccountCheck:
+    checks = report.checks if isinstance(report, AccountReport) else report
+    [found] = [c for c in checks if c.name == name and (region is None or c.region == region)]
+    return found
+
+
+def statuses(report: AccountReport) -> dict[tuple[str, str | None], str]:
+    return {(c.name, c.region): c.status for c in report.checks}
+
+
+# --- the report and its calls --------------------------------------------------------------------------------------
+
+
+def test_report_names_the_account_regions_and_a_policy_that_covers_its_own_calls(
+    online: Aws, calls: RegionCalls
+) -> None:
+    calls.reset()
+    report = aws_report(online.session)
     assert report.account.isdigit() and len(report.account) == 12
     assert report.arn.startswith("arn:aws:")
-    assert report.region == "eu-west-1" and "eu-west-1" in report.regions and "us-east-1" in report.regions
-    assert set(called) == {"sts:GetCallerIdentity", "ec2:DescribeRegions"}
-    assert set(called) <= actions_for(["doctor"])
+    assert report.region == REGION and REGION in report.regions and "us-east-1" in report.regions
+    assert DISABLED not in report.regions  # only the regions the account can use
+    assert calls.actions <= actions_for(["doctor"])
     statements = report.policy["Statement"]
     granted = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
-    assert actions_for(["distribute", "publish", "sign-kms"]) <= granted
+    assert actions_for(["distribute", "publish", "sign-kms", "doctor"]) <= granted
     assert report.policy["Version"] == "2012-10-17"
+    # Without a recipe: the home region's checks, and the rest say how to get them.
+    assert statuses(report) == {
+        ("region enabled", REGION): "ok",
+        ("placement", REGION): "ok",
+        ("SSM reachability", REGION): "ok",
+        ("EBS encryption by default", REGION): "ok",
+        ("KMS key policy", None): "skipped",
+        ("image block public access", None): "skipped",
+        ("public AMIs quota", None): "skipped",
+        ("concurrent AMI copies", None): "skipped",
+    }
+    assert "--recipe" in named(report, "KMS key policy").detail
+
+
+def test_every_declared_doctor_action_is_called_and_nothing_else(
+    online: Aws, emulation: DoctorEmulation, calls: RegionCalls
+) -> None:
+    """Two recipes between them reach every check (public sharing and encrypted shares exclude each other)."""
+    emulation.public_access.state[(ACCOUNT, REGION)] = "unblocked"
+    online.session.client("ec2", COPY).enable_ebs_encryption_by_default()
+    shared = {
+        "regions": [{"region": COPY, "kms_key": key(online, COPY, share_policy(RECEIVER))}],
+        "accounts": [RECEIVER],
+    }
+    subnet = _subnet(online)
+    calls.reset()
+    aws_report(online.session, spec(distribution={"regions": [{"region": COPY}], "public": True}))
+    aws_report(online.session, spec(subnet_id=subnet, distribution=shared))
+    assert calls.actions == PERMISSIONS["doctor"]
+
+
+def _subnet(aws: Aws, region: str = REGION, *, public_ip: bool = False) -> str:
+    ec2 = aws.ec2(region)
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="172.31.200.0/24")["Subnet"]["SubnetId"]
+    ec2.modify_subnet_attribute(SubnetId=subnet, MapPublicIpOnLaunch={"Value": public_ip})
+    return str(subnet)
+
+
+# --- regions ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_disabled_distribution_region_fails_by_name_and_is_never_called(
+    online: Aws, emulation: DoctorEmulation, calls: RegionCalls
+) -> None:
+    calls.reset()
+    recipe = spec(distribution={"regions": [{"region": DISABLED}], "public": True})
+    report = aws_report(online.session, recipe)
+    check = named(report, "region enabled", DISABLED)
+    assert check.status == "fail"
+    assert "opt-in region" in check.detail and "not enabled" in check.detail and "credentials" in check.detail
+    assert check.fix is not None and f"enable {DISABLED}" in check.fix
+    for name in (
+        "EBS encryption by default",
+        "image block public access",
+        "public AMIs quota",
+        "concurrent AMI copies",
+    ):
+        assert named(report, name, DISABLED).status == "skipped"
+    assert DISABLED not in calls.regions()  # AWS would answer every call there as bad credentials
+    emulation.regions.enable(DISABLED)
+    assert named(aws_report(online.session, recipe), "region enabled", DISABLED).status == "ok"
+
+
+def test_a_region_the_partition_does_not_have_fails(online: Aws) -> None:
+    report = aws_report(online.session, spec(distribution={"regions": [{"region": "eu-nowhere-9"}]}))
+    check = named(report, "region enabled", "eu-nowhere-9")
+    assert check.status == "fail" and check.fix is not None and "describe-regions" in check.fix
+
+
+def test_a_call_into_a_disabled_region_names_the_region_not_only_the_credentials(aws: Aws, emulation: Any) -> None:
+    for service, operation, kwargs in (
+        ("ec2", "DescribeImages", {"Owners": ["self"]}),
+        ("kms", "ListKeys", {}),
+        ("service-quotas", "GetServiceQuota", {"ServiceCode": "ec2", "QuotaCode": PUBLIC_AMIS_QUOTA}),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            call(aws.session.client(service, DISABLED), operation, "something", **kwargs)
+        assert refused.value.fix is not None
+        assert "enable it for the account" in refused.value.fix and "credentials" in refused.value.fix, service
+
+
+# --- the emulations refuse what AWS refuses --------------------------------------------------------------------------
+
+
+def test_emulation_disabled_regions_answer_like_bad_credentials(aws: Aws, emulation: DoctorEmulation) -> None:
+    with pytest.raises(ClientError) as ec2:
+        aws.session.client("ec2", DISABLED).describe_images(Owners=["self"])
+    assert ec2.value.response["Error"]["Code"] == "AuthFailure"
+    assert ec2.value.response["ResponseMetadata"]["HTTPStatusCode"] == 401
+    with pytest.raises(ClientError) as kms:
+        aws.session.client("kms", DISABLED).list_keys()
+    assert kms.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    emulation.regions.enable(DISABLED)
+    assert aws.session.client("ec2", DISABLED).describe_images(Owners=["self"])["Images"] == []
+
+
+def test_emulation_block_public_access_refuses_a_state_other_than_block_new_sharing(
+    aws: Aws, emulation: DoctorEmulation
+) -> None:
+    ec2 = aws.ec2()
+    assert ec2.get_image_block_public_access_state()["ImageBlockPublicAccessState"] == "block-new-sharing"
+    with pytest.raises(ClientError) as refused:
+        ec2.enable_image_block_public_access(ImageBlockPublicAccessState="unblocked")
+    assert refused.value.response["Error"]["Code"] == "InvalidParameterValue"
+    assert ec2.disable_image_block_public_access()["ImageBlockPublicAccessState"] == "unblocked"
+    assert ec2.get_image_block_public_access_state()["ImageBlockPublicAccessState"] == "unblocked"
+    ec2.enable_image_block_public_access(ImageBlockPublicAccessState="block-new-sharing")
+    assert ec2.get_image_block_public_access_state()["ImageBlockPublicAccessState"] == "block-new-sharing"
+
+
+def test_emulation_ebs_default_key_is_aws_managed_until_one_is_set(aws: Aws, emulation: DoctorEmulation) -> None:
+    ec2 = aws.ec2()
+    assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == "alias/aws/ebs"
+    arn = key(aws, REGION)
+    assert ec2.modify_ebs_default_kms_key_id(KmsKeyId=arn.rsplit("/", 1)[1])["KmsKeyId"] == arn
+    assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == arn
+    assert aws.ec2(COPY).get_ebs_default_kms_key_id()["KmsKeyId"] == "alias/aws/ebs"  # per region
+    ec2.reset_ebs_default_kms_key_id()
+    assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == "alias/aws/ebs"
+
+
+def test_emulation_quotas_refuse_an_unknown_code_or_service_and_page(aws: Aws, emulation: DoctorEmulation) -> None:
+    quotas = aws.session.client("service-quotas")
+    public = quotas.get_service_quota(ServiceCode="ec2", QuotaCode=PUBLIC_AMIS_QUOTA)["Quota"]
+    assert (public["QuotaName"], public["Value"]) == ("Public AMIs", 5.0)
+    for service, code in (("ec2", "L-00000000"), ("no-such-service", PUBLIC_AMIS_QUOTA)):
+        with pytest.raises(ClientError) as refused:
+            quotas.get_service_quota(ServiceCode=service, QuotaCode=code)
+        assert refused.value.response["Error"]["Code"] == "NoSuchResourceException"
+    with pytest.raises(ClientError) as unlisted:
+        quotas.list_service_quotas(ServiceCode="no-such-service")
+    assert unlisted.value.response["Error"]["Code"] == "NoSuchResourceException"
+    first = quotas.list_service_quotas(ServiceCode="ec2", MaxResults=2)
+    rest = quotas.list_service_quotas(ServiceCode="ec2", MaxResults=2, NextToken=first["NextToken"])
+    assert [q["QuotaCode"] for q in first["Quotas"] + rest["Quotas"]] == ["L-B665C33B", "L-0E3CBAB9", "L-70015FFA"]
+    assert "NextToken" not in rest
+    # The error table knows Service Quotas' "no such quota".
+    with pytest.raises(NotFound):
+        call(quotas, "GetServiceQuota", "quota", ServiceCode="ec2", QuotaCode="L-00000000")
+
+
+# --- placement and SSM reachability -----------------------------------------------------------------------------------
+
+
+def test_no_default_vpc_fails_with_a_recipe_and_warns_without(online: Aws) -> None:
+    ec2 = online.ec2()
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    for subnet in ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]:
+        ec2.delete_subnet(SubnetId=subnet["SubnetId"])
+    for gateway in ec2.describe_internet_gateways()["InternetGateways"]:
+        ec2.detach_internet_gateway(InternetGatewayId=gateway["InternetGatewayId"], VpcId=vpc)
+    ec2.delete_vpc(VpcId=vpc)
+    check = named(aws_report(online.session, spec()), "placement")
+    assert check.status == "fail" and "no default VPC" in check.detail
+    assert check.fix is not None and "subnet_id" in check.fix and "create-default-vpc" in check.fix
+    assert named(aws_report(online.session), "placement").status == "warn"
+
+
+def test_a_subnet_that_does_not_exist_fails(online: Aws) -> None:
+    check = named(aws_report(online.session, spec(subnet_id="subnet-00000000000000bad")), "placement")
+    assert check.status == "fail" and "subnet-00000000000000bad does not exist" in check.detail
+
+
+def test_ssm_reachability_of_a_private_subnet(online: Aws) -> None:
+    """No way out fails; a NAT gateway, or the three interface endpoints with private DNS, make it reachable."""
+    ec2 = online.ec2()
+    subnet = _subnet(online)
+    vpc = ec2.describe_subnets(SubnetIds=[subnet])["Subnets"][0]["VpcId"]
+    table = ec2.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
+    ec2.associate_route_table(RouteTableId=table, SubnetId=subnet)
+    recipe = spec(subnet_id=subnet)
+    check = named(aws_report(online.session, recipe), "SSM reachability")
+    assert check.status == "fail" and f"subnet {subnet} has no route to the internet" in check.detail
+    assert check.fix is not None and f"com.amazonaws.{REGION}.ssm" in check.fix and "NAT" in check.fix
+
+    endpoints = []
+    for service in ("ssm", "ssmmessages"):
+        endpoints.append(
+            ec2.create_vpc_endpoint(
+                VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.{service}", VpcEndpointType="Interface",
+                SubnetIds=[subnet], PrivateDnsEnabled=True,
+            )["VpcEndpoint"]["VpcEndpointId"]
+        )  # fmt: skip
+    check = named(aws_report(online.session, recipe), "SSM reachability")
+    assert check.status == "fail" and "endpoints only for ssm, ssmmessages" in check.detail
+    ec2.create_vpc_endpoint(
+        VpcId=vpc, ServiceName=f"com.amazonaws.{REGION}.ec2messages", VpcEndpointType="Interface",
+        SubnetIds=[subnet], PrivateDnsEnabled=True,
+    )  # fmt: skip
+    assert named(aws_report(online.session, recipe), "SSM reachability").status == "ok"
+
+    ec2.delete_vpc_endpoints(VpcEndpointIds=endpoints)
+    public = _subnet_in(online, vpc, "172.31.201.0/24")
+    nat = ec2.create_nat_gateway(SubnetId=public)["NatGateway"]["NatGatewayId"]
+    ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=nat)
+    check = named(aws_report(online.session, recipe), "SSM reachability")
+    assert check.status == "ok" and nat in check.detail
+
+
+def _subnet_in(aws: Aws, vpc: str, cidr: str) -> str:
+    return str(aws.ec2().create_subnet(VpcId=vpc, CidrBlock=cidr)["Subnet"]["SubnetId"])
+
+
+def test_an_internet_gateway_without_public_ips_is_no_way_out(online: Aws) -> None:
+    private = named(aws_report(online.session, spec(subnet_id=_subnet(online))), "SSM reachability")
+    assert private.status == "fail" and "gives instances no public IP" in private.detail
+    public = spec(subnet_id=_subnet_in(online, _default_vpc(online), "172.31.202.0/24"))
+    online.ec2().modify_subnet_attribute(SubnetId=public.subnet_id, MapPublicIpOnLaunch={"Value": True})
+    assert named(aws_report(online.session, public), "SSM reachability").status == "ok"
+
+
+def _default_vpc(aws: Aws) -> str:
+    return str(aws.ec2().describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"])
+
+
+def test_moto_default_vpc_without_internet_fails_ssm_reachability(aws: Aws, emulation: DoctorEmulation) -> None:
+    """moto's default VPC has no internet gateway (AWS's has): the check sees that, as it would on AWS."""
+    check = named(aws_report(aws.session), "SSM reachability")
+    assert check.status == "fail" and "no route to the internet" in check.detail
+
+
+def test_an_ssh_communicator_needs_no_ssm_path(aws: Aws, emulation: DoctorEmulation) -> None:
+    plan = replace(_Plan.of(spec(), REGION), communicator="ssh")
+    checks = day_one_checks(aws.session, plan, opt_in={REGION: "opt-in-not-required"}, account=ACCOUNT)
+    check = named(checks, "SSM reachability")
+    assert check.status == "skipped" and "communicator is ssh" in check.detail
+
+
+# --- encryption -------------------------------------------------------------------------------------------------------
+
+
+def test_ebs_encryption_by_default_under_the_aws_managed_key(online: Aws) -> None:
+    online.ec2().enable_ebs_encryption_by_default()
+    assert named(aws_report(online.session, spec()), "EBS encryption by default", REGION).status == "ok"
+    shared = named(
+        aws_report(online.session, spec(distribution={"accounts": [RECEIVER]})), "EBS encryption by default", REGION
+    )
+    assert shared.status == "fail" and "cannot be shared" in shared.detail
+    assert shared.fix is not None and "modify-ebs-default-kms-key-id" in shared.fix
+    public = named(aws_report(online.session, spec(distribution={"public": True})), "EBS encryption by default", REGION)
+    assert public.status == "fail" and "cannot be made public" in public.detail
+
+
+def test_a_customer_default_key_warns_and_its_policy_is_checked_for_the_receivers(online: Aws) -> None:
+    ec2 = online.ec2()
+    ec2.enable_ebs_encryption_by_default()
+    arn = key(online, REGION)  # moto's default policy: the owner account only
+    ec2.modify_ebs_default_kms_key_id(KmsKeyId=arn)
+    report = aws_report(online.session, spec(distribution={"accounts": [RECEIVER]}))
+    ebs = named(report, "EBS encryption by default", REGION)
+    assert ebs.status == "warn" and arn in ebs.detail and "kms:CreateGrant" in ebs.detail
+    policy = named(report, "KMS key policy", REGION)
+    assert policy.status == "fail" and f"{RECEIVER} is not allowed kms:DescribeKey" in policy.detail
+    assert policy.fix is not None and f"arn:aws:iam::{RECEIVER}:root" in policy.fix
+
+
+def test_a_copy_regions_default_does_not_matter_when_it_has_a_kms_key(online: Aws) -> None:
+    online.ec2(COPY).enable_ebs_encryption_by_default()
+    arn = key(online, COPY, share_policy(RECEIVER))
+    recipe = spec(distribution={"regions": [{"region": COPY, "kms_key": arn}], "accounts": [RECEIVER]})
+    check = named(aws_report(online.session, recipe), "EBS encryption by default", COPY)
+    assert check.status == "ok" and "kms_key" in check.detail
+
+
+@pytest.mark.parametrize(
+    ("policy", "audience", "status", "fragment"),
+    [
+        (share_policy(RECEIVER), {"accounts": [RECEIVER]}, "ok", f"lets {RECEIVER} use it"),
+        (share_policy("444455556666"), {"accounts": [RECEIVER]}, "fail", f"{RECEIVER} is not allowed"),
+        (
+            share_policy(principal="*", condition={"StringEquals": {"aws:PrincipalOrgID": "o-abcdefghij"}}),
+            {"accounts": [RECEIVER]},
+            "warn",
+            "aws:PrincipalOrgID",
+        ),
+        (
+            share_policy(principal="*", condition={"StringEquals": {"aws:PrincipalOrgID": "o-abcdefghij"}}),
+            {"organizations": [ORG]},
+            "ok",
+            "organization o-abcdefghij",
+        ),
+        (
+            share_policy(RECEIVER, condition={"StringEquals": {"kms:ViaService": "ec2.us-west-2.amazonaws.com"}}),
+            {"accounts": [RECEIVER]},
+            "fail",
+            "not allowed",
+        ),
+    ],
+)
+def test_kms_key_policy_of_a_distribution_region(
+    online: Aws, policy: dict[str, Any], audience: dict[str, Any], status: str, fragment: str
+) -> None:
+    arn = key(online, COPY, policy)
+    recipe = spec(distribution={"regions": [{"region": COPY, "kms_key": arn}], **audience})
+    check = named(aws_report(online.session, recipe), "KMS key policy", COPY)
+    assert check.status == status and fragment in check.detail, check
+
+
+def test_an_aws_managed_kms_key_cannot_be_shared(online: Aws) -> None:
+    arn = key(online, COPY)
+    kms_backends[ACCOUNT][COPY].keys[arn.rsplit("/", 1)[1]].key_manager = "AWS"  # moto reports every key as CUSTOMER
+    recipe = spec(distribution={"regions": [{"region": COPY, "kms_key": arn}], "accounts": [RECEIVER]})
+    check = named(aws_report(online.session, recipe), "KMS key policy", COPY)
+    assert check.status == "fail" and "AWS-managed" in check.detail
+
+
+def test_a_key_policy_is_skipped_when_nothing_is_shared(online: Aws) -> None:
+    recipe = spec(distribution={"regions": [{"region": COPY, "kms_key": key(online, COPY)}]})
+    assert named(aws_report(online.session, recipe), "KMS key policy", COPY).status == "skipped"
+
+
+# --- public sharing and quotas ----------------------------------------------------------------------------------------
+
+
+def test_public_sharing_needs_block_public_access_off(online: Aws, emulation: DoctorEmulation) -> None:
+    recipe = spec(distribution={"public": True})
+    check = named(aws_report(online.session, recipe), "image block public access", REGION)
+    assert check.status == "fail" and check.fix == f"aws ec2 disable-image-block-public-access --region {REGION}"
+    emulation.public_access.managed_by[(ACCOUNT, REGION)] = "declarative-policy"
+    assert "declarative policy" in (named(aws_report(online.session, recipe), "image block public access").fix or "")
+    online.ec2().disable_image_block_public_access()
+    assert named(aws_report(online.session, recipe), "image block public access").status == "ok"
+
+
+def _images(aws: Aws, region: str, count: int, *, public: bool = False) -> list[str]:
+    ec2 = aws.ec2(region)
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    ids = [str(ec2.create_image(InstanceId=instance, Name=f"img-{region}-{i}")["ImageId"]) for i in range(count)]
+    for image in ids if public else []:
+        ec2.modify_image_attribute(ImageId=image, LaunchPermission={"Add": [{"Group": "all"}]})
+    return ids
+
+
+def test_the_public_amis_quota_counts_the_public_images_there(online: Aws, emulation: DoctorEmulation) -> None:
+    recipe = spec(distribution={"public": True})
+    _images(online, REGION, 4, public=True)
+    _images(online, REGION, 2)  # private ones do not count
+    check = named(aws_report(online.session, recipe), "public AMIs quota", REGION)
+    assert check.status == "ok" and "4 public images of a quota of 5" in check.detail
+    _images(online, REGION, 1, public=True)
+    check = named(aws_report(online.session, recipe), "public AMIs quota", REGION)
+    assert check.status == "fail" and check.fix is not None and PUBLIC_AMIS_QUOTA in check.fix
+    emulation.quotas.applied[(ACCOUNT, REGION, PUBLIC_AMIS_QUOTA)] = 20.0
+    check = named(aws_report(online.session, recipe), "public AMIs quota", REGION)
+    assert check.status == "ok" and "of a quota of 20 (Service Quotas" in check.detail
+
+
+def test_concurrent_copies_count_what_is_in_flight_in_each_destination(online: Aws, emulation: DoctorEmulation) -> None:
+    recipe = spec(distribution={"regions": [{"region": COPY}]})
+    check = named(aws_report(online.session, recipe), "concurrent AMI copies", COPY)
+    assert check.status == "ok" and "0 own images are pending" in check.detail and "EC2 documents 50" in check.detail
+    for image in _images(online, COPY, 25):
+        pending(COPY, image)
+    check = named(aws_report(online.session, recipe), "concurrent AMI copies", COPY)
+    assert check.status == "fail" and "25 own images are pending" in check.detail
+    # When EC2 lists the quota (by name), its value counts instead of the documented number.
+    emulation.quotas.extra.append(("L-TEST0001", "Concurrent AMI copies", 100.0))
+    check = named(aws_report(online.session, recipe), "concurrent AMI copies", COPY)
+    assert check.status == "ok" and "limit 100 (Service Quotas L-TEST0001)" in check.detail
+
+
+# --- a refused call fails its check only ------------------------------------------------------------------------------
+
+
+def test_an_access_denied_check_says_what_to_grant_and_the_others_still_run(online: Aws) -> None:
+    def deny(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if model.name != "GetImageBlockPublicAccessState":
+            return None
+        error = {"Code": "UnauthorizedOperation", "Message": "You are not authorized to perform this operation."}
+        return AWSResponse(str(params.get("url", "")), 403, {}, _Raw(b"")), {"Error": error, "ResponseMetadata": {}}
+
+    # On the cached client doctor uses (a client copies the session's handlers when it is made, not later).
+    online.ec2().meta.events.register_first("before-call.ec2.GetImageBlockPublicAccessState", deny)
+    report = aws_report(online.session, spec(distribution={"public": True}))
+    check = named(report, "image block public access", REGION)
+    assert check.status == "fail" and check.detail == "not allowed to call ec2:GetImageBlockPublicAccessState"
+    assert check.fix is not None and check.fix.startswith("grant ec2:GetImageBlockPublicAccessState")
+    assert named(report, "public AMIs quota", REGION).status == "ok"  # the next check ran
+
+
+def test_every_permission_error_names_an_action_the_doctor_policy_grants(online: Aws) -> None:
+    """The action a refused check names is the one iam.py declares (derived from the client, not spelled twice)."""
+    for service, operation in (("service-quotas", "GetServiceQuota"), ("kms", "GetKeyPolicy"), ("ec2", "DescribeVpcs")):
+        assert iam_action(online.session.client(service), operation) in PERMISSIONS["doctor"]
+
+
+def test_a_session_in_a_disabled_home_region_fails_like_bad_credentials_with_the_region_fix(
+    monkeypatch: pytest.MonkeyPatch, aws: Aws, emulation: DoctorEmulation
+) -> None:
+    session = AwsSession(DISABLED, boto_session=aws.session.boto_session)
+    with pytest.raises(ConfigError) as refused:
+        aws_report(session)
+    assert refused.value.fix is not None and "enable it for the account" in refused.value.fix

@@ -113,9 +113,11 @@ class AwsProvider:
             )
         return self._sessions[region]
 
-    def account_report(self, region: str) -> AccountReport:
-        """`doctor --aws`: identity, enabled regions and the least-privilege IAM policy, asked from `region`."""
-        return aws_report(self.session(region))
+    def account_report(self, region: str, spec: ProviderSpec | None = None) -> AccountReport:
+        """`doctor --aws`: identity, enabled regions, the least-privilege IAM policy and the day-one checks, asked
+        from `region`; with a recipe's provider section, the checks are for what that recipe needs."""
+        aws = aws_spec(spec, "doctor --aws --recipe") if spec is not None else None
+        return aws_report(self.session(region), aws)
 
     # --- bake -----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""`amiforge doctor --aws [--recipe FILE]` through the CLI, in-process under moto: each check one line with its fix,
+the same checks in --json as one document, exit 5 when a check fails (the machine doctor's contract), and the
+arguments refused before AWS is asked."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ACCOUNT, REGION, Aws
+from doctor_emulation import DoctorEmulation, internet_for_default_vpc
+
+from tests.cli_harness import Cli, make_cli
+
+DISABLED = "ap-east-1"
+
+
+@pytest.fixture
+def cli(aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """The CLI with a private data dir, under moto with doctor's emulations; the default VPC as AWS makes it."""
+    for name in list(os.environ):
+        if name.startswith("AMIFORGE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    DoctorEmulation(monkeypatch)
+    internet_for_default_vpc(aws.ec2(REGION))
+    yield make_cli(monkeypatch, capsys)
+    os.environ.pop("AMIFORGE_DEBUG", None)
+
+
+def recipe(tmp_path: Path, distribution: str = "{}") -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: web\n"
+        f"provider: {{type: aws, region: {REGION}, source: {{owners: [amazon], name: debian-12-*}}, "
+        f"distribution: {distribution}}}\n"
+    )
+    return str(path)
+
+
+def test_a_ready_account_exits_0_with_one_line_per_check(cli: Cli, tmp_path: Path) -> None:
+    result = cli("doctor", "--aws", "--recipe", recipe(tmp_path))
+    assert result.code == 0, result.out + result.err
+    assert f"(account {ACCOUNT})" in result.out and "day-one checks (recipe web):" in result.out
+    assert re.search(rf"^ok\s+region enabled {REGION}: bake region: enabled", result.out, re.M)
+    assert re.search(
+        rf"^ok\s+SSM reachability {REGION}: subnet subnet-\w+ routes to internet gateway", result.out, re.M
+    )
+    assert re.search(r"^skipped\s+public AMIs quota: the recipe does not share the image publicly$", result.out, re.M)
+
+
+def test_a_failed_check_is_its_line_with_the_fix_and_exit_5(cli: Cli, tmp_path: Path) -> None:
+    path = recipe(tmp_path, f"{{regions: [{{region: {DISABLED}}}]}}")
+    result = cli("doctor", "--aws", "--recipe", path)
+    assert result.code == 5
+    line = next(line for line in result.out.splitlines() if line.startswith("fail"))
+    assert line.startswith(f"fail    region enabled {DISABLED}: distribution region: an opt-in region")
+    assert f"  fix: enable {DISABLED} in the account settings" in line
+    assert f"skipped concurrent AMI copies {DISABLED}: {DISABLED} is not enabled for the account" in result.out
+    assert f"error: 1 day-one check failed: region enabled ({DISABLED})" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_json_is_one_document_with_every_check(cli: Cli, tmp_path: Path) -> None:
+    path = recipe(tmp_path, f"{{regions: [{{region: {DISABLED}}}], public: true}}")
+    result = cli("doctor", "--aws", "--recipe", path, "--json")
+    assert result.code == 5
+    doc = result.json()
+    assert doc["ok"] is False and doc["error"]["exit_code"] == 5 and doc["account"] == ACCOUNT
+    checks = {(c["name"], c["region"]): c for c in doc["checks"]}
+    assert checks[("region enabled", DISABLED)]["status"] == "fail"
+    assert checks[("image block public access", REGION)]["status"] == "fail"  # new accounts block public sharing
+    assert checks[("image block public access", REGION)]["fix"] == (
+        f"aws ec2 disable-image-block-public-access --region {REGION}"
+    )
+    assert set(checks[("public AMIs quota", REGION)]) == {"name", "status", "detail", "fix", "region"}
+
+
+def test_without_a_recipe_the_home_region_is_checked(cli: Cli) -> None:
+    doc = cli("doctor", "--aws", "--region", REGION, "--json").json()
+    assert doc["ok"] is True and doc["region"] == REGION
+    assert {c["status"] for c in doc["checks"] if c["region"] is None} == {"skipped"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (("doctor", "--recipe", "recipe.yaml"), "--recipe goes with --aws"),
+        (("doctor", "--aws", "--recipe", "local.yaml"), "doctor --aws checks aws recipes"),
+        (("doctor", "--aws", "--recipe", "missing.yaml"), "missing.yaml"),
+    ],
+)
+def test_arguments_are_refused_before_aws_is_asked(
+    cli: Cli, tmp_path: Path, argv: tuple[str, ...], fragment: str
+) -> None:
+    recipe(tmp_path)
+    (tmp_path / "local.yaml").write_text("name: web\nprovider: {type: local}\n")
+    result = cli(*argv)
+    assert result.code == 2 and fragment in result.err, result.err
