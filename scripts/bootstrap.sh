@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what amiforge needs on a Debian machine, only what is missing, then the Python venv.
 #   scripts/bootstrap.sh          tools for `make demo` (mmdebstrap, QEMU, e2fsprogs, busybox-static, …)
-#   scripts/bootstrap.sh --test   the same, plus what the test suite needs (PostgreSQL server)
+#   scripts/bootstrap.sh --test   the same, plus what the test suite needs (PostgreSQL server; an OpenSSH server
+#                                 and sudo, which the SSH communicator's tests run on loopback)
 # Idempotent: a second run with nothing missing takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mmdebstrap qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio util-linux coreutils ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-    packages+=(postgresql)
+    packages+=(postgresql openssh-server sudo)
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 
