@@ -53,6 +53,7 @@ def keys_trust(
         kms_key=kms_key,
         kms_region=kms_region or settings.kms_region,
         actor=settings.actor,
+        settings=settings,
     )
     if as_json:
         emit_json({k: v for k, v in vars(key).items() if k != "public_key"} | {"added": added})
@@ -107,7 +108,7 @@ def sign_command(
     from amiforge.lifecycle.sign import kms_signer, sign
 
     settings, store = open_registry()
-    signer = kms_signer(kms_key, kms_region or settings.kms_region) if kms_key else None
+    signer = kms_signer(kms_key, kms_region or settings.kms_region, settings) if kms_key else None
     record = sign(ref, store=store, settings=settings, key=key, signer=signer)
     if as_json:
         emit_json(record)

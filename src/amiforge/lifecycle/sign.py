@@ -122,23 +122,25 @@ def _public_pem(signer: Signer) -> str:
     return str(public_key_pem())
 
 
-def kms_signer(key: str, region: str | None) -> Signer:
+def kms_signer(key: str, region: str | None, settings: Settings) -> Signer:
+    """A KMS signer whose AWS calls honour the settings' profile, roles and attempts per call."""
     if not region:
         raise ConfigError("a KMS key needs its region", fix="set AMIFORGE_KMS_REGION (or pass --kms-region)")
     check_aws_region(region, what="the KMS key's region")
     # Imported here: boto3 costs ~0.3 s of start-up, which only KMS users should pay.
-    from amiforge.signing.kms import KmsSigner
+    from amiforge.signing.kms import KmsSigner, session_for
 
-    return KmsSigner(key, region)
+    return KmsSigner(key, region, session=session_for(settings, region))
 
 
 def _verifier(keys: list[TrustedKey], settings: Settings) -> MultiVerifier:
     verifiers: dict[str, Verifier] = {"ed25519": KeyfileVerifier.from_trusted_keys(keys)}
     if any(k.key_id.startswith("kms:") for k in keys):
-        from amiforge.signing.kms import KmsVerifier
+        from amiforge.signing.kms import KmsVerifier, session_for
 
         # Verifies offline with the public keys the registry holds; the region is only for keys it lacks.
-        verifiers["kms"] = KmsVerifier.from_trusted_keys(settings.kms_region or "us-east-1", keys)
+        region = settings.kms_region or "us-east-1"
+        verifiers["kms"] = KmsVerifier.from_trusted_keys(region, keys, session=session_for(settings, region))
     return MultiVerifier(verifiers)
 
 
@@ -155,13 +157,14 @@ def trust_public_key(
     kms_key: str | None = None,
     kms_region: str | None = None,
     actor: str,
+    settings: Settings,
 ) -> tuple[TrustedKey, bool]:
     """Trust either an Ed25519 public key file (NAME.pub, PEM) or an AWS KMS key (its public key is fetched once
     and kept, so verification needs no KMS call). Audited as `key.added`; see `trust_key`."""
     if (public_key is None) == (kms_key is None):
         raise ConfigError("give either a public key file or --kms-key", fix="amiforge keys trust keys/team.pub")
     if kms_key is not None:
-        signer = kms_signer(kms_key, kms_region)
+        signer = kms_signer(kms_key, kms_region, settings)
         key_id, algorithm, pem = signer.key_id, signer.algorithm, _public_pem(signer)
     else:
         assert public_key is not None
@@ -179,7 +182,7 @@ def revoke_trusted_key(store: Store, key_id: str, *, reason: str, actor: str) ->
 
 def default_signer(settings: Settings, store: Store, *, create: bool) -> Signer:
     if settings.kms_key:
-        return kms_signer(settings.kms_key, settings.kms_region)
+        return kms_signer(settings.kms_key, settings.kms_region, settings)
     path = settings.signing_key_path
     if not path.is_file():
         # Only a registry that trusts no key yet may get one made for it; otherwise a missing or mistyped key path

@@ -9,11 +9,14 @@ anyone can verify it with the public key alone.
 
 `KmsVerifier` verifies locally with `cryptography` against the key's public key, fetched once with GetPublicKey and
 cached (or passed in from the registry's trusted keys), so verification needs no KMS call, no kms:Verify permission
-and no network once the key is known. IAM: the signer needs kms:DescribeKey and kms:Sign; the verifier
-kms:GetPublicKey unless it is given the public keys.
+and no network once the key is known. IAM: the signer needs kms:DescribeKey and kms:Sign (and kms:GetPublicKey to
+export its public key); the verifier kms:GetPublicKey unless it is given the public keys.
 
-Every botocore ClientError goes through the one AWS error table (awsapi/errors.py), keyed by the
-error code; message text is never inspected.
+Clients come from an `AwsSession` (awsapi/clients.py), so KMS calls get what every other AWS call of amiforge gets:
+the settings' profile, standard retries with the settings' attempts per call, the user agent and call logging.
+`session_for(settings, region)` makes that session from the settings; the service layer passes it in (it may not
+import awsapi itself). Every call goes through `awsapi.clients.call`, so every botocore error goes through the one
+AWS error table (awsapi/errors.py), keyed by the error code; message text is never inspected.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from amiforge.awsapi.clients import AwsSession
-from amiforge.awsapi.errors import CAUGHT, error_for_code, translate
+from amiforge.awsapi.clients import AwsSession, call
+from amiforge.awsapi.errors import error_for_code
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
 from amiforge.model import TrustedKey
+from amiforge.settings import Settings
 from amiforge.signing.interface import signature_failure
 
 ALGORITHM = "ecdsa-p256-sha256"
@@ -52,17 +56,17 @@ def _error(code: str, action: str, key: str, detail: str = "") -> AmiforgeError:
     return error_for_code(code, f"kms:{action}", f"key {key}", detail)
 
 
-def _translate(e: Exception, action: str, key: str) -> AmiforgeError:
-    return translate(e, f"kms:{action}", f"key {key}")
-
-
-_CAUGHT = CAUGHT
-
-
 def _region_of(reference: str) -> str | None:
     """The region of a key or alias ARN (arn:aws:kms:REGION:ACCOUNT:key/ID), None for a bare id or alias."""
     parts = reference.split(":")
     return parts[3] if reference.startswith("arn:") and len(parts) >= 6 and parts[3] else None
+
+
+def session_for(settings: Settings, region: str) -> AwsSession:
+    """The session KMS signing runs in: the settings' profile, roles and attempts per call, as the AWS provider's."""
+    return AwsSession(
+        region, profile=settings.aws_profile, role_arns=settings.aws_roles, max_attempts=settings.aws_max_attempts
+    )
 
 
 # --- signer -----------------------------------------------------------------------------------------------------
@@ -73,11 +77,16 @@ class KmsSigner:
 
     `key_id` is `kms:` + the key's ARN, resolved once with DescribeKey: an alias can be repointed, so envelopes
     and trusted keys name the key itself. DescribeKey also lets a disabled or wrong-type key fail with a clear
-    message before anything is signed."""
+    message before anything is signed.
+
+    The KMS client is `client` if given (tests), else `session`'s (see `session_for`); without either, a session of
+    the default credential chain with amiforge's default retries."""
 
     algorithm = ALGORITHM
 
-    def __init__(self, key_id_or_arn: str, region: str, client: Any | None = None) -> None:
+    def __init__(
+        self, key_id_or_arn: str, region: str, client: Any | None = None, *, session: AwsSession | None = None
+    ) -> None:
         arn_region = _region_of(key_id_or_arn)
         if arn_region is not None and arn_region != region:
             raise ConfigError(
@@ -87,21 +96,26 @@ class KmsSigner:
         self._reference = key_id_or_arn
         self._region = region
         self._client = client
+        self._session = session
         self._arn: str | None = None
+
+    @property
+    def session(self) -> AwsSession:
+        """The session the signer's client comes from (made on first use when none was given)."""
+        if self._session is None:
+            self._session = AwsSession(self._region)
+        return self._session
 
     def _kms(self) -> Any:
         if self._client is None:
-            self._client = AwsSession(self._region).client("kms")
+            self._client = self.session.client("kms", self._region)
         return self._client
 
     def _resolve(self) -> str:
         """The key's ARN, after checking once that the key can sign the way amiforge signs."""
         if self._arn is not None:
             return self._arn
-        try:
-            meta = self._kms().describe_key(KeyId=self._reference)["KeyMetadata"]
-        except _CAUGHT as e:
-            raise _translate(e, "DescribeKey", self._reference) from e
+        meta = call(self._kms(), "DescribeKey", f"key {self._reference}", KeyId=self._reference)["KeyMetadata"]
         arn = str(meta["Arn"])
         state = str(meta.get("KeyState", "Enabled"))
         if state != "Enabled":
@@ -125,12 +139,15 @@ class KmsSigner:
         arn = self._resolve()
         # DIGEST, not RAW: see the module docstring (RAW is capped at 4096 bytes).
         digest = hashlib.sha256(data).digest()
-        try:
-            response = self._kms().sign(
-                KeyId=arn, Message=digest, MessageType="DIGEST", SigningAlgorithm=SIGNING_ALGORITHM
-            )
-        except _CAUGHT as e:
-            raise _translate(e, "Sign", arn) from e
+        response = call(
+            self._kms(),
+            "Sign",
+            f"key {arn}",
+            KeyId=arn,
+            Message=digest,
+            MessageType="DIGEST",
+            SigningAlgorithm=SIGNING_ALGORITHM,
+        )
         signature = response["Signature"]
         if not isinstance(signature, bytes):
             raise InfraError(f"KMS Sign on key {arn} returned no signature bytes")
@@ -139,10 +156,7 @@ class KmsSigner:
     def public_key_pem(self) -> str:
         """The key's public half as SubjectPublicKeyInfo PEM, for the registry's trusted keys."""
         arn = self._resolve()
-        try:
-            der = self._kms().get_public_key(KeyId=arn)["PublicKey"]
-        except _CAUGHT as e:
-            raise _translate(e, "GetPublicKey", arn) from e
+        der = call(self._kms(), "GetPublicKey", f"key {arn}", KeyId=arn)["PublicKey"]
         key = serialization.load_der_public_key(der)
         return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
@@ -155,17 +169,21 @@ class KmsVerifier:
 
     Public keys come from `public_keys` (key id -> PEM, e.g. the registry's trusted keys) or else from KMS
     GetPublicKey, once per key: after that, verification works offline. A key unknown to KMS fails the gate;
-    other KMS errors are mapped by the one table (a disabled key is a ConfigError, throttling an InfraError)."""
+    other KMS errors are mapped by the one table (a disabled key is a ConfigError, throttling an InfraError).
+
+    Clients: `client` for `region` if given (tests), else `session`'s for the key's region (see `session_for`)."""
 
     def __init__(
         self,
         region: str,
         client: Any | None = None,
         *,
+        session: AwsSession | None = None,
         public_keys: Mapping[str, str | bytes] | None = None,
         revoked: Collection[str] = (),
     ) -> None:
         self._region = region
+        self._session = session
         # Clients by region: a key ARN names its region, and KMS only answers for keys of the region it is asked in.
         self._clients: dict[str, Any] = {region: client} if client is not None else {}
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
@@ -179,12 +197,20 @@ class KmsVerifier:
         self._revoked = frozenset(revoked)
 
     @classmethod
-    def from_trusted_keys(cls, region: str, keys: Iterable[TrustedKey], client: Any | None = None) -> KmsVerifier:
+    def from_trusted_keys(
+        cls,
+        region: str,
+        keys: Iterable[TrustedKey],
+        client: Any | None = None,
+        *,
+        session: AwsSession | None = None,
+    ) -> KmsVerifier:
         """The KMS keys of the registry's trusted keys; a key with `revoked_at` set is revoked."""
         keys = [k for k in keys if k.algorithm == ALGORITHM and k.key_id.startswith(KEY_ID_PREFIX)]
         return cls(
             region,
             client,
+            session=session,
             public_keys={k.key_id: k.public_key for k in keys},
             revoked={k.key_id for k in keys if k.revoked_at is not None},
         )
@@ -198,7 +224,9 @@ class KmsVerifier:
     def _kms(self, region: str) -> Any:
         client = self._clients.get(region)
         if client is None:
-            client = self._clients[region] = AwsSession(region).client("kms")
+            if self._session is None:
+                self._session = AwsSession(self._region)
+            client = self._clients[region] = self._session.client("kms", region)
         return client
 
     def _public_key(self, key_id: str) -> ec.EllipticCurvePublicKey:
@@ -206,13 +234,11 @@ class KmsVerifier:
         if cached is not None:
             return cached
         reference = key_id.removeprefix(KEY_ID_PREFIX)
+        client = self._kms(_region_of(reference) or self._region)
         try:
-            response = self._kms(_region_of(reference) or self._region).get_public_key(KeyId=reference)
-        except _CAUGHT as e:
-            error = _translate(e, "GetPublicKey", reference)
-            if isinstance(error, NotFound):
-                raise signature_failure(key_id, "unknown key id: KMS has no such key") from e
-            raise error from e
+            response = call(client, "GetPublicKey", f"key {reference}", KeyId=reference)
+        except NotFound as e:
+            raise signature_failure(key_id, "unknown key id: KMS has no such key") from e
         usage = response.get("KeyUsage")
         if usage is not None and usage != KEY_USAGE:
             raise signature_failure(key_id, f"the KMS key is for {usage}, not {KEY_USAGE}")

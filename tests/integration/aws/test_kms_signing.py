@@ -31,8 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from moto import mock_aws
 from moto.kms.responses import KmsResponse
 from moto.kms.utils import ECDSAPrivateKey
+from moto_emulation import no_backoff
 
 from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound
+from amiforge.lifecycle.sign import kms_signer
+from amiforge.settings import Settings
 from amiforge.signing.interface import (
     Manifest,
     ManifestArtifact,
@@ -41,7 +44,7 @@ from amiforge.signing.interface import (
     sign_envelope,
     statement,
 )
-from amiforge.signing.kms import KmsSigner, KmsVerifier
+from amiforge.signing.kms import KmsSigner, KmsVerifier, session_for
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
@@ -205,7 +208,8 @@ def test_verifier_with_a_key_kms_does_not_know_fails_the_gate(kms: Any) -> None:
     with pytest.raises(GateFailed) as caught:
         KmsVerifier(REGION, client=kms).verify(b"m", b"sig", key_id)
     assert "unknown key id: KMS has no such key" in caught.value.diagnostics()
-    assert isinstance(caught.value.__cause__, ClientError)
+    # KMS's answer, through the one error table (NotFound), is kept as the cause.
+    assert isinstance(caught.value.__cause__, NotFound) and isinstance(caught.value.__cause__.__cause__, ClientError)
 
 
 def test_verifier_refuses_a_key_of_the_wrong_kind(kms: Any) -> None:
@@ -278,6 +282,60 @@ def test_get_public_key_errors_map_through_the_table(kms: Any, key_arn: str) -> 
     with pytest.raises(ConfigError, match="AccessDeniedException") as caught:
         KmsVerifier(REGION, client=kms).verify(b"m", b"s", f"kms:{key_arn}")
     assert "kms:GetPublicKey" in caught.value.diagnostics()
+
+
+# --- the session: profile, roles and attempts per call from the settings ----------------------------------------
+
+PROFILE_KEY = "AKIAPROFILE00000TEST"
+
+
+@pytest.fixture
+def profiled_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings naming a profile (whose credentials differ from the environment's) and 3 attempts per AWS call."""
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile amiforge-signing]\nregion = {REGION}\naws_access_key_id = {PROFILE_KEY}\n"
+        "aws_secret_access_key = testing\n"
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    no_backoff(monkeypatch)  # the retries below must not sleep
+    return Settings(data_dir=tmp_path, aws_profile="amiforge-signing", aws_max_attempts=3)
+
+
+def throttle(client: Any, operation: str) -> list[int]:
+    """Answer every `operation` send with ThrottlingException (botocore retries it); returns the sends seen."""
+    sends: list[int] = []
+
+    def handler(request: Any, **_: Any) -> AWSResponse:
+        sends.append(1)
+        body = json.dumps({"__type": "ThrottlingException", "message": "injected"}).encode()
+        return AWSResponse(request.url, 400, {"Content-Type": "application/x-amz-json-1.1"}, _Raw(body))
+
+    client.meta.events.register_first(f"before-send.kms.{operation}", handler)
+    return sends
+
+
+def test_lifecycle_kms_signer_runs_in_the_settings_session(kms: Any, key_arn: str, profiled_settings: Settings) -> None:
+    """`amiforge sign --kms-key` (lifecycle.sign.kms_signer) signs through an AwsSession made from the settings: the
+    profile's credentials, and the settings' attempts per call (not a bare client's defaults)."""
+    signer = kms_signer(key_arn, REGION, profiled_settings)
+    assert isinstance(signer, KmsSigner)
+    assert signer.key_id == f"kms:{key_arn}"  # DescribeKey answered through that session
+    assert signer.session.boto_session.profile_name == "amiforge-signing"
+    assert signer.session.boto_session.get_credentials().access_key == PROFILE_KEY
+    sends = throttle(signer.session.client("kms", REGION), "Sign")  # the very client the signer uses
+    with pytest.raises(InfraError, match="ThrottlingException") as caught:
+        signer.sign(b"m")
+    assert len(sends) == 3 and caught.value.retryable
+
+
+def test_verifier_runs_in_the_session_it_is_given(kms: Any, key_arn: str, profiled_settings: Settings) -> None:
+    session = session_for(profiled_settings, REGION)
+    verifier = KmsVerifier.from_trusted_keys(REGION, [], session=session)
+    sends = throttle(session.client("kms", REGION), "GetPublicKey")
+    with pytest.raises(InfraError, match="ThrottlingException"):
+        verifier.public_key_pem(f"kms:{key_arn}")
+    assert len(sends) == 3
 
 
 # --- the moto gap the digest_mode fixture covers ----------------------------------------------------------------
