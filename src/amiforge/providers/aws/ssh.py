@@ -243,6 +243,7 @@ class SshMachine:
     def _check_sudo(self) -> None:
         code, _out, err = self._exec(shlex.join(["sudo", "-n", "true"]), 60.0)
         if code != 0:
+            self._drop()  # checked again on the next connection, never taken for granted
             raise InfraError(
                 f"{self.where} cannot run commands as root: sudo -n true exited {code}: "
                 f"{err.decode('utf-8', 'replace').strip()[-300:]}",
