@@ -144,7 +144,7 @@ def _applies(
     parts = [
         _action_matches(statement, action),
         _resource_matches(statement, key_arn, reasons),
-        _principal_matches(statement, audience, reasons),
+        _principal_matches(statement, audience, _owner(key_arn), reasons),
     ]
     if False in parts:
         return False
@@ -179,7 +179,13 @@ def _resource_matches(statement: Mapping[str, Any], key_arn: str, why: set[str])
     return False
 
 
-def _principal_matches(statement: Mapping[str, Any], audience: Audience, why: set[str]) -> _Maybe:
+def _owner(key_arn: str) -> str | None:
+    """The account a key ARN names (arn:aws:kms:REGION:ACCOUNT:key/ID)."""
+    parts = key_arn.split(":")
+    return parts[4] if len(parts) > 5 and parts[2] == "kms" else None
+
+
+def _principal_matches(statement: Mapping[str, Any], audience: Audience, owner: str | None, why: set[str]) -> _Maybe:
     if "NotPrincipal" in statement:
         why.add("a NotPrincipal statement")
         return None
@@ -199,13 +205,13 @@ def _principal_matches(statement: Mapping[str, Any], audience: Audience, why: se
         if account is not None:
             if audience.account == account:
                 return True
-            if audience.account is None:
+            if audience.account is None and account != owner:
                 # An organization share: naming some accounts covers those, not the organization.
                 why.add(f"the key names single accounts ({account}), not the whole organization")
                 answer = None
             continue
         named = _PRINCIPAL_ARN_RE.fullmatch(value)
-        if named and (audience.account is None or named.group(1) == audience.account):
+        if named and (named.group(1) == audience.account or (audience.account is None and named.group(1) != owner)):
             # Only that role or user: whoever launches in the receiving account may be someone else.
             why.add(f"only {named.group(2)} of {named.group(1)} is named")
             answer = None
