@@ -11,17 +11,21 @@ AWS tests use (asg_emulation, distribute_fixtures, ebs_emulation, gc_fixtures, f
 - bake: a bake that succeeds, one whose step fails (the builder is terminated), one whose image never becomes
   available (the unfinished image is deregistered and its snapshots deleted: `_discard_unfinished`), from both kinds
   of source (owners, SSM parameter);
-- bake and boot-test run their commands through a `ShadowedMachine`: the real `SsmMachine` sends every command (and
-  reads the console) against moto, which answers Success with no output, while a `FakeMachine` supplies what the
-  guest would have answered. So SSM Run Command and the console are attributed to the operations that use them, as
-  on AWS, and the step logic still sees a guest.
+- bake and boot-test, with each communicator: SSM through a `ShadowedMachine` (the real `SsmMachine` sends every
+  command against moto, which answers Success with no output, while a `FakeMachine` supplies what the guest would
+  have answered), so SSM Run Command is attributed to the operations that use it, as on AWS; SSH through the real
+  key-pair and host-key wiring with a FakeMachine for the connection (no sshd here). The serial console is read by the
+  real ConsoleReader: `SerialConsole` answers GetConsoleOutput as EC2 does (moto's console is fixed text), with
+  cloud-init's host keys and the readiness line.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import traceback
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ import boto3
 import pytest
 from asg_emulation import FakeTime, InstanceRefreshEmulation, install_asg_emulation, make_group
 from aws_call_sites import action_of
+from botocore.awsrequest import AWSResponse
 from conftest import ACCOUNT, REGION, Aws
 from distribute_fixtures import CopyImageEmulation, DeregistrationProtection
 from doctor_emulation import DoctorEmulation, internet_for_default_vpc
@@ -46,6 +51,7 @@ import amiforge
 from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import InfraError
 from amiforge.model import Artifact
+from amiforge.providers.aws.bake import SshConnect
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.gc import apply_gc, plan_gc
 from amiforge.providers.aws.images import describe_image, inventory, resolve_source
@@ -54,6 +60,7 @@ from amiforge.providers.aws.machine import CommandResult, Leftovers, Machine, Ma
 from amiforge.providers.aws.provider import AwsProvider, artifact_of
 from amiforge.providers.aws.publish import publish, rollback
 from amiforge.providers.aws.refresh import refresh_status, roll_back_refresh, start_refresh
+from amiforge.providers.aws.ssh import HOST_KEYS_BEGIN, HOST_KEYS_END, new_key_pair
 from amiforge.providers.interface import Cleanups, Replacement, RunContext
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, OwnersSource, Recipe, SsmSource, parse_recipe
@@ -193,6 +200,35 @@ class ShadowedMachine:
         return self.real.leftovers()  # what the bake's generalisation removes is SSM's, as on AWS
 
 
+class SerialConsole:
+    """GetConsoleOutput answered as EC2 does, base64 text (moto's is fixed text): cloud-init's host key block and the
+    readiness line. On the generic before-call event, after the CallRecorder, so the call is still recorded."""
+
+    def __init__(self) -> None:
+        keys = [" ".join(new_key_pair("root@builder")[1].split()[:2]) for _ in range(2)]
+        self.text = "\n".join(["cloud-init", HOST_KEYS_BEGIN, *keys, HOST_KEYS_END, READY])
+
+    def install(self, events: Any) -> None:
+        events.register("before-call", self._answer)
+
+    def _answer(self, model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if model.name != "GetConsoleOutput":
+            return None
+        output = base64.b64encode(self.text.encode()).decode()
+        answer = {"InstanceId": params["body"]["InstanceId"], "Output": output, "ResponseMetadata": {}}
+        return AWSResponse(str(params.get("url", "")), 200, {}, None), answer
+
+
+def ssh_to(fake: FakeMachine) -> SshConnect:
+    """Stands in for SshMachine's connection (no sshd answers here); everything before it is the real SSH wiring."""
+
+    def connect(host: str, *, username: str, private_key: str, host_keys: Sequence[str], console: Any) -> Machine:
+        assert host and private_key and host_keys  # the instance's address, the imported key, the pinned host keys
+        return fake
+
+    return connect
+
+
 def shadowed(h: Harness, fake: FakeMachine) -> MachineFactory:
     def make(session: AwsSession, region: str, instance_id: str) -> Machine:
         fake.instance_id = instance_id
@@ -228,11 +264,14 @@ OWNERS_SOURCE = f'{{owners: ["{ACCOUNT}"], name: debian-12-*}}'
 SSM_SOURCE = "{ssm_parameter: /src/debian}"
 
 
-def recipe(h: Harness, source: str = OWNERS_SOURCE, key: str = "alias/aws/ebs") -> Recipe:
+def recipe(h: Harness, source: str = OWNERS_SOURCE, key: str = "alias/aws/ebs", *, ssh: bool = False) -> Recipe:
     folder = h.work / "recipe"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "index.html").write_text("web tier\n")
     text = RECIPE.format(region=REGION, source=source, key=key, consumer=CONSUMER)
+    if ssh:  # the SSH communicator, and a group that lets port 22 in (amiforge makes none)
+        group = h.ec2().create_security_group(GroupName=f"ssh-{uuid.uuid4().hex[:8]}", Description="ssh")["GroupId"]
+        text = text.replace("  source:", f"  communicator: ssh\n  security_group_ids: [{group}]\n  source:", 1)
     return parse_recipe(text, folder / "recipe.yaml")
 
 
@@ -282,6 +321,8 @@ def _bake(h: Harness) -> None:
     """A bake that succeeds; one whose step fails; one whose image never becomes available."""
     source = image(h, "debian-12-20240501")
     h.aws.session.client("ssm").put_parameter(Name="/src/debian", Value=source, Type="String")
+    SerialConsole().install(h.boto.events)
+    ssh_recipe = recipe(h, ssh=True)
     h.begin()
 
     def respond(script: str) -> CommandResult:
@@ -292,6 +333,12 @@ def _bake(h: Harness) -> None:
     fine = h.provider(machine_factory=shadowed(h, FakeMachine(respond)), wait=h.wait())
     with Cleanups() as stack:
         fine.bake(recipe(h), context(stack, "bake-ok"))
+    assert stack.leftovers == []
+
+    # The SSH communicator: a throw-away key pair imported for the run and deleted after it, host keys from the console.
+    ssh = h.provider(ssh_connect=ssh_to(FakeMachine(respond)), wait=h.wait())
+    with Cleanups() as stack:
+        ssh.bake(ssh_recipe, context(stack, "bake-ssh"))
     assert stack.leftovers == []
 
     failing = FakeMachine(lambda s: CommandResult(3, "", "E: boom") if "useradd" in s else CommandResult(0, "", ""))
@@ -324,13 +371,18 @@ def never_available(patch: pytest.MonkeyPatch, existing: set[str]) -> None:
 
 
 def _boot_test(h: Harness) -> None:
+    """The boot test with each communicator: the readiness line on the console, then the checks on the instance."""
     tested = artifact(h, image(h, "web-1"))
-    spec = recipe(h)
+    SerialConsole().install(h.boto.events)
+    ssm, ssh = recipe(h), recipe(h, ssh=True)
     h.begin()
-    machine = FakeMachine(consoles=["", "Booting\n" + READY])
-    provider = h.provider(machine_factory=shadowed(h, machine), boot_wait=h.wait(deadline=900.0))
+    provider = h.provider(machine_factory=shadowed(h, FakeMachine()), boot_wait=h.wait(deadline=900.0))
     with Cleanups() as stack:
-        report = provider.boot_test(tested, spec.checks, context(stack, "boot-1"), spec.provider)
+        report = provider.boot_test(tested, ssm.checks, context(stack, "boot-ssm"), ssm.provider)
+    assert report.passed, report.checks
+    provider = h.provider(ssh_connect=ssh_to(FakeMachine()), boot_wait=h.wait(deadline=900.0))
+    with Cleanups() as stack:
+        report = provider.boot_test(tested, ssh.checks, context(stack, "boot-ssh"), ssh.provider)
     assert report.passed, report.checks
 
 

@@ -113,8 +113,8 @@ _EBS_KEY_USE = frozenset(
     }
 )
 
-# THE declaration: one entry per operation, every IAM action it may call. Keep each set exact: a test checks that what
-# the code calls is declared; a review checks nothing is declared that is not called.
+# THE declaration: one entry per operation, every IAM action it may call or needs authorised. Keep each set exact: the
+# sync test (test_iam.py) checks both ways, with the runner of each operation (iam_runners.py).
 PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     # With the recipe's instance type: only images of an architecture it runs (ec2:DescribeInstanceTypes).
     "resolve-source": _READ_IMAGES | {"ssm:GetParameter", "ec2:DescribeInstanceTypes"},
