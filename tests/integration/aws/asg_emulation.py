@@ -294,6 +294,7 @@ class AlarmEmulation:
             alarm = resp.cloudwatch_backend.alarms[resp._get_param("AlarmName")]
             if alarm.rule is not None:  # holds until one of its children changes state
                 setattr(alarm, _SEEN, _children_states(resp.cloudwatch_backend, alarm.rule))
+            settle_composites(resp.cloudwatch_backend)  # every change of a child re-evaluates its parents
             return result
 
         monkeypatch.setattr(CloudWatchResponse, "put_composite_alarm", put_composite_alarm, raising=False)
@@ -546,7 +547,11 @@ class InstanceRefreshEmulation:
         preferences = dict(resp._get_param("Preferences") or {})
         spec = dict((resp._get_param("DesiredConfiguration") or {}).get("LaunchTemplate") or {})
         has_desired = bool(spec)
-        previous = (group.ec2_launch_template, group.launch_template_version, group.provided_launch_template_version)
+        previous = (  # a group on a launch configuration has neither version attribute in moto
+            group.ec2_launch_template,
+            getattr(group, "launch_template_version", ""),
+            getattr(group, "provided_launch_template_version", None),
+        )
         _check_preferences(preferences, has_desired, previous)
         if not spec:  # the group's own configuration
             if group.ec2_launch_template is None:
@@ -749,7 +754,7 @@ class InstanceRefreshEmulation:
             return []
         cls._terminate(refresh, instance_ids)
         before = {s.instance.id for s in group.instance_states}
-        saved = (group.ec2_launch_template, group.launch_template_version)
+        saved = (group.ec2_launch_template, getattr(group, "launch_template_version", "$Default"))
         group.ec2_launch_template = group.ec2_backend.get_launch_template(template_id)
         group.launch_template_version = version
         try:

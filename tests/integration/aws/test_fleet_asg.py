@@ -618,9 +618,16 @@ def test_a_member_replaced_on_purpose_since_is_stopped_not_failed(env: Env) -> N
     assert (new.id, "replaced") in kinds and (new.id, "failed") not in kinds
 
 
-def test_alarm_gates_read_cloudwatch_and_refuse_unknown_alarms(env: Env) -> None:
-    from test_iam import _alarm
+def _alarm(aws: Aws, name: str, state: str) -> None:
+    cloudwatch: Any = aws.session.client("cloudwatch")
+    cloudwatch.put_metric_alarm(
+        AlarmName=name, MetricName="HTTPCode_Target_5XX_Count", Namespace="AWS/ApplicationELB", Statistic="Sum",
+        Period=60, EvaluationPeriods=1, Threshold=1.0, ComparisonOperator="GreaterThanOrEqualToThreshold",
+    )  # fmt: skip
+    cloudwatch.set_alarm_state(AlarmName=name, StateValue=state, StateReason="test")
 
+
+def test_alarm_gates_read_cloudwatch_and_refuse_unknown_alarms(env: Env) -> None:
     fleet = env.fleet()
     _alarm(env.aws, "web-5xx", "ALARM")
     _alarm(env.aws, "web-latency", "OK")
@@ -628,3 +635,21 @@ def test_alarm_gates_read_cloudwatch_and_refuse_unknown_alarms(env: Env) -> None
     assert fleet.alarms_firing(["web-latency", "web-5xx"]) == ["web-5xx"]
     with pytest.raises(ConfigError, match="web-typo"):
         fleet.alarms_firing(["web-5xx", "web-typo"])
+
+
+def test_composite_alarms_are_gates_too_and_a_name_found_nowhere_is_still_missing(env: Env) -> None:
+    """DescribeAlarms answers metric alarms only unless AlarmTypes asks for the others: a composite alarm named as a
+    gate must be read, not reported missing."""
+    fleet = env.fleet()
+    cloudwatch: Any = env.aws.session.client("cloudwatch")
+    _alarm(env.aws, "web-5xx", "OK")
+    _alarm(env.aws, "web-latency", "OK")
+    cloudwatch.put_composite_alarm(AlarmName="web-slo", AlarmRule='ALARM("web-5xx") OR ALARM("web-latency")')
+    env.aws.calls.reset()
+    assert fleet.alarms_firing(["web-slo", "web-5xx"]) == []
+    cloudwatch.set_alarm_state(AlarmName="web-latency", StateValue="ALARM", StateReason="test")
+    assert fleet.alarms_firing(["web-slo", "web-5xx"]) == ["web-slo"]
+    with pytest.raises(ConfigError, match="web-typo") as caught:
+        fleet.alarms_firing(["web-slo", "web-typo"])
+    assert "web-slo" not in caught.value.message
+    assert env.aws.calls["cloudwatch.DescribeAlarms"] == 3  # one call reads every type

@@ -178,6 +178,54 @@ def test_a_group_already_on_the_image_without_a_refresh_is_refused(env: Env) -> 
     assert "nothing to refresh" in caught.value.message
 
 
+def test_protected_and_standby_instances_keep_the_old_image_and_never_hold_the_refresh(env: Env) -> None:
+    """AWS's default for both is Wait: an hour per refresh, then it fails (and rolls back). amiforge ignores them."""
+    protected, standby = sorted(i["InstanceId"] for i in env.group()["Instances"])[:2]
+    env.asg.set_instance_protection(AutoScalingGroupName=GROUP, InstanceIds=[protected], ProtectedFromScaleIn=True)
+    env.asg.enter_standby(AutoScalingGroupName=GROUP, InstanceIds=[standby], ShouldDecrementDesiredCapacity=True)
+    refresh_id = env.start()
+    seen = env.follow(refresh_id)
+    assert seen[-1].status == "Successful" and len(seen) < 20
+    members = {i["InstanceId"]: i["LifecycleState"] for i in env.group()["Instances"]}
+    assert members[protected] == "InService" and members[standby] == "Standby"
+    assert env.images() == sorted([env.image_a, env.image_a, env.image_b, env.image_b])  # those two kept theirs
+
+
+def test_a_version_with_the_image_but_another_field_is_not_reused(env: Env) -> None:
+    template = env.group()["LaunchTemplate"]["LaunchTemplateId"]
+    data = {"ImageId": env.image_b, "InstanceType": "t3.large"}  # someone's version 2: our image, another type
+    env.ec2.create_launch_template_version(LaunchTemplateId=template, SourceVersion="1", LaunchTemplateData=data)
+    refresh_id = env.start()
+    (recorded,) = env.refreshes.refreshes
+    assert recorded.desired["Version"] == "3"
+    made = env.ec2.describe_launch_template_versions(LaunchTemplateId=template, Versions=["3"])
+    assert made["LaunchTemplateVersions"][0]["LaunchTemplateData"] == {
+        "ImageId": env.image_b,
+        "InstanceType": "t3.micro",
+    }
+    assert env.start() == refresh_id and env.versions() == 3  # and version 3, ours, is found again
+
+
+def test_a_version_an_interrupted_run_made_is_reused_though_it_lost_its_snapshot_ids(env: Env) -> None:
+    """EC2 drops inherited block device mappings' snapshot ids: the version made from the group's is still an exact
+    copy of what would be created, and is reused."""
+    template = env.group()["LaunchTemplate"]["LaunchTemplateId"]
+    volume = {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-0000000000test01", "VolumeSize": 20}}
+    env.ec2.create_launch_template_version(
+        LaunchTemplateId=template, SourceVersion="1", LaunchTemplateData={"BlockDeviceMappings": [volume]}
+    )  # version 2: the group's, with a root volume from a snapshot
+    env.asg.update_auto_scaling_group(
+        AutoScalingGroupName=GROUP, LaunchTemplate={"LaunchTemplateId": template, "Version": "2"}
+    )
+    env.ec2.create_launch_template_version(  # version 3: what an interrupted run made from it
+        LaunchTemplateId=template, SourceVersion="2", LaunchTemplateData={"ImageId": env.image_b}
+    )
+    env.aws.calls.reset()
+    env.start()
+    (recorded,) = env.refreshes.refreshes
+    assert recorded.desired["Version"] == "3" and env.aws.calls["ec2.CreateLaunchTemplateVersion"] == 0
+
+
 # --- refusals: nothing written --------------------------------------------------------------------------------------
 
 
@@ -209,6 +257,18 @@ def _not_opted_in(env: Env) -> str:
     return "mine"
 
 
+def _someone_elses_refresh_to_our_image(env: Env) -> str:
+    """Someone's refresh to a version with the image asked for but another instance type: not ours."""
+    template = env.group()["LaunchTemplate"]["LaunchTemplateId"]
+    data = {"ImageId": env.image_b, "InstanceType": "t3.large"}
+    env.ec2.create_launch_template_version(LaunchTemplateId=template, SourceVersion="1", LaunchTemplateData=data)
+    env.asg.start_instance_refresh(
+        AutoScalingGroupName=GROUP,
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": template, "Version": "2"}},
+    )
+    return GROUP
+
+
 def _someone_elses_refresh(env: Env) -> str:
     template = env.group()["LaunchTemplate"]["LaunchTemplateId"]
     env.asg.start_instance_refresh(
@@ -227,6 +287,7 @@ REFUSALS: dict[str, tuple[Callable[[Env], str], type[AmiforgeError], str]] = {
     "ssm-image": (_ssm_image, ConfigError, "resolve:ssm:/golden/web"),
     "not-opted-in": (_not_opted_in, ConfigError, ROLLOUT_TAG),
     "refresh-in-progress": (_someone_elses_refresh, StateError, "not one amiforge started"),
+    "refresh-to-our-image": (_someone_elses_refresh_to_our_image, StateError, "not one amiforge started"),
 }
 
 
