@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from moto_emulation import _Raw
 
 from amiforge.awsapi.clients import AwsSession, call, iam_action
 from amiforge.errors import ConfigError, NotFound
-from amiforge.providers.aws.doctor import PUBLIC_AMIS_QUOTA, _Plan, aws_report, day_one_checks
+from amiforge.providers.aws.doctor import PUBLIC_AMIS_QUOTA, aws_report
 from amiforge.providers.aws.iam import PERMISSIONS, actions_for
 from amiforge.providers.interface import AccountCheck, AccountReport
 from amiforge.recipe import AwsProvider as AwsSpec
@@ -355,11 +354,24 @@ def test_moto_default_vpc_without_internet_fails_ssm_reachability(aws: Aws, emul
     assert check.status == "fail" and "no route to the internet" in check.detail
 
 
-def test_an_ssh_communicator_needs_no_ssm_path(aws: Aws, emulation: DoctorEmulation) -> None:
-    plan = replace(_Plan.of(spec(), REGION), communicator="ssh")
-    checks = day_one_checks(aws.session, plan, opt_in={REGION: "opt-in-not-required"}, account=ACCOUNT)
-    check = named(checks, "SSM reachability")
-    assert check.status == "skipped" and "communicator is ssh" in check.detail
+SSH = {"communicator": "ssh", "security_group_ids": ["sg-00000000000000001"]}
+
+
+def test_an_ssh_communicator_at_public_ips_needs_an_internet_gateway(online: Aws) -> None:
+    report = aws_report(online.session, spec(**SSH))
+    assert named(report, "SSH reachability").status == "ok"
+    assert not [c for c in report.checks if c.name == "SSM reachability"]
+    ec2 = online.ec2()
+    subnet = _subnet(online)
+    table = ec2.create_route_table(VpcId=_default_vpc(online))["RouteTable"]["RouteTableId"]
+    ec2.associate_route_table(RouteTableId=table, SubnetId=subnet)
+    check = named(aws_report(online.session, spec(subnet_id=subnet, **SSH)), "SSH reachability")
+    assert check.status == "fail" and "would be unreachable" in check.detail
+    assert check.fix is not None and "private_ip" in check.fix
+    private = named(
+        aws_report(online.session, spec(subnet_id=subnet, ssh_interface="private_ip", **SSH)), "SSH reachability"
+    )
+    assert private.status == "skipped"
 
 
 # --- encryption -------------------------------------------------------------------------------------------------------
@@ -388,6 +400,26 @@ def test_a_customer_default_key_warns_and_its_policy_is_checked_for_the_receiver
     policy = named(report, "KMS key policy", REGION)
     assert policy.status == "fail" and f"{RECEIVER} is not allowed kms:DescribeKey" in policy.detail
     assert policy.fix is not None and f"arn:aws:iam::{RECEIVER}:root" in policy.fix
+
+
+def test_the_recipes_root_volume_key_is_the_one_the_image_is_under(online: Aws) -> None:
+    arn = key(online, REGION)  # the owner's statement only
+    recipe = spec(root_volume={"kms_key": arn}, distribution={"accounts": [RECEIVER]})
+    report = aws_report(online.session, recipe)  # EBS encryption by default is off: the recipe's key still applies
+    ebs = named(report, "EBS encryption by default", REGION)
+    assert ebs.status == "warn" and f"root_volume.kms_key {arn}" in ebs.detail
+    policy = named(report, "KMS key policy", REGION)
+    assert policy.status == "fail" and policy.detail.startswith(f"root_volume.kms_key {arn}")
+    public = spec(root_volume={"kms_key": arn}, distribution={"public": True})
+    assert named(aws_report(online.session, public), "EBS encryption by default", REGION).status == "fail"
+
+
+def test_an_encrypted_root_volume_under_the_default_key_cannot_be_shared(online: Aws) -> None:
+    recipe = spec(root_volume={"encrypted": True}, distribution={"accounts": [RECEIVER]})
+    check = named(aws_report(online.session, recipe), "EBS encryption by default", REGION)
+    assert (
+        check.status == "fail" and "AWS-managed" in check.detail and "root_volume asks for encryption" in check.detail
+    )
 
 
 def test_a_copy_regions_default_does_not_matter_when_it_has_a_kms_key(online: Aws) -> None:

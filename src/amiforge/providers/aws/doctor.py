@@ -11,11 +11,12 @@ recipe, for what that recipe needs:
 - **placement**: the default VPC, or the recipe's `subnet_id` (that it exists).
 - **SSM reachability** (communicator `ssm`): the builder's subnet routes 0.0.0.0/0 to an internet gateway (with
   public IPs on launch) or a NAT gateway, or its VPC has interface endpoints for ssm, ssmmessages and ec2messages.
-- **EBS encryption by default** and its key, per region: an image encrypted under the AWS-managed key cannot be
-  shared, an encrypted one cannot be public, and a customer key needs KMS permissions (and a policy for the
-  receiving accounts, checked next).
-- **KMS key policy**: each distribution region's `kms_key` (and a customer default EBS key) lets the receiving
-  accounts, organizations or OUs use it (key_policy.py: a static read, so "conditional" is a warning, never a pass).
+  **SSH reachability** (communicator `ssh` at a public IP): the subnet routes to an internet gateway.
+- **EBS encryption by default** and the key images end up under, per region (in the bake region the recipe's
+  `root_volume` first, in a copy region its `kms_key`): an image encrypted under the AWS-managed key cannot be shared,
+  an encrypted one cannot be public, and a customer key needs KMS permissions (and a policy for the receivers).
+- **KMS key policy**: each distribution region's `kms_key` (and a customer key the baked image is under) lets the
+  receiving accounts, organizations or OUs use it (key_policy.py: a static read, so "conditional" warns, never passes).
 - **image block public access** in every region, when the recipe shares publicly.
 - **quotas**: public AMIs per region (Service Quotas L-0E3CBAB9) against the public images there, and concurrent AMI
   copies per destination region against the copies already in flight.
@@ -53,6 +54,7 @@ __all__ = [
 REGION = "region enabled"
 PLACEMENT = "placement"
 SSM_PATH = "SSM reachability"
+SSH_PATH = "SSH reachability"
 EBS_DEFAULT = "EBS encryption by default"
 KEY_POLICY = "KMS key policy"
 PUBLIC_BLOCK = "image block public access"
@@ -119,6 +121,9 @@ class _Plan:
     copies: Mapping[str, str | None] = field(default_factory=dict)  # destination region → its kms_key
     subnet_id: str | None = None
     communicator: str = "ssm"
+    ssh_interface: str = "public_ip"
+    root_kms_key: str | None = None  # the recipe's root_volume.kms_key
+    root_encrypted: bool = False  # root_volume.encrypted: true (under the default key unless kms_key)
     public: bool = False
     accounts: tuple[str, ...] = ()
     organizations: tuple[str, ...] = ()
@@ -134,8 +139,10 @@ class _Plan:
             recipe=True,
             copies={c.region: c.kms_key for c in wanted.regions},
             subnet_id=spec.subnet_id,
-            # The recipe's aws block gains `communicator` (ssm | ssh); until it has it, steps run over SSM.
-            communicator=str(getattr(spec, "communicator", "ssm") or "ssm"),
+            communicator=spec.communicator,
+            ssh_interface=spec.ssh_interface,
+            root_kms_key=spec.root_volume.kms_key if spec.root_volume else None,
+            root_encrypted=bool(spec.root_volume and (spec.root_volume.encrypted or spec.root_volume.kms_key)),
             public=wanted.public,
             accounts=tuple(wanted.accounts),
             organizations=tuple(wanted.organizations),
@@ -181,9 +188,9 @@ def day_one_checks(
                 checks.extend(_guarded(name, region, partial(work, region)))
 
     each(PLACEMENT, [plan.bake_region], lambda region: _placement(session, plan, region))
-    customer_defaults: dict[str, str] = {}  # region → a customer default EBS key the shared images are under
-    each(EBS_DEFAULT, plan.regions, lambda region: _ebs_default(session, plan, region, customer_defaults))
-    checks += _key_policy_checks(session, plan, usable, customer_defaults)
+    shared_keys: dict[str, tuple[str, str]] = {}  # region → (a customer key shared images are under, its role)
+    each(EBS_DEFAULT, plan.regions, lambda region: _ebs_default(session, plan, region, shared_keys))
+    checks += _key_policy_checks(session, plan, usable, shared_keys)
     if not plan.public:
         reason = "the recipe does not share the image publicly" if plan.recipe else _NEEDS_RECIPE
         checks.append(AccountCheck(PUBLIC_BLOCK, "skipped", reason))
@@ -343,18 +350,62 @@ def _placement(session: AwsSession, plan: _Plan, region: str) -> list[AccountChe
         vpc_id = str(subnets[0]["VpcId"])
         where = f"subnet {plan.subnet_id} in VPC {vpc_id} ({subnets[0].get('AvailabilityZone', '?')})"
     checks = [AccountCheck(PLACEMENT, "ok", where, region=region)]
-    checks += _guarded(SSM_PATH, region, lambda: [_ssm_path(ec2, plan, region, vpc_id, subnets)])
+    if plan.communicator == "ssh":
+        checks += _guarded(SSH_PATH, region, lambda: [_ssh_path(ec2, plan, region, vpc_id, subnets)])
+    else:
+        checks += _guarded(SSM_PATH, region, lambda: [_ssm_path(ec2, region, vpc_id, subnets)])
     return checks
 
 
-def _ssm_path(ec2: Any, plan: _Plan, region: str, vpc_id: str, subnets: Sequence[Mapping[str, Any]]) -> AccountCheck:
-    if plan.communicator != "ssm":
+def _ssh_path(ec2: Any, plan: _Plan, region: str, vpc_id: str, subnets: Sequence[Mapping[str, Any]]) -> AccountCheck:
+    """communicator ssh: amiforge connects from this machine to a public IP it requests at launch, which works only in
+    a subnet whose default route is an internet gateway; a private address depends on a way into the VPC (VPN,
+    peering) that the account does not show. (The security groups must let TCP 22 in from this machine: not read.)"""
+    if plan.ssh_interface != "public_ip":
         return AccountCheck(
-            SSM_PATH,
+            SSH_PATH,
             "skipped",
-            f"the recipe's communicator is {plan.communicator}: amiforge reaches the builder from this machine",
+            "ssh_interface private_ip: whether this machine reaches the VPC (VPN, peering) is not visible from AWS",
             region=region,
         )
+    in_vpc = [{"Name": "vpc-id", "Values": [vpc_id]}]
+    tables = _pages(ec2, "DescribeRouteTables", "RouteTables", f"the route tables of {vpc_id}", Filters=in_vpc)
+    for subnet in subnets:
+        route = _default_route(str(subnet["SubnetId"]), tables)
+        gateway = str((route or {}).get("GatewayId") or "")
+        if not gateway.startswith("igw-"):
+            return AccountCheck(
+                SSH_PATH,
+                "fail",
+                f"subnet {subnet['SubnetId']} does not route 0.0.0.0/0 to an internet gateway: the public IP amiforge "
+                "requests at launch would be unreachable",
+                fix="set subnet_id to a public subnet (a route to an internet gateway), or ssh_interface: private_ip "
+                "with a way into the VPC from this machine",
+                region=region,
+            )
+    return AccountCheck(
+        SSH_PATH,
+        "ok",
+        f"the builder's subnet routes to an internet gateway; {vpc_id} is reachable at public IPs",
+        None,
+        region,
+    )
+
+
+def _default_route(subnet_id: str, tables: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The 0.0.0.0/0 route of the subnet's route table (the VPC's main table when the subnet has none of its own)."""
+    own = [t for t in tables if any(a.get("SubnetId") == subnet_id for a in t.get("Associations", []))]
+    main = [t for t in tables if any(a.get("Main") for a in t.get("Associations", []))]
+    table = (own or main or [{}])[0]
+    routes = [
+        r
+        for r in table.get("Routes", [])
+        if r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("State", "active") != "blackhole"
+    ]
+    return routes[0] if routes else None
+
+
+def _ssm_path(ec2: Any, region: str, vpc_id: str, subnets: Sequence[Mapping[str, Any]]) -> AccountCheck:
     in_vpc = [{"Name": "vpc-id", "Values": [vpc_id]}]
     endpoints = _pages(ec2, "DescribeVpcEndpoints", "VpcEndpoints", f"the VPC endpoints of {vpc_id}", Filters=in_vpc)
     names = {f"com.amazonaws.{region}.{service}": service for service in SSM_ENDPOINTS}
@@ -401,17 +452,9 @@ def _subnet_way_out(subnet: Mapping[str, Any], tables: Sequence[Mapping[str, Any
     """How instances in `subnet` reach the internet: its route table's default route (the VPC's main table when the
     subnet has no table of its own)."""
     subnet_id = str(subnet["SubnetId"])
-    own = [t for t in tables if any(a.get("SubnetId") == subnet_id for a in t.get("Associations", []))]
-    main = [t for t in tables if any(a.get("Main") for a in t.get("Associations", []))]
-    table = (own or main or [{}])[0]
-    routes = [
-        r
-        for r in table.get("Routes", [])
-        if r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("State", "active") != "blackhole"
-    ]
-    if not routes:
+    route = _default_route(subnet_id, tables)
+    if route is None:
         return "fail", f"subnet {subnet_id} has no route to the internet (no internet gateway or NAT)"
-    route = routes[0]
     gateway = str(route.get("GatewayId") or "")
     if gateway.startswith("igw-"):
         if subnet.get("MapPublicIpOnLaunch"):
@@ -444,65 +487,74 @@ def _subnet_way_out(subnet: Mapping[str, Any], tables: Sequence[Mapping[str, Any
 
 
 def _ebs_default(
-    session: AwsSession, plan: _Plan, region: str, customer_defaults: dict[str, str]
+    session: AwsSession, plan: _Plan, region: str, shared_keys: dict[str, tuple[str, str]]
 ) -> list[AccountCheck]:
+    """EBS encryption by default in `region` and the key the images made there end up under: in the bake region the
+    recipe's root_volume (kms_key, or encrypted: true under the default key) comes first; a copy region's kms_key
+    overrides its default. A customer key of a shared image goes into `shared_keys` for the key-policy check."""
     ec2 = session.client("ec2", region)
-    if not _ask(ec2, "GetEbsEncryptionByDefault", f"EBS encryption by default in {region}")["EbsEncryptionByDefault"]:
-        return [
-            AccountCheck(EBS_DEFAULT, "ok", "off (volumes are encrypted only where the recipe asks)", region=region)
-        ]
-    key = str(_ask(ec2, "GetEbsDefaultKmsKeyId", f"the default EBS key in {region}")["KmsKeyId"])
+    on = bool(
+        _ask(ec2, "GetEbsEncryptionByDefault", f"EBS encryption by default in {region}")["EbsEncryptionByDefault"]
+    )
+    setting = "on" if on else "off"
     baked_here = region == plan.bake_region
     if not baked_here and plan.copies.get(region):
-        return [
-            AccountCheck(
-                EBS_DEFAULT, "ok", f"on (default key {key}); copies here use the recipe's kms_key", region=region
-            )
-        ]
+        return [AccountCheck(EBS_DEFAULT, "ok", f"{setting}; copies here use the recipe's kms_key", region=region)]
+    if baked_here and plan.root_kms_key:
+        key, role = plan.root_kms_key, "root_volume.kms_key"
+        setting += f"; the recipe's root_volume.kms_key {key} encrypts the image"
+    elif on or (baked_here and plan.root_encrypted):
+        key, role = (
+            str(_ask(ec2, "GetEbsDefaultKmsKeyId", f"the default EBS key in {region}")["KmsKeyId"]),
+            "default EBS key",
+        )
+        setting += "" if on else "; the recipe's root_volume asks for encryption"
+        setting += f", default key {key}"
+    else:
+        detail = "off (the image is encrypted only if the source image is)" if baked_here else "off"
+        return [AccountCheck(EBS_DEFAULT, "ok", detail, region=region)]
     what = "images baked here" if baked_here else "copies made here (the region has no kms_key)"
     if plan.public:
         return [
             AccountCheck(
                 EBS_DEFAULT,
                 "fail",
-                f"on: {what} are encrypted, and an encrypted image cannot be made public",
-                fix=f"drop public: true, or turn EBS encryption by default off in {region} "
-                f"(aws ec2 disable-ebs-encryption-by-default --region {region})",
+                f"{setting}: {what} are encrypted, and an encrypted image cannot be made public",
+                fix=f"drop public: true, or encryption (the recipe's root_volume; EBS encryption by default: aws ec2 "
+                f"disable-ebs-encryption-by-default --region {region})",
                 region=region,
             )
         ]
-    aws_managed = key == _AWS_EBS_ALIAS or _key_manager(session, region, key) == "AWS"
-    if aws_managed:
+    if key == _AWS_EBS_ALIAS or _key_manager(session, region, key) == "AWS":
         if not plan.shares:
             return [
-                AccountCheck(
-                    EBS_DEFAULT,
-                    "ok",
-                    f"on, under the AWS-managed key aws/ebs: {what} stay in this account",
-                    region=region,
-                )
+                AccountCheck(EBS_DEFAULT, "ok", f"{setting} (AWS-managed): {what} stay in this account", None, region)
             ]
-        fix = (
-            f"make a customer-managed key the default (aws ec2 modify-ebs-default-kms-key-id --kms-key-id KEY --region "
-            f"{region}) and let the receiving accounts use it"
-            if baked_here
-            else f"give regions[{region}] a customer-managed kms_key whose policy lets the receiving accounts use it"
-        )
+        if baked_here and plan.root_kms_key:
+            fix = "give root_volume a customer-managed kms_key whose policy lets the receiving accounts use it"
+        elif baked_here:
+            fix = (
+                f"give root_volume a customer-managed kms_key, or make one the default (aws ec2 "
+                f"modify-ebs-default-kms-key-id --kms-key-id KEY --region {region}); its policy must let the "
+                "receiving accounts use it"
+            )
+        else:
+            fix = f"give regions[{region}] a customer-managed kms_key whose policy lets the receiving accounts use it"
         return [
             AccountCheck(
                 EBS_DEFAULT,
                 "fail",
-                f"on, under the AWS-managed key aws/ebs: {what} cannot be shared with other accounts",
+                f"{setting} (AWS-managed): {what} are encrypted under it and cannot be shared with other accounts",
                 fix=fix,
                 region=region,
             )
         ]
     detail = (
-        f"on, under customer key {key}: the builder's volumes are encrypted with it, so the identity amiforge runs as "
+        f"{setting} (customer-managed): the builder's volumes are encrypted with it, so the identity amiforge runs as "
         f"needs {_KEY_USERS} on it"
     )
     if plan.shares:
-        customer_defaults[region] = key
+        shared_keys[region] = (key, role)
         detail += "; the receiving accounts must be allowed to use it too (the KMS key policy check)"
     return [
         AccountCheck(
@@ -517,10 +569,10 @@ def _key_manager(session: AwsSession, region: str, key: str) -> str:
 
 
 def _key_policy_checks(
-    session: AwsSession, plan: _Plan, usable: set[str], customer_defaults: Mapping[str, str]
+    session: AwsSession, plan: _Plan, usable: set[str], shared_keys: Mapping[str, tuple[str, str]]
 ) -> list[AccountCheck]:
     keys = [(region, key, "kms_key") for region, key in plan.copies.items() if key]
-    keys += [(region, key, "default EBS key") for region, key in customer_defaults.items()]
+    keys += [(region, key, role) for region, (key, role) in shared_keys.items()]
     if not keys:
         reason = "no region of the recipe encrypts under a customer key" if plan.recipe else _NEEDS_RECIPE
         return [AccountCheck(KEY_POLICY, "skipped", reason)]
