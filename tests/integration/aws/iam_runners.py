@@ -22,9 +22,9 @@ AWS tests use (asg_emulation, distribute_fixtures, ebs_emulation, gc_fixtures, f
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import subprocess
-import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,10 +72,8 @@ SRC = Path(amiforge.__file__).resolve().parent
 # A consumer account publish writes into through its role (moto's STS acts as any account).
 CONSUMER = "222233334444"
 CONSUMER_ROLE = f"arn:aws:iam::{CONSUMER}:role/amiforge-publish"
-# Frames that are amiforge's call forms, not call sites: the site is their caller.
-_CALL_FORMS = {("awsapi/clients.py", name) for name in ("call", "paginate", "eventually")} | {
-    ("waiting.py", name) for name in ("retry", "poll")
-}
+# Frames that are amiforge's call forms, not call sites: the site is their caller (and waiting.py's loops, whole).
+_CALL_FORMS = {("awsapi/clients.py", name) for name in ("call", "paginate", "eventually")}
 
 
 @dataclass(frozen=True)
@@ -102,14 +100,15 @@ class CallRecorder:
 
 
 def _site() -> str:
-    for frame in reversed(traceback.extract_stack()):
-        path = Path(frame.filename)
-        if not path.is_relative_to(SRC):
-            continue
-        relative = path.relative_to(SRC).as_posix()
-        if (relative, frame.name) in _CALL_FORMS or relative == "waiting.py":
-            continue
-        return f"src/amiforge/{relative}:{frame.lineno}"
+    """The innermost amiforge frame of the current call that is not a call form."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(SRC):
+            relative = path.relative_to(SRC).as_posix()
+            if (relative, frame.f_code.co_name) not in _CALL_FORMS and relative != "waiting.py":
+                return f"src/amiforge/{relative}:{frame.f_lineno}"
+        frame = frame.f_back
     return "(not amiforge: a test's own call)"
 
 
@@ -188,7 +187,7 @@ class ShadowedMachine:
         self.fake.put_file(path, data, mode)
 
     def read_file(self, path: str) -> bytes:
-        # SsmMachine.read_file stats the file first; moto's empty output is no size, so send the stat only.
+        # The real read_file cannot finish on moto (its empty output is no file): one command stands for its reads.
         self.real.run(["stat", "-c", "%s", path], timeout=60)
         return self.fake.read_file(path)
 
