@@ -552,8 +552,21 @@ def test_every_permission_error_names_an_action_the_doctor_policy_grants(online:
         assert iam_action(online.session.client(service), operation) in PERMISSIONS["doctor"]
 
 
+def test_a_refused_describe_regions_fails_the_region_check_and_the_others_still_run(online: Aws) -> None:
+    def deny(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        error = {"Code": "UnauthorizedOperation", "Message": "You are not authorized to perform this operation."}
+        return AWSResponse(str(params.get("url", "")), 403, {}, _Raw(b"")), {"Error": error, "ResponseMetadata": {}}
+
+    online.ec2().meta.events.register_first("before-call.ec2.DescribeRegions", deny)
+    report = aws_report(online.session, spec(distribution={"regions": [{"region": COPY}]}))
+    assert report.regions == ()
+    check = named(report, "region enabled")
+    assert check.status == "fail" and check.detail == "not allowed to call ec2:DescribeRegions"
+    assert named(report, "placement").status == "ok" and named(report, "concurrent AMI copies", COPY).status == "ok"
+
+
 def test_a_session_in_a_disabled_home_region_fails_like_bad_credentials_with_the_region_fix(
-    monkeypatch: pytest.MonkeyPatch, aws: Aws, emulation: DoctorEmulation
+    aws: Aws, emulation: DoctorEmulation
 ) -> None:
     session = AwsSession(DISABLED, boto_session=aws.session.boto_session)
     with pytest.raises(ConfigError) as refused:

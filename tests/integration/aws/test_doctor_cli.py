@@ -71,6 +71,7 @@ def test_json_is_one_document_with_every_check(cli: Cli, tmp_path: Path) -> None
     assert result.code == 5
     doc = result.json()
     assert doc["ok"] is False and doc["error"]["exit_code"] == 5 and doc["account"] == ACCOUNT
+    assert doc["region"] == REGION  # no --region: the recipe's region is the home region
     checks = {(c["name"], c["region"]): c for c in doc["checks"]}
     assert checks[("region enabled", DISABLED)]["status"] == "fail"
     assert checks[("image block public access", REGION)]["status"] == "fail"  # new accounts block public sharing

@@ -734,7 +734,12 @@ def _copy_quota(session: AwsSession, plan: _Plan, region: str, found: list[_Copy
     if not found:
         # One look-up by name for all regions, in the bake region (quota names and codes are the same everywhere).
         quotas = session.client("service-quotas", plan.bake_region)
-        listed = _pages(quotas, "ListServiceQuotas", "Quotas", f"EC2 quotas in {plan.bake_region}", ServiceCode="ec2")
+        try:
+            listed = _pages(
+                quotas, "ListServiceQuotas", "Quotas", f"EC2 quotas in {plan.bake_region}", ServiceCode="ec2"
+            )
+        except NotFound:  # Service Quotas lists nothing for EC2 there: the documented numbers stand
+            listed = []
         code = next((str(q["QuotaCode"]) for q in listed if _COPY_QUOTA_NAME.search(str(q.get("QuotaName", "")))), None)
         found.append(_CopyLimit(code))
     code = found[0].code
