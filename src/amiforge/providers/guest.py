@@ -30,6 +30,8 @@ def guest_file(name: str) -> bytes:
 # --- readiness and framed results on the console ----------------------------------------------------------
 
 READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
+# The same line, complete: a console read while the line is being written can end inside its number ("12.3" of 12.34).
+READY_LINE_RE = re.compile(READY_RE.pattern + r"[ \t]*\r?\n")
 # The readiness unit also records its line here (a tmpfs: this boot's only), for a host whose console view may have
 # lost it (EC2 keeps the last 64 KB; older instance types publish it only around state changes).
 READY_FILE = "/run/amiforge-ready"
@@ -46,43 +48,9 @@ APT_INSTALL = (
     " -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
 )
 
-# What a communicator leaves on a builder, removed by GENERALISE (as a function of a root folder, so that it can be
-# run on a copy): the SSM agent keeps every command it ran — script, parameters, output — under its orchestration and
-# state folders, and every upload of the bake went through them; an SSH bake left the run's throw-away key in
-# authorized_keys (removed by line: other keys stay); uploads are staged under /run/amiforge. The command running
-# GENERALISE keeps its own SSM files (SSM_COMMAND_ID, agents since 3.0.284; older ones: the newest entry), which hold
-# only this script.
-FORGET_COMMUNICATOR = r"""forget_communicator() {
-    root=$1
-    for d in "$root"/var/lib/amazon/ssm/*/document/orchestration "$root"/var/lib/amazon/ssm/*/document/state/*; do
-        [ -d "$d" ] || continue
-        keep=${SSM_COMMAND_ID:-$(ls -t "$d" | head -n 1)}
-        for e in "$d"/* "$d"/.[!.]*; do
-            [ -e "$e" ] || [ -L "$e" ] || continue
-            case "${e##*/}" in "$keep"*) [ -n "$keep" ] && continue ;; esac
-            rm -rf "$e"
-        done
-    done
-    for blob in $AMIFORGE_COMMUNICATOR_KEYS; do
-        for f in "$root"/root/.ssh/authorized_keys "$root"/home/*/.ssh/authorized_keys; do
-            [ -f "$f" ] && grep -qF -- "$blob" "$f" || continue
-            grep -vF -- "$blob" "$f" > "$f.amiforge-tmp" || true
-            cat "$f.amiforge-tmp" > "$f"
-            rm -f "$f.amiforge-tmp"
-        done
-    done
-    # The contents only: the local provider bind-mounts its stage here.
-    rm -rf "$root"/run/amiforge/* "$root"/run/amiforge/.[!.]*
-}
-"""
-
 # Run at the end of every bake, inside the image. Host keys, machine identity, caches, logs, histories,
 # temp files and build credentials must not be cloned into every machine booted from the image.
-GENERALISE = (
-    r"""set -e
-"""
-    + FORGET_COMMUNICATOR
-    + r"""forget_communicator ""
+GENERALISE = r"""set -e
 # First say which credentials and histories a step left behind (path and kind, never content): the bake reports
 # them, so the recipe's author learns their recipe handled a credential.
 report() {
@@ -116,8 +84,9 @@ for d in /etc /var; do
     printf 'TIMESTAMP_NSEC=%s\n' "$(stat -c %Y /usr)000000000" > "$d/.updated"
     touch -r /usr "$d/.updated"
 done
+# Uploads staged for the steps (a tmpfs on EC2; the local provider bind-mounts its stage here: the contents only).
+rm -rf /run/amiforge/* /run/amiforge/.[!.]*
 """
-)
 
 GENERALISED_MARK = "AMIFORGE-GENERALISED "
 
@@ -132,26 +101,13 @@ def parse_generalised(lines: Iterable[str]) -> tuple[RemovedFile, ...]:
     return tuple(sorted(found.values(), key=lambda r: r.path))
 
 
-_KEY_BLOB_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
-
-
-def _key_blob(public_key: str) -> str:
-    """The base64 key of an OpenSSH public key line (`type blob [comment]`): what identifies it in authorized_keys,
-    whatever options or comment a line adds."""
-    fields = public_key.split()
-    if len(fields) < 2 or _KEY_BLOB_RE.fullmatch(fields[1]) is None:
-        raise ValueError(f"not an OpenSSH public key line: {public_key[:40]!r}")
-    return fields[1]
-
-
-def step_script(step: Step | None, stage: Path, folder: Path, hostname: str, *, forget_keys: Sequence[str] = ()) -> str:
+def step_script(step: Step | None, stage: Path, folder: Path, hostname: str, *, leftovers: str = "") -> str:
     """The shell script that performs `step` inside the chroot; files it needs are copied into `stage`.
-    For generalisation (`step` None), `forget_keys` are public keys the communicator installed: their lines go."""
+    For generalisation (`step` None), `leftovers` is the shell that removes what the communicator left on the machine
+    (providers/aws/machine.py `Leftovers.script()`): it runs last, after GENERALISE."""
     q = shlex.quote
     if step is None:
-        keys = " ".join(_key_blob(k) for k in forget_keys)
-        header = f"AMIFORGE_HOSTNAME={q(hostname)}\n" + (f"AMIFORGE_COMMUNICATOR_KEYS={q(keys)}\n" if keys else "")
-        return header + GENERALISE
+        return f"AMIFORGE_HOSTNAME={q(hostname)}\n{GENERALISE}{leftovers}"
     if isinstance(step, PackagesStep):
         pkgs = " ".join(q(p) for p in step.packages)
         # The base keeps its package lists; refresh them only if they turn out stale.

@@ -278,12 +278,14 @@ class RootVolume(BaseModel):
     model_config = STRICT
 
     size_gib: int | None = Field(
-        default=None, ge=1, le=16384, description="size in GiB; at least the source image's root snapshot"
+        default=None, ge=1, le=65536, description="size in GiB; at least the source image's root snapshot"
     )
     type: Literal["gp3", "gp2", "io1", "io2", "standard"] | None = Field(default=None, description="EBS volume type")
     iops: int | None = Field(default=None, ge=100, le=256000, description="provisioned IOPS (io1/io2: required)")
     encrypted: bool | None = Field(
-        default=None, description="encrypt the volume (and so the image's snapshot); kms_key implies true"
+        default=None,
+        description="true: encrypt the volume (and so the image's snapshot); kms_key implies it. Unset or false: as "
+        "the source snapshot and the account's EBS encryption default have it (EBS never removes encryption)",
     )
     kms_key: NonEmptyStr | None = Field(
         default=None, description="KMS key (id, ARN or alias) for the encryption; default: the account's EBS key"

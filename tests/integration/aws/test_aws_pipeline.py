@@ -19,7 +19,7 @@ from asg_emulation import FakeTime
 from conftest import ACCOUNT, REGION, Aws
 from distribute_fixtures import CopyImageEmulation, DeregistrationProtection
 from ebs_emulation import EbsEmulation
-from fake_machine import DPKG, READY, Clock, FakeMachine, factory
+from fake_machine import DPKG, READY, Clock, FakeMachine, console_of, factory
 from moto.ec2.models import ec2_backends
 from moto_emulation import shared_images
 
@@ -91,6 +91,7 @@ class Env:
             settings,
             boto_session=self.aws.session.boto_session,
             machine_factory=factory(self.machine),
+            console_reader=console_of(self.machine),
             wait=fast,
             boot_wait=fast,
             tag_snapshots_at_creation=False,  # moto: NotImplementedError for snapshot TagSpecifications
@@ -228,6 +229,35 @@ def test_bake_to_publish_on_moto(clean_or_faulty: Env) -> None:
     assert len(ours) == 2 and all(state in ("shutting-down", "terminated") for state in ours), ours
     if env.aws.faults is not None:
         assert env.aws.faults.injected["RequestLimitExceeded"] > 10  # the faults really happened
+
+
+def test_debian_source_over_ssh_for_the_builders_architecture(env: Env) -> None:
+    """A Debian source (no SSM agent) through the CLI: `communicator: ssh` gives the builder and the boot-test instance
+    a throw-away key pair each (deleted after), and `debian-12-*` resolves to the newest image the recipe's x86
+    instance type runs, though a newer arm64 one matches the name."""
+    ec2: Any = env.ec2
+    group = ec2.create_security_group(GroupName="ssh-from-build-host", Description="tcp 22")["GroupId"]
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    arm = ec2.create_image(InstanceId=instance, Name="debian-12-arm64-20240601")["ImageId"]
+    ec2_backends[ACCOUNT][REGION].amis[arm].architecture = "arm64"  # moto's CreateImage is always x86_64
+    env.recipe.write_text(
+        RECIPE.replace('"debian-12-amd64-*"', '"debian-12-*"').replace(
+            "  publish:", f"  communicator: ssh\n  security_group_ids: [{group}]\n  publish:"
+        )
+    )
+    launched: list[dict[str, Any]] = []
+    imported: list[str] = []
+    events = env.aws.session.boto_session.events
+    events.register("provide-client-params.ec2.RunInstances", lambda params, **_: launched.append(params))
+    events.register("provide-client-params.ec2.ImportKeyPair", lambda params, **_: imported.append(params["KeyName"]))
+
+    baked = env.cli("bake", str(env.recipe), "--json")
+    assert baked.code == 0, baked.err
+    builder, tester = launched
+    assert builder["ImageId"] == env.source["ImageId"] != arm
+    assert [builder["KeyName"], tester["KeyName"]] == imported and len(set(imported)) == 2
+    assert all(r["NetworkInterfaces"][0]["Groups"] == [group] for r in launched)
+    assert ec2.describe_key_pairs()["KeyPairs"] == []
 
 
 def test_interrupted_distribution_resumes_with_the_same_run(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,13 @@
 """AwsProvider: the Provider protocol on EC2 — the same pipeline as the local provider, only the place changes.
 
-bake → `bake.bake_on_ec2` (builder instance, steps over SSM, CreateImage); boot test → `bake.boot_test_on_ec2`;
+bake → `bake.bake_on_ec2` (builder instance, steps over the recipe's communicator — SSM or SSH —, CreateImage);
+boot test → `bake.boot_test_on_ec2`;
 inspect → `snapshot.open_ami` (the root snapshot's bytes through the EBS direct APIs, mounted read-only, so scans read
 exactly what ships, as they do for a local qcow2); digest → `images.image_digest` (the AMI's immutable description:
 a cloud image's bytes cannot be hashed cheaply, its snapshot ids cannot change under its id).
 
 Sessions are made per region from the settings (profile, one role per other account); tests pass the boto3
-session their moto handlers hang on, and a `machine_factory` standing in for SSM Run Command.
+session their moto handlers hang on, a `machine_factory` standing in for the communicator, and a `console_reader`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,23 @@ from amiforge.errors import ConfigError, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
 from amiforge.providers.aws.asg_records import parse_group_target
-from amiforge.providers.aws.bake import AmiBuild, Placement, bake_on_ec2, boot_test_on_ec2
+from amiforge.providers.aws.bake import (
+    Access,
+    AmiBuild,
+    ConsoleFactory,
+    Placement,
+    SshConnect,
+    bake_on_ec2,
+    boot_test_on_ec2,
+)
 from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
 from amiforge.providers.aws.doctor import aws_report
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
-from amiforge.providers.aws.machine import MachineFactory, SsmMachine
+from amiforge.providers.aws.machine import ConsoleReader, MachineFactory
 from amiforge.providers.aws.publish import publish
 from amiforge.providers.aws.snapshot import open_ami
+from amiforge.providers.aws.ssh import SshMachine
 from amiforge.providers.interface import (
     AccountReport,
     BakeResult,
@@ -64,6 +74,10 @@ def placement_of(spec: AwsSpec) -> Placement:
     return Placement(spec.subnet_id, tuple(spec.security_group_ids), spec.instance_profile)
 
 
+def access_of(spec: AwsSpec) -> Access:
+    return Access(spec.communicator, spec.ssh_username, spec.ssh_interface)
+
+
 def artifact_of(image: Mapping[str, Any], region: str) -> Artifact:
     """The registry's record of an available AMI: its id, region, digest and the size of its volumes."""
     size = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in image.get("BlockDeviceMappings", [])) * GIB
@@ -84,7 +98,9 @@ class AwsProvider:
         settings: Settings,
         *,
         boto_session: boto3.Session | None = None,
-        machine_factory: MachineFactory = SsmMachine,
+        machine_factory: MachineFactory | None = None,
+        console_reader: ConsoleFactory = ConsoleReader,
+        ssh_connect: SshConnect = SshMachine,
         wait: Wait = Wait(),
         boot_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=900.0),
         tag_snapshots_at_creation: bool = True,
@@ -94,7 +110,9 @@ class AwsProvider:
         self.settings = settings
         self._boto_session = boto_session
         self._sessions: dict[str, AwsSession] = {}
-        self.machine_factory = machine_factory
+        self.machine_factory = machine_factory  # None: the recipe's communicator
+        self.console_reader = console_reader
+        self.ssh_connect = ssh_connect
         self.wait = wait
         self.boot_wait = boot_wait
         self.tag_snapshots_at_creation = tag_snapshots_at_creation
@@ -123,7 +141,8 @@ class AwsProvider:
 
     def _source(self, recipe: Recipe) -> tuple[AwsSpec, SourceImage]:
         spec = aws_spec(recipe.provider, f"recipe {recipe.name!r}")
-        return spec, resolve_source(spec.source, self.session(spec.region), spec.region)
+        session = self.session(spec.region)
+        return spec, resolve_source(spec.source, session, spec.region, instance_type=spec.instance_type)
 
     def preflight(self, recipe: Recipe) -> None:
         """The source image resolves (owner-pinned) with these credentials. Reads only."""
@@ -139,8 +158,11 @@ class AwsProvider:
             session,
             ctx,
             machine_factory=self.machine_factory,
+            console_reader=self.console_reader,
+            ssh_connect=self.ssh_connect,
             wait=self.wait,
             placement=placement_of(spec),
+            access=access_of(spec),
             tag_snapshots_at_creation=self.tag_snapshots_at_creation,
         )
         image = describe_image(session, spec.region, build.image_id)
@@ -174,8 +196,11 @@ class AwsProvider:
             region=artifact.region,
             instance_type=aws.boot_test_instance_type or aws.instance_type,
             machine_factory=self.machine_factory,
+            console_reader=self.console_reader,
+            ssh_connect=self.ssh_connect,
             wait=self.boot_wait,
             placement=placement_of(aws),
+            access=access_of(aws),
         )
 
     def adopt(self, region: str, location: str) -> Artifact:
