@@ -71,9 +71,11 @@ Every AWS call goes through `clients.call`/`paginate`; the busy-group codes (Sca
 ResourceContention) are retryable in errors.py and retried here with the same `Wait`. A rollout target names a group
 as `aws:REGION/GROUP`; `parse_group_target` reads the part after `aws:`.
 
-Not here: AWS-managed instance refresh (StartInstanceRefresh with checkpoints and auto-rollback). It replaces by
-percentage on AWS's own schedule, judged by AWS health checks and alarms, not by the console's readiness line per
-member, and moto does not implement it (an emulation would be needed for tests).
+AWS-managed instance refresh (StartInstanceRefresh with checkpoints and auto-rollback) is refresh.py: it replaces
+by percentage on AWS's own schedule, judged by AWS health checks and alarms; this class only forwards to it.
+
+`alarms_firing` reads metric, composite and log alarms alike (DescribeAlarms answers metric alarms only unless
+AlarmTypes names the others).
 """
 
 from __future__ import annotations
