@@ -13,8 +13,9 @@ The watch is bounded (`refresh_budget`): a refresh still running when every chec
 grace per replacement batch have passed is stuck (an instance AWS waits on, a launch that never becomes healthy), so
 it is rolled back like a failed gate; a rollback (or roll-forward) that does not end within its own budget raises a
 retryable InfraError and leaves the rollout `rolling-back`, so `rollout resume` watches it again (with a new budget).
-Instances the refresh left on the old image (protected from scale in or in Standby: AWS is told to ignore them) are
-listed in the succeeded rollout's detail as `not_refreshed`.
+Members in service that the refresh left on the old image (protected from scale in: AWS is told to ignore them, as
+it is Standby instances, which are not members in service) are listed in the succeeded rollout's detail and event as
+`not_refreshed`.
 """
 
 from __future__ import annotations
@@ -208,13 +209,13 @@ def drive_refresh(
                 store.add_decision(rollout.id, wave, passed=True, action="continue", numbers=decision.as_dict())
             rollout = store.update_rollout(rollout.id, expect="running", wave=reached)
         if status.status == "Successful" and decision.passed and rollout.wave >= len(rollout.waves):
-            # Protected and Standby instances are ignored by the refresh (providers keep them): say which they are.
+            # Members the refresh was told to leave alone (protected from scale in) still run the old image: say which.
             kept = [m.id for m in live(fleet.current()) if m.location != artifact.location]
             logger.info("rollout #%d: instance refresh %s succeeded", rollout.id, refresh_id)
             if kept:
                 logger.warning(
-                    "rollout #%d: %d instance(s) kept the old image (protected from scale in or in Standby, which "
-                    "the refresh leaves alone): %s",
+                    "rollout #%d: %d member(s) kept the old image (protected from scale in, which the refresh "
+                    "leaves alone): %s",
                     rollout.id,
                     len(kept),
                     ", ".join(kept),

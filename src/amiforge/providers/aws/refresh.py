@@ -35,7 +35,8 @@ return them to service, and then fails (rolled back, with AutoRollback) — a ro
 undoes itself because of one protected instance. amiforge cannot lift either (it would override its owner: protection
 marks an instance that must not be replaced, e.g. one running a long job; Standby one taken out for inspection), and
 `Refresh`/`Terminate` would replace or destroy exactly those. So both are `Ignore`: the refresh replaces every other
-instance, and those keep the old image (the controller reports them when the refresh succeeds).
+instance, and those keep the old image (the controller lists the protected ones, still members in service, as
+`not_refreshed` when the refresh succeeds).
 
 ## How "ours" is recognised, and idempotency per token
 
