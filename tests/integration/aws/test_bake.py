@@ -540,6 +540,31 @@ def test_ssh_without_host_keys_on_the_console_fails_and_leaves_nothing(
     assert stack.leftovers == []
 
 
+def test_ssh_console_errors_are_not_taken_for_missing_host_keys(
+    aws: Aws, tmp_path: Path, clock: Clock, group: str
+) -> None:
+    """A console that cannot be read (here: not allowed) says so, with its own fix, at once."""
+
+    class Denied(FakeConsole):
+        def read(self) -> str:
+            raise ConfigError("ec2:GetConsoleOutput on i-x failed: UnauthorizedOperation", fix="grant it")
+
+    with pytest.raises(ConfigError, match="UnauthorizedOperation") as caught, Cleanups() as stack:
+        bake_on_ec2(
+            ssh_recipe(tmp_path, group),
+            SOURCE,
+            aws.session,
+            context(stack),
+            console_reader=console_of(Denied()),
+            ssh_connect=Connect(FakeMachine()),
+            wait=wait(clock),
+            access=Access("ssh"),
+            placement=Placement(security_group_ids=(group,)),
+        )
+    assert caught.value.fix == "grant it" and clock.now == 0.0
+    assert set(instance_states(aws).values()) == {"terminated"} and key_pairs(aws) == []
+
+
 def test_ssh_without_a_public_address_is_refused_clearly(aws: Aws, tmp_path: Path, clock: Clock, group: str) -> None:
     """Fault injection: DescribeInstances shows no public IP (as for a subnet that gives none)."""
 

@@ -33,10 +33,10 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from amiforge.awsapi.clients import AwsSession, call
-from amiforge.errors import ConfigError, InfraError, NotFound
+from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
 from amiforge.model import BootReport, CheckResult, Leftover, Package, RemovedFile
 from amiforge.providers.aws.images import (
     MANAGED_TAG,
@@ -79,7 +79,6 @@ __all__ = [
     "boot_test_on_ec2",
 ]
 
-T = TypeVar("T")
 RUN_TAG = "amiforge:run"
 DPKG_STATUS = "/var/lib/dpkg/status"
 _READY_FILES = (
@@ -220,7 +219,6 @@ def _tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
 class _KeyPair:
     name: str
     private_key: str
-    public_key: str
 
 
 def _throwaway_key(session: AwsSession, region: str, ctx: RunContext, role: str) -> _KeyPair:
@@ -228,6 +226,16 @@ def _throwaway_key(session: AwsSession, region: str, ctx: RunContext, role: str)
     name = f"amiforge-{ctx.run_id}-{role}"[:255]
     private_key, public_key = new_key_pair(name)
     ec2 = session.client("ec2", region)
+    # Registered before the import: an import whose answer was lost may still have made the key pair, and deleting
+    # one that does not exist succeeds.
+    ctx.cleanup.add(
+        Leftover(
+            "EC2 key pair (throw-away)",
+            f"{name} in {region}",
+            f"aws ec2 delete-key-pair --region {region} --key-name {name}",
+        ),
+        lambda: call(ec2, "DeleteKeyPair", name, KeyName=name),
+    )
     tags = _tags({MANAGED_TAG: "true", RUN_TAG: ctx.run_id, "Name": name})
     call(
         ec2,
@@ -237,16 +245,16 @@ def _throwaway_key(session: AwsSession, region: str, ctx: RunContext, role: str)
         PublicKeyMaterial=public_key.encode(),
         TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags}],
     )
-    ctx.cleanup.add(
-        Leftover(
-            "EC2 key pair (throw-away)",
-            f"{name} in {region}",
-            f"aws ec2 delete-key-pair --region {region} --key-name {name}",
-        ),
-        lambda: call(session.client("ec2", region), "DeleteKeyPair", name, KeyName=name),
-    )
     ctx.log(f"imported throw-away key pair {name}")
-    return _KeyPair(name, private_key, public_key)
+    return _KeyPair(name, private_key)
+
+
+class _Failed(Exception):
+    """An error while waiting for something, carried past the wait so it is not taken for the wait's end."""
+
+    def __init__(self, error: AmiforgeError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Reach:
@@ -293,15 +301,23 @@ class _Reach:
             return machine
 
         def probe() -> Machine | None:
-            self.console.read()
-            return self.now()
+            try:
+                self.console.read()
+                return self.now()
+            except NotFound:
+                raise  # not visible yet: poll asks again
+            except AmiforgeError as e:
+                raise _Failed(e) from e  # not the wait's end, which alone gets the fix below
 
         what = f"SSH host keys on the console of {self.instance_id}"
         try:
             return poll(what, probe, self.wait.until(min(self.wait.deadline, HOST_KEYS_DEADLINE)))
+        except _Failed as failed:
+            raise failed.error from failed.error.__cause__
         except InfraError as e:
             raise InfraError(
                 e.message,
+                retryable=True,
                 fix="use an image whose cloud-init prints the SSH host keys on the console (its default; Debian's "
                 "images do), on a Nitro instance type (t3, m5, …): EC2 shows a Xen type's console only around state "
                 "changes",
