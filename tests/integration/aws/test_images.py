@@ -149,7 +149,7 @@ def test_ssm_parameter_of_another_architecture_is_a_config_error(aws: Aws, debia
 
 def test_unknown_instance_type_is_a_config_error_before_any_image_lookup(aws: Aws, debian: dict[str, str]) -> None:
     aws.calls.reset()
-    with pytest.raises(ConfigError, match="instance type t9.nothing is not offered in eu-west-1") as caught:
+    with pytest.raises(ConfigError, match=r"instance type t9\.nothing is not offered in eu-west-1") as caught:
         resolve_source(
             OwnersSource(owners=[ACCOUNT], name="debian-12-*"), aws.session, REGION, instance_type="t9.nothing"
         )
