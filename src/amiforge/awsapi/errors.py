@@ -106,6 +106,14 @@ AWS_ERRORS: Mapping[str, Rule] = {
     "DisabledException": Rule(ConfigError, "enable the key (aws kms enable-key) or configure another"),
     "KMSInvalidStateException": Rule(ConfigError, _KMS_STATE),
     "InvalidAMIName.Duplicate": Rule(StateError, "an image with this name exists already in this region"),
+    # EC2 key pairs (the SSH communicator's throw-away key, named after its run): ImportKeyPair of a name that exists;
+    # DescribeKeyPairs of a name that does not.
+    "InvalidKeyPair.Duplicate": Rule(
+        StateError,
+        "a key pair with this name exists already in this region: an earlier attempt of the same run imported it "
+        "(gc removes it once the run has finished), or delete it: aws ec2 delete-key-pair --key-name NAME",
+    ),
+    "InvalidKeyPair.NotFound": Rule(NotFound, "check the key pair name and the region; it may have been deleted"),
     "IdempotentParameterMismatch": Rule(
         StateError, "this run's request was first made with other parameters; use a new run id"
     ),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError
+from conftest import Aws
 
+from amiforge.awsapi.clients import call
 from amiforge.awsapi.errors import AWS_ERRORS, rule_for, translate
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
+from amiforge.providers.aws.ssh import new_key_pair
 
 
 def _client_error(code: str, message: str = "whatever AWS says") -> ClientError:
@@ -29,6 +32,8 @@ def _client_error(code: str, message: str = "whatever AWS says") -> ClientError:
         ("InvalidAMIID.Malformed", ConfigError, 2, None),
         ("DisabledException", ConfigError, 2, None),
         ("InvalidAMIName.Duplicate", StateError, 3, None),
+        ("InvalidKeyPair.Duplicate", StateError, 3, None),
+        ("InvalidKeyPair.NotFound", NotFound, 3, None),
         ("RequestLimitExceeded", InfraError, 5, True),
         ("Throttling", InfraError, 5, True),
         ("ThrottlingException", InfraError, 5, True),
@@ -90,3 +95,20 @@ def test_every_rule_builds_an_error() -> None:
     for code in AWS_ERRORS:
         error = translate(_client_error(code.replace("*", "X")), "ec2:Op", "r")
         assert isinstance(error, AmiforgeError) and error.fix
+
+
+def test_key_pair_codes_as_ec2_answers_them(aws: Aws) -> None:
+    """The SSH communicator's key pair calls: importing a name twice, describing a name that is not there (moto
+    answers EC2's codes). Each has its own row, whose fix is about key pairs, not the generic wildcard's."""
+    ec2 = aws.ec2()
+    key = new_key_pair("amiforge-run-1-builder")[1].encode()
+    call(ec2, "ImportKeyPair", "amiforge-run-1-builder", KeyName="amiforge-run-1-builder", PublicKeyMaterial=key)
+    with pytest.raises(StateError) as duplicate:
+        call(ec2, "ImportKeyPair", "amiforge-run-1-builder", KeyName="amiforge-run-1-builder", PublicKeyMaterial=key)
+    assert "InvalidKeyPair.Duplicate" in duplicate.value.message and "ec2:ImportKeyPair" in duplicate.value.message
+    assert duplicate.value.fix is not None and "delete-key-pair" in duplicate.value.fix
+    with pytest.raises(NotFound) as missing:
+        call(ec2, "DescribeKeyPairs", "amiforge-run-2-builder", KeyNames=["amiforge-run-2-builder"])
+    assert "InvalidKeyPair.NotFound" in missing.value.message
+    assert rule_for("InvalidKeyPair.NotFound") is AWS_ERRORS["InvalidKeyPair.NotFound"] is not AWS_ERRORS["*.NotFound"]
+    assert missing.value.fix is not None and "key pair" in missing.value.fix
