@@ -28,6 +28,7 @@ from amiforge import __version__
 from amiforge.awsapi.errors import CAUGHT, translate
 from amiforge.errors import AmiforgeError, ConfigError, NotFound
 from amiforge.model import check_aws_region
+from amiforge.settings import Settings
 from amiforge.waiting import Wait, retry
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "MAX_PAGE_SIZE", "AwsSession", "call", "eventually", "iam_action", "paginate"]
@@ -98,6 +99,18 @@ class AwsSession:
         self._credentials: dict[str, _Credentials] = {}
         self._lock = threading.Lock()
         self._account: str | None = None  # set on as_account() views
+
+    @classmethod
+    def from_settings(cls, settings: Settings, region: str, *, boto_session: boto3.Session | None = None) -> AwsSession:
+        """The session amiforge's settings describe, in `region`: their profile, one role per other account, and
+        their attempts per call. The AWS provider's sessions and KMS signing's are made here, so they cannot differ."""
+        return cls(
+            region,
+            profile=settings.aws_profile,
+            role_arns=settings.aws_roles,
+            max_attempts=settings.aws_max_attempts,
+            boto_session=boto_session,
+        )
 
     @property
     def boto_session(self) -> boto3.Session:

@@ -63,10 +63,9 @@ def _region_of(reference: str) -> str | None:
 
 
 def session_for(settings: Settings, region: str) -> AwsSession:
-    """The session KMS signing runs in: the settings' profile, roles and attempts per call, as the AWS provider's."""
-    return AwsSession(
-        region, profile=settings.aws_profile, role_arns=settings.aws_roles, max_attempts=settings.aws_max_attempts
-    )
+    """The session KMS signing runs in (`AwsSession.from_settings`, as the AWS provider's): the service layer asks
+    for it here because it may not import awsapi itself."""
+    return AwsSession.from_settings(settings, region)
 
 
 # --- signer -----------------------------------------------------------------------------------------------------

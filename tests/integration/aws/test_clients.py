@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,9 @@ from conftest import REGION, Aws
 from amiforge import __version__
 from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, NotFound
+from amiforge.providers.aws.provider import AwsProvider
+from amiforge.settings import Settings
+from amiforge.signing.kms import session_for
 
 OTHER = "210987654321"
 
@@ -55,3 +59,25 @@ def test_paginate_clamps_page_size_to_the_operation(aws: Aws) -> None:
 def test_paginate_translates_errors(aws: Aws) -> None:
     with pytest.raises(ConfigError, match="ec2:DescribeImages"):
         list(paginate(aws.ec2(), "DescribeImages", "Images", "images", Owners=["self"], MaxResults=0, page_size=None))
+
+
+def test_sessions_from_the_settings(aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings' profile, roles and attempts per call make the session, the same for the AWS provider and for
+    KMS signing (both are made by AwsSession.from_settings)."""
+    config = tmp_path / "aws-config"
+    config.write_text("[profile amiforge-test]\naws_access_key_id = AKIAPROFILE00000TEST\naws_secret_access_key = x\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    arn = f"arn:aws:iam::{OTHER}:role/amiforge"
+    settings = Settings(data_dir=tmp_path, aws_profile="amiforge-test", aws_roles={OTHER: arn}, aws_max_attempts=4)
+    made = {
+        "from_settings": AwsSession.from_settings(settings, "us-east-1"),
+        "provider": AwsProvider(settings).session("us-east-1"),
+        "kms signing": session_for(settings, "us-east-1"),
+    }
+    for how, session in made.items():
+        assert session.region == "us-east-1", how
+        assert session.boto_session.profile_name == "amiforge-test", how
+        assert session.client("ec2").meta.config.retries == {"mode": "standard", "total_max_attempts": 4}, how
+        assert session.as_account(OTHER).client("sts") is not None, how  # the role is known (assumed on first use)
+        with pytest.raises(ConfigError, match="no role"):
+            session.as_account("999999999999")

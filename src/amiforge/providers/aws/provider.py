@@ -122,13 +122,7 @@ class AwsProvider:
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
         if region not in self._sessions:
-            self._sessions[region] = AwsSession(
-                region,
-                profile=self.settings.aws_profile,
-                role_arns=self.settings.aws_roles,
-                max_attempts=self.settings.aws_max_attempts,
-                boto_session=self._boto_session,
-            )
+            self._sessions[region] = AwsSession.from_settings(self.settings, region, boto_session=self._boto_session)
         return self._sessions[region]
 
     def account_report(self, region: str, spec: ProviderSpec | None = None) -> AccountReport:
