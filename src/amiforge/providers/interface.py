@@ -415,7 +415,7 @@ class AccountChecker(Protocol):
 # This machine's leftovers are collected under this name, whatever AMIFORGE_REGION says: `gc --region local`.
 LOCAL_GC_REGION = "local"
 
-Kind = Literal["instance", "image", "snapshot", "volume", "directory"]
+Kind = Literal["instance", "image", "snapshot", "volume", "key-pair", "directory"]
 RunState = Literal["active", "finished", "unknown"]
 # deleted: removed by this call; gone: already removed (by someone, or an earlier apply); failed: refused or erred;
 # skipped: not attempted, because something that must go first did not.

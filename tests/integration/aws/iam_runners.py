@@ -510,7 +510,7 @@ def _rollout(h: Harness) -> None:
 
 
 def _gc(h: Harness) -> None:
-    """Leftovers of one of each kind from a finished run, planned and removed."""
+    """Leftovers of one of each kind (a key pair too) from a finished run, planned and removed."""
     ids = images(h)
     install_gc_emulation(h.aws.paging, h.patch)  # DescribeVolumes paging, the snapshot-id image filter
     ec2 = h.ec2()
@@ -529,6 +529,11 @@ def _gc(h: Harness) -> None:
     ec2.create_volume(
         Size=1, AvailabilityZone=f"{REGION}a", TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]
     )
+    ec2.import_key_pair(  # the SSH communicator's throw-away key, as a killed bake leaves it
+        KeyName="amiforge-gc-run-builder",
+        PublicKeyMaterial=new_key_pair("amiforge-gc-run-builder")[1].encode(),
+        TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags}],
+    )
     h.begin()
     plan = plan_gc(
         h.aws.session,
@@ -537,7 +542,7 @@ def _gc(h: Harness) -> None:
         run_state=lambda run: "finished" if run == "gc-run" else "unknown",
         now=datetime(2100, 1, 1, tzinfo=UTC),  # everything is old enough
     )
-    assert sorted(o.kind for o in plan.orphans) == ["image", "instance", "snapshot", "snapshot", "volume"]
+    assert sorted(o.kind for o in plan.orphans) == ["image", "instance", "key-pair", "snapshot", "snapshot", "volume"]
     assert apply_gc(h.aws.session, plan).ok
 
 

@@ -23,6 +23,7 @@ from moto_emulation import PagingEmulation, error_response
 from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import ConfigError, GateFailed
 from amiforge.providers.aws.gc import DEFAULT_MIN_AGE, GcPlan, GcResult, Orphan, RunState, apply_gc, plan_gc
+from amiforge.providers.aws.ssh import new_key_pair
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 OLD = NOW - timedelta(days=2)
@@ -31,6 +32,9 @@ DONE, DONE_TOO, BUSY, ELSEWHERE, STRAY = "run-done", "run-done-2", "run-busy", "
 RUNS: dict[str, RunState] = {DONE: "finished", DONE_TOO: "finished", BUSY: "active"}  # ELSEWHERE: unknown
 OTHER_ACCOUNT = "210987654321"  # synthetic
 MANAGED, RUN = "amiforge:managed", "amiforge:run"
+# Key pairs are named (their gc id is the name); what the SSH communicator imports is an OpenSSH public key.
+KEY_PAIR_PREFIX = "amiforge-"
+PUBLIC_KEY = new_key_pair("gc-test")[1].encode()
 # Where an injected fault's request is pointed so moto never executes it (as moto_emulation.FaultInjector does).
 _NOWHERE = "https://amiforge-injected-fault.invalid/"
 
@@ -117,6 +121,14 @@ class World:
         self.backend.snapshots[snapshot_id].start_time = at
         return snapshot_id
 
+    def key_pair(self, label: str, t: list[dict[str, str]], *, at: datetime = OLD) -> str:
+        """A key pair as the SSH communicator imports one (tagged at creation), named `amiforge-<label>`."""
+        name = self._keep(label, f"{KEY_PAIR_PREFIX}{label}")
+        specs = [{"ResourceType": "key-pair", "Tags": t}] if t else []
+        self.ec2.import_key_pair(KeyName=name, PublicKeyMaterial=PUBLIC_KEY, TagSpecifications=specs)
+        self.backend.key_pairs[name].create_time = at
+        return name
+
     def volume(self, label: str, t: list[dict[str, str]], *, at: datetime = OLD) -> str:
         specs = [{"ResourceType": "volume", "Tags": t}] if t else []
         volume = self.ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a", TagSpecifications=specs)
@@ -150,6 +162,8 @@ class World:
             return resource_id in self.backend.amis
         if resource_id.startswith("snap-"):
             return resource_id in self.backend.snapshots
+        if resource_id.startswith(KEY_PAIR_PREFIX):
+            return resource_id in self.backend.key_pairs
         return resource_id in self.backend.volumes
 
     def existing(self) -> set[str]:
@@ -220,6 +234,7 @@ def test_only_both_tags_and_a_finished_run_make_an_orphan(aws: Aws) -> None:
     assert sorted(op for op, _ in listings) == [
         "DescribeImages",
         "DescribeInstances",
+        "DescribeKeyPairs",
         "DescribeSnapshots",
         "DescribeVolumes",
     ]
@@ -341,6 +356,66 @@ def test_volumes_only_when_not_attached(aws: Aws) -> None:
     assert world.kept(result) == {"attached": f"attached to {world.base}"}
 
 
+def test_key_pairs_a_killed_run_left(aws: Aws) -> None:
+    """The SSH communicator's throw-away key pairs (tagged at import) follow the rules every kind does: both tags, a
+    finished run of this registry, old enough. One DescribeKeyPairs, filtered on both tags by EC2."""
+    world = World(aws)
+    world.key_pair("done", tags(DONE))
+    world.key_pair("busy", tags(BUSY))
+    world.key_pair("elsewhere", tags(ELSEWHERE))
+    world.key_pair("young", tags(DONE_TOO), at=YOUNG)
+    world.key_pair("no-run", tags(None))
+    world.key_pair("managed-false", tags(STRAY, managed="false"))
+    world.key_pair("untagged", [])
+    requests: list[dict[str, Any]] = []
+    world.ec2.meta.events.register(
+        "provide-client-params.ec2.DescribeKeyPairs", lambda params, **_: requests.append(params)
+    )
+    aws.calls.reset()
+
+    result = plan(aws)
+    assert world.orphans(result) == ["done"]
+    (orphan,) = result.orphans
+    assert (orphan.kind, orphan.id, orphan.run_id, orphan.created) == ("key-pair", "amiforge-done", DONE, OLD)
+    assert orphan.reason == f"run {DONE} finished; its throw-away key pair was not deleted"
+    assert world.kept(result) == {
+        "busy": f"run {BUSY} is still active",
+        "elsewhere": f"run {ELSEWHERE} is not in this registry",
+        "young": "created 10m00s ago, less than 1h00m: may still be in use by a running bake",
+    }
+    (listing,) = requests
+    assert listing["Filters"] == [
+        {"Name": "tag:amiforge:managed", "Values": ["true"]},
+        {"Name": "tag-key", "Values": [RUN]},
+    ]
+    assert aws.calls["ec2.DescribeKeyPairs"] == 1
+
+
+def test_key_pairs_go_last_and_a_gone_or_recreated_one_is_not_deleted(aws: Aws) -> None:
+    """Key pairs go after everything else; EC2 answers DeleteKeyPair of a missing name with success, so a key pair
+    already gone is reported `gone`, and one re-created under the name without amiforge's tags is left alone."""
+    world = World(aws)
+    world.instance("instance", tags(DONE))
+    world.volume("volume", tags(DONE))
+    world.key_pair("builder-key", tags(DONE))
+    world.key_pair("tester-key", tags(DONE))
+    result = plan(aws)
+    assert [o.kind for o in result.orphans] == ["instance", "volume", "key-pair", "key-pair"]
+    made = _destructive_calls(world)
+    first = apply_gc(aws.session, result)
+    assert first.ok and [o.outcome for o in first.outcomes] == ["deleted"] * 4
+    assert [op for op, _ in made] == ["TerminateInstances", "DeleteVolume", "DeleteKeyPair", "DeleteKeyPair"]
+    assert not world.exists("builder-key") and not world.exists("tester-key")
+
+    # Someone imports a key pair of the same name, without amiforge's tags: applying the plan again must not touch it.
+    world.ec2.import_key_pair(KeyName=world.ids["tester-key"], PublicKeyMaterial=PUBLIC_KEY)
+    made.clear()
+    second = apply_gc(aws.session, result)
+    assert second.ok and [o.outcome for o in second.outcomes] == ["gone"] * 4
+    assert second.outcomes[-1].detail.startswith("already gone")
+    assert "DeleteKeyPair" not in {op for op, _ in made} and world.exists("tester-key")
+
+
 def test_snapshot_filter_emulation_matches_any_of_an_images_snapshots() -> None:
     class Image:
         def get_filter_value(self, name: str) -> Any:
@@ -381,7 +456,8 @@ def _destructive_calls(world: World) -> list[tuple[str, str]]:
 
     def record(params: dict[str, Any], model: Any, **_: Any) -> None:
         if not model.name.startswith("Describe"):
-            ids = [*params.get("InstanceIds", []), *(params.get(k) for k in ("ImageId", "SnapshotId", "VolumeId"))]
+            named = ("ImageId", "SnapshotId", "VolumeId", "KeyName")
+            ids = [*params.get("InstanceIds", []), *(params.get(k) for k in named)]
             made.append((model.name, next(str(i) for i in ids if i)))
 
     world.ec2.meta.events.register("provide-client-params.ec2", record)
@@ -546,8 +622,9 @@ def test_page_size_does_not_change_the_plan(aws: Aws) -> None:
         aws.calls.reset()
         plans[size] = plan(aws)
         # 6 instances, 6 images, 12 snapshots, 6 volumes listed; the 6 candidate snapshots are used by 3 images.
+        # DescribeKeyPairs has no pages: one call.
         pages = {"DescribeInstances": 6, "DescribeImages": 6 + 3, "DescribeSnapshots": 12, "DescribeVolumes": 6}
-        expected = pages if size == 1 else dict.fromkeys(pages, 1) | {"DescribeImages": 2}
+        expected = (pages if size == 1 else dict.fromkeys(pages, 1) | {"DescribeImages": 2}) | {"DescribeKeyPairs": 1}
         assert {op: n for (_, op), n in aws.calls.counts.items()} == expected
     assert plans[1] == plans[1000]
     assert len(plans[1].orphans) == 15 and len(plans[1].kept) == 15
@@ -567,4 +644,4 @@ def test_calls_grow_with_pages_not_resources(aws: Aws) -> None:
         assert registry.asked == {DONE: 1}
         counts.append(Counter(aws.calls.counts))
     assert counts[0] == counts[1]
-    assert sum(counts[1].values()) == 5  # one page per listing, and one snapshot-usage lookup
+    assert sum(counts[1].values()) == 6  # one page per listing, and one snapshot-usage lookup

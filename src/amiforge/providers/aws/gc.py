@@ -1,9 +1,10 @@
 """Garbage collection on EC2: find, and only when asked remove, what a failed or interrupted run left behind.
 
-A run tags everything it creates with `amiforge:managed=true` and `amiforge:run=<run>` at creation (bake.py, distribute
-copies); when a cleanup fails the run records an `orphaned` event and the resource stays. `plan_gc()` finds such
-leftovers in one region and `apply_gc()` removes them. Planning has no side effects; applying is a separate call so
-the CLI can plan by default and apply only on `--apply` (docs/architecture.md §8).
+A run tags everything it creates with `amiforge:managed=true` and `amiforge:run=<run>` at creation (bake.py: builder and
+test instances, images, snapshots, the SSH communicator's throw-away key pairs; distribute's copies); when a cleanup
+fails the run records an `orphaned` event and the resource stays, and a killed run never got to clean up at all.
+`plan_gc()` finds such leftovers in one region and `apply_gc()` removes them. Planning has no side effects; applying
+is a separate call so the CLI can plan by default and apply only on `--apply` (docs/architecture.md §8).
 
 An **orphan** is a resource that
 
@@ -12,15 +13,18 @@ An **orphan** is a resource that
   registry, a hand-made tag) or an active one keeps its resources;
 - is older than `min_age`: a younger one may still be in use by a bake that is only starting;
 - is in a state that removal applies to: instances pending/running/stopping/stopped (terminated and shutting-down
-  ones are ignored), volumes `available` (never attached ones), images not `pending`, snapshots not `pending`;
+  ones are ignored), volumes `available` (never attached ones), images not `pending`, snapshots not `pending`; key
+  pairs have no state (deleting one never affects an instance launched with it);
 - for an image: is not a registered artifact (`registered_images`) and has no deregistration protection;
 - for a snapshot: backs no existing image other than orphaned images of the same plan (any owner's image counts,
   found with the `block-device-mapping.snapshot-id` filter), and is not one a registered image was created from.
 
 Everything else that was listed is `kept`, with the reason. `apply_gc()` refuses a plan with more orphans than the
 blast-radius cap before touching anything, then works in a safe order: instances, images, snapshots (each only once
-every image it backs is deregistered, never the other way round), volumes. It continues past a failure and reports
-every outcome; a resource that is already gone counts as such, so applying the same plan again converges.
+every image it backs is deregistered, never the other way round), volumes, key pairs. It continues past a failure and
+reports every outcome; a resource that is already gone counts as such, so applying the same plan again converges. (EC2
+deletes a key pair name that does not exist without an error, so a key pair is looked up by name and both tags first:
+one that is gone is reported `gone`, and one someone re-created without amiforge's tags is never deleted.)
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ __all__ = [
 DEFAULT_MIN_AGE: Final = timedelta(hours=1)
 DEFAULT_MAX_DELETIONS: Final = 10  # docs/architecture.md §8 blast-radius cap
 # The order apply works in: nothing is removed before what depends on it.
-_ORDER: Final[Mapping[str, int]] = {"instance": 0, "image": 1, "snapshot": 2, "volume": 3}
+_ORDER: Final[Mapping[str, int]] = {"instance": 0, "image": 1, "snapshot": 2, "volume": 3, "key-pair": 4}
 
 # States in which removal applies. Instance states not listed (terminated, shutting-down) are ignored outright.
 _INSTANCE_STATES: Final = ("pending", "running", "stopping", "stopped")
@@ -185,6 +189,7 @@ def plan_gc(
     images = _plan_images(planner, ec2)
     _plan_snapshots(planner, ec2, images)
     _plan_volumes(planner, ec2)
+    _plan_key_pairs(planner, ec2)
 
     orphans = sorted(planner.orphans, key=lambda o: (_ORDER[o.kind], o.id))
     return GcPlan(region=region, orphans=tuple(orphans), kept=tuple(sorted(planner.kept.items())))
@@ -384,6 +389,27 @@ def _plan_volumes(planner: _Planner, ec2: Any) -> None:
         )
 
 
+def _tagged_key_pairs(ec2: Any, what: str, *, extra: Iterable[Mapping[str, Any]] = ()) -> list[Mapping[str, Any]]:
+    """Key pairs carrying both amiforge tags (and `extra` filters). DescribeKeyPairs has no pages: one call."""
+    filters = [dict(f) for f in (*_TAG_FILTERS, *extra)]
+    return list(call(ec2, "DescribeKeyPairs", what, Filters=filters).get("KeyPairs", []))
+
+
+def _plan_key_pairs(planner: _Planner, ec2: Any) -> None:
+    # The SSH communicator's throw-away key pairs (bake.py), one per instance, named after the run. Named by KeyName:
+    # unique in a region, what the run's leftover record and DeleteKeyPair use.
+    for key_pair in _tagged_key_pairs(ec2, f"managed key pairs in {planner.region}"):
+        name = str(key_pair["KeyName"])
+        tags = _tags(key_pair)
+        created = _time(key_pair.get("CreateTime"))
+        why = planner.refusal(tags, created)
+        if why is not None:
+            planner.keep(name, why)
+            continue
+        reason = f"run {planner.run_of(tags)} finished; its throw-away key pair was not deleted"
+        planner.add("key-pair", name, tags, reason=reason, state="", created=created)  # key pairs have no state
+
+
 # --- applying ----------------------------------------------------------------------------------------------------
 
 
@@ -394,7 +420,7 @@ def apply_gc(
     max_deletions: int = DEFAULT_MAX_DELETIONS,
     on_progress: Callable[[Orphan, Outcome], None] | None = None,
 ) -> GcResult:
-    """Remove the plan's orphans: instances, then images, then snapshots, then volumes.
+    """Remove the plan's orphans: instances, then images, then snapshots, then volumes, then key pairs.
 
     Refuses (GateFailed, before any call) a plan with more than `max_deletions` orphans. A failure is reported and
     the rest goes on, except that a snapshot is skipped while any image it backs is not confirmed gone. Already-gone
@@ -445,6 +471,8 @@ def _remove(ec2: Any, orphan: Orphan) -> GcOutcome:
         if orphan.kind == "snapshot":
             call(ec2, "DeleteSnapshot", orphan.id, SnapshotId=orphan.id)
             return GcOutcome(orphan, "deleted", "deleted")
+        if orphan.kind == "key-pair":
+            return _remove_key_pair(ec2, orphan)
         call(ec2, "DeleteVolume", orphan.id, VolumeId=orphan.id)
         return GcOutcome(orphan, "deleted", "deleted")
     except NotFound as e:
@@ -452,3 +480,13 @@ def _remove(ec2: Any, orphan: Orphan) -> GcOutcome:
     except AmiforgeError as e:
         # Reported, not swallowed: the result lists it with its diagnostics, and `ok` is False.
         return GcOutcome(orphan, "failed", e.diagnostics(), e)
+
+
+def _remove_key_pair(ec2: Any, orphan: Orphan) -> GcOutcome:
+    """DeleteKeyPair of a name that does not exist succeeds: look the key pair up first (by name and both tags), so a
+    gone one is `gone` and one re-created under the name without amiforge's tags is left alone."""
+    by_name = [{"Name": "key-name", "Values": [orphan.id]}]
+    if not _tagged_key_pairs(ec2, f"key pair {orphan.id}", extra=by_name):
+        return GcOutcome(orphan, "gone", "already gone (no key pair of this name carries amiforge's tags)")
+    call(ec2, "DeleteKeyPair", orphan.id, KeyName=orphan.id)
+    return GcOutcome(orphan, "deleted", "deleted")

@@ -165,6 +165,7 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:DescribeInstances",
         "ec2:CreateTags",
         "ec2:GetConsoleOutput",
+        "ec2:DescribeInstanceTypes",  # a group launching a Xen type is refused (its console shows no readiness)
         "cloudwatch:DescribeAlarms",  # the strategy's alarm gates
         "ec2:RunInstances",  # authorised only: see AUTHORISED_ONLY
         "iam:PassRole",
@@ -175,10 +176,12 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:DescribeInstances",
         "ec2:DescribeSnapshots",
         "ec2:DescribeVolumes",
+        "ec2:DescribeKeyPairs",  # the SSH communicator's throw-away key pairs a killed bake or boot test left
         "ec2:TerminateInstances",
         "ec2:DeregisterImage",
         "ec2:DeleteSnapshot",
         "ec2:DeleteVolume",
+        "ec2:DeleteKeyPair",
     },
     # providers/aws/snapshot.py: the root snapshot's bytes through the EBS direct APIs; kms:Decrypt for encrypted ones.
     "scan": _READ_IMAGES | {"ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock", "kms:Decrypt"},
