@@ -383,6 +383,54 @@ def test_publish_of_a_new_parameter_ssm_refuses_creates_nothing(
     assert aws.calls["ssm.AddTagsToResource"] == 0
 
 
+def _tags(aws: Aws) -> dict[str, str]:
+    answer = aws.session.client("ssm").list_tags_for_resource(ResourceType="Parameter", ResourceId=PARAM)
+    return {t["Key"]: t["Value"] for t in answer["TagList"]}
+
+
+def test_a_rerun_tags_the_parameter_a_timed_out_run_left_untagged(
+    aws: Aws, world: dict[str, str], validation: SsmImageValidation
+) -> None:
+    """The first run gives up waiting for SSM after PutParameter (a run killed there is the same); SSM validates the
+    image later and creates the parameter, untagged. The rerun finds it at the image and writes nothing but its tags."""
+    with pytest.raises(InfraError, match="SSM did not take"):
+        publish(
+            aws.session,
+            region=REGION,
+            name="web",
+            channel="prod",
+            image_id=world["a"],
+            run_id="r1",
+            wait=FakeTime().wait(deadline=0.0),
+        )
+    while _parameter(aws) is None:  # SSM finishes the validation on its own
+        pass
+    assert _parameter(aws) == (world["a"], 1) and _tags(aws) == {}
+    aws.calls.reset()
+    again = _publish(aws, world["a"], template=None, run="r2")
+    assert (again.changed, again.version) == (False, 1)
+    assert _tags(aws) == {"amiforge:managed": "true", "amiforge:run": "r2"}  # the run that found it untagged
+    assert aws.calls["ssm.PutParameter"] == 0 and aws.calls["ssm.AddTagsToResource"] == 1
+    # Tags that are there are kept: a later run neither rewrites them nor names itself.
+    aws.calls.reset()
+    _publish(aws, world["b"], template=None, run="r3")
+    assert aws.calls["ssm.AddTagsToResource"] == 0 and aws.calls["ssm.ListTagsForResource"] == 1  # one read
+    assert _tags(aws) == {"amiforge:managed": "true", "amiforge:run": "r2"}
+
+
+def test_overwriting_a_parameter_without_tags_adds_only_the_missing_ones(aws: Aws, world: dict[str, str]) -> None:
+    """A parameter someone made (or a killed run left) without amiforge's run tag: publishing another image adds the
+    missing tag and keeps the one that is there."""
+    ssm: Any = aws.session.client("ssm")
+    ssm.put_parameter(Name=PARAM, Value=world["a"], Type="String", DataType=IMAGE_DATA_TYPE)
+    ssm.add_tags_to_resource(
+        ResourceType="Parameter", ResourceId=PARAM, Tags=[{"Key": "amiforge:managed", "Value": "true"}]
+    )
+    pub = _publish(aws, world["b"], template=None, run="r4")
+    assert (pub.previous_image_id, pub.version) == (world["a"], 2)
+    assert _tags(aws) == {"amiforge:managed": "true", "amiforge:run": "r4"}
+
+
 def test_rollback_waits_for_ssm_too(aws: Aws, world: dict[str, str], validation: SsmImageValidation) -> None:
     validation.reads = 0
     _publish(aws, world["a"])

@@ -84,6 +84,7 @@ _PUBLISH = frozenset(
         "ssm:GetParameterHistory",
         "ssm:PutParameter",
         "ssm:AddTagsToResource",
+        "ssm:ListTagsForResource",  # a parameter a killed run created (SSM validated it later) gets its tags
     }
 )
 _INSTANCE = frozenset(

@@ -8,9 +8,11 @@ creates next.
 
 Each publication reports what it replaced (the previous AMI id, the previous default version), which is the rollback
 target; `rollback()` puts those back. Publishing is idempotent and resumable: an unchanged parameter is not written
-again, a default that already holds the image gets no new version, and a version created by an interrupted run (the
-newest, holding the image, not yet default) is reused rather than duplicated (templates.version_holding, shared with
-the Auto Scaling fleet).
+again (a tag it lacks is added: see `_tag_parameter`), a default that already holds the image gets no new version, and
+the template's newest version is reused rather than duplicated only when its whole LaunchTemplateData is what creating
+the version now would give (an interrupted run made it and stopped before making it the default); a newer version
+that holds the image but differs in any other field is someone else's and is never taken (templates.version_holding
+and templates.created_from, shared with the Auto Scaling fleet).
 
 Everything that could refuse is read before anything is written, so a missing launch template or image leaves the
 parameter untouched. Every call goes through `clients.call`/`paginate`, so errors translate through the one table.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
@@ -206,6 +209,7 @@ def _apply(
 ) -> Publication:
     previous, version = _read_parameter(session, region, parameter)
     ssm = session.client("ssm", region)
+    created = previous is None
     parameter_changed = previous != image_id
     if parameter_changed:
         answer = call(
@@ -220,20 +224,10 @@ def _apply(
             Description=f"amiforge channel pointer (run {run_id})",
         )
         version = _await_validation(session, region, parameter, image_id, int(answer["Version"]), wait)
-        if previous is None:
-            # SSM refuses Tags together with Overwrite; Overwrite keeps a retried put from failing on its own first
-            # attempt, so the tags follow in a call of their own (idempotent: same keys, same values).
-            call(
-                ssm,
-                "AddTagsToResource",
-                parameter,
-                ResourceType="Parameter",
-                ResourceId=parameter,
-                Tags=[{"Key": MANAGED_TAG, "Value": "true"}, {"Key": RUN_TAG, "Value": run_id}],
-            )
     else:
         previous = _value_before(session, region, parameter, image_id)
     assert version is not None  # read back or just written
+    _tag_parameter(ssm, parameter, run_id, created=created)
     lt_version: int | None = None
     previous_lt: int | None = None
     if template is not None:
@@ -249,6 +243,29 @@ def _apply(
         launch_template=template.name if template is not None else None,
         changed=parameter_changed or previous_lt is not None,
     )
+
+
+def _tag_parameter(ssm: Any, parameter: str, run_id: str, *, created: bool) -> None:
+    """Give the parameter the amiforge tags it lacks: both when this call created it, else those a read shows missing.
+
+    SSM refuses Tags together with Overwrite (and Overwrite keeps a retried put from failing on its own first attempt),
+    so tags are a call of their own after the put — which a run killed or timed out in between never made, while SSM
+    still created the parameter once it validated the image. Hence the read on every later publication. Tags that are
+    there are never overwritten: `amiforge:run` keeps naming the run that made the parameter."""
+    wanted = {MANAGED_TAG: "true", RUN_TAG: run_id}
+    if not created:
+        answer = call(ssm, "ListTagsForResource", parameter, ResourceType="Parameter", ResourceId=parameter)
+        for tag in answer.get("TagList", []):
+            wanted.pop(str(tag["Key"]), None)
+    if wanted:
+        call(
+            ssm,
+            "AddTagsToResource",
+            parameter,
+            ResourceType="Parameter",
+            ResourceId=parameter,
+            Tags=[{"Key": key, "Value": value} for key, value in wanted.items()],
+        )
 
 
 class _NotValidated(Exception):
