@@ -58,7 +58,6 @@ from amiforge.providers.aws.images import describe_image, inventory, resolve_sou
 from amiforge.providers.aws.key_policy import SHARE_ACTIONS
 from amiforge.providers.aws.machine import CommandResult, Leftovers, Machine, MachineFactory, SsmMachine
 from amiforge.providers.aws.provider import AwsProvider, artifact_of
-from amiforge.providers.aws.publish import publish, rollback
 from amiforge.providers.aws.refresh import refresh_status, roll_back_refresh, start_refresh
 from amiforge.providers.aws.ssh import HOST_KEYS_BEGIN, HOST_KEYS_END, new_key_pair
 from amiforge.providers.interface import Cleanups, Replacement, RunContext
@@ -460,19 +459,6 @@ def _publish(h: Harness) -> None:
         provider.publish([artifact(h, image_id)], spec, name="web", channel="prod", run_id="r")
 
 
-def _rollback(h: Harness) -> None:
-    """Back to a recorded template version; back to an image with no version given (one is made); back to what the
-    channel holds already (the history says what it replaced); a channel never published (the parameter is made)."""
-    ids = images(h)
-    common: dict[str, Any] = {"region": REGION, "name": "web", "run_id": "r", "launch_template": "web-fleet"}
-    publish(h.aws.session, image_id=ids["b"], channel="prod", **common)
-    h.begin()
-    rollback(h.aws.session, to_image_id=ids["a"], channel="prod", to_lt_version=1, **common)
-    rollback(h.aws.session, to_image_id=ids["b"], channel="prod", **common)
-    rollback(h.aws.session, to_image_id=ids["b"], channel="prod", **common)
-    rollback(h.aws.session, to_image_id=ids["a"], channel="staging", **common)
-
-
 def _alarm(h: Harness, name: str, state: str) -> None:
     cloudwatch: Any = h.aws.session.client("cloudwatch")
     cloudwatch.put_metric_alarm(
@@ -601,7 +587,6 @@ RUNNERS: dict[str, Callable[[Harness], None]] = {
     "verify-kms": _verify,
     "distribute": _distribute,
     "publish": _publish,
-    "rollback": _rollback,
     "rollout": _rollout,
     "gc": _gc,
     "doctor": _doctor,

@@ -1,4 +1,4 @@
-"""Publishing a channel on AWS (SSM parameter + launch-template default version) and rolling it back, on moto.
+"""Publishing a channel on AWS (SSM parameter + launch-template default version), and back again, on moto.
 
 moto 5.2.5 here: DataType=aws:ec2:image is stored at once and echoed by GetParameter (never validated; the tests
 marked so run with ssm_emulation.SsmImageValidation, which validates asynchronously as AWS does); Tags together
@@ -20,7 +20,7 @@ from moto.ssm.models import ssm_backends
 from ssm_emulation import VALIDATION_FAILED, SsmImageValidation
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
-from amiforge.providers.aws.publish import IMAGE_DATA_TYPE, Publication, publish, rollback
+from amiforge.providers.aws.publish import IMAGE_DATA_TYPE, Publication, publish
 
 TEMPLATE = "web-fleet"
 PARAM = "/amiforge/web/prod"
@@ -156,53 +156,6 @@ def test_a_version_left_by_an_interrupted_publish_is_reused(aws: Aws, world: dic
     assert _state(aws)["latest"] == 2 and _state(aws)["default"] == 2
 
 
-def test_rollback_restores_the_previous(aws: Aws, world: dict[str, str]) -> None:
-    _publish(aws, world["a"])
-    pub = _publish(aws, world["b"])
-    assert pub.previous_image_id is not None and pub.previous_lt_version is not None
-    back = rollback(
-        aws.session,
-        region=REGION,
-        name="web",
-        channel="prod",
-        to_image_id=pub.previous_image_id,
-        launch_template=TEMPLATE,
-        to_lt_version=pub.previous_lt_version,
-        run_id="r3",
-    )
-    assert (back.launch_template_version, back.previous_lt_version, back.previous_image_id) == (2, 3, world["b"])
-    state = _state(aws)
-    assert (state["value"], state["default"], state["latest"], state["default_image"]) == (world["a"], 2, 3, world["a"])
-    # And rolling the rollback back puts b again on version 3, without a new version.
-    rollback(
-        aws.session,
-        region=REGION,
-        name="web",
-        channel="prod",
-        to_image_id=world["b"],
-        launch_template=TEMPLATE,
-        to_lt_version=3,
-        run_id="r4",
-    )
-    assert _state(aws)["default"] == 3 and _state(aws)["latest"] == 3 and _state(aws)["value"] == world["b"]
-
-
-def test_rollback_refuses_a_version_holding_another_image(aws: Aws, world: dict[str, str]) -> None:
-    _publish(aws, world["a"])
-    kwargs: dict[str, Any] = {
-        "region": REGION,
-        "name": "web",
-        "channel": "prod",
-        "run_id": "r",
-        "launch_template": TEMPLATE,
-    }
-    with pytest.raises(StateError, match="holds"):
-        rollback(aws.session, to_image_id=world["b"], to_lt_version=2, **kwargs)
-    with pytest.raises(NotFound, match="no version 9"):
-        rollback(aws.session, to_image_id=world["a"], to_lt_version=9, **kwargs)
-    assert _state(aws)["value"] == world["a"] and _state(aws)["default"] == 2
-
-
 def test_missing_template_or_image_is_refused_before_anything_is_written(aws: Aws, world: dict[str, str]) -> None:
     with pytest.raises(NotFound) as missing:
         _publish(aws, world["a"], template="no-such-template")
@@ -217,25 +170,13 @@ def test_missing_template_or_image_is_refused_before_anything_is_written(aws: Aw
 
 
 def _scenario(aws: Aws) -> tuple[list[tuple[int, str | None, int | None, int | None, bool]], dict[str, Any]]:
-    """publish a, publish b, publish b again, roll back: publications and end state, with image ids as labels."""
+    """publish a, publish b, publish b again, then back to what that replaced (a channel goes back by publishing the
+    previous version again): publications and end state, with image ids as labels."""
     ids = _world(aws)
     label = {v: k for k, v in ids.items()}
     pubs = [_publish(aws, ids["a"]), _publish(aws, ids["b"]), _publish(aws, ids["b"])]
-    last = pubs[1]
-    assert last.previous_image_id is not None
-    pubs.append(
-        rollback(
-            aws.session,
-            region=REGION,
-            name="web",
-            channel="prod",
-            to_image_id=last.previous_image_id,
-            launch_template=TEMPLATE,
-            to_lt_version=last.previous_lt_version,
-            run_id="r9",
-            wait=FakeTime().wait(deadline=120.0),
-        )
-    )
+    assert pubs[1].previous_image_id is not None
+    pubs.append(_publish(aws, pubs[1].previous_image_id, run="r9"))
     summary = [
         (p.version, label.get(p.previous_image_id or ""), p.launch_template_version, p.previous_lt_version, p.changed)
         for p in pubs
@@ -246,8 +187,8 @@ def _scenario(aws: Aws) -> tuple[list[tuple[int, str | None, int | None, int | N
 
 
 EXPECTED = (
-    [(1, None, 2, 1, True), (2, "a", 3, 2, True), (2, "a", 3, None, False), (3, "b", 2, 3, True)],
-    {"value": "a", "version": 3, "data_type": IMAGE_DATA_TYPE, "default": 2, "latest": 3, "default_image": "a"},
+    [(1, None, 2, 1, True), (2, "a", 3, 2, True), (2, "a", 3, None, False), (3, "b", 4, 3, True)],
+    {"value": "a", "version": 3, "data_type": IMAGE_DATA_TYPE, "default": 4, "latest": 4, "default_image": "a"},
 )
 
 
@@ -429,27 +370,6 @@ def test_overwriting_a_parameter_without_tags_adds_only_the_missing_ones(aws: Aw
     pub = _publish(aws, world["b"], template=None, run="r4")
     assert (pub.previous_image_id, pub.version) == (world["a"], 2)
     assert _tags(aws) == {"amiforge:managed": "true", "amiforge:run": "r4"}
-
-
-def test_rollback_waits_for_ssm_too(aws: Aws, world: dict[str, str], validation: SsmImageValidation) -> None:
-    validation.reads = 0
-    _publish(aws, world["a"])
-    last = _publish(aws, world["b"])
-    validation.reads = 2
-    assert last.previous_image_id is not None
-    back = rollback(
-        aws.session,
-        region=REGION,
-        name="web",
-        channel="prod",
-        to_image_id=last.previous_image_id,
-        launch_template=TEMPLATE,
-        to_lt_version=last.previous_lt_version,
-        run_id="r3",
-        wait=FakeTime().wait(deadline=120.0),
-    )
-    assert back.version == 3 and _parameter(aws) == (world["a"], 3)
-    assert _state(aws)["default"] == 2
 
 
 def test_publish_refuses_when_another_writer_moved_the_parameter_on(

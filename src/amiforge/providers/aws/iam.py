@@ -65,7 +65,6 @@ Operation = Literal[
     "verify-kms",
     "distribute",
     "publish",
-    "rollback",
     "rollout",
     "gc",
     "doctor",
@@ -148,7 +147,6 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     | _EBS_KEY_USE,  # DescribeKey: the preflight's check of each region's key; the rest: CopyImage encrypting
     # publish.accounts: the role in each consumer account (which needs the actions above).
     "publish": _PUBLISH | {"sts:AssumeRole"},
-    "rollback": _PUBLISH,
     # providers/aws/fleet.py AsgFleet: replace(), current(), signals(); refresh.py. The group writes fall under the
     # OptedIn statement (groups tagged amiforge:rollout=enabled).
     "rollout": _READ_IMAGES

@@ -6,13 +6,16 @@ version with that numeric AMI id which becomes the template's default. The defau
 *number*, never `$Latest`: an Auto Scaling group following `$Default` must not pick up whatever version someone
 creates next.
 
-Each publication reports what it replaced (the previous AMI id, the previous default version), which is the rollback
-target; `rollback()` puts those back. Publishing is idempotent and resumable: an unchanged parameter is not written
-again (a tag it lacks is added: see `_tag_parameter`), a default that already holds the image gets no new version, and
-the template's newest version is reused rather than duplicated only when its whole LaunchTemplateData is what creating
-the version now would give (an interrupted run made it and stopped before making it the default); a newer version
-that holds the image but differs in any other field is someone else's and is never taken (templates.version_holding
-and templates.created_from, shared with the Auto Scaling fleet).
+Each publication reports what it replaced (the previous AMI id, the previous default version): the rollback target.
+A channel goes back by publishing the version it held before again (`amiforge promote` of that version), through the
+same path and rules; there is no second write path for rolling back.
+
+Publishing is idempotent and resumable: an unchanged parameter is not written again (a tag it lacks is added: see
+`_tag_parameter`), a default that already holds the image gets no new version, and the template's newest version is
+reused rather than duplicated only when its whole LaunchTemplateData is what creating the version now would give (an
+interrupted run made it and stopped before making it the default); a newer version that holds the image but differs
+in any other field is someone else's and is never taken (templates.version_holding and templates.created_from,
+shared with the Auto Scaling fleet).
 
 Everything that could refuse is read before anything is written, so a missing launch template or image leaves the
 parameter untouched. Every call goes through `clients.call`/`paginate`, so errors translate through the one table.
@@ -39,14 +42,12 @@ from amiforge.providers.aws.images import MANAGED_TAG, describe_image
 from amiforge.providers.aws.templates import (
     Template,
     client_token,
-    describe_versions,
     find_template,
-    image_of,
     version_holding,
 )
 from amiforge.waiting import Wait, retry
 
-__all__ = ["IMAGE_DATA_TYPE", "RUN_TAG", "VALIDATION_WAIT", "Publication", "parameter_name", "publish", "rollback"]
+__all__ = ["IMAGE_DATA_TYPE", "RUN_TAG", "VALIDATION_WAIT", "Publication", "parameter_name", "publish"]
 
 IMAGE_DATA_TYPE = "aws:ec2:image"
 RUN_TAG = "amiforge:run"
@@ -60,7 +61,7 @@ VALIDATION_WAIT = Wait(first_delay=1.0, max_delay=10.0, deadline=180.0)
 
 @dataclass(frozen=True)
 class Publication:
-    """What one publish (or rollback) left in place, and what it replaced: the rollback target.
+    """What one publish left in place, and what it replaced: the rollback target.
 
     `version` is the SSM parameter's version now holding `image_id`. `previous_image_id` is the value before it
     (None for a new parameter). `launch_template_version` is the template's numeric default now holding `image_id`;
@@ -111,43 +112,7 @@ def publish(
     parameter = parameter_name(parameter_prefix, name, channel)
     _check_image(session, region, image_id)
     template = find_template(session, region, name=launch_template) if launch_template is not None else None
-    return _apply(session, region, parameter, image_id, template, None, run_id, wait)
-
-
-def rollback(
-    session: AwsSession,
-    *,
-    region: str,
-    name: str,
-    channel: str,
-    to_image_id: str,
-    parameter_prefix: str = "/amiforge",
-    launch_template: str | None = None,
-    to_lt_version: int | None = None,
-    run_id: str,
-    wait: Wait = VALIDATION_WAIT,
-) -> Publication:
-    """Put back what a publication replaced: the parameter to `to_image_id`, and the template's default to
-    `to_lt_version`, which must hold `to_image_id` (a mismatch is refused, since the two would then disagree).
-
-    Without `to_lt_version` the template gets a version holding `to_image_id` as `publish()` would make it. Like
-    `publish()`, returns only once SSM holds `to_image_id`."""
-    parameter = parameter_name(parameter_prefix, name, channel)
-    if to_lt_version is not None and launch_template is None:
-        raise ConfigError(
-            f"rollback to launch template version {to_lt_version} without a launch template",
-            fix="pass the launch template the version belongs to",
-        )
-    _check_image(session, region, to_image_id)
-    template = find_template(session, region, name=launch_template) if launch_template is not None else None
-    if template is not None and to_lt_version is not None:
-        held = _version_image(session, region, template, to_lt_version)
-        if held != to_image_id:
-            raise StateError(
-                f"launch template {template.name} version {to_lt_version} holds {held}, not {to_image_id}",
-                fix="roll back to the version and image one publication recorded together",
-            )
-    return _apply(session, region, parameter, to_image_id, template, to_lt_version, run_id, wait)
+    return _apply(session, region, parameter, image_id, template, run_id, wait)
 
 
 # --- reads (nothing is written until all of them succeeded) -------------------------------------------------------
@@ -162,15 +127,6 @@ def _check_image(session: AwsSession, region: str, image_id: str) -> None:
             f"image {image_id} in {region} is {image.get('State')!r}, not available",
             fix="publish only an image that is available in this region (distribute it first)",
         )
-
-
-def _version_image(session: AwsSession, region: str, template: Template, number: int) -> str | None:
-    if not 1 <= number <= template.latest:
-        raise NotFound(
-            f"launch template {template.name} has no version {number} (latest is {template.latest})",
-            fix="use a version number a publication recorded",
-        )
-    return image_of(describe_versions(session, region, template, {number}).get(number))
 
 
 def _read_parameter(session: AwsSession, region: str, parameter: str) -> tuple[str | None, int | None]:
@@ -203,7 +159,6 @@ def _apply(
     parameter: str,
     image_id: str,
     template: Template | None,
-    to_version: int | None,
     run_id: str,
     wait: Wait,
 ) -> Publication:
@@ -231,7 +186,7 @@ def _apply(
     lt_version: int | None = None
     previous_lt: int | None = None
     if template is not None:
-        lt_version, previous_lt = _point_template(session, region, template, image_id, to_version, run_id)
+        lt_version, previous_lt = _point_template(session, region, template, image_id, run_id)
     return Publication(
         parameter=parameter,
         version=version,
@@ -317,23 +272,21 @@ def _await_validation(
 
 
 def _point_template(
-    session: AwsSession, region: str, template: Template, image_id: str, to_version: int | None, run_id: str
+    session: AwsSession, region: str, template: Template, image_id: str, run_id: str
 ) -> tuple[int, int | None]:
     """Make a numeric version holding `image_id` the template's default; (that version, the default it replaced).
 
-    Without `to_version`: the default itself if it holds the image, else the version `templates.version_holding`
-    finds or makes from the default (an interrupted publish's version is reused, never duplicated)."""
-    target = to_version
-    if target is None:
-        target = version_holding(
-            session,
-            region,
-            template,
-            source=template.default,
-            image_id=image_id,
-            token=client_token(run_id, template.template_id, str(template.default), image_id),
-            description=f"amiforge {image_id} (run {run_id})",
-        )
+    The default itself if it holds the image, else the version `templates.version_holding` finds or makes from the
+    default (an interrupted publish's version is reused, never duplicated)."""
+    target = version_holding(
+        session,
+        region,
+        template,
+        source=template.default,
+        image_id=image_id,
+        token=client_token(run_id, template.template_id, str(template.default), image_id),
+        description=f"amiforge {image_id} (run {run_id})",
+    )
     if target == template.default:
         return target, None
     ec2 = session.client("ec2", region)
