@@ -140,6 +140,8 @@ class Harness:
         """The AWS provider as the CLI makes it, on this harness's boto3 session (so every call is recorded)."""
         settings = settings or Settings(data_dir=self.work / "data")
         kwargs.setdefault("tag_snapshots_at_creation", False)  # moto 5.2.5: NotImplementedError for snapshot tags
+        kwargs.setdefault("publish_wait", self.wait(deadline=180.0))  # never the real clock
+        kwargs.setdefault("copy_sleep", self.clock.sleep)
         return AwsProvider(settings, boto_session=self.boto, **kwargs)
 
 

@@ -22,6 +22,7 @@ from ebs_emulation import EbsEmulation
 from fake_machine import DPKG, READY, Clock, FakeMachine, console_of, factory
 from moto.ec2.models import ec2_backends
 from moto_emulation import shared_images
+from ssm_emulation import SsmImageValidation
 
 import amiforge.providers
 from amiforge.awsapi.clients import AwsSession
@@ -78,6 +79,8 @@ class Env:
         self.aws, self.ebs, self.disk, self.cli = aws, ebs, disk, cli
         self.machine = FakeMachine(consoles=[READY])
         self.fleet_time = FakeTime()
+        self.clock = Clock()  # every other wait of the provider: bake, boot test, copies, SSM's validation
+        self.ssm: SsmImageValidation | None = None
         self.recipe = tmp / "recipe.yaml"
         self.recipe.write_text(RECIPE)
         self.ec2: Any = aws.ec2()
@@ -85,8 +88,7 @@ class Env:
         self.source = self.ec2.create_image(InstanceId=instance["InstanceId"], Name="debian-12-amd64-20240501")
 
     def provider(self, settings: Settings) -> AwsProvider:
-        clock = Clock()
-        fast = Wait(first_delay=1.0, max_delay=5.0, deadline=600.0, sleep=clock.sleep, clock=clock)
+        fast = Wait(first_delay=1.0, max_delay=5.0, deadline=600.0, sleep=self.clock.sleep, clock=self.clock)
         return AwsProvider(
             settings,
             boto_session=self.aws.session.boto_session,
@@ -97,6 +99,8 @@ class Env:
             tag_snapshots_at_creation=False,  # moto: NotImplementedError for snapshot TagSpecifications
             fleet_wait=self.fleet_time.wait(),
             fleet_now=self.fleet_time.now,  # the fleet's readiness deadlines move with its (fake) sleeps
+            publish_wait=fast,
+            copy_sleep=self.clock.sleep,
         )
 
     def seed_root(self, image_id: str) -> None:
@@ -153,7 +157,11 @@ def _environment(
     # What moto lacks for distribute: CopyImage's ClientToken/TagSpecifications, deregistration protection.
     CopyImageEmulation().install(monkeypatch)
     DeregistrationProtection().install(aws.session.boto_session.events)
+    # …and for promote: SSM validates an aws:ec2:image parameter asynchronously, as on AWS.
+    validation = SsmImageValidation()
+    validation.install(monkeypatch)
     environment = Env(aws, ebs, disk, tmp_path, make_cli(monkeypatch, capsys))
+    environment.ssm = validation
     monkeypatch.setattr(amiforge.providers, "PROVIDERS", {**amiforge.providers.PROVIDERS, "aws": environment.provider})
     return environment
 
@@ -193,8 +201,10 @@ def test_bake_to_publish_on_moto(clean_or_faulty: Env) -> None:
     (image,) = [i for i in env.images(REGION) if i["ImageId"] == artifact["location"]]
     assert {t["Key"]: t["Value"] for t in image["Tags"]}["amiforge:managed"] == "true"
 
+    slept = len(env.clock.sleeps)
     distributed = env.cli("distribute", "web@1", "--json")
     assert distributed.code == 0, distributed.err
+    assert len(env.clock.sleeps) > slept  # the copy was pending a while: the provider's clock waited, not time.sleep
     (copy,) = distributed.json()["copies"]
     assert copy["artifact"]["region"] == COPY_REGION and copy["shared_with"] == [SHARE_ACCOUNT]
     assert [i["ImageId"] for i in env.images(COPY_REGION)] == [copy["artifact"]["location"]]
@@ -202,8 +212,12 @@ def test_bake_to_publish_on_moto(clean_or_faulty: Env) -> None:
     # The copy is not in the signed manifest, but it is a recorded copy of an artifact that is: still verifies.
     assert env.cli("verify", "web@1").code == 0
 
+    slept = len(env.clock.sleeps)
     promoted = env.cli("promote", "web@1", "--channel", "dev", "--json")
     assert promoted.code == 0, promoted.err
+    # SSM took each region's image only after a few reads: the publication waited for it on the provider's clock.
+    assert env.ssm is not None and [e["operation"] for e in env.ssm.events] == ["Create", "Create"]
+    assert len(env.clock.sleeps) > slept
     published = {r["region"]: r for r in promoted.json()["published"]}
     assert set(published) == {REGION, COPY_REGION}
     for region, expected in ((REGION, artifact["location"]), (COPY_REGION, copy["artifact"]["location"])):

@@ -7,13 +7,15 @@ exactly what ships, as they do for a local qcow2); digest → `images.image_dige
 a cloud image's bytes cannot be hashed cheaply, its snapshot ids cannot change under its id).
 
 Sessions are made per region from the settings (profile, one role per other account); tests pass the boto3
-session their moto handlers hang on, a `machine_factory` standing in for the communicator, and a `console_reader`.
+session their moto handlers hang on, a `machine_factory` standing in for the communicator, a `console_reader`, and
+the clocks of every wait (bake and boot test, fleets, SSM's validation of a publication, a copy's progress).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -40,7 +42,7 @@ from amiforge.providers.aws.doctor import aws_report
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.machine import ConsoleReader, MachineFactory
-from amiforge.providers.aws.publish import publish
+from amiforge.providers.aws.publish import VALIDATION_WAIT, publish
 from amiforge.providers.aws.snapshot import open_ami
 from amiforge.providers.aws.ssh import SshMachine
 from amiforge.providers.interface import (
@@ -106,6 +108,8 @@ class AwsProvider:
         tag_snapshots_at_creation: bool = True,
         fleet_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=600.0),
         fleet_now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        publish_wait: Wait = VALIDATION_WAIT,
+        copy_sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self._boto_session = boto_session
@@ -118,6 +122,8 @@ class AwsProvider:
         self.tag_snapshots_at_creation = tag_snapshots_at_creation
         self.fleet_wait = fleet_wait
         self.fleet_now = fleet_now
+        self.publish_wait = publish_wait  # how long SSM may take to validate a channel's image (publish.py)
+        self.copy_sleep = copy_sleep  # between looks at a pending copy (distribute.py)
 
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
@@ -259,7 +265,7 @@ class AwsProvider:
             elif update.step in ("adopted", "copying"):
                 progress(PhaseUpdate(update.region, "start", update.step))
 
-        result = distribute(plan, session, on_progress=step)
+        result = distribute(plan, session, on_progress=step, sleep=self.copy_sleep)
         return [done[r.region] for r in result.regions]
 
     def publish(
@@ -280,6 +286,7 @@ class AwsProvider:
                     parameter_prefix=aws.publish.parameter_prefix,
                     launch_template=aws.publish.launch_template,
                     run_id=run_id,
+                    wait=self.publish_wait,
                 )
                 records.append({**dataclasses.asdict(done), "account": account})
         return records
