@@ -1,7 +1,7 @@
 """The instance-refresh controller (lifecycle/refresh.py) on a fake refreshing fleet with a real SQLite store: its watch
 is bounded — a refresh still running past its budget is rolled back and the rollout fails with the reason, a rollback
-past its own budget is a retryable InfraError that `resume` picks up — and a successful refresh names the instances it
-left on the old image."""
+past its own budget is a retryable InfraError that `resume` picks up — a successful refresh names the instances it
+left on the old image, and a refresh that had succeeded before a gate failed is rolled forward without AutoRollback."""
 
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ class FakeRefreshingGroup:
     console_grace: float = 0.0
     rolled_back_at: float | None = None
     started: int = 0
+    starts: list[tuple[str, bool]] = field(default_factory=list)  # (token, auto_rollback) of each start_refresh
+    roll_forward_fails: bool = False  # a refresh started without AutoRollback ends Failed
 
     def now(self) -> datetime:
         return T0
@@ -90,9 +92,13 @@ class FakeRefreshingGroup:
         alarms: Sequence[str],
         token: str,
         min_healthy_percentage: int = 90,
+        auto_rollback: bool = True,
     ) -> str:
         self.started += 1
-        return "refresh-1"
+        self.starts.append((token, auto_rollback))
+        if not auto_rollback and self.roll_forward_fails:
+            self.status = "Failed"  # without AutoRollback, AWS leaves the group where the refresh stopped
+        return f"refresh-{self.started}"
 
     def refresh_status(self, refresh_id: str) -> RefreshStatus:
         back, after = self.rolled_back_at, self.rollback_after
@@ -205,3 +211,40 @@ def test_a_successful_refresh_names_the_instances_it_left_on_the_old_image(world
     assert rollout.state == "succeeded" and rollout.detail["not_refreshed"] == ["i-protected"]
     (event,) = [e for e in world.store.events() if e.kind == "rollout.succeeded"]
     assert event.data["not_refreshed"] == ["i-protected"]
+
+
+def _ran_before(world: World) -> None:
+    """The group ran base@1 (OLD) before; the refresh to web@1 (NEW) has succeeded and every new member failed."""
+    store = world.store
+    base = store.create_version(name="base", recipe_digest="b" * 64, recipe_path="/b.yaml", provider="aws", tags={},
+                                parent=None, recipe='{"checks": {}}')  # fmt: skip
+    store.add_artifact(base.id, Artifact("aws", "eu-west-1", OLD, "b" * 64, 1))
+    store.transition(base.id, Status.BUILT, expect=Status.BAKING, digest="b" * 64, size_bytes=1)
+    world.fleet.status = "Successful"
+    world.fleet.members = [Member(f"i-new{i}", None, NEW, "failed", T0, None, "hung") for i in range(3)]
+    world.fleet.members.append(_member("i-protected", OLD))
+
+
+def test_a_refresh_that_had_succeeded_is_rolled_forward_without_auto_rollback(world: World) -> None:
+    """The roll-forward starts from the bad version: were it AWS-rolled-back, the bad image would come back."""
+    _ran_before(world)
+    with pytest.raises(GateFailed):
+        world.drive()
+    token = f"r{world.rollout.id}"
+    assert world.fleet.starts == [(token, True), (f"{token}-back", False)]
+    rollout = world.store.get_rollout(world.rollout.id)
+    assert rollout.state == "failed" and rollout.detail["refresh_status"] == "Successful (rolled forward to base@1)"
+
+
+def test_a_roll_forward_that_stops_part_way_says_the_group_may_run_both(world: World) -> None:
+    _ran_before(world)
+    world.fleet.roll_forward_fails = True
+    with pytest.raises(GateFailed) as caught:
+        world.drive()
+    rollout = world.store.get_rollout(world.rollout.id)
+    assert rollout.state == "failed" and "roll-forward to base@1 did not finish" in str(
+        rollout.detail["refresh_status"]
+    )
+    assert (
+        caught.value.fix is not None and "amiforge rollback --target aws:eu-west-1/web --to base@1" in caught.value.fix
+    )

@@ -4,6 +4,9 @@
 CheckpointDelay; AWS's own AutoRollback (and the strategy's alarms, which AWS watches too) stays on. At each poll the
 controller judges the instances already on the new image with the same gates as a canary wave — readiness from their
 consoles, p95 time-to-ready, burn rate — and rolls the refresh back (RollbackInstanceRefresh) the moment a gate fails.
+A refresh that succeeded before a gate failed is rolled *forward* instead: a second refresh to the previous version,
+with AutoRollback off (that refresh starts from the bad version, so rolling it back would restore the bad image); if
+it stops part-way, the rollout fails saying the group may run both versions.
 The refresh id is kept in the rollout's detail, so a resumed controller watches the same refresh; it never starts a
 second one for a rollout whose refresh it has seen.
 
@@ -138,11 +141,19 @@ def drive_refresh(
                     )
                 controls.sleep(POLL_SECONDS)
                 continue
-            forward = "rollback_refresh_id" in rollout.detail
-            ended = (
-                f"{status.status} (rolled forward to {rollout.detail.get('previous')})" if forward else status.status
+            back_to = rollout.detail.get("previous")
+            if "rollback_refresh_id" not in rollout.detail:
+                return _failed(rollout, status.status, status.status_reason, store, settings, decisions)
+            if status.status == "Successful":
+                ended = f"{status.status} (rolled forward to {back_to})"
+                return _failed(rollout, ended, status.status_reason, store, settings, decisions)
+            # The roll-forward stopped part-way (it has no AutoRollback): the group may run both versions.
+            ended = f"{status.status} (the roll-forward to {back_to} did not finish: the group may run both)"
+            fix = (
+                f"amiforge rollout status {rollout.id} shows why it stopped; then amiforge rollback --target "
+                f"{rollout.target} --to {back_to}"
             )
-            return _failed(rollout, ended, status.status_reason, store, settings, decisions)
+            return _failed(rollout, ended, status.status_reason, store, settings, decisions, fix=fix)
         if status.status in REFRESH_TERMINAL and status.status != "Successful":  # Failed, Cancelled: AWS stopped it
             return _failed(rollout, status.status, status.status_reason, store, settings, decisions)
         members = _judged(fleet, artifact, grace)
@@ -238,7 +249,8 @@ def _reason(text: str) -> str:
 
 
 def _roll_forward(fleet: RefreshingFleet, provider: str, rollout: Rollout, store: Store, token: str) -> str:
-    """A second refresh, back to the version the group ran before (AWS rolls back only an active refresh)."""
+    """A second refresh, back to the version the group ran before (AWS rolls back only an active refresh). Without
+    AutoRollback: this refresh starts from the bad version, so AWS rolling *it* back would restore the bad image."""
     previous = rollout.detail.get("previous")
     if not isinstance(previous, str):
         raise GateFailed(
@@ -248,7 +260,9 @@ def _roll_forward(fleet: RefreshingFleet, provider: str, rollout: Rollout, store
         )
     old = store.get_version(previous)
     artifact = artifact_in(old, store, provider, fleet.region)
-    return fleet.start_refresh(artifact, old.ref, checkpoints=[100], checkpoint_delay=0, alarms=(), token=token)
+    return fleet.start_refresh(
+        artifact, old.ref, checkpoints=[100], checkpoint_delay=0, alarms=(), token=token, auto_rollback=False
+    )
 
 
 def _judged(fleet: RefreshingFleet, artifact: Artifact, grace: timedelta) -> list[Member]:
@@ -265,7 +279,14 @@ def _judged(fleet: RefreshingFleet, artifact: Artifact, grace: timedelta) -> lis
 
 
 def _failed(
-    rollout: Rollout, status: str, reason: str, store: Store, settings: Settings, decisions: list[WaveDecision]
+    rollout: Rollout,
+    status: str,
+    reason: str,
+    store: Store,
+    settings: Settings,
+    decisions: list[WaveDecision],
+    *,
+    fix: str = "",
 ) -> RolloutOutcome:
     expect = rollout.state
     logger.info("rollout #%d: instance refresh ended %s (%s)", rollout.id, status, reason or "no reason given")
@@ -282,5 +303,5 @@ def _failed(
     raise GateFailed(
         "rollout",
         [GateFailure("instance refresh", str(r)) for r in (reasons if isinstance(reasons, list) else [reasons])],
-        fix=f"AWS rolled the group back ({status}); amiforge rollout status {rollout.id} shows the numbers",
+        fix=fix or f"AWS rolled the group back ({status}); amiforge rollout status {rollout.id} shows the numbers",
     )

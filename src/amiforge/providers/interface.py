@@ -324,8 +324,11 @@ class RefreshingFleet(Fleet, Protocol):
         alarms: Sequence[str],
         token: str,
         min_healthy_percentage: int = 90,
+        auto_rollback: bool = True,
     ) -> str:
-        """Start (or find, by `token`) the refresh of the whole fleet to `artifact`; its id."""
+        """Start (or find, by `token`) the refresh of the whole fleet to `artifact`; its id. `auto_rollback`: the
+        cloud rolls a failing refresh back to what the fleet ran at its start — off for a roll-forward, which starts
+        from the bad version."""
         ...
 
     def refresh_status(self, refresh_id: str) -> RefreshStatus: ...

@@ -899,15 +899,16 @@ def make_group(
     version: str | None = "1",
     opted_in: bool = True,
     region: str = "eu-west-1",
+    instance_type: str = "t3.micro",
 ) -> str:
-    """A group of `size` instances launching from a new template `<name>-lt` (version 1: `image_id`, t3.micro);
-    returns the template id. `version=None` leaves the group's version out ($Default)."""
+    """A group of `size` instances launching from a new template `<name>-lt` (version 1: `image_id`,
+    `instance_type`); returns the template id. `version=None` leaves the group's version out ($Default)."""
     ec2 = session.client("ec2", region)
     asg = session.client("autoscaling", region)
     template_id = str(
         ec2.create_launch_template(
             LaunchTemplateName=f"{name}-lt",
-            LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.micro"},
+            LaunchTemplateData={"ImageId": image_id, "InstanceType": instance_type},
         )["LaunchTemplate"]["LaunchTemplateId"]
     )
     spec: dict[str, str] = {"LaunchTemplateId": template_id}

@@ -3,16 +3,18 @@ throttling, refusals, current() and signals(), paging. What moto lacks is emulat
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from asg_emulation import AsgEmulations, FakeTime, install_asg_emulation, make_group, make_images
-from conftest import REGION, Aws
+from asg_emulation import BOOT_LOG, AsgEmulations, FakeTime, install_asg_emulation, make_group, make_images
+from conftest import ACCOUNT, REGION, Aws
 from distribute_fixtures import Crash, Crashed
 from moto_emulation import _NOWHERE, error_response
+from runcommand_emulation import XenConsole
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.model import Artifact
@@ -24,6 +26,7 @@ from amiforge.providers.aws.asg_records import (
     VERSION_TAG,
     parse_group_target,
 )
+from amiforge.providers.aws.console import CONSOLE_WINDOW
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.interface import Member, Replacement
 from amiforge.recipe import Checks
@@ -653,3 +656,95 @@ def test_composite_alarms_are_gates_too_and_a_name_found_nowhere_is_still_missin
         fleet.alarms_firing(["web-slo", "web-typo"])
     assert "web-slo" not in caught.value.message
     assert env.aws.calls["cloudwatch.DescribeAlarms"] == 3  # one call reads every type
+
+
+# --- the console: complete lines, EC2's window, Xen types -------------------------------------------------------
+
+
+def _script_console(
+    env: Env, monkeypatch: pytest.MonkeyPatch, screens: Callable[[int], str], image_id: str
+) -> Counter[str]:
+    """GetConsoleOutput of the instances on `image_id` answers `screens(n)` at its n-th read (1-based); the others
+    answer the emulation's boot log. The reads per instance are returned (they count on as the test goes)."""
+    reads: Counter[str] = Counter()
+    boot = env.emulations.console.output
+
+    def output(instance_id: str, image: str) -> str:
+        if image != image_id:
+            return boot(instance_id, image)
+        reads[instance_id] += 1
+        return screens(reads[instance_id])
+
+    monkeypatch.setattr(env.emulations.console, "output", output)
+    return reads
+
+
+# Application chatter on the console: well over EC2's 64 KB window.
+_CHATTER = "".join(f"[{i:6}] web: GET /health 200 ({i % 7} ms)\n" for i in range(4000))
+
+
+def test_a_readiness_line_still_being_written_does_not_count(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read can end inside the line: `AMIFORGE-READY 1` of `AMIFORGE-READY 150` is not a time-to-ready of 1 s."""
+    reads = _script_console(
+        env, monkeypatch, lambda n: BOOT_LOG + ("AMIFORGE-READY 1" if n == 1 else "AMIFORGE-READY 150\n"), env.image_b
+    )
+    (member,) = env.replace([(env.members()[0], "t1")], env.image_b)
+    assert member.state == "failed" and member.detail == "ready after 150s, more than 90s"
+    assert reads[member.id] == 2
+
+
+def test_a_readiness_line_seen_once_stays_seen_when_it_scrolls_out_of_ecs_window(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance goes on writing: the line is gone from the 64 KB EC2 answers with, but the fleet read it."""
+    first = BOOT_LOG + "AMIFORGE-READY 8.5\n" + _CHATTER[:3000]
+    later = (first + _CHATTER[3000:])[-CONSOLE_WINDOW:]
+    assert "AMIFORGE-READY" not in later
+    _script_console(env, monkeypatch, lambda n: first if n == 1 else later, env.image_a)
+    fleet = env.fleet()
+    assert {(m.state, m.time_to_ready) for m in fleet.current()} == {("ready", 8.5)}
+    # The refresh controller judges the members through current() at every poll: still ready, not launching again.
+    assert {(m.state, m.time_to_ready) for m in fleet.current()} == {("ready", 8.5)}
+
+
+def test_a_console_that_outruns_ecs_window_is_named_when_no_line_was_seen(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every read a full 64 KB window that does not overlap the one before: the line may have been lost in a gap,
+    and the failure says so."""
+    _script_console(env, monkeypatch, lambda n: f"{n}{_CHATTER}"[-CONSOLE_WINDOW:], env.image_b)
+    (member,) = env.replace([(env.members()[0], "t1")], env.image_b)
+    assert member.state == "failed" and "no AMIFORGE-READY" in member.detail
+    assert "64 KB window between reads" in member.detail
+
+
+def test_a_group_launching_a_xen_type_is_refused_before_anything_is_written(env: Env) -> None:
+    """Its members' consoles show only what EC2 posted around boot: their readiness could never be judged."""
+    make_group(env.aws.session, "old-types", env.image_a, size=1, instance_type="t2.micro")
+    env.aws.calls.reset()
+    with pytest.raises(ConfigError) as refused:
+        env.replace([(env.members("old-types")[0], "t1")], env.image_b, group="old-types")
+    message, fix = refused.value.message, refused.value.fix or ""
+    assert "group old-types" in message and "t2.micro" in message and "Xen" in message
+    assert "Nitro" in fix and "InstanceType" in fix
+    assert _writes(env) == [0, 0, 0, 0]
+    # Bare metal runs on the Nitro System without a hypervisor (DescribeInstanceTypes has none for it): accepted.
+    make_group(env.aws.session, "metal", env.image_a, size=1, instance_type="c5.metal")
+    (member,) = env.replace([(env.members("metal")[0], "t1")], env.image_b, group="metal")
+    assert member.state == "ready"
+
+
+def test_a_xen_members_console_costs_one_refused_latest_read_for_the_fleets_life(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members of an older Xen type (current() reads any group): EC2 refuses Latest=True for them once; the fleet
+    keeps each instance's console reader, so it asks for the buffered output from then on."""
+    xen = XenConsole(ACCOUNT, REGION)
+    xen.install(aws.session.boto_session.events)  # before any client exists
+    env = _env(aws, monkeypatch)
+    make_group(env.aws.session, "old-types", env.image_a, size=2, instance_type="t2.micro")
+    fleet = env.fleet("old-types")
+    assert {m.state for m in fleet.current()} == {"launching"}  # EC2 has captured nothing yet
+    assert {(m.state, m.time_to_ready) for m in fleet.current()} == {("ready", 8.5)}
+    fleet.current()
+    assert xen.refused == 2  # one per instance, not one per read

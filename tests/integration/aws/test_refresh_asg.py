@@ -161,6 +161,20 @@ def test_an_alarm_rolls_the_refresh_back_on_its_own(env: Env) -> None:
     assert env.images() == [env.image_a] * 4
 
 
+def test_without_auto_rollback_an_alarm_fails_the_refresh_where_it_is(env: Env) -> None:
+    """A roll-forward starts from the bad version: AWS must not roll it back to that one. Asked without AutoRollback,
+    the refresh stops where it is and the group keeps what it has (the controller says so and what to do)."""
+    refresh_id = env.start(auto_rollback=False)
+    (recorded,) = env.refreshes.refreshes
+    assert recorded.preferences["AutoRollback"] is False
+    env.follow(refresh_id, until=lambda s: s.percentage_complete >= 25)
+    cloudwatch: Any = env.aws.session.client("cloudwatch")
+    cloudwatch.set_alarm_state(AlarmName=ALARM, StateValue="ALARM", StateReason="test")
+    seen = env.follow(refresh_id)
+    assert seen[-1].status == "Failed" and "RollbackInProgress" not in {s.status for s in seen}
+    assert sorted(env.images()) == sorted([env.image_a] * 3 + [env.image_b])
+
+
 def test_a_finished_refresh_cannot_be_rolled_back_and_unknown_ids_are_not_found(env: Env) -> None:
     refresh_id = env.start(checkpoints=[], checkpoint_delay=0)
     assert env.follow(refresh_id)[-1].status == "Successful"
@@ -252,6 +266,12 @@ def _ssm_image(env: Env) -> str:
     return "ssm"
 
 
+def _xen_type(env: Env) -> str:
+    """New instances are judged by the readiness line on their consoles, which a Xen type's console may never show."""
+    make_group(env.aws.session, "old-types", env.image_a, size=2, instance_type="t2.micro")
+    return "old-types"
+
+
 def _not_opted_in(env: Env) -> str:
     make_group(env.aws.session, "mine", env.image_a, size=2, opted_in=False)
     return "mine"
@@ -286,6 +306,7 @@ REFUSALS: dict[str, tuple[Callable[[Env], str], type[AmiforgeError], str]] = {
     "no-version": (_on(None), ConfigError, "$Default"),
     "ssm-image": (_ssm_image, ConfigError, "resolve:ssm:/golden/web"),
     "not-opted-in": (_not_opted_in, ConfigError, ROLLOUT_TAG),
+    "xen-type": (_xen_type, ConfigError, "launches t2.micro"),
     "refresh-in-progress": (_someone_elses_refresh, StateError, "not one amiforge started"),
     "refresh-to-our-image": (_someone_elses_refresh_to_our_image, StateError, "not one amiforge started"),
 }

@@ -38,6 +38,12 @@ from typing import Any, Literal, Protocol
 from amiforge.awsapi.clients import AwsSession, call
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
 from amiforge.model import BootReport, CheckResult, Leftover, Package, RemovedFile
+from amiforge.providers.aws.console import (
+    CONSOLE_WINDOW,
+    ConsoleFactory,
+    ConsoleLog,
+    ready_uptime,
+)
 from amiforge.providers.aws.images import (
     MANAGED_TAG,
     SourceImage,
@@ -50,7 +56,6 @@ from amiforge.providers.aws.ssh import SshMachine, host_keys_from_console, new_k
 from amiforge.providers.guest import (
     COMMAND_TIMEOUT,
     READY_FILE,
-    READY_LINE_RE,
     STEP_TIMEOUT,
     GuestCheck,
     guest_checks,
@@ -68,6 +73,7 @@ from amiforge.scanners.sbom import parse_dpkg_status
 from amiforge.waiting import Wait, poll
 
 __all__ = [
+    "CONSOLE_WINDOW",
     "RUN_TAG",
     "Access",
     "AmiBuild",
@@ -85,13 +91,6 @@ _READY_FILES = (
     ("ready", "/usr/local/lib/amiforge/ready", 0o755),
     ("amiforge-ready.service", "/etc/systemd/system/amiforge-ready.service", 0o644),
 )
-# GetConsoleOutput gives at most the last 64 KB; a read this close to it may have lost what came before.
-CONSOLE_WINDOW = 64 * 1024
-_WINDOW_FULL = CONSOLE_WINDOW - 4 * 1024
-# Characters of a new read looked for in the previous one to find where the two overlap.
-_ANCHOR = 64
-# How much console one run keeps (its readiness and host keys are found long before this).
-_CONSOLE_KEEP = 4 * 1024 * 1024
 # How long to wait for the host keys cloud-init prints on the console, once the instance runs.
 HOST_KEYS_DEADLINE = 600.0
 
@@ -128,19 +127,6 @@ class AmiBuild:
     generalised: tuple[RemovedFile, ...] = field(default=())
 
 
-class ConsoleSource(Protocol):
-    """An instance's serial console (machine.ConsoleReader): `latest` is False once EC2 gives only its buffered
-    copy (Xen instance types), which may never show a line written after boot."""
-
-    latest: bool
-
-    def read(self) -> str: ...
-
-
-# (session, region, instance id) -> the console of that instance; tests inject fakes.
-ConsoleFactory = Callable[[AwsSession, str, str], ConsoleSource]
-
-
 class SshConnect(Protocol):
     """How an SSH Machine is made (ssh.SshMachine); tests inject fakes to see what it is given."""
 
@@ -153,53 +139,6 @@ class SshConnect(Protocol):
         host_keys: Sequence[str],
         console: Callable[[], str],
     ) -> Machine: ...
-
-
-class ConsoleLog:
-    """Everything read of one instance's console. EC2 answers with a sliding window (the last 64 KB), so a line can
-    scroll out between two reads: each read is joined to what came before where the two overlap, and what was seen
-    once stays searchable. `lossy` says some text may never have been seen (a full window, or two reads that do not
-    overlap); then the last, unfinished line before the gap is dropped, so no line is ever made of two pieces."""
-
-    def __init__(self, source: ConsoleSource) -> None:
-        self.source = source
-        self.text = ""
-        self.lossy = False
-        self._last = ""
-
-    def read(self) -> str:
-        window = self.source.read()
-        if not window:  # nothing captured (yet): nothing to join the next read to either
-            return self.text
-        if len(window.encode("utf-8", "replace")) >= _WINDOW_FULL:
-            self.lossy = True
-        new = self._new_part(window)  # first: at a gap it also cuts self.text
-        self.text += new
-        self._last = window
-        if len(self.text) > _CONSOLE_KEEP:
-            self.text = self.text[-_CONSOLE_KEEP:]
-        return self.text
-
-    def _new_part(self, window: str) -> str:
-        last = self._last
-        if window.startswith(last):
-            return window[len(last) :]
-        # The window moved on: it begins inside the previous one, so a suffix of that one is a prefix of this. Of the
-        # places it could begin, take the latest: a repeated stretch then comes twice, which costs nothing; an earlier
-        # one could skip text.
-        anchor = window[:_ANCHOR]
-        at = last.rfind(anchor)
-        while at >= 0:
-            if window.startswith(last[at:]):
-                return window[len(last) - at :]
-            at = last.rfind(anchor, 0, at + len(anchor) - 1)
-        self.lossy = True
-        self.text = self.text[: self.text.rfind("\n") + 1]  # its unfinished line will never be completed
-        return window
-
-    @property
-    def latest(self) -> bool:
-        return self.source.latest
 
 
 def _client_token(run_id: str, role: str) -> str:
@@ -759,11 +698,6 @@ def _guest_checks(checks: Checks) -> list[GuestCheck]:
     return out
 
 
-def _ready_uptime(text: str) -> float | None:
-    found = READY_LINE_RE.search(text)
-    return float(found.group(1)) if found else None
-
-
 def _recorded_readiness(reach: _Reach, ctx: RunContext) -> float | None:
     """The readiness line the unit recorded in READY_FILE, read through the Machine (None: not there yet, or the
     machine cannot be reached yet)."""
@@ -775,7 +709,7 @@ def _recorded_readiness(reach: _Reach, ctx: RunContext) -> float | None:
     except InfraError as e:
         ctx.log(f"could not read {READY_FILE} on {reach.instance_id} yet: {e.message}")
         return None
-    return _ready_uptime(answer.stdout) if answer.exit_code == 0 else None
+    return ready_uptime(answer.stdout) if answer.exit_code == 0 else None
 
 
 def boot_test_on_ec2(
@@ -824,7 +758,7 @@ def boot_test_on_ec2(
     console = reach.console
 
     def ready() -> float | None:
-        uptime = _ready_uptime(console.read())
+        uptime = ready_uptime(console.read())
         if uptime is None and (console.lossy or not console.latest):
             uptime = _recorded_readiness(reach, ctx)
         return uptime

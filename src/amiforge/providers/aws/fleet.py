@@ -10,7 +10,10 @@ Reads first, refuses before anything is written:
 1. The image must be `available` in the region. The group must exist, launch from a launch template and carry the
    opt-in tag `amiforge:rollout=enabled` (the IAM policy for "rollout" only lets amiforge change groups with that tag,
    see iam.py). Refused with a fix: a launch configuration (no versions to roll between), a mixed instances policy
-   (its overrides may name other templates; not handled), and a group on `$Latest` (below).
+   (its overrides may name other templates; not handled), a group on `$Latest` (below), and a group whose version
+   launches a Xen instance type (DescribeInstanceTypes' Hypervisor): EC2 gives the latest console output only on
+   the Nitro hypervisor and posts a Xen instance's console only around boot, reboot and termination, so its
+   readiness line may never be seen and a good image would be judged not ready. Refresh mode refuses the same.
 2. Version rule. The group's version is resolved to a number `source`: a number as is, `$Default` (or no version) to
    the template's default. `$Latest` is refused: creating our version would itself change what the group launches
    (every scale-out or health replacement from then on, before and outside the rollout), and setting the group back
@@ -36,18 +39,22 @@ Reads first, refuses before anything is written:
    takes a left-over candidate if there is one, else it is returned as a `stopped` member with its old id: nothing
    was launched for it, and no other instance is terminated in its place.
 5. Wait, with `bake.poll` (doubling delays, injectable sleep/clock), until each new member is ready or failed.
-   Ready: `AMIFORGE-READY <uptime>` on its console (GetConsoleOutput, as the boot test reads it) with an uptime of
-   at most `checks.ready_within`; time-to-ready is that uptime. Failed: the line shows a longer uptime; the instance
-   is Unhealthy, leaves the group or stops; or no line by `LaunchTime + ready_within + console_grace` (EC2 publishes
-   console output with a delay). The outcome is written on the instance (`amiforge:ready=<uptime>`, or
-   `amiforge:failed=<why>` + `amiforge:failed-at`), so it is decided once and later calls read it back. `checks`'
-   units/commands/ports are not run on fleet members (they ran at the boot test; that would need SSM on them).
+   Ready: a complete `AMIFORGE-READY <uptime>` line on its console (GetConsoleOutput, as the boot test reads it:
+   one `ConsoleReader` and `ConsoleLog` per instance for the fleet's life, joining EC2's 64 KB windows; a line still
+   being written does not count) with an uptime of at most `checks.ready_within`; time-to-ready is that uptime.
+   Failed: the line shows a longer uptime; the instance is Unhealthy, leaves the group or stops; or no line by
+   `LaunchTime + ready_within + console_grace` (EC2 publishes console output with a delay; the failure says when
+   the console wrote more than EC2's window between two reads, so the line may have been lost). The outcome is
+   written on the instance (`amiforge:ready=<uptime>`, or `amiforge:failed=<why>` + `amiforge:failed-at`), so it is
+   decided once and later calls read it back. `checks`' units/commands/ports are not run on fleet members (they ran
+   at the boot test; that would need SSM on them).
    The old member is already gone by then (the group terminated it to make room): a new member that fails is
    returned as failed and stays in the group; the controller rolls back by replacing *it* with the old version.
 
 Idempotency per token, the property a resumed controller relies on (a kill -9 between any two calls): everything
 the fleet knows is in tags, re-read at the start of every call, never in local state (tokens are looked up among the
-instances tagged `amiforge:group=<group>`, so another group's token is never ours). Before the version exists, a
+instances tagged `amiforge:group=<group>`, so another group's token is never ours; what it keeps in memory is only
+what the consoles showed, which a new fleet reads again). Before the version exists, a
 rerun makes it (ClientToken, or the "newest after source" reuse); after, it finds it; once the group points at it,
 `source` holds the image and nothing is created. O is terminated only for its own token and only while it is still
 a member; a token is bound to its O by the replaced-by tag, so a rerun never terminates anything else for it, and a
@@ -115,10 +122,16 @@ from amiforge.providers.aws.asg_records import (
     float_or_none,
     parse_time,
 )
+from amiforge.providers.aws.console import ConsoleFactory, ConsoleLog, ready_uptime
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
-from amiforge.providers.aws.machine import SsmMachine
-from amiforge.providers.aws.templates import Template, client_token, find_template, version_holding
-from amiforge.providers.guest import READY_RE
+from amiforge.providers.aws.machine import ConsoleReader
+from amiforge.providers.aws.templates import (
+    Template,
+    client_token,
+    describe_versions,
+    find_template,
+    version_holding,
+)
 from amiforge.providers.interface import BootSignal, Member, MemberState, RefreshStatus, Replacement
 from amiforge.recipe import Checks
 from amiforge.waiting import Wait, poll, retry
@@ -139,7 +152,8 @@ class AsgFleet:
 
     `wait`: delays and the deadline for the group to launch replacements and to stop being busy; its `sleep` and
     `clock` are the ones every wait uses. `now`: the wall clock readiness deadlines and recorded times use (EC2's
-    LaunchTime is wall-clock time). `console_grace`: added to `checks.ready_within` for EC2's console delay."""
+    LaunchTime is wall-clock time). `console_grace`: added to `checks.ready_within` for EC2's console delay.
+    `console_reader`: how an instance's console is read (machine.ConsoleReader; tests inject fakes)."""
 
     def __init__(
         self,
@@ -150,6 +164,7 @@ class AsgFleet:
         wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=600.0),
         console_grace: float = CONSOLE_GRACE,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        console_reader: ConsoleFactory = ConsoleReader,
     ) -> None:
         self.session = session
         self.region = region
@@ -157,6 +172,12 @@ class AsgFleet:
         self.wait = wait
         self.console_grace = console_grace
         self._now = now
+        self._console_reader = console_reader
+        # One console per instance for the fleet's life: its reader remembers a Xen type's fallback, its log joins
+        # EC2's sliding windows. Dropped once the readiness line is seen; the line's uptime is kept instead.
+        self._consoles: dict[str, ConsoleLog] = {}
+        self._ready_seen: dict[str, float] = {}
+        self._hypervisors: dict[str, str] = {}
 
     def now(self) -> datetime:
         """The fleet's wall clock (readiness deadlines are measured with it)."""
@@ -174,6 +195,7 @@ class AsgFleet:
         alarms: Sequence[str],
         token: str,
         min_healthy_percentage: int = 90,
+        auto_rollback: bool = True,
     ) -> str:
         return refresh.start_refresh(
             self,
@@ -184,6 +206,7 @@ class AsgFleet:
             alarms=alarms,
             token=token,
             min_healthy_percentage=min_healthy_percentage,
+            auto_rollback=auto_rollback,
         )
 
     def refresh_status(self, refresh_id: str) -> RefreshStatus:
@@ -345,7 +368,8 @@ class AsgFleet:
             raise ConfigError(
                 f"group {name} uses a mixed instances policy, which amiforge does not roll out (its overrides may "
                 "launch from other templates and instance types)",
-                fix="roll it out with an instance refresh, or give the canary group a plain launch template",
+                fix="give the group a plain launch template (LaunchTemplate, no MixedInstancesPolicy): neither the "
+                "canary nor the instance refresh mode rolls out a mixed group",
             )
         if raw.get("LaunchConfigurationName") or not raw.get("LaunchTemplate"):
             raise ConfigError(
@@ -374,10 +398,54 @@ class AsgFleet:
             )
         template = find_template(self.session, self.region, template_id=str(spec["LaunchTemplateId"]))
         if version == "$Default":
-            return template, template.default
-        if VERSION_RE.fullmatch(version) is None:
+            source = template.default
+        elif VERSION_RE.fullmatch(version) is None:
             raise ConfigError(f"group {name} has launch template version {version!r}", fix="use a version number")
-        return template, int(version)
+        else:
+            source = int(version)
+        self._refuse_xen(name, template, source)
+        return template, source
+
+    def _refuse_xen(self, name: str, template: Template, source: int) -> None:
+        """ConfigError when the group launches a Xen instance type. A new member is judged by the readiness line on
+        its console, and EC2 gives the latest console output only on the Nitro hypervisor; on Xen it posts a buffered
+        copy shortly after a state change (start, stop, reboot, terminate), which may never show a line written
+        later — a good image would be judged not ready and rolled back. Fleet members have no communicator to read
+        the line another way, so such a group is refused before anything is replaced. (The instance type is the
+        template version's: a mixed instances policy, whose overrides name others, is refused before this.)"""
+        version = describe_versions(self.session, self.region, template, {source}).get(source)
+        instance_type = str((version or {}).get("LaunchTemplateData", {}).get("InstanceType") or "")
+        if not instance_type:  # nothing to judge: the group cannot launch from this version without a type either
+            return
+        if self._hypervisor(instance_type) == "xen":
+            raise ConfigError(
+                f"group {name} launches {instance_type} (launch template {template.name} version {source}), a Xen "
+                "instance type: EC2 posts its console only around boot, reboot and termination, so the readiness "
+                "line a new member writes may never be seen and a good image would be judged not ready",
+                fix=f"give the group a Nitro instance type (e.g. t3, m5, m7i or newer; aws ec2 "
+                f"describe-instance-types --instance-types {instance_type} shows Hypervisor): create a version of "
+                f"{template.name} with another InstanceType and pin the group to it",
+            )
+
+    def _hypervisor(self, instance_type: str) -> str:
+        """`nitro` or `xen` (DescribeInstanceTypes; '' for bare metal, which runs on the Nitro System without a
+        hypervisor). ConfigError for a type EC2 does not offer in the region."""
+        if instance_type not in self._hypervisors:
+            # A filter rather than InstanceTypes=[…]: an unknown type is then an empty answer, not an error code.
+            found = call(
+                self.session.client("ec2", self.region),
+                "DescribeInstanceTypes",
+                instance_type,
+                Filters=[{"Name": "instance-type", "Values": [instance_type]}],
+            ).get("InstanceTypes", [])
+            if not found:
+                raise ConfigError(
+                    f"group {self.target} launches {instance_type}, an instance type EC2 does not offer in "
+                    f"{self.region}",
+                    fix="give the group's launch template an instance type offered in its region",
+                )
+            self._hypervisors[instance_type] = str(found[0].get("Hypervisor") or "")
+        return self._hypervisors[instance_type]
 
     def _start(self, group: Group, replacements: Sequence[Replacement], image_id: str) -> list[Claim]:
         """Find what earlier calls did for these tokens; mark and terminate the old members of the others."""
@@ -565,6 +633,8 @@ class AsgFleet:
                     f"no AMIFORGE-READY on its console within {checks.ready_within:g}s "
                     f"(+{self.console_grace:g}s for EC2's console delay) of its launch"
                 )
+                if self._console_lossy(instance.id):
+                    detail += " (its console wrote more than EC2's 64 KB window between reads: the line may be lost)"
             else:
                 detail = "waiting for AMIFORGE-READY on its console"
         if state == "failed" and FAILED_TAG not in tags:
@@ -667,8 +737,23 @@ class AsgFleet:
         )
 
     def _console_uptime(self, instance_id: str) -> float | None:
-        found = READY_RE.search(SsmMachine(self.session, self.region, instance_id).console())
-        return float(found.group(1)) if found else None
+        """The uptime on the instance's complete readiness line, once its console has shown one (None: not yet).
+        Once seen it is kept: the line scrolls out of EC2's 64 KB window as the instance goes on writing."""
+        if instance_id in self._ready_seen:
+            return self._ready_seen[instance_id]
+        log = self._consoles.get(instance_id)
+        if log is None:
+            log = self._consoles[instance_id] = ConsoleLog(self._console_reader(self.session, self.region, instance_id))
+        uptime = ready_uptime(log.read())
+        if uptime is not None:
+            self._ready_seen[instance_id] = uptime
+            del self._consoles[instance_id]  # nothing more to read there
+        return uptime
+
+    def _console_lossy(self, instance_id: str) -> bool:
+        """Whether the instance's console may have lost text between reads (more than EC2's window at a time)."""
+        log = self._consoles.get(instance_id)
+        return log is not None and log.lossy
 
     def _busy_retry(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, again while it fails with a retryable error (a busy group: ScalingActivityInProgress,

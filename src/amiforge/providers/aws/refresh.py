@@ -5,7 +5,11 @@ The self-run canary is `AsgFleet.replace` (fleet.py): amiforge picks each member
 AWS does the replacing (StartInstanceRefresh); the rollout controller starts the refresh, polls `refresh_status`, and
 calls `roll_back_refresh` when its own gates fail. Three calls, all idempotent:
 
-- `start_refresh(fleet, artifact, version_ref, checkpoints=, checkpoint_delay=, alarms=, token=)` → the refresh id.
+- `start_refresh(fleet, artifact, version_ref, checkpoints=, checkpoint_delay=, alarms=, token=, auto_rollback=)` →
+  the refresh id. AutoRollback is on unless asked otherwise: AWS rolls a failing refresh back to the group's
+  configuration at its start. A roll-forward (a refresh back to the previous version after a refresh to a bad one
+  had already succeeded) starts *from* the bad version, so its AutoRollback would put the bad image back: the
+  controller starts it with `auto_rollback=False`.
 - `refresh_status(fleet, refresh_id)` → `RefreshStatus` (one DescribeInstanceRefreshes entry, normalised).
 - `roll_back_refresh(fleet, refresh_id)` → `RefreshStatus` after RollbackInstanceRefresh (or as it is, when it is
   already rolling back or rolled back).
@@ -16,8 +20,9 @@ calls `roll_back_refresh` when its own gates fail. Three calls, all idempotent:
   1..100 and ending at 100 (the refresh must cover the whole group), a delay of 0..172800 s, at most 10 alarms, each
   existing in the region (a typo must not switch a gate off).
 - The group must launch from a launch template, carry `amiforge:rollout=enabled` (the IAM policy only lets amiforge
-  change groups with that tag), and not use a mixed instances policy: `AsgFleet.rollout_group()` checks these as
-  replace() does.
+  change groups with that tag), not use a mixed instances policy, and not launch a Xen instance type (the new
+  instances are judged by the readiness line on their consoles, which EC2 shows as it is only on Nitro types):
+  `AsgFleet.rollout_group()` checks these as replace() does.
 - The group's template version must be a **number**. AWS rolls a refresh back to the group's configuration as it was
   at the start; with `$Latest` or `$Default` (or no version, which is `$Default`) that is a moving reference, so AWS
   refuses to roll back (IrreversibleInstanceRefresh) — and `$Latest` would even start launching our version the
@@ -108,8 +113,10 @@ def start_refresh(
     alarms: Sequence[str],
     token: str,
     min_healthy_percentage: int = 90,
+    auto_rollback: bool = True,
 ) -> str:
-    """Start (or find, see the module) the instance refresh of `fleet`'s group to `artifact`; its id."""
+    """Start (or find, see the module) the instance refresh of `fleet`'s group to `artifact`; its id. `auto_rollback`
+    off for a roll-forward (see the module)."""
     image_id = _check_request(
         fleet, artifact, version_ref, checkpoints, checkpoint_delay, alarms, token, min_healthy_percentage
     )
@@ -172,7 +179,7 @@ def start_refresh(
         "CheckpointPercentages": list(checkpoints),
         "CheckpointDelay": checkpoint_delay,
         "MinHealthyPercentage": min_healthy_percentage,
-        "AutoRollback": True,
+        "AutoRollback": auto_rollback,
         "SkipMatching": True,
         # Never block on what the group's owner set apart (see the module): AWS's default, Wait, holds the refresh
         # for an hour per such instance and then fails it.
