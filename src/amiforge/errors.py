@@ -6,7 +6,7 @@ Each family fixes the process exit code (docs/architecture.md §6) and the HTTP 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -153,6 +153,24 @@ class InfraError(AmiforgeError):
 
     def as_dict(self) -> dict[str, object]:
         return {**super().as_dict(), "retryable": self.retryable}
+
+
+class PartlyDone(AmiforgeError):
+    """An operation over several places (regions, accounts) failed at one after it had done others: `error` is that
+    failure, and `done` what did happen, for the caller to record before it reports `error`. Whoever does not unwrap
+    it sees the failure itself: its message, fix, exit code and kind are `error`'s."""
+
+    def __init__(self, error: AmiforgeError, done: Sequence[Mapping[str, object]]) -> None:
+        super().__init__(error.message, fix=error.fix)
+        self.error = error
+        self.done = tuple(done)
+        self.exit_code, self.http_status, self.kind = error.exit_code, error.http_status, error.kind
+
+    def diagnostics(self) -> str:
+        return self.error.diagnostics()
+
+    def as_dict(self) -> dict[str, object]:
+        return self.error.as_dict()
 
 
 class ToolMissing(InfraError):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from amiforge.errors import AmiforgeError, ConfigError, GateFailed
+from amiforge.errors import AmiforgeError, ConfigError, GateFailed, PartlyDone
 from amiforge.lifecycle.boottest import provider_spec_of
 from amiforge.lifecycle.runs import new_run_id
 from amiforge.lifecycle.sign import verify
@@ -78,12 +78,27 @@ def publish_channel(
             artifacts, provider_spec_of(version), name=version.name, channel=channel, run_id=run_id
         )
     except AmiforgeError as e:
+        error = e.error if isinstance(e, PartlyDone) else e
+        if isinstance(e, PartlyDone):
+            # Publications before the failure happened (those parameters and templates hold the version now): their
+            # records, what each replaced included, are kept as for a complete publish.
+            store.append_event(
+                "publish",
+                actor=settings.actor,
+                ref=version.ref,
+                data={"channel": channel, "run": run_id, "records": list(e.done), "incomplete": True},
+            )
         store.append_event(
-            "publish.failed", actor=settings.actor, ref=version.ref, data={"channel": channel, "error": str(e)}
+            "publish.failed",
+            actor=settings.actor,
+            ref=version.ref,
+            data={"channel": channel, "run": run_id, "error": str(error)},
         )
         rerun = f"{version.name}:{channel} points at {version.ref} in the registry; rerun the promote to publish it"
-        e.fix = f"{e.fix}; then {rerun}" if e.fix else rerun
-        raise
+        error.fix = f"{error.fix}; then {rerun}" if error.fix else rerun
+        if error is e:
+            raise
+        raise error from error.__cause__  # the failure itself, not the wrapper of what was done before it
     store.append_event(
         "publish", actor=settings.actor, ref=version.ref, data={"channel": channel, "run": run_id, "records": records}
     )

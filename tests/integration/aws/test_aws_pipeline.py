@@ -447,6 +447,40 @@ def test_promote_publishes_in_consumer_accounts_through_their_roles(env: Env, mo
     assert theirs.get_parameter(Name="/amiforge/web/dev")["Parameter"]["Value"] == artifact["location"]
 
 
+def test_a_publication_that_fails_in_a_later_region_records_the_ones_before(env: Env) -> None:
+    """The recipe's launch template exists in the bake region only: promote publishes there, then fails in the copy's
+    region. What happened is recorded (a publish event with the first region's record, what it replaced included),
+    then publish.failed, and the command fails as the failure itself (NotFound: exit 3). The rerun converges."""
+    env.recipe.write_text(
+        RECIPE.replace("publish: {parameter_prefix: /amiforge}", "publish: {launch_template: web-fleet}")
+    )
+    artifact = bake_to_signed(env)
+    assert env.cli("distribute", "web@1").code == 0
+    env.ec2.create_launch_template(LaunchTemplateName="web-fleet", LaunchTemplateData={"ImageId": artifact["location"]})
+
+    failed = env.cli("promote", "web@1", "--channel", "dev")
+    assert failed.code == 3, failed.err
+    assert "web-fleet" in failed.err and COPY_REGION in failed.err and "rerun the promote" in failed.err
+    events = [e for e in env.cli("events", "web@1", "--json").json() if e["kind"].startswith("publish")]
+    assert [e["kind"] for e in events] == ["publish", "publish.failed"]
+    done, failure = events[0]["data"], events[1]["data"]
+    assert done["incomplete"] is True and done["run"] == failure["run"] and "web-fleet" in failure["error"]
+    (record,) = done["records"]
+    assert (record["region"], record["image_id"], record["previous_image_id"]) == (REGION, artifact["location"], None)
+    assert (record["launch_template"], record["launch_template_version"], record["previous_lt_version"]) == (
+        "web-fleet",
+        1,
+        None,
+    )  # the template's default already held the image
+
+    copy_ec2: Any = env.aws.ec2(COPY_REGION)
+    (copy,) = env.images(COPY_REGION)
+    copy_ec2.create_launch_template(LaunchTemplateName="web-fleet", LaunchTemplateData={"ImageId": copy["ImageId"]})
+    again = env.cli("promote", "web@1", "--channel", "dev", "--json")
+    assert again.code == 0, again.err
+    assert {r["region"]: r["changed"] for r in again.json()["published"]} == {REGION: False, COPY_REGION: True}
+
+
 def test_publishing_for_an_account_without_a_role_says_how_to_configure_it(env: Env) -> None:
     env.recipe.write_text(
         RECIPE.replace("publish: {parameter_prefix: /amiforge}", f'publish: {{accounts: ["{SHARE_ACCOUNT}"]}}')

@@ -8,7 +8,7 @@ from conftest import Aws
 
 from amiforge.awsapi.clients import call
 from amiforge.awsapi.errors import AWS_ERRORS, rule_for, translate
-from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, StateError
+from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound, PartlyDone, StateError
 from amiforge.providers.aws.ssh import new_key_pair
 
 
@@ -112,3 +112,12 @@ def test_key_pair_codes_as_ec2_answers_them(aws: Aws) -> None:
     assert "InvalidKeyPair.NotFound" in missing.value.message
     assert rule_for("InvalidKeyPair.NotFound") is AWS_ERRORS["InvalidKeyPair.NotFound"] is not AWS_ERRORS["*.NotFound"]
     assert missing.value.fix is not None and "key pair" in missing.value.fix
+
+
+def test_partly_done_is_reported_as_the_failure_it_carries() -> None:
+    """A caller that does not unwrap PartlyDone (only promote records its `done`) still reports the failure itself."""
+    failure = NotFound("launch template web-fleet does not exist in us-east-1", fix="create it")
+    wrapped = PartlyDone(failure, [{"region": "eu-west-1", "image_id": "ami-0000000000test01"}])
+    assert (wrapped.exit_code, wrapped.http_status, wrapped.kind) == (3, 404, "not_found")
+    assert wrapped.diagnostics() == failure.diagnostics() and wrapped.as_dict() == failure.as_dict()
+    assert wrapped.error is failure and wrapped.done == ({"region": "eu-west-1", "image_id": "ami-0000000000test01"},)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import boto3
 
 from amiforge.awsapi.clients import AwsSession
-from amiforge.errors import ConfigError, StateError
+from amiforge.errors import AmiforgeError, ConfigError, PartlyDone, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
 from amiforge.providers.aws.asg_records import parse_group_target
@@ -271,24 +271,31 @@ class AwsProvider:
     def publish(
         self, artifacts: list[Artifact], spec: ProviderSpec, *, name: str, channel: str, run_id: str
     ) -> list[dict[str, object]]:
+        """One publication per artifact's region and account. A failure after some were made is a PartlyDone carrying
+        their records (they happened: the caller records them), and the failure itself."""
         aws = aws_spec(spec, f"{name}:{channel}")
         records: list[dict[str, object]] = []
-        for artifact in artifacts:
-            home = self.session(artifact.region)
-            # The caller's account, then each consumer account through its role (its own parameter and template).
-            for account, session in ((None, home), *((a, home.as_account(a)) for a in aws.publish.accounts)):
-                done = publish(
-                    session,
-                    region=artifact.region,
-                    name=name,
-                    channel=channel,
-                    image_id=artifact.location,
-                    parameter_prefix=aws.publish.parameter_prefix,
-                    launch_template=aws.publish.launch_template,
-                    run_id=run_id,
-                    wait=self.publish_wait,
-                )
-                records.append({**dataclasses.asdict(done), "account": account})
+        try:
+            for artifact in artifacts:
+                home = self.session(artifact.region)
+                # The caller's account, then each consumer account through its role (its own parameter and template).
+                for account, session in ((None, home), *((a, home.as_account(a)) for a in aws.publish.accounts)):
+                    done = publish(
+                        session,
+                        region=artifact.region,
+                        name=name,
+                        channel=channel,
+                        image_id=artifact.location,
+                        parameter_prefix=aws.publish.parameter_prefix,
+                        launch_template=aws.publish.launch_template,
+                        run_id=run_id,
+                        wait=self.publish_wait,
+                    )
+                    records.append({**dataclasses.asdict(done), "account": account})
+        except AmiforgeError as e:
+            if records:
+                raise PartlyDone(e, records) from e
+            raise
         return records
 
     # --- gc (Collector): tagged resources of finished runs, found by their tags -------------------------------
