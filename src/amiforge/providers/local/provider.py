@@ -123,7 +123,7 @@ class LocalProvider:
         results: list[CheckResult] = []
         ready_at: float | None = None
         with qemu.Guest(guest_spec) as guest:
-            ready = guest.wait_for(in_guest.READY_RE, checks.ready_within)
+            ready = guest.wait_for(in_guest.READY_LINE_RE, checks.ready_within)
             if ready is None:
                 state = "QEMU exited" if not guest.running() else f"not ready within {checks.ready_within:.0f}s"
                 results.append(CheckResult("ready", "ready", False, state))

@@ -112,6 +112,9 @@ class Guest:
         self.spec = spec
         self._proc: subprocess.Popen[bytes] | None = None
         self._lines: list[tuple[float, str]] = []
+        # The console's last line is cut off (no newline) when QEMU exits in the middle of writing it.
+        self._cut_off = False
+        self._read_all = False  # QEMU's output has ended and every line of it is in _lines
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self.started = 0.0
@@ -132,27 +135,32 @@ class Guest:
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        for raw in self._proc.stdout:
+        for raw in self._proc.stdout:  # whole lines, but for a last one QEMU did not finish before it exited
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             with self._cond:
                 self._lines.append((time.monotonic() - self.started, line))
+                self._cut_off = not raw.endswith(b"\n")
                 self._cond.notify_all()
         with self._cond:
+            self._read_all = True
             self._cond.notify_all()
 
     def wait_for(self, pattern: re.Pattern[str] | str, timeout: float) -> tuple[float, str] | None:
-        """The first console line matching `pattern` (with its time since start), or None on timeout/exit."""
+        """The first console line matching `pattern` (with its time since start); None on timeout, or once QEMU has
+        exited and every line it wrote was looked at. A line is matched with its newline, so a pattern that ends in
+        one (guest.READY_LINE_RE) never takes a line QEMU was cut off in the middle of."""
         deadline = time.monotonic() + timeout
         regex = re.compile(re.escape(pattern)) if isinstance(pattern, str) else pattern
         seen = 0
         with self._cond:
             while True:
-                for t, line in self._lines[seen:]:
-                    if regex.search(line):
+                last = len(self._lines) - 1
+                for i, (t, line) in enumerate(self._lines[seen:], start=seen):
+                    if regex.search(line if i == last and self._cut_off else line + "\n"):
                         return t, line
                 seen = len(self._lines)
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.running():
+                if left <= 0 or self._read_all:
                     return None
                 self._cond.wait(min(left, 0.5))
 
