@@ -48,9 +48,11 @@ from moto import mock_aws
 from moto_emulation import ApiCalls, PagingEmulation, fast_tag_lookup, shared_images
 
 import amiforge
+import amiforge.providers
 from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import InfraError
-from amiforge.model import Artifact
+from amiforge.lifecycle.sign import check_artifact_bytes
+from amiforge.model import Artifact, ImageVersion, Status
 from amiforge.providers.aws.bake import SshConnect
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.gc import apply_gc, plan_gc
@@ -412,10 +414,24 @@ def _signing_key(h: Harness) -> str:
     return str(kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"])
 
 
+def _signed_artifacts(h: Harness) -> Callable[[], None]:
+    """What `amiforge sign` and `verify` ask of a version's AWS artifacts before they sign or verify: that each still
+    has the digest the registry recorded (lifecycle.sign.check_artifact_bytes, through the provider it names)."""
+    signed = artifact(h, image(h, "web-1"))
+    settings = Settings(data_dir=h.work / "data")
+    h.patch.setattr(amiforge.providers, "PROVIDERS", {**amiforge.providers.PROVIDERS, "aws": h.provider})
+    now = datetime.now(UTC)
+    version = ImageVersion(1, "web", 1, Status.SCANNED, "0" * 64, "recipe.yaml", "aws", now, now, digest="0" * 64)
+    return lambda: check_artifact_bytes(version, [signed], settings)
+
+
 def _sign(h: Harness) -> None:
-    """`amiforge keys trust --kms-key` and `amiforge sign --kms-key`: the key resolved, its public key, a signature."""
+    """`amiforge keys trust --kms-key` and `amiforge sign --kms-key`: the artifacts' digests, the key resolved, its
+    public key, a signature."""
     key = _signing_key(h)
+    check_artifacts = _signed_artifacts(h)
     h.begin()
+    check_artifacts()
     signer = KmsSigner(key, REGION, session=h.aws.session)
     assert signer.key_id == f"kms:{key}"
     signer.public_key_pem()
@@ -423,9 +439,12 @@ def _sign(h: Harness) -> None:
 
 
 def _verify(h: Harness) -> None:
+    """`amiforge verify` with a KMS key the registry lacks the public key of, and the artifacts' digests."""
     key = _signing_key(h)
+    check_artifacts = _signed_artifacts(h)
     h.begin()
     KmsVerifier(REGION, session=h.aws.session).public_key_pem("kms:" + key)
+    check_artifacts()
 
 
 def _distribute(h: Harness) -> None:

@@ -94,8 +94,12 @@ def test_least_privilege_for_a_narrow_set() -> None:
     doc = policy_document(["inventory"])
     assert doc["Statement"] == [{"Sid": "Ec2Any", "Effect": "Allow", "Action": ["ec2:DescribeImages"], "Resource": "*"}]
     signing = policy_document(["sign-kms"])["Statement"]
-    assert [s["Action"] for s in signing] == [["kms:DescribeKey", "kms:GetPublicKey", "kms:Sign"]]
-    assert signing[0]["Resource"] == "*"  # no keys given: the key is only known at run time
+    # The artifacts' digests (ec2:DescribeImages), then the key.
+    assert [s["Action"] for s in signing] == [
+        ["ec2:DescribeImages"],
+        ["kms:DescribeKey", "kms:GetPublicKey", "kms:Sign"],
+    ]
+    assert signing[1]["Resource"] == "*"  # no keys given: the key is only known at run time
     publishing = policy_document(["publish"], parameter_prefix="/golden/")["Statement"]
     (writes,) = [s for s in publishing if "ssm:PutParameter" in s["Action"]]
     assert writes["Resource"] == ["arn:aws:ssm:*:*:parameter/golden/*"]

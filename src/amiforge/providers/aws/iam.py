@@ -133,8 +133,10 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     | _EBS_KEY_USE
     | {"ec2:GetConsoleOutput", "ec2:DescribeImages", "ec2:DescribeInstanceTypes"}
     | {"ec2:ImportKeyPair", "ec2:DeleteKeyPair"},
-    "sign-kms": frozenset({"kms:DescribeKey", "kms:Sign", "kms:GetPublicKey"}),  # signing/kms.py KmsSigner
-    "verify-kms": frozenset({"kms:GetPublicKey"}),  # signing/kms.py KmsVerifier; the check itself is offline
+    # signing/kms.py KmsSigner; and sign and verify read each AWS artifact's digest now (lifecycle/sign.py
+    # check_artifact_bytes → provider.current_digest: ec2:DescribeImages).
+    "sign-kms": _READ_IMAGES | {"kms:DescribeKey", "kms:Sign", "kms:GetPublicKey"},
+    "verify-kms": _READ_IMAGES | {"kms:GetPublicKey"},  # signing/kms.py KmsVerifier; the check itself is offline
     "distribute": _READ_IMAGES
     | {
         "ec2:CopyImage",
