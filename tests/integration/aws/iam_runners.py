@@ -143,7 +143,7 @@ class Harness:
         settings = settings or Settings(data_dir=self.work / "data")
         kwargs.setdefault("tag_snapshots_at_creation", False)  # moto 5.2.5: NotImplementedError for snapshot tags
         kwargs.setdefault("publish_wait", self.wait(deadline=180.0))  # never the real clock
-        kwargs.setdefault("copy_sleep", self.clock.sleep)
+        kwargs.setdefault("copy_wait", self.wait(deadline=3 * 3600.0))
         return AwsProvider(settings, boto_session=self.boto, **kwargs)
 
 

@@ -100,7 +100,7 @@ class Env:
             fleet_wait=self.fleet_time.wait(),
             fleet_now=self.fleet_time.now,  # the fleet's readiness deadlines move with its (fake) sleeps
             publish_wait=fast,
-            copy_sleep=self.clock.sleep,
+            copy_wait=fast,
         )
 
     def seed_root(self, image_id: str) -> None:

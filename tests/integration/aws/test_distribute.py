@@ -9,10 +9,11 @@ import pytest
 from botocore.exceptions import ClientError
 from conftest import ACCOUNT, Aws
 from distribute_fixtures import CopyImageEmulation, Crash, Crashed, DeregistrationProtection, backend_tags
+from fake_machine import Clock
 from moto.ec2.models import ec2_backends
 from moto.kms.models import kms_backends
 
-from amiforge.errors import ConfigError
+from amiforge.errors import ConfigError, StateError
 from amiforge.providers.aws.distribute import (
     SOURCE_IMAGE_TAG,
     DistributionPlan,
@@ -24,6 +25,7 @@ from amiforge.providers.aws.distribute import (
     plan_distribution,
 )
 from amiforge.providers.aws.images import describe_image
+from amiforge.waiting import Wait
 
 SOURCE_REGION = "us-east-1"
 TARGETS = ("eu-west-1", "ap-southeast-2")
@@ -117,12 +119,13 @@ def _env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
     return Env(aws, copies, protection, crash)
 
 
-def _no_sleep(_: float) -> None:
-    return None
-
-
 def _run(env: Env, plan: DistributionPlan, **kw: Any) -> DistributionResult:
-    return distribute(plan, env.aws.session, sleep=_no_sleep, **kw)
+    """distribute() on a fake clock: its waits for pending copies never sleep, and their deadlines still pass."""
+    clock = Clock()
+    kw.setdefault(
+        "copy_wait", Wait(first_delay=1.0, max_delay=30.0, deadline=3 * 3600.0, sleep=clock.sleep, clock=clock)
+    )
+    return distribute(plan, env.aws.session, **kw)
 
 
 # --- planning -----------------------------------------------------------------------------------------------------
@@ -279,6 +282,22 @@ def test_running_twice_adopts(env: Env) -> None:
     assert all(r.adopted for r in second.regions)
     assert env.aws.calls["ec2.CopyImage"] == 0
     assert env.state(source) == before and all(len(images) == 1 for images in before.values())
+
+
+def test_a_copy_pending_past_the_deadline_is_left_to_a_rerun(env: Env) -> None:
+    """The wait for a pending copy runs on the Wait's clock: a copy still pending at the deadline (here, after three
+    simulated hours) stops the run with a StateError that says to re-run later, and nothing is shared meanwhile."""
+    env.copies.pending_looks = 10**6
+    source = env.source()
+    region = TARGETS[0]
+    plan = plan_distribution(source, SOURCE_REGION, [RegionTarget(region, env.keys[region])], run_id="slow")
+    clock = Clock()
+    wait = Wait(first_delay=1.0, max_delay=30.0, deadline=3 * 3600.0, sleep=clock.sleep, clock=clock)
+    with pytest.raises(StateError) as error:
+        _run(env, plan, copy_wait=wait)
+    assert "pending" in error.value.message and error.value.fix is not None and "re-run" in error.value.fix
+    assert 3 * 3600.0 - 30.0 <= clock.now <= 3 * 3600.0 + 30.0
+    assert env.aws.calls["ec2.ModifyImageAttribute"] == 0
 
 
 def test_a_copys_snapshots_are_tagged_at_creation(env: Env) -> None:

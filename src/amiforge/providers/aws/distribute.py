@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from amiforge.awsapi.clients import AwsSession, call, eventually, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateError
 from amiforge.model import AWS_REGION_RE
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
+from amiforge.waiting import Wait
 
 __all__ = [
     "RUN_TAG",
@@ -81,8 +81,8 @@ _OU_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:ou/o-[a-z0-9]{10,3
 _RUN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _KMS_REGION_RE = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):")
 
-# How long a copy may stay `pending`: large images take tens of minutes to copy across regions.
-DEFAULT_COPY_TIMEOUT = 3 * 3600.0
+# Looks at a pending copy: large images take tens of minutes to copy across regions; a copy may stay pending 3 h.
+COPY_WAIT = Wait(first_delay=1.0, max_delay=30.0, deadline=3 * 3600.0)
 
 
 @dataclass(frozen=True)
@@ -397,8 +397,7 @@ def distribute(
     *,
     max_parallel_regions: int = 8,
     on_progress: ProgressCallback | None = None,
-    copy_timeout: float = DEFAULT_COPY_TIMEOUT,
-    sleep: Callable[[float], None] = time.sleep,
+    copy_wait: Wait = COPY_WAIT,
 ) -> DistributionResult:
     """Preflight, then converge every target region (in parallel, at most `max_parallel_regions` at once).
 
@@ -419,7 +418,7 @@ def distribute(
     workers = min(max_parallel_regions, len(plan.targets))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="amiforge-distribute") as pool:
         futures: list[tuple[RegionTarget, Future[RegionResult]]] = [
-            (t, pool.submit(_converge, plan, session, report, t, notify, copy_timeout, sleep)) for t in plan.targets
+            (t, pool.submit(_converge, plan, session, report, t, notify, copy_wait)) for t in plan.targets
         ]
         outcomes: list[tuple[RegionTarget, RegionResult | Exception]] = []
         for target, future in futures:
@@ -443,8 +442,7 @@ def _converge(
     report: PreflightReport,
     target: RegionTarget,
     notify: ProgressCallback,
-    copy_timeout: float,
-    sleep: Callable[[float], None],
+    copy_wait: Wait,
 ) -> RegionResult:
     region = target.region
     ec2 = session.client("ec2", region)
@@ -480,7 +478,7 @@ def _converge(
         )
         notify(Progress(region, "copied", image_id))
 
-    image = _wait_available(session, region, image_id, copy_timeout, sleep)
+    image = _wait_available(session, region, image_id, copy_wait)
     notify(Progress(region, "available", image_id))
 
     # Again, even for a fresh copy: converges an endpoint that ignored TagSpecifications, an adopted copy whose
@@ -569,9 +567,7 @@ def _adopt(ec2: Any, plan: DistributionPlan, region: str) -> str | None:
     return str(image["ImageId"])
 
 
-def _wait_available(
-    session: AwsSession, region: str, image_id: str, timeout: float, sleep: Callable[[float], None]
-) -> Mapping[str, Any]:
+def _wait_available(session: AwsSession, region: str, image_id: str, wait: Wait) -> Mapping[str, Any]:
     def available() -> Mapping[str, Any]:
         image = describe_image(session, region, image_id)
         state = image.get("State")
@@ -586,6 +582,14 @@ def _wait_available(
         )
 
     try:
-        return eventually(available, retry_on=(NotFound, _Pending), timeout=timeout, max_delay=30.0, sleep=sleep)
+        return eventually(
+            available,
+            retry_on=(NotFound, _Pending),
+            timeout=wait.deadline,
+            first_delay=wait.first_delay,
+            max_delay=wait.max_delay,
+            sleep=wait.sleep,
+            clock=wait.clock,
+        )
     except _Pending as e:
         raise StateError(e.message, fix="the copy continues on AWS: re-run distribute later to adopt it") from e

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -37,7 +36,7 @@ from amiforge.providers.aws.bake import (
     bake_on_ec2,
     boot_test_on_ec2,
 )
-from amiforge.providers.aws.distribute import Progress, RegionTarget, distribute, plan_distribution
+from amiforge.providers.aws.distribute import COPY_WAIT, Progress, RegionTarget, distribute, plan_distribution
 from amiforge.providers.aws.doctor import aws_report
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
@@ -109,7 +108,7 @@ class AwsProvider:
         fleet_wait: Wait = Wait(first_delay=5.0, max_delay=15.0, deadline=600.0),
         fleet_now: Callable[[], datetime] = lambda: datetime.now(UTC),
         publish_wait: Wait = VALIDATION_WAIT,
-        copy_sleep: Callable[[float], None] = time.sleep,
+        copy_wait: Wait = COPY_WAIT,
     ) -> None:
         self.settings = settings
         self._boto_session = boto_session
@@ -123,7 +122,7 @@ class AwsProvider:
         self.fleet_wait = fleet_wait
         self.fleet_now = fleet_now
         self.publish_wait = publish_wait  # how long SSM may take to validate a channel's image (publish.py)
-        self.copy_sleep = copy_sleep  # between looks at a pending copy (distribute.py)
+        self.copy_wait = copy_wait  # looks at a pending copy (distribute.py)
 
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
@@ -265,7 +264,7 @@ class AwsProvider:
             elif update.step in ("adopted", "copying"):
                 progress(PhaseUpdate(update.region, "start", update.step))
 
-        result = distribute(plan, session, on_progress=step, sleep=self.copy_sleep)
+        result = distribute(plan, session, on_progress=step, copy_wait=self.copy_wait)
         return [done[r.region] for r in result.regions]
 
     def publish(
