@@ -187,6 +187,17 @@ def rule_for(code: str) -> Rule | None:
     return None
 
 
+def aws_code(error: BaseException) -> str | None:
+    """The AWS error code behind `error`: its own if it is a ClientError, else that of the ClientError it was
+    translated from (`clients.call` raises `translate(e) from e`); None when AWS answered no code."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ClientError):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    return str(cause.response.get("Error", {}).get("Code") or "") or None
+
+
 def is_permission_error(code: str) -> bool:
     """Whether AWS answered `code` because the caller lacks an IAM permission (the table's permission rows)."""
     rule = rule_for(code)

@@ -9,7 +9,7 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 
 from amiforge.awsapi.clients import AwsSession
-from amiforge.providers.aws.bake import ConsoleFactory
+from amiforge.providers.aws.console import ConsoleFactory
 from amiforge.providers.aws.machine import CommandResult, Leftovers, MachineFactory
 
 DPKG = "Package: nginx\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.22.1-9\n\n"

@@ -53,10 +53,10 @@ from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import InfraError
 from amiforge.lifecycle.sign import check_artifact_bytes
 from amiforge.model import Artifact, ImageVersion, Status
-from amiforge.providers.aws.bake import SshConnect
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.gc import apply_gc, plan_gc
 from amiforge.providers.aws.images import describe_image, inventory, resolve_source
+from amiforge.providers.aws.instances import SshConnect
 from amiforge.providers.aws.key_policy import SHARE_ACTIONS
 from amiforge.providers.aws.machine import CommandResult, Leftovers, Machine, MachineFactory, SsmMachine
 from amiforge.providers.aws.provider import AwsProvider, artifact_of

@@ -374,7 +374,7 @@ def test_gc_finds_what_a_failed_bake_left_and_removes_it_only_with_apply(
     from gc_fixtures import install_gc_emulation
 
     from amiforge.errors import InfraError
-    from amiforge.providers.aws import bake as bake_module
+    from amiforge.providers.aws import instances
 
     install_gc_emulation(env.aws.paging, monkeypatch)
     assert env.cli("bake", str(env.recipe), "--json").code == 0  # web@1: its image is registered, never collected
@@ -382,7 +382,7 @@ def test_gc_finds_what_a_failed_bake_left_and_removes_it_only_with_apply(
     def refuse(*_args: object) -> None:
         raise InfraError("TerminateInstances refused (injected)")
 
-    monkeypatch.setattr(bake_module, "_terminate", refuse)
+    monkeypatch.setattr(instances, "terminate", refuse)
     env.machine.respond = lambda _script: CommandResult(1, "", "step failed (injected)")
     failed = env.cli("bake", str(env.recipe))
     assert failed.code == 5  # web@2 fails, and its builder cannot be terminated: the error says what was left

@@ -19,16 +19,10 @@ from fake_machine import LEFTOVERS, Clock, FakeConsole, FakeMachine, console_of,
 
 from amiforge.errors import ConfigError, InfraError
 from amiforge.model import RemovedFile
-from amiforge.providers.aws.bake import (
-    CONSOLE_WINDOW,
-    Access,
-    AmiBuild,
-    ConsoleLog,
-    Placement,
-    bake_on_ec2,
-    boot_test_on_ec2,
-)
+from amiforge.providers.aws.bake import AmiBuild, bake_on_ec2, boot_test_on_ec2
+from amiforge.providers.aws.console import CONSOLE_WINDOW, ConsoleLog
 from amiforge.providers.aws.images import SourceImage
+from amiforge.providers.aws.instances import Access, Placement
 from amiforge.providers.aws.machine import MAX_COMMAND_CHARS, CommandResult, Machine, SsmMachine
 from amiforge.providers.aws.ssh import HOST_KEYS_BEGIN, HOST_KEYS_END, new_key_pair
 from amiforge.providers.guest import READY_FILE
@@ -491,6 +485,45 @@ def test_ssh_bake_imports_a_throwaway_key_pins_the_consoles_host_keys_and_delete
     assert public_key_of(call["private_key"]).split()[1] == imported_request["PublicKeyMaterial"].split()[1]
     assert connect.closed == 1
     assert machine.log[-1].endswith(LEFTOVERS.script())  # the generalisation removes what SSH left
+
+
+def test_ssh_key_pair_left_by_an_earlier_attempt_of_the_run_is_replaced(
+    aws: Aws, tmp_path: Path, clock: Clock, group: str
+) -> None:
+    """ImportKeyPair is not idempotent: when botocore retries one whose answer was lost, or an earlier attempt of the
+    same run made the key pair, AWS answers InvalidKeyPair.Duplicate. The name is the run's own, and its private half is
+    gone: the bake replaces it with its new key and goes on, and the run's cleanup still deletes it."""
+    block, _keys = host_key_block()
+    _stale_private, stale_public = new_key_pair("stale")
+    ec2: Any = boto3.client("ec2", region_name=REGION)
+    ec2.import_key_pair(KeyName="amiforge-run42-builder", PublicKeyMaterial=stale_public.encode())
+    connect = Connect(FakeMachine())
+    imported = record(aws, "ec2.ImportKeyPair")
+    fingerprints: list[str] = []
+
+    def respond(_script: str) -> CommandResult:
+        fingerprints.append(key_pairs(aws)[0]["KeyFingerprint"])
+        return CommandResult(0, "", "")
+
+    connect.machine.respond = respond
+    with Cleanups() as stack:
+        bake_on_ec2(
+            ssh_recipe(tmp_path, group),
+            SOURCE,
+            aws.session,
+            context(stack),
+            console_reader=console_of(FakeConsole([block])),
+            ssh_connect=connect,
+            wait=wait(clock),
+            access=Access("ssh"),
+            placement=Placement(security_group_ids=(group,)),
+            tag_snapshots_at_creation=False,
+        )
+    assert stack.leftovers == [] and key_pairs(aws) == []
+    assert len(imported) == 2, "the duplicate import, then the import of the replaced key pair"
+    (used,) = {public_key_of(call["private_key"]).split()[1] for call in connect.calls}
+    assert used == imported[1]["PublicKeyMaterial"].split()[1] != stale_public.encode().split()[1]
+    assert len(set(fingerprints)) == 1  # while the steps ran, one key pair: the new one
 
 
 def test_ssh_over_the_private_address(aws: Aws, tmp_path: Path, clock: Clock, group: str) -> None:

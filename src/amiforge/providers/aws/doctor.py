@@ -33,10 +33,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from amiforge.awsapi.clients import AwsSession, call, iam_action, paginate
-from amiforge.awsapi.errors import is_permission_error
+from amiforge.awsapi.errors import aws_code, is_permission_error
 from amiforge.errors import AmiforgeError, NotFound
 from amiforge.providers.aws.iam import OPERATIONS, policy_document
 from amiforge.providers.aws.key_policy import SHARE_ACTIONS, Audience, KeyAccess, key_access, parse_policy
@@ -219,8 +217,8 @@ class _Denied(Exception):
 
 
 def _raise_if_denied(error: AmiforgeError, client: Any, operation: str) -> None:
-    cause = error.__cause__
-    if isinstance(cause, ClientError) and is_permission_error(str(cause.response.get("Error", {}).get("Code", ""))):
+    code = aws_code(error)
+    if code is not None and is_permission_error(code):
         raise _Denied(iam_action(client, operation)) from error
 
 

@@ -37,8 +37,8 @@ from typing import Any, Final
 
 from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.errors import AmiforgeError, ConfigError, GateFailed, GateFailure, NotFound
-from amiforge.providers.aws.bake import RUN_TAG
 from amiforge.providers.aws.images import MANAGED_TAG, parse_aws_time
+from amiforge.providers.aws.instances import RUN_TAG
 from amiforge.providers.interface import GcOutcome, GcPlan, GcResult, Kind, Orphan, Outcome, RunState
 
 __all__ = [

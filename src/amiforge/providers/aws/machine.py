@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amiforge.awsapi.clients import AwsSession, call, eventually, iam_action
-from amiforge.awsapi.errors import CAUGHT, translate
+from amiforge.awsapi.errors import CAUGHT, aws_code, translate
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
 
 __all__ = [
@@ -261,11 +261,6 @@ class Machine(Protocol):
 MachineFactory = Callable[[AwsSession, str, str], Machine]
 
 
-def _code(error: Exception) -> str:
-    response = getattr(error, "response", None)
-    return str((response or {}).get("Error", {}).get("Code") or "") if isinstance(response, dict) else ""
-
-
 # --- the serial console -----------------------------------------------------------------------------------------
 
 # What EC2 answers when GetConsoleOutput(Latest=True) is asked of an instance type that cannot give it (the Xen types:
@@ -294,7 +289,7 @@ class ConsoleReader:
         try:
             answer = ec2.get_console_output(InstanceId=self.instance_id, Latest=True)
         except CAUGHT as e:
-            if _code(e) not in _LATEST_REFUSED:
+            if aws_code(e) not in _LATEST_REFUSED:
                 raise translate(e, iam_action(ec2, "GetConsoleOutput"), self.instance_id) from e
             answer = call(ec2, "GetConsoleOutput", self.instance_id, InstanceId=self.instance_id)
             self.latest = False  # only once the call without Latest has worked: it was Latest that was refused
