@@ -456,7 +456,7 @@ def _destructive_calls(world: World) -> list[tuple[str, str]]:
 
     def record(params: dict[str, Any], model: Any, **_: Any) -> None:
         if not model.name.startswith("Describe"):
-            named = ("ImageId", "SnapshotId", "VolumeId", "KeyName")
+            named = ("ImageId", "SnapshotId", "VolumeId", "KeyName", "KeyPairId")
             ids = [*params.get("InstanceIds", []), *(params.get(k) for k in named)]
             made.append((model.name, next(str(i) for i in ids if i)))
 

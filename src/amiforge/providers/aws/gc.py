@@ -486,7 +486,9 @@ def _remove_key_pair(ec2: Any, orphan: Orphan) -> GcOutcome:
     """DeleteKeyPair of a name that does not exist succeeds: look the key pair up first (by name and both tags), so a
     gone one is `gone` and one re-created under the name without amiforge's tags is left alone."""
     by_name = [{"Name": "key-name", "Values": [orphan.id]}]
-    if not _tagged_key_pairs(ec2, f"key pair {orphan.id}", extra=by_name):
+    found = _tagged_key_pairs(ec2, f"key pair {orphan.id}", extra=by_name)
+    if not found:
         return GcOutcome(orphan, "gone", "already gone (no key pair of this name carries amiforge's tags)")
-    call(ec2, "DeleteKeyPair", orphan.id, KeyName=orphan.id)
+    # By the id just looked up: a key pair deleted and re-created under the name in between is not this one.
+    call(ec2, "DeleteKeyPair", orphan.id, KeyPairId=str(found[0]["KeyPairId"]))
     return GcOutcome(orphan, "deleted", "deleted")

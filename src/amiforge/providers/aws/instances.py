@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from amiforge.awsapi.clients import AwsSession, call
@@ -101,7 +101,7 @@ def tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
 @dataclass(frozen=True)
 class KeyPair:
     name: str
-    private_key: str
+    private_key: str = field(repr=False)  # never in a log line or a traceback's locals
 
 
 def throwaway_key(session: AwsSession, region: str, ctx: RunContext, role: str) -> KeyPair:
