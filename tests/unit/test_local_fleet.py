@@ -105,6 +105,25 @@ def test_booting_then_ready_once_every_check_passed() -> None:
     assert member.location == "/img/web.qcow2" and member.version_ref == "web@1"
 
 
+def test_the_copies_of_the_readiness_line_make_one_readiness() -> None:
+    """amiforge-ready-repeat.service prints the line again, with its first uptime, once the checks reported."""
+    copies = ["AMIFORGE-READY 12.50", "[  OK  ] Started amiforge-ready-repeat.service.", "AMIFORGE-READY 12.50"]
+    member, signals = assess(_rec(), [*PASSED, *copies], running=True, now=_at(60))
+    assert (member.state, member.time_to_ready, member.detail) == ("ready", 12.5, "ready after 12.5s")
+    assert [(s.kind, s.at, s.time_to_ready) for s in signals] == [("launch", T0, None), ("ready", _at(12.5), 12.5)]
+
+
+def test_a_readiness_line_the_kernel_broke_into_waits_for_a_whole_copy() -> None:
+    """printk writes to the serial port itself, so its line can land inside ours: `AMIFORGE-READY 1` is not 1 s."""
+    broken = [*BOOT, "AMIFORGE-READY 1[   13.020511] random: crng init done", "2.50", *PASSED[len(READY) :]]
+    member, signals = assess(_rec(), broken, running=True, now=_at(20))
+    assert (member.state, member.time_to_ready) == ("launching", None)
+    assert [s.kind for s in signals] == ["launch"]
+    member, signals = assess(_rec(), [*broken, "AMIFORGE-READY 12.50"], running=True, now=_at(30))
+    assert (member.state, member.time_to_ready) == ("ready", 12.5)  # the checks that ran after the first print count
+    assert [(s.kind, s.at) for s in signals] == [("launch", T0), ("ready", _at(12.5))]
+
+
 def test_a_failed_check_fails_the_member_and_names_the_check() -> None:
     member, signals = assess(_rec(), FAILED_UNIT, running=True, now=_at(20))
     assert member.state == "failed"

@@ -29,6 +29,9 @@ def guest_file(name: str) -> bytes:
 
 # --- readiness and framed results on the console ----------------------------------------------------------
 
+# The readiness unit prints this line once multi-user.target is reached, then (amiforge-ready-repeat.service) the
+# same line, with the same uptime, every 15 s for 15 min, so a console kept as a window of its last bytes (EC2: 64 KB)
+# still holds it after a chatty boot. A boot's first complete line is its readiness; the copies say nothing new.
 READY_RE = re.compile(r"AMIFORGE-READY (\d+(?:\.\d+)?)")
 # The same line, complete: a console read while the line is being written can end inside its number ("12.3" of 12.34).
 READY_LINE_RE = re.compile(READY_RE.pattern + r"[ \t]*\r?\n")

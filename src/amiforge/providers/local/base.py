@@ -24,7 +24,9 @@ BASE_FORMAT = 1
 
 BASE_PACKAGES = ("linux-image-cloud-amd64", "systemd-sysv", "udev", "kmod", "ca-certificates")
 
-GUEST_FILES = ("amiforge-ready.service", "amiforge-ssh-keygen.service", "ready", "init")
+# The systemd units amiforge bakes in (installed, not all enabled: amiforge-ready.service pulls in its repeat).
+GUEST_UNITS = ("amiforge-ready.service", "amiforge-ready-repeat.service", "amiforge-ssh-keygen.service")
+GUEST_FILES = (*GUEST_UNITS, "ready", "init")
 
 # The local guest network (QEMU user networking, restrict=on) is IPv4 only. Asking for DHCPv6 or an IPv6
 # link-local address there only delays network-online.target — which nginx and most daemons wait for — by
@@ -137,8 +139,7 @@ def ensure_base(spec: BaseSpec, cache: Path, ctx: RunContext) -> tuple[str, Path
         ' && ln -s /bin/true "$1/usr/sbin/update-initramfs"',
     ]
     customize = [
-        f'install -D -m 0644 {g}/amiforge-ready.service "$1/etc/systemd/system/amiforge-ready.service"',
-        f'install -D -m 0644 {g}/amiforge-ssh-keygen.service "$1/etc/systemd/system/amiforge-ssh-keygen.service"',
+        *(f'install -D -m 0644 {g}/{unit} "$1/etc/systemd/system/{unit}"' for unit in GUEST_UNITS),
         f'install -D -m 0755 {g}/ready "$1/usr/local/lib/amiforge/ready"',
         f'install -D -m 0644 {g}/network "$1/etc/systemd/network/80-amiforge-dhcp.network"',
         f'install -D -m 0644 {g}/fstab "$1/etc/fstab"',

@@ -48,6 +48,7 @@ def outcome_of(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon
     ready_at = launched + timedelta(seconds=ttr)
     if ttr > rec.ready_within:
         return Outcome("failed", f"ready only after {ttr:.1f}s (limit {rec.ready_within:.0f}s)", ready_at)
+    # The checks report after the first print, whole or not (the copies come once they are done).
     after = next(i for i, line in enumerate(lines) if in_guest.READY_RE.search(line))
     if not any(in_guest.DONE_MARK in line for line in lines[after:]):
         limit = ready_at + timedelta(seconds=checks_grace(rec.checks))
@@ -61,8 +62,11 @@ def outcome_of(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon
 
 
 def ready_uptime(lines: Sequence[str]) -> float | None:
+    """The uptime on the first whole readiness line. The unit prints it again later with the same uptime, so the
+    first counts and the copies change nothing; a line another writer broke into (the kernel prints to the serial
+    port directly: `AMIFORGE-READY 1[   13.0] ...` of 12.50) is not one, and the next copy stands in for it."""
     for line in lines:
-        m = in_guest.READY_RE.search(line)
+        m = in_guest.READY_LINE_RE.search(line + "\n")
         if m:
             return float(m.group(1))
     return None

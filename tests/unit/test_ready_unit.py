@@ -1,0 +1,177 @@
+"""The readiness script and units baked into every image (providers/guest_files/): the line is printed once, recorded,
+and printed again with the same uptime by amiforge-ready-repeat.service, so a console kept as a window of its last
+bytes (EC2's 64 KB) still holds it. The script runs here on a fake console (a file), with `modprobe` stubbed out; the
+units are checked with systemd-analyze verify, and both providers must install every unit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from amiforge.providers import guest as in_guest
+from amiforge.providers.aws import bake as aws_bake
+from amiforge.providers.local import base
+from tests.conftest import required_or_skip
+
+SCRIPT_PATH = "/usr/local/lib/amiforge/ready"  # where both providers install the script
+DONE = f"\n{in_guest.DONE_MARK}\n"
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "ready"
+    path.write_bytes(in_guest.guest_file("ready"))
+    path.chmod(0o755)
+    return path
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The script's environment: a fake console and record, and a `modprobe` that does nothing (tests run as root
+    here: the real one would load a module into this machine's kernel)."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "modprobe").write_text("#!/bin/sh\nexit 1\n")
+    (stubs / "modprobe").chmod(0o755)
+    return {
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "AMIFORGE_CONSOLE": str(tmp_path / "console"),
+        "AMIFORGE_READY_FILE": str(tmp_path / "amiforge-ready"),
+        **extra,
+    }
+
+
+def _run(script: Path, env: dict[str, str], *args: str) -> None:
+    subprocess.run([str(script), *args], env=env, check=True, timeout=30, capture_output=True)
+
+
+def test_the_line_is_printed_again_with_the_uptime_first_measured(script: Path, tmp_path: Path) -> None:
+    env = _env(tmp_path, AMIFORGE_READY_EVERY="0.05", AMIFORGE_READY_TIMES="3")
+    _run(script, env)
+    record = (tmp_path / "amiforge-ready").read_text()
+    found = in_guest.READY_LINE_RE.fullmatch(record)
+    assert found is not None, record
+    first = f"\n{record}"
+    assert (tmp_path / "console").read_text() == first + DONE
+
+    time.sleep(0.05)  # the uptime has moved on (/proc/uptime counts hundredths): a copy re-measured would differ
+    _run(script, env, "repeat")
+    assert (tmp_path / "console").read_text() == first + DONE + first * 3
+
+
+def test_without_a_recorded_line_nothing_is_repeated(script: Path, tmp_path: Path) -> None:
+    env = _env(tmp_path, AMIFORGE_READY_EVERY="0", AMIFORGE_READY_TIMES="3")
+    _run(script, env, "repeat")
+    (tmp_path / "amiforge-ready").write_text("garbage\n")  # not a readiness line: never printed as one
+    _run(script, env, "repeat")
+    assert not (tmp_path / "console").exists()
+
+
+@pytest.fixture
+def repeating(script: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`ready repeat` running in its own session, as systemd starts a service, printing every 0.2 s, 5 times."""
+    (tmp_path / "amiforge-ready").write_text("AMIFORGE-READY 12.34\n")
+    env = _env(tmp_path, AMIFORGE_READY_EVERY="0.2", AMIFORGE_READY_TIMES="5")
+    proc = subprocess.Popen([str(script), "repeat"], env=env, start_new_session=True)
+    yield proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _copies(tmp_path: Path) -> int:
+    console = tmp_path / "console"
+    return console.read_text().count("\nAMIFORGE-READY 12.34\n") if console.exists() else 0
+
+
+def test_the_getty_hanging_up_the_console_does_not_end_the_repeats(
+    repeating: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """The serial getty hangs the console up when it starts (TTYVHangup=yes): a service that has it as its
+    controlling terminal gets SIGHUP, which must not end the repeats."""
+    deadline = time.monotonic() + 10
+    while _copies(tmp_path) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    repeating.send_signal(signal.SIGHUP)
+    assert repeating.wait(timeout=10) == 0
+    assert _copies(tmp_path) == 5
+
+
+def test_stopping_the_repeats_ends_them_at_once(repeating: subprocess.Popen[bytes]) -> None:
+    """Shutdown (the bake stops its builder, a fleet member is terminated) is never held up: systemd's SIGTERM to
+    the service's processes ends the loop and its sleep at once."""
+    time.sleep(0.1)
+    os.killpg(repeating.pid, signal.SIGTERM)
+    assert repeating.wait(timeout=2) == -signal.SIGTERM
+
+
+# --- the units ----------------------------------------------------------------------------------------------
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    """A unit file's `Section.Key` entries, each with its values in order (a key may repeat)."""
+    entries: dict[str, list[str]] = {}
+    section = ""
+    for raw in in_guest.guest_file(name).decode().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return entries
+
+
+def _guest_units() -> list[str]:
+    folder = resources.files("amiforge.providers.guest_files")
+    return sorted(f.name for f in folder.iterdir() if f.name.endswith(".service"))
+
+
+def test_the_ready_unit_starts_the_repeat_after_itself() -> None:
+    ready, repeat = _unit("amiforge-ready.service"), _unit("amiforge-ready-repeat.service")
+    assert ready["Unit.Wants"] == ["amiforge-ready-repeat.service"]
+    assert ready["Service.ExecStart"] == [SCRIPT_PATH]
+    # After the ready unit, a oneshot whose start ends once the checks reported: copies never land among results.
+    assert repeat["Unit.After"] == ["amiforge-ready.service"]
+    assert repeat["Service.ExecStart"] == [f"{SCRIPT_PATH} repeat"]
+    assert repeat["Service.Type"] == ["exec"]  # started, not waited for: nothing is ordered behind it
+    assert "Install.WantedBy" not in repeat  # started only by the ready unit, so only where readiness is
+
+
+def test_both_providers_install_every_unit_and_the_script() -> None:
+    units = _guest_units()
+    assert "amiforge-ready-repeat.service" in units
+    assert sorted(base.GUEST_UNITS) == units  # the local base installs each (and its key hashes each)
+    assert set(base.GUEST_FILES) >= {*units, "ready"}
+    readiness = [u for u in units if u.startswith("amiforge-ready")]
+    installed = {name: dest for name, dest, _ in aws_bake._READY_FILES}
+    assert installed == {"ready": SCRIPT_PATH, **{u: f"/etc/systemd/system/{u}" for u in readiness}}
+
+
+def test_systemd_analyze_verify_accepts_the_units(script: Path, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    required_or_skip(analyze is not None, "systemd-analyze is missing", "apt-get install systemd")
+    assert analyze is not None
+    units = tmp_path / "units"
+    units.mkdir()
+    names = [u for u in _guest_units() if u.startswith("amiforge-ready")]
+    for name in names:  # the script where this machine has it: verify checks that ExecStart can run
+        text = in_guest.guest_file(name).decode().replace(SCRIPT_PATH, str(script))
+        (units / name).write_text(text)
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", *(str(units / n) for n in names)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # verify exits 0 on an unknown key or section, but says so: any word from it is a finding
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
