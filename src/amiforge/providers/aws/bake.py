@@ -71,6 +71,7 @@ DPKG_STATUS = "/var/lib/dpkg/status"
 _READY_FILES = (
     ("ready", "/usr/local/lib/amiforge/ready", 0o755),
     ("amiforge-ready.service", "/etc/systemd/system/amiforge-ready.service", 0o644),
+    ("amiforge-ready-repeat.service", "/etc/systemd/system/amiforge-ready-repeat.service", 0o644),
 )
 
 
