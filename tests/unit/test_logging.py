@@ -108,7 +108,7 @@ def test_aws_calls_are_logged_with_operation_region_request_id_and_attempts_but_
         )
         kms = session.client("kms")
         key = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
-        signer = KmsSigner(key, REGION, client=kms)
+        signer = KmsSigner(key, REGION, session=session)
         signer.sign(KMS_MESSAGE)
         # An assumed role: its credentials come from STS inside AwsSession, and its clients log too.
         ec2 = session.as_account(OTHER_ACCOUNT).client("ec2")

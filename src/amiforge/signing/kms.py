@@ -78,14 +78,12 @@ class KmsSigner:
     and trusted keys name the key itself. DescribeKey also lets a disabled or wrong-type key fail with a clear
     message before anything is signed.
 
-    The KMS client is `client` if given (tests), else `session`'s (see `session_for`); without either, a session of
-    the default credential chain with amiforge's default retries."""
+    The KMS client is `session`'s (see `session_for`): the settings' profile, roles and attempts per call always
+    apply, so there is no way to build a signer that ignores them."""
 
     algorithm = ALGORITHM
 
-    def __init__(
-        self, key_id_or_arn: str, region: str, client: Any | None = None, *, session: AwsSession | None = None
-    ) -> None:
+    def __init__(self, key_id_or_arn: str, region: str, *, session: AwsSession) -> None:
         arn_region = _region_of(key_id_or_arn)
         if arn_region is not None and arn_region != region:
             raise ConfigError(
@@ -94,21 +92,11 @@ class KmsSigner:
             )
         self._reference = key_id_or_arn
         self._region = region
-        self._client = client
-        self._session = session
+        self.session = session
         self._arn: str | None = None
 
-    @property
-    def session(self) -> AwsSession:
-        """The session the signer's client comes from (made on first use when none was given)."""
-        if self._session is None:
-            self._session = AwsSession(self._region)
-        return self._session
-
     def _kms(self) -> Any:
-        if self._client is None:
-            self._client = self.session.client("kms", self._region)
-        return self._client
+        return self.session.client("kms", self._region)  # cached by the session
 
     def _resolve(self) -> str:
         """The key's ARN, after checking once that the key can sign the way amiforge signs."""
@@ -170,21 +158,19 @@ class KmsVerifier:
     GetPublicKey, once per key: after that, verification works offline. A key unknown to KMS fails the gate;
     other KMS errors are mapped by the one table (a disabled key is a ConfigError, throttling an InfraError).
 
-    Clients: `client` for `region` if given (tests), else `session`'s for the key's region (see `session_for`)."""
+    Clients: `session`'s, for the key's region (see `session_for`): a key ARN names its region, and KMS only answers
+    for keys of the region it is asked in."""
 
     def __init__(
         self,
         region: str,
-        client: Any | None = None,
         *,
-        session: AwsSession | None = None,
+        session: AwsSession,
         public_keys: Mapping[str, str | bytes] | None = None,
         revoked: Collection[str] = (),
     ) -> None:
         self._region = region
         self._session = session
-        # Clients by region: a key ARN names its region, and KMS only answers for keys of the region it is asked in.
-        self._clients: dict[str, Any] = {region: client} if client is not None else {}
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         for key_id, pem in (public_keys or {}).items():
             data = pem.encode("ascii") if isinstance(pem, str) else pem
@@ -200,15 +186,13 @@ class KmsVerifier:
         cls,
         region: str,
         keys: Iterable[TrustedKey],
-        client: Any | None = None,
         *,
-        session: AwsSession | None = None,
+        session: AwsSession,
     ) -> KmsVerifier:
         """The KMS keys of the registry's trusted keys; a key with `revoked_at` set is revoked."""
         keys = [k for k in keys if k.algorithm == ALGORITHM and k.key_id.startswith(KEY_ID_PREFIX)]
         return cls(
             region,
-            client,
             session=session,
             public_keys={k.key_id: k.public_key for k in keys},
             revoked={k.key_id for k in keys if k.revoked_at is not None},
@@ -221,12 +205,7 @@ class KmsVerifier:
         return key
 
     def _kms(self, region: str) -> Any:
-        client = self._clients.get(region)
-        if client is None:
-            if self._session is None:
-                self._session = AwsSession(self._region)
-            client = self._clients[region] = self._session.client("kms", region)
-        return client
+        return self._session.client("kms", region)  # cached by the session
 
     def _public_key(self, key_id: str) -> ec.EllipticCurvePublicKey:
         cached = self._keys.get(key_id)

@@ -22,7 +22,6 @@ from typing import Any
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
-from botocore.config import Config
 from botocore.exceptions import ClientError
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,6 +32,7 @@ from moto.kms.responses import KmsResponse
 from moto.kms.utils import ECDSAPrivateKey
 from moto_emulation import no_backoff
 
+from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound
 from amiforge.lifecycle.sign import kms_signer
 from amiforge.settings import Settings
@@ -52,10 +52,17 @@ D = "ab" * 32
 
 
 @pytest.fixture
-def kms(aws_env: None) -> Iterator[Any]:
+def session(aws_env: None) -> Iterator[AwsSession]:
+    """The session signers and verifiers run in (they take no other). One attempt per call: injected throttling must
+    come back at once, not after botocore's backoff sleeps."""
     with mock_aws():
-        # No retries: injected throttling must come back at once, not after botocore's backoff sleeps.
-        yield boto3.client("kms", region_name=REGION, config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+        yield AwsSession(REGION, boto_session=boto3.Session(region_name=REGION), max_attempts=1)
+
+
+@pytest.fixture
+def kms(session: AwsSession) -> Any:
+    """The session's KMS client: the very client its signers and verifiers use (errors injected on it reach them)."""
+    return session.client("kms", REGION)
 
 
 @pytest.fixture
@@ -129,14 +136,14 @@ def inject(client: Any, operation: str, code: str, status: int = 400) -> None:
 
 
 @pytest.mark.usefixtures("digest_mode")
-def test_kms_sign_then_verify_offline(kms: Any, key_arn: str) -> None:
-    signer = KmsSigner(key_arn, REGION, client=kms)
+def test_kms_sign_then_verify_offline(session: AwsSession, kms: Any, key_arn: str) -> None:
+    signer = KmsSigner(key_arn, REGION, session=session)
     assert signer.key_id == f"kms:{key_arn}"
     assert signer.algorithm == "ecdsa-p256-sha256"
 
     manifest = make_manifest()
     envelope = sign_envelope(canonical_statement(manifest), signer)
-    verifier = KmsVerifier(REGION, client=kms)
+    verifier = KmsVerifier(REGION, session=session)
     assert open_envelope(envelope, verifier, trusted_key_ids={signer.key_id}) == statement(manifest)
 
     pem = signer.public_key_pem()  # what the registry's trusted keys would hold
@@ -145,15 +152,15 @@ def test_kms_sign_then_verify_offline(kms: Any, key_arn: str) -> None:
     inject(kms, "GetPublicKey", "KMSInternalException", 500)
     open_envelope(envelope, verifier, trusted_key_ids={signer.key_id})
 
-    # A verifier given the public key never calls KMS at all (object() has no methods to call).
-    offline = KmsVerifier(REGION, client=object(), public_keys={signer.key_id: pem})
+    # A verifier given the public key never calls KMS at all (GetPublicKey fails by now).
+    offline = KmsVerifier(REGION, session=session, public_keys={signer.key_id: pem})
     open_envelope(envelope, offline, trusted_key_ids={signer.key_id})
 
 
 @pytest.mark.usefixtures("digest_mode")
-def test_kms_signature_is_plain_ecdsa_sha256_over_the_message(kms: Any, key_arn: str) -> None:
+def test_kms_signature_is_plain_ecdsa_sha256_over_the_message(session: AwsSession, kms: Any, key_arn: str) -> None:
     # What makes local verification sound: a DIGEST-mode signature of sha256(m) is ECDSA-with-SHA-256 over m.
-    signer = KmsSigner(key_arn, REGION, client=kms)
+    signer = KmsSigner(key_arn, REGION, session=session)
     message = b"x" * 10_000  # larger than the 4096 bytes KMS accepts as a RAW message
     signature = signer.sign(message)
     public = serialization.load_pem_public_key(signer.public_key_pem().encode())
@@ -162,15 +169,15 @@ def test_kms_signature_is_plain_ecdsa_sha256_over_the_message(kms: Any, key_arn:
     public.verify(signature, hashlib.sha256(message).digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
-def test_signer_resolves_an_alias_to_the_key_arn(kms: Any, key_arn: str) -> None:
+def test_signer_resolves_an_alias_to_the_key_arn(session: AwsSession, kms: Any, key_arn: str) -> None:
     kms.create_alias(AliasName="alias/amiforge-signing", TargetKeyId=key_arn)
-    assert KmsSigner("alias/amiforge-signing", REGION, client=kms).key_id == f"kms:{key_arn}"
+    assert KmsSigner("alias/amiforge-signing", REGION, session=session).key_id == f"kms:{key_arn}"
 
 
 @pytest.mark.usefixtures("digest_mode")
 @pytest.mark.parametrize("part", ["payload", "signature"])
-def test_tampered_envelope_fails(kms: Any, key_arn: str, part: str) -> None:
-    signer = KmsSigner(key_arn, REGION, client=kms)
+def test_tampered_envelope_fails(session: AwsSession, kms: Any, key_arn: str, part: str) -> None:
+    signer = KmsSigner(key_arn, REGION, session=session)
     envelope = sign_envelope(canonical_statement(make_manifest()), signer)
     if part == "payload":
         payload = bytearray(base64.b64decode(envelope["payload"]))
@@ -181,16 +188,16 @@ def test_tampered_envelope_fails(kms: Any, key_arn: str, part: str) -> None:
         sig[-3] ^= 1
         envelope["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
     with pytest.raises(GateFailed) as caught:
-        open_envelope(envelope, KmsVerifier(REGION, client=kms), trusted_key_ids={signer.key_id})
+        open_envelope(envelope, KmsVerifier(REGION, session=session), trusted_key_ids={signer.key_id})
     assert caught.value.exit_code == 4
     assert "does not verify" in caught.value.diagnostics()
 
 
 @pytest.mark.usefixtures("digest_mode")
-def test_revoked_and_foreign_keys_fail_verification(kms: Any, key_arn: str) -> None:
-    signer = KmsSigner(key_arn, REGION, client=kms)
+def test_revoked_and_foreign_keys_fail_verification(session: AwsSession, kms: Any, key_arn: str) -> None:
+    signer = KmsSigner(key_arn, REGION, session=session)
     envelope = sign_envelope(canonical_statement(make_manifest()), signer)
-    revoked = KmsVerifier(REGION, client=kms, revoked={signer.key_id})
+    revoked = KmsVerifier(REGION, session=session, revoked={signer.key_id})
     with pytest.raises(GateFailed) as caught:
         open_envelope(envelope, revoked, trusted_key_ids={signer.key_id})
     assert "the key is revoked" in caught.value.diagnostics()
@@ -199,54 +206,66 @@ def test_revoked_and_foreign_keys_fail_verification(kms: Any, key_arn: str) -> N
     other = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
     envelope["signatures"][0]["keyid"] = f"kms:{other}"
     with pytest.raises(GateFailed) as caught:
-        open_envelope(envelope, KmsVerifier(REGION, client=kms), trusted_key_ids={f"kms:{other}"})
+        open_envelope(envelope, KmsVerifier(REGION, session=session), trusted_key_ids={f"kms:{other}"})
     assert "does not verify" in caught.value.diagnostics()
 
 
-def test_verifier_with_a_key_kms_does_not_know_fails_the_gate(kms: Any) -> None:
+def test_verifier_with_a_key_kms_does_not_know_fails_the_gate(session: AwsSession, kms: Any) -> None:
     key_id = f"kms:arn:aws:kms:{REGION}:{ACCOUNT}:key/{uuid.uuid4()}"
     with pytest.raises(GateFailed) as caught:
-        KmsVerifier(REGION, client=kms).verify(b"m", b"sig", key_id)
+        KmsVerifier(REGION, session=session).verify(b"m", b"sig", key_id)
     assert "unknown key id: KMS has no such key" in caught.value.diagnostics()
     # KMS's answer, through the one error table (NotFound), is kept as the cause.
     assert isinstance(caught.value.__cause__, NotFound) and isinstance(caught.value.__cause__.__cause__, ClientError)
 
 
-def test_verifier_refuses_a_key_of_the_wrong_kind(kms: Any) -> None:
+def test_verifier_refuses_a_key_of_the_wrong_kind(session: AwsSession, kms: Any) -> None:
     rsa = kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
     with pytest.raises(GateFailed) as caught:
-        KmsVerifier(REGION, client=kms).verify(b"m", b"sig", f"kms:{rsa}")
+        KmsVerifier(REGION, session=session).verify(b"m", b"sig", f"kms:{rsa}")
     assert "not an ECC_NIST_P256 public key" in caught.value.diagnostics()
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-def test_unknown_key_is_not_found(kms: Any) -> None:
+def test_unknown_key_is_not_found(session: AwsSession, kms: Any) -> None:
     with pytest.raises(NotFound) as caught:
-        KmsSigner(f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{uuid.uuid4()}", REGION, client=kms).sign(b"m")
+        KmsSigner(f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{uuid.uuid4()}", REGION, session=session).sign(b"m")
     assert "NotFoundException" in caught.value.message
     assert caught.value.exit_code == 3
     assert isinstance(caught.value.__cause__, ClientError)
 
 
-def test_disabled_key_is_refused_before_signing(kms: Any, key_arn: str) -> None:
+def test_disabled_key_is_refused_before_signing(session: AwsSession, kms: Any, key_arn: str) -> None:
     kms.disable_key(KeyId=key_arn.rsplit("/", 1)[1])  # moto 5.2.5 disable_key takes only the bare key id
     with pytest.raises(ConfigError) as caught:
-        KmsSigner(key_arn, REGION, client=kms).sign(b"m")
+        KmsSigner(key_arn, REGION, session=session).sign(b"m")
     assert "DisabledException" in caught.value.message and "key state Disabled" in caught.value.message
     assert "enable-key" in caught.value.diagnostics()
 
 
-def test_wrong_key_spec_is_refused(kms: Any) -> None:
+def test_wrong_key_spec_is_refused(session: AwsSession, kms: Any) -> None:
     arn = kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
     with pytest.raises(ConfigError, match="RSA_2048"):
-        KmsSigner(arn, REGION, client=kms).sign(b"m")
+        KmsSigner(arn, REGION, session=session).sign(b"m")
 
 
-def test_region_mismatch_is_a_config_error() -> None:
+def test_region_mismatch_is_a_config_error(session: AwsSession) -> None:
     with pytest.raises(ConfigError, match="is in region us-east-1"):
-        KmsSigner(f"arn:aws:kms:us-east-1:{ACCOUNT}:key/{uuid.uuid4()}", REGION)
+        KmsSigner(f"arn:aws:kms:us-east-1:{ACCOUNT}:key/{uuid.uuid4()}", REGION, session=session)
+
+
+def test_signer_and_verifier_need_a_session() -> None:
+    """No fallback to a bare AwsSession(region): a signer or verifier built without the settings' session (profile,
+    roles, attempts per call) would quietly sign with the default credential chain."""
+    key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{uuid.uuid4()}"
+    with pytest.raises(TypeError, match="session"):
+        KmsSigner(key, REGION)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="session"):
+        KmsVerifier(REGION)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="session"):
+        KmsVerifier.from_trusted_keys(REGION, [])  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -262,9 +281,9 @@ def test_region_mismatch_is_a_config_error() -> None:
     ],
 )
 def test_sign_errors_map_through_the_table(
-    kms: Any, key_arn: str, code: str, family: type[Exception], retryable: bool | None
+    session: AwsSession, kms: Any, key_arn: str, code: str, family: type[Exception], retryable: bool | None
 ) -> None:
-    signer = KmsSigner(key_arn, REGION, client=kms)
+    signer = KmsSigner(key_arn, REGION, session=session)
     assert signer.key_id  # DescribeKey answered by moto; only Sign fails
     inject(kms, "Sign", code)
     with pytest.raises(family) as caught:
@@ -277,10 +296,10 @@ def test_sign_errors_map_through_the_table(
         assert isinstance(error, InfraError) and error.retryable is retryable
 
 
-def test_get_public_key_errors_map_through_the_table(kms: Any, key_arn: str) -> None:
+def test_get_public_key_errors_map_through_the_table(session: AwsSession, kms: Any, key_arn: str) -> None:
     inject(kms, "GetPublicKey", "AccessDeniedException")
     with pytest.raises(ConfigError, match="AccessDeniedException") as caught:
-        KmsVerifier(REGION, client=kms).verify(b"m", b"s", f"kms:{key_arn}")
+        KmsVerifier(REGION, session=session).verify(b"m", b"s", f"kms:{key_arn}")
     assert "kms:GetPublicKey" in caught.value.diagnostics()
 
 
@@ -341,10 +360,10 @@ def test_verifier_runs_in_the_session_it_is_given(kms: Any, key_arn: str, profil
 # --- the moto gap the digest_mode fixture covers ----------------------------------------------------------------
 
 
-def test_canary_moto_still_double_hashes_digest_messages(kms: Any, key_arn: str) -> None:
+def test_canary_moto_still_double_hashes_digest_messages(session: AwsSession, kms: Any, key_arn: str) -> None:
     """If this fails, moto now implements MessageType=DIGEST: drop the `digest_mode` emulation."""
     message = b"amiforge"
-    signature = KmsSigner(key_arn, REGION, client=kms).sign(message)
+    signature = KmsSigner(key_arn, REGION, session=session).sign(message)
     public = serialization.load_der_public_key(kms.get_public_key(KeyId=key_arn)["PublicKey"])
     assert isinstance(public, ec.EllipticCurvePublicKey)
     with pytest.raises(InvalidSignature):
@@ -354,7 +373,7 @@ def test_canary_moto_still_double_hashes_digest_messages(kms: Any, key_arn: str)
 
 
 def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
-    kms: Any, key_arn: str, digest_mode: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    session: AwsSession, kms: Any, key_arn: str, digest_mode: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """sign(signer=KmsSigner) trusts the KMS public key in the registry; verify needs no AWS call after that."""
     from datetime import UTC, datetime
@@ -390,7 +409,7 @@ def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
     store.add_scan(v.id, ScanRecord(datetime.now(UTC), (), "{}", "c" * 64, (), "none"))
     store.transition(v.id, Status.SCANNED, expect=Status.TESTED)
 
-    signer = KmsSigner(key_arn, REGION, client=kms)
+    signer = KmsSigner(key_arn, REGION, session=session)
     with pytest.raises(ConfigError, match="not trusted"):  # `keys trust --kms-key` comes first
         sign("web@1", store=store, settings=settings, signer=signer)
     trust_key(store, key_id=signer.key_id, algorithm=signer.algorithm, public_key_pem=signer.public_key_pem(),
