@@ -31,7 +31,7 @@ def check_line(check: AccountCheck) -> str:
 
 def _aws(region: str | None, recipe_file: Path | None, as_json: bool) -> None:
     recipe = load_recipe(recipe_file) if recipe_file is not None else None
-    report = account_report(region, load_settings(), recipe)
+    report = account_report(region, load_settings(), recipe, provider="aws")
     problem = account_problem(report)
     if as_json:
         # One document, also when a check failed (the error handler would print a second).
@@ -43,7 +43,8 @@ def _aws(region: str | None, recipe_file: Path | None, as_json: bool) -> None:
     console.print(f"        regions enabled: {', '.join(report.regions)}", markup=False)
     console.print("        least-privilege IAM policy for every amiforge operation:")
     console.print(json.dumps(report.policy, indent=2), markup=False, highlight=False)
-    about = f"recipe {recipe.name}" if recipe is not None else f"home region {report.region}; no --recipe"
+    home = f"home region {report.region}, {report.region_from}; no --recipe"
+    about = f"recipe {recipe.name}" if recipe is not None else home
     console.print(f"        day-one checks ({escape(about)}):")
     for check in report.checks:
         console.print(check_line(check), soft_wrap=True)
@@ -56,7 +57,10 @@ def doctor(
         False, "--aws", help="Check AWS instead: credentials, regions, the IAM policy, and day-one checks."
     ),
     region: str | None = typer.Option(
-        None, "--region", help="With --aws: the home region to ask (default: the recipe's region, else us-east-1)."
+        None,
+        "--region",
+        help="With --aws: the home region to ask (default: the recipe's region, else the AWS configuration's, else "
+        "us-east-1).",
     ),
     recipe: Path | None = typer.Option(
         None,

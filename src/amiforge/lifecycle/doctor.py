@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from sqlalchemy.engine import make_url
 
 from amiforge.errors import ConfigError, InfraError
-from amiforge.model import check_aws_region
 from amiforge.providers import provider_for
 from amiforge.providers.interface import AccountChecker, AccountReport, HostChecker, ToolStatus
-from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Recipe
 from amiforge.settings import Settings
 
@@ -60,24 +58,24 @@ def machine_report(settings: Settings) -> MachineReport:
     )
 
 
-# The home region asked when neither --region nor a recipe names one.
-DEFAULT_HOME_REGION = "us-east-1"
-
-
-def account_report(region: str | None, settings: Settings, recipe: Recipe | None = None) -> AccountReport:
-    """Identity, regions, the IAM policy and the day-one checks, asked from `region` (default: the recipe's region,
-    else us-east-1); with `recipe`, the checks are for what it needs (its regions, subnet, keys, sharing)."""
+def account_report(
+    region: str | None, settings: Settings, recipe: Recipe | None = None, *, provider: str
+) -> AccountReport:
+    """Identity, regions, the IAM policy and the day-one checks of `provider`'s cloud account, asked from `region`
+    (None: the provider picks its home region and says which); with `recipe`, the checks are for what it needs (its
+    regions, network, keys, sharing)."""
     spec = recipe.provider if recipe is not None else None
-    if spec is not None and not isinstance(spec, AwsSpec):
+    if spec is not None and spec.type != provider:
         raise ConfigError(
-            f"the recipe is for the {spec.type} provider; doctor --aws checks aws recipes",
-            fix="run `amiforge doctor` (no --aws) for a local recipe, or pass an aws recipe",
+            f"the recipe is for the {spec.type} provider; doctor --{provider} checks {provider} recipes",
+            fix=f"run `amiforge doctor` (no --{provider}) for a {spec.type} recipe, or pass a {provider} recipe",
         )
-    home = check_aws_region(region or (spec.region if spec else DEFAULT_HOME_REGION), what="--region")
-    provider = provider_for("aws", settings)
-    if not isinstance(provider, AccountChecker):  # pragma: no cover - the AWS provider checks its account
-        raise ConfigError("the aws provider cannot check an account")
-    return provider.account_report(home, spec)
+    checker = provider_for(provider, settings)
+    if not isinstance(checker, AccountChecker):
+        raise ConfigError(
+            f"the {provider} provider has no cloud account to check", fix="run `amiforge doctor` to check this machine"
+        )
+    return checker.account_report(region, spec)
 
 
 def account_problem(report: AccountReport) -> InfraError | None:

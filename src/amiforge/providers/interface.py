@@ -403,13 +403,15 @@ class AccountReport:
     regions: tuple[str, ...]
     policy: dict[str, Any]
     checks: tuple[AccountCheck, ...] = ()
+    region_from: str = ""  # why `region` is the home region (asked for, the recipe's, configured, the default)
 
 
 @runtime_checkable
 class AccountChecker(Protocol):
-    def account_report(self, region: str, spec: ProviderSpec | None = None) -> AccountReport:
-        """Ask the cloud, read-only, from `region` (the home region); with a recipe's provider section, also check
-        what that recipe needs (its regions, network, encryption keys, sharing and quotas)."""
+    def account_report(self, region: str | None, spec: ProviderSpec | None = None) -> AccountReport:
+        """Ask the cloud, read-only, from `region` (the home region; None: the provider picks one and says which in
+        the report); with a recipe's provider section, also check what that recipe needs (its regions, network,
+        encryption keys, sharing and quotas)."""
         ...
 
 

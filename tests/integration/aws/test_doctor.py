@@ -1,7 +1,8 @@
 """doctor --aws under moto: identity, regions, a policy that covers what the report itself calls, and the day-one
-checks — regions enabled, placement and SSM reachability, EBS encryption by default, KMS key policies, image block
-public access, quotas — each a line with its fix. doctor_emulation.py stands in for what moto lacks (tested below to
-refuse what AWS refuses)."""
+checks — regions enabled (the home region's too), placement, the source image, SSM reachability and instance profile
+or SSH reachability and ingress, EBS encryption by default (and what a copy region without a kms_key inherits), KMS key
+policies, image block public access, quotas — each a line with its fix. doctor_emulation.py stands in for what moto
+lacks (tested below to refuse what AWS refuses)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 from conftest import ACCOUNT, REGION, Aws
 from doctor_emulation import DoctorEmulation, internet_for_default_vpc, pending
+from moto.ec2.models import ec2_backends
 from moto.kms.models import kms_backends
 from moto_emulation import _Raw
 
 from amiforge.awsapi.clients import AwsSession, call, iam_action
 from amiforge.errors import ConfigError, NotFound
-from amiforge.providers.aws.doctor import PUBLIC_AMIS_QUOTA, aws_report
+from amiforge.providers.aws.doctor import DEFAULT_HOME_REGION, PUBLIC_AMIS_QUOTA, aws_report, home_region
 from amiforge.providers.aws.iam import PERMISSIONS, actions_for
 from amiforge.providers.interface import AccountCheck, AccountReport
 from amiforge.recipe import AwsProvider as AwsSpec
@@ -28,7 +30,8 @@ DISABLED = "ap-east-1"  # an opt-in region moto lists as not-opted-in
 COPY = "eu-central-1"
 RECEIVER = "111122223333"
 ORG = "arn:aws:organizations::999988887777:organization/o-abcdefghij"
-SOURCE = {"owners": ["amazon"], "name": "debian-12-*"}
+SOURCE = {"owners": [ACCOUNT], "name": "debian-12-*"}  # an image `online` makes in the bake region
+ENCRYPTED_SOURCE = {"owners": [ACCOUNT], "name": "debian-13-*"}  # tests make it with source_image(encrypted_under=)
 
 
 @pytest.fixture
@@ -44,10 +47,24 @@ def calls(aws: Aws) -> RegionCalls:
 
 @pytest.fixture
 def online(aws: Aws, emulation: DoctorEmulation, calls: RegionCalls) -> Aws:
-    """Default VPCs as AWS makes them (an internet gateway and a route to it) in the bake and copy regions."""
+    """Default VPCs as AWS makes them (an internet gateway and a route to it) in the bake and copy regions, and the
+    recipes' source image (unencrypted) in the bake region."""
     for region in (REGION, COPY):
         internet_for_default_vpc(aws.ec2(region))
+    source_image(aws, "debian-12-20240501")
     return aws
+
+
+def source_image(aws: Aws, name: str, *, encrypted_under: str | None = None) -> str:
+    """An image of this account in the bake region; `encrypted_under`: its snapshot is encrypted under that key (moto
+    reports no Encrypted on an image's mappings, so doctor reads the snapshot, as it does where EC2 leaves it out)."""
+    ec2 = aws.ec2()
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    image_id = str(ec2.create_image(InstanceId=instance, Name=name)["ImageId"])
+    if encrypted_under is not None:
+        snapshot = ec2_backends[ACCOUNT][REGION].amis[image_id].ebs_snapshot
+        snapshot.encrypted, snapshot.kms_key_id = True, encrypted_under
+    return image_id
 
 
 class RegionCalls:
@@ -137,6 +154,8 @@ def test_report_names_the_account_regions_and_a_policy_that_covers_its_own_calls
         ("region enabled", REGION): "ok",
         ("placement", REGION): "ok",
         ("SSM reachability", REGION): "ok",
+        ("SSM instance profile", None): "skipped",
+        ("source image", None): "skipped",
         ("EBS encryption by default", REGION): "ok",
         ("KMS key policy", None): "skipped",
         ("image block public access", None): "skipped",
@@ -149,17 +168,26 @@ def test_report_names_the_account_regions_and_a_policy_that_covers_its_own_calls
 def test_every_declared_doctor_action_is_called_and_nothing_else(
     online: Aws, emulation: DoctorEmulation, calls: RegionCalls
 ) -> None:
-    """Two recipes between them reach every check (public sharing and encrypted shares exclude each other)."""
+    """Two recipes between them reach every check (public sharing and encrypted shares exclude each other): one
+    public, from an SSM parameter, over SSH; one shared, from an encrypted image of the account."""
     emulation.public_access.state[(ACCOUNT, REGION)] = "unblocked"
     online.session.client("ec2", COPY).enable_ebs_encryption_by_default()
+    online.session.client("ssm").put_parameter(Name="/src/debian", Value=source_image(online, "plain"), Type="String")
+    source_image(online, "debian-13-20250101", encrypted_under=key(online, REGION, share_policy(RECEIVER)))
     shared = {
         "regions": [{"region": COPY, "kms_key": key(online, COPY, share_policy(RECEIVER))}],
         "accounts": [RECEIVER],
     }
-    subnet = _subnet(online)
+    subnet, ssh = _subnet(online), _ssh(online)
+    public = spec(
+        source={"ssm_parameter": "/src/debian"},
+        root_volume={"encrypted": True},  # under the default key, which cannot be public
+        distribution={"regions": [{"region": COPY}], "public": True},
+        **ssh,
+    )
     calls.reset()
-    aws_report(online.session, spec(distribution={"regions": [{"region": COPY}], "public": True}))
-    aws_report(online.session, spec(subnet_id=subnet, distribution=shared))
+    aws_report(online.session, public)
+    aws_report(online.session, spec(source=ENCRYPTED_SOURCE, subnet_id=subnet, distribution=shared))
     assert calls.actions == PERMISSIONS["doctor"]
 
 
@@ -354,10 +382,24 @@ def test_moto_default_vpc_without_internet_fails_ssm_reachability(aws: Aws, emul
     assert check.status == "fail" and "no route to the internet" in check.detail
 
 
-SSH = {"communicator": "ssh", "security_group_ids": ["sg-00000000000000001"]}
+def _ssh(aws: Aws, *cidrs: str, vpc: str | None = None) -> dict[str, Any]:
+    """communicator ssh with a new security group (in the default VPC unless `vpc`) letting TCP 22 in from `cidrs`
+    (default: anywhere)."""
+    ec2 = aws.ec2()
+    group = ec2.create_security_group(
+        GroupName=f"ssh-{len(cidrs)}-{vpc}-{len(ec2.describe_security_groups()['SecurityGroups'])}",
+        Description="ssh",
+        VpcId=vpc or _default_vpc(aws),
+    )["GroupId"]
+    ranges = [{"CidrIp": c} for c in cidrs or ("0.0.0.0/0",)]
+    ec2.authorize_security_group_ingress(
+        GroupId=group, IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": ranges}]
+    )
+    return {"communicator": "ssh", "security_group_ids": [group]}
 
 
 def test_an_ssh_communicator_at_public_ips_needs_an_internet_gateway(online: Aws) -> None:
+    SSH = _ssh(online)
     report = aws_report(online.session, spec(**SSH))
     assert named(report, "SSH reachability").status == "ok"
     assert not [c for c in report.checks if c.name == "SSM reachability"]
@@ -372,6 +414,69 @@ def test_an_ssh_communicator_at_public_ips_needs_an_internet_gateway(online: Aws
         aws_report(online.session, spec(subnet_id=subnet, ssh_interface="private_ip", **SSH)), "SSH reachability"
     )
     assert private.status == "skipped"
+
+
+def test_ssh_ingress_reads_the_recipes_security_groups(online: Aws) -> None:
+    """0.0.0.0/0 certainly includes this machine; a narrower source may not (warn, never ok); no rule for TCP 22, a
+    group that does not exist or one of another VPC fail."""
+    anywhere = named(aws_report(online.session, spec(**_ssh(online))), "SSH ingress")
+    assert anywhere.status == "ok" and "from anywhere: 0.0.0.0/0" in anywhere.detail
+    narrow = named(aws_report(online.session, spec(**_ssh(online, "198.51.100.7/32"))), "SSH ingress")
+    assert narrow.status == "warn" and "only from 198.51.100.7/32" in narrow.detail
+    assert "cannot be seen from AWS" in narrow.detail and narrow.fix is not None and "public IP" in narrow.fix
+
+    ec2 = online.ec2()
+    closed = ec2.create_security_group(GroupName="closed", Description="no ssh", VpcId=_default_vpc(online))
+    ec2.authorize_security_group_ingress(
+        GroupId=closed["GroupId"],
+        IpPermissions=[{"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
+    )
+    recipe = spec(communicator="ssh", security_group_ids=[closed["GroupId"]])
+    check = named(aws_report(online.session, recipe), "SSH ingress")
+    assert check.status == "fail" and "lets TCP 22 in" in check.detail
+    assert check.fix is not None and f"authorize-security-group-ingress --group-id {closed['GroupId']}" in check.fix
+
+    missing = spec(communicator="ssh", security_group_ids=["sg-000000000000000ff"])
+    check = named(aws_report(online.session, missing), "SSH ingress")
+    assert check.status == "fail" and "sg-000000000000000ff does not exist" in check.detail
+
+    other_vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    check = named(aws_report(online.session, spec(**_ssh(online, vpc=other_vpc))), "SSH ingress")
+    assert check.status == "fail" and f"is in {other_vpc}" in check.detail and "another VPC" in check.detail
+
+
+def test_ssm_without_an_instance_profile_warns_about_default_host_management(online: Aws) -> None:
+    check = named(aws_report(online.session, spec()), "SSM instance profile", REGION)
+    assert check.status == "warn" and "Default Host Management Configuration" in check.detail
+    assert check.fix is not None and "instance_profile" in check.fix and "AmazonSSMManagedInstanceCore" in check.fix
+    profiled = named(aws_report(online.session, spec(instance_profile="amiforge-builder")), "SSM instance profile")
+    assert profiled.status == "ok" and "amiforge-builder" in profiled.detail
+    assert not [c for c in aws_report(online.session, spec(**_ssh(online))).checks if c.name == "SSM instance profile"]
+
+
+# --- the source image -------------------------------------------------------------------------------------------------
+
+
+def test_the_source_image_resolves_as_a_bake_resolves_it(online: Aws) -> None:
+    check = named(aws_report(online.session, spec()), "source image", REGION)
+    assert check.status == "ok" and "debian-12-20240501" in check.detail and "not encrypted" in check.detail
+    missing = spec(source={"owners": [ACCOUNT], "name": "ubuntu-*"})
+    check = named(aws_report(online.session, missing), "source image", REGION)
+    assert check.status == "fail" and "no available image matches" in check.detail and check.fix is not None
+
+
+def test_an_encrypted_source_of_the_account_keeps_its_key(online: Aws) -> None:
+    """EBS restores an encrypted snapshot the account owns under the same key: that key is the image's, and its
+    policy is checked for the receivers."""
+    arn = key(online, REGION)  # the owner's statement only
+    source_image(online, "debian-13-20250101", encrypted_under=arn)
+    report = aws_report(online.session, spec(source=ENCRYPTED_SOURCE, distribution={"accounts": [RECEIVER]}))
+    source = named(report, "source image", REGION)
+    assert source.status == "ok" and "encrypted, so the image will be too" in source.detail and arn in source.detail
+    ebs = named(report, "EBS encryption by default", REGION)
+    assert ebs.status == "warn" and f"the source image is encrypted under {arn}" in ebs.detail
+    policy = named(report, "KMS key policy", REGION)
+    assert policy.status == "fail" and f"{RECEIVER} is not allowed" in policy.detail
 
 
 # --- encryption -------------------------------------------------------------------------------------------------------
@@ -420,6 +525,64 @@ def test_an_encrypted_root_volume_under_the_default_key_cannot_be_shared(online:
     assert (
         check.status == "fail" and "AWS-managed" in check.detail and "root_volume asks for encryption" in check.detail
     )
+
+
+def _encrypt_image_by(aws: Aws, how: str) -> dict[str, Any]:
+    """Make the baked image encrypted one way; the recipe fields that go with it."""
+    if how == "root_volume.encrypted":
+        return {"root_volume": {"encrypted": True}}
+    if how == "root_volume.kms_key":
+        return {"root_volume": {"kms_key": key(aws, REGION, share_policy(RECEIVER))}}
+    if how == "encryption by default":
+        aws.ec2().enable_ebs_encryption_by_default()
+        return {}
+    assert how == "encrypted source"
+    source_image(aws, "debian-13-20250101", encrypted_under=key(aws, REGION, share_policy(RECEIVER)))
+    return {"source": ENCRYPTED_SOURCE}
+
+
+@pytest.mark.parametrize(
+    "how", ["root_volume.encrypted", "root_volume.kms_key", "encryption by default", "encrypted source"]
+)
+def test_a_copy_region_without_a_kms_key_inherits_the_images_encryption(online: Aws, how: str) -> None:
+    """CopyImage without a KmsKeyId never drops encryption and puts the copy under the region's default EBS key,
+    which distribute does not share: a keyless copy region of an encrypted, shared image fails with the field to
+    set, though the region's own encryption by default is off."""
+    fields = _encrypt_image_by(online, how)
+    shared = spec(distribution={"regions": [{"region": COPY}], "accounts": [RECEIVER]}, **fields)
+    check = named(aws_report(online.session, shared), "EBS encryption by default", COPY)
+    assert check.status == "fail", check
+    assert check.detail.startswith("off; the image is encrypted") and "cannot be shared" in check.detail
+    assert check.fix is not None and "distribution.regions[0].kms_key" in check.fix
+    # Not shared: the copy stays in the account under the region's default key.
+    alone = spec(distribution={"regions": [{"region": COPY}]}, **fields)
+    check = named(aws_report(online.session, alone), "EBS encryption by default", COPY)
+    assert check.status == "ok" and "AWS-managed" in check.detail and "stay in this account" in check.detail
+
+
+def test_a_copy_region_without_a_kms_key_is_fine_only_while_nothing_encrypts(online: Aws) -> None:
+    recipe = spec(distribution={"regions": [{"region": COPY}, {"region": "eu-north-1"}], "accounts": [RECEIVER]})
+    check = named(aws_report(online.session, recipe), "EBS encryption by default", COPY)
+    assert check.status == "ok" and "stay unencrypted" in check.detail
+    online.ec2(COPY).enable_ebs_encryption_by_default()  # the copy region's own default encrypts its copies
+    check = named(aws_report(online.session, recipe), "EBS encryption by default", COPY)
+    assert check.status == "fail" and "EBS encryption by default encrypts copies made here" in check.detail
+    assert check.fix is not None and "distribution.regions[0].kms_key" in check.fix
+    assert named(aws_report(online.session, recipe), "EBS encryption by default", "eu-north-1").status == "ok"
+    # An encrypted copy cannot be public either.
+    public = spec(distribution={"regions": [{"region": COPY}], "public": True})
+    check = named(aws_report(online.session, public), "EBS encryption by default", COPY)
+    assert check.status == "fail" and "cannot be made public" in check.detail
+
+
+def test_a_copy_region_warns_when_the_images_encryption_is_not_known(online: Aws) -> None:
+    recipe = spec(
+        source={"owners": [ACCOUNT], "name": "ubuntu-*"},  # resolves to nothing
+        distribution={"regions": [{"region": COPY}], "accounts": [RECEIVER]},
+    )
+    check = named(aws_report(online.session, recipe), "EBS encryption by default", COPY)
+    assert check.status == "warn" and "not known" in check.detail
+    assert check.fix is not None and "distribution.regions[0].kms_key" in check.fix
 
 
 def test_a_copy_regions_default_does_not_matter_when_it_has_a_kms_key(online: Aws) -> None:
@@ -505,6 +668,7 @@ def test_the_public_amis_quota_counts_the_public_images_there(online: Aws, emula
     _images(online, REGION, 2)  # private ones do not count
     check = named(aws_report(online.session, recipe), "public AMIs quota", REGION)
     assert check.status == "ok" and "4 public images of a quota of 5" in check.detail
+    assert "Recycle Bin count too" in check.detail  # which DescribeImages does not list
     _images(online, REGION, 1, public=True)
     check = named(aws_report(online.session, recipe), "public AMIs quota", REGION)
     assert check.status == "fail" and check.fix is not None and PUBLIC_AMIS_QUOTA in check.fix
@@ -516,7 +680,8 @@ def test_the_public_amis_quota_counts_the_public_images_there(online: Aws, emula
 def test_concurrent_copies_count_what_is_in_flight_in_each_destination(online: Aws, emulation: DoctorEmulation) -> None:
     recipe = spec(distribution={"regions": [{"region": COPY}]})
     check = named(aws_report(online.session, recipe), "concurrent AMI copies", COPY)
-    assert check.status == "ok" and "0 own images are pending" in check.detail and "EC2 documents 50" in check.detail
+    assert check.status == "ok" and "0 own images are pending" in check.detail
+    assert "limit 25 (a default from an older EC2 User Guide" in check.detail  # not claimed as current AWS docs
     for image in _images(online, COPY, 25):
         pending(COPY, image)
     check = named(aws_report(online.session, recipe), "concurrent AMI copies", COPY)
@@ -565,10 +730,43 @@ def test_a_refused_describe_regions_fails_the_region_check_and_the_others_still_
     assert named(report, "placement").status == "ok" and named(report, "concurrent AMI copies", COPY).status == "ok"
 
 
-def test_a_session_in_a_disabled_home_region_fails_like_bad_credentials_with_the_region_fix(
-    aws: Aws, emulation: DoctorEmulation
+def test_a_disabled_home_region_is_its_region_line_not_a_credentials_failure(
+    aws: Aws, emulation: DoctorEmulation, calls: RegionCalls
 ) -> None:
+    """STS refuses a call into a region the account has not enabled as it refuses bad credentials: the partition's
+    global STS region is asked instead, and the home region shows as the failed region line; nothing else is asked
+    there."""
     session = AwsSession(DISABLED, boto_session=aws.session.boto_session)
+    calls.reset()
+    report = aws_report(session)
+    assert report.account == ACCOUNT and report.region == DISABLED and DISABLED not in report.regions
+    check = named(report, "region enabled", DISABLED)
+    assert check.status == "fail" and "opt-in region" in check.detail
+    assert check.fix is not None and f"enable {DISABLED}" in check.fix
+    assert named(report, "placement", DISABLED).status == "skipped"
+    assert {(r, op) for r, _s, op in calls.counts if r == DISABLED} == {(DISABLED, "GetCallerIdentity")}
+    assert ("us-east-1", "sts", "GetCallerIdentity") in calls.counts
+
+
+def test_bad_credentials_still_fail_the_whole_report(aws: Aws, emulation: DoctorEmulation) -> None:
+    """Refused in the home region and in the global STS region alike: the credentials, with the fix naming both
+    causes."""
+
+    def refuse(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        error = {"Code": "InvalidClientTokenId", "Message": "The security token included in the request is invalid."}
+        return AWSResponse(str(params.get("url", "")), 403, {}, _Raw(b"")), {"Error": error, "ResponseMetadata": {}}
+
+    aws.session.boto_session.events.register_first("before-call.sts.GetCallerIdentity", refuse)
+    session = AwsSession(REGION, boto_session=aws.session.boto_session)
     with pytest.raises(ConfigError) as refused:
         aws_report(session)
     assert refused.value.fix is not None and "enable it for the account" in refused.value.fix
+    assert "credentials" in refused.value.fix
+
+
+def test_the_home_region_is_asked_for_else_the_recipes_else_configured_else_the_default() -> None:
+    recipe = spec()
+    assert home_region("ap-south-1", recipe, "eu-north-1") == ("ap-south-1", "asked for (--region)")
+    assert home_region(None, recipe, "eu-north-1") == (REGION, "the recipe's region")
+    assert home_region(None, None, "eu-north-1") == ("eu-north-1", "the AWS configuration's region")
+    assert home_region(None, None, None)[0] == DEFAULT_HOME_REGION == "us-east-1"

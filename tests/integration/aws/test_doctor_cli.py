@@ -1,6 +1,6 @@
 """`amiforge doctor --aws [--recipe FILE]` through the CLI, in-process under moto: each check one line with its fix,
-the same checks in --json as one document, exit 5 when a check fails (the machine doctor's contract), and the
-arguments refused before AWS is asked."""
+the same checks in --json as one document, exit 5 when a check fails (the machine doctor's contract), the home region
+and why it is that one, and the arguments refused before AWS is asked."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ DISABLED = "ap-east-1"
 
 @pytest.fixture
 def cli(aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    """The CLI with a private data dir, under moto with doctor's emulations; the default VPC as AWS makes it."""
+    """The CLI with a private data dir, under moto with doctor's emulations; the default VPC as AWS makes it, and the
+    recipe's source image."""
     for name in list(os.environ):
         if name.startswith("AMIFORGE_"):
             monkeypatch.delenv(name)
@@ -28,6 +29,9 @@ def cli(aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
     monkeypatch.chdir(tmp_path)
     DoctorEmulation(monkeypatch)
     internet_for_default_vpc(aws.ec2(REGION))
+    ec2 = aws.ec2(REGION)
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    ec2.create_image(InstanceId=instance, Name="debian-12-20240501")
     yield make_cli(monkeypatch, capsys)
     os.environ.pop("AMIFORGE_DEBUG", None)
 
@@ -36,8 +40,8 @@ def recipe(tmp_path: Path, distribution: str = "{}") -> str:
     path = tmp_path / "recipe.yaml"
     path.write_text(
         "name: web\n"
-        f"provider: {{type: aws, region: {REGION}, source: {{owners: [amazon], name: debian-12-*}}, "
-        f"distribution: {distribution}}}\n"
+        f"provider: {{type: aws, region: {REGION}, source: {{owners: ['{ACCOUNT}'], name: debian-12-*}}, "
+        f"instance_profile: amiforge-builder, distribution: {distribution}}}\n"
     )
     return str(path)
 
@@ -83,8 +87,19 @@ def test_json_is_one_document_with_every_check(cli: Cli, tmp_path: Path) -> None
 
 def test_without_a_recipe_the_home_region_is_checked(cli: Cli) -> None:
     doc = cli("doctor", "--aws", "--region", REGION, "--json").json()
-    assert doc["ok"] is True and doc["region"] == REGION
+    assert doc["ok"] is True and doc["region"] == REGION and doc["region_from"] == "asked for (--region)"
     assert {c["status"] for c in doc["checks"] if c["region"] is None} == {"skipped"}
+
+
+def test_without_region_or_recipe_the_configured_region_then_us_east_1(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AWS provider picks the home region, not the service layer, and says which it took."""
+    result = cli("doctor", "--aws")  # conftest configures AWS_DEFAULT_REGION
+    assert f"home region {REGION}, the AWS configuration's region; no --recipe" in result.out, result.out
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    doc = cli("doctor", "--aws", "--json").json()
+    assert doc["region"] == "us-east-1" and doc["region_from"] == "no region configured, so us-east-1"
 
 
 @pytest.mark.parametrize(

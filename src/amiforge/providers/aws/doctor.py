@@ -7,19 +7,29 @@ recipe, for what that recipe needs:
 
 - **region enabled**: the bake region and every distribution region, from DescribeRegions(AllRegions) OptInStatus.
   A region the account has not opted into fails here, by name — elsewhere AWS answers calls into it exactly as it
-  answers bad credentials. Nothing else is asked of a region that is not enabled (its checks are skipped).
+  answers bad credentials. Nothing else is asked of a region that is not enabled (its checks are skipped). A home
+  region that refuses STS that way is asked no more: identity and regions come from the partition's global STS region.
 - **placement**: the default VPC, or the recipe's `subnet_id` (that it exists).
+- **source image**: the recipe's source resolves in the bake region as a bake resolves it, and whether it is
+  encrypted (then so is the image).
 - **SSM reachability** (communicator `ssm`): the builder's subnet routes 0.0.0.0/0 to an internet gateway (with
-  public IPs on launch) or a NAT gateway, or its VPC has interface endpoints for ssm, ssmmessages and ec2messages.
-  **SSH reachability** (communicator `ssh` at a public IP): the subnet routes to an internet gateway.
-- **EBS encryption by default** and the key images end up under, per region (in the bake region the recipe's
-  `root_volume` first, in a copy region its `kms_key`): an image encrypted under the AWS-managed key cannot be shared,
-  an encrypted one cannot be public, and a customer key needs KMS permissions (and a policy for the receivers).
+  public IPs on launch) or a NAT gateway, or its VPC has interface endpoints for ssm, ssmmessages and ec2messages;
+  **SSM instance profile**: without `instance_profile` the agent registers only under Default Host Management
+  Configuration. **SSH reachability** (communicator `ssh` at a public IP): the subnet routes to an internet gateway;
+  **SSH ingress**: the recipe's security groups (in the builder's VPC) let TCP 22 in.
+- **EBS encryption by default** and the key images end up under, per region. In the bake region: the recipe's
+  `root_volume` key, else the default EBS key when encryption by default is on, `root_volume` asks for encryption or
+  the source is another account's encrypted image, else the source snapshot's own key. A copy region's `kms_key`
+  decides there; without one, the copy is encrypted when the baked image is or the region encrypts by default, and
+  CopyImage without a KmsKeyId puts it under that region's default EBS key — distribute refuses to share such a copy,
+  so the check fails with the fix (give the region a kms_key). An image under an AWS-managed key cannot be shared, an
+  encrypted one cannot be public, and a customer key needs KMS permissions (and a policy for the receivers).
 - **KMS key policy**: each distribution region's `kms_key` (and a customer key the baked image is under) lets the
   receiving accounts, organizations or OUs use it (key_policy.py: a static read, so "conditional" warns, never passes).
 - **image block public access** in every region, when the recipe shares publicly.
-- **quotas**: public AMIs per region (Service Quotas L-0E3CBAB9) against the public images there, and concurrent AMI
-  copies per destination region against the copies already in flight.
+- **quotas**: public AMIs per region (Service Quotas L-0E3CBAB9) against the public images there (public images in
+  the Recycle Bin count too and are not listed: said in the line), and concurrent AMI copies per destination region
+  against the copies already in flight.
 
 A check that AWS refuses (AccessDenied, UnauthorizedOperation) fails as "not allowed to call X" with the action to
 grant; any other error fails that check with its message and fix, never the whole report. Reads only.
@@ -37,22 +47,29 @@ from amiforge.awsapi.clients import AwsSession, call, iam_action, paginate
 from amiforge.awsapi.errors import aws_code, is_permission_error
 from amiforge.errors import AmiforgeError, NotFound
 from amiforge.providers.aws.iam import OPERATIONS, policy_document
-from amiforge.providers.aws.key_policy import SHARE_ACTIONS, Audience, KeyAccess, key_access, parse_policy
+from amiforge.providers.aws.images import describe_image, resolve_source
+from amiforge.providers.aws.key_policy import KeyAccess, audiences, grant_fix, key_access, parse_policy, refusals
 from amiforge.providers.interface import AccountCheck, AccountReport, CheckStatus
 from amiforge.recipe import AwsProvider as AwsSpec
+from amiforge.recipe import OwnersSource, SsmSource
 
 __all__ = [
     "COPIES_FROM_ONE_SOURCE",
+    "DEFAULT_HOME_REGION",
     "PUBLIC_AMIS_QUOTA",
     "SSM_ENDPOINTS",
     "aws_report",
     "day_one_checks",
+    "home_region",
 ]
 
 REGION = "region enabled"
 PLACEMENT = "placement"
+SOURCE = "source image"
 SSM_PATH = "SSM reachability"
+SSM_PROFILE = "SSM instance profile"
 SSH_PATH = "SSH reachability"
+SSH_INGRESS = "SSH ingress"
 EBS_DEFAULT = "EBS encryption by default"
 KEY_POLICY = "KMS key policy"
 PUBLIC_BLOCK = "image block public access"
@@ -65,40 +82,68 @@ SSM_ENDPOINTS: tuple[str, ...] = ("ssm", "ssmmessages", "ec2messages")
 # EC2's "Public AMIs" quota (the EC2 User Guide's AMI quotas: 5 per region by default).
 PUBLIC_AMIS_QUOTA = "L-0E3CBAB9"
 PUBLIC_AMIS_DEFAULT = 5
-# Concurrent AMI copies: EC2 documents 50 per destination region, at most 25 of them from one source region ("Copy an
-# AMI", EC2 User Guide). No Service Quotas code for it could be found with confidence (the "Concurrent AMI copies"
-# quota L-69312229 is EC2 Image Builder's, per distribution configuration), so ListServiceQuotas for ec2 is searched by
-# name; when EC2 lists none, the documented numbers stand. Every copy amiforge makes into a region comes from the bake
-# region, so the per-source number is the one that binds.
+# Concurrent AMI copies. An earlier edition of the EC2 User Guide's "Copy an AMI" page (Limits) said "Destination
+# regions are limited to 50 concurrent AMI copies at a time, with no more than 25 of those coming from a single source
+# region"; a later one said "Destination Regions are limited to 100 concurrent AMI copies" (both in the guide's source,
+# github.com/awsdocs/amazon-ec2-user-guide, doc_source/CopyingAMIs.md); no current page giving a number could be read.
+# So these are defaults from an older edition, not a current documented quota: the smallest one that can bind (every
+# copy amiforge makes into a region comes from the bake region) stands when Service Quotas lists none. No Service
+# Quotas code for it could be found with confidence (the "Concurrent AMI copies" quota L-69312229 is EC2 Image
+# Builder's, per distribution configuration), so ListServiceQuotas for ec2 is searched by name.
 COPIES_FROM_ONE_SOURCE = 25
 COPIES_PER_DESTINATION = 50
 _COPY_QUOTA_NAME = re.compile(r"\bAMI cop(y|ies)\b", re.IGNORECASE)
 # The AWS-managed EBS key's alias: what GetEbsDefaultKmsKeyId answers until a customer key is made the default.
 _AWS_EBS_ALIAS = "alias/aws/ebs"
-_ORG_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:organization/(o-[a-z0-9]+)")
-_OU_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:ou/(o-[a-z0-9]+)/(ou-[0-9a-z]+-[a-z0-9]+)")
 _KEY_USERS = "kms:CreateGrant, kms:Decrypt, kms:DescribeKey, kms:GenerateDataKeyWithoutPlaintext and kms:ReEncrypt*"
 _NEEDS_RECIPE = "pass --recipe FILE to check what a recipe needs"
 
 
+# The home region when neither --region nor a recipe names one and the AWS configuration names none either.
+DEFAULT_HOME_REGION = "us-east-1"
+# Per partition, the region of its global STS endpoint, which every account can call: asked when the home region
+# refuses STS the way an opt-in region the account has not enabled refuses everything.
+_GLOBAL_STS_REGION = {"aws": "us-east-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
+# What AWS answers in a region the account has not enabled — and for bad credentials (awsapi/errors.py).
+_REFUSED_LIKE_BAD_CREDENTIALS = {"AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException"}
+
+
+def home_region(asked: str | None, spec: AwsSpec | None, configured: str | None) -> tuple[str, str]:
+    """The region doctor asks from, and why: the one asked for (--region), else the recipe's, else the one the AWS
+    configuration names (profile, AWS_REGION / AWS_DEFAULT_REGION), else us-east-1."""
+    if asked:
+        return asked, "asked for (--region)"
+    if spec is not None:
+        return spec.region, "the recipe's region"
+    if configured:
+        return configured, "the AWS configuration's region"
+    return DEFAULT_HOME_REGION, f"no region configured, so {DEFAULT_HOME_REGION}"
+
+
 def aws_report(
-    session: AwsSession, spec: AwsSpec | None = None, *, parameter_prefix: str | None = None
+    session: AwsSession,
+    spec: AwsSpec | None = None,
+    *,
+    parameter_prefix: str | None = None,
+    region_from: str = "",
 ) -> AccountReport:
     """Credentials (STS GetCallerIdentity), enabled regions (EC2 DescribeRegions), the IAM policy, and the day-one
     checks for the home region or, with `spec` (a recipe's aws section), for what that recipe needs."""
-    sts = session.client("sts")
-    identity = call(sts, "GetCallerIdentity", "the caller")
+    identity, asked_from = _identity(session)
     account = str(identity["Account"])
     opt_in: dict[str, str] | None = None
     region_problem: list[AccountCheck] = []
     try:
-        answer = _ask(session.client("ec2"), "DescribeRegions", "regions", AllRegions=True)
+        answer = _ask(session.client("ec2", asked_from), "DescribeRegions", "regions", AllRegions=True)
         opt_in = {str(r["RegionName"]): str(r.get("OptInStatus") or "opt-in-not-required") for r in answer["Regions"]}
     except (_Denied, AmiforgeError) as e:
-        region_problem = _failed(REGION, session.region, e)
+        region_problem = _failed(REGION, asked_from, e)
+    refused = frozenset({session.region} if asked_from != session.region else ())
+    if opt_in is None and refused:
+        region_problem.append(_refused_home(session.region))
     enabled = tuple(sorted(n for n, s in (opt_in or {}).items() if s != "not-opted-in"))
     plan = _Plan.of(spec, session.region)
-    checks = region_problem + day_one_checks(session, plan, opt_in=opt_in, account=account)
+    checks = region_problem + day_one_checks(session, plan, opt_in=opt_in, account=account, refused=refused)
     prefix = parameter_prefix or (spec.publish.parameter_prefix if spec is not None else "/amiforge")
     return AccountReport(
         account=account,
@@ -107,6 +152,38 @@ def aws_report(
         regions=enabled,
         policy=policy_document(OPERATIONS, parameter_prefix=prefix),
         checks=tuple(checks),
+        region_from=region_from,
+    )
+
+
+def _identity(session: AwsSession) -> tuple[Mapping[str, Any], str]:
+    """STS GetCallerIdentity from the home region and the region that answered. A home region that refuses it as
+    it refuses bad credentials may be an opt-in region the account has not enabled: the partition's global STS
+    region is asked once more, and if it answers, the credentials are good and the region check says why the home
+    region refused. If it refuses too, the first refusal stands (with its fix naming both causes)."""
+    try:
+        return call(session.client("sts"), "GetCallerIdentity", "the caller"), session.region
+    except AmiforgeError as e:
+        partition = session.boto_session.get_partition_for_region(session.region)
+        fallback = _GLOBAL_STS_REGION.get(partition, DEFAULT_HOME_REGION)
+        if aws_code(e) not in _REFUSED_LIKE_BAD_CREDENTIALS or fallback == session.region:
+            raise
+        try:
+            identity = call(session.client("sts", fallback), "GetCallerIdentity", "the caller")
+        except AmiforgeError:
+            raise e from None
+        return identity, fallback
+
+
+def _refused_home(region: str) -> AccountCheck:
+    return AccountCheck(
+        REGION,
+        "fail",
+        "home region: refuses calls as AWS refuses them in an opt-in region the account has not enabled, while the "
+        "same credentials work elsewhere",
+        fix=f"enable {region} in the account settings (aws account enable-region --region-name {region}), or ask "
+        "from another region (--region)",
+        region=region,
     )
 
 
@@ -116,10 +193,14 @@ class _Plan:
 
     bake_region: str
     recipe: bool
-    copies: Mapping[str, str | None] = field(default_factory=dict)  # destination region → its kms_key
+    copies: Mapping[str, str | None] = field(default_factory=dict)  # destination region → its kms_key, in order
     subnet_id: str | None = None
     communicator: str = "ssm"
     ssh_interface: str = "public_ip"
+    security_group_ids: tuple[str, ...] = ()
+    instance_profile: str | None = None
+    source: OwnersSource | SsmSource | None = None
+    instance_type: str | None = None
     root_kms_key: str | None = None  # the recipe's root_volume.kms_key
     root_encrypted: bool = False  # root_volume.encrypted: true (under the default key unless kms_key)
     public: bool = False
@@ -139,6 +220,10 @@ class _Plan:
             subnet_id=spec.subnet_id,
             communicator=spec.communicator,
             ssh_interface=spec.ssh_interface,
+            security_group_ids=tuple(spec.security_group_ids),
+            instance_profile=spec.instance_profile,
+            source=spec.source,
+            instance_type=spec.instance_type,
             root_kms_key=spec.root_volume.kms_key if spec.root_volume else None,
             root_encrypted=bool(spec.root_volume and (spec.root_volume.encrypted or spec.root_volume.kms_key)),
             public=wanted.public,
@@ -156,27 +241,40 @@ class _Plan:
         """Shared with other accounts (launch permissions), which encrypted images allow only under a customer key."""
         return bool(self.accounts or self.organizations or self.organizational_units)
 
-    def audiences(self) -> list[Audience]:
-        audiences = [Audience(account=a) for a in self.accounts]
-        for arn in self.organizations:
-            match = _ORG_RE.fullmatch(arn)
-            audiences.append(Audience(org_id=match.group(1) if match else arn))
-        for arn in self.organizational_units:
-            match = _OU_RE.fullmatch(arn)
-            audiences.append(Audience(org_id=match.group(1), ou_id=match.group(2)) if match else Audience(ou_id=arn))
-        return audiences
+    def copy_field(self, region: str) -> str:
+        """The recipe field of a copy region's key, as the fix names it."""
+        return f"distribution.regions[{list(self.copies).index(region)}].kms_key"
+
+
+@dataclass
+class _Found:
+    """What one check learns that a later one needs: the source image and the baked image's encryption."""
+
+    source_encrypted: bool | None = None  # None: not known (no recipe, the source did not resolve)
+    source_owned: bool = False
+    source_key: str | None = None  # the key of an encrypted source of this account (its snapshots' KmsKeyId)
+    baked_encrypted: bool | None = None  # None: not known (the bake region was not checked, or could not tell)
+    baked_why: str = ""
+    shared_keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # region → (customer key, its role)
 
 
 def day_one_checks(
-    session: AwsSession, plan: _Plan, *, opt_in: Mapping[str, str] | None, account: str
+    session: AwsSession,
+    plan: _Plan,
+    *,
+    opt_in: Mapping[str, str] | None,
+    account: str,
+    refused: frozenset[str] = frozenset(),
 ) -> list[AccountCheck]:
-    """Every check, in the order a person fixes them: regions, network, encryption, keys, public sharing, quotas."""
+    """Every check, in the order a person fixes them: regions, network, source, encryption, keys, public sharing,
+    quotas. `refused`: regions known to refuse calls (checked no further)."""
     checks: list[AccountCheck] = []
     usable = set(plan.regions)
     if opt_in is not None:
         region_checks = [_region_check(plan, region, opt_in, account) for region in plan.regions]
         usable = {c.region for c in region_checks if c.status == "ok" and c.region}
         checks += region_checks
+    usable -= refused
 
     def each(name: str, regions: Iterable[str], work: Callable[[str], list[AccountCheck]]) -> None:
         for region in regions:
@@ -185,10 +283,15 @@ def day_one_checks(
             else:
                 checks.extend(_guarded(name, region, partial(work, region)))
 
+    found = _Found()
     each(PLACEMENT, [plan.bake_region], lambda region: _placement(session, plan, region))
-    shared_keys: dict[str, tuple[str, str]] = {}  # region → (a customer key shared images are under, its role)
-    each(EBS_DEFAULT, plan.regions, lambda region: _ebs_default(session, plan, region, shared_keys))
-    checks += _key_policy_checks(session, plan, usable, shared_keys)
+    if plan.source is None:
+        checks.append(AccountCheck(SOURCE, "skipped", _NEEDS_RECIPE))
+    else:
+        each(SOURCE, [plan.bake_region], lambda region: _source(session, plan, region, account, found))
+    # The bake region first: whether the image is encrypted decides what a copy region without a kms_key gets.
+    each(EBS_DEFAULT, plan.regions, lambda region: _ebs_default(session, plan, region, found))
+    checks += _key_policy_checks(session, plan, usable, found.shared_keys)
     if not plan.public:
         reason = "the recipe does not share the image publicly" if plan.recipe else _NEEDS_RECIPE
         checks.append(AccountCheck(PUBLIC_BLOCK, "skipped", reason))
@@ -200,8 +303,8 @@ def day_one_checks(
         reason = "the recipe copies the image to no other region" if plan.recipe else _NEEDS_RECIPE
         checks.append(AccountCheck(COPY_QUOTA, "skipped", reason))
     else:
-        found: list[_CopyLimit] = []
-        each(COPY_QUOTA, plan.copies, lambda region: [_copy_quota(session, plan, region, found)])
+        limits: list[_CopyLimit] = []
+        each(COPY_QUOTA, plan.copies, lambda region: [_copy_quota(session, plan, region, limits)])
     return checks
 
 
@@ -350,15 +453,43 @@ def _placement(session: AwsSession, plan: _Plan, region: str) -> list[AccountChe
     checks = [AccountCheck(PLACEMENT, "ok", where, region=region)]
     if plan.communicator == "ssh":
         checks += _guarded(SSH_PATH, region, lambda: [_ssh_path(ec2, plan, region, vpc_id, subnets)])
+        checks += _guarded(SSH_INGRESS, region, lambda: [_ssh_ingress(ec2, plan, region, vpc_id)])
     else:
         checks += _guarded(SSM_PATH, region, lambda: [_ssm_path(ec2, region, vpc_id, subnets)])
+        checks.append(_ssm_profile(plan, region))
     return checks
+
+
+def _ssm_profile(plan: _Plan, region: str) -> AccountCheck:
+    """The SSM agent registers with the instance profile's role, or — with none — only under Default Host Management
+    Configuration (DHMC: an account-and-region setting of Systems Manager that gives instances a role of its own).
+    Whether DHMC is on is a Systems Manager service setting this check does not read."""
+    if not plan.recipe:
+        return AccountCheck(SSM_PROFILE, "skipped", _NEEDS_RECIPE)
+    if plan.instance_profile is not None:
+        return AccountCheck(
+            SSM_PROFILE,
+            "ok",
+            f"instance_profile {plan.instance_profile} (its role needs AmazonSSMManagedInstanceCore: not read here)",
+            region=region,
+        )
+    return AccountCheck(
+        SSM_PROFILE,
+        "warn",
+        "the recipe names no instance_profile: the builder's SSM agent can register only if Default Host Management "
+        f"Configuration is turned on in {region} (and the instance meets its conditions: IMDSv2, a recent agent); "
+        "otherwise the bake times out waiting for the agent",
+        fix="set provider.instance_profile to an instance profile whose role has AmazonSSMManagedInstanceCore, or "
+        f"turn on Default Host Management Configuration in {region} (Systems Manager → Fleet Manager, or aws ssm "
+        "register-default-host-management-configuration)",
+        region=region,
+    )
 
 
 def _ssh_path(ec2: Any, plan: _Plan, region: str, vpc_id: str, subnets: Sequence[Mapping[str, Any]]) -> AccountCheck:
     """communicator ssh: amiforge connects from this machine to a public IP it requests at launch, which works only in
     a subnet whose default route is an internet gateway; a private address depends on a way into the VPC (VPN,
-    peering) that the account does not show. (The security groups must let TCP 22 in from this machine: not read.)"""
+    peering) that the account does not show. The security groups are `_ssh_ingress`'s."""
     if plan.ssh_interface != "public_ip":
         return AccountCheck(
             SSH_PATH,
@@ -388,6 +519,82 @@ def _ssh_path(ec2: Any, plan: _Plan, region: str, vpc_id: str, subnets: Sequence
         None,
         region,
     )
+
+
+def _ssh_ingress(ec2: Any, plan: _Plan, region: str, vpc_id: str) -> AccountCheck:
+    """The recipe's security groups: in the builder's VPC, and some ingress rule lets TCP 22 in. Only 0.0.0.0/0
+    certainly includes this machine: which address it reaches the builder from is not visible from AWS, so narrower
+    sources warn (IPv6 ranges do not count: amiforge connects over IPv4)."""
+    wanted = list(plan.security_group_ids)
+    named = ", ".join(wanted)
+    try:
+        groups = _pages(
+            ec2, "DescribeSecurityGroups", "SecurityGroups", f"security groups {named}", page_size=None, GroupIds=wanted
+        )
+    except NotFound as e:
+        groups, missing_why = [], e.message
+    else:
+        missing_why = ""
+    missing = sorted(set(wanted) - {str(g["GroupId"]) for g in groups})
+    if missing:
+        return AccountCheck(
+            SSH_INGRESS,
+            "fail",
+            f"security group {', '.join(missing)} does not exist in {region}"
+            + (f" ({missing_why})" if missing_why else ""),
+            fix="check provider.security_group_ids and provider.region in the recipe",
+            region=region,
+        )
+    elsewhere = [g for g in groups if g.get("VpcId") != vpc_id]
+    if elsewhere:
+        strays = ", ".join(f"{g['GroupId']} is in {g.get('VpcId')}" for g in elsewhere)
+        return AccountCheck(
+            SSH_INGRESS,
+            "fail",
+            f"{strays}, but the builder launches in {vpc_id}: EC2 refuses a security group of another VPC",
+            fix=f"use security groups of {vpc_id}, or set subnet_id to a subnet of their VPC",
+            region=region,
+        )
+    anywhere: list[str] = []
+    narrower: list[str] = []
+    for group in groups:
+        for rule in group.get("IpPermissions", []):
+            if not _lets_port_22_in(rule):
+                continue
+            for cidr in (str(r.get("CidrIp")) for r in rule.get("IpRanges", [])):
+                (anywhere if cidr == "0.0.0.0/0" else narrower).append(f"{cidr} ({group['GroupId']})")
+            narrower += [f"prefix list {r['PrefixListId']}" for r in rule.get("PrefixListIds", [])]
+            narrower += [f"members of {r['GroupId']}" for r in rule.get("UserIdGroupPairs", [])]
+    if anywhere:
+        return AccountCheck(SSH_INGRESS, "ok", f"TCP 22 is let in from anywhere: {', '.join(anywhere)}", region=region)
+    if narrower:
+        return AccountCheck(
+            SSH_INGRESS,
+            "warn",
+            f"TCP 22 is let in only from {', '.join(narrower)}: whether this machine's address is among them cannot "
+            "be seen from AWS",
+            fix="make sure the address this machine reaches the builder from "
+            + ("(its public IP) " if plan.ssh_interface == "public_ip" else "(inside the VPC, VPN or peering) ")
+            + "is in one of them",
+            region=region,
+        )
+    return AccountCheck(
+        SSH_INGRESS,
+        "fail",
+        f"no ingress rule of {named} lets TCP 22 in: amiforge could not reach the builder over SSH",
+        fix=f"aws ec2 authorize-security-group-ingress --group-id {wanted[0]} --protocol tcp --port 22 --cidr "
+        f"<this machine's address>/32 --region {region}",
+        region=region,
+    )
+
+
+def _lets_port_22_in(rule: Mapping[str, Any]) -> bool:
+    protocol = str(rule.get("IpProtocol", ""))
+    if protocol == "-1":  # all traffic
+        return True
+    if protocol not in ("tcp", "6"):
+        return False
+    return int(rule.get("FromPort", -1)) <= 22 <= int(rule.get("ToPort", -1))
 
 
 def _default_route(subnet_id: str, tables: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -481,84 +688,214 @@ def _subnet_way_out(subnet: Mapping[str, Any], tables: Sequence[Mapping[str, Any
     return "warn", f"subnet {subnet_id} sends 0.0.0.0/0 to {target}"
 
 
+# --- the source image: it resolves, and whether it is encrypted ------------------------------------------------------
+
+
+def _source(session: AwsSession, plan: _Plan, region: str, account: str, found: _Found) -> list[AccountCheck]:
+    """The recipe's source resolved as a bake resolves it (owner-pinned, the instance type's architecture), and
+    whether its snapshots are encrypted: then so is the image. DescribeImages says so per mapping; where it does not,
+    and for the key an encrypted source of this account keeps, DescribeSnapshots does (the root device's first)."""
+    assert plan.source is not None
+    resolved = resolve_source(plan.source, session, region, instance_type=plan.instance_type)
+    image = describe_image(session, region, resolved.image_id)
+    root = image.get("RootDeviceName")
+    mappings = sorted(image.get("BlockDeviceMappings", []), key=lambda m: m.get("DeviceName") != root)
+    ebs = [m["Ebs"] for m in mappings if m.get("Ebs", {}).get("SnapshotId")]
+    found.source_owned = resolved.owner == account
+    looked_up = [str(e["SnapshotId"]) for e in ebs if "Encrypted" not in e or (found.source_owned and e["Encrypted"])]
+    snapshots: dict[str, Mapping[str, Any]] = {}
+    if looked_up:
+        ec2 = session.client("ec2", region)
+        listed = _pages(
+            ec2, "DescribeSnapshots", "Snapshots", ", ".join(looked_up), page_size=None, SnapshotIds=looked_up
+        )
+        snapshots = {str(s["SnapshotId"]): s for s in listed}
+    encrypted = [
+        str(e["SnapshotId"])
+        for e in ebs
+        if e.get("Encrypted", snapshots.get(str(e["SnapshotId"]), {}).get("Encrypted"))
+    ]
+    found.source_encrypted = bool(encrypted)
+    where = f"{resolved.image_id} ({resolved.name}, owner {resolved.owner})"
+    if not encrypted:
+        return [AccountCheck(SOURCE, "ok", f"{where}: not encrypted", region=region)]
+    detail = f"{where}: encrypted, so the image will be too"
+    if found.source_owned:
+        keys = [str(snapshots[i]["KmsKeyId"]) for i in encrypted if snapshots.get(i, {}).get("KmsKeyId")]
+        found.source_key = keys[0] if keys else None
+        if keys:
+            detail += f" (under {', '.join(dict.fromkeys(keys))}, which the builder's volumes keep)"
+    else:
+        detail += " (another account's image: the builder's volume is encrypted under this account's default EBS key)"
+    return [AccountCheck(SOURCE, "ok", detail, region=region)]
+
+
 # --- encryption: EBS encryption by default, and the key policies of shared encrypted images --------------------------
 
 
-def _ebs_default(
-    session: AwsSession, plan: _Plan, region: str, shared_keys: dict[str, tuple[str, str]]
-) -> list[AccountCheck]:
-    """EBS encryption by default in `region` and the key the images made there end up under: in the bake region the
-    recipe's root_volume (kms_key, or encrypted: true under the default key) comes first; a copy region's kms_key
-    overrides its default. A customer key of a shared image goes into `shared_keys` for the key-policy check."""
+def _ebs_default(session: AwsSession, plan: _Plan, region: str, found: _Found) -> list[AccountCheck]:
+    """EBS encryption by default in `region` and the key images made there end up under: the bake region's decides
+    whether the image is encrypted (recorded in `found`), which a copy region without a kms_key then inherits."""
     ec2 = session.client("ec2", region)
     on = bool(
         _ask(ec2, "GetEbsEncryptionByDefault", f"EBS encryption by default in {region}")["EbsEncryptionByDefault"]
     )
+    if region == plan.bake_region:
+        return [_bake_encryption(session, plan, region, on, found)]
+    return [_copy_encryption(session, plan, region, on, found)]
+
+
+def _default_key(session: AwsSession, region: str) -> str:
+    ec2 = session.client("ec2", region)
+    return str(_ask(ec2, "GetEbsDefaultKmsKeyId", f"the default EBS key in {region}")["KmsKeyId"])
+
+
+def _bake_encryption(session: AwsSession, plan: _Plan, region: str, on: bool, found: _Found) -> AccountCheck:
+    """The key the builder's root volume, and so the image, is under — as EBS picks it at launch ("Use encryption
+    with EBS-backed AMIs", EC2 User Guide): the recipe's root_volume.kms_key; else an encrypted source snapshot this
+    account owns keeps its own key; else the default EBS key when encryption by default is on, root_volume asks for
+    encryption, or the source is another account's encrypted image; else the image is not encrypted."""
     setting = "on" if on else "off"
-    baked_here = region == plan.bake_region
-    if not baked_here and plan.copies.get(region):
-        return [AccountCheck(EBS_DEFAULT, "ok", f"{setting}; copies here use the recipe's kms_key", region=region)]
-    if baked_here and plan.root_kms_key:
+    if plan.root_kms_key:
         key, role = plan.root_kms_key, "root_volume.kms_key"
-        setting += f"; the recipe's root_volume.kms_key {key} encrypts the image"
-    elif on or (baked_here and plan.root_encrypted):
-        key, role = (
-            str(_ask(ec2, "GetEbsDefaultKmsKeyId", f"the default EBS key in {region}")["KmsKeyId"]),
-            "default EBS key",
+        why = f"the recipe's root_volume.kms_key {key} encrypts the image"
+    elif found.source_encrypted and found.source_owned and found.source_key:
+        key, role = found.source_key, "the source image's key"
+        why = f"the source image is encrypted under {key}, which the image keeps"
+    elif on or plan.root_encrypted or found.source_encrypted:
+        key, role = _default_key(session, region), "default EBS key"
+        why = (
+            "EBS encryption by default encrypts the image"
+            if on
+            else "the recipe's root_volume asks for encryption"
+            if plan.root_encrypted
+            else "the source image is another account's and encrypted"
         )
-        setting += "" if on else "; the recipe's root_volume asks for encryption"
-        setting += f", default key {key}"
+        why += f", under the default key {key}"
     else:
-        detail = "off (the image is encrypted only if the source image is)" if baked_here else "off"
-        return [AccountCheck(EBS_DEFAULT, "ok", detail, region=region)]
+        found.baked_encrypted = False if found.source_encrypted is not None or not plan.recipe else None
+        if found.baked_encrypted is None:
+            detail = (
+                "off: the image is encrypted only if the source image is, which is not known (the source image line)"
+            )
+        else:
+            detail = (
+                "off: the image is not encrypted (neither the recipe's root_volume nor the source image asks for it)"
+            )
+        return AccountCheck(EBS_DEFAULT, "ok", detail, region=region)
+    found.baked_encrypted, found.baked_why = True, why
+    return _key_verdict(session, plan, region, f"{setting}; {why}", key, role, found, baked_here=True)
+
+
+def _copy_encryption(session: AwsSession, plan: _Plan, region: str, on: bool, found: _Found) -> AccountCheck:
+    """A copy region: its kms_key decides. Without one, CopyImage (sent without Encrypted or KmsKeyId) keeps the
+    image's encryption and adds the region's encryption by default ("you cannot create an unencrypted copy of an
+    encrypted snapshot"; encryption by default "has the same effect as setting Encrypted"), and an encrypted copy is
+    under the key the API reference names for a request without KmsKeyId: the region's default key for EBS, the
+    AWS-managed aws/ebs unless another was made the default. distribute refuses to share such a copy (a key it did not
+    name), so sharing fails here with the fix: name a kms_key for the region."""
+    setting = "on" if on else "off"
+    if plan.copies.get(region):
+        return AccountCheck(EBS_DEFAULT, "ok", f"{setting}; copies here use the recipe's kms_key", region=region)
+    field_name = plan.copy_field(region)
+    if found.baked_encrypted:
+        why = f"the image is encrypted ({found.baked_why})"
+    elif on:
+        why = "EBS encryption by default encrypts copies made here"
+    elif found.baked_encrypted is None:
+        if not (plan.public or plan.shares):
+            return AccountCheck(EBS_DEFAULT, "ok", "off; copies here are encrypted only if the image is", region=region)
+        return AccountCheck(
+            EBS_DEFAULT,
+            "warn",
+            "off; whether the image is encrypted is not known (the bake region's lines): if it is, copies here land "
+            "under this region's default EBS key, which distribute does not share",
+            fix=f"set {field_name} to a customer-managed key in {region} whose policy lets the receiving accounts use "
+            "it",
+            region=region,
+        )
+    else:
+        return AccountCheck(EBS_DEFAULT, "ok", "off; copies here stay unencrypted, as the image is", region=region)
+    if plan.public:
+        return AccountCheck(
+            EBS_DEFAULT,
+            "fail",
+            f"{setting}; {why}: copies made here are encrypted, and an encrypted image cannot be made public",
+            fix=f"drop public: true, or the encryption (the recipe's root_volume; EBS encryption by default: aws ec2 "
+            f"disable-ebs-encryption-by-default --region {region} and in {plan.bake_region})",
+            region=region,
+        )
+    if plan.shares:
+        return AccountCheck(
+            EBS_DEFAULT,
+            "fail",
+            f"{setting}; {why}: the region has no kms_key, so CopyImage encrypts the copy under {region}'s default EBS "
+            "key (the AWS-managed aws/ebs unless another was made the default) — an AWS-managed key cannot be shared "
+            "with other accounts, and distribute refuses to share a copy under a key the recipe does not name",
+            fix=f"set {field_name} to a customer-managed key in {region} whose policy lets the receiving accounts use "
+            "it",
+            region=region,
+        )
+    key = _default_key(session, region)
+    return _key_verdict(session, plan, region, f"{setting}; {why}, under the default key {key}", key, "", found)
+
+
+def _key_verdict(
+    session: AwsSession,
+    plan: _Plan,
+    region: str,
+    setting: str,
+    key: str,
+    role: str,
+    found: _Found,
+    *,
+    baked_here: bool = False,
+) -> AccountCheck:
+    """What an image encrypted under `key` in `region` allows: no public sharing; no sharing under an AWS-managed
+    key; under a customer key, KMS permissions for amiforge (and its policy checked for the receivers)."""
     what = "images baked here" if baked_here else "copies made here (the region has no kms_key)"
     if plan.public:
-        return [
-            AccountCheck(
-                EBS_DEFAULT,
-                "fail",
-                f"{setting}: {what} are encrypted, and an encrypted image cannot be made public",
-                fix=f"drop public: true, or encryption (the recipe's root_volume; EBS encryption by default: aws ec2 "
-                f"disable-ebs-encryption-by-default --region {region})",
-                region=region,
-            )
-        ]
+        return AccountCheck(
+            EBS_DEFAULT,
+            "fail",
+            f"{setting}: {what} are encrypted, and an encrypted image cannot be made public",
+            fix=f"drop public: true, or encryption (the recipe's root_volume; EBS encryption by default: aws ec2 "
+            f"disable-ebs-encryption-by-default --region {region})",
+            region=region,
+        )
     if key == _AWS_EBS_ALIAS or _key_manager(session, region, key) == "AWS":
         if not plan.shares:
-            return [
-                AccountCheck(EBS_DEFAULT, "ok", f"{setting} (AWS-managed): {what} stay in this account", None, region)
-            ]
-        if baked_here and plan.root_kms_key:
+            return AccountCheck(
+                EBS_DEFAULT, "ok", f"{setting} (AWS-managed): {what} stay in this account", None, region
+            )
+        if plan.root_kms_key:
             fix = "give root_volume a customer-managed kms_key whose policy lets the receiving accounts use it"
-        elif baked_here:
+        else:
             fix = (
                 f"give root_volume a customer-managed kms_key, or make one the default (aws ec2 "
                 f"modify-ebs-default-kms-key-id --kms-key-id KEY --region {region}); its policy must let the "
                 "receiving accounts use it"
             )
-        else:
-            fix = f"give regions[{region}] a customer-managed kms_key whose policy lets the receiving accounts use it"
-        return [
-            AccountCheck(
-                EBS_DEFAULT,
-                "fail",
-                f"{setting} (AWS-managed): {what} are encrypted under it and cannot be shared with other accounts",
-                fix=fix,
-                region=region,
-            )
-        ]
+        return AccountCheck(
+            EBS_DEFAULT,
+            "fail",
+            f"{setting} (AWS-managed): {what} are encrypted under it and cannot be shared with other accounts",
+            fix=fix,
+            region=region,
+        )
     detail = (
         f"{setting} (customer-managed): the builder's volumes are encrypted with it, so the identity amiforge runs as "
         f"needs {_KEY_USERS} on it"
+        if baked_here
+        else f"{setting} (customer-managed): CopyImage encrypts with it, so the identity amiforge runs as needs "
+        f"{_KEY_USERS} on it"
     )
     if plan.shares:
-        shared_keys[region] = (key, role)
+        found.shared_keys[region] = (key, role)
         detail += "; the receiving accounts must be allowed to use it too (the KMS key policy check)"
-    return [
-        AccountCheck(
-            EBS_DEFAULT, "warn", detail, fix="allow those actions on the key (key policy or IAM)", region=region
-        )
-    ]
+    return AccountCheck(
+        EBS_DEFAULT, "warn", detail, fix="allow those actions on the key (key policy or IAM)", region=region
+    )
 
 
 def _key_manager(session: AwsSession, region: str, key: str) -> str:
@@ -614,31 +951,16 @@ def _key_policy_check(session: AwsSession, plan: _Plan, region: str, key: str, r
         policy = parse_policy(text)
     except ValueError as e:
         return AccountCheck(KEY_POLICY, "warn", f"{name}: its policy could not be read ({e})", region=region)
-    verdicts = [key_access(policy, a, key_arn=arn, region=region) for a in plan.audiences()]
+    receivers = audiences(plan.accounts, plan.organizations, plan.organizational_units)
+    verdicts = [key_access(policy, a, key_arn=arn, region=region) for a in receivers]
     return _policy_verdict(name, region, verdicts)
 
 
 def _policy_verdict(name: str, region: str, verdicts: Sequence[KeyAccess]) -> AccountCheck:
-    refused = [v for v in verdicts if v.verdict == "refused"]
     conditional = [v for v in verdicts if v.verdict == "conditional"]
-    if refused:
-        parts = []
-        for v in refused:
-            if v.missing:
-                parts.append(f"{v.audience.label} is not allowed {', '.join(v.missing)}")
-            if v.denied:
-                parts.append(f"{v.audience.label} is denied {', '.join(v.denied)}")
-        principals = ", ".join(
-            f"arn:aws:iam::{v.audience.account}:root" if v.audience.account else v.audience.label for v in refused
-        )
-        return AccountCheck(
-            KEY_POLICY,
-            "fail",
-            f"{name}: " + "; ".join(parts),
-            fix=f"add a key policy statement allowing {principals} {', '.join(SHARE_ACTIONS)} (kms:CreateGrant may "
-            "carry the condition kms:GrantIsForAWSResource=true), and remove any Deny that matches them",
-            region=region,
-        )
+    refused = refusals(verdicts)
+    if refused is not None:
+        return AccountCheck(KEY_POLICY, "fail", f"{name}: {refused}", fix=grant_fix(verdicts), region=region)
     if conditional:
         reasons = sorted({w for v in conditional for w in v.why})
         who = ", ".join(v.audience.label for v in conditional)
@@ -710,15 +1032,20 @@ def _public_quota(session: AwsSession, region: str) -> AccountCheck:
     source = "Service Quotas" if value is not None else "EC2's documented default"
     limit = int(value) if value is not None else PUBLIC_AMIS_DEFAULT
     public = _count_images(session, region, "is-public", "true")
-    detail = f"{public} public images of a quota of {limit} ({source}, {PUBLIC_AMIS_QUOTA})"
+    # The quota also counts public images in the Recycle Bin ("AMI quotas", EC2 User Guide), which DescribeImages
+    # does not list, and ListImagesInRecycleBin does not say which are public: said, not counted.
+    detail = (
+        f"{public} public images of a quota of {limit} ({source}, {PUBLIC_AMIS_QUOTA}); public images in the Recycle "
+        "Bin count too and are not listed here"
+    )
     if public + 1 <= limit:
         return AccountCheck(PUBLIC_QUOTA, "ok", detail + ": room for this one", region=region)
     return AccountCheck(
         PUBLIC_QUOTA,
         "fail",
         detail + ": making this image public would exceed it",
-        fix=f"make old public images private or retire them (amiforge retire), or request more (Service Quotas, "
-        f"ec2 {PUBLIC_AMIS_QUOTA}, {region})",
+        fix=f"make old public images private or retire them (amiforge retire; empty the Recycle Bin of public ones), "
+        f"or request more (Service Quotas, ec2 {PUBLIC_AMIS_QUOTA}, {region})",
         region=region,
     )
 
@@ -736,7 +1063,7 @@ def _copy_quota(session: AwsSession, plan: _Plan, region: str, found: list[_Copy
             listed = _pages(
                 quotas, "ListServiceQuotas", "Quotas", f"EC2 quotas in {plan.bake_region}", ServiceCode="ec2"
             )
-        except NotFound:  # Service Quotas lists nothing for EC2 there: the documented numbers stand
+        except NotFound:  # Service Quotas lists nothing for EC2 there: the defaults above stand
             listed = []
         code = next((str(q["QuotaCode"]) for q in listed if _COPY_QUOTA_NAME.search(str(q.get("QuotaName", "")))), None)
         found.append(_CopyLimit(code))
@@ -747,7 +1074,8 @@ def _copy_quota(session: AwsSession, plan: _Plan, region: str, found: list[_Copy
     else:
         limit = COPIES_FROM_ONE_SOURCE
         source = (
-            f"EC2 documents {COPIES_PER_DESTINATION} per destination region, {COPIES_FROM_ONE_SOURCE} from one source"
+            f"a default from an older EC2 User Guide: {COPIES_PER_DESTINATION} per destination region, "
+            f"{COPIES_FROM_ONE_SOURCE} of them from one source region; Service Quotas lists none"
         )
     pending = _count_images(session, region, "state", "pending")
     detail = (

@@ -26,7 +26,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["SHARE_ACTIONS", "Audience", "KeyAccess", "Verdict", "key_access", "parse_policy"]
+__all__ = [
+    "SHARE_ACTIONS",
+    "Audience",
+    "KeyAccess",
+    "Verdict",
+    "audiences",
+    "grant_fix",
+    "key_access",
+    "parse_policy",
+    "refusals",
+]
 
 Verdict = Literal["allowed", "conditional", "refused"]
 
@@ -44,6 +54,8 @@ SHARE_ACTIONS: tuple[str, ...] = (
 )
 
 _ROOT_RE = re.compile(r"arn:aws[a-z-]*:iam::([0-9]{12}):root")
+_ORG_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:organization/(o-[a-z0-9]+)")
+_OU_RE = re.compile(r"arn:aws[a-z-]*:organizations::[0-9]{12}:ou/(o-[a-z0-9]+)/(ou-[0-9a-z]+-[a-z0-9]+)")
 _PRINCIPAL_ARN_RE = re.compile(r"arn:aws[a-z-]*:(?:iam|sts)::([0-9]{12}):(.+)")
 
 # A tri-state: True (certainly), False (certainly not), None (cannot tell from the policy alone).
@@ -75,6 +87,48 @@ class KeyAccess:
     missing: tuple[str, ...] = ()
     denied: tuple[str, ...] = ()
     why: tuple[str, ...] = ()
+
+
+def audiences(
+    accounts: Iterable[str] = (), organizations: Iterable[str] = (), organizational_units: Iterable[str] = ()
+) -> list[Audience]:
+    """The receivers of a share: account ids, organization ARNs and OU ARNs (an OU share is also one of its
+    organization, which `aws:PrincipalOrgID` conditions test)."""
+    found = [Audience(account=a) for a in accounts]
+    for arn in organizations:
+        org = _ORG_RE.fullmatch(arn)
+        found.append(Audience(org_id=org.group(1) if org else arn))
+    for arn in organizational_units:
+        ou = _OU_RE.fullmatch(arn)
+        found.append(Audience(org_id=ou.group(1), ou_id=ou.group(2)) if ou else Audience(ou_id=arn))
+    return found
+
+
+def refusals(verdicts: Iterable[KeyAccess]) -> str | None:
+    """What the refused verdicts lack, one clause per audience ("111122223333 is not allowed kms:Decrypt; …"), or None
+    when none is refused."""
+    parts: list[str] = []
+    for v in verdicts:
+        if v.verdict != "refused":
+            continue
+        if v.missing:
+            parts.append(f"{v.audience.label} is not allowed {', '.join(v.missing)}")
+        if v.denied:
+            parts.append(f"{v.audience.label} is denied {', '.join(v.denied)}")
+    return "; ".join(parts) or None
+
+
+def grant_fix(verdicts: Iterable[KeyAccess]) -> str:
+    """The key policy change that lets the refused audiences use the key."""
+    principals = ", ".join(
+        f"arn:aws:iam::{v.audience.account}:root" if v.audience.account else v.audience.label
+        for v in verdicts
+        if v.verdict == "refused"
+    )
+    return (
+        f"add a key policy statement allowing {principals} {', '.join(SHARE_ACTIONS)} (kms:CreateGrant may carry the "
+        "condition kms:GrantIsForAWSResource=true), and remove any Deny that matches them"
+    )
 
 
 def parse_policy(text: str) -> Mapping[str, Any]:

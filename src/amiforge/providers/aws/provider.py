@@ -30,7 +30,7 @@ from amiforge.providers.aws.asg_records import parse_group_target
 from amiforge.providers.aws.bake import AmiBuild, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.console import ConsoleFactory
 from amiforge.providers.aws.distribute import COPY_WAIT, Progress, RegionTarget, distribute, plan_distribution
-from amiforge.providers.aws.doctor import aws_report
+from amiforge.providers.aws.doctor import aws_report, home_region
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.instances import Access, Placement, SshConnect
@@ -124,11 +124,14 @@ class AwsProvider:
             self._sessions[region] = AwsSession.from_settings(self.settings, region, boto_session=self._boto_session)
         return self._sessions[region]
 
-    def account_report(self, region: str, spec: ProviderSpec | None = None) -> AccountReport:
+    def account_report(self, region: str | None, spec: ProviderSpec | None = None) -> AccountReport:
         """`doctor --aws`: identity, enabled regions, the least-privilege IAM policy and the day-one checks, asked
-        from `region`; with a recipe's provider section, the checks are for what that recipe needs."""
+        from `region` (None: doctor.home_region picks it); with a recipe's provider section, the checks are for what
+        that recipe needs."""
         aws = aws_spec(spec, "doctor --aws --recipe") if spec is not None else None
-        return aws_report(self.session(region), aws)
+        configured = (self._boto_session or boto3.Session(profile_name=self.settings.aws_profile)).region_name
+        home, region_from = home_region(region, aws, configured)
+        return aws_report(self.session(home), aws, region_from=region_from)
 
     # --- bake -----------------------------------------------------------------------------------------------
 
