@@ -94,8 +94,10 @@ class AwsSession:
             user_agent_extra=f"amiforge/{__version__}",
         )
         self._config_attempts = max_attempts
+        # For calls that must not be repeated blindly (see client(single_attempt=True)).
+        self._single_config = self._config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1}))
         self._now = now
-        self._clients: dict[tuple[str, str, str | None], tuple[Any, datetime | None]] = {}
+        self._clients: dict[tuple[str, str, str | None, bool], tuple[Any, datetime | None]] = {}
         self._credentials: dict[str, _Credentials] = {}
         self._lock = threading.Lock()
         self._account: str | None = None  # set on as_account() views
@@ -130,12 +132,18 @@ class AwsSession:
         view._account = account
         return view
 
-    def client(self, service: str, region: str | None = None, *, account: str | None = None) -> Any:
+    def client(
+        self, service: str, region: str | None = None, *, account: str | None = None, single_attempt: bool = False
+    ) -> Any:
         """A client for `service` in `region` (the session's by default), as the caller or as `account`'s role
-        (by default the account of an `as_account` view)."""
+        (by default the account of an `as_account` view).
+
+        `single_attempt`: botocore sends each request once and never retries it, for a call that runs something
+        each time AWS receives it (SSM SendCommand): after a failure the caller finds out whether it was taken."""
         region = check_aws_region(region, what="AWS region") if region else self.region
         account = account if account is not None else self._account
-        key = (service, region, account)
+        key = (service, region, account, single_attempt)
+        config = self._single_config if single_attempt else self._config
         with self._lock:
             creds = self._assumed(account) if account is not None else None
             expires = creds.expires if creds is not None else None
@@ -144,17 +152,17 @@ class AwsSession:
             if cached is not None and cached[1] == expires:
                 return cached[0]
             if creds is None:
-                client = self._boto.client(service, region_name=region, config=self._config)
+                client = self._boto.client(service, region_name=region, config=config)
             else:
                 client = self._boto.client(
                     service,
                     region_name=region,
-                    config=self._config,
+                    config=config,
                     aws_access_key_id=creds.access_key,
                     aws_secret_access_key=creds.secret_key,
                     aws_session_token=creds.token,
                 )
-            _log_calls(client, account, self._config_attempts)
+            _log_calls(client, account, 1 if single_attempt else self._config_attempts)
             self._clients[key] = (client, expires)
             return client
 
@@ -166,12 +174,12 @@ class AwsSession:
         if cached is not None and cached.expires - self._now() > _REFRESH_MARGIN:
             return cached
         # The caller's own STS client (the lock is held, so not through client()).
-        cached_sts = self._clients.get(("sts", self.region, None))
+        cached_sts = self._clients.get(("sts", self.region, None, False))
         if cached_sts is None:
             sts_client = self._boto.client("sts", region_name=self.region, config=self._config)
             _log_calls(sts_client, None, self._config_attempts)
             cached_sts = (sts_client, None)
-            self._clients[("sts", self.region, None)] = cached_sts
+            self._clients[("sts", self.region, None, False)] = cached_sts
         sts = cached_sts[0]
         answer = call(sts, "AssumeRole", arn, RoleArn=arn, RoleSessionName=self.role_session_name)["Credentials"]
         expires = answer["Expiration"]

@@ -32,7 +32,7 @@ class Clock:
 
 class FakeConsole:
     """The console EC2 gives, one window per read: each read takes the next of `windows`, the last one stays.
-    `latest=False` is a Xen instance type's buffered console (machine.ConsoleReader after its fallback)."""
+    `latest=False` is a Xen instance type's buffered console (console.ConsoleReader after its fallback)."""
 
     def __init__(self, windows: Sequence[str] = (), *, latest: bool = True) -> None:
         self.windows = list(windows)

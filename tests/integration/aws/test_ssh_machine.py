@@ -8,25 +8,31 @@ output, stops them after their timeout, and moves files of any size and mode; no
 
 from __future__ import annotations
 
+import errno
 import getpass
 import os
 import pwd
 import random
+import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paramiko
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from fake_machine import Clock
 
 from amiforge.errors import InfraError
+from amiforge.providers.aws import ssh as ssh_module
 from amiforge.providers.aws.machine import CommandResult, Leftovers
 from amiforge.providers.aws.ssh import SshMachine, new_key_pair
 from tests.conftest import BOOTSTRAP, required_or_skip
@@ -236,8 +242,104 @@ def test_read_file_falls_back_to_sudo_cat(machine: SshMachine, tmp_path: Path, m
 
 
 def test_read_file_of_a_missing_file_is_an_error(machine: SshMachine, tmp_path: Path) -> None:
-    with pytest.raises(InfraError, match="no such file"):
+    with pytest.raises(InfraError, match="no such file") as caught:
         machine.read_file(str(tmp_path / "nothing"))
+    assert caught.value.fix is not None and "check the path" in caught.value.fix
+
+
+def session_processes(server: Sshd) -> list[int]:
+    """The sshd processes serving connections (the listener's descendants): they answer SFTP too."""
+    assert server.process is not None
+    found, parents = [], [server.process.pid]
+    while parents:
+        children = subprocess.run(["pgrep", "-P", str(parents.pop())], capture_output=True, text=True, check=False)
+        pids = [int(pid) for pid in children.stdout.split()]
+        found += pids
+        parents += pids
+    return found
+
+
+def test_an_sftp_server_that_stops_answering_times_out(
+    machine: SshMachine, running: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paramiko waits forever for an SFTP answer unless its channel has a timeout: an instance that froze would
+    hang the bake. Here the sshd serving the connection is stopped (SIGSTOP) while an upload waits for its answer."""
+    monkeypatch.setattr(ssh_module, "_SFTP_TIMEOUT", 1.0)
+    machine.put_file(str(tmp_path / "first"), b"connected", 0o600)  # connection, SFTP and upload directory made
+    stopped = session_processes(running)
+    assert stopped
+    outcome: list[BaseException | None] = []
+
+    def upload() -> None:
+        try:
+            machine.put_file(str(tmp_path / "second"), b"never arrives", 0o600)
+            outcome.append(None)
+        except BaseException as e:  # handed to the test thread
+            outcome.append(e)
+
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        worker = threading.Thread(target=upload, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "the upload still waits for an SFTP answer"
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    (error,) = outcome
+    assert isinstance(error, InfraError) and error.retryable
+    assert "no answer within 1s" in str(error) and error.fix is not None
+    assert machine._transport is None  # dropped: the next operation connects again
+    assert machine.run(["true"], timeout=30).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.EIO, "Input/output error"), paramiko.SSHException("Server connection dropped"), EOFError()],
+    ids=["os-error", "ssh-exception", "eof"],
+)
+def test_sftp_failures_are_infra_errors_with_a_fix(
+    machine: SshMachine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """Any failure of an SFTP request (not only a missing file) is an InfraError with a fix, never paramiko's or the
+    OS's own exception; the connection is made again for the next operation."""
+    target = str(tmp_path / "x")
+
+    def fails(*_: object, **__: object) -> None:
+        raise failure
+
+    for operation, act, what in (
+        ("mkdir", lambda: machine.put_file(target, b"data", 0o600), "making an upload directory in /dev/shm"),
+        ("putfo", lambda: machine.put_file(target, b"data", 0o600), f"upload of {target}"),
+        ("open", lambda: machine.read_file(target), f"read {target}"),
+    ):
+        sftp = machine._sftp_client()  # a new connection after the previous failure
+        if operation == "putfo":
+            machine._upload_directory(sftp)
+        monkeypatch.setattr(sftp, operation, fails)
+        with pytest.raises(InfraError, match=re.escape(what)) as caught:
+            act()
+        assert caught.value.retryable and caught.value.fix is not None
+        assert type(failure).__name__ in str(caught.value)
+        assert machine._transport is None
+
+
+def test_an_upload_directory_this_user_may_not_make_is_looked_for_elsewhere(
+    machine: SshMachine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sftp = machine._sftp_client()
+    real_mkdir = sftp.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        if path.startswith("/dev/shm/"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(sftp, "mkdir", mkdir)
+    machine.put_file(str(tmp_path / "x"), b"data", 0o600)
+    assert (tmp_path / "x").read_bytes() == b"data"
+    assert machine._upload_dir is not None and machine._upload_dir.startswith("/tmp/amiforge-ssh-")
 
 
 # --- connecting -------------------------------------------------------------------------------------------------

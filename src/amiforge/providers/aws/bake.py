@@ -31,7 +31,7 @@ from typing import Any
 from amiforge.awsapi.clients import AwsSession, call
 from amiforge.errors import ConfigError, InfraError, NotFound
 from amiforge.model import BootReport, CheckResult, Leftover, Package, RemovedFile
-from amiforge.providers.aws.console import CONSOLE_WINDOW, ConsoleFactory, ready_uptime
+from amiforge.providers.aws.console import CONSOLE_WINDOW, ConsoleFactory, ConsoleReader, ready_uptime
 from amiforge.providers.aws.images import MANAGED_TAG, SourceImage, describe_image
 from amiforge.providers.aws.instances import (
     RUN_TAG,
@@ -45,7 +45,7 @@ from amiforge.providers.aws.instances import (
     tag_list,
     wait_state,
 )
-from amiforge.providers.aws.machine import STAGE, ConsoleReader, Machine, MachineFactory
+from amiforge.providers.aws.machine import STAGE, Machine, MachineFactory
 from amiforge.providers.aws.ssh import SshMachine
 from amiforge.providers.guest import (
     COMMAND_TIMEOUT,

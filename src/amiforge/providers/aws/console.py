@@ -2,21 +2,24 @@
 
 GetConsoleOutput answers the last 64 KB of the console: with Latest=True the console as it is now (instance types on
 the Nitro hypervisor), without it the buffered copy EC2 posts shortly after a state change (start, stop, reboot,
-terminate) — on Xen types the only one, which may never show a line written after boot (machine.ConsoleReader asks
-for the latest and falls back once). A line can scroll out of that window between two reads, and a read can end inside
+terminate) — on Xen types the only one, which may never show a line written after boot (`ConsoleReader` asks for
+the latest and falls back once). A line can scroll out of that window between two reads, and a read can end inside
 a line still being written, so `ConsoleLog` keeps everything read of one instance, joined where the windows overlap,
 and the readiness line counts only when it is complete (`ready_uptime`).
 """
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from amiforge.awsapi.clients import AwsSession
+from amiforge.awsapi.clients import AwsSession, call, iam_action
+from amiforge.awsapi.errors import CAUGHT, aws_code, translate
 from amiforge.providers.guest import READY_LINE_RE
 
-__all__ = ["CONSOLE_WINDOW", "ConsoleFactory", "ConsoleLog", "ConsoleSource", "ready_uptime"]
+__all__ = ["CONSOLE_WINDOW", "ConsoleFactory", "ConsoleLog", "ConsoleReader", "ConsoleSource", "ready_uptime"]
 
 # GetConsoleOutput gives at most the last 64 KB; a read this close to it may have lost what came before.
 CONSOLE_WINDOW = 64 * 1024
@@ -28,7 +31,7 @@ _CONSOLE_KEEP = 4 * 1024 * 1024
 
 
 class ConsoleSource(Protocol):
-    """An instance's serial console (machine.ConsoleReader): `latest` is False once EC2 gives only its buffered
+    """An instance's serial console (`ConsoleReader`): `latest` is False once EC2 gives only its buffered
     copy (Xen instance types), which may never show a line written after boot."""
 
     latest: bool
@@ -38,6 +41,49 @@ class ConsoleSource(Protocol):
 
 # (session, region, instance id) -> the console of that instance; tests inject fakes.
 ConsoleFactory = Callable[[AwsSession, str, str], ConsoleSource]
+
+# What EC2 answers when GetConsoleOutput(Latest=True) is asked of an instance type that cannot give it (the Xen types:
+# t2, m4, c4, …; only Nitro types can). UnsupportedOperation is EC2's code for a request the resource does not
+# support; the parameter codes are taken too, but the fallback sticks only when the same call without Latest works.
+_LATEST_REFUSED = {"UnsupportedOperation", "Unsupported", "InvalidParameterValue", "InvalidParameterCombination"}
+
+
+class ConsoleReader:
+    """The serial console of one instance, as EC2 has captured it so far ('' if nothing yet).
+
+    It asks with Latest=True (the console as it is now, on Nitro instances); when EC2 refuses that for the instance
+    type, it asks without Latest (the buffered output EC2 posts after boot and state changes) for the rest of its
+    life, so a Xen instance costs one refused call, not one per read."""
+
+    def __init__(self, session: AwsSession, region: str, instance_id: str) -> None:
+        self.session = session
+        self.region = region
+        self.instance_id = instance_id
+        self.latest = True
+
+    def read(self) -> str:
+        ec2 = self.session.client("ec2", self.region)
+        if not self.latest:
+            return _decoded(call(ec2, "GetConsoleOutput", self.instance_id, InstanceId=self.instance_id))
+        try:
+            answer = ec2.get_console_output(InstanceId=self.instance_id, Latest=True)
+        except CAUGHT as e:
+            if aws_code(e) not in _LATEST_REFUSED:
+                raise translate(e, iam_action(ec2, "GetConsoleOutput"), self.instance_id) from e
+            answer = call(ec2, "GetConsoleOutput", self.instance_id, InstanceId=self.instance_id)
+            self.latest = False  # only once the call without Latest has worked: it was Latest that was refused
+        return _decoded(answer)
+
+
+def _decoded(answer: Any) -> str:
+    output = str(answer.get("Output") or "")
+    # botocore normally decodes it already; decode only what is unmistakably base64 of UTF-8 text.
+    if not output or len(output) % 4 or re.fullmatch(r"[A-Za-z0-9+/]+=*", output) is None:
+        return output
+    try:
+        return base64.b64decode(output, validate=True).decode("utf-8")
+    except ValueError:
+        return output
 
 
 def ready_uptime(text: str) -> float | None:

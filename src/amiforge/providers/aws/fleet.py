@@ -122,9 +122,8 @@ from amiforge.providers.aws.asg_records import (
     float_or_none,
     parse_time,
 )
-from amiforge.providers.aws.console import ConsoleFactory, ConsoleLog, ready_uptime
+from amiforge.providers.aws.console import ConsoleFactory, ConsoleLog, ConsoleReader, ready_uptime
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
-from amiforge.providers.aws.machine import ConsoleReader
 from amiforge.providers.aws.templates import (
     Template,
     client_token,
@@ -153,7 +152,7 @@ class AsgFleet:
     `wait`: delays and the deadline for the group to launch replacements and to stop being busy; its `sleep` and
     `clock` are the ones every wait uses. `now`: the wall clock readiness deadlines and recorded times use (EC2's
     LaunchTime is wall-clock time). `console_grace`: added to `checks.ready_within` for EC2's console delay.
-    `console_reader`: how an instance's console is read (machine.ConsoleReader; tests inject fakes)."""
+    `console_reader`: how an instance's console is read (console.ConsoleReader; tests inject fakes)."""
 
     def __init__(
         self,

@@ -5,14 +5,38 @@ it talk to SSM. (`providers/aws/ssh.py` is the other communicator, for images wi
 `AWS-RunShellScript` command and polls `GetCommandInvocation` with doubling delays until the invocation reaches a
 terminal status (right after SendCommand the invocation may not exist yet: normal, retried).
 
+What SSM keeps of a command, and why uploads are sealed. SSM returns every command's parameters in full to anyone
+allowed `ssm:ListCommands` in the account for about 30 days, and the agent writes each command's script to the
+instance's root volume (its orchestration folder), whose freed blocks end up in the image's snapshot even after the
+generalisation removed the files. So the bytes of an upload (recipe files, which may be credentials) never travel in
+clear: on first use the instance makes an RSA-3072 key pair in STAGE (a tmpfs, mode 0700; the key file 0600) with
+`openssl genpkey` and answers its public key; each upload is encrypted here with a fresh data key (AES-256-CBC in
+OpenSSL's `Salted__` format, the key and IV from PBKDF2-HMAC-SHA256 of the data key, as `openssl enc -pbkdf2` reads
+it), the data key wrapped with RSA-OAEP-SHA256; only the wrapped key and the ciphertext are sent. The instance unwraps
+the data key into a file in STAGE (`openssl pkeyutl`; never on a command line), decrypts (`openssl enc -d -pass
+file:…`), checks the SHA-256 of the plaintext and installs it; the data key and every intermediate file are removed
+whatever happens. The private key never leaves STAGE, which no image contains. Commands themselves — the argv of
+`run()`, short step commands — are recipe content that the recipe shows anyway and go in clear; what `read_file()`
+brings back (the package list, a readiness file) is SSM command output, in clear too.
+
 Limits SSM imposes, and how they are kept:
-- a command's parameters are limited in size, so a script longer than `MAX_COMMAND_CHARS` is uploaded first and then
-  run from that file. `put_file()` uploads in numbered parts, each written with `>` to a file of its own, so a
-  SendCommand that SSM delivers twice (botocore retries a send whose answer was lost) rewrites the same part instead
-  of appending it again; the parts are then joined in order and installed only if the SHA-256 of the joined bytes is
-  the one computed here;
+- "the content of the document must not exceed 64KB. This quota also includes the content specified for input
+  parameters at runtime" (Systems Manager User Guide, "Creating SSM document content"; SendCommand refuses more with
+  MaxDocumentSizeExceeded, "The size limit of a document is 64 KB"). AWS-RunShellScript's own content takes about
+  1.3 KB of it, and how SSM counts the parameters (raw, JSON-escaped) is not documented, so a command goes inline only
+  while its longest plausible encoding (`encoded_size`) is at most `MAX_COMMAND_CHARS`, half the quota. A longer
+  script is uploaded first and then run from that file. `put_file()` uploads in numbered parts of that size, each
+  written with `>` to a file of its own; the parts are joined in order, decrypted, and installed only if the SHA-256
+  of the result is the one computed here;
 - `StandardOutputContent` is cut at 24,000 characters, so `read_file()` reads a gzip copy of the file in base64
   slices that each fit (a dpkg status of 671 KB, 749 packages: 11 SendCommands instead of 43 uncompressed).
+
+Sending a command once. A SendCommand that SSM took can still fail on the way back (a lost connection, a 5xx), and
+sending it again would run it twice. So botocore never retries SendCommand (a single-attempt client); each command
+carries a token of its own in `Comment`, and after a failure whose outcome is unknown the command is looked for with
+ListCommands (this instance, sent since shortly before) before it is sent again. ListCommands may lag a moment behind,
+so a command can still run twice in the rare case it stays invisible there for several seconds: every upload command
+is safe to repeat (a part is rewritten; an install whose target already has the expected SHA-256 and mode is done).
 
 What the SSM agent keeps on the instance (every command's script and output, uploaded parts included) must not ship
 in an image: `SsmMachine.leftovers()` names it and `Leftovers.script()` removes it (see `Leftovers`).
@@ -23,42 +47,59 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import json
+import logging
+import os
 import posixpath
 import re
+import secrets
 import shlex
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from amiforge.awsapi.clients import AwsSession, call, eventually, iam_action
-from amiforge.awsapi.errors import CAUGHT, aws_code, translate
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+from amiforge.awsapi.clients import AwsSession, iam_action, paginate
+from amiforge.awsapi.errors import CAUGHT, translate
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, NotFound
+from amiforge.providers.aws.console import ConsoleReader
+from amiforge.waiting import Wait, retry
 
 __all__ = [
     "MAX_COMMAND_CHARS",
     "SSM_AGENT_LOGS",
     "SSM_AGENT_STATE",
     "STAGE",
+    "UPLOAD_KEY",
     "CommandResult",
-    "ConsoleReader",
     "Leftovers",
     "Machine",
     "MachineFactory",
     "SsmMachine",
     "digest_mismatch",
+    "encoded_size",
     "install_script",
     "scrub_unit",
 ]
 
+logger = logging.getLogger(__name__)
+
 # Where uploads and oversized scripts are staged on the instance (a tmpfs; generalisation never sees it in the image).
 STAGE = "/run/amiforge"
-# Conservative bound for one `commands` value: SSM's documented parameter limits are well above this.
+# The instance's upload key pair (private key, PEM), in STAGE.
+UPLOAD_KEY = "upload-key.pem"
+# The most `encoded_size` of one inline command: half of SSM's 64 KB document quota (see the module docstring).
 MAX_COMMAND_CHARS = 32_000
-# base64 characters per uploaded part: the rest of the command (paths, printf) fits in the remaining 200.
-PART_CHARS = MAX_COMMAND_CHARS - 200
 # Raw bytes per read slice: base64 of 16,000 bytes is 21,336 characters, under SSM's 24,000-character output cut.
 READ_SLICE = 16_000
 # SendCommand's TimeoutSeconds is the *delivery* timeout (the agent must pick the command up within it).
@@ -74,8 +115,36 @@ _RUNNING = {"Pending", "InProgress", "Delayed", "Cancelling"}
 # `StatusDetails` (a free string in the model; these are the values AWS documents) that explain how it ended.
 _NOT_DELIVERED = {"DeliveryTimedOut", "Undeliverable"}
 _CANCELLED = {"Cancelled", "Terminated"}
-# Exit code of install_script when the uploaded bytes are not the ones sent (EX_DATAERR).
-_DIGEST_MISMATCH = 65
+# Exit codes of the upload scripts (sysexits): the bytes that arrived are not the ones sent (EX_DATAERR); the
+# instance has no usable openssl (EX_UNAVAILABLE); the upload key is not the one the upload was sealed with, e.g. the
+# instance rebooted and STAGE was emptied (EX_TEMPFAIL: made again, and the upload sent again).
+_DAMAGED = 65
+_NO_OPENSSL = 69
+_KEY_CHANGED = 75
+_DAMAGED_MARK = ": the uploaded bytes "
+_KEY_CHANGED_MARK = "amiforge: the upload key changed"
+
+# Sealing: RSA-OAEP-SHA256 with a 3072-bit key wraps a data key of 32 random bytes (as 64 hex characters: `openssl
+# enc -pass file:` reads one line of text); AES-256-CBC with key and IV from PBKDF2-HMAC-SHA256. The data key is
+# random, so the iterations add nothing; they are given explicitly because openssl's default may change.
+_RSA_BITS = 3072
+_PBKDF2_ITERATIONS = 10_000
+_SALTED = b"Salted__"
+# openssl binaries tried in order: Amazon Linux 2's `openssl` is 1.0.2, whose enc lacks -pbkdf2; its openssl11 has it.
+_OPENSSL = ("openssl", "openssl11")
+
+# Sending once (see the module docstring): SendCommands whose outcome was unknown and which ListCommands did not show,
+# sent again at most this many times; how far back ListCommands looks (for the clock difference between this host and
+# AWS); and the pauses between looks, for ListCommands to catch up with SendCommand.
+_RESENDS = 3
+_CLOCK_SKEW = timedelta(minutes=5)
+_LOOKUP_PAUSES = (1.0, 2.0, 4.0)
+
+
+def encoded_size(command: str) -> int:
+    """The most characters `command` can count for against SSM's document quota: its JSON encoding with every
+    non-ASCII character escaped (\\uXXXX) and <, > and & escaped too (as Go's JSON encoder writes them)."""
+    return len(json.dumps(command)) + 5 * sum(command.count(c) for c in "<>&")
 
 
 @dataclass(frozen=True)
@@ -157,15 +226,26 @@ for d in {folders}; do
 done
 """
 
-# Every home directory in the password database, so a key is found wherever cloud-init put it.
+# Every home directory in the password database, so a key is found wherever cloud-init put it. grep exits 1 when it
+# selects no line (the key is not in the file; every line of it was the key), 2 when it cannot read: then the file is
+# left as it is and the script fails, never emptied or skipped. The new text is written into the same file (`cat >`),
+# so its owner, mode, ACLs and SELinux label stay.
 _REMOVE_KEY = """\
 getent passwd | cut -d: -f6 | sort -u | while read -r home; do
     for f in "$home/.ssh/authorized_keys" "$home/.ssh/authorized_keys2"; do
-        if [ -f "$f" ] && grep -qF -- '{blob}' "$f"; then
-            grep -vF -- '{blob}' "$f" > "$f.amiforge-tmp" || true
-            cat "$f.amiforge-tmp" > "$f"
-            rm -f "$f.amiforge-tmp"
+        [ -f "$f" ] || continue
+        found=0
+        grep -qF -- '{blob}' "$f" || found=$?
+        if [ "$found" -eq 1 ]; then continue; fi
+        kept=0
+        if [ "$found" -eq 0 ]; then grep -vF -- '{blob}' "$f" > "$f.amiforge-tmp" || kept=$?; fi
+        if [ "$found" -gt 1 ] || [ "$kept" -gt 1 ]; then
+            rm -f -- "$f.amiforge-tmp"
+            printf 'amiforge: cannot read %s to remove the build key from it\\n' "$f" >&2
+            exit 1
         fi
+        cat "$f.amiforge-tmp" > "$f"
+        rm -f -- "$f.amiforge-tmp"
     done
 done
 """
@@ -209,8 +289,12 @@ def install_script(
 ) -> str:
     """POSIX shell, run as root, that installs the bytes uploaded to `staged` at `path` with `mode`, atomically (a
     temporary file beside `path`, renamed over it; parents created), only if their SHA-256 is `sha256`: otherwise it
-    exits 65 and says so on stderr. `produce` (shell lines, run under `set -e`) makes `staged` first, if needed.
-    `staged`, the temporary file and `scratch` (shell words: globs are expanded) are removed whatever happens."""
+    exits 65 and says so on stderr. `produce` (shell lines, run under `set -e`) makes `staged` first, if needed; it may
+    call `damaged REASON` to refuse the upload the same way. `staged`, the temporary file and `scratch` (shell words:
+    globs are expanded) are removed whatever happens.
+
+    Safe to run twice (a retried delivery): when `path` is already a regular file of this user with `mode` and
+    `sha256`, it is done (exit 0) before it looks at what was uploaded, which the first run removed."""
     q = shlex.quote
     tmp = f"{path}.amiforge-tmp"
     parent = posixpath.dirname(path) or "/"
@@ -219,12 +303,15 @@ def install_script(
         f"cleanup() {{ rm -f -- {leftovers}; }}\n"
         "trap cleanup EXIT\n"
         "set -e\n"
+        f"damaged() {{ printf 'amiforge: %s{_DAMAGED_MARK}%s\\n' {q(path)} \"$1\" >&2; exit {_DAMAGED}; }}\n"
+        f"if [ -f {q(path)} ] && [ ! -L {q(path)} ] \\\n"
+        f'    && [ "$(stat -c \'%a %u\' -- {q(path)})" = "{mode:o} $(id -u)" ] \\\n'
+        f'    && [ "$(sha256sum < {q(path)} | cut -c1-64)" = {sha256} ]; then\n'
+        "    exit 0\n"
+        "fi\n"
         f"{produce}"
         f"sum=$(sha256sum < {q(staged)} | cut -c1-64)\n"
-        f'if [ "$sum" != {sha256} ]; then\n'
-        f'    echo "amiforge: {q(path)[:200]}: the uploaded bytes have SHA-256 $sum, not {sha256}" >&2\n'
-        f"    exit {_DIGEST_MISMATCH}\n"
-        "fi\n"
+        f'if [ "$sum" != {sha256} ]; then damaged "have SHA-256 $sum, not {sha256}"; fi\n'
         f"(umask 022; mkdir -p -- {q(parent)})\n"
         f"rm -f -- {q(tmp)}\n"
         f"(umask 077; cat < {q(staged)} > {q(tmp)})\n"
@@ -235,7 +322,7 @@ def install_script(
 
 def digest_mismatch(result: CommandResult) -> bool:
     """Whether an install_script run failed because the bytes that arrived were not the ones sent."""
-    return result.exit_code == _DIGEST_MISMATCH and "the uploaded bytes have SHA-256" in result.stderr
+    return result.exit_code == _DAMAGED and _DAMAGED_MARK in result.stderr
 
 
 class Machine(Protocol):
@@ -261,52 +348,6 @@ class Machine(Protocol):
 MachineFactory = Callable[[AwsSession, str, str], Machine]
 
 
-# --- the serial console -----------------------------------------------------------------------------------------
-
-# What EC2 answers when GetConsoleOutput(Latest=True) is asked of an instance type that cannot give it (the Xen types:
-# t2, m4, c4, …; only Nitro types can). UnsupportedOperation is EC2's code for a request the resource does not
-# support; the parameter codes are taken too, but the fallback sticks only when the same call without Latest works.
-_LATEST_REFUSED = {"UnsupportedOperation", "Unsupported", "InvalidParameterValue", "InvalidParameterCombination"}
-
-
-class ConsoleReader:
-    """The serial console of one instance, as EC2 has captured it so far ('' if nothing yet).
-
-    It asks with Latest=True (the console as it is now, on Nitro instances); when EC2 refuses that for the instance
-    type, it asks without Latest (the buffered output EC2 posts after boot and state changes) for the rest of its
-    life, so a Xen instance costs one refused call, not one per read."""
-
-    def __init__(self, session: AwsSession, region: str, instance_id: str) -> None:
-        self.session = session
-        self.region = region
-        self.instance_id = instance_id
-        self.latest = True
-
-    def read(self) -> str:
-        ec2 = self.session.client("ec2", self.region)
-        if not self.latest:
-            return _decoded(call(ec2, "GetConsoleOutput", self.instance_id, InstanceId=self.instance_id))
-        try:
-            answer = ec2.get_console_output(InstanceId=self.instance_id, Latest=True)
-        except CAUGHT as e:
-            if aws_code(e) not in _LATEST_REFUSED:
-                raise translate(e, iam_action(ec2, "GetConsoleOutput"), self.instance_id) from e
-            answer = call(ec2, "GetConsoleOutput", self.instance_id, InstanceId=self.instance_id)
-            self.latest = False  # only once the call without Latest has worked: it was Latest that was refused
-        return _decoded(answer)
-
-
-def _decoded(answer: Any) -> str:
-    output = str(answer.get("Output") or "")
-    # botocore normally decodes it already; decode only what is unmistakably base64 of UTF-8 text.
-    if not output or len(output) % 4 or re.fullmatch(r"[A-Za-z0-9+/]+=*", output) is None:
-        return output
-    try:
-        return base64.b64decode(output, validate=True).decode("utf-8")
-    except ValueError:
-        return output
-
-
 # --- SSM Run Command --------------------------------------------------------------------------------------------
 
 
@@ -314,8 +355,30 @@ class _StillRunning(AmiforgeError):
     """The invocation exists but has not finished: poll again."""
 
 
+class _NotTaken(Exception):
+    """A SendCommand failed with an unknown outcome and ListCommands does not show it: it may be sent again."""
+
+    def __init__(self, error: InfraError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _KeyChanged(Exception):
+    """The instance's upload key is not the one an upload was sealed with: make it again, seal again."""
+
+
+@dataclass(frozen=True)
+class _UploadKey:
+    """The public half of an instance's upload key, and the openssl binary there that reads what it seals."""
+
+    openssl: str
+    public: rsa.RSAPublicKey
+    fingerprint: str  # SHA-256 of the DER SubjectPublicKeyInfo, as `openssl pkey -pubout -outform DER | sha256sum`
+
+
 class SsmMachine:
-    """One EC2 instance reached through SSM Run Command. `sleep` and `clock` are injectable so tests do not wait."""
+    """One EC2 instance reached through SSM Run Command. `sleep`, `clock` and `now` (the wall clock ListCommands
+    filters by) are injectable so tests do not wait."""
 
     def __init__(
         self,
@@ -325,6 +388,7 @@ class SsmMachine:
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
         online_timeout: float = 600.0,
     ) -> None:
         self.session = session
@@ -333,14 +397,16 @@ class SsmMachine:
         self.instance_id = instance_id
         self._sleep = sleep
         self._clock = clock
+        self._now = now
         self._console = ConsoleReader(session, region, instance_id)
+        self._key: _UploadKey | None = None
 
     # --- commands ---------------------------------------------------------------------------------------------
 
     def run(self, argv: Sequence[str], *, timeout: float) -> CommandResult:
         """Run `argv` as root on the instance; its exit code, stdout and stderr (SSM keeps at most 24,000 chars)."""
         command = shlex.join(argv)
-        if len(command) <= MAX_COMMAND_CHARS:
+        if encoded_size(command) <= MAX_COMMAND_CHARS:
             return self._send(command, timeout)
         script = f"{STAGE}/cmd-{uuid.uuid4().hex[:12]}.sh"
         self.put_file(script, command.encode(), 0o700)
@@ -349,33 +415,7 @@ class SsmMachine:
     def _send(self, command: str, timeout: float) -> CommandResult:
         ssm = self.session.client("ssm", self.region)
         execution = max(1, min(int(timeout), 172_800))
-
-        def send() -> dict[str, Any]:
-            try:
-                return dict(
-                    ssm.send_command(
-                        InstanceIds=[self.instance_id],
-                        DocumentName="AWS-RunShellScript",
-                        Parameters={"commands": [command], "executionTimeout": [str(execution)]},
-                        TimeoutSeconds=DELIVERY_TIMEOUT,
-                        Comment="amiforge",
-                    )
-                )
-            except CAUGHT as e:
-                # InvalidInstanceId maps to NotFound in the table: a new instance's agent has not registered yet.
-                raise translate(e, iam_action(ssm, "SendCommand"), self.instance_id) from e
-
-        try:
-            sent = eventually(
-                send, timeout=self.online_timeout, first_delay=2.0, max_delay=15.0, sleep=self._sleep, clock=self._clock
-            )
-        except NotFound as e:
-            raise InfraError(
-                f"{self.instance_id} did not register with SSM within {self.online_timeout:.0f}s",
-                fix="give the instance an instance profile with AmazonSSMManagedInstanceCore, a route to the SSM "
-                "endpoints, and an image that runs the SSM agent (or use the SSH communicator)",
-            ) from e
-        command_id = str(sent["Command"]["CommandId"])
+        command_id = self._submit(command, execution)
 
         def finished() -> dict[str, Any]:
             answer = self._invocation(ssm, command_id)
@@ -384,14 +424,10 @@ class SsmMachine:
             return answer
 
         try:
-            answer = eventually(
+            answer = retry(
                 finished,
-                retry_on=(NotFound, _StillRunning),
-                timeout=timeout + POLL_GRACE,
-                first_delay=0.5,
-                max_delay=5.0,
-                sleep=self._sleep,
-                clock=self._clock,
+                again=lambda e: isinstance(e, (NotFound, _StillRunning)),
+                wait=self._wait(timeout + POLL_GRACE, first_delay=0.5, max_delay=5.0),
             )
         except (NotFound, _StillRunning) as e:
             raise InfraError(
@@ -400,6 +436,84 @@ class SsmMachine:
                 fix="check the SSM agent on the instance (aws ssm list-command-invocations --details)",
             ) from e
         return self._result(command_id, answer, execution)
+
+    def _wait(self, deadline: float, *, first_delay: float, max_delay: float) -> Wait:
+        return Wait(
+            first_delay=first_delay, max_delay=max_delay, deadline=deadline, sleep=self._sleep, clock=self._clock
+        )
+
+    def _submit(self, command: str, execution: int) -> str:
+        """Send `command` so that it runs once; its CommandId. Waits up to `online_timeout` for a new instance to
+        register with SSM (SSM answers InvalidInstanceId until then)."""
+        if encoded_size(command) > MAX_COMMAND_CHARS:  # run() and the uploads keep to it; this is a bug otherwise
+            raise ValueError(f"an SSM command of {encoded_size(command)} characters is over {MAX_COMMAND_CHARS}")
+        # Never retried by botocore: a retry would run the command again if SSM had taken the first one.
+        ssm = self.session.client("ssm", self.region, single_attempt=True)
+        comment = f"amiforge {uuid.uuid4()}"  # Comment: at most 100 characters
+        since = self._now() - _CLOCK_SKEW
+        unknown = 0
+
+        def send() -> str:
+            nonlocal unknown
+            try:
+                answer = ssm.send_command(
+                    InstanceIds=[self.instance_id],
+                    DocumentName="AWS-RunShellScript",
+                    Parameters={"commands": [command], "executionTimeout": [str(execution)]},
+                    TimeoutSeconds=DELIVERY_TIMEOUT,
+                    Comment=comment,
+                )
+                return str(answer["Command"]["CommandId"])
+            except CAUGHT as e:
+                # InvalidInstanceId maps to NotFound in the table: a new instance's agent has not registered yet.
+                error = translate(e, iam_action(ssm, "SendCommand"), self.instance_id)
+                if not (isinstance(error, InfraError) and error.retryable):
+                    raise error from e
+                unknown += 1
+                cause: BaseException = e
+                failure = error
+            # Throttled, a 5xx or a lost connection: SSM may have taken it. Look before sending it again.
+            found = self._sent_with(comment, since)
+            if found is None:
+                raise _NotTaken(failure) from cause
+            logger.info("SSM command %s on %s was taken although its answer was lost", found, self.instance_id)
+            return found
+
+        try:
+            return retry(
+                send,
+                again=lambda e: isinstance(e, NotFound) or (isinstance(e, _NotTaken) and unknown <= _RESENDS),
+                wait=self._wait(self.online_timeout, first_delay=2.0, max_delay=15.0),
+            )
+        except NotFound as e:
+            raise InfraError(
+                f"{self.instance_id} did not register with SSM within {self.online_timeout:.0f}s",
+                fix="give the instance an instance profile with AmazonSSMManagedInstanceCore, a route to the SSM "
+                "endpoints, and an image that runs the SSM agent (or use the SSH communicator)",
+            ) from e
+        except _NotTaken as e:
+            raise e.error from e
+
+    def _sent_with(self, comment: str, since: datetime) -> str | None:
+        """The id of the command sent to this instance with `comment` since `since`, if SSM has it; None if it does
+        not show after a few looks (ListCommands can lag behind SendCommand)."""
+        ssm = self.session.client("ssm", self.region)
+        after = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for pause in (*_LOOKUP_PAUSES, None):
+            for command in paginate(
+                ssm,
+                "ListCommands",
+                "Commands",
+                self.instance_id,
+                InstanceId=self.instance_id,
+                Filters=[{"key": "InvokedAfter", "value": after}],
+            ):
+                if command.get("Comment") == comment:
+                    return str(command["CommandId"])
+            if pause is None:
+                return None
+            self._sleep(pause)
+        return None
 
     def _result(self, command_id: str, answer: dict[str, Any], execution: int) -> CommandResult:
         """The command's result, judged by `StatusDetails` (how it ended) rather than `Status`: the values that say a
@@ -451,35 +565,54 @@ class SsmMachine:
     # --- files ------------------------------------------------------------------------------------------------
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Write `data` to `path` (parents created), mode `mode`, atomically, checked against its SHA-256.
+        """Write `data` to `path` (parents created), mode `mode`, atomically, checked against its SHA-256; sealed to
+        the instance's upload key on the way (see the module docstring). An upload key that changed since it was
+        read (the instance rebooted: STAGE is a tmpfs) is read again and the upload sent again, once."""
+        try:
+            self._upload(path, data, mode)
+        except _KeyChanged:
+            self._key = None
+            try:
+                self._upload(path, data, mode)
+            except _KeyChanged as e:
+                raise InfraError(
+                    f"upload of {path} to {self.instance_id}: the instance's upload key changed twice in a row",
+                    retryable=True,
+                    fix=f"check that nothing else on the instance writes {STAGE}/{UPLOAD_KEY} (one build per instance)",
+                ) from e
 
-        Each part goes to a file of its own (`>`), so a part SSM delivers twice is written twice, not appended twice."""
+    def _upload(self, path: str, data: bytes, mode: int) -> None:
         q = shlex.quote
-        encoded = base64.b64encode(data).decode()
+        key = self._upload_key()
+        wrapped, sealed = _seal(data, key.public)
         upload = f"{STAGE}/put-{uuid.uuid4().hex[:12]}"
-        pieces = [encoded[i : i + PART_CHARS] for i in range(0, len(encoded), PART_CHARS)] or [""]
-        for n, piece in enumerate(pieces, start=1):
-            part = q(f"{upload}.part-{n:04d}")
-            self._check(
-                self._send(f"set -e; umask 077; mkdir -p {q(STAGE)}; printf '%s' {q(piece)} > {part}", 120),
-                f"upload of {path} (part {n}/{len(pieces)})",
-            )
-        # Joined in order by number (printf pads as the names were padded), decoded, then checked and installed.
-        encoded_file, staged = q(f"{upload}.b64"), f"{upload}.bin"
-        join = (
-            f"umask 077; i=1; while [ $i -le {len(pieces)} ]; do "
-            f"cat \"$(printf '%s.part-%04d' {q(upload)} $i)\"; i=$((i + 1)); done > {encoded_file}\n"
-            f"base64 -d {encoded_file} > {q(staged)}\n"
+        parts = self._send_parts(upload, base64.b64encode(sealed).decode(), path)
+        ssl, key_file = q(key.openssl), q(f"{STAGE}/{UPLOAD_KEY}")
+        # Joined in order by number (printf pads as the names were padded), decoded, unwrapped, decrypted; then
+        # install_script checks and installs. Every file made here is `upload.*`, removed however the script ends.
+        unseal = (
+            f'if [ ! -f {key_file} ] || [ "$({ssl} pkey -in {key_file} -pubout -outform DER | sha256sum | cut -c1-64)'
+            f'" != {key.fingerprint} ]; then\n'
+            f"    echo {q(_KEY_CHANGED_MARK)} >&2; exit {_KEY_CHANGED}\n"
+            "fi\n"
+            f"umask 077; i=1; while [ $i -le {parts} ]; do\n"
+            f'    cat "$(printf \'%s.part-%04d\' {q(upload)} $i)" || damaged "lack part $i of {parts}"\n'
+            f"    i=$((i + 1))\n"
+            f"done > {q(upload)}.b64\n"
+            f"base64 -d {q(upload)}.b64 > {q(upload)}.enc || damaged 'are not base64'\n"
+            f"printf '%s' {q(base64.b64encode(wrapped).decode())} | base64 -d > {q(upload)}.wrapped\n"
+            f"{ssl} pkeyutl -decrypt -inkey {key_file} -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 "
+            f"-in {q(upload)}.wrapped -out {q(upload)}.key 2>/dev/null || damaged 'hold a key that does not unwrap'\n"
+            f"{ssl} enc -d -aes-256-cbc -pbkdf2 -iter {_PBKDF2_ITERATIONS} -md sha256 -pass file:{q(upload)}.key "
+            f"-in {q(upload)}.enc -out {q(upload)}.bin 2>/dev/null || damaged 'do not decrypt'\n"
+            f"rm -f -- {q(upload)}.key\n"
         )
         install = install_script(
-            staged,
-            path,
-            mode,
-            hashlib.sha256(data).hexdigest(),
-            scratch=[f"{q(upload)}.part-*", encoded_file],
-            produce=join,
+            f"{upload}.bin", path, mode, hashlib.sha256(data).hexdigest(), scratch=[f"{q(upload)}.*"], produce=unseal
         )
         result = self._send(install, 120)
+        if result.exit_code == _KEY_CHANGED and _KEY_CHANGED_MARK in result.stderr:
+            raise _KeyChanged(path)
         if digest_mismatch(result):
             raise InfraError(
                 f"upload of {path} to {self.instance_id} arrived damaged: {result.stderr.strip()[-300:]}",
@@ -487,6 +620,35 @@ class SsmMachine:
                 fix="re-run; the damaged upload was removed",
             )
         self._check(result, f"upload of {path}")
+
+    def _send_parts(self, upload: str, encoded: str, path: str) -> int:
+        """Send `encoded` in numbered parts `upload.part-NNNN`, each in a file of its own (a part sent twice is
+        written twice, not appended twice), each command as long as SSM takes; the number of parts."""
+        q = shlex.quote
+
+        def part_command(n: int, piece: str) -> str:
+            return f"set -e; umask 077; mkdir -p {q(STAGE)}; printf '%s' {q(piece)} > {q(f'{upload}.part-{n:04d}')}"
+
+        room = MAX_COMMAND_CHARS - encoded_size(part_command(9999, ""))  # base64 needs no escaping
+        pieces = [encoded[i : i + room] for i in range(0, len(encoded), room)] or [""]
+        for n, piece in enumerate(pieces, start=1):
+            self._check(self._send(part_command(n, piece), 120), f"upload of {path} (part {n}/{len(pieces)})")
+        return len(pieces)
+
+    def _upload_key(self) -> _UploadKey:
+        """The instance's upload key: made there on first use (kept in STAGE), its public half read back."""
+        if self._key is None:
+            result = self._send(_key_script(STAGE), 300)
+            if result.exit_code == _NO_OPENSSL:
+                raise InfraError(
+                    f"{self.instance_id} has no OpenSSL 1.1.1 or later ({' or '.join(_OPENSSL)}), which SSM uploads "
+                    f"are sealed for: {result.stderr.strip()[-300:]}",
+                    fix="use a source image that ships OpenSSL 1.1.1 or later (Debian, Ubuntu and Amazon Linux 2023 "
+                    "do; on Amazon Linux 2 install the openssl11 package into it), or the SSH communicator",
+                )
+            self._check(result, "making the upload key")
+            self._key = _parse_upload_key(result.stdout, self.instance_id)
+        return self._key
 
     def read_file(self, path: str) -> bytes:
         """The bytes of `path`: gzip-compressed on the instance, read in slices that each fit in SSM's output limit."""
@@ -527,15 +689,76 @@ class SsmMachine:
     # --- console and leftovers --------------------------------------------------------------------------------
 
     def console(self) -> str:
-        """The serial console output EC2 has captured so far ('' if none yet); see ConsoleReader."""
+        """The serial console output EC2 has captured so far ('' if none yet); see console.ConsoleReader."""
         return self._console.read()
 
     def leftovers(self) -> Leftovers:
         """The SSM agent's record of this instance (every command's document, script and output, so every uploaded
-        file): the commands before the generalisation's at once, the rest with the agent's logs at shutdown, once the
-        agent has stopped. STAGE is a tmpfs: nothing there reaches the image."""
+        part, sealed): the commands before the generalisation's at once, the rest with the agent's logs at shutdown,
+        once the agent has stopped. STAGE is a tmpfs: nothing there reaches the image; the upload key goes at once
+        all the same (an upload after the generalisation would make a new one)."""
         records = f"{SSM_AGENT_STATE}/{self.instance_id}/document"
         return Leftovers(
+            paths=(f"{STAGE}/{UPLOAD_KEY}",),
             command_records=(f"{records}/orchestration", f"{records}/state/*"),
             at_shutdown=(f"{SSM_AGENT_STATE}/{self.instance_id}", SSM_AGENT_LOGS),
         )
+
+
+# --- sealing uploads ------------------------------------------------------------------------------------------------
+
+
+def _key_script(stage: str) -> str:
+    """Shell that makes the instance's upload key unless it has one (so a repeated delivery is harmless), then prints
+    the openssl binary that reads sealed uploads and the public key (PEM)."""
+    q = shlex.quote
+    key = q(f"{stage}/{UPLOAD_KEY}")
+    return (
+        "set -e\n"
+        "ssl=\n"
+        f"for candidate in {' '.join(_OPENSSL)}; do\n"
+        '    if command -v "$candidate" >/dev/null 2>&1 \\\n'
+        '        && "$candidate" enc -aes-256-cbc -pbkdf2 -iter 1 -md sha256 -pass pass:probe -in /dev/null \\\n'
+        "        -out /dev/null 2>/dev/null; then ssl=$candidate; break; fi\n"
+        "done\n"
+        'if [ -z "$ssl" ]; then\n'
+        f"    echo 'amiforge: no openssl with enc -pbkdf2 on this instance' >&2; exit {_NO_OPENSSL}\n"
+        "fi\n"
+        f"umask 077; mkdir -p {q(stage)}; chmod 700 {q(stage)}\n"
+        f"if [ ! -s {key} ]; then\n"
+        f'    "$ssl" genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:{_RSA_BITS} -out {key}.$$\n'
+        f"    mv -f {key}.$$ {key}\n"
+        "fi\n"
+        'echo "$ssl"\n'
+        f'"$ssl" pkey -in {key} -pubout\n'
+    )
+
+
+def _parse_upload_key(stdout: str, instance_id: str) -> _UploadKey:
+    openssl, _, pem = stdout.strip().partition("\n")
+    try:
+        public = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise InfraError(f"{instance_id} answered no public key for uploads ({stdout[:120]!r})", retryable=True) from e
+    if openssl not in _OPENSSL or not isinstance(public, rsa.RSAPublicKey) or public.key_size < _RSA_BITS:
+        raise InfraError(
+            f"{instance_id} answered an upload key amiforge does not use ({openssl!r}, "
+            f"{getattr(public, 'key_size', '?')}-bit {type(public).__name__}): want RSA of {_RSA_BITS} bits or more",
+            fix=f"remove {STAGE}/{UPLOAD_KEY} on the instance (or reboot it) and run again",
+        )
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _UploadKey(openssl, public, hashlib.sha256(der).hexdigest())
+
+
+def _seal(data: bytes, public: rsa.RSAPublicKey) -> tuple[bytes, bytes]:
+    """(the data key wrapped with RSA-OAEP-SHA256, `data` encrypted as `openssl enc -aes-256-cbc -pbkdf2 -iter N -md
+    sha256 -pass file:KEY` writes it: b'Salted__', 8 bytes of salt, then AES-256-CBC with PKCS#7 padding)."""
+    data_key = secrets.token_hex(32).encode()
+    salt = os.urandom(8)
+    derived = PBKDF2HMAC(hashes.SHA256(), 48, salt, _PBKDF2_ITERATIONS).derive(data_key)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(data) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(derived[:32]), modes.CBC(derived[32:])).encryptor()
+    sealed = _SALTED + salt + encryptor.update(padded) + encryptor.finalize()
+    wrapped = public.encrypt(data_key, OAEP(mgf=MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
+    return wrapped, sealed

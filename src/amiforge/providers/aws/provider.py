@@ -28,13 +28,13 @@ from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
 from amiforge.providers.aws.asg_records import parse_group_target
 from amiforge.providers.aws.bake import AmiBuild, bake_on_ec2, boot_test_on_ec2
-from amiforge.providers.aws.console import ConsoleFactory
+from amiforge.providers.aws.console import ConsoleFactory, ConsoleReader
 from amiforge.providers.aws.distribute import COPY_WAIT, Progress, RegionTarget, distribute, plan_distribution
 from amiforge.providers.aws.doctor import aws_report, home_region
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.instances import Access, Placement, SshConnect
-from amiforge.providers.aws.machine import ConsoleReader, MachineFactory
+from amiforge.providers.aws.machine import MachineFactory
 from amiforge.providers.aws.publish import VALIDATION_WAIT, publish
 from amiforge.providers.aws.snapshot import open_ami
 from amiforge.providers.aws.ssh import SshMachine

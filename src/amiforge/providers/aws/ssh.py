@@ -10,7 +10,9 @@ nothing is read from or written to the user's ~/.ssh (no known_hosts, no agent, 
 Commands run as root: through `sudo -n` when the user is not root (the default users of cloud images have
 passwordless sudo), under coreutils `timeout` so a command that outlives its timeout is stopped on the instance too.
 Uploads go by SFTP to a private directory on /dev/shm (a tmpfs: the bytes never touch the image's disk, whose free
-blocks the secret scan reads) and are installed by `machine.install_script` (SHA-256 checked, atomic rename).
+blocks the secret scan reads) and are installed by `machine.install_script` (SHA-256 checked, atomic rename). Every
+SFTP request waits at most `_SFTP_TIMEOUT` seconds for its answer; a file operation that fails is an InfraError, and
+the connection is made again for the next one (after a timeout its state is unknown).
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ _CLIENT_GRACE = 20.0
 _UPLOAD_PARENTS = ("/dev/shm", "/tmp")
 _UPLOAD_PREFIX = "amiforge-ssh-"
 _FILE_TIMEOUT = 300.0
+# Seconds an SFTP request may wait for its answer (paramiko waits forever otherwise, e.g. on an instance that froze).
+_SFTP_TIMEOUT = 120.0
+_FILE_FIX = (
+    "check that the instance still runs and its disk is not full (its console); amiforge connects again on the next try"
+)
 
 
 def new_key_pair(comment: str) -> tuple[str, str]:
@@ -345,12 +352,24 @@ class SshMachine:
         transport = self._connection()
         if self._sftp is None:
             try:
-                self._sftp = paramiko.SFTPClient.from_transport(transport)
+                sftp = paramiko.SFTPClient.from_transport(transport)
+                channel = sftp.get_channel() if sftp is not None else None
+                if sftp is None or channel is None:
+                    raise paramiko.SSHException("the server refused the sftp subsystem")
+                channel.settimeout(_SFTP_TIMEOUT)
             except (paramiko.SSHException, EOFError, OSError) as e:
-                raise InfraError(f"SFTP to {self.where} failed to start ({e})", retryable=True) from e
-            if self._sftp is None:
-                raise InfraError(f"SFTP to {self.where} failed to start", retryable=True)
+                raise self._file_error("starting SFTP", e) from e
+            self._sftp = sftp
         return self._sftp
+
+    def _file_error(self, what: str, error: BaseException) -> InfraError:
+        """A failed file operation as an InfraError. The connection is dropped: after a timeout or a broken SFTP
+        session, nothing more can be read from it in step."""
+        self._drop()
+        waited = f" (no answer within {_SFTP_TIMEOUT:.0f}s)" if isinstance(error, TimeoutError) else ""
+        return InfraError(
+            f"{what} on {self.where} failed{waited}: {type(error).__name__}: {error}", retryable=True, fix=_FILE_FIX
+        )
 
     def _upload_directory(self, sftp: paramiko.SFTPClient) -> str:
         """A directory only this user can enter, on a tmpfs where there is one; made once per connection."""
@@ -359,12 +378,17 @@ class SshMachine:
                 candidate = f"{parent}/{_UPLOAD_PREFIX}{uuid.uuid4().hex[:16]}"
                 try:
                     sftp.mkdir(candidate, 0o700)  # fails if it exists: nobody else's directory is reused
-                except FileNotFoundError:
-                    continue
+                except (FileNotFoundError, PermissionError):
+                    continue  # no such parent here, or not one this user may write: the next one
+                except (paramiko.SSHException, EOFError, OSError) as e:
+                    raise self._file_error(f"making an upload directory in {parent}", e) from e
                 self._upload_dir = candidate
                 break
             else:
-                raise InfraError(f"{self.where} has neither {' nor '.join(_UPLOAD_PARENTS)} to upload into")
+                raise InfraError(
+                    f"{self.where} has no {' or '.join(_UPLOAD_PARENTS)} this user can upload into",
+                    fix=f"use an image where {self.username} may write to /dev/shm or /tmp (its default user does)",
+                )
         return self._upload_dir
 
     def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
@@ -374,16 +398,20 @@ class SshMachine:
         try:
             sftp.putfo(io.BytesIO(data), staged, file_size=len(data), confirm=True)
         except (OSError, paramiko.SSHException, EOFError) as e:
-            raise InfraError(f"upload of {path} to {self.where} failed ({e})", retryable=True) from e
+            raise self._file_error(f"upload of {path}", e) from e
         script = install_script(staged, path, mode, hashlib.sha256(data).hexdigest())
         result = self.run(["/bin/sh", "-c", script], timeout=_FILE_TIMEOUT)
         if digest_mismatch(result):
             raise InfraError(
-                f"upload of {path} to {self.where} arrived damaged: {result.stderr.strip()[-300:]}", retryable=True
+                f"upload of {path} to {self.where} arrived damaged: {result.stderr.strip()[-300:]}",
+                retryable=True,
+                fix="re-run; the damaged upload was removed",
             )
         if result.exit_code != 0:
             raise InfraError(
-                f"installing {path} on {self.where} failed with exit {result.exit_code}: {result.stderr.strip()[-500:]}"
+                f"installing {path} on {self.where} failed with exit {result.exit_code}: "
+                f"{result.stderr.strip()[-500:]}",
+                fix=f"check that root can write beside {path} on the instance (not read-only, not full)",
             )
 
     def read_file(self, path: str) -> bytes:
@@ -395,14 +423,22 @@ class SshMachine:
                 return remote.read()
         except PermissionError:
             if not self._sudo:
-                raise InfraError(f"read {path} on {self.where}: permission denied to root") from None
+                raise InfraError(
+                    f"read {path} on {self.where}: permission denied to root",
+                    fix="check the file's attributes and the image's security modules (lsattr, SELinux, AppArmor)",
+                ) from None
         except FileNotFoundError:
-            raise InfraError(f"read {path} on {self.where}: no such file") from None
+            raise InfraError(
+                f"read {path} on {self.where}: no such file", fix="check the path, and that the step making it ran"
+            ) from None
         except (OSError, paramiko.SSHException, EOFError) as e:
-            raise InfraError(f"read {path} on {self.where} failed ({e})", retryable=True) from e
+            raise self._file_error(f"read {path}", e) from e
         code, out, err = self._exec(self._as_root(["cat", "--", path], _FILE_TIMEOUT), _FILE_TIMEOUT + _CLIENT_GRACE)
         if code != 0:
-            raise InfraError(f"read {path} on {self.where} as root failed: {err.decode('utf-8', 'replace')[-300:]}")
+            raise InfraError(
+                f"read {path} on {self.where} as root failed: {err.decode('utf-8', 'replace')[-300:]}",
+                fix="check the path, and that the step making it ran",
+            )
         return out
 
     # --- console and leftovers --------------------------------------------------------------------------------
