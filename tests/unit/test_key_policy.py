@@ -1,6 +1,7 @@
 """key_policy.key_access: what a KMS key policy lets the receivers of a shared encrypted image do, read statically —
 allowed only when nothing is left to chance, refused when no statement allows (or a Deny certainly refuses), and
-conditional for everything a static read cannot decide."""
+conditional for everything a static read cannot decide; and the helpers doctor and distribute share (the receivers of
+a share as audiences, what a refusal lacks, the policy change that fixes it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from amiforge.providers.aws.key_policy import SHARE_ACTIONS, Audience, key_access, parse_policy
+from amiforge.providers.aws.key_policy import (
+    SHARE_ACTIONS,
+    Audience,
+    audiences,
+    grant_fix,
+    key_access,
+    parse_policy,
+    refusals,
+)
 
 OWNER = "123456789012"
 RECEIVER = "111122223333"
@@ -158,3 +167,26 @@ def test_a_single_statement_object_and_malformed_documents() -> None:
     for text in ("[]", '{"Version": "2012-10-17"}', "not json"):
         with pytest.raises(ValueError):
             parse_policy(text)
+
+
+def test_audiences_of_accounts_organizations_and_ous() -> None:
+    org = "arn:aws:organizations::999988887777:organization/o-abcdefghij"
+    ou = "arn:aws:organizations::999988887777:ou/o-abcdefghij/ou-ab12-cdefgh12"
+    assert audiences([RECEIVER], [org], [ou]) == [
+        Audience(account=RECEIVER),
+        Audience(org_id="o-abcdefghij"),
+        Audience(org_id="o-abcdefghij", ou_id="ou-ab12-cdefgh12"),  # an OU share is one of its organization too
+    ]
+
+
+def test_refusals_say_what_each_refused_audience_lacks_and_the_fix_names_them() -> None:
+    deny = {"Effect": "Deny", "Principal": root(OTHER), "Action": "kms:Decrypt", "Resource": "*"}
+    document = policy(allow(root(RECEIVER)), allow(root(OTHER)), deny)
+    verdicts = [key_access(document, Audience(account=a), key_arn=KEY, region="eu-west-1") for a in (RECEIVER, OTHER)]
+    verdicts.append(key_access(policy(), Audience(account="555566667777"), key_arn=KEY, region="eu-west-1"))
+    assert refusals(verdicts) == (
+        f"{OTHER} is denied kms:Decrypt; 555566667777 is not allowed {', '.join(SHARE_ACTIONS)}"
+    )
+    fix = grant_fix(verdicts)
+    assert f"arn:aws:iam::{OTHER}:root, arn:aws:iam::555566667777:root" in fix and RECEIVER not in fix
+    assert refusals(verdicts[:1]) is None  # the receiver alone is allowed

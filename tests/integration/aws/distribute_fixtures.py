@@ -21,11 +21,21 @@
   * tags: CopyImageTags=true copies the source's user-defined tags (not `aws:*`) to the new AMI; TagSpecifications
     `image` tags the AMI and `snapshot` tags every new snapshot, at creation (`honour_tags=False` makes the endpoint
     ignore TagSpecifications, to prove the ClientToken alone prevents duplicates);
-  * encryption: the copy's snapshots are encrypted when Encrypted=true, when the destination is an Outpost, or when
-    the source's are (no unencrypted copy of an encrypted snapshot); under KmsKeyId (its ARN), else the region's
-    AWS-managed EBS key (shown as KmsKeyId None here: moto has no aws/ebs key).
+  * encryption: the copy's snapshots are encrypted when Encrypted=true, when the destination is an Outpost, when
+    the source's are (no unencrypted copy of an encrypted snapshot), or when the destination region encrypts by
+    default ("has the same effect as setting the Encrypted parameter to true", EC2 User Guide); under KmsKeyId (its
+    ARN), else the key the API reference names for a request without one: the region's default key for EBS, here
+    always its AWS-managed key (`aws_managed_ebs_key`; this emulation has no ModifyEbsDefaultKmsKeyId).
   Not modelled: Local Zones and Outposts as places (such a copy lands in the region), time-based copies' timing,
   DryRun beyond moto's own.
+- `aws_managed_ebs_key`: the AWS-managed key alias/aws/ebs of a region, which moto lacks (KeyManager AWS, made on
+  first use).
+- `SharingEmulation`: moto shares anything. EC2 refuses to share an image or snapshot encrypted under an AWS-managed
+  key (the EBS User Guide: a snapshot under the default AWS managed key cannot be shared; the answers, as reported from
+  AWS: ModifyImageAttribute `InvalidParameter` "Snapshots encrypted with the AWS Managed CMK can't be shared. Specify
+  another snapshot." — hashicorp/packer#7410 — and ModifySnapshotAttribute `OperationNotPermitted` "Encrypted
+  snapshots with EBS default key cannot be shared" — hashicorp/packer#7499). Adding a launch permission (any form)
+  or a create-volume permission is refused so; removing is not. Not modelled: making an encrypted image public.
 - `DeregistrationProtection`: EnableImageDeregistrationProtection raises NotImplementedError in moto. A `before-call`
   handler answers it instead (after checking the image exists in moto) and records the protected images. It sits on
   the generic `before-call` event after ApiCalls and Crash, so the call is still counted and can still be crashed.
@@ -47,6 +57,7 @@ from moto.core.responses import ActionResult
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import ec2_backends
 from moto.ec2.responses.amis import AmisResponse
+from moto.ec2.responses.elastic_block_store import ElasticBlockStore
 from moto.kms.models import kms_backends
 from moto_emulation import _Raw
 
@@ -174,12 +185,19 @@ class CopyImageEmulation:
     @staticmethod
     def _encrypt(ami: Any, source: Any, params: dict[str, Any], account: str, region: str) -> None:
         snapshot = ami.ebs_snapshot
-        encrypted = bool(params.get("Encrypted")) or bool(params.get("DestinationOutpostArn"))
-        snapshot.encrypted = encrypted or bool(source.ebs_snapshot.encrypted)
+        snapshot.encrypted = (
+            bool(params.get("Encrypted"))
+            or bool(params.get("DestinationOutpostArn"))
+            or bool(source.ebs_snapshot.encrypted)
+            or bool(ec2_backends[account][region].ebs_encryption_by_default)
+        )
         key = params.get("KmsKeyId")
         found = _find_key(str(key), account, region) if key else None
         # EBS records the key's ARN whatever form the request named it in; an unusable key fails the copy later.
-        snapshot.kms_key_id = found.arn if found is not None else (str(key) if key else None)
+        if key:
+            snapshot.kms_key_id = found.arn if found is not None else str(key)
+        else:
+            snapshot.kms_key_id = aws_managed_ebs_key(account, region) if snapshot.encrypted else None
 
     def _tag(self, backend: Any, ami: Any, source: Any, params: dict[str, Any]) -> None:
         if params.get("CopyImageTags"):
@@ -219,6 +237,64 @@ class CopyImageEmulation:
             ami.state = copy.outcome
             ami.ebs_snapshot.status = "completed" if copy.outcome == "available" else "error"
         self._copying[(account, region)] = still
+
+
+AWS_EBS_ALIAS = "alias/aws/ebs"
+
+
+def aws_managed_ebs_key(account: str, region: str) -> str:
+    """The ARN of the region's AWS-managed EBS key (alias/aws/ebs, KeyManager AWS), made on first use."""
+    backend = kms_backends[account][region]
+    for key in backend.keys.values():
+        if AWS_EBS_ALIAS in key.aliases:
+            return str(key.arn)
+    key = backend.create_key(None, "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT", "Default key for EBS", None)
+    key.key_manager = "AWS"
+    backend.create_alias(key.id, AWS_EBS_ALIAS)
+    return str(key.arn)
+
+
+class SharingEmulation:
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        modify_image = AmisResponse.modify_image_attribute
+        modify_snapshot = ElasticBlockStore.modify_snapshot_attribute
+
+        def image_attribute(resp: Any) -> Any:
+            ami = ec2_backends[resp.current_account][resp.region].amis.get(resp._get_param("ImageId"))
+            if ami is not None and _adds_launch_permission(resp) and _aws_managed(ami.ebs_snapshot, resp):
+                raise EC2ClientError(
+                    "InvalidParameter",
+                    "Snapshots encrypted with the AWS Managed CMK can't be shared. Specify another snapshot.",
+                )
+            return modify_image(resp)
+
+        def snapshot_attribute(resp: Any) -> Any:
+            snapshot = ec2_backends[resp.current_account][resp.region].snapshots.get(resp._get_param("SnapshotId"))
+            adds = resp._get_param("OperationType") == "add" or resp._get_param("CreateVolumePermission", {}).get("Add")
+            if snapshot is not None and adds and _aws_managed(snapshot, resp):
+                raise EC2ClientError(
+                    "OperationNotPermitted", "Encrypted snapshots with EBS default key cannot be shared"
+                )
+            return modify_snapshot(resp)
+
+        monkeypatch.setattr(AmisResponse, "modify_image_attribute", image_attribute)
+        monkeypatch.setattr(ElasticBlockStore, "modify_snapshot_attribute", snapshot_attribute)
+
+
+def _adds_launch_permission(resp: Any) -> bool:
+    """Either request form: LaunchPermission.Add, or OperationType=add with UserIds, UserGroups or (OU) ARNs."""
+    if resp._get_param("LaunchPermission", {}).get("Add"):
+        return True
+    return bool(resp._get_param("OperationType") == "add")
+
+
+def _aws_managed(snapshot: Any, resp: Any) -> bool:
+    if not snapshot.encrypted:
+        return False
+    if not snapshot.kms_key_id:
+        return True  # encrypted under no named key: EBS's default, AWS-managed key
+    key = _find_key(str(snapshot.kms_key_id), str(resp.current_account), str(resp.region))
+    return key is not None and key.key_manager == "AWS"
 
 
 def backend_tags(resource: Any) -> dict[str, str]:

@@ -1,14 +1,26 @@
-"""Distribution on moto: copies per region under that region's key, tags, shares, protection, preflight refusals,
-idempotency, kill-and-resume after every API call, and throttling. See distribute_fixtures.py for what is emulated."""
+"""Distribution on moto: copies per region under that region's key, tags, shares, protection, preflight refusals
+(keys, and the encryption of what is shared: the source's key, the targets' keys and their policies, regions without a
+key that would encrypt), idempotency, kill-and-resume after every API call, and throttling. See distribute_fixtures.py
+for what is emulated."""
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 from conftest import ACCOUNT, Aws
-from distribute_fixtures import CopyImageEmulation, Crash, Crashed, DeregistrationProtection, backend_tags
+from distribute_fixtures import (
+    CopyImageEmulation,
+    Crash,
+    Crashed,
+    DeregistrationProtection,
+    SharingEmulation,
+    aws_managed_ebs_key,
+    backend_tags,
+)
 from fake_machine import Clock
 from moto.ec2.models import ec2_backends
 from moto.kms.models import kms_backends
@@ -23,6 +35,7 @@ from amiforge.providers.aws.distribute import (
     client_token,
     distribute,
     plan_distribution,
+    preflight,
 )
 from amiforge.providers.aws.images import describe_image
 from amiforge.waiting import Wait
@@ -34,10 +47,43 @@ ORG = "arn:aws:organizations::999988887777:organization/o-abcdefghij"
 OU = "arn:aws:organizations::999988887777:ou/o-abcdefghij/ou-ab12-cdefgh12"
 
 
+def receivers_policy(*accounts: str, org: str | None = "o-abcdefghij", condition: Any = None) -> dict[str, Any]:
+    """The owner's statement, one for the receiving accounts and one for the organization (and so its OUs), as the EBS
+    User Guide's key-sharing page describes; `condition` on the accounts' statement."""
+    use = ["kms:DescribeKey", "kms:CreateGrant", "kms:Decrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*"]
+    statements: list[dict[str, Any]] = [
+        {"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "kms:*", "Resource": "*"}
+    ]
+    if accounts:
+        named = {"Effect": "Allow", "Principal": {"AWS": [f"arn:aws:iam::{a}:root" for a in accounts]}}
+        statements.append({**named, "Action": use, "Resource": "*", **({"Condition": condition} if condition else {})})
+    if org:
+        statements.append(
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": use,
+                "Resource": "*",
+                "Condition": {"StringEquals": {"aws:PrincipalOrgID": org}},
+            }
+        )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
 class Env:
     def __init__(self, aws: Aws, copies: CopyImageEmulation, protection: DeregistrationProtection, crash: Crash):
         self.aws, self.copies, self.protection, self.crash = aws, copies, protection, crash
-        self.keys = {r: self.kms(r).create_key(Description=f"ebs {r}")["KeyMetadata"]["Arn"] for r in TARGETS}
+        self.keys = {r: self.key(r) for r in TARGETS}
+
+    def key(self, region: str, policy: dict[str, Any] | None = None) -> str:
+        """A customer managed key whose policy lets the plan's receivers use it (unless `policy` says otherwise)."""
+        text = json.dumps(policy or receivers_policy(*SHARE_ACCOUNTS))
+        return str(self.kms(region).create_key(Description=f"ebs {region}", Policy=text)["KeyMetadata"]["Arn"])
+
+    def encrypt_source(self, source: str, key: str) -> None:
+        """The source's snapshot encrypted under `key` (moto's images have one snapshot)."""
+        snapshot = ec2_backends[ACCOUNT][SOURCE_REGION].amis[source].ebs_snapshot
+        snapshot.encrypted, snapshot.kms_key_id = True, key
 
     def ec2(self, region: str) -> Any:
         return self.aws.session.client("ec2", region)
@@ -113,6 +159,7 @@ def env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
 def _env(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Env:
     copies, protection, crash = CopyImageEmulation(), DeregistrationProtection(), Crash()
     copies.install(monkeypatch)
+    SharingEmulation().install(monkeypatch)
     events = aws.session.boto_session.events
     crash.install(events)
     protection.install(events)
@@ -243,10 +290,10 @@ def test_preflight_refuses_bad_keys_before_any_copy(env: Env) -> None:
     with pytest.raises(ConfigError, match="nothing was copied") as caught:
         _run(env, env.plan(source))
     rendered = caught.value.diagnostics()
-    assert f"kms_key {env.keys[eu]} in {eu} is Disabled" in rendered
-    assert f"kms_key {env.keys[ap]} in {ap} is AWS-managed" in rendered and "cannot be shared" in rendered
+    assert f"kms_key {env.keys[eu]} in {eu}: the key is Disabled" in rendered
+    assert f"kms_key {env.keys[ap]} in {ap}: an AWS-managed key" in rendered and "cannot be shared" in rendered
     assert env.aws.calls["ec2.CopyImage"] == 0
-    assert sum(n for (svc, op), n in env.aws.calls.counts.items() if svc == "ec2" and op != "DescribeImages") == 0
+    assert not _writes(env)
     assert env.state(source) == {r: [] for r in TARGETS}
 
     # An unknown key is a problem too; an AWS-managed key is fine when nothing is shared.
@@ -260,16 +307,149 @@ def test_preflight_refuses_bad_keys_before_any_copy(env: Env) -> None:
     assert _run(env, unshared).regions[0].shared_with == ()
 
 
+def _writes(env: Env) -> list[str]:
+    """The calls made that change something (anything but Describe*, Get* and List*)."""
+    reads = ("Describe", "Get", "List")
+    return [f"{svc}.{op}" for (svc, op), n in env.aws.calls.counts.items() if n and not op.startswith(reads)]
+
+
 def test_preflight_refuses_encrypted_source_without_key_when_sharing(env: Env) -> None:
     source = env.source()
-    snapshot = ec2_backends[ACCOUNT][SOURCE_REGION].amis[source].ebs_snapshot
-    snapshot.encrypted = True
+    env.encrypt_source(source, env.key(SOURCE_REGION))  # a customer key the receivers may use
     plan = plan_distribution(source, SOURCE_REGION, [RegionTarget(r) for r in TARGETS], run_id="e", ou_arns=[OU])
     env.aws.calls.reset()
     with pytest.raises(ConfigError, match="nothing was copied") as caught:
         _run(env, plan)
-    assert "AWS-managed" in caught.value.diagnostics() and "eu-west-1, ap-southeast-2" in caught.value.diagnostics()
+    rendered = caught.value.diagnostics()
+    assert "default EBS key" in rendered and "eu-west-1, ap-southeast-2 has no kms_key" in rendered
     assert env.aws.calls["ec2.CopyImage"] == 0
+
+
+def test_preflight_refuses_a_source_under_an_aws_managed_key_though_every_region_has_one(env: Env) -> None:
+    """EC2 refuses to share an image under an AWS-managed key (the sharing emulation answers as AWS does): preflight
+    refuses the plan before the source is shared or anything copied, whatever the targets' keys."""
+    source = env.source()
+    env.encrypt_source(source, aws_managed_ebs_key(ACCOUNT, SOURCE_REGION))
+    env.aws.calls.reset()
+    for plan in (env.plan(source), plan_distribution(source, SOURCE_REGION, [], run_id="s", accounts=SHARE_ACCOUNTS)):
+        with pytest.raises(ConfigError, match="nothing was copied") as caught:
+            _run(env, plan)
+        rendered = caught.value.diagnostics()
+        assert f"source {source} in {SOURCE_REGION} is encrypted under" in rendered
+        assert "an AWS-managed key" in rendered and "cannot be shared" in rendered
+    assert not _writes(env)
+    # Kept in the account, it is no problem.
+    alone = plan_distribution(source, SOURCE_REGION, [RegionTarget(TARGETS[0], env.keys[TARGETS[0]])], run_id="a")
+    assert _run(env, alone).regions[0].shared_with == ()
+
+
+def test_preflight_refuses_a_source_key_whose_policy_leaves_the_receivers_out(env: Env) -> None:
+    source = env.source()
+    owner_only = env.kms(SOURCE_REGION).create_key(Description="owner only")["KeyMetadata"]["Arn"]  # moto's default
+    env.encrypt_source(source, owner_only)
+    env.aws.calls.reset()
+    with pytest.raises(ConfigError, match="nothing was copied") as caught:
+        _run(env, env.plan(source))
+    rendered = caught.value.diagnostics()
+    assert f"encrypted under {owner_only}: its key policy refuses the receivers" in rendered
+    assert f"{SHARE_ACCOUNTS[0]} is not allowed kms:DescribeKey" in rendered
+    assert f"arn:aws:iam::{SHARE_ACCOUNTS[0]}:root" in rendered  # the fix names the principals to allow
+    assert not _writes(env)
+
+
+def test_a_target_key_whose_policy_leaves_the_receivers_out_is_refused(env: Env) -> None:
+    source = env.source()
+    eu, _ap = TARGETS
+    env.keys[eu] = env.key(eu, receivers_policy(SHARE_ACCOUNTS[0], org=None))  # the second account is left out
+    with pytest.raises(ConfigError, match="nothing was copied") as caught:
+        _run(env, env.plan(source))
+    rendered = caught.value.diagnostics()
+    assert f"kms_key {env.keys[eu]} in {eu}: its key policy refuses the receivers" in rendered
+    assert f"{SHARE_ACCOUNTS[1]} is not allowed" in rendered  # the organization: undecided, so not refused
+    assert SHARE_ACCOUNTS[0] + " is" not in rendered
+
+
+def test_a_key_policy_a_static_read_cannot_decide_is_a_note_not_a_refusal(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = env.source()
+    condition = {"StringEquals": {"aws:SourceIp": "203.0.113.0/24"}}
+    env.encrypt_source(source, env.key(SOURCE_REGION, receivers_policy(*SHARE_ACCOUNTS, condition=condition)))
+    plan = env.plan(source)
+    report = preflight(plan, env.aws.session)
+    assert len(report.notes) == 1 and "condition StringEquals aws:SourceIp" in report.notes[0]
+    assert all(a in report.notes[0] for a in SHARE_ACCOUNTS)
+    with caplog.at_level(logging.WARNING, logger="amiforge.providers.aws.distribute"):
+        result = _run(env, plan)
+    assert set(result.image_ids) == set(TARGETS)
+    assert any("aws:SourceIp" in r.getMessage() for r in caplog.records)
+
+
+def test_preflight_refuses_a_region_without_key_that_encrypts_by_default(env: Env) -> None:
+    """CopyImage in a region with EBS encryption by default encrypts the copy of an unencrypted source under the
+    region's default key; the emulations copy it so and then refuse to share it, as AWS would after the copy."""
+    source = env.source()
+    eu, ap = TARGETS
+    env.ec2(eu).enable_ebs_encryption_by_default()
+    targets = [RegionTarget(eu), RegionTarget(ap, env.keys[ap])]
+    plan = plan_distribution(source, SOURCE_REGION, targets, run_id="d", accounts=SHARE_ACCOUNTS)
+    env.aws.calls.reset()
+    with pytest.raises(ConfigError, match="nothing was copied") as caught:
+        _run(env, plan)
+    rendered = caught.value.diagnostics()
+    assert f"EBS encryption by default is on in {eu}, which has no kms_key" in rendered
+    assert f"regions[{eu}].kms_key" in rendered
+    assert env.aws.calls["ec2.CopyImage"] == 0
+    # Kept in the account, the encrypted copy is fine; a region that does not encrypt by default needs no key.
+    private = plan_distribution(source, SOURCE_REGION, targets, run_id="p")
+    assert _run(env, private).image_ids.keys() == {eu, ap}
+    other = env.source("other")
+    unencrypting = plan_distribution(other, SOURCE_REGION, [RegionTarget(ap)], run_id="u", accounts=SHARE_ACCOUNTS)
+    assert _run(env, unencrypting).regions[0].kms_key_arn is None
+
+
+def test_an_encrypted_source_cannot_be_made_public(env: Env) -> None:
+    source = env.source()
+    env.encrypt_source(source, env.key(SOURCE_REGION))
+    plan = plan_distribution(source, SOURCE_REGION, [], run_id="pub", public=True, public_flag=True)
+    env.aws.calls.reset()
+    with pytest.raises(ConfigError, match="nothing was copied") as caught:
+        _run(env, plan)
+    assert "an encrypted image cannot be made public" in caught.value.diagnostics()
+    assert not _writes(env)
+
+
+def test_sharing_emulation_refuses_what_is_under_an_aws_managed_key(env: Env) -> None:
+    """ModifyImageAttribute and ModifySnapshotAttribute refuse to share an image or snapshot under an AWS-managed key
+    (either request form), as EC2 answers; a customer key or no encryption is shared, and removing is never refused."""
+    ec2 = env.ec2(SOURCE_REGION)
+    managed, customer, plain = env.source("managed"), env.source("customer"), env.source("plain")
+    env.encrypt_source(managed, aws_managed_ebs_key(ACCOUNT, SOURCE_REGION))
+    env.encrypt_source(customer, env.key(SOURCE_REGION))
+    account = SHARE_ACCOUNTS[0]
+
+    def snapshot_of(image: str) -> str:
+        return str(ec2_backends[ACCOUNT][SOURCE_REGION].amis[image].ebs_snapshot.id)
+
+    for share in (
+        {"LaunchPermission": {"Add": [{"UserId": account}]}},
+        {"OperationType": "add", "UserIds": [account]},
+        {"LaunchPermission": {"Add": [{"OrganizationArn": ORG}]}},
+    ):
+        with pytest.raises(ClientError) as refused:
+            ec2.modify_image_attribute(ImageId=managed, **share)
+        assert refused.value.response["Error"]["Code"] == "InvalidParameter"
+    with pytest.raises(ClientError) as refused:
+        ec2.modify_snapshot_attribute(
+            SnapshotId=snapshot_of(managed), Attribute="createVolumePermission", OperationType="add", UserIds=[account]
+        )
+    assert refused.value.response["Error"]["Code"] == "OperationNotPermitted"
+    ec2.modify_image_attribute(ImageId=managed, LaunchPermission={"Remove": [{"UserId": account}]})
+    for image in (customer, plain):
+        ec2.modify_image_attribute(ImageId=image, LaunchPermission={"Add": [{"UserId": account}]})
+        ec2.modify_snapshot_attribute(
+            SnapshotId=snapshot_of(image), Attribute="createVolumePermission", OperationType="add", UserIds=[account]
+        )
 
 
 def test_running_twice_adopts(env: Env) -> None:
@@ -454,10 +634,20 @@ def test_copy_emulation_pending_tags_and_encryption(env: Env) -> None:
     assert {t["Key"]: t["Value"] for t in seen["snapshot"]["Tags"]} == {"kind": "snapshot"}
     assert seen["snapshot"]["Encrypted"] is True and seen["snapshot"]["KmsKeyId"] == env.keys[region]  # the ARN
 
-    # An encrypted source gives an encrypted copy even without Encrypted (under the AWS-managed key).
+    # An encrypted source gives an encrypted copy even without Encrypted, under the region's AWS-managed key.
     ec2_backends[ACCOUNT][SOURCE_REGION].amis[source].ebs_snapshot.encrypted = True
     plain = _copy(env, source, Name="copy-2")
-    assert ec2_backends[ACCOUNT][region].amis[plain].ebs_snapshot.encrypted is True
+    copied = ec2_backends[ACCOUNT][region].amis[plain].ebs_snapshot
+    assert copied.encrypted is True and copied.kms_key_id == aws_managed_ebs_key(ACCOUNT, region)
+    # So does a region that encrypts by default, whatever the source.
+    ec2_backends[ACCOUNT][SOURCE_REGION].amis[source].ebs_snapshot.encrypted = False
+    other = TARGETS[1]
+    env.ec2(other).enable_ebs_encryption_by_default()
+    by_default = _copy(env, source, Name="copy-3", region=other)
+    copied = ec2_backends[ACCOUNT][other].amis[by_default].ebs_snapshot
+    assert copied.encrypted is True and copied.kms_key_id == aws_managed_ebs_key(ACCOUNT, other)
+    unencrypted = _copy(env, source, Name="copy-4")  # where nothing encrypts, the copy stays unencrypted
+    assert not ec2_backends[ACCOUNT][region].amis[unencrypted].ebs_snapshot.encrypted
 
 
 def test_copy_emulation_fails_a_copy_under_an_unusable_key_later(env: Env) -> None:

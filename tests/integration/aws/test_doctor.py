@@ -20,6 +20,7 @@ from moto.kms.models import kms_backends
 from moto_emulation import _Raw
 
 from amiforge.awsapi.clients import AwsSession, call, iam_action
+from amiforge.awsapi.errors import aws_code
 from amiforge.errors import ConfigError, NotFound
 from amiforge.providers.aws.doctor import DEFAULT_HOME_REGION, PUBLIC_AMIS_QUOTA, aws_report, home_region
 from amiforge.providers.aws.iam import PERMISSIONS, actions_for
@@ -762,6 +763,7 @@ def test_bad_credentials_still_fail_the_whole_report(aws: Aws, emulation: Doctor
         aws_report(session)
     assert refused.value.fix is not None and "enable it for the account" in refused.value.fix
     assert "credentials" in refused.value.fix
+    assert aws_code(refused.value) == "InvalidClientTokenId"  # the home region's refusal, with its cause
 
 
 def test_the_home_region_is_asked_for_else_the_recipes_else_configured_else_the_default() -> None:

@@ -24,8 +24,17 @@ plan may have no target region at all and only share.
 
 Every step after the copy is idempotent (Add of an existing permission, CreateTags of an existing tag, enabling
 protection twice), so a rerun simply repeats them: interrupted after any API call, the next run converges to the same
-state with no duplicate copy and no orphan. Safety (docs/architecture.md §8): nothing is public without `public=True`;
-an image under the AWS-managed EBS key cannot be shared with other accounts, so such a plan is refused before any copy.
+state with no duplicate copy and no orphan. Safety (docs/architecture.md §8): nothing is public without `public=True`.
+
+Encryption, checked by `preflight()` before anything is shared or copied whenever the plan shares outside the account
+(EC2 refuses to share what is encrypted under an AWS-managed key — ModifyImageAttribute and ModifySnapshotAttribute
+fail — and an encrypted image cannot be public; receivers a key's policy leaves out cannot launch the image):
+- the source's snapshots (DescribeSnapshots): under an AWS-managed key, refused; under a customer key, its policy is
+  read for the receivers (key_policy.key_access): "refused" refuses, "conditional" is a note (logged as a warning);
+- each target's kms_key: the same, and that it is an enabled symmetric key of its region;
+- a target without kms_key whose copy would be encrypted — the source is, or the region encrypts by default —
+  refused: CopyImage without KmsKeyId puts the copy under the region's default EBS key (the AWS-managed aws/ebs unless
+  another was made the default), which this plan never named.
 
 Parallelism: one worker per region, at most `max_parallel_regions` at once. Each region has exactly one copy in
 flight, far below AWS's per-destination-region limit on concurrent copies; API throttling is left to botocore's
@@ -35,6 +44,7 @@ standard retry mode (clients.py).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +55,10 @@ from amiforge.awsapi.clients import AwsSession, call, eventually, paginate
 from amiforge.errors import ConfigError, InfraError, NotFound, Problem, StateError
 from amiforge.model import AWS_REGION_RE
 from amiforge.providers.aws.images import MANAGED_TAG, describe_image
+from amiforge.providers.aws.key_policy import audiences, grant_fix, key_access, parse_policy, refusals
 from amiforge.waiting import Wait
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RUN_TAG",
@@ -163,12 +176,13 @@ class DistributionResult:
 @dataclass(frozen=True)
 class PreflightReport:
     """What preflight learnt and distribute needs: the source's name, description and tags, and each target's key
-    resolved to its ARN (region → ARN or None)."""
+    resolved to its ARN (region → ARN or None); `notes`: what it could not decide (also logged as warnings)."""
 
     source_name: str
     source_description: str
     source_tags: tuple[tuple[str, str], ...]
     kms_key_arns: Mapping[str, str | None] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -280,43 +294,30 @@ def client_token(plan: DistributionPlan, region: str) -> str:
 
 
 def preflight(plan: DistributionPlan, session: AwsSession) -> PreflightReport:
-    """Check, before anything is created: the source exists and is available; each target's KMS key exists in its
-    region, is enabled, is a symmetric ENCRYPT_DECRYPT key, and — when the image is shared with anyone — is not an
-    AWS-managed key (an image under one cannot be shared); an encrypted source copied without a key is refused when
-    sharing (the copy would land under the region's AWS-managed key). Every problem is listed in one ConfigError.
-    Read-only."""
+    """Check, before anything is created or shared: the source exists and is available; each target's KMS key exists
+    in its region, is enabled and a symmetric ENCRYPT_DECRYPT key; and, when the plan shares outside the account, the
+    encryption rules of the module docstring (source key, target keys, targets without a key). Every problem is listed
+    in one ConfigError. Read-only."""
     source = describe_image(session, plan.source_region, plan.source_image_id)
     where = f"{plan.source_image_id} in {plan.source_region}"
     if source.get("State") != "available":
         raise StateError(f"source image {where} is {source.get('State')!r}, not available", fix="wait, then re-run")
-    problems: list[Problem] = []
-    if (
-        plan.shares_outside_account
-        and any(t.kms_key is None for t in plan.targets)
-        and _encrypted(session, plan.source_region, source)
-    ):
-        keyless = ", ".join(t.region for t in plan.targets if t.kms_key is None)
-        problems.append(
-            Problem(
-                f"source {where} is encrypted and {keyless} has no kms_key: the copy would be under the AWS-managed "
-                "EBS key, which cannot be shared",
-                field="regions",
-                fix="give those regions a customer-managed kms_key",
-            )
-        )
+    checked = _Checked()
     arns: dict[str, str | None] = {}
     for target in plan.targets:
         arns[target.region] = None
-        if target.kms_key is None:
-            continue
-        arn, key_problems = _check_key(session, target, sharing=plan.shares_outside_account)
-        arns[target.region] = arn
-        problems += key_problems
-    if problems:
+        if target.kms_key is not None:
+            name = f"kms_key {target.kms_key} in {target.region}"
+            arns[target.region] = _check_key(session, plan, target.region, target.kms_key, name, checked)
+    if plan.shares_outside_account:
+        _check_source_encryption(session, plan, source, checked)
+    if checked.problems:
         raise ConfigError(
             f"preflight refused distributing {where}: nothing was copied",
-            problems=problems,
+            problems=checked.problems,
         )
+    for note in checked.notes:
+        log.warning("distribute %s: %s", plan.source_image_id, note)
     return PreflightReport(
         source_name=str(source.get("Name") or plan.source_image_id),
         source_description=str(source.get("Description") or ""),
@@ -328,53 +329,153 @@ def preflight(plan: DistributionPlan, session: AwsSession) -> PreflightReport:
             )
         ),
         kms_key_arns=arns,
+        notes=tuple(checked.notes),
     )
 
 
-def _encrypted(session: AwsSession, region: str, image: Mapping[str, Any]) -> bool:
-    mappings = [m.get("Ebs", {}) for m in image.get("BlockDeviceMappings", [])]
-    if any(m.get("Encrypted") for m in mappings):
-        return True
-    snapshots = [str(m["SnapshotId"]) for m in mappings if "SnapshotId" in m and "Encrypted" not in m]
-    if not snapshots:
-        return False
+@dataclass
+class _Checked:
+    """What preflight found: problems refuse the plan, notes do not."""
+
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def problem(self, message: str, where: str, fix: str) -> None:
+        self.problems.append(Problem(message, field=where, fix=fix))
+
+
+_SHARE_UNDER_DEFAULT = (
+    "CopyImage without a KmsKeyId puts the copy under the region's default EBS key (the AWS-managed aws/ebs unless "
+    "another was made the default), which this plan does not name and EC2 will not share if it is AWS-managed"
+)
+
+
+def _check_source_encryption(
+    session: AwsSession, plan: DistributionPlan, source: Mapping[str, Any], checked: _Checked
+) -> None:
+    """A plan that shares outside the account: the source's snapshots' keys, and the targets without a key."""
+    where = f"source {plan.source_image_id} in {plan.source_region}"
+    keyless = [t.region for t in plan.targets if t.kms_key is None]
+    snapshots = _source_snapshots(session, plan.source_region, source)
+    encrypted = [s for s in snapshots if s.get("Encrypted")]
+    if not encrypted:
+        for region in keyless:
+            if _encrypts_by_default(session, region):
+                fix = (
+                    f"turn EBS encryption by default off in {region} or drop the region (a public image cannot be "
+                    "encrypted)"
+                    if plan.public
+                    else "give the region a customer-managed kms_key whose policy lets the receivers use it"
+                )
+                checked.problem(
+                    f"EBS encryption by default is on in {region}, which has no kms_key: the copy would be encrypted; "
+                    + ("an encrypted image cannot be made public" if plan.public else _SHARE_UNDER_DEFAULT),
+                    f"regions[{region}].kms_key",
+                    fix,
+                )
+        return
+    if plan.public:
+        checked.problem(
+            f"{where} is encrypted: an encrypted image cannot be made public",
+            "public",
+            "drop public, or distribute an image baked unencrypted",
+        )
+    elif keyless:
+        checked.problem(
+            f"{where} is encrypted and {', '.join(keyless)} has no kms_key: {_SHARE_UNDER_DEFAULT}",
+            "regions",
+            "give those regions a customer-managed kms_key whose policy lets the receivers use it",
+        )
+    keys = dict.fromkeys(str(s.get("KmsKeyId") or "") for s in encrypted)
+    for key in keys:
+        if not key:
+            checked.problem(
+                f"{where} has an encrypted snapshot whose key EC2 does not name: whether it can be shared is unknown",
+                "source",
+                "check the source's snapshots (aws ec2 describe-snapshots), or distribute another image",
+            )
+        else:
+            _check_key(session, plan, plan.source_region, key, f"{where} is encrypted under {key}", checked)
+
+
+def _source_snapshots(session: AwsSession, region: str, image: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The source image's EBS snapshots as DescribeSnapshots gives them: their encryption and KmsKeyId."""
+    ids = _snapshots(image)
+    if not ids:
+        return []
     ec2 = session.client("ec2", region)
-    found = paginate(ec2, "DescribeSnapshots", "Snapshots", ", ".join(snapshots), page_size=None, SnapshotIds=snapshots)
-    return any(s.get("Encrypted") for s in found)
+    return list(paginate(ec2, "DescribeSnapshots", "Snapshots", ", ".join(ids), page_size=None, SnapshotIds=ids))
 
 
-def _check_key(session: AwsSession, target: RegionTarget, *, sharing: bool) -> tuple[str | None, list[Problem]]:
-    assert target.kms_key is not None
-    name = f"kms_key {target.kms_key} in {target.region}"
-    field_name = f"regions[{target.region}].kms_key"
-    kms = session.client("kms", target.region)
+def _encrypts_by_default(session: AwsSession, region: str) -> bool:
+    ec2 = session.client("ec2", region)
+    return bool(
+        call(ec2, "GetEbsEncryptionByDefault", f"EBS encryption by default in {region}")["EbsEncryptionByDefault"]
+    )
+
+
+def _check_key(
+    session: AwsSession, plan: DistributionPlan, region: str, key: str, name: str, checked: _Checked
+) -> str | None:
+    """A key an image of the plan is (or will be) under, in `region`: it exists there, is enabled and a symmetric
+    encryption key; when the plan shares outside the account, it is not AWS-managed and its policy lets the receivers
+    use it. Returns its ARN (None if it cannot be described)."""
+    field_name = "source" if region == plan.source_region else f"regions[{region}].kms_key"
+    kms = session.client("kms", region)
     try:
-        meta = call(kms, "DescribeKey", target.kms_key, KeyId=target.kms_key)["KeyMetadata"]
+        meta = call(kms, "DescribeKey", key, KeyId=key)["KeyMetadata"]
     except (NotFound, ConfigError) as e:
-        return None, [Problem(f"{name}: {e.message}", field=field_name, fix=e.fix or "check the key and its region")]
-    problems: list[Problem] = []
+        checked.problem(f"{name}: {e.message}", field_name, e.fix or "check the key and its region")
+        return None
     arn = str(meta.get("Arn") or "")
     state = str(meta.get("KeyState") or ("Enabled" if meta.get("Enabled") else "Disabled"))
     if state != "Enabled" or meta.get("Enabled") is False:
-        problems.append(Problem(f"{name} is {state}", field=field_name, fix="enable the key or configure another"))
+        checked.problem(f"{name}: the key is {state}", field_name, "enable the key or configure another")
     usage = meta.get("KeyUsage") or "ENCRYPT_DECRYPT"
     spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
     if usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT":
-        problems.append(
-            Problem(f"{name} is a {spec} {usage} key", field=field_name, fix="EBS needs a symmetric encryption key")
-        )
-    if sharing and meta.get("KeyManager") == "AWS":
-        problems.append(
-            Problem(
-                f"{name} is AWS-managed: an image encrypted with it cannot be shared with other accounts",
-                field=field_name,
-                fix="use a customer-managed key whose policy lets the shared accounts use it",
-            )
-        )
+        checked.problem(f"{name}: a {spec} {usage} key", field_name, "EBS needs a symmetric encryption key")
     match = _KMS_REGION_RE.match(arn)
-    if match and match.group(1) != target.region:
-        problems.append(Problem(f"{name} lives in {match.group(1)}", field=field_name, fix="use a key of that region"))
-    return arn or None, problems
+    if match and match.group(1) != region:
+        checked.problem(f"{name}: the key lives in {match.group(1)}", field_name, "use a key of that region")
+    if not plan.shares_outside_account:
+        return arn or None
+    if meta.get("KeyManager") == "AWS":
+        checked.problem(
+            f"{name}: an AWS-managed key, and an image encrypted with it cannot be shared with other accounts",
+            field_name,
+            "use a customer-managed key whose policy lets the shared accounts use it",
+        )
+    elif plan.share.any and arn:
+        _check_key_policy(kms, plan, region, arn, name, field_name, checked)
+    return arn or None
+
+
+def _check_key_policy(
+    kms: Any, plan: DistributionPlan, region: str, arn: str, name: str, field_name: str, checked: _Checked
+) -> None:
+    """The key policy read for the receivers (key_policy.py): what it certainly refuses refuses the plan; what a
+    static read cannot decide, or a policy that cannot be read, is a note."""
+    try:
+        text = str(call(kms, "GetKeyPolicy", f"the policy of {arn}", KeyId=arn, PolicyName="default")["Policy"])
+        policy = parse_policy(text)
+    except (ConfigError, NotFound, ValueError) as e:
+        checked.notes.append(f"{name}: its key policy could not be read ({e}); the receivers may not be able to use it")
+        return
+    receivers = audiences(plan.share.accounts, plan.share.org_arns, plan.share.ou_arns)
+    verdicts = [key_access(policy, a, key_arn=arn, region=region) for a in receivers]
+    refused = refusals(verdicts)
+    if refused is not None:
+        checked.problem(f"{name}: its key policy refuses the receivers: {refused}", field_name, grant_fix(verdicts))
+        return
+    conditional = [v for v in verdicts if v.verdict == "conditional"]
+    if conditional:
+        reasons = sorted({w for v in conditional for w in v.why})
+        who = ", ".join(v.audience.label for v in conditional)
+        checked.notes.append(
+            f"{name}: {who} may use the key only under what a static read of its policy cannot decide "
+            f"({'; '.join(reasons)})"
+        )
 
 
 # --- distribution -------------------------------------------------------------------------------------------------

@@ -161,18 +161,18 @@ def _identity(session: AwsSession) -> tuple[Mapping[str, Any], str]:
     it refuses bad credentials may be an opt-in region the account has not enabled: the partition's global STS
     region is asked once more, and if it answers, the credentials are good and the region check says why the home
     region refused. If it refuses too, the first refusal stands (with its fix naming both causes)."""
-    try:
-        return call(session.client("sts"), "GetCallerIdentity", "the caller"), session.region
-    except AmiforgeError as e:
-        partition = session.boto_session.get_partition_for_region(session.region)
-        fallback = _GLOBAL_STS_REGION.get(partition, DEFAULT_HOME_REGION)
-        if aws_code(e) not in _REFUSED_LIKE_BAD_CREDENTIALS or fallback == session.region:
-            raise
+    partition = session.boto_session.get_partition_for_region(session.region)
+    fallback = _GLOBAL_STS_REGION.get(partition, DEFAULT_HOME_REGION)
+    first: AmiforgeError | None = None
+    for region in dict.fromkeys((session.region, fallback)):
         try:
-            identity = call(session.client("sts", fallback), "GetCallerIdentity", "the caller")
-        except AmiforgeError:
-            raise e from None
-        return identity, fallback
+            return call(session.client("sts", region), "GetCallerIdentity", "the caller"), region
+        except AmiforgeError as e:
+            if first is None and aws_code(e) not in _REFUSED_LIKE_BAD_CREDENTIALS:
+                raise
+            first = first or e
+    assert first is not None  # every region asked refused
+    raise first  # the home region's refusal, with its cause (the ClientError aws_code reads)
 
 
 def _refused_home(region: str) -> AccountCheck:
