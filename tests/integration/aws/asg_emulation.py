@@ -28,6 +28,9 @@ What moto does, measured with small scripts against moto 5.2.5 (boto3 1.44.8):
   is all the tests need.
 - DescribeAutoScalingGroups honours MaxRecords/NextToken (default 50, more than 100 is a server error), and
   DescribeScalingActivities records nothing.
+- CreateAutoScalingGroup ignores DefaultInstanceWarmup (UpdateAutoScalingGroup too: it is never shown) and turns a
+  HealthCheckGracePeriod of 0, or none, into 300 (AWS's default is 0). PutLifecycleHook and DescribeLifecycleHooks
+  work (HeartbeatTimeout 3600 and DefaultResult ABANDON by default, as documented); CompleteLifecycleAction does not.
 - CloudWatch: PutCompositeAlarm raises NotImplementedError; DescribeAlarms ignores AlarmTypes (AWS answers metric
   alarms only unless AlarmTypes asks for the others) and answers any composite alarm moto holds.
 
@@ -42,7 +45,8 @@ The emulations, each as small as the fleet's tests need:
 - `AsgEmulation`: TerminateInstanceInAutoScalingGroup as on AWS: an instance in no group is a ValidationError; the
   instance is terminated in EC2 (tags kept) and stays in the group as `Terminating` for `launch_after` observations of
   the group (DescribeAutoScalingGroups or DescribeAutoScalingInstances calls); then it leaves the group and, unless
-  the capacity was decremented, exactly one replacement is launched from the group's current version.
+  the capacity was decremented, exactly one replacement is launched from the group's current version. The group's
+  DefaultInstanceWarmup is kept and shown (-1 removes it), and its HealthCheckGracePeriod is what was given, else 0.
 - `AlarmEmulation`: PutCompositeAlarm stores the alarm with its AlarmRule (ALARM/OK/INSUFFICIENT_DATA("name or
   ARN"), TRUE, FALSE, AND, OR, NOT, parentheses; anything else is a ValidationError); its state is what its rule gives,
   evaluated when it is created and whenever one of its children changed state since (so a SetAlarmState on it holds
@@ -57,15 +61,25 @@ The emulations, each as small as the fleet's tests need:
     enum; AutoRollback with no DesiredConfiguration (the message AWS gives), or for a group from which a rollback is
     not supported (below; AWS documents that it is unsupported, not the error code: ValidationError is assumed).
     A second refresh while one is active: InstanceRefreshInProgress.
-  - Every DescribeInstanceRefreshes of the group advances each active refresh one step: Pending → InProgress;
-    InProgress replaces the next batch (at most what MinHealthyPercentage of the desired capacity allows, never past
-    the next checkpoint) by terminating the instances in EC2 and launching replacements from the desired template
-    version. At a checkpoint below 100 it *stays InProgress* (with a StatusReason) for ceil(CheckpointDelay, default
-    3600 s, / `seconds_per_look`) looks: `Baking` is only the BakeTime after the last replacement, as the
-    InstanceRefresh reference defines it. Then `Successful`, and the group is pointed at the desired configuration.
+  - Time is the emulation's clock: a test's (`time=FakeTime`, the one the code under test sleeps on), else
+    `seconds_per_look` per DescribeInstanceRefreshes. Every DescribeInstanceRefreshes of the group moves each active
+    refresh on to that time: Pending → InProgress; InProgress launches the next batch (at most what
+    MinHealthyPercentage of the desired capacity allows, never past the next checkpoint; at most one batch per look,
+    the look's interval standing for EC2 starting the instances) by terminating the instances in EC2 and launching
+    replacements from the desired template version. A batch counts — PercentageComplete, InstancesToUpdate — only
+    "when the instance's health status changes to healthy and the specified warm-up time passes" (InstanceRefresh
+    reference), and the next batch waits for it: first the group's launch lifecycle hooks (instances Pending:Wait
+    until the longest HeartbeatTimeout; nobody completes the action, so each hook's DefaultResult applies: CONTINUE
+    puts them in service, ABANDON terminates them and launches as many again — a refresh that never gets further),
+    then the warm-up (InstanceWarmup, else the group's DefaultInstanceWarmup, else its HealthCheckGracePeriod, as the
+    RefreshPreferences reference says). At a checkpoint below 100 it *stays InProgress* (with a StatusReason) for
+    CheckpointDelay (default 3600 s; the look that ends the wait launches nothing): `Baking` is only the BakeTime
+    after the last replacement, as the InstanceRefresh reference defines it. Then `Successful`, and the group is
+    pointed at the desired configuration.
   - Instances set apart: protected from scale in (ScaleInProtectedInstances: Refresh replaces them, Ignore leaves
-    them, Wait — the default — replaces the others first, then waits one hour of looks for the protection to be lifted
-    and fails) and in Standby (StandbyInstances: Terminate terminates them, Ignore leaves them, Wait likewise).
+    them, Wait — the default — replaces the others first, then waits one hour for the protection to be lifted
+    and fails: "waits one hour for you to remove scale-in protection. Otherwise, the instance refresh will fail")
+    and in Standby (StandbyInstances: Terminate terminates them, Ignore leaves them, Wait likewise).
   - SkipMatching skips instances launched from the desired template version (the emulation records which version
     each instance was launched from; one it did not see launch is not matching).
   - A named alarm (metric or composite) in ALARM, or a Wait that ran out, fails the refresh, or with AutoRollback
@@ -75,9 +89,10 @@ The emulations, each as small as the fleet's tests need:
     is not a numbered launch template version ($Latest, $Default, none, a launch configuration) or takes its ImageId
     from a Systems Manager parameter — the three cases the reference lists; AutoRollback is *not* required. Then
     `RollbackInProgress` (RollbackDetails; PercentageComplete goes back down, InstancesToUpdate stays what it was),
-    whose looks put each instance the refresh launched back on the previous version, batch by batch, then
-    `RollbackSuccessful`.
-  Not emulated: Cancel, InstanceWarmup, health checks, MaxRecords/NextToken, mixed instances policies.
+    whose looks put each instance the refresh launched back on the previous version, batch by batch (each through
+    the hooks and warm-up, an assumption: AWS documents the batches, not their timing), then `RollbackSuccessful`.
+  Not emulated: Cancel, health checks (instances are healthy at once), terminate lifecycle hooks and load balancer
+  draining (a replacement's old instance is gone at once), MaxRecords/NextToken, mixed instances policies.
 - `ConsoleEmulation`: GetConsoleOutput answers nothing for the first `delay_reads` reads of each instance (EC2's
   console delay), then a boot log ending in `AMIFORGE-READY <uptime>`, the uptime per AMI (`uptime`, else
   `default_uptime`); an AMI in `never_ready` boots to a log without that line, like an image whose services hang.
@@ -99,7 +114,13 @@ from typing import Any, Final
 
 import pytest
 from moto.autoscaling.exceptions import AutoscalingClientError, ValidationError
-from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, InstanceState, TerminateInstanceActivity
+from moto.autoscaling.models import (
+    AutoScalingBackend,
+    FakeAutoScalingGroup,
+    InstanceState,
+    TerminateInstanceActivity,
+    autoscaling_backends,
+)
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.cloudwatch.exceptions import ValidationError as AlarmValidationError
 from moto.cloudwatch.models import CloudWatchBackend, cloudwatch_backends
@@ -222,7 +243,27 @@ class AsgEmulation:
 
             return answer
 
+        create_group = AutoScalingResponse.create_auto_scaling_group
+        update_group = AutoScalingResponse.update_auto_scaling_group
+
+        def create_auto_scaling_group(resp: AutoScalingResponse) -> ActionResult:
+            result = create_group(resp)
+            group = resp.autoscaling_backend.autoscaling_groups[resp._get_param("AutoScalingGroupName")]
+            group.health_check_grace_period = resp._get_int_param("HealthCheckGracePeriod") or 0  # AWS's default: 0
+            _set_default_warmup(group, resp._get_int_param("DefaultInstanceWarmup"))
+            return result
+
+        def update_auto_scaling_group(resp: AutoScalingResponse) -> ActionResult:
+            result = update_group(resp)
+            warmup = resp._get_int_param("DefaultInstanceWarmup")
+            if warmup is not None:  # left out: unchanged
+                group = resp.autoscaling_backend.autoscaling_groups[resp._get_param("AutoScalingGroupName")]
+                _set_default_warmup(group, warmup)
+            return result
+
         monkeypatch.setattr(AutoScalingBackend, "terminate_instance", terminate_instance)
+        monkeypatch.setattr(AutoScalingResponse, "create_auto_scaling_group", create_auto_scaling_group)
+        monkeypatch.setattr(AutoScalingResponse, "update_auto_scaling_group", update_auto_scaling_group)
         for name in ("describe_auto_scaling_groups", "describe_auto_scaling_instances"):
             monkeypatch.setattr(AutoScalingResponse, name, observed(name))
 
@@ -262,6 +303,12 @@ class AsgEmulation:
             if t.replace:
                 t.group.replace_autoscaling_group_instances(1, t.group.get_propagated_tags())
                 self.launched[t.group.name] += 1
+
+
+def _set_default_warmup(group: FakeAutoScalingGroup, seconds: int | None) -> None:
+    """A group's DefaultInstanceWarmup as DescribeAutoScalingGroups shows it (moto answers the attribute by that name);
+    -1 removes it ("To remove a value that you previously set, include the property but specify -1")."""
+    setattr(group, "default_instance_warmup", None if seconds is None or seconds == -1 else seconds)  # noqa: B010
 
 
 class AlarmEmulation:
@@ -432,6 +479,20 @@ _SET_APART: Final = {
     "StandbyInstances": frozenset({"Terminate", "Ignore", "Wait"}),
 }
 _WAIT_SECONDS: Final = 3600
+_LAUNCHING: Final = "autoscaling:EC2_INSTANCE_LAUNCHING"
+
+
+@dataclass
+class _Batch:
+    """Instances one look launched (a batch of the refresh, or of its rollback), on their way to being counted: in
+    their launch lifecycle hooks (Pending:Wait) until `until`, then warming up until `until`."""
+
+    count: int  # the instances it replaces: added to (rollback: taken from) the refresh's count once it is done
+    instances: list[str]
+    template_id: str
+    version: str
+    until: float  # the end of the current stage, on the emulation's clock
+    hooked: bool  # the current stage is the launch lifecycle hooks
 
 
 @dataclass
@@ -451,9 +512,12 @@ class _Refresh:
     ended: datetime | None = None
     replaced: int = 0
     launched: list[str] = field(default_factory=list)  # instance ids the refresh launched (on the desired version)
-    checkpoint_left: int = 0  # looks still to wait at a checkpoint (InProgress)
-    bake_left: int = 0  # looks still to bake after the last replacement (Baking)
-    wait_left: int | None = None  # looks still to wait for an instance set apart (Wait)
+    warmup: float = 0.0  # InstanceWarmup, else the group's DefaultInstanceWarmup, else its HealthCheckGracePeriod
+    batch: _Batch | None = None  # launched, not counted yet
+    goal: int = 100  # the checkpoint the current batch aims at
+    checkpoint_until: float | None = None  # waiting at a checkpoint until then (InProgress)
+    bake_until: float = 0.0  # Baking until then
+    wait_since: float | None = None  # waiting for an instance set apart since then (Wait)
     rollback: dict[str, Any] | None = None  # RollbackDetails, once rolling back
 
     def percentage(self) -> int:
@@ -483,8 +547,13 @@ class _Refresh:
 
 
 class InstanceRefreshEmulation:
-    def __init__(self, *, seconds_per_look: float = 60.0) -> None:
+    """`time`: a test's FakeTime, so that AWS and the code under test share one clock — the emulation's time is its
+    clock() and the instances a refresh launches have its now() as their LaunchTime; without it, every
+    DescribeInstanceRefreshes is `seconds_per_look` later than the one before."""
+
+    def __init__(self, *, seconds_per_look: float = 60.0, time: FakeTime | None = None) -> None:
         self.seconds_per_look = seconds_per_look
+        self.time = time
         self.refreshes: list[_Refresh] = []  # oldest first
         self.looks = 0
         self.launched_from: dict[str, tuple[str, int]] = {}  # instance id → (template id, version) it launched from
@@ -503,9 +572,10 @@ class InstanceRefreshEmulation:
             ids = set(resp._get_param("InstanceRefreshIds", []) or [])
             with emulation._lock:
                 emulation.looks += 1
+                now = emulation.now()
                 for refresh in emulation.refreshes:
                     if refresh.group.name == name and refresh.status in _REFRESH_ACTIVE:
-                        emulation._step(refresh)
+                        emulation._step(refresh, now)
                 found = [
                     r.answer()
                     for r in reversed(emulation.refreshes)  # newest first, as AWS lists them
@@ -520,11 +590,14 @@ class InstanceRefreshEmulation:
         def launched(group: FakeAutoScalingGroup, count: int, tags: dict[str, str]) -> None:
             before = {s.instance.id for s in group.instance_states}
             launch(group, count, tags)
+            new = [s.instance for s in group.instance_states if s.instance.id not in before]
+            if emulation.time is not None:  # launched now on the test's clock, not on the real one
+                for instance in new:
+                    instance.launch_time = emulation.time.now().replace(tzinfo=None)  # moto keeps naive UTC
             if group.ec2_launch_template is not None:
                 version = group.ec2_launch_template.get_version(group.launch_template_version).number
-                for s in group.instance_states:
-                    if s.instance.id not in before:
-                        emulation.launched_from[s.instance.id] = (group.ec2_launch_template.id, version)
+                for instance in new:
+                    emulation.launched_from[instance.id] = (group.ec2_launch_template.id, version)
 
         for name, fn in (
             ("start_instance_refresh", start_instance_refresh),
@@ -533,6 +606,10 @@ class InstanceRefreshEmulation:
         ):
             monkeypatch.setattr(AutoScalingResponse, name, fn, raising=False)
         monkeypatch.setattr(FakeAutoScalingGroup, "replace_autoscaling_group_instances", launched)
+
+    def now(self) -> float:
+        """The emulation's time: the FakeTime's clock, else `seconds_per_look` per look so far."""
+        return self.time.clock() if self.time is not None else self.looks * self.seconds_per_look
 
     # --- StartInstanceRefresh -----------------------------------------------------------------------------------
 
@@ -592,6 +669,7 @@ class InstanceRefreshEmulation:
             to_terminate=to_terminate,
             total=len(to_update) + len(waited),
             started=utcnow(),
+            warmup=_warmup(preferences, group),
         )
         self.refreshes.append(refresh)
         return refresh.id
@@ -625,6 +703,7 @@ class InstanceRefreshEmulation:
 
     def _roll_back(self, refresh: _Refresh, reason: str) -> None:
         refresh.status, refresh.reason = ROLLBACK_IN_PROGRESS, reason
+        refresh.batch = refresh.checkpoint_until = None  # a batch on its way is rolled back with the others
         refresh.rollback = {
             "RollbackReason": reason,
             "RollbackStartTime": utcnow(),
@@ -660,7 +739,7 @@ class InstanceRefreshEmulation:
             return ""
         return "in Standby" if state.lifecycle_state == "Standby" else "protected from scale in"
 
-    def _step(self, refresh: _Refresh) -> None:
+    def _step(self, refresh: _Refresh, now: float) -> None:
         if refresh.status == PENDING:
             refresh.status = IN_PROGRESS
             self._terminate(refresh, refresh.to_terminate)
@@ -671,63 +750,152 @@ class InstanceRefreshEmulation:
                 self._fail(refresh, f"alarm {', '.join(firing)} in ALARM")
                 return
         if refresh.status == BAKING:
-            refresh.bake_left -= 1
-            if refresh.bake_left <= 0:
+            if now >= refresh.bake_until:
                 self._succeed(refresh)
             return
         if refresh.status == IN_PROGRESS:
-            self._advance(refresh)
+            self._advance(refresh, now)
             return
         if refresh.status == ROLLBACK_IN_PROGRESS:
-            alive = {s.instance.id for s in refresh.group.instance_states}
-            back = [i for i in refresh.launched if i in alive][: self._batch(refresh)]
-            template, version, _ = refresh.previous
-            self._replace(refresh, back, template.id, version)
-            refresh.launched = [i for i in refresh.launched if i not in back]
-            refresh.replaced = max(0, refresh.replaced - len(back))
-            if not [i for i in refresh.launched if i in alive]:
-                refresh.status, refresh.ended = ROLLBACK_SUCCESSFUL, utcnow()
+            self._roll_back_step(refresh, now)
 
-    def _advance(self, refresh: _Refresh) -> None:
-        """One look at an InProgress refresh: wait at a checkpoint, wait for an instance set apart, or replace."""
-        if refresh.checkpoint_left > 0:  # a checkpoint's delay: still InProgress
-            refresh.checkpoint_left -= 1
-            if refresh.checkpoint_left == 0:
-                refresh.reason = ""
+    def _advance(self, refresh: _Refresh, now: float) -> None:
+        """One look at an InProgress refresh: the batch on its way (hooks, warm-up) is counted once it is done; then,
+        unless a checkpoint or an instance set apart holds it, the next batch is launched — at most one per look (the
+        interval between looks stands for EC2 starting the instances), counted at once without hooks or warm-up."""
+        if refresh.batch is not None:
+            if not self._settled(refresh, refresh.batch, now):
+                return
+            self._count(refresh, now)
+            if refresh.status != IN_PROGRESS:
+                return
+        if refresh.checkpoint_until is not None:
+            if now < refresh.checkpoint_until:  # a checkpoint's delay: still InProgress
+                return
+            refresh.checkpoint_until, refresh.reason = None, ""  # the next batch starts at the next look
             return
+        if self._launch_next(refresh, now) and refresh.batch is not None and self._settled(refresh, refresh.batch, now):
+            self._count(refresh, now)
+
+    def _count(self, refresh: _Refresh, now: float) -> None:
+        """The batch on its way is done: its instances count as updated; then Baking or Successful after the last,
+        a checkpoint's delay when the batch reached one."""
+        assert refresh.batch is not None
+        refresh.replaced += refresh.batch.count
+        refresh.batch, refresh.reason = None, ""
+        if refresh.replaced >= refresh.total:
+            bake = int(refresh.preferences.get("BakeTime", 0))
+            if bake > 0:
+                refresh.status, refresh.bake_until = BAKING, now + bake
+            else:
+                self._succeed(refresh)
+        elif refresh.percentage() >= refresh.goal:
+            delay = int(refresh.preferences.get("CheckpointDelay", 3600))  # the documented default
+            if delay > 0:
+                refresh.checkpoint_until = now + delay
+                refresh.reason = f"Waiting {delay}s at checkpoint {refresh.goal}%"
+
+    def _launch_next(self, refresh: _Refresh, now: float) -> bool:
+        """Replace the next batch (at most what MinHealthyPercentage allows, never past the next checkpoint); False
+        when an instance set apart holds the refresh (or ended it)."""
         checkpoints = [int(c) for c in refresh.preferences.get("CheckpointPercentages") or []] or [100]
-        goal = next((c for c in checkpoints if c > refresh.percentage()), 100)
-        count = min(self._batch(refresh), math.ceil(refresh.total * goal / 100) - refresh.replaced)
+        refresh.goal = next((c for c in checkpoints if c > refresh.percentage()), 100)
+        count = min(self._batch(refresh), math.ceil(refresh.total * refresh.goal / 100) - refresh.replaced)
         victims = refresh.to_update[refresh.replaced : refresh.replaced + count]
         held = [(v, why) for v in victims if (why := self._held(refresh, v))]
         if held:
             victims = victims[: victims.index(held[0][0])]
         if held and not victims:
             waiting, why = held[0]
-            if refresh.wait_left is None:
-                refresh.wait_left = math.ceil(_WAIT_SECONDS / self.seconds_per_look)
-            refresh.wait_left -= 1
-            if refresh.wait_left <= 0:
+            if refresh.wait_since is None:
+                refresh.wait_since = now
+            if now - refresh.wait_since >= _WAIT_SECONDS:  # "waits one hour […] Otherwise, the refresh will fail"
                 self._fail(refresh, f"instance {waiting} was still {why} after {_WAIT_SECONDS}s")
             else:
                 refresh.reason = f"Waiting for instance {waiting}, {why}"
-            return
-        refresh.wait_left, refresh.reason = None, ""
-        refresh.launched += self._replace(
-            refresh, victims, refresh.desired["LaunchTemplateId"], refresh.desired["Version"]
-        )
-        refresh.replaced += len(victims)
-        if refresh.replaced >= refresh.total:
-            refresh.bake_left = math.ceil(int(refresh.preferences.get("BakeTime", 0)) / self.seconds_per_look)
-            if refresh.bake_left > 0:
-                refresh.status = BAKING
+            return False
+        refresh.wait_since, refresh.reason = None, ""
+        template_id, version = refresh.desired["LaunchTemplateId"], refresh.desired["Version"]
+        launched = self._replace(refresh, victims, template_id, version)
+        refresh.launched += launched
+        refresh.batch = self._batch_of(refresh, len(victims), launched, template_id, version, now)
+        return True
+
+    def _roll_back_step(self, refresh: _Refresh, now: float) -> None:
+        """One look at a rollback: each instance the refresh launched goes back to the previous version, batch by
+        batch, each batch through hooks and warm-up like the refresh's."""
+        if refresh.batch is not None:
+            if not self._settled(refresh, refresh.batch, now):
+                return
+            refresh.replaced = max(0, refresh.replaced - refresh.batch.count)
+            refresh.batch = None
+        alive = {s.instance.id for s in refresh.group.instance_states}
+        back = [i for i in refresh.launched if i in alive][: self._batch(refresh)]
+        if back:
+            template, version, _ = refresh.previous
+            launched = self._replace(refresh, back, template.id, version)
+            refresh.launched = [i for i in refresh.launched if i not in back]
+            batch = self._batch_of(refresh, len(back), launched, template.id, version, now)
+            if not self._settled(refresh, batch, now):
+                refresh.batch = batch
+                return
+            refresh.replaced = max(0, refresh.replaced - batch.count)
+        if not [i for i in refresh.launched if i in alive]:
+            refresh.status, refresh.reason, refresh.ended = ROLLBACK_SUCCESSFUL, "", utcnow()
+
+    # --- a batch on its way: launch lifecycle hooks, then warm-up -------------------------------------------
+
+    def _batch_of(
+        self, refresh: _Refresh, count: int, instances: list[str], template_id: str, version: str, now: float
+    ) -> _Batch:
+        heartbeat = self._launch_hooks(refresh)[0]
+        if heartbeat is None:
+            return _Batch(count, instances, template_id, version, now + refresh.warmup, hooked=False)
+        self._lifecycle(refresh, instances, "Pending:Wait")
+        return _Batch(count, instances, template_id, version, now + heartbeat, hooked=True)
+
+    def _settled(self, refresh: _Refresh, batch: _Batch, now: float) -> bool:
+        """Move `batch` through what has happened by `now`: its hooks time out (nobody completes the lifecycle action:
+        moto has no CompleteLifecycleAction) with their DefaultResult — CONTINUE puts the instances in service and
+        starts their warm-up, ABANDON terminates them and launches as many again, into the hooks again — and its
+        warm-up passes. Whether it is done (its instances count as updated)."""
+        while batch.hooked and now >= batch.until:
+            heartbeat, result = self._launch_hooks(refresh)
+            if result == "ABANDON" and heartbeat is not None:
+                again = self._replace(refresh, batch.instances, batch.template_id, batch.version)
+                if set(batch.instances) & set(refresh.launched):  # the refresh's batch (not its rollback's)
+                    refresh.launched = [i for i in refresh.launched if i not in batch.instances] + again
+                self._lifecycle(refresh, again, "Pending:Wait")
+                batch.instances, batch.until = again, batch.until + heartbeat
             else:
-                self._succeed(refresh)
-        elif refresh.percentage() >= goal:
-            delay = int(refresh.preferences.get("CheckpointDelay", 3600))  # the documented default
-            refresh.checkpoint_left = math.ceil(delay / self.seconds_per_look)
-            if refresh.checkpoint_left > 0:
-                refresh.reason = f"Waiting {delay}s at checkpoint {goal}%"
+                self._lifecycle(refresh, batch.instances, "InService")
+                batch.hooked, batch.until = False, batch.until + refresh.warmup
+        if now < batch.until:
+            waiting = ", ".join(batch.instances)
+            refresh.reason = (
+                f"Waiting for lifecycle hooks of {waiting}" if batch.hooked else f"Waiting for {waiting} to warm up"
+            )
+            return False
+        return True
+
+    @staticmethod
+    def _launch_hooks(refresh: _Refresh) -> tuple[float | None, str]:
+        """(the longest HeartbeatTimeout, the result when they time out) of the group's launch lifecycle hooks; (None,
+        "") without any. The result is ABANDON when any hook's DefaultResult is (an assumption: AWS documents one
+        hook's result, not how several combine)."""
+        group = refresh.group
+        backend = autoscaling_backends[group.account_id][group.region]
+        hooks = [h for h in backend.describe_lifecycle_hooks(group.name) if h.lifecycle_transition == _LAUNCHING]
+        if not hooks:
+            return None, ""
+        heartbeat = float(max(max(int(h.heartbeat_timeout), 1) for h in hooks))
+        return heartbeat, "ABANDON" if any(h.default_result == "ABANDON" for h in hooks) else "CONTINUE"
+
+    @staticmethod
+    def _lifecycle(refresh: _Refresh, instance_ids: list[str], state: str) -> None:
+        for s in refresh.group.instance_states:
+            if s.instance.id in instance_ids:
+                s.lifecycle_state = state
 
     @staticmethod
     def _succeed(refresh: _Refresh) -> None:
@@ -762,6 +930,15 @@ class InstanceRefreshEmulation:
         finally:
             group.ec2_launch_template, group.launch_template_version = saved
         return [s.instance.id for s in group.instance_states if s.instance.id not in before]
+
+
+def _warmup(preferences: dict[str, Any], group: FakeAutoScalingGroup) -> float:
+    """The refresh's InstanceWarmup, else "the value of the DefaultInstanceWarmup property, if defined […], or the
+    HealthCheckGracePeriod property otherwise" (RefreshPreferences reference)."""
+    if preferences.get("InstanceWarmup") is not None:
+        return float(preferences["InstanceWarmup"])
+    default = getattr(group, "default_instance_warmup", None)
+    return float(default if default is not None else group.health_check_grace_period or 0)
 
 
 def _irreversible(configuration: tuple[Any, str, str | None]) -> str:
@@ -900,9 +1077,11 @@ def make_group(
     opted_in: bool = True,
     region: str = "eu-west-1",
     instance_type: str = "t3.micro",
+    warmup: int | None = None,
 ) -> str:
     """A group of `size` instances launching from a new template `<name>-lt` (version 1: `image_id`,
-    `instance_type`); returns the template id. `version=None` leaves the group's version out ($Default)."""
+    `instance_type`); returns the template id. `version=None` leaves the group's version out ($Default); `warmup`
+    is its DefaultInstanceWarmup (None: not set, so an instance refresh warms up for the HealthCheckGracePeriod, 0)."""
     ec2 = session.client("ec2", region)
     asg = session.client("autoscaling", region)
     template_id = str(
@@ -917,6 +1096,7 @@ def make_group(
     tags = [{"Key": "team", "Value": "web", "PropagateAtLaunch": True}]
     if opted_in:
         tags.append({"Key": ROLLOUT_TAG, "Value": ROLLOUT_ENABLED, "PropagateAtLaunch": False})
+    settings: dict[str, int] = {} if warmup is None else {"DefaultInstanceWarmup": warmup}
     asg.create_auto_scaling_group(
         AutoScalingGroupName=name,
         MinSize=0,
@@ -925,5 +1105,6 @@ def make_group(
         LaunchTemplate=spec,
         AvailabilityZones=[f"{region}a"],
         Tags=tags,
+        **settings,
     )
     return template_id

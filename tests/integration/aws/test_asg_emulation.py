@@ -5,6 +5,7 @@ refusals and no AutoRollback needed), composite alarms and DescribeAlarms' Alarm
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import botocore.session
@@ -39,7 +40,15 @@ def test_refresh_statuses_are_the_service_models() -> None:
 class Refreshes:
     """A group "g" of `size` on image A (template version 1, t3.micro) and version 2 of its template on image B."""
 
-    def __init__(self, aws: Aws, monkeypatch: pytest.MonkeyPatch, *, size: int = 4, version: str | None = "1") -> None:
+    def __init__(
+        self,
+        aws: Aws,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        size: int = 4,
+        version: str | None = "1",
+        warmup: int | None = None,
+    ) -> None:
         install_asg_emulation(monkeypatch)
         self.emulation = InstanceRefreshEmulation(seconds_per_look=60.0)
         self.emulation.install(monkeypatch)
@@ -47,7 +56,7 @@ class Refreshes:
         self.ec2: Any = aws.ec2()
         self.asg: Any = aws.session.client("autoscaling")
         self.image_a, self.image_b = make_images(self.ec2, "a", "b")
-        self.template = make_group(aws.session, "g", self.image_a, size=size, version=version)
+        self.template = make_group(aws.session, "g", self.image_a, size=size, version=version, warmup=warmup)
         self.ec2.create_launch_template_version(
             LaunchTemplateId=self.template, SourceVersion="1", LaunchTemplateData={"ImageId": self.image_b}
         )
@@ -82,6 +91,15 @@ class Refreshes:
 
     def images(self) -> list[str]:
         return sorted(self.image(i) for i, m in self.members().items() if m["LifecycleState"] == "InService")
+
+    def progress(self, refresh: dict[str, Any]) -> tuple[str, int, int]:
+        return refresh["Status"], refresh["PercentageComplete"], refresh["InstancesToUpdate"]
+
+    def launch_hook(self, result: str, heartbeat: int = 180) -> None:
+        self.asg.put_lifecycle_hook(
+            LifecycleHookName="register", AutoScalingGroupName="g", HeartbeatTimeout=heartbeat,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING", DefaultResult=result,
+        )  # fmt: skip
 
 
 def test_a_manual_rollback_needs_no_auto_rollback(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +212,8 @@ def test_protected_instances_are_waited_for_an_hour_by_default_then_the_refresh_
     seen = env.follow()
     assert seen[-1]["Status"] == "Failed" and protected in seen[-1]["StatusReason"]
     waiting = [s for s in seen if s["Status"] == "InProgress" and "Waiting for instance" in s["StatusReason"]]
-    assert len(waiting) == 3600 // 60 - 1 and {s["PercentageComplete"] for s in waiting} == {75}
+    # One look a minute: those at 0, 60, …, 3540 s of waiting wait; the one an hour after the first fails it.
+    assert len(waiting) == 3600 // 60 and {s["PercentageComplete"] for s in waiting} == {75}
     assert env.image(protected) == env.image_a and env.images().count(env.image_b) == 3
 
 
@@ -282,6 +301,123 @@ def test_a_composite_alarm_in_alarm_rolls_a_refresh_back(aws: Aws, monkeypatch: 
     seen = env.follow()
     assert seen[0]["Status"] == "RollbackInProgress" and "c1" in seen[0]["StatusReason"]
     assert seen[-1]["Status"] == "RollbackSuccessful"
+
+
+# --- warm-up and launch lifecycle hooks: what a batch waits for before it counts ------------------------------
+
+
+def test_a_batch_counts_only_once_its_warm_up_has_passed_and_the_next_waits_for_it(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PercentageComplete counts an instance "when the instance's health status changes to healthy and the specified
+    warm-up time passes"; the next batch waits. 4 at 50 %: batches of 2, 300 s of warm-up, a look a minute."""
+    env = Refreshes(aws, monkeypatch, warmup=300)
+    env.start(MinHealthyPercentage=50)
+    seen = [env.progress(s) for s in env.follow()]
+    # The first look starts it; the second launches batch 1, counted 300 s later, at the look that launches batch 2.
+    assert seen == [("InProgress", 0, 4)] * 6 + [("InProgress", 50, 2)] * 5 + [("Successful", 100, 0)]
+    assert env.images() == [env.image_b] * 4
+
+
+def test_while_a_batch_warms_up_its_instances_serve_and_no_others_are_replaced(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = Refreshes(aws, monkeypatch, warmup=300)
+    env.start(MinHealthyPercentage=50)
+    env.look(), env.look()  # started, batch 1 launched
+    warming = env.look()
+    assert env.progress(warming) == ("InProgress", 0, 4) and "warm up" in warming["StatusReason"]
+    assert env.images() == sorted([env.image_a] * 2 + [env.image_b] * 2)  # in service, not counted yet
+
+
+@pytest.mark.parametrize(
+    ("preference", "default_warmup", "grace", "expected"),
+    [(120, 300, 600, 120), (None, 300, 600, 300), (None, None, 600, 600), (None, -1, 600, 600), (None, None, None, 0)],
+)
+def test_the_warm_up_is_the_preference_else_the_default_instance_warmup_else_the_grace_period(
+    aws: Aws,
+    monkeypatch: pytest.MonkeyPatch,
+    preference: int | None,
+    default_warmup: int | None,
+    grace: int | None,
+    expected: int,
+) -> None:
+    """As the RefreshPreferences reference says; -1 leaves no DefaultInstanceWarmup; no grace period is 0 on AWS."""
+    env = Refreshes(aws, monkeypatch, size=2, warmup=default_warmup)
+    if grace is not None:
+        env.asg.update_auto_scaling_group(AutoScalingGroupName="g", HealthCheckGracePeriod=grace)
+    env.start(MinHealthyPercentage=0, **({} if preference is None else {"InstanceWarmup": preference}))
+    seen = [env.progress(s) for s in env.follow()]
+    # Started at the first look; one batch of both launched at the second (60 s), counted at the first look at least
+    # `expected` seconds later.
+    assert seen == [("InProgress", 0, 2)] * (1 + math.ceil(expected / 60)) + [("Successful", 100, 0)]
+
+
+def test_moto_loses_the_warm_up_settings_which_the_emulation_keeps(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason for the group settings in AsgEmulation: if the first half starts failing, moto has caught up."""
+    ec2: Any = aws.ec2()
+    asg: Any = aws.session.client("autoscaling")
+    (image,) = make_images(ec2, "a")
+
+    def created(name: str) -> dict[str, Any]:
+        make_group(aws.session, name, image, size=1, warmup=120)
+        asg.update_auto_scaling_group(AutoScalingGroupName=name, HealthCheckGracePeriod=0)
+        return dict(asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0])
+
+    plain = created("moto")
+    assert "DefaultInstanceWarmup" not in plain
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName="zero", MinSize=0, MaxSize=1, DesiredCapacity=0, HealthCheckGracePeriod=0,
+        LaunchTemplate={"LaunchTemplateName": "moto-lt"}, AvailabilityZones=[f"{REGION}a"],
+    )  # fmt: skip
+    assert (
+        asg.describe_auto_scaling_groups(AutoScalingGroupNames=["zero"])["AutoScalingGroups"][0][
+            "HealthCheckGracePeriod"
+        ]
+        == 300
+    )
+    install_asg_emulation(monkeypatch)
+    kept = created("emulated")
+    assert kept["DefaultInstanceWarmup"] == 120 and kept["HealthCheckGracePeriod"] == 0
+    asg.update_auto_scaling_group(AutoScalingGroupName="emulated", DefaultInstanceWarmup=-1)
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["emulated"])["AutoScalingGroups"][0]
+    assert "DefaultInstanceWarmup" not in group
+
+
+def test_launch_hooks_hold_a_batch_in_pending_wait_until_they_time_out(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody completes the lifecycle action: after HeartbeatTimeout (180 s) its DefaultResult CONTINUE puts the
+    instances in service, and only then does their warm-up (120 s) start."""
+    env = Refreshes(aws, monkeypatch, size=2, warmup=120)
+    env.launch_hook("CONTINUE")
+    env.start(MinHealthyPercentage=0)
+    env.look(), env.look()  # started; the batch launched into the hook
+    hooked = env.look()
+    assert "lifecycle hooks" in hooked["StatusReason"]
+    assert {m["LifecycleState"] for m in env.members().values()} == {"Pending:Wait"}
+    seen = [env.progress(s) for s in env.follow()]
+    assert {m["LifecycleState"] for m in env.members().values()} == {"InService"}
+    # Launched at 120 s: in the hook until 300 s, warming up until 420 s; the looks at 240, 300 and 360 s wait.
+    assert seen == [("InProgress", 0, 2)] * 3 + [("Successful", 100, 0)]
+    assert env.images() == [env.image_b] * 2
+
+
+def test_a_launch_hook_that_abandons_every_launch_holds_the_refresh_where_it_is(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ABANDON (the hook's default result) terminates the instance when the hook times out and the group launches
+    another, into the hook again: the refresh stays InProgress at the same percentage for as long as that lasts."""
+    env = Refreshes(aws, monkeypatch, size=2)
+    env.launch_hook("ABANDON")
+    env.start(MinHealthyPercentage=50)
+    seen = [env.progress(env.look()) for _ in range(30)]
+    assert set(seen) == {("InProgress", 0, 2)}
+    launched = [i for i, m in env.members().items() if env.image(i) == env.image_b]
+    assert len(launched) == 1 and launched[0] not in env.emulation.refreshes[0].to_update
+    assert len(env.emulation.launched_from) > 5  # one launch per 180 s, each abandoned
+    env.launch_hook("CONTINUE")  # the handler mended: the refresh goes on
+    assert env.progress(env.follow()[-1]) == ("Successful", 100, 0)
 
 
 # --- CloudWatch alarms ------------------------------------------------------------------------------------------
