@@ -12,10 +12,17 @@ second one for a rollout whose refresh it has seen.
 
 Pause is not something an instance refresh can do: a pause request is recorded and ignored (abort rolls back).
 
-The watch is bounded (`refresh_budget`): a refresh still running when every checkpoint's bake time and a readiness
-grace per replacement batch have passed is stuck (an instance AWS waits on, a launch that never becomes healthy), so
-it is rolled back like a failed gate; a rollback (or roll-forward) that does not end within its own budget raises a
-retryable InfraError and leaves the rollout `rolling-back`, so `rollout resume` watches it again (with a new budget).
+A refresh is judged stuck by its progress, not by how long it has run: a real group's batch takes its instance
+warm-up, lifecycle hooks and load balancer draining on top of the boot, and a 10-instance group at 90 % min healthy
+replaces one instance at a time. One batch time is the fleet's `refresh_batch_time()` (what the group's configuration
+makes a replacement wait for) plus the readiness allowance (ready_within + console grace); both are kept in the
+rollout's detail (`batch_time`). `ProgressWatch`: a refresh whose status, PercentageComplete and InstancesToUpdate
+have not moved for STALL_BATCHES batch times (plus the checkpoint delay when the last move reached a checkpoint) is
+stuck (an instance AWS waits on, a launch that never becomes healthy) and is rolled back like a failed gate.
+`refresh_budget` stays as a generous backstop on the whole run (twice the batch time per batch, plus the checkpoint
+delays). A rollback (or roll-forward) that stalls or outlives its own backstop raises a retryable InfraError and
+leaves the rollout `rolling-back`, so `rollout resume` watches it again (the progress watch starts afresh, with a new
+backstop); a resumed forward refresh likewise.
 Members in service that the refresh left on the old image (protected from scale in: AWS is told to ignore them, as
 it is Standby instances, which are not members in service) are listed in the succeeded rollout's detail and event as
 `not_refreshed`.
@@ -26,7 +33,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, InfraError
@@ -47,6 +55,7 @@ from amiforge.providers.interface import (
     Member,
     PhaseUpdate,
     RefreshingFleet,
+    RefreshStatus,
 )
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -54,18 +63,63 @@ from amiforge.strategy import Strategy, WaveDecision, checkpoints, decide
 
 logger = logging.getLogger(__name__)
 
-# What a refresh takes beyond the strategy's numbers: AWS starting it, health checks and warm-up, the polls.
+# What the backstop allows beyond the batches: AWS starting the refresh, the polls.
 REFRESH_SLACK = 900.0
+# A refresh whose progress has not moved for this many batch times is stuck. One batch time is already a generous
+# allowance (its parts are added up though AWS runs some of them at once); three leave room for what it cannot hold —
+# a launch AWS retries, an instance that fails its health check and is replaced, a hook handler's heartbeats — while a
+# refresh that waits on something that never comes is caught within three batches, not within the whole group's time.
+STALL_BATCHES = 3
+READINESS = "readiness"  # the batch-time part the controller adds: ready_within + the fleet's console grace
 
 
 def refresh_budget(strategy: Strategy, replacing: int, checkpoints: int, batch_seconds: float) -> float:
-    """Seconds a refresh replacing `replacing` instances may run: each checkpoint's bake time, plus `batch_seconds`
-    (one readiness grace) per batch AWS can replace while keeping min_healthy_percentage in service — at least one
-    at a time, and a checkpoint can cut a batch short — plus REFRESH_SLACK. A rollback is the same without checkpoints.
-    """
+    """The backstop: seconds a refresh replacing `replacing` instances may run in all, however it progresses — each
+    checkpoint's bake time, plus twice `batch_seconds` per batch AWS can replace while keeping min_healthy_percentage
+    in service (at least one at a time, and a checkpoint can cut a batch short), plus REFRESH_SLACK. A rollback is the
+    same without checkpoints. Whether it is stuck is `ProgressWatch`'s to say, long before this."""
     per_batch = max(1, replacing - math.ceil(replacing * strategy.min_healthy_percentage / 100))
     batches = math.ceil(replacing / per_batch) + checkpoints
-    return checkpoints * strategy.bake_time + batches * batch_seconds + REFRESH_SLACK
+    return checkpoints * strategy.bake_time + 2 * batches * batch_seconds + REFRESH_SLACK
+
+
+@dataclass
+class ProgressWatch:
+    """When a refresh last moved — its status, PercentageComplete or InstancesToUpdate changed (either way: a rollback
+    brings the percentage down) — and whether it has been still for too long: STALL_BATCHES × `batch_seconds`, plus
+    `checkpoint_delay` when the move reached one of the checkpoints `marks` (below 100), where AWS waits on purpose.
+    The first status seen starts the watch (a resumed controller), counting a checkpoint already reached."""
+
+    batch_seconds: float
+    checkpoint_delay: float = 0.0
+    marks: tuple[int, ...] = ()
+    _seen: tuple[str, int, int] | None = None
+    _since: float = 0.0
+    allowed: float = 0.0
+
+    def stalled(self, status: RefreshStatus, now: float) -> bool:
+        seen = (status.status, status.percentage_complete, status.instances_to_update)
+        if seen != self._seen:
+            before = self._seen[1] if self._seen is not None else -1
+            reached = any(before < mark <= status.percentage_complete for mark in self.marks)
+            self.allowed = STALL_BATCHES * self.batch_seconds + (self.checkpoint_delay if reached else 0.0)
+            self._seen, self._since = seen, now
+            return False
+        return now - self._since > self.allowed
+
+    def still_for(self, now: float) -> float:
+        return now - self._since
+
+    def why(self, status: RefreshStatus, now: float, parts: Mapping[str, float]) -> str:
+        """Why the refresh is stuck, with the numbers the verdict used."""
+        extra = self.allowed - STALL_BATCHES * self.batch_seconds
+        at_checkpoint = f" plus the {extra:g}s checkpoint delay" if extra > 0 else ""
+        return (
+            f"the instance refresh made no progress for {self.still_for(now):.0f}s: still {status.status} at "
+            f"{status.percentage_complete}% with {status.instances_to_update} instance(s) to update, where "
+            f"{STALL_BATCHES} batch times of {self.batch_seconds:g}s ({_parts(parts)}){at_checkpoint} are allowed"
+            f"{_reason(status.status_reason)}"
+        )
 
 
 def drive_refresh(
@@ -82,6 +136,10 @@ def drive_refresh(
     if not isinstance(fleet, RefreshingFleet):
         raise ConfigError("an instance refresh needs an Auto Scaling group", fix="use mode: canary for this target")
     refresh_id = str(rollout.detail.get("rollback_refresh_id") or rollout.detail.get("refresh_id") or "")
+    grace = timedelta(seconds=checks_of(version).ready_within + fleet.console_grace)
+    # Read before a refresh starts (a group whose configuration cannot be read fails here, not mid-refresh), and again
+    # by a resumed controller: what the group says now is what AWS waits for now.
+    parts = {READINESS: grace.total_seconds(), **fleet.refresh_batch_time()}
     if not refresh_id and rollout.state == "running":
         members = live(fleet.current())
         known = versions_by_location(store, artifact.provider)
@@ -97,13 +155,20 @@ def drive_refresh(
             token=f"r{rollout.id}",
             min_healthy_percentage=strategy.min_healthy_percentage,
         )
-        started = {**rollout.detail, "refresh_id": refresh_id, "checkpoints": points, "previous": previous}
+        started = {
+            **rollout.detail,
+            "refresh_id": refresh_id,
+            "checkpoints": points,
+            "previous": previous,
+            "batch_time": parts,
+        }
         logger.info(
-            "rollout #%d: instance refresh %s started (checkpoints %s%%, previous %s)",
+            "rollout #%d: instance refresh %s started (checkpoints %s%%, previous %s, batch time %s)",
             rollout.id,
             refresh_id,
             points,
             previous,
+            _parts(parts),
         )
         rollout = store.update_rollout(rollout.id, expect="running", detail=started)
         store.append_event(
@@ -112,14 +177,16 @@ def drive_refresh(
             ref=version.ref,
             data={"rollout": rollout.id, "refresh": refresh_id},
         )
-    grace = timedelta(seconds=checks_of(version).ready_within + fleet.console_grace)
+    batch_seconds = sum(parts.values())
     replacing = max(1, sum(rollout.waves))
     marks = rollout.detail.get("checkpoints")
     stops = len(marks) if isinstance(marks, list) else 1
-    forward_budget = refresh_budget(strategy, replacing, stops, grace.total_seconds())
-    back_budget = refresh_budget(strategy, replacing, 0, grace.total_seconds())
+    below_100 = tuple(int(m) for m in marks if int(m) < 100) if isinstance(marks, list) else ()
+    forward_budget = refresh_budget(strategy, replacing, stops, batch_seconds)
+    back_budget = refresh_budget(strategy, replacing, 0, batch_seconds)
     going_back = rollout.state == "rolling-back"
     deadline = controls.clock() + (back_budget if going_back else forward_budget)
+    watch = ProgressWatch(batch_seconds) if going_back else ProgressWatch(batch_seconds, strategy.bake_time, below_100)
     decisions: list[WaveDecision] = []
     while True:
         status = fleet.refresh_status(refresh_id)
@@ -127,14 +194,22 @@ def drive_refresh(
             "rollout #%d: refresh %s %s %s%%", rollout.id, refresh_id, status.status, status.percentage_complete
         )
         controls.progress(PhaseUpdate("instance refresh", "start", f"{status.status} {status.percentage_complete}%"))
-        if rollout.state == "rolling-back" or status.status in REFRESH_ROLLBACK:
-            if not going_back:  # AWS began rolling back on its own (AutoRollback): the rollback's own budget
-                going_back, deadline = True, controls.clock() + back_budget
+        backwards = rollout.state == "rolling-back" or status.status in REFRESH_ROLLBACK
+        if backwards and not going_back:  # AWS began rolling back on its own (AutoRollback): the rollback's own watch
+            going_back, deadline, watch = True, controls.clock() + back_budget, ProgressWatch(batch_seconds)
+        stalled = watch.stalled(status, controls.clock())
+        if backwards:
             if status.status not in REFRESH_TERMINAL:
-                if controls.clock() > deadline:
+                if stalled or controls.clock() > deadline:
+                    stuck = (
+                        watch.why(status, controls.clock(), parts)
+                        if stalled
+                        else f"it is still {status.status} ({status.percentage_complete}%) after {back_budget:.0f}s "
+                        "of rolling back"
+                    )
                     raise InfraError(
-                        f"rollout #{rollout.id}: instance refresh {refresh_id} of {rollout.target} is still "
-                        f"{status.status} ({status.percentage_complete}%) after {back_budget:.0f}s of rolling back",
+                        f"rollout #{rollout.id}: instance refresh {refresh_id} of {rollout.target} is not ending: "
+                        f"{stuck}",
                         retryable=True,
                         fix=f"AWS goes on with it; amiforge rollout resume {rollout.id} watches it again (aws "
                         "autoscaling describe-instance-refreshes shows its status reason and scaling activities)",
@@ -159,17 +234,20 @@ def drive_refresh(
         members = _judged(fleet, artifact, grace)
         decision = decide(strategy, members, alarms_firing=fleet.alarms_firing(strategy.gates.alarms))
         requested = store.get_rollout(rollout.id).requested
-        overdue = status.status != "Successful" and controls.clock() > deadline
+        overdue = status.status != "Successful" and (stalled or controls.clock() > deadline)
         if requested == "abort" or (decision.final and not decision.passed) or overdue:
             if requested == "abort":
                 why = ["abort requested"]
             elif decision.final and not decision.passed:
                 why = list(decision.reasons)
+            elif stalled:
+                why = [watch.why(status, controls.clock(), parts)]
             else:
                 why = [
                     f"the instance refresh was still {status.status} at {status.percentage_complete}% after "
-                    f"{forward_budget:.0f}s ({stops} checkpoint(s) of {strategy.bake_time:g}s bake time "
-                    f"and {grace.total_seconds():g}s per replacement batch){_reason(status.status_reason)}"
+                    f"{forward_budget:.0f}s, the most a refresh of {replacing} instance(s) may take ({stops} "
+                    f"checkpoint(s) of {strategy.bake_time:g}s bake time and twice {batch_seconds:g}s per "
+                    f"replacement batch){_reason(status.status_reason)}"
                 ]
             logger.info(
                 "rollout #%d: rolling the refresh back (%s) at %s%%: %s",
@@ -195,7 +273,7 @@ def drive_refresh(
             rollout = store.update_rollout(
                 rollout.id, expect="running", state="rolling-back", clear_request=True, detail=failure
             )
-            going_back, deadline = True, controls.clock() + back_budget
+            going_back, deadline, watch = True, controls.clock() + back_budget, ProgressWatch(batch_seconds)
             continue
         if requested == "pause":
             store.append_event("rollout.pause_ignored", actor=settings.actor, ref=version.ref,
@@ -246,6 +324,10 @@ def drive_refresh(
 
 def _reason(text: str) -> str:
     return f": {text}" if text else ""
+
+
+def _parts(parts: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:g}s" for name, seconds in parts.items())
 
 
 def _roll_forward(fleet: RefreshingFleet, provider: str, rollout: Rollout, store: Store, token: str) -> str:

@@ -337,6 +337,12 @@ class RefreshingFleet(Fleet, Protocol):
         """Roll an active refresh back; idempotent. StateError for one that has ended (roll forward instead)."""
         ...
 
+    def refresh_batch_time(self) -> dict[str, float]:
+        """What replacing one batch may take on the cloud's side, by part, in seconds (warm-up, lifecycle hooks,
+        load balancer health checks and draining), as the fleet's configuration says; the controller adds the
+        machines' own readiness allowance and judges a refresh stuck by it. Read only."""
+        ...
+
 
 @runtime_checkable
 class FleetProvider(Protocol):

@@ -1,23 +1,32 @@
 """The instance-refresh mode (providers/aws/refresh.py) on moto, with instance refresh emulated (asg_emulation.py):
 checkpoints to Successful, idempotency per token, rollback mid-way (asked and on an alarm), every refusal, and the
-same run under 30 % throttling."""
+same run under 30 % throttling; what a batch may take, read from the group; and the rollout controller
+(lifecycle/refresh.py) on a group whose batches take a lifecycle hook and a warm-up, on the emulation's clock: a slow
+refresh that keeps moving is not rolled back, one that stops moving is."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from asg_emulation import FakeTime, InstanceRefreshEmulation, install_asg_emulation, make_group, make_images
 from conftest import REGION, Aws
 
-from amiforge.errors import AmiforgeError, ConfigError, NotFound, StateError
-from amiforge.model import Artifact
+from amiforge.errors import AmiforgeError, ConfigError, GateFailed, NotFound, StateError
+from amiforge.lifecycle import refresh as refresh_controller
+from amiforge.lifecycle.controller import Controls
+from amiforge.lifecycle.refresh import STALL_BATCHES, drive_refresh
+from amiforge.model import Artifact, Rollout, Status
 from amiforge.providers.aws.asg_records import ROLLOUT_ENABLED, ROLLOUT_TAG
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.refresh import RefreshStatus, refresh_status, roll_back_refresh, start_refresh
+from amiforge.settings import Settings
+from amiforge.store.sql import SqlStore, open_store
+from amiforge.strategy import Strategy
 
 GROUP = "web"
 ALARM = "web-5xx"
@@ -357,3 +366,192 @@ def test_under_throttling_the_refresh_and_its_rollback_end_the_same(
     assert refresh_status(env.fleet("other"), refresh_id).status == "RollbackSuccessful"
     assert env.images("other") == [env.image_a] * 4
     assert faulty.faults.injected["Throttling"] > 10
+
+
+# --- what one batch may take, as the group says --------------------------------------------------------------------
+
+
+def test_a_batch_time_is_read_from_the_group_its_hooks_and_its_load_balancers(env: Env) -> None:
+    """Warm-up, the longest launch and terminate hook, and the longest health check and draining of its target
+    groups and classic load balancers (whether attached as such or as traffic sources)."""
+    assert AsgFleet(env.aws.session, REGION, GROUP).refresh_batch_time() == {"instance warm-up": 0.0}
+    asg, ec2 = env.asg, env.ec2
+    asg.update_auto_scaling_group(AutoScalingGroupName=GROUP, DefaultInstanceWarmup=240, HealthCheckGracePeriod=900)
+    for name, transition, timeout in (("a", "LAUNCHING", 200), ("b", "LAUNCHING", 400), ("c", "TERMINATING", None)):
+        asg.put_lifecycle_hook(
+            LifecycleHookName=name, AutoScalingGroupName=GROUP,
+            LifecycleTransition=f"autoscaling:EC2_INSTANCE_{transition}",
+            **({} if timeout is None else {"HeartbeatTimeout": timeout}),
+        )  # fmt: skip
+    elbv2: Any = env.aws.session.client("elbv2")
+    vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    fast = elbv2.create_target_group(
+        Name="fast", Protocol="HTTP", Port=80, VpcId=vpc, HealthyThresholdCount=3, HealthCheckIntervalSeconds=10
+    )["TargetGroups"][0]["TargetGroupArn"]
+    elbv2.modify_target_group_attributes(
+        TargetGroupArn=fast, Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "120"}]
+    )
+    default = elbv2.create_target_group(Name="default", Protocol="HTTP", Port=80, VpcId=vpc)["TargetGroups"][0]
+    elb: Any = env.aws.session.client("elb")
+    elb.create_load_balancer(
+        LoadBalancerName="classic", AvailabilityZones=[f"{REGION}a"],
+        Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstancePort": 80}],
+    )  # fmt: skip
+    elb.configure_health_check(
+        LoadBalancerName="classic",
+        HealthCheck={
+            "Target": "HTTP:80/",
+            "Interval": 20,
+            "Timeout": 5,
+            "UnhealthyThreshold": 2,
+            "HealthyThreshold": 3,
+        },
+    )
+    elb.modify_load_balancer_attributes(
+        LoadBalancerName="classic",
+        LoadBalancerAttributes={"ConnectionDraining": {"Enabled": True, "Timeout": 500}},
+    )
+    asg.attach_load_balancer_target_groups(
+        AutoScalingGroupName=GROUP, TargetGroupARNs=[fast, default["TargetGroupArn"]]
+    )
+    asg.attach_load_balancers(AutoScalingGroupName=GROUP, LoadBalancerNames=["classic"])
+    expected = {
+        "instance warm-up": 240.0,  # DefaultInstanceWarmup, not the grace period
+        "launch lifecycle hooks": 400.0,
+        "terminate lifecycle hooks": 3600.0,  # PutLifecycleHook's default
+        "load balancer health checks": 150.0,  # the default target group: 5 checks 30 s apart
+        "load balancer draining": 500.0,  # the classic load balancer's connection draining
+    }
+    assert AsgFleet(env.aws.session, REGION, GROUP).refresh_batch_time() == expected
+
+    moved: list[str] = []
+
+    def as_traffic_sources(parsed: dict[str, Any], **_: Any) -> None:
+        """The same load balancers attached with AttachTrafficSources (which moto lacks): listed there only."""
+        for group in parsed.get("AutoScalingGroups", []):
+            moved.append(group["AutoScalingGroupName"])
+            group["TrafficSources"] = [{"Identifier": a, "Type": "elbv2"} for a in group.pop("TargetGroupARNs")] + [
+                {"Identifier": n, "Type": "elb"} for n in group.pop("LoadBalancerNames")
+            ]
+
+    client = env.aws.session.client("autoscaling", REGION)  # the one the fleet uses: the session keeps its clients
+    client.meta.events.register("after-call.auto-scaling.DescribeAutoScalingGroups", as_traffic_sources)
+    assert AsgFleet(env.aws.session, REGION, GROUP).refresh_batch_time() == expected and moved == [GROUP]
+
+
+# --- the controller on a real group's timing: warm-up and lifecycle hooks, on one clock -----------------------------
+
+WARMUP = 600  # the group's DefaultInstanceWarmup
+HEARTBEAT = 300  # its launch lifecycle hook's HeartbeatTimeout (nobody completes the action: it times out)
+CONSOLE_GRACE = 300.0  # AsgFleet's default
+# What the controller allows one batch: readiness (ready_within 90 s + console grace), the hook, the warm-up.
+BATCH = 90.0 + CONSOLE_GRACE + HEARTBEAT + WARMUP
+SLOW = Strategy(mode="refresh", waves=["10%", "50%", "100%"], bake_time=120.0)
+
+
+@dataclass
+class Controlled:
+    """A group of 10 on image A at 90 % min healthy (one instance at a time), whose launches wait HEARTBEAT for a
+    lifecycle hook and then WARMUP to warm up — 900 s a batch, 10 batches: two and a half hours — driven to image B by
+    the rollout controller, the emulation on the controller's clock."""
+
+    env: Env
+    time: FakeTime
+    store: SqlStore
+    rollout: Rollout
+    artifact: Artifact
+    seen: list[tuple[float, str, int]]  # (time, status, percentage) whenever the refresh's changed
+
+    def hook(self, result: str) -> None:
+        self.env.asg.put_lifecycle_hook(
+            LifecycleHookName="register", AutoScalingGroupName="slow", HeartbeatTimeout=HEARTBEAT,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING", DefaultResult=result,
+        )  # fmt: skip
+
+    def drive(self) -> Rollout:
+        fleet = AsgFleet(self.env.aws.session, REGION, "slow", wait=self.time.wait(), now=self.time.now)
+        drive_refresh(
+            self.store.get_rollout(self.rollout.id), fleet, self.store.get_version("web@1"), self.artifact, SLOW,
+            store=self.store, settings=Settings(data_dir=Path("unused"), actor="test"),
+            controls=Controls(sleep=self.time.sleep, clock=self.time.clock),
+        )  # fmt: skip
+        return self.store.get_rollout(self.rollout.id)
+
+    def when(self, status: str, percentage: int | None = None) -> float:
+        """When the refresh was first seen `status` (at `percentage`)."""
+        return next(t for t, s, p in self.seen if s == status and percentage in (None, p))
+
+
+@pytest.fixture
+def controlled(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Controlled]:
+    # A look every 30 s instead of 5: the same verdicts, a sixth of the calls.
+    monkeypatch.setattr(refresh_controller, "POLL_SECONDS", 30.0)
+    time = FakeTime()
+    env.refreshes.time = time
+    make_group(env.aws.session, "slow", env.image_a, size=10, warmup=WARMUP)
+    with open_store(f"sqlite:///{tmp_path}/r.db") as store:
+        version = store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="aws",
+                                       tags={}, parent=None, recipe='{"checks": {}}')  # fmt: skip
+        artifact = env.artifact(env.image_b)
+        store.add_artifact(version.id, artifact)
+        store.transition(version.id, Status.BUILT, expect=Status.BAKING, digest="d" * 64, size_bytes=1)
+        rollout = store.create_rollout(
+            f"aws:{REGION}/slow", version.id, strategy=SLOW.model_dump(mode="json"), waves=[1, 4, 5], actor="t"
+        )
+        world = Controlled(env, time, store, rollout, artifact, [])
+
+        def look() -> None:
+            for r in env.refreshes.refreshes:
+                if not world.seen or world.seen[-1][1:] != (r.status, r.percentage()):
+                    world.seen.append((time.clock(), r.status, r.percentage()))
+
+        time.on_sleep = look
+        world.hook("CONTINUE")
+        yield world
+
+
+def test_a_slow_refresh_that_keeps_moving_is_not_rolled_back(controlled: Controlled) -> None:
+    """Each batch takes the hook's timeout and the warm-up (900 s): the whole refresh far longer than a readiness
+    grace per batch allowed (the old deadline: about 105 min here), but never still for three batch times."""
+    rollout = controlled.drive()
+    assert rollout.state == "succeeded", rollout.detail
+    assert controlled.env.images("slow") == [controlled.env.image_b] * 10
+    assert controlled.time.clock() > 10 * (HEARTBEAT + WARMUP)  # it really took that long
+    assert rollout.detail["batch_time"] == {
+        "readiness": 90.0 + CONSOLE_GRACE,
+        "instance warm-up": WARMUP,
+        "launch lifecycle hooks": HEARTBEAT,
+    }
+    percentages = [p for _, _, p in controlled.seen]  # as the controller's sleeps saw it (the last look, 100 %, not)
+    assert percentages == sorted(percentages) and sorted(set(percentages)) == list(range(0, 100, 10))  # one by one
+
+
+def test_a_refresh_whose_progress_stalls_is_rolled_back_three_batch_times_after_it_last_moved(
+    controlled: Controlled,
+) -> None:
+    """Half-way, the hook starts abandoning every launch (a handler that broke): AWS replaces the abandoned instances
+    for ever and the refresh stays at 50 %. Three batch times (plus the checkpoint delay, 50 % being one) after it got
+    there, amiforge rolls it back; the rollback, once the hook is mended, puts the group back on image A."""
+    env = controlled.env
+
+    looks = controlled.time.on_sleep
+    assert looks is not None
+
+    def break_then_mend() -> None:
+        looks()
+        (refresh,) = env.refreshes.refreshes
+        if refresh.percentage() >= 50 and refresh.status == "InProgress":
+            controlled.hook("ABANDON")
+        if refresh.status == "RollbackInProgress":
+            controlled.hook("CONTINUE")
+
+    controlled.time.on_sleep = break_then_mend
+    with pytest.raises(GateFailed) as caught:
+        controlled.drive()
+    assert "made no progress for" in caught.value.diagnostics()
+    stalled_at, rolled_back_at = controlled.when("InProgress", 50), controlled.when("RollbackInProgress")
+    allowed = STALL_BATCHES * BATCH + SLOW.bake_time
+    assert stalled_at + allowed < rolled_back_at <= stalled_at + allowed + 2 * 30.0
+    rollout = controlled.store.get_rollout(controlled.rollout.id)
+    assert rollout.state == "failed" and rollout.detail["refresh_status"] == "RollbackSuccessful"
+    assert env.images("slow") == [env.image_a] * 10

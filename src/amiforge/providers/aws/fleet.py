@@ -214,6 +214,9 @@ class AsgFleet:
     def roll_back_refresh(self, refresh_id: str) -> RefreshStatus:
         return refresh.roll_back_refresh(self, refresh_id)
 
+    def refresh_batch_time(self) -> dict[str, float]:
+        return refresh.batch_time(self)
+
     # --- the Fleet protocol ---------------------------------------------------------------------------------------
 
     def current(self) -> list[Member]:
@@ -278,6 +281,9 @@ class AsgFleet:
             # Without AlarmTypes, DescribeAlarms answers metric alarms only: a composite (or log) alarm named as a
             # gate would be reported missing. Every type is asked for; their lists come in separate keys.
             kwargs: dict[str, Any] = {"AlarmNames": chunk, "AlarmTypes": list(_ALARM_TYPES), "MaxRecords": 100}
+            # Not clients.paginate: it yields the items of one result key, and a page of DescribeAlarms holds all
+            # three (MetricAlarms, CompositeAlarms, LogAlarms); one paginate per type would triple the calls of
+            # every poll. (It would not set MaxRecords either: it sizes pages only through MaxResults.)
             while True:
                 page = call(cloudwatch, "DescribeAlarms", ", ".join(chunk), **kwargs)
                 for kind in _ALARM_TYPES:

@@ -13,6 +13,34 @@ calls `roll_back_refresh` when its own gates fail. Three calls, all idempotent:
 - `refresh_status(fleet, refresh_id)` → `RefreshStatus` (one DescribeInstanceRefreshes entry, normalised).
 - `roll_back_refresh(fleet, refresh_id)` → `RefreshStatus` after RollbackInstanceRefresh (or as it is, when it is
   already rolling back or rolled back).
+- `batch_time(fleet)` → what replacing one batch may take on AWS's side, by part (below); read only.
+
+## How long one batch may take (batch_time)
+
+The controller judges a refresh stuck when its progress has not moved for a few batch times (lifecycle/refresh.py),
+so a batch time must hold what the group itself makes a replacement wait for. Read from the group, in seconds:
+
+- `instance warm-up`: an instance counts as updated (PercentageComplete) only "when the instance's health status
+  changes to healthy and the specified warm-up time passes" (InstanceRefresh reference), and the refresh waits for
+  it before the next batch. The warm-up is the refresh's InstanceWarmup preference — amiforge never sets it — else
+  "the value of the DefaultInstanceWarmup property, if defined […], or the HealthCheckGracePeriod property
+  otherwise" (RefreshPreferences reference; -1 removes a DefaultInstanceWarmup).
+- `launch lifecycle hooks`, `terminate lifecycle hooks`: an instance waits in Pending:Wait / Terminating:Wait until
+  its hooks are completed or time out (HeartbeatTimeout, 3600 s by default; the hooks of one transition run
+  together, so the longest counts). A handler that records heartbeats can hold it longer (up to GlobalTimeout): not
+  counted — the controller's margin of several batches is what covers it.
+- `load balancer health checks`: a new instance serves no traffic until each of the group's load balancers has seen
+  it pass HealthyThresholdCount checks HealthCheckIntervalSeconds apart (the longest of its target groups and
+  classic load balancers), whether or not the group uses ELB health checks.
+- `load balancer draining`: the old instance stays Terminating while its target groups deregister it
+  (deregistration_delay.timeout_seconds, 300 s by default) or a classic load balancer drains it (ConnectionDraining,
+  when enabled); the longest counts.
+
+Target groups and classic load balancers come from TargetGroupARNs and LoadBalancerNames and from TrafficSources of
+types elbv2 and elb; VPC Lattice traffic sources are not read. Without MaxHealthyPercentage AWS "terminates an
+instance and launches its replacement simultaneously", so the termination side may overlap the launch side: the parts
+are added anyway. The sum is an allowance, not a prediction: too long only delays the verdict on a stuck refresh; too
+short rolls back a healthy one.
 
 ## Refusals (ConfigError with a fix, all before anything is written)
 
@@ -74,6 +102,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from amiforge.awsapi.clients import call, paginate
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.model import Artifact
 from amiforge.providers.aws.images import describe_image
@@ -92,6 +121,7 @@ if TYPE_CHECKING:  # the fleet calls this module; this module only reads the fle
 
 __all__ = [
     "RefreshStatus",
+    "batch_time",
     "refresh_status",
     "roll_back_refresh",
     "start_refresh",
@@ -101,6 +131,12 @@ _VERSION_RE: Final = re.compile(r"[1-9][0-9]*")
 _SSM_IMAGE: Final = "resolve:ssm:"
 _MAX_ALARMS: Final = 10
 _MAX_CHECKPOINT_DELAY: Final = 172800
+# batch_time's parts for the lifecycle transitions a replacement goes through, and PutLifecycleHook's default timeout.
+_HOOK_PARTS: Final = {
+    "autoscaling:EC2_INSTANCE_LAUNCHING": "launch lifecycle hooks",
+    "autoscaling:EC2_INSTANCE_TERMINATING": "terminate lifecycle hooks",
+}
+_HEARTBEAT_DEFAULT: Final = 3600.0
 
 
 def start_refresh(
@@ -181,8 +217,9 @@ def start_refresh(
         "MinHealthyPercentage": min_healthy_percentage,
         "AutoRollback": auto_rollback,
         "SkipMatching": True,
-        # Never block on what the group's owner set apart (see the module): AWS's default, Wait, holds the refresh
-        # for an hour per such instance and then fails it.
+        # Never block on what the group's owner set apart (see the module). Of AWS's default, Wait, the
+        # RefreshPreferences reference says: "Amazon EC2 Auto Scaling waits one hour for you to remove scale-in
+        # protection. Otherwise, the instance refresh will fail." (for Standby: "to return the instances to service").
         "ScaleInProtectedInstances": "Ignore",
         "StandbyInstances": "Ignore",
     }
@@ -204,6 +241,43 @@ def start_refresh(
             return str(again[0]["InstanceRefreshId"])
         raise
     return str(answer["InstanceRefreshId"])
+
+
+def batch_time(fleet: AsgFleet) -> dict[str, float]:
+    """What replacing one batch of `fleet`'s group may take on AWS's side, by part, in seconds (see the module):
+    `instance warm-up` always, the lifecycle-hook and load-balancer parts when the group has them. Read only: one
+    DescribeAutoScalingGroups and DescribeLifecycleHooks, and per load balancer kind one listing plus one
+    attributes read per target group or load balancer."""
+    name = fleet.target
+    groups = fleet.asg_call("DescribeAutoScalingGroups", AutoScalingGroupNames=[name]).get("AutoScalingGroups", [])
+    raw = next((g for g in groups if g.get("AutoScalingGroupName") == name), None)
+    if raw is None:
+        raise NotFound(
+            f"Auto Scaling group {name} does not exist in {fleet.region}",
+            fix="check the group name and the region (aws autoscaling describe-auto-scaling-groups)",
+        )
+    default_warmup = raw.get("DefaultInstanceWarmup")
+    warmup = default_warmup if default_warmup is not None and default_warmup >= 0 else raw.get("HealthCheckGracePeriod")
+    parts: dict[str, float] = {"instance warm-up": float(warmup or 0)}
+    heartbeats: dict[str, float] = {}
+    for hook in fleet.asg_call("DescribeLifecycleHooks", AutoScalingGroupName=name).get("LifecycleHooks", []):
+        transition = _HOOK_PARTS.get(str(hook.get("LifecycleTransition")))
+        if transition is not None:
+            timeout = float(hook.get("HeartbeatTimeout") or _HEARTBEAT_DEFAULT)
+            heartbeats[transition] = max(heartbeats.get(transition, 0.0), timeout)
+    parts.update(heartbeats)
+    sources = [(str(s.get("Type")), str(s.get("Identifier"))) for s in raw.get("TrafficSources") or []]
+    target_groups = sorted({*raw.get("TargetGroupARNs", []), *(i for kind, i in sources if kind == "elbv2")})
+    classic = sorted({*raw.get("LoadBalancerNames", []), *(i for kind, i in sources if kind == "elb")})
+    health, draining = _target_groups(fleet, target_groups)
+    classic_health, classic_draining = _classic_load_balancers(fleet, classic)
+    for part, seconds in (
+        ("load balancer health checks", max(health, classic_health)),
+        ("load balancer draining", max(draining, classic_draining)),
+    ):
+        if seconds > 0:
+            parts[part] = seconds
+    return parts
 
 
 def refresh_status(fleet: AsgFleet, refresh_id: str) -> RefreshStatus:
@@ -298,6 +372,44 @@ def _refreshes(fleet: AsgFleet, ids: Sequence[str] = ()) -> list[Mapping[str, An
         if not page.get("NextToken"):
             return out
         kwargs["NextToken"] = page["NextToken"]
+
+
+def _target_groups(fleet: AsgFleet, arns: Sequence[str]) -> tuple[float, float]:
+    """(health checks, deregistration delay) of the longest of the target groups `arns`, in seconds."""
+    if not arns:
+        return 0.0, 0.0
+    elbv2 = fleet.session.client("elbv2", fleet.region)
+    health = draining = 0.0
+    for group in paginate(elbv2, "DescribeTargetGroups", "TargetGroups", f"target groups of group {fleet.target}",
+                          TargetGroupArns=list(arns)):  # fmt: skip
+        if group.get("HealthCheckEnabled", True):
+            checks = float(group.get("HealthyThresholdCount") or 0) * float(
+                group.get("HealthCheckIntervalSeconds") or 0
+            )
+            health = max(health, checks)
+        arn = str(group["TargetGroupArn"])
+        answer = call(elbv2, "DescribeTargetGroupAttributes", arn, TargetGroupArn=arn)
+        attributes = {str(a.get("Key")): a.get("Value") for a in answer.get("Attributes", [])}
+        draining = max(draining, float(attributes.get("deregistration_delay.timeout_seconds") or 0))
+    return health, draining
+
+
+def _classic_load_balancers(fleet: AsgFleet, names: Sequence[str]) -> tuple[float, float]:
+    """(health checks, connection draining) of the longest of the classic load balancers `names`, in seconds."""
+    if not names:
+        return 0.0, 0.0
+    elb = fleet.session.client("elb", fleet.region)
+    health = draining = 0.0
+    for balancer in paginate(elb, "DescribeLoadBalancers", "LoadBalancerDescriptions",
+                             f"load balancers of group {fleet.target}", LoadBalancerNames=list(names)):  # fmt: skip
+        check = balancer.get("HealthCheck") or {}
+        health = max(health, float(check.get("HealthyThreshold") or 0) * float(check.get("Interval") or 0))
+        name = str(balancer["LoadBalancerName"])
+        attributes = call(elb, "DescribeLoadBalancerAttributes", name, LoadBalancerName=name)
+        connection = attributes.get("LoadBalancerAttributes", {}).get("ConnectionDraining") or {}
+        if connection.get("Enabled"):
+            draining = max(draining, float(connection.get("Timeout") or 0))
+    return health, draining
 
 
 def _desired(refresh: Mapping[str, Any]) -> tuple[str, int] | None:
