@@ -18,7 +18,16 @@ operation. It knows these call forms:
 A call site's service is the client's when the code says it, else the one service (of those the code makes clients
 for) that has the operation. Whatever the pass cannot read — an operation that is neither a literal nor a parameter
 passed on, an operation no such service has, one that several have with no client to tell them apart — is a problem
-naming file:line, so a new way of calling AWS fails the sync test instead of going unseen.
+naming file:line, so a new way of calling AWS fails the sync test instead of going unseen. So is, in a module that
+reaches AWS, a method call named like a boto3 client method (botocore's `xform_name` of an operation of a service
+the code makes clients for: `delete_snapshot`) on a receiver the pass cannot tell is a client of which service
+(`self._ec2.deregister_image()`, `client.delete_snapshot()` where `client` was passed in), and `getattr(x, "<such a
+name>")`: the call would go unseen. `NOT_CLIENTS` lists the few calls that share such a name and are not AWS calls,
+each with why.
+
+Each site is `path:line` (`CallSite.site`), the path relative to the directory holding the package, as the call
+recorder (iam_runners.py) names the line that made a call; `CallSites.call_forms` are the wrappers' definitions,
+which the recorder looks through to the call site, as this pass does.
 """
 
 from __future__ import annotations
@@ -39,6 +48,12 @@ CLIENTS_MODULE = "amiforge.awsapi.clients"
 PRIMITIVES: dict[str, tuple[int, str]] = {"call": (1, "operation"), "paginate": (1, "operation")}
 # Client methods that are not API operations themselves but name one.
 _PAGINATOR, _WAITER = "get_paginator", "get_waiter"
+# Calls named like a client method that are not AWS calls: (module path, the called expression) → why.
+NOT_CLIENTS: dict[tuple[str, str], str] = {
+    ("amiforge/signing/kms.py", "key.verify"): "cryptography's EllipticCurvePublicKey.verify: verification is local",
+    ("amiforge/providers/aws/machine.py", "public.encrypt"): "cryptography's RSAPublicKey.encrypt: an SSM upload's "
+    "data key, wrapped with the instance's upload key",
+}
 
 _LOADER = botocore.session.get_session()
 Function = ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
@@ -52,19 +67,25 @@ class CallSite:
     line: int
     service: str  # botocore's service name
     operation: str  # as the service model names it: DescribeImages
+    function: str = ""  # the function it is in ("" at module level)
 
     @property
     def action(self) -> str:
         return action_of(self.service, self.operation)
 
-    def __str__(self) -> str:
+    @property
+    def site(self) -> str:
         return f"{self.path}:{self.line}"
+
+    def __str__(self) -> str:
+        return self.site
 
 
 @dataclass
 class CallSites:
     sites: list[CallSite] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    call_forms: set[tuple[str, str]] = field(default_factory=set)  # (path, function name) of each wrapper
 
     def by_action(self) -> dict[str, list[CallSite]]:
         out: dict[str, list[CallSite]] = {}
@@ -170,6 +191,8 @@ class _Reader:
         self.operations: dict[str, frozenset[str]] = {}
         for service in self.services:
             self._operations(service)
+        # What a client's methods are called (delete_snapshot), for calls whose receiver the pass cannot place.
+        self.client_methods = frozenset(xform_name(op) for service in self.services for op in self.operations[service])
         self.functions: dict[tuple[str, str], _Wrapper] = {}  # (module, name) → wrapper
         self.methods: dict[str, _Wrapper] = {}  # method name → wrapper
         self.result = CallSites()
@@ -280,6 +303,7 @@ class _Reader:
                         continue
                     assert isinstance(operation, ast.Name)
                     method = function in module.methods
+                    self.result.call_forms.add((module.path, function.name))
                     index = _params(function).index(operation.id) - (1 if method else 0)
                     wrapper = _Wrapper(index, operation.id, self._client_service_of(module, node, form))
                     if not method:
@@ -316,11 +340,20 @@ class _Reader:
                     "the sync test cannot see what it calls",
                 )
             return
-        if not module.reaches_aws or not isinstance(node.func, ast.Attribute):
+        if not module.reaches_aws:
+            return
+        if isinstance(node.func, ast.Name) and node.func.id == "getattr":
+            name = _literal(node.args[1] if len(node.args) > 1 else None)
+            if name is not None and name in self.client_methods:
+                self._problem(module, node, f"getattr(…, {name!r}) calls an AWS operation the sync test cannot see: "
+                              f"call it as call(client, {_operation_name(name)!r}, …)")  # fmt: skip
+            return
+        if not isinstance(node.func, ast.Attribute):
             return
         service = self._service_of(module, node.func.value)
         operations = self._operations(service) if service is not None else None
         if service is None or operations is None:
+            self._unplaced(module, node, node.func)
             return
         method = node.func.attr
         if method in (_PAGINATOR, _WAITER):
@@ -337,6 +370,21 @@ class _Reader:
         if method in by_method:
             self._site(module, node, by_method[method], service)
 
+    def _unplaced(self, module: _Module, node: ast.Call, func: ast.Attribute) -> None:
+        """A call named like a client method (or a paginator or waiter with a literal name) on a receiver the pass
+        cannot tell is a client of which service: a problem, unless NOT_CLIENTS says what it is."""
+        called = ast.unparse(func)
+        names_one = func.attr in (_PAGINATOR, _WAITER) and _literal(node.args[0] if node.args else None) is not None
+        if (func.attr not in self.client_methods and not names_one) or (module.path, called) in NOT_CLIENTS:
+            return
+        self._problem(
+            module,
+            node,
+            f"{called}(…) looks like an AWS call on a receiver this pass cannot tell the service of: call it through "
+            'awsapi.clients.call on a client made in the same function (session.client("ec2", …)) or on a variable '
+            "named after the service (ec2, ssm), or list it in aws_call_sites.NOT_CLIENTS with why it is not AWS",
+        )
+
     @staticmethod
     def _waiters(service: str) -> dict[str, str]:
         try:
@@ -348,7 +396,14 @@ class _Reader:
     def _site(self, module: _Module, node: ast.Call, operation: str, client_service: str | None) -> None:
         service = self._service_for(module, node, operation, client_service)
         if service is not None:
-            self.result.sites.append(CallSite(module.path, node.lineno, service, operation))
+            named = [f.name for f in module.scopes.get(node, ()) if not isinstance(f, ast.Lambda)]
+            function = named[-1] if named else ""
+            self.result.sites.append(CallSite(module.path, node.lineno, service, operation, function))
+
+
+def _operation_name(method: str) -> str:
+    """The operation a client method name stands for, for a message (delete_snapshot → DeleteSnapshot)."""
+    return "".join(part.capitalize() for part in method.split("_"))
 
 
 def find_call_sites(src: Path, *, services: frozenset[str] | None = None) -> CallSites:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from aws_call_sites import CallSites, find_call_sites
+from aws_call_sites import NOT_CLIENTS, CallSites, find_call_sites
+
+import amiforge
 
 SERVICES = frozenset({"ec2", "ssm", "autoscaling"})
+SRC = Path(amiforge.__file__).resolve().parent
 
 
 def read(tmp_path: Path, modules: dict[str, str]) -> CallSites:
@@ -156,3 +159,78 @@ def test_what_cannot_be_read_is_a_problem_with_its_place(tmp_path: Path) -> None
     assert "neither a string literal nor a parameter" in problems["pkg/odd.py:7"]
     assert "'DescribeTags' this is (autoscaling or ec2)" in problems["pkg/odd.py:10"]
     assert "ec2 has no operation 'DescribeImage'" in problems["pkg/odd.py:13"]
+
+
+def test_client_methods_on_receivers_the_pass_cannot_place_are_problems(tmp_path: Path) -> None:
+    """A call named like a client method whose receiver is not known to be a client of a service, and getattr with
+    such a name, would be AWS calls the sync test never sees: each is a problem with its place."""
+    sites = read(
+        tmp_path,
+        {
+            "hidden.py": """\
+            from amiforge.awsapi.clients import AwsSession
+
+            class Cleaner:
+                def __init__(self, session):
+                    self._ec2 = session.client("ec2")
+
+                def purge(self, image):
+                    self._ec2.deregister_image(ImageId=image)
+
+            def drop(client, snapshot):
+                client.delete_snapshot(SnapshotId=snapshot)
+
+            def stop(ec2, instance):
+                getattr(ec2, "terminate_instances")(InstanceIds=[instance])
+
+            def pages(client):
+                return client.get_paginator("describe_images")
+
+            def fine(ec2, machine):
+                machine.run(["true"])  # no client method is called run
+                return ec2.describe_images(Owners=["self"])
+            """,
+            "local.py": """\
+            def check(key):
+                return key.delete_snapshot()  # a module that reaches no AWS: not read
+            """,
+        },
+    )
+    problems = {p.split(": ", 1)[0]: p for p in sites.problems}
+    assert set(problems) == {"pkg/hidden.py:8", "pkg/hidden.py:11", "pkg/hidden.py:14", "pkg/hidden.py:17"}
+    assert "self._ec2.deregister_image(…) looks like an AWS call" in problems["pkg/hidden.py:8"]
+    assert "client.delete_snapshot(…) looks like an AWS call" in problems["pkg/hidden.py:11"]
+    assert "call(client, 'TerminateInstances', …)" in problems["pkg/hidden.py:14"]
+    assert "client.get_paginator(…)" in problems["pkg/hidden.py:17"]
+    assert found(sites) == {("pkg/hidden.py", 21, "ec2:DescribeImages")}
+
+
+def test_calls_that_only_share_a_client_method_name_are_listed_with_why(tmp_path: Path) -> None:
+    """NOT_CLIENTS: each entry names its module and the called expression, and says why it is not an AWS call; the
+    real source needs every entry (a stale one would hide a future call of that name)."""
+    assert all(why.strip() for why in NOT_CLIENTS.values())
+    real = find_call_sites(SRC)
+    assert not real.problems
+    for path, called in NOT_CLIENTS:
+        text = (SRC.parent / path).read_text()
+        assert f"{called}(" in text, f"NOT_CLIENTS lists {called} in {path}, which no longer calls it: drop the entry"
+
+
+def test_wrappers_are_reported_as_call_forms(tmp_path: Path) -> None:
+    """The call recorder looks through the wrappers the pass found to the call site, as the pass does."""
+    sites = read(
+        tmp_path,
+        {
+            "gc.py": """\
+            from amiforge.awsapi.clients import paginate
+
+            def _listed(ec2, operation):
+                return list(paginate(ec2, operation, "Items", "x"))
+
+            def plan(ec2):
+                return _listed(ec2, "DescribeVolumes")
+            """
+        },
+    )
+    assert sites.call_forms == {("pkg/gc.py", "_listed")}
+    assert [s.site for s in sites.sites] == ["pkg/gc.py:7"]
