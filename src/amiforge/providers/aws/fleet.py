@@ -33,8 +33,9 @@ Reads first, refuses before anything is written:
 4. Claim: poll the group until every O terminated for a token has a replacement: an InService/Pending, Healthy
    member on the new AMI that carries no replacement tag, newest first (they are interchangeable: same template
    version; the newest are the ones launched for our terminations, older ones are scale-outs). It is
-   tagged `amiforge:replacement=T`, `amiforge:managed=true`, `amiforge:version=<ref>`, `amiforge:group`,
-   `amiforge:replaces=O` (+ when, + O's version) in one CreateTags. Claims for members terminated by this fleet
+   tagged `amiforge:replacement=T`, `amiforge:version=<ref>`, `amiforge:group`, `amiforge:replaces=O` (+ when, +
+   O's version) in one CreateTags — never `amiforge:managed`: the instance is the group's, not amiforge's (IAM
+   allows a rollout's tags only without that key, iam.py TagOthers). Claims for members terminated by this fleet
    (tagged replaced-by) come first; a member that was already gone without our tag (the group replaced it on its own)
    takes a left-over candidate if there is one, else it is returned as a `stopped` member with its old id: nothing
    was launched for it, and no other instance is terminated in its place.
@@ -123,7 +124,7 @@ from amiforge.providers.aws.asg_records import (
     parse_time,
 )
 from amiforge.providers.aws.console import ConsoleFactory, ConsoleLog, ConsoleReader, ready_uptime
-from amiforge.providers.aws.images import MANAGED_TAG, describe_image, parse_aws_time
+from amiforge.providers.aws.images import describe_image, parse_aws_time
 from amiforge.providers.aws.templates import (
     Template,
     client_token,
@@ -560,7 +561,6 @@ class AsgFleet:
     def _take(self, instance: Instance, claim: Claim, version_ref: str) -> Instance:
         tags = {
             TOKEN_TAG: claim.replacement.token,
-            MANAGED_TAG: "true",
             VERSION_TAG: version_ref,
             GROUP_TAG: self.target,
             REPLACES_TAG: claim.replacement.member,

@@ -109,15 +109,14 @@ def throwaway_key(session: AwsSession, region: str, ctx: RunContext, role: str) 
     name = f"amiforge-{ctx.run_id}-{role}"[:255]
     private_key, public_key = new_key_pair(name)
     ec2 = session.client("ec2", region)
-    # Registered before the import: an import whose answer was lost may still have made the key pair, and deleting
-    # one that does not exist succeeds.
+    # Registered before the import: an import whose answer was lost may still have made the key pair.
     ctx.cleanup.add(
         Leftover(
             "EC2 key pair (throw-away)",
             f"{name} in {region}",
             f"aws ec2 delete-key-pair --region {region} --key-name {name}",
         ),
-        lambda: call(ec2, "DeleteKeyPair", name, KeyName=name),
+        lambda: _delete_key_pair(ec2, name, ctx.run_id),
     )
     tags = tag_list({MANAGED_TAG: "true", RUN_TAG: ctx.run_id, "Name": name})
     request: dict[str, Any] = {
@@ -137,6 +136,16 @@ def throwaway_key(session: AwsSession, region: str, ctx: RunContext, role: str) 
         call(ec2, "ImportKeyPair", name, **request)
     ctx.log(f"imported throw-away key pair {name}")
     return KeyPair(name, private_key)
+
+
+def _delete_key_pair(ec2: Any, name: str, run_id: str) -> None:
+    """The run's key pair `name`, if the import made it: looked up by name and amiforge's tags first. An import that
+    never happened left nothing, and IAM allows DeleteKeyPair only on a key pair tagged amiforge:managed (iam.py), so
+    deleting the name blindly would fail the cleanup — a leftover reported that does not exist."""
+    wanted = {"key-name": name, f"tag:{MANAGED_TAG}": "true", f"tag:{RUN_TAG}": run_id}
+    filters = [{"Name": key, "Values": [value]} for key, value in wanted.items()]
+    if call(ec2, "DescribeKeyPairs", name, Filters=filters).get("KeyPairs"):
+        call(ec2, "DeleteKeyPair", name, KeyName=name)
 
 
 class _Failed(Exception):

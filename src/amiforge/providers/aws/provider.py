@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import boto3
 
-from amiforge.awsapi.clients import AwsSession
+from amiforge.awsapi.clients import AwsSession, call
 from amiforge.errors import AmiforgeError, ConfigError, PartlyDone, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
@@ -32,7 +32,7 @@ from amiforge.providers.aws.console import ConsoleFactory, ConsoleReader
 from amiforge.providers.aws.distribute import COPY_WAIT, Progress, RegionTarget, distribute, plan_distribution
 from amiforge.providers.aws.doctor import aws_report, home_region
 from amiforge.providers.aws.fleet import AsgFleet
-from amiforge.providers.aws.images import SourceImage, describe_image, image_digest, resolve_source
+from amiforge.providers.aws.images import MANAGED_TAG, SourceImage, describe_image, image_digest, resolve_source
 from amiforge.providers.aws.instances import Access, Placement, SshConnect
 from amiforge.providers.aws.machine import MachineFactory
 from amiforge.providers.aws.publish import VALIDATION_WAIT, publish
@@ -200,12 +200,24 @@ class AwsProvider:
         )
 
     def adopt(self, region: str, location: str) -> Artifact:
-        image = describe_image(self.session(region), region, location)
+        """An available image made elsewhere (Packer's), from now on managed by amiforge: it and its snapshots are
+        tagged amiforge:managed=true, so distribute may share them (IAM allows sharing only what carries that tag,
+        iam.py). gc still never removes them: it collects only what also carries a run's tag (amiforge:run), which
+        adopting does not set. Adopting again changes nothing (CreateTags of an existing tag)."""
+        session = self.session(region)
+        image = describe_image(session, region, location)
         if image.get("State") != "available":
             raise StateError(
                 f"image {location} in {region} is {image.get('State')}, not available",
                 fix="import it once it is available",
             )
+        snapshots = [
+            str(m["Ebs"]["SnapshotId"])
+            for m in image.get("BlockDeviceMappings", [])
+            if "SnapshotId" in m.get("Ebs", {})
+        ]
+        managed = [{"Key": MANAGED_TAG, "Value": "true"}]
+        call(session.client("ec2", region), "CreateTags", location, Resources=[location, *snapshots], Tags=managed)
         return artifact_of(image, region)
 
     # --- distribution and publication ----------------------------------------------------------------------
