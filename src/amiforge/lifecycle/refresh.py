@@ -15,8 +15,9 @@ Pause is not something an instance refresh can do: a pause request is recorded a
 A refresh is judged stuck by its progress, not by how long it has run: a real group's batch takes its instance
 warm-up, lifecycle hooks and load balancer draining on top of the boot, and a 10-instance group at 90 % min healthy
 replaces one instance at a time. One batch time is the fleet's `refresh_batch_time()` (what the group's configuration
-makes a replacement wait for) plus the readiness allowance (ready_within + console grace); both are kept in the
-rollout's detail (`batch_time`). `ProgressWatch`: a refresh whose status, PercentageComplete and InstancesToUpdate
+makes a replacement wait for) plus the readiness allowance (ready_within + console grace), by part in the rollout's
+detail (`batch_time`, read before the refresh starts; a resumed controller reads it again: what the group says now
+is what AWS waits for now). `ProgressWatch`: a refresh whose status, PercentageComplete and InstancesToUpdate
 have not moved for STALL_BATCHES batch times (plus the checkpoint delay when the last move reached a checkpoint) is
 stuck (an instance AWS waits on, a launch that never becomes healthy) and is rolled back like a failed gate.
 `refresh_budget` stays as a generous backstop on the whole run (twice the batch time per batch, plus the checkpoint
@@ -34,7 +35,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, InfraError
@@ -93,9 +94,9 @@ class ProgressWatch:
     batch_seconds: float
     checkpoint_delay: float = 0.0
     marks: tuple[int, ...] = ()
-    _seen: tuple[str, int, int] | None = None
-    _since: float = 0.0
-    allowed: float = 0.0
+    allowed: float = field(default=0.0, init=False)  # how long the refresh may stay as it was last seen
+    _seen: tuple[str, int, int] | None = field(default=None, init=False)
+    _since: float = field(default=0.0, init=False)
 
     def stalled(self, status: RefreshStatus, now: float) -> bool:
         seen = (status.status, status.percentage_complete, status.instances_to_update)
