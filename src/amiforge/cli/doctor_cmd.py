@@ -14,7 +14,7 @@ from amiforge.cli.output import console, emit_json, plain
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.doctor import account_problem, account_report, machine_report
 from amiforge.model import check_aws_region
-from amiforge.providers.interface import AccountCheck
+from amiforge.providers.interface import AccountCheck, PolicyScope
 from amiforge.recipe import load_recipe
 from amiforge.settings import load_settings
 
@@ -29,9 +29,9 @@ def check_line(check: AccountCheck) -> str:
     return f"{mark}{escape(check.name + where)}: {escape(check.detail)}{fix}"
 
 
-def _aws(region: str | None, recipe_file: Path | None, as_json: bool) -> None:
+def _aws(region: str | None, recipe_file: Path | None, as_json: bool, scope: PolicyScope) -> None:
     recipe = load_recipe(recipe_file) if recipe_file is not None else None
-    report = account_report(region, load_settings(), recipe, provider="aws")
+    report = account_report(region, load_settings(), recipe, provider="aws", scope=scope)
     problem = account_problem(report)
     if as_json:
         # One document, also when a check failed (the error handler would print a second).
@@ -43,6 +43,8 @@ def _aws(region: str | None, recipe_file: Path | None, as_json: bool) -> None:
     console.print(f"        regions enabled: {', '.join(report.regions)}", markup=False)
     console.print("        least-privilege IAM policy for every amiforge operation:")
     console.print(json.dumps(report.policy, indent=2), markup=False, highlight=False)
+    for note in report.policy_notes:  # where the policy allows more than it could, and the option that narrows it
+        console.print(check_line(note), soft_wrap=True)
     home = f"home region {report.region}, {report.region_from}; no --recipe"
     about = f"recipe {recipe.name}" if recipe is not None else home
     console.print(f"        day-one checks ({escape(about)}):")
@@ -67,16 +69,31 @@ def doctor(
         "--recipe",
         help="With --aws: also check what this recipe needs (regions, network, keys, sharing, quotas).",
     ),
+    pass_roles: list[str] = typer.Option(
+        [],
+        "--pass-role",
+        metavar="ROLE_ARN",
+        help="With --aws: a role the recipes' instance profiles hold (repeatable); the policy passes only these to "
+        "EC2 (iam:PassRole), instead of any role.",
+    ),
+    kms_keys: list[str] = typer.Option(
+        [],
+        "--kms-key",
+        metavar="KEY_ARN",
+        help="With --aws: a KMS signing key's ARN (repeatable); the policy signs only with these, instead of any key.",
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Check this machine: tools (and the apt line for the missing ones), root, KVM, registry location."""
     if region is not None:
         check_aws_region(region, what="--region")  # checked even without --aws: `--region --json` is a typo to catch
     if aws:
-        _aws(region, recipe, as_json)
+        _aws(region, recipe, as_json, PolicyScope(tuple(pass_roles), tuple(kms_keys)))
         return
     if recipe is not None:
         raise ConfigError("--recipe goes with --aws", fix="amiforge doctor --aws --recipe FILE")
+    if pass_roles or kms_keys:
+        raise ConfigError("--pass-role and --kms-key go with --aws", fix="amiforge doctor --aws --pass-role ROLE_ARN")
     settings = load_settings()
     machine = machine_report(settings)
     report = {

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from amiforge.errors import ConfigError, InfraError
 from amiforge.providers import provider_for
-from amiforge.providers.interface import AccountChecker, AccountReport, HostChecker, ToolStatus
+from amiforge.providers.interface import AccountChecker, AccountReport, HostChecker, PolicyScope, ToolStatus
 from amiforge.recipe import Recipe
 from amiforge.settings import Settings
 
@@ -59,11 +59,16 @@ def machine_report(settings: Settings) -> MachineReport:
 
 
 def account_report(
-    region: str | None, settings: Settings, recipe: Recipe | None = None, *, provider: str
+    region: str | None,
+    settings: Settings,
+    recipe: Recipe | None = None,
+    *,
+    provider: str,
+    scope: PolicyScope = PolicyScope(),
 ) -> AccountReport:
     """Identity, regions, the IAM policy and the day-one checks of `provider`'s cloud account, asked from `region`
     (None: the provider picks its home region and says which); with `recipe`, the checks are for what it needs (its
-    regions, network, keys, sharing)."""
+    regions, network, keys, sharing). `scope` (the roles passed, the signing keys) narrows the policy."""
     spec = recipe.provider if recipe is not None else None
     if spec is not None and spec.type != provider:
         raise ConfigError(
@@ -75,7 +80,7 @@ def account_report(
         raise ConfigError(
             f"the {provider} provider has no cloud account to check", fix="run `amiforge doctor` to check this machine"
         )
-    return checker.account_report(region, spec)
+    return checker.account_report(region, spec, scope=scope)
 
 
 def account_problem(report: AccountReport) -> InfraError | None:

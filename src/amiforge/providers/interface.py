@@ -410,14 +410,26 @@ class AccountReport:
     policy: dict[str, Any]
     checks: tuple[AccountCheck, ...] = ()
     region_from: str = ""  # why `region` is the home region (asked for, the recipe's, configured, the default)
+    policy_notes: tuple[AccountCheck, ...] = ()  # where the policy allows more than it could, and how to narrow it
+
+
+@dataclass(frozen=True)
+class PolicyScope:
+    """What narrows the least-privilege policy an account report prints: the roles amiforge may give the instances
+    it launches (AWS: iam:PassRole), and the signing keys (AWS: KMS key ARNs). Empty: allowed on any, and said so."""
+
+    pass_roles: tuple[str, ...] = ()
+    signing_keys: tuple[str, ...] = ()
 
 
 @runtime_checkable
 class AccountChecker(Protocol):
-    def account_report(self, region: str | None, spec: ProviderSpec | None = None) -> AccountReport:
+    def account_report(
+        self, region: str | None, spec: ProviderSpec | None = None, *, scope: PolicyScope = PolicyScope()
+    ) -> AccountReport:
         """Ask the cloud, read-only, from `region` (the home region; None: the provider picks one and says which in
         the report); with a recipe's provider section, also check what that recipe needs (its regions, network,
-        encryption keys, sharing and quotas)."""
+        encryption keys, sharing and quotas). `scope` narrows the policy the report prints."""
         ...
 
 

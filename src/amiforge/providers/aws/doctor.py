@@ -46,7 +46,7 @@ from typing import Any
 from amiforge.awsapi.clients import AwsSession, call, iam_action, paginate
 from amiforge.awsapi.errors import aws_code, is_permission_error
 from amiforge.errors import AmiforgeError, NotFound
-from amiforge.providers.aws.iam import OPERATIONS, policy_document
+from amiforge.providers.aws.iam import OPERATIONS, policy_document, policy_warnings
 from amiforge.providers.aws.images import describe_image, resolve_source
 from amiforge.providers.aws.key_policy import KeyAccess, audiences, grant_fix, key_access, parse_policy, refusals
 from amiforge.providers.interface import AccountCheck, AccountReport, CheckStatus
@@ -126,9 +126,19 @@ def aws_report(
     *,
     parameter_prefix: str | None = None,
     region_from: str = "",
+    pass_roles: Sequence[str] = (),
+    kms_keys: Sequence[str] = (),
 ) -> AccountReport:
     """Credentials (STS GetCallerIdentity), enabled regions (EC2 DescribeRegions), the IAM policy, and the day-one
-    checks for the home region or, with `spec` (a recipe's aws section), for what that recipe needs."""
+    checks for the home region or, with `spec` (a recipe's aws section), for what that recipe needs. The policy's
+    iam:PassRole is on `pass_roles` and the signing actions on `kms_keys` when given; `policy_notes` says which of
+    them stays open otherwise. A malformed role or key ARN is refused before AWS is asked."""
+    prefix = parameter_prefix or (spec.publish.parameter_prefix if spec is not None else "/amiforge")
+    policy = policy_document(OPERATIONS, parameter_prefix=prefix, pass_roles=pass_roles, kms_keys=kms_keys)
+    notes = [
+        AccountCheck("IAM policy", "warn", detail, fix)
+        for detail, fix in policy_warnings(OPERATIONS, pass_roles=pass_roles, kms_keys=kms_keys)
+    ]
     identity, asked_from = _identity(session)
     account = str(identity["Account"])
     opt_in: dict[str, str] | None = None
@@ -144,15 +154,15 @@ def aws_report(
     enabled = tuple(sorted(n for n, s in (opt_in or {}).items() if s != "not-opted-in"))
     plan = _Plan.of(spec, session.region)
     checks = region_problem + day_one_checks(session, plan, opt_in=opt_in, account=account, refused=refused)
-    prefix = parameter_prefix or (spec.publish.parameter_prefix if spec is not None else "/amiforge")
     return AccountReport(
         account=account,
         arn=str(identity["Arn"]),
         region=session.region,
         regions=enabled,
-        policy=policy_document(OPERATIONS, parameter_prefix=prefix),
+        policy=policy,
         checks=tuple(checks),
         region_from=region_from,
+        policy_notes=tuple(notes),
     )
 
 

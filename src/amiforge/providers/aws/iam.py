@@ -102,6 +102,7 @@ Operation = Literal[
 ]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
 _ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+")
+_KEY_ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]+:key/[\w-]+")
 
 _READ_IMAGES = frozenset({"ec2:DescribeImages"})
 _PUBLISH = frozenset(
@@ -443,6 +444,12 @@ def policy_document(
     for role in roles:
         if _ROLE_ARN_RE.fullmatch(role) is None:
             raise ConfigError(f"{role!r} is not an IAM role ARN", fix="pass arn:aws:iam::<account>:role/<name>")
+    for key in keys:
+        if _KEY_ARN_RE.fullmatch(key) is None:  # IAM matches the key's ARN: an alias or id would allow nothing
+            raise ConfigError(
+                f"{key!r} is not a KMS key ARN",
+                fix="pass arn:aws:kms:<region>:<account>:key/<id> (aws kms describe-key --key-id <alias or id>)",
+            )
     wanted = set(operations)
     actions_for(wanted)  # unknown operations are refused
     groups: dict[tuple[str, _Scope], set[str]] = {}

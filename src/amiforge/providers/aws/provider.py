@@ -47,6 +47,7 @@ from amiforge.providers.interface import (
     GcResult,
     ImageView,
     PhaseUpdate,
+    PolicyScope,
     RunContext,
     RunState,
 )
@@ -124,14 +125,22 @@ class AwsProvider:
             self._sessions[region] = AwsSession.from_settings(self.settings, region, boto_session=self._boto_session)
         return self._sessions[region]
 
-    def account_report(self, region: str | None, spec: ProviderSpec | None = None) -> AccountReport:
-        """`doctor --aws`: identity, enabled regions, the least-privilege IAM policy and the day-one checks, asked
-        from `region` (None: doctor.home_region picks it); with a recipe's provider section, the checks are for what
-        that recipe needs."""
+    def account_report(
+        self, region: str | None, spec: ProviderSpec | None = None, *, scope: PolicyScope = PolicyScope()
+    ) -> AccountReport:
+        """`doctor --aws`: identity, enabled regions, the least-privilege IAM policy (narrowed by `scope`: the roles
+        passed to EC2, the signing keys) and the day-one checks, asked from `region` (None: doctor.home_region picks
+        it); with a recipe's provider section, the checks are for what that recipe needs."""
         aws = aws_spec(spec, "doctor --aws --recipe") if spec is not None else None
         configured = (self._boto_session or boto3.Session(profile_name=self.settings.aws_profile)).region_name
         home, region_from = home_region(region, aws, configured)
-        return aws_report(self.session(home), aws, region_from=region_from)
+        return aws_report(
+            self.session(home),
+            aws,
+            region_from=region_from,
+            pass_roles=scope.pass_roles,
+            kms_keys=scope.signing_keys,
+        )
 
     # --- bake -----------------------------------------------------------------------------------------------
 
