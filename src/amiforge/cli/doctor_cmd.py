@@ -73,8 +73,9 @@ def doctor(
         [],
         "--pass-role",
         metavar="ROLE_ARN",
-        help="With --aws: a role the recipes' instance profiles hold (repeatable); the policy passes only these to "
-        "EC2 (iam:PassRole), instead of any role.",
+        help="With --aws: a role amiforge may pass to EC2 (repeatable): the recipes' instance profiles' roles, and "
+        "those of the launch templates a rollout points groups at; the policy passes only these (iam:PassRole), "
+        "instead of any role.",
     ),
     kms_keys: list[str] = typer.Option(
         [],

@@ -499,8 +499,8 @@ def policy_warnings(
             (
                 "iam:PassRole is allowed for any role passed to EC2: a bake or boot test could launch an instance "
                 "with any instance profile of the account",
-                "name the roles of the recipes' instance profiles: amiforge doctor --aws --pass-role "
-                "arn:aws:iam::ACCOUNT:role/NAME (repeatable)",
+                "name the roles of the recipes' instance profiles (and of the launch templates rollouts use): amiforge "
+                "doctor --aws --pass-role arn:aws:iam::ACCOUNT:role/NAME (repeatable)",
             )
         )
     if wanted & _SIGNING_OPERATIONS and not list(kms_keys):
