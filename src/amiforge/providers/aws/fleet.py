@@ -124,7 +124,7 @@ from amiforge.providers.aws.asg_records import (
     parse_time,
 )
 from amiforge.providers.aws.console import ConsoleFactory, ConsoleLog, ConsoleReader, ready_uptime
-from amiforge.providers.aws.images import describe_image, parse_aws_time
+from amiforge.providers.aws.images import describe_image, instance_type_info, parse_aws_time
 from amiforge.providers.aws.templates import (
     Template,
     client_token,
@@ -437,20 +437,14 @@ class AsgFleet:
         """`nitro` or `xen` (DescribeInstanceTypes; '' for bare metal, which runs on the Nitro System without a
         hypervisor). ConfigError for a type EC2 does not offer in the region."""
         if instance_type not in self._hypervisors:
-            # A filter rather than InstanceTypes=[…]: an unknown type is then an empty answer, not an error code.
-            found = call(
-                self.session.client("ec2", self.region),
-                "DescribeInstanceTypes",
-                instance_type,
-                Filters=[{"Name": "instance-type", "Values": [instance_type]}],
-            ).get("InstanceTypes", [])
-            if not found:
+            found = instance_type_info(self.session, self.region, instance_type)
+            if found is None:
                 raise ConfigError(
                     f"group {self.target} launches {instance_type}, an instance type EC2 does not offer in "
                     f"{self.region}",
                     fix="give the group's launch template an instance type offered in its region",
                 )
-            self._hypervisors[instance_type] = str(found[0].get("Hypervisor") or "")
+            self._hypervisors[instance_type] = str(found.get("Hypervisor") or "")
         return self._hypervisors[instance_type]
 
     def _start(self, group: Group, replacements: Sequence[Replacement], image_id: str) -> list[Claim]:

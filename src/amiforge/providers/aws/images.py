@@ -33,6 +33,7 @@ __all__ = [
     "describe_image",
     "image_digest",
     "instance_architectures",
+    "instance_type_info",
     "inventory",
     "parse_aws_time",
     "resolve_source",
@@ -159,9 +160,9 @@ def image_digest(image: Mapping[str, Any], region: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def instance_architectures(session: AwsSession, region: str, instance_type: str) -> tuple[str, ...]:
-    """The architectures `instance_type` runs in `region` (x86_64, arm64, i386, …), from DescribeInstanceTypes.
-    ConfigError if EC2 does not offer the type there."""
+def instance_type_info(session: AwsSession, region: str, instance_type: str) -> Mapping[str, Any] | None:
+    """What DescribeInstanceTypes says of `instance_type` in `region` (architectures, hypervisor, …); None if EC2 does
+    not offer the type there."""
     ec2 = session.client("ec2", region)
     # A filter rather than InstanceTypes=[…]: an unknown type is then an empty answer, not an error code to decode.
     found = call(
@@ -170,13 +171,20 @@ def instance_architectures(session: AwsSession, region: str, instance_type: str)
         instance_type,
         Filters=[{"Name": "instance-type", "Values": [instance_type]}],
     ).get("InstanceTypes", [])
-    if not found:
+    return dict(found[0]) if found else None
+
+
+def instance_architectures(session: AwsSession, region: str, instance_type: str) -> tuple[str, ...]:
+    """The architectures `instance_type` runs in `region` (x86_64, arm64, i386, …), from DescribeInstanceTypes.
+    ConfigError if EC2 does not offer the type there."""
+    info = instance_type_info(session, region, instance_type)
+    if info is None:
         raise ConfigError(
             f"instance type {instance_type} is not offered in {region}",
             fix="check provider.instance_type (and boot_test_instance_type): aws ec2 describe-instance-types "
             f"--region {region} lists the types there",
         )
-    return tuple(str(a) for a in found[0].get("ProcessorInfo", {}).get("SupportedArchitectures", []))
+    return tuple(str(a) for a in info.get("ProcessorInfo", {}).get("SupportedArchitectures", []))
 
 
 def check_architecture(
