@@ -253,8 +253,9 @@ class Publish(BaseModel):
 SSM_NEEDS = (
     "ssm (default): steps run through SSM Run Command, no inbound port. Needs an instance_profile whose role has "
     "AmazonSSMManagedInstanceCore, a source image that runs the SSM agent (Amazon Linux and Ubuntu do; Debian's "
-    "official images do not), and a route from the subnet to the SSM endpoints (internet or NAT, or VPC interface "
-    "endpoints for ssm, ssmmessages and ec2messages)"
+    "official images do not) and has OpenSSL 1.1.1 or later (uploads are encrypted to a key made on the instance; "
+    "Amazon Linux 2 needs its openssl11 package), and a route from the subnet to the SSM endpoints (internet or NAT, "
+    "or VPC interface endpoints for ssm, ssmmessages and ec2messages)"
 )
 SSH_NEEDS = (
     "ssh: steps run over SSH with a throw-away key pair (imported for the run, deleted after it) and host keys pinned "
