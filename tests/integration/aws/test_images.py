@@ -8,11 +8,14 @@ from typing import Any
 import pytest
 from conftest import ACCOUNT, REGION, Aws
 from moto.ec2.models import ec2_backends
+from moto_emulation import shared_images
 
-from amiforge.awsapi.clients import eventually
+from amiforge.awsapi.clients import AwsSession, eventually
 from amiforge.errors import ConfigError, NotFound, StateError
 from amiforge.providers.aws.images import SourceImage, describe_image, inventory, resolve_source
+from amiforge.providers.aws.provider import AwsProvider
 from amiforge.recipe import OwnersSource, SsmSource
+from amiforge.settings import Settings
 
 SQUATTER = "666666666666"
 PARAM = "/amiforge/test/debian/12/latest/amd64"  # moto reserves /aws/service/ (AccessDenied), so a path of our own
@@ -280,3 +283,38 @@ def test_image_digest_covers_identity_not_labels() -> None:
     assert image_digest(other_snapshot, REGION) != digest
     assert image_digest(image, "us-east-1") != digest
     assert image_digest({**image, "ImageId": "ami-00000000000000002"}, REGION) != digest
+
+
+def _tag_keys(ec2: Any, resource: str) -> set[str]:
+    found = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [resource]}])["Tags"]
+    return {str(t["Key"]) for t in found}
+
+
+def test_adopting_tags_this_accounts_image_and_leaves_a_shared_one_alone(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`import packer` adopts an image: this account's image and its snapshots become amiforge:managed (so distribute
+    may share them); an image a build account shared with this one cannot be tagged from here, and adopting it must
+    neither try nor fail."""
+    shared_images(monkeypatch)
+    other = "111122223333"
+    session = AwsSession(
+        REGION, role_arns={other: f"arn:aws:iam::{other}:role/amiforge"}, boto_session=aws.session.boto_session
+    )
+    theirs: Any = session.as_account(other).client("ec2")
+    build = theirs.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    foreign = theirs.create_image(InstanceId=build, Name="packer-shared")["ImageId"]
+    theirs.modify_image_attribute(ImageId=foreign, LaunchPermission={"Add": [{"UserId": ACCOUNT}]})
+    ec2: Any = aws.ec2()
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    own = ec2.create_image(InstanceId=instance, Name="packer-own")["ImageId"]
+    provider = AwsProvider(Settings(), boto_session=aws.session.boto_session)
+    aws.calls.reset()
+
+    adopted = provider.adopt(REGION, foreign)
+    assert adopted.location == foreign and aws.calls["ec2.CreateTags"] == 0
+    assert "amiforge:managed" not in _tag_keys(theirs, foreign)
+
+    provider.adopt(REGION, own)
+    snapshot = ec2.describe_images(ImageIds=[own])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    assert "amiforge:managed" in _tag_keys(ec2, own) and "amiforge:managed" in _tag_keys(ec2, snapshot)

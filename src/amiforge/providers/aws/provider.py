@@ -212,7 +212,9 @@ class AwsProvider:
         """An available image made elsewhere (Packer's), from now on managed by amiforge: it and its snapshots are
         tagged amiforge:managed=true, so distribute may share them (IAM allows sharing only what carries that tag,
         iam.py). gc still never removes them: it collects only what also carries a run's tag (amiforge:run), which
-        adopting does not set. Adopting again changes nothing (CreateTags of an existing tag)."""
+        adopting does not set. Adopting again changes nothing (CreateTags of an existing tag). An image another
+        account owns (shared with this one) is adopted untagged: it can be launched, copied and published, not shared
+        onwards."""
         session = self.session(region)
         image = describe_image(session, region, location)
         if image.get("State") != "available":
@@ -220,13 +222,18 @@ class AwsProvider:
                 f"image {location} in {region} is {image.get('State')}, not available",
                 fix="import it once it is available",
             )
-        snapshots = [
-            str(m["Ebs"]["SnapshotId"])
-            for m in image.get("BlockDeviceMappings", [])
-            if "SnapshotId" in m.get("Ebs", {})
-        ]
-        managed = [{"Key": MANAGED_TAG, "Value": "true"}]
-        call(session.client("ec2", region), "CreateTags", location, Resources=[location, *snapshots], Tags=managed)
+        ec2 = session.client("ec2", region)
+        # Only this account's images are tagged: a Packer image shared from a build account cannot be tagged (or
+        # shared onwards) from here, and adopting it must not fail for that.
+        account = str(call(session.client("sts"), "GetCallerIdentity", "the caller")["Account"])
+        if str(image.get("OwnerId")) == account:
+            snapshots = [
+                str(m["Ebs"]["SnapshotId"])
+                for m in image.get("BlockDeviceMappings", [])
+                if "SnapshotId" in m.get("Ebs", {})
+            ]
+            managed = [{"Key": MANAGED_TAG, "Value": "true"}]
+            call(ec2, "CreateTags", location, Resources=[location, *snapshots], Tags=managed)
         return artifact_of(image, region)
 
     # --- distribution and publication ----------------------------------------------------------------------
