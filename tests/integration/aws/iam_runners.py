@@ -16,7 +16,8 @@ wrapper that remembers the line that called it, and its pages are attributed the
 runner's `policy_args`: signing keys, the roles passed); from then on each call is turned into what IAM authorises
 for it (`authorisations`) — the call itself on its resources, with their tags read from moto's backends *before* the
 call, and what IAM checks on amiforge's behalf: tags given at creation (ec2:CreateTags with ec2:CreateAction), the
-instance profile's role passed to EC2, and an EBS key used by EC2 (RunInstances, CopyImage) or by the EBS direct APIs
+instance profile's role passed to EC2 (also by Auto Scaling writes that point a group at a launch template version:
+RunInstances and the template's role, against the caller), and an EBS key used by EC2 (RunInstances, CopyImage) or by the EBS direct APIs
 (GetSnapshotBlock) — asked as if that key were a customer managed one, the case the KMS declarations are for — and
 each is evaluated against the policy (iam_evaluation.py). A refusal is kept on the call, with the reason.
 
@@ -360,9 +361,47 @@ def _on_behalf(action: str, params: Mapping[str, Any], where: Where) -> list[Req
     if action in ("ec2:RunInstances", "ec2:CopyImage"):
         key = str(params.get("KmsKeyId") or f"arn:aws:kms:{where.region}:{where.account}:key/ebs-default")
         requests += _key_use(_EBS_KEY_USE, key, f"ec2.{where.region}.amazonaws.com", "EC2 encrypting volumes")
+    if action in _POINTS_AT_TEMPLATE:
+        requests += _launching(where, action, params)
     if action == "ebs:GetSnapshotBlock":
         key = f"arn:aws:kms:{where.region}:{where.account}:key/ebs-default"
         requests += _key_use(("kms:Decrypt",), key, f"ebs.{where.region}.amazonaws.com", "EBS decrypting the block")
+    return requests
+
+
+# Auto Scaling writes that point a group at a launch template version: Auto Scaling checks that the caller may launch
+# from it (ec2:RunInstances) and pass its instance profile's role (iam:PassRole) — "Launch template support", Amazon
+# EC2 Auto Scaling User Guide (iam.AUTHORISED_ONLY["rollout"]).
+_POINTS_AT_TEMPLATE = {
+    "autoscaling:UpdateAutoScalingGroup": ("LaunchTemplate",),
+    "autoscaling:StartInstanceRefresh": ("DesiredConfiguration", "LaunchTemplate"),
+}
+
+
+def _launching(where: Where, action: str, params: Mapping[str, Any]) -> list[Request]:
+    """RunInstances on the template, its image and the instances, and PassRole for its instance profile's role, as
+    checked against the caller when `action` points a group at a template version (none when it names none)."""
+    spec: Any = params
+    for key in _POINTS_AT_TEMPLATE[action]:
+        spec = spec.get(key) if isinstance(spec, Mapping) else None
+    if not isinstance(spec, Mapping):
+        return []
+    backend = ec2_backends[where.account][where.region]
+    by_name = backend.launch_template_name_to_ids.get(str(spec.get("LaunchTemplateName")))
+    template_id = spec.get("LaunchTemplateId") or by_name
+    template = backend.launch_templates.get(str(template_id))
+    if template is None:
+        return [Request("ec2:RunInstances", where.ec2_arn("launch-template", str(template_id)), {}, "the template")]
+    data = template.get_version(spec.get("Version") or "$Default").data
+    what = f"launching from {template.id} for the group"
+    launch = [where.ec2_arn("launch-template", template.id), where.ec2_arn("instance", "*")]
+    if data.get("ImageId"):
+        launch.append(where.ec2_arn("image", str(data["ImageId"])))
+    requests = [Request("ec2:RunInstances", resource, {}, what) for resource in launch]
+    if data.get("IamInstanceProfile"):
+        passed = {"iam:PassedToService": "ec2.amazonaws.com"}
+        for role in _passed_roles(where, data["IamInstanceProfile"]) or ["(a role of no known profile)"]:
+            requests.append(Request("iam:PassRole", role, passed, f"the role of {template.id}'s instance profile"))
     return requests
 
 
@@ -884,8 +923,10 @@ def _rollout(h: Harness) -> None:
     started, looked at and rolled back: what a rollout calls, in either mode."""
     ids = images(h)
     install_asg_emulation(h.patch)  # console readiness, Auto Scaling's asynchronous termination, LT inheritance
-    make_group(h.aws.session, "web-asg", ids["a"], size=2)
-    make_group(h.aws.session, "web-refresh", ids["a"], size=2)  # for the instance-refresh mode
+    # The groups launch with an instance profile: pointing them at a new version passes its role (on_behalf).
+    h.policy_args.setdefault("pass_roles", [instance_profile(h)])
+    for group in ("web-asg", "web-refresh"):  # web-refresh: for the instance-refresh mode
+        with_instance_profile(h, group, make_group(h.aws.session, group, ids["a"], size=2), ids["a"])
     behind_load_balancers(h, "web-refresh")
     InstanceRefreshEmulation().install(h.patch)
     _alarm(h, "web-5xx", "OK")
@@ -907,6 +948,15 @@ def _rollout(h: Harness) -> None:
     # What a batch may take on AWS's side: warm-up, the lifecycle hook, the load balancers' checks and draining.
     assert {"load balancer health checks", "load balancer draining"} <= set(refreshed.refresh_batch_time())
     assert roll_back_refresh(refreshed, refresh_id).status.startswith("Rollback")
+
+
+def with_instance_profile(h: Harness, group: str, template_id: str, image_id: str) -> None:
+    """`group` launching from a new version of its template that has the recipes' instance profile."""
+    data = {"ImageId": image_id, "InstanceType": "t3.micro", "IamInstanceProfile": {"Name": INSTANCE_PROFILE}}
+    version = h.ec2().create_launch_template_version(LaunchTemplateId=template_id, LaunchTemplateData=data)
+    number = str(version["LaunchTemplateVersion"]["VersionNumber"])
+    spec = {"LaunchTemplateId": template_id, "Version": number}
+    h.aws.session.client("autoscaling").update_auto_scaling_group(AutoScalingGroupName=group, LaunchTemplate=spec)
 
 
 def behind_load_balancers(h: Harness, group: str) -> None:

@@ -20,7 +20,7 @@ import botocore.session
 import pytest
 from aws_call_sites import CallSite, CallSites, find_call_sites
 from botocore.awsrequest import AWSResponse
-from conftest import REGION, Aws
+from conftest import ACCOUNT, REGION, Aws
 from distribute_fixtures import DeregistrationProtection
 from iam_runners import (
     RUNNERS,
@@ -511,3 +511,16 @@ def test_rollout_group_writes_need_the_groups_opt_in_tag() -> None:
     assert not ROLLOUT_GROUP_WRITES & DESTRUCTIVE
     assert "Ec2Managed" not in statements  # a rollout destroys nothing of amiforge's own
     assert "ec2:RunInstances" in statements["Ec2Any"]["Action"]
+
+
+def test_a_rollout_passes_only_the_roles_its_policy_names(tmp_path: Path) -> None:
+    """Pointing a group at a launch template version (UpdateAutoScalingGroup, StartInstanceRefresh) makes Auto
+    Scaling check iam:PassRole for the template's instance profile's role against the caller: a rollout policy
+    narrowed (--pass-role) to another role is refused there."""
+    other = f"arn:aws:iam::{ACCOUNT}:role/some-other-role"
+    with harness(tmp_path, "rollout") as h:
+        h.policy_args["pass_roles"] = [other]
+        RUNNERS["rollout"](h)
+        calls = list(h.recorder.calls)
+    refusing = {c.action for c in calls if any(r.startswith("iam:PassRole on ") for r in c.refused)}
+    assert refusing == {"autoscaling:UpdateAutoScalingGroup", "autoscaling:StartInstanceRefresh"}
