@@ -17,9 +17,10 @@ runner's `policy_args`: signing keys, the roles passed); from then on each call 
 for it (`authorisations`) — the call itself on its resources, with their tags read from moto's backends *before* the
 call, and what IAM checks on amiforge's behalf: tags given at creation (ec2:CreateTags with ec2:CreateAction), the
 instance profile's role passed to EC2 (also by Auto Scaling writes that point a group at a launch template version:
-RunInstances and the template's role, against the caller), and an EBS key used by EC2 (RunInstances, CopyImage) or by the EBS direct APIs
-(GetSnapshotBlock) — asked as if that key were a customer managed one, the case the KMS declarations are for — and
-each is evaluated against the policy (iam_evaluation.py). A refusal is kept on the call, with the reason.
+RunInstances and the template's role, against the caller), and an EBS key used by EC2 (RunInstances, CopyImage)
+or by the EBS direct APIs (GetSnapshotBlock) — asked as if that key were a customer managed one, the case the KMS
+declarations are for — and each is evaluated against the policy (iam_evaluation.py). A refusal is kept on the call,
+with the reason.
 
 Runners drive what the command drives (the provider's methods where it has them) through the emulations the other
 AWS tests use (asg_emulation, create_image_emulation, distribute_fixtures, ebs_emulation, gc_fixtures, fake_machine,
@@ -364,6 +365,8 @@ def _on_behalf(action: str, params: Mapping[str, Any], where: Where) -> list[Req
     if action in _POINTS_AT_TEMPLATE:
         requests += _launching(where, action, params)
     if action == "ebs:GetSnapshotBlock":
+        # ASSUMPTION (as iam._KEY_USERS's): KMS sees the EBS direct APIs as ebs.<region>; the policy also allows
+        # ec2.<region> (test_iam checks both), so this request proves the call is covered, not which name AWS uses.
         key = f"arn:aws:kms:{where.region}:{where.account}:key/ebs-default"
         requests += _key_use(("kms:Decrypt",), key, f"ebs.{where.region}.amazonaws.com", "EBS decrypting the block")
     return requests

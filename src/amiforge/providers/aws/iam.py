@@ -38,7 +38,8 @@ action (one action may need several, each a separate statement):
 - **KMS**: what EC2 does with a customer managed EBS key on amiforge's behalf (bake and boot-test launching encrypted
   volumes, distribute's encrypted copies) only through EC2 (`kms:ViaService` `ec2.*.amazonaws.com`), grants only for
   AWS resources (`kms:GrantIsForAWSResource`); scan's Decrypt of encrypted snapshot blocks only through the EBS
-  direct APIs (`ebs.*.amazonaws.com`); distribute's own DescribeKey (its preflight of each region's EBS key) on any
+  direct APIs (`ebs.*.amazonaws.com`, and `ec2.*.amazonaws.com`: which one KMS sees is an unverified assumption,
+  see _KEY_USERS); distribute's own DescribeKey (its preflight of each region's EBS key) on any
   key; and — when signing keys are given (`kms_keys`, `doctor --aws --kms-key ARN`) — the signing operations' KMS
   actions only on those keys (else on any key, which `policy_warnings` says).
 - SSM parameter writes on the parameter prefix amiforge publishes under.
@@ -235,7 +236,7 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     "scan": _READ_IMAGES | {"ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock", "kms:Decrypt"},
     # lifecycle/adopt.py (import packer): the images must exist and be available; adopting tags each and its
     # snapshots amiforge:managed=true (the Adopt statement), so distribute may share them.
-    "import": _READ_IMAGES | {"ec2:CreateTags"},
+    "import": _READ_IMAGES | {"ec2:CreateTags", "sts:GetCallerIdentity"},  # whose image it is: only ours is tagged
     # providers/aws/doctor.py: identity, regions, and the day-one checks (network, encryption, key policies, quotas).
     "doctor": frozenset(
         {
@@ -316,8 +317,11 @@ _SIGNING_KEY_ACTIONS: Final[frozenset[str]] = frozenset({"kms:DescribeKey", "kms
 # Who uses an EBS key on amiforge's behalf, by operation: EC2 (launching encrypted volumes, encrypting a copy), or the
 # EBS direct APIs (scan reads an encrypted snapshot's blocks). kms:ViaService is <service>.<region>.amazonaws.com
 # (AWS KMS condition keys, kms:ViaService); the region is left open: a copy's key is in the destination region.
-_KEY_USERS: Final[Mapping[str, str]] = {"scan": "ebs.*.amazonaws.com"}
+# ASSUMPTION, not verified against AWS's documentation: which service name KMS sees for the EBS direct APIs' Decrypt
+# (the EBS direct APIs answer at ebs.<region>.amazonaws.com, but EBS's own KMS requests come through EC2). Both are
+# allowed for scan until a documented statement says which; both are EBS, never a principal's own KMS call.
 _EC2_KEY_USER = "ec2.*.amazonaws.com"
+_KEY_USERS: Final[Mapping[str, tuple[str, ...]]] = {"scan": ("ebs.*.amazonaws.com", _EC2_KEY_USER)}
 _MANAGED_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{MANAGED_TAG}": "true"}}
 _ROLLOUT_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{ROLLOUT_TAG}": ROLLOUT_ENABLED}}
 
@@ -388,9 +392,9 @@ def actions_for(operations: Iterable[str]) -> frozenset[str]:
 
 def _key_use(operation: str, action: str) -> tuple[_Scope, ...]:
     """An EBS key used on the operation's behalf: only through the service that uses it."""
-    via = _KEY_USERS.get(operation, _EC2_KEY_USER)
-    condition: dict[str, Any] = {"StringLike": {"kms:ViaService": via}}
-    label = "ViaEbs" if via != _EC2_KEY_USER else "ViaEc2"
+    via = _KEY_USERS.get(operation, (_EC2_KEY_USER,))
+    condition: dict[str, Any] = {"StringLike": {"kms:ViaService": via[0] if len(via) == 1 else list(via)}}
+    label = "ViaEc2" if via == (_EC2_KEY_USER,) else "ViaEbs"
     if action == "kms:CreateGrant":
         # Grants only for the AWS resources EC2 encrypts: no one can grant themselves the key (the least-privilege
         # advice of the EBS encryption requirements page cited at _EBS_KEY_USE). The key is a Boolean.
