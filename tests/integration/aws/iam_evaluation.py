@@ -12,8 +12,10 @@ generator cannot slip past it unevaluated:
   account, resource), as the Resource element's documentation describes.
 - **Condition**: every operator of a statement and every key of an operator must hold (AND); a key with several
   values holds if any value matches (OR). Condition key names are case-insensitive, values case-sensitive.
-  `StringEquals`, `StringNotEquals`, `StringLike` and `Bool` on a single-valued key fail when the request has no such
-  key (no `…IfExists`); `ForAllValues:` holds when every value of a multivalued key (aws:TagKeys) matches — also when
+  `StringEquals`, `StringLike` and `Bool` on a single-valued key fail when the request has no such key (no
+  `…IfExists`), and the negated `StringNotEquals` then holds ("IAM JSON policy elements: Condition operators", IAM
+  User Guide: a key absent from the request context does not match, so a condition that the key *not* match is
+  true); `ForAllValues:` holds when every value of a multivalued key (aws:TagKeys) matches — also when
   the request has none — and `ForAnyValue:` when at least one does.
 """
 
@@ -103,8 +105,10 @@ def _holds(qualifier: str, base: str, value: ContextValue | None, wanted: Sequen
         if base == "StringNotEquals":  # "not equal to any": every listed value must differ
             matches = [all(_matches(base, v, w) for w in wanted) for v in values]
         return all(matches) if qualifier == "ForAllValues" else any(matches)
-    if value is None or (not isinstance(value, str | bool)):
-        return False  # a single-valued operator on a missing (or multivalued) key
+    if value is None:
+        return base == "StringNotEquals"  # a missing key matches nothing: only a negated operator holds
+    if not isinstance(value, str | bool):
+        return False  # a single-valued operator on a multivalued key
     if base == "StringNotEquals":
         return all(_matches(base, value, w) for w in wanted)
     return any(_matches(base, value, w) for w in wanted)

@@ -65,6 +65,17 @@ def test_every_operator_and_key_must_hold_any_value_may_match() -> None:
     assert refusal(create, Request("ec2:CreateTags", IMAGE, {})) is not None  # tagging an existing resource
 
 
+def test_a_negated_operator_holds_when_the_key_is_missing() -> None:
+    """IAM User Guide, "Condition operators": a key absent from the request context matches nothing, so StringEquals
+    on it is false and StringNotEquals (the key must *not* match) is true."""
+    not_x = policy(allow("ec2:RunInstances", condition={"StringNotEquals": {"aws:ResourceTag/team": "x"}}))
+    assert refusal(not_x, Request("ec2:RunInstances", "*", {})) is None
+    assert refusal(not_x, Request("ec2:RunInstances", "*", {"aws:ResourceTag/team": "y"})) is None
+    assert refusal(not_x, Request("ec2:RunInstances", "*", {"aws:ResourceTag/team": "x"})) is not None
+    is_x = policy(allow("ec2:RunInstances", condition={"StringEquals": {"aws:ResourceTag/team": "x"}}))
+    assert refusal(is_x, Request("ec2:RunInstances", "*", {})) is not None
+
+
 def test_for_all_values_over_the_request_tag_keys() -> None:
     others = policy(allow("ec2:CreateTags", condition={"ForAllValues:StringNotEquals": {"aws:TagKeys": ["m"]}}))
     assert refusal(others, Request("ec2:CreateTags", "*", {"aws:TagKeys": ["a", "b"]})) is None
