@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import math
 import os
 import random
@@ -414,7 +415,8 @@ def data_keys(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_uploads_never_travel_in_clear(
     aws: Aws, machine: SsmMachine, ssm: RunCommandEmulation, tmp_path: Path, stage: Path, data_keys: list[str]
 ) -> None:
-    """Neither the bytes of a file (in clear, base64 or hex) nor its data key is in any command: not in what
+    """Neither the bytes of a file (in clear, base64 or hex), nor their SHA-256 (which would give a short file away to
+    a brute force), nor its data key is in any command: not in what
     ListCommands answers for 30 days, not in the scripts the agent writes to the instance's disk. The private key
     stays in STAGE (0700), mode 0600; nothing else remains there."""
     secret = b"AKIA" + random.Random(4).randbytes(40_000) + b"-----END PRIVATE KEY-----"
@@ -422,7 +424,13 @@ def test_uploads_never_travel_in_clear(
     machine.put_file(str(target), secret, 0o600)
     assert target.read_bytes() == secret
     (data_key,) = data_keys
-    forms = [secret[:64].decode("latin-1"), base64.b64encode(secret)[:64].decode(), secret[:32].hex(), data_key]
+    forms = [
+        secret[:64].decode("latin-1"),
+        base64.b64encode(secret)[:64].decode(),
+        secret[:32].hex(),
+        hashlib.sha256(secret).hexdigest(),
+        data_key,
+    ]
     shown = [json_text for command in listed(aws) for json_text in command["Parameters"]["commands"]]
     assert len(shown) == len(ssm.runs) == 4  # the upload key, two parts, the install
     for text in [*shown, *ssm.runs]:
@@ -454,7 +462,7 @@ def damage_first_part(at: int) -> Callable[[str], str]:
     ("at", "why"),
     [
         (0, "do not decrypt"),  # OpenSSL's Salted__ header: not a sealed upload
-        (20_000, "have SHA-256"),  # inside the ciphertext: decrypts to other bytes
+        (20_000, "do not have the SHA-256 they were sent with"),  # inside the ciphertext: decrypts to other bytes
     ],
 )
 def test_a_damaged_part_is_refused_and_cleaned_up(
@@ -462,9 +470,11 @@ def test_a_damaged_part_is_refused_and_cleaned_up(
 ) -> None:
     ssm.tamper = damage_first_part(at)
     target = tmp_path / "damaged.bin"
+    data = random.Random(5).randbytes(40_000)
     with pytest.raises(InfraError, match=f"arrived damaged.*the uploaded bytes {why}") as caught:
-        machine.put_file(str(target), random.Random(5).randbytes(40_000), 0o600)
+        machine.put_file(str(target), data, 0o600)
     assert caught.value.retryable
+    assert hashlib.sha256(data).hexdigest() not in str(caught.value)  # SSM keeps the output for 30 days too
     assert not target.exists() and leftovers_in(tmp_path) == ["stage"]
     assert leftovers_in(stage) == [UPLOAD_KEY]
 
@@ -479,6 +489,20 @@ def test_a_wrapped_key_that_does_not_unwrap_is_refused(
     ssm.tamper = damage
     target = tmp_path / "damaged.bin"
     with pytest.raises(InfraError, match="the uploaded bytes hold a key that does not unwrap"):
+        machine.put_file(str(target), b"payload", 0o600)
+    assert not target.exists() and leftovers_in(stage) == [UPLOAD_KEY]
+
+
+def test_a_sealed_digest_that_does_not_decrypt_is_refused(
+    machine: SsmMachine, ssm: RunCommandEmulation, tmp_path: Path, stage: Path
+) -> None:
+    def damage(command: str) -> str:
+        # The first character of the sealed SHA-256 (its Salted__ header) changed on the way.
+        return re.sub(r"printf '%s' U(\S+ \| base64 -d > \S+\.sha256\.enc)", r"printf '%s' V\1", command)
+
+    ssm.tamper = damage
+    target = tmp_path / "damaged.bin"
+    with pytest.raises(InfraError, match="the uploaded bytes hold a SHA-256 that does not decrypt"):
         machine.put_file(str(target), b"payload", 0o600)
     assert not target.exists() and leftovers_in(stage) == [UPLOAD_KEY]
 
@@ -536,7 +560,7 @@ def test_a_path_is_never_expanded_by_the_shell(tmp_path: Path) -> None:
     script = install_script(str(staged), str(tmp_path / "x$(touch pwned)"), 0o600, "0" * 64)
     done = subprocess.run(["/bin/sh", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 65
-    assert "x$(touch pwned): the uploaded bytes have SHA-256" in done.stderr
+    assert "x$(touch pwned): the uploaded bytes do not have the SHA-256" in done.stderr
     assert not (tmp_path / "pwned").exists()
 
 

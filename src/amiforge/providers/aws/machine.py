@@ -12,12 +12,15 @@ generalisation removed the files. So the bytes of an upload (recipe files, which
 clear: on first use the instance makes an RSA-3072 key pair in STAGE (a tmpfs, mode 0700; the key file 0600) with
 `openssl genpkey` and answers its public key; each upload is encrypted here with a fresh data key (AES-256-CBC in
 OpenSSL's `Salted__` format, the key and IV from PBKDF2-HMAC-SHA256 of the data key, as `openssl enc -pbkdf2` reads
-it), the data key wrapped with RSA-OAEP-SHA256; only the wrapped key and the ciphertext are sent. The instance unwraps
-the data key into a file in STAGE (`openssl pkeyutl`; never on a command line), decrypts (`openssl enc -d -pass
-file:…`), checks the SHA-256 of the plaintext and installs it; the data key and every intermediate file are removed
-whatever happens. The private key never leaves STAGE, which no image contains. Commands themselves — the argv of
-`run()`, short step commands — are recipe content that the recipe shows anyway and go in clear; what `read_file()`
-brings back (the package list, a readiness file) is SSM command output, in clear too.
+it), the data key wrapped with RSA-OAEP-SHA256. The plaintext's SHA-256 is sealed too (its hex digest encrypted the
+same way under the same data key, with a salt of its own): an unsalted digest of a short credential file would give
+the file away to a brute force. Only the wrapped key and the two ciphertexts are sent. The instance unwraps the data
+key into a file in STAGE (`openssl pkeyutl`; never on a command line), decrypts the expected digest into a file there
+and the upload (`openssl enc -d -pass file:…`), checks the SHA-256 of the plaintext against the digest read from that
+file and installs it; the data key, the digest and every intermediate file are removed whatever happens. The
+private key never leaves STAGE, which no image contains. Commands themselves — the argv of `run()`, short step
+commands — are recipe content that the recipe shows anyway and go in clear; what `read_file()` brings back (the
+package list, a readiness file) is SSM command output, in clear too.
 
 Limits SSM imposes, and how they are kept:
 - "the content of the document must not exceed 64KB. This quota also includes the content specified for input
@@ -285,33 +288,51 @@ def scrub_unit(paths: Sequence[str]) -> str:
 
 
 def install_script(
-    staged: str, path: str, mode: int, sha256: str, *, scratch: Sequence[str] = (), produce: str = ""
+    staged: str,
+    path: str,
+    mode: int,
+    sha256: str = "",
+    *,
+    sha256_file: str = "",
+    scratch: Sequence[str] = (),
+    prepare: str = "",
+    produce: str = "",
 ) -> str:
     """POSIX shell, run as root, that installs the bytes uploaded to `staged` at `path` with `mode`, atomically (a
-    temporary file beside `path`, renamed over it; parents created), only if their SHA-256 is `sha256`: otherwise it
-    exits 65 and says so on stderr. `produce` (shell lines, run under `set -e`) makes `staged` first, if needed; it may
-    call `damaged REASON` to refuse the upload the same way. `staged`, the temporary file and `scratch` (shell words:
-    globs are expanded) are removed whatever happens.
+    temporary file beside `path`, renamed over it; parents created), only if their SHA-256 is the expected one:
+    otherwise it exits 65 and says so on stderr (without either digest: SSM keeps the output too). The expected hex
+    digest is `sha256`, written into the script, or else read from `sha256_file`, which `prepare` makes, so that it is
+    in no script text. `prepare` runs first, `produce` (which makes `staged`, if needed) after the "already installed"
+    check; both are shell lines run under `set -e` that may call `damaged REASON` to refuse the upload the same way.
+    `staged`, the temporary file and `scratch` (shell words: globs are expanded) are removed whatever happens.
 
-    Safe to run twice (a retried delivery): when `path` is already a regular file of this user with `mode` and
-    `sha256`, it is done (exit 0) before it looks at what was uploaded, which the first run removed."""
+    Safe to run twice (a retried delivery): when `path` is already a regular file of this user with `mode` and the
+    expected SHA-256, it is done (exit 0) before it looks at what was uploaded, which the first run removed."""
+    if bool(sha256) == bool(sha256_file):
+        raise ValueError("install_script takes the expected SHA-256 either in clear or in a file, one of them")
     q = shlex.quote
     tmp = f"{path}.amiforge-tmp"
     parent = posixpath.dirname(path) or "/"
     leftovers = " ".join([q(staged), q(tmp), *scratch])
+    # `[` is a shell builtin: "$expected" reaches no process's argv.
+    expected = f"$(cat -- {q(sha256_file)})" if sha256_file else q(sha256)
     return (
         f"cleanup() {{ rm -f -- {leftovers}; }}\n"
         "trap cleanup EXIT\n"
         "set -e\n"
         f"damaged() {{ printf 'amiforge: %s{_DAMAGED_MARK}%s\\n' {q(path)} \"$1\" >&2; exit {_DAMAGED}; }}\n"
+        f"{prepare}"
+        f"expected={expected}\n"
+        'case "$expected" in *[!0-9a-f]* | "") damaged "came with no SHA-256 to check";; esac\n'
+        'if [ "${#expected}" -ne 64 ]; then damaged "came with no SHA-256 to check"; fi\n'
         f"if [ -f {q(path)} ] && [ ! -L {q(path)} ] \\\n"
         f'    && [ "$(stat -c \'%a %u\' -- {q(path)})" = "{mode:o} $(id -u)" ] \\\n'
-        f'    && [ "$(sha256sum < {q(path)} | cut -c1-64)" = {sha256} ]; then\n'
+        f'    && [ "$(sha256sum < {q(path)} | cut -c1-64)" = "$expected" ]; then\n'
         "    exit 0\n"
         "fi\n"
         f"{produce}"
         f"sum=$(sha256sum < {q(staged)} | cut -c1-64)\n"
-        f'if [ "$sum" != {sha256} ]; then damaged "have SHA-256 $sum, not {sha256}"; fi\n'
+        'if [ "$sum" != "$expected" ]; then damaged "do not have the SHA-256 they were sent with"; fi\n'
         f"(umask 022; mkdir -p -- {q(parent)})\n"
         f"rm -f -- {q(tmp)}\n"
         f"(umask 077; cat < {q(staged)} > {q(tmp)})\n"
@@ -584,31 +605,45 @@ class SsmMachine:
     def _upload(self, path: str, data: bytes, mode: int) -> None:
         q = shlex.quote
         key = self._upload_key()
-        wrapped, sealed = _seal(data, key.public)
+        sealed = _seal(data, key.public)
         upload = f"{STAGE}/put-{uuid.uuid4().hex[:12]}"
-        parts = self._send_parts(upload, base64.b64encode(sealed).decode(), path)
+        parts = self._send_parts(upload, base64.b64encode(sealed.data).decode(), path)
         ssl, key_file = q(key.openssl), q(f"{STAGE}/{UPLOAD_KEY}")
-        # Joined in order by number (printf pads as the names were padded), decoded, unwrapped, decrypted; then
-        # install_script checks and installs. Every file made here is `upload.*`, removed however the script ends.
-        unseal = (
+        decrypt = f"{ssl} enc -d -aes-256-cbc -pbkdf2 -iter {_PBKDF2_ITERATIONS} -md sha256 -pass file:{q(upload)}.key"
+        # The data key is unwrapped and the expected digest decrypted before install_script's "already installed"
+        # check (both arrive in this command, so a retried delivery can still check); the parts are joined in order
+        # by number (printf pads as the names were padded), decoded and decrypted after it. Every file made here is
+        # `upload.*`, removed however the script ends.
+        unwrap = (
             f'if [ ! -f {key_file} ] || [ "$({ssl} pkey -in {key_file} -pubout -outform DER | sha256sum | cut -c1-64)'
             f'" != {key.fingerprint} ]; then\n'
             f"    echo {q(_KEY_CHANGED_MARK)} >&2; exit {_KEY_CHANGED}\n"
             "fi\n"
-            f"umask 077; i=1; while [ $i -le {parts} ]; do\n"
+            "umask 077\n"
+            f"printf '%s' {q(base64.b64encode(sealed.wrapped_key).decode())} | base64 -d > {q(upload)}.wrapped\n"
+            f"{ssl} pkeyutl -decrypt -inkey {key_file} -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 "
+            f"-in {q(upload)}.wrapped -out {q(upload)}.key 2>/dev/null || damaged 'hold a key that does not unwrap'\n"
+            f"printf '%s' {q(base64.b64encode(sealed.digest).decode())} | base64 -d > {q(upload)}.sha256.enc\n"
+            f"{decrypt} -in {q(upload)}.sha256.enc -out {q(upload)}.sha256 2>/dev/null "
+            "|| damaged 'hold a SHA-256 that does not decrypt'\n"
+        )
+        unseal = (
+            f"i=1; while [ $i -le {parts} ]; do\n"
             f'    cat "$(printf \'%s.part-%04d\' {q(upload)} $i)" || damaged "lack part $i of {parts}"\n'
             f"    i=$((i + 1))\n"
             f"done > {q(upload)}.b64\n"
             f"base64 -d {q(upload)}.b64 > {q(upload)}.enc || damaged 'are not base64'\n"
-            f"printf '%s' {q(base64.b64encode(wrapped).decode())} | base64 -d > {q(upload)}.wrapped\n"
-            f"{ssl} pkeyutl -decrypt -inkey {key_file} -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 "
-            f"-in {q(upload)}.wrapped -out {q(upload)}.key 2>/dev/null || damaged 'hold a key that does not unwrap'\n"
-            f"{ssl} enc -d -aes-256-cbc -pbkdf2 -iter {_PBKDF2_ITERATIONS} -md sha256 -pass file:{q(upload)}.key "
-            f"-in {q(upload)}.enc -out {q(upload)}.bin 2>/dev/null || damaged 'do not decrypt'\n"
+            f"{decrypt} -in {q(upload)}.enc -out {q(upload)}.bin 2>/dev/null || damaged 'do not decrypt'\n"
             f"rm -f -- {q(upload)}.key\n"
         )
         install = install_script(
-            f"{upload}.bin", path, mode, hashlib.sha256(data).hexdigest(), scratch=[f"{q(upload)}.*"], produce=unseal
+            f"{upload}.bin",
+            path,
+            mode,
+            sha256_file=f"{upload}.sha256",
+            scratch=[f"{q(upload)}.*"],
+            prepare=unwrap,
+            produce=unseal,
         )
         result = self._send(install, 120)
         if result.exit_code == _KEY_CHANGED and _KEY_CHANGED_MARK in result.stderr:
@@ -750,15 +785,33 @@ def _parse_upload_key(stdout: str, instance_id: str) -> _UploadKey:
     return _UploadKey(openssl, public, hashlib.sha256(der).hexdigest())
 
 
-def _seal(data: bytes, public: rsa.RSAPublicKey) -> tuple[bytes, bytes]:
-    """(the data key wrapped with RSA-OAEP-SHA256, `data` encrypted as `openssl enc -aes-256-cbc -pbkdf2 -iter N -md
-    sha256 -pass file:KEY` writes it: b'Salted__', 8 bytes of salt, then AES-256-CBC with PKCS#7 padding)."""
+@dataclass(frozen=True)
+class _Sealed:
+    """An upload as it is sent: its data key wrapped with RSA-OAEP-SHA256, and under that key the bytes and the hex
+    SHA-256 of the bytes, each encrypted on its own (see `_encrypt`)."""
+
+    wrapped_key: bytes
+    data: bytes
+    digest: bytes
+
+
+def _seal(data: bytes, public: rsa.RSAPublicKey) -> _Sealed:
+    """`data` and its SHA-256 sealed to `public` under a fresh data key."""
     data_key = secrets.token_hex(32).encode()
+    return _Sealed(
+        wrapped_key=public.encrypt(data_key, OAEP(mgf=MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)),
+        data=_encrypt(data, data_key),
+        digest=_encrypt(hashlib.sha256(data).hexdigest().encode(), data_key),
+    )
+
+
+def _encrypt(plaintext: bytes, data_key: bytes) -> bytes:
+    """`plaintext` as `openssl enc -aes-256-cbc -pbkdf2 -iter N -md sha256 -pass file:KEY` writes it: b'Salted__', 8
+    bytes of salt (fresh each time, so each use of a data key has a key and IV of its own), then AES-256-CBC with
+    PKCS#7 padding."""
     salt = os.urandom(8)
     derived = PBKDF2HMAC(hashes.SHA256(), 48, salt, _PBKDF2_ITERATIONS).derive(data_key)
     padder = padding.PKCS7(128).padder()
-    padded = padder.update(data) + padder.finalize()
+    padded = padder.update(plaintext) + padder.finalize()
     encryptor = Cipher(algorithms.AES(derived[:32]), modes.CBC(derived[32:])).encryptor()
-    sealed = _SALTED + salt + encryptor.update(padded) + encryptor.finalize()
-    wrapped = public.encrypt(data_key, OAEP(mgf=MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
-    return wrapped, sealed
+    return _SALTED + salt + encryptor.update(padded) + encryptor.finalize()

@@ -399,6 +399,8 @@ class SshMachine:
             sftp.putfo(io.BytesIO(data), staged, file_size=len(data), confirm=True)
         except (OSError, paramiko.SSHException, EOFError) as e:
             raise self._file_error(f"upload of {path}", e) from e
+        # The digest may go in clear here (SsmMachine seals it): it travels inside the encrypted SSH channel, and no
+        # agent stores the script on the instance or keeps it in an API.
         script = install_script(staged, path, mode, hashlib.sha256(data).hexdigest())
         result = self.run(["/bin/sh", "-c", script], timeout=_FILE_TIMEOUT)
         if digest_mismatch(result):
