@@ -101,7 +101,7 @@ def test_policy_document_shape() -> None:
         "Sid": "SsmScoped",
         "Effect": "Allow",
         "Action": ["ssm:AddTagsToResource", "ssm:PutParameter"],
-        "Resource": ["arn:aws:ssm:*:*:parameter/amiforge/*"],
+        "Resource": ["arn:*:ssm:*:*:parameter/amiforge/*"],
     }
     assert by_sid["KmsScoped"]["Resource"] == ["arn:aws:kms:eu-west-1:1:key/k"]
     assert by_sid["IamPassToEc2"]["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
@@ -123,7 +123,7 @@ def test_least_privilege_for_a_narrow_set() -> None:
     assert signing[1]["Resource"] == "*"  # no keys given: the key is only known at run time
     publishing = policy_document(["publish"], parameter_prefix="/golden/")["Statement"]
     (writes,) = [s for s in publishing if "ssm:PutParameter" in s["Action"]]
-    assert writes["Resource"] == ["arn:aws:ssm:*:*:parameter/golden/*"]
+    assert writes["Resource"] == ["arn:*:ssm:*:*:parameter/golden/*"]
 
 
 def test_unknown_operation_is_a_config_error() -> None:
@@ -217,11 +217,11 @@ def test_create_tags_is_never_granted_unconditioned() -> None:
     assert all("Condition" in s for s in tagging)
     assert by_sid["Ec2TagOnCreate"]["Condition"] == {"StringEquals": {"ec2:CreateAction": list(TAG_ON_CREATE)}}
     assert set(TAG_ON_CREATE) == {"RunInstances", "CreateImage", "CopyImage", "ImportKeyPair"}
-    assert by_sid["Ec2TagOthers"]["Resource"] == ["arn:aws:ec2:*:*:instance/*"]
+    assert by_sid["Ec2TagOthers"]["Resource"] == ["arn:*:ec2:*:*:instance/*"]
     assert by_sid["Ec2TagOthers"]["Condition"] == {
         "ForAllValues:StringNotEquals": {"aws:TagKeys": ["amiforge:managed"]}
     }
-    assert by_sid["Ec2Adopt"]["Resource"] == ["arn:aws:ec2:*::image/*", "arn:aws:ec2:*::snapshot/*"]
+    assert by_sid["Ec2Adopt"]["Resource"] == ["arn:*:ec2:*::image/*", "arn:*:ec2:*::snapshot/*"]
     # A bake tags only what it creates.
     (bake,) = _statements_granting(policy_document(["bake"]), "ec2:CreateTags")
     assert bake["Sid"] == "Ec2TagOnCreate"
@@ -231,9 +231,9 @@ def test_run_command_only_with_the_shell_document_on_managed_instances() -> None
     """SendCommand is authorised for the document and for each instance: never the account's instances at large."""
     statements = _statements_granting(policy_document(["bake"]), "ssm:SendCommand")
     assert [(s["Sid"], s["Resource"], s.get("Condition")) for s in statements] == [
-        ("SsmManagedInstances", ["arn:aws:ec2:*:*:instance/*"],
+        ("SsmManagedInstances", ["arn:*:ec2:*:*:instance/*"],
          {"StringEquals": {"ssm:resourceTag/amiforge:managed": "true"}}),
-        ("SsmRunShellScript", ["arn:aws:ssm:*::document/AWS-RunShellScript"], None),
+        ("SsmRunShellScript", ["arn:*:ssm:*::document/AWS-RunShellScript"], None),
     ]  # fmt: skip
 
 
@@ -533,3 +533,21 @@ def test_a_rollout_passes_only_the_roles_its_policy_names(tmp_path: Path) -> Non
         calls = list(h.recorder.calls)
     refusing = {c.action for c in calls if any(r.startswith("iam:PassRole on ") for r in c.refused)}
     assert refusing == {"autoscaling:UpdateAutoScalingGroup", "autoscaling:StartInstanceRefresh"}
+
+
+@pytest.mark.parametrize("partition", ["aws", "aws-cn", "aws-us-gov"])
+def test_scoped_statements_match_in_every_partition(partition: str) -> None:
+    """The resource ARNs name no partition: a scoped statement allows the same request in China and GovCloud."""
+    doc = policy_document(OPERATIONS)
+    managed = {"aws:ResourceTag/amiforge:managed": "true"}
+    allowed = [
+        Request("ssm:SendCommand", f"arn:{partition}:ssm:r-1::document/AWS-RunShellScript"),
+        Request("ssm:SendCommand", f"arn:{partition}:ec2:r-1:{ACCOUNT}:instance/i-0test", {
+            "ssm:resourceTag/amiforge:managed": "true"}),
+        Request("ssm:PutParameter", f"arn:{partition}:ssm:r-1:{ACCOUNT}:parameter/amiforge/web"),
+        Request("ec2:CreateTags", f"arn:{partition}:ec2:r-1:{ACCOUNT}:instance/i-0test", {
+            "aws:TagKeys": ["amiforge:ready"], "aws:RequestTag/amiforge:ready": "1"}),
+        Request("ec2:CreateTags", f"arn:{partition}:ec2:r-1::image/ami-0000000000test01", {
+            "aws:TagKeys": ["amiforge:managed"], "aws:RequestTag/amiforge:managed": "true", **managed}),
+    ]  # fmt: skip
+    assert [str(r) for r in allowed if refusal(doc, r) is not None] == []

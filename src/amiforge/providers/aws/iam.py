@@ -322,6 +322,7 @@ _SIGNING_KEY_ACTIONS: Final[frozenset[str]] = frozenset({"kms:DescribeKey", "kms
 # allowed for scan until a documented statement says which; both are EBS, never a principal's own KMS call.
 _EC2_KEY_USER = "ec2.*.amazonaws.com"
 _KEY_USERS: Final[Mapping[str, tuple[str, ...]]] = {"scan": ("ebs.*.amazonaws.com", _EC2_KEY_USER)}
+# Resource ARNs name the partition `*`: the same policy then matches in aws, aws-cn and aws-us-gov.
 _MANAGED_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{MANAGED_TAG}": "true"}}
 _ROLLOUT_CONDITION: Final[Mapping[str, Any]] = {"StringEquals": {f"aws:ResourceTag/{ROLLOUT_TAG}": ROLLOUT_ENABLED}}
 
@@ -345,7 +346,7 @@ _MANAGED = _Scope.when("Managed", _MANAGED_CONDITION)
 _TAG_ON_CREATE = _Scope.when("TagOnCreate", {"StringEquals": {"ec2:CreateAction": list(TAG_ON_CREATE)}})
 # A rollout's tags on the group's instances (fleet.py): never amiforge:managed, which would make them gc's.
 _TAG_OTHERS = _Scope.when(
-    "TagOthers", {"ForAllValues:StringNotEquals": {"aws:TagKeys": [MANAGED_TAG]}}, ("arn:aws:ec2:*:*:instance/*",)
+    "TagOthers", {"ForAllValues:StringNotEquals": {"aws:TagKeys": [MANAGED_TAG]}}, ("arn:*:ec2:*:*:instance/*",)
 )
 # Adopting an image: amiforge:managed=true on it and its snapshots, and no other tag.
 _ADOPT = _Scope.when(
@@ -354,7 +355,7 @@ _ADOPT = _Scope.when(
         "StringEquals": {f"aws:RequestTag/{MANAGED_TAG}": "true"},
         "ForAllValues:StringEquals": {"aws:TagKeys": [MANAGED_TAG]},
     },
-    ("arn:aws:ec2:*::image/*", "arn:aws:ec2:*::snapshot/*"),
+    ("arn:*:ec2:*::image/*", "arn:*:ec2:*::snapshot/*"),
 )
 # Which tags each operation that declares ec2:CreateTags sets, and so which statements it needs.
 _TAGGING: Final[Mapping[str, tuple[_Scope, ...]]] = {
@@ -365,11 +366,11 @@ _TAGGING: Final[Mapping[str, tuple[_Scope, ...]]] = {
     "import": (_ADOPT,),
 }
 _RUN_COMMAND = (
-    _Scope("RunShellScript", resources=(f"arn:aws:ssm:*::document/{RUN_COMMAND_DOCUMENT}",)),
+    _Scope("RunShellScript", resources=(f"arn:*:ssm:*::document/{RUN_COMMAND_DOCUMENT}",)),
     _Scope.when(
         "ManagedInstances",
         {"StringEquals": {f"ssm:resourceTag/{MANAGED_TAG}": "true"}},
-        ("arn:aws:ec2:*:*:instance/*",),
+        ("arn:*:ec2:*:*:instance/*",),
     ),
 )
 _ROLLOUT_OPTED_IN = _Scope.when("OptedIn", _ROLLOUT_CONDITION)
@@ -422,7 +423,7 @@ def _scopes(
     if action == "ssm:SendCommand":
         return _RUN_COMMAND
     if action in _SSM_PARAMETER_WRITES:
-        return (_Scope("Scoped", resources=(f"arn:aws:ssm:*:*:parameter{parameter_prefix.rstrip('/')}/*",)),)
+        return (_Scope("Scoped", resources=(f"arn:*:ssm:*:*:parameter{parameter_prefix.rstrip('/')}/*",)),)
     if operation in _SIGNING_OPERATIONS and action in _SIGNING_KEY_ACTIONS and kms_keys:
         return (_Scope("Scoped", resources=kms_keys),)
     if action.startswith("kms:") and action in AUTHORISED_ONLY.get(cast(Operation, operation), frozenset()):
