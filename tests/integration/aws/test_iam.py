@@ -12,6 +12,7 @@ the source reading missed (a new way of calling AWS). Each failure names the ope
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +42,7 @@ from amiforge.providers.aws.distribute import protect
 from amiforge.providers.aws.iam import (
     AUTHORISED_ONLY,
     DESTRUCTIVE,
+    MANAGED_POLICY_MAX_CHARS,
     OPERATIONS,
     PERMISSIONS,
     ROLLOUT_GROUP_WRITES,
@@ -49,6 +51,7 @@ from amiforge.providers.aws.iam import (
     actions_for,
     policy_document,
     policy_json,
+    policy_size,
     policy_warnings,
 )
 from amiforge.providers.aws.images import inventory, resolve_source
@@ -551,3 +554,16 @@ def test_scoped_statements_match_in_every_partition(partition: str) -> None:
             "aws:TagKeys": ["amiforge:managed"], "aws:RequestTag/amiforge:managed": "true", **managed}),
     ]  # fmt: skip
     assert [str(r) for r in allowed if refusal(doc, r) is not None] == []
+
+
+def test_a_policy_over_the_managed_policy_quota_is_warned_about() -> None:
+    """IAM refuses a managed policy over 6,144 characters, white space not counted: the policy for all operations
+    fits; named with enough roles it does not, and the warning says so with how to split it."""
+    doc = policy_document(OPERATIONS)
+    assert policy_size(doc) == len(json.dumps(doc, separators=(",", ":"))) < len(json.dumps(doc, indent=2))
+    assert policy_size(doc) < MANAGED_POLICY_MAX_CHARS
+    assert not [d for d, _ in policy_warnings(OPERATIONS) if "quota" in d]
+    roles = [f"arn:aws:iam::{ACCOUNT}:role/amiforge-builder-{i:02d}" for i in range(40)]
+    assert policy_size(policy_document(OPERATIONS, pass_roles=roles)) > MANAGED_POLICY_MAX_CHARS
+    (over,) = [(d, fix) for d, fix in policy_warnings(OPERATIONS, pass_roles=roles) if "quota" in d]
+    assert "6144" in over[0] and "split it by operation" in over[1]

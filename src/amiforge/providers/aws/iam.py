@@ -74,6 +74,7 @@ from amiforge.providers.aws.images import MANAGED_TAG
 __all__ = [
     "AUTHORISED_ONLY",
     "DESTRUCTIVE",
+    "MANAGED_POLICY_MAX_CHARS",
     "OPERATIONS",
     "PERMISSIONS",
     "ROLLOUT_GROUP_WRITES",
@@ -83,6 +84,7 @@ __all__ = [
     "actions_for",
     "policy_document",
     "policy_json",
+    "policy_size",
     "policy_warnings",
 ]
 
@@ -305,6 +307,10 @@ ROLLOUT_GROUP_WRITES: Final[frozenset[str]] = frozenset(
 # The EC2 actions that create a resource with tags amiforge gives (TagSpecifications): the tag-on-create CreateTags
 # is authorised with ec2:CreateAction naming one of them.
 TAG_ON_CREATE: Final[tuple[str, ...]] = ("CopyImage", "CreateImage", "ImportKeyPair", "RunInstances")
+# IAM's quota for a managed policy document, in characters, white space not counted ("IAM and AWS STS quotas", IAM
+# User Guide: https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_iam-quotas.html). The policy for all
+# operations is about 4,450; each --pass-role or --kms-key ARN adds its length and 3 (about 50-80).
+MANAGED_POLICY_MAX_CHARS: Final = 6144
 # The one SSM document amiforge runs commands with (machine.py).
 RUN_COMMAND_DOCUMENT = "AWS-RunShellScript"
 
@@ -491,15 +497,37 @@ def policy_json(operations: Iterable[str], **kwargs: Any) -> str:
     return json.dumps(policy_document(operations, **kwargs), indent=2)
 
 
+def policy_size(document: Mapping[str, Any]) -> int:
+    """The characters IAM counts against its policy size quota: the document's JSON without white space."""
+    return sum(not c.isspace() for c in json.dumps(document, separators=(",", ":")))
+
+
 def policy_warnings(
-    operations: Iterable[str], *, kms_keys: Iterable[str] = (), pass_roles: Iterable[str] = ()
+    operations: Iterable[str],
+    *,
+    kms_keys: Iterable[str] = (),
+    pass_roles: Iterable[str] = (),
+    parameter_prefix: str = "/amiforge",
 ) -> list[tuple[str, str]]:
-    """(what the policy for `operations` allows more widely than it could, the fix) for each scope left open because
-    what would narrow it was not given: the roles EC2 may be passed, the signing keys."""
+    """(what the policy for `operations` allows more widely than it could, or why it cannot be used as it is; the fix)
+    for each scope left open because what would narrow it was not given (the roles EC2 may be passed, the signing
+    keys), and when the policy is over IAM's size quota for a managed policy."""
     wanted = set(operations)
     actions = actions_for(wanted)
     warnings: list[tuple[str, str]] = []
-    if "iam:PassRole" in actions and not list(pass_roles):
+    keys, roles = list(kms_keys), list(pass_roles)
+    size = policy_size(policy_document(wanted, parameter_prefix=parameter_prefix, kms_keys=keys, pass_roles=roles))
+    if size > MANAGED_POLICY_MAX_CHARS:
+        warnings.append(
+            (
+                f"the policy is {size} characters (white space not counted), over IAM's quota of "
+                f"{MANAGED_POLICY_MAX_CHARS} for a managed policy: aws iam create-policy refuses it",
+                "split it by operation into several managed policies, each attached where that operation runs "
+                "(doctor --aws prints the policy for all operations; amiforge.providers.aws.iam.policy_json([...]) "
+                "gives the policy of the operations named), or pass fewer --pass-role/--kms-key ARNs",
+            )
+        )
+    if "iam:PassRole" in actions and not roles:
         warnings.append(
             (
                 "iam:PassRole is allowed for any role passed to EC2: a bake or boot test could launch an instance "
@@ -508,7 +536,7 @@ def policy_warnings(
                 "doctor --aws --pass-role arn:aws:iam::ACCOUNT:role/NAME (repeatable)",
             )
         )
-    if wanted & _SIGNING_OPERATIONS and not list(kms_keys):
+    if wanted & _SIGNING_OPERATIONS and not keys:
         warnings.append(
             (
                 "kms:Sign, kms:GetPublicKey and kms:DescribeKey are allowed on any KMS key of the account",
