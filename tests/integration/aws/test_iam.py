@@ -222,8 +222,21 @@ def test_create_tags_is_never_granted_unconditioned() -> None:
     assert set(TAG_ON_CREATE) == {"RunInstances", "CreateImage", "CopyImage", "ImportKeyPair"}
     assert by_sid["Ec2TagOthers"]["Resource"] == ["arn:*:ec2:*:*:instance/*"]
     assert by_sid["Ec2TagOthers"]["Condition"] == {
-        "ForAllValues:StringNotEquals": {"aws:TagKeys": ["amiforge:managed"]}
+        "ForAllValues:StringNotEquals": {"aws:TagKeys": ["amiforge:managed"]},
+        "ForAllValues:StringLike": {"aws:TagKeys": ["amiforge:*"]},
     }
+    # A rollout writes amiforge's own keys on the group's instances, never amiforge:managed nor anyone else's keys.
+    rollout = policy_document(["rollout"])
+    instance = f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/i-0000000000test01"
+
+    def tagging_instance(*keys: str) -> str | None:
+        context = {"aws:TagKeys": list(keys), **{f"aws:RequestTag/{k}": "x" for k in keys}}
+        return refusal(rollout, Request("ec2:CreateTags", instance, context))
+
+    assert tagging_instance("amiforge:ready", "amiforge:version") is None
+    assert tagging_instance("amiforge:ready", "amiforge:managed") is not None
+    assert tagging_instance("amiforge:ready", "Name") is not None
+    assert tagging_instance("team") is not None
     assert by_sid["Ec2Adopt"]["Resource"] == ["arn:*:ec2:*::image/*", "arn:*:ec2:*::snapshot/*"]
     # A bake tags only what it creates.
     (bake,) = _statements_granting(policy_document(["bake"]), "ec2:CreateTags")

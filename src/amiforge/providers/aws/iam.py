@@ -24,10 +24,10 @@ action (one action may need several, each a separate statement):
   ImportKeyPair's TagSpecifications) are authorised as CreateTags with `ec2:CreateAction` naming the creating action
   ("Grant permission to tag Amazon EC2 resources during creation", EC2 User Guide): **TagOnCreate**. A rollout tags
   the instances of someone else's group, never with `amiforge:managed`: **TagOthers** (instances only,
-  `ForAllValues:StringNotEquals aws:TagKeys`). `import` (adopting Packer's images) tags the images and their snapshots
-  `amiforge:managed=true` and nothing else: **Adopt** — adopting is declaring that amiforge manages the image from
-  now on, so a principal granted `import` can make any image of the account amiforge's (gc still never touches what
-  a version holds).
+  `ForAllValues:StringNotEquals aws:TagKeys`, and only `amiforge:*` keys: `ForAllValues:StringLike`). `import`
+  (adopting Packer's images) tags the images and their snapshots `amiforge:managed=true` and nothing else:
+  **Adopt** — adopting is declaring that amiforge manages the image from now on, so a principal granted `import`
+  can make any image of the account amiforge's (gc still never touches what a version holds).
 - **OptedIn**: the Auto Scaling writes of a rollout only on groups tagged `amiforge:rollout=enabled` (below).
 - **Run Command**: `ssm:SendCommand` is authorised for the document and for each instance separately, so it gets two
   statements: the `AWS-RunShellScript` document, and instances tagged `amiforge:managed=true` (`ssm:resourceTag/…`,
@@ -350,9 +350,15 @@ class _Scope:
 _ANY = _Scope()
 _MANAGED = _Scope.when("Managed", _MANAGED_CONDITION)
 _TAG_ON_CREATE = _Scope.when("TagOnCreate", {"StringEquals": {"ec2:CreateAction": list(TAG_ON_CREATE)}})
-# A rollout's tags on the group's instances (fleet.py): never amiforge:managed, which would make them gc's.
+# A rollout's tags on the group's instances (fleet.py, asg_records: amiforge:* keys only): never amiforge:managed,
+# which would make them gc's, and no key outside amiforge's own (a Name, an owner's cost or access-control tag).
 _TAG_OTHERS = _Scope.when(
-    "TagOthers", {"ForAllValues:StringNotEquals": {"aws:TagKeys": [MANAGED_TAG]}}, ("arn:*:ec2:*:*:instance/*",)
+    "TagOthers",
+    {
+        "ForAllValues:StringNotEquals": {"aws:TagKeys": [MANAGED_TAG]},
+        "ForAllValues:StringLike": {"aws:TagKeys": ["amiforge:*"]},
+    },
+    ("arn:*:ec2:*:*:instance/*",),
 )
 # Adopting an image: amiforge:managed=true on it and its snapshots, and no other tag.
 _ADOPT = _Scope.when(
