@@ -137,7 +137,9 @@ def aws_report(
     policy = policy_document(OPERATIONS, parameter_prefix=prefix, pass_roles=pass_roles, kms_keys=kms_keys)
     notes = [
         AccountCheck("IAM policy", "warn", detail, fix)
-        for detail, fix in policy_warnings(OPERATIONS, pass_roles=pass_roles, kms_keys=kms_keys)
+        for detail, fix in policy_warnings(
+            OPERATIONS, pass_roles=pass_roles, kms_keys=kms_keys, parameter_prefix=prefix
+        )
     ]
     identity, asked_from = _identity(session)
     account = str(identity["Account"])
