@@ -126,6 +126,21 @@ def running(sshd: Sshd, key: tuple[str, str]) -> Sshd:
     return sshd
 
 
+def _upload_folders() -> set[Path]:
+    return {p for parent in ("/dev/shm", "/tmp") for p in Path(parent).glob("amiforge-ssh-*")}
+
+
+@pytest.fixture(autouse=True)
+def no_upload_folders_left() -> Iterator[set[Path]]:
+    """The "instance" here is this host: the upload folders a test's SshMachine makes are its own (yielded: those there
+    before it). A test that cuts a connection leaves its folder, as an instance would until generalisation removes it
+    (Leftovers): removed after the test, so no other test or run sees it."""
+    before = _upload_folders()
+    yield before
+    for folder in _upload_folders() - before:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def untouched_ssh_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Nothing is written to ~/.ssh: neither the real one of this user nor one under a HOME made for the test."""
@@ -217,9 +232,12 @@ def test_put_file_and_read_file_round_trip(machine: SshMachine, tmp_path: Path) 
     assert sorted(p.name for p in target.parent.iterdir()) == ["blob.bin"]
 
 
-def test_uploads_are_staged_privately_and_removed(machine: SshMachine, tmp_path: Path) -> None:
+def test_uploads_are_staged_privately_and_removed(
+    machine: SshMachine, tmp_path: Path, no_upload_folders_left: set[Path]
+) -> None:
     machine.put_file(str(tmp_path / "a"), b"secret", 0o600)
-    (folder,) = [p for p in Path("/dev/shm").glob("amiforge-ssh-*") if p.stat().st_uid == os.getuid()]
+    (folder,) = _upload_folders() - no_upload_folders_left
+    assert folder.parent == Path("/dev/shm") and folder.stat().st_uid == os.getuid()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and list(folder.iterdir()) == []
     machine.close()
     assert not folder.exists()
