@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from amiforge.errors import InfraError
+from amiforge.model import Artifact, BootReport
 from amiforge.providers import guest as in_guest
+from amiforge.providers.interface import Cleanups, RunContext
+from amiforge.providers.local import provider as local_provider
 from amiforge.providers.local import qemu
+from amiforge.providers.local.provider import LocalProvider
+from amiforge.recipe import Checks
+from amiforge.recipe.provider_specs import LocalProvider as LocalSpec
+from amiforge.settings import Settings
 
 
 def _guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, console: str) -> qemu.Guest:
@@ -33,3 +41,50 @@ def test_a_readiness_line_qemu_was_cut_off_in_does_not_count(tmp_path: Path, mon
         assert guest.wait_for(in_guest.READY_LINE_RE, 10) is None
         assert guest.lines() == ["booting", "AMIFORGE-READY 1"]  # the console keeps it, as printed
         assert guest.wait_for("AMIFORGE-READY", 10) is not None  # a plain mark is still found in it
+
+
+def _boot_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, consoles: list[str], log: list[str]) -> BootReport:
+    """LocalProvider.boot_test where each "QEMU" start prints the next of `consoles`, then keeps running."""
+    starts = iter(consoles)
+    monkeypatch.setattr(qemu, "prepare", lambda spec: None)
+    monkeypatch.setattr(qemu, "choose_accel", lambda *_a: ("tcg", "test"))
+    monkeypatch.setattr(local_provider, "require", lambda _tool: None)
+    monkeypatch.setattr(
+        qemu.GuestSpec, "command", lambda self: ["sh", "-c", f"printf %s {shlex.quote(next(starts))}; exec sleep 30"]
+    )
+    artifact = Artifact(
+        provider="local", region="local", location=str(tmp_path / "d"), digest="sha256:x", size_bytes=0,
+        kernel=str(tmp_path / "k"), initrd=str(tmp_path / "i"),
+    )  # fmt: skip
+    checks = Checks.model_validate({"ready_within": "1s"})
+    with Cleanups() as stack:
+        ctx = RunContext(run_id="TEST-0001", cleanup=stack, log=log.append)
+        return LocalProvider(Settings(data_dir=tmp_path / "data")).boot_test(
+            artifact, checks, ctx, LocalSpec(type="local")
+        )
+
+
+def test_a_silent_qemu_is_booted_again_and_twice_silent_is_an_error_not_a_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM that prints nothing at all for the whole wait never started: that is the host's failure, not the image's.
+    One more boot; a second silent one is a retryable InfraError, so the version is not judged failed."""
+    log: list[str] = []
+    with pytest.raises(InfraError) as error:
+        _boot_test(tmp_path, monkeypatch, ["", ""], log)
+    assert error.value.retryable and "printed nothing" in error.value.message
+    assert [line for line in log if "printed nothing" in line] == [
+        "QEMU printed nothing in 1s (attempt 1)",
+        "QEMU printed nothing in 1s (attempt 2)",
+    ]
+    # Silent once, then a guest that boots: the second boot's report, ready.
+    boots = "booting\nAMIFORGE-READY 0.5\nAMIFORGE-CHECKS-DONE\n"
+    report = _boot_test(tmp_path, monkeypatch, ["", boots], [])
+    assert report.time_to_ready is not None and report.checks[0].passed
+    # A guest that prints but never becomes ready is the image's verdict, at once (no second boot).
+    log.clear()
+    report = _boot_test(
+        tmp_path, monkeypatch, ["booting\n", "booting\nAMIFORGE-READY 0.5\nAMIFORGE-CHECKS-DONE\n"], log
+    )
+    assert report.time_to_ready is None and report.checks[0].detail == "not ready within 1s"
+    assert not [line for line in log if "printed nothing" in line]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
 
-from amiforge.errors import ConfigError, NotFound
+from amiforge.errors import ConfigError, InfraError, NotFound
 from amiforge.inputs import file_sha256
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Leftover
 from amiforge.providers import guest as in_guest
@@ -122,8 +123,23 @@ class LocalProvider:
         ctx.progress(PhaseUpdate("boot", "start", accel))
         results: list[CheckResult] = []
         ready_at: float | None = None
-        with qemu.Guest(guest_spec) as guest:
-            ready = guest.wait_for(in_guest.READY_LINE_RE, checks.ready_within)
+        with contextlib.ExitStack() as stack:
+            for attempt in (1, 2):
+                guest = stack.enter_context(qemu.Guest(guest_spec))
+                ready = guest.wait_for(in_guest.READY_LINE_RE, checks.ready_within)
+                if ready is not None or not guest.running() or guest.console().strip():
+                    break
+                # QEMU ran for the whole wait and printed nothing, not even the kernel's first line: the virtual
+                # machine never started, which says nothing about the image. Once more; then an error, no verdict.
+                guest.stop()
+                ctx.log(f"QEMU printed nothing in {checks.ready_within:.0f}s (attempt {attempt})")
+            else:
+                raise InfraError(
+                    f"QEMU printed nothing on the console in {checks.ready_within:.0f}s, twice: the virtual machine "
+                    "did not start, so the image was not tested",
+                    retryable=True,
+                    fix="run the boot test again (amiforge test NAME@N); amiforge doctor checks QEMU on this host",
+                )
             if ready is None:
                 state = "QEMU exited" if not guest.running() else f"not ready within {checks.ready_within:.0f}s"
                 results.append(CheckResult("ready", "ready", False, state))
