@@ -127,7 +127,8 @@ class LocalProvider:
             for attempt in (1, 2):
                 guest = stack.enter_context(qemu.Guest(guest_spec))
                 ready = guest.wait_for(in_guest.READY_LINE_RE, checks.ready_within)
-                if ready is not None or not guest.running() or guest.console().strip():
+                # Only a wait long enough for any kernel output: a 2 s limit may end before the first line.
+                if ready is not None or not guest.running() or guest.console().strip() or checks.ready_within < 30:
                     break
                 # QEMU ran for the whole wait and printed nothing, not even the kernel's first line: the virtual
                 # machine never started, which says nothing about the image. Once more; then an error, no verdict.
