@@ -50,7 +50,7 @@ def _boot_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, consoles: list[s
     monkeypatch.setattr(qemu, "choose_accel", lambda *_a: ("tcg", "test"))
     monkeypatch.setattr(local_provider, "require", lambda _tool: None)
     monkeypatch.setattr(
-        qemu.GuestSpec, "command", lambda self: ["sh", "-c", f"printf %s {shlex.quote(next(starts))}; exec sleep 30"]
+        qemu.GuestSpec, "command", lambda self: ["sh", "-c", f"printf %s {shlex.quote(next(starts))}; exec sleep 300"]
     )
     artifact = Artifact(
         provider="local", region="local", location=str(tmp_path / "d"), digest="sha256:x", size_bytes=0,
