@@ -6,6 +6,7 @@ See moto_emulation.py for what is emulated and why, and /work/shared/notes/moto.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import boto3
 import pytest
+from doctor_emulation import DoctorEmulation, internet_for_default_vpc
 from moto import mock_aws
 from moto_emulation import ApiCalls, FaultInjector, PagingEmulation, fast_tag_lookup, no_backoff
 
 from amiforge.awsapi.clients import AwsSession
+from tests.cli_harness import Cli, make_cli
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -88,3 +91,20 @@ def faulty(moto: PagingEmulation, monkeypatch: pytest.MonkeyPatch) -> Aws:
     Backoff delays are zeroed so retries do not sleep; the retry path itself is botocore's own."""
     no_backoff(monkeypatch)
     return _aws(moto, FaultInjector(rate=0.3))
+
+
+@pytest.fixture
+def doctor_cli(
+    aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Cli]:
+    """The CLI with a private data dir and no AMIFORGE_* settings of the caller, under moto with doctor's emulations
+    and the default VPC as AWS makes it (with its internet gateway)."""
+    for name in list(os.environ):
+        if name.startswith("AMIFORGE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    DoctorEmulation(monkeypatch)
+    internet_for_default_vpc(aws.ec2(REGION))
+    yield make_cli(monkeypatch, capsys)
+    os.environ.pop("AMIFORGE_DEBUG", None)

@@ -416,6 +416,34 @@ def ssh_recipe(tmp_path: Path, group: str, interface: str = "") -> Recipe:
     return aws_recipe(tmp_path, f"  communicator: ssh\n  security_group_ids: [{group}]\n{interface}")
 
 
+def ssh_bake(
+    aws: Aws,
+    tmp_path: Path,
+    clock: Clock,
+    group: str,
+    stack: Cleanups,
+    console: Any,
+    connect: Any,
+    *,
+    interface: str = "",
+    access: Access = Access("ssh"),
+) -> AmiBuild:
+    """bake_on_ec2 of an ssh recipe through `group`, reading `console` (a ConsoleSource) and connecting with
+    `connect`, on the test's clock."""
+    return bake_on_ec2(
+        ssh_recipe(tmp_path, group, interface),
+        SOURCE,
+        aws.session,
+        context(stack),
+        console_reader=console_of(console),
+        ssh_connect=connect,
+        wait=wait(clock),
+        access=access,
+        placement=Placement(security_group_ids=(group,)),
+        tag_snapshots_at_creation=False,  # moto 5.2.5: no snapshot TagSpecifications in CreateImage
+    )
+
+
 def public_key_of(private_key: str) -> bytes:
     key = serialization.load_ssh_private_key(private_key.encode(), password=None)
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -441,18 +469,7 @@ def test_ssh_bake_imports_a_throwaway_key_pins_the_consoles_host_keys_and_delete
 
     machine.respond = respond
     with Cleanups() as stack:
-        build = bake_on_ec2(
-            ssh_recipe(tmp_path, group),
-            SOURCE,
-            aws.session,
-            context(stack),
-            console_reader=console_of(console),
-            ssh_connect=connect,
-            wait=wait(clock),
-            access=Access("ssh"),
-            placement=Placement(security_group_ids=(group,)),
-            tag_snapshots_at_creation=False,
-        )
+        build = ssh_bake(aws, tmp_path, clock, group, stack, console, connect)
     assert stack.leftovers == []
 
     # The key pair: imported tagged (it existed while the steps ran), gone after the run.
@@ -507,18 +524,7 @@ def test_ssh_key_pair_left_by_an_earlier_attempt_of_the_run_is_replaced(
 
     connect.machine.respond = respond
     with Cleanups() as stack:
-        bake_on_ec2(
-            ssh_recipe(tmp_path, group),
-            SOURCE,
-            aws.session,
-            context(stack),
-            console_reader=console_of(FakeConsole([block])),
-            ssh_connect=connect,
-            wait=wait(clock),
-            access=Access("ssh"),
-            placement=Placement(security_group_ids=(group,)),
-            tag_snapshots_at_creation=False,
-        )
+        ssh_bake(aws, tmp_path, clock, group, stack, FakeConsole([block]), connect)
     assert stack.leftovers == [] and key_pairs(aws) == []
     assert len(imported) == 2, "the duplicate import, then the import of the replaced key pair"
     (used,) = {public_key_of(call["private_key"]).split()[1] for call in connect.calls}
@@ -531,17 +537,16 @@ def test_ssh_over_the_private_address(aws: Aws, tmp_path: Path, clock: Clock, gr
     connect = Connect(FakeMachine())
     requests = record_run_instances(aws)
     with Cleanups() as stack:
-        build = bake_on_ec2(
-            ssh_recipe(tmp_path, group, "  ssh_interface: private_ip\n"),
-            SOURCE,
-            aws.session,
-            context(stack),
-            console_reader=console_of(FakeConsole([block])),
-            ssh_connect=connect,
-            wait=wait(clock),
+        build = ssh_bake(
+            aws,
+            tmp_path,
+            clock,
+            group,
+            stack,
+            FakeConsole([block]),
+            connect,
+            interface="  ssh_interface: private_ip\n",
             access=Access("ssh", "debian", "private_ip"),
-            placement=Placement(security_group_ids=(group,)),
-            tag_snapshots_at_creation=False,
         )
     assert "NetworkInterfaces" not in requests[0] and requests[0]["SecurityGroupIds"] == [group]
     ec2: Any = aws.ec2()
@@ -555,17 +560,7 @@ def test_ssh_without_host_keys_on_the_console_fails_and_leaves_nothing(
     connect = Connect(FakeMachine())
     console = FakeConsole(["Booting\n", f"{HOST_KEYS_BEGIN}\nssh-ed25519 AAAAbroken\n"])  # never a whole block
     with pytest.raises(InfraError, match="SSH host keys on the console") as caught, Cleanups() as stack:
-        bake_on_ec2(
-            ssh_recipe(tmp_path, group),
-            SOURCE,
-            aws.session,
-            context(stack),
-            console_reader=console_of(console),
-            ssh_connect=connect,
-            wait=wait(clock),
-            access=Access("ssh"),
-            placement=Placement(security_group_ids=(group,)),
-        )
+        ssh_bake(aws, tmp_path, clock, group, stack, console, connect)
     assert caught.value.fix and "cloud-init" in caught.value.fix and "Nitro" in caught.value.fix
     assert connect.calls == []
     assert clock.now <= 600.0 + 30.0  # bounded: the host keys' own deadline, not the bake's two hours
@@ -583,17 +578,7 @@ def test_ssh_console_errors_are_not_taken_for_missing_host_keys(
             raise ConfigError("ec2:GetConsoleOutput on i-x failed: UnauthorizedOperation", fix="grant it")
 
     with pytest.raises(ConfigError, match="UnauthorizedOperation") as caught, Cleanups() as stack:
-        bake_on_ec2(
-            ssh_recipe(tmp_path, group),
-            SOURCE,
-            aws.session,
-            context(stack),
-            console_reader=console_of(Denied()),
-            ssh_connect=Connect(FakeMachine()),
-            wait=wait(clock),
-            access=Access("ssh"),
-            placement=Placement(security_group_ids=(group,)),
-        )
+        ssh_bake(aws, tmp_path, clock, group, stack, Denied(), Connect(FakeMachine()))
     assert caught.value.fix == "grant it" and clock.now == 0.0
     assert set(instance_states(aws).values()) == {"terminated"} and key_pairs(aws) == []
 
@@ -609,17 +594,7 @@ def test_ssh_without_a_public_address_is_refused_clearly(aws: Aws, tmp_path: Pat
     aws.session.boto_session.events.register("after-call.ec2.DescribeInstances", no_public_ip)
     block, _keys = host_key_block()
     with pytest.raises(ConfigError, match="got no public IP address") as caught, Cleanups() as stack:
-        bake_on_ec2(
-            ssh_recipe(tmp_path, group),
-            SOURCE,
-            aws.session,
-            context(stack),
-            console_reader=console_of(FakeConsole([block])),
-            ssh_connect=Connect(FakeMachine()),
-            wait=wait(clock),
-            access=Access("ssh"),
-            placement=Placement(security_group_ids=(group,)),
-        )
+        ssh_bake(aws, tmp_path, clock, group, stack, FakeConsole([block]), Connect(FakeMachine()))
     assert caught.value.fix and "ssh_interface: private_ip" in caught.value.fix
     assert set(instance_states(aws).values()) == {"terminated"} and key_pairs(aws) == []
 

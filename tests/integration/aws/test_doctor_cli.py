@@ -4,36 +4,24 @@ and why it is that one, and the arguments refused before AWS is asked."""
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ACCOUNT, REGION, Aws
-from doctor_emulation import DoctorEmulation, internet_for_default_vpc
 
-from tests.cli_harness import Cli, make_cli
+from tests.cli_harness import Cli
 
 DISABLED = "ap-east-1"
 
 
 @pytest.fixture
-def cli(aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    """The CLI with a private data dir, under moto with doctor's emulations; the default VPC as AWS makes it, and the
-    recipe's source image."""
-    for name in list(os.environ):
-        if name.startswith("AMIFORGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    DoctorEmulation(monkeypatch)
-    internet_for_default_vpc(aws.ec2(REGION))
+def cli(aws: Aws, doctor_cli: Cli) -> Cli:
+    """doctor's CLI under moto (conftest.doctor_cli), and the recipe's source image."""
     ec2 = aws.ec2(REGION)
     instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     ec2.create_image(InstanceId=instance, Name="debian-12-20240501")
-    yield make_cli(monkeypatch, capsys)
-    os.environ.pop("AMIFORGE_DEBUG", None)
+    return doctor_cli
 
 
 def recipe(tmp_path: Path, distribution: str = "{}") -> str:

@@ -4,33 +4,21 @@ it (a warn line, and `policy_notes` in --json). Malformed ARNs are refused befor
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REGION, Aws
-from doctor_emulation import DoctorEmulation, internet_for_default_vpc
+from conftest import REGION
 
 from amiforge.providers.aws import doctor as aws_doctor
-from tests.cli_harness import Cli, make_cli
+from tests.cli_harness import Cli
 
 ROLE = "arn:aws:iam::111111111111:role/amiforge-builder"
 KEY = f"arn:aws:kms:{REGION}:111111111111:key/00000000-0000-0000-0000-00000000test"
 
 
 @pytest.fixture
-def cli(aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    for name in list(os.environ):
-        if name.startswith("AMIFORGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    DoctorEmulation(monkeypatch)
-    internet_for_default_vpc(aws.ec2(REGION))
-    yield make_cli(monkeypatch, capsys)
-    os.environ.pop("AMIFORGE_DEBUG", None)
+def cli(doctor_cli: Cli) -> Cli:
+    return doctor_cli
 
 
 def _granting(doc: dict[str, Any], action: str) -> list[dict[str, Any]]:
