@@ -221,8 +221,12 @@ class FakeLauncher:
     most_booting: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     die_after_start: bool = False  # the launcher is killed right after QEMU starts, before the pid is recorded
+    die_before_start: bool = False  # … once the member is recorded, before QEMU starts (qemu-img create takes time)
 
     def __call__(self, spec: qemu.GuestSpec) -> subprocess.Popen[bytes]:
+        if self.die_before_start:
+            spec.overlay.write_bytes(b"half")  # what qemu-img create may leave
+            raise KeyboardInterrupt
         fleet = LocalFleet(self.settings, spec.workdir.parent.name)
         booting = sum(1 for m in fleet.current() if m.state == "launching")  # this one included: it is recorded
         self.most_booting = max(self.most_booting, booting)
@@ -439,6 +443,43 @@ def test_a_controller_killed_right_after_the_start_resumes_without_a_second_gues
     assert (new.id, new.state) == (new_id, "ready")
     assert len(launcher.launched) == 2
     assert _states(fleet) == {old.id: "stopped", new_id: "ready"}
+
+
+def test_a_controller_killed_before_the_start_resumes_by_starting_that_member(
+    web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
+) -> None:
+    """A launch that never happened is not a failed boot of the image: the resumed controller starts it."""
+    fleet, old = web1
+    launcher.die_before_start = True
+    with pytest.raises(KeyboardInterrupt):
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (new_id,) = set(_states(fleet)) - {old.id}
+    assert not (fleet.dir / new_id / "qemu.pid").exists()
+    first_launch = fleet._record(new_id).launched_at
+    launcher.die_before_start = False
+
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+
+    assert (new.id, new.state) == (new_id, "ready")
+    assert launcher.launched == [old.id, new_id]  # started once, by the resumed call
+    assert _states(fleet) == {old.id: "stopped", new_id: "ready"}
+    assert new.launched_at > first_launch  # judged from its real start
+    # Asked once more, the same token finds it running and starts nothing.
+    assert [m.id for m in fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)] == [new_id]
+    assert launcher.launched == [old.id, new_id]
+
+
+def test_a_stopped_or_failed_launch_is_never_started_again(
+    web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
+) -> None:
+    fleet, old = web1
+    launcher.plan = [QUICK, FAILED_UNIT]
+    (failed,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    assert failed.state == "failed"
+    (fleet.dir / failed.id / "qemu.pid").unlink()  # gone with its QEMU: only the recorded stop says why
+    (again,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    assert (again.id, again.state) == (failed.id, "failed")
+    assert len(launcher.launched) == 2
 
 
 def test_a_failed_replacement_is_stopped_and_the_old_member_keeps_running(

@@ -210,52 +210,75 @@ class LocalFleet:
     def _write(self, rec: MemberFile) -> None:
         write_atomic(self.dir / rec.id / "member.json", rec.model_dump_json(indent=2) + "\n")
 
-    def _update(self, mid: str, **changes: object) -> MemberFile:
-        with self._lock():
-            rec = self._record(mid).model_copy(update=changes)
-            self._write(rec)
-            return rec
-
     def _launch(self, token: str, replaces: str | None, plan: _Launch) -> tuple[str, bool]:
-        """(member id, reused). The member is recorded under the lock before its QEMU exists, so a token seen
-        once is never launched again and a QEMU never runs without a record naming it."""
+        """(member id, reused: launched by an earlier call). The member is recorded under the lock before its QEMU
+        exists, so a token seen once is never launched twice and a QEMU never runs without a record naming it. The
+        lock is held until the pid is recorded too: under it, a record with neither a pid file nor a QEMU is one
+        whose launcher died before the start (a controller killed in that window); its token starts it now."""
         with self._lock():
-            for rec in self.records():
-                if rec.token == token:
-                    if rec.replaces != replaces:
-                        raise StateError(
-                            f"token {token!r} launched {rec.id} to replace {rec.replaces}, not {replaces}",
-                            fix="use a new token for a different replacement",
-                        )
+            rec = next((r for r in self.records() if r.token == token), None)
+            if rec is not None:
+                if rec.replaces != replaces:
+                    raise StateError(
+                        f"token {token!r} launched {rec.id} to replace {rec.replaces}, not {replaces}",
+                        fix="use a new token for a different replacement",
+                    )
+                if not self._never_started(rec):
                     return rec.id, True
-            if plan.accel is None:
-                with tempfile.TemporaryDirectory(prefix="amiforge-accel-") as tmp:
-                    plan.accel, _ = qemu.choose_accel(self.settings, Path(str(plan.artifact.kernel)), Path(tmp))
+                # Its clock starts now: the first launch never happened, so nothing of it is a boot to judge.
+                rec = rec.model_copy(update={"launched_at": datetime.now(UTC)})
+                self._write(rec)
+                for stale in ("exited", "console.log", "qemu.log", "overlay.qcow2", "checks.sh"):
+                    (self.dir / rec.id / stale).unlink(missing_ok=True)
+                self._start(rec)
+                return rec.id, False  # launched by this call after all
+            rec = self._record_new(token, replaces, plan)
+            self._start(rec)
+            return rec.id, False
+
+    def _never_started(self, rec: MemberFile) -> bool:
+        """Under the lock only: the launcher recorded `rec` and died before its QEMU started."""
+        mdir = self.dir / rec.id
+        return (
+            rec.launch_error is None
+            and rec.stopped_at is None
+            and not (mdir / "qemu.pid").exists()
+            and not find_guests(mdir)
+        )
+
+    def _record_new(self, token: str, replaces: str | None, plan: _Launch) -> MemberFile:
+        if plan.accel is None:
+            with tempfile.TemporaryDirectory(prefix="amiforge-accel-") as tmp:
+                plan.accel, _ = qemu.choose_accel(self.settings, Path(str(plan.artifact.kernel)), Path(tmp))
+        mid = f"g-{secrets.token_hex(4)}"
+        while (self.dir / mid).exists():
             mid = f"g-{secrets.token_hex(4)}"
-            while (self.dir / mid).exists():
-                mid = f"g-{secrets.token_hex(4)}"
-            mdir = self.dir / mid
-            mdir.mkdir()
-            ports = sorted({h.port for h in plan.checks.http} | {t.port for t in plan.checks.tcp})
-            rec = MemberFile(
-                id=mid,
-                token=token,
-                version_ref=plan.version_ref,
-                location=plan.artifact.location,
-                kernel=str(plan.artifact.kernel),
-                initrd=str(plan.artifact.initrd),
-                launched_at=datetime.now(UTC),
-                ready_within=plan.checks.ready_within,
-                checks=plan.guest_checks,
-                accel=plan.accel,
-                forwards={p: qemu.free_port() for p in ports},
-                replaces=replaces,
-            )
-            self._write(rec)
-            info = self.info()
-            write_atomic(
-                self.dir / "fleet.json", info.model_copy(update={"members": [*info.members, mid]}).model_dump_json()
-            )
+        (self.dir / mid).mkdir()
+        ports = sorted({h.port for h in plan.checks.http} | {t.port for t in plan.checks.tcp})
+        rec = MemberFile(
+            id=mid,
+            token=token,
+            version_ref=plan.version_ref,
+            location=plan.artifact.location,
+            kernel=str(plan.artifact.kernel),
+            initrd=str(plan.artifact.initrd),
+            launched_at=datetime.now(UTC),
+            ready_within=plan.checks.ready_within,
+            checks=plan.guest_checks,
+            accel=plan.accel,
+            forwards={p: qemu.free_port() for p in ports},
+            replaces=replaces,
+        )
+        self._write(rec)
+        info = self.info()
+        write_atomic(
+            self.dir / "fleet.json", info.model_copy(update={"members": [*info.members, mid]}).model_dump_json()
+        )
+        return rec
+
+    def _start(self, rec: MemberFile) -> None:
+        """Start the member's QEMU and record its pid (or why it could not start). Called under the lock."""
+        mdir = self.dir / rec.id
         spec = qemu.GuestSpec(
             disk=Path(rec.location),
             kernel=Path(rec.kernel),
@@ -266,20 +289,19 @@ class LocalFleet:
             cpus=self.settings.guest_cpus,
             forwards=rec.forwards,
             checks_script=in_guest.guest_script(rec.checks),
-            name=f"amiforge-{self.target}-{mid}",
+            name=f"amiforge-{self.target}-{rec.id}",
             console=mdir / "console.log",
         )
         try:
             proc = spawn_guest(spec)
         except AmiforgeError as e:
-            self._update(mid, launch_error=e.diagnostics())
-            return mid, False
+            self._write(rec.model_copy(update={"launch_error": e.diagnostics()}))
+            return
         except OSError as e:
-            self._update(mid, launch_error=f"{type(e).__name__}: {e}")
-            return mid, False
+            self._write(rec.model_copy(update={"launch_error": f"{type(e).__name__}: {e}"}))
+            return
         CHILDREN[proc.pid] = proc
         write_atomic(mdir / "qemu.pid", f"{proc.pid}\n")
-        return mid, False
 
     def _bring_up(
         self,
