@@ -250,6 +250,33 @@ class Package:
 
 
 @dataclass(frozen=True)
+class DebianVerdict:
+    """What the Debian Security Tracker says of one CVE in one source package on the image's release."""
+
+    status: str  # resolved | open | undetermined
+    urgency: str  # as Debian publishes it: unimportant, low, medium, high, "not yet assigned", end-of-life, …
+    fixed_version: str | None = None
+    # Why Debian issues no security update for it: its no-dsa note, "postponed" or "ignored" (None: none given).
+    no_dsa: str | None = None
+
+    @property
+    def minor(self) -> bool:
+        """Shown, but never failing a gate unless the policy says so: unimportant, or no DSA planned."""
+        return self.urgency.rstrip("*").strip() == "unimportant" or self.no_dsa is not None
+
+
+@dataclass(frozen=True)
+class CvssScore:
+    """One CVSS rating of a CVE, scored from its vector by the `cvss` library."""
+
+    version: str  # 2.0 | 3.0 | 3.1 | 4.0
+    vector: str
+    score: float
+    severity: Severity
+    source: str  # who published it, e.g. "cna", "adp:CISA-ADP", "nvd"
+
+
+@dataclass(frozen=True)
 class Finding:
     """A value, never a verdict: gates decide what a finding means for a channel.
 
@@ -267,11 +294,24 @@ class Finding:
     path: str | None = None
     line: int | None = None
     redacted: str | None = None
+    # CVE findings: where `severity` came from (debian, cvss, osv, trivy, grype, or None: unrated), and the ratings
+    # it was chosen from, so a gate can choose again by its own policy (severity_source).
+    severity_source: str | None = None
+    debian: DebianVerdict | None = None
+    cvss: CvssScore | None = None
 
     @property
     def key(self) -> str:
         """What a waiver names: the id plus where (package or path)."""
         return f"{self.id}:{self.package or self.path or ''}"
+
+
+@dataclass(frozen=True)
+class ChangelogEntry:
+    """One entry of a package's changelog.Debian as the image ships it: its version and the CVE ids it names."""
+
+    version: str
+    cves: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -284,6 +324,12 @@ class ScanRecord:
     sbom_digest: str
     findings: tuple[Finding, ...]
     vulndb: str  # which advisory data the CVE match used, e.g. "osv import 3 (2026-11-27, 10 advisories)"
+    # Source package -> its changelog entries (newest first) that name CVEs, read from the image: `images diff`
+    # says what an upgrade fixed from these, with no database at all.
+    changelogs: Mapping[str, tuple[ChangelogEntry, ...]] = field(default_factory=dict)
+    # Vulnerability source -> how old its data was (VulnDbSource.as_of) when the scan matched against it: the gate
+    # refuses findings judged by data older than the policy's max_vulndb_age.
+    vulndb_as_of: Mapping[str, datetime] = field(default_factory=dict)
     id: int | None = None
     version_id: int | None = None
 
@@ -401,6 +447,25 @@ class VulnDbImport:
     source: str
     imported_at: datetime
     count: int
+
+
+VulnSourceName = Literal["osv", "debian", "cve"]
+VULN_SOURCES: tuple[VulnSourceName, ...] = ("osv", "debian", "cve")
+
+
+@dataclass(frozen=True)
+class VulnDbSource:
+    """The data of one vulnerability source the registry holds now, and how old it is."""
+
+    name: VulnSourceName  # osv: advisories; debian: the Security Tracker's verdicts; cve: CVSS ratings
+    origin: str  # the URL or file it came from
+    # When it was fetched from its publisher: a download's time; an offline bundle keeps the time of the download
+    # it carries; a file imported by path, its modification time (amiforge cannot know better).
+    as_of: datetime
+    imported_at: datetime
+    sha256: str  # of what was imported (for files: of their bytes)
+    size: int
+    count: int  # records it holds now
 
 
 # --- fleets: what the rollout controller and its gates look at -------------------------------------------------

@@ -4,6 +4,7 @@ when AMIFORGE_TEST_POSTGRES_URL is set, PostgreSQL)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from amiforge.errors import NotFound, StateError
 from amiforge.model import (
     Artifact,
+    ChangelogEntry,
+    CvssScore,
+    DebianVerdict,
     Finding,
     FindingKind,
     Package,
@@ -19,6 +23,7 @@ from amiforge.model import (
     SignatureRecord,
     Status,
     TrustedKey,
+    VulnDbSource,
 )
 from amiforge.store.sql import SqlStore, open_store
 
@@ -71,6 +76,71 @@ def test_advisories_are_found_by_source_package_and_replaced_on_reimport(store: 
     assert [a["id"] for a in store.advisories_for(["openssl"])] == ["TEST-0002"]
     assert store.advisories_for(["bash"]) == [{"id": "TEST-0001", "v": 2}]
     assert [i.source for i in store.vulndb_imports()] == ["fixture-a", "fixture-b"]
+
+
+def test_a_scan_keeps_ratings_changelogs_and_the_age_of_its_data(store: SqlStore) -> None:
+    vid = _built(store)
+    verdict = DebianVerdict("open", "low", None, "postponed")
+    score = CvssScore("3.1", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H", 9.8, Severity.CRITICAL, "cna")
+    finding = Finding(FindingKind.CVE, "TEST-0002", Severity.LOW, "synthetic", "osv", package="openssl",
+                      installed="3.0.1-1", severity_source="debian", debian=verdict, cvss=score)  # fmt: skip
+    changelogs = {"openssl": (ChangelogEntry("3.0.2-1", ("CVE-2999-0001", "CVE-2999-0002")),)}
+    scan = ScanRecord(T0, (), "{}", "d" * 64, (finding,), "osv", changelogs=changelogs, vulndb_as_of={"osv": T0})
+    store.add_scan(vid, scan)
+    latest = store.latest_scan(vid)
+    assert latest is not None
+    assert latest.findings == (finding,)
+    assert latest.changelogs == changelogs
+    assert latest.vulndb_as_of == {"osv": T0}
+
+
+def _state(name: str, count: int = 0) -> VulnDbSource:
+    return VulnDbSource(name, f"https://mirror.test/{name}", T0, T0, "e" * 64, 123, count)  # type: ignore[arg-type]
+
+
+def test_debian_verdicts_and_cvss_scores_are_replaced_whole_and_found_by_package(store: SqlStore) -> None:
+    low = DebianVerdict("open", "low", None, None)
+    fixed = DebianVerdict("resolved", "medium", "3.0.2-1", None)
+    state = store.replace_debian_tracker(
+        [("openssl", "CVE-2999-0001", "bookworm", low), ("openssl", "CVE-2999-0001", "trixie", fixed),
+         ("zlib", "CVE-2999-0002", "bookworm", fixed)],
+        _state("debian"),
+    )  # fmt: skip
+    assert (state.name, state.count, state.origin, state.as_of) == ("debian", 3, "https://mirror.test/debian", T0)
+    assert store.debian_verdicts(["openssl", "nginx"], "bookworm") == {("openssl", "CVE-2999-0001"): low}
+    assert store.debian_verdicts(["openssl"], "trixie") == {("openssl", "CVE-2999-0001"): fixed}
+    store.replace_debian_tracker([("nginx", "CVE-2999-0003", "bookworm", low)], _state("debian"))
+    assert store.debian_verdicts(["openssl", "zlib"], "bookworm") == {}  # the old data went whole
+    assert [(s.name, s.count) for s in store.vulndb_sources()] == [("debian", 1)]
+
+    v31 = CvssScore("3.1", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:N/A:N", 7.5, Severity.HIGH, "cna")
+    v40 = CvssScore("4.0", "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:N/VA:N/SC:N/SI:N/SA:N", 8.7, Severity.HIGH,
+                    "adp:TEST")  # fmt: skip
+    store.replace_cve_scores([("CVE-2999-0001", v31), ("CVE-2999-0001", v40), ("CVE-2999-0001", v31)], _state("cve"))
+    found = store.cve_scores(["CVE-2999-0001", "CVE-2999-0009"])
+    assert sorted(found["CVE-2999-0001"], key=lambda s: s.version) == [v31, v40] and list(found) == ["CVE-2999-0001"]
+    assert [(s.name, s.count) for s in store.vulndb_sources()] == [("cve", 2), ("debian", 1)]
+
+
+def test_an_osv_update_replaces_every_advisory_and_records_its_source(store: SqlStore) -> None:
+    store.import_advisories("a", [("TEST-0001", "", {"id": "TEST-0001"}, ["openssl"])])
+    store.import_advisories("b", [("TEST-0002", "", {"id": "TEST-0002"}, ["zlib"])], state=_state("osv"),
+                            replace_all=True)  # fmt: skip
+    assert store.advisories_for(["openssl", "zlib"]) == [{"id": "TEST-0002"}]
+    assert [(s.name, s.count) for s in store.vulndb_sources()] == [("osv", 1)]
+
+
+def test_a_failed_replacement_keeps_the_previous_data(store: SqlStore) -> None:
+    low = DebianVerdict("open", "low", None, None)
+    store.replace_debian_tracker([("openssl", "CVE-2999-0001", "bookworm", low)], _state("debian"))
+
+    def entries() -> Iterator[tuple[str, str, str, DebianVerdict]]:
+        yield ("zlib", "CVE-2999-0002", "bookworm", low)
+        raise RuntimeError("the parser failed midway")
+
+    with pytest.raises(RuntimeError):
+        store.replace_debian_tracker(entries(), _state("debian"))
+    assert store.debian_verdicts(["openssl", "zlib"], "bookworm") == {("openssl", "CVE-2999-0001"): low}
 
 
 def test_keys_are_trusted_once_and_revoked_once(store: SqlStore) -> None:

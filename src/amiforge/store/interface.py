@@ -6,7 +6,7 @@ below it. Versions read by listings and lineage queries leave out the build log 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -14,6 +14,8 @@ from amiforge.model import (
     Artifact,
     BootReport,
     ChannelPointer,
+    CvssScore,
+    DebianVerdict,
     Event,
     ImageVersion,
     LayerRecord,
@@ -26,6 +28,7 @@ from amiforge.model import (
     Status,
     TrustedKey,
     VulnDbImport,
+    VulnDbSource,
 )
 
 
@@ -145,10 +148,32 @@ class Store(Protocol):
     def latest_scan(self, version_id: int) -> ScanRecord | None: ...
 
     def import_advisories(
-        self, source: str, records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]]
+        self,
+        source: str,
+        records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]],
+        *,
+        state: VulnDbSource | None = None,
+        replace_all: bool = False,
     ) -> VulnDbImport:
-        """Raw OSV records (id, modified, record, source packages named); a re-imported id replaces the old."""
+        """Raw OSV records (id, modified, record, source packages named); a re-imported id replaces the old.
+        `replace_all`: they are the whole dataset; `state`: the osv source's new row, in the same transaction."""
         ...
+
+    def replace_debian_tracker(
+        self, entries: Iterable[tuple[str, str, str, DebianVerdict]], state: VulnDbSource
+    ) -> VulnDbSource:
+        """Debian's verdicts (package, CVE, release codename, verdict), replacing all earlier ones atomically."""
+        ...
+
+    def debian_verdicts(self, packages: Collection[str], release: str) -> dict[tuple[str, str], DebianVerdict]: ...
+
+    def replace_cve_scores(self, scores: Iterable[tuple[str, CvssScore]], state: VulnDbSource) -> VulnDbSource:
+        """CVSS ratings (CVE, rating), replacing all earlier ones atomically."""
+        ...
+
+    def cve_scores(self, cves: Collection[str]) -> dict[str, list[CvssScore]]: ...
+
+    def vulndb_sources(self) -> list[VulnDbSource]: ...
 
     def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]: ...
 

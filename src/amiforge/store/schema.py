@@ -207,6 +207,8 @@ scans_table = sa.Table(
     sa.Column("sbom_digest", sa.String(64), nullable=False),
     sa.Column("findings", sa.JSON, nullable=False),
     sa.Column("vulndb", sa.Text, nullable=False),
+    sa.Column("changelogs", sa.JSON, nullable=True),  # source package -> [[version, [CVE ids]]]; NULL: not read
+    sa.Column("vulndb_as_of", sa.JSON, nullable=True),  # source name -> ISO time of its data; NULL: none recorded
     sa.Index("ix_scans_version_id", "version_id"),
 )
 
@@ -238,6 +240,44 @@ advisory_packages_table = sa.Table(
     sa.Column("package", sa.String(256), primary_key=True),
     sa.Index("ix_advisory_packages_package", "package"),
 )  # fmt: skip
+
+# The data each vulnerability source holds now (one row per source: an update replaces it whole).
+vulndb_sources_table = sa.Table(
+    "vulndb_sources",
+    metadata,
+    sa.Column("name", sa.String(16), primary_key=True),
+    sa.Column("origin", sa.Text, nullable=False),
+    sa.Column("as_of", UtcDateTime, nullable=False),
+    sa.Column("imported_at", UtcDateTime, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+
+# The Debian Security Tracker's verdict on one CVE in one source package on one release (codename).
+debian_tracker_table = sa.Table(
+    "debian_tracker",
+    metadata,
+    sa.Column("package", sa.String(256), primary_key=True),
+    sa.Column("cve", sa.String(64), primary_key=True),
+    sa.Column("release", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("urgency", sa.String(64), nullable=False),
+    sa.Column("fixed_version", sa.String(256), nullable=True),
+    sa.Column("no_dsa", sa.Text, nullable=True),
+)
+
+# CVSS ratings of CVEs, one per (CVE, publisher, CVSS version), scored from the vector.
+cve_scores_table = sa.Table(
+    "cve_scores",
+    metadata,
+    sa.Column("cve", sa.String(64), primary_key=True),
+    sa.Column("source", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(8), primary_key=True),
+    sa.Column("vector", sa.Text, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+)
 
 signing_keys_table = sa.Table(
     "signing_keys",

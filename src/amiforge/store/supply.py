@@ -4,8 +4,9 @@ keys the registry trusts, and signatures. Trusting and revoking a key record the
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,6 +14,9 @@ from sqlalchemy.exc import IntegrityError
 
 from amiforge.errors import InfraError, NotFound, StateError
 from amiforge.model import (
+    ChangelogEntry,
+    CvssScore,
+    DebianVerdict,
     Finding,
     FindingKind,
     Package,
@@ -21,6 +25,7 @@ from amiforge.model import (
     SignatureRecord,
     TrustedKey,
     VulnDbImport,
+    VulnDbSource,
 )
 from amiforge.store.base import StoreCore, inserted_id
 from amiforge.store.events import append_in
@@ -28,11 +33,17 @@ from amiforge.store.rows import row_mapper
 from amiforge.store.schema import (
     advisories_table,
     advisory_packages_table,
+    cve_scores_table,
+    debian_tracker_table,
     scans_table,
     signatures_table,
     signing_keys_table,
     vulndb_imports_table,
+    vulndb_sources_table,
 )
+
+# Rows per INSERT of a bulk load: the Debian tracker alone is ~10^6 rows.
+_BULK = 10_000
 
 
 def _finding_row(f: Finding) -> dict[str, Any]:
@@ -49,7 +60,12 @@ def _finding_row(f: Finding) -> dict[str, Any]:
         "path": f.path,
         "line": f.line,
         "redacted": f.redacted,
-    }
+        "severity_source": f.severity_source,
+        "debian": None if f.debian is None else [f.debian.status, f.debian.urgency, f.debian.fixed_version,
+                                                 f.debian.no_dsa],
+        "cvss": None if f.cvss is None else [f.cvss.version, f.cvss.vector, f.cvss.score, f.cvss.severity.value,
+                                             f.cvss.source],
+    }  # fmt: skip
 
 
 def _finding(d: Mapping[str, Any]) -> Finding:
@@ -66,7 +82,25 @@ def _finding(d: Mapping[str, Any]) -> Finding:
         path=d.get("path"),
         line=d.get("line"),
         redacted=d.get("redacted"),
+        severity_source=d.get("severity_source"),
+        debian=None if d.get("debian") is None else DebianVerdict(*d["debian"]),
+        cvss=None if d.get("cvss") is None else _cvss(d["cvss"]),
     )
+
+
+def _cvss(row: Sequence[Any]) -> CvssScore:
+    version, vector, score, severity, source = row
+    return CvssScore(version, vector, float(score), Severity(severity), source)
+
+
+def _changelogs(value: object) -> dict[str, tuple[ChangelogEntry, ...]]:
+    if not isinstance(value, dict):
+        return {}  # NULL: a scan made before changelogs were read
+    return {pkg: tuple(ChangelogEntry(v, tuple(cves)) for v, cves in entries) for pkg, entries in value.items()}
+
+
+def _as_of(value: object) -> dict[str, datetime]:
+    return {k: datetime.fromisoformat(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 scan_from_row = row_mapper(
@@ -74,7 +108,10 @@ scan_from_row = row_mapper(
     "scans",
     packages=lambda value: tuple(Package(*p) for p in value),
     findings=lambda value: tuple(_finding(f) for f in value),
+    changelogs=_changelogs,
+    vulndb_as_of=_as_of,
 )
+vulndb_source_from_row = row_mapper(VulnDbSource, "vulndb_sources", key="name")
 key_from_row = row_mapper(TrustedKey, "signing_keys", key="key_id")
 signature_from_row = row_mapper(SignatureRecord, "signatures")
 vulndb_import_from_row = row_mapper(VulnDbImport, "vulndb_imports")
@@ -95,6 +132,10 @@ class SupplyChain(StoreCore):
                     sbom_digest=scan.sbom_digest,
                     findings=[_finding_row(f) for f in scan.findings],
                     vulndb=scan.vulndb,
+                    changelogs={
+                        pkg: [[e.version, list(e.cves)] for e in entries] for pkg, entries in scan.changelogs.items()
+                    },
+                    vulndb_as_of={k: v.isoformat() for k, v in scan.vulndb_as_of.items()},
                 )
             )
             return replace(scan, id=inserted_id(result), version_id=version_id)
@@ -110,28 +151,149 @@ class SupplyChain(StoreCore):
     # the vulnerability database
 
     def import_advisories(
-        self, source: str, records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]]
+        self,
+        source: str,
+        records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]],
+        *,
+        state: VulnDbSource | None = None,
+        replace_all: bool = False,
     ) -> VulnDbImport:
-        """Store raw OSV records (id, modified, record, source packages it names); a re-imported id is replaced."""
+        """Store raw OSV records (id, modified, record, source packages it names); a re-imported id is replaced.
+        `replace_all`: the records are the whole dataset (an update), so every other advisory goes, in the same
+        transaction. `state`: the osv source's new row (its count is taken from the table)."""
         now = self._now()
         with self._guard(f"import advisories from {source}"), self._write() as conn:
             import_id = inserted_id(
                 conn.execute(vulndb_imports_table.insert().values(source=source, imported_at=now, count=len(records)))
             )
-            ids = [r[0] for r in records]
-            for chunk in range(0, len(ids), 500):
-                part = ids[chunk : chunk + 500]
-                conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
-                conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
-            if records:
+            if replace_all:
+                conn.execute(advisory_packages_table.delete())
+                conn.execute(advisories_table.delete())
+            else:
+                ids = [r[0] for r in records]
+                for chunk in range(0, len(ids), 500):
+                    part = ids[chunk : chunk + 500]
+                    conn.execute(
+                        advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part))
+                    )
+                    conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
+            for chunk in range(0, len(records), _BULK):
+                part_records = records[chunk : chunk + _BULK]
                 conn.execute(
                     advisories_table.insert(),
-                    [{"id": i, "import_id": import_id, "modified": m, "record": dict(r)} for i, m, r, _ in records],
+                    [
+                        {"id": i, "import_id": import_id, "modified": m, "record": dict(r)}
+                        for i, m, r, _ in part_records
+                    ],
                 )
-                links = [{"advisory_id": i, "package": p} for i, _, _, pkgs in records for p in sorted(set(pkgs))]
+                links = [{"advisory_id": i, "package": p} for i, _, _, pkgs in part_records for p in sorted(set(pkgs))]
                 if links:
                     conn.execute(advisory_packages_table.insert(), links)
+            if state is not None:
+                self._set_source(conn, state, advisories_table)
         return VulnDbImport(import_id, source, now, len(records))
+
+    def _set_source(self, conn: sa.Connection, state: VulnDbSource, table: sa.Table) -> None:
+        """Record the source's new state, its count read from its table (in the caller's transaction)."""
+        count = int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+        row = {
+            "origin": state.origin,
+            "as_of": state.as_of,
+            "imported_at": self._now(),
+            "sha256": state.sha256,
+            "size": state.size,
+            "count": count,
+        }
+        done = conn.execute(vulndb_sources_table.update().where(vulndb_sources_table.c.name == state.name).values(row))
+        if done.rowcount == 0:
+            conn.execute(vulndb_sources_table.insert().values(name=state.name, **row))
+
+    def replace_debian_tracker(
+        self,
+        entries: Iterable[tuple[str, str, str, DebianVerdict]],
+        state: VulnDbSource,
+    ) -> VulnDbSource:
+        """The Debian tracker's verdicts (package, CVE, release codename, verdict), replacing every earlier one in
+        one transaction: a failure keeps the previous data whole."""
+        with self._guard("import the Debian Security Tracker's data"), self._write() as conn:
+            conn.execute(debian_tracker_table.delete())
+            batch: list[dict[str, Any]] = []
+            for package, cve, release, v in entries:
+                batch.append(
+                    {
+                        "package": package,
+                        "cve": cve,
+                        "release": release,
+                        "status": v.status,
+                        "urgency": v.urgency,
+                        "fixed_version": v.fixed_version,
+                        "no_dsa": v.no_dsa,
+                    }
+                )
+                if len(batch) >= _BULK:
+                    conn.execute(debian_tracker_table.insert(), batch)
+                    batch = []
+            if batch:
+                conn.execute(debian_tracker_table.insert(), batch)
+            self._set_source(conn, state, debian_tracker_table)
+        return self._source(state.name)
+
+    def debian_verdicts(self, packages: Collection[str], release: str) -> dict[tuple[str, str], DebianVerdict]:
+        """(source package, CVE) -> Debian's verdict on `release` (a codename), for these packages."""
+        names = sorted(set(packages))
+        t = debian_tracker_table
+        found: dict[tuple[str, str], DebianVerdict] = {}
+        with self._guard("read the Debian tracker's verdicts"), self._read() as conn:
+            for chunk in range(0, len(names), 500):
+                query = sa.select(t.c.package, t.c.cve, t.c.status, t.c.urgency, t.c.fixed_version, t.c.no_dsa).where(
+                    t.c.release == release, t.c.package.in_(names[chunk : chunk + 500])
+                )
+                for package, cve, status, urgency, fixed, no_dsa in conn.execute(query):
+                    found[(package, cve)] = DebianVerdict(status, urgency, fixed, no_dsa)
+        return found
+
+    def replace_cve_scores(self, scores: Iterable[tuple[str, CvssScore]], state: VulnDbSource) -> VulnDbSource:
+        """CVSS ratings (CVE, rating), replacing every earlier one in one transaction."""
+        with self._guard("import CVSS ratings"), self._write() as conn:
+            conn.execute(cve_scores_table.delete())
+            batch: dict[tuple[str, str, str], dict[str, Any]] = {}
+            for cve, score in scores:
+                # One rating per (CVE, publisher, version): a later duplicate (NVD pages overlap) replaces it.
+                batch[(cve, score.source, score.version)] = {
+                    "cve": cve,
+                    "source": score.source,
+                    "version": score.version,
+                    "vector": score.vector,
+                    "score": score.score,
+                    "severity": score.severity.value,
+                }
+            rows = list(batch.values())
+            for chunk in range(0, len(rows), _BULK):
+                conn.execute(cve_scores_table.insert(), rows[chunk : chunk + _BULK])
+            self._set_source(conn, state, cve_scores_table)
+        return self._source(state.name)
+
+    def cve_scores(self, cves: Collection[str]) -> dict[str, list[CvssScore]]:
+        """CVE -> its CVSS ratings, for these CVEs."""
+        ids = sorted(set(cves))
+        t = cve_scores_table
+        found: dict[str, list[CvssScore]] = {}
+        with self._guard("read CVSS ratings"), self._read() as conn:
+            for chunk in range(0, len(ids), 500):
+                query = sa.select(t.c.cve, t.c.version, t.c.vector, t.c.score, t.c.severity, t.c.source).where(
+                    t.c.cve.in_(ids[chunk : chunk + 500])
+                )
+                for cve, *row in conn.execute(query):
+                    found.setdefault(cve, []).append(_cvss(row))
+        return found
+
+    def vulndb_sources(self) -> list[VulnDbSource]:
+        with self._guard("list the vulnerability sources"), self._read() as conn:
+            rows = conn.execute(sa.select(vulndb_sources_table).order_by(vulndb_sources_table.c.name)).mappings()
+            return [vulndb_source_from_row(r) for r in rows]
+
+    def _source(self, name: str) -> VulnDbSource:
+        return next(s for s in self.vulndb_sources() if s.name == name)
 
     def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]:
         """The raw records of every advisory naming one of these (source) package names."""
