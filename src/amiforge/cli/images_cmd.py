@@ -175,8 +175,9 @@ def diff_command(
     new: str = typer.Argument(..., help="The newer version."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Packages added/removed/up/downgraded, CVEs fixed and introduced, secrets, and size, between two scans."""
-    from amiforge.lifecycle.diff import diff
+    """Packages added/removed/up/downgraded, what each upgrade's changelog says it fixed, CVEs fixed and introduced,
+    secrets, and size, between two scans."""
+    from amiforge.lifecycle.diff import ChangelogState, diff
     from amiforge.lifecycle.views import finding_json
 
     _, store = open_registry()
@@ -187,6 +188,19 @@ def diff_command(
                 "old": d.old.ref,
                 "new": d.new.ref,
                 "packages": [{**vars(p), "change": p.change} for p in d.packages],
+                "upgrades": [
+                    {
+                        "name": u.name,
+                        "arch": u.arch,
+                        "source": u.source,
+                        "old": u.old,
+                        "new": u.new,
+                        "changelog": u.changelog.value,
+                        "cves": [{"id": c.id, "db": c.db.value} for c in u.cves],
+                    }
+                    for u in d.upgrades
+                ],
+                "changelogs_recorded": d.changelogs_recorded,
                 "cves_fixed": [finding_json(f) for f in d.cves_fixed],
                 "cves_introduced": [finding_json(f) for f in d.cves_introduced],
                 "secrets_removed": [finding_json(f) for f in d.secrets_removed],
@@ -197,7 +211,38 @@ def diff_command(
         return
     console.print(f"[bold]{escape(d.old.ref)} → {escape(d.new.ref)}[/]")
     for p in d.packages:
-        console.print(f"  {p.change:<10} {p.name}:{p.arch} {p.old or ''} → {p.new or ''}", markup=False)
+        if p.change != "upgraded":  # upgrades are the table below
+            console.print(f"  {p.change:<10} {p.name}:{p.arch} {p.old or ''} → {p.new or ''}", markup=False)
+    if d.upgrades:
+        if not d.changelogs_recorded:
+            console.print(
+                f"[yellow]the scan of {escape(d.new.ref)} recorded no changelogs[/] (scanned before amiforge read "
+                "them, or the image ships no /usr/share/doc): what the upgrades fixed is unknown; "
+                f"`amiforge scan {escape(d.new.ref)}` reads them again"
+            )
+        unread = {
+            ChangelogState.MISSING: "[dim]no changelog in the image[/]",
+            ChangelogState.NOT_RECORDED: "[dim]not recorded[/]",
+        }
+        rows = []
+        for u in d.upgrades:
+            if u.changelog is ChangelogState.READ:
+                named = "\n".join(c.id for c in u.cves) or "[dim]none named[/]"
+            else:
+                named = unread[u.changelog]
+            rows.append(
+                [
+                    escape(f"{u.name}:{u.arch}"),
+                    escape(f"{u.old} → {u.new}"),
+                    named,
+                    "\n".join(c.db.label for c in u.cves),
+                ]
+            )
+        fit_table(
+            [Col("upgraded", whole=True), Col("version", whole=True), Col("changelog names", whole=True), Col("db")],
+            rows,
+            title="what the upgrades fixed, by their changelogs",
+        )
     for title, items in (
         ("CVEs fixed", d.cves_fixed),
         ("CVEs introduced", d.cves_introduced),
