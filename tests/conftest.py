@@ -7,6 +7,7 @@ machine and FAILS in CI (`CI=true`, which .ci/run sets): CI must run the whole s
 from __future__ import annotations
 
 import glob
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -118,3 +119,25 @@ def _osv_records() -> Path:
 
 # The tests that read them skip outside CI; in CI a missing record folder fails them, never passes quietly.
 needs_osv = pytest.mark.usefixtures("_osv_records")
+
+
+# One synthetic OSV record for a package no image has: vulnerability data that matches nothing, so a test's gates
+# judge a scan made against *some* data (a scan against none fails closed, see policy.gate._stale_data).
+SYNTHETIC_OSV_RECORD = {
+    "id": "TEST-2026-0001",
+    "modified": "2026-01-01T00:00:00Z",
+    "summary": "synthetic advisory for tests (matches no real package)",
+    "affected": [
+        {
+            "package": {"ecosystem": "Debian:12", "name": "amiforge-test-no-such-package"},
+            "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "1.0-1"}]}],
+        }
+    ],
+}
+
+
+def synthetic_osv(folder: Path) -> Path:
+    """A folder holding SYNTHETIC_OSV_RECORD, for `vulndb import` (its age: now, the file's modification time)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "TEST-2026-0001.json").write_text(json.dumps(SYNTHETIC_OSV_RECORD))
+    return folder

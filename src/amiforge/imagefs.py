@@ -74,15 +74,20 @@ def inside(root: Path, image_path: str) -> Path:
     return resolve_inside(root, image_path)
 
 
-def read_inside(root: Path, image_path: str) -> bytes:
-    """The bytes of a regular file of the image; FileNotFoundError if absent, ConfigError if not a regular file."""
+def read_inside(root: Path, image_path: str, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file of the image; FileNotFoundError if absent, ConfigError if not a regular file
+    or larger than `max_bytes` (a file the image's builder chose may be any size)."""
     host = inside(root, image_path)
     fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ConfigError(f"{image_path} in the image is not a regular file")
         chunks = []
+        size = 0
         while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise ConfigError(f"{image_path} in the image is larger than {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
     finally:

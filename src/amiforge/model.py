@@ -330,6 +330,7 @@ class ScanRecord:
     # Vulnerability source -> how old its data was (VulnDbSource.as_of) when the scan matched against it: the gate
     # refuses findings judged by data older than the policy's max_vulndb_age.
     vulndb_as_of: Mapping[str, datetime] = field(default_factory=dict)
+    release: str | None = None  # the image's Debian release (os-release VERSION_ID, e.g. "12"), for a rescan
     id: int | None = None
     version_id: int | None = None
 

@@ -314,6 +314,7 @@ class CandidateChanges(TypedDict, total=False):
     revoked: bool
     revoked_ancestors: Sequence[str]
     entered: Mapping[str, datetime]
+    vulndb_as_of: Mapping[str, datetime]
 
 
 def _candidate(**changes: Unpack[CandidateChanges]) -> Candidate:
@@ -328,6 +329,7 @@ def _candidate(**changes: Unpack[CandidateChanges]) -> Candidate:
         revoked=False,
         revoked_ancestors=(),
         entered={"dev": NOW - timedelta(hours=2), "staging": NOW - timedelta(hours=48)},
+        vulndb_as_of={"osv": NOW - timedelta(hours=1)},
     )
     return dataclasses.replace(good, **changes)
 

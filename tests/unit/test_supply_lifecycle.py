@@ -31,9 +31,10 @@ from amiforge.errors import ConfigError, GateFailed, StateError
 from amiforge.lifecycle.boottest import boot_test
 from amiforge.lifecycle.pipeline import run_pipeline
 from amiforge.lifecycle.promote import promote, revoke
-from amiforge.lifecycle.scan import import_vulndb, scan, scan_gate
+from amiforge.lifecycle.scan import scan, scan_gate
 from amiforge.lifecycle.sign import manifest_of, sign, trust_key, verify
 from amiforge.lifecycle.views import channel_flags
+from amiforge.lifecycle.vulndb import import_files
 from amiforge.model import (
     Artifact,
     BootReport,
@@ -55,9 +56,12 @@ from amiforge.settings import Settings
 from amiforge.signing.interface import canonical_statement, sign_envelope
 from amiforge.signing.keyfile import KeyfileSigner, generate_keypair
 from amiforge.store.sql import SqlStore, open_store
-from tests.conftest import OSV_DIR, needs_osv
+from tests.conftest import OSV_DIR, needs_osv, synthetic_osv
 
 ACTOR = "TEST-0001@test"
+DEBIAN_12_OS_RELEASE = (
+    'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n'
+)
 SECRET_PATH = "/opt/app/deploy.pem"
 
 
@@ -254,7 +258,14 @@ class FakeProvider:
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+def world(bare_world: World) -> World:
+    """A world whose registry holds vulnerability data (one synthetic advisory that matches nothing)."""
+    import_files("osv", synthetic_osv(bare_world.tmp / "osv"), store=bare_world.store, settings=bare_world.settings)
+    return bare_world
+
+
+@pytest.fixture
+def bare_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     for key in list(os.environ):
         if key.startswith("AMIFORGE_"):
             monkeypatch.delenv(key)
@@ -265,6 +276,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     (root / "var/lib/dpkg/status").write_text(vulnerable.dpkg_status())
     (root / "etc").mkdir()
     (root / "etc/hostname").write_text("localhost\n")
+    (root / "etc/os-release").write_text(DEBIAN_12_OS_RELEASE)
     (root / "etc/machine-id").write_text("")  # empty: a fresh id on first boot, not residue
     signer = generate_keypair(tmp_path / "keys", "signer")
     settings = Settings(data_dir=tmp_path / "data", actor=ACTOR, signing_key=signer.private_path)
@@ -293,8 +305,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
 
 @needs_osv
 def test_scan_reads_packages_and_matches_the_real_osv_advisory(world: World) -> None:
-    imported = import_vulndb(OSV_DIR, store=world.store, actor=ACTOR)
-    assert imported.count == len(list(OSV_DIR.glob("*.json")))
+    imported, _ = import_files("osv", OSV_DIR, store=world.store, settings=world.settings)
+    assert imported.count == len(list(OSV_DIR.glob("*.json"))) + 1  # merged with the fixture's synthetic record
     v = world.seed()
 
     outcome = scan(v.ref, store=world.store, settings=world.settings)
@@ -332,7 +344,8 @@ def test_scan_reads_packages_and_matches_the_real_osv_advisory(world: World) -> 
     purls = {c["purl"] for c in bom["components"]}
     assert any(p.startswith("pkg:deb/debian/intel-microcode@") for p in purls)
     assert len(purls) == 4
-    assert record.vulndb.startswith(f"{imported.count} advisories; last import #{imported.id}")
+    assert record.vulndb == f"osv: {imported.count} record(s) as of {imported.as_of:%Y-%m-%d %H:%M} UTC"
+    assert record.vulndb_as_of == {"osv": imported.as_of} and record.release == "12"
     stored = world.store.latest_scan(v.id)
     assert stored is not None and stored.findings == record.findings
 
@@ -343,13 +356,15 @@ def test_scan_reads_packages_and_matches_the_real_osv_advisory(world: World) -> 
     assert world.inspected == [str(world.tmp / "disks" / "web-1.img")]
 
 
-def test_scan_without_advisories_still_records_the_sbom(world: World) -> None:
-    v = world.seed()
-    outcome = scan(v.ref, store=world.store, settings=world.settings)
+def test_scan_without_advisories_records_the_sbom_and_its_gate_fails_closed(bare_world: World) -> None:
+    v = bare_world.seed()
+    outcome = scan(v.ref, store=bare_world.store, settings=bare_world.settings)
     assert outcome.scan.findings == ()
     assert len(outcome.scan.packages) == 4
-    assert outcome.scan.vulndb == "no advisories imported (amiforge vulndb import PATH)"
-    assert scan_gate(outcome.scan.findings, policy=default_policy(), now=datetime.now(UTC)).passed
+    assert outcome.scan.vulndb == "no vulnerability data (amiforge vulndb update, or vulndb import PATH)"
+    decision = scan_gate(outcome.scan, policy=default_policy(), now=datetime.now(UTC), ref=v.ref)
+    assert not decision.passed
+    assert [(u.name, "matched against no advisories" in u.detail) for u in decision.unmet] == [("vulndb", True)]
 
 
 def test_a_version_is_scanned_before_its_boot_test_and_the_scan_stands_once_it_passes(world: World) -> None:
@@ -408,7 +423,7 @@ def test_planted_private_key_is_a_redacted_secret_in_the_tree_and_on_the_raw_dis
         assert line not in stored
     assert str(disk) not in stored
 
-    decision = scan_gate(outcome.scan.findings, policy=default_policy(), now=datetime.now(UTC))
+    decision = scan_gate(outcome.scan, policy=default_policy(), now=datetime.now(UTC))
     assert decision.channel == "dev"
     assert not decision.passed
     assert [u.name for u in decision.unmet] == [
@@ -835,6 +850,7 @@ def test_pipeline_bakes_tests_scans_signs_with_a_new_default_key_and_promotes(wo
         run_pipeline(load_recipe(recipe_path), store=world.store, settings=settings, promote_to="dev")
     assert not key_path.exists()
     world.store = open_store(f"sqlite:///{world.tmp / 'fresh.db'}")  # a registry that trusts no key yet
+    import_files("osv", synthetic_osv(world.tmp / "osv"), store=world.store, settings=settings)
 
     outcome = run_pipeline(load_recipe(recipe_path), store=world.store, settings=settings, promote_to="dev")
 
@@ -852,6 +868,7 @@ def test_pipeline_bakes_tests_scans_signs_with_a_new_default_key_and_promotes(wo
     assert world.store.get_version("web@1").status is Status.SIGNED
     assert world.kinds("web@1") == ["bake.started", "bake.built", "test.passed", "scan.completed", "sign", "promote"]
     assert [e.kind for e in world.store.events() if e.kind == "key.added"] == ["key.added"]
+    assert [e.kind for e in world.store.events() if e.ref is None][:1] == ["vulndb.import"]
     assert verify("web@1", store=world.store, settings=settings).manifest.digest == outcome.baked.version.digest
 
     # A second run reuses the key it made, and the new version becomes dev with web@1 as rollback.

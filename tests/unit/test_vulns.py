@@ -346,6 +346,7 @@ def _prod_gate(tmp_path: Path, severity: list[dict[str, str]]) -> tuple[Severity
         revoked=False,
         revoked_ancestors=(),
         entered={"staging": datetime(2026, 1, 1, tzinfo=UTC)},
+        vulndb_as_of={"osv": datetime(2026, 2, 1, tzinfo=UTC)},
     )
     decision = evaluate(default_policy(), "prod", candidate, now=datetime(2026, 2, 1, tzinfo=UTC))
     return finding.severity, decision.passed

@@ -135,7 +135,17 @@ COMMANDS: dict[str, Entry] = {
     ),
     "recipe": Entry("amiforge.cli.recipe_cmd", "app", "Check recipes and print their schema."),
     "images": Entry("amiforge.cli.images_cmd", "app", "Versions in the registry."),
-    "vulndb": Entry("amiforge.cli.scan_cmd", "app", "The vulnerability database (OSV advisories for Debian)."),
+    "vulndb": Entry(
+        "amiforge.cli.scan_cmd",
+        "app",
+        "The vulnerability data: osv.dev's Debian advisories, the Debian Security Tracker, CVSS from CVE records.",
+    ),
+    "rescan": Entry(
+        "amiforge.cli.scan_cmd",
+        "rescan_command",
+        "Re-match channels' versions against today's vulnerability data (no image is read); exit 4 when a channel "
+        "now holds a version its gate refuses.",
+    ),
     "keys": Entry("amiforge.cli.sign_cmd", "app", "Signing keys (Ed25519 key files) the registry trusts."),
     "pipeline": Entry("amiforge.cli.channel_cmd", "pipeline_app", "The whole pipeline in one command."),
     "import": Entry("amiforge.cli.distribute_cmd", "import_app", "Adopt images baked by other tools."),

@@ -206,11 +206,19 @@ def demo(
 ) -> None:
     """The main job on the local provider: pipeline run examples/web --promote dev, then a summary."""
     path = recipe or _demo_recipe()
+    settings, store = open_registry()
     if vulndb is not None:
-        settings, store = open_registry()
-        from amiforge.lifecycle.scan import import_vulndb
+        from amiforge.lifecycle.vulndb import import_files
 
-        import_vulndb(vulndb, store=store, actor=settings.actor)
+        import_files("osv", vulndb, store=store, settings=settings)
+    elif not any(s.name == "osv" for s in store.vulndb_sources()):
+        from amiforge.lifecycle.vulndb import update
+
+        # The gates judge findings only against vulnerability data (fail closed without it): fetch it once.
+        console.print("no vulnerability data yet: downloading osv.dev's Debian advisories and Debian's tracker")
+        for fetched in update(["osv", "debian"], store=store, settings=settings):
+            if fetched.state is None:
+                console.print(f"[yellow]{fetched.name}: {escape(fetched.error or '')}[/]")
     outcome = _pipeline(path, "dev", as_json)
     if as_json:
         return

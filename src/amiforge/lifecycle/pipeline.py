@@ -41,7 +41,7 @@ def run_pipeline(
         PhaseUpdate("scan", "done", f"{len(scanned.scan.packages)} packages, {len(scanned.scan.findings)} findings")
     )
     # A version whose findings fail the entry channel's rules is not signed: the pipeline stops here (exit 4).
-    scan_gate(scanned.scan.findings, policy=policy_of(settings), now=datetime.now(UTC)).raise_if_unmet()
+    scan_gate(scanned.scan, policy=policy_of(settings), now=datetime.now(UTC), ref=scanned.version.ref).raise_if_unmet()
     # The pipeline makes the default key on first use, so `make demo` works on a fresh machine.
     signature = sign(ref, store=store, settings=settings, create_key=True)
     progress(PhaseUpdate("sign", "done", signature.key_id))

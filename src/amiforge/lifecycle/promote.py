@@ -49,6 +49,7 @@ def candidate(version: ImageVersion, *, store: Store, settings: Settings) -> Can
         revoked=version.status == Status.REVOKED,
         revoked_ancestors=store.revoked_ancestors([version.id])[version.id],
         entered=store.channel_entries(version.id),
+        vulndb_as_of=scan.vulndb_as_of if scan else {},
     )
 
 

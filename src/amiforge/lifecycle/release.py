@@ -29,7 +29,7 @@ def releasable(version: ImageVersion, *, store: Store, settings: Settings, actio
     verify(version.ref, store=store, settings=settings)  # GateFailed names what no longer matches
     scan = store.latest_scan(version.id)
     assert scan is not None  # verify() refuses an unscanned version
-    decision = scan_gate(scan.findings, policy=policy_of(settings), now=datetime.now(UTC))
+    decision = scan_gate(scan, policy=policy_of(settings), now=datetime.now(UTC), ref=version.ref)
     if not decision.passed:
         raise GateFailed(
             "scan gate",

@@ -8,20 +8,25 @@ first channel) says what they mean, and `scan` reports it without changing the v
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from amiforge.errors import NotFound
 from amiforge.lifecycle.boottest import baked_value
+from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.runs import new_run_id, record_leftovers
 from amiforge.lifecycle.views import findings_summary, vulndb_label
-from amiforge.model import Finding, ImageVersion, Leftover, ScanRecord, Status, VulnDbImport, require_status
+from amiforge.model import Finding, ImageVersion, Leftover, Package, ScanRecord, Status, require_status
 from amiforge.policy import Candidate, GateDecision, Policy, evaluate
 from amiforge.providers import provider_for
+from amiforge.scanners.changelogs import read_changelogs
+from amiforge.scanners.debian_tracker import codename_of
+from amiforge.scanners.ratings import cve_ids, debian_release, rate
 from amiforge.scanners.sbom import cyclonedx_sbom, read_dpkg_status, sbom_digest
 from amiforge.scanners.secrets import scan_raw, scan_tree
-from amiforge.scanners.vulns import import_report, load_osv_records, match, parse_osv_records, source_packages
+from amiforge.scanners.vulns import import_report, match, parse_osv_records
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -53,10 +58,46 @@ def expected_authorized_keys(version: ImageVersion) -> list[str]:
     return paths
 
 
+@dataclass(frozen=True)
+class Vulnerabilities:
+    """CVE findings of a package list against the registry's data now, rated by the policy."""
+
+    findings: list[Finding]
+    not_affected: list[Finding]  # matched by an advisory, but Debian's tracker says the installed version is fixed
+    as_of: dict[str, datetime]  # vulnerability source -> the age of its data
+
+    def describe(self) -> str:
+        left_out = f"; {len(self.not_affected)} left out (Debian: fixed in the installed version)"
+        return f"{len(self.findings)} CVE finding(s)" + (left_out if self.not_affected else "")
+
+
+def vulnerabilities(
+    packages: Sequence[Package],
+    release: str,
+    extra: Sequence[Finding],
+    *,
+    store: Store,
+    policy: Policy,
+    codename: str | None = None,
+) -> Vulnerabilities:
+    """Match `packages` (of Debian `release`, os-release VERSION_ID) against the advisories, add `extra` (from
+    imported reports), and rate them all with Debian's verdicts and CVSS ratings under the policy's
+    severity_source. The same for a scan and a rescan, which re-reads nothing from the image."""
+    as_of: dict[str, datetime] = {s.name: s.as_of for s in store.vulndb_sources()}
+    advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
+    matched = match(packages, advisories, release=release) + list(extra)
+    codename = codename or codename_of(release)
+    verdicts = store.debian_verdicts({p.source_name for p in packages}, codename) if codename else {}
+    scores = store.cve_scores({c for f in matched for c in cve_ids(f)})
+    rated, unaffected = rate(matched, packages, verdicts, scores, severity_source=policy.severity_source)
+    return Vulnerabilities(rated, unaffected, as_of)
+
+
 def scan(
     ref: str, *, store: Store, settings: Settings, reports: list[Path] | None = None, actor: str | None = None
 ) -> ScanOutcome:
     version = store.get_version(ref)
+    policy = policy_of(settings)  # a broken policy fails here, before the image is read
     fix = "wait for its bake to finish" if version.status is Status.BAKING else "scan a version still in use"
     require_status(version, SCANNABLE, doing="scanned", fix=fix)
     artifacts = [a for a in store.artifacts(version.id) if a.provider == version.provider]
@@ -78,8 +119,11 @@ def scan(
             # Deleted data lies in free blocks (live files were scanned above); offsets are into the artifact's disk.
             raw = scan_raw(view.raw, ranges=view.unallocated)
             findings += [replace(f, path=(f.path or "").replace(str(view.raw), "disk")) for f in raw]
-    advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
-    findings = match(packages, advisories) + imported + findings
+        release, codename = debian_release(view.root)
+        changelogs = read_changelogs(view.root, packages)
+    cves = vulnerabilities(packages, release, imported, store=store, policy=policy, codename=codename)
+    logger.info("scan %s: %s", version.ref, cves.describe())
+    findings = cves.findings + findings
     logger.info("scan %s: %d package(s), findings %s", version.ref, len(packages), findings_summary(findings) or "none")
     now = datetime.now(UTC)
     sbom = cyclonedx_sbom(
@@ -87,8 +131,9 @@ def scan(
     )
     record = store.add_scan(
         version.id,
-        ScanRecord(now, tuple(packages), sbom, sbom_digest(sbom), tuple(findings), vulndb_label(store)),
-    )
+        ScanRecord(now, tuple(packages), sbom, sbom_digest(sbom), tuple(findings), vulndb_label(store),
+                   changelogs=changelogs, vulndb_as_of=cves.as_of, release=release),
+    )  # fmt: skip
     if version.status == Status.TESTED:
         version = store.transition(version.id, Status.SCANNED, expect=Status.TESTED)
     store.append_event(
@@ -101,28 +146,29 @@ def scan(
     return ScanOutcome(version, record, tuple(view.leftovers))
 
 
-def import_vulndb(path: Path, *, store: Store, actor: str) -> VulnDbImport:
-    """Load OSV advisories (folder, .json or osv.dev's Debian all.zip) into the registry, every record validated."""
-    loaded = load_osv_records(path)
-    records = [(a.id, a.modified.isoformat() if a.modified else "", dict(raw), source_packages(a)) for a, raw in loaded]
-    result = store.import_advisories(str(path), records)
-    store.append_event("vulndb.import", actor=actor, data={"source": str(path), "count": result.count})
-    return result
-
-
-def scan_gate(findings: tuple[Finding, ...], *, policy: Policy, now: datetime) -> GateDecision:
-    """The findings judged by the rules of the policy's entry channel (the one with no `after`): what `scan`
-    reports as its gate. Boot test, signature and soak are promote's business, so they count as met here."""
+def scan_gate(scan: ScanRecord, *, policy: Policy, now: datetime, ref: str = "the version") -> GateDecision:
+    """The scan judged by the rules of the policy's entry channel (the one with no `after`): what `scan` reports
+    as its gate."""
     entry = next(name for name, rule in policy.channels.items() if rule.after is None)
+    return findings_gate(scan, entry, policy=policy, now=now, ref=ref)
+
+
+def findings_gate(
+    scan: ScanRecord, channel: str, *, policy: Policy, now: datetime, ref: str = "the version"
+) -> GateDecision:
+    """The scan's findings, and the age of the data behind them, judged by `channel`'s rules. Boot test,
+    signature, ancestry and soak are promote's business, so they count as met here."""
+    after = policy.channel(channel).after
     facts = Candidate(
-        ref="scan",
+        ref=ref,
         status=Status.SIGNED,
         boot_test_passed=True,
-        findings=findings,
+        findings=scan.findings,
         signature_error=None,
         scanned=True,
         revoked=False,
         revoked_ancestors=(),
-        entered={},
+        entered={after: datetime.min.replace(tzinfo=UTC)} if after else {},
+        vulndb_as_of=scan.vulndb_as_of,
     )
-    return evaluate(policy, entry, facts, now=now)
+    return evaluate(policy, channel, facts, now=now)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.runs import recorded_leftovers
-from amiforge.model import ChannelPointer, Event, Finding, ImageVersion, Leftover, RemovedFile, Status
+from amiforge.model import ChannelPointer, Event, Finding, FindingKind, ImageVersion, Leftover, RemovedFile, Status
 from amiforge.store.interface import Store
 
 # --- which version a command names ----------------------------------------------------------------------------------
@@ -46,11 +46,11 @@ def findings_summary(findings: list[Finding] | tuple[Finding, ...]) -> dict[str,
 
 
 def vulndb_label(store: Store) -> str:
-    imports = store.vulndb_imports()
-    if not imports:
-        return "no advisories imported (amiforge vulndb import PATH)"
-    last = imports[-1]
-    return f"{store.advisory_count()} advisories; last import #{last.id} {last.imported_at:%Y-%m-%d} from {last.source}"
+    """Which vulnerability data a scan matched against, in one line: each source's records and age."""
+    sources = store.vulndb_sources()
+    if not sources:
+        return "no vulnerability data (amiforge vulndb update, or vulndb import PATH)"
+    return "; ".join(f"{s.name}: {s.count} record(s) as of {s.as_of:%Y-%m-%d %H:%M} UTC" for s in sources)
 
 
 def finding_json(f: Finding) -> Mapping[str, object]:
@@ -62,6 +62,24 @@ def finding_json(f: Finding) -> Mapping[str, object]:
             data[key] = value
     if f.aliases:
         data["aliases"] = list(f.aliases)
+    if f.kind is FindingKind.CVE:
+        data["severity_source"] = f.severity_source  # None: nothing rated it (the gate judges it as unknown)
+    if f.debian is not None:
+        data["debian"] = {
+            "status": f.debian.status,
+            "urgency": f.debian.urgency,
+            "fixed_version": f.debian.fixed_version,
+            "no_dsa": f.debian.no_dsa,
+            "minor": f.debian.minor,
+        }
+    if f.cvss is not None:
+        data["cvss"] = {
+            "version": f.cvss.version,
+            "vector": f.cvss.vector,
+            "score": f.cvss.score,
+            "severity": f.cvss.severity.value,
+            "source": f.cvss.source,
+        }
     return data
 
 

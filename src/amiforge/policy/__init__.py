@@ -3,7 +3,8 @@
 - `fields`: the constrained scalars (channel names, severities, soaks, expiry times);
 - `document`: the models, the checks across keys, `load_policy()` / `parse_policy()`, `default_policy()` and the
   JSON Schema;
-- `gate`: `evaluate()`, the promotion gate itself, pure over the facts a caller gathers (`Candidate`).
+- `gate`: `evaluate()`, the promotion gate itself, pure over the facts a caller gathers (`Candidate`);
+- `severity`: which rating a CVE finding's severity is under the policy's `severity_source`.
 
 Import the names from `amiforge.policy`; the modules are how the code is laid out, not part of the interface.
 """
@@ -21,6 +22,7 @@ from amiforge.policy.document import (
     policy_json_schema,
 )
 from amiforge.policy.gate import Candidate, GateDecision, evaluate
+from amiforge.policy.severity import SeveritySource, rated, urgency_severity
 
 __all__ = [
     "MAX_POLICY_BYTES",
@@ -28,10 +30,13 @@ __all__ = [
     "ChannelPolicy",
     "GateDecision",
     "Policy",
+    "SeveritySource",
     "Waiver",
     "default_policy",
     "evaluate",
     "load_policy",
     "parse_policy",
     "policy_json_schema",
+    "rated",
+    "urgency_severity",
 ]

@@ -37,11 +37,13 @@ from amiforge.policy.fields import (
     STRICT,
     ChannelName,
     Expiry,
+    MaxAge,
     SeverityLevel,
     SoakDuration,
     as_utc,
     soak_of,
 )
+from amiforge.policy.severity import SeveritySource
 from amiforge.yamlfile import (
     NonEmptyStr,
     YamlKind,
@@ -116,6 +118,19 @@ class ChannelPolicy(BaseModel):
     unknown_cve_severity: SeverityLevel = Field(
         default=Severity.HIGH, description="the severity a CVE without a rating is judged as"
     )
+    # Debian calls these not worth a security update; a team that disagrees says so here.
+    count_debian_minor: StrictBool = Field(
+        default=False,
+        description="if true, CVEs Debian rates unimportant or issues no security update for (no-dsa, postponed, "
+        "ignored) count against max_cve_severity like any other; if false they are shown and never fail the gate",
+    )
+    # Fail closed: findings matched against old data say nothing about what was published since.
+    max_vulndb_age: MaxAge = Field(
+        default=timedelta(days=7),
+        description="how old the vulnerability data a scan matched against may be (`amiforge vulndb update`, then "
+        "`amiforge rescan`); a scan with no advisories at all fails too",
+        json_schema_extra={"default": "7d"},
+    )
     allow_secrets: StrictBool = Field(
         default=False, description="if false, any secret finding fails the gate unless waived"
     )
@@ -189,6 +204,11 @@ class Policy(BaseModel):
         min_length=1, json_schema_extra={"propertyNames": {"pattern": f"^{CHANNEL_PATTERN}$"}}
     )
     waivers: tuple[Waiver, ...] = ()
+    severity_source: SeveritySource = Field(
+        default="debian",
+        description="which rating a CVE's severity is: debian (Debian's urgency when assigned, else the scanner's, "
+        "else CVSS), cvss (CVSS first), or max (the most severe)",
+    )
 
     # Not part of the schema: the file it was read from, for messages.
     _source: str | None = PrivateAttr(default=None)
@@ -368,7 +388,7 @@ def parse_policy(text: str, path: Path) -> Policy:
     """Validate policy YAML `text` as if read from `path`."""
     start = f"start from {_EXAMPLE}; at least 'channels:' is required"
     node, data, problems = parse_mapping(
-        text, path, _KIND, top_keys="channels:, waivers:", empty_fix=start, mapping_fix=start
+        text, path, _KIND, top_keys="channels:, waivers:, severity_source:", empty_fix=start, mapping_fix=start
     )
     file = str(path)
     problems += [

@@ -21,6 +21,7 @@ __all__ = [
     "STRICT",
     "ChannelName",
     "Expiry",
+    "MaxAge",
     "SeverityLevel",
     "SoakDuration",
     "as_utc",
@@ -78,6 +79,20 @@ SoakDuration = Annotated[
     BeforeValidator(soak_of),
     PlainSerializer(_soak_text, return_type=str, when_used="json"),
     duration_schema(),
+]
+
+
+def _age_of(value: object) -> timedelta:
+    """A positive duration: how old vulnerability data may be (0 would refuse every scan)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    return timedelta(seconds=checked_duration(seconds))
+
+
+MaxAge = Annotated[
+    timedelta,
+    BeforeValidator(_age_of),
+    PlainSerializer(_soak_text, return_type=str, when_used="json"),
+    duration_schema(minimum=1.0),
 ]
 
 

@@ -22,6 +22,7 @@ from amiforge.errors import GateFailed, GateFailure
 from amiforge.model import Finding, FindingKind, Severity, Status
 from amiforge.policy.document import ChannelPolicy, Policy, Waiver
 from amiforge.policy.fields import as_utc
+from amiforge.policy.severity import SeveritySource, rated
 
 __all__ = ["Candidate", "GateDecision", "evaluate"]
 
@@ -42,6 +43,8 @@ class Candidate:
     revoked: bool
     revoked_ancestors: Sequence[str]
     entered: Mapping[str, datetime]  # channel -> when this version was last promoted into it
+    # Vulnerability source -> how old its data was when the latest scan matched against it (ScanRecord.vulndb_as_of).
+    vulndb_as_of: Mapping[str, datetime]
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ def evaluate(policy: Policy, channel: str, candidate: Candidate, *, now: datetim
         )
     if not candidate.scanned:
         unmet.append(GateFailure("scan", f"{ref} has not been scanned; run `amiforge scan {ref}`"))
+    else:
+        unmet += _stale_data(ref, channel, rule, candidate.vulndb_as_of, now)
     if rule.require_boot_test and not candidate.boot_test_passed:
         unmet.append(
             GateFailure(
@@ -117,7 +122,7 @@ def evaluate(policy: Policy, channel: str, candidate: Candidate, *, now: datetim
     used: list[Waiver] = []
     expired: list[Waiver] = []
     for finding in candidate.findings:
-        reason = _offence(rule, channel, finding)
+        reason = _offence(rule, channel, finding, policy.severity_source)
         if reason is None:
             continue
         matching = [w for w in policy.waivers if w.matches(finding, channel)]
@@ -161,17 +166,47 @@ def evaluate(policy: Policy, channel: str, candidate: Candidate, *, now: datetim
     )
 
 
-def _offence(rule: ChannelPolicy, channel: str, finding: Finding) -> str | None:
+def _stale_data(
+    ref: str, channel: str, rule: ChannelPolicy, as_of: Mapping[str, datetime], now: datetime
+) -> list[GateFailure]:
+    """A scan judged by no advisories, or by data older than the channel allows, proves nothing: fail closed."""
+    if "osv" not in as_of:
+        return [
+            GateFailure(
+                "vulndb",
+                f"the scan of {ref} matched against no advisories (or was made before amiforge recorded their age); "
+                "run `amiforge vulndb update` (or `vulndb import`), then `amiforge rescan " + ref + "`",
+            )
+        ]
+    failures = []
+    for source, when in sorted(as_of.items()):
+        age = now - as_utc(when)
+        if age > rule.max_vulndb_age:
+            failures.append(
+                GateFailure(
+                    "vulndb",
+                    f"the {source} data the scan of {ref} used is {_human(age)} old; {channel} allows "
+                    f"{_human(rule.max_vulndb_age)} (max_vulndb_age): run `amiforge vulndb update`, then "
+                    f"`amiforge rescan {ref}`",
+                )
+            )
+    return failures
+
+
+def _offence(rule: ChannelPolicy, channel: str, finding: Finding, source: SeveritySource) -> str | None:
     """Why `finding` counts against `channel`, or None if the channel's rules let it through."""
     match finding.kind:
         case FindingKind.CVE:
+            if finding.debian is not None and finding.debian.minor and not rule.count_debian_minor:
+                return None
             if rule.fixed_only and finding.fixed is None:
                 return None
-            severity = rule.unknown_cve_severity if finding.severity is Severity.UNKNOWN else finding.severity
-            if severity.rank <= rule.max_cve_severity.rank:
+            severity, origin = rated(finding, source)
+            judged = rule.unknown_cve_severity if severity is Severity.UNKNOWN else severity
+            if judged.rank <= rule.max_cve_severity.rank:
                 return None
-            judged = f" (unrated, judged {severity})" if finding.severity is Severity.UNKNOWN else ""
-            return f"severity {finding.severity}{judged} is above {channel}'s max_cve_severity {rule.max_cve_severity}"
+            why = f" (unrated, judged {judged})" if severity is Severity.UNKNOWN else f" ({origin})"
+            return f"severity {severity}{why} is above {channel}'s max_cve_severity {rule.max_cve_severity}"
         case FindingKind.SECRET:
             if rule.allow_secrets:
                 return None

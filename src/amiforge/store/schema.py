@@ -209,6 +209,7 @@ scans_table = sa.Table(
     sa.Column("vulndb", sa.Text, nullable=False),
     sa.Column("changelogs", sa.JSON, nullable=True),  # source package -> [[version, [CVE ids]]]; NULL: not read
     sa.Column("vulndb_as_of", sa.JSON, nullable=True),  # source name -> ISO time of its data; NULL: none recorded
+    sa.Column("release", sa.String(32), nullable=True),  # os-release VERSION_ID; NULL: not recorded
     sa.Index("ix_scans_version_id", "version_id"),
 )
 

@@ -136,6 +136,7 @@ class SupplyChain(StoreCore):
                         pkg: [[e.version, list(e.cves)] for e in entries] for pkg, entries in scan.changelogs.items()
                     },
                     vulndb_as_of={k: v.isoformat() for k, v in scan.vulndb_as_of.items()},
+                    release=scan.release,
                 )
             )
             return replace(scan, id=inserted_id(result), version_id=version_id)
@@ -309,6 +310,12 @@ class SupplyChain(StoreCore):
                 for advisory_id, record in conn.execute(query):
                     found[advisory_id] = record
         return [found[k] for k in sorted(found)]
+
+    def all_advisories(self) -> list[dict[str, Any]]:
+        """Every advisory's raw record, by id (an export of the whole osv source)."""
+        with self._guard("read advisories"), self._read() as conn:
+            query = sa.select(advisories_table.c.record).order_by(advisories_table.c.id)
+            return [record for (record,) in conn.execute(query)]
 
     def vulndb_imports(self) -> list[VulnDbImport]:
         with self._guard("list advisory imports"), self._read() as conn:

@@ -1,0 +1,159 @@
+"""rescan: re-match versions against today's vulnerability data without reading their images again.
+
+A scan stores the image's packages (its SBOM) and Debian release, so a rescan re-runs only the matching and the
+rating (`scan.vulnerabilities`) and records a new scan with the same SBOM: the findings a gate judges, and the age
+of the data behind them, become today's. Findings that do not come from advisories (secrets, residue) and those
+imported from other scanners' reports are kept from the scan before (imported ones are rated again).
+
+What matters to a team is the channels: `rescan` takes every channel's current version (or the channels, or the
+versions, asked for), and reports each whose gate result changed. A channel that now holds a version its own gate
+refuses is flagged (an event, `rescan.flagged`) and the command exits 4: a version in prod with a new critical CVE
+is an incident, as a revocation is.
+
+A changed findings summary means the version's signature (which states it) no longer verifies: sign it again after
+looking at what changed, as `amiforge verify` says.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from amiforge.errors import ConfigError, NotFound
+from amiforge.lifecycle.promote import policy_of
+from amiforge.lifecycle.scan import findings_gate, vulnerabilities
+from amiforge.lifecycle.views import findings_summary, vulndb_label
+from amiforge.model import Finding, FindingKind, ImageVersion, ScanRecord
+from amiforge.policy import GateDecision
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
+
+# Findings a rescan re-derives from the advisories; every other finding is kept as the image scan found it.
+_MATCHED_SOURCES = ("osv",)
+
+
+@dataclass(frozen=True)
+class ChannelVerdict:
+    channel: str  # a channel of the policy (a pointer is NAME:CHANNEL; the version names the image)
+    before: GateDecision
+    after: GateDecision
+
+    @property
+    def changed(self) -> bool:
+        return self.before.passed != self.after.passed or _reasons(self.before) != _reasons(self.after)
+
+    @property
+    def newly_failing(self) -> bool:
+        return self.before.passed and not self.after.passed
+
+
+@dataclass(frozen=True)
+class Rescanned:
+    version: ImageVersion
+    scan: ScanRecord
+    new: tuple[Finding, ...]  # CVE findings today's data adds
+    gone: tuple[Finding, ...]  # CVE findings it no longer has (fixed upstream data, Debian says not affected, …)
+    channels: tuple[ChannelVerdict, ...]  # the channels that hold it now, judged before and after
+
+    @property
+    def flagged(self) -> tuple[str, ...]:
+        """Channels holding this version whose own gate refuses it now."""
+        return tuple(v.channel for v in self.channels if not v.after.passed)
+
+
+def _reasons(decision: GateDecision) -> list[str]:
+    return sorted(f"{u.name}: {u.detail}" for u in decision.unmet)
+
+
+def targets(
+    refs: Sequence[str], channels: Sequence[str], *, store: Store, settings: Settings
+) -> dict[int, tuple[ImageVersion, list[str]]]:
+    """version id -> (version, the channels it is current in): the versions asked for, else every channel's."""
+    policy = policy_of(settings)
+    for channel in channels:
+        policy.channel(channel)  # ConfigError naming the channels if it is not one
+    chosen: dict[int, tuple[ImageVersion, list[str]]] = {}
+    for pointer in store.channels():
+        if channels and pointer.channel not in channels:
+            continue
+        version = store.get_version(pointer.current)
+        chosen.setdefault(version.id, (version, []))[1].append(pointer.channel)
+    for ref in refs:
+        version = store.get_version(ref)
+        chosen.setdefault(version.id, (version, []))
+    if channels and not any(held for _, held in chosen.values()):
+        raise NotFound(f"no version is current in {', '.join(channels)}", fix="amiforge channels lists them")
+    return chosen
+
+
+def rescan(
+    refs: Sequence[str] = (),
+    channels: Sequence[str] = (),
+    *,
+    store: Store,
+    settings: Settings,
+    now: datetime | None = None,
+) -> list[Rescanned]:
+    """Re-match each target version against today's data, record the new scan, and judge each channel that
+    holds it before and after (flagging those whose gate now refuses it)."""
+    policy = policy_of(settings)
+    now = now or datetime.now(UTC)
+    results = []
+    for version, held in targets(refs, channels, store=store, settings=settings).values():
+        before = store.latest_scan(version.id)
+        if before is None:
+            raise NotFound(f"{version.ref} has never been scanned", fix=f"amiforge scan {version.ref}")
+        if before.release is None:
+            raise ConfigError(
+                f"the scan of {version.ref} was made before amiforge recorded the image's release, so it cannot be "
+                "re-matched without reading the image",
+                fix=f"amiforge scan {version.ref} (once; later rescans need no image)",
+            )
+        kept = [f for f in before.findings if f.kind is not FindingKind.CVE]
+        imported = [f for f in before.findings if f.kind is FindingKind.CVE and f.source not in _MATCHED_SOURCES]
+        cves = vulnerabilities(before.packages, before.release, imported, store=store, policy=policy)
+        after = store.add_scan(
+            version.id,
+            replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=vulndb_label(store),
+                    vulndb_as_of=cves.as_of, id=None, version_id=None),
+        )  # fmt: skip
+        old_keys = {f.key for f in before.findings if f.kind is FindingKind.CVE}
+        new_keys = {f.key for f in cves.findings}
+        verdicts = tuple(
+            ChannelVerdict(
+                channel,
+                findings_gate(before, channel, policy=policy, now=now, ref=version.ref),
+                findings_gate(after, channel, policy=policy, now=now, ref=version.ref),
+            )
+            for channel in held
+        )
+        result = Rescanned(
+            version,
+            after,
+            tuple(f for f in cves.findings if f.key not in old_keys),
+            tuple(f for f in before.findings if f.kind is FindingKind.CVE and f.key not in new_keys),
+            verdicts,
+        )
+        store.append_event(
+            "rescan.completed",
+            actor=settings.actor,
+            ref=version.ref,
+            data={"findings": findings_summary(after.findings), "new": [f.key for f in result.new],
+                  "gone": [f.key for f in result.gone], "vulndb": after.vulndb},
+        )  # fmt: skip
+        for verdict in verdicts:
+            if not verdict.after.passed:
+                logger.warning("rescan: %s in %s fails its gate now", version.ref, verdict.channel)
+                store.append_event(
+                    "rescan.flagged",
+                    actor=settings.actor,
+                    ref=version.ref,
+                    data={"channel": verdict.channel, "reasons": _reasons(verdict.after),
+                          "newly": verdict.newly_failing},
+                )  # fmt: skip
+        results.append(result)
+    return results

@@ -1,0 +1,212 @@
+"""Which severity a CVE has (Debian's urgency, CVSS, the scanner's word) and how the gate judges it: the policy's
+severity_source, Debian's minor issues, and the age of the vulnerability data. Ids are synthetic (CVE-2999-…)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from amiforge.errors import ConfigError
+from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package, Severity, Status
+from amiforge.policy import Candidate, Policy, default_policy, evaluate, parse_policy, rated, urgency_severity
+from amiforge.scanners.ratings import cve_ids, debian_release, not_affected, rate
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+CRITICAL_V31 = CvssScore("3.1", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H", 9.8, Severity.CRITICAL, "cna")
+LOW_V31 = CvssScore("3.1", "CVSS:3.1/AV:L/AC:H/PR:H/UI:R/S:U/C:L/I:N/A:N", 1.8, Severity.LOW, "nvd")
+
+
+def cve(
+    id: str = "CVE-2999-0001",
+    *,
+    severity: Severity = Severity.UNKNOWN,
+    debian: DebianVerdict | None = None,
+    cvss: CvssScore | None = None,
+    fixed: str | None = "1.2-1",
+    package: str = "libexample1",
+    aliases: tuple[str, ...] = (),
+) -> Finding:
+    return Finding(FindingKind.CVE, id, severity, f"{id} (synthetic)", "osv", package=package, installed="1.0-1",
+                   fixed=fixed, aliases=aliases, debian=debian, cvss=cvss)  # fmt: skip
+
+
+def judged(finding: Finding, channel: str = "prod", policy: Policy | None = None) -> list[str]:
+    """The unmet gate items of a version whose only problem could be `finding`."""
+    candidate = Candidate(
+        ref="web@1", status=Status.SIGNED, boot_test_passed=True, findings=(finding,), signature_error=None,
+        scanned=True, revoked=False, revoked_ancestors=(), entered={"dev": NOW - timedelta(days=9),
+        "staging": NOW - timedelta(days=2)}, vulndb_as_of={"osv": NOW - timedelta(hours=1)},
+    )  # fmt: skip
+    return [f"{u.name}: {u.detail}" for u in evaluate(policy or default_policy(), channel, candidate, now=NOW).unmet]
+
+
+# --- urgency and the choice of rating -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("urgency", "severity"),
+    [("unimportant", Severity.NEGLIGIBLE), ("low", Severity.LOW), ("low**", Severity.LOW),
+     ("medium", Severity.MEDIUM), ("high", Severity.HIGH), ("not yet assigned", None), ("end-of-life", None),
+     ("some future word", None)],
+)  # fmt: skip
+def test_debian_urgencies_map_to_severities_and_unassigned_rates_nothing(urgency: str, severity: Severity) -> None:
+    assert urgency_severity(urgency) == severity
+
+
+def test_debian_first_by_default_then_the_scanner_then_cvss() -> None:
+    low = DebianVerdict("open", "low")
+    both = cve(severity=Severity.MEDIUM, debian=low, cvss=CRITICAL_V31)
+    assert rated(both) == (Severity.LOW, "debian")
+    assert rated(both, "cvss") == (Severity.CRITICAL, "cvss")
+    assert rated(both, "max") == (Severity.CRITICAL, "cvss")
+    # Debian has not rated it yet: the scanner's own word (OSV carries Debian's urgency when there is one) …
+    unassigned = replace(both, debian=DebianVerdict("open", "not yet assigned"))
+    assert rated(unassigned) == (Severity.MEDIUM, "osv")
+    # … and with no word either, CVSS.
+    assert rated(replace(unassigned, severity=Severity.UNKNOWN)) == (Severity.CRITICAL, "cvss")
+    assert rated(cve()) == (Severity.UNKNOWN, None)
+    assert rated(cve(), "max") == (Severity.UNKNOWN, None)
+
+
+def test_a_severity_the_rating_chose_is_not_taken_for_the_scanners_own_word() -> None:
+    # Rated once from CVSS, a finding asked again under `debian` still finds no scanner rating: CVSS again.
+    once = cve(severity=Severity.CRITICAL, cvss=CRITICAL_V31, debian=DebianVerdict("open", "not yet assigned"))
+    once = replace(once, severity_source="cvss")
+    assert rated(once, "debian") == (Severity.CRITICAL, "cvss")
+    assert rated(replace(once, cvss=LOW_V31), "debian") == (Severity.LOW, "cvss")
+
+
+# --- the gate ---------------------------------------------------------------------------------------------------
+
+
+def test_the_default_prod_gate_passes_unimportant_and_low_and_fails_a_high() -> None:
+    unimportant = cve(debian=DebianVerdict("open", "unimportant"), cvss=CRITICAL_V31)
+    low = cve("CVE-2999-0002", debian=DebianVerdict("open", "low"), cvss=CRITICAL_V31)
+    high = cve("CVE-2999-0003", debian=DebianVerdict("open", "high"), cvss=LOW_V31)
+    assert judged(unimportant) == [] and judged(low) == []
+    (failure,) = judged(high)
+    assert failure.startswith("cve CVE-2999-0003 in libexample1: CVE-2999-0003 (synthetic): severity high (debian) is")
+    # The same findings judged by CVSS: the critical ones fail (unimportant stays out: Debian's verdict, not a rating).
+    by_cvss = default_policy().model_copy(update={"severity_source": "cvss"})
+    assert judged(unimportant, policy=by_cvss) == [] and len(judged(low, policy=by_cvss)) == 1
+    assert judged(high, policy=by_cvss) == []
+
+
+def test_debian_minor_issues_are_shown_but_count_only_where_the_policy_says() -> None:
+    for note in ("postponed", "ignored", "no-dsa: minor issue"):
+        no_dsa = cve(debian=DebianVerdict("open", "high", None, note), severity=Severity.HIGH)
+        assert judged(no_dsa) == [], note
+    strict = parse_policy(
+        "channels:\n  prod: {max_cve_severity: medium, count_debian_minor: true}\n", Path("policy.yaml")
+    )
+    assert len(judged(cve(debian=DebianVerdict("open", "high", None, "postponed")), policy=strict)) == 1
+    assert len(judged(cve(debian=DebianVerdict("open", "unimportant"), cvss=CRITICAL_V31), policy=strict)) == 0
+    by_cvss = strict.model_copy(update={"severity_source": "cvss"})
+    assert len(judged(cve(debian=DebianVerdict("open", "unimportant"), cvss=CRITICAL_V31), policy=by_cvss)) == 1
+
+
+def _aged(as_of: dict[str, datetime], channel: str = "staging", policy: Policy | None = None) -> list[str]:
+    candidate = Candidate(
+        ref="web@1", status=Status.SIGNED, boot_test_passed=True, findings=(), signature_error=None, scanned=True,
+        revoked=False, revoked_ancestors=(), entered={"dev": NOW - timedelta(days=9)}, vulndb_as_of=as_of,
+    )  # fmt: skip
+    return [u.detail for u in evaluate(policy or default_policy(), channel, candidate, now=NOW).unmet]
+
+
+def test_data_older_than_max_vulndb_age_fails_closed_and_says_what_to_run() -> None:
+    assert _aged({"osv": NOW - timedelta(days=7)}) == []
+    (stale,) = _aged({"osv": NOW - timedelta(days=7, seconds=1)})
+    assert stale == (
+        "the osv data the scan of web@1 used is 7d1s old; staging allows 7d (max_vulndb_age): "
+        "run `amiforge vulndb update`, then `amiforge rescan web@1`"
+    )
+    assert len(_aged({"osv": NOW - timedelta(hours=1), "debian": NOW - timedelta(days=30)})) == 1
+    (none,) = _aged({})
+    assert "matched against no advisories" in none
+    (none_but_debian,) = _aged({"debian": NOW})  # Debian's verdicts alone match nothing
+    assert "matched against no advisories" in none_but_debian
+    loose = parse_policy("channels:\n  staging: {max_vulndb_age: 30d}\n", Path("p.yaml"))
+    assert _aged({"osv": NOW - timedelta(days=29)}, policy=loose) == []
+
+
+def test_policy_fields_are_checked_with_their_place() -> None:
+    with pytest.raises(ConfigError) as bad:
+        parse_policy("severity_source: nvd\nchannels:\n  dev: {max_vulndb_age: 0s}\n", Path("p.yaml"))
+    fields = sorted(str(p.field) for p in bad.value.problems)
+    assert fields == ["channels.dev.max_vulndb_age", "severity_source"]
+    assert parse_policy("severity_source: max\nchannels: {dev: }\n", Path("p.yaml")).severity_source == "max"
+
+
+# --- rating findings with the registry's data ----------------------------------------------------------------
+
+
+PACKAGES = [Package("libexample1", "1.0-1+b1", "amd64", "example", "1.0-1"), Package("tool", "2.0-1", "amd64")]
+
+
+def test_rate_takes_the_source_packages_verdict_and_the_preferred_cvss() -> None:
+    finding = cve(aliases=("CVE-2999-0001",), fixed=None)
+    verdicts = {("example", "CVE-2999-0001"): DebianVerdict("open", "medium", "1.1-1")}
+    scores = {"CVE-2999-0001": [LOW_V31, CRITICAL_V31]}
+    (kept,), dropped = rate([finding], PACKAGES, verdicts, scores, severity_source="debian")
+    assert dropped == []
+    assert kept.debian == verdicts[("example", "CVE-2999-0001")] and kept.cvss == CRITICAL_V31
+    assert (kept.severity, kept.severity_source) == (Severity.MEDIUM, "debian")
+    assert kept.fixed == "1.1-1"  # the tracker knows a fix OSV did not list
+
+
+def test_what_debian_says_is_fixed_in_the_installed_version_is_left_out() -> None:
+    fixed_below = {("example", "CVE-2999-0001"): DebianVerdict("resolved", "low", "0.9-1")}
+    never = {("example", "CVE-2999-0001"): DebianVerdict("resolved", "unimportant", "0")}
+    for verdicts in (fixed_below, never):
+        kept, dropped = rate([cve()], PACKAGES, verdicts, {}, severity_source="debian")
+        assert (kept, [f.id for f in dropped]) == ([], ["CVE-2999-0001"])
+    # Fixed only in a later version: still affected.
+    later = {("example", "CVE-2999-0001"): DebianVerdict("resolved", "low", "1.0-2")}
+    (still,), dropped = rate([cve()], PACKAGES, later, {}, severity_source="debian")
+    assert dropped == [] and still.severity is Severity.LOW
+    assert not_affected(DebianVerdict("open", "low", "0"), "1.0") is False  # only a resolved verdict says so
+
+
+def test_an_advisory_covering_several_cves_takes_the_worst_that_still_affects() -> None:
+    dsa = cve("DSA-9999-1", aliases=("CVE-2999-0001", "CVE-2999-0002", "CVE-2999-0003"))
+    assert cve_ids(dsa) == ("CVE-2999-0001", "CVE-2999-0002", "CVE-2999-0003")
+    verdicts = {
+        ("example", "CVE-2999-0001"): DebianVerdict("open", "low"),
+        ("example", "CVE-2999-0002"): DebianVerdict("open", "high", None, "postponed"),  # minor: ranks below
+        ("example", "CVE-2999-0003"): DebianVerdict("resolved", "high", "0.5-1"),  # fixed here: not counted
+    }
+    (kept,), _ = rate([dsa], PACKAGES, verdicts, {}, severity_source="debian")
+    assert kept.debian == verdicts[("example", "CVE-2999-0001")] and kept.severity is Severity.LOW
+    # Only minor ones left: the finding is minor.
+    del verdicts[("example", "CVE-2999-0001")]
+    (kept,), _ = rate([replace(dsa, aliases=dsa.aliases[1:])], PACKAGES, verdicts, {}, severity_source="debian")
+    assert kept.debian is not None and kept.debian.minor
+
+
+def test_findings_that_are_not_cves_pass_through_and_unknown_packages_keep_their_own_names() -> None:
+    secret = Finding(FindingKind.SECRET, "private-key", Severity.CRITICAL, "key", "secrets", path="/k")
+    orphan = cve(package="not-installed")
+    verdicts = {("not-installed", "CVE-2999-0001"): DebianVerdict("open", "high")}
+    kept, _ = rate([secret, orphan], PACKAGES, verdicts, {}, severity_source="debian")
+    assert kept[0] is secret and kept[1].severity is Severity.HIGH
+
+
+def test_the_release_comes_from_the_images_os_release(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "usr/lib/os-release").write_text('ID=debian\nVERSION_ID="13"\nVERSION_CODENAME=trixie\n')
+    (tmp_path / "etc/os-release").symlink_to("../usr/lib/os-release")
+    assert debian_release(tmp_path) == ("13", "trixie")
+    (tmp_path / "usr/lib/os-release").write_text("ID=ubuntu\nVERSION_ID=24.04\nVERSION_CODENAME=noble\n")
+    with pytest.raises(ConfigError, match=r"ID=ubuntu, VERSION_ID=24\.04"):
+        debian_release(tmp_path)
+    (tmp_path / "usr/lib/os-release").write_text("ID=debian\nVERSION_CODENAME=sid\n")  # unstable: no release
+    with pytest.raises(ConfigError, match="not a Debian release"):
+        debian_release(tmp_path)
+    (tmp_path / "etc/os-release").unlink()
+    (tmp_path / "usr/lib/os-release").unlink()
+    with pytest.raises(ConfigError, match="no os-release"):
+        debian_release(tmp_path)
