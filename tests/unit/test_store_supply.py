@@ -85,13 +85,14 @@ def test_a_scan_keeps_ratings_changelogs_and_the_age_of_its_data(store: SqlStore
     finding = Finding(FindingKind.CVE, "TEST-0002", Severity.LOW, "synthetic", "osv", package="openssl",
                       installed="3.0.1-1", severity_source="debian", debian=verdict, cvss=score)  # fmt: skip
     changelogs = {"openssl": (ChangelogEntry("3.0.2-1", ("CVE-2999-0001", "CVE-2999-0002")),)}
-    scan = ScanRecord(T0, (), "{}", "d" * 64, (finding,), "osv", changelogs=changelogs, vulndb_as_of={"osv": T0})
+    scan = ScanRecord(T0, (), "{}", "d" * 64, (finding,), "osv", changelogs=changelogs, vulndb_as_of={"osv": T0},
+                      release="12")  # fmt: skip
     store.add_scan(vid, scan)
     latest = store.latest_scan(vid)
     assert latest is not None
     assert latest.findings == (finding,)
     assert latest.changelogs == changelogs
-    assert latest.vulndb_as_of == {"osv": T0}
+    assert latest.vulndb_as_of == {"osv": T0} and latest.release == "12"
 
 
 def _state(name: str, count: int = 0) -> VulnDbSource:
