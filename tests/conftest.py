@@ -141,3 +141,9 @@ def synthetic_osv(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "TEST-2026-0001.json").write_text(json.dumps(SYNTHETIC_OSV_RECORD))
     return folder
+
+
+# /etc/os-release of a Debian 12 image, for test image roots (a scan matches advisories for the image's release).
+DEBIAN_12_OS_RELEASE = (
+    'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n'
+)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_root
+from tests.conftest import require_root, synthetic_osv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,11 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     data = tmp_path_factory.mktemp("amiforge-data")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")}
     env |= {"AMIFORGE_DATA_DIR": str(data), "TMPDIR": str(tmp_path_factory.mktemp("tmp")), "COLUMNS": "200"}
-    yield Cli(data, env)
+    cli = Cli(data, env)
+    # Gates judge scans only against vulnerability data (without any they fail closed): one synthetic advisory
+    # that matches nothing; tests that want real advisories import ../shared/data on top.
+    cli.run("vulndb", "import", str(synthetic_osv(tmp_path_factory.mktemp("osv"))))
+    yield cli
 
 
 @pytest.fixture

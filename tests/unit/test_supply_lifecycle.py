@@ -56,12 +56,9 @@ from amiforge.settings import Settings
 from amiforge.signing.interface import canonical_statement, sign_envelope
 from amiforge.signing.keyfile import KeyfileSigner, generate_keypair
 from amiforge.store.sql import SqlStore, open_store
-from tests.conftest import OSV_DIR, needs_osv, synthetic_osv
+from tests.conftest import DEBIAN_12_OS_RELEASE, OSV_DIR, needs_osv, synthetic_osv
 
 ACTOR = "TEST-0001@test"
-DEBIAN_12_OS_RELEASE = (
-    'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n'
-)
 SECRET_PATH = "/opt/app/deploy.pem"
 
 

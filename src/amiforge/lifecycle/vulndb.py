@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from amiforge.errors import AmiforgeError, ConfigError, Problem
-from amiforge.feeds.sources import SOURCES, fetch_source
+from amiforge.feeds import SOURCES, check_url, fetch_source
 from amiforge.inputs import MIB, file_sha256, open_input
 from amiforge.model import VULN_SOURCES, VulnDbSource, VulnSourceName
 from amiforge.scanners.cve_scores import load_cve_scores
@@ -162,9 +162,11 @@ def update(
 ) -> list[SourceOutcome]:
     """Download each source (all when `names` is empty) and swap it in; a source that fails keeps its previous
     data and the others go on. The caller turns failures into an exit code."""
+    chosen = {name: (urls or {}).get(name) or SOURCES[name].default_url for name in source_names(names)}
+    for name, url in chosen.items():
+        check_url(url, what=SOURCES[name].what)  # a URL that can never work is the caller's mistake: refused first
     outcomes = []
-    for name in source_names(names):
-        url = (urls or {}).get(name) or SOURCES[name].default_url
+    for name, url in chosen.items():
         root = settings.data_dir / "vulndb"
         root.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=root))

@@ -32,6 +32,7 @@ from amiforge.providers.aws.provider import AwsProvider
 from amiforge.settings import Settings
 from amiforge.waiting import Wait
 from tests.cli_harness import Cli, make_cli
+from tests.conftest import DEBIAN_12_OS_RELEASE, synthetic_osv
 
 COPY_REGION = "us-east-1"
 SHARE_ACCOUNT = "111122223333"
@@ -67,6 +68,7 @@ def disk(tmp_path: Path) -> Path:
     (tree / "var/lib/dpkg/status").write_text(DPKG)
     (tree / "etc").mkdir()
     (tree / "etc/motd").write_text("web\n")
+    (tree / "etc/os-release").write_text(DEBIAN_12_OS_RELEASE)
     raw = tmp_path / "root.raw"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), "-L", "root", str(raw), "16M"], check=True)
     return raw
@@ -163,6 +165,8 @@ def _environment(
     environment = Env(aws, ebs, disk, tmp_path, make_cli(monkeypatch, capsys))
     environment.ssm = validation
     monkeypatch.setattr(amiforge.providers, "PROVIDERS", {**amiforge.providers.PROVIDERS, "aws": environment.provider})
+    imported = environment.cli("vulndb", "import", str(synthetic_osv(tmp_path / "osv")))  # gates need some data
+    assert imported.code == 0, imported.err
     return environment
 
 
