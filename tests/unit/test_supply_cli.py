@@ -32,7 +32,7 @@ from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings, load_settings
 from amiforge.store.sql import SqlStore, open_store
 from tests.cli_harness import Cli, make_cli
-from tests.conftest import OSV_DIR, needs_osv
+from tests.conftest import DEBIAN_12_OS_RELEASE, OSV_DIR, needs_osv, synthetic_osv
 
 SECRET_PATH = "/srv/app/id_deploy.pem"
 FINDING_KINDS = {"cve", "secret", "residue", "policy"}
@@ -137,6 +137,8 @@ def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Image:
     root = tmp_path / "rootfs"
     (root / "var/lib/dpkg").mkdir(parents=True)
     (root / "var/lib/dpkg/status").write_text(dpkg_status(microcode, installed))
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text(DEBIAN_12_OS_RELEASE)
     img = Image(root, tmp_path / "disks")
     img.disks.mkdir()
 
@@ -161,8 +163,17 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image: Image) -> I
 
 
 @pytest.fixture
-def cli(data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+def bare_cli(data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The CLI on a registry without vulnerability data."""
     return make_cli(monkeypatch, capsys)
+
+
+@pytest.fixture
+def cli(bare_cli: Cli, tmp_path: Path) -> Cli:
+    """The CLI on a registry holding vulnerability data: one synthetic advisory that matches nothing."""
+    imported = bare_cli("vulndb", "import", str(synthetic_osv(tmp_path / "osv")))
+    assert imported.code == 0, imported.err
+    return bare_cli
 
 
 @contextmanager
@@ -329,11 +340,11 @@ def test_sbom_spdx_and_cyclonedx(cli: Cli, image: Image, tmp_path: Path) -> None
 # --- vulndb -------------------------------------------------------------------------------------------------
 
 
-def test_vulndb_import_of_a_malformed_file_exits_2_naming_it(cli: Cli, tmp_path: Path) -> None:
+def test_vulndb_import_of_a_malformed_file_exits_2_naming_it(bare_cli: Cli, tmp_path: Path) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text(json.dumps({"id": "TEST-0001", "affected": "not a list", "modified": "yesterday"}))
 
-    r = cli("vulndb", "import", str(bad), "--json")
+    r = bare_cli("vulndb", "import", str(bad), "--json")
 
     assert r.code == 2
     doc = r.json()
@@ -341,34 +352,40 @@ def test_vulndb_import_of_a_malformed_file_exits_2_naming_it(cli: Cli, tmp_path:
     assert doc["message"] == f"OSV advisories at {bad} is malformed (2 problems)"
     assert {p["file"] for p in doc["problems"]} == {str(bad)}
     assert sorted(p["field"] for p in doc["problems"]) == ["affected", "modified"]
-    status = cli("vulndb", "status", "--json").json()
-    assert (status["advisories"], status["imports"], status["age_days"]) == (0, [], None)
+    status = bare_cli("vulndb", "status", "--json").json()
+    assert status["advisories"] == 0
+    assert [(s["name"], s["state"], s["age_days"]) for s in status["sources"]] == [
+        ("osv", None, None), ("debian", None, None), ("cve", None, None)
+    ]  # fmt: skip
 
-    text = cli("vulndb", "import", str(tmp_path / "nowhere"))
+    text = bare_cli("vulndb", "import", str(tmp_path / "nowhere"))
     assert text.code == 2
-    assert f"no advisories at {tmp_path / 'nowhere'}" in text.err
+    assert f"no osv data at {tmp_path / 'nowhere'}" in text.err
 
 
 @needs_osv
-def test_vulndb_status_counts_the_imported_advisories(cli: Cli) -> None:
-    assert "no advisories imported" in cli("vulndb", "status").out
+def test_vulndb_status_counts_the_imported_advisories(bare_cli: Cli) -> None:
+    assert "never imported" in bare_cli("vulndb", "status").out
     count = len(list(OSV_DIR.glob("*.json")))
 
-    imported = cli("vulndb", "import", str(OSV_DIR), "--json")
+    imported = bare_cli("vulndb", "import", str(OSV_DIR), "--json")
     assert imported.code == 0, imported.err
-    assert imported.json()["advisories"] == count
-    assert imported.json()["import"]["count"] == count
+    state = imported.json()["source"]
+    assert (state["name"], state["count"], state["origin"]) == ("osv", count, str(OSV_DIR))
+    newest = max(f.stat().st_mtime for f in OSV_DIR.glob("*.json"))
+    assert datetime.fromisoformat(state["as_of"]).timestamp() == pytest.approx(newest)  # the files' age
 
-    r = cli("vulndb", "status", "--json")
+    r = bare_cli("vulndb", "status", "--json")
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["advisories"] == count
-    [entry] = doc["imports"]
-    assert (entry["id"], entry["source"], entry["count"]) == (1, str(OSV_DIR), count)
-    assert 0 <= doc["age_days"] < 0.01
+    osv = doc["sources"][0]
+    assert osv["name"] == "osv" and osv["state"]["count"] == count
+    assert osv["age_days"] == pytest.approx((datetime.now(UTC).timestamp() - newest) / 86400, abs=0.01)
     # Importing the same records again replaces them: the count does not double.
-    assert cli("vulndb", "import", str(OSV_DIR), "--json").json()["advisories"] == count
-    assert len(cli("vulndb", "status", "--json").json()["imports"]) == 2
+    assert bare_cli("vulndb", "import", str(OSV_DIR), "--json").json()["source"]["count"] == count
+    row = next(line for line in bare_cli("vulndb", "status").out.splitlines() if line.strip().startswith("osv"))
+    assert [cell.strip() for cell in row.split("│")][:3] == ["osv", str(count), f"{osv['age_days']:.1f} day(s)"]
 
 
 # --- keys, sign, verify -------------------------------------------------------------------------------------

@@ -313,9 +313,11 @@ def rescan_command(
     channels: list[str] = typer.Option([], "--channel", help="Only the versions current in this channel; repeat."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Re-match versions against today's vulnerability data from their stored SBOMs (no image is read), record the
-    new findings, and report each channel whose gate result changed. Exit 4 when a channel holds a version its own
-    gate refuses now."""
+    """Re-match channels' versions against today's vulnerability data (no image is read); exit 4 when a channel now
+    holds a version its gate refuses.
+
+    Each version's stored packages (its SBOM) are matched again, the new findings recorded, and each channel whose
+    gate result changed is reported."""
     from amiforge.lifecycle.rescan import rescan
     from amiforge.lifecycle.views import finding_json
 
