@@ -202,6 +202,12 @@ def test_update_downloads_every_source_and_a_scan_rates_each_finding_with_its_so
     assert unimportant["cvss"]["severity"] == "critical"  # shown beside it, not chosen by default
     text = cli("scan", "web@1")
     assert "high (debian)" in text.out and "(Debian: minor)" in text.out
+    shown = cli("images", "show", "web@1", "--json").json()["scan"]
+    assert {(f["id"], f["package"], f["severity_source"]) for f in shown["cves"]} == {
+        (f["id"], f["package"], f["severity_source"]) for f in found.values()
+    }
+    assert set(shown["vulndb_as_of"]) == {"osv", "debian", "cve"}
+    assert "CVE severities from: debian 6;" in cli("images", "show", "web@1").out
 
 
 def test_a_failed_update_keeps_the_previous_data_and_exits_3(cli: Cli, mirror: Mirror) -> None:

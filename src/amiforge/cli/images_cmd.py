@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import typer
 from rich.markup import escape
 
@@ -84,7 +86,7 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """One version: state, digests, artifacts, layers (hit/miss), boot reports and its events."""
-    from amiforge.lifecycle.views import findings_summary, generalised_of, leftovers_of
+    from amiforge.lifecycle.views import finding_json, findings_summary, generalised_of, leftovers_of
 
     _, store = open_registry()
     v = store.get_version(ref)
@@ -105,7 +107,9 @@ def show(
             "packages": len(scan.packages),
             "sbom_digest": scan.sbom_digest,
             "findings": findings_summary(scan.findings),
+            "cves": [finding_json(f) for f in scan.findings if f.kind.value == "cve"],
             "vulndb": scan.vulndb,
+            "vulndb_as_of": scan.vulndb_as_of,
         },
         "signatures": [
             {"key_id": s.key_id, "signed_at": s.signed_at, "statement": s.statement_digest} for s in signatures
@@ -143,6 +147,10 @@ def show(
         console.print(
             f"  scan     {scan.scanned_at:%Y-%m-%d %H:%M}Z: {len(scan.packages)} packages, {summary}", markup=False
         )
+        rated = Counter(f.severity_source or "unrated" for f in scan.findings if f.kind.value == "cve")
+        if rated:
+            origins = ", ".join(f"{origin} {n}" for origin, n in sorted(rated.items()))
+            console.print(f"           CVE severities from: {origins}; data: {scan.vulndb}", markup=False)
     for s in signatures:
         console.print(f"  signed   {s.signed_at:%Y-%m-%d %H:%M}Z by {s.key_id}", markup=False)
     for p in held:
