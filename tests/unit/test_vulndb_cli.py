@@ -313,10 +313,17 @@ def test_rescan_flags_a_channel_whose_version_now_fails_its_gate(
         assert isinstance(reasons, list) and any("CVE-2999-0004" in str(reason) for reason in reasons)
         latest = store.latest_scan(store.get_version("web@1").id)
         assert latest is not None and "CVE-2999-0004" in {f.id for f in latest.findings}
-    # The rescan changed what the signature states: verify says so, and signing again fixes it.
+    # Flagged like a revocation: `channels` says so until a newer scan of the version.
+    (pointer,) = cli("channels", "--json").json()
+    (reason,) = reasons
+    assert str(reason).startswith("cve CVE-2999-0004 in zlib1g: ")
+    assert pointer["flags"] == [f"current web@1 fails dev's gate since a rescan: {reason}"]
+    # The rescan changed what the signature states: verify says so.
     assert cli("verify", "web@1").code == 4
     text = cli("rescan")
     assert text.code == 4 and "gate dev: FAILS now (it failed before)" in text.out
+    assert cli("scan", "web@1").code == 4  # a fresh scan of the image: the gate is promote's again, not a flag
+    assert cli("channels", "--json").json()[0]["flags"] == []
 
 
 def test_update_and_import_refuse_unknown_sources_and_bad_urls(cli: Cli, tmp_path: Path) -> None:

@@ -128,13 +128,15 @@ def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
 
 
 def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[list[str]]:
-    """`channel_flags` of each pointer, from two reads whatever their number and the depth of their histories."""
+    """`channel_flags` of each pointer, from three reads whatever their number and the depth of their histories:
+    revocations, and a current version a rescan found its channel's gate now refuses (until a newer scan)."""
     refs = {ref for p in pointers for ref in (p.current, p.previous) if ref is not None}
     states = store.version_states(refs)
     for missing in refs - states.keys():
         version = store.get_version(missing)  # a ref one read cannot resolve: NotFound names it
         states[missing] = (version.id, version.status)
     revoked = store.revoked_ancestors([version_id for version_id, _ in states.values()])
+    rescanned = _refused_since_rescan(store, {p.current for p in pointers})
     flags: list[list[str]] = []
     for pointer in pointers:
         mine = []
@@ -145,5 +147,24 @@ def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[lis
             if status == Status.REVOKED:
                 mine.append(f"{role} {ref} is revoked")
             mine += [f"{role} {ref}: ancestor {a} is revoked" for a in revoked[version_id]]
+        reasons = rescanned.get((pointer.current, pointer.channel))
+        if reasons is not None:
+            mine.append(f"current {pointer.current} fails {pointer.channel}'s gate since a rescan: {reasons}")
         flags.append(mine)
     return flags
+
+
+def _refused_since_rescan(store: Store, refs: set[str]) -> dict[tuple[str, str], str]:
+    """(ref, channel) -> why, for the versions whose latest scan is a rescan that flagged that channel."""
+    events = store.events(kinds=("scan.completed", "rescan.completed", "rescan.flagged"), refs=refs)
+    latest: dict[str, int] = {}  # ref -> the seq of its latest scan or rescan
+    for e in events:
+        if e.kind != "rescan.flagged" and e.ref is not None:
+            latest[e.ref] = e.seq
+    found: dict[tuple[str, str], str] = {}
+    for e in events:
+        if e.kind == "rescan.flagged" and e.ref is not None and e.seq > latest.get(e.ref, e.seq):
+            reasons = e.data.get("reasons")
+            shown = "; ".join(str(r) for r in reasons[:2]) if isinstance(reasons, list) else ""
+            found[(e.ref, str(e.data.get("channel")))] = shown or "see amiforge rescan"
+    return found

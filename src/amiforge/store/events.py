@@ -125,14 +125,17 @@ class EventLog(StoreCore):
         limit: int | None = None,
         before: int | None = None,
         kinds: Collection[str] | None = None,
+        refs: Collection[str] | None = None,
     ) -> list[Event]:
-        """Oldest first; with `ref`, only events about that version (by exact NAME@N); with `kinds`, only events of
-        those kinds (the database filters: a reader of a few kinds never maps the whole log). `limit`: only the
-        newest that many; `before`: only events older than seq `before` (the keyset cursor: the oldest seq of the
-        page already shown)."""
+        """Oldest first; with `ref`, only events about that version (by exact NAME@N), with `refs` about any of
+        those; with `kinds`, only events of those kinds (the database filters: a reader of a few kinds never maps
+        the whole log). `limit`: only the newest that many; `before`: only events older than seq `before` (the
+        keyset cursor: the oldest seq of the page already shown)."""
         query = sa.select(events_table)
         if ref is not None:
             query = query.where(events_table.c.ref == ref)
+        if refs is not None:
+            query = query.where(events_table.c.ref.in_(sorted(refs)))
         if kinds is not None:
             query = query.where(events_table.c.kind.in_(sorted(kinds)))
         if before is not None:

@@ -130,6 +130,7 @@ class Store(Protocol):
         limit: int | None = None,
         before: int | None = None,
         kinds: Collection[str] | None = None,
+        refs: Collection[str] | None = None,
     ) -> list[Event]:
         """Oldest first; with `ref`, only events about that version (by exact NAME@N); with `kinds`, only those
         kinds; `limit`: the newest that many; `before`: only seqs below it."""
