@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import stat
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -102,6 +104,36 @@ def parse_json(data: bytes | str, *, file: str, what: str, fix: str) -> object:
     except RecursionError:  # the C decoder stops at the interpreter's recursion limit: nesting no real file has
         problem = Problem("nested too deeply to be a real document", file=file)
         raise ConfigError(f"{what} {file} is not usable JSON", problems=[problem], fix=fix) from None
+
+
+def zip_json_members(
+    path: Path, *, what: str, fix: str, max_member: int, max_total: int, refusal: str
+) -> Iterator[tuple[str, bytes]]:
+    """(`path!member`, bytes) of every *.json member of the zip archive at `path`, in name order, one at a time.
+    The sizes the headers claim are checked against the caps before anything is unpacked (ConfigError `refusal`
+    naming the member or the total), and no member is read past what its header promised (a zip bomb that lies
+    stops there). An unreadable archive is a ConfigError "cannot read the {what}"."""
+    try:
+        with open_input(path, what=what, fix=fix) as raw, zipfile.ZipFile(raw) as archive:
+            members = [i for i in archive.infolist() if not i.is_dir() and i.filename.endswith(".json")]
+            too_big = [i.filename for i in members if i.file_size > max_member]
+            if too_big or sum(i.file_size for i in members) > max_total:
+                why = (f"{too_big[0]} unpacks to more than {_size(max_member)}" if too_big
+                       else f"its files unpack to more than {_size(max_total)}")  # fmt: skip
+                raise ConfigError(refusal.format(path=path), problems=[Problem(why, file=str(path))], fix=fix)
+            for info in sorted(members, key=lambda i: i.filename):
+                with archive.open(info) as member:
+                    data = member.read(info.file_size + 1)
+                if len(data) > info.file_size:
+                    raise zipfile.BadZipFile(f"{info.filename} is larger than its header says")
+                yield f"{path}!{info.filename}", data
+    # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as e:
+        raise ConfigError(
+            f"cannot read the {what} {path}",
+            problems=[Problem(f"not a readable zip file: {e}", file=str(path))],
+            fix=fix,
+        ) from e
 
 
 def file_sha256(path: Path) -> str:

@@ -131,12 +131,11 @@ class FakeProvider:
         return sha256_file(Path(artifact.location))
 
 
-@pytest.fixture
-def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Image:
-    microcode, _, installed = microcode_fix()
+def fake_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dpkg: str) -> Image:
+    """A Debian 12 root holding the packages `dpkg` (a dpkg status file) lists, shown by the fake provider."""
     root = tmp_path / "rootfs"
     (root / "var/lib/dpkg").mkdir(parents=True)
-    (root / "var/lib/dpkg/status").write_text(dpkg_status(microcode, installed))
+    (root / "var/lib/dpkg/status").write_text(dpkg)
     (root / "etc").mkdir()
     (root / "etc/os-release").write_text(DEBIAN_12_OS_RELEASE)
     img = Image(root, tmp_path / "disks")
@@ -147,6 +146,12 @@ def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Image:
 
     monkeypatch.setattr(amiforge.providers, "PROVIDERS", {"local": factory})
     return img
+
+
+@pytest.fixture
+def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Image:
+    microcode, _, installed = microcode_fix()
+    return fake_image(tmp_path, monkeypatch, dpkg_status(microcode, installed))
 
 
 @pytest.fixture

@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_supply_cli import Image, fake_image, registry, seed
 
-import amiforge.providers
-from amiforge.providers.interface import Provider
-from amiforge.settings import Settings
 from tests.cli_harness import Cli, make_cli
-from tests.conftest import DEBIAN_12_OS_RELEASE
-from tests.unit.test_supply_cli import FakeProvider, Image, registry, seed
 
 # openssl 3.0.15-1~deb12u1 (source openssl) as libssl3 and openssl; zlib as zlib1g.
 DPKG = """\
@@ -134,19 +130,7 @@ def mirror() -> Iterator[Mirror]:
 
 @pytest.fixture
 def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Image:
-    root = tmp_path / "rootfs"
-    (root / "var/lib/dpkg").mkdir(parents=True)
-    (root / "var/lib/dpkg/status").write_text(DPKG)
-    (root / "etc").mkdir()
-    (root / "etc/os-release").write_text(DEBIAN_12_OS_RELEASE)
-    img = Image(root, tmp_path / "disks")
-    img.disks.mkdir()
-
-    def factory(settings: Settings) -> Provider:
-        return FakeProvider(settings, img)
-
-    monkeypatch.setattr(amiforge.providers, "PROVIDERS", {"local": factory})
-    return img
+    return fake_image(tmp_path, monkeypatch, DPKG)
 
 
 @pytest.fixture

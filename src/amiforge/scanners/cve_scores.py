@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.inputs import MIB, open_input, parse_json, read_input
+from amiforge.inputs import MIB, parse_json, read_input, zip_json_members
 from amiforge.model import CvssScore, Severity
 from amiforge.scanners.interface import malformed
 from amiforge.scanners.vulns import _Ctx, _kind, _obj, _objects, _str, severity_from_score, severity_from_word
@@ -305,20 +304,6 @@ def _read(file: Path) -> bytes:
     return read_input(file, what="CVE file", max_bytes=MAX_CVE_FILE, fix=_FIX)
 
 
-def _zip_members(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
-    """The archive's *.json members, refused before any is unpacked if they claim more than the caps allow."""
-    members = [i for i in archive.infolist() if not i.is_dir() and i.filename.endswith(".json")]
-    too_big = [i.filename for i in members if i.file_size > MAX_CVE_FILE]
-    if too_big or sum(i.file_size for i in members) > MAX_CVE_ARCHIVE:
-        what = (
-            f"{too_big[0]} unpacks to more than {MAX_CVE_FILE // MIB} MiB"
-            if too_big
-            else f"its files unpack to more than {MAX_CVE_ARCHIVE // MIB} MiB"
-        )
-        raise ConfigError(f"the archive {path} is not a CVE export", problems=[Problem(what, file=str(path))], fix=_FIX)
-    return sorted(members, key=lambda i: i.filename)
-
-
 def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
     """(name for errors, bytes) of every JSON file: a folder's *.json at any depth (cvelistV5 files records as
     cves/2024/10xxx/CVE-2024-10524.json), one .json, or a .zip's *.json members. One file's bytes at a time."""
@@ -329,22 +314,10 @@ def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
         for file in sorted(names):
             yield str(file), _read(file)
     elif path.suffix == ".zip":
-        # As vulns._sources does for OSV: sizes checked from the headers first, and no member read past its header.
-        try:
-            with open_input(path, what="CVE archive", fix=_FIX) as raw, zipfile.ZipFile(raw) as archive:
-                for info in _zip_members(archive, path):
-                    with archive.open(info) as member:
-                        data = member.read(info.file_size + 1)
-                    if len(data) > info.file_size:
-                        raise zipfile.BadZipFile(f"{info.filename} is larger than its header says")
-                    yield f"{path}!{info.filename}", data
-        # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as e:
-            raise ConfigError(
-                f"cannot read the CVE archive {path}",
-                problems=[Problem(f"not a readable zip file: {e}", file=str(path))],
-                fix=_FIX,
-            ) from e
+        yield from zip_json_members(
+            path, what="CVE archive", fix=_FIX, max_member=MAX_CVE_FILE, max_total=MAX_CVE_ARCHIVE,
+            refusal="the archive {path} is not a CVE export",
+        )  # fmt: skip
     else:
         yield str(path), _read(path)
 

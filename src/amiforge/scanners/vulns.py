@@ -11,7 +11,6 @@ Debian's OSV records name the *source* package (`openssl`, not `libssl3`) and gi
 from __future__ import annotations
 
 import functools
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 from debian.debian_support import BaseVersion, version_compare
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.inputs import MIB, open_input, parse_json, read_input
+from amiforge.inputs import MIB, parse_json, read_input, zip_json_members
 from amiforge.model import Finding, FindingKind, Package, Severity
 from amiforge.scanners.interface import malformed
 
@@ -423,20 +422,6 @@ def _read(file: Path, max_bytes: int = MAX_OSV_FILE) -> bytes:
     return read_input(file, what="advisory file", max_bytes=max_bytes, fix=_OSV_FIX)
 
 
-def _members(archive: zipfile.ZipFile, path: Path) -> list[zipfile.ZipInfo]:
-    """The archive's *.json members, refused before any is unpacked if they claim more than the caps allow."""
-    members = [i for i in archive.infolist() if not i.is_dir() and i.filename.endswith(".json")]
-    too_big = [i.filename for i in members if i.file_size > MAX_OSV_RECORD]
-    if too_big or sum(i.file_size for i in members) > MAX_OSV_ARCHIVE:
-        what = f"{too_big[0]} unpacks to more than 16 MiB" if too_big else "its records unpack to more than 2 GiB"
-        raise ConfigError(
-            f"the advisory archive {path} is not an OSV export",
-            problems=[Problem(what, file=str(path))],
-            fix=_OSV_FIX,
-        )
-    return sorted(members, key=lambda i: i.filename)
-
-
 def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
     """(name for errors, bytes) of every record file: a folder's *.json, one .json, or a .zip's *.json members."""
     if path.is_dir():
@@ -448,22 +433,10 @@ def _sources(path: Path) -> Iterator[tuple[str, bytes]]:
                 raise ConfigError(f"the advisories in {path} come to more than 2 GiB", fix=_OSV_FIX)
             yield str(file), data
     elif path.suffix == ".zip":
-        try:
-            with open_input(path, what="advisory archive", fix=_OSV_FIX) as raw, zipfile.ZipFile(raw) as archive:
-                for info in _members(archive, path):
-                    with archive.open(info) as member:
-                        # Read no more than the header promised: a member that lies about its size stops here.
-                        data = member.read(info.file_size + 1)
-                    if len(data) > info.file_size:
-                        raise zipfile.BadZipFile(f"{info.filename} is larger than its header says")
-                    yield f"{path}!{info.filename}", data
-        # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as e:
-            raise ConfigError(
-                f"cannot read the advisory archive {path}",
-                problems=[Problem(f"not a readable zip file: {e}", file=str(path))],
-                fix=_OSV_FIX,
-            ) from e
+        yield from zip_json_members(
+            path, what="advisory archive", fix=_OSV_FIX, max_member=MAX_OSV_RECORD, max_total=MAX_OSV_ARCHIVE,
+            refusal="the advisory archive {path} is not an OSV export",
+        )  # fmt: skip
     else:
         yield str(path), _read(path)
 
