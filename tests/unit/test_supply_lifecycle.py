@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from amiforge.errors import ConfigError, GateFailed, StateError
 from amiforge.lifecycle.boottest import boot_test
 from amiforge.lifecycle.pipeline import run_pipeline
 from amiforge.lifecycle.promote import promote, revoke
+from amiforge.lifecycle.release import releasable
 from amiforge.lifecycle.scan import scan, scan_gate
 from amiforge.lifecycle.sign import manifest_of, sign, trust_key, verify
 from amiforge.lifecycle.views import channel_flags
@@ -607,6 +609,25 @@ def test_sign_refuses_a_version_that_was_not_scanned(world: World) -> None:
 
 
 # --- promote ------------------------------------------------------------------------------------------------
+
+
+def test_old_vulnerability_data_blocks_promote_but_never_a_rollout_or_a_rollback(bare_world: World) -> None:
+    folder = synthetic_osv(bare_world.tmp / "old-osv")
+    month_ago = time.time() - 30 * 86400
+    for file in folder.iterdir():
+        os.utime(file, (month_ago, month_ago))  # a file's age is its modification time
+    state, _ = import_files("osv", folder, store=bare_world.store, settings=bare_world.settings)
+    assert (datetime.now(UTC) - state.as_of).days == 30
+    v = bare_world.signed()
+
+    with pytest.raises(GateFailed) as refused:
+        promote(v.ref, "dev", store=bare_world.store, settings=bare_world.settings)
+    assert [f.name for f in refused.value.failures] == ["vulndb"]
+    assert "the osv data the scan of web@1 used is 30d" in refused.value.failures[0].detail
+    # A channel already took what a rollout (or a rollback, in an incident) deploys: the findings still gate, the
+    # age of the data does not.
+    releasable(bare_world.store.get_version(v.ref), store=bare_world.store, settings=bare_world.settings,
+               action="rolled out")  # fmt: skip
 
 
 def test_promote_a_clean_signed_version_to_dev(world: World) -> None:

@@ -29,7 +29,9 @@ def releasable(version: ImageVersion, *, store: Store, settings: Settings, actio
     verify(version.ref, store=store, settings=settings)  # GateFailed names what no longer matches
     scan = store.latest_scan(version.id)
     assert scan is not None  # verify() refuses an unscanned version
-    decision = scan_gate(scan, policy=policy_of(settings), now=datetime.now(UTC), ref=version.ref)
+    # The findings still gate; the age of the data behind them does not: promote judged it when a channel took the
+    # version, and a rollback in an incident must never wait for `vulndb update`.
+    decision = scan_gate(scan, policy=policy_of(settings), now=datetime.now(UTC), ref=version.ref, data_age=False)
     if not decision.passed:
         raise GateFailed(
             "scan gate",

@@ -146,15 +146,17 @@ def scan(
     return ScanOutcome(version, record, tuple(view.leftovers))
 
 
-def scan_gate(scan: ScanRecord, *, policy: Policy, now: datetime, ref: str = "the version") -> GateDecision:
+def scan_gate(
+    scan: ScanRecord, *, policy: Policy, now: datetime, ref: str = "the version", data_age: bool = True
+) -> GateDecision:
     """The scan judged by the rules of the policy's entry channel (the one with no `after`): what `scan` reports
-    as its gate."""
+    as its gate. `data_age` False: the age of the vulnerability data is not judged (see release.releasable)."""
     entry = next(name for name, rule in policy.channels.items() if rule.after is None)
-    return findings_gate(scan, entry, policy=policy, now=now, ref=ref)
+    return findings_gate(scan, entry, policy=policy, now=now, ref=ref, data_age=data_age)
 
 
 def findings_gate(
-    scan: ScanRecord, channel: str, *, policy: Policy, now: datetime, ref: str = "the version"
+    scan: ScanRecord, channel: str, *, policy: Policy, now: datetime, ref: str = "the version", data_age: bool = True
 ) -> GateDecision:
     """The scan's findings, and the age of the data behind them, judged by `channel`'s rules. Boot test,
     signature, ancestry and soak are promote's business, so they count as met here."""
@@ -169,6 +171,6 @@ def findings_gate(
         revoked=False,
         revoked_ancestors=(),
         entered={after: datetime.min.replace(tzinfo=UTC)} if after else {},
-        vulndb_as_of=scan.vulndb_as_of,
+        vulndb_as_of=scan.vulndb_as_of if data_age else None,
     )
     return evaluate(policy, channel, facts, now=now)

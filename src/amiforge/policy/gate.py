@@ -43,8 +43,9 @@ class Candidate:
     revoked: bool
     revoked_ancestors: Sequence[str]
     entered: Mapping[str, datetime]  # channel -> when this version was last promoted into it
-    # Vulnerability source -> how old its data was when the latest scan matched against it (ScanRecord.vulndb_as_of).
-    vulndb_as_of: Mapping[str, datetime]
+    # Vulnerability source -> how old its data was when the latest scan matched against it (ScanRecord.vulndb_as_of);
+    # None: the data's age is not judged (a rollout or rollback of a version a channel already took).
+    vulndb_as_of: Mapping[str, datetime] | None
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def evaluate(policy: Policy, channel: str, candidate: Candidate, *, now: datetim
         )
     if not candidate.scanned:
         unmet.append(GateFailure("scan", f"{ref} has not been scanned; run `amiforge scan {ref}`"))
-    else:
+    elif candidate.vulndb_as_of is not None:
         unmet += _stale_data(ref, channel, rule, candidate.vulndb_as_of, now)
     if rule.require_boot_test and not candidate.boot_test_passed:
         unmet.append(
