@@ -262,7 +262,7 @@ class DebianVerdict:
     @property
     def minor(self) -> bool:
         """Shown, but never failing a gate unless the policy says so: unimportant, or no DSA planned."""
-        return self.urgency.rstrip("*").strip() == "unimportant" or self.no_dsa is not None
+        return self.urgency.rstrip("*").strip().lower() == "unimportant" or self.no_dsa is not None
 
 
 @dataclass(frozen=True)
@@ -295,10 +295,15 @@ class Finding:
     line: int | None = None
     redacted: str | None = None
     # CVE findings: where `severity` came from (debian, cvss, osv, trivy, grype, or None: unrated), and the ratings
-    # it was chosen from, so a gate can choose again by its own policy (severity_source).
+    # it was chosen from, so a gate can choose again by its own policy (severity_source): Debian's verdict, the
+    # CVSS rating and the scanner's own word (`reported`) — of the most severe of the CVEs an advisory covers.
     severity_source: str | None = None
     debian: DebianVerdict | None = None
     cvss: CvssScore | None = None
+    reported: Severity | None = None
+    # Other CVEs of the advisory that still affect the package and that nothing rates: the gate judges the finding
+    # at least as its channel's unknown_cve_severity (fail closed), whatever the rated ones say.
+    unrated_cves: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

@@ -48,7 +48,7 @@ def judged(finding: Finding, channel: str = "prod", policy: Policy | None = None
 
 @pytest.mark.parametrize(
     ("urgency", "severity"),
-    [("unimportant", Severity.NEGLIGIBLE), ("low", Severity.LOW), ("low**", Severity.LOW),
+    [("unimportant", Severity.NEGLIGIBLE), ("low", Severity.LOW), ("low**", None), ("High", Severity.HIGH),
      ("medium", Severity.MEDIUM), ("high", Severity.HIGH), ("not yet assigned", None), ("end-of-life", None),
      ("some future word", None)],
 )  # fmt: skip
@@ -186,12 +186,59 @@ def test_an_advisory_covering_several_cves_takes_the_worst_that_still_affects() 
     assert kept.debian is not None and kept.debian.minor
 
 
-def test_findings_that_are_not_cves_pass_through_and_unknown_packages_keep_their_own_names() -> None:
+def test_findings_that_are_not_cves_pass_through_and_packages_dpkg_does_not_know_get_no_debian_verdict() -> None:
     secret = Finding(FindingKind.SECRET, "private-key", Severity.CRITICAL, "key", "secrets", path="/k")
-    orphan = cve(package="not-installed")
-    verdicts = {("not-installed", "CVE-2999-0001"): DebianVerdict("open", "high")}
-    kept, _ = rate([secret, orphan], PACKAGES, verdicts, {}, severity_source="debian")
-    assert kept[0] is secret and kept[1].severity is Severity.HIGH
+    # A Trivy finding for a pip package that shares a name with a Debian source package: Debian's verdict (and its
+    # fixed version) is about Debian's package, not this one.
+    pip = replace(cve(package="requests", severity=Severity.CRITICAL, fixed=None), source="trivy", installed="2.31.0")
+    verdicts = {("requests", "CVE-2999-0001"): DebianVerdict("resolved", "low", "2.28.1+dfsg-1")}
+    kept, dropped = rate([secret, pip], PACKAGES, verdicts, {}, severity_source="debian")
+    assert dropped == [] and kept[0] is secret
+    assert (kept[1].severity, kept[1].severity_source, kept[1].debian, kept[1].fixed) == (
+        Severity.CRITICAL, "trivy", None, None)  # fmt: skip
+    # A version dpkg could never hold is not compared at all (no traceback from the version parser).
+    odd = [Package("libexample1", "not a version!", "amd64", "example", "not a version!")]
+    (kept_odd,), _ = rate([cve()], odd, {("example", "CVE-2999-0001"): DebianVerdict("open", "high")}, {},
+                          severity_source="debian")  # fmt: skip
+    assert kept_odd.debian is None
+
+
+def test_an_advisory_is_rated_by_its_worst_cve_each_rated_on_its_own() -> None:
+    dsa = cve("DSA-9999-1", aliases=("CVE-2999-0001", "CVE-2999-0002", "CVE-2999-0003"))
+    verdicts = {
+        ("example", "CVE-2999-0001"): DebianVerdict("open", "unimportant"),  # minor
+        ("example", "CVE-2999-0003"): DebianVerdict("resolved", "high", "0.5-1"),  # fixed here
+    }
+    # CVE-2999-0002: Debian has not triaged it, CVSS says critical. It is what the advisory is: not a minor issue.
+    scores = {"CVE-2999-0002": [CRITICAL_V31], "CVE-2999-0003": [CRITICAL_V31]}
+    (kept,), _ = rate([dsa], PACKAGES, verdicts, scores, severity_source="debian")
+    assert (kept.severity, kept.severity_source, kept.debian) == (Severity.CRITICAL, "cvss", None)
+    assert judged(kept) != []  # fails prod
+    # The fixed CVE's CVSS never counts: with CVE-2999-0002 rated low, the advisory is low.
+    (low,), _ = rate([dsa], PACKAGES, verdicts, {**scores, "CVE-2999-0002": [LOW_V31]}, severity_source="cvss")
+    assert (low.severity, low.cvss) == (Severity.LOW, LOW_V31)
+
+
+def test_unrated_cves_of_an_advisory_make_the_gate_judge_it_as_unknown() -> None:
+    dsa = cve("DSA-9999-2", aliases=("CVE-2999-0001", "CVE-2999-0002"))
+    verdicts = {("example", "CVE-2999-0001"): DebianVerdict("open", "low")}
+    (kept,), _ = rate([dsa], PACKAGES, verdicts, {}, severity_source="debian")
+    assert (kept.severity, kept.unrated_cves) == (Severity.LOW, ("CVE-2999-0002",))
+    (failure,) = judged(kept)  # prod allows medium; an unrated CVE is judged high (unknown_cve_severity)
+    assert "CVE-2999-0002 unrated, judged high" in failure
+    assert judged(kept, "dev") == []  # dev allows critical
+
+
+def test_the_scanners_own_word_survives_a_rating_and_counts_again_under_max() -> None:
+    trivy = replace(cve(severity=Severity.CRITICAL, package="libexample1"), source="trivy")
+    verdicts = {("example", "CVE-2999-0001"): DebianVerdict("open", "low")}
+    (kept,), _ = rate([trivy], PACKAGES, verdicts, {}, severity_source="debian")
+    assert (kept.severity, kept.reported) == (Severity.LOW, Severity.CRITICAL)
+    assert rated(kept, "max") == (Severity.CRITICAL, "trivy")
+    # Only NVD's copy (low**) and nothing else: it counts, named for what it is.
+    nvd_copy = cve(debian=DebianVerdict("open", "high**"))
+    assert rated(nvd_copy) == (Severity.HIGH, "debian (nvd)")
+    assert rated(replace(nvd_copy, cvss=LOW_V31)) == (Severity.LOW, "cvss")
 
 
 def test_the_release_comes_from_the_images_os_release(tmp_path: Path) -> None:

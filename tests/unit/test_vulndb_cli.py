@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -242,14 +243,14 @@ def test_an_offline_bundle_carries_every_source_with_its_age(
     # A bundle altered after export is refused whole, naming the file that does not check out.
     with zipfile.ZipFile(bundle) as z:
         members = {i.filename: z.read(i) for i in z.infolist()}
-    (listed,) = exported.json()["sources"]["debian"]["files"]
+    listed = exported.json()["sources"]["debian"]["file"]
     members[listed["path"]] = members[listed["path"]].replace(b"unimportant", b"high       ")
     with zipfile.ZipFile(bundle, "w") as z:
         for name, data in members.items():
             z.writestr(name, data)
     bad = cli("vulndb", "update", "--offline-bundle", str(bundle), "--json")
     assert bad.code == 2
-    assert [p["field"] for p in bad.json()["problems"]] == ["sources.debian.files[0].sha256"]
+    assert [p["field"] for p in bad.json()["problems"]] == ["sources.debian.file.sha256"]
 
 
 def test_rescan_flags_a_channel_whose_version_now_fails_its_gate(
@@ -320,3 +321,74 @@ def test_update_and_import_refuse_unknown_sources_and_bad_urls(cli: Cli, tmp_pat
         assert store.vulndb_sources() == []
     r = cli("vulndb", "import", str(tmp_path / "none.json"), "--source", "debian", "--json")
     assert r.code == 2 and "no debian data at" in r.json()["message"]
+
+
+def _rewrite(bundle: Path, change: Any) -> None:
+    """The bundle with its manifest changed by `change(manifest)` (as someone altering it would)."""
+    with zipfile.ZipFile(bundle) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    manifest = json.loads(members["manifest.json"])
+    change(manifest)
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(bundle, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_a_bundle_whose_manifest_lies_is_refused_whole_naming_each_field(
+    cli: Cli, mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = mirror.serve(*_data())
+    assert cli("vulndb", "update", *urls).code == 0
+    good = tmp_path / "good.zip"
+    assert cli("vulndb", "export-bundle", str(good)).code == 0
+    monkeypatch.setenv("AMIFORGE_DATA_DIR", str(tmp_path / "air-gapped"))
+    cases: list[tuple[Any, list[str]]] = [
+        # Data said to be fresher than the bundle (or tomorrow's): the gate would never call it stale.
+        (lambda m: m["sources"]["osv"].update(as_of="2999-01-01T00:00:00+00:00"), ["sources.osv.as_of"]),
+        (lambda m: m["sources"]["osv"].update(as_of="2026-01-01T00:00:00"), ["sources.osv.as_of"]),  # no zone
+        (lambda m: m.update(created="2999-01-01T00:00:00+00:00"), ["created"]),
+        (lambda m: m["sources"]["debian"].update(file=5), ["sources.debian.file.path"]),
+        (lambda m: m["sources"]["debian"]["file"].update(path="../../etc/passwd"), ["sources.debian.file.path"]),
+        (lambda m: m["sources"]["debian"]["file"].update(path="osv/advisories.json"), ["sources.debian.file.path"]),
+        (lambda m: m["sources"]["cve"]["file"].update(size=1), ["sources.cve.file.size"]),
+        (lambda m: m["sources"].update(nvd={}), ["sources.nvd"]),
+    ]  # fmt: skip
+    for i, (change, fields) in enumerate(cases):
+        bundle = tmp_path / f"bundle-{i}.zip"
+        bundle.write_bytes(good.read_bytes())
+        _rewrite(bundle, change)
+        r = cli("vulndb", "update", "--offline-bundle", str(bundle), "--json")
+        assert r.code == 2, (i, r.out)
+        assert sorted(p["field"] for p in r.json()["problems"]) == fields, i
+    with registry() as store:
+        assert store.vulndb_sources() == []  # nothing of any of them was imported
+    assert cli("vulndb", "update", "--offline-bundle", str(tmp_path / "none.zip")).code == 2
+    (tmp_path / "not-a-zip.zip").write_text("hello")
+    assert (
+        "cannot read the offline bundle"
+        in cli("vulndb", "update", "--offline-bundle", str(tmp_path / "not-a-zip.zip"), "--json").json()["message"]
+    )
+
+
+def test_the_age_of_data_is_never_fresher_than_its_publisher_says(cli: Cli, mirror: Mirror, tmp_path: Path) -> None:
+    urls = mirror.serve(*_data())
+    # A mirror serving a tracker export from last month says so in Last-Modified: that is its age, not the fetch's.
+    debian = _data()[1]
+    mirror.files["/tracker/json"] = (200, debian, {"Last-Modified": "Tue, 03 Nov 2026 10:00:00 GMT"})
+    assert cli("vulndb", "update", *urls).code == 0
+    status = {s["name"]: s["state"] for s in cli("vulndb", "status", "--json").json()["sources"]}
+    assert status["debian"]["as_of"].startswith("2026-11-03T10:00:00")
+    # Merging one fresh advisory into month-old osv data leaves the source as old as its oldest part.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "TEST-2026-0100.json").write_text(json.dumps(osv_record("CVE-2999-0100", "zlib", None)))
+    month_ago = 1_700_000_000  # 2023-11-14
+    os.utime(old / "TEST-2026-0100.json", (month_ago, month_ago))
+    assert cli("vulndb", "import", str(old)).code == 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "TEST-2026-0101.json").write_text(json.dumps(osv_record("CVE-2999-0101", "zlib", None)))
+    merged = cli("vulndb", "import", str(fresh), "--json").json()["source"]
+    assert merged["as_of"].startswith("2023-11-14")
+    assert merged["count"] == 5  # 3 from the update, and the two imported

@@ -22,9 +22,10 @@ import hashlib
 import json
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -110,6 +111,14 @@ class FetchedSource:
     fetched_at: datetime
     sha256: str
     size: int
+    # The oldest Last-Modified among the files (a file:// URL's: its modification time), if the server says: a
+    # mirror may serve data much older than the fetch.
+    last_modified: datetime | None = None
+
+    @property
+    def as_of(self) -> datetime:
+        """How old the data is, at best: the fetch, or what the server says of its files if that is older."""
+        return min(self.fetched_at, self.last_modified) if self.last_modified else self.fetched_at
 
 
 def nvd_interval(api_key: str | None) -> float:
@@ -169,7 +178,22 @@ def fetch_source(
         fetched_at=fetched_at,
         sha256=hashlib.sha256(listing.encode()).hexdigest(),
         size=sum(item.size for item in written),
+        last_modified=_oldest_last_modified(written),
     )
+
+
+def _oldest_last_modified(written: Sequence[Downloaded]) -> datetime | None:
+    """The oldest Last-Modified header among the downloads; None unless every one carries a readable one."""
+    times = []
+    for item in written:
+        try:
+            when = parsedate_to_datetime(item.last_modified) if item.last_modified else None
+        except (TypeError, ValueError):
+            when = None
+        if when is None:
+            return None
+        times.append(when if when.tzinfo else when.replace(tzinfo=UTC))
+    return min(times, default=None)
 
 
 def _download(

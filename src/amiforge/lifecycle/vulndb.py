@@ -16,6 +16,8 @@ air-gapped registry (osv's advisories are exported from the registry itself, whi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,17 +25,18 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 
-from amiforge.errors import AmiforgeError, ConfigError, Problem
+from amiforge.errors import AmiforgeError, ConfigError, InfraError, Problem
 from amiforge.feeds import SOURCES, check_url, fetch_source
 from amiforge.inputs import MIB, file_sha256, open_input
 from amiforge.model import VULN_SOURCES, VulnDbSource, VulnSourceName
 from amiforge.scanners.cve_scores import load_cve_scores
-from amiforge.scanners.debian_tracker import DEBIAN_RELEASES, load_tracker, verdict
+from amiforge.scanners.debian_tracker import load_tracker, verdict
 from amiforge.scanners.vulns import load_osv_records, source_packages
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -44,6 +47,10 @@ BUNDLE_FORMAT = "amiforge-vulndb-bundle"
 BUNDLE_VERSION = 1
 _BUNDLE_FIX = "export the bundle again with `amiforge vulndb export-bundle FILE` on a registry that has the data"
 MAX_BUNDLE_MEMBER = 2 << 30
+# How far ahead of this machine's clock another machine's may be, for the times a bundle states.
+CLOCK_SKEW = timedelta(minutes=5)
+# Beside the files kept for export: the sha256 the registry recorded for them (a copy of other data is not shipped).
+KEPT_STATE = ".imported.json"
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,34 @@ def _fingerprint(path: Path) -> tuple[str, int]:
 
 
 def _mtime(path: Path) -> datetime:
-    """The newest modification time under `path`: the best amiforge can say of a file's age."""
+    """The oldest modification time under `path`: the best amiforge can say of the files' age (data is no fresher
+    than its oldest file)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return datetime.fromtimestamp(max((f.stat().st_mtime for f in files), default=path.stat().st_mtime), UTC)
+    return datetime.fromtimestamp(min((f.stat().st_mtime for f in files), default=path.stat().st_mtime), UTC)
+
+
+def _public(url: str) -> str:
+    """A URL as the registry may keep and show it: no user, password, query or fragment (tokens live there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@contextlib.contextmanager
+def _locked(settings: Settings) -> Iterator[Path]:
+    """DATA_DIR/vulndb, held by this process: one update or import at a time on this machine (two would race on
+    the files kept for export and on the registry's replace)."""
+    root = settings.data_dir / "vulndb"
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in root.glob(".download-*"):  # what a killed update left: nobody else can be using it now
+            shutil.rmtree(stale, ignore_errors=True)
+        yield root
+    finally:
+        os.close(fd)
 
 
 def import_source(
@@ -107,7 +139,12 @@ def import_source(
             fix="give the path of a downloaded file (or `amiforge vulndb update` to download it)",
         )
     sha256, size = _fingerprint(path)
-    state = VulnDbSource(name, origin or str(path), as_of or _mtime(path), datetime.now(UTC), sha256, size, 0)
+    when = as_of or _mtime(path)
+    if name == "osv" and not replace_all:
+        # Merged into what is there: the source is as old as the older of the two.
+        before = next((s.as_of for s in store.vulndb_sources() if s.name == "osv"), when)
+        when = min(before, when)
+    state = VulnDbSource(name, origin or str(path), when, datetime.now(UTC), sha256, size, 0)
     skipped: tuple[str, ...] = ()
     if name == "osv":
         loaded = load_osv_records(path)
@@ -115,8 +152,7 @@ def import_source(
         store.import_advisories(state.origin, records, state=state, replace_all=replace_all)
         saved = next(s for s in store.vulndb_sources() if s.name == "osv")
     elif name == "debian":
-        # Releases amiforge can name (os-release VERSION_ID -> codename); the tracker also lists sid and the past.
-        entries = load_tracker(path, releases=DEBIAN_RELEASES.values())
+        entries = load_tracker(path)
         saved = store.replace_debian_tracker(((e.package, e.cve, e.release, verdict(e)) for e in entries), state)
     else:
         scores = load_cve_scores(path)
@@ -132,21 +168,30 @@ def import_source(
     return saved, skipped
 
 
-def _keep_files(settings: Settings, name: str, fetched: Sequence[Path]) -> None:
-    """Keep the files the source's data came from, for export_bundle: the new set replaces the old one."""
-    root = settings.data_dir / "vulndb"
-    root.mkdir(parents=True, exist_ok=True)
+def _keep_files(root: Path, name: str, path: Path, sha256: str) -> None:
+    """Keep what source `name` was imported from (one file, or a folder packed into one zip) under root/name, for
+    export_bundle, with the sha256 the registry recorded for it; the new copy replaces the old one."""
     incoming = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        for file in fetched:
-            shutil.copy2(file, incoming / file.name)
-        current = root / name
-        old = root / f".{name}-old"
+        if path.is_file():
+            shutil.copy2(path, incoming / path.name)
+        else:
+            with zipfile.ZipFile(incoming / f"{name}.zip", "w", compression=zipfile.ZIP_DEFLATED) as packed:
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    packed.write(file, file.relative_to(path).as_posix())
+        (incoming / KEPT_STATE).write_text(json.dumps({"sha256": sha256}))
+        current, old = root / name, root / f".{name}-old"
         shutil.rmtree(old, ignore_errors=True)
         if current.exists():
             current.rename(old)
         incoming.rename(current)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        # The registry has the new data already; only the copy for export-bundle is missing, and says so there.
+        raise InfraError(
+            f"{name}: imported, but keeping its files for export-bundle under {root} failed: {e}",
+            fix="free space under the data directory, then run the update again",
+        ) from e
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
 
@@ -162,29 +207,37 @@ def update(
 ) -> list[SourceOutcome]:
     """Download each source (all when `names` is empty) and swap it in; a source that fails keeps its previous
     data and the others go on. The caller turns failures into an exit code."""
-    chosen = {name: (urls or {}).get(name) or SOURCES[name].default_url for name in source_names(names)}
+    names = source_names(names)
+    extra = sorted(set(urls or {}) - set(names))
+    if extra:
+        raise ConfigError(
+            f"--url names {', '.join(extra)}, which this update does not fetch",
+            problems=[Problem(f"{n} is not among the sources updated", field="--url") for n in extra],
+            fix="add --source for each, or drop those --url",
+        )
+    chosen = {name: (urls or {}).get(name) or SOURCES[name].default_url for name in names}
     for name, url in chosen.items():
         check_url(url, what=SOURCES[name].what)  # a URL that can never work is the caller's mistake: refused first
     outcomes = []
-    for name, url in chosen.items():
-        root = settings.data_dir / "vulndb"
-        root.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=root))
-        try:
-            report = (lambda done, total, n=name: progress(n, done, total)) if progress else None
-            fetched = fetch_source(name, url, workdir, api_key=api_key, progress=report)
-            path = fetched.files[0] if name != "cve" else workdir
-            state, skipped = import_source(name, path, store=store, actor=settings.actor, origin=url,
-                                           as_of=fetched.fetched_at, replace_all=True)  # fmt: skip
-            _keep_files(settings, name, fetched.files)
-            outcomes.append(SourceOutcome(name, state, skipped=skipped))
-        except AmiforgeError as e:
-            logger.warning("vulndb update %s failed: %s", name, e.message)
-            store.append_event("vulndb.update_failed", actor=settings.actor, data={"source": name, "url": url,
-                                                                                    "error": e.message})  # fmt: skip
-            outcomes.append(SourceOutcome(name, None, e.message, e.fix))
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with _locked(settings) as root:
+        for name, url in chosen.items():
+            workdir = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=root))
+            try:
+                report = (lambda done, total, n=name: progress(n, done, total)) if progress else None
+                fetched = fetch_source(name, url, workdir, api_key=api_key, progress=report)
+                path = fetched.files[0] if name != "cve" else workdir
+                state, skipped = import_source(name, path, store=store, actor=settings.actor, origin=_public(url),
+                                               as_of=fetched.as_of, replace_all=True)  # fmt: skip
+                if name != "osv":  # osv is exported from the registry, which keeps every record whole
+                    _keep_files(root, name, path, state.sha256)
+                outcomes.append(SourceOutcome(name, state, skipped=skipped))
+            except AmiforgeError as e:
+                logger.warning("vulndb update %s failed: %s", name, e.message)
+                store.append_event("vulndb.update_failed", actor=settings.actor,
+                                   data={"source": name, "url": _public(url), "error": e.message})  # fmt: skip
+                outcomes.append(SourceOutcome(name, None, e.message, e.fix))
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
     return outcomes
 
 
@@ -193,9 +246,10 @@ def import_files(
 ) -> tuple[VulnDbSource, tuple[str, ...]]:
     """`vulndb import --source NAME PATH`: osv merges (a re-imported id replaces the old); debian and cve data
     are whole datasets and replace the previous one. Their age is the files' modification time."""
-    state, skipped = import_source(name, path, store=store, actor=settings.actor, replace_all=name != "osv")
-    if name != "osv":
-        _keep_files(settings, name, [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))
+    with _locked(settings) as root:
+        state, skipped = import_source(name, path, store=store, actor=settings.actor, replace_all=name != "osv")
+        if name != "osv":
+            _keep_files(root, name, path, state.sha256)
     return state, skipped
 
 
@@ -208,63 +262,77 @@ def export_bundle(dest: Path, *, store: Store, settings: Settings) -> dict[str, 
     states = {s.name: s for s in store.vulndb_sources()}
     if not states:
         raise ConfigError("the registry holds no vulnerability data to export", fix="amiforge vulndb update")
+    if dest.is_dir():
+        raise ConfigError(f"{dest} is a folder", fix="name the bundle file to write, e.g. vulndb-bundle.zip")
     sources: dict[str, object] = {}
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        with _locked(settings) as root, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
             for name, state in sorted(states.items()):
-                files = _bundle_files(name, store, settings)
-                if not files:
-                    logger.warning("vulndb export: the files of %s are not kept here; it is left out", name)
-                    continue
-                listed = []
-                for arcname, data in files:
+                if name == "osv":
+                    # The registry keeps every advisory's record as imported: exported whole, as one JSON array.
+                    data = json.dumps(store.all_advisories(), sort_keys=True).encode()
+                    arcname = "osv/advisories.json"
                     bundle.writestr(arcname, data)
-                    listed.append({"path": arcname, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-                sources[name] = {"origin": state.origin, "as_of": state.as_of.isoformat(), "files": listed}
+                    entry = {"path": arcname, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                else:
+                    kept = _kept_file(root, name, state)
+                    if kept is None:
+                        continue
+                    arcname = f"{name}/{kept.name}"
+                    bundle.write(kept, arcname)
+                    entry = {"path": arcname, "sha256": file_sha256(kept), "size": kept.stat().st_size}
+                sources[name] = {"origin": state.origin, "as_of": state.as_of.isoformat(), "file": entry}
             manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
                         "created": datetime.now(UTC).isoformat(), "sources": sources}  # fmt: skip
             bundle.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         tmp.replace(dest)
+    except OSError as e:
+        raise ConfigError(f"cannot write the bundle {dest}: {e.strerror or e}", fix="name a file in a folder you can "
+                          "write to, on a file system with room for it") from e  # fmt: skip
     finally:
         tmp.unlink(missing_ok=True)
     store.append_event("vulndb.export", actor=settings.actor, data={"file": str(dest), "sources": sorted(sources)})
     return manifest
 
 
-def _bundle_files(name: str, store: Store, settings: Settings) -> list[tuple[str, bytes]]:
-    if name == "osv":
-        # The registry keeps every advisory's record as imported: exported whole, as one JSON array.
-        records = store.all_advisories()
-        return [("osv/advisories.json", json.dumps(records, sort_keys=True).encode())]
-    kept = settings.data_dir / "vulndb" / name
-    if not kept.is_dir():
-        return []
-    return [(f"{name}/{f.name}", f.read_bytes()) for f in sorted(kept.iterdir()) if f.is_file()]
+def _kept_file(root: Path, name: str, state: VulnDbSource) -> Path | None:
+    """The file source `name` was imported from, if the copy kept here is of the data the registry holds now."""
+    kept = root / name
+    try:
+        recorded = json.loads((kept / KEPT_STATE).read_text()).get("sha256")
+        (file,) = [f for f in kept.iterdir() if f.is_file() and f.name != KEPT_STATE]
+    except (OSError, ValueError, AttributeError):
+        recorded, file = None, None
+    if file is None or recorded != state.sha256:
+        logger.warning("vulndb export: %s's files are not kept here (imported on another machine?): left out", name)
+        return None
+    return file
 
 
 def import_bundle(path: Path, *, store: Store, settings: Settings) -> list[SourceOutcome]:
-    """`vulndb update --offline-bundle FILE`: verify every file against the bundle's manifest, then swap each
-    source in as `update` does, keeping the age the bundle records (when the data left its publisher)."""
+    """`vulndb update --offline-bundle FILE`: check the bundle against its manifest (names, sizes, sha256, ages
+    that are not in the future), then swap each source in as `update` does, keeping the age the bundle records
+    (when the data left its publisher). Nothing is imported unless the whole bundle checks out."""
     fix = _BUNDLE_FIX
     with tempfile.TemporaryDirectory(prefix="amiforge-bundle-") as tmp:
         try:
             with open_input(path, what="offline bundle", fix=fix) as raw, zipfile.ZipFile(raw) as bundle:
-                manifest = _manifest(bundle, path)
-                extracted = _extract(bundle, manifest, Path(tmp), path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+                extracted = _extract(bundle, _manifest(bundle, path), Path(tmp), path)
+        # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks.
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
             raise ConfigError(f"cannot read the offline bundle {path}: {e}", fix=fix) from e
         outcomes = []
-        for name, (origin, as_of, files) in extracted.items():
-            try:
-                where = files[0] if name != "cve" else files[0].parent
-                state, skipped = import_source(name, where, store=store, actor=settings.actor,
-                                               origin=f"bundle {path.name} (from {origin})", as_of=as_of)  # fmt: skip
-                if name != "osv":
-                    _keep_files(settings, name, files)
-                outcomes.append(SourceOutcome(name, state, skipped=skipped))
-            except AmiforgeError as e:
-                outcomes.append(SourceOutcome(name, None, e.message, e.fix))
+        with _locked(settings) as root:
+            for name, (origin, as_of, file) in extracted.items():
+                try:
+                    state, skipped = import_source(name, file, store=store, actor=settings.actor, as_of=as_of,
+                                                   origin=f"bundle {path.name} (from {origin})")  # fmt: skip
+                    if name != "osv":
+                        _keep_files(root, name, file, state.sha256)
+                    outcomes.append(SourceOutcome(name, state, skipped=skipped))
+                except AmiforgeError as e:
+                    outcomes.append(SourceOutcome(name, None, e.message, e.fix))
         return outcomes
 
 
@@ -291,57 +359,70 @@ def _manifest(bundle: zipfile.ZipFile, path: Path) -> Mapping[str, object]:
     return manifest
 
 
+def _when(value: object) -> datetime | None:
+    """An ISO 8601 time with its zone, else None (a time without one is ambiguous by hours)."""
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None
+
+
 def _extract(
     bundle: zipfile.ZipFile, manifest: Mapping[str, object], into: Path, path: Path
-) -> dict[VulnSourceName, tuple[str, datetime, list[Path]]]:
-    """Every source's files, checked against the manifest (names, sizes, sha256) before any is used."""
+) -> dict[VulnSourceName, tuple[str, datetime, Path]]:
+    """Every source's file, checked against the manifest (name, size, sha256, an age not in the future) before any
+    is used; ConfigError listing every problem."""
     problems: list[Problem] = []
-    out: dict[VulnSourceName, tuple[str, datetime, list[Path]]] = {}
+
+    def bad(field: str, message: str) -> None:
+        problems.append(Problem(message, file=str(path), field=field))
+
+    out: dict[VulnSourceName, tuple[str, datetime, Path]] = {}
     sources = manifest.get("sources")
-    if not isinstance(sources, dict):
-        raise ConfigError(f"the manifest of {path} lists no sources", fix=_BUNDLE_FIX)
+    created = _when(manifest.get("created"))
+    latest = datetime.now(UTC) + CLOCK_SKEW
+    if created is None or created > latest:
+        bad("created", "not an ISO 8601 time with a zone, no later than now")
+    if not isinstance(sources, dict) or not sources:
+        raise ConfigError(f"the manifest of {path} lists no sources", problems=problems, fix=_BUNDLE_FIX)
     for name, entry in sources.items():
         where = f"sources.{name}"
         if name not in VULN_SOURCES or not isinstance(entry, dict):
-            problems.append(Problem(f"unknown source {name!r}", file=str(path), field=where))
+            bad(where, f"unknown source {name!r}, or not an object")
             continue
+        as_of = _when(entry.get("as_of"))
+        if as_of is None or as_of > min(latest, (created or latest) + CLOCK_SKEW):
+            bad(f"{where}.as_of", "not an ISO 8601 time with a zone, no later than the bundle was made")
+            continue
+        item = entry.get("file")
+        member = item.get("path") if isinstance(item, dict) else None
+        pure = PurePosixPath(str(member))
+        if not isinstance(member, str) or pure.is_absolute() or ".." in pure.parts or pure.parts[:1] != (name,):
+            bad(f"{where}.file.path", f"not a file of {name}/ in the bundle: {member!r}")
+            continue
+        assert isinstance(item, dict)
         try:
-            as_of = datetime.fromisoformat(str(entry.get("as_of")))
-        except ValueError:
-            problems.append(Problem("as_of is not an ISO 8601 time", file=str(path), field=f"{where}.as_of"))
+            info = bundle.getinfo(member)
+        except KeyError:
+            bad(f"{where}.file.path", f"{member} is missing from the bundle")
             continue
-        files: list[Path] = []
-        for i, item in enumerate(entry.get("files") or []):
-            member = item.get("path") if isinstance(item, dict) else None
-            pure = PurePosixPath(str(member))
-            if not isinstance(member, str) or pure.is_absolute() or ".." in pure.parts or pure.parts[:1] != (name,):
-                problems.append(Problem(f"bad file name {member!r}", file=str(path), field=f"{where}.files[{i}]"))
-                continue
-            try:
-                info = bundle.getinfo(member)
-            except KeyError:
-                problems.append(
-                    Problem(f"{member} is missing from the bundle", file=str(path), field=f"{where}.files[{i}]")
-                )
-                continue
-            if info.file_size > MAX_BUNDLE_MEMBER or info.file_size != item.get("size"):
-                problems.append(Problem(f"{member}: size {info.file_size} is not the manifest's {item.get('size')}",
-                                        file=str(path), field=f"{where}.files[{i}].size"))  # fmt: skip
-                continue
-            target = into / pure
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with bundle.open(info) as src, open(target, "wb") as dst:
-                while chunk := src.read(MIB):
-                    digest.update(chunk)
-                    dst.write(chunk)
-            if digest.hexdigest() != item.get("sha256"):
-                problems.append(Problem(f"{member}: sha256 does not match the manifest (damaged or altered)",
-                                        file=str(path), field=f"{where}.files[{i}].sha256"))  # fmt: skip
-                continue
-            files.append(target)
-        if files:
-            out[name] = (str(entry.get("origin") or "?"), as_of, files)
+        if info.file_size > MAX_BUNDLE_MEMBER or info.file_size != item.get("size"):
+            bad(f"{where}.file.size", f"{member}: {info.file_size} bytes, the manifest says {item.get('size')!r} "
+                f"(at most {MAX_BUNDLE_MEMBER >> 20} MiB)")  # fmt: skip
+            continue
+        target = into / pure
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with bundle.open(info) as src, open(target, "wb") as dst:
+            # No more than the header (checked against the manifest) promised: a member that lies stops here.
+            while chunk := src.read(min(MIB, info.file_size + 1 - dst.tell())):
+                digest.update(chunk)
+                dst.write(chunk)
+        if target.stat().st_size != info.file_size or digest.hexdigest() != item.get("sha256"):
+            bad(f"{where}.file.sha256", f"{member}: sha256 does not match the manifest (damaged or altered)")
+            continue
+        out[name] = (str(entry.get("origin") or "?"), as_of, target)
     if problems:
         raise ConfigError(f"the offline bundle {path} does not check out", problems=problems, fix=_BUNDLE_FIX)
     return out

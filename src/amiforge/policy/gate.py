@@ -204,9 +204,13 @@ def _offence(rule: ChannelPolicy, channel: str, finding: Finding, source: Severi
                 return None
             severity, origin = rated(finding, source)
             judged = rule.unknown_cve_severity if severity is Severity.UNKNOWN else severity
+            why = f" (unrated, judged {judged})" if severity is Severity.UNKNOWN else f" ({origin})"
+            if finding.unrated_cves and rule.unknown_cve_severity.rank > judged.rank:
+                # Other CVEs of the advisory still affect the package and nothing rates them: fail closed.
+                judged = rule.unknown_cve_severity
+                why += f"; {', '.join(finding.unrated_cves)} unrated, judged {judged}"
             if judged.rank <= rule.max_cve_severity.rank:
                 return None
-            why = f" (unrated, judged {judged})" if severity is Severity.UNKNOWN else f" ({origin})"
             return f"severity {severity}{why} is above {channel}'s max_cve_severity {rule.max_cve_severity}"
         case FindingKind.SECRET:
             if rule.allow_secrets:

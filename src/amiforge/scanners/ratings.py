@@ -3,8 +3,10 @@ policy picks from them, a fixed version the tracker knows — and leaving out wh
 installed version. Pure: the caller reads the verdicts and ratings from the registry.
 
 Debian's tracker names *source* packages and CVE ids; a finding names a binary package and an advisory (a DSA, a
-DLA, a CVE) with the CVEs it covers in its aliases. An advisory covering several CVEs takes the most severe verdict
-of those that still affect the installed version: fail closed.
+DLA, a CVE) with the CVEs it covers in its aliases. An advisory covering several CVEs is rated by the most severe of
+those that still affect the installed version, each rated on its own (Debian's verdict and CVSS of that CVE); it is
+one of Debian's minor issues only when every one of them is, and CVEs among them that nothing rates make the gate
+judge it at least as unknown (fail closed).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 
 from amiforge.errors import ConfigError
 from amiforge.imagefs import read_inside
-from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package
-from amiforge.policy import SeveritySource, rated, urgency_severity
+from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package, Severity
+from amiforge.policy import SeveritySource, rated
 from amiforge.scanners.cve_scores import preferred
-from amiforge.scanners.vulns import dpkg_compare
+from amiforge.scanners.vulns import dpkg_compare, is_dpkg_version
 
 CVE_RE = re.compile(r"^CVE-\d{4}-\d{4,}$")
 
@@ -33,12 +35,6 @@ def not_affected(verdict: DebianVerdict, installed: str) -> bool:
     """Debian says this release is fixed at or below `installed` (a source version), or was never affected ("0")."""
     fixed = verdict.fixed_version
     return verdict.status == "resolved" and fixed is not None and (fixed == "0" or dpkg_compare(installed, fixed) >= 0)
-
-
-def _weight(verdict: DebianVerdict) -> tuple[bool, int]:
-    """What makes one verdict more severe than another: affecting the gate at all first, then the urgency."""
-    severity = urgency_severity(verdict.urgency)
-    return (not verdict.minor, -1 if severity is None else severity.rank)
 
 
 def rate(
@@ -58,27 +54,51 @@ def rate(
         if finding.kind is not FindingKind.CVE:
             kept.append(finding)
             continue
-        package = by_name.get(finding.package or "")
-        source = package.source_name if package else (finding.package or "")
-        installed = (package.source_version or package.version) if package else (finding.installed or "")
-        ids = cve_ids(finding)
-        known = [v for v in (verdicts.get((source, cve)) for cve in ids) if v is not None]
-        affecting = [v for v in known if not (installed and not_affected(v, installed))]
-        if known and len(known) == len(ids) and not affecting:
-            dropped.append(finding)
-            continue
-        debian = max(affecting, key=_weight, default=None)
-        ratings = [r for r in (preferred(scores.get(cve, ())) for cve in ids) if r is not None]
-        cvss = max(ratings, key=lambda r: r.score, default=None)
-        fixed = finding.fixed
-        # The tracker may know a fix OSV does not list yet (a point release, a security upload).
-        tracker_fix = debian.fixed_version if debian is not None else None
-        if fixed is None and tracker_fix and installed and dpkg_compare(tracker_fix, installed) > 0:
-            fixed = tracker_fix
-        with_ratings = replace(finding, debian=debian, cvss=cvss, fixed=fixed)
-        severity, origin = rated(with_ratings, severity_source)
-        kept.append(replace(with_ratings, severity=severity, severity_source=origin))
+        rated_finding = _rate(finding, by_name.get(finding.package or ""), verdicts, scores, severity_source)
+        (kept if rated_finding is not None else dropped).append(rated_finding or finding)
     return kept, dropped
+
+
+def _rate(
+    finding: Finding,
+    package: Package | None,
+    verdicts: Mapping[tuple[str, str], DebianVerdict],
+    scores: Mapping[str, Sequence[CvssScore]],
+    severity_source: SeveritySource,
+) -> Finding | None:
+    """`finding` rated by its worst CVE still affecting the package; None when Debian says none does."""
+    # The scanner's own word, kept apart so that a later judgement under another severity_source still has it.
+    reported = finding.reported if finding.severity_source is not None else finding.severity
+    base = replace(finding, reported=None if reported is Severity.UNKNOWN else reported)
+    # Debian's verdicts are about Debian's packages: a finding from an imported report for something dpkg does not
+    # know (a pip or npm package of the same name) keeps its own rating, and only CVSS is added.
+    installed = (package.source_version or package.version) if package is not None else None
+    debian_ok = package is not None and installed is not None and is_dpkg_version(installed)
+    ids = cve_ids(finding) or (finding.id,)
+    affecting: list[tuple[str, DebianVerdict | None]] = []
+    for cve in ids:
+        verdict = verdicts.get((package.source_name, cve)) if debian_ok and package is not None else None
+        if verdict is not None and installed is not None and not_affected(verdict, installed):
+            continue
+        affecting.append((cve, verdict))
+    if not affecting:
+        return None  # every CVE it covers is fixed in the installed version, or never affected it (Debian)
+    minor = all(v is not None and v.minor for _, v in affecting)
+    candidates = []
+    for cve, verdict in affecting:
+        if verdict is not None and verdict.minor and not minor:
+            continue  # a minor CVE never stands for an advisory that also covers one that is not
+        one = replace(base, debian=verdict, cvss=preferred(scores.get(cve, ())))
+        severity, origin = rated(one, severity_source)
+        candidates.append((cve, one, severity, origin))
+    cve, worst, severity, origin = max(candidates, key=lambda c: c[2].rank)
+    unrated = tuple(c for c, _, s, _ in candidates if s is Severity.UNKNOWN and c != cve)
+    fixed = worst.fixed
+    # The tracker may know a fix OSV does not list yet (a point release, a security upload).
+    tracker_fix = worst.debian.fixed_version if worst.debian is not None else None
+    if fixed is None and tracker_fix and installed and dpkg_compare(tracker_fix, installed) > 0:
+        fixed = tracker_fix
+    return replace(worst, severity=severity, severity_source=origin, fixed=fixed, unrated_cves=unrated)
 
 
 def debian_release(root: Path) -> tuple[str, str]:

@@ -65,6 +65,8 @@ def _finding_row(f: Finding) -> dict[str, Any]:
                                                  f.debian.no_dsa],
         "cvss": None if f.cvss is None else [f.cvss.version, f.cvss.vector, f.cvss.score, f.cvss.severity.value,
                                              f.cvss.source],
+        "reported": None if f.reported is None else f.reported.value,
+        "unrated_cves": list(f.unrated_cves),
     }  # fmt: skip
 
 
@@ -85,6 +87,8 @@ def _finding(d: Mapping[str, Any]) -> Finding:
         severity_source=d.get("severity_source"),
         debian=None if d.get("debian") is None else DebianVerdict(*d["debian"]),
         cvss=None if d.get("cvss") is None else _cvss(d["cvss"]),
+        reported=None if d.get("reported") is None else Severity(d["reported"]),
+        unrated_cves=tuple(d.get("unrated_cves") or ()),
     )
 
 
