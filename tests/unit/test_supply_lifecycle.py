@@ -33,9 +33,10 @@ from amiforge.lifecycle.boottest import boot_test
 from amiforge.lifecycle.pipeline import run_pipeline
 from amiforge.lifecycle.promote import promote, revoke
 from amiforge.lifecycle.release import releasable
+from amiforge.lifecycle.rescan import rescan
 from amiforge.lifecycle.scan import scan, scan_gate
 from amiforge.lifecycle.sign import manifest_of, sign, trust_key, verify
-from amiforge.lifecycle.views import channel_flags
+from amiforge.lifecycle.views import channel_flags, findings_summary
 from amiforge.lifecycle.vulndb import import_files
 from amiforge.model import (
     Artifact,
@@ -598,6 +599,22 @@ def test_a_rescan_after_signing_fails_verify_until_signed_again(world: World) ->
 
     sign(v.ref, store=world.store, settings=world.settings)
     assert verify(v.ref, store=world.store, settings=world.settings).manifest.sbom_digest == rescanned.scan.sbom_digest
+
+
+def test_findings_that_change_over_the_same_packages_leave_the_signature_whole(world: World) -> None:
+    v = world.signed()
+    # Tomorrow's data: a (synthetic) advisory for base-files, which the image holds; the image itself is unchanged.
+    record = {"id": "TEST-2026-0002", "modified": "2026-12-01T00:00:00Z", "summary": "synthetic",
+              "affected": [{"package": {"ecosystem": "Debian:12", "name": "base-files"},
+                            "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}]}]}]}  # fmt: skip
+    (world.tmp / "new-osv").mkdir()
+    (world.tmp / "new-osv" / "TEST-2026-0002.json").write_text(json.dumps(record))
+    import_files("osv", world.tmp / "new-osv", store=world.store, settings=world.settings)
+    (again,) = rescan([v.ref], store=world.store, settings=world.settings)
+    assert [f.id for f in again.new] == ["TEST-2026-0002"]
+
+    outcome = verify(v.ref, store=world.store, settings=world.settings)  # the bytes are what was signed
+    assert outcome.findings_now == findings_summary(again.scan.findings) != outcome.manifest.findings_summary
 
 
 def test_sign_refuses_a_version_that_was_not_scanned(world: World) -> None:

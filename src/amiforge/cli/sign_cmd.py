@@ -134,6 +134,8 @@ def verify_command(
                 "version": outcome.version.ref,
                 "key_id": outcome.signature.key_id,
                 "digest": outcome.manifest.digest,
+                "findings_signed": outcome.manifest.findings_summary,
+                "findings_now": outcome.findings_now,
             }
         )
         return
@@ -142,3 +144,9 @@ def verify_command(
         "match"
         f" (sha256:{outcome.manifest.digest[:16]})"
     )
+    if outcome.findings_now is not None:
+        console.print(
+            f"  findings changed since signing (rescanned against newer data): signed "
+            f"{outcome.manifest.findings_summary}, now {outcome.findings_now}; the gates judge the new ones",
+            markup=False,
+        )

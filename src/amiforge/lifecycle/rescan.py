@@ -10,8 +10,8 @@ versions, asked for), and reports each whose gate result changed. A channel that
 refuses is flagged (an event, `rescan.flagged`) and the command exits 4: a version in prod with a new critical CVE
 is an incident, as a revocation is.
 
-A changed findings summary means the version's signature (which states it) no longer verifies: sign it again after
-looking at what changed, as `amiforge verify` says.
+The signature still verifies (`verify` compares the image, and says the findings changed since signing): the packages
+are what was signed, only what is known about them changed — and a rollback must never need a new signature.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class VerifyOutcome:
     version: ImageVersion
     signature: SignatureRecord
     manifest: Manifest
+    # The findings the registry holds now differ from those the signature states, over the same SBOM: what is known
+    # about the packages changed since signing (new advisories, a rescan), not the image. The gates judge the new
+    # findings; the signature still vouches for the bytes.
+    findings_now: Mapping[str, int] | None = None
 
 
 def _fail(detail: str, name: str = "signature", fix: str | None = None) -> GateFailed:
@@ -291,6 +296,11 @@ def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
             fix=f"amiforge sign {version.ref} again if these artifacts are genuine",
         )
     now = manifest_of(version, [a for a in artifacts if a not in extra], scan)
+    findings_now = None
+    if now.sbom_digest == signed.sbom_digest and now.findings_summary != signed.findings_summary:
+        # Findings are what today's vulnerability data says of the signed packages: they change without the image
+        # changing (a rescan), and a rollback in an incident must not need a new signature for that.
+        findings_now, now = now.findings_summary, replace(now, findings_summary=signed.findings_summary)
     if canonical_statement(signed) != canonical_statement(now):
         differences = [
             GateFailure(field, f"signed {getattr(signed, field)!r}, registry now {getattr(now, field)!r}")
@@ -303,4 +313,4 @@ def verify(ref: str, *, store: Store, settings: Settings) -> VerifyOutcome:
             fix=f"amiforge sign {version.ref} again after a rescan",
         )
     check_artifact_bytes(version, artifacts, settings)
-    return VerifyOutcome(version, signature, signed)
+    return VerifyOutcome(version, signature, signed, findings_now)
