@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from amiforge.errors import ConfigError
-from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package, Severity, Status
+from amiforge.lifecycle.rescan import release_of
+from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package, ScanRecord, Severity, Status
 from amiforge.policy import Candidate, Policy, default_policy, evaluate, parse_policy, rated, urgency_severity
 from amiforge.scanners.ratings import cve_ids, debian_release, not_affected, rate
 
@@ -257,3 +258,13 @@ def test_the_release_comes_from_the_images_os_release(tmp_path: Path) -> None:
     (tmp_path / "usr/lib/os-release").unlink()
     with pytest.raises(ConfigError, match="no os-release"):
         debian_release(tmp_path)
+
+
+def test_a_scan_from_before_releases_were_recorded_is_placed_by_its_base_files() -> None:
+    def scan_of(packages: list[Package], release: str | None = None) -> ScanRecord:
+        return ScanRecord(NOW, tuple(packages), "{}", "d" * 64, (), "osv", release=release)
+
+    assert release_of(scan_of([Package("base-files", "12.4+deb12u5", "amd64")])) == "12"
+    assert release_of(scan_of([Package("base-files", "13.8", "amd64")])) == "13"
+    assert release_of(scan_of([Package("base-files", "12.4", "amd64")], release="11")) == "11"  # recorded wins
+    assert release_of(scan_of([Package("zlib1g", "1:1.2.13.dfsg-1", "amd64")])) is None

@@ -94,3 +94,31 @@ def test_upgrade_fills_in_lineage_and_downgrade_takes_it_away(store_url: str) ->
         assert reach == [(3, 2), (4, 2), (7, 6), (10, 2), (11, 2)]
     finally:
         engine.dispose()
+
+
+def test_0007_gives_advisories_already_imported_a_source_as_old_as_their_last_import(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        run_alembic(engine, "upgrade", "0006")
+        with engine.begin() as conn:
+            for iid, at in ((1, AT), (2, datetime(2026, 2, 1, tzinfo=UTC))):
+                conn.execute(
+                    sa.text("INSERT INTO vulndb_imports (id, source, imported_at, count) VALUES (:i, :s, :at, 1)"),
+                    {"i": iid, "s": f"/srv/osv-{iid}", "at": at},
+                )
+            conn.execute(
+                sa.text("INSERT INTO advisories (id, import_id, modified, record) VALUES ('TEST-0001', 2, '', '{}')")
+            )
+        run_alembic(engine, "upgrade", "0007")
+        with open_store(store_url) as store:
+            (osv,) = store.vulndb_sources()
+            assert (osv.name, osv.origin, osv.as_of, osv.count) == (
+                "osv",
+                "/srv/osv-2",
+                datetime(2026, 2, 1, tzinfo=UTC),
+                1,
+            )
+        run_alembic(engine, "downgrade", "0006")
+        assert "vulndb_sources" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()

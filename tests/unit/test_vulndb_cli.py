@@ -309,8 +309,16 @@ def test_rescan_flags_a_channel_whose_version_now_fails_its_gate(
     assert "cve:critical" not in verified["findings_signed"]
     text = cli("rescan")
     assert text.code == 4 and "gate dev: FAILS now (it failed before)" in text.out
-    assert cli("scan", "web@1").code == 4  # a fresh scan of the image: the gate is promote's again, not a flag
-    assert cli("channels", "--json").json()[0]["flags"] == []
+    assert cli("scan", "web@1").code == 4  # a fresh scan of the image that still fails: the flag stays
+    assert len(cli("channels", "--json").json()[0]["flags"]) == 1
+    policy.write_text(
+        "channels:\n  dev: {max_cve_severity: medium}\nwaivers:\n"
+        + "".join(f"  - {{finding: {c}, reason: synthetic, by: tester, expires: 2999-01-01}}\n"
+                  for c in ("CVE-2999-0001", "CVE-2999-0004"))
+    )  # fmt: skip
+    cleared = cli("rescan", "--json")
+    assert cleared.code == 0 and cleared.json()["flagged"] == []
+    assert cli("channels", "--json").json()[0]["flags"] == []  # judged again, and it passes
 
 
 def test_update_and_import_refuse_unknown_sources_and_bad_urls(cli: Cli, tmp_path: Path) -> None:
@@ -394,3 +402,17 @@ def test_the_age_of_data_is_never_fresher_than_its_publisher_says(cli: Cli, mirr
     merged = cli("vulndb", "import", str(fresh), "--json").json()["source"]
     assert merged["as_of"].startswith("2023-11-14")
     assert merged["count"] == 5  # 3 from the update, and the two imported
+
+
+def test_rescan_checks_every_target_before_it_writes_anything(cli: Cli, mirror: Mirror, image: Image) -> None:
+    assert "nothing to rescan" in cli("rescan").out
+    urls = mirror.serve(*_data())
+    assert cli("vulndb", "update", *urls).code == 0
+    seed(image)
+    assert cli("scan", "web@1").code == 0
+    seed(image)  # web@2: never scanned
+    r = cli("rescan", "web@1", "web@2", "--json")
+    assert r.code == 3 and "web@2 has never been scanned" in r.json()["message"]
+    with registry() as store:
+        assert [e.kind for e in store.events("web@1") if e.kind.startswith("rescan")] == []  # web@1 untouched
+    assert cli("rescan", "web@1", "--json").json()["versions"][0]["version"] == "web@1"

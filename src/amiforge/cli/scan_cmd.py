@@ -345,6 +345,8 @@ def rescan_command(
             }
         )  # fmt: skip
     else:
+        if not results:
+            console.print("nothing to rescan: no channel holds a version yet, and none was named")
         for r in results:
             held = ", ".join(v.channel for v in r.channels) or "no channel"
             changes = f"{len(r.new)} new, {len(r.gone)} gone CVE finding(s)"

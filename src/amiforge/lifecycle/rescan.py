@@ -17,6 +17,7 @@ are what was signed, only what is known about them changed — and a rollback mu
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -26,7 +27,8 @@ from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.scan import findings_gate, vulnerabilities
 from amiforge.lifecycle.views import findings_summary, vulndb_label
 from amiforge.model import Finding, FindingKind, ImageVersion, ScanRecord
-from amiforge.policy import GateDecision
+from amiforge.policy import GateDecision, Policy
+from amiforge.scanners.vulns import Advisory, parse_osv_records
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -72,22 +74,45 @@ def _reasons(decision: GateDecision) -> list[str]:
 def targets(
     refs: Sequence[str], channels: Sequence[str], *, store: Store, settings: Settings
 ) -> dict[int, tuple[ImageVersion, list[str]]]:
-    """version id -> (version, the channels it is current in): the versions asked for, else every channel's."""
+    """version id -> (version, the channels it is current in, of those asked): the versions named, the versions
+    current in the channels named, or — when neither is named — every channel's current version."""
     policy = policy_of(settings)
     for channel in channels:
         policy.channel(channel)  # ConfigError naming the channels if it is not one
     chosen: dict[int, tuple[ImageVersion, list[str]]] = {}
-    for pointer in store.channels():
-        if channels and pointer.channel not in channels:
-            continue
-        version = store.get_version(pointer.current)
-        chosen.setdefault(version.id, (version, []))[1].append(pointer.channel)
     for ref in refs:
         version = store.get_version(ref)
         chosen.setdefault(version.id, (version, []))
+    if channels or not refs:
+        for pointer in store.channels():
+            if channels and pointer.channel not in channels:
+                continue
+            version = store.get_version(pointer.current)
+            chosen.setdefault(version.id, (version, []))[1].append(pointer.channel)
+    for version, held in chosen.values():
+        if version.ref in refs:  # a version named is judged in every channel that holds it
+            held[:] = sorted({p.channel for p in store.channels(version.name) if p.current == version.ref})
     if channels and not any(held for _, held in chosen.values()):
         raise NotFound(f"no version is current in {', '.join(channels)}", fix="amiforge channels lists them")
     return chosen
+
+
+def release_of(scan: ScanRecord) -> str | None:
+    """The image's Debian release (os-release VERSION_ID): recorded by scans since 0007; for an older scan, the
+    major version of its base-files package (12.4+deb12u5 is Debian 12), which always matches it."""
+    if scan.release:
+        return scan.release
+    base = next((p.version for p in scan.packages if p.name == "base-files"), "")
+    major = re.match(r"(\d+)(?:\.|$)", base)
+    return major.group(1) if major else None
+
+
+@dataclass(frozen=True)
+class _Target:
+    version: ImageVersion
+    channels: list[str]
+    before: ScanRecord
+    release: str
 
 
 def rescan(
@@ -99,61 +124,82 @@ def rescan(
     now: datetime | None = None,
 ) -> list[Rescanned]:
     """Re-match each target version against today's data, record the new scan, and judge each channel that
-    holds it before and after (flagging those whose gate now refuses it)."""
+    holds it before and after (flagging those whose gate now refuses it). Every target is checked before anything
+    is written: a rescan that cannot do one version does none."""
     policy = policy_of(settings)
     now = now or datetime.now(UTC)
-    results = []
+    plan: list[_Target] = []
     for version, held in targets(refs, channels, store=store, settings=settings).values():
         before = store.latest_scan(version.id)
         if before is None:
             raise NotFound(f"{version.ref} has never been scanned", fix=f"amiforge scan {version.ref}")
-        if before.release is None:
+        release = release_of(before)
+        if release is None:
             raise ConfigError(
-                f"the scan of {version.ref} was made before amiforge recorded the image's release, so it cannot be "
-                "re-matched without reading the image",
+                f"the scan of {version.ref} says neither the image's Debian release nor its base-files version, so "
+                "it cannot be matched again without reading the image",
                 fix=f"amiforge scan {version.ref} (once; later rescans need no image)",
             )
-        kept = [f for f in before.findings if f.kind is not FindingKind.CVE]
-        imported = [f for f in before.findings if f.kind is FindingKind.CVE and f.source not in _MATCHED_SOURCES]
-        cves = vulnerabilities(before.packages, before.release, imported, store=store, policy=policy)
-        after = store.add_scan(
-            version.id,
-            replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=vulndb_label(store),
-                    vulndb_as_of=cves.as_of, id=None, version_id=None),
-        )  # fmt: skip
-        old_keys = {f.key for f in before.findings if f.kind is FindingKind.CVE}
-        new_keys = {f.key for f in cves.findings}
-        verdicts = tuple(
-            ChannelVerdict(
-                channel,
-                findings_gate(before, channel, policy=policy, now=now, ref=version.ref),
-                findings_gate(after, channel, policy=policy, now=now, ref=version.ref),
+        dropped = [c for c in held if c not in policy.channels]
+        if dropped:
+            logger.warning("rescan: %s is current in %s, which the policy no longer has: not judged there",
+                           version.ref, ", ".join(dropped))  # fmt: skip
+        plan.append(_Target(version, [c for c in held if c in policy.channels], before, release))
+    # The advisories for every target's packages, read and parsed once (a kernel alone has thousands).
+    advisories = parse_osv_records(store.advisories_for({p.source_name for t in plan for p in t.before.packages}))
+    return [_rescan_one(t, advisories, store=store, settings=settings, policy=policy, now=now) for t in plan]
+
+
+def _rescan_one(
+    target: _Target,
+    advisories: Sequence[Advisory],
+    *,
+    store: Store,
+    settings: Settings,
+    policy: Policy,
+    now: datetime,
+) -> Rescanned:
+    version, before = target.version, target.before
+    kept = [f for f in before.findings if f.kind is not FindingKind.CVE]
+    imported = [f for f in before.findings if f.kind is FindingKind.CVE and f.source not in _MATCHED_SOURCES]
+    cves = vulnerabilities(before.packages, target.release, imported, store=store, policy=policy,
+                           advisories=advisories)  # fmt: skip
+    after = store.add_scan(
+        version.id,
+        replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=vulndb_label(store),
+                vulndb_as_of=cves.as_of, release=target.release, id=None, version_id=None),
+    )  # fmt: skip
+    old_keys = {f.key for f in before.findings if f.kind is FindingKind.CVE}
+    new_keys = {f.key for f in cves.findings}
+    verdicts = tuple(
+        ChannelVerdict(
+            channel,
+            findings_gate(before, channel, policy=policy, now=now, ref=version.ref),
+            findings_gate(after, channel, policy=policy, now=now, ref=version.ref),
+        )
+        for channel in target.channels
+    )
+    result = Rescanned(
+        version,
+        after,
+        tuple(f for f in cves.findings if f.key not in old_keys),
+        tuple(f for f in before.findings if f.kind is FindingKind.CVE and f.key not in new_keys),
+        verdicts,
+    )
+    store.append_event(
+        "rescan.completed",
+        actor=settings.actor,
+        ref=version.ref,
+        data={"findings": findings_summary(after.findings), "new": [f.key for f in result.new],
+              "gone": [f.key for f in result.gone], "vulndb": after.vulndb, "judged": list(target.channels)},
+    )  # fmt: skip
+    for verdict in verdicts:
+        if not verdict.after.passed:
+            logger.warning("rescan: %s in %s fails its gate now", version.ref, verdict.channel)
+            store.append_event(
+                "rescan.flagged",
+                actor=settings.actor,
+                ref=version.ref,
+                data={"channel": verdict.channel, "reasons": _reasons(verdict.after), "newly": verdict.newly_failing},
             )
-            for channel in held
-        )
-        result = Rescanned(
-            version,
-            after,
-            tuple(f for f in cves.findings if f.key not in old_keys),
-            tuple(f for f in before.findings if f.kind is FindingKind.CVE and f.key not in new_keys),
-            verdicts,
-        )
-        store.append_event(
-            "rescan.completed",
-            actor=settings.actor,
-            ref=version.ref,
-            data={"findings": findings_summary(after.findings), "new": [f.key for f in result.new],
-                  "gone": [f.key for f in result.gone], "vulndb": after.vulndb},
-        )  # fmt: skip
-        for verdict in verdicts:
-            if not verdict.after.passed:
-                logger.warning("rescan: %s in %s fails its gate now", version.ref, verdict.channel)
-                store.append_event(
-                    "rescan.flagged",
-                    actor=settings.actor,
-                    ref=version.ref,
-                    data={"channel": verdict.channel, "reasons": _reasons(verdict.after),
-                          "newly": verdict.newly_failing},
-                )  # fmt: skip
-        results.append(result)
-    return results
+    return result

@@ -129,7 +129,7 @@ def channel_flags(pointer: ChannelPointer, store: Store) -> list[str]:
 
 def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[list[str]]:
     """`channel_flags` of each pointer, from three reads whatever their number and the depth of their histories:
-    revocations, and a current version a rescan found its channel's gate now refuses (until a newer scan)."""
+    revocations, and a current version the latest rescan judging its channel found that channel refuses."""
     refs = {ref for p in pointers for ref in (p.current, p.previous) if ref is not None}
     states = store.version_states(refs)
     for missing in refs - states.keys():
@@ -155,15 +155,16 @@ def channels_flags(pointers: Sequence[ChannelPointer], store: Store) -> list[lis
 
 
 def _refused_since_rescan(store: Store, refs: set[str]) -> dict[tuple[str, str], str]:
-    """(ref, channel) -> why, for the versions whose latest scan is a rescan that flagged that channel."""
-    events = store.events(kinds=("scan.completed", "rescan.completed", "rescan.flagged"), refs=refs)
-    latest: dict[str, int] = {}  # ref -> the seq of its latest scan or rescan
-    for e in events:
-        if e.kind != "rescan.flagged" and e.ref is not None:
-            latest[e.ref] = e.seq
+    """(ref, channel) -> why, where the latest rescan that judged that channel found the version refused there."""
     found: dict[tuple[str, str], str] = {}
-    for e in events:
-        if e.kind == "rescan.flagged" and e.ref is not None and e.seq > latest.get(e.ref, e.seq):
+    for e in store.events(kinds=("rescan.completed", "rescan.flagged"), refs=refs):
+        if e.ref is None:
+            continue
+        if e.kind == "rescan.completed":
+            judged = e.data.get("judged")
+            for channel in judged if isinstance(judged, list) else ():
+                found.pop((e.ref, str(channel)), None)  # judged again: its own flag event follows if it still fails
+        else:
             reasons = e.data.get("reasons")
             shown = "; ".join(str(r) for r in reasons[:2]) if isinstance(reasons, list) else ""
             found[(e.ref, str(e.data.get("channel")))] = shown or "see amiforge rescan"
