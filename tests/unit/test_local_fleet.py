@@ -469,6 +469,30 @@ def test_a_controller_killed_before_the_start_resumes_by_starting_that_member(
     assert launcher.launched == [old.id, new_id]
 
 
+def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_started_again(
+    web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
+) -> None:
+    fleet, old = web1
+    launcher.die_after_start = True
+    with pytest.raises(KeyboardInterrupt):
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    new_id = launcher.launched[-1]
+    console = fleet.dir / new_id / "console.log"
+    deadline = time.monotonic() + 10
+    while not console.exists():  # QEMU makes its console file as it starts
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    launcher.procs[-1].kill()  # … and then dies, its pid never recorded
+    launcher.procs[-1].wait()
+    launcher.die_after_start = False
+
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+
+    assert (new.id, new.state) == (new_id, "failed")  # its verdict stands: no second boot erases it
+    assert launcher.launched == [old.id, new_id]
+    assert console.exists()
+
+
 def test_a_stopped_or_failed_launch_is_never_started_again(
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:

@@ -237,12 +237,14 @@ class LocalFleet:
             return rec.id, False
 
     def _never_started(self, rec: MemberFile) -> bool:
-        """Under the lock only: the launcher recorded `rec` and died before its QEMU started."""
+        """Under the lock only: the launcher recorded `rec` and died before its QEMU started. A console file means
+        QEMU did start (it makes the file): one that is gone since booted and exited, and that stays its verdict."""
         mdir = self.dir / rec.id
         return (
             rec.launch_error is None
             and rec.stopped_at is None
             and not (mdir / "qemu.pid").exists()
+            and not (mdir / "console.log").exists()
             and not find_guests(mdir)
         )
 
