@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     aws_profile: str | None = Field(default=None, description="AWS profile; default: the standard credential chain")
     aws_max_attempts: int = Field(
         default=8, ge=1, le=20, description="attempts per AWS call (botocore standard retry mode, with jitter)"
+    )
+    nvd_api_key: SecretStr | None = Field(
+        default=None, description="NVD API key for `vulndb update --source cve` (ten times NVD's keyless rate)"
     )
     aws_roles: dict[str, str] = Field(
         default_factory=dict,

@@ -129,6 +129,9 @@ def test_data_older_than_max_vulndb_age_fails_closed_and_says_what_to_run() -> N
     assert "matched against no advisories" in none
     (none_but_debian,) = _aged({"debian": NOW})  # Debian's verdicts alone match nothing
     assert "matched against no advisories" in none_but_debian
+    assert _aged({"osv": NOW + timedelta(minutes=4)}) == []  # another machine's clock, a little ahead
+    (future,) = _aged({"osv": NOW + timedelta(days=1)})
+    assert "claims to be from 2026-06-02T12:00:00+00:00, later than now" in future
     loose = parse_policy("channels:\n  staging: {max_vulndb_age: 30d}\n", Path("p.yaml"))
     assert _aged({"osv": NOW - timedelta(days=29)}, policy=loose) == []
 

@@ -93,10 +93,12 @@ class Mirror:
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+        self.seen: list[tuple[str, dict[str, str]]] = []  # (path, headers) of every request
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                mirror.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
                 status, body, headers = mirror.files.get(self.path.split("?")[0], (404, b"no such file", {}))
                 self.send_response(status)
                 self.send_header("Content-Length", headers.pop("X-Claim-Length", str(len(body))))
@@ -193,6 +195,16 @@ def test_update_downloads_every_source_and_a_scan_rates_each_finding_with_its_so
     }
     assert set(shown["vulndb_as_of"]) == {"osv", "debian", "cve"}
     assert "CVE severities from: debian 6;" in cli("images", "show", "web@1").out
+
+
+def test_the_nvd_api_key_comes_from_the_settings_and_reaches_nvd_only(
+    cli: Cli, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = mirror.serve(*_data())
+    monkeypatch.setenv("AMIFORGE_NVD_API_KEY", "00000000-0000-4000-8000-00000000test")
+    assert cli("vulndb", "update", *urls).code == 0
+    keys = {path.split("?")[0]: headers.get("apikey") for path, headers in mirror.seen}
+    assert keys == {"/osv/all.zip": None, "/tracker/json": None, "/nvd": "00000000-0000-4000-8000-00000000test"}
 
 
 def test_a_failed_update_keeps_the_previous_data_and_exits_3(cli: Cli, mirror: Mirror) -> None:

@@ -211,14 +211,14 @@ def demo(
         from amiforge.lifecycle.vulndb import import_files
 
         import_files("osv", vulndb, store=store, settings=settings)
-    elif not any(s.name == "osv" for s in store.vulndb_sources()):
-        from amiforge.lifecycle.vulndb import update
+    else:
+        from amiforge.lifecycle.vulndb import ensure_data
 
-        # The gates judge findings only against vulnerability data (fail closed without it): fetch it once.
-        console.print("no vulnerability data yet: downloading osv.dev's Debian advisories and Debian's tracker")
-        for fetched in update(["osv", "debian"], store=store, settings=settings):
+        for fetched in ensure_data(store=store, settings=settings):
             if fetched.state is None:
                 console.print(f"[yellow]{fetched.name}: {escape(fetched.error or '')}[/]")
+            else:
+                console.print(f"{fetched.name}: {fetched.state.count} record(s) from {escape(fetched.state.origin)}")
     outcome = _pipeline(path, "dev", as_json)
     if as_json:
         return

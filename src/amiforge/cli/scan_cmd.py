@@ -193,8 +193,6 @@ def vulndb_update(
 ) -> None:
     """Download each source from its publisher (or a mirror), verify it and swap it in whole: a source that fails
     keeps its previous data (exit 3). NVD's API key, if any, comes from AMIFORGE_NVD_API_KEY."""
-    import os
-
     from amiforge.lifecycle.vulndb import import_bundle, source_names, update
 
     chosen = source_names(sources)
@@ -212,8 +210,7 @@ def vulndb_update(
         outcomes = import_bundle(offline_bundle, store=store, settings=settings)
     else:
         with _DownloadBars(enabled=not as_json) as bars:
-            outcomes = update(chosen, store=store, settings=settings, urls=mirrors,
-                              api_key=os.environ.get("AMIFORGE_NVD_API_KEY"), progress=bars.update)  # fmt: skip
+            outcomes = update(chosen, store=store, settings=settings, urls=mirrors, progress=bars.update)
     failed = [o for o in outcomes if o.state is None]
     if as_json:
         emit_json({"sources": outcomes, "failed": [o.name for o in failed]})

@@ -26,6 +26,9 @@ from amiforge.policy.severity import SeveritySource, rated
 
 __all__ = ["Candidate", "GateDecision", "evaluate"]
 
+# How far ahead of now a time may be before it is one that lies (clocks of two machines differ by a little).
+CLOCK_SKEW = timedelta(minutes=5)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
@@ -182,7 +185,16 @@ def _stale_data(
     failures = []
     for source, when in sorted(as_of.items()):
         age = now - as_utc(when)
-        if age > rule.max_vulndb_age:
+        if age < -CLOCK_SKEW:  # data from the future is a clock or a file that lies: its age proves nothing
+            failures.append(
+                GateFailure(
+                    "vulndb",
+                    f"the {source} data the scan of {ref} used claims to be from {as_utc(when).isoformat()}, later "
+                    "than now: check this machine's clock and where the data came from, then "
+                    f"`amiforge vulndb update` and `amiforge rescan {ref}`",
+                )
+            )
+        elif age > rule.max_vulndb_age:
             failures.append(
                 GateFailure(
                     "vulndb",
