@@ -24,6 +24,8 @@ from amiforge.scanners.cve_scores import preferred
 from amiforge.scanners.vulns import dpkg_compare, is_dpkg_version
 
 CVE_RE = re.compile(r"^CVE-\d{4}-\d{4,}$")
+_VERSION_ID = re.compile(r"^\d{1,4}(\.\d{1,4}){0,2}$")
+_CODENAME = re.compile(r"^[a-z]{1,20}$")
 
 
 def cve_ids(finding: Finding) -> tuple[str, ...]:
@@ -120,8 +122,9 @@ def debian_release(root: Path) -> tuple[str, str]:
                 fields[key.strip()] = value.strip().strip("'\"")
         break
     number, codename = fields.get("VERSION_ID", ""), fields.get("VERSION_CODENAME", "")
-    if fields.get("ID") != "debian" or not number or not codename:
-        said = ", ".join(f"{k}={fields[k]}" for k in ("ID", "VERSION_ID", "VERSION_CODENAME") if k in fields)
+    # The image's builder wrote this file: only a release number and a codename as Debian writes them are used.
+    if fields.get("ID") != "debian" or not _VERSION_ID.match(number) or not _CODENAME.match(codename):
+        said = ", ".join(f"{k}={fields[k][:40]!r}" for k in ("ID", "VERSION_ID", "VERSION_CODENAME") if k in fields)
         raise ConfigError(
             f"the image is not a Debian release amiforge can match advisories for ({said or 'no os-release'})", fix=fix
         )
