@@ -87,15 +87,33 @@ def _size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB" if n >= KIB else f"{n} bytes"
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages ("got an array")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def refuse_json_constant(name: str) -> object:
+    """json.loads' parse_constant: NaN and Infinity, which Python's parser takes, are not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(data: bytes | str, *, file: str, what: str, fix: str) -> object:
     """JSON from a file a user named; ConfigError with the line and column of a syntax error, or if it nests too
     deeply. NaN and Infinity (not JSON) are refused too."""
-
-    def constant(name: str) -> object:
-        raise ValueError(f"{name} is not a JSON value")
-
     try:
-        return json.loads(data, parse_constant=constant)
+        return json.loads(data, parse_constant=refuse_json_constant)
     except json.JSONDecodeError as e:
         problem = Problem(f"not valid JSON: {e.msg} (column {e.colno})", file=file, line=e.lineno)
         raise ConfigError(f"{what} {file} is not valid JSON", problems=[problem], fix=fix) from None

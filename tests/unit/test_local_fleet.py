@@ -427,16 +427,23 @@ def test_the_same_token_never_launches_twice(settings: Settings, artifact: Artif
     assert len(launcher.launched) == 3
 
 
+def _killed_right_after_the_start(fleet: LocalFleet, old: Member, artifact: Artifact, launcher: FakeLauncher) -> str:
+    """Replace `old`, the controller killed once its guest's QEMU started and before its pid was recorded; the new
+    member's id."""
+    launcher.die_after_start = True
+    with pytest.raises(KeyboardInterrupt):
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    launcher.die_after_start = False
+    new_id = launcher.launched[-1]
+    assert not (fleet.dir / new_id / "qemu.pid").exists()
+    return new_id
+
+
 def test_a_controller_killed_right_after_the_start_resumes_without_a_second_guest(
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:
     fleet, old = web1
-    launcher.die_after_start = True
-    with pytest.raises(KeyboardInterrupt):
-        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
-    new_id = launcher.launched[-1]
-    assert not (fleet.dir / new_id / "qemu.pid").exists()  # started, pid never recorded
-    launcher.die_after_start = False
+    new_id = _killed_right_after_the_start(fleet, old, artifact, launcher)
 
     (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
 
@@ -473,10 +480,7 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:
     fleet, old = web1
-    launcher.die_after_start = True
-    with pytest.raises(KeyboardInterrupt):
-        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
-    new_id = launcher.launched[-1]
+    new_id = _killed_right_after_the_start(fleet, old, artifact, launcher)
     console = fleet.dir / new_id / "console.log"
     deadline = time.monotonic() + 10
     while not console.exists():  # QEMU makes its console file as it starts
@@ -484,7 +488,6 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
         time.sleep(0.02)
     launcher.procs[-1].kill()  # … and then dies, its pid never recorded
     launcher.procs[-1].wait()
-    launcher.die_after_start = False
 
     (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
 

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from amiforge.errors import ConfigError, InfraError, Problem
 from amiforge.feeds.download import Downloaded, HTTPStatusError, Progress, check_url, download
-from amiforge.inputs import MIB, open_input, parse_json, read_input
+from amiforge.inputs import MIB, json_type, open_input, parse_json, read_input, refuse_json_constant
 
 GIB = 1 << 30
 
@@ -266,7 +266,7 @@ def _check_tracker_json(got: Downloaded, source: Source) -> None:
         try:
             # Every object becomes _OBJECT as soon as it is parsed: a full check of the syntax, without holding
             # the tracker's hundreds of MiB of objects in memory at once.
-            top = json.loads(data, object_pairs_hook=lambda _pairs: _OBJECT, parse_constant=_not_json)
+            top = json.loads(data, object_pairs_hook=lambda _pairs: _OBJECT, parse_constant=refuse_json_constant)
         except json.JSONDecodeError as e:
             found = f"text that is not JSON ({e.msg} at line {e.lineno} column {e.colno})"
         except (ValueError, UnicodeDecodeError) as e:  # NaN/Infinity, a bad encoding
@@ -275,29 +275,13 @@ def _check_tracker_json(got: Downloaded, source: Source) -> None:
             found = "JSON nested too deeply to be the tracker's"
         else:
             if top is not _OBJECT:
-                found = f"a JSON {_json_type(top)}"
+                found = f"a JSON {json_type(top)}"
     if found is not None:
         raise ConfigError(
             f"{got.url} did not answer with {source.what}: expected a JSON object at the top, found {found}",
             problems=[Problem(f"expected a JSON object at the top, found {found}", file=got.url)],
             fix=fix,
         )
-
-
-def _not_json(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _json_type(value: object) -> str:
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    return "null" if value is None else "object"
 
 
 # --- cve: NVD's API, page by page -------------------------------------------------------------------------------
@@ -384,7 +368,7 @@ def _check_nvd_page(got: Downloaded, source: Source) -> _Page:
     except ConfigError as e:
         raise _unknown_format(e.problems) from None
     if not isinstance(page, dict):
-        raise _unknown_format([Problem(f"the answer is a JSON {_json_type(page)}, not an object", file=got.url)])
+        raise _unknown_format([Problem(f"the answer is a JSON {json_type(page)}, not an object", file=got.url)])
     problems: list[Problem] = []
     if page.get("format") != NVD_FORMAT:
         problems.append(Problem(f"is {page.get('format')!r}, expected {NVD_FORMAT!r}", file=got.url, field="format"))
@@ -398,7 +382,7 @@ def _check_nvd_page(got: Downloaded, source: Source) -> _Page:
     vulnerabilities = page.get("vulnerabilities")
     if not isinstance(vulnerabilities, list):
         problems.append(
-            Problem(f"is a {_json_type(vulnerabilities)}, expected an array", file=got.url, field="vulnerabilities")
+            Problem(f"is a {json_type(vulnerabilities)}, expected an array", file=got.url, field="vulnerabilities")
         )
     if problems or not isinstance(vulnerabilities, list):
         raise _unknown_format(problems)

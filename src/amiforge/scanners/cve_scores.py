@@ -27,10 +27,10 @@ from pathlib import Path
 from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.inputs import MIB, parse_json, read_input, zip_json_members
+from amiforge.inputs import MIB, json_type, parse_json, read_input, zip_json_members
 from amiforge.model import CvssScore, Severity
 from amiforge.scanners.interface import malformed
-from amiforge.scanners.vulns import _Ctx, _kind, _obj, _objects, _str, severity_from_score, severity_from_word
+from amiforge.scanners.vulns import _Ctx, _obj, _objects, _str, severity_from_score, severity_from_word
 
 _FIX = "give CVE JSON 5 records (cvelistV5's cves/ folder, or its cves.zip) or NVD CVE API 2.0 JSON pages"
 _CVE_ID = re.compile(r"CVE-[0-9]{4}-[0-9]{4,19}")  # cve-schema's cveId pattern
@@ -162,7 +162,7 @@ class _Reader:
                 if isinstance(record, dict) and record.get("dataType") == "CVE_RECORD":
                     self._cve_record(ctx, record, f"[{i}]")
                 else:
-                    ctx.bad(f"[{i}]", f"must be a CVE record (dataType CVE_RECORD), got {_kind(record)}")
+                    ctx.bad(f"[{i}]", f"must be a CVE record (dataType CVE_RECORD), got {json_type(record)}")
             return True
         if isinstance(document, dict) and document.get("dataType") == "CVE_RECORD":
             self._cve_record(ctx, document, "")
@@ -174,7 +174,7 @@ class _Reader:
         if strict:
             raise ConfigError(
                 f"{origin} holds no CVE ratings amiforge can read",
-                problems=[Problem(f"{what}, got {_kind(document)}", file=origin)],
+                problems=[Problem(f"{what}, got {json_type(document)}", file=origin)],
                 fix=_FIX,
             )
         self.skipped.append(f"{origin}: {what}")

@@ -28,10 +28,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.inputs import MIB, parse_json, read_input
+from amiforge.inputs import MIB, json_type, parse_json, read_input, refuse_json_constant
 from amiforge.model import DebianVerdict
 from amiforge.scanners.interface import malformed
-from amiforge.scanners.vulns import _Ctx, _kind, _str, is_dpkg_version
+from amiforge.scanners.vulns import _Ctx, _str, is_dpkg_version
 
 TRACKER_URL = "https://security-tracker.debian.org/tracker/data/json"
 _FIX = f"re-download the Debian Security Tracker's JSON export ({TRACKER_URL})"
@@ -151,10 +151,6 @@ def _stream_packages(text: str, decoder: json.JSONDecoder) -> Iterator[tuple[str
         raise _NotStreamable from e
 
 
-def _refuse_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON value")
-
-
 class _Reader:
     def __init__(self, origin: str, keep: frozenset[str] | None) -> None:
         self.ctx = _Ctx(origin, [])
@@ -168,7 +164,7 @@ class _Reader:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise _NotStreamable from e
-        decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+        decoder = json.JSONDecoder(parse_constant=refuse_json_constant)
         for package, issues in _stream_packages(text, decoder):
             self._package(package, issues)
 
@@ -178,7 +174,7 @@ class _Reader:
                 f"{self.ctx.file} is not the Debian Security Tracker's JSON",
                 problems=[
                     Problem(
-                        f"expected an object of source packages at the top level, got {_kind(document)}",
+                        f"expected an object of source packages at the top level, got {json_type(document)}",
                         file=self.ctx.file,
                     )
                 ],
@@ -192,7 +188,7 @@ class _Reader:
 
     def _package(self, package: str, issues: object) -> None:
         if not isinstance(issues, dict):
-            self.ctx.bad(package, f"must be an object of CVEs, got {_kind(issues)}")
+            self.ctx.bad(package, f"must be an object of CVEs, got {json_type(issues)}")
             return
         for cve, issue in issues.items():
             self._issue(package, cve, issue)
@@ -201,18 +197,18 @@ class _Reader:
         ctx = self.ctx
         where = f"{package}.{cve}"
         if not isinstance(issue, dict):
-            ctx.bad(where, f"must be an object, got {_kind(issue)}")
+            ctx.bad(where, f"must be an object, got {json_type(issue)}")
             return
         description = self._word(_str(ctx, issue, "description", where) or "")  # repeated per package
         _str(ctx, issue, "scope", where)
         bug = issue.get("debianbug")
         if bug is not None and (isinstance(bug, bool) or not isinstance(bug, int)):
-            ctx.bad(f"{where}.debianbug", f"must be a Debian bug number, got {_kind(bug)}")
+            ctx.bad(f"{where}.debianbug", f"must be a Debian bug number, got {json_type(bug)}")
         releases = issue.get("releases")
         if releases is None or releases == []:  # an issue no supported release has (once written as [])
             return
         if not isinstance(releases, dict):
-            ctx.bad(f"{where}.releases", f"must be an object of releases, got {_kind(releases)}")
+            ctx.bad(f"{where}.releases", f"must be an object of releases, got {json_type(releases)}")
             return
         cve = self._word(cve)  # the same CVE under several packages
         for codename, release in releases.items():
@@ -222,7 +218,7 @@ class _Reader:
     def _release(self, package: str, cve: str, codename: str, release: object, description: str, where: str) -> None:
         ctx = self.ctx
         if not isinstance(release, dict):
-            ctx.bad(where, f"must be an object, got {_kind(release)}")
+            ctx.bad(where, f"must be an object, got {json_type(release)}")
             return
         before = len(ctx.problems)
         status = _str(ctx, release, "status", where, required=True)
@@ -236,11 +232,11 @@ class _Reader:
         if isinstance(repositories, dict):
             for suite, version in repositories.items():
                 if not isinstance(version, str):
-                    ctx.bad(f"{where}.repositories.{suite}", f"must be a version string, got {_kind(version)}")
+                    ctx.bad(f"{where}.repositories.{suite}", f"must be a version string, got {json_type(version)}")
                 elif not is_dpkg_version(version):
                     ctx.bad(f"{where}.repositories.{suite}", f"not a Debian version: {version!r}")
         elif repositories is not None:
-            ctx.bad(f"{where}.repositories", f"must be an object of suites, got {_kind(repositories)}")
+            ctx.bad(f"{where}.repositories", f"must be an object of suites, got {json_type(repositories)}")
         no_dsa = self._no_dsa(release, where)
         if len(ctx.problems) > before or status is None or urgency is None:
             return
@@ -266,7 +262,7 @@ class _Reader:
             return None
         for key, value in (("nodsa", note), ("nodsa_reason", reason)):
             if value is not None and not isinstance(value, str):
-                self.ctx.bad(f"{where}.{key}", f"must be a string, got {_kind(value)}")
+                self.ctx.bad(f"{where}.{key}", f"must be a string, got {json_type(value)}")
                 return None
         if isinstance(reason, str) and reason.strip():
             return self._word(reason.strip())

@@ -21,7 +21,7 @@ from cvss import CVSS2, CVSS3, CVSS4, CVSSError
 from debian.debian_support import BaseVersion, version_compare
 
 from amiforge.errors import ConfigError, Problem
-from amiforge.inputs import MIB, parse_json, read_input, zip_json_members
+from amiforge.inputs import MIB, json_type, parse_json, read_input, zip_json_members
 from amiforge.model import Finding, FindingKind, Package, Severity
 from amiforge.scanners.interface import malformed
 
@@ -123,22 +123,6 @@ class _Ctx:
         self.problems.append(Problem(message, file=self.file, field=field or None, fix=fix))
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -150,7 +134,7 @@ def _str(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str, *, required:
             ctx.bad(_join(path, key), "is required and missing")
         return None
     if not isinstance(value, str):
-        ctx.bad(_join(path, key), f"must be a string, got {_kind(value)}")
+        ctx.bad(_join(path, key), f"must be a string, got {json_type(value)}")
         return None
     return value
 
@@ -160,7 +144,7 @@ def _obj(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> Mapping[s
     if value is None:
         return None
     if not isinstance(value, dict):
-        ctx.bad(_join(path, key), f"must be an object, got {_kind(value)}")
+        ctx.bad(_join(path, key), f"must be an object, got {json_type(value)}")
         return None
     return value
 
@@ -170,7 +154,7 @@ def _list(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> list[obj
     if value is None:
         return []
     if not isinstance(value, list):
-        ctx.bad(_join(path, key), f"must be an array, got {_kind(value)}")
+        ctx.bad(_join(path, key), f"must be an array, got {json_type(value)}")
         return []
     return value
 
@@ -181,7 +165,7 @@ def _objects(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> Itera
         if isinstance(item, dict):
             yield where, item
         else:
-            ctx.bad(where, f"must be an object, got {_kind(item)}")
+            ctx.bad(where, f"must be an object, got {json_type(item)}")
 
 
 def _strs(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> tuple[str, ...]:
@@ -190,7 +174,7 @@ def _strs(ctx: _Ctx, obj: Mapping[str, object], key: str, path: str) -> tuple[st
         if isinstance(item, str):
             out.append(item)
         else:
-            ctx.bad(f"{_join(path, key)}[{i}]", f"must be a string, got {_kind(item)}")
+            ctx.bad(f"{_join(path, key)}[{i}]", f"must be a string, got {json_type(item)}")
     return tuple(out)
 
 
@@ -383,7 +367,7 @@ def _affected(ctx: _Ctx, where: str, entry: Mapping[str, object]) -> list[Affect
 
 def _advisory(ctx: _Ctx, record: object, path: str) -> Advisory | None:
     if not isinstance(record, dict):
-        ctx.bad(path or None, f"an OSV record must be a JSON object, got {_kind(record)}")
+        ctx.bad(path or None, f"an OSV record must be a JSON object, got {json_type(record)}")
         return None
     before = len(ctx.problems)
     adv_id = _str(ctx, record, "id", path, required=True)
