@@ -436,7 +436,8 @@ def test_revoking_the_key_makes_verify_exit_4(cli: Cli, image: Image, key_id: st
     assert ok.code == 0, ok.err
     with registry() as store:
         digest = store.get_version("web@1").digest
-    assert ok.json() == {"ok": True, "version": "web@1", "key_id": key_id, "digest": digest}
+    assert ok.json() == {"ok": True, "version": "web@1", "key_id": key_id, "digest": digest,
+                         "findings_signed": {}, "findings_now": None}  # fmt: skip
 
     revoked = cli("keys", "revoke", key_id, "--reason", "x", "--json")
     assert revoked.code == 0, revoked.err
