@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from debian.debian_support import version_compare
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amiforge.errors import ConfigError
 from amiforge.model import FindingKind, Package, Severity, Status
@@ -23,7 +26,9 @@ from amiforge.scanners.vulns import (
     OsvScanner,
     cvss_severity,
     dpkg_compare,
+    dpkg_identity,
     import_report,
+    is_dpkg_version,
     load_osv,
     match,
     severity_from_word,
@@ -79,6 +84,26 @@ ORDER = [
 def test_dpkg_order(a: str, b: str, expected: int) -> None:
     assert dpkg_compare(a, b) == expected
     assert dpkg_compare(b, a) == -expected
+    assert (dpkg_identity(a) == dpkg_identity(b)) == (expected == 0)
+
+
+# Versions built from the characters dpkg treats differently: digits (compared as numbers, leading zeros too),
+# letters, other symbols, `~`, an optional epoch and revision.
+_PART = st.text(alphabet="0019a~.+", min_size=1, max_size=6).filter(lambda t: t[0].isdigit())
+_VERSIONS = st.builds(
+    lambda epoch, upstream, revision: f"{epoch}{upstream}{revision}",
+    st.sampled_from(["", "0:", "1:", "01:"]),
+    _PART,
+    st.one_of(st.just(""), _PART.map(lambda r: f"-{r}")),
+).filter(is_dpkg_version)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_VERSIONS, _VERSIONS)
+def test_dpkg_identity_is_equality_as_dpkg_compares(a: str, b: str) -> None:
+    """The set-membership key agrees with python-debian's own comparison (not the cached one under test)."""
+    assert (dpkg_identity(a) == dpkg_identity(b)) == (version_compare(a, b) == 0)
+    assert dpkg_compare(a, b) == (version_compare(a, b) > 0) - (version_compare(a, b) < 0)
 
 
 # --- real records ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Debian's OSV records name the *source* package (`openssl`, not `libssl3`) and gi
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from cvss import CVSS2, CVSS3, CVSS4, CVSSError
-from debian.debian_support import BaseVersion, version_compare
+from debian.debian_support import BaseVersion, Version
 
 from amiforge.errors import ConfigError, Problem
 from amiforge.inputs import MIB, json_type, parse_json, read_input, zip_json_members
@@ -32,10 +33,33 @@ _OSV_FIX = "re-download the advisories (osv.dev publishes Debian/all.zip), or re
 # --- dpkg version order ---------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _parsed(text: str) -> Version:
+    # Parsing dominates comparing (a rescan compares each installed version with thousands of advisories' versions).
+    return Version(text)
+
+
 def dpkg_compare(a: str, b: str) -> int:
     """-1, 0 or 1 as `a` sorts before, equal to or after `b` in dpkg order (epochs, `~` before anything, …)."""
-    result = version_compare(a, b)
-    return (result > 0) - (result < 0)
+    va, vb = _parsed(a), _parsed(b)
+    return -1 if va < vb else 1 if va > vb else 0
+
+
+_RUNS = re.compile(r"(\D*)(\d*)")
+
+
+def _runs(part: str) -> tuple[tuple[str, int], ...]:
+    """dpkg compares a version part as (non-digits, number) runs, numbers by value; a lone 0 equals nothing."""
+    runs = [(text, int(digits or 0)) for text, digits in _RUNS.findall(part) if text or digits]
+    return tuple(runs[:-1] if runs and runs[-1] == ("", 0) else runs)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def dpkg_identity(text: str) -> tuple[object, ...]:
+    """A key two versions share exactly when dpkg calls them equal ("1:1.01-0" and "1:1.1"): set membership
+    instead of one comparison per listed version."""
+    v = _parsed(text)
+    return (int(v.epoch or 0), _runs(v.upstream_version or ""), _runs(v.debian_revision or ""))
 
 
 def is_dpkg_version(text: str) -> bool:
@@ -64,9 +88,13 @@ class AffectedPackage:
     versions: tuple[str, ...] = ()
     severity: Severity = Severity.UNKNOWN  # this ecosystem's own rating (Debian's urgency), if it gives one
 
+    @functools.cached_property
+    def _listed(self) -> frozenset[tuple[object, ...]]:
+        return frozenset(dpkg_identity(v) for v in self.versions)
+
     def affects(self, version: str) -> bool:
         """Whether `version` (dpkg order) is listed, or lies in [introduced, fixed) / [introduced, last_affected]."""
-        if any(dpkg_compare(version, v) == 0 for v in self.versions):
+        if self.versions and dpkg_identity(version) in self._listed:
             return True
         if self.introduced is None:
             return False
