@@ -35,31 +35,55 @@ _OSV_FIX = "re-download the advisories (osv.dev publishes Debian/all.zip), or re
 
 @functools.lru_cache(maxsize=1 << 16)
 def _parsed(text: str) -> Version:
-    # Parsing dominates comparing (a rescan compares each installed version with thousands of advisories' versions).
     return Version(text)
+
+
+_RUNS = re.compile(r"(\D*)(\d*)")
+_PAIRS = 32  # (non-digits, number) pairs a key holds; a longer version (none seen in Debian) is compared slowly
+_PAD = ((0,), 0)  # what dpkg compares against once a version part has run out: the end, and the number 0
+
+
+def _char_order(c: str) -> int:
+    # dpkg's order: `~` before the end of the part (0), letters before every other character.
+    return -1 if c == "~" else ord(c) if c.isalpha() else ord(c) + 256
+
+
+def _part_key(part: str) -> tuple[tuple[tuple[int, ...], int], ...] | None:
+    """dpkg's verrevcmp as a key: each (non-digits, digits) pair as (char orders + end, number), padded to a fixed
+    length with what dpkg compares a finished part against, so tuple order is dpkg order."""
+    pairs = [((*(_char_order(c) for c in text), 0), int(digits or 0))
+             for text, digits in _RUNS.findall(part) if text or digits]  # fmt: skip
+    if len(pairs) > _PAIRS:
+        return None
+    return tuple(pairs) + (_PAD,) * (_PAIRS - len(pairs))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def dpkg_key(text: str) -> tuple[object, ...] | None:
+    """A key whose tuple order is dpkg's order of versions, so comparing two is one C-level comparison (parsing
+    and comparing in Python dominated matching: a rescan compares each installed version with thousands of
+    advisories' versions). Two versions dpkg calls equal ("1:1.01-0", "1:1.1") have equal keys. None for a version
+    with more than 32 digit runs in a part, which `dpkg_compare` compares the slow way."""
+    v = _parsed(text)
+    upstream, revision = _part_key(v.upstream_version or ""), _part_key(v.debian_revision or "")
+    if upstream is None or revision is None:
+        return None
+    return (int(v.epoch or 0), upstream, revision)
 
 
 def dpkg_compare(a: str, b: str) -> int:
     """-1, 0 or 1 as `a` sorts before, equal to or after `b` in dpkg order (epochs, `~` before anything, …)."""
-    va, vb = _parsed(a), _parsed(b)
-    return -1 if va < vb else 1 if va > vb else 0
+    ka, kb = dpkg_key(a), dpkg_key(b)
+    if ka is None or kb is None:
+        va, vb = _parsed(a), _parsed(b)
+        return -1 if va < vb else 1 if va > vb else 0
+    return -1 if ka < kb else 1 if ka > kb else 0
 
 
-_RUNS = re.compile(r"(\D*)(\d*)")
-
-
-def _runs(part: str) -> tuple[tuple[str, int], ...]:
-    """dpkg compares a version part as (non-digits, number) runs, numbers by value; a lone 0 equals nothing."""
-    runs = [(text, int(digits or 0)) for text, digits in _RUNS.findall(part) if text or digits]
-    return tuple(runs[:-1] if runs and runs[-1] == ("", 0) else runs)
-
-
-@functools.lru_cache(maxsize=1 << 16)
 def dpkg_identity(text: str) -> tuple[object, ...]:
-    """A key two versions share exactly when dpkg calls them equal ("1:1.01-0" and "1:1.1"): set membership
-    instead of one comparison per listed version."""
-    v = _parsed(text)
-    return (int(v.epoch or 0), _runs(v.upstream_version or ""), _runs(v.debian_revision or ""))
+    """A key two versions share exactly when dpkg calls them equal: set membership instead of one comparison per
+    listed version."""
+    return dpkg_key(text) or (text,)
 
 
 def is_dpkg_version(text: str) -> bool:
