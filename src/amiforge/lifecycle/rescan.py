@@ -28,7 +28,7 @@ from amiforge.lifecycle.scan import findings_gate, vulnerabilities
 from amiforge.lifecycle.views import findings_summary, vulndb_label
 from amiforge.model import Finding, FindingKind, ImageVersion, ScanRecord
 from amiforge.policy import GateDecision, Policy
-from amiforge.scanners.vulns import Advisory, parse_osv_records
+from amiforge.scanners.vulns import AdvisoryIndex, index_advisories, parse_osv_records
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -145,14 +145,15 @@ def rescan(
             logger.warning("rescan: %s is current in %s, which the policy no longer has: not judged there",
                            version.ref, ", ".join(dropped))  # fmt: skip
         plan.append(_Target(version, [c for c in held if c in policy.channels], before, release))
-    # The advisories for every target's packages, read and parsed once (a kernel alone has thousands).
+    # The advisories for every target's packages, read, parsed and indexed once (a kernel alone has thousands).
     advisories = parse_osv_records(store.advisories_for({p.source_name for t in plan for p in t.before.packages}))
-    return [_rescan_one(t, advisories, store=store, settings=settings, policy=policy, now=now) for t in plan]
+    indexes = {release: index_advisories(advisories, release=release) for release in {t.release for t in plan}}
+    return [_rescan_one(t, indexes[t.release], store=store, settings=settings, policy=policy, now=now) for t in plan]
 
 
 def _rescan_one(
     target: _Target,
-    advisories: Sequence[Advisory],
+    index: AdvisoryIndex,
     *,
     store: Store,
     settings: Settings,
@@ -162,8 +163,7 @@ def _rescan_one(
     version, before = target.version, target.before
     kept = [f for f in before.findings if f.kind is not FindingKind.CVE]
     imported = [f for f in before.findings if f.kind is FindingKind.CVE and f.source not in _MATCHED_SOURCES]
-    cves = vulnerabilities(before.packages, target.release, imported, store=store, policy=policy,
-                           advisories=advisories)  # fmt: skip
+    cves = vulnerabilities(before.packages, target.release, imported, store=store, policy=policy, index=index)
     after = store.add_scan(
         version.id,
         replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=vulndb_label(store),

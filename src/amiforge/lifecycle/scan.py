@@ -26,7 +26,7 @@ from amiforge.scanners.debian_tracker import codename_of
 from amiforge.scanners.ratings import cve_ids, debian_release, rate
 from amiforge.scanners.sbom import cyclonedx_sbom, read_dpkg_status, sbom_digest
 from amiforge.scanners.secrets import scan_raw, scan_tree
-from amiforge.scanners.vulns import Advisory, import_report, match, parse_osv_records
+from amiforge.scanners.vulns import AdvisoryIndex, import_report, index_advisories, match, parse_osv_records
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -79,15 +79,16 @@ def vulnerabilities(
     store: Store,
     policy: Policy,
     codename: str | None = None,
-    advisories: Sequence[Advisory] | None = None,
+    index: AdvisoryIndex | None = None,
 ) -> Vulnerabilities:
     """Match `packages` (of Debian `release`, os-release VERSION_ID) against the advisories, add `extra` (from
     imported reports), and rate them all with Debian's verdicts and CVSS ratings under the policy's
     severity_source. The same for a scan and a rescan, which re-reads nothing from the image."""
     as_of: dict[str, datetime] = {s.name: s.as_of for s in store.vulndb_sources()}
-    if advisories is None:  # a rescan of many versions parses them once for all
+    if index is None:  # a rescan of many versions reads, parses and indexes them once for all
         advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
-    matched = match(packages, advisories, release=release) + list(extra)
+        index = index_advisories(advisories, release=release)
+    matched = match(packages, release=release, index=index) + list(extra)
     codename = codename or codename_of(release)
     verdicts = store.debian_verdicts({p.source_name for p in packages}, codename) if codename else {}
     scores = store.cve_scores({c for f in matched for c in cve_ids(f)})

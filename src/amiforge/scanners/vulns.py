@@ -553,8 +553,12 @@ def _newer(a: Advisory, b: Advisory) -> bool:
 # --- matching -------------------------------------------------------------------------------------------------
 
 
-def match(packages: Sequence[Package], advisories: Iterable[Advisory], *, release: str = "12") -> list[Finding]:
-    """One finding per (advisory, binary package) the advisory affects on Debian `release`.
+AdvisoryIndex = Mapping[str, list[tuple["Advisory", list[AffectedPackage]]]]
+
+
+def index_advisories(advisories: Iterable[Advisory], *, release: str = "12") -> AdvisoryIndex:
+    """Source package -> the advisories naming it for Debian `release`, with the entries that apply: built once
+    for all the versions a rescan matches.
 
     An advisory's `Debian:<release>` entries for a source package apply; its bare `Debian` entries apply only when it
     has no entry for that package on this release (a release-specific entry is the more precise statement). Withdrawn
@@ -574,6 +578,20 @@ def match(packages: Sequence[Package], advisories: Iterable[Advisory], *, releas
                 bare.setdefault(entry.name, []).append(entry)
         for name in specific.keys() | bare.keys():
             index.setdefault(name, []).append((advisory, specific.get(name) or bare[name]))
+    return index
+
+
+def match(
+    packages: Sequence[Package],
+    advisories: Iterable[Advisory] = (),
+    *,
+    release: str = "12",
+    index: AdvisoryIndex | None = None,
+) -> list[Finding]:
+    """One finding per (advisory, binary package) the advisory affects on Debian `release` (see index_advisories;
+    `index`, when given, is the advisories' index for that release, and `advisories` is not read)."""
+    if index is None:
+        index = index_advisories(advisories, release=release)
 
     findings: dict[tuple[str, str], Finding] = {}
     for pkg in packages:
