@@ -4,6 +4,7 @@ keys the registry trusts, and signatures. Trusting and revoking a key record the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -213,35 +214,29 @@ class SupplyChain(StoreCore):
         if done.rowcount == 0:
             conn.execute(vulndb_sources_table.insert().values(name=state.name, **row))
 
+    def _replace(self, what: str, table: sa.Table, rows: Iterable[dict[str, Any]], state: VulnDbSource) -> VulnDbSource:
+        """Replace every row of a source's `table` with `rows` (inserted _BULK at a time) and record its new state,
+        in one transaction: a failure midway keeps the previous data whole."""
+        with self._guard(f"import {what}"), self._write() as conn:
+            conn.execute(table.delete())
+            it = iter(rows)
+            while batch := list(itertools.islice(it, _BULK)):
+                conn.execute(table.insert(), batch)
+            self._set_source(conn, state, table)
+        return self._source(state.name)
+
     def replace_debian_tracker(
         self,
         entries: Iterable[tuple[str, str, str, DebianVerdict]],
         state: VulnDbSource,
     ) -> VulnDbSource:
-        """The Debian tracker's verdicts (package, CVE, release codename, verdict), replacing every earlier one in
-        one transaction: a failure keeps the previous data whole."""
-        with self._guard("import the Debian Security Tracker's data"), self._write() as conn:
-            conn.execute(debian_tracker_table.delete())
-            batch: list[dict[str, Any]] = []
-            for package, cve, release, v in entries:
-                batch.append(
-                    {
-                        "package": package,
-                        "cve": cve,
-                        "release": release,
-                        "status": v.status,
-                        "urgency": v.urgency,
-                        "fixed_version": v.fixed_version,
-                        "no_dsa": v.no_dsa,
-                    }
-                )
-                if len(batch) >= _BULK:
-                    conn.execute(debian_tracker_table.insert(), batch)
-                    batch = []
-            if batch:
-                conn.execute(debian_tracker_table.insert(), batch)
-            self._set_source(conn, state, debian_tracker_table)
-        return self._source(state.name)
+        """The Debian tracker's verdicts (package, CVE, release codename, verdict), replacing every earlier one."""
+        rows = (
+            {"package": package, "cve": cve, "release": release, "status": v.status, "urgency": v.urgency,
+             "fixed_version": v.fixed_version, "no_dsa": v.no_dsa}
+            for package, cve, release, v in entries
+        )  # fmt: skip
+        return self._replace("the Debian Security Tracker's data", debian_tracker_table, rows, state)
 
     def debian_verdicts(self, packages: Collection[str], release: str) -> dict[tuple[str, str], DebianVerdict]:
         """(source package, CVE) -> Debian's verdict on `release` (a codename), for these packages."""
@@ -258,25 +253,14 @@ class SupplyChain(StoreCore):
         return found
 
     def replace_cve_scores(self, scores: Iterable[tuple[str, CvssScore]], state: VulnDbSource) -> VulnDbSource:
-        """CVSS ratings (CVE, rating), replacing every earlier one in one transaction."""
-        with self._guard("import CVSS ratings"), self._write() as conn:
-            conn.execute(cve_scores_table.delete())
-            batch: dict[tuple[str, str, str], dict[str, Any]] = {}
-            for cve, score in scores:
-                # One rating per (CVE, publisher, version): a later duplicate (NVD pages overlap) replaces it.
-                batch[(cve, score.source, score.version)] = {
-                    "cve": cve,
-                    "source": score.source,
-                    "version": score.version,
-                    "vector": score.vector,
-                    "score": score.score,
-                    "severity": score.severity.value,
-                }
-            rows = list(batch.values())
-            for chunk in range(0, len(rows), _BULK):
-                conn.execute(cve_scores_table.insert(), rows[chunk : chunk + _BULK])
-            self._set_source(conn, state, cve_scores_table)
-        return self._source(state.name)
+        """CVSS ratings (CVE, rating), replacing every earlier one."""
+        # One rating per (CVE, publisher, version): a later duplicate (NVD pages overlap) replaces it.
+        rows = {
+            (cve, r.source, r.version): {"cve": cve, "source": r.source, "version": r.version, "vector": r.vector,
+                                         "score": r.score, "severity": r.severity.value}
+            for cve, r in scores
+        }  # fmt: skip
+        return self._replace("CVSS ratings", cve_scores_table, rows.values(), state)
 
     def cve_scores(self, cves: Collection[str]) -> dict[str, list[CvssScore]]:
         """CVE -> its CVSS ratings, for these CVEs."""
