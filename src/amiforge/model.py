@@ -224,7 +224,10 @@ class Severity(StrEnum):
 
     @property
     def rank(self) -> int:
-        return list(Severity).index(self)
+        return _SEVERITY_RANK[self]
+
+
+_SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}  # a gate ranks every finding: a lookup, not a list scan
 
 
 class FindingKind(StrEnum):
@@ -453,6 +456,45 @@ class VulnDbImport:
     source: str
     imported_at: datetime
     count: int
+
+
+@dataclass(frozen=True)
+class AdvisoryHead:
+    """What a finding takes from the OSV advisory it comes from. Parsed once at import and kept beside the raw
+    record, so a scan or rescan reads no JSON record and validates nothing a second time."""
+
+    id: str
+    title: str
+    identifiers: tuple[str, ...]  # other ids a waiver may name: aliases, upstream ids, related CVEs
+    severity: Severity  # the record's own rating, else the highest of its affected entries
+    withdrawn: bool
+
+
+@dataclass(frozen=True)
+class AdvisoryRange:
+    """One affected interval, or list of versions, of one Debian source package in one ecosystem ("Debian:12", or
+    a bare "Debian" for every release), as parsed from an advisory at import."""
+
+    advisory_id: str
+    ecosystem: str
+    package: str  # the source package
+    introduced: str | None  # "0": every version before `fixed`; None: only `versions` are affected
+    fixed: str | None
+    last_affected: str | None
+    versions: tuple[str, ...]
+    severity: Severity  # Debian's urgency for this entry, if it gives one
+
+
+@dataclass(frozen=True)
+class StoredAdvisory:
+    """An advisory as the registry keeps it: the raw OSV record (exports give it back byte for byte in meaning),
+    and what matching needs of it, parsed at import."""
+
+    id: str
+    modified: str
+    record: Mapping[str, object]
+    head: AdvisoryHead
+    ranges: tuple[AdvisoryRange, ...]
 
 
 VulnSourceName = Literal["osv", "debian", "cve"]

@@ -24,6 +24,7 @@ from amiforge.lifecycle.diff import (
     diff_scans,
 )
 from amiforge.model import ChangelogEntry, Finding, FindingKind, ImageVersion, Package, ScanRecord, Severity, Status
+from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import load_settings
 from amiforge.store.interface import Store
 from amiforge.store.sql import SqlStore, open_store
@@ -80,7 +81,7 @@ NEW_FINDINGS = (
 
 
 def scan(packages: tuple[Package, ...], findings: tuple[Finding, ...], changelogs: Changelogs) -> ScanRecord:
-    return ScanRecord(T0, packages, "{}", "d" * 64, findings, "TEST", changelogs=changelogs)
+    return ScanRecord(T0, packages, "{}", sbom_digest("{}"), findings, "TEST", changelogs=changelogs)
 
 
 def version(number: int) -> ImageVersion:

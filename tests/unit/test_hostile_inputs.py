@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from amiforge.model import Artifact, Status
+from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import load_settings
 from amiforge.store.sql import open_store
 from tests.cli_harness import Cli, Result, isolate, make_cli
@@ -336,7 +337,7 @@ def test_sbom_output_onto_a_fifo_is_refused(env: Cli, tmp_path: Path) -> None:
     from amiforge.model import ScanRecord
 
     with open_store(load_settings().registry_url) as store:
-        store.add_scan(1, ScanRecord(datetime.now(UTC), (), "{}", "e" * 64, (), "TEST"))
+        store.add_scan(1, ScanRecord(datetime.now(UTC), (), "{}", sbom_digest("{}"), (), "TEST"))
     _refused(env("sbom", "web@1", "-o", str(fifo)), 2, "is not a regular file")
 
 

@@ -14,6 +14,7 @@ from amiforge.lifecycle.rescan import release_of
 from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package, ScanRecord, Severity, Status
 from amiforge.policy import Candidate, Policy, default_policy, evaluate, parse_policy, rated, urgency_severity
 from amiforge.scanners.ratings import cve_ids, debian_release, not_affected, rate
+from amiforge.scanners.sbom import sbom_digest
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 CRITICAL_V31 = CvssScore("3.1", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H", 9.8, Severity.CRITICAL, "cna")
@@ -268,7 +269,7 @@ def test_the_release_comes_from_the_images_os_release(tmp_path: Path) -> None:
 
 def test_a_scan_from_before_releases_were_recorded_is_placed_by_its_base_files() -> None:
     def scan_of(packages: list[Package], release: str | None = None) -> ScanRecord:
-        return ScanRecord(NOW, tuple(packages), "{}", "d" * 64, (), "osv", release=release)
+        return ScanRecord(NOW, tuple(packages), "{}", sbom_digest("{}"), (), "osv", release=release)
 
     assert release_of(scan_of([Package("base-files", "12.4+deb12u5", "amd64")])) == "12"
     assert release_of(scan_of([Package("base-files", "13.8", "amd64")])) == "13"

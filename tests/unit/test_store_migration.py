@@ -1,13 +1,17 @@
-"""Migration 0006 (lineage and pages) on a registry written under 0005: parent ids and revoked ancestors filled in
-from the rows already there, and a downgrade that gives 0005 back its schema with the data intact."""
+"""Migrations on registries written under older revisions: 0006 (lineage and pages: parent ids and revoked ancestors
+filled in from the rows already there, and a downgrade that gives 0005 back its schema with the data intact), 0007
+(the osv source's age) and 0008 (advisories parsed at import; those stored raw before are parsed once)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from amiforge.model import Status
+from amiforge.lifecycle.vulndb import MatchingData, parse_stored_advisories
+from amiforge.model import Package, ScanRecord, Status
+from amiforge.scanners.sbom import sbom_digest
 from amiforge.store.sql import create_store_engine, open_store
 from tests.migrations import run_alembic
 
@@ -120,5 +124,79 @@ def test_0007_gives_advisories_already_imported_a_source_as_old_as_their_last_im
             )
         run_alembic(engine, "downgrade", "0006")
         assert "vulndb_sources" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+# An OSV record as 0007 stored it: raw only (synthetic id and package versions).
+_RAW = {
+    "id": "TEST-0008",
+    "modified": "2026-01-01T00:00:00Z",
+    "summary": "synthetic advisory",
+    "aliases": ["CVE-2999-0008"],
+    "affected": [
+        {"package": {"ecosystem": "Debian:12", "name": "openssl"},
+         "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "3.0.2-1"}]}]},
+        {"package": {"ecosystem": "Debian:11", "name": "openssl"},
+         "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "1.1.1w-0"}]}]},
+    ],
+}  # fmt: skip
+
+
+def test_0008_advisories_stored_raw_are_parsed_once_by_the_first_scan_after_the_upgrade(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        run_alembic(engine, "upgrade", "0007")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO vulndb_imports (id, source, imported_at, count) VALUES (1, 's', :at, 1)"),
+                         {"at": AT})  # fmt: skip
+            conn.execute(sa.text("INSERT INTO advisories (id, import_id, modified, record) VALUES (:id, 1, '', :r)"),
+                         {"id": _RAW["id"], "r": json.dumps(_RAW)})  # fmt: skip
+            conn.execute(
+                sa.text("INSERT INTO advisory_packages (advisory_id, package) VALUES ('TEST-0008', 'openssl')")
+            )
+        with open_store(store_url) as store:  # migrates to the head
+            assert [i for i, _ in store.unparsed_advisories(10)] == ["TEST-0008"]
+            libssl = Package("libssl3", "3.0.1-1", "amd64", "openssl", None)
+            (finding,) = MatchingData(store).matcher({"openssl"}, "12").match([libssl])
+            assert (finding.id, finding.title, finding.aliases) == (
+                "TEST-0008",
+                "synthetic advisory",
+                ("CVE-2999-0008",),
+            )
+            assert (finding.package, finding.fixed) == ("libssl3", "3.0.2-1")  # Debian 12's range, not 11's
+            assert store.unparsed_advisories(10) == [] and parse_stored_advisories(store) == 0
+            assert store.all_advisories() == [_RAW]  # the raw record itself is untouched
+        run_alembic(engine, "downgrade", "0007")
+        assert "advisory_ranges" not in sa.inspect(engine).get_table_names()
+        with engine.connect() as conn:
+            assert json.loads(conn.execute(sa.text("SELECT record FROM advisories")).scalar_one()) == _RAW
+    finally:
+        engine.dispose()
+
+
+def test_0008_scans_made_before_keep_their_sbom_and_later_ones_reference_it(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        _seed_0005(engine)
+        run_alembic(engine, "upgrade", "0007")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO scans (version_id, scanned_at, packages, sbom, sbom_digest, findings, vulndb) "
+                        "VALUES (1, :at, '[]', :sbom, :digest, '[]', 'TEST')"),
+                {"at": AT, "sbom": '{"old": 1}', "digest": sbom_digest('{"old": 1}')},
+            )  # fmt: skip
+        with open_store(store_url) as store:
+            old = store.latest_scan(1)
+            assert old is not None and old.sbom == '{"old": 1}'  # its own copy, read as before
+            store.add_scan(1, ScanRecord(AT, (), '{"new": 1}', sbom_digest('{"new": 1}'), (), "TEST"))
+            new = store.latest_scan(1)
+            assert new is not None and new.sbom == '{"new": 1}'
+        run_alembic(engine, "downgrade", "0007")
+        with engine.connect() as conn:  # every scan has its copy again, as 0007 requires
+            assert conn.execute(sa.text("SELECT sbom FROM scans ORDER BY id")).scalars().all() == [
+                '{"old": 1}',
+                '{"new": 1}',
+            ]
     finally:
         engine.dispose()

@@ -8,9 +8,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy as sa
 
 from amiforge.errors import NotFound, StateError
 from amiforge.model import (
+    AdvisoryHead,
+    AdvisoryRange,
     Artifact,
     ChangelogEntry,
     CvssScore,
@@ -22,9 +25,12 @@ from amiforge.model import (
     Severity,
     SignatureRecord,
     Status,
+    StoredAdvisory,
     TrustedKey,
     VulnDbSource,
 )
+from amiforge.scanners.sbom import sbom_digest
+from amiforge.store.schema import advisories_table, advisory_ranges_table, sboms_table, scans_table
 from amiforge.store.sql import SqlStore, open_store
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -48,7 +54,7 @@ def test_scan_round_trip_keeps_packages_and_findings(store: SqlStore) -> None:
                       installed="3.0.1-1", fixed="3.0.2-1", aliases=("TEST-CVE-1",))  # fmt: skip
     secret = Finding(FindingKind.SECRET, "private-key", Severity.CRITICAL, "key", "secrets", path="/root/k", line=1,
                      redacted="-----BEGIN …")  # fmt: skip
-    scan = ScanRecord(T0, (Package("openssl", "3.0.1-1", "amd64", "openssl", None),), "{}", "d" * 64,
+    scan = ScanRecord(T0, (Package("openssl", "3.0.1-1", "amd64", "openssl", None),), "{}", sbom_digest("{}"),
                       (finding, secret), "osv import 1")  # fmt: skip
     saved = store.add_scan(vid, scan)
     assert saved.id is not None
@@ -60,22 +66,76 @@ def test_scan_round_trip_keeps_packages_and_findings(store: SqlStore) -> None:
     assert store.latest_scan(_built(store, "api")) is None
 
 
+def test_scans_of_the_same_packages_share_one_sbom_document_and_a_wrong_digest_is_refused(store: SqlStore) -> None:
+    first, second = _built(store), _built(store, "api")
+    sbom = '{"bomFormat": "CycloneDX", "components": []}'
+    for vid in (first, first, second):
+        store.add_scan(vid, ScanRecord(T0, (), sbom, sbom_digest(sbom), (), "TEST"))
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(sboms_table)).scalar_one() == 1
+        assert conn.execute(sa.select(scans_table.c.sbom)).scalars().all() == [None, None, None]
+    for vid in (first, second):
+        latest = store.latest_scan(vid)
+        assert latest is not None and latest.sbom == sbom
+    with pytest.raises(StateError, match="does not have the sha256"):
+        store.add_scan(first, ScanRecord(T0, (), "{}", "d" * 64, (), "TEST"))
+    assert len(store.engine.connect().execute(sa.select(scans_table.c.id)).all()) == 3  # nothing recorded
+
+
+def _advisory(aid: str, *packages: str, record: dict[str, object] | None = None, title: str = "",
+              withdrawn: bool = False, ecosystem: str = "Debian:12") -> StoredAdvisory:  # fmt: skip
+    head = AdvisoryHead(aid, title or f"{aid} title", (f"CVE-2999-{aid[-4:]}",), Severity.HIGH, withdrawn)
+    ranges = tuple(AdvisoryRange(aid, ecosystem, p, "0", "2.0-1", None, ("1.0-1",) if p == "zlib" else (),
+                                 Severity.LOW) for p in packages)  # fmt: skip
+    return StoredAdvisory(aid, "2026-01-01T00:00:00Z", record or {"id": aid}, head, ranges)
+
+
+def _found(store: SqlStore, *packages: str, ecosystems: tuple[str, ...] = ("Debian:12", "Debian")) -> list[str]:
+    heads, ranges = store.advisory_ranges(packages, ecosystems)
+    assert set(heads) == {r.advisory_id for r in ranges}
+    return sorted({f"{r.advisory_id}:{r.package}" for r in ranges})
+
+
 def test_advisories_are_found_by_source_package_and_replaced_on_reimport(store: SqlStore) -> None:
     first = store.import_advisories(
         "fixture-a",
-        [
-            ("TEST-0001", "2026-01-01T00:00:00Z", {"id": "TEST-0001", "v": 1}, ["openssl"]),
-            ("TEST-0002", "2026-01-01T00:00:00Z", {"id": "TEST-0002"}, ["zlib", "openssl"]),
-        ],
-    )
+        [_advisory("TEST-0001", "openssl", record={"id": "TEST-0001", "v": 1}),
+         _advisory("TEST-0002", "zlib", "openssl")],
+    )  # fmt: skip
     assert first.count == 2
-    assert [a["id"] for a in store.advisories_for(["openssl"])] == ["TEST-0001", "TEST-0002"]
-    assert [a["id"] for a in store.advisories_for(["zlib", "nginx"])] == ["TEST-0002"]
-    store.import_advisories("fixture-b", [("TEST-0001", "2026-02-01T00:00:00Z", {"id": "TEST-0001", "v": 2}, ["bash"])])
+    assert _found(store, "openssl") == ["TEST-0001:openssl", "TEST-0002:openssl"]
+    assert _found(store, "zlib", "nginx") == ["TEST-0002:zlib"]
+    heads, ranges = store.advisory_ranges(["zlib"], ["Debian:12"])
+    assert heads == {"TEST-0002": AdvisoryHead("TEST-0002", "TEST-0002 title", ("CVE-2999-0002",), Severity.HIGH,
+                                               False)}  # fmt: skip
+    assert ranges == [AdvisoryRange("TEST-0002", "Debian:12", "zlib", "0", "2.0-1", None, ("1.0-1",), Severity.LOW)]
+    assert store.advisory_ranges(["zlib"], ["Debian:11"]) == ({}, [])  # another release's entries are not read
+    store.import_advisories("fixture-b", [_advisory("TEST-0001", "bash", record={"id": "TEST-0001", "v": 2})])
     assert store.advisory_count() == 2
-    assert [a["id"] for a in store.advisories_for(["openssl"])] == ["TEST-0002"]
-    assert store.advisories_for(["bash"]) == [{"id": "TEST-0001", "v": 2}]
+    assert _found(store, "openssl", "bash") == ["TEST-0001:bash", "TEST-0002:openssl"]  # its old ranges went
+    assert {"id": "TEST-0001", "v": 2} in store.all_advisories()
     assert [i.source for i in store.vulndb_imports()] == ["fixture-a", "fixture-b"]
+
+
+def test_withdrawn_advisories_are_never_read_for_matching(store: SqlStore) -> None:
+    store.import_advisories("a", [_advisory("TEST-0001", "openssl", withdrawn=True), _advisory("TEST-0002", "openssl")])
+    assert _found(store, "openssl") == ["TEST-0002:openssl"]
+
+
+def test_advisories_stored_without_their_parsed_form_are_listed_until_it_is_stored(store: SqlStore) -> None:
+    store.import_advisories("a", [_advisory("TEST-0001", "openssl"), _advisory("TEST-0002", "zlib")])
+    assert store.unparsed_advisories(10) == []
+    # What a registry migrated from 0007 holds: the raw record only.
+    with store.engine.begin() as conn:
+        conn.execute(advisory_ranges_table.delete())
+        conn.execute(advisories_table.update().values(title=None, identifiers=None, severity=None, withdrawn=None))
+    assert store.unparsed_advisories(1) == [("TEST-0001", {"id": "TEST-0001"})]
+    assert _found(store, "openssl", "zlib") == []
+    store.store_parsed([_advisory("TEST-0001", "openssl", title="parsed"), _advisory("TEST-0002", "zlib")])
+    assert store.unparsed_advisories(10) == []
+    heads, _ = store.advisory_ranges(["openssl"], ["Debian:12"])
+    assert heads["TEST-0001"].title == "parsed"
+    assert _found(store, "openssl", "zlib") == ["TEST-0001:openssl", "TEST-0002:zlib"]
 
 
 def test_a_scan_keeps_ratings_changelogs_and_the_age_of_its_data(store: SqlStore) -> None:
@@ -85,8 +145,8 @@ def test_a_scan_keeps_ratings_changelogs_and_the_age_of_its_data(store: SqlStore
     finding = Finding(FindingKind.CVE, "TEST-0002", Severity.LOW, "synthetic", "osv", package="openssl",
                       installed="3.0.1-1", severity_source="debian", debian=verdict, cvss=score)  # fmt: skip
     changelogs = {"openssl": (ChangelogEntry("3.0.2-1", ("CVE-2999-0001", "CVE-2999-0002")),)}
-    scan = ScanRecord(T0, (), "{}", "d" * 64, (finding,), "osv", changelogs=changelogs, vulndb_as_of={"osv": T0},
-                      release="12")  # fmt: skip
+    scan = ScanRecord(T0, (), "{}", sbom_digest("{}"), (finding,), "osv", changelogs=changelogs,
+                      vulndb_as_of={"osv": T0}, release="12")  # fmt: skip
     store.add_scan(vid, scan)
     latest = store.latest_scan(vid)
     assert latest is not None
@@ -124,10 +184,10 @@ def test_debian_verdicts_and_cvss_scores_are_replaced_whole_and_found_by_package
 
 
 def test_an_osv_update_replaces_every_advisory_and_records_its_source(store: SqlStore) -> None:
-    store.import_advisories("a", [("TEST-0001", "", {"id": "TEST-0001"}, ["openssl"])])
-    store.import_advisories("b", [("TEST-0002", "", {"id": "TEST-0002"}, ["zlib"])], state=_state("osv"),
-                            replace_all=True)  # fmt: skip
-    assert store.advisories_for(["openssl", "zlib"]) == [{"id": "TEST-0002"}]
+    store.import_advisories("a", [_advisory("TEST-0001", "openssl")])
+    store.import_advisories("b", [_advisory("TEST-0002", "zlib")], state=_state("osv"), replace_all=True)
+    assert _found(store, "openssl", "zlib") == ["TEST-0002:zlib"]
+    assert store.all_advisories() == [{"id": "TEST-0002"}]
     assert [(s.name, s.count) for s in store.vulndb_sources()] == [("osv", 1)]
 
 

@@ -16,9 +16,11 @@ are what was signed, only what is known about them changed — and a rollback mu
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -26,9 +28,9 @@ from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.scan import findings_gate, vulnerabilities
 from amiforge.lifecycle.views import findings_summary, vulndb_label
+from amiforge.lifecycle.vulndb import MatchingData
 from amiforge.model import Finding, FindingKind, ImageVersion, ScanRecord
 from amiforge.policy import GateDecision, Policy
-from amiforge.scanners.vulns import AdvisoryIndex, index_advisories, parse_osv_records
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -126,6 +128,28 @@ def rescan(
     """Re-match each target version against today's data, record the new scan, and judge each channel that
     holds it before and after (flagging those whose gate now refuses it). Every target is checked before anything
     is written: a rescan that cannot do one version does none."""
+    with _cycle_collector_paused():
+        return _rescan(refs, channels, store=store, settings=settings, now=now)
+
+
+@contextlib.contextmanager
+def _cycle_collector_paused() -> Iterator[None]:
+    """Python's cycle collector walks every live object again and again while a rescan builds objects that stay
+    alive (each target's scan: ~1,000 packages and ~1,000 findings; the advisories' index): 2.3 of 6.9 s of a
+    rescan of 100 versions, measured. What a rescan drops, reference counting frees; cycles made meanwhile are
+    collected once it ends."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _rescan(
+    refs: Sequence[str], channels: Sequence[str], *, store: Store, settings: Settings, now: datetime | None
+) -> list[Rescanned]:
     policy = policy_of(settings)
     now = now or datetime.now(UTC)
     plan: list[_Target] = []
@@ -145,15 +169,18 @@ def rescan(
             logger.warning("rescan: %s is current in %s, which the policy no longer has: not judged there",
                            version.ref, ", ".join(dropped))  # fmt: skip
         plan.append(_Target(version, [c for c in held if c in policy.channels], before, release))
-    # The advisories for every target's packages, read, parsed and indexed once (a kernel alone has thousands).
-    advisories = parse_osv_records(store.advisories_for({p.source_name for t in plan for p in t.before.packages}))
-    indexes = {release: index_advisories(advisories, release=release) for release in {t.release for t in plan}}
-    return [_rescan_one(t, indexes[t.release], store=store, settings=settings, policy=policy, now=now) for t in plan]
+    # The advisories for every target's packages, read and indexed once (a kernel alone has thousands); Debian's
+    # verdicts and the CVSS ratings read once for all the versions that share them.
+    data = MatchingData(store)
+    sources = {p.source_name for t in plan for p in t.before.packages}
+    for release in {t.release for t in plan}:
+        data.matcher(sources, release)
+    return [_rescan_one(t, data, store=store, settings=settings, policy=policy, now=now) for t in plan]
 
 
 def _rescan_one(
     target: _Target,
-    index: AdvisoryIndex,
+    data: MatchingData,
     *,
     store: Store,
     settings: Settings,
@@ -163,7 +190,7 @@ def _rescan_one(
     version, before = target.version, target.before
     kept = [f for f in before.findings if f.kind is not FindingKind.CVE]
     imported = [f for f in before.findings if f.kind is FindingKind.CVE and f.source not in _MATCHED_SOURCES]
-    cves = vulnerabilities(before.packages, target.release, imported, store=store, policy=policy, index=index)
+    cves = vulnerabilities(before.packages, target.release, imported, store=store, policy=policy, data=data)
     after = store.add_scan(
         version.id,
         replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=vulndb_label(store),

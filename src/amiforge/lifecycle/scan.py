@@ -18,6 +18,7 @@ from amiforge.lifecycle.boottest import baked_value
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.runs import new_run_id, record_leftovers
 from amiforge.lifecycle.views import findings_summary, vulndb_label
+from amiforge.lifecycle.vulndb import MatchingData
 from amiforge.model import Finding, ImageVersion, Leftover, Package, ScanRecord, Status, require_status
 from amiforge.policy import Candidate, GateDecision, Policy, evaluate
 from amiforge.providers import provider_for
@@ -26,7 +27,7 @@ from amiforge.scanners.debian_tracker import codename_of
 from amiforge.scanners.ratings import cve_ids, debian_release, rate
 from amiforge.scanners.sbom import cyclonedx_sbom, read_dpkg_status, sbom_digest
 from amiforge.scanners.secrets import scan_raw, scan_tree
-from amiforge.scanners.vulns import AdvisoryIndex, import_report, index_advisories, match, parse_osv_records
+from amiforge.scanners.vulns import import_report
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -79,20 +80,21 @@ def vulnerabilities(
     store: Store,
     policy: Policy,
     codename: str | None = None,
-    index: AdvisoryIndex | None = None,
+    data: MatchingData | None = None,
 ) -> Vulnerabilities:
     """Match `packages` (of Debian `release`, os-release VERSION_ID) against the advisories, add `extra` (from
     imported reports), and rate them all with Debian's verdicts and CVSS ratings under the policy's
-    severity_source. The same for a scan and a rescan, which re-reads nothing from the image."""
+    severity_source. The same for a scan and a rescan, which re-reads nothing from the image; a rescan of many
+    versions passes one `data` for all of them."""
+    data = data or MatchingData(store)
     as_of: dict[str, datetime] = {s.name: s.as_of for s in store.vulndb_sources()}
-    if index is None:  # a rescan of many versions reads, parses and indexes them once for all
-        advisories = parse_osv_records(store.advisories_for({p.source_name for p in packages}))
-        index = index_advisories(advisories, release=release)
-    matched = match(packages, release=release, index=index) + list(extra)
+    sources = {p.source_name for p in packages}
+    matched = data.matcher(sources, release).match(packages) + list(extra)
     codename = codename or codename_of(release)
-    verdicts = store.debian_verdicts({p.source_name for p in packages}, codename) if codename else {}
-    scores = store.cve_scores({c for f in matched for c in cve_ids(f)})
-    rated, unaffected = rate(matched, packages, verdicts, scores, severity_source=policy.severity_source)
+    verdicts = data.verdicts(sources, codename) if codename else {}
+    scores = data.scores({c for f in matched for c in cve_ids(f)})
+    rated, unaffected = rate(matched, packages, verdicts, scores, severity_source=policy.severity_source,
+                             memo=data.ratings(codename))  # fmt: skip
     return Vulnerabilities(rated, unaffected, as_of)
 
 

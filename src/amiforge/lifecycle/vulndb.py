@@ -34,10 +34,17 @@ from urllib.parse import urlsplit, urlunsplit
 from amiforge.errors import AmiforgeError, ConfigError, InfraError, Problem
 from amiforge.feeds import SOURCES, check_url, fetch_source
 from amiforge.inputs import MIB, file_sha256, open_input
-from amiforge.model import VULN_SOURCES, VulnDbSource, VulnSourceName
+from amiforge.model import VULN_SOURCES, CvssScore, DebianVerdict, VulnDbSource, VulnSourceName
 from amiforge.scanners.cve_scores import load_cve_scores
 from amiforge.scanners.debian_tracker import load_tracker, verdict
-from amiforge.scanners.vulns import load_osv_records, source_packages
+from amiforge.scanners.ratings import RatingMemo
+from amiforge.scanners.vulns import (
+    Matcher,
+    index_ranges,
+    load_osv_records,
+    parse_osv_records,
+    release_ecosystems,
+)
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -51,6 +58,71 @@ MAX_BUNDLE_MEMBER = 2 << 30
 CLOCK_SKEW = timedelta(minutes=5)
 # Beside the files kept for export: the sha256 the registry recorded for them (a copy of other data is not shipped).
 KEPT_STATE = ".imported.json"
+
+
+# Advisories parsed a transaction at a time when a registry from before 0008 is first scanned.
+_PARSE_BATCH = 5_000
+
+
+class MatchingData:
+    """The vulnerability data a scan or a rescan reads from the registry, each part once: the advisories for the
+    packages matched (indexed per release), Debian's verdicts per (release, source package) and CVSS ratings per
+    CVE, read as versions ask for them and kept for the next, with what was matched and rated already (a rescan's
+    versions share most of their packages)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._matchers: dict[str, tuple[set[str], Matcher]] = {}  # release -> (the source packages read, …)
+        self._verdicts: dict[str, dict[tuple[str, str], DebianVerdict]] = {}  # codename -> (package, CVE) -> …
+        self._asked: dict[str, set[str]] = {}  # codename -> the packages read for it
+        self._scores: dict[str, list[CvssScore]] = {}
+        self._scored: set[str] = set()
+        self._ratings: dict[str | None, RatingMemo] = {}  # codename -> ratings made with its verdicts
+
+    def matcher(self, packages: Collection[str], release: str) -> Matcher:
+        """A matcher over the advisories naming (at least) these source packages on Debian `release`."""
+        kept = self._matchers.get(release)
+        if kept is None or not kept[0].issuperset(packages):
+            covered = set(packages) | (kept[0] if kept else set())
+            parse_stored_advisories(self._store)
+            heads, ranges = self._store.advisory_ranges(covered, release_ecosystems(release))
+            kept = self._matchers[release] = (covered, Matcher(index_ranges(heads, ranges, release=release)))
+        return kept[1]
+
+    def verdicts(self, packages: Collection[str], codename: str) -> Mapping[tuple[str, str], DebianVerdict]:
+        """Debian's verdicts on `codename` for (at least) these source packages."""
+        asked = self._asked.setdefault(codename, set())
+        known = self._verdicts.setdefault(codename, {})
+        missing = set(packages) - asked
+        if missing:
+            known.update(self._store.debian_verdicts(missing, codename))
+            asked |= missing
+        return known
+
+    def scores(self, cves: Collection[str]) -> Mapping[str, list[CvssScore]]:
+        """CVSS ratings of (at least) these CVEs."""
+        missing = set(cves) - self._scored
+        if missing:
+            self._scores.update(self._store.cve_scores(missing))
+            self._scored |= missing
+        return self._scores
+
+    def ratings(self, codename: str | None) -> RatingMemo:
+        """The ratings made so far with `codename`'s verdicts (and the ratings read for them)."""
+        return self._ratings.setdefault(codename, RatingMemo())
+
+
+def parse_stored_advisories(store: Store) -> int:
+    """Parse the advisories a registry from before 0008 holds only as raw records, once: what matching reads is
+    kept beside them from then on. The number parsed (0 on every later call: one indexed query)."""
+    done = 0
+    while batch := store.unparsed_advisories(_PARSE_BATCH):
+        if not done:
+            logger.info("vulndb: parsing the advisories stored before this version of amiforge (once)")
+        parsed = parse_osv_records(record for _, record in batch)
+        store.store_parsed([a.stored(record, "") for a, (_, record) in zip(parsed, batch, strict=True)])
+        done += len(batch)
+    return done
 
 
 @dataclass(frozen=True)
@@ -148,7 +220,7 @@ def import_source(
     skipped: tuple[str, ...] = ()
     if name == "osv":
         loaded = load_osv_records(path)
-        records = [(a.id, a.modified.isoformat() if a.modified else "", dict(r), source_packages(a)) for a, r in loaded]
+        records = [a.stored(dict(r), a.modified.isoformat() if a.modified else "") for a, r in loaded]
         store.import_advisories(state.origin, records, state=state, replace_all=replace_all)
         saved = next(s for s in store.vulndb_sources() if s.name == "osv")
     elif name == "debian":

@@ -23,7 +23,15 @@ from debian.debian_support import BaseVersion, Version
 
 from amiforge.errors import ConfigError, Problem
 from amiforge.inputs import MIB, json_type, parse_json, read_input, zip_json_members
-from amiforge.model import Finding, FindingKind, Package, Severity
+from amiforge.model import (
+    AdvisoryHead,
+    AdvisoryRange,
+    Finding,
+    FindingKind,
+    Package,
+    Severity,
+    StoredAdvisory,
+)
 from amiforge.scanners.interface import malformed
 
 DEBIAN = "Debian"
@@ -80,10 +88,30 @@ def dpkg_compare(a: str, b: str) -> int:
     return -1 if ka < kb else 1 if ka > kb else 0
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def dpkg_identity(text: str) -> tuple[object, ...]:
     """A key two versions share exactly when dpkg calls them equal: set membership instead of one comparison per
-    listed version."""
-    return dpkg_key(text) or (text,)
+    listed version. dpkg_key without its padding (what a finished part is compared against), so it hashes fast."""
+    key = dpkg_key(text)
+    if key is None:
+        return (text,)
+    epoch, upstream, revision = key
+    return (epoch, _unpadded(upstream), _unpadded(revision))
+
+
+def _unpadded(part: object) -> tuple[object, ...]:
+    pairs = tuple(part) if isinstance(part, tuple) else ()
+    end = len(pairs)
+    while end and pairs[end - 1] == _PAD:
+        end -= 1
+    return pairs[:end]
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _identities(versions: tuple[str, ...]) -> frozenset[tuple[object, ...]]:
+    # Debian's records for one source package list the same versions again and again (every CVE of a package
+    # lists the versions before its fix): each list is made a set once.
+    return frozenset(dpkg_identity(v) for v in versions)
 
 
 def is_dpkg_version(text: str) -> bool:
@@ -112,13 +140,9 @@ class AffectedPackage:
     versions: tuple[str, ...] = ()
     severity: Severity = Severity.UNKNOWN  # this ecosystem's own rating (Debian's urgency), if it gives one
 
-    @functools.cached_property
-    def _listed(self) -> frozenset[tuple[object, ...]]:
-        return frozenset(dpkg_identity(v) for v in self.versions)
-
     def affects(self, version: str) -> bool:
         """Whether `version` (dpkg order) is listed, or lies in [introduced, fixed) / [introduced, last_affected]."""
-        if self.versions and dpkg_identity(version) in self._listed:
+        if self.versions and dpkg_identity(version) in _identities(self.versions):
             return True
         if self.introduced is None:
             return False
@@ -161,6 +185,23 @@ class Advisory:
         """
         cves = (r for r in self.related if r.startswith("CVE-"))
         return tuple(dict.fromkeys(i for i in (*self.aliases, *self.upstream, *cves) if i != self.id))
+
+    @property
+    def head(self) -> AdvisoryHead:
+        return AdvisoryHead(self.id, self.title, self.identifiers, self.severity, self.withdrawn is not None)
+
+    @property
+    def ranges(self) -> tuple[AdvisoryRange, ...]:
+        """Its affected entries for Debian (any release), which matching reads."""
+        return tuple(
+            AdvisoryRange(self.id, a.ecosystem, a.name, a.introduced, a.fixed, a.last_affected, a.versions, a.severity)
+            for a in self.affected
+            if _is_debian(a.ecosystem)
+        )
+
+    def stored(self, record: Mapping[str, object], modified: str) -> StoredAdvisory:
+        """What the registry keeps of this advisory: its raw record, and its head and Debian ranges, parsed."""
+        return StoredAdvisory(self.id, modified, record, self.head, self.ranges)
 
 
 # --- reading JSON with every problem collected ----------------------------------------------------------------
@@ -539,11 +580,6 @@ def parse_osv_records(records: Iterable[Mapping[str, object]], *, origin: str = 
     return parsed
 
 
-def source_packages(advisory: Advisory) -> list[str]:
-    """The (source) package names an advisory names for Debian, which the registry indexes it by."""
-    return sorted({a.name for a in advisory.affected if _is_debian(a.ecosystem)})
-
-
 def _newer(a: Advisory, b: Advisory) -> bool:
     if a.modified is None:
         return False
@@ -553,32 +589,108 @@ def _newer(a: Advisory, b: Advisory) -> bool:
 # --- matching -------------------------------------------------------------------------------------------------
 
 
-AdvisoryIndex = Mapping[str, list[tuple["Advisory", list[AffectedPackage]]]]
+AdvisoryIndex = Mapping[str, list[tuple[AdvisoryHead, list["AffectedPackage"]]]]
 
 
 def index_advisories(advisories: Iterable[Advisory], *, release: str = "12") -> AdvisoryIndex:
+    """Source package -> the advisories naming it for Debian `release`, with the entries that apply (see
+    index_ranges)."""
+    listed = list(advisories)
+    return index_ranges({a.id: a.head for a in listed}, [r for a in listed for r in a.ranges], release=release)
+
+
+def index_ranges(heads: Mapping[str, AdvisoryHead], ranges: Iterable[AdvisoryRange], *, release: str) -> AdvisoryIndex:
     """Source package -> the advisories naming it for Debian `release`, with the entries that apply: built once
-    for all the versions a rescan matches.
+    for all the versions a rescan matches, from the parsed ranges the registry keeps.
 
     An advisory's `Debian:<release>` entries for a source package apply; its bare `Debian` entries apply only when it
     has no entry for that package on this release (a release-specific entry is the more precise statement). Withdrawn
     advisories never match.
     """
     ecosystem = f"{DEBIAN}:{release}"
-    index: dict[str, list[tuple[Advisory, list[AffectedPackage]]]] = {}
-    for advisory in advisories:
-        if advisory.withdrawn is not None:
+    specific: dict[tuple[str, str], list[AffectedPackage]] = {}
+    bare: dict[tuple[str, str], list[AffectedPackage]] = {}
+    for r in ranges:
+        kept = specific if r.ecosystem == ecosystem else bare if r.ecosystem == DEBIAN else None
+        if kept is None or heads[r.advisory_id].withdrawn:
             continue
-        specific: dict[str, list[AffectedPackage]] = {}
-        bare: dict[str, list[AffectedPackage]] = {}
-        for entry in advisory.affected:
-            if entry.ecosystem == ecosystem:
-                specific.setdefault(entry.name, []).append(entry)
-            elif entry.ecosystem == DEBIAN:
-                bare.setdefault(entry.name, []).append(entry)
-        for name in specific.keys() | bare.keys():
-            index.setdefault(name, []).append((advisory, specific.get(name) or bare[name]))
+        entry = AffectedPackage(r.ecosystem, r.package, r.introduced, r.fixed, r.last_affected, r.versions, r.severity)
+        kept.setdefault((r.advisory_id, r.package), []).append(entry)
+    index: dict[str, list[tuple[AdvisoryHead, list[AffectedPackage]]]] = {}
+    for advisory_id, package in sorted(specific.keys() | bare.keys()):
+        entries = specific.get((advisory_id, package)) or bare[(advisory_id, package)]
+        index.setdefault(package, []).append((heads[advisory_id], entries))
     return index
+
+
+def release_ecosystems(release: str) -> tuple[str, str]:
+    """The OSV ecosystems whose entries can apply to Debian `release`."""
+    return (f"{DEBIAN}:{release}", DEBIAN)
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """An advisory affecting one version of a source package: what every binary built from it is reported with."""
+
+    advisory: AdvisoryHead
+    fixed: str | None  # the nearest fix above the installed version, if one is published
+    severity: Severity
+
+
+class Matcher:
+    """Matches package lists against one index, remembering what each (source package, version) matched: the
+    versions a rescan matches share most of their source packages, and matching is the same for each."""
+
+    def __init__(self, index: AdvisoryIndex) -> None:
+        self._index = index
+        self._hits: dict[tuple[str, str], list[_Hit]] = {}
+        # The same finding object for the same binary version: the ratings memo finds it by identity first.
+        self._made: dict[tuple[_Hit, str, str], Finding] = {}
+
+    def _source_hits(self, source: str, version: str) -> list[_Hit]:
+        hits = self._hits.get((source, version))
+        if hits is None:
+            hits = []
+            for advisory, entries in self._index.get(source, ()):
+                affecting = [e for e in entries if e.affects(version)]
+                if not affecting:
+                    continue
+                fixes = sorted(
+                    (e.fixed for e in affecting if e.fixed is not None and dpkg_compare(e.fixed, version) > 0),
+                    key=functools.cmp_to_key(dpkg_compare),
+                )
+                rated = _highest(e.severity for e in affecting)
+                hits.append(_Hit(advisory, fixes[0] if fixes else None,
+                                 rated if rated is not Severity.UNKNOWN else advisory.severity))  # fmt: skip
+            self._hits[(source, version)] = hits
+        return hits
+
+    def match(self, packages: Sequence[Package]) -> list[Finding]:
+        """One finding per (advisory, binary package) the advisory affects (see index_ranges for which apply)."""
+        findings: dict[tuple[str, str], Finding] = {}
+        for pkg in packages:
+            # Debian's records give source versions; dpkg records one only where it differs from the binary's
+            # (binNMUs).
+            for hit in self._source_hits(pkg.source_name, pkg.source_version or pkg.version):
+                key = (hit.advisory.id, pkg.name)
+                if key in findings:
+                    continue  # the same binary for another architecture (multiarch): one finding
+                made = (hit, pkg.name, pkg.version)
+                finding = self._made.get(made)
+                if finding is None:
+                    finding = self._made[made] = Finding(
+                        kind=FindingKind.CVE,
+                        id=hit.advisory.id,
+                        severity=hit.severity,
+                        title=hit.advisory.title,
+                        source="osv",
+                        package=pkg.name,
+                        installed=pkg.version,
+                        fixed=hit.fixed,
+                        aliases=hit.advisory.identifiers,
+                    )
+                findings[key] = finding
+        return sorted(findings.values(), key=lambda f: (f.package or "", f.id))
 
 
 def match(
@@ -588,39 +700,9 @@ def match(
     release: str = "12",
     index: AdvisoryIndex | None = None,
 ) -> list[Finding]:
-    """One finding per (advisory, binary package) the advisory affects on Debian `release` (see index_advisories;
+    """One finding per (advisory, binary package) the advisory affects on Debian `release` (see index_ranges;
     `index`, when given, is the advisories' index for that release, and `advisories` is not read)."""
-    if index is None:
-        index = index_advisories(advisories, release=release)
-
-    findings: dict[tuple[str, str], Finding] = {}
-    for pkg in packages:
-        # Debian's records give source versions; dpkg records one only where it differs from the binary's (binNMUs).
-        version = pkg.source_version or pkg.version
-        for advisory, entries in index.get(pkg.source_name, ()):
-            key = (advisory.id, pkg.name)
-            if key in findings:
-                continue  # the same binary for another architecture (multiarch): one finding
-            hits = [e for e in entries if e.affects(version)]
-            if not hits:
-                continue
-            fixes = sorted(
-                (e.fixed for e in hits if e.fixed is not None and dpkg_compare(e.fixed, version) > 0),
-                key=functools.cmp_to_key(dpkg_compare),
-            )
-            rated = _highest(e.severity for e in hits)
-            findings[key] = Finding(
-                kind=FindingKind.CVE,
-                id=advisory.id,
-                severity=rated if rated is not Severity.UNKNOWN else advisory.severity,
-                title=advisory.title,
-                source="osv",
-                package=pkg.name,
-                installed=pkg.version,
-                fixed=fixes[0] if fixes else None,
-                aliases=advisory.identifiers,
-            )
-    return sorted(findings.values(), key=lambda f: (f.package or "", f.id))
+    return Matcher(index if index is not None else index_advisories(advisories, release=release)).match(packages)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from sqlalchemy.pool import StaticPool
 
 from amiforge.errors import ConfigError, InfraError
 from amiforge.store.boundary import boundary, describe
-from amiforge.store.schema import decode_json
+from amiforge.store.schema import decode_json, encode_json
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -66,7 +66,9 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
     if parsed.get_backend_name() != "sqlite":
         try:
             # pre_ping: a server restart between commands should cost a reconnect, not an error.
-            return sa.create_engine(parsed, pool_pre_ping=True, json_deserializer=decode_json)
+            return sa.create_engine(
+                parsed, pool_pre_ping=True, json_deserializer=decode_json, json_serializer=encode_json
+            )
         except (ImportError, sa.exc.NoSuchModuleError) as e:
             raise InfraError(
                 f"no database driver for {parsed.drivername}",
@@ -78,13 +80,17 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
     if path is None:
         # One shared connection, or every pool checkout would see a different empty in-memory database.
         engine = sa.create_engine(
-            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}, json_deserializer=decode_json
+            parsed,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            json_deserializer=decode_json,
+            json_serializer=encode_json,
         )
     elif path.is_file() and not _writable(path):
         # A registry this process may only read (a read-only file, folder or file system): opened read-only, so
         # every read works and any write fails with the database's own "read-only" error.
         read_only = True
-        engine = sa.create_engine(_read_only_url(path), json_deserializer=decode_json)
+        engine = sa.create_engine(_read_only_url(path), json_deserializer=decode_json, json_serializer=encode_json)
     else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +99,9 @@ def create_store_engine(url: str, *, busy_timeout_s: float = _DEFAULT_BUSY_TIMEO
                 f"cannot create the registry directory {path.parent}: {e.strerror or e}",
                 fix="choose a writable location for the SQLite store, or create the directory",
             ) from e
-        engine = sa.create_engine(parsed.set(database=str(path)), json_deserializer=decode_json)
+        engine = sa.create_engine(
+            parsed.set(database=str(path)), json_deserializer=decode_json, json_serializer=encode_json
+        )
 
     timeout_ms = int(busy_timeout_s * 1000)
 

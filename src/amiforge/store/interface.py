@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from amiforge.model import (
+    AdvisoryHead,
+    AdvisoryRange,
     Artifact,
     BootReport,
     ChannelPointer,
@@ -26,6 +28,7 @@ from amiforge.model import (
     ScanRecord,
     SignatureRecord,
     Status,
+    StoredAdvisory,
     TrustedKey,
     VulnDbImport,
     VulnDbSource,
@@ -151,13 +154,27 @@ class Store(Protocol):
     def import_advisories(
         self,
         source: str,
-        records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]],
+        records: Sequence[StoredAdvisory],
         *,
         state: VulnDbSource | None = None,
         replace_all: bool = False,
     ) -> VulnDbImport:
-        """Raw OSV records (id, modified, record, source packages named); a re-imported id replaces the old.
+        """Advisories (raw OSV record and parsed form); a re-imported id replaces the old.
         `replace_all`: they are the whole dataset; `state`: the osv source's new row, in the same transaction."""
+        ...
+
+    def unparsed_advisories(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """(id, raw record) of up to `limit` advisories stored without their parsed form (imported before 0008)."""
+        ...
+
+    def store_parsed(self, records: Sequence[StoredAdvisory]) -> None:
+        """The parsed form of advisories already stored, replacing what was kept of them."""
+        ...
+
+    def advisory_ranges(
+        self, packages: Collection[str], ecosystems: Collection[str]
+    ) -> tuple[dict[str, AdvisoryHead], list[AdvisoryRange]]:
+        """Ranges of these source packages in these ecosystems, of advisories not withdrawn; their heads by id."""
         ...
 
     def replace_debian_tracker(
@@ -175,8 +192,6 @@ class Store(Protocol):
     def cve_scores(self, cves: Collection[str]) -> dict[str, list[CvssScore]]: ...
 
     def vulndb_sources(self) -> list[VulnDbSource]: ...
-
-    def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]: ...
 
     def all_advisories(self) -> list[dict[str, Any]]: ...
 

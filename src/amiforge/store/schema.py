@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
@@ -30,12 +31,30 @@ class UndecodableValue(ValueError):
     registry was changed outside amiforge. Raised only while decoding rows, so the store can tell it from a bug."""
 
 
+# The registry's JSON columns go through orjson, several times faster than the json module both ways (a scan row
+# holds ~1,000 packages and ~1,000 findings, and a rescan of 100 versions reads and writes a hundred of them).
+
+
 def decode_json(text: str | bytes) -> Any:
     """The engine's JSON deserializer: like json.loads, but a damaged value raises UndecodableValue."""
     try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:  # what orjson refuses and the json module wrote: NaN and Infinity, integers past 64 bits
         return json.loads(text)
     except ValueError as e:
         raise UndecodableValue("a JSON column holds something that is not JSON") from e
+
+
+def encode_json(value: Any) -> str:
+    """The engine's JSON serializer: what json.dumps writes, as orjson writes it (compact). A value orjson does not
+    take (integers past 64 bits, dict keys that are not strings) is written by the json module. NaN is written as
+    null (the json module wrote NaN, which is not JSON and PostgreSQL refuses)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
@@ -203,7 +222,7 @@ scans_table = sa.Table(
     _version_fk("scans"),
     sa.Column("scanned_at", UtcDateTime, nullable=False),
     sa.Column("packages", sa.JSON, nullable=False),
-    sa.Column("sbom", sa.Text, nullable=False),
+    sa.Column("sbom", sa.Text, nullable=True),  # NULL: the document is in `sboms` under sbom_digest (since 0008)
     sa.Column("sbom_digest", sa.String(64), nullable=False),
     sa.Column("findings", sa.JSON, nullable=False),
     sa.Column("vulndb", sa.Text, nullable=False),
@@ -211,6 +230,15 @@ scans_table = sa.Table(
     sa.Column("vulndb_as_of", sa.JSON, nullable=True),  # source name -> ISO time of its data; NULL: none recorded
     sa.Column("release", sa.String(32), nullable=True),  # os-release VERSION_ID; NULL: not recorded
     sa.Index("ix_scans_version_id", "version_id"),
+)
+
+# SBOM documents by their sha256: a rescan records a new scan of the same packages, and a version's scans share
+# one document (~700 KB for 1,000 packages) instead of a copy each.
+sboms_table = sa.Table(
+    "sboms",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("document", sa.Text, nullable=False),
 )
 
 vulndb_imports_table = sa.Table(
@@ -222,7 +250,9 @@ vulndb_imports_table = sa.Table(
     sa.Column("count", sa.Integer, nullable=False),
 )
 
-# The raw OSV record, as imported; one row per advisory id (a newer import replaces it).
+# The raw OSV record, as imported; one row per advisory id (a newer import replaces it). Beside it, what a finding
+# takes from it (title, identifiers, severity, withdrawn), parsed at import; NULL on a record imported before 0008,
+# which the service layer parses once and fills in (the partial index finds those without reading the records).
 advisories_table = sa.Table(
     "advisories",
     metadata,
@@ -230,7 +260,32 @@ advisories_table = sa.Table(
     sa.Column("import_id", sa.Integer, sa.ForeignKey("vulndb_imports.id", name="fk_advisories_import"), nullable=False),
     sa.Column("modified", sa.String(64), nullable=False),
     sa.Column("record", sa.JSON, nullable=False),
-)
+    sa.Column("title", sa.Text, nullable=True),
+    sa.Column("identifiers", sa.JSON, nullable=True),
+    sa.Column("severity", sa.String(16), nullable=True),
+    sa.Column("withdrawn", sa.Boolean, nullable=True),
+    sa.Index("ix_advisories_unparsed", "id", sqlite_where=sa.text("title IS NULL"),
+             postgresql_where=sa.text("title IS NULL")),
+)  # fmt: skip
+
+# Each advisory's affected intervals of Debian source packages, parsed at import: what matching reads (a scan of a
+# thousand packages reads ~10,000 advisories; their raw JSON took seconds to decode and validate again).
+advisory_ranges_table = sa.Table(
+    "advisory_ranges",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("advisory_id", sa.String(128), sa.ForeignKey("advisories.id", name="fk_advisory_ranges_advisory"),
+              nullable=False),
+    sa.Column("ecosystem", sa.String(64), nullable=False),
+    sa.Column("package", sa.String(256), nullable=False),
+    sa.Column("introduced", sa.Text, nullable=True),
+    sa.Column("fixed", sa.Text, nullable=True),
+    sa.Column("last_affected", sa.Text, nullable=True),
+    sa.Column("versions", sa.JSON, nullable=True),  # NULL when the entry lists none (most do not)
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Index("ix_advisory_ranges_package", "package", "ecosystem"),
+    sa.Index("ix_advisory_ranges_advisory", "advisory_id"),
+)  # fmt: skip
 
 # Which (source) packages each advisory names, so a scan loads only the advisories that can match its image.
 advisory_packages_table = sa.Table(

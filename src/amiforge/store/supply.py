@@ -4,6 +4,7 @@ keys the registry trusts, and signatures. Trusting and revoking a key record the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -15,6 +16,8 @@ from sqlalchemy.exc import IntegrityError
 
 from amiforge.errors import InfraError, NotFound, StateError
 from amiforge.model import (
+    AdvisoryHead,
+    AdvisoryRange,
     ChangelogEntry,
     CvssScore,
     DebianVerdict,
@@ -24,6 +27,7 @@ from amiforge.model import (
     ScanRecord,
     Severity,
     SignatureRecord,
+    StoredAdvisory,
     TrustedKey,
     VulnDbImport,
     VulnDbSource,
@@ -34,8 +38,10 @@ from amiforge.store.rows import row_mapper
 from amiforge.store.schema import (
     advisories_table,
     advisory_packages_table,
+    advisory_ranges_table,
     cve_scores_table,
     debian_tracker_table,
+    sboms_table,
     scans_table,
     signatures_table,
     signing_keys_table,
@@ -48,54 +54,79 @@ _BULK = 10_000
 
 
 def _finding_row(f: Finding) -> dict[str, Any]:
-    return {
-        "kind": f.kind.value,
-        "id": f.id,
-        "severity": f.severity.value,
-        "title": f.title,
-        "source": f.source,
-        "package": f.package,
-        "installed": f.installed,
-        "fixed": f.fixed,
-        "aliases": list(f.aliases),
-        "path": f.path,
-        "line": f.line,
-        "redacted": f.redacted,
-        "severity_source": f.severity_source,
-        "debian": None if f.debian is None else [f.debian.status, f.debian.urgency, f.debian.fixed_version,
-                                                 f.debian.no_dsa],
-        "cvss": None if f.cvss is None else [f.cvss.version, f.cvss.vector, f.cvss.score, f.cvss.severity.value,
-                                             f.cvss.source],
-        "reported": None if f.reported is None else f.reported.value,
-        "unrated_cves": list(f.unrated_cves),
-    }  # fmt: skip
+    """A finding as its scan row stores it: the fields it has (a field at its default is left out, and `_finding`
+    gives it back; a rescan writes ~100,000 findings, most of them without a path, line, CVSS rating …)."""
+    # Severity and FindingKind are StrEnums: the members are written as their values (`.value` is an enum
+    # descriptor call each).
+    row: dict[str, Any] = {"kind": f.kind, "id": f.id, "severity": f.severity, "title": f.title, "source": f.source}
+    if f.package is not None:
+        row["package"] = f.package
+    if f.installed is not None:
+        row["installed"] = f.installed
+    if f.fixed is not None:
+        row["fixed"] = f.fixed
+    if f.aliases:
+        row["aliases"] = f.aliases
+    if f.path is not None:
+        row["path"] = f.path
+    if f.line is not None:
+        row["line"] = f.line
+    if f.redacted is not None:
+        row["redacted"] = f.redacted
+    if f.severity_source is not None:
+        row["severity_source"] = f.severity_source
+    if f.debian is not None:
+        row["debian"] = (f.debian.status, f.debian.urgency, f.debian.fixed_version, f.debian.no_dsa)
+    if f.cvss is not None:
+        row["cvss"] = (f.cvss.version, f.cvss.vector, f.cvss.score, f.cvss.severity, f.cvss.source)
+    if f.reported is not None:
+        row["reported"] = f.reported
+    if f.unrated_cves:
+        row["unrated_cves"] = f.unrated_cves
+    return row
+
+
+# Member by value: a dict lookup, where calling the enum (Severity("high")) goes through EnumType.__call__.
+_KINDS = {k.value: k for k in FindingKind}
+_SEVERITIES = {s.value: s for s in Severity}
+
+
+def _severity(value: str) -> Severity:
+    return _SEVERITIES.get(value) or Severity(value)  # a value that is none: the enum's own ValueError
 
 
 def _finding(d: Mapping[str, Any]) -> Finding:
+    get = d.get
+    debian, cvss, reported = get("debian"), get("cvss"), get("reported")
     return Finding(
-        kind=FindingKind(d["kind"]),
+        kind=_KINDS.get(d["kind"]) or FindingKind(d["kind"]),
         id=d["id"],
-        severity=Severity(d["severity"]),
+        severity=_severity(d["severity"]),
         title=d["title"],
         source=d["source"],
-        package=d.get("package"),
-        installed=d.get("installed"),
-        fixed=d.get("fixed"),
-        aliases=tuple(d.get("aliases") or ()),
-        path=d.get("path"),
-        line=d.get("line"),
-        redacted=d.get("redacted"),
-        severity_source=d.get("severity_source"),
-        debian=None if d.get("debian") is None else DebianVerdict(*d["debian"]),
-        cvss=None if d.get("cvss") is None else _cvss(d["cvss"]),
-        reported=None if d.get("reported") is None else Severity(d["reported"]),
-        unrated_cves=tuple(d.get("unrated_cves") or ()),
+        package=get("package"),
+        installed=get("installed"),
+        fixed=get("fixed"),
+        aliases=tuple(get("aliases") or ()),
+        path=get("path"),
+        line=get("line"),
+        redacted=get("redacted"),
+        severity_source=get("severity_source"),
+        debian=None if debian is None else DebianVerdict(*debian),
+        cvss=None if cvss is None else _cvss(cvss),
+        reported=None if reported is None else _severity(reported),
+        unrated_cves=tuple(get("unrated_cves") or ()),
     )
+
+
+def _head_row(head: AdvisoryHead) -> dict[str, Any]:
+    return {"title": head.title, "identifiers": list(head.identifiers), "severity": head.severity.value,
+            "withdrawn": head.withdrawn}  # fmt: skip
 
 
 def _cvss(row: Sequence[Any]) -> CvssScore:
     version, vector, score, severity, source = row
-    return CvssScore(version, vector, float(score), Severity(severity), source)
+    return CvssScore(version, vector, float(score), _severity(severity), source)
 
 
 def _changelogs(value: object) -> dict[str, tuple[ChangelogEntry, ...]]:
@@ -126,14 +157,23 @@ class SupplyChain(StoreCore):
     # scans
 
     def add_scan(self, version_id: int, scan: ScanRecord) -> ScanRecord:
+        """Record a scan; its SBOM document is kept once per sha256 (`scan.sbom_digest`, checked when new)."""
         with self._guard(f"record a scan of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
+            known = conn.execute(sa.select(sboms_table.c.digest).where(sboms_table.c.digest == scan.sbom_digest))
+            if known.first() is None:
+                if hashlib.sha256(scan.sbom.encode()).hexdigest() != scan.sbom_digest:
+                    raise StateError(
+                        f"the scan's SBOM does not have the sha256 it names ({scan.sbom_digest[:12]}…)",
+                        fix="this is a bug in amiforge: report it with the command that failed",
+                    )
+                conn.execute(sboms_table.insert().values(digest=scan.sbom_digest, document=scan.sbom))
             result = conn.execute(
                 scans_table.insert().values(
                     version_id=version_id,
                     scanned_at=scan.scanned_at,
                     packages=[[p.name, p.version, p.arch, p.source, p.source_version] for p in scan.packages],
-                    sbom=scan.sbom,
+                    sbom=None,
                     sbom_digest=scan.sbom_digest,
                     findings=[_finding_row(f) for f in scan.findings],
                     vulndb=scan.vulndb,
@@ -147,9 +187,18 @@ class SupplyChain(StoreCore):
             return replace(scan, id=inserted_id(result), version_id=version_id)
 
     def latest_scan(self, version_id: int) -> ScanRecord | None:
+        s = scans_table
+        # A scan made before 0008 holds its own copy of the document; a later one, its digest.
+        columns = [c for c in s.c if c.name != "sbom"] + [
+            sa.func.coalesce(s.c.sbom, sboms_table.c.document).label("sbom")
+        ]
         query = (
-            sa.select(scans_table).where(scans_table.c.version_id == version_id).order_by(scans_table.c.id.desc())
-        ).limit(1)
+            sa.select(*columns)
+            .select_from(s.outerjoin(sboms_table, sboms_table.c.digest == s.c.sbom_digest))
+            .where(s.c.version_id == version_id)
+            .order_by(s.c.id.desc())
+            .limit(1)
+        )
         with self._guard(f"read the scan of version {version_id}"), self._read() as conn:
             row = conn.execute(query).mappings().one_or_none()
             return None if row is None else scan_from_row(row)
@@ -159,12 +208,12 @@ class SupplyChain(StoreCore):
     def import_advisories(
         self,
         source: str,
-        records: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]],
+        records: Sequence[StoredAdvisory],
         *,
         state: VulnDbSource | None = None,
         replace_all: bool = False,
     ) -> VulnDbImport:
-        """Store raw OSV records (id, modified, record, source packages it names); a re-imported id is replaced.
+        """Store advisories (the raw OSV record, and what matching needs of it); a re-imported id is replaced.
         `replace_all`: the records are the whole dataset (an update), so every other advisory goes, in the same
         transaction. `state`: the osv source's new row (its count is taken from the table)."""
         now = self._now()
@@ -173,31 +222,95 @@ class SupplyChain(StoreCore):
                 conn.execute(vulndb_imports_table.insert().values(source=source, imported_at=now, count=len(records)))
             )
             if replace_all:
-                conn.execute(advisory_packages_table.delete())
-                conn.execute(advisories_table.delete())
+                for table in (advisory_ranges_table, advisory_packages_table, advisories_table):
+                    conn.execute(table.delete())
             else:
-                ids = [r[0] for r in records]
-                for chunk in range(0, len(ids), 500):
-                    part = ids[chunk : chunk + 500]
-                    conn.execute(
-                        advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part))
-                    )
-                    conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
+                self._delete_advisories(conn, [r.id for r in records])
             for chunk in range(0, len(records), _BULK):
-                part_records = records[chunk : chunk + _BULK]
-                conn.execute(
-                    advisories_table.insert(),
-                    [
-                        {"id": i, "import_id": import_id, "modified": m, "record": dict(r)}
-                        for i, m, r, _ in part_records
-                    ],
-                )
-                links = [{"advisory_id": i, "package": p} for i, _, _, pkgs in part_records for p in sorted(set(pkgs))]
-                if links:
-                    conn.execute(advisory_packages_table.insert(), links)
+                part = records[chunk : chunk + _BULK]
+                conn.execute(advisories_table.insert(), [{"id": r.id, "import_id": import_id, "modified": r.modified,
+                                                          "record": dict(r.record), **_head_row(r.head)}
+                                                         for r in part])  # fmt: skip
+                self._insert_parsed(conn, part)
             if state is not None:
                 self._set_source(conn, state, advisories_table)
         return VulnDbImport(import_id, source, now, len(records))
+
+    @staticmethod
+    def _delete_advisories(conn: sa.Connection, ids: Sequence[str]) -> None:
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            conn.execute(advisory_ranges_table.delete().where(advisory_ranges_table.c.advisory_id.in_(part)))
+            conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
+            conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
+
+    @staticmethod
+    def _insert_parsed(conn: sa.Connection, records: Sequence[StoredAdvisory]) -> None:
+        """The ranges of these advisories, and the source packages they name (inserted after the advisories)."""
+        ranges = [{"advisory_id": r.id, "ecosystem": a.ecosystem, "package": a.package, "introduced": a.introduced,
+                   "fixed": a.fixed, "last_affected": a.last_affected, "versions": list(a.versions) or None,
+                   "severity": a.severity.value} for r in records for a in r.ranges]  # fmt: skip
+        links = [{"advisory_id": r.id, "package": p} for r in records for p in sorted({a.package for a in r.ranges})]
+        for rows, table in ((ranges, advisory_ranges_table), (links, advisory_packages_table)):
+            for chunk in range(0, len(rows), _BULK):
+                conn.execute(table.insert(), rows[chunk : chunk + _BULK])
+
+    def unparsed_advisories(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """Up to `limit` advisories imported before their parsed form was kept (registries older than 0008):
+        (id, raw record)."""
+        query = sa.select(advisories_table.c.id, advisories_table.c.record).where(advisories_table.c.title.is_(None))
+        with self._guard("read advisories"), self._read() as conn:
+            return [(i, r) for i, r in conn.execute(query.order_by(advisories_table.c.id).limit(limit))]
+
+    def store_parsed(self, records: Sequence[StoredAdvisory]) -> None:
+        """Keep the parsed form of advisories already stored (their raw record unchanged): their head, and ranges
+        and package links replaced."""
+        ids = [r.id for r in records]
+        with self._guard("store parsed advisories"), self._write() as conn:
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                conn.execute(advisory_ranges_table.delete().where(advisory_ranges_table.c.advisory_id.in_(part)))
+                conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
+            for r in records:
+                conn.execute(advisories_table.update().where(advisories_table.c.id == r.id).values(_head_row(r.head)))
+            self._insert_parsed(conn, records)
+
+    def advisory_ranges(
+        self, packages: Collection[str], ecosystems: Collection[str]
+    ) -> tuple[dict[str, AdvisoryHead], list[AdvisoryRange]]:
+        """The ranges in these ecosystems of these (source) packages, of advisories not withdrawn, and the heads of
+        those advisories by id."""
+        names = sorted(set(packages))
+        r, a = advisory_ranges_table, advisories_table
+        heads: dict[str, AdvisoryHead] = {}
+        ranges: list[AdvisoryRange] = []
+        with self._guard("read advisories"), self._read() as conn:
+            for chunk in range(0, len(names), 500):
+                part = names[chunk : chunk + 500]
+                wanted = sa.and_(r.c.package.in_(part), r.c.ecosystem.in_(sorted(ecosystems)),
+                                 a.c.withdrawn.is_(False))  # fmt: skip
+                query = sa.select(
+                    r.c.advisory_id,
+                    r.c.ecosystem,
+                    r.c.package,
+                    r.c.introduced,
+                    r.c.fixed,
+                    r.c.last_affected,
+                    r.c.versions,
+                    r.c.severity,
+                ).join(a, a.c.id == r.c.advisory_id)
+                for aid, eco, pkg, introduced, fixed, last, versions, severity in conn.execute(query.where(wanted)):
+                    ranges.append(AdvisoryRange(aid, eco, pkg, introduced, fixed, last, tuple(versions or ()),
+                                                _severity(severity)))  # fmt: skip
+            ids = sorted({x.advisory_id for x in ranges})
+            for at in range(0, len(ids), 500):
+                heads_query = sa.select(a.c.id, a.c.title, a.c.identifiers, a.c.severity)
+                for aid, title, identifiers, severity in conn.execute(
+                    heads_query.where(a.c.id.in_(ids[at : at + 500]))
+                ):
+                    heads[aid] = AdvisoryHead(aid, title, tuple(identifiers), _severity(severity), False)
+        ranges.sort(key=lambda x: (x.advisory_id, x.package))
+        return heads, ranges
 
     def _set_source(self, conn: sa.Connection, state: VulnDbSource, table: sa.Table) -> None:
         """Record the source's new state, its count read from its table (in the caller's transaction)."""
@@ -283,21 +396,6 @@ class SupplyChain(StoreCore):
 
     def _source(self, name: str) -> VulnDbSource:
         return next(s for s in self.vulndb_sources() if s.name == name)
-
-    def advisories_for(self, packages: Collection[str]) -> list[dict[str, Any]]:
-        """The raw records of every advisory naming one of these (source) package names."""
-        names = sorted(set(packages))
-        found: dict[str, dict[str, Any]] = {}
-        with self._guard("read advisories"), self._read() as conn:
-            for chunk in range(0, len(names), 500):
-                query = (
-                    sa.select(advisories_table.c.id, advisories_table.c.record)
-                    .join(advisory_packages_table, advisory_packages_table.c.advisory_id == advisories_table.c.id)
-                    .where(advisory_packages_table.c.package.in_(names[chunk : chunk + 500]))
-                )
-                for advisory_id, record in conn.execute(query):
-                    found[advisory_id] = record
-        return [found[k] for k in sorted(found)]
 
     def all_advisories(self) -> list[dict[str, Any]]:
         """Every advisory's raw record, by id (an export of the whole osv source)."""

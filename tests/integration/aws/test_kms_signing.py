@@ -35,6 +35,7 @@ from moto_emulation import no_backoff
 from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound
 from amiforge.lifecycle.sign import kms_signer
+from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import Settings
 from amiforge.signing.interface import (
     Manifest,
@@ -406,7 +407,7 @@ def test_lifecycle_signs_with_kms_and_verifies_offline_from_the_registry(
     store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest=digest, size_bytes=disk.stat().st_size)
     store.add_artifact(v.id, Artifact("local", "local", str(disk), digest, disk.stat().st_size))
     store.transition(v.id, Status.TESTED, expect=Status.BUILT)
-    store.add_scan(v.id, ScanRecord(datetime.now(UTC), (), "{}", "c" * 64, (), "none"))
+    store.add_scan(v.id, ScanRecord(datetime.now(UTC), (), "{}", sbom_digest("{}"), (), "none"))
     store.transition(v.id, Status.SCANNED, expect=Status.TESTED)
 
     signer = KmsSigner(key_arn, REGION, session=session)
