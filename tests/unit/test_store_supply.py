@@ -79,7 +79,8 @@ def test_scans_of_the_same_packages_share_one_sbom_document_and_a_wrong_digest_i
         assert latest is not None and latest.sbom == sbom
     with pytest.raises(StateError, match="does not have the sha256"):
         store.add_scan(first, ScanRecord(T0, (), "{}", "d" * 64, (), "TEST"))
-    assert len(store.engine.connect().execute(sa.select(scans_table.c.id)).all()) == 3  # nothing recorded
+    with store.engine.connect() as conn:
+        assert len(conn.execute(sa.select(scans_table.c.id)).all()) == 3  # nothing recorded
 
 
 def _advisory(aid: str, *packages: str, record: dict[str, object] | None = None, title: str = "",

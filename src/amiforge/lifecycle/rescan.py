@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.scan import findings_gate, vulnerabilities
-from amiforge.lifecycle.views import findings_summary, vulndb_label
+from amiforge.lifecycle.views import findings_summary, sources_label
 from amiforge.lifecycle.vulndb import MatchingData
 from amiforge.model import Finding, FindingKind, ImageVersion, ScanRecord
 from amiforge.policy import GateDecision, Policy
@@ -193,7 +193,7 @@ def _rescan_one(
     cves = vulnerabilities(before.packages, target.release, imported, store=store, policy=policy, data=data)
     after = store.add_scan(
         version.id,
-        replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=vulndb_label(store),
+        replace(before, scanned_at=now, findings=tuple(cves.findings + kept), vulndb=sources_label(data.sources),
                 vulndb_as_of=cves.as_of, release=target.release, id=None, version_id=None),
     )  # fmt: skip
     old_keys = {f.key for f in before.findings if f.kind is FindingKind.CVE}

@@ -87,7 +87,7 @@ def vulnerabilities(
     severity_source. The same for a scan and a rescan, which re-reads nothing from the image; a rescan of many
     versions passes one `data` for all of them."""
     data = data or MatchingData(store)
-    as_of: dict[str, datetime] = {s.name: s.as_of for s in store.vulndb_sources()}
+    as_of: dict[str, datetime] = {s.name: s.as_of for s in data.sources}
     sources = {p.source_name for p in packages}
     matched = data.matcher(sources, release).match(packages) + list(extra)
     codename = codename or codename_of(release)

@@ -9,7 +9,17 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.runs import recorded_leftovers
-from amiforge.model import ChannelPointer, Event, Finding, FindingKind, ImageVersion, Leftover, RemovedFile, Status
+from amiforge.model import (
+    ChannelPointer,
+    Event,
+    Finding,
+    FindingKind,
+    ImageVersion,
+    Leftover,
+    RemovedFile,
+    Status,
+    VulnDbSource,
+)
 from amiforge.store.interface import Store
 
 # --- which version a command names ----------------------------------------------------------------------------------
@@ -47,7 +57,11 @@ def findings_summary(findings: list[Finding] | tuple[Finding, ...]) -> dict[str,
 
 def vulndb_label(store: Store) -> str:
     """Which vulnerability data a scan matched against, in one line: each source's records and age."""
-    sources = store.vulndb_sources()
+    return sources_label(store.vulndb_sources())
+
+
+def sources_label(sources: Sequence[VulnDbSource]) -> str:
+    """vulndb_label of these sources' states."""
     if not sources:
         return "no vulnerability data (amiforge vulndb update, or vulndb import PATH)"
     return "; ".join(f"{s.name}: {s.count} record(s) as of {s.as_of:%Y-%m-%d %H:%M} UTC" for s in sources)

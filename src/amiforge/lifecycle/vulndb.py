@@ -72,6 +72,8 @@ class MatchingData:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        # Read once: every version a rescan matches is matched against, and labelled with, the same sources.
+        self.sources = store.vulndb_sources()
         self._matchers: dict[str, tuple[set[str], Matcher]] = {}  # release -> (the source packages read, …)
         self._verdicts: dict[str, dict[tuple[str, str], DebianVerdict]] = {}  # codename -> (package, CVE) -> …
         self._asked: dict[str, set[str]] = {}  # codename -> the packages read for it

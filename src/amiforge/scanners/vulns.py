@@ -142,15 +142,21 @@ class AffectedPackage:
 
     def affects(self, version: str) -> bool:
         """Whether `version` (dpkg order) is listed, or lies in [introduced, fixed) / [introduced, last_affected]."""
-        if self.versions and dpkg_identity(version) in _identities(self.versions):
-            return True
-        if self.introduced is None:
-            return False
-        if self.introduced != "0" and dpkg_compare(version, self.introduced) < 0:
-            return False
-        if self.fixed is not None and dpkg_compare(version, self.fixed) >= 0:
-            return False
-        return self.last_affected is None or dpkg_compare(version, self.last_affected) <= 0
+        return affects(self, version)
+
+
+def affects(entry: AffectedPackage | AdvisoryRange, version: str) -> bool:
+    """Whether `version` (dpkg order) is listed by `entry`, or lies in [introduced, fixed) / [introduced,
+    last_affected]. For an advisory's entry as parsed, or its range as the registry keeps it."""
+    if entry.versions and dpkg_identity(version) in _identities(entry.versions):
+        return True
+    if entry.introduced is None:
+        return False
+    if entry.introduced != "0" and dpkg_compare(version, entry.introduced) < 0:
+        return False
+    if entry.fixed is not None and dpkg_compare(version, entry.fixed) >= 0:
+        return False
+    return entry.last_affected is None or dpkg_compare(version, entry.last_affected) <= 0
 
 
 @dataclass(frozen=True)
@@ -589,7 +595,7 @@ def _newer(a: Advisory, b: Advisory) -> bool:
 # --- matching -------------------------------------------------------------------------------------------------
 
 
-AdvisoryIndex = Mapping[str, list[tuple[AdvisoryHead, list["AffectedPackage"]]]]
+AdvisoryIndex = Mapping[str, list[tuple[AdvisoryHead, list[AdvisoryRange]]]]
 
 
 def index_advisories(advisories: Iterable[Advisory], *, release: str = "12") -> AdvisoryIndex:
@@ -608,15 +614,14 @@ def index_ranges(heads: Mapping[str, AdvisoryHead], ranges: Iterable[AdvisoryRan
     advisories never match.
     """
     ecosystem = f"{DEBIAN}:{release}"
-    specific: dict[tuple[str, str], list[AffectedPackage]] = {}
-    bare: dict[tuple[str, str], list[AffectedPackage]] = {}
+    specific: dict[tuple[str, str], list[AdvisoryRange]] = {}
+    bare: dict[tuple[str, str], list[AdvisoryRange]] = {}
     for r in ranges:
         kept = specific if r.ecosystem == ecosystem else bare if r.ecosystem == DEBIAN else None
         if kept is None or heads[r.advisory_id].withdrawn:
             continue
-        entry = AffectedPackage(r.ecosystem, r.package, r.introduced, r.fixed, r.last_affected, r.versions, r.severity)
-        kept.setdefault((r.advisory_id, r.package), []).append(entry)
-    index: dict[str, list[tuple[AdvisoryHead, list[AffectedPackage]]]] = {}
+        kept.setdefault((r.advisory_id, r.package), []).append(r)
+    index: dict[str, list[tuple[AdvisoryHead, list[AdvisoryRange]]]] = {}
     for advisory_id, package in sorted(specific.keys() | bare.keys()):
         entries = specific.get((advisory_id, package)) or bare[(advisory_id, package)]
         index.setdefault(package, []).append((heads[advisory_id], entries))
@@ -652,7 +657,7 @@ class Matcher:
         if hits is None:
             hits = []
             for advisory, entries in self._index.get(source, ()):
-                affecting = [e for e in entries if e.affects(version)]
+                affecting = [e for e in entries if affects(e, version)]
                 if not affecting:
                     continue
                 fixes = sorted(

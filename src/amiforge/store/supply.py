@@ -299,7 +299,9 @@ class SupplyChain(StoreCore):
                     r.c.versions,
                     r.c.severity,
                 ).join(a, a.c.id == r.c.advisory_id)
-                for aid, eco, pkg, introduced, fixed, last, versions, severity in conn.execute(query.where(wanted)):
+                for aid, eco, pkg, introduced, fixed, last, versions, severity in conn.execute(
+                    query.where(wanted)
+                ).all():
                     ranges.append(AdvisoryRange(aid, eco, pkg, introduced, fixed, last, tuple(versions or ()),
                                                 _severity(severity)))  # fmt: skip
             ids = sorted({x.advisory_id for x in ranges})
@@ -307,7 +309,7 @@ class SupplyChain(StoreCore):
                 heads_query = sa.select(a.c.id, a.c.title, a.c.identifiers, a.c.severity)
                 for aid, title, identifiers, severity in conn.execute(
                     heads_query.where(a.c.id.in_(ids[at : at + 500]))
-                ):
+                ).all():
                     heads[aid] = AdvisoryHead(aid, title, tuple(identifiers), _severity(severity), False)
         ranges.sort(key=lambda x: (x.advisory_id, x.package))
         return heads, ranges
@@ -361,7 +363,7 @@ class SupplyChain(StoreCore):
                 query = sa.select(t.c.package, t.c.cve, t.c.status, t.c.urgency, t.c.fixed_version, t.c.no_dsa).where(
                     t.c.release == release, t.c.package.in_(names[chunk : chunk + 500])
                 )
-                for package, cve, status, urgency, fixed, no_dsa in conn.execute(query):
+                for package, cve, status, urgency, fixed, no_dsa in conn.execute(query).all():
                     found[(package, cve)] = DebianVerdict(status, urgency, fixed, no_dsa)
         return found
 
@@ -385,7 +387,7 @@ class SupplyChain(StoreCore):
                 query = sa.select(t.c.cve, t.c.version, t.c.vector, t.c.score, t.c.severity, t.c.source).where(
                     t.c.cve.in_(ids[chunk : chunk + 500])
                 )
-                for cve, *row in conn.execute(query):
+                for cve, *row in conn.execute(query).all():
                     found.setdefault(cve, []).append(_cvss(row))
         return found
 
