@@ -13,7 +13,7 @@ from amiforge.errors import ConfigError
 from amiforge.lifecycle.rescan import release_of
 from amiforge.model import CvssScore, DebianVerdict, Finding, FindingKind, Package, ScanRecord, Severity, Status
 from amiforge.policy import Candidate, Policy, default_policy, evaluate, parse_policy, rated, urgency_severity
-from amiforge.scanners.ratings import cve_ids, debian_release, not_affected, rate
+from amiforge.scanners.ratings import RatingMemo, cve_ids, debian_release, not_affected, rate
 from amiforge.scanners.sbom import sbom_digest
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -160,6 +160,28 @@ def test_rate_takes_the_source_packages_verdict_and_the_preferred_cvss() -> None
     assert kept.debian == verdicts[("example", "CVE-2999-0001")] and kept.cvss == CRITICAL_V31
     assert (kept.severity, kept.severity_source) == (Severity.MEDIUM, "debian")
     assert kept.fixed == "1.1-1"  # the tracker knows a fix OSV did not list
+
+
+def test_a_rating_memo_gives_what_rating_afresh_gives_and_tells_source_versions_and_sources_apart() -> None:
+    verdicts = {("example", "CVE-2999-0001"): DebianVerdict("resolved", "medium", "1.0-2")}
+    scores = {"CVE-2999-0001": [CRITICAL_V31]}
+    # One binary of source `example` at 1.0-1 (affected), another at 1.0-2 (Debian: fixed there), and the same
+    # binary name at another binary version built from the same source version.
+    older = [Package("libexample1", "1.0-1+b1", "amd64", "example", "1.0-1")]
+    fixed = [Package("libexample1", "1.0-2", "amd64", "example", None)]
+    rebuilt = [Package("libexample1", "1.0-1+b2", "amd64", "example", "1.0-1")]
+    memo = RatingMemo()
+    for packages in (older, fixed, rebuilt, older):
+        finding = replace(cve(fixed=None), installed=packages[0].version)
+        for source in ("debian", "cvss"):
+            remembered = rate([finding], packages, verdicts, scores, severity_source=source, memo=memo)
+            assert remembered == rate([finding], packages, verdicts, scores, severity_source=source)
+    assert rate([replace(cve(fixed=None), installed="1.0-2")], fixed, verdicts, scores, severity_source="debian",
+                memo=memo)[0] == []  # fixed there, though 1.0-1 was rated before  # fmt: skip
+    (by_cvss,), _ = rate([replace(cve(fixed=None), installed="1.0-1+b1")], older, verdicts, scores,
+                         severity_source="cvss", memo=memo)  # fmt: skip
+    assert (by_cvss.severity, by_cvss.severity_source) == (Severity.CRITICAL, "cvss")
+    assert len(memo.ratings) == 4  # (1.0-1, 1.0-2) × (debian, cvss): the rebuilt binary was rated from memory
 
 
 def test_what_debian_says_is_fixed_in_the_installed_version_is_left_out() -> None:

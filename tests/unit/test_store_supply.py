@@ -73,12 +73,14 @@ def test_scans_of_the_same_packages_share_one_sbom_document_and_a_wrong_digest_i
         store.add_scan(vid, ScanRecord(T0, (), sbom, sbom_digest(sbom), (), "TEST"))
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(sboms_table)).scalar_one() == 1
-        assert conn.execute(sa.select(scans_table.c.sbom)).scalars().all() == [None, None, None]
+        assert conn.execute(sa.select(scans_table.c.sbom)).scalars().all() == ["", "", ""]  # "": in sboms
     for vid in (first, second):
         latest = store.latest_scan(vid)
         assert latest is not None and latest.sbom == sbom
     with pytest.raises(StateError, match="does not have the sha256"):
         store.add_scan(first, ScanRecord(T0, (), "{}", "d" * 64, (), "TEST"))
+    with pytest.raises(StateError, match="does not have the sha256"):  # a digest already stored, another text
+        store.add_scan(first, ScanRecord(T0, (), "{}", sbom_digest(sbom), (), "TEST"))
     with store.engine.connect() as conn:
         assert len(conn.execute(sa.select(scans_table.c.id)).all()) == 3  # nothing recorded
 
@@ -129,14 +131,21 @@ def test_advisories_stored_without_their_parsed_form_are_listed_until_it_is_stor
     # What a registry migrated from 0007 holds: the raw record only.
     with store.engine.begin() as conn:
         conn.execute(advisory_ranges_table.delete())
-        conn.execute(advisories_table.update().values(title=None, identifiers=None, severity=None, withdrawn=None))
+        conn.execute(advisories_table.update().values(title=None, identifiers=sa.null(), severity=None, withdrawn=None))
     assert store.unparsed_advisories(1) == [("TEST-0001", {"id": "TEST-0001"})]
     assert _found(store, "openssl", "zlib") == []
-    store.store_parsed([_advisory("TEST-0001", "openssl", title="parsed"), _advisory("TEST-0002", "zlib")])
+    # An import replaces TEST-0002 between the read of the raw records and the write of their parse: its own,
+    # newer parse is kept.
+    store.import_advisories("b", [_advisory("TEST-0002", "bash", title="imported meanwhile")])
+    stale = [_advisory("TEST-0001", "openssl", title="parsed"), _advisory("TEST-0002", "zlib", title="stale")]
+    assert store.store_parsed(stale) == 1
+    assert store.store_parsed(stale) == 0  # done: a second parse of the same rows writes nothing
     assert store.unparsed_advisories(10) == []
+    heads, _ = store.advisory_ranges(["bash"], ["Debian:12"])
+    assert heads["TEST-0002"].title == "imported meanwhile" and _found(store, "zlib") == []
     heads, _ = store.advisory_ranges(["openssl"], ["Debian:12"])
     assert heads["TEST-0001"].title == "parsed"
-    assert _found(store, "openssl", "zlib") == ["TEST-0001:openssl", "TEST-0002:zlib"]
+    assert _found(store, "openssl", "bash") == ["TEST-0001:openssl", "TEST-0002:bash"]
 
 
 def test_a_scan_keeps_ratings_changelogs_and_the_age_of_its_data(store: SqlStore) -> None:

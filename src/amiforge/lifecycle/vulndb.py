@@ -116,14 +116,14 @@ class MatchingData:
 
 def parse_stored_advisories(store: Store) -> int:
     """Parse the advisories a registry from before 0008 holds only as raw records, once: what matching reads is
-    kept beside them from then on. The number parsed (0 on every later call: one indexed query)."""
+    kept beside them from then on. The number this call stored (0 on every later call: one indexed query)."""
     done = 0
     while batch := store.unparsed_advisories(_PARSE_BATCH):
         if not done:
             logger.info("vulndb: parsing the advisories stored before this version of amiforge (once)")
+        # Every record parses or the whole batch is refused (ConfigError naming them: re-import the data).
         parsed = parse_osv_records(record for _, record in batch)
-        store.store_parsed([a.stored(record, "") for a, (_, record) in zip(parsed, batch, strict=True)])
-        done += len(batch)
+        done += store.store_parsed([a.stored(record, "") for a, (_, record) in zip(parsed, batch, strict=True)])
     return done
 
 

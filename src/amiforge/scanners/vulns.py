@@ -649,7 +649,7 @@ class Matcher:
     def __init__(self, index: AdvisoryIndex) -> None:
         self._index = index
         self._hits: dict[tuple[str, str], list[_Hit]] = {}
-        # The same finding object for the same binary version: the ratings memo finds it by identity first.
+        # One finding object per (hit, binary, version): built once, and the ratings memo compares it by identity.
         self._made: dict[tuple[_Hit, str, str], Finding] = {}
 
     def _source_hits(self, source: str, version: str) -> list[_Hit]:

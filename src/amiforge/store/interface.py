@@ -167,8 +167,8 @@ class Store(Protocol):
         """(id, raw record) of up to `limit` advisories stored without their parsed form (imported before 0008)."""
         ...
 
-    def store_parsed(self, records: Sequence[StoredAdvisory]) -> None:
-        """The parsed form of advisories already stored, replacing what was kept of them."""
+    def store_parsed(self, records: Sequence[StoredAdvisory]) -> int:
+        """The parsed form of advisories stored without it (those still without it: how many)."""
         ...
 
     def advisory_ranges(

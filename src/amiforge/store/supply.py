@@ -12,6 +12,8 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from amiforge.errors import InfraError, NotFound, StateError
@@ -48,6 +50,10 @@ from amiforge.store.schema import (
     vulndb_imports_table,
     vulndb_sources_table,
 )
+
+# What `scans.sbom` holds since 0008: the document is in `sboms`, under the scan's sbom_digest (a CycloneDX document
+# is never empty; scans made before hold their own copy).
+_IN_SBOMS = ""
 
 # Rows per INSERT of a bulk load: the Debian tracker alone is ~10^6 rows.
 _BULK = 10_000
@@ -157,23 +163,25 @@ class SupplyChain(StoreCore):
     # scans
 
     def add_scan(self, version_id: int, scan: ScanRecord) -> ScanRecord:
-        """Record a scan; its SBOM document is kept once per sha256 (`scan.sbom_digest`, checked when new)."""
+        """Record a scan; its SBOM document is kept once per sha256 (`scan.sbom_digest`, which must be its sha256)."""
+        if hashlib.sha256(scan.sbom.encode()).hexdigest() != scan.sbom_digest:
+            raise StateError(
+                f"the scan's SBOM does not have the sha256 it names ({scan.sbom_digest[:12]}…)",
+                fix="this is a bug in amiforge: report it with the command that failed",
+            )
         with self._guard(f"record a scan of version {version_id}"), self._write() as conn:
             self._require_version(conn, version_id)
             known = conn.execute(sa.select(sboms_table.c.digest).where(sboms_table.c.digest == scan.sbom_digest))
-            if known.first() is None:
-                if hashlib.sha256(scan.sbom.encode()).hexdigest() != scan.sbom_digest:
-                    raise StateError(
-                        f"the scan's SBOM does not have the sha256 it names ({scan.sbom_digest[:12]}…)",
-                        fix="this is a bug in amiforge: report it with the command that failed",
-                    )
-                conn.execute(sboms_table.insert().values(digest=scan.sbom_digest, document=scan.sbom))
+            if known.first() is None:  # (sending the ~700 KB document to find it there costs more than asking)
+                # Two scans of the same packages racing to store one document: the second finds it there.
+                insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(sboms_table)
+                conn.execute(insert.values(digest=scan.sbom_digest, document=scan.sbom).on_conflict_do_nothing())
             result = conn.execute(
                 scans_table.insert().values(
                     version_id=version_id,
                     scanned_at=scan.scanned_at,
                     packages=[[p.name, p.version, p.arch, p.source, p.source_version] for p in scan.packages],
-                    sbom=None,
+                    sbom=_IN_SBOMS,
                     sbom_digest=scan.sbom_digest,
                     findings=[_finding_row(f) for f in scan.findings],
                     vulndb=scan.vulndb,
@@ -189,9 +197,8 @@ class SupplyChain(StoreCore):
     def latest_scan(self, version_id: int) -> ScanRecord | None:
         s = scans_table
         # A scan made before 0008 holds its own copy of the document; a later one, its digest.
-        columns = [c for c in s.c if c.name != "sbom"] + [
-            sa.func.coalesce(s.c.sbom, sboms_table.c.document).label("sbom")
-        ]
+        document = sa.func.coalesce(sa.func.nullif(s.c.sbom, _IN_SBOMS), sboms_table.c.document)
+        columns = [c for c in s.c if c.name != "sbom"] + [document.label("sbom")]
         query = (
             sa.select(*columns)
             .select_from(s.outerjoin(sboms_table, sboms_table.c.digest == s.c.sbom_digest))
@@ -238,11 +245,17 @@ class SupplyChain(StoreCore):
 
     @staticmethod
     def _delete_advisories(conn: sa.Connection, ids: Sequence[str]) -> None:
+        SupplyChain._delete_parsed(conn, ids)
+        for chunk in range(0, len(ids), 500):
+            conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(ids[chunk : chunk + 500])))
+
+    @staticmethod
+    def _delete_parsed(conn: sa.Connection, ids: Sequence[str]) -> None:
+        """The ranges and package links of these advisories."""
         for chunk in range(0, len(ids), 500):
             part = ids[chunk : chunk + 500]
             conn.execute(advisory_ranges_table.delete().where(advisory_ranges_table.c.advisory_id.in_(part)))
             conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
-            conn.execute(advisories_table.delete().where(advisories_table.c.id.in_(part)))
 
     @staticmethod
     def _insert_parsed(conn: sa.Connection, records: Sequence[StoredAdvisory]) -> None:
@@ -262,18 +275,23 @@ class SupplyChain(StoreCore):
         with self._guard("read advisories"), self._read() as conn:
             return [(i, r) for i, r in conn.execute(query.order_by(advisories_table.c.id).limit(limit))]
 
-    def store_parsed(self, records: Sequence[StoredAdvisory]) -> None:
-        """Keep the parsed form of advisories already stored (their raw record unchanged): their head, and ranges
-        and package links replaced."""
-        ids = [r.id for r in records]
+    def store_parsed(self, records: Sequence[StoredAdvisory]) -> int:
+        """Keep the parsed form of advisories stored without it (their raw record unchanged): their head, and their
+        ranges and package links replaced. One an import replaced meanwhile keeps its own, newer, parse: only rows
+        still unparsed are written (a concurrent parse of the same rows waits, then finds them done). How many."""
         with self._guard("store parsed advisories"), self._write() as conn:
-            for chunk in range(0, len(ids), 500):
-                part = ids[chunk : chunk + 500]
-                conn.execute(advisory_ranges_table.delete().where(advisory_ranges_table.c.advisory_id.in_(part)))
-                conn.execute(advisory_packages_table.delete().where(advisory_packages_table.c.advisory_id.in_(part)))
-            for r in records:
-                conn.execute(advisories_table.update().where(advisories_table.c.id == r.id).values(_head_row(r.head)))
-            self._insert_parsed(conn, records)
+            unparsed = advisories_table.c.title.is_(None)
+            fresh = [
+                r
+                for r in records
+                if conn.execute(
+                    advisories_table.update().where(advisories_table.c.id == r.id, unparsed).values(_head_row(r.head))
+                ).rowcount
+                == 1
+            ]
+            self._delete_parsed(conn, [r.id for r in fresh])
+            self._insert_parsed(conn, fresh)
+        return len(fresh)
 
     def advisory_ranges(
         self, packages: Collection[str], ecosystems: Collection[str]

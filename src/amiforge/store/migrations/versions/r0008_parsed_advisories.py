@@ -3,8 +3,9 @@
 - `advisories.title`, `.identifiers`, `.severity`, `.withdrawn`: what a finding takes from its advisory;
 - `advisory_ranges`: each advisory's affected intervals (or listed versions) per Debian source package and
   ecosystem;
-- `sboms`: SBOM documents by sha256, which scans from now on reference (`scans.sbom` NULL) instead of holding a
-  copy each: a rescan records a new scan of the same packages. Scans made before keep their copy.
+- `sboms`: SBOM documents by sha256, which scans from now on reference (`scans.sbom` "") instead of holding a copy
+  each: a rescan records a new scan of the same packages. Scans made before keep their copy, and the scans table is
+  not rewritten (SQLite cannot drop a NOT NULL without copying every row, SBOMs and all).
 
 Records imported before this revision keep NULL there: parsing is the scanners' job, which a migration (the store's
 floor) cannot call, so the service layer parses them on the first scan after the upgrade (the partial index
@@ -47,7 +48,7 @@ def upgrade() -> None:
         sa.Column("introduced", sa.Text, nullable=True),
         sa.Column("fixed", sa.Text, nullable=True),
         sa.Column("last_affected", sa.Text, nullable=True),
-        sa.Column("versions", sa.JSON, nullable=True),
+        sa.Column("versions", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("severity", sa.String(16), nullable=False),
     )  # fmt: skip
     op.create_index("ix_advisory_ranges_package", "advisory_ranges", ["package", "ecosystem"])
@@ -57,16 +58,12 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(64), primary_key=True),
         sa.Column("document", sa.Text, nullable=False),
     )
-    with op.batch_alter_table("scans") as batch:
-        batch.alter_column("sbom", existing_type=sa.Text, nullable=True)
 
 
 def downgrade() -> None:
     # Each scan gets its copy of the document back.
     op.execute("UPDATE scans SET sbom = (SELECT document FROM sboms WHERE sboms.digest = scans.sbom_digest) "
-               "WHERE sbom IS NULL")  # fmt: skip
-    with op.batch_alter_table("scans") as batch:
-        batch.alter_column("sbom", existing_type=sa.Text, nullable=False)
+               "WHERE sbom = ''")  # fmt: skip
     op.drop_table("sboms")
     op.drop_table("advisory_ranges")
     op.drop_index("ix_advisories_unparsed", "advisories")
