@@ -122,6 +122,12 @@ def test_failed_step_records_failed_version_with_log(cli: Cli, tmp_path: Path, n
     assert [e["kind"] for e in shown["events"]] == ["bake.started", "bake.failed"]
 
 
+def _ctrl_c_reaches_it() -> None:
+    # A suite started in the background (`make test &` from a script) runs with SIGINT ignored, and its children
+    # inherit that; a user's Ctrl-C reaches an amiforge started from a terminal, as it must reach this one.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_midway_cleans_up_and_marks_failed(
     cli: Cli, tmp_path: Path, no_leftovers: None, sig: signal.Signals
@@ -136,6 +142,7 @@ def test_interrupt_midway_cleans_up_and_marks_failed(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_ctrl_c_reaches_it,
     )
     # Wait until the step is running inside its chroot, then interrupt the whole process group.
     deadline = time.monotonic() + 300
