@@ -33,8 +33,6 @@ class UndecodableValue(ValueError):
 
 # The registry's JSON columns go through orjson, several times faster than the json module both ways (a scan row
 # holds ~1,000 packages and ~1,000 findings, and a rescan of 100 versions reads and writes a hundred of them).
-
-
 # Integers orjson would read as floats (past 64 bits: 20 digits or more) are read by the json module instead. Found
 # by mapping every digit to "0" and the rest to " " (bytes.translate: C speed, ~0.6 ms for a scan's 450 KB of
 # findings, where a regular expression took 6 ms).
@@ -301,8 +299,8 @@ advisory_ranges_table = sa.Table(
     sa.Index("ix_advisory_ranges_advisory", "advisory_id"),
 )  # fmt: skip
 
-# Which (source) packages each advisory names (any release). Matching reads advisory_ranges since 0008; this stays
-# for `vulndb` queries by package and so that a downgrade to 0007 finds what it reads.
+# Which (source) packages each advisory names (any release). Nothing reads it since 0008 (matching reads
+# advisory_ranges); imports still write it so that a downgrade to 0007 leaves the links that revision matches by.
 advisory_packages_table = sa.Table(
     "advisory_packages",
     metadata,
