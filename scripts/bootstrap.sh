@@ -3,14 +3,16 @@
 #   scripts/bootstrap.sh          tools for `make demo` (mmdebstrap, QEMU, e2fsprogs, busybox-static, …)
 #   scripts/bootstrap.sh --test   the same, plus what the test suite needs (PostgreSQL server; an OpenSSH server
 #                                 and sudo, which the SSH communicator's tests run on loopback; systemd-analyze,
-#                                 which checks the units amiforge bakes in)
+#                                 which checks the units amiforge bakes in; Prometheus and Alertmanager, whose
+#                                 promtool and amtool check the rules and routes amiforge exports, and whose server
+#                                 the telemetry e2e scrapes amiforge with)
 # Idempotent: a second run with nothing missing takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mmdebstrap qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio util-linux coreutils ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-    packages+=(postgresql openssh-server sudo systemd)
+    packages+=(postgresql openssh-server sudo systemd prometheus prometheus-alertmanager)
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 

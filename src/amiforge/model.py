@@ -519,7 +519,8 @@ class VulnDbSource:
 # --- fleets: what the rollout controller and its gates look at -------------------------------------------------
 
 MemberState = Literal["launching", "ready", "failed", "stopped"]
-SignalKind = Literal["launch", "ready", "failed", "replaced"]
+# heartbeat: the member's heartbeat unit was heard (the latest time only); the others happen once per member.
+SignalKind = Literal["launch", "ready", "failed", "replaced", "heartbeat"]
 
 
 @dataclass(frozen=True)
@@ -545,3 +546,68 @@ class BootSignal:
     version_ref: str | None
     time_to_ready: float | None = None
     detail: str = ""
+    timed_out: bool = False  # failed: never ready within its limit (M1 counts it as a timeout)
+
+
+# --- telemetry: what happened to every boot of a version (docs/architecture.md §13) ------------------------------
+
+BootOutcome = Literal["ready", "failed", "timeout"]
+BOOT_OUTCOMES: tuple[BootOutcome, ...] = ("ready", "failed", "timeout")
+# The target of a boot test; fleets are `local:NAME` and `aws:REGION/GROUP`.
+BOOT_TEST_TARGET = "boot-test"
+
+
+@dataclass(frozen=True)
+class BootObservation:
+    """What is known now of one boot of a version on a target (a boot test, a fleet member, an instance). Recording
+    it again later only moves it forward: an outcome, a stop or a replacement is set once; heartbeats only advance."""
+
+    instance: str
+    version_id: int
+    launched_at: datetime
+    outcome: BootOutcome | None = None  # None: still booting
+    time_to_ready: float | None = None  # seconds from launch to the readiness marker
+    ended_at: datetime | None = None  # when the outcome was known
+    stopped_at: datetime | None = None
+    replaced: bool = False  # stopped because another member took its place (a rollout, self-healing)
+    last_heartbeat_at: datetime | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """One boot as the registry keeps it."""
+
+    id: int
+    version_id: int
+    version_ref: str
+    target: str
+    instance: str
+    launched_at: datetime
+    outcome: BootOutcome | None
+    time_to_ready: float | None
+    ended_at: datetime | None
+    stopped_at: datetime | None
+    replaced: bool
+    last_heartbeat_at: datetime | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class BootTotals:
+    """Every boot of a version on a target since the registry began (what Prometheus counters export): outcomes,
+    replacements, and times to ready as a count per whole second (ceil), so a bucket at any whole number of seconds
+    (every SLO threshold) is exact."""
+
+    version_id: int
+    target: str
+    ready: int
+    failed: int
+    timeout: int
+    replaced: int
+    ttr_sum: float
+    ttr_seconds: Mapping[int, int]  # ceil(time to ready) -> boots
+
+    def within(self, seconds: float) -> int:
+        """Ready boots whose time to ready was at most `seconds`."""
+        return sum(n for s, n in self.ttr_seconds.items() if s <= seconds)

@@ -6,7 +6,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
 
@@ -463,6 +463,12 @@ def test_retesting_a_failed_version_that_now_passes_makes_it_tested(
     again = boot_test(ref, store=store, settings=settings)
     assert again.version.status is Status.TESTED
     assert store.verify_events() == []
+    # Each boot test is a boot of the target `boot-test` (telemetry's M1 and M2), counted in the totals too.
+    boots = store.boots_in_window(datetime(2000, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
+    assert [(b.target, b.outcome) for b in boots] == [("boot-test", "failed")] * 2 + [("boot-test", "ready")] * 2
+    assert len({b.instance for b in boots}) == 4  # one per run
+    [totals] = store.boot_totals()
+    assert (totals.target, totals.ready, totals.failed) == ("boot-test", 2, 2)
 
 
 def test_boot_test_of_a_baking_version_is_a_state_error(script: Script, settings: Settings, store: SqlStore) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
+from amiforge.lifecycle import telemetry
 from amiforge.model import Artifact, Status
 from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
@@ -175,6 +176,24 @@ def test_a_member_stopped_on_purpose_is_stopped_not_failed() -> None:
     # An exit seen before the stop still counts.
     member, signals = assess(replaced, PASSED, running=False, now=_at(100), exited_at=_at(40))
     assert member.state == "stopped" and [s.kind for s in signals] == ["launch", "ready", "failed", "replaced"]
+
+
+def test_the_latest_whole_heartbeat_is_a_signal() -> None:
+    """amiforge-heartbeat.service beats every 60 s; only the latest whole line counts (M4 asks how recent it is)."""
+    beats = [*PASSED, "AMIFORGE-HEARTBEAT 13.01", "AMIFORGE-HEARTBEAT 73.02", "AMIFORGE-HEARTBEAT 13[  133.0] rcu"]
+    member, signals = assess(_rec(), beats, running=True, now=_at(140))
+    assert member.state == "ready"
+    assert [(s.kind, s.at) for s in signals if s.kind == "heartbeat"] == [("heartbeat", _at(73.02))]
+    assert not any(s.kind == "heartbeat" for s in assess(_rec(), PASSED, running=True, now=_at(20))[1])
+
+
+def test_only_readiness_that_never_came_in_time_is_a_timeout() -> None:
+    _, signals = assess(_rec(), BOOT, running=True, now=_at(60))
+    assert [(s.kind, s.timed_out) for s in signals][-1] == ("failed", True)
+    late = [*BOOT, "AMIFORGE-READY 41.0", *PASSED[len(READY) :]]
+    assert assess(_rec(), late, running=True, now=_at(45))[1][-1].timed_out
+    assert not assess(_rec(), FAILED_UNIT, running=True, now=_at(20))[1][-1].timed_out
+    assert not assess(_rec(), BOOT, running=False, now=_at(100), exited_at=_at(3))[1][-1].timed_out
 
 
 def test_a_recorded_launch_error_is_a_failure() -> None:
@@ -413,6 +432,37 @@ def test_replace_stops_the_old_member_once_the_new_one_is_ready(
     all_signals = fleet.signals(datetime(2000, 1, 1))
     assert [s.at for s in all_signals] == sorted(s.at for s in all_signals)
     assert sum(s.kind == "launch" for s in all_signals) == 3
+
+
+def test_telemetry_records_each_member_once_and_its_stop_when_the_fleet_is_gone(
+    settings: Settings, artifact: Artifact, launcher: FakeLauncher, tmp_path: Path
+) -> None:
+    """The collector's view of a real LocalFleet (fake QEMU): boots, outcomes, replacement, heartbeat, and a
+    destroyed fleet's boots stopped; reading again changes nothing."""
+    store = open_store(f"sqlite:///{tmp_path}/r.db")
+    for _ in (1, 2):
+        store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    launcher.plan = [[*QUICK, "AMIFORGE-HEARTBEAT 0.20"], FAILED_UNIT]
+    fleet = _web(settings, artifact, 2)
+    (old, _failed) = fleet.current()
+    fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    [collected] = telemetry.collect(store, settings)  # every known target: this machine's fleets
+    assert (collected.target, collected.members, collected.changed, collected.error) == ("local:web", 3, 3, None)
+    assert telemetry.collect(store, settings, ["web"])[0].changed == 0
+    boots = {b.instance: b for b in store.boots_in_window(T0, datetime.now(UTC) + timedelta(minutes=1))}
+    assert {b.instance: (b.version_ref, b.outcome) for b in boots.values()} == {
+        old.id: ("web@1", "ready"),
+        _failed.id: ("web@1", "failed"),
+        launcher.launched[2]: ("web@2", "ready"),
+    }
+    assert boots[old.id].replaced and boots[old.id].stopped_at is not None
+    assert boots[old.id].last_heartbeat_at == boots[old.id].launched_at + timedelta(seconds=0.2)
+    destroy_fleet(settings, "web")
+    [gone] = telemetry.collect(store, settings, ["local:web"])
+    assert sorted(gone.stopped) == sorted([_failed.id, launcher.launched[2]])
+    assert store.running_targets() == []
+    store.close()
 
 
 def test_the_same_token_never_launches_twice(settings: Settings, artifact: Artifact, launcher: FakeLauncher) -> None:

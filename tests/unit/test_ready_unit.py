@@ -75,6 +75,19 @@ def test_without_a_recorded_line_nothing_is_repeated(script: Path, tmp_path: Pat
     assert not (tmp_path / "console").exists()
 
 
+def test_the_heartbeat_beats_with_the_uptime_of_each_beat(script: Path, tmp_path: Path) -> None:
+    env = _env(tmp_path, AMIFORGE_HEARTBEAT_EVERY="0.05", AMIFORGE_HEARTBEAT_TIMES="3")
+    _run(script, env, "heartbeat")
+    lines = [line for line in (tmp_path / "console").read_text().split("\n") if line]
+    uptimes = []
+    for line in lines:
+        found = in_guest.HEARTBEAT_RE.fullmatch(line)
+        assert found is not None, line
+        uptimes.append(float(found.group(1)))
+    assert len(uptimes) == 3 and uptimes == sorted(uptimes) and uptimes[0] < uptimes[-1]  # measured at each beat
+    assert not (tmp_path / "amiforge-ready").exists()  # it beats; it says nothing about readiness
+
+
 @pytest.fixture
 def repeating(script: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`ready repeat` running in its own session, as systemd starts a service, printing every 0.2 s, 5 times."""
@@ -137,7 +150,7 @@ def _guest_units() -> list[str]:
 
 def test_the_ready_unit_starts_the_repeat_after_itself() -> None:
     ready, repeat = _unit("amiforge-ready.service"), _unit("amiforge-ready-repeat.service")
-    assert ready["Unit.Wants"] == ["amiforge-ready-repeat.service"]
+    assert ready["Unit.Wants"] == ["amiforge-ready-repeat.service amiforge-heartbeat.service"]
     assert ready["Service.ExecStart"] == [SCRIPT_PATH]
     # After the ready unit, a oneshot whose start ends once the checks reported: copies never land among results.
     assert repeat["Unit.After"] == ["amiforge-ready.service"]
@@ -146,12 +159,20 @@ def test_the_ready_unit_starts_the_repeat_after_itself() -> None:
     assert "Install.WantedBy" not in repeat  # started only by the ready unit, so only where readiness is
 
 
+def test_the_ready_unit_starts_the_heartbeat_after_itself_for_good() -> None:
+    ready, beat = _unit("amiforge-ready.service"), _unit("amiforge-heartbeat.service")
+    assert "amiforge-heartbeat.service" in ready["Unit.Wants"][0].split()
+    assert beat["Unit.After"] == ["amiforge-ready.service"]  # never among the check results
+    assert beat["Service.ExecStart"] == [f"{SCRIPT_PATH} heartbeat"]
+    assert beat["Service.Restart"] == ["always"] and "Install.WantedBy" not in beat
+
+
 def test_both_providers_install_every_unit_and_the_script() -> None:
     units = _guest_units()
     assert "amiforge-ready-repeat.service" in units
     assert sorted(base.GUEST_UNITS) == units  # the local base installs each (and its key hashes each)
     assert set(base.GUEST_FILES) >= {*units, "ready"}
-    readiness = [u for u in units if u.startswith("amiforge-ready")]
+    readiness = [u for u in units if u.startswith(("amiforge-ready", "amiforge-heartbeat"))]
     installed = {name: dest for name, dest, _ in aws_bake._READY_FILES}
     assert installed == {"ready": SCRIPT_PATH, **{u: f"/etc/systemd/system/{u}" for u in readiness}}
 
@@ -162,7 +183,7 @@ def test_systemd_analyze_verify_accepts_the_units(script: Path, tmp_path: Path) 
     assert analyze is not None
     units = tmp_path / "units"
     units.mkdir()
-    names = [u for u in _guest_units() if u.startswith("amiforge-ready")]
+    names = [u for u in _guest_units() if u.startswith(("amiforge-ready", "amiforge-heartbeat"))]
     for name in names:  # the script where this machine has it: verify checks that ExecStart can run
         text = in_guest.guest_file(name).decode().replace(SCRIPT_PATH, str(script))
         (units / name).write_text(text)

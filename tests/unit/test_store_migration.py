@@ -5,7 +5,7 @@ filled in from the rows already there, and a downgrade that gives 0005 back its 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -199,5 +199,40 @@ def test_0008_scans_made_before_keep_their_sbom_and_later_ones_reference_it(stor
                 '{"old": 1}',
                 '{"new": 1}',
             ]
+    finally:
+        engine.dispose()
+
+
+def test_0009_boot_reports_become_boot_test_boots_with_their_totals(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    checks = {"passed": json.dumps([{"name": "unit nginx", "kind": "unit", "passed": True, "detail": "ok"}]),
+              "failed": json.dumps([{"name": "unit nginx", "kind": "unit", "passed": False, "detail": "x"}]),
+              "none": "[]"}  # fmt: skip
+    try:
+        _seed_0005(engine)
+        run_alembic(engine, "upgrade", "0008")
+        reports = [(1, 12.4, "passed"), (1, 30.0, "failed"), (1, None, "passed"), (1, 5.0, "none"), (2, 7.0, "passed")]
+        with engine.begin() as conn:
+            for version_id, ttr, kind in reports:
+                conn.execute(
+                    sa.text("INSERT INTO boot_reports (version_id, time_to_ready, checks, console, accel, started_at,"
+                            " duration) VALUES (:v, :ttr, :checks, '', 'tcg', :at, 40.0)"),
+                    {"v": version_id, "ttr": ttr, "checks": checks[kind], "at": AT},
+                )  # fmt: skip
+        with open_store(store_url) as store:
+            boots = store.boots_in_window(AT, AT.replace(year=2027))
+            assert [(b.version_ref, b.outcome, b.time_to_ready, b.target) for b in boots] == [
+                ("web@1", "ready", 12.4, "boot-test"),
+                ("web@1", "failed", 30.0, "boot-test"),
+                ("web@1", "timeout", None, "boot-test"),
+                ("web@1", "failed", 5.0, "boot-test"),  # no checks is no evidence: not a good boot
+                ("web@2", "ready", 7.0, "boot-test"),
+            ]
+            assert all(b.stopped_at == b.ended_at == AT + timedelta(seconds=40) for b in boots)
+            web1 = next(t for t in store.boot_totals() if t.version_id == 1)
+            assert (web1.ready, web1.failed, web1.timeout, dict(web1.ttr_seconds)) == (1, 2, 1, {13: 1})
+            assert store.running_targets() == []
+        run_alembic(engine, "downgrade", "0008")
+        assert {"boots", "boot_totals"}.isdisjoint(sa.inspect(engine).get_table_names())
     finally:
         engine.dispose()

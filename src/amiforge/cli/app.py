@@ -155,6 +155,17 @@ COMMANDS: dict[str, Entry] = {
         "Local fleets: sets of long-running QEMU guests booted from one version (they outlive the command).",
     ),
     "rollout": Entry("amiforge.cli.rollout_cmd", "app", "Canary waves with SLO gates and automatic rollback."),
+    "serve": Entry(
+        "amiforge.cli.serve_cmd",
+        "serve_command",
+        "Serve Prometheus metrics (/metrics) and /healthz on 127.0.0.1:9464, reading the fleets every 15 s.",
+    ),
+    "metrics": Entry(
+        "amiforge.cli.metrics_cmd",
+        "metrics_command",
+        "M1–M6 per version and target (boot success, time to ready, replacements, agent coverage, open CVEs, "
+        "rollback rate) with each SLO's error budget left.",
+    ),
 }
 
 

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from amiforge.errors import GateFailed, GateFailure, InfraError, NotFound
 from amiforge.lifecycle.runs import run_context
+from amiforge.lifecycle.telemetry import record_boot_test
 from amiforge.model import BootReport, ImageVersion, Leftover, Status, require_status
 from amiforge.providers import provider_for
 from amiforge.providers.interface import PhaseUpdate
@@ -102,6 +103,7 @@ def boot_test(
         run_id = ctx.run_id
     leftovers = tuple(ctx.cleanup.leftovers)
     report = store.add_boot_report(version.id, report)
+    record_boot_test(store, version.id, report, run_id)
     failed = [c for c in report.checks if not c.passed]
     logger.info(
         "boot test %s: %s (time to ready %s, accel %s); failed checks: %s",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.telemetry import measure
 from amiforge.lifecycle.views import version_named
 from amiforge.model import ImageVersion, Status, require_status
 from amiforge.providers import provider_for
@@ -97,6 +99,7 @@ def create_fleet(
         ref=version.ref,
         data={"fleet": name, "members": [d.member.id for d in fleet.members], "not_ready": [m.id for m in not_ready]},
     )
+    measure(store, settings, f"{KEEPER}:{name}")
     return FleetCreated(fleet, version, not_ready)
 
 
@@ -114,7 +117,10 @@ def destroy_fleet(name: str, *, store: Store, settings: Settings) -> FleetDestro
     """Stop every guest of the fleet and remove it; recorded when there was a fleet to destroy. Safe to repeat."""
     keeper = _keeper(settings)
     existed = name in keeper.fleet_names()
+    if existed:
+        measure(store, settings, f"{KEEPER}:{name}")  # its last heartbeats and replacements, before they are gone
     stopped = keeper.destroy_fleet(name)
+    store.stop_boots(f"{KEEPER}:{name}", keep=(), at=datetime.now(UTC))
     if existed:
         store.append_event("fleet.destroyed", actor=settings.actor, data={"fleet": name, "stopped": stopped})
     return FleetDestroyed(name, existed, stopped)

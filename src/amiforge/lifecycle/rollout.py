@@ -39,6 +39,7 @@ from amiforge.lifecycle.controller import (
 )
 from amiforge.lifecycle.refresh import drive_refresh
 from amiforge.lifecycle.release import releasable
+from amiforge.lifecycle.telemetry import measure
 from amiforge.model import (
     Artifact,
     ImageVersion,
@@ -136,6 +137,14 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
 
 
 def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
+    target = store.get_rollout(rollout_id).target
+    try:
+        return _drive(rollout_id, store=store, settings=settings, controls=controls)
+    finally:  # however it ended (rolled back, paused, interrupted): the boots it caused are recorded
+        measure(store, settings, target)
+
+
+def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls) -> RolloutOutcome:
     rollout = store.get_rollout(rollout_id)
     version = store.get_version(rollout.version_ref)
     fleet, provider, region = fleet_of(rollout.target, settings)
@@ -174,6 +183,7 @@ def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contro
         action = "continue" if decision.passed else "rollback"
         logger.info("rollout #%d wave %d: %s %s", rollout.id, index + 1, action, _numbers(decision))
         store.add_decision(rollout.id, index, passed=decision.passed, action=action, numbers=decision.as_dict())
+        measure(store, settings, rollout.target)
         store.append_event(
             "rollout.wave",
             actor=settings.actor,

@@ -44,6 +44,7 @@ from amiforge.policy.fields import (
     soak_of,
 )
 from amiforge.policy.severity import SeveritySource
+from amiforge.policy.slos import ImageSlos
 from amiforge.yamlfile import (
     NonEmptyStr,
     YamlKind,
@@ -208,6 +209,11 @@ class Policy(BaseModel):
         default="debian",
         description="which rating a CVE's severity is: debian (Debian's urgency when assigned, else the scanner's, "
         "else CVSS), cvss (CVSS first), or max (the most severe)",
+    )
+    slos: Annotated[ImageSlos, BeforeValidator(_none_is_defaults)] = Field(
+        default=ImageSlos(),
+        description="service level objectives of images in their fleets: default and per image (boot success, "
+        "time to ready, heartbeat freshness, window)",
     )
 
     # Not part of the schema: the file it was read from, for messages.
@@ -388,7 +394,7 @@ def parse_policy(text: str, path: Path) -> Policy:
     """Validate policy YAML `text` as if read from `path`."""
     start = f"start from {_EXAMPLE}; at least 'channels:' is required"
     node, data, problems = parse_mapping(
-        text, path, _KIND, top_keys="channels:, waivers:, severity_source:", empty_fix=start, mapping_fix=start
+        text, path, _KIND, top_keys="channels:, waivers:, severity_source:, slos:", empty_fix=start, mapping_fix=start
     )
     file = str(path)
     problems += [

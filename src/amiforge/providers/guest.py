@@ -38,6 +38,9 @@ READY_LINE_RE = re.compile(READY_RE.pattern + r"[ \t]*\r?\n")
 # The readiness unit also records its line here (a tmpfs: this boot's only), for a host whose console view may have
 # lost it (EC2 keeps the last 64 KB; older instance types publish it only around state changes).
 READY_FILE = "/run/amiforge-ready"
+# amiforge-heartbeat.service prints this every 60 s once the machine is ready, for as long as it runs (M4).
+HEARTBEAT_RE = re.compile(r"AMIFORGE-HEARTBEAT (\d+(?:\.\d+)?)[ \t]*$")
+HEARTBEAT_EVERY = 60.0
 RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
 DONE_MARK = "AMIFORGE-CHECKS-DONE"
 COMMAND_TIMEOUT = 30

@@ -14,11 +14,15 @@ from amiforge.model import (
     AdvisoryHead,
     AdvisoryRange,
     Artifact,
+    BootObservation,
+    BootRecord,
     BootReport,
+    BootTotals,
     ChannelPointer,
     CvssScore,
     DebianVerdict,
     Event,
+    Finding,
     ImageVersion,
     LayerRecord,
     Operation,
@@ -61,6 +65,10 @@ class Store(Protocol):
     def version_states(self, refs: Collection[str]) -> dict[str, tuple[int, Status]]:
         """(id, status) of the versions these NAME@N refs name, in one read; a ref naming no version (or not NAME@N)
         is absent from the result."""
+        ...
+
+    def version_heads(self, version_ids: Collection[int]) -> dict[int, tuple[str, int, str | None]]:
+        """(name, number, digest) of each of these versions, in one read; ids naming no version are absent."""
         ...
 
     def list_versions(
@@ -151,6 +159,14 @@ class Store(Protocol):
 
     def latest_scan(self, version_id: int) -> ScanRecord | None: ...
 
+    def latest_scan_ids(self, version_ids: Collection[int]) -> dict[int, int]:
+        """The id of each version's latest scan; versions never scanned are absent."""
+        ...
+
+    def scan_findings(self, scan_id: int) -> tuple[Finding, ...]:
+        """The findings of one scan (immutable: safe to keep by its id)."""
+        ...
+
     def import_advisories(
         self,
         source: str,
@@ -236,6 +252,10 @@ class Store(Protocol):
 
     def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]: ...
 
+    def rollout_tally(self) -> list[tuple[str, str, str, int]]:
+        """(image, target, state, count) of every rollout ever started."""
+        ...
+
     def update_rollout(
         self,
         rollout_id: int,
@@ -278,3 +298,41 @@ class Store(Protocol):
     def channels(self, name: str | None = None, channel: str | None = None) -> list[ChannelPointer]: ...
 
     def channel_entries(self, version_id: int) -> dict[str, datetime]: ...
+
+    # telemetry (store/telemetry.py)
+
+    def record_boots(self, target: str, observations: Sequence[BootObservation]) -> int:
+        """Record what is known now of these boots on `target` (only what moves each forward: an outcome, a stop,
+        a replacement set once; a later heartbeat), with their totals, in one transaction; how many changed."""
+        ...
+
+    def stop_boots(self, target: str, *, keep: Collection[str], at: datetime) -> list[str]:
+        """Mark the boots on `target` still running, but for the instances in `keep`, as stopped at `at`."""
+        ...
+
+    def running_targets(self) -> list[str]:
+        """Targets with a boot not known to have stopped."""
+        ...
+
+    def boots_in_window(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        version_ids: Collection[int] | None = None,
+        targets: Collection[str] | None = None,
+    ) -> list[BootRecord]:
+        """Boots alive at some time in [start, end), oldest launch first."""
+        ...
+
+    def boot_totals(self, version_ids: Iterable[int] | None = None) -> list[BootTotals]:
+        """Every (version, target)'s totals since the registry began (or only these versions')."""
+        ...
+
+    def running_boots(self) -> list[BootRecord]:
+        """Every boot not known to have stopped."""
+        ...
+
+    def versions_with_boots(self) -> list[tuple[int, str, int]]:
+        """(id, image name, number) of every version that has booted anywhere."""
+        ...

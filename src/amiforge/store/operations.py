@@ -121,6 +121,18 @@ class Operations(StoreCore):
             where = where & (rollouts_table.c.version_id == version_id)
         return self._rollout_rows(where)
 
+    def rollout_tally(self) -> list[tuple[str, str, str, int]]:
+        """(image, target, state, how many rollouts) for every rollout ever started, in one grouped read."""
+        r, v = rollouts_table, versions_table
+        query = (
+            sa.select(v.c.name, r.c.target, r.c.state, sa.func.count())
+            .join(v, v.c.id == r.c.version_id)
+            .group_by(v.c.name, r.c.target, r.c.state)
+            .order_by(v.c.name, r.c.target, r.c.state)
+        )
+        with self._guard("count rollouts"), self._read() as conn:
+            return [(str(n), str(t), str(s), int(c)) for n, t, s, c in conn.execute(query)]
+
     def _rollout_rows(self, where: sa.ColumnElement[bool]) -> list[Rollout]:
         query = (
             sa.select(rollouts_table, versions_table.c.name, versions_table.c.number)

@@ -477,3 +477,46 @@ revoked_ancestors_table = sa.Table(
     sa.Column("ancestor_id", sa.Integer, sa.ForeignKey("versions.id", name="fk_revoked_ancestors_ancestor"),
               primary_key=True),
 )  # fmt: skip
+
+
+# --- telemetry (migration 0009) ---------------------------------------------------------------------------------
+
+# One row per boot of a version on a target (a boot test, a fleet member, an instance): what M1-M4 are computed
+# from over a window. A row only moves forward (outcome, stop and replacement set once; heartbeats advance).
+boots_table = sa.Table(
+    "boots",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    _version_fk("boots"),
+    sa.Column("target", sa.String(200), nullable=False),  # boot-test | local:NAME | aws:REGION/GROUP
+    sa.Column("instance", sa.String(128), nullable=False),
+    sa.Column("launched_at", UtcDateTime, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=True),  # ready | failed | timeout; NULL: still booting
+    sa.Column("time_to_ready", sa.Float, nullable=True),
+    sa.Column("ended_at", UtcDateTime, nullable=True),
+    sa.Column("stopped_at", UtcDateTime, nullable=True),
+    sa.Column("replaced", sa.Boolean, nullable=False),
+    sa.Column("last_heartbeat_at", UtcDateTime, nullable=True),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.UniqueConstraint("target", "instance", name="uq_boots_target_instance"),
+    sa.Index("ix_boots_version_launched", "version_id", "launched_at"),
+    sa.Index("ix_boots_stopped", "stopped_at"),  # a window's boots: those still running and those stopped in it
+    # Boots still running (NULL stopped_at): what each collection reconciles, and M4's denominator.
+    sa.Index("ix_boots_running", "target", sqlite_where=sa.text("stopped_at IS NULL"),
+             postgresql_where=sa.text("stopped_at IS NULL")),
+)  # fmt: skip
+
+# Every boot of a version on a target since the registry began, kept as counters (what Prometheus scrapes, without
+# reading a million boots): outcomes, replacements, and times to ready per whole second (ceil -> count, JSON).
+boot_totals_table = sa.Table(
+    "boot_totals",
+    metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", name="fk_boot_totals_version"), primary_key=True),
+    sa.Column("target", sa.String(200), primary_key=True),
+    sa.Column("ready", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("timeout", sa.Integer, nullable=False),
+    sa.Column("replaced", sa.Integer, nullable=False),
+    sa.Column("ttr_sum", sa.Float, nullable=False),
+    sa.Column("ttr_seconds", sa.JSON, nullable=False),
+)  # fmt: skip

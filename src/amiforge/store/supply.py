@@ -35,6 +35,7 @@ from amiforge.model import (
     VulnDbSource,
 )
 from amiforge.store.base import StoreCore, inserted_id
+from amiforge.store.boundary import RESTORE
 from amiforge.store.events import append_in
 from amiforge.store.rows import row_mapper
 from amiforge.store.schema import (
@@ -125,6 +126,10 @@ def _finding(d: Mapping[str, Any]) -> Finding:
     )
 
 
+def _findings(value: Iterable[Mapping[str, Any]]) -> tuple[Finding, ...]:
+    return tuple(_finding(f) for f in value)
+
+
 def _head_row(head: AdvisoryHead) -> dict[str, Any]:
     return {"title": head.title, "identifiers": list(head.identifiers), "severity": head.severity.value,
             "withdrawn": head.withdrawn}  # fmt: skip
@@ -149,7 +154,7 @@ scan_from_row = row_mapper(
     ScanRecord,
     "scans",
     packages=lambda value: tuple(Package(*p) for p in value),
-    findings=lambda value: tuple(_finding(f) for f in value),
+    findings=lambda value: _findings(value),
     changelogs=_changelogs,
     vulndb_as_of=_as_of,
 )
@@ -209,6 +214,34 @@ class SupplyChain(StoreCore):
         with self._guard(f"read the scan of version {version_id}"), self._read() as conn:
             row = conn.execute(query).mappings().one_or_none()
             return None if row is None else scan_from_row(row)
+
+    def latest_scan_ids(self, version_ids: Collection[int]) -> dict[int, int]:
+        """The id of each version's latest scan (versions never scanned are absent), in one read."""
+        s = scans_table
+        found: dict[int, int] = {}
+        ids = list(version_ids)
+        with self._guard("read the latest scans' ids"), self._read() as conn:
+            for start in range(0, len(ids), 500):
+                query = (
+                    sa.select(s.c.version_id, sa.func.max(s.c.id))
+                    .where(s.c.version_id.in_(ids[start : start + 500]))
+                    .group_by(s.c.version_id)
+                )
+                found.update({int(v): int(i) for v, i in conn.execute(query)})
+        return found
+
+    def scan_findings(self, scan_id: int) -> tuple[Finding, ...]:
+        """The findings of one scan (a scan never changes: a reader may keep them by its id)."""
+        with self._guard(f"read the findings of scan {scan_id}"), self._read() as conn:
+            value = conn.execute(sa.select(scans_table.c.findings).where(scans_table.c.id == scan_id)).scalar()
+        if value is None:
+            raise NotFound(f"no scan {scan_id}")
+        try:
+            return _findings(value)
+        except (KeyError, ValueError, TypeError) as e:
+            raise InfraError(
+                f"the registry's scans row id={scan_id} is damaged: {type(e).__name__}: {e}", fix=RESTORE
+            ) from e
 
     # the vulnerability database
 

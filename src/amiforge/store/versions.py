@@ -238,6 +238,17 @@ class Versions(StoreCore):
             )
         return found[0]
 
+    def version_heads(self, version_ids: Collection[int]) -> dict[int, tuple[str, int, str | None]]:
+        """(name, number, digest) of each of these versions, in one read; ids naming no version are absent."""
+        v = versions_table
+        ids = sorted(set(version_ids))
+        found: dict[int, tuple[str, int, str | None]] = {}
+        with self._guard("read versions' names"), self._read() as conn:
+            for start in range(0, len(ids), 500):
+                query = sa.select(v.c.id, v.c.name, v.c.number, v.c.digest).where(v.c.id.in_(ids[start : start + 500]))
+                found.update({int(i): (str(n), int(num), d) for i, n, num, d in conn.execute(query)})
+        return found
+
     def version_states(self, refs: Collection[str]) -> dict[str, tuple[int, Status]]:
         """(id, status) of the versions these `NAME@N` refs name, in one read however many there are. A ref that names
         no version, or is not NAME@N, is absent from the result."""

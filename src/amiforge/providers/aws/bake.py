@@ -72,6 +72,7 @@ _READY_FILES = (
     ("ready", "/usr/local/lib/amiforge/ready", 0o755),
     ("amiforge-ready.service", "/etc/systemd/system/amiforge-ready.service", 0o644),
     ("amiforge-ready-repeat.service", "/etc/systemd/system/amiforge-ready-repeat.service", 0o644),
+    ("amiforge-heartbeat.service", "/etc/systemd/system/amiforge-heartbeat.service", 0o644),
 )
 
 

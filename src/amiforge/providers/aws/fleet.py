@@ -322,7 +322,8 @@ class AsgFleet:
                 out[(instance.id, "ready")] = BootSignal(instance.id, "ready", at, ref, uptime)
             if FAILED_TAG in tags:
                 at = parse_time(tags.get(FAILED_AT_TAG)) or instance.launched_at
-                out[(instance.id, "failed")] = BootSignal(instance.id, "failed", at, ref, None, tags[FAILED_TAG])
+                why = tags[FAILED_TAG]
+                out[(instance.id, "failed")] = BootSignal(instance.id, "failed", at, ref, None, why, _timed_out(why))
             old = tags.get(REPLACES_TAG)
             # The old member's own replaced-by tag and this replaces tag describe one event; the old one's wins.
             if old and (old, "replaced") not in out:
@@ -764,3 +765,8 @@ class AsgFleet:
 
     def _stamp(self) -> str:
         return self._now().astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _timed_out(failure: str) -> bool:
+    """Whether a failure `_judge` recorded was readiness not coming in time (M1 counts it as a timeout)."""
+    return failure.startswith(("no AMIFORGE-READY", "ready after"))

@@ -25,7 +25,12 @@ BASE_FORMAT = 1
 BASE_PACKAGES = ("linux-image-cloud-amd64", "systemd-sysv", "udev", "kmod", "ca-certificates")
 
 # The systemd units amiforge bakes in (installed, not all enabled: amiforge-ready.service pulls in its repeat).
-GUEST_UNITS = ("amiforge-ready.service", "amiforge-ready-repeat.service", "amiforge-ssh-keygen.service")
+GUEST_UNITS = (
+    "amiforge-ready.service",
+    "amiforge-ready-repeat.service",
+    "amiforge-heartbeat.service",
+    "amiforge-ssh-keygen.service",
+)
 GUEST_FILES = (*GUEST_UNITS, "ready", "init")
 
 # The local guest network (QEMU user networking, restrict=on) is IPv4 only. Asking for DHCPv6 or an IPv6

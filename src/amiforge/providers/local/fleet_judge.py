@@ -33,6 +33,7 @@ class Outcome:
     state: Literal["ready", "failed"]
     detail: str
     at: datetime
+    timed_out: bool = False  # failed because READY never came within the limit
 
 
 def outcome_of(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon: datetime) -> Outcome | None:
@@ -43,11 +44,11 @@ def outcome_of(rec: MemberFile, lines: Sequence[str], ttr: float | None, horizon
     if ttr is None:
         limit = launched + timedelta(seconds=rec.ready_within + READY_SLACK)
         if horizon >= limit:
-            return Outcome("failed", f"not ready within {rec.ready_within:.0f}s", limit)
+            return Outcome("failed", f"not ready within {rec.ready_within:.0f}s", limit, timed_out=True)
         return None
     ready_at = launched + timedelta(seconds=ttr)
     if ttr > rec.ready_within:
-        return Outcome("failed", f"ready only after {ttr:.1f}s (limit {rec.ready_within:.0f}s)", ready_at)
+        return Outcome("failed", f"ready only after {ttr:.1f}s (limit {rec.ready_within:.0f}s)", ready_at, True)
     # The checks report after the first print, whole or not (the copies come once they are done).
     after = next(i for i, line in enumerate(lines) if in_guest.READY_RE.search(line))
     if not any(in_guest.DONE_MARK in line for line in lines[after:]):
@@ -67,6 +68,15 @@ def ready_uptime(lines: Sequence[str]) -> float | None:
     port directly: `AMIFORGE-READY 1[   13.0] ...` of 12.50) is not one, and the next copy stands in for it."""
     for line in lines:
         m = in_guest.READY_LINE_RE.search(line + "\n")
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def last_heartbeat(lines: Sequence[str]) -> float | None:
+    """The uptime on the last whole heartbeat line (amiforge-heartbeat.service), or None if none was heard."""
+    for line in reversed(lines):
+        m = in_guest.HEARTBEAT_RE.search(line)
         if m:
             return float(m.group(1))
     return None
@@ -93,11 +103,14 @@ def assess(
     horizon = min(t for t in (now, rec.stopped_at, gone_at) if t is not None)
     outcome = outcome_of(rec, lines, ttr, horizon)
     if outcome is not None:
-        signals.append(BootSignal(rec.id, outcome.state, outcome.at, ref, ttr, outcome.detail))
+        signals.append(BootSignal(rec.id, outcome.state, outcome.at, ref, ttr, outcome.detail, outcome.timed_out))
     crashed = gone_at is not None and (rec.stopped_at is None or gone_at < rec.stopped_at)
     if crashed and gone_at is not None and (outcome is None or outcome.state == "ready"):
         signals.append(BootSignal(rec.id, "failed", gone_at, ref, ttr, exit_detail))
         outcome = Outcome("failed", exit_detail, gone_at)
+    beat = last_heartbeat(lines)
+    if beat is not None:
+        signals.append(BootSignal(rec.id, "heartbeat", rec.launched_at + timedelta(seconds=beat), ref, ttr))
     state: MemberState
     if rec.stopped_at is not None:
         state, detail = "stopped", rec.stop_reason + ("; QEMU is still running" if running else "")

@@ -1,0 +1,148 @@
+"""Telemetry, the recording half: every boot of a version on a target, read from where it happened.
+
+- A boot test records its boot itself (`record_boot_test`, target `boot-test`).
+- Fleets are read by `collect`: each member's signals (`Fleet.signals`: launch, ready or failed, replaced, its
+  latest heartbeat) and whether it still runs (`Fleet.current`) become observations the store moves forward
+  (store/telemetry.py), so reading a fleet again, or from two processes, never counts a boot twice. Fleet
+  creation, rollouts and `amiforge metrics` collect the targets they touch; `amiforge serve` collects on a timer.
+
+Collecting is measurement, not an operator's action: it records boots, not events in the audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from amiforge.errors import AmiforgeError, NotFound
+from amiforge.lifecycle.controller import canonical_target, fleet_of
+from amiforge.model import BOOT_TEST_TARGET, BootObservation, BootOutcome, BootReport, BootSignal, Member
+from amiforge.providers import provider_for
+from amiforge.providers.interface import FleetKeeper
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def boot_test_outcome(report: BootReport) -> BootOutcome:
+    """A boot test's boot: ready when the marker came and every check passed, timeout when the marker never came."""
+    if report.time_to_ready is None:
+        return "timeout"
+    return "ready" if report.passed else "failed"
+
+
+def record_boot_test(store: Store, version_id: int, report: BootReport, run_id: str) -> None:
+    ended = report.started_at + timedelta(seconds=report.duration)
+    failed = [c.name for c in report.checks if not c.passed]
+    observation = BootObservation(
+        instance=run_id,
+        version_id=version_id,
+        launched_at=report.started_at,
+        outcome=boot_test_outcome(report),
+        time_to_ready=report.time_to_ready,
+        ended_at=ended,
+        stopped_at=ended,
+        detail="failed checks: " + ", ".join(failed) if failed else "",
+    )
+    store.record_boots(BOOT_TEST_TARGET, [observation])
+
+
+@dataclass(frozen=True)
+class TargetCollected:
+    target: str
+    members: int
+    changed: int  # boots recorded or moved forward
+    stopped: tuple[str, ...]  # boots found gone (their fleet or machine no longer exists)
+    error: str | None = None  # why the target could not be read (its boots are left as they were)
+
+
+def known_targets(store: Store, settings: Settings) -> list[str]:
+    """Every target worth reading: this machine's local fleets, targets with boots still running, and targets
+    that rollouts went to."""
+    found: set[str] = set(store.running_targets()) - {BOOT_TEST_TARGET}
+    keeper = provider_for("local", settings)
+    if isinstance(keeper, FleetKeeper):
+        found |= {f"local:{name}" for name in keeper.fleet_names()}
+    found |= {canonical_target(r.target) for r in store.rollouts()}
+    return sorted(found)
+
+
+def collect(
+    store: Store, settings: Settings, targets: Iterable[str] | None = None, *, now: datetime | None = None
+) -> list[TargetCollected]:
+    """Read each target's members and record their boots. A target that cannot be read is reported, not raised:
+    the others are still read."""
+    chosen = known_targets(store, settings) if targets is None else sorted({canonical_target(t) for t in targets})
+    return [collect_target(store, settings, target, now=now) for target in chosen]
+
+
+def collect_target(store: Store, settings: Settings, target: str, *, now: datetime | None = None) -> TargetCollected:
+    target = canonical_target(target)
+    try:
+        fleet, _, _ = fleet_of(target, settings)
+        signals = fleet.signals(EPOCH)
+        members = fleet.current()
+    except NotFound:  # the fleet is gone (destroyed): so is every machine of it
+        stopped = store.stop_boots(target, keep=(), at=now or datetime.now(UTC))
+        return TargetCollected(target, 0, 0, tuple(stopped))
+    except AmiforgeError as e:
+        logger.warning("telemetry: cannot read %s: %s", target, e.message)
+        return TargetCollected(target, 0, 0, (), e.message)
+    at = now or datetime.now(UTC)
+    observations = observations_of(members, signals, store, at)
+    changed = store.record_boots(target, observations)
+    stopped = store.stop_boots(target, keep={m.id for m in members if m.state != "stopped"}, at=at)
+    return TargetCollected(target, len(members), changed, tuple(stopped))
+
+
+def observations_of(
+    members: Sequence[Member], signals: Sequence[BootSignal], store: Store, now: datetime
+) -> list[BootObservation]:
+    """One observation per member launched from a version the registry knows (others are not amiforge's)."""
+    by_member: dict[str, list[BootSignal]] = {}
+    for signal in signals:
+        by_member.setdefault(signal.member, []).append(signal)
+    refs = {m.version_ref for m in members if m.version_ref} | {s.version_ref for s in signals if s.version_ref}
+    ids = {ref: vid for ref, (vid, _) in store.version_states(refs).items()}
+    found: list[BootObservation] = []
+    for member in members:
+        version_id = ids.get(member.version_ref or "")
+        if version_id is None:
+            continue
+        own = sorted(by_member.get(member.id, []), key=lambda s: s.at)
+        decided = next((s for s in own if s.kind in ("ready", "failed")), None)
+        replaced = next((s for s in own if s.kind == "replaced"), None)
+        beats = [s.at for s in own if s.kind == "heartbeat"]
+        outcome: BootOutcome | None = None
+        if decided is not None:
+            outcome = "ready" if decided.kind == "ready" else "timeout" if decided.timed_out else "failed"
+        stopped_at = replaced.at if replaced is not None else now if member.state == "stopped" else None
+        found.append(
+            BootObservation(
+                instance=member.id,
+                version_id=version_id,
+                launched_at=member.launched_at,
+                outcome=outcome,
+                time_to_ready=decided.time_to_ready if decided is not None else None,
+                ended_at=decided.at if decided is not None else None,
+                stopped_at=stopped_at,
+                replaced=replaced is not None,
+                last_heartbeat_at=max(beats) if beats else None,
+                detail=decided.detail if decided is not None else member.detail,
+            )
+        )
+    return found
+
+
+def measure(store: Store, settings: Settings, target: str) -> None:
+    """Collect `target` after an operation changed it (a fleet made, a rollout wave): measurement never fails the
+    operation it follows; what went wrong is logged, and the next collection reads the target again."""
+    try:
+        collect_target(store, settings, target)
+    except Exception as e:  # a provider bug or a database hiccup must not turn a finished rollout into a failure
+        logger.warning("telemetry: could not record the boots on %s: %s: %s", target, type(e).__name__, e)

@@ -1,0 +1,215 @@
+"""`/metrics` and `/healthz` (amiforge serve): the metric families of the public contract with the values the registry
+holds, histogram buckets at every SLO threshold, bounded cardinality, vulnerability counts kept per scan, the
+exposition accepted by the real `promtool check metrics`, and the server's refusals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from amiforge.errors import ConfigError
+from amiforge.lifecycle.exporter import TelemetryCollector, bucket_label, histogram_buckets
+from amiforge.model import BootObservation, Finding, FindingKind, ScanRecord, Severity, Status
+from amiforge.policy.document import Policy, default_policy, parse_policy
+from amiforge.scanners.sbom import sbom_digest
+from amiforge.settings import Settings
+from amiforge.store.sql import SqlStore, open_store
+from amiforge.strategy import Strategy
+from amiforge.web.server import App, Listen, parse_listen, serve
+from tests.conftest import required_or_skip
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    with open_store(f"sqlite:///{tmp_path}/r.db") as s:
+        yield s
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Policy:
+    return parse_policy(
+        "channels: {dev: {require_signature: false}}\nslos:\n  images:\n    web: {time_to_ready: {under: 42s}}\n",
+        tmp_path / "policy.yaml",
+    )
+
+
+def _version(store: SqlStore, name: str = "web") -> int:
+    return store.create_version(
+        name=name, recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={}, parent=None
+    ).id
+
+
+def _scrape(store: SqlStore, policy: Policy) -> str:
+    app = App(store, policy)
+    status: list[str] = []
+
+    def start_response(code: str, _headers: list[tuple[str, str]], _exc: object = None) -> Callable[[bytes], object]:
+        status.append(code)
+        return lambda _data: None
+
+    body = b"".join(app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET"}, start_response))
+    assert status == ["200 OK"]
+    return body.decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _get(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Policy) -> None:
+    v1, v2 = _version(store), _version(store)
+    launched = NOW - timedelta(minutes=10)
+    boots = [BootObservation(f"g-{i}", v2, launched, "ready", t, launched + timedelta(seconds=t),
+                             last_heartbeat_at=NOW - timedelta(seconds=20 if i else 600))
+             for i, t in enumerate([12.0, 41.5, 42.0, 50.0])]  # fmt: skip
+    boots += [
+        BootObservation("g-t", v2, launched, "timeout", ended_at=launched + timedelta(seconds=300)),
+        BootObservation("g-old", v1, launched, "ready", 9.0, launched, launched + timedelta(minutes=5), True),
+    ]
+    store.record_boots("local:web", boots)
+    store.record_boots("boot-test", [BootObservation("run-1", v2, launched, "failed", 30.0, launched, launched)])
+    store.add_scan(v2, ScanRecord(NOW, (), "{}", sbom_digest("{}"), (
+        Finding(FindingKind.CVE, "TEST-0001", Severity.CRITICAL, "t", "osv", package="p"),
+        Finding(FindingKind.CVE, "TEST-0002", Severity.LOW, "t", "osv", package="p"),
+    ), "TEST"))  # fmt: skip
+    store.transition(v2, Status.BUILT, expect=Status.BAKING, digest="d" * 64, size_bytes=1)
+    store.move_channel("web", "dev", v2, expect_current=None, actor="t", reason="test")
+    rollout = store.create_rollout("local:web", v2, strategy=Strategy().model_dump(mode="json"), waves=[1], actor="t")
+    s = _samples(_scrape(store, policy))
+    web2 = {"image": "web", "version": "web@2", "target": "local:web"}
+    assert _get(s, "amiforge_boot_attempts_total", **web2, outcome="ready") == 4
+    assert _get(s, "amiforge_boot_attempts_total", **web2, outcome="timeout") == 1
+    assert _get(s, "amiforge_boot_attempts_total", **web2, outcome="failed") == 0
+    assert _get(s, "amiforge_boot_attempts_total", image="web", version="web@2", target="boot-test",
+                outcome="failed") == 1  # fmt: skip
+    # The policy's threshold (42 s) is a bucket, exact: 41.5 and 42.0 are within it, 50 is not.
+    assert _get(s, "amiforge_time_to_ready_seconds_bucket", **web2, le="42.0") == 3
+    assert _get(s, "amiforge_time_to_ready_seconds_bucket", **web2, le="30.0") == 1
+    assert _get(s, "amiforge_time_to_ready_seconds_bucket", **web2, le="+Inf") == 4
+    assert _get(s, "amiforge_time_to_ready_seconds_count", **web2) == 4
+    assert _get(s, "amiforge_time_to_ready_seconds_sum", **web2) == pytest.approx(145.5)
+    assert _get(s, "amiforge_replacements_total", image="web", version="web@1", target="local:web") == 1
+    assert _get(s, "amiforge_instances", **web2) == 4  # ready and running; the timed-out one is not running
+    assert _get(s, "amiforge_heartbeat_instances", **web2) == 3  # one heartbeat is 10 minutes old
+    assert _get(s, "amiforge_vulnerabilities", image="web", version="web@2", severity="critical") == 1
+    assert _get(s, "amiforge_vulnerabilities", image="web", version="web@2", severity="high") == 0
+    assert _get(s, "amiforge_rollout_in_progress", image="web", target="local:web") == 1
+    assert _get(s, "amiforge_rollouts_total", image="web", target="local:web", outcome="succeeded") == 0
+    assert _get(s, "amiforge_version_info", image="web", version="web@2", digest="d" * 64, channel="dev") == 1
+    store.update_rollout(rollout.id, expect="running", state="failed")
+    s = _samples(_scrape(store, policy))
+    assert _get(s, "amiforge_rollouts_total", image="web", target="local:web", outcome="rolled_back") == 1
+    assert _get(s, "amiforge_rollout_in_progress", image="web", target="local:web") == 0
+
+
+def test_only_versions_in_use_or_recent_are_exported(store: SqlStore, policy: Policy) -> None:
+    ids = [_version(store) for _ in range(8)]
+    for vid in ids:  # every version booted once, long ago, and stopped
+        store.record_boots("boot-test", [BootObservation(f"run-{vid}", vid, NOW, "ready", 5.0, NOW, NOW)])
+    store.record_boots("local:web", [BootObservation("g-1", ids[0], NOW, "ready", 5.0, NOW)])  # web@1 still runs
+    versions = {dict(labels)["version"] for (name, labels) in _samples(_scrape(store, policy))
+                if name == "amiforge_boot_attempts_total"}  # fmt: skip
+    assert versions == {"web@1", "web@4", "web@5", "web@6", "web@7", "web@8"}  # running, and the newest five
+
+
+def test_vulnerability_counts_are_read_once_per_scan(store: SqlStore, policy: Policy,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    v = _version(store)
+    store.record_boots("boot-test", [BootObservation("run-1", v, NOW, "ready", 5.0, NOW, NOW)])
+    store.add_scan(v, ScanRecord(NOW, (), "{}", sbom_digest("{}"), (), "TEST"))
+    collector = TelemetryCollector(store, policy)
+    reads: list[int] = []
+    real = store.scan_findings
+
+    def counted(scan_id: int) -> tuple[Finding, ...]:
+        reads.append(scan_id)
+        return real(scan_id)
+
+    monkeypatch.setattr(store, "scan_findings", counted)
+    for _ in range(3):
+        list(collector.collect())
+    assert len(reads) == 1
+    store.add_scan(v, ScanRecord(NOW, (), "{}", sbom_digest("{}"), (), "TEST"))  # a rescan: a new scan id
+    list(collector.collect())
+    assert len(reads) == 2 and len(collector._vulns.counts) == 1  # the old scan's counts are dropped
+
+
+def test_buckets_are_whole_seconds_including_every_threshold(policy: Policy) -> None:
+    buckets = histogram_buckets(policy)
+    assert 42.0 in buckets and 120.0 in buckets and all(b == int(b) for b in buckets)
+    assert histogram_buckets(default_policy()) == tuple(sorted(set(buckets) - {42.0}))
+    assert bucket_label(120.0) == "120.0"
+
+
+def test_promtool_accepts_the_exposition(store: SqlStore, policy: Policy) -> None:
+    promtool = shutil.which("promtool")
+    required_or_skip(
+        promtool is not None, "promtool is missing", "scripts/bootstrap.sh --test (apt-get install prometheus)"
+    )
+    assert promtool is not None
+    v = _version(store)
+    store.record_boots("local:web", [BootObservation("g-1", v, NOW, "ready", 5.0, NOW, last_heartbeat_at=NOW)])
+    text = _scrape(store, policy)
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    # promtool's lint wants HELP on every family and counters ending _total: any complaint is a finding.
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+def test_the_server_answers_metrics_and_health_and_refuses_the_rest(store: SqlStore, policy: Policy,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    urls: list[str] = []
+    started = threading.Event()
+
+    def ready(url: str) -> None:
+        urls.append(url)
+        started.set()
+
+    settings = Settings(data_dir=tmp_path / "data")
+    thread = threading.Thread(
+        target=serve, args=(Listen("127.0.0.1", 0),),
+        kwargs={"store": store, "settings": settings, "policy": policy, "collect_every": None, "ready": ready},
+        daemon=True,
+    )  # fmt: skip
+    thread.start()
+    assert started.wait(10)
+    base = urls[0]
+    with urllib.request.urlopen(f"{base}/healthz", timeout=10) as reply:
+        assert reply.status == 200 and reply.read() == b'{"status": "ok"}\n'
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert b"# TYPE amiforge_boot_attempts_total counter" in reply.read()
+    for path, method, code in (("/nope", "GET", 404), ("/metrics", "POST", 405)):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(urllib.request.Request(f"{base}{path}", method=method), timeout=10)
+        assert caught.value.code == code
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen("127.0.0.1:9464", allow_remote=False) == Listen("127.0.0.1", 9464)
+    assert parse_listen("[::1]:9464", allow_remote=False).url == "http://[::1]:9464"
+    assert parse_listen("localhost:1", allow_remote=False).host == "localhost"
+    for bad in ("9464", "127.0.0.1:port", "127.0.0.1:70000", ":9464"):
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            parse_listen(bad, allow_remote=False)
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        parse_listen("0.0.0.0:9464", allow_remote=False)
+    assert parse_listen("0.0.0.0:9464", allow_remote=True).host == "0.0.0.0"
