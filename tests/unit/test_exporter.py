@@ -108,7 +108,7 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     assert _get(s, "amiforge_time_to_ready_seconds_count", **web2) == 4
     assert _get(s, "amiforge_time_to_ready_seconds_sum", **web2) == pytest.approx(145.5)
     assert _get(s, "amiforge_replacements_total", image="web", version="web@1", target="local:web") == 1
-    assert _get(s, "amiforge_instances", **web2) == 4  # ready and running; the timed-out one is not running
+    assert _get(s, "amiforge_instances", **web2) == 5  # the timed-out member still runs, without a heartbeat
     assert _get(s, "amiforge_heartbeat_instances", **web2) == 3  # one heartbeat is 10 minutes old
     assert _get(s, "amiforge_vulnerabilities", image="web", version="web@2", severity="critical") == 1
     assert _get(s, "amiforge_vulnerabilities", image="web", version="web@2", severity="high") == 0

@@ -160,6 +160,11 @@ COMMANDS: dict[str, Entry] = {
         "serve_command",
         "Serve Prometheus metrics (/metrics) and /healthz on 127.0.0.1:9464, reading the fleets every 15 s.",
     ),
+    "export": Entry(
+        "amiforge.cli.export_cmd",
+        "app",
+        "Monitoring configuration from the policy's SLOs: Prometheus rules, Alertmanager routing, Grafana dashboards.",
+    ),
     "metrics": Entry(
         "amiforge.cli.metrics_cmd",
         "metrics_command",

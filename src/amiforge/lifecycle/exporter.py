@@ -136,7 +136,9 @@ class TelemetryCollector(Collector):
         self, running: Iterable[BootRecord], refs: Mapping[int, tuple[str, str]], now: datetime
     ) -> Iterator[Metric]:
         instances = GaugeMetricFamily(
-            "amiforge_instances", "Instances of a version running on a target, ready.", labels=VERSION_LABELS
+            "amiforge_instances",
+            "Instances of a version running on a target (booting, ready or failed).",
+            labels=VERSION_LABELS,
         )
         beating = GaugeMetricFamily(
             "amiforge_heartbeat_instances",
@@ -145,7 +147,7 @@ class TelemetryCollector(Collector):
         )
         counts: dict[tuple[int, str], list[int]] = {}
         for b in running:
-            if b.outcome != "ready" or b.target == BOOT_TEST_TARGET or b.version_id not in refs:
+            if b.target == BOOT_TEST_TARGET or b.version_id not in refs:
                 continue
             fresh = now - self.policy.slos.of(refs[b.version_id][0]).heartbeat_within
             pair = counts.setdefault((b.version_id, b.target), [0, 0])

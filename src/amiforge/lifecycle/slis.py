@@ -5,7 +5,7 @@
 | M1 | boot success rate: ready boots / boots decided in the window (a timeout is a failure) | boots |
 | M2 | time to ready p50/p95/p99 of the boots ready in the window | boots |
 | M3 | replacements per 1,000 instance-days: members replaced in the window / their time running in it | boots |
-| M4 | agent coverage: running instances with a heartbeat within `heartbeat_within` / those running | boots |
+| M4 | agent coverage: running instances with a heartbeat within `heartbeat_within` / all running | boots |
 | M5 | open vulnerabilities by severity (the latest scan), and fleet-weighted: × the instances running it | scans |
 | M6 | rollback rate: rollouts rolled back / rollouts ended in the window, per image and target | rollouts |
 
@@ -172,7 +172,8 @@ def target_slis(
             continue  # nothing of it in the display window: its SLO window alone does not make it a row
         times = sorted(b.time_to_ready for b in decided if b.outcome == "ready" and b.time_to_ready is not None)
         fleet = target != BOOT_TEST_TARGET
-        running = [b for b in members if fleet and b.stopped_at is None and b.outcome == "ready"]
+        # Running: every instance still there, ready or not (a failed member that still runs has no heartbeat).
+        running = [b for b in members if fleet and b.stopped_at is None]
         fresh = now - slos.heartbeat_within
         found.append(
             TargetSlis(
