@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,3 +95,89 @@ def web_recipe(tmp_path: Path) -> Path:
     """A private copy of examples/web, so a test may edit it."""
     shutil.copytree(REPO / "examples" / "web", tmp_path / "web")
     return tmp_path / "web" / "recipe.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Monitoring:
+    """`amiforge serve` and a real Prometheus scraping it every second, with the exported rules loaded."""
+
+    serve_url: str
+    prometheus_url: str
+
+    def query(self, expr: str, *, at: float | None = None) -> list[dict[str, Any]]:
+        params = {"query": expr, **({"time": str(at)} if at is not None else {})}
+        return self._api("query", params)
+
+    def query_range(self, expr: str, start: float, end: float, step: int = 5) -> list[dict[str, Any]]:
+        # Steps counted back from `end`, so the newest samples (what changed a moment ago) are evaluated too.
+        first = end - step * ((end - start) // step)
+        return self._api("query_range", {"query": expr, "start": str(first), "end": str(end), "step": str(step)})
+
+    def _api(self, what: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        url = f"{self.prometheus_url}/api/v1/{what}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            body = json.loads(reply.read())
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+def _wait_for(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{what} did not answer {url} within 60 s"
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def monitoring(cli: Cli, tmp_path: Path) -> Iterator[Monitoring]:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is missing: run scripts/bootstrap.sh --test (make test does)")
+    serve_port, prom_port = free_port(), free_port()
+    rules = tmp_path / "amiforge-rules.yml"
+    cli.run("export", "prometheus-rules", "--output", str(rules))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{rules}]\n"
+        "scrape_configs:\n"
+        f"  - job_name: amiforge\n    static_configs: [{{targets: ['127.0.0.1:{serve_port}']}}]\n"
+    )
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "amiforge", "serve", "--listen", f"127.0.0.1:{serve_port}", "--collect-every", "2s"],
+        env=cli.env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    prom = subprocess.Popen(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for(f"http://127.0.0.1:{serve_port}/healthz", serve, "amiforge serve")
+        _wait_for(f"http://127.0.0.1:{prom_port}/-/ready", prom, "prometheus")
+        yield Monitoring(f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{prom_port}")
+    finally:
+        _stop(serve)
+        _stop(prom)

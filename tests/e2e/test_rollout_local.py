@@ -1,7 +1,11 @@
 """A rollout on a real local fleet (QEMU guests), through the CLI: a good version rolls through a 3-guest fleet; a bad
 one — it boots, passes its boot test, but takes far longer to get ready than the strategy allows — stops at wave 1,
 rolls back automatically, and the fleet ends entirely on the previous version. Which version each guest runs is read
-from the guests themselves (the page each one serves on its forwarded port), not from the registry."""
+from the guests themselves (the page each one serves on its forwarded port), not from the registry.
+
+All the while a real Prometheus scrapes `amiforge serve` (with the exported rules loaded): at the end `amiforge
+metrics` shows M1–M6 of what happened, and every query of every exported Grafana panel returns data through
+Prometheus's HTTP API."""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Cli
+from amiforge.lifecycle.dashboards import panel_queries
+from tests.e2e.conftest import Cli, Monitoring
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +78,9 @@ def pages(cli: Cli, fleet: str) -> list[str]:
 
 
 def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
-    cli: Cli, web_recipe: Path, tmp_path: Path, no_leftovers: None
+    cli: Cli, web_recipe: Path, tmp_path: Path, monitoring: Monitoring, no_leftovers: None
 ) -> None:
+    started = time.time()
     recipe_text = web_recipe.read_text().replace("ready_within: 90s", "ready_within: 150s")
     web_recipe.write_text(recipe_text)
     v1 = release(cli, web_recipe, "v1")
@@ -138,5 +144,68 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
         assert decision["action"] == "rollback" and decision["numbers"]["time_to_ready_p95"] > 40
         assert [r["kind"] for r in status["replacements"]] == ["forward", "rollback"]
         assert pages(cli, "rollfleet") == ["web tier v1"] * 3  # the guests say so themselves
+
+        run(cli, "promote", v1, "--channel", "dev")
+        crashed = crash_while_booting(cli, v1)
+        check_telemetry(cli, monitoring, started, v1=v1, v2=v2, v3=v3, crashed=crashed)
     finally:
         run(cli, "fleet", "destroy", "rollfleet")
+        run(cli, "fleet", "destroy", "crashfleet")
+
+
+def crash_while_booting(cli: Cli, version: str) -> str:
+    """A guest whose QEMU dies while it boots: a failed boot (M1), with its instance id on the on-call dashboard."""
+    creating = subprocess.Popen(
+        [sys.executable, "-m", "amiforge", "fleet", "create", "crashfleet", "--size", "1", "--version", version],
+        env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline and creating.poll() is None, "the guest never started"
+        shown = subprocess.run([sys.executable, "-m", "amiforge", "fleet", "show", "crashfleet", "--json"],
+                               env=cli.env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        members = json.loads(shown.stdout)["members"] if shown.returncode == 0 else []
+        if members and members[0]["pid"] and members[0]["state"] == "launching":
+            os.kill(members[0]["pid"], signal.SIGKILL)
+            break
+        time.sleep(0.3)
+    assert creating.wait(timeout=300) == 4  # the fleet's readiness gate: its only member failed
+    return str(members[0]["id"])
+
+
+def check_telemetry(
+    cli: Cli, monitoring: Monitoring, started: float, *, v1: str, v2: str, v3: str, crashed: str
+) -> None:
+    report = run(cli, "metrics", "--window", "1h")
+    rows = {(r["version"], r["target"]): r for r in report["targets"]}
+    # Launched on rollfleet: v1 × 3 at creation, × 3 by the rollback and × 1 in place of v3's one; v2 × 3; v3 × 1.
+    assert rows[(v1, "local:rollfleet")]["launches"] == 7 and rows[(v2, "local:rollfleet")]["launches"] == 3
+    assert rows[(v3, "local:rollfleet")]["ready"] == 1 and rows[(v3, "local:rollfleet")]["time_to_ready"]["p50"] > 40
+    assert rows[(v1, "local:rollfleet")]["running"] == 3 and rows[(v1, "local:rollfleet")]["heartbeating"] == 3
+    assert rows[(v2, "local:rollfleet")]["replacements"] == 3 and rows[(v1, "local:rollfleet")]["replacements"] == 4
+    assert rows[(v1, "local:crashfleet")]["failed"] == 1 and rows[(v1, "local:crashfleet")]["boot_success"] == 0
+    assert {(v, t) for v, t in rows if t == "boot-test"} == {(v1, "boot-test"), (v2, "boot-test"), (v3, "boot-test")}
+    ended = {r["target"]: (r["succeeded"], r["rolled_back"]) for r in report["rollouts"]}
+    assert ended["local:rollfleet"] == (2, 1)
+    # Prometheus has scraped all of it: the counters it holds match the registry.
+    deadline = time.monotonic() + 60
+    while True:
+        got = monitoring.query(
+            f'amiforge_boot_attempts_total{{version="{v1}", target="local:crashfleet", outcome="failed"}}'
+        )
+        if got and float(got[0]["value"][1]) == 1:
+            break
+        assert time.monotonic() < deadline, "Prometheus never saw the crashed boot"
+        time.sleep(1)
+    failed = monitoring.query('amiforge_recent_boot_seconds{outcome!="ready"}')
+    assert crashed in {s["metric"]["instance_id"] for s in failed}
+    now = time.time()
+    window = f"{int(now - started) + 60}s"
+    empty = []
+    for q in panel_queries():
+        expr = (q.expr.replace("$image", ".*").replace("$version", ".*").replace("$target", ".*")
+                .replace("$__range", window).replace("$__rate_interval", "1m"))  # fmt: skip
+        result = monitoring.query(expr) if q.instant else monitoring.query_range(expr, started, now)
+        if not result:
+            empty.append(f"{q.panel}: {expr}")
+    assert empty == [], "panels whose query returns no data:\n" + "\n".join(empty)

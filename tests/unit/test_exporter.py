@@ -115,6 +115,10 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     assert _get(s, "amiforge_rollout_in_progress", image="web", target="local:web") == 1
     assert _get(s, "amiforge_rollouts_total", image="web", target="local:web", outcome="succeeded") == 0
     assert _get(s, "amiforge_version_info", image="web", version="web@2", digest="d" * 64, channel="dev") == 1
+    assert _get(s, "amiforge_recent_boot_seconds", **web2, instance_id="g-t", outcome="timeout") == 300
+    assert _get(s, "amiforge_recent_boot_seconds", **web2, instance_id="g-1", outcome="ready") == 41.5
+    assert _get(s, "amiforge_versions", image="web", status="built") == 1
+    assert _get(s, "amiforge_versions", image="web", status="baking") == 1
     store.update_rollout(rollout.id, expect="running", state="failed")
     s = _samples(_scrape(store, policy))
     assert _get(s, "amiforge_rollouts_total", image="web", target="local:web", outcome="rolled_back") == 1

@@ -72,3 +72,23 @@ def alertmanager_command(
 
     _, store = open_registry()
     _deliver(export_alertmanager(store=store, webhook=webhook), output, as_json)
+
+
+@app.command("grafana")
+def grafana_command(
+    output: Path = typer.Option(..., "--output", "-o", help="The folder to write the dashboards' JSON files into."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Three Grafana dashboards (executive, on-call, debug) with image, version and target variables, reading the
+    Prometheus that scrapes `amiforge serve`."""
+    from amiforge.lifecycle.export import export_grafana
+
+    written = []
+    for name, text in export_grafana().files.items():
+        _write(output / name, text + "\n")
+        written.append(str(output / name))
+    if as_json:
+        emit_json({"kind": "grafana", "paths": written})
+    else:
+        for path in written:
+            err_console.print(f"wrote {escape(path)}")

@@ -77,3 +77,16 @@ def export_alertmanager(*, store: Store, webhook: str | None = None) -> Exported
     if not owners:
         notes.append("no image has an `owner` or `team` tag in its recipe: every alert goes to the default receiver")
     return Exported("alertmanager", alertmanager_config(owners, webhook=webhook), tuple(notes))
+
+
+@dataclass(frozen=True)
+class Dashboards:
+    """The Grafana dashboards as JSON documents, by file name."""
+
+    files: dict[str, str]
+
+
+def export_grafana() -> Dashboards:
+    from amiforge.lifecycle.dashboards import boards, dashboard_json  # the SDK is imported only to export
+
+    return Dashboards({f"{b.uid}.json": dashboard_json(b) for b in boards()})

@@ -13,6 +13,8 @@ The metric names and labels are a public contract (dashboards and alert rules ar
 | amiforge_rollouts_total | counter | image, target, outcome (succeeded, rolled_back, aborted) |
 | amiforge_rollout_in_progress | gauge | image, target |
 | amiforge_version_info | gauge (1) | image, version, digest, channel |
+| amiforge_versions | gauge | image, status (how many versions are in each state: the pipeline's runs) |
+| amiforge_recent_boot_seconds | gauge | image, version, target, instance_id, outcome (launch to outcome, s) |
 
 Counters are the registry's totals since it began (store `boot_totals`, kept in the same transaction as the boots),
 so they never go down, and a scrape reads a few thousand rows whatever the number of boots. The histogram's
@@ -21,6 +23,8 @@ buckets are whole seconds and include every SLO threshold of the policy, so `le`
 Cardinality is bounded by what is exported, not by history: a version's series are exposed while it is in a
 channel (current or rollback), runs somewhere, or is one of the newest `RECENT_VERSIONS` of its image that booted;
 targets are the fleets it ran on. Older versions' series end (Prometheus keeps what it scraped for its retention).
+Per-instance series (`amiforge_recent_boot_seconds`, for the on-call and debug dashboards) are the newest
+`RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: a bounded, moving set.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -42,6 +46,8 @@ from amiforge.store.interface import Store
 # Whole seconds; every SLO threshold of the policy is added (a threshold must fall on a bucket to be exact).
 DEFAULT_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 RECENT_VERSIONS = 5
+RECENT_BOOTS = 200
+RECENT_BOOT_WINDOW = timedelta(hours=24)
 
 VERSION_LABELS = ["image", "version", "target"]
 
@@ -94,6 +100,7 @@ class TelemetryCollector(Collector):
         yield from self._vulnerabilities(exported, refs)
         yield from self._rollouts()
         yield from self._versions(heads, channels)
+        yield from self._recent_boots(now)
 
     # --- what is exported ------------------------------------------------------------------------------------
 
@@ -217,3 +224,27 @@ class TelemetryCollector(Collector):
             for channel in sorted(holding.get(ref, [])) or [""]:
                 family.add_metric([image, ref, digest or "", channel], 1)
         yield family
+
+    def _recent_boots(self, now: datetime) -> Iterator[Metric]:
+        tally = GaugeMetricFamily(
+            "amiforge_versions", "Versions of an image by state (built, tested, failed …): the pipeline's runs.",
+            labels=["image", "status"],
+        )  # fmt: skip
+        for image, status, count in self.store.version_tally():
+            tally.add_metric([image, status], count)
+        yield tally
+        recent = GaugeMetricFamily(
+            "amiforge_recent_boot_seconds",
+            "Seconds from launch to the outcome of each of the latest boots (the time to ready, when ready).",
+            # instance_id, not instance: Prometheus gives `instance` to the scrape target (and would rename ours)
+            labels=[*VERSION_LABELS, "instance_id", "outcome"],
+        )
+        for b in self.store.recent_boots(now - RECENT_BOOT_WINDOW, RECENT_BOOTS):
+            if b.ended_at is None or b.outcome is None:
+                continue
+            seconds = b.time_to_ready if b.outcome == "ready" and b.time_to_ready is not None else None
+            elapsed = seconds if seconds is not None else (b.ended_at - b.launched_at).total_seconds()
+            recent.add_metric(
+                [b.version_ref.partition("@")[0], b.version_ref, b.target, b.instance, b.outcome], elapsed
+            )
+        yield recent

@@ -71,6 +71,10 @@ class Store(Protocol):
         """(name, number, digest) of each of these versions, in one read; ids naming no version are absent."""
         ...
 
+    def version_tally(self) -> list[tuple[str, str, int]]:
+        """(image name, status, how many versions) in one grouped read."""
+        ...
+
     def list_versions(
         self, name: str | None = None, *, limit: int | None = None, before: int | None = None, summary: bool = False
     ) -> list[ImageVersion]:
@@ -331,6 +335,10 @@ class Store(Protocol):
 
     def running_boots(self) -> list[BootRecord]:
         """Every boot not known to have stopped."""
+        ...
+
+    def recent_boots(self, since: datetime, limit: int) -> list[BootRecord]:
+        """The newest `limit` boots decided since `since`, newest first."""
         ...
 
     def versions_with_boots(self) -> list[tuple[int, str, int]]:

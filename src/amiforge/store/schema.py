@@ -501,6 +501,7 @@ boots_table = sa.Table(
     sa.UniqueConstraint("target", "instance", name="uq_boots_target_instance"),
     sa.Index("ix_boots_version_launched", "version_id", "launched_at"),
     sa.Index("ix_boots_stopped", "stopped_at"),  # a window's boots: those still running and those stopped in it
+    sa.Index("ix_boots_ended", "ended_at"),  # the latest outcomes (on-call: recent failed boots)
     # Boots still running (NULL stopped_at): what each collection reconciles, and M4's denominator.
     sa.Index("ix_boots_running", "target", sqlite_where=sa.text("stopped_at IS NULL"),
              postgresql_where=sa.text("stopped_at IS NULL")),

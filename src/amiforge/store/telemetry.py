@@ -167,6 +167,19 @@ class Telemetry(StoreCore):
         with self._guard("read running boots"), self._read() as conn:
             return boot_from_row.each(conn.execute(query.order_by(b.c.id)))
 
+    def recent_boots(self, since: datetime, limit: int) -> list[BootRecord]:
+        """The newest `limit` boots decided since `since`, newest first."""
+        b, v = boots_table, versions_table
+        query = (
+            sa.select(b, v.c.name, v.c.number)
+            .join(v, v.c.id == b.c.version_id)
+            .where(b.c.ended_at >= since)
+            .order_by(b.c.ended_at.desc(), b.c.id.desc())
+            .limit(limit)
+        )
+        with self._guard("read recent boots"), self._read() as conn:
+            return boot_from_row.each(conn.execute(query))
+
     def versions_with_boots(self) -> list[tuple[int, str, int]]:
         """(id, image name, number) of every version that has booted anywhere."""
         t, v = boot_totals_table, versions_table

@@ -238,6 +238,13 @@ class Versions(StoreCore):
             )
         return found[0]
 
+    def version_tally(self) -> list[tuple[str, str, int]]:
+        """(image name, status, how many versions) in one grouped read."""
+        v = versions_table
+        query = sa.select(v.c.name, v.c.status, sa.func.count()).group_by(v.c.name, v.c.status)
+        with self._guard("count versions by state"), self._read() as conn:
+            return [(str(n), str(s), int(c)) for n, s, c in conn.execute(query.order_by(v.c.name, v.c.status))]
+
     def version_heads(self, version_ids: Collection[int]) -> dict[int, tuple[str, int, str | None]]:
         """(name, number, digest) of each of these versions, in one read; ids naming no version are absent."""
         v = versions_table

@@ -43,6 +43,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_boots_version_launched", "boots", ["version_id", "launched_at"])
     op.create_index("ix_boots_stopped", "boots", ["stopped_at"])
+    op.create_index("ix_boots_ended", "boots", ["ended_at"])
     op.create_index("ix_boots_running", "boots", ["target"], sqlite_where=sa.text("stopped_at IS NULL"),
                     postgresql_where=sa.text("stopped_at IS NULL"))  # fmt: skip
     totals = op.create_table(
@@ -112,6 +113,7 @@ def _backfill(boots: sa.Table | None, totals: sa.Table | None) -> None:
 def downgrade() -> None:
     op.drop_table("boot_totals")
     op.drop_index("ix_boots_running", "boots")
+    op.drop_index("ix_boots_ended", "boots")
     op.drop_index("ix_boots_stopped", "boots")
     op.drop_index("ix_boots_version_launched", "boots")
     op.drop_table("boots")
