@@ -187,6 +187,14 @@ def check_telemetry(
     assert {(v, t) for v, t in rows if t == "boot-test"} == {(v1, "boot-test"), (v2, "boot-test"), (v3, "boot-test")}
     ended = {r["target"]: (r["succeeded"], r["rolled_back"]) for r in report["rollouts"]}
     assert ended["local:rollfleet"] == (2, 1)
+    # The consoles, as JSON lines: every running guest's readiness and heartbeat, timed by its own uptime.
+    logs = [
+        json.loads(line) for line in cli.run("logs", "--target", "local:rollfleet", "--version", v1).stdout.splitlines()
+    ]
+    running = {r["id"] for r in run(cli, "fleet", "show", "rollfleet")["members"] if r["state"] == "ready"}
+    for kind in ("AMIFORGE-READY", "AMIFORGE-HEARTBEAT"):
+        assert {d["host"]["name"] for d in logs if d["message"].startswith(kind)} >= running, kind
+    assert {d["labels"]["version"] for d in logs} == {v1}
     # Prometheus has scraped all of it: the counters it holds match the registry.
     deadline = time.monotonic() + 60
     while True:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from amiforge.errors import ConfigError, InfraError, NotFound, StateError
-from amiforge.lifecycle import telemetry
+from amiforge.lifecycle import logs, telemetry
 from amiforge.model import Artifact, Status
 from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
@@ -462,6 +462,47 @@ def test_telemetry_records_each_member_once_and_its_stop_when_the_fleet_is_gone(
     [gone] = telemetry.collect(store, settings, ["local:web"])
     assert sorted(gone.stopped) == sorted([_failed.id, launcher.launched[2]])
     assert store.running_targets() == []
+    store.close()
+
+
+def test_logs_are_ecs_json_lines_timed_by_the_guest_uptime_and_follow_new_lines(
+    settings: Settings, artifact: Artifact, launcher: FakeLauncher, tmp_path: Path
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/r.db")
+    for _ in (1, 2):
+        store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    launcher.plan = [["[    0.000000] Linux version 6.1", "\x1b[0;32m  OK  \x1b[0m] Reached target", *QUICK[2:]]]
+    fleet = _web(settings, artifact, 1)
+    (member,) = fleet.current()
+    lines = list(logs.console_lines(store=store, settings=settings, target="local:web"))
+    assert [line.message for line in lines][:2] == ["[    0.000000] Linux version 6.1", "  OK  ] Reached target"]
+    ready = next(line for line in lines if line.message.startswith("AMIFORGE-READY"))
+    assert ready.at == member.launched_at + timedelta(seconds=0.1)  # launch + the uptime it printed
+    doc = ready.ecs()
+    assert doc["host"]["name"] == doc["cloud"]["instance"]["id"] == member.id
+    assert doc["labels"] == {"image": "web", "version": "web@1", "target": "local:web"}
+    assert doc["@timestamp"].endswith("Z") and doc["message"] == "AMIFORGE-READY 0.10"
+    assert list(logs.console_lines(store=store, settings=settings, ref="web@2", target="local:web")) == []
+    # --follow: what is printed once is not printed again; a line still being written waits until it is whole.
+    console = fleet.dir / member.id / "console.log"
+    polls = iter(range(3))
+
+    def until() -> bool:
+        step = next(polls, None)
+        if step == 0:
+            with console.open("a") as f:
+                f.write("AMIFORGE-HEARTBEAT 61.00\nhalf a li")
+        elif step == 1:
+            with console.open("a") as f:
+                f.write("ne\n")
+        return step is None
+
+    followed = list(logs.console_lines(store=store, settings=settings, target="local:web", follow=True, poll=0,
+                                       until=until))  # fmt: skip
+    new = [line.message for line in followed[len(lines) :]]
+    assert new == ["AMIFORGE-HEARTBEAT 61.00", "half a line"]
+    assert followed[-1].at == member.launched_at + timedelta(seconds=61)
     store.close()
 
 

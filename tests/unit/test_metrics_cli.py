@@ -3,12 +3,15 @@ arguments are exit 2 with the fix."""
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from amiforge.model import BootObservation, Finding, FindingKind, ScanRecord, Severity
+from amiforge.lifecycle.telemetry import record_boot_test
+from amiforge.model import BootObservation, BootReport, Finding, FindingKind, ScanRecord, Severity
 from amiforge.scanners.sbom import sbom_digest
 from amiforge.store.sql import open_store
 from tests.cli_harness import Cli, isolate, make_cli
@@ -86,3 +89,28 @@ def test_metrics_refuses_bad_arguments_with_the_fix(cli: Cli) -> None:
                            (("--version", "web@9"), "web@9")):  # fmt: skip
         result = cli("metrics", "--no-collect", *argv)
         assert result.code in (2, 3) and expected in result.err and "Traceback" not in result.err
+
+
+def test_logs_of_boot_tests_are_json_lines_with_ecs_fields(cli: Cli, tmp_path: Path) -> None:
+    data = Path(os.environ["AMIFORGE_DATA_DIR"])
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    with open_store(f"sqlite:///{data}/registry.db") as store:
+        vid = store.get_version("web@1").id
+        console = "[    0.000000] Linux version 6.1\r\n\x1b[0;32mhello\x1b[0m\r\nAMIFORGE-READY 9.50\n\nafter\n"
+        report = store.add_boot_report(vid, BootReport(9.5, (), console, "tcg", started, 12.0))
+        record_boot_test(store, vid, report, "run-TEST")  # as lifecycle/boottest.py does
+    result = cli("logs", "--target", "boot-test")
+    assert result.code == 0, result.err
+    docs = [json.loads(line) for line in result.out.splitlines()]
+    assert [d["message"] for d in docs] == ["[    0.000000] Linux version 6.1", "hello", "AMIFORGE-READY 9.50", "after"]
+    assert {d["host"]["name"] for d in docs} == {f"report-{report.id}"}
+    assert docs[0]["labels"] == {"image": "web", "version": "web@1", "target": "boot-test"}
+    assert docs[0]["@timestamp"] == started.isoformat().replace("+00:00", "Z")
+    assert datetime.fromisoformat(docs[-1]["@timestamp"]) == started + timedelta(seconds=9.5)
+    text = cli("logs", "--target", "boot-test", "--text", "--version", "web@1")
+    assert text.code == 0 and text.out.splitlines()[2].endswith(
+        f"boot-test report-{report.id} web@1 | AMIFORGE-READY 9.50"
+    )
+    assert cli("logs", "--since", "1m", "--target", "boot-test").out == ""  # the test was written 5 minutes ago
+    bad = cli("logs", "--since", "soon")
+    assert bad.code == 2 and "--since" in bad.err

@@ -165,6 +165,12 @@ COMMANDS: dict[str, Entry] = {
         "app",
         "Monitoring configuration from the policy's SLOs: Prometheus rules, Alertmanager routing, Grafana dashboards.",
     ),
+    "logs": Entry(
+        "amiforge.cli.logs_cmd",
+        "logs_command",
+        "Console lines of boot tests and fleet members as JSON lines with ECS fields (for Filebeat, Vector, the "
+        "CloudWatch agent).",
+    ),
     "metrics": Entry(
         "amiforge.cli.metrics_cmd",
         "metrics_command",

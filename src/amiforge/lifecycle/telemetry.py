@@ -37,17 +37,18 @@ def boot_test_outcome(report: BootReport) -> BootOutcome:
 
 
 def record_boot_test(store: Store, version_id: int, report: BootReport, run_id: str) -> None:
+    """The boot of a boot test, as instance `report-ID` (its console is the report's: `amiforge logs`)."""
     ended = report.started_at + timedelta(seconds=report.duration)
     failed = [c.name for c in report.checks if not c.passed]
     observation = BootObservation(
-        instance=run_id,
+        instance=f"report-{report.id}",
         version_id=version_id,
         launched_at=report.started_at,
         outcome=boot_test_outcome(report),
         time_to_ready=report.time_to_ready,
         ended_at=ended,
         stopped_at=ended,
-        detail="failed checks: " + ", ".join(failed) if failed else "",
+        detail=f"run {run_id}" + ("; failed checks: " + ", ".join(failed) if failed else ""),
     )
     store.record_boots(BOOT_TEST_TARGET, [observation])
 
