@@ -108,10 +108,9 @@ def prometheus_rules(slos: ImageSlos) -> dict[str, Any]:
         recording.append({"record": RATIO["time_to_ready"].format(w=w),
                           "expr": f"1 - (amiforge:boots_ready_in_time:rate{w} / {attempts})"})  # fmt: skip
     alerts = [_alert(groups, slo, severity) for slo in ALERTS for severity in ("page", "ticket")]
-    return {"groups": [
-        {"name": "amiforge-slo-ratios", "rules": recording},
-        {"name": "amiforge-slo-burn-rates", "rules": alerts},
-    ]}  # fmt: skip
+    # One group: its rules run in order at each evaluation, so every alert reads the ratios of that same evaluation
+    # (groups run concurrently, and an alert in another group could read the previous one's).
+    return {"groups": [{"name": "amiforge-slo", "rules": [*recording, *alerts]}]}
 
 
 def _alert(groups: Sequence[SloGroup], slo: str, severity: str) -> dict[str, Any]:
