@@ -27,8 +27,6 @@ from amiforge.strategy import Strategy
 from amiforge.web.server import App, Listen, parse_listen, serve
 from tests.conftest import required_or_skip
 
-NOW = datetime.now(UTC)
-
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqlStore]:
@@ -76,10 +74,11 @@ def _get(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: st
 
 
 def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Policy) -> None:
+    now = datetime.now(UTC)  # heartbeats are judged against the scrape's clock: the test's own now, not import's
     v1, v2 = _version(store), _version(store)
-    launched = NOW - timedelta(minutes=10)
+    launched = now - timedelta(minutes=10)
     boots = [BootObservation(f"g-{i}", v2, launched, "ready", t, launched + timedelta(seconds=t),
-                             last_heartbeat_at=NOW - timedelta(seconds=20 if i else 600))
+                             last_heartbeat_at=now - timedelta(seconds=20 if i else 600))
              for i, t in enumerate([12.0, 41.5, 42.0, 50.0])]  # fmt: skip
     boots += [
         BootObservation("g-t", v2, launched, "timeout", ended_at=launched + timedelta(seconds=300)),
@@ -87,7 +86,7 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     ]
     store.record_boots("local:web", boots)
     store.record_boots("boot-test", [BootObservation("run-1", v2, launched, "failed", 30.0, launched, launched)])
-    store.add_scan(v2, ScanRecord(NOW, (), "{}", sbom_digest("{}"), (
+    store.add_scan(v2, ScanRecord(now, (), "{}", sbom_digest("{}"), (
         Finding(FindingKind.CVE, "TEST-0001", Severity.CRITICAL, "t", "osv", package="p"),
         Finding(FindingKind.CVE, "TEST-0002", Severity.LOW, "t", "osv", package="p"),
     ), "TEST"))  # fmt: skip
@@ -126,10 +125,11 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
 
 
 def test_only_versions_in_use_or_recent_are_exported(store: SqlStore, policy: Policy) -> None:
+    now = datetime.now(UTC)
     ids = [_version(store) for _ in range(8)]
     for vid in ids:  # every version booted once, long ago, and stopped
-        store.record_boots("boot-test", [BootObservation(f"run-{vid}", vid, NOW, "ready", 5.0, NOW, NOW)])
-    store.record_boots("local:web", [BootObservation("g-1", ids[0], NOW, "ready", 5.0, NOW)])  # web@1 still runs
+        store.record_boots("boot-test", [BootObservation(f"run-{vid}", vid, now, "ready", 5.0, now, now)])
+    store.record_boots("local:web", [BootObservation("g-1", ids[0], now, "ready", 5.0, now)])  # web@1 still runs
     versions = {dict(labels)["version"] for (name, labels) in _samples(_scrape(store, policy))
                 if name == "amiforge_boot_attempts_total"}  # fmt: skip
     assert versions == {"web@1", "web@4", "web@5", "web@6", "web@7", "web@8"}  # running, and the newest five
@@ -137,9 +137,10 @@ def test_only_versions_in_use_or_recent_are_exported(store: SqlStore, policy: Po
 
 def test_vulnerability_counts_are_read_once_per_scan(store: SqlStore, policy: Policy,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    now = datetime.now(UTC)
     v = _version(store)
-    store.record_boots("boot-test", [BootObservation("run-1", v, NOW, "ready", 5.0, NOW, NOW)])
-    store.add_scan(v, ScanRecord(NOW, (), "{}", sbom_digest("{}"), (), "TEST"))
+    store.record_boots("boot-test", [BootObservation("run-1", v, now, "ready", 5.0, now, now)])
+    store.add_scan(v, ScanRecord(now, (), "{}", sbom_digest("{}"), (), "TEST"))
     collector = TelemetryCollector(store, policy)
     reads: list[int] = []
     real = store.scan_findings
@@ -152,7 +153,7 @@ def test_vulnerability_counts_are_read_once_per_scan(store: SqlStore, policy: Po
     for _ in range(3):
         list(collector.collect())
     assert len(reads) == 1
-    store.add_scan(v, ScanRecord(NOW, (), "{}", sbom_digest("{}"), (), "TEST"))  # a rescan: a new scan id
+    store.add_scan(v, ScanRecord(now, (), "{}", sbom_digest("{}"), (), "TEST"))  # a rescan: a new scan id
     list(collector.collect())
     assert len(reads) == 2 and len(collector._vulns.counts) == 1  # the old scan's counts are dropped
 
@@ -165,13 +166,14 @@ def test_buckets_are_whole_seconds_including_every_threshold(policy: Policy) -> 
 
 
 def test_promtool_accepts_the_exposition(store: SqlStore, policy: Policy) -> None:
+    now = datetime.now(UTC)
     promtool = shutil.which("promtool")
     required_or_skip(
         promtool is not None, "promtool is missing", "scripts/bootstrap.sh --test (apt-get install prometheus)"
     )
     assert promtool is not None
     v = _version(store)
-    store.record_boots("local:web", [BootObservation("g-1", v, NOW, "ready", 5.0, NOW, last_heartbeat_at=NOW)])
+    store.record_boots("local:web", [BootObservation("g-1", v, now, "ready", 5.0, now, last_heartbeat_at=now)])
     text = _scrape(store, policy)
     done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     # promtool's lint wants HELP on every family and counters ending _total: any complaint is a finding.

@@ -227,9 +227,16 @@ def test_fleet_signals_become_observations(store: SqlStore) -> None:
         BootSignal("g-c", "ready", _at(9), "web@2", 9.0),
         BootSignal("g-c", "failed", _at(50), "web@2", 9.0, "QEMU exited"),  # crashed after it was ready
         BootSignal("g-c", "replaced", _at(60), "web@2", 9.0, "replaced by g-f"),
+        # A machine the fleet no longer lists (terminated): only its signals tell of it.
+        BootSignal("i-0000000000test01", "launch", _at(1), "web@2"),
+        BootSignal("i-0000000000test01", "ready", _at(20), "web@2", 19.0),
+        BootSignal("i-0000000000test01", "replaced", _at(90), "web@2", None, "replaced by i-0000000000test02"),
+        BootSignal("i-0000000000test03", "ready", _at(20), "web@2", 19.0),  # no launch: nothing to count from
     ]
     found = {o.instance: o for o in observations_of(members, signals, store, _at(100))}
-    assert set(found) == {"g-a", "g-b", "g-c", "g-e"}
+    assert set(found) == {"g-a", "g-b", "g-c", "g-e", "i-0000000000test01"}
+    gone = found["i-0000000000test01"]
+    assert (gone.launched_at, gone.outcome, gone.replaced, gone.stopped_at) == (_at(1), "ready", True, _at(90))
     assert (found["g-a"].outcome, found["g-a"].time_to_ready, found["g-a"].last_heartbeat_at) == ("ready", 11, _at(71))
     assert found["g-a"].version_id == v2 and found["g-a"].stopped_at is None
     assert (found["g-b"].outcome, found["g-b"].ended_at) == ("timeout", _at(35))

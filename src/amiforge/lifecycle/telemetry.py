@@ -104,37 +104,43 @@ def collect_target(store: Store, settings: Settings, target: str, *, now: dateti
 def observations_of(
     members: Sequence[Member], signals: Sequence[BootSignal], store: Store, now: datetime
 ) -> list[BootObservation]:
-    """One observation per member launched from a version the registry knows (others are not amiforge's)."""
+    """One observation per machine launched from a version the registry knows (others are not amiforge's): the
+    members listed now, and those only the signals still tell of (an instance already terminated, replaced)."""
     by_member: dict[str, list[BootSignal]] = {}
     for signal in signals:
         by_member.setdefault(signal.member, []).append(signal)
+    listed = {m.id: m for m in members}
     refs = {m.version_ref for m in members if m.version_ref} | {s.version_ref for s in signals if s.version_ref}
     ids = {ref: vid for ref, (vid, _) in store.version_states(refs).items()}
     found: list[BootObservation] = []
-    for member in members:
-        version_id = ids.get(member.version_ref or "")
-        if version_id is None:
+    for member_id in [*listed, *(m for m in by_member if m not in listed)]:
+        member = listed.get(member_id)
+        own = sorted(by_member.get(member_id, []), key=lambda s: s.at)
+        launch = next((s for s in own if s.kind == "launch"), None)
+        ref = member.version_ref if member is not None else next((s.version_ref for s in own if s.version_ref), None)
+        version_id = ids.get(ref or "")
+        launched_at = member.launched_at if member is not None else launch.at if launch is not None else None
+        if version_id is None or launched_at is None:
             continue
-        own = sorted(by_member.get(member.id, []), key=lambda s: s.at)
         decided = next((s for s in own if s.kind in ("ready", "failed")), None)
         replaced = next((s for s in own if s.kind == "replaced"), None)
         beats = [s.at for s in own if s.kind == "heartbeat"]
         outcome: BootOutcome | None = None
         if decided is not None:
             outcome = "ready" if decided.kind == "ready" else "timeout" if decided.timed_out else "failed"
-        stopped_at = replaced.at if replaced is not None else now if member.state == "stopped" else None
+        gone = member is None or member.state == "stopped"
         found.append(
             BootObservation(
-                instance=member.id,
+                instance=member_id,
                 version_id=version_id,
-                launched_at=member.launched_at,
+                launched_at=launched_at,
                 outcome=outcome,
                 time_to_ready=decided.time_to_ready if decided is not None else None,
                 ended_at=decided.at if decided is not None else None,
-                stopped_at=stopped_at,
+                stopped_at=replaced.at if replaced is not None else now if gone else None,
                 replaced=replaced is not None,
                 last_heartbeat_at=max(beats) if beats else None,
-                detail=decided.detail if decided is not None else member.detail,
+                detail=decided.detail if decided is not None else member.detail if member is not None else "",
             )
         )
     return found
