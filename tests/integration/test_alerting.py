@@ -47,7 +47,7 @@ def _series(
 
 
 def _boots(labels: dict[str, str], *, ready: str, failed: str = "0x240", timeout: str = "0x240",
-           within: str | None = None, le: str = "120.0", instances: str = "3x240",
+           within: str | None = None, instances: str = "3x240",
            rollout: str = "0x240") -> list[dict[str, str]]:  # fmt: skip
     """One version on one target over 4 h at 1-minute steps: counters per outcome, its histogram bucket at the
     threshold, its instances and its target's rollout gauge."""
@@ -55,7 +55,13 @@ def _boots(labels: dict[str, str], *, ready: str, failed: str = "0x240", timeout
         _series(labels, ready, outcome="ready"),
         _series(labels, failed, outcome="failed"),
         _series(labels, timeout, outcome="timeout"),
-        _series(labels, within if within is not None else ready, "amiforge_time_to_ready_seconds_bucket", le=le),
+        # the bucket at the image's own threshold (web: 42 s; every other image: the default 120 s)
+        _series(
+            labels,
+            within if within is not None else ready,
+            "amiforge_time_to_ready_seconds_bucket",
+            le="42.0" if labels["image"] == "web" else "120.0",
+        ),
         _series(labels, instances, "amiforge_instances"),
         _series({"image": labels["image"], "target": labels["target"]}, rollout, "amiforge_rollout_in_progress"),
     ]
@@ -87,9 +93,10 @@ def test_burns_page_and_expected_churn_does_not(tmp_path: Path) -> None:
     gone = {**WEB, "target": "local:gone"}
     slow_api = {**API}
     trickle = {**WEB, "target": "local:trickle"}
+    slow_web = {**WEB, "target": "local:slow"}
     series = [
         # web@2 on local:web: half its launches fail → the boot-failure page (and the ticket, which Alertmanager's
-        # inhibit rule silences); its ready boots are within 42 s, so no slow-boot alert.
+        # inhibit rule silences); its ready boots are within 42 s, but the failed half was not ready in time either.
         *_boots(WEB, ready="0+1x240", failed="0+1x240"),
         # The same burn on a target with a rollout in progress: the rollout's gates judge it, no alert.
         *_boots(rolling, ready="0+1x240", failed="0+1x240", rollout="1x240"),
@@ -99,6 +106,10 @@ def test_burns_page_and_expected_churn_does_not(tmp_path: Path) -> None:
         *_boots(slow_api, ready="0+1x240", within="0x240"),
         # 1 failure in 200 launches: 5× web's 0.1 % budget — a ticket, never a page (under 14.4× and 6×).
         *_boots(trickle, ready="0+199x240", failed="0+1x240"),
+        # web@2 on local:slow: ready, but none within web's 42 s (they are within 120 s): web's own threshold pages.
+        *_boots(slow_web, ready="0+1x240", within="0x240"),
+        # …and the other bucket is not read for web: within 120 s says nothing about 42 s.
+        _series(slow_web, "0+1x240", "amiforge_time_to_ready_seconds_bucket", le="120.0"),
     ]
     failing = "not ready"
     slow = "not ready within the image's time-to-ready threshold"
@@ -117,6 +128,11 @@ def test_burns_page_and_expected_churn_does_not(tmp_path: Path) -> None:
                 {"eval_time": "2h", "alertname": "AmiforgeSlowBootBurnRate", "exp_alerts": [
                     _alert("AmiforgeSlowBootBurnRate", slow_api, "page", "time_to_ready", "1.0000", slow),
                     _alert("AmiforgeSlowBootBurnRate", slow_api, "ticket", "time_to_ready", "1.0000", slow),
+                    _alert("AmiforgeSlowBootBurnRate", slow_web, "page", "time_to_ready", "1.0000", slow),
+                    _alert("AmiforgeSlowBootBurnRate", slow_web, "ticket", "time_to_ready", "1.0000", slow),
+                    # A launch that failed was not ready within 42 s either: web@2's failures burn both SLOs.
+                    _alert("AmiforgeSlowBootBurnRate", WEB, "page", "time_to_ready", "0.5000", slow),
+                    _alert("AmiforgeSlowBootBurnRate", WEB, "ticket", "time_to_ready", "0.5000", slow),
                 ]},
             ],
         }],

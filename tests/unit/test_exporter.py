@@ -4,6 +4,7 @@ exposition accepted by the real `promtool check metrics`, and the server's refus
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -18,13 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.exporter import TelemetryCollector, bucket_label, histogram_buckets
+from amiforge.lifecycle.promote import policy_of
 from amiforge.model import BootObservation, Finding, FindingKind, ScanRecord, Severity, Status
 from amiforge.policy.document import Policy, default_policy, parse_policy
 from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from amiforge.strategy import Strategy
-from amiforge.web.server import App, Listen, parse_listen, serve
+from amiforge.web.server import App, Listen, PolicySource, parse_listen, serve
 from tests.conftest import required_or_skip
 
 
@@ -49,7 +51,10 @@ def _version(store: SqlStore, name: str = "web") -> int:
 
 
 def _scrape(store: SqlStore, policy: Policy) -> str:
-    app = App(store, policy)
+    return _scrape_app(App(store, policy))
+
+
+def _scrape_app(app: App) -> str:
     status: list[str] = []
 
     def start_response(code: str, _headers: list[tuple[str, str]], _exc: object = None) -> Callable[[bytes], object]:
@@ -203,10 +208,37 @@ def test_the_server_answers_metrics_and_health_and_refuses_the_rest(store: SqlSt
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
         assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert b"# TYPE amiforge_boot_attempts_total counter" in reply.read()
+    for path in ("/healthz", "/metrics"):
+        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}", method="HEAD"), timeout=10) as reply:
+            assert reply.status == 200 and reply.read() == b""
     for path, method, code in (("/nope", "GET", 404), ("/metrics", "POST", 405)):
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(urllib.request.Request(f"{base}{path}", method=method), timeout=10)
         assert caught.value.code == code
+        if code == 405:
+            assert caught.value.headers["Allow"] == "GET, HEAD"
+
+
+def test_a_changed_policy_file_changes_the_buckets_and_a_broken_one_keeps_the_last(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    v = _version(store)
+    store.record_boots("local:web", [BootObservation("g-1", v, now, "ready", 33.0, now)])
+    path = tmp_path / "policy.yaml"
+    path.write_text("channels: {dev: {}}\nslos: {images: {web: {time_to_ready: {under: 42s}}}}\n")
+    source = PolicySource(Settings(data_dir=tmp_path / "data", policy=path), policy_of)
+    app = App(store, source)
+    labels = {"image": "web", "version": "web@1", "target": "local:web"}
+    assert _get(_samples(_scrape_app(app)), "amiforge_time_to_ready_seconds_bucket", **labels, le="42.0") == 1
+    path.write_text("channels: {dev: {}}\nslos: {images: {web: {time_to_ready: {under: 33s}}}}\n")
+    os.utime(path, ns=(1, 1))  # a new modification time, whatever the file system's resolution
+    samples = _samples(_scrape_app(app))
+    assert _get(samples, "amiforge_time_to_ready_seconds_bucket", **labels, le="33.0") == 1
+    assert ("amiforge_time_to_ready_seconds_bucket", (*sorted({**labels, "le": "42.0"}.items()),)) not in samples
+    path.write_text("channels: {dev: {}}\nslos: {images: {web: {time_to_ready: {under: soon}}}}\n")
+    os.utime(path, ns=(2, 2))
+    assert _get(_samples(_scrape_app(app)), "amiforge_time_to_ready_seconds_bucket", **labels, le="33.0") == 1
 
 
 def test_listen_addresses() -> None:

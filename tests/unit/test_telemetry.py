@@ -3,6 +3,7 @@ computed from them (pure), observations read from fleet signals, and the policy'
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -62,7 +63,9 @@ def test_a_boot_observed_again_only_moves_forward_and_is_counted_once(store: Sql
     v = _version(store)
     booting = BootObservation("g-1", v, _at(0))
     assert store.record_boots("local:web", [booting]) == 1
-    assert store.boot_totals() == []  # nothing decided yet: no counter moves
+    # Nothing decided yet: the counters exist, at zero (a series Prometheus scrapes before the first outcome).
+    [zero] = store.boot_totals()
+    assert (zero.ready, zero.failed, zero.timeout, zero.replaced, dict(zero.ttr_seconds)) == (0, 0, 0, 0, {})
     ready = replace(booting, outcome="ready", time_to_ready=12.2, ended_at=_at(12.2), last_heartbeat_at=_at(20))
     assert store.record_boots("local:web", [ready]) == 1
     assert store.record_boots("local:web", [ready]) == 0  # the same news again changes nothing
@@ -145,11 +148,56 @@ def test_m1_to_m4_of_a_version_on_a_fleet() -> None:
     assert (row.ready, row.failed, row.timeout, row.launches) == (3, 1, 1, 5)
     assert row.boot_success == pytest.approx(0.6)
     assert (row.time_to_ready.p50, row.time_to_ready.p95) == (20.0, 30.0)
-    # Instance-days in the window: a and b a whole day each (launched exactly at its start), c half a day.
-    assert row.instance_days == pytest.approx(2.5) and row.replacements == 1
-    assert row.replacements_per_1000_days == pytest.approx(400.0)
+    # Instance-days in the window, ready or not: a, b and e a whole day each (launched at its start), c half a
+    # day, d 100 s.
+    days = 3.5 + 100 / 86400
+    assert row.instance_days == pytest.approx(days) and row.replacements == 1
+    assert row.replacements_per_1000_days == pytest.approx(1000 / days)
     # Running: a, b and e (a failed member still there, without a heartbeat); c and d stopped.
     assert (row.running, row.heartbeating) == (3, 1) and row.coverage == pytest.approx(1 / 3)
+
+
+def test_coverage_is_not_measured_where_heartbeats_are_not_reported() -> None:
+    now = _at(1000)
+    boots = [_boot("i-0000000000test01", "ready", 25.0, target="aws:eu-west-1/web-asg")]
+    [row] = target_slis(boots, start=_at(-10), now=now, slos_of=lambda _image: Slos())
+    assert (row.running, row.heartbeating, row.coverage) == (1, None, None)  # unmeasured, not 0 %
+
+
+def test_concurrent_collectors_record_each_boot_once(store: SqlStore) -> None:
+    """Two collectors reading the same fleet at once (serve's timer and a rollout's wave) insert the same new boots:
+    the second finds the first's rows and moves them forward; nothing fails and nothing counts twice."""
+    v = _version(store)
+    boots = [BootObservation(f"g-{i}", v, _at(i), "ready", 10.0, _at(i + 10)) for i in range(300)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def collector() -> None:
+        try:
+            start.wait()
+            for chunk in range(0, 300, 50):
+                store.record_boots("local:web", boots[chunk : chunk + 50])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=collector) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    [totals] = store.boot_totals()
+    assert totals.ready == 300 and len(store.boots_in_window(_at(0), _at(1000))) == 300
+
+
+def test_a_boot_recorded_after_a_fleet_was_read_is_not_stopped_by_that_reading(store: SqlStore) -> None:
+    v = _version(store)
+    store.record_boots("local:web", [BootObservation("g-old", v, _at(0), "ready", 5.0, _at(5))])
+    read_at = _at(50)  # a collector read the fleet then: it listed g-old only
+    store.record_boots("local:web", [BootObservation("g-new", v, _at(60))])  # another collector, meanwhile
+    assert store.stop_boots("local:web", keep={"g-old"}, at=_at(70), launched_before=read_at) == []
+    assert store.stop_boots("local:web", keep=set(), at=_at(80), launched_before=read_at) == ["g-old"]
+    assert [b.instance for b in store.running_boots()] == ["g-new"]
 
 
 def test_boot_tests_count_for_m1_and_m2_but_never_as_running_instances() -> None:

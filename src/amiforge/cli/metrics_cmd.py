@@ -91,7 +91,7 @@ def _columns() -> list[Col]:
 def _row(t: TargetSlis) -> list[str]:
     m1 = f"{_percent(t.boot_success)} of {t.launches}" if t.launches else "-"
     m3 = "-" if t.replacements_per_1000_days is None else f"{t.replacements_per_1000_days:.1f} ({t.replacements})"
-    m4 = f"{t.heartbeating}/{t.running}" if t.running else "-"
+    m4 = "-" if not t.running else f"{t.heartbeating}/{t.running}" if t.heartbeating is not None else "not reported"
     return [escape(t.version), escape(t.target), m1, _quantiles(t.time_to_ready), m3, m4,
             "; ".join(_slo(s) for s in t.slos)]  # fmt: skip
 

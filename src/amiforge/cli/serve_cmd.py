@@ -23,12 +23,12 @@ def serve_command(
 
     /metrics exposes M1–M6 per version and target; serving goes on until Ctrl-C."""
     from amiforge.lifecycle.promote import policy_of
-    from amiforge.web.server import parse_listen, serve
+    from amiforge.web.server import PolicySource, parse_listen, serve
 
     where = parse_listen(listen, allow_remote=allow_remote)
     every = parse_duration(collect_every, what="--collect-every", allow_zero=True)
     settings, store = open_registry()
-    policy = policy_of(settings)
+    policy = PolicySource(settings, policy_of)  # read again when the file changes
 
     def ready(url: str) -> None:
         err_console.print(f"serving {escape(url)}/metrics and {escape(url)}/healthz (Ctrl-C to stop)")

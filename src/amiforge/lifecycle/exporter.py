@@ -24,7 +24,8 @@ Cardinality is bounded by what is exported, not by history: a version's series a
 channel (current or rollback), runs somewhere, or is one of the newest `RECENT_VERSIONS` of its image that booted;
 targets are the fleets it ran on. Older versions' series end (Prometheus keeps what it scraped for its retention).
 Per-instance series (`amiforge_recent_boot_seconds`, for the on-call and debug dashboards) are the newest
-`RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: a bounded, moving set.
+`RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: at most that many at once, but each boot is a series
+of its own, so what Prometheus keeps of them over its retention grows with the number of boots (churn).
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, open_vulnerabilities
-from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, ROLLOUT_LIVE, BootRecord, BootTotals, ChannelPointer
+from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities
+from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, BootRecord, BootTotals, ChannelPointer
 from amiforge.policy.document import Policy
 from amiforge.store.interface import Store
 
 # Whole seconds; every SLO threshold of the policy is added (a threshold must fall on a bucket to be exact).
 DEFAULT_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 RECENT_VERSIONS = 5
+# A rollout whose controller is judging the target (a paused one judges nothing: alerts stay on).
+ROLLOUT_WATCHING = frozenset({"running", "rolling-back"})
 RECENT_BOOTS = 200
 RECENT_BOOT_WINDOW = timedelta(hours=24)
 
@@ -79,6 +82,7 @@ class TelemetryCollector(Collector):
         self.policy = policy
         self.recent = recent
         self.buckets = histogram_buckets(policy)
+        self._labels = [bucket_label(b) for b in self.buckets]
         self._vulns = _VulnCache()
 
     def describe(self) -> list[Metric]:
@@ -133,7 +137,9 @@ class TelemetryCollector(Collector):
             labels = [image, ref, t.target]
             for outcome in BOOT_OUTCOMES:
                 attempts.add_metric([*labels, outcome], getattr(t, outcome))
-            buckets = [(bucket_label(b), float(t.within(b))) for b in self.buckets] + [("+Inf", float(t.ready))]
+            counts = t.cumulative(self.buckets)
+            buckets = [(label, float(n)) for label, n in zip(self._labels, counts, strict=True)]
+            buckets.append(("+Inf", float(t.ready)))
             ready.add_metric(labels, buckets, t.ttr_sum)
             if t.target != BOOT_TEST_TARGET:
                 replaced.add_metric(labels, t.replaced)
@@ -163,7 +169,8 @@ class TelemetryCollector(Collector):
         for (vid, target), (n, heard) in sorted(counts.items()):
             image, ref = refs[vid]
             instances.add_metric([image, ref, target], n)
-            beating.add_metric([image, ref, target], heard)
+            if heartbeats(target):  # no series where heartbeats are not reported: unmeasured is not 0 %
+                beating.add_metric([image, ref, target], heard)
         yield from (instances, beating)
 
     def _vulnerabilities(self, exported: set[int], refs: Mapping[int, tuple[str, str]]) -> Iterator[Metric]:
@@ -191,7 +198,7 @@ class TelemetryCollector(Collector):
             labels=["image", "target", "outcome"],
         )  # fmt: skip
         live = GaugeMetricFamily(
-            "amiforge_rollout_in_progress", "1 while a rollout on the target is running, paused or rolling back.",
+            "amiforge_rollout_in_progress", "1 while a rollout on the target is running or rolling back.",
             labels=["image", "target"],
         )  # fmt: skip
         ended: dict[tuple[str, str], dict[str, int]] = {}
@@ -202,7 +209,7 @@ class TelemetryCollector(Collector):
             per = ended.setdefault(key, dict.fromkeys(ROLLOUT_OUTCOMES.values(), 0))
             if outcome is not None:
                 per[outcome] += count
-            busy[key] = busy.get(key, 0) or int(state in ROLLOUT_LIVE)
+            busy[key] = busy.get(key, 0) or int(state in ROLLOUT_WATCHING)
         for (image, target), per in sorted(ended.items()):
             for outcome, count in per.items():
                 total.add_metric([image, target, outcome], count)

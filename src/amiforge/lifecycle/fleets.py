@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
 from amiforge.lifecycle.boottest import checks_of
@@ -120,7 +119,7 @@ def destroy_fleet(name: str, *, store: Store, settings: Settings) -> FleetDestro
     if existed:
         measure(store, settings, f"{KEEPER}:{name}")  # its last heartbeats and replacements, before they are gone
     stopped = keeper.destroy_fleet(name)
-    store.stop_boots(f"{KEEPER}:{name}", keep=(), at=datetime.now(UTC))
     if existed:
         store.append_event("fleet.destroyed", actor=settings.actor, data={"fleet": name, "stopped": stopped})
+    measure(store, settings, f"{KEEPER}:{name}")  # the fleet is gone: every boot of it stops now
     return FleetDestroyed(name, existed, stopped)

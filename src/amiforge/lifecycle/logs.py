@@ -4,8 +4,9 @@ CloudWatch agent to ship.
 
 A serial console carries no wall-clock time: a line's `@timestamp` is the member's launch plus the guest's uptime
 as last printed on or before that line (the kernel's `[   12.345]` prefix, amiforge's READY and HEARTBEAT
-lines), so it is never earlier than the line really was written, and lines without an uptime of their own take the
-last one seen. `--follow` keeps each member's place (a byte offset) and prints only whole new lines.
+lines), so it is never later than the line really was written (lines without an uptime of their own take the last
+one seen), and the guest's clock starts a moment after the launch. `--follow` keeps each member's place (a byte
+offset) and prints only whole new lines.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
 ECS_VERSION = "8.11.0"
+LOOK_FOR_NEW = 5  # polls between looks for new members and boot tests while following
 # An uptime printed on the line: the kernel's "[   12.345678]" prefix, or amiforge's own markers.
 UPTIME_RE = re.compile(r"^\[\s*(\d+\.\d+)\]|AMIFORGE-(?:READY|HEARTBEAT) (\d+(?:\.\d+)?)")
 # The newest part of a console read at once (a guest that ran for months writes a heartbeat a minute).
@@ -183,11 +185,14 @@ def console_lines(
     for source in sources:
         yield from (line for line in _read(source) if line.at >= start)
     known = {(s.target, s.instance) for s in sources}
+    polls = 0
     while follow and not until():
         time.sleep(poll)
-        for source in _sources(store, settings, ref, chosen if chosen is not None else target, start):
-            if (source.target, source.instance) not in known:  # a member launched since: from its start
-                known.add((source.target, source.instance))
-                sources.append(source)
+        polls += 1
+        if polls % LOOK_FOR_NEW == 0:  # new members and boot tests: looked for now and then, not at every poll
+            for source in _sources(store, settings, ref, chosen if chosen is not None else target, start):
+                if (source.target, source.instance) not in known:  # launched since: from its start
+                    known.add((source.target, source.instance))
+                    sources.append(source)
         for source in sources:
             yield from _read(source)

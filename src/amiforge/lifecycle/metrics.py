@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from amiforge.errors import ConfigError
+from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.controller import canonical_target
 from amiforge.lifecycle.promote import policy_of
 from amiforge.lifecycle.slis import (
@@ -18,7 +18,7 @@ from amiforge.lifecycle.slis import (
     slo_window_start,
     target_slis,
 )
-from amiforge.lifecycle.telemetry import TargetCollected, collect
+from amiforge.lifecycle.telemetry import EPOCH, TargetCollected, collect, known_targets
 from amiforge.model import BOOT_TEST_TARGET
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -51,6 +51,8 @@ def metrics(
     if window <= timedelta(0):
         raise ConfigError("--window must be longer than 0", fix="e.g. --window 24h")
     chosen_target = None if target is None else canonical_target(target) if target != BOOT_TEST_TARGET else target
+    if chosen_target is not None and chosen_target != BOOT_TEST_TARGET:
+        _require_target(store, settings, chosen_target)
     collected: list[TargetCollected] = []
     if read_fleets:
         fleets = None if chosen_target is None else [] if chosen_target == BOOT_TEST_TARGET else [chosen_target]
@@ -96,3 +98,13 @@ def metrics(
 def _ref_order(ref: str) -> tuple[str, int]:
     name, _, number = ref.partition("@")
     return name, int(number) if number.isdigit() else 0
+
+
+def _require_target(store: Store, settings: Settings, target: str) -> None:
+    """A target amiforge knows of: a fleet or group it has read or rolled out to, or a local fleet that exists."""
+    if target in known_targets(store, settings) or store.boots_in_window(EPOCH, datetime.now(UTC), targets=[target]):
+        return
+    raise NotFound(
+        f"no boots recorded on {target}, and no fleet or rollout by that name",
+        fix="`amiforge fleet list` shows the local fleets; `amiforge metrics` without --target shows every target",
+    )

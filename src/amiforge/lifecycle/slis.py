@@ -3,7 +3,7 @@
 | id | SLI | from |
 |---|---|---|
 | M1 | boot success rate: ready boots / boots decided in the window (a timeout is a failure) | boots |
-| M2 | time to ready p50/p95/p99 of the boots ready in the window | boots |
+| M2 | time to ready p50/p95/p99 of the boots ready in the window (a late one is a timeout, out of M2) | boots |
 | M3 | replacements per 1,000 instance-days: members replaced in the window / their time running in it | boots |
 | M4 | agent coverage: running instances with a heartbeat within `heartbeat_within` / all running | boots |
 | M5 | open vulnerabilities by severity (the latest scan), and fleet-weighted: × the instances running it | scans |
@@ -89,7 +89,7 @@ class TargetSlis:
     replacements: int
     instance_days: float
     running: int
-    heartbeating: int
+    heartbeating: int | None  # None: the target's provider reports no heartbeats (yet): coverage is not measured
     slos: tuple[SloStatus, ...]
 
     @property
@@ -106,7 +106,7 @@ class TargetSlis:
 
     @property
     def coverage(self) -> float | None:  # M4
-        return self.heartbeating / self.running if self.running else None
+        return self.heartbeating / self.running if self.running and self.heartbeating is not None else None
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,16 @@ class RolloutRate:
 ROLLOUT_OUTCOMES: Mapping[str, str] = {"succeeded": "succeeded", "failed": "rolled_back", "aborted": "aborted"}
 
 
+# Targets whose fleets report heartbeats: local fleets read them from the console. An Auto Scaling group's
+# instances do not report them to amiforge yet (the CloudWatch path is to come): their coverage is not measured,
+# which is not the same as 0 %.
+HEARTBEAT_KINDS = ("local:",)
+
+
+def heartbeats(target: str) -> bool:
+    return target.startswith(HEARTBEAT_KINDS)
+
+
 def _overlap_days(boot: BootRecord, start: datetime, end: datetime) -> float:
     began = max(boot.launched_at, start)
     ended = min(boot.stopped_at or end, end)
@@ -186,9 +196,12 @@ def target_slis(
                 replacements=sum(
                     b.replaced and b.stopped_at is not None and start <= b.stopped_at <= now for b in members
                 ),
-                instance_days=sum(_overlap_days(b, start, now) for b in members if fleet and b.outcome == "ready"),
+                # Every member's time counts, ready or not: ten failing members replaced hourly is churn M3 shows.
+                instance_days=sum(_overlap_days(b, start, now) for b in members if fleet),
                 running=len(running),
-                heartbeating=sum(b.last_heartbeat_at is not None and b.last_heartbeat_at >= fresh for b in running),
+                heartbeating=None
+                if not heartbeats(target)
+                else sum(b.last_heartbeat_at is not None and b.last_heartbeat_at >= fresh for b in running),
                 slos=slo_statuses(members, slos, now),
             )
         )

@@ -84,6 +84,7 @@ def collect(
 
 def collect_target(store: Store, settings: Settings, target: str, *, now: datetime | None = None) -> TargetCollected:
     target = canonical_target(target)
+    read_at = datetime.now(UTC)  # before the fleet is read: what launched since is not judged gone
     try:
         fleet, _, _ = fleet_of(target, settings)
         signals = fleet.signals(EPOCH)
@@ -97,7 +98,8 @@ def collect_target(store: Store, settings: Settings, target: str, *, now: dateti
     at = now or datetime.now(UTC)
     observations = observations_of(members, signals, store, at)
     changed = store.record_boots(target, observations)
-    stopped = store.stop_boots(target, keep={m.id for m in members if m.state != "stopped"}, at=at)
+    running = {m.id for m in members if m.state != "stopped"}
+    stopped = store.stop_boots(target, keep=running, at=at, launched_before=read_at)
     return TargetCollected(target, len(members), changed, tuple(stopped))
 
 

@@ -310,8 +310,11 @@ class Store(Protocol):
         a replacement set once; a later heartbeat), with their totals, in one transaction; how many changed."""
         ...
 
-    def stop_boots(self, target: str, *, keep: Collection[str], at: datetime) -> list[str]:
-        """Mark the boots on `target` still running, but for the instances in `keep`, as stopped at `at`."""
+    def stop_boots(
+        self, target: str, *, keep: Collection[str], at: datetime, launched_before: datetime | None = None
+    ) -> list[str]:
+        """Mark the boots on `target` still running, but for the instances in `keep` (and those launched since
+        `launched_before`), as stopped at `at`."""
         ...
 
     def running_targets(self) -> list[str]:

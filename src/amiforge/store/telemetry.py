@@ -79,26 +79,40 @@ class Telemetry(StoreCore):
     def record_boots(self, target: str, observations: Sequence[BootObservation]) -> int:
         """Record what is known now of these boots on `target`; the number of boots that changed."""
         changed = 0
+        b = boots_table
+        postgres = False
         with self._guard(f"record boots on {target}"), self._write() as conn:
+            postgres = conn.dialect.name == "postgresql"
             increments: dict[int, _Increment] = {}
             for start in range(0, len(observations), _CHUNK):
                 chunk = observations[start : start + _CHUNK]
-                b = boots_table
-                query = sa.select(b).where(b.c.target == target, b.c.instance.in_([o.instance for o in chunk]))
-                if conn.dialect.name == "postgresql":
-                    query = query.with_for_update()
-                known = {row["instance"]: row for row in conn.execute(query).mappings()}
-                inserts: list[dict[str, Any]] = []
-                for obs in chunk:
-                    row = known.get(obs.instance)
-                    if row is None:
-                        inserts.append(_new_row(target, obs))
-                        if obs.outcome is not None or obs.replaced:
+                known = self._boot_rows(conn, target, [o.instance for o in chunk])
+                fresh = [o for o in chunk if o.instance not in known]
+                if fresh:
+                    # Another collector may insert the same boot meanwhile (PostgreSQL locks no row that does not
+                    # exist yet): what it inserted first is read back below and moved forward like any known row.
+                    insert = (pg_insert if postgres else sqlite_insert)(b)
+                    done = conn.execute(
+                        insert.values([_new_row(target, o) for o in fresh])
+                        .on_conflict_do_nothing(index_elements=["target", "instance"])
+                        .returning(b.c.instance)
+                    )
+                    inserted = set(done.scalars())
+                    for obs in fresh:
+                        if obs.instance in inserted:
+                            # Even a boot still launching makes its (version, target) counters exist, at zero:
+                            # Prometheus's rate() takes a series' first value as its start, so outcomes should
+                            # arrive as increments of a series it already scraped (serve collects every 15 s).
                             inc = increments.setdefault(obs.version_id, _Increment())
                             if obs.outcome is not None:
                                 inc.outcome(obs.outcome, obs.time_to_ready)
                             inc.counts["replaced"] += obs.replaced
-                        continue
+                    changed += len(inserted)
+                    raced = [o.instance for o in fresh if o.instance not in inserted]
+                    known.update(self._boot_rows(conn, target, raced) if raced else {})
+                    chunk = [o for o in chunk if o.instance in known and o.instance not in inserted]
+                for obs in chunk:
+                    row = known[obs.instance]
                     update = _forward(row, obs)
                     if not update:
                         continue
@@ -109,12 +123,17 @@ class Telemetry(StoreCore):
                         inc.counts["replaced"] += 1
                     conn.execute(b.update().where(b.c.id == row["id"]).values(**update))
                     changed += 1
-                if inserts:
-                    conn.execute(b.insert(), inserts)
-                    changed += len(inserts)
             for version_id, inc in increments.items():
                 self._add_totals(conn, version_id, target, inc)
         return changed
+
+    @staticmethod
+    def _boot_rows(conn: sa.Connection, target: str, instances: Sequence[str]) -> dict[str, Any]:
+        b = boots_table
+        query = sa.select(b).where(b.c.target == target, b.c.instance.in_(list(instances)))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()  # SQLite writers hold the database's write lock already
+        return {row["instance"]: row for row in conn.execute(query).mappings()}
 
     @staticmethod
     def _add_totals(conn: sa.Connection, version_id: int, target: str, inc: _Increment) -> None:
@@ -139,14 +158,18 @@ class Telemetry(StoreCore):
             )
         )
 
-    def stop_boots(self, target: str, *, keep: Collection[str], at: datetime) -> list[str]:
+    def stop_boots(
+        self, target: str, *, keep: Collection[str], at: datetime, launched_before: datetime | None = None
+    ) -> list[str]:
         """Mark every boot on `target` still running but for the instances in `keep` as stopped at `at` (they are
-        gone: a destroyed fleet, a terminated instance); the instances marked."""
+        gone: a destroyed fleet, a terminated instance); the instances marked. `launched_before`: only boots
+        launched before it (when `keep` was read), so a boot another collector recorded since is not stopped."""
         b = boots_table
         with self._guard(f"record stopped boots on {target}"), self._write() as conn:
-            running = conn.execute(
-                sa.select(b.c.id, b.c.instance).where(b.c.target == target, b.c.stopped_at.is_(None))
-            ).all()
+            query = sa.select(b.c.id, b.c.instance).where(b.c.target == target, b.c.stopped_at.is_(None))
+            if launched_before is not None:
+                query = query.where(b.c.launched_at < launched_before)
+            running = conn.execute(query).all()
             gone = [(row_id, instance) for row_id, instance in running if instance not in keep]
             for start in range(0, len(gone), _CHUNK):
                 ids = [row_id for row_id, _ in gone[start : start + _CHUNK]]

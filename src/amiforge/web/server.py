@@ -74,13 +74,56 @@ def _loopback(host: str) -> bool:
         return False
 
 
+class PolicySource:
+    """The policy as its file says now: read again when the file changes (a new SLO threshold is a new histogram
+    bucket, which the rules regenerated from it need), the previous one kept while an edit does not validate."""
+
+    def __init__(self, settings: Settings, load: Callable[[Settings], Policy]) -> None:
+        self.settings, self._load = settings, load
+        self._key: int | None = None
+        self._policy = load(settings)
+        self._key = self._stamp()
+
+    def _stamp(self) -> int | None:
+        path = self.settings.policy
+        try:
+            return path.stat().st_mtime_ns if path is not None else None
+        except OSError:
+            return self._key
+
+    def get(self) -> Policy:
+        stamp = self._stamp()
+        if stamp != self._key:
+            self._key = stamp
+            try:
+                self._policy = self._load(self.settings)
+            except ConfigError as e:
+                logger.warning("the policy no longer validates; /metrics keeps the previous one: %s", e.message)
+        return self._policy
+
+
 class App:
     """The WSGI application: /metrics, /healthz; anything else 404, anything but GET/HEAD 405."""
 
-    def __init__(self, store: Store, policy: Policy) -> None:
+    def __init__(self, store: Store, policy: Policy | PolicySource) -> None:
         self.store = store
+        self.policy = policy
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(TelemetryCollector(store, policy))
+        self._lock = threading.Lock()
+        self._collector = TelemetryCollector(store, self._current_policy())
+        self.registry.register(self._collector)
+
+    def _current_policy(self) -> Policy:
+        return self.policy.get() if isinstance(self.policy, PolicySource) else self.policy
+
+    def _refresh(self) -> None:
+        """A collector for the policy as it is now (its buckets follow the SLO thresholds)."""
+        policy = self._current_policy()
+        with self._lock:
+            if policy is not self._collector.policy:
+                self.registry.unregister(self._collector)
+                self._collector = TelemetryCollector(self.store, policy)
+                self.registry.register(self._collector)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -88,11 +131,14 @@ class App:
         if path not in ("/metrics", "/healthz"):
             return _reply(start_response, "404 Not Found", b"not found: try /metrics or /healthz\n", "text/plain")
         if method not in ("GET", "HEAD"):
-            return _reply(start_response, "405 Method Not Allowed", b"GET only\n", "text/plain", [("Allow", "GET")])
+            allow = [("Allow", "GET, HEAD")]
+            return _reply(start_response, "405 Method Not Allowed", b"GET or HEAD only\n", "text/plain", allow)
+        head = method == "HEAD"
         if path == "/healthz":
             status, body = self._health()
-            return _reply(start_response, status, json.dumps(body).encode() + b"\n", "application/json")
+            return _reply(start_response, status, json.dumps(body).encode() + b"\n", "application/json", head=head)
         try:
+            self._refresh()
             output = generate_latest(self.registry)
         except Exception as e:  # a broken registry: Prometheus records the failed scrape; the log says why
             logger.error("/metrics failed: %s: %s", type(e).__name__, e)
@@ -100,7 +146,7 @@ class App:
                 start_response, "500 Internal Server Error", b"the registry could not be read\n", "text/plain"
             )
         # The text format every Prometheus reads (2.x included); the names need none of 1.0.0's UTF-8 escaping.
-        return _reply(start_response, "200 OK", output, CONTENT_TYPE_PLAIN_0_0_4, head=method == "HEAD")
+        return _reply(start_response, "200 OK", output, CONTENT_TYPE_PLAIN_0_0_4, head=head)
 
     def _health(self) -> tuple[str, dict[str, Any]]:
         try:
@@ -170,7 +216,7 @@ def serve(
     *,
     store: Store,
     settings: Settings,
-    policy: Policy,
+    policy: Policy | PolicySource,
     collect_every: float | None,
     ready: Callable[[str], None] = lambda _url: None,
 ) -> None:
