@@ -43,6 +43,12 @@ bench-vulndb:
 	scripts/bootstrap.sh
 	.venv/bin/python bench/vulndb_bench.py $(VULNDB_BENCH_ARGS)
 
+# /metrics of `amiforge serve` on 1,000 versions, 100 fleets, 1,000,000 boots. TELEMETRY_BENCH_ARGS: e.g. --db PATH.
+.PHONY: bench-telemetry
+bench-telemetry:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/telemetry_bench.py $(TELEMETRY_BENCH_ARGS)
+
 lint:
 	.venv/bin/ruff format src tests bench
 	.venv/bin/ruff check --fix src tests bench

@@ -30,7 +30,8 @@ What is measured, in this process (prometheus_client renders; the same App `amif
 2. the same through a real HTTP server (`amiforge.web.server.serve` on 127.0.0.1, an ephemeral port, in a thread;
    urllib GET), --http-runs times (default 50);
 3. where a scrape's time goes (--runs / 10 collections): each store read the collector makes, the metric families
-   built, and prometheus_client's text rendering;
+   built, and prometheus_client's text rendering; when the p95 misses its target (--profile auto), a cProfile of 5
+   scrapes, the top functions by own time and amiforge's by cumulative time;
 4. the peer: what the counters would cost without the totals table (`boot_totals`): one GROUP BY over all the boots
    per (version, target, outcome) with sum(time to ready) and sum(replaced), plus the running-instance counts (a
    GROUP BY of the running boots), --peer-runs times (default 5); and the same GROUP BY with the histogram's buckets
@@ -38,8 +39,9 @@ What is measured, in this process (prometheus_client renders; the same App `amif
    (`boot_totals(exported)` and the same running counts) and to a whole scrape. Over all the boots, not only the
    exported versions': without the totals the set of versions that booted comes from the boots too;
 5. memory: RSS (VmRSS of /proc/self/status) before the timed scrapes, after, its largest growth and its growth over
-   the second half of the scrapes; then tracemalloc's net growth across --trace-runs scrapes (default 100, after
-   10 under tracing to warm up; not timed), with the lines that grew most when it grew;
+   the second half of the scrapes; then tracemalloc's net growth (one frame) after each quarter of --trace-runs
+   more scrapes (default 100, after 10 under tracing to warm up; not timed), with the lines that grew most: a leak
+   grows quarter after quarter, a warm-up once;
 6. series: the samples of one exposition (each is a series Prometheus stores), by family, the exported versions
    (versions with an `amiforge_version_info` sample), samples per exported version, and what one version costs per
    (version, target) pair on a fleet, on boot tests, and per version (vulnerabilities, version_info).
@@ -648,22 +650,26 @@ def profile_scrapes(scrape: Callable[[], bytes], runs: int, top: int) -> list[st
     return lines
 
 
-def traced_growth(scrape: Callable[[], bytes], runs: int) -> tuple[int, list[str]]:
-    """tracemalloc's net growth (bytes) across `runs` scrapes, after 10 under tracing; the lines that grew most."""
-    tracemalloc.start(1)  # one frame: lines are enough, and ten make a scrape ~20 times slower
+def traced_growth(scrape: Callable[[], bytes], runs: int) -> tuple[list[int], list[str]]:
+    """tracemalloc's net growth (bytes) since the start after each quarter of `runs` scrapes (10 under tracing
+    first): a leak grows quarter after quarter, a warm-up does not. Also the lines that grew most in all."""
+    tracemalloc.start(1)  # one frame: lines are enough (ten make a scrape several times slower again)
     try:
         for _ in range(10):
             scrape()
         gc.collect()
         before, first = tracemalloc.get_traced_memory()[0], tracemalloc.take_snapshot()
-        for _ in range(runs):
-            scrape()
-        gc.collect()
-        after, last = tracemalloc.get_traced_memory()[0], tracemalloc.take_snapshot()
+        growth = []
+        for quarter in range(4):
+            for _ in range(runs * (quarter + 1) // 4 - runs * quarter // 4):
+                scrape()
+            gc.collect()
+            growth.append(tracemalloc.get_traced_memory()[0] - before)
+        last = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
     top = last.compare_to(first, "lineno")[:5]
-    return after - before, [f"    {stat}" for stat in top if stat.size_diff > 0]
+    return growth, [f"    {stat}" for stat in top if stat.size_diff > 0]
 
 
 # --- the whole ------------------------------------------------------------------------------------------------------
@@ -770,10 +776,12 @@ def measure(url: str, args: argparse.Namespace, data_dir: Path, gen: Generated |
         print(f"peer with the histogram's {len(buckets)} buckets as sums: p50 {peer_hist['p50']:.0f} ms", flush=True)
 
         # 5. tracemalloc across the last scrapes.
-        growth, grew = traced_growth(scrape, args.trace_runs) if args.trace_runs else (0, [])
+        quarters, grew = traced_growth(scrape, args.trace_runs) if args.trace_runs else ([0], [])
+        growth = quarters[-1]
+        steps = " → ".join(f"{g / 1024:+,.1f}" for g in quarters)
         if args.trace_runs:
             print(f"tracemalloc: net growth {growth / 1024:+,.1f} KiB across {args.trace_runs} scrapes "
-                  f"({growth / args.trace_runs:+,.0f} bytes a scrape)", flush=True)  # fmt: skip
+                  f"(after each quarter: {steps} KiB)", flush=True)  # fmt: skip
             if growth > 0:
                 print("\n".join(grew))
         rss_end = rss()
@@ -801,7 +809,7 @@ def measure(url: str, args: argparse.Namespace, data_dir: Path, gen: Generated |
     print(f"| largest RSS growth during them | {mib(max(rss_after_each) - rss_before)} |")
     print(f"| RSS growth over their second half | {mib(second_half_growth)} |")
     if args.trace_runs:
-        print(f"| tracemalloc net growth across {args.trace_runs} more scrapes | {growth / 1024:+,.1f} KiB |")
+        print(f"| tracemalloc net growth across {args.trace_runs} more scrapes (after each quarter) | {steps} KiB |")
     print(f"| RSS at the end (after HTTP, peer, tracing) | {mib(rss_end)} |")
     print(f"| scans' counts kept by the collector | {cached} |")
 

@@ -146,15 +146,17 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
         assert pages(cli, "rollfleet") == ["web tier v1"] * 3  # the guests say so themselves
 
         run(cli, "promote", v1, "--channel", "dev")
-        crashed = crash_while_booting(cli, v1)
+        crashed = crash_while_booting(cli, v1, monitoring)
         check_telemetry(cli, monitoring, started, v1=v1, v2=v2, v3=v3, crashed=crashed)
     finally:
         run(cli, "fleet", "destroy", "rollfleet")
         run(cli, "fleet", "destroy", "crashfleet")
 
 
-def crash_while_booting(cli: Cli, version: str) -> str:
-    """A guest whose QEMU dies while it boots: a failed boot (M1), with its instance id on the on-call dashboard."""
+def crash_while_booting(cli: Cli, version: str, monitoring: Monitoring) -> str:
+    """A guest whose QEMU dies while it boots: a failed boot (M1), with its instance id on the on-call dashboard. It
+    dies once Prometheus has scraped the fleet's counters at zero (serve saw it launching), as in a real fleet whose
+    launches serve watches: the failure is then an increase that a burn-rate alert can see."""
     creating = subprocess.Popen(
         [sys.executable, "-m", "amiforge", "fleet", "create", "crashfleet", "--size", "1", "--version", version],
         env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -165,7 +167,9 @@ def crash_while_booting(cli: Cli, version: str) -> str:
         shown = subprocess.run([sys.executable, "-m", "amiforge", "fleet", "show", "crashfleet", "--json"],
                                env=cli.env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         members = json.loads(shown.stdout)["members"] if shown.returncode == 0 else []
-        if members and members[0]["pid"] and members[0]["state"] == "launching":
+        seen = monitoring.query('amiforge_boot_attempts_total{target="local:crashfleet", outcome="failed"}')
+        if members and members[0]["pid"] and members[0]["state"] == "launching" and seen:
+            assert float(seen[0]["value"][1]) == 0
             os.kill(members[0]["pid"], signal.SIGKILL)
             break
         time.sleep(0.3)
@@ -205,6 +209,14 @@ def check_telemetry(
             break
         assert time.monotonic() < deadline, "Prometheus never saw the crashed boot"
         time.sleep(1)
+    # The burn pages — the crashed fleet's only launch failed — while the rollouts' expected churn paged nothing.
+    deadline = time.monotonic() + 60
+    paging = 'ALERTS{alertname="AmiforgeBootFailureBurnRate", severity="page", alertstate="firing"}'
+    while {a["metric"]["target"] for a in monitoring.query(paging)} != {"local:crashfleet"}:
+        assert time.monotonic() < deadline, f"no page for local:crashfleet: {monitoring.query(paging)}"
+        time.sleep(1)
+    churn = monitoring.query_range('ALERTS{target="local:rollfleet"}', started, time.time())
+    assert churn == [], churn
     failed = monitoring.query('amiforge_recent_boot_seconds{outcome!="ready"}')
     assert crashed in {s["metric"]["instance_id"] for s in failed}
     now = time.time()
