@@ -19,14 +19,16 @@ The registry (SQLite, generated through the store API, deterministic for --seed;
   `replaced` when a rollout or self-healing took their place; 96.5% ready in 8–90 s (log-normal around 22 s),
   2% failed, 1.5% timeout (300 s); each fleet has 8–12 members running now (no `stopped_at`) on its current
   version (split with the new one during a running rollout), 95% with a heartbeat of the last minute, the rest
-  10–30 minutes old. record_boots is fast enough for this (its rows/s is printed), so no boot is inserted behind
-  its back; the totals it kept are checked against the boots table after generation.
+  10–30 minutes old. Every boot goes through record_boots, none is inserted behind its back: its rows/s is
+  printed (15,000/s before feeac1a, 3,200/s after: a million in 1 or 5 minutes, slow but not too slow to use), and
+  the totals it kept are checked against the boots table after generation.
 
 What is measured, in this process (prometheus_client renders; the same App `amiforge serve` runs):
 
 1. a scrape: `App(store, default_policy())` called as WSGI with GET /metrics, the body joined; one warm-up scrape
    first (it reads every exported scan's findings once and keeps the counts per scan id), then --runs scrapes
-   (default 200): p50/p95/p99/max against the 100 ms target;
+   (default 200): p50/p95/p99/max of wall time against the 100 ms target, and of the CPU time this process spent
+   (time.process_time; on a shared machine wall time also waits for a core);
 2. the same through a real HTTP server (`amiforge.web.server.serve` on 127.0.0.1, an ephemeral port, in a thread;
    urllib GET), --http-runs times (default 50);
 3. where a scrape's time goes (--runs / 10 collections): each store read the collector makes, the metric families
@@ -724,15 +726,17 @@ def measure(url: str, args: argparse.Namespace, data_dir: Path, gen: Generated |
         rss_before = rss()
         rss_after_each: list[int] = []
         times: list[float] = []
+        cpu: list[float] = []  # this process's CPU time: on a shared machine, wall time also waits for a core
         for _ in range(args.runs):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             scrape()
             times.append((time.perf_counter() - started) * 1000)
+            cpu.append((time.process_time() - cpu_started) * 1000)
             rss_after_each.append(rss())
         rss_after = rss()
         half = len(rss_after_each) // 2
         second_half_growth = rss_after_each[-1] - rss_after_each[half] if half else 0
-        in_process = summary(times)
+        in_process, in_process_cpu = summary(times), summary(cpu)
         print(f"{args.runs} scrapes in-process: p50 {in_process['p50']:.1f} ms, p95 {in_process['p95']:.1f} ms, "
               f"p99 {in_process['p99']:.1f} ms, max {in_process['max']:.1f} ms (target p95 ≤ {SCRAPE_TARGET_MS:g} ms)",
               flush=True)  # fmt: skip
@@ -791,6 +795,7 @@ def measure(url: str, args: argparse.Namespace, data_dir: Path, gen: Generated |
     print("\n| figure | p50 ms | p95 ms | p99 ms | max ms | target (p95) | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(ms_row(f"**scrape /metrics, in-process WSGI** ({args.runs} runs)", in_process, SCRAPE_TARGET_MS))
+    print(ms_row("the same scrapes' CPU time (this process)", in_process_cpu, SCRAPE_TARGET_MS))
     if http:
         print(ms_row(f"scrape /metrics over HTTP, `serve` on 127.0.0.1 ({args.http_runs} runs)", http,
                      SCRAPE_TARGET_MS))  # fmt: skip
