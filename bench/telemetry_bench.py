@@ -69,7 +69,6 @@ import shutil
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -84,6 +83,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
+from measured import tree_state
 
 from amiforge.model import BootObservation
 
@@ -675,23 +675,6 @@ def traced_growth(scrape: Callable[[], bytes], runs: int) -> tuple[list[int], li
 
 
 # --- the whole ------------------------------------------------------------------------------------------------------
-
-
-def tree_state() -> str:
-    """The amiforge measured: its commit, and whether its src/ had changes not committed yet (measured too)."""
-    import amiforge
-
-    where = Path(amiforge.__file__).parent
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=where, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return f"amiforge from {where}"
-    changed = git("status", "--short", "--", ".").splitlines()
-    return f"commit {commit}" + (f" + uncommitted changes to {len(changed)} file(s) of src/" if changed else "")
 
 
 def ms_row(label: str, s: dict[str, float], target: float | None = None) -> str:

@@ -76,6 +76,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from measured import tree_state
+
 RESCAN_TARGET_S = 5.0
 ACTOR = "bench@synthetic"
 GENERATOR = 1  # bump when the generated data changes, so --data regenerates
@@ -772,23 +774,6 @@ def _top(stats: pstats.Stats, key: str, n: int, only: str | None = None) -> list
 
 
 # --- the parent -----------------------------------------------------------------------------------------------------
-
-
-def tree_state() -> str:
-    """The amiforge measured: its commit, and whether its src/ had changes not committed yet (measured too)."""
-    import amiforge
-
-    where = Path(amiforge.__file__).parent
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=where, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return f"amiforge from {where}"
-    changed = git("status", "--short", "--", ".").splitlines()
-    return f"commit {commit}" + (f" + uncommitted changes to {len(changed)} file(s) of src/" if changed else "")
 
 
 def mib(n: float) -> str:
