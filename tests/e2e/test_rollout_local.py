@@ -188,7 +188,8 @@ def check_telemetry(
     assert rows[(v1, "local:rollfleet")]["running"] == 3 and rows[(v1, "local:rollfleet")]["heartbeating"] == 3
     assert rows[(v2, "local:rollfleet")]["replacements"] == 3 and rows[(v1, "local:rollfleet")]["replacements"] == 4
     assert rows[(v1, "local:crashfleet")]["failed"] == 1 and rows[(v1, "local:crashfleet")]["boot_success"] == 0
-    assert {(v, t) for v, t in rows if t == "boot-test"} == {(v1, "boot-test"), (v2, "boot-test"), (v3, "boot-test")}
+    # (the session's other tests booted their own versions in the same registry: only these three are this test's)
+    assert {(v1, "boot-test"), (v2, "boot-test"), (v3, "boot-test")} <= {(v, t) for v, t in rows if t == "boot-test"}
     ended = {r["target"]: (r["succeeded"], r["rolled_back"]) for r in report["rollouts"]}
     assert ended["local:rollfleet"] == (2, 1)
     # The consoles, as JSON lines: every running guest's readiness and heartbeat, timed by its own uptime.
@@ -212,7 +213,7 @@ def check_telemetry(
     # The burn pages — the crashed fleet's only launch failed — while the rollouts' expected churn paged nothing.
     deadline = time.monotonic() + 60
     paging = 'ALERTS{alertname="AmiforgeBootFailureBurnRate", severity="page", alertstate="firing"}'
-    while {a["metric"]["target"] for a in monitoring.query(paging)} != {"local:crashfleet"}:
+    while "local:crashfleet" not in {a["metric"]["target"] for a in monitoring.query(paging)}:
         assert time.monotonic() < deadline, f"no page for local:crashfleet: {monitoring.query(paging)}"
         time.sleep(1)
     churn = monitoring.query_range('ALERTS{target="local:rollfleet"}', started, time.time())
