@@ -80,7 +80,6 @@ class Telemetry(StoreCore):
         """Record what is known now of these boots on `target`; the number of boots that changed."""
         changed = 0
         b = boots_table
-        postgres = False
         with self._guard(f"record boots on {target}"), self._write() as conn:
             postgres = conn.dialect.name == "postgresql"
             increments: dict[int, _Increment] = {}
