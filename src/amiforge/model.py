@@ -405,6 +405,7 @@ class Rollout:
     updated_at: datetime
     finished_at: datetime | None
     detail: Mapping[str, object]
+    undoes: int | None = None  # a rollback: the rollout whose change it undoes
 
 
 @dataclass(frozen=True)

@@ -249,17 +249,19 @@ def decide(strategy: Strategy, members: Sequence[Member], *, alarms_firing: Sequ
     budget = 1.0 - strategy.error_budget.slo
     burn = (len(failed) / total) / budget if total else 0.0
     reasons: list[str] = []
+    # Which members failed and why, so the verdict itself says where to look (the console of that guest).
+    why = "; ".join(f"{m.id}: {m.detail}" if m.detail else m.id for m in failed)
     if burn > strategy.error_budget.max_burn_rate:
         reasons.append(
             f"burn rate {burn:.1f}× > {strategy.error_budget.max_burn_rate:g}× "
-            f"({len(failed)} of {total} failed; SLO {strategy.error_budget.slo:g})"
+            f"({len(failed)} of {total} failed: {why}; SLO {strategy.error_budget.slo:g})"
         )
     success = len(ready) / total if total and settled else None
     ttr = p95([m.time_to_ready for m in ready if m.time_to_ready is not None])
     if settled:
         gates = strategy.gates
         if success is not None and success < gates.boot_success_rate:
-            reasons.append(f"boot success rate {success:.2f} < {gates.boot_success_rate:g}")
+            reasons.append(f"boot success rate {success:.2f} < {gates.boot_success_rate:g} (failed: {why})")
         if gates.time_to_ready_p95 is not None and ttr is not None and ttr > gates.time_to_ready_p95:
             reasons.append(f"time-to-ready p95 {ttr:.1f}s > {gates.time_to_ready_p95:g}s")
     firing = tuple(a for a in alarms_firing if a in strategy.gates.alarms)

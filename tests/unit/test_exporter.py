@@ -10,7 +10,7 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.exporter import TelemetryCollector, bucket_label, histogram_buckets
 from amiforge.lifecycle.promote import policy_of
-from amiforge.model import BootObservation, Finding, FindingKind, ScanRecord, Severity, Status
+from amiforge.model import BootObservation, BootTotals, Finding, FindingKind, ScanRecord, Severity, Status
 from amiforge.policy.document import Policy, default_policy, parse_policy
 from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import Settings
@@ -156,11 +156,11 @@ def test_vulnerability_counts_are_read_once_per_scan(store: SqlStore, policy: Po
 
     monkeypatch.setattr(store, "scan_findings", counted)
     for _ in range(3):
-        list(collector.collect())
+        collector.render()
     assert len(reads) == 1
     store.add_scan(v, ScanRecord(now, (), "{}", sbom_digest("{}"), (), "TEST"))  # a rescan: a new scan id
-    list(collector.collect())
-    assert len(reads) == 2 and len(collector._vulns.counts) == 1  # the old scan's counts are dropped
+    collector.render()
+    assert len(reads) == 2 and len(collector._caches.vulns) == 1  # the old scan's counts are dropped
 
 
 def test_buckets_are_whole_seconds_including_every_threshold(policy: Policy) -> None:
@@ -251,3 +251,33 @@ def test_listen_addresses() -> None:
     with pytest.raises(ConfigError, match="not a loopback address"):
         parse_listen("0.0.0.0:9464", allow_remote=False)
     assert parse_listen("0.0.0.0:9464", allow_remote=True).host == "0.0.0.0"
+
+
+def test_a_scrape_reuses_the_text_of_unchanged_totals_and_rewrites_changed_ones(
+    store: SqlStore, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = datetime.now(UTC)
+    web, api = _version(store), _version(store, "api")
+    store.record_boots("local:a", [BootObservation("g-1", web, now, "ready", 4.0, now)])
+    store.record_boots("local:b", [BootObservation("g-2", api, now, "ready", 6.0, now)])
+    collector = TelemetryCollector(store, policy)
+    written: list[tuple[int, str]] = []
+    real = BootTotals.cumulative
+
+    def counted(self: BootTotals, bounds: Sequence[float]) -> list[int]:
+        written.append((self.version_id, self.target))
+        return real(self, bounds)
+
+    monkeypatch.setattr(BootTotals, "cumulative", counted)
+    first = _samples(collector.render().decode())
+    assert sorted(written) == [(web, "local:a"), (api, "local:b")]
+    written.clear()
+    store.record_boots("local:a", [BootObservation("g-3", web, now, "failed", None, now, detail="TEST")])
+    second = _samples(collector.render().decode())
+    assert written == [(web, "local:a")]  # only the row whose totals changed is written again
+    attempts = {"image": "web", "version": "web@1", "target": "local:a"}
+    assert _get(first, "amiforge_boot_attempts_total", **attempts, outcome="failed") == 0
+    assert _get(second, "amiforge_boot_attempts_total", **attempts, outcome="failed") == 1
+    reused = {"image": "api", "version": "api@1", "target": "local:b"}
+    assert _get(second, "amiforge_time_to_ready_seconds_count", **reused) == 1
+    assert _get(second, "amiforge_time_to_ready_seconds_sum", **reused) == 6.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from amiforge.errors import ConfigError, GateFailed, StateError
+from amiforge.errors import ConfigError, GateFailed, NotFound, StateError
 from amiforge.lifecycle import rollout as rollout_module
 from amiforge.lifecycle.controller import Controls, parse_target
-from amiforge.lifecycle.rollout import drive, previous_version, request, resume
+from amiforge.lifecycle.rollout import drive, last_change, request, resume, rollback
+from amiforge.lifecycle.slis import rollout_rates
 from amiforge.model import Artifact, Status
 from amiforge.providers.interface import BootSignal, Fleet, Member, MemberState, Replacement
 from amiforge.recipe import Checks
@@ -75,8 +76,8 @@ def test_p95_is_nearest_rank() -> None:
     assert p95([float(i) for i in range(1, 101)]) == 95.0
 
 
-def _member(state: MemberState, ttr: float | None = None, i: int = 0) -> Member:
-    return Member(f"m{i}", "web@2", "x", state, T0, ttr)
+def _member(state: MemberState, ttr: float | None = None, i: int = 0, detail: str = "") -> Member:
+    return Member(f"m{i}", "web@2", "x", state, T0, ttr, detail)
 
 
 def test_decide_gates_and_numbers() -> None:
@@ -94,9 +95,11 @@ def test_burn_rate_stops_a_wave_before_it_settles() -> None:
     members = [_member("failed"), *(_member("launching", i=i) for i in range(1, 10))]
     verdict = decide(strategy, members)  # 1 of 10 failed: 10 % / 1 % budget = 10× — not more than allowed
     assert not verdict.final and verdict.burn_rate == 10.0
-    members[1] = _member("failed", i=1)  # 2 of 10: 20×
+    members[1] = _member("failed", i=1, detail="not ready within 90s")  # 2 of 10: 20×
     verdict = decide(strategy, members)
-    assert verdict.final and not verdict.passed and verdict.reasons[0].startswith("burn rate 20.0×")
+    assert verdict.final and not verdict.passed
+    # The verdict names each failed member and why, so an operator knows which console to read.
+    assert verdict.reasons == ("burn rate 20.0× > 10× (2 of 10 failed: m0; m1: not ready within 90s; SLO 0.99)",)
 
 
 def test_decide_alarms_only_those_the_strategy_names() -> None:
@@ -348,12 +351,34 @@ def test_pause_then_resume_and_abort(store: SqlStore, settings: Settings, fleet:
     assert request(other, "abort", store=store, settings=settings).state == "aborted"
 
 
-def test_previous_version_is_what_the_last_rollout_replaced(
-    store: SqlStore, settings: Settings, fleet: FakeFleet
+def test_a_rollback_undoes_the_last_change_and_m6_counts_that_as_rolled_back(
+    store: SqlStore, settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rid = _rollout(store, fleet)
     drive(rid, store=store, settings=settings, controls=NO_WAIT)
-    assert previous_version("web", store) == "web@1"
+    last = last_change("web", store)
+    assert last is not None and (last[0].id, last[1]) == (rid, "web@1")
+    # What is releasable is judged elsewhere (tests/unit/test_supply_lifecycle.py); these versions are bare.
+    monkeypatch.setattr(rollout_module, "releasable", lambda *_a, **_k: None)
+
+    back = rollback("web", store=store, settings=settings, controls=NO_WAIT)
+
+    assert back.rollout.undoes == rid and back.rollout.version_ref == "web@1" and back.rollout.state == "succeeded"
+    assert fleet.versions() == Counter({"web@1": 4})
+    [started] = [e for e in store.events("web@1") if e.kind == "rollout.started"]
+    assert started.data["undoes"] == rid
+    # M6: the change that was undone by hand counts as rolled back; the rollback itself is not a change.
+    now = datetime.now(UTC)
+    [rate] = rollout_rates(store.rollouts(target="local:web"), start=now - timedelta(hours=1), now=now)
+    assert (rate.succeeded, rate.rolled_back, rate.aborted) == (0, 1, 0)
+    assert sorted(store.rollout_tally()) == [("web", "local:web", "succeeded", False, True, 1),
+                                             ("web", "local:web", "succeeded", True, False, 1)]  # fmt: skip
+
+
+def test_a_rollback_with_no_earlier_rollout_needs_to(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
+    with pytest.raises(NotFound, match="no earlier rollout on local:web") as refused:
+        rollback("web", store=store, settings=settings, controls=NO_WAIT)
+    assert refused.value.fix == "pass --to REF"
 
 
 @pytest.mark.parametrize("after", [False, True])

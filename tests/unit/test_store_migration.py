@@ -236,3 +236,32 @@ def test_0009_boot_reports_become_boot_test_boots_with_their_totals(store_url: s
         assert {"boots", "boot_totals"}.isdisjoint(sa.inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_0010_adds_rollback_links_to_a_registry_whose_rollouts_other_rows_reference(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    try:
+        _seed_0005(engine)
+        run_alembic(engine, "upgrade", "0009")
+        with engine.begin() as conn:  # a rollout with a replacement and a decision, both referencing it
+            conn.execute(
+                sa.text("INSERT INTO rollouts (id, target, version_id, strategy, waves, wave, state, actor, started_at,"
+                        " updated_at, finished_at, detail) VALUES (1, 'local:web', 1, '{}', '[1]', 1, 'succeeded',"
+                        " 't', :at, :at, :at, '{}')"),
+                {"at": AT},
+            )  # fmt: skip
+            conn.execute(
+                sa.text("INSERT INTO rollout_replacements (rollout_id, wave, kind, old_member, old_version, token,"
+                        " state, at) VALUES (1, 0, 'forward', 'g-1', 'web@3', 'r1-w0-g-1', 'done', :at)"),
+                {"at": AT},
+            )  # fmt: skip
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT setval(pg_get_serial_sequence('rollouts', 'id'), 1)"))
+        with open_store(store_url) as store:  # migrates to the head
+            [before] = store.rollouts(target="local:web")
+            assert before.undoes is None  # which earlier rollouts were rollbacks was not recorded: none is guessed
+            assert store.rollout_tally() == [("web", "local:web", "succeeded", False, False, 1)]
+        run_alembic(engine, "downgrade", "0009")
+        assert "undoes" not in {c["name"] for c in sa.inspect(engine).get_columns("rollouts")}
+    finally:
+        engine.dispose()

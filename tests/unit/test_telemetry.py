@@ -197,7 +197,9 @@ def test_a_boot_recorded_after_a_fleet_was_read_is_not_stopped_by_that_reading(s
     store.record_boots("local:web", [BootObservation("g-new", v, _at(60))])  # another collector, meanwhile
     assert store.stop_boots("local:web", keep={"g-old"}, at=_at(70), launched_before=read_at) == []
     assert store.stop_boots("local:web", keep=set(), at=_at(80), launched_before=read_at) == ["g-old"]
-    assert [b.instance for b in store.running_boots()] == ["g-new"]
+    running = [b for b in store.boots_in_window(_at(0), _at(1000)) if b.stopped_at is None]
+    assert [b.instance for b in running] == ["g-new"]
+    assert store.running_members() == [(v, "local:web", None)]
 
 
 def test_boot_tests_count_for_m1_and_m2_but_never_as_running_instances() -> None:

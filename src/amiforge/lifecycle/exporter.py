@@ -26,6 +26,9 @@ targets are the fleets it ran on. Older versions' series end (Prometheus keeps w
 Per-instance series (`amiforge_recent_boot_seconds`, for the on-call and debug dashboards) are the newest
 `RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: at most that many at once, but each boot is a series
 of its own, so what Prometheus keeps of them over its retention grows with the number of boots (churn).
+
+The text is written by `lifecycle.exposition` (the same bytes prometheus_client would write, at a fraction of the
+cost), and the lines of a (version, target) whose totals did not change since the last scrape are reused.
 """
 
 from __future__ import annotations
@@ -35,12 +38,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
-
-from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities
-from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, BootRecord, BootTotals, ChannelPointer
+from amiforge.lifecycle.exposition import Family, go_float, render
+from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities, rollout_outcome
+from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, BootTotals, ChannelPointer
 from amiforge.policy.document import Policy
 from amiforge.store.interface import Store
 
@@ -52,12 +52,12 @@ ROLLOUT_WATCHING = frozenset({"running", "rolling-back"})
 RECENT_BOOTS = 200
 RECENT_BOOT_WINDOW = timedelta(hours=24)
 
-VERSION_LABELS = ["image", "version", "target"]
+VERSION_LABELS = ("image", "version", "target")
 
 
 def bucket_label(seconds: float) -> str:
     """The `le` label of a bucket, exactly as the exposition writes it (120 -> "120.0"): rules use this."""
-    return str(floatToGoString(seconds))  # type: ignore[no-untyped-call]
+    return go_float(seconds)
 
 
 def histogram_buckets(policy: Policy) -> tuple[float, ...]:
@@ -65,17 +65,20 @@ def histogram_buckets(policy: Policy) -> tuple[float, ...]:
 
 
 @dataclass
-class _VulnCache:
-    """Counts by severity per scan id: a scan never changes, and reading a thousand findings per version per scrape
-    would cost more than everything else together. Only the scans of exported versions are kept."""
+class _Caches:
+    """What one scrape can hand the next. Severity counts per scan id: a scan never changes, and reading a thousand
+    findings per version per scrape would cost more than everything else together. And the text of each (version,
+    target)'s boot families with the totals it was written from: totals only grow, so equal totals mean equal text.
+    Only what is exported now is kept, so memory stays flat."""
 
-    counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    vulns: dict[int, dict[str, int]] = field(default_factory=dict)
+    boots: dict[tuple[int, str], tuple[tuple[int, int, int, int, float], str, str, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class TelemetryCollector(Collector):
-    """A prometheus_client collector over the registry: each scrape reads the store afresh (no state but the
-    vulnerability counts of immutable scans)."""
+class TelemetryCollector:
+    """Renders the registry's telemetry as the text Prometheus scrapes; each scrape reads the store afresh (what it
+    keeps between scrapes is in `_Caches`). Safe to call from several threads."""
 
     def __init__(self, store: Store, policy: Policy, *, recent: int = RECENT_VERSIONS) -> None:
         self.store = store
@@ -83,20 +86,22 @@ class TelemetryCollector(Collector):
         self.recent = recent
         self.buckets = histogram_buckets(policy)
         self._labels = [bucket_label(b) for b in self.buckets]
-        self._vulns = _VulnCache()
+        self._caches = _Caches()
 
-    def describe(self) -> list[Metric]:
-        return []  # families are known by name only once collected; describe() stays cheap (no store read)
+    def render(self) -> bytes:
+        """The exposition (text format 0.0.4)."""
+        with self._caches.lock:
+            return render(self.families())
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[Family]:
         now = datetime.now(UTC)
         store = self.store
         channels = store.channels()
-        running = store.running_boots()
+        running = store.running_members()
         booted = store.versions_with_boots()
         held = store.version_states({p.current for p in channels} | {p.previous for p in channels if p.previous})
         exported = self._exported(channels_ids={vid for vid, _ in held.values()},
-                                  running_ids={b.version_id for b in running}, booted=booted)  # fmt: skip
+                                  running_ids={vid for vid, _, _ in running}, booted=booted)  # fmt: skip
         heads = store.version_heads(exported)
         refs = {vid: (name, f"{name}@{number}") for vid, (name, number, _) in heads.items()}
         yield from self._boots(store.boot_totals(sorted(exported)), refs)
@@ -119,92 +124,105 @@ class TelemetryCollector(Collector):
 
     # --- families --------------------------------------------------------------------------------------------
 
-    def _boots(self, totals: Iterable[BootTotals], refs: Mapping[int, tuple[str, str]]) -> Iterator[Metric]:
-        attempts = CounterMetricFamily(
-            "amiforge_boot_attempts", "Boots of a version on a target by outcome (a timeout is not ready in time).",
-            labels=[*VERSION_LABELS, "outcome"],
+    def _boots(self, totals: Iterable[BootTotals], refs: Mapping[int, tuple[str, str]]) -> Iterator[Family]:
+        attempts = Family(
+            "amiforge_boot_attempts", "counter",
+            "Boots of a version on a target by outcome (a timeout is not ready in time).",
+            [*VERSION_LABELS, "outcome"],
         )  # fmt: skip
-        ready = HistogramMetricFamily(
-            "amiforge_time_to_ready_seconds", "Seconds from launch to the readiness marker, of ready boots.",
-            labels=VERSION_LABELS,
+        ready = Family(
+            "amiforge_time_to_ready_seconds", "histogram",
+            "Seconds from launch to the readiness marker, of ready boots.", VERSION_LABELS,
         )  # fmt: skip
-        replaced = CounterMetricFamily(
-            "amiforge_replacements", "Members of a version replaced on a target (rollouts, self-healing).",
-            labels=VERSION_LABELS,
+        replaced = Family(
+            "amiforge_replacements", "counter",
+            "Members of a version replaced on a target (rollouts, self-healing).", VERSION_LABELS,
         )  # fmt: skip
+        previous, kept = self._caches.boots, {}
         for t in totals:
-            image, ref = refs[t.version_id]
-            labels = [image, ref, t.target]
-            for outcome in BOOT_OUTCOMES:
-                attempts.add_metric([*labels, outcome], getattr(t, outcome))
-            counts = t.cumulative(self.buckets)
-            buckets = [(label, float(n)) for label, n in zip(self._labels, counts, strict=True)]
-            buckets.append(("+Inf", float(t.ready)))
-            ready.add_metric(labels, buckets, t.ttr_sum)
-            if t.target != BOOT_TEST_TARGET:
-                replaced.add_metric(labels, t.replaced)
+            key = (t.version_id, t.target)
+            numbers = (t.ready, t.failed, t.timeout, t.replaced, t.ttr_sum)
+            cached = previous.get(key)
+            if cached is None or cached[0] != numbers:
+                image, ref = refs[t.version_id]
+                pairs = ready.labels([image, ref, t.target])
+                counts = t.cumulative(self.buckets)
+                buckets = [*zip(self._labels, counts, strict=True), ("+Inf", t.ready)]
+                cached = (
+                    numbers,
+                    "".join(attempts.sample(attempts.labels([image, ref, t.target, o]), getattr(t, o))
+                            for o in BOOT_OUTCOMES),
+                    ready.histogram(pairs, buckets, t.ttr_sum),
+                    replaced.sample(pairs, t.replaced) if t.target != BOOT_TEST_TARGET else "",
+                )  # fmt: skip
+            kept[key] = cached
+            attempts.lines.append(cached[1])
+            ready.lines.append(cached[2])
+            replaced.lines.append(cached[3])
+        self._caches.boots = kept
         yield from (attempts, ready, replaced)
 
     def _running(
-        self, running: Iterable[BootRecord], refs: Mapping[int, tuple[str, str]], now: datetime
-    ) -> Iterator[Metric]:
-        instances = GaugeMetricFamily(
-            "amiforge_instances",
-            "Instances of a version running on a target (booting, ready or failed).",
-            labels=VERSION_LABELS,
-        )
-        beating = GaugeMetricFamily(
-            "amiforge_heartbeat_instances",
+        self, running: Iterable[tuple[int, str, datetime | None]], refs: Mapping[int, tuple[str, str]], now: datetime
+    ) -> Iterator[Family]:
+        instances = Family(
+            "amiforge_instances", "gauge",
+            "Instances of a version running on a target (booting, ready or failed).", VERSION_LABELS,
+        )  # fmt: skip
+        beating = Family(
+            "amiforge_heartbeat_instances", "gauge",
             "Running instances whose heartbeat was heard within the image's heartbeat_within (agent coverage).",
-            labels=VERSION_LABELS,
-        )
+            VERSION_LABELS,
+        )  # fmt: skip
         counts: dict[tuple[int, str], list[int]] = {}
-        for b in running:
-            if b.target == BOOT_TEST_TARGET or b.version_id not in refs:
+        fresh: dict[int, datetime] = {}
+        for vid, target, heard_at in running:
+            if target == BOOT_TEST_TARGET or vid not in refs:
                 continue
-            fresh = now - self.policy.slos.of(refs[b.version_id][0]).heartbeat_within
-            pair = counts.setdefault((b.version_id, b.target), [0, 0])
+            if vid not in fresh:
+                fresh[vid] = now - self.policy.slos.of(refs[vid][0]).heartbeat_within
+            pair = counts.setdefault((vid, target), [0, 0])
             pair[0] += 1
-            pair[1] += b.last_heartbeat_at is not None and b.last_heartbeat_at >= fresh
+            pair[1] += heard_at is not None and heard_at >= fresh[vid]
         for (vid, target), (n, heard) in sorted(counts.items()):
             image, ref = refs[vid]
-            instances.add_metric([image, ref, target], n)
+            instances.add([image, ref, target], n)
             if heartbeats(target):  # no series where heartbeats are not reported: unmeasured is not 0 %
-                beating.add_metric([image, ref, target], heard)
+                beating.add([image, ref, target], heard)
         yield from (instances, beating)
 
-    def _vulnerabilities(self, exported: set[int], refs: Mapping[int, tuple[str, str]]) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "amiforge_vulnerabilities", "Open CVE findings of a version's latest scan, by severity under the policy.",
-            labels=["image", "version", "severity"],
+    def _vulnerabilities(self, exported: set[int], refs: Mapping[int, tuple[str, str]]) -> Iterator[Family]:
+        family = Family(
+            "amiforge_vulnerabilities", "gauge",
+            "Open CVE findings of a version's latest scan, by severity under the policy.",
+            ["image", "version", "severity"],
         )  # fmt: skip
         scans = self.store.latest_scan_ids(exported)
-        cache = self._vulns
-        with cache.lock:
-            for scan_id in set(scans.values()) - set(cache.counts):
-                findings = self.store.scan_findings(scan_id)
-                cache.counts[scan_id] = open_vulnerabilities(findings, self.policy.severity_source)
-            for stale in set(cache.counts) - set(scans.values()):
-                del cache.counts[stale]  # memory stays flat: only the scans exported now are kept
-            for vid, scan_id in sorted(scans.items()):
-                image, ref = refs[vid]
-                for severity, count in cache.counts[scan_id].items():
-                    family.add_metric([image, ref, severity], count)
+        cache = self._caches.vulns
+        for scan_id in set(scans.values()) - set(cache):
+            cache[scan_id] = open_vulnerabilities(self.store.scan_findings(scan_id), self.policy.severity_source)
+        for stale in set(cache) - set(scans.values()):
+            del cache[stale]
+        for vid, scan_id in sorted(scans.items()):
+            image, ref = refs[vid]
+            for severity, count in cache[scan_id].items():
+                family.add([image, ref, severity], count)
         yield family
 
-    def _rollouts(self) -> Iterator[Metric]:
-        total = CounterMetricFamily(
-            "amiforge_rollouts", "Rollouts that ended, by outcome (rolled_back: a gate failed and it was undone).",
-            labels=["image", "target", "outcome"],
+    def _rollouts(self) -> Iterator[Family]:
+        total = Family(
+            "amiforge_rollouts", "counter",
+            "Rollouts that ended, by outcome (rolled_back: a gate failed and it was undone).",
+            ["image", "target", "outcome"],
         )  # fmt: skip
-        live = GaugeMetricFamily(
-            "amiforge_rollout_in_progress", "1 while a rollout on the target is running or rolling back.",
-            labels=["image", "target"],
+        live = Family(
+            "amiforge_rollout_in_progress", "gauge",
+            "1 while a rollout on the target is running or rolling back.", ["image", "target"],
         )  # fmt: skip
         ended: dict[tuple[str, str], dict[str, int]] = {}
         busy: dict[tuple[str, str], int] = {}
-        for image, target, state, count in self.store.rollout_tally():
-            outcome = ROLLOUT_OUTCOMES.get(state)
+        for image, target, state, rollback, undone, count in self.store.rollout_tally():
+            outcome = rollout_outcome(state, rollback=rollback, undone=undone)
             key = (image, target)
             per = ended.setdefault(key, dict.fromkeys(ROLLOUT_OUTCOMES.values(), 0))
             if outcome is not None:
@@ -212,16 +230,17 @@ class TelemetryCollector(Collector):
             busy[key] = busy.get(key, 0) or int(state in ROLLOUT_WATCHING)
         for (image, target), per in sorted(ended.items()):
             for outcome, count in per.items():
-                total.add_metric([image, target, outcome], count)
-            live.add_metric([image, target], busy[(image, target)])
+                total.add([image, target, outcome], count)
+            live.add([image, target], busy[(image, target)])
         yield from (total, live)
 
     def _versions(
         self, heads: Mapping[int, tuple[str, int, str | None]], channels: Iterable[ChannelPointer]
-    ) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "amiforge_version_info", "1 for each exported version, per channel holding it ('' if none).",
-            labels=["image", "version", "digest", "channel"],
+    ) -> Iterator[Family]:
+        family = Family(
+            "amiforge_version_info", "gauge",
+            "1 for each exported version, per channel holding it ('' if none).",
+            ["image", "version", "digest", "channel"],
         )  # fmt: skip
         holding: dict[str, list[str]] = {}
         for pointer in channels:
@@ -229,29 +248,27 @@ class TelemetryCollector(Collector):
         for _, (image, number, digest) in sorted(heads.items()):
             ref = f"{image}@{number}"
             for channel in sorted(holding.get(ref, [])) or [""]:
-                family.add_metric([image, ref, digest or "", channel], 1)
+                family.add([image, ref, digest or "", channel], 1)
         yield family
 
-    def _recent_boots(self, now: datetime) -> Iterator[Metric]:
-        tally = GaugeMetricFamily(
-            "amiforge_versions", "Versions of an image by state (built, tested, failed …): the pipeline's runs.",
-            labels=["image", "status"],
+    def _recent_boots(self, now: datetime) -> Iterator[Family]:
+        tally = Family(
+            "amiforge_versions", "gauge",
+            "Versions of an image by state (built, tested, failed …): the pipeline's runs.", ["image", "status"],
         )  # fmt: skip
         for image, status, count in self.store.version_tally():
-            tally.add_metric([image, status], count)
+            tally.add([image, status], count)
         yield tally
-        recent = GaugeMetricFamily(
-            "amiforge_recent_boot_seconds",
+        recent = Family(
+            "amiforge_recent_boot_seconds", "gauge",
             "Seconds from launch to the outcome of each of the latest boots (the time to ready, when ready).",
             # instance_id, not instance: Prometheus gives `instance` to the scrape target (and would rename ours)
-            labels=[*VERSION_LABELS, "instance_id", "outcome"],
-        )
+            [*VERSION_LABELS, "instance_id", "outcome"],
+        )  # fmt: skip
         for b in self.store.recent_boots(now - RECENT_BOOT_WINDOW, RECENT_BOOTS):
             if b.ended_at is None or b.outcome is None:
                 continue
             seconds = b.time_to_ready if b.outcome == "ready" and b.time_to_ready is not None else None
             elapsed = seconds if seconds is not None else (b.ended_at - b.launched_at).total_seconds()
-            recent.add_metric(
-                [b.version_ref.partition("@")[0], b.version_ref, b.target, b.instance, b.outcome], elapsed
-            )
+            recent.add([b.version_ref.partition("@")[0], b.version_ref, b.target, b.instance, b.outcome], elapsed)
         yield recent

@@ -66,8 +66,10 @@ def start(
     settings: Settings,
     strategy: Strategy,
     controls: Controls = Controls(),
+    undoes: int | None = None,
 ) -> RolloutOutcome:
-    """Start rolling `ref` onto `target` (only a releasable version), then drive it to its end."""
+    """Start rolling `ref` onto `target` (only a releasable version), then drive it to its end. A rollback names
+    the rollout it `undoes`."""
     target = canonical_target(target)
     version = store.get_version(ref)
     releasable(version, store=store, settings=settings, action="rolled out")
@@ -96,14 +98,16 @@ def start(
         "rollout of %s onto %s: %d member(s), waves %s (%s)", version.ref, target, len(members), waves, strategy.mode
     )
     rollout = store.create_rollout(
-        target, version.id, strategy=strategy.model_dump(mode="json"), waves=waves, actor=settings.actor
-    )
+        target, version.id, strategy=strategy.model_dump(mode="json"), waves=waves, actor=settings.actor,
+        undoes=undoes,
+    )  # fmt: skip
     store.append_event(
         "rollout.started",
         actor=settings.actor,
         ref=version.ref,
-        data={"rollout": rollout.id, "target": target, "waves": waves, "members": len(members)},
-    )
+        data={"rollout": rollout.id, "target": target, "waves": waves, "members": len(members),
+              **({"undoes": undoes} if undoes is not None else {})},
+    )  # fmt: skip
     return drive(rollout.id, store=store, settings=settings, controls=controls)
 
 
@@ -366,15 +370,13 @@ def _roll_back(
 # --- rollback and incidents ----------------------------------------------------------------------------------------
 
 
-def previous_version(target: str, store: Store) -> str:
-    """The version the target ran before its last rollout: what most replaced members ran."""
-    target = canonical_target(target)
-    rollouts = store.rollouts(target=target)
-    for rollout in reversed(rollouts):
+def last_change(target: str, store: Store) -> tuple[Rollout, str] | None:
+    """The target's last rollout that replaced members, and the version it replaced (what most of them ran)."""
+    for rollout in reversed(store.rollouts(target=canonical_target(target))):
         olds = Counter(r.old_version for r in store.replacements(rollout.id) if r.kind == "forward" and r.old_version)
         if olds:
-            return olds.most_common(1)[0][0]
-    raise NotFound(f"no earlier rollout on {target} says what it ran before", fix="pass --to REF")
+            return rollout, olds.most_common(1)[0][0]
+    return None
 
 
 def rollback(
@@ -385,10 +387,18 @@ def rollback(
     to: str | None = None,
     controls: Controls = Controls(),
 ) -> RolloutOutcome:
-    """Back to the previous version (or `to`): a one-wave rollout of it, through the same gates."""
-    ref = to or previous_version(target, store)
+    """Back to the previous version (or `to`): a one-wave rollout of it, through the same gates. It records the
+    rollout it undoes, which the rollback rate (M6) then counts as rolled back."""
+    last = last_change(target, store)
+    if to is not None:
+        ref = to
+    elif last is not None:
+        ref = last[1]
+    else:
+        raise NotFound(f"no earlier rollout on {canonical_target(target)} says what it ran before", fix="pass --to REF")
     strategy = Strategy(waves=["100%"], bake_time=0.0)
-    return start(target, ref, store=store, settings=settings, strategy=strategy, controls=controls)
+    undoes = last[0].id if last is not None else None
+    return start(target, ref, store=store, settings=settings, strategy=strategy, controls=controls, undoes=undoes)
 
 
 @dataclass(frozen=True)

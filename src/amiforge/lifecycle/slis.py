@@ -7,7 +7,9 @@
 | M3 | replacements per 1,000 instance-days: members replaced in the window / their time running in it | boots |
 | M4 | agent coverage: running instances with a heartbeat within `heartbeat_within` / all running | boots |
 | M5 | open vulnerabilities by severity (the latest scan), and fleet-weighted: × the instances running it | scans |
-| M6 | rollback rate: rollouts rolled back / rollouts ended in the window, per image and target | rollouts |
+| M6 | rollback rate: rollouts rolled back / rollouts ended in the window, per image and target (†) | rollouts |
+
+(†) Rolled back by a gate, or undone later by `amiforge rollback`; the rollbacks themselves are not counted.
 
 An SLO is judged over its own window (30 days by default), as a share of good launches against the objective; the
 error budget left is 1 - (bad share / allowed bad share): 1 untouched, 0 spent, below 0 overspent.
@@ -150,6 +152,15 @@ class RolloutRate:
 ROLLOUT_OUTCOMES: Mapping[str, str] = {"succeeded": "succeeded", "failed": "rolled_back", "aborted": "aborted"}
 
 
+def rollout_outcome(state: str, *, rollback: bool, undone: bool) -> str | None:
+    """What M6 counts a rollout as, or None (not ended, or not a change): a rollout undone later by `amiforge
+    rollback` was rolled back, whatever it ended as; the rollback itself is the remedy, not a change."""
+    outcome = ROLLOUT_OUTCOMES.get(state)
+    if outcome is None or rollback:
+        return None
+    return "rolled_back" if undone else outcome
+
+
 # Targets whose fleets report heartbeats: local fleets read them from the console. An Auto Scaling group's
 # instances do not report them to amiforge yet (the CloudWatch path is to come): their coverage is not measured,
 # which is not the same as 0 %.
@@ -230,9 +241,11 @@ def open_vulnerabilities(findings: Iterable[Finding], source: SeveritySource) ->
 
 
 def rollout_rates(rollouts: Iterable[Rollout], *, start: datetime, now: datetime) -> list[RolloutRate]:
+    rollouts = list(rollouts)
+    undone = {r.undoes for r in rollouts if r.undoes is not None}
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for rollout in rollouts:
-        outcome = ROLLOUT_OUTCOMES.get(rollout.state)
+        outcome = rollout_outcome(rollout.state, rollback=rollout.undoes is not None, undone=rollout.id in undone)
         if outcome is None or rollout.finished_at is None or not start <= rollout.finished_at <= now:
             continue
         key = (rollout.version_ref.partition("@")[0], rollout.target)

@@ -247,17 +247,25 @@ class Store(Protocol):
     # rollouts (lifecycle/rollout.py)
 
     def create_rollout(
-        self, target: str, version_id: int, *, strategy: Mapping[str, object], waves: Sequence[int], actor: str
+        self,
+        target: str,
+        version_id: int,
+        *,
+        strategy: Mapping[str, object],
+        waves: Sequence[int],
+        actor: str,
+        undoes: int | None = None,
     ) -> Rollout:
-        """A new `running` rollout; StateError if the target has another rollout running or paused."""
+        """A new `running` rollout (a rollback names the rollout it `undoes`); StateError if the target has another
+        rollout running or paused."""
         ...
 
     def get_rollout(self, rollout_id: int) -> Rollout: ...
 
     def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]: ...
 
-    def rollout_tally(self) -> list[tuple[str, str, str, int]]:
-        """(image, target, state, count) of every rollout ever started."""
+    def rollout_tally(self) -> list[tuple[str, str, str, bool, bool, int]]:
+        """(image, target, state, is a rollback, was undone by one, count) of every rollout ever started."""
         ...
 
     def update_rollout(
@@ -336,8 +344,8 @@ class Store(Protocol):
         """Every (version, target)'s totals since the registry began (or only these versions')."""
         ...
 
-    def running_boots(self) -> list[BootRecord]:
-        """Every boot not known to have stopped."""
+    def running_members(self) -> list[tuple[int, str, datetime | None]]:
+        """(version id, target, last heartbeat) of every boot not known to have stopped."""
         ...
 
     def recent_boots(self, since: datetime, limit: int) -> list[BootRecord]:

@@ -83,7 +83,14 @@ class Operations(StoreCore):
     # rollouts
 
     def create_rollout(
-        self, target: str, version_id: int, *, strategy: Mapping[str, object], waves: Sequence[int], actor: str
+        self,
+        target: str,
+        version_id: int,
+        *,
+        strategy: Mapping[str, object],
+        waves: Sequence[int],
+        actor: str,
+        undoes: int | None = None,
     ) -> Rollout:
         now = self._now()
         with self._guard(f"start a rollout on {target}"), self._write() as conn:
@@ -98,11 +105,21 @@ class Operations(StoreCore):
                     f"rollout #{busy.id} on {target} is {busy.state}",
                     fix=f"amiforge rollout resume {busy.id} (or abort it) before starting another",
                 )
+            if (
+                undoes is not None
+                and conn.execute(
+                    sa.select(rollouts_table.c.id).where(
+                        rollouts_table.c.id == undoes, rollouts_table.c.target == target
+                    )
+                ).first()
+                is None
+            ):
+                raise NotFound(f"no rollout #{undoes} on {target} to undo", fix="amiforge rollout status lists them")
             row_id = inserted_id(conn.execute(
                 rollouts_table.insert().values(
                     target=target, version_id=version_id, strategy=dict(strategy), waves=list(waves), wave=0,
                     state="running", requested=None, actor=actor, started_at=now, updated_at=now, finished_at=None,
-                    detail={},
+                    detail={}, undoes=undoes,
                 )
             ))  # fmt: skip
         return self.get_rollout(row_id)
@@ -121,17 +138,21 @@ class Operations(StoreCore):
             where = where & (rollouts_table.c.version_id == version_id)
         return self._rollout_rows(where)
 
-    def rollout_tally(self) -> list[tuple[str, str, str, int]]:
-        """(image, target, state, how many rollouts) for every rollout ever started, in one grouped read."""
+    def rollout_tally(self) -> list[tuple[str, str, str, bool, bool, int]]:
+        """(image, target, state, is a rollback, was undone by one, how many rollouts) for every rollout ever
+        started, in one grouped read."""
         r, v = rollouts_table, versions_table
+        later = rollouts_table.alias("later")
+        undone = sa.exists().where(later.c.undoes == r.c.id)
+        remedy = r.c.undoes.is_not(None)
         query = (
-            sa.select(v.c.name, r.c.target, r.c.state, sa.func.count())
+            sa.select(v.c.name, r.c.target, r.c.state, remedy, undone, sa.func.count())
             .join(v, v.c.id == r.c.version_id)
-            .group_by(v.c.name, r.c.target, r.c.state)
+            .group_by(v.c.name, r.c.target, r.c.state, remedy, undone)
             .order_by(v.c.name, r.c.target, r.c.state)
         )
         with self._guard("count rollouts"), self._read() as conn:
-            return [(str(n), str(t), str(s), int(c)) for n, t, s, c in conn.execute(query)]
+            return [(str(n), str(t), str(s), bool(rb), bool(u), int(c)) for n, t, s, rb, u, c in conn.execute(query)]
 
     def _rollout_rows(self, where: sa.ColumnElement[bool]) -> list[Rollout]:
         query = (

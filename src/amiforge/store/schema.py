@@ -405,6 +405,9 @@ rollouts_table = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.Column("finished_at", UtcDateTime, nullable=True),
     sa.Column("detail", sa.JSON, nullable=False),
+    # A rollback (`amiforge rollback`): the rollout whose change it undoes (M6 counts that one as rolled back). No
+    # foreign key (migrations/versions/r0010): the store checks the rollout exists, and rollouts are never deleted.
+    sa.Column("undoes", sa.Integer, nullable=True),
     sa.Index("ix_rollouts_target", "target"),
 )
 

@@ -182,12 +182,13 @@ class Telemetry(StoreCore):
             query = sa.select(b.c.target).where(b.c.stopped_at.is_(None)).distinct().order_by(b.c.target)
             return [str(t) for t in conn.execute(query).scalars()]
 
-    def running_boots(self) -> list[BootRecord]:
-        """Every boot not known to have stopped (a fleet's members now, as last collected)."""
-        b, v = boots_table, versions_table
-        query = sa.select(b, v.c.name, v.c.number).join(v, v.c.id == b.c.version_id).where(b.c.stopped_at.is_(None))
+    def running_members(self) -> list[tuple[int, str, datetime | None]]:
+        """(version id, target, last heartbeat) of every boot not known to have stopped: a fleet's members now, as
+        last collected. Three columns, not whole boots: a scrape counts them."""
+        b = boots_table
+        query = sa.select(b.c.version_id, b.c.target, b.c.last_heartbeat_at).where(b.c.stopped_at.is_(None))
         with self._guard("read running boots"), self._read() as conn:
-            return boot_from_row.each(conn.execute(query.order_by(b.c.id)))
+            return [(int(vid), str(target), heard) for vid, target, heard in conn.execute(query)]
 
     def recent_boots(self, since: datetime, limit: int) -> list[BootRecord]:
         """The newest `limit` boots decided since `since`, newest first."""

@@ -1,9 +1,9 @@
 """`amiforge serve`: a small threaded HTTP server for Prometheus (`/metrics`) and health checks (`/healthz`), and a
 collector thread that reads the fleets into the registry every `collect_every` seconds (lifecycle/telemetry.py).
 
-Each scrape renders the registry's telemetry afresh through `lifecycle.exporter.TelemetryCollector` in a private
-prometheus_client registry (no process metrics of this server mixed into the contract). It listens on loopback
-unless told otherwise: what it shows names images, versions and fleets, and it has no authentication yet.
+Each scrape renders the registry's telemetry afresh through `lifecycle.exporter.TelemetryCollector` (amiforge's
+families only: no process metrics of this server mixed into the contract). It listens on loopback unless told
+otherwise: what it shows names images, versions and fleets, and it has no authentication yet.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.exporter import TelemetryCollector
+from amiforge.lifecycle.exposition import CONTENT_TYPE
 from amiforge.lifecycle.telemetry import collect
 from amiforge.policy.document import Policy
 from amiforge.settings import Settings
@@ -108,22 +106,19 @@ class App:
     def __init__(self, store: Store, policy: Policy | PolicySource) -> None:
         self.store = store
         self.policy = policy
-        self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
-        self._collector = TelemetryCollector(store, self._current_policy())
-        self.registry.register(self._collector)
+        self.collector = TelemetryCollector(store, self._current_policy())
 
     def _current_policy(self) -> Policy:
         return self.policy.get() if isinstance(self.policy, PolicySource) else self.policy
 
-    def _refresh(self) -> None:
-        """A collector for the policy as it is now (its buckets follow the SLO thresholds)."""
+    def _refresh(self) -> TelemetryCollector:
+        """The collector for the policy as it is now (its buckets follow the SLO thresholds)."""
         policy = self._current_policy()
         with self._lock:
-            if policy is not self._collector.policy:
-                self.registry.unregister(self._collector)
-                self._collector = TelemetryCollector(self.store, policy)
-                self.registry.register(self._collector)
+            if policy is not self.collector.policy:
+                self.collector = TelemetryCollector(self.store, policy)
+            return self.collector
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -138,15 +133,14 @@ class App:
             status, body = self._health()
             return _reply(start_response, status, json.dumps(body).encode() + b"\n", "application/json", head=head)
         try:
-            self._refresh()
-            output = generate_latest(self.registry)
+            output = self._refresh().render()
         except Exception as e:  # a broken registry: Prometheus records the failed scrape; the log says why
             logger.error("/metrics failed: %s: %s", type(e).__name__, e)
             return _reply(
                 start_response, "500 Internal Server Error", b"the registry could not be read\n", "text/plain"
             )
         # The text format every Prometheus reads (2.x included); the names need none of 1.0.0's UTF-8 escaping.
-        return _reply(start_response, "200 OK", output, CONTENT_TYPE_PLAIN_0_0_4, head=head)
+        return _reply(start_response, "200 OK", output, CONTENT_TYPE, head=head)
 
     def _health(self) -> tuple[str, dict[str, Any]]:
         try:
