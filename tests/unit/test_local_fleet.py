@@ -27,7 +27,7 @@ from amiforge.model import Artifact, Status
 from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
 from amiforge.providers.local import fleet as fleet_mod
-from amiforge.providers.local import qemu
+from amiforge.providers.local import fleet_judge, qemu
 from amiforge.providers.local.fleet import (
     MAX_BOOTING,
     LocalFleet,
@@ -432,6 +432,19 @@ def test_replace_stops_the_old_member_once_the_new_one_is_ready(
     all_signals = fleet.signals(datetime(2000, 1, 1))
     assert [s.at for s in all_signals] == sorted(s.at for s in all_signals)
     assert sum(s.kind == "launch" for s in all_signals) == 3
+    # One reading for the collector: the same members and signals, each console read once.
+    consoles: list[str] = []
+    real = fleet_judge.console_lines
+
+    def counted(text: str) -> list[str]:
+        consoles.append(text)
+        return real(text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fleet_mod, "console_lines", counted)
+        members, signals = fleet.observe(datetime(2000, 1, 1))
+    assert len(consoles) == 3
+    assert (members, signals) == (fleet.current(), all_signals)
 
 
 def test_telemetry_records_each_member_once_and_its_stop_when_the_fleet_is_gone(

@@ -96,6 +96,9 @@ class FakeRefreshingGroup:
     def signals(self, since: datetime) -> list[BootSignal]:
         return []
 
+    def observe(self, since: datetime) -> tuple[list[Member], list[BootSignal]]:
+        return self.current(), []
+
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
         return []
 

@@ -213,6 +213,9 @@ class FakeFleet:
     def signals(self, since: datetime) -> list[BootSignal]:
         return []
 
+    def observe(self, since: datetime) -> tuple[list[Member], list[BootSignal]]:
+        return self.current(), []
+
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n in self.firing]
 

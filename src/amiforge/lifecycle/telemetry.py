@@ -1,8 +1,8 @@
 """Telemetry, the recording half: every boot of a version on a target, read from where it happened.
 
 - A boot test records its boot itself (`record_boot_test`, target `boot-test`).
-- Fleets are read by `collect`: each member's signals (`Fleet.signals`: launch, ready or failed, replaced, its
-  latest heartbeat) and whether it still runs (`Fleet.current`) become observations the store moves forward
+- Fleets are read by `collect`: each member's signals (launch, ready or failed, replaced, its latest heartbeat)
+  and whether it still runs, in one reading (`Fleet.observe`), become observations the store moves forward
   (store/telemetry.py), so reading a fleet again, or from two processes, never counts a boot twice. Fleet
   creation, rollouts and `amiforge metrics` collect the targets they touch; `amiforge serve` collects on a timer.
 
@@ -87,8 +87,7 @@ def collect_target(store: Store, settings: Settings, target: str, *, now: dateti
     read_at = datetime.now(UTC)  # before the fleet is read: what launched since is not judged gone
     try:
         fleet, _, _ = fleet_of(target, settings)
-        signals = fleet.signals(EPOCH)
-        members = fleet.current()
+        members, signals = fleet.observe(EPOCH)
     except NotFound:  # the fleet is gone (destroyed): so is every machine of it
         stopped = store.stop_boots(target, keep=(), at=now or datetime.now(UTC))
         return TargetCollected(target, 0, 0, tuple(stopped))

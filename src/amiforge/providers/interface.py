@@ -222,7 +222,12 @@ class Fleet(Protocol):
         ...
 
     def signals(self, since: datetime) -> list[BootSignal]:
-        """Members' launch/ready/failed/replaced signals since `since`, oldest first. Kept: telemetry will call it."""
+        """Members' launch/ready/failed/replaced/heartbeat signals since `since`, oldest first."""
+        ...
+
+    def observe(self, since: datetime) -> tuple[list[Member], list[BootSignal]]:
+        """`current()` and `signals(since)` as one reading of the fleet (telemetry's collector): where both come
+        from the same source (a local member's console), it is read once, and the two agree."""
         ...
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:

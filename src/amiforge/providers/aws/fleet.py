@@ -300,6 +300,10 @@ class AsgFleet:
             )
         return [name for name in names if found[name] == "ALARM"]
 
+    def observe(self, since: datetime) -> tuple[list[Member], list[BootSignal]]:
+        # Two sources (the group's members; the instances' tags and consoles), read one after the other.
+        return self.current(), self.signals(since)
+
     def signals(self, since: datetime) -> list[BootSignal]:
         out: dict[tuple[str, str], BootSignal] = {}
         for instance in self._tagged():

@@ -180,10 +180,14 @@ class LocalFleet:
         return [s.member for s in self.status()]
 
     def signals(self, since: datetime) -> list[BootSignal]:
+        return self.observe(since)[1]
+
+    def observe(self, since: datetime) -> tuple[list[Member], list[BootSignal]]:
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
-        found = [sig for s in self.status() for sig in s.signals if sig.at >= since]
-        return sorted(found, key=lambda sig: sig.at)
+        statuses = self.status()
+        found = [sig for s in statuses for sig in s.signals if sig.at >= since]
+        return [s.member for s in statuses], sorted(found, key=lambda sig: sig.at)
 
     def alarms_firing(self, names: Sequence[str]) -> list[str]:
         """A local fleet has no alarms; its gates are its members' signals. Naming one is an error, not a pass:
