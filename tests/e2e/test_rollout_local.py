@@ -26,8 +26,9 @@ from tests.e2e.conftest import Cli, Monitoring
 
 pytestmark = pytest.mark.slow
 
-# The bad version: a unit that holds multi-user.target for 45 s, so READY comes ~45 s late (the boot test allows it:
-# ready_within is 150 s; the rollout's gate is a p95 time-to-ready of 40 s).
+# The bad version: a unit that holds multi-user.target for 100 s, so READY comes ~100 s late (the boot test allows it:
+# ready_within is 300 s; the rollout's gate is a p95 time-to-ready of 80 s). Wide margins on both sides: a good
+# guest took up to 52 s to get ready on this 2-core machine under load (TCG, three guests, Prometheus, a bench).
 SLOW_STEP = """\
   - shell: |
       cat > /etc/systemd/system/slow-start.service <<'EOF'
@@ -35,13 +36,13 @@ SLOW_STEP = """\
       Before=multi-user.target
       [Service]
       Type=oneshot
-      ExecStart=/bin/sleep 45
+      ExecStart=/bin/sleep 100
       [Install]
       WantedBy=multi-user.target
       EOF
       systemctl enable slow-start.service
 """
-STRATEGY = "waves: [1, 100%]\nbake_time: 0s\ngates: {boot_success_rate: 1.0, time_to_ready_p95: 40s}\n"
+STRATEGY = "waves: [1, 100%]\nbake_time: 0s\ngates: {boot_success_rate: 1.0, time_to_ready_p95: 80s}\n"
 
 
 def run(cli: Cli, *args: str, check: int | None = 0) -> Any:
@@ -81,7 +82,7 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
     cli: Cli, web_recipe: Path, tmp_path: Path, monitoring: Monitoring, no_leftovers: None
 ) -> None:
     started = time.time()
-    recipe_text = web_recipe.read_text().replace("ready_within: 90s", "ready_within: 150s")
+    recipe_text = web_recipe.read_text().replace("ready_within: 90s", "ready_within: 300s")
     web_recipe.write_text(recipe_text)
     v1 = release(cli, web_recipe, "v1")
     v2 = release(cli, web_recipe, "v2")
@@ -141,7 +142,7 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
         status = run(cli, "rollout", "status", "3")
         assert status["rollout"]["state"] == "failed"
         (decision,) = status["decisions"]
-        assert decision["action"] == "rollback" and decision["numbers"]["time_to_ready_p95"] > 40
+        assert decision["action"] == "rollback" and decision["numbers"]["time_to_ready_p95"] > 80
         assert [r["kind"] for r in status["replacements"]] == ["forward", "rollback"]
         assert pages(cli, "rollfleet") == ["web tier v1"] * 3  # the guests say so themselves
 
@@ -184,14 +185,15 @@ def check_telemetry(
     rows = {(r["version"], r["target"]): r for r in report["targets"]}
     # Launched on rollfleet: v1 × 3 at creation, × 3 by the rollback and × 1 in place of v3's one; v2 × 3; v3 × 1.
     assert rows[(v1, "local:rollfleet")]["launches"] == 7 and rows[(v2, "local:rollfleet")]["launches"] == 3
-    assert rows[(v3, "local:rollfleet")]["ready"] == 1 and rows[(v3, "local:rollfleet")]["time_to_ready"]["p50"] > 40
+    assert rows[(v3, "local:rollfleet")]["ready"] == 1 and rows[(v3, "local:rollfleet")]["time_to_ready"]["p50"] > 80
     assert rows[(v1, "local:rollfleet")]["running"] == 3 and rows[(v1, "local:rollfleet")]["heartbeating"] == 3
     assert rows[(v2, "local:rollfleet")]["replacements"] == 3 and rows[(v1, "local:rollfleet")]["replacements"] == 4
     assert rows[(v1, "local:crashfleet")]["failed"] == 1 and rows[(v1, "local:crashfleet")]["boot_success"] == 0
     # (the session's other tests booted their own versions in the same registry: only these three are this test's)
     assert {(v1, "boot-test"), (v2, "boot-test"), (v3, "boot-test")} <= {(v, t) for v, t in rows if t == "boot-test"}
     ended = {r["target"]: (r["succeeded"], r["rolled_back"]) for r in report["rollouts"]}
-    assert ended["local:rollfleet"] == (2, 1)
+    # v2's rollout succeeded, then `amiforge rollback` undid it (the rollback itself is no change); v3's gate failed.
+    assert ended["local:rollfleet"] == (0, 2)
     # The consoles, as JSON lines: every running guest's readiness and heartbeat, timed by its own uptime.
     logs = [
         json.loads(line) for line in cli.run("logs", "--target", "local:rollfleet", "--version", v1).stdout.splitlines()

@@ -409,6 +409,7 @@ rollouts_table = sa.Table(
     # foreign key (migrations/versions/r0010): the store checks the rollout exists, and rollouts are never deleted.
     sa.Column("undoes", sa.Integer, nullable=True),
     sa.Index("ix_rollouts_target", "target"),
+    sa.Index("ix_rollouts_undoes", "undoes"),
 )
 
 rollout_replacements_table = sa.Table(

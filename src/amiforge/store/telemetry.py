@@ -49,7 +49,7 @@ boot_from_row = row_mapper(
 def _seconds(value: object) -> dict[int, int]:
     if not isinstance(value, Mapping):
         raise TypeError(f"expected a JSON object of seconds, found {type(value).__name__}")
-    return {int(k): int(v) for k, v in value.items()}
+    return dict(zip(map(int, value), map(int, value.values()), strict=True))  # a scrape reads thousands: map, in C
 
 
 totals_from_row = row_mapper(BootTotals, "boot_totals", key="version_id", ttr_sum=float, ttr_seconds=_seconds)

@@ -27,8 +27,11 @@ def upgrade() -> None:
     # other tables reference needs foreign keys switched off, which cannot happen inside the migration's
     # transaction. Rollouts are never deleted, and the store checks the rollout exists when it links one.
     op.add_column("rollouts", sa.Column("undoes", sa.Integer, nullable=True))
+    # Every scrape asks, of each rollout, whether a later one undoes it: without an index, that is n² reads.
+    op.create_index("ix_rollouts_undoes", "rollouts", ["undoes"])
 
 
 def downgrade() -> None:
     # In place, not by a batch rebuild (the same reason as above): SQLite has DROP COLUMN since 3.35.
+    op.drop_index("ix_rollouts_undoes", "rollouts")
     op.drop_column("rollouts", "undoes")
