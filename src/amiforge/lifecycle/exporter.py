@@ -67,11 +67,12 @@ def histogram_buckets(policy: Policy) -> tuple[float, ...]:
 @dataclass
 class _Caches:
     """What one scrape can hand the next. Severity counts per scan id: a scan never changes, and reading a thousand
-    findings per version per scrape would cost more than everything else together. And the text of each (version,
-    target)'s boot families with the totals it was written from: totals only grow, so equal totals mean equal text.
-    Only what is exported now is kept, so memory stays flat."""
+    findings per version per scrape would cost more than everything else together; so do their lines per (version,
+    scan). And the text of each (version, target)'s boot families with the totals it was written from: totals only
+    grow, so equal totals mean equal text. Only what is exported now is kept, so memory stays flat."""
 
     vulns: dict[int, dict[str, int]] = field(default_factory=dict)
+    vuln_lines: dict[tuple[int, int], str] = field(default_factory=dict)  # (version id, scan id) -> its lines
     boots: dict[tuple[int, str], tuple[tuple[int, int, int, int, float], str, str, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -198,15 +199,21 @@ class TelemetryCollector:
             ["image", "version", "severity"],
         )  # fmt: skip
         scans = self.store.latest_scan_ids(exported)
-        cache = self._caches.vulns
+        cache, previous = self._caches.vulns, self._caches.vuln_lines
         for scan_id in set(scans.values()) - set(cache):
             cache[scan_id] = open_vulnerabilities(self.store.scan_findings(scan_id), self.policy.severity_source)
         for stale in set(cache) - set(scans.values()):
             del cache[stale]
-        for vid, scan_id in sorted(scans.items()):
-            image, ref = refs[vid]
-            for severity, count in cache[scan_id].items():
-                family.add([image, ref, severity], count)
+        kept: dict[tuple[int, int], str] = {}
+        for key in sorted(scans.items()):
+            text = previous.get(key)
+            if text is None:
+                image, ref = refs[key[0]]
+                text = "".join(family.sample(family.labels([image, ref, severity]), count)
+                               for severity, count in cache[key[1]].items())  # fmt: skip
+            kept[key] = text
+            family.lines.append(text)
+        self._caches.vuln_lines = kept
         yield family
 
     def _rollouts(self) -> Iterator[Family]:

@@ -59,17 +59,17 @@ class Family:
         self.name = f"{name}_total" if kind == "counter" else name
         self.kind = kind
         self.documentation = documentation
-        self._order = sorted(range(len(labels)), key=lambda i: labels[i])
+        # (position of the value, its `name="` prefix) in the order the text writes them: sorted by name.
+        self._slots = [(i, f'{labels[i]}="') for i in sorted(range(len(labels)), key=lambda i: labels[i])]
         # A histogram's buckets put `le` among the sorted names: the names before it and those after.
         self._before_le = sum(1 for n in labels if n < "le")
-        self._names = [labels[i] for i in self._order]
         self.lines: list[str] = []
 
     def labels(self, values: Sequence[str]) -> tuple[str, ...]:
         """The `name="value"` pairs of one row, in the order the text writes them (reusable for several samples)."""
-        if len(values) != len(self._names):
-            raise ValueError(f"{self.name}: {len(values)} label values for {len(self._names)} labels")
-        return tuple(f'{self._names[k]}="{escape(values[i])}"' for k, i in enumerate(self._order))
+        if len(values) != len(self._slots):
+            raise ValueError(f"{self.name}: {len(values)} label values for {len(self._slots)} labels")
+        return tuple([prefix + escape(values[i]) + '"' for i, prefix in self._slots])
 
     def sample(self, pairs: Sequence[str], value: float) -> str:
         """A counter's or a gauge's sample line."""
