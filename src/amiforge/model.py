@@ -521,7 +521,7 @@ class VulnDbSource:
 
 MemberState = Literal["launching", "ready", "failed", "stopped"]
 # heartbeat: the member's heartbeat unit was heard (the latest time only); the others happen once per member.
-SignalKind = Literal["launch", "ready", "failed", "replaced", "heartbeat"]
+SignalKind = Literal["launch", "ready", "failed", "replaced", "heartbeat", "timing"]
 
 
 @dataclass(frozen=True)
@@ -548,6 +548,8 @@ class BootSignal:
     time_to_ready: float | None = None
     detail: str = ""
     timed_out: bool = False  # failed: never ready within its limit (M1 counts it as a timeout)
+    # timing: the boot's phases as the guest's systemd measured them, {phase or unit: seconds} (guest.boot_timing)
+    timeline: Mapping[str, float] | None = None
 
 
 # --- telemetry: what happened to every boot of a version (docs/architecture.md §13) ------------------------------
@@ -573,6 +575,7 @@ class BootObservation:
     replaced: bool = False  # stopped because another member took its place (a rollout, self-healing)
     last_heartbeat_at: datetime | None = None
     detail: str = ""
+    timeline: Mapping[str, float] | None = None  # {kernel, userspace, the slowest units: seconds}, set once
 
 
 @dataclass(frozen=True)
@@ -592,6 +595,7 @@ class BootRecord:
     replaced: bool
     last_heartbeat_at: datetime | None
     detail: str
+    timeline: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     v1, v2 = _version(store), _version(store)
     launched = now - timedelta(minutes=10)
     boots = [BootObservation(f"g-{i}", v2, launched, "ready", t, launched + timedelta(seconds=t),
-                             last_heartbeat_at=now - timedelta(seconds=20 if i else 600))
+                             last_heartbeat_at=now - timedelta(seconds=20 if i else 600),
+                             timeline={"kernel": 2.1, "userspace": t - 3, "slow.service": t - 6} if i == 1 else None)
              for i, t in enumerate([12.0, 41.5, 42.0, 50.0])]  # fmt: skip
     boots += [
         BootObservation("g-t", v2, launched, "timeout", ended_at=launched + timedelta(seconds=300)),
@@ -121,6 +122,14 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     assert _get(s, "amiforge_version_info", image="web", version="web@2", digest="d" * 64, channel="dev") == 1
     assert _get(s, "amiforge_recent_boot_seconds", **web2, instance_id="g-t", outcome="timeout") == 300
     assert _get(s, "amiforge_recent_boot_seconds", **web2, instance_id="g-1", outcome="ready") == 41.5
+    # The boot whose guest timed itself: its phases, in seconds; the others have none.
+    phases = {k[1]: v for k, v in s.items() if k[0] == "amiforge_recent_boot_phase_seconds"}
+    g1 = tuple(sorted({**web2, "instance_id": "g-1"}.items()))
+    assert phases == {
+        tuple(sorted((*g1, ("phase", "kernel")))): 2.1,
+        tuple(sorted((*g1, ("phase", "userspace")))): 38.5,
+        tuple(sorted((*g1, ("phase", "slow.service")))): 35.5,
+    }
     assert _get(s, "amiforge_versions", image="web", status="built") == 1
     assert _get(s, "amiforge_versions", image="web", status="baking") == 1
     store.update_rollout(rollout.id, expect="running", state="failed")

@@ -114,6 +114,17 @@ def test_the_copies_of_the_readiness_line_make_one_readiness() -> None:
     assert [(s.kind, s.at, s.time_to_ready) for s in signals] == [("launch", T0, None), ("ready", _at(12.5), 12.5)]
 
 
+def test_the_boot_timing_after_readiness_is_a_signal_of_its_own() -> None:
+    timing = "AMIFORGE-TIMING kernel=2.104 userspace=9.870 slow.service/5.012 nginx.service/0.530"
+    member, signals = assess(_rec(), [*READY, timing, *PASSED[len(READY) :]], running=True, now=_at(20))
+    assert member.state == "ready"
+    [timed] = [s for s in signals if s.kind == "timing"]
+    assert (timed.at, timed.time_to_ready) == (_at(12.5), 12.5)
+    assert timed.timeline == {"kernel": 2.104, "userspace": 9.87, "slow.service": 5.012, "nginx.service": 0.53}
+    _, without = assess(_rec(), PASSED, running=True, now=_at(20))
+    assert "timing" not in {s.kind for s in without}
+
+
 def test_a_readiness_line_the_kernel_broke_into_waits_for_a_whole_copy() -> None:
     """printk writes to the serial port itself, so its line can land inside ours: `AMIFORGE-READY 1` is not 1 s."""
     broken = [*BOOT, "AMIFORGE-READY 1[   13.020511] random: crng init done", "2.50", *PASSED[len(READY) :]]

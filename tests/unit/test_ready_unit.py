@@ -36,11 +36,14 @@ def script(tmp_path: Path) -> Path:
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The script's environment: a fake console and record, and a `modprobe` that does nothing (tests run as root
-    here: the real one would load a module into this machine's kernel)."""
+    here: the real one would load a module into this machine's kernel); a test may put its own stub first."""
     stubs = tmp_path / "stubs"
     stubs.mkdir(exist_ok=True)
-    (stubs / "modprobe").write_text("#!/bin/sh\nexit 1\n")
-    (stubs / "modprobe").chmod(0o755)
+    # `systemctl` too: on a machine booted with systemd the real one would answer for the host, not a guest.
+    for stub in ("modprobe", "systemctl"):
+        if not (stubs / stub).exists():
+            (stubs / stub).write_text("#!/bin/sh\nexit 1\n")
+            (stubs / stub).chmod(0o755)
     return {
         "PATH": f"{stubs}:{os.environ['PATH']}",
         "AMIFORGE_CONSOLE": str(tmp_path / "console"),
@@ -196,3 +199,54 @@ def test_systemd_analyze_verify_accepts_the_units(script: Path, tmp_path: Path) 
     )
     # verify exits 0 on an unknown key or section, but says so: any word from it is a finding
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+# What systemd 252 (Debian 12) answers: the manager's timestamps, multi-user.target's, and every unit's, blocks
+# separated by blank lines (monotonic microseconds; 0 where a unit never started).
+FAKE_SYSTEMCTL = r"""#!/bin/sh
+case "$*" in
+  "show -p UserspaceTimestampMonotonic --value") echo 2104332 ;;
+  "show -p ActiveEnterTimestampMonotonic --value multi-user.target") echo 56998210 ;;
+  "show -p Id -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic *")
+    printf 'Id=nginx.service\nInactiveExitTimestampMonotonic=9100000\nActiveEnterTimestampMonotonic=9630500\n\n'
+    printf 'Id=slow-start.service\nInactiveExitTimestampMonotonic=11000000\nActiveEnterTimestampMonotonic=56012345\n\n'
+    printf 'Id=never.service\nInactiveExitTimestampMonotonic=0\nActiveEnterTimestampMonotonic=0\n\n'
+    printf 'Id=ssh.service\nInactiveExitTimestampMonotonic=9000000\nActiveEnterTimestampMonotonic=9311000\n\n'
+    printf 'Id=journald.service\nInactiveExitTimestampMonotonic=2500000\nActiveEnterTimestampMonotonic=2700000\n' ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def test_the_boot_timing_follows_the_readiness_line_and_reads_back(script: Path, tmp_path: Path) -> None:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "systemctl").write_text(FAKE_SYSTEMCTL)
+    (stubs / "systemctl").chmod(0o755)
+    _run(script, _env(tmp_path))
+    lines = (tmp_path / "console").read_text().splitlines()
+    ready = next(i for i, line in enumerate(lines) if in_guest.READY_RE.search(line))
+    assert lines[ready + 2] == (
+        "AMIFORGE-TIMING kernel=2.104 userspace=54.894 slow-start.service/45.012 nginx.service/0.530 ssh.service/0.311"
+    )
+    assert in_guest.boot_timing(lines) == {
+        "kernel": 2.104, "userspace": 54.894, "slow-start.service": 45.012, "nginx.service": 0.53,
+        "ssh.service": 0.311,
+    }  # fmt: skip
+
+
+def test_no_timing_is_printed_where_systemd_cannot_say(script: Path, tmp_path: Path) -> None:
+    _run(script, _env(tmp_path))  # the stub systemctl fails, as on a machine systemd did not boot
+    assert "AMIFORGE-TIMING" not in (tmp_path / "console").read_text()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "AMIFORGE-TIMING kernel=2.1[   13.000] random: crng init done",  # broken into by the kernel
+        "AMIFORGE-TIMING kernel=2.104 userspace=5",  # cut off
+        "AMIFORGE-TIMING kernel=2.104 userspace=5.000 a/1.0 b/1.0 c/1.0 d/1.0",  # more than three units
+    ],
+)
+def test_a_broken_timing_line_is_not_read(line: str) -> None:
+    assert in_guest.boot_timing([line]) is None

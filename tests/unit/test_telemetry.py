@@ -20,7 +20,7 @@ from amiforge.lifecycle.slis import (
     slo_statuses,
     target_slis,
 )
-from amiforge.lifecycle.telemetry import boot_test_outcome, observations_of
+from amiforge.lifecycle.telemetry import boot_test_outcome, observations_of, record_boot_test
 from amiforge.model import (
     BootObservation,
     BootRecord,
@@ -79,6 +79,13 @@ def test_a_boot_observed_again_only_moves_forward_and_is_counted_once(store: Sql
     [totals] = store.boot_totals()
     assert (totals.ready, totals.failed, totals.timeout, totals.replaced) == (1, 0, 0, 1)
     assert totals.ttr_sum == pytest.approx(12.2) and dict(totals.ttr_seconds) == {13: 1}
+    # The boot's timeline arrives once (the guest prints it once); another reading does not rewrite it.
+    timed = replace(replaced, timeline={"kernel": 2.1, "userspace": 9.9, "nginx.service": 0.5})
+    assert store.record_boots("local:web", [timed]) == 1
+    assert store.record_boots("local:web", [replace(timed, timeline={"kernel": 9.9, "userspace": 1.0})]) == 0
+    [boot] = store.boots_in_window(_at(0), _at(400))
+    assert boot.timeline == {"kernel": 2.1, "userspace": 9.9, "nginx.service": 0.5}
+    assert list(boot.timeline) == ["kernel", "userspace", "nginx.service"]  # in the order the guest gave them
 
 
 def test_totals_add_up_per_version_and_target_and_buckets_are_exact_at_whole_seconds(store: SqlStore) -> None:
@@ -273,6 +280,7 @@ def test_fleet_signals_become_observations(store: SqlStore) -> None:
         BootSignal("g-a", "launch", _at(0), "web@2"),
         BootSignal("g-a", "ready", _at(11), "web@2", 11.0),
         BootSignal("g-a", "heartbeat", _at(71), "web@2", 11.0),
+        BootSignal("g-a", "timing", _at(11), "web@2", 11.0, timeline={"kernel": 2.0, "userspace": 8.5}),
         BootSignal("g-b", "failed", _at(35), "web@2", None, "not ready within 30s", timed_out=True),
         BootSignal("g-c", "ready", _at(9), "web@2", 9.0),
         BootSignal("g-c", "failed", _at(50), "web@2", 9.0, "QEMU exited"),  # crashed after it was ready
@@ -289,9 +297,19 @@ def test_fleet_signals_become_observations(store: SqlStore) -> None:
     assert (gone.launched_at, gone.outcome, gone.replaced, gone.stopped_at) == (_at(1), "ready", True, _at(90))
     assert (found["g-a"].outcome, found["g-a"].time_to_ready, found["g-a"].last_heartbeat_at) == ("ready", 11, _at(71))
     assert found["g-a"].version_id == v2 and found["g-a"].stopped_at is None
+    assert found["g-a"].timeline == {"kernel": 2.0, "userspace": 8.5} and found["g-b"].timeline is None
     assert (found["g-b"].outcome, found["g-b"].ended_at) == ("timeout", _at(35))
     assert (found["g-c"].outcome, found["g-c"].replaced, found["g-c"].stopped_at) == ("ready", True, _at(60))
     assert found["g-e"].outcome is None
+
+
+def test_a_boot_test_records_the_timing_its_console_holds(store: SqlStore) -> None:
+    v = _version(store)
+    console = "AMIFORGE-READY 12.0\nAMIFORGE-TIMING kernel=2.000 userspace=9.500 nginx.service/0.400\n"
+    report = BootReport(12.0, (CheckResult("unit nginx", "unit", True, "ok"),), console, "tcg", T0, 20.0, id=7)
+    record_boot_test(store, v, report, "run-1")
+    [boot] = store.boots_in_window(T0, T0 + timedelta(minutes=1))
+    assert (boot.instance, boot.timeline) == ("report-7", {"kernel": 2.0, "userspace": 9.5, "nginx.service": 0.4})
 
 
 def test_a_boot_test_is_ready_timed_out_or_failed() -> None:

@@ -126,6 +126,8 @@ def boards() -> list[Board]:
     debug = (
         ("Boot timeline: seconds to outcome, by instance", "table", "s",
          [(f"amiforge_recent_boot_seconds{{{VERSION}, target=~\"$target\"}}", "")], True),
+        ("Boot phases by instance (the guest's systemd: kernel, userspace, slowest units)", "table", "s",
+         [(f"amiforge_recent_boot_phase_seconds{{{VERSION}, target=~\"$target\"}}", "")], True),
         ("Time to ready (p50, p95, p99)", "timeseries", "s",
          [(quantiles.format(q=q, s=FLEET), f"p{round(q * 100)}") for q in (0.5, 0.95, 0.99)], False),
         ("Pipeline runs: versions by state", "table", "short",

@@ -15,6 +15,7 @@ The metric names and labels are a public contract (dashboards and alert rules ar
 | amiforge_version_info | gauge (1) | image, version, digest, channel |
 | amiforge_versions | gauge | image, status (how many versions are in each state: the pipeline's runs) |
 | amiforge_recent_boot_seconds | gauge | image, version, target, instance_id, outcome (launch to outcome, s) |
+| amiforge_recent_boot_phase_seconds | gauge | image, version, target, instance_id, phase (kernel, userspace, a unit) |
 
 Counters are the registry's totals since it began (store `boot_totals`, kept in the same transaction as the boots),
 so they never go down, and a scrape reads a few thousand rows whatever the number of boots. The histogram's
@@ -23,9 +24,11 @@ buckets are whole seconds and include every SLO threshold of the policy, so `le`
 Cardinality is bounded by what is exported, not by history: a version's series are exposed while it is in a
 channel (current or rollback), runs somewhere, or is one of the newest `RECENT_VERSIONS` of its image that booted;
 targets are the fleets it ran on. Older versions' series end (Prometheus keeps what it scraped for its retention).
-Per-instance series (`amiforge_recent_boot_seconds`, for the on-call and debug dashboards) are the newest
-`RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: at most that many at once, but each boot is a series
-of its own, so what Prometheus keeps of them over its retention grows with the number of boots (churn).
+Per-instance series (`amiforge_recent_boot_seconds` and, where the guest's systemd timed its boot, its phases: the
+kernel with the initrd, userspace until multi-user.target, the three slowest units — for the on-call and debug
+dashboards) are the newest `RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: at most 6 series per boot
+at once, but each boot is a series of its own, so what Prometheus keeps of them over its retention grows with the
+number of boots (churn).
 
 The text is written by `lifecycle.exposition` (the same bytes prometheus_client would write, at a fraction of the
 cost), and the lines of a (version, target) whose totals did not change since the last scrape are reused.
@@ -272,10 +275,19 @@ class TelemetryCollector:
             # instance_id, not instance: Prometheus gives `instance` to the scrape target (and would rename ours)
             [*VERSION_LABELS, "instance_id", "outcome"],
         )  # fmt: skip
+        phases = Family(
+            "amiforge_recent_boot_phase_seconds", "gauge",
+            "Seconds each phase of the latest boots took, as the guest's systemd measured them: the kernel (with the "
+            "initrd) until systemd started, userspace until multi-user.target, and the three units slowest to start.",
+            [*VERSION_LABELS, "instance_id", "phase"],
+        )  # fmt: skip
         for b in self.store.recent_boots(now - RECENT_BOOT_WINDOW, RECENT_BOOTS):
             if b.ended_at is None or b.outcome is None:
                 continue
             seconds = b.time_to_ready if b.outcome == "ready" and b.time_to_ready is not None else None
             elapsed = seconds if seconds is not None else (b.ended_at - b.launched_at).total_seconds()
-            recent.add([b.version_ref.partition("@")[0], b.version_ref, b.target, b.instance, b.outcome], elapsed)
-        yield recent
+            labels = [b.version_ref.partition("@")[0], b.version_ref, b.target, b.instance]
+            recent.add([*labels, b.outcome], elapsed)
+            for phase, took in (b.timeline or {}).items():
+                phases.add([*labels, phase], took)
+        yield from (recent, phases)

@@ -20,6 +20,7 @@ from amiforge.errors import AmiforgeError, NotFound
 from amiforge.lifecycle.controller import canonical_target, fleet_of
 from amiforge.model import BOOT_TEST_TARGET, BootObservation, BootOutcome, BootReport, BootSignal, Member
 from amiforge.providers import provider_for
+from amiforge.providers.guest import boot_timing
 from amiforge.providers.interface import FleetKeeper
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -49,6 +50,7 @@ def record_boot_test(store: Store, version_id: int, report: BootReport, run_id: 
         ended_at=ended,
         stopped_at=ended,
         detail=f"run {run_id}" + ("; failed checks: " + ", ".join(failed) if failed else ""),
+        timeline=boot_timing(report.console.splitlines()),
     )
     store.record_boots(BOOT_TEST_TARGET, [observation])
 
@@ -126,6 +128,7 @@ def observations_of(
         decided = next((s for s in own if s.kind in ("ready", "failed")), None)
         replaced = next((s for s in own if s.kind == "replaced"), None)
         beats = [s.at for s in own if s.kind == "heartbeat"]
+        timing = next((s.timeline for s in own if s.kind == "timing"), None)
         outcome: BootOutcome | None = None
         if decided is not None:
             outcome = "ready" if decided.kind == "ready" else "timeout" if decided.timed_out else "failed"
@@ -142,6 +145,7 @@ def observations_of(
                 replaced=replaced is not None,
                 last_heartbeat_at=max(beats) if beats else None,
                 detail=decided.detail if decided is not None else member.detail if member is not None else "",
+                timeline=timing,
             )
         )
     return found

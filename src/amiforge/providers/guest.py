@@ -41,9 +41,27 @@ READY_FILE = "/run/amiforge-ready"
 # amiforge-heartbeat.service prints this every 60 s once the machine is ready, for as long as it runs (M4).
 HEARTBEAT_RE = re.compile(r"AMIFORGE-HEARTBEAT (\d+(?:\.\d+)?)[ \t]*$")
 HEARTBEAT_EVERY = 60.0
+# The readiness script prints the boot's timing as systemd measured it right after READY: the kernel (with the
+# initrd) until systemd started, userspace until multi-user.target, and the three units slowest to start.
+TIMING_RE = re.compile(r"AMIFORGE-TIMING kernel=(\d+\.\d+) userspace=(\d+\.\d+)((?: [^\s/]+/\d+\.\d+){0,3})[ \t]*$")
 RESULT_RE = re.compile(r"AMIFORGE-RESULT (\d+) (\d+) ([A-Za-z0-9+/=]*)")
 DONE_MARK = "AMIFORGE-CHECKS-DONE"
 COMMAND_TIMEOUT = 30
+
+
+def boot_timing(lines: Iterable[str]) -> dict[str, float] | None:
+    """The first whole timing line of a console as {phase: seconds} — `kernel`, `userspace`, then the slowest units
+    by name, slowest first — or None if the guest printed none (a line another writer broke into is not one)."""
+    for line in lines:
+        m = TIMING_RE.search(line.rstrip("\r"))
+        if m:
+            phases = {"kernel": float(m.group(1)), "userspace": float(m.group(2))}
+            for unit in m.group(3).split():
+                name, _, seconds = unit.rpartition("/")
+                phases[name] = float(seconds)
+            return phases
+    return None
+
 
 # --- recipe steps ------------------------------------------------------------------------------------
 

@@ -35,6 +35,19 @@ def _outcome(value: object) -> str | None:
     return str(value)
 
 
+def _timeline(value: Mapping[str, float] | None) -> dict[str, float] | None:
+    """As stored: the phases in their order (kernel, userspace, then the slowest units), a few of them at most."""
+    return None if value is None else {str(k)[:200]: float(v) for k, v in list(value.items())[:8]}
+
+
+def _timeline_of(value: object) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a JSON object of seconds, found {type(value).__name__}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
 boot_from_row = row_mapper(
     BootRecord,
     "boots",
@@ -43,6 +56,7 @@ boot_from_row = row_mapper(
     time_to_ready=float_or_none,
     replaced=bool,
     detail=text_or_empty,
+    timeline=_timeline_of,
 )
 
 
@@ -256,6 +270,7 @@ def _new_row(target: str, obs: BootObservation) -> dict[str, Any]:
         "replaced": obs.replaced,
         "last_heartbeat_at": obs.last_heartbeat_at,
         "detail": obs.detail[:2000],
+        "timeline": _timeline(obs.timeline),
     }
 
 
@@ -269,6 +284,8 @@ def _forward(row: Mapping[Any, Any], obs: BootObservation) -> dict[str, Any]:
         update["stopped_at"] = obs.stopped_at
     if not row["replaced"] and obs.replaced:
         update["replaced"] = True
+    if row["timeline"] is None and obs.timeline is not None:
+        update["timeline"] = _timeline(obs.timeline)
     heard = _later(row["last_heartbeat_at"], obs.last_heartbeat_at)
     if heard != row["last_heartbeat_at"]:
         update["last_heartbeat_at"] = heard

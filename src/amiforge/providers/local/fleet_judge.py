@@ -111,6 +111,10 @@ def assess(
     beat = last_heartbeat(lines)
     if beat is not None:
         signals.append(BootSignal(rec.id, "heartbeat", rec.launched_at + timedelta(seconds=beat), ref, ttr))
+    timeline = in_guest.boot_timing(lines)
+    if timeline is not None and ttr is not None:  # printed right after READY: timed by it
+        at = rec.launched_at + timedelta(seconds=ttr)
+        signals.append(BootSignal(rec.id, "timing", at, ref, ttr, timeline=timeline))
     state: MemberState
     if rec.stopped_at is not None:
         state, detail = "stopped", rec.stop_reason + ("; QEMU is still running" if running else "")
