@@ -550,6 +550,7 @@ class BootSignal:
     timed_out: bool = False  # failed: never ready within its limit (M1 counts it as a timeout)
     # timing: the boot's phases as the guest's systemd measured them, {phase or unit: seconds} (guest.boot_timing)
     timeline: Mapping[str, float] | None = None
+    console_tail: tuple[str, ...] = ()  # failed: the last lines its console printed (guest.console_tail)
 
 
 # --- telemetry: what happened to every boot of a version (docs/architecture.md §13) ------------------------------
@@ -576,6 +577,7 @@ class BootObservation:
     last_heartbeat_at: datetime | None = None
     detail: str = ""
     timeline: Mapping[str, float] | None = None  # {kernel, userspace, the slowest units: seconds}, set once
+    console_tail: tuple[str, ...] = ()  # a boot that failed: its console's last lines, kept with its outcome
 
 
 @dataclass(frozen=True)
@@ -596,6 +598,7 @@ class BootRecord:
     last_heartbeat_at: datetime | None
     detail: str
     timeline: Mapping[str, float] | None = None
+    console_tail: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,14 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
                              timeline={"kernel": 2.1, "userspace": t - 3, "slow.service": t - 6} if i == 1 else None)
              for i, t in enumerate([12.0, 41.5, 42.0, 50.0])]  # fmt: skip
     boots += [
-        BootObservation("g-t", v2, launched, "timeout", ended_at=launched + timedelta(seconds=300)),
+        BootObservation(
+            "g-t",
+            v2,
+            launched,
+            "timeout",
+            ended_at=launched + timedelta(seconds=300),
+            console_tail=('a "quoted" \\ line', "[  12.1] the last"),
+        ),
         BootObservation("g-old", v1, launched, "ready", 9.0, launched, launched + timedelta(minutes=5), True),
     ]
     store.record_boots("local:web", boots)
@@ -122,6 +129,9 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     assert _get(s, "amiforge_version_info", image="web", version="web@2", digest="d" * 64, channel="dev") == 1
     assert _get(s, "amiforge_recent_boot_seconds", **web2, instance_id="g-t", outcome="timeout") == 300
     assert _get(s, "amiforge_recent_boot_seconds", **web2, instance_id="g-1", outcome="ready") == 41.5
+    # The boot that failed: its console's last lines, each a series of its own (label values escaped and read back).
+    logs = {dict(k[1])["line"]: dict(k[1])["message"] for k in s if k[0] == "amiforge_recent_boot_log_info"}
+    assert logs == {"1": 'a "quoted" \\ line', "2": "[  12.1] the last"}
     # The boot whose guest timed itself: its phases, in seconds; the others have none.
     phases = {k[1]: v for k, v in s.items() if k[0] == "amiforge_recent_boot_phase_seconds"}
     g1 = tuple(sorted({**web2, "instance_id": "g-1"}.items()))

@@ -170,6 +170,13 @@ def test_a_qemu_that_exits_unasked_fails_when_first_seen_gone() -> None:
     member, signals = assess(_rec(), BOOT, running=False, now=_at(100), exited_at=_at(3))
     assert (member.state, member.detail) == ("failed", "QEMU exited")
     assert [(s.kind, s.at) for s in signals] == [("launch", T0), ("failed", _at(3))]
+    # What it printed last travels with the failure, as a reader sees it (no terminal escapes).
+    assert signals[-1].console_tail == (
+        "[    0.000000] Linux version 6.1",
+        "[  OK  ] Reached target multi-user.target.",
+    )
+    ready = next(s for s in assess(_rec(), PASSED, running=True, now=_at(20))[1] if s.kind == "ready")
+    assert ready.console_tail == ()
 
 
 def test_a_member_stopped_on_purpose_is_stopped_not_failed() -> None:

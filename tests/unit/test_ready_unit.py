@@ -250,3 +250,10 @@ def test_no_timing_is_printed_where_systemd_cannot_say(script: Path, tmp_path: P
 )
 def test_a_broken_timing_line_is_not_read(line: str) -> None:
     assert in_guest.boot_timing([line]) is None
+
+
+def test_a_console_tail_is_the_last_lines_worth_reading() -> None:
+    lines = ["early", "\x1b[0;32m[  OK  ]\x1b[0m Started nginx.", "", "AMIFORGE-RESULT 0 0 YWN0aXZl",
+             "AMIFORGE-HEARTBEAT 61.0", "x" * 300, "  ", "the last"]  # fmt: skip
+    assert in_guest.console_tail(lines, 3) == ("[  OK  ] Started nginx.", "x" * 200, "the last")
+    assert in_guest.console_tail([]) == ()

@@ -84,7 +84,7 @@ def test_a_boot_observed_again_only_moves_forward_and_is_counted_once(store: Sql
     assert store.record_boots("local:web", [timed]) == 1
     assert store.record_boots("local:web", [replace(timed, timeline={"kernel": 9.9, "userspace": 1.0})]) == 0
     [boot] = store.boots_in_window(_at(0), _at(400))
-    assert boot.timeline == {"kernel": 2.1, "userspace": 9.9, "nginx.service": 0.5}
+    assert boot.timeline == {"kernel": 2.1, "userspace": 9.9, "nginx.service": 0.5} and boot.console_tail == ()
     assert list(boot.timeline) == ["kernel", "userspace", "nginx.service"]  # in the order the guest gave them
 
 
@@ -303,6 +303,17 @@ def test_fleet_signals_become_observations(store: SqlStore) -> None:
     assert found["g-e"].outcome is None
 
 
+def test_a_failed_boot_keeps_its_console_tail_with_its_outcome_once(store: SqlStore) -> None:
+    v = _version(store)
+    booting = BootObservation("g-1", v, _at(0), console_tail=("early line",))  # no outcome yet: nothing kept
+    store.record_boots("local:web", [booting])
+    failed = replace(booting, outcome="failed", ended_at=_at(30), detail="QEMU exited", console_tail=("a", "b"))
+    store.record_boots("local:web", [failed])
+    store.record_boots("local:web", [replace(failed, console_tail=("later", "lines"))])
+    [boot] = store.boots_in_window(_at(0), _at(100))
+    assert (boot.outcome, boot.detail, boot.console_tail) == ("failed", "QEMU exited", ("a", "b"))
+
+
 def test_a_boot_test_records_the_timing_its_console_holds(store: SqlStore) -> None:
     v = _version(store)
     console = "AMIFORGE-READY 12.0\nAMIFORGE-TIMING kernel=2.000 userspace=9.500 nginx.service/0.400\n"
@@ -310,6 +321,14 @@ def test_a_boot_test_records_the_timing_its_console_holds(store: SqlStore) -> No
     record_boot_test(store, v, report, "run-1")
     [boot] = store.boots_in_window(T0, T0 + timedelta(minutes=1))
     assert (boot.instance, boot.timeline) == ("report-7", {"kernel": 2.0, "userspace": 9.5, "nginx.service": 0.4})
+    assert boot.console_tail == ()  # ready: nothing to explain
+    failing = replace(report, id=8, checks=(CheckResult("unit nginx", "unit", False, "inactive"),))
+    record_boot_test(store, v, failing, "run-2")
+    [failed] = [b for b in store.boots_in_window(T0, T0 + timedelta(minutes=1)) if b.instance == "report-8"]
+    assert failed.console_tail == (
+        "AMIFORGE-READY 12.0",
+        "AMIFORGE-TIMING kernel=2.000 userspace=9.500 nginx.service/0.400",
+    )
 
 
 def test_a_boot_test_is_ready_timed_out_or_failed() -> None:

@@ -119,6 +119,8 @@ def boards() -> list[Board]:
          [(f'sum by (version, target) (rate(amiforge_boot_attempts_total{{{FLEET}, outcome!="ready"}}[5m]))'
            f" / sum by (version, target) (rate(amiforge_boot_attempts_total{{{FLEET}}}[5m]))",
            "{{version}} on {{target}}")], False),
+        ("Boot logs: the last console lines of recent failed boots", "table", "short",
+         [(f"amiforge_recent_boot_log_info{{{VERSION}, target=~\"$target\"}}", "")], True),
         ("Agent coverage (heartbeats)", "timeseries", "percentunit",
          [(f"sum by (version, target) (amiforge_heartbeat_instances{{{FLEET}}})"
            f" / sum by (version, target) (amiforge_instances{{{FLEET}}})", "{{version}} on {{target}}")], False),

@@ -16,6 +16,7 @@ The metric names and labels are a public contract (dashboards and alert rules ar
 | amiforge_versions | gauge | image, status (how many versions are in each state: the pipeline's runs) |
 | amiforge_recent_boot_seconds | gauge | image, version, target, instance_id, outcome (launch to outcome, s) |
 | amiforge_recent_boot_phase_seconds | gauge | image, version, target, instance_id, phase (kernel, userspace, a unit) |
+| amiforge_recent_boot_log_info | gauge (1) | image, version, target, instance_id, line (1…5), message |
 
 Counters are the registry's totals since it began (store `boot_totals`, kept in the same transaction as the boots),
 so they never go down, and a scrape reads a few thousand rows whatever the number of boots. The histogram's
@@ -26,9 +27,10 @@ channel (current or rollback), runs somewhere, or is one of the newest `RECENT_V
 targets are the fleets it ran on. Older versions' series end (Prometheus keeps what it scraped for its retention).
 Per-instance series (`amiforge_recent_boot_seconds` and, where the guest's systemd timed its boot, its phases: the
 kernel with the initrd, userspace until multi-user.target, the three slowest units — for the on-call and debug
-dashboards) are the newest `RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: at most 6 series per boot
-at once, but each boot is a series of its own, so what Prometheus keeps of them over its retention grows with the
-number of boots (churn).
+dashboards; and for a boot that failed, the last lines its console printed, for the on-call dashboard's boot logs)
+are the newest `RECENT_BOOTS` boots decided in the last `RECENT_BOOT_WINDOW`: at most 6 series per boot that did
+not fail and 6 + 5 per boot that did, at once, but each boot is a series of its own, so what Prometheus keeps of
+them over its retention grows with the number of boots (churn).
 
 The text is written by `lifecycle.exposition` (the same bytes prometheus_client would write, at a fraction of the
 cost), and the lines of a (version, target) whose totals did not change since the last scrape are reused.
@@ -45,6 +47,7 @@ from amiforge.lifecycle.exposition import Family, go_float, render
 from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities, rollout_outcome
 from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, BootTotals, ChannelPointer
 from amiforge.policy.document import Policy
+from amiforge.providers.guest import TAIL_LINES
 from amiforge.store.interface import Store
 
 # Whole seconds; every SLO threshold of the policy is added (a threshold must fall on a bucket to be exact).
@@ -281,6 +284,11 @@ class TelemetryCollector:
             "initrd) until systemd started, userspace until multi-user.target, and the three units slowest to start.",
             [*VERSION_LABELS, "instance_id", "phase"],
         )  # fmt: skip
+        logs = Family(
+            "amiforge_recent_boot_log_info", "gauge",
+            "1 for each of the last lines the console printed of the latest boots that failed (line 1 the oldest).",
+            [*VERSION_LABELS, "instance_id", "line", "message"],
+        )  # fmt: skip
         for b in self.store.recent_boots(now - RECENT_BOOT_WINDOW, RECENT_BOOTS):
             if b.ended_at is None or b.outcome is None:
                 continue
@@ -290,4 +298,6 @@ class TelemetryCollector:
             recent.add([*labels, b.outcome], elapsed)
             for phase, took in (b.timeline or {}).items():
                 phases.add([*labels, phase], took)
-        yield from (recent, phases)
+            for number, message in enumerate(b.console_tail[:TAIL_LINES], 1):
+                logs.add([*labels, str(number), message], 1)
+        yield from (recent, phases, logs)

@@ -23,6 +23,7 @@ from amiforge.errors import ConfigError
 from amiforge.lifecycle.controller import canonical_target, parse_target
 from amiforge.model import BOOT_TEST_TARGET
 from amiforge.providers import provider_for
+from amiforge.providers.guest import printable
 from amiforge.providers.interface import FleetKeeper
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -33,7 +34,6 @@ LOOK_FOR_NEW = 5  # polls between looks for new members and boot tests while fol
 UPTIME_RE = re.compile(r"^\[\s*(\d+\.\d+)\]|AMIFORGE-(?:READY|HEARTBEAT) (\d+(?:\.\d+)?)")
 # The newest part of a console read at once (a guest that ran for months writes a heartbeat a minute).
 MAX_READ = 8 << 20
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,6 @@ class _Source:
     place: _Place = field(default_factory=_Place)
 
 
-def _clean(line: str) -> str:
-    return _ESCAPES.sub("", line).rstrip()
-
-
 def _lines(source: _Source, data: str, *, whole: bool) -> list[ConsoleLine]:
     """The lines of `data` (from `source.place.offset` on) as console lines; only complete ones unless `whole`."""
     parts = data.split("\n")
@@ -88,7 +84,7 @@ def _lines(source: _Source, data: str, *, whole: bool) -> list[ConsoleLine]:
     found = []
     for raw in parts:
         source.place.offset += len(raw.encode("utf-8", "surrogateescape")) + 1
-        line = _clean(raw)
+        line = printable(raw)
         m = UPTIME_RE.search(line)
         if m:
             source.place.uptime = max(source.place.uptime, float(m.group(1) or m.group(2)))

@@ -20,7 +20,7 @@ from amiforge.errors import AmiforgeError, NotFound
 from amiforge.lifecycle.controller import canonical_target, fleet_of
 from amiforge.model import BOOT_TEST_TARGET, BootObservation, BootOutcome, BootReport, BootSignal, Member
 from amiforge.providers import provider_for
-from amiforge.providers.guest import boot_timing
+from amiforge.providers.guest import boot_timing, console_tail
 from amiforge.providers.interface import FleetKeeper
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -41,16 +41,18 @@ def record_boot_test(store: Store, version_id: int, report: BootReport, run_id: 
     """The boot of a boot test, as instance `report-ID` (its console is the report's: `amiforge logs`)."""
     ended = report.started_at + timedelta(seconds=report.duration)
     failed = [c.name for c in report.checks if not c.passed]
+    lines, outcome = report.console.splitlines(), boot_test_outcome(report)
     observation = BootObservation(
         instance=f"report-{report.id}",
         version_id=version_id,
         launched_at=report.started_at,
-        outcome=boot_test_outcome(report),
+        outcome=outcome,
         time_to_ready=report.time_to_ready,
         ended_at=ended,
         stopped_at=ended,
         detail=f"run {run_id}" + ("; failed checks: " + ", ".join(failed) if failed else ""),
-        timeline=boot_timing(report.console.splitlines()),
+        timeline=boot_timing(lines),
+        console_tail=console_tail(lines) if outcome != "ready" else (),
     )
     store.record_boots(BOOT_TEST_TARGET, [observation])
 
@@ -146,6 +148,7 @@ def observations_of(
                 last_heartbeat_at=max(beats) if beats else None,
                 detail=decided.detail if decided is not None else member.detail if member is not None else "",
                 timeline=timing,
+                console_tail=decided.console_tail if decided is not None else (),
             )
         )
     return found

@@ -49,6 +49,29 @@ DONE_MARK = "AMIFORGE-CHECKS-DONE"
 COMMAND_TIMEOUT = 30
 
 
+# Terminal escapes (systemd's colours, cursor moves) and control characters: not text a reader can use.
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
+TAIL_LINES = 5
+
+
+def printable(line: str) -> str:
+    """A console line as a reader sees it: without terminal escapes and control characters."""
+    return _ESCAPES.sub("", line).rstrip()
+
+
+def console_tail(lines: Sequence[str], count: int = TAIL_LINES) -> tuple[str, ...]:
+    """A failed boot's last words: the last `count` lines worth reading of its console — printable, not blank, not
+    amiforge's framed check results or heartbeats — each cut to 200 characters."""
+    kept: list[str] = []
+    for raw in reversed(lines):
+        line = printable(raw)
+        if line and not RESULT_RE.search(line) and not HEARTBEAT_RE.search(line):
+            kept.append(line[:200])
+            if len(kept) == count:
+                break
+    return tuple(reversed(kept))
+
+
 def boot_timing(lines: Iterable[str]) -> dict[str, float] | None:
     """The first whole timing line of a console as {phase: seconds} — `kernel`, `userspace`, then the slowest units
     by name, slowest first — or None if the guest printed none (a line another writer broke into is not one)."""

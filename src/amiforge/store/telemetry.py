@@ -40,6 +40,19 @@ def _timeline(value: Mapping[str, float] | None) -> dict[str, float] | None:
     return None if value is None else {str(k)[:200]: float(v) for k, v in list(value.items())[:8]}
 
 
+def _tail(obs: BootObservation) -> list[str] | None:
+    """Kept with the outcome it explains, once: a few short lines (guest.console_tail)."""
+    return [line[:200] for line in obs.console_tail[:10]] or None
+
+
+def _tail_of(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TypeError(f"expected a JSON list of lines, found {type(value).__name__}")
+    return tuple(str(line) for line in value)
+
+
 def _timeline_of(value: object) -> dict[str, float] | None:
     if value is None:
         return None
@@ -57,6 +70,7 @@ boot_from_row = row_mapper(
     replaced=bool,
     detail=text_or_empty,
     timeline=_timeline_of,
+    console_tail=_tail_of,
 )
 
 
@@ -271,6 +285,7 @@ def _new_row(target: str, obs: BootObservation) -> dict[str, Any]:
         "last_heartbeat_at": obs.last_heartbeat_at,
         "detail": obs.detail[:2000],
         "timeline": _timeline(obs.timeline),
+        "console_tail": _tail(obs) if obs.outcome is not None else None,
     }
 
 
@@ -279,7 +294,7 @@ def _forward(row: Mapping[Any, Any], obs: BootObservation) -> dict[str, Any]:
     update: dict[str, Any] = {}
     if row["outcome"] is None and obs.outcome is not None:
         update.update(outcome=obs.outcome, time_to_ready=obs.time_to_ready, ended_at=obs.ended_at,
-                      detail=obs.detail[:2000])  # fmt: skip
+                      detail=obs.detail[:2000], console_tail=_tail(obs))  # fmt: skip
     if row["stopped_at"] is None and obs.stopped_at is not None:
         update["stopped_at"] = obs.stopped_at
     if not row["replaced"] and obs.replaced:

@@ -102,11 +102,14 @@ def assess(
     gone_at = None if running else (exited_at or now)
     horizon = min(t for t in (now, rec.stopped_at, gone_at) if t is not None)
     outcome = outcome_of(rec, lines, ttr, horizon)
+    # What a failure leaves to read: the console's last lines (the on-call dashboard shows them per version).
+    tail = in_guest.console_tail(lines)
     if outcome is not None:
-        signals.append(BootSignal(rec.id, outcome.state, outcome.at, ref, ttr, outcome.detail, outcome.timed_out))
+        signals.append(BootSignal(rec.id, outcome.state, outcome.at, ref, ttr, outcome.detail, outcome.timed_out,
+                                  console_tail=tail if outcome.state == "failed" else ()))  # fmt: skip
     crashed = gone_at is not None and (rec.stopped_at is None or gone_at < rec.stopped_at)
     if crashed and gone_at is not None and (outcome is None or outcome.state == "ready"):
-        signals.append(BootSignal(rec.id, "failed", gone_at, ref, ttr, exit_detail))
+        signals.append(BootSignal(rec.id, "failed", gone_at, ref, ttr, exit_detail, console_tail=tail))
         outcome = Outcome("failed", exit_detail, gone_at)
     beat = last_heartbeat(lines)
     if beat is not None:

@@ -1,6 +1,7 @@
-"""A boot keeps its timeline as the guest's systemd measured it (`boots.timeline`): the kernel (with the initrd)
-until systemd started, userspace until multi-user.target, and the three units slowest to start, in seconds. The
-debug dashboard's boot timeline per instance reads it. Boots recorded before have none: it was never measured.
+"""A boot keeps the guest's own account of it: its timeline as the guest's systemd measured it (`boots.timeline`:
+the kernel with the initrd until systemd started, userspace until multi-user.target, the three units slowest to
+start, in seconds), and for a boot that failed, its console's last lines (`boots.console_tail`). The debug
+dashboard's boot timeline and the on-call dashboard's boot logs read them. Boots recorded before have neither.
 
 Revision ID: 0011
 Revises: 0010
@@ -22,8 +23,10 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("boots", sa.Column("timeline", sa.JSON, nullable=True))
+    op.add_column("boots", sa.Column("console_tail", sa.JSON, nullable=True))
 
 
 def downgrade() -> None:
     # In place (SQLite has DROP COLUMN since 3.35): a batch rebuild of a table others reference cannot run here.
+    op.drop_column("boots", "console_tail")
     op.drop_column("boots", "timeline")
