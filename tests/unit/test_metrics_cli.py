@@ -63,8 +63,9 @@ def test_metrics_json_has_m1_to_m6_with_the_policy_slos(cli: Cli) -> None:
         "web@1", "aws:eu-west-1/web-asg", 10, 9, 1)  # fmt: skip
     assert row["boot_success"] == pytest.approx(0.9)
     assert row["time_to_ready"] == {"p50": 24.0, "p95": 28.0, "p99": 28.0}
-    # An Auto Scaling group's heartbeats are not reported to amiforge: coverage unmeasured (not 0 %).
-    assert (row["running"], row["heartbeating"], row["coverage"]) == (10, None, None)
+    # The group's instances report heartbeats to CloudWatch: 4 of the 10 beat within 3 minutes (the others 15 min
+    # ago, or never).
+    assert (row["running"], row["heartbeating"], row["coverage"]) == (10, 4, 0.4)
     success, ready = row["slos"]
     assert (success["slo"], success["objective"], success["good"], success["total"]) == ("boot_success", 99.0, 9, 10)
     assert success["budget_left"] == pytest.approx(1 - 0.1 / 0.01) and success["met"] is False
@@ -80,7 +81,7 @@ def test_metrics_text_shows_each_sli_and_budget(cli: Cli) -> None:
     result = cli("metrics", "--no-collect", "--version", "web@1")
     assert result.code == 0, result.err
     assert "web@1" in result.out and "aws:eu-west-1/web-asg" in result.out
-    assert "90.00% of 10" in result.out and "24.0s/28.0s/28.0s" in result.out and "not reported" in result.out
+    assert "90.00% of 10" in result.out and "24.0s/28.0s/28.0s" in result.out and "4/10" in result.out
     assert "boot success 99%: 90.00%, -900% left" in result.out and "ready ≤ 60s 95%" in result.out
 
 

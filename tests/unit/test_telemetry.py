@@ -164,11 +164,17 @@ def test_m1_to_m4_of_a_version_on_a_fleet() -> None:
     assert (row.running, row.heartbeating) == (3, 1) and row.coverage == pytest.approx(1 / 3)
 
 
-def test_coverage_is_not_measured_where_heartbeats_are_not_reported() -> None:
+def test_coverage_of_a_group_counts_its_cloudwatch_heartbeats_and_is_unmeasured_where_none_are_reported() -> None:
     now = _at(1000)
-    boots = [_boot("i-0000000000test01", "ready", 25.0, target="aws:eu-west-1/web-asg")]
-    [row] = target_slis(boots, start=_at(-10), now=now, slos_of=lambda _image: Slos())
-    assert (row.running, row.heartbeating, row.coverage) == (1, None, None)  # unmeasured, not 0 %
+    heard = replace(_boot("i-0000000000test01", "ready", 25.0, target="aws:eu-west-1/web-asg"),
+                    last_heartbeat_at=_at(990))  # fmt: skip
+    silent = _boot("i-0000000000test02", "ready", 25.0, target="aws:eu-west-1/web-asg")
+    [row] = target_slis([heard, silent], start=_at(-10), now=now, slos_of=lambda _image: Slos())
+    assert (row.running, row.heartbeating, row.coverage) == (2, 1, 0.5)
+    # A kind of target whose machines report no heartbeat to amiforge: unmeasured, not 0 %.
+    other = replace(silent, target="other:somewhere")
+    [row] = target_slis([other], start=_at(-10), now=now, slos_of=lambda _image: Slos())
+    assert (row.running, row.heartbeating, row.coverage) == (1, None, None)
 
 
 def test_concurrent_collectors_record_each_boot_once(store: SqlStore) -> None:

@@ -161,10 +161,10 @@ def rollout_outcome(state: str, *, rollback: bool, undone: bool) -> str | None:
     return "rolled_back" if undone else outcome
 
 
-# Targets whose fleets report heartbeats: local fleets read them from the console. An Auto Scaling group's
-# instances do not report them to amiforge yet (the CloudWatch path is to come): their coverage is not measured,
-# which is not the same as 0 %.
-HEARTBEAT_KINDS = ("local:",)
+# Targets whose fleets report heartbeats: local fleets read them from the console, Auto Scaling groups from the
+# CloudWatch metric their instances send (guest_files/cloudwatch). Anything else: coverage not measured, which is
+# not the same as 0 %.
+HEARTBEAT_KINDS = ("local:", "aws:")
 
 
 def heartbeats(target: str) -> bool:

@@ -76,6 +76,16 @@ class Cleanups(ExitStack):
         return callback
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What a bake builds, as the image itself says it where its bytes are its own (an AMI: /etc/amiforge/release).
+    A local image is content-addressed and may serve several versions: it carries no version of its own."""
+
+    image: str
+    version: str  # NAME@N
+    recipe_digest: str
+
+
 @dataclass
 class RunContext:
     """What a provider needs from its caller while it works.
@@ -86,6 +96,7 @@ class RunContext:
 
     run_id: str
     cleanup: Cleanups
+    identity: Identity | None = None  # a bake: the version it makes
     log: Callable[[str], None] = lambda _line: None
     progress: Callable[[PhaseUpdate], None] = lambda _u: None
     phases: dict[str, float] = field(default_factory=dict)

@@ -921,6 +921,14 @@ def _alarm(h: Harness, name: str, state: str) -> None:
     cloudwatch.set_alarm_state(AlarmName=name, StateValue=state, StateReason="test")
 
 
+def _heartbeat(h: Harness, instance_id: str, at: datetime) -> None:
+    """What the instance's reporter sends (guest_files/cloudwatch): with the instance's role, not the operation's."""
+    cloudwatch: Any = h.boto.client("cloudwatch", region_name=REGION)
+    cloudwatch.put_metric_data(Namespace="amiforge", MetricData=[{
+        "MetricName": "Heartbeat", "Value": 1.0, "Unit": "Count", "Timestamp": at,
+        "Dimensions": [{"Name": "InstanceId", "Value": instance_id}]}])  # fmt: skip
+
+
 def _rollout(h: Harness) -> None:
     """A wave of one on an Auto Scaling group (replace), then current() and signals(); then an instance refresh
     started, looked at and rolled back: what a rollout calls, in either mode."""
@@ -941,7 +949,9 @@ def _rollout(h: Harness) -> None:
     (new,) = fleet.replace([Replacement(member, "token-1")], image_b, "web@2", Checks())
     assert new.state == "ready"
     assert {m.id for m in fleet.current()} >= {new.id}
-    assert {s.kind for s in fleet.signals(datetime(2000, 1, 1, tzinfo=UTC))} == {"launch", "ready", "replaced"}
+    _heartbeat(h, new.id, time.now())
+    kinds = {s.kind for s in fleet.signals(datetime(2000, 1, 1, tzinfo=UTC))}
+    assert kinds == {"launch", "ready", "replaced", "heartbeat"}
     assert fleet.alarms_firing(["web-5xx"]) == []
     refreshed = AsgFleet(h.aws.session, REGION, "web-refresh", wait=time.wait(), now=time.now)
     refresh_id = start_refresh(

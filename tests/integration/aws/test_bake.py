@@ -26,7 +26,7 @@ from amiforge.providers.aws.instances import Access, Placement
 from amiforge.providers.aws.machine import CommandResult, Machine, SsmMachine
 from amiforge.providers.aws.ssh import HOST_KEYS_BEGIN, HOST_KEYS_END, new_key_pair
 from amiforge.providers.guest import READY_FILE
-from amiforge.providers.interface import Cleanups, RunContext
+from amiforge.providers.interface import Cleanups, Identity, RunContext
 from amiforge.recipe import Recipe, parse_recipe
 from amiforge.waiting import Wait
 
@@ -61,7 +61,8 @@ def clock() -> Clock:
 
 
 def context(stack: Cleanups, lines: list[str] | None = None) -> RunContext:
-    return RunContext(run_id="run42", cleanup=stack, log=(lines.append if lines is not None else lambda _l: None))
+    return RunContext(run_id="run42", cleanup=stack, identity=Identity("web", "web@7", "ab" * 32),
+                      log=(lines.append if lines is not None else lambda _l: None))  # fmt: skip
 
 
 def wait(clock: Clock) -> Wait:
@@ -188,6 +189,13 @@ def test_bake_happy_path(aws: Aws, recipe: Recipe, clock: Clock) -> None:
     assert machine.log[6].endswith(LEFTOVERS.script())
     assert machine.files["/run/amiforge/file"] == b"web tier\n"
     assert b"AMIFORGE-READY" in machine.files["/usr/local/lib/amiforge/ready"]
+    # The CloudWatch reporter and what it needs (curl with --aws-sigv4, the CA bundle), and the image's identity.
+    assert b"PutMetricData" in machine.files["/usr/local/lib/amiforge/cloudwatch"]
+    assert "apt-get install -y -q --no-install-recommends curl ca-certificates" in machine.log[5]
+    release = dict(line.split("=", 1) for line in machine.files["/etc/amiforge/release"].decode().splitlines()[1:])
+    assert release.keys() == {"AMIFORGE_IMAGE", "AMIFORGE_VERSION", "AMIFORGE_RECIPE_DIGEST", "AMIFORGE_BUILT_AT"}
+    assert (release["AMIFORGE_IMAGE"], release["AMIFORGE_VERSION"]) == ("web", "web@7")
+    assert release["AMIFORGE_RECIPE_DIGEST"] == "ab" * 32
 
     # Tagged at creation, IMDSv2 required, idempotent client token.
     (request,) = requests

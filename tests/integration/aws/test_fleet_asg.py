@@ -749,3 +749,22 @@ def test_a_xen_members_console_costs_one_refused_latest_read_for_the_fleets_life
     assert {(m.state, m.time_to_ready) for m in fleet.current()} == {("ready", 8.5)}
     fleet.current()
     assert xen.refused == 2  # one per instance, not one per read
+
+
+def test_each_members_latest_cloudwatch_heartbeat_is_a_signal(env: Env) -> None:
+    """What the members' reporter sends (guest_files/cloudwatch, the InstanceId series): the latest beat of each
+    within the lookback is a heartbeat signal; a member that sent none, or only long ago, has none."""
+    originals = env.members()
+    (new,) = env.replace([(originals[0], "t1")], env.image_b)
+    (other,) = env.replace([(originals[1], "t2")], env.image_b)
+    fleet = env.fleet()
+    now = fleet.now()
+    cloudwatch: Any = env.aws.session.client("cloudwatch")
+    for instance, ago in ((new.id, 200), (new.id, 70), (other.id, 3600)):
+        cloudwatch.put_metric_data(Namespace="amiforge", MetricData=[{
+            "MetricName": "Heartbeat", "Value": 1.0, "Unit": "Count", "Timestamp": now - timedelta(seconds=ago),
+            "Dimensions": [{"Name": "InstanceId", "Value": instance}]}])  # fmt: skip
+    beats = [s for s in fleet.signals(datetime(2000, 1, 1, tzinfo=UTC)) if s.kind == "heartbeat"]
+    assert [(s.member, s.version_ref) for s in beats] == [(new.id, "web@2")]
+    # The minute it fell in: never later than the beat itself, at most a minute earlier.
+    assert now - timedelta(seconds=130) <= beats[0].at <= now - timedelta(seconds=70)

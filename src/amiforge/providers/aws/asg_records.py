@@ -40,7 +40,7 @@ REGION_RE: Final = AWS_REGION_RE
 ACTIVE_STATES: Final = frozenset({"Pending", "Pending:Wait", "Pending:Proceed", "InService"})
 LEAVING_STATES: Final = ("Terminating", "Terminated", "Detaching", "Detached", "Warmed")
 EC2_ALIVE: Final = frozenset({"pending", "running"})
-KIND_ORDER: Final = {"replaced": 0, "launch": 1, "ready": 2, "failed": 3}
+KIND_ORDER: Final = {"replaced": 0, "launch": 1, "ready": 2, "failed": 3, "heartbeat": 4}
 
 
 def parse_group_target(name: str) -> tuple[str, str]:

@@ -50,6 +50,7 @@ from amiforge.providers.aws.ssh import SshMachine
 from amiforge.providers.guest import (
     COMMAND_TIMEOUT,
     READY_FILE,
+    RELEASE_FILE,
     STEP_TIMEOUT,
     GuestCheck,
     guest_checks,
@@ -57,6 +58,7 @@ from amiforge.providers.guest import (
     guest_results,
     guest_script,
     parse_generalised,
+    release_file,
     step_script,
 )
 from amiforge.providers.interface import PhaseUpdate, RunContext
@@ -128,10 +130,27 @@ def _run_step(
     return _run_script(machine, "export DEBIAN_FRONTEND=noninteractive\n" + script, what, ctx, timeout)
 
 
+# EC2 only: readiness and heartbeats also go to CloudWatch (guest_files/cloudwatch), which needs curl with
+# --aws-sigv4 (Debian 12's 7.88) and the CA bundle (only a Recommends of libcurl: a minimal image may lack it).
+_REPORTER = ("cloudwatch", "/usr/local/lib/amiforge/cloudwatch", 0o755)
+_REPORTER_PACKAGES = """set -e
+if ! command -v curl >/dev/null || [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends curl ca-certificates
+fi
+systemctl enable amiforge-ready.service
+"""
+
+
 def _install_ready_unit(machine: Machine, ctx: RunContext) -> None:
-    for name, dest, mode in _READY_FILES:
+    """The readiness and heartbeat units, the CloudWatch reporter, and what the image says it is (the release
+    file, when the bake knows the version it makes)."""
+    for name, dest, mode in (*_READY_FILES, _REPORTER):
         machine.put_file(dest, guest_file(name), mode)
-    _run_script(machine, "set -e\nsystemctl enable amiforge-ready.service\n", "readiness unit", ctx, 120)
+    if ctx.identity is not None:
+        machine.put_file(RELEASE_FILE, release_file(ctx.identity, datetime.now(UTC)), 0o644)
+    _run_script(machine, _REPORTER_PACKAGES, "readiness unit and its reporter", ctx, 600)
 
 
 def bake_on_ec2(

@@ -145,6 +145,11 @@ CONSOLE_GRACE: Final = 300.0
 # DescribeAlarms' AlarmTypes (each type's alarms come under the key "<type>s") and its limit of 100 AlarmNames.
 _ALARM_TYPES: Final = ("MetricAlarm", "CompositeAlarm", "LogAlarm")
 _ALARM_NAMES_MAX: Final = 100
+# The instances' own reports (guest_files/cloudwatch): CloudWatch's namespace for them, how far back a heartbeat is
+# looked for (the image's heartbeat_within is minutes: 3 by default), and GetMetricData's limit of queries a call.
+METRIC_NAMESPACE: Final = "amiforge"
+HEARTBEAT_LOOKBACK: Final = timedelta(minutes=15)
+_QUERIES_MAX: Final = 500
 
 
 class AsgFleet:
@@ -306,7 +311,12 @@ class AsgFleet:
 
     def signals(self, since: datetime) -> list[BootSignal]:
         out: dict[tuple[str, str], BootSignal] = {}
-        for instance in self._tagged():
+        tagged = self._tagged()
+        alive = {i.id: i for i in tagged if TOKEN_TAG in i.tags and i.state in EC2_ALIVE}
+        for instance_id, at in self._heartbeats(sorted(alive)).items():
+            ref = alive[instance_id].tags.get(VERSION_TAG)
+            out[(instance_id, "heartbeat")] = BootSignal(instance_id, "heartbeat", at, ref)
+        for instance in tagged:
             tags = instance.tags
             if REPLACED_BY_TAG in tags:  # an old member this fleet terminated (while EC2 still lists it)
                 at = parse_time(tags.get(REPLACED_AT_TAG)) or instance.launched_at
@@ -337,6 +347,43 @@ class AsgFleet:
                 )
         chosen = sorted(out.values(), key=lambda s: (s.at, KIND_ORDER[s.kind], s.member))
         return [s for s in chosen if s.at >= since]
+
+    def _heartbeats(self, instance_ids: Sequence[str]) -> dict[str, datetime]:
+        """When each instance last reported a heartbeat to CloudWatch (guest_files/cloudwatch: metric Heartbeat in
+        namespace amiforge, its InstanceId series), within HEARTBEAT_LOOKBACK; an instance with none is absent. The
+        time is the start of the minute it fell in (CloudWatch's period): never later than the beat itself."""
+        if not instance_ids:
+            return {}
+        cloudwatch = self.session.client("cloudwatch", self.region)
+        end = self._now()
+        found: dict[str, datetime] = {}
+        for chunk in (instance_ids[i : i + _QUERIES_MAX] for i in range(0, len(instance_ids), _QUERIES_MAX)):
+            queries = [
+                {"Id": f"h{n}", "ReturnData": True, "MetricStat": {
+                    "Metric": {"Namespace": METRIC_NAMESPACE, "MetricName": "Heartbeat",
+                               "Dimensions": [{"Name": "InstanceId", "Value": instance_id}]},
+                    "Period": 60, "Stat": "SampleCount"}}
+                for n, instance_id in enumerate(chunk)
+            ]  # fmt: skip
+            # EndTime a minute ahead: the current minute's datapoints count (the request's times have whole seconds:
+            # a beat in the second of the call would fall after an EndTime of now).
+            kwargs: dict[str, Any] = {
+                "MetricDataQueries": queries, "StartTime": end - HEARTBEAT_LOOKBACK,
+                "EndTime": end + timedelta(minutes=1), "ScanBy": "TimestampDescending",
+            }  # fmt: skip
+            while True:
+                page = call(cloudwatch, "GetMetricData", f"heartbeats of group {self.target}", **kwargs)
+                for result in page.get("MetricDataResults", []):
+                    instance_id = chunk[int(str(result["Id"])[1:])]
+                    beats = [t for t, v in zip(result.get("Timestamps", []), result.get("Values", []), strict=False)
+                             if v > 0]  # fmt: skip
+                    if beats:
+                        latest = max(t if t.tzinfo else t.replace(tzinfo=UTC) for t in beats)
+                        found[instance_id] = max(latest, found.get(instance_id, latest))
+                if not page.get("NextToken"):
+                    break
+                kwargs["NextToken"] = page["NextToken"]
+        return found
 
     # --- replace, step by step ------------------------------------------------------------------------------------
 

@@ -218,6 +218,7 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:GetConsoleOutput",
         "ec2:DescribeInstanceTypes",  # a group launching a Xen type is refused (its console shows no readiness)
         "cloudwatch:DescribeAlarms",  # the strategy's alarm gates
+        "cloudwatch:GetMetricData",  # signals(): the members' heartbeats (agent coverage, M4)
         "ec2:RunInstances",  # authorised only: see AUTHORISED_ONLY
         "iam:PassRole",
     },
