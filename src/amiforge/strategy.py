@@ -239,6 +239,9 @@ def p95(values: Sequence[float]) -> float | None:
     return ordered[math.ceil(0.95 * len(ordered)) - 1]
 
 
+FAILED_NAMED = 5  # failed members a verdict names (the others are counted): a wave of 500 is not a 500-line reason
+
+
 def decide(strategy: Strategy, members: Sequence[Member], *, alarms_firing: Sequence[str] = ()) -> WaveDecision:
     """Judge a wave by its new members. Every unmet gate is a reason; the burn rate is judged on the failures so far,
     so a wave that fails fast is stopped before its last members are even ready."""
@@ -250,7 +253,8 @@ def decide(strategy: Strategy, members: Sequence[Member], *, alarms_firing: Sequ
     burn = (len(failed) / total) / budget if total else 0.0
     reasons: list[str] = []
     # Which members failed and why, so the verdict itself says where to look (the console of that guest).
-    why = "; ".join(f"{m.id}: {m.detail}" if m.detail else m.id for m in failed)
+    named = [f"{m.id}: {m.detail}" if m.detail else m.id for m in failed[:FAILED_NAMED]]
+    why = "; ".join(named) + (f"; and {len(failed) - FAILED_NAMED} more" if len(failed) > FAILED_NAMED else "")
     if burn > strategy.error_budget.max_burn_rate:
         reasons.append(
             f"burn rate {burn:.1f}× > {strategy.error_budget.max_burn_rate:g}× "

@@ -155,9 +155,10 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
 
 
 def crash_while_booting(cli: Cli, version: str, monitoring: Monitoring) -> str:
-    """A guest whose QEMU dies while it boots: a failed boot (M1), with its instance id on the on-call dashboard. It
-    dies once Prometheus has scraped the fleet's counters at zero (serve saw it launching), as in a real fleet whose
-    launches serve watches: the failure is then an increase that a burn-rate alert can see."""
+    """A guest whose QEMU dies while it boots: a failed boot (M1), with its instance id and its console's last lines
+    on the on-call dashboard. It dies once Prometheus has scraped the fleet's counters at zero (serve saw it
+    launching), as in a real fleet whose launches serve watches: the failure is then an increase that a burn-rate
+    alert can see; and once its kernel has printed something (what the boot logs panel shows of it)."""
     creating = subprocess.Popen(
         [sys.executable, "-m", "amiforge", "fleet", "create", "crashfleet", "--size", "1", "--version", version],
         env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -169,7 +170,9 @@ def crash_while_booting(cli: Cli, version: str, monitoring: Monitoring) -> str:
                                env=cli.env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         members = json.loads(shown.stdout)["members"] if shown.returncode == 0 else []
         seen = monitoring.query('amiforge_boot_attempts_total{target="local:crashfleet", outcome="failed"}')
-        if members and members[0]["pid"] and members[0]["state"] == "launching" and seen:
+        console = Path(members[0]["console"]) if members else None
+        printed = console is not None and console.is_file() and "Linux version" in console.read_text(errors="replace")
+        if members and members[0]["pid"] and members[0]["state"] == "launching" and seen and printed:
             assert float(seen[0]["value"][1]) == 0
             os.kill(members[0]["pid"], signal.SIGKILL)
             break

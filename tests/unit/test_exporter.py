@@ -300,3 +300,27 @@ def test_a_scrape_reuses_the_text_of_unchanged_totals_and_rewrites_changed_ones(
     reused = {"image": "api", "version": "api@1", "target": "local:b"}
     assert _get(second, "amiforge_time_to_ready_seconds_count", **reused) == 1
     assert _get(second, "amiforge_time_to_ready_seconds_sum", **reused) == 6.0
+
+
+def test_counters_never_go_down_when_a_rollout_is_rolled_back_by_hand(store: SqlStore, policy: Policy) -> None:
+    """`amiforge rollback` undoes a rollout that had succeeded: the succeeded count stays, the undone count grows
+    (Prometheus reads any decrease of a counter as a reset)."""
+    v1, v2 = _version(store), _version(store)
+    strategy = Strategy().model_dump(mode="json")
+    change = store.create_rollout("local:web", v2, strategy=strategy, waves=[1], actor="t")
+    store.update_rollout(change.id, expect="running", state="succeeded")
+    app = App(store, policy)
+    before = _samples(_scrape_app(app))
+    back = store.create_rollout("local:web", v1, strategy=strategy, waves=[1], actor="t", undoes=change.id)
+    during = _samples(_scrape_app(app))
+    store.update_rollout(back.id, expect="running", state="succeeded")
+    after = _samples(_scrape_app(app))
+    labels = {"image": "web", "target": "local:web"}
+    assert [_get(s, "amiforge_rollouts_total", **labels, outcome="succeeded") for s in (before, during, after)] == [
+        1, 1, 1]  # the rollback itself is no change: never a succeeded rollout  # fmt: skip
+    assert [_get(s, "amiforge_rollouts_undone_total", **labels) for s in (before, during, after)] == [0, 1, 1]
+    assert [_get(s, "amiforge_rollout_in_progress", **labels) for s in (before, during, after)] == [0, 1, 0]
+    for earlier, later in ((before, during), (during, after)):
+        for key, value in earlier.items():
+            if key[0].endswith(("_total", "_bucket", "_count", "_sum")) and key in later:
+                assert later[key] >= value, key

@@ -92,3 +92,9 @@ def test_a_row_with_the_wrong_number_of_values_is_refused() -> None:
     family = Family("x", "gauge", "doc", ["a", "b"])
     with pytest.raises(ValueError, match="1 label values for 2 labels"):
         family.add(["only-one"], 1.0)
+
+
+def test_a_counter_named_with_its_total_is_refused() -> None:
+    with pytest.raises(ValueError, match="not valid Prometheus names"):
+        Family("x_total", "counter", "doc", [])  # the text would say x_total_total
+    assert Family("x_total", "gauge", "doc", []).name == "x_total"

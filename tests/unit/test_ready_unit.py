@@ -254,6 +254,7 @@ def test_a_broken_timing_line_is_not_read(line: str) -> None:
 
 def test_a_console_tail_is_the_last_lines_worth_reading() -> None:
     lines = ["early", "\x1b[0;32m[  OK  ]\x1b[0m Started nginx.", "", "AMIFORGE-RESULT 0 0 YWN0aXZl",
-             "AMIFORGE-HEARTBEAT 61.0", "x" * 300, "  ", "the last"]  # fmt: skip
+             "AMIFORGE-HEARTBEAT 61.0", "x" * 300, "AMIFORGE-READY 12.5", "AMIFORGE-CHECKS-DONE", "  ", "the last",
+             "AMIFORGE-CLOUDWATCH Heartbeat not reported: no instance metadata token (IMDSv2)"]  # fmt: skip
     assert in_guest.console_tail(lines, 3) == ("[  OK  ] Started nginx.", "x" * 200, "the last")
     assert in_guest.console_tail([]) == ()

@@ -378,6 +378,23 @@ def test_a_rollback_undoes_the_last_change_and_m6_counts_that_as_rolled_back(
                                              ("web", "local:web", "succeeded", True, False, 1)]  # fmt: skip
 
 
+def test_a_rollback_to_another_version_is_a_change_of_its_own(
+    store: SqlStore, settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rid = _rollout(store, fleet)
+    drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    _version(store, "v3")  # web@3: a fix
+    monkeypatch.setattr(rollout_module, "releasable", lambda *_a, **_k: None)
+    forward = rollback("web", store=store, settings=settings, to="web@3", controls=NO_WAIT)
+    assert forward.rollout.undoes is None and forward.rollout.version_ref == "web@3"
+
+
+def test_a_wave_verdict_names_five_failed_members_and_counts_the_rest() -> None:
+    strategy = Strategy(error_budget={"slo": 0.99, "max_burn_rate": 10})
+    verdict = decide(strategy, [_member("failed", i=i, detail="not ready") for i in range(8)])
+    assert verdict.reasons[0].endswith("m3: not ready; m4: not ready; and 3 more; SLO 0.99)")
+
+
 def test_a_rollback_with_no_earlier_rollout_needs_to(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
     with pytest.raises(NotFound, match="no earlier rollout on local:web") as refused:
         rollback("web", store=store, settings=settings, controls=NO_WAIT)

@@ -114,6 +114,8 @@ def boards() -> list[Board]:
         ("Recent deploys and rollbacks", "timeseries", "short",
          [(f"sum by (image, target, outcome) (increase({rollouts}[$__rate_interval]))",
            "{{image}} on {{target}}: {{outcome}}"),
+          ('sum by (image, target) (increase(amiforge_rollouts_undone_total{image=~"$image", target=~"$target"}'
+           '[$__rate_interval]))', "{{image}} on {{target}}: undone by amiforge rollback"),
           ('amiforge_version_info{image=~"$image", channel!=""}', "{{channel}}: {{version}}")], False),
         ("Boot failures (share of launches, 5 m)", "timeseries", "percentunit",
          [(f'sum by (version, target) (rate(amiforge_boot_attempts_total{{{FLEET}, outcome!="ready"}}[5m]))'

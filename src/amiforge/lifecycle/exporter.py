@@ -11,6 +11,7 @@ The metric names and labels are a public contract (dashboards and alert rules ar
 | amiforge_heartbeat_instances | gauge | image, version, target |
 | amiforge_vulnerabilities | gauge | image, version, severity |
 | amiforge_rollouts_total | counter | image, target, outcome (succeeded, rolled_back, aborted) |
+| amiforge_rollouts_undone_total | counter | image, target (rollouts `amiforge rollback` undid later) |
 | amiforge_rollout_in_progress | gauge | image, target |
 | amiforge_version_info | gauge (1) | image, version, digest, channel |
 | amiforge_versions | gauge | image, status (how many versions are in each state: the pipeline's runs) |
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from amiforge.lifecycle.exposition import Family, go_float, render
-from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities, rollout_outcome
+from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities
 from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, BootTotals, ChannelPointer
 from amiforge.policy.document import Policy
 from amiforge.providers.guest import TAIL_LINES
@@ -98,9 +99,9 @@ class TelemetryCollector:
     def render(self) -> bytes:
         """The exposition (text format 0.0.4)."""
         with self._caches.lock:
-            return render(self.families())
+            return render(self._families())
 
-    def families(self) -> Iterator[Family]:
+    def _families(self) -> Iterator[Family]:
         now = datetime.now(UTC)
         store = self.store
         channels = store.channels()
@@ -147,6 +148,8 @@ class TelemetryCollector:
         )  # fmt: skip
         previous, kept = self._caches.boots, {}
         for t in totals:
+            # Equal counts mean equal text: totals only grow (more ready boots, more seconds), a version's labels
+            # never change (versions are never deleted, ids never reused), and new buckets make a new collector.
             key = (t.version_id, t.target)
             numbers = (t.ready, t.failed, t.timeout, t.replaced, t.ttr_sum)
             cached = previous.get(key)
@@ -232,20 +235,31 @@ class TelemetryCollector:
             "amiforge_rollout_in_progress", "gauge",
             "1 while a rollout on the target is running or rolling back.", ["image", "target"],
         )  # fmt: skip
+        undone = Family(
+            "amiforge_rollouts_undone", "counter",
+            "Rollouts that `amiforge rollback` undid later, counted when the rollback starts (M6 counts them as rolled "
+            "back; the rollbacks themselves are in no outcome of amiforge_rollouts_total).",
+            ["image", "target"],
+        )  # fmt: skip
+        # Counters only grow: a rollout's end state is set once, whether it is a rollback is known when it starts,
+        # and being undone is counted apart, never by moving the rollout to another outcome.
         ended: dict[tuple[str, str], dict[str, int]] = {}
+        undid: dict[tuple[str, str], int] = {}
         busy: dict[tuple[str, str], int] = {}
-        for image, target, state, rollback, undone, count in self.store.rollout_tally():
-            outcome = rollout_outcome(state, rollback=rollback, undone=undone)
+        for image, target, state, rollback, was_undone, count in self.store.rollout_tally():
             key = (image, target)
             per = ended.setdefault(key, dict.fromkeys(ROLLOUT_OUTCOMES.values(), 0))
+            outcome = None if rollback else ROLLOUT_OUTCOMES.get(state)
             if outcome is not None:
                 per[outcome] += count
+            undid[key] = undid.get(key, 0) + (count if was_undone else 0)
             busy[key] = busy.get(key, 0) or int(state in ROLLOUT_WATCHING)
         for (image, target), per in sorted(ended.items()):
             for outcome, count in per.items():
                 total.add([image, target, outcome], count)
+            undone.add([image, target], undid[(image, target)])
             live.add([image, target], busy[(image, target)])
-        yield from (total, live)
+        yield from (total, undone, live)
 
     def _versions(
         self, heads: Mapping[int, tuple[str, int, str | None]], channels: Iterable[ChannelPointer]

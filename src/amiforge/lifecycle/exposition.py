@@ -54,7 +54,8 @@ class Family:
 
     def __init__(self, name: str, kind: Kind, documentation: str, labels: Sequence[str]) -> None:
         bad = [n for n in labels if not _LABEL_RE.match(n) or n.startswith("__") or n == "le"]
-        if not _NAME_RE.match(name) or bad:
+        # A counter is named without its `_total`: the text adds it (prometheus_client would strip a given one).
+        if not _NAME_RE.match(name) or bad or (kind == "counter" and name.endswith("_total")):
             raise ValueError(f"metric {name!r} or its label names {bad} are not valid Prometheus names")
         self.name = f"{name}_total" if kind == "counter" else name
         self.kind = kind

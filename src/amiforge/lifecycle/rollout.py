@@ -397,7 +397,9 @@ def rollback(
     else:
         raise NotFound(f"no earlier rollout on {canonical_target(target)} says what it ran before", fix="pass --to REF")
     strategy = Strategy(waves=["100%"], bake_time=0.0)
-    undoes = last[0].id if last is not None else None
+    # It undoes the last change when it goes back to what that change replaced; `--to` another version (a fix rolled
+    # forward) is a change of its own.
+    undoes = last[0].id if last is not None and store.get_version(ref).ref == last[1] else None
     return start(target, ref, store=store, settings=settings, strategy=strategy, controls=controls, undoes=undoes)
 
 

@@ -85,12 +85,13 @@ def printable(line: str) -> str:
 
 
 def console_tail(lines: Sequence[str], count: int = TAIL_LINES) -> tuple[str, ...]:
-    """A failed boot's last words: the last `count` lines worth reading of its console — printable, not blank, not
-    amiforge's framed check results or heartbeats — each cut to 200 characters."""
+    """A failed boot's last words: the last `count` lines worth reading of its console — printable, not blank, none
+    of amiforge's own markers (readiness and its copies, timing, framed check results, heartbeats, CloudWatch's
+    reports: what failed is said by the verdict already) — each cut to 200 characters."""
     kept: list[str] = []
     for raw in reversed(lines):
         line = printable(raw)
-        if line and not RESULT_RE.search(line) and not HEARTBEAT_RE.search(line):
+        if line and "AMIFORGE-" not in line:
             kept.append(line[:200])
             if len(kept) == count:
                 break

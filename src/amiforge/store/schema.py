@@ -503,8 +503,8 @@ boots_table = sa.Table(
     sa.Column("last_heartbeat_at", UtcDateTime, nullable=True),
     sa.Column("detail", sa.Text, nullable=False),
     # {kernel, userspace, the slowest units: seconds} as the guest's systemd measured them (migration 0011)
-    sa.Column("timeline", sa.JSON, nullable=True),
-    sa.Column("console_tail", sa.JSON, nullable=True),  # a failed boot's last console lines (migration 0011)
+    sa.Column("timeline", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("console_tail", sa.JSON(none_as_null=True), nullable=True),  # a failed boot's last console lines
     sa.UniqueConstraint("target", "instance", name="uq_boots_target_instance"),
     sa.Index("ix_boots_version_launched", "version_id", "launched_at"),
     sa.Index("ix_boots_stopped", "stopped_at"),  # a window's boots: those still running and those stopped in it

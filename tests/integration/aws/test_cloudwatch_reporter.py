@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -148,6 +149,7 @@ def _run_ready(tmp_path: Path, imds_url: str, moto: str, *args: str) -> str:
         "AMIFORGE_IMDS": imds_url,
         "AMIFORGE_AWS_ENDPOINT": f"{moto}/",
         "AMIFORGE_RELEASE": str(release),
+        "AMIFORGE_GROUP_FILE": str(tmp_path / "group"),
     }
     subprocess.run([str(guest / "ready"), *args], env=env, check=True, timeout=60, capture_output=True)
     return (tmp_path / "console").read_text()
@@ -176,6 +178,7 @@ def test_readiness_and_heartbeats_land_in_cloudwatch_with_the_group_from_the_api
         server.shutdown()
     assert "AMIFORGE-CLOUDWATCH" not in console, console  # nothing failed
     assert imds.unauthorised == 0  # every metadata read carried the session token
+    assert (tmp_path / "group").read_text() == "web-asg\n"  # asked once a boot, then kept
     by_group = {"ImageId": image, "Version": "web@7", "AutoScalingGroupName": "web-asg"}
     assert _datapoints(moto_url, "Heartbeat", by_group, "SampleCount") == [2.0]
     assert _datapoints(moto_url, "Heartbeat", {"InstanceId": instance}, "SampleCount") == [2.0]
@@ -210,7 +213,14 @@ def test_without_a_role_it_says_so_on_the_console_and_the_heartbeat_goes_on(tmp_
     assert _datapoints(moto_url, "Heartbeat", {"InstanceId": "i-0000000000test03"}, "SampleCount") == []
 
 
-def test_without_instance_metadata_nothing_is_reported_and_readiness_is_not_held(tmp_path: Path, moto_url: str) -> None:
-    console = _run_ready(tmp_path, "http://127.0.0.1:9", moto_url)  # discard port: nothing listens
-    assert "AMIFORGE-READY" in console and in_guest.DONE_MARK in console
-    assert "AMIFORGE-CLOUDWATCH Ready not reported: no instance metadata token (IMDSv2)" in console
+def test_metadata_that_never_answers_holds_up_neither_the_checks_nor_readiness(tmp_path: Path, moto_url: str) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers: curl's own timeout (2 s) ends each call
+    try:
+        console = _run_ready(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", moto_url)
+    finally:
+        silent.close()
+    lines = console.splitlines()
+    said = lines.index("AMIFORGE-CLOUDWATCH Ready not reported: no instance metadata token (IMDSv2)")
+    assert lines.index(in_guest.DONE_MARK) < said  # the checks ran while the report was still waiting

@@ -306,8 +306,10 @@ class AsgFleet:
         return [name for name in names if found[name] == "ALARM"]
 
     def observe(self, since: datetime) -> tuple[list[Member], list[BootSignal]]:
-        # Two sources (the group's members; the instances' tags and consoles), read one after the other.
-        return self.current(), self.signals(since)
+        # Two sources read one after the other: the signals first, so an instance launched between the two reads is
+        # listed by current() and never taken for one gone (the collector stops what signals name and current() not).
+        signals = self.signals(since)
+        return self.current(), signals
 
     def signals(self, since: datetime) -> list[BootSignal]:
         out: dict[tuple[str, str], BootSignal] = {}
