@@ -132,6 +132,9 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     # The boot that failed: its console's last lines, each a series of its own (label values escaped and read back).
     logs = {dict(k[1])["line"]: dict(k[1])["message"] for k in s if k[0] == "amiforge_recent_boot_log_info"}
     assert logs == {"1": 'a "quoted" \\ line', "2": "[  12.1] the last"}
+    # `serve --without-console-lines`: none of what guests printed leaves the registry.
+    quiet = _samples(_scrape_app(App(store, policy, console_lines=False)))
+    assert not [k for k in quiet if k[0] == "amiforge_recent_boot_log_info"] and quiet.keys() == s.keys() - _log_series(s)
     # The boot whose guest timed itself: its phases, in seconds; the others have none.
     phases = {k[1]: v for k, v in s.items() if k[0] == "amiforge_recent_boot_phase_seconds"}
     g1 = tuple(sorted({**web2, "instance_id": "g-1"}.items()))
@@ -324,3 +327,9 @@ def test_counters_never_go_down_when_a_rollout_is_rolled_back_by_hand(store: Sql
         for key, value in earlier.items():
             if key[0].endswith(("_total", "_bucket", "_count", "_sum")) and key in later:
                 assert later[key] >= value, key
+
+
+def _log_series(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {k for k in samples if k[0] == "amiforge_recent_boot_log_info"}

@@ -171,10 +171,14 @@ def test_coverage_of_a_group_counts_its_cloudwatch_heartbeats_and_is_unmeasured_
     silent = _boot("i-0000000000test02", "ready", 25.0, target="aws:eu-west-1/web-asg")
     [row] = target_slis([heard, silent], start=_at(-10), now=now, slos_of=lambda _image: Slos())
     assert (row.running, row.heartbeating, row.coverage) == (2, 1, 0.5)
-    # A kind of target whose machines report no heartbeat to amiforge: unmeasured, not 0 %.
-    other = replace(silent, target="other:somewhere")
-    [row] = target_slis([other], start=_at(-10), now=now, slos_of=lambda _image: Slos())
-    assert (row.running, row.heartbeating, row.coverage) == (1, None, None)
+    # An AMI whose instances never reported (baked without the reporter, or a role that may not put metrics):
+    # unmeasured, not 0 %; likewise a kind of target whose machines report no heartbeat to amiforge.
+    for never in (silent, replace(silent, target="other:somewhere")):
+        [row] = target_slis([never], start=_at(-10), now=now, slos_of=lambda _image: Slos())
+        assert (row.running, row.heartbeating, row.coverage) == (1, None, None), never.target
+    # A local fleet's consoles always say: a guest not heard is 0 %.
+    [row] = target_slis([replace(silent, target="local:web")], start=_at(-10), now=now, slos_of=lambda _i: Slos())
+    assert (row.running, row.heartbeating, row.coverage) == (1, 0, 0.0)
 
 
 def test_concurrent_collectors_record_each_boot_once(store: SqlStore) -> None:

@@ -1,4 +1,4 @@
-"""amiforge serve [--listen 127.0.0.1:9464] [--collect-every 15s]."""
+"""amiforge serve [--listen 127.0.0.1:9464] [--collect-every 15s] [--without-console-lines]."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def serve_command(
     collect_every: str = typer.Option(
         "15s", "--collect-every", help="How often to read the fleets into the registry; 0: never (only serve)."
     ),
+    without_console_lines: bool = typer.Option(
+        False,
+        "--without-console-lines",
+        help="Leave failed boots' last console lines out of /metrics (what guests print reaches whoever reads it).",
+    ),
 ) -> None:
     """Serve Prometheus metrics (/metrics) and /healthz on 127.0.0.1:9464, reading the fleets every 15 s.
 
@@ -34,6 +39,7 @@ def serve_command(
         err_console.print(f"serving {escape(url)}/metrics and {escape(url)}/healthz (Ctrl-C to stop)")
 
     try:
-        serve(where, store=store, settings=settings, policy=policy, collect_every=every or None, ready=ready)
+        serve(where, store=store, settings=settings, policy=policy, collect_every=every or None, ready=ready,
+              console_lines=not without_console_lines)  # fmt: skip
     except KeyboardInterrupt:
         err_console.print("stopped")

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from amiforge.lifecycle.exposition import Family, go_float, render
-from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, heartbeats, open_vulnerabilities
+from amiforge.lifecycle.slis import ROLLOUT_OUTCOMES, coverage_measured, open_vulnerabilities
 from amiforge.model import BOOT_OUTCOMES, BOOT_TEST_TARGET, BootTotals, ChannelPointer
 from amiforge.policy.document import Policy
 from amiforge.providers.guest import TAIL_LINES
@@ -88,10 +88,15 @@ class TelemetryCollector:
     """Renders the registry's telemetry as the text Prometheus scrapes; each scrape reads the store afresh (what it
     keeps between scrapes is in `_Caches`). Safe to call from several threads."""
 
-    def __init__(self, store: Store, policy: Policy, *, recent: int = RECENT_VERSIONS) -> None:
+    def __init__(
+        self, store: Store, policy: Policy, *, recent: int = RECENT_VERSIONS, console_lines: bool = True
+    ) -> None:
         self.store = store
         self.policy = policy
         self.recent = recent
+        # Failed boots' last console lines (amiforge_recent_boot_log_info): whatever a guest printed reaches everyone
+        # who reads /metrics and Prometheus, for its retention; `serve --without-console-lines` leaves them out.
+        self.console_lines = console_lines
         self.buckets = histogram_buckets(policy)
         self._labels = [bucket_label(b) for b in self.buckets]
         self._caches = _Caches()
@@ -184,20 +189,22 @@ class TelemetryCollector:
             "Running instances whose heartbeat was heard within the image's heartbeat_within (agent coverage).",
             VERSION_LABELS,
         )  # fmt: skip
-        counts: dict[tuple[int, str], list[int]] = {}
+        counts: dict[tuple[int, str], list[int]] = {}  # [running, heard lately, heard ever]
         fresh: dict[int, datetime] = {}
         for vid, target, heard_at in running:
             if target == BOOT_TEST_TARGET or vid not in refs:
                 continue
             if vid not in fresh:
                 fresh[vid] = now - self.policy.slos.of(refs[vid][0]).heartbeat_within
-            pair = counts.setdefault((vid, target), [0, 0])
-            pair[0] += 1
-            pair[1] += heard_at is not None and heard_at >= fresh[vid]
-        for (vid, target), (n, heard) in sorted(counts.items()):
+            row = counts.setdefault((vid, target), [0, 0, 0])
+            row[0] += 1
+            row[1] += heard_at is not None and heard_at >= fresh[vid]
+            row[2] += heard_at is not None
+        for (vid, target), (n, heard, ever) in sorted(counts.items()):
             image, ref = refs[vid]
             instances.add([image, ref, target], n)
-            if heartbeats(target):  # no series where heartbeats are not reported: unmeasured is not 0 %
+            # No series where coverage is not measured (slis.coverage_measured): unmeasured is not 0 %.
+            if coverage_measured(target, [now] * ever):
                 beating.add([image, ref, target], heard)
         yield from (instances, beating)
 
@@ -312,6 +319,6 @@ class TelemetryCollector:
             recent.add([*labels, b.outcome], elapsed)
             for phase, took in (b.timeline or {}).items():
                 phases.add([*labels, phase], took)
-            for number, message in enumerate(b.console_tail[:TAIL_LINES], 1):
+            for number, message in enumerate(b.console_tail[:TAIL_LINES] if self.console_lines else (), 1):
                 logs.add([*labels, str(number), message], 1)
         yield from (recent, phases, logs)

@@ -161,14 +161,14 @@ def rollout_outcome(state: str, *, rollback: bool, undone: bool) -> str | None:
     return "rolled_back" if undone else outcome
 
 
-# Targets whose fleets report heartbeats: local fleets read them from the console, Auto Scaling groups from the
-# CloudWatch metric their instances send (guest_files/cloudwatch). Anything else: coverage not measured, which is
-# not the same as 0 %.
-HEARTBEAT_KINDS = ("local:", "aws:")
-
-
-def heartbeats(target: str) -> bool:
-    return target.startswith(HEARTBEAT_KINDS)
+def coverage_measured(target: str, heard: Iterable[datetime | None]) -> bool:
+    """Whether agent coverage (M4) means something for a version's running instances on `target`, given when each
+    was last heard. A local fleet's consoles always say. On EC2 heartbeats come from the image's CloudWatch reporter
+    (guest_files/cloudwatch): an AMI baked without it, or whose instances' role may not put metrics, never reports,
+    so until one of its instances has been heard its coverage is not measured — which is not the same as 0 %."""
+    if target.startswith("local:"):
+        return True
+    return target.startswith("aws:") and any(at is not None for at in heard)
 
 
 def _overlap_days(boot: BootRecord, start: datetime, end: datetime) -> float:
@@ -211,7 +211,7 @@ def target_slis(
                 instance_days=sum(_overlap_days(b, start, now) for b in members if fleet),
                 running=len(running),
                 heartbeating=None
-                if not heartbeats(target)
+                if not coverage_measured(target, (b.last_heartbeat_at for b in running))
                 else sum(b.last_heartbeat_at is not None and b.last_heartbeat_at >= fresh for b in running),
                 slos=slo_statuses(members, slos, now),
             )

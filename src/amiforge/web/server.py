@@ -103,11 +103,12 @@ class PolicySource:
 class App:
     """The WSGI application: /metrics, /healthz; anything else 404, anything but GET/HEAD 405."""
 
-    def __init__(self, store: Store, policy: Policy | PolicySource) -> None:
+    def __init__(self, store: Store, policy: Policy | PolicySource, *, console_lines: bool = True) -> None:
         self.store = store
         self.policy = policy
+        self.console_lines = console_lines
         self._lock = threading.Lock()
-        self.collector = TelemetryCollector(store, self._current_policy())
+        self.collector = TelemetryCollector(store, self._current_policy(), console_lines=console_lines)
 
     def _current_policy(self) -> Policy:
         return self.policy.get() if isinstance(self.policy, PolicySource) else self.policy
@@ -117,7 +118,7 @@ class App:
         policy = self._current_policy()
         with self._lock:
             if policy is not self.collector.policy:
-                self.collector = TelemetryCollector(self.store, policy)
+                self.collector = TelemetryCollector(self.store, policy, console_lines=self.console_lines)
             return self.collector
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -213,12 +214,13 @@ def serve(
     policy: Policy | PolicySource,
     collect_every: float | None,
     ready: Callable[[str], None] = lambda _url: None,
+    console_lines: bool = True,
 ) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM). `ready(url)` is called once the socket listens."""
     server_class = _Server6 if ":" in listen.host else _Server
     try:
-        server = make_server(listen.host, listen.port, App(store, policy), server_class=server_class,
-                             handler_class=_QuietHandler)  # fmt: skip
+        app = App(store, policy, console_lines=console_lines)
+        server = make_server(listen.host, listen.port, app, server_class=server_class, handler_class=_QuietHandler)
     except OSError as e:
         raise ConfigError(
             f"cannot listen on {listen.host}:{listen.port}: {e.strerror or e}",

@@ -131,15 +131,22 @@ def _run_step(
 
 
 # EC2 only: readiness and heartbeats also go to CloudWatch (guest_files/cloudwatch), which needs curl with
-# --aws-sigv4 (Debian 12's 7.88) and the CA bundle (only a Recommends of libcurl: a minimal image may lack it).
+# --aws-sigv4 (7.75 or later: Debian 12 has 7.88, Debian 11's 7.74 has not) and a CA bundle (only a Recommends of
+# libcurl: a minimal image may lack it). Installed with apt where there is apt; an image that still lacks them is
+# baked all the same (the reporter is telemetry, not the image's function) and the bake log says what it misses.
 _REPORTER = ("cloudwatch", "/usr/local/lib/amiforge/cloudwatch", 0o755)
 _REPORTER_PACKAGES = """set -e
-if ! command -v curl >/dev/null || [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends curl ca-certificates
-fi
 systemctl enable amiforge-ready.service
+able() {
+    command -v curl >/dev/null && curl --help all 2>/dev/null | grep -q -- --aws-sigv4 &&
+        { [ -s /etc/ssl/certs/ca-certificates.crt ] || [ -s /etc/pki/tls/certs/ca-bundle.crt ]; }
+}
+if ! able && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends curl ca-certificates; } || true
+fi
+able || echo "amiforge: this image cannot report to CloudWatch: it needs curl 7.75 or later (--aws-sigv4) and a CA" \
+    "bundle; the coverage (M4) of its instances will show as not measured"
 """
 
 

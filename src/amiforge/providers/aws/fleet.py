@@ -88,6 +88,8 @@ AlarmTypes names the others).
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -150,6 +152,11 @@ _ALARM_NAMES_MAX: Final = 100
 METRIC_NAMESPACE: Final = "amiforge"
 HEARTBEAT_LOOKBACK: Final = timedelta(minutes=15)
 _QUERIES_MAX: Final = 500
+# What was heard of each instance, by (region, instance id): (when it was asked, monotonic; the heartbeat or None).
+# `amiforge serve` collects every 15 s; GetMetricData is billed per metric asked for, and its data has minutes.
+_HEARD: dict[tuple[str, str], tuple[float, datetime | None]] = {}
+_HEARD_LOCK = threading.Lock()
+_HEARD_TTL: Final = 60.0
 
 
 class AsgFleet:
@@ -353,12 +360,25 @@ class AsgFleet:
     def _heartbeats(self, instance_ids: Sequence[str]) -> dict[str, datetime]:
         """When each instance last reported a heartbeat to CloudWatch (guest_files/cloudwatch: metric Heartbeat in
         namespace amiforge, its InstanceId series), within HEARTBEAT_LOOKBACK; an instance with none is absent. The
-        time is the start of the minute it fell in (CloudWatch's period): never later than the beat itself."""
-        if not instance_ids:
-            return {}
-        cloudwatch = self.session.client("cloudwatch", self.region)
+        time is the end of the minute it fell in (CloudWatch keeps minutes), or now if that is later: a beat every
+        60 s then always looks at most a minute old, not two. Asked at most once a minute per instance (the data has
+        minute resolution, and each metric asked for is billed: _HEARD)."""
         end = self._now()
-        found: dict[str, datetime] = {}
+        asked = time.monotonic()
+        with _HEARD_LOCK:
+            for key in [k for k, (at, _) in _HEARD.items() if asked - at > 600]:
+                del _HEARD[key]  # instances long gone
+            known = {i: _HEARD[(self.region, i)] for i in instance_ids if (self.region, i) in _HEARD}
+        fresh = {i: heard for i, (at, heard) in known.items() if asked - at < _HEARD_TTL}
+        stale = [i for i in instance_ids if i not in fresh]
+        found = self._read_heartbeats(stale, end) if stale else {}
+        with _HEARD_LOCK:
+            _HEARD.update({(self.region, i): (asked, found.get(i)) for i in stale})
+        return {i: at for i, at in {**fresh, **found}.items() if at is not None}
+
+    def _read_heartbeats(self, instance_ids: Sequence[str], end: datetime) -> dict[str, datetime | None]:
+        cloudwatch = self.session.client("cloudwatch", self.region)
+        found: dict[str, datetime | None] = {}
         for chunk in (instance_ids[i : i + _QUERIES_MAX] for i in range(0, len(instance_ids), _QUERIES_MAX)):
             queries = [
                 {"Id": f"h{n}", "ReturnData": True, "MetricStat": {
@@ -380,8 +400,9 @@ class AsgFleet:
                     beats = [t for t, v in zip(result.get("Timestamps", []), result.get("Values", []), strict=False)
                              if v > 0]  # fmt: skip
                     if beats:
-                        latest = max(t if t.tzinfo else t.replace(tzinfo=UTC) for t in beats)
-                        found[instance_id] = max(latest, found.get(instance_id, latest))
+                        start = max(t if t.tzinfo else t.replace(tzinfo=UTC) for t in beats)
+                        latest = min(start + timedelta(seconds=60), end)
+                        found[instance_id] = max(latest, found.get(instance_id) or latest)
                 if not page.get("NextToken"):
                     break
                 kwargs["NextToken"] = page["NextToken"]
