@@ -134,7 +134,9 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     assert logs == {"1": 'a "quoted" \\ line', "2": "[  12.1] the last"}
     # `serve --without-console-lines`: none of what guests printed leaves the registry.
     quiet = _samples(_scrape_app(App(store, policy, console_lines=False)))
-    assert not [k for k in quiet if k[0] == "amiforge_recent_boot_log_info"] and quiet.keys() == s.keys() - _log_series(s)
+    assert not [k for k in quiet if k[0] == "amiforge_recent_boot_log_info"] and quiet.keys() == s.keys() - _log_series(
+        s
+    )
     # The boot whose guest timed itself: its phases, in seconds; the others have none.
     phases = {k[1]: v for k, v in s.items() if k[0] == "amiforge_recent_boot_phase_seconds"}
     g1 = tuple(sorted({**web2, "instance_id": "g-1"}.items()))
