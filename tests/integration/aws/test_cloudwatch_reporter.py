@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 import pytest
@@ -224,3 +224,69 @@ def test_metadata_that_never_answers_holds_up_neither_the_checks_nor_readiness(t
     lines = console.splitlines()
     said = lines.index("AMIFORGE-CLOUDWATCH Ready not reported: no instance metadata token (IMDSv2)")
     assert lines.index(in_guest.DONE_MARK) < said  # the checks ran while the report was still waiting
+
+
+class Captured(BaseHTTPRequestHandler):
+    """An endpoint that keeps each request and answers as PutMetricData does (moto's server does not check
+    signatures, so this one keeps what was signed for the test to check)."""
+
+    requests: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        Captured.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        answer = (
+            b'<PutMetricDataResponse xmlns="http://monitoring.amazonaws.com/doc/2010-08-01/"><ResponseMetadata>'
+            b"<RequestId>TEST-0001</RequestId></ResponseMetadata></PutMetricDataResponse>"
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+def test_the_signature_is_the_one_botocore_computes_for_the_same_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SigV4 as AWS documents it, by botocore's implementation: same credentials, time, headers and body, same
+    signature; and the session token is among the signed headers."""
+    import botocore.auth
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    Captured.requests = []
+    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), Captured)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{endpoint.server_address[1]}"
+    imds = Imds("i-0000000000test04", "ami-0000000000test04", group_tag="web-asg")
+    server, imds_url = _serve(imds)
+    try:
+        console = _run_ready(tmp_path, imds_url, url, "heartbeat")
+    finally:
+        server.shutdown()
+        endpoint.shutdown()
+    assert "AMIFORGE-CLOUDWATCH" not in console, console
+    assert len(Captured.requests) == 2  # one PutMetricData a beat
+    headers, body = Captured.requests[0]
+    algorithm, _, fields = headers["authorization"].partition(" ")
+    parts = dict(field.strip().split("=", 1) for field in fields.split(","))
+    assert algorithm == "AWS4-HMAC-SHA256"
+    assert parts["Credential"].endswith(f"/{REGION}/monitoring/aws4_request")
+    signed = parts["SignedHeaders"].split(";")
+    assert "x-amz-security-token" in signed and headers["x-amz-security-token"] == "TEST-session-token/0001=="
+    kept = {h: headers[h] for h in signed if h not in ("host", "x-amz-date", "x-amz-security-token")}
+    request = AWSRequest(method="POST", url=f"{url}/", data=body, headers=kept)
+    signed_at = datetime.strptime(headers["x-amz-date"], "%Y%m%dT%H%M%SZ")  # botocore signs at "now": curl's now
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: signed_at)
+    SigV4Auth(Credentials("TESTKEY0000000000001", "TEST/secret+0001", "TEST-session-token/0001=="), "monitoring",
+              REGION).add_auth(request)  # fmt: skip
+    expected = dict(f.strip().split("=", 1) for f in str(request.headers["Authorization"]).split(" ", 1)[1].split(","))
+    assert (expected["SignedHeaders"], expected["Signature"]) == (parts["SignedHeaders"], parts["Signature"])
+    form = dict(pair.split("=", 1) for pair in body.decode().split("&"))
+    assert form["Action"] == "PutMetricData" and form["Namespace"] == "amiforge"
+    assert form["MetricData.member.2.Dimensions.member.1.Value"] == "i-0000000000test04"
