@@ -204,7 +204,7 @@ class TelemetryCollector:
             image, ref = refs[vid]
             instances.add([image, ref, target], n)
             # No series where coverage is not measured (slis.coverage_measured): unmeasured is not 0 %.
-            if coverage_measured(target, [now] * ever):
+            if coverage_measured(target, any_heard=ever > 0):
                 beating.add([image, ref, target], heard)
         yield from (instances, beating)
 

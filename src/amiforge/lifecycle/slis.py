@@ -161,14 +161,14 @@ def rollout_outcome(state: str, *, rollback: bool, undone: bool) -> str | None:
     return "rolled_back" if undone else outcome
 
 
-def coverage_measured(target: str, heard: Iterable[datetime | None]) -> bool:
-    """Whether agent coverage (M4) means something for a version's running instances on `target`, given when each
-    was last heard. A local fleet's consoles always say. On EC2 heartbeats come from the image's CloudWatch reporter
-    (guest_files/cloudwatch): an AMI baked without it, or whose instances' role may not put metrics, never reports,
-    so until one of its instances has been heard its coverage is not measured — which is not the same as 0 %."""
+def coverage_measured(target: str, *, any_heard: bool) -> bool:
+    """Whether agent coverage (M4) means something for a version's running instances on `target`, given whether any
+    of them was ever heard. A local fleet's consoles always say. On EC2 heartbeats come from the image's CloudWatch
+    reporter (guest_files/cloudwatch): an AMI baked without it, or whose instances' role may not put metrics, never
+    reports, so until one of its instances has been heard its coverage is not measured — not the same as 0 %."""
     if target.startswith("local:"):
         return True
-    return target.startswith("aws:") and any(at is not None for at in heard)
+    return target.startswith("aws:") and any_heard
 
 
 def _overlap_days(boot: BootRecord, start: datetime, end: datetime) -> float:
@@ -211,7 +211,7 @@ def target_slis(
                 instance_days=sum(_overlap_days(b, start, now) for b in members if fleet),
                 running=len(running),
                 heartbeating=None
-                if not coverage_measured(target, (b.last_heartbeat_at for b in running))
+                if not coverage_measured(target, any_heard=any(b.last_heartbeat_at is not None for b in running))
                 else sum(b.last_heartbeat_at is not None and b.last_heartbeat_at >= fresh for b in running),
                 slos=slo_statuses(members, slos, now),
             )
