@@ -90,6 +90,7 @@ checks:
   units: [amiforge-no-such.service]
   commands:
     - {run: "cat /etc/amiforge-test", expect_output: "hello"}
+    - {run: "cat /etc/amiforge/release", expect_output: "AMIFORGE_VERSION=broken@1"}
     - {run: "test -e /nonexistent", expect_exit: 0}
   tcp:
     - {port: 2222}
@@ -107,6 +108,8 @@ def test_failing_check_exits_4_marks_failed_and_leaves_nothing(cli: Cli, tmp_pat
     assert shown["version"]["status"] == "failed"
     (report,) = shown["boot_reports"]
     assert _checks(report)["command cat /etc/amiforge-test"] is True
+    # The image is content-addressed and carries no version: the guest was told which one it boots as.
+    assert _checks(report)["command cat /etc/amiforge/release"] is True
     assert _checks(report)["ready"] is True
 
 

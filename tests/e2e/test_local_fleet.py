@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.boottest import checks_of, release_of
+from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import Replacement
 from amiforge.providers.local.fleet import open_fleet
 from amiforge.providers.local.guest_processes import find_guests
+from amiforge.recipe import CommandCheck
 from amiforge.settings import Settings
 from amiforge.store.sql import open_store
 from tests.e2e.conftest import Cli
@@ -79,8 +81,14 @@ def test_fleet_create_fail_replace_destroy(cli: Cli, web_recipe: Path, no_leftov
         version = store.get_version(ref)
         artifact = next(a for a in store.artifacts(version.id) if a.provider == "local")
     webfleet = open_fleet(settings, "webfleet")
+    # The new guest must say what it was booted as (the image is shared between versions): the release file
+    # amiforge gave it, byte for byte, with the artifact's digest.
+    release = release_of(version, artifact)
+    assert release.digest == artifact.digest
+    says = CommandCheck(run="cat /etc/amiforge/release", expect_output=in_guest.release_file(release).decode())
+    checks = checks_of(version).model_copy(update={"commands": [*checks_of(version).commands, says]})
     replaced_at = time.monotonic()
-    (new,) = webfleet.replace([Replacement(keep["id"], "e2e-wave-1")], artifact, ref, checks_of(version))
+    (new,) = webfleet.replace([Replacement(keep["id"], "e2e-wave-1")], artifact, release, checks)
     replace_in = time.monotonic() - replaced_at
     assert (new.state, new.version_ref) == ("ready", ref), new.detail
     assert _gone(keep["pid"])
@@ -90,7 +98,7 @@ def test_fleet_create_fail_replace_destroy(cli: Cli, web_recipe: Path, no_leftov
     assert [(s.member, s.detail) for s in replaced] == [(keep["id"], f"replaced by {new.id}")]
 
     # Asked again with the same token (a resumed rollout): the same member, no second guest.
-    (again,) = webfleet.replace([Replacement(keep["id"], "e2e-wave-1")], artifact, ref, checks_of(version))
+    (again,) = webfleet.replace([Replacement(keep["id"], "e2e-wave-1")], artifact, release, checks)
     assert (again.id, again.state) == (new.id, "ready")
     assert len(find_guests(webfleet.dir)) == 1
 

@@ -25,7 +25,7 @@ from amiforge.errors import ConfigError, InfraError, NotFound, StateError
 from amiforge.lifecycle import logs, telemetry
 from amiforge.model import Artifact, Status
 from amiforge.providers import guest as in_guest
-from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Replacement
+from amiforge.providers.interface import Fleet, Member, PhaseUpdate, Release, Replacement
 from amiforge.providers.local import fleet as fleet_mod
 from amiforge.providers.local import fleet_judge, qemu
 from amiforge.providers.local.fleet import (
@@ -219,6 +219,12 @@ def test_a_recorded_launch_error_is_a_failure() -> None:
     assert (member.state, member.detail) == ("failed", "launch failed: qemu-img create failed")
 
 
+def release(ref: str) -> Release:
+    return Release(
+        ref.partition("@")[0], ref, "ab" * 32, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "sha256:" + "d" * 64
+    )
+
+
 # --- the fake QEMU and a fleet to run it in -----------------------------------------------------------------
 
 # Builtin modules only, and the interpreter's own home: renamed argv[0] makes Python look for its library by
@@ -255,6 +261,7 @@ class FakeLauncher:
     settings: Settings
     plan: list[list[str]] = field(default_factory=list)  # console of the 1st, 2nd, … launch; default QUICK
     launched: list[str] = field(default_factory=list)  # member ids, in launch order
+    specs: list[qemu.GuestSpec] = field(default_factory=list)  # what each launch was asked to start, in order
     most_booting: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     die_after_start: bool = False  # the launcher is killed right after QEMU starts, before the pid is recorded
@@ -270,6 +277,7 @@ class FakeLauncher:
         assert spec.console == spec.workdir / "console.log"
         lines = self.plan[len(self.launched)] if len(self.launched) < len(self.plan) else QUICK
         self.launched.append(spec.workdir.name)
+        self.specs.append(spec)
         proc = start_fake(spec.overlay, spec.console, lines)
         self.procs.append(proc)
         if self.die_after_start:
@@ -304,7 +312,7 @@ def launcher(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fa
 
 
 def _web(settings: Settings, artifact: Artifact, size: int) -> LocalFleet:
-    return create_fleet(settings, "web", size, artifact, "web@1", CHECKS)
+    return create_fleet(settings, "web", size, artifact, release("web@1"), CHECKS)
 
 
 @pytest.fixture
@@ -397,7 +405,7 @@ def test_create_boots_at_most_max_booting_at_once_and_records_each_member(
     settings: Settings, artifact: Artifact, launcher: FakeLauncher
 ) -> None:
     updates: list[PhaseUpdate] = []
-    fleet = create_fleet(settings, "web", 3, artifact, "web@1", CHECKS, progress=updates.append)
+    fleet = create_fleet(settings, "web", 3, artifact, release("web@1"), CHECKS, progress=updates.append)
     as_protocol: Fleet = fleet  # mypy checks that LocalFleet is a Fleet
     assert as_protocol.target == "web"
     assert launcher.most_booting == MAX_BOOTING
@@ -413,6 +421,9 @@ def test_create_boots_at_most_max_booting_at_once_and_records_each_member(
     assert info["members"] == launcher.launched
     record = json.loads((fleet.dir / members[0].id / "member.json").read_text())
     assert record["token"] == "create-0" and record["version_ref"] == "web@1"
+    # Each guest is given what it is booted as (the image is shared between versions), and its record keeps it.
+    assert {spec.release for spec in launcher.specs} == {in_guest.release_file(release("web@1"))}
+    assert record["release"] == in_guest.release_file(release("web@1")).decode()
     assert record["location"] == artifact.location and record["stopped_at"] is None
     assert all(m.id.startswith("g-") and len(m.id) == 10 for m in members)
 
@@ -432,9 +443,10 @@ def test_replace_stops_the_old_member_once_the_new_one_is_ready(
     old, keep = fleet.current()
     since = datetime.now(UTC)
 
-    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
 
     assert (new.state, new.version_ref) == ("ready", "web@2")
+    assert launcher.specs[-1].release == in_guest.release_file(release("web@2"))
     assert not _alive(launcher.procs[0]) and _alive(launcher.procs[1])
     now = {m.id: (m.state, m.detail) for m in fleet.current()}
     assert now == {
@@ -477,7 +489,7 @@ def test_telemetry_records_each_member_once_and_its_stop_when_the_fleet_is_gone(
     launcher.plan = [[*QUICK, "AMIFORGE-HEARTBEAT 0.20"], FAILED_UNIT]
     fleet = _web(settings, artifact, 2)
     (old, _failed) = fleet.current()
-    fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     [collected] = telemetry.collect(store, settings)  # every known target: this machine's fleets
     assert (collected.target, collected.members, collected.changed, collected.error) == ("local:web", 3, 3, None)
     assert telemetry.collect(store, settings, ["web"])[0].changed == 0
@@ -540,12 +552,12 @@ def test_logs_are_ecs_json_lines_timed_by_the_guest_uptime_and_follow_new_lines(
 def test_the_same_token_never_launches_twice(settings: Settings, artifact: Artifact, launcher: FakeLauncher) -> None:
     fleet = _web(settings, artifact, 2)
     old = fleet.current()[0]
-    first = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
-    again = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    first = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
+    again = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     assert [m.id for m in again] == [m.id for m in first]
     assert len(launcher.launched) == 3
     with pytest.raises(StateError, match="not"):
-        fleet.replace([Replacement(fleet.current()[1].id, "wave-1/0")], artifact, "web@2", CHECKS)
+        fleet.replace([Replacement(fleet.current()[1].id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     assert len(launcher.launched) == 3
 
 
@@ -554,7 +566,7 @@ def _killed_right_after_the_start(fleet: LocalFleet, old: Member, artifact: Arti
     member's id."""
     launcher.die_after_start = True
     with pytest.raises(KeyboardInterrupt):
-        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     launcher.die_after_start = False
     new_id = launcher.launched[-1]
     assert not (fleet.dir / new_id / "qemu.pid").exists()
@@ -567,7 +579,7 @@ def test_a_controller_killed_right_after_the_start_resumes_without_a_second_gues
     fleet, old = web1
     new_id = _killed_right_after_the_start(fleet, old, artifact, launcher)
 
-    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
 
     assert (new.id, new.state) == (new_id, "ready")
     assert len(launcher.launched) == 2
@@ -581,20 +593,22 @@ def test_a_controller_killed_before_the_start_resumes_by_starting_that_member(
     fleet, old = web1
     launcher.die_before_start = True
     with pytest.raises(KeyboardInterrupt):
-        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     (new_id,) = set(_states(fleet)) - {old.id}
     assert not (fleet.dir / new_id / "qemu.pid").exists()
     first_launch = fleet._record(new_id).launched_at
     launcher.die_before_start = False
 
-    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
 
     assert (new.id, new.state) == (new_id, "ready")
     assert launcher.launched == [old.id, new_id]  # started once, by the resumed call
     assert _states(fleet) == {old.id: "stopped", new_id: "ready"}
     assert new.launched_at > first_launch  # judged from its real start
     # Asked once more, the same token finds it running and starts nothing.
-    assert [m.id for m in fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)] == [new_id]
+    assert [m.id for m in fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)] == [
+        new_id
+    ]
     assert launcher.launched == [old.id, new_id]
 
 
@@ -611,7 +625,7 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
     launcher.procs[-1].kill()  # … and then dies, its pid never recorded
     launcher.procs[-1].wait()
 
-    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
 
     assert (new.id, new.state) == (new_id, "failed")  # its verdict stands: no second boot erases it
     assert launcher.launched == [old.id, new_id]
@@ -623,10 +637,10 @@ def test_a_stopped_or_failed_launch_is_never_started_again(
 ) -> None:
     fleet, old = web1
     launcher.plan = [QUICK, FAILED_UNIT]
-    (failed,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (failed,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     assert failed.state == "failed"
     (fleet.dir / failed.id / "qemu.pid").unlink()  # gone with its QEMU: only the recorded stop says why
-    (again,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (again,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     assert (again.id, again.state) == (failed.id, "failed")
     assert len(launcher.launched) == 2
 
@@ -637,7 +651,7 @@ def test_a_failed_replacement_is_stopped_and_the_old_member_keeps_running(
     fleet, old = web1
     launcher.plan = [QUICK, FAILED_UNIT]
 
-    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
 
     assert (new.state, new.detail) == ("failed", "unit nginx: exit 3, expected 0: inactive")
     assert _alive(launcher.procs[0]) and not _alive(launcher.procs[1])
@@ -647,7 +661,7 @@ def test_a_failed_replacement_is_stopped_and_the_old_member_keeps_running(
         new.id: ("stopped", "stopped: unit nginx: exit 3, expected 0: inactive"),
     }
     # Asked again (a resumed controller): the same answer, and still no second launch.
-    (again,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, "web@2", CHECKS)
+    (again,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
     assert (again.id, again.state, again.detail) == (new.id, new.state, new.detail)
     assert len(launcher.launched) == 2
 
@@ -658,7 +672,7 @@ def test_replacing_a_member_that_is_already_gone_is_fine(
     fleet, old = web1
     launcher.procs[0].kill()
     launcher.procs[0].wait()
-    (new,) = fleet.replace([Replacement(old.id, "t")], artifact, "web@2", CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "t")], artifact, release("web@2"), CHECKS)
     assert new.state == "ready"
     assert _states(fleet) == {old.id: "stopped", new.id: "ready"}
     kinds = [(s.member, s.kind) for s in fleet.signals(datetime(2000, 1, 1))]
@@ -670,7 +684,7 @@ def test_replace_refuses_unknown_members_before_launching_anything(
 ) -> None:
     fleet = _web(settings, artifact, 1)
     with pytest.raises(NotFound, match="g-nothere"):
-        fleet.replace([Replacement("g-nothere", "t")], artifact, "web@2", CHECKS)
+        fleet.replace([Replacement("g-nothere", "t")], artifact, release("web@2"), CHECKS)
     assert len(launcher.launched) == 1
 
 
@@ -690,7 +704,7 @@ def test_a_launch_that_fails_is_a_failed_member_and_no_process(
 def test_an_interrupted_create_leaves_nothing(settings: Settings, artifact: Artifact, launcher: FakeLauncher) -> None:
     launcher.die_after_start = True
     with pytest.raises(KeyboardInterrupt):
-        create_fleet(settings, "web", 2, artifact, "web@1", CHECKS)
+        create_fleet(settings, "web", 2, artifact, release("web@1"), CHECKS)
     assert list_fleets(settings) == []
     assert not (settings.data_dir / "fleets" / "web").exists()
     launcher.procs[0].wait(timeout=10)  # its QEMU, never recorded by pid, was found and stopped
@@ -718,14 +732,16 @@ def test_names_sizes_and_existing_fleets_are_checked(
     settings: Settings, artifact: Artifact, launcher: FakeLauncher
 ) -> None:
     with pytest.raises(ConfigError):
-        create_fleet(settings, "Web_1", 1, artifact, "web@1", CHECKS)
+        create_fleet(settings, "Web_1", 1, artifact, release("web@1"), CHECKS)
     with pytest.raises(ConfigError):
-        create_fleet(settings, "web", 0, artifact, "web@1", CHECKS)
+        create_fleet(settings, "web", 0, artifact, release("web@1"), CHECKS)
     with pytest.raises(NotFound, match="missing"):
-        create_fleet(settings, "web", 1, Artifact("local", "local", "/nope.qcow2", "d", 0, "/k", "/i"), "web@1", CHECKS)
-    create_fleet(settings, "web", 1, artifact, "web@1", CHECKS)
+        create_fleet(
+            settings, "web", 1, Artifact("local", "local", "/nope.qcow2", "d", 0, "/k", "/i"), release("web@1"), CHECKS
+        )
+    create_fleet(settings, "web", 1, artifact, release("web@1"), CHECKS)
     with pytest.raises(StateError, match="exists"):
-        create_fleet(settings, "web", 1, artifact, "web@1", CHECKS)
+        create_fleet(settings, "web", 1, artifact, release("web@1"), CHECKS)
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from amiforge.providers import guest as in_guest
 from amiforge.providers.aws import bake as aws_bake
+from amiforge.providers.interface import Release
 from amiforge.providers.local import base
 from tests.conftest import required_or_skip
 
@@ -170,6 +172,69 @@ def test_the_ready_unit_starts_the_heartbeat_after_itself_for_good() -> None:
     assert beat["Service.Restart"] == ["always"] and "Install.WantedBy" not in beat
 
 
+def test_the_release_unit_runs_before_services_start_and_only_where_a_local_base_enables_it() -> None:
+    unit = _unit("amiforge-release.service")
+    assert unit["Service.ExecStart"] == [f"{SCRIPT_PATH} release"]
+    # Early: without the default dependencies (after sysinit.target) and before basic.target, which every
+    # service with the default dependencies comes after.
+    assert unit["Unit.DefaultDependencies"] == ["no"]
+    assert unit["Unit.Before"][0].split()[0] == "basic.target"
+    assert unit["Install.WantedBy"] == ["basic.target"]
+    assert "amiforge-release.service" not in {name for name, _, _ in aws_bake._READY_FILES}  # an AMI has its file
+
+
+def _release_env(tmp_path: Path, passed: bytes | None) -> dict[str, str]:
+    """The environment of `ready release`: a fw_cfg folder holding `passed` (None: the host passed nothing)."""
+    fw_cfg = tmp_path / "fw_cfg"
+    if passed is not None:
+        (fw_cfg / "release").mkdir(parents=True)
+        (fw_cfg / "release" / "raw").write_bytes(passed)
+    return _env(tmp_path, AMIFORGE_FW_CFG=str(fw_cfg), AMIFORGE_RELEASE=str(tmp_path / "etc/amiforge/release"))
+
+
+RELEASE = in_guest.release_file(
+    Release("web", "web@7", "ab" * 32, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "sha256:" + "cd" * 32)
+)
+
+
+def test_the_release_the_host_passed_becomes_the_release_file(script: Path, tmp_path: Path) -> None:
+    env = _release_env(tmp_path, RELEASE)
+    _run(script, env, "release")
+    installed = tmp_path / "etc/amiforge/release"
+    assert installed.read_bytes() == RELEASE
+    assert installed.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in installed.parent.iterdir()) == ["release"]  # no temporary file stays
+    fields = dict(line.split("=", 1) for line in RELEASE.decode().splitlines()[1:])
+    assert fields == {
+        "AMIFORGE_IMAGE": "web",
+        "AMIFORGE_VERSION": "web@7",
+        "AMIFORGE_DIGEST": "sha256:" + "cd" * 32,
+        "AMIFORGE_RECIPE_DIGEST": "ab" * 32,
+        "AMIFORGE_BUILT_AT": "2026-01-02T03:04:05Z",
+    }
+
+
+def test_without_a_release_from_the_host_the_file_is_left_as_it_is(script: Path, tmp_path: Path) -> None:
+    env = _release_env(tmp_path, None)
+    _run(script, env, "release")
+    assert not (tmp_path / "etc").exists()  # nothing made up
+    baked = tmp_path / "etc/amiforge/release"  # an AMI's, written by its bake
+    baked.parent.mkdir(parents=True)
+    baked.write_bytes(b"AMIFORGE_VERSION=web@3\n")
+    _run(script, env, "release")
+    assert baked.read_bytes() == b"AMIFORGE_VERSION=web@3\n"
+
+
+def test_the_checks_the_host_passed_run_after_the_line(script: Path, tmp_path: Path) -> None:
+    fw_cfg = tmp_path / "fw_cfg"
+    (fw_cfg / "checks").mkdir(parents=True)
+    (fw_cfg / "checks" / "raw").write_text("echo checked-here\n")
+    _run(script, _env(tmp_path, AMIFORGE_FW_CFG=str(fw_cfg)))
+    console = (tmp_path / "console").read_text()
+    record = (tmp_path / "amiforge-ready").read_text()
+    assert console == f"\n{record}checked-here\n{DONE}"
+
+
 def test_both_providers_install_every_unit_and_the_script() -> None:
     units = _guest_units()
     assert "amiforge-ready-repeat.service" in units
@@ -186,7 +251,7 @@ def test_systemd_analyze_verify_accepts_the_units(script: Path, tmp_path: Path) 
     assert analyze is not None
     units = tmp_path / "units"
     units.mkdir()
-    names = [u for u in _guest_units() if u.startswith(("amiforge-ready", "amiforge-heartbeat"))]
+    names = [u for u in _guest_units() if u.startswith(("amiforge-ready", "amiforge-heartbeat", "amiforge-release"))]
     for name in names:  # the script where this machine has it: verify checks that ExecStart can run
         text = in_guest.guest_file(name).decode().replace(SCRIPT_PATH, str(script))
         (units / name).write_text(text)

@@ -19,7 +19,7 @@ from amiforge.errors import GateFailed, InfraError
 from amiforge.lifecycle.controller import POLL_SECONDS, Controls
 from amiforge.lifecycle.refresh import REFRESH_SLACK, STALL_BATCHES, drive_refresh, refresh_budget
 from amiforge.model import Artifact, Rollout, Status
-from amiforge.providers.interface import BootSignal, Member, RefreshStatus, Replacement
+from amiforge.providers.interface import BootSignal, Member, RefreshStatus, Release, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
@@ -89,7 +89,7 @@ class FakeRefreshingGroup:
         return list(self.members)
 
     def replace(
-        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+        self, replacements: Sequence[Replacement], artifact: Artifact, release: Release, checks: Checks
     ) -> list[Member]:
         raise AssertionError("an instance refresh never replaces members itself")
 

@@ -20,7 +20,7 @@ from amiforge.lifecycle.controller import Controls, parse_target
 from amiforge.lifecycle.rollout import drive, last_change, request, resume, rollback
 from amiforge.lifecycle.slis import rollout_rates
 from amiforge.model import Artifact, Status
-from amiforge.providers.interface import BootSignal, Fleet, Member, MemberState, Replacement
+from amiforge.providers.interface import BootSignal, Fleet, Member, MemberState, Release, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
@@ -189,7 +189,7 @@ class FakeFleet:
         return out
 
     def replace(
-        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+        self, replacements: Sequence[Replacement], artifact: Artifact, release: Release, checks: Checks
     ) -> list[Member]:
         self._tick()
         out = []
@@ -197,7 +197,7 @@ class FakeFleet:
             if r.token in self.by_token:
                 new = self.members[self.by_token[r.token]]
             else:
-                new = self._launch(version_ref)
+                new = self._launch(release.version)
                 self.by_token[r.token] = new.id
                 self.launched[r.token] += 1
             if new.state == "ready":
@@ -304,11 +304,11 @@ def test_a_wave_that_fails_later_rolls_back_every_replaced_member(
     real_replace = fleet.replace
     waves_done = []
 
-    def replace_then_break(rs: Sequence[Replacement], a: Artifact, ref: str, c: Checks) -> list[Member]:
+    def replace_then_break(rs: Sequence[Replacement], a: Artifact, r: Release, c: Checks) -> list[Member]:
         waves_done.append(len(rs))
         if len(waves_done) == 3:  # wave 3 launches on a host that breaks them
             fleet.bad_versions.add("web@2")
-        return real_replace(rs, a, ref, c)
+        return real_replace(rs, a, r, c)
 
     monkeypatch.setattr(fleet, "replace", replace_then_break)
     with pytest.raises(GateFailed):

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from amiforge.lifecycle.boottest import TestOutcome, boot_test
+from amiforge.lifecycle.boottest import TestOutcome, boot_test, release_of
 from amiforge.lifecycle.runs import run_context
 from amiforge.model import BootReport, ImageVersion, LayerRecord, Leftover, RemovedFile, Status
 from amiforge.providers import provider_for
-from amiforge.providers.interface import Identity, PhaseUpdate
+from amiforge.providers.interface import PhaseUpdate
 from amiforge.recipe import Recipe, recipe_digest
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -51,8 +51,8 @@ def bake(
     )
     actor = settings.actor
     log: list[str] = []
-    identity = Identity(version.name, version.ref, version.recipe_digest)
-    with run_context(store, actor=actor, ref=version.ref, progress=progress, log=log.append, identity=identity) as ctx:
+    release = release_of(version)
+    with run_context(store, actor=actor, ref=version.ref, progress=progress, log=log.append, release=release) as ctx:
         store.append_event(
             "bake.started",
             actor=actor,

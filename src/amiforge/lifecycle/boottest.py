@@ -17,9 +17,9 @@ from pydantic import TypeAdapter, ValidationError
 from amiforge.errors import GateFailed, GateFailure, InfraError, NotFound
 from amiforge.lifecycle.runs import run_context
 from amiforge.lifecycle.telemetry import record_boot_test
-from amiforge.model import BootReport, ImageVersion, Leftover, Status, require_status
+from amiforge.model import Artifact, BootReport, ImageVersion, Leftover, Status, require_status
 from amiforge.providers import provider_for
-from amiforge.providers.interface import PhaseUpdate
+from amiforge.providers.interface import PhaseUpdate, Release
 from amiforge.recipe import Checks
 from amiforge.recipe import Provider as ProviderSpec
 from amiforge.settings import Settings
@@ -46,6 +46,18 @@ def checks_of(version: ImageVersion) -> Checks:
         return Checks.model_validate(baked_value(version, "checks", {}))
     except ValidationError as e:
         raise _damaged_recipe(version, f"its checks do not validate ({e.error_count()} problem(s))") from e
+
+
+def release_of(version: ImageVersion, artifact: Artifact | None = None) -> Release:
+    """What a machine of `version` is told it runs (/etc/amiforge/release); `artifact`: the copy it boots (None
+    while it is being baked)."""
+    return Release(
+        image=version.name,
+        version=version.ref,
+        recipe_digest=version.recipe_digest,
+        built_at=version.created_at,
+        digest=artifact.digest if artifact is not None else None,
+    )
 
 
 def provider_spec_of(version: ImageVersion) -> ProviderSpec:
@@ -81,6 +93,10 @@ def _not_testable_fix(version: ImageVersion) -> str:
     return f"bake a new version of the recipe: amiforge bake {version.recipe_path}"
 
 
+def _discard(_line: str) -> None:
+    pass  # a boot test keeps its report, not a build log
+
+
 def boot_test(
     ref: str,
     *,
@@ -98,7 +114,8 @@ def boot_test(
         )
     provider = provider_for(version.provider, settings)
     actor = settings.actor
-    with run_context(store, actor=actor, ref=version.ref, progress=progress, log=lambda _l: None) as ctx:
+    release = release_of(version, artifacts[0])
+    with run_context(store, actor=actor, ref=version.ref, progress=progress, log=_discard, release=release) as ctx:
         report = provider.boot_test(artifacts[0], checks_of(version), ctx, provider_spec_of(version))
         run_id = ctx.run_id
     leftovers = tuple(ctx.cleanup.leftovers)

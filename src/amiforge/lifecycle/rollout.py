@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
-from amiforge.lifecycle.boottest import checks_of
+from amiforge.lifecycle.boottest import checks_of, release_of
 from amiforge.lifecycle.controller import (
     POLL_SECONDS,
     Controls,
@@ -48,7 +48,6 @@ from amiforge.model import (
     Status,
 )
 from amiforge.providers.interface import Fleet, Member, PhaseUpdate, RefreshingFleet, Replacement
-from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
@@ -161,7 +160,6 @@ def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         return drive_refresh(
             rollout, fleet, version, artifact, strategy, store=store, settings=settings, controls=controls
         )
-    checks = checks_of(version)
     while rollout.wave < len(rollout.waves):
         stopped = _honour_request(rollout, store, settings)
         if stopped is not None:
@@ -180,7 +178,7 @@ def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
         if pending:
             started = controls.clock()
-            _replace(fleet, pending, artifact, version.ref, checks, store)
+            _replace(fleet, pending, artifact, version, store)
             controls.progress(PhaseUpdate(f"wave {index + 1}: replaced", "done", "", controls.clock() - started))
         decision = _watch(rollout, [r.token for r in planned], fleet, strategy, store, controls)
         decisions.append(decision)
@@ -215,12 +213,13 @@ def _replace(
     fleet: Fleet,
     pending: Sequence[RolloutReplacement],
     artifact: Artifact,
-    version_ref: str,
-    checks: Checks,
+    version: ImageVersion,
     store: Store,
 ) -> None:
-    """Ask the fleet for the recorded replacements (by their tokens) and record what each became."""
-    new = fleet.replace([Replacement(r.old_member, r.token) for r in pending], artifact, version_ref, checks)
+    """Ask the fleet for the recorded replacements (by their tokens) on `artifact` as `version`, and record what
+    each became."""
+    replacements = [Replacement(r.old_member, r.token) for r in pending]
+    new = fleet.replace(replacements, artifact, release_of(version, artifact), checks_of(version))
     for replacement, member in zip(pending, new, strict=True):
         store.finish_replacement(
             replacement.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
@@ -328,7 +327,7 @@ def _roll_back(
         )
         pending = [p for p in planned if p.state == "planned"]
         if pending:
-            _replace(fleet, pending, artifact_in(old, store, provider, region), old.ref, checks_of(old), store)
+            _replace(fleet, pending, artifact_in(old, store, provider, region), old, store)
         logger.info("rollout #%d rollback: %d member(s) back to %s", rollout.id, len(items), old.ref)
     rolled = [r for r in store.replacements(rollout.id) if r.kind == "rollback"]
     failed_back = [r for r in rolled if r.state != "done"]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from amiforge.model import Event, ImageVersion, Leftover
-from amiforge.providers.interface import Cleanups, Identity, PhaseUpdate, RunContext
+from amiforge.providers.interface import Cleanups, PhaseUpdate, Release, RunContext
 from amiforge.store.interface import Store
 
 logger = logging.getLogger(__name__)
@@ -28,14 +28,14 @@ def run_context(
     ref: str | None,
     progress: Callable[[PhaseUpdate], None],
     log: Callable[[str], None],
-    identity: Identity | None = None,
+    release: Release | None = None,
 ) -> Iterator[RunContext]:
     """A RunContext whose cleanups run when the block ends. Each cleanup that failed becomes an `orphaned` event (what,
     where, the command that removes it, the error) and stays in `ctx.cleanup.leftovers` for the caller's outcome;
     when the block raised, each is also a note on the exception, so the error a user sees says what stayed."""
     stack = Cleanups()
     run_id = new_run_id()
-    ctx = RunContext(run_id=run_id, cleanup=stack, identity=identity, log=log, progress=_logged(progress, run_id, ref))
+    ctx = RunContext(run_id=run_id, cleanup=stack, release=release, log=log, progress=_logged(progress, run_id, ref))
     started = time.monotonic()
     logger.info("run %s (%s): started", run_id, ref or "-")
     try:

@@ -14,12 +14,12 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from importlib import resources
 from pathlib import Path
 
 from amiforge.model import CheckResult, RemovedFile
-from amiforge.providers.interface import Identity
+from amiforge.providers.interface import Release
 from amiforge.recipe import Checks, FileStep, PackagesStep, ServiceStep, ShellStep, Step, UserStep, stage_source
 
 
@@ -57,20 +57,21 @@ RELEASE_FILE = "/etc/amiforge/release"
 _RELEASE_VALUE = re.compile(r"[A-Za-z0-9@._:+-]{1,200}")
 
 
-def release_file(identity: Identity, built_at: datetime) -> bytes:
-    """/etc/amiforge/release: KEY=value lines (os-release style, sourceable by sh) naming what the image was baked
-    as, for software on the machine (and amiforge's CloudWatch reporter). The image's digest is not in it: an AMI's
-    digest is of the AMI EC2 registers after the bake; its id is in the instance's metadata (ami-id)."""
+def release_file(release: Release) -> bytes:
+    """/etc/amiforge/release: KEY=value lines (os-release style, sourceable by sh) naming what the machine was baked
+    or booted as, for software on it (and amiforge's CloudWatch reporter). AMIFORGE_DIGEST is there when the
+    artifact exists already (a local guest's); an AMI's id is in the instance's metadata (ami-id) instead."""
     values = {
-        "AMIFORGE_IMAGE": identity.image,
-        "AMIFORGE_VERSION": identity.version,
-        "AMIFORGE_RECIPE_DIGEST": identity.recipe_digest,
-        "AMIFORGE_BUILT_AT": built_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "AMIFORGE_IMAGE": release.image,
+        "AMIFORGE_VERSION": release.version,
+        **({"AMIFORGE_DIGEST": release.digest} if release.digest is not None else {}),
+        "AMIFORGE_RECIPE_DIGEST": release.recipe_digest,
+        "AMIFORGE_BUILT_AT": release.built_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     bad = [k for k, v in values.items() if not _RELEASE_VALUE.fullmatch(v)]
     if bad:  # registry values are of these shapes; anything else would need quoting a reader may not expect
         raise ValueError(f"release values not of the expected shape: {', '.join(bad)}")
-    head = "# What this machine's image was baked as (amiforge). KEY=value lines; sourceable by sh.\n"
+    head = "# What this machine was baked or booted as (amiforge). KEY=value lines; sourceable by sh.\n"
     return (head + "".join(f"{k}={v}\n" for k, v in values.items())).encode()
 
 

@@ -77,13 +77,18 @@ class Cleanups(ExitStack):
 
 
 @dataclass(frozen=True)
-class Identity:
-    """What a bake builds, as the image itself says it where its bytes are its own (an AMI: /etc/amiforge/release).
-    A local image is content-addressed and may serve several versions: it carries no version of its own."""
+class Release:
+    """What a machine is told it runs, for software on it to read (/etc/amiforge/release, guest.release_file): the
+    version it was baked as, or is booted as. An AMI carries it from its bake. A local image is content-addressed
+    and may serve several versions, so it carries none: a local guest is given its release at boot (fw_cfg)."""
 
     image: str
     version: str  # NAME@N
     recipe_digest: str
+    built_at: datetime  # when the version's bake started
+    # The artifact's digest; None while the artifact is being baked (an AMI's digest is of what EC2 registers after
+    # the bake: its id is in the instance's metadata instead).
+    digest: str | None = None
 
 
 @dataclass
@@ -96,7 +101,7 @@ class RunContext:
 
     run_id: str
     cleanup: Cleanups
-    identity: Identity | None = None  # a bake: the version it makes
+    release: Release | None = None  # a bake: the version it makes; a boot test: the version it boots
     log: Callable[[str], None] = lambda _line: None
     progress: Callable[[PhaseUpdate], None] = lambda _u: None
     phases: dict[str, float] = field(default_factory=dict)
@@ -225,11 +230,12 @@ class Fleet(Protocol):
         ...
 
     def replace(
-        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+        self, replacements: Sequence[Replacement], artifact: Artifact, release: Release, checks: Checks
     ) -> list[Member]:
-        """Launch one new member per replacement on `artifact` (at most as many booting at once as the fleet allows),
-        wait until each is ready or failed (`checks` as the boot test runs them), then stop the members they replace.
-        Returns the new members in the order asked. Idempotent per token; an old member already gone is fine."""
+        """Launch one new member per replacement on `artifact` as `release` (at most as many booting at once as the
+        fleet allows), wait until each is ready or failed (`checks` as the boot test runs them), then stop the
+        members they replace. Returns the new members in the order asked. Idempotent per token; an old member
+        already gone is fine."""
         ...
 
     def signals(self, since: datetime) -> list[BootSignal]:
@@ -275,13 +281,13 @@ class FleetKeeper(Protocol):
         name: str,
         size: int,
         artifact: Artifact,
-        version_ref: str,
+        release: Release,
         checks: Checks,
         *,
         progress: Callable[[PhaseUpdate], None],
     ) -> FleetDetail:
-        """Boot `size` members and wait for each; members that fail stay, as failed. A failure midway (or an
-        interruption) leaves no half-made fleet behind."""
+        """Boot `size` members of `artifact` as `release` and wait for each; members that fail stay, as failed. A
+        failure midway (or an interruption) leaves no half-made fleet behind."""
         ...
 
     def fleet_detail(self, name: str) -> FleetDetail:

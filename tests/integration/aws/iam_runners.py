@@ -95,7 +95,7 @@ from amiforge.providers.aws.machine import CommandResult, Leftovers, Machine, Ma
 from amiforge.providers.aws.provider import AwsProvider, artifact_of
 from amiforge.providers.aws.refresh import refresh_status, roll_back_refresh, start_refresh
 from amiforge.providers.aws.ssh import HOST_KEYS_BEGIN, HOST_KEYS_END, new_key_pair
-from amiforge.providers.interface import Cleanups, Replacement, RunContext
+from amiforge.providers.interface import Cleanups, Release, Replacement, RunContext
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, OwnersSource, Recipe, SsmSource, parse_recipe
 from amiforge.settings import Settings
@@ -946,7 +946,9 @@ def _rollout(h: Harness) -> None:
     fleet = AsgFleet(h.aws.session, REGION, "web-asg", wait=time.wait(), now=time.now)
     member = fleet.current()[0].id
     image_b = Artifact(provider="aws", region=REGION, location=ids["b"], digest="sha256:x", size_bytes=0)
-    (new,) = fleet.replace([Replacement(member, "token-1")], image_b, "web@2", Checks())
+    (new,) = fleet.replace(
+        [Replacement(member, "token-1")], image_b, Release("web", "web@2", "ab" * 32, time.now()), Checks()
+    )
     assert new.state == "ready"
     assert {m.id for m in fleet.current()} >= {new.id}
     _heartbeat(h, new.id, time.now())

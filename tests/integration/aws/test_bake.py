@@ -26,7 +26,7 @@ from amiforge.providers.aws.instances import Access, Placement
 from amiforge.providers.aws.machine import CommandResult, Machine, SsmMachine
 from amiforge.providers.aws.ssh import HOST_KEYS_BEGIN, HOST_KEYS_END, new_key_pair
 from amiforge.providers.guest import READY_FILE
-from amiforge.providers.interface import Cleanups, Identity, RunContext
+from amiforge.providers.interface import Cleanups, Release, RunContext
 from amiforge.recipe import Recipe, parse_recipe
 from amiforge.waiting import Wait
 
@@ -60,8 +60,11 @@ def clock() -> Clock:
     return Clock()
 
 
+RELEASE = Release("web", "web@7", "ab" * 32, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+
+
 def context(stack: Cleanups, lines: list[str] | None = None) -> RunContext:
-    return RunContext(run_id="run42", cleanup=stack, identity=Identity("web", "web@7", "ab" * 32),
+    return RunContext(run_id="run42", cleanup=stack, release=RELEASE,
                       log=(lines.append if lines is not None else lambda _l: None))  # fmt: skip
 
 
@@ -196,6 +199,7 @@ def test_bake_happy_path(aws: Aws, recipe: Recipe, clock: Clock) -> None:
     assert release.keys() == {"AMIFORGE_IMAGE", "AMIFORGE_VERSION", "AMIFORGE_RECIPE_DIGEST", "AMIFORGE_BUILT_AT"}
     assert (release["AMIFORGE_IMAGE"], release["AMIFORGE_VERSION"]) == ("web", "web@7")
     assert release["AMIFORGE_RECIPE_DIGEST"] == "ab" * 32
+    assert release["AMIFORGE_BUILT_AT"] == "2026-01-02T03:04:05Z"  # when the version's bake started
 
     # Tagged at creation, IMDSv2 required, idempotent client token.
     (request,) = requests

@@ -26,7 +26,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from amiforge.providers import guest as in_guest
-from amiforge.providers.interface import Identity
+from amiforge.providers.interface import Release
 from tests.conftest import required_or_skip
 
 REGION = "eu-west-1"
@@ -133,7 +133,7 @@ def _run_ready(tmp_path: Path, imds_url: str, moto: str, *args: str) -> str:
         (guest / name).write_bytes(in_guest.guest_file(name))
         (guest / name).chmod(0o755)
     release = guest / "release"
-    release.write_bytes(in_guest.release_file(Identity("web", "web@7", "ab" * 32), datetime.now(UTC)))
+    release.write_bytes(in_guest.release_file(Release("web", "web@7", "ab" * 32, datetime.now(UTC))))
     stubs = tmp_path / "stubs"
     stubs.mkdir(exist_ok=True)
     for stub in ("modprobe", "systemctl"):  # this machine's own must not answer for a guest

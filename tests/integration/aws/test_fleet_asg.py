@@ -28,7 +28,7 @@ from amiforge.providers.aws.asg_records import (
 )
 from amiforge.providers.aws.console import CONSOLE_WINDOW
 from amiforge.providers.aws.fleet import AsgFleet
-from amiforge.providers.interface import Member, Replacement
+from amiforge.providers.interface import Member, Release, Replacement
 from amiforge.recipe import Checks
 
 CHECKS = Checks(ready_within=90.0)
@@ -86,7 +86,14 @@ class Env:
         time: FakeTime | None = None,
     ) -> list[Member]:
         replacements = [Replacement(member, token) for member, token in pairs]
-        return self.fleet(group, time).replace(replacements, self.artifact(image_id), ref, CHECKS)
+        return self.fleet(group, time).replace(replacements, self.artifact(image_id), release(ref), CHECKS)
+
+
+def release(ref: str) -> Release:
+    return Release(ref.partition("@")[0], ref, "ab" * 32, datetime(2026, 1, 2, tzinfo=UTC))
+
+
+WEB2 = release("web@2")
 
 
 class Hooks:
@@ -417,16 +424,14 @@ def test_bad_requests_are_refused(env: Env) -> None:
     member, other = env.members()[:2]
     fleet = env.fleet()
     with pytest.raises(ConfigError, match="not aws in"):
-        fleet.replace([Replacement(member, "t1")], env.artifact(env.image_b, region="us-east-1"), "web@2", CHECKS)
+        fleet.replace([Replacement(member, "t1")], env.artifact(env.image_b, region="us-east-1"), WEB2, CHECKS)
     with pytest.raises(ConfigError, match="asked twice"):
-        fleet.replace([Replacement(member, "t1"), Replacement(other, "t1")], env.artifact(env.image_b), "web@2", CHECKS)
+        fleet.replace([Replacement(member, "t1"), Replacement(other, "t1")], env.artifact(env.image_b), WEB2, CHECKS)
     with pytest.raises(ConfigError, match="asked twice"):
-        fleet.replace(
-            [Replacement(member, "t1"), Replacement(member, "t2")], env.artifact(env.image_b), "web@2", CHECKS
-        )
+        fleet.replace([Replacement(member, "t1"), Replacement(member, "t2")], env.artifact(env.image_b), WEB2, CHECKS)
     with pytest.raises(NotFound):
-        fleet.replace([Replacement(member, "t1")], env.artifact("ami-0123456789abcdef0"), "web@2", CHECKS)
-    assert fleet.replace([], env.artifact(env.image_b), "web@2", CHECKS) == []
+        fleet.replace([Replacement(member, "t1")], env.artifact("ami-0123456789abcdef0"), WEB2, CHECKS)
+    assert fleet.replace([], env.artifact(env.image_b), WEB2, CHECKS) == []
     assert _writes(env) == [0, 0, 0, 0]
 
 

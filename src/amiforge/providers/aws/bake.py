@@ -155,8 +155,8 @@ def _install_ready_unit(machine: Machine, ctx: RunContext) -> None:
     file, when the bake knows the version it makes)."""
     for name, dest, mode in (*_READY_FILES, _REPORTER):
         machine.put_file(dest, guest_file(name), mode)
-    if ctx.identity is not None:
-        machine.put_file(RELEASE_FILE, release_file(ctx.identity, datetime.now(UTC)), 0o644)
+    if ctx.release is not None:
+        machine.put_file(RELEASE_FILE, release_file(ctx.release), 0o644)
     _run_script(machine, _REPORTER_PACKAGES, "readiness unit and its reporter", ctx, 600)
 
 

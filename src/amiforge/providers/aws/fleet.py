@@ -4,7 +4,7 @@
 them inside the group, so the group itself launches their replacements from a new template version. No instance is
 launched outside the group; the group keeps its desired capacity, subnets, load balancers and lifecycle hooks.
 
-## replace(replacements, artifact, version_ref, checks)
+## replace(replacements, artifact, release, checks)
 
 Reads first, refuses before anything is written:
 1. The image must be `available` in the region. The group must exist, launch from a launch template and carry the
@@ -134,7 +134,7 @@ from amiforge.providers.aws.templates import (
     find_template,
     version_holding,
 )
-from amiforge.providers.interface import BootSignal, Member, MemberState, RefreshStatus, Replacement
+from amiforge.providers.interface import BootSignal, Member, MemberState, RefreshStatus, Release, Replacement
 from amiforge.recipe import Checks
 from amiforge.waiting import Wait, poll, retry
 
@@ -243,8 +243,10 @@ class AsgFleet:
         return sorted(members, key=lambda m: (m.launched_at, m.id))
 
     def replace(
-        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+        self, replacements: Sequence[Replacement], artifact: Artifact, release: Release, checks: Checks
     ) -> list[Member]:
+        # The AMI carries its release file from its bake; the instances are tagged with the version.
+        version_ref = release.version
         image_id = self._check_request(replacements, artifact, version_ref)
         if not replacements:
             return []

@@ -30,6 +30,7 @@ GUEST_UNITS = (
     "amiforge-ready-repeat.service",
     "amiforge-heartbeat.service",
     "amiforge-ssh-keygen.service",
+    "amiforge-release.service",
 )
 GUEST_FILES = (*GUEST_UNITS, "ready", "init")
 
@@ -149,7 +150,7 @@ def ensure_base(spec: BaseSpec, cache: Path, ctx: RunContext) -> tuple[str, Path
         f'install -D -m 0644 {g}/network "$1/etc/systemd/network/80-amiforge-dhcp.network"',
         f'install -D -m 0644 {g}/fstab "$1/etc/fstab"',
         'chroot "$1" systemctl enable --quiet amiforge-ready.service amiforge-ssh-keygen.service'
-        " systemd-networkd.service",
+        " amiforge-release.service systemd-networkd.service",
         'chroot "$1" systemctl mask --quiet ' + " ".join(BOOT_TRIM),
         'mkdir -p "$1/etc/systemd/system-generators"',
         *(f'ln -sf /dev/null "$1/etc/systemd/system-generators/{g}"' for g in MASKED_GENERATORS),

@@ -39,6 +39,7 @@ from amiforge.providers.interface import (
     Member,
     MemberDetail,
     PhaseUpdate,
+    Release,
     Replacement,
 )
 from amiforge.providers.local import qemu
@@ -84,7 +85,7 @@ class _Launch:
     """What every member launched by one replace/create call shares."""
 
     artifact: Artifact
-    version_ref: str
+    release: Release
     checks: Checks
     guest_checks: list[in_guest.GuestCheck] = field(default_factory=list)
     accel: str | None = None  # decided on the first real launch (a probe), not for reused members
@@ -232,7 +233,7 @@ class LocalFleet:
                 # Its clock starts now: the first launch never happened, so nothing of it is a boot to judge.
                 rec = rec.model_copy(update={"launched_at": datetime.now(UTC)})
                 self._write(rec)
-                for stale in ("exited", "console.log", "qemu.log", "overlay.qcow2", "checks.sh"):
+                for stale in ("exited", "console.log", "qemu.log", "overlay.qcow2", "checks.sh", "release"):
                     (self.dir / rec.id / stale).unlink(missing_ok=True)
                 self._start(rec)
                 return rec.id, False  # launched by this call after all
@@ -264,7 +265,7 @@ class LocalFleet:
         rec = MemberFile(
             id=mid,
             token=token,
-            version_ref=plan.version_ref,
+            version_ref=plan.release.version,
             location=plan.artifact.location,
             kernel=str(plan.artifact.kernel),
             initrd=str(plan.artifact.initrd),
@@ -274,6 +275,7 @@ class LocalFleet:
             accel=plan.accel,
             forwards={p: qemu.free_port() for p in ports},
             replaces=replaces,
+            release=in_guest.release_file(plan.release).decode(),
         )
         self._write(rec)
         info = self.info()
@@ -295,6 +297,7 @@ class LocalFleet:
             cpus=self.settings.guest_cpus,
             forwards=rec.forwards,
             checks_script=in_guest.guest_script(rec.checks),
+            release=rec.release.encode() if rec.release is not None else None,
             name=f"amiforge-{self.target}-{rec.id}",
             console=mdir / "console.log",
         )
@@ -366,7 +369,7 @@ class LocalFleet:
             end_guests([pid])
 
     def replace(
-        self, replacements: Sequence[Replacement], artifact: Artifact, version_ref: str, checks: Checks
+        self, replacements: Sequence[Replacement], artifact: Artifact, release: Release, checks: Checks
     ) -> list[Member]:
         """Launch one member per replacement, wait for each, then stop each old member whose replacement is
         ready. A failed replacement is stopped and its old member left running: what next is the caller's call.
@@ -375,7 +378,7 @@ class LocalFleet:
         unknown = sorted({r.member for r in replacements} - known)
         if unknown:
             raise NotFound(f"fleet {self.target!r} has no member {', '.join(unknown)}", fix="see `amiforge fleet show`")
-        plan = _Launch(artifact, version_ref, checks)
+        plan = _Launch(artifact, release, checks)
         ids = self._bring_up([(r.token, r.member) for r in replacements], plan, lambda _u: None)
         now = datetime.now(UTC)
         result = []
@@ -414,7 +417,7 @@ def create_fleet(
     name: str,
     size: int,
     artifact: Artifact,
-    version_ref: str,
+    release: Release,
     checks: Checks,
     *,
     progress: Callable[[PhaseUpdate], None] = lambda _u: None,
@@ -437,7 +440,7 @@ def create_fleet(
         write_atomic(
             fleet.dir / "fleet.json", FleetFile(name=name, created=datetime.now(UTC), members=[]).model_dump_json()
         )
-        plan = _Launch(artifact, version_ref, checks)
+        plan = _Launch(artifact, release, checks)
         fleet._bring_up([(f"create-{i}", None) for i in range(size)], plan, progress)
     except BaseException:
         # The first error is what the caller must see; a failing cleanup must not replace it.

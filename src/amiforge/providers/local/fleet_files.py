@@ -6,9 +6,10 @@ Everything about a fleet lives in files under `<data>/fleets/NAME/`; there is no
     .lock               flock'ed while a member is recorded or marked stopped, so a token never launches twice
     g-1a2b3c4d/         one folder per member (kept after it stops, as history, until the fleet is destroyed)
         member.json     id, token, version_ref, artifact location/kernel/initrd, launched_at, stopped_at (+ why),
-                        the in-guest checks and the deadline it is judged by, forwarded ports
+                        the in-guest checks and the deadline it is judged by, forwarded ports, its release file
         overlay.qcow2   the member's own disk; the artifact is only ever its read-only backing file
         checks.sh       the in-guest checks, passed in by fw_cfg
+        release         what the guest is booted as (/etc/amiforge/release in it), passed in by fw_cfg
         console.log     the serial console, written by QEMU: READY and the check results are read from it
         qemu.log        QEMU's own stderr (why it refused to start or stopped)
         qemu.pid        the QEMU pid, written right after the start
@@ -56,6 +57,9 @@ class MemberFile(BaseModel):
     accel: str
     forwards: dict[int, int]  # guest port -> host port on 127.0.0.1
     replaces: str | None = None
+    # /etc/amiforge/release as the guest is given it (image, version, digest, recipe digest, build time);
+    # None: recorded by an amiforge that gave none.
+    release: str | None = None
     launch_error: str | None = None
     stopped_at: datetime | None = None
     stop_cause: StopCause | None = None

@@ -23,6 +23,7 @@ from amiforge.providers.interface import (
     HostReport,
     ImageView,
     PhaseUpdate,
+    Release,
     RunContext,
     RunState,
 )
@@ -116,6 +117,7 @@ class LocalProvider:
             cpus=self.settings.guest_cpus,
             forwards=forwards,
             checks_script=in_guest.guest_script(guest_checks),
+            release=in_guest.release_file(ctx.release) if ctx.release is not None else None,
             name=f"amiforge-{ctx.run_id}",
         )
         started_at = datetime.now(UTC)
@@ -192,12 +194,12 @@ class LocalProvider:
         name: str,
         size: int,
         artifact: Artifact,
-        version_ref: str,
+        release: Release,
         checks: Checks,
         *,
         progress: Callable[[PhaseUpdate], None],
     ) -> FleetDetail:
-        return create_fleet(self.settings, name, size, artifact, version_ref, checks, progress=progress).detail()
+        return create_fleet(self.settings, name, size, artifact, release, checks, progress=progress).detail()
 
     def fleet_detail(self, name: str) -> FleetDetail:
         return open_fleet(self.settings, name).detail()

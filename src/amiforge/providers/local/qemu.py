@@ -60,6 +60,9 @@ class GuestSpec:
     cpus: int = 2
     forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
     checks_script: str | None = None
+    # /etc/amiforge/release for this guest (guest.release_file): the image is shared between versions, so the
+    # guest learns which one it is booted as here; amiforge-release.service installs it before services start.
+    release: bytes | None = None
     name: str = "amiforge"
     # None: the serial console is QEMU's stdout, read live (boot tests). A path: the console goes to that file,
     # so the guest can outlive the process that started it (fleet members).
@@ -88,6 +91,8 @@ class GuestSpec:
         ]  # fmt: skip
         if s.checks_script is not None:
             argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={s.workdir / 'checks.sh'}"]
+        if s.release is not None:
+            argv += ["-fw_cfg", f"name=opt/amiforge/release,file={s.workdir / 'release'}"]
         return argv
 
     @property
@@ -96,13 +101,15 @@ class GuestSpec:
 
 
 def prepare(spec: GuestSpec) -> None:
-    """Make the guest's own overlay on the artifact (which stays a read-only backing file) and its checks file."""
+    """Make the guest's own overlay on the artifact (which stays a read-only backing file) and its fw_cfg files."""
     run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", spec.disk.resolve(), "-F", "qcow2", spec.overlay],
         what="qemu-img create (boot overlay)",
     )
     if spec.checks_script is not None:
         (spec.workdir / "checks.sh").write_text(spec.checks_script)
+    if spec.release is not None:
+        (spec.workdir / "release").write_bytes(spec.release)
 
 
 class Guest:
