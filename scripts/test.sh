@@ -44,4 +44,5 @@ cov=(--cov=amiforge --cov-branch --cov-report=term:skip-covered)
 [ $# -eq 0 ] || cov+=(--cov-fail-under=0)
 
 echo "== pytest"
-$V/python -m pytest "${cov[@]}" "$@"
+# The slowest tests are listed at the end: where the suite's time goes (its budget is 30 minutes on 2 cores).
+$V/python -m pytest "${cov[@]}" --durations=25 --durations-min=5 "$@"

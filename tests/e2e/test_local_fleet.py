@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from amiforge.lifecycle.boottest import checks_of, release_of
+from amiforge.lifecycle.boottest import checks_of, machine_release
 from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import Replacement
 from amiforge.providers.local.fleet import open_fleet
@@ -82,10 +82,10 @@ def test_fleet_create_fail_replace_destroy(cli: Cli, web_recipe: Path, no_leftov
         artifact = next(a for a in store.artifacts(version.id) if a.provider == "local")
     webfleet = open_fleet(settings, "webfleet")
     # The new guest must say what it was booted as (the image is shared between versions): the release file
-    # amiforge gave it, byte for byte, with the artifact's digest.
-    release = release_of(version, artifact)
+    # amiforge gave it, byte for byte (but the last newline, which `$(…)` drops), with the artifact's digest.
+    release = machine_release(version, artifact)
     assert release.digest == artifact.digest
-    says = CommandCheck(run="cat /etc/amiforge/release", expect_output=in_guest.release_file(release).decode())
+    says = CommandCheck(run="cat /etc/amiforge/release", expect_output=in_guest.release_file(release).decode().rstrip())
     checks = checks_of(version).model_copy(update={"commands": [*checks_of(version).commands, says]})
     replaced_at = time.monotonic()
     (new,) = webfleet.replace([Replacement(keep["id"], "e2e-wave-1")], artifact, release, checks)

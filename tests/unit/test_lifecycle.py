@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
@@ -19,7 +19,7 @@ from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound, State
 from amiforge.lifecycle.bake import BakeOutcome, bake
 from amiforge.lifecycle.boottest import boot_test
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
-from amiforge.providers.interface import BakeResult, ImageView, PhaseUpdate, Provider, RunContext
+from amiforge.providers.interface import BakeResult, ImageView, PhaseUpdate, Provider, Release, RunContext
 from amiforge.recipe import Checks, Recipe, load_recipe
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
@@ -79,6 +79,7 @@ class Script:
     cleanups_run: list[str] = field(default_factory=list)
     baked: list[str] = field(default_factory=list)
     booted: list[tuple[Artifact, Checks]] = field(default_factory=list)
+    releases: list[Release | None] = field(default_factory=list)  # what each bake and boot test was told it makes
     instances: int = 0
 
 
@@ -97,6 +98,7 @@ class FakeProvider:
     def bake(self, recipe: Recipe, ctx: RunContext) -> BakeResult:
         s = self.script
         s.baked.append(recipe.name)
+        s.releases.append(ctx.release)
         scratch = s.tmp / f"scratch-{ctx.run_id}"
         scratch.mkdir()
         ctx.cleanup.callback(lambda: s.cleanups_run.append(f"rm {scratch.name}"))
@@ -128,6 +130,7 @@ class FakeProvider:
     def boot_test(self, artifact: Artifact, checks: Checks, ctx: RunContext, spec: object) -> BootReport:
         s = self.script
         s.booted.append((artifact, checks))
+        s.releases.append(ctx.release)
         ctx.cleanup.callback(lambda: s.cleanups_run.append("stop guest"))
         if s.boot_error is not None:
             raise s.boot_error
@@ -233,6 +236,10 @@ def test_successful_bake_is_built_then_tested_and_fully_recorded(
     assert booted == artifact
     assert checks.units == ["nginx"] and checks.ready_within == 30.0
     assert [(h.port, h.expect_body) for h in checks.http] == [(80, "web tier")]
+    # What the machine is told it is: the version as the registry has it; the digest once the artifact exists.
+    baking = Release("web", "web@1", stored.recipe_digest, stored.created_at)
+    assert script.releases == [baking, replace(baking, digest=DIGEST_1)]
+    assert stored.created_at.tzinfo is not None
 
     events = store.events("web@1")
     assert [e.kind for e in events] == ["bake.started", "bake.built", "test.passed"]

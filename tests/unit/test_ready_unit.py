@@ -178,7 +178,8 @@ def test_the_release_unit_runs_before_services_start_and_only_where_a_local_base
     # Early: without the default dependencies (after sysinit.target) and before basic.target, which every
     # service with the default dependencies comes after.
     assert unit["Unit.DefaultDependencies"] == ["no"]
-    assert unit["Unit.Before"][0].split()[0] == "basic.target"
+    assert unit["Unit.After"] == ["local-fs.target"]  # / is read-write by then (and the modules are there)
+    assert unit["Unit.Before"] == ["basic.target shutdown.target"] and unit["Unit.Conflicts"] == ["shutdown.target"]
     assert unit["Install.WantedBy"] == ["basic.target"]
     assert "amiforge-release.service" not in {name for name, _, _ in aws_bake._READY_FILES}  # an AMI has its file
 
@@ -214,15 +215,34 @@ def test_the_release_the_host_passed_becomes_the_release_file(script: Path, tmp_
     }
 
 
-def test_without_a_release_from_the_host_the_file_is_left_as_it_is(script: Path, tmp_path: Path) -> None:
-    env = _release_env(tmp_path, None)
-    _run(script, env, "release")
-    assert not (tmp_path / "etc").exists()  # nothing made up
+@pytest.mark.parametrize("passed", [None, b"", b"not a release\n"], ids=["nothing", "empty", "garbled"])
+def test_without_a_release_from_the_host_the_file_is_left_as_it_is(
+    script: Path, tmp_path: Path, passed: bytes | None
+) -> None:
+    env = _release_env(tmp_path, passed)
     baked = tmp_path / "etc/amiforge/release"  # an AMI's, written by its bake
     baked.parent.mkdir(parents=True)
     baked.write_bytes(b"AMIFORGE_VERSION=web@3\n")
-    _run(script, env, "release")
+    done = subprocess.run([str(script), "release"], env=env, timeout=30, capture_output=True, text=True, check=False)
+    # Nothing passed: not an error (an AMI). Something that is not a release file: the unit fails, visibly.
+    assert done.returncode == (0 if passed is None else 1)
+    assert "is left as it is" in done.stderr
     assert baked.read_bytes() == b"AMIFORGE_VERSION=web@3\n"
+    assert sorted(p.name for p in baked.parent.iterdir()) == ["release"]
+
+
+def test_the_release_replaces_a_link_and_never_writes_through_one(script: Path, tmp_path: Path) -> None:
+    env = _release_env(tmp_path, RELEASE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"secret\n")
+    elsewhere.chmod(0o600)
+    installed = tmp_path / "etc/amiforge/release"
+    installed.parent.mkdir(parents=True)
+    installed.symlink_to(elsewhere)
+    (installed.parent / "release.tmp").symlink_to(elsewhere)  # the name an earlier script wrote through
+    _run(script, env, "release")
+    assert not installed.is_symlink() and installed.read_bytes() == RELEASE
+    assert elsewhere.read_bytes() == b"secret\n" and elsewhere.stat().st_mode & 0o777 == 0o600
 
 
 def test_the_checks_the_host_passed_run_after_the_line(script: Path, tmp_path: Path) -> None:

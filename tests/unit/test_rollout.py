@@ -161,6 +161,7 @@ class FakeFleet:
     crash_after: bool = False
     n: int = 0
     firing: set[str] = field(default_factory=set)
+    given: list[tuple[str, str | None]] = field(default_factory=list)  # each replace call's release: (version, digest)
 
     def _tick(self) -> None:
         self.calls += 1
@@ -192,6 +193,8 @@ class FakeFleet:
         self, replacements: Sequence[Replacement], artifact: Artifact, release: Release, checks: Checks
     ) -> list[Member]:
         self._tick()
+        assert release.digest == artifact.digest  # a machine is told the digest of the bytes it boots
+        self.given.append((release.version, release.digest))
         out = []
         for r in replacements:
             if r.token in self.by_token:
@@ -314,6 +317,8 @@ def test_a_wave_that_fails_later_rolls_back_every_replaced_member(
     with pytest.raises(GateFailed):
         drive(rid, store=store, settings=settings, controls=NO_WAIT)
     assert fleet.versions() == Counter({"web@1": 4})  # waves 1 and 2 were rolled back too
+    # Forward, the guests were told they run web@2; put back, web@1 (each with its own artifact's digest).
+    assert fleet.given == [("web@2", f"{2:064x}")] * 3 + [("web@1", f"{1:064x}")]
     rolled = [r for r in store.replacements(rid) if r.kind == "rollback"]
     assert len(rolled) == 2 and all(r.state == "done" for r in rolled)
     assert store.get_rollout(rid).state == "failed"

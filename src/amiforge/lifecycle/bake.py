@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from amiforge.lifecycle.boottest import TestOutcome, boot_test, release_of
+from amiforge.lifecycle.boottest import TestOutcome, boot_test, machine_release
 from amiforge.lifecycle.runs import run_context
 from amiforge.model import BootReport, ImageVersion, LayerRecord, Leftover, RemovedFile, Status
 from amiforge.providers import provider_for
@@ -51,7 +51,7 @@ def bake(
     )
     actor = settings.actor
     log: list[str] = []
-    release = release_of(version)
+    release = machine_release(version)
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=log.append, release=release) as ctx:
         store.append_event(
             "bake.started",

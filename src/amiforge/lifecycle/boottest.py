@@ -48,7 +48,7 @@ def checks_of(version: ImageVersion) -> Checks:
         raise _damaged_recipe(version, f"its checks do not validate ({e.error_count()} problem(s))") from e
 
 
-def release_of(version: ImageVersion, artifact: Artifact | None = None) -> Release:
+def machine_release(version: ImageVersion, artifact: Artifact | None = None) -> Release:
     """What a machine of `version` is told it runs (/etc/amiforge/release); `artifact`: the copy it boots (None
     while it is being baked)."""
     return Release(
@@ -114,7 +114,7 @@ def boot_test(
         )
     provider = provider_for(version.provider, settings)
     actor = settings.actor
-    release = release_of(version, artifacts[0])
+    release = machine_release(version, artifacts[0])
     with run_context(store, actor=actor, ref=version.ref, progress=progress, log=_discard, release=release) as ctx:
         report = provider.boot_test(artifacts[0], checks_of(version), ctx, provider_spec_of(version))
         run_id = ctx.run_id

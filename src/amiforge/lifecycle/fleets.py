@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound
-from amiforge.lifecycle.boottest import checks_of, release_of
+from amiforge.lifecycle.boottest import checks_of, machine_release
 from amiforge.lifecycle.telemetry import measure
 from amiforge.lifecycle.views import version_named
 from amiforge.model import ImageVersion, Status, require_status
@@ -91,7 +91,7 @@ def create_fleet(
     if not artifacts:
         raise NotFound(f"{version.ref} has no local artifact", fix="a local fleet runs versions baked locally")
     fleet = _keeper(settings).create_fleet(
-        name, size, artifacts[0], release_of(version, artifacts[0]), checks_of(version), progress=progress
+        name, size, artifacts[0], machine_release(version, artifacts[0]), checks_of(version), progress=progress
     )
     not_ready = [d.member for d in fleet.members if d.member.state != "ready"]
     store.append_event(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
-from amiforge.lifecycle.boottest import checks_of, release_of
+from amiforge.lifecycle.boottest import checks_of, machine_release
 from amiforge.lifecycle.controller import (
     POLL_SECONDS,
     Controls,
@@ -47,7 +47,8 @@ from amiforge.model import (
     RolloutReplacement,
     Status,
 )
-from amiforge.providers.interface import Fleet, Member, PhaseUpdate, RefreshingFleet, Replacement
+from amiforge.providers.interface import Fleet, Member, PhaseUpdate, RefreshingFleet, Release, Replacement
+from amiforge.recipe import Checks
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 from amiforge.strategy import Strategy, WaveDecision, decide, plan_waves
@@ -160,6 +161,7 @@ def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         return drive_refresh(
             rollout, fleet, version, artifact, strategy, store=store, settings=settings, controls=controls
         )
+    release, checks = machine_release(version, artifact), checks_of(version)  # before any wave is planned
     while rollout.wave < len(rollout.waves):
         stopped = _honour_request(rollout, store, settings)
         if stopped is not None:
@@ -178,7 +180,7 @@ def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
         if pending:
             started = controls.clock()
-            _replace(fleet, pending, artifact, version, store)
+            _replace(fleet, pending, artifact, release, checks, store)
             controls.progress(PhaseUpdate(f"wave {index + 1}: replaced", "done", "", controls.clock() - started))
         decision = _watch(rollout, [r.token for r in planned], fleet, strategy, store, controls)
         decisions.append(decision)
@@ -213,13 +215,13 @@ def _replace(
     fleet: Fleet,
     pending: Sequence[RolloutReplacement],
     artifact: Artifact,
-    version: ImageVersion,
+    release: Release,
+    checks: Checks,
     store: Store,
 ) -> None:
-    """Ask the fleet for the recorded replacements (by their tokens) on `artifact` as `version`, and record what
+    """Ask the fleet for the recorded replacements (by their tokens) on `artifact` as `release`, and record what
     each became."""
-    replacements = [Replacement(r.old_member, r.token) for r in pending]
-    new = fleet.replace(replacements, artifact, release_of(version, artifact), checks_of(version))
+    new = fleet.replace([Replacement(r.old_member, r.token) for r in pending], artifact, release, checks)
     for replacement, member in zip(pending, new, strict=True):
         store.finish_replacement(
             replacement.token, new_member=member.id, state="done" if member.state == "ready" else "failed"
@@ -319,6 +321,7 @@ def _roll_back(
         by_version.setdefault(str(r.old_version), []).append(r)
     for old_ref, items in by_version.items():
         old = store.get_version(old_ref)
+        old_checks = checks_of(old)  # a damaged recipe fails before anything is planned
         planned = store.plan_replacements(
             rollout.id,
             rollout.wave,
@@ -327,7 +330,8 @@ def _roll_back(
         )
         pending = [p for p in planned if p.state == "planned"]
         if pending:
-            _replace(fleet, pending, artifact_in(old, store, provider, region), old, store)
+            old_artifact = artifact_in(old, store, provider, region)
+            _replace(fleet, pending, old_artifact, machine_release(old, old_artifact), old_checks, store)
         logger.info("rollout #%d rollback: %d member(s) back to %s", rollout.id, len(items), old.ref)
     rolled = [r for r in store.replacements(rollout.id) if r.kind == "rollback"]
     failed_back = [r for r in rolled if r.state != "done"]

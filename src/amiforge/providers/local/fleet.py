@@ -88,6 +88,7 @@ class _Launch:
     release: Release
     checks: Checks
     guest_checks: list[in_guest.GuestCheck] = field(default_factory=list)
+    release_text: str = ""  # the release file each member is given
     accel: str | None = None  # decided on the first real launch (a probe), not for reused members
 
 
@@ -231,7 +232,10 @@ class LocalFleet:
                 if not self._never_started(rec):
                     return rec.id, True
                 # Its clock starts now: the first launch never happened, so nothing of it is a boot to judge.
-                rec = rec.model_copy(update={"launched_at": datetime.now(UTC)})
+                release = rec.release
+                if release is None and rec.version_ref == plan.release.version:
+                    release = plan.release_text  # recorded by an amiforge that gave its guests no release file
+                rec = rec.model_copy(update={"launched_at": datetime.now(UTC), "release": release})
                 self._write(rec)
                 for stale in ("exited", "console.log", "qemu.log", "overlay.qcow2", "checks.sh", "release"):
                     (self.dir / rec.id / stale).unlink(missing_ok=True)
@@ -275,7 +279,7 @@ class LocalFleet:
             accel=plan.accel,
             forwards={p: qemu.free_port() for p in ports},
             replaces=replaces,
-            release=in_guest.release_file(plan.release).decode(),
+            release=plan.release_text,
         )
         self._write(rec)
         info = self.info()
@@ -322,6 +326,12 @@ class LocalFleet:
         once, and wait until each is ready or failed. Returns their ids in the order asked."""
         _check_artifact(plan.artifact)
         plan.guest_checks = in_guest.guest_checks(plan.checks)
+        try:  # before anything is launched
+            plan.release_text = in_guest.release_file(plan.release).decode()
+        except ValueError as e:
+            raise ConfigError(
+                f"cannot tell the guests what they run: {e}", fix="see the version in the registry"
+            ) from e
         ids: list[str] = []
         booting: dict[str, float] = {}  # member id -> give up waiting at (monotonic; a backstop, see assess)
         pending = list(wanted)

@@ -43,6 +43,11 @@ from amiforge.settings import Settings
 PORT_GRACE = 15.0
 
 
+# A guest that printed nothing at all in this long never started (the kernel's first line comes in seconds): the
+# boot test boots it once more instead of judging the image. A shorter wait may end before the first line.
+SILENT_AFTER = 30.0
+
+
 class LocalProvider:
     name: ClassVar[str] = "local"
 
@@ -129,8 +134,8 @@ class LocalProvider:
             for attempt in (1, 2):
                 guest = stack.enter_context(qemu.Guest(guest_spec))
                 ready = guest.wait_for(in_guest.READY_LINE_RE, checks.ready_within)
-                # Only a wait long enough for any kernel output: a 2 s limit may end before the first line.
-                if ready is not None or not guest.running() or guest.console().strip() or checks.ready_within < 30:
+                silent = not guest.console().strip() and checks.ready_within >= SILENT_AFTER
+                if ready is not None or not guest.running() or not silent:
                     break
                 # QEMU ran for the whole wait and printed nothing, not even the kernel's first line: the virtual
                 # machine never started, which says nothing about the image. Once more; then an error, no verdict.

@@ -84,20 +84,25 @@ class GuestSpec:
             "-kernel", str(s.kernel),
             "-initrd", str(s.initrd),
             "-append", KERNEL_ARGS,
-            "-drive", f"file={s.overlay},format=qcow2,if=virtio,cache=unsafe",
+            "-drive", f"file={_value(s.overlay)},format=qcow2,if=virtio,cache=unsafe",
             "-netdev", f"user,id=n0,restrict=on{fwd}",
             "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
         if s.checks_script is not None:
-            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={s.workdir / 'checks.sh'}"]
+            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={_value(s.workdir / 'checks.sh')}"]
         if s.release is not None:
-            argv += ["-fw_cfg", f"name=opt/amiforge/release,file={s.workdir / 'release'}"]
+            argv += ["-fw_cfg", f"name=opt/amiforge/release,file={_value(s.workdir / 'release')}"]
         return argv
 
     @property
     def overlay(self) -> Path:
         return self.workdir / "overlay.qcow2"
+
+
+def _value(path: Path) -> str:
+    """A path as the value of a QEMU option: a comma would end it, unless doubled (a data dir may hold one)."""
+    return str(path).replace(",", ",,")
 
 
 def prepare(spec: GuestSpec) -> None:
