@@ -586,6 +586,26 @@ def test_a_controller_killed_right_after_the_start_resumes_without_a_second_gues
     assert _states(fleet) == {old.id: "stopped", new_id: "ready"}
 
 
+def test_a_member_recorded_without_a_release_is_started_with_the_one_of_its_version(
+    web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
+) -> None:
+    """A member an older amiforge recorded (no release in member.json) and never started: the resumed call gives it
+    the release of its own version, never another version's."""
+    fleet, old = web1
+    launcher.die_before_start = True
+    with pytest.raises(KeyboardInterrupt):
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
+    (new_id,) = set(_states(fleet)) - {old.id}
+    record = fleet.dir / new_id / "member.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "release"}))
+    launcher.die_before_start = False
+    with pytest.raises(StateError):  # asked as another version: refused before anything starts
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@3"), CHECKS)
+    fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
+    assert launcher.specs[-1].release == in_guest.release_file(release("web@2"))
+    assert fleet._record(new_id).release == in_guest.release_file(release("web@2")).decode()
+
+
 def test_a_controller_killed_before_the_start_resumes_by_starting_that_member(
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:

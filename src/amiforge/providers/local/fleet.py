@@ -224,17 +224,17 @@ class LocalFleet:
         with self._lock():
             rec = next((r for r in self.records() if r.token == token), None)
             if rec is not None:
-                if rec.replaces != replaces:
+                if rec.replaces != replaces or rec.version_ref != plan.release.version:
                     raise StateError(
-                        f"token {token!r} launched {rec.id} to replace {rec.replaces}, not {replaces}",
+                        f"token {token!r} launched {rec.id} as {rec.version_ref} to replace {rec.replaces}, not as "
+                        f"{plan.release.version} to replace {replaces}",
                         fix="use a new token for a different replacement",
                     )
                 if not self._never_started(rec):
                     return rec.id, True
                 # Its clock starts now: the first launch never happened, so nothing of it is a boot to judge.
-                release = rec.release
-                if release is None and rec.version_ref == plan.release.version:
-                    release = plan.release_text  # recorded by an amiforge that gave its guests no release file
+                # A record from an amiforge that gave its guests no release file gets this call's (same version).
+                release = rec.release if rec.release is not None else plan.release_text
                 rec = rec.model_copy(update={"launched_at": datetime.now(UTC), "release": release})
                 self._write(rec)
                 for stale in ("exited", "console.log", "qemu.log", "overlay.qcow2", "checks.sh", "release"):
