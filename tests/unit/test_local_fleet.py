@@ -561,12 +561,14 @@ def test_the_same_token_never_launches_twice(settings: Settings, artifact: Artif
     assert len(launcher.launched) == 3
 
 
-def _killed_right_after_the_start(fleet: LocalFleet, old: Member, artifact: Artifact, launcher: FakeLauncher) -> str:
+def _killed_right_after_the_start(
+    fleet: LocalFleet, old: Member, artifact: Artifact, launcher: FakeLauncher, checks: Checks = CHECKS
+) -> str:
     """Replace `old`, the controller killed once its guest's QEMU started and before its pid was recorded; the new
     member's id."""
     launcher.die_after_start = True
     with pytest.raises(KeyboardInterrupt):
-        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
+        fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), checks)
     launcher.die_after_start = False
     new_id = launcher.launched[-1]
     assert not (fleet.dir / new_id / "qemu.pid").exists()
@@ -636,7 +638,9 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:
     fleet, old = web1
-    new_id = _killed_right_after_the_start(fleet, old, artifact, launcher)
+    # Without a pid, only its readiness deadline says it is not coming: a short one.
+    quick = CHECKS.model_copy(update={"ready_within": 2.0})
+    new_id = _killed_right_after_the_start(fleet, old, artifact, launcher, quick)
     console = fleet.dir / new_id / "console.log"
     deadline = time.monotonic() + 10
     while not console.exists():  # QEMU makes its console file as it starts
@@ -645,7 +649,7 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
     launcher.procs[-1].kill()  # … and then dies, its pid never recorded
     launcher.procs[-1].wait()
 
-    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
+    (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), quick)
 
     assert (new.id, new.state) == (new_id, "failed")  # its verdict stands: no second boot erases it
     assert launcher.launched == [old.id, new_id]
