@@ -17,7 +17,7 @@ import amiforge.lifecycle.boottest as boottest_module
 import amiforge.providers
 from amiforge.errors import ConfigError, GateFailed, InfraError, NotFound, StateError
 from amiforge.lifecycle.bake import BakeOutcome, bake
-from amiforge.lifecycle.boottest import boot_test
+from amiforge.lifecycle.boottest import boot_test, machine_release
 from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Status
 from amiforge.providers.interface import BakeResult, ImageView, PhaseUpdate, Provider, Release, RunContext
 from amiforge.recipe import Checks, Recipe, load_recipe
@@ -254,6 +254,14 @@ def test_successful_bake_is_built_then_tested_and_fully_recorded(
     assert script.cleanups_run == [f"rm scratch-{started.data['run']}", "stop guest"]
     assert not any(p.name.startswith("scratch-") for p in script.tmp.iterdir())
     assert PhaseUpdate("layer 1", "start", "miss") in updates
+
+
+def test_a_registry_value_no_release_file_could_hold_stops_before_a_launch(
+    script: Script, settings: Settings, store: SqlStore, recipe_path: Path
+) -> None:
+    version = _bake(recipe_path, store=store, settings=settings).version
+    with pytest.raises(InfraError, match=r"web@1 \(versions row id=\d+\) cannot tell a machine what it runs"):
+        machine_release(replace(version, recipe_digest="$(reboot)"))
 
 
 def test_bake_without_test_stays_built(script: Script, settings: Settings, store: SqlStore, recipe_path: Path) -> None:

@@ -243,7 +243,7 @@ time.sleep(600)
 def start_fake(overlay: Path, console: Path, lines: list[str], delay: float = 0.3) -> subprocess.Popen[bytes]:
     text = "".join(line + "\n" for line in lines)
     argv = ["qemu-system-x86_64", "-S", "-c", FAKE_QEMU, str(console), str(delay), text.encode().hex()]
-    argv += ["-drive", f"file={overlay},format=qcow2,if=virtio"]
+    argv += ["-drive", f"file={qemu.option_value(overlay)},format=qcow2,if=virtio"]  # as GuestSpec.command writes it
     return subprocess.Popen(
         argv,
         executable=sys.executable,
@@ -287,7 +287,8 @@ class FakeLauncher:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", accel="tcg")
+    # A comma in the data dir: QEMU reads it doubled, and amiforge must still find its guests by their disks.
+    return Settings(data_dir=tmp_path / "data,1", accel="tcg")
 
 
 @pytest.fixture
@@ -588,6 +589,20 @@ def test_a_controller_killed_right_after_the_start_resumes_without_a_second_gues
     assert _states(fleet) == {old.id: "stopped", new_id: "ready"}
 
 
+def test_a_call_with_one_token_of_another_version_launches_nothing(
+    settings: Settings, artifact: Artifact, launcher: FakeLauncher
+) -> None:
+    fleet = _web(settings, artifact, 2)
+    first, second = fleet.current()
+    fleet.replace([Replacement(first.id, "wave-1/0")], artifact, release("web@2"), CHECKS)
+    launched = list(launcher.launched)
+    with pytest.raises(StateError, match="as web@2"):  # a new token first, then one web@2 launched already
+        fleet.replace(
+            [Replacement(second.id, "wave-2/0"), Replacement(first.id, "wave-1/0")], artifact, release("web@3"), CHECKS
+        )
+    assert launcher.launched == launched
+
+
 def test_a_member_recorded_without_a_release_is_started_with_the_one_of_its_version(
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:
@@ -638,7 +653,9 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
     web1: tuple[LocalFleet, Member], artifact: Artifact, launcher: FakeLauncher
 ) -> None:
     fleet, old = web1
-    # Without a pid, only its readiness deadline says it is not coming: a short one.
+    # A guest that never gets ready (whenever the kill lands); without a pid, only its readiness deadline says it is
+    # not coming: a short one.
+    launcher.plan = [QUICK, BOOT]
     quick = CHECKS.model_copy(update={"ready_within": 2.0})
     new_id = _killed_right_after_the_start(fleet, old, artifact, launcher, quick)
     console = fleet.dir / new_id / "console.log"
@@ -652,6 +669,7 @@ def test_a_guest_that_started_and_died_before_its_pid_was_recorded_is_not_starte
     (new,) = fleet.replace([Replacement(old.id, "wave-1/0")], artifact, release("web@2"), quick)
 
     assert (new.id, new.state) == (new_id, "failed")  # its verdict stands: no second boot erases it
+    assert new.detail == "not ready within 2s", new.detail
     assert launcher.launched == [old.id, new_id]
     assert console.exists()
 

@@ -198,6 +198,16 @@ RELEASE = in_guest.release_file(
 )
 
 
+def test_a_release_refuses_what_the_file_could_not_hold_plainly() -> None:
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    with pytest.raises(ValueError, match="image"):
+        Release("web;reboot", "web@1", "ab" * 32, at)
+    with pytest.raises(ValueError, match="digest"):
+        Release("web", "web@1", "ab" * 32, at, "sha256 $(id)")
+    with pytest.raises(ValueError, match="timezone"):
+        Release("web", "web@1", "ab" * 32, datetime(2026, 1, 2))
+
+
 def test_the_release_the_host_passed_becomes_the_release_file(script: Path, tmp_path: Path) -> None:
     env = _release_env(tmp_path, RELEASE)
     _run(script, env, "release")
@@ -215,7 +225,11 @@ def test_the_release_the_host_passed_becomes_the_release_file(script: Path, tmp_
     }
 
 
-@pytest.mark.parametrize("passed", [None, b"", b"not a release\n"], ids=["nothing", "empty", "garbled"])
+@pytest.mark.parametrize(
+    "passed",
+    [None, b"", b"not a release\n", b"AMIFORGE_VERSION=web@1\nreboot\n", b"AMIFORGE_VERSION=$(reboot)\n"],
+    ids=["nothing", "empty", "garbled", "a-command-besides", "a-substitution"],
+)
 def test_without_a_release_from_the_host_the_file_is_left_as_it_is(
     script: Path, tmp_path: Path, passed: bytes | None
 ) -> None:
@@ -239,10 +253,16 @@ def test_the_release_replaces_a_link_and_never_writes_through_one(script: Path, 
     installed = tmp_path / "etc/amiforge/release"
     installed.parent.mkdir(parents=True)
     installed.symlink_to(elsewhere)
-    (installed.parent / "release.tmp").symlink_to(elsewhere)  # the name an earlier script wrote through
     _run(script, env, "release")
     assert not installed.is_symlink() and installed.read_bytes() == RELEASE
     assert elsewhere.read_bytes() == b"secret\n" and elsewhere.stat().st_mode & 0o777 == 0o600
+    # A link to a folder: replaced too, nothing put into the folder.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    installed.unlink()
+    installed.symlink_to(folder)
+    _run(script, env, "release")
+    assert not installed.is_symlink() and installed.read_bytes() == RELEASE and list(folder.iterdir()) == []
 
 
 def test_the_checks_the_host_passed_run_after_the_line(script: Path, tmp_path: Path) -> None:

@@ -50,14 +50,22 @@ def checks_of(version: ImageVersion) -> Checks:
 
 def machine_release(version: ImageVersion, artifact: Artifact | None = None) -> Release:
     """What a machine of `version` is told it runs (/etc/amiforge/release); `artifact`: the copy it boots (None
-    while it is being baked)."""
-    return Release(
-        image=version.name,
-        version=version.ref,
-        recipe_digest=version.recipe_digest,
-        built_at=version.created_at,
-        digest=artifact.digest if artifact is not None else None,
-    )
+    while it is being baked). Made before anything is launched: a registry value that cannot go into the file
+    stops the operation here."""
+    try:
+        return Release(
+            image=version.name,
+            version=version.ref,
+            recipe_digest=version.recipe_digest,
+            built_at=version.created_at,
+            digest=artifact.digest if artifact is not None else None,
+        )
+    except ValueError as e:
+        raise InfraError(
+            f"the registry's record of {version.ref} (versions row id={version.id}) cannot tell a machine what it "
+            f"runs: {e}",
+            fix="restore the registry from a backup; amiforge writes only values of that shape",
+        ) from e
 
 
 def provider_spec_of(version: ImageVersion) -> ProviderSpec:

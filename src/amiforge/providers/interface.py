@@ -6,6 +6,7 @@ The lifecycle verbs only ever see these types; each provider lives in its own fo
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
@@ -89,6 +90,18 @@ class Release:
     # The artifact's digest; None while the artifact is being baked (an AMI's digest is of what EC2 registers after
     # the bake: its id is in the instance's metadata instead).
     digest: str | None = None
+
+    # Registry values are of this shape. The file is sourced by sh: anything else would need quoting that a
+    # reader may not expect, so it is refused here, before anything is launched with it.
+    VALUE: ClassVar[re.Pattern[str]] = re.compile(r"[A-Za-z0-9@._:+-]{1,200}")
+
+    def __post_init__(self) -> None:
+        if self.built_at.tzinfo is None:
+            raise ValueError("built_at must be timezone-aware")
+        values = {"image": self.image, "version": self.version, "recipe_digest": self.recipe_digest}
+        bad = [k for k, v in {**values, "digest": self.digest or "-"}.items() if not self.VALUE.fullmatch(v)]
+        if bad:
+            raise ValueError(f"release values not of the expected shape: {', '.join(bad)}")
 
 
 @dataclass

@@ -38,6 +38,9 @@ from amiforge.providers.aws.ssh import SshMachine, new_key_pair
 from tests.conftest import BOOTSTRAP, required_or_skip
 
 SSHD = Path("/usr/sbin/sshd")
+# The upload folders are found by globbing /dev/shm and /tmp (no_upload_folders_left): this module's tests run on
+# one pytest-xdist worker, one at a time, so no test takes another's folder for its own.
+pytestmark = pytest.mark.xdist_group("ssh-upload-folders")
 
 
 def free_port() -> int:

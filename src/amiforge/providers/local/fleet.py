@@ -216,20 +216,28 @@ class LocalFleet:
     def _write(self, rec: MemberFile) -> None:
         write_atomic(self.dir / rec.id / "member.json", rec.model_dump_json(indent=2) + "\n")
 
+    @staticmethod
+    def _launched_for(
+        token: str, replaces: str | None, plan: _Launch, records: Sequence[MemberFile]
+    ) -> MemberFile | None:
+        """The member `token` launched already, if any; StateError if it was for another replacement or version."""
+        rec = next((r for r in records if r.token == token), None)
+        if rec is not None and (rec.replaces != replaces or rec.version_ref != plan.release.version):
+            raise StateError(
+                f"token {token!r} launched {rec.id} as {rec.version_ref} to replace {rec.replaces}, not as "
+                f"{plan.release.version} to replace {replaces}",
+                fix="use a new token for a different replacement",
+            )
+        return rec
+
     def _launch(self, token: str, replaces: str | None, plan: _Launch) -> tuple[str, bool]:
         """(member id, reused: launched by an earlier call). The member is recorded under the lock before its QEMU
         exists, so a token seen once is never launched twice and a QEMU never runs without a record naming it. The
         lock is held until the pid is recorded too: under it, a record with neither a pid file nor a QEMU is one
         whose launcher died before the start (a controller killed in that window); its token starts it now."""
         with self._lock():
-            rec = next((r for r in self.records() if r.token == token), None)
+            rec = self._launched_for(token, replaces, plan, self.records())
             if rec is not None:
-                if rec.replaces != replaces or rec.version_ref != plan.release.version:
-                    raise StateError(
-                        f"token {token!r} launched {rec.id} as {rec.version_ref} to replace {rec.replaces}, not as "
-                        f"{plan.release.version} to replace {replaces}",
-                        fix="use a new token for a different replacement",
-                    )
                 if not self._never_started(rec):
                     return rec.id, True
                 # Its clock starts now: the first launch never happened, so nothing of it is a boot to judge.
@@ -326,12 +334,11 @@ class LocalFleet:
         once, and wait until each is ready or failed. Returns their ids in the order asked."""
         _check_artifact(plan.artifact)
         plan.guest_checks = in_guest.guest_checks(plan.checks)
-        try:  # before anything is launched
-            plan.release_text = in_guest.release_file(plan.release).decode()
-        except ValueError as e:
-            raise ConfigError(
-                f"cannot tell the guests what they run: {e}", fix="see the version in the registry"
-            ) from e
+        plan.release_text = in_guest.release_file(plan.release).decode()
+        with self._lock():  # every token asked before any is launched: a mismatch refuses the whole call
+            records = self.records()
+            for token, replaces in wanted:
+                self._launched_for(token, replaces, plan, records)
         ids: list[str] = []
         booting: dict[str, float] = {}  # member id -> give up waiting at (monotonic; a backstop, see assess)
         pending = list(wanted)

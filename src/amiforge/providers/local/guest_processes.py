@@ -50,7 +50,8 @@ def qemu_args(pid: int) -> list[str] | None:
 
 
 def runs_disk(args: Sequence[str], overlay: Path) -> bool:
-    return any(a.startswith(f"file={overlay},") for a in args)
+    # As QEMU was given it (qemu.GuestSpec.command): a comma in the path doubled.
+    return any(a.startswith(f"file={qemu.option_value(overlay)},") for a in args)
 
 
 def find_guests(where: Path) -> list[int]:
@@ -59,7 +60,7 @@ def find_guests(where: Path) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             args = qemu_args(int(entry))
-            if args is not None and any(a.startswith(f"file={where}/") for a in args):
+            if args is not None and any(a.startswith(f"file={qemu.option_value(where)}/") for a in args):
                 found.append(int(entry))
     return found
 

@@ -84,15 +84,15 @@ class GuestSpec:
             "-kernel", str(s.kernel),
             "-initrd", str(s.initrd),
             "-append", KERNEL_ARGS,
-            "-drive", f"file={_value(s.overlay)},format=qcow2,if=virtio,cache=unsafe",
+            "-drive", f"file={option_value(s.overlay)},format=qcow2,if=virtio,cache=unsafe",
             "-netdev", f"user,id=n0,restrict=on{fwd}",
             "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
         if s.checks_script is not None:
-            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={_value(s.workdir / 'checks.sh')}"]
+            argv += ["-fw_cfg", f"name=opt/amiforge/checks,file={option_value(s.workdir / 'checks.sh')}"]
         if s.release is not None:
-            argv += ["-fw_cfg", f"name=opt/amiforge/release,file={_value(s.workdir / 'release')}"]
+            argv += ["-fw_cfg", f"name=opt/amiforge/release,file={option_value(s.workdir / 'release')}"]
         return argv
 
     @property
@@ -100,7 +100,7 @@ class GuestSpec:
         return self.workdir / "overlay.qcow2"
 
 
-def _value(path: Path) -> str:
+def option_value(path: Path) -> str:
     """A path as the value of a QEMU option: a comma would end it, unless doubled (a data dir may hold one)."""
     return str(path).replace(",", ",,")
 
