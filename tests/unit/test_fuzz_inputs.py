@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -172,7 +174,21 @@ def test_any_file_is_a_value_or_a_config_error(parse: Callable[[str, Path], obje
         except ConfigError as e:
             assert e.problems or e.fix, "a refusal must say what to fix"
 
-    run()
+    with _untraced():
+        run()
+
+
+@contextmanager
+def _untraced() -> Iterator[None]:
+    """No tracer at all while the block runs. In a pytest-xdist worker two coverage collectors run (pytest-cov's, and
+    the one coverage's `patch = ["subprocess"]` starts in every Python subprocess); no_cover stops pytest-cov's, and
+    coverage then resumes the other: the test ran 5x slower under `make test` than alone."""
+    tracer = sys.gettrace()
+    sys.settrace(None)
+    try:
+        yield
+    finally:
+        sys.settrace(tracer)  # coverage's CTracer puts itself back the C way on the next call
 
 
 # --- command lines ---------------------------------------------------------------------------------------------
