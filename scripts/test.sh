@@ -54,11 +54,12 @@ fi
 # alone: their guests' readiness is timed (rollout gates), and a core taken by a unit test would skew it. Coverage
 # adds up over both parts and is held to its floor at the end.
 # Both parts run even when the first fails (CI shows every failure at once); the exit status is the first failure's.
-# Workers: one a core, at most 8 (each PostgreSQL test holds a few connections of the server's 100). Tests that share
-# a host folder they glob carry an xdist_group mark and run on one worker (--dist loadgroup).
+# Workers: one a core, at most 8 (each PostgreSQL test holds a few connections of the server's 100). A test file's
+# tests all run on one worker, one at a time (--dist loadfile): some share host state within their file (the ssh
+# tests find their upload folders by globbing /dev/shm and /tmp).
 status=0
 echo "== pytest: unit and integration tests, on every core (at most 8)"
-$V/python -m pytest "${cov[@]}" --cov-report= --cov-fail-under=0 -n auto --maxprocesses=8 --dist loadgroup \
+$V/python -m pytest "${cov[@]}" --cov-report= --cov-fail-under=0 -n auto --maxprocesses=8 --dist loadfile \
     -m "not slow and not live" "${slowest[@]}" || status=$?
 echo "== pytest: e2e tests (real mmdebstrap, QEMU, Prometheus), one at a time"
 $V/python -m pytest "${cov[@]}" --cov-append --cov-report=term:skip-covered -m "slow or live" "${slowest[@]}" \

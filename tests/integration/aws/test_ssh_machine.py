@@ -38,9 +38,6 @@ from amiforge.providers.aws.ssh import SshMachine, new_key_pair
 from tests.conftest import BOOTSTRAP, required_or_skip
 
 SSHD = Path("/usr/sbin/sshd")
-# The upload folders are found by globbing /dev/shm and /tmp (no_upload_folders_left): this module's tests run on
-# one pytest-xdist worker, one at a time, so no test takes another's folder for its own.
-pytestmark = pytest.mark.xdist_group("ssh-upload-folders")
 
 
 def free_port() -> int:
@@ -136,7 +133,7 @@ def _upload_folders() -> set[Path]:
 @pytest.fixture(autouse=True)
 def no_upload_folders_left() -> Iterator[set[Path]]:
     """The "instance" here is this host: the upload folders a test's SshMachine makes are its own (yielded: those there
-    before it). A test that cuts a connection leaves its folder, as an instance would until generalisation removes it
+    before it; scripts/test.sh runs a file's tests on one pytest-xdist worker, one at a time). A test that cuts a connection leaves its folder, as an instance would until generalisation removes it
     (Leftovers): removed after the test, so no other test or run sees it."""
     before = _upload_folders()
     yield before
