@@ -133,8 +133,9 @@ def _upload_folders() -> set[Path]:
 @pytest.fixture(autouse=True)
 def no_upload_folders_left() -> Iterator[set[Path]]:
     """The "instance" here is this host: the upload folders a test's SshMachine makes are its own (yielded: those there
-    before it; scripts/test.sh runs a file's tests on one pytest-xdist worker, one at a time). A test that cuts a connection leaves its folder, as an instance would until generalisation removes it
-    (Leftovers): removed after the test, so no other test or run sees it."""
+    before it; scripts/test.sh runs a file's tests on one pytest-xdist worker, one at a time). A test that cuts a
+    connection leaves its folder, as an instance would until generalisation removes it (Leftovers): removed after the
+    test, so no other test or run sees it."""
     before = _upload_folders()
     yield before
     for folder in _upload_folders() - before:
