@@ -98,8 +98,13 @@ class Release:
     def __post_init__(self) -> None:
         if self.built_at.tzinfo is None:
             raise ValueError("built_at must be timezone-aware")
-        values = {"image": self.image, "version": self.version, "recipe_digest": self.recipe_digest}
-        bad = [k for k, v in {**values, "digest": self.digest or "-"}.items() if not self.VALUE.fullmatch(v)]
+        values = {
+            "image": self.image,
+            "version": self.version,
+            "recipe_digest": self.recipe_digest,
+            "digest": self.digest,
+        }
+        bad = [k for k, v in values.items() if v is not None and not self.VALUE.fullmatch(v)]
         if bad:
             raise ValueError(f"release values not of the expected shape: {', '.join(bad)}")
 
