@@ -5,12 +5,14 @@ Pydantic stays at the edges (recipe files, settings, HTTP payloads); inside, eve
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
-from typing import Literal
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any, Literal
 
 from amiforge.errors import ConfigError, StateError
 
@@ -451,6 +453,26 @@ class ChannelPointer:
     reason: str
 
 
+# Who may do what through `amiforge serve` (docs/architecture.md §14): each role can do what the ones before it can.
+TOKEN_ROLES = ("read", "operate", "admin")
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token of the web console and API. Only the SHA-256 of its secret is kept; the secret is shown once."""
+
+    id: int
+    name: str
+    role: str  # read | operate | admin
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def allows(self, role: str) -> bool:
+        return self.revoked_at is None and TOKEN_ROLES.index(self.role) >= TOKEN_ROLES.index(role)
+
+
 @dataclass(frozen=True)
 class VulnDbImport:
     id: int
@@ -631,3 +653,25 @@ class BootTotals:
                 i += 1
             counts.append(total)
         return counts
+
+
+# --- JSON ----------------------------------------------------------------------------------------------------------
+
+
+def to_json(value: Any) -> Any:
+    """Documents and domain values -> JSON-ready values (dataclasses with their `__computed__` properties, times as
+    ISO 8601, enums as their values, paths as text, mappings and sequences element by element)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = [f.name for f in dataclasses.fields(value)] + list(getattr(value, "__computed__", ()))
+        return {name: to_json(getattr(value, name)) for name in names}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value

@@ -158,8 +158,9 @@ COMMANDS: dict[str, Entry] = {
     "serve": Entry(
         "amiforge.cli.serve_cmd",
         "serve_command",
-        "Serve Prometheus metrics (/metrics) and /healthz on 127.0.0.1:9464, reading the fleets every 15 s.",
+        "Serve the web console, the JSON API (/api/v1), /metrics and /healthz on 127.0.0.1:9464.",
     ),
+    "tokens": Entry("amiforge.cli.tokens_cmd", "app", "Tokens of the web console and API (read, operate, admin)."),
     "export": Entry(
         "amiforge.cli.export_cmd",
         "app",

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-from collections.abc import Callable, Mapping
-from datetime import datetime
-from enum import Enum
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+from amiforge.model import to_json
 
 if TYPE_CHECKING:
     # Only a type here: importing providers (and with them the local provider and the scanners) would cost every
@@ -24,22 +22,8 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-def plain(value: Any) -> Any:
-    """Domain objects -> JSON-ready values (dataclasses, datetimes, enums, paths, mappings)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        names = [f.name for f in dataclasses.fields(value)] + list(getattr(value, "__computed__", ()))
-        return {name: plain(getattr(value, name)) for name in names}
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
+# Domain objects and documents -> JSON-ready values: the one rule the CLI and the web API share.
+plain = to_json
 
 
 def emit_json(data: Any) -> None:

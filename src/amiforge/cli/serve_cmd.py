@@ -1,6 +1,8 @@
-"""amiforge serve [--listen 127.0.0.1:9464] [--collect-every 15s] [--without-console-lines]."""
+"""amiforge serve [--listen 127.0.0.1:9464] [--collect-every 15s] [--tls-cert F --tls-key F] [--open-metrics] …"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -8,15 +10,21 @@ from rich.markup import escape
 from amiforge.cli.common import open_registry
 from amiforge.cli.output import err_console
 from amiforge.durations import parse_duration
+from amiforge.errors import ConfigError
 
 
 def serve_command(
     listen: str = typer.Option("127.0.0.1:9464", "--listen", help="HOST:PORT to listen on (loopback by default)."),
     allow_remote: bool = typer.Option(
-        False, "--allow-remote", help="Allow a non-loopback address (there is no TLS or authentication yet)."
+        False, "--allow-remote", help="Allow a non-loopback address without TLS (tokens then cross it in the clear)."
     ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Serve HTTPS with this PEM certificate (chain)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="The certificate's unencrypted PEM key."),
     collect_every: str = typer.Option(
         "15s", "--collect-every", help="How often to read the fleets into the registry; 0: never (only serve)."
+    ),
+    open_metrics: bool = typer.Option(
+        False, "--open-metrics", help="Serve /metrics without a token (for a Prometheus that sends none)."
     ),
     without_console_lines: bool = typer.Option(
         False,
@@ -24,22 +32,37 @@ def serve_command(
         help="Leave failed boots' last console lines out of /metrics (what guests print reaches whoever reads it).",
     ),
 ) -> None:
-    """Serve Prometheus metrics (/metrics) and /healthz on 127.0.0.1:9464, reading the fleets every 15 s.
+    """Serve the web console, the JSON API (/api/v1), /metrics and /healthz on 127.0.0.1:9464.
 
-    /metrics exposes M1–M6 per version and target; serving goes on until Ctrl-C."""
+    Every page and route needs a token; at the first start, an admin token is made and printed once. The fleets are
+    read into the registry every 15 s; serving goes on until Ctrl-C."""
     from amiforge.lifecycle.promote import policy_of
-    from amiforge.web.server import PolicySource, parse_listen, serve
+    from amiforge.lifecycle.tokens import first_token
+    from amiforge.web.server import PolicySource, Tls, parse_listen, serve
 
-    where = parse_listen(listen, allow_remote=allow_remote)
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together", fix="pass both, or neither")
+    tls = Tls(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    where = parse_listen(listen, allow_remote=allow_remote, tls=tls is not None)
     every = parse_duration(collect_every, what="--collect-every", allow_zero=True)
     settings, store = open_registry()
     policy = PolicySource(settings, policy_of)  # read again when the file changes
+    created = first_token(store=store, settings=settings)
 
     def ready(url: str) -> None:
-        err_console.print(f"serving {escape(url)}/metrics and {escape(url)}/healthz (Ctrl-C to stop)")
+        err_console.print(
+            f"serving the console on {escape(url)}/ and metrics on {escape(url)}/metrics (Ctrl-C to stop)"
+        )
+        if created is not None:
+            err_console.print(
+                f"log in with this admin token (shown once; `amiforge tokens` manages them): {created.secret}",
+                markup=False,
+            )
+        else:
+            err_console.print("log in with a token; `amiforge tokens create NAME --role read` makes one")
 
     try:
         serve(where, store=store, settings=settings, policy=policy, collect_every=every or None, ready=ready,
-              console_lines=not without_console_lines)  # fmt: skip
+              console_lines=not without_console_lines, tls=tls, open_metrics=open_metrics)  # fmt: skip
     except KeyboardInterrupt:
         err_console.print("stopped")

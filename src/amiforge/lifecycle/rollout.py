@@ -70,6 +70,15 @@ def start(
 ) -> RolloutOutcome:
     """Start rolling `ref` onto `target` (only a releasable version), then drive it to its end. A rollback names
     the rollout it `undoes`."""
+    rollout = begin(target, ref, store=store, settings=settings, strategy=strategy, undoes=undoes)
+    return drive(rollout.id, store=store, settings=settings, controls=controls)
+
+
+def begin(
+    target: str, ref: str, *, store: Store, settings: Settings, strategy: Strategy, undoes: int | None = None
+) -> Rollout:
+    """Check and record a new rollout of `ref` onto `target` (`start` without driving it: the web console's
+    controller thread drives it)."""
     target = canonical_target(target)
     version = store.get_version(ref)
     releasable(version, store=store, settings=settings, action="rolled out")
@@ -108,11 +117,19 @@ def start(
         data={"rollout": rollout.id, "target": target, "waves": waves, "members": len(members),
               **({"undoes": undoes} if undoes is not None else {})},
     )  # fmt: skip
-    return drive(rollout.id, store=store, settings=settings, controls=controls)
+    return rollout
 
 
 def resume(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
     """Continue a paused rollout, or one whose controller died, from what the store recorded."""
+    rollout = reopen(rollout_id, store=store, settings=settings)
+    logger.info("rollout #%d: resuming from wave %d (%s)", rollout.id, rollout.wave + 1, rollout.state)
+    return drive(rollout.id, store=store, settings=settings, controls=controls)
+
+
+def reopen(rollout_id: int, *, store: Store, settings: Settings) -> Rollout:
+    """Make a paused rollout running again (a running one whose controller died stays as it is); StateError if it
+    is over. `resume` without driving it."""
     rollout = store.get_rollout(rollout_id)
     if rollout.state == "paused":
         rollout = store.update_rollout(rollout.id, expect="paused", state="running", clear_request=True)
@@ -121,8 +138,7 @@ def resume(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         )
     elif rollout.state not in ("running", "rolling-back"):
         raise StateError(f"rollout #{rollout.id} is {rollout.state}; there is nothing to resume", fix="start another")
-    logger.info("rollout #%d: resuming from wave %d (%s)", rollout.id, rollout.wave + 1, rollout.state)
-    return drive(rollout.id, store=store, settings=settings, controls=controls)
+    return rollout
 
 
 def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> Rollout:
@@ -392,6 +408,12 @@ def rollback(
 ) -> RolloutOutcome:
     """Back to the previous version (or `to`): a one-wave rollout of it, through the same gates. It records the
     rollout it undoes, which the rollback rate (M6) then counts as rolled back."""
+    rollout = begin_rollback(target, store=store, settings=settings, to=to)
+    return drive(rollout.id, store=store, settings=settings, controls=controls)
+
+
+def begin_rollback(target: str, *, store: Store, settings: Settings, to: str | None = None) -> Rollout:
+    """Check and record the rollback rollout (`rollback` without driving it)."""
     last = last_change(target, store)
     if to is not None:
         ref = to
@@ -403,7 +425,7 @@ def rollback(
     # It undoes the last change when it goes back to what that change replaced; `--to` another version (a fix rolled
     # forward) is a change of its own.
     undoes = last[0].id if last is not None and store.get_version(ref).ref == last[1] else None
-    return start(target, ref, store=store, settings=settings, strategy=strategy, controls=controls, undoes=undoes)
+    return begin(target, ref, store=store, settings=settings, strategy=strategy, undoes=undoes)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from amiforge.model import (
     AdvisoryHead,
     AdvisoryRange,
+    ApiToken,
     Artifact,
     BootObservation,
     BootRecord,
@@ -76,9 +77,17 @@ class Store(Protocol):
         ...
 
     def list_versions(
-        self, name: str | None = None, *, limit: int | None = None, before: int | None = None, summary: bool = False
+        self,
+        name: str | None = None,
+        *,
+        limit: int | None = None,
+        before: int | None = None,
+        summary: bool = False,
+        statuses: Collection[Status] | None = None,
+        name_contains: str | None = None,
     ) -> list[ImageVersion]:
-        """Newest first (by id); at most `limit`, only ids below `before`; `summary`: without build log and recipe."""
+        """Newest first (by id); at most `limit`, only ids below `before`; `summary`: without build log and recipe;
+        `statuses`: only those; `name_contains`: image names holding that text."""
         ...
 
     def count_versions(self, name: str | None = None) -> int: ...
@@ -264,6 +273,12 @@ class Store(Protocol):
 
     def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]: ...
 
+    def rollout_page(
+        self, *, limit: int, before: int | None = None, states: Collection[str] | None = None
+    ) -> list[Rollout]:
+        """Newest first: at most `limit` rollouts with ids below `before` (the keyset cursor), in `states` if given."""
+        ...
+
     def rollout_tally(self) -> list[tuple[str, str, str, bool, bool, int]]:
         """(image, target, state, is a rollback, was undone by one, count) of every rollout ever started."""
         ...
@@ -354,4 +369,22 @@ class Store(Protocol):
 
     def versions_with_boots(self) -> list[tuple[int, str, int]]:
         """(id, image name, number) of every version that has booted anywhere."""
+        ...
+
+    # tokens of the web console and API (store/tokens.py)
+
+    def add_token(self, name: str, role: str, secret_sha256: str, *, actor: str) -> ApiToken:
+        """A new token; StateError if the name is taken (revoked tokens keep their names)."""
+        ...
+
+    def tokens(self) -> list[ApiToken]:
+        """Every token, revoked ones too, oldest first."""
+        ...
+
+    def token_by_secret(self, secret_sha256: str) -> ApiToken | None:
+        """The token whose secret hashes to this, revoked or not; its last use is recorded (at most once a minute)."""
+        ...
+
+    def revoke_token(self, name: str) -> tuple[ApiToken, bool]:
+        """Revoke the named token; (token, False) if it was already revoked."""
         ...

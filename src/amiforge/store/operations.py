@@ -5,7 +5,7 @@ its gate decisions). State changes are compare-and-set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import sqlalchemy as sa
 
@@ -138,6 +138,17 @@ class Operations(StoreCore):
             where = where & (rollouts_table.c.version_id == version_id)
         return self._rollout_rows(where)
 
+    def rollout_page(
+        self, *, limit: int, before: int | None = None, states: Collection[str] | None = None
+    ) -> list[Rollout]:
+        """Newest first: at most `limit` rollouts with ids below `before` (the keyset cursor), in `states` if given."""
+        where: sa.ColumnElement[bool] = sa.true()
+        if before is not None:
+            where = where & (rollouts_table.c.id < before)
+        if states is not None:
+            where = where & rollouts_table.c.state.in_(sorted(states))
+        return self._rollout_rows(where, newest=max(limit, 0))
+
     def rollout_tally(self) -> list[tuple[str, str, str, bool, bool, int]]:
         """(image, target, state, is a rollback, was undone by one, how many rollouts) for every rollout ever
         started, in one grouped read."""
@@ -154,13 +165,17 @@ class Operations(StoreCore):
         with self._guard("count rollouts"), self._read() as conn:
             return [(str(n), str(t), str(s), bool(rb), bool(u), int(c)) for n, t, s, rb, u, c in conn.execute(query)]
 
-    def _rollout_rows(self, where: sa.ColumnElement[bool]) -> list[Rollout]:
+    def _rollout_rows(self, where: sa.ColumnElement[bool], *, newest: int | None = None) -> list[Rollout]:
+        """Oldest first; or, with `newest`, that many of the newest, newest first."""
         query = (
             sa.select(rollouts_table, versions_table.c.name, versions_table.c.number)
             .join(versions_table, versions_table.c.id == rollouts_table.c.version_id)
             .where(where)
-            .order_by(rollouts_table.c.id)
         )
+        if newest is None:
+            query = query.order_by(rollouts_table.c.id)
+        else:
+            query = query.order_by(rollouts_table.c.id.desc()).limit(newest)
         with self._guard("read rollouts"), self._read() as conn:
             return rollout_from_row.each(conn.execute(query))
 

@@ -528,3 +528,20 @@ boot_totals_table = sa.Table(
     sa.Column("ttr_sum", sa.Float, nullable=False),
     sa.Column("ttr_seconds", sa.JSON, nullable=False),
 )  # fmt: skip
+
+
+# --- tokens of the web console and API (migration 0012) ------------------------------------------------------------
+
+# Only the SHA-256 of a token's secret: the secret itself is printed once, at `amiforge tokens create`.
+api_tokens_table = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+)

@@ -10,6 +10,7 @@
 - operations.py — resumable operations and rollouts;
 - channels.py — channel pointers and their moves;
 - telemetry.py — boots of versions on targets and their running totals;
+- tokens.py — tokens of the web console and API (hashes only);
 
 on top of base.py (engine, clock, transactions), with engine.py (opening a URL, read-only registries, migrations),
 boundary.py (database failures -> amiforge errors), rows.py (the one generic row mapper) and schema.py (the
@@ -28,6 +29,7 @@ from amiforge.store.lineage import Lineage
 from amiforge.store.operations import Operations
 from amiforge.store.supply import SupplyChain
 from amiforge.store.telemetry import Telemetry
+from amiforge.store.tokens import Tokens
 from amiforge.store.versions import Versions
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 
-class SqlStore(Versions, Lineage, EventLog, SupplyChain, Operations, Channels, Telemetry):
+class SqlStore(Versions, Lineage, EventLog, SupplyChain, Operations, Channels, Telemetry, Tokens):
     """The registry over one SQLAlchemy engine; satisfies `store.interface.Store`. Safe to share across threads, and
     any number of SqlStore objects (in any number of processes) may use the same database."""
 

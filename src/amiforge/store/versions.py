@@ -283,15 +283,22 @@ class Versions(StoreCore):
         limit: int | None = None,
         before: int | None = None,
         summary: bool = False,
+        statuses: Collection[Status] | None = None,
+        name_contains: str | None = None,
     ) -> list[ImageVersion]:
         """Newest first (by id). `limit`: at most that many; `before`: only versions older than the one with this
         id (the keyset cursor: pass the id of the last version of the previous page). `summary`: leave out each
-        version's build log and recipe (they read as empty), which a listing never shows."""
+        version's build log and recipe (they read as empty), which a listing never shows. `statuses`: only those;
+        `name_contains`: only image names holding that text (a search)."""
         query = sa.select(*(VERSION_SUMMARY if summary else versions_table.columns)).order_by(
             versions_table.c.id.desc()
         )
         if name is not None:
             query = query.where(versions_table.c.name == name)
+        if statuses is not None:
+            query = query.where(versions_table.c.status.in_(sorted(s.value for s in statuses)))
+        if name_contains:
+            query = query.where(versions_table.c.name.contains(name_contains, autoescape=True))
         if before is not None:
             query = query.where(versions_table.c.id < before)
         if limit is not None:

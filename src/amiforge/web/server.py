@@ -1,66 +1,69 @@
-"""`amiforge serve`: a small threaded HTTP server for Prometheus (`/metrics`) and health checks (`/healthz`), and a
+"""`amiforge serve`: the web console, the JSON API, `/metrics` and `/healthz` (app.py) on one uvicorn server, and a
 collector thread that reads the fleets into the registry every `collect_every` seconds (lifecycle/telemetry.py).
 
-Each scrape renders the registry's telemetry afresh through `lifecycle.exporter.TelemetryCollector` (amiforge's
-families only: no process metrics of this server mixed into the contract). It listens on loopback unless told
-otherwise: what it shows names images, versions and fleets, and it has no authentication yet.
+It listens on loopback unless told otherwise: another address needs TLS (a certificate and key) or an explicit
+`--allow-remote`, since tokens and sessions would otherwise cross the network in the clear.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from pathlib import Path
 
 from amiforge.errors import ConfigError
-from amiforge.lifecycle.exporter import TelemetryCollector
-from amiforge.lifecycle.exposition import CONTENT_TYPE
 from amiforge.lifecycle.telemetry import collect
 from amiforge.policy.document import Policy
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
-
-if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+from amiforge.web.metrics import Metrics, PolicySource
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9464"  # the port Prometheus's registry of exporters gives amiforge's kind of exporter
+
+__all__ = ["DEFAULT_LISTEN", "Listen", "PolicySource", "Tls", "WebServer", "parse_listen", "serve"]
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A PEM certificate (chain) and its key: the server speaks HTTPS, and the session cookie is Secure."""
+
+    certificate: Path
+    key: Path
 
 
 @dataclass(frozen=True)
 class Listen:
     host: str
     port: int
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
 
-def parse_listen(value: str, *, allow_remote: bool) -> Listen:
-    """HOST:PORT; a host other than loopback only with `allow_remote` (there is no TLS or authentication yet)."""
+def parse_listen(value: str, *, allow_remote: bool, tls: bool = False) -> Listen:
+    """HOST:PORT; a host other than loopback only with TLS or `allow_remote`."""
     host, sep, port_text = value.rpartition(":")
     host = host.strip("[]")
     fix = f"e.g. --listen {DEFAULT_LISTEN}"
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"--listen {value!r} is not HOST:PORT", fix=fix)
-    if not allow_remote and not _loopback(host):
+    if not allow_remote and not tls and not _loopback(host):
         raise ConfigError(
-            f"--listen {value!r} is not a loopback address; /metrics names images, versions and fleets to anyone "
-            "who can reach it, and has no authentication",
-            fix="listen on 127.0.0.1 and let Prometheus reach it through a proxy, or pass --allow-remote on a "
-            "network you trust",
+            f"--listen {value!r} is not a loopback address, and without TLS the tokens and sessions of whoever logs "
+            "in would cross the network in the clear",
+            fix="pass --tls-cert FILE --tls-key FILE, or listen on 127.0.0.1 behind a TLS proxy, or pass "
+            "--allow-remote on a network you trust",
         )
-    return Listen(host, int(port_text))
+    return Listen(host, int(port_text), tls)
 
 
 def _loopback(host: str) -> bool:
@@ -70,114 +73,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class PolicySource:
-    """The policy as its file says now: read again when the file changes (a new SLO threshold is a new histogram
-    bucket, which the rules regenerated from it need), the previous one kept while an edit does not validate."""
-
-    def __init__(self, settings: Settings, load: Callable[[Settings], Policy]) -> None:
-        self.settings, self._load = settings, load
-        self._key: int | None = None
-        self._policy = load(settings)
-        self._key = self._stamp()
-
-    def _stamp(self) -> int | None:
-        path = self.settings.policy
-        try:
-            return path.stat().st_mtime_ns if path is not None else None
-        except OSError:
-            return self._key
-
-    def get(self) -> Policy:
-        stamp = self._stamp()
-        if stamp != self._key:
-            self._key = stamp
-            try:
-                self._policy = self._load(self.settings)
-            except ConfigError as e:
-                logger.warning("the policy no longer validates; /metrics keeps the previous one: %s", e.message)
-        return self._policy
-
-
-class App:
-    """The WSGI application: /metrics, /healthz; anything else 404, anything but GET/HEAD 405."""
-
-    def __init__(self, store: Store, policy: Policy | PolicySource, *, console_lines: bool = True) -> None:
-        self.store = store
-        self.policy = policy
-        self.console_lines = console_lines
-        self._lock = threading.Lock()
-        self.collector = TelemetryCollector(store, self._current_policy(), console_lines=console_lines)
-
-    def _current_policy(self) -> Policy:
-        return self.policy.get() if isinstance(self.policy, PolicySource) else self.policy
-
-    def _refresh(self) -> TelemetryCollector:
-        """The collector for the policy as it is now (its buckets follow the SLO thresholds)."""
-        policy = self._current_policy()
-        with self._lock:
-            if policy is not self.collector.policy:
-                self.collector = TelemetryCollector(self.store, policy, console_lines=self.console_lines)
-            return self.collector
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        method = environ.get("REQUEST_METHOD", "GET")
-        if path not in ("/metrics", "/healthz"):
-            return _reply(start_response, "404 Not Found", b"not found: try /metrics or /healthz\n", "text/plain")
-        if method not in ("GET", "HEAD"):
-            allow = [("Allow", "GET, HEAD")]
-            return _reply(start_response, "405 Method Not Allowed", b"GET or HEAD only\n", "text/plain", allow)
-        head = method == "HEAD"
-        if path == "/healthz":
-            status, body = self._health()
-            return _reply(start_response, status, json.dumps(body).encode() + b"\n", "application/json", head=head)
-        try:
-            output = self._refresh().render()
-        except Exception as e:  # a broken registry: Prometheus records the failed scrape; the log says why
-            logger.error("/metrics failed: %s: %s", type(e).__name__, e)
-            return _reply(
-                start_response, "500 Internal Server Error", b"the registry could not be read\n", "text/plain"
-            )
-        # The text format every Prometheus reads (2.x included); the names need none of 1.0.0's UTF-8 escaping.
-        return _reply(start_response, "200 OK", output, CONTENT_TYPE, head=head)
-
-    def _health(self) -> tuple[str, dict[str, Any]]:
-        try:
-            self.store.count_versions()
-        except Exception as e:
-            return "503 Service Unavailable", {"status": "unavailable", "error": f"{type(e).__name__}: {e}"}
-        return "200 OK", {"status": "ok"}
-
-
-def _reply(
-    start_response: StartResponse,
-    status: str,
-    body: bytes,
-    content_type: str,
-    extra: list[tuple[str, str]] | None = None,
-    *,
-    head: bool = False,
-) -> list[bytes]:
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-               ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"), *(extra or [])]  # fmt: skip
-    start_response(status, headers)
-    return [] if head else [body]
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s %s", self.address_string(), format % args)
 
 
 class Collecting:
@@ -206,6 +101,72 @@ class Collecting:
             self._stop.wait(self.every)
 
 
+class WebServer:
+    """The app on a socket of its own: `run()` serves until `stop()` (or, in the main thread, Ctrl-C/SIGTERM)."""
+
+    def __init__(
+        self,
+        listen: Listen,
+        *,
+        store: Store,
+        settings: Settings,
+        policy: Policy | PolicySource,
+        console_lines: bool = True,
+        tls: Tls | None = None,
+        open_metrics: bool = False,
+    ) -> None:
+        import uvicorn  # the server and the app load only for `serve`
+
+        from amiforge.web.app import create_app
+        from amiforge.web.context import Context, Controllers
+
+        metrics = Metrics(store, policy, console_lines=console_lines)
+        self.context = Context(store, settings, metrics, Controllers(store), secure_cookies=tls is not None,
+                               open_metrics=open_metrics)  # fmt: skip
+        self.app = create_app(self.context)
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((listen.host, listen.port))
+            self._socket.listen(128)
+        except OSError as e:
+            self._socket.close()
+            raise ConfigError(
+                f"cannot listen on {listen.host}:{listen.port}: {e.strerror or e}",
+                fix="pick another port with --listen HOST:PORT (is another amiforge serve running?)",
+            ) from e
+        self.listen = Listen(listen.host, self._socket.getsockname()[1], tls is not None)  # the port given, if 0
+        try:
+            config = uvicorn.Config(
+                self.app, log_level="warning", access_log=False, lifespan="off", server_header=False,
+                proxy_headers=False, timeout_graceful_shutdown=5,
+                ssl_certfile=str(tls.certificate) if tls else None, ssl_keyfile=str(tls.key) if tls else None,
+            )  # fmt: skip
+            if tls is not None:
+                config.load()  # reads the certificate now: a bad file is a ConfigError, not a crash later
+        except (OSError, ValueError) as e:
+            self._socket.close()
+            raise ConfigError(
+                f"cannot use the TLS certificate {tls.certificate if tls else ''} and key: {e}",
+                fix="pass a PEM certificate with --tls-cert and its unencrypted PEM key with --tls-key",
+            ) from e
+        self._server = uvicorn.Server(config)
+
+    @property
+    def url(self) -> str:
+        return self.listen.url
+
+    def run(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        finally:
+            self._socket.close()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+
+
 def serve(
     listen: Listen,
     *,
@@ -215,24 +176,18 @@ def serve(
     collect_every: float | None,
     ready: Callable[[str], None] = lambda _url: None,
     console_lines: bool = True,
+    tls: Tls | None = None,
+    open_metrics: bool = False,
 ) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM). `ready(url)` is called once the socket listens."""
-    server_class = _Server6 if ":" in listen.host else _Server
-    try:
-        app = App(store, policy, console_lines=console_lines)
-        server = make_server(listen.host, listen.port, app, server_class=server_class, handler_class=_QuietHandler)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot listen on {listen.host}:{listen.port}: {e.strerror or e}",
-            fix="pick another port with --listen HOST:PORT (is another amiforge serve running?)",
-        ) from e
+    server = WebServer(listen, store=store, settings=settings, policy=policy, console_lines=console_lines, tls=tls,
+                       open_metrics=open_metrics)  # fmt: skip
     collecting = Collecting(store, settings, collect_every) if collect_every else None
     try:
         if collecting is not None:
             collecting.start()
-        ready(Listen(listen.host, server.server_port).url)  # the port the system gave, if asked for 0
-        server.serve_forever(poll_interval=0.5)
+        ready(server.url)
+        server.run()
     finally:
         if collecting is not None:
             collecting.stop()
-        server.server_close()

@@ -1,0 +1,92 @@
+"""Tokens of the web console and API (`amiforge tokens create|list|revoke`, and `amiforge serve`'s log-in).
+
+A token is `amf_` and 43 URL-safe characters (256 random bits). The registry keeps only its SHA-256: a secret this
+long needs no slow hash, and a lookup by hash compares no secret byte by byte. Creating and revoking a token are
+audited events; the events a token's requests cause name it as their actor (`token:NAME`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from amiforge.errors import ConfigError
+from amiforge.model import TOKEN_ROLES, ApiToken
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+PREFIX = "amf_"
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SECRET = re.compile(PREFIX + r"[A-Za-z0-9_-]{43}")
+
+
+@dataclass(frozen=True)
+class CreatedToken:
+    """A new token and its secret: the one time the secret is shown."""
+
+    token: ApiToken
+    secret: str
+
+
+@dataclass(frozen=True)
+class RevokedToken:
+    token: ApiToken
+    changed: bool  # False: it was revoked already
+
+
+def secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def actor_of(token: ApiToken) -> str:
+    """The actor events name for what a token's requests do."""
+    return f"token:{token.name}"
+
+
+def create_token(name: str, role: str, *, store: Store, settings: Settings) -> CreatedToken:
+    if _NAME.fullmatch(name) is None:
+        raise ConfigError(
+            f"token name {name!r} is not allowed",
+            fix="lower-case letters, digits, '.', '_' and '-', at most 64 characters (e.g. ci-deploy)",
+        )
+    if role not in TOKEN_ROLES:
+        raise ConfigError(f"--role {role!r} is not a role", fix="use one of " + ", ".join(TOKEN_ROLES))
+    secret = PREFIX + secrets.token_urlsafe(32)
+    token = store.add_token(name, role, secret_digest(secret), actor=settings.actor)
+    store.append_event("token.created", actor=settings.actor, data={"token": name, "role": role})
+    return CreatedToken(token, secret)
+
+
+def revoke_token(name: str, *, store: Store, settings: Settings) -> RevokedToken:
+    token, changed = store.revoke_token(name)
+    if changed:
+        store.append_event("token.revoked", actor=settings.actor, data={"token": name, "role": token.role})
+    return RevokedToken(token, changed)
+
+
+def authenticate(store: Store, secret: str) -> ApiToken | None:
+    """The live token this secret is, or None (malformed, unknown or revoked)."""
+    if _SECRET.fullmatch(secret) is None:
+        return None
+    token = store.token_by_secret(secret_digest(secret))
+    return token if token is not None and token.revoked_at is None else None
+
+
+def form_key(secret: str) -> str:
+    """The anti-CSRF value a browser session's forms carry: derived from the session's secret, so a page of another
+    site can neither read nor compute it, and it dies with the token."""
+    return hmac.new(secret.encode(), b"amiforge form key", hashlib.sha256).hexdigest()
+
+
+def first_token(*, store: Store, settings: Settings) -> CreatedToken | None:
+    """An admin token for a registry that has no live one yet (what `amiforge serve` prints at its first start, so a
+    new user can log in); None when one exists."""
+    existing = store.tokens()
+    if any(t.revoked_at is None and t.role == "admin" for t in existing):
+        return None
+    taken = {t.name for t in existing}
+    name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, len(taken) + 3))) if n not in taken)
+    return create_token(name, "admin", store=store, settings=settings)

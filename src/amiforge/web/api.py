@@ -1,0 +1,257 @@
+"""The JSON API under /api/v1: what the pages show, and the operations, each calling the same lifecycle function as
+the CLI command of the same name (same gates, same errors, same events, with the token as the actor).
+
+Responses are the documents of `lifecycle/documents.py` (and the lifecycle's outcomes), rendered by `model.to_json`
+as the CLI's `--json` renders them; `response_model` gives OpenAPI their schema. Errors are the error tree's: a
+JSON body `{error, message, fix}` with the error's HTTP status (app.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from amiforge.lifecycle import documents as docs
+from amiforge.lifecycle import tokens
+from amiforge.model import TOKEN_ROLES, Rollout, Status, to_json
+from amiforge.strategy import Strategy
+from amiforge.web.auth import Caller, require
+from amiforge.web.context import Context, context
+
+router = APIRouter(prefix="/api/v1")
+
+REF = r"^[a-z0-9][a-z0-9-]{0,62}@[0-9]{1,9}$|^[0-9a-f]{8,64}$"  # NAME@N or a digest prefix
+Ref = Annotated[str, Field(pattern=REF, max_length=80)]
+RefPath = Annotated[str, Path(pattern=REF, max_length=80)]
+RolloutId = Annotated[int, Path(ge=1, le=2**62)]
+RolloutState = Literal["running", "paused", "rolling-back", "succeeded", "failed", "aborted"]
+TOKEN_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+Limit = Annotated[int, Query(ge=1, le=docs.MAX_PAGE)]
+Cursor = Annotated[int | None, Query(ge=1, le=2**62, description="the `next_before` of the previous page")]
+
+
+def _reader(request: Request) -> Caller:
+    return require(request, context(request).store, "read")
+
+
+def _operator(request: Request) -> Caller:
+    return require(request, context(request).store, "operate")
+
+
+def _admin(request: Request) -> Caller:
+    return require(request, context(request).store, "admin")
+
+
+Reader = Annotated[Caller, Depends(_reader)]
+Operator = Annotated[Caller, Depends(_operator)]
+Admin = Annotated[Caller, Depends(_admin)]
+Ctx = Annotated[Context, Depends(context)]
+
+
+def document(value: object, status: int = 200) -> JSONResponse:
+    return JSONResponse(to_json(value), status_code=status)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+
+
+@router.get("/catalog", response_model=docs.Catalog, summary="Images, their versions by state, and their channels")
+def get_catalog(_: Reader, ctx: Ctx) -> Response:
+    return document(docs.catalog(ctx.store))
+
+
+@router.get("/versions", response_model=docs.VersionPage, summary="Versions, newest first, a page at a time")
+def list_versions(
+    _: Reader,
+    ctx: Ctx,
+    name: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] = None,
+    status: Annotated[list[Status] | None, Query()] = None,
+    search: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Limit = 50,
+    before: Cursor = None,
+) -> Response:
+    page = docs.version_page(ctx.store, name=name, statuses=status, search=search, limit=limit, before=before)
+    return document(page)
+
+
+@router.get("/versions/{ref}", response_model=docs.VersionDocument, summary="Everything about one version")
+def get_version(
+    _: Reader,
+    ctx: Ctx,
+    ref: RefPath,
+    console: bool = False,
+    log: bool = False,
+    recipe: bool = False,
+) -> Response:
+    return document(docs.version_document(ctx.store, ref, console=console, log=log, recipe=recipe))
+
+
+@router.get("/versions/{ref}/sbom", summary="The SBOM of the version's latest scan (CycloneDX 1.6 or SPDX 2.3)")
+def get_sbom(_: Reader, ctx: Ctx, ref: RefPath, format: Literal["cyclonedx", "spdx"] = "cyclonedx") -> Response:
+    version, text, _count = docs.sbom_text(ctx.store, ref, format)
+    name = f"{version.name}-{version.number}.{format}.json"
+    return Response(
+        text, media_type="application/json", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
+
+
+@router.get("/versions/{ref}/events", response_model=docs.EventPage, summary="A version's events, a page at a time")
+def get_version_events(_: Reader, ctx: Ctx, ref: RefPath, limit: Limit = 100, before: Cursor = None) -> Response:
+    version = ctx.store.get_version(ref)
+    return document(docs.event_page(ctx.store, ref=version.ref, limit=limit, before=before))
+
+
+@router.get("/channels", response_model=list[docs.ChannelRow], summary="Every channel: current and rollback versions")
+def list_channels(_: Reader, ctx: Ctx) -> Response:
+    return document(docs.channel_rows(ctx.store))
+
+
+@router.get("/rollouts", response_model=docs.RolloutPage, summary="Rollouts, newest first, a page at a time")
+def list_rollouts(
+    _: Reader,
+    ctx: Ctx,
+    state: Annotated[list[RolloutState] | None, Query()] = None,
+    limit: Limit = 50,
+    before: Cursor = None,
+) -> Response:
+    return document(docs.rollout_page(ctx.store, states=state, limit=limit, before=before))
+
+
+@router.get("/rollouts/{rollout_id}", response_model=docs.RolloutReport, summary="A rollout, its decisions, members")
+def get_rollout(_: Reader, ctx: Ctx, rollout_id: RolloutId) -> Response:
+    return document(docs.rollout_report(ctx.store, rollout_id))
+
+
+@router.get("/events", response_model=docs.EventPage, summary="The audit log, newest page first")
+def list_events(_: Reader, ctx: Ctx, limit: Limit = 100, before: Cursor = None) -> Response:
+    return document(docs.event_page(ctx.store, limit=limit, before=before))
+
+
+@router.get("/events/verify", response_model=docs.ChainCheck, summary="Recompute the audit log's hash chain")
+def verify_events(_: Reader, ctx: Ctx) -> Response:
+    return document(docs.verify_chain(ctx.store))
+
+
+# --- operations ------------------------------------------------------------------------------------------------------
+
+
+class PromoteBody(Body):
+    channel: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", examples=["dev"])
+    reason: str = Field(default="", max_length=500)
+
+
+@router.post("/versions/{ref}/promote", summary="Promote through the channel's gates (amiforge promote)")
+def promote(caller: Operator, ctx: Ctx, ref: RefPath, body: PromoteBody) -> Response:
+    from amiforge.lifecycle.promote import promote as promote_version
+
+    outcome = promote_version(ref, body.channel, store=ctx.store, settings=ctx.settings_for(caller), reason=body.reason)
+    return document(outcome)
+
+
+class RevokeBody(Body):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+@router.post("/versions/{ref}/revoke", summary="Revoke a version, flagging its descendants (amiforge revoke)")
+def revoke(caller: Operator, ctx: Ctx, ref: RefPath, body: RevokeBody) -> Response:
+    from amiforge.lifecycle.promote import revoke as revoke_version
+
+    return document(revoke_version(ref, store=ctx.store, settings=ctx.settings_for(caller), reason=body.reason))
+
+
+class RolloutBody(Body):
+    target: str = Field(min_length=1, max_length=300, examples=["local:web"])
+    version: Ref
+    strategy: Strategy = Field(default_factory=Strategy)
+
+
+@router.post("/rollouts", status_code=202, response_model=docs.RolloutReport,
+             summary="Start a rollout; this server drives it (amiforge rollout start)")  # fmt: skip
+def start_rollout(caller: Operator, ctx: Ctx, body: RolloutBody) -> Response:
+    from amiforge.lifecycle import rollout as controller
+
+    settings = ctx.settings_for(caller)
+    rollout = controller.begin(body.target, body.version, store=ctx.store, settings=settings, strategy=body.strategy)
+    return _driven(ctx, rollout, caller)
+
+
+class RollbackBody(Body):
+    target: str = Field(min_length=1, max_length=300, examples=["local:web"])
+    to: Ref | None = None
+
+
+@router.post("/rollback", status_code=202, response_model=docs.RolloutReport,
+             summary="Put a target back on its previous version (amiforge rollback)")  # fmt: skip
+def rollback(caller: Operator, ctx: Ctx, body: RollbackBody) -> Response:
+    from amiforge.lifecycle import rollout as controller
+
+    rollout = controller.begin_rollback(body.target, store=ctx.store, settings=ctx.settings_for(caller), to=body.to)
+    return _driven(ctx, rollout, caller)
+
+
+@router.post("/rollouts/{rollout_id}/{action}", response_model=docs.RolloutReport,
+             summary="Pause, resume or abort a rollout (amiforge rollout pause|resume|abort)")  # fmt: skip
+def control_rollout(
+    caller: Operator,
+    ctx: Ctx,
+    rollout_id: RolloutId,
+    action: Literal["pause", "resume", "abort"],
+) -> Response:
+    return document(control(ctx, caller, rollout_id, action))
+
+
+def control(ctx: Context, caller: Caller, rollout_id: int, action: str) -> docs.RolloutReport:
+    """Pause or abort (the controller acts between steps), or resume here: what the rollout page's buttons do."""
+    from amiforge.lifecycle import rollout as controller
+
+    settings = ctx.settings_for(caller)
+    if action == "resume":
+        rollout = controller.reopen(rollout_id, store=ctx.store, settings=settings)
+        ctx.controllers.drive(rollout.id, settings)
+    else:
+        rollout = controller.request(rollout_id, action, store=ctx.store, settings=settings)
+    return docs.rollout_report_of(ctx.store, rollout)
+
+
+def _driven(ctx: Context, rollout: Rollout, caller: Caller) -> Response:
+    ctx.controllers.drive(rollout.id, ctx.settings_for(caller))
+    return document(docs.rollout_report_of(ctx.store, rollout), 202)
+
+
+# --- tokens (admin) --------------------------------------------------------------------------------------------------
+
+
+class TokenBody(Body):
+    name: str = Field(pattern=TOKEN_NAME)
+    role: Literal["read", "operate", "admin"]
+
+
+class CreatedTokenDoc(BaseModel):
+    token: docs.TokenRow
+    secret: str
+
+
+@router.get("/tokens", response_model=list[docs.TokenRow], summary="Every token (never a secret)")
+def list_tokens(_: Admin, ctx: Ctx) -> Response:
+    return document([docs.TokenRow.of(t) for t in ctx.store.tokens()])
+
+
+@router.post("/tokens", status_code=201, response_model=CreatedTokenDoc,
+             summary="Create a token; its secret is in this answer only")  # fmt: skip
+def create_token(caller: Admin, ctx: Ctx, body: TokenBody) -> Response:
+    assert body.role in TOKEN_ROLES
+    created = tokens.create_token(body.name, body.role, store=ctx.store, settings=ctx.settings_for(caller))
+    return document({"token": docs.TokenRow.of(created.token), "secret": created.secret}, 201)
+
+
+@router.post("/tokens/{name}/revoke", response_model=docs.TokenRow, summary="Revoke a token")
+def revoke_token(caller: Admin, ctx: Ctx, name: Annotated[str, Path(pattern=TOKEN_NAME)]) -> Response:
+    revoked = tokens.revoke_token(name, store=ctx.store, settings=ctx.settings_for(caller))
+    return document(docs.TokenRow.of(revoked.token))

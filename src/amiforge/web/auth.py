@@ -1,0 +1,97 @@
+"""Who is asking: a bearer token (`Authorization: Bearer amf_…`, for scripts and Prometheus) or the browser session's
+cookie, which holds the same token (HttpOnly, SameSite=Strict). docs/architecture.md §14.
+
+- No valid token: 401 (pages redirect to /login instead).
+- A role too weak: 403.
+- A request that changes something on the strength of the cookie must also carry the session's form key (a hidden
+  field, or the `X-Amiforge-Form-Key` header htmx sends) and, if the browser says where it comes from, come from this
+  server's own origin. A bearer token is never sent by a browser on its own, so it needs neither.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from fastapi import Request
+
+from amiforge.lifecycle.tokens import actor_of, authenticate, form_key
+from amiforge.model import ApiToken
+from amiforge.store.interface import Store
+
+SESSION_COOKIE = "amiforge_session"
+FORM_KEY_FIELD = "form_key"
+FORM_KEY_HEADER = "X-Amiforge-Form-Key"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    token: ApiToken
+    secret: str
+    by_cookie: bool
+
+    @property
+    def actor(self) -> str:
+        return actor_of(self.token)
+
+    @property
+    def form_key(self) -> str:
+        return form_key(self.secret)
+
+
+class Refused(Exception):
+    """A request refused before it reached the service layer: 401 (who are you?) or 403 (not you)."""
+
+    def __init__(self, status: int, message: str, *, fix: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.fix = status, message, fix
+
+
+def presented_secret(request: Request) -> tuple[str, bool] | None:
+    """(secret, whether it came from the cookie) of what the request presents, if anything."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        return (value.strip(), False) if scheme.lower() == "bearer" else ("", False)
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return (cookie, True) if cookie else None
+
+
+def identify(request: Request, store: Store) -> Caller | None:
+    presented = presented_secret(request)
+    if presented is None:
+        return None
+    secret, by_cookie = presented
+    token = authenticate(store, secret)
+    return None if token is None else Caller(token, secret, by_cookie)
+
+
+def require(request: Request, store: Store, role: str, *, form_value: str | None = None) -> Caller:
+    """The caller, if its token is live, has `role`, and (for a cookie's unsafe request) carries the form key."""
+    caller = identify(request, store)
+    if caller is None:
+        raise Refused(401, "a valid token is needed", fix="log in, or send Authorization: Bearer amf_…")
+    if not caller.token.allows(role):
+        raise Refused(
+            403, f"token {caller.token.name!r} is {caller.token.role}; this needs {role}",
+            fix=f"use a token with role {role} (amiforge tokens create NAME --role {role})",
+        )  # fmt: skip
+    if caller.by_cookie and request.method not in SAFE_METHODS:
+        check_same_origin(request)
+        given = form_value if form_value is not None else request.headers.get(FORM_KEY_HEADER, "")
+        if not hmac.compare_digest(given.encode(), caller.form_key.encode()):
+            raise Refused(403, "the form key is missing or wrong", fix="reload the page and submit the form again")
+    return caller
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse a request a browser says came from another origin (Origin header) or another site."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != "null":
+        parts = urlsplit(origin)
+        if parts.netloc != request.headers.get("host", "") or parts.scheme != request.url.scheme:
+            raise Refused(403, f"a request from another origin ({origin}) is refused")
+    elif origin == "null" or request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise Refused(403, "a request from another site is refused")

@@ -1,0 +1,226 @@
+"""The web console's pages: server-rendered HTML (Jinja2, every value escaped), readable without JavaScript; htmx
+(vendored, static/) refreshes a live rollout in place. Forms post to routes here that call the same service-layer
+functions as the API (api.py) and then redirect back (post/redirect/get)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.templating import Jinja2Templates
+
+from amiforge import __version__
+from amiforge.errors import ConfigError
+from amiforge.lifecycle import documents as docs
+from amiforge.lifecycle.tokens import authenticate
+from amiforge.model import ROLLOUT_LIVE, Status
+from amiforge.web.auth import FORM_KEY_FIELD, SESSION_COOKIE, Caller, Refused, check_same_origin, identify, require
+from amiforge.web.context import context
+
+router = APIRouter(include_in_schema=False)
+
+HTMX = "htmx-2.0.11.min.js"  # static/VENDORED.md says where it came from
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(resources.files("amiforge.web") / "templates")),
+    autoescape=True,  # every value, whatever the template's name
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+templates = Jinja2Templates(env=_env)
+
+
+def _render(request: Request, name: str, caller: Caller | None, code: int = 200, **values: Any) -> HTMLResponse:
+    values |= {"me": caller, "version": __version__, "htmx": HTMX, "form_key_field": FORM_KEY_FIELD}
+    return templates.TemplateResponse(request, name, values, status_code=code)
+
+
+def login_url(request: Request) -> str:
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return "/login?" + urlencode({"next": here})
+
+
+def error_page(request: Request, status: int, message: str, fix: str) -> HTMLResponse:
+    ctx = context(request)
+    try:
+        caller = identify(request, ctx.store)
+    except Exception:  # the registry itself may be what failed
+        caller = None
+    return _render(request, "error.html", caller, status, status=status, message=message, fix=fix)
+
+
+def _reader(request: Request) -> Caller:
+    return require(request, context(request).store, "read")
+
+
+async def _form(request: Request, role: str) -> tuple[Caller, dict[str, str]]:
+    """The form's fields and its caller, who must have `role` and whose form carries the session's form key."""
+    form = await request.form()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    caller = require(request, context(request).store, role, form_value=fields.get(FORM_KEY_FIELD, ""))
+    return caller, fields
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path of this server: never another site (`//host`, `/\\host`, a scheme)."""
+    if not value or not value.startswith("/") or value.startswith(("//", "/\\")) or any(c in value for c in "\r\n"):
+        return "/"
+    return value
+
+
+# --- logging in and out -----------------------------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> HTMLResponse:
+    return _render(request, "login.html", None, next=_safe_next(next), problem=None)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    check_same_origin(request)
+    form = await request.form()
+    secret = str(form.get("token", "")).strip()
+    target = _safe_next(str(form.get("next", "/")))
+    ctx = context(request)
+    token = authenticate(ctx.store, secret)
+    if token is None:
+        problem = "That token is not valid (mistyped, revoked, or from another registry)."
+        return _render(request, "login.html", None, 401, next=target, problem=problem)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=ctx.secure_cookies, path="/")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    await _form(request, "read")
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+# --- catalog and versions ---------------------------------------------------------------------------------------------
+
+
+@router.get("/")
+def catalog(
+    request: Request,
+    name: str | None = None,
+    status: str | None = None,
+    search: str | None = None,
+    before: int | None = None,
+) -> HTMLResponse:
+    caller = _reader(request)
+    ctx = context(request)
+    statuses = None
+    if status:
+        try:
+            statuses = [Status(status)]
+        except ValueError as e:
+            raise ConfigError(f"status {status!r} is not a version state", fix="pick one from the list") from e
+    page = docs.version_page(ctx.store, name=name or None, statuses=statuses, search=search or None, before=before)
+    filters = {k: v for k, v in {"name": name, "status": status, "search": search}.items() if v}
+    more = "/?" + urlencode({**filters, "before": page.next_before}) if page.next_before else None
+    return _render(request, "catalog.html", caller, catalog=docs.catalog(ctx.store), page=page, filters=filters,
+                   statuses=[s.value for s in Status], more=more)  # fmt: skip
+
+
+@router.get("/versions/{ref}")
+def version(request: Request, ref: str) -> HTMLResponse:
+    caller = _reader(request)
+    ctx = context(request)
+    document = docs.version_document(ctx.store, ref, console=True, recipe=True)
+    return _render(request, "version.html", caller, doc=document, quote=quote)
+
+
+@router.post("/versions/{ref}/promote")
+async def promote(request: Request, ref: str) -> Response:
+    from amiforge.lifecycle.promote import promote as promote_version
+
+    caller, fields = await _form(request, "operate")
+    ctx = context(request)
+    promote_version(ref, fields.get("channel", ""), store=ctx.store, settings=ctx.settings_for(caller),
+                    reason=fields.get("reason", ""))  # fmt: skip
+    return RedirectResponse(f"/versions/{quote(ref)}", status_code=303)
+
+
+@router.post("/versions/{ref}/revoke")
+async def revoke(request: Request, ref: str) -> Response:
+    from amiforge.lifecycle.promote import revoke as revoke_version
+
+    caller, fields = await _form(request, "operate")
+    reason = fields.get("reason", "").strip()
+    if not reason:
+        raise ConfigError("a revocation needs a reason", fix="say why in the reason field")
+    ctx = context(request)
+    revoke_version(ref, store=ctx.store, settings=ctx.settings_for(caller), reason=reason)
+    return RedirectResponse(f"/versions/{quote(ref)}", status_code=303)
+
+
+# --- rollouts -------------------------------------------------------------------------------------------------------
+
+
+@router.get("/rollouts")
+def rollouts(request: Request, before: int | None = None) -> HTMLResponse:
+    caller = _reader(request)
+    page = docs.rollout_page(context(request).store, before=before)
+    more = f"/rollouts?before={page.next_before}" if page.next_before else None
+    return _render(request, "rollouts.html", caller, page=page, more=more)
+
+
+@router.get("/rollouts/{rollout_id}")
+def rollout(request: Request, rollout_id: int) -> HTMLResponse:
+    caller = _reader(request)
+    report = docs.rollout_report(context(request).store, rollout_id)
+    return _render(request, "rollout.html", caller, report=report, live=report.rollout.state in ROLLOUT_LIVE)
+
+
+@router.get("/rollouts/{rollout_id}/live")
+def rollout_live(request: Request, rollout_id: int) -> HTMLResponse:
+    """The rollout's changing part, which the page's htmx swaps in every second while the rollout is live."""
+    caller = _reader(request)
+    report = docs.rollout_report(context(request).store, rollout_id)
+    return _render(request, "rollout_live.html", caller, report=report, live=report.rollout.state in ROLLOUT_LIVE)
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+async def control_rollout(request: Request, rollout_id: int, action: str) -> Response:
+    from amiforge.web.api import control
+
+    if action not in ("pause", "resume", "abort"):
+        raise Refused(404, f"no action {action!r} on a rollout")
+    caller, _ = await _form(request, "operate")
+    control(context(request), caller, rollout_id, action)
+    return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
+
+
+@router.post("/rollback")
+async def rollback(request: Request) -> Response:
+    from amiforge.lifecycle import rollout as controller
+
+    caller, fields = await _form(request, "operate")
+    ctx = context(request)
+    settings = ctx.settings_for(caller)
+    rollout = controller.begin_rollback(fields.get("target", ""), store=ctx.store, settings=settings,
+                                        to=fields.get("to") or None)  # fmt: skip
+    ctx.controllers.drive(rollout.id, settings)
+    return RedirectResponse(f"/rollouts/{rollout.id}", status_code=303)
+
+
+# --- the audit log ------------------------------------------------------------------------------------------------
+
+
+@router.get("/audit")
+def audit(request: Request, before: int | None = None, verify: bool = False) -> HTMLResponse:
+    caller = _reader(request)
+    ctx = context(request)
+    page = docs.event_page(ctx.store, before=before, limit=100)
+    more = f"/audit?before={page.next_before}" if page.next_before else None
+    check = docs.verify_chain(ctx.store) if verify else None
+    return _render(request, "audit.html", caller, page=page, more=more, check=check)
