@@ -25,7 +25,7 @@ The registry (SQLite, generated through the store API, deterministic for --seed;
 
 What is measured, in this process (the same App `amiforge serve` runs):
 
-1. a scrape: `App(store, default_policy())` called as WSGI with GET /metrics, the body joined; one warm-up scrape
+1. a scrape: GET /metrics of the ASGI app (`web.app.create_app`) through Starlette's TestClient; one warm-up scrape
    first (it reads every exported scan's findings once and keeps the counts per scan id), then --runs scrapes
    (default 200): p50/p95/p99/max of wall time against the 100 ms target, and of the CPU time this process spent
    (time.process_time; on a shared machine wall time also waits for a core);
@@ -435,26 +435,27 @@ def renew_heartbeats(store: SqlStore) -> int:
 
 
 class Scraper:
-    """GET /metrics through the WSGI App, in this process."""
+    """GET /metrics through the ASGI app `amiforge serve` runs (FastAPI), in this process (Starlette's TestClient;
+    /metrics open, as `serve --open-metrics` serves it)."""
 
     def __init__(self, store: Store, policy: Policy) -> None:
-        from amiforge.web.server import App
+        from fastapi.testclient import TestClient
 
-        self.app = App(store, policy)
-        self.status: list[str] = []
+        from amiforge.settings import Settings
+        from amiforge.web.app import create_app
+        from amiforge.web.context import Context, Controllers
+        from amiforge.web.metrics import Metrics
 
-    def _start_response(
-        self, status: str, _headers: list[tuple[str, str]], _exc: object = None
-    ) -> Callable[[bytes], object]:
-        self.status.append(status)
-        return lambda _data: None
+        settings = Settings(actor=ACTOR)
+        self.metrics = Metrics(store, policy)
+        context = Context(store, settings, self.metrics, Controllers(store), open_metrics=True)
+        self.client = TestClient(create_app(context))
 
     def __call__(self) -> bytes:
-        self.status.clear()
-        body = b"".join(self.app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET"}, self._start_response))
-        if self.status != ["200 OK"]:
-            raise SystemExit(f"/metrics answered {self.status}: {body[:500]!r}")
-        return body
+        reply = self.client.get("/metrics")
+        if reply.status_code != 200:
+            raise SystemExit(f"/metrics answered {reply.status_code}: {reply.content[:500]!r}")
+        return bytes(reply.content)
 
 
 def timed(runs: int, work: Callable[[], object]) -> list[float]:
@@ -631,7 +632,7 @@ def http_scrapes(store: Store, policy: Policy, data_dir: Path, runs: int) -> lis
     settings = Settings(data_dir=data_dir, actor=ACTOR)
     thread = threading.Thread(target=serve, args=(Listen("127.0.0.1", 0),), daemon=True,
                               kwargs={"store": store, "settings": settings, "policy": policy, "collect_every": None,
-                                      "ready": ready})  # fmt: skip
+                                      "ready": ready, "open_metrics": True})  # fmt: skip
     thread.start()  # a daemon: it ends with this process (serve() has no stop but a signal)
     if not up.wait(30):
         raise SystemExit("amiforge serve did not start listening in 30 s")
@@ -788,12 +789,12 @@ def measure(url: str, args: argparse.Namespace, data_dir: Path, gen: Generated |
             if growth > 0:
                 print("\n".join(grew))
         rss_end = rss()
-        cached = len(scrape.app.collector._caches.vulns)
+        cached = len(scrape.metrics.collector._caches.vulns)
 
     # --- the report --------------------------------------------------------------------------------------------------
     print("\n| figure | p50 ms | p95 ms | p99 ms | max ms | target (p95) | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(ms_row(f"**scrape /metrics, in-process WSGI** ({args.runs} runs)", in_process, SCRAPE_TARGET_MS))
+    print(ms_row(f"**scrape /metrics, in-process ASGI** ({args.runs} runs)", in_process, SCRAPE_TARGET_MS))
     print(ms_row("the same scrapes' CPU time (this process)", in_process_cpu, SCRAPE_TARGET_MS))
     if http:
         print(ms_row(f"scrape /metrics over HTTP, `serve` on 127.0.0.1 ({args.http_runs} runs)", http,

@@ -376,8 +376,10 @@ def test_images_show_json(cli: Cli, seeded: Path) -> None:
     doc = r.json()
     assert set(doc) == {
         "version", "artifacts", "layers", "boot_reports", "events", "scan", "signatures", "channels", "generalised",
-        "orphaned",
+        "orphaned", "ancestry", "children", "running", "recipe", "log",
     }  # fmt: skip
+    assert (doc["ancestry"], doc["children"], doc["running"], doc["recipe"], doc["log"]) == ([], ["web@2"], [], None,
+                                                                                           None)  # fmt: skip
     assert (doc["scan"], doc["signatures"], doc["channels"]) == (None, [], [])  # not scanned, signed or promoted
     version = doc["version"]
     assert (version["ref"], version["status"], version["digest"]) == ("web@1", "tested", D1)
@@ -391,7 +393,7 @@ def test_images_show_json(cli: Cli, seeded: Path) -> None:
     assert [(layer["index"], layer["hit"]) for layer in doc["layers"]] == [(0, True), (1, False)]
     assert doc["layers"][1]["description"] == "shell: echo [/x] [red]hi > /etc/motd"
     [report] = doc["boot_reports"]
-    assert "console" not in report
+    assert report["console"] is None  # only with --console
     assert report["passed"] is True
     assert report["time_to_ready"] == 12.5
     assert [c["name"] for c in report["checks"]] == ["unit nginx", "command grep"]

@@ -4,13 +4,14 @@ exposition accepted by the real `promtool check metrics`, and the server's refus
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,13 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.exporter import TelemetryCollector, bucket_label, histogram_buckets
 from amiforge.lifecycle.promote import policy_of
+from amiforge.lifecycle.tokens import create_token
 from amiforge.model import BootObservation, BootTotals, Finding, FindingKind, ScanRecord, Severity, Status
 from amiforge.policy.document import Policy, default_policy, parse_policy
 from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from amiforge.strategy import Strategy
-from amiforge.web.server import App, Listen, PolicySource, parse_listen, serve
+from amiforge.web.metrics import Metrics, PolicySource
+from amiforge.web.server import Listen, parse_listen, serve
 from tests.conftest import required_or_skip
 
 
@@ -51,19 +54,11 @@ def _version(store: SqlStore, name: str = "web") -> int:
 
 
 def _scrape(store: SqlStore, policy: Policy) -> str:
-    return _scrape_app(App(store, policy))
+    return _scrape_app(Metrics(store, policy))
 
 
-def _scrape_app(app: App) -> str:
-    status: list[str] = []
-
-    def start_response(code: str, _headers: list[tuple[str, str]], _exc: object = None) -> Callable[[bytes], object]:
-        status.append(code)
-        return lambda _data: None
-
-    body = b"".join(app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET"}, start_response))
-    assert status == ["200 OK"]
-    return body.decode()
+def _scrape_app(app: Metrics) -> str:
+    return app.render().decode()
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -133,7 +128,7 @@ def test_the_families_hold_what_the_registry_holds(store: SqlStore, policy: Poli
     logs = {dict(k[1])["line"]: dict(k[1])["message"] for k in s if k[0] == "amiforge_recent_boot_log_info"}
     assert logs == {"1": 'a "quoted" \\ line', "2": "[  12.1] the last"}
     # `serve --without-console-lines`: none of what guests printed leaves the registry.
-    quiet = _samples(_scrape_app(App(store, policy, console_lines=False)))
+    quiet = _samples(_scrape_app(Metrics(store, policy, console_lines=False)))
     assert not [k for k in quiet if k[0] == "amiforge_recent_boot_log_info"] and quiet.keys() == s.keys() - _log_series(
         s
     )
@@ -211,6 +206,7 @@ def test_promtool_accepts_the_exposition(store: SqlStore, policy: Policy) -> Non
 
 def test_the_server_answers_metrics_and_health_and_refuses_the_rest(store: SqlStore, policy: Policy,
                                                                      tmp_path: Path) -> None:  # fmt: skip
+    """A real server on a socket: /healthz for anyone, /metrics for a token's holder (or anyone, --open-metrics)."""
     urls: list[str] = []
     started = threading.Event()
 
@@ -219,6 +215,7 @@ def test_the_server_answers_metrics_and_health_and_refuses_the_rest(store: SqlSt
         started.set()
 
     settings = Settings(data_dir=tmp_path / "data")
+    secret = create_token("prometheus", "read", store=store, settings=settings).secret
     thread = threading.Thread(
         target=serve, args=(Listen("127.0.0.1", 0),),
         kwargs={"store": store, "settings": settings, "policy": policy, "collect_every": None, "ready": ready},
@@ -227,20 +224,28 @@ def test_the_server_answers_metrics_and_health_and_refuses_the_rest(store: SqlSt
     thread.start()
     assert started.wait(10)
     base = urls[0]
+    bearer = {"Authorization": f"Bearer {secret}"}
     with urllib.request.urlopen(f"{base}/healthz", timeout=10) as reply:
-        assert reply.status == 200 and reply.read() == b'{"status": "ok"}\n'
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        assert reply.status == 200 and json.loads(reply.read()) == {"status": "ok"}
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/metrics", headers=bearer), timeout=10) as reply:
         assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert b"# TYPE amiforge_boot_attempts_total counter" in reply.read()
     for path in ("/healthz", "/metrics"):
-        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}", method="HEAD"), timeout=10) as reply:
+        asked = urllib.request.Request(f"{base}{path}", method="HEAD", headers=bearer)
+        with urllib.request.urlopen(asked, timeout=10) as reply:
             assert reply.status == 200 and reply.read() == b""
-    for path, method, code in (("/nope", "GET", 404), ("/metrics", "POST", 405)):
+    forged = {"Authorization": "Bearer amf_" + "x" * 43}
+    refused = [("/nope", "GET", bearer, 404), ("/metrics", "POST", bearer, 405), ("/metrics", "GET", {}, 401),
+               ("/metrics", "GET", forged, 401)]  # fmt: skip
+    for path, method, headers, code in refused:
+        asked = urllib.request.Request(f"{base}{path}", method=method, headers=headers)
         with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(urllib.request.Request(f"{base}{path}", method=method), timeout=10)
-        assert caught.value.code == code
+            urllib.request.urlopen(asked, timeout=10)
+        assert caught.value.code == code, (path, method, headers)
         if code == 405:
             assert caught.value.headers["Allow"] == "GET, HEAD"
+        if code == 401:
+            assert caught.value.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 def test_a_changed_policy_file_changes_the_buckets_and_a_broken_one_keeps_the_last(
@@ -252,7 +257,7 @@ def test_a_changed_policy_file_changes_the_buckets_and_a_broken_one_keeps_the_la
     path = tmp_path / "policy.yaml"
     path.write_text("channels: {dev: {}}\nslos: {images: {web: {time_to_ready: {under: 42s}}}}\n")
     source = PolicySource(Settings(data_dir=tmp_path / "data", policy=path), policy_of)
-    app = App(store, source)
+    app = Metrics(store, source)
     labels = {"image": "web", "version": "web@1", "target": "local:web"}
     assert _get(_samples(_scrape_app(app)), "amiforge_time_to_ready_seconds_bucket", **labels, le="42.0") == 1
     path.write_text("channels: {dev: {}}\nslos: {images: {web: {time_to_ready: {under: 33s}}}}\n")
@@ -275,6 +280,7 @@ def test_listen_addresses() -> None:
     with pytest.raises(ConfigError, match="not a loopback address"):
         parse_listen("0.0.0.0:9464", allow_remote=False)
     assert parse_listen("0.0.0.0:9464", allow_remote=True).host == "0.0.0.0"
+    assert parse_listen("0.0.0.0:9464", allow_remote=False, tls=True).url == "https://0.0.0.0:9464"
 
 
 def test_a_scrape_reuses_the_text_of_unchanged_totals_and_rewrites_changed_ones(
@@ -314,7 +320,7 @@ def test_counters_never_go_down_when_a_rollout_is_rolled_back_by_hand(store: Sql
     strategy = Strategy().model_dump(mode="json")
     change = store.create_rollout("local:web", v2, strategy=strategy, waves=[1], actor="t")
     store.update_rollout(change.id, expect="running", state="succeeded")
-    app = App(store, policy)
+    app = Metrics(store, policy)
     before = _samples(_scrape_app(app))
     back = store.create_rollout("local:web", v1, strategy=strategy, waves=[1], actor="t", undoes=change.id)
     during = _samples(_scrape_app(app))

@@ -14,7 +14,7 @@ from amiforge.cli.output import PhaseProgress, console, emit_json
 from amiforge.cli.render import generalised_lines, layers_table, leftover_warnings, report_table, version_line
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import ConfigError
-from amiforge.lifecycle.views import channels_flags, finding_json, findings_summary
+from amiforge.lifecycle.views import finding_json, findings_summary
 from amiforge.model import check_image_name
 
 if TYPE_CHECKING:
@@ -74,11 +74,12 @@ def channels_command(
     """Each channel's current version and the previous one (the rollback image), with any flags."""
     if name is not None:
         check_image_name(name, what="--name")
+    from amiforge.lifecycle.documents import channel_rows
+
     _, store = open_registry()
-    pointers = store.channels(name)
-    rows = list(zip(pointers, channels_flags(pointers, store), strict=True))
-    if as_json:
-        emit_json([{**vars(p), "flags": flags} for p, flags in rows])
+    rows = channel_rows(store, name)
+    if as_json:  # the document `GET /api/v1/channels` returns
+        emit_json(rows)
         return
     if not rows:
         console.print("no channels yet: `amiforge promote REF --channel dev`")
@@ -95,8 +96,8 @@ def channels_command(
     fit_table(columns, [
         [escape(p.name), escape(p.channel), escape(p.current), escape(p.previous or "-"),
          f"{p.moved_at:%Y-%m-%d %H:%M}", escape(p.moved_by),
-         "[red]" + escape("; ".join(flags)) + "[/]" if flags else ""]
-        for p, flags in rows
+         "[red]" + escape("; ".join(p.flags)) + "[/]" if p.flags else ""]
+        for p in rows
     ])  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from amiforge.cli.common import JsonOption, open_registry
-from amiforge.cli.output import console, emit_json, human_size, plain
+from amiforge.cli.output import console, emit_json, human_size
 from amiforge.cli.paging import AllOption, LimitOption, note_more, page_size
 from amiforge.cli.render import generalised_lines, layers_table, report_table, status, version_line
 from amiforge.cli.tables import Col, fit_table
@@ -86,9 +86,13 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """One version: state, digests, artifacts, layers (hit/miss), boot reports and its events."""
-    from amiforge.lifecycle.views import finding_json, findings_summary, generalised_of, leftovers_of
+    from amiforge.lifecycle.documents import version_document
+    from amiforge.lifecycle.views import findings_summary, generalised_of, leftovers_of
 
     _, store = open_registry()
+    if as_json:  # the document `GET /api/v1/versions/{ref}` returns
+        emit_json(version_document(store, ref, console=show_console, log=show_log, events=None))
+        return
     v = store.get_version(ref)
     artifacts = store.artifacts(v.id)
     layers = store.layers(v.id)
@@ -99,40 +103,6 @@ def show(
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
     generalised = generalised_of(events)
     orphaned = leftovers_of(store, events)
-    supply = {
-        "scan": None
-        if scan is None
-        else {
-            "scanned_at": scan.scanned_at,
-            "packages": len(scan.packages),
-            "sbom_digest": scan.sbom_digest,
-            "findings": findings_summary(scan.findings),
-            "cves": [finding_json(f) for f in scan.findings if f.kind.value == "cve"],
-            "vulndb": scan.vulndb,
-            "vulndb_as_of": scan.vulndb_as_of,
-        },
-        "signatures": [
-            {"key_id": s.key_id, "signed_at": s.signed_at, "statement": s.statement_digest} for s in signatures
-        ],
-        "channels": [{"channel": p.channel, "role": "current" if p.current == v.ref else "rollback"} for p in held],
-        "generalised": generalised,
-        "orphaned": [plain(leftover) | {"removed": removed} for leftover, removed in orphaned],
-    }
-    if as_json:
-        data: dict[str, object] = {
-            **supply,
-            "version": {k: val for k, val in vars(v).items() if k not in ("log", "recipe")} | {"ref": v.ref},
-            "artifacts": artifacts,
-            "layers": layers,
-            "boot_reports": [
-                {k: val for k, val in plain(r).items() if show_console or k != "console"} for r in reports
-            ],
-            "events": events,
-        }
-        if show_log:
-            data["log"] = v.log
-        emit_json(data)
-        return
     version_line(v)
     console.print(f"  recipe   {v.recipe_path}  (sha256:{v.recipe_digest[:16]})", markup=False)
     console.print(f"  parent   {v.parent or '-'}", markup=False)

@@ -52,10 +52,12 @@ def _strategy(path: Path | None, waves: str | None, bake_time: str | None) -> St
 
 
 def _report(rollout: Rollout, store: Store, as_json: bool) -> None:
-    decisions = store.decisions(rollout.id)
-    replacements = store.replacements(rollout.id)
-    if as_json:
-        emit_json({"rollout": rollout, "decisions": decisions, "replacements": replacements})
+    from amiforge.lifecycle.documents import rollout_report_of
+
+    report = rollout_report_of(store, rollout)
+    decisions, replacements = report.decisions, report.replacements
+    if as_json:  # the document `GET /api/v1/rollouts/{id}` returns
+        emit_json(report)
         return
     done = min(rollout.wave, len(rollout.waves))
     console.print(

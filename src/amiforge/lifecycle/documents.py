@@ -8,7 +8,6 @@ provider or a scanner at import time.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from amiforge.model import (
     Artifact,
     BootReport,
     ChannelPointer,
+    CheckResult,
     Event,
     ImageVersion,
     LayerRecord,
@@ -145,6 +145,25 @@ class LeftoverRow:
 
 
 @dataclass(frozen=True)
+class BootReportRow:
+    """A boot report; its console only when asked for (None otherwise: it can be long)."""
+
+    id: int | None
+    started_at: datetime
+    passed: bool
+    time_to_ready: float | None
+    duration: float
+    accel: str
+    checks: tuple[CheckResult, ...]
+    console: str | None
+
+    @classmethod
+    def of(cls, r: BootReport, *, console: bool) -> BootReportRow:
+        return cls(r.id, r.started_at, r.passed, r.time_to_ready, r.duration, r.accel, r.checks,
+                   r.console if console else None)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class RunningOn:
     """How many members of a target run the version now, as last collected."""
 
@@ -160,7 +179,7 @@ class VersionDocument:
     version: VersionHead
     artifacts: list[Artifact]
     layers: list[LayerRecord]
-    boot_reports: list[BootReport]
+    boot_reports: list[BootReportRow]
     events: list[Event]
     scan: ScanSummary | None
     signatures: list[SignatureRow]
@@ -175,16 +194,20 @@ class VersionDocument:
 
 
 def version_document(
-    store: Store, ref: str, *, console: bool = False, log: bool = False, recipe: bool = False, events: int = 200
+    store: Store,
+    ref: str,
+    *,
+    console: bool = False,
+    log: bool = False,
+    recipe: bool = False,
+    events: int | None = 200,
 ) -> VersionDocument:
-    """The version's document; `events`: its newest that many events (the rest are a page away)."""
+    """The version's document; `events`: its newest that many events (the rest are a page away; None: all)."""
     v = store.get_version(ref)
     history = store.events(v.ref, limit=events)
     scan = store.latest_scan(v.id)
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
-    reports = store.boot_reports(v.id)
-    if not console:
-        reports = [dataclasses.replace(r, console="") for r in reports]
+    reports = [BootReportRow.of(r, console=console) for r in store.boot_reports(v.id)]
     running: dict[str, int] = {}
     for version_id, target, _ in store.running_members():
         if version_id == v.id:

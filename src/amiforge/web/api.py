@@ -8,7 +8,7 @@ JSON body `{error, message, fix}` with the error's HTTP status (app.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -21,9 +21,32 @@ from amiforge.strategy import Strategy
 from amiforge.web.auth import Caller, require
 from amiforge.web.context import Context, context
 
-router = APIRouter(prefix="/api/v1")
 
-REF = r"^[a-z0-9][a-z0-9-]{0,62}@[0-9]{1,9}$|^[0-9a-f]{8,64}$"  # NAME@N or a digest prefix
+class ErrorDoc(BaseModel):
+    """Every refusal: the error tree's kind (docs/architecture.md §6), what is wrong and how to fix it."""
+
+    error: str
+    message: str
+    fix: str | None = None
+
+
+# What any route may answer besides its own success: the error tree's statuses.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorDoc, "description": what}
+    for status, what in (
+        (400, "bad input (config)"),
+        (401, "no valid token"),
+        (403, "the token's role is too weak, or a session's form key is missing"),
+        (404, "not found"),
+        (409, "the state does not allow it (state)"),
+        (422, "invalid request, or a gate failed (gate: with its failures)"),
+        (502, "the infrastructure failed (infra)"),
+    )
+}
+
+router = APIRouter(prefix="/api/v1", responses=ERRORS)
+
+REF = r"^[a-z0-9][a-z0-9-]{0,62}@[1-9][0-9]{0,8}$|^[0-9a-f]{8,64}$"  # NAME@N or a digest prefix
 Ref = Annotated[str, Field(pattern=REF, max_length=80)]
 RefPath = Annotated[str, Path(pattern=REF, max_length=80)]
 RolloutId = Annotated[int, Path(ge=1, le=2**62)]

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from amiforge import __version__
 from amiforge.errors import AmiforgeError
@@ -60,7 +61,7 @@ def create_app(ctx: Context) -> FastAPI:
         require(request, context(request).store, "read")
         return JSONResponse(app.openapi())
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     def metrics(request: Request) -> Response:
         ctx = context(request)
         if not ctx.open_metrics:
@@ -73,7 +74,7 @@ def create_app(ctx: Context) -> FastAPI:
         # The text format every Prometheus reads (2.x included); the names need none of 1.0.0's UTF-8 escaping.
         return Response(body, media_type=CONTENT_TYPE)
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
     def healthz(request: Request) -> JSONResponse:
         try:
             context(request).store.count_versions()
@@ -126,11 +127,28 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:  # Starlette's Allow names only the first route of the path: name them all
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed(app, request))}
         if _wants_page(request):
-            return pages.error_page(request, exc.status_code, str(exc.detail), "")
-        return JSONResponse({"error": "http", "message": str(exc.detail), "fix": ""}, status_code=exc.status_code)
+            page = pages.error_page(request, exc.status_code, str(exc.detail), "")
+            page.headers.update(exc.headers or {})
+            return page
+        body = {"error": "http", "message": str(exc.detail), "fix": ""}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     return app
+
+
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def _wants_page(request: Request) -> bool:

@@ -41,7 +41,10 @@ def _render(request: Request, name: str, caller: Caller | None, code: int = 200,
 
 
 def login_url(request: Request) -> str:
+    """The log-in page, coming back here afterwards (to the catalog after a form: a form is never replayed)."""
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET":
+        here = "/"
     return "/login?" + urlencode({"next": here})
 
 
@@ -147,7 +150,7 @@ async def promote(request: Request, ref: str) -> Response:
     ctx = context(request)
     promote_version(ref, fields.get("channel", ""), store=ctx.store, settings=ctx.settings_for(caller),
                     reason=fields.get("reason", ""))  # fmt: skip
-    return RedirectResponse(f"/versions/{quote(ref)}", status_code=303)
+    return RedirectResponse(f"/versions/{quote(ref, safe='@')}", status_code=303)
 
 
 @router.post("/versions/{ref}/revoke")
@@ -160,7 +163,7 @@ async def revoke(request: Request, ref: str) -> Response:
         raise ConfigError("a revocation needs a reason", fix="say why in the reason field")
     ctx = context(request)
     revoke_version(ref, store=ctx.store, settings=ctx.settings_for(caller), reason=reason)
-    return RedirectResponse(f"/versions/{quote(ref)}", status_code=303)
+    return RedirectResponse(f"/versions/{quote(ref, safe='@')}", status_code=303)
 
 
 # --- rollouts -------------------------------------------------------------------------------------------------------

@@ -1,0 +1,380 @@
+"""The web console's JSON API and pages (`amiforge serve`), through Starlette's TestClient over a real SQLite registry:
+tokens and roles, the refusals that change nothing, the form key and origin checks of browser sessions, the error
+tree as HTTP statuses, operations that go through the same gates and record the token as their actor, and the
+documents the CLI's `--json` prints."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from fastapi.testclient import TestClient
+
+from amiforge.errors import ConfigError, StateError
+from amiforge.lifecycle import rollout as rollout_module
+from amiforge.lifecycle.documents import version_document
+from amiforge.lifecycle.tokens import PREFIX, authenticate, create_token, first_token, revoke_token, secret_digest
+from amiforge.model import BootReport, CheckResult, Status, to_json
+from amiforge.policy.document import default_policy
+from amiforge.strategy import Strategy
+from amiforge.web.app import CSP
+from amiforge.web.context import Context, Controllers
+from amiforge.web.metrics import Metrics
+from tests.unit.test_rollout import FakeFleet, _fleet_of, _version
+from tests.unit.test_supply_lifecycle import ACTOR, World, bare_world, world  # noqa: F401 (fixtures)
+
+
+@dataclass
+class Site:
+    world: World
+    context: Context
+    client: TestClient
+    secrets: dict[str, str]  # role -> secret
+
+    def bearer(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secrets[role]}"}
+
+    def state(self) -> object:
+        """Everything an operation could change: events, versions' states, channels, rollouts, tokens."""
+        store = self.world.store
+        return (
+            store.count_events(),
+            [(v.ref, v.status) for v in store.list_versions(summary=True)],
+            [(p.name, p.channel, p.current, p.previous) for p in store.channels()],
+            [(r.id, r.state, r.requested) for r in store.rollouts()],
+            [(t.name, t.revoked_at) for t in store.tokens()],
+        )
+
+    def log_in(self, role: str) -> str:
+        """A browser session for `role`; its form key."""
+        reply = self.client.post("/login", data={"token": self.secrets[role], "next": "/"}, follow_redirects=False)
+        assert reply.status_code == 303 and reply.headers["location"] == "/"
+        page = self.client.get("/").text
+        found = re.search(r'name="form_key" value="([0-9a-f]{64})"', page)
+        assert found is not None
+        return found.group(1)
+
+
+@pytest.fixture
+def site(world: World) -> Iterator[Site]:  # noqa: F811 (the imported fixture)
+    store, settings = world.store, world.settings
+    secrets = {role: create_token(f"t-{role}", role, store=store, settings=settings).secret
+               for role in ("read", "operate", "admin")}  # fmt: skip
+    ctx = Context(store, settings, Metrics(store, default_policy()), Controllers(store))
+    from amiforge.web.app import create_app
+
+    with TestClient(create_app(ctx), base_url="http://127.0.0.1:9464") as client:
+        yield Site(world, ctx, client, secrets)
+
+
+def _rollout(site: Site) -> int:
+    """A running rollout in the registry (nothing drives it: pause and abort only mark it)."""
+    v = site.world.seed()
+    strategy = Strategy().model_dump(mode="json")
+    return site.world.store.create_rollout("local:web", v.id, strategy=strategy, waves=[1], actor=ACTOR).id
+
+
+# --- tokens ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_token_is_kept_as_a_hash_and_dies_when_revoked(world: World) -> None:  # noqa: F811
+    store, settings = world.store, world.settings
+    created = create_token("ci-deploy", "operate", store=store, settings=settings)
+    assert re.fullmatch(PREFIX + r"[A-Za-z0-9_-]{43}", created.secret)
+    with store.engine.connect() as conn:
+        dumped = "\n".join(str(row) for row in conn.exec_driver_sql("SELECT * FROM api_tokens"))
+    assert created.secret not in dumped and secret_digest(created.secret) in dumped
+    found = authenticate(store, created.secret)
+    assert found is not None and (found.name, found.role) == ("ci-deploy", "operate")
+    used = store.token_by_secret(secret_digest(created.secret))
+    assert used is not None and used.last_used_at is not None  # the first use is noted
+    assert authenticate(store, created.secret[:-1] + ("A" if created.secret[-1] != "A" else "B")) is None
+    assert authenticate(store, "") is None and authenticate(store, created.secret + " ") is None
+    with pytest.raises(StateError, match="exists"):
+        create_token("ci-deploy", "read", store=store, settings=settings)
+    for name, role in (("Bad Name", "read"), ("x" * 65, "read"), ("ok", "root")):
+        with pytest.raises(ConfigError):
+            create_token(name, role, store=store, settings=settings)
+    assert revoke_token("ci-deploy", store=store, settings=settings).changed
+    assert not revoke_token("ci-deploy", store=store, settings=settings).changed
+    assert authenticate(store, created.secret) is None
+    kinds = [(e.kind, e.data) for e in store.events() if e.kind.startswith("token.")]
+    assert kinds == [("token.created", {"token": "ci-deploy", "role": "operate"}),
+                     ("token.revoked", {"token": "ci-deploy", "role": "operate"})]  # fmt: skip
+
+
+def test_serve_makes_one_admin_token_only_while_there_is_none(world: World) -> None:  # noqa: F811
+    store, settings = world.store, world.settings
+    first = first_token(store=store, settings=settings)
+    assert first is not None and first.token.role == "admin" and first.token.name == "admin"
+    assert first_token(store=store, settings=settings) is None
+    revoke_token("admin", store=store, settings=settings)
+    again = first_token(store=store, settings=settings)
+    assert again is not None and again.token.name == "admin-2"
+
+
+# --- who may do what ------------------------------------------------------------------------------------------------
+
+# Every route that changes something, with a body that would be valid, and the role it needs.
+MUTATIONS: list[tuple[str, dict[str, object], str]] = [
+    ("/api/v1/versions/web@1/promote", {"channel": "dev"}, "operate"),
+    ("/api/v1/versions/web@1/revoke", {"reason": "test"}, "operate"),
+    ("/api/v1/rollouts", {"target": "local:web", "version": "web@1"}, "operate"),
+    ("/api/v1/rollouts/1/pause", {}, "operate"),
+    ("/api/v1/rollouts/1/abort", {}, "operate"),
+    ("/api/v1/rollouts/1/resume", {}, "operate"),
+    ("/api/v1/rollback", {"target": "local:web"}, "operate"),
+    ("/api/v1/tokens", {"name": "new", "role": "admin"}, "admin"),
+    ("/api/v1/tokens/t-read/revoke", {}, "admin"),
+]
+FORMS: list[tuple[str, dict[str, str], str]] = [
+    ("/versions/web@1/promote", {"channel": "dev"}, "operate"),
+    ("/versions/web@1/revoke", {"reason": "test"}, "operate"),
+    ("/rollouts/1/pause", {}, "operate"),
+    ("/rollouts/1/abort", {}, "operate"),
+    ("/rollouts/1/resume", {}, "operate"),
+    ("/rollback", {"target": "local:web"}, "operate"),
+]
+
+
+def test_every_mutating_route_refuses_no_token_a_wrong_token_and_a_weak_role_and_changes_nothing(site: Site) -> None:
+    _rollout(site)
+    wrong = PREFIX + "A" * 43
+    for path, body, role in MUTATIONS:
+        weaker = "read" if role == "operate" else "operate"
+        for headers, status in (({}, 401), ({"Authorization": f"Bearer {wrong}"}, 401),
+                                ({"Authorization": "Basic dXNlcjpwYXNz"}, 401), (site.bearer("read"), 403),
+                                (site.bearer(weaker), 403)):  # fmt: skip
+            before = site.state()
+            reply = site.client.post(path, json=body, headers=headers)
+            assert reply.status_code == status, (path, headers, reply.text)
+            assert reply.json()["error"] == ("unauthenticated" if status == 401 else "forbidden")
+            assert site.state() == before, path
+            if status == 401:
+                assert reply.headers["WWW-Authenticate"] == 'Bearer realm="amiforge"'
+
+
+def test_every_form_refuses_a_session_without_its_form_key_or_from_another_origin(site: Site) -> None:
+    _rollout(site)
+    for path, fields, _role in FORMS:
+        reply = site.client.post(path, data=fields, follow_redirects=False)
+        assert (reply.status_code, reply.headers["location"]) == (303, "/login?next=%2F")
+    key = site.log_in("operate")
+    for path, fields, _role in FORMS:
+        before = site.state()
+        for extra, headers in (({}, {}), ({"form_key": "0" * 64}, {}),
+                               ({"form_key": key}, {"Origin": "http://evil.test"}),
+                               ({"form_key": key}, {"Sec-Fetch-Site": "cross-site"})):  # fmt: skip
+            reply = site.client.post(path, data=fields | extra, headers=headers, follow_redirects=False)
+            assert reply.status_code == 403, (path, extra, headers)
+            assert site.state() == before, path
+    site.client.cookies.clear()
+    read_key = site.log_in("read")
+    for path, fields, _role in FORMS:
+        before = site.state()
+        reply = site.client.post(path, data=fields | {"form_key": read_key}, follow_redirects=False)
+        assert reply.status_code == 403 and "this needs operate" in reply.text
+        assert site.state() == before
+
+
+def test_reading_needs_a_token_and_a_revoked_token_or_session_is_refused_at_once(site: Site) -> None:
+    site.world.seed()
+    reads = ("/api/v1/catalog", "/api/v1/versions", "/api/v1/versions/web@1", "/api/v1/channels", "/api/v1/rollouts",
+             "/api/v1/events", "/api/v1/events/verify", "/api/v1/openapi.json", "/metrics")  # fmt: skip
+    for path in reads:
+        assert site.client.get(path).status_code == 401, path
+        assert site.client.get(path, headers=site.bearer("read")).status_code == 200, path
+    assert site.client.get("/api/v1/tokens", headers=site.bearer("operate")).status_code == 403
+    assert site.client.get("/healthz").json() == {"status": "ok"}  # for load balancers: says nothing more
+    site.log_in("read")
+    assert site.client.get("/versions/web@1").status_code == 200
+    revoke_token("t-read", store=site.world.store, settings=site.world.settings)
+    reply = site.client.get("/versions/web@1", follow_redirects=False)
+    assert (reply.status_code, reply.headers["location"]) == (303, "/login?next=%2Fversions%2Fweb%401")
+    assert site.client.get("/api/v1/catalog", headers=site.bearer("read")).status_code == 401
+
+
+def test_login_refuses_a_wrong_token_and_never_redirects_off_site(site: Site) -> None:
+    reply = site.client.post("/login", data={"token": "amf_nope", "next": "/"}, follow_redirects=False)
+    assert reply.status_code == 401 and "not valid" in reply.text and "set-cookie" not in reply.headers
+    for target in ("//evil.test/x", "https://evil.test/", "/\\evil.test", "javascript:alert(1)"):
+        reply = site.client.post("/login", data={"token": site.secrets["read"], "next": target},
+                                 follow_redirects=False)  # fmt: skip
+        assert reply.headers["location"] == "/", target
+    cookie = reply.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    reply = site.client.post("/login", data={"token": site.secrets["read"]}, headers={"Origin": "http://evil.test"})
+    assert reply.status_code == 403
+
+
+def test_pages_carry_the_security_headers_and_escape_what_recipes_and_consoles_say(site: Site) -> None:
+    hostile = "<script>alert(1)</script>"
+    v = site.world.store.create_version(
+        name="web", recipe_digest="a" * 64, recipe_path=f"/r/{hostile}.yaml", provider="local",
+        tags={"team": hostile}, parent=None, recipe=hostile,
+    )  # fmt: skip
+    report = BootReport(1.0, (CheckResult(hostile, "command", False, hostile),), f"console {hostile}", "tcg",
+                        datetime.now(UTC), 2.0)  # fmt: skip
+    site.world.store.add_boot_report(v.id, report)
+    site.log_in("operate")
+    for path in ("/", "/versions/web@1", "/rollouts", "/audit", "/login"):
+        reply = site.client.get(path)
+        assert reply.status_code == 200, path
+        assert reply.headers["Content-Security-Policy"] == CSP
+        assert (reply.headers["X-Frame-Options"], reply.headers["X-Content-Type-Options"]) == ("DENY", "nosniff")
+        assert reply.headers["Cache-Control"] == "no-store"
+        assert hostile not in reply.text, path
+    page = site.client.get("/versions/web@1").text
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 5  # path, tag, check name, detail, console, recipe
+
+
+# --- errors and operations ------------------------------------------------------------------------------------------
+
+
+def test_errors_are_the_error_trees_with_their_http_status(site: Site) -> None:
+    site.world.seed()
+    read, operate = site.bearer("read"), site.bearer("operate")
+    reply = site.client.get("/api/v1/versions/web@9", headers=read)
+    assert reply.status_code == 404 and reply.json()["error"] == "not_found" and reply.json()["fix"]
+    reply = site.client.post("/api/v1/versions/web@1/promote", json={"channel": "dev"}, headers=operate)
+    assert reply.status_code == 422 and reply.json()["error"] == "gate"
+    assert {f["name"] for f in reply.json()["failures"]} >= {"scan", "signature"}
+    reply = site.client.post("/api/v1/versions/web@1/promote", json={"channel": "Dev!", "x": 1}, headers=operate)
+    assert reply.status_code == 422 and reply.json()["error"] == "invalid"
+    assert {p["where"] for p in reply.json()["detail"]} == {"body.channel", "body.x"}
+    reply = site.client.post("/api/v1/rollouts/99/pause", headers=operate)
+    assert reply.status_code == 404
+    reply = site.client.get("/api/v1/versions/web@1/sbom", headers=read)
+    assert reply.status_code == 404 and "amiforge scan web@1" in reply.json()["fix"]
+
+
+def test_promote_and_revoke_go_through_the_gates_and_name_the_token_as_actor(site: Site) -> None:
+    v = site.world.signed()
+    operate = site.bearer("operate")
+    reply = site.client.post(f"/api/v1/versions/{v.ref}/promote", json={"channel": "dev", "reason": "web"},
+                             headers=operate)  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["moved"] and reply.json()["pointer"]["current"] == "web@1"
+    [event] = [e for e in site.world.store.events(v.ref) if e.kind == "promote"]
+    assert event.actor == "token:t-operate" and event.data["reason"] == "web"
+    sbom = site.client.get(f"/api/v1/versions/{v.ref}/sbom?format=spdx", headers=operate)
+    assert sbom.status_code == 200 and json.loads(sbom.text)["spdxVersion"] == "SPDX-2.3"
+    assert sbom.headers["Content-Disposition"] == 'attachment; filename="web-1.spdx.json"'
+    key = site.log_in("operate")
+    reply = site.client.post(f"/versions/{v.ref}/revoke", data={"reason": "bad", "form_key": key},
+                             follow_redirects=False)  # fmt: skip
+    assert (reply.status_code, reply.headers["location"]) == (303, "/versions/web@1")
+    assert site.world.store.get_version(v.ref).status is Status.REVOKED
+    [revoked] = [e for e in site.world.store.events(v.ref) if e.kind == "revoke"]
+    assert revoked.actor == "token:t-operate"
+    channels = site.client.get("/api/v1/channels", headers=operate).json()
+    assert channels[0]["flags"] == ["current web@1 is revoked"]
+
+
+def test_pause_and_abort_are_requests_to_the_controller(site: Site) -> None:
+    rollout_id = _rollout(site)
+    operate = site.bearer("operate")
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/pause", headers=operate)
+    assert reply.status_code == 200 and reply.json()["rollout"]["requested"] == "pause"
+    store = site.world.store
+    store.update_rollout(rollout_id, expect="running", state="paused", clear_request=True)
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/abort", headers=operate)
+    assert reply.status_code == 200 and reply.json()["rollout"]["state"] == "aborted"
+    [event] = [e for e in store.events() if e.kind == "rollout.aborted"]
+    assert event.actor == "token:t-operate"
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/resume", headers=operate)
+    assert reply.status_code == 409 and reply.json()["error"] == "state"
+
+
+def test_a_rollout_started_from_the_api_is_driven_here_to_its_end_and_rolled_back(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeFleet()
+    fake.add("web@1", 2)
+    monkeypatch.setattr(rollout_module, "fleet_of", _fleet_of(fake))
+    monkeypatch.setattr(rollout_module, "releasable", lambda *_a, **_k: None)  # gates: test_rollout.py
+    store = site.world.store
+    _version(store, "v1")
+    _version(store, "v2")
+    body = {"target": "local:web", "version": "web@2", "strategy": {"waves": ["100%"], "bake_time": "0s"}}
+    reply = site.client.post("/api/v1/rollouts", json=body, headers=site.bearer("operate"))
+    assert reply.status_code == 202, reply.text
+    rollout_id = reply.json()["rollout"]["id"]
+    site.context.controllers.join(30)
+    report = site.client.get(f"/api/v1/rollouts/{rollout_id}", headers=site.bearer("read")).json()
+    assert report["rollout"]["state"] == "succeeded" and fake.versions() == Counter({"web@2": 2})
+    assert [d["action"] for d in report["decisions"]] == ["continue"]
+    reply = site.client.post("/api/v1/rollback", json={"target": "local:web"}, headers=site.bearer("operate"))
+    assert reply.status_code == 202, reply.text
+    site.context.controllers.join(30)
+    back = store.get_rollout(reply.json()["rollout"]["id"])
+    assert (back.state, back.undoes, back.actor) == ("succeeded", rollout_id, "token:t-operate")
+    assert fake.versions() == Counter({"web@1": 2})
+    started = [e for e in store.events() if e.kind == "rollout.started"]
+    assert [e.actor for e in started] == ["token:t-operate"] * 2
+
+
+def test_admin_tokens_make_and_revoke_tokens(site: Site) -> None:
+    admin = site.bearer("admin")
+    reply = site.client.post("/api/v1/tokens", json={"name": "ci", "role": "read"}, headers=admin)
+    assert reply.status_code == 201
+    secret = reply.json()["secret"]
+    assert site.client.get("/api/v1/catalog", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    listed = site.client.get("/api/v1/tokens", headers=admin).json()
+    assert [t["name"] for t in listed] == ["t-read", "t-operate", "t-admin", "ci"]
+    assert all("secret" not in t for t in listed)
+    assert site.client.post("/api/v1/tokens/ci/revoke", headers=admin).json()["revoked_at"] is not None
+    assert site.client.get("/api/v1/catalog", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    [event] = [e for e in site.world.store.events() if e.kind == "token.created" and e.data["token"] == "ci"]
+    assert event.actor == "token:t-admin"
+
+
+# --- documents -----------------------------------------------------------------------------------------------------
+
+
+def test_the_api_and_the_cli_render_one_version_document(site: Site) -> None:
+    v = site.world.signed()
+    site.world.signed(parent=v.ref)
+    reply = site.client.get(f"/api/v1/versions/{v.ref}", headers=site.bearer("read"))
+    assert reply.json() == json.loads(json.dumps(to_json(version_document(site.world.store, v.ref))))
+    document = reply.json()
+    assert document["children"] == ["web@2"] and document["ancestry"] == []
+    assert document["scan"]["packages"] == 4 and document["signatures"]
+    assert all(r["console"] is None for r in document["boot_reports"]) and document["log"] is None
+    child = site.client.get("/api/v1/versions/web@2?console=true&recipe=true", headers=site.bearer("read")).json()
+    assert child["ancestry"] == ["web@1"] and child["recipe"] == "{}"
+
+
+def test_listings_are_keyset_pages(site: Site) -> None:
+    for _ in range(5):
+        site.world.seed()
+    site.world.seed("api")
+    for i in range(4):
+        site.world.store.append_event("test.note", actor=ACTOR, data={"i": i})
+    read = site.bearer("read")
+    seen, cursor = [], None
+    while True:
+        page = site.client.get("/api/v1/versions", params={"limit": 2, **({"before": cursor} if cursor else {})},
+                               headers=read).json()  # fmt: skip
+        seen += [item["ref"] for item in page["items"]]
+        cursor = page["next_before"]
+        if cursor is None:
+            break
+    assert seen == ["api@1", "web@5", "web@4", "web@3", "web@2", "web@1"]
+    searched = site.client.get("/api/v1/versions", params={"search": "ap", "status": "tested"}, headers=read).json()
+    assert [i["ref"] for i in searched["items"]] == ["api@1"]
+    assert site.client.get("/api/v1/versions", params={"limit": 0}, headers=read).status_code == 422
+    catalog = site.client.get("/api/v1/catalog", headers=read).json()
+    assert [(i["name"], i["versions"], i["newest"]) for i in catalog["images"]] == [("api", 1, "api@1"),
+                                                                                   ("web", 5, "web@5")]  # fmt: skip
+    events = site.client.get("/api/v1/events", params={"limit": 3}, headers=read).json()
+    older = site.client.get("/api/v1/events", params={"limit": 3, "before": events["next_before"]},
+                            headers=read).json()  # fmt: skip
+    combined = [e["seq"] for e in older["items"]] + [e["seq"] for e in events["items"]]
+    total = site.world.store.count_events()
+    assert total > 6 and combined == list(range(total - 5, total + 1))
