@@ -5,14 +5,17 @@
 #                                 and sudo, which the SSH communicator's tests run on loopback; systemd-analyze,
 #                                 which checks the units amiforge bakes in; Prometheus and Alertmanager, whose
 #                                 promtool and amtool check the rules and routes amiforge exports, and whose server
-#                                 the telemetry e2e scrapes amiforge with)
+#                                 the telemetry e2e scrapes amiforge with; Chromium, in which the web console's
+#                                 tests run, headless; axe-core from the npm registry, pinned, for their
+#                                 accessibility checks)
 # Idempotent: a second run with nothing missing takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mmdebstrap qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio util-linux coreutils ca-certificates)
 if [ "${1:-}" = "--test" ]; then
-    packages+=(postgresql openssh-server sudo systemd prometheus prometheus-alertmanager)
+    packages+=(postgresql openssh-server sudo systemd prometheus prometheus-alertmanager chromium)
+    command -v npm >/dev/null || packages+=(npm)
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 
@@ -39,4 +42,8 @@ if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stam
     .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,postgres]' 2>&1 \
         | { grep -v '^WARNING: Location' || true; }
     touch "$stamp"
+fi
+
+if [ "${1:-}" = "--test" ]; then
+    scripts/fetch_axe.sh
 fi

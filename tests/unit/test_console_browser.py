@@ -12,6 +12,7 @@ axe-core's WCAG 2 A/AA rules. axe-core is never fetched here: scripts/fetch_axe.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -37,6 +38,7 @@ from amiforge.model import (
     Package,
     ScanRecord,
     Severity,
+    SignatureRecord,
     Status,
 )
 from amiforge.policy.document import default_policy
@@ -91,7 +93,7 @@ def _version(store: SqlStore, name: str, upto: Status, *, digest: str, parent: s
                              recipe='{"name":"' + name + '","base":"debian-12"}')  # fmt: skip
     store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest=digest, size_bytes=734_003_200)
     path = [Status.BUILT, Status.TESTED, Status.SCANNED, Status.SIGNED]
-    for before, after in zip(path, path[1 : path.index(upto) + 1], strict=False):
+    for before, after in itertools.pairwise(path[: path.index(upto) + 1]):
         store.transition(v.id, after, expect=before)
     return v.id
 
@@ -133,9 +135,12 @@ def _fill(store: SqlStore) -> int:
                                     sbom=sbom, sbom_digest=sbom_digest(sbom), findings=(finding,),
                                     vulndb="osv import 1 (synthetic)"))  # fmt: skip
     store.append_event("scan", actor=actor, ref="web@2", data={"findings": 1})
-    for name, channel, version_id, expect in (("web", "prod", web1, None), ("web", "prod", web2, web1),
+    store.add_signature(web2, SignatureRecord(key_id="ed25519:test-key-1", envelope='{"payloadType":"test"}',
+                                              statement_digest="f" * 64, signed_at=next(when)))  # fmt: skip
+    store.append_event("sign", actor=actor, ref="web@2", data={"key": "ed25519:test-key-1"})
+    for name, channel, version_id, current in (("web", "prod", web1, None), ("web", "prod", web2, web1),
                                               ("web", "dev", web2, None), ("api", "prod", api1, None)):  # fmt: skip
-        pointer = store.move_channel(name, channel, version_id, expect_current=expect, actor=actor, reason="test")
+        pointer = store.move_channel(name, channel, version_id, expect_current=current, actor=actor, reason="test")
         store.append_event("promote", actor=actor, ref=pointer.current, data={"channel": channel})
     rollout = store.create_rollout("local:web", web2, strategy={"waves": [1, 2], "soak": "5m"}, waves=[1, 2],
                                    actor=actor)  # fmt: skip
@@ -296,8 +301,7 @@ def test_logging_in_refuses_a_wrong_token_and_the_keyboard_reaches_the_form(tab:
     for _ in range(4):
         page.keyboard.press("Tab")
         stops.append(page.evaluate("() => document.activeElement.id || document.activeElement.textContent.trim()"))
-    assert stops[0] == "Skip to content", stops
-    assert "token" in stops and stops[stops.index("token") + 1] == "Log in", stops
+    assert stops == ["Skip to content", "amiforge", "token", "Log in"]
     # The skip link shows itself when focused and leads past the header, straight to the form.
     page.keyboard.press("Shift+Tab")
     page.keyboard.press("Shift+Tab")
@@ -314,6 +318,7 @@ def test_logging_in_refuses_a_wrong_token_and_the_keyboard_reaches_the_form(tab:
     expect(page.get_by_label("Token")).to_have_value("")  # never echoed back
     tab.shot("login-refused")
 
+    page.goto("/login?next=//evil.example/")  # where to go after logging in: only a path of this server
     tab.log_in(console.operate)
     expect(page).to_have_url(f"{console.url}/")
     expect(page.get_by_role("navigation", name="Main")).to_contain_text("operator (operate)")
@@ -362,6 +367,7 @@ def test_an_operator_reads_every_page_promotes_revokes_and_logs_out(tab: Tab, co
     expect(console_text).to_contain_text(f"web login: {HOSTILE_CONSOLE}")
     expect(page.locator("main script, main img, main b")).to_have_count(0)
     expect(page.get_by_role("region", name="Scan")).to_contain_text("CVE-2026-0001")
+    expect(page.get_by_role("region", name="Signatures")).to_contain_text("ed25519:test-key-1")
     tab.shot("version-web-2")
 
     # Rollouts, and the finished one: both gate decisions, the three members replaced.
@@ -441,6 +447,20 @@ def test_a_read_token_sees_everything_and_no_operation(tab: Tab, console: Consol
     page.goto(f"/rollouts/{console.rollout}")
     expect(page.get_by_role("button")).to_have_text(["Log out"])
     assert tab.dialogs == [] and tab.errors == []
+
+
+def test_the_header_and_the_forms_fit_a_narrow_screen(tab: Tab, console: Console) -> None:
+    """At 360 px the navigation and the operation forms wrap: nothing of them is out of reach to the right (tables
+    may scroll sideways, as WCAG's reflow rule allows)."""
+    page = tab.page
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.goto("/versions/web@2")
+    tab.log_in(console.operate)
+    for element in (page.get_by_role("button", name="Log out"), page.get_by_role("button", name="Promote"),
+                    page.get_by_role("button", name="Revoke"), page.locator("dl.facts code").first):  # fmt: skip
+        box = element.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, (element, box)
+    tab.shot("version-web-2-narrow")
 
 
 def test_every_page_passes_axe(tab: Tab, console: Console, axe_source: str) -> None:

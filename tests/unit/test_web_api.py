@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +19,7 @@ from amiforge.errors import ConfigError, StateError
 from amiforge.lifecycle import rollout as rollout_module
 from amiforge.lifecycle.documents import version_document
 from amiforge.lifecycle.tokens import PREFIX, authenticate, create_token, first_token, revoke_token, secret_digest
-from amiforge.model import BootReport, CheckResult, Status, to_json
+from amiforge.model import BootObservation, BootReport, CheckResult, Status, to_json
 from amiforge.policy.document import default_policy
 from amiforge.strategy import Strategy
 from amiforge.web.app import CSP
@@ -378,3 +378,22 @@ def test_listings_are_keyset_pages(site: Site) -> None:
     combined = [e["seq"] for e in older["items"]] + [e["seq"] for e in events["items"]]
     total = site.world.store.count_events()
     assert total > 6 and combined == list(range(total - 5, total + 1))
+
+
+def test_the_dashboards_render_as_pages_with_charts_and_as_documents(site: Site) -> None:
+    v = site.world.seed()
+    now = datetime.now(UTC)
+    site.world.store.record_boots("local:web", [
+        BootObservation(f"g-{i}", v.id, now - timedelta(hours=3 - i), "ready", 10.0 + i,
+                        now - timedelta(hours=3 - i) + timedelta(seconds=10 + i))
+        for i in range(3)
+    ])  # fmt: skip
+    site.log_in("read")
+    page = site.client.get("/dashboards/debug", params={"window": "6h", "version": v.ref})
+    assert page.status_code == 200
+    assert page.text.count("<polyline") == 3  # p50, p95, p99 over the window
+    assert "Boot tests by outcome" in page.text and "g-2" in page.text
+    assert site.client.get("/dashboards/debug", params={"window": "2y"}).status_code == 400
+    doc = site.client.get("/api/v1/dashboards/executive", params={"hours": 6}, headers=site.bearer("read")).json()
+    [success] = [p for p in doc["panels"] if p["title"] == "Boot success (24 h)"]
+    assert success["kind"] == "stat" and success["table"]["rows"] == [["web@1", "local:web", "100.0 %", "3"]]

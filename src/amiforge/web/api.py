@@ -8,6 +8,7 @@ JSON body `{error, message, fix}` with the error's HTTP status (app.py).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle import tokens
+from amiforge.lifecycle.boards import BoardView
 from amiforge.model import TOKEN_ROLES, Rollout, Status, to_json
 from amiforge.strategy import Strategy
 from amiforge.web.auth import Caller, require
@@ -150,6 +152,23 @@ def list_rollouts(
 @router.get("/rollouts/{rollout_id}", response_model=docs.RolloutReport, summary="A rollout, its decisions, members")
 def get_rollout(_: Reader, ctx: Ctx, rollout_id: RolloutId) -> Response:
     return document(docs.rollout_report(ctx.store, rollout_id))
+
+
+@router.get("/dashboards/{name}", response_model=BoardView,
+            summary="A dashboard (executive, oncall, debug): the Grafana boards' panels from the registry")  # fmt: skip
+def get_dashboard(
+    _: Reader,
+    ctx: Ctx,
+    name: Literal["executive", "oncall", "debug"],
+    version: Annotated[str | None, Query(pattern=REF, max_length=80)] = None,
+    target: Annotated[str | None, Query(min_length=1, max_length=300)] = None,
+    hours: Annotated[float, Query(gt=0, le=24 * 90)] = 24.0,
+) -> Response:
+    from amiforge.lifecycle.boards import board
+
+    view = board(name, store=ctx.store, settings=ctx.settings, version=version, target=target,
+                 window=timedelta(hours=hours))  # fmt: skip
+    return document(view)
 
 
 @router.get("/events", response_model=docs.EventPage, summary="The audit log, newest page first")

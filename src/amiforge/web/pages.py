@@ -4,6 +4,7 @@ functions as the API (api.py) and then redirect back (post/redirect/get)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -214,6 +215,37 @@ async def rollback(request: Request) -> Response:
                                         to=fields.get("to") or None)  # fmt: skip
     ctx.controllers.drive(rollout.id, settings)
     return RedirectResponse(f"/rollouts/{rollout.id}", status_code=303)
+
+
+# --- dashboards ---------------------------------------------------------------------------------------------------
+
+WINDOWS = ("1h", "6h", "24h", "7d", "30d")
+
+
+@router.get("/dashboards")
+def dashboards_index() -> Response:
+    return RedirectResponse("/dashboards/executive", status_code=303)
+
+
+@router.get("/dashboards/{name}")
+def dashboard(
+    request: Request, name: str, version: str | None = None, target: str | None = None, window: str = "24h"
+) -> HTMLResponse:
+    from amiforge.durations import parse_duration
+    from amiforge.lifecycle.boards import board
+    from amiforge.web.charts import chart
+
+    caller = _reader(request)
+    if window not in WINDOWS:
+        raise ConfigError(f"time range {window!r} is not offered", fix="pick one of " + ", ".join(WINDOWS))
+    ctx = context(request)
+    view = board(name, store=ctx.store, settings=ctx.settings, version=version or None, target=target or None,
+                 window=timedelta(seconds=parse_duration(window, what="window")))  # fmt: skip
+    charts = [chart(p.series, percent=p.unit == "percentunit") if p.series else None for p in view.panels]
+    query = urlencode({k: v for k, v in {"version": version, "target": target, "window": window}.items() if v})
+    boards = [("executive", "Executive"), ("oncall", "On-call"), ("debug", "Debug")]
+    return _render(request, "dashboard.html", caller, board=view, charts=charts, boards=boards, current=name,
+                   query=query, windows=WINDOWS, window=window)  # fmt: skip
 
 
 # --- the audit log ------------------------------------------------------------------------------------------------
