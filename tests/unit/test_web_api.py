@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,7 +27,16 @@ from amiforge.web.app import CSP
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
 from tests.unit.test_rollout import FakeFleet, _fleet_of, _version
-from tests.unit.test_supply_lifecycle import ACTOR, World, bare_world, world  # noqa: F401 (fixtures)
+from tests.unit.test_supply_lifecycle import (  # noqa: F401 (bare_world, world: fixtures)
+    ACTOR,
+    SECRET_PATH,
+    WAIVER_POLICY,
+    World,
+    bare_world,
+    flip_byte,
+    private_key_pem,
+    world,
+)
 
 
 @dataclass
@@ -169,10 +179,16 @@ def test_every_form_refuses_a_session_without_its_form_key_or_from_another_origi
         before = site.state()
         for extra, headers in (({}, {}), ({"form_key": "0" * 64}, {}),
                                ({"form_key": key}, {"Origin": "http://evil.test"}),
-                               ({"form_key": key}, {"Sec-Fetch-Site": "cross-site"})):  # fmt: skip
+                               ({"form_key": key}, {"Sec-Fetch-Site": "cross-site"}),
+                               ({"form_key": key}, {"Origin": "null"}),
+                               ({"form_key": key}, {"Origin": "null", "Sec-Fetch-Site": "cross-site"})):  # fmt: skip
             reply = site.client.post(path, data=fields | extra, headers=headers, follow_redirects=False)
             assert reply.status_code == 403, (path, extra, headers)
             assert site.state() == before, path
+    # A browser that sends no referrer sends `Origin: null` with the site's own posts, and says same-origin.
+    same = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+    reply = site.client.post("/rollouts/1/pause", data={"form_key": key}, headers=same, follow_redirects=False)
+    assert reply.status_code == 303 and site.world.store.get_rollout(1).requested == "pause"
     site.client.cookies.clear()
     read_key = site.log_in("read")
     for path, fields, _role in FORMS:
@@ -397,3 +413,44 @@ def test_the_dashboards_render_as_pages_with_charts_and_as_documents(site: Site)
     doc = site.client.get("/api/v1/dashboards/executive", params={"hours": 6}, headers=site.bearer("read")).json()
     [success] = [p for p in doc["panels"] if p["title"] == "Boot success (24 h)"]
     assert success["kind"] == "stat" and success["table"]["rows"] == [["web@1", "local:web", "100.0 %", "3"]]
+
+
+def test_the_version_page_shows_findings_with_waivers_the_diff_and_a_verification_that_can_fail(site: Site) -> None:
+    world = site.world
+    world.plant(SECRET_PATH, private_key_pem())
+    expires = (datetime.now(UTC) + timedelta(days=30)).date().isoformat()
+    world.with_policy(WAIVER_POLICY.format(path=SECRET_PATH, expires=expires))
+    site.context.settings = world.settings
+    parent = world.signed()
+    child = world.signed(parent=parent.ref)
+    read = site.bearer("read")
+    [row] = site.client.get(f"/api/v1/versions/{child.ref}/findings", headers=read).json()
+    assert (row["finding"]["id"], row["finding"]["path"]) == ("private-key", SECRET_PATH)
+    assert row["waivers"] == [f"waiver for private-key ({SECRET_PATH}) by TEST-0001, expires {expires} "
+                              "(every channel)"]  # fmt: skip
+    changes = site.client.get(f"/api/v1/versions/{child.ref}/diff", headers=read).json()
+    assert (changes["old"]["number"], changes["new"]["number"], changes["packages"]) == (1, 2, [])
+    assert site.client.get(f"/api/v1/versions/{parent.ref}/diff", headers=read).status_code == 404
+    site.log_in("read")
+    page = site.client.get(f"/versions/{child.ref}").text
+    assert "Changes from web@1" in page and "0 package(s) changed" in page and "by TEST-0001" in page
+    assert site.client.get(f"/api/v1/versions/{child.ref}/verify", headers=read).status_code == 200
+    assert "verifies against a trusted key" in site.client.get(f"/versions/{child.ref}/verify").text
+    [artifact] = world.store.artifacts(child.id)
+    flip_byte(Path(artifact.location))
+    refused = site.client.get(f"/api/v1/versions/{child.ref}/verify", headers=read)
+    assert refused.status_code == 422 and refused.json()["failures"][0]["name"] == f"artifact {artifact.location}"
+    page = site.client.get(f"/versions/{child.ref}/verify").text
+    assert "signature gate failed" in page and f"artifact {artifact.location}" in page
+
+
+def test_the_incident_view_lists_what_ran_a_version(site: Site) -> None:
+    rollout_id = _rollout(site)
+    site.world.store.append_event("rollout.started", actor=ACTOR, ref="web@1", data={"rollout": rollout_id})
+    doc = site.client.get("/api/v1/versions/web@1/incident", headers=site.bearer("read")).json()
+    assert [r["id"] for r in doc["rollouts"]] == [rollout_id] and doc["timeline"][0][1] == "rollout.started"
+    assert 'amiforge revoke web@1 --reason "…"' in doc["rollback_commands"]
+    site.log_in("read")
+    page = site.client.get("/versions/web@1/incident")
+    assert page.status_code == 200 and f"#{rollout_id}" in page.text
+    assert site.client.get("/versions/web@1/incident", params={"hours": -1}).status_code == 400

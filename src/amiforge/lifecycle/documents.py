@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from amiforge.errors import NotFound
 from amiforge.lifecycle.views import channels_flags, finding_json, findings_summary, generalised_of, leftovers_of
@@ -25,6 +25,7 @@ from amiforge.model import (
     ImageVersion,
     LayerRecord,
     Leftover,
+    Operation,
     RemovedFile,
     Rollout,
     RolloutDecision,
@@ -33,6 +34,9 @@ from amiforge.model import (
     Status,
 )
 from amiforge.store.interface import Store
+
+if TYPE_CHECKING:  # the policy engine is not imported by read commands
+    from amiforge.policy.document import Policy
 
 # Pages of a listing: at most this many items, however many are asked for.
 MAX_PAGE = 500
@@ -189,6 +193,7 @@ class VersionDocument:
     ancestry: list[str]  # parent, grandparent, … (NAME@N)
     children: list[str]  # versions baked from this one, newest first
     running: list[RunningOn]
+    operations: list[Operation]  # distributions: copies per region, shares per account
     recipe: str | None = None  # the recipe as baked (canonical JSON), when asked for
     log: str | None = None  # the build log, when asked for
 
@@ -226,6 +231,7 @@ def version_document(
         ancestry=[a.ref for a in store.ancestry(v.id)],
         children=[c.ref for c in store.descendants(v.id) if c.parent == v.ref],
         running=[RunningOn(t, n) for t, n in sorted(running.items())],
+        operations=store.operations(v.id),
         recipe=v.recipe if recipe else None,
         log=v.log if log else None,
     )
@@ -260,6 +266,51 @@ def sbom_text(store: Store, ref: str, fmt: Literal["cyclonedx", "spdx"]) -> tupl
         timestamp=record.scanned_at,
     )
     return version, text, len(record.packages)
+
+
+@dataclass(frozen=True)
+class FindingRow:
+    """A finding of the version's latest scan, and the policy's waivers that name it (with their channels)."""
+
+    finding: Mapping[str, object]
+    waivers: list[str]
+
+
+def findings_of(store: Store, policy: Policy, ref: str) -> list[FindingRow]:
+    """Every finding of the latest scan (CVEs, secrets, residue), most severe first, with the waivers naming it."""
+    version = store.get_version(ref)
+    scan = store.latest_scan(version.id)
+    if scan is None:
+        raise NotFound(f"{version.ref} has not been scanned", fix=f"amiforge scan {version.ref}")
+    order = {s: i for i, s in enumerate(("critical", "high", "medium", "low", "negligible", "unknown"))}
+    rows = []
+    for f in sorted(scan.findings, key=lambda f: (order.get(f.severity.value, 9), f.id)):
+        named = [w for w in policy.waivers if w.finding == f.id and (w.package is None or w.package == f.package)
+                 and (w.path is None or w.path == f.path)]  # fmt: skip
+        rows.append(FindingRow(finding_json(f), [
+            w.describe() + (f" (channels {', '.join(w.channels)})" if w.channels else " (every channel)") for w in named
+        ]))  # fmt: skip
+    return rows
+
+
+@dataclass(frozen=True)
+class IncidentDocument:
+    """What ran a version lately: its rollouts, the members they launched, its events, and how to undo it."""
+
+    version: VersionHead
+    hours: float
+    rollouts: list[Rollout]
+    members: list[RolloutReplacement]
+    timeline: list[tuple[datetime, str, str]]
+    rollback_commands: list[str]
+
+
+def incident_document(store: Store, ref: str, *, hours: float = 24.0) -> IncidentDocument:
+    from amiforge.lifecycle.rollout import incident  # the controller (and with it the providers) loads here only
+
+    found = incident(ref, store=store, hours=hours)
+    return IncidentDocument(VersionHead.of(found.version), hours, found.rollouts, found.members, found.timeline,
+                            found.rollback_commands)  # fmt: skip
 
 
 # --- the catalog ---------------------------------------------------------------------------------------------------

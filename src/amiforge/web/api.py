@@ -15,10 +15,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from amiforge.errors import NotFound
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle import tokens
 from amiforge.lifecycle.boards import BoardView
+from amiforge.lifecycle.diff import VersionDiff
+from amiforge.lifecycle.sign import VerifyOutcome
 from amiforge.model import TOKEN_ROLES, Rollout, Status, to_json
+from amiforge.policy.fields import CHANNEL_PATTERN
 from amiforge.strategy import Strategy
 from amiforge.web.auth import Caller, require
 from amiforge.web.context import Context, context
@@ -52,6 +56,11 @@ REF = r"^[a-z0-9][a-z0-9-]{0,62}@[1-9][0-9]{0,8}$|^[0-9a-f]{8,64}$"  # NAME@N or
 Ref = Annotated[str, Field(pattern=REF, max_length=80)]
 RefPath = Annotated[str, Path(pattern=REF, max_length=80)]
 RolloutId = Annotated[int, Path(ge=1, le=2**62)]
+# A target as lifecycle.controller.parse_target reads it: a local fleet (bare or local:NAME) or aws:REGION/GROUP.
+TARGET = (
+    r"^(local:)?[a-z0-9][a-z0-9-]{0,62}$|"
+    r"^aws:[a-z]{2}(-[a-z]+)+-[0-9]{1,2}/[^:\x00-\x1f\x7f]{1,255}$"
+)
 RolloutState = Literal["running", "paused", "rolling-back", "succeeded", "failed", "aborted"]
 TOKEN_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 Limit = Annotated[int, Query(ge=1, le=docs.MAX_PAGE)]
@@ -127,6 +136,44 @@ def get_sbom(_: Reader, ctx: Ctx, ref: RefPath, format: Literal["cyclonedx", "sp
     )
 
 
+@router.get("/versions/{ref}/findings", response_model=list[docs.FindingRow],
+            summary="The latest scan's findings, most severe first, with the policy's waivers naming each")  # fmt: skip
+def get_findings(_: Reader, ctx: Ctx, ref: RefPath) -> Response:
+    from amiforge.lifecycle.promote import policy_of
+
+    return document(docs.findings_of(ctx.store, policy_of(ctx.settings), ref))
+
+
+@router.get("/versions/{ref}/diff", response_model=VersionDiff,
+            summary="What changed from another version (default: the parent): packages, CVEs, secrets")  # fmt: skip
+def get_diff(
+    _: Reader, ctx: Ctx, ref: RefPath, against: Annotated[str | None, Query(pattern=REF, max_length=80)] = None
+) -> Response:
+    from amiforge.lifecycle.diff import diff
+
+    version = ctx.store.get_version(ref)
+    base = against or version.parent
+    if base is None:
+        raise NotFound(f"{version.ref} has no parent to compare with", fix="pass ?against=NAME@N")
+    return document(diff(base, version.ref, store=ctx.store))
+
+
+@router.get("/versions/{ref}/verify", response_model=VerifyOutcome,
+            summary="Verify the latest signature against the artifacts as they are now (amiforge verify)")  # fmt: skip
+def verify_version(_: Reader, ctx: Ctx, ref: RefPath) -> Response:
+    from amiforge.lifecycle.sign import verify
+
+    return document(verify(ref, store=ctx.store, settings=ctx.settings))
+
+
+@router.get("/versions/{ref}/incident", response_model=docs.IncidentDocument,
+            summary="What ran a version lately and how to undo it (amiforge incident)")  # fmt: skip
+def get_incident(
+    _: Reader, ctx: Ctx, ref: RefPath, hours: Annotated[float, Query(ge=1 / 60, le=24 * 90)] = 24.0
+) -> Response:
+    return document(docs.incident_document(ctx.store, ref, hours=hours))
+
+
 @router.get("/versions/{ref}/events", response_model=docs.EventPage, summary="A version's events, a page at a time")
 def get_version_events(_: Reader, ctx: Ctx, ref: RefPath, limit: Limit = 100, before: Cursor = None) -> Response:
     version = ctx.store.get_version(ref)
@@ -161,8 +208,8 @@ def get_dashboard(
     ctx: Ctx,
     name: Literal["executive", "oncall", "debug"],
     version: Annotated[str | None, Query(pattern=REF, max_length=80)] = None,
-    target: Annotated[str | None, Query(min_length=1, max_length=300)] = None,
-    hours: Annotated[float, Query(gt=0, le=24 * 90)] = 24.0,
+    target: Annotated[str | None, Query(pattern=TARGET, max_length=300)] = None,
+    hours: Annotated[float, Query(ge=1 / 60, le=24 * 90)] = 24.0,
 ) -> Response:
     from amiforge.lifecycle.boards import board
 
@@ -185,7 +232,7 @@ def verify_events(_: Reader, ctx: Ctx) -> Response:
 
 
 class PromoteBody(Body):
-    channel: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", examples=["dev"])
+    channel: str = Field(pattern=f"^{CHANNEL_PATTERN}$", examples=["dev"])
     reason: str = Field(default="", max_length=500)
 
 
@@ -209,7 +256,7 @@ def revoke(caller: Operator, ctx: Ctx, ref: RefPath, body: RevokeBody) -> Respon
 
 
 class RolloutBody(Body):
-    target: str = Field(min_length=1, max_length=300, examples=["local:web"])
+    target: str = Field(pattern=TARGET, max_length=300, examples=["local:web"])
     version: Ref
     strategy: Strategy = Field(default_factory=Strategy)
 
@@ -225,7 +272,7 @@ def start_rollout(caller: Operator, ctx: Ctx, body: RolloutBody) -> Response:
 
 
 class RollbackBody(Body):
-    target: str = Field(min_length=1, max_length=300, examples=["local:web"])
+    target: str = Field(pattern=TARGET, max_length=300, examples=["local:web"])
     to: Ref | None = None
 
 

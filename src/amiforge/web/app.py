@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from amiforge import __version__
-from amiforge.errors import AmiforgeError
+from amiforge.errors import AmiforgeError, GateFailed
 from amiforge.lifecycle.exposition import CONTENT_TYPE
 from amiforge.web import api, pages
 from amiforge.web.auth import Refused, require
@@ -32,7 +32,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it a browser sends `Origin: null` with this site's own form posts, which
+    # auth.check_same_origin cannot tell from another site's. Other sites still learn nothing.
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
@@ -106,7 +108,8 @@ def create_app(ctx: Context) -> FastAPI:
     @app.exception_handler(AmiforgeError)
     async def amiforge_error(request: Request, exc: AmiforgeError) -> Response:
         if _wants_page(request):
-            return pages.error_page(request, exc.http_status, exc.message, exc.fix or "")
+            items = [f"{f.name}: {f.detail}" for f in exc.failures] if isinstance(exc, GateFailed) else []
+            return pages.error_page(request, exc.http_status, exc.message, exc.fix or "", items)
         body = {k: v for k, v in exc.as_dict().items() if k != "exit_code"}
         return JSONResponse(body, status_code=exc.http_status)
 

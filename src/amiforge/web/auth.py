@@ -93,5 +93,9 @@ def check_same_origin(request: Request) -> None:
         parts = urlsplit(origin)
         if parts.netloc != request.headers.get("host", "") or parts.scheme != request.url.scheme:
             raise Refused(403, f"a request from another origin ({origin}) is refused")
-    elif origin == "null" or request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return
+    # No origin, or `null` (a browser told not to send referrers sends that with a site's own form posts): the
+    # browser's own Sec-Fetch-Site, which no page can set, must then say same-origin (or a typed URL: none).
+    site = request.headers.get("sec-fetch-site", "same-origin" if origin is None else "")
+    if site not in ("same-origin", "none"):
         raise Refused(403, "a request from another site is refused")

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.templating import Jinja2Templates
 
 from amiforge import __version__
-from amiforge.errors import ConfigError
+from amiforge.errors import ConfigError, GateFailed, NotFound
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle.tokens import authenticate
 from amiforge.model import ROLLOUT_LIVE, Status
@@ -49,13 +49,13 @@ def login_url(request: Request) -> str:
     return "/login?" + urlencode({"next": here})
 
 
-def error_page(request: Request, status: int, message: str, fix: str) -> HTMLResponse:
+def error_page(request: Request, status: int, message: str, fix: str, items: list[str] | None = None) -> HTMLResponse:
     ctx = context(request)
     try:
         caller = identify(request, ctx.store)
     except Exception:  # the registry itself may be what failed
         caller = None
-    return _render(request, "error.html", caller, status, status=status, message=message, fix=fix)
+    return _render(request, "error.html", caller, status, status=status, message=message, fix=fix, items=items or [])
 
 
 def _reader(request: Request) -> Caller:
@@ -137,10 +137,45 @@ def catalog(
 
 @router.get("/versions/{ref}")
 def version(request: Request, ref: str) -> HTMLResponse:
+    from amiforge.lifecycle.diff import diff
+    from amiforge.lifecycle.promote import policy_of
+
     caller = _reader(request)
     ctx = context(request)
     document = docs.version_document(ctx.store, ref, console=True, recipe=True)
-    return _render(request, "version.html", caller, doc=document, quote=quote)
+    v = document.version
+    findings = docs.findings_of(ctx.store, policy_of(ctx.settings), v.ref) if document.scan else []
+    changes, no_diff = None, "a first version: nothing to compare with"
+    if v.parent is not None:
+        try:
+            changes = diff(v.parent, v.ref, store=ctx.store)
+        except NotFound as e:  # the parent or this one was never scanned
+            no_diff = e.message
+    return _render(request, "version.html", caller, doc=document, findings=findings, diff=changes, no_diff=no_diff)
+
+
+@router.get("/versions/{ref}/verify")
+def verify(request: Request, ref: str) -> HTMLResponse:
+    """The latest signature verified now against the artifacts' current bytes, or why it does not verify."""
+    from amiforge.lifecycle.sign import verify as verify_version
+
+    caller = _reader(request)
+    ctx = context(request)
+    version = ctx.store.get_version(ref)
+    try:
+        outcome, failure = verify_version(version.ref, store=ctx.store, settings=ctx.settings), None
+    except GateFailed as e:
+        outcome, failure = None, e
+    return _render(request, "verify.html", caller, ref=version.ref, outcome=outcome, failure=failure)
+
+
+@router.get("/versions/{ref}/incident")
+def incident(request: Request, ref: str, hours: float = 24.0) -> HTMLResponse:
+    caller = _reader(request)
+    if not 0 < hours <= 24 * 90:
+        raise ConfigError(f"hours {hours} is out of range", fix="between 0 and 2160")
+    found = docs.incident_document(context(request).store, ref, hours=hours)
+    return _render(request, "incident.html", caller, incident=found)
 
 
 @router.post("/versions/{ref}/promote")
