@@ -10,11 +10,22 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from test_rollout import FakeFleet, _fleet_of, _version
+from test_supply_lifecycle import (  # noqa: F401 (bare_world, world: fixtures)
+    ACTOR,
+    SECRET_PATH,
+    WAIVER_POLICY,
+    World,
+    bare_world,
+    flip_byte,
+    private_key_pem,
+    world,
+)
 
 from amiforge.errors import ConfigError, StateError
 from amiforge.lifecycle import rollout as rollout_module
@@ -26,17 +37,6 @@ from amiforge.strategy import Strategy
 from amiforge.web.app import CSP
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
-from tests.unit.test_rollout import FakeFleet, _fleet_of, _version
-from tests.unit.test_supply_lifecycle import (  # noqa: F401 (bare_world, world: fixtures)
-    ACTOR,
-    SECRET_PATH,
-    WAIVER_POLICY,
-    World,
-    bare_world,
-    flip_byte,
-    private_key_pem,
-    world,
-)
 
 
 @dataclass
@@ -416,13 +416,13 @@ def test_the_dashboards_render_as_pages_with_charts_and_as_documents(site: Site)
 
 
 def test_the_version_page_shows_findings_with_waivers_the_diff_and_a_verification_that_can_fail(site: Site) -> None:
-    world = site.world
-    world.plant(SECRET_PATH, private_key_pem())
+    w = site.world
+    w.plant(SECRET_PATH, private_key_pem())
     expires = (datetime.now(UTC) + timedelta(days=30)).date().isoformat()
-    world.with_policy(WAIVER_POLICY.format(path=SECRET_PATH, expires=expires))
-    site.context.settings = world.settings
-    parent = world.signed()
-    child = world.signed(parent=parent.ref)
+    w.with_policy(WAIVER_POLICY.format(path=SECRET_PATH, expires=expires))
+    site.context.settings = w.settings
+    parent = w.signed()
+    child = w.signed(parent=parent.ref)
     read = site.bearer("read")
     [row] = site.client.get(f"/api/v1/versions/{child.ref}/findings", headers=read).json()
     assert (row["finding"]["id"], row["finding"]["path"]) == ("private-key", SECRET_PATH)
@@ -436,7 +436,7 @@ def test_the_version_page_shows_findings_with_waivers_the_diff_and_a_verificatio
     assert "Changes from web@1" in page and "0 package(s) changed" in page and "by TEST-0001" in page
     assert site.client.get(f"/api/v1/versions/{child.ref}/verify", headers=read).status_code == 200
     assert "verifies against a trusted key" in site.client.get(f"/versions/{child.ref}/verify").text
-    [artifact] = world.store.artifacts(child.id)
+    [artifact] = w.store.artifacts(child.id)
     flip_byte(Path(artifact.location))
     refused = site.client.get(f"/api/v1/versions/{child.ref}/verify", headers=read)
     assert refused.status_code == 422 and refused.json()["failures"][0]["name"] == f"artifact {artifact.location}"
