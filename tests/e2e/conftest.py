@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,10 +106,29 @@ def free_port() -> int:
 
 @dataclass
 class Monitoring:
-    """`amiforge serve` and a real Prometheus scraping it every second, with the exported rules loaded."""
+    """`amiforge serve` and a real Prometheus scraping it every second (with a read token), with the exported rules
+    loaded; `operate` is the secret of an operate token for the web console."""
 
     serve_url: str
     prometheus_url: str
+    operate: str
+    serve_command: list[str]
+    serve_env: dict[str, str]
+    serve_log: Path
+    serve: subprocess.Popen[bytes] | None = None
+
+    def start_serve(self) -> None:
+        """Start `amiforge serve` again (after `kill_serve`), and wait until it answers."""
+        with self.serve_log.open("ab") as log:
+            self.serve = subprocess.Popen(self.serve_command, env=self.serve_env, stdout=subprocess.DEVNULL,
+                                          stderr=log, start_new_session=True)  # fmt: skip
+        _wait_for(f"{self.serve_url}/healthz", self.serve, "amiforge serve")
+
+    def kill_serve(self) -> None:
+        """kill -9 `amiforge serve` and every controller thread in it."""
+        assert self.serve is not None
+        os.killpg(self.serve.pid, signal.SIGKILL)
+        self.serve.wait()
 
     def query(self, expr: str, *, at: float | None = None) -> list[dict[str, Any]]:
         params = {"query": expr, **({"time": str(at)} if at is not None else {})}
@@ -158,26 +178,41 @@ def monitoring(cli: Cli, tmp_path: Path) -> Iterator[Monitoring]:
     serve_port, prom_port = free_port(), free_port()
     rules = tmp_path / "amiforge-rules.yml"
     cli.run("export", "prometheus-rules", "--output", str(rules))
+    # Prometheus scrapes with a read token, as a real one would (`authorization` in its scrape config).
+    credentials = tmp_path / "prometheus.token"
+    credentials.write_text(cli.run("tokens", "create", "prometheus", "--role", "read").stdout.strip())
+    credentials.chmod(0o600)
+    operate = cli.run("tokens", "create", "browser", "--role", "operate").stdout.strip()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: [{rules}]\n"
         "scrape_configs:\n"
         f"  - job_name: amiforge\n    static_configs: [{{targets: ['127.0.0.1:{serve_port}']}}]\n"
+        f"    authorization: {{type: Bearer, credentials_file: {credentials}}}\n"
     )
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "amiforge", "serve", "--listen", f"127.0.0.1:{serve_port}", "--collect-every", "2s"],
-        env=cli.env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("wb"), start_new_session=True,
-    )  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "amiforge",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{serve_port}",
+        "--collect-every",
+        "2s",
+    ]
+    watched = Monitoring(f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{prom_port}", operate, command,
+                         cli.env, tmp_path / "serve.log")  # fmt: skip
     prom = subprocess.Popen(
         [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"), start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_for(f"http://127.0.0.1:{serve_port}/healthz", serve, "amiforge serve")
+        watched.start_serve()
         _wait_for(f"http://127.0.0.1:{prom_port}/-/ready", prom, "prometheus")
-        yield Monitoring(f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{prom_port}")
+        yield watched
     finally:
-        _stop(serve)
+        if watched.serve is not None:
+            _stop(watched.serve)
         _stop(prom)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 
 from amiforge.lifecycle.dashboards import panel_queries
 from amiforge.providers.guest import console_tail
+from tests.browser import chromium, open_tab, screenshot_folder
 from tests.e2e.conftest import Cli, Monitoring
 
 pytestmark = pytest.mark.slow
@@ -95,29 +98,56 @@ def test_good_version_rolls_through_and_a_slow_one_is_rolled_back(
     try:
         assert pages(cli, "rollfleet") == ["web tier v1"] * 3
 
-        good = run(cli, "rollout", "start", "--target", "local:rollfleet", "--version", v2, "--strategy", str(strategy))
-        assert good["rollout"]["state"] == "succeeded"
-        assert [d["numbers"]["members"] for d in good["decisions"]] == [1, 2]
-        assert pages(cli, "rollfleet") == ["web tier v2"] * 3
+        with chromium() as browser, open_tab(browser, monitoring.serve_url, screenshot_folder(tmp_path)) as tab:
+            # The good rollout runs from the CLI while the console follows it live to its end.
+            rollout = subprocess.Popen(
+                [sys.executable, "-m", "amiforge", "rollout", "start", "--target", "local:rollfleet", "--version", v2,
+                 "--strategy", str(strategy), "--json"],
+                env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
+            deadline = time.monotonic() + 120
+            while not run(cli, "rollout", "status"):
+                assert time.monotonic() < deadline and rollout.poll() is None, "the rollout was not recorded"
+                time.sleep(0.5)
+            tab.page.goto("/rollouts/1")
+            tab.log_in(monitoring.operate)
+            live = tab.page.locator("#live")
+            expect(live).to_contain_text("running", timeout=120_000)  # what the page showed before the end
+            tab.shot("rollout-running")
+            expect(live).to_contain_text("State: succeeded", timeout=600_000)  # htmx swapped the outcome in
+            expect(live).to_contain_text("2 of 2")
+            tab.shot("rollout-succeeded")
+            out, err = rollout.communicate(timeout=60)
+            assert rollout.returncode == 0, err
+            good = json.loads(out)
+            assert good["rollout"]["state"] == "succeeded"
+            assert [d["numbers"]["members"] for d in good["decisions"]] == [1, 2]
+            assert pages(cli, "rollfleet") == ["web tier v2"] * 3
 
-        # kill -9 the controller of a rollback to v1 once its first guest is launching; `rollout resume` converges.
-        controller = subprocess.Popen(
-            [sys.executable, "-m", "amiforge", "rollback", "--target", "local:rollfleet", "--json"],
-            env=cli.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 300
-        while not any(m["version_ref"] == v1 for m in run(cli, "fleet", "show", "rollfleet")["members"]):
-            assert time.monotonic() < deadline and controller.poll() is None, "no guest of v1 was launched"
-            time.sleep(0.5)
-        os.killpg(controller.pid, signal.SIGKILL)
-        controller.wait()
-        resumed = run(cli, "rollout", "resume", "2")
-        assert resumed["rollout"]["state"] == "succeeded"
-        assert pages(cli, "rollfleet") == ["web tier v1"] * 3
-        history = run(cli, "fleet", "show", "rollfleet", "--all")["members"]
+            # Rollback pressed in the console: `serve` drives it. kill -9 `serve` (its controller) once the first
+            # guest of v1 is launching; `rollout resume` from the CLI converges.
+            tab.page.get_by_role("button", name="Roll local:rollfleet back").click()
+            expect(tab.page).to_have_url(re.compile(r"/rollouts/2$"))
+            tab.shot("rollback-started")
+            deadline = time.monotonic() + 300
+            while not any(m["version_ref"] == v1 for m in run(cli, "fleet", "show", "rollfleet")["members"]):
+                assert time.monotonic() < deadline, "no guest of v1 was launched"
+                time.sleep(0.5)
+            tab.page.goto("about:blank")  # no page polls a server that is about to die
+            monitoring.kill_serve()
+            resumed = run(cli, "rollout", "resume", "2")
+            assert resumed["rollout"]["state"] == "succeeded"
+            assert resumed["rollout"]["actor"] == "token:browser"  # who pressed the button
+            assert pages(cli, "rollfleet") == ["web tier v1"] * 3
+            monitoring.start_serve()
+            tab.page.goto("/rollouts/2")
+            expect(tab.page.locator("#live")).to_contain_text("State: succeeded")
+            tab.shot("rollback-succeeded")
+            tab.page.goto("/dashboards/oncall")
+            expect(tab.page.get_by_role("region", name="Recent deploys and rollbacks")).to_contain_text("#2")
+            tab.shot("dashboard-oncall")
+            assert tab.dialogs == [] and tab.errors == []
+            history = run(cli, "fleet", "show", "rollfleet", "--all")["members"]
         assert len(history) == 9  # 3 created + 3 for v2 + 3 for v1: no guest launched twice, none lost
         assert len({r["new_member"] for r in resumed["replacements"]}) == 3  # one new guest per replaced member
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import struct
 import threading
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from amiforge.lifecycle.tokens import create_token
 from amiforge.model import (
@@ -46,21 +45,9 @@ from amiforge.scanners.sbom import sbom_digest
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from amiforge.web.server import Listen, WebServer
+from tests.browser import AXE, CHROMIUM, Tab, chromium, open_tab, screenshot_folder
 from tests.conftest import required_or_skip
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Root needs --no-sandbox; the rest keep Chromium off the network (this machine has none) and out of its updaters.
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-ROOT = Path(__file__).resolve().parents[2]
-AXE = ROOT / ".cache" / "axe-core" / "package" / "axe.min.js"
-AXE_PATH = "/__test__/axe.min.js"  # served to the page by a route of this test, never by the server
-AXE_TAGS = ["wcag2a", "wcag2aa"]
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HOSTILE_CONSOLE = "<script>alert(1)</script>"
 HOSTILE_TAG = "<b>x</b>"
 HOSTILE_DETAIL = '<img src="x" onerror="alert(2)">'
@@ -129,7 +116,7 @@ def _fill(store: SqlStore) -> int:
                                            started_at=next(when), duration=31.8))  # fmt: skip
     store.append_event("test", actor=actor, ref="web@2", data={"passed": True})
     sbom = '{"bomFormat":"CycloneDX","specVersion":"1.6","components":[]}'
-    finding = Finding(kind=FindingKind.CVE, id="CVE-2026-0001", severity=Severity.LOW, title="synthetic",
+    finding = Finding(kind=FindingKind.CVE, id="TEST-0001", severity=Severity.LOW, title="synthetic",
                       source="osv", package="libexample", installed="1.0-1", fixed="1.0-2")  # fmt: skip
     store.add_scan(web2, ScanRecord(scanned_at=next(when), packages=(Package("libexample", "1.0-1", "amd64"),),
                                     sbom=sbom, sbom_digest=sbom_digest(sbom), findings=(finding,),
@@ -185,21 +172,13 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as opened:
+        yield opened
 
 
 @pytest.fixture
 def screenshots(tmp_path: Path) -> Path:
-    """Where the pages' screenshots go: $AMIFORGE_SCREENSHOTS if set (to keep them), else the test's tmp_path."""
-    kept = os.environ.get("AMIFORGE_SCREENSHOTS")
-    folder = Path(kept) if kept else tmp_path / "screenshots"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return screenshot_folder(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -208,74 +187,10 @@ def axe_source() -> str:
     return AXE.read_text(encoding="utf-8")
 
 
-@dataclass
-class Tab:
-    """A browser context of its own (its own cookies) and its page, which records every dialog and script error."""
-
-    context: BrowserContext
-    page: Page
-    screenshots: Path
-    dialogs: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def on_dialog(self, dialog: Dialog) -> None:
-        self.dialogs.append(f"{dialog.type}: {dialog.message}")
-        dialog.dismiss()
-
-    def on_console(self, message: ConsoleMessage) -> None:
-        # A 401 or 422 page is what some steps expect; anything else said as an error (a CSP refusal) is a finding.
-        if message.type == "error" and "the server responded with a status of" not in message.text:
-            self.errors.append(message.text)
-
-    def log_in(self, secret: str) -> None:
-        self.page.get_by_label("Token").fill(secret)
-        self.page.get_by_role("button", name="Log in").click()
-        expect(self.page).not_to_have_url(re.compile(r"/login"))
-
-    def shot(self, name: str) -> Path:
-        path = self.screenshots / f"{name}.png"
-        self.page.screenshot(path=path, full_page=True)
-        data = path.read_bytes()
-        assert data.startswith(PNG_SIGNATURE), path
-        width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
-        assert width > 0 and height > 0 and len(data) > 1000, (path, width, height, len(data))
-        return path
-
-    def axe(self) -> list[dict[str, Any]]:
-        """axe-core's WCAG 2 A/AA violations on the page as it is now."""
-        if not self.page.evaluate("() => typeof window.axe === 'object'"):
-            self.page.add_script_tag(url=AXE_PATH)
-        found = self.page.evaluate(
-            """async (tags) => {
-                const result = await axe.run(document, {runOnly: {type: "tag", values: tags},
-                                                        resultTypes: ["violations"]});
-                return result.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,
-                                                    targets: v.nodes.map(n => n.target.join(" "))}));
-            }""",
-            AXE_TAGS,
-        )
-        return cast(list[dict[str, Any]], found)
-
-    def serve_axe(self, source: str) -> None:
-        def fulfil(route: Route) -> None:
-            route.fulfill(status=200, content_type="text/javascript; charset=utf-8", body=source)
-
-        self.page.route(f"**{AXE_PATH}", fulfil)
-
-
 @pytest.fixture
 def tab(browser: Browser, console: Console, screenshots: Path) -> Iterator[Tab]:
-    context = browser.new_context(base_url=console.url, viewport={"width": 1280, "height": 800})
-    try:
-        page = context.new_page()
-        page.set_default_timeout(10_000)
-        opened = Tab(context, page, screenshots)
-        page.on("dialog", opened.on_dialog)
-        page.on("console", opened.on_console)
-        page.on("pageerror", lambda error: opened.errors.append(str(error)))
+    with open_tab(browser, console.url, screenshots) as opened:
         yield opened
-    finally:
-        context.close()
 
 
 def _violations(where: str, found: list[dict[str, Any]]) -> str:
@@ -366,7 +281,7 @@ def test_an_operator_reads_every_page_promotes_revokes_and_logs_out(tab: Tab, co
     expect(console_text).to_be_visible()
     expect(console_text).to_contain_text(f"web login: {HOSTILE_CONSOLE}")
     expect(page.locator("main script, main img, main b")).to_have_count(0)
-    expect(page.get_by_role("region", name="Scan")).to_contain_text("CVE-2026-0001")
+    expect(page.get_by_role("region", name="Scan")).to_contain_text("TEST-0001")
     expect(page.get_by_role("region", name="Signatures")).to_contain_text("ed25519:test-key-1")
     tab.shot("version-web-2")
 
