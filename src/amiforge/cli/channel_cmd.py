@@ -230,7 +230,8 @@ def demo(
     console.print(
         f"\n[bold]{escape(version.ref)}[/] is in dev: {hits}/{len(outcome.baked.layers)} layers from cache, "
         f"ready in {ttr:.1f}s.\n"
-        f"Next: `amiforge images show {escape(version.ref)}`, `amiforge channels`, `amiforge events --verify`; "
+        f"Next: `amiforge images show {escape(version.ref)}`, `amiforge channels`, `amiforge events --verify`, "
+        "`amiforge serve` (the web console: open the URL it prints and paste the token it prints); "
         f"edit {escape(str(path.parent / 'files/index.html'))} and run `make demo` again: "
         "only the last layers rebuild."
     )
