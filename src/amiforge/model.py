@@ -408,6 +408,8 @@ class Rollout:
     finished_at: datetime | None
     detail: Mapping[str, object]
     undoes: int | None = None  # a rollback: the rollout whose change it undoes
+    controller: str | None = None  # who drives it (host:pid:id), while its lease lasts
+    controller_seen_at: datetime | None = None  # when that controller last renewed its lease
 
 
 @dataclass(frozen=True)

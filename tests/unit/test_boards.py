@@ -111,3 +111,23 @@ def test_filters_narrow_every_panel(store: SqlStore, settings: Settings) -> None
                                                    ("web@2", "local:web", "100.0 %", "1")]  # fmt: skip
     with pytest.raises(ConfigError, match="no dashboard"):
         board("ceo", store=store, settings=settings)
+
+
+def test_members_that_became_ready_long_ago_are_not_boots_of_the_window(store: SqlStore, settings: Settings) -> None:
+    v = _version(store)
+    old = NOW - timedelta(days=20)
+    store.record_boots("local:web", [BootObservation(f"g-old-{i}", v, old, "ready", 100.0,
+                                                     old + timedelta(seconds=100)) for i in range(20)])  # fmt: skip
+    recent = NOW - timedelta(minutes=30)
+    fresh = [BootObservation(f"g-new-{i}", v, recent, "failed", None, recent + timedelta(seconds=90)) for i in range(2)]
+    fresh.append(BootObservation("g-new-ok", v, recent, "ready", 10.0, recent + timedelta(seconds=10)))
+    store.record_boots("local:web", fresh)
+    oncall = board("oncall", store=store, settings=settings, now=NOW).panels
+    assert _rows(oncall, "Boot failures (share of launches, 5 m)") == [("web@1 on local:web", "66.7 %")]
+    assert sorted(r[1] for r in _rows(oncall, "Recent failed boots (instance ids)")) == ["g-new-0", "g-new-1"]
+    debug = board("debug", store=store, settings=settings, target="web", now=NOW).panels  # bare name: local:web
+    assert _rows(debug, "Time to ready (p50, p95, p99)") == [("p50", "10.0 s"), ("p95", "10.0 s"), ("p99", "10.0 s")]
+    assert {r[0] for r in _rows(debug, "Boot timeline: seconds to outcome, by instance")} == {
+        "g-new-0", "g-new-1", "g-new-ok"}  # fmt: skip
+    digest_view = board("oncall", store=store, settings=settings, version="web@1", now=NOW)
+    assert digest_view.version == "web@1"

@@ -3,6 +3,9 @@ store — waves, automatic rollback, pause/abort, and kill-and-resume at every f
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,8 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from amiforge.errors import ConfigError, GateFailed, NotFound, StateError
+from amiforge.lifecycle import controller as controller_module
 from amiforge.lifecycle import rollout as rollout_module
-from amiforge.lifecycle.controller import Controls, parse_target
+from amiforge.lifecycle.controller import LEASE_SECONDS, Controls, controller_gone, parse_target
 from amiforge.lifecycle.rollout import drive, last_change, request, resume, rollback
 from amiforge.lifecycle.slis import rollout_rates
 from amiforge.model import Artifact, Status
@@ -542,3 +546,46 @@ def test_rollout_start_usage_errors_name_the_flag_and_the_fix(
     monkeypatch.delenv("AMIFORGE_STORE_URL", raising=False)
     refused = make_cli(monkeypatch, capsys)("rollout", "start", *args)
     assert refused.code == 2 and message in refused.err and "fix:" in refused.err and "Traceback" not in refused.err
+
+
+def test_one_controller_at_a_time_holds_a_rollout(store: SqlStore, settings: Settings, fleet: FakeFleet) -> None:
+    """A live controller's lease refuses a second one (another `serve`, the CLI); a lease not renewed for
+    LEASE_SECONDS, or held by a dead process on this host, is taken over; the lease is given up at the end."""
+    rid = _rollout(store, fleet)
+    elsewhere = "build-2.example:4242:other"
+    assert store.claim_rollout(rid, elsewhere, expect=None)
+    with pytest.raises(StateError, match=f"is driven by {elsewhere}"):
+        drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    with pytest.raises(StateError, match="is driven by"):
+        resume(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert fleet.launched == Counter()  # the refused controllers launched nothing
+    stale = datetime.now(UTC) - timedelta(seconds=LEASE_SECONDS + 5)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE rollouts SET controller_seen_at = ? WHERE id = ?", (stale.isoformat(), rid))
+    assert controller_gone(store.get_rollout(rid))
+    outcome = drive(rid, store=store, settings=settings, controls=NO_WAIT)  # takes over the stale lease
+    assert outcome.rollout.state == "succeeded"
+    after = store.get_rollout(rid)
+    assert (after.controller, after.controller_seen_at) == (None, None)  # given up at the end
+    dead = f"{socket.gethostname()}:{2**22 + 1}:gone"  # above Linux's highest pid: no such process
+    assert store.claim_rollout(rid, dead, expect=None) and controller_gone(store.get_rollout(rid))
+    assert not controller_gone(replace(store.get_rollout(rid), controller=f"{socket.gethostname()}:{os.getpid()}:x"))
+
+
+def test_the_lease_is_renewed_while_a_wave_waits(
+    store: SqlStore, settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_module, "RENEW_SECONDS", 0.05)
+    rid = _rollout(store, fleet, waves=("100%",))
+    seen: list[datetime | None] = []
+    real_replace = fleet.replace
+
+    def slow_replace(*args: object, **kwargs: object) -> list[Member]:
+        first = store.get_rollout(rid).controller_seen_at
+        time.sleep(0.5)  # a wave waiting on its fleet
+        seen.extend([first, store.get_rollout(rid).controller_seen_at])
+        return real_replace(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fleet, "replace", slow_replace)
+    drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert seen[0] is not None and seen[1] is not None and seen[1] > seen[0]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from test_rollout import FakeFleet, _fleet_of, _version
 from test_supply_lifecycle import (  # noqa: F401 (bare_world, world: fixtures)
@@ -34,7 +35,7 @@ from amiforge.lifecycle.tokens import PREFIX, authenticate, create_token, first_
 from amiforge.model import BootObservation, BootReport, CheckResult, Status, to_json
 from amiforge.policy.document import default_policy
 from amiforge.strategy import Strategy
-from amiforge.web.app import CSP
+from amiforge.web.app import CSP, _routes
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
 
@@ -454,3 +455,96 @@ def test_the_incident_view_lists_what_ran_a_version(site: Site) -> None:
     page = site.client.get("/versions/web@1/incident")
     assert page.status_code == 200 and f"#{rollout_id}" in page.text
     assert site.client.get("/versions/web@1/incident", params={"hours": -1}).status_code == 400
+
+
+def test_a_rollout_a_live_controller_drives_is_not_driven_twice_and_an_orphaned_one_can_be_resumed_or_aborted(
+    site: Site,
+) -> None:
+    import os
+    import socket
+
+    rollout_id = _rollout(site)
+    store, operate = site.world.store, site.bearer("operate")
+    me = f"{socket.gethostname()}:{os.getpid()}:test"  # this process is alive: a live controller
+    assert store.claim_rollout(rollout_id, me, expect=None)
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/resume", headers=operate)
+    assert reply.status_code == 409 and f"is driven by {me}" in reply.json()["message"]
+    assert site.context.controllers.driving() == []
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/abort", headers=operate)
+    assert reply.json()["rollout"]["state"] == "running" and reply.json()["rollout"]["requested"] == "abort"
+    site.log_in("read")
+    assert "No controller drives this rollout" not in site.client.get(f"/rollouts/{rollout_id}").text
+    # Its process dies (a pid no process has): nobody drives it; the page offers Resume, and Abort is at once.
+    assert store.renew_rollout(rollout_id, me, release=True)
+    assert store.claim_rollout(rollout_id, f"{socket.gethostname()}:{2**22 + 1}:gone", expect=None)
+    assert "No controller drives this rollout" in site.client.get(f"/rollouts/{rollout_id}").text
+    site.client.cookies.clear()
+    site.log_in("operate")
+    assert ">Resume</button>" in site.client.get(f"/rollouts/{rollout_id}").text
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/abort", headers=operate)
+    assert reply.json()["rollout"]["state"] == "aborted"
+
+
+# Routes anyone may reach: the log-in page, the health check, the static files, and a redirect.
+PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/healthz"), ("GET", "/dashboards")}
+EXAMPLES = {"ref": "web@1", "rollout_id": "1", "action": "pause", "name": "executive"}
+
+
+def test_every_route_but_the_public_ones_refuses_a_request_without_a_token(site: Site) -> None:
+    """Found from the app's own routes, so a route added without its token check fails here."""
+    _rollout(site)
+    checked = 0
+    for route in _routes(site.client.app.routes):  # type: ignore[attr-defined]
+        if not isinstance(route, APIRoute):
+            continue
+        examples = EXAMPLES | {"name": "t-read"} if route.path.startswith("/api/v1/tokens") else EXAMPLES
+        path = re.sub(r"\{(\w+)\}", lambda m, ex=examples: ex[m.group(1)], route.path)  # type: ignore[misc]
+        for method in sorted(route.methods or ()):
+            if (method, route.path) in PUBLIC:
+                continue
+            before = site.state()
+            reply = site.client.request(method, path, follow_redirects=False)
+            if path.startswith("/api/") or path == "/metrics":
+                assert reply.status_code == 401, (method, path, reply.status_code)
+            else:
+                assert (reply.status_code, reply.headers.get("location", "")[:7]) == (303, "/login?"), (method, path)
+            assert site.state() == before
+            checked += 1
+    assert checked >= 39  # every method of every route that needs a token (39 when this was written)
+
+
+def test_head_answers_like_get_without_a_body_and_405_names_every_method(site: Site) -> None:
+    site.world.seed()
+    read = site.bearer("read")
+    for path in ("/api/v1/catalog", "/", "/versions/web@1", "/metrics"):
+        got, head = site.client.get(path, headers=read), site.client.head(path, headers=read)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"]
+    reply = site.client.post("/api/v1/catalog", headers=read)
+    assert reply.status_code == 405 and reply.headers["Allow"] == "GET, HEAD"
+    reply = site.client.delete("/api/v1/tokens", headers=site.bearer("admin"))
+    assert reply.status_code == 405 and reply.headers["Allow"] == "GET, HEAD, POST"
+
+
+def test_a_large_body_is_refused_before_anything_reads_it(site: Site) -> None:
+    before = site.state()
+    big = b'{"name": "' + b"x" * (70 * 1024) + b'", "role": "admin"}'
+    reply = site.client.post("/api/v1/tokens", content=big, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 413 and reply.json()["error"] == "too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the cap counts what arrives
+        for _ in range(20):
+            yield b"x" * 8192
+
+    reply = site.client.post("/login", content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status_code in (400, 413) and site.state() == before
+
+
+def test_htmx_sends_the_form_key_as_a_header(site: Site) -> None:
+    rollout_id = _rollout(site)
+    key = site.log_in("operate")
+    refused = site.client.post(f"/api/v1/rollouts/{rollout_id}/pause")  # the cookie alone: no
+    assert refused.status_code == 403 and site.world.store.get_rollout(rollout_id).requested is None
+    reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/pause", headers={"X-Amiforge-Form-Key": key})
+    assert reply.status_code == 200 and site.world.store.get_rollout(rollout_id).requested == "pause"
+    assert f'"X-Amiforge-Form-Key": "{key}"' in site.client.get("/").text  # what htmx is told to send

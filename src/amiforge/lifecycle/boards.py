@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
 from amiforge.errors import ConfigError
+from amiforge.lifecycle.controller import canonical_target
 from amiforge.lifecycle.metrics import MetricsReport, metrics
 from amiforge.lifecycle.slis import quantile
 from amiforge.model import BOOT_TEST_TARGET, ROLLOUT_LIVE, BootRecord, Rollout
@@ -71,6 +72,12 @@ class _Inputs:
     def fleets(self) -> list[BootRecord]:
         return [b for b in self.boots if b.target != BOOT_TEST_TARGET]
 
+    def decided(self, boots: Sequence[BootRecord]) -> list[BootRecord]:
+        """The boots whose outcome came within the window, newest first: a member that became ready weeks ago and
+        still runs is alive in the window, but its boot is not one of the window's."""
+        inside = [b for b in boots if b.ended_at is not None and self.start <= b.ended_at < self.end]
+        return sorted(inside, key=lambda b: b.ended_at or b.launched_at, reverse=True)
+
     def edges(self) -> list[datetime]:
         step = (self.end - self.start) / BUCKETS
         return [self.start + step * i for i in range(BUCKETS + 1)]
@@ -95,12 +102,14 @@ def board(
     if name not in BOARDS:
         raise ConfigError(f"no dashboard {name!r}", fix="one of " + ", ".join(BOARDS))
     now = now or datetime.now(UTC)
+    if target is not None and target != BOOT_TEST_TARGET:
+        target = canonical_target(target)  # `web` is local:web, as everywhere else
     report = metrics(store=store, settings=settings, ref=version, target=target, window=window, now=now,
                      read_fleets=False)  # fmt: skip
-    version_ids = None if version is None else [store.get_version(version).id]
-    boots = store.boots_in_window(now - window, now, version_ids=version_ids,
+    chosen = None if version is None else store.get_version(version)  # NAME@N or a digest prefix
+    boots = store.boots_in_window(now - window, now, version_ids=None if chosen is None else [chosen.id],
                                   targets=None if target is None else [target])  # fmt: skip
-    image = None if version is None else version.partition("@")[0]
+    image = None if chosen is None else chosen.name
     rollouts = [r for r in store.rollouts(target=target) if image is None or r.version_ref.partition("@")[0] == image]
     inputs = _Inputs(store, report, boots, rollouts, now - window, now)
     grafana = next(b for b in boards() if b.uid == f"amiforge-{name}")
@@ -166,8 +175,7 @@ def rollouts_ended(i: _Inputs) -> tuple[Table, list[Series]]:
 
 
 def _failed(i: _Inputs) -> list[BootRecord]:
-    failed = [b for b in i.fleets() if b.outcome in ("failed", "timeout")]
-    return sorted(failed, key=lambda b: b.ended_at or b.launched_at, reverse=True)[:RECENT]
+    return [b for b in i.decided(i.fleets()) if b.outcome in ("failed", "timeout")][:RECENT]
 
 
 def recent_failed_boots(i: _Inputs) -> tuple[Table, list[Series]]:
@@ -215,8 +223,7 @@ def boot_failure_share(i: _Inputs) -> tuple[Table, list[Series]]:
 
     series = [Series(name, _bucketed(i, [b for b in boots if b.outcome is not None], lambda b: b.ended_at, share))
               for name, boots in _by_version_target(i.fleets()).items()]  # fmt: skip
-    rows = [(name, _percent(share([b for b in boots if b.outcome is not None])))
-            for name, boots in _by_version_target(i.fleets()).items()]  # fmt: skip
+    rows = [(name, _percent(share(i.decided(boots)))) for name, boots in _by_version_target(i.fleets()).items()]
     return Table(("version and target", "failed share over the window"), rows), series
 
 
@@ -233,8 +240,7 @@ def agent_coverage(i: _Inputs) -> tuple[Table, list[Series]]:
 
 
 def boot_timeline(i: _Inputs) -> tuple[Table, list[Series]]:
-    decided = sorted((b for b in i.boots if b.outcome is not None), key=lambda b: b.ended_at or b.launched_at,
-                     reverse=True)[:RECENT]  # fmt: skip
+    decided = i.decided(i.boots)[:RECENT]
     rows = [(b.instance, b.version_ref, b.target, b.outcome or "",
              _seconds(b.time_to_ready if b.time_to_ready is not None
                       else ((b.ended_at - b.launched_at).total_seconds() if b.ended_at else None)))
@@ -243,7 +249,7 @@ def boot_timeline(i: _Inputs) -> tuple[Table, list[Series]]:
 
 
 def boot_phases(i: _Inputs) -> tuple[Table, list[Series]]:
-    timed = [b for b in i.boots if b.timeline][:RECENT]
+    timed = [b for b in i.decided(i.boots) if b.timeline][:RECENT]
     rows = [(b.instance, b.version_ref, b.target,
              ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in (b.timeline or {}).items()))
             for b in timed]  # fmt: skip
@@ -257,7 +263,7 @@ def time_to_ready_quantiles(i: _Inputs) -> tuple[Table, list[Series]]:
         return lambda inside: quantile(sorted(b.time_to_ready or 0.0 for b in inside), percent)
 
     series = [Series(f"p{p}", _bucketed(i, ready, lambda b: b.ended_at, at(p))) for p in (50, 95, 99)]
-    whole = sorted(b.time_to_ready or 0.0 for b in ready)
+    whole = sorted(b.time_to_ready or 0.0 for b in i.decided(ready))
     rows = [(f"p{p}", _seconds(quantile(whole, p))) for p in (50, 95, 99)]
     return Table(("quantile", "over the window"), rows), series
 

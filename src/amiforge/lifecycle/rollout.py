@@ -33,7 +33,10 @@ from amiforge.lifecycle.controller import (
     RolloutOutcome,
     artifact_in,
     canonical_target,
+    controller_gone,
+    ensure_undriven,
     fleet_of,
+    lease,
     live,
     versions_by_location,
 )
@@ -129,8 +132,9 @@ def resume(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
 
 def reopen(rollout_id: int, *, store: Store, settings: Settings) -> Rollout:
     """Make a paused rollout running again (a running one whose controller died stays as it is); StateError if it
-    is over. `resume` without driving it."""
+    is over, or if a live controller drives it. `resume` without driving it."""
     rollout = store.get_rollout(rollout_id)
+    ensure_undriven(rollout)
     if rollout.state == "paused":
         rollout = store.update_rollout(rollout.id, expect="paused", state="running", clear_request=True)
         store.append_event(
@@ -143,10 +147,11 @@ def reopen(rollout_id: int, *, store: Store, settings: Settings) -> Rollout:
 
 def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> Rollout:
     """Ask a running rollout to pause or abort; the controller acts between steps. A paused rollout has no
-    controller, so an abort of it takes effect here."""
+    controller, nor has one whose controller is gone (`serve` stopped, a CLI killed): an abort of it takes effect
+    here (a pause of it waits for whoever resumes it)."""
     rollout = store.request_rollout(rollout_id, what)
-    if what == "abort" and rollout.state == "paused":
-        rollout = store.update_rollout(rollout.id, expect="paused", state="aborted", clear_request=True)
+    if what == "abort" and (rollout.state == "paused" or controller_gone(rollout)):
+        rollout = store.update_rollout(rollout.id, expect=rollout.state, state="aborted", clear_request=True)
         store.append_event(
             "rollout.aborted", actor=settings.actor, ref=rollout.version_ref, data={"rollout": rollout.id}
         )
@@ -159,7 +164,8 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
 def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
     target = store.get_rollout(rollout_id).target
     try:
-        return _drive(rollout_id, store=store, settings=settings, controls=controls)
+        with lease(rollout_id, store):  # one controller at a time, in any process on any host
+            return _drive(rollout_id, store=store, settings=settings, controls=controls)
     finally:  # however it ended (rolled back, paused, interrupted): the boots it caused are recorded
         measure(store, settings, target)
 

@@ -273,6 +273,15 @@ class Store(Protocol):
 
     def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]: ...
 
+    def claim_rollout(self, rollout_id: int, owner: str, *, expect: str | None) -> bool:
+        """Make `owner` the rollout's controller if its controller is still `expect` (compare-and-set); False if
+        another claimed it meanwhile."""
+        ...
+
+    def renew_rollout(self, rollout_id: int, owner: str, *, release: bool = False) -> bool:
+        """Renew `owner`'s lease on the rollout (or give it up: `release`); False if it no longer holds it."""
+        ...
+
     def rollout_page(
         self, *, limit: int, before: int | None = None, states: Collection[str] | None = None
     ) -> list[Rollout]:

@@ -138,6 +138,26 @@ class Operations(StoreCore):
             where = where & (rollouts_table.c.version_id == version_id)
         return self._rollout_rows(where)
 
+    def claim_rollout(self, rollout_id: int, owner: str, *, expect: str | None) -> bool:
+        """Make `owner` the rollout's controller if its controller is still `expect` (compare-and-set); False if
+        another claimed it meanwhile."""
+        now = self._now()
+        r = rollouts_table
+        held = r.c.controller.is_(None) if expect is None else r.c.controller == expect
+        with self._guard(f"claim rollout #{rollout_id}"), self._write() as conn:
+            done = conn.execute(r.update().where(r.c.id == rollout_id, held)
+                                .values(controller=owner, controller_seen_at=now))  # fmt: skip
+            return done.rowcount == 1
+
+    def renew_rollout(self, rollout_id: int, owner: str, *, release: bool = False) -> bool:
+        """Renew `owner`'s lease on the rollout (or give it up: `release`); False if it no longer holds it."""
+        now = self._now()
+        r = rollouts_table
+        values = {"controller": None, "controller_seen_at": None} if release else {"controller_seen_at": now}
+        with self._guard(f"renew rollout #{rollout_id}"), self._write() as conn:
+            done = conn.execute(r.update().where(r.c.id == rollout_id, r.c.controller == owner).values(**values))
+            return done.rowcount == 1
+
     def rollout_page(
         self, *, limit: int, before: int | None = None, states: Collection[str] | None = None
     ) -> list[Rollout]:

@@ -408,6 +408,9 @@ rollouts_table = sa.Table(
     # A rollback (`amiforge rollback`): the rollout whose change it undoes (M6 counts that one as rolled back). No
     # foreign key (migrations/versions/r0010): the store checks the rollout exists, and rollouts are never deleted.
     sa.Column("undoes", sa.Integer, nullable=True),
+    # Who drives it now (migration 0013): a controller's lease, renewed while it runs (lifecycle/rollout.py).
+    sa.Column("controller", sa.String(200), nullable=True),
+    sa.Column("controller_seen_at", UtcDateTime, nullable=True),
     sa.Index("ix_rollouts_target", "target"),
     sa.Index("ix_rollouts_undoes", "undoes"),
 )

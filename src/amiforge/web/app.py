@@ -4,6 +4,7 @@ console's pages (pages.py) and their static files, behind one set of security he
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -12,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from amiforge import __version__
 from amiforge.errors import AmiforgeError, GateFailed
@@ -20,6 +21,7 @@ from amiforge.lifecycle.exposition import CONTENT_TYPE
 from amiforge.web import api, pages
 from amiforge.web.auth import Refused, require
 from amiforge.web.context import Context, context
+from amiforge.web.middleware import BodyLimit, HeadAsGet
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def create_app(ctx: Context) -> FastAPI:
         require(request, context(request).store, "read")
         return JSONResponse(app.openapi())
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:
         ctx = context(request)
         if not ctx.open_metrics:
@@ -76,7 +78,7 @@ def create_app(ctx: Context) -> FastAPI:
         # The text format every Prometheus reads (2.x included); the names need none of 1.0.0's UTF-8 escaping.
         return Response(body, media_type=CONTENT_TYPE)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.get("/healthz", include_in_schema=False)
     def healthz(request: Request) -> JSONResponse:
         try:
             context(request).store.count_versions()
@@ -139,19 +141,31 @@ def create_app(ctx: Context) -> FastAPI:
         body = {"error": "http", "message": str(exc.detail), "fix": ""}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(BodyLimit)  # the outermost of the two: no body is read past the cap
     return app
 
 
 def _allowed(app: FastAPI, request: Request) -> list[str]:
-    """Every method some route serves at the request's path."""
+    """Every method some route serves at the request's path (HEAD wherever GET: middleware.HeadAsGet)."""
     methods: set[str] = set()
-    for route in app.routes:
+    for route in _routes(app.routes):
         match, _ = route.matches({**request.scope, "method": "GET"})
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
+
+
+def _routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes, those of included routers too (FastAPI keeps an included router's routes behind it)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route
 
 
 def _wants_page(request: Request) -> bool:

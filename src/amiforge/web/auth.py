@@ -68,8 +68,18 @@ def identify(request: Request, store: Store) -> Caller | None:
     return None if token is None else Caller(token, secret, by_cookie)
 
 
-def require(request: Request, store: Store, role: str, *, form_value: str | None = None) -> Caller:
-    """The caller, if its token is live, has `role`, and (for a cookie's unsafe request) carries the form key."""
+def require(request: Request, store: Store, role: str) -> Caller:
+    """The caller, if its token is live and has `role`; for a request that changes something on the strength of
+    the cookie, also its form key from the `X-Amiforge-Form-Key` header (a form's field: `authorize`, then
+    `check_form_key` once the form is parsed)."""
+    caller = authorize(request, store, role)
+    if caller.by_cookie and request.method not in SAFE_METHODS:
+        check_form_key(request, caller, request.headers.get(FORM_KEY_HEADER, ""))
+    return caller
+
+
+def authorize(request: Request, store: Store, role: str) -> Caller:
+    """The caller, if its token is live and has `role`: 401 without one, 403 with a weaker one."""
     caller = identify(request, store)
     if caller is None:
         raise Refused(401, "a valid token is needed", fix="log in, or send Authorization: Bearer amf_…")
@@ -78,12 +88,16 @@ def require(request: Request, store: Store, role: str, *, form_value: str | None
             403, f"token {caller.token.name!r} is {caller.token.role}; this needs {role}",
             fix=f"use a token with role {role} (amiforge tokens create NAME --role {role})",
         )  # fmt: skip
-    if caller.by_cookie and request.method not in SAFE_METHODS:
-        check_same_origin(request)
-        given = form_value if form_value is not None else request.headers.get(FORM_KEY_HEADER, "")
-        if not hmac.compare_digest(given.encode(), caller.form_key.encode()):
-            raise Refused(403, "the form key is missing or wrong", fix="reload the page and submit the form again")
     return caller
+
+
+def check_form_key(request: Request, caller: Caller, given: str) -> None:
+    """A cookie's unsafe request: from this server's own origin, with the session's form key."""
+    if not caller.by_cookie or request.method in SAFE_METHODS:
+        return
+    check_same_origin(request)
+    if not hmac.compare_digest(given.encode(), caller.form_key.encode()):
+        raise Refused(403, "the form key is missing or wrong", fix="reload the page and submit the form again")
 
 
 def check_same_origin(request: Request) -> None:

@@ -15,7 +15,8 @@ PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#0
 class Line:
     name: str
     colour: str
-    points: str  # "x,y x,y …" for <polyline points>; one polyline per run of buckets that have data
+    points: str  # "x,y x,y …" for <polyline points>, over the buckets that have data
+    dots: list[tuple[str, str]]  # each bucket's point: a lone value draws no line, so every point is a dot too
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ def chart(series: list[Series], *, percent: bool = False) -> Chart | None:
     for n, s in enumerate(series):
         count = max(len(s.points) - 1, 1)
         xy = [
-            f"{PAD + (WIDTH - 2 * PAD) * k / count:.1f},{HEIGHT - PAD - (HEIGHT - 2 * PAD) * v / top:.1f}"
+            (f"{PAD + (WIDTH - 2 * PAD) * k / count:.1f}", f"{HEIGHT - PAD - (HEIGHT - 2 * PAD) * v / top:.1f}")
             for k, (_, v) in enumerate(s.points)
             if v is not None
         ]
-        lines.append(Line(s.name, PALETTE[n % len(PALETTE)], " ".join(xy)))
+        lines.append(Line(s.name, PALETTE[n % len(PALETTE)], " ".join(f"{x},{y}" for x, y in xy), xy))
     return Chart(WIDTH, HEIGHT, top, lines)

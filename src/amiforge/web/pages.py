@@ -19,7 +19,17 @@ from amiforge.errors import ConfigError, GateFailed, NotFound
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle.tokens import authenticate
 from amiforge.model import ROLLOUT_LIVE, Status
-from amiforge.web.auth import FORM_KEY_FIELD, SESSION_COOKIE, Caller, Refused, check_same_origin, identify, require
+from amiforge.web.auth import (
+    FORM_KEY_FIELD,
+    SESSION_COOKIE,
+    Caller,
+    Refused,
+    authorize,
+    check_form_key,
+    check_same_origin,
+    identify,
+    require,
+)
 from amiforge.web.context import context
 
 router = APIRouter(include_in_schema=False)
@@ -64,9 +74,10 @@ def _reader(request: Request) -> Caller:
 
 async def _form(request: Request, role: str) -> tuple[Caller, dict[str, str]]:
     """The form's fields and its caller, who must have `role` and whose form carries the session's form key."""
+    caller = authorize(request, context(request).store, role)  # before the body is parsed
     form = await request.form()
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    caller = require(request, context(request).store, role, form_value=fields.get(FORM_KEY_FIELD, ""))
+    check_form_key(request, caller, fields.get(FORM_KEY_FIELD, ""))
     return caller, fields
 
 
@@ -215,17 +226,24 @@ def rollouts(request: Request, before: int | None = None) -> HTMLResponse:
 
 @router.get("/rollouts/{rollout_id}")
 def rollout(request: Request, rollout_id: int) -> HTMLResponse:
-    caller = _reader(request)
-    report = docs.rollout_report(context(request).store, rollout_id)
-    return _render(request, "rollout.html", caller, report=report, live=report.rollout.state in ROLLOUT_LIVE)
+    return _rollout(request, rollout_id, "rollout.html")
 
 
 @router.get("/rollouts/{rollout_id}/live")
 def rollout_live(request: Request, rollout_id: int) -> HTMLResponse:
     """The rollout's changing part, which the page's htmx swaps in every second while the rollout is live."""
+    return _rollout(request, rollout_id, "rollout_live.html")
+
+
+def _rollout(request: Request, rollout_id: int, template: str) -> HTMLResponse:
+    from amiforge.lifecycle.controller import controller_gone
+
     caller = _reader(request)
     report = docs.rollout_report(context(request).store, rollout_id)
-    return _render(request, "rollout_live.html", caller, report=report, live=report.rollout.state in ROLLOUT_LIVE)
+    live = report.rollout.state in ROLLOUT_LIVE
+    # A running rollout nobody drives (a server restarted, a CLI killed) is resumed here, or aborted at once.
+    orphaned = live and report.rollout.state != "paused" and controller_gone(report.rollout)
+    return _render(request, template, caller, report=report, live=live, orphaned=orphaned)
 
 
 @router.post("/rollouts/{rollout_id}/{action}")
