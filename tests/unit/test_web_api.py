@@ -5,8 +5,15 @@ documents the CLI's `--json` prints."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ from amiforge.strategy import Strategy
 from amiforge.web.app import CSP, _routes
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
+from amiforge.web.server import Listen, Tls, WebServer
 
 
 @dataclass
@@ -224,7 +232,8 @@ def test_login_refuses_a_wrong_token_and_never_redirects_off_site(site: Site) ->
                                  follow_redirects=False)  # fmt: skip
         assert reply.headers["location"] == "/", target
     cookie = reply.headers["set-cookie"]
-    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie and "Max-Age=43200" in cookie
+    assert "Secure" not in cookie  # plain HTTP on loopback: a Secure cookie would never come back
     reply = site.client.post("/login", data={"token": site.secrets["read"]}, headers={"Origin": "http://evil.test"})
     assert reply.status_code == 403
 
@@ -548,3 +557,85 @@ def test_htmx_sends_the_form_key_as_a_header(site: Site) -> None:
     reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/pause", headers={"X-Amiforge-Form-Key": key})
     assert reply.status_code == 200 and site.world.store.get_rollout(rollout_id).requested == "pause"
     assert f'"X-Amiforge-Form-Key": "{key}"' in site.client.get("/").text  # what htmx is told to send
+
+
+def test_a_browser_session_has_its_own_secret_and_ends_at_log_out(site: Site) -> None:
+    key = site.log_in("operate")
+    cookie = site.client.cookies["amiforge_session"]
+    assert cookie.startswith("ams_") and cookie != site.secrets["operate"]  # the token never sits in the browser
+    with site.world.store.engine.connect() as conn:
+        stored = "\n".join(str(row) for row in conn.exec_driver_sql("SELECT * FROM api_sessions"))
+    assert cookie not in stored and secret_digest(cookie) in stored
+    site.client.cookies.clear()
+    other = site.log_in("operate")
+    assert other != key  # a form key belongs to one session
+    site.client.cookies.clear()
+    site.client.cookies.set("amiforge_session", cookie)
+    assert site.client.get("/").status_code == 200
+    reply = site.client.post("/logout", data={"form_key": key}, follow_redirects=False)
+    assert (reply.status_code, reply.headers["location"]) == (303, "/login")
+    site.client.cookies.set("amiforge_session", cookie)  # the old cookie, replayed
+    assert site.client.get("/", follow_redirects=False).status_code == 303
+    assert site.client.get("/api/v1/catalog", headers={"Authorization": f"Bearer {cookie}"}).status_code == 401
+
+
+def _self_signed(folder: Path) -> Tls:
+    """A throw-away certificate for 127.0.0.1 (synthetic: CN TEST-0001)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TEST-0001")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))  # fmt: skip
+    return Tls(folder / "cert.pem", folder / "key.pem")
+
+
+def test_under_tls_the_server_speaks_https_and_the_session_cookie_is_secure(site: Site, tmp_path: Path) -> None:
+    tls = _self_signed(tmp_path)
+    server = WebServer(Listen("127.0.0.1", 0), store=site.world.store, settings=site.world.settings,
+                       policy=default_policy(), tls=tls)  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(tls.certificate))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.url}/healthz", context=trust, timeout=5) as reply:
+                    assert reply.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        body = urllib.parse.urlencode({"token": site.secrets["read"], "next": "/"}).encode()
+        asked = urllib.request.Request(f"{server.url}/login", data=body, method="POST")
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: object, **kwargs: object) -> None:
+                return None
+
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=trust), NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            opener.open(asked, timeout=5)
+        cookie = answered.value.headers["Set-Cookie"]
+        assert answered.value.code == 303 and cookie.startswith("__Host-amiforge_session=ams_")
+        assert "Secure" in cookie and "HttpOnly" in cookie
+        with pytest.raises(ConfigError, match="TLS certificate"):
+            WebServer(Listen("127.0.0.1", 0), store=site.world.store, settings=site.world.settings,
+                      policy=default_policy(), tls=Tls(tls.key, tls.key))  # fmt: skip
+    finally:
+        server.stop()
+        thread.join(10)

@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import ConfigError
 from amiforge.model import TOKEN_ROLES, ApiToken
@@ -19,8 +20,11 @@ from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
 PREFIX = "amf_"
+SESSION_PREFIX = "ams_"
+SESSION_HOURS = 12  # a browser session ends after this, or at log-out, or when its token is revoked
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SECRET = re.compile(PREFIX + r"[A-Za-z0-9_-]{43}")
+_SESSION = re.compile(SESSION_PREFIX + r"[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,29 @@ def authenticate(store: Store, secret: str) -> ApiToken | None:
     return token if token is not None and token.revoked_at is None else None
 
 
+def open_session(token: ApiToken, *, store: Store) -> str:
+    """A browser session of the token: its own random secret (the cookie), never the token's."""
+    secret = SESSION_PREFIX + secrets.token_urlsafe(32)
+    store.add_session(token.id, secret_digest(secret), datetime.now(UTC) + timedelta(hours=SESSION_HOURS))
+    return secret
+
+
+def session_token(store: Store, secret: str) -> ApiToken | None:
+    """The live token of a live session, or None."""
+    if _SESSION.fullmatch(secret) is None:
+        return None
+    token = store.session_token(secret_digest(secret))
+    return token if token is not None and token.revoked_at is None else None
+
+
+def close_session(store: Store, secret: str) -> None:
+    if _SESSION.fullmatch(secret) is not None:
+        store.end_session(secret_digest(secret))
+
+
 def form_key(secret: str) -> str:
     """The anti-CSRF value a browser session's forms carry: derived from the session's secret, so a page of another
-    site can neither read nor compute it, and it dies with the token."""
+    site can neither read nor compute it, and it dies with the session."""
     return hmac.new(secret.encode(), b"amiforge form key", hashlib.sha256).hexdigest()
 
 

@@ -397,3 +397,13 @@ class Store(Protocol):
     def revoke_token(self, name: str) -> tuple[ApiToken, bool]:
         """Revoke the named token; (token, False) if it was already revoked."""
         ...
+
+    def add_session(self, token_id: int, secret_sha256: str, expires_at: datetime) -> None:
+        """A session of the token, until `expires_at`; sessions that have ended are deleted on the way."""
+        ...
+
+    def session_token(self, secret_sha256: str) -> ApiToken | None:
+        """The token of the live session whose secret hashes to this (None: unknown or ended)."""
+        ...
+
+    def end_session(self, secret_sha256: str) -> bool: ...

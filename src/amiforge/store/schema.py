@@ -548,3 +548,16 @@ api_tokens_table = sa.Table(
     sa.Column("revoked_at", UtcDateTime, nullable=True),
     sa.Column("last_used_at", UtcDateTime, nullable=True),
 )
+
+# A browser session: the SHA-256 of its own random secret (the cookie), the token it was opened with, when it ends.
+# Logging out deletes it; revoking the token ends it at the next request.
+api_sessions_table = sa.Table(
+    "api_sessions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("token_id", sa.Integer, sa.ForeignKey("api_tokens.id", name="fk_api_sessions_token"), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Index("ix_api_sessions_expires_at", "expires_at"),
+)

@@ -6,7 +6,7 @@ another secret and the audit log's actor names stay unambiguous.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +15,7 @@ from amiforge.errors import NotFound, StateError
 from amiforge.model import ApiToken
 from amiforge.store.base import StoreCore, inserted_id
 from amiforge.store.rows import row_mapper
-from amiforge.store.schema import api_tokens_table
+from amiforge.store.schema import api_sessions_table, api_tokens_table
 
 token_from_row = row_mapper(ApiToken, "api_tokens", key="name")
 
@@ -79,3 +79,29 @@ class Tokens(StoreCore):
             conn.execute(api_tokens_table.update().where(api_tokens_table.c.id == token.id).values(revoked_at=now))
             return ApiToken(token.id, token.name, token.role, token.created_at, token.created_by, now,
                             token.last_used_at), True  # fmt: skip
+
+    # browser sessions
+
+    def add_session(self, token_id: int, secret_sha256: str, expires_at: datetime) -> None:
+        """A session of the token, until `expires_at`; sessions that have ended are deleted on the way."""
+        now = self._now()
+        with self._guard("open a session"), self._write() as conn:
+            conn.execute(api_sessions_table.delete().where(api_sessions_table.c.expires_at <= now))
+            conn.execute(api_sessions_table.insert().values(
+                secret_sha256=secret_sha256, token_id=token_id, created_at=now, expires_at=expires_at))  # fmt: skip
+
+    def session_token(self, secret_sha256: str) -> ApiToken | None:
+        """The token of the live session whose secret hashes to this (None: unknown or ended)."""
+        s, t = api_sessions_table, api_tokens_table
+        query = (
+            sa.select(*_PUBLIC).join(s, s.c.token_id == t.c.id)
+            .where(s.c.secret_sha256 == secret_sha256, s.c.expires_at > self._now())
+        )  # fmt: skip
+        with self._guard("look up a session"), self._read() as conn:
+            row = conn.execute(query).mappings().one_or_none()
+        return None if row is None else token_from_row(row)
+
+    def end_session(self, secret_sha256: str) -> bool:
+        with self._guard("end a session"), self._write() as conn:
+            done = conn.execute(api_sessions_table.delete().where(api_sessions_table.c.secret_sha256 == secret_sha256))
+            return done.rowcount == 1

@@ -1,5 +1,6 @@
-"""Who is asking: a bearer token (`Authorization: Bearer amf_…`, for scripts and Prometheus) or the browser session's
-cookie, which holds the same token (HttpOnly, SameSite=Strict). docs/architecture.md §14.
+"""Who is asking: a bearer token (`Authorization: Bearer amf_…`, for scripts and Prometheus) or a browser session's
+cookie (HttpOnly, SameSite=Strict), which holds a secret of the session's own, never the token's: a session ends
+at log-out, after SESSION_HOURS, or when its token is revoked. docs/architecture.md §14.
 
 - No valid token: 401 (pages redirect to /login instead).
 - A role too weak: 403.
@@ -11,16 +12,17 @@ cookie, which holds the same token (HttpOnly, SameSite=Strict). docs/architectur
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from fastapi import Request
 
-from amiforge.lifecycle.tokens import actor_of, authenticate, form_key
+from amiforge.lifecycle.tokens import actor_of, authenticate, form_key, session_token
 from amiforge.model import ApiToken
 from amiforge.store.interface import Store
 
 SESSION_COOKIE = "amiforge_session"
+SECURE_SESSION_COOKIE = "__Host-amiforge_session"  # under TLS: the prefix makes browsers insist on Secure, Path=/
 FORM_KEY_FIELD = "form_key"
 FORM_KEY_HEADER = "X-Amiforge-Form-Key"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -29,7 +31,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 @dataclass(frozen=True)
 class Caller:
     token: ApiToken
-    secret: str
+    secret: str = field(repr=False)  # the token's (bearer) or the session's (cookie); no template is given it
     by_cookie: bool
 
     @property
@@ -50,12 +52,14 @@ class Refused(Exception):
 
 
 def presented_secret(request: Request) -> tuple[str, bool] | None:
-    """(secret, whether it came from the cookie) of what the request presents, if anything."""
+    """(secret, whether it is a session's cookie) of what the request presents, if anything. An Authorization
+    header that is not a bearer token (a proxy's Basic credentials) is not ours: the cookie decides then."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
-        return (value.strip(), False) if scheme.lower() == "bearer" else ("", False)
-    cookie = request.cookies.get(SESSION_COOKIE)
+        if scheme.lower() == "bearer":
+            return value.strip(), False
+    cookie = request.cookies.get(SECURE_SESSION_COOKIE) or request.cookies.get(SESSION_COOKIE)
     return (cookie, True) if cookie else None
 
 
@@ -64,7 +68,7 @@ def identify(request: Request, store: Store) -> Caller | None:
     if presented is None:
         return None
     secret, by_cookie = presented
-    token = authenticate(store, secret)
+    token = session_token(store, secret) if by_cookie else authenticate(store, secret)
     return None if token is None else Caller(token, secret, by_cookie)
 
 

@@ -17,10 +17,11 @@ from starlette.templating import Jinja2Templates
 from amiforge import __version__
 from amiforge.errors import ConfigError, GateFailed, NotFound
 from amiforge.lifecycle import documents as docs
-from amiforge.lifecycle.tokens import authenticate
+from amiforge.lifecycle.tokens import SESSION_HOURS, authenticate, close_session, open_session
 from amiforge.model import ROLLOUT_LIVE, Status
 from amiforge.web.auth import (
     FORM_KEY_FIELD,
+    SECURE_SESSION_COOKIE,
     SESSION_COOKIE,
     Caller,
     Refused,
@@ -107,16 +108,22 @@ async def login(request: Request) -> Response:
     if token is None:
         problem = "That token is not valid (mistyped, revoked, or from another registry)."
         return _render(request, "login.html", None, 401, next=target, problem=problem)
+    session = open_session(token, store=ctx.store)
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=ctx.secure_cookies, path="/")
+    name = SECURE_SESSION_COOKIE if ctx.secure_cookies else SESSION_COOKIE
+    response.set_cookie(name, session, max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
+                        secure=ctx.secure_cookies, path="/")  # fmt: skip
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    await _form(request, "read")
+    caller, _ = await _form(request, "read")
+    if caller.by_cookie:
+        close_session(context(request).store, caller.secret)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    for name in (SESSION_COOKIE, SECURE_SESSION_COOKIE):
+        response.delete_cookie(name, path="/", httponly=True, samesite="strict", secure=name.startswith("__Host-"))
     return response
 
 

@@ -1,5 +1,6 @@
 """Tokens of the web console and API (`amiforge tokens`): a name, a role (read, operate, admin) and the SHA-256 of
-the secret, never the secret.
+the secret, never the secret; and the browser sessions opened with them (`api_sessions`: the SHA-256 of the
+session's secret, its token, when it ends).
 
 Revision ID: 0012
 Revises: 0011
@@ -31,7 +32,20 @@ def upgrade() -> None:
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
     )
+    op.create_table(
+        "api_sessions",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
+        sa.Column(
+            "token_id", sa.Integer, sa.ForeignKey("api_tokens.id", name="fk_api_sessions_token"), nullable=False
+        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_api_sessions_expires_at", "api_sessions", ["expires_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_api_sessions_expires_at", "api_sessions")
+    op.drop_table("api_sessions")
     op.drop_table("api_tokens")
