@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -42,6 +46,7 @@ from amiforge.lifecycle.tokens import PREFIX, authenticate, create_token, first_
 from amiforge.model import BootObservation, BootReport, CheckResult, Status, to_json
 from amiforge.policy.document import default_policy
 from amiforge.strategy import Strategy
+from amiforge.web import context as context_module
 from amiforge.web.app import CSP, _routes
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
@@ -127,14 +132,46 @@ def test_a_token_is_kept_as_a_hash_and_dies_when_revoked(world: World) -> None: 
                      ("token.revoked", {"token": "ci-deploy", "role": "operate"})]  # fmt: skip
 
 
-def test_serve_makes_one_admin_token_only_while_there_is_none(world: World) -> None:  # noqa: F811
+def test_serve_makes_an_admin_token_only_for_a_registry_that_never_had_one(world: World) -> None:  # noqa: F811
     store, settings = world.store, world.settings
     first = first_token(store=store, settings=settings)
     assert first is not None and first.token.role == "admin" and first.token.name == "admin"
     assert first_token(store=store, settings=settings) is None
     revoke_token("admin", store=store, settings=settings)
-    again = first_token(store=store, settings=settings)
-    assert again is not None and again.token.name == "admin-2"
+    assert first_token(store=store, settings=settings) is None  # revoked on purpose: none comes back by itself
+
+
+def test_serve_started_by_a_service_puts_the_first_token_in_a_private_file(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")}
+    env |= {"AMIFORGE_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "400"}
+    port = _free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "amiforge", "serve", "--listen", f"127.0.0.1:{port}",
+                              "--collect-every", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        path = tmp_path / "data" / "first-admin-token"
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert time.monotonic() < deadline and serve.poll() is None, "serve made no token file"
+            time.sleep(0.2)
+        time.sleep(0.2)
+        secret = path.read_text().strip()
+        assert secret.startswith("amf_") and path.stat().st_mode & 0o777 == 0o600
+        headers = {"Authorization": f"Bearer {secret}"}
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/tokens",
+                                                           headers=headers), timeout=10) as reply:  # fmt: skip
+            assert [t["name"] for t in json.loads(reply.read())] == ["admin"]
+    finally:
+        serve.terminate()
+        _, err = serve.communicate(timeout=30)
+    assert "first-admin-token (mode 0600)" in err, err
+    assert secret not in err, err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # --- who may do what ------------------------------------------------------------------------------------------------
@@ -469,8 +506,6 @@ def test_the_incident_view_lists_what_ran_a_version(site: Site) -> None:
 def test_a_rollout_a_live_controller_drives_is_not_driven_twice_and_an_orphaned_one_can_be_resumed_or_aborted(
     site: Site,
 ) -> None:
-    import os
-    import socket
 
     rollout_id = _rollout(site)
     store, operate = site.world.store, site.bearer("operate")
@@ -639,3 +674,15 @@ def test_under_tls_the_server_speaks_https_and_the_session_cookie_is_secure(site
     finally:
         server.stop()
         thread.join(10)
+
+
+def test_expensive_reads_wait_for_a_place_and_are_refused_when_none_frees_up(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(context_module, "HEAVY_WAIT_SECONDS", 0.2)
+    read = site.bearer("read")
+    with site.context.heavy(), site.context.heavy():  # two expensive reads under way
+        reply = site.client.get("/api/v1/events/verify", headers=read)
+        assert (reply.status_code, reply.json()["error"], reply.headers["Retry-After"]) == (503, "busy", "30")
+        assert site.client.get("/api/v1/catalog", headers=read).status_code == 200  # the rest is unaffected
+    assert site.client.get("/api/v1/events/verify", headers=read).json()["intact"] is True

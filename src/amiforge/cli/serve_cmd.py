@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -47,19 +49,25 @@ def serve_command(
     every = parse_duration(collect_every, what="--collect-every", allow_zero=True)
     settings, store = open_registry()
     policy = PolicySource(settings, policy_of)  # read again when the file changes
-    created = first_token(store=store, settings=settings)
 
     def ready(url: str) -> None:
+        # Listening: only now is a first admin token made (a failed start leaves none that nobody saw).
+        created = first_token(store=store, settings=settings)
         err_console.print(
             f"serving the console on {escape(url)}/ and metrics on {escape(url)}/metrics (Ctrl-C to stop)"
         )
-        if created is not None:
-            err_console.print(
-                f"log in with this admin token (shown once; `amiforge tokens` manages them): {created.secret}",
-                markup=False,
-            )
-        else:
+        if created is None:
             err_console.print("log in with a token; `amiforge tokens create NAME --role read` makes one")
+        elif sys.stderr.isatty():
+            err_console.print(f"log in with this admin token (shown once; `amiforge tokens` manages them): "
+                              f"{created.secret}", markup=False)  # fmt: skip
+        else:  # a service's log is kept: the secret goes to a file only its owner reads
+            path = settings.data_dir / "first-admin-token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(created.secret + "\n")
+            err_console.print(f"an admin token was made; its secret is in {escape(str(path))} (mode 0600): log in "
+                              "with it, then delete the file")  # fmt: skip
 
     try:
         serve(where, store=store, settings=settings, policy=policy, collect_every=every or None, ready=ready,

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from amiforge.errors import ConfigError
+from amiforge.errors import ConfigError, StateError
 from amiforge.model import TOKEN_ROLES, ApiToken
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -106,11 +106,12 @@ def form_key(secret: str) -> str:
 
 
 def first_token(*, store: Store, settings: Settings) -> CreatedToken | None:
-    """An admin token for a registry that has no live one yet (what `amiforge serve` prints at its first start, so a
-    new user can log in); None when one exists."""
-    existing = store.tokens()
-    if any(t.revoked_at is None and t.role == "admin" for t in existing):
+    """An admin token for a registry that has never had a token (what `amiforge serve` prints at its first start,
+    so a new user can log in); None once any token exists, revoked ones included: a registry whose tokens were all
+    revoked gets no new one behind anybody's back."""
+    if store.tokens():
         return None
-    taken = {t.name for t in existing}
-    name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, len(taken) + 3))) if n not in taken)
-    return create_token(name, "admin", store=store, settings=settings)
+    try:
+        return create_token("admin", "admin", store=store, settings=settings)
+    except StateError:  # another `serve` made it meanwhile
+        return None

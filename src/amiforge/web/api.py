@@ -155,7 +155,8 @@ def get_diff(
     base = against or version.parent
     if base is None:
         raise NotFound(f"{version.ref} has no parent to compare with", fix="pass ?against=NAME@N")
-    return document(diff(base, version.ref, store=ctx.store))
+    with ctx.heavy():
+        return document(diff(base, version.ref, store=ctx.store))
 
 
 @router.get("/versions/{ref}/verify", response_model=VerifyOutcome,
@@ -163,7 +164,8 @@ def get_diff(
 def verify_version(_: Reader, ctx: Ctx, ref: RefPath) -> Response:
     from amiforge.lifecycle.sign import verify
 
-    return document(verify(ref, store=ctx.store, settings=ctx.settings))
+    with ctx.heavy():  # it reads every artifact's bytes
+        return document(verify(ref, store=ctx.store, settings=ctx.settings))
 
 
 @router.get("/versions/{ref}/incident", response_model=docs.IncidentDocument,
@@ -209,7 +211,7 @@ def get_dashboard(
     name: Literal["executive", "oncall", "debug"],
     version: Annotated[str | None, Query(pattern=REF, max_length=80)] = None,
     target: Annotated[str | None, Query(pattern=TARGET, max_length=300)] = None,
-    hours: Annotated[float, Query(ge=1 / 60, le=24 * 90)] = 24.0,
+    hours: Annotated[float, Query(ge=1 / 60, le=24 * 30)] = 24.0,
 ) -> Response:
     from amiforge.lifecycle.boards import board
 
@@ -225,7 +227,8 @@ def list_events(_: Reader, ctx: Ctx, limit: Limit = 100, before: Cursor = None) 
 
 @router.get("/events/verify", response_model=docs.ChainCheck, summary="Recompute the audit log's hash chain")
 def verify_events(_: Reader, ctx: Ctx) -> Response:
-    return document(docs.verify_chain(ctx.store))
+    with ctx.heavy():  # every event of the log
+        return document(docs.verify_chain(ctx.store))
 
 
 # --- operations ------------------------------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def create_app(ctx: Context) -> FastAPI:
                 return RedirectResponse(pages.login_url(request), status_code=303)
             return pages.error_page(request, exc.status, exc.message, exc.fix)
         headers = {"WWW-Authenticate": 'Bearer realm="amiforge"'} if exc.status == 401 else None
-        kind = "unauthenticated" if exc.status == 401 else "forbidden"
+        if exc.status == 503:
+            headers = {"Retry-After": "30"}
+        kind = {401: "unauthenticated", 403: "forbidden", 503: "busy"}.get(exc.status, "refused")
         body = {"error": kind, "message": exc.message, "fix": exc.fix}
         return JSONResponse(body, status_code=exc.status, headers=headers)
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
-from amiforge.web.auth import Caller
+from amiforge.web.auth import Caller, Refused
 from amiforge.web.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,12 @@ class Controllers:
             thread.join(timeout)
 
 
+# How many requests at once may do the expensive reads (hashing artifacts, recomputing the audit chain, diffs), so a
+# read token cannot take every worker thread; the rest wait a little, then get 503.
+HEAVY_AT_ONCE = 2
+HEAVY_WAIT_SECONDS = 20.0
+
+
 @dataclass
 class Context:
     store: Store
@@ -64,6 +72,17 @@ class Context:
     controllers: Controllers
     secure_cookies: bool = False  # served over TLS: the session cookie is Secure
     open_metrics: bool = False  # /metrics without a token (loopback Prometheus)
+    _heavy: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(HEAVY_AT_ONCE))
+
+    @contextmanager
+    def heavy(self) -> Iterator[None]:
+        """Hold one of the HEAVY_AT_ONCE places for an expensive read; 503 when none frees up in time."""
+        if not self._heavy.acquire(timeout=HEAVY_WAIT_SECONDS):
+            raise Refused(503, "the server is busy with other expensive reads", fix="try again in a minute")
+        try:
+            yield
+        finally:
+            self._heavy.release()
 
     def settings_for(self, caller: Caller) -> Settings:
         """The settings with the caller as the actor every event it causes names."""

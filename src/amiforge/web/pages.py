@@ -166,7 +166,8 @@ def version(request: Request, ref: str) -> HTMLResponse:
     changes, no_diff = None, "a first version: nothing to compare with"
     if v.parent is not None:
         try:
-            changes = diff(v.parent, v.ref, store=ctx.store)
+            with ctx.heavy():
+                changes = diff(v.parent, v.ref, store=ctx.store)
         except NotFound as e:  # the parent or this one was never scanned
             no_diff = e.message
     return _render(request, "version.html", caller, doc=document, findings=findings, diff=changes, no_diff=no_diff)
@@ -181,7 +182,8 @@ def verify(request: Request, ref: str) -> HTMLResponse:
     ctx = context(request)
     version = ctx.store.get_version(ref)
     try:
-        outcome, failure = verify_version(version.ref, store=ctx.store, settings=ctx.settings), None
+        with ctx.heavy():  # it reads every artifact's bytes
+            outcome, failure = verify_version(version.ref, store=ctx.store, settings=ctx.settings), None
     except GateFailed as e:
         outcome, failure = None, e
     return _render(request, "verify.html", caller, ref=version.ref, outcome=outcome, failure=failure)
@@ -317,5 +319,8 @@ def audit(request: Request, before: int | None = None, verify: bool = False) -> 
     ctx = context(request)
     page = docs.event_page(ctx.store, before=before, limit=100)
     more = f"/audit?before={page.next_before}" if page.next_before else None
-    check = docs.verify_chain(ctx.store) if verify else None
+    check = None
+    if verify:
+        with ctx.heavy():  # every event of the log
+            check = docs.verify_chain(ctx.store)
     return _render(request, "audit.html", caller, page=page, more=more, check=check)

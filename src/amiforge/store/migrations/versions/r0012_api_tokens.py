@@ -36,9 +36,7 @@ def upgrade() -> None:
         "api_sessions",
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
-        sa.Column(
-            "token_id", sa.Integer, sa.ForeignKey("api_tokens.id", name="fk_api_sessions_token"), nullable=False
-        ),
+        sa.Column("token_id", sa.Integer, sa.ForeignKey("api_tokens.id", name="fk_api_sessions_token"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     )
