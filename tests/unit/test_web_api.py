@@ -407,6 +407,9 @@ def test_the_api_and_the_cli_render_one_version_document(site: Site) -> None:
     assert reply.json() == json.loads(json.dumps(to_json(version_document(site.world.store, v.ref))))
     document = reply.json()
     assert document["children"] == ["web@2"] and document["ancestry"] == []
+    assert document["older_events"] == 0
+    few = site.client.get(f"/api/v1/versions/{v.ref}?events=2", headers=site.bearer("read"))
+    assert few.status_code == 200  # an unknown parameter is ignored
     assert document["scan"]["packages"] == 4 and document["signatures"]
     assert all(r["console"] is None for r in document["boot_reports"]) and document["log"] is None
     child = site.client.get("/api/v1/versions/web@2?console=true&recipe=true", headers=site.bearer("read")).json()
@@ -686,3 +689,31 @@ def test_expensive_reads_wait_for_a_place_and_are_refused_when_none_frees_up(
         assert (reply.status_code, reply.json()["error"], reply.headers["Retry-After"]) == (503, "busy", "30")
         assert site.client.get("/api/v1/catalog", headers=read).status_code == 200  # the rest is unaffected
     assert site.client.get("/api/v1/events/verify", headers=read).json()["intact"] is True
+
+
+def test_open_metrics_answer_loopback_names_only_and_htmx_is_sent_to_log_in(site: Site) -> None:
+    site.context.open_metrics = True
+    assert site.client.get("/metrics").status_code == 200  # Host: 127.0.0.1:9464
+    for host in ("localhost:9464", "[::1]:9464"):
+        assert site.client.get("/metrics", headers={"Host": host}).status_code == 200, host
+    for host in ("rebound.example:9464", "127.0.0.1.rebound.example"):  # a page that rebound its own name
+        assert site.client.get("/metrics", headers={"Host": host}).status_code == 401, host
+    htmx = {"HX-Request": "true", "HX-Current-URL": "http://127.0.0.1:9464/rollouts/1"}
+    reply = site.client.get("/rollouts/1/live", headers=htmx)
+    assert (reply.status_code, reply.headers["HX-Redirect"]) == (401, "/login?next=%2Frollouts%2F1")
+    assert reply.content == b""  # nothing for htmx to swap in
+
+
+def test_a_resume_clears_a_pause_not_yet_taken_and_bad_searches_are_bad_input(site: Site) -> None:
+    rollout_id = _rollout(site)
+    operate = site.bearer("operate")
+    site.client.post(f"/api/v1/rollouts/{rollout_id}/pause", headers=operate)
+    assert site.world.store.get_rollout(rollout_id).requested == "pause"
+    from amiforge.lifecycle.rollout import reopen
+
+    assert reopen(rollout_id, store=site.world.store, settings=site.world.settings).requested is None
+    site.log_in("read")
+    assert site.client.get("/", params={"search": "a\x00b"}).status_code == 400
+    assert site.client.get("/api/v1/versions", params={"search": "a\x00b"}, headers=operate).status_code == 422
+    page = site.client.get("/versions/web@1").text
+    assert "web@1 is a first version: it has no parent to compare with" in page

@@ -35,9 +35,10 @@ def create(
 def list_tokens(as_json: bool = JsonOption) -> None:
     """Every token with its role, who made it, when it was last used, and whether it is revoked."""
     from amiforge.lifecycle.documents import TokenRow
+    from amiforge.lifecycle.tokens import list_tokens
 
     _, store = open_registry()
-    rows = [TokenRow.of(t) for t in store.tokens()]
+    rows = [TokenRow.of(t) for t in list_tokens(store)]
     if as_json:
         emit_json(rows)
         return

@@ -115,6 +115,16 @@ def diff(ref_a: str, ref_b: str, *, store: Store) -> VersionDiff:
     return diff_scans(a, b, _scan(a, store), _scan(b, store))
 
 
+def diff_from(ref: str, *, store: Store, against: str | None = None) -> VersionDiff:
+    """What changed in `ref` from `against`, by default its parent (NotFound for a first version)."""
+    version = store.get_version(ref)
+    base = against or version.parent
+    if base is None:
+        raise NotFound(f"{version.ref} is a first version: it has no parent to compare with",
+                       fix="compare it with another version (?against=NAME@N, amiforge images diff A B)")  # fmt: skip
+    return diff(base, version.ref, store=store)
+
+
 def diff_scans(a: ImageVersion, b: ImageVersion, scan_a: ScanRecord, scan_b: ScanRecord) -> VersionDiff:
     """What changed from version `a` (scanned as `scan_a`) to `b` (`scan_b`)."""
     old = {(p.name, p.arch): p.version for p in scan_a.packages}

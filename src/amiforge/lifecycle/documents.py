@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
-from amiforge.errors import NotFound
+from amiforge.errors import ConfigError, NotFound
 from amiforge.lifecycle.views import channels_flags, finding_json, findings_summary, generalised_of, leftovers_of
 from amiforge.model import (
     ApiToken,
@@ -82,6 +82,8 @@ def version_page(
     before: int | None = None,
 ) -> VersionPage:
     limit = max(1, min(limit, MAX_PAGE))
+    if search is not None and "\x00" in search:
+        raise ConfigError("the search holds a NUL character", fix="search for part of an image name")
     # One more than asked tells whether a next page exists without counting.
     found = store.list_versions(
         name, limit=limit + 1, before=before, summary=True, statuses=statuses, name_contains=search or None
@@ -184,7 +186,7 @@ class VersionDocument:
     artifacts: list[Artifact]
     layers: list[LayerRecord]
     boot_reports: list[BootReportRow]
-    events: list[Event]
+    events: list[Event]  # the newest, oldest first; `older_events` more are a page away (/versions/{ref}/events)
     scan: ScanSummary | None
     signatures: list[SignatureRow]
     channels: list[ChannelRole]
@@ -194,6 +196,7 @@ class VersionDocument:
     children: list[str]  # versions baked from this one, newest first
     running: list[RunningOn]
     operations: list[Operation]  # distributions: copies per region, shares per account
+    older_events: int = 0
     recipe: str | None = None  # the recipe as baked (canonical JSON), when asked for
     log: str | None = None  # the build log, when asked for
 
@@ -232,6 +235,7 @@ def version_document(
         children=[c.ref for c in store.descendants(v.id) if c.parent == v.ref],
         running=[RunningOn(t, n) for t, n in sorted(running.items())],
         operations=store.operations(v.id),
+        older_events=0 if events is None or len(history) < events else store.count_events(v.ref) - len(history),
         recipe=v.recipe if recipe else None,
         log=v.log if log else None,
     )
@@ -356,7 +360,8 @@ class Catalog:
 
 
 def catalog(store: Store) -> Catalog:
-    """Every image name with its tallies and channels, in three reads whatever the size of the registry."""
+    """Every image name with its tallies and channels: three grouped reads, and one read per image name for its
+    newest version."""
     tallies: dict[str, dict[str, int]] = {}
     for name, status, count in store.version_tally():
         tallies.setdefault(name, {})[status] = count

@@ -135,6 +135,8 @@ def reopen(rollout_id: int, *, store: Store, settings: Settings) -> Rollout:
     is over, or if a live controller drives it. `resume` without driving it."""
     rollout = store.get_rollout(rollout_id)
     ensure_undriven(rollout)
+    if rollout.state == "running" and rollout.requested == "pause":  # asked to resume before the pause took
+        rollout = store.update_rollout(rollout.id, expect="running", clear_request=True)
     if rollout.state == "paused":
         rollout = store.update_rollout(rollout.id, expect="paused", state="running", clear_request=True)
         store.append_event(

@@ -64,6 +64,11 @@ def create_token(name: str, role: str, *, store: Store, settings: Settings) -> C
     return CreatedToken(token, secret)
 
 
+def list_tokens(store: Store) -> list[ApiToken]:
+    """Every token, revoked ones too, oldest first (never a secret: the registry has none)."""
+    return store.tokens()
+
+
 def revoke_token(name: str, *, store: Store, settings: Settings) -> RevokedToken:
     token, changed = store.revoke_token(name)
     if changed:

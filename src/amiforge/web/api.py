@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from amiforge.errors import NotFound
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle import tokens
 from amiforge.lifecycle.boards import BoardView
@@ -107,7 +106,7 @@ def list_versions(
     ctx: Ctx,
     name: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] = None,
     status: Annotated[list[Status] | None, Query()] = None,
-    search: Annotated[str | None, Query(max_length=63)] = None,
+    search: Annotated[str | None, Query(max_length=63, pattern=r"^[^\x00]*$")] = None,
     limit: Limit = 50,
     before: Cursor = None,
 ) -> Response:
@@ -149,14 +148,10 @@ def get_findings(_: Reader, ctx: Ctx, ref: RefPath) -> Response:
 def get_diff(
     _: Reader, ctx: Ctx, ref: RefPath, against: Annotated[str | None, Query(pattern=REF, max_length=80)] = None
 ) -> Response:
-    from amiforge.lifecycle.diff import diff
+    from amiforge.lifecycle.diff import diff_from
 
-    version = ctx.store.get_version(ref)
-    base = against or version.parent
-    if base is None:
-        raise NotFound(f"{version.ref} has no parent to compare with", fix="pass ?against=NAME@N")
     with ctx.heavy():
-        return document(diff(base, version.ref, store=ctx.store))
+        return document(diff_from(ref, store=ctx.store, against=against))
 
 
 @router.get("/versions/{ref}/verify", response_model=VerifyOutcome,
@@ -271,7 +266,8 @@ def start_rollout(caller: Operator, ctx: Ctx, body: RolloutBody) -> Response:
 
     settings = ctx.settings_for(caller)
     rollout = controller.begin(body.target, body.version, store=ctx.store, settings=settings, strategy=body.strategy)
-    return _driven(ctx, rollout, caller)
+    ctx.controllers.drive(rollout.id, settings)
+    return document(docs.rollout_report_of(ctx.store, rollout), 202)
 
 
 class RollbackBody(Body):
@@ -282,10 +278,17 @@ class RollbackBody(Body):
 @router.post("/rollback", status_code=202, response_model=docs.RolloutReport,
              summary="Put a target back on its previous version (amiforge rollback)")  # fmt: skip
 def rollback(caller: Operator, ctx: Ctx, body: RollbackBody) -> Response:
+    return document(docs.rollout_report_of(ctx.store, roll_back(ctx, caller, body.target, body.to)), 202)
+
+
+def roll_back(ctx: Context, caller: Caller, target: str, to: str | None) -> Rollout:
+    """Record the rollback of `target` and drive it here: what the API and the rollout page's button do."""
     from amiforge.lifecycle import rollout as controller
 
-    rollout = controller.begin_rollback(body.target, store=ctx.store, settings=ctx.settings_for(caller), to=body.to)
-    return _driven(ctx, rollout, caller)
+    settings = ctx.settings_for(caller)
+    rollout = controller.begin_rollback(target, store=ctx.store, settings=settings, to=to)
+    ctx.controllers.drive(rollout.id, settings)
+    return rollout
 
 
 @router.post("/rollouts/{rollout_id}/{action}", response_model=docs.RolloutReport,
@@ -312,11 +315,6 @@ def control(ctx: Context, caller: Caller, rollout_id: int, action: str) -> docs.
     return docs.rollout_report_of(ctx.store, rollout)
 
 
-def _driven(ctx: Context, rollout: Rollout, caller: Caller) -> Response:
-    ctx.controllers.drive(rollout.id, ctx.settings_for(caller))
-    return document(docs.rollout_report_of(ctx.store, rollout), 202)
-
-
 # --- tokens (admin) --------------------------------------------------------------------------------------------------
 
 
@@ -332,7 +330,7 @@ class CreatedTokenDoc(BaseModel):
 
 @router.get("/tokens", response_model=list[docs.TokenRow], summary="Every token (never a secret)")
 def list_tokens(_: Admin, ctx: Ctx) -> Response:
-    return document([docs.TokenRow.of(t) for t in ctx.store.tokens()])
+    return document([docs.TokenRow.of(t) for t in tokens.list_tokens(ctx.store)])
 
 
 @router.post("/tokens", status_code=201, response_model=CreatedTokenDoc,

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -68,7 +69,9 @@ def create_app(ctx: Context) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:
         ctx = context(request)
-        if not ctx.open_metrics:
+        # --open-metrics opens /metrics to a loopback name only: a web page that rebinds its own name to 127.0.0.1
+        # (DNS rebinding) sends its own Host, and needs a token like everyone else.
+        if not (ctx.open_metrics and _loopback_host(request)):
             require(request, ctx.store, "read")
         try:
             body = ctx.metrics.render()
@@ -99,6 +102,10 @@ def create_app(ctx: Context) -> FastAPI:
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> Response:
         if _wants_page(request):
+            if exc.status == 401 and request.headers.get("HX-Request") == "true":
+                # htmx would follow a redirect and swap the log-in page into the part it refreshes
+                page = urlsplit(request.headers.get("HX-Current-URL", "")).path or "/"
+                return Response(status_code=401, headers={"HX-Redirect": pages.login_url(request, back=page)})
             if exc.status == 401:
                 return RedirectResponse(pages.login_url(request), status_code=303)
             return pages.error_page(request, exc.status, exc.message, exc.fix)
@@ -168,6 +175,13 @@ def _routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
             yield from _routes(inner.routes)
         else:
             yield route
+
+
+def _loopback_host(request: Request) -> bool:
+    """Whether the Host header names this machine's loopback (127.0.0.1, localhost, [::1]; any port)."""
+    host = request.headers.get("host", "")
+    name = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
+    return name in ("127.0.0.1", "localhost", "::1")
 
 
 def _wants_page(request: Request) -> bool:

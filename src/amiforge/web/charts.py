@@ -15,7 +15,7 @@ PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#0
 class Line:
     name: str
     colour: str
-    points: str  # "x,y x,y …" for <polyline points>, over the buckets that have data
+    points: str  # "x,y x,y …" for <polyline points>: the buckets that have data, joined across those that have none
     dots: list[tuple[str, str]]  # each bucket's point: a lone value draws no line, so every point is a dot too
 
 

@@ -4,6 +4,7 @@ functions as the API (api.py) and then redirect back (post/redirect/get)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
 from typing import Any
@@ -18,7 +19,7 @@ from amiforge import __version__
 from amiforge.errors import ConfigError, GateFailed, NotFound
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle.tokens import SESSION_HOURS, authenticate, close_session, open_session
-from amiforge.model import ROLLOUT_LIVE, Status
+from amiforge.model import ROLLOUT_LIVE, ApiToken, Status
 from amiforge.web.auth import (
     FORM_KEY_FIELD,
     SECURE_SESSION_COOKIE,
@@ -47,16 +48,28 @@ _env = jinja2.Environment(
 templates = Jinja2Templates(env=_env)
 
 
+@dataclass(frozen=True)
+class Viewer:
+    """What a page knows of who looks at it: the token (name, role) and the session's form key, never a secret."""
+
+    token: ApiToken
+    form_key: str
+
+
 def _render(request: Request, name: str, caller: Caller | None, code: int = 200, **values: Any) -> HTMLResponse:
-    values |= {"me": caller, "version": __version__, "htmx": HTMX, "form_key_field": FORM_KEY_FIELD}
+    me = None if caller is None else Viewer(caller.token, caller.form_key)
+    values |= {"me": me, "version": __version__, "htmx": HTMX, "form_key_field": FORM_KEY_FIELD}
     return templates.TemplateResponse(request, name, values, status_code=code)
 
 
-def login_url(request: Request) -> str:
-    """The log-in page, coming back here afterwards (to the catalog after a form: a form is never replayed)."""
+def login_url(request: Request, *, back: str | None = None) -> str:
+    """The log-in page, coming back here afterwards (to the catalog after a form: a form is never replayed), or to
+    `back`."""
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     if request.method != "GET":
         here = "/"
+    if back is not None:
+        here = _safe_next(back)
     return "/login?" + urlencode({"next": here})
 
 
@@ -155,7 +168,7 @@ def catalog(
 
 @router.get("/versions/{ref}")
 def version(request: Request, ref: str) -> HTMLResponse:
-    from amiforge.lifecycle.diff import diff
+    from amiforge.lifecycle.diff import diff_from
     from amiforge.lifecycle.promote import policy_of
 
     caller = _reader(request)
@@ -163,13 +176,12 @@ def version(request: Request, ref: str) -> HTMLResponse:
     document = docs.version_document(ctx.store, ref, console=True, recipe=True)
     v = document.version
     findings = docs.findings_of(ctx.store, policy_of(ctx.settings), v.ref) if document.scan else []
-    changes, no_diff = None, "a first version: nothing to compare with"
-    if v.parent is not None:
-        try:
-            with ctx.heavy():
-                changes = diff(v.parent, v.ref, store=ctx.store)
-        except NotFound as e:  # the parent or this one was never scanned
-            no_diff = e.message
+    changes, no_diff = None, ""
+    try:
+        with ctx.heavy():
+            changes = diff_from(v.ref, store=ctx.store)
+    except NotFound as e:  # a first version, or the parent or this one was never scanned
+        no_diff = e.message
     return _render(request, "version.html", caller, doc=document, findings=findings, diff=changes, no_diff=no_diff)
 
 
@@ -214,11 +226,8 @@ async def revoke(request: Request, ref: str) -> Response:
     from amiforge.lifecycle.promote import revoke as revoke_version
 
     caller, fields = await _form(request, "operate")
-    reason = fields.get("reason", "").strip()
-    if not reason:
-        raise ConfigError("a revocation needs a reason", fix="say why in the reason field")
     ctx = context(request)
-    revoke_version(ref, store=ctx.store, settings=ctx.settings_for(caller), reason=reason)
+    revoke_version(ref, store=ctx.store, settings=ctx.settings_for(caller), reason=fields.get("reason", ""))
     return RedirectResponse(f"/versions/{quote(ref, safe='@')}", status_code=303)
 
 
@@ -268,14 +277,10 @@ async def control_rollout(request: Request, rollout_id: int, action: str) -> Res
 
 @router.post("/rollback")
 async def rollback(request: Request) -> Response:
-    from amiforge.lifecycle import rollout as controller
+    from amiforge.web.api import roll_back
 
     caller, fields = await _form(request, "operate")
-    ctx = context(request)
-    settings = ctx.settings_for(caller)
-    rollout = controller.begin_rollback(fields.get("target", ""), store=ctx.store, settings=settings,
-                                        to=fields.get("to") or None)  # fmt: skip
-    ctx.controllers.drive(rollout.id, settings)
+    rollout = roll_back(context(request), caller, fields.get("target", ""), fields.get("to") or None)
     return RedirectResponse(f"/rollouts/{rollout.id}", status_code=303)
 
 
