@@ -376,7 +376,8 @@ def test_images_show_json(cli: Cli, seeded: Path) -> None:
     doc = r.json()
     assert set(doc) == {
         "version", "artifacts", "layers", "boot_reports", "events", "scan", "signatures", "channels", "generalised",
-        "orphaned", "ancestry", "children", "running", "operations", "older_events", "recipe", "log",
+        "orphaned", "ancestry", "children", "running", "operations", "older_events", "more_ancestors", "recipe",
+        "log",
     }  # fmt: skip
     assert (doc["ancestry"], doc["children"], doc["running"], doc["recipe"], doc["log"]) == ([], ["web@2"], [], None,
                                                                                            None)  # fmt: skip

@@ -720,3 +720,14 @@ def test_a_resume_clears_a_pause_not_yet_taken_and_bad_searches_are_bad_input(si
     assert site.client.get("/api/v1/versions", params={"search": "a\x00b"}, headers=operate).status_code == 422
     page = site.client.get("/versions/web@1").text
     assert "web@1 is a first version: it has no parent to compare with" in page
+
+
+def test_a_long_ancestry_names_the_nearest_ancestors_and_says_there_are_more(site: Site) -> None:
+    parent = None
+    for _ in range(23):
+        parent = site.world.seed(parent=parent).ref
+    doc = site.client.get("/api/v1/versions/web@23", headers=site.bearer("read")).json()
+    assert doc["ancestry"] == [f"web@{n}" for n in range(22, 2, -1)] and doc["more_ancestors"] is True
+    middle = site.client.get("/api/v1/versions/web@5", headers=site.bearer("read")).json()
+    assert (middle["ancestry"], middle["more_ancestors"], middle["children"]) == (
+        ["web@4", "web@3", "web@2", "web@1"], False, ["web@6"])  # fmt: skip

@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # the policy engine is not imported by read commands
 
 # Pages of a listing: at most this many items, however many are asked for.
 MAX_PAGE = 500
+# A version's document names its nearest ancestors only (an image baked daily for years has thousands).
+ANCESTRY_SHOWN = 20
 
 
 # --- versions ------------------------------------------------------------------------------------------------------
@@ -192,11 +194,12 @@ class VersionDocument:
     channels: list[ChannelRole]
     generalised: list[RemovedFile]
     orphaned: list[LeftoverRow]
-    ancestry: list[str]  # parent, grandparent, … (NAME@N)
+    ancestry: list[str]  # parent, grandparent, … (NAME@N), the nearest ANCESTRY_SHOWN
     children: list[str]  # versions baked from this one, newest first
     running: list[RunningOn]
     operations: list[Operation]  # distributions: copies per region, shares per account
     older_events: int = 0
+    more_ancestors: bool = False  # the ancestry goes on beyond what `ancestry` lists
     recipe: str | None = None  # the recipe as baked (canonical JSON), when asked for
     log: str | None = None  # the build log, when asked for
 
@@ -216,6 +219,7 @@ def version_document(
     scan = store.latest_scan(v.id)
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
     reports = [BootReportRow.of(r, console=console) for r in store.boot_reports(v.id)]
+    ancestors = store.ancestry(v.id, limit=ANCESTRY_SHOWN + 1)
     running: dict[str, int] = {}
     for version_id, target, _ in store.running_members():
         if version_id == v.id:
@@ -231,10 +235,11 @@ def version_document(
         channels=[ChannelRole(p.channel, "current" if p.current == v.ref else "rollback") for p in held],
         generalised=list(generalised_of(history)),
         orphaned=[_leftover(left, removed) for left, removed in leftovers_of(store, history)],
-        ancestry=[a.ref for a in store.ancestry(v.id)],
-        children=[c.ref for c in store.descendants(v.id) if c.parent == v.ref],
+        ancestry=[a.ref for a in ancestors[:ANCESTRY_SHOWN]],
+        children=store.children(v.id),
         running=[RunningOn(t, n) for t, n in sorted(running.items())],
         operations=store.operations(v.id),
+        more_ancestors=len(ancestors) > ANCESTRY_SHOWN,
         older_events=0 if events is None or len(history) < events else store.count_events(v.ref) - len(history),
         recipe=v.recipe if recipe else None,
         log=v.log if log else None,

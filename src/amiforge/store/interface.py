@@ -92,8 +92,12 @@ class Store(Protocol):
 
     def count_versions(self, name: str | None = None) -> int: ...
 
-    def ancestry(self, version_id: int) -> list[ImageVersion]:
-        """Parent, grandparent, … (nearest first), in one query; without build log and recipe."""
+    def ancestry(self, version_id: int, *, limit: int | None = None) -> list[ImageVersion]:
+        """Parent, grandparent, … (nearest first; the nearest `limit`), in one query; without build log and recipe."""
+        ...
+
+    def children(self, version_id: int) -> list[str]:
+        """NAME@N of each version baked from this one (not their own children), newest first."""
         ...
 
     def descendants(self, version_id: int) -> list[ImageVersion]:

@@ -89,15 +89,25 @@ def inherit_revocations(conn: Connection, version_id: int, parent_id: int, *, pa
 
 
 class Lineage(StoreCore):
-    def ancestry(self, version_id: int) -> list[ImageVersion]:
-        """The version's parent, its parent's parent, … (nearest first), in one query; without build log and recipe
-        (as `list_versions(summary=True)` reads them). Empty for a version without a parent, or no such version."""
+    def ancestry(self, version_id: int, *, limit: int | None = None) -> list[ImageVersion]:
+        """The version's parent, its parent's parent, … (nearest first; the nearest `limit`), in one query; without
+        build log and recipe (as `list_versions(summary=True)` reads them). Empty for a version without a parent, or
+        no such version."""
         up = _ancestors_of(version_id)
         query = (
             sa.select(*VERSION_SUMMARY).join(up, up.c.id == versions_table.c.id).order_by(versions_table.c.id.desc())
         )
+        if limit is not None:
+            query = query.limit(max(limit, 0))
         with self._guard(f"read the ancestry of version {version_id}"), self._read() as conn:
             return version_from_row.each(conn.execute(query))
+
+    def children(self, version_id: int) -> list[str]:
+        """NAME@N of each version baked from this one (not their own children), newest first."""
+        v = versions_table
+        query = sa.select(v.c.name, v.c.number).where(v.c.parent_id == version_id).order_by(v.c.id.desc())
+        with self._guard(f"read the children of version {version_id}"), self._read() as conn:
+            return [f"{name}@{number}" for name, number in conn.execute(query)]
 
     def descendants(self, version_id: int) -> list[ImageVersion]:
         """Every version baked from this one, from those, … (newest first), in one query; without build log and
