@@ -50,7 +50,7 @@ from amiforge.web import context as context_module
 from amiforge.web.app import CSP, _routes
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
-from amiforge.web.server import Listen, Tls, WebServer
+from amiforge.web.server import Listen, Tls, WebServer, public_origin
 
 
 @dataclass
@@ -731,3 +731,17 @@ def test_a_long_ancestry_names_the_nearest_ancestors_and_says_there_are_more(sit
     middle = site.client.get("/api/v1/versions/web@5", headers=site.bearer("read")).json()
     assert (middle["ancestry"], middle["more_ancestors"], middle["children"]) == (
         ["web@4", "web@3", "web@2", "web@1"], False, ["web@6"])  # fmt: skip
+
+
+def test_behind_a_proxy_forms_are_judged_by_the_public_origin(site: Site) -> None:
+    site.client.app.state.public_origin = public_origin("https://Amiforge.example/")  # type: ignore[attr-defined]
+    assert site.client.app.state.public_origin == "https://amiforge.example"  # type: ignore[attr-defined]
+    form = {"token": site.secrets["read"], "next": "/"}
+    through_proxy = site.client.post("/login", data=form, headers={"Origin": "https://amiforge.example"},
+                                     follow_redirects=False)  # fmt: skip
+    assert through_proxy.status_code == 303
+    direct = site.client.post("/login", data=form, headers={"Origin": "http://127.0.0.1:9464"})
+    assert direct.status_code == 403 and "--public-url" in direct.text
+    for bad in ("amiforge.example", "ftp://amiforge.example", "https://amiforge.example/console", "https://"):
+        with pytest.raises(ConfigError, match="--public-url"):
+            public_origin(bad)

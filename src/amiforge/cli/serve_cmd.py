@@ -25,6 +25,9 @@ def serve_command(
     collect_every: str = typer.Option(
         "15s", "--collect-every", help="How often to read the fleets into the registry; 0: never (only serve)."
     ),
+    public_url: str | None = typer.Option(
+        None, "--public-url", help="The URL browsers open, behind a TLS proxy (e.g. https://amiforge.example)."
+    ),
     open_metrics: bool = typer.Option(
         False, "--open-metrics", help="Serve /metrics without a token (for a Prometheus that sends none)."
     ),
@@ -71,6 +74,7 @@ def serve_command(
 
     try:
         serve(where, store=store, settings=settings, policy=policy, collect_every=every or None, ready=ready,
-              console_lines=not without_console_lines, tls=tls, open_metrics=open_metrics)  # fmt: skip
+              console_lines=not without_console_lines, tls=tls, open_metrics=open_metrics,
+              public_url=public_url)  # fmt: skip
     except KeyboardInterrupt:
         err_console.print("stopped")

@@ -56,6 +56,7 @@ def create_app(ctx: Context) -> FastAPI:
         redoc_url=None,
     )
     app.state.amiforge = ctx
+    app.state.public_origin = ctx.public_origin  # what web/auth.check_same_origin compares a form's Origin with
     app.include_router(api.router)
     app.include_router(pages.router)
     static = resources.files("amiforge.web") / "static"

@@ -108,9 +108,13 @@ def check_same_origin(request: Request) -> None:
     """Refuse a request a browser says came from another origin (Origin header) or another site."""
     origin = request.headers.get("origin")
     if origin is not None and origin != "null":
+        # Behind a TLS proxy the browser's origin is the proxy's (serve --public-url), not what reaches the server.
+        public = getattr(request.app.state, "public_origin", None)
         parts = urlsplit(origin)
-        if parts.netloc != request.headers.get("host", "") or parts.scheme != request.url.scheme:
-            raise Refused(403, f"a request from another origin ({origin}) is refused")
+        ours = public if public is not None else f"{request.url.scheme}://{request.headers.get('host', '')}"
+        if f"{parts.scheme}://{parts.netloc}" != ours:
+            behind = "behind a proxy, start serve with --public-url set to the URL the browser opens"
+            raise Refused(403, f"a request from another origin ({origin}) is refused", fix=behind)
         return
     # No origin, or `null` (a browser told not to send referrers sends that with a site's own form posts): the
     # browser's own Sec-Fetch-Site, which no page can set, must then say same-origin (or a typed URL: none).

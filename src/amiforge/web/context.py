@@ -72,6 +72,7 @@ class Context:
     controllers: Controllers
     secure_cookies: bool = False  # served over TLS: the session cookie is Secure
     open_metrics: bool = False  # /metrics without a token (loopback Prometheus)
+    public_origin: str | None = None  # scheme://host[:port] the browser sees, behind a proxy (serve --public-url)
     _heavy: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(HEAVY_AT_ONCE))
 
     @contextmanager

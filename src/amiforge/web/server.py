@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from amiforge.errors import ConfigError
 from amiforge.lifecycle.telemetry import collect
@@ -60,8 +61,8 @@ def parse_listen(value: str, *, allow_remote: bool, tls: bool = False) -> Listen
         raise ConfigError(
             f"--listen {value!r} is not a loopback address, and without TLS the tokens and sessions of whoever logs "
             "in would cross the network in the clear",
-            fix="pass --tls-cert FILE --tls-key FILE, or listen on 127.0.0.1 behind a TLS proxy, or pass "
-            "--allow-remote on a network you trust",
+            fix="pass --tls-cert FILE --tls-key FILE, or listen on 127.0.0.1 behind a TLS proxy (--public-url "
+            "https://…), or pass --allow-remote on a network you trust",
         )
     return Listen(host, int(port_text), tls)
 
@@ -114,6 +115,7 @@ class WebServer:
         console_lines: bool = True,
         tls: Tls | None = None,
         open_metrics: bool = False,
+        public_url: str | None = None,
     ) -> None:
         import uvicorn  # the server and the app load only for `serve`
 
@@ -121,8 +123,10 @@ class WebServer:
         from amiforge.web.context import Context, Controllers
 
         metrics = Metrics(store, policy, console_lines=console_lines)
-        self.context = Context(store, settings, metrics, Controllers(store), secure_cookies=tls is not None,
-                               open_metrics=open_metrics)  # fmt: skip
+        origin = None if public_url is None else public_origin(public_url)
+        secure = tls is not None or (origin is not None and origin.startswith("https://"))
+        self.context = Context(store, settings, metrics, Controllers(store), secure_cookies=secure,
+                               open_metrics=open_metrics, public_origin=origin)  # fmt: skip
         self.app = create_app(self.context)
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
@@ -167,6 +171,15 @@ class WebServer:
         self._server.should_exit = True
 
 
+def public_origin(url: str) -> str:
+    """scheme://host[:port] of `--public-url` (what a browser behind a proxy sends as its Origin)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+        example = "the scheme and host the browser opens, e.g. --public-url https://amiforge.example"
+        raise ConfigError(f"--public-url {url!r} is not a site's address", fix=example)
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
 def serve(
     listen: Listen,
     *,
@@ -178,10 +191,11 @@ def serve(
     console_lines: bool = True,
     tls: Tls | None = None,
     open_metrics: bool = False,
+    public_url: str | None = None,
 ) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM). `ready(url)` is called once the socket listens."""
     server = WebServer(listen, store=store, settings=settings, policy=policy, console_lines=console_lines, tls=tls,
-                       open_metrics=open_metrics)  # fmt: skip
+                       open_metrics=open_metrics, public_url=public_url)  # fmt: skip
     collecting = Collecting(store, settings, collect_every) if collect_every else None
     try:
         if collecting is not None:
