@@ -187,6 +187,7 @@ MUTATIONS: list[tuple[str, dict[str, object], str]] = [
     ("/api/v1/rollback", {"target": "local:web"}, "operate"),
     ("/api/v1/tokens", {"name": "new", "role": "admin"}, "admin"),
     ("/api/v1/tokens/t-read/revoke", {}, "admin"),
+    ("/api/v1/keys/TEST-KEY/revoke", {"reason": "test"}, "admin"),
 ]
 FORMS: list[tuple[str, dict[str, str], str]] = [
     ("/versions/web@1/promote", {"channel": "dev"}, "operate"),
@@ -537,7 +538,7 @@ def test_a_rollout_a_live_controller_drives_is_not_driven_twice_and_an_orphaned_
 
 # Routes anyone may reach: the log-in page, the health check, the static files, and a redirect.
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/healthz"), ("GET", "/dashboards")}
-EXAMPLES = {"ref": "web@1", "rollout_id": "1", "action": "pause", "name": "executive"}
+EXAMPLES = {"ref": "web@1", "rollout_id": "1", "action": "pause", "name": "executive", "key_id": "TEST-KEY"}
 
 
 def test_every_route_but_the_public_ones_refuses_a_request_without_a_token(site: Site) -> None:
@@ -745,3 +746,14 @@ def test_behind_a_proxy_forms_are_judged_by_the_public_origin(site: Site) -> Non
     for bad in ("amiforge.example", "ftp://amiforge.example", "https://amiforge.example/console", "https://"):
         with pytest.raises(ConfigError, match="--public-url"):
             public_origin(bad)
+
+
+def test_admins_revoke_signing_keys_and_everyone_reads_them(site: Site) -> None:
+    [key] = site.client.get("/api/v1/keys", headers=site.bearer("read")).json()
+    assert key["revoked_at"] is None
+    path = f"/api/v1/keys/{key['key_id']}/revoke"
+    assert site.client.post(path, json={"reason": "x"}, headers=site.bearer("operate")).status_code == 403
+    reply = site.client.post(path, json={"reason": "leaked"}, headers=site.bearer("admin"))
+    assert reply.status_code == 200 and reply.json()["revoked_reason"] == "leaked"
+    [event] = [e for e in site.world.store.events() if e.kind == "key.revoked"]
+    assert event.actor == "token:t-admin"

@@ -20,7 +20,7 @@ from amiforge.lifecycle import tokens
 from amiforge.lifecycle.boards import BoardView
 from amiforge.lifecycle.diff import VersionDiff
 from amiforge.lifecycle.sign import VerifyOutcome
-from amiforge.model import TOKEN_ROLES, Rollout, Status, to_json
+from amiforge.model import TOKEN_ROLES, Rollout, Status, TrustedKey, to_json
 from amiforge.policy.fields import CHANNEL_PATTERN
 from amiforge.strategy import Strategy
 from amiforge.web.auth import Caller, require
@@ -313,6 +313,28 @@ def control(ctx: Context, caller: Caller, rollout_id: int, action: str) -> docs.
     else:
         rollout = controller.request(rollout_id, action, store=ctx.store, settings=settings)
     return docs.rollout_report_of(ctx.store, rollout)
+
+
+# --- signing keys -------------------------------------------------------------------------------------------------
+
+
+@router.get("/keys", response_model=list[TrustedKey], summary="The signing keys the registry trusts, revoked ones too")
+def list_keys(_: Reader, ctx: Ctx) -> Response:
+    return document(ctx.store.signing_keys())
+
+
+class KeyRevokeBody(Body):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+@router.post("/keys/{key_id}/revoke", response_model=TrustedKey,
+             summary="Stop trusting a key: every signature it made stops verifying (amiforge keys revoke)")  # fmt: skip
+def revoke_key(
+    caller: Admin, ctx: Ctx, key_id: Annotated[str, Path(min_length=1, max_length=200)], body: KeyRevokeBody
+) -> Response:
+    from amiforge.lifecycle.sign import revoke_trusted_key
+
+    return document(revoke_trusted_key(ctx.store, key_id, reason=body.reason, actor=caller.actor))
 
 
 # --- tokens (admin) --------------------------------------------------------------------------------------------------
