@@ -16,7 +16,7 @@ from amiforge.cli.common import JsonOption, open_registry
 from amiforge.cli.output import console, emit_json
 from amiforge.cli.render import leftover_warnings
 from amiforge.cli.tables import Col, fit_table
-from amiforge.errors import ConfigError, NotFound
+from amiforge.errors import ConfigError
 
 if TYPE_CHECKING:
     from amiforge.model import Finding
@@ -108,23 +108,10 @@ def sbom_command(
 ) -> None:
     """Write out the SBOM recorded by the version's latest scan (JSON either way)."""
     del as_json
-    _, store = open_registry()
-    version = store.get_version(ref)
-    record = store.latest_scan(version.id)
-    if record is None:
-        raise NotFound(f"{version.ref} has no SBOM yet", fix=f"amiforge scan {version.ref}")
-    text = record.sbom
-    if fmt == "spdx":
-        from amiforge.scanners.sbom import spdx_sbom
+    from amiforge.lifecycle.documents import sbom_text  # what GET /api/v1/versions/{ref}/sbom sends
 
-        assert version.digest is not None
-        text = spdx_sbom(
-            record.packages,
-            image_name=version.name,
-            image_version=str(version.number),  # the documents name the image NAME@N themselves
-            digest=version.digest,
-            timestamp=record.scanned_at,
-        )
+    _, store = open_registry()
+    version, text, packages = sbom_text(store, ref, fmt)
     if output:
         if output.exists() and not output.is_file():
             # A FIFO would block the write until something reads it; a directory cannot be written.
@@ -138,7 +125,7 @@ def sbom_command(
             raise ConfigError(
                 f"cannot write --output {output}: {e.strerror or e}", fix="name a file in a folder you can write to"
             ) from e
-        console.print(f"wrote {fmt} SBOM of {version.ref} ({len(record.packages)} packages) to {escape(str(output))}")
+        console.print(f"wrote {fmt} SBOM of {version.ref} ({packages} packages) to {escape(str(output))}")
     else:
         typer.echo(text)
 
