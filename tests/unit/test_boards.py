@@ -13,7 +13,7 @@ from amiforge.errors import ConfigError
 from amiforge.lifecycle.boards import BUCKETS, PANELS, board
 from amiforge.lifecycle.dashboards import boards
 from amiforge.lifecycle.metrics import metrics
-from amiforge.model import BootObservation
+from amiforge.model import BootObservation, Status
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from amiforge.strategy import Strategy
@@ -131,3 +131,12 @@ def test_members_that_became_ready_long_ago_are_not_boots_of_the_window(store: S
         "g-new-0", "g-new-1", "g-new-ok"}  # fmt: skip
     digest_view = board("oncall", store=store, settings=settings, version="web@1", now=NOW)
     assert digest_view.version == "web@1"
+
+
+def test_a_version_named_by_its_digest_is_that_version_on_every_panel(store: SqlStore, settings: Settings) -> None:
+    _seed(store)
+    store.transition(store.get_version("web@2").id, Status.BUILT, expect=Status.BAKING, digest="ab" * 32, size_bytes=1)
+    for name in ("abababab", "web@2"):
+        executive = board("executive", store=store, settings=settings, version=name, now=NOW).panels
+        assert [r[0] for r in _rows(executive, "Open vulnerabilities by version")] == ["web@2"], name
+        assert _rows(executive, "How rollouts ended (canary status)") == [("web", "local:web", "1", "0", "0", "0.0 %")]

@@ -18,15 +18,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from amiforge.errors import ConfigError, GateFailed, NotFound, StateError
-from amiforge.lifecycle import controller as controller_module
+from amiforge.lifecycle import leases as lease_module
 from amiforge.lifecycle import rollout as rollout_module
-from amiforge.lifecycle.controller import LEASE_SECONDS, Controls, controller_gone, parse_target
+from amiforge.lifecycle.controller import Controls, parse_target
+from amiforge.lifecycle.leases import HERE, LEASE_SECONDS, controller_gone
 from amiforge.lifecycle.rollout import drive, last_change, request, resume, rollback
 from amiforge.lifecycle.slis import rollout_rates
-from amiforge.model import Artifact, Status
+from amiforge.model import Artifact, Rollout, Status
 from amiforge.providers.interface import BootSignal, Fleet, Member, MemberState, Release, Replacement
 from amiforge.recipe import Checks
 from amiforge.settings import Settings
+from amiforge.store.schema import rollouts_table
 from amiforge.store.sql import SqlStore, open_store
 from amiforge.strategy import Strategy, checkpoints, decide, p95, parse_strategy, plan_waves
 
@@ -561,21 +563,28 @@ def test_one_controller_at_a_time_holds_a_rollout(store: SqlStore, settings: Set
     assert fleet.launched == Counter()  # the refused controllers launched nothing
     stale = datetime.now(UTC) - timedelta(seconds=LEASE_SECONDS + 5)
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE rollouts SET controller_seen_at = ? WHERE id = ?", (stale.isoformat(), rid))
+        conn.execute(rollouts_table.update().where(rollouts_table.c.id == rid).values(controller_seen_at=stale))
     assert controller_gone(store.get_rollout(rid))
     outcome = drive(rid, store=store, settings=settings, controls=NO_WAIT)  # takes over the stale lease
     assert outcome.rollout.state == "succeeded"
     after = store.get_rollout(rid)
     assert (after.controller, after.controller_seen_at) == (None, None)  # given up at the end
-    dead = f"{socket.gethostname()}:{2**22 + 1}:gone"  # above Linux's highest pid: no such process
-    assert store.claim_rollout(rid, dead, expect=None) and controller_gone(store.get_rollout(rid))
-    assert not controller_gone(replace(store.get_rollout(rid), controller=f"{socket.gethostname()}:{os.getpid()}:x"))
+    now, here = datetime.now(UTC), socket.gethostname()
+    finished = store.get_rollout(rid)
+
+    def held_by(owner: str) -> Rollout:
+        return replace(finished, controller=owner, controller_seen_at=now)
+
+    assert controller_gone(held_by(f"{here}:{2**22 + 1}:{HERE}:gone"))  # above Linux's highest pid: no such process
+    assert not controller_gone(held_by(f"{here}:{os.getpid()}:{HERE}:x"))  # this very process
+    # The same host name and a dead pid in another PID namespace (a container): not judged by this one's processes.
+    assert not controller_gone(held_by(f"{here}:{2**22 + 1}:other:x"))
 
 
 def test_the_lease_is_renewed_while_a_wave_waits(
     store: SqlStore, settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(controller_module, "RENEW_SECONDS", 0.05)
+    monkeypatch.setattr(lease_module, "RENEW_SECONDS", 0.05)
     rid = _rollout(store, fleet, waves=("100%",))
     seen: list[datetime | None] = []
     real_replace = fleet.replace
@@ -589,3 +598,56 @@ def test_the_lease_is_renewed_while_a_wave_waits(
     monkeypatch.setattr(fleet, "replace", slow_replace)
     drive(rid, store=store, settings=settings, controls=NO_WAIT)
     assert seen[0] is not None and seen[1] is not None and seen[1] > seen[0]
+
+
+def test_a_controller_that_loses_its_lease_stops_at_its_next_step(
+    store: SqlStore, settings: Settings, fleet: FakeFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lease_module, "RENEW_SECONDS", 0.05)
+    rid = _rollout(store, fleet)  # waves 1, 50%, 100%
+    real_replace = fleet.replace
+
+    def stolen_during_wave_one(*args: object, **kwargs: object) -> list[Member]:
+        out = real_replace(*args, **kwargs)  # type: ignore[arg-type]
+        mine = store.get_rollout(rid)
+        assert store.claim_rollout(rid, "build-2.example:7:elsewhere:x", expect=mine.controller,
+                                   expect_seen=mine.controller_seen_at)  # fmt: skip
+        time.sleep(0.3)  # the renewal finds it gone
+        return out
+
+    monkeypatch.setattr(fleet, "replace", stolen_during_wave_one)
+    with pytest.raises(StateError, match="lost its lease"):
+        drive(rid, store=store, settings=settings, controls=NO_WAIT)
+    assert len(fleet.launched) == 1  # wave 1 only: the second wave was never asked for
+    assert store.get_rollout(rid).controller == "build-2.example:7:elsewhere:x"  # not released by the loser
+
+
+def test_a_claim_fails_when_the_lease_was_renewed_since_it_was_read(store: SqlStore, fleet: FakeFleet) -> None:
+    rid = _rollout(store, fleet)
+    assert store.claim_rollout(rid, "a:1:x:y", expect=None)
+    seen = store.get_rollout(rid).controller_seen_at
+    time.sleep(0.01)
+    assert store.renew_rollout(rid, "a:1:x:y")  # the holder renews between another's read and its claim
+    assert not store.claim_rollout(rid, "b:2:x:y", expect="a:1:x:y", expect_seen=seen)
+    store.update_rollout(rid, expect="running", state="aborted")
+    assert store.renew_rollout(rid, "a:1:x:y", release=True)
+    assert not store.claim_rollout(rid, "b:2:x:y", expect=None)  # an aborted rollout is driven by nobody
+
+
+def test_an_unattended_canary_aborts_at_once_but_a_rollback_or_a_refresh_waits_for_a_controller(
+    store: SqlStore, settings: Settings, fleet: FakeFleet
+) -> None:
+    rid = _rollout(store, fleet)
+    assert request(rid, "abort", store=store, settings=settings).state == "aborted"
+    with pytest.raises(StateError, match="aborted: there is nothing to drive"):
+        drive(rid, store=store, settings=settings, controls=NO_WAIT)  # a controller thread that starts late
+    assert fleet.launched == Counter()
+    back = store.create_rollout("local:web", store.get_version("web@1").id, strategy=Strategy().model_dump(mode="json"),
+                                waves=[4], actor="t")  # fmt: skip
+    store.update_rollout(back.id, expect="running", state="rolling-back")
+    assert request(back.id, "abort", store=store, settings=settings).state == "rolling-back"  # asked, not done
+    by_refresh = Strategy(mode="refresh").model_dump(mode="json")
+    refresh = store.create_rollout("aws:eu-west-1/TEST-asg", store.get_version("web@2").id, strategy=by_refresh,
+                                   waves=[1], actor="t")  # fmt: skip
+    assert request(refresh.id, "abort", store=store, settings=settings).requested == "abort"
+    assert store.get_rollout(refresh.id).state == "running"

@@ -42,11 +42,12 @@ from test_supply_lifecycle import (  # noqa: F401 (bare_world, world: fixtures)
 from amiforge.errors import ConfigError, StateError
 from amiforge.lifecycle import rollout as rollout_module
 from amiforge.lifecycle.documents import version_document
+from amiforge.lifecycle.leases import HERE
 from amiforge.lifecycle.tokens import PREFIX, authenticate, create_token, first_token, revoke_token, secret_digest
 from amiforge.model import BootObservation, BootReport, CheckResult, Status, to_json
 from amiforge.policy.document import default_policy
+from amiforge.store.sql import open_store
 from amiforge.strategy import Strategy
-from amiforge.web import context as context_module
 from amiforge.web.app import CSP, _routes
 from amiforge.web.context import Context, Controllers
 from amiforge.web.metrics import Metrics
@@ -92,7 +93,7 @@ def site(world: World) -> Iterator[Site]:  # noqa: F811 (the imported fixture)
     ctx = Context(store, settings, Metrics(store, default_policy()), Controllers(store))
     from amiforge.web.app import create_app
 
-    with TestClient(create_app(ctx), base_url="http://127.0.0.1:9464") as client:
+    with TestClient(create_app(ctx), base_url="http://127.0.0.1:9464", client=("127.0.0.1", 50000)) as client:
         yield Site(world, ctx, client, secrets)
 
 
@@ -166,6 +167,21 @@ def test_serve_started_by_a_service_puts_the_first_token_in_a_private_file(tmp_p
         _, err = serve.communicate(timeout=30)
     assert "first-admin-token (mode 0600)" in err, err
     assert secret not in err, err
+
+
+def test_serve_never_writes_the_first_token_into_a_file_it_did_not_make(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMIFORGE_")}
+    env |= {"AMIFORGE_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "400"}
+    (tmp_path / "data").mkdir()
+    planted = tmp_path / "data" / "first-admin-token"
+    planted.write_text("")
+    planted.chmod(0o666)  # readable by anyone: what another user would plant
+    argv = [sys.executable, "-m", "amiforge", "serve", "--listen", f"127.0.0.1:{_free_port()}", "--collect-every", "0"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "cannot make" in done.stderr and "File exists" in done.stderr, done.stderr
+    assert planted.read_text() == ""
+    with open_store(f"sqlite:///{tmp_path / 'data' / 'registry.db'}") as store:
+        assert store.tokens() == []  # no secret was made that nobody can read
 
 
 def _free_port() -> int:
@@ -516,7 +532,7 @@ def test_a_rollout_a_live_controller_drives_is_not_driven_twice_and_an_orphaned_
 
     rollout_id = _rollout(site)
     store, operate = site.world.store, site.bearer("operate")
-    me = f"{socket.gethostname()}:{os.getpid()}:test"  # this process is alive: a live controller
+    me = f"{socket.gethostname()}:{os.getpid()}:{HERE}:test"  # this process is alive: a live controller
     assert store.claim_rollout(rollout_id, me, expect=None)
     reply = site.client.post(f"/api/v1/rollouts/{rollout_id}/resume", headers=operate)
     assert reply.status_code == 409 and f"is driven by {me}" in reply.json()["message"]
@@ -527,7 +543,7 @@ def test_a_rollout_a_live_controller_drives_is_not_driven_twice_and_an_orphaned_
     assert "No controller drives this rollout" not in site.client.get(f"/rollouts/{rollout_id}").text
     # Its process dies (a pid no process has): nobody drives it; the page offers Resume, and Abort is at once.
     assert store.renew_rollout(rollout_id, me, release=True)
-    assert store.claim_rollout(rollout_id, f"{socket.gethostname()}:{2**22 + 1}:gone", expect=None)
+    assert store.claim_rollout(rollout_id, f"{socket.gethostname()}:{2**22 + 1}:{HERE}:gone", expect=None)
     assert "No controller drives this rollout" in site.client.get(f"/rollouts/{rollout_id}").text
     site.client.cookies.clear()
     site.log_in("operate")
@@ -536,8 +552,9 @@ def test_a_rollout_a_live_controller_drives_is_not_driven_twice_and_an_orphaned_
     assert reply.json()["rollout"]["state"] == "aborted"
 
 
-# Routes anyone may reach: the log-in page, the health check, the static files, and a redirect.
-PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/healthz"), ("GET", "/dashboards")}
+# Routes anyone may reach: the log-in page, the health check, the static files, a redirect, and logging out (without
+# a session it only clears the cookie).
+PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/healthz"), ("GET", "/dashboards"), ("POST", "/logout")}
 EXAMPLES = {"ref": "web@1", "rollout_id": "1", "action": "pause", "name": "executive", "key_id": "TEST-KEY"}
 
 
@@ -683,10 +700,7 @@ def test_under_tls_the_server_speaks_https_and_the_session_cookie_is_secure(site
         thread.join(10)
 
 
-def test_expensive_reads_wait_for_a_place_and_are_refused_when_none_frees_up(
-    site: Site, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(context_module, "HEAVY_WAIT_SECONDS", 0.2)
+def test_expensive_reads_are_refused_at_once_when_their_places_are_taken(site: Site) -> None:
     read = site.bearer("read")
     with site.context.heavy(), site.context.heavy():  # two expensive reads under way
         reply = site.client.get("/api/v1/events/verify", headers=read)
@@ -702,6 +716,8 @@ def test_open_metrics_answer_loopback_names_only_and_htmx_is_sent_to_log_in(site
         assert site.client.get("/metrics", headers={"Host": host}).status_code == 200, host
     for host in ("rebound.example:9464", "127.0.0.1.rebound.example"):  # a page that rebound its own name
         assert site.client.get("/metrics", headers={"Host": host}).status_code == 401, host
+    elsewhere = TestClient(site.client.app, base_url="http://127.0.0.1:9464", client=("192.0.2.7", 50000))
+    assert elsewhere.get("/metrics").status_code == 401  # a Host of 127.0.0.1 sent from another machine
     htmx = {"HX-Request": "true", "HX-Current-URL": "http://127.0.0.1:9464/rollouts/1"}
     reply = site.client.get("/rollouts/1/live", headers=htmx)
     assert (reply.status_code, reply.headers["HX-Redirect"]) == (401, "/login?next=%2Frollouts%2F1")

@@ -5,18 +5,12 @@ version a fleet runs."""
 from __future__ import annotations
 
 import logging
-import os
 import re
-import secrets
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
-from amiforge.errors import ConfigError, NotFound, StateError
+from amiforge.errors import ConfigError, NotFound
 from amiforge.model import AWS_REGION_PATTERN, IMAGE_NAME_PATTERN, Artifact, ImageVersion, Rollout
 from amiforge.providers import provider_for
 from amiforge.providers.interface import Fleet, FleetProvider, Member, PhaseUpdate
@@ -38,6 +32,9 @@ class Controls:
     # Looked up when a Controls is made (not when this class is defined), so a test can swap the module's clock.
     sleep: Callable[[float], None] = field(default_factory=lambda: time.sleep)
     clock: Callable[[], float] = field(default_factory=lambda: time.monotonic)
+    # Raises when the controller may no longer act (its lease was lost: lifecycle/leases.py); called before each
+    # step that changes the fleet and at each poll.
+    fence: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -105,76 +102,3 @@ def versions_by_location(store: Store, provider: str) -> dict[str, str]:
 def live(members: Sequence[Member]) -> list[Member]:
     """The members that count as the fleet: not stopped."""
     return [m for m in members if m.state != "stopped"]
-
-
-# --- who drives a rollout: the controller's lease -------------------------------------------------------------------
-
-# A controller renews its lease this often, and one not heard for LEASE_SECONDS is gone (so is one on this host
-# whose process has died, at once).
-LEASE_SECONDS = 60.0
-RENEW_SECONDS = 15.0
-
-
-def controller_gone(rollout: Rollout, now: datetime | None = None) -> bool:
-    """Whether nobody drives the rollout now: no controller, a lease not renewed for LEASE_SECONDS, or a controller
-    on this host whose process is gone."""
-    if rollout.controller is None or rollout.controller_seen_at is None:
-        return True
-    if (now or datetime.now(UTC)) - rollout.controller_seen_at > timedelta(seconds=LEASE_SECONDS):
-        return True
-    host, _, rest = rollout.controller.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
-
-
-def ensure_undriven(rollout: Rollout) -> None:
-    """StateError if a live controller drives the rollout (a second one would race it)."""
-    if not controller_gone(rollout):
-        seen = rollout.controller_seen_at
-        ago = f", heard {(datetime.now(UTC) - seen).total_seconds():.0f} s ago" if seen else ""
-        raise StateError(
-            f"rollout #{rollout.id} is driven by {rollout.controller}{ago}",
-            fix=f"let it finish, or pause or abort it (amiforge rollout pause|abort {rollout.id}); if that "
-            f"controller died on another host, resume again once it has not been heard for {LEASE_SECONDS:.0f} s",
-        )
-
-
-@contextmanager
-def lease(rollout_id: int, store: Store) -> Iterator[str]:
-    """Hold the rollout's controller lease while the block runs, renewed by a thread of its own (a wave can wait
-    minutes on its fleet); StateError if a live controller holds it. Released at the end, however it ends."""
-    rollout = store.get_rollout(rollout_id)
-    ensure_undriven(rollout)
-    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    if not store.claim_rollout(rollout_id, owner, expect=rollout.controller):
-        raise StateError(f"another controller took rollout #{rollout_id} just now", fix="look at it again")
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(RENEW_SECONDS):
-            try:
-                if not store.renew_rollout(rollout_id, owner):
-                    logger.warning("rollout #%d: another controller took the lease", rollout_id)
-                    return
-            except Exception as e:  # the next renewal tries again; the lease lasts LEASE_SECONDS
-                logger.warning("rollout #%d: the lease was not renewed: %s", rollout_id, e)
-
-    renewer = threading.Thread(target=renew, name=f"amiforge-lease-{rollout_id}", daemon=True)
-    renewer.start()
-    try:
-        yield owner
-    finally:
-        stop.set()
-        renewer.join()
-        try:
-            store.renew_rollout(rollout_id, owner, release=True)
-        except Exception as e:  # it expires by itself
-            logger.warning("rollout #%d: the lease was not released: %s", rollout_id, e)

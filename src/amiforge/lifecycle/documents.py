@@ -14,8 +14,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from amiforge.errors import ConfigError, NotFound
+from amiforge.lifecycle.leases import controller_gone
 from amiforge.lifecycle.views import channels_flags, finding_json, findings_summary, generalised_of, leftovers_of
 from amiforge.model import (
+    ROLLOUT_LIVE,
     ApiToken,
     Artifact,
     BootReport,
@@ -233,8 +235,11 @@ def version_document(
         scan=None if scan is None else _scan_summary(scan),
         signatures=[SignatureRow(s.key_id, s.signed_at, s.statement_digest) for s in store.signatures(v.id)],
         channels=[ChannelRole(p.channel, "current" if p.current == v.ref else "rollback") for p in held],
-        generalised=list(generalised_of(history)),
-        orphaned=[_leftover(left, removed) for left, removed in leftovers_of(store, history)],
+        # From their own events, however many others the version has (the newest `events` may not hold them).
+        generalised=list(generalised_of(store.events(v.ref, kinds={"bake.built"}))),
+        orphaned=[
+            _leftover(left, removed) for left, removed in leftovers_of(store, store.events(v.ref, kinds={"orphaned"}))
+        ],
         ancestry=[a.ref for a in ancestors[:ANCESTRY_SHOWN]],
         children=store.children(v.id),
         running=[RunningOn(t, n) for t, n in sorted(running.items())],
@@ -386,11 +391,13 @@ def catalog(store: Store) -> Catalog:
 
 @dataclass(frozen=True)
 class RolloutReport:
-    """A rollout with every gate decision (and its numbers) and every member it replaced."""
+    """A rollout with every gate decision (and its numbers) and every member it replaced; `orphaned`: it is not
+    over and not paused, yet no controller drives it (a server or CLI that drove it stopped): resume or abort it."""
 
     rollout: Rollout
     decisions: list[RolloutDecision]
     replacements: list[RolloutReplacement]
+    orphaned: bool = False
 
 
 def rollout_report(store: Store, rollout_id: int) -> RolloutReport:
@@ -398,7 +405,9 @@ def rollout_report(store: Store, rollout_id: int) -> RolloutReport:
 
 
 def rollout_report_of(store: Store, rollout: Rollout) -> RolloutReport:
-    return RolloutReport(rollout, store.decisions(rollout.id), store.replacements(rollout.id))
+    live = rollout.state in ROLLOUT_LIVE and rollout.state != "paused"
+    return RolloutReport(rollout, store.decisions(rollout.id), store.replacements(rollout.id),
+                         live and controller_gone(rollout))  # fmt: skip
 
 
 @dataclass(frozen=True)

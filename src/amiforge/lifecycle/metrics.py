@@ -59,7 +59,9 @@ def metrics(
         collected = collect(store, settings, fleets, now=now)
     now = now or datetime.now(UTC)
     start = now - window
-    version_ids = None if ref is None else [store.get_version(ref).id]
+    chosen = None if ref is None else store.get_version(ref)  # NAME@N, NAME:CHANNEL or a digest prefix
+    ref = None if chosen is None else chosen.ref
+    version_ids = None if chosen is None else [chosen.id]
     policy = policy_of(settings)
     slos = policy.slos
     windows = [slos.default.window, *(o.window for o in slos.images.values() if o.window is not None)]

@@ -190,6 +190,7 @@ def drive_refresh(
     watch = ProgressWatch(batch_seconds) if going_back else ProgressWatch(batch_seconds, strategy.bake_time, below_100)
     decisions: list[WaveDecision] = []
     while True:
+        controls.fence()  # a controller that lost its lease stops here
         status = fleet.refresh_status(refresh_id)
         logger.debug(
             "rollout #%d: refresh %s %s %s%%", rollout.id, refresh_id, status.status, status.percentage_complete

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import ConfigError, GateFailed, GateFailure, NotFound, StateError
@@ -33,13 +33,11 @@ from amiforge.lifecycle.controller import (
     RolloutOutcome,
     artifact_in,
     canonical_target,
-    controller_gone,
-    ensure_undriven,
     fleet_of,
-    lease,
     live,
     versions_by_location,
 )
+from amiforge.lifecycle.leases import controller_gone, ensure_undriven, lease
 from amiforge.lifecycle.refresh import drive_refresh
 from amiforge.lifecycle.release import releasable
 from amiforge.lifecycle.telemetry import measure
@@ -152,7 +150,11 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
     controller, nor has one whose controller is gone (`serve` stopped, a CLI killed): an abort of it takes effect
     here (a pause of it waits for whoever resumes it)."""
     rollout = store.request_rollout(rollout_id, what)
-    if what == "abort" and (rollout.state == "paused" or controller_gone(rollout)):
+    # Aborting a canary rollout nobody drives stops nothing under way; a rollback or an instance refresh is another
+    # matter (a refresh goes on in the cloud, a rollback half done leaves the fleet split): those wait for a resume,
+    # whose controller honours the abort.
+    unattended = rollout.state == "running" and _mode(rollout) == "canary" and controller_gone(rollout)
+    if what == "abort" and (rollout.state == "paused" or unattended):
         rollout = store.update_rollout(rollout.id, expect=rollout.state, state="aborted", clear_request=True)
         store.append_event(
             "rollout.aborted", actor=settings.actor, ref=rollout.version_ref, data={"rollout": rollout.id}
@@ -160,16 +162,20 @@ def request(rollout_id: int, what: str, *, store: Store, settings: Settings) -> 
     return rollout
 
 
+def _mode(rollout: Rollout) -> str:
+    return str(rollout.strategy.get("mode", "canary"))
+
+
 # --- the controller ------------------------------------------------------------------------------------------------
 
 
 def drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls = Controls()) -> RolloutOutcome:
     target = store.get_rollout(rollout_id).target
-    try:
-        with lease(rollout_id, store):  # one controller at a time, in any process on any host
-            return _drive(rollout_id, store=store, settings=settings, controls=controls)
-    finally:  # however it ended (rolled back, paused, interrupted): the boots it caused are recorded
-        measure(store, settings, target)
+    with lease(rollout_id, store) as held:  # one controller at a time, in any process on any host
+        try:
+            return _drive(rollout_id, store=store, settings=settings, controls=replace(controls, fence=held.check))
+        finally:  # however it ended (rolled back, paused, interrupted): the boots it caused are recorded
+            measure(store, settings, target)
 
 
 def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Controls) -> RolloutOutcome:
@@ -187,6 +193,7 @@ def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         )
     release, checks = machine_release(version, artifact), checks_of(version)  # before any wave is planned
     while rollout.wave < len(rollout.waves):
+        controls.fence()
         stopped = _honour_request(rollout, store, settings)
         if stopped is not None:
             return RolloutOutcome(stopped, decisions)
@@ -204,6 +211,7 @@ def _drive(rollout_id: int, *, store: Store, settings: Settings, controls: Contr
         controls.progress(PhaseUpdate(f"wave {index + 1}/{len(rollout.waves)}", "start", f"{len(planned)} member(s)"))
         if pending:
             started = controls.clock()
+            controls.fence()
             _replace(fleet, pending, artifact, release, checks, store)
             controls.progress(PhaseUpdate(f"wave {index + 1}: replaced", "done", "", controls.clock() - started))
         decision = _watch(rollout, [r.token for r in planned], fleet, strategy, store, controls)
@@ -299,6 +307,7 @@ def _watch(
         if (decision.final and not decision.passed) or remaining <= 0:
             return decision
         controls.sleep(min(POLL_SECONDS, remaining))
+        controls.fence()
 
 
 def _wave_members(rollout: Rollout, tokens: Sequence[str], fleet: Fleet, store: Store) -> list[Member]:

@@ -277,9 +277,11 @@ class Store(Protocol):
 
     def rollouts(self, *, target: str | None = None, version_id: int | None = None) -> list[Rollout]: ...
 
-    def claim_rollout(self, rollout_id: int, owner: str, *, expect: str | None) -> bool:
-        """Make `owner` the rollout's controller if its controller is still `expect` (compare-and-set); False if
-        another claimed it meanwhile."""
+    def claim_rollout(
+        self, rollout_id: int, owner: str, *, expect: str | None, expect_seen: datetime | None = None
+    ) -> bool:
+        """Make `owner` the controller of a live rollout whose controller is still `expect`, last renewed at
+        `expect_seen` (compare-and-set: a renewal in between makes it fail); False if it is no longer so."""
         ...
 
     def renew_rollout(self, rollout_id: int, owner: str, *, release: bool = False) -> bool:

@@ -6,6 +6,7 @@ its gate decisions). State changes are compare-and-set.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
 
 import sqlalchemy as sa
 
@@ -138,14 +139,17 @@ class Operations(StoreCore):
             where = where & (rollouts_table.c.version_id == version_id)
         return self._rollout_rows(where)
 
-    def claim_rollout(self, rollout_id: int, owner: str, *, expect: str | None) -> bool:
-        """Make `owner` the rollout's controller if its controller is still `expect` (compare-and-set); False if
-        another claimed it meanwhile."""
+    def claim_rollout(
+        self, rollout_id: int, owner: str, *, expect: str | None, expect_seen: datetime | None = None
+    ) -> bool:
+        """Make `owner` the controller of a live rollout whose controller is still `expect`, last renewed at
+        `expect_seen` (compare-and-set: a renewal in between makes it fail); False if it is no longer so."""
         now = self._now()
         r = rollouts_table
         held = r.c.controller.is_(None) if expect is None else r.c.controller == expect
+        seen = r.c.controller_seen_at.is_(None) if expect_seen is None else r.c.controller_seen_at == expect_seen
         with self._guard(f"claim rollout #{rollout_id}"), self._write() as conn:
-            done = conn.execute(r.update().where(r.c.id == rollout_id, held)
+            done = conn.execute(r.update().where(r.c.id == rollout_id, held, seen, r.c.state.in_(ROLLOUT_LIVE))
                                 .values(controller=owner, controller_seen_at=now))  # fmt: skip
             return done.rowcount == 1
 

@@ -3,6 +3,7 @@ console's pages (pages.py) and their static files, behind one set of security he
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -57,6 +58,7 @@ def create_app(ctx: Context) -> FastAPI:
     )
     app.state.amiforge = ctx
     app.state.public_origin = ctx.public_origin  # what web/auth.check_same_origin compares a form's Origin with
+    app.state.secure_cookies = ctx.secure_cookies  # which session cookie web/auth reads
     app.include_router(api.router)
     app.include_router(pages.router)
     static = resources.files("amiforge.web") / "static"
@@ -72,7 +74,7 @@ def create_app(ctx: Context) -> FastAPI:
         ctx = context(request)
         # --open-metrics opens /metrics to a loopback name only: a web page that rebinds its own name to 127.0.0.1
         # (DNS rebinding) sends its own Host, and needs a token like everyone else.
-        if not (ctx.open_metrics and _loopback_host(request)):
+        if not (ctx.open_metrics and _loopback_host(request) and _loopback_client(request)):
             require(request, ctx.store, "read")
         try:
             body = ctx.metrics.render()
@@ -183,6 +185,15 @@ def _loopback_host(request: Request) -> bool:
     host = request.headers.get("host", "")
     name = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
     return name in ("127.0.0.1", "localhost", "::1")
+
+
+def _loopback_client(request: Request) -> bool:
+    """Whether the connection comes from this machine (a proxy here forwards others' requests: see serve_cmd)."""
+    client = request.client.host if request.client is not None else ""
+    try:
+        return ipaddress.ip_address(client).is_loopback
+    except ValueError:
+        return False
 
 
 def _wants_page(request: Request) -> bool:

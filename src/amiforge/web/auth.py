@@ -59,7 +59,9 @@ def presented_secret(request: Request) -> tuple[str, bool] | None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer":
             return value.strip(), False
-    cookie = request.cookies.get(SECURE_SESSION_COOKIE) or request.cookies.get(SESSION_COOKIE)
+    # Under TLS only the __Host- cookie counts: a plain one could have been set by a sibling site or plain HTTP.
+    secure = getattr(request.app.state, "secure_cookies", False)
+    cookie = request.cookies.get(SECURE_SESSION_COOKIE) if secure else request.cookies.get(SESSION_COOKIE)
     return (cookie, True) if cookie else None
 
 

@@ -59,9 +59,8 @@ class Controllers:
 
 
 # How many requests at once may do the expensive reads (hashing artifacts, recomputing the audit chain, diffs), so a
-# read token cannot take every worker thread; the rest wait a little, then get 503.
+# read token cannot take every worker thread: the others get 503 at once (waiting would hold a thread too).
 HEAVY_AT_ONCE = 2
-HEAVY_WAIT_SECONDS = 20.0
 
 
 @dataclass
@@ -77,8 +76,8 @@ class Context:
 
     @contextmanager
     def heavy(self) -> Iterator[None]:
-        """Hold one of the HEAVY_AT_ONCE places for an expensive read; 503 when none frees up in time."""
-        if not self._heavy.acquire(timeout=HEAVY_WAIT_SECONDS):
+        """Hold one of the HEAVY_AT_ONCE places for an expensive read; 503 when none is free."""
+        if not self._heavy.acquire(blocking=False):
             raise Refused(503, "the server is busy with other expensive reads", fix="try again in a minute")
         try:
             yield

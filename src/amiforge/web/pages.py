@@ -131,9 +131,11 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    caller, _ = await _form(request, "read")
-    if caller.by_cookie:
-        close_session(context(request).store, caller.secret)
+    caller = identify(request, context(request).store)
+    if caller is not None:  # a live session: its form must carry its key; a dead one only loses its cookie
+        caller, _ = await _form(request, "read")
+        if caller.by_cookie:
+            close_session(context(request).store, caller.secret)
     response = RedirectResponse("/login", status_code=303)
     for name in (SESSION_COOKIE, SECURE_SESSION_COOKIE):
         response.delete_cookie(name, path="/", httponly=True, samesite="strict", secure=name.startswith("__Host-"))
@@ -182,6 +184,8 @@ def version(request: Request, ref: str) -> HTMLResponse:
             changes = diff_from(v.ref, store=ctx.store)
     except NotFound as e:  # a first version, or the parent or this one was never scanned
         no_diff = e.message
+    except Refused:  # the expensive reads are all taken: the page without its diff
+        no_diff = "the changes are not shown now: the server is busy with other expensive reads (reload later)"
     return _render(request, "version.html", caller, doc=document, findings=findings, diff=changes, no_diff=no_diff)
 
 
@@ -254,14 +258,11 @@ def rollout_live(request: Request, rollout_id: int) -> HTMLResponse:
 
 
 def _rollout(request: Request, rollout_id: int, template: str) -> HTMLResponse:
-    from amiforge.lifecycle.controller import controller_gone
-
     caller = _reader(request)
     report = docs.rollout_report(context(request).store, rollout_id)
-    live = report.rollout.state in ROLLOUT_LIVE
-    # A running rollout nobody drives (a server restarted, a CLI killed) is resumed here, or aborted at once.
-    orphaned = live and report.rollout.state != "paused" and controller_gone(report.rollout)
-    return _render(request, template, caller, report=report, live=live, orphaned=orphaned)
+    # A rollout nobody drives (a server restarted, a CLI killed) is offered Resume and Abort.
+    return _render(request, template, caller, report=report, live=report.rollout.state in ROLLOUT_LIVE,
+                   orphaned=report.orphaned)  # fmt: skip
 
 
 @router.post("/rollouts/{rollout_id}/{action}")

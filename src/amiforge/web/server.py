@@ -57,7 +57,7 @@ def parse_listen(value: str, *, allow_remote: bool, tls: bool = False) -> Listen
     fix = f"e.g. --listen {DEFAULT_LISTEN}"
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"--listen {value!r} is not HOST:PORT", fix=fix)
-    if not allow_remote and not tls and not _loopback(host):
+    if not allow_remote and not tls and not is_loopback(host):
         raise ConfigError(
             f"--listen {value!r} is not a loopback address, and without TLS the tokens and sessions of whoever logs "
             "in would cross the network in the clear",
@@ -67,7 +67,7 @@ def parse_listen(value: str, *, allow_remote: bool, tls: bool = False) -> Listen
     return Listen(host, int(port_text), tls)
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
