@@ -48,10 +48,13 @@ class RolloutOutcome:
 
 # What a target's name may be: a local fleet's name, or an Auto Scaling group (1–255 characters, no ':' and no control
 # characters, as AWS allows) with its region.
+_GROUP = r"[^:\x00-\x1f\x7f]{1,255}"
 _TARGETS = {
     "local": re.compile(IMAGE_NAME_PATTERN),
-    "aws": re.compile(rf"{AWS_REGION_PATTERN}/[^:\x00-\x1f\x7f]{{1,255}}"),
+    "aws": re.compile(rf"{AWS_REGION_PATTERN}/{_GROUP}"),
 }
+# What parse_target accepts, as one pattern (the web API states it in its schema).
+TARGET_PATTERN = rf"(?:local:)?{IMAGE_NAME_PATTERN}|aws:{AWS_REGION_PATTERN}/{_GROUP}"
 
 
 def parse_target(target: str) -> tuple[str, str]:

@@ -222,6 +222,9 @@ def version_document(
     held = [p for p in store.channels(v.name) if v.ref in (p.current, p.previous)]
     reports = [BootReportRow.of(r, console=console) for r in store.boot_reports(v.id)]
     ancestors = store.ancestry(v.id, limit=ANCESTRY_SHOWN + 1)
+    # What generalisation removed and what runs left behind, from their own events in one read, however many others
+    # the version has (its newest `events` may not hold them).
+    hygiene = store.events(v.ref, kinds={"bake.built", "orphaned"})
     running: dict[str, int] = {}
     for version_id, target, _ in store.running_members():
         if version_id == v.id:
@@ -235,11 +238,8 @@ def version_document(
         scan=None if scan is None else _scan_summary(scan),
         signatures=[SignatureRow(s.key_id, s.signed_at, s.statement_digest) for s in store.signatures(v.id)],
         channels=[ChannelRole(p.channel, "current" if p.current == v.ref else "rollback") for p in held],
-        # From their own events, however many others the version has (the newest `events` may not hold them).
-        generalised=list(generalised_of(store.events(v.ref, kinds={"bake.built"}))),
-        orphaned=[
-            _leftover(left, removed) for left, removed in leftovers_of(store, store.events(v.ref, kinds={"orphaned"}))
-        ],
+        generalised=list(generalised_of(hygiene)),
+        orphaned=[_leftover(left, removed) for left, removed in leftovers_of(store, hygiene)],
         ancestry=[a.ref for a in ancestors[:ANCESTRY_SHOWN]],
         children=store.children(v.id),
         running=[RunningOn(t, n) for t, n in sorted(running.items())],

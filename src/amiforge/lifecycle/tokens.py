@@ -22,7 +22,8 @@ from amiforge.store.interface import Store
 PREFIX = "amf_"
 SESSION_PREFIX = "ams_"
 SESSION_HOURS = 12  # a browser session ends after this, or at log-out, or when its token is revoked
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
 _SECRET = re.compile(PREFIX + r"[A-Za-z0-9_-]{43}")
 _SESSION = re.compile(SESSION_PREFIX + r"[A-Za-z0-9_-]{43}")
 

@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from amiforge.lifecycle import documents as docs
 from amiforge.lifecycle import tokens
 from amiforge.lifecycle.boards import BoardView
+from amiforge.lifecycle.controller import TARGET_PATTERN
 from amiforge.lifecycle.diff import VersionDiff
 from amiforge.lifecycle.sign import VerifyOutcome
-from amiforge.model import TOKEN_ROLES, Rollout, Status, TrustedKey, to_json
+from amiforge.model import IMAGE_NAME_PATTERN, Rollout, Status, TrustedKey, to_json
 from amiforge.policy.fields import CHANNEL_PATTERN
 from amiforge.strategy import Strategy
 from amiforge.web.auth import Caller, require
@@ -51,17 +52,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
 
-REF = r"^[a-z0-9][a-z0-9-]{0,62}@[1-9][0-9]{0,8}$|^[0-9a-f]{8,64}$"  # NAME@N or a digest prefix
+REF = rf"^{IMAGE_NAME_PATTERN}@[1-9][0-9]{{0,8}}$|^[0-9a-f]{{8,64}}$"  # NAME@N or a digest prefix
 Ref = Annotated[str, Field(pattern=REF, max_length=80)]
 RefPath = Annotated[str, Path(pattern=REF, max_length=80)]
 RolloutId = Annotated[int, Path(ge=1, le=2**62)]
 # A target as lifecycle.controller.parse_target reads it: a local fleet (bare or local:NAME) or aws:REGION/GROUP.
-TARGET = (
-    r"^(local:)?[a-z0-9][a-z0-9-]{0,62}$|"
-    r"^aws:[a-z]{2}(-[a-z]+)+-[0-9]{1,2}/[^:\x00-\x1f\x7f]{1,255}$"
-)
+TARGET = f"^(?:{TARGET_PATTERN})$"
 RolloutState = Literal["running", "paused", "rolling-back", "succeeded", "failed", "aborted"]
-TOKEN_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+TOKEN_NAME = f"^{tokens.NAME_PATTERN}$"
 Limit = Annotated[int, Query(ge=1, le=docs.MAX_PAGE)]
 Cursor = Annotated[int | None, Query(ge=1, le=2**62, description="the `next_before` of the previous page")]
 
@@ -104,7 +102,7 @@ def get_catalog(_: Reader, ctx: Ctx) -> Response:
 def list_versions(
     _: Reader,
     ctx: Ctx,
-    name: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] = None,
+    name: Annotated[str | None, Query(pattern=f"^{IMAGE_NAME_PATTERN}$")] = None,
     status: Annotated[list[Status] | None, Query()] = None,
     search: Annotated[str | None, Query(max_length=63, pattern=r"^[^\x00]*$")] = None,
     limit: Limit = 50,
@@ -358,7 +356,6 @@ def list_tokens(_: Admin, ctx: Ctx) -> Response:
 @router.post("/tokens", status_code=201, response_model=CreatedTokenDoc,
              summary="Create a token; its secret is in this answer only")  # fmt: skip
 def create_token(caller: Admin, ctx: Ctx, body: TokenBody) -> Response:
-    assert body.role in TOKEN_ROLES
     created = tokens.create_token(body.name, body.role, store=ctx.store, settings=ctx.settings_for(caller))
     return document({"token": docs.TokenRow.of(created.token), "secret": created.secret}, 201)
 
