@@ -9,7 +9,7 @@ import dataclasses
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -453,6 +453,40 @@ class ChannelPointer:
     moved_at: datetime
     moved_by: str
     reason: str
+
+
+# The tag a dev/test version carries to say when it may go (`amiforge retire`): the one amiforge tag a recipe sets.
+EXPIRES_TAG = "amiforge:expires"
+
+
+def expiry_time(text: str) -> datetime:
+    """An `amiforge:expires` value as a time: a date means the end of that day (UTC), a time without a zone UTC.
+    ValueError for anything else."""
+    text = text.strip()
+    if len(text) == 10:
+        return datetime.combine(date.fromisoformat(text) + timedelta(days=1), time(), UTC)
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# The way out of one artifact (lifecycle/retire.py): deprecated, then deregistered (the image is gone, its
+# snapshots may stay), then purged (its snapshots deleted too). Each stage is reached once; a rerun resumes.
+RETIRE_STAGES = ("deprecated", "deregistered", "purged")
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """Where one artifact stands on its way out. `snapshots` are the image's, read when it was deprecated (an image
+    that is gone can no longer say which snapshots it had)."""
+
+    artifact_id: int
+    version_id: int
+    stage: str  # one of RETIRE_STAGES
+    deprecated_at: datetime
+    deregistered_at: datetime | None
+    purged_at: datetime | None
+    snapshots: tuple[str, ...]
+    run_id: str
 
 
 # Who may do what through `amiforge serve` (docs/architecture.md §14): each role can do what the ones before it can.

@@ -1,7 +1,8 @@
 """The `amiforge` command: the typer app, its command groups, and the ONE place errors become exit codes.
 
 Exit codes (docs/architecture.md §6): 0 ok · 2 bad input · 3 not found / state · 4 gate failed · 5 infrastructure ·
-130 interrupted. No traceback reaches a user unless --debug (or AMIFORGE_DEBUG=1).
+10 a plan with changes (`retire`, `drift`) · 130 interrupted. No traceback reaches a user unless --debug (or
+AMIFORGE_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ COMMANDS: dict[str, Entry] = {
         "Find what finished runs left behind — temporary directories on this machine; on AWS, resources tagged "
         "amiforge:managed whose run the registry knows is over (never a registered image) — and remove them with "
         "--apply. Exit 4 when the plan exceeds --max.",
+    ),
+    "retire": Entry(
+        "amiforge.cli.retire_cmd",
+        "retire_command",
+        "Plan the way out of versions no retention rule keeps and nothing uses — deprecate, then after the grace "
+        "period deregister and delete their snapshots — and take it with --apply. Exit 10 when the plan has changes.",
     ),
     "rollback": Entry(
         "amiforge.cli.rollout_cmd",

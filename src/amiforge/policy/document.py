@@ -43,6 +43,7 @@ from amiforge.policy.fields import (
     as_utc,
     soak_of,
 )
+from amiforge.policy.retention import Retention
 from amiforge.policy.severity import SeveritySource
 from amiforge.policy.slos import ImageSlos
 from amiforge.yamlfile import (
@@ -214,6 +215,11 @@ class Policy(BaseModel):
         default=ImageSlos(),
         description="service level objectives of images in their fleets: default and per image (boot success, "
         "time to ready, heartbeat freshness, window)",
+    )
+    retention: Annotated[Retention, BeforeValidator(_none_is_defaults)] = Field(
+        default=Retention(),
+        description="how long versions are kept and how they leave (amiforge retire): keep rules, deprecation, "
+        "grace, snapshots, the blast-radius cap; default and per image",
     )
 
     # Not part of the schema: the file it was read from, for messages.
@@ -394,7 +400,12 @@ def parse_policy(text: str, path: Path) -> Policy:
     """Validate policy YAML `text` as if read from `path`."""
     start = f"start from {_EXAMPLE}; at least 'channels:' is required"
     node, data, problems = parse_mapping(
-        text, path, _KIND, top_keys="channels:, waivers:, severity_source:, slos:", empty_fix=start, mapping_fix=start
+        text,
+        path,
+        _KIND,
+        top_keys="channels:, waivers:, severity_source:, slos:, retention:",
+        empty_fix=start,
+        mapping_fix=start,
     )
     file = str(path)
     problems += [

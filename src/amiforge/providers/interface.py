@@ -558,3 +558,81 @@ class Collector(Protocol):
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         """Remove the plan's orphans (refusing, before any change, more than `max_deletions`)."""
         ...
+
+
+# --- retire: what uses an image, and the way out -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One thing that uses an image (docs/architecture.md §15): a fleet member, an instance, a launch template
+    version, a parameter, an account it is shared with. It names the image it holds (`location`, in `region`), or a
+    version (`version`, NAME@N: every copy of it), or both."""
+
+    source: str  # the kind of thing: "fleet", "instance", "launch template", "ssm parameter", "share", …
+    name: str  # which one, as an operator would look it up: "i-0abc… (stopped)", "fleet web, member g-1a2b3c4d"
+    region: str
+    location: str | None = None
+    version: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.source} {self.name}"
+
+
+@dataclass(frozen=True)
+class SourceFailure:
+    """A reference source that could not be read completely in a region: nothing is deleted there."""
+
+    region: str
+    source: str
+    why: str
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """An artifact as its provider sees it now."""
+
+    location: str
+    present: bool  # False: gone (deregistered, its files removed)
+    deprecated_at: datetime | None = None  # the cloud's own deprecation time, where it keeps one
+    protection: str | None = None  # deregistration protection: None (off), "enabled", "enabled until …"
+    snapshots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegionSurvey:
+    """One reading of a region for retire: everything that uses images there, and the state of the images asked
+    about. A source that failed is listed in `failures`, never silently skipped; `calls` counts API calls by
+    operation; `notes` are warnings (no Recycle Bin rule covers the region)."""
+
+    region: str
+    references: tuple[Reference, ...]
+    failures: tuple[SourceFailure, ...]
+    images: Mapping[str, ImageState]
+    calls: Mapping[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Retirer(Protocol):
+    """A provider whose artifacts can be retired (lifecycle/retire.py): it says what uses images in a region and
+    takes each step out. Every step is idempotent: asked again after a kill, it finds the work done and says so."""
+
+    def survey(self, region: str, artifacts: Collection[Artifact]) -> RegionSurvey:
+        """Read every reference source of `region`, completely (every page), and the state of `artifacts` (the
+        registry's in that region; `images` is keyed by their locations). Reads only. A source that cannot be
+        read is a `SourceFailure` in the survey, not an exception."""
+        ...
+
+    def deprecate(self, artifact: Artifact, at: datetime) -> tuple[str, ...]:
+        """Mark the image deprecated as of `at` (where the provider keeps such a mark); its snapshots."""
+        ...
+
+    def deregister(self, artifact: Artifact) -> bool:
+        """Remove the image (lifting deregistration protection first, where it is on; StateError while its cool-down
+        runs). False if it was already gone."""
+        ...
+
+    def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
+        """Delete these snapshots, except any another image still uses (those are returned, kept). Gone is fine."""
+        ...

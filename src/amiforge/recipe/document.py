@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from amiforge.errors import ConfigError
+from amiforge.model import EXPIRES_TAG, expiry_time
 from amiforge.recipe.checks import Checks
 from amiforge.recipe.fields import SCHEMA_HINT, RecipeName, TagKey, TagValue
 from amiforge.recipe.provider_specs import PROVIDER_TAGS, Base, LocalProvider, Provider
 from amiforge.recipe.steps import STEP_TAGS, Step
-from amiforge.yamlfile import YamlKind, parse_mapping, read_text, validate_mapping
+from amiforge.yamlfile import YamlKind, fail, parse_mapping, read_text, short, validate_mapping
 
 __all__ = ["MAX_RECIPE_BYTES", "Recipe", "load_recipe", "parse_recipe", "recipe_json_schema"]
 
@@ -37,6 +38,22 @@ class Recipe(BaseModel):
     steps: list[Step] = Field(default_factory=list, description="ordered; each step is one cache layer")
     checks: Checks = Field(default_factory=Checks)
     tags: dict[TagKey, TagValue] = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _expiry_readable(cls, tags: dict[str, str]) -> dict[str, str]:
+        text = tags.get(EXPIRES_TAG)
+        if text is not None:
+            try:
+                expiry_time(text)
+            except ValueError:
+                raise fail(
+                    f"{EXPIRES_TAG} is {short(text)}, not a date or a time",
+                    "write a date (2027-01-31: the image may be retired after that day, UTC) or a time "
+                    "(2027-01-31T12:00:00Z)",
+                    key=EXPIRES_TAG,
+                ) from None
+        return tags
 
     # Not part of the schema: where the recipe was read from, so file sources resolve against its folder.
     _source_path: Path | None = PrivateAttr(default=None)

@@ -8,11 +8,12 @@ steps, checks and provider specs share one definition of, say, a systemd unit na
 from __future__ import annotations
 
 import re
+from datetime import date, datetime
 from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, WithJsonSchema
 
-from amiforge.model import IMAGE_NAME_PATTERN
+from amiforge.model import EXPIRES_TAG, IMAGE_NAME_PATTERN
 from amiforge.yamlfile import fail, matching, short
 
 __all__ = [
@@ -83,10 +84,10 @@ _TAG_KEY = matching(
 
 def _unreserved_tag_key(value: str) -> str:
     # Our own bookkeeping tags (docs/architecture.md §8) and AWS's namespace must not be forged from a recipe.
-    if value.lower().startswith(("amiforge:", "aws:")):
+    if value.lower().startswith(("amiforge:", "aws:")) and value != EXPIRES_TAG:
         raise fail(
             f"tag key {value!r} uses a reserved prefix ('amiforge:' and 'aws:' are set by amiforge and AWS)",
-            "rename the tag",
+            f"rename the tag ({EXPIRES_TAG} is the one a recipe may set: when the image may be retired)",
         )
     return value
 
@@ -98,7 +99,19 @@ def _check_tag_value(value: str) -> str:
 
 
 TagKey = Annotated[str, *_TAG_KEY, AfterValidator(_unreserved_tag_key)]
-TagValue = Annotated[str, AfterValidator(_check_tag_value), WithJsonSchema({"type": "string", "maxLength": 256})]
+
+
+def _dated(value: object) -> object:
+    # An unquoted 2027-01-31 (amiforge:expires) is a date to YAML: the tag holds it as written.
+    return value.isoformat() if isinstance(value, date | datetime) else value
+
+
+TagValue = Annotated[
+    str,
+    BeforeValidator(_dated),
+    AfterValidator(_check_tag_value),
+    WithJsonSchema({"type": "string", "maxLength": 256}),
+]
 
 
 def _check_mode(value: object) -> object:

@@ -27,6 +27,7 @@ from amiforge.model import (
     ImageVersion,
     LayerRecord,
     Operation,
+    Retirement,
     Rollout,
     RolloutDecision,
     RolloutReplacement,
@@ -413,3 +414,26 @@ class Store(Protocol):
         ...
 
     def end_session(self, secret_sha256: str) -> bool: ...
+
+    # retirements (lifecycle/retire.py)
+
+    def retirements(self, artifact_ids: Collection[int] | None = None) -> dict[int, Retirement]:
+        """artifact id → its retirement, for every artifact on its way out (or only those of `artifact_ids`)."""
+        ...
+
+    def advance_retirement(
+        self,
+        artifact_id: int,
+        stage: str,
+        *,
+        expect: str | None,
+        run_id: str,
+        actor: str,
+        ref: str,
+        data: Mapping[str, object],
+        snapshots: Sequence[str] = (),
+        at: datetime | None = None,
+    ) -> Retirement:
+        """Move the artifact to `stage` if it is still at `expect` (None: not on its way out yet), recording the
+        `retire.<stage>` event in the same transaction; StateError on a lost race or a step out of order."""
+        ...

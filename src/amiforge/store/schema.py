@@ -561,3 +561,25 @@ api_sessions_table = sa.Table(
     sa.Column("expires_at", UtcDateTime, nullable=False),
     sa.Index("ix_api_sessions_expires_at", "expires_at"),
 )
+
+# The way out of each artifact (lifecycle/retire.py, migration 0014): one row per artifact once it is deprecated,
+# moved on by compare-and-set on `stage`, each move recorded as an event in the same transaction.
+retirements_table = sa.Table(
+    "retirements",
+    metadata,
+    sa.Column(
+        "artifact_id",
+        sa.Integer,
+        sa.ForeignKey("artifacts.id", name="fk_retirements_artifact"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    _version_fk("retirements"),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("deprecated_at", UtcDateTime, nullable=False),
+    sa.Column("deregistered_at", UtcDateTime, nullable=True),
+    sa.Column("purged_at", UtcDateTime, nullable=True),
+    sa.Column("snapshots", sa.JSON, nullable=False),
+    sa.Column("run_id", sa.String(128), nullable=False),
+    sa.Index("ix_retirements_version_id", "version_id"),
+)

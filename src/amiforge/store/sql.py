@@ -11,6 +11,7 @@
 - channels.py — channel pointers and their moves;
 - telemetry.py — boots of versions on targets and their running totals;
 - tokens.py — tokens of the web console and API (hashes only);
+- retirements.py — each artifact's way out (deprecated, deregistered, purged);
 
 on top of base.py (engine, clock, transactions), with engine.py (opening a URL, read-only registries, migrations),
 boundary.py (database failures -> amiforge errors), rows.py (the one generic row mapper) and schema.py (the
@@ -27,6 +28,7 @@ from amiforge.store.engine import MIGRATIONS_DIR, create_store_engine, head_revi
 from amiforge.store.events import GENESIS_HASH, EventLog, event_hash
 from amiforge.store.lineage import Lineage
 from amiforge.store.operations import Operations
+from amiforge.store.retirements import Retirements
 from amiforge.store.supply import SupplyChain
 from amiforge.store.telemetry import Telemetry
 from amiforge.store.tokens import Tokens
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class SqlStore(Versions, Lineage, EventLog, SupplyChain, Operations, Channels, Telemetry, Tokens):
+class SqlStore(Versions, Lineage, EventLog, SupplyChain, Operations, Channels, Telemetry, Tokens, Retirements):
     """The registry over one SQLAlchemy engine; satisfies `store.interface.Store`. Safe to share across threads, and
     any number of SqlStore objects (in any number of processes) may use the same database."""
 

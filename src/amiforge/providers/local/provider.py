@@ -23,6 +23,7 @@ from amiforge.providers.interface import (
     HostReport,
     ImageView,
     PhaseUpdate,
+    RegionSurvey,
     Release,
     RunContext,
     RunState,
@@ -34,6 +35,7 @@ from amiforge.providers.local.fleet import create_fleet, destroy_fleet, list_fle
 from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, generalised_files, plan_layers
 from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
+from amiforge.providers.local.retire import deprecate_local, remove_image, survey_local
 from amiforge.providers.local.tools import require, temporary_dir, tool_report
 from amiforge.recipe import Checks, Recipe
 from amiforge.recipe import Provider as ProviderSpec
@@ -233,6 +235,21 @@ class LocalProvider:
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         return apply_local_gc(self.settings, plan, max_deletions=max_deletions)
+
+    # --- retire (Retirer): what uses a local image, and removing one ----------------------------------------
+
+    def survey(self, region: str, artifacts: Collection[Artifact]) -> RegionSurvey:
+        return survey_local(self.settings, region, artifacts)
+
+    def deprecate(self, artifact: Artifact, at: datetime) -> tuple[str, ...]:
+        return deprecate_local(artifact, at)
+
+    def deregister(self, artifact: Artifact) -> bool:
+        return remove_image(artifact)
+
+    def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
+        del region, snapshots  # a local image has none
+        return []
 
     # --- inspection -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""amiforge retire [--apply]: the way out of versions no rule keeps and nothing uses; amiforge cache gc.
+
+`retire` prints the plan, like `terraform plan -detailed-exitcode`: exit 0 when there is nothing to do, exit 10
+when the plan has changes (so a nightly CI job can tell), 2/3/5 for errors as everywhere. With `--apply` it takes
+the steps and exits 0 (5 when a step failed: the next run takes it again).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.output import console, emit_json, err_console
+from amiforge.cli.tables import Col, fit_table
+from amiforge.errors import InfraError
+
+# `retire` (and `drift`) exit with this when there is something to act on, as `terraform plan -detailed-exitcode`
+# exits 2 (taken here by bad input).
+CHANGES_EXIT = 10
+
+PolicyOption = typer.Option(
+    None,
+    "--policy",
+    exists=False,
+    help="The policy file whose `retention:` applies (default: AMIFORGE_POLICY, else the built-in rules).",
+)
+
+
+def _where(location: str) -> str:
+    """An AMI id as it is; a local image by its file name (the folder is the store's)."""
+    return Path(location).name if location.startswith("/") else location
+
+
+def retire_command(
+    policy: Path | None = PolicyOption,
+    apply: bool = typer.Option(False, "--apply", help="Take the steps (default: only show the plan)."),
+    regions: list[str] = typer.Option([], "--region", help="Only this region (repeat); default: every region."),
+    show_all: bool = typer.Option(False, "--all", help="Also list what is kept, and why."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Plan the way out of versions no retention rule keeps and nothing uses — deprecate, then after the grace
+    period deregister and delete their snapshots — and take it with --apply. Exit 10 when the plan has changes."""
+    from amiforge.lifecycle import retire
+    from amiforge.lifecycle.promote import policy_of
+    from amiforge.policy.document import load_policy
+
+    settings, store = open_registry()
+    retention = (load_policy(policy) if policy is not None else policy_of(settings)).retention
+    finder = retire.retirer_for(settings)
+    if apply:
+        outcome = retire.apply(store, retention, finder, actor=settings.actor, regions=regions)
+    else:
+        outcome = retire.RetireOutcome(retire.plan(store, retention, finder, regions=regions), applied=False)
+    if as_json:
+        emit_json(outcome)
+    else:
+        _print(outcome, show_all=show_all)
+    if outcome.failed:
+        raise InfraError(
+            f"{len(outcome.failed)} step(s) failed: "
+            + ", ".join(f"{o.step.version} ({o.detail})" for o in outcome.failed),
+            retryable=True,
+            fix="the other steps were taken; rerun `amiforge retire --apply` once the cause is fixed",
+        )
+    if not apply and outcome.plan.changes:
+        raise typer.Exit(CHANGES_EXIT)
+
+
+def _print(outcome: object, *, show_all: bool) -> None:
+    from amiforge.lifecycle.retire import RetireOutcome
+
+    assert isinstance(outcome, RetireOutcome)
+    plan = outcome.plan
+    done = {(o.step.artifact_id, o.step.action): o for o in outcome.outcomes}
+    rows = []
+    for v in plan.versions:
+        for s in v.steps:
+            if s.action in ("keep", "done") and not show_all:
+                continue
+            result = done.get((s.artifact_id, s.action))
+            rows.append([
+                escape(s.version), escape(s.region), escape(_where(s.location)), s.action,
+                escape(s.why), escape(f"{result.outcome}{': ' + result.detail if result.detail else ''}")
+                if result else ("planned" if not outcome.applied else "-"),
+            ])  # fmt: skip
+    title = f"retire: {'applied' if outcome.applied else 'plan'} at {plan.at:%Y-%m-%d %H:%M} UTC"
+    columns = [Col("version", whole=True), Col("region", whole=True), Col("image", whole=True), Col("action"),
+               Col("why", wrap=True), Col("outcome", drop=1)]  # fmt: skip
+    if rows:
+        fit_table(columns, rows, title=title)
+    counts = Counter(s.action for s in plan.steps())
+    console.print(
+        f"Plan: {counts['deprecate']} to deprecate, {counts['deregister']} to deregister, "
+        f"{counts['delete-snapshots']} to delete snapshots of; {counts['keep']} kept, {counts['wait']} in their "
+        f"grace period, {counts['deferred']} deferred (over the cap of {plan.max_deletions}), "
+        f"{counts['blocked']} blocked."
+    )
+    for failure in plan.failures:
+        err_console.print(
+            f"[bold red]{escape(failure.region)}: {escape(failure.source)} could not be read[/] "
+            f"({escape(failure.why)}): nothing changes there"
+        )
+    for note in plan.notes:
+        err_console.print(f"note: {escape(note)}")
+    if outcome.applied:
+        if outcome.retired:
+            console.print("retired: " + ", ".join(escape(r) for r in outcome.retired))
+    elif plan.changes:
+        console.print("nothing was changed: rerun with --apply to take these steps")
+    else:
+        console.print("nothing to do")

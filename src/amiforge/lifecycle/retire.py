@@ -1,0 +1,375 @@
+"""retire: plan, and on request apply, the way out of versions no rule keeps and nothing uses (docs/architecture.md
+§15). `plan()` reads the registry, asks every provider what uses its images in each region (every source, every
+page) and runs the planner (lifecycle/retire_plan.py). `apply()` takes the plan's steps region by region: deprecate;
+then, before anything is removed, it reads every reference of the region again and removes only what the fresh plan
+still removes; deregister; delete the snapshots. Each step is a compare-and-set on the artifact's stage with its event
+(`retire.deprecated`, `retire.deregistered`, `retire.purged`), taken after the provider's step, and every provider
+step is idempotent: a run killed at any point is resumed by the next, which finds the work done and records it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from amiforge.errors import AmiforgeError, StateError
+from amiforge.lifecycle.retire_plan import (
+    EVERY_REGION,
+    Entry,
+    Holding,
+    RetirePlan,
+    Step,
+    VersionPlan,
+    channel_references,
+    finished,
+    plan_retirement,
+)
+from amiforge.lifecycle.runs import new_run_id
+from amiforge.model import ROLLOUT_LIVE, Artifact, Status, check_transition
+from amiforge.policy.retention import Retention
+from amiforge.providers import provider_for
+from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Retirer, SourceFailure
+from amiforge.settings import Settings
+from amiforge.store.interface import Store
+
+logger = logging.getLogger(__name__)
+
+# A bake or a distribute that started this long ago and never ended was killed: its version is no longer in use.
+STALE_RUN = timedelta(hours=12)
+# Regions surveyed and applied at once (AWS regions answer independently; the local region is one).
+PARALLEL_REGIONS = 8
+
+RetirerFor = Callable[[str], Retirer | None]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    step: Step
+    outcome: str  # done (this run did it), gone (found done), kept (the fresh plan keeps it), failed
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RetireOutcome:
+    plan: RetirePlan
+    applied: bool
+    outcomes: tuple[StepOutcome, ...] = ()
+    retired: tuple[str, ...] = ()  # versions the registry now holds as retired
+    run_id: str | None = None
+
+    @property
+    def failed(self) -> list[StepOutcome]:
+        return [o for o in self.outcomes if o.outcome == "failed"]
+
+
+def retirer_for(settings: Settings) -> RetirerFor:
+    """The provider of each name, if it can retire its images (None: it cannot say what uses them)."""
+
+    def find(kind: str) -> Retirer | None:
+        provider = provider_for(kind, settings)
+        return provider if isinstance(provider, Retirer) else None
+
+    return find
+
+
+# --- reading the world -----------------------------------------------------------------------------------------
+
+
+def inventory(store: Store) -> list[Entry]:
+    """Every version with its artifacts and where each stands on its way out: three reads, whatever the size."""
+    versions = store.list_versions(summary=True)
+    held: dict[int, list[Artifact]] = defaultdict(list)
+    for kind in sorted({v.provider for v in versions}):
+        for _, artifact in store.provider_artifacts(kind):
+            if artifact.version_id is not None:
+                held[artifact.version_id].append(artifact)
+    retirements = store.retirements()
+    return [Entry(v, tuple(Holding(a, retirements.get(a.id or 0)) for a in held.get(v.id, ()))) for v in versions]
+
+
+def registry_references(store: Store, *, now: datetime) -> list[Reference]:
+    """What the registry itself says is in use, in every region: channels (current and previous), live rollouts (the
+    version and what each replaced member ran), each target's last rollout's rollback image, and versions a bake or
+    a distribute is working on."""
+    found = channel_references(store.channels())
+    latest: dict[str, int] = {}
+    for rollout in store.rollouts():
+        latest[rollout.target] = max(latest.get(rollout.target, 0), rollout.id)
+    for rollout in store.rollouts():
+        live = rollout.state in ROLLOUT_LIVE
+        if not live and latest[rollout.target] != rollout.id:
+            continue
+        name = f"#{rollout.id} on {rollout.target} ({rollout.state})"
+        if live:
+            found.append(Reference("rollout", name, EVERY_REGION, version=rollout.version_ref))
+        for old in {r.old_version for r in store.replacements(rollout.id) if r.old_version}:
+            found.append(Reference("rollout", f"{name}: the rollback image", EVERY_REGION, version=old))
+    found += _working_runs(store, now=now)
+    return found
+
+
+def _working_runs(store: Store, *, now: datetime) -> list[Reference]:
+    """Versions a bake or a distribute started on and has not ended (unless it started too long ago to be alive)."""
+    open_runs: dict[tuple[str, str], tuple[str, datetime]] = {}
+    kinds = {"bake.started", "bake.built", "bake.failed", "distribute.started", "distribute.completed",
+             "distribute.failed"}  # fmt: skip
+    for event in store.events(kinds=kinds):
+        run, ref = event.data.get("run"), event.ref
+        if not isinstance(run, str) or ref is None:
+            continue
+        verb, _, what = event.kind.partition(".")
+        if what == "started":
+            open_runs[(verb, run)] = (ref, event.at)
+        else:
+            open_runs.pop((verb, run), None)
+    return [
+        Reference(verb, f"run {run} (started {at:%Y-%m-%d %H:%M} UTC)", EVERY_REGION, version=ref)
+        for (verb, run), (ref, at) in sorted(open_runs.items())
+        if now - at < STALE_RUN
+    ]
+
+
+def survey(entries: Sequence[Entry], retirer: RetirerFor, *, regions: Iterable[str] = ()) -> list[RegionSurvey]:
+    """Ask each provider about every region where an artifact is still on its way (or in use); regions at once."""
+    wanted = set(regions)
+    by_region: dict[tuple[str, str], list[Artifact]] = defaultdict(list)
+    for entry in entries:
+        for h in entry.holdings:
+            a = h.artifact
+            if (not wanted or a.region in wanted) and (h.retirement is None or h.retirement.stage != "purged"):
+                by_region[(a.provider, a.region)].append(a)
+
+    def one(key: tuple[str, str]) -> RegionSurvey:
+        kind, region = key
+        try:
+            found = retirer(kind)
+        except AmiforgeError as e:
+            found, why = None, e.message
+        else:
+            why = f"the {kind} provider cannot say what uses its images"
+        if found is None:
+            return RegionSurvey(region, (), (SourceFailure(region, f"{kind} provider", why),), {})
+        return found.survey(region, by_region[key])
+
+    keys = sorted(by_region)
+    if len(keys) <= 1:
+        return [one(k) for k in keys]
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_REGIONS, len(keys)), thread_name_prefix="survey") as pool:
+        return list(pool.map(one, keys))
+
+
+def _images(surveys: Sequence[RegionSurvey]) -> dict[tuple[str, str], ImageState]:
+    return {(s.region, location): state for s in surveys for location, state in s.images.items()}
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+def plan(
+    store: Store,
+    retention: Retention,
+    retirer: RetirerFor,
+    *,
+    now: datetime | None = None,
+    regions: Iterable[str] = (),
+) -> RetirePlan:
+    """The plan: nothing is changed."""
+    moment = now or datetime.now(UTC)
+    entries = inventory(store)
+    wanted = set(regions)
+    if wanted:
+        entries = [replace(e, holdings=tuple(h for h in e.holdings if h.artifact.region in wanted)) for e in entries]
+    surveys = survey(entries, retirer)
+    return _planned(entries, surveys, store, retention, moment)
+
+
+def _planned(
+    entries: Sequence[Entry], surveys: Sequence[RegionSurvey], store: Store, retention: Retention, now: datetime
+) -> RetirePlan:
+    references = registry_references(store, now=now) + [r for s in surveys for r in s.references]
+    failures = tuple(f for s in surveys for f in s.failures)
+    versions, notes = plan_retirement(
+        entries, references=references, failures=failures, images=_images(surveys), retention=retention, now=now
+    )
+    calls = {s.region: dict(s.calls) for s in surveys if s.calls}
+    return RetirePlan(
+        now, versions, failures, tuple(notes) + tuple(n for s in surveys for n in s.notes), calls,
+        retention.max_deletions,
+    )  # fmt: skip
+
+
+# --- apply -------------------------------------------------------------------------------------------------
+
+
+def apply(
+    store: Store,
+    retention: Retention,
+    retirer: RetirerFor,
+    *,
+    actor: str,
+    now: datetime | None = None,
+    regions: Iterable[str] = (),
+    progress: Callable[[StepOutcome], None] = lambda _o: None,
+) -> RetireOutcome:
+    """Plan, then take the plan's steps (see the module's docstring). A step that fails is reported and the others
+    go on; what failed is planned again by the next run."""
+    moment = now or datetime.now(UTC)
+    first = plan(store, retention, retirer, now=moment, regions=regions)
+    run_id = new_run_id()
+    by_key: dict[tuple[str, str], list[Step]] = defaultdict(list)
+    for step in first.steps("deprecate", "deregister", "delete-snapshots"):
+        by_key[(step.provider, step.region)].append(step)
+    refs = {v.version: v for v in first.versions}
+
+    def region(key: tuple[str, str]) -> list[StepOutcome]:
+        kind, name = key
+        found = retirer(kind)
+        assert found is not None  # a region of a provider that cannot retire is blocked: it has no changes
+        return _apply_region(store, retention, found, kind, name, by_key[key], actor=actor, run_id=run_id,
+                             now=moment, progress=progress)  # fmt: skip
+
+    keys = sorted(by_key)
+    outcomes: list[StepOutcome] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_REGIONS, len(keys))), thread_name_prefix="retire") as pool:
+        for done in pool.map(region, keys):
+            outcomes += done
+    retired = _retire_versions(store, refs, outcomes, retention, actor=actor, run_id=run_id)
+    return RetireOutcome(first, True, tuple(outcomes), tuple(retired), run_id)
+
+
+def _apply_region(
+    store: Store,
+    retention: Retention,
+    retirer: Retirer,
+    kind: str,
+    region: str,
+    steps: Sequence[Step],
+    *,
+    actor: str,
+    run_id: str,
+    now: datetime,
+    progress: Callable[[StepOutcome], None],
+) -> list[StepOutcome]:
+    outcomes: list[StepOutcome] = []
+
+    def record(outcome: StepOutcome) -> None:
+        outcomes.append(outcome)
+        progress(outcome)
+
+    for step in (s for s in steps if s.action == "deprecate"):
+        record(_guarded(step, functools.partial(_deprecate, store, retirer, step, actor=actor, run_id=run_id, now=now)))
+    removals = [s for s in steps if s.action in ("deregister", "delete-snapshots")]
+    if removals:
+        # Re-read every reference of the region (and the registry's) right before anything is removed: a fleet
+        # launched or a template written since the plan keeps its image.
+        entries = [
+            replace(e, holdings=tuple(h for h in e.holdings if h.artifact.region == region and
+                                      h.artifact.provider == kind))
+            for e in inventory(store)
+            if any(h.artifact.provider == kind and h.artifact.region == region for h in e.holdings)
+        ]  # fmt: skip
+        fresh = _planned(entries, [retirer.survey(region, _artifacts_of(entries))], store, retention, now)
+        still = {s.artifact_id: s for s in fresh.steps("deregister", "delete-snapshots")}
+        for step in removals:
+            again = still.get(step.artifact_id)
+            if again is None or again.action != step.action:
+                now_step = next((s for s in fresh.steps() if s.artifact_id == step.artifact_id), None)
+                why = now_step.why if now_step is not None else "no longer in the registry"
+                record(StepOutcome(step, "kept", f"read again before removing: {why}"))
+                continue
+            record(_guarded(again, functools.partial(_remove, store, retirer, again, actor=actor, run_id=run_id)))
+    return outcomes
+
+
+def _artifacts_of(entries: Iterable[Entry]) -> list[Artifact]:
+    return [h.artifact for e in entries for h in e.holdings]
+
+
+def _guarded(step: Step, act: Callable[[], StepOutcome]) -> StepOutcome:
+    try:
+        outcome = act()
+    except AmiforgeError as e:
+        logger.info("retire: %s %s %s failed: %s", step.action, step.version, step.location, e)
+        return StepOutcome(step, "failed", e.message)
+    logger.info("retire: %s %s %s: %s", step.action, step.version, step.location, outcome.outcome)
+    return outcome
+
+
+def _artifact(step: Step, store: Store) -> Artifact:
+    version = store.get_version(step.version)
+    for artifact in store.artifacts(version.id):
+        if artifact.id == step.artifact_id:
+            return artifact
+    raise StateError(f"{step.version} no longer has artifact {step.artifact_id}", fix="plan again")
+
+
+def _event_data(step: Step, **extra: object) -> dict[str, object]:
+    return {"provider": step.provider, "region": step.region, "location": step.location, "why": step.why, **extra}
+
+
+def _deprecate(store: Store, retirer: Retirer, step: Step, *, actor: str, run_id: str, now: datetime) -> StepOutcome:
+    artifact = _artifact(step, store)
+    snapshots = retirer.deprecate(artifact, now)
+    store.advance_retirement(step.artifact_id, "deprecated", expect=None, run_id=run_id, actor=actor,
+                             ref=step.version, data=_event_data(step, snapshots=list(snapshots)),
+                             snapshots=snapshots)  # fmt: skip
+    version = store.get_version(step.version)
+    try:
+        check_transition(version.status, Status.DEPRECATED)
+    except StateError:
+        pass  # revoked or failed versions keep saying so; their artifacts are deprecated all the same
+    else:
+        store.transition(version.id, Status.DEPRECATED, expect=version.status)
+    return StepOutcome(step, "done", f"{len(snapshots)} snapshot(s) noted" if snapshots else "")
+
+
+def _remove(store: Store, retirer: Retirer, step: Step, *, actor: str, run_id: str) -> StepOutcome:
+    if step.action == "deregister":
+        removed = retirer.deregister(_artifact(step, store))
+        store.advance_retirement(step.artifact_id, "deregistered", expect="deprecated", run_id=run_id,
+                                 actor=actor, ref=step.version, data=_event_data(step, removed=removed))  # fmt: skip
+        return StepOutcome(step, "done" if removed else "gone")
+    kept = retirer.delete_snapshots(step.region, step.snapshots)
+    if kept:
+        return StepOutcome(step, "kept", "another image still uses snapshot(s) " + ", ".join(kept))
+    store.advance_retirement(step.artifact_id, "purged", expect="deregistered", run_id=run_id, actor=actor,
+                             ref=step.version, data=_event_data(step, snapshots=list(step.snapshots)))  # fmt: skip
+    return StepOutcome(step, "done")
+
+
+def _retire_versions(
+    store: Store,
+    plans: Mapping[str, VersionPlan],
+    outcomes: Sequence[StepOutcome],
+    retention: Retention,
+    *,
+    actor: str,
+    run_id: str,
+) -> list[str]:
+    """Mark retired every version of the plan whose artifacts are all done now."""
+    touched = {o.step.version for o in outcomes} | {v for v, p in plans.items() if p.retire}
+    retired = []
+    retirements = store.retirements()
+    for ref in sorted(touched):
+        version = store.get_version(ref)
+        if version.status is Status.RETIRED:
+            continue
+        rules = retention.of(version.name)
+        artifacts = store.artifacts(version.id)
+        done = all(finished(retirements.get(a.id or 0), rules) for a in artifacts)
+        if not artifacts or not done:
+            continue
+        try:
+            check_transition(version.status, Status.RETIRED)
+            store.transition(version.id, Status.RETIRED, expect=version.status)
+        except StateError as e:
+            logger.info("retire: %s stays %s: %s", ref, version.status, e)
+            continue
+        store.append_event("retire.retired", actor=actor, ref=ref, data={"run": run_id, "was": version.status.value})
+        retired.append(ref)
+    return retired
