@@ -230,7 +230,8 @@ def test_json_schema_lists_the_keys() -> None:
     schema = policy_json_schema()
     assert schema["title"] == "amiforge policy"
     properties = schema["properties"]
-    assert isinstance(properties, dict) and set(properties) == {"channels", "waivers", "severity_source", "slos", "retention"}
+    assert isinstance(properties, dict)
+    assert set(properties) == {"channels", "waivers", "severity_source", "slos", "retention"}
     assert schema["required"] == ["channels"]
     assert schema["additionalProperties"] is False
 

@@ -22,10 +22,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from amiforge.lifecycle import retire
 from amiforge.lifecycle.retire_plan import CHANGES, RetirePlan
@@ -127,11 +126,8 @@ def _oracle_in_use(world: World, store: SqlStore) -> set[int]:
             channel_versions.add(c.previous)
     for ref, artifact in store.provider_artifacts("fake"):
         assert artifact.id is not None
-        if ref in channel_versions:
-            used.add(artifact.id)
-        elif ref in world.fleets.get(artifact.region, ()):
-            used.add(artifact.id)
-        elif world.in_use(artifact.region, artifact.location):
+        by_version = ref in channel_versions or ref in world.fleets.get(artifact.region, ())
+        if by_version or world.in_use(artifact.region, artifact.location):
             used.add(artifact.id)
     return used
 
@@ -363,7 +359,6 @@ def test_a_failing_source_stops_every_deletion_in_its_region_only() -> None:
             assert any(f.source == source and f.region == REGIONS[0] for f in plan.failures)
         finally:
             machine.teardown()
-
 
 
 def test_an_image_two_versions_hold_goes_only_with_both() -> None:

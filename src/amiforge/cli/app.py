@@ -119,6 +119,9 @@ COMMANDS: dict[str, Entry] = {
         "Plan the way out of versions no retention rule keeps and nothing uses — deprecate, then after the grace "
         "period deregister and delete their snapshots — and take it with --apply. Exit 10 when the plan has changes.",
     ),
+    "cache": Entry(
+        "amiforge.cli.retire_cmd", "cache_app", "The bake cache on this machine (base file systems, step layers)."
+    ),
     "rollback": Entry(
         "amiforge.cli.rollout_cmd",
         "rollback_command",

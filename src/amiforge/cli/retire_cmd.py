@@ -113,3 +113,40 @@ def _print(outcome: object, *, show_all: bool) -> None:
         console.print("nothing was changed: rerun with --apply to take these steps")
     else:
         console.print("nothing to do")
+
+
+cache_app = typer.Typer(help="The bake cache on this machine (base file systems, step layers).", no_args_is_help=True)
+
+
+@cache_app.command("gc")
+def cache_gc_command(
+    apply: bool = typer.Option(False, "--apply", help="Remove the entries (default: only show the plan)."),
+    min_age: str = typer.Option("1h", "--min-age", help="Leave entries younger than this (e.g. 30m, 2h)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """The cache's entries that no kept version (every one but the retired) uses, removed with --apply."""
+    from datetime import timedelta
+
+    from amiforge import durations
+    from amiforge.cli.output import human_size
+    from amiforge.lifecycle.cache import cache_gc
+
+    age = timedelta(seconds=durations.parse_duration(min_age, what="--min-age"))
+    settings, store = open_registry()
+    outcome = cache_gc(store, settings, apply=apply, min_age=age, actor=settings.actor)
+    if as_json:
+        emit_json(outcome)
+        return
+    plan = outcome.plan
+    if plan.entries:
+        fit_table(
+            [Col("folder"), Col("key", whole=True), Col("size", justify="right"), Col("why", wrap=True)],
+            [[e.folder, e.key, human_size(e.size_bytes) if e.size_bytes else "-", escape(e.why)] for e in plan.entries],
+            title="cache gc: removed" if outcome.applied else "cache gc: plan",
+        )
+    console.print(
+        f"{len(plan.entries)} entr{'y' if len(plan.entries) == 1 else 'ies'} ({human_size(plan.size_bytes)}) "
+        f"{'removed' if outcome.applied else 'to remove'}; {plan.kept} kept ({human_size(plan.kept_bytes)})"
+    )
+    if plan.entries and not outcome.applied:
+        console.print("nothing was changed: rerun with --apply to remove them")

@@ -636,3 +636,38 @@ class Retirer(Protocol):
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
         """Delete these snapshots, except any another image still uses (those are returned, kept). Gone is fine."""
         ...
+
+
+# --- cache gc: the bake cache's entries no kept version uses --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    folder: str  # base | layers | images
+    key: str
+    path: str
+    size_bytes: int
+    why: str
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    cache: str
+    entries: tuple[CacheEntry, ...]
+    kept: int
+    kept_bytes: int
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.entries)
+
+
+@runtime_checkable
+class CacheKeeper(Protocol):
+    """A provider with a bake cache on this machine (local: base file systems and step layers)."""
+
+    def plan_cache_gc(self, keep: Collection[str], *, min_age: timedelta, now: datetime) -> CachePlan:
+        """Entries no key of `keep` names and older than `min_age`. Reads only."""
+        ...
+
+    def apply_cache_gc(self, plan: CachePlan) -> list[CacheEntry]: ...

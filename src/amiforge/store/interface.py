@@ -140,6 +140,10 @@ class Store(Protocol):
 
     def layers(self, version_id: int) -> list[LayerRecord]: ...
 
+    def layer_keys(self, *, excluding: Collection[Status] = ()) -> set[str]:
+        """The key of every layer any version records, but versions in `excluding` states; one read."""
+        ...
+
     def add_boot_report(self, version_id: int, report: BootReport) -> BootReport: ...
 
     def boot_reports(self, version_id: int) -> list[BootReport]:

@@ -456,6 +456,18 @@ class Versions(StoreCore):
         with self._guard(f"list the layers of version {version_id}"), self._read() as conn:
             return layer_from_row.each(conn.execute(query))
 
+    def layer_keys(self, *, excluding: Collection[Status] = ()) -> set[str]:
+        """The key of every layer any version records, but versions in `excluding` states; one read."""
+        query = (
+            sa.select(layers_table.c.key)
+            .distinct()
+            .join(versions_table, versions_table.c.id == layers_table.c.version_id)
+        )
+        if excluding:
+            query = query.where(versions_table.c.status.not_in(sorted(s.value for s in excluding)))
+        with self._guard("list the layers versions use"), self._read() as conn:
+            return set(conn.execute(query).scalars())
+
     def add_boot_report(self, version_id: int, report: BootReport) -> BootReport:
         started_at = aware(report.started_at, "started_at")
         checks = [{"name": c.name, "kind": c.kind, "passed": c.passed, "detail": c.detail} for c in report.checks]

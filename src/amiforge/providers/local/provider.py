@@ -16,6 +16,8 @@ from amiforge.model import Artifact, BootReport, CheckResult, LayerRecord, Lefto
 from amiforge.providers import guest as in_guest
 from amiforge.providers.interface import (
     BakeResult,
+    CacheEntry,
+    CachePlan,
     Fleet,
     FleetDetail,
     GcPlan,
@@ -30,6 +32,7 @@ from amiforge.providers.interface import (
 )
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
+from amiforge.providers.local.cache_gc import apply_cache_gc, plan_cache_gc
 from amiforge.providers.local.disk import build_disk, cached_image
 from amiforge.providers.local.fleet import create_fleet, destroy_fleet, list_fleets, open_fleet
 from amiforge.providers.local.inspect import open_image
@@ -250,6 +253,14 @@ class LocalProvider:
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
         del region, snapshots  # a local image has none
         return []
+
+    # --- cache gc (CacheKeeper) ------------------------------------------------------------------------------
+
+    def plan_cache_gc(self, keep: Collection[str], *, min_age: timedelta, now: datetime) -> CachePlan:
+        return plan_cache_gc(self.settings.cache_dir, keep, min_age=min_age, now=now)
+
+    def apply_cache_gc(self, plan: CachePlan) -> list[CacheEntry]:
+        return apply_cache_gc(plan)
 
     # --- inspection -----------------------------------------------------------------------------------------
 
