@@ -30,7 +30,7 @@ from amiforge.lifecycle import retire
 from amiforge.lifecycle.retire_plan import CHANGES, RetirePlan
 from amiforge.model import Artifact, Status
 from amiforge.policy.retention import EXPIRES_TAG, Retention, RetentionRules
-from amiforge.providers.interface import ImageState, Reference, RegionSurvey, SourceFailure
+from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Removal, SourceFailure
 from amiforge.store.sql import SqlStore, open_store
 
 REGIONS = ("test-east-1", "test-west-2")
@@ -98,17 +98,17 @@ class FakeRetirer:
         self._tick()
         return self.world.snapshots.get((artifact.region, artifact.location), ())
 
-    def deregister(self, artifact: Artifact) -> bool:
+    def deregister(self, artifact: Artifact) -> tuple[Removal, str]:
         self._tick()
         w, key = self.world, (artifact.region, artifact.location)
         if not w.present.get(key, False):
-            return False
+            return "gone", ""
         if self.in_use(*key):
             w.violations.append(f"deregistered {key} while it was in use")
         w.present[key] = False
         w.removals[key] += 1
         self._tick()  # killed right after the image went, before the registry heard of it
-        return True
+        return "removed", ""
 
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
         self._tick()

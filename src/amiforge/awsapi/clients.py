@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,8 @@ DEFAULT_MAX_ATTEMPTS = 8
 MAX_PAGE_SIZE = 1000
 # Re-assume a role this long before its credentials expire, so no call starts with credentials about to lapse.
 _REFRESH_MARGIN = timedelta(minutes=5)
+# Page caps the API reference documents and the service model leaves out ("The maximum value is 100").
+_PAGE_CAPS = {"DescribeAutoScalingGroups": 100, "DescribeLaunchConfigurations": 100}
 _ACCOUNT_RE = re.compile(r"[0-9]{12}")
 _ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
 
@@ -333,21 +336,34 @@ def call(client: Any, operation: str, resource: str, **kwargs: Any) -> Any:
 
 
 def paginate(
-    client: Any, operation: str, key: str, resource: str, *, page_size: int | None = MAX_PAGE_SIZE, **kwargs: Any
+    client: Any,
+    operation: str,
+    key: str,
+    resource: str,
+    *,
+    page_size: int | None = MAX_PAGE_SIZE,
+    pages: Counter[str] | None = None,
+    **kwargs: Any,
 ) -> Iterator[Any]:
     """Every item under `key` of every page of `operation`, through botocore's paginator.
 
     Pages are as large as the operation allows (at most `page_size`), so listing N items costs ⌈N/page⌉ calls.
-    Pass `page_size=None` for requests that must not carry MaxResults (EC2 refuses it together with explicit ids)."""
+    Pass `page_size=None` for requests that must not carry MaxResults (EC2 refuses it together with explicit ids).
+    `pages` counts the pages read, by operation."""
     paginator = client.get_paginator(xform_name(operation))
     config: dict[str, int] = {}
     if page_size is not None:
-        limit = client.meta.service_model.operation_model(operation).input_shape.members.get("MaxResults")
+        members = client.meta.service_model.operation_model(operation).input_shape.members
+        limit = members.get("MaxResults") or members.get("MaxRecords")  # Auto Scaling says MaxRecords
         if limit is not None:
-            # Some operations cap pages far lower (SSM GetParametersByPath: 10); asking for more is an error.
-            config["PageSize"] = min(page_size, int(limit.metadata.get("max", page_size)))
+            # Some operations cap pages far lower (SSM GetParametersByPath: 10); asking for more is an error. Where
+            # the service model leaves the cap out, the API reference's is used.
+            most = int(limit.metadata.get("max", _PAGE_CAPS.get(operation, page_size)))
+            config["PageSize"] = max(int(limit.metadata.get("min", 1)), min(page_size, most))
     try:
         for page in paginator.paginate(PaginationConfig=config, **kwargs):
+            if pages is not None:
+                pages[operation] += 1
             yield from page.get(key, [])
     except CAUGHT as e:
         raise translate(e, iam_action(client, operation), resource) from e

@@ -50,7 +50,9 @@ RetirerFor = Callable[[str], Retirer | None]
 @dataclass(frozen=True)
 class StepOutcome:
     step: Step
-    outcome: str  # done (this run did it), gone (found done), kept (the fresh plan keeps it), failed
+    # done (this run did it), gone (found done), kept (the fresh plan keeps it), waiting (the cloud holds it a while
+    # longer: a later run takes it), failed
+    outcome: str
     detail: str = ""
 
 
@@ -330,10 +332,12 @@ def _deprecate(store: Store, retirer: Retirer, step: Step, *, actor: str, run_id
 
 def _remove(store: Store, retirer: Retirer, step: Step, *, actor: str, run_id: str) -> StepOutcome:
     if step.action == "deregister":
-        removed = retirer.deregister(_artifact(step, store))
-        store.advance_retirement(step.artifact_id, "deregistered", expect="deprecated", run_id=run_id,
-                                 actor=actor, ref=step.version, data=_event_data(step, removed=removed))  # fmt: skip
-        return StepOutcome(step, "done" if removed else "gone")
+        removal, why = retirer.deregister(_artifact(step, store))
+        if removal == "waiting":
+            return StepOutcome(step, "waiting", why)
+        store.advance_retirement(step.artifact_id, "deregistered", expect="deprecated", run_id=run_id, actor=actor,
+                                 ref=step.version, data=_event_data(step, removed=removal == "removed"))  # fmt: skip
+        return StepOutcome(step, "done" if removal == "removed" else "gone")
     kept = retirer.delete_snapshots(step.region, step.snapshots)
     if kept:
         return StepOutcome(step, "kept", "another image still uses snapshot(s) " + ", ".join(kept))

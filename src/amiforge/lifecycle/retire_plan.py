@@ -237,16 +237,34 @@ def _decide(
         return replace(step, action="deprecate", why=reason + gone)
     # deprecated
     until = r.deprecated_at + rules.grace
-    if image is not None and image.present and image.protection is not None and image.protection != "enabled":
-        # Protection lifted with a cool-down ("enabled until …"): AWS refuses the deregistration until it ends.
-        return replace(step, action="wait", why=f"deregistration protection {image.protection}")
+    cooling = _cooldown_end(image.protection) if image is not None and image.present else None
+    if cooling is not None and cooling > now:
+        # Protection lifted with a cool-down ("disabled after …"): EC2 refuses the deregistration until it ends.
+        return replace(step, action="wait", why=f"deregistration protection lifted; EC2 holds it until {_day(cooling)}")
     if until > now:
         return replace(step, action="wait", why=f"deprecated {_day(r.deprecated_at)}; deregistered from {_day(until)}")
-    protected = " (its deregistration protection is lifted first)" if image is not None and image.protection else ""
+    protected = ""
+    if image is not None and image.protection is not None and image.protection.startswith("enabled"):
+        protected = " (its deregistration protection is lifted first" + (
+            ", with a 24 h cool-down: a later run deregisters it)" if "cooldown" in image.protection else ")"
+        )
     return replace(
         step, action="deregister", why=f"deprecated {_day(r.deprecated_at)}, grace over, nothing uses it{protected}"
         + gone
     )  # fmt: skip
+
+
+def _cooldown_end(protection: str | None) -> datetime | None:
+    """When a lifted protection's cool-down ends ("disabled after 2026-12-08T10:00:00Z"); None if none runs. A time
+    that cannot be read is taken as a day from now: waiting is safe, guessing it over is not."""
+    if protection is None or not protection.startswith("disabled"):
+        return None
+    text = protection.split("after", 1)[-1].strip()
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.now(UTC) + timedelta(days=1)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _stamp(r: Retirement | None) -> datetime:

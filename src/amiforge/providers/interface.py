@@ -613,6 +613,9 @@ class RegionSurvey:
     notes: tuple[str, ...] = ()
 
 
+Removal = Literal["removed", "gone", "waiting"]
+
+
 @runtime_checkable
 class Retirer(Protocol):
     """A provider whose artifacts can be retired (lifecycle/retire.py): it says what uses images in a region and
@@ -628,9 +631,9 @@ class Retirer(Protocol):
         """Mark the image deprecated as of `at` (where the provider keeps such a mark); its snapshots."""
         ...
 
-    def deregister(self, artifact: Artifact) -> bool:
-        """Remove the image (lifting deregistration protection first, where it is on; StateError while its cool-down
-        runs). False if it was already gone."""
+    def deregister(self, artifact: Artifact) -> tuple[Removal, str]:
+        """Remove the image, lifting deregistration protection first where it is on: ("removed", ""); ("gone", "")
+        if it was gone already; ("waiting", why) when the cloud holds it a while longer (a protection's cool-down)."""
         ...
 
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:

@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 
 import boto3
 
-from amiforge.awsapi.clients import AwsSession, call
+from amiforge.awsapi.clients import MAX_PAGE_SIZE, AwsSession, call
 from amiforge.errors import AmiforgeError, ConfigError, PartlyDone, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
 from amiforge.providers.aws import gc as aws_gc
+from amiforge.providers.aws import retire as aws_retire
 from amiforge.providers.aws.asg_records import parse_group_target
 from amiforge.providers.aws.bake import AmiBuild, bake_on_ec2, boot_test_on_ec2
 from amiforge.providers.aws.console import ConsoleFactory, ConsoleReader
@@ -48,6 +49,8 @@ from amiforge.providers.interface import (
     ImageView,
     PhaseUpdate,
     PolicyScope,
+    RegionSurvey,
+    Removal,
     RunContext,
     RunState,
 )
@@ -104,6 +107,7 @@ class AwsProvider:
         fleet_now: Callable[[], datetime] = lambda: datetime.now(UTC),
         publish_wait: Wait = VALIDATION_WAIT,
         copy_wait: Wait = COPY_WAIT,
+        retire_page_size: int = MAX_PAGE_SIZE,
     ) -> None:
         self.settings = settings
         self._boto_session = boto_session
@@ -118,6 +122,7 @@ class AwsProvider:
         self.fleet_now = fleet_now
         self.publish_wait = publish_wait  # how long SSM may take to validate a channel's image (publish.py)
         self.copy_wait = copy_wait  # looks at a pending copy (distribute.py)
+        self.retire_page_size = retire_page_size  # pages of retire's listings (tests read them a few items at a time)
 
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
@@ -343,6 +348,22 @@ class AwsProvider:
 
     def apply_gc(self, plan: GcPlan, *, max_deletions: int) -> GcResult:
         return aws_gc.apply_gc(self.session(plan.region), plan, max_deletions=max_deletions)
+
+    # --- retire (Retirer): what uses an image in a region, and the steps out -----------------------------------
+
+    def survey(self, region: str, artifacts: Collection[Artifact]) -> RegionSurvey:
+        return aws_retire.survey_region(
+            self.session(region), region, artifacts, page_size=self.retire_page_size, roles=self.settings.aws_roles
+        )
+
+    def deprecate(self, artifact: Artifact, at: datetime) -> tuple[str, ...]:
+        return aws_retire.deprecate(self.session(artifact.region), artifact, at)
+
+    def deregister(self, artifact: Artifact) -> tuple[Removal, str]:
+        return aws_retire.deregister(self.session(artifact.region), artifact)
+
+    def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
+        return aws_retire.delete_snapshots(self.session(region), region, snapshots)
 
     # --- fleets ---------------------------------------------------------------------------------------------
 

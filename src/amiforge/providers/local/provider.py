@@ -27,6 +27,7 @@ from amiforge.providers.interface import (
     PhaseUpdate,
     RegionSurvey,
     Release,
+    Removal,
     RunContext,
     RunState,
 )
@@ -247,8 +248,8 @@ class LocalProvider:
     def deprecate(self, artifact: Artifact, at: datetime) -> tuple[str, ...]:
         return deprecate_local(artifact, at)
 
-    def deregister(self, artifact: Artifact) -> bool:
-        return remove_image(artifact)
+    def deregister(self, artifact: Artifact) -> tuple[Removal, str]:
+        return ("removed" if remove_image(artifact) else "gone"), ""
 
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
         del region, snapshots  # a local image has none
