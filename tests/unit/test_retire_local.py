@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_local_fleet import CHECKS, FakeLauncher, release
 
+from amiforge.errors import StateError
 from amiforge.lifecycle import retire
 from amiforge.lifecycle.cache import cache_gc
 from amiforge.lifecycle.retire_plan import RetirePlan, Step
@@ -20,13 +21,22 @@ from amiforge.model import Artifact, LayerRecord, Status
 from amiforge.policy.retention import Retention
 from amiforge.providers.local import fleet as fleet_mod
 from amiforge.providers.local.fleet import create_fleet
+from amiforge.providers.local.retire import recycle_bin
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from tests.cli_harness import Cli, make_cli
 
 # Every version may go at once, unless something uses it.
 EAGER = Retention.model_validate(
-    {"default": {"keep_last": 0, "keep_younger_than": "0s", "deprecate_after": "0s", "grace": "0s"}}
+    {
+        "default": {
+            "keep_last": 0,
+            "keep_younger_than": "0s",
+            "deprecate_after": "0s",
+            "grace": "0s",
+            "snapshot_grace": "0s",
+        }
+    }
 )
 
 
@@ -134,13 +144,21 @@ def test_what_is_used_stays_and_the_rest_goes_step_by_step(
 
     second = retire.apply(store, EAGER, _finder(settings), actor="tester@unit")
     assert [(o.step.version, o.step.action, o.outcome) for o in second.outcomes] == [("web@1", "deregister", "done")]
-    assert second.retired == ("web@1",) and store.get_version("web@1").status is Status.RETIRED
-    for path in (world["web@1"].location, world["web@1"].kernel, world["web@1"].initrd):
-        assert path is not None and not Path(path).exists()
+    binned = recycle_bin(settings, settings.region)
+    files = [Path(p) for p in (world["web@1"].location, world["web@1"].kernel, world["web@1"].initrd) if p]
+    assert len(files) == 3 and not any(f.exists() for f in files)
+    assert all((binned / f.name).is_file() for f in files)  # the local Recycle Bin holds them
+
+    third = retire.apply(store, EAGER, _finder(settings), actor="tester@unit")
+    assert [(o.step.version, o.step.action, o.outcome) for o in third.outcomes] == [
+        ("web@1", "delete-snapshots", "done")
+    ]
+    assert third.retired == ("web@1",) and store.get_version("web@1").status is Status.RETIRED
+    assert not any((binned / f.name).exists() for f in files)
     for ref in ("web@2", "web@3", "web@4"):
         assert Path(world[ref].location).is_file() and store.get_version(ref).status is Status.SIGNED
     kinds = [e.kind for e in store.events("web@1")]
-    assert kinds[-3:] == ["retire.deprecated", "retire.deregistered", "retire.retired"]
+    assert kinds[-4:] == ["retire.deprecated", "retire.deregistered", "retire.purged", "retire.retired"]
     assert not store.verify_events()
 
     third = retire.plan(store, EAGER, _finder(settings))
@@ -218,7 +236,9 @@ def test_killed_after_the_files_went_the_next_run_records_it_once(
     outcome = retire.apply(store, EAGER, _finder(settings), actor="tester@unit")
     assert [(o.step.action, o.outcome) for o in outcome.outcomes] == [("deregister", "gone")]
     assert [e.kind for e in store.events("web@1")].count("retire.deregistered") == 1
+    retire.apply(store, EAGER, _finder(settings), actor="tester@unit")  # the files the bin holds go
     assert store.get_version("web@1").status is Status.RETIRED
+    assert not list(recycle_bin(settings, settings.region).iterdir())  # none orphaned
 
 
 def test_the_cap_defers_the_rest_oldest_first(store: SqlStore, settings: Settings) -> None:
@@ -231,6 +251,34 @@ def test_the_cap_defers_the_rest_oldest_first(store: SqlStore, settings: Setting
         ("web@1", "deregister"), ("web@2", "deregister"), ("web@3", "deferred"), ("web@4", "deferred"),
         ("web@5", "deferred"),
     ]  # fmt: skip
+
+
+def test_a_deregistered_image_comes_back_until_its_snapshot_grace_is_over(
+    store: SqlStore, settings: Settings, world: dict[str, Artifact]
+) -> None:
+    week = Retention.model_validate({"default": {**EAGER.default.model_dump(mode="json"), "snapshot_grace": "7d"}})
+    retire.apply(store, week, _finder(settings), actor="t")
+    retire.apply(store, week, _finder(settings), actor="t")
+    now = datetime.now(UTC)
+    waiting = _by_version(retire.plan(store, week, _finder(settings), now=now))["web@1"]
+    assert waiting.action == "wait" and "retire restore" in waiting.why
+    assert not Path(world["web@1"].location).exists()
+
+    restored = retire.restore(store, "web@1", _finder(settings), actor="t")
+    assert restored.status is Status.DEPRECATED and Path(world["web@1"].location).is_file()
+    assert store.events("web@1")[-1].kind == "retire.restored"
+    with pytest.raises(StateError, match="no deregistered image to restore"):
+        retire.restore(store, "web@1", _finder(settings), actor="t")
+    # Deprecated again from now: a fresh grace period before it goes again.
+    step = _by_version(retire.plan(store, week.model_copy(update={"default": week.default.model_copy(
+        update={"grace": timedelta(days=1)})}), _finder(settings), now=datetime.now(UTC)))["web@1"]  # fmt: skip
+    assert step.action == "wait" and "deregistered from" in step.why
+
+    later = now + timedelta(days=8)
+    retire.apply(store, week, _finder(settings), actor="t", now=later)  # deregistered again
+    assert retire.apply(store, week, _finder(settings), actor="t", now=later + timedelta(days=8)).retired == ("web@1",)
+    with pytest.raises(StateError):
+        retire.restore(store, "web@1", _finder(settings), actor="t")  # its files are gone for good
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------
@@ -247,7 +295,7 @@ def test_the_cli_exits_10_for_a_plan_with_changes_and_0_once_applied(
     policy = tmp_path / "policy.yaml"
     policy.write_text(
         "channels: {dev: {}}\nretention:\n  default: {keep_last: 0, keep_younger_than: 0s, deprecate_after: 0s,"
-        " grace: 0s}\n"
+        " grace: 0s, snapshot_grace: 0s}\n"
     )
     planned = cli("retire", "--policy", str(policy))
     assert planned.code == 10, planned
@@ -256,8 +304,8 @@ def test_the_cli_exits_10_for_a_plan_with_changes_and_0_once_applied(
     assert "in use: channel web:dev (current)" in cli("retire", "--policy", str(policy), "--all").out
     document = cli("retire", "--policy", str(policy), "--json")
     assert document.code == 10 and document.json()["plan"]["changes"] is True
-    assert cli("retire", "--policy", str(policy), "--apply").code == 0
-    assert cli("retire", "--policy", str(policy), "--apply").code == 0
+    for _ in range(3):  # deprecate; deregister; delete what the Recycle Bin holds
+        assert cli("retire", "--policy", str(policy), "--apply").code == 0
     done = cli("retire", "--policy", str(policy), "--json")
     assert done.code == 0 and done.json()["plan"]["changes"] is False
     assert store.get_version("web@1").status is Status.RETIRED
@@ -312,8 +360,6 @@ def test_cache_gc_removes_only_what_no_kept_version_uses(store: SqlStore, settin
 
 
 def test_cache_gc_waits_for_a_running_bake(store: SqlStore, settings: Settings) -> None:
-    from amiforge.errors import StateError
-
     store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
                          parent=None)  # fmt: skip
     with pytest.raises(StateError, match=r"a bake is running \(web@1\)"):

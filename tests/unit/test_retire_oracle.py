@@ -140,6 +140,7 @@ def _rules() -> st.SearchStrategy[RetentionRules]:
         keep_younger_than=days,
         deprecate_after=days,
         grace=days,
+        snapshot_grace=days,
         delete_snapshots=st.booleans(),
         exclude_tags=st.sampled_from([{}, {"keep": "*"}, {"keep": "yes"}]),
     )
@@ -342,7 +343,15 @@ def test_a_failing_source_stops_every_deletion_in_its_region_only() -> None:
         machine = RetireWorlds()
         try:
             machine.retention = Retention.model_validate(
-                {"default": {"keep_last": 0, "keep_younger_than": "0s", "deprecate_after": "0s", "grace": "0s"}}
+                {
+                    "default": {
+                        "keep_last": 0,
+                        "keep_younger_than": "0s",
+                        "deprecate_after": "0s",
+                        "grace": "0s",
+                        "snapshot_grace": "0s",
+                    }
+                }
             )
             for _ in range(3):
                 machine.bake("web", "signed", REGIONS, None, False)
@@ -366,7 +375,15 @@ def test_an_image_two_versions_hold_goes_only_with_both() -> None:
     machine = RetireWorlds()
     try:
         machine.retention = Retention.model_validate(
-            {"default": {"keep_last": 0, "keep_younger_than": "0s", "deprecate_after": "0s", "grace": "0s"}}
+            {
+                "default": {
+                    "keep_last": 0,
+                    "keep_younger_than": "0s",
+                    "deprecate_after": "0s",
+                    "grace": "0s",
+                    "snapshot_grace": "0s",
+                }
+            }
         )
         machine.bake("web", "signed", REGIONS[:1], None, False)
         machine.bake("web", "signed", REGIONS[:1], None, True)  # the same image as web@1

@@ -115,7 +115,7 @@ COMMANDS: dict[str, Entry] = {
     ),
     "retire": Entry(
         "amiforge.cli.retire_cmd",
-        "retire_command",
+        "retire_app",
         "Plan the way out of versions no retention rule keeps and nothing uses — deprecate, then after the grace "
         "period deregister and delete their snapshots — and take it with --apply. Exit 10 when the plan has changes.",
     ),

@@ -35,7 +35,12 @@ def _where(location: str) -> str:
     return Path(location).name if location.startswith("/") else location
 
 
+retire_app = typer.Typer(invoke_without_command=True)
+
+
+@retire_app.callback()
 def retire_command(
+    ctx: typer.Context,
     policy: Path | None = PolicyOption,
     apply: bool = typer.Option(False, "--apply", help="Take the steps (default: only show the plan)."),
     regions: list[str] = typer.Option([], "--region", help="Only this region (repeat); default: every region."),
@@ -44,6 +49,8 @@ def retire_command(
 ) -> None:
     """Plan the way out of versions no retention rule keeps and nothing uses — deprecate, then after the grace
     period deregister and delete their snapshots — and take it with --apply. Exit 10 when the plan has changes."""
+    if ctx.invoked_subcommand is not None:
+        return
     from amiforge.lifecycle import retire
     from amiforge.lifecycle.promote import policy_of
     from amiforge.policy.document import load_policy
@@ -113,6 +120,25 @@ def _print(outcome: object, *, show_all: bool) -> None:
         console.print("nothing was changed: rerun with --apply to take these steps")
     else:
         console.print("nothing to do")
+
+
+@retire_app.command("restore")
+def restore_command(
+    ref: str = typer.Argument(..., help="The version (NAME@N) whose deregistered images come back."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Bring a version's deregistered images back from the Recycle Bin while their snapshots are kept (the policy's
+    snapshot_grace): each is deprecated again from now, with a fresh grace period."""
+    from amiforge.lifecycle import retire
+
+    settings, store = open_registry()
+    restored = retire.restore(store, ref, retire.retirer_for(settings), actor=settings.actor)
+    if as_json:
+        emit_json(restored)
+        return
+    for artifact in restored.artifacts:
+        console.print(f"restored {escape(_where(artifact.location))} in {escape(artifact.region)}")
+    console.print(f"{escape(restored.version)} is {restored.status} again; `amiforge retire` plans it anew")
 
 
 cache_app = typer.Typer(help="The bake cache on this machine (base file systems, step layers).", no_args_is_help=True)

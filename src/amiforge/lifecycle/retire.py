@@ -377,3 +377,42 @@ def _retire_versions(
         store.append_event("retire.retired", actor=actor, ref=ref, data={"run": run_id, "was": version.status.value})
         retired.append(ref)
     return retired
+
+
+# --- restore -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restored:
+    version: str
+    artifacts: tuple[Artifact, ...]
+    status: Status
+
+
+def restore(store: Store, ref: str, retirer: RetirerFor, *, actor: str) -> Restored:
+    """Bring a version's deregistered images back from the Recycle Bin, while their snapshots are kept: each is
+    deprecated again from now (a fresh grace period) and the version, if it was retired, is deprecated again."""
+    version = store.get_version(ref)
+    retirements = store.retirements()
+    artifacts = [a for a in store.artifacts(version.id) if a.id in retirements]
+    waiting = [a for a in artifacts if retirements[a.id or 0].stage == "deregistered"]
+    if not waiting:
+        stages = sorted({retirements[a.id or 0].stage for a in artifacts}) or ["in use"]
+        raise StateError(
+            f"{version.ref} has no deregistered image to restore (its images are: {', '.join(stages)})",
+            fix="only an image deregistered and whose snapshots are kept can come back; `amiforge retire --all` "
+            "shows each image's stage",
+        )
+    run_id = new_run_id()
+    for artifact in waiting:
+        found = retirer(artifact.provider)
+        if found is None:
+            raise StateError(f"the {artifact.provider} provider cannot restore images")
+        found.restore(artifact)
+        store.reopen_retirement(artifact.id or 0, run_id=run_id, actor=actor, ref=version.ref,
+                                data={"provider": artifact.provider, "region": artifact.region,
+                                      "location": artifact.location})  # fmt: skip
+    current = store.get_version(version.ref)
+    if current.status is Status.RETIRED:
+        current = store.transition(current.id, Status.DEPRECATED, expect=Status.RETIRED)
+    return Restored(version.ref, tuple(waiting), current.status)

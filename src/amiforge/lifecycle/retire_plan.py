@@ -221,6 +221,11 @@ def _decide(
     if finished(holding.retirement, rules):
         return replace(step, action="done", why=f"{stage} {_day(_stamp(r))}" if r else "done")
     if r is not None and r.stage == "deregistered":
+        until = (r.deregistered_at or r.deprecated_at) + rules.snapshot_grace
+        if until > now:
+            why = (f"deregistered {_day(_stamp(r))}; its {len(r.snapshots)} snapshot(s) are kept until {_day(until)} "
+                   "(`amiforge retire restore` until then)")  # fmt: skip
+            return replace(step, action="wait", why=why)
         return replace(step, action="delete-snapshots", why=f"deregistered {_day(_stamp(r))}; "
                        f"its {len(r.snapshots)} snapshot(s) go")  # fmt: skip
     if refs:

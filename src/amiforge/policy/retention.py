@@ -5,7 +5,8 @@ version — a channel's current or previous version, a fleet, a rollout, an inst
 an account it is shared with — keeps it whatever the rules say (docs/architecture.md §15), and nothing here can
 switch that off. A version no rule keeps is deprecated once it is `deprecate_after` old (at once when it is revoked,
 failed, or past its `amiforge:expires` tag), deregistered once it has been deprecated for `grace`, and its snapshots
-deleted after that when `delete_snapshots` is on.
+deleted `snapshot_grace` after that when `delete_snapshots` is on (until then `amiforge retire restore` can bring
+it back).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class RetentionRules(BaseModel):
     delete_snapshots: StrictBool = Field(
         default=True, description="delete an image's snapshots once it is deregistered (no other image using them)"
     )
+    snapshot_grace: Age = Field(
+        default=timedelta(days=7),
+        description="how long a deregistered image's snapshots are kept first: the window in which `amiforge retire "
+        "restore` can bring it back",
+        json_schema_extra={"default": "7d"},
+    )
     exclude_tags: dict[TagKey, TagValue] = Field(
         default_factory=dict,
         description="keep every version carrying one of these tags (a value of '*' matches any value)",
@@ -83,6 +90,7 @@ class RetentionOverrides(BaseModel):
     deprecate_after: Age | None = None
     grace: Age | None = None
     delete_snapshots: StrictBool | None = None
+    snapshot_grace: Age | None = None
     exclude_tags: dict[TagKey, TagValue] | None = None
 
 

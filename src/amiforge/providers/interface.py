@@ -640,6 +640,11 @@ class Retirer(Protocol):
         """Delete these snapshots, except any another image still uses (those are returned, kept). Gone is fine."""
         ...
 
+    def restore(self, artifact: Artifact) -> None:
+        """Bring a deregistered image back from the Recycle Bin (its snapshots not yet deleted); NotFound when it is
+        not there (no rule kept it, or its retention is over)."""
+        ...
+
 
 # --- cache gc: the bake cache's entries no kept version uses --------------------------------------------------
 

@@ -441,3 +441,9 @@ class Store(Protocol):
         """Move the artifact to `stage` if it is still at `expect` (None: not on its way out yet), recording the
         `retire.<stage>` event in the same transaction; StateError on a lost race or a step out of order."""
         ...
+
+    def reopen_retirement(
+        self, artifact_id: int, *, run_id: str, actor: str, ref: str, data: Mapping[str, object]
+    ) -> Retirement:
+        """A deregistered artifact brought back: deprecated again from now (`retire.restored` recorded with it)."""
+        ...

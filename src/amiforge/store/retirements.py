@@ -85,3 +85,22 @@ class Retirements(StoreCore):
             append_in(conn, f"retire.{stage}", at=now, actor=actor, ref=ref, data={**data, "run": run_id})
             row = conn.execute(sa.select(t).where(t.c.artifact_id == artifact_id)).mappings().one()
             return retirement_from_row(row)
+
+    def reopen_retirement(
+        self, artifact_id: int, *, run_id: str, actor: str, ref: str, data: Mapping[str, object]
+    ) -> Retirement:
+        """A deregistered artifact brought back (`retire restore`): deprecated again from now, so the grace period
+        starts over; `retire.restored` is recorded in the same transaction. StateError unless it is deregistered."""
+        now = self._now()
+        t = retirements_table
+        with self._guard(f"record artifact {artifact_id} as restored"), self._write() as conn:
+            moved = conn.execute(
+                t.update()
+                .where(t.c.artifact_id == artifact_id, t.c.stage == "deregistered")
+                .values(stage="deprecated", deprecated_at=now, deregistered_at=None, run_id=run_id)
+            )
+            if moved.rowcount != 1:
+                raise StateError(f"artifact {artifact_id} is not deregistered", fix="`amiforge retire` shows its stage")
+            append_in(conn, "retire.restored", at=now, actor=actor, ref=ref, data={**data, "run": run_id})
+            row = conn.execute(sa.select(t).where(t.c.artifact_id == artifact_id)).mappings().one()
+            return retirement_from_row(row)

@@ -76,6 +76,7 @@ from moto.ec2.models.instance_types import INSTANCE_TYPES
 from moto.iam.models import get_account_id_from, iam_backends
 from moto.kms.models import kms_backends
 from moto_emulation import ApiCalls, PagingEmulation, error_response, fast_tag_lookup, shared_images
+from retire_emulation import ImageLifecycle
 from runcommand_emulation import XenConsole
 
 import amiforge
@@ -83,8 +84,10 @@ import amiforge.providers
 from amiforge.awsapi import clients
 from amiforge.awsapi.clients import AwsSession
 from amiforge.errors import InfraError
+from amiforge.lifecycle import retire
 from amiforge.lifecycle.sign import check_artifact_bytes
 from amiforge.model import Artifact, ImageVersion, Status
+from amiforge.policy.retention import Retention
 from amiforge.providers.aws.fleet import AsgFleet
 from amiforge.providers.aws.gc import apply_gc, plan_gc
 from amiforge.providers.aws.iam import ROLLOUT_GROUP_WRITES, TAG_ON_CREATE, policy_document
@@ -100,6 +103,7 @@ from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, OwnersSource, Recipe, SsmSource, parse_recipe
 from amiforge.settings import Settings
 from amiforge.signing.kms import KmsSigner, KmsVerifier
+from amiforge.store.sql import open_store
 from amiforge.waiting import Wait
 
 SRC = Path(amiforge.__file__).resolve().parent
@@ -228,6 +232,8 @@ _EC2_TARGETS = {
     "ec2:DeregisterImage": ("ImageId", "image"),
     "ec2:ModifyImageAttribute": ("ImageId", "image"),
     "ec2:EnableImageDeregistrationProtection": ("ImageId", "image"),
+    "ec2:DisableImageDeregistrationProtection": ("ImageId", "image"),
+    "ec2:EnableImageDeprecation": ("ImageId", "image"),
     "ec2:DeleteSnapshot": ("SnapshotId", "snapshot"),
     "ec2:ModifySnapshotAttribute": ("SnapshotId", "snapshot"),
     "ec2:DeleteVolume": ("VolumeId", "volume"),
@@ -1036,6 +1042,41 @@ def _gc(h: Harness) -> None:
     assert apply_gc(h.aws.session, plan).ok
 
 
+def _retire(h: Harness) -> None:
+    """A registry of managed images: one an instance uses, one in an SSM parameter, one shared with an account read
+    through its role, one nothing uses (protected, as distribute leaves its copies; an Auto Scaling group with a warm
+    pool launches another image): retire applied until that one is gone, snapshots included; and one more, of an
+    image whose snapshots are kept a week, deregistered into the Recycle Bin and restored from it."""
+    ImageLifecycle().install(h.patch, h.boto.events)  # deprecation, protection, the Recycle Bin (moto has none)
+    install_gc_emulation(h.aws.paging, h.patch)  # the snapshot-id image filter
+    ids = images(h)  # a: in a launch template and a parameter
+    free, kept = image(h, "web-free"), image(h, "app-kept")
+    h.ec2().enable_image_deregistration_protection(ImageId=free)
+    h.ec2().run_instances(ImageId=ids["b"], MinCount=1, MaxCount=1)
+    make_group(h.aws.session, "web-asg", ids["a"], size=0)
+    h.aws.session.client("autoscaling").put_warm_pool(AutoScalingGroupName="web-asg", MinSize=0)
+    h.aws.session.client("rbin").create_rule(
+        ResourceType="EC2_IMAGE", RetentionPeriod={"RetentionPeriodValue": 7, "RetentionPeriodUnit": "DAYS"}
+    )
+    settings = Settings(data_dir=h.work / "data", aws_roles={CONSUMER: CONSUMER_ROLE})
+    h.ec2().modify_image_attribute(ImageId=ids["b"], LaunchPermission={"Add": [{"UserId": CONSUMER}]})
+    store = open_store(f"sqlite:///{h.work}/retire.db")
+    for name, image_id in (("web", ids["a"]), ("web", ids["b"]), ("web", free), ("app", kept)):
+        v = store.create_version(name=name, recipe_digest="r" * 64, recipe_path="/r.yaml", provider="aws", tags={},
+                                 parent=None)  # fmt: skip
+        store.add_artifact(v.id, artifact(h, image_id))
+        store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest="d" * 64, size_bytes=8)
+    provider = h.provider(settings)
+    eager = {"keep_last": 0, "keep_younger_than": "0s", "deprecate_after": "0s", "grace": "0s", "snapshot_grace": "0s"}
+    rules = Retention.model_validate({"default": eager, "images": {"app": {"snapshot_grace": "7d"}}})
+    h.begin()
+    for _ in range(3):  # deprecate; lift the protection and deregister; delete the snapshots
+        retire.apply(store, rules, lambda _kind: provider, actor="iam", now=datetime.now(UTC))
+    assert store.get_version("web@3").status is Status.RETIRED
+    retire.restore(store, "app@1", lambda _kind: provider, actor="iam")
+    store.close()
+
+
 def _doctor(h: Harness) -> None:
     """`amiforge doctor --aws --recipe`, for two recipes that between them reach every check (public sharing and
     encrypted shares exclude each other), as test_doctor.py's own exactness test does: one public, from an SSM
@@ -1119,5 +1160,6 @@ RUNNERS: dict[str, Callable[[Harness], None]] = {
     "publish": _publish,
     "rollout": _rollout,
     "gc": _gc,
+    "retire": _retire,
     "doctor": _doctor,
 }

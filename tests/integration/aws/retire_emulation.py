@@ -149,7 +149,8 @@ class ImageLifecycle:
             monkeypatch.setattr(EC2Response, method.__name__, method, raising=False)
         monkeypatch.setattr(AmisResponse, "deregister_image", deregister_image)
         monkeypatch.setattr(EC2Response, "deregister_image", deregister_image)
-        events.register("before-call.rbin", self._rbin)
+        # On the generic event, after the call recorders: a handler of `before-call.rbin` would answer before them.
+        events.register("before-call", self._rbin)
 
     def _covering(self, account: str, region: str, ami: Any) -> dict[str, Any] | None:
         tags = {str(t["key"]): str(t["value"]) for t in ami.get_tags()}
@@ -159,7 +160,11 @@ class ImageLifecycle:
                 return rule
         return None
 
-    def _rbin(self, model: Any, params: dict[str, Any], request_signer: Any, **_: Any) -> tuple[AWSResponse, Any]:
+    def _rbin(
+        self, model: Any, params: dict[str, Any], request_signer: Any, **_: Any
+    ) -> tuple[AWSResponse, Any] | None:
+        if model.service_model.service_name != "rbin":
+            return None
         region = str(request_signer.region_name)
         body = params["body"] if isinstance(params.get("body"), dict) else json.loads(params.get("body") or b"{}")
         key = ("123456789012", region)

@@ -195,12 +195,6 @@ def test_launching_on_a_customer_managed_ebs_key_is_authorised(operation: Operat
     assert ebs_key_use <= granted
 
 
-def test_retire_is_not_declared_until_it_is_implemented() -> None:
-    assert "retire" not in OPERATIONS and "retire" not in PERMISSIONS
-    with pytest.raises(ConfigError):
-        policy_document(["retire"])
-
-
 # --- what the policy allows: nothing escapes its own scoping ----------------------------------------------------------
 
 ROLE = "arn:aws:iam::111111111111:role/amiforge-builder"
@@ -303,11 +297,17 @@ def test_ebs_key_use_only_through_the_service_that_uses_it() -> None:
     assert not unconditioned & {"kms:Decrypt", "kms:CreateGrant", "kms:GenerateDataKeyWithoutPlaintext"}
 
 
-def test_deregistration_protection_is_managed_only_and_deprecation_is_gone() -> None:
-    assert "ec2:EnableImageDeregistrationProtection" in DESTRUCTIVE
-    assert "ec2:EnableImageDeprecation" not in DESTRUCTIVE | actions_for(OPERATIONS)
+def test_protection_and_deprecation_are_managed_only() -> None:
+    """Only images amiforge made or adopted (amiforge:managed=true) are protected, unprotected, deprecated or
+    deregistered: an image of someone else's in the account is never retire's."""
+    for action in ("ec2:EnableImageDeregistrationProtection", "ec2:DisableImageDeregistrationProtection",
+                   "ec2:EnableImageDeprecation", "ec2:DeregisterImage", "ec2:DeleteSnapshot"):  # fmt: skip
+        assert action in DESTRUCTIVE
     (protect,) = _statements_granting(policy_document(["distribute"]), "ec2:EnableImageDeregistrationProtection")
     assert protect["Sid"] == "Ec2Managed"
+    for action in ("ec2:EnableImageDeprecation", "ec2:DisableImageDeregistrationProtection"):
+        (statement,) = _statements_granting(policy_document(["retire"]), action)
+        assert statement["Sid"] == "Ec2Managed"
 
 
 # --- the declaration kept in sync with the code --------------------------------------------------------------------

@@ -21,6 +21,7 @@ from moto.ec2.models import ec2_backends
 from moto_emulation import THROTTLE_CODES, FaultInjector
 from retire_emulation import ImageLifecycle
 
+from amiforge.errors import NotFound
 from amiforge.lifecycle import retire
 from amiforge.lifecycle.retire_plan import CHANGES, RetirePlan
 from amiforge.model import Artifact, Status
@@ -32,7 +33,15 @@ from amiforge.store.sql import SqlStore, open_store
 OTHER = "111111111111"  # a synthetic account the images are shared with
 READER = "222222222222"  # one whose role amiforge may assume to look
 EAGER = Retention.model_validate(
-    {"default": {"keep_last": 0, "keep_younger_than": "0s", "deprecate_after": "0s", "grace": "0s"}}
+    {
+        "default": {
+            "keep_last": 0,
+            "keep_younger_than": "0s",
+            "deprecate_after": "0s",
+            "grace": "0s",
+            "snapshot_grace": "0s",
+        }
+    }
 )
 
 
@@ -394,3 +403,26 @@ def test_the_recycle_bin_keeps_a_deregistered_image_for_its_retention(
     clock.later += timedelta(days=8)
     with pytest.raises(ClientError, match=r"InvalidAMIID\.NotFound"):
         world.ec2.restore_image_from_recycle_bin(ImageId=image)
+
+
+def test_a_deregistered_image_comes_back_from_the_recycle_bin(
+    aws: Aws, world: World, store: SqlStore, settings: Settings, clock: Clock
+) -> None:
+    rbin = aws.session.client("rbin", REGION)
+    rbin.create_rule(
+        ResourceType="EC2_IMAGE", RetentionPeriod={"RetentionPeriodValue": 7, "RetentionPeriodUnit": "DAYS"}
+    )
+    week = Retention.model_validate({"default": {**EAGER.default.model_dump(mode="json"), "snapshot_grace": "7d"}})
+    provider = _provider(aws, settings)
+    plan = retire.plan(store, week, _finder(provider), now=clock())
+    assert not any("Recycle Bin" in n for n in plan.notes)  # a rule keeps deregistered images here
+    for _ in range(2):
+        retire.apply(store, week, _finder(provider), actor="t", now=clock())
+    image = world.images["free"]
+    assert image not in world.backend.amis
+    snapshot = next(r.snapshots for r in store.retirements().values() if r.stage == "deregistered")
+    assert all(s in world.backend.snapshots for s in snapshot)  # kept: the image can still come back
+    restored = retire.restore(store, world.refs["free"], _finder(provider), actor="t")
+    assert restored.status is Status.DEPRECATED and image in world.backend.amis
+    with pytest.raises(NotFound, match="not in the Recycle Bin"):
+        provider.restore(Artifact("aws", REGION, "ami-0000000000test02", "d" * 64, 8))

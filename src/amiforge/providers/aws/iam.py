@@ -101,6 +101,7 @@ Operation = Literal[
     "publish",
     "rollout",
     "gc",
+    "retire",
     "doctor",
 ]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
@@ -235,6 +236,30 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:DeleteVolume",
         "ec2:DeleteKeyPair",
     },
+    # providers/aws/retire.py: every source of references, read (the accounts an image is shared with through their
+    # roles); the steps out fall under the Managed statement (DESTRUCTIVE): only images amiforge made or adopted.
+    "retire": _READ_IMAGES
+    | {
+        "ec2:DescribeInstances",
+        "ec2:DescribeLaunchTemplates",
+        "ec2:DescribeLaunchTemplateVersions",
+        "ec2:DescribeImageAttribute",
+        "ec2:DescribeImageReferences",
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:DescribeLaunchConfigurations",
+        "autoscaling:DescribeWarmPool",
+        "ssm:DescribeParameters",
+        "ssm:GetParameters",
+        "rbin:ListRules",
+        "sts:AssumeRole",
+        "ec2:EnableImageDeprecation",
+        "ec2:DisableImageDeregistrationProtection",
+        "ec2:DeregisterImage",
+        "ec2:DeleteSnapshot",
+        # `retire restore`: an image of the registry back from the Recycle Bin.
+        "ec2:ListImagesInRecycleBin",
+        "ec2:RestoreImageFromRecycleBin",
+    },
     # providers/aws/snapshot.py: the root snapshot's bytes through the EBS direct APIs; kms:Decrypt for encrypted ones.
     "scan": _READ_IMAGES | {"ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock", "kms:Decrypt"},
     # lifecycle/adopt.py (import packer): the images must exist and be available; adopting tags each and its
@@ -276,6 +301,8 @@ DESTRUCTIVE: Final[frozenset[str]] = frozenset(
         "ec2:ModifyImageAttribute",
         "ec2:ModifySnapshotAttribute",
         "ec2:EnableImageDeregistrationProtection",  # distribute: its copies, tagged at creation
+        "ec2:DisableImageDeregistrationProtection",  # retire: lifts it before the deregistration
+        "ec2:EnableImageDeprecation",  # retire
         "ec2:DeleteKeyPair",  # bake/boot-test: the throw-away key pair, tagged amiforge:managed at import
     }
 )

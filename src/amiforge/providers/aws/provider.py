@@ -365,6 +365,9 @@ class AwsProvider:
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
         return aws_retire.delete_snapshots(self.session(region), region, snapshots)
 
+    def restore(self, artifact: Artifact) -> None:
+        aws_retire.restore(self.session(artifact.region), artifact)
+
     # --- fleets ---------------------------------------------------------------------------------------------
 
     def fleet(self, name: str) -> Fleet:

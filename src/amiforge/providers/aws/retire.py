@@ -89,10 +89,10 @@ class _Survey:
     notes: list[str] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
 
-    def each(self, client: Any, operation: str, key: str, what: str, **kwargs: Any) -> Iterable[Any]:
+    def pages_of(self, client: Any, operation: str, key: str, what: str, **kwargs: Any) -> Iterable[Any]:
         return paginate(client, operation, key, what, page_size=self.page_size, pages=self.calls, **kwargs)
 
-    def once(self, client: Any, operation: str, what: str, **kwargs: Any) -> Any:
+    def call_once(self, client: Any, operation: str, what: str, **kwargs: Any) -> Any:
         self.calls[operation] += 1
         return call(client, operation, what, **kwargs)
 
@@ -132,7 +132,7 @@ class _Templates:
 
 def _instances(s: _Survey, ec2: Any, *, account: str = "") -> tuple[list[Reference], dict[str, str]]:
     refs, images = [], {}
-    for reservation in s.each(ec2, "DescribeInstances", "Reservations", f"instances in {s.region}"):
+    for reservation in s.pages_of(ec2, "DescribeInstances", "Reservations", f"instances in {s.region}"):
         for instance in reservation.get("Instances", []):
             iid, image = str(instance["InstanceId"]), instance.get("ImageId")
             images[iid] = str(image) if image else ""
@@ -143,12 +143,12 @@ def _instances(s: _Survey, ec2: Any, *, account: str = "") -> tuple[list[Referen
 
 def _launch_templates(s: _Survey, ec2: Any, templates: _Templates, *, account: str = "") -> list[Reference]:
     refs = []
-    for t in s.each(ec2, "DescribeLaunchTemplates", "LaunchTemplates", f"launch templates in {s.region}"):
+    for t in s.pages_of(ec2, "DescribeLaunchTemplates", "LaunchTemplates", f"launch templates in {s.region}"):
         tid, name = str(t["LaunchTemplateId"]), str(t.get("LaunchTemplateName", ""))
         templates.names[name] = tid
         templates.default[tid] = str(t.get("DefaultVersionNumber"))
         templates.latest[tid] = str(t.get("LatestVersionNumber"))
-        for v in s.each(ec2, "DescribeLaunchTemplateVersions", "LaunchTemplateVersions",
+        for v in s.pages_of(ec2, "DescribeLaunchTemplateVersions", "LaunchTemplateVersions",
                         f"versions of launch template {tid}", LaunchTemplateId=tid):  # fmt: skip
             number = str(v["VersionNumber"])
             image = v.get("LaunchTemplateData", {}).get("ImageId")
@@ -164,7 +164,7 @@ def _groups(
     s: _Survey, asg: Any, templates: _Templates, instances: Mapping[str, str], configs: Mapping[str, str]
 ) -> list[Reference]:
     refs = []
-    for g in s.each(asg, "DescribeAutoScalingGroups", "AutoScalingGroups", f"Auto Scaling groups in {s.region}"):
+    for g in s.pages_of(asg, "DescribeAutoScalingGroups", "AutoScalingGroups", f"Auto Scaling groups in {s.region}"):
         name = str(g["AutoScalingGroupName"])
         specs = [g.get("LaunchTemplate")]
         mixed = g.get("MixedInstancesPolicy", {}).get("LaunchTemplate", {})
@@ -178,7 +178,7 @@ def _groups(
         if config and configs.get(str(config)):
             refs.append(s.ref("auto scaling group", f"{name} (launch configuration {config})", configs[str(config)]))
         if g.get("WarmPoolConfiguration"):
-            pool = s.once(asg, "DescribeWarmPool", f"the warm pool of {name}", AutoScalingGroupName=name)
+            pool = s.call_once(asg, "DescribeWarmPool", f"the warm pool of {name}", AutoScalingGroupName=name)
             for instance in pool.get("Instances", []):
                 iid = str(instance["InstanceId"])
                 refs.append(s.ref("auto scaling group", f"{name} warm pool instance {iid}", instances.get(iid)))
@@ -187,7 +187,7 @@ def _groups(
 
 def _launch_configurations(s: _Survey, asg: Any, configs: dict[str, str]) -> list[Reference]:
     refs = []
-    for c in s.each(
+    for c in s.pages_of(
         asg, "DescribeLaunchConfigurations", "LaunchConfigurations", f"launch configurations in {s.region}"
     ):
         name, image = str(c["LaunchConfigurationName"]), str(c.get("ImageId", ""))
@@ -197,11 +197,15 @@ def _launch_configurations(s: _Survey, asg: Any, configs: dict[str, str]) -> lis
 
 
 def _parameters(s: _Survey, ssm: Any, *, account: str = "") -> list[Reference]:
-    names = [str(p["Name"]) for p in s.each(ssm, "DescribeParameters", "Parameters", f"SSM parameters in {s.region}")]
+    names = [
+        str(p["Name"]) for p in s.pages_of(ssm, "DescribeParameters", "Parameters", f"SSM parameters in {s.region}")
+    ]
     refs = []
     for start in range(0, len(names), _SSM_BATCH):
         batch = names[start : start + _SSM_BATCH]
-        answer = s.once(ssm, "GetParameters", f"SSM parameters {', '.join(batch)}", Names=batch, WithDecryption=True)
+        answer = s.call_once(
+            ssm, "GetParameters", f"SSM parameters {', '.join(batch)}", Names=batch, WithDecryption=True
+        )
         for p in answer.get("Parameters", []):
             for image in sorted(set(AMI_ID.findall(str(p.get("Value", ""))))):
                 refs.append(s.ref(f"{account}ssm parameter", str(p["Name"]), image))
@@ -229,7 +233,7 @@ def _shares(s: _Survey, ec2: Any, images: Collection[str], roles: Mapping[str, s
     checked: dict[str, list[Reference]] = {}
     for image in sorted(images):
         try:
-            answer = s.once(ec2, "DescribeImageAttribute", f"the launch permissions of {image}", ImageId=image,
+            answer = s.call_once(ec2, "DescribeImageAttribute", f"the launch permissions of {image}", ImageId=image,
                             Attribute="launchPermission")  # fmt: skip
         except NotFound:
             continue  # gone: nothing can launch it
@@ -262,7 +266,7 @@ def _image_references(s: _Survey, ec2: Any, images: Collection[str]) -> list[Ref
         batch = ids[start : start + _REFERENCES_BATCH]
         try:
             what = f"references to {len(batch)} image(s)"
-            found = list(s.each(ec2, "DescribeImageReferences", "ImageReferences", what, ImageIds=batch,
+            found = list(s.pages_of(ec2, "DescribeImageReferences", "ImageReferences", what, ImageIds=batch,
                                 IncludeAllResourceTypes=True))  # fmt: skip
         except AmiforgeError as e:
             if aws_code(e) in _UNSUPPORTED:
@@ -275,7 +279,7 @@ def _image_references(s: _Survey, ec2: Any, images: Collection[str]) -> list[Ref
 
 def _recycle_bin(s: _Survey, session: AwsSession) -> None:
     rbin = session.client("rbin", s.region)
-    rules = list(s.each(rbin, "ListRules", "Rules", f"Recycle Bin rules in {s.region}", ResourceType="EC2_IMAGE"))
+    rules = list(s.pages_of(rbin, "ListRules", "Rules", f"Recycle Bin rules in {s.region}", ResourceType="EC2_IMAGE"))
     if not any(r.get("Status", "available") == "available" for r in rules):
         s.notes.append(
             f"no Recycle Bin rule keeps deregistered images in {s.region}: `amiforge retire restore` could not bring "
@@ -295,7 +299,7 @@ def survey_region(
     images: dict[str, ImageState] = {}
 
     def own_images() -> list[Reference]:
-        listed = s.each(ec2, "DescribeImages", "Images", f"the account's images in {region}", Owners=["self"],
+        listed = s.pages_of(ec2, "DescribeImages", "Images", f"the account's images in {region}", Owners=["self"],
                         IncludeDeprecated=True, IncludeDisabled=True)  # fmt: skip
         refs = []
         for image in listed:
@@ -392,3 +396,16 @@ def delete_snapshots(session: AwsSession, region: str, snapshots: Sequence[str])
         with contextlib.suppress(NotFound):  # gone already: a run killed before it recorded it deleted it
             call(ec2, "DeleteSnapshot", snapshot, SnapshotId=snapshot)
     return kept
+
+
+def restore(session: AwsSession, artifact: Artifact) -> None:
+    ec2 = session.client("ec2", artifact.region)
+    if _describe(ec2, artifact.location) is not None:
+        return  # restored already (a run killed before the registry heard of it)
+    binned = call(ec2, "ListImagesInRecycleBin", artifact.location, ImageIds=[artifact.location])
+    if not binned.get("Images"):
+        raise NotFound(
+            f"{artifact.location} is not in the Recycle Bin of {artifact.region}",
+            fix="no Recycle Bin rule kept it, or its retention is over (aws rbin list-rules --resource-type EC2_IMAGE)",
+        )
+    call(ec2, "RestoreImageFromRecycleBin", artifact.location, ImageId=artifact.location)

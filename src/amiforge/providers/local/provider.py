@@ -39,7 +39,13 @@ from amiforge.providers.local.fleet import create_fleet, destroy_fleet, list_fle
 from amiforge.providers.local.inspect import open_image
 from amiforge.providers.local.layers import ensure_layer, generalised_files, plan_layers
 from amiforge.providers.local.leftovers import apply_local_gc, plan_local_gc
-from amiforge.providers.local.retire import deprecate_local, remove_image, survey_local
+from amiforge.providers.local.retire import (
+    delete_binned,
+    deprecate_local,
+    remove_image,
+    restore_image,
+    survey_local,
+)
 from amiforge.providers.local.tools import require, temporary_dir, tool_report
 from amiforge.recipe import Checks, Recipe
 from amiforge.recipe import Provider as ProviderSpec
@@ -246,14 +252,16 @@ class LocalProvider:
         return survey_local(self.settings, region, artifacts)
 
     def deprecate(self, artifact: Artifact, at: datetime) -> tuple[str, ...]:
-        return deprecate_local(artifact, at)
+        return deprecate_local(self.settings, artifact, at)
 
     def deregister(self, artifact: Artifact) -> tuple[Removal, str]:
-        return ("removed" if remove_image(artifact) else "gone"), ""
+        return ("removed" if remove_image(self.settings, artifact) else "gone"), ""
 
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
-        del region, snapshots  # a local image has none
-        return []
+        return delete_binned(self.settings, region, snapshots)
+
+    def restore(self, artifact: Artifact) -> None:
+        restore_image(self.settings, artifact)
 
     # --- cache gc (CacheKeeper) ------------------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ Two sources say what uses a local image, and both are read completely or reporte
 - **QEMU**: every QEMU process running on this machine whose kernel is an image's (`-kernel`, read from /proc): a
   boot test, a fleet member, a guest someone started by hand from the store.
 
-An image is three files, `<digest>.qcow2`, `.vmlinuz` and `.initrd`; the disk is removed last, so a present disk
-always means a whole image (as a bake writes it first). A local image has no snapshots, and deprecation is the
-registry's alone.
+An image is three files, `<digest>.qcow2`, `.vmlinuz` and `.initrd`. Deregistering one moves them into the local
+Recycle Bin, `<data>/recycle-bin/<region>/`, the disk last (a present disk always means a whole image, as a bake
+writes it last); they are the image's "snapshots": deleted once the policy's `snapshot_grace` is over, and until then
+`amiforge retire restore` moves them back. Deprecation is the registry's alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from amiforge.errors import AmiforgeError, InfraError
+from amiforge.errors import AmiforgeError, InfraError, NotFound
 from amiforge.model import Artifact
 from amiforge.providers.interface import ImageState, Reference, RegionSurvey, SourceFailure
 from amiforge.providers.local.fleet import list_fleets, open_fleet
@@ -83,17 +84,59 @@ def survey_local(settings: Settings, region: str, artifacts: Collection[Artifact
     return RegionSurvey(region, tuple(references), tuple(failures), images)
 
 
-def remove_image(artifact: Artifact) -> bool:
-    """Remove the image's files, the disk last; False if the disk was already gone."""
-    disk = Path(artifact.location)
-    present = disk.is_file()
-    for side in (artifact.kernel, artifact.initrd):
-        if side:
-            Path(side).unlink(missing_ok=True)
-    disk.unlink(missing_ok=True)
+def recycle_bin(settings: Settings, region: str) -> Path:
+    return settings.data_dir / "recycle-bin" / region
+
+
+def _files(settings: Settings, artifact: Artifact) -> list[tuple[Path, Path]]:
+    """(where each file of the image lives, where it waits in the Recycle Bin), the disk last."""
+    live = [Path(p) for p in (artifact.kernel, artifact.initrd) if p] + [Path(artifact.location)]
+    bin_dir = recycle_bin(settings, artifact.region)
+    return [(p, bin_dir / p.name) for p in live]
+
+
+def deprecate_local(settings: Settings, artifact: Artifact, _at: datetime) -> tuple[str, ...]:
+    """Nothing on disk marks a local image deprecated: the registry does. Its "snapshots" are where its files will
+    wait in the Recycle Bin once it is deregistered."""
+    return tuple(str(binned) for _, binned in _files(settings, artifact))
+
+
+def remove_image(settings: Settings, artifact: Artifact) -> bool:
+    """Move the image's files into the Recycle Bin, the disk last; False if the disk was already gone."""
+    files = _files(settings, artifact)
+    present = files[-1][0].is_file()
+    files[-1][1].parent.mkdir(parents=True, exist_ok=True)
+    for live, binned in files:
+        if live.is_file():
+            os.replace(live, binned)
     return present
 
 
-def deprecate_local(_artifact: Artifact, _at: datetime) -> tuple[str, ...]:
-    """Nothing on disk marks a local image deprecated: the registry does. It has no snapshots."""
-    return ()
+def delete_binned(settings: Settings, region: str, paths: Sequence[str]) -> list[str]:
+    """Delete these files of the Recycle Bin (only files in it: a path anywhere else is refused, whatever the
+    registry says). Gone is fine."""
+    bin_dir = recycle_bin(settings, region).resolve()
+    for path in map(Path, paths):
+        if path.resolve().parent != bin_dir:
+            raise InfraError(
+                f"{path} is not in the Recycle Bin ({bin_dir}); it is not deleted",
+                fix="the registry names a file outside the Recycle Bin: check its retirements table",
+            )
+        path.unlink(missing_ok=True)
+    return []
+
+
+def restore_image(settings: Settings, artifact: Artifact) -> None:
+    """Move the image's files back from the Recycle Bin, the disk last. NotFound if its disk is not there."""
+    files = _files(settings, artifact)
+    disk, binned_disk = files[-1]
+    if not binned_disk.is_file() and not disk.is_file():
+        raise NotFound(
+            f"{artifact.location} is in neither the image store nor the Recycle Bin ({binned_disk.parent})",
+            fix="its files were deleted (the policy's snapshot_grace was over): bake the recipe again",
+        )
+    for live, binned in files:
+        if binned.is_file() and not live.exists():
+            os.replace(binned, live)
+        elif binned.is_file():
+            binned.unlink()  # the store has the file again (a later bake of the same bytes): the same content
