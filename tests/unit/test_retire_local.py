@@ -161,8 +161,8 @@ def test_what_is_used_stays_and_the_rest_goes_step_by_step(
     assert kinds[-4:] == ["retire.deprecated", "retire.deregistered", "retire.purged", "retire.retired"]
     assert not store.verify_events()
 
-    third = retire.plan(store, EAGER, _finder(settings))
-    assert not third.changes and "web@1" not in _by_version(third)
+    after = retire.plan(store, EAGER, _finder(settings))
+    assert not after.changes and "web@1" not in _by_version(after)
 
 
 def test_a_qemu_booted_from_an_image_keeps_it(store: SqlStore, settings: Settings, world: dict[str, Artifact]) -> None:

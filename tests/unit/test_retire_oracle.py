@@ -26,11 +26,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from amiforge.errors import NotFound
 from amiforge.lifecycle import retire
 from amiforge.lifecycle.retire_plan import CHANGES, RetirePlan
 from amiforge.model import Artifact, Status
 from amiforge.policy.retention import EXPIRES_TAG, Retention, RetentionRules
-from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Removal, SourceFailure
+from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Removal, Retirer, SourceFailure
 from amiforge.store.sql import SqlStore, open_store
 
 REGIONS = ("test-east-1", "test-west-2")
@@ -111,9 +112,19 @@ class FakeRetirer:
         return "removed", ""
 
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
+        """As EC2 does through the provider: a snapshot a present image uses is kept."""
         self._tick()
-        self.world.deleted_snapshots.update(snapshots)
-        return []
+        w = self.world
+        used = {s for key, present in w.present.items() if present and key[0] == region for s in w.snapshots[key]}
+        w.deleted_snapshots.update(s for s in snapshots if s not in used)
+        return [s for s in snapshots if s in used]
+
+    def restore(self, artifact: Artifact) -> None:
+        w, key = self.world, (artifact.region, artifact.location)
+        if any(s in w.deleted_snapshots for s in w.snapshots[key]):
+            raise NotFound(f"{key} is not in the Recycle Bin")
+        w.present[key] = True
+        w.removals[key] -= 1  # back: a later removal is not a second one of the same image
 
 
 def _oracle_in_use(world: World, store: SqlStore) -> set[int]:
@@ -173,7 +184,7 @@ class RetireWorlds(RuleBasedStateMachine):
             a.id in used for _, a in self.store.provider_artifacts("fake") if (a.region, a.location) == (region, image)
         )
 
-    def _retirer(self, kind: str) -> FakeRetirer:
+    def _retirer(self, kind: str) -> Retirer:
         assert kind == "fake"
         return self.retirer
 
@@ -294,6 +305,16 @@ class RetireWorlds(RuleBasedStateMachine):
         finally:
             self.world.kill_after = None
 
+    @rule(data=st.data())
+    def restore(self, data: st.DataObject) -> None:
+        stages = self.store.retirements()
+        deregistered = sorted({ref for ref, a in self.store.provider_artifacts("fake")
+                               if a.id in stages and stages[a.id].stage == "deregistered"})  # fmt: skip
+        if deregistered:
+            ref = data.draw(st.sampled_from(deregistered))
+            restored = retire.restore(self.store, ref, self._retirer, actor="test")
+            assert restored.status in (Status.DEPRECATED, Status.REVOKED, Status.FAILED)
+
     # --- what must always hold ------------------------------------------------------------------------------
 
     def _plan(self) -> RetirePlan:
@@ -315,6 +336,12 @@ class RetireWorlds(RuleBasedStateMachine):
     def no_image_removed_wrongly_or_twice(self) -> None:
         assert not self.world.violations, self.world.violations
         assert all(n == 1 for n in self.world.removals.values()), self.world.removals
+
+    @invariant()
+    def a_present_image_keeps_its_snapshots(self) -> None:
+        for key, present in self.world.present.items():
+            if present:
+                assert not set(self.world.snapshots[key]) & self.world.deleted_snapshots, key
 
     @invariant()
     def no_snapshot_orphaned(self) -> None:
