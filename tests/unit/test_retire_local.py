@@ -1,5 +1,6 @@
-"""retire and cache gc on the local provider, with real files in a real image store, a real (fake-QEMU) fleet, the
-real registry and the CLI: what is kept and why, the way out step by step, resuming after a kill, failing closed."""
+"""retire, drift and cache gc on the local provider, with real files in a real image store, real (fake-QEMU) fleets,
+the real registry and the CLI: what is kept and why, the way out step by step, resuming after a kill, failing
+closed; which machines drifted and why."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from test_local_fleet import CHECKS, FakeLauncher, release
 from amiforge.errors import StateError
 from amiforge.lifecycle import retire
 from amiforge.lifecycle.cache import cache_gc
+from amiforge.lifecycle.drift import DriftRow, drift, lister_for
 from amiforge.lifecycle.retire_plan import RetirePlan, Step
 from amiforge.model import Artifact, LayerRecord, Status
 from amiforge.policy.retention import Retention
@@ -364,3 +366,58 @@ def test_cache_gc_waits_for_a_running_bake(store: SqlStore, settings: Settings) 
                          parent=None)  # fmt: skip
     with pytest.raises(StateError, match=r"a bake is running \(web@1\)"):
         cache_gc(store, settings, apply=True, min_age=timedelta(0), actor="t")
+
+
+# --- drift ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleets(store: SqlStore, settings: Settings, launcher: FakeLauncher) -> Iterator[dict[str, Artifact]]:
+    """web@1..4; dev: web@3 (previous web@2). Fleets: edge on web@3, old on web@2, stray on web@4, bad on web@1
+    (revoked)."""
+    made = dict(_signed(store, settings, n) for n in range(1, 5))
+    _promote(store, "web@2")
+    _promote(store, "web@3")
+    for name, ref in (("edge", "web@3"), ("old", "web@2"), ("stray", "web@4"), ("bad", "web@1")):
+        create_fleet(settings, name, 1, made[ref], release(ref), CHECKS)
+    v1 = store.get_version("web@1")
+    store.transition(v1.id, Status.REVOKED, expect=Status.SIGNED)
+    yield made
+
+
+def _by_fleet(rows: tuple[DriftRow, ...]) -> dict[str, DriftRow]:
+    return {r.target: r for r in rows}
+
+
+def test_each_kind_of_drift_is_named(store: SqlStore, settings: Settings, fleets: dict[str, Artifact]) -> None:
+    report = drift(store, lister_for(settings), local_region=settings.region)
+    rows = _by_fleet(report.rows)
+    assert rows["edge"].findings == () and rows["edge"].channels == ("dev (current)",)
+    assert rows["old"].findings == ("1 version(s) behind web:dev",) and rows["old"].channels == ("dev (previous)",)
+    assert rows["old"].behind == 1
+    assert rows["stray"].findings == ("in no channel",) and rows["stray"].behind == 0  # newer than dev: not behind
+    assert rows["bad"].findings == ("revoked", "in no channel", "2 version(s) behind web:dev")
+    assert report.drifted == 3 and not report.failures
+    lenient = drift(store, lister_for(settings), local_region=settings.region, max_behind=1)
+    assert _by_fleet(lenient.rows)["old"].findings == ()
+
+
+def test_a_member_of_a_version_the_registry_does_not_know_is_unmanaged(
+    store: SqlStore, settings: Settings, launcher: FakeLauncher, tmp_path: Path
+) -> None:
+    image = tmp_path / "elsewhere.qcow2"
+    image.write_bytes(b"")
+    unknown = Artifact("local", settings.region, str(image), "e" * 64, 0, str(image), str(image))
+    create_fleet(settings, "hand", 1, unknown, release("other@7"), CHECKS)
+    (row,) = drift(store, lister_for(settings), local_region=settings.region).rows
+    assert row.version is None and row.findings == (f"unmanaged: the registry knows no version of {image}",)
+
+
+def test_the_cli_exits_10_when_a_machine_drifted(cli: Cli, fleets: dict[str, Artifact]) -> None:
+    text = cli("drift")
+    assert text.code == 10 and "3 of 4 machine(s) drifted" in text.out and "1 version(s) behind web:dev" in text.out
+    assert "edge" not in text.out  # in line: only with --all
+    assert "edge" in cli("drift", "--all").out
+    document = cli("drift", "--json")
+    assert document.code == 10 and document.json()["drifted"] == 3
+    assert cli("drift", "--max-behind", "-1").code == 2

@@ -119,6 +119,13 @@ COMMANDS: dict[str, Entry] = {
         "Plan the way out of versions no retention rule keeps and nothing uses — deprecate, then after the grace "
         "period deregister and delete their snapshots — and take it with --apply. Exit 10 when the plan has changes.",
     ),
+    "drift": Entry(
+        "amiforge.cli.drift_cmd",
+        "drift_command",
+        "Machines (local guests, EC2 instances, Auto Scaling group members) running a version in no channel, revoked, "
+        "behind its channel, or unknown to the registry (unmanaged), or an image the Allowed AMIs setting would "
+        "refuse. Exit 10 when any machine drifted.",
+    ),
     "cache": Entry(
         "amiforge.cli.retire_cmd", "cache_app", "The bake cache on this machine (base file systems, step layers)."
     ),

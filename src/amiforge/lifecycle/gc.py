@@ -69,7 +69,7 @@ def run_states(events: Iterable[Event], *, now: datetime, stale_after: timedelta
     return states
 
 
-def _aws_view(store: Store) -> tuple[set[str], set[str]]:
+def aws_view(store: Store) -> tuple[set[str], set[str]]:
     """(every aws image the registry holds, every region it knows of from artifacts and recipes)."""
     held = [artifact for _, artifact in store.provider_artifacts("aws")]
     images = {a.location for a in held}
@@ -113,7 +113,7 @@ def gc(
     failures: list[tuple[str, AmiforgeError]] = []
     if not asked or aws_regions:
         try:
-            images, known = _aws_view(store)
+            images, known = aws_view(store)
             aws_regions = aws_regions or sorted(known)
         except AmiforgeError as e:  # a damaged AWS version in the registry: AWS is not collected, this machine is
             failures.append(("aws", e))

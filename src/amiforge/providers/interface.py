@@ -679,3 +679,36 @@ class CacheKeeper(Protocol):
         ...
 
     def apply_cache_gc(self, plan: CachePlan) -> list[CacheEntry]: ...
+
+
+# --- drift: what runs where -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Running:
+    """A machine that runs an image now: a local guest, an EC2 instance (in an Auto Scaling group or not)."""
+
+    provider: str
+    region: str
+    target: str  # the fleet or group it belongs to: a local fleet's name, REGION/GROUP; "" for a lone instance
+    member: Member
+    # Whether the account's Allowed AMIs setting would let it launch its image again: None when the setting is off
+    # or cannot judge the image (criteria on watermarks or scan results, which DescribeImages does not show).
+    allowed: bool | None = None
+
+
+@dataclass(frozen=True)
+class RunningSurvey:
+    machines: tuple[Running, ...]
+    failures: tuple[SourceFailure, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class MachineLister(Protocol):
+    """A provider that can say what machines run which image (amiforge drift)."""
+
+    def running(self, regions: Collection[str]) -> RunningSurvey:
+        """Every machine in these regions (the provider's own, for local), every page read; a region or source that
+        cannot be read is a failure in the survey."""
+        ...

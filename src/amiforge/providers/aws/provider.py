@@ -25,6 +25,7 @@ import boto3
 from amiforge.awsapi.clients import MAX_PAGE_SIZE, AwsSession, call
 from amiforge.errors import AmiforgeError, ConfigError, PartlyDone, StateError
 from amiforge.model import Artifact, BootReport, LayerRecord, Leftover
+from amiforge.providers.aws import allowed as aws_allowed
 from amiforge.providers.aws import gc as aws_gc
 from amiforge.providers.aws import retire as aws_retire
 from amiforge.providers.aws.asg_records import parse_group_target
@@ -52,6 +53,7 @@ from amiforge.providers.interface import (
     RegionSurvey,
     Removal,
     RunContext,
+    RunningSurvey,
     RunState,
 )
 from amiforge.recipe import AwsProvider as AwsSpec
@@ -367,6 +369,9 @@ class AwsProvider:
 
     def restore(self, artifact: Artifact) -> None:
         aws_retire.restore(self.session(artifact.region), artifact)
+
+    def running(self, regions: Collection[str]) -> RunningSurvey:
+        return aws_allowed.running(self.session, regions)
 
     # --- fleets ---------------------------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ def _snapshots(image: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
-def _time(value: object) -> datetime | None:
+def parse_time(value: object) -> datetime | None:
     if not value:
         return None
     try:
@@ -306,7 +306,7 @@ def survey_region(
             iid = str(image["ImageId"])
             if iid in wanted:
                 images[iid] = ImageState(
-                    iid, image.get("State") != "deregistered", _time(image.get("DeprecationTime")),
+                    iid, image.get("State") != "deregistered", parse_time(image.get("DeprecationTime")),
                     protection_of(image.get("DeregistrationProtection")), _snapshots(image),
                 )  # fmt: skip
             source = image.get("SourceImageId")

@@ -29,6 +29,7 @@ from amiforge.providers.interface import (
     Release,
     Removal,
     RunContext,
+    RunningSurvey,
     RunState,
 )
 from amiforge.providers.local import qemu
@@ -44,6 +45,7 @@ from amiforge.providers.local.retire import (
     deprecate_local,
     remove_image,
     restore_image,
+    running_local,
     survey_local,
 )
 from amiforge.providers.local.tools import require, temporary_dir, tool_report
@@ -262,6 +264,10 @@ class LocalProvider:
 
     def restore(self, artifact: Artifact) -> None:
         restore_image(self.settings, artifact)
+
+    def running(self, regions: Collection[str]) -> RunningSurvey:
+        del regions  # this machine's fleets are all in the local region
+        return running_local(self.settings, self.settings.region)
 
     # --- cache gc (CacheKeeper) ------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from amiforge.errors import AmiforgeError, InfraError, NotFound
 from amiforge.model import Artifact
-from amiforge.providers.interface import ImageState, Reference, RegionSurvey, SourceFailure
+from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Running, RunningSurvey, SourceFailure
 from amiforge.providers.local.fleet import list_fleets, open_fleet
 from amiforge.providers.local.guest_processes import qemu_args
 from amiforge.settings import Settings
@@ -140,3 +140,17 @@ def restore_image(settings: Settings, artifact: Artifact) -> None:
             os.replace(binned, live)
         elif binned.is_file():
             binned.unlink()  # the store has the file again (a later bake of the same bytes): the same content
+
+
+def running_local(settings: Settings, region: str) -> RunningSurvey:
+    """Every member of every fleet on this machine that has not been stopped."""
+    machines: list[Running] = []
+    failures: list[SourceFailure] = []
+    for name in list_fleets(settings):
+        try:
+            members = open_fleet(settings, name).current()
+        except AmiforgeError as e:
+            failures.append(SourceFailure(region, f"fleet {name}", e.message))
+            continue
+        machines += [Running("local", region, name, m) for m in members if m.state != "stopped"]
+    return RunningSurvey(tuple(machines), tuple(failures))
