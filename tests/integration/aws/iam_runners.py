@@ -1077,6 +1077,19 @@ def _retire(h: Harness) -> None:
     store.close()
 
 
+def _drift(h: Harness) -> None:
+    """Instances on images of the account and of another (Amazon's), with the Allowed AMIs setting enabled."""
+    lifecycle = ImageLifecycle()
+    lifecycle.install(h.patch, h.boto.events)
+    ids = images(h)
+    h.ec2().run_instances(ImageId=ids["a"], MinCount=1, MaxCount=1)
+    lifecycle.allowed[(ACCOUNT, REGION)] = ("enabled", [{"ImageProviders": ["amazon"]}])
+    provider = h.provider()
+    h.begin()
+    survey = provider.running([REGION])
+    assert not survey.failures and len(survey.machines) >= 1
+
+
 def _doctor(h: Harness) -> None:
     """`amiforge doctor --aws --recipe`, for two recipes that between them reach every check (public sharing and
     encrypted shares exclude each other), as test_doctor.py's own exactness test does: one public, from an SSM
@@ -1161,5 +1174,6 @@ RUNNERS: dict[str, Callable[[Harness], None]] = {
     "rollout": _rollout,
     "gc": _gc,
     "retire": _retire,
+    "drift": _drift,
     "doctor": _doctor,
 }

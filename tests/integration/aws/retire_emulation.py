@@ -15,6 +15,8 @@ Each models what the EC2 API reference and User Guide document:
   given session: moto has no rbin at all), a region-level rule (no resource tags) or a tag-level one; a DeregisterImage
   an available rule covers moves the image into the bin for the rule's retention instead of deleting it;
   ListImagesInRecycleBin and RestoreImageFromRecycleBin (an image past its retention is gone for good).
+- **Allowed AMIs** (GetAllowedImagesSettings, EnableAllowedImagesSettings): per account and region, `disabled` until
+  enabled (`enabled` or `audit-mode`, the two states Enable accepts), with the criteria a test sets.
 - **DescribeImageReferences** answers `InvalidAction`, as a region that does not offer it (retire then notes that
   and relies on its own sources).
 """
@@ -56,6 +58,7 @@ class ImageLifecycle:
     rules: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)  # (account, region) → rules
     bin: dict[tuple[str, str, str], Binned] = field(default_factory=dict)  # (account, region, image) → entry
     cooldowns: dict[tuple[str, str, str], datetime] = field(default_factory=dict)  # … → protection holds until
+    allowed: dict[tuple[str, str], tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)  # state, criteria
 
     def install(self, monkeypatch: pytest.MonkeyPatch, events: Any) -> None:
         emulation = self
@@ -138,6 +141,18 @@ class ImageLifecycle:
                 backend.deleted_amis.remove(binned.ami.id)
             return ActionResult({"Return": True})
 
+        def get_allowed_images_settings(resp: Any) -> ActionResult:
+            state, criteria = emulation.allowed.get((resp.current_account, resp.region), ("disabled", []))
+            return ActionResult({"State": state, "ImageCriteria": criteria, "ManagedBy": "account"})
+
+        def enable_allowed_images_settings(resp: Any) -> ActionResult:
+            state = str(resp._get_param("AllowedImagesSettingsState"))
+            if state not in ("enabled", "audit-mode"):
+                raise EC2ClientError("InvalidParameterValue", f"Value ({state}) for AllowedImagesSettingsState")
+            key = (resp.current_account, resp.region)
+            emulation.allowed[key] = (state, emulation.allowed.get(key, ("", []))[1])
+            return ActionResult({"AllowedImagesSettingsState": state})
+
         def describe_image_references(resp: Any) -> ActionResult:
             raise EC2ClientError(
                 "InvalidAction", "The action DescribeImageReferences is not valid for this web service."
@@ -145,7 +160,8 @@ class ImageLifecycle:
 
         for method in (enable_image_deprecation, disable_image_deprecation, enable_image_deregistration_protection,
                        disable_image_deregistration_protection, list_images_in_recycle_bin,
-                       restore_image_from_recycle_bin, describe_image_references):  # fmt: skip
+                       restore_image_from_recycle_bin, describe_image_references, get_allowed_images_settings,
+                       enable_allowed_images_settings):  # fmt: skip
             monkeypatch.setattr(EC2Response, method.__name__, method, raising=False)
         monkeypatch.setattr(AmisResponse, "deregister_image", deregister_image)
         monkeypatch.setattr(EC2Response, "deregister_image", deregister_image)

@@ -426,3 +426,38 @@ def test_a_deregistered_image_comes_back_from_the_recycle_bin(
     assert restored.status is Status.DEPRECATED and image in world.backend.amis
     with pytest.raises(NotFound, match="not in the Recycle Bin"):
         provider.restore(Artifact("aws", REGION, "ami-0000000000test02", "d" * 64, 8))
+
+
+# --- drift on EC2 ----------------------------------------------------------------------------------------------
+
+
+def test_drift_names_unmanaged_lagging_and_refused_instances(
+    aws: Aws, world: World, store: SqlStore, settings: Settings, lifecycle: ImageLifecycle
+) -> None:
+    from amiforge.lifecycle.drift import drift
+
+    current = world.version("current")
+    store.move_channel("web", "prod", store.get_version(world.refs["current"]).id, expect_current=None, actor="t",
+                       reason="test")  # fmt: skip
+    world.ec2.run_instances(ImageId=current, MinCount=1, MaxCount=1)
+    foreign = world.ec2.register_image(Name="someone-elses", RootDeviceName="/dev/sda1")["ImageId"]
+    world.backend.amis[foreign].owner_id = OTHER
+    world.ec2.run_instances(ImageId=foreign, MinCount=1, MaxCount=1)
+    provider = _provider(aws, settings)
+    lifecycle.allowed[(ACCOUNT, REGION)] = ("enabled", [{"ImageProviders": ["amazon"]}, {"ImageNames": ["golden-*"]}])
+    report = drift(store, _lister(provider), local_region="local", regions=[REGION])
+    rows = {r.image: r for r in report.rows}
+    assert rows[current].findings == () and rows[current].channels == ("prod (current)",)
+    assert rows[current].allowed is True  # the account's own images are always allowed
+    assert rows[foreign].findings == (
+        f"unmanaged: the registry knows no version of {foreign}",
+        "the account's Allowed AMIs setting would refuse its image",
+    )
+    stopped = rows[world.images["instance"]]  # the stopped instance of the world: behind prod, in no channel
+    assert stopped.findings == ("in no channel", "5 version(s) behind web:prod")  # web@3; web@4..8
+    lifecycle.allowed[(ACCOUNT, REGION)] = ("enabled", [{"ImageNames": ["someone-*"]}])
+    assert {r.image: r for r in drift(store, _lister(provider), local_region="local").rows}[foreign].allowed is True
+
+
+def _lister(provider: AwsProvider) -> Any:
+    return lambda kind: provider if kind == "aws" else None

@@ -102,6 +102,7 @@ Operation = Literal[
     "rollout",
     "gc",
     "retire",
+    "drift",
     "doctor",
 ]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
@@ -260,6 +261,8 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "ec2:ListImagesInRecycleBin",
         "ec2:RestoreImageFromRecycleBin",
     },
+    # providers/aws/allowed.py: what runs in each region, and the Allowed AMIs setting's verdict on its images.
+    "drift": _READ_IMAGES | {"ec2:DescribeInstances", "ec2:GetAllowedImagesSettings"},
     # providers/aws/snapshot.py: the root snapshot's bytes through the EBS direct APIs; kms:Decrypt for encrypted ones.
     "scan": _READ_IMAGES | {"ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock", "kms:Decrypt"},
     # lifecycle/adopt.py (import packer): the images must exist and be available; adopting tags each and its
