@@ -231,7 +231,7 @@ def test_json_schema_lists_the_keys() -> None:
     assert schema["title"] == "amiforge policy"
     properties = schema["properties"]
     assert isinstance(properties, dict)
-    assert set(properties) == {"channels", "waivers", "severity_source", "slos", "retention"}
+    assert set(properties) == {"channels", "waivers", "severity_source", "slos", "tags", "retention"}
     assert schema["required"] == ["channels"]
     assert schema["additionalProperties"] is False
 

@@ -421,3 +421,42 @@ def test_the_cli_exits_10_when_a_machine_drifted(cli: Cli, fleets: dict[str, Art
     document = cli("drift", "--json")
     assert document.code == 10 and document.json()["drifted"] == 3
     assert cli("drift", "--max-behind", "-1").code == 2
+
+
+# --- reports -------------------------------------------------------------------------------------------------
+
+
+def test_cost_prices_each_image_stored_and_tags_names_what_lacks_one(
+    store: SqlStore, settings: Settings, cli: Cli, tmp_path: Path
+) -> None:
+    from amiforge.lifecycle.reports import cost_report, reader_for, tag_report
+    from amiforge.policy.reporting import Prices, TagRules
+
+    for n in (1, 2):
+        _signed(store, settings, n)
+    gb = 3 * len(b"synthetic image file") / 1024**3  # three files of each image
+    prices = Prices(currency="EUR", default=2.0, regions={settings.region: 1000.0})
+    report = cost_report(store, reader_for(settings), prices, TagRules())
+    assert [(r.version, r.gb, r.monthly, r.owner, r.regional_price) for r in report.rows] == [
+        ("web@1", pytest.approx(gb), pytest.approx(gb * 1000), "(none)", True),
+        ("web@2", pytest.approx(gb), pytest.approx(gb * 1000), "(none)", True),
+    ]
+    assert (
+        report.total > 0
+        and report.total == pytest.approx(gb * 2000)
+        and report.by_image == {"web": pytest.approx(gb * 2000)}
+    )
+    assert cost_report(store, reader_for(settings), Prices(default=0.5), TagRules()).rows[0].regional_price is False
+    tagged = tag_report(store, reader_for(settings), TagRules(required=("owner",)))
+    assert [(r.kind, r.id, r.missing) for r in tagged.rows] == [("version", "web@2", ("owner",)),
+                                                                ("version", "web@1", ("owner",))]  # fmt: skip
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("channels: {dev: {}}\ntags: {required: [owner]}\n")
+    assert cli("report", "tags", "--policy", str(policy)).code == 10
+    assert cli("report", "tags").code == 0  # the built-in policy requires none
+    table = tmp_path / "prices.yaml"
+    table.write_text("currency: EUR\ndefault: -1\n")
+    bad = cli("report", "cost", "--prices", str(table))
+    assert bad.code == 2 and f"{table}:2: default" in bad.err
+    table.write_text("currency: EUR\ndefault: 0.5\n")
+    assert cli("report", "cost", "--prices", str(table), "--json").json()["currency"] == "EUR"

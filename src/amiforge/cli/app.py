@@ -126,6 +126,7 @@ COMMANDS: dict[str, Entry] = {
         "behind its channel, or unknown to the registry (unmanaged), or an image the Allowed AMIs setting would "
         "refuse. Exit 10 when any machine drifted.",
     ),
+    "report": Entry("amiforge.cli.report_cmd", "app", "Reports on the registry's images: storage cost, missing tags."),
     "cache": Entry(
         "amiforge.cli.retire_cmd", "cache_app", "The bake cache on this machine (base file systems, step layers)."
     ),

@@ -30,7 +30,7 @@ PolicyOption = typer.Option(
 )
 
 
-def _where(location: str) -> str:
+def location_text(location: str) -> str:
     """An AMI id as it is; a local image by its file name (the folder is the store's)."""
     return Path(location).name if location.startswith("/") else location
 
@@ -90,7 +90,7 @@ def _print(outcome: object, *, show_all: bool) -> None:
                 continue
             result = done.get((s.artifact_id, s.action))
             rows.append([
-                escape(s.version), escape(s.region), escape(_where(s.location)), s.action,
+                escape(s.version), escape(s.region), escape(location_text(s.location)), s.action,
                 escape(s.why), escape(f"{result.outcome}{': ' + result.detail if result.detail else ''}")
                 if result else ("planned" if not outcome.applied else "-"),
             ])  # fmt: skip
@@ -137,7 +137,7 @@ def restore_command(
         emit_json(restored)
         return
     for artifact in restored.artifacts:
-        console.print(f"restored {escape(_where(artifact.location))} in {escape(artifact.region)}")
+        console.print(f"restored {escape(location_text(artifact.location))} in {escape(artifact.region)}")
     console.print(f"{escape(restored.version)} is {restored.status} again; `amiforge retire` plans it anew")
 
 

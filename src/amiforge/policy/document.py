@@ -43,6 +43,7 @@ from amiforge.policy.fields import (
     as_utc,
     soak_of,
 )
+from amiforge.policy.reporting import TagRules
 from amiforge.policy.retention import Retention
 from amiforge.policy.severity import SeveritySource
 from amiforge.policy.slos import ImageSlos
@@ -215,6 +216,11 @@ class Policy(BaseModel):
         default=ImageSlos(),
         description="service level objectives of images in their fleets: default and per image (boot success, "
         "time to ready, heartbeat freshness, window)",
+    )
+    tags: Annotated[TagRules, BeforeValidator(_none_is_defaults)] = Field(
+        default=TagRules(),
+        description="the tags every version and image must carry (amiforge report tags), and the tags that name an "
+        "image's owner and cost center (amiforge report cost)",
     )
     retention: Annotated[Retention, BeforeValidator(_none_is_defaults)] = Field(
         default=Retention(),
@@ -403,7 +409,7 @@ def parse_policy(text: str, path: Path) -> Policy:
         text,
         path,
         _KIND,
-        top_keys="channels:, waivers:, severity_source:, slos:, retention:",
+        top_keys="channels:, waivers:, severity_source:, slos:, tags:, retention:",
         empty_fix=start,
         mapping_fix=start,
     )

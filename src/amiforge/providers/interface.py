@@ -712,3 +712,24 @@ class MachineLister(Protocol):
         """Every machine in these regions (the provider's own, for local), every page read; a region or source that
         cannot be read is a failure in the survey."""
         ...
+
+
+# --- reports: what images store, and their tags ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What one image keeps in storage now: its snapshots (AWS) or files (local), and the tags it carries there."""
+
+    location: str
+    size_bytes: int
+    exact: bool  # False: an upper bound (a snapshot's volume size where EC2 gives no stored size)
+    tags: Mapping[str, str]
+    resources: tuple[tuple[str, str, Mapping[str, str]], ...] = ()  # (kind, id, tags) of each thing it is made of
+
+
+@runtime_checkable
+class StorageReader(Protocol):
+    def stored(self, region: str, artifacts: Collection[Artifact]) -> Mapping[str, Stored]:
+        """location → what it stores, for each artifact still present (or held in the Recycle Bin)."""
+        ...

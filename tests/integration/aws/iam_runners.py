@@ -1090,6 +1090,15 @@ def _drift(h: Harness) -> None:
     assert not survey.failures and len(survey.machines) >= 1
 
 
+def _report(h: Harness) -> None:
+    """What two managed images store (their snapshots), for `report cost` and `report tags`."""
+    ids = images(h)
+    provider = h.provider()
+    h.begin()
+    found = provider.stored(REGION, [artifact(h, i) for i in ids.values()])
+    assert set(found) == set(ids.values())
+
+
 def _doctor(h: Harness) -> None:
     """`amiforge doctor --aws --recipe`, for two recipes that between them reach every check (public sharing and
     encrypted shares exclude each other), as test_doctor.py's own exactness test does: one public, from an SSM
@@ -1175,5 +1184,6 @@ RUNNERS: dict[str, Callable[[Harness], None]] = {
     "gc": _gc,
     "retire": _retire,
     "drift": _drift,
+    "report": _report,
     "doctor": _doctor,
 }

@@ -461,3 +461,28 @@ def test_drift_names_unmanaged_lagging_and_refused_instances(
 
 def _lister(provider: AwsProvider) -> Any:
     return lambda kind: provider if kind == "aws" else None
+
+
+# --- reports on EC2 --------------------------------------------------------------------------------------------
+
+
+def test_cost_and_tags_read_the_images_snapshots(aws: Aws, world: World, store: SqlStore, settings: Settings) -> None:
+    from amiforge.lifecycle.reports import cost_report, tag_report
+    from amiforge.policy.reporting import DEFAULT_PRICES, TagRules
+
+    provider = _provider(aws, settings)
+    owned = world.images["free"]
+    world.ec2.create_tags(Resources=[owned], Tags=[{"Key": "owner", "Value": "team-a"},
+                                                  {"Key": "cost-center", "Value": "cc-7"}])  # fmt: skip
+    report = cost_report(store, lambda _kind: provider, DEFAULT_PRICES, TagRules())
+    rows = {r.location: r for r in report.rows}
+    volume = world.backend.snapshots[world.snapshot_of("free")].volume.size  # GiB: moto gives no stored size
+    assert rows[owned].gb == volume and not rows[owned].exact  # an upper bound, said so
+    assert (rows[owned].owner, rows[owned].cost_center) == ("team-a", "cc-7")
+    assert rows[owned].price == 0.05 and not rows[owned].regional_price  # eu-west-1 has no price of its own here
+    assert report.by_owner["team-a"] == pytest.approx(volume * 0.05)
+    assert report.total == pytest.approx(sum(r.monthly for r in report.rows)) and len(report.rows) == len(world.images)
+    tagged = tag_report(store, lambda _kind: provider, TagRules(required=("owner",)))
+    kinds = {(r.kind, r.id) for r in tagged.rows}
+    assert ("image", owned) not in kinds and ("snapshot", world.snapshot_of("free")) in kinds
+    assert ("image", world.images["cool"]) in kinds and ("version", world.refs["free"]) in kinds

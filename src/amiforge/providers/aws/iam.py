@@ -103,6 +103,7 @@ Operation = Literal[
     "gc",
     "retire",
     "drift",
+    "report",
     "doctor",
 ]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
@@ -263,6 +264,8 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
     },
     # providers/aws/allowed.py: what runs in each region, and the Allowed AMIs setting's verdict on its images.
     "drift": _READ_IMAGES | {"ec2:DescribeInstances", "ec2:GetAllowedImagesSettings"},
+    # providers/aws/retire.py stored(): what the images' snapshots store, and their tags (amiforge report).
+    "report": _READ_IMAGES | {"ec2:DescribeSnapshots"},
     # providers/aws/snapshot.py: the root snapshot's bytes through the EBS direct APIs; kms:Decrypt for encrypted ones.
     "scan": _READ_IMAGES | {"ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock", "kms:Decrypt"},
     # lifecycle/adopt.py (import packer): the images must exist and be available; adopting tags each and its

@@ -55,6 +55,7 @@ from amiforge.providers.interface import (
     RunContext,
     RunningSurvey,
     RunState,
+    Stored,
 )
 from amiforge.recipe import AwsProvider as AwsSpec
 from amiforge.recipe import Checks, Recipe, step_fingerprint
@@ -369,6 +370,9 @@ class AwsProvider:
 
     def restore(self, artifact: Artifact) -> None:
         aws_retire.restore(self.session(artifact.region), artifact)
+
+    def stored(self, region: str, artifacts: Collection[Artifact]) -> Mapping[str, Stored]:
+        return aws_retire.stored(self.session(region), region, artifacts)
 
     def running(self, regions: Collection[str]) -> RunningSurvey:
         return aws_allowed.running(self.session, regions)

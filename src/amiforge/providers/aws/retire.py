@@ -39,7 +39,7 @@ from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.awsapi.errors import aws_code
 from amiforge.errors import AmiforgeError, NotFound
 from amiforge.model import Artifact
-from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Removal, SourceFailure
+from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Removal, SourceFailure, Stored
 
 AMI_ID = re.compile(r"\bami-[0-9a-f]{8,17}\b")
 # What a region that does not offer an API answers (DescribeImageReferences is not in every region).
@@ -409,3 +409,46 @@ def restore(session: AwsSession, artifact: Artifact) -> None:
             fix="no Recycle Bin rule kept it, or its retention is over (aws rbin list-rules --resource-type EC2_IMAGE)",
         )
     call(ec2, "RestoreImageFromRecycleBin", artifact.location, ImageId=artifact.location)
+
+
+def stored(session: AwsSession, region: str, artifacts: Collection[Artifact]) -> dict[str, Stored]:
+    """Each image's snapshots (DescribeImages for the images, DescribeSnapshots for the account's snapshots, one
+    listing each): the stored size EC2 reports (FullSnapshotSizeInBytes), else the volume size as an upper bound."""
+    ec2 = session.client("ec2", region)
+    wanted = {a.location for a in artifacts}
+    images = {
+        str(i["ImageId"]): i
+        for i in paginate(
+            ec2,
+            "DescribeImages",
+            "Images",
+            f"the account's images in {region}",
+            Owners=["self"],
+            IncludeDeprecated=True,
+            IncludeDisabled=True,
+        )
+        if str(i["ImageId"]) in wanted
+    }
+    snapshots = {
+        str(s["SnapshotId"]): s
+        for s in paginate(
+            ec2, "DescribeSnapshots", "Snapshots", f"the account's snapshots in {region}", OwnerIds=["self"]
+        )
+    }
+    found = {}
+    for iid, image in images.items():
+        parts = [snapshots[s] for s in _snapshots(image) if s in snapshots]
+        size, exact = 0, True
+        for snap in parts:
+            if snap.get("FullSnapshotSizeInBytes") is not None:
+                size += int(snap["FullSnapshotSizeInBytes"])
+            else:
+                size += int(snap.get("VolumeSize", 0)) * 1024**3
+                exact = False
+        tags = {str(t["Key"]): str(t["Value"]) for t in image.get("Tags", [])}
+        resources = [("image", iid, tags)] + [
+            ("snapshot", str(s["SnapshotId"]), {str(t["Key"]): str(t["Value"]) for t in s.get("Tags", [])})
+            for s in parts
+        ]
+        found[iid] = Stored(iid, size, exact, tags, tuple(resources))
+    return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ from amiforge.providers.interface import (
     RunContext,
     RunningSurvey,
     RunState,
+    Stored,
 )
 from amiforge.providers.local import qemu
 from amiforge.providers.local.base import BaseSpec, ensure_base
@@ -46,6 +47,7 @@ from amiforge.providers.local.retire import (
     remove_image,
     restore_image,
     running_local,
+    stored_local,
     survey_local,
 )
 from amiforge.providers.local.tools import require, temporary_dir, tool_report
@@ -264,6 +266,10 @@ class LocalProvider:
 
     def restore(self, artifact: Artifact) -> None:
         restore_image(self.settings, artifact)
+
+    def stored(self, region: str, artifacts: Collection[Artifact]) -> Mapping[str, Stored]:
+        del region
+        return stored_local(self.settings, artifacts)
 
     def running(self, regions: Collection[str]) -> RunningSurvey:
         del regions  # this machine's fleets are all in the local region

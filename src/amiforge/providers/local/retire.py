@@ -23,7 +23,15 @@ from pathlib import Path
 
 from amiforge.errors import AmiforgeError, InfraError, NotFound
 from amiforge.model import Artifact
-from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Running, RunningSurvey, SourceFailure
+from amiforge.providers.interface import (
+    ImageState,
+    Reference,
+    RegionSurvey,
+    Running,
+    RunningSurvey,
+    SourceFailure,
+    Stored,
+)
 from amiforge.providers.local.fleet import list_fleets, open_fleet
 from amiforge.providers.local.guest_processes import qemu_args
 from amiforge.settings import Settings
@@ -154,3 +162,16 @@ def running_local(settings: Settings, region: str) -> RunningSurvey:
             continue
         machines += [Running("local", region, name, m) for m in members if m.state != "stopped"]
     return RunningSurvey(tuple(machines), tuple(failures))
+
+
+def stored_local(settings: Settings, artifacts: Collection[Artifact]) -> dict[str, Stored]:
+    """The files of each image, in the store or in the Recycle Bin (local images carry no tags of their own)."""
+    found = {}
+    for artifact in artifacts:
+        files = [live if live.is_file() else binned for live, binned in _files(settings, artifact)]
+        present = [f for f in files if f.is_file()]
+        if present:
+            size = sum(f.stat().st_size for f in present)
+            found[artifact.location] = Stored(artifact.location, size, True, {},
+                                              tuple(("file", str(f), {}) for f in present))  # fmt: skip
+    return found
