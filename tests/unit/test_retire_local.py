@@ -437,10 +437,10 @@ def test_cost_prices_each_image_stored_and_tags_names_what_lacks_one(
     gb = 3 * len(b"synthetic image file") / 1024**3  # three files of each image
     prices = Prices(currency="EUR", default=2.0, regions={settings.region: 1000.0})
     report = cost_report(store, reader_for(settings), prices, TagRules())
-    assert [(r.version, r.gb, r.monthly, r.owner, r.regional_price) for r in report.rows] == [
-        ("web@1", pytest.approx(gb), pytest.approx(gb * 1000), "(none)", True),
-        ("web@2", pytest.approx(gb), pytest.approx(gb * 1000), "(none)", True),
-    ]
+    assert [(r.version, r.owner, r.regional_price) for r in report.rows] == [("web@1", "(none)", True),
+                                                                              ("web@2", "(none)", True)]  # fmt: skip
+    for r in report.rows:
+        assert r.gb == pytest.approx(gb) and r.monthly == pytest.approx(gb * 1000)
     assert (
         report.total > 0
         and report.total == pytest.approx(gb * 2000)
