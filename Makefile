@@ -56,6 +56,14 @@ bench-web:
 	scripts/bootstrap.sh
 	.venv/bin/python bench/web_bench.py $(WEB_BENCH_ARGS)
 
+# Retirement: plan and apply on 10,000 images in 4 regions of a fake EC2 with its token buckets (plan ≤ 2 s CPU,
+# apply ≤ 1.1 × the buckets' floor, DescribeImages ≤ ⌈N/1000⌉ per region), and 1,000 of the oracle's random worlds.
+# RETIRE_BENCH_ARGS: e.g. --worlds 0, --versions 20.
+.PHONY: bench-retire
+bench-retire:
+	scripts/bootstrap.sh --test
+	.venv/bin/python bench/retire_bench.py $(RETIRE_BENCH_ARGS)
+
 lint:
 	.venv/bin/ruff format src tests bench
 	.venv/bin/ruff check --fix src tests bench

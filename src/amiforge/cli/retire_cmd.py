@@ -44,6 +44,7 @@ def retire_command(
     policy: Path | None = PolicyOption,
     apply: bool = typer.Option(False, "--apply", help="Take the steps (default: only show the plan)."),
     regions: list[str] = typer.Option([], "--region", help="Only this region (repeat); default: every region."),
+    images: list[str] = typer.Option([], "--image", help="Only this image's versions (repeat); default: every image."),
     show_all: bool = typer.Option(False, "--all", help="Also list what is kept, and why."),
     as_json: bool = JsonOption,
 ) -> None:
@@ -59,9 +60,10 @@ def retire_command(
     retention = (load_policy(policy) if policy is not None else policy_of(settings)).retention
     finder = retire.retirer_for(settings)
     if apply:
-        outcome = retire.apply(store, retention, finder, actor=settings.actor, regions=regions)
+        outcome = retire.apply(store, retention, finder, actor=settings.actor, regions=regions, images=images)
     else:
-        outcome = retire.RetireOutcome(retire.plan(store, retention, finder, regions=regions), applied=False)
+        planned = retire.plan(store, retention, finder, regions=regions, images=images)
+        outcome = retire.RetireOutcome(planned, applied=False)
     if as_json:
         emit_json(outcome)
     else:

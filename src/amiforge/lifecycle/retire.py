@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from amiforge.errors import AmiforgeError, StateError
 from amiforge.lifecycle.retire_plan import (
+    CHANGES,
     EVERY_REGION,
     Entry,
     Holding,
@@ -136,15 +137,18 @@ def _working_runs(store: Store, *, now: datetime) -> list[Reference]:
     ]
 
 
-def survey(entries: Sequence[Entry], retirer: RetirerFor, *, regions: Iterable[str] = ()) -> list[RegionSurvey]:
-    """Ask each provider about every region where an artifact is still on its way (or in use); regions at once."""
-    wanted = set(regions)
+def survey(entries: Sequence[Entry], retirer: RetirerFor, *, only: Collection[int]) -> list[RegionSurvey]:
+    """Ask each provider about every region holding an artifact of `entries` not purged yet: what uses images
+    there (every source), and the state of the artifacts of `only` (the ones a step could change: the per-image
+    sources — shares, image references — cost a call per image); regions at once."""
     by_region: dict[tuple[str, str], list[Artifact]] = defaultdict(list)
     for entry in entries:
         for h in entry.holdings:
             a = h.artifact
-            if (not wanted or a.region in wanted) and (h.retirement is None or h.retirement.stage != "purged"):
-                by_region[(a.provider, a.region)].append(a)
+            if h.retirement is None or h.retirement.stage != "purged":
+                listed = by_region[(a.provider, a.region)]
+                if a.id in only:
+                    listed.append(a)
 
     def one(key: tuple[str, str]) -> RegionSurvey:
         kind, region = key
@@ -179,21 +183,37 @@ def plan(
     *,
     now: datetime | None = None,
     regions: Iterable[str] = (),
+    images: Iterable[str] = (),
 ) -> RetirePlan:
-    """The plan: nothing is changed."""
+    """The plan: nothing is changed. `regions`, `images`: only those (default: all)."""
     moment = now or datetime.now(UTC)
-    entries = inventory(store)
+    names = set(images)
+    entries = [e for e in inventory(store) if not names or e.version.name in names]
     wanted = set(regions)
     if wanted:
         entries = [replace(e, holdings=tuple(h for h in e.holdings if h.artifact.region in wanted)) for e in entries]
-    surveys = survey(entries, retirer)
-    return _planned(entries, surveys, store, retention, moment)
+    registry = registry_references(store, now=moment)
+    surveys = survey(entries, retirer, only=candidates(entries, registry, retention, moment))
+    return _planned(entries, surveys, registry, retention, moment)
+
+
+def candidates(
+    entries: Sequence[Entry], registry: Sequence[Reference], retention: Retention, now: datetime
+) -> set[int]:
+    """The artifacts a step could change, judged by the registry alone: what the providers' references can only
+    keep from changing. The per-image sources are read for these."""
+    preliminary, _ = plan_retirement(entries, references=registry, retention=retention, now=now)
+    return {s.artifact_id for v in preliminary for s in v.steps if s.action in CHANGES}
 
 
 def _planned(
-    entries: Sequence[Entry], surveys: Sequence[RegionSurvey], store: Store, retention: Retention, now: datetime
+    entries: Sequence[Entry],
+    surveys: Sequence[RegionSurvey],
+    registry: Sequence[Reference],
+    retention: Retention,
+    now: datetime,
 ) -> RetirePlan:
-    references = registry_references(store, now=now) + [r for s in surveys for r in s.references]
+    references = list(registry) + [r for s in surveys for r in s.references]
     failures = tuple(f for s in surveys for f in s.failures)
     versions, notes = plan_retirement(
         entries, references=references, failures=failures, images=_images(surveys), retention=retention, now=now
@@ -216,12 +236,13 @@ def apply(
     actor: str,
     now: datetime | None = None,
     regions: Iterable[str] = (),
+    images: Iterable[str] = (),
     progress: Callable[[StepOutcome], None] = lambda _o: None,
 ) -> RetireOutcome:
     """Plan, then take the plan's steps (see the module's docstring). A step that fails is reported and the others
     go on; what failed is planned again by the next run."""
     moment = now or datetime.now(UTC)
-    first = plan(store, retention, retirer, now=moment, regions=regions)
+    first = plan(store, retention, retirer, now=moment, regions=regions, images=images)
     run_id = new_run_id()
     by_key: dict[tuple[str, str], list[Step]] = defaultdict(list)
     for step in first.steps("deprecate", "deregister", "delete-snapshots"):
@@ -275,7 +296,12 @@ def _apply_region(
             for e in inventory(store)
             if any(h.artifact.provider == kind and h.artifact.region == region for h in e.holdings)
         ]  # fmt: skip
-        fresh = _planned(entries, [retirer.survey(region, _artifacts_of(entries))], store, retention, now)
+        going = {s.artifact_id for s in removals}
+        fresh_survey = retirer.survey(
+            region, [h.artifact for e in entries for h in e.holdings if h.artifact.id in going]
+        )
+        registry = registry_references(store, now=now)
+        fresh = _planned(entries, [fresh_survey], registry, retention, now)
         still = {s.artifact_id: s for s in fresh.steps("deregister", "delete-snapshots")}
         for step in removals:
             again = still.get(step.artifact_id)
@@ -286,10 +312,6 @@ def _apply_region(
                 continue
             record(_guarded(again, functools.partial(_remove, store, retirer, again, actor=actor, run_id=run_id)))
     return outcomes
-
-
-def _artifacts_of(entries: Iterable[Entry]) -> list[Artifact]:
-    return [h.artifact for e in entries for h in e.holdings]
 
 
 def _guarded(step: Step, act: Callable[[], StepOutcome]) -> StepOutcome:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -126,6 +127,9 @@ class AwsProvider:
         self.publish_wait = publish_wait  # how long SSM may take to validate a channel's image (publish.py)
         self.copy_wait = copy_wait  # looks at a pending copy (distribute.py)
         self.retire_page_size = retire_page_size  # pages of retire's listings (tests read them a few items at a time)
+        # Images as retire's last survey of each region listed them: each step uses its image's once.
+        self._listed: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self._lock = threading.Lock()
 
     def session(self, region: str) -> AwsSession:
         """One session per region: the settings' profile and per-account roles, botocore's standard retries."""
@@ -355,15 +359,24 @@ class AwsProvider:
     # --- retire (Retirer): what uses an image in a region, and the steps out -----------------------------------
 
     def survey(self, region: str, artifacts: Collection[Artifact]) -> RegionSurvey:
-        return aws_retire.survey_region(
-            self.session(region), region, artifacts, page_size=self.retire_page_size, roles=self.settings.aws_roles
-        )
+        seen: dict[str, Mapping[str, Any]] = {}
+        survey = aws_retire.survey_region(
+            self.session(region), region, artifacts, page_size=self.retire_page_size, roles=self.settings.aws_roles,
+            seen=seen,
+        )  # fmt: skip
+        with self._lock:
+            self._listed.update({(region, image): found for image, found in seen.items()})
+        return survey
+
+    def _known(self, artifact: Artifact) -> Mapping[str, Any] | None:
+        with self._lock:
+            return self._listed.pop((artifact.region, artifact.location), None)  # used once: a step changes it
 
     def deprecate(self, artifact: Artifact, at: datetime) -> tuple[str, ...]:
-        return aws_retire.deprecate(self.session(artifact.region), artifact, at)
+        return aws_retire.deprecate(self.session(artifact.region), artifact, at, known=self._known(artifact))
 
     def deregister(self, artifact: Artifact) -> tuple[Removal, str]:
-        return aws_retire.deregister(self.session(artifact.region), artifact)
+        return aws_retire.deregister(self.session(artifact.region), artifact, known=self._known(artifact))
 
     def delete_snapshots(self, region: str, snapshots: Sequence[str]) -> list[str]:
         return aws_retire.delete_snapshots(self.session(region), region, snapshots)

@@ -291,8 +291,16 @@ def _recycle_bin(s: _Survey, session: AwsSession) -> None:
 
 
 def survey_region(
-    session: AwsSession, region: str, artifacts: Collection[Artifact], *, page_size: int, roles: Mapping[str, str]
+    session: AwsSession,
+    region: str,
+    artifacts: Collection[Artifact],
+    *,
+    page_size: int,
+    roles: Mapping[str, str],
+    seen: dict[str, Mapping[str, Any]] | None = None,
 ) -> RegionSurvey:
+    """`seen` receives each artifact's image as DescribeImages listed it, so the steps that follow need not describe
+    each image again (one DescribeImages per step would cost more than the steps: EC2's non-mutating bucket)."""
     s = _Survey(session, region, page_size)
     ec2, asg, ssm = (session.client(x, region) for x in ("ec2", "autoscaling", "ssm"))
     wanted = {a.location for a in artifacts}
@@ -304,6 +312,8 @@ def survey_region(
         refs = []
         for image in listed:
             iid = str(image["ImageId"])
+            if iid in wanted and seen is not None:
+                seen[iid] = image
             if iid in wanted:
                 images[iid] = ImageState(
                     iid, image.get("State") != "deregistered", parse_time(image.get("DeprecationTime")),
@@ -353,21 +363,30 @@ def _describe(ec2: Any, image: str) -> Mapping[str, Any] | None:
     return listed[0] if listed and listed[0].get("State") != "deregistered" else None
 
 
-def deprecate(session: AwsSession, artifact: Artifact, at: datetime) -> tuple[str, ...]:
-    """Deprecate the image from the next whole minute (EC2 refuses a time in the past); its snapshots."""
+def deprecate(
+    session: AwsSession, artifact: Artifact, at: datetime, *, known: Mapping[str, Any] | None = None
+) -> tuple[str, ...]:
+    """Deprecate the image from the next whole minute (EC2 refuses a time in the past); its snapshots. `known`: the
+    image as the survey just listed it."""
     ec2 = session.client("ec2", artifact.region)
-    image = _describe(ec2, artifact.location)
+    image = known if known is not None else _describe(ec2, artifact.location)
     if image is None:
         return ()
     when = max(at, datetime.now(UTC)).replace(second=0, microsecond=0) + timedelta(minutes=1)
-    call(ec2, "EnableImageDeprecation", artifact.location, ImageId=artifact.location,
-         DeprecateAt=when.strftime("%Y-%m-%dT%H:%M:%SZ"))  # fmt: skip
+    try:
+        call(ec2, "EnableImageDeprecation", artifact.location, ImageId=artifact.location,
+             DeprecateAt=when.strftime("%Y-%m-%dT%H:%M:%SZ"))  # fmt: skip
+    except NotFound:
+        return ()  # gone since the survey: nothing left to deprecate
     return _snapshots(image)
 
 
-def deregister(session: AwsSession, artifact: Artifact) -> tuple[Removal, str]:
+def deregister(
+    session: AwsSession, artifact: Artifact, *, known: Mapping[str, Any] | None = None
+) -> tuple[Removal, str]:
+    """`known`: the image as the survey right before listed it (its protection)."""
     ec2 = session.client("ec2", artifact.region)
-    image = _describe(ec2, artifact.location)
+    image = known if known is not None else _describe(ec2, artifact.location)
     if image is None:
         return "gone", ""
     protection = protection_of(image.get("DeregistrationProtection"))
