@@ -397,7 +397,7 @@ def test_every_page_passes_axe(tab: Tab, console: Console, axe_source: str) -> N
     tab.log_in(console.operate)
     for path in ("/", "/versions/web@2", "/versions/api@2", "/rollouts", f"/rollouts/{console.rollout}",
                  "/audit", "/audit?verify=true", "/versions/nope@9", "/dashboards/executive", "/dashboards/oncall",
-                 "/dashboards/debug", "/versions/web@2/incident"):  # fmt: skip
+                 "/dashboards/debug", "/versions/web@2/incident", "/retirement", "/retirement?all=true"):  # fmt: skip
         page.goto(path)
         for summary in page.locator("details > summary").all():  # what a reader would open is checked too
             summary.click()

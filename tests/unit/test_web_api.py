@@ -44,7 +44,7 @@ from amiforge.lifecycle import rollout as rollout_module
 from amiforge.lifecycle.documents import version_document
 from amiforge.lifecycle.leases import HERE
 from amiforge.lifecycle.tokens import PREFIX, authenticate, create_token, first_token, revoke_token, secret_digest
-from amiforge.model import BootObservation, BootReport, CheckResult, Status, to_json
+from amiforge.model import Artifact, BootObservation, BootReport, CheckResult, Status, to_json
 from amiforge.policy.document import default_policy
 from amiforge.store.sql import open_store
 from amiforge.strategy import Strategy
@@ -773,3 +773,33 @@ def test_admins_revoke_signing_keys_and_everyone_reads_them(site: Site) -> None:
     assert reply.status_code == 200 and reply.json()["revoked_reason"] == "leaked"
     [event] = [e for e in site.world.store.events() if e.kind == "key.revoked"]
     assert event.actor == "token:t-admin"
+
+
+def test_the_retirement_page_and_api_show_the_plan_and_change_nothing(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan under the server's policy (the built-in one: a revoked version is deprecated at once); with a
+    provider that cannot say what uses its images, the region is blocked and the page says why."""
+    import amiforge.providers
+    from amiforge.providers.local.provider import LocalProvider
+
+    store = site.world.store
+    v = store.create_version(name="gone", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    store.add_artifact(v.id, Artifact("local", site.world.settings.region, "/nowhere/gone.qcow2", "d" * 64, 1))
+    store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest="d" * 64, size_bytes=1)
+    store.transition(v.id, Status.REVOKED, expect=Status.BUILT)
+    monkeypatch.setattr(amiforge.providers, "PROVIDERS", {"local": LocalProvider})
+    before = site.state()
+    answer = site.client.get("/api/v1/retirement", headers=site.bearer("read"))
+    assert answer.status_code == 200
+    steps = {s["version"]: (s["action"], s["why"]) for v in answer.json()["versions"] for s in v["steps"]}
+    assert steps["gone@1"] == ("deprecate", "revoked (the image is already gone)")
+    page = site.client.get("/retirement", headers=site.bearer("read"))
+    assert page.status_code == 200 and "gone@1" in page.text and "revoked (the image is already gone)" in page.text
+    assert site.state() == before and not store.retirements()
+    blind = {"local": lambda settings: object()}  # a provider without the Retirer protocol
+    monkeypatch.setattr(amiforge.providers, "PROVIDERS", blind)
+    page = site.client.get("/retirement", headers=site.bearer("read"))
+    assert "local provider could not be read (the local provider cannot say what uses its images)" in page.text
+    assert "1 blocked" in page.text

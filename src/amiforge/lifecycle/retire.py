@@ -70,6 +70,13 @@ class RetireOutcome:
         return [o for o in self.outcomes if o.outcome == "failed"]
 
 
+def current_plan(store: Store, settings: Settings) -> RetirePlan:
+    """The plan under the settings' policy (the console's retirement page, `GET /api/v1/retirement`)."""
+    from amiforge.lifecycle.promote import policy_of
+
+    return plan(store, policy_of(settings).retention, retirer_for(settings))
+
+
 def retirer_for(settings: Settings) -> RetirerFor:
     """The provider of each name, if it can retire its images (None: it cannot say what uses them)."""
 

@@ -20,6 +20,7 @@ from amiforge.lifecycle import tokens
 from amiforge.lifecycle.boards import BoardView
 from amiforge.lifecycle.controller import TARGET_PATTERN
 from amiforge.lifecycle.diff import VersionDiff
+from amiforge.lifecycle.retire_plan import RetirePlan
 from amiforge.lifecycle.sign import VerifyOutcome
 from amiforge.model import IMAGE_NAME_PATTERN, Rollout, Status, TrustedKey, to_json
 from amiforge.policy.fields import CHANNEL_PATTERN
@@ -211,6 +212,15 @@ def get_dashboard(
     view = board(name, store=ctx.store, settings=ctx.settings, version=version, target=target,
                  window=timedelta(hours=hours))  # fmt: skip
     return document(view)
+
+
+@router.get("/retirement", response_model=RetirePlan,
+            summary="What `amiforge retire` would do now, under the server's policy, and why")  # fmt: skip
+def get_retirement(_: Reader, ctx: Ctx) -> Response:
+    from amiforge.lifecycle.retire import current_plan
+
+    with ctx.heavy():  # every reference source of every region
+        return document(current_plan(ctx.store, ctx.settings))
 
 
 @router.get("/events", response_model=docs.EventPage, summary="The audit log, newest page first")

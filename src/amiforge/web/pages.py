@@ -319,6 +319,21 @@ def dashboard(
 # --- the audit log ------------------------------------------------------------------------------------------------
 
 
+@router.get("/retirement")
+def retirement(request: Request, all: bool = False) -> HTMLResponse:
+    """The retirement plan under the server's policy: what would go, what waits, what is kept and why."""
+    from amiforge.lifecycle.retire import current_plan
+
+    caller = _reader(request)
+    ctx = context(request)
+    with ctx.heavy():  # every reference source of every region
+        plan = current_plan(ctx.store, ctx.settings)
+    shown = [s for s in plan.steps() if all or s.action not in ("keep", "done")]
+    counts = {a: len(plan.steps(a)) for a in ("deprecate", "deregister", "delete-snapshots", "wait", "deferred",
+                                                "blocked", "keep")}  # fmt: skip
+    return _render(request, "retirement.html", caller, plan=plan, steps=shown, counts=counts, show_all=all)
+
+
 @router.get("/audit")
 def audit(request: Request, before: int | None = None, verify: bool = False) -> HTMLResponse:
     caller = _reader(request)
