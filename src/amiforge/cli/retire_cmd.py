@@ -143,6 +143,18 @@ def restore_command(
     console.print(f"{escape(restored.version)} is {restored.status} again; `amiforge retire` plans it anew")
 
 
+@retire_app.command("allowed-criteria")
+def allowed_criteria_command(
+    regions: list[str] = typer.Option([], "--region", help="Only this region (repeat); default: every region."),
+) -> None:
+    """Allowed AMIs criteria (JSON, per region) that allow exactly the channels' current and previous versions: for
+    `aws ec2 replace-image-criteria-in-allowed-images-settings --image-criteria` in the accounts that run them."""
+    from amiforge.lifecycle import retire
+
+    settings, store = open_registry()
+    emit_json(retire.allowed_criteria(store, settings, regions=regions))
+
+
 cache_app = typer.Typer(help="The bake cache on this machine (base file systems, step layers).", no_args_is_help=True)
 
 

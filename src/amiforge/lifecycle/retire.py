@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from amiforge.errors import AmiforgeError, StateError
 from amiforge.lifecycle.retire_plan import (
@@ -34,7 +35,7 @@ from amiforge.lifecycle.runs import new_run_id
 from amiforge.model import ROLLOUT_LIVE, Artifact, Status, check_transition
 from amiforge.policy.retention import Retention
 from amiforge.providers import provider_for
-from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Retirer, SourceFailure
+from amiforge.providers.interface import CriteriaMaker, ImageState, Reference, RegionSurvey, Retirer, SourceFailure
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
 
@@ -445,3 +446,23 @@ def restore(store: Store, ref: str, retirer: RetirerFor, *, actor: str) -> Resto
     if current.status is Status.RETIRED:
         current = store.transition(current.id, Status.DEPRECATED, expect=Status.RETIRED)
     return Restored(version.ref, tuple(waiting), current.status)
+
+
+# --- the Allowed AMIs criteria of the channels -------------------------------------------------------------
+
+
+def allowed_criteria(
+    store: Store, settings: Settings, *, regions: Iterable[str] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """region → Allowed AMIs criteria that allow exactly the channels' versions there (current and previous):
+    `aws ec2 replace-image-criteria-in-allowed-images-settings --image-criteria` for the accounts that run them."""
+    wanted = set(regions)
+    keep = {ref for c in store.channels() for ref in (c.current, c.previous) if ref}
+    by_region: dict[str, list[Artifact]] = defaultdict(list)
+    for ref, artifact in store.provider_artifacts("aws"):
+        if ref in keep and (not wanted or artifact.region in wanted):
+            by_region[artifact.region].append(artifact)
+    maker = provider_for("aws", settings)
+    if not isinstance(maker, CriteriaMaker):  # pragma: no cover - the AWS provider makes them
+        raise StateError("the aws provider cannot make Allowed AMIs criteria")
+    return {region: maker.allowed_criteria(region, artifacts) for region, artifacts in sorted(by_region.items())}

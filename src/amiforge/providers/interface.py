@@ -705,6 +705,15 @@ class RunningSurvey:
 
 
 @runtime_checkable
+class CriteriaMaker(Protocol):
+    """A provider with an account-level allow-list of images (AWS: the Allowed AMIs setting)."""
+
+    def allowed_criteria(self, region: str, artifacts: Collection[Artifact]) -> list[dict[str, Any]]:
+        """Criteria that allow exactly these artifacts' images in the region."""
+        ...
+
+
+@runtime_checkable
 class MachineLister(Protocol):
     """A provider that can say what machines run which image (amiforge drift)."""
 

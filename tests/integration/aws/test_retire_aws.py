@@ -486,3 +486,32 @@ def test_cost_and_tags_read_the_images_snapshots(aws: Aws, world: World, store: 
     kinds = {(r.kind, r.id) for r in tagged.rows}
     assert ("image", owned) not in kinds and ("snapshot", world.snapshot_of("free")) in kinds
     assert ("image", world.images["cool"]) in kinds and ("version", world.refs["free"]) in kinds
+
+
+def test_the_allowed_amis_criteria_allow_exactly_the_channels_versions(
+    aws: Aws,
+    world: World,
+    store: SqlStore,
+    settings: Settings,
+    lifecycle: ImageLifecycle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import amiforge.providers
+    from amiforge.providers.aws.allowed import image_allowed
+
+    provider = _provider(aws, settings)
+    monkeypatch.setattr(amiforge.providers, "PROVIDERS", {"aws": lambda _s: provider})
+    for label in ("parameter", "shared"):  # previous, then current
+        ref = world.refs[label]
+        now = store.channels("web", "prod")
+        store.move_channel("web", "prod", store.get_version(ref).id,
+                           expect_current=store.get_version(now[0].current).id if now else None, actor="t",
+                           reason="test")  # fmt: skip
+    criteria = retire.allowed_criteria(store, settings)[REGION]
+    assert criteria == [{"ImageProviders": [ACCOUNT], "ImageNames": ["web-parameter", "web-shared"]}]
+    # As a consumer account sees them: the channels' images allowed, any other of this account's refused.
+    consumer = "444455556666"
+    images = {i["ImageId"]: i for i in world.ec2.describe_images(Owners=["self"])["Images"]}
+    allowed = {label: image_allowed(criteria, images[world.images[label]], consumer, datetime.now(UTC))
+               for label in ("parameter", "shared", "free", "instance")}  # fmt: skip
+    assert allowed == {"parameter": True, "shared": True, "free": False, "instance": False}

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amiforge.awsapi.clients import AwsSession, call, paginate
-from amiforge.errors import AmiforgeError
+from amiforge.errors import AmiforgeError, ConfigError, NotFound
 from amiforge.model import Member
 from amiforge.providers.aws.retire import parse_time
 from amiforge.providers.interface import Running, RunningSurvey, SourceFailure
@@ -145,3 +145,31 @@ def running(session_for: Any, regions: Iterable[str]) -> RunningSurvey:
         failures += found.failures
         notes += found.notes
     return RunningSurvey(tuple(machines), tuple(failures), tuple(notes))
+
+
+# The Allowed AMIs setting's limits (the EC2 API reference, ImageCriterionRequest): 50 names a criterion, 10 criteria.
+NAMES_PER_CRITERION = 50
+MAX_CRITERIA = 10
+
+
+def criteria_for(session: AwsSession, region: str, images: Collection[str]) -> list[dict[str, Any]]:
+    """Allowed AMIs criteria that allow exactly these images (of this account) by their names, and no other image of
+    another provider: ImageProviders the owning account, ImageNames the images' names."""
+    found = _images(session, region, set(images))
+    missing = sorted(set(images) - set(found))
+    if missing:
+        raise NotFound(f"image(s) {', '.join(missing)} are not in {region}", fix="`amiforge retire` shows their stage")
+    by_owner: dict[str, list[str]] = {}
+    for image in found.values():
+        by_owner.setdefault(str(image["OwnerId"]), []).append(str(image["Name"]))
+    criteria = [
+        {"ImageProviders": [owner], "ImageNames": sorted(names)[start : start + NAMES_PER_CRITERION]}
+        for owner, names in sorted(by_owner.items())
+        for start in range(0, len(names), NAMES_PER_CRITERION)
+    ]
+    if len(criteria) > MAX_CRITERIA:
+        raise ConfigError(
+            f"{len(found)} images need {len(criteria)} criteria; the Allowed AMIs setting takes at most {MAX_CRITERIA}",
+            fix="name the images with a common prefix and allow it with a wildcard (ImageNames: ['web-*'])",
+        )
+    return criteria

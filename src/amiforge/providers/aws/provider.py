@@ -387,6 +387,9 @@ class AwsProvider:
     def stored(self, region: str, artifacts: Collection[Artifact]) -> Mapping[str, Stored]:
         return aws_retire.stored(self.session(region), region, artifacts)
 
+    def allowed_criteria(self, region: str, artifacts: Collection[Artifact]) -> list[dict[str, Any]]:
+        return aws_allowed.criteria_for(self.session(region), region, {a.location for a in artifacts})
+
     def running(self, regions: Collection[str]) -> RunningSurvey:
         return aws_allowed.running(self.session, regions)
 
