@@ -27,19 +27,7 @@ from amiforge.providers.local.retire import recycle_bin
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
 from tests.cli_harness import Cli, make_cli
-
-# Every version may go at once, unless something uses it.
-EAGER = Retention.model_validate(
-    {
-        "default": {
-            "keep_last": 0,
-            "keep_younger_than": "0s",
-            "deprecate_after": "0s",
-            "grace": "0s",
-            "snapshot_grace": "0s",
-        }
-    }
-)
+from tests.retire_rules import EAGER
 
 
 @pytest.fixture

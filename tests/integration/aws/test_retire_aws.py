@@ -29,20 +29,10 @@ from amiforge.policy.retention import Retention
 from amiforge.providers.aws.provider import AwsProvider
 from amiforge.settings import Settings
 from amiforge.store.sql import SqlStore, open_store
+from tests.retire_rules import EAGER
 
 OTHER = "111111111111"  # a synthetic account the images are shared with
 READER = "222222222222"  # one whose role amiforge may assume to look
-EAGER = Retention.model_validate(
-    {
-        "default": {
-            "keep_last": 0,
-            "keep_younger_than": "0s",
-            "deprecate_after": "0s",
-            "grace": "0s",
-            "snapshot_grace": "0s",
-        }
-    }
-)
 
 
 class Clock:
