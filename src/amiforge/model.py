@@ -57,7 +57,8 @@ class Status(StrEnum):
 
 # Which state may follow which. A boot test may run again on a built, tested or failed version (a failed
 # version that has a disk can pass a later test, e.g. after a timeout on a busy machine); everything that
-# is not listed is refused. Retired is left only by `amiforge retire restore`, back to deprecated.
+# is not listed is refused. Retired is left only by `amiforge retire restore`: back to deprecated, or to revoked or
+# failed for a version that was.
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.BAKING: frozenset({Status.BUILT, Status.FAILED}),
     Status.BUILT: frozenset({Status.TESTED, Status.FAILED, Status.REVOKED, Status.DEPRECATED}),
@@ -67,7 +68,7 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.DEPRECATED: frozenset({Status.RETIRED, Status.REVOKED}),
     Status.FAILED: frozenset({Status.TESTED, Status.RETIRED}),
     Status.REVOKED: frozenset({Status.RETIRED}),
-    Status.RETIRED: frozenset({Status.DEPRECATED}),
+    Status.RETIRED: frozenset({Status.DEPRECATED, Status.REVOKED, Status.FAILED}),
 }
 
 

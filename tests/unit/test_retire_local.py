@@ -448,3 +448,80 @@ def test_cost_prices_each_image_stored_and_tags_names_what_lacks_one(
     assert bad.code == 2 and f"{table}:2: default" in bad.err
     table.write_text("currency: EUR\ndefault: 0.5\n")
     assert cli("report", "cost", "--prices", str(table), "--json").json()["currency"] == "EUR"
+
+
+# --- what the review found -------------------------------------------------------------------------------------
+
+
+def test_a_row_naming_a_file_outside_the_image_store_is_never_moved(
+    store: SqlStore, settings: Settings, tmp_path: Path
+) -> None:
+    secret = tmp_path / "keep-me.txt"
+    secret.write_text("not an image")
+    v = store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                             parent=None)  # fmt: skip
+    store.add_artifact(v.id, Artifact("local", settings.region, str(secret), "e" * 64, 1))
+    store.transition(v.id, Status.BUILT, expect=Status.BAKING, digest="e" * 64, size_bytes=1)
+    outcome = retire.apply(store, EAGER, _finder(settings), actor="t")
+    ((step, result, why),) = [(o.step.action, o.outcome, o.detail) for o in outcome.outcomes]
+    assert (step, result) == (
+        "deprecate",
+        "failed",
+    ) and "is not a file of eeeeeeeeeeee… in the local image store" in why
+    assert secret.read_text() == "not an image" and not store.retirements()
+
+
+def test_the_version_is_deprecated_with_its_first_artifact_in_one_transaction(
+    store: SqlStore, settings: Settings
+) -> None:
+    ref, artifact = _signed(store, settings, 1)
+    store.advance_retirement(artifact.id or 0, "deprecated", expect=None, run_id="r", actor="t", ref=ref, data={})
+    assert store.get_version(ref).status is Status.DEPRECATED  # nothing else ran: a kill here leaves it right
+
+
+def test_a_revoked_version_restored_is_revoked_again(store: SqlStore, settings: Settings) -> None:
+    ref, _ = _signed(store, settings, 1)
+    v = store.get_version(ref)
+    store.transition(v.id, Status.REVOKED, expect=Status.SIGNED)
+    kept = {**EAGER.default.model_dump(mode="json"), "delete_snapshots": False, "snapshot_grace": "7d"}
+    no_snapshots = Retention.model_validate({"default": kept})
+    for _ in range(2):
+        retire.apply(store, no_snapshots, _finder(settings), actor="t")
+    assert store.get_version(ref).status is Status.RETIRED  # deregistered, its files kept in the Recycle Bin
+    assert retire.restore(store, ref, _finder(settings), actor="t").status is Status.REVOKED
+
+
+def test_a_running_bake_holds_every_version_of_its_image(store: SqlStore, settings: Settings) -> None:
+    """A local bake reuses the disk an earlier version made from the same layers, and records it only once done."""
+    old, _ = _signed(store, settings, 1)
+    store.create_version(name="web", recipe_digest="r" * 64, recipe_path="/r.yaml", provider="local", tags={},
+                         parent=None)  # fmt: skip
+    store.append_event("bake.started", actor="t", ref="web@2", data={"run": "run-1"})
+    step = _by_version(retire.plan(store, EAGER, _finder(settings)))[old]
+    assert step.action == "keep" and "bake run run-1" in step.why and ", of web" in step.why
+    store.append_event("bake.failed", actor="t", ref="web@2", data={"run": "run-1"})
+    assert _by_version(retire.plan(store, EAGER, _finder(settings)))[old].action == "deprecate"
+
+
+def test_a_live_rollout_and_each_targets_last_rollback_image_are_in_use(store: SqlStore, settings: Settings) -> None:
+    made = dict(_signed(store, settings, n) for n in range(1, 5))
+    done = store.create_rollout("local:edge", store.get_version("web@2").id, strategy={}, waves=[1], actor="t")
+    store.plan_replacements(done.id, 0, "forward", [("g-00000001", "web@1", "tok-1")])
+    store.update_rollout(done.id, expect="running", state="succeeded")
+    live = store.create_rollout("local:other", store.get_version("web@3").id, strategy={}, waves=[1], actor="t")
+    del made, live
+    steps = _by_version(retire.plan(store, EAGER, _finder(settings)))
+    assert steps["web@1"].why == f"in use: rollout #{done.id} on local:edge (succeeded): the rollback image"
+    assert steps["web@3"].why.startswith("in use: rollout #") and "(running)" in steps["web@3"].why
+    assert steps["web@2"].action == "deprecate" and steps["web@4"].action == "deprecate"
+
+
+def test_the_cli_says_what_it_does_not_know_and_fails_when_a_source_failed(
+    cli: Cli, store: SqlStore, settings: Settings, world: dict[str, Artifact]
+) -> None:
+    assert cli("retire", "--image", "nope").code == 3
+    assert cli("retire", "--region", "elsewhere").code == 3
+    (member,) = (settings.data_dir / "fleets" / "edge").glob("g-*/member.json")
+    member.write_text("{not json")
+    blocked = cli("retire")
+    assert blocked.code == 5 and "fleets in local" in blocked.err and "nothing changed" in blocked.err

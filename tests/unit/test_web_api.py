@@ -791,15 +791,16 @@ def test_the_retirement_page_and_api_show_the_plan_and_change_nothing(
     store.transition(v.id, Status.REVOKED, expect=Status.BUILT)
     monkeypatch.setattr(amiforge.providers, "PROVIDERS", {"local": LocalProvider})
     before = site.state()
-    answer = site.client.get("/api/v1/retirement", headers=site.bearer("read"))
+    assert site.client.get("/api/v1/retirement", headers=site.bearer("read")).status_code == 403
+    answer = site.client.get("/api/v1/retirement", headers=site.bearer("operate"))
     assert answer.status_code == 200
     steps = {s["version"]: (s["action"], s["why"]) for v in answer.json()["versions"] for s in v["steps"]}
     assert steps["gone@1"] == ("deprecate", "revoked (the image is already gone)")
-    page = site.client.get("/retirement", headers=site.bearer("read"))
+    page = site.client.get("/retirement", headers=site.bearer("operate"))
     assert page.status_code == 200 and "gone@1" in page.text and "revoked (the image is already gone)" in page.text
     assert site.state() == before and not store.retirements()
     blind = {"local": lambda settings: object()}  # a provider without the Retirer protocol
     monkeypatch.setattr(amiforge.providers, "PROVIDERS", blind)
-    page = site.client.get("/retirement", headers=site.bearer("read"))
+    page = site.client.get("/retirement", headers=site.bearer("operate"))
     assert "local provider could not be read (the local provider cannot say what uses its images)" in page.text
     assert "1 blocked" in page.text

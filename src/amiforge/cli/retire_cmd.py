@@ -68,6 +68,14 @@ def retire_command(
         emit_json(outcome)
     else:
         _print(outcome, show_all=show_all)
+    if outcome.plan.failures:
+        sources = ", ".join(f"{f.source} in {f.region}" for f in outcome.plan.failures)
+        raise InfraError(
+            f"{len(outcome.plan.failures)} reference source(s) could not be read ({sources}): nothing changed in "
+            "their region(s)",
+            retryable=True,
+            fix="see the reasons above; the other regions were planned (and applied, with --apply)",
+        )
     if outcome.failed:
         raise InfraError(
             f"{len(outcome.failed)} step(s) failed: "

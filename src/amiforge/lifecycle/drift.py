@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from amiforge.errors import AmiforgeError
 from amiforge.lifecycle.gc import aws_view
 from amiforge.model import ChannelPointer, ImageVersion, Status
-from amiforge.providers import provider_for
+from amiforge.providers import capable_of
 from amiforge.providers.interface import MachineLister, Running, SourceFailure
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -32,11 +32,7 @@ ListerFor = Callable[[str], MachineLister | None]
 
 
 def lister_for(settings: Settings) -> ListerFor:
-    def find(kind: str) -> MachineLister | None:
-        provider = provider_for(kind, settings)
-        return provider if isinstance(provider, MachineLister) else None
-
-    return find
+    return capable_of(settings, MachineLister)
 
 
 _BAD_STATES = {

@@ -19,7 +19,7 @@ from amiforge.errors import AmiforgeError
 from amiforge.lifecycle.retire import inventory
 from amiforge.model import Artifact, ImageVersion, Status
 from amiforge.policy.reporting import Prices, TagRules
-from amiforge.providers import provider_for
+from amiforge.providers import capable_of
 from amiforge.providers.interface import SourceFailure, StorageReader, Stored
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -30,11 +30,7 @@ UNSET = "(none)"
 
 
 def reader_for(settings: Settings) -> ReaderFor:
-    def find(kind: str) -> StorageReader | None:
-        provider = provider_for(kind, settings)
-        return provider if isinstance(provider, StorageReader) else None
-
-    return find
+    return capable_of(settings, StorageReader)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from amiforge.errors import AmiforgeError, StateError
+from amiforge.errors import AmiforgeError, NotFound, StateError
 from amiforge.lifecycle.retire_plan import (
     CHANGES,
     EVERY_REGION,
@@ -32,9 +32,9 @@ from amiforge.lifecycle.retire_plan import (
     plan_retirement,
 )
 from amiforge.lifecycle.runs import new_run_id
-from amiforge.model import ROLLOUT_LIVE, Artifact, Status, check_transition
+from amiforge.model import ROLLOUT_LIVE, Artifact, ImageVersion, Status, check_transition
 from amiforge.policy.retention import Retention
-from amiforge.providers import provider_for
+from amiforge.providers import capable_of, provider_for
 from amiforge.providers.interface import CriteriaMaker, ImageState, Reference, RegionSurvey, Retirer, SourceFailure
 from amiforge.settings import Settings
 from amiforge.store.interface import Store
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # A bake or a distribute that started this long ago and never ended was killed: its version is no longer in use.
 STALE_RUN = timedelta(hours=12)
+# The cap's own upper bound (policy/retention.py): no plan defers anything under it.
+MAX_DELETIONS_CAP = 100_000
 # Regions surveyed and applied at once (AWS regions answer independently; the local region is one).
 PARALLEL_REGIONS = 8
 
@@ -79,13 +81,9 @@ def current_plan(store: Store, settings: Settings) -> RetirePlan:
 
 
 def retirer_for(settings: Settings) -> RetirerFor:
-    """The provider of each name, if it can retire its images (None: it cannot say what uses them)."""
-
-    def find(kind: str) -> Retirer | None:
-        provider = provider_for(kind, settings)
-        return provider if isinstance(provider, Retirer) else None
-
-    return find
+    """The provider of each name, if it can retire its images (None: it cannot say what uses them); each made once,
+    so a run's steps use what its survey listed."""
+    return capable_of(settings, Retirer)
 
 
 # --- reading the world -----------------------------------------------------------------------------------------
@@ -138,11 +136,19 @@ def _working_runs(store: Store, *, now: datetime) -> list[Reference]:
             open_runs[(verb, run)] = (ref, event.at)
         else:
             open_runs.pop((verb, run), None)
-    return [
-        Reference(verb, f"run {run} (started {at:%Y-%m-%d %H:%M} UTC)", EVERY_REGION, version=ref)
-        for (verb, run), (ref, at) in sorted(open_runs.items())
-        if now - at < STALE_RUN
-    ]
+    found = []
+    for (verb, run), (ref, at) in sorted(open_runs.items()):
+        if now - at >= STALE_RUN:
+            continue
+        name = f"run {run} (started {at:%Y-%m-%d %H:%M} UTC)"
+        found.append(Reference(verb, name, EVERY_REGION, version=ref))
+        if verb == "bake":
+            # A local bake reuses the disk an earlier version of its image made from the same layers, and records
+            # it only once done: every version of that image is held while it runs.
+            image = ref.partition("@")[0]
+            found += [Reference(verb, f"{name}, of {image}", EVERY_REGION, version=v.ref)
+                      for v in store.list_versions(image, summary=True) if v.ref != ref]  # fmt: skip
+    return found
 
 
 def survey(entries: Sequence[Entry], retirer: RetirerFor, *, only: Collection[int]) -> list[RegionSurvey]:
@@ -196,8 +202,18 @@ def plan(
     """The plan: nothing is changed. `regions`, `images`: only those (default: all)."""
     moment = now or datetime.now(UTC)
     names = set(images)
-    entries = [e for e in inventory(store) if not names or e.version.name in names]
+    everything = inventory(store)
+    unknown = names - {e.version.name for e in everything}
+    if unknown:
+        raise NotFound(f"no image named {', '.join(sorted(unknown))}", fix="`amiforge images list` shows the images")
+    entries = [e for e in everything if not names or e.version.name in names]
     wanted = set(regions)
+    held = {h.artifact.region for e in entries for h in e.holdings}
+    if wanted - held:
+        raise NotFound(
+            f"no artifact in region {', '.join(sorted(wanted - held))}",
+            fix=f"the registry's artifacts are in: {', '.join(sorted(held)) or 'no region yet'}",
+        )
     if wanted:
         entries = [replace(e, holdings=tuple(h for h in e.holdings if h.artifact.region in wanted)) for e in entries]
     registry = registry_references(store, now=moment)
@@ -210,7 +226,9 @@ def candidates(
 ) -> set[int]:
     """The artifacts a step could change, judged by the registry alone: what the providers' references can only
     keep from changing. The per-image sources are read for these."""
-    preliminary, _ = plan_retirement(entries, references=registry, retention=retention, now=now)
+    # Without the cap: an image the cap defers now may be planned out once the sources keep others.
+    uncapped = retention.model_copy(update={"max_deletions": MAX_DELETIONS_CAP})
+    preliminary, _ = plan_retirement(entries, references=registry, retention=uncapped, now=now)
     return {s.artifact_id for v in preliminary for s in v.steps if s.action in CHANGES}
 
 
@@ -260,7 +278,8 @@ def apply(
     def region(key: tuple[str, str]) -> list[StepOutcome]:
         kind, name = key
         found = retirer(kind)
-        assert found is not None  # a region of a provider that cannot retire is blocked: it has no changes
+        if found is None:  # pragma: no cover - such a region is blocked: it has no steps to take
+            raise StateError(f"the {kind} provider cannot retire images")
         return _apply_region(store, retention, found, kind, name, by_key[key], actor=actor, run_id=run_id,
                              now=moment, progress=progress)  # fmt: skip
 
@@ -347,16 +366,10 @@ def _event_data(step: Step, **extra: object) -> dict[str, object]:
 def _deprecate(store: Store, retirer: Retirer, step: Step, *, actor: str, run_id: str, now: datetime) -> StepOutcome:
     artifact = _artifact(step, store)
     snapshots = retirer.deprecate(artifact, now)
+    # The version becomes deprecated in the same transaction (revoked and failed ones keep saying so).
     store.advance_retirement(step.artifact_id, "deprecated", expect=None, run_id=run_id, actor=actor,
                              ref=step.version, data=_event_data(step, snapshots=list(snapshots)),
                              snapshots=snapshots)  # fmt: skip
-    version = store.get_version(step.version)
-    try:
-        check_transition(version.status, Status.DEPRECATED)
-    except StateError:
-        pass  # revoked or failed versions keep saying so; their artifacts are deprecated all the same
-    else:
-        store.transition(version.id, Status.DEPRECATED, expect=version.status)
     return StepOutcome(step, "done", f"{len(snapshots)} snapshot(s) noted" if snapshots else "")
 
 
@@ -368,7 +381,11 @@ def _remove(store: Store, retirer: Retirer, step: Step, *, actor: str, run_id: s
         store.advance_retirement(step.artifact_id, "deregistered", expect="deprecated", run_id=run_id, actor=actor,
                                  ref=step.version, data=_event_data(step, removed=removal == "removed"))  # fmt: skip
         return StepOutcome(step, "done" if removal == "removed" else "gone")
-    kept = retirer.delete_snapshots(step.region, step.snapshots)
+    # A snapshot another artifact on its way out also names (two versions of one local image) waits for that one.
+    others = {s for aid, r in store.retirements().items()
+              if aid != step.artifact_id and r.stage != "purged" for s in r.snapshots}  # fmt: skip
+    shared = [s for s in step.snapshots if s in others]
+    kept = shared + retirer.delete_snapshots(step.region, [s for s in step.snapshots if s not in others])
     if kept:
         return StepOutcome(step, "kept", "another image still uses snapshot(s) " + ", ".join(kept))
     store.advance_retirement(step.artifact_id, "purged", expect="deregistered", run_id=run_id, actor=actor,
@@ -421,31 +438,41 @@ class Restored:
 
 def restore(store: Store, ref: str, retirer: RetirerFor, *, actor: str) -> Restored:
     """Bring a version's deregistered images back from the Recycle Bin, while their snapshots are kept: each is
-    deprecated again from now (a fresh grace period) and the version, if it was retired, is deprecated again."""
+    deprecated again from now (a fresh grace period); a retired version becomes what it was before (deprecated,
+    or revoked or failed if it was). Resumable: a restore cut short is finished by the next."""
     version = store.get_version(ref)
     retirements = store.retirements()
     artifacts = [a for a in store.artifacts(version.id) if a.id in retirements]
     waiting = [a for a in artifacts if retirements[a.id or 0].stage == "deregistered"]
-    if not waiting:
+    reopened = [a for a in artifacts if retirements[a.id or 0].stage == "deprecated"]
+    if not waiting and not (version.status is Status.RETIRED and reopened):
         stages = sorted({retirements[a.id or 0].stage for a in artifacts}) or ["in use"]
         raise StateError(
             f"{version.ref} has no deregistered image to restore (its images are: {', '.join(stages)})",
             fix="only an image deregistered and whose snapshots are kept can come back; `amiforge retire --all` "
             "shows each image's stage",
         )
+    back = _status_before(store, version)
     run_id = new_run_id()
     for artifact in waiting:
         found = retirer(artifact.provider)
         if found is None:
             raise StateError(f"the {artifact.provider} provider cannot restore images")
         found.restore(artifact)
-        store.reopen_retirement(artifact.id or 0, run_id=run_id, actor=actor, ref=version.ref,
+        store.reopen_retirement(artifact.id or 0, run_id=run_id, actor=actor, ref=version.ref, version_status=back,
                                 data={"provider": artifact.provider, "region": artifact.region,
                                       "location": artifact.location})  # fmt: skip
     current = store.get_version(version.ref)
-    if current.status is Status.RETIRED:
-        current = store.transition(current.id, Status.DEPRECATED, expect=Status.RETIRED)
+    if current.status is Status.RETIRED:  # a restore cut short after its images came back
+        current = store.transition(current.id, back, expect=Status.RETIRED)
     return Restored(version.ref, tuple(waiting), current.status)
+
+
+def _status_before(store: Store, version: ImageVersion) -> Status:
+    """What a retired version was before it retired (its `retire.retired` event says): revoked or failed stay so,
+    anything else comes back deprecated."""
+    was = next((e.data.get("was") for e in reversed(store.events(version.ref, kinds={"retire.retired"}))), None)
+    return Status(was) if was in (Status.REVOKED.value, Status.FAILED.value) else Status.DEPRECATED
 
 
 # --- the Allowed AMIs criteria of the channels -------------------------------------------------------------

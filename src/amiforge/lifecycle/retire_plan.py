@@ -242,12 +242,16 @@ def _decide(
         return replace(step, action="deprecate", why=reason + gone)
     # deprecated
     until = r.deprecated_at + rules.grace
-    cooling = _cooldown_end(image.protection) if image is not None and image.present else None
+    cooling = _cooldown_end(image.protection, now) if image is not None and image.present else None
     if cooling is not None and cooling > now:
         # Protection lifted with a cool-down ("disabled after …"): EC2 refuses the deregistration until it ends.
         return replace(step, action="wait", why=f"deregistration protection lifted; EC2 holds it until {_day(cooling)}")
     if until > now:
         return replace(step, action="wait", why=f"deprecated {_day(r.deprecated_at)}; deregistered from {_day(until)}")
+    protected_on = image is not None and image.protection is not None and image.protection.startswith("enabled")
+    if protected_on and not rules.lift_protection:
+        return replace(step, why="its deregistration protection is on and the policy keeps protected images "
+                       "(lift_protection: false)")  # fmt: skip
     protected = ""
     if image is not None and image.protection is not None and image.protection.startswith("enabled"):
         protected = " (its deregistration protection is lifted first" + (
@@ -259,7 +263,7 @@ def _decide(
     )  # fmt: skip
 
 
-def _cooldown_end(protection: str | None) -> datetime | None:
+def _cooldown_end(protection: str | None, now: datetime) -> datetime | None:
     """When a lifted protection's cool-down ends ("disabled after 2026-12-08T10:00:00Z"); None if none runs. A time
     that cannot be read is taken as a day from now: waiting is safe, guessing it over is not."""
     if protection is None or not protection.startswith("disabled"):
@@ -268,7 +272,7 @@ def _cooldown_end(protection: str | None) -> datetime | None:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        return datetime.now(UTC) + timedelta(days=1)
+        return now + timedelta(days=1)
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 

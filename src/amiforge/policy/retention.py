@@ -78,6 +78,11 @@ class RetentionRules(BaseModel):
         default_factory=dict,
         description="keep every version carrying one of these tags (a value of '*' matches any value)",
     )
+    lift_protection: StrictBool = Field(
+        default=True,
+        description="lift an image's deregistration protection to deregister it (distribute protects every copy it "
+        "makes); false: a protected image is kept, and the plan says so",
+    )
 
 
 class RetentionOverrides(BaseModel):
@@ -92,6 +97,7 @@ class RetentionOverrides(BaseModel):
     delete_snapshots: StrictBool | None = None
     snapshot_grace: Age | None = None
     exclude_tags: dict[TagKey, TagValue] | None = None
+    lift_protection: StrictBool | None = None
 
 
 class Retention(BaseModel):

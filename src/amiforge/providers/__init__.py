@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from amiforge.errors import ConfigError
 from amiforge.providers.interface import Provider
 from amiforge.settings import Settings
+
+C = TypeVar("C")
 
 # Each provider is imported on first use: boto3 costs a third of a second at start-up, the local provider's scanners
 # and QEMU code a tenth; a command that needs neither (or only one) should not pay for them.
@@ -40,3 +43,22 @@ def provider_for(kind: str, settings: Settings) -> Provider:
             fix=f"use one of: {', '.join(sorted(PROVIDERS))} (e.g. provider: {{type: local}})",
         )
     return factory(settings)
+
+
+def capable(kind: str, settings: Settings, protocol: type[C]) -> C | None:
+    """The provider `kind` if it has the capability `protocol` (a runtime-checkable protocol of interface.py), else
+    None; ConfigError for a provider this install does not have."""
+    provider = provider_for(kind, settings)
+    return provider if isinstance(provider, protocol) else None
+
+
+def capable_of(settings: Settings, protocol: type[C]) -> Callable[[str], C | None]:
+    """`capable` for each provider, each made once: a run's steps share what its survey learnt."""
+    made: dict[str, C | None] = {}
+
+    def find(kind: str) -> C | None:
+        if kind not in made:
+            made[kind] = capable(kind, settings, protocol)
+        return made[kind]
+
+    return find

@@ -439,11 +439,20 @@ class Store(Protocol):
         at: datetime | None = None,
     ) -> Retirement:
         """Move the artifact to `stage` if it is still at `expect` (None: not on its way out yet), recording the
-        `retire.<stage>` event in the same transaction; StateError on a lost race or a step out of order."""
+        `retire.<stage>` event in the same transaction (and, at `deprecated`, a built to signed version becomes
+        deprecated in it too); StateError on a lost race or a step out of order."""
         ...
 
     def reopen_retirement(
-        self, artifact_id: int, *, run_id: str, actor: str, ref: str, data: Mapping[str, object]
+        self,
+        artifact_id: int,
+        *,
+        run_id: str,
+        actor: str,
+        ref: str,
+        data: Mapping[str, object],
+        version_status: Status | None = None,
     ) -> Retirement:
-        """A deregistered artifact brought back: deprecated again from now (`retire.restored` recorded with it)."""
+        """A deregistered artifact brought back: deprecated again from now, a retired version `version_status`
+        again (`retire.restored` recorded with it, in one transaction)."""
         ...

@@ -10,16 +10,18 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from amiforge.errors import StateError
-from amiforge.model import RETIRE_STAGES, Retirement
+from amiforge.model import RETIRE_STAGES, Retirement, Status
 from amiforge.store.base import StoreCore
 from amiforge.store.events import append_in
 from amiforge.store.rows import row_mapper
-from amiforge.store.schema import artifacts_table, retirements_table
+from amiforge.store.schema import artifacts_table, retirements_table, versions_table
 
 retirement_from_row = row_mapper(
     Retirement, "retirements", key="artifact_id", snapshots=lambda v: tuple(str(s) for s in v)
 )
 
+# The states a version leaves for deprecated when its first artifact is deprecated (revoked and failed stay so).
+_DEPRECATES = (Status.BUILT, Status.TESTED, Status.SCANNED, Status.SIGNED)
 # The time column each stage sets.
 _STAMP = {"deprecated": "deprecated_at", "deregistered": "deregistered_at", "purged": "purged_at"}
 
@@ -60,6 +62,15 @@ class Retirements(StoreCore):
             ).scalar_one_or_none()
             if version_id is None:
                 raise StateError(f"no artifact with id {artifact_id}", fix="plan again")
+            if stage == "deprecated":
+                # The version with its first artifact, in the same transaction: a kill between the two would leave
+                # a version that says it is signed while its images go.
+                v = versions_table
+                conn.execute(
+                    v.update()
+                    .where(v.c.id == version_id, v.c.status.in_([s.value for s in _DEPRECATES]))
+                    .values(status=Status.DEPRECATED.value, updated_at=now)
+                )
             if expect is None:
                 try:
                     conn.execute(
@@ -87,10 +98,18 @@ class Retirements(StoreCore):
             return retirement_from_row(row)
 
     def reopen_retirement(
-        self, artifact_id: int, *, run_id: str, actor: str, ref: str, data: Mapping[str, object]
+        self,
+        artifact_id: int,
+        *,
+        run_id: str,
+        actor: str,
+        ref: str,
+        data: Mapping[str, object],
+        version_status: Status | None = None,
     ) -> Retirement:
         """A deregistered artifact brought back (`retire restore`): deprecated again from now, so the grace period
-        starts over; `retire.restored` is recorded in the same transaction. StateError unless it is deregistered."""
+        starts over; a retired version becomes `version_status` again; `retire.restored` is recorded in the same
+        transaction. StateError unless it is deregistered."""
         now = self._now()
         t = retirements_table
         with self._guard(f"record artifact {artifact_id} as restored"), self._write() as conn:
@@ -101,6 +120,14 @@ class Retirements(StoreCore):
             )
             if moved.rowcount != 1:
                 raise StateError(f"artifact {artifact_id} is not deregistered", fix="`amiforge retire` shows its stage")
+            if version_status is not None:
+                v = versions_table
+                version_id = sa.select(t.c.version_id).where(t.c.artifact_id == artifact_id).scalar_subquery()
+                conn.execute(
+                    v.update()
+                    .where(v.c.id == version_id, v.c.status == Status.RETIRED.value)
+                    .values(status=version_status.value, updated_at=now)
+                )
             append_in(conn, "retire.restored", at=now, actor=actor, ref=ref, data={**data, "run": run_id})
             row = conn.execute(sa.select(t).where(t.c.artifact_id == artifact_id)).mappings().one()
             return retirement_from_row(row)

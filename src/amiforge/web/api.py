@@ -216,7 +216,9 @@ def get_dashboard(
 
 @router.get("/retirement", response_model=RetirePlan,
             summary="What `amiforge retire` would do now, under the server's policy, and why")  # fmt: skip
-def get_retirement(_: Reader, ctx: Ctx) -> Response:
+def get_retirement(_: Operator, ctx: Ctx) -> Response:
+    """Operators only: it reads every region's references (API calls of the account's quota) and shows what uses
+    each image, other accounts' resources included."""
     from amiforge.lifecycle.retire import current_plan
 
     with ctx.heavy():  # every reference source of every region

@@ -321,10 +321,11 @@ def dashboard(
 
 @router.get("/retirement")
 def retirement(request: Request, all: bool = False) -> HTMLResponse:
-    """The retirement plan under the server's policy: what would go, what waits, what is kept and why."""
+    """The retirement plan under the server's policy: what would go, what waits, what is kept and why. Operators
+    only: it reads every region's references, and shows what uses each image."""
     from amiforge.lifecycle.retire import current_plan
 
-    caller = _reader(request)
+    caller = require(request, context(request).store, "operate")
     ctx = context(request)
     with ctx.heavy():  # every reference source of every region
         plan = current_plan(ctx.store, ctx.settings)

@@ -1055,6 +1055,9 @@ def _retire(h: Harness) -> None:
     h.ec2().run_instances(ImageId=ids["b"], MinCount=1, MaxCount=1)
     make_group(h.aws.session, "web-asg", ids["a"], size=0)
     h.aws.session.client("autoscaling").put_warm_pool(AutoScalingGroupName="web-asg", MinSize=0)
+    h.ec2().create_launch_template(
+        LaunchTemplateName="pinned", LaunchTemplateData={"ImageId": "resolve:ssm:/src/debian:1"}
+    )
     h.aws.session.client("rbin").create_rule(
         ResourceType="EC2_IMAGE", RetentionPeriod={"RetentionPeriodValue": 7, "RetentionPeriodUnit": "DAYS"}
     )

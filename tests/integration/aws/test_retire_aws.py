@@ -505,3 +505,16 @@ def test_the_allowed_amis_criteria_allow_exactly_the_channels_versions(
     allowed = {label: image_allowed(criteria, images[world.images[label]], consumer, datetime.now(UTC))
                for label in ("parameter", "shared", "free", "instance")}  # fmt: skip
     assert allowed == {"parameter": True, "shared": True, "free": False, "instance": False}
+
+
+def test_a_launch_template_pinning_a_parameter_version_keeps_that_versions_image(
+    aws: Aws, world: World, store: SqlStore, settings: Settings
+) -> None:
+    ssm = aws.session.client("ssm", REGION)
+    world.ec2.create_launch_template(LaunchTemplateName="pinned",
+                                     LaunchTemplateData={"ImageId": "resolve:ssm:/team/golden:1"})  # fmt: skip
+    ssm.put_parameter(Name="/team/golden", Type="String", Value="ami-0000000000test01", Overwrite=True)
+    steps = _steps(retire.plan(store, EAGER, _finder(_provider(aws, settings)), now=datetime.now(UTC)), world)
+    action, why = steps["parameter"]
+    assert action == "keep" and "launch template pinned (" in why and "(resolve:ssm:/team/golden:1)" in why
+    assert "ssm parameter /team/golden" not in why  # its current value is another image now

@@ -252,6 +252,7 @@ PERMISSIONS: Final[Mapping[Operation, frozenset[str]]] = {
         "autoscaling:DescribeWarmPool",
         "ssm:DescribeParameters",
         "ssm:GetParameters",
+        "ssm:GetParameter",  # a launch template pinning a parameter's version (resolve:ssm:NAME:3)
         "rbin:ListRules",
         "sts:AssumeRole",
         "ec2:EnableImageDeprecation",

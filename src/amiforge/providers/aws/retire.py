@@ -154,10 +154,24 @@ def _launch_templates(s: _Survey, ec2: Any, templates: _Templates, *, account: s
             image = v.get("LaunchTemplateData", {}).get("ImageId")
             templates.images[(tid, number)] = str(image) if image else None
             default = " (default)" if v.get("DefaultVersion") else ""
-            # resolve:ssm:NAME: the parameter's value is what launches, and the parameters are a source of their own.
-            location = str(image) if image and not str(image).startswith("resolve:ssm:") else None
-            refs.append(s.ref(f"{account}launch template", f"{name} ({tid}) version {number}{default}", location))
+            what = f"{name} ({tid}) version {number}{default}"
+            if image and str(image).startswith("resolve:ssm:"):
+                refs += _pinned_parameter(s, str(image), f"{account}launch template", what)
+                image = None
+            refs.append(s.ref(f"{account}launch template", what, str(image) if image else None))
     return refs
+
+
+def _pinned_parameter(s: _Survey, value: str, source: str, what: str) -> list[Reference]:
+    """`resolve:ssm:NAME` launches the parameter's current value, which the parameters source reads; with a version
+    or label (`NAME:3`, `NAME:stable`) it launches that one, read here (parameter names hold no colon)."""
+    name = value.removeprefix("resolve:ssm:")
+    if ":" not in name.lstrip("/"):
+        return []
+    ssm = s.session.client("ssm", s.region)
+    found = s.call_once(ssm, "GetParameter", f"SSM parameter {name}", Name=name, WithDecryption=True)
+    text = str(found.get("Parameter", {}).get("Value", ""))
+    return [s.ref(source, f"{what} ({value})", image) for image in sorted(set(AMI_ID.findall(text)))]
 
 
 def _groups(
@@ -178,11 +192,23 @@ def _groups(
         if config and configs.get(str(config)):
             refs.append(s.ref("auto scaling group", f"{name} (launch configuration {config})", configs[str(config)]))
         if g.get("WarmPoolConfiguration"):
-            pool = s.call_once(asg, "DescribeWarmPool", f"the warm pool of {name}", AutoScalingGroupName=name)
-            for instance in pool.get("Instances", []):
-                iid = str(instance["InstanceId"])
+            for iid in _warm_pool(s, asg, name):
                 refs.append(s.ref("auto scaling group", f"{name} warm pool instance {iid}", instances.get(iid)))
     return refs
+
+
+def _warm_pool(s: _Survey, asg: Any, group: str) -> list[str]:
+    """The instances of a group's warm pool, every page (DescribeWarmPool has no paginator of its own)."""
+    found: list[str] = []
+    token: str | None = None
+    while True:
+        extra = {"NextToken": token} if token else {}
+        page = s.call_once(asg, "DescribeWarmPool", f"the warm pool of {group}", AutoScalingGroupName=group,
+                           MaxRecords=min(s.page_size, 50), **extra)  # fmt: skip
+        found += [str(i["InstanceId"]) for i in page.get("Instances", [])]
+        token = page.get("NextToken")
+        if not token:
+            return found
 
 
 def _launch_configurations(s: _Survey, asg: Any, configs: dict[str, str]) -> list[Reference]:

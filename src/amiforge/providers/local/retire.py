@@ -96,11 +96,34 @@ def recycle_bin(settings: Settings, region: str) -> Path:
     return settings.data_dir / "recycle-bin" / region
 
 
+# The files of an image in the store, as a bake writes them (providers/local/disk.py): <digest>.<suffix>.
+_SUFFIXES = (".qcow2", ".vmlinuz", ".initrd")
+
+
 def _files(settings: Settings, artifact: Artifact) -> list[tuple[Path, Path]]:
-    """(where each file of the image lives, where it waits in the Recycle Bin), the disk last."""
-    live = [Path(p) for p in (artifact.kernel, artifact.initrd) if p] + [Path(artifact.location)]
-    bin_dir = recycle_bin(settings, artifact.region)
-    return [(p, bin_dir / p.name) for p in live]
+    """(where each file of the image lives, where it waits in the Recycle Bin), the disk first. Only files a bake
+    could have made are ever moved: in this machine's image store (`<regions>/<region>/<image>/`), named
+    `<digest>.qcow2|.vmlinuz|.initrd`. A registry row naming anything else — a hand edit, a damaged row — is refused
+    (InfraError), whatever it says."""
+    if artifact.region != settings.region:
+        raise InfraError(
+            f"{artifact.location} is recorded in region {artifact.region!r}; this machine's image store is "
+            f"{settings.region!r}",
+            fix="retire it on the machine that holds it, or set AMIFORGE_REGION",
+        )
+    store_dir = (settings.regions_dir / settings.region).resolve()
+    bin_dir = recycle_bin(settings, settings.region)
+    found = []
+    for path in [Path(artifact.location)] + [Path(p) for p in (artifact.kernel, artifact.initrd) if p]:
+        real = path.resolve()
+        if real.parent.parent != store_dir or real.stem != artifact.digest or real.suffix not in _SUFFIXES:
+            raise InfraError(
+                f"{path} is not a file of {artifact.digest[:12]}… in the local image store ({store_dir}); it is not "
+                "touched",
+                fix="the registry names a file outside the image store: check its artifacts table",
+            )
+        found.append((real, bin_dir / real.name))
+    return found
 
 
 def deprecate_local(settings: Settings, artifact: Artifact, _at: datetime) -> tuple[str, ...]:
@@ -110,10 +133,12 @@ def deprecate_local(settings: Settings, artifact: Artifact, _at: datetime) -> tu
 
 
 def remove_image(settings: Settings, artifact: Artifact) -> bool:
-    """Move the image's files into the Recycle Bin, the disk last; False if the disk was already gone."""
+    """Move the image's files into the Recycle Bin, the disk first (a disk in the store always has its kernel and
+    initrd beside it; a kill after the disk went leaves the rest for the next run, which moves it); False if the
+    disk was already gone."""
     files = _files(settings, artifact)
-    present = files[-1][0].is_file()
-    files[-1][1].parent.mkdir(parents=True, exist_ok=True)
+    present = files[0][0].is_file()
+    files[0][1].parent.mkdir(parents=True, exist_ok=True)
     for live, binned in files:
         if live.is_file():
             os.replace(live, binned)
@@ -123,7 +148,9 @@ def remove_image(settings: Settings, artifact: Artifact) -> bool:
 def delete_binned(settings: Settings, region: str, paths: Sequence[str]) -> list[str]:
     """Delete these files of the Recycle Bin (only files in it: a path anywhere else is refused, whatever the
     registry says). Gone is fine."""
-    bin_dir = recycle_bin(settings, region).resolve()
+    if region != settings.region:
+        raise InfraError(f"region {region!r} is not this machine's ({settings.region!r}); nothing is deleted")
+    bin_dir = recycle_bin(settings, settings.region).resolve()
     for path in map(Path, paths):
         if path.resolve().parent != bin_dir:
             raise InfraError(
@@ -137,13 +164,13 @@ def delete_binned(settings: Settings, region: str, paths: Sequence[str]) -> list
 def restore_image(settings: Settings, artifact: Artifact) -> None:
     """Move the image's files back from the Recycle Bin, the disk last. NotFound if its disk is not there."""
     files = _files(settings, artifact)
-    disk, binned_disk = files[-1]
+    disk, binned_disk = files[0]
     if not binned_disk.is_file() and not disk.is_file():
         raise NotFound(
             f"{artifact.location} is in neither the image store nor the Recycle Bin ({binned_disk.parent})",
             fix="its files were deleted (the policy's snapshot_grace was over): bake the recipe again",
         )
-    for live, binned in files:
+    for live, binned in reversed(files):
         if binned.is_file() and not live.exists():
             os.replace(binned, live)
         elif binned.is_file():
@@ -168,7 +195,11 @@ def stored_local(settings: Settings, artifacts: Collection[Artifact]) -> dict[st
     """The files of each image, in the store or in the Recycle Bin (local images carry no tags of their own)."""
     found = {}
     for artifact in artifacts:
-        files = [live if live.is_file() else binned for live, binned in _files(settings, artifact)]
+        try:
+            pairs = _files(settings, artifact)
+        except InfraError:
+            continue  # not an image of this machine's store: nothing of it is stored here
+        files = [live if live.is_file() else binned for live, binned in pairs]
         present = [f for f in files if f.is_file()]
         if present:
             size = sum(f.stat().st_size for f in present)
