@@ -304,8 +304,6 @@ def build(store: SqlStore, aws: FakeAws, *, images: int, versions: int, removabl
                         {"VersionNumber": len(w.templates.get("lt-bench", [])) + 1,
                          "LaunchTemplateData": {"ImageId": ami}})  # fmt: skip
                     w.parameters[f"/bench/img{i:02d}"] = ami
-            if deprecated:
-                store.transition(version.id, Status.DEPRECATED, expect=Status.BUILT)
 
 
 def _rules(cap: int) -> Retention:

@@ -21,6 +21,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JsonOption = typer.Option(False, "--json", help="Print one JSON document on stdout instead of text.")
+PolicyOption = typer.Option(
+    None,
+    "--policy",
+    help="The policy file to judge by (default: AMIFORGE_POLICY, else the built-in policy).",
+)
+
+# `retire`, `drift` and `report tags` exit with this when there is something to act on, as `terraform plan
+# -detailed-exitcode` exits 2 (taken here by bad input).
+CHANGES_EXIT = 10
+
+
+def location_text(location: str) -> str:
+    """An AMI id as it is; a local image by its file name (the folder is the store's)."""
+    return Path(location).name if location.startswith("/") else location
 
 
 def _verbose(ctx: typer.Context, value: int) -> None:

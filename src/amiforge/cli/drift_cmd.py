@@ -5,9 +5,8 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.common import CHANGES_EXIT, JsonOption, open_registry
 from amiforge.cli.output import console, emit_json, err_console
-from amiforge.cli.retire_cmd import CHANGES_EXIT
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import InfraError
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.common import CHANGES_EXIT, JsonOption, PolicyOption, location_text, open_registry
 from amiforge.cli.output import console, emit_json, err_console
-from amiforge.cli.retire_cmd import CHANGES_EXIT, PolicyOption, location_text
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import InfraError
 from amiforge.providers.interface import SourceFailure
@@ -34,11 +33,10 @@ def cost(
     cost center and region."""
     from amiforge.lifecycle.promote import policy_of
     from amiforge.lifecycle.reports import cost_report, reader_for
-    from amiforge.policy.document import load_policy
     from amiforge.policy.reporting import DEFAULT_PRICES, load_prices
 
     settings, store = open_registry()
-    rules = (load_policy(policy) if policy is not None else policy_of(settings)).tags
+    rules = policy_of(settings, policy).tags
     table = load_prices(prices) if prices is not None else DEFAULT_PRICES
     report = cost_report(store, reader_for(settings), table, rules)
     if as_json:
@@ -72,10 +70,9 @@ def tags(policy: Path | None = PolicyOption, as_json: bool = JsonOption) -> None
     when there are any."""
     from amiforge.lifecycle.promote import policy_of
     from amiforge.lifecycle.reports import reader_for, tag_report
-    from amiforge.policy.document import load_policy
 
     settings, store = open_registry()
-    rules = (load_policy(policy) if policy is not None else policy_of(settings)).tags
+    rules = policy_of(settings, policy).tags
     report = tag_report(store, reader_for(settings), rules)
     if as_json:
         emit_json(report)

@@ -9,31 +9,18 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
-from amiforge.cli.common import JsonOption, open_registry
+from amiforge.cli.common import CHANGES_EXIT, JsonOption, PolicyOption, location_text, open_registry
 from amiforge.cli.output import console, emit_json, err_console
 from amiforge.cli.tables import Col, fit_table
 from amiforge.errors import InfraError
 
-# `retire` (and `drift`) exit with this when there is something to act on, as `terraform plan -detailed-exitcode`
-# exits 2 (taken here by bad input).
-CHANGES_EXIT = 10
-
-PolicyOption = typer.Option(
-    None,
-    "--policy",
-    exists=False,
-    help="The policy file whose `retention:` applies (default: AMIFORGE_POLICY, else the built-in rules).",
-)
-
-
-def location_text(location: str) -> str:
-    """An AMI id as it is; a local image by its file name (the folder is the store's)."""
-    return Path(location).name if location.startswith("/") else location
-
+if TYPE_CHECKING:
+    from amiforge.lifecycle.retire import RetireOutcome
 
 retire_app = typer.Typer(invoke_without_command=True)
 
@@ -54,10 +41,9 @@ def retire_command(
         return
     from amiforge.lifecycle import retire
     from amiforge.lifecycle.promote import policy_of
-    from amiforge.policy.document import load_policy
 
     settings, store = open_registry()
-    retention = (load_policy(policy) if policy is not None else policy_of(settings)).retention
+    retention = policy_of(settings, policy).retention
     finder = retire.retirer_for(settings)
     if apply:
         outcome = retire.apply(store, retention, finder, actor=settings.actor, regions=regions, images=images)
@@ -87,10 +73,7 @@ def retire_command(
         raise typer.Exit(CHANGES_EXIT)
 
 
-def _print(outcome: object, *, show_all: bool) -> None:
-    from amiforge.lifecycle.retire import RetireOutcome
-
-    assert isinstance(outcome, RetireOutcome)
+def _print(outcome: RetireOutcome, *, show_all: bool) -> None:
     plan = outcome.plan
     done = {(o.step.artifact_id, o.step.action): o for o in outcome.outcomes}
     rows = []

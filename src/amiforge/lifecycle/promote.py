@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from amiforge.errors import AmiforgeError, ConfigError, GateFailed, PartlyDone
 from amiforge.lifecycle.boottest import provider_spec_of
@@ -27,8 +28,11 @@ from amiforge.store.interface import Store
 logger = logging.getLogger(__name__)
 
 
-def policy_of(settings: Settings) -> Policy:
-    return load_policy(settings.policy) if settings.policy else default_policy()
+def policy_of(settings: Settings, path: Path | None = None) -> Policy:
+    """The policy at `path` if given (a command's --policy), else the settings' (AMIFORGE_POLICY), else the built-in
+    one."""
+    chosen = path or settings.policy
+    return load_policy(chosen) if chosen else default_policy()
 
 
 def candidate(version: ImageVersion, *, store: Store, settings: Settings) -> Candidate:

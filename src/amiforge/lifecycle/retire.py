@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 STALE_RUN = timedelta(hours=12)
 # The cap's own upper bound (policy/retention.py): no plan defers anything under it.
 MAX_DELETIONS_CAP = 100_000
+# Removals between two readings of every reference of a region (a reading costs a few listings and a call per
+# image it asks about; a batch of removals, at EC2's 5 mutating calls a second, about ten seconds).
+REREAD_EVERY = 50
 # Regions surveyed and applied at once (AWS regions answer independently; the local region is one).
 PARALLEL_REGIONS = 8
 
@@ -314,23 +317,23 @@ def _apply_region(
     for step in (s for s in steps if s.action == "deprecate"):
         record(_guarded(step, functools.partial(_deprecate, store, retirer, step, actor=actor, run_id=run_id, now=now)))
     removals = [s for s in steps if s.action in ("deregister", "delete-snapshots")]
-    if removals:
-        # Re-read every reference of the region (and the registry's) right before anything is removed: a fleet
-        # launched or a template written since the plan keeps its image.
+    # Re-read every reference of the region (and the registry's) right before anything is removed, and again every
+    # REREAD_EVERY removals: a fleet launched or a template written since keeps its image.
+    for start in range(0, len(removals), REREAD_EVERY):
+        batch = removals[start : start + REREAD_EVERY]
         entries = [
             replace(e, holdings=tuple(h for h in e.holdings if h.artifact.region == region and
                                       h.artifact.provider == kind))
             for e in inventory(store)
             if any(h.artifact.provider == kind and h.artifact.region == region for h in e.holdings)
         ]  # fmt: skip
-        going = {s.artifact_id for s in removals}
+        going = {s.artifact_id for s in batch}
         fresh_survey = retirer.survey(
             region, [h.artifact for e in entries for h in e.holdings if h.artifact.id in going]
         )
-        registry = registry_references(store, now=now)
-        fresh = _planned(entries, [fresh_survey], registry, retention, now)
+        fresh = _planned(entries, [fresh_survey], registry_references(store, now=now), retention, now)
         still = {s.artifact_id: s for s in fresh.steps("deregister", "delete-snapshots")}
-        for step in removals:
+        for step in batch:
             again = still.get(step.artifact_id)
             if again is None or again.action != step.action:
                 now_step = next((s for s in fresh.steps() if s.artifact_id == step.artifact_id), None)

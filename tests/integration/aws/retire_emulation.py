@@ -12,7 +12,8 @@ Each models what the EC2 API reference and User Guide document:
   while protection holds. ASSUMPTION: the error code of that refusal, which the reference does not list
   (`OperationNotPermitted` here; amiforge never relies on it: it lifts protection first and waits out a cool-down).
 - **Recycle Bin**: the rbin service's CreateRule/ListRules for EC2_IMAGE (answered in botocore's `before-call` of the
-  given session: moto has no rbin at all), a region-level rule (no resource tags) or a tag-level one; a DeregisterImage
+  given session: moto has no rbin at all: ListRules lists region-level rules, or with ResourceTags the tag-level ones
+  for those tags), a region-level rule (no resource tags) or a tag-level one; a DeregisterImage
   an available rule covers moves the image into the bin for the rule's retention instead of deleting it;
   ListImagesInRecycleBin and RestoreImageFromRecycleBin (an image past its retention is gone for good).
 - **Allowed AMIs** (GetAllowedImagesSettings, EnableAllowedImagesSettings): per account and region, `disabled` until
@@ -196,7 +197,15 @@ class ImageLifecycle:
             self.rules.setdefault(key, []).append(rule)
             return AWSResponse(url, 201, {}, None), {**rule, "ResponseMetadata": {}}
         if model.name == "ListRules":
-            rules = [r for r in self.rules.get(key, []) if r["ResourceType"] == body.get("ResourceType")]
+            # ASSUMPTION (the reference says ResourceTags is "[Tag-level retention rules only]"): without it, the
+            # region-level rules; with it, the tag-level rules for those tags.
+            wanted = body.get("ResourceTags") or []
+            rules = [
+                r
+                for r in self.rules.get(key, [])
+                if r["ResourceType"] == body.get("ResourceType")
+                and (all(t in r["ResourceTags"] for t in wanted) if wanted else not r["ResourceTags"])
+            ]
             listed = [{k: r[k] for k in ("Identifier", "RetentionPeriod", "LockState")} for r in rules]
             return AWSResponse(url, 200, {}, None), {"Rules": listed, "ResponseMetadata": {}}
         return _error(url, "ValidationException", f"{model.name} is not emulated")

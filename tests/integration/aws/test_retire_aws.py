@@ -399,9 +399,14 @@ def test_a_deregistered_image_comes_back_from_the_recycle_bin(
     aws: Aws, world: World, store: SqlStore, settings: Settings, clock: Clock
 ) -> None:
     rbin = aws.session.client("rbin", REGION)
-    rbin.create_rule(
-        ResourceType="EC2_IMAGE", RetentionPeriod={"RetentionPeriodValue": 7, "RetentionPeriodUnit": "DAYS"}
-    )
+    week_long = {"RetentionPeriodValue": 7, "RetentionPeriodUnit": "DAYS"}
+    rbin.create_rule(ResourceType="EC2_IMAGE", RetentionPeriod=week_long,
+                     ResourceTags=[{"ResourceTagKey": "team", "ResourceTagValue": "other"}])  # fmt: skip
+    plan = retire.plan(store, EAGER, _finder(_provider(aws, settings)), now=clock())
+    assert any("no Recycle Bin rule" in n for n in plan.notes)  # a rule for other tags keeps none of ours
+    rbin.create_rule(ResourceType="EC2_IMAGE", RetentionPeriod=week_long,
+                     ResourceTags=[{"ResourceTagKey": "amiforge:managed", "ResourceTagValue": "true"}])  # fmt: skip
+    world.ec2.create_tags(Resources=[world.images["free"]], Tags=[{"Key": "amiforge:managed", "Value": "true"}])
     week = Retention.model_validate({"default": {**EAGER.default.model_dump(mode="json"), "snapshot_grace": "7d"}})
     provider = _provider(aws, settings)
     plan = retire.plan(store, week, _finder(provider), now=clock())

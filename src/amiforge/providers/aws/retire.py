@@ -39,6 +39,7 @@ from amiforge.awsapi.clients import AwsSession, call, paginate
 from amiforge.awsapi.errors import aws_code
 from amiforge.errors import AmiforgeError, NotFound
 from amiforge.model import Artifact
+from amiforge.providers.aws.images import MANAGED_TAG
 from amiforge.providers.interface import ImageState, Reference, RegionSurvey, Removal, SourceFailure, Stored
 
 AMI_ID = re.compile(r"\bami-[0-9a-f]{8,17}\b")
@@ -304,12 +305,18 @@ def _image_references(s: _Survey, ec2: Any, images: Collection[str]) -> list[Ref
 
 
 def _recycle_bin(s: _Survey, session: AwsSession) -> None:
+    """Warn when no Recycle Bin rule keeps amiforge's deregistered images: neither a region-level rule nor a
+    tag-level one for `amiforge:managed=true` (the tag every image amiforge makes or adopts carries)."""
     rbin = session.client("rbin", s.region)
-    rules = list(s.pages_of(rbin, "ListRules", "Rules", f"Recycle Bin rules in {s.region}", ResourceType="EC2_IMAGE"))
-    if not any(r.get("Status", "available") == "available" for r in rules):
+    what = f"Recycle Bin rules in {s.region}"
+    ours = [{"ResourceTagKey": MANAGED_TAG, "ResourceTagValue": "true"}]
+    region_level = list(s.pages_of(rbin, "ListRules", "Rules", what, ResourceType="EC2_IMAGE"))
+    tag_level = list(s.pages_of(rbin, "ListRules", "Rules", what, ResourceType="EC2_IMAGE", ResourceTags=ours))
+    if not region_level and not tag_level:
         s.notes.append(
             f"no Recycle Bin rule keeps deregistered images in {s.region}: `amiforge retire restore` could not bring "
-            "one back (aws rbin create-rule --resource-type EC2_IMAGE --retention-period …)"
+            f"one back (aws rbin create-rule --resource-type EC2_IMAGE --resource-tags "
+            f"ResourceTagKey={MANAGED_TAG},ResourceTagValue=true --retention-period …)"
         )
 
 
