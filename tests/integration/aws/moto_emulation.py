@@ -1,9 +1,11 @@
 """What moto 5.2.5 lacks or does too slowly for these tests, emulated in-process (tested in test_moto_emulation.py).
 
-- Paging (`PagingEmulation`): moto ignores MaxResults/NextToken on DescribeImages and DescribeSnapshots, and pages
-  DescribeInstances its own way (default 100). The emulation wraps moto's response methods so each answers the way
-  EC2 does: without MaxResults (and no NextToken) everything in one answer; with it, at most MaxResults items (≤ 1000)
-  and an opaque NextToken bound to the request's other parameters. `page_cap` makes the "server" return shorter pages
+- Paging (`PagingEmulation`): moto ignores MaxResults/NextToken on DescribeImages and DescribeSnapshots, pages
+  DescribeInstances its own way (default 100), and cuts DescribeLaunchTemplates and DescribeLaunchTemplateVersions
+  at MaxResults (default 15) with no NextToken: a reader of the first page never learns there were more. The
+  emulation wraps moto's response methods so each answers the way EC2 does: without MaxResults (and no NextToken)
+  everything in one answer; with it, at most MaxResults items (≤ 1000) and an opaque NextToken bound to the
+  request's other parameters. `page_cap` makes the "server" return shorter pages
   than asked for, as EC2 may: code must follow NextToken, never assume a short page is the last. Slicing happens
   before moto serialises the answer, so a page costs what its items cost, as on AWS.
 - Tag lookup (`fast_tag_lookup`): moto finds a resource's tags by scanning every tag of the region with regexes, so
@@ -41,6 +43,7 @@ from moto.ec2.models.core import TaggedEC2Resource
 from moto.ec2.responses.amis import AmisResponse
 from moto.ec2.responses.elastic_block_store import ElasticBlockStore
 from moto.ec2.responses.instances import InstanceResponse
+from moto.ec2.responses.launch_templates import LaunchTemplates
 from moto.ec2.utils import EC2_PREFIX_TO_RESOURCE, get_prefix
 
 # EC2's documented ceiling: a larger MaxResults is answered with 1000 items.
@@ -81,6 +84,25 @@ class PagingEmulation:
                 reservations = backend.describe_instances(filters=filters)
             return emulation._page(resp, "Reservations", {"Reservations": reservations})
 
+        def whole(method: Any, key: str) -> Any:
+            def answer(resp: Any) -> ActionResult:
+                asked = resp._get_int_param
+
+                def unbounded(name: str, if_none: Any = None) -> Any:
+                    return 10**9 if name == "MaxResults" else asked(name, if_none)
+
+                resp._get_int_param = unbounded  # moto's own cut at MaxResults: everything, then EC2's pages
+                try:
+                    result = method(resp).result
+                finally:
+                    del resp._get_int_param
+                return emulation._page(resp, key, result)
+
+            return answer
+
+        for name, key in (("describe_launch_templates", "LaunchTemplates"),
+                          ("describe_launch_template_versions", "LaunchTemplateVersions")):  # fmt: skip
+            monkeypatch.setattr(LaunchTemplates, name, whole(getattr(LaunchTemplates, name), key))
         monkeypatch.setattr(AmisResponse, "describe_images", describe_images)
         monkeypatch.setattr(ElasticBlockStore, "describe_snapshots", describe_snapshots)
         monkeypatch.setattr(InstanceResponse, "describe_instances", describe_instances)

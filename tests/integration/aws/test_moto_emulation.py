@@ -68,6 +68,22 @@ def test_instances_page_identically(aws: Aws, size: int) -> None:
     assert pages == -(-5 // size)
 
 
+def test_launch_templates_and_their_versions_page_like_ec2(aws: Aws) -> None:
+    """moto alone would answer 15 at most and no NextToken (its default MaxResults)."""
+    ec2: Any = aws.ec2()
+    for n in range(20):
+        ec2.create_launch_template(LaunchTemplateName=f"lt-{n:02d}", LaunchTemplateData={"ImageId": "ami-12345678"})
+    template = ec2.describe_launch_templates(LaunchTemplateNames=["lt-00"])["LaunchTemplates"][0]["LaunchTemplateId"]
+    for _ in range(19):
+        ec2.create_launch_template_version(LaunchTemplateId=template, LaunchTemplateData={"ImageId": "ami-12345678"})
+    assert len(ec2.describe_launch_templates()["LaunchTemplates"]) == 20  # no MaxResults: everything
+    templates, pages = _pages(ec2, "describe_launch_templates", "LaunchTemplates", 7)
+    assert len({t["LaunchTemplateId"] for t in templates}) == 20 and pages == 3
+    versions, pages = _pages(ec2, "describe_launch_template_versions", "LaunchTemplateVersions", 7,
+                             LaunchTemplateId=template)  # fmt: skip
+    assert [v["VersionNumber"] for v in versions] == list(range(1, 21)) and pages == 3
+
+
 def test_short_pages_are_not_the_last(aws: Aws) -> None:
     """With a server cap below MaxResults, a full-looking short page still carries a NextToken."""
     ec2: Any = aws.ec2()

@@ -245,12 +245,25 @@ def _instance_of(world: World, label: str) -> str:
 def test_page_sizes_change_the_calls_not_the_plan(aws: Aws, world: World, store: SqlStore, settings: Settings) -> None:
     for n in range(12):  # more images than the small pages hold
         world.version(f"extra-{n}")
+    # An image only the last version of the last of several launch templates names (default: its first version).
+    for n in range(8):
+        world.ec2.create_launch_template(LaunchTemplateName=f"other-{n}",
+                                         LaunchTemplateData={"ImageId": "ami-0000000000test02"})  # fmt: skip
+    late = world.ec2.create_launch_template(LaunchTemplateName="zz-late",
+                                            LaunchTemplateData={"ImageId": "ami-0000000000test02"})  # fmt: skip
+    for _ in range(3):
+        world.ec2.create_launch_template_version(LaunchTemplateId=late["LaunchTemplate"]["LaunchTemplateId"],
+                                                 LaunchTemplateData={"ImageId": "ami-0000000000test02"})  # fmt: skip
+    world.ec2.create_launch_template_version(LaunchTemplateId=late["LaunchTemplate"]["LaunchTemplateId"],
+                                             LaunchTemplateData={"ImageId": world.images["extra-11"]})  # fmt: skip
     now = datetime.now(UTC)
     plans = {}
     for size in (1, 2, 7, 1000):
         aws.calls.reset()
         plan = retire.plan(store, EAGER, _finder(_provider(aws, settings, size)), now=now)
         plans[size] = sorted((s.version, s.action, s.why) for s in plan.steps())
+        extra = _steps(plan, world)["extra-11"]
+        assert extra[0] == "keep" and "zz-late" in extra[1] and "version 5" in extra[1], (size, extra)
         assert plan.calls[REGION]["DescribeImages"] == aws.calls["ec2.DescribeImages"]
         if size == 1000:
             images = len(world.backend.amis)
