@@ -19,10 +19,11 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -197,6 +198,15 @@ def _rules() -> st.SearchStrategy[RetentionRules]:
 
 _SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
 _TEMPLATE: list[str] = []  # a migrated, empty registry: copied for each world (migrating costs ~0.2 s a time)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _template_goes_with_the_module() -> Iterator[None]:
+    """The migrated registry the worlds copy, removed once this module's tests are done (an xdist worker may end
+    without running atexit handlers)."""
+    yield
+    while _TEMPLATE:
+        shutil.rmtree(os.path.dirname(_TEMPLATE.pop()), ignore_errors=True)
 
 
 def _empty_registry(path: str) -> None:
