@@ -9,11 +9,11 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from amiforge.policy.fields import STRICT
+from amiforge.policy.retention import TagKey
 from amiforge.yamlfile import YamlKind, parse_mapping, read_text, validate_mapping
 
 __all__ = ["DEFAULT_PRICES", "Prices", "TagRules", "load_prices"]
 
-TagKey = Annotated[str, Field(min_length=1, max_length=128)]
 Price = Annotated[float, Field(ge=0, le=1000)]
 
 

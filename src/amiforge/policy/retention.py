@@ -14,26 +14,16 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer, StrictBool, StrictInt
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
-from amiforge.durations import format_duration
 from amiforge.model import EXPIRES_TAG, IMAGE_NAME_PATTERN
-from amiforge.policy.fields import STRICT, soak_of
-from amiforge.yamlfile import duration_schema
+from amiforge.policy.fields import STRICT, SoakDuration
 
 __all__ = ["EXPIRES_TAG", "Retention", "RetentionOverrides", "RetentionRules"]
 
 
-def _text(value: timedelta) -> str:
-    return format_duration(value.total_seconds())
-
-
-Age = Annotated[
-    timedelta,
-    BeforeValidator(soak_of),
-    PlainSerializer(_text, return_type=str, when_used="json"),
-    duration_schema(),
-]
+# An age or a wait: a duration, 0 allowed — the same values as a channel's soak.
+Age = SoakDuration
 
 TagKey = Annotated[str, Field(min_length=1, max_length=128)]
 TagValue = Annotated[
